@@ -1,0 +1,243 @@
+//! Elementwise activations with exact backward: GELU (erf), GELU (tanh, HF's "gelu_new") and ReLU.
+//!
+//! The forward is a [`CustomOp1`]; its backward is a second op, [`ActivationBackward`], that
+//! multiplies the upstream gradient by the derivative at the saved input.
+
+use crate::util::{check_float, contiguous, Float};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Elements per rayon task: small tensors stay on one thread.
+const CHUNK: usize = 16 * 1024;
+
+/// The FFN activations of BERT and GPT-2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// `0.5·x·(1 + erf(x/√2))`: BERT's "gelu".
+    GeluErf,
+    /// `0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))`: GPT-2's "gelu_new".
+    GeluTanh,
+    /// `max(x, 0)`.
+    Relu,
+}
+
+impl Activation {
+    /// Parses a Hugging Face `hidden_act` / `activation_function` string.
+    pub fn from_hf(name: &str) -> Option<Self> {
+        match name {
+            "gelu" | "gelu_python" => Some(Self::GeluErf),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Self::GeluTanh),
+            "relu" => Some(Self::Relu),
+            _ => None,
+        }
+    }
+
+    /// The Hugging Face name of this activation.
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Self::GeluErf => "gelu",
+            Self::GeluTanh => "gelu_new",
+            Self::Relu => "relu",
+        }
+    }
+
+    /// Applies the activation with a recorded, exact backward.
+    pub fn forward(self, x: &Tensor) -> Result<Tensor> {
+        check_float("activation", "x", x.dtype())?;
+        x.contiguous()?.apply_op1(ActivationOp(self))
+    }
+
+    /// Scalar forward, shared with the routed FFN's fused kernel.
+    #[inline]
+    pub fn eval<T: ActScalar>(self, x: T) -> T {
+        match self {
+            Self::GeluErf => x.gelu_erf(),
+            Self::GeluTanh => x.gelu_tanh(),
+            Self::Relu => x.relu(),
+        }
+    }
+
+    /// Scalar derivative at `x`.
+    #[inline]
+    pub fn derivative<T: ActScalar>(self, x: T) -> T {
+        match self {
+            Self::GeluErf => x.gelu_erf_grad(),
+            Self::GeluTanh => x.gelu_tanh_grad(),
+            Self::Relu => x.relu_grad(),
+        }
+    }
+}
+
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+const GELU_C: f64 = 0.044_715;
+
+/// Scalars the activations are defined for (f32 and f64).
+pub trait ActScalar: Copy {
+    fn gelu_erf(self) -> Self;
+    fn gelu_erf_grad(self) -> Self;
+    fn gelu_tanh(self) -> Self;
+    fn gelu_tanh_grad(self) -> Self;
+    fn relu(self) -> Self;
+    fn relu_grad(self) -> Self;
+}
+
+macro_rules! impl_act_scalar {
+    ($t:ty, $erf:path) => {
+        impl ActScalar for $t {
+            #[inline]
+            fn gelu_erf(self) -> Self {
+                0.5 * self * (1.0 + $erf(self * std::f64::consts::FRAC_1_SQRT_2 as $t))
+            }
+            #[inline]
+            fn gelu_erf_grad(self) -> Self {
+                let cdf = 0.5 * (1.0 + $erf(self * std::f64::consts::FRAC_1_SQRT_2 as $t));
+                let pdf = (-0.5 * self * self).exp()
+                    * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2) as $t;
+                cdf + self * pdf
+            }
+            #[inline]
+            fn gelu_tanh(self) -> Self {
+                let u = SQRT_2_OVER_PI as $t * (self + GELU_C as $t * self * self * self);
+                0.5 * self * (1.0 + u.tanh())
+            }
+            #[inline]
+            fn gelu_tanh_grad(self) -> Self {
+                let x2 = self * self;
+                let u = SQRT_2_OVER_PI as $t * (self + GELU_C as $t * x2 * self);
+                let t = u.tanh();
+                let du = SQRT_2_OVER_PI as $t * (1.0 + 3.0 * GELU_C as $t * x2);
+                0.5 * (1.0 + t) + 0.5 * self * (1.0 - t * t) * du
+            }
+            #[inline]
+            fn relu(self) -> Self {
+                if self > 0.0 {
+                    self
+                } else {
+                    0.0
+                }
+            }
+            #[inline]
+            fn relu_grad(self) -> Self {
+                if self > 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+        }
+    };
+}
+impl_act_scalar!(f32, candle_core::cpu::erf::erf_f32);
+impl_act_scalar!(f64, candle_core::cpu::erf::erf_f64);
+
+/// GELU with the exact erf (BERT's "gelu"), differentiable.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    Activation::GeluErf.forward(x)
+}
+
+/// GELU with the tanh approximation (GPT-2's "gelu_new"), differentiable.
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    Activation::GeluTanh.forward(x)
+}
+
+fn map_par<T: Float>(src: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
+    let mut out = vec![T::zero(); src.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(src.par_chunks(CHUNK))
+        .for_each(|(o, s)| {
+            for (o, &s) in o.iter_mut().zip(s) {
+                *o = f(s);
+            }
+        });
+    out
+}
+
+fn zip_par<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
+    let mut out = vec![T::zero(); a.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(o, (a, b))| {
+            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                *o = f(a, b);
+            }
+        });
+    out
+}
+
+/// Forward op: `act(x)`.
+pub struct ActivationOp(pub Activation);
+
+impl CustomOp1 for ActivationOp {
+    fn name(&self) -> &'static str {
+        "activation"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let act = self.0;
+        let out = match s {
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(map_par(contiguous::<f32>("activation", "x", s, l)?, |v| {
+                    act.eval(v)
+                }))
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(map_par(contiguous::<f64>("activation", "x", s, l)?, |v| {
+                    act.eval(v)
+                }))
+            }
+            other => bail!("activation: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        Ok(Some(x.apply_op2_no_bwd(&grad, &ActivationBackward(self.0))?))
+    }
+}
+
+/// Backward op: `grad · act'(x)`, inputs `(x, grad)`.
+pub struct ActivationBackward(pub Activation);
+
+impl CustomOp2 for ActivationBackward {
+    fn name(&self) -> &'static str {
+        "activation_backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let act = self.0;
+        if l1.shape() != l2.shape() {
+            bail!(
+                "activation_backward: x is {:?} but grad is {:?}",
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(zip_par(
+                contiguous::<f32>("activation_backward", "x", s1, l1)?,
+                contiguous::<f32>("activation_backward", "grad", s2, l2)?,
+                |x, g| g * act.derivative(x),
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(zip_par(
+                contiguous::<f64>("activation_backward", "x", s1, l1)?,
+                contiguous::<f64>("activation_backward", "grad", s2, l2)?,
+                |x, g| g * act.derivative(x),
+            )),
+            _ => bail!(
+                "activation_backward: dtypes {:?} and {:?} must both be f32 or f64",
+                s1.dtype(),
+                s2.dtype()
+            ),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}

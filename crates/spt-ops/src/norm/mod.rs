@@ -1,0 +1,10 @@
+//! Normalisations with exact backward: `layer_norm` over the last dimension and `softmax` over
+//! the last dimension. candle-nn's fused versions are forward-only; these are drop-in
+//! replacements on trainable paths.
+
+mod layer_norm;
+pub mod reference;
+mod softmax;
+
+pub use layer_norm::{layer_norm, LayerNormOp};
+pub use softmax::{softmax_last_dim, SoftmaxOp};

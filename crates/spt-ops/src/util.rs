@@ -1,0 +1,96 @@
+//! Small helpers shared by the CPU kernels: dtype dispatch, slice access and argument checks.
+
+use candle_core::{bail, CpuStorage, DType, Layout, Result, Storage, Tensor};
+
+/// Float element types our CPU kernels are generic over (f32 for speed, f64 for gradient checks).
+pub(crate) trait Float:
+    num_traits::Float + Send + Sync + std::iter::Sum + std::fmt::Debug + 'static
+{
+    /// Converts an f64 constant.
+    fn lit(v: f64) -> Self;
+}
+
+impl Float for f32 {
+    fn lit(v: f64) -> Self {
+        v as f32
+    }
+}
+
+impl Float for f64 {
+    fn lit(v: f64) -> Self {
+        v
+    }
+}
+
+/// The contiguous slice a layout describes, or a named error.
+pub(crate) fn contiguous<'a, T: candle_core::WithDType>(
+    op: &str,
+    arg: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> Result<&'a [T]> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!(
+            "{op}: {arg} must be contiguous, got shape {:?} with strides {:?}",
+            layout.dims(),
+            layout.stride()
+        )
+    };
+    let s = storage.as_slice::<T>()?;
+    Ok(&s[start..end])
+}
+
+/// Runs `f` over the contiguous CPU data of `t` (made contiguous first if needed).
+pub(crate) fn with_cpu<T: candle_core::WithDType, R>(
+    op: &str,
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> Result<R>,
+) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => f(contiguous::<T>(op, "tensor", cpu, layout)?),
+        _ => bail!("{op}: the backward pass for this device is not available; use the CPU or build with --features cuda"),
+    }
+}
+
+/// Checks that `dtype` is one the CPU kernels support.
+pub(crate) fn check_float(op: &str, arg: &str, dtype: DType) -> Result<()> {
+    match dtype {
+        DType::F32 | DType::F64 => Ok(()),
+        other => bail!("{op}: {arg} has dtype {other:?}, expected f32 or f64"),
+    }
+}
+
+/// Checks that all tensors share one dtype and one device.
+pub(crate) fn check_same(op: &str, named: &[(&str, &Tensor)]) -> Result<()> {
+    let (n0, t0) = named[0];
+    for (n, t) in &named[1..] {
+        if t.dtype() != t0.dtype() {
+            bail!(
+                "{op}: {n} has dtype {:?} but {n0} has {:?}",
+                t.dtype(),
+                t0.dtype()
+            );
+        }
+        if !t.device().same_device(t0.device()) {
+            bail!(
+                "{op}: {n} is on {:?} but {n0} is on {:?}",
+                t.device().location(),
+                t0.device().location()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Deterministic parallel sum of per-chunk partial vectors: chunks are summed in index order.
+pub(crate) fn sum_partials<T: Float>(partials: Vec<Vec<T>>, n: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); n];
+    for p in partials {
+        for (o, v) in out.iter_mut().zip(p) {
+            *o = *o + v;
+        }
+    }
+    out
+}
