@@ -40,10 +40,8 @@ pub(crate) fn top_k_into(
     );
     let n = tmp.len().min(k);
     if tmp.len() <= k {
-        let mut w = 0;
-        for j in (0..sc.len()).filter(|&j| ok(j)) {
-            out[w] = j as u32;
-            w += 1;
+        for (o, j) in out.iter_mut().zip((0..sc.len()).filter(|&j| ok(j))) {
+            *o = j as u32;
         }
     } else {
         let (_, &mut thr, _) = tmp.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
