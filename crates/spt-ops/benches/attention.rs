@@ -41,13 +41,16 @@ struct Sample {
     phases: [f64; 4],
 }
 
+/// An attention forward that records phase timings.
+type AttnStep = dyn Fn(&Tensor, &Tensor, &Tensor, &mut [f64; 4]) -> Result<Tensor>;
+
 /// One training step of attention: forward, then backward of Σ o ⊙ w.
 fn step(
     q: &Var,
     k: &Var,
     v: &Var,
     w: &Tensor,
-    f: &dyn Fn(&Tensor, &Tensor, &Tensor, &mut [f64; 4]) -> Result<Tensor>,
+    f: &AttnStep,
 ) -> Result<Sample> {
     let base = LIVE.load(Relaxed);
     PEAK.store(base, Relaxed);
