@@ -42,7 +42,7 @@ struct Sample {
 }
 
 /// An attention forward that records phase timings.
-type AttnStep = dyn Fn(&Tensor, &Tensor, &Tensor, &mut [f64; 4]) -> Result<Tensor>;
+type AttnStep<'a> = dyn Fn(&Tensor, &Tensor, &Tensor, &mut [f64; 4]) -> Result<Tensor> + 'a;
 
 /// One training step of attention: forward, then backward of Σ o ⊙ w.
 fn step(
@@ -50,7 +50,7 @@ fn step(
     k: &Var,
     v: &Var,
     w: &Tensor,
-    f: &AttnStep,
+    f: &AttnStep<'_>,
 ) -> Result<Sample> {
     let base = LIVE.load(Relaxed);
     PEAK.store(base, Relaxed);
