@@ -265,6 +265,16 @@ pub fn evaluate<T: TrainTask + ?Sized>(
     Ok(EvalReport { loss: mean, accuracy: acc, macro_f1: f1, perplexity: ppl, examples: data.len() })
 }
 
+/// Optimizer updates a run over `n_items` training items makes: `max_steps`, else
+/// `ceil(epochs · ceil(n_items / batch_size) / grad_accum)`.
+pub fn planned_steps(cfg: &TrainerConfig, n_items: usize) -> u64 {
+    if let Some(m) = cfg.max_steps {
+        return m;
+    }
+    let n_batches = (n_items as u64).div_ceil(cfg.batch_size.max(1) as u64);
+    (cfg.epochs * n_batches).div_ceil(cfg.grad_accum.max(1) as u64)
+}
+
 /// The training loop over a [`TrainTask`].
 pub struct Trainer<T: TrainTask> {
     task: T,
@@ -319,12 +329,7 @@ impl<T: TrainTask> Trainer<T> {
 
     /// Number of optimizer updates a run over `n_items` training items makes.
     pub fn total_steps(&self, n_items: usize) -> u64 {
-        if let Some(m) = self.cfg.max_steps {
-            return m;
-        }
-        let bs = self.cfg.batch_size.max(1) as u64;
-        let n_batches = (n_items as u64).div_ceil(bs);
-        (self.cfg.epochs * n_batches).div_ceil(self.cfg.grad_accum.max(1) as u64)
+        planned_steps(&self.cfg, n_items)
     }
 
     fn validate(&self, train: &EncodedDataset) -> Result<()> {
