@@ -31,16 +31,20 @@ const TENSOR_FILES: [&str; 3] = ["model.safetensors", "optimizer.safetensors", "
 /// Checkpoint and output-directory errors; each names the path.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        // Named `error`, not `source`: shown in the message, not chained (no double printing).
+        error: std::io::Error,
     },
     #[error("checkpoint {}: corrupt or incomplete: {reason}", path.display())]
     Corrupt { path: PathBuf, reason: String },
     #[error("checkpoint {}: format `{format}` version {version} is not supported (expected `{FORMAT_NAME}` version {FORMAT_VERSION})", path.display())]
-    Version { path: PathBuf, format: String, version: u32 },
+    Version {
+        path: PathBuf,
+        format: String,
+        version: u32,
+    },
     #[error("output directory {} exists, is not empty and was not written by spt-train (no {OUTPUT_MARKER}); pass --overwrite to use it anyway", path.display())]
     ForeignOutputDir { path: PathBuf },
     #[error("output directory {} holds checkpoints of an earlier run; pass --resume to continue it or --overwrite to start over", path.display())]
@@ -52,7 +56,10 @@ pub enum CheckpointError {
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> CheckpointError {
-    CheckpointError::Io { path: path.to_path_buf(), source }
+    CheckpointError::Io {
+        path: path.to_path_buf(),
+        error: source,
+    }
 }
 
 /// Where file bytes go. The default is the real file system; tests swap in one that fails after
@@ -83,13 +90,18 @@ pub struct DiskFullIo {
 
 impl DiskFullIo {
     pub fn new(budget: u64) -> Self {
-        Self { remaining: std::sync::Mutex::new(budget) }
+        Self {
+            remaining: std::sync::Mutex::new(budget),
+        }
     }
 }
 
 impl CheckpointIo for DiskFullIo {
     fn write_file(&self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-        let mut rem = self.remaining.lock().map_err(|_| std::io::Error::other("poisoned"))?;
+        let mut rem = self
+            .remaining
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?;
         let n = (*rem).min(bytes.len() as u64) as usize;
         let mut f = std::fs::File::create(path)?;
         f.write_all(&bytes[..n])?;
@@ -103,10 +115,15 @@ impl CheckpointIo for DiskFullIo {
 
 /// Writes `bytes` to `path` through a temporary sibling, fsync and rename.
 pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = parent.join(format!(".tmp-{name}-{}", std::process::id()));
-    let res = FsIo.write_file(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, path));
+    let res = FsIo
+        .write_file(&tmp, bytes)
+        .and_then(|_| std::fs::rename(&tmp, path));
     if res.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -225,13 +242,19 @@ pub fn save_checkpoint(
     let result = (|| -> Result<(), CheckpointError> {
         std::fs::create_dir(&tmp).map_err(|e| io_err(&tmp, e))?;
         let mut files = BTreeMap::new();
-        for (fname, map) in TENSOR_FILES.iter().zip([&data.model, &data.optimizer, &data.extra]) {
+        for (fname, map) in TENSOR_FILES
+            .iter()
+            .zip([&data.model, &data.optimizer, &data.extra])
+        {
             let bytes = serialize(map, fname)?;
             let p = tmp.join(fname);
             io.write_file(&p, &bytes).map_err(|e| io_err(&p, e))?;
             files.insert(
                 fname.to_string(),
-                FileEntry { bytes: bytes.len() as u64, fnv1a64: format!("{:016x}", fnv1a64(&bytes)) },
+                FileEntry {
+                    bytes: bytes.len() as u64,
+                    fnv1a64: format!("{:016x}", fnv1a64(&bytes)),
+                },
             );
         }
         let manifest = Manifest {
@@ -302,35 +325,58 @@ pub fn latest_checkpoint(dir: &Path) -> Result<PathBuf, CheckpointError> {
     list_checkpoints(dir)?
         .pop()
         .map(|(_, p)| p)
-        .ok_or_else(|| CheckpointError::NoCheckpoint { path: dir.to_path_buf() })
+        .ok_or_else(|| CheckpointError::NoCheckpoint {
+            path: dir.to_path_buf(),
+        })
 }
 
 /// Loads and validates a checkpoint: manifest format and version, every file's length and
 /// checksum, and the safetensors contents.
 pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint, CheckpointError> {
-    let corrupt = |reason: String| CheckpointError::Corrupt { path: path.to_path_buf(), reason };
+    let corrupt = |reason: String| CheckpointError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
     let mpath = path.join("manifest.json");
     let text = std::fs::read(&mpath).map_err(|e| corrupt(format!("cannot read manifest.json: {e}")))?;
-    let value: serde_json::Value =
-        serde_json::from_slice(&text).map_err(|e| corrupt(format!("manifest.json is not valid JSON: {e}")))?;
-    let format = value.get("format").and_then(|v| v.as_str()).unwrap_or("").to_string();
+    let value: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| corrupt(format!("manifest.json is not valid JSON: {e}")))?;
+    let format = value
+        .get("format")
+        .and_then(|v| v.as_str())
+        .unwrap_or("")
+        .to_string();
     let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
     if format != FORMAT_NAME || version != FORMAT_VERSION {
-        return Err(CheckpointError::Version { path: path.to_path_buf(), format, version });
+        return Err(CheckpointError::Version {
+            path: path.to_path_buf(),
+            format,
+            version,
+        });
     }
     let manifest: Manifest =
         serde_json::from_value(value).map_err(|e| corrupt(format!("manifest.json: {e}")))?;
     let mut maps = Vec::with_capacity(3);
     for fname in TENSOR_FILES {
-        let entry = manifest.files.get(fname).ok_or_else(|| corrupt(format!("manifest lists no `{fname}`")))?;
+        let entry = manifest
+            .files
+            .get(fname)
+            .ok_or_else(|| corrupt(format!("manifest lists no `{fname}`")))?;
         let fpath = path.join(fname);
         let bytes = std::fs::read(&fpath).map_err(|e| corrupt(format!("cannot read {fname}: {e}")))?;
         if bytes.len() as u64 != entry.bytes {
-            return Err(corrupt(format!("{fname} is {} bytes, the manifest says {}", bytes.len(), entry.bytes)));
+            return Err(corrupt(format!(
+                "{fname} is {} bytes, the manifest says {}",
+                bytes.len(),
+                entry.bytes
+            )));
         }
         let sum = format!("{:016x}", fnv1a64(&bytes));
         if sum != entry.fnv1a64 {
-            return Err(corrupt(format!("{fname} checksum {sum} does not match the manifest's {}", entry.fnv1a64)));
+            return Err(corrupt(format!(
+                "{fname} checksum {sum} does not match the manifest's {}",
+                entry.fnv1a64
+            )));
         }
         let map = candle_core::safetensors::load_buffer(&bytes, device)
             .map_err(|e| corrupt(format!("{fname}: {e}")))?;
@@ -339,7 +385,34 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint,
     let extra = maps.pop().unwrap_or_default();
     let optimizer = maps.pop().unwrap_or_default();
     let model = maps.pop().unwrap_or_default();
-    Ok(LoadedCheckpoint { path: path.to_path_buf(), manifest, model, optimizer, extra })
+    Ok(LoadedCheckpoint {
+        path: path.to_path_buf(),
+        manifest,
+        model,
+        optimizer,
+        extra,
+    })
+}
+
+/// The checks of [`prepare_output_dir`] without touching anything, so a CLI can refuse early.
+pub fn check_output_dir(dir: &Path, overwrite: bool, resume: bool) -> Result<(), CheckpointError> {
+    let marker = dir.join(OUTPUT_MARKER);
+    let empty = !dir.exists()
+        || std::fs::read_dir(dir)
+            .map_err(|e| io_err(dir, e))?
+            .next()
+            .is_none();
+    if !empty && !marker.is_file() && !overwrite {
+        return Err(CheckpointError::ForeignOutputDir {
+            path: dir.to_path_buf(),
+        });
+    }
+    if marker.is_file() && !resume && !overwrite && !list_checkpoints(&dir.join("checkpoints"))?.is_empty() {
+        return Err(CheckpointError::ExistingRun {
+            path: dir.to_path_buf(),
+        });
+    }
+    Ok(())
 }
 
 /// Prepares an output directory for a run.
@@ -351,17 +424,10 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint,
 ///   which deletes `checkpoints/` and `metrics.jsonl` so the new run starts clean.
 pub fn prepare_output_dir(dir: &Path, overwrite: bool, resume: bool) -> Result<(), CheckpointError> {
     let marker = dir.join(OUTPUT_MARKER);
-    let exists = dir.exists();
-    let empty = !exists || std::fs::read_dir(dir).map_err(|e| io_err(dir, e))?.next().is_none();
-    if !empty && !marker.is_file() && !overwrite {
-        return Err(CheckpointError::ForeignOutputDir { path: dir.to_path_buf() });
-    }
+    check_output_dir(dir, overwrite, resume)?;
     if marker.is_file() && !resume {
         let ckpts = dir.join("checkpoints");
         if !list_checkpoints(&ckpts)?.is_empty() {
-            if !overwrite {
-                return Err(CheckpointError::ExistingRun { path: dir.to_path_buf() });
-            }
             std::fs::remove_dir_all(&ckpts).map_err(|e| io_err(&ckpts, e))?;
             let m = dir.join("metrics.jsonl");
             if m.exists() {
@@ -384,15 +450,27 @@ mod tests {
     fn data(step: u64) -> CheckpointData {
         let dev = Device::Cpu;
         let mut model = BTreeMap::new();
-        model.insert("enc.w".to_string(), Tensor::arange(0f32, 64.0, &dev).unwrap().reshape((8, 8)).unwrap());
-        model.insert("enc.b".to_string(), Tensor::new(&[step as f32, 1.5], &dev).unwrap());
+        model.insert(
+            "enc.w".to_string(),
+            Tensor::arange(0f32, 64.0, &dev).unwrap().reshape((8, 8)).unwrap(),
+        );
+        model.insert(
+            "enc.b".to_string(),
+            Tensor::new(&[step as f32, 1.5], &dev).unwrap(),
+        );
         let mut optimizer = BTreeMap::new();
         optimizer.insert("enc.w.step".to_string(), Tensor::new(step as i64, &dev).unwrap());
         let mut extra = BTreeMap::new();
-        extra.insert("layer0.pq_codebooks".to_string(), Tensor::ones((2, 4, 3), DType::F32, &dev).unwrap());
+        extra.insert(
+            "layer0.pq_codebooks".to_string(),
+            Tensor::ones((2, 4, 3), DType::F32, &dev).unwrap(),
+        );
         CheckpointData {
             step,
-            data: DataPosition { epoch: 1, batch: step * 2 },
+            data: DataPosition {
+                epoch: 1,
+                batch: step * 2,
+            },
             rng_state: 0xDEAD_BEEF_0000_0000 + step,
             config: serde_json::json!({"lr": 1e-3}),
             extra_json: serde_json::json!({"note": "x"}),
@@ -403,8 +481,10 @@ mod tests {
     }
 
     fn names(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> =
-            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
         v.sort();
         v
     }
@@ -446,11 +526,23 @@ mod tests {
         for budget in [10, total / 3, 2 * total / 3, total - 1] {
             let err = save_checkpoint(&dir, &data(2), 3, &DiskFullIo::new(budget)).unwrap_err();
             let msg = err.to_string();
-            assert!(msg.contains("No space left") || msg.contains("os error 28"), "{msg}");
+            assert!(
+                msg.contains("No space left") || msg.contains("os error 28"),
+                "{msg}"
+            );
             assert_eq!(names(&dir), vec!["step-00000001"], "budget {budget}");
         }
-        assert_eq!(std::fs::read(dir.join("step-00000001/model.safetensors")).unwrap(), before);
-        assert_eq!(load_checkpoint(&dir.join("step-00000001"), &Device::Cpu).unwrap().manifest.step, 1);
+        assert_eq!(
+            std::fs::read(dir.join("step-00000001/model.safetensors")).unwrap(),
+            before
+        );
+        assert_eq!(
+            load_checkpoint(&dir.join("step-00000001"), &Device::Cpu)
+                .unwrap()
+                .manifest
+                .step,
+            1
+        );
         // With room enough, the same IO succeeds.
         save_checkpoint(&dir, &data(2), 3, &DiskFullIo::new(1 << 20)).unwrap();
         assert_eq!(names(&dir), vec!["step-00000001", "step-00000002"]);
@@ -466,7 +558,10 @@ mod tests {
         let bytes = std::fs::read(&f).unwrap();
         std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
         let e = load_checkpoint(&p, &Device::Cpu).unwrap_err().to_string();
-        assert!(e.contains("step-00000005") && e.contains("optimizer.safetensors") && e.contains("bytes"), "{e}");
+        assert!(
+            e.contains("step-00000005") && e.contains("optimizer.safetensors") && e.contains("bytes"),
+            "{e}"
+        );
         // Same length, flipped byte.
         let mut flipped = bytes.clone();
         let last = flipped.len() - 1;
@@ -488,7 +583,10 @@ mod tests {
         std::fs::write(&m, serde_json::to_vec(&v).unwrap()).unwrap();
         let e = load_checkpoint(&p, &Device::Cpu).unwrap_err().to_string();
         assert!(e.contains("version 99"), "{e}");
-        assert!(matches!(latest_checkpoint(&tmp.path().join("none")), Err(CheckpointError::NoCheckpoint { .. })));
+        assert!(matches!(
+            latest_checkpoint(&tmp.path().join("none")),
+            Err(CheckpointError::NoCheckpoint { .. })
+        ));
     }
 
     #[test]
@@ -508,7 +606,10 @@ mod tests {
         prepare_output_dir(&fresh, false, false).unwrap();
         // Ours with checkpoints: needs resume or overwrite.
         save_checkpoint(&fresh.join("checkpoints"), &data(3), 0, &FsIo).unwrap();
-        assert!(matches!(prepare_output_dir(&fresh, false, false), Err(CheckpointError::ExistingRun { .. })));
+        assert!(matches!(
+            prepare_output_dir(&fresh, false, false),
+            Err(CheckpointError::ExistingRun { .. })
+        ));
         prepare_output_dir(&fresh, false, true).unwrap();
         prepare_output_dir(&fresh, true, false).unwrap();
         assert!(list_checkpoints(&fresh.join("checkpoints")).unwrap().is_empty());

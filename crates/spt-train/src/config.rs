@@ -24,7 +24,10 @@ pub enum ConfigError {
 }
 
 fn invalid(field: &str, msg: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field: field.to_string(), msg: msg.into() }
+    ConfigError::Invalid {
+        field: field.to_string(),
+        msg: msg.into(),
+    }
 }
 
 /// How the model is fine-tuned.
@@ -337,9 +340,17 @@ macro_rules! set_if_some {
 impl FinetuneConfig {
     /// Reads a TOML (`.toml`) or JSON (`.json`) config file; unknown keys are an error.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let file_err = |msg: String| ConfigError::File { path: path.to_path_buf(), msg };
+        let file_err = |msg: String| ConfigError::File {
+            path: path.to_path_buf(),
+            msg,
+        };
         let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
-        match path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref() {
+        match path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(|e| e.to_ascii_lowercase())
+            .as_deref()
+        {
             Some("toml") => toml::from_str(&text).map_err(|e| file_err(e.to_string())),
             Some("json") => serde_json::from_str(&text).map_err(|e| file_err(e.to_string())),
             _ => Err(file_err("use a .toml or .json file".into())),
@@ -398,10 +409,16 @@ impl FinetuneConfig {
             return Err(invalid("lr", format!("must be positive, got {}", self.lr)));
         }
         if !(0.0..1.0).contains(&self.validation_split) {
-            return Err(invalid("validation_split", format!("must be in [0, 1), got {}", self.validation_split)));
+            return Err(invalid(
+                "validation_split",
+                format!("must be in [0, 1), got {}", self.validation_split),
+            ));
         }
         if !(0.0..=1.0).contains(&self.warmup_ratio) {
-            return Err(invalid("warmup_ratio", format!("must be in [0, 1], got {}", self.warmup_ratio)));
+            return Err(invalid(
+                "warmup_ratio",
+                format!("must be in [0, 1], got {}", self.warmup_ratio),
+            ));
         }
         if self.max_steps.is_none() && self.epochs == 0 {
             return Err(invalid("epochs", "must be at least 1 (or set max_steps)"));
@@ -413,7 +430,10 @@ impl FinetuneConfig {
             return Err(invalid("max_length", "must be at least 1"));
         }
         if self.block_size < 2 {
-            return Err(invalid("block_size", format!("must be at least 2, got {}", self.block_size)));
+            return Err(invalid(
+                "block_size",
+                format!("must be at least 2, got {}", self.block_size),
+            ));
         }
         if self.attn_k.is_some() && self.attn_k_fraction.is_some() {
             return Err(invalid("attn_k", "give attn_k or attn_k_fraction, not both"));
@@ -429,14 +449,20 @@ impl FinetuneConfig {
         if self.ffn_blocks == 0 || self.ffn_top_k == 0 || self.ffn_top_k > self.ffn_blocks {
             return Err(invalid(
                 "ffn_top_k",
-                format!("need 1 ≤ ffn_top_k ≤ ffn_blocks, got {} of {}", self.ffn_top_k, self.ffn_blocks),
+                format!(
+                    "need 1 ≤ ffn_top_k ≤ ffn_blocks, got {} of {}",
+                    self.ffn_top_k, self.ffn_blocks
+                ),
             ));
         }
         if self.mode != Mode::Dense && self.lora_rank == 0 {
             return Err(invalid("lora_rank", "must be at least 1 for lora and spt modes"));
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
-            return Err(invalid("lora_dropout", format!("must be in [0, 1), got {}", self.lora_dropout)));
+            return Err(invalid(
+                "lora_dropout",
+                format!("must be in [0, 1), got {}", self.lora_dropout),
+            ));
         }
         if self.router_aux_weight < 0.0 {
             return Err(invalid("router_aux_weight", "must be ≥ 0"));
@@ -447,10 +473,22 @@ impl FinetuneConfig {
             }
         }
         if self.max_grad_norm < 0.0 || self.weight_decay < 0.0 {
-            return Err(invalid("max_grad_norm", "max_grad_norm and weight_decay must be ≥ 0"));
+            return Err(invalid(
+                "max_grad_norm",
+                "max_grad_norm and weight_decay must be ≥ 0",
+            ));
         }
-        if !(self.device == "cpu" || self.device == "cuda" || self.device.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok())) {
-            return Err(invalid("device", format!("expected cpu, cuda or cuda:N, got `{}`", self.device)));
+        if !(self.device == "cpu"
+            || self.device == "cuda"
+            || self
+                .device
+                .strip_prefix("cuda:")
+                .is_some_and(|n| n.parse::<usize>().is_ok()))
+        {
+            return Err(invalid(
+                "device",
+                format!("expected cpu, cuda or cuda:N, got `{}`", self.device),
+            ));
         }
         Ok(())
     }
@@ -503,7 +541,9 @@ impl FinetuneConfig {
             ..TrainerConfig::default()
         };
         let total = crate::trainer::planned_steps(&t, n_train);
-        t.warmup_steps = self.warmup_steps.unwrap_or((self.warmup_ratio * total as f64).ceil() as u64);
+        t.warmup_steps = self
+            .warmup_steps
+            .unwrap_or((self.warmup_ratio * total as f64).ceil() as u64);
         t
     }
 }
@@ -511,7 +551,12 @@ impl FinetuneConfig {
 /// Is `HF_HUB_OFFLINE` (or `TRANSFORMERS_OFFLINE`) set to a true value?
 pub fn hub_offline() -> bool {
     ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"].iter().any(|k| {
-        std::env::var(k).is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+        std::env::var(k).is_ok_and(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "1" | "true" | "yes" | "on"
+            )
+        })
     })
 }
 
@@ -535,15 +580,25 @@ pub fn resolve_model(id_or_path: &str) -> Result<PathBuf, ConfigError> {
 }
 
 /// [`resolve_model`] with an explicit cache and offline switch.
-pub fn resolve_model_with(id_or_path: &str, cache: &hf_hub::Cache, offline: bool) -> Result<PathBuf, ConfigError> {
-    let err = |msg: String| ConfigError::Model { id: id_or_path.to_string(), msg };
+pub fn resolve_model_with(
+    id_or_path: &str,
+    cache: &hf_hub::Cache,
+    offline: bool,
+) -> Result<PathBuf, ConfigError> {
+    let err = |msg: String| ConfigError::Model {
+        id: id_or_path.to_string(),
+        msg,
+    };
     let p = Path::new(id_or_path);
     if p.is_dir() {
         return Ok(p.to_path_buf());
     }
-    let looks_like_path = id_or_path.starts_with(['.', '/', '~']) || id_or_path.matches('/').count() > 1 || p.is_file();
+    let looks_like_path =
+        id_or_path.starts_with(['.', '/', '~']) || id_or_path.matches('/').count() > 1 || p.is_file();
     if looks_like_path {
-        return Err(err("is not a directory (a model directory needs config.json and model.safetensors)".into()));
+        return Err(err(
+            "is not a directory (a model directory needs config.json and model.safetensors)".into(),
+        ));
     }
     let repo = cache.model(id_or_path.to_string());
     let cached: Option<Vec<PathBuf>> = REQUIRED_FILES.iter().map(|f| repo.get(f)).collect();
@@ -565,7 +620,9 @@ pub fn resolve_model_with(id_or_path: &str, cache: &hf_hub::Cache, offline: bool
     let remote = api.model(id_or_path.to_string());
     let mut dir = None;
     for f in REQUIRED_FILES {
-        let path = remote.get(f).map_err(|e| err(format!("cannot download {f}: {e}")))?;
+        let path = remote
+            .get(f)
+            .map_err(|e| err(format!("cannot download {f}: {e}")))?;
         dir = path.parent().map(Path::to_path_buf);
     }
     for set in TOKENIZER_SETS {
@@ -588,18 +645,68 @@ mod tests {
     }
 
     fn parse(argv: &[&str]) -> FinetuneArgs {
-        Cli::try_parse_from(std::iter::once("x").chain(argv.iter().copied())).unwrap().args
+        Cli::try_parse_from(std::iter::once("x").chain(argv.iter().copied()))
+            .unwrap()
+            .args
     }
 
     const FLAGS: &[&str] = &[
-        "--model", "sentence-transformers/all-MiniLM-L6-v2", "--task", "classify",
-        "--train-file", "data/rt/rt.csv", "--validation-split", "0.2", "--split-by", "movie_name",
-        "--text-column", "text", "--label-column", "category", "--drop-label", "plot",
-        "--max-length", "128", "--output-dir", "runs/rt", "--mode", "spt", "--attn-k", "32",
-        "--ffn-blocks", "16", "--ffn-top-k", "4", "--lora-rank", "16", "--lora-alpha", "32",
-        "--epochs", "2", "--batch-size", "32", "--grad-accum", "2", "--lr", "0.0003",
-        "--warmup-ratio", "0.1", "--schedule", "cosine", "--weight-decay", "0.01", "--clip", "1.0",
-        "--seed", "7", "--eval-every", "100", "--save-every", "200", "--keep-last", "2",
+        "--model",
+        "sentence-transformers/all-MiniLM-L6-v2",
+        "--task",
+        "classify",
+        "--train-file",
+        "data/rt/rt.csv",
+        "--validation-split",
+        "0.2",
+        "--split-by",
+        "movie_name",
+        "--text-column",
+        "text",
+        "--label-column",
+        "category",
+        "--drop-label",
+        "plot",
+        "--max-length",
+        "128",
+        "--output-dir",
+        "runs/rt",
+        "--mode",
+        "spt",
+        "--attn-k",
+        "32",
+        "--ffn-blocks",
+        "16",
+        "--ffn-top-k",
+        "4",
+        "--lora-rank",
+        "16",
+        "--lora-alpha",
+        "32",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--grad-accum",
+        "2",
+        "--lr",
+        "0.0003",
+        "--warmup-ratio",
+        "0.1",
+        "--schedule",
+        "cosine",
+        "--weight-decay",
+        "0.01",
+        "--clip",
+        "1.0",
+        "--seed",
+        "7",
+        "--eval-every",
+        "100",
+        "--save-every",
+        "200",
+        "--keep-last",
+        "2",
     ];
 
     const TOML: &str = r#"
@@ -647,8 +754,14 @@ mod tests {
         assert_eq!(from_flags.mode, Mode::Spt);
         assert_eq!(from_flags.drop_labels, vec!["plot".to_string()]);
         // Flags override the file.
-        let over =
-            FinetuneConfig::from_args(&parse(&["--config", t.to_str().unwrap(), "--lr", "0.001", "--resume"])).unwrap();
+        let over = FinetuneConfig::from_args(&parse(&[
+            "--config",
+            t.to_str().unwrap(),
+            "--lr",
+            "0.001",
+            "--resume",
+        ]))
+        .unwrap();
         assert_eq!(over.lr, 0.001);
         assert_eq!(over.resume_from(), Resume::Latest);
         assert_eq!(over.seed, 7);
@@ -676,7 +789,9 @@ mod tests {
         assert!(with(&["--attn-k", "4", "--attn-k-fraction", "0.5"]).contains("not both"));
         assert!(with(&["--ffn-blocks", "2", "--ffn-top-k", "3"]).contains("ffn_top_k"));
         assert!(with(&["--device", "tpu"]).contains("device"));
-        let e = FinetuneConfig::from_args(&parse(&["--train-file", "a.csv"])).unwrap_err().to_string();
+        let e = FinetuneConfig::from_args(&parse(&["--train-file", "a.csv"]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`model`"), "{e}");
     }
 
@@ -685,8 +800,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = hf_hub::Cache::new(dir.path().join("hub"));
         // Offline and uncached: the error names the id and says why.
-        let e = resolve_model_with("someone/tiny-bert", &cache, true).unwrap_err().to_string();
-        assert!(e.contains("someone/tiny-bert") && e.contains("HF_HUB_OFFLINE"), "{e}");
+        let e = resolve_model_with("someone/tiny-bert", &cache, true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("someone/tiny-bert") && e.contains("HF_HUB_OFFLINE"),
+            "{e}"
+        );
         // Cached (hub cache layout: refs/main → snapshots/<commit>/files).
         let repo = dir.path().join("hub/models--someone--tiny-bert");
         let snap = repo.join("snapshots/abc123");
@@ -696,10 +816,21 @@ mod tests {
         for f in ["config.json", "model.safetensors", "tokenizer.json"] {
             std::fs::write(snap.join(f), "{}").unwrap();
         }
-        assert_eq!(resolve_model_with("someone/tiny-bert", &cache, true).unwrap(), snap);
+        assert_eq!(
+            resolve_model_with("someone/tiny-bert", &cache, true).unwrap(),
+            snap
+        );
         // Local directory.
-        assert_eq!(resolve_model_with(snap.to_str().unwrap(), &cache, true).unwrap(), snap);
-        let e = resolve_model_with("./no/such/dir", &cache, true).unwrap_err().to_string();
-        assert!(e.contains("./no/such/dir") && e.contains("not a directory"), "{e}");
+        assert_eq!(
+            resolve_model_with(snap.to_str().unwrap(), &cache, true).unwrap(),
+            snap
+        );
+        let e = resolve_model_with("./no/such/dir", &cache, true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("./no/such/dir") && e.contains("not a directory"),
+            "{e}"
+        );
     }
 }

@@ -13,11 +13,11 @@ pub enum Error {
     Checkpoint(#[from] crate::checkpoint::CheckpointError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        // Named `error`, not `source`: shown in the message, not chained (no double printing).
+        error: std::io::Error,
     },
     #[error("{0}")]
     Msg(String),
@@ -25,7 +25,10 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            error: source,
+        }
     }
 }
 

@@ -17,6 +17,7 @@ pub mod data;
 pub mod error;
 pub mod metrics;
 pub mod optim;
+pub mod pipeline;
 pub mod rng;
 pub mod trainer;
 

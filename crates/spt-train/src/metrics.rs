@@ -122,7 +122,8 @@ impl MetricsWriter {
             .append(true)
             .open(&self.path)
             .map_err(|e| Error::io(&self.path, e))?;
-        f.write_all(line.as_bytes()).map_err(|e| Error::io(&self.path, e))?;
+        f.write_all(line.as_bytes())
+            .map_err(|e| Error::io(&self.path, e))?;
         f.flush().map_err(|e| Error::io(&self.path, e))
     }
 
@@ -154,7 +155,8 @@ impl MetricsWriter {
             text.push_str(&serde_json::to_string(r).map_err(|e| Error::Msg(e.to_string()))?);
             text.push('\n');
         }
-        crate::checkpoint::write_file_atomic(&self.path, text.as_bytes()).map_err(|e| Error::io(&self.path, e))
+        crate::checkpoint::write_file_atomic(&self.path, text.as_bytes())
+            .map_err(|e| Error::io(&self.path, e))
     }
 }
 
@@ -162,18 +164,25 @@ impl MetricsWriter {
 pub fn plot_loss_svg(path: &Path, train: &[(u64, f64)], eval: &[(u64, f64)]) -> Result<()> {
     use plotters::prelude::*;
     let finite = |v: &[(u64, f64)]| -> Vec<(f64, f64)> {
-        v.iter().filter(|(_, y)| y.is_finite()).map(|&(x, y)| (x as f64, y)).collect()
+        v.iter()
+            .filter(|(_, y)| y.is_finite())
+            .map(|&(x, y)| (x as f64, y))
+            .collect()
     };
     let (tr, ev) = (finite(train), finite(eval));
     let all: Vec<&(f64, f64)> = tr.iter().chain(ev.iter()).collect();
     if all.is_empty() {
-        return Err(Error::Msg(format!("{}: no finite loss values to plot", path.display())));
+        return Err(Error::Msg(format!(
+            "{}: no finite loss values to plot",
+            path.display()
+        )));
     }
     let x_max = all.iter().map(|p| p.0).fold(1.0, f64::max);
     let y_min = all.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
     let y_max = all.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
     let pad = ((y_max - y_min) * 0.05).max(1e-3);
-    let plot_err = |e: &dyn std::fmt::Display| Error::Msg(format!("{}: plotting failed: {e}", path.display()));
+    let plot_err =
+        |e: &dyn std::fmt::Display| Error::Msg(format!("{}: plotting failed: {e}", path.display()));
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (800, 480)).into_drawing_area();
@@ -223,7 +232,10 @@ pub fn plot_loss_svg(path: &Path, train: &[(u64, f64)], eval: &[(u64, f64)]) -> 
 pub fn plot_metrics_file(metrics: &Path, svg: &Path) -> Result<()> {
     let recs = MetricsWriter::new(metrics).read_all()?;
     let pick = |split: &str| -> Vec<(u64, f64)> {
-        recs.iter().filter(|r| r.split == split).map(|r| (r.step, r.loss)).collect()
+        recs.iter()
+            .filter(|r| r.split == split)
+            .map(|r| (r.step, r.loss))
+            .collect()
     };
     plot_loss_svg(svg, &pick("train"), &pick("eval"))
 }
@@ -261,12 +273,27 @@ mod tests {
         for s in 1..=4u64 {
             let mut values = BTreeMap::new();
             values.insert("grad_norm".to_string(), 0.5);
-            w.append(&MetricRecord { step: s, epoch: s as f64 / 4.0, split: "train".into(), loss: 2.0 / s as f64, lr: Some(1e-3), values })
-                .unwrap();
+            w.append(&MetricRecord {
+                step: s,
+                epoch: s as f64 / 4.0,
+                split: "train".into(),
+                loss: 2.0 / s as f64,
+                lr: Some(1e-3),
+                values,
+            })
+            .unwrap();
         }
         let mut values = BTreeMap::new();
         values.insert("accuracy".to_string(), 0.75);
-        w.append(&MetricRecord { step: 4, epoch: 1.0, split: "eval".into(), loss: 0.6, lr: None, values }).unwrap();
+        w.append(&MetricRecord {
+            step: 4,
+            epoch: 1.0,
+            split: "eval".into(),
+            loss: 0.6,
+            lr: None,
+            values,
+        })
+        .unwrap();
         let recs = w.read_all().unwrap();
         assert_eq!(recs.len(), 5);
         assert_eq!(recs[4].values["accuracy"], 0.75);
@@ -275,9 +302,16 @@ mod tests {
         let svg = dir.path().join("loss.svg");
         plot_metrics_file(w.path(), &svg).unwrap();
         let text = std::fs::read_to_string(&svg).unwrap();
-        assert!(text.starts_with("<svg") && text.contains("polyline") && text.contains("eval"), "{}", &text[..200]);
+        assert!(
+            text.starts_with("<svg") && text.contains("polyline") && text.contains("eval"),
+            "{}",
+            &text[..200]
+        );
         w.truncate_after(2).unwrap();
-        assert_eq!(w.read_all().unwrap().iter().map(|r| r.step).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(
+            w.read_all().unwrap().iter().map(|r| r.step).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
         assert!(plot_loss_svg(&svg, &[], &[]).is_err());
     }
 }

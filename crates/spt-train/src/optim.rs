@@ -36,7 +36,12 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
     }
 }
 
@@ -82,7 +87,10 @@ impl AdamW {
                 bail!("AdamW: parameter `{name}` is given twice");
             }
             if !var.dtype().is_float() {
-                bail!("AdamW: parameter `{name}` has dtype {:?}; only float parameters can be trained", var.dtype());
+                bail!(
+                    "AdamW: parameter `{name}` has dtype {:?}; only float parameters can be trained",
+                    var.dtype()
+                );
             }
             let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
             states.push(ParamState {
@@ -113,11 +121,23 @@ impl AdamW {
 
     /// One update with learning rate `lr`. Parameters without a gradient in `grads` are skipped.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
-        let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
+        let AdamWConfig {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } = self.cfg;
         for p in self.params.iter_mut() {
-            let Some(g) = grads.get(p.var.as_tensor()) else { continue };
+            let Some(g) = grads.get(p.var.as_tensor()) else {
+                continue;
+            };
             if g.shape() != p.var.shape() {
-                bail!("AdamW: gradient of `{}` is {:?}, parameter is {:?}", p.name, g.shape(), p.var.shape());
+                bail!(
+                    "AdamW: gradient of `{}` is {:?}, parameter is {:?}",
+                    p.name,
+                    g.shape(),
+                    p.var.shape()
+                );
             }
             p.step += 1;
             let t = p.step as i32;
@@ -151,7 +171,10 @@ impl AdamW {
         for p in &self.params {
             out.insert(format!("{}.exp_avg", p.name), p.exp_avg.clone());
             out.insert(format!("{}.exp_avg_sq", p.name), p.exp_avg_sq.clone());
-            out.insert(format!("{}.step", p.name), Tensor::new(p.step as i64, p.var.device())?);
+            out.insert(
+                format!("{}.step", p.name),
+                Tensor::new(p.step as i64, p.var.device())?,
+            );
         }
         Ok(out)
     }
@@ -174,7 +197,11 @@ impl AdamW {
             let (k3, s) = get("step")?;
             for (k, t) in [(&k1, &m), (&k2, &v)] {
                 if t.shape() != p.var.shape() {
-                    bail!("optimizer state: `{k}` is {:?}, parameter is {:?}", t.shape(), p.var.shape());
+                    bail!(
+                        "optimizer state: `{k}` is {:?}, parameter is {:?}",
+                        t.shape(),
+                        p.var.shape()
+                    );
                 }
             }
             let step = s.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
@@ -183,7 +210,11 @@ impl AdamW {
                 _ => bail!("optimizer state: `{k3}` must be one non-negative integer, got {step:?}"),
             };
             let dev = p.var.device();
-            new_states.push((m.to_dtype(DType::F32)?.to_device(dev)?, v.to_dtype(DType::F32)?.to_device(dev)?, step));
+            new_states.push((
+                m.to_dtype(DType::F32)?.to_device(dev)?,
+                v.to_dtype(DType::F32)?.to_device(dev)?,
+                step,
+            ));
             used.extend([k1, k2, k3]);
         }
         let mut extra: Vec<&String> = state.keys().filter(|k| !used.contains(*k)).collect();
@@ -324,8 +355,16 @@ mod tests {
     fn adamw_matches_hand_computed_steps() -> Result<()> {
         let w = var(&[1.0, -2.0]);
         let b = var(&[0.5, 0.5]);
-        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
-        let mut opt = AdamW::new(vec![("lin.weight".into(), w.clone()), ("lin.bias".into(), b.clone())], cfg)?;
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let mut opt = AdamW::new(
+            vec![("lin.weight".into(), w.clone()), ("lin.bias".into(), b.clone())],
+            cfg,
+        )?;
         assert_eq!(opt.groups(), vec![("lin.weight", true), ("lin.bias", false)]);
         // loss = sum(w * c) + sum(b^2): dL/dw = c, dL/db = 2b
         let c = Tensor::new(&[0.5f32, -1.0], &Device::Cpu)?;
@@ -353,8 +392,18 @@ mod tests {
             let got_w = w.as_tensor().to_vec1::<f32>()?;
             let got_b = b.as_tensor().to_vec1::<f32>()?;
             for i in 0..2 {
-                assert!((got_w[i] as f64 - expect_w[i]).abs() < 1e-6, "t={t} w[{i}] {} vs {}", got_w[i], expect_w[i]);
-                assert!((got_b[i] as f64 - expect_b[i]).abs() < 1e-6, "t={t} b[{i}] {} vs {}", got_b[i], expect_b[i]);
+                assert!(
+                    (got_w[i] as f64 - expect_w[i]).abs() < 1e-6,
+                    "t={t} w[{i}] {} vs {}",
+                    got_w[i],
+                    expect_w[i]
+                );
+                assert!(
+                    (got_b[i] as f64 - expect_b[i]).abs() < 1e-6,
+                    "t={t} b[{i}] {} vs {}",
+                    got_b[i],
+                    expect_b[i]
+                );
             }
         }
         // First step of Adam moves every coordinate by ~lr (m̂/√v̂ = sign(g)).
@@ -394,8 +443,18 @@ mod tests {
         for s in 3..6 {
             o3.step(&quad_loss(&w3, &target)?, 0.05 / (s + 1) as f64)?;
         }
-        let a: Vec<u32> = w1.as_tensor().to_vec1::<f32>()?.iter().map(|x| x.to_bits()).collect();
-        let b: Vec<u32> = w3.as_tensor().to_vec1::<f32>()?.iter().map(|x| x.to_bits()).collect();
+        let a: Vec<u32> = w1
+            .as_tensor()
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|x| x.to_bits())
+            .collect();
+        let b: Vec<u32> = w3
+            .as_tensor()
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|x| x.to_bits())
+            .collect();
         assert_eq!(a, b);
         Ok(())
     }
@@ -409,7 +468,10 @@ mod tests {
         let err = o.load_state_dict(&sd).unwrap_err().to_string();
         assert!(err.contains("enc.w.exp_avg_sq"), "{err}");
         let mut sd: HashMap<String, Tensor> = o.state_dict()?.into_iter().collect();
-        sd.insert("other.exp_avg".into(), Tensor::zeros(1, DType::F32, &Device::Cpu)?);
+        sd.insert(
+            "other.exp_avg".into(),
+            Tensor::zeros(1, DType::F32, &Device::Cpu)?,
+        );
         let err = o.load_state_dict(&sd).unwrap_err().to_string();
         assert!(err.contains("other.exp_avg"), "{err}");
         Ok(())
@@ -438,20 +500,36 @@ mod tests {
 
     #[test]
     fn schedules() {
-        let s = LrSchedule { base_lr: 1.0, warmup_steps: 4, total_steps: 14, kind: ScheduleKind::Linear };
+        let s = LrSchedule {
+            base_lr: 1.0,
+            warmup_steps: 4,
+            total_steps: 14,
+            kind: ScheduleKind::Linear,
+        };
         assert_eq!(s.lr_at(0), 0.25);
         assert_eq!(s.lr_at(3), 1.0);
         assert_eq!(s.lr_at(4), 1.0);
         assert!((s.lr_at(9) - 0.5).abs() < 1e-12);
         assert_eq!(s.lr_at(14), 0.0);
         assert_eq!(s.lr_at(100), 0.0);
-        let c = LrSchedule { kind: ScheduleKind::Cosine, ..s };
+        let c = LrSchedule {
+            kind: ScheduleKind::Cosine,
+            ..s
+        };
         assert_eq!(c.lr_at(4), 1.0);
         assert!((c.lr_at(9) - 0.5).abs() < 1e-12);
         assert!(c.lr_at(14).abs() < 1e-12);
-        let k = LrSchedule { kind: ScheduleKind::Constant, ..s };
+        let k = LrSchedule {
+            kind: ScheduleKind::Constant,
+            ..s
+        };
         assert_eq!(k.lr_at(13), 1.0);
-        let nw = LrSchedule { base_lr: 2.0, warmup_steps: 0, total_steps: 0, kind: ScheduleKind::Linear };
+        let nw = LrSchedule {
+            base_lr: 2.0,
+            warmup_steps: 0,
+            total_steps: 0,
+            kind: ScheduleKind::Linear,
+        };
         assert_eq!(nw.lr_at(0), 2.0);
     }
 }

@@ -75,9 +75,22 @@ pub trait TrainTask {
     /// number of examples, and no predictions; classifiers should return predictions, LMs a
     /// per-token loss sum.
     fn eval_batch(&mut self, batch: &Batch) -> candle_core::Result<EvalOutput> {
-        let ctx = StepCtx { step: 0, micro: 0, seed: 0, train: false };
-        let loss = self.loss(batch, &ctx)?.detach().to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        Ok(EvalOutput { loss_sum: loss * batch.size as f64, count: batch.size as f64, predictions: None })
+        let ctx = StepCtx {
+            step: 0,
+            micro: 0,
+            seed: 0,
+            train: false,
+        };
+        let loss = self
+            .loss(batch, &ctx)?
+            .detach()
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        Ok(EvalOutput {
+            loss_sum: loss * batch.size as f64,
+            count: batch.size as f64,
+            predictions: None,
+        })
     }
 
     /// Extra named tensors to checkpoint (e.g. PQ codebooks).
@@ -93,6 +106,28 @@ pub trait TrainTask {
     /// Called after every optimizer update with the number of updates done.
     fn after_step(&mut self, _step: u64) -> candle_core::Result<()> {
         Ok(())
+    }
+}
+
+/// A boxed task is a task, so the CLI can pick the model at run time.
+impl<T: TrainTask + ?Sized> TrainTask for Box<T> {
+    fn loss(&mut self, batch: &Batch, ctx: &StepCtx) -> candle_core::Result<Tensor> {
+        (**self).loss(batch, ctx)
+    }
+    fn trainable(&self) -> Vec<(String, Var)> {
+        (**self).trainable()
+    }
+    fn eval_batch(&mut self, batch: &Batch) -> candle_core::Result<EvalOutput> {
+        (**self).eval_batch(batch)
+    }
+    fn extra_state(&self) -> candle_core::Result<BTreeMap<String, Tensor>> {
+        (**self).extra_state()
+    }
+    fn load_extra_state(&mut self, state: &HashMap<String, Tensor>) -> candle_core::Result<()> {
+        (**self).load_extra_state(state)
+    }
+    fn after_step(&mut self, step: u64) -> candle_core::Result<()> {
+        (**self).after_step(step)
     }
 }
 
@@ -179,7 +214,11 @@ pub struct EvalReport {
 impl EvalReport {
     fn values(&self) -> BTreeMap<String, f64> {
         let mut v = BTreeMap::new();
-        for (k, x) in [("accuracy", self.accuracy), ("macro_f1", self.macro_f1), ("perplexity", self.perplexity)] {
+        for (k, x) in [
+            ("accuracy", self.accuracy),
+            ("macro_f1", self.macro_f1),
+            ("perplexity", self.perplexity),
+        ] {
             if let Some(x) = x {
                 v.insert(k.to_string(), x);
             }
@@ -257,12 +296,21 @@ pub fn evaluate<T: TrainTask + ?Sized>(
     let mean = loss.mean();
     let (acc, f1) = if have_preds && !preds.is_empty() {
         let classes = preds.iter().chain(labels.iter()).copied().max().unwrap_or(0) as usize + 1;
-        (Some(accuracy(&preds, &labels)), Some(macro_f1(&preds, &labels, classes)))
+        (
+            Some(accuracy(&preds, &labels)),
+            Some(macro_f1(&preds, &labels, classes)),
+        )
     } else {
         (None, None)
     };
     let ppl = (data.task == TaskKind::Lm).then(|| perplexity(mean));
-    Ok(EvalReport { loss: mean, accuracy: acc, macro_f1: f1, perplexity: ppl, examples: data.len() })
+    Ok(EvalReport {
+        loss: mean,
+        accuracy: acc,
+        macro_f1: f1,
+        perplexity: ppl,
+        examples: data.len(),
+    })
 }
 
 /// Optimizer updates a run over `n_items` training items makes: `max_steps`, else
@@ -292,7 +340,13 @@ struct LoopState {
 
 impl<T: TrainTask> Trainer<T> {
     pub fn new(task: T, cfg: TrainerConfig, device: Device) -> Self {
-        Self { task, cfg, device, stop: Arc::new(AtomicBool::new(false)), io: Box::new(FsIo) }
+        Self {
+            task,
+            cfg,
+            device,
+            stop: Arc::new(AtomicBool::new(false)),
+            io: Box::new(FsIo),
+        }
     }
 
     /// Uses `flag` as the stop request (e.g. from [`install_ctrlc_handler`]).
@@ -341,7 +395,10 @@ impl<T: TrainTask> Trainer<T> {
             return Err(Error::Msg("grad_accum must be at least 1".into()));
         }
         if !(c.lr.is_finite() && c.lr > 0.0) {
-            return Err(Error::Msg(format!("learning rate must be positive, got {}", c.lr)));
+            return Err(Error::Msg(format!(
+                "learning rate must be positive, got {}",
+                c.lr
+            )));
         }
         if train.is_empty() {
             return Err(Error::Msg("the training set is empty".into()));
@@ -362,7 +419,10 @@ impl<T: TrainTask> Trainer<T> {
         let vars = self.task.trainable();
         for (name, var) in &vars {
             let t = ck.model.get(name).ok_or_else(|| {
-                Error::Msg(format!("checkpoint {}: no tensor for trainable parameter `{name}`", path.display()))
+                Error::Msg(format!(
+                    "checkpoint {}: no tensor for trainable parameter `{name}`",
+                    path.display()
+                ))
             })?;
             if t.shape() != var.shape() {
                 return Err(Error::Msg(format!(
@@ -386,13 +446,25 @@ impl<T: TrainTask> Trainer<T> {
             .map_err(|e| Error::Msg(format!("checkpoint {}: {e}", path.display())))?;
         self.task.load_extra_state(&ck.extra)?;
         if ck.manifest.config != self.cfg.run_config {
-            tracing::warn!("checkpoint {} was written with a different config; continuing with the current one", path.display());
+            tracing::warn!(
+                "checkpoint {} was written with a different config; continuing with the current one",
+                path.display()
+            );
         }
-        Ok(LoopState { step: ck.manifest.step, pos: ck.manifest.data, rng: SplitMix64::new(ck.manifest.rng_state) })
+        Ok(LoopState {
+            step: ck.manifest.step,
+            pos: ck.manifest.data,
+            rng: SplitMix64::new(ck.manifest.rng_state),
+        })
     }
 
     fn save(&mut self, st: &LoopState, opt: &AdamW) -> Result<PathBuf> {
-        let model = self.task.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().detach())).collect();
+        let model = self
+            .task
+            .trainable()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().detach()))
+            .collect();
         let data = CheckpointData {
             step: st.step,
             data: st.pos,
@@ -403,7 +475,12 @@ impl<T: TrainTask> Trainer<T> {
             optimizer: opt.state_dict()?,
             extra: self.task.extra_state()?,
         };
-        let p = save_checkpoint(&self.checkpoint_dir(), &data, self.cfg.keep_last, self.io.as_ref())?;
+        let p = save_checkpoint(
+            &self.checkpoint_dir(),
+            &data,
+            self.cfg.keep_last,
+            self.io.as_ref(),
+        )?;
         tracing::info!(step = st.step, path = %p.display(), "checkpoint saved");
         Ok(p)
     }
@@ -426,7 +503,11 @@ impl<T: TrainTask> Trainer<T> {
         let mut opt = AdamW::new(vars_named, self.cfg.adamw)?;
         let metrics = MetricsWriter::new(self.cfg.output_dir.join("metrics.jsonl"));
 
-        let mut st = LoopState { step: 0, pos: DataPosition::default(), rng: SplitMix64::new(self.cfg.seed) };
+        let mut st = LoopState {
+            step: 0,
+            pos: DataPosition::default(),
+            rng: SplitMix64::new(self.cfg.seed),
+        };
         let resume_path = match resume {
             Resume::No => None,
             Resume::Latest => Some(latest_checkpoint(&self.checkpoint_dir())?),
@@ -458,7 +539,10 @@ impl<T: TrainTask> Trainer<T> {
             "training"
         );
         let lengths = train.lengths();
-        let order = BatchOrder { shuffle: true, bucket_batches: self.cfg.bucket_batches };
+        let order = BatchOrder {
+            shuffle: true,
+            bucket_batches: self.cfg.bucket_batches,
+        };
         let mut epoch_cache: Option<(u64, Vec<Vec<usize>>)> = None;
 
         let pb = if self.cfg.progress {
@@ -493,7 +577,10 @@ impl<T: TrainTask> Trainer<T> {
             let mut micro = Vec::with_capacity(self.cfg.grad_accum);
             while micro.len() < self.cfg.grad_accum {
                 if st.pos.batch >= n_batches {
-                    st.pos = DataPosition { epoch: st.pos.epoch + 1, batch: 0 };
+                    st.pos = DataPosition {
+                        epoch: st.pos.epoch + 1,
+                        batch: 0,
+                    };
                 }
                 if self.cfg.max_steps.is_none() && st.pos.epoch >= self.cfg.epochs {
                     break;
@@ -518,11 +605,19 @@ impl<T: TrainTask> Trainer<T> {
             let mut acc: Option<GradStore> = None;
             let mut loss_sum = 0f64;
             for (i, batch) in micro.iter().enumerate() {
-                let ctx = StepCtx { step: st.step, micro: i, seed: SplitMix64::derive(step_seed, i as u64).next_u64(), train: true };
+                let ctx = StepCtx {
+                    step: st.step,
+                    micro: i,
+                    seed: SplitMix64::derive(step_seed, i as u64).next_u64(),
+                    train: true,
+                };
                 let loss = self.task.loss(batch, &ctx)?;
                 let value = loss.detach().to_dtype(DType::F32)?.to_scalar::<f32>()?;
                 if !value.is_finite() {
-                    return Err(Error::Msg(format!("loss is {value} at step {} (micro-batch {i})", st.step + 1)));
+                    return Err(Error::Msg(format!(
+                        "loss is {value} at step {} (micro-batch {i})",
+                        st.step + 1
+                    )));
                 }
                 loss_sum += value as f64;
                 tokens_seen += batch.n_tokens as u64;
@@ -547,7 +642,10 @@ impl<T: TrainTask> Trainer<T> {
             let Some(mut grads) = acc else { break };
             let gnorm = clip_grad_norm(&vars, &mut grads, self.cfg.max_grad_norm)?;
             if !gnorm.is_finite() {
-                return Err(Error::Msg(format!("gradient norm is {gnorm} at step {}", st.step + 1)));
+                return Err(Error::Msg(format!(
+                    "gradient norm is {gnorm} at step {}",
+                    st.step + 1
+                )));
             }
             opt.step(&grads, lr)?;
             drop(grads);
@@ -576,7 +674,14 @@ impl<T: TrainTask> Trainer<T> {
                 };
                 metrics.append(&rec)?;
                 pb.suspend(|| {
-                    tracing::info!(step = st.step, loss = rec.loss, lr, grad_norm = gnorm, tokens_per_s = tok_s, "train")
+                    tracing::info!(
+                        step = st.step,
+                        loss = rec.loss,
+                        lr,
+                        grad_norm = gnorm,
+                        tokens_per_s = tok_s,
+                        "train"
+                    )
                 });
                 window = MeanLoss::default();
             }

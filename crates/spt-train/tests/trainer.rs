@@ -18,7 +18,9 @@ const DIM: usize = 8;
 const CLASSES: usize = 2;
 
 fn uniform(rng: &mut SplitMix64, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale).collect()
+    (0..n)
+        .map(|_| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale)
+        .collect()
 }
 
 struct BagClassifier {
@@ -47,24 +49,44 @@ impl BagClassifier {
 
     fn logits(&self, batch: &Batch, seed: Option<u64>) -> Result<Tensor> {
         let (bsz, len) = batch.input_ids.dims2()?;
-        let e = self.emb.as_tensor().embedding(&batch.input_ids.flatten_all()?)?.reshape((bsz, len, DIM))?;
+        let e = self
+            .emb
+            .as_tensor()
+            .embedding(&batch.input_ids.flatten_all()?)?
+            .reshape((bsz, len, DIM))?;
         let mask = batch.attention_mask.to_dtype(DType::F32)?.unsqueeze(2)?;
         let mut h = e.broadcast_mul(&mask)?.sum(1)?.broadcast_div(&mask.sum(1)?)?;
         if let (Some(seed), true) = (seed, self.dropout > 0.0) {
             let mut rng = SplitMix64::new(seed);
             let keep = 1.0 - self.dropout;
             let m: Vec<f32> = (0..bsz * DIM)
-                .map(|_| if (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 >= self.dropout { 1.0 / keep } else { 0.0 })
+                .map(|_| {
+                    if (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 >= self.dropout {
+                        1.0 / keep
+                    } else {
+                        0.0
+                    }
+                })
                 .collect();
             h = (h * Tensor::from_vec(m, (bsz, DIM), &Device::Cpu)?)?;
         }
-        h.matmul(&self.w.as_tensor().t()?)?.broadcast_add(self.b.as_tensor())
+        h.matmul(&self.w.as_tensor().t()?)?
+            .broadcast_add(self.b.as_tensor())
     }
 
     fn params(&self) -> Vec<Vec<u32>> {
         [&self.emb, &self.w, &self.b]
             .iter()
-            .map(|v| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect())
+            .map(|v| {
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect()
+            })
             .collect()
     }
 }
@@ -92,13 +114,20 @@ impl TrainTask for BagClassifier {
         let logits = self.logits(batch, None)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &batch.labels)?.to_scalar::<f32>()? as f64;
         let preds = logits.argmax(1)?.to_vec1::<u32>()?;
-        Ok(EvalOutput { loss_sum: loss * batch.size as f64, count: batch.size as f64, predictions: Some(preds) })
+        Ok(EvalOutput {
+            loss_sum: loss * batch.size as f64,
+            count: batch.size as f64,
+            predictions: Some(preds),
+        })
     }
 
     fn extra_state(&self) -> Result<BTreeMap<String, Tensor>> {
         // Stands in for PQ codebooks: round-trips through the checkpoint.
         let mut m = BTreeMap::new();
-        m.insert("codebook.layer0".into(), Tensor::full(7f32, (2, 3), &Device::Cpu)?);
+        m.insert(
+            "codebook.layer0".into(),
+            Tensor::full(7f32, (2, 3), &Device::Cpu)?,
+        );
         Ok(m)
     }
 }
@@ -119,10 +148,18 @@ fn synthetic(n: usize, seed: u64) -> EncodedDataset {
                     }
                 })
                 .collect();
-            EncodedItem { token_type_ids: vec![0; ids.len()], input_ids: ids, label: Some(label) }
+            EncodedItem {
+                token_type_ids: vec![0; ids.len()],
+                input_ids: ids,
+                label: Some(label),
+            }
         })
         .collect();
-    EncodedDataset { task: TaskKind::Classify, items, pad_id: 0 }
+    EncodedDataset {
+        task: TaskKind::Classify,
+        items,
+        pad_id: 0,
+    }
 }
 
 fn config(dir: &Path) -> TrainerConfig {
@@ -158,13 +195,23 @@ fn loss_decreases_and_eval_improves() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let train = synthetic(240, 1);
     let valid = synthetic(80, 2);
-    let cfg = TrainerConfig { epochs: 4, grad_accum: 1, eval_every: 0, save_every: 0, ..config(tmp.path()) };
+    let cfg = TrainerConfig {
+        epochs: 4,
+        grad_accum: 1,
+        eval_every: 0,
+        save_every: 0,
+        ..config(tmp.path())
+    };
     let mut t = Trainer::new(BagClassifier::new(3, 0.0)?, cfg, Device::Cpu);
     let before = t.evaluate(&valid)?;
     let s = t.train(&train, Some(&valid), &Resume::No)?;
     assert_eq!(s.steps, 4 * 30);
     let first: f32 = s.train_losses[..10].iter().map(|x| x.1).sum::<f32>() / 10.0;
-    let last: f32 = s.train_losses[s.train_losses.len() - 10..].iter().map(|x| x.1).sum::<f32>() / 10.0;
+    let last: f32 = s.train_losses[s.train_losses.len() - 10..]
+        .iter()
+        .map(|x| x.1)
+        .sum::<f32>()
+        / 10.0;
     assert!(last < 0.5 * first, "first {first} last {last}");
     let (_, after) = s.evals.last().expect("a final eval");
     assert!(after.loss < before.loss, "{} -> {}", before.loss, after.loss);
@@ -185,7 +232,7 @@ fn resume_after_stop_equals_uninterrupted_run_bit_exactly() -> anyhow::Result<()
     let mut a = Trainer::new(BagClassifier::new(3, 0.2)?, config(a_dir.path()), Device::Cpu);
     let sa = a.train(&train, Some(&valid), &Resume::No)?;
     assert_eq!(sa.steps, 11); // ceil(3 epochs * 7 batches / 2)
-    // Interrupted: the stop flag (what Ctrl-C sets) is raised during update 5 (index 4).
+                              // Interrupted: the stop flag (what Ctrl-C sets) is raised during update 5 (index 4).
     let b_dir = tempfile::tempdir()?;
     let flag = Arc::new(AtomicBool::new(false));
     let mut task = BagClassifier::new(3, 0.2)?;
@@ -194,7 +241,10 @@ fn resume_after_stop_equals_uninterrupted_run_bit_exactly() -> anyhow::Result<()
     let sb = b.train(&train, Some(&valid), &Resume::No)?;
     assert!(sb.stopped);
     assert_eq!(sb.steps, 5);
-    let saved: Vec<u64> = list_checkpoints(&b_dir.path().join("checkpoints"))?.iter().map(|c| c.0).collect();
+    let saved: Vec<u64> = list_checkpoints(&b_dir.path().join("checkpoints"))?
+        .iter()
+        .map(|c| c.0)
+        .collect();
     assert_eq!(saved, vec![3, 5]);
     // Resume in a fresh process-alike: new task with different initial values.
     let mut c = Trainer::new(BagClassifier::new(99, 0.2)?, config(b_dir.path()), Device::Cpu);
@@ -208,7 +258,11 @@ fn resume_after_stop_equals_uninterrupted_run_bit_exactly() -> anyhow::Result<()
     // Same evaluations at the shared steps, and metrics.jsonl has no repeated train step.
     assert_eq!(sc.evals.last(), sa.evals.last());
     let recs = spt_train::metrics::MetricsWriter::new(b_dir.path().join("metrics.jsonl")).read_all()?;
-    let train_steps: Vec<u64> = recs.iter().filter(|r| r.split == "train").map(|r| r.step).collect();
+    let train_steps: Vec<u64> = recs
+        .iter()
+        .filter(|r| r.split == "train")
+        .map(|r| r.step)
+        .collect();
     assert_eq!(train_steps, vec![2, 4, 6, 8, 10, 11]);
     Ok(())
 }
@@ -217,9 +271,14 @@ fn resume_after_stop_equals_uninterrupted_run_bit_exactly() -> anyhow::Result<()
 fn corrupt_checkpoint_on_resume_is_a_clear_error() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let train = synthetic(40, 5);
-    let cfg = TrainerConfig { max_steps: Some(3), ..config(tmp.path()) };
+    let cfg = TrainerConfig {
+        max_steps: Some(3),
+        ..config(tmp.path())
+    };
     Trainer::new(BagClassifier::new(3, 0.0)?, cfg.clone(), Device::Cpu).train(&train, None, &Resume::No)?;
-    let (_, last) = list_checkpoints(&tmp.path().join("checkpoints"))?.pop().expect("a checkpoint");
+    let (_, last) = list_checkpoints(&tmp.path().join("checkpoints"))?
+        .pop()
+        .expect("a checkpoint");
     let f = last.join("model.safetensors");
     let bytes = std::fs::read(&f)?;
     std::fs::write(&f, &bytes[..bytes.len() - 7])?;
@@ -227,7 +286,10 @@ fn corrupt_checkpoint_on_resume_is_a_clear_error() -> anyhow::Result<()> {
         .train(&train, None, &Resume::Latest)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("corrupt") && err.contains("step-00000003") && err.contains("model.safetensors"), "{err}");
+    assert!(
+        err.contains("corrupt") && err.contains("step-00000003") && err.contains("model.safetensors"),
+        "{err}"
+    );
     Ok(())
 }
 
@@ -236,32 +298,55 @@ fn disk_full_during_save_keeps_the_previous_checkpoint() -> anyhow::Result<()> {
     let train = synthetic(40, 5);
     // Measure one checkpoint's size.
     let probe = tempfile::tempdir()?;
-    let cfg = TrainerConfig { max_steps: Some(3), save_every: 3, ..config(probe.path()) };
+    let cfg = TrainerConfig {
+        max_steps: Some(3),
+        save_every: 3,
+        ..config(probe.path())
+    };
     Trainer::new(BagClassifier::new(3, 0.0)?, cfg, Device::Cpu).train(&train, None, &Resume::No)?;
-    let (_, ck) = list_checkpoints(&probe.path().join("checkpoints"))?.pop().expect("a checkpoint");
-    let size: u64 = std::fs::read_dir(&ck)?.map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    let (_, ck) = list_checkpoints(&probe.path().join("checkpoints"))?
+        .pop()
+        .expect("a checkpoint");
+    let size: u64 = std::fs::read_dir(&ck)?
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
     // Room for one and a half checkpoints: the save at step 3 fits, the one at step 6 does not.
     let tmp = tempfile::tempdir()?;
-    let cfg = TrainerConfig { max_steps: Some(6), save_every: 3, ..config(tmp.path()) };
+    let cfg = TrainerConfig {
+        max_steps: Some(6),
+        save_every: 3,
+        ..config(tmp.path())
+    };
     let err = Trainer::new(BagClassifier::new(3, 0.0)?, cfg, Device::Cpu)
         .with_checkpoint_io(Box::new(DiskFullIo::new(size + size / 2)))
         .train(&train, None, &Resume::No)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("os error 28") || err.contains("No space left"), "{err}");
+    assert!(
+        err.contains("os error 28") || err.contains("No space left"),
+        "{err}"
+    );
     let dir = tmp.path().join("checkpoints");
-    let names: Vec<String> = std::fs::read_dir(&dir)?.map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let names: Vec<String> = std::fs::read_dir(&dir)?
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     assert_eq!(names, vec!["step-00000003".to_string()]);
     let ck = spt_train::checkpoint::load_checkpoint(&dir.join("step-00000003"), &Device::Cpu)?;
     assert_eq!(ck.manifest.step, 3);
-    assert_eq!(ck.extra["codebook.layer0"].to_vec2::<f32>()?, vec![vec![7.0; 3]; 2]);
+    assert_eq!(
+        ck.extra["codebook.layer0"].to_vec2::<f32>()?,
+        vec![vec![7.0; 3]; 2]
+    );
     Ok(())
 }
 
 #[test]
 fn zero_batch_size_is_an_error() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
-    let cfg = TrainerConfig { batch_size: 0, ..config(tmp.path()) };
+    let cfg = TrainerConfig {
+        batch_size: 0,
+        ..config(tmp.path())
+    };
     let err = Trainer::new(BagClassifier::new(3, 0.0)?, cfg, Device::Cpu)
         .train(&synthetic(10, 1), None, &Resume::No)
         .unwrap_err()

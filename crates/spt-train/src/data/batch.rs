@@ -44,7 +44,10 @@ impl EncodedDataset {
         let mut items = Vec::with_capacity(indices.len());
         for &i in indices {
             items.push(self.items.get(i).ok_or_else(|| {
-                DataError::Invalid(format!("batch index {i} is out of range for {} items", self.items.len()))
+                DataError::Invalid(format!(
+                    "batch index {i} is out of range for {} items",
+                    self.items.len()
+                ))
             })?);
         }
         make_batch(&items, self.pad_id, self.task, device)
@@ -73,9 +76,17 @@ pub fn encode_classification(
             _ => None,
         };
         let enc = tok.encode(&ex.text, ex.text_pair.as_deref(), &location)?;
-        items.push(EncodedItem { input_ids: enc.ids, token_type_ids: enc.type_ids, label });
+        items.push(EncodedItem {
+            input_ids: enc.ids,
+            token_type_ids: enc.type_ids,
+            label,
+        });
     }
-    Ok(EncodedDataset { task: TaskKind::Classify, items, pad_id: tok.pad_id() })
+    Ok(EncodedDataset {
+        task: TaskKind::Classify,
+        items,
+        pad_id: tok.pad_id(),
+    })
 }
 
 /// Tokenises LM text files (lines keep their `\n`; an end-of-text token, if the vocabulary has
@@ -87,7 +98,9 @@ pub fn pack_lm(
     block_size: usize,
 ) -> Result<EncodedDataset, DataError> {
     if block_size < 2 {
-        return Err(DataError::Invalid(format!("block_size must be at least 2, got {block_size}")));
+        return Err(DataError::Invalid(format!(
+            "block_size must be at least 2, got {block_size}"
+        )));
     }
     let mut stream: Vec<u32> = Vec::new();
     for (i, (_, lines)) in files.iter().enumerate() {
@@ -117,9 +130,17 @@ pub fn pack_lm(
     }
     let items = stream
         .chunks_exact(block_size)
-        .map(|c| EncodedItem { input_ids: c.to_vec(), token_type_ids: vec![0; block_size], label: None })
+        .map(|c| EncodedItem {
+            input_ids: c.to_vec(),
+            token_type_ids: vec![0; block_size],
+            label: None,
+        })
         .collect();
-    Ok(EncodedDataset { task: TaskKind::Lm, items, pad_id: tok.pad_id() })
+    Ok(EncodedDataset {
+        task: TaskKind::Lm,
+        items,
+        pad_id: tok.pad_id(),
+    })
 }
 
 /// A padded batch on a device. All tensors are `u32`.
@@ -142,7 +163,12 @@ pub struct Batch {
 }
 
 /// Pads `items` to their longest and builds the tensors.
-pub fn make_batch(items: &[&EncodedItem], pad_id: u32, task: TaskKind, device: &Device) -> Result<Batch, DataError> {
+pub fn make_batch(
+    items: &[&EncodedItem],
+    pad_id: u32,
+    task: TaskKind,
+    device: &Device,
+) -> Result<Batch, DataError> {
     if items.is_empty() {
         return Err(DataError::ZeroBatchSize);
     }
@@ -193,8 +219,14 @@ pub struct BatchOrder {
 }
 
 impl BatchOrder {
-    pub const TRAIN: BatchOrder = BatchOrder { shuffle: true, bucket_batches: 50 };
-    pub const EVAL: BatchOrder = BatchOrder { shuffle: false, bucket_batches: usize::MAX };
+    pub const TRAIN: BatchOrder = BatchOrder {
+        shuffle: true,
+        bucket_batches: 50,
+    };
+    pub const EVAL: BatchOrder = BatchOrder {
+        shuffle: false,
+        bucket_batches: usize::MAX,
+    };
 }
 
 /// The batches (lists of item indices) of one epoch: a pure function of the lengths, the batch
@@ -237,24 +269,44 @@ mod tests {
     #[test]
     fn batches_pad_dynamically() {
         let items = [
-            EncodedItem { input_ids: vec![2, 5, 3], token_type_ids: vec![0, 0, 0], label: Some(1) },
-            EncodedItem { input_ids: vec![2, 5, 6, 7, 3], token_type_ids: vec![0, 0, 0, 1, 1], label: Some(0) },
+            EncodedItem {
+                input_ids: vec![2, 5, 3],
+                token_type_ids: vec![0, 0, 0],
+                label: Some(1),
+            },
+            EncodedItem {
+                input_ids: vec![2, 5, 6, 7, 3],
+                token_type_ids: vec![0, 0, 0, 1, 1],
+                label: Some(0),
+            },
         ];
         let refs: Vec<&EncodedItem> = items.iter().collect();
         let b = make_batch(&refs, 0, TaskKind::Classify, &Device::Cpu).unwrap();
         assert_eq!(b.input_ids.dims(), &[2, 5]);
-        assert_eq!(b.input_ids.to_vec2::<u32>().unwrap(), vec![vec![2, 5, 3, 0, 0], vec![2, 5, 6, 7, 3]]);
-        assert_eq!(b.attention_mask.to_vec2::<u32>().unwrap(), vec![vec![1, 1, 1, 0, 0], vec![1; 5]]);
+        assert_eq!(
+            b.input_ids.to_vec2::<u32>().unwrap(),
+            vec![vec![2, 5, 3, 0, 0], vec![2, 5, 6, 7, 3]]
+        );
+        assert_eq!(
+            b.attention_mask.to_vec2::<u32>().unwrap(),
+            vec![vec![1, 1, 1, 0, 0], vec![1; 5]]
+        );
         assert_eq!(b.token_type_ids.to_vec2::<u32>().unwrap()[1], vec![0, 0, 0, 1, 1]);
         assert_eq!(b.labels.to_vec1::<u32>().unwrap(), vec![1, 0]);
         assert_eq!((b.n_tokens, b.size), (8, 2));
-        assert!(matches!(make_batch(&[], 0, TaskKind::Classify, &Device::Cpu), Err(DataError::ZeroBatchSize)));
+        assert!(matches!(
+            make_batch(&[], 0, TaskKind::Classify, &Device::Cpu),
+            Err(DataError::ZeroBatchSize)
+        ));
     }
 
     #[test]
     fn bucketed_order_is_seeded_complete_and_groups_lengths() {
         let lengths: Vec<usize> = (0..1000).map(|i| (i * 7919) % 97 + 1).collect();
-        let order = BatchOrder { shuffle: true, bucket_batches: 10 };
+        let order = BatchOrder {
+            shuffle: true,
+            bucket_batches: 10,
+        };
         let a = epoch_batches(&lengths, 8, 3, 0, order).unwrap();
         assert_eq!(a, epoch_batches(&lengths, 8, 3, 0, order).unwrap());
         assert_ne!(a, epoch_batches(&lengths, 8, 3, 1, order).unwrap());
@@ -270,9 +322,27 @@ mod tests {
                 })
                 .sum()
         };
-        let plain = epoch_batches(&lengths, 8, 3, 0, BatchOrder { shuffle: true, bucket_batches: 0 }).unwrap();
-        assert!(waste(&a) * 5 < waste(&plain), "{} vs {}", waste(&a), waste(&plain));
-        assert!(matches!(epoch_batches(&lengths, 0, 3, 0, order), Err(DataError::ZeroBatchSize)));
+        let plain = epoch_batches(
+            &lengths,
+            8,
+            3,
+            0,
+            BatchOrder {
+                shuffle: true,
+                bucket_batches: 0,
+            },
+        )
+        .unwrap();
+        assert!(
+            waste(&a) * 5 < waste(&plain),
+            "{} vs {}",
+            waste(&a),
+            waste(&plain)
+        );
+        assert!(matches!(
+            epoch_batches(&lengths, 0, 3, 0, order),
+            Err(DataError::ZeroBatchSize)
+        ));
         let eval = epoch_batches(&[3, 1, 2], 2, 0, 0, BatchOrder::EVAL).unwrap();
         assert_eq!(eval, vec![vec![1, 2], vec![0]]);
     }
@@ -281,7 +351,10 @@ mod tests {
     fn unknown_label_names_file_line_and_column() {
         let dir = tempfile::tempdir().unwrap();
         let tok = tiny_bert(dir.path(), 16);
-        let spec = ColumnSpec { label: Some("category".into()), ..Default::default() };
+        let spec = ColumnSpec {
+            label: Some("category".into()),
+            ..Default::default()
+        };
         let ex = |t: &str, l: &str, line| RawExample {
             text: t.into(),
             text_pair: None,
@@ -295,9 +368,20 @@ mod tests {
             examples: vec![ex("great fun", "fresh", 2), ex("dull", "mixed", 3)],
         };
         let labels = LabelMap::new(vec!["fresh".into(), "rotten".into()]).unwrap();
-        let e = encode_classification(&data, &tok, &labels).unwrap_err().to_string();
-        assert!(e.contains("valid.csv") && e.contains("line 3") && e.contains("`category`") && e.contains("`mixed`"), "{e}");
-        let ok = ClassificationData { examples: data.examples[..1].to_vec(), ..data };
+        let e = encode_classification(&data, &tok, &labels)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("valid.csv")
+                && e.contains("line 3")
+                && e.contains("`category`")
+                && e.contains("`mixed`"),
+            "{e}"
+        );
+        let ok = ClassificationData {
+            examples: data.examples[..1].to_vec(),
+            ..data
+        };
         let d = encode_classification(&ok, &tok, &labels).unwrap();
         assert_eq!(d.items[0].input_ids, vec![2, 14, 17, 3]);
         assert_eq!(d.items[0].label, Some(0));
@@ -308,18 +392,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tok = tiny_gpt2(dir.path());
         let files = vec![
-            ("a.txt".into(), vec![(1, "Hello world".to_string()), (2, "Hello".to_string())]),
+            (
+                "a.txt".into(),
+                vec![(1, "Hello world".to_string()), (2, "Hello".to_string())],
+            ),
             ("b.txt".into(), vec![(1, "Hello, world".to_string())]),
         ];
         // a.txt: Hello Ġworld Ċ | Hello; <|endoftext|>; b.txt: Hello , Ġworld
         let d = pack_lm(&files, &tok, 2).unwrap();
         let blocks: Vec<Vec<u32>> = d.items.iter().map(|i| i.input_ids.clone()).collect();
-        assert_eq!(blocks, vec![vec![12, 17], vec![19, 12], vec![18, 12], vec![8, 17]]);
+        assert_eq!(
+            blocks,
+            vec![vec![12, 17], vec![19, 12], vec![18, 12], vec![8, 17]]
+        );
         assert!(d.items.iter().all(|i| i.label.is_none()));
         let d3 = pack_lm(&files, &tok, 3).unwrap();
         assert_eq!(d3.items.len(), 2); // 8 tokens: two blocks of 3, remainder dropped
         let b = d.batch(&[0, 1], &Device::Cpu).unwrap();
-        assert_eq!(b.labels.to_vec2::<u32>().unwrap(), b.input_ids.to_vec2::<u32>().unwrap());
+        assert_eq!(
+            b.labels.to_vec2::<u32>().unwrap(),
+            b.input_ids.to_vec2::<u32>().unwrap()
+        );
         assert!(pack_lm(&files, &tok, 100).is_err());
     }
 }

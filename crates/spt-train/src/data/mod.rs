@@ -16,12 +16,11 @@ pub mod tokenize;
 use std::path::PathBuf;
 
 pub use batch::{
-    encode_classification, epoch_batches, make_batch, pack_lm, Batch, BatchOrder, EncodedDataset,
-    EncodedItem,
+    encode_classification, epoch_batches, make_batch, pack_lm, Batch, BatchOrder, EncodedDataset, EncodedItem,
 };
 pub use read::{
-    read_classification, read_lm_texts, split_train_validation, ClassificationData, ColumnSpec,
-    DataFormat, LabelMap, RawExample,
+    read_classification, read_lm_texts, split_train_validation, ClassificationData, ColumnSpec, DataFormat,
+    LabelMap, RawExample,
 };
 pub use tokenize::TextTokenizer;
 
@@ -36,20 +35,35 @@ pub enum TaskKind {
 /// A data error, naming the file, line and column where that applies.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        // Named `error`, not `source`: shown in the message, not chained (no double printing).
+        error: std::io::Error,
     },
     #[error("{}: the file is empty (no data rows{detail})", path.display())]
     Empty { path: PathBuf, detail: String },
     #[error("{}: line {line}: missing column `{column}` (columns: {available})", path.display())]
-    MissingColumn { path: PathBuf, line: u64, column: String, available: String },
+    MissingColumn {
+        path: PathBuf,
+        line: u64,
+        column: String,
+        available: String,
+    },
     #[error("{}: line {line}, column `{column}`: label `{label}` is not in the label mapping (known: {known})", path.display())]
-    UnknownLabel { path: PathBuf, line: u64, column: String, label: String, known: String },
+    UnknownLabel {
+        path: PathBuf,
+        line: u64,
+        column: String,
+        label: String,
+        known: String,
+    },
     #[error("{}: line {line}, column {column}: not valid UTF-8", path.display())]
-    NonUtf8 { path: PathBuf, line: u64, column: String },
+    NonUtf8 {
+        path: PathBuf,
+        line: u64,
+        column: String,
+    },
     #[error("{}: line {line}: {msg}", path.display())]
     Parse { path: PathBuf, line: u64, msg: String },
     #[error("batch size must be at least 1, got 0")]
@@ -64,6 +78,9 @@ pub enum DataError {
 
 impl DataError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        DataError::Io { path: path.into(), source }
+        DataError::Io {
+            path: path.into(),
+            error: source,
+        }
     }
 }

@@ -23,7 +23,11 @@ pub enum DataFormat {
 impl DataFormat {
     /// From the extension: `.csv`; `.tsv` / `.tab`; `.jsonl` / `.ndjson` / `.json`.
     pub fn from_path(path: &Path) -> Result<Self, DataError> {
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase();
         match ext.as_str() {
             "csv" => Ok(Self::Csv),
             "tsv" | "tab" => Ok(Self::Tsv),
@@ -49,7 +53,12 @@ pub struct ColumnSpec {
 
 impl Default for ColumnSpec {
     fn default() -> Self {
-        Self { text: "text".into(), text_pair: None, label: Some("label".into()), group: None }
+        Self {
+            text: "text".into(),
+            text_pair: None,
+            label: Some("label".into()),
+            group: None,
+        }
     }
 }
 
@@ -95,10 +104,21 @@ pub fn read_classification(
         examples.retain(|e| e.label.as_ref().is_none_or(|l| !drop_labels.contains(l)));
     }
     if examples.is_empty() {
-        let detail = if before > 0 { format!(" left after dropping labels {drop_labels:?}") } else { String::new() };
-        return Err(DataError::Empty { path: path.to_path_buf(), detail });
+        let detail = if before > 0 {
+            format!(" left after dropping labels {drop_labels:?}")
+        } else {
+            String::new()
+        };
+        return Err(DataError::Empty {
+            path: path.to_path_buf(),
+            detail,
+        });
     }
-    Ok(ClassificationData { path: path.to_path_buf(), columns: columns.clone(), examples })
+    Ok(ClassificationData {
+        path: path.to_path_buf(),
+        columns: columns.clone(),
+        examples,
+    })
 }
 
 fn utf8_field(path: &Path, line: u64, column: &str, bytes: &[u8]) -> Result<String, DataError> {
@@ -133,7 +153,10 @@ fn read_delimited(
         .from_reader(std::io::BufReader::new(file));
     let headers = rdr.byte_headers().map_err(|e| csv_error(path, e))?.clone();
     if headers.is_empty() || (headers.len() == 1 && headers[0].is_empty()) {
-        return Err(DataError::Empty { path: path.to_path_buf(), detail: String::new() });
+        return Err(DataError::Empty {
+            path: path.to_path_buf(),
+            detail: String::new(),
+        });
     }
     let mut names = Vec::with_capacity(headers.len());
     for (i, h) in headers.iter().enumerate() {
@@ -144,12 +167,15 @@ fn read_delimited(
         names.push(name.trim().to_string());
     }
     let find = |col: &str| -> Result<usize, DataError> {
-        names.iter().position(|n| n == col).ok_or_else(|| DataError::MissingColumn {
-            path: path.to_path_buf(),
-            line: 1,
-            column: col.to_string(),
-            available: names.join(", "),
-        })
+        names
+            .iter()
+            .position(|n| n == col)
+            .ok_or_else(|| DataError::MissingColumn {
+                path: path.to_path_buf(),
+                line: 1,
+                column: col.to_string(),
+                available: names.join(", "),
+            })
     };
     let cols = Cols {
         text: find(&spec.text)?,
@@ -173,7 +199,11 @@ fn read_delimited(
             let bytes = rec.get(idx).ok_or_else(|| DataError::Parse {
                 path: path.to_path_buf(),
                 line,
-                msg: format!("row has {} fields, column `{name}` is field {}", rec.len(), idx + 1),
+                msg: format!(
+                    "row has {} fields, column `{name}` is field {}",
+                    rec.len(),
+                    idx + 1
+                ),
             })?;
             utf8_field(path, line, name, bytes)
         };
@@ -201,7 +231,9 @@ fn csv_error(path: &Path, e: csv::Error) -> DataError {
     let line = e.position().map(|p| p.line()).unwrap_or(0);
     match e.into_kind() {
         csv::ErrorKind::Io(io) => DataError::io(path, io),
-        csv::ErrorKind::UnequalLengths { expected_len, len, .. } => DataError::Parse {
+        csv::ErrorKind::UnequalLengths {
+            expected_len, len, ..
+        } => DataError::Parse {
             path: path.to_path_buf(),
             line,
             msg: format!("row has {len} fields, the header has {expected_len}"),
@@ -211,7 +243,11 @@ fn csv_error(path: &Path, e: csv::Error) -> DataError {
             line,
             column: format!("#{}", err.field() + 1),
         },
-        other => DataError::Parse { path: path.to_path_buf(), line, msg: format!("{other:?}") },
+        other => DataError::Parse {
+            path: path.to_path_buf(),
+            line,
+            msg: format!("{other:?}"),
+        },
     }
 }
 
@@ -273,7 +309,12 @@ fn read_jsonl(path: &Path, spec: &ColumnSpec) -> Result<Vec<RawExample>, DataErr
         out.push(RawExample {
             text: get(&spec.text)?,
             text_pair: spec.text_pair.as_deref().map(get).transpose()?,
-            label: spec.label.as_deref().map(get).transpose()?.map(|l| l.trim().to_string()),
+            label: spec
+                .label
+                .as_deref()
+                .map(get)
+                .transpose()?
+                .map(|l| l.trim().to_string()),
             group: spec.group.as_deref().map(get).transpose()?,
             line,
         });
@@ -293,7 +334,10 @@ pub fn read_lm_texts(paths: &[PathBuf]) -> Result<Vec<(PathBuf, Vec<(u64, String
         let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
         let lines = utf8_lines(path, &bytes)?;
         if lines.iter().all(|(_, l)| l.trim().is_empty()) {
-            return Err(DataError::Empty { path: path.clone(), detail: String::new() });
+            return Err(DataError::Empty {
+                path: path.clone(),
+                detail: String::new(),
+            });
         }
         out.push((path.clone(), lines));
     }
@@ -313,11 +357,15 @@ impl LabelMap {
         let mut index = HashMap::with_capacity(labels.len());
         for (i, l) in labels.iter().enumerate() {
             if index.insert(l.clone(), i as u32).is_some() {
-                return Err(DataError::Invalid(format!("label `{l}` appears twice in the label mapping")));
+                return Err(DataError::Invalid(format!(
+                    "label `{l}` appears twice in the label mapping"
+                )));
             }
         }
         if labels.is_empty() {
-            return Err(DataError::Invalid("a label mapping needs at least one label".into()));
+            return Err(DataError::Invalid(
+                "a label mapping needs at least one label".into(),
+            ));
         }
         Ok(Self { labels, index })
     }
@@ -326,7 +374,10 @@ impl LabelMap {
     pub fn from_data(data: &ClassificationData) -> Result<Self, DataError> {
         let set: BTreeSet<&str> = data.examples.iter().filter_map(|e| e.label.as_deref()).collect();
         if set.is_empty() {
-            return Err(DataError::Invalid(format!("{}: no labels found", data.path.display())));
+            return Err(DataError::Invalid(format!(
+                "{}: no labels found",
+                data.path.display()
+            )));
         }
         Self::new(set.into_iter().map(String::from).collect())
     }
@@ -352,18 +403,34 @@ impl LabelMap {
     }
 
     pub fn to_json(&self) -> serde_json::Value {
-        let id2label: BTreeMap<String, &str> =
-            self.labels.iter().enumerate().map(|(i, l)| (i.to_string(), l.as_str())).collect();
-        let label2id: BTreeMap<&str, usize> = self.labels.iter().enumerate().map(|(i, l)| (l.as_str(), i)).collect();
+        let id2label: BTreeMap<String, &str> = self
+            .labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i.to_string(), l.as_str()))
+            .collect();
+        let label2id: BTreeMap<&str, usize> = self
+            .labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.as_str(), i))
+            .collect();
         serde_json::json!({ "id2label": id2label, "label2id": label2id })
     }
 
     pub fn from_json(value: &serde_json::Value) -> Result<Self, String> {
-        let map = value.get("id2label").and_then(|v| v.as_object()).ok_or("missing object `id2label`")?;
+        let map = value
+            .get("id2label")
+            .and_then(|v| v.as_object())
+            .ok_or("missing object `id2label`")?;
         let mut pairs = Vec::with_capacity(map.len());
         for (k, v) in map {
-            let id: usize = k.parse().map_err(|_| format!("id2label key `{k}` is not an integer"))?;
-            let label = v.as_str().ok_or_else(|| format!("id2label[{k}] is not a string"))?;
+            let id: usize = k
+                .parse()
+                .map_err(|_| format!("id2label key `{k}` is not an integer"))?;
+            let label = v
+                .as_str()
+                .ok_or_else(|| format!("id2label[{k}] is not a string"))?;
             pairs.push((id, label.to_string()));
         }
         pairs.sort();
@@ -377,7 +444,8 @@ impl LabelMap {
 
     /// Writes the JSON next to `path` then renames it into place.
     pub fn save(&self, path: &Path) -> Result<(), DataError> {
-        let text = serde_json::to_string_pretty(&self.to_json()).map_err(|e| DataError::Invalid(e.to_string()))?;
+        let text =
+            serde_json::to_string_pretty(&self.to_json()).map_err(|e| DataError::Invalid(e.to_string()))?;
         crate::checkpoint::write_file_atomic(path, text.as_bytes()).map_err(|e| DataError::io(path, e))
     }
 
@@ -388,7 +456,11 @@ impl LabelMap {
             line: e.line() as u64,
             msg: e.to_string(),
         })?;
-        Self::from_json(&value).map_err(|msg| DataError::Parse { path: path.to_path_buf(), line: 1, msg })
+        Self::from_json(&value).map_err(|msg| DataError::Parse {
+            path: path.to_path_buf(),
+            line: 1,
+            msg,
+        })
     }
 }
 
@@ -403,7 +475,9 @@ pub fn split_train_validation(
     by_group: bool,
 ) -> Result<(ClassificationData, ClassificationData), DataError> {
     if !(valid_fraction > 0.0 && valid_fraction < 1.0) {
-        return Err(DataError::Invalid(format!("validation fraction must be in (0, 1), got {valid_fraction}")));
+        return Err(DataError::Invalid(format!(
+            "validation fraction must be in (0, 1), got {valid_fraction}"
+        )));
     }
     let n = data.examples.len();
     let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
@@ -454,8 +528,16 @@ pub fn split_train_validation(
         }
     }
     Ok((
-        ClassificationData { path: data.path.clone(), columns: data.columns.clone(), examples: train },
-        ClassificationData { path: data.path, columns: data.columns, examples: valid },
+        ClassificationData {
+            path: data.path.clone(),
+            columns: data.columns.clone(),
+            examples: train,
+        },
+        ClassificationData {
+            path: data.path,
+            columns: data.columns,
+            examples: valid,
+        },
     ))
 }
 
@@ -503,13 +585,25 @@ mod tests {
     #[test]
     fn tsv_and_jsonl_with_pairs() {
         let dir = tempfile::tempdir().unwrap();
-        let p = write(dir.path(), "a.tsv", b"s1\ts2\tlabel\nhi \"there\"\tyo\tpos\nlo\tyo\tneg\n");
-        let spec = ColumnSpec { text: "s1".into(), text_pair: Some("s2".into()), ..Default::default() };
+        let p = write(
+            dir.path(),
+            "a.tsv",
+            b"s1\ts2\tlabel\nhi \"there\"\tyo\tpos\nlo\tyo\tneg\n",
+        );
+        let spec = ColumnSpec {
+            text: "s1".into(),
+            text_pair: Some("s2".into()),
+            ..Default::default()
+        };
         let d = read_classification(&p, None, &spec, &[]).unwrap();
         assert_eq!(d.examples[0].text, "hi \"there\"");
         assert_eq!(d.examples[0].text_pair.as_deref(), Some("yo"));
         assert_eq!(d.examples[1].label.as_deref(), Some("neg"));
-        let p = write(dir.path(), "a.jsonl", b"{\"s1\":\"x\",\"s2\":\"y\",\"label\":1}\n\n{\"s1\":\"z\",\"s2\":\"w\",\"label\":0}\n");
+        let p = write(
+            dir.path(),
+            "a.jsonl",
+            b"{\"s1\":\"x\",\"s2\":\"y\",\"label\":1}\n\n{\"s1\":\"z\",\"s2\":\"w\",\"label\":0}\n",
+        );
         let d = read_classification(&p, None, &spec, &[]).unwrap();
         assert_eq!(d.examples.len(), 2);
         assert_eq!(d.examples[0].label.as_deref(), Some("1"));
@@ -523,7 +617,10 @@ mod tests {
         // Missing column.
         let p = write(dir.path(), "m.csv", b"category,text\nfresh,ok\n");
         let e = read_classification(&p, None, &spec, &[]).unwrap_err().to_string();
-        assert!(e.contains("m.csv") && e.contains("line 1") && e.contains("`movie_name`"), "{e}");
+        assert!(
+            e.contains("m.csv") && e.contains("line 1") && e.contains("`movie_name`"),
+            "{e}"
+        );
         // Empty file, and header only.
         let p = write(dir.path(), "e.csv", b"");
         let e = read_classification(&p, None, &spec, &[]).unwrap_err().to_string();
@@ -532,24 +629,56 @@ mod tests {
         let e = read_classification(&p, None, &spec, &[]).unwrap_err().to_string();
         assert!(e.contains("h.csv") && e.contains("empty"), "{e}");
         // Non-UTF-8 in a CSV field and in a JSONL line.
-        let p = write(dir.path(), "u.csv", b"category,text,movie_name\nfresh,ok,A\nrotten,bad \xff byte,B\n");
+        let p = write(
+            dir.path(),
+            "u.csv",
+            b"category,text,movie_name\nfresh,ok,A\nrotten,bad \xff byte,B\n",
+        );
         let e = read_classification(&p, None, &spec, &[]).unwrap_err().to_string();
-        assert!(e.contains("u.csv") && e.contains("line 3") && e.contains("`text`") && e.contains("UTF-8"), "{e}");
-        let p = write(dir.path(), "u.jsonl", b"{\"text\":\"a\",\"label\":\"x\"}\n{\"text\":\"\xc3\x28\",\"label\":\"y\"}\n");
-        let e = read_classification(&p, None, &ColumnSpec::default(), &[]).unwrap_err().to_string();
-        assert!(e.contains("u.jsonl") && e.contains("line 2") && e.contains("column 10"), "{e}");
+        assert!(
+            e.contains("u.csv") && e.contains("line 3") && e.contains("`text`") && e.contains("UTF-8"),
+            "{e}"
+        );
+        let p = write(
+            dir.path(),
+            "u.jsonl",
+            b"{\"text\":\"a\",\"label\":\"x\"}\n{\"text\":\"\xc3\x28\",\"label\":\"y\"}\n",
+        );
+        let e = read_classification(&p, None, &ColumnSpec::default(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("u.jsonl") && e.contains("line 2") && e.contains("column 10"),
+            "{e}"
+        );
         // Missing key in JSONL, on its line.
-        let p = write(dir.path(), "k.jsonl", b"{\"text\":\"a\",\"label\":\"x\"}\n{\"txt\":\"b\",\"label\":\"y\"}\n");
-        let e = read_classification(&p, None, &ColumnSpec::default(), &[]).unwrap_err().to_string();
-        assert!(e.contains("k.jsonl") && e.contains("line 2") && e.contains("`text`"), "{e}");
+        let p = write(
+            dir.path(),
+            "k.jsonl",
+            b"{\"text\":\"a\",\"label\":\"x\"}\n{\"txt\":\"b\",\"label\":\"y\"}\n",
+        );
+        let e = read_classification(&p, None, &ColumnSpec::default(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("k.jsonl") && e.contains("line 2") && e.contains("`text`"),
+            "{e}"
+        );
         // Ragged CSV row.
-        let p = write(dir.path(), "r.csv", b"category,text,movie_name\nfresh,ok,A\nrotten,two\n");
+        let p = write(
+            dir.path(),
+            "r.csv",
+            b"category,text,movie_name\nfresh,ok,A\nrotten,two\n",
+        );
         let e = read_classification(&p, None, &spec, &[]).unwrap_err().to_string();
         assert!(e.contains("r.csv") && e.contains("line 3"), "{e}");
         // LM text: non-UTF-8 and empty.
         let p = write(dir.path(), "t.txt", b"fine\nalso fine\nnot \xfe fine\n");
         let e = read_lm_texts(&[p]).unwrap_err().to_string();
-        assert!(e.contains("t.txt") && e.contains("line 3") && e.contains("column 5"), "{e}");
+        assert!(
+            e.contains("t.txt") && e.contains("line 3") && e.contains("column 5"),
+            "{e}"
+        );
         let p = write(dir.path(), "z.txt", b"\n  \n");
         let e = read_lm_texts(&[p]).unwrap_err().to_string();
         assert!(e.contains("z.txt") && e.contains("empty"), "{e}");
@@ -579,10 +708,18 @@ mod tests {
                 line: i + 2,
             })
             .collect();
-        let data = ClassificationData { path: "x.csv".into(), columns: rt_spec(), examples };
+        let data = ClassificationData {
+            path: "x.csv".into(),
+            columns: rt_spec(),
+            examples,
+        };
         let (tr, va) = split_train_validation(data.clone(), 0.2, 1, true).unwrap();
         assert_eq!(tr.examples.len() + va.examples.len(), 200);
-        assert!(va.examples.len() >= 40 && va.examples.len() < 60, "{}", va.examples.len());
+        assert!(
+            va.examples.len() >= 40 && va.examples.len() < 60,
+            "{}",
+            va.examples.len()
+        );
         let tg: BTreeSet<_> = tr.examples.iter().map(|e| e.group.clone()).collect();
         let vg: BTreeSet<_> = va.examples.iter().map(|e| e.group.clone()).collect();
         assert!(tg.is_disjoint(&vg));

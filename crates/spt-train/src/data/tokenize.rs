@@ -51,7 +51,10 @@ impl std::fmt::Debug for TextTokenizer {
 }
 
 fn tok_err(source: &str, e: impl std::fmt::Display) -> DataError {
-    DataError::Tokenizer { source_name: source.to_string(), msg: e.to_string() }
+    DataError::Tokenizer {
+        source_name: source.to_string(),
+        msg: e.to_string(),
+    }
 }
 
 impl TextTokenizer {
@@ -114,7 +117,8 @@ impl TextTokenizer {
         tok.with_decoder(Some(ByteLevel::default()));
         tok.with_post_processor(Some(ByteLevel::new(false, true, true)));
         if tok.token_to_id("<|endoftext|>").is_some() {
-            tok.add_special_tokens([AddedToken::from("<|endoftext|>", true)]).map_err(|e| tok_err(&source, e))?;
+            tok.add_special_tokens([AddedToken::from("<|endoftext|>", true)])
+                .map_err(|e| tok_err(&source, e))?;
         }
         Self::from_tokenizer(tok, &source, max_length)
     }
@@ -123,14 +127,24 @@ impl TextTokenizer {
     /// `[CLS] a [SEP] b [SEP]` post-processing).
     pub fn bert_from_vocab_txt(vocab: &Path, max_length: usize) -> Result<Self, DataError> {
         let source = vocab.display().to_string();
-        let v = vocab.to_str().ok_or_else(|| tok_err(&source, "path must be valid UTF-8"))?;
+        let v = vocab
+            .to_str()
+            .ok_or_else(|| tok_err(&source, "path must be valid UTF-8"))?;
         let wp = WordPiece::from_file(v).build().map_err(|e| tok_err(&source, e))?;
         let mut tok = Tokenizer::new(wp);
-        let cls = tok.token_to_id("[CLS]").ok_or_else(|| tok_err(&source, "vocab has no [CLS]"))?;
-        let sep = tok.token_to_id("[SEP]").ok_or_else(|| tok_err(&source, "vocab has no [SEP]"))?;
-        tok.with_normalizer(Some(BertNormalizer::default())).map_err(|e| tok_err(&source, e))?;
+        let cls = tok
+            .token_to_id("[CLS]")
+            .ok_or_else(|| tok_err(&source, "vocab has no [CLS]"))?;
+        let sep = tok
+            .token_to_id("[SEP]")
+            .ok_or_else(|| tok_err(&source, "vocab has no [SEP]"))?;
+        tok.with_normalizer(Some(BertNormalizer::default()))
+            .map_err(|e| tok_err(&source, e))?;
         tok.with_pre_tokenizer(Some(BertPreTokenizer));
-        tok.with_post_processor(Some(BertProcessing::new(("[SEP]".into(), sep), ("[CLS]".into(), cls))));
+        tok.with_post_processor(Some(BertProcessing::new(
+            ("[SEP]".into(), sep),
+            ("[CLS]".into(), cls),
+        )));
         Self::from_tokenizer(tok, &source, max_length)
     }
 
@@ -190,9 +204,15 @@ impl TextTokenizer {
                 None => t.to_string().into(),
             }
         };
-        let enc = self.plain.encode(input(text), true).map_err(|e| tok_err(&self.source, e))?;
+        let enc = self
+            .plain
+            .encode(input(text), true)
+            .map_err(|e| tok_err(&self.source, e))?;
         if enc.len() <= self.max_length {
-            return Ok(Encoded { ids: enc.get_ids().to_vec(), type_ids: enc.get_type_ids().to_vec() });
+            return Ok(Encoded {
+                ids: enc.get_ids().to_vec(),
+                type_ids: enc.get_type_ids().to_vec(),
+            });
         }
         if self.truncated.fetch_add(1, Ordering::Relaxed) == 0 {
             tracing::warn!(
@@ -202,24 +222,38 @@ impl TextTokenizer {
                 self.max_length
             );
         }
-        let enc = self.truncating.encode(input(text), true).map_err(|e| tok_err(&self.source, e))?;
-        Ok(Encoded { ids: enc.get_ids().to_vec(), type_ids: enc.get_type_ids().to_vec() })
+        let enc = self
+            .truncating
+            .encode(input(text), true)
+            .map_err(|e| tok_err(&self.source, e))?;
+        Ok(Encoded {
+            ids: enc.get_ids().to_vec(),
+            type_ids: enc.get_type_ids().to_vec(),
+        })
     }
 
     /// Encodes raw text without special tokens or truncation (LM packing).
     pub fn encode_raw(&self, text: &str) -> Result<Vec<u32>, DataError> {
-        let enc = self.plain.encode(text, false).map_err(|e| tok_err(&self.source, e))?;
+        let enc = self
+            .plain
+            .encode(text, false)
+            .map_err(|e| tok_err(&self.source, e))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Encodes many raw texts (in parallel inside `tokenizers`), order preserved.
     pub fn encode_raw_batch(&self, texts: Vec<String>) -> Result<Vec<Vec<u32>>, DataError> {
-        let encs = self.plain.encode_batch(texts, false).map_err(|e| tok_err(&self.source, e))?;
+        let encs = self
+            .plain
+            .encode_batch(texts, false)
+            .map_err(|e| tok_err(&self.source, e))?;
         Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, DataError> {
-        self.plain.decode(ids, skip_special_tokens).map_err(|e| tok_err(&self.source, e))
+        self.plain
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| tok_err(&self.source, e))
     }
 }
 
@@ -233,8 +267,11 @@ pub(crate) mod tests {
             "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "man", "is", "playing", "guitar", ".", "the",
             "movie", "was", "great", "bad", "##s", "fun", "dull", "not",
         ];
-        let vocab: serde_json::Map<String, serde_json::Value> =
-            vocab.iter().enumerate().map(|(i, t)| (t.to_string(), serde_json::json!(i))).collect();
+        let vocab: serde_json::Map<String, serde_json::Value> = vocab
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), serde_json::json!(i)))
+            .collect();
         serde_json::json!({
             "version": "1.0",
             "truncation": {"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0},
@@ -298,11 +335,32 @@ pub(crate) mod tests {
     /// A byte-level BPE whose merges spell "Hello" and "Ġworld".
     pub(crate) fn tiny_gpt2(dir: &Path) -> TextTokenizer {
         let tokens = [
-            "H", "e", "l", "o", "Ġ", "w", "r", "d", ",", "ll", "llo", "He", "Hello", "Ġw", "or", "Ġwor", "Ġworl",
-            "Ġworld", "<|endoftext|>", "Ċ",
+            "H",
+            "e",
+            "l",
+            "o",
+            "Ġ",
+            "w",
+            "r",
+            "d",
+            ",",
+            "ll",
+            "llo",
+            "He",
+            "Hello",
+            "Ġw",
+            "or",
+            "Ġwor",
+            "Ġworl",
+            "Ġworld",
+            "<|endoftext|>",
+            "Ċ",
         ];
-        let vocab: serde_json::Map<String, serde_json::Value> =
-            tokens.iter().enumerate().map(|(i, t)| (t.to_string(), serde_json::json!(i))).collect();
+        let vocab: serde_json::Map<String, serde_json::Value> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), serde_json::json!(i)))
+            .collect();
         let merges = "#version: 0.2\nl l\nll o\nH e\nHe llo\nĠ w\no r\nĠw or\nĠwor l\nĠworl d\n";
         let v = dir.join("vocab.json");
         let m = dir.join("merges.txt");
@@ -332,8 +390,11 @@ pub(crate) mod tests {
     fn real_gpt2_ids() {
         let dir = std::env::var_os("SPT_GPT2_TOKENIZER_DIR")
             .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../third_party/gpt2-tokenizer"));
-        let t = TextTokenizer::gpt2_from_vocab_merges(&dir.join("vocab.json"), &dir.join("merges.txt"), 1024).unwrap();
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../third_party/gpt2-tokenizer")
+            });
+        let t = TextTokenizer::gpt2_from_vocab_merges(&dir.join("vocab.json"), &dir.join("merges.txt"), 1024)
+            .unwrap();
         assert_eq!(
             t.encode_raw("Hello world, this is GPT-2.").unwrap(),
             vec![15496, 995, 11, 428, 318, 402, 11571, 12, 17, 13]
