@@ -573,6 +573,16 @@ impl<T: TrainTask> Trainer<T> {
         let mut last_eval = None;
 
         while st.step < total {
+            if self.stop.load(Ordering::SeqCst) {
+                // Ctrl-C (or another stop request): save where we are and leave.
+                if last_saved != Some(st.step) {
+                    summary.last_checkpoint = Some(self.save(&st, &opt)?);
+                    last_saved = Some(st.step);
+                }
+                summary.stopped = true;
+                pb.suspend(|| tracing::warn!(step = st.step, "stopped on request; checkpoint written"));
+                break;
+            }
             // Gather the micro-batches of this step.
             let mut micro = Vec::with_capacity(self.cfg.grad_accum);
             while micro.len() < self.cfg.grad_accum {
@@ -693,15 +703,9 @@ impl<T: TrainTask> Trainer<T> {
                     last_eval = Some(st.step);
                 }
             }
-            let stop = self.stop.load(Ordering::SeqCst);
-            if (self.cfg.save_every > 0 && st.step % self.cfg.save_every == 0) || stop {
+            if self.cfg.save_every > 0 && st.step % self.cfg.save_every == 0 {
                 summary.last_checkpoint = Some(self.save(&st, &opt)?);
                 last_saved = Some(st.step);
-            }
-            if stop {
-                summary.stopped = true;
-                pb.suspend(|| tracing::warn!(step = st.step, "stopped on request; checkpoint written"));
-                break;
             }
         }
         pb.finish_and_clear();

@@ -382,23 +382,4 @@ pub(crate) mod tests {
         let t2 = TextTokenizer::from_model_dir(dir.path(), 8).unwrap();
         assert_eq!(t2.encode_raw("Hello world").unwrap(), vec![12, 17]);
     }
-
-    /// The real GPT-2 files (fetched by the assets script). Set `SPT_GPT2_TOKENIZER_DIR` or put them
-    /// in `third_party/gpt2-tokenizer` at the workspace root.
-    #[test]
-    #[ignore = "needs the GPT-2 vocab.json + merges.txt (scripts/fetch-assets.sh)"]
-    fn real_gpt2_ids() {
-        let dir = std::env::var_os("SPT_GPT2_TOKENIZER_DIR")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| {
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../third_party/gpt2-tokenizer")
-            });
-        let t = TextTokenizer::gpt2_from_vocab_merges(&dir.join("vocab.json"), &dir.join("merges.txt"), 1024)
-            .unwrap();
-        assert_eq!(
-            t.encode_raw("Hello world, this is GPT-2.").unwrap(),
-            vec![15496, 995, 11, 428, 318, 402, 11571, 12, 17, 13]
-        );
-        assert_eq!(t.eos_id(), Some(50256));
-    }
 }
