@@ -10,11 +10,15 @@
 //!   loop (accumulation, schedule, clipping, eval, checkpoints, bit-exact resume, Ctrl-C).
 //! - [`config`]: [`config::FinetuneConfig`] (TOML / JSON, equal to the CLI flags) and model
 //!   resolution (local directory or Hugging Face hub id).
+//! - [`pipeline`]: from a config to tokenised train / validation sets.
+//! - [`losses`]: masked causal-LM loss and classification loss / eval outputs over a batch.
+//! - [`rng`]: the serialisable SplitMix64 behind data order and per-step seeds.
 
 pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod losses;
 pub mod metrics;
 pub mod optim;
 pub mod pipeline;
