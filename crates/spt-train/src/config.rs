@@ -512,6 +512,16 @@ impl FinetuneConfig {
         }
     }
 
+    /// The settings that define a run, as JSON, for checkpoint manifests: everything except how
+    /// this invocation starts (`resume`, `overwrite`, `progress`), so a resumed run matches.
+    pub fn run_identity(&self) -> serde_json::Value {
+        let mut c = self.clone();
+        c.resume = None;
+        c.overwrite = false;
+        c.progress = true;
+        serde_json::to_value(&c).unwrap_or(serde_json::Value::Null)
+    }
+
     /// The loop settings for a training set of `n_train` items.
     pub fn trainer_config(&self, n_train: usize) -> TrainerConfig {
         let mut t = TrainerConfig {
@@ -537,7 +547,7 @@ impl FinetuneConfig {
             log_every: self.log_every,
             output_dir: self.output_dir.clone(),
             progress: self.progress,
-            run_config: serde_json::to_value(self).unwrap_or(serde_json::Value::Null),
+            run_config: self.run_identity(),
             ..TrainerConfig::default()
         };
         let total = crate::trainer::planned_steps(&t, n_train);
@@ -765,7 +775,12 @@ mod tests {
         assert_eq!(over.lr, 0.001);
         assert_eq!(over.resume_from(), Resume::Latest);
         assert_eq!(over.seed, 7);
-        // Trainer settings: 1000 items / 32 = 32 batches × 2 epochs / 2 accum = 32 steps, warmup 10%.
+        let same_run = FinetuneConfig {
+            lr: from_toml.lr,
+            ..over.clone()
+        };
+        assert_eq!(same_run.run_identity(), from_toml.run_identity()); // --resume does not change it
+                                                                       // Trainer settings: 1000 items / 32 = 32 batches × 2 epochs / 2 accum = 32 steps, warmup 10%.
         let tc = from_flags.trainer_config(1000);
         assert_eq!(tc.warmup_steps, 4);
         assert_eq!(tc.adamw.weight_decay, 0.01);

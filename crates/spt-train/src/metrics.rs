@@ -197,6 +197,7 @@ pub fn plot_loss_svg(path: &Path, train: &[(u64, f64)], eval: &[(u64, f64)]) -> 
         chart
             .configure_mesh()
             .x_desc("step")
+            .x_label_formatter(&|x| format!("{x:.0}"))
             .y_desc("loss")
             .draw()
             .map_err(|e| plot_err(&e))?;
