@@ -37,6 +37,9 @@ use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, ScheduleKind}
 use crate::rng::SplitMix64;
 use crate::{Error, Result};
 
+/// The progress bar: bar, steps, elapsed < ETA, then "loss … lr … tok/s".
+pub const PROGRESS_TEMPLATE: &str = "{bar:30.cyan/blue} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}";
+
 /// What the loop tells the task about the current forward pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StepCtx {
@@ -547,9 +550,7 @@ impl<T: TrainTask> Trainer<T> {
 
         let pb = if self.cfg.progress {
             let pb = indicatif::ProgressBar::new(total);
-            if let Ok(style) = indicatif::ProgressStyle::with_template(
-                "{bar:30.cyan/blue} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-            ) {
+            if let Ok(style) = indicatif::ProgressStyle::with_template(PROGRESS_TEMPLATE) {
                 pb.set_style(style);
             }
             pb
@@ -757,5 +758,32 @@ impl<T: TrainTask> Trainer<T> {
             )
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_template_parses_and_steps_are_planned() {
+        assert!(indicatif::ProgressStyle::with_template(PROGRESS_TEMPLATE).is_ok());
+        let cfg = TrainerConfig {
+            epochs: 3,
+            batch_size: 8,
+            grad_accum: 2,
+            ..Default::default()
+        };
+        assert_eq!(planned_steps(&cfg, 50), 11); // ceil(3 · 7 / 2)
+        assert_eq!(
+            planned_steps(
+                &TrainerConfig {
+                    max_steps: Some(5),
+                    ..cfg
+                },
+                50
+            ),
+            5
+        );
     }
 }
