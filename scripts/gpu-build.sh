@@ -61,8 +61,9 @@ bench_bin="$TARGET/debug/examples/gpu_bench"
 B="$ROOT/gpu-bundle"
 rm -rf "$B"
 mkdir -p "$B/bin"
-cp "$test_bin" "$B/bin/cuda_parity"
-cp "$bench_bin" "$B/bin/gpu_bench"
+# Debug info off (about half the size); symbols stay for backtraces.
+strip --strip-debug -o "$B/bin/cuda_parity" "$test_bin"
+strip --strip-debug -o "$B/bin/gpu_bench" "$bench_bin"
 cp scripts/gpu-check.sh scripts/sdpa_bench.py "$B/"
 if [[ $with_libs == 1 ]]; then
   mkdir -p "$B/lib"
