@@ -11,7 +11,7 @@ const LN_BWD_ROWS: usize = 32;
 
 fn rows_d(l: &Layout) -> (usize, usize) {
     let d = l.dims().last().copied().unwrap_or(1);
-    let rows = if d == 0 { 0 } else { l.shape().elem_count() / d };
+    let rows = l.shape().elem_count().checked_div(d).unwrap_or(0);
     (rows, d)
 }
 
