@@ -5,7 +5,7 @@
 #   2. the benchmark: sparse attention fwd+bwd vs dense at L = 1024, 4096, 16384 (H=16, d=64);
 #   3. PyTorch SDPA (flash / efficient) at the same shapes, for comparison.
 # Writes OUT_DIR (default ./gpu-results): parity.log, gpu_bench.json, bench.log, sdpa.json,
-# sdpa.log, nvidia-smi.txt, summary.json. Budget: under 8 minutes (each step has a timeout).
+# sdpa.log, nvidia-smi.txt, summary.json. Budget: under 8 minutes (timeouts 180 + 180 + 90 s).
 # Exit status: non-zero if a parity test failed or a step could not run.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -39,11 +39,11 @@ fi
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || echo "gpu-check.sh: nvidia-smi failed (no GPU?)" >&2
 
 echo "== 1/3 parity tests (CUDA vs CPU)"
-timeout 240 bin/cuda_parity --include-ignored --test-threads=1 2>&1 | tee "$OUT/parity.log"
+timeout 180 bin/cuda_parity --include-ignored --test-threads=1 2>&1 | tee "$OUT/parity.log"
 parity_rc=${PIPESTATUS[0]}
 
 echo "== 2/3 gpu_bench"
-timeout 200 bin/gpu_bench "$OUT" 2>&1 | tee "$OUT/bench.log"
+timeout 180 bin/gpu_bench "$OUT" 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 
 echo "== 3/3 PyTorch SDPA at the same shapes"
