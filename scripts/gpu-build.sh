@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds, on a machine without a GPU, everything the GPU machine needs (it has no cargo), into
 # one git-ignored folder, gpu-bundle/:
-#   bin/cuda_parity   the CUDA-vs-CPU parity tests (crates/spt-ops/tests/cuda_parity.rs)
-#   bin/gpu_bench     sparse vs dense attention benchmark (crates/spt-ops/examples/gpu_bench.rs)
+#   bin.tar.gz        bin/cuda_parity: the CUDA-vs-CPU parity tests (tests/cuda_parity.rs), and
+#                     bin/gpu_bench: sparse vs dense attention (examples/gpu_bench.rs); ~25 MB
 #   gpu-check.sh      runs both there, plus sdpa_bench.py (PyTorch SDPA at the same shapes)
 #   lib/              only with --with-libs: cuBLAS, cuBLASLt, cuRAND, NVRTC, cudart from the
 #                     pinned CUDA 13.0 wheels (~800 MB); without it, gpu-check.sh looks for
@@ -60,10 +60,15 @@ bench_bin="$TARGET/debug/examples/gpu_bench"
 
 B="$ROOT/gpu-bundle"
 rm -rf "$B"
-mkdir -p "$B/bin"
-# Debug info off (about half the size); symbols stay for backtraces.
-strip --strip-debug -o "$B/bin/cuda_parity" "$test_bin"
-strip --strip-debug -o "$B/bin/gpu_bench" "$bench_bin"
+mkdir -p "$B"
+# Debug info off, symbols kept (backtraces); compressed, because most of each binary is candle's
+# PTX text: ~110 MB → ~25 MB, so the bundle fits a 64 MiB transfer. gpu-check.sh unpacks it.
+stage="$(mktemp -d)"
+mkdir -p "$stage/bin"
+strip --strip-debug -o "$stage/bin/cuda_parity" "$test_bin"
+strip --strip-debug -o "$stage/bin/gpu_bench" "$bench_bin"
+tar -C "$stage" -czf "$B/bin.tar.gz" bin
+rm -rf "$stage"
 cp scripts/gpu-check.sh scripts/sdpa_bench.py "$B/"
 if [[ $with_libs == 1 ]]; then
   mkdir -p "$B/lib"
@@ -74,7 +79,7 @@ fi
 {
   echo "spt gpu-bundle built $(date -u +%FT%TZ) from $(git rev-parse HEAD)$(git diff --quiet || echo ' (dirty)')"
   echo "nvcc: $(nvcc --version | tail -n 1); CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP; rustc: $(rustc --version)"
-  echo "needs at run time: $(readelf -d "$B/bin/cuda_parity" | sed -nE 's/.*NEEDED.*\[(.*)\]/\1/p' | tr '\n' ' ')"
+  echo "needs at run time: $(readelf -d "$test_bin" | sed -nE 's/.*NEEDED.*\[(.*)\]/\1/p' | tr '\n' ' ')"
   (cd "$B" && find . -type f ! -name MANIFEST -print0 | sort -z | xargs -0 sha256sum)
 } >"$B/MANIFEST"
 du -sh "$B"/* >&2

@@ -9,12 +9,17 @@
 # Exit status: non-zero if a parity test failed or a step could not run.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-if [[ -x "$here/bin/cuda_parity" ]]; then B="$here"
-elif [[ -x "$here/../gpu-bundle/bin/cuda_parity" ]]; then B="$(cd "$here/../gpu-bundle" && pwd)"
-else echo "gpu-check.sh: no bin/cuda_parity next to me or in ../gpu-bundle: run scripts/gpu-build.sh first" >&2; exit 2
+if [[ -f "$here/bin.tar.gz" ]]; then B="$here"
+elif [[ -f "$here/../gpu-bundle/bin.tar.gz" ]]; then B="$(cd "$here/../gpu-bundle" && pwd)"
+else echo "gpu-check.sh: no bin.tar.gz next to me or in ../gpu-bundle: run scripts/gpu-build.sh first" >&2; exit 2
 fi
 OUT="$(mkdir -p "${1:-$PWD/gpu-results}" && cd "${1:-$PWD/gpu-results}" && pwd)"
-cd "$B"
+# Unpack the binaries outside the bundle (which may be read-only).
+RUN="$(mktemp -d "${TMPDIR:-/tmp}/spt-gpu.XXXXXX")"
+tar -C "$RUN" -xzf "$B/bin.tar.gz"
+cp "$B/sdpa_bench.py" "$RUN/"
+[[ -f "$B/MANIFEST" ]] && cp "$B/MANIFEST" "$RUN/"
+cd "$RUN"
 t_start=$(date +%s)
 
 # Libraries: the bundle's lib/ if gpu-build.sh --with-libs made one, else a CUDA 13 toolkit or
