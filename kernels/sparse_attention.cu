@@ -30,6 +30,8 @@
 // - sparse_attn_bwd_keys_f32  grid (ceil(BH·Lk / 4)), block 128: one warp per key j, walking its
 //     list in order: dk_j = scale Σ_i ds_ij q_i, dv_j = Σ_i p_ij do_i (lanes own columns).
 //
+// vec4 (last argument of the two row kernels): 1 when d and dv are multiples of 4 and k, v start
+// 16-byte aligned; rows of k and v are then read as float4.
 // Limits (checked in Rust): d ≤ 128, dv ≤ 128 (4 columns per lane in registers); all element
 // counts < 2^31. Memory for backward beyond the gradients: p, ds, entries (3·BH·Lq·kk·4 bytes),
 // cnt (BH·nrb·Lk·4), tot and start (≈ 2·BH·Lk·4).
@@ -39,6 +41,32 @@
 #define SA_MAXD 128
 #define SA_PER_LANE (SA_MAXD / SPT_WARP)
 
+// ⟨a, b⟩ over n floats; `a` in shared memory (16-byte aligned), `b` a global row. With vec4
+// (n % 4 == 0 and `b` 16-byte aligned, checked in Rust) the row is read as float4: a quarter of
+// the load instructions when every lane of a warp reads a different row.
+__device__ __forceinline__ float sa_dot(const float* a, const float* __restrict__ b, int n, int vec4) {
+  float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+  if (vec4) {
+    const float4* a4 = reinterpret_cast<const float4*>(a);
+    const float4* b4 = reinterpret_cast<const float4*>(b);
+    for (int c = 0; c < n / 4; ++c) {
+      const float4 x = a4[c], y = __ldg(b4 + c);
+      s0 += x.x * y.x;
+      s1 += x.y * y.y;
+      s2 += x.z * y.z;
+      s3 += x.w * y.w;
+    }
+  } else {
+    int c = 0;
+    for (; c + 2 <= n; c += 2) {
+      s0 += a[c] * b[c];
+      s1 += a[c + 1] * b[c + 1];
+    }
+    if (c < n) s0 += a[c] * b[c];
+  }
+  return (s0 + s1) + (s2 + s3);
+}
+
 extern "C" __global__ void sparse_attn_fwd_f32(const float* __restrict__ q,       // [BH, Lq, d]
                                                const float* __restrict__ k,       // [BH, Lk, d]
                                                const float* __restrict__ v,       // [BH, Lk, dv]
@@ -46,8 +74,8 @@ extern "C" __global__ void sparse_attn_fwd_f32(const float* __restrict__ q,     
                                                float* __restrict__ o,             // [BH, Lq, dv]
                                                float* __restrict__ lse,           // [BH, Lq]
                                                int rows, int lq, int lk, int d, int dv, int kk,
-                                               float scale) {
-  __shared__ float sq[SA_WARPS][SA_MAXD];
+                                               float scale, int vec4) {
+  __shared__ __align__(16) float sq[SA_WARPS][SA_MAXD];
   const int warp = threadIdx.x / SPT_WARP, lane = threadIdx.x % SPT_WARP;
   const int row = blockIdx.x * SA_WARPS + warp;
   if (row >= rows) return;  // whole warp leaves; no block-wide barrier below
@@ -68,17 +96,7 @@ extern "C" __global__ void sparse_attn_fwd_f32(const float* __restrict__ q,     
     const uint32_t j = t < kk ? ids[t] : SPT_SENTINEL;
     const bool valid = j != SPT_SENTINEL;
     float s = -INFINITY;
-    if (valid) {
-      const float* kj = kb + (size_t)j * d;
-      float a0 = 0.0f, a1 = 0.0f;
-      int c = 0;
-      for (; c + 2 <= d; c += 2) {
-        a0 += sq[warp][c] * kj[c];
-        a1 += sq[warp][c + 1] * kj[c + 1];
-      }
-      if (c < d) a0 += sq[warp][c] * kj[c];
-      s = scale * (a0 + a1);
-    }
+    if (valid) s = scale * sa_dot(sq[warp], kb + (size_t)j * d, d, vec4);
     const float cm = spt_warp_max(s);
     if (cm == -INFINITY) break;  // only padding from here on (rows are sentinel-padded at the end)
     const float m_new = fmaxf(m_run, cm);
@@ -122,9 +140,9 @@ extern "C" __global__ void sparse_attn_bwd_rows_f32(const float* __restrict__ q,
                                                     float* __restrict__ p_out,        // [BH, Lq, kk]
                                                     float* __restrict__ ds_out,       // [BH, Lq, kk]
                                                     int rows, int lq, int lk, int d, int dv, int kk,
-                                                    float scale) {
-  __shared__ float sq[SA_WARPS][SA_MAXD];
-  __shared__ float sg[SA_WARPS][SA_MAXD];
+                                                    float scale, int vec4) {
+  __shared__ __align__(16) float sq[SA_WARPS][SA_MAXD];
+  __shared__ __align__(16) float sg[SA_WARPS][SA_MAXD];
   const int warp = threadIdx.x / SPT_WARP, lane = threadIdx.x % SPT_WARP;
   const int row = blockIdx.x * SA_WARPS + warp;
   if (row >= rows) return;
@@ -154,11 +172,8 @@ extern "C" __global__ void sparse_attn_bwd_rows_f32(const float* __restrict__ q,
     const bool valid = j != SPT_SENTINEL && lse_i != -INFINITY;
     float pv = 0.0f, dsv = 0.0f;
     if (valid) {
-      const float* kj = kb + (size_t)j * d;
-      const float* vj = vb + (size_t)j * dv;
-      float a = 0.0f, bsum = 0.0f;
-      for (int c = 0; c < d; ++c) a += sq[warp][c] * kj[c];
-      for (int c = 0; c < dv; ++c) bsum += sg[warp][c] * vj[c];
+      const float a = sa_dot(sq[warp], kb + (size_t)j * d, d, vec4);
+      const float bsum = sa_dot(sg[warp], vb + (size_t)j * dv, dv, vec4);
       pv = expf(scale * a - lse_i);
       dsv = pv * (bsum - delta);
     }

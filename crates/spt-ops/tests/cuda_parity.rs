@@ -307,17 +307,30 @@ fn adc_selection_on_random_data_agrees_with_cpu() -> Result<()> {
 
 /// Sparse attention, forward and backward, CUDA vs CPU, on a PQ selection made on the CPU.
 fn sparse_case(b: usize, h: usize, l: usize, d: usize, k: usize, m: &AttentionMask, seed: u64) -> Result<()> {
+    sparse_case_pq(b, h, l, d, k, m, seed, 8)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sparse_case_pq(
+    b: usize,
+    h: usize,
+    l: usize,
+    d: usize,
+    k: usize,
+    m: &AttentionMask,
+    seed: u64,
+    n_subspaces: usize,
+) -> Result<()> {
     let dev = gpu()?;
     let q = uniform(&[b, h, l, d], 1.0, seed, DType::F32)?;
     let kt = uniform(&[b, h, l, d], 1.0, seed + 1, DType::F32)?;
     let v = uniform(&[b, h, l, d], 1.0, seed + 2, DType::F32)?;
-    let cb = Codebook::fit(
-        &kt,
-        &PqConfig {
-            kmeans_iters: 2,
-            ..PqConfig::default()
-        },
-    )?;
+    let cfg = PqConfig {
+        kmeans_iters: 2,
+        n_subspaces,
+        ..PqConfig::default()
+    };
+    let cb = Codebook::fit(&kt, &cfg)?;
     let sel = select_keys(&q, &cb.encode(&kt)?, &cb, TopK::Count(k), m)?;
     let sel_gpu = KeySelection {
         indices: sel.indices.to_device(&dev)?,
@@ -367,6 +380,8 @@ fn sparse_attention_matches_cpu() -> Result<()> {
     // More than one 32-key chunk per row, several CSC row blocks, d = 128, d = 24.
     sparse_case(1, 2, 600, 128, 70, &AttentionMask::causal(), 40)?;
     sparse_case(1, 2, 300, 24, 300, &AttentionMask::none(), 41)?;
+    // d = 6: not a multiple of 4, so the kernels' scalar (non-float4) row reads.
+    sparse_case_pq(2, 2, 131, 6, 20, &AttentionMask::causal(), 42, 2)?;
     Ok(())
 }
 

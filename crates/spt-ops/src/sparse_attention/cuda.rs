@@ -28,6 +28,12 @@ fn check_dims(op: &str, n: Dims) -> Result<()> {
     Ok(())
 }
 
+/// 1 when k and v rows can be read as float4: d, d_v multiples of 4 and both tensors start
+/// 16-byte aligned (candle's allocations are 256-byte aligned; a view's offset may not be).
+fn vec4(n: Dims, k: &Layout, v: &Layout) -> i32 {
+    (n.d % 4 == 0 && n.dv % 4 == 0 && k.start_offset() % 4 == 0 && v.start_offset() % 4 == 0) as i32
+}
+
 /// Forward: `(o [B, H, L_q, d_v], lse [B, H, L_q])`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward(
@@ -70,7 +76,8 @@ pub(crate) fn forward(
             n.d as i32,
             n.dv as i32,
             n.kk as i32,
-            scale as f32
+            scale as f32,
+            vec4(n, l2, l3)
         );
         let cfg = cfg_blocks(rows.div_ceil(WARPS), (32 * WARPS) as u32, 0);
         launched(op, "sparse_attn_fwd_f32", unsafe { a.launch(cfg) })?;
@@ -152,7 +159,7 @@ pub(crate) fn backward(
         let mut a = f.builder();
         a.arg(&qv).arg(&kv).arg(&vv).arg(&ov).arg(&lv).arg(&gv).arg(&iv);
         a.arg(&mut dq).arg(&mut p).arg(&mut ds);
-        candle_core::builder_arg!(a, ri, lqi, lki, di, dvi, kki, sc);
+        candle_core::builder_arg!(a, ri, lqi, lki, di, dvi, kki, sc, vec4(n, kl, vl));
         launched(op, "sparse_attn_bwd_rows_f32", unsafe {
             a.launch(warp_cfg(rows))
         })?;
