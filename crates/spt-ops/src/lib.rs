@@ -11,8 +11,12 @@
 
 pub mod activation;
 pub mod gradcheck;
+pub mod lora;
 pub mod norm;
+pub mod routed_ffn;
 mod util;
 
 pub use activation::{gelu_erf, gelu_tanh, Activation};
+pub use lora::{LoraConfig, LoraError, LoraLinear};
 pub use norm::{layer_norm, softmax_last_dim};
+pub use routed_ffn::{GateMode, RoutedFfn, RoutedFfnConfig, Routing, TopK};
