@@ -71,6 +71,8 @@ fn f32t(t: Tensor) -> Result<Tensor> {
 
 struct Record {
     case: Case,
+    load_before: String,
+    load_after: String,
     ours: Timing,
     base: Timing,
     skip: Timing,
@@ -78,7 +80,15 @@ struct Record {
     base_bytes: usize,
 }
 
+/// The 1/5/15-minute load averages: the machine may be shared, and other load inflates times.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
 fn bench_case(c: Case, reps: usize) -> Result<Record> {
+    let load_before = loadavg();
     let (d, d_ff) = (c.d, c.d_ff);
     let n_blocks = d_ff / c.block;
     let w1 = f32t((randn_f64(&[d_ff, d], 1)? * (1.0 / (d as f64).sqrt()))?)?;
@@ -186,6 +196,8 @@ fn bench_case(c: Case, reps: usize) -> Result<Record> {
     let base_bytes = 4 * 2 * N_TOKENS * d_ff;
     Ok(Record {
         case: c,
+        load_before,
+        load_after: loadavg(),
         ours: summarize(&mut o, &mut of),
         base: summarize(&mut b, &mut bf),
         skip: summarize(&mut k, &mut kf),
@@ -265,6 +277,7 @@ fn machine() -> String {
 
 fn main() -> Result<()> {
     let quick = std::env::var("FFN_BENCH_QUICK").is_ok();
+    println!("machine: {}; load average {}", machine(), loadavg());
     let mut records = Vec::new();
     for (d, d_ff) in [(768usize, 3072usize), (384, 1536)] {
         for frozen in [true, false] {
@@ -328,6 +341,8 @@ fn main() -> Result<()> {
                 "dense_skip_fwd_s": r.skip.fwd_median,
                 "speedup_vs_dense_skip": r.skip.median / r.ours.median,
                 "tokens": N_TOKENS,
+                "loadavg_before": r.load_before,
+                "loadavg_after": r.load_after,
                 "lora_rank": if c.frozen { RANK } else { 0 },
             })
         })
