@@ -346,8 +346,8 @@ pub(crate) fn gather_mm_bwd_w<T: Float>(
     (want_w.then_some(dw), want_b.then_some(db))
 }
 
-/// Forward of the scatter-out GEMM: `y[t] = Σ_{r of t} g[r] · h[r] · W_eᵀ`, where `W_e` is the
-/// column block `e` of `w` (`[d_out, n_blocks·b]`). Returns `[T, d_out]`.
+/// Forward of the scatter-out GEMM: `y[t] = (bias +) Σ_{r of t} g[r] · h[r] · W_eᵀ`, where `W_e`
+/// is the column block `e` of `w` (`[d_out, n_blocks·b]`). Returns `[T, d_out]`.
 pub(crate) fn scatter_mm_fwd<T: Float>(
     routing: &Routing,
     h: &[T],
@@ -355,10 +355,14 @@ pub(crate) fn scatter_mm_fwd<T: Float>(
     w: &[T],
     d_out: usize,
     b: usize,
+    bias: Option<&[T]>,
 ) -> Vec<T> {
     let chunk = routing.chunk_tokens();
     let nb = routing.n_blocks() * b;
-    let mut y = vec![T::zero(); routing.n_tokens() * d_out];
+    let mut y = match bias {
+        Some(bias) => bias.repeat(routing.n_tokens()),
+        None => vec![T::zero(); routing.n_tokens() * d_out],
+    };
     let nc = routing.n_chunks();
     let par = inner_par(nc);
     y.par_chunks_mut(chunk * d_out.max(1))

@@ -29,7 +29,10 @@ pub mod reference;
 mod router;
 
 pub use init::{RouterFitConfig, RoutingQuality};
-pub use ops::{gather_matmul, gather_matmul_act, scatter_matmul, AddKind, GatherMatmul, ScatterMatmul};
+pub use ops::{
+    gather_matmul, gather_matmul_act, scatter_matmul, scatter_matmul_bias, AddKind, GatherMatmul,
+    ScatterMatmul,
+};
 pub use router::{Routing, TopK};
 
 use crate::activation::Activation;
@@ -160,7 +163,7 @@ pub fn routed_ffn(
     act: Activation,
 ) -> Result<Tensor> {
     let h = gather_matmul_act(x, w1, Some(b1), Some(act), routing)?; // [R, b]
-    scatter_matmul(&h, gates, w2, routing)?.broadcast_add(b2) // [T, d]
+    scatter_matmul_bias(&h, gates, w2, Some(b2), routing) // [T, d]
 }
 
 #[derive(Debug)]
@@ -427,18 +430,19 @@ impl RoutedFfn {
                 gather_matmul_act(x2, &self.w1, Some(&base), act, &routing)?
             }
         };
-        // fc2: gate · h · W2_eᵀ scattered into the tokens, + LoRA A2 routed, B2 once per token.
-        let mut y = scatter_matmul(&h, &gates, &self.w2, &routing)?; // [T, d]
+        // fc2: gate · h · W2_eᵀ scattered into the tokens (+ b2, inside the kernel when frozen),
+        // + LoRA: A2's columns routed like W2's, B2 once per token; α/r scales the [T, r] side.
+        let mut y = scatter_matmul_bias(&h, &gates, &self.w2, Some(&self.b2), &routing)?; // [T, d]
         if let Some(l) = lora {
             let hin = if train {
                 dropout(&h, l.cfg.dropout, l.seeds.next())?
             } else {
                 h.clone()
             };
-            let v = scatter_matmul(&hin, &gates, l.a2.as_tensor(), &routing)?; // [T, r]
-            y = y.add(&(v.matmul(&l.b2.as_tensor().t()?)? * l.cfg.scale())?)?;
+            let v = (scatter_matmul(&hin, &gates, l.a2.as_tensor(), &routing)? * l.cfg.scale())?; // [T, r]
+            y = y.add(&v.matmul(&l.b2.as_tensor().t()?)?)?;
         }
-        let y = y.broadcast_add(&self.b2)?.reshape(dims)?;
+        let y = y.reshape(dims)?;
         let aux_loss = if self.cfg.aux_loss {
             Some(self.aux_loss(logits, &routing)?)
         } else {

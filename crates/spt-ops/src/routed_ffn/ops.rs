@@ -294,6 +294,18 @@ impl CustomOp3 for GatherMatmul {
 /// is columns `[e·b, (e+1)·b)` of `w` (`[d_out, n·b]`, read in place). Returns `[T, d_out]`.
 /// Differentiable in `h`, `gates` and `w`.
 pub fn scatter_matmul(h: &Tensor, gates: &Tensor, w: &Tensor, routing: &Arc<Routing>) -> Result<Tensor> {
+    scatter_matmul_bias(h, gates, w, None, routing)
+}
+
+/// [`scatter_matmul`] `+ bias` (`[d_out]`). A frozen (untracked) bias is added inside the kernel
+/// (no extra graph node); a trainable one through a differentiable broadcast add.
+pub fn scatter_matmul_bias(
+    h: &Tensor,
+    gates: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    routing: &Arc<Routing>,
+) -> Result<Tensor> {
     let op = "scatter_matmul";
     check_float(op, "h", h.dtype())?;
     check_same(op, &[("h", h), ("gates", gates), ("w", w)])?;
@@ -316,15 +328,30 @@ pub fn scatter_matmul(h: &Tensor, gates: &Tensor, w: &Tensor, routing: &Arc<Rout
     if gates.dims() != [r_total] {
         bail!("{op}: gates is {:?}, expected [R] = [{r_total}]", gates.dims());
     }
-    h.contiguous()?.apply_op3(
+    if let Some(bias) = bias {
+        check_same(op, &[("h", h), ("bias", bias)])?;
+        if bias.dims() != [d_out] {
+            bail!("{op}: bias is {:?}, expected [d_out] = [{d_out}]", bias.dims());
+        }
+    }
+    let const_bias = match bias {
+        Some(b) if !b.track_op() => Some(b.contiguous()?),
+        _ => None,
+    };
+    let y = h.contiguous()?.apply_op3(
         &gates.contiguous()?,
         &w.contiguous()?,
         ScatterMatmul {
             routing: routing.clone(),
             block,
             d_out,
+            const_bias,
         },
-    )
+    )?;
+    match bias {
+        Some(b) if b.track_op() => y.broadcast_add(b),
+        _ => Ok(y),
+    }
 }
 
 /// The scatter-out op; see [`scatter_matmul`].
@@ -332,6 +359,8 @@ pub struct ScatterMatmul {
     pub routing: Arc<Routing>,
     pub block: usize,
     pub d_out: usize,
+    /// A frozen `[d_out]` bias the forward starts every output row from (not differentiated).
+    pub const_bias: Option<Tensor>,
 }
 
 impl CustomOp3 for ScatterMatmul {
@@ -355,7 +384,20 @@ impl CustomOp3 for ScatterMatmul {
                 let h = contiguous::<$t>(op, "h", s1, l1)?;
                 let g = contiguous::<$t>(op, "gates", s2, l2)?;
                 let w = contiguous::<$t>(op, "w", s3, l3)?;
-                let y = cpu::scatter_mm_fwd(&self.routing, h, g, w, self.d_out, self.block);
+                let y = match &self.const_bias {
+                    Some(bias) => with_cpu::<$t, _>(op, bias, |bias| {
+                        Ok(cpu::scatter_mm_fwd(
+                            &self.routing,
+                            h,
+                            g,
+                            w,
+                            self.d_out,
+                            self.block,
+                            Some(bias),
+                        ))
+                    })?,
+                    None => cpu::scatter_mm_fwd(&self.routing, h, g, w, self.d_out, self.block, None),
+                };
                 Ok((CpuStorage::$variant(y), shape))
             }};
         }
