@@ -20,7 +20,8 @@
 use candle_core::{DType, Result, Tensor, Var};
 use spt_ops::gradcheck::randn_f64;
 use spt_ops::routed_ffn::reference;
-use spt_ops::{Activation, GateMode, LoraConfig, LoraLinear, RoutedFfn, RoutedFfnConfig, TopK};
+use spt_ops::routed_ffn::TopK;
+use spt_ops::{Activation, GateMode, LoraConfig, LoraLinear, RoutedFfn, RoutedFfnConfig};
 use std::time::Instant;
 
 const N_TOKENS: usize = 4096;
