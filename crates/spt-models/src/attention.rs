@@ -53,7 +53,9 @@ impl PreparedMask {
             allowed = Some(pad);
         }
         if mask.causal {
-            let tri: Vec<u8> = (0..len).flat_map(|i| (0..len).map(move |j| u8::from(j <= i))).collect();
+            let tri: Vec<u8> = (0..len)
+                .flat_map(|i| (0..len).map(move |j| u8::from(j <= i)))
+                .collect();
             let tri = Tensor::from_vec(tri, (1, 1, len, len), device)?;
             allowed = Some(match allowed {
                 Some(a) => a.broadcast_mul(&tri)?,
@@ -79,7 +81,15 @@ pub struct DenseAttention {
 }
 
 impl DenseAttention {
-    pub fn forward_t(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &PreparedMask, scale: f64, train: bool) -> Result<Tensor> {
+    pub fn forward_t(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &PreparedMask,
+        scale: f64,
+        train: bool,
+    ) -> Result<Tensor> {
         let scores = (q.matmul(&k.t()?)? * scale)?; // [B, H, L, L]
         let scores = match &mask.additive {
             Some(m) => scores.broadcast_add(m)?,
@@ -100,11 +110,21 @@ pub enum AttentionCore {
 impl AttentionCore {
     /// Dense attention with dropout probability `p` on the attention probabilities.
     pub fn dense(p: f64) -> Result<Self> {
-        Ok(Self::Dense(DenseAttention { dropout: Dropout::new(p)? }))
+        Ok(Self::Dense(DenseAttention {
+            dropout: Dropout::new(p)?,
+        }))
     }
 
     /// `q, k, v: [B, H, L, d]` (contiguous) → `[B, H, L, d]`.
-    pub fn forward_t(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &PreparedMask, scale: f64, train: bool) -> Result<Tensor> {
+    pub fn forward_t(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &PreparedMask,
+        scale: f64,
+        train: bool,
+    ) -> Result<Tensor> {
         match self {
             Self::Dense(d) => d.forward_t(q, k, v, mask, scale, train),
         }
@@ -121,7 +141,9 @@ impl AttentionCore {
 /// `[B, L, H·d] → [B, H, L, d]`, contiguous.
 pub(crate) fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, l, hd) = x.dims3()?;
-    Ok(x.reshape((b, l, heads, hd / heads))?.transpose(1, 2)?.contiguous()?)
+    Ok(x.reshape((b, l, heads, hd / heads))?
+        .transpose(1, 2)?
+        .contiguous()?)
 }
 
 /// `[B, H, L, d] → [B, L, H·d]`.

@@ -17,7 +17,9 @@
 use crate::attention::{merge_heads, split_heads, AttentionCore, AttentionMask, PreparedMask};
 use crate::error::{ModelError, Result};
 use crate::ffn::{DenseFfn, FeedForward};
-use crate::layers::{check_ids, check_mask, log_softmax_last, Dropout, Embedding, LayerNorm, Linear, WeightLayout};
+use crate::layers::{
+    check_ids, check_mask, log_softmax_last, Dropout, Embedding, LayerNorm, Linear, WeightLayout,
+};
 use crate::weights::{read_json, Init, LoadOptions, LoadReport, Loader, NamedParams, Param, WeightSource};
 use candle_core::{DType, Tensor, D};
 use spt_ops::Activation;
@@ -105,20 +107,24 @@ impl BertConfig {
 
     /// Parses and validates a JSON string.
     pub fn from_json_str(s: &str) -> Result<Self> {
-        let cfg: Self = serde_json::from_str(s)
-            .map_err(|e| ModelError::Config { path: "<string>".into(), reason: e.to_string() })?;
+        let cfg: Self = serde_json::from_str(s).map_err(|e| ModelError::Config {
+            path: "<string>".into(),
+            reason: e.to_string(),
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// The FFN activation.
     pub fn activation(&self) -> Result<Activation> {
-        Activation::from_hf(&self.hidden_act).ok_or_else(|| ModelError::UnknownActivation(self.hidden_act.clone()))
+        Activation::from_hf(&self.hidden_act)
+            .ok_or_else(|| ModelError::UnknownActivation(self.hidden_act.clone()))
     }
 
     /// `num_labels`, else the size of `id2label`.
     pub fn num_labels(&self) -> Option<usize> {
-        self.num_labels.or_else(|| self.id2label.as_ref().map(|m| m.len()))
+        self.num_labels
+            .or_else(|| self.id2label.as_ref().map(|m| m.len()))
     }
 
     /// Head dimension.
@@ -147,7 +153,11 @@ impl BertConfig {
             ("classifier_dropout", self.classifier_dropout.unwrap_or(0.0)),
         ] {
             if !(0.0..1.0).contains(&p) {
-                return Err(ModelError::InvalidConfig { field, value: p.to_string(), reason: "must be in [0, 1)".into() });
+                return Err(ModelError::InvalidConfig {
+                    field,
+                    value: p.to_string(),
+                    reason: "must be in [0, 1)".into(),
+                });
             }
         }
         Ok(())
@@ -169,8 +179,18 @@ impl BertEmbeddings {
         let h = c.hidden_size;
         Ok(Self {
             word_embeddings: Embedding::load(l, "embeddings.word_embeddings", c.vocab_size, h)?,
-            position_embeddings: Embedding::load(l, "embeddings.position_embeddings", c.max_position_embeddings, h)?,
-            token_type_embeddings: Embedding::load(l, "embeddings.token_type_embeddings", c.type_vocab_size, h)?,
+            position_embeddings: Embedding::load(
+                l,
+                "embeddings.position_embeddings",
+                c.max_position_embeddings,
+                h,
+            )?,
+            token_type_embeddings: Embedding::load(
+                l,
+                "embeddings.token_type_embeddings",
+                c.type_vocab_size,
+                h,
+            )?,
             layer_norm: LayerNorm::load(l, "embeddings.LayerNorm", h, c.layer_norm_eps)?,
             dropout: Dropout::new(c.hidden_dropout_prob)?,
         })
@@ -255,7 +275,9 @@ impl BertLayer {
     fn load(l: &mut Loader, c: &BertConfig, i: usize) -> Result<Self> {
         let h = c.hidden_size;
         let p = format!("encoder.layer.{i}");
-        let lin = |l: &mut Loader, name: &str, i, o| Linear::load(l, &format!("{p}.{name}"), i, o, WeightLayout::OutIn);
+        let lin = |l: &mut Loader, name: &str, i, o| {
+            Linear::load(l, &format!("{p}.{name}"), i, o, WeightLayout::OutIn)
+        };
         let self_attn = BertSelfAttention {
             query: lin(l, "attention.self.query", h, h)?,
             key: lin(l, "attention.self.key", h, h)?,
@@ -350,7 +372,8 @@ impl BertModel {
     pub fn load(config: &BertConfig, src: &WeightSource, opts: &LoadOptions) -> Result<(Self, LoadReport)> {
         config.validate()?;
         let mut l = Loader::new(src, opts, "", "bert.");
-        let with_pooler = src.get("pooler.dense.weight").is_some() || src.get("bert.pooler.dense.weight").is_some();
+        let with_pooler =
+            src.get("pooler.dense.weight").is_some() || src.get("bert.pooler.dense.weight").is_some();
         let m = Self::load_inner(&mut l, config, with_pooler)?;
         Ok((m, l.finish(bert_buffer)))
     }
@@ -364,14 +387,23 @@ impl BertModel {
 
     fn load_inner(l: &mut Loader, c: &BertConfig, with_pooler: bool) -> Result<Self> {
         let embeddings = BertEmbeddings::load(l, c)?;
-        let layers = (0..c.num_hidden_layers).map(|i| BertLayer::load(l, c, i)).collect::<Result<Vec<_>>>()?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| BertLayer::load(l, c, i))
+            .collect::<Result<Vec<_>>>()?;
         let pooler = if with_pooler {
             let h = c.hidden_size;
-            Some(BertPooler { dense: Linear::load(l, "pooler.dense", h, h, WeightLayout::OutIn)? })
+            Some(BertPooler {
+                dense: Linear::load(l, "pooler.dense", h, h, WeightLayout::OutIn)?,
+            })
         } else {
             None
         };
-        Ok(Self { config: c.clone(), embeddings, layers, pooler })
+        Ok(Self {
+            config: c.clone(),
+            embeddings,
+            layers,
+            pooler,
+        })
     }
 
     /// Checks inputs; returns `(ids, type_ids, mask)` ready for the layers.
@@ -399,13 +431,27 @@ impl BertModel {
                         reason: format!("expected shape [{b}, {len}], got {:?}", t.dims()),
                     });
                 }
-                check_ids(t, "token_type_ids", "token type", c.type_vocab_size, "type_vocab_size")?
+                check_ids(
+                    t,
+                    "token_type_ids",
+                    "token type",
+                    c.type_vocab_size,
+                    "type_vocab_size",
+                )?
             }
             None => Tensor::zeros((b, len), DType::U32, ids.device())?,
         };
         let dtype = self.embeddings.word_embeddings.weight.tensor().dtype();
         let mask = check_mask(attention_mask, (b, len), dtype)?;
-        let mask = PreparedMask::new(AttentionMask { causal: false, key_padding: mask }, len, dtype, ids.device())?;
+        let mask = PreparedMask::new(
+            AttentionMask {
+                causal: false,
+                key_padding: mask,
+            },
+            len,
+            dtype,
+            ids.device(),
+        )?;
         Ok((ids, type_ids, mask))
     }
 
@@ -429,7 +475,10 @@ impl BertModel {
     pub fn pool(&self, hidden: &Tensor) -> Result<Tensor> {
         match &self.pooler {
             Some(p) => p.forward(hidden),
-            None => Err(ModelError::MissingTensor { name: "pooler.dense.weight".into(), tried: vec![] }),
+            None => Err(ModelError::MissingTensor {
+                name: "pooler.dense.weight".into(),
+                tried: vec![],
+            }),
         }
     }
 }
@@ -472,11 +521,13 @@ impl BertForSequenceClassification {
         num_labels: Option<usize>,
     ) -> Result<(Self, LoadReport)> {
         config.validate()?;
-        let num_labels = num_labels.or(config.num_labels()).ok_or(ModelError::InvalidConfig {
-            field: "num_labels",
-            value: "none".into(),
-            reason: "give num_labels, or set num_labels / id2label in the config".into(),
-        })?;
+        let num_labels = num_labels
+            .or(config.num_labels())
+            .ok_or(ModelError::InvalidConfig {
+                field: "num_labels",
+                value: "none".into(),
+                reason: "give num_labels, or set num_labels / id2label in the config".into(),
+            })?;
         if num_labels == 0 {
             return Err(ModelError::InvalidConfig {
                 field: "num_labels",
@@ -485,25 +536,48 @@ impl BertForSequenceClassification {
             });
         }
         let mut l = Loader::new(src, opts, "bert.", "bert.");
-        let has_pooler = src.get("pooler.dense.weight").is_some() || src.get("bert.pooler.dense.weight").is_some();
+        let has_pooler =
+            src.get("pooler.dense.weight").is_some() || src.get("bert.pooler.dense.weight").is_some();
         let mut bert = BertModel::load_inner(&mut l, config, has_pooler)?;
         let h = config.hidden_size;
         let std = config.initializer_range;
         if !has_pooler {
             let weight = l.top_or_init("bert.pooler.dense.weight", &[h, h], Init::Normal(std))?;
             let bias = l.top_or_init("bert.pooler.dense.bias", &[h], Init::Zeros)?;
-            bert.pooler = Some(BertPooler { dense: Linear { weight, bias: Some(bias), layout: WeightLayout::OutIn } });
+            bert.pooler = Some(BertPooler {
+                dense: Linear {
+                    weight,
+                    bias: Some(bias),
+                    layout: WeightLayout::OutIn,
+                },
+            });
         }
         let weight = l.top_or_init("classifier.weight", &[num_labels, h], Init::Normal(std))?;
         let bias = l.top_or_init("classifier.bias", &[num_labels], Init::Zeros)?;
-        let classifier = Linear { weight, bias: Some(bias), layout: WeightLayout::OutIn };
+        let classifier = Linear {
+            weight,
+            bias: Some(bias),
+            layout: WeightLayout::OutIn,
+        };
         let dropout = Dropout::new(config.classifier_dropout.unwrap_or(config.hidden_dropout_prob))?;
         let report = l.finish(bert_buffer);
-        Ok((Self { bert, dropout, classifier, num_labels }, report))
+        Ok((
+            Self {
+                bert,
+                dropout,
+                classifier,
+                num_labels,
+            },
+            report,
+        ))
     }
 
     /// Reads `config.json` and the checkpoint from a directory.
-    pub fn from_dir(dir: impl AsRef<Path>, opts: &LoadOptions, num_labels: Option<usize>) -> Result<(Self, LoadReport)> {
+    pub fn from_dir(
+        dir: impl AsRef<Path>,
+        opts: &LoadOptions,
+        num_labels: Option<usize>,
+    ) -> Result<(Self, LoadReport)> {
         let dir = dir.as_ref();
         let cfg = BertConfig::from_file(dir.join("config.json"))?;
         Self::load(&cfg, &WeightSource::from_dir(dir)?, opts, num_labels)
@@ -517,7 +591,9 @@ impl BertForSequenceClassification {
         attention_mask: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
-        let h = self.bert.forward_t(input_ids, token_type_ids, attention_mask, train)?;
+        let h = self
+            .bert
+            .forward_t(input_ids, token_type_ids, attention_mask, train)?;
         let pooled = self.bert.pool(&h)?;
         let pooled = self.dropout.forward_t(&pooled, train)?;
         self.classifier.forward(&pooled)
@@ -527,7 +603,10 @@ impl BertForSequenceClassification {
     pub fn loss(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         let (b, c) = logits.dims2()?;
         if labels.dims() != [b] {
-            return Err(ModelError::BadInput { name: "labels", reason: format!("expected shape [{b}], got {:?}", labels.dims()) });
+            return Err(ModelError::BadInput {
+                name: "labels",
+                reason: format!("expected shape [{b}], got {:?}", labels.dims()),
+            });
         }
         let labels = check_ids(&labels.unsqueeze(0)?, "labels", "label", c, "num_labels")?.squeeze(0)?;
         let logp = log_softmax_last(logits)?;

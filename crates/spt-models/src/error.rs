@@ -12,7 +12,11 @@ pub enum ModelError {
 
     /// A checkpoint tensor has the wrong shape.
     #[error("tensor '{name}' has shape {got:?}, expected {expected:?}")]
-    ShapeMismatch { name: String, expected: Vec<usize>, got: Vec<usize> },
+    ShapeMismatch {
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
 
     /// A checkpoint file cannot be read or parsed (corrupt, truncated, unknown format).
     #[error("cannot read checkpoint {}: {reason}", path.display())]
@@ -24,7 +28,11 @@ pub enum ModelError {
 
     /// A config value that is valid JSON but that we don't support or that is inconsistent.
     #[error("invalid config: {field} = {value}: {reason}")]
-    InvalidConfig { field: &'static str, value: String, reason: String },
+    InvalidConfig {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
 
     /// `position_embedding_type` other than "absolute".
     #[error("unsupported position_embedding_type '{0}' (only \"absolute\" is supported)")]
@@ -36,11 +44,20 @@ pub enum ModelError {
 
     /// A sequence longer than the position table.
     #[error("sequence length {len} exceeds {field} = {max}")]
-    SequenceTooLong { len: usize, max: usize, field: &'static str },
+    SequenceTooLong {
+        len: usize,
+        max: usize,
+        field: &'static str,
+    },
 
     /// A token id outside `0..vocab_size` (or a token-type id outside `0..type_vocab_size`).
     #[error("{what} id {id} is out of range: {field} = {size}")]
-    TokenOutOfRange { what: &'static str, id: i64, size: usize, field: &'static str },
+    TokenOutOfRange {
+        what: &'static str,
+        id: i64,
+        size: usize,
+        field: &'static str,
+    },
 
     /// An input tensor of the wrong rank, shape or dtype.
     #[error("bad input '{name}': {reason}")]

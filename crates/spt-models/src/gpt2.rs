@@ -16,7 +16,9 @@
 use crate::attention::{merge_heads, split_heads, AttentionCore, AttentionMask, PreparedMask};
 use crate::error::{ModelError, Result};
 use crate::ffn::{DenseFfn, FeedForward};
-use crate::layers::{check_ids, check_mask, log_softmax_last, Dropout, Embedding, LayerNorm, Linear, WeightLayout};
+use crate::layers::{
+    check_ids, check_mask, log_softmax_last, Dropout, Embedding, LayerNorm, Linear, WeightLayout,
+};
 use crate::weights::{read_json, LoadOptions, LoadReport, Loader, NamedParams, Param, WeightSource};
 use candle_core::{DType, Tensor, D};
 use spt_ops::Activation;
@@ -99,8 +101,10 @@ impl GPT2Config {
 
     /// Parses and validates a JSON string.
     pub fn from_json_str(s: &str) -> Result<Self> {
-        let cfg: Self = serde_json::from_str(s)
-            .map_err(|e| ModelError::Config { path: "<string>".into(), reason: e.to_string() })?;
+        let cfg: Self = serde_json::from_str(s).map_err(|e| ModelError::Config {
+            path: "<string>".into(),
+            reason: e.to_string(),
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -127,9 +131,17 @@ impl GPT2Config {
                 reason: format!("must divide n_embd = {}", self.n_embd),
             });
         }
-        for (field, p) in [("resid_pdrop", self.resid_pdrop), ("embd_pdrop", self.embd_pdrop), ("attn_pdrop", self.attn_pdrop)] {
+        for (field, p) in [
+            ("resid_pdrop", self.resid_pdrop),
+            ("embd_pdrop", self.embd_pdrop),
+            ("attn_pdrop", self.attn_pdrop),
+        ] {
             if !(0.0..1.0).contains(&p) {
-                return Err(ModelError::InvalidConfig { field, value: p.to_string(), reason: "must be in [0, 1)".into() });
+                return Err(ModelError::InvalidConfig {
+                    field,
+                    value: p.to_string(),
+                    reason: "must be in [0, 1)".into(),
+                });
             }
         }
         Ok(())
@@ -177,8 +189,14 @@ impl GPT2Block {
     fn load(l: &mut Loader, c: &GPT2Config, i: usize) -> Result<Self> {
         let e = c.n_embd;
         let p = format!("h.{i}");
-        let conv = |l: &mut Loader, name: &str, i, o| Linear::load(l, &format!("{p}.{name}"), i, o, WeightLayout::InOut);
-        let mut scale = if c.scale_attn_weights { 1.0 / (c.head_dim() as f64).sqrt() } else { 1.0 };
+        let conv = |l: &mut Loader, name: &str, i, o| {
+            Linear::load(l, &format!("{p}.{name}"), i, o, WeightLayout::InOut)
+        };
+        let mut scale = if c.scale_attn_weights {
+            1.0 / (c.head_dim() as f64).sqrt()
+        } else {
+            1.0
+        };
         if c.scale_attn_by_inverse_layer_idx {
             scale /= (i + 1) as f64;
         }
@@ -260,23 +278,42 @@ impl GPT2Model {
             wte: Embedding::load(l, "wte", c.vocab_size, e)?,
             wpe: Embedding::load(l, "wpe", c.n_positions, e)?,
             drop: Dropout::new(c.embd_pdrop)?,
-            h: (0..c.n_layer).map(|i| GPT2Block::load(l, c, i)).collect::<Result<Vec<_>>>()?,
+            h: (0..c.n_layer)
+                .map(|i| GPT2Block::load(l, c, i))
+                .collect::<Result<Vec<_>>>()?,
             ln_f: LayerNorm::load(l, "ln_f", e, c.layer_norm_epsilon)?,
         })
     }
 
     /// The final hidden state `[B, L, E]` (after `ln_f`). `attention_mask`: `[B, L]`, 1 = attend;
     /// attention is always causal.
-    pub fn forward_t(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+    pub fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let ids = check_ids(input_ids, "input_ids", "token", c.vocab_size, "vocab_size")?;
         let (b, len) = ids.dims2()?;
         if len > c.n_positions {
-            return Err(ModelError::SequenceTooLong { len, max: c.n_positions, field: "n_positions" });
+            return Err(ModelError::SequenceTooLong {
+                len,
+                max: c.n_positions,
+                field: "n_positions",
+            });
         }
         let dtype = self.wte.weight.tensor().dtype();
         let pad = check_mask(attention_mask, (b, len), dtype)?;
-        let mask = PreparedMask::new(AttentionMask { causal: true, key_padding: pad }, len, dtype, ids.device())?;
+        let mask = PreparedMask::new(
+            AttentionMask {
+                causal: true,
+                key_padding: pad,
+            },
+            len,
+            dtype,
+            ids.device(),
+        )?;
         let pos = Tensor::arange(0u32, len as u32, ids.device())?.unsqueeze(0)?;
         let x = self.wte.forward(&ids)?.broadcast_add(&self.wpe.forward(&pos)?)?;
         let mut x = self.drop.forward_t(&x, train)?;
@@ -339,7 +376,12 @@ impl GPT2LMHeadModel {
     }
 
     /// Logits `[B, L, vocab]`.
-    pub fn forward_t(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+    pub fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
         let h = self.transformer.forward_t(input_ids, attention_mask, train)?;
         let w = match &self.lm_head {
             Some(p) => p.tensor(),
@@ -352,7 +394,12 @@ impl GPT2LMHeadModel {
 
     /// Mean next-token cross-entropy: position t predicts `input_ids[t+1]`; targets whose
     /// `attention_mask` is 0 are ignored (HF's shift with padded labels = -100).
-    pub fn loss(&self, logits: &Tensor, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+    pub fn loss(
+        &self,
+        logits: &Tensor,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
         lm_loss(logits, input_ids, attention_mask)
     }
 
@@ -376,11 +423,17 @@ pub fn lm_loss(logits: &Tensor, input_ids: &Tensor, attention_mask: Option<&Tens
     if input_ids.dims() != [b, l] {
         return Err(ModelError::BadInput {
             name: "input_ids",
-            reason: format!("expected shape [{b}, {l}] to match the logits, got {:?}", input_ids.dims()),
+            reason: format!(
+                "expected shape [{b}, {l}] to match the logits, got {:?}",
+                input_ids.dims()
+            ),
         });
     }
     if l < 2 {
-        return Err(ModelError::BadInput { name: "input_ids", reason: "need at least 2 tokens for a next-token loss".into() });
+        return Err(ModelError::BadInput {
+            name: "input_ids",
+            reason: "need at least 2 tokens for a next-token loss".into(),
+        });
     }
     let ids = check_ids(input_ids, "input_ids", "token", v, "vocab_size")?;
     let n = b * (l - 1);
@@ -389,12 +442,19 @@ pub fn lm_loss(logits: &Tensor, input_ids: &Tensor, attention_mask: Option<&Tens
     let logp = log_softmax_last(&pred)?;
     let nll = logp.gather(&target, 1)?.neg()?.reshape(n)?; // [n]
     let weight = match check_mask(attention_mask, (b, l), logits.dtype())? {
-        Some(m) => m.narrow(1, 1, l - 1)?.reshape(n)?.ne(0f64)?.to_dtype(logits.dtype())?,
+        Some(m) => m
+            .narrow(1, 1, l - 1)?
+            .reshape(n)?
+            .ne(0f64)?
+            .to_dtype(logits.dtype())?,
         None => Tensor::ones(n, logits.dtype(), logits.device())?,
     };
     let count = weight.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
     if count == 0.0 {
-        return Err(ModelError::BadInput { name: "attention_mask", reason: "no unpadded target token".into() });
+        return Err(ModelError::BadInput {
+            name: "attention_mask",
+            reason: "no unpadded target token".into(),
+        });
     }
     Ok(((nll * weight)?.sum_all()? / count)?)
 }

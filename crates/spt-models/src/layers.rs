@@ -25,7 +25,13 @@ pub struct Linear {
 
 impl Linear {
     /// Loads `{prefix}.weight` and `{prefix}.bias` (base-model relative names).
-    pub(crate) fn load(l: &mut Loader, prefix: &str, in_dim: usize, out_dim: usize, layout: WeightLayout) -> Result<Self> {
+    pub(crate) fn load(
+        l: &mut Loader,
+        prefix: &str,
+        in_dim: usize,
+        out_dim: usize,
+        layout: WeightLayout,
+    ) -> Result<Self> {
         let shape = match layout {
             WeightLayout::OutIn => [out_dim, in_dim],
             WeightLayout::InOut => [in_dim, out_dim],
@@ -63,7 +69,10 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let Some((&in_dim, lead)) = dims.split_last() else {
-            return Err(ModelError::BadInput { name: "linear input", reason: "scalar input".into() });
+            return Err(ModelError::BadInput {
+                name: "linear input",
+                reason: "scalar input".into(),
+            });
         };
         if in_dim != self.in_features() {
             return Err(ModelError::ShapeMismatch {
@@ -117,7 +126,12 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(spt_ops::layer_norm(x, self.weight.tensor(), self.bias.tensor(), self.eps)?)
+        Ok(spt_ops::layer_norm(
+            x,
+            self.weight.tensor(),
+            self.bias.tensor(),
+            self.eps,
+        )?)
     }
 }
 
@@ -140,7 +154,9 @@ pub struct Embedding {
 
 impl Embedding {
     pub(crate) fn load(l: &mut Loader, name: &str, num: usize, dim: usize) -> Result<Self> {
-        Ok(Self { weight: l.base(&format!("{name}.weight"), &[num, dim])? })
+        Ok(Self {
+            weight: l.base(&format!("{name}.weight"), &[num, dim])?,
+        })
     }
 
     pub fn num_embeddings(&self) -> usize {
@@ -200,27 +216,47 @@ pub(crate) fn check_ids(
     field: &'static str,
 ) -> Result<Tensor> {
     if ids.rank() != 2 {
-        return Err(ModelError::BadInput { name, reason: format!("expected [batch, seq_len], got {:?}", ids.dims()) });
+        return Err(ModelError::BadInput {
+            name,
+            reason: format!("expected [batch, seq_len], got {:?}", ids.dims()),
+        });
     }
     if !matches!(ids.dtype(), DType::U8 | DType::U32 | DType::I64) {
-        return Err(ModelError::BadInput { name, reason: format!("expected an integer dtype, got {:?}", ids.dtype()) });
+        return Err(ModelError::BadInput {
+            name,
+            reason: format!("expected an integer dtype, got {:?}", ids.dtype()),
+        });
     }
     if ids.elem_count() > 0 {
         let as_i64 = ids.to_dtype(DType::I64)?.flatten_all()?;
         let max = as_i64.max(0)?.to_scalar::<i64>()?;
         let min = as_i64.min(0)?.to_scalar::<i64>()?;
         if min < 0 {
-            return Err(ModelError::TokenOutOfRange { what, id: min, size, field });
+            return Err(ModelError::TokenOutOfRange {
+                what,
+                id: min,
+                size,
+                field,
+            });
         }
         if max as u64 >= size as u64 {
-            return Err(ModelError::TokenOutOfRange { what, id: max, size, field });
+            return Err(ModelError::TokenOutOfRange {
+                what,
+                id: max,
+                size,
+                field,
+            });
         }
     }
     Ok(ids.to_dtype(DType::U32)?)
 }
 
 /// Checks an optional `[B, L]` 0/1 mask against the ids' shape; returns it as `dtype`.
-pub(crate) fn check_mask(mask: Option<&Tensor>, dims: (usize, usize), dtype: DType) -> Result<Option<Tensor>> {
+pub(crate) fn check_mask(
+    mask: Option<&Tensor>,
+    dims: (usize, usize),
+    dtype: DType,
+) -> Result<Option<Tensor>> {
     let Some(m) = mask else { return Ok(None) };
     if m.dims() != [dims.0, dims.1] {
         return Err(ModelError::BadInput {

@@ -19,7 +19,9 @@
 pub enum AttentionCost {
     Dense,
     /// Sparse attention over `k` selected keys per query.
-    Sparse { k: usize },
+    Sparse {
+        k: usize,
+    },
 }
 
 /// How the FFN is computed in a layer, for accounting.
@@ -27,7 +29,10 @@ pub enum AttentionCost {
 pub enum FfnCost {
     Dense,
     /// Routed FFN: each token runs `top_k` of `n_blocks` blocks.
-    Routed { n_blocks: usize, top_k: usize },
+    Routed {
+        n_blocks: usize,
+        top_k: usize,
+    },
 }
 
 /// The shape of one layer's work.

@@ -33,20 +33,30 @@ pub struct WeightSource {
 }
 
 fn ckpt_err(path: &Path, reason: impl std::fmt::Display) -> ModelError {
-    ModelError::Checkpoint { path: path.to_path_buf(), reason: reason.to_string() }
+    ModelError::Checkpoint {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
 }
 
 impl WeightSource {
     /// Wraps tensors already in memory (tests, conversions).
     pub fn from_tensors(tensors: HashMap<String, Tensor>) -> Self {
-        Self { tensors, origin: None }
+        Self {
+            tensors,
+            origin: None,
+        }
     }
 
     /// Loads a checkpoint directory: `model.safetensors`, else `model.safetensors.index.json`,
     /// else `pytorch_model.bin`.
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
-        for name in ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"] {
+        for name in [
+            "model.safetensors",
+            "model.safetensors.index.json",
+            "pytorch_model.bin",
+        ] {
             let p = dir.join(name);
             if p.is_file() {
                 return Self::from_file(&p);
@@ -70,9 +80,15 @@ impl WeightSource {
         } else if name.ends_with(".bin") || name.ends_with(".pt") || name.ends_with(".pth") {
             Self::read_pickle(path)?
         } else {
-            return Err(ckpt_err(path, "unknown checkpoint format (expected .safetensors, .index.json or .bin)"));
+            return Err(ckpt_err(
+                path,
+                "unknown checkpoint format (expected .safetensors, .index.json or .bin)",
+            ));
         };
-        Ok(Self { tensors, origin: Some(path.to_path_buf()) })
+        Ok(Self {
+            tensors,
+            origin: Some(path.to_path_buf()),
+        })
     }
 
     fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
@@ -100,7 +116,10 @@ impl WeightSource {
         }
         for (key, shard) in &index.weight_map {
             if !all.contains_key(key) {
-                return Err(ckpt_err(path, format!("index lists '{key}' in {shard}, which does not contain it")));
+                return Err(ckpt_err(
+                    path,
+                    format!("index lists '{key}' in {shard}, which does not contain it"),
+                ));
             }
         }
         Ok(all)
@@ -176,14 +195,22 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: DType::F32, device: Device::Cpu, trainable: Trainable::All, init_seed: 0 }
+        Self {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            trainable: Trainable::All,
+            init_seed: 0,
+        }
     }
 }
 
 impl LoadOptions {
     /// Everything frozen, F32, CPU: for inference and parity checks.
     pub fn frozen() -> Self {
-        Self { trainable: Trainable::None, ..Self::default() }
+        Self {
+            trainable: Trainable::None,
+            ..Self::default()
+        }
     }
 }
 
@@ -213,12 +240,20 @@ impl Param {
     /// A trainable parameter (the tensor is copied into a new `Var`).
     pub fn trainable(name: impl Into<String>, t: &Tensor) -> Result<Self> {
         let var = Var::from_tensor(&t.detach())?;
-        Ok(Self { name: name.into(), tensor: var.as_tensor().clone(), var: Some(var) })
+        Ok(Self {
+            name: name.into(),
+            tensor: var.as_tensor().clone(),
+            var: Some(var),
+        })
     }
 
     /// A frozen parameter: backward never reaches it.
     pub fn frozen(name: impl Into<String>, t: &Tensor) -> Self {
-        Self { name: name.into(), tensor: t.detach(), var: None }
+        Self {
+            name: name.into(),
+            tensor: t.detach(),
+            var: None,
+        }
     }
 
     /// Canonical Hugging Face name.
@@ -348,7 +383,12 @@ pub(crate) struct Loader<'a> {
 }
 
 impl<'a> Loader<'a> {
-    pub(crate) fn new(src: &'a WeightSource, opts: &'a LoadOptions, canonical_prefix: &str, model_prefix: &str) -> Self {
+    pub(crate) fn new(
+        src: &'a WeightSource,
+        opts: &'a LoadOptions,
+        canonical_prefix: &str,
+        model_prefix: &str,
+    ) -> Self {
         Self {
             src,
             opts,
@@ -407,13 +447,23 @@ impl<'a> Loader<'a> {
     }
 
     fn load(&mut self, canonical: String, candidates: Vec<String>, shape: &[usize]) -> Result<Param> {
-        let Some((key, t)) = candidates.iter().find_map(|k| self.src.get(k).map(|t| (k.clone(), t))) else {
+        let Some((key, t)) = candidates
+            .iter()
+            .find_map(|k| self.src.get(k).map(|t| (k.clone(), t)))
+        else {
             let mut tried = candidates;
             tried.dedup();
-            return Err(ModelError::MissingTensor { name: canonical, tried });
+            return Err(ModelError::MissingTensor {
+                name: canonical,
+                tried,
+            });
         };
         if t.dims() != shape {
-            return Err(ModelError::ShapeMismatch { name: key, expected: shape.to_vec(), got: t.dims().to_vec() });
+            return Err(ModelError::ShapeMismatch {
+                name: key,
+                expected: shape.to_vec(),
+                got: t.dims().to_vec(),
+            });
         }
         if !t.dtype().is_float() {
             return Err(ModelError::Checkpoint {
@@ -448,7 +498,12 @@ impl<'a> Loader<'a> {
                 unused.push(k.to_string());
             }
         }
-        LoadReport { unused, ignored, initialised: self.initialised, used: self.used.len() }
+        LoadReport {
+            unused,
+            ignored,
+            initialised: self.initialised,
+            used: self.used.len(),
+        }
     }
 }
 
@@ -461,7 +516,12 @@ fn std_normal(rng: &mut StdRng) -> f64 {
 
 /// Reads a JSON config file into `T`, naming the file on error.
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ModelError::Config { path: path.to_path_buf(), reason: e.to_string() })?;
-    serde_json::from_str(&text).map_err(|e| ModelError::Config { path: path.to_path_buf(), reason: e.to_string() })
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::Config {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    serde_json::from_str(&text).map_err(|e| ModelError::Config {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
 }

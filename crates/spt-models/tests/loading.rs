@@ -7,8 +7,8 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use common::{expected, fixture, max_abs};
 use spt_models::{
-    BertConfig, BertForSequenceClassification, BertModel, GPT2Config, GPT2LMHeadModel, LoadOptions, ModelError,
-    NamedParams, Trainable, WeightSource,
+    BertConfig, BertForSequenceClassification, BertModel, GPT2Config, GPT2LMHeadModel, LoadOptions,
+    ModelError, NamedParams, Trainable, WeightSource,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -35,7 +35,12 @@ fn bert_cfg() -> Result<BertConfig> {
 fn missing_tensor_is_named() -> Result<()> {
     let mut m = load_map(&fixture("tiny-gpt2/model.safetensors"))?;
     m.remove("transformer.h.1.ln_2.weight");
-    let err = GPT2LMHeadModel::load(&gpt2_cfg()?, &WeightSource::from_tensors(m), &LoadOptions::default()).unwrap_err();
+    let err = GPT2LMHeadModel::load(
+        &gpt2_cfg()?,
+        &WeightSource::from_tensors(m),
+        &LoadOptions::default(),
+    )
+    .unwrap_err();
     match err {
         ModelError::MissingTensor { name, tried } => {
             assert_eq!(name, "transformer.h.1.ln_2.weight");
@@ -49,9 +54,17 @@ fn missing_tensor_is_named() -> Result<()> {
 #[test]
 fn wrong_shape_reports_expected_and_got() -> Result<()> {
     let mut m = load_map(&fixture("tiny-bert-cls/model.safetensors"))?;
-    m.insert("bert.encoder.layer.0.attention.self.key.weight".into(), Tensor::zeros((64, 63), DType::F32, &Device::Cpu)?);
-    let err = BertForSequenceClassification::load(&bert_cfg()?, &WeightSource::from_tensors(m), &LoadOptions::default(), None)
-        .unwrap_err();
+    m.insert(
+        "bert.encoder.layer.0.attention.self.key.weight".into(),
+        Tensor::zeros((64, 63), DType::F32, &Device::Cpu)?,
+    );
+    let err = BertForSequenceClassification::load(
+        &bert_cfg()?,
+        &WeightSource::from_tensors(m),
+        &LoadOptions::default(),
+        None,
+    )
+    .unwrap_err();
     match err {
         ModelError::ShapeMismatch { name, expected, got } => {
             assert_eq!(name, "bert.encoder.layer.0.attention.self.key.weight");
@@ -68,18 +81,27 @@ fn bad_configs_are_named() -> Result<()> {
     let mut v: serde_json::Value = serde_json::from_str(&text)?;
     v["position_embedding_type"] = "relative_key".into();
     let err = BertConfig::from_json_str(&v.to_string()).unwrap_err();
-    assert!(matches!(&err, ModelError::UnsupportedPositionEmbedding(p) if p == "relative_key"), "{err}");
+    assert!(
+        matches!(&err, ModelError::UnsupportedPositionEmbedding(p) if p == "relative_key"),
+        "{err}"
+    );
 
     let mut v: serde_json::Value = serde_json::from_str(&text)?;
     v["hidden_act"] = "swish".into();
     let err = BertConfig::from_json_str(&v.to_string()).unwrap_err();
-    assert!(matches!(&err, ModelError::UnknownActivation(a) if a == "swish"), "{err}");
+    assert!(
+        matches!(&err, ModelError::UnknownActivation(a) if a == "swish"),
+        "{err}"
+    );
 
     let text = std::fs::read_to_string(fixture("tiny-gpt2/config.json"))?;
     let mut v: serde_json::Value = serde_json::from_str(&text)?;
     v["activation_function"] = "silu_unknown".into();
     let err = GPT2Config::from_json_str(&v.to_string()).unwrap_err();
-    assert!(matches!(&err, ModelError::UnknownActivation(a) if a == "silu_unknown"), "{err}");
+    assert!(
+        matches!(&err, ModelError::UnknownActivation(a) if a == "silu_unknown"),
+        "{err}"
+    );
 
     let err = BertConfig::from_file(fixture("does-not-exist.json")).unwrap_err();
     assert!(matches!(err, ModelError::Config { .. }), "{err}");
@@ -96,7 +118,12 @@ fn gelu_new_and_relu_bert_activations_load() -> Result<()> {
         let src = WeightSource::from_file(fixture("tiny-bert-cls/model.safetensors"))?;
         let (m, _) = BertForSequenceClassification::load(&cfg, &src, &LoadOptions::frozen(), None)?;
         let exp = expected("tiny-bert-cls")?;
-        let logits = m.forward_t(&exp["input_ids"], Some(&exp["token_type_ids"]), Some(&exp["attention_mask"]), false)?;
+        let logits = m.forward_t(
+            &exp["input_ids"],
+            Some(&exp["token_type_ids"]),
+            Some(&exp["attention_mask"]),
+            false,
+        )?;
         let d = max_abs(&logits, &exp["logits"])?;
         let spt_models::FeedForward::Dense(ffn) = &m.bert.layers[0].ffn;
         assert_eq!(ffn.act, spt_ops::Activation::from_hf(act).unwrap());
@@ -116,30 +143,88 @@ fn too_long_and_out_of_range_inputs_are_named() -> Result<()> {
     let (gpt, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
     let long = Tensor::zeros((1, 129), DType::U32, &Device::Cpu)?;
     let err = gpt.forward_t(&long, None, false).unwrap_err();
-    assert!(matches!(err, ModelError::SequenceTooLong { len: 129, max: 128, field: "n_positions" }), "{err}");
+    assert!(
+        matches!(
+            err,
+            ModelError::SequenceTooLong {
+                len: 129,
+                max: 128,
+                field: "n_positions"
+            }
+        ),
+        "{err}"
+    );
     let ids = Tensor::new(&[[1u32, 2, 1000]], &Device::Cpu)?;
     let err = gpt.forward_t(&ids, None, false).unwrap_err();
-    assert!(matches!(err, ModelError::TokenOutOfRange { id: 1000, size: 1000, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            ModelError::TokenOutOfRange {
+                id: 1000,
+                size: 1000,
+                ..
+            }
+        ),
+        "{err}"
+    );
     let ids = Tensor::new(&[[1i64, -3, 7]], &Device::Cpu)?;
     let err = gpt.forward_t(&ids, None, false).unwrap_err();
     assert!(matches!(err, ModelError::TokenOutOfRange { id: -3, .. }), "{err}");
-    let err = gpt.forward_t(&Tensor::new(&[1.0f32, 2.0], &Device::Cpu)?, None, false).unwrap_err();
-    assert!(matches!(err, ModelError::BadInput { name: "input_ids", .. }), "{err}");
+    let err = gpt
+        .forward_t(&Tensor::new(&[1.0f32, 2.0], &Device::Cpu)?, None, false)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ModelError::BadInput {
+                name: "input_ids",
+                ..
+            }
+        ),
+        "{err}"
+    );
 
     let (bert, _) = BertModel::from_dir(fixture("tiny-bert-cls"), &LoadOptions::frozen())?;
     let long = Tensor::zeros((2, 129), DType::U32, &Device::Cpu)?;
     let err = bert.forward_t(&long, None, None, false).unwrap_err();
     assert!(
-        matches!(err, ModelError::SequenceTooLong { len: 129, max: 128, field: "max_position_embeddings" }),
+        matches!(
+            err,
+            ModelError::SequenceTooLong {
+                len: 129,
+                max: 128,
+                field: "max_position_embeddings"
+            }
+        ),
         "{err}"
     );
     let ids = Tensor::new(&[[5u32, 6, 7]], &Device::Cpu)?;
     let types = Tensor::new(&[[0u32, 1, 2]], &Device::Cpu)?;
     let err = bert.forward_t(&ids, Some(&types), None, false).unwrap_err();
-    assert!(matches!(err, ModelError::TokenOutOfRange { what: "token type", id: 2, size: 2, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            ModelError::TokenOutOfRange {
+                what: "token type",
+                id: 2,
+                size: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
     let bad_mask = Tensor::ones((1, 4), DType::U32, &Device::Cpu)?;
     let err = bert.forward_t(&ids, None, Some(&bad_mask), false).unwrap_err();
-    assert!(matches!(err, ModelError::BadInput { name: "attention_mask", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            ModelError::BadInput {
+                name: "attention_mask",
+                ..
+            }
+        ),
+        "{err}"
+    );
     Ok(())
 }
 
@@ -186,10 +271,16 @@ fn sharded_and_unprefixed_checkpoints_load_identically() -> Result<()> {
         weight_map.insert(k.clone(), file.into());
         shards[i % 2].insert(k, t);
     }
-    shards[0].insert("h.0.attn.bias".into(), Tensor::ones((1, 1, 128, 128), DType::F32, &Device::Cpu)?);
+    shards[0].insert(
+        "h.0.attn.bias".into(),
+        Tensor::ones((1, 1, 128, 128), DType::F32, &Device::Cpu)?,
+    );
     shards[0].insert("h.0.attn.masked_bias".into(), Tensor::new(-1e4f32, &Device::Cpu)?);
     weight_map.insert("h.0.attn.bias".into(), "model-00001-of-00002.safetensors".into());
-    weight_map.insert("h.0.attn.masked_bias".into(), "model-00001-of-00002.safetensors".into());
+    weight_map.insert(
+        "h.0.attn.masked_bias".into(),
+        "model-00001-of-00002.safetensors".into(),
+    );
     for (i, s) in shards.iter().enumerate() {
         candle_core::safetensors::save(s, dir.join(format!("model-0000{}-of-00002.safetensors", i + 1)))?;
     }
@@ -198,11 +289,17 @@ fn sharded_and_unprefixed_checkpoints_load_identically() -> Result<()> {
 
     let (sharded, report) = GPT2LMHeadModel::from_dir(&dir, &LoadOptions::frozen())?;
     assert!(report.unused.is_empty(), "{:?}", report.unused);
-    assert_eq!(report.ignored, vec!["h.0.attn.bias".to_string(), "h.0.attn.masked_bias".to_string()]);
+    assert_eq!(
+        report.ignored,
+        vec!["h.0.attn.bias".to_string(), "h.0.attn.masked_bias".to_string()]
+    );
     let got = sharded.forward_t(&exp["input_ids"], Some(&exp["attention_mask"]), false)?;
     assert_eq!(max_abs(&got, &want)?, 0.0);
     // Names stay canonical (HF GPT2LMHeadModel keys) whatever the file used.
-    assert!(sharded.named_tensors().iter().all(|(k, _)| k.starts_with("transformer.")));
+    assert!(sharded
+        .named_tensors()
+        .iter()
+        .all(|(k, _)| k.starts_with("transformer.")));
 
     // A shard index pointing at a tensor its shard lacks is a named checkpoint error.
     let mut bad = index.clone();
@@ -218,7 +315,10 @@ fn sharded_and_unprefixed_checkpoints_load_identically() -> Result<()> {
 fn bert_model_reports_unused_head_and_classifier_head_is_initialised() -> Result<()> {
     // BertModel on a BertForSequenceClassification checkpoint: the classifier is unused.
     let (m, report) = BertModel::from_dir(fixture("tiny-bert-cls"), &LoadOptions::frozen())?;
-    assert_eq!(report.unused, vec!["classifier.bias".to_string(), "classifier.weight".to_string()]);
+    assert_eq!(
+        report.unused,
+        vec!["classifier.bias".to_string(), "classifier.weight".to_string()]
+    );
     assert!(m.pooler.is_some());
     assert!(m.named_tensors().iter().all(|(k, _)| !k.starts_with("bert.")));
 
@@ -227,21 +327,50 @@ fn bert_model_reports_unused_head_and_classifier_head_is_initialised() -> Result
     let mut map = load_map(&fixture("tiny-bert-cls/model.safetensors"))?;
     map.remove("classifier.weight");
     map.remove("classifier.bias");
-    let map: HashMap<String, Tensor> =
-        map.into_iter().map(|(k, t)| (k.strip_prefix("bert.").unwrap_or(&k).to_string(), t)).collect();
+    let map: HashMap<String, Tensor> = map
+        .into_iter()
+        .map(|(k, t)| (k.strip_prefix("bert.").unwrap_or(&k).to_string(), t))
+        .collect();
     candle_core::safetensors::save(&map, dir.join("model.safetensors"))?;
     let cfg = bert_cfg()?;
     let src = WeightSource::from_dir(&dir)?;
-    let opts = LoadOptions { init_seed: 7, ..LoadOptions::default() };
+    let opts = LoadOptions {
+        init_seed: 7,
+        ..LoadOptions::default()
+    };
     let (a, report) = BertForSequenceClassification::load(&cfg, &src, &opts, Some(5))?;
-    assert_eq!(report.initialised, vec!["classifier.weight".to_string(), "classifier.bias".to_string()]);
+    assert_eq!(
+        report.initialised,
+        vec!["classifier.weight".to_string(), "classifier.bias".to_string()]
+    );
     assert!(report.unused.is_empty());
     assert_eq!(a.classifier.weight.tensor().dims(), [5, 64]);
     let (b, _) = BertForSequenceClassification::load(&cfg, &src, &opts, Some(5))?;
-    assert_eq!(max_abs(a.classifier.weight.tensor(), b.classifier.weight.tensor())?, 0.0, "seeded init");
-    let std = a.classifier.weight.tensor().sqr()?.mean_all()?.sqrt()?.to_scalar::<f32>()?;
+    assert_eq!(
+        max_abs(a.classifier.weight.tensor(), b.classifier.weight.tensor())?,
+        0.0,
+        "seeded init"
+    );
+    let std = a
+        .classifier
+        .weight
+        .tensor()
+        .sqr()?
+        .mean_all()?
+        .sqrt()?
+        .to_scalar::<f32>()?;
     assert!((std - 0.02).abs() < 0.006, "init std {std}");
-    assert_eq!(a.classifier.bias.as_ref().unwrap().tensor().abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+    assert_eq!(
+        a.classifier
+            .bias
+            .as_ref()
+            .unwrap()
+            .tensor()
+            .abs()?
+            .sum_all()?
+            .to_scalar::<f32>()?,
+        0.0
+    );
     // Canonical names carry the HF `bert.` prefix even though the file had none.
     let names: Vec<String> = a.named_vars().into_iter().map(|(k, _)| k).collect();
     assert!(names.contains(&"bert.embeddings.word_embeddings.weight".to_string()));
@@ -255,7 +384,12 @@ fn trainable_choice_controls_vars_and_gradients() -> Result<()> {
     let exp = expected("tiny-bert-cls")?;
     let dir = fixture("tiny-bert-cls");
     let forward_loss = |m: &BertForSequenceClassification| -> Result<Tensor> {
-        let logits = m.forward_t(&exp["input_ids"], Some(&exp["token_type_ids"]), Some(&exp["attention_mask"]), false)?;
+        let logits = m.forward_t(
+            &exp["input_ids"],
+            Some(&exp["token_type_ids"]),
+            Some(&exp["attention_mask"]),
+            false,
+        )?;
         Ok(m.loss(&logits, &exp["labels"])?)
     };
 
@@ -266,17 +400,25 @@ fn trainable_choice_controls_vars_and_gradients() -> Result<()> {
     fn head_only(name: &str) -> bool {
         name.starts_with("classifier.")
     }
-    let opts = LoadOptions { trainable: Trainable::Only(head_only), ..LoadOptions::default() };
+    let opts = LoadOptions {
+        trainable: Trainable::Only(head_only),
+        ..LoadOptions::default()
+    };
     let (mut m, _) = BertForSequenceClassification::from_dir(&dir, &opts, None)?;
     let names: Vec<String> = m.named_vars().into_iter().map(|(k, _)| k).collect();
-    assert_eq!(names, vec!["classifier.weight".to_string(), "classifier.bias".to_string()]);
+    assert_eq!(
+        names,
+        vec!["classifier.weight".to_string(), "classifier.bias".to_string()]
+    );
     assert_eq!(m.num_trainable(), 3 * 64 + 3);
     let grads = forward_loss(&m)?.backward()?;
     for (name, v) in m.named_vars() {
         assert!(grads.get(&v).is_some(), "{name}");
     }
     // Frozen weights are plain tensors: the gradient store never holds them.
-    assert!(grads.get(m.bert.embeddings.word_embeddings.weight.tensor()).is_none());
+    assert!(grads
+        .get(m.bert.embeddings.word_embeddings.weight.tensor())
+        .is_none());
 
     // Switch to full fine-tuning in place; same values, now all trainable.
     let before = forward_loss(&m)?.to_scalar::<f32>()?;
@@ -302,12 +444,46 @@ fn dropout_is_active_only_in_training() -> Result<()> {
     let eval2 = m.forward_t(ids, None, false)?;
     assert_eq!(max_abs(&eval1, &eval2)?, 0.0);
     let (train, loss) = m.forward_with_loss(ids, None, true)?;
-    assert!(max_abs(&train, &eval1)? > 1e-3, "dropout had no effect in training");
+    assert!(
+        max_abs(&train, &eval1)? > 1e-3,
+        "dropout had no effect in training"
+    );
     // Gradients flow through the dropout masks into every parameter.
     let grads = loss.backward()?;
     for (name, v) in m.named_vars() {
-        let g = grads.get(&v).ok_or_else(|| anyhow::anyhow!("no grad for {name}"))?;
+        let g = grads
+            .get(&v)
+            .ok_or_else(|| anyhow::anyhow!("no grad for {name}"))?;
         assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0, "{name}");
     }
+    Ok(())
+}
+
+#[test]
+fn pytorch_bin_loads_the_same_weights() -> Result<()> {
+    let bin = WeightSource::from_dir(fixture("tiny-gpt2-pth"))?;
+    let st = WeightSource::from_file(fixture("tiny-gpt2/model.safetensors"))?;
+    assert_eq!(bin.keys(), st.keys());
+    for k in st.keys() {
+        assert_eq!(max_abs(bin.get(k).unwrap(), st.get(k).unwrap())?, 0.0, "{k}");
+    }
+    let exp = expected("tiny-gpt2")?;
+    let (a, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2-pth"), &LoadOptions::frozen())?;
+    let (b, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
+    let la = a.forward_t(&exp["input_ids"], Some(&exp["attention_mask"]), false)?;
+    let lb = b.forward_t(&exp["input_ids"], Some(&exp["attention_mask"]), false)?;
+    assert_eq!(max_abs(&la, &lb)?, 0.0);
+
+    // A truncated .bin is a named checkpoint error.
+    let dir = tmpdir("badbin")?;
+    let bytes = std::fs::read(fixture("tiny-gpt2-pth/pytorch_model.bin"))?;
+    let p = dir.join("pytorch_model.bin");
+    std::fs::write(&p, &bytes[..bytes.len() / 2])?;
+    let err = WeightSource::from_file(&p).unwrap_err();
+    assert!(
+        matches!(&err, ModelError::Checkpoint { path, .. } if *path == p),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

@@ -51,11 +51,14 @@ struct Reference {
 
 fn reference() -> Result<Reference> {
     let text = std::fs::read_to_string(fixture("minilm-reference.json"))?;
-    Ok(serde_json::from_str(&text).context("minilm-reference.json")?)
+    serde_json::from_str(&text).context("minilm-reference.json")
 }
 
 /// Token ids and attention mask, padded to the longest sentence.
-fn tokenize(dir: &Path, sentences: &[String]) -> Result<(Vec<Vec<u32>>, Vec<Vec<u32>>)> {
+/// Rows of token ids (or mask values), one per sentence.
+type Rows = Vec<Vec<u32>>;
+
+fn tokenize(dir: &Path, sentences: &[String]) -> Result<(Rows, Rows)> {
     let mut tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).map_err(anyhow::Error::msg)?;
     tok.with_padding(None);
     tok.with_truncation(None).map_err(anyhow::Error::msg)?;
@@ -65,8 +68,14 @@ fn tokenize(dir: &Path, sentences: &[String]) -> Result<(Vec<Vec<u32>>, Vec<Vec<
         .collect::<std::result::Result<_, _>>()
         .map_err(anyhow::Error::msg)?;
     let len = enc.iter().map(Vec::len).max().unwrap_or(0);
-    let ids = enc.iter().map(|e| e.iter().copied().chain(std::iter::repeat(0)).take(len).collect()).collect();
-    let mask = enc.iter().map(|e| (0..len).map(|i| u32::from(i < e.len())).collect()).collect();
+    let ids = enc
+        .iter()
+        .map(|e| e.iter().copied().chain(std::iter::repeat(0)).take(len).collect())
+        .collect();
+    let mask = enc
+        .iter()
+        .map(|e| (0..len).map(|i| u32::from(i < e.len())).collect())
+        .collect();
     Ok((ids, mask))
 }
 
@@ -80,7 +89,10 @@ fn assert_close(name: &str, got: &[f64], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len(), "{name}: length");
     let mut worst = 0f64;
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!((g - w).abs() <= TOL * w.abs().max(1.0), "{name}[{i}]: {g} vs reference {w}");
+        assert!(
+            (g - w).abs() <= TOL * w.abs().max(1.0),
+            "{name}[{i}]: {g} vs reference {w}"
+        );
         worst = worst.max((g - w).abs());
     }
     worst
@@ -108,14 +120,23 @@ fn minilm_matches_reference_and_candle_transformers() -> Result<()> {
     // Hidden-state values at token 0.
     let mut worst = 0f64;
     for (b, want) in r.token0_first8.iter().enumerate() {
-        let got: Vec<f64> = h.get(b)?.get(0)?.narrow(0, 0, 8)?.to_dtype(DType::F64)?.to_vec1()?;
+        let got: Vec<f64> = h
+            .get(b)?
+            .get(0)?
+            .narrow(0, 0, 8)?
+            .to_dtype(DType::F64)?
+            .to_vec1()?;
         worst = worst.max(assert_close(&format!("hidden[{b}][0][..8]"), &got, want));
     }
     // Mean |h| over unpadded tokens.
     let m = mask_t.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?; // [3, 17, 1]
     let counts = m.sum(1)?; // [3, 1]
     let abs_mean = (h.abs()?.broadcast_mul(&m)?.sum(1)?.sum(1)? / (counts.squeeze(1)? * 384.0)?)?;
-    worst = worst.max(assert_close("abs_mean", &abs_mean.to_dtype(DType::F64)?.to_vec1()?, &r.abs_mean));
+    worst = worst.max(assert_close(
+        "abs_mean",
+        &abs_mean.to_dtype(DType::F64)?.to_vec1()?,
+        &r.abs_mean,
+    ));
     // Mean-pooled, L2-normalised embeddings and their cosine matrix.
     let pooled = h.broadcast_mul(&m)?.sum(1)?.broadcast_div(&counts)?; // [3, 384]
     let norm = pooled.sqr()?.sum_keepdim(1)?.sqrt()?;

@@ -37,9 +37,15 @@ fn tiny_gpt2_matches_pytorch() -> Result<()> {
     let vars: HashMap<String, _> = model.named_vars().into_iter().collect();
     let mut checked = 0;
     for (k, want) in &exp {
-        let Some(name) = k.strip_prefix("grad.") else { continue };
-        let var = vars.get(name).with_context(|| format!("no trainable parameter {name}"))?;
-        let got = grads.get(var).with_context(|| format!("no gradient for {name}"))?;
+        let Some(name) = k.strip_prefix("grad.") else {
+            continue;
+        };
+        let var = vars
+            .get(name)
+            .with_context(|| format!("no trainable parameter {name}"))?;
+        let got = grads
+            .get(var)
+            .with_context(|| format!("no gradient for {name}"))?;
         let e = rel_err(got, want)?;
         eprintln!("grad {name}: rel err {e:.2e}");
         assert!(e < TOL, "grad {name}: rel err {e:e}");
