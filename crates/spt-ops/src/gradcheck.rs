@@ -95,7 +95,7 @@ where
             };
             let numeric = (probe(cfg.eps)? - probe(-cfg.eps)?) / (2.0 * cfg.eps);
             let err = (analytic[e] - numeric).abs();
-            if !(err <= cfg.atol + cfg.rtol * numeric.abs()) {
+            if err.is_nan() || err > cfg.atol + cfg.rtol * numeric.abs() {
                 bail!(
                     "gradcheck: input {i} {:?}, element {e}: analytic {} vs numeric {numeric} (|Δ| = {err:e})",
                     x.dims(),

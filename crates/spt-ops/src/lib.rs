@@ -6,13 +6,22 @@
 //!
 //! - [`norm`]: `layer_norm` and `softmax` over the last dimension.
 //! - [`activation`]: GELU (erf and tanh) and ReLU with backward.
+//! - [`attention`]: masks and the dense attention baseline.
 //! - [`pq`]: product-quantisation codebooks and ADC top-k key selection.
-//! - [`sparse_attention`]: attention over the selected keys only, plus the dense baseline.
+//! - [`sparse_attention`]: attention over the selected keys only.
 
 pub mod activation;
+pub mod attention;
 pub mod gradcheck;
 pub mod norm;
+pub mod pq;
+mod simd;
+pub mod sparse_attention;
 mod util;
 
 pub use activation::{gelu_erf, gelu_tanh, Activation};
+pub use attention::{dense_attention, AttentionMask};
 pub use norm::{layer_norm, softmax_last_dim};
+pub use pq::{pq_sparse_attention, select_keys, Codebook, KeySelection, PqConfig, Refresh, TopK};
+pub use simd::simd_path;
+pub use sparse_attention::sparse_attention;

@@ -22,7 +22,7 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
             beta.dims()
         );
     }
-    if !(eps > 0.0) {
+    if eps.is_nan() || eps <= 0.0 {
         bail!("layer_norm: eps must be positive, got {eps}");
     }
     x.contiguous()?

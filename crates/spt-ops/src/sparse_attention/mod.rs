@@ -1,0 +1,259 @@
+//! Sparse attention over selected keys: `o_i = Σ_{j∈sel(i)} softmax_j(scale·q_i·k_j) v_j`.
+//!
+//! The fused CPU kernel computes the scores (SDDMM), a max-subtracted softmax and the weighted
+//! sum (SpMM) in one pass per row and keeps only the row log-sum-exp for backward, so what
+//! backward holds beyond q, k, v and o is O(B·H·L·k): the selection indices and `lse`.
+
+mod cpu;
+pub mod reference;
+
+use crate::pq::KeySelection;
+use crate::simd::Vector;
+use crate::util::{check_float, check_same, contiguous, with_cpu};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use cpu::Dims;
+use std::sync::Mutex;
+
+pub use crate::attention::{dense_attention, AttentionMask};
+pub use reference::sparse_attention_reference;
+
+/// Sparse attention of `q [B, H, L_q, d]` over the keys `k [B, H, L_k, d]` / values
+/// `v [B, H, L_k, d_v]` listed in `sel`, with softmax scale `scale` (usually `1/√d`).
+/// Differentiable in q, k and v; the selection is a constant.
+pub fn sparse_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    sel: &KeySelection,
+    scale: f64,
+) -> Result<Tensor> {
+    let op = "sparse_attention";
+    check_float(op, "q", q.dtype())?;
+    check_same(op, &[("q", q), ("k", k), ("v", v)])?;
+    let shape_err = || {
+        candle_core::Error::Msg(format!(
+            "{op}: expected q [B, H, L_q, d], k [B, H, L_k, d], v [B, H, L_k, d_v]; got q {:?}, k {:?}, v {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        ))
+    };
+    let (b, h, lq, d) = q.dims4().map_err(|_| shape_err())?;
+    let (kb, kh, lk, kd) = k.dims4().map_err(|_| shape_err())?;
+    let (vb, vh, vl, dv) = v.dims4().map_err(|_| shape_err())?;
+    if (kb, kh, kd) != (b, h, d) || (vb, vh, vl) != (b, h, lk) || d == 0 || dv == 0 {
+        return Err(shape_err());
+    }
+    let kk = sel.k();
+    if sel.indices.dtype() != DType::U32 || sel.indices.dims() != [b, h, lq, kk] {
+        bail!(
+            "{op}: selection indices are {:?} {:?}, expected u32 [B, H, L_q, k] = [{b}, {h}, {lq}, k] for q {:?}",
+            sel.indices.dims(),
+            sel.indices.dtype(),
+            q.dims()
+        );
+    }
+    if kk == 0 {
+        bail!(
+            "{op}: the selection has k = 0 keys per row, expected k ≥ 1 (q {:?})",
+            q.dims()
+        );
+    }
+    if !sel.indices.device().same_device(q.device()) {
+        bail!(
+            "{op}: the selection is on {:?} but q is on {:?}",
+            sel.indices.device().location(),
+            q.device().location()
+        );
+    }
+    for (name, t) in [("q", q), ("k", k), ("v", v), ("selection indices", &sel.indices)] {
+        if !t.is_contiguous() {
+            bail!(
+                "{op}: {name} {:?} is not contiguous (strides {:?}); call .contiguous() first",
+                t.dims(),
+                t.stride()
+            );
+        }
+    }
+    // Out-of-range indices would read another head's keys: reject them up front.
+    let max = sel
+        .indices
+        .flatten_all()?
+        .to_vec1::<u32>()?
+        .into_iter()
+        .filter(|&j| j != crate::pq::SENTINEL)
+        .max();
+    if let Some(j) = max.filter(|&j| j as usize >= lk) {
+        bail!("{op}: selection holds key index {j}, but k has only L_k = {lk} keys");
+    }
+    let dims = Dims {
+        bh: b * h,
+        lq,
+        lk,
+        d,
+        dv,
+        kk,
+    };
+    q.apply_op3(
+        k,
+        v,
+        SparseAttention {
+            indices: sel.indices.clone(),
+            dims,
+            scale,
+            lse: Mutex::new(None),
+        },
+    )
+}
+
+/// The forward op. The selection rides along as a non-differentiable field; `lse` is filled by
+/// the forward for the backward.
+pub struct SparseAttention {
+    indices: Tensor,
+    dims: Dims,
+    scale: f64,
+    lse: Mutex<Option<Tensor>>,
+}
+
+fn indices_u32(t: &Tensor) -> Result<Vec<u32>> {
+    with_cpu::<u32, _>("sparse_attention", t, |s| Ok(s.to_vec()))
+}
+
+impl CustomOp3 for SparseAttention {
+    fn name(&self) -> &'static str {
+        "sparse_attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = "sparse_attention";
+        let idx = indices_u32(&self.indices)?;
+        let n = self.dims;
+        let (b, h) = (l1.dims()[0], l1.dims()[1]);
+        macro_rules! run {
+            ($t:ty, $variant:ident) => {{
+                let (o, lse) = cpu::forward::<$t>(
+                    contiguous(op, "q", s1, l1)?,
+                    contiguous(op, "k", s2, l2)?,
+                    contiguous(op, "v", s3, l3)?,
+                    &idx,
+                    n,
+                    self.scale as $t,
+                );
+                let lse = Tensor::from_vec(lse, (b, h, n.lq), &candle_core::Device::Cpu)?;
+                *self
+                    .lse
+                    .lock()
+                    .map_err(|_| candle_core::Error::Msg(format!("{op}: poisoned lock")))? = Some(lse);
+                CpuStorage::$variant(o)
+            }};
+        }
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => run!(f32, F32),
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => run!(f64, F64),
+            _ => bail!("{op}: q, k and v must all be f32 or all f64"),
+        };
+        Ok((out, Shape::from((b, h, n.lq, n.dv))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let lse = self
+            .lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("sparse_attention: poisoned lock".into()))?
+            .clone();
+        let Some(lse) = lse else {
+            bail!("sparse_attention: backward called before forward")
+        };
+        let (dq, dk, dv) = sparse_attention_backward(q, k, v, o, &lse, grad, &self.indices, self.scale)?;
+        let keep = |t: &Tensor, g: Tensor| if t.track_op() { Some(g) } else { None };
+        Ok((keep(q, dq), keep(k, dk), keep(v, dv)))
+    }
+}
+
+/// The exact backward as a plain function (testable alone): `(dq, dk, dv)` given the forward's
+/// output `o`, its row log-sum-exp `lse [B, H, L_q]` and the upstream gradient `grad`.
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    grad: &Tensor,
+    indices: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let op = "sparse_attention_backward";
+    let (b, h, lq, d) = q.dims4()?;
+    let (lk, dv) = (k.dim(2)?, v.dim(3)?);
+    let kk = indices.dim(3)?;
+    let n = Dims {
+        bh: b * h,
+        lq,
+        lk,
+        d,
+        dv,
+        kk,
+    };
+    if grad.dims() != o.dims() {
+        bail!("{op}: grad is {:?} but the output is {:?}", grad.dims(), o.dims());
+    }
+    let idx = indices_u32(indices)?;
+    let dev = q.device();
+    if !matches!(&*q.storage_and_layout().0, Storage::Cpu(_)) {
+        bail!("{op}: only the CPU backward is available in this build");
+    }
+    macro_rules! run {
+        ($t:ty) => {{
+            let f = |t: &Tensor| with_cpu::<$t, _>(op, t, |s| Ok(s.to_vec()));
+            let (dq, dk, dvv) = cpu::backward::<$t>(
+                &f(q)?,
+                &f(k)?,
+                &f(v)?,
+                &f(o)?,
+                &f(&lse.to_dtype(q.dtype())?)?,
+                &f(grad)?,
+                &idx,
+                n,
+                scale as $t,
+            );
+            Ok((
+                Tensor::from_vec(dq, q.shape(), dev)?,
+                Tensor::from_vec(dk, k.shape(), dev)?,
+                Tensor::from_vec(dvv, v.shape(), dev)?,
+            ))
+        }};
+    }
+    match q.dtype() {
+        DType::F32 => run!(f32),
+        DType::F64 => run!(f64),
+        dt => bail!("{op}: unsupported dtype {dt:?}"),
+    }
+}
+
+/// Bytes the sparse op keeps for backward beyond its inputs and output: indices + row lse.
+pub fn sparse_saved_bytes(b: usize, h: usize, l: usize, k: usize, elem: usize) -> usize {
+    b * h * l * (4 * k + elem)
+}
+
+#[allow(dead_code)]
+fn _assert_vector_impls() {
+    fn f<T: Vector>() {}
+    f::<f32>();
+    f::<f64>();
+}

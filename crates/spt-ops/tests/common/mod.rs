@@ -1,0 +1,62 @@
+//! Helpers shared by the spt-ops integration tests.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+/// Seeded uniform tensor in [-a, a].
+pub fn uniform(shape: &[usize], a: f64, seed: u64, dtype: DType) -> Result<Tensor> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| rng.random_range(-a..=a)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)
+}
+
+/// Random key-padding mask [b, l] with at least one kept key per batch unless `allow_empty`.
+pub fn padding(b: usize, l: usize, seed: u64, allow_empty: bool) -> Result<Tensor> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut v = vec![0u8; b * l];
+    for bi in 0..b {
+        for j in 0..l {
+            v[bi * l + j] = rng.random_bool(0.7) as u8;
+        }
+        if !allow_empty && l > 0 && v[bi * l..(bi + 1) * l].iter().all(|&x| x == 0) {
+            v[bi * l + rng.random_range(0..l)] = 1;
+        }
+    }
+    Tensor::from_vec(v, (b, l), &Device::Cpu)
+}
+
+/// Max |a − b| over all elements.
+pub fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+    assert_eq!(a.dims(), b.dims());
+    a.to_dtype(DType::F64)?
+        .sub(&b.to_dtype(DType::F64)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f64>()
+}
+
+/// Output and input gradients of `Σ f(q, k, v) ⊙ w`.
+pub fn fwd_bwd(
+    f: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    w: &Tensor,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let vars = [Var::from_tensor(q)?, Var::from_tensor(k)?, Var::from_tensor(v)?];
+    let out = f(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor())?;
+    let grads = out.mul(w)?.sum_all()?.backward()?;
+    let g = vars
+        .iter()
+        .map(|x| {
+            grads
+                .get(x.as_tensor())
+                .cloned()
+                .map_or_else(|| x.as_tensor().zeros_like(), Ok)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((out, g))
+}
