@@ -5,17 +5,19 @@
 //! [`AttentionCore::forward_t`] with a [`PreparedMask`] built once per forward pass. The dense core
 //! is `softmax(scale·q·kᵀ + mask)·v` with dropout on the probabilities; its softmax is spt-ops'
 //! differentiable one (candle's `softmax_last_dim` has no backward).
+//!
+//! The sparse core ([`SparseAttention`]) encodes the keys with a product-quantisation codebook,
+//! keeps the top-k keys per query by ADC score (under the same causal / padding mask), and runs
+//! spt-ops' `sparse_attention` over them. It has no attention-probability dropout (the op keeps
+//! only the row log-sum-exp for backward); the model's other dropouts still apply.
 
 use crate::error::{ModelError, Result};
 use crate::layers::Dropout;
 use candle_core::{DType, Device, Tensor};
+use spt_ops::pq::{Codebook, PqConfig, TopK};
 
-/// Which keys each query may attend to. `key_padding`: `[B, L]`, nonzero = attend.
-#[derive(Debug, Clone, Default)]
-pub struct AttentionMask {
-    pub causal: bool,
-    pub key_padding: Option<Tensor>,
-}
+/// Which keys each query may attend to (`key_padding`: `[B, L]`, nonzero = attend); spt-ops' type.
+pub use spt_ops::AttentionMask;
 
 /// An [`AttentionMask`] plus its additive form for dense attention, computed once per forward.
 #[derive(Debug, Clone)]
@@ -101,10 +103,60 @@ impl DenseAttention {
     }
 }
 
-/// The per-layer attention slot. Phase 2 adds `Sparse` (PQ key selection + sparse attention op).
+/// PQ-selected sparse attention: each query attends to its `top_k` keys of largest ADC score.
+#[derive(Debug, Clone)]
+pub struct SparseAttention {
+    pub codebook: Codebook,
+    /// Keys kept per query; a count above the sequence length keeps every allowed key.
+    pub top_k: TopK,
+}
+
+impl SparseAttention {
+    /// Fits the codebook to sample keys `[B, H, L, d]` (k-means++ and Lloyd, seeded by `pq.seed`).
+    pub fn fit(keys: &Tensor, pq: &PqConfig, top_k: TopK) -> Result<Self> {
+        Ok(Self {
+            codebook: Codebook::fit(keys, pq)?,
+            top_k,
+        })
+    }
+
+    /// The top-k for `lk` keys (counts are clamped to `lk`).
+    pub fn resolve_top_k(&self, lk: usize) -> TopK {
+        match self.top_k {
+            TopK::Count(k) if k > lk => TopK::Count(lk),
+            t => t,
+        }
+    }
+
+    /// `q, k, v: [B, H, L, d]` → `[B, H, L, d]`. Rows with no allowed key give zeros.
+    pub fn forward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &AttentionMask,
+        scale: f64,
+    ) -> Result<Tensor> {
+        let lk = k.dim(2)?;
+        Ok(spt_ops::pq_sparse_attention(
+            q,
+            k,
+            v,
+            &self.codebook,
+            self.resolve_top_k(lk),
+            mask,
+            scale,
+        )?)
+    }
+}
+
+/// The per-layer attention slot.
 #[derive(Debug, Clone)]
 pub enum AttentionCore {
+    /// `softmax(scale·q·kᵀ + mask)·v` with attention dropout.
     Dense(DenseAttention),
+    /// PQ key selection + sparse attention.
+    Sparse(SparseAttention),
 }
 
 impl AttentionCore {
@@ -127,13 +179,25 @@ impl AttentionCore {
     ) -> Result<Tensor> {
         match self {
             Self::Dense(d) => d.forward_t(q, k, v, mask, scale, train),
+            Self::Sparse(s) => s.forward(q, k, v, &mask.mask, scale),
         }
     }
 
-    /// Short name for reports ("dense").
+    /// How this slot is accounted in [`crate::memory::activation_bytes`] for `seq_len` keys.
+    pub fn cost(&self, seq_len: usize) -> crate::memory::AttentionCost {
+        match self {
+            Self::Dense(_) => crate::memory::AttentionCost::Dense,
+            Self::Sparse(s) => crate::memory::AttentionCost::Sparse {
+                k: s.resolve_top_k(seq_len).resolve(seq_len).unwrap_or(seq_len),
+            },
+        }
+    }
+
+    /// Short name for reports ("dense" / "sparse").
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Dense(_) => "dense",
+            Self::Sparse(_) => "sparse",
         }
     }
 }

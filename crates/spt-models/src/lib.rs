@@ -7,6 +7,7 @@
 //!   `pytorch_model.bin`), [`Param`] (trainable `Var` or frozen tensor, with its HF name),
 //!   [`LoadOptions`] and the [`LoadReport`] of unused / ignored / initialised tensors.
 //! - [`attention`] and [`ffn`]: the per-layer slots ([`AttentionCore`], [`FeedForward`]).
+//! - [`sparsify`]: converts a loaded model in place (sparse attention, routed FFN, LoRA).
 //! - [`memory`]: bytes of activations kept for backward per layer, dense vs sparse.
 //!
 //! Everything trainable uses spt-ops' differentiable `layer_norm` and `softmax` and a real
@@ -19,13 +20,22 @@ pub mod ffn;
 pub mod gpt2;
 pub mod layers;
 pub mod memory;
+pub mod sparsify;
 pub mod weights;
 
-pub use attention::{AttentionCore, AttentionMask, DenseAttention, PreparedMask};
+pub use attention::{AttentionCore, AttentionMask, DenseAttention, PreparedMask, SparseAttention};
 pub use bert::{BertConfig, BertForSequenceClassification, BertModel};
 pub use error::{ModelError, Result};
 pub use ffn::{DenseFfn, FeedForward};
 pub use gpt2::{lm_loss, GPT2Config, GPT2LMHeadModel, GPT2Model};
 pub use layers::{Dropout, Embedding, LayerNorm, Linear, WeightLayout};
-pub use memory::{activation_bytes, ActivationBytes, AttentionCost, FfnCost, LayerShape};
+pub use memory::{
+    activation_bytes, ActivationAccounting, ActivationBytes, AttentionCost, FfnCost, LayerShape,
+};
+pub use sparsify::{
+    sparsify, CalibrationBatch, LayerSelection, LoraTarget, SparseAttentionConfig, SparsifyReport, SptConfig,
+    SptModel,
+};
+/// spt-ops' PQ types used in [`SptConfig`].
+pub use spt_ops::pq;
 pub use weights::{LoadOptions, LoadReport, NamedParams, Param, Trainable, WeightSource};

@@ -4,8 +4,10 @@
 //! spt's ops aim at), per layer and per batch, in the parameter dtype:
 //! - layer input (for q/k/v weight grads): `B·L·E`;
 //! - q, k, v: `3·B·L·E`;
-//! - attention probabilities: dense `B·H·L·L`; sparse `B·H·L·k` plus the selected indices
-//!   (u32, `B·H·L·k`); plus a dropout mask of the same size when attention dropout is on;
+//! - attention: dense keeps the probabilities `B·H·L·L` (plus a dropout mask of the same size
+//!   when attention dropout is on); sparse keeps the selected key indices (u32, `B·H·L·k`) and
+//!   one log-sum-exp per row (`B·H·L`), as spt-ops' `sparse_attention` does (it has no
+//!   attention dropout);
 //! - context (input of the output projection): `B·L·E`;
 //! - two layer-norm inputs and the FFN input: `3·B·L·E`;
 //! - FFN hidden pre- and post-activation: `2·B·L·F` (routed: only the active fraction);
@@ -75,10 +77,7 @@ pub fn activation_bytes(s: &LayerShape, attn: AttentionCost, ffn: FfnCost) -> Ac
     let rows = s.batch * s.heads * s.seq_len;
     let attention_scores = match attn {
         AttentionCost::Dense => rows * s.seq_len * s.dtype_bytes * if s.dropout { 2 } else { 1 },
-        AttentionCost::Sparse { k } => {
-            let k = k.min(s.seq_len);
-            rows * k * (s.dtype_bytes * if s.dropout { 2 } else { 1 } + 4)
-        }
+        AttentionCost::Sparse { k } => rows * (4 * k.min(s.seq_len) + s.dtype_bytes),
     };
     let f = match ffn {
         FfnCost::Dense => tok * s.intermediate,
@@ -94,4 +93,11 @@ pub fn activation_bytes(s: &LayerShape, attn: AttentionCost, ffn: FfnCost) -> Ac
         ffn: 2 * f * s.dtype_bytes,
         other: (3 + if s.dropout { 2 } else { 0 }) * e * s.dtype_bytes,
     }
+}
+
+/// Per-layer accounting of a model's current slots (dense or sparse attention, dense or routed
+/// FFN), for a batch of `batch × seq_len` tokens.
+pub trait ActivationAccounting {
+    /// One entry per layer, in order.
+    fn activation_bytes_per_layer(&self, batch: usize, seq_len: usize, train: bool) -> Vec<ActivationBytes>;
 }

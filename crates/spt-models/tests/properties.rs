@@ -114,10 +114,15 @@ fn activation_bytes_dense_vs_sparse() {
             top_k: 2,
         },
     );
-    assert_eq!(sparse.attention_scores, 2 * 12 * 512 * 64 * (4 + 4));
+    // u32 indices for 64 keys per row plus one log-sum-exp per row, as the op keeps.
+    assert_eq!(sparse.attention_scores, 2 * 12 * 512 * (64 * 4 + 4));
+    assert_eq!(
+        sparse.attention_scores,
+        spt_ops::sparse_attention::sparse_saved_bytes(2, 12, 512, 64, 4)
+    );
     assert_eq!(sparse.ffn, 2 * tok * 384 * 2 * 4);
     assert!(sparse.total() < dense.total());
-    // k ≥ L costs no less than dense scores (plus indices), and all blocks equal the dense FFN.
+    // k ≥ L is clamped to L; all blocks cost what the dense FFN costs.
     let full = activation_bytes(
         &s,
         AttentionCost::Sparse { k: 4096 },
@@ -127,7 +132,7 @@ fn activation_bytes_dense_vs_sparse() {
         },
     );
     assert_eq!(full.ffn, dense.ffn);
-    assert_eq!(full.attention_scores, 2 * dense.attention_scores);
+    assert_eq!(full.attention_scores, 2 * 12 * 512 * (512 * 4 + 4));
 
     // Dropout keeps its masks too.
     let with_drop = activation_bytes(
