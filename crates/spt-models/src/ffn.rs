@@ -146,6 +146,8 @@ impl RoutedFeedForward {
 }
 
 /// The per-layer FFN slot.
+// One per layer, so the variants' size difference costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum FeedForward {
     /// `fc2(act(fc1(x)))`.
