@@ -8,6 +8,21 @@ pub(crate) trait Vector: Float {
     fn dot(a: &[Self], b: &[Self]) -> Self;
     /// `y += alpha · x`
     fn axpy(alpha: Self, x: &[Self], y: &mut [Self]);
+    /// Four inner products sharing `a`: one pass over `a`, one horizontal reduction.
+    fn dot4(a: &[Self], b: [&[Self]; 4]) -> [Self; 4] {
+        [
+            Self::dot(a, b[0]),
+            Self::dot(a, b[1]),
+            Self::dot(a, b[2]),
+            Self::dot(a, b[3]),
+        ]
+    }
+    /// `y += Σ_r alpha[r] · x[r]`: one load and store of `y` for four rows.
+    fn axpy4(alpha: [Self; 4], x: [&[Self]; 4], y: &mut [Self]) {
+        for r in 0..4 {
+            Self::axpy(alpha[r], x[r], y);
+        }
+    }
 }
 
 impl Vector for f64 {
@@ -42,6 +57,31 @@ impl Vector for f32 {
         }
         for (y, x) in y.iter_mut().zip(x) {
             *y += alpha * x;
+        }
+    }
+    #[inline]
+    fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: AVX2 and FMA were detected on this CPU.
+            return unsafe { avx2::dot4(a, b) };
+        }
+        [
+            dot_scalar(a, b[0]),
+            dot_scalar(a, b[1]),
+            dot_scalar(a, b[2]),
+            dot_scalar(a, b[3]),
+        ]
+    }
+    #[inline]
+    fn axpy4(alpha: [f32; 4], x: [&[f32]; 4], y: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: AVX2 and FMA were detected on this CPU.
+            return unsafe { avx2::axpy4(alpha, x, y) };
+        }
+        for r in 0..4 {
+            Self::axpy(alpha[r], x[r], y);
         }
     }
 }
@@ -117,6 +157,66 @@ mod avx2 {
             i += 1;
         }
         s
+    }
+
+    /// Horizontal sum of one 8-lane register.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s4 = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
+        let n = b.iter().fold(a.len(), |n, x| n.min(x.len()));
+        let pa = a.as_ptr();
+        let pb = [b[0].as_ptr(), b[1].as_ptr(), b[2].as_ptr(), b[3].as_ptr()];
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 8 <= n {
+            let va = _mm256_loadu_ps(pa.add(i));
+            for r in 0..4 {
+                acc[r] = _mm256_fmadd_ps(va, _mm256_loadu_ps(pb[r].add(i)), acc[r]);
+            }
+            i += 8;
+        }
+        let mut out = [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])];
+        while i < n {
+            for r in 0..4 {
+                out[r] += *pa.add(i) * *pb[r].add(i);
+            }
+            i += 1;
+        }
+        out
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy4(alpha: [f32; 4], x: [&[f32]; 4], y: &mut [f32]) {
+        let n = x.iter().fold(y.len(), |n, r| n.min(r.len()));
+        let py = y.as_mut_ptr();
+        let px = [x[0].as_ptr(), x[1].as_ptr(), x[2].as_ptr(), x[3].as_ptr()];
+        let va = [
+            _mm256_set1_ps(alpha[0]),
+            _mm256_set1_ps(alpha[1]),
+            _mm256_set1_ps(alpha[2]),
+            _mm256_set1_ps(alpha[3]),
+        ];
+        let mut i = 0;
+        while i + 8 <= n {
+            let mut acc = _mm256_loadu_ps(py.add(i));
+            for r in 0..4 {
+                acc = _mm256_fmadd_ps(va[r], _mm256_loadu_ps(px[r].add(i)), acc);
+            }
+            _mm256_storeu_ps(py.add(i), acc);
+            i += 8;
+        }
+        while i < n {
+            for r in 0..4 {
+                *py.add(i) += alpha[r] * *px[r].add(i);
+            }
+            i += 1;
+        }
     }
 
     #[target_feature(enable = "avx2,fma")]

@@ -62,11 +62,24 @@ pub(crate) fn forward<T: Vector>(
                 let qi = &q[row * d..(row + 1) * d];
                 let kb = &k[bh * lk * d..(bh + 1) * lk * d];
                 let vb = &v[bh * lk * dv..(bh + 1) * lk * dv];
+                let krow = |j: u32| &kb[j as usize * d..(j as usize + 1) * d];
+                let vrow = |j: u32| &vb[j as usize * dv..(j as usize + 1) * dv];
+                let mut t = 0;
+                while t + 4 <= m {
+                    let x = T::dot4(
+                        qi,
+                        [krow(ids[t]), krow(ids[t + 1]), krow(ids[t + 2]), krow(ids[t + 3])],
+                    );
+                    s[t..t + 4].copy_from_slice(&x);
+                    t += 4;
+                }
+                for t in t..m {
+                    s[t] = T::dot(qi, krow(ids[t]));
+                }
                 let mut max = T::neg_infinity();
-                for (t, &j) in ids[..m].iter().enumerate() {
-                    let j = j as usize;
-                    s[t] = scale * T::dot(qi, &kb[j * d..(j + 1) * d]);
-                    max = max.max(s[t]);
+                for st in s[..m].iter_mut() {
+                    *st = *st * scale;
+                    max = max.max(*st);
                 }
                 let mut sum = T::zero();
                 for st in s[..m].iter_mut() {
@@ -74,9 +87,18 @@ pub(crate) fn forward<T: Vector>(
                     sum = sum + *st;
                 }
                 let inv = sum.recip();
-                for (t, &j) in ids[..m].iter().enumerate() {
-                    let j = j as usize;
-                    T::axpy(s[t] * inv, &vb[j * dv..(j + 1) * dv], oi);
+                let mut t = 0;
+                while t + 4 <= m {
+                    let a = [s[t] * inv, s[t + 1] * inv, s[t + 2] * inv, s[t + 3] * inv];
+                    T::axpy4(
+                        a,
+                        [vrow(ids[t]), vrow(ids[t + 1]), vrow(ids[t + 2]), vrow(ids[t + 3])],
+                        oi,
+                    );
+                    t += 4;
+                }
+                for t in t..m {
+                    T::axpy(s[t] * inv, vrow(ids[t]), oi);
                 }
                 *lse_i = max + sum.ln();
             }
@@ -137,13 +159,26 @@ pub(crate) fn backward<T: Vector>(
                     let delta = T::dot(gi, &o[row * dv..(row + 1) * dv]);
                     let kb = &k[bh * lk * d..(bh + 1) * lk * d];
                     let vb = &v[bh * lk * dv..(bh + 1) * lk * dv];
-                    for (t, &j) in ids[..m].iter().enumerate() {
-                        let j = j as usize;
-                        let kj = &kb[j * d..(j + 1) * d];
-                        let pij = (scale * T::dot(qi, kj) - lse[row]).exp();
-                        let dp = T::dot(gi, &vb[j * dv..(j + 1) * dv]);
-                        pi[t] = pij;
-                        dsi[t] = pij * (dp - delta);
+                    let krow = |t: usize| &kb[ids[t] as usize * d..(ids[t] as usize + 1) * d];
+                    let vrow = |t: usize| &vb[ids[t] as usize * dv..(ids[t] as usize + 1) * dv];
+                    let mut t = 0;
+                    while t + 4 <= m {
+                        let ks = [krow(t), krow(t + 1), krow(t + 2), krow(t + 3)];
+                        let qk = T::dot4(qi, ks);
+                        let dp = T::dot4(gi, [vrow(t), vrow(t + 1), vrow(t + 2), vrow(t + 3)]);
+                        let mut a = [T::zero(); 4];
+                        for r in 0..4 {
+                            pi[t + r] = (scale * qk[r] - lse[row]).exp();
+                            dsi[t + r] = pi[t + r] * (dp[r] - delta);
+                            a[r] = scale * dsi[t + r];
+                        }
+                        T::axpy4(a, ks, dqi);
+                        t += 4;
+                    }
+                    for t in t..m {
+                        let kj = krow(t);
+                        pi[t] = (scale * T::dot(qi, kj) - lse[row]).exp();
+                        dsi[t] = pi[t] * (T::dot(gi, vrow(t)) - delta);
                         T::axpy(scale * dsi[t], kj, dqi);
                     }
                 }
@@ -185,14 +220,23 @@ pub(crate) fn backward<T: Vector>(
                     .for_each(|(blk, (dkc, dvc))| {
                         for (r, (dkj, dvj)) in dkc.chunks_mut(d1).zip(dvc.chunks_mut(dv1)).enumerate() {
                             let j = blk * KEYS_PER_TASK + r;
-                            for &e in &entries[start[j]..start[j + 1]] {
-                                let row = bh * lq + e / kk;
-                                if d > 0 {
-                                    T::axpy(scale * ds[base + e], &q[row * d..(row + 1) * d], dkj);
-                                }
-                                if dv > 0 {
-                                    T::axpy(p[base + e], &g[row * dv..(row + 1) * dv], dvj);
-                                }
+                            let list = &entries[start[j]..start[j + 1]];
+                            let qrow = |e: usize| &q[(bh * lq + e / kk) * d..(bh * lq + e / kk + 1) * d];
+                            let grow = |e: usize| &g[(bh * lq + e / kk) * dv..(bh * lq + e / kk + 1) * dv];
+                            let mut chunks = list.chunks_exact(4);
+                            for c in &mut chunks {
+                                let a = [ds[base + c[0]], ds[base + c[1]], ds[base + c[2]], ds[base + c[3]]];
+                                T::axpy4(
+                                    a.map(|x| scale * x),
+                                    [qrow(c[0]), qrow(c[1]), qrow(c[2]), qrow(c[3])],
+                                    dkj,
+                                );
+                                let a = [p[base + c[0]], p[base + c[1]], p[base + c[2]], p[base + c[3]]];
+                                T::axpy4(a, [grow(c[0]), grow(c[1]), grow(c[2]), grow(c[3])], dvj);
+                            }
+                            for &e in chunks.remainder() {
+                                T::axpy(scale * ds[base + e], qrow(e), dkj);
+                                T::axpy(p[base + e], grow(e), dvj);
                             }
                         }
                     });

@@ -1,0 +1,209 @@
+//! Sparse attention (PQ encode + ADC top-k selection + fused sparse attention, forward and
+//! backward) against dense attention (candle matmul + our softmax, forward and backward), in
+//! the same run. Writes `bench/results/attention.json`.
+//!
+//! Run: `cargo bench -p spt-ops --bench attention` (set `SPT_BENCH_LENGTHS=512,1024` to narrow).
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use spt_ops::{dense_attention, select_keys, sparse_attention, AttentionMask, Codebook, PqConfig, TopK};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::time::Instant;
+
+/// Counts live heap bytes so we can measure what the autograd graph keeps for backward.
+struct Counting;
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let p = System.alloc(l);
+        if !p.is_null() {
+            let now = LIVE.fetch_add(l.size(), Relaxed) + l.size();
+            PEAK.fetch_max(now, Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        System.dealloc(p, l);
+        LIVE.fetch_sub(l.size(), Relaxed);
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+#[derive(Default, Clone, Copy)]
+struct Sample {
+    total: f64,
+    kept_bytes: usize,
+    peak_bytes: usize,
+    phases: [f64; 4],
+}
+
+/// An attention forward that records phase timings.
+type AttnStep<'a> = dyn Fn(&Tensor, &Tensor, &Tensor, &mut [f64; 4]) -> Result<Tensor> + 'a;
+
+/// One training step of attention: forward, then backward of Σ o ⊙ w.
+fn step(
+    q: &Var,
+    k: &Var,
+    v: &Var,
+    w: &Tensor,
+    f: &AttnStep<'_>,
+) -> Result<Sample> {
+    let base = LIVE.load(Relaxed);
+    PEAK.store(base, Relaxed);
+    let mut phases = [0f64; 4];
+    let t0 = Instant::now();
+    let o = f(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mut phases)?;
+    let kept_bytes = LIVE.load(Relaxed).saturating_sub(base);
+    let t1 = Instant::now();
+    let grads = o.mul(w)?.sum_all()?.backward()?;
+    phases[3] = t1.elapsed().as_secs_f64();
+    let total = t0.elapsed().as_secs_f64();
+    let peak_bytes = PEAK.load(Relaxed).saturating_sub(base);
+    drop((grads, o));
+    Ok(Sample {
+        total,
+        kept_bytes,
+        peak_bytes,
+        phases,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!(
+        "{} threads ({} rayon), {cpu}, simd {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        rayon::current_num_threads(),
+        spt_ops::simd_path()
+    )
+}
+
+fn main() -> Result<()> {
+    let lengths: Vec<usize> = std::env::var("SPT_BENCH_LENGTHS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![512, 1024, 2048, 4096]);
+    let (b, h, d) = (1usize, 12usize, 64usize);
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut records = Vec::new();
+    println!(
+        "{:>6} {:>5} {:>10} {:>10} {:>8} {:>12} {:>12} {:>7}",
+        "L", "k", "sparse_s", "dense_s", "speedup", "sparse_kept", "dense_kept", "ratio"
+    );
+    for &l in &lengths {
+        let topk = l / 8;
+        let rand = |seed: u64| -> Result<Var> {
+            Var::from_tensor(&(spt_ops::gradcheck::randn_f64(&[b, h, l, d], seed)?.to_dtype(DType::F32)?))
+        };
+        let (q, k, v) = (rand(1)?, rand(2)?, rand(3)?);
+        let w = spt_ops::gradcheck::randn_f64(&[b, h, l, d], 4)?.to_dtype(DType::F32)?;
+        // Calibration, done once per layer in training (refreshes are on a schedule): not timed.
+        let cb = Codebook::fit(k.as_tensor(), &PqConfig::default())?;
+        let mask = AttentionMask::none();
+        let sparse = |q: &Tensor, k: &Tensor, v: &Tensor, ph: &mut [f64; 4]| -> Result<Tensor> {
+            let t = Instant::now();
+            let codes = cb.encode(k)?;
+            ph[0] = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let sel = select_keys(q, &codes, &cb, TopK::Count(topk), &mask)?;
+            ph[1] = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let o = sparse_attention(q, k, v, &sel, scale)?;
+            ph[2] = t.elapsed().as_secs_f64();
+            Ok(o)
+        };
+        let dense =
+            |q: &Tensor, k: &Tensor, v: &Tensor, _: &mut [f64; 4]| dense_attention(q, k, v, &mask, scale);
+        let reps = if l >= 4096 { 5 } else { 7 };
+        // Warm-up, then alternate so both see the same machine state.
+        step(&q, &k, &v, &w, &sparse)?;
+        // SPT_BENCH_SPARSE_ONLY=1 skips the baseline (for profiling the sparse path alone).
+        let sparse_only = std::env::var("SPT_BENCH_SPARSE_ONLY").is_ok();
+        if !sparse_only {
+            step(&q, &k, &v, &w, &dense)?;
+        }
+        let (mut s, mut dn) = (Vec::new(), Vec::new());
+        for _ in 0..reps {
+            s.push(step(&q, &k, &v, &w, &sparse)?);
+            dn.push(if sparse_only {
+                s[s.len() - 1]
+            } else {
+                step(&q, &k, &v, &w, &dense)?
+            });
+        }
+        if sparse_only {
+            println!("(baseline skipped: SPT_BENCH_SPARSE_ONLY)");
+        }
+        let ours = median(s.iter().map(|x| x.total).collect());
+        let base = median(dn.iter().map(|x| x.total).collect());
+        let phase = |i: usize| median(s.iter().map(|x| x.phases[i]).collect());
+        let (ok, bk) = (s[0].kept_bytes, dn[0].kept_bytes);
+        println!(
+            "{l:>6} {topk:>5} {ours:>10.4} {base:>10.4} {:>8.2} {ok:>12} {bk:>12} {:>7.3}",
+            base / ours,
+            ok as f64 / bk as f64
+        );
+        println!(
+            "        sparse phases (median s): encode {:.4}, select {:.4}, attention fwd {:.4}, backward {:.4}",
+            phase(0),
+            phase(1),
+            phase(2),
+            phase(3)
+        );
+        records.push(serde_json::json!({
+            "case": {"B": b, "H": h, "L": l, "d": d, "k": topk, "mask": "none"},
+            "ours_s": ours,
+            "baseline_s": base,
+            "speedup": base / ours,
+            "ours_bytes": ok,
+            "baseline_bytes": bk,
+            "bytes_ratio": ok as f64 / bk as f64,
+            "bytes_kind": "heap bytes held by the autograd graph after forward (counting allocator): output plus everything saved for backward, excluding q, k, v",
+            "ours_peak_bytes": median(s.iter().map(|x| x.peak_bytes as f64).collect()),
+            "baseline_peak_bytes": median(dn.iter().map(|x| x.peak_bytes as f64).collect()),
+            "min_s": s.iter().map(|x| x.total).fold(f64::INFINITY, f64::min),
+            "max_s": s.iter().map(|x| x.total).fold(0.0, f64::max),
+            "baseline_min_s": dn.iter().map(|x| x.total).fold(f64::INFINITY, f64::min),
+            "baseline_max_s": dn.iter().map(|x| x.total).fold(0.0, f64::max),
+            "runs": reps,
+            "ours_phases_s": {"pq_encode": phase(0), "select": phase(1), "attention_fwd": phase(2), "backward": phase(3)},
+        }));
+    }
+    let out = serde_json::json!({
+        "command": "cargo bench -p spt-ops --bench attention",
+        "machine": machine(),
+        "ours": "PQ encode (S=8, C=16) + ADC exact top-k selection + fused sparse attention, fwd+bwd, f32",
+        "baseline": "dense attention from candle matmul + spt softmax (autograd), fwd+bwd, f32",
+        "records": records,
+    });
+    if std::env::var("SPT_BENCH_SPARSE_ONLY").is_ok() {
+        return Ok(());
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/results");
+    std::fs::create_dir_all(&dir)?;
+    let tmp = dir.join("attention.json.tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_string_pretty(&out).map_err(candle_core::Error::wrap)?,
+    )?;
+    std::fs::rename(&tmp, dir.join("attention.json"))?;
+    println!("wrote bench/results/attention.json");
+    let _ = Device::Cpu;
+    Ok(())
+}
