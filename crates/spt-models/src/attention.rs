@@ -177,6 +177,7 @@ impl AttentionCore {
         scale: f64,
         train: bool,
     ) -> Result<Tensor> {
+        let _span = tracing::trace_span!("attention", kind = self.kind()).entered();
         match self {
             Self::Dense(d) => d.forward_t(q, k, v, mask, scale, train),
             Self::Sparse(s) => s.forward(q, k, v, &mask.mask, scale),

@@ -322,6 +322,7 @@ impl BertLayer {
         train: bool,
         trace: Option<&mut Vec<LayerTrace>>,
     ) -> Result<Tensor> {
+        let _span = tracing::trace_span!("bert_layer").entered();
         let (a, keys) = self.attention.self_attn.forward_with_keys(x, mask, train)?;
         let o = &self.attention.output;
         let a = o.dropout.forward_t(&o.dense.forward_t(&a, train)?, train)?;

@@ -159,6 +159,7 @@ pub enum FeedForward {
 impl FeedForward {
     /// `x [.., d] → [.., d]`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let _span = tracing::trace_span!("ffn", kind = self.kind()).entered();
         match self {
             Self::Dense(f) => f.forward_t(x, train),
             Self::Routed(r) => Ok(r.ffn.forward_t(x, train)?.y),

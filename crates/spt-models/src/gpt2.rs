@@ -238,6 +238,7 @@ impl GPT2Block {
         train: bool,
         trace: Option<&mut Vec<LayerTrace>>,
     ) -> Result<Tensor> {
+        let _span = tracing::trace_span!("gpt2_block").entered();
         let (a, keys) = self.attn.forward_with_keys(&self.ln_1.forward(x)?, mask, train)?;
         let x = (x + a)?;
         let h = self.ln_2.forward(&x)?;
