@@ -38,4 +38,4 @@ pub use sparsify::{
 };
 /// spt-ops' PQ types used in [`SptConfig`].
 pub use spt_ops::pq;
-pub use weights::{LoadOptions, LoadReport, NamedParams, Param, Trainable, WeightSource};
+pub use weights::{save_safetensors, LoadOptions, LoadReport, NamedParams, Param, Trainable, WeightSource};
