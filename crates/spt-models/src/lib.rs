@@ -38,4 +38,4 @@ pub use sparsify::{
 };
 /// spt-ops' types used in [`SptConfig`]: PQ, routed FFN, LoRA.
 pub use spt_ops::{lora, pq, routed_ffn};
-pub use weights::{LoadOptions, LoadReport, NamedParams, Param, Trainable, WeightSource};
+pub use weights::{save_safetensors, LoadOptions, LoadReport, NamedParams, Param, Trainable, WeightSource};

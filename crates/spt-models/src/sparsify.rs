@@ -85,6 +85,38 @@ pub trait SptModel {
     fn trace(&self, batch: &CalibrationBatch) -> Result<Vec<LayerTrace>>;
     /// The swappable parts of layer `i`.
     fn layer_slots(&mut self, i: usize) -> Option<LayerSlots<'_>>;
+
+    /// The PQ codebooks of the sparse-attention layers, `(layer, centroids [G, S, C, d_codeword])`,
+    /// for checkpoints (they are not parameters, so `named_tensors` leaves them out).
+    fn pq_codebooks(&mut self) -> Result<Vec<(usize, Tensor)>> {
+        let mut out = Vec::new();
+        for i in 0..self.num_layers() {
+            if let Some(LayerSlots {
+                attention: AttentionCore::Sparse(s),
+                ..
+            }) = self.layer_slots(i)
+            {
+                out.push((i, s.codebook.to_tensor(&Device::Cpu)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes the listed layers sparse with the given codebooks (e.g. from [`SptModel::pq_codebooks`]
+    /// of a saved run) and top-k; no calibration needed.
+    fn set_pq_codebooks(&mut self, codebooks: &[(usize, Tensor)], top_k: TopK) -> Result<()> {
+        let n = self.num_layers();
+        for (i, centroids) in codebooks {
+            let slots = self.layer_slots(*i).ok_or(ModelError::InvalidConfig {
+                field: "layers",
+                value: i.to_string(),
+                reason: format!("the model has {n} layers"),
+            })?;
+            let codebook = spt_ops::pq::Codebook::from_tensor(centroids)?;
+            *slots.attention = AttentionCore::Sparse(SparseAttention { codebook, top_k });
+        }
+        Ok(())
+    }
 }
 
 /// Which layers to convert.

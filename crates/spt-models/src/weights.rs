@@ -370,6 +370,22 @@ pub trait NamedParams {
     }
 }
 
+/// Writes every parameter of `model` under its canonical HF name to a safetensors file, through
+/// a temporary file renamed into place. LoRA factors are included under their PEFT-style names
+/// (`{module}.lora_A.weight`); merge them first for a plain HF checkpoint.
+pub fn save_safetensors(model: &(impl NamedParams + ?Sized), path: impl AsRef<Path>) -> Result<()> {
+    let path = path.as_ref();
+    let tensors: HashMap<String, Tensor> = model
+        .named_tensors()
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let tmp = path.with_extension("safetensors.tmp");
+    candle_core::safetensors::save(&tensors, &tmp).map_err(|e| ckpt_err(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| ckpt_err(path, e))?;
+    Ok(())
+}
+
 /// How a tensor missing from the checkpoint may be created.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Init {

@@ -489,3 +489,35 @@ fn pytorch_bin_loads_the_same_weights() -> Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+#[test]
+fn saved_checkpoint_round_trips_with_hf_names() -> Result<()> {
+    let exp = expected("tiny-bert-cls")?;
+    let (m, _) =
+        BertForSequenceClassification::from_dir(fixture("tiny-bert-cls"), &LoadOptions::default(), None)?;
+    let dir = tmpdir("save")?;
+    std::fs::copy(fixture("tiny-bert-cls/config.json"), dir.join("config.json"))?;
+    spt_models::save_safetensors(&m, dir.join("model.safetensors"))?;
+    // Same keys as the HF file, and the same model back.
+    let saved = WeightSource::from_dir(&dir)?;
+    let original = WeightSource::from_file(fixture("tiny-bert-cls/model.safetensors"))?;
+    assert_eq!(saved.keys(), original.keys());
+    let (back, report) = BertForSequenceClassification::from_dir(&dir, &LoadOptions::frozen(), None)?;
+    assert!(report.unused.is_empty() && report.initialised.is_empty());
+    let a = m.forward_t(
+        &exp["input_ids"],
+        Some(&exp["token_type_ids"]),
+        Some(&exp["attention_mask"]),
+        false,
+    )?;
+    let b = back.forward_t(
+        &exp["input_ids"],
+        Some(&exp["token_type_ids"]),
+        Some(&exp["attention_mask"]),
+        false,
+    )?;
+    assert_eq!(max_abs(&a, &b)?, 0.0);
+    assert!(!dir.join("model.safetensors.tmp").exists());
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

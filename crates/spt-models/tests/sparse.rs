@@ -11,7 +11,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use spt_models::pq::{PqConfig, TopK};
 use spt_models::{
     sparsify, ActivationAccounting, AttentionCore, BertForSequenceClassification, CalibrationBatch,
-    GPT2LMHeadModel, LayerSelection, LoadOptions, NamedParams, SparseAttentionConfig, SptConfig,
+    GPT2LMHeadModel, LayerSelection, LoadOptions, NamedParams, SparseAttentionConfig, SptConfig, SptModel,
 };
 use std::collections::HashMap;
 
@@ -195,5 +195,28 @@ fn gpt2_sparse_attention_is_causal_and_sparse() -> Result<()> {
         let d = max_abs(&logits.narrow(1, 0, t + 1)?, &c.narrow(1, 0, t + 1)?)?;
         assert!(d <= 1e-6, "t = {t}: sparse logits up to t changed by {d:e}");
     }
+    Ok(())
+}
+
+#[test]
+fn pq_codebooks_round_trip_without_calibration() -> Result<()> {
+    let exp = expected("tiny-gpt2")?;
+    let (ids, mask) = (&exp["input_ids"], &exp["attention_mask"]);
+    let (mut a, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
+    sparsify(
+        &mut a,
+        &attention_only(TopK::Count(5)),
+        &[CalibrationBatch::new(ids.clone(), Some(mask.clone()))],
+    )?;
+    let books = a.pq_codebooks()?;
+    assert_eq!(books.len(), 2);
+    assert_eq!(books[0].1.dims(), [1, 4, 8, 4]);
+    let (mut b, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
+    b.set_pq_codebooks(&books, TopK::Count(5))?;
+    let (la, lb) = (
+        a.forward_t(ids, Some(mask), false)?,
+        b.forward_t(ids, Some(mask), false)?,
+    );
+    assert_eq!(max_abs(&la, &lb)?, 0.0);
     Ok(())
 }
