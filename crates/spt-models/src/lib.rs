@@ -7,7 +7,7 @@
 //!   `pytorch_model.bin`), [`Param`] (trainable `Var` or frozen tensor, with its HF name),
 //!   [`LoadOptions`] and the [`LoadReport`] of unused / ignored / initialised tensors.
 //! - [`attention`] and [`ffn`]: the per-layer slots ([`AttentionCore`], [`FeedForward`]).
-//! - [`sparsify`]: converts a loaded model in place (sparse attention, routed FFN, LoRA).
+//! - [`mod@sparsify`]: [`sparsify()`](fn@sparsify) converts a loaded model in place (sparse attention, routed FFN, LoRA).
 //! - [`memory`]: bytes of activations kept for backward per layer, dense vs sparse.
 //!
 //! Everything trainable uses spt-ops' differentiable `layer_norm` and `softmax` and a real
