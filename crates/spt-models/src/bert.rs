@@ -626,7 +626,8 @@ impl BertForSequenceClassification {
         self.classifier.forward_t(&pooled, train)
     }
 
-    /// Mean cross-entropy of `logits [B, C]` against integer `labels [B]`.
+    /// Mean cross-entropy of `logits [B, C]` against integer `labels [B]`; with one label (HF's
+    /// regression case) the mean squared error against float labels.
     pub fn loss(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         let (b, c) = logits.dims2()?;
         if labels.dims() != [b] {
@@ -634,6 +635,11 @@ impl BertForSequenceClassification {
                 name: "labels",
                 reason: format!("expected shape [{b}], got {:?}", labels.dims()),
             });
+        }
+        if c == 1 {
+            // HF's regression head (num_labels = 1): mean squared error against float labels.
+            let target = labels.to_dtype(logits.dtype())?.detach();
+            return Ok((logits.squeeze(1)? - target)?.sqr()?.mean_all()?);
         }
         let labels = check_ids(&labels.unsqueeze(0)?, "labels", "label", c, "num_labels")?.squeeze(0)?;
         let logp = log_softmax_last(logits)?;

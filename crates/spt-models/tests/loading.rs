@@ -521,3 +521,58 @@ fn saved_checkpoint_round_trips_with_hf_names() -> Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+#[test]
+fn classification_loss_checks_labels_and_supports_regression() -> Result<()> {
+    let exp = expected("tiny-bert-cls")?;
+    let (m, _) =
+        BertForSequenceClassification::from_dir(fixture("tiny-bert-cls"), &LoadOptions::frozen(), None)?;
+    let logits = m.forward_t(
+        &exp["input_ids"],
+        Some(&exp["token_type_ids"]),
+        Some(&exp["attention_mask"]),
+        false,
+    )?;
+    let bad = Tensor::new(&[0i64, 3], &Device::Cpu)?;
+    assert!(matches!(
+        m.loss(&logits, &bad),
+        Err(ModelError::TokenOutOfRange {
+            what: "label",
+            id: 3,
+            ..
+        })
+    ));
+    let bad = Tensor::new(&[0i64, 1, 2], &Device::Cpu)?;
+    assert!(matches!(
+        m.loss(&logits, &bad),
+        Err(ModelError::BadInput { name: "labels", .. })
+    ));
+
+    // num_labels = 1: HF's regression head, MSE against float labels.
+    let src = WeightSource::from_file(fixture("tiny-bert-cls/model.safetensors"))?;
+    let mut map: HashMap<String, Tensor> = src
+        .keys()
+        .iter()
+        .map(|k| (k.to_string(), src.get(k).unwrap().clone()))
+        .collect();
+    map.remove("classifier.weight");
+    map.remove("classifier.bias");
+    let (r, report) = BertForSequenceClassification::load(
+        &bert_cfg()?,
+        &WeightSource::from_tensors(map),
+        &LoadOptions::default(),
+        Some(1),
+    )?;
+    assert_eq!(report.initialised.len(), 2);
+    let y = r.forward_t(
+        &exp["input_ids"],
+        Some(&exp["token_type_ids"]),
+        Some(&exp["attention_mask"]),
+        false,
+    )?;
+    let target = Tensor::new(&[0.5f32, -1.0], &Device::Cpu)?;
+    let loss = r.loss(&y, &target)?;
+    let want = ((y.squeeze(1)? - &target)?.sqr()?.mean_all()?).to_scalar::<f32>()?;
+    assert!((loss.to_scalar::<f32>()? - want).abs() < 1e-7);
+    Ok(())
+}
