@@ -14,11 +14,13 @@
 //! Module and field names follow HF (`self` is `self_attn`, `LayerNorm` is `layer_norm`), and every
 //! parameter keeps its HF name (see [`NamedParams`]).
 
-use crate::attention::{merge_heads, split_heads, AttentionCore, AttentionMask, PreparedMask};
+use crate::attention::{
+    merge_heads, split_heads, AttentionCore, AttentionMask, DenseAttention, PreparedMask,
+};
 use crate::error::{ModelError, Result};
 use crate::ffn::{DenseFfn, FeedForward};
 use crate::layers::{
-    check_ids, check_mask, log_softmax_last, Dropout, Embedding, LayerNorm, Linear, WeightLayout,
+    check_ids, check_mask, log_softmax_last, Dropout, DropoutRng, Embedding, LayerNorm, Linear, WeightLayout,
 };
 use crate::memory::{activation_bytes, ActivationAccounting, ActivationBytes, LayerShape};
 use crate::sparsify::{CalibrationBatch, LayerSlots, LayerTrace, LoraTarget, SptModel};
@@ -27,6 +29,7 @@ use candle_core::{DType, Tensor, D};
 use spt_ops::Activation;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 fn d_vocab() -> usize {
     30522
@@ -194,7 +197,7 @@ impl BertEmbeddings {
                 h,
             )?,
             layer_norm: LayerNorm::load(l, "embeddings.LayerNorm", h, c.layer_norm_eps)?,
-            dropout: Dropout::new(c.hidden_dropout_prob)?,
+            dropout: l.dropout(c.hidden_dropout_prob)?,
         })
     }
 
@@ -289,13 +292,15 @@ impl BertLayer {
             query: lin(l, "attention.self.query", h, h)?,
             key: lin(l, "attention.self.key", h, h)?,
             value: lin(l, "attention.self.value", h, h)?,
-            core: AttentionCore::dense(c.attention_probs_dropout_prob)?,
+            core: AttentionCore::Dense(DenseAttention {
+                dropout: l.dropout(c.attention_probs_dropout_prob)?,
+            }),
             num_attention_heads: c.num_attention_heads,
         };
         let output = BertSelfOutput {
             dense: lin(l, "attention.output.dense", h, h)?,
             layer_norm: LayerNorm::load(l, &format!("{p}.attention.output.LayerNorm"), h, c.layer_norm_eps)?,
-            dropout: Dropout::new(c.hidden_dropout_prob)?,
+            dropout: l.dropout(c.hidden_dropout_prob)?,
         };
         let ffn = FeedForward::Dense(DenseFfn {
             fc1: lin(l, "intermediate.dense", h, c.intermediate_size)?,
@@ -306,7 +311,7 @@ impl BertLayer {
             attention: BertAttention { self_attn, output },
             ffn,
             output_layer_norm: LayerNorm::load(l, &format!("{p}.output.LayerNorm"), h, c.layer_norm_eps)?,
-            output_dropout: Dropout::new(c.hidden_dropout_prob)?,
+            output_dropout: l.dropout(c.hidden_dropout_prob)?,
         })
     }
 
@@ -383,6 +388,7 @@ pub struct BertModel {
     /// `encoder.layer.N`.
     pub layers: Vec<BertLayer>,
     pub pooler: Option<BertPooler>,
+    dropout_rng: Arc<DropoutRng>,
 }
 
 /// Keys in BERT checkpoints that are buffers, not parameters.
@@ -427,6 +433,7 @@ impl BertModel {
             embeddings,
             layers,
             pooler,
+            dropout_rng: l.dropout_rng.clone(),
         })
     }
 
@@ -504,6 +511,12 @@ impl BertModel {
             x = layer.forward_traced(&x, &mask, train, trace.as_deref_mut())?;
         }
         Ok(x)
+    }
+
+    /// Restarts the model's dropout masks from `seed` (call once per training step for
+    /// reproducible, resumable runs).
+    pub fn seed_dropout(&self, seed: u64) {
+        self.dropout_rng.seed(seed);
     }
 
     /// The pooled output `[B, H]` of a last hidden state; an error if the model has no pooler.
@@ -586,7 +599,7 @@ impl BertForSequenceClassification {
         let weight = l.top_or_init("classifier.weight", &[num_labels, h], Init::Normal(std))?;
         let bias = l.top_or_init("classifier.bias", &[num_labels], Init::Zeros)?;
         let classifier = Linear::new(weight, Some(bias), WeightLayout::OutIn);
-        let dropout = Dropout::new(config.classifier_dropout.unwrap_or(config.hidden_dropout_prob))?;
+        let dropout = l.dropout(config.classifier_dropout.unwrap_or(config.hidden_dropout_prob))?;
         let report = l.finish(bert_buffer);
         Ok((
             Self {
@@ -608,6 +621,11 @@ impl BertForSequenceClassification {
         let dir = dir.as_ref();
         let cfg = BertConfig::from_file(dir.join("config.json"))?;
         Self::load(&cfg, &WeightSource::from_dir(dir)?, opts, num_labels)
+    }
+
+    /// Restarts the model's dropout masks from `seed` (see [`BertModel::seed_dropout`]).
+    pub fn seed_dropout(&self, seed: u64) {
+        self.bert.seed_dropout(seed);
     }
 
     /// Logits `[B, num_labels]`.

@@ -13,11 +13,13 @@
 //! - The attention core and the MLP are per-layer slots ([`AttentionCore`], [`FeedForward`]) that
 //!   `sparsify` swaps. No KV cache: this model is for training and scoring.
 
-use crate::attention::{merge_heads, split_heads, AttentionCore, AttentionMask, PreparedMask};
+use crate::attention::{
+    merge_heads, split_heads, AttentionCore, AttentionMask, DenseAttention, PreparedMask,
+};
 use crate::error::{ModelError, Result};
 use crate::ffn::{DenseFfn, FeedForward};
 use crate::layers::{
-    check_ids, check_mask, log_softmax_last, Dropout, Embedding, LayerNorm, Linear, WeightLayout,
+    check_ids, check_mask, log_softmax_last, Dropout, DropoutRng, Embedding, LayerNorm, Linear, WeightLayout,
 };
 use crate::memory::{activation_bytes, ActivationAccounting, ActivationBytes, LayerShape};
 use crate::sparsify::{CalibrationBatch, LayerSlots, LayerTrace, LoraTarget, SptModel};
@@ -25,6 +27,7 @@ use crate::weights::{read_json, LoadOptions, LoadReport, Loader, NamedParams, Pa
 use candle_core::{DType, Tensor, D};
 use spt_ops::Activation;
 use std::path::Path;
+use std::sync::Arc;
 
 fn d_vocab() -> usize {
     50257
@@ -212,8 +215,10 @@ impl GPT2Block {
             attn: GPT2Attention {
                 c_attn: conv(l, "attn.c_attn", e, 3 * e)?,
                 c_proj: conv(l, "attn.c_proj", e, e)?,
-                core: AttentionCore::dense(c.attn_pdrop)?,
-                resid_dropout: Dropout::new(c.resid_pdrop)?,
+                core: AttentionCore::Dense(DenseAttention {
+                    dropout: l.dropout(c.attn_pdrop)?,
+                }),
+                resid_dropout: l.dropout(c.resid_pdrop)?,
                 n_head: c.n_head,
                 scale,
             },
@@ -223,7 +228,7 @@ impl GPT2Block {
                 fc2: conv(l, "mlp.c_proj", c.inner_dim(), e)?,
                 act: c.activation()?,
             }),
-            mlp_dropout: Dropout::new(c.resid_pdrop)?,
+            mlp_dropout: l.dropout(c.resid_pdrop)?,
         })
     }
 
@@ -280,6 +285,7 @@ pub struct GPT2Model {
     pub drop: Dropout,
     pub h: Vec<GPT2Block>,
     pub ln_f: LayerNorm,
+    dropout_rng: Arc<DropoutRng>,
 }
 
 /// Keys in GPT-2 checkpoints that are buffers, not parameters.
@@ -302,12 +308,19 @@ impl GPT2Model {
             config: c.clone(),
             wte: Embedding::load(l, "wte", c.vocab_size, e)?,
             wpe: Embedding::load(l, "wpe", c.n_positions, e)?,
-            drop: Dropout::new(c.embd_pdrop)?,
+            drop: l.dropout(c.embd_pdrop)?,
             h: (0..c.n_layer)
                 .map(|i| GPT2Block::load(l, c, i))
                 .collect::<Result<Vec<_>>>()?,
             ln_f: LayerNorm::load(l, "ln_f", e, c.layer_norm_epsilon)?,
+            dropout_rng: l.dropout_rng.clone(),
         })
+    }
+
+    /// Restarts the model's dropout masks from `seed` (call once per training step for
+    /// reproducible, resumable runs).
+    pub fn seed_dropout(&self, seed: u64) {
+        self.dropout_rng.seed(seed);
     }
 
     /// The final hidden state `[B, L, E]` (after `ln_f`). `attention_mask`: `[B, L]`, 1 = attend;
@@ -408,6 +421,11 @@ impl GPT2LMHeadModel {
         let dir = dir.as_ref();
         let cfg = GPT2Config::from_file(dir.join("config.json"))?;
         Self::load(&cfg, &WeightSource::from_dir(dir)?, opts)
+    }
+
+    /// Restarts the model's dropout masks from `seed` (see [`GPT2Model::seed_dropout`]).
+    pub fn seed_dropout(&self, seed: u64) {
+        self.transformer.seed_dropout(seed);
     }
 
     /// Logits `[B, L, vocab]`.

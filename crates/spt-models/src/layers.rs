@@ -4,7 +4,10 @@
 use crate::error::{ModelError, Result};
 use crate::weights::{Loader, NamedParams, Param};
 use candle_core::{DType, Tensor, D};
+use rand::{rngs::StdRng, Rng, SeedableRng};
 use spt_ops::lora::{LoraConfig, LoraError, LoraLinear};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// How a linear weight is stored in the checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -319,14 +322,49 @@ impl NamedParams for Embedding {
     }
 }
 
-/// Inverted dropout, active only when `train` is true (candle's mask-based `dropout`).
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// The seed source shared by all dropouts of a model: a base seed and a call counter, so each
+/// dropout call gets its own mask and a training run is reproducible (candle's CPU RNG cannot be
+/// seeded). Reseed it per step (`seed_dropout` on the models) to make a resumed run repeat the
+/// same masks.
+#[derive(Debug, Default)]
+pub struct DropoutRng {
+    base: AtomicU64,
+    calls: AtomicU64,
+}
+
+impl DropoutRng {
+    /// Restarts the sequence of masks from `seed`.
+    pub fn seed(&self, seed: u64) {
+        self.base.store(seed, Ordering::Relaxed);
+        self.calls.store(0, Ordering::Relaxed);
+    }
+
+    fn next(&self) -> u64 {
+        let c = self.calls.fetch_add(1, Ordering::Relaxed);
+        // splitmix64 of (base, call): well-spread seeds for consecutive calls.
+        let mut z = self.base.load(Ordering::Relaxed) ^ c.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// Inverted dropout with seeded masks, active only when `train` is true: each element is zeroed
+/// with probability `p`, the rest scaled by `1/(1−p)`; differentiable in the input.
+#[derive(Debug, Clone)]
 pub struct Dropout {
     pub p: f32,
+    rng: Arc<DropoutRng>,
 }
 
 impl Dropout {
+    /// A dropout with its own seed source.
     pub fn new(p: f64) -> Result<Self> {
+        Self::with_rng(p, Arc::new(DropoutRng::default()))
+    }
+
+    /// A dropout drawing its masks from a shared seed source.
+    pub fn with_rng(p: f64, rng: Arc<DropoutRng>) -> Result<Self> {
         if !(0.0..1.0).contains(&p) {
             return Err(ModelError::InvalidConfig {
                 field: "dropout",
@@ -334,14 +372,20 @@ impl Dropout {
                 reason: "must be in [0, 1)".into(),
             });
         }
-        Ok(Self { p: p as f32 })
+        Ok(Self { p: p as f32, rng })
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if !train || self.p == 0.0 {
             return Ok(x.clone());
         }
-        Ok(candle_nn::ops::dropout(x, self.p)?)
+        let mut rng = StdRng::seed_from_u64(self.rng.next());
+        let keep = 1.0 / (1.0 - self.p);
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.random::<f32>() < self.p { 0.0 } else { keep })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        Ok(x.mul(&mask)?)
     }
 }
 

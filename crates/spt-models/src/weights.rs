@@ -20,10 +20,12 @@
 //!   tensors (`initialised`).
 
 use crate::error::{ModelError, Result};
+use crate::layers::{Dropout, DropoutRng};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// All tensors of one checkpoint, by file key, on the CPU.
 #[derive(Debug, Clone)]
@@ -405,6 +407,8 @@ pub(crate) struct Loader<'a> {
     used: BTreeSet<String>,
     initialised: Vec<String>,
     rng: StdRng,
+    /// Shared by every dropout of the model being built.
+    pub(crate) dropout_rng: Arc<DropoutRng>,
 }
 
 impl<'a> Loader<'a> {
@@ -422,7 +426,13 @@ impl<'a> Loader<'a> {
             used: BTreeSet::new(),
             initialised: Vec::new(),
             rng: StdRng::seed_from_u64(opts.init_seed),
+            dropout_rng: Arc::new(DropoutRng::default()),
         }
+    }
+
+    /// A dropout drawing from the model's shared seed source.
+    pub(crate) fn dropout(&self, p: f64) -> Result<Dropout> {
+        Dropout::with_rng(p, self.dropout_rng.clone())
     }
 
     /// Keys to try for a name relative to the base model.

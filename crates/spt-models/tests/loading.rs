@@ -445,11 +445,19 @@ fn dropout_is_active_only_in_training() -> Result<()> {
     let eval1 = m.forward_t(ids, None, false)?;
     let eval2 = m.forward_t(ids, None, false)?;
     assert_eq!(max_abs(&eval1, &eval2)?, 0.0);
+    m.seed_dropout(17);
     let (train, loss) = m.forward_with_loss(ids, None, true)?;
     assert!(
         max_abs(&train, &eval1)? > 1e-3,
         "dropout had no effect in training"
     );
+    // Seeded masks: the same seed repeats the pass exactly, the next pass (or another seed) differs.
+    let next = m.forward_t(ids, None, true)?;
+    assert!(max_abs(&next, &train)? > 1e-3);
+    m.seed_dropout(17);
+    assert_eq!(max_abs(&m.forward_t(ids, None, true)?, &train)?, 0.0);
+    m.seed_dropout(18);
+    assert!(max_abs(&m.forward_t(ids, None, true)?, &train)? > 1e-3);
     // Gradients flow through the dropout masks into every parameter.
     let grads = loss.backward()?;
     for (name, v) in m.named_vars() {
