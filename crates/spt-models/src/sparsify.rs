@@ -19,7 +19,7 @@ use crate::layers::{Linear, WeightLayout};
 use crate::weights::Param;
 use candle_core::{DType, Device, Tensor};
 use spt_ops::lora::LoraConfig;
-use spt_ops::pq::{PqConfig, TopK};
+use spt_ops::pq::{PqConfig, Refresh, TopK};
 use spt_ops::routed_ffn::{GateMode, RoutedFfnConfig, RouterFitConfig, TopK as BlockTopK};
 
 /// One batch of calibration inputs (the model's forward arguments).
@@ -100,6 +100,26 @@ pub trait SptModel {
             }
         }
         Ok(out)
+    }
+
+    /// Moves every sparse layer's PQ codebook toward the keys the current model produces on
+    /// `batch` (padding excluded), by EMA or mini-batch k-means: the codebook refresh of SPT,
+    /// e.g. every few hundred steps. Returns the number of layers refreshed.
+    fn refresh_codebooks(&mut self, batch: &CalibrationBatch, rule: Refresh) -> Result<usize> {
+        let traces = self.trace(batch)?;
+        let mut n = 0;
+        for (i, t) in traces.iter().enumerate() {
+            if let Some(LayerSlots {
+                attention: AttentionCore::Sparse(s),
+                ..
+            }) = self.layer_slots(i)
+            {
+                let (keys, _) = gather_valid(t, batch.attention_mask.as_ref())?;
+                s.codebook.refresh(&keys, rule)?;
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Makes the listed layers sparse with the given codebooks (e.g. from [`SptModel::pq_codebooks`]

@@ -220,3 +220,28 @@ fn pq_codebooks_round_trip_without_calibration() -> Result<()> {
     assert_eq!(max_abs(&la, &lb)?, 0.0);
     Ok(())
 }
+
+#[test]
+fn codebooks_refresh_on_new_batches() -> Result<()> {
+    let exp = expected("tiny-gpt2")?;
+    let (ids, mask) = (&exp["input_ids"], &exp["attention_mask"]);
+    let (mut m, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
+    sparsify(
+        &mut m,
+        &attention_only(TopK::Count(5)),
+        &[CalibrationBatch::new(ids.clone(), Some(mask.clone()))],
+    )?;
+    let before = m.pq_codebooks()?;
+    let mut rng = StdRng::seed_from_u64(3);
+    let other: Vec<u32> = (0..2 * 30).map(|_| rng.random_range(0..1000)).collect();
+    let batch = CalibrationBatch::new(Tensor::from_vec(other, (2, 30), &Device::Cpu)?, None);
+    let refreshed = m.refresh_codebooks(&batch, spt_models::pq::Refresh::Ema { decay: 0.5 })?;
+    assert_eq!(refreshed, 2);
+    let after = m.pq_codebooks()?;
+    for ((_, a), (_, b)) in before.iter().zip(&after) {
+        assert!(max_abs(a, b)? > 1e-6, "codebook did not move");
+    }
+    let logits = m.forward_t(ids, Some(mask), false)?;
+    assert!(logits.abs()?.max_all()?.to_scalar::<f32>()?.is_finite());
+    Ok(())
+}
