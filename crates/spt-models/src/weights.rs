@@ -162,18 +162,33 @@ impl WeightSource {
 }
 
 /// Which loaded weights become trainable `Var`s; the rest are frozen plain tensors.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Clone, Default)]
 pub enum Trainable {
     /// Full fine-tuning: every parameter is a `Var`.
     #[default]
     All,
     /// Everything frozen (inference, or LoRA where adapters are added later).
     None,
-    /// A `Var` when the predicate holds for the canonical HF name.
-    Only(fn(&str) -> bool),
+    /// A `Var` when the predicate holds for the canonical HF name (see [`Trainable::only`]).
+    Only(Arc<dyn Fn(&str) -> bool + Send + Sync>),
+}
+
+impl std::fmt::Debug for Trainable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::All => f.write_str("All"),
+            Self::None => f.write_str("None"),
+            Self::Only(_) => f.write_str("Only(<predicate>)"),
+        }
+    }
 }
 
 impl Trainable {
+    /// Trainable where `pred(canonical HF name)` holds, e.g. `|n| n.starts_with("classifier.")`.
+    pub fn only(pred: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
+        Self::Only(Arc::new(pred))
+    }
+
     /// Whether the parameter with this canonical name is trainable.
     pub fn is_trainable(&self, name: &str) -> bool {
         match self {

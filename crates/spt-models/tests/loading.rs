@@ -403,7 +403,7 @@ fn trainable_choice_controls_vars_and_gradients() -> Result<()> {
         name.starts_with("classifier.")
     }
     let opts = LoadOptions {
-        trainable: Trainable::Only(head_only),
+        trainable: Trainable::only(head_only),
         ..LoadOptions::default()
     };
     let (mut m, _) = BertForSequenceClassification::from_dir(&dir, &opts, None)?;
