@@ -216,3 +216,9 @@ impl NamedParams for FeedForward {
         }
     }
 }
+
+impl candle_core::ModuleT for FeedForward {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        Ok(FeedForward::forward_t(self, xs, train)?)
+    }
+}

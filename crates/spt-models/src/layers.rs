@@ -456,3 +456,22 @@ pub(crate) fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
     Ok(shifted.broadcast_sub(&lse)?)
 }
+
+/// `ModuleT` (not `Module`): candle's blanket `ModuleT` for a `Module` would drop the train flag.
+impl candle_core::ModuleT for Linear {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        Ok(Linear::forward_t(self, xs, train)?)
+    }
+}
+
+impl candle_core::Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(LayerNorm::forward(self, xs)?)
+    }
+}
+
+impl candle_core::ModuleT for Dropout {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        Ok(Dropout::forward_t(self, xs, train)?)
+    }
+}
