@@ -584,3 +584,35 @@ fn classification_loss_checks_labels_and_supports_regression() -> Result<()> {
     assert!((loss.to_scalar::<f32>()? - want).abs() < 1e-7);
     Ok(())
 }
+
+#[test]
+fn untied_lm_head_loads_when_the_config_says_so() -> Result<()> {
+    let text = std::fs::read_to_string(fixture("tiny-gpt2/config.json"))?;
+    let mut v: serde_json::Value = serde_json::from_str(&text)?;
+    v["tie_word_embeddings"] = false.into();
+    let cfg = GPT2Config::from_json_str(&v.to_string())?;
+    let mut map = load_map(&fixture("tiny-gpt2/model.safetensors"))?;
+    // Missing head: a named error.
+    let err = GPT2LMHeadModel::load(
+        &cfg,
+        &WeightSource::from_tensors(map.clone()),
+        &LoadOptions::frozen(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, ModelError::MissingTensor { name, .. } if name == "lm_head.weight"),
+        "{err}"
+    );
+    // A head equal to wte gives the tied model's logits; it is its own parameter.
+    map.insert("lm_head.weight".into(), map["transformer.wte.weight"].clone());
+    let (untied, report) =
+        GPT2LMHeadModel::load(&cfg, &WeightSource::from_tensors(map), &LoadOptions::default())?;
+    assert!(report.unused.is_empty());
+    assert!(untied.named_vars().iter().any(|(k, _)| k == "lm_head.weight"));
+    let (tied, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
+    let exp = expected("tiny-gpt2")?;
+    let a = untied.forward_t(&exp["input_ids"], None, false)?;
+    let b = tied.forward_t(&exp["input_ids"], None, false)?;
+    assert_eq!(max_abs(&a, &b)?, 0.0);
+    Ok(())
+}
