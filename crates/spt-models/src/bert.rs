@@ -706,6 +706,7 @@ impl SptModel for BertModel {
                 (LoraTarget::Value, &mut sa.value),
                 (LoraTarget::Output, &mut layer.attention.output.dense),
             ],
+            dropout_rng: self.dropout_rng.clone(),
         })
     }
 }

@@ -553,6 +553,7 @@ impl SptModel for GPT2Model {
                 (LoraTarget::QueryKeyValue, &mut block.attn.c_attn),
                 (LoraTarget::Output, &mut block.attn.c_proj),
             ],
+            dropout_rng: self.dropout_rng.clone(),
         })
     }
 }

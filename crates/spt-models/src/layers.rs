@@ -30,6 +30,8 @@ pub struct Linear {
     /// `{module}.lora_A.weight` `[r, in]` and `{module}.lora_B.weight` `[out, r]` (PEFT names),
     /// sharing the `Var`s of `lora`.
     lora_params: Vec<Param>,
+    /// The LoRA input dropout drawn from the model's seed source (see [`Linear::add_lora_seeded`]).
+    lora_dropout: Option<Dropout>,
 }
 
 impl Linear {
@@ -58,6 +60,7 @@ impl Linear {
             layout,
             lora: None,
             lora_params: Vec::new(),
+            lora_dropout: None,
         }
     }
 
@@ -100,6 +103,14 @@ impl Linear {
             Param::from_var(format!("{m}.lora_B.weight"), lora.lora_b().clone()),
         ];
         self.lora = Some(lora);
+        Ok(())
+    }
+
+    /// [`Linear::add_lora`] with the LoRA input dropout drawn from a shared seed source (the
+    /// model's, so `seed_dropout` makes LoRA dropout reproducible too).
+    pub fn add_lora_seeded(&mut self, cfg: LoraConfig, rng: Arc<DropoutRng>) -> Result<()> {
+        self.add_lora(cfg)?;
+        self.lora_dropout = Some(Dropout::with_rng(cfg.dropout as f64, rng)?);
         Ok(())
     }
 
@@ -161,12 +172,22 @@ impl Linear {
 
     /// `x [.., in] → [.., out]` (with the LoRA adapter's dropout active when `train`).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        match &self.lora {
-            Some(l) => {
+        match (&self.lora, &self.lora_dropout) {
+            (Some(l), Some(d)) if train && d.p > 0.0 && !l.is_merged() => {
+                // LoraLinear's formula, with the model's seeded dropout on the LoRA input.
+                self.check_input(x)?;
+                let y = spt_ops::lora::linear(x, l.weight(), l.bias())?;
+                let u = d
+                    .forward_t(x, true)?
+                    .broadcast_matmul(&l.lora_a().as_tensor().t()?)?; // [.., r]
+                let delta = u.broadcast_matmul(&l.lora_b().as_tensor().t()?)?; // [.., out]
+                Ok(y.add(&(delta * l.config().scale())?)?)
+            }
+            (Some(l), _) => {
                 self.check_input(x)?;
                 Ok(l.forward_t(x, train)?)
             }
-            None => self.forward(x),
+            (None, _) => self.forward(x),
         }
     }
 

@@ -15,12 +15,13 @@
 use crate::attention::{AttentionCore, SparseAttention};
 use crate::error::{ModelError, Result};
 use crate::ffn::{DenseFfn, FeedForward, RoutedFeedForward};
-use crate::layers::{Linear, WeightLayout};
+use crate::layers::{DropoutRng, Linear, WeightLayout};
 use crate::weights::Param;
 use candle_core::{DType, Device, Tensor};
 use spt_ops::lora::LoraConfig;
 use spt_ops::pq::{PqConfig, Refresh, TopK};
 use spt_ops::routed_ffn::{GateMode, RoutedFfnConfig, RouterFitConfig, TopK as BlockTopK};
+use std::sync::Arc;
 
 /// One batch of calibration inputs (the model's forward arguments).
 #[derive(Debug, Clone)]
@@ -76,6 +77,8 @@ pub struct LayerSlots<'a> {
     pub ffn: &'a mut FeedForward,
     /// The attention's linear layers, by LoRA target (the FFN's are inside `ffn`).
     pub linears: Vec<(LoraTarget, &'a mut Linear)>,
+    /// The model's dropout seed source (LoRA dropout draws from it).
+    pub dropout_rng: Arc<DropoutRng>,
 }
 
 /// A model [`sparsify`] can convert: BERT and GPT-2 (base and head models).
@@ -461,7 +464,7 @@ pub fn sparsify<M: SptModel + ?Sized>(
             ] {
                 if wants(t) {
                     if let Some(c) = lora_cfg(slot) {
-                        lin.add_lora(c)?;
+                        lin.add_lora_seeded(c, slots.dropout_rng.clone())?;
                         lr.lora.push(lin.module_name().to_string());
                     }
                 }
@@ -470,7 +473,7 @@ pub fn sparsify<M: SptModel + ?Sized>(
         for (slot, (t, lin)) in slots.linears.into_iter().enumerate() {
             if wants(t) {
                 if let Some(c) = lora_cfg(slot as u64) {
-                    lin.add_lora(c)?;
+                    lin.add_lora_seeded(c, slots.dropout_rng.clone())?;
                     lr.lora.push(lin.module_name().to_string());
                 }
             }

@@ -217,6 +217,14 @@ fn lora_starts_at_identity_trains_only_factors_and_merges() -> Result<()> {
             v.set(&Tensor::from_vec(data, v.shape(), &Device::Cpu)?)?;
         }
     }
+    // LoRA dropout (0.1) is drawn from the model's seed source: reseeding repeats it exactly.
+    m.seed_dropout(4);
+    let t1 = m.forward_t(ids, Some(types), Some(mask), true)?;
+    let t2 = m.forward_t(ids, Some(types), Some(mask), true)?;
+    m.seed_dropout(4);
+    let t3 = m.forward_t(ids, Some(types), Some(mask), true)?;
+    assert!(max_abs(&t1, &t2)? > 0.0);
+    assert_eq!(max_abs(&t1, &t3)?, 0.0);
     let unmerged = m.forward_t(ids, Some(types), Some(mask), false)?;
     assert!(max_abs(&unmerged, &ld)? > 1e-4, "LoRA update had no effect");
     let layer = &mut m.bert.layers[0].attention.self_attn.query;
