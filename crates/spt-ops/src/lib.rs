@@ -12,6 +12,8 @@
 
 pub mod activation;
 pub mod attention;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod gradcheck;
 pub mod norm;
 pub mod pq;

@@ -1,1 +1,28 @@
-//! Placeholder
+//! spt-train: the model-independent half of fine-tuning.
+//!
+//! - [`optim`]: AdamW with decay / no-decay groups, f32 moments, state save/load, global-norm
+//!   gradient clipping and learning-rate schedules.
+//! - [`data`]: CSV / TSV / JSONL classification readers, label maps, seeded (grouped) splits, LM
+//!   text packing, tokenizers, length-bucketed batches as candle tensors.
+//! - [`checkpoint`]: atomic, versioned, checksummed directory checkpoints and the output-dir guard.
+//! - [`metrics`]: accuracy, macro-F1, perplexity, `metrics.jsonl`, `loss.svg`.
+//! - [`trainer`]: the [`trainer::TrainTask`] trait a model implements and the [`trainer::Trainer`]
+//!   loop (accumulation, schedule, clipping, eval, checkpoints, bit-exact resume, Ctrl-C).
+//! - [`config`]: [`config::FinetuneConfig`] (TOML / JSON, equal to the CLI flags) and model
+//!   resolution (local directory or Hugging Face hub id).
+//! - [`pipeline`]: from a config to tokenised train / validation sets.
+//! - [`losses`]: masked causal-LM loss and classification loss / eval outputs over a batch.
+//! - [`rng`]: the serialisable SplitMix64 behind data order and per-step seeds.
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod losses;
+pub mod metrics;
+pub mod optim;
+pub mod pipeline;
+pub mod rng;
+pub mod trainer;
+
+pub use error::{Error, Result};

@@ -1,0 +1,733 @@
+//! Reading classification files (CSV, TSV, JSONL) and plain-text LM files; label maps; splits.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::DataError;
+use crate::rng::SplitMix64;
+
+/// File format of a classification file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DataFormat {
+    /// Comma-separated with a header row, RFC 4180 quoting (fields may hold newlines).
+    Csv,
+    /// Tab-separated with a header row, no quoting.
+    Tsv,
+    /// One JSON object per line.
+    Jsonl,
+}
+
+impl DataFormat {
+    /// From the extension: `.csv`; `.tsv` / `.tab`; `.jsonl` / `.ndjson` / `.json`.
+    pub fn from_path(path: &Path) -> Result<Self, DataError> {
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        match ext.as_str() {
+            "csv" => Ok(Self::Csv),
+            "tsv" | "tab" => Ok(Self::Tsv),
+            "jsonl" | "ndjson" | "json" => Ok(Self::Jsonl),
+            _ => Err(DataError::Invalid(format!(
+                "{}: cannot tell the format from the extension `{ext}`; use .csv, .tsv or .jsonl, or set the format",
+                path.display()
+            ))),
+        }
+    }
+}
+
+/// Which columns (or JSON keys) hold the text, the optional second text, the label and the
+/// optional group used for grouped splits (e.g. `movie_name`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColumnSpec {
+    pub text: String,
+    pub text_pair: Option<String>,
+    /// `None` for unlabeled input (prediction).
+    pub label: Option<String>,
+    pub group: Option<String>,
+}
+
+impl Default for ColumnSpec {
+    fn default() -> Self {
+        Self {
+            text: "text".into(),
+            text_pair: None,
+            label: Some("label".into()),
+            group: None,
+        }
+    }
+}
+
+/// One row of a classification file, before tokenisation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawExample {
+    pub text: String,
+    pub text_pair: Option<String>,
+    pub label: Option<String>,
+    pub group: Option<String>,
+    /// 1-based line where the row starts in `ClassificationData::path`.
+    pub line: u64,
+}
+
+/// The rows of one file, remembered with the file and columns so later errors can name them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClassificationData {
+    pub path: PathBuf,
+    pub columns: ColumnSpec,
+    pub examples: Vec<RawExample>,
+}
+
+/// Reads a classification file. Rows whose label is in `drop_labels` are skipped (e.g. `plot` in
+/// the Rotten Tomatoes CSV). Errors: unreadable file, empty file, missing column, non-UTF-8 field,
+/// malformed row, each naming the file and line (and column).
+pub fn read_classification(
+    path: &Path,
+    format: Option<DataFormat>,
+    columns: &ColumnSpec,
+    drop_labels: &[String],
+) -> Result<ClassificationData, DataError> {
+    let format = match format {
+        Some(f) => f,
+        None => DataFormat::from_path(path)?,
+    };
+    let mut examples = match format {
+        DataFormat::Csv => read_delimited(path, b',', true, columns)?,
+        DataFormat::Tsv => read_delimited(path, b'\t', false, columns)?,
+        DataFormat::Jsonl => read_jsonl(path, columns)?,
+    };
+    let before = examples.len();
+    if !drop_labels.is_empty() {
+        examples.retain(|e| e.label.as_ref().is_none_or(|l| !drop_labels.contains(l)));
+    }
+    if examples.is_empty() {
+        let detail = if before > 0 {
+            format!(" left after dropping labels {drop_labels:?}")
+        } else {
+            String::new()
+        };
+        return Err(DataError::Empty {
+            path: path.to_path_buf(),
+            detail,
+        });
+    }
+    Ok(ClassificationData {
+        path: path.to_path_buf(),
+        columns: columns.clone(),
+        examples,
+    })
+}
+
+fn utf8_field(path: &Path, line: u64, column: &str, bytes: &[u8]) -> Result<String, DataError> {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => Ok(s.to_string()),
+        Err(e) => Err(DataError::NonUtf8 {
+            path: path.to_path_buf(),
+            line,
+            column: format!("`{column}` (byte {} of the field)", e.valid_up_to() + 1),
+        }),
+    }
+}
+
+struct Cols {
+    text: usize,
+    pair: Option<usize>,
+    label: Option<usize>,
+    group: Option<usize>,
+}
+
+fn read_delimited(
+    path: &Path,
+    delimiter: u8,
+    quoting: bool,
+    spec: &ColumnSpec,
+) -> Result<Vec<RawExample>, DataError> {
+    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    let mut rdr = csv::ReaderBuilder::new()
+        .delimiter(delimiter)
+        .quoting(quoting)
+        .has_headers(true)
+        .from_reader(std::io::BufReader::new(file));
+    let headers = rdr.byte_headers().map_err(|e| csv_error(path, e))?.clone();
+    if headers.is_empty() || (headers.len() == 1 && headers[0].is_empty()) {
+        return Err(DataError::Empty {
+            path: path.to_path_buf(),
+            detail: String::new(),
+        });
+    }
+    let mut names = Vec::with_capacity(headers.len());
+    for (i, h) in headers.iter().enumerate() {
+        let mut name = utf8_field(path, 1, &format!("#{}", i + 1), h)?;
+        if i == 0 {
+            name = name.trim_start_matches('\u{feff}').to_string();
+        }
+        names.push(name.trim().to_string());
+    }
+    let find = |col: &str| -> Result<usize, DataError> {
+        names
+            .iter()
+            .position(|n| n == col)
+            .ok_or_else(|| DataError::MissingColumn {
+                path: path.to_path_buf(),
+                line: 1,
+                column: col.to_string(),
+                available: names.join(", "),
+            })
+    };
+    let cols = Cols {
+        text: find(&spec.text)?,
+        pair: spec.text_pair.as_deref().map(find).transpose()?,
+        label: spec.label.as_deref().map(find).transpose()?,
+        group: spec.group.as_deref().map(find).transpose()?,
+    };
+    let mut out = Vec::new();
+    let mut rec = csv::ByteRecord::new();
+    loop {
+        match rdr.read_byte_record(&mut rec) {
+            Ok(false) => break,
+            Ok(true) => {}
+            Err(e) => return Err(csv_error(path, e)),
+        }
+        let line = rec.position().map(|p| p.line()).unwrap_or(0);
+        if rec.len() == 1 && rec[0].is_empty() {
+            continue; // blank line
+        }
+        let field = |idx: usize, name: &str| -> Result<String, DataError> {
+            let bytes = rec.get(idx).ok_or_else(|| DataError::Parse {
+                path: path.to_path_buf(),
+                line,
+                msg: format!(
+                    "row has {} fields, column `{name}` is field {}",
+                    rec.len(),
+                    idx + 1
+                ),
+            })?;
+            utf8_field(path, line, name, bytes)
+        };
+        out.push(RawExample {
+            text: field(cols.text, &spec.text)?,
+            text_pair: match (cols.pair, &spec.text_pair) {
+                (Some(i), Some(n)) => Some(field(i, n)?),
+                _ => None,
+            },
+            label: match (cols.label, &spec.label) {
+                (Some(i), Some(n)) => Some(field(i, n)?.trim().to_string()),
+                _ => None,
+            },
+            group: match (cols.group, &spec.group) {
+                (Some(i), Some(n)) => Some(field(i, n)?),
+                _ => None,
+            },
+            line,
+        });
+    }
+    Ok(out)
+}
+
+fn csv_error(path: &Path, e: csv::Error) -> DataError {
+    let line = e.position().map(|p| p.line()).unwrap_or(0);
+    match e.into_kind() {
+        csv::ErrorKind::Io(io) => DataError::io(path, io),
+        csv::ErrorKind::UnequalLengths {
+            expected_len, len, ..
+        } => DataError::Parse {
+            path: path.to_path_buf(),
+            line,
+            msg: format!("row has {len} fields, the header has {expected_len}"),
+        },
+        csv::ErrorKind::Utf8 { err, .. } => DataError::NonUtf8 {
+            path: path.to_path_buf(),
+            line,
+            column: format!("#{}", err.field() + 1),
+        },
+        other => DataError::Parse {
+            path: path.to_path_buf(),
+            line,
+            msg: format!("{other:?}"),
+        },
+    }
+}
+
+/// Splits file bytes into lines (without `\n` / `\r\n`), checking each is UTF-8.
+/// Yields `(1-based line number, line)`.
+fn utf8_lines(path: &Path, bytes: &[u8]) -> Result<Vec<(u64, String)>, DataError> {
+    let mut out = Vec::new();
+    for (i, raw) in bytes.split(|b| *b == b'\n').enumerate() {
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        let line = i as u64 + 1;
+        match std::str::from_utf8(raw) {
+            Ok(s) => out.push((line, s.to_string())),
+            Err(e) => {
+                return Err(DataError::NonUtf8 {
+                    path: path.to_path_buf(),
+                    line,
+                    column: format!("{}", e.valid_up_to() + 1),
+                })
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn read_jsonl(path: &Path, spec: &ColumnSpec) -> Result<Vec<RawExample>, DataError> {
+    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    let mut out = Vec::new();
+    for (line, text) in utf8_lines(path, &bytes)? {
+        if text.trim().is_empty() {
+            continue;
+        }
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| DataError::Parse {
+            path: path.to_path_buf(),
+            line,
+            msg: format!("invalid JSON at column {}: {e}", e.column()),
+        })?;
+        let obj = value.as_object().ok_or_else(|| DataError::Parse {
+            path: path.to_path_buf(),
+            line,
+            msg: "expected a JSON object".into(),
+        })?;
+        let get = |key: &str| -> Result<String, DataError> {
+            match obj.get(key) {
+                Some(serde_json::Value::String(s)) => Ok(s.clone()),
+                Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => Ok(v.to_string()),
+                Some(other) => Err(DataError::Parse {
+                    path: path.to_path_buf(),
+                    line,
+                    msg: format!("key `{key}` must be a string, number or bool, got {other}"),
+                }),
+                None => Err(DataError::MissingColumn {
+                    path: path.to_path_buf(),
+                    line,
+                    column: key.to_string(),
+                    available: obj.keys().cloned().collect::<Vec<_>>().join(", "),
+                }),
+            }
+        };
+        out.push(RawExample {
+            text: get(&spec.text)?,
+            text_pair: spec.text_pair.as_deref().map(get).transpose()?,
+            label: spec
+                .label
+                .as_deref()
+                .map(get)
+                .transpose()?
+                .map(|l| l.trim().to_string()),
+            group: spec.group.as_deref().map(get).transpose()?,
+            line,
+        });
+    }
+    Ok(out)
+}
+
+/// Reads plain-text files for LM training: `(path, [(line number, line)])` per file, every line
+/// checked to be UTF-8. A file with no non-blank text is an error.
+#[allow(clippy::type_complexity)]
+pub fn read_lm_texts(paths: &[PathBuf]) -> Result<Vec<(PathBuf, Vec<(u64, String)>)>, DataError> {
+    if paths.is_empty() {
+        return Err(DataError::Invalid("no LM text files given".into()));
+    }
+    let mut out = Vec::with_capacity(paths.len());
+    for path in paths {
+        let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+        let lines = utf8_lines(path, &bytes)?;
+        if lines.iter().all(|(_, l)| l.trim().is_empty()) {
+            return Err(DataError::Empty {
+                path: path.clone(),
+                detail: String::new(),
+            });
+        }
+        out.push((path.clone(), lines));
+    }
+    Ok(out)
+}
+
+/// String labels ↔ ids, saved as Hugging Face style JSON (`id2label`, `label2id`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LabelMap {
+    labels: Vec<String>,
+    index: HashMap<String, u32>,
+}
+
+impl LabelMap {
+    /// Ids in the order given; duplicates are an error.
+    pub fn new(labels: Vec<String>) -> Result<Self, DataError> {
+        let mut index = HashMap::with_capacity(labels.len());
+        for (i, l) in labels.iter().enumerate() {
+            if index.insert(l.clone(), i as u32).is_some() {
+                return Err(DataError::Invalid(format!(
+                    "label `{l}` appears twice in the label mapping"
+                )));
+            }
+        }
+        if labels.is_empty() {
+            return Err(DataError::Invalid(
+                "a label mapping needs at least one label".into(),
+            ));
+        }
+        Ok(Self { labels, index })
+    }
+
+    /// The sorted distinct labels of `data` (so ids do not depend on row order).
+    pub fn from_data(data: &ClassificationData) -> Result<Self, DataError> {
+        let set: BTreeSet<&str> = data.examples.iter().filter_map(|e| e.label.as_deref()).collect();
+        if set.is_empty() {
+            return Err(DataError::Invalid(format!(
+                "{}: no labels found",
+                data.path.display()
+            )));
+        }
+        Self::new(set.into_iter().map(String::from).collect())
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    pub fn id(&self, label: &str) -> Option<u32> {
+        self.index.get(label).copied()
+    }
+
+    pub fn label(&self, id: u32) -> Option<&str> {
+        self.labels.get(id as usize).map(String::as_str)
+    }
+
+    pub fn labels(&self) -> &[String] {
+        &self.labels
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let id2label: BTreeMap<String, &str> = self
+            .labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i.to_string(), l.as_str()))
+            .collect();
+        let label2id: BTreeMap<&str, usize> = self
+            .labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.as_str(), i))
+            .collect();
+        serde_json::json!({ "id2label": id2label, "label2id": label2id })
+    }
+
+    pub fn from_json(value: &serde_json::Value) -> Result<Self, String> {
+        let map = value
+            .get("id2label")
+            .and_then(|v| v.as_object())
+            .ok_or("missing object `id2label`")?;
+        let mut pairs = Vec::with_capacity(map.len());
+        for (k, v) in map {
+            let id: usize = k
+                .parse()
+                .map_err(|_| format!("id2label key `{k}` is not an integer"))?;
+            let label = v
+                .as_str()
+                .ok_or_else(|| format!("id2label[{k}] is not a string"))?;
+            pairs.push((id, label.to_string()));
+        }
+        pairs.sort();
+        for (i, (id, _)) in pairs.iter().enumerate() {
+            if *id != i {
+                return Err(format!("id2label ids must be 0..{}, missing {i}", pairs.len()));
+            }
+        }
+        Self::new(pairs.into_iter().map(|(_, l)| l).collect()).map_err(|e| e.to_string())
+    }
+
+    /// Writes the JSON next to `path` then renames it into place.
+    pub fn save(&self, path: &Path) -> Result<(), DataError> {
+        let text =
+            serde_json::to_string_pretty(&self.to_json()).map_err(|e| DataError::Invalid(e.to_string()))?;
+        crate::checkpoint::write_file_atomic(path, text.as_bytes()).map_err(|e| DataError::io(path, e))
+    }
+
+    pub fn load(path: &Path) -> Result<Self, DataError> {
+        let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| DataError::Parse {
+            path: path.to_path_buf(),
+            line: e.line() as u64,
+            msg: e.to_string(),
+        })?;
+        Self::from_json(&value).map_err(|msg| DataError::Parse {
+            path: path.to_path_buf(),
+            line: 1,
+            msg,
+        })
+    }
+}
+
+/// Seeded train / validation split. With `by_group` every distinct `group` value (e.g. a movie)
+/// goes wholly to one side; otherwise each row is its own group. Groups are shuffled with `seed`
+/// and moved to validation until it holds at least `valid_fraction` of the rows. Row order within
+/// each side is the file order.
+pub fn split_train_validation(
+    data: ClassificationData,
+    valid_fraction: f64,
+    seed: u64,
+    by_group: bool,
+) -> Result<(ClassificationData, ClassificationData), DataError> {
+    if !(valid_fraction > 0.0 && valid_fraction < 1.0) {
+        return Err(DataError::Invalid(format!(
+            "validation fraction must be in (0, 1), got {valid_fraction}"
+        )));
+    }
+    let n = data.examples.len();
+    let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (i, e) in data.examples.iter().enumerate() {
+        let key = if by_group {
+            match &e.group {
+                Some(g) => g.clone(),
+                None => {
+                    return Err(DataError::Invalid(format!(
+                        "{}: line {}: a grouped split needs a group column",
+                        data.path.display(),
+                        e.line
+                    )))
+                }
+            }
+        } else {
+            format!("{i:012}")
+        };
+        groups.entry(key).or_default().push(i);
+    }
+    if groups.len() < 2 {
+        return Err(DataError::Invalid(format!(
+            "{}: cannot split {} group(s) into train and validation",
+            data.path.display(),
+            groups.len()
+        )));
+    }
+    let mut keys: Vec<&String> = groups.keys().collect();
+    SplitMix64::derive(seed, 0x5EED_5B11).shuffle(&mut keys);
+    let want = ((n as f64) * valid_fraction).ceil() as usize;
+    let mut in_valid = vec![false; n];
+    let mut taken = 0;
+    for k in keys.iter().take(keys.len() - 1) {
+        if taken >= want {
+            break;
+        }
+        for &i in &groups[*k] {
+            in_valid[i] = true;
+        }
+        taken += groups[*k].len();
+    }
+    let (mut train, mut valid) = (Vec::new(), Vec::new());
+    for (e, v) in data.examples.into_iter().zip(in_valid) {
+        if v {
+            valid.push(e)
+        } else {
+            train.push(e)
+        }
+    }
+    Ok((
+        ClassificationData {
+            path: data.path.clone(),
+            columns: data.columns.clone(),
+            examples: train,
+        },
+        ClassificationData {
+            path: data.path,
+            columns: data.columns,
+            examples: valid,
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    fn rt_spec() -> ColumnSpec {
+        ColumnSpec {
+            text: "text".into(),
+            text_pair: None,
+            label: Some("category".into()),
+            group: Some("movie_name".into()),
+        }
+    }
+
+    const RT: &str = "category,text,movie_name,has_plot_and_reviews\n\
+        fresh,\"A joy, from start\nto finish.\",Movie A,True\n\
+        rotten,Dull.,Movie A,True\n\
+        plot,A man walks.,Movie B,True\n\
+        fresh,Great fun,Movie B,True\n\
+        rotten,\"Said \"\"meh\"\"\",Movie C,False\n";
+
+    #[test]
+    fn csv_with_quotes_newlines_and_dropped_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "rt.csv", RT.as_bytes());
+        let d = read_classification(&p, None, &rt_spec(), &["plot".into()]).unwrap();
+        assert_eq!(d.examples.len(), 4);
+        assert_eq!(d.examples[0].text, "A joy, from start\nto finish.");
+        assert_eq!(d.examples[0].line, 2);
+        assert_eq!(d.examples[1].line, 4);
+        assert_eq!(d.examples[3].text, "Said \"meh\"");
+        assert_eq!(d.examples[3].group.as_deref(), Some("Movie C"));
+        let labels = LabelMap::from_data(&d).unwrap();
+        assert_eq!(labels.labels(), ["fresh", "rotten"]);
+    }
+
+    #[test]
+    fn tsv_and_jsonl_with_pairs() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "a.tsv",
+            b"s1\ts2\tlabel\nhi \"there\"\tyo\tpos\nlo\tyo\tneg\n",
+        );
+        let spec = ColumnSpec {
+            text: "s1".into(),
+            text_pair: Some("s2".into()),
+            ..Default::default()
+        };
+        let d = read_classification(&p, None, &spec, &[]).unwrap();
+        assert_eq!(d.examples[0].text, "hi \"there\"");
+        assert_eq!(d.examples[0].text_pair.as_deref(), Some("yo"));
+        assert_eq!(d.examples[1].label.as_deref(), Some("neg"));
+        let p = write(
+            dir.path(),
+            "a.jsonl",
+            b"{\"s1\":\"x\",\"s2\":\"y\",\"label\":1}\n\n{\"s1\":\"z\",\"s2\":\"w\",\"label\":0}\n",
+        );
+        let d = read_classification(&p, None, &spec, &[]).unwrap();
+        assert_eq!(d.examples.len(), 2);
+        assert_eq!(d.examples[0].label.as_deref(), Some("1"));
+        assert_eq!(d.examples[1].line, 3);
+    }
+
+    #[test]
+    fn bad_input_errors_name_file_line_and_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = rt_spec();
+        // Missing column.
+        let p = write(dir.path(), "m.csv", b"category,text\nfresh,ok\n");
+        let e = read_classification(&p, None, &spec, &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("m.csv") && e.contains("line 1") && e.contains("`movie_name`"),
+            "{e}"
+        );
+        // Empty file, and header only.
+        let p = write(dir.path(), "e.csv", b"");
+        let e = read_classification(&p, None, &spec, &[]).unwrap_err().to_string();
+        assert!(e.contains("e.csv") && e.contains("empty"), "{e}");
+        let p = write(dir.path(), "h.csv", b"category,text,movie_name\n");
+        let e = read_classification(&p, None, &spec, &[]).unwrap_err().to_string();
+        assert!(e.contains("h.csv") && e.contains("empty"), "{e}");
+        // Non-UTF-8 in a CSV field and in a JSONL line.
+        let p = write(
+            dir.path(),
+            "u.csv",
+            b"category,text,movie_name\nfresh,ok,A\nrotten,bad \xff byte,B\n",
+        );
+        let e = read_classification(&p, None, &spec, &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("u.csv") && e.contains("line 3") && e.contains("`text`") && e.contains("UTF-8"),
+            "{e}"
+        );
+        let p = write(
+            dir.path(),
+            "u.jsonl",
+            b"{\"text\":\"a\",\"label\":\"x\"}\n{\"text\":\"\xc3\x28\",\"label\":\"y\"}\n",
+        );
+        let e = read_classification(&p, None, &ColumnSpec::default(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("u.jsonl") && e.contains("line 2") && e.contains("column 10"),
+            "{e}"
+        );
+        // Missing key in JSONL, on its line.
+        let p = write(
+            dir.path(),
+            "k.jsonl",
+            b"{\"text\":\"a\",\"label\":\"x\"}\n{\"txt\":\"b\",\"label\":\"y\"}\n",
+        );
+        let e = read_classification(&p, None, &ColumnSpec::default(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("k.jsonl") && e.contains("line 2") && e.contains("`text`"),
+            "{e}"
+        );
+        // Ragged CSV row.
+        let p = write(
+            dir.path(),
+            "r.csv",
+            b"category,text,movie_name\nfresh,ok,A\nrotten,two\n",
+        );
+        let e = read_classification(&p, None, &spec, &[]).unwrap_err().to_string();
+        assert!(e.contains("r.csv") && e.contains("line 3"), "{e}");
+        // LM text: non-UTF-8 and empty.
+        let p = write(dir.path(), "t.txt", b"fine\nalso fine\nnot \xfe fine\n");
+        let e = read_lm_texts(&[p]).unwrap_err().to_string();
+        assert!(
+            e.contains("t.txt") && e.contains("line 3") && e.contains("column 5"),
+            "{e}"
+        );
+        let p = write(dir.path(), "z.txt", b"\n  \n");
+        let e = read_lm_texts(&[p]).unwrap_err().to_string();
+        assert!(e.contains("z.txt") && e.contains("empty"), "{e}");
+    }
+
+    #[test]
+    fn label_map_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = LabelMap::new(vec!["neg".into(), "pos".into(), "neutral".into()]).unwrap();
+        let p = dir.path().join("labels.json");
+        m.save(&p).unwrap();
+        let back = LabelMap::load(&p).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(back.id("neutral"), Some(2));
+        assert_eq!(back.label(1), Some("pos"));
+        assert!(LabelMap::new(vec!["a".into(), "a".into()]).is_err());
+    }
+
+    #[test]
+    fn grouped_split_keeps_groups_whole_and_is_seeded() {
+        let examples: Vec<RawExample> = (0..200)
+            .map(|i| RawExample {
+                text: format!("t{i}"),
+                text_pair: None,
+                label: Some(if i % 2 == 0 { "a" } else { "b" }.into()),
+                group: Some(format!("movie{}", i % 37)),
+                line: i + 2,
+            })
+            .collect();
+        let data = ClassificationData {
+            path: "x.csv".into(),
+            columns: rt_spec(),
+            examples,
+        };
+        let (tr, va) = split_train_validation(data.clone(), 0.2, 1, true).unwrap();
+        assert_eq!(tr.examples.len() + va.examples.len(), 200);
+        assert!(
+            va.examples.len() >= 40 && va.examples.len() < 60,
+            "{}",
+            va.examples.len()
+        );
+        let tg: BTreeSet<_> = tr.examples.iter().map(|e| e.group.clone()).collect();
+        let vg: BTreeSet<_> = va.examples.iter().map(|e| e.group.clone()).collect();
+        assert!(tg.is_disjoint(&vg));
+        let (tr2, va2) = split_train_validation(data.clone(), 0.2, 1, true).unwrap();
+        assert_eq!((tr2, va2), (tr.clone(), va.clone()));
+        let (_, va3) = split_train_validation(data.clone(), 0.2, 2, true).unwrap();
+        assert_ne!(va3, va);
+        let (tr4, va4) = split_train_validation(data, 0.25, 1, false).unwrap();
+        assert_eq!((tr4.examples.len(), va4.examples.len()), (150, 50));
+    }
+}

@@ -1,0 +1,385 @@
+//! [`TextTokenizer`]: the `tokenizers` crate with our truncation policy.
+//!
+//! - BERT WordPiece from `tokenizer.json` (or `vocab.txt`), GPT-2 byte-level BPE from
+//!   `tokenizer.json` or `vocab.json` + `merges.txt`.
+//! - Any padding / truncation a `tokenizer.json` embeds (all-MiniLM-L6-v2 pads and truncates to
+//!   128) is switched off: batches pad dynamically, and truncation is ours.
+//! - Texts longer than `max_length` tokens (special tokens included) are truncated with the
+//!   tokenizer's longest-first strategy, so `[CLS] … [SEP]` survive; the first truncation logs
+//!   one warning naming where it happened, and [`TextTokenizer::truncated_count`] counts them all.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokenizers::models::bpe::BPE;
+use tokenizers::models::wordpiece::WordPiece;
+use tokenizers::normalizers::bert::BertNormalizer;
+use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::processors::bert::BertProcessing;
+use tokenizers::{AddedToken, EncodeInput, Tokenizer, TruncationParams, TruncationStrategy};
+
+use super::DataError;
+
+/// Token ids and segment ids of one encoded text (or text pair).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Encoded {
+    pub ids: Vec<u32>,
+    pub type_ids: Vec<u32>,
+}
+
+/// A tokenizer with padding disabled and a truncation limit.
+pub struct TextTokenizer {
+    plain: Tokenizer,
+    truncating: Tokenizer,
+    max_length: usize,
+    pad_id: u32,
+    eos_id: Option<u32>,
+    source: String,
+    truncated: AtomicUsize,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextTokenizer")
+            .field("source", &self.source)
+            .field("max_length", &self.max_length)
+            .field("pad_id", &self.pad_id)
+            .field("eos_id", &self.eos_id)
+            .finish()
+    }
+}
+
+fn tok_err(source: &str, e: impl std::fmt::Display) -> DataError {
+    DataError::Tokenizer {
+        source_name: source.to_string(),
+        msg: e.to_string(),
+    }
+}
+
+impl TextTokenizer {
+    /// Wraps a `tokenizers::Tokenizer`; its own padding and truncation are removed.
+    /// `source` names it in errors (usually the file path).
+    pub fn from_tokenizer(mut tok: Tokenizer, source: &str, max_length: usize) -> Result<Self, DataError> {
+        if max_length == 0 {
+            return Err(DataError::Invalid("max_length must be at least 1".into()));
+        }
+        let padding_pad = tok.get_padding().map(|p| p.pad_id);
+        tok.with_padding(None);
+        tok.with_truncation(None).map_err(|e| tok_err(source, e))?;
+        let pad_id = padding_pad
+            .or_else(|| tok.token_to_id("[PAD]"))
+            .or_else(|| tok.token_to_id("<pad>"))
+            .or_else(|| tok.token_to_id("<|endoftext|>"))
+            .unwrap_or(0);
+        let eos_id = tok
+            .token_to_id("<|endoftext|>")
+            .or_else(|| tok.token_to_id("</s>"))
+            .or_else(|| tok.token_to_id("[SEP]"));
+        let mut truncating = tok.clone();
+        truncating
+            .with_truncation(Some(TruncationParams {
+                max_length,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                ..Default::default()
+            }))
+            .map_err(|e| tok_err(source, e))?;
+        Ok(Self {
+            plain: tok,
+            truncating,
+            max_length,
+            pad_id,
+            eos_id,
+            source: source.to_string(),
+            truncated: AtomicUsize::new(0),
+        })
+    }
+
+    /// Loads a `tokenizer.json` (WordPiece, BPE, …).
+    pub fn from_file(path: &Path, max_length: usize) -> Result<Self, DataError> {
+        let source = path.display().to_string();
+        let tok = Tokenizer::from_file(path).map_err(|e| tok_err(&source, e))?;
+        Self::from_tokenizer(tok, &source, max_length)
+    }
+
+    /// GPT-2 byte-level BPE from `vocab.json` + `merges.txt` (ByteLevel pre-tokenizer and
+    /// decoder, `add_prefix_space = false`; `<|endoftext|>` registered as a special token).
+    pub fn gpt2_from_vocab_merges(vocab: &Path, merges: &Path, max_length: usize) -> Result<Self, DataError> {
+        let source = format!("{} + {}", vocab.display(), merges.display());
+        let (v, m) = match (vocab.to_str(), merges.to_str()) {
+            (Some(v), Some(m)) => (v, m),
+            _ => return Err(tok_err(&source, "paths must be valid UTF-8")),
+        };
+        let bpe = BPE::from_file(v, m).build().map_err(|e| tok_err(&source, e))?;
+        let mut tok = Tokenizer::new(bpe);
+        tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        tok.with_decoder(Some(ByteLevel::default()));
+        tok.with_post_processor(Some(ByteLevel::new(false, true, true)));
+        if tok.token_to_id("<|endoftext|>").is_some() {
+            tok.add_special_tokens([AddedToken::from("<|endoftext|>", true)])
+                .map_err(|e| tok_err(&source, e))?;
+        }
+        Self::from_tokenizer(tok, &source, max_length)
+    }
+
+    /// BERT uncased WordPiece from a `vocab.txt` (lower-casing BertNormalizer, BertPreTokenizer,
+    /// `[CLS] a [SEP] b [SEP]` post-processing).
+    pub fn bert_from_vocab_txt(vocab: &Path, max_length: usize) -> Result<Self, DataError> {
+        let source = vocab.display().to_string();
+        let v = vocab
+            .to_str()
+            .ok_or_else(|| tok_err(&source, "path must be valid UTF-8"))?;
+        let wp = WordPiece::from_file(v).build().map_err(|e| tok_err(&source, e))?;
+        let mut tok = Tokenizer::new(wp);
+        let cls = tok
+            .token_to_id("[CLS]")
+            .ok_or_else(|| tok_err(&source, "vocab has no [CLS]"))?;
+        let sep = tok
+            .token_to_id("[SEP]")
+            .ok_or_else(|| tok_err(&source, "vocab has no [SEP]"))?;
+        tok.with_normalizer(Some(BertNormalizer::default()))
+            .map_err(|e| tok_err(&source, e))?;
+        tok.with_pre_tokenizer(Some(BertPreTokenizer));
+        tok.with_post_processor(Some(BertProcessing::new(
+            ("[SEP]".into(), sep),
+            ("[CLS]".into(), cls),
+        )));
+        Self::from_tokenizer(tok, &source, max_length)
+    }
+
+    /// From a model directory: `tokenizer.json`, else `vocab.json` + `merges.txt`, else
+    /// `vocab.txt`.
+    pub fn from_model_dir(dir: &Path, max_length: usize) -> Result<Self, DataError> {
+        let tj = dir.join("tokenizer.json");
+        if tj.is_file() {
+            return Self::from_file(&tj, max_length);
+        }
+        let (vj, mt) = (dir.join("vocab.json"), dir.join("merges.txt"));
+        if vj.is_file() && mt.is_file() {
+            return Self::gpt2_from_vocab_merges(&vj, &mt, max_length);
+        }
+        let vt = dir.join("vocab.txt");
+        if vt.is_file() {
+            return Self::bert_from_vocab_txt(&vt, max_length);
+        }
+        Err(tok_err(
+            &dir.display().to_string(),
+            "no tokenizer.json, vocab.json + merges.txt, or vocab.txt in this directory",
+        ))
+    }
+
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
+    }
+
+    /// `<|endoftext|>` / `</s>` / `[SEP]`, if the vocabulary has one.
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos_id
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.plain.get_vocab_size(true)
+    }
+
+    /// How many texts were truncated so far.
+    pub fn truncated_count(&self) -> usize {
+        self.truncated.load(Ordering::Relaxed)
+    }
+
+    pub fn inner(&self) -> &Tokenizer {
+        &self.plain
+    }
+
+    /// Encodes with special tokens, truncating to `max_length`. `location` (e.g. `file:line`)
+    /// is named in the one-time truncation warning.
+    pub fn encode(&self, text: &str, pair: Option<&str>, location: &str) -> Result<Encoded, DataError> {
+        let input = |t: &str| -> EncodeInput<'_> {
+            match pair {
+                Some(p) => (t.to_string(), p.to_string()).into(),
+                None => t.to_string().into(),
+            }
+        };
+        let enc = self
+            .plain
+            .encode(input(text), true)
+            .map_err(|e| tok_err(&self.source, e))?;
+        if enc.len() <= self.max_length {
+            return Ok(Encoded {
+                ids: enc.get_ids().to_vec(),
+                type_ids: enc.get_type_ids().to_vec(),
+            });
+        }
+        if self.truncated.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                "{location}: text is {} tokens, longer than max_length {}; truncating it (and any later ones, \
+                 counted without further warnings)",
+                enc.len(),
+                self.max_length
+            );
+        }
+        let enc = self
+            .truncating
+            .encode(input(text), true)
+            .map_err(|e| tok_err(&self.source, e))?;
+        Ok(Encoded {
+            ids: enc.get_ids().to_vec(),
+            type_ids: enc.get_type_ids().to_vec(),
+        })
+    }
+
+    /// Encodes raw text without special tokens or truncation (LM packing).
+    pub fn encode_raw(&self, text: &str) -> Result<Vec<u32>, DataError> {
+        let enc = self
+            .plain
+            .encode(text, false)
+            .map_err(|e| tok_err(&self.source, e))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Encodes many raw texts (in parallel inside `tokenizers`), order preserved.
+    pub fn encode_raw_batch(&self, texts: Vec<String>) -> Result<Vec<Vec<u32>>, DataError> {
+        let encs = self
+            .plain
+            .encode_batch(texts, false)
+            .map_err(|e| tok_err(&self.source, e))?;
+        Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, DataError> {
+        self.plain
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| tok_err(&self.source, e))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A tiny WordPiece tokenizer.json that, like MiniLM's, embeds Fixed padding and truncation.
+    pub(crate) fn tiny_bert_json() -> String {
+        let vocab = [
+            "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "man", "is", "playing", "guitar", ".", "the",
+            "movie", "was", "great", "bad", "##s", "fun", "dull", "not",
+        ];
+        let vocab: serde_json::Map<String, serde_json::Value> = vocab
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), serde_json::json!(i)))
+            .collect();
+        serde_json::json!({
+            "version": "1.0",
+            "truncation": {"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0},
+            "padding": {"strategy": {"Fixed": 8}, "direction": "Right", "pad_to_multiple_of": null,
+                         "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"},
+            "added_tokens": [],
+            "normalizer": {"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true,
+                           "strip_accents": null, "lowercase": true},
+            "pre_tokenizer": {"type": "BertPreTokenizer"},
+            "post_processor": {"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                           {"SpecialToken": {"id": "[SEP]", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": {"id": "[SEP]", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}},
+                         {"SpecialToken": {"id": "[SEP]", "type_id": 1}}],
+                "special_tokens": {"[CLS]": {"id": "[CLS]", "ids": [2], "tokens": ["[CLS]"]},
+                                   "[SEP]": {"id": "[SEP]", "ids": [3], "tokens": ["[SEP]"]}}},
+            "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
+            "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+                      "max_input_chars_per_word": 100, "vocab": vocab}
+        })
+        .to_string()
+    }
+
+    pub(crate) fn tiny_bert(dir: &Path, max_length: usize) -> TextTokenizer {
+        let p = dir.join("tokenizer.json");
+        std::fs::write(&p, tiny_bert_json()).unwrap();
+        TextTokenizer::from_file(&p, max_length).unwrap()
+    }
+
+    #[test]
+    fn bert_json_padding_and_truncation_are_disabled() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tiny_bert(dir.path(), 64);
+        let e = t.encode("A man is playing", None, "x").unwrap();
+        assert_eq!(e.ids, vec![2, 5, 6, 7, 8, 3]); // not padded to the file's Fixed 8
+        let long = "the movie was great the movie was great the movie";
+        let e = t.encode(long, None, "x").unwrap();
+        assert_eq!(e.ids.len(), 12); // not truncated to the file's 8
+        assert_eq!(t.pad_id(), 0);
+        assert_eq!(t.truncated_count(), 0);
+        let p = t.encode("movies fun", Some("not dull"), "x").unwrap();
+        assert_eq!(p.ids, vec![2, 12, 16, 17, 3, 19, 18, 3]);
+        assert_eq!(p.type_ids, vec![0, 0, 0, 0, 0, 1, 1, 1]);
+    }
+
+    #[test]
+    fn truncation_keeps_special_tokens_and_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tiny_bert(dir.path(), 5);
+        let e = t.encode("the movie was great fun", None, "f.csv:2").unwrap();
+        assert_eq!(e.ids, vec![2, 11, 12, 13, 3]);
+        let e = t.encode("the movie was great fun .", None, "f.csv:3").unwrap();
+        assert_eq!(e.ids.len(), 5);
+        assert_eq!(t.truncated_count(), 2);
+        let e = t.encode("fun", None, "f.csv:4").unwrap();
+        assert_eq!(e.ids, vec![2, 17, 3]);
+        assert_eq!(t.truncated_count(), 2);
+    }
+
+    /// A byte-level BPE whose merges spell "Hello" and "Ġworld".
+    pub(crate) fn tiny_gpt2(dir: &Path) -> TextTokenizer {
+        let tokens = [
+            "H",
+            "e",
+            "l",
+            "o",
+            "Ġ",
+            "w",
+            "r",
+            "d",
+            ",",
+            "ll",
+            "llo",
+            "He",
+            "Hello",
+            "Ġw",
+            "or",
+            "Ġwor",
+            "Ġworl",
+            "Ġworld",
+            "<|endoftext|>",
+            "Ċ",
+        ];
+        let vocab: serde_json::Map<String, serde_json::Value> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), serde_json::json!(i)))
+            .collect();
+        let merges = "#version: 0.2\nl l\nll o\nH e\nHe llo\nĠ w\no r\nĠw or\nĠwor l\nĠworl d\n";
+        let v = dir.join("vocab.json");
+        let m = dir.join("merges.txt");
+        std::fs::write(&v, serde_json::Value::Object(vocab).to_string()).unwrap();
+        std::fs::write(&m, merges).unwrap();
+        TextTokenizer::gpt2_from_vocab_merges(&v, &m, 1024).unwrap()
+    }
+
+    #[test]
+    fn gpt2_bpe_from_vocab_and_merges() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tiny_gpt2(dir.path());
+        assert_eq!(t.encode_raw("Hello world").unwrap(), vec![12, 17]);
+        assert_eq!(t.encode_raw("Hello, world").unwrap(), vec![12, 8, 17]);
+        assert_eq!(t.encode_raw("Hello<|endoftext|>").unwrap(), vec![12, 18]);
+        assert_eq!(t.eos_id(), Some(18));
+        assert_eq!(t.pad_id(), 18);
+        assert_eq!(t.decode(&[12, 17], false).unwrap(), "Hello world");
+        let t2 = TextTokenizer::from_model_dir(dir.path(), 8).unwrap();
+        assert_eq!(t2.encode_raw("Hello world").unwrap(), vec![12, 17]);
+    }
+}

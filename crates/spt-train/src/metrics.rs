@@ -1,0 +1,318 @@
+//! Metrics: accuracy, macro-F1, mean loss, perplexity; `metrics.jsonl`; the `loss.svg` plot.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Fraction of `preds` equal to `labels` (0 for empty input).
+pub fn accuracy(preds: &[u32], labels: &[u32]) -> f64 {
+    if preds.is_empty() || preds.len() != labels.len() {
+        return 0.0;
+    }
+    preds.iter().zip(labels).filter(|(p, l)| p == l).count() as f64 / preds.len() as f64
+}
+
+/// Unweighted mean over classes `0..num_classes` of per-class F1. A class absent from both
+/// predictions and labels is left out of the mean (as scikit-learn does with `labels=` unset);
+/// a class with no true positives scores 0.
+pub fn macro_f1(preds: &[u32], labels: &[u32], num_classes: usize) -> f64 {
+    let mut tp = vec![0u64; num_classes];
+    let mut fp = vec![0u64; num_classes];
+    let mut fneg = vec![0u64; num_classes];
+    for (&p, &l) in preds.iter().zip(labels) {
+        let (p, l) = (p as usize, l as usize);
+        if p == l {
+            if p < num_classes {
+                tp[p] += 1;
+            }
+        } else {
+            if p < num_classes {
+                fp[p] += 1;
+            }
+            if l < num_classes {
+                fneg[l] += 1;
+            }
+        }
+    }
+    let mut sum = 0.0;
+    let mut n = 0;
+    for c in 0..num_classes {
+        let denom = 2 * tp[c] + fp[c] + fneg[c];
+        if denom == 0 {
+            continue;
+        }
+        sum += 2.0 * tp[c] as f64 / denom as f64;
+        n += 1;
+    }
+    if n == 0 {
+        0.0
+    } else {
+        sum / n as f64
+    }
+}
+
+/// A weighted running mean (e.g. of per-token or per-example losses).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct MeanLoss {
+    pub sum: f64,
+    pub weight: f64,
+}
+
+impl MeanLoss {
+    /// Adds a mean `loss` over `weight` items.
+    pub fn add(&mut self, loss: f64, weight: f64) {
+        self.sum += loss * weight;
+        self.weight += weight;
+    }
+
+    pub fn mean(&self) -> f64 {
+        if self.weight > 0.0 {
+            self.sum / self.weight
+        } else {
+            f64::NAN
+        }
+    }
+}
+
+/// `exp(mean token cross-entropy)`.
+pub fn perplexity(mean_loss: f64) -> f64 {
+    mean_loss.exp()
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MetricRecord {
+    /// Optimizer updates done when the record was made.
+    pub step: u64,
+    /// Fractional epoch.
+    pub epoch: f64,
+    /// `"train"` or `"eval"`.
+    pub split: String,
+    pub loss: f64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub lr: Option<f64>,
+    /// Other named values: accuracy, macro_f1, perplexity, grad_norm, tokens_per_s, …
+    #[serde(flatten)]
+    pub values: BTreeMap<String, f64>,
+}
+
+/// Appends JSON lines to `<output>/metrics.jsonl`, flushing each.
+pub struct MetricsWriter {
+    path: PathBuf,
+}
+
+impl MetricsWriter {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn append(&self, rec: &MetricRecord) -> Result<()> {
+        let mut line = serde_json::to_string(rec).map_err(|e| Error::Msg(format!("metrics record: {e}")))?;
+        line.push('\n');
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| Error::io(&self.path, e))?;
+        f.write_all(line.as_bytes())
+            .map_err(|e| Error::io(&self.path, e))?;
+        f.flush().map_err(|e| Error::io(&self.path, e))
+    }
+
+    /// All records (a missing file is empty). A malformed line is an error naming its number.
+    pub fn read_all(&self) -> Result<Vec<MetricRecord>> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(&self.path, e)),
+        };
+        let mut out = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            out.push(
+                serde_json::from_str(line)
+                    .map_err(|e| Error::Msg(format!("{}: line {}: {e}", self.path.display(), i + 1)))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Drops records after `step` (atomically), so a resumed run does not repeat them.
+    pub fn truncate_after(&self, step: u64) -> Result<()> {
+        let keep: Vec<MetricRecord> = self.read_all()?.into_iter().filter(|r| r.step <= step).collect();
+        let mut text = String::new();
+        for r in &keep {
+            text.push_str(&serde_json::to_string(r).map_err(|e| Error::Msg(e.to_string()))?);
+            text.push('\n');
+        }
+        crate::checkpoint::write_file_atomic(&self.path, text.as_bytes())
+            .map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+/// Draws train and eval loss against the step into an SVG file.
+pub fn plot_loss_svg(path: &Path, train: &[(u64, f64)], eval: &[(u64, f64)]) -> Result<()> {
+    use plotters::prelude::*;
+    let finite = |v: &[(u64, f64)]| -> Vec<(f64, f64)> {
+        v.iter()
+            .filter(|(_, y)| y.is_finite())
+            .map(|&(x, y)| (x as f64, y))
+            .collect()
+    };
+    let (tr, ev) = (finite(train), finite(eval));
+    let all: Vec<&(f64, f64)> = tr.iter().chain(ev.iter()).collect();
+    if all.is_empty() {
+        return Err(Error::Msg(format!(
+            "{}: no finite loss values to plot",
+            path.display()
+        )));
+    }
+    let x_max = all.iter().map(|p| p.0).fold(1.0, f64::max);
+    let y_min = all.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+    let y_max = all.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+    let pad = ((y_max - y_min) * 0.05).max(1e-3);
+    let plot_err =
+        |e: &dyn std::fmt::Display| Error::Msg(format!("{}: plotting failed: {e}", path.display()));
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (800, 480)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| plot_err(&e))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("loss", ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0f64..x_max, (y_min - pad)..(y_max + pad))
+            .map_err(|e| plot_err(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_desc("loss")
+            .draw()
+            .map_err(|e| plot_err(&e))?;
+        if !tr.is_empty() {
+            chart
+                .draw_series(LineSeries::new(tr.iter().copied(), &BLUE))
+                .map_err(|e| plot_err(&e))?
+                .label("train")
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLUE));
+        }
+        if !ev.is_empty() {
+            chart
+                .draw_series(LineSeries::new(ev.iter().copied(), RED.stroke_width(2)))
+                .map_err(|e| plot_err(&e))?
+                .label("eval")
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], RED));
+            chart
+                .draw_series(ev.iter().map(|&p| Circle::new(p, 3, RED.filled())))
+                .map_err(|e| plot_err(&e))?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| plot_err(&e))?;
+        root.present().map_err(|e| plot_err(&e))?;
+    }
+    crate::checkpoint::write_file_atomic(path, svg.as_bytes()).map_err(|e| Error::io(path, e))
+}
+
+/// Plots the train / eval loss curves found in a `metrics.jsonl`.
+pub fn plot_metrics_file(metrics: &Path, svg: &Path) -> Result<()> {
+    let recs = MetricsWriter::new(metrics).read_all()?;
+    let pick = |split: &str| -> Vec<(u64, f64)> {
+        recs.iter()
+            .filter(|r| r.split == split)
+            .map(|r| (r.step, r.loss))
+            .collect()
+    };
+    plot_loss_svg(svg, &pick("train"), &pick("eval"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accuracy_and_macro_f1_by_hand() {
+        let labels = [0, 0, 1, 1, 2, 2];
+        let preds = [0, 1, 1, 1, 2, 0];
+        assert!((accuracy(&preds, &labels) - 4.0 / 6.0).abs() < 1e-12);
+        // class 0: tp1 fp1 fn1 → 0.5; class 1: tp2 fp1 fn0 → 0.8; class 2: tp1 fp0 fn1 → 2/3
+        let want = (0.5 + 0.8 + 2.0 / 3.0) / 3.0;
+        assert!((macro_f1(&preds, &labels, 3) - want).abs() < 1e-12);
+        assert_eq!(macro_f1(&[1, 1], &[1, 1], 3), 1.0); // absent classes are left out
+        assert_eq!(accuracy(&[], &[]), 0.0);
+    }
+
+    #[test]
+    fn mean_loss_and_perplexity() {
+        let mut m = MeanLoss::default();
+        m.add(2.0, 1.0);
+        m.add(4.0, 3.0);
+        assert_eq!(m.mean(), 3.5);
+        assert!((perplexity(2f64.ln()) - 2.0).abs() < 1e-12);
+        assert!(MeanLoss::default().mean().is_nan());
+    }
+
+    #[test]
+    fn jsonl_append_read_truncate_and_plot() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = MetricsWriter::new(dir.path().join("metrics.jsonl"));
+        for s in 1..=4u64 {
+            let mut values = BTreeMap::new();
+            values.insert("grad_norm".to_string(), 0.5);
+            w.append(&MetricRecord {
+                step: s,
+                epoch: s as f64 / 4.0,
+                split: "train".into(),
+                loss: 2.0 / s as f64,
+                lr: Some(1e-3),
+                values,
+            })
+            .unwrap();
+        }
+        let mut values = BTreeMap::new();
+        values.insert("accuracy".to_string(), 0.75);
+        w.append(&MetricRecord {
+            step: 4,
+            epoch: 1.0,
+            split: "eval".into(),
+            loss: 0.6,
+            lr: None,
+            values,
+        })
+        .unwrap();
+        let recs = w.read_all().unwrap();
+        assert_eq!(recs.len(), 5);
+        assert_eq!(recs[4].values["accuracy"], 0.75);
+        let line = std::fs::read_to_string(w.path()).unwrap();
+        assert!(line.lines().next().unwrap().contains("\"grad_norm\":0.5"));
+        let svg = dir.path().join("loss.svg");
+        plot_metrics_file(w.path(), &svg).unwrap();
+        let text = std::fs::read_to_string(&svg).unwrap();
+        assert!(
+            text.starts_with("<svg") && text.contains("polyline") && text.contains("eval"),
+            "{}",
+            &text[..200]
+        );
+        w.truncate_after(2).unwrap();
+        assert_eq!(
+            w.read_all().unwrap().iter().map(|r| r.step).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert!(plot_loss_svg(&svg, &[], &[]).is_err());
+    }
+}

@@ -1,0 +1,243 @@
+//! From a [`FinetuneConfig`] to tokenised train / validation sets: the model-independent part
+//! of `spt-train finetune` and `eval`.
+
+use std::path::{Path, PathBuf};
+
+use crate::config::FinetuneConfig;
+use crate::data::{
+    encode_classification, pack_lm, read_classification, read_lm_texts, split_train_validation,
+    ClassificationData, DataError, EncodedDataset, LabelMap, TaskKind, TextTokenizer,
+};
+use crate::Result;
+
+/// Tokenised data for a run.
+#[derive(Debug)]
+pub struct PreparedData {
+    pub train: EncodedDataset,
+    pub validation: Option<EncodedDataset>,
+    /// Classification only.
+    pub labels: Option<LabelMap>,
+}
+
+/// The longest input a model takes, from its `config.json` (`max_position_embeddings`,
+/// `n_positions` or `n_ctx`).
+pub fn model_max_length(model_dir: &Path) -> Option<usize> {
+    let text = std::fs::read_to_string(model_dir.join("config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    ["max_position_embeddings", "n_positions", "n_ctx"]
+        .iter()
+        .find_map(|k| v.get(*k).and_then(|x| x.as_u64()))
+        .map(|x| x as usize)
+}
+
+/// The tokenizer: `cfg.tokenizer` (a directory or a `tokenizer.json`) or the model directory.
+/// Truncation length: `cfg.max_length`, capped by the model's maximum, else the model's maximum,
+/// else 512.
+pub fn load_tokenizer(cfg: &FinetuneConfig, model_dir: &Path) -> Result<TextTokenizer> {
+    let model_max = model_max_length(model_dir);
+    let max_length = match (cfg.max_length, model_max) {
+        (Some(m), Some(cap)) if m > cap => {
+            tracing::warn!("max_length {m} exceeds the model's {cap} positions; using {cap}");
+            cap
+        }
+        (Some(m), _) => m,
+        (None, Some(cap)) => cap,
+        (None, None) => 512,
+    };
+    let src = cfg.tokenizer.clone().unwrap_or_else(|| model_dir.to_path_buf());
+    let tok = if src.is_dir() {
+        TextTokenizer::from_model_dir(&src, max_length)?
+    } else {
+        TextTokenizer::from_file(&src, max_length)?
+    };
+    Ok(tok)
+}
+
+fn read_all(cfg: &FinetuneConfig, files: &[PathBuf]) -> Result<Vec<ClassificationData>> {
+    let cols = cfg.columns();
+    files
+        .iter()
+        .map(|f| Ok(read_classification(f, cfg.format, &cols, &cfg.drop_labels)?))
+        .collect()
+}
+
+fn concat(parts: Vec<EncodedDataset>) -> Option<EncodedDataset> {
+    let mut it = parts.into_iter();
+    let mut first = it.next()?;
+    for p in it {
+        first.items.extend(p.items);
+    }
+    Some(first)
+}
+
+/// Reads, splits, label-maps and tokenises the data `cfg` names. With `output_dir` the label
+/// mapping is written there as `labels.json`.
+pub fn prepare_data(
+    cfg: &FinetuneConfig,
+    tok: &TextTokenizer,
+    output_dir: Option<&Path>,
+) -> Result<PreparedData> {
+    match cfg.task {
+        TaskKind::Classify => {
+            let train_parts = read_all(cfg, &cfg.train_files)?;
+            let (train_parts, valid_parts) = if !cfg.validation_files.is_empty() {
+                (train_parts, read_all(cfg, &cfg.validation_files)?)
+            } else if cfg.validation_split > 0.0 {
+                let mut tr = Vec::new();
+                let mut va = Vec::new();
+                for part in train_parts {
+                    let (a, b) =
+                        split_train_validation(part, cfg.validation_split, cfg.seed, cfg.split_by.is_some())?;
+                    tr.push(a);
+                    va.push(b);
+                }
+                (tr, va)
+            } else {
+                (train_parts, Vec::new())
+            };
+            let labels = match &cfg.label_map {
+                Some(p) => LabelMap::load(p)?,
+                None => {
+                    let mut all = std::collections::BTreeSet::new();
+                    for p in &train_parts {
+                        all.extend(p.examples.iter().filter_map(|e| e.label.clone()));
+                    }
+                    LabelMap::new(all.into_iter().collect())?
+                }
+            };
+            if let Some(dir) = output_dir {
+                labels.save(&dir.join("labels.json"))?;
+            }
+            let enc = |parts: &[ClassificationData]| -> Result<Vec<EncodedDataset>> {
+                parts
+                    .iter()
+                    .map(|p| Ok(encode_classification(p, tok, &labels)?))
+                    .collect()
+            };
+            let train = concat(enc(&train_parts)?)
+                .ok_or_else(|| DataError::Invalid("no training files given".into()))?;
+            let validation = concat(enc(&valid_parts)?);
+            if tok.truncated_count() > 0 {
+                tracing::warn!(
+                    "{} texts were truncated to {} tokens",
+                    tok.truncated_count(),
+                    tok.max_length()
+                );
+            }
+            Ok(PreparedData {
+                train,
+                validation,
+                labels: Some(labels),
+            })
+        }
+        TaskKind::Lm => {
+            let texts = read_lm_texts(&cfg.train_files)?;
+            let mut train = pack_lm(&texts, tok, cfg.block_size)?;
+            let validation = if !cfg.validation_files.is_empty() {
+                Some(pack_lm(
+                    &read_lm_texts(&cfg.validation_files)?,
+                    tok,
+                    cfg.block_size,
+                )?)
+            } else if cfg.validation_split > 0.0 {
+                // Hold out the last blocks: contiguous text, so no overlap with training.
+                let n_val = ((train.items.len() as f64) * cfg.validation_split).ceil() as usize;
+                if n_val >= train.items.len() {
+                    return Err(DataError::Invalid(format!(
+                        "only {} blocks of {} tokens: too few to hold out {}",
+                        train.items.len(),
+                        cfg.block_size,
+                        cfg.validation_split
+                    ))
+                    .into());
+                }
+                let items = train.items.split_off(train.items.len() - n_val);
+                Some(EncodedDataset {
+                    task: TaskKind::Lm,
+                    items,
+                    pad_id: train.pad_id,
+                })
+            } else {
+                None
+            };
+            Ok(PreparedData {
+                train,
+                validation,
+                labels: None,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::tokenize::tests::{tiny_bert_json, tiny_gpt2};
+
+    #[test]
+    fn classification_run_data_with_grouped_split() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("model");
+        std::fs::create_dir(&model).unwrap();
+        std::fs::write(model.join("tokenizer.json"), tiny_bert_json()).unwrap();
+        std::fs::write(model.join("config.json"), r#"{"max_position_embeddings": 6}"#).unwrap();
+        let mut csv = String::from("category,text,movie_name,has_plot_and_reviews\n");
+        for i in 0..60 {
+            let (cat, text) = match i % 3 {
+                0 => ("fresh", "the movie was great fun"),
+                1 => ("rotten", "dull"),
+                _ => ("plot", "a man is playing"),
+            };
+            csv.push_str(&format!("{cat},{text},Movie {},True\n", i % 12));
+        }
+        let data = dir.path().join("rt.csv");
+        std::fs::write(&data, csv).unwrap();
+        let cfg = FinetuneConfig {
+            model: model.display().to_string(),
+            train_files: vec![data],
+            label_column: "category".into(),
+            split_by: Some("movie_name".into()),
+            drop_labels: vec!["plot".into()],
+            validation_split: 0.25,
+            max_length: Some(64),
+            ..Default::default()
+        };
+        let tok = load_tokenizer(&cfg, &model).unwrap();
+        assert_eq!(tok.max_length(), 6); // capped by the model
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let d = prepare_data(&cfg, &tok, Some(&out)).unwrap();
+        let v = d.validation.unwrap();
+        assert_eq!(d.train.len() + v.len(), 40);
+        assert!(!v.is_empty() && v.len() < 20);
+        assert!(d.train.items.iter().all(|i| i.input_ids.len() <= 6));
+        assert_eq!(tok.truncated_count(), 20); // every "fresh" row: 5 words + [CLS] [SEP] > 6
+        let labels = LabelMap::load(&out.join("labels.json")).unwrap();
+        assert_eq!(labels.labels(), ["fresh", "rotten"]);
+    }
+
+    #[test]
+    fn lm_run_data_holds_out_last_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let _ = tiny_gpt2(dir.path());
+        let text = dir.path().join("t.txt");
+        std::fs::write(&text, "Hello world\n".repeat(10)).unwrap();
+        let cfg = FinetuneConfig {
+            model: dir.path().display().to_string(),
+            task: TaskKind::Lm,
+            train_files: vec![text],
+            block_size: 3,
+            validation_split: 0.2,
+            ..Default::default()
+        };
+        let tok = load_tokenizer(&cfg, dir.path()).unwrap();
+        let d = prepare_data(&cfg, &tok, None).unwrap();
+        // 10 × (Hello Ġworld Ċ) = 30 tokens = 10 blocks; 2 held out.
+        assert_eq!(
+            (d.train.len(), d.validation.as_ref().map(|v| v.len())),
+            (8, Some(2))
+        );
+        assert_eq!(d.train.items[0].input_ids, vec![12, 17, 19]);
+        assert!(d.labels.is_none());
+    }
+}

@@ -1,0 +1,75 @@
+//! Checks against the real assets fetched by the assets script (ignored by default: run with
+//! `cargo test -p spt-train --test assets -- --ignored`). The assets are looked up under
+//! `$SPT_ASSETS_DIR`, else the workspace root (`third_party/…`, `data/…`).
+
+use std::path::PathBuf;
+
+use spt_train::data::{read_classification, split_train_validation, ColumnSpec, LabelMap, TextTokenizer};
+
+fn root() -> PathBuf {
+    std::env::var_os("SPT_ASSETS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."))
+}
+
+#[test]
+#[ignore = "needs third_party/all-MiniLM-L6-v2 (assets script)"]
+fn minilm_tokenizer_json_without_its_fixed_padding() {
+    let t =
+        TextTokenizer::from_file(&root().join("third_party/all-MiniLM-L6-v2/tokenizer.json"), 512).unwrap();
+    let e = t.encode("A man is playing a guitar.", None, "test").unwrap();
+    // [CLS] a man is playing a guitar . [SEP] (ids as in vocab.txt) — not padded to the file's 128.
+    assert_eq!(e.ids, vec![101, 1037, 2158, 2003, 2652, 1037, 2858, 1012, 102]);
+    assert_eq!(t.pad_id(), 0);
+    let long = "word ".repeat(300);
+    assert_eq!(t.encode(&long, None, "test").unwrap().ids.len(), 302); // not truncated to 128
+}
+
+#[test]
+#[ignore = "needs third_party/gpt2-tokenizer (assets script)"]
+fn gpt2_tokenizer_known_ids() {
+    let d = root().join("third_party/gpt2-tokenizer");
+    let t =
+        TextTokenizer::gpt2_from_vocab_merges(&d.join("vocab.json"), &d.join("merges.txt"), 1024).unwrap();
+    assert_eq!(
+        t.encode_raw("Hello world, this is GPT-2.").unwrap(),
+        vec![15496, 995, 11, 428, 318, 402, 11571, 12, 17, 13]
+    );
+}
+
+#[test]
+#[ignore = "needs data/rt/rotten_tomatoes_corpus_full.csv (assets script)"]
+fn rotten_tomatoes_rows_labels_and_movie_split() {
+    let cols = ColumnSpec {
+        text: "text".into(),
+        text_pair: None,
+        label: Some("category".into()),
+        group: Some("movie_name".into()),
+    };
+    let path = root().join("data/rt/rotten_tomatoes_corpus_full.csv");
+    let d = read_classification(&path, None, &cols, &["plot".into()]).unwrap();
+    // assets.md: 13,905 rows, fresh 7,403 / rotten 5,405 / plot 1,097; 508 movies.
+    assert_eq!(d.examples.len(), 12_808);
+    let labels = LabelMap::from_data(&d).unwrap();
+    assert_eq!(labels.labels(), ["fresh", "rotten"]);
+    let fresh = d
+        .examples
+        .iter()
+        .filter(|e| e.label.as_deref() == Some("fresh"))
+        .count();
+    assert_eq!(fresh, 7_403);
+    let (tr, va) = split_train_validation(d, 0.1, 42, true).unwrap();
+    let movies = |x: &spt_train::data::ClassificationData| {
+        x.examples
+            .iter()
+            .map(|e| e.group.clone().unwrap())
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    assert!(movies(&tr).is_disjoint(&movies(&va)));
+    assert_eq!(movies(&tr).len() + movies(&va).len(), 508);
+    assert!(
+        va.examples.len() >= 1281 && va.examples.len() < 1281 + 200,
+        "{}",
+        va.examples.len()
+    );
+}

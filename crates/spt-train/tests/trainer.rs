@@ -1,0 +1,356 @@
+//! End-to-end tests of the training loop with a tiny model defined here: a bag-of-embeddings
+//! classifier (embedding → masked mean → dropout → linear) on synthetic token data.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use spt_train::checkpoint::{list_checkpoints, DiskFullIo};
+use spt_train::data::{Batch, EncodedDataset, EncodedItem, TaskKind};
+use spt_train::optim::ScheduleKind;
+use spt_train::rng::SplitMix64;
+use spt_train::trainer::{EvalOutput, Resume, StepCtx, TrainSummary, TrainTask, Trainer, TrainerConfig};
+
+const VOCAB: usize = 32;
+const DIM: usize = 8;
+const CLASSES: usize = 2;
+
+fn uniform(rng: &mut SplitMix64, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale)
+        .collect()
+}
+
+struct BagClassifier {
+    emb: Var,
+    w: Var,
+    b: Var,
+    dropout: f32,
+    /// Set the flag when the forward of update `stop_at_step` (0-based) runs: simulates Ctrl-C.
+    stop: Option<(u64, Arc<AtomicBool>)>,
+}
+
+impl BagClassifier {
+    fn new(seed: u64, dropout: f32) -> Result<Self> {
+        let dev = Device::Cpu;
+        let mut rng = SplitMix64::new(seed);
+        let emb = Tensor::from_vec(uniform(&mut rng, VOCAB * DIM, 0.5), (VOCAB, DIM), &dev)?;
+        let w = Tensor::from_vec(uniform(&mut rng, CLASSES * DIM, 0.5), (CLASSES, DIM), &dev)?;
+        Ok(Self {
+            emb: Var::from_tensor(&emb)?,
+            w: Var::from_tensor(&w)?,
+            b: Var::zeros(CLASSES, DType::F32, &dev)?,
+            dropout,
+            stop: None,
+        })
+    }
+
+    fn logits(&self, batch: &Batch, seed: Option<u64>) -> Result<Tensor> {
+        let (bsz, len) = batch.input_ids.dims2()?;
+        let e = self
+            .emb
+            .as_tensor()
+            .embedding(&batch.input_ids.flatten_all()?)?
+            .reshape((bsz, len, DIM))?;
+        let mask = batch.attention_mask.to_dtype(DType::F32)?.unsqueeze(2)?;
+        let mut h = e.broadcast_mul(&mask)?.sum(1)?.broadcast_div(&mask.sum(1)?)?;
+        if let (Some(seed), true) = (seed, self.dropout > 0.0) {
+            let mut rng = SplitMix64::new(seed);
+            let keep = 1.0 - self.dropout;
+            let m: Vec<f32> = (0..bsz * DIM)
+                .map(|_| {
+                    if (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 >= self.dropout {
+                        1.0 / keep
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            h = (h * Tensor::from_vec(m, (bsz, DIM), &Device::Cpu)?)?;
+        }
+        h.matmul(&self.w.as_tensor().t()?)?
+            .broadcast_add(self.b.as_tensor())
+    }
+
+    fn params(&self) -> Vec<Vec<u32>> {
+        [&self.emb, &self.w, &self.b]
+            .iter()
+            .map(|v| {
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+impl TrainTask for BagClassifier {
+    fn loss(&mut self, batch: &Batch, ctx: &StepCtx) -> Result<Tensor> {
+        if let Some((at, flag)) = &self.stop {
+            if ctx.step == *at {
+                flag.store(true, Ordering::SeqCst);
+            }
+        }
+        let logits = self.logits(batch, ctx.train.then_some(ctx.seed))?;
+        candle_nn::loss::cross_entropy(&logits, &batch.labels)
+    }
+
+    fn trainable(&self) -> Vec<(String, Var)> {
+        vec![
+            ("embeddings.word_embeddings.weight".into(), self.emb.clone()),
+            ("classifier.weight".into(), self.w.clone()),
+            ("classifier.bias".into(), self.b.clone()),
+        ]
+    }
+
+    fn eval_batch(&mut self, batch: &Batch) -> Result<EvalOutput> {
+        let logits = self.logits(batch, None)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &batch.labels)?.to_scalar::<f32>()? as f64;
+        let preds = logits.argmax(1)?.to_vec1::<u32>()?;
+        Ok(EvalOutput {
+            loss_sum: loss * batch.size as f64,
+            count: batch.size as f64,
+            predictions: Some(preds),
+        })
+    }
+
+    fn extra_state(&self) -> Result<BTreeMap<String, Tensor>> {
+        // Stands in for PQ codebooks: round-trips through the checkpoint.
+        let mut m = BTreeMap::new();
+        m.insert(
+            "codebook.layer0".into(),
+            Tensor::full(7f32, (2, 3), &Device::Cpu)?,
+        );
+        Ok(m)
+    }
+}
+
+/// Class 0 draws tokens from 1..12, class 1 from 12..24, both with noise tokens 24..32.
+fn synthetic(n: usize, seed: u64) -> EncodedDataset {
+    let mut rng = SplitMix64::new(seed);
+    let items = (0..n)
+        .map(|_| {
+            let label = rng.below(2) as u32;
+            let len = 3 + rng.below(10) as usize;
+            let ids: Vec<u32> = (0..len)
+                .map(|_| {
+                    if rng.below(4) == 0 {
+                        24 + rng.below(8) as u32
+                    } else {
+                        1 + label * 11 + rng.below(11) as u32
+                    }
+                })
+                .collect();
+            EncodedItem {
+                token_type_ids: vec![0; ids.len()],
+                input_ids: ids,
+                label: Some(label),
+            }
+        })
+        .collect();
+    EncodedDataset {
+        task: TaskKind::Classify,
+        items,
+        pad_id: 0,
+    }
+}
+
+fn config(dir: &Path) -> TrainerConfig {
+    TrainerConfig {
+        epochs: 3,
+        max_steps: None,
+        batch_size: 8,
+        eval_batch_size: 16,
+        grad_accum: 2,
+        lr: 0.05,
+        warmup_steps: 3,
+        schedule: ScheduleKind::Cosine,
+        max_grad_norm: 1.0,
+        seed: 11,
+        eval_every: 4,
+        save_every: 3,
+        keep_last: 2,
+        log_every: 2,
+        output_dir: dir.to_path_buf(),
+        progress: false,
+        bucket_batches: 3,
+        run_config: serde_json::json!({"test": true}),
+        ..Default::default()
+    }
+}
+
+fn bits(s: &TrainSummary) -> Vec<(u64, u32)> {
+    s.train_losses.iter().map(|(st, l)| (*st, l.to_bits())).collect()
+}
+
+#[test]
+fn loss_decreases_and_eval_improves() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let train = synthetic(240, 1);
+    let valid = synthetic(80, 2);
+    let cfg = TrainerConfig {
+        epochs: 4,
+        grad_accum: 1,
+        eval_every: 0,
+        save_every: 0,
+        ..config(tmp.path())
+    };
+    let mut t = Trainer::new(BagClassifier::new(3, 0.0)?, cfg, Device::Cpu);
+    let before = t.evaluate(&valid)?;
+    let s = t.train(&train, Some(&valid), &Resume::No)?;
+    assert_eq!(s.steps, 4 * 30);
+    let first: f32 = s.train_losses[..10].iter().map(|x| x.1).sum::<f32>() / 10.0;
+    let last: f32 = s.train_losses[s.train_losses.len() - 10..]
+        .iter()
+        .map(|x| x.1)
+        .sum::<f32>()
+        / 10.0;
+    assert!(last < 0.5 * first, "first {first} last {last}");
+    let (_, after) = s.evals.last().expect("a final eval");
+    assert!(after.loss < before.loss, "{} -> {}", before.loss, after.loss);
+    assert!(after.accuracy.unwrap() > 0.9, "{after:?}");
+    assert!(after.macro_f1.unwrap() > 0.9, "{after:?}");
+    assert!(tmp.path().join("metrics.jsonl").is_file());
+    assert!(std::fs::read_to_string(tmp.path().join("loss.svg"))?.contains("<svg"));
+    assert_eq!(list_checkpoints(&tmp.path().join("checkpoints"))?.len(), 1);
+    Ok(())
+}
+
+#[test]
+fn resume_after_stop_equals_uninterrupted_run_bit_exactly() -> anyhow::Result<()> {
+    let train = synthetic(50, 5); // 7 batches per epoch: accumulation straddles epoch ends
+    let valid = synthetic(20, 6);
+    // Uninterrupted.
+    let a_dir = tempfile::tempdir()?;
+    let mut a = Trainer::new(BagClassifier::new(3, 0.2)?, config(a_dir.path()), Device::Cpu);
+    let sa = a.train(&train, Some(&valid), &Resume::No)?;
+    assert_eq!(sa.steps, 11); // ceil(3 epochs * 7 batches / 2)
+                              // Interrupted: the stop flag (what Ctrl-C sets) is raised during update 5 (index 4).
+    let b_dir = tempfile::tempdir()?;
+    let flag = Arc::new(AtomicBool::new(false));
+    let mut task = BagClassifier::new(3, 0.2)?;
+    task.stop = Some((4, flag.clone()));
+    let mut b = Trainer::new(task, config(b_dir.path()), Device::Cpu).with_stop_flag(flag);
+    let sb = b.train(&train, Some(&valid), &Resume::No)?;
+    assert!(sb.stopped);
+    assert_eq!(sb.steps, 5);
+    let saved: Vec<u64> = list_checkpoints(&b_dir.path().join("checkpoints"))?
+        .iter()
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(saved, vec![3, 5]);
+    // Resume in a fresh process-alike: new task with different initial values.
+    let mut c = Trainer::new(BagClassifier::new(99, 0.2)?, config(b_dir.path()), Device::Cpu);
+    let sc = c.train(&train, Some(&valid), &Resume::Latest)?;
+    assert_eq!(sc.resumed_from, Some(5));
+    assert_eq!(sc.steps, 11);
+    let mut joined = bits(&sb);
+    joined.extend(bits(&sc));
+    assert_eq!(joined, bits(&sa));
+    assert_eq!(c.task().params(), a.task().params());
+    // Same evaluations at the shared steps, and metrics.jsonl has no repeated train step.
+    assert_eq!(sc.evals.last(), sa.evals.last());
+    let recs = spt_train::metrics::MetricsWriter::new(b_dir.path().join("metrics.jsonl")).read_all()?;
+    let train_steps: Vec<u64> = recs
+        .iter()
+        .filter(|r| r.split == "train")
+        .map(|r| r.step)
+        .collect();
+    assert_eq!(train_steps, vec![2, 4, 6, 8, 10, 11]);
+    Ok(())
+}
+
+#[test]
+fn corrupt_checkpoint_on_resume_is_a_clear_error() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let train = synthetic(40, 5);
+    let cfg = TrainerConfig {
+        max_steps: Some(3),
+        ..config(tmp.path())
+    };
+    Trainer::new(BagClassifier::new(3, 0.0)?, cfg.clone(), Device::Cpu).train(&train, None, &Resume::No)?;
+    let (_, last) = list_checkpoints(&tmp.path().join("checkpoints"))?
+        .pop()
+        .expect("a checkpoint");
+    let f = last.join("model.safetensors");
+    let bytes = std::fs::read(&f)?;
+    std::fs::write(&f, &bytes[..bytes.len() - 7])?;
+    let err = Trainer::new(BagClassifier::new(3, 0.0)?, cfg, Device::Cpu)
+        .train(&train, None, &Resume::Latest)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("corrupt") && err.contains("step-00000003") && err.contains("model.safetensors"),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn disk_full_during_save_keeps_the_previous_checkpoint() -> anyhow::Result<()> {
+    let train = synthetic(40, 5);
+    // Measure one checkpoint's size.
+    let probe = tempfile::tempdir()?;
+    let cfg = TrainerConfig {
+        max_steps: Some(3),
+        save_every: 3,
+        ..config(probe.path())
+    };
+    Trainer::new(BagClassifier::new(3, 0.0)?, cfg, Device::Cpu).train(&train, None, &Resume::No)?;
+    let (_, ck) = list_checkpoints(&probe.path().join("checkpoints"))?
+        .pop()
+        .expect("a checkpoint");
+    let size: u64 = std::fs::read_dir(&ck)?
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    // Room for one and a half checkpoints: the save at step 3 fits, the one at step 6 does not.
+    let tmp = tempfile::tempdir()?;
+    let cfg = TrainerConfig {
+        max_steps: Some(6),
+        save_every: 3,
+        ..config(tmp.path())
+    };
+    let err = Trainer::new(BagClassifier::new(3, 0.0)?, cfg, Device::Cpu)
+        .with_checkpoint_io(Box::new(DiskFullIo::new(size + size / 2)))
+        .train(&train, None, &Resume::No)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("os error 28") || err.contains("No space left"),
+        "{err}"
+    );
+    let dir = tmp.path().join("checkpoints");
+    let names: Vec<String> = std::fs::read_dir(&dir)?
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, vec!["step-00000003".to_string()]);
+    let ck = spt_train::checkpoint::load_checkpoint(&dir.join("step-00000003"), &Device::Cpu)?;
+    assert_eq!(ck.manifest.step, 3);
+    assert_eq!(
+        ck.extra["codebook.layer0"].to_vec2::<f32>()?,
+        vec![vec![7.0; 3]; 2]
+    );
+    Ok(())
+}
+
+#[test]
+fn zero_batch_size_is_an_error() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let cfg = TrainerConfig {
+        batch_size: 0,
+        ..config(tmp.path())
+    };
+    let err = Trainer::new(BagClassifier::new(3, 0.0)?, cfg, Device::Cpu)
+        .train(&synthetic(10, 1), None, &Resume::No)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("batch size"), "{err}");
+    Ok(())
+}
