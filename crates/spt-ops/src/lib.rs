@@ -3,6 +3,8 @@
 
 pub mod activation;
 pub mod attention;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod gradcheck;
 pub mod lora;
 pub mod norm;

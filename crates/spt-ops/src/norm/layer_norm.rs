@@ -133,6 +133,19 @@ impl CustomOp3 for LayerNormOp {
         Ok((out, l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::layer_norm_fwd(self.eps, s1, l1, s2, l2, s3, l3)
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -155,6 +168,10 @@ pub fn layer_norm_backward(
     dy: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return super::cuda::layer_norm_bwd(x, gamma, dy, eps);
+    }
     let op = "layer_norm_backward";
     let d = gamma.dim(0)?;
     let dev = x.device();

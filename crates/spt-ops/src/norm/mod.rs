@@ -2,6 +2,8 @@
 //! the last dimension. candle-nn's fused versions are forward-only; these are drop-in
 //! replacements on trainable paths.
 
+#[cfg(feature = "cuda")]
+mod cuda;
 mod layer_norm;
 pub mod reference;
 mod softmax;

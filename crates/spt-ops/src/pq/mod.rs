@@ -10,6 +10,8 @@
 //! Selection never records a gradient: the quantiser reads detached data. Gradients reach keys
 //! only through [`Codebook::quantization_loss`] when asked for explicitly.
 
+#[cfg(feature = "cuda")]
+mod cuda;
 mod kmeans;
 pub mod reference;
 mod select;
@@ -284,6 +286,10 @@ impl Codebook {
     /// Encodes keys `[B, H, L, d]` to `u8 [B, H, L, S]`: the nearest codeword (L2) per subspace.
     pub fn encode(&self, keys: &Tensor) -> Result<Tensor> {
         let (b, h, l, d) = self.check("Codebook::encode", "keys", keys)?;
+        #[cfg(feature = "cuda")]
+        if keys.device().is_cuda() {
+            return cuda::encode(self, keys, (b, h, l, d));
+        }
         let (data, _) = host_keys("Codebook::encode", keys)?;
         let (s, dc) = (self.n_subspaces, self.d_codeword);
         let mut codes = vec![0u8; b * h * l * s];

@@ -102,6 +102,10 @@ pub fn select_keys(
         );
     }
     let kk = k.resolve(lk)?;
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        return super::cuda::select(q, codes, codebook, kk, mask, (b, h, lq, d), lk);
+    }
     let keys_ok = mask.key_allowed(op, b, lk)?;
     let qv = q.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let cv = codes.flatten_all()?.to_vec1::<u8>()?;

@@ -5,6 +5,8 @@
 //! backward holds beyond q, k, v and o is O(B·H·L·k): the selection indices and `lse`.
 
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod reference;
 
 use crate::pq::KeySelection;
@@ -163,6 +165,24 @@ impl CustomOp3 for SparseAttention {
         Ok((out, Shape::from((b, h, n.lq, n.dv))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (o, shape, lse) = cuda::forward(&self.indices, self.dims, self.scale, s1, l1, s2, l2, s3, l3)?;
+        *self
+            .lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("sparse_attention: poisoned lock".into()))? = Some(lse);
+        Ok((o, shape))
+    }
+
     fn bwd(
         &self,
         q: &Tensor,
@@ -212,6 +232,10 @@ pub fn sparse_attention_backward(
     };
     if grad.dims() != o.dims() {
         bail!("{op}: grad is {:?} but the output is {:?}", grad.dims(), o.dims());
+    }
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        return cuda::backward(q, k, v, o, lse, grad, indices, n, scale);
     }
     let idx = indices_u32(indices)?;
     let dev = q.device();

@@ -1,0 +1,161 @@
+//! GPU benchmark: sparse attention (PQ encode + ADC top-k selection + fused sparse attention,
+//! forward and backward) vs dense attention (cuBLAS matmuls + our softmax, forward and backward)
+//! at GPT-2-medium-like shapes: B = 1, H = 16, d = 64, causal, k = L/8.
+//!
+//! Usage: `gpu_bench OUT_DIR [L,L,…]` (default lengths 1024,4096,16384). Writes
+//! `OUT_DIR/gpu_bench.json`. Dense attention materialises [H, L, L] scores several times over
+//! (and builds its causal mask on the host), so it runs only up to `SPT_DENSE_MAX_L` (default
+//! 4096); longer cases record `"dense": null` with the reason.
+//!
+//! Timing: 2 warm-up steps, then the median of `SPT_BENCH_REPS` (default 5) steps, each ended by
+//! a device synchronize. The routed-FFN comparison waits for the routed FFN op (not on this
+//! branch yet) and is reported as missing.
+
+use candle_core::{Device, Result, Tensor, Var};
+use spt_ops::{dense_attention, select_keys, sparse_attention, AttentionMask, Codebook, PqConfig, TopK};
+use std::time::Instant;
+
+const B: usize = 1;
+const H: usize = 16;
+const D: usize = 64;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Median milliseconds of `f` (each call followed by a synchronize).
+fn time(dev: &Device, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..2 {
+        f()?;
+        dev.synchronize()?;
+    }
+    let mut t = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        f()?;
+        dev.synchronize()?;
+        t.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(median(t))
+}
+
+fn randn(dev: &Device, l: usize, seed: u64) -> Result<Tensor> {
+    dev.set_seed(seed)?;
+    Tensor::randn(0f32, 1f32, (B, H, l, D), dev)
+}
+
+fn fwd_bwd(
+    q: &Var,
+    k: &Var,
+    v: &Var,
+    w: &Tensor,
+    f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<()> {
+    let o = f(q.as_tensor(), k.as_tensor(), v.as_tensor())?;
+    let g = o.mul(w)?.sum_all()?.backward()?;
+    for x in [q, k, v] {
+        g.get(x.as_tensor()).expect("gradient");
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let Some(out_dir) = args.get(1) else {
+        eprintln!("usage: gpu_bench OUT_DIR [L,L,...]");
+        std::process::exit(2);
+    };
+    let lengths: Vec<usize> = args
+        .get(2)
+        .map(|s| {
+            s.split(',')
+                .map(|x| x.trim().parse().expect("a length"))
+                .collect()
+        })
+        .unwrap_or_else(|| vec![1024, 4096, 16384]);
+    let reps: usize = std::env::var("SPT_BENCH_REPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let dense_max: usize = std::env::var("SPT_DENSE_MAX_L")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4096);
+    let dev = Device::new_cuda(0)?;
+    let scale = 1.0 / (D as f64).sqrt();
+    let mask = AttentionMask::causal();
+    let mut cases = Vec::new();
+    for &l in &lengths {
+        let kk = l / 8;
+        eprintln!("== L = {l}, k = {kk}");
+        let (q, k, v) = (randn(&dev, l, 1)?, randn(&dev, l, 2)?, randn(&dev, l, 3)?);
+        let w = randn(&dev, l, 4)?;
+        // Codebook fitted on the host from a sample of keys (as training does once per refresh).
+        let cb = Codebook::fit(
+            &k.to_device(&Device::Cpu)?,
+            &PqConfig {
+                kmeans_iters: 5,
+                max_samples: 4096,
+                ..PqConfig::default()
+            },
+        )?;
+        let select_ms = time(&dev, reps, || {
+            let codes = cb.encode(&k)?;
+            select_keys(&q, &codes, &cb, TopK::Count(kk), &mask).map(|_| ())
+        })?;
+        let sel = select_keys(&q, &cb.encode(&k)?, &cb, TopK::Count(kk), &mask)?;
+        let (qv, kv, vv) = (
+            Var::from_tensor(&q)?,
+            Var::from_tensor(&k)?,
+            Var::from_tensor(&v)?,
+        );
+        let sparse = |a: &Tensor, b: &Tensor, c: &Tensor| sparse_attention(a, b, c, &sel, scale);
+        let sparse_fwd_ms = time(&dev, reps, || sparse(&q, &k, &v).map(|_| ()))?;
+        let sparse_step_ms = time(&dev, reps, || fwd_bwd(&qv, &kv, &vv, &w, &sparse))?;
+        eprintln!(
+            "  select {select_ms:.3} ms, sparse fwd {sparse_fwd_ms:.3} ms, fwd+bwd {sparse_step_ms:.3} ms"
+        );
+        let dense = if l <= dense_max {
+            let f = |a: &Tensor, b: &Tensor, c: &Tensor| dense_attention(a, b, c, &mask, scale);
+            let fwd = time(&dev, reps, || f(&q, &k, &v).map(|_| ()));
+            let step = time(&dev, reps, || fwd_bwd(&qv, &kv, &vv, &w, &f));
+            match (fwd, step) {
+                (Ok(fwd), Ok(step)) => {
+                    eprintln!("  dense fwd {fwd:.3} ms, fwd+bwd {step:.3} ms");
+                    serde_json::json!({"fwd_ms": fwd, "fwd_bwd_ms": step})
+                }
+                (a, b) => serde_json::json!({"error": format!("{:?} / {:?}", a.err(), b.err())}),
+            }
+        } else {
+            serde_json::json!(null)
+        };
+        cases.push(serde_json::json!({
+            "B": B, "H": H, "L": l, "d": D, "k": kk, "causal": true, "dtype": "f32",
+            "pq": {"n_subspaces": cb.n_subspaces(), "n_codewords": cb.n_codewords()},
+            "sparse": {
+                "select_ms": select_ms,
+                "fwd_ms": sparse_fwd_ms,
+                "fwd_bwd_ms": sparse_step_ms,
+                "fwd_bwd_plus_select_ms": sparse_step_ms + select_ms,
+            },
+            "dense": dense,
+            "dense_note": if l > dense_max { format!("skipped: L > SPT_DENSE_MAX_L = {dense_max}") } else { String::new() },
+        }));
+    }
+    let out = serde_json::json!({
+        "bench": "spt-ops gpu_bench: sparse vs dense attention, fwd+bwd",
+        "reps": reps,
+        "timing": "median ms over reps after 2 warm-ups; device synchronize after each step",
+        "routed_ffn": "not benchmarked: the routed FFN op is not on this branch yet",
+        "cases": cases,
+    });
+    std::fs::create_dir_all(out_dir)?;
+    let path = std::path::Path::new(out_dir).join("gpu_bench.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&out).map_err(candle_core::Error::wrap)?,
+    )?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}

@@ -1,0 +1,55 @@
+// activation.cu: GELU (erf), GELU (tanh, GPT-2's "gelu_new") and ReLU, forward and backward (f32).
+//
+// Reference: crates/spt-ops/src/activation.rs (same formulas; the CPU erf is candle's erf_f32,
+// here it is CUDA's erff: both are within a few ulp, far inside the 1e-4 parity tolerance).
+//
+// Shapes: x, y, g, dx are flat [n] (any contiguous tensor).
+// Kind: 0 = GeluErf, 1 = GeluTanh, 2 = Relu (the order of spt_ops::Activation).
+// Launch: grid (ceil(n/256)) capped at 65535·8 blocks, block 256, grid-stride loop.
+// Limits: n < 2^31 (checked in Rust).
+#include "common.cuh"
+
+#define SPT_SQRT_2_OVER_PI 0.7978845608028654f
+#define SPT_GELU_C 0.044715f
+#define SPT_FRAC_1_SQRT_2 0.7071067811865476f
+#define SPT_FRAC_1_SQRT_2PI 0.3989422804014327f
+
+__device__ __forceinline__ float spt_act(int kind, float x) {
+  if (kind == 0) return 0.5f * x * (1.0f + erff(x * SPT_FRAC_1_SQRT_2));
+  if (kind == 1) {
+    const float u = SPT_SQRT_2_OVER_PI * (x + SPT_GELU_C * x * x * x);
+    return 0.5f * x * (1.0f + tanhf(u));
+  }
+  return x > 0.0f ? x : 0.0f;
+}
+
+__device__ __forceinline__ float spt_act_grad(int kind, float x) {
+  if (kind == 0) {
+    const float cdf = 0.5f * (1.0f + erff(x * SPT_FRAC_1_SQRT_2));
+    const float pdf = expf(-0.5f * x * x) * SPT_FRAC_1_SQRT_2PI;
+    return cdf + x * pdf;
+  }
+  if (kind == 1) {
+    const float x2 = x * x;
+    const float u = SPT_SQRT_2_OVER_PI * (x + SPT_GELU_C * x2 * x);
+    const float t = tanhf(u);
+    const float du = SPT_SQRT_2_OVER_PI * (1.0f + 3.0f * SPT_GELU_C * x2);
+    return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du;
+  }
+  return x > 0.0f ? 1.0f : 0.0f;
+}
+
+extern "C" __global__ void act_fwd_f32(const float* __restrict__ x,  // [n]
+                                       float* __restrict__ y,        // [n]
+                                       int n, int kind) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+    y[i] = spt_act(kind, x[i]);
+}
+
+extern "C" __global__ void act_bwd_f32(const float* __restrict__ x,  // [n]
+                                       const float* __restrict__ g,  // [n] upstream gradient
+                                       float* __restrict__ dx,       // [n]
+                                       int n, int kind) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+    dx[i] = g[i] * spt_act_grad(kind, x[i]);
+}
