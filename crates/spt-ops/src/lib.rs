@@ -1,5 +1,16 @@
 //! Candle custom ops with exact backward passes for sparse fine-tuning (SPT).
-//! (scratch merge of main + ffn for spt-models development)
+//!
+//! Every op has a dense reference built from plain candle ops (autograd through it is the
+//! oracle the tests use), a CPU kernel, and an exact backward. Stock candle's fused
+//! `layer_norm` and `softmax_last_dim` have no backward; the versions here do.
+//!
+//! - [`norm`]: `layer_norm` and `softmax` over the last dimension.
+//! - [`activation`]: GELU (erf and tanh) and ReLU with backward.
+//! - [`attention`]: masks and the dense attention baseline.
+//! - [`pq`]: product-quantisation codebooks and ADC top-k key selection.
+//! - [`sparse_attention`]: attention over the selected keys only.
+//! - [`routed_ffn`]: the routed FFN (router, grouped gather/scatter GEMMs, router fit).
+//! - [`lora`]: LoRA linear layer, frozen-aware dense `linear`, seeded dropout.
 
 pub mod activation;
 pub mod attention;
