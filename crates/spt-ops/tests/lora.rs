@@ -275,10 +275,37 @@ fn routed_lora_zero_b_equals_base_and_dense_lora_when_all_blocks() -> Result<()>
     ] {
         dst.set(src.as_tensor())?;
     }
-    let want = fc2.forward_t(&Activation::GeluErf.forward(&fc1.forward_t(&x, false)?)?, false)?;
-    let got = layer.forward_t(&x, false)?.y;
+    let xv = Var::from_tensor(&x)?;
+    let want = fc2.forward_t(
+        &Activation::GeluErf.forward(&fc1.forward_t(xv.as_tensor(), false)?)?,
+        false,
+    )?;
+    let got = layer.forward_t(xv.as_tensor(), false)?.y;
     assert!(max_diff(&got, &want)? < 1e-5);
     assert!(max_diff(&got, &dense)? > 1e-2, "the update must matter");
+    // Same gradients for x and for each LoRA factor.
+    let up = f32(randn_f64(&[13, 10], 31)?)?;
+    let g_got = got.mul(&up)?.sum_all()?.backward()?;
+    let g_want = want.mul(&up)?.sum_all()?.backward()?;
+    let pairs = [
+        (xv.clone(), xv.clone()),
+        (a1.clone(), fc1.lora_a().clone()),
+        (b1.clone(), fc1.lora_b().clone()),
+    ];
+    let pairs = pairs.into_iter().chain([
+        (a2.clone(), fc2.lora_a().clone()),
+        (b2.clone(), fc2.lora_b().clone()),
+    ]);
+    for (i, (ours, theirs)) in pairs.enumerate() {
+        let a = g_got.get(ours.as_tensor()).expect("routed grad");
+        let b = g_want.get(theirs.as_tensor()).expect("dense grad");
+        let scale = norm(b)?.max(1.0);
+        assert!(
+            max_diff(a, b)? < 1e-5 * scale,
+            "gradient {i} differs: {}",
+            max_diff(a, b)?
+        );
+    }
     Ok(())
 }
 

@@ -555,3 +555,37 @@ fn bad_inputs_give_named_errors() -> Result<()> {
     assert!(e.contains("picks block 4"), "{e}");
     Ok(())
 }
+
+#[test]
+fn gather_op_with_routed_base_and_lora_path_gradients_f64() -> Result<()> {
+    // The LoRA fc1 path: act(x W_eᵀ + base) with base = (u B_eᵀ + b_e) on the routed rows.
+    let (t, d, r, n, b, k) = (6usize, 5usize, 3usize, 4usize, 3usize, 2usize);
+    let routing = Arc::new(random_routing(t, n, k, Some(1), 77)?);
+    let inputs = [
+        randn_f64(&[t, d], 78)?,
+        randn_f64(&[n * b, d], 79)?,
+        randn_f64(&[t, r], 80)?,
+        randn_f64(&[n * b, r], 81)?,
+        randn_f64(&[n * b], 82)?,
+    ];
+    let f = |ts: &[Tensor]| -> Result<Tensor> {
+        let base = gather_matmul(&ts[2], &ts[3], Some(&ts[4]), &routing)?;
+        spt_ops::routed_ffn::gather_matmul_act(
+            &ts[0],
+            &ts[1],
+            Some(&base),
+            Some(Activation::GeluErf),
+            &routing,
+        )
+    };
+    // Equals the unfused composition.
+    let fused = f(&inputs)?;
+    let plain = Activation::GeluErf.forward(
+        &(gather_matmul(&inputs[0], &inputs[1], None, &routing)?
+            + gather_matmul(&inputs[2], &inputs[3], Some(&inputs[4]), &routing)?)?,
+    )?;
+    assert_close("fused vs unfused", &fused, &plain, 1e-12)?;
+    let report = check_gradients(f, &inputs, &[0, 1, 2, 3, 4], GradCheck::default())?;
+    assert_eq!(report.len(), 5);
+    Ok(())
+}

@@ -16,6 +16,7 @@
 //! count.
 
 use super::router::Routing;
+use crate::activation::{ActScalar, Activation};
 use crate::util::Float;
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -153,47 +154,89 @@ fn split_groups<'a, T>(routing: &Routing, out: &'a mut [T], width: usize) -> Vec
     parts
 }
 
-/// Forward of the gather-in GEMM: `out[r] = x[tok(r)] · W_eᵀ + bias_e` for routed row `r` of
-/// block `e`. Returns `[R, b]`.
-pub(crate) fn gather_mm_fwd<T: Float>(
+/// What the gather-in GEMM adds to its product.
+#[derive(Clone, Copy)]
+pub(crate) enum Addend<'a, T> {
+    None,
+    /// `[n_blocks·b]`: block e's slice is added to every routed row of block e.
+    Bias(&'a [T]),
+    /// `[R, b]`: added row by row (e.g. LoRA's routed contribution, already with the bias).
+    Base(&'a [T]),
+}
+
+/// Forward of the gather-in GEMM: `pre[r] = x[tok(r)] · W_eᵀ (+ addend)` for routed row `r` of
+/// block `e`, `[R, b]`; with `act`, also `h = act(pre)`, computed on each group while it is in
+/// cache.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gather_mm_fwd<T: Float + ActScalar>(
     routing: &Routing,
     x: &[T],
     w: &[T],
-    bias: Option<&[T]>,
+    add: Addend<'_, T>,
     d_in: usize,
     b: usize,
-) -> Vec<T> {
-    let mut out = vec![T::zero(); routing.n_rows() * b];
+    act: Option<Activation>,
+) -> (Vec<T>, Option<Vec<T>>) {
+    let mut pre = vec![T::zero(); routing.n_rows() * b];
+    let mut h = if act.is_some() {
+        vec![T::zero(); pre.len()]
+    } else {
+        vec![]
+    };
     let nc = routing.n_chunks();
     let par = inner_par(routing.n_blocks() * nc);
-    split_groups(routing, &mut out, b)
+    let pre_parts = split_groups(routing, &mut pre, b);
+    let h_parts: Vec<&mut [T]> = if act.is_some() {
+        split_groups(routing, &mut h, b)
+    } else {
+        pre_parts.iter().map(|_| &mut [][..]).collect()
+    };
+    pre_parts
         .into_par_iter()
+        .zip(h_parts)
         .enumerate()
-        .for_each_init(Vec::new, |buf, (g, dst)| {
+        .for_each_init(Vec::new, |buf, (g, (dst, h_dst))| {
             if dst.is_empty() {
                 return;
             }
             let e = g / nc.max(1);
             let rows = routing.group_rows(g);
             let m = rows.len();
-            gather_rows(x, d_in, &routing.row_token()[rows], buf);
-            if let Some(bias) = bias {
-                for row in dst.chunks_mut(b) {
-                    row.copy_from_slice(&bias[e * b..(e + 1) * b]);
+            gather_rows(x, d_in, &routing.row_token()[rows.clone()], buf);
+            let accumulate = match add {
+                Addend::None => false,
+                Addend::Bias(bias) => {
+                    for row in dst.chunks_mut(b) {
+                        row.copy_from_slice(&bias[e * b..(e + 1) * b]);
+                    }
+                    true
                 }
-            }
+                Addend::Base(base) => {
+                    dst.copy_from_slice(&base[rows.start * b..rows.end * b]);
+                    true
+                }
+            };
             // rhs (k = i, n = j) = W[e·b + j, i].
             let rhs = Mat::new(w, e * b * d_in, 1, d_in);
-            gemm_into(
-                m,
-                b,
-                d_in,
-                dst,
-                bias.is_some(),
-                Mat::new(buf, 0, d_in, 1),
-                rhs,
-                par,
-            );
+            gemm_into(m, b, d_in, dst, accumulate, Mat::new(buf, 0, d_in, 1), rhs, par);
+            if let Some(act) = act {
+                for (o, &v) in h_dst.iter_mut().zip(dst.iter()) {
+                    *o = act.eval(v);
+                }
+            }
+        });
+    (pre, act.map(|_| h))
+}
+
+/// `dh ⊙ act'(pre)`, in parallel.
+pub(crate) fn act_backward<T: Float + ActScalar>(dh: &[T], pre: &[T], act: Activation) -> Vec<T> {
+    let mut out = vec![T::zero(); dh.len()];
+    out.par_chunks_mut(16 * 1024)
+        .zip(dh.par_chunks(16 * 1024).zip(pre.par_chunks(16 * 1024)))
+        .for_each(|(o, (g, p))| {
+            for ((o, &g), &p) in o.iter_mut().zip(g).zip(p) {
+                *o = g * act.derivative(p);
+            }
         });
     out
 }
@@ -303,8 +346,8 @@ pub(crate) fn gather_mm_bwd_w<T: Float>(
     (want_w.then_some(dw), want_b.then_some(db))
 }
 
-/// Forward of the scatter-out GEMM: `y[t] = Σ_{r of t} g[r] · h[r] · W_eᵀ`, where `W_e` is the
-/// column block `e` of `w` (`[d_out, n_blocks·b]`). Returns `[T, d_out]`.
+/// Forward of the scatter-out GEMM: `y[t] = (bias +) Σ_{r of t} g[r] · h[r] · W_eᵀ`, where `W_e`
+/// is the column block `e` of `w` (`[d_out, n_blocks·b]`). Returns `[T, d_out]`.
 pub(crate) fn scatter_mm_fwd<T: Float>(
     routing: &Routing,
     h: &[T],
@@ -312,10 +355,14 @@ pub(crate) fn scatter_mm_fwd<T: Float>(
     w: &[T],
     d_out: usize,
     b: usize,
+    bias: Option<&[T]>,
 ) -> Vec<T> {
     let chunk = routing.chunk_tokens();
     let nb = routing.n_blocks() * b;
-    let mut y = vec![T::zero(); routing.n_tokens() * d_out];
+    let mut y = match bias {
+        Some(bias) => bias.repeat(routing.n_tokens()),
+        None => vec![T::zero(); routing.n_tokens() * d_out],
+    };
     let nc = routing.n_chunks();
     let par = inner_par(nc);
     y.par_chunks_mut(chunk * d_out.max(1))

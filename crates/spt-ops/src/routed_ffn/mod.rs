@@ -29,7 +29,10 @@ pub mod reference;
 mod router;
 
 pub use init::{RouterFitConfig, RoutingQuality};
-pub use ops::{gather_matmul, scatter_matmul, GatherMatmul, ScatterMatmul};
+pub use ops::{
+    gather_matmul, gather_matmul_act, scatter_matmul, scatter_matmul_bias, AddKind, GatherMatmul,
+    ScatterMatmul,
+};
 pub use router::{Routing, TopK};
 
 use crate::activation::Activation;
@@ -159,8 +162,8 @@ pub fn routed_ffn(
     routing: &Arc<Routing>,
     act: Activation,
 ) -> Result<Tensor> {
-    let h = act.forward(&gather_matmul(x, w1, Some(b1), routing)?)?; // [R, b]
-    scatter_matmul(&h, gates, w2, routing)?.broadcast_add(b2) // [T, d]
+    let h = gather_matmul_act(x, w1, Some(b1), Some(act), routing)?; // [R, b]
+    scatter_matmul_bias(&h, gates, w2, Some(b2), routing) // [T, d]
 }
 
 #[derive(Debug)]
@@ -411,30 +414,35 @@ impl RoutedFfn {
         }
         let gates = router_gates(logits, &routing, gate)?;
         let lora = self.lora.as_ref().filter(|_| !self.merged);
-        // fc1: [R, b] pre-activations, + LoRA B1 on the routed rows.
-        let mut hpre = gather_matmul(x2, &self.w1, Some(&self.b1), &routing)?;
-        if let Some(l) = lora {
-            let xin = if train {
-                dropout(x2, l.cfg.dropout, l.seeds.next())?
-            } else {
-                x2.clone()
-            };
-            let u = (xin.matmul(&l.a1.as_tensor().t()?)? * l.cfg.scale())?; // [T, r]
-            hpre = hpre.add(&gather_matmul(&u, l.b1.as_tensor(), None, &routing)?)?;
-        }
-        let h = self.cfg.activation.forward(&hpre)?; // [R, b]
-                                                     // fc2: gate · h · W2_eᵀ scattered into the tokens, + LoRA A2 routed, B2 once per token.
-        let mut y = scatter_matmul(&h, &gates, &self.w2, &routing)?; // [T, d]
+        // fc1: act(x W1_eᵀ + b1_e [+ LoRA: (α/r)·(x A1ᵀ) B1_eᵀ]) on the routed rows, [R, b]. With
+        // LoRA, B1's routed rows plus b1 form the base the fused W1 GEMM adds to.
+        let act = Some(self.cfg.activation);
+        let h = match lora {
+            None => gather_matmul_act(x2, &self.w1, Some(&self.b1), act, &routing)?,
+            Some(l) => {
+                let xin = if train {
+                    dropout(x2, l.cfg.dropout, l.seeds.next())?
+                } else {
+                    x2.clone()
+                };
+                let u = (xin.matmul(&l.a1.as_tensor().t()?)? * l.cfg.scale())?; // [T, r]
+                let base = gather_matmul(&u, l.b1.as_tensor(), Some(&self.b1), &routing)?; // [R, b]
+                gather_matmul_act(x2, &self.w1, Some(&base), act, &routing)?
+            }
+        };
+        // fc2: gate · h · W2_eᵀ scattered into the tokens (+ b2, inside the kernel when frozen),
+        // + LoRA: A2's columns routed like W2's, B2 once per token; α/r scales the [T, r] side.
+        let mut y = scatter_matmul_bias(&h, &gates, &self.w2, Some(&self.b2), &routing)?; // [T, d]
         if let Some(l) = lora {
             let hin = if train {
                 dropout(&h, l.cfg.dropout, l.seeds.next())?
             } else {
                 h.clone()
             };
-            let v = scatter_matmul(&hin, &gates, l.a2.as_tensor(), &routing)?; // [T, r]
-            y = y.add(&(v.matmul(&l.b2.as_tensor().t()?)? * l.cfg.scale())?)?;
+            let v = (scatter_matmul(&hin, &gates, l.a2.as_tensor(), &routing)? * l.cfg.scale())?; // [T, r]
+            y = y.add(&v.matmul(&l.b2.as_tensor().t()?)?)?;
         }
-        let y = y.broadcast_add(&self.b2)?.reshape(dims)?;
+        let y = y.reshape(dims)?;
         let aux_loss = if self.cfg.aux_loss {
             Some(self.aux_loss(logits, &routing)?)
         } else {

@@ -1,6 +1,7 @@
 //! The two grouped-GEMM custom ops the routed FFN (and its LoRA factors) are composed of.
 //!
-//! - [`gather_matmul`] `(x [T, d_in], W [n·b, d_in], bias [n·b]?) → [R, b]`: fc1, or LoRA's B1.
+//! - [`gather_matmul_act`] `(x [T, d_in], W [n·b, d_in], bias [n·b] | base [R, b]) → [R, b]`, with
+//!   an optional fused activation: fc1 (+ bias or LoRA's routed rows), or LoRA's B1 alone.
 //! - [`scatter_matmul`] `(h [R, b], gates [R], W [d_out, n·b]) → [T, d_out]`: fc2 scaled by the
 //!   gates, or LoRA's A2.
 //!
@@ -10,22 +11,38 @@
 
 use super::cpu;
 use super::router::Routing;
-use crate::util::{check_float, check_same, contiguous, with_cpu, Float};
+use crate::activation::Activation;
+use crate::util::{check_float, check_same, contiguous, with_cpu};
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Error, Layout, Result, Shape, Tensor,
+};
 use std::sync::Arc;
+use std::sync::Mutex;
 
-/// Validates `gather_matmul`'s inputs and returns the block size b.
-fn gather_dims(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, routing: &Routing) -> Result<usize> {
+/// What the third input of [`GatherMatmul`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddKind {
+    /// No third input.
+    None,
+    /// A bias `[n_blocks·b]`.
+    Bias,
+    /// A per-routed-row base `[R, b]`.
+    Base,
+}
+
+/// Validates `gather_matmul`'s inputs and returns the block size b and the addend's kind.
+fn gather_dims(x: &Tensor, w: &Tensor, add: Option<&Tensor>, routing: &Routing) -> Result<(usize, AddKind)> {
     let op = "gather_matmul";
     check_float(op, "x", x.dtype())?;
     check_same(op, &[("x", x), ("w", w)])?;
-    if let Some(bias) = bias {
-        check_same(op, &[("x", x), ("bias", bias)])?;
+    if let Some(add) = add {
+        check_same(op, &[("x", x), ("bias", add)])?;
     }
-    let (t, d_in) = x
-        .dims2()
-        .map_err(|_| candle_core::Error::Msg(format!("{op}: x is {:?}, expected [T, d_in]", x.dims())))?;
+    let (t, d_in) = match x.dims() {
+        &[t, d] => (t, d),
+        d => bail!("{op}: x is {d:?}, expected [T, d_in]"),
+    };
     if t != routing.n_tokens() {
         bail!(
             "{op}: x has {t} tokens but the routing has {}",
@@ -40,12 +57,17 @@ fn gather_dims(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, routing: &Routing)
     if w_in != d_in || rows == 0 || rows % n != 0 {
         bail!("{op}: w is [{rows}, {w_in}], expected [n_blocks·b, d_in] with n_blocks = {n}, d_in = {d_in}");
     }
-    if let Some(bias) = bias {
-        if bias.dims() != [rows] {
-            bail!("{op}: bias is {:?}, expected [{rows}]", bias.dims());
-        }
-    }
-    Ok(rows / n)
+    let b = rows / n;
+    let kind = match add.map(|a| a.dims()) {
+        None => AddKind::None,
+        Some(&[r]) if r == rows => AddKind::Bias,
+        Some(&[r, c]) if r == routing.n_rows() && c == b => AddKind::Base,
+        Some(d) => bail!(
+            "{op}: bias is {d:?}, expected a bias [{rows}] or a routed base [R, b] = [{}, {b}]",
+            routing.n_rows()
+        ),
+    };
+    Ok((b, kind))
 }
 
 /// Grouped "gather-in" GEMM: routed row `r` (token t, block e) is `x[t] · W_eᵀ + bias_e`, where
@@ -57,49 +79,70 @@ pub fn gather_matmul(
     bias: Option<&Tensor>,
     routing: &Arc<Routing>,
 ) -> Result<Tensor> {
-    let block = gather_dims(x, w, bias, routing)?;
+    gather_matmul_act(x, w, bias, None, routing)
+}
+
+/// [`gather_matmul`] with an optional fused activation, `act(x[t] · W_eᵀ + add)`, where `add` is
+/// a bias `[n_blocks·b]` or a routed base `[R, b]` (e.g. LoRA's routed rows plus the bias). The
+/// pre-activation is kept for the backward pass. Differentiable in `x`, `w` and `add`.
+pub fn gather_matmul_act(
+    x: &Tensor,
+    w: &Tensor,
+    add: Option<&Tensor>,
+    act: Option<Activation>,
+    routing: &Arc<Routing>,
+) -> Result<Tensor> {
+    let (block, add_kind) = gather_dims(x, w, add, routing)?;
     let op = GatherMatmul {
         routing: routing.clone(),
         block,
+        act,
+        add_kind,
+        saved_pre: Mutex::new(None),
     };
     let (x, w) = (x.contiguous()?, w.contiguous()?);
-    match bias {
-        Some(bias) => x.apply_op3(&w, &bias.contiguous()?, op),
+    match add {
+        Some(add) => x.apply_op3(&w, &add.contiguous()?, op),
         None => x.apply_op2(&w, op),
     }
 }
 
-/// The gather-in op; see [`gather_matmul`].
+/// The gather-in op; see [`gather_matmul_act`].
 pub struct GatherMatmul {
     pub routing: Arc<Routing>,
     pub block: usize,
+    pub act: Option<Activation>,
+    pub add_kind: AddKind,
+    /// The pre-activation `[R, b]`, saved by the forward for the backward (with `act` only).
+    saved_pre: Mutex<Option<Tensor>>,
 }
 
 impl GatherMatmul {
-    fn fwd<T: Float + candle_core::WithDType>(
-        &self,
-        x: &[T],
-        w: &[T],
-        bias: Option<&[T]>,
-        d_in: usize,
-    ) -> Result<(Vec<T>, Shape)> {
-        let out = cpu::gather_mm_fwd(&self.routing, x, w, bias, d_in, self.block);
-        Ok((out, Shape::from((self.routing.n_rows(), self.block))))
-    }
-
     fn cpu(&self, ss: &[(&CpuStorage, &Layout)]) -> Result<(CpuStorage, Shape)> {
         let op = "gather_matmul";
         let d_in = ss[1].1.dims()[1];
+        let shape = Shape::from((self.routing.n_rows(), self.block));
         macro_rules! run {
             ($t:ty, $variant:ident) => {{
                 let x = contiguous::<$t>(op, "x", ss[0].0, ss[0].1)?;
                 let w = contiguous::<$t>(op, "w", ss[1].0, ss[1].1)?;
-                let bias = match ss.get(2) {
-                    Some((s, l)) => Some(contiguous::<$t>(op, "bias", s, l)?),
-                    None => None,
+                let add = match (ss.get(2), self.add_kind) {
+                    (Some((s, l)), AddKind::Bias) => cpu::Addend::Bias(contiguous::<$t>(op, "bias", s, l)?),
+                    (Some((s, l)), AddKind::Base) => cpu::Addend::Base(contiguous::<$t>(op, "base", s, l)?),
+                    _ => cpu::Addend::None,
                 };
-                let (out, shape) = self.fwd(x, w, bias, d_in)?;
-                Ok((CpuStorage::$variant(out), shape))
+                let (pre, h) = cpu::gather_mm_fwd(&self.routing, x, w, add, d_in, self.block, self.act);
+                match h {
+                    Some(h) => {
+                        let pre = Tensor::from_vec(pre, shape.clone(), &Device::Cpu)?;
+                        *self
+                            .saved_pre
+                            .lock()
+                            .map_err(|_| Error::Msg(format!("{op}: poisoned lock")))? = Some(pre);
+                        Ok((CpuStorage::$variant(h), shape))
+                    }
+                    None => Ok((CpuStorage::$variant(pre), shape)),
+                }
             }};
         }
         match ss[0].0.dtype() {
@@ -109,23 +152,52 @@ impl GatherMatmul {
         }
     }
 
-    /// `(dx, dw, dbias)`, each only if its input is tracked.
+    /// `(dx, dw, d_add)`, each only if its input is tracked.
     fn backward(
         &self,
         x: &Tensor,
         w: &Tensor,
-        bias: Option<&Tensor>,
+        add: Option<&Tensor>,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let op = "gather_matmul_backward";
         let (want_x, want_w) = (x.track_op(), w.track_op());
-        let want_b = bias.is_some_and(|b| b.track_op());
+        let want_add = add.is_some_and(|b| b.track_op());
+        let want_b = want_add && self.add_kind == AddKind::Bias;
         let (b, d_in) = (self.block, x.dim(1)?);
         let r = &*self.routing;
         let dev = x.device();
+        // The gradient of the pre-activation.
+        let dpre = match self.act {
+            None => grad.contiguous()?,
+            Some(act) => {
+                let pre = self
+                    .saved_pre
+                    .lock()
+                    .map_err(|_| Error::Msg(format!("{op}: poisoned lock")))?
+                    .clone();
+                let Some(pre) = pre else {
+                    bail!("{op}: the forward did not save its pre-activation")
+                };
+                macro_rules! act_bwd {
+                    ($t:ty) => {
+                        with_cpu::<$t, _>(op, grad, |g| {
+                            with_cpu::<$t, _>(op, &pre, |p| {
+                                Tensor::from_vec(cpu::act_backward(g, p, act), pre.shape(), dev)
+                            })
+                        })?
+                    };
+                }
+                match x.dtype() {
+                    DType::F32 => act_bwd!(f32),
+                    DType::F64 => act_bwd!(f64),
+                    dt => bail!("{op}: unsupported dtype {dt:?}"),
+                }
+            }
+        };
         macro_rules! run {
             ($t:ty) => {
-                with_cpu::<$t, _>(op, grad, |dh| {
+                with_cpu::<$t, _>(op, &dpre, |dh| {
                     let dx = if want_x {
                         let v = with_cpu::<$t, _>(op, w, |w| Ok(cpu::gather_mm_bwd_x(r, dh, w, d_in, b)))?;
                         Some(Tensor::from_vec(v, x.shape(), dev)?)
@@ -149,11 +221,16 @@ impl GatherMatmul {
                 })
             };
         }
-        match x.dtype() {
-            DType::F32 => run!(f32),
-            DType::F64 => run!(f64),
+        let (dx, dw, db) = match x.dtype() {
+            DType::F32 => run!(f32)?,
+            DType::F64 => run!(f64)?,
             dt => bail!("{op}: unsupported dtype {dt:?}"),
-        }
+        };
+        let d_add = match self.add_kind {
+            AddKind::Base if want_add => Some(dpre),
+            _ => db,
+        };
+        Ok((dx, dw, d_add))
     }
 }
 
@@ -205,11 +282,11 @@ impl CustomOp3 for GatherMatmul {
         &self,
         x: &Tensor,
         w: &Tensor,
-        bias: &Tensor,
+        add: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        self.backward(x, w, Some(bias), grad)
+        self.backward(x, w, Some(add), grad)
     }
 }
 
@@ -217,6 +294,18 @@ impl CustomOp3 for GatherMatmul {
 /// is columns `[e·b, (e+1)·b)` of `w` (`[d_out, n·b]`, read in place). Returns `[T, d_out]`.
 /// Differentiable in `h`, `gates` and `w`.
 pub fn scatter_matmul(h: &Tensor, gates: &Tensor, w: &Tensor, routing: &Arc<Routing>) -> Result<Tensor> {
+    scatter_matmul_bias(h, gates, w, None, routing)
+}
+
+/// [`scatter_matmul`] `+ bias` (`[d_out]`). A frozen (untracked) bias is added inside the kernel
+/// (no extra graph node); a trainable one through a differentiable broadcast add.
+pub fn scatter_matmul_bias(
+    h: &Tensor,
+    gates: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    routing: &Arc<Routing>,
+) -> Result<Tensor> {
     let op = "scatter_matmul";
     check_float(op, "h", h.dtype())?;
     check_same(op, &[("h", h), ("gates", gates), ("w", w)])?;
@@ -239,15 +328,30 @@ pub fn scatter_matmul(h: &Tensor, gates: &Tensor, w: &Tensor, routing: &Arc<Rout
     if gates.dims() != [r_total] {
         bail!("{op}: gates is {:?}, expected [R] = [{r_total}]", gates.dims());
     }
-    h.contiguous()?.apply_op3(
+    if let Some(bias) = bias {
+        check_same(op, &[("h", h), ("bias", bias)])?;
+        if bias.dims() != [d_out] {
+            bail!("{op}: bias is {:?}, expected [d_out] = [{d_out}]", bias.dims());
+        }
+    }
+    let const_bias = match bias {
+        Some(b) if !b.track_op() => Some(b.contiguous()?),
+        _ => None,
+    };
+    let y = h.contiguous()?.apply_op3(
         &gates.contiguous()?,
         &w.contiguous()?,
         ScatterMatmul {
             routing: routing.clone(),
             block,
             d_out,
+            const_bias,
         },
-    )
+    )?;
+    match bias {
+        Some(b) if b.track_op() => y.broadcast_add(b),
+        _ => Ok(y),
+    }
 }
 
 /// The scatter-out op; see [`scatter_matmul`].
@@ -255,6 +359,8 @@ pub struct ScatterMatmul {
     pub routing: Arc<Routing>,
     pub block: usize,
     pub d_out: usize,
+    /// A frozen `[d_out]` bias the forward starts every output row from (not differentiated).
+    pub const_bias: Option<Tensor>,
 }
 
 impl CustomOp3 for ScatterMatmul {
@@ -278,7 +384,20 @@ impl CustomOp3 for ScatterMatmul {
                 let h = contiguous::<$t>(op, "h", s1, l1)?;
                 let g = contiguous::<$t>(op, "gates", s2, l2)?;
                 let w = contiguous::<$t>(op, "w", s3, l3)?;
-                let y = cpu::scatter_mm_fwd(&self.routing, h, g, w, self.d_out, self.block);
+                let y = match &self.const_bias {
+                    Some(bias) => with_cpu::<$t, _>(op, bias, |bias| {
+                        Ok(cpu::scatter_mm_fwd(
+                            &self.routing,
+                            h,
+                            g,
+                            w,
+                            self.d_out,
+                            self.block,
+                            Some(bias),
+                        ))
+                    })?,
+                    None => cpu::scatter_mm_fwd(&self.routing, h, g, w, self.d_out, self.block, None),
+                };
                 Ok((CpuStorage::$variant(y), shape))
             }};
         }

@@ -75,8 +75,8 @@ impl Routing {
                 blocks.len()
             );
         }
-        if n_tokens * k > u32::MAX as usize {
-            bail!("routed_ffn: {n_tokens} tokens × {k} blocks exceed the u32 row index");
+        if n_tokens.saturating_mul(n_blocks) > u32::MAX as usize {
+            bail!("routed_ffn: {n_tokens} tokens × {n_blocks} blocks exceed the u32 index range");
         }
         for (t, sel) in blocks.chunks(k).enumerate() {
             for (j, &e) in sel.iter().enumerate() {
