@@ -41,6 +41,7 @@ pub struct RoutedFeedForward {
     pub ffn: RoutedFfn,
     router_params: Vec<Param>,
     lora_params: Vec<Param>,
+    merged: bool,
 }
 
 impl RoutedFeedForward {
@@ -111,6 +112,7 @@ impl RoutedFeedForward {
             ffn,
             router_params,
             lora_params,
+            merged: false,
         })
     }
 
@@ -123,12 +125,19 @@ impl RoutedFeedForward {
     /// Folds the LoRA updates into the FFN weights (see [`Linear::merge_lora`]).
     pub fn merge_lora(&mut self) -> Result<()> {
         self.ffn.merge().map_err(lora_err)?;
+        self.merged = true;
         self.sync_weights()
+    }
+
+    /// Whether the LoRA updates are folded into the weights.
+    pub fn is_merged(&self) -> bool {
+        self.merged
     }
 
     /// Undoes [`RoutedFeedForward::merge_lora`].
     pub fn unmerge_lora(&mut self) -> Result<()> {
         self.ffn.unmerge().map_err(lora_err)?;
+        self.merged = false;
         self.sync_weights()
     }
 

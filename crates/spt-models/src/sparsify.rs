@@ -105,6 +105,41 @@ pub trait SptModel {
         Ok(out)
     }
 
+    /// Folds every LoRA adapter (dense linears and routed FFNs) into its frozen weight, for
+    /// export: `named_tensors` then carries the merged weights under their HF names (drop the
+    /// `.lora_` entries for a plain HF checkpoint). Returns the number of adapters merged.
+    fn merge_lora(&mut self) -> Result<usize> {
+        let mut n = 0;
+        for i in 0..self.num_layers() {
+            let Some(slots) = self.layer_slots(i) else {
+                continue;
+            };
+            for (_, lin) in slots.linears {
+                if lin.lora().is_some_and(|l| !l.is_merged()) {
+                    lin.merge_lora()?;
+                    n += 1;
+                }
+            }
+            match slots.ffn {
+                FeedForward::Dense(d) => {
+                    for lin in [&mut d.fc1, &mut d.fc2] {
+                        if lin.lora().is_some_and(|l| !l.is_merged()) {
+                            lin.merge_lora()?;
+                            n += 1;
+                        }
+                    }
+                }
+                FeedForward::Routed(r) => {
+                    if r.ffn.lora_factors().is_some() && !r.is_merged() {
+                        r.merge_lora()?;
+                        n += 1;
+                    }
+                }
+            }
+        }
+        Ok(n)
+    }
+
     /// Moves every sparse layer's PQ codebook toward the keys the current model produces on
     /// `batch` (padding excluded), by EMA or mini-batch k-means: the codebook refresh of SPT,
     /// e.g. every few hundred steps. Returns the number of layers refreshed.

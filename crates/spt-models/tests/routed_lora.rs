@@ -15,7 +15,7 @@ use spt_models::routed_ffn::{GateMode, TopK as BlockTopK};
 use spt_models::{
     sparsify, ActivationAccounting, BertForSequenceClassification, CalibrationBatch, FeedForward,
     GPT2LMHeadModel, LayerSelection, LoadOptions, LoraSettings, LoraTarget, ModelError, NamedParams,
-    RoutedFfnSettings, RouterFit, SparseAttentionConfig, SptConfig, Trainable,
+    RoutedFfnSettings, RouterFit, SparseAttentionConfig, SptConfig, SptModel, Trainable,
 };
 use std::collections::HashMap;
 
@@ -304,6 +304,43 @@ fn fully_sparse_gpt2_is_causal_and_trains() -> Result<()> {
         let d = max_abs(&logits.narrow(1, 0, t + 1)?, &c.narrow(1, 0, t + 1)?)?;
         assert!(d <= 1e-6, "t = {t}: {d:e}");
     }
+    // Export: merging every adapter keeps the outputs (LoRA B is still 0 here, so compare after
+    // giving B values) and leaves plain HF weights under their names.
+    let mut rng2 = StdRng::seed_from_u64(8);
+    for (k, v) in m.named_vars() {
+        if k.contains("lora_B") {
+            let data: Vec<f32> = (0..v.elem_count())
+                .map(|_| rng2.random_range(-0.05..0.05))
+                .collect();
+            v.set(&Tensor::from_vec(data, v.shape(), &Device::Cpu)?)?;
+        }
+    }
+    let (mut merged_model, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
+    sparsify(
+        &mut merged_model,
+        &cfg,
+        &[CalibrationBatch::new(ids.clone(), None)],
+    )?;
+    let lora_values: HashMap<String, Tensor> = m
+        .named_vars()
+        .into_iter()
+        .map(|(k, v)| (k, v.as_tensor().clone()))
+        .collect();
+    for (k, v) in merged_model.named_vars() {
+        if let Some(t) = lora_values.get(&k) {
+            v.set(t)?;
+        }
+    }
+    let before = merged_model.forward_t(&ids, None, false)?;
+    assert_eq!(merged_model.merge_lora()?, 2 * 3);
+    assert_eq!(merged_model.merge_lora()?, 0);
+    let after = merged_model.forward_t(&ids, None, false)?;
+    assert!(
+        max_abs(&before, &after)? < 1e-4,
+        "merge changed the logits by {}",
+        max_abs(&before, &after)?
+    );
+
     // Trains: routers and LoRA factors get gradients; base weights are frozen.
     let vars = m.named_vars();
     assert!(
