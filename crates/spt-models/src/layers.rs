@@ -1,0 +1,498 @@
+//! Building blocks with named [`Param`]s: linear (PyTorch `[out, in]` or GPT-2 Conv1D `[in, out]`),
+//! the differentiable layer norm from spt-ops, embeddings and a real dropout.
+
+use crate::error::{ModelError, Result};
+use crate::weights::{Loader, NamedParams, Param};
+use candle_core::{DType, Tensor, D};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use spt_ops::lora::{LoraConfig, LoraError, LoraLinear};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// How a linear weight is stored in the checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// `torch.nn.Linear`: `[out, in]`, `y = x Wᵀ + b`.
+    OutIn,
+    /// HF GPT-2 `Conv1D`: `[in, out]`, `y = x W + b`. Kept as stored, so gradients have the
+    /// checkpoint's shape and save under the same key.
+    InOut,
+}
+
+/// A linear layer, optionally wrapped by LoRA ([`Linear::add_lora`]).
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Param,
+    pub bias: Option<Param>,
+    pub layout: WeightLayout,
+    /// The LoRA wrapper (spt-ops' `LoraLinear`, holding the frozen base weight) when present.
+    lora: Option<LoraLinear>,
+    /// `{module}.lora_A.weight` `[r, in]` and `{module}.lora_B.weight` `[out, r]` (PEFT names),
+    /// sharing the `Var`s of `lora`.
+    lora_params: Vec<Param>,
+    /// The LoRA input dropout drawn from the model's seed source (see [`Linear::add_lora_seeded`]).
+    lora_dropout: Option<Dropout>,
+}
+
+impl Linear {
+    /// Loads `{prefix}.weight` and `{prefix}.bias` (base-model relative names).
+    pub(crate) fn load(
+        l: &mut Loader,
+        prefix: &str,
+        in_dim: usize,
+        out_dim: usize,
+        layout: WeightLayout,
+    ) -> Result<Self> {
+        let shape = match layout {
+            WeightLayout::OutIn => [out_dim, in_dim],
+            WeightLayout::InOut => [in_dim, out_dim],
+        };
+        let weight = l.base(&format!("{prefix}.weight"), &shape)?;
+        let bias = Some(l.base(&format!("{prefix}.bias"), &[out_dim])?);
+        Ok(Self::new(weight, bias, layout))
+    }
+
+    /// A linear layer from its parameters.
+    pub fn new(weight: Param, bias: Option<Param>, layout: WeightLayout) -> Self {
+        Self {
+            weight,
+            bias,
+            layout,
+            lora: None,
+            lora_params: Vec::new(),
+            lora_dropout: None,
+        }
+    }
+
+    /// The module name (the weight's name without `.weight`).
+    pub fn module_name(&self) -> &str {
+        self.weight
+            .name()
+            .strip_suffix(".weight")
+            .unwrap_or(self.weight.name())
+    }
+
+    /// The weight as `[out, in]` (a view for `InOut`).
+    pub fn weight_out_in(&self) -> Result<Tensor> {
+        Ok(match self.layout {
+            WeightLayout::OutIn => self.weight.tensor().clone(),
+            WeightLayout::InOut => self.weight.tensor().t()?,
+        })
+    }
+
+    /// Wraps the layer with LoRA: `y = x Wᵀ + b + (α/r)·dropout(x) Aᵀ Bᵀ`, B zero-initialised.
+    /// The base weight and bias are frozen (kept under their HF names for export); A and B are
+    /// new trainable parameters named `{module}.lora_A.weight` / `{module}.lora_B.weight`.
+    pub fn add_lora(&mut self, cfg: LoraConfig) -> Result<()> {
+        if self.lora.is_some() {
+            return Err(ModelError::InvalidConfig {
+                field: "lora",
+                value: self.module_name().to_string(),
+                reason: "this layer already has a LoRA adapter".into(),
+            });
+        }
+        self.weight.freeze();
+        if let Some(b) = &mut self.bias {
+            b.freeze();
+        }
+        let w = self.weight_out_in()?.contiguous()?;
+        let lora = LoraLinear::new(&w, self.bias.as_ref().map(|b| b.tensor()), cfg)?;
+        let m = self.module_name().to_string();
+        self.lora_params = vec![
+            Param::from_var(format!("{m}.lora_A.weight"), lora.lora_a().clone()),
+            Param::from_var(format!("{m}.lora_B.weight"), lora.lora_b().clone()),
+        ];
+        self.lora = Some(lora);
+        Ok(())
+    }
+
+    /// [`Linear::add_lora`] with the LoRA input dropout drawn from a shared seed source (the
+    /// model's, so `seed_dropout` makes LoRA dropout reproducible too).
+    pub fn add_lora_seeded(&mut self, cfg: LoraConfig, rng: Arc<DropoutRng>) -> Result<()> {
+        self.add_lora(cfg)?;
+        self.lora_dropout = Some(Dropout::with_rng(cfg.dropout as f64, rng)?);
+        Ok(())
+    }
+
+    /// The LoRA wrapper, if any.
+    pub fn lora(&self) -> Option<&LoraLinear> {
+        self.lora.as_ref()
+    }
+
+    /// Folds the LoRA update into the (frozen) weight for inference or export; the exported
+    /// weight is then `W + (α/r)·B A`. Errors if there is no adapter or it is already merged.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        let lora = self.lora.as_mut().ok_or_else(|| no_lora(&self.weight))?;
+        lora.merge().map_err(lora_err)?;
+        self.sync_merged_weight()
+    }
+
+    /// Undoes [`Linear::merge_lora`].
+    pub fn unmerge_lora(&mut self) -> Result<()> {
+        let lora = self.lora.as_mut().ok_or_else(|| no_lora(&self.weight))?;
+        lora.unmerge().map_err(lora_err)?;
+        self.sync_merged_weight()
+    }
+
+    /// Copies LoRA's current base weight (merged or not) back into `weight`, in its layout.
+    fn sync_merged_weight(&mut self) -> Result<()> {
+        if let Some(lora) = &self.lora {
+            let w = match self.layout {
+                WeightLayout::OutIn => lora.weight().clone(),
+                WeightLayout::InOut => lora.weight().t()?.contiguous()?,
+            };
+            self.weight = Param::frozen(self.weight.name().to_string(), &w);
+        }
+        Ok(())
+    }
+
+    pub fn in_features(&self) -> usize {
+        let d = self.weight.tensor().dims();
+        match self.layout {
+            WeightLayout::OutIn => d[1],
+            WeightLayout::InOut => d[0],
+        }
+    }
+
+    pub fn out_features(&self) -> usize {
+        let d = self.weight.tensor().dims();
+        match self.layout {
+            WeightLayout::OutIn => d[0],
+            WeightLayout::InOut => d[1],
+        }
+    }
+
+    /// The weight as `[in, out]` (a view for `OutIn`).
+    pub fn weight_in_out(&self) -> Result<Tensor> {
+        Ok(match self.layout {
+            WeightLayout::OutIn => self.weight.tensor().t()?,
+            WeightLayout::InOut => self.weight.tensor().clone(),
+        })
+    }
+
+    /// `x [.., in] → [.., out]` (with the LoRA adapter's dropout active when `train`).
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match (&self.lora, &self.lora_dropout) {
+            (Some(l), Some(d)) if train && d.p > 0.0 && !l.is_merged() => {
+                // LoraLinear's formula, with the model's seeded dropout on the LoRA input.
+                self.check_input(x)?;
+                let y = spt_ops::lora::linear(x, l.weight(), l.bias())?;
+                let u = d
+                    .forward_t(x, true)?
+                    .broadcast_matmul(&l.lora_a().as_tensor().t()?)?; // [.., r]
+                let delta = u.broadcast_matmul(&l.lora_b().as_tensor().t()?)?; // [.., out]
+                Ok(y.add(&(delta * l.config().scale())?)?)
+            }
+            (Some(l), _) => {
+                self.check_input(x)?;
+                Ok(l.forward_t(x, train)?)
+            }
+            (None, _) => self.forward(x),
+        }
+    }
+
+    fn check_input(&self, x: &Tensor) -> Result<()> {
+        if x.dims().last() != Some(&self.in_features()) {
+            return Err(ModelError::ShapeMismatch {
+                name: format!("input of {}", self.weight.name()),
+                expected: vec![self.in_features()],
+                got: x.dims().last().map(|&d| vec![d]).unwrap_or_default(),
+            });
+        }
+        Ok(())
+    }
+
+    /// `x [.., in] → [.., out]`, eval mode.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(l) = &self.lora {
+            self.check_input(x)?;
+            return Ok(l.forward_t(x, false)?);
+        }
+        let dims = x.dims().to_vec();
+        let Some((&in_dim, lead)) = dims.split_last() else {
+            return Err(ModelError::BadInput {
+                name: "linear input",
+                reason: "scalar input".into(),
+            });
+        };
+        if in_dim != self.in_features() {
+            return Err(ModelError::ShapeMismatch {
+                name: format!("input of {}", self.weight.name()),
+                expected: vec![self.in_features()],
+                got: vec![in_dim],
+            });
+        }
+        let rows: usize = lead.iter().product();
+        let x2 = x.reshape((rows, in_dim))?;
+        let mut y = x2.matmul(&self.weight_in_out()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b.tensor())?;
+        }
+        let mut out_dims = lead.to_vec();
+        out_dims.push(self.out_features());
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+impl NamedParams for Linear {
+    fn visit_params<'a>(&'a self, f: &mut dyn FnMut(&'a Param)) {
+        f(&self.weight);
+        if let Some(b) = &self.bias {
+            f(b);
+        }
+        self.lora_params.iter().for_each(f);
+    }
+    fn visit_params_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        // With LoRA the base weight lives frozen inside the wrapper: unfreezing it here would
+        // not train it, so only the adapter's parameters are offered.
+        if self.lora.is_none() {
+            f(&mut self.weight);
+            if let Some(b) = &mut self.bias {
+                f(b);
+            }
+        }
+        self.lora_params.iter_mut().for_each(f);
+    }
+}
+
+fn no_lora(w: &Param) -> ModelError {
+    ModelError::InvalidConfig {
+        field: "lora",
+        value: w.name().to_string(),
+        reason: "this layer has no LoRA adapter".into(),
+    }
+}
+
+pub(crate) fn lora_err(e: LoraError) -> ModelError {
+    match e {
+        LoraError::Candle(c) => ModelError::Candle(c),
+        other => ModelError::Lora(other.to_string()),
+    }
+}
+
+/// Layer norm over the last dimension with an exact backward (`spt_ops::layer_norm`).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Param,
+    pub bias: Param,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub(crate) fn load(l: &mut Loader, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: l.base(&format!("{prefix}.weight"), &[dim])?,
+            bias: l.base(&format!("{prefix}.bias"), &[dim])?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(spt_ops::layer_norm(
+            x,
+            self.weight.tensor(),
+            self.bias.tensor(),
+            self.eps,
+        )?)
+    }
+}
+
+impl NamedParams for LayerNorm {
+    fn visit_params<'a>(&'a self, f: &mut dyn FnMut(&'a Param)) {
+        f(&self.weight);
+        f(&self.bias);
+    }
+    fn visit_params_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        f(&mut self.weight);
+        f(&mut self.bias);
+    }
+}
+
+/// A lookup table `[num, dim]`.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    pub weight: Param,
+}
+
+impl Embedding {
+    pub(crate) fn load(l: &mut Loader, name: &str, num: usize, dim: usize) -> Result<Self> {
+        Ok(Self {
+            weight: l.base(&format!("{name}.weight"), &[num, dim])?,
+        })
+    }
+
+    pub fn num_embeddings(&self) -> usize {
+        self.weight.tensor().dims()[0]
+    }
+
+    /// `ids [B, L]` (u32) → `[B, L, dim]`. Ids must already be range-checked.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        let flat = ids.flatten_all()?;
+        let e = self.weight.tensor().index_select(&flat, 0)?;
+        Ok(e.reshape((b, l, ()))?)
+    }
+}
+
+impl NamedParams for Embedding {
+    fn visit_params<'a>(&'a self, f: &mut dyn FnMut(&'a Param)) {
+        f(&self.weight);
+    }
+    fn visit_params_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        f(&mut self.weight);
+    }
+}
+
+/// The seed source shared by all dropouts of a model: a base seed and a call counter, so each
+/// dropout call gets its own mask and a training run is reproducible (candle's CPU RNG cannot be
+/// seeded). Reseed it per step (`seed_dropout` on the models) to make a resumed run repeat the
+/// same masks.
+#[derive(Debug, Default)]
+pub struct DropoutRng {
+    base: AtomicU64,
+    calls: AtomicU64,
+}
+
+impl DropoutRng {
+    /// Restarts the sequence of masks from `seed`.
+    pub fn seed(&self, seed: u64) {
+        self.base.store(seed, Ordering::Relaxed);
+        self.calls.store(0, Ordering::Relaxed);
+    }
+
+    fn next(&self) -> u64 {
+        let c = self.calls.fetch_add(1, Ordering::Relaxed);
+        // splitmix64 of (base, call): well-spread seeds for consecutive calls.
+        let mut z = self.base.load(Ordering::Relaxed) ^ c.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// Inverted dropout with seeded masks, active only when `train` is true: each element is zeroed
+/// with probability `p`, the rest scaled by `1/(1−p)`; differentiable in the input.
+#[derive(Debug, Clone)]
+pub struct Dropout {
+    pub p: f32,
+    rng: Arc<DropoutRng>,
+}
+
+impl Dropout {
+    /// A dropout with its own seed source.
+    pub fn new(p: f64) -> Result<Self> {
+        Self::with_rng(p, Arc::new(DropoutRng::default()))
+    }
+
+    /// A dropout drawing its masks from a shared seed source.
+    pub fn with_rng(p: f64, rng: Arc<DropoutRng>) -> Result<Self> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(ModelError::InvalidConfig {
+                field: "dropout",
+                value: p.to_string(),
+                reason: "must be in [0, 1)".into(),
+            });
+        }
+        Ok(Self { p: p as f32, rng })
+    }
+
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !train || self.p == 0.0 {
+            return Ok(x.clone());
+        }
+        let mut rng = StdRng::seed_from_u64(self.rng.next());
+        let keep = 1.0 / (1.0 - self.p);
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.random::<f32>() < self.p { 0.0 } else { keep })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        Ok(x.mul(&mask)?)
+    }
+}
+
+/// Checks that `ids` is an integer `[B, L]` tensor with values in `0..size`; returns it as u32.
+pub(crate) fn check_ids(
+    ids: &Tensor,
+    name: &'static str,
+    what: &'static str,
+    size: usize,
+    field: &'static str,
+) -> Result<Tensor> {
+    if ids.rank() != 2 {
+        return Err(ModelError::BadInput {
+            name,
+            reason: format!("expected [batch, seq_len], got {:?}", ids.dims()),
+        });
+    }
+    if !matches!(ids.dtype(), DType::U8 | DType::U32 | DType::I64) {
+        return Err(ModelError::BadInput {
+            name,
+            reason: format!("expected an integer dtype, got {:?}", ids.dtype()),
+        });
+    }
+    if ids.elem_count() > 0 {
+        let as_i64 = ids.to_dtype(DType::I64)?.flatten_all()?;
+        let max = as_i64.max(0)?.to_scalar::<i64>()?;
+        let min = as_i64.min(0)?.to_scalar::<i64>()?;
+        if min < 0 {
+            return Err(ModelError::TokenOutOfRange {
+                what,
+                id: min,
+                size,
+                field,
+            });
+        }
+        if max as u64 >= size as u64 {
+            return Err(ModelError::TokenOutOfRange {
+                what,
+                id: max,
+                size,
+                field,
+            });
+        }
+    }
+    Ok(ids.to_dtype(DType::U32)?)
+}
+
+/// Checks an optional `[B, L]` 0/1 mask against the ids' shape; returns it as `dtype`.
+pub(crate) fn check_mask(
+    mask: Option<&Tensor>,
+    dims: (usize, usize),
+    dtype: DType,
+) -> Result<Option<Tensor>> {
+    let Some(m) = mask else { return Ok(None) };
+    if m.dims() != [dims.0, dims.1] {
+        return Err(ModelError::BadInput {
+            name: "attention_mask",
+            reason: format!("expected shape [{}, {}], got {:?}", dims.0, dims.1, m.dims()),
+        });
+    }
+    Ok(Some(m.to_dtype(dtype)?.detach()))
+}
+
+/// `log_softmax` over the last dim with the max detached (cheaper backward, same gradient).
+pub(crate) fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+/// `ModuleT` (not `Module`): candle's blanket `ModuleT` for a `Module` would drop the train flag.
+impl candle_core::ModuleT for Linear {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        Ok(Linear::forward_t(self, xs, train)?)
+    }
+}
+
+impl candle_core::Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(LayerNorm::forward(self, xs)?)
+    }
+}
+
+impl candle_core::ModuleT for Dropout {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        Ok(Dropout::forward_t(self, xs, train)?)
+    }
+}

@@ -1,0 +1,534 @@
+//! [`sparsify`]: converts a loaded dense model, in place, into an SPT model.
+//!
+//! Per selected layer it can
+//! - swap the attention core for [`SparseAttention`]: a PQ codebook fitted by k-means on the
+//!   layer's keys from a few calibration batches (padding excluded), and a top-k per query;
+//! - swap the FFN for a [`RoutedFeedForward`] (`n_blocks` blocks, top-k per token), its router
+//!   fitted to rank blocks by their activation norm on the calibration tokens;
+//! - wrap linear layers with LoRA (q, k, v, o, fc1, fc2; GPT-2's fused `c_attn` for q/k/v). On a
+//!   routed FFN, LoRA lives inside the routed op and covers both fc1 and fc2.
+//!
+//! The calibration batches run through the *dense* model once (eval mode, no gradient), recording
+//! every layer's keys and FFN inputs, before anything is swapped, so every layer is calibrated on
+//! the activations the pretrained model produces.
+
+use crate::attention::{AttentionCore, SparseAttention};
+use crate::error::{ModelError, Result};
+use crate::ffn::{DenseFfn, FeedForward, RoutedFeedForward};
+use crate::layers::{DropoutRng, Linear, WeightLayout};
+use crate::weights::Param;
+use candle_core::{DType, Device, Tensor};
+use spt_ops::lora::LoraConfig;
+use spt_ops::pq::{PqConfig, Refresh, TopK};
+use spt_ops::routed_ffn::{GateMode, RoutedFfnConfig, RouterFitConfig, TopK as BlockTopK};
+use std::sync::Arc;
+
+/// One batch of calibration inputs (the model's forward arguments).
+#[derive(Debug, Clone)]
+pub struct CalibrationBatch {
+    /// `[B, L]` token ids.
+    pub input_ids: Tensor,
+    /// `[B, L]`, 1 = real token; padded positions are left out of calibration.
+    pub attention_mask: Option<Tensor>,
+    /// `[B, L]` (BERT only).
+    pub token_type_ids: Option<Tensor>,
+}
+
+impl CalibrationBatch {
+    pub fn new(input_ids: Tensor, attention_mask: Option<Tensor>) -> Self {
+        Self {
+            input_ids,
+            attention_mask,
+            token_type_ids: None,
+        }
+    }
+}
+
+/// What one layer saw during a calibration forward pass (detached).
+#[derive(Debug, Clone)]
+pub struct LayerTrace {
+    /// `[B, H, L, d]`, after the key projection.
+    pub keys: Tensor,
+    /// `[B, L, E]`, the FFN's input.
+    pub ffn_input: Tensor,
+}
+
+/// The linear layers LoRA can wrap. GPT-2's fused `c_attn` is [`LoraTarget::QueryKeyValue`]
+/// (asking for any of q, k, v wraps it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoraTarget {
+    Query,
+    Key,
+    Value,
+    /// GPT-2's fused `c_attn`.
+    QueryKeyValue,
+    /// The attention output projection.
+    Output,
+    /// The FFN's first linear (`intermediate.dense` / `mlp.c_fc`).
+    Fc1,
+    /// The FFN's second linear (`output.dense` / `mlp.c_proj`).
+    Fc2,
+}
+
+/// Mutable access to the swappable parts of one layer.
+pub struct LayerSlots<'a> {
+    pub attention: &'a mut AttentionCore,
+    pub ffn: &'a mut FeedForward,
+    /// The attention's linear layers, by LoRA target (the FFN's are inside `ffn`).
+    pub linears: Vec<(LoraTarget, &'a mut Linear)>,
+    /// The model's dropout seed source (LoRA dropout draws from it).
+    pub dropout_rng: Arc<DropoutRng>,
+}
+
+/// A model [`sparsify`] can convert: BERT and GPT-2 (base and head models).
+pub trait SptModel {
+    fn num_layers(&self) -> usize;
+    /// Runs the model (eval mode) on one batch and returns every layer's trace.
+    fn trace(&self, batch: &CalibrationBatch) -> Result<Vec<LayerTrace>>;
+    /// The swappable parts of layer `i`.
+    fn layer_slots(&mut self, i: usize) -> Option<LayerSlots<'_>>;
+
+    /// The PQ codebooks of the sparse-attention layers, `(layer, centroids [G, S, C, d_codeword])`,
+    /// for checkpoints (they are not parameters, so `named_tensors` leaves them out).
+    fn pq_codebooks(&mut self) -> Result<Vec<(usize, Tensor)>> {
+        let mut out = Vec::new();
+        for i in 0..self.num_layers() {
+            if let Some(LayerSlots {
+                attention: AttentionCore::Sparse(s),
+                ..
+            }) = self.layer_slots(i)
+            {
+                out.push((i, s.codebook.to_tensor(&Device::Cpu)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Folds every LoRA adapter (dense linears and routed FFNs) into its frozen weight, for
+    /// export: `named_tensors` then carries the merged weights under their HF names (drop the
+    /// `.lora_` entries for a plain HF checkpoint). Returns the number of adapters merged.
+    fn merge_lora(&mut self) -> Result<usize> {
+        let mut n = 0;
+        for i in 0..self.num_layers() {
+            let Some(slots) = self.layer_slots(i) else {
+                continue;
+            };
+            for (_, lin) in slots.linears {
+                if lin.lora().is_some_and(|l| !l.is_merged()) {
+                    lin.merge_lora()?;
+                    n += 1;
+                }
+            }
+            match slots.ffn {
+                FeedForward::Dense(d) => {
+                    for lin in [&mut d.fc1, &mut d.fc2] {
+                        if lin.lora().is_some_and(|l| !l.is_merged()) {
+                            lin.merge_lora()?;
+                            n += 1;
+                        }
+                    }
+                }
+                FeedForward::Routed(r) => {
+                    if r.ffn.lora_factors().is_some() && !r.is_merged() {
+                        r.merge_lora()?;
+                        n += 1;
+                    }
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Moves every sparse layer's PQ codebook toward the keys the current model produces on
+    /// `batch` (padding excluded), by EMA or mini-batch k-means: the codebook refresh of SPT,
+    /// e.g. every few hundred steps. Returns the number of layers refreshed.
+    fn refresh_codebooks(&mut self, batch: &CalibrationBatch, rule: Refresh) -> Result<usize> {
+        let traces = self.trace(batch)?;
+        let mut n = 0;
+        for (i, t) in traces.iter().enumerate() {
+            if let Some(LayerSlots {
+                attention: AttentionCore::Sparse(s),
+                ..
+            }) = self.layer_slots(i)
+            {
+                let (keys, _) = gather_valid(t, batch.attention_mask.as_ref())?;
+                s.codebook.refresh(&keys, rule)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Makes the listed layers sparse with the given codebooks (e.g. from [`SptModel::pq_codebooks`]
+    /// of a saved run) and top-k; no calibration needed.
+    fn set_pq_codebooks(&mut self, codebooks: &[(usize, Tensor)], top_k: TopK) -> Result<()> {
+        let n = self.num_layers();
+        for (i, centroids) in codebooks {
+            let slots = self.layer_slots(*i).ok_or(ModelError::InvalidConfig {
+                field: "layers",
+                value: i.to_string(),
+                reason: format!("the model has {n} layers"),
+            })?;
+            let codebook = spt_ops::pq::Codebook::from_tensor(centroids)?;
+            *slots.attention = AttentionCore::Sparse(SparseAttention { codebook, top_k });
+        }
+        Ok(())
+    }
+}
+
+/// Which layers to convert.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerSelection {
+    #[default]
+    All,
+    /// These layer indices.
+    Only(Vec<usize>),
+    /// The last n layers.
+    LastN(usize),
+}
+
+impl LayerSelection {
+    /// The selected indices for a model with `n` layers, or an error naming a bad index.
+    pub fn resolve(&self, n: usize) -> Result<Vec<usize>> {
+        match self {
+            Self::All => Ok((0..n).collect()),
+            Self::LastN(k) => Ok((n.saturating_sub(*k)..n).collect()),
+            Self::Only(v) => {
+                if let Some(&bad) = v.iter().find(|&&i| i >= n) {
+                    return Err(ModelError::InvalidConfig {
+                        field: "layers",
+                        value: bad.to_string(),
+                        reason: format!("the model has {n} layers"),
+                    });
+                }
+                let mut v = v.clone();
+                v.sort_unstable();
+                v.dedup();
+                Ok(v)
+            }
+        }
+    }
+}
+
+/// Sparse attention settings.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SparseAttentionConfig {
+    /// Codebook shape and k-means settings.
+    pub pq: PqConfig,
+    /// Keys kept per query.
+    pub top_k: TopK,
+}
+
+/// Routed FFN settings.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RoutedFfnSettings {
+    /// Blocks d_ff is split into (must divide d_ff).
+    pub n_blocks: usize,
+    /// Blocks each token runs.
+    pub top_k: BlockTopK,
+    pub gate: GateMode,
+    /// Fit the router on the calibration tokens (ridge, score scale); `None` keeps the seeded
+    /// random `nn.Linear`-style initialisation.
+    pub router_fit: Option<RouterFit>,
+    /// Seed of the router initialisation (xor'ed with the layer index).
+    pub seed: u64,
+}
+
+/// Serializable form of spt-ops' `RouterFitConfig`.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RouterFit {
+    pub ridge: f64,
+    pub score_scale: f64,
+}
+
+impl Default for RouterFit {
+    fn default() -> Self {
+        let d = RouterFitConfig::default();
+        Self {
+            ridge: d.ridge,
+            score_scale: d.score_scale,
+        }
+    }
+}
+
+/// LoRA settings.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraSettings {
+    pub targets: Vec<LoraTarget>,
+    /// Rank, alpha, dropout; `seed` is combined with the layer and target for each adapter.
+    pub config: LoraConfig,
+}
+
+/// What [`sparsify`] does.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+pub struct SptConfig {
+    pub layers: LayerSelection,
+    /// Sparse attention in the selected layers, or keep dense attention.
+    pub attention: Option<SparseAttentionConfig>,
+    /// Routed FFN in the selected layers, or keep the dense FFN.
+    pub ffn: Option<RoutedFfnSettings>,
+    /// LoRA adapters in the selected layers, or none.
+    pub lora: Option<LoraSettings>,
+}
+
+/// What [`sparsify`] did to one layer.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LayerReport {
+    pub layer: usize,
+    /// "dense" or "sparse".
+    pub attention: &'static str,
+    /// Mean squared PQ reconstruction error of the calibration keys.
+    pub quantization_mse: Option<f64>,
+    /// Calibration tokens used (unpadded).
+    pub calibration_tokens: usize,
+    /// "dense" or "routed".
+    pub ffn: &'static str,
+    /// Routed vs dense FFN on the calibration tokens, after the router fit.
+    pub routing: Option<RoutingSummary>,
+    /// Names of the modules given a LoRA adapter.
+    pub lora: Vec<String>,
+}
+
+/// spt-ops' `RoutingQuality`, serializable.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct RoutingSummary {
+    /// Cosine similarity of routed and dense FFN outputs.
+    pub cosine: f64,
+    /// `‖routed − dense‖ / ‖dense‖`.
+    pub rel_error: f64,
+    /// Fraction of router picks among each token's top-k blocks by activation norm.
+    pub oracle_recall: f64,
+}
+
+/// Per-layer outcome of [`sparsify`].
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
+pub struct SparsifyReport {
+    pub layers: Vec<LayerReport>,
+}
+
+/// Flat indices `b·L + l` of the unpadded positions, or `None` when nothing is padded.
+fn valid_positions(mask: Option<&Tensor>, b: usize, l: usize) -> Result<Option<Tensor>> {
+    let Some(m) = mask else { return Ok(None) };
+    let v: Vec<f64> = m.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    if v.len() != b * l {
+        return Err(ModelError::BadInput {
+            name: "attention_mask",
+            reason: format!("expected [{b}, {l}] values, got {}", v.len()),
+        });
+    }
+    let idx: Vec<u32> = v
+        .iter()
+        .enumerate()
+        .filter(|(_, &x)| x != 0.0)
+        .map(|(i, _)| i as u32)
+        .collect();
+    Ok(Some(Tensor::from_vec(
+        idx,
+        v.len() - v.iter().filter(|&&x| x == 0.0).count(),
+        m.device(),
+    )?))
+}
+
+/// Keys `[B, H, L, d]` of unpadded positions as `[1, H, N, d]`; FFN inputs as `[N, E]`.
+fn gather_valid(trace: &LayerTrace, mask: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+    let (b, h, l, d) = trace.keys.dims4()?;
+    let e = trace.ffn_input.dim(2)?;
+    let keys = trace.keys.transpose(1, 2)?.contiguous()?.reshape((b * l, h, d))?;
+    let ffn = trace.ffn_input.reshape((b * l, e))?;
+    let (keys, ffn) = match valid_positions(mask, b, l)? {
+        Some(idx) => (keys.index_select(&idx, 0)?, ffn.index_select(&idx, 0)?),
+        None => (keys, ffn),
+    };
+    Ok((keys.transpose(0, 1)?.contiguous()?.unsqueeze(0)?, ffn))
+}
+
+/// Converts `model` in place as `cfg` says, calibrating on `calibration` batches (at least one
+/// when sparse attention is requested). Layers not selected stay as they are.
+pub fn sparsify<M: SptModel + ?Sized>(
+    model: &mut M,
+    cfg: &SptConfig,
+    calibration: &[CalibrationBatch],
+) -> Result<SparsifyReport> {
+    let n = model.num_layers();
+    let layers = cfg.layers.resolve(n)?;
+    let fit_router = cfg.ffn.as_ref().is_some_and(|f| f.router_fit.is_some());
+    if (cfg.attention.is_some() || fit_router) && calibration.is_empty() {
+        return Err(ModelError::InvalidConfig {
+            field: "calibration_batches",
+            value: "0".into(),
+            reason: "fitting PQ codebooks or routers needs at least one calibration batch".into(),
+        });
+    }
+    // Check the FFN conversion up front, so that no layer is left half-converted.
+    if let Some(fc) = &cfg.ffn {
+        for &i in &layers {
+            let Some(slots) = model.layer_slots(i) else {
+                continue;
+            };
+            let FeedForward::Dense(d) = &*slots.ffn else {
+                return Err(ModelError::InvalidConfig {
+                    field: "ffn",
+                    value: i.to_string(),
+                    reason: "this layer's FFN is already routed".into(),
+                });
+            };
+            let d_ff = d.fc1.out_features();
+            if fc.n_blocks == 0 || d_ff % fc.n_blocks != 0 {
+                return Err(ModelError::InvalidConfig {
+                    field: "ffn.n_blocks",
+                    value: fc.n_blocks.to_string(),
+                    reason: format!("must divide d_ff = {d_ff} (layer {i})"),
+                });
+            }
+            fc.top_k.resolve(fc.n_blocks)?;
+            if d.fc1.lora().is_some() || d.fc2.lora().is_some() {
+                return Err(ModelError::InvalidConfig {
+                    field: "ffn",
+                    value: i.to_string(),
+                    reason: "fc1/fc2 already have LoRA adapters; route the FFN first".into(),
+                });
+            }
+        }
+    }
+    // Record every layer's keys and FFN inputs on the dense model.
+    let mut keys: Vec<Vec<Tensor>> = vec![Vec::new(); n];
+    let mut ffn_in: Vec<Vec<Tensor>> = vec![Vec::new(); n];
+    for batch in calibration {
+        let traces = model.trace(batch)?;
+        for (i, t) in traces.iter().enumerate() {
+            if layers.contains(&i) {
+                let (k, f) = gather_valid(t, batch.attention_mask.as_ref())?;
+                keys[i].push(k);
+                ffn_in[i].push(f);
+            }
+        }
+    }
+
+    let mut report = SparsifyReport::default();
+    for &i in &layers {
+        let slots = model.layer_slots(i).ok_or(ModelError::InvalidConfig {
+            field: "layers",
+            value: i.to_string(),
+            reason: format!("the model has {n} layers"),
+        })?;
+        let mut lr = LayerReport {
+            layer: i,
+            attention: slots.attention.kind(),
+            quantization_mse: None,
+            calibration_tokens: keys[i]
+                .iter()
+                .map(|k| k.dim(2))
+                .sum::<candle_core::Result<usize>>()?,
+            ffn: slots.ffn.kind(),
+            routing: None,
+            lora: Vec::new(),
+        };
+        if let Some(ac) = &cfg.attention {
+            let k = Tensor::cat(&keys[i], 2)?; // [1, H, N, d]
+            let sparse = SparseAttention::fit(&k, &ac.pq, ac.top_k)?;
+            lr.quantization_mse = Some(
+                sparse
+                    .codebook
+                    .quantization_loss(&k, false)?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?,
+            );
+            *slots.attention = AttentionCore::Sparse(sparse);
+            lr.attention = "sparse";
+        }
+        let lora = cfg.lora.as_ref();
+        let wants = |t: LoraTarget| {
+            lora.is_some_and(|l| {
+                l.targets.contains(&t)
+                    || (t == LoraTarget::QueryKeyValue
+                        && l.targets
+                            .iter()
+                            .any(|x| matches!(x, LoraTarget::Query | LoraTarget::Key | LoraTarget::Value)))
+            })
+        };
+        let lora_cfg = |slot: u64| {
+            lora.map(|l| LoraConfig {
+                seed: l.config.seed ^ ((i as u64) << 8 | slot).wrapping_mul(0x9E37_79B9),
+                ..l.config
+            })
+        };
+        if let Some(fc) = &cfg.ffn {
+            let dense = match std::mem::replace(slots.ffn, placeholder_ffn()?) {
+                FeedForward::Dense(d) => d,
+                other => {
+                    *slots.ffn = other;
+                    return Err(ModelError::InvalidConfig {
+                        field: "ffn",
+                        value: i.to_string(),
+                        reason: "this layer's FFN is already routed".into(),
+                    });
+                }
+            };
+            let mut rc = RoutedFfnConfig::new(fc.n_blocks, fc.top_k, dense.act);
+            rc.gate = fc.gate;
+            rc.seed = fc.seed ^ i as u64;
+            if wants(LoraTarget::Fc1) || wants(LoraTarget::Fc2) {
+                rc.lora = lora_cfg(10);
+                lr.lora.push(dense.fc1.module_name().to_string());
+                lr.lora.push(dense.fc2.module_name().to_string());
+            }
+            let mut routed = RoutedFeedForward::from_dense(dense, rc)?;
+            if let Some(fit) = fc.router_fit {
+                let sample = Tensor::cat(&ffn_in[i], 0)?;
+                let q = routed.init_router(
+                    &sample.to_dtype(routed.fc1.weight.tensor().dtype())?,
+                    RouterFitConfig {
+                        ridge: fit.ridge,
+                        score_scale: fit.score_scale,
+                    },
+                )?;
+                lr.routing = Some(RoutingSummary {
+                    cosine: q.cosine,
+                    rel_error: q.rel_error,
+                    oracle_recall: q.oracle_recall,
+                });
+            }
+            *slots.ffn = FeedForward::Routed(routed);
+            lr.ffn = "routed";
+        } else if let FeedForward::Dense(d) = slots.ffn {
+            for (t, lin, slot) in [
+                (LoraTarget::Fc1, &mut d.fc1, 10),
+                (LoraTarget::Fc2, &mut d.fc2, 11),
+            ] {
+                if wants(t) {
+                    if let Some(c) = lora_cfg(slot) {
+                        lin.add_lora_seeded(c, slots.dropout_rng.clone())?;
+                        lr.lora.push(lin.module_name().to_string());
+                    }
+                }
+            }
+        }
+        for (slot, (t, lin)) in slots.linears.into_iter().enumerate() {
+            if wants(t) {
+                if let Some(c) = lora_cfg(slot as u64) {
+                    lin.add_lora_seeded(c, slots.dropout_rng.clone())?;
+                    lr.lora.push(lin.module_name().to_string());
+                }
+            }
+        }
+        report.layers.push(lr);
+    }
+    Ok(report)
+}
+
+/// A zero-size dense FFN, held only while a slot's FFN is being converted.
+fn placeholder_ffn() -> Result<FeedForward> {
+    let empty = |n: &str| -> Result<Param> {
+        Ok(Param::frozen(
+            n,
+            &Tensor::zeros((0, 0), DType::F32, &Device::Cpu)?,
+        ))
+    };
+    Ok(FeedForward::Dense(DenseFfn {
+        fc1: Linear::new(empty("placeholder.fc1")?, None, WeightLayout::OutIn),
+        fc2: Linear::new(empty("placeholder.fc2")?, None, WeightLayout::OutIn),
+        act: spt_ops::Activation::Relu,
+    }))
+}
