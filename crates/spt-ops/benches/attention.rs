@@ -66,6 +66,14 @@ fn step(q: &Var, k: &Var, v: &Var, w: &Tensor, f: &AttnStep<'_>) -> Result<Sampl
     })
 }
 
+/// The 1-minute load average (other processes skew timings on a 2-core machine).
+fn load_avg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split(' ').next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -102,6 +110,7 @@ fn main() -> Result<()> {
     );
     for &l in &lengths {
         let topk = l / 8;
+        let load_before = load_avg();
         let rand = |seed: u64| -> Result<Var> {
             Var::from_tensor(&(spt_ops::gradcheck::randn_f64(&[b, h, l, d], seed)?.to_dtype(DType::F32)?))
         };
@@ -176,6 +185,7 @@ fn main() -> Result<()> {
             "baseline_min_s": dn.iter().map(|x| x.total).fold(f64::INFINITY, f64::min),
             "baseline_max_s": dn.iter().map(|x| x.total).fold(0.0, f64::max),
             "runs": reps,
+            "load_avg_1min": [load_before, load_avg()],
             "ours_phases_s": {"pq_encode": phase(0), "select": phase(1), "attention_fwd": phase(2), "backward": phase(3)},
         }));
     }

@@ -1,6 +1,6 @@
-//! CPU kernels: forward over (batch, head, row block) in parallel; backward in two phases,
-//! rows in parallel for dq, then keys in parallel (through a key→query transpose) for dk and
-//! dv, so every sum has a fixed order and the result is deterministic.
+//! CPU kernels: forward over (batch, head, row block) in parallel; backward over (batch, head,
+//! fixed row chunk) with private dk/dv partials summed in chunk order, so every sum has a fixed
+//! order and the result is deterministic.
 
 use crate::pq::SENTINEL;
 use crate::simd::Vector;
@@ -8,8 +8,11 @@ use rayon::prelude::*;
 
 /// Query rows per rayon task.
 const ROWS_PER_TASK: usize = 32;
-/// Keys per rayon task in the dk/dv phase.
+/// Keys per rayon task in the dk/dv reduction.
 const KEYS_PER_TASK: usize = 64;
+/// Fixed number of row chunks per (batch, head) in the backward; each has private dk/dv
+/// partial sums. Fixed (not the thread count) so results are the same on any machine.
+const ROW_CHUNKS: usize = 8;
 
 /// Problem dimensions. q is `[bh, lq, d]`, k is `[bh, lk, d]`, v is `[bh, lk, dv]`, idx is
 /// `[bh, lq, kk]`.
@@ -108,6 +111,11 @@ pub(crate) fn forward<T: Vector>(
 
 /// Exact backward. Inputs as in [`forward`] plus `o`, `lse` and upstream `g = dL/do`.
 /// Returns `(dq, dk, dv)`.
+///
+/// One fused pass over the selected entries of each row gives `p_ij`, `ds_ij`, `dq_i`, and the
+/// contributions to `dk_j` and `dv_j`. Those go into a private buffer per fixed chunk of rows,
+/// summed afterwards in chunk order: the result does not depend on the thread count, and no
+/// `[L, k]`-sized intermediate or transpose is materialised.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward<T: Vector>(
     q: &[T],
@@ -129,118 +137,86 @@ pub(crate) fn backward<T: Vector>(
         kk,
     } = n;
     let mut dq = vec![T::zero(); nbh * lq * d];
-    // Per selected entry: p_ij and ds_ij = p_ij (dp_ij − Σ_j p_ij dp_ij), laid out like idx.
-    let mut p = vec![T::zero(); nbh * lq * kk];
-    let mut ds = vec![T::zero(); nbh * lq * kk];
-    if lq > 0 && kk > 0 && d > 0 {
-        dq.par_chunks_mut(ROWS_PER_TASK * d)
-            .zip(
-                p.par_chunks_mut(ROWS_PER_TASK * kk)
-                    .zip(ds.par_chunks_mut(ROWS_PER_TASK * kk)),
-            )
-            .enumerate()
-            .for_each(|(blk, (dq, (p, ds)))| {
-                for (r, ((dqi, pi), dsi)) in dq
-                    .chunks_mut(d)
-                    .zip(p.chunks_mut(kk))
-                    .zip(ds.chunks_mut(kk))
-                    .enumerate()
-                {
-                    let row = blk * ROWS_PER_TASK + r;
-                    let bh = row / lq;
-                    let ids = &idx[row * kk..(row + 1) * kk];
-                    let m = row_len(ids);
-                    if m == 0 {
-                        continue;
-                    }
-                    let qi = &q[row * d..(row + 1) * d];
-                    let gi = &g[row * dv..(row + 1) * dv];
-                    // Σ_j p_ij dp_ij = do_i · o_i, since o_i = Σ_j p_ij v_j.
-                    let delta = T::dot(gi, &o[row * dv..(row + 1) * dv]);
-                    let kb = &k[bh * lk * d..(bh + 1) * lk * d];
-                    let vb = &v[bh * lk * dv..(bh + 1) * lk * dv];
-                    let krow = |t: usize| &kb[ids[t] as usize * d..(ids[t] as usize + 1) * d];
-                    let vrow = |t: usize| &vb[ids[t] as usize * dv..(ids[t] as usize + 1) * dv];
-                    let mut t = 0;
-                    while t + 4 <= m {
-                        let ks = [krow(t), krow(t + 1), krow(t + 2), krow(t + 3)];
-                        let qk = T::dot4(qi, ks);
-                        let dp = T::dot4(gi, [vrow(t), vrow(t + 1), vrow(t + 2), vrow(t + 3)]);
-                        let mut a = [T::zero(); 4];
-                        for r in 0..4 {
-                            pi[t + r] = (scale * qk[r] - lse[row]).exp();
-                            dsi[t + r] = pi[t + r] * (dp[r] - delta);
-                            a[r] = scale * dsi[t + r];
-                        }
-                        T::axpy4(a, ks, dqi);
-                        t += 4;
-                    }
-                    for t in t..m {
-                        let kj = krow(t);
-                        pi[t] = (scale * T::dot(qi, kj) - lse[row]).exp();
-                        dsi[t] = pi[t] * (T::dot(gi, vrow(t)) - delta);
-                        T::axpy(scale * dsi[t], kj, dqi);
-                    }
-                }
-            });
-    }
-
-    // dk_j = scale Σ_i ds_ij q_i and dv_j = Σ_i p_ij do_i over the queries that selected j,
-    // in increasing i: a counting-sort transpose per (batch, head).
     let mut dk = vec![T::zero(); nbh * lk * d];
     let mut dvv = vec![T::zero(); nbh * lk * dv];
-    if lk > 0 {
-        dk.par_chunks_mut(lk * d.max(1))
-            .zip(dvv.par_chunks_mut(lk * dv.max(1)))
-            .enumerate()
-            .for_each(|(bh, (dkb, dvb))| {
-                let ids = &idx[bh * lq * kk..(bh + 1) * lq * kk];
-                let mut start = vec![0usize; lk + 1];
-                for &j in ids.iter().filter(|&&j| j != SENTINEL) {
-                    start[j as usize + 1] += 1;
-                }
-                for j in 0..lk {
-                    start[j + 1] += start[j];
-                }
-                let mut fill = start.clone();
-                // Entry e = i·kk + t of this (b, h); rows visited in order, so each key's list is
-                // sorted by query.
-                let mut entries = vec![0usize; start[lk]];
-                for (e, &j) in ids.iter().enumerate() {
-                    if j != SENTINEL {
-                        entries[fill[j as usize]] = e;
-                        fill[j as usize] += 1;
-                    }
-                }
-                let base = bh * lq * kk;
-                let (d1, dv1) = (d.max(1), dv.max(1));
-                dkb.par_chunks_mut(KEYS_PER_TASK * d1)
-                    .zip(dvb.par_chunks_mut(KEYS_PER_TASK * dv1))
-                    .enumerate()
-                    .for_each(|(blk, (dkc, dvc))| {
-                        for (r, (dkj, dvj)) in dkc.chunks_mut(d1).zip(dvc.chunks_mut(dv1)).enumerate() {
-                            let j = blk * KEYS_PER_TASK + r;
-                            let list = &entries[start[j]..start[j + 1]];
-                            let qrow = |e: usize| &q[(bh * lq + e / kk) * d..(bh * lq + e / kk + 1) * d];
-                            let grow = |e: usize| &g[(bh * lq + e / kk) * dv..(bh * lq + e / kk + 1) * dv];
-                            let mut chunks = list.chunks_exact(4);
-                            for c in &mut chunks {
-                                let a = [ds[base + c[0]], ds[base + c[1]], ds[base + c[2]], ds[base + c[3]]];
-                                T::axpy4(
-                                    a.map(|x| scale * x),
-                                    [qrow(c[0]), qrow(c[1]), qrow(c[2]), qrow(c[3])],
-                                    dkj,
-                                );
-                                let a = [p[base + c[0]], p[base + c[1]], p[base + c[2]], p[base + c[3]]];
-                                T::axpy4(a, [grow(c[0]), grow(c[1]), grow(c[2]), grow(c[3])], dvj);
-                            }
-                            for &e in chunks.remainder() {
-                                T::axpy(scale * ds[base + e], qrow(e), dkj);
-                                T::axpy(p[base + e], grow(e), dvj);
-                            }
-                        }
-                    });
-            });
+    if lq == 0 || lk == 0 || d == 0 || dv == 0 || kk == 0 {
+        return (dq, dk, dvv);
     }
+    let chunks = ROW_CHUNKS.min(lq);
+    let rows_per = lq.div_ceil(chunks);
+    dq.par_chunks_mut(lq * d)
+        .zip(dk.par_chunks_mut(lk * d).zip(dvv.par_chunks_mut(lk * dv)))
+        .enumerate()
+        .for_each(|(bh, (dqb, (dkb, dvb)))| {
+            let kb = &k[bh * lk * d..(bh + 1) * lk * d];
+            let vb = &v[bh * lk * dv..(bh + 1) * lk * dv];
+            // Per chunk: its rows of dq, and private dk / dv partial sums.
+            let partials: Vec<(Vec<T>, Vec<T>)> = dqb
+                .par_chunks_mut(rows_per * d)
+                .enumerate()
+                .map(|(c, dqc)| {
+                    let mut pk = vec![T::zero(); lk * d];
+                    let mut pv = vec![T::zero(); lk * dv];
+                    for (r, dqi) in dqc.chunks_mut(d).enumerate() {
+                        let row = bh * lq + c * rows_per + r;
+                        let ids = &idx[row * kk..(row + 1) * kk];
+                        let m = row_len(ids);
+                        if m == 0 {
+                            continue;
+                        }
+                        let qi = &q[row * d..(row + 1) * d];
+                        let gi = &g[row * dv..(row + 1) * dv];
+                        // Σ_j p_ij dp_ij = do_i · o_i, since o_i = Σ_j p_ij v_j.
+                        let delta = T::dot(gi, &o[row * dv..(row + 1) * dv]);
+                        let krow = |t: usize| &kb[ids[t] as usize * d..(ids[t] as usize + 1) * d];
+                        let vrow = |t: usize| &vb[ids[t] as usize * dv..(ids[t] as usize + 1) * dv];
+                        let mut accumulate = |t: usize, p: T, ds: T| {
+                            let j = ids[t] as usize;
+                            T::axpy(scale * ds, qi, &mut pk[j * d..(j + 1) * d]);
+                            T::axpy(p, gi, &mut pv[j * dv..(j + 1) * dv]);
+                        };
+                        let mut t = 0;
+                        while t + 4 <= m {
+                            let ks = [krow(t), krow(t + 1), krow(t + 2), krow(t + 3)];
+                            let qk = T::dot4(qi, ks);
+                            let dp = T::dot4(gi, [vrow(t), vrow(t + 1), vrow(t + 2), vrow(t + 3)]);
+                            let mut a = [T::zero(); 4];
+                            for r in 0..4 {
+                                let p = (scale * qk[r] - lse[row]).exp();
+                                let ds = p * (dp[r] - delta);
+                                a[r] = scale * ds;
+                                accumulate(t + r, p, ds);
+                            }
+                            T::axpy4(a, ks, dqi);
+                            t += 4;
+                        }
+                        for t in t..m {
+                            let kj = krow(t);
+                            let p = (scale * T::dot(qi, kj) - lse[row]).exp();
+                            let ds = p * (T::dot(gi, vrow(t)) - delta);
+                            T::axpy(scale * ds, kj, dqi);
+                            accumulate(t, p, ds);
+                        }
+                    }
+                    (pk, pv)
+                })
+                .collect();
+            // Fixed-order reduction of the chunk partials, parallel over key blocks.
+            dkb.par_chunks_mut(KEYS_PER_TASK * d)
+                .zip(dvb.par_chunks_mut(KEYS_PER_TASK * dv))
+                .enumerate()
+                .for_each(|(blk, (dkc, dvc))| {
+                    let (k0, v0) = (blk * KEYS_PER_TASK * d, blk * KEYS_PER_TASK * dv);
+                    for (pk, pv) in &partials {
+                        let (nk, nv) = (dkc.len(), dvc.len());
+                        for (x, y) in dkc.iter_mut().zip(&pk[k0..k0 + nk]) {
+                            *x = *x + *y;
+                        }
+                        for (x, y) in dvc.iter_mut().zip(&pv[v0..v0 + nv]) {
+                            *x = *x + *y;
+                        }
+                    }
+                });
+        });
     (dq, dk, dvv)
 }
