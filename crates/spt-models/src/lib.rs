@@ -1,1 +1,41 @@
-//! Placeholder
+//! Trainable BERT and GPT-2 for candle, loaded from Hugging Face checkpoints, with per-layer
+//! swappable attention and feed-forward slots for sparse fine-tuning (SPT).
+//!
+//! - [`bert`]: `BertModel` (token-level output) and `BertForSequenceClassification`.
+//! - [`gpt2`]: `GPT2Model` and `GPT2LMHeadModel` (tied head, shifted next-token loss).
+//! - [`weights`]: checkpoint reading ([`WeightSource`]: safetensors, sharded safetensors,
+//!   `pytorch_model.bin`), [`Param`] (trainable `Var` or frozen tensor, with its HF name),
+//!   [`LoadOptions`] and the [`LoadReport`] of unused / ignored / initialised tensors.
+//! - [`attention`] and [`ffn`]: the per-layer slots ([`AttentionCore`], [`FeedForward`]).
+//! - [`mod@sparsify`]: [`sparsify()`](fn@sparsify) converts a loaded model in place (sparse attention, routed FFN, LoRA).
+//! - [`memory`]: bytes of activations kept for backward per layer, dense vs sparse.
+//!
+//! Everything trainable uses spt-ops' differentiable `layer_norm` and `softmax` and a real
+//! dropout; errors are [`ModelError`]s that name the tensor, file or input at fault.
+
+pub mod attention;
+pub mod bert;
+pub mod error;
+pub mod ffn;
+pub mod gpt2;
+pub mod layers;
+pub mod memory;
+pub mod sparsify;
+pub mod weights;
+
+pub use attention::{AttentionCore, AttentionMask, DenseAttention, PreparedMask, SparseAttention};
+pub use bert::{BertConfig, BertForSequenceClassification, BertModel};
+pub use error::{ModelError, Result};
+pub use ffn::{DenseFfn, FeedForward};
+pub use gpt2::{lm_loss, GPT2Config, GPT2LMHeadModel, GPT2Model};
+pub use layers::{Dropout, Embedding, LayerNorm, Linear, WeightLayout};
+pub use memory::{
+    activation_bytes, ActivationAccounting, ActivationBytes, AttentionCost, FfnCost, LayerShape,
+};
+pub use sparsify::{
+    sparsify, CalibrationBatch, LayerSelection, LoraTarget, SparseAttentionConfig, SparsifyReport, SptConfig,
+    SptModel,
+};
+/// spt-ops' PQ types used in [`SptConfig`].
+pub use spt_ops::pq;
+pub use weights::{save_safetensors, LoadOptions, LoadReport, NamedParams, Param, Trainable, WeightSource};

@@ -1,0 +1,218 @@
+//! The attention slot: the part of multi-head attention after the q/k/v projections, which
+//! `sparsify` swaps per layer.
+//!
+//! Every model computes `q, k, v: [B, H, L, d]` with its own (HF-named) projections, then calls
+//! [`AttentionCore::forward_t`] with a [`PreparedMask`] built once per forward pass. The dense core
+//! is `softmax(scale·q·kᵀ + mask)·v` with dropout on the probabilities; its softmax is spt-ops'
+//! differentiable one (candle's `softmax_last_dim` has no backward).
+//!
+//! The sparse core ([`SparseAttention`]) encodes the keys with a product-quantisation codebook,
+//! keeps the top-k keys per query by ADC score (under the same causal / padding mask), and runs
+//! spt-ops' `sparse_attention` over them. It has no attention-probability dropout (the op keeps
+//! only the row log-sum-exp for backward); the model's other dropouts still apply.
+
+use crate::error::{ModelError, Result};
+use crate::layers::Dropout;
+use candle_core::{DType, Device, Tensor};
+use spt_ops::pq::{Codebook, PqConfig, TopK};
+
+/// Which keys each query may attend to (`key_padding`: `[B, L]`, nonzero = attend); spt-ops' type.
+pub use spt_ops::AttentionMask;
+
+/// An [`AttentionMask`] plus its additive form for dense attention, computed once per forward.
+#[derive(Debug, Clone)]
+pub struct PreparedMask {
+    pub mask: AttentionMask,
+    /// `0` where allowed and the dtype's most negative finite value elsewhere (as HF does), of
+    /// shape `[B|1, 1, L|1, L]`; `None` when everything is allowed.
+    pub additive: Option<Tensor>,
+}
+
+/// The most negative finite value of a float dtype (HF's `torch.finfo(dtype).min`).
+fn dtype_min(dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => f64::MIN,
+        DType::F16 => -65504.0,
+        DType::BF16 => -3.389_531_389_251_535e38,
+        _ => f32::MIN as f64,
+    }
+}
+
+impl PreparedMask {
+    /// Builds the additive mask for sequences of length `len` in `dtype`.
+    pub fn new(mask: AttentionMask, len: usize, dtype: DType, device: &Device) -> Result<Self> {
+        // allowed: u8, broadcastable to [B, 1, L, L].
+        let mut allowed: Option<Tensor> = None;
+        if let Some(p) = &mask.key_padding {
+            let (_b, l) = p.dims2()?;
+            if l != len {
+                return Err(ModelError::BadInput {
+                    name: "attention_mask",
+                    reason: format!("has length {l}, expected {len}"),
+                });
+            }
+            let pad = p.ne(0f64)?.unsqueeze(1)?.unsqueeze(1)?; // [B, 1, 1, L]
+            allowed = Some(pad);
+        }
+        if mask.causal {
+            let tri: Vec<u8> = (0..len)
+                .flat_map(|i| (0..len).map(move |j| u8::from(j <= i)))
+                .collect();
+            let tri = Tensor::from_vec(tri, (1, 1, len, len), device)?;
+            allowed = Some(match allowed {
+                Some(a) => a.broadcast_mul(&tri)?,
+                None => tri,
+            });
+        }
+        let additive = match allowed {
+            None => None,
+            Some(a) => {
+                let zeros = Tensor::zeros(a.shape(), dtype, device)?;
+                let neg = Tensor::full(dtype_min(dtype), a.shape(), device)?.to_dtype(dtype)?;
+                Some(a.where_cond(&zeros, &neg)?)
+            }
+        };
+        Ok(Self { mask, additive })
+    }
+}
+
+/// Dense softmax attention with attention-probability dropout.
+#[derive(Debug, Clone)]
+pub struct DenseAttention {
+    pub dropout: Dropout,
+}
+
+impl DenseAttention {
+    pub fn forward_t(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &PreparedMask,
+        scale: f64,
+        train: bool,
+    ) -> Result<Tensor> {
+        let scores = (q.matmul(&k.t()?)? * scale)?; // [B, H, L, L]
+        let scores = match &mask.additive {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = spt_ops::softmax_last_dim(&scores)?;
+        let probs = self.dropout.forward_t(&probs, train)?;
+        Ok(probs.matmul(v)?) // [B, H, L, d]
+    }
+}
+
+/// PQ-selected sparse attention: each query attends to its `top_k` keys of largest ADC score.
+#[derive(Debug, Clone)]
+pub struct SparseAttention {
+    pub codebook: Codebook,
+    /// Keys kept per query; a count above the sequence length keeps every allowed key.
+    pub top_k: TopK,
+}
+
+impl SparseAttention {
+    /// Fits the codebook to sample keys `[B, H, L, d]` (k-means++ and Lloyd, seeded by `pq.seed`).
+    pub fn fit(keys: &Tensor, pq: &PqConfig, top_k: TopK) -> Result<Self> {
+        Ok(Self {
+            codebook: Codebook::fit(keys, pq)?,
+            top_k,
+        })
+    }
+
+    /// The top-k for `lk` keys (counts are clamped to `lk`).
+    pub fn resolve_top_k(&self, lk: usize) -> TopK {
+        match self.top_k {
+            TopK::Count(k) if k > lk => TopK::Count(lk),
+            t => t,
+        }
+    }
+
+    /// `q, k, v: [B, H, L, d]` → `[B, H, L, d]`. Rows with no allowed key give zeros.
+    pub fn forward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &AttentionMask,
+        scale: f64,
+    ) -> Result<Tensor> {
+        let lk = k.dim(2)?;
+        Ok(spt_ops::pq_sparse_attention(
+            q,
+            k,
+            v,
+            &self.codebook,
+            self.resolve_top_k(lk),
+            mask,
+            scale,
+        )?)
+    }
+}
+
+/// The per-layer attention slot.
+#[derive(Debug, Clone)]
+pub enum AttentionCore {
+    /// `softmax(scale·q·kᵀ + mask)·v` with attention dropout.
+    Dense(DenseAttention),
+    /// PQ key selection + sparse attention.
+    Sparse(SparseAttention),
+}
+
+impl AttentionCore {
+    /// Dense attention with dropout probability `p` on the attention probabilities.
+    pub fn dense(p: f64) -> Result<Self> {
+        Ok(Self::Dense(DenseAttention {
+            dropout: Dropout::new(p)?,
+        }))
+    }
+
+    /// `q, k, v: [B, H, L, d]` (contiguous) → `[B, H, L, d]`.
+    pub fn forward_t(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &PreparedMask,
+        scale: f64,
+        train: bool,
+    ) -> Result<Tensor> {
+        let _span = tracing::trace_span!("attention", kind = self.kind()).entered();
+        match self {
+            Self::Dense(d) => d.forward_t(q, k, v, mask, scale, train),
+            Self::Sparse(s) => s.forward(q, k, v, &mask.mask, scale),
+        }
+    }
+
+    /// How this slot is accounted in [`crate::memory::activation_bytes`] for `seq_len` keys.
+    pub fn cost(&self, seq_len: usize) -> crate::memory::AttentionCost {
+        match self {
+            Self::Dense(_) => crate::memory::AttentionCost::Dense,
+            Self::Sparse(s) => crate::memory::AttentionCost::Sparse {
+                k: s.resolve_top_k(seq_len).resolve(seq_len).unwrap_or(seq_len),
+            },
+        }
+    }
+
+    /// Short name for reports ("dense" / "sparse").
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Dense(_) => "dense",
+            Self::Sparse(_) => "sparse",
+        }
+    }
+}
+
+/// `[B, L, H·d] → [B, H, L, d]`, contiguous.
+pub(crate) fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, l, hd) = x.dims3()?;
+    Ok(x.reshape((b, l, heads, hd / heads))?
+        .transpose(1, 2)?
+        .contiguous()?)
+}
+
+/// `[B, H, L, d] → [B, L, H·d]`.
+pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, l, d) = x.dims4()?;
+    Ok(x.transpose(1, 2)?.contiguous()?.reshape((b, l, h * d))?)
+}

@@ -1,0 +1,595 @@
+//! Trainable GPT-2, loaded from Hugging Face checkpoints.
+//!
+//! Upstream: Hugging Face transformers `src/transformers/models/gpt2/modeling_gpt2.py`
+//! (`GPT2Attention`, `GPT2MLP`, `GPT2Block`, `GPT2Model`, `GPT2LMHeadModel`) and `pytorch_utils.py`
+//! (`Conv1D`). candle-transformers has no GPT-2; this is written anew for spt. Notes:
+//! - `Conv1D` weights stay `[in, out]` as stored ([`WeightLayout::InOut`]), so gradients have the
+//!   checkpoint's shapes; `c_attn` is fused q|k|v along its output.
+//! - `lm_head` is tied to `wte` (the same `Param`), so its gradient sums the embedding and the
+//!   output-projection contributions; an untied `lm_head.weight` is loaded when the config says
+//!   `tie_word_embeddings: false`.
+//! - `attn.bias` / `attn.masked_bias` buffers are ignored; the causal mask is built per forward,
+//!   combined with an optional key-padding mask.
+//! - The attention core and the MLP are per-layer slots ([`AttentionCore`], [`FeedForward`]) that
+//!   `sparsify` swaps. No KV cache: this model is for training and scoring.
+
+use crate::attention::{
+    merge_heads, split_heads, AttentionCore, AttentionMask, DenseAttention, PreparedMask,
+};
+use crate::error::{ModelError, Result};
+use crate::ffn::{DenseFfn, FeedForward};
+use crate::layers::{
+    check_ids, check_mask, log_softmax_last, Dropout, DropoutRng, Embedding, LayerNorm, Linear, WeightLayout,
+};
+use crate::memory::{activation_bytes, ActivationAccounting, ActivationBytes, LayerShape};
+use crate::sparsify::{CalibrationBatch, LayerSlots, LayerTrace, LoraTarget, SptModel};
+use crate::weights::{read_json, LoadOptions, LoadReport, Loader, NamedParams, Param, WeightSource};
+use candle_core::{DType, Tensor, D};
+use spt_ops::Activation;
+use std::path::Path;
+use std::sync::Arc;
+
+fn d_vocab() -> usize {
+    50257
+}
+fn d_embd() -> usize {
+    768
+}
+fn d_layer() -> usize {
+    12
+}
+fn d_head() -> usize {
+    12
+}
+fn d_pos() -> usize {
+    1024
+}
+fn d_act() -> String {
+    "gelu_new".into()
+}
+fn d_drop() -> f64 {
+    0.1
+}
+fn d_eps() -> f64 {
+    1e-5
+}
+fn d_true() -> bool {
+    true
+}
+fn d_init() -> f64 {
+    0.02
+}
+
+/// HF `GPT2Config` (the fields we use).
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+pub struct GPT2Config {
+    #[serde(default = "d_vocab")]
+    pub vocab_size: usize,
+    #[serde(default = "d_embd")]
+    pub n_embd: usize,
+    #[serde(default = "d_layer")]
+    pub n_layer: usize,
+    #[serde(default = "d_head")]
+    pub n_head: usize,
+    #[serde(default = "d_pos")]
+    pub n_positions: usize,
+    /// FFN width; `None` means `4 · n_embd`.
+    #[serde(default)]
+    pub n_inner: Option<usize>,
+    #[serde(default = "d_act")]
+    pub activation_function: String,
+    #[serde(default = "d_drop")]
+    pub resid_pdrop: f64,
+    #[serde(default = "d_drop")]
+    pub embd_pdrop: f64,
+    #[serde(default = "d_drop")]
+    pub attn_pdrop: f64,
+    #[serde(default = "d_eps")]
+    pub layer_norm_epsilon: f64,
+    #[serde(default = "d_init")]
+    pub initializer_range: f64,
+    #[serde(default = "d_true")]
+    pub scale_attn_weights: bool,
+    #[serde(default)]
+    pub scale_attn_by_inverse_layer_idx: bool,
+    #[serde(default = "d_true")]
+    pub tie_word_embeddings: bool,
+}
+
+impl GPT2Config {
+    /// Parses and validates `config.json`.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let cfg: Self = read_json(path.as_ref())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses and validates a JSON string.
+    pub fn from_json_str(s: &str) -> Result<Self> {
+        let cfg: Self = serde_json::from_str(s).map_err(|e| ModelError::Config {
+            path: "<string>".into(),
+            reason: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn activation(&self) -> Result<Activation> {
+        Activation::from_hf(&self.activation_function)
+            .ok_or_else(|| ModelError::UnknownActivation(self.activation_function.clone()))
+    }
+
+    pub fn inner_dim(&self) -> usize {
+        self.n_inner.unwrap_or(4 * self.n_embd)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.n_embd / self.n_head
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.activation()?;
+        if self.n_head == 0 || self.n_embd % self.n_head != 0 {
+            return Err(ModelError::InvalidConfig {
+                field: "n_head",
+                value: self.n_head.to_string(),
+                reason: format!("must divide n_embd = {}", self.n_embd),
+            });
+        }
+        for (field, p) in [
+            ("resid_pdrop", self.resid_pdrop),
+            ("embd_pdrop", self.embd_pdrop),
+            ("attn_pdrop", self.attn_pdrop),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                return Err(ModelError::InvalidConfig {
+                    field,
+                    value: p.to_string(),
+                    reason: "must be in [0, 1)".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// HF `GPT2Attention` (self-attention only): fused `c_attn`, the attention core, `c_proj`.
+#[derive(Debug, Clone)]
+pub struct GPT2Attention {
+    pub c_attn: Linear,
+    pub c_proj: Linear,
+    pub core: AttentionCore,
+    pub resid_dropout: Dropout,
+    pub n_head: usize,
+    /// Softmax scale: `1/√d` (÷ (layer+1) with `scale_attn_by_inverse_layer_idx`).
+    pub scale: f64,
+}
+
+impl GPT2Attention {
+    /// `x [B, L, E] → [B, L, E]`.
+    pub fn forward_t(&self, x: &Tensor, mask: &PreparedMask, train: bool) -> Result<Tensor> {
+        Ok(self.forward_with_keys(x, mask, train)?.0)
+    }
+
+    /// The output and the keys `[B, heads, L, d]` (for calibration).
+    fn forward_with_keys(&self, x: &Tensor, mask: &PreparedMask, train: bool) -> Result<(Tensor, Tensor)> {
+        let e = x.dim(D::Minus1)?;
+        let qkv = self.c_attn.forward_t(x, train)?; // [B, L, 3E]
+        let q = split_heads(&qkv.narrow(D::Minus1, 0, e)?, self.n_head)?;
+        let k = split_heads(&qkv.narrow(D::Minus1, e, e)?, self.n_head)?;
+        let v = split_heads(&qkv.narrow(D::Minus1, 2 * e, e)?, self.n_head)?;
+        let ctx = self.core.forward_t(&q, &k, &v, mask, self.scale, train)?;
+        let out = self.c_proj.forward_t(&merge_heads(&ctx)?, train)?;
+        Ok((self.resid_dropout.forward_t(&out, train)?, k))
+    }
+}
+
+/// HF `GPT2Block`: pre-LN attention and MLP with residuals.
+#[derive(Debug, Clone)]
+pub struct GPT2Block {
+    pub ln_1: LayerNorm,
+    pub attn: GPT2Attention,
+    pub ln_2: LayerNorm,
+    /// `mlp.c_fc` → act → `mlp.c_proj`.
+    pub mlp: FeedForward,
+    pub mlp_dropout: Dropout,
+}
+
+impl GPT2Block {
+    fn load(l: &mut Loader, c: &GPT2Config, i: usize) -> Result<Self> {
+        let e = c.n_embd;
+        let p = format!("h.{i}");
+        let conv = |l: &mut Loader, name: &str, i, o| {
+            Linear::load(l, &format!("{p}.{name}"), i, o, WeightLayout::InOut)
+        };
+        let mut scale = if c.scale_attn_weights {
+            1.0 / (c.head_dim() as f64).sqrt()
+        } else {
+            1.0
+        };
+        if c.scale_attn_by_inverse_layer_idx {
+            scale /= (i + 1) as f64;
+        }
+        Ok(Self {
+            ln_1: LayerNorm::load(l, &format!("{p}.ln_1"), e, c.layer_norm_epsilon)?,
+            attn: GPT2Attention {
+                c_attn: conv(l, "attn.c_attn", e, 3 * e)?,
+                c_proj: conv(l, "attn.c_proj", e, e)?,
+                core: AttentionCore::Dense(DenseAttention {
+                    dropout: l.dropout(c.attn_pdrop)?,
+                }),
+                resid_dropout: l.dropout(c.resid_pdrop)?,
+                n_head: c.n_head,
+                scale,
+            },
+            ln_2: LayerNorm::load(l, &format!("{p}.ln_2"), e, c.layer_norm_epsilon)?,
+            mlp: FeedForward::Dense(DenseFfn {
+                fc1: conv(l, "mlp.c_fc", e, c.inner_dim())?,
+                fc2: conv(l, "mlp.c_proj", c.inner_dim(), e)?,
+                act: c.activation()?,
+            }),
+            mlp_dropout: l.dropout(c.resid_pdrop)?,
+        })
+    }
+
+    pub fn forward_t(&self, x: &Tensor, mask: &PreparedMask, train: bool) -> Result<Tensor> {
+        self.forward_traced(x, mask, train, None)
+    }
+
+    fn forward_traced(
+        &self,
+        x: &Tensor,
+        mask: &PreparedMask,
+        train: bool,
+        trace: Option<&mut Vec<LayerTrace>>,
+    ) -> Result<Tensor> {
+        let _span = tracing::trace_span!("gpt2_block").entered();
+        let (a, keys) = self.attn.forward_with_keys(&self.ln_1.forward(x)?, mask, train)?;
+        let x = (x + a)?;
+        let h = self.ln_2.forward(&x)?;
+        if let Some(t) = trace {
+            t.push(LayerTrace {
+                keys: keys.detach(),
+                ffn_input: h.detach(),
+            });
+        }
+        let m = self.mlp.forward_t(&h, train)?;
+        let m = self.mlp_dropout.forward_t(&m, train)?;
+        Ok((x + m)?)
+    }
+}
+
+impl NamedParams for GPT2Block {
+    fn visit_params<'a>(&'a self, f: &mut dyn FnMut(&'a Param)) {
+        self.ln_1.visit_params(f);
+        self.attn.c_attn.visit_params(f);
+        self.attn.c_proj.visit_params(f);
+        self.ln_2.visit_params(f);
+        self.mlp.visit_params(f);
+    }
+    fn visit_params_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        self.ln_1.visit_params_mut(f);
+        self.attn.c_attn.visit_params_mut(f);
+        self.attn.c_proj.visit_params_mut(f);
+        self.ln_2.visit_params_mut(f);
+        self.mlp.visit_params_mut(f);
+    }
+}
+
+/// HF `GPT2Model`: token and position embeddings, blocks, final LayerNorm.
+#[derive(Debug, Clone)]
+pub struct GPT2Model {
+    pub config: GPT2Config,
+    pub wte: Embedding,
+    pub wpe: Embedding,
+    pub drop: Dropout,
+    pub h: Vec<GPT2Block>,
+    pub ln_f: LayerNorm,
+    dropout_rng: Arc<DropoutRng>,
+}
+
+/// Keys in GPT-2 checkpoints that are buffers, not parameters.
+fn gpt2_buffer(key: &str) -> bool {
+    key.ends_with(".attn.bias") || key.ends_with(".attn.masked_bias") || key.ends_with("position_ids")
+}
+
+impl GPT2Model {
+    /// Loads a `GPT2Model` (canonical names without the `transformer.` prefix).
+    pub fn load(config: &GPT2Config, src: &WeightSource, opts: &LoadOptions) -> Result<(Self, LoadReport)> {
+        config.validate()?;
+        let mut l = Loader::new(src, opts, "", "transformer.");
+        let m = Self::load_inner(&mut l, config)?;
+        Ok((m, l.finish(gpt2_buffer)))
+    }
+
+    fn load_inner(l: &mut Loader, c: &GPT2Config) -> Result<Self> {
+        let e = c.n_embd;
+        Ok(Self {
+            config: c.clone(),
+            wte: Embedding::load(l, "wte", c.vocab_size, e)?,
+            wpe: Embedding::load(l, "wpe", c.n_positions, e)?,
+            drop: l.dropout(c.embd_pdrop)?,
+            h: (0..c.n_layer)
+                .map(|i| GPT2Block::load(l, c, i))
+                .collect::<Result<Vec<_>>>()?,
+            ln_f: LayerNorm::load(l, "ln_f", e, c.layer_norm_epsilon)?,
+            dropout_rng: l.dropout_rng.clone(),
+        })
+    }
+
+    /// Restarts the model's dropout masks from `seed` (call once per training step for
+    /// reproducible, resumable runs).
+    pub fn seed_dropout(&self, seed: u64) {
+        self.dropout_rng.seed(seed);
+    }
+
+    /// The final hidden state `[B, L, E]` (after `ln_f`). `attention_mask`: `[B, L]`, 1 = attend;
+    /// attention is always causal.
+    pub fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        self.forward_traced(input_ids, attention_mask, train, None)
+    }
+
+    fn forward_traced(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+        mut trace: Option<&mut Vec<LayerTrace>>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let ids = check_ids(input_ids, "input_ids", "token", c.vocab_size, "vocab_size")?;
+        let (b, len) = ids.dims2()?;
+        if len > c.n_positions {
+            return Err(ModelError::SequenceTooLong {
+                len,
+                max: c.n_positions,
+                field: "n_positions",
+            });
+        }
+        let dtype = self.wte.weight.tensor().dtype();
+        let pad = check_mask(attention_mask, (b, len), dtype)?;
+        let mask = PreparedMask::new(
+            AttentionMask {
+                causal: true,
+                key_padding: pad,
+            },
+            len,
+            dtype,
+            ids.device(),
+        )?;
+        let pos = Tensor::arange(0u32, len as u32, ids.device())?.unsqueeze(0)?;
+        let x = self.wte.forward(&ids)?.broadcast_add(&self.wpe.forward(&pos)?)?;
+        let mut x = self.drop.forward_t(&x, train)?;
+        for block in &self.h {
+            x = block.forward_traced(&x, &mask, train, trace.as_deref_mut())?;
+        }
+        self.ln_f.forward(&x)
+    }
+}
+
+impl NamedParams for GPT2Model {
+    fn visit_params<'a>(&'a self, f: &mut dyn FnMut(&'a Param)) {
+        self.wte.visit_params(f);
+        self.wpe.visit_params(f);
+        self.h.iter().for_each(|b| b.visit_params(f));
+        self.ln_f.visit_params(f);
+    }
+    fn visit_params_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        self.wte.visit_params_mut(f);
+        self.wpe.visit_params_mut(f);
+        self.h.iter_mut().for_each(|b| b.visit_params_mut(f));
+        self.ln_f.visit_params_mut(f);
+    }
+}
+
+/// HF `GPT2LMHeadModel`: `GPT2Model` plus the (tied) LM head. Parameter names carry the
+/// `transformer.` prefix, as HF saves them.
+#[derive(Debug, Clone)]
+pub struct GPT2LMHeadModel {
+    pub transformer: GPT2Model,
+    /// `None` when tied to `transformer.wte` (the default).
+    pub lm_head: Option<Param>,
+}
+
+impl GPT2LMHeadModel {
+    pub fn load(config: &GPT2Config, src: &WeightSource, opts: &LoadOptions) -> Result<(Self, LoadReport)> {
+        config.validate()?;
+        let mut l = Loader::new(src, opts, "transformer.", "transformer.");
+        let transformer = GPT2Model::load_inner(&mut l, config)?;
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(l.top("lm_head.weight", &[config.vocab_size, config.n_embd])?)
+        };
+        let mut report = l.finish(gpt2_buffer);
+        // A saved tied head duplicates wte: not a parameter of ours, not an oversight.
+        if config.tie_word_embeddings {
+            if let Some(i) = report.unused.iter().position(|k| k == "lm_head.weight") {
+                report.ignored.push(report.unused.remove(i));
+            }
+        }
+        Ok((Self { transformer, lm_head }, report))
+    }
+
+    /// Reads `config.json` and the checkpoint from a directory.
+    pub fn from_dir(dir: impl AsRef<Path>, opts: &LoadOptions) -> Result<(Self, LoadReport)> {
+        let dir = dir.as_ref();
+        let cfg = GPT2Config::from_file(dir.join("config.json"))?;
+        Self::load(&cfg, &WeightSource::from_dir(dir)?, opts)
+    }
+
+    /// Restarts the model's dropout masks from `seed` (see [`GPT2Model::seed_dropout`]).
+    pub fn seed_dropout(&self, seed: u64) {
+        self.transformer.seed_dropout(seed);
+    }
+
+    /// Logits `[B, L, vocab]`.
+    pub fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let h = self.transformer.forward_t(input_ids, attention_mask, train)?;
+        let w = match &self.lm_head {
+            Some(p) => p.tensor(),
+            None => self.transformer.wte.weight.tensor(),
+        };
+        let (b, l, e) = h.dims3()?;
+        let logits = h.reshape((b * l, e))?.matmul(&w.t()?)?;
+        Ok(logits.reshape((b, l, ()))?)
+    }
+
+    /// Mean next-token cross-entropy: position t predicts `input_ids[t+1]`; targets whose
+    /// `attention_mask` is 0 are ignored (HF's shift with padded labels = -100).
+    pub fn loss(
+        &self,
+        logits: &Tensor,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        lm_loss(logits, input_ids, attention_mask)
+    }
+
+    /// `forward_t` and `loss` together: `(logits, loss)`.
+    pub fn forward_with_loss(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let logits = self.forward_t(input_ids, attention_mask, train)?;
+        let loss = lm_loss(&logits, input_ids, attention_mask)?;
+        Ok((logits, loss))
+    }
+}
+
+/// Shifted next-token cross-entropy over `logits [B, L, V]`, ignoring targets where
+/// `attention_mask [B, L]` is 0. Errors if no target is left.
+pub fn lm_loss(logits: &Tensor, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+    let (b, l, v) = logits.dims3()?;
+    if input_ids.dims() != [b, l] {
+        return Err(ModelError::BadInput {
+            name: "input_ids",
+            reason: format!(
+                "expected shape [{b}, {l}] to match the logits, got {:?}",
+                input_ids.dims()
+            ),
+        });
+    }
+    if l < 2 {
+        return Err(ModelError::BadInput {
+            name: "input_ids",
+            reason: "need at least 2 tokens for a next-token loss".into(),
+        });
+    }
+    let ids = check_ids(input_ids, "input_ids", "token", v, "vocab_size")?;
+    let n = b * (l - 1);
+    let pred = logits.narrow(1, 0, l - 1)?.reshape((n, v))?;
+    let target = ids.narrow(1, 1, l - 1)?.reshape((n, 1))?;
+    let logp = log_softmax_last(&pred)?;
+    let nll = logp.gather(&target, 1)?.neg()?.reshape(n)?; // [n]
+    let weight = match check_mask(attention_mask, (b, l), logits.dtype())? {
+        Some(m) => m
+            .narrow(1, 1, l - 1)?
+            .reshape(n)?
+            .ne(0f64)?
+            .to_dtype(logits.dtype())?,
+        None => Tensor::ones(n, logits.dtype(), logits.device())?,
+    };
+    let count = weight.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+    if count == 0.0 {
+        return Err(ModelError::BadInput {
+            name: "attention_mask",
+            reason: "no unpadded target token".into(),
+        });
+    }
+    Ok(((nll * weight)?.sum_all()? / count)?)
+}
+
+impl NamedParams for GPT2LMHeadModel {
+    fn visit_params<'a>(&'a self, f: &mut dyn FnMut(&'a Param)) {
+        self.transformer.visit_params(f);
+        if let Some(p) = &self.lm_head {
+            f(p);
+        }
+    }
+    fn visit_params_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        self.transformer.visit_params_mut(f);
+        if let Some(p) = &mut self.lm_head {
+            f(p);
+        }
+    }
+}
+
+impl SptModel for GPT2Model {
+    fn num_layers(&self) -> usize {
+        self.h.len()
+    }
+
+    fn trace(&self, batch: &CalibrationBatch) -> Result<Vec<LayerTrace>> {
+        let mut t = Vec::with_capacity(self.h.len());
+        self.forward_traced(
+            &batch.input_ids,
+            batch.attention_mask.as_ref(),
+            false,
+            Some(&mut t),
+        )?;
+        Ok(t)
+    }
+
+    fn layer_slots(&mut self, i: usize) -> Option<LayerSlots<'_>> {
+        let block = self.h.get_mut(i)?;
+        Some(LayerSlots {
+            attention: &mut block.attn.core,
+            ffn: &mut block.mlp,
+            // q, k and v share the fused c_attn: a LoRA on any of them wraps c_attn (as PEFT does).
+            linears: vec![
+                (LoraTarget::QueryKeyValue, &mut block.attn.c_attn),
+                (LoraTarget::Output, &mut block.attn.c_proj),
+            ],
+        })
+    }
+}
+
+impl SptModel for GPT2LMHeadModel {
+    fn num_layers(&self) -> usize {
+        self.transformer.num_layers()
+    }
+    fn trace(&self, batch: &CalibrationBatch) -> Result<Vec<LayerTrace>> {
+        self.transformer.trace(batch)
+    }
+    fn layer_slots(&mut self, i: usize) -> Option<LayerSlots<'_>> {
+        self.transformer.layer_slots(i)
+    }
+}
+
+impl ActivationAccounting for GPT2Model {
+    fn activation_bytes_per_layer(&self, batch: usize, seq_len: usize, train: bool) -> Vec<ActivationBytes> {
+        let c = &self.config;
+        let shape = LayerShape {
+            batch,
+            seq_len,
+            hidden: c.n_embd,
+            heads: c.n_head,
+            intermediate: c.inner_dim(),
+            dtype_bytes: self.wte.weight.tensor().dtype().size_in_bytes(),
+            dropout: train && c.resid_pdrop > 0.0,
+        };
+        self.h
+            .iter()
+            .map(|b| activation_bytes(&shape, b.attn.core.cost(seq_len), b.mlp.cost()))
+            .collect()
+    }
+}
+
+impl ActivationAccounting for GPT2LMHeadModel {
+    fn activation_bytes_per_layer(&self, batch: usize, seq_len: usize, train: bool) -> Vec<ActivationBytes> {
+        self.transformer.activation_bytes_per_layer(batch, seq_len, train)
+    }
+}

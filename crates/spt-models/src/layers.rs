@@ -1,0 +1,325 @@
+//! Building blocks with named [`Param`]s: linear (PyTorch `[out, in]` or GPT-2 Conv1D `[in, out]`),
+//! the differentiable layer norm from spt-ops, embeddings and a real dropout.
+
+use crate::error::{ModelError, Result};
+use crate::weights::{Loader, NamedParams, Param};
+use candle_core::{DType, Tensor, D};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// How a linear weight is stored in the checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// `torch.nn.Linear`: `[out, in]`, `y = x Wᵀ + b`.
+    OutIn,
+    /// HF GPT-2 `Conv1D`: `[in, out]`, `y = x W + b`. Kept as stored, so gradients have the
+    /// checkpoint's shape and save under the same key.
+    InOut,
+}
+
+/// A linear layer. LoRA wraps it in place (see `lora` once it lands).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Param,
+    pub bias: Option<Param>,
+    pub layout: WeightLayout,
+}
+
+impl Linear {
+    /// Loads `{prefix}.weight` and `{prefix}.bias` (base-model relative names).
+    pub(crate) fn load(
+        l: &mut Loader,
+        prefix: &str,
+        in_dim: usize,
+        out_dim: usize,
+        layout: WeightLayout,
+    ) -> Result<Self> {
+        let shape = match layout {
+            WeightLayout::OutIn => [out_dim, in_dim],
+            WeightLayout::InOut => [in_dim, out_dim],
+        };
+        let weight = l.base(&format!("{prefix}.weight"), &shape)?;
+        let bias = Some(l.base(&format!("{prefix}.bias"), &[out_dim])?);
+        Ok(Self { weight, bias, layout })
+    }
+
+    pub fn in_features(&self) -> usize {
+        let d = self.weight.tensor().dims();
+        match self.layout {
+            WeightLayout::OutIn => d[1],
+            WeightLayout::InOut => d[0],
+        }
+    }
+
+    pub fn out_features(&self) -> usize {
+        let d = self.weight.tensor().dims();
+        match self.layout {
+            WeightLayout::OutIn => d[0],
+            WeightLayout::InOut => d[1],
+        }
+    }
+
+    /// The weight as `[in, out]` (a view for `OutIn`).
+    pub fn weight_in_out(&self) -> Result<Tensor> {
+        Ok(match self.layout {
+            WeightLayout::OutIn => self.weight.tensor().t()?,
+            WeightLayout::InOut => self.weight.tensor().clone(),
+        })
+    }
+
+    /// `x [.., in] → [.., out]` (with the LoRA adapter's dropout active when `train`).
+    pub fn forward_t(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
+        self.forward(x)
+    }
+
+    /// `x [.., in] → [.., out]`, eval mode.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let Some((&in_dim, lead)) = dims.split_last() else {
+            return Err(ModelError::BadInput {
+                name: "linear input",
+                reason: "scalar input".into(),
+            });
+        };
+        if in_dim != self.in_features() {
+            return Err(ModelError::ShapeMismatch {
+                name: format!("input of {}", self.weight.name()),
+                expected: vec![self.in_features()],
+                got: vec![in_dim],
+            });
+        }
+        let rows: usize = lead.iter().product();
+        let x2 = x.reshape((rows, in_dim))?;
+        let mut y = x2.matmul(&self.weight_in_out()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b.tensor())?;
+        }
+        let mut out_dims = lead.to_vec();
+        out_dims.push(self.out_features());
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+impl NamedParams for Linear {
+    fn visit_params<'a>(&'a self, f: &mut dyn FnMut(&'a Param)) {
+        f(&self.weight);
+        if let Some(b) = &self.bias {
+            f(b);
+        }
+    }
+    fn visit_params_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        f(&mut self.weight);
+        if let Some(b) = &mut self.bias {
+            f(b);
+        }
+    }
+}
+
+/// Layer norm over the last dimension with an exact backward (`spt_ops::layer_norm`).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Param,
+    pub bias: Param,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub(crate) fn load(l: &mut Loader, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: l.base(&format!("{prefix}.weight"), &[dim])?,
+            bias: l.base(&format!("{prefix}.bias"), &[dim])?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(spt_ops::layer_norm(
+            x,
+            self.weight.tensor(),
+            self.bias.tensor(),
+            self.eps,
+        )?)
+    }
+}
+
+impl NamedParams for LayerNorm {
+    fn visit_params<'a>(&'a self, f: &mut dyn FnMut(&'a Param)) {
+        f(&self.weight);
+        f(&self.bias);
+    }
+    fn visit_params_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        f(&mut self.weight);
+        f(&mut self.bias);
+    }
+}
+
+/// A lookup table `[num, dim]`.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    pub weight: Param,
+}
+
+impl Embedding {
+    pub(crate) fn load(l: &mut Loader, name: &str, num: usize, dim: usize) -> Result<Self> {
+        Ok(Self {
+            weight: l.base(&format!("{name}.weight"), &[num, dim])?,
+        })
+    }
+
+    pub fn num_embeddings(&self) -> usize {
+        self.weight.tensor().dims()[0]
+    }
+
+    /// `ids [B, L]` (u32) → `[B, L, dim]`. Ids must already be range-checked.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        let flat = ids.flatten_all()?;
+        let e = self.weight.tensor().index_select(&flat, 0)?;
+        Ok(e.reshape((b, l, ()))?)
+    }
+}
+
+impl NamedParams for Embedding {
+    fn visit_params<'a>(&'a self, f: &mut dyn FnMut(&'a Param)) {
+        f(&self.weight);
+    }
+    fn visit_params_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        f(&mut self.weight);
+    }
+}
+
+/// The seed source shared by all dropouts of a model: a base seed and a call counter, so each
+/// dropout call gets its own mask and a training run is reproducible (candle's CPU RNG cannot be
+/// seeded). Reseed it per step (`seed_dropout` on the models) to make a resumed run repeat the
+/// same masks.
+#[derive(Debug, Default)]
+pub struct DropoutRng {
+    base: AtomicU64,
+    calls: AtomicU64,
+}
+
+impl DropoutRng {
+    /// Restarts the sequence of masks from `seed`.
+    pub fn seed(&self, seed: u64) {
+        self.base.store(seed, Ordering::Relaxed);
+        self.calls.store(0, Ordering::Relaxed);
+    }
+
+    fn next(&self) -> u64 {
+        let c = self.calls.fetch_add(1, Ordering::Relaxed);
+        // splitmix64 of (base, call): well-spread seeds for consecutive calls.
+        let mut z = self.base.load(Ordering::Relaxed) ^ c.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// Inverted dropout with seeded masks, active only when `train` is true: each element is zeroed
+/// with probability `p`, the rest scaled by `1/(1−p)`; differentiable in the input.
+#[derive(Debug, Clone)]
+pub struct Dropout {
+    pub p: f32,
+    rng: Arc<DropoutRng>,
+}
+
+impl Dropout {
+    /// A dropout with its own seed source.
+    pub fn new(p: f64) -> Result<Self> {
+        Self::with_rng(p, Arc::new(DropoutRng::default()))
+    }
+
+    /// A dropout drawing its masks from a shared seed source.
+    pub fn with_rng(p: f64, rng: Arc<DropoutRng>) -> Result<Self> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(ModelError::InvalidConfig {
+                field: "dropout",
+                value: p.to_string(),
+                reason: "must be in [0, 1)".into(),
+            });
+        }
+        Ok(Self { p: p as f32, rng })
+    }
+
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !train || self.p == 0.0 {
+            return Ok(x.clone());
+        }
+        let mut rng = StdRng::seed_from_u64(self.rng.next());
+        let keep = 1.0 / (1.0 - self.p);
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.random::<f32>() < self.p { 0.0 } else { keep })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        Ok(x.mul(&mask)?)
+    }
+}
+
+/// Checks that `ids` is an integer `[B, L]` tensor with values in `0..size`; returns it as u32.
+pub(crate) fn check_ids(
+    ids: &Tensor,
+    name: &'static str,
+    what: &'static str,
+    size: usize,
+    field: &'static str,
+) -> Result<Tensor> {
+    if ids.rank() != 2 {
+        return Err(ModelError::BadInput {
+            name,
+            reason: format!("expected [batch, seq_len], got {:?}", ids.dims()),
+        });
+    }
+    if !matches!(ids.dtype(), DType::U8 | DType::U32 | DType::I64) {
+        return Err(ModelError::BadInput {
+            name,
+            reason: format!("expected an integer dtype, got {:?}", ids.dtype()),
+        });
+    }
+    if ids.elem_count() > 0 {
+        let as_i64 = ids.to_dtype(DType::I64)?.flatten_all()?;
+        let max = as_i64.max(0)?.to_scalar::<i64>()?;
+        let min = as_i64.min(0)?.to_scalar::<i64>()?;
+        if min < 0 {
+            return Err(ModelError::TokenOutOfRange {
+                what,
+                id: min,
+                size,
+                field,
+            });
+        }
+        if max as u64 >= size as u64 {
+            return Err(ModelError::TokenOutOfRange {
+                what,
+                id: max,
+                size,
+                field,
+            });
+        }
+    }
+    Ok(ids.to_dtype(DType::U32)?)
+}
+
+/// Checks an optional `[B, L]` 0/1 mask against the ids' shape; returns it as `dtype`.
+pub(crate) fn check_mask(
+    mask: Option<&Tensor>,
+    dims: (usize, usize),
+    dtype: DType,
+) -> Result<Option<Tensor>> {
+    let Some(m) = mask else { return Ok(None) };
+    if m.dims() != [dims.0, dims.1] {
+        return Err(ModelError::BadInput {
+            name: "attention_mask",
+            reason: format!("expected shape [{}, {}], got {:?}", dims.0, dims.1, m.dims()),
+        });
+    }
+    Ok(Some(m.to_dtype(dtype)?.detach()))
+}
+
+/// `log_softmax` over the last dim with the max detached (cheaper backward, same gradient).
+pub(crate) fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}

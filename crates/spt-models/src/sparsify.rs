@@ -1,0 +1,301 @@
+//! [`sparsify`]: converts a loaded dense model, in place, into an SPT model.
+//!
+//! Per selected layer it can
+//! - swap the attention core for [`SparseAttention`]: a PQ codebook fitted by k-means on the
+//!   layer's keys from a few calibration batches (padding excluded), and a top-k per query;
+//!
+//! The calibration batches run through the *dense* model once (eval mode, no gradient), recording
+//! every layer's keys and FFN inputs, before anything is swapped, so every layer is calibrated on
+//! the activations the pretrained model produces.
+
+use crate::attention::{AttentionCore, SparseAttention};
+use crate::error::{ModelError, Result};
+use crate::ffn::FeedForward;
+use crate::layers::Linear;
+use candle_core::{DType, Device, Tensor};
+use spt_ops::pq::{PqConfig, Refresh, TopK};
+
+/// One batch of calibration inputs (the model's forward arguments).
+#[derive(Debug, Clone)]
+pub struct CalibrationBatch {
+    /// `[B, L]` token ids.
+    pub input_ids: Tensor,
+    /// `[B, L]`, 1 = real token; padded positions are left out of calibration.
+    pub attention_mask: Option<Tensor>,
+    /// `[B, L]` (BERT only).
+    pub token_type_ids: Option<Tensor>,
+}
+
+impl CalibrationBatch {
+    pub fn new(input_ids: Tensor, attention_mask: Option<Tensor>) -> Self {
+        Self {
+            input_ids,
+            attention_mask,
+            token_type_ids: None,
+        }
+    }
+}
+
+/// What one layer saw during a calibration forward pass (detached).
+#[derive(Debug, Clone)]
+pub struct LayerTrace {
+    /// `[B, H, L, d]`, after the key projection.
+    pub keys: Tensor,
+    /// `[B, L, E]`, the FFN's input.
+    pub ffn_input: Tensor,
+}
+
+/// The linear layers LoRA can wrap. GPT-2's fused `c_attn` is [`LoraTarget::QueryKeyValue`]
+/// (asking for any of q, k, v wraps it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoraTarget {
+    Query,
+    Key,
+    Value,
+    /// GPT-2's fused `c_attn`.
+    QueryKeyValue,
+    /// The attention output projection.
+    Output,
+    /// The FFN's first linear (`intermediate.dense` / `mlp.c_fc`).
+    Fc1,
+    /// The FFN's second linear (`output.dense` / `mlp.c_proj`).
+    Fc2,
+}
+
+/// Mutable access to the swappable parts of one layer.
+pub struct LayerSlots<'a> {
+    pub attention: &'a mut AttentionCore,
+    pub ffn: &'a mut FeedForward,
+    /// The attention's linear layers, by LoRA target (the FFN's are inside `ffn`).
+    pub linears: Vec<(LoraTarget, &'a mut Linear)>,
+}
+
+/// A model [`sparsify`] can convert: BERT and GPT-2 (base and head models).
+pub trait SptModel {
+    fn num_layers(&self) -> usize;
+    /// Runs the model (eval mode) on one batch and returns every layer's trace.
+    fn trace(&self, batch: &CalibrationBatch) -> Result<Vec<LayerTrace>>;
+    /// The swappable parts of layer `i`.
+    fn layer_slots(&mut self, i: usize) -> Option<LayerSlots<'_>>;
+
+    /// The PQ codebooks of the sparse-attention layers, `(layer, centroids [G, S, C, d_codeword])`,
+    /// for checkpoints (they are not parameters, so `named_tensors` leaves them out).
+    fn pq_codebooks(&mut self) -> Result<Vec<(usize, Tensor)>> {
+        let mut out = Vec::new();
+        for i in 0..self.num_layers() {
+            if let Some(LayerSlots {
+                attention: AttentionCore::Sparse(s),
+                ..
+            }) = self.layer_slots(i)
+            {
+                out.push((i, s.codebook.to_tensor(&Device::Cpu)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Moves every sparse layer's PQ codebook toward the keys the current model produces on
+    /// `batch` (padding excluded), by EMA or mini-batch k-means: the codebook refresh of SPT,
+    /// e.g. every few hundred steps. Returns the number of layers refreshed.
+    fn refresh_codebooks(&mut self, batch: &CalibrationBatch, rule: Refresh) -> Result<usize> {
+        let traces = self.trace(batch)?;
+        let mut n = 0;
+        for (i, t) in traces.iter().enumerate() {
+            if let Some(LayerSlots {
+                attention: AttentionCore::Sparse(s),
+                ..
+            }) = self.layer_slots(i)
+            {
+                let (keys, _) = gather_valid(t, batch.attention_mask.as_ref())?;
+                s.codebook.refresh(&keys, rule)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Makes the listed layers sparse with the given codebooks (e.g. from [`SptModel::pq_codebooks`]
+    /// of a saved run) and top-k; no calibration needed.
+    fn set_pq_codebooks(&mut self, codebooks: &[(usize, Tensor)], top_k: TopK) -> Result<()> {
+        let n = self.num_layers();
+        for (i, centroids) in codebooks {
+            let slots = self.layer_slots(*i).ok_or(ModelError::InvalidConfig {
+                field: "layers",
+                value: i.to_string(),
+                reason: format!("the model has {n} layers"),
+            })?;
+            let codebook = spt_ops::pq::Codebook::from_tensor(centroids)?;
+            *slots.attention = AttentionCore::Sparse(SparseAttention { codebook, top_k });
+        }
+        Ok(())
+    }
+}
+
+/// Which layers to convert.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerSelection {
+    #[default]
+    All,
+    /// These layer indices.
+    Only(Vec<usize>),
+    /// The last n layers.
+    LastN(usize),
+}
+
+impl LayerSelection {
+    /// The selected indices for a model with `n` layers, or an error naming a bad index.
+    pub fn resolve(&self, n: usize) -> Result<Vec<usize>> {
+        match self {
+            Self::All => Ok((0..n).collect()),
+            Self::LastN(k) => Ok((n.saturating_sub(*k)..n).collect()),
+            Self::Only(v) => {
+                if let Some(&bad) = v.iter().find(|&&i| i >= n) {
+                    return Err(ModelError::InvalidConfig {
+                        field: "layers",
+                        value: bad.to_string(),
+                        reason: format!("the model has {n} layers"),
+                    });
+                }
+                let mut v = v.clone();
+                v.sort_unstable();
+                v.dedup();
+                Ok(v)
+            }
+        }
+    }
+}
+
+/// Sparse attention settings.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SparseAttentionConfig {
+    /// Codebook shape and k-means settings.
+    pub pq: PqConfig,
+    /// Keys kept per query.
+    pub top_k: TopK,
+}
+
+/// What [`sparsify`] does.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+pub struct SptConfig {
+    pub layers: LayerSelection,
+    /// Sparse attention in the selected layers, or keep dense attention.
+    pub attention: Option<SparseAttentionConfig>,
+}
+
+/// What [`sparsify`] did to one layer.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LayerReport {
+    pub layer: usize,
+    /// "dense" or "sparse".
+    pub attention: &'static str,
+    /// Mean squared PQ reconstruction error of the calibration keys.
+    pub quantization_mse: Option<f64>,
+    /// Calibration tokens used (unpadded).
+    pub calibration_tokens: usize,
+}
+
+/// Per-layer outcome of [`sparsify`].
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
+pub struct SparsifyReport {
+    pub layers: Vec<LayerReport>,
+}
+
+/// Flat indices `b·L + l` of the unpadded positions, or `None` when nothing is padded.
+fn valid_positions(mask: Option<&Tensor>, b: usize, l: usize) -> Result<Option<Tensor>> {
+    let Some(m) = mask else { return Ok(None) };
+    let v: Vec<f64> = m.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    if v.len() != b * l {
+        return Err(ModelError::BadInput {
+            name: "attention_mask",
+            reason: format!("expected [{b}, {l}] values, got {}", v.len()),
+        });
+    }
+    let idx: Vec<u32> = v
+        .iter()
+        .enumerate()
+        .filter(|(_, &x)| x != 0.0)
+        .map(|(i, _)| i as u32)
+        .collect();
+    Ok(Some(Tensor::from_vec(
+        idx,
+        v.len() - v.iter().filter(|&&x| x == 0.0).count(),
+        m.device(),
+    )?))
+}
+
+/// Keys `[B, H, L, d]` of unpadded positions as `[1, H, N, d]`; FFN inputs as `[N, E]`.
+fn gather_valid(trace: &LayerTrace, mask: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+    let (b, h, l, d) = trace.keys.dims4()?;
+    let e = trace.ffn_input.dim(2)?;
+    let keys = trace.keys.transpose(1, 2)?.contiguous()?.reshape((b * l, h, d))?;
+    let ffn = trace.ffn_input.reshape((b * l, e))?;
+    let (keys, ffn) = match valid_positions(mask, b, l)? {
+        Some(idx) => (keys.index_select(&idx, 0)?, ffn.index_select(&idx, 0)?),
+        None => (keys, ffn),
+    };
+    Ok((keys.transpose(0, 1)?.contiguous()?.unsqueeze(0)?, ffn))
+}
+
+/// Converts `model` in place as `cfg` says, calibrating on `calibration` batches (at least one
+/// when sparse attention is requested). Layers not selected stay as they are.
+pub fn sparsify<M: SptModel + ?Sized>(
+    model: &mut M,
+    cfg: &SptConfig,
+    calibration: &[CalibrationBatch],
+) -> Result<SparsifyReport> {
+    let n = model.num_layers();
+    let layers = cfg.layers.resolve(n)?;
+    if cfg.attention.is_some() && calibration.is_empty() {
+        return Err(ModelError::InvalidConfig {
+            field: "calibration_batches",
+            value: "0".into(),
+            reason: "fitting PQ codebooks needs at least one calibration batch".into(),
+        });
+    }
+    // Record every layer's keys and FFN inputs on the dense model.
+    let mut keys: Vec<Vec<Tensor>> = vec![Vec::new(); n];
+    let mut ffn_in: Vec<Vec<Tensor>> = vec![Vec::new(); n];
+    for batch in calibration {
+        let traces = model.trace(batch)?;
+        for (i, t) in traces.iter().enumerate() {
+            if layers.contains(&i) {
+                let (k, f) = gather_valid(t, batch.attention_mask.as_ref())?;
+                keys[i].push(k);
+                ffn_in[i].push(f);
+            }
+        }
+    }
+
+    let mut report = SparsifyReport::default();
+    for &i in &layers {
+        let slots = model.layer_slots(i).ok_or(ModelError::InvalidConfig {
+            field: "layers",
+            value: i.to_string(),
+            reason: format!("the model has {n} layers"),
+        })?;
+        let mut lr = LayerReport {
+            layer: i,
+            attention: slots.attention.kind(),
+            quantization_mse: None,
+            calibration_tokens: 0,
+        };
+        if let Some(ac) = &cfg.attention {
+            let k = Tensor::cat(&keys[i], 2)?; // [1, H, N, d]
+            lr.calibration_tokens = k.dim(2)?;
+            let sparse = SparseAttention::fit(&k, &ac.pq, ac.top_k)?;
+            lr.quantization_mse = Some(
+                sparse
+                    .codebook
+                    .quantization_loss(&k, false)?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?,
+            );
+            *slots.attention = AttentionCore::Sparse(sparse);
+            lr.attention = "sparse";
+        }
+        report.layers.push(lr);
+    }
+    Ok(report)
+}

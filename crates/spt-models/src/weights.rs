@@ -1,0 +1,568 @@
+//! Checkpoint loading: [`WeightSource`] (what is in the file), [`Param`] (a named weight, trainable
+//! or frozen), and the loader that builds models from a source and reports what it did.
+//!
+//! The loader design:
+//! - A [`WeightSource`] holds every tensor of a checkpoint by its file key: one `model.safetensors`,
+//!   a sharded `model.safetensors.index.json`, or a `pytorch_model.bin`. Reading errors name the file.
+//! - A model asks the loader for each parameter by its **canonical Hugging Face name** (the name
+//!   HF gives it in the class being built, e.g. `bert.encoder.layer.0.attention.self.query.weight`
+//!   for `BertForSequenceClassification`, `encoder.layer.0...` for `BertModel`). The loader tries
+//!   the checkpoint keys with and without the base-model prefix (`bert.` / `transformer.`), plus
+//!   the legacy `gamma`/`beta` LayerNorm names, checks the shape, converts dtype and device, and
+//!   records which key it used.
+//! - Each loaded tensor becomes a [`Param`]: a `Var` if [`LoadOptions::trainable`] says so, else a
+//!   plain (frozen, detached) tensor, so backward never walks into frozen weights.
+//! - A missing tensor is a [`ModelError::MissingTensor`] naming every key tried. The one exception
+//!   is a task head that the model says may be new (the classifier): it is initialised from
+//!   `LoadOptions::init_seed` and listed in [`LoadReport::initialised`].
+//! - [`LoadReport`] lists the checkpoint keys nobody used (`unused`), the known buffers skipped on
+//!   purpose (`ignored`: `position_ids`, GPT-2's `attn.bias`/`attn.masked_bias`), and the new
+//!   tensors (`initialised`).
+
+use crate::error::{ModelError, Result};
+use crate::layers::{Dropout, DropoutRng};
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// All tensors of one checkpoint, by file key, on the CPU.
+#[derive(Debug, Clone)]
+pub struct WeightSource {
+    tensors: HashMap<String, Tensor>,
+    origin: Option<PathBuf>,
+}
+
+fn ckpt_err(path: &Path, reason: impl std::fmt::Display) -> ModelError {
+    ModelError::Checkpoint {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+impl WeightSource {
+    /// Wraps tensors already in memory (tests, conversions).
+    pub fn from_tensors(tensors: HashMap<String, Tensor>) -> Self {
+        Self {
+            tensors,
+            origin: None,
+        }
+    }
+
+    /// Loads a checkpoint directory: `model.safetensors`, else `model.safetensors.index.json`,
+    /// else `pytorch_model.bin`.
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        for name in [
+            "model.safetensors",
+            "model.safetensors.index.json",
+            "pytorch_model.bin",
+        ] {
+            let p = dir.join(name);
+            if p.is_file() {
+                return Self::from_file(&p);
+            }
+        }
+        Err(ckpt_err(
+            dir,
+            "no model.safetensors, model.safetensors.index.json or pytorch_model.bin in this directory",
+        ))
+    }
+
+    /// Loads one checkpoint file, choosing the format by name: `*.safetensors`,
+    /// `*.safetensors.index.json` (shards next to it), or `*.bin` / `*.pt` / `*.pth` (PyTorch pickle).
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let tensors = if name.ends_with(".index.json") {
+            Self::read_sharded(path)?
+        } else if name.ends_with(".safetensors") {
+            Self::read_safetensors(path)?
+        } else if name.ends_with(".bin") || name.ends_with(".pt") || name.ends_with(".pth") {
+            Self::read_pickle(path)?
+        } else {
+            return Err(ckpt_err(
+                path,
+                "unknown checkpoint format (expected .safetensors, .index.json or .bin)",
+            ));
+        };
+        Ok(Self {
+            tensors,
+            origin: Some(path.to_path_buf()),
+        })
+    }
+
+    fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+        let bytes = std::fs::read(path).map_err(|e| ckpt_err(path, e))?;
+        // candle validates the header and every tensor's byte range against the buffer, so a
+        // truncated or corrupt file is an error here, not a panic later.
+        candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+            .map_err(|e| ckpt_err(path, format!("corrupt or truncated safetensors: {e}")))
+    }
+
+    fn read_sharded(path: &Path) -> Result<HashMap<String, Tensor>> {
+        #[derive(serde::Deserialize)]
+        struct Index {
+            weight_map: HashMap<String, String>,
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| ckpt_err(path, e))?;
+        let index: Index =
+            serde_json::from_str(&text).map_err(|e| ckpt_err(path, format!("bad shard index: {e}")))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let shards: BTreeSet<&String> = index.weight_map.values().collect();
+        let mut all = HashMap::new();
+        for shard in shards {
+            let shard_path = dir.join(shard);
+            all.extend(Self::read_safetensors(&shard_path)?);
+        }
+        for (key, shard) in &index.weight_map {
+            if !all.contains_key(key) {
+                return Err(ckpt_err(
+                    path,
+                    format!("index lists '{key}' in {shard}, which does not contain it"),
+                ));
+            }
+        }
+        Ok(all)
+    }
+
+    fn read_pickle(path: &Path) -> Result<HashMap<String, Tensor>> {
+        // candle's pickle reader is not hardened against every malformed input; keep a bad file
+        // from taking the caller down.
+        let read = std::panic::catch_unwind(|| candle_core::pickle::read_all(path));
+        match read {
+            Ok(Ok(v)) => Ok(v.into_iter().collect()),
+            Ok(Err(e)) => Err(ckpt_err(path, format!("bad PyTorch checkpoint: {e}"))),
+            Err(_) => Err(ckpt_err(path, "bad PyTorch checkpoint: the pickle reader failed")),
+        }
+    }
+
+    /// The file this came from, if any.
+    pub fn origin(&self) -> Option<&Path> {
+        self.origin.as_deref()
+    }
+
+    /// Every key in the checkpoint, sorted.
+    pub fn keys(&self) -> Vec<&str> {
+        let mut k: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
+        k.sort_unstable();
+        k
+    }
+
+    /// The tensor stored under `key`.
+    pub fn get(&self, key: &str) -> Option<&Tensor> {
+        self.tensors.get(key)
+    }
+
+    /// True if any key starts with `prefix`.
+    pub fn has_prefix(&self, prefix: &str) -> bool {
+        self.tensors.keys().any(|k| k.starts_with(prefix))
+    }
+}
+
+/// Which loaded weights become trainable `Var`s; the rest are frozen plain tensors.
+#[derive(Clone, Default)]
+pub enum Trainable {
+    /// Full fine-tuning: every parameter is a `Var`.
+    #[default]
+    All,
+    /// Everything frozen (inference, or LoRA where adapters are added later).
+    None,
+    /// A `Var` when the predicate holds for the canonical HF name (see [`Trainable::only`]).
+    Only(Arc<dyn Fn(&str) -> bool + Send + Sync>),
+}
+
+impl std::fmt::Debug for Trainable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::All => f.write_str("All"),
+            Self::None => f.write_str("None"),
+            Self::Only(_) => f.write_str("Only(<predicate>)"),
+        }
+    }
+}
+
+impl Trainable {
+    /// Trainable where `pred(canonical HF name)` holds, e.g. `|n| n.starts_with("classifier.")`.
+    pub fn only(pred: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
+        Self::Only(Arc::new(pred))
+    }
+
+    /// Whether the parameter with this canonical name is trainable.
+    pub fn is_trainable(&self, name: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::None => false,
+            Self::Only(f) => f(name),
+        }
+    }
+}
+
+/// How to materialise a checkpoint.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Parameter dtype (F32 for parity with PyTorch; F64 for gradient checks).
+    pub dtype: DType,
+    pub device: Device,
+    pub trainable: Trainable,
+    /// Seed for new heads (normal(0, initializer_range) weights, zero bias).
+    pub init_seed: u64,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            trainable: Trainable::All,
+            init_seed: 0,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// Everything frozen, F32, CPU: for inference and parity checks.
+    pub fn frozen() -> Self {
+        Self {
+            trainable: Trainable::None,
+            ..Self::default()
+        }
+    }
+}
+
+/// What loading did, by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Checkpoint keys the model did not use (sorted). Not an error: e.g. an MLM head when
+    /// loading `BertModel`.
+    pub unused: Vec<String>,
+    /// Checkpoint keys skipped on purpose: non-parameter buffers (sorted).
+    pub ignored: Vec<String>,
+    /// Canonical names of model tensors not in the checkpoint that were initialised (new heads).
+    pub initialised: Vec<String>,
+    /// Number of checkpoint tensors used.
+    pub used: usize,
+}
+
+/// A named model weight: trainable (`Var`) or frozen (a detached tensor).
+#[derive(Debug, Clone)]
+pub struct Param {
+    name: String,
+    tensor: Tensor,
+    var: Option<Var>,
+}
+
+impl Param {
+    /// A trainable parameter (the tensor is copied into a new `Var`).
+    pub fn trainable(name: impl Into<String>, t: &Tensor) -> Result<Self> {
+        let var = Var::from_tensor(&t.detach())?;
+        Ok(Self {
+            name: name.into(),
+            tensor: var.as_tensor().clone(),
+            var: Some(var),
+        })
+    }
+
+    /// A frozen parameter: backward never reaches it.
+    pub fn frozen(name: impl Into<String>, t: &Tensor) -> Self {
+        Self {
+            name: name.into(),
+            tensor: t.detach(),
+            var: None,
+        }
+    }
+
+    /// Canonical Hugging Face name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The tensor used in forward passes (tracked iff trainable).
+    pub fn tensor(&self) -> &Tensor {
+        &self.tensor
+    }
+
+    /// The `Var`, if trainable.
+    pub fn var(&self) -> Option<&Var> {
+        self.var.as_ref()
+    }
+
+    pub fn is_trainable(&self) -> bool {
+        self.var.is_some()
+    }
+
+    /// Freezes the parameter (keeps its current value).
+    pub fn freeze(&mut self) {
+        if let Some(v) = self.var.take() {
+            self.tensor = v.as_detached_tensor();
+        }
+    }
+
+    /// Makes the parameter trainable (a new `Var` holding its current value).
+    pub fn unfreeze(&mut self) -> Result<()> {
+        if self.var.is_none() {
+            *self = Self::trainable(std::mem::take(&mut self.name), &self.tensor)?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the value, keeping trainability. Shapes must match.
+    pub fn set(&mut self, t: &Tensor) -> Result<()> {
+        if t.dims() != self.tensor.dims() {
+            return Err(ModelError::ShapeMismatch {
+                name: self.name.clone(),
+                expected: self.tensor.dims().to_vec(),
+                got: t.dims().to_vec(),
+            });
+        }
+        let t = t.to_dtype(self.tensor.dtype())?.to_device(self.tensor.device())?;
+        match &self.var {
+            Some(v) => v.set(&t.detach().contiguous()?.copy()?)?,
+            None => self.tensor = t.detach(),
+        }
+        Ok(())
+    }
+}
+
+/// Anything that owns [`Param`]s: models and their modules. Gives trainers the named `Var`s for
+/// optimizer groups and the named tensors for saving with HF keys.
+pub trait NamedParams {
+    /// Calls `f` on every parameter once, in a fixed order (a tied weight is visited once).
+    fn visit_params<'a>(&'a self, f: &mut dyn FnMut(&'a Param));
+    /// Mutable variant of [`NamedParams::visit_params`].
+    fn visit_params_mut(&mut self, f: &mut dyn FnMut(&mut Param));
+
+    /// Trainable parameters as `(canonical HF name, Var)`.
+    fn named_vars(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        self.visit_params(&mut |p| {
+            if let Some(v) = p.var() {
+                out.push((p.name().to_string(), v.clone()));
+            }
+        });
+        out
+    }
+
+    /// Every parameter as `(canonical HF name, tensor)`, for export.
+    fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        self.visit_params(&mut |p| out.push((p.name().to_string(), p.tensor().clone())));
+        out
+    }
+
+    /// Makes parameters trainable where `pred(name)` holds and freezes the rest.
+    fn set_trainable(&mut self, pred: &dyn Fn(&str) -> bool) -> Result<()> {
+        let mut res = Ok(());
+        self.visit_params_mut(&mut |p| {
+            if pred(p.name()) {
+                if let Err(e) = p.unfreeze() {
+                    res = Err(e);
+                }
+            } else {
+                p.freeze();
+            }
+        });
+        res
+    }
+
+    /// Number of trainable scalars.
+    fn num_trainable(&self) -> usize {
+        let mut n = 0;
+        self.visit_params(&mut |p| {
+            if p.is_trainable() {
+                n += p.tensor().elem_count();
+            }
+        });
+        n
+    }
+}
+
+/// Writes every parameter of `model` under its canonical HF name to a safetensors file, through
+/// a temporary file renamed into place. LoRA factors are included under their PEFT-style names
+/// (`{module}.lora_A.weight`); merge them first for a plain HF checkpoint.
+pub fn save_safetensors(model: &(impl NamedParams + ?Sized), path: impl AsRef<Path>) -> Result<()> {
+    let path = path.as_ref();
+    let tensors: HashMap<String, Tensor> = model
+        .named_tensors()
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let tmp = path.with_extension("safetensors.tmp");
+    candle_core::safetensors::save(&tensors, &tmp).map_err(|e| ckpt_err(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| ckpt_err(path, e))?;
+    Ok(())
+}
+
+/// How a tensor missing from the checkpoint may be created.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Init {
+    /// normal(0, std)
+    Normal(f64),
+    Zeros,
+}
+
+/// Builds [`Param`]s from a [`WeightSource`] and records what it used.
+pub(crate) struct Loader<'a> {
+    src: &'a WeightSource,
+    opts: &'a LoadOptions,
+    /// Prefix of the base model in canonical names of the class being built ("bert." or "").
+    canonical_prefix: String,
+    /// The base model's HF prefix ("bert." / "transformer."), which checkpoints may or may not have.
+    model_prefix: String,
+    used: BTreeSet<String>,
+    initialised: Vec<String>,
+    rng: StdRng,
+    /// Shared by every dropout of the model being built.
+    pub(crate) dropout_rng: Arc<DropoutRng>,
+}
+
+impl<'a> Loader<'a> {
+    pub(crate) fn new(
+        src: &'a WeightSource,
+        opts: &'a LoadOptions,
+        canonical_prefix: &str,
+        model_prefix: &str,
+    ) -> Self {
+        Self {
+            src,
+            opts,
+            canonical_prefix: canonical_prefix.to_string(),
+            model_prefix: model_prefix.to_string(),
+            used: BTreeSet::new(),
+            initialised: Vec::new(),
+            rng: StdRng::seed_from_u64(opts.init_seed),
+            dropout_rng: Arc::new(DropoutRng::default()),
+        }
+    }
+
+    /// A dropout drawing from the model's shared seed source.
+    pub(crate) fn dropout(&self, p: f64) -> Result<Dropout> {
+        Dropout::with_rng(p, self.dropout_rng.clone())
+    }
+
+    /// Keys to try for a name relative to the base model.
+    fn base_candidates(&self, name: &str) -> Vec<String> {
+        let mut names = vec![name.to_string()];
+        // Legacy TF-converted LayerNorm names.
+        if let Some(stem) = name.strip_suffix("LayerNorm.weight") {
+            names.push(format!("{stem}LayerNorm.gamma"));
+        } else if let Some(stem) = name.strip_suffix("LayerNorm.bias") {
+            names.push(format!("{stem}LayerNorm.beta"));
+        }
+        let mut out = Vec::new();
+        for n in &names {
+            out.push(n.clone());
+            out.push(format!("{}{n}", self.model_prefix));
+        }
+        out
+    }
+
+    /// A base-model parameter (name relative to the base model, e.g. `embeddings.LayerNorm.weight`).
+    pub(crate) fn base(&mut self, name: &str, shape: &[usize]) -> Result<Param> {
+        let canonical = format!("{}{name}", self.canonical_prefix);
+        let cands = self.base_candidates(name);
+        self.load(canonical, cands, shape)
+    }
+
+    /// A top-level parameter (head), by its full canonical name, required.
+    pub(crate) fn top(&mut self, name: &str, shape: &[usize]) -> Result<Param> {
+        self.load(name.to_string(), vec![name.to_string()], shape)
+    }
+
+    /// A top-level parameter that may be new: initialised and reported when absent.
+    pub(crate) fn top_or_init(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Param> {
+        if self.src.get(name).is_some() {
+            return self.top(name, shape);
+        }
+        let n: usize = shape.iter().product();
+        let data: Vec<f64> = match init {
+            Init::Zeros => vec![0.0; n],
+            Init::Normal(std) => (0..n).map(|_| std * std_normal(&mut self.rng)).collect(),
+        };
+        let t = Tensor::from_vec(data, shape, &Device::Cpu)?
+            .to_dtype(self.opts.dtype)?
+            .to_device(&self.opts.device)?;
+        self.initialised.push(name.to_string());
+        self.make(name.to_string(), &t)
+    }
+
+    fn load(&mut self, canonical: String, candidates: Vec<String>, shape: &[usize]) -> Result<Param> {
+        let Some((key, t)) = candidates
+            .iter()
+            .find_map(|k| self.src.get(k).map(|t| (k.clone(), t)))
+        else {
+            let mut tried = candidates;
+            tried.dedup();
+            return Err(ModelError::MissingTensor {
+                name: canonical,
+                tried,
+            });
+        };
+        if t.dims() != shape {
+            return Err(ModelError::ShapeMismatch {
+                name: key,
+                expected: shape.to_vec(),
+                got: t.dims().to_vec(),
+            });
+        }
+        if !t.dtype().is_float() {
+            return Err(ModelError::Checkpoint {
+                path: self.src.origin().map(Path::to_path_buf).unwrap_or_default(),
+                reason: format!("tensor '{key}' has dtype {:?}, expected a float dtype", t.dtype()),
+            });
+        }
+        let t = t.to_dtype(self.opts.dtype)?.to_device(&self.opts.device)?;
+        self.used.insert(key);
+        self.make(canonical, &t)
+    }
+
+    fn make(&self, canonical: String, t: &Tensor) -> Result<Param> {
+        if self.opts.trainable.is_trainable(&canonical) {
+            Param::trainable(canonical, t)
+        } else {
+            Ok(Param::frozen(canonical, t))
+        }
+    }
+
+    /// Finishes loading. `is_buffer` says which unused keys are known non-parameter buffers.
+    pub(crate) fn finish(self, is_buffer: impl Fn(&str) -> bool) -> LoadReport {
+        let mut unused = Vec::new();
+        let mut ignored = Vec::new();
+        for k in self.src.keys() {
+            if self.used.contains(k) {
+                continue;
+            }
+            if is_buffer(k) {
+                ignored.push(k.to_string());
+            } else {
+                unused.push(k.to_string());
+            }
+        }
+        LoadReport {
+            unused,
+            ignored,
+            initialised: self.initialised,
+            used: self.used.len(),
+        }
+    }
+}
+
+/// Box–Muller standard normal (keeps us off rand_distr).
+fn std_normal(rng: &mut StdRng) -> f64 {
+    let u1: f64 = rng.random_range(f64::EPSILON..1.0);
+    let u2: f64 = rng.random_range(0.0..1.0);
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+/// Reads a JSON config file into `T`, naming the file on error.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::Config {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    serde_json::from_str(&text).map_err(|e| ModelError::Config {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}

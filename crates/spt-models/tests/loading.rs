@@ -1,0 +1,584 @@
+//! Loader behaviour: formats (safetensors, sharded index, prefix or not), the load report,
+//! trainable vs frozen parameters, new-head initialisation, and named errors for bad input.
+
+mod common;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use common::{expected, fixture, max_abs};
+use spt_models::{
+    BertConfig, BertForSequenceClassification, BertModel, GPT2Config, GPT2LMHeadModel, LoadOptions,
+    ModelError, NamedParams, Trainable, WeightSource,
+};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn tmpdir(tag: &str) -> Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("spt-models-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+fn load_map(p: &Path) -> Result<HashMap<String, Tensor>> {
+    Ok(candle_core::safetensors::load(p, &Device::Cpu)?)
+}
+
+fn gpt2_cfg() -> Result<GPT2Config> {
+    Ok(GPT2Config::from_file(fixture("tiny-gpt2/config.json"))?)
+}
+
+fn bert_cfg() -> Result<BertConfig> {
+    Ok(BertConfig::from_file(fixture("tiny-bert-cls/config.json"))?)
+}
+
+#[test]
+fn missing_tensor_is_named() -> Result<()> {
+    let mut m = load_map(&fixture("tiny-gpt2/model.safetensors"))?;
+    m.remove("transformer.h.1.ln_2.weight");
+    let err = GPT2LMHeadModel::load(
+        &gpt2_cfg()?,
+        &WeightSource::from_tensors(m),
+        &LoadOptions::default(),
+    )
+    .unwrap_err();
+    match err {
+        ModelError::MissingTensor { name, tried } => {
+            assert_eq!(name, "transformer.h.1.ln_2.weight");
+            assert!(tried.contains(&"h.1.ln_2.weight".to_string()), "{tried:?}");
+        }
+        other => panic!("expected MissingTensor, got {other}"),
+    }
+    Ok(())
+}
+
+#[test]
+fn wrong_shape_reports_expected_and_got() -> Result<()> {
+    let mut m = load_map(&fixture("tiny-bert-cls/model.safetensors"))?;
+    m.insert(
+        "bert.encoder.layer.0.attention.self.key.weight".into(),
+        Tensor::zeros((64, 63), DType::F32, &Device::Cpu)?,
+    );
+    let err = BertForSequenceClassification::load(
+        &bert_cfg()?,
+        &WeightSource::from_tensors(m),
+        &LoadOptions::default(),
+        None,
+    )
+    .unwrap_err();
+    match err {
+        ModelError::ShapeMismatch { name, expected, got } => {
+            assert_eq!(name, "bert.encoder.layer.0.attention.self.key.weight");
+            assert_eq!((expected, got), (vec![64, 64], vec![64, 63]));
+        }
+        other => panic!("expected ShapeMismatch, got {other}"),
+    }
+    Ok(())
+}
+
+#[test]
+fn bad_configs_are_named() -> Result<()> {
+    let text = std::fs::read_to_string(fixture("tiny-bert-cls/config.json"))?;
+    let mut v: serde_json::Value = serde_json::from_str(&text)?;
+    v["position_embedding_type"] = "relative_key".into();
+    let err = BertConfig::from_json_str(&v.to_string()).unwrap_err();
+    assert!(
+        matches!(&err, ModelError::UnsupportedPositionEmbedding(p) if p == "relative_key"),
+        "{err}"
+    );
+
+    let mut v: serde_json::Value = serde_json::from_str(&text)?;
+    v["hidden_act"] = "swish".into();
+    let err = BertConfig::from_json_str(&v.to_string()).unwrap_err();
+    assert!(
+        matches!(&err, ModelError::UnknownActivation(a) if a == "swish"),
+        "{err}"
+    );
+
+    let text = std::fs::read_to_string(fixture("tiny-gpt2/config.json"))?;
+    let mut v: serde_json::Value = serde_json::from_str(&text)?;
+    v["activation_function"] = "silu_unknown".into();
+    let err = GPT2Config::from_json_str(&v.to_string()).unwrap_err();
+    assert!(
+        matches!(&err, ModelError::UnknownActivation(a) if a == "silu_unknown"),
+        "{err}"
+    );
+
+    let err = BertConfig::from_file(fixture("does-not-exist.json")).unwrap_err();
+    assert!(matches!(err, ModelError::Config { .. }), "{err}");
+    Ok(())
+}
+
+#[test]
+fn gelu_new_and_relu_bert_activations_load() -> Result<()> {
+    let text = std::fs::read_to_string(fixture("tiny-bert-cls/config.json"))?;
+    for act in ["gelu", "gelu_new", "relu"] {
+        let mut v: serde_json::Value = serde_json::from_str(&text)?;
+        v["hidden_act"] = act.into();
+        let cfg = BertConfig::from_json_str(&v.to_string())?;
+        let src = WeightSource::from_file(fixture("tiny-bert-cls/model.safetensors"))?;
+        let (m, _) = BertForSequenceClassification::load(&cfg, &src, &LoadOptions::frozen(), None)?;
+        let exp = expected("tiny-bert-cls")?;
+        let logits = m.forward_t(
+            &exp["input_ids"],
+            Some(&exp["token_type_ids"]),
+            Some(&exp["attention_mask"]),
+            false,
+        )?;
+        let d = max_abs(&logits, &exp["logits"])?;
+        let spt_models::FeedForward::Dense(ffn) = &m.bert.layers[0].ffn;
+        assert_eq!(ffn.act, spt_ops::Activation::from_hf(act).unwrap());
+        // Only "gelu" is what the fixture was made with; the others must run and differ
+        // (gelu_new only slightly: it approximates gelu).
+        match act {
+            "gelu" => assert!(d < 1e-5, "{act}: {d}"),
+            "gelu_new" => assert!(d > 0.0 && d < 1e-3, "{act}: {d}"),
+            _ => assert!(d > 1e-6 && d.is_finite(), "{act}: {d}"),
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn too_long_and_out_of_range_inputs_are_named() -> Result<()> {
+    let (gpt, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
+    let long = Tensor::zeros((1, 129), DType::U32, &Device::Cpu)?;
+    let err = gpt.forward_t(&long, None, false).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ModelError::SequenceTooLong {
+                len: 129,
+                max: 128,
+                field: "n_positions"
+            }
+        ),
+        "{err}"
+    );
+    let ids = Tensor::new(&[[1u32, 2, 1000]], &Device::Cpu)?;
+    let err = gpt.forward_t(&ids, None, false).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ModelError::TokenOutOfRange {
+                id: 1000,
+                size: 1000,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let ids = Tensor::new(&[[1i64, -3, 7]], &Device::Cpu)?;
+    let err = gpt.forward_t(&ids, None, false).unwrap_err();
+    assert!(matches!(err, ModelError::TokenOutOfRange { id: -3, .. }), "{err}");
+    let err = gpt
+        .forward_t(&Tensor::new(&[1.0f32, 2.0], &Device::Cpu)?, None, false)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ModelError::BadInput {
+                name: "input_ids",
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    let (bert, _) = BertModel::from_dir(fixture("tiny-bert-cls"), &LoadOptions::frozen())?;
+    let long = Tensor::zeros((2, 129), DType::U32, &Device::Cpu)?;
+    let err = bert.forward_t(&long, None, None, false).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ModelError::SequenceTooLong {
+                len: 129,
+                max: 128,
+                field: "max_position_embeddings"
+            }
+        ),
+        "{err}"
+    );
+    let ids = Tensor::new(&[[5u32, 6, 7]], &Device::Cpu)?;
+    let types = Tensor::new(&[[0u32, 1, 2]], &Device::Cpu)?;
+    let err = bert.forward_t(&ids, Some(&types), None, false).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ModelError::TokenOutOfRange {
+                what: "token type",
+                id: 2,
+                size: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let bad_mask = Tensor::ones((1, 4), DType::U32, &Device::Cpu)?;
+    let err = bert.forward_t(&ids, None, Some(&bad_mask), false).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ModelError::BadInput {
+                name: "attention_mask",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn corrupt_and_truncated_safetensors_are_errors() -> Result<()> {
+    let dir = tmpdir("corrupt")?;
+    let bytes = std::fs::read(fixture("tiny-gpt2/model.safetensors"))?;
+    let cases: [(&str, Vec<u8>); 4] = [
+        ("truncated", bytes[..bytes.len() - 1000].to_vec()),
+        ("header-only", bytes[..100].to_vec()),
+        ("garbage", b"this is not a safetensors file at all".to_vec()),
+        ("empty", vec![]),
+    ];
+    for (tag, data) in cases {
+        let p = dir.join(format!("{tag}.safetensors"));
+        std::fs::write(&p, data)?;
+        let err = WeightSource::from_file(&p).unwrap_err();
+        match err {
+            ModelError::Checkpoint { path, .. } => assert_eq!(path, p, "{tag}"),
+            other => panic!("{tag}: expected Checkpoint, got {other}"),
+        }
+    }
+    let err = WeightSource::from_dir(&dir).unwrap_err();
+    assert!(matches!(err, ModelError::Checkpoint { .. }), "{err}");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[test]
+fn sharded_and_unprefixed_checkpoints_load_identically() -> Result<()> {
+    let exp = expected("tiny-gpt2")?;
+    let (reference, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
+    let want = reference.forward_t(&exp["input_ids"], Some(&exp["attention_mask"]), false)?;
+
+    // Two shards, keys without the `transformer.` prefix, plus the buffers old checkpoints carry.
+    let dir = tmpdir("sharded")?;
+    std::fs::copy(fixture("tiny-gpt2/config.json"), dir.join("config.json"))?;
+    let m = load_map(&fixture("tiny-gpt2/model.safetensors"))?;
+    let mut shards: [HashMap<String, Tensor>; 2] = Default::default();
+    let mut weight_map = serde_json::Map::new();
+    for (i, (k, t)) in m.into_iter().enumerate() {
+        let k = k.strip_prefix("transformer.").unwrap_or(&k).to_string();
+        let file = format!("model-0000{}-of-00002.safetensors", i % 2 + 1);
+        weight_map.insert(k.clone(), file.into());
+        shards[i % 2].insert(k, t);
+    }
+    shards[0].insert(
+        "h.0.attn.bias".into(),
+        Tensor::ones((1, 1, 128, 128), DType::F32, &Device::Cpu)?,
+    );
+    shards[0].insert("h.0.attn.masked_bias".into(), Tensor::new(-1e4f32, &Device::Cpu)?);
+    weight_map.insert("h.0.attn.bias".into(), "model-00001-of-00002.safetensors".into());
+    weight_map.insert(
+        "h.0.attn.masked_bias".into(),
+        "model-00001-of-00002.safetensors".into(),
+    );
+    for (i, s) in shards.iter().enumerate() {
+        candle_core::safetensors::save(s, dir.join(format!("model-0000{}-of-00002.safetensors", i + 1)))?;
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string())?;
+
+    let (sharded, report) = GPT2LMHeadModel::from_dir(&dir, &LoadOptions::frozen())?;
+    assert!(report.unused.is_empty(), "{:?}", report.unused);
+    assert_eq!(
+        report.ignored,
+        vec!["h.0.attn.bias".to_string(), "h.0.attn.masked_bias".to_string()]
+    );
+    let got = sharded.forward_t(&exp["input_ids"], Some(&exp["attention_mask"]), false)?;
+    assert_eq!(max_abs(&got, &want)?, 0.0);
+    // Names stay canonical (HF GPT2LMHeadModel keys) whatever the file used.
+    assert!(sharded
+        .named_tensors()
+        .iter()
+        .all(|(k, _)| k.starts_with("transformer.")));
+
+    // A shard index pointing at a tensor its shard lacks is a named checkpoint error.
+    let mut bad = index.clone();
+    bad["weight_map"]["ghost.weight"] = "model-00001-of-00002.safetensors".into();
+    std::fs::write(dir.join("model.safetensors.index.json"), bad.to_string())?;
+    let err = WeightSource::from_dir(&dir).unwrap_err();
+    assert!(err.to_string().contains("ghost.weight"), "{err}");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[test]
+fn bert_model_reports_unused_head_and_classifier_head_is_initialised() -> Result<()> {
+    // BertModel on a BertForSequenceClassification checkpoint: the classifier is unused.
+    let (m, report) = BertModel::from_dir(fixture("tiny-bert-cls"), &LoadOptions::frozen())?;
+    assert_eq!(
+        report.unused,
+        vec!["classifier.bias".to_string(), "classifier.weight".to_string()]
+    );
+    assert!(m.pooler.is_some());
+    assert!(m.named_tensors().iter().all(|(k, _)| !k.starts_with("bert.")));
+
+    // A base-model checkpoint without `bert.` prefix and without classifier: head initialised.
+    let dir = tmpdir("newhead")?;
+    let mut map = load_map(&fixture("tiny-bert-cls/model.safetensors"))?;
+    map.remove("classifier.weight");
+    map.remove("classifier.bias");
+    let map: HashMap<String, Tensor> = map
+        .into_iter()
+        .map(|(k, t)| (k.strip_prefix("bert.").unwrap_or(&k).to_string(), t))
+        .collect();
+    candle_core::safetensors::save(&map, dir.join("model.safetensors"))?;
+    let cfg = bert_cfg()?;
+    let src = WeightSource::from_dir(&dir)?;
+    let opts = LoadOptions {
+        init_seed: 7,
+        ..LoadOptions::default()
+    };
+    let (a, report) = BertForSequenceClassification::load(&cfg, &src, &opts, Some(5))?;
+    assert_eq!(
+        report.initialised,
+        vec!["classifier.weight".to_string(), "classifier.bias".to_string()]
+    );
+    assert!(report.unused.is_empty());
+    assert_eq!(a.classifier.weight.tensor().dims(), [5, 64]);
+    let (b, _) = BertForSequenceClassification::load(&cfg, &src, &opts, Some(5))?;
+    assert_eq!(
+        max_abs(a.classifier.weight.tensor(), b.classifier.weight.tensor())?,
+        0.0,
+        "seeded init"
+    );
+    let std = a
+        .classifier
+        .weight
+        .tensor()
+        .sqr()?
+        .mean_all()?
+        .sqrt()?
+        .to_scalar::<f32>()?;
+    assert!((std - 0.02).abs() < 0.006, "init std {std}");
+    assert_eq!(
+        a.classifier
+            .bias
+            .as_ref()
+            .unwrap()
+            .tensor()
+            .abs()?
+            .sum_all()?
+            .to_scalar::<f32>()?,
+        0.0
+    );
+    // Canonical names carry the HF `bert.` prefix even though the file had none.
+    let names: Vec<String> = a.named_vars().into_iter().map(|(k, _)| k).collect();
+    assert!(names.contains(&"bert.embeddings.word_embeddings.weight".to_string()));
+    assert!(names.contains(&"classifier.weight".to_string()));
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[test]
+fn trainable_choice_controls_vars_and_gradients() -> Result<()> {
+    let exp = expected("tiny-bert-cls")?;
+    let dir = fixture("tiny-bert-cls");
+    let forward_loss = |m: &BertForSequenceClassification| -> Result<Tensor> {
+        let logits = m.forward_t(
+            &exp["input_ids"],
+            Some(&exp["token_type_ids"]),
+            Some(&exp["attention_mask"]),
+            false,
+        )?;
+        Ok(m.loss(&logits, &exp["labels"])?)
+    };
+
+    let (frozen, _) = BertForSequenceClassification::from_dir(&dir, &LoadOptions::frozen(), None)?;
+    assert!(frozen.named_vars().is_empty());
+    assert_eq!(frozen.named_tensors().len(), 41);
+
+    fn head_only(name: &str) -> bool {
+        name.starts_with("classifier.")
+    }
+    let opts = LoadOptions {
+        trainable: Trainable::only(head_only),
+        ..LoadOptions::default()
+    };
+    let (mut m, _) = BertForSequenceClassification::from_dir(&dir, &opts, None)?;
+    let names: Vec<String> = m.named_vars().into_iter().map(|(k, _)| k).collect();
+    assert_eq!(
+        names,
+        vec!["classifier.weight".to_string(), "classifier.bias".to_string()]
+    );
+    assert_eq!(m.num_trainable(), 3 * 64 + 3);
+    let grads = forward_loss(&m)?.backward()?;
+    for (name, v) in m.named_vars() {
+        assert!(grads.get(&v).is_some(), "{name}");
+    }
+    // Frozen weights are plain tensors: the gradient store never holds them.
+    assert!(grads
+        .get(m.bert.embeddings.word_embeddings.weight.tensor())
+        .is_none());
+
+    // Switch to full fine-tuning in place; same values, now all trainable.
+    let before = forward_loss(&m)?.to_scalar::<f32>()?;
+    m.set_trainable(&|_| true)?;
+    assert_eq!(m.named_vars().len(), 41);
+    assert_eq!(forward_loss(&m)?.to_scalar::<f32>()?, before);
+    Ok(())
+}
+
+#[test]
+fn dropout_is_active_only_in_training() -> Result<()> {
+    let text = std::fs::read_to_string(fixture("tiny-gpt2/config.json"))?;
+    let mut v: serde_json::Value = serde_json::from_str(&text)?;
+    for k in ["attn_pdrop", "resid_pdrop", "embd_pdrop"] {
+        v[k] = 0.3.into();
+    }
+    let cfg = GPT2Config::from_json_str(&v.to_string())?;
+    let src = WeightSource::from_file(fixture("tiny-gpt2/model.safetensors"))?;
+    let (m, _) = GPT2LMHeadModel::load(&cfg, &src, &LoadOptions::default())?;
+    let exp = expected("tiny-gpt2")?;
+    let ids = &exp["input_ids"];
+    let eval1 = m.forward_t(ids, None, false)?;
+    let eval2 = m.forward_t(ids, None, false)?;
+    assert_eq!(max_abs(&eval1, &eval2)?, 0.0);
+    m.seed_dropout(17);
+    let (train, loss) = m.forward_with_loss(ids, None, true)?;
+    assert!(
+        max_abs(&train, &eval1)? > 1e-3,
+        "dropout had no effect in training"
+    );
+    // Seeded masks: the same seed repeats the pass exactly, the next pass (or another seed) differs.
+    let next = m.forward_t(ids, None, true)?;
+    assert!(max_abs(&next, &train)? > 1e-3);
+    m.seed_dropout(17);
+    assert_eq!(max_abs(&m.forward_t(ids, None, true)?, &train)?, 0.0);
+    m.seed_dropout(18);
+    assert!(max_abs(&m.forward_t(ids, None, true)?, &train)? > 1e-3);
+    // Gradients flow through the dropout masks into every parameter.
+    let grads = loss.backward()?;
+    for (name, v) in m.named_vars() {
+        let g = grads
+            .get(&v)
+            .ok_or_else(|| anyhow::anyhow!("no grad for {name}"))?;
+        assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0, "{name}");
+    }
+    Ok(())
+}
+
+#[test]
+fn pytorch_bin_loads_the_same_weights() -> Result<()> {
+    let bin = WeightSource::from_dir(fixture("tiny-gpt2-pth"))?;
+    let st = WeightSource::from_file(fixture("tiny-gpt2/model.safetensors"))?;
+    assert_eq!(bin.keys(), st.keys());
+    for k in st.keys() {
+        assert_eq!(max_abs(bin.get(k).unwrap(), st.get(k).unwrap())?, 0.0, "{k}");
+    }
+    let exp = expected("tiny-gpt2")?;
+    let (a, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2-pth"), &LoadOptions::frozen())?;
+    let (b, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
+    let la = a.forward_t(&exp["input_ids"], Some(&exp["attention_mask"]), false)?;
+    let lb = b.forward_t(&exp["input_ids"], Some(&exp["attention_mask"]), false)?;
+    assert_eq!(max_abs(&la, &lb)?, 0.0);
+
+    // A truncated .bin is a named checkpoint error.
+    let dir = tmpdir("badbin")?;
+    let bytes = std::fs::read(fixture("tiny-gpt2-pth/pytorch_model.bin"))?;
+    let p = dir.join("pytorch_model.bin");
+    std::fs::write(&p, &bytes[..bytes.len() / 2])?;
+    let err = WeightSource::from_file(&p).unwrap_err();
+    assert!(
+        matches!(&err, ModelError::Checkpoint { path, .. } if *path == p),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[test]
+fn saved_checkpoint_round_trips_with_hf_names() -> Result<()> {
+    let exp = expected("tiny-bert-cls")?;
+    let (m, _) =
+        BertForSequenceClassification::from_dir(fixture("tiny-bert-cls"), &LoadOptions::default(), None)?;
+    let dir = tmpdir("save")?;
+    std::fs::copy(fixture("tiny-bert-cls/config.json"), dir.join("config.json"))?;
+    spt_models::save_safetensors(&m, dir.join("model.safetensors"))?;
+    // Same keys as the HF file, and the same model back.
+    let saved = WeightSource::from_dir(&dir)?;
+    let original = WeightSource::from_file(fixture("tiny-bert-cls/model.safetensors"))?;
+    assert_eq!(saved.keys(), original.keys());
+    let (back, report) = BertForSequenceClassification::from_dir(&dir, &LoadOptions::frozen(), None)?;
+    assert!(report.unused.is_empty() && report.initialised.is_empty());
+    let a = m.forward_t(
+        &exp["input_ids"],
+        Some(&exp["token_type_ids"]),
+        Some(&exp["attention_mask"]),
+        false,
+    )?;
+    let b = back.forward_t(
+        &exp["input_ids"],
+        Some(&exp["token_type_ids"]),
+        Some(&exp["attention_mask"]),
+        false,
+    )?;
+    assert_eq!(max_abs(&a, &b)?, 0.0);
+    assert!(!dir.join("model.safetensors.tmp").exists());
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[test]
+fn classification_loss_checks_labels_and_supports_regression() -> Result<()> {
+    let exp = expected("tiny-bert-cls")?;
+    let (m, _) =
+        BertForSequenceClassification::from_dir(fixture("tiny-bert-cls"), &LoadOptions::frozen(), None)?;
+    let logits = m.forward_t(
+        &exp["input_ids"],
+        Some(&exp["token_type_ids"]),
+        Some(&exp["attention_mask"]),
+        false,
+    )?;
+    let bad = Tensor::new(&[0i64, 3], &Device::Cpu)?;
+    assert!(matches!(
+        m.loss(&logits, &bad),
+        Err(ModelError::TokenOutOfRange {
+            what: "label",
+            id: 3,
+            ..
+        })
+    ));
+    let bad = Tensor::new(&[0i64, 1, 2], &Device::Cpu)?;
+    assert!(matches!(
+        m.loss(&logits, &bad),
+        Err(ModelError::BadInput { name: "labels", .. })
+    ));
+
+    // num_labels = 1: HF's regression head, MSE against float labels.
+    let src = WeightSource::from_file(fixture("tiny-bert-cls/model.safetensors"))?;
+    let mut map: HashMap<String, Tensor> = src
+        .keys()
+        .iter()
+        .map(|k| (k.to_string(), src.get(k).unwrap().clone()))
+        .collect();
+    map.remove("classifier.weight");
+    map.remove("classifier.bias");
+    let (r, report) = BertForSequenceClassification::load(
+        &bert_cfg()?,
+        &WeightSource::from_tensors(map),
+        &LoadOptions::default(),
+        Some(1),
+    )?;
+    assert_eq!(report.initialised.len(), 2);
+    let y = r.forward_t(
+        &exp["input_ids"],
+        Some(&exp["token_type_ids"]),
+        Some(&exp["attention_mask"]),
+        false,
+    )?;
+    let target = Tensor::new(&[0.5f32, -1.0], &Device::Cpu)?;
+    let loss = r.loss(&y, &target)?;
+    let want = ((y.squeeze(1)? - &target)?.sqr()?.mean_all()?).to_scalar::<f32>()?;
+    assert!((loss.to_scalar::<f32>()? - want).abs() < 1e-7);
+    Ok(())
+}

@@ -1,0 +1,246 @@
+//! Sparse layers swapped in by `sparsify`: with every allowed key selected, sparse attention
+//! reproduces the dense model's logits, loss and gradients (within 1e-5 relative); with few keys
+//! GPT-2 stays causal.
+
+mod common;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use common::{expected, fixture, max_abs, rel_err};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use spt_models::pq::{PqConfig, TopK};
+use spt_models::{
+    sparsify, ActivationAccounting, AttentionCore, BertForSequenceClassification, CalibrationBatch,
+    GPT2LMHeadModel, LayerSelection, LoadOptions, NamedParams, SparseAttentionConfig, SptConfig, SptModel,
+};
+use std::collections::HashMap;
+
+const TOL: f64 = 1e-5;
+
+fn pq() -> PqConfig {
+    PqConfig {
+        n_subspaces: 4,
+        n_codewords: 8,
+        kmeans_iters: 5,
+        ..PqConfig::default()
+    }
+}
+
+fn attention_only(top_k: TopK) -> SptConfig {
+    SptConfig {
+        layers: LayerSelection::All,
+        attention: Some(SparseAttentionConfig { pq: pq(), top_k }),
+    }
+}
+
+/// Compares every gradient of two models with the same parameter names; returns the worst
+/// relative error.
+fn compare_grads(
+    a: &[(String, candle_core::Var)],
+    ga: &candle_core::backprop::GradStore,
+    b: &[(String, candle_core::Var)],
+    gb: &candle_core::backprop::GradStore,
+) -> Result<f64> {
+    let bm: HashMap<&str, &candle_core::Var> = b.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut worst = 0f64;
+    for (name, va) in a {
+        let vb = bm
+            .get(name.as_str())
+            .with_context(|| format!("{name} missing in the sparse model"))?;
+        let (x, y) = (
+            ga.get(va).context("dense grad")?,
+            gb.get(vb).with_context(|| format!("sparse grad {name}"))?,
+        );
+        // max|Δ| / max(max|ref|, 1e-6): the key biases' gradient is exactly zero in theory
+        // (softmax is shift-invariant), so both sides are ~1e-12 rounding noise there.
+        let scale = x
+            .abs()?
+            .max_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?
+            .max(1e-6);
+        let e = max_abs(x, y)? / scale;
+        assert!(e < TOL, "grad {name}: rel err {e:e}");
+        worst = worst.max(e);
+    }
+    Ok(worst)
+}
+
+#[test]
+fn gpt2_sparse_attention_with_all_keys_equals_dense() -> Result<()> {
+    let exp = expected("tiny-gpt2")?;
+    let (ids, mask) = (&exp["input_ids"], &exp["attention_mask"]);
+    let (dense, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::default())?;
+    let (mut sparse, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::default())?;
+    let calib = [CalibrationBatch::new(ids.clone(), Some(mask.clone()))];
+    let report = sparsify(&mut sparse, &attention_only(TopK::Count(1 << 20)), &calib)?;
+    assert_eq!(report.layers.len(), 2);
+    assert!(report
+        .layers
+        .iter()
+        .all(|l| l.attention == "sparse" && l.calibration_tokens == 24 + 19));
+    assert!(matches!(
+        sparse.transformer.h[1].attn.core,
+        AttentionCore::Sparse(_)
+    ));
+
+    let (ld, lossd) = dense.forward_with_loss(ids, Some(mask), false)?;
+    let (ls, losss) = sparse.forward_with_loss(ids, Some(mask), false)?;
+    let m = mask.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?;
+    let e_logits = rel_err(&ls.broadcast_mul(&m)?, &ld.broadcast_mul(&m)?)?;
+    assert!(e_logits < TOL, "logits rel err {e_logits:e}");
+    let e_loss = rel_err(&losss, &lossd)?;
+    assert!(e_loss < TOL, "loss rel err {e_loss:e}");
+    let e_grad = compare_grads(
+        &dense.named_vars(),
+        &lossd.backward()?,
+        &sparse.named_vars(),
+        &losss.backward()?,
+    )?;
+    eprintln!("gpt2 sparse(k = all) vs dense: logits {e_logits:.2e}, loss {e_loss:.2e}, grads {e_grad:.2e}");
+    Ok(())
+}
+
+#[test]
+fn bert_sparse_attention_with_all_keys_equals_dense() -> Result<()> {
+    let exp = expected("tiny-bert-cls")?;
+    let (ids, types, mask) = (&exp["input_ids"], &exp["token_type_ids"], &exp["attention_mask"]);
+    let dir = fixture("tiny-bert-cls");
+    let (dense, _) = BertForSequenceClassification::from_dir(&dir, &LoadOptions::default(), None)?;
+    let (mut sparse, _) = BertForSequenceClassification::from_dir(&dir, &LoadOptions::default(), None)?;
+    let calib = [CalibrationBatch {
+        input_ids: ids.clone(),
+        attention_mask: Some(mask.clone()),
+        token_type_ids: Some(types.clone()),
+    }];
+    sparsify(&mut sparse, &attention_only(TopK::Fraction(1.0)), &calib)?;
+    assert!(sparse
+        .bert
+        .layers
+        .iter()
+        .all(|l| matches!(l.attention.self_attn.core, AttentionCore::Sparse(_))));
+    // The hidden states (not just the 3 logits) agree too.
+    let hd = dense.bert.forward_t(ids, Some(types), Some(mask), false)?;
+    let hs = sparse.bert.forward_t(ids, Some(types), Some(mask), false)?;
+    let m = mask.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?;
+    let e_hidden = rel_err(&hs.broadcast_mul(&m)?, &hd.broadcast_mul(&m)?)?;
+    assert!(e_hidden < TOL, "hidden rel err {e_hidden:e}");
+    // A really sparse BERT (2 keys per query) differs from dense.
+    let (mut few, _) = BertForSequenceClassification::from_dir(&dir, &LoadOptions::frozen(), None)?;
+    sparsify(&mut few, &attention_only(TopK::Count(2)), &calib)?;
+    let hf = few.bert.forward_t(ids, Some(types), Some(mask), false)?;
+    assert!(max_abs(&hf, &hd)? > 1e-3);
+
+    let ld = dense.forward_t(ids, Some(types), Some(mask), false)?;
+    let ls = sparse.forward_t(ids, Some(types), Some(mask), false)?;
+    let e_logits = rel_err(&ls, &ld)?;
+    assert!(e_logits < TOL, "logits rel err {e_logits:e}");
+    let (lossd, losss) = (
+        dense.loss(&ld, &exp["labels"])?,
+        sparse.loss(&ls, &exp["labels"])?,
+    );
+    let e_loss = rel_err(&losss, &lossd)?;
+    assert!(e_loss < TOL, "loss rel err {e_loss:e}");
+    let e_grad = compare_grads(
+        &dense.named_vars(),
+        &lossd.backward()?,
+        &sparse.named_vars(),
+        &losss.backward()?,
+    )?;
+    eprintln!("bert sparse(k = all) vs dense: hidden {e_hidden:.2e}, logits {e_logits:.2e}, loss {e_loss:.2e}, grads {e_grad:.2e}");
+    Ok(())
+}
+
+#[test]
+fn gpt2_sparse_attention_is_causal_and_sparse() -> Result<()> {
+    let (dense, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
+    let (mut m, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
+    let mut rng = StdRng::seed_from_u64(5);
+    let (b, l) = (2, 40);
+    let base: Vec<u32> = (0..b * l).map(|_| rng.random_range(0..1000)).collect();
+    let ids = Tensor::from_vec(base.clone(), (b, l), &Device::Cpu)?;
+    let report = sparsify(
+        &mut m,
+        &attention_only(TopK::Count(6)),
+        &[CalibrationBatch::new(ids.clone(), None)],
+    )?;
+    // Memory accounting follows the slots: attention state is k = 6 indices + 1 lse per row.
+    let sparse_bytes = m.activation_bytes_per_layer(b, l, false);
+    let dense_bytes = dense.activation_bytes_per_layer(b, l, false);
+    assert_eq!(sparse_bytes.len(), 2);
+    assert_eq!(sparse_bytes[0].attention_scores, b * 4 * l * (6 * 4 + 4));
+    assert_eq!(dense_bytes[0].attention_scores, b * 4 * l * l * 4);
+    assert!(sparse_bytes[1].total() < dense_bytes[1].total());
+    assert!(report
+        .layers
+        .iter()
+        .all(|r| r.quantization_mse.is_some_and(|q| q.is_finite())));
+
+    let logits = m.forward_t(&ids, None, false)?;
+    // With 6 of up to 40 keys the model is really sparse: later positions differ from dense.
+    let dense_logits = dense.forward_t(&ids, None, false)?;
+    assert!(max_abs(&logits.narrow(1, 7, l - 7)?, &dense_logits.narrow(1, 7, l - 7)?)? > 1e-4);
+    // The first 6 positions have at most 6 allowed keys: identical to dense.
+    assert!(max_abs(&logits.narrow(1, 0, 6)?, &dense_logits.narrow(1, 0, 6)?)? < 1e-5);
+
+    for t in [0, 5, 17, 38] {
+        let mut changed = base.clone();
+        for row in 0..b {
+            for j in t + 1..l {
+                changed[row * l + j] = rng.random_range(0..1000);
+            }
+        }
+        let c = m.forward_t(&Tensor::from_vec(changed, (b, l), &Device::Cpu)?, None, false)?;
+        let d = max_abs(&logits.narrow(1, 0, t + 1)?, &c.narrow(1, 0, t + 1)?)?;
+        assert!(d <= 1e-6, "t = {t}: sparse logits up to t changed by {d:e}");
+    }
+    Ok(())
+}
+
+#[test]
+fn pq_codebooks_round_trip_without_calibration() -> Result<()> {
+    let exp = expected("tiny-gpt2")?;
+    let (ids, mask) = (&exp["input_ids"], &exp["attention_mask"]);
+    let (mut a, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
+    sparsify(
+        &mut a,
+        &attention_only(TopK::Count(5)),
+        &[CalibrationBatch::new(ids.clone(), Some(mask.clone()))],
+    )?;
+    let books = a.pq_codebooks()?;
+    assert_eq!(books.len(), 2);
+    assert_eq!(books[0].1.dims(), [1, 4, 8, 4]);
+    let (mut b, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
+    b.set_pq_codebooks(&books, TopK::Count(5))?;
+    let (la, lb) = (
+        a.forward_t(ids, Some(mask), false)?,
+        b.forward_t(ids, Some(mask), false)?,
+    );
+    assert_eq!(max_abs(&la, &lb)?, 0.0);
+    Ok(())
+}
+
+#[test]
+fn codebooks_refresh_on_new_batches() -> Result<()> {
+    let exp = expected("tiny-gpt2")?;
+    let (ids, mask) = (&exp["input_ids"], &exp["attention_mask"]);
+    let (mut m, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
+    sparsify(
+        &mut m,
+        &attention_only(TopK::Count(5)),
+        &[CalibrationBatch::new(ids.clone(), Some(mask.clone()))],
+    )?;
+    let before = m.pq_codebooks()?;
+    let mut rng = StdRng::seed_from_u64(3);
+    let other: Vec<u32> = (0..2 * 30).map(|_| rng.random_range(0..1000)).collect();
+    let batch = CalibrationBatch::new(Tensor::from_vec(other, (2, 30), &Device::Cpu)?, None);
+    let refreshed = m.refresh_codebooks(&batch, spt_models::pq::Refresh::Ema { decay: 0.5 })?;
+    assert_eq!(refreshed, 2);
+    let after = m.pq_codebooks()?;
+    for ((_, a), (_, b)) in before.iter().zip(&after) {
+        assert!(max_abs(a, b)? > 1e-6, "codebook did not move");
+    }
+    let logits = m.forward_t(ids, Some(mask), false)?;
+    assert!(logits.abs()?.max_all()?.to_scalar::<f32>()?.is_finite());
+    Ok(())
+}
