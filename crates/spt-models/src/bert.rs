@@ -229,7 +229,7 @@ impl NamedParams for BertEmbeddings {
 }
 
 /// HF `BertSelfAttention`: q/k/v projections plus the swappable attention core.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct BertSelfAttention {
     pub query: Linear,
     pub key: Linear,
@@ -257,7 +257,7 @@ impl BertSelfAttention {
 }
 
 /// HF `BertSelfOutput`: dense, dropout, LayerNorm(x + input).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct BertSelfOutput {
     pub dense: Linear,
     pub layer_norm: LayerNorm,
@@ -265,7 +265,7 @@ pub struct BertSelfOutput {
 }
 
 /// HF `BertAttention` (`self` + `output`).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct BertAttention {
     pub self_attn: BertSelfAttention,
     pub output: BertSelfOutput,
@@ -273,7 +273,7 @@ pub struct BertAttention {
 
 /// HF `BertLayer`: attention, then the FFN slot (`intermediate.dense` → act → `output.dense`),
 /// dropout and `output.LayerNorm`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct BertLayer {
     pub attention: BertAttention,
     pub ffn: FeedForward,
@@ -368,7 +368,7 @@ impl NamedParams for BertLayer {
 }
 
 /// HF `BertPooler`: `tanh(dense(h[:, 0]))`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct BertPooler {
     pub dense: Linear,
 }
@@ -381,7 +381,7 @@ impl BertPooler {
 }
 
 /// HF `BertModel`: embeddings, encoder and (if the checkpoint has one) the pooler.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct BertModel {
     pub config: BertConfig,
     pub embeddings: BertEmbeddings,
@@ -550,7 +550,7 @@ impl NamedParams for BertModel {
 
 /// HF `BertForSequenceClassification`: pooler → dropout → `classifier`.
 /// Parameter names carry the `bert.` prefix, as HF saves them.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct BertForSequenceClassification {
     pub bert: BertModel,
     pub dropout: Dropout,
@@ -593,20 +593,12 @@ impl BertForSequenceClassification {
             let weight = l.top_or_init("bert.pooler.dense.weight", &[h, h], Init::Normal(std))?;
             let bias = l.top_or_init("bert.pooler.dense.bias", &[h], Init::Zeros)?;
             bert.pooler = Some(BertPooler {
-                dense: Linear {
-                    weight,
-                    bias: Some(bias),
-                    layout: WeightLayout::OutIn,
-                },
+                dense: Linear::new(weight, Some(bias), WeightLayout::OutIn),
             });
         }
         let weight = l.top_or_init("classifier.weight", &[num_labels, h], Init::Normal(std))?;
         let bias = l.top_or_init("classifier.bias", &[num_labels], Init::Zeros)?;
-        let classifier = Linear {
-            weight,
-            bias: Some(bias),
-            layout: WeightLayout::OutIn,
-        };
+        let classifier = Linear::new(weight, Some(bias), WeightLayout::OutIn);
         let dropout = l.dropout(config.classifier_dropout.unwrap_or(config.hidden_dropout_prob))?;
         let report = l.finish(bert_buffer);
         Ok((

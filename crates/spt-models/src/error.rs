@@ -63,6 +63,10 @@ pub enum ModelError {
     #[error("bad input '{name}': {reason}")]
     BadInput { name: &'static str, reason: String },
 
+    /// A LoRA merge-state error (already merged / not merged).
+    #[error("{0}")]
+    Lora(String),
+
     /// Any other candle error, from inside a forward or backward pass.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

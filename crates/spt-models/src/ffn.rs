@@ -2,15 +2,22 @@
 //!
 //! BERT's `intermediate.dense` / `output.dense` and GPT-2's `mlp.c_fc` / `mlp.c_proj` are `fc1` /
 //! `fc2` here, keeping their HF parameter names. Residual, dropout and layer norm stay in the layer.
+//!
+//! The routed FFN ([`RoutedFeedForward`]) runs spt-ops' `RoutedFfn` on the same weights: d_ff is
+//! split into `n_blocks` blocks and each token runs the top-k blocks its router picks. Its router
+//! is named `{fc1's parent}.router.{weight,bias}` (e.g. `encoder.layer.3.intermediate.router`,
+//! `transformer.h.3.mlp.router`); LoRA on a routed FFN lives inside the op and is named like
+//! LoRA on a dense linear (`{fc1}.lora_A.weight`, ...).
 
-use crate::error::Result;
-use crate::layers::Linear;
+use crate::error::{ModelError, Result};
+use crate::layers::{lora_err, Linear, WeightLayout};
 use crate::weights::{NamedParams, Param};
 use candle_core::Tensor;
+use spt_ops::routed_ffn::{RoutedFfn, RoutedFfnConfig, RouterFitConfig, RoutingQuality};
 use spt_ops::Activation;
 
 /// The dense two-layer FFN.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct DenseFfn {
     pub fc1: Linear,
     pub fc2: Linear,
@@ -25,10 +32,128 @@ impl DenseFfn {
     }
 }
 
-/// The per-layer FFN slot. Phase 2 adds `Routed` (router + routed FFN op).
-#[derive(Debug, Clone)]
+/// The routed FFN slot: spt-ops' `RoutedFfn` over the layer's own fc1/fc2 weights.
+#[derive(Debug)]
+pub struct RoutedFeedForward {
+    /// The dense layers, kept for their HF names and export; the op reads the same tensors.
+    pub fc1: Linear,
+    pub fc2: Linear,
+    pub ffn: RoutedFfn,
+    router_params: Vec<Param>,
+    lora_params: Vec<Param>,
+}
+
+impl RoutedFeedForward {
+    /// Converts a dense FFN. The FFN weights keep the trainability they have now (a `Var` is
+    /// trained through the op, a frozen tensor costs no weight-gradient work); with
+    /// `cfg.lora` they are frozen and LoRA factors are added inside the op.
+    pub fn from_dense(mut dense: DenseFfn, cfg: RoutedFfnConfig) -> Result<Self> {
+        if dense.fc1.lora().is_some() || dense.fc2.lora().is_some() {
+            return Err(ModelError::InvalidConfig {
+                field: "lora",
+                value: dense.fc1.module_name().to_string(),
+                reason: "a routed FFN takes its LoRA through RoutedFfnConfig::lora, not from wrapped fc1/fc2"
+                    .into(),
+            });
+        }
+        if cfg.activation != dense.act {
+            return Err(ModelError::InvalidConfig {
+                field: "activation",
+                value: cfg.activation.hf_name().into(),
+                reason: format!("the dense FFN uses {}", dense.act.hf_name()),
+            });
+        }
+        if cfg.lora.is_some() {
+            for p in [&mut dense.fc1.weight, &mut dense.fc2.weight] {
+                p.freeze();
+            }
+            for b in [&mut dense.fc1.bias, &mut dense.fc2.bias].into_iter().flatten() {
+                b.freeze();
+            }
+        }
+        let bias = |l: &Linear| -> Result<Tensor> {
+            match &l.bias {
+                Some(b) => Ok(b.tensor().clone()),
+                None => Ok(Tensor::zeros(
+                    l.out_features(),
+                    l.weight.tensor().dtype(),
+                    l.weight.tensor().device(),
+                )?),
+            }
+        };
+        // RoutedFfn takes HF Linear layout: W1 [d_ff, d], W2 [d, d_ff].
+        let w1 = dense.fc1.weight_out_in()?;
+        let w2 = dense.fc2.weight_out_in()?;
+        let ffn = RoutedFfn::new(&w1, &bias(&dense.fc1)?, &w2, &bias(&dense.fc2)?, cfg)?;
+        let fc1 = dense.fc1.module_name().to_string();
+        let fc2 = dense.fc2.module_name().to_string();
+        let router = match fc1.rsplit_once('.') {
+            Some((parent, _)) => format!("{parent}.router"),
+            None => "router".to_string(),
+        };
+        let (rw, rb) = ffn.router();
+        let router_params = vec![
+            Param::from_var(format!("{router}.weight"), rw.clone()),
+            Param::from_var(format!("{router}.bias"), rb.clone()),
+        ];
+        let lora_params = match ffn.lora_factors() {
+            Some((a1, b1, a2, b2)) => vec![
+                Param::from_var(format!("{fc1}.lora_A.weight"), a1.clone()),
+                Param::from_var(format!("{fc1}.lora_B.weight"), b1.clone()),
+                Param::from_var(format!("{fc2}.lora_A.weight"), a2.clone()),
+                Param::from_var(format!("{fc2}.lora_B.weight"), b2.clone()),
+            ],
+            None => Vec::new(),
+        };
+        Ok(Self {
+            fc1: dense.fc1,
+            fc2: dense.fc2,
+            ffn,
+            router_params,
+            lora_params,
+        })
+    }
+
+    /// Fits the router so its scores rank blocks by activation norm on sample FFN inputs
+    /// `[N, d]`, and reports the routed-vs-dense quality on them.
+    pub fn init_router(&mut self, sample: &Tensor, fit: RouterFitConfig) -> Result<RoutingQuality> {
+        Ok(self.ffn.init_router(sample, fit)?)
+    }
+
+    /// Folds the LoRA updates into the FFN weights (see [`Linear::merge_lora`]).
+    pub fn merge_lora(&mut self) -> Result<()> {
+        self.ffn.merge().map_err(lora_err)?;
+        self.sync_weights()
+    }
+
+    /// Undoes [`RoutedFeedForward::merge_lora`].
+    pub fn unmerge_lora(&mut self) -> Result<()> {
+        self.ffn.unmerge().map_err(lora_err)?;
+        self.sync_weights()
+    }
+
+    fn sync_weights(&mut self) -> Result<()> {
+        let (w1, _, w2, _) = self.ffn.weights();
+        for (lin, w) in [(&mut self.fc1, w1.clone()), (&mut self.fc2, w2.clone())] {
+            let w = match lin.layout {
+                WeightLayout::OutIn => w,
+                WeightLayout::InOut => w.t()?.contiguous()?,
+            };
+            lin.weight = Param::frozen(lin.weight.name().to_string(), &w);
+        }
+        Ok(())
+    }
+}
+
+/// The per-layer FFN slot.
+// One per layer, so the variants' size difference costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
 pub enum FeedForward {
+    /// `fc2(act(fc1(x)))`.
     Dense(DenseFfn),
+    /// Router + routed FFN op.
+    Routed(RoutedFeedForward),
 }
 
 impl FeedForward {
@@ -37,6 +162,7 @@ impl FeedForward {
         let _span = tracing::trace_span!("ffn", kind = self.kind()).entered();
         match self {
             Self::Dense(f) => f.forward_t(x, train),
+            Self::Routed(r) => Ok(r.ffn.forward_t(x, train)?.y),
         }
     }
 
@@ -44,13 +170,18 @@ impl FeedForward {
     pub fn cost(&self) -> crate::memory::FfnCost {
         match self {
             Self::Dense(_) => crate::memory::FfnCost::Dense,
+            Self::Routed(r) => crate::memory::FfnCost::Routed {
+                n_blocks: r.ffn.config().n_blocks,
+                top_k: r.ffn.k(),
+            },
         }
     }
 
-    /// Short name for reports ("dense").
+    /// Short name for reports ("dense" / "routed").
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Dense(_) => "dense",
+            Self::Routed(_) => "routed",
         }
     }
 }
@@ -62,6 +193,12 @@ impl NamedParams for FeedForward {
                 d.fc1.visit_params(f);
                 d.fc2.visit_params(f);
             }
+            Self::Routed(r) => {
+                r.fc1.visit_params(f);
+                r.fc2.visit_params(f);
+                r.router_params.iter().for_each(&mut *f);
+                r.lora_params.iter().for_each(f);
+            }
         }
     }
     fn visit_params_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
@@ -69,6 +206,12 @@ impl NamedParams for FeedForward {
             Self::Dense(d) => {
                 d.fc1.visit_params_mut(f);
                 d.fc2.visit_params_mut(f);
+            }
+            // The op holds the FFN weights: their trainability was fixed at conversion, so only
+            // the router and LoRA factors are offered.
+            Self::Routed(r) => {
+                r.router_params.iter_mut().for_each(&mut *f);
+                r.lora_params.iter_mut().for_each(f);
             }
         }
     }

@@ -154,7 +154,7 @@ impl GPT2Config {
 }
 
 /// HF `GPT2Attention` (self-attention only): fused `c_attn`, the attention core, `c_proj`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct GPT2Attention {
     pub c_attn: Linear,
     pub c_proj: Linear,
@@ -185,7 +185,7 @@ impl GPT2Attention {
 }
 
 /// HF `GPT2Block`: pre-LN attention and MLP with residuals.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct GPT2Block {
     pub ln_1: LayerNorm,
     pub attn: GPT2Attention,
@@ -277,7 +277,7 @@ impl NamedParams for GPT2Block {
 }
 
 /// HF `GPT2Model`: token and position embeddings, blocks, final LayerNorm.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct GPT2Model {
     pub config: GPT2Config,
     pub wte: Embedding,
@@ -389,7 +389,7 @@ impl NamedParams for GPT2Model {
 
 /// HF `GPT2LMHeadModel`: `GPT2Model` plus the (tied) LM head. Parameter names carry the
 /// `transformer.` prefix, as HF saves them.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct GPT2LMHeadModel {
     pub transformer: GPT2Model,
     /// `None` when tied to `transformer.wte` (the default).

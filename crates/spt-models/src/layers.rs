@@ -5,6 +5,7 @@ use crate::error::{ModelError, Result};
 use crate::weights::{Loader, NamedParams, Param};
 use candle_core::{DType, Tensor, D};
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use spt_ops::lora::{LoraConfig, LoraError, LoraLinear};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -18,12 +19,17 @@ pub enum WeightLayout {
     InOut,
 }
 
-/// A linear layer. LoRA wraps it in place (see `lora` once it lands).
-#[derive(Debug, Clone)]
+/// A linear layer, optionally wrapped by LoRA ([`Linear::add_lora`]).
+#[derive(Debug)]
 pub struct Linear {
     pub weight: Param,
     pub bias: Option<Param>,
     pub layout: WeightLayout,
+    /// The LoRA wrapper (spt-ops' `LoraLinear`, holding the frozen base weight) when present.
+    lora: Option<LoraLinear>,
+    /// `{module}.lora_A.weight` `[r, in]` and `{module}.lora_B.weight` `[out, r]` (PEFT names),
+    /// sharing the `Var`s of `lora`.
+    lora_params: Vec<Param>,
 }
 
 impl Linear {
@@ -41,7 +47,92 @@ impl Linear {
         };
         let weight = l.base(&format!("{prefix}.weight"), &shape)?;
         let bias = Some(l.base(&format!("{prefix}.bias"), &[out_dim])?);
-        Ok(Self { weight, bias, layout })
+        Ok(Self::new(weight, bias, layout))
+    }
+
+    /// A linear layer from its parameters.
+    pub fn new(weight: Param, bias: Option<Param>, layout: WeightLayout) -> Self {
+        Self {
+            weight,
+            bias,
+            layout,
+            lora: None,
+            lora_params: Vec::new(),
+        }
+    }
+
+    /// The module name (the weight's name without `.weight`).
+    pub fn module_name(&self) -> &str {
+        self.weight
+            .name()
+            .strip_suffix(".weight")
+            .unwrap_or(self.weight.name())
+    }
+
+    /// The weight as `[out, in]` (a view for `InOut`).
+    pub fn weight_out_in(&self) -> Result<Tensor> {
+        Ok(match self.layout {
+            WeightLayout::OutIn => self.weight.tensor().clone(),
+            WeightLayout::InOut => self.weight.tensor().t()?,
+        })
+    }
+
+    /// Wraps the layer with LoRA: `y = x Wᵀ + b + (α/r)·dropout(x) Aᵀ Bᵀ`, B zero-initialised.
+    /// The base weight and bias are frozen (kept under their HF names for export); A and B are
+    /// new trainable parameters named `{module}.lora_A.weight` / `{module}.lora_B.weight`.
+    pub fn add_lora(&mut self, cfg: LoraConfig) -> Result<()> {
+        if self.lora.is_some() {
+            return Err(ModelError::InvalidConfig {
+                field: "lora",
+                value: self.module_name().to_string(),
+                reason: "this layer already has a LoRA adapter".into(),
+            });
+        }
+        self.weight.freeze();
+        if let Some(b) = &mut self.bias {
+            b.freeze();
+        }
+        let w = self.weight_out_in()?.contiguous()?;
+        let lora = LoraLinear::new(&w, self.bias.as_ref().map(|b| b.tensor()), cfg)?;
+        let m = self.module_name().to_string();
+        self.lora_params = vec![
+            Param::from_var(format!("{m}.lora_A.weight"), lora.lora_a().clone()),
+            Param::from_var(format!("{m}.lora_B.weight"), lora.lora_b().clone()),
+        ];
+        self.lora = Some(lora);
+        Ok(())
+    }
+
+    /// The LoRA wrapper, if any.
+    pub fn lora(&self) -> Option<&LoraLinear> {
+        self.lora.as_ref()
+    }
+
+    /// Folds the LoRA update into the (frozen) weight for inference or export; the exported
+    /// weight is then `W + (α/r)·B A`. Errors if there is no adapter or it is already merged.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        let lora = self.lora.as_mut().ok_or_else(|| no_lora(&self.weight))?;
+        lora.merge().map_err(lora_err)?;
+        self.sync_merged_weight()
+    }
+
+    /// Undoes [`Linear::merge_lora`].
+    pub fn unmerge_lora(&mut self) -> Result<()> {
+        let lora = self.lora.as_mut().ok_or_else(|| no_lora(&self.weight))?;
+        lora.unmerge().map_err(lora_err)?;
+        self.sync_merged_weight()
+    }
+
+    /// Copies LoRA's current base weight (merged or not) back into `weight`, in its layout.
+    fn sync_merged_weight(&mut self) -> Result<()> {
+        if let Some(lora) = &self.lora {
+            let w = match self.layout {
+                WeightLayout::OutIn => lora.weight().clone(),
+                WeightLayout::InOut => lora.weight().t()?.contiguous()?,
+            };
+            self.weight = Param::frozen(self.weight.name().to_string(), &w);
+        }
+        Ok(())
     }
 
     pub fn in_features(&self) -> usize {
@@ -69,12 +160,33 @@ impl Linear {
     }
 
     /// `x [.., in] → [.., out]` (with the LoRA adapter's dropout active when `train`).
-    pub fn forward_t(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
-        self.forward(x)
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match &self.lora {
+            Some(l) => {
+                self.check_input(x)?;
+                Ok(l.forward_t(x, train)?)
+            }
+            None => self.forward(x),
+        }
+    }
+
+    fn check_input(&self, x: &Tensor) -> Result<()> {
+        if x.dims().last() != Some(&self.in_features()) {
+            return Err(ModelError::ShapeMismatch {
+                name: format!("input of {}", self.weight.name()),
+                expected: vec![self.in_features()],
+                got: x.dims().last().map(|&d| vec![d]).unwrap_or_default(),
+            });
+        }
+        Ok(())
     }
 
     /// `x [.., in] → [.., out]`, eval mode.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(l) = &self.lora {
+            self.check_input(x)?;
+            return Ok(l.forward_t(x, false)?);
+        }
         let dims = x.dims().to_vec();
         let Some((&in_dim, lead)) = dims.split_last() else {
             return Err(ModelError::BadInput {
@@ -107,12 +219,33 @@ impl NamedParams for Linear {
         if let Some(b) = &self.bias {
             f(b);
         }
+        self.lora_params.iter().for_each(f);
     }
     fn visit_params_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
-        f(&mut self.weight);
-        if let Some(b) = &mut self.bias {
-            f(b);
+        // With LoRA the base weight lives frozen inside the wrapper: unfreezing it here would
+        // not train it, so only the adapter's parameters are offered.
+        if self.lora.is_none() {
+            f(&mut self.weight);
+            if let Some(b) = &mut self.bias {
+                f(b);
+            }
         }
+        self.lora_params.iter_mut().for_each(f);
+    }
+}
+
+fn no_lora(w: &Param) -> ModelError {
+    ModelError::InvalidConfig {
+        field: "lora",
+        value: w.name().to_string(),
+        reason: "this layer has no LoRA adapter".into(),
+    }
+}
+
+pub(crate) fn lora_err(e: LoraError) -> ModelError {
+    match e {
+        LoraError::Candle(c) => ModelError::Candle(c),
+        other => ModelError::Lora(other.to_string()),
     }
 }
 

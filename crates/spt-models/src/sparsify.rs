@@ -3,6 +3,10 @@
 //! Per selected layer it can
 //! - swap the attention core for [`SparseAttention`]: a PQ codebook fitted by k-means on the
 //!   layer's keys from a few calibration batches (padding excluded), and a top-k per query;
+//! - swap the FFN for a [`RoutedFeedForward`] (`n_blocks` blocks, top-k per token), its router
+//!   fitted to rank blocks by their activation norm on the calibration tokens;
+//! - wrap linear layers with LoRA (q, k, v, o, fc1, fc2; GPT-2's fused `c_attn` for q/k/v). On a
+//!   routed FFN, LoRA lives inside the routed op and covers both fc1 and fc2.
 //!
 //! The calibration batches run through the *dense* model once (eval mode, no gradient), recording
 //! every layer's keys and FFN inputs, before anything is swapped, so every layer is calibrated on
@@ -10,10 +14,13 @@
 
 use crate::attention::{AttentionCore, SparseAttention};
 use crate::error::{ModelError, Result};
-use crate::ffn::FeedForward;
-use crate::layers::Linear;
+use crate::ffn::{DenseFfn, FeedForward, RoutedFeedForward};
+use crate::layers::{Linear, WeightLayout};
+use crate::weights::Param;
 use candle_core::{DType, Device, Tensor};
+use spt_ops::lora::LoraConfig;
 use spt_ops::pq::{PqConfig, Refresh, TopK};
+use spt_ops::routed_ffn::{GateMode, RoutedFfnConfig, RouterFitConfig, TopK as BlockTopK};
 
 /// One batch of calibration inputs (the model's forward arguments).
 #[derive(Debug, Clone)]
@@ -176,12 +183,56 @@ pub struct SparseAttentionConfig {
     pub top_k: TopK,
 }
 
+/// Routed FFN settings.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RoutedFfnSettings {
+    /// Blocks d_ff is split into (must divide d_ff).
+    pub n_blocks: usize,
+    /// Blocks each token runs.
+    pub top_k: BlockTopK,
+    pub gate: GateMode,
+    /// Fit the router on the calibration tokens (ridge, score scale); `None` keeps the seeded
+    /// random `nn.Linear`-style initialisation.
+    pub router_fit: Option<RouterFit>,
+    /// Seed of the router initialisation (xor'ed with the layer index).
+    pub seed: u64,
+}
+
+/// Serializable form of spt-ops' `RouterFitConfig`.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RouterFit {
+    pub ridge: f64,
+    pub score_scale: f64,
+}
+
+impl Default for RouterFit {
+    fn default() -> Self {
+        let d = RouterFitConfig::default();
+        Self {
+            ridge: d.ridge,
+            score_scale: d.score_scale,
+        }
+    }
+}
+
+/// LoRA settings.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraSettings {
+    pub targets: Vec<LoraTarget>,
+    /// Rank, alpha, dropout; `seed` is combined with the layer and target for each adapter.
+    pub config: LoraConfig,
+}
+
 /// What [`sparsify`] does.
 #[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 pub struct SptConfig {
     pub layers: LayerSelection,
     /// Sparse attention in the selected layers, or keep dense attention.
     pub attention: Option<SparseAttentionConfig>,
+    /// Routed FFN in the selected layers, or keep the dense FFN.
+    pub ffn: Option<RoutedFfnSettings>,
+    /// LoRA adapters in the selected layers, or none.
+    pub lora: Option<LoraSettings>,
 }
 
 /// What [`sparsify`] did to one layer.
@@ -194,6 +245,23 @@ pub struct LayerReport {
     pub quantization_mse: Option<f64>,
     /// Calibration tokens used (unpadded).
     pub calibration_tokens: usize,
+    /// "dense" or "routed".
+    pub ffn: &'static str,
+    /// Routed vs dense FFN on the calibration tokens, after the router fit.
+    pub routing: Option<RoutingSummary>,
+    /// Names of the modules given a LoRA adapter.
+    pub lora: Vec<String>,
+}
+
+/// spt-ops' `RoutingQuality`, serializable.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct RoutingSummary {
+    /// Cosine similarity of routed and dense FFN outputs.
+    pub cosine: f64,
+    /// `‖routed − dense‖ / ‖dense‖`.
+    pub rel_error: f64,
+    /// Fraction of router picks among each token's top-k blocks by activation norm.
+    pub oracle_recall: f64,
 }
 
 /// Per-layer outcome of [`sparsify`].
@@ -247,12 +315,44 @@ pub fn sparsify<M: SptModel + ?Sized>(
 ) -> Result<SparsifyReport> {
     let n = model.num_layers();
     let layers = cfg.layers.resolve(n)?;
-    if cfg.attention.is_some() && calibration.is_empty() {
+    let fit_router = cfg.ffn.as_ref().is_some_and(|f| f.router_fit.is_some());
+    if (cfg.attention.is_some() || fit_router) && calibration.is_empty() {
         return Err(ModelError::InvalidConfig {
             field: "calibration_batches",
             value: "0".into(),
-            reason: "fitting PQ codebooks needs at least one calibration batch".into(),
+            reason: "fitting PQ codebooks or routers needs at least one calibration batch".into(),
         });
+    }
+    // Check the FFN conversion up front, so that no layer is left half-converted.
+    if let Some(fc) = &cfg.ffn {
+        for &i in &layers {
+            let Some(slots) = model.layer_slots(i) else {
+                continue;
+            };
+            let FeedForward::Dense(d) = &*slots.ffn else {
+                return Err(ModelError::InvalidConfig {
+                    field: "ffn",
+                    value: i.to_string(),
+                    reason: "this layer's FFN is already routed".into(),
+                });
+            };
+            let d_ff = d.fc1.out_features();
+            if fc.n_blocks == 0 || d_ff % fc.n_blocks != 0 {
+                return Err(ModelError::InvalidConfig {
+                    field: "ffn.n_blocks",
+                    value: fc.n_blocks.to_string(),
+                    reason: format!("must divide d_ff = {d_ff} (layer {i})"),
+                });
+            }
+            fc.top_k.resolve(fc.n_blocks)?;
+            if d.fc1.lora().is_some() || d.fc2.lora().is_some() {
+                return Err(ModelError::InvalidConfig {
+                    field: "ffn",
+                    value: i.to_string(),
+                    reason: "fc1/fc2 already have LoRA adapters; route the FFN first".into(),
+                });
+            }
+        }
     }
     // Record every layer's keys and FFN inputs on the dense model.
     let mut keys: Vec<Vec<Tensor>> = vec![Vec::new(); n];
@@ -279,11 +379,16 @@ pub fn sparsify<M: SptModel + ?Sized>(
             layer: i,
             attention: slots.attention.kind(),
             quantization_mse: None,
-            calibration_tokens: 0,
+            calibration_tokens: keys[i]
+                .iter()
+                .map(|k| k.dim(2))
+                .sum::<candle_core::Result<usize>>()?,
+            ffn: slots.ffn.kind(),
+            routing: None,
+            lora: Vec::new(),
         };
         if let Some(ac) = &cfg.attention {
             let k = Tensor::cat(&keys[i], 2)?; // [1, H, N, d]
-            lr.calibration_tokens = k.dim(2)?;
             let sparse = SparseAttention::fit(&k, &ac.pq, ac.top_k)?;
             lr.quantization_mse = Some(
                 sparse
@@ -295,7 +400,97 @@ pub fn sparsify<M: SptModel + ?Sized>(
             *slots.attention = AttentionCore::Sparse(sparse);
             lr.attention = "sparse";
         }
+        let lora = cfg.lora.as_ref();
+        let wants = |t: LoraTarget| {
+            lora.is_some_and(|l| {
+                l.targets.contains(&t)
+                    || (t == LoraTarget::QueryKeyValue
+                        && l.targets
+                            .iter()
+                            .any(|x| matches!(x, LoraTarget::Query | LoraTarget::Key | LoraTarget::Value)))
+            })
+        };
+        let lora_cfg = |slot: u64| {
+            lora.map(|l| LoraConfig {
+                seed: l.config.seed ^ ((i as u64) << 8 | slot).wrapping_mul(0x9E37_79B9),
+                ..l.config
+            })
+        };
+        if let Some(fc) = &cfg.ffn {
+            let dense = match std::mem::replace(slots.ffn, placeholder_ffn()?) {
+                FeedForward::Dense(d) => d,
+                other => {
+                    *slots.ffn = other;
+                    return Err(ModelError::InvalidConfig {
+                        field: "ffn",
+                        value: i.to_string(),
+                        reason: "this layer's FFN is already routed".into(),
+                    });
+                }
+            };
+            let mut rc = RoutedFfnConfig::new(fc.n_blocks, fc.top_k, dense.act);
+            rc.gate = fc.gate;
+            rc.seed = fc.seed ^ i as u64;
+            if wants(LoraTarget::Fc1) || wants(LoraTarget::Fc2) {
+                rc.lora = lora_cfg(10);
+                lr.lora.push(dense.fc1.module_name().to_string());
+                lr.lora.push(dense.fc2.module_name().to_string());
+            }
+            let mut routed = RoutedFeedForward::from_dense(dense, rc)?;
+            if let Some(fit) = fc.router_fit {
+                let sample = Tensor::cat(&ffn_in[i], 0)?;
+                let q = routed.init_router(
+                    &sample.to_dtype(routed.fc1.weight.tensor().dtype())?,
+                    RouterFitConfig {
+                        ridge: fit.ridge,
+                        score_scale: fit.score_scale,
+                    },
+                )?;
+                lr.routing = Some(RoutingSummary {
+                    cosine: q.cosine,
+                    rel_error: q.rel_error,
+                    oracle_recall: q.oracle_recall,
+                });
+            }
+            *slots.ffn = FeedForward::Routed(routed);
+            lr.ffn = "routed";
+        } else if let FeedForward::Dense(d) = slots.ffn {
+            for (t, lin, slot) in [
+                (LoraTarget::Fc1, &mut d.fc1, 10),
+                (LoraTarget::Fc2, &mut d.fc2, 11),
+            ] {
+                if wants(t) {
+                    if let Some(c) = lora_cfg(slot) {
+                        lin.add_lora(c)?;
+                        lr.lora.push(lin.module_name().to_string());
+                    }
+                }
+            }
+        }
+        for (slot, (t, lin)) in slots.linears.into_iter().enumerate() {
+            if wants(t) {
+                if let Some(c) = lora_cfg(slot as u64) {
+                    lin.add_lora(c)?;
+                    lr.lora.push(lin.module_name().to_string());
+                }
+            }
+        }
         report.layers.push(lr);
     }
     Ok(report)
+}
+
+/// A zero-size dense FFN, held only while a slot's FFN is being converted.
+fn placeholder_ffn() -> Result<FeedForward> {
+    let empty = |n: &str| -> Result<Param> {
+        Ok(Param::frozen(
+            n,
+            &Tensor::zeros((0, 0), DType::F32, &Device::Cpu)?,
+        ))
+    };
+    Ok(FeedForward::Dense(DenseFfn {
+        fc1: Linear::new(empty("placeholder.fc1")?, None, WeightLayout::OutIn),
+        fc2: Linear::new(empty("placeholder.fc2")?, None, WeightLayout::OutIn),
+        act: spt_ops::Activation::Relu,
+    }))
 }

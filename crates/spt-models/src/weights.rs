@@ -264,6 +264,15 @@ impl Param {
         })
     }
 
+    /// A trainable parameter sharing an existing `Var` (e.g. a LoRA factor owned by an op).
+    pub fn from_var(name: impl Into<String>, var: Var) -> Self {
+        Self {
+            name: name.into(),
+            tensor: var.as_tensor().clone(),
+            var: Some(var),
+        }
+    }
+
     /// A frozen parameter: backward never reaches it.
     pub fn frozen(name: impl Into<String>, t: &Tensor) -> Self {
         Self {

@@ -125,7 +125,9 @@ fn gelu_new_and_relu_bert_activations_load() -> Result<()> {
             false,
         )?;
         let d = max_abs(&logits, &exp["logits"])?;
-        let spt_models::FeedForward::Dense(ffn) = &m.bert.layers[0].ffn;
+        let spt_models::FeedForward::Dense(ffn) = &m.bert.layers[0].ffn else {
+            anyhow::bail!("not dense")
+        };
         assert_eq!(ffn.act, spt_ops::Activation::from_hf(act).unwrap());
         // Only "gelu" is what the fixture was made with; the others must run and differ
         // (gelu_new only slightly: it approximates gelu).

@@ -30,6 +30,7 @@ fn attention_only(top_k: TopK) -> SptConfig {
     SptConfig {
         layers: LayerSelection::All,
         attention: Some(SparseAttentionConfig { pq: pq(), top_k }),
+        ..SptConfig::default()
     }
 }
 

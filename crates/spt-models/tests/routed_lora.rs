@@ -1,0 +1,383 @@
+//! Routed FFN and LoRA swapped in by `sparsify`: all blocks with gate ≡ 1 reproduce the dense
+//! model (logits, loss, gradients within 1e-5); LoRA starts as the identity update, trains only
+//! its factors, and merges exactly; the fully sparse GPT-2 (sparse attention + routed FFN + LoRA)
+//! stays causal and trains.
+
+mod common;
+
+use anyhow::{Context, Result};
+use candle_core::{backprop::GradStore, DType, Device, Tensor, Var, D};
+use common::{expected, fixture, max_abs, rel_err};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use spt_models::lora::LoraConfig;
+use spt_models::pq::{PqConfig, TopK};
+use spt_models::routed_ffn::{GateMode, TopK as BlockTopK};
+use spt_models::{
+    sparsify, ActivationAccounting, BertForSequenceClassification, CalibrationBatch, FeedForward,
+    GPT2LMHeadModel, LayerSelection, LoadOptions, LoraSettings, LoraTarget, ModelError, NamedParams,
+    RoutedFfnSettings, RouterFit, SparseAttentionConfig, SptConfig, Trainable,
+};
+use std::collections::HashMap;
+
+const TOL: f64 = 1e-5;
+
+fn routed(n_blocks: usize, top_k: BlockTopK, gate: GateMode, fit: bool) -> RoutedFfnSettings {
+    RoutedFfnSettings {
+        n_blocks,
+        top_k,
+        gate,
+        router_fit: fit.then(RouterFit::default),
+        seed: 3,
+    }
+}
+
+/// Every gradient of `a`'s vars that `b` also has (by name) agrees; returns the worst error
+/// `max|Δ| / max(max|ref|, 1e-6)` (key biases have an exactly zero gradient).
+fn compare_grads(a: &[(String, Var)], ga: &GradStore, b: &[(String, Var)], gb: &GradStore) -> Result<f64> {
+    let bm: HashMap<&str, &Var> = b.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut worst = 0f64;
+    for (name, va) in a {
+        let vb = bm.get(name.as_str()).with_context(|| format!("{name} missing"))?;
+        let (x, y) = (
+            ga.get(va).context("dense grad")?,
+            gb.get(vb).with_context(|| format!("grad {name}"))?,
+        );
+        let scale = x
+            .abs()?
+            .max_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?
+            .max(1e-6);
+        let e = max_abs(x, y)? / scale;
+        assert!(e < TOL, "grad {name}: rel err {e:e}");
+        worst = worst.max(e);
+    }
+    Ok(worst)
+}
+
+#[test]
+fn gpt2_routed_ffn_all_blocks_gate_one_equals_dense() -> Result<()> {
+    let exp = expected("tiny-gpt2")?;
+    let (ids, mask) = (&exp["input_ids"], &exp["attention_mask"]);
+    let (dense, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::default())?;
+    let (mut m, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::default())?;
+    let cfg = SptConfig {
+        ffn: Some(routed(4, BlockTopK::Count(4), GateMode::Ones, false)),
+        ..SptConfig::default()
+    };
+    let report = sparsify(&mut m, &cfg, &[])?;
+    assert!(report
+        .layers
+        .iter()
+        .all(|l| l.ffn == "routed" && l.attention == "dense"));
+    assert!(matches!(m.transformer.h[0].mlp, FeedForward::Routed(_)));
+
+    let (ld, lossd) = dense.forward_with_loss(ids, Some(mask), false)?;
+    let (lr, lossr) = m.forward_with_loss(ids, Some(mask), false)?;
+    let mk = mask.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?;
+    let e_logits = rel_err(&lr.broadcast_mul(&mk)?, &ld.broadcast_mul(&mk)?)?;
+    assert!(e_logits < TOL, "logits rel err {e_logits:e}");
+    let e_loss = rel_err(&lossr, &lossd)?;
+    assert!(e_loss < TOL, "loss {e_loss:e}");
+    let e_grad = compare_grads(
+        &dense.named_vars(),
+        &lossd.backward()?,
+        &m.named_vars(),
+        &lossr.backward()?,
+    )?;
+    // The router is a new trainable parameter with the HF-style name.
+    let names: Vec<String> = m.named_vars().into_iter().map(|(k, _)| k).collect();
+    assert!(
+        names.contains(&"transformer.h.1.mlp.router.weight".to_string()),
+        "{names:?}"
+    );
+    eprintln!("gpt2 routed(all blocks, gate 1) vs dense: logits {e_logits:.2e}, loss {e_loss:.2e}, grads {e_grad:.2e}");
+    Ok(())
+}
+
+#[test]
+fn bert_routed_ffn_and_sparse_attention_all_equals_dense() -> Result<()> {
+    let exp = expected("tiny-bert-cls")?;
+    let (ids, types, mask) = (&exp["input_ids"], &exp["token_type_ids"], &exp["attention_mask"]);
+    let dir = fixture("tiny-bert-cls");
+    let (dense, _) = BertForSequenceClassification::from_dir(&dir, &LoadOptions::default(), None)?;
+    let (mut m, _) = BertForSequenceClassification::from_dir(&dir, &LoadOptions::default(), None)?;
+    let cfg = SptConfig {
+        layers: LayerSelection::All,
+        attention: Some(SparseAttentionConfig {
+            pq: PqConfig {
+                n_subspaces: 4,
+                n_codewords: 8,
+                ..PqConfig::default()
+            },
+            top_k: TopK::Fraction(1.0),
+        }),
+        ffn: Some(routed(8, BlockTopK::Fraction(1.0), GateMode::Ones, true)),
+        lora: None,
+    };
+    let calib = [CalibrationBatch {
+        input_ids: ids.clone(),
+        attention_mask: Some(mask.clone()),
+        token_type_ids: Some(types.clone()),
+    }];
+    let report = sparsify(&mut m, &cfg, &calib)?;
+    for l in &report.layers {
+        let r = l.routing.context("routing summary")?;
+        // All blocks kept: the routed output is the dense one.
+        assert!(
+            r.rel_error < 1e-5 && (r.cosine - 1.0).abs() < 1e-6 && r.oracle_recall == 1.0,
+            "{r:?}"
+        );
+    }
+    let ld = dense.forward_t(ids, Some(types), Some(mask), false)?;
+    let lr = m.forward_t(ids, Some(types), Some(mask), false)?;
+    let e_logits = rel_err(&lr, &ld)?;
+    assert!(e_logits < TOL, "logits {e_logits:e}");
+    let (lossd, lossr) = (dense.loss(&ld, &exp["labels"])?, m.loss(&lr, &exp["labels"])?);
+    let e_grad = compare_grads(
+        &dense.named_vars(),
+        &lossd.backward()?,
+        &m.named_vars(),
+        &lossr.backward()?,
+    )?;
+    eprintln!("bert sparse attention + routed FFN (all) vs dense: logits {e_logits:.2e}, grads {e_grad:.2e}");
+    Ok(())
+}
+
+#[test]
+fn lora_starts_at_identity_trains_only_factors_and_merges() -> Result<()> {
+    let exp = expected("tiny-bert-cls")?;
+    let (ids, types, mask) = (&exp["input_ids"], &exp["token_type_ids"], &exp["attention_mask"]);
+    let dir = fixture("tiny-bert-cls");
+    fn head(n: &str) -> bool {
+        n.starts_with("classifier.")
+    }
+    let opts = LoadOptions {
+        trainable: Trainable::Only(head),
+        ..LoadOptions::default()
+    };
+    let (dense, _) = BertForSequenceClassification::from_dir(&dir, &LoadOptions::frozen(), None)?;
+    let (mut m, _) = BertForSequenceClassification::from_dir(&dir, &opts, None)?;
+    let targets = vec![
+        LoraTarget::Query,
+        LoraTarget::Key,
+        LoraTarget::Value,
+        LoraTarget::Output,
+        LoraTarget::Fc1,
+        LoraTarget::Fc2,
+    ];
+    let cfg = SptConfig {
+        lora: Some(LoraSettings {
+            targets,
+            config: LoraConfig {
+                rank: 4,
+                alpha: 8.0,
+                dropout: 0.1,
+                seed: 1,
+            },
+        }),
+        ..SptConfig::default()
+    };
+    let report = sparsify(&mut m, &cfg, &[])?;
+    assert_eq!(report.layers[0].lora.len(), 6);
+    assert!(report.layers[1]
+        .lora
+        .contains(&"bert.encoder.layer.1.attention.self.query".to_string()));
+
+    // B = 0: the adapted model starts equal to the base model.
+    let l0 = m.forward_t(ids, Some(types), Some(mask), false)?;
+    let ld = dense.forward_t(ids, Some(types), Some(mask), false)?;
+    assert!(max_abs(&l0, &ld)? < 1e-6);
+
+    // Trainable: the head and the LoRA factors (2 layers × 6 targets × 2), nothing else.
+    let vars = m.named_vars();
+    assert_eq!(vars.len(), 2 + 24);
+    assert!(vars
+        .iter()
+        .any(|(k, _)| k == "bert.encoder.layer.0.output.dense.lora_B.weight"));
+    assert!(vars
+        .iter()
+        .all(|(k, _)| k.starts_with("classifier.") || k.contains(".lora_")));
+    let loss = m.loss(&m.forward_t(ids, Some(types), Some(mask), true)?, &exp["labels"])?;
+    let grads = loss.backward()?;
+    for (k, v) in &vars {
+        let g = grads.get(v).with_context(|| format!("no grad for {k}"))?;
+        // B gets a gradient at once; A's is zero while B = 0.
+        if k.contains("lora_B") || k.starts_with("classifier.") {
+            assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0, "{k}");
+        }
+    }
+    // Give B values, then merged == unmerged (alpha ≠ rank), and merging twice is a named error.
+    let mut rng = StdRng::seed_from_u64(9);
+    for (k, v) in &vars {
+        if k.contains("lora_B") {
+            let data: Vec<f32> = (0..v.elem_count())
+                .map(|_| rng.random_range(-0.05..0.05))
+                .collect();
+            v.set(&Tensor::from_vec(data, v.shape(), &Device::Cpu)?)?;
+        }
+    }
+    let unmerged = m.forward_t(ids, Some(types), Some(mask), false)?;
+    assert!(max_abs(&unmerged, &ld)? > 1e-4, "LoRA update had no effect");
+    let layer = &mut m.bert.layers[0].attention.self_attn.query;
+    layer.merge_lora()?;
+    assert!(matches!(layer.merge_lora(), Err(ModelError::Lora(_))));
+    let merged_w = layer.weight.tensor().clone();
+    for l in m.bert.layers.iter_mut() {
+        let sa = &mut l.attention.self_attn;
+        for lin in [&mut sa.key, &mut sa.value, &mut l.attention.output.dense] {
+            lin.merge_lora()?;
+        }
+        if let FeedForward::Dense(f) = &mut l.ffn {
+            f.fc1.merge_lora()?;
+            f.fc2.merge_lora()?;
+        }
+    }
+    m.bert.layers[1].attention.self_attn.query.merge_lora()?;
+    let merged = m.forward_t(ids, Some(types), Some(mask), false)?;
+    assert!(
+        max_abs(&merged, &unmerged)? < 1e-5,
+        "merged {}",
+        max_abs(&merged, &unmerged)?
+    );
+    // The exported weight is the merged one, under its HF name.
+    let exported: HashMap<String, Tensor> = m.named_tensors().into_iter().collect();
+    let q = &exported["bert.encoder.layer.0.attention.self.query.weight"];
+    assert_eq!(max_abs(q, &merged_w)?, 0.0);
+    Ok(())
+}
+
+#[test]
+fn fully_sparse_gpt2_is_causal_and_trains() -> Result<()> {
+    let (mut m, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
+    let mut rng = StdRng::seed_from_u64(21);
+    let (b, l) = (2, 32);
+    let base: Vec<u32> = (0..b * l).map(|_| rng.random_range(0..1000)).collect();
+    let ids = Tensor::from_vec(base.clone(), (b, l), &Device::Cpu)?;
+    let cfg = SptConfig {
+        layers: LayerSelection::All,
+        attention: Some(SparseAttentionConfig {
+            pq: PqConfig {
+                n_subspaces: 4,
+                n_codewords: 16,
+                ..PqConfig::default()
+            },
+            top_k: TopK::Count(8),
+        }),
+        ffn: Some(routed(4, BlockTopK::Count(2), GateMode::SoftmaxKept, true)),
+        lora: Some(LoraSettings {
+            targets: vec![LoraTarget::Query, LoraTarget::Output, LoraTarget::Fc1],
+            config: LoraConfig {
+                rank: 2,
+                alpha: 4.0,
+                dropout: 0.0,
+                seed: 5,
+            },
+        }),
+    };
+    let report = sparsify(&mut m, &cfg, &[CalibrationBatch::new(ids.clone(), None)])?;
+    for r in &report.layers {
+        assert_eq!((r.attention, r.ffn), ("sparse", "routed"));
+        let q = r.routing.context("routing")?;
+        assert!(q.oracle_recall > 0.3 && q.cosine > 0.5, "{q:?}");
+        // c_attn (for q), c_proj, and the routed FFN's fc1+fc2.
+        assert_eq!(r.lora.len(), 4, "{:?}", r.lora);
+    }
+    // Causal in the fully sparse model.
+    let logits = m.forward_t(&ids, None, false)?;
+    for t in [0, 9, 30] {
+        let mut changed = base.clone();
+        for row in 0..b {
+            for j in t + 1..l {
+                changed[row * l + j] = rng.random_range(0..1000);
+            }
+        }
+        let c = m.forward_t(&Tensor::from_vec(changed, (b, l), &Device::Cpu)?, None, false)?;
+        let d = max_abs(&logits.narrow(1, 0, t + 1)?, &c.narrow(1, 0, t + 1)?)?;
+        assert!(d <= 1e-6, "t = {t}: {d:e}");
+    }
+    // Trains: routers and LoRA factors get gradients; base weights are frozen.
+    let vars = m.named_vars();
+    assert!(
+        vars.iter()
+            .all(|(k, _)| k.contains(".router.") || k.contains(".lora_")),
+        "{vars:?}"
+    );
+    let (_, loss) = m.forward_with_loss(&ids, None, true)?;
+    assert!(loss.to_scalar::<f32>()?.is_finite());
+    let grads = loss.backward()?;
+    let with_grad = vars.iter().filter(|(_, v)| grads.get(v).is_some()).count();
+    assert!(with_grad >= vars.len() / 2, "{with_grad} of {}", vars.len());
+    let router = vars
+        .iter()
+        .find(|(k, _)| k == "transformer.h.0.mlp.router.weight")
+        .context("router")?;
+    assert!(
+        grads
+            .get(&router.1)
+            .context("router grad")?
+            .abs()?
+            .sum_all()?
+            .to_scalar::<f32>()?
+            > 0.0
+    );
+    // Memory: sparse attention + routed FFN keep less than dense per layer.
+    let (dense, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
+    let (sb, db) = (
+        m.activation_bytes_per_layer(b, l, false),
+        dense.activation_bytes_per_layer(b, l, false),
+    );
+    assert!(sb
+        .iter()
+        .zip(&db)
+        .all(|(s, d)| s.total() < d.total() && s.ffn * 2 == d.ffn));
+    Ok(())
+}
+
+#[test]
+fn bad_routed_configs_are_named_and_leave_the_model_intact() -> Result<()> {
+    let (mut m, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
+    let cfg = SptConfig {
+        ffn: Some(routed(3, BlockTopK::Count(1), GateMode::Ones, false)),
+        ..SptConfig::default()
+    };
+    let err = sparsify(&mut m, &cfg, &[]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ModelError::InvalidConfig {
+                field: "ffn.n_blocks",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(m
+        .transformer
+        .h
+        .iter()
+        .all(|b| matches!(b.mlp, FeedForward::Dense(_))));
+    let cfg = SptConfig {
+        layers: LayerSelection::Only(vec![5]),
+        ..SptConfig::default()
+    };
+    assert!(matches!(
+        sparsify(&mut m, &cfg, &[]),
+        Err(ModelError::InvalidConfig { field: "layers", .. })
+    ));
+    let cfg = SptConfig {
+        attention: Some(SparseAttentionConfig {
+            pq: PqConfig::default(),
+            top_k: TopK::Count(4),
+        }),
+        ..SptConfig::default()
+    };
+    assert!(matches!(
+        sparsify(&mut m, &cfg, &[]),
+        Err(ModelError::InvalidConfig {
+            field: "calibration_batches",
+            ..
+        })
+    ));
+    Ok(())
+}

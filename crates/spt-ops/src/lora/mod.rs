@@ -1,0 +1,279 @@
+//! LoRA: `y = x Wᵀ + b + (α/r)·(dropout(x) Aᵀ) Bᵀ` with W, b frozen and A `[r, in]`, B `[out, r]`
+//! trainable; plus a frozen-aware dense [`linear`] and a seeded, differentiable [`dropout`].
+//!
+//! Differences from the reference implementation (spt-method.md §3): A is Kaiming-uniform (not
+//! N(0, 1)), the α/r scale and dropout are applied, and the unmerged forward scales only the LoRA
+//! path, so merged and unmerged forwards agree for any α ≠ r.
+
+use crate::routed_ffn::{gather_matmul, Routing};
+use crate::util::{check_float, check_same};
+use candle_core::{bail, DType, Device, Result, Tensor, Var};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// LoRA hyper-parameters.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraConfig {
+    /// Rank r of the update B·A.
+    pub rank: usize,
+    /// α: the update is scaled by α/r.
+    pub alpha: f64,
+    /// Dropout probability on the LoRA path's input (train mode only).
+    pub dropout: f32,
+    /// Seed of A's initialisation and of the dropout masks.
+    pub seed: u64,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            rank: 16,
+            alpha: 16.0,
+            dropout: 0.0,
+            seed: 0,
+        }
+    }
+}
+
+impl LoraConfig {
+    /// The update scale α/r.
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+
+    fn check(&self, op: &str) -> Result<()> {
+        if self.rank == 0 {
+            bail!("{op}: LoRA rank must be at least 1");
+        }
+        if !self.alpha.is_finite() {
+            bail!("{op}: LoRA alpha must be finite, got {}", self.alpha);
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            bail!("{op}: LoRA dropout must be in [0, 1), got {}", self.dropout);
+        }
+        Ok(())
+    }
+}
+
+/// Errors of merging a LoRA update into its frozen weight.
+#[derive(Debug, thiserror::Error)]
+pub enum LoraError {
+    #[error("lora: the update is already merged into the weight")]
+    AlreadyMerged,
+    #[error("lora: the update is not merged into the weight")]
+    NotMerged,
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// A seeded `U(−bound, bound)` tensor.
+pub(crate) fn uniform(shape: &[usize], bound: f64, seed: u64, dtype: DType, dev: &Device) -> Result<Tensor> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let data: Vec<f64> = (0..n).map(|_| rng.random_range(-bound..=bound)).collect();
+    Tensor::from_vec(data, shape, dev)?.to_dtype(dtype)
+}
+
+/// Inverted dropout with a seeded mask: each element is zeroed with probability `p` and the rest
+/// scaled by `1/(1−p)`. Differentiable in `x` (the mask is a constant). `p = 0` returns `x`.
+pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+    if p == 0.0 {
+        return Ok(x.clone());
+    }
+    if !(0.0..1.0).contains(&p) {
+        bail!("dropout: probability must be in [0, 1), got {p}");
+    }
+    let mut rng = StdRng::seed_from_u64(seed);
+    let keep = 1.0 / (1.0 - p as f64);
+    let mask: Vec<f64> = (0..x.elem_count())
+        .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x.mul(&mask)
+}
+
+/// Per-layer dropout seeds: a base seed and a call counter, so masks differ per call but a run
+/// is reproducible.
+#[derive(Debug)]
+pub(crate) struct DropoutSeeds {
+    base: u64,
+    calls: AtomicU64,
+}
+
+impl DropoutSeeds {
+    pub(crate) fn new(base: u64) -> Self {
+        Self {
+            base,
+            calls: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn next(&self) -> u64 {
+        let c = self.calls.fetch_add(1, Ordering::Relaxed);
+        self.base
+            ^ c.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                .wrapping_add(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+/// Dense `x Wᵀ + b` for `x [.., in]`, `W [out, in]`, `b [out]`, whose backward computes only the
+/// gradients of tracked inputs: a frozen W costs no weight-gradient GEMM (candle's matmul
+/// backward always computes both operands' gradients).
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let op = "linear";
+    check_float(op, "x", x.dtype())?;
+    check_same(op, &[("x", x), ("w", w)])?;
+    let (out, d_in) = match w.dims() {
+        &[o, i] => (o, i),
+        d => bail!("{op}: w is {d:?}, expected [out, in]"),
+    };
+    let dims = x.dims().to_vec();
+    if dims.last() != Some(&d_in) {
+        bail!("{op}: x is {dims:?}, expected [.., {d_in}] to match w [{out}, {d_in}]");
+    }
+    if out == 0 {
+        bail!("{op}: w is [0, {d_in}], expected at least one output");
+    }
+    let t: usize = dims[..dims.len() - 1].iter().product();
+    let routing = Arc::new(Routing::from_blocks(t, 1, 1, vec![0; t])?);
+    let y = gather_matmul(&x.reshape((t, d_in))?, w, b, &routing)?;
+    let mut out_dims = dims;
+    if let Some(last) = out_dims.last_mut() {
+        *last = out;
+    }
+    y.reshape(out_dims)
+}
+
+/// A linear layer with a frozen base weight and a trainable low-rank update.
+#[derive(Debug)]
+pub struct LoraLinear {
+    w: Tensor,
+    bias: Option<Tensor>,
+    a: Var,
+    b: Var,
+    cfg: LoraConfig,
+    merged: bool,
+    seeds: DropoutSeeds,
+}
+
+impl LoraLinear {
+    /// Wraps the frozen `w [out, in]` and `bias [out]` (both detached here, so they never get a
+    /// gradient). A `[r, in]` is Kaiming-uniform with a = √5 (PyTorch's `nn.Linear`/PEFT
+    /// default, i.e. `U(−1/√in, 1/√in)`), seeded by `cfg.seed`; B `[out, r]` is zero.
+    pub fn new(w: &Tensor, bias: Option<&Tensor>, cfg: LoraConfig) -> Result<Self> {
+        let op = "lora_linear";
+        cfg.check(op)?;
+        check_float(op, "w", w.dtype())?;
+        let (out, d_in) = match w.dims() {
+            &[o, i] if o > 0 && i > 0 => (o, i),
+            d => bail!("{op}: w is {d:?}, expected [out, in] with out, in ≥ 1"),
+        };
+        if let Some(bias) = bias {
+            check_same(op, &[("w", w), ("bias", bias)])?;
+            if bias.dims() != [out] {
+                bail!("{op}: bias is {:?}, expected [{out}]", bias.dims());
+            }
+        }
+        let (dt, dev) = (w.dtype(), w.device());
+        let bound = 1.0 / (d_in as f64).sqrt();
+        let a = Var::from_tensor(&uniform(&[cfg.rank, d_in], bound, cfg.seed, dt, dev)?)?;
+        let b = Var::zeros((out, cfg.rank), dt, dev)?;
+        Ok(Self {
+            w: w.detach(),
+            bias: bias.map(|b| b.detach()),
+            a,
+            b,
+            cfg,
+            merged: false,
+            seeds: DropoutSeeds::new(cfg.seed ^ 0x5EED),
+        })
+    }
+
+    /// `x [.., in] → [.., out]`; dropout on the LoRA input only when `train`. While merged, the
+    /// update lives in W and A, B get no gradient (merging is for export and inference).
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let y = linear(x, &self.w, self.bias.as_ref())?;
+        if self.merged {
+            return Ok(y);
+        }
+        let xin = if train {
+            dropout(x, self.cfg.dropout, self.seeds.next())?
+        } else {
+            x.clone()
+        };
+        let u = xin.broadcast_matmul(&self.a.as_tensor().t()?)?; // [.., r]
+        let delta = u.broadcast_matmul(&self.b.as_tensor().t()?)?; // [.., out]
+        y.add(&(delta * self.cfg.scale())?)
+    }
+
+    /// Folds the update into the frozen weight: `W ← W + (α/r)·B A`.
+    pub fn merge(&mut self) -> std::result::Result<(), LoraError> {
+        if self.merged {
+            return Err(LoraError::AlreadyMerged);
+        }
+        self.w = (&self.w + (self.delta_weight()? * self.cfg.scale())?)?.detach();
+        self.merged = true;
+        Ok(())
+    }
+
+    /// Undoes [`merge`](Self::merge): `W ← W − (α/r)·B A` (exact up to rounding).
+    pub fn unmerge(&mut self) -> std::result::Result<(), LoraError> {
+        if !self.merged {
+            return Err(LoraError::NotMerged);
+        }
+        self.w = (&self.w - (self.delta_weight()? * self.cfg.scale())?)?.detach();
+        self.merged = false;
+        Ok(())
+    }
+
+    fn delta_weight(&self) -> Result<Tensor> {
+        self.b.as_tensor().detach().matmul(&self.a.as_tensor().detach())
+    }
+
+    /// Whether the update is currently folded into W.
+    pub fn is_merged(&self) -> bool {
+        self.merged
+    }
+
+    /// The trainable tensors, named `lora_a` and `lora_b`, for the optimiser.
+    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        vec![
+            ("lora_a".into(), self.a.clone()),
+            ("lora_b".into(), self.b.clone()),
+        ]
+    }
+
+    /// The current (frozen) base weight `[out, in]`, merged or not.
+    pub fn weight(&self) -> &Tensor {
+        &self.w
+    }
+
+    /// The frozen bias, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// A `[r, in]`.
+    pub fn lora_a(&self) -> &Var {
+        &self.a
+    }
+
+    /// B `[out, r]`.
+    pub fn lora_b(&self) -> &Var {
+        &self.b
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LoraConfig {
+        &self.cfg
+    }
+}
+
+/// `ModuleT` rather than `Module`: candle's blanket `ModuleT` for a `Module` would ignore the
+/// train flag and silently drop dropout.
+impl candle_core::ModuleT for LoraLinear {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        LoraLinear::forward_t(self, x, train)
+    }
+}

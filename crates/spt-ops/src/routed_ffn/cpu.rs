@@ -1,0 +1,455 @@
+//! CPU kernels of the routed FFN: grouped "gather-in" and "scatter-out" GEMMs and their
+//! backward passes, over the block-sorted routing of [`Routing`].
+//!
+//! Layout conventions (all row-major, contiguous):
+//! - `x`  `[T, d_in]`, tokens; `h` `[R, b]`, one row per routed (token, block) pair, rows sorted
+//!   by block, then by token (see [`Routing`]);
+//! - gather weight `w` `[n_blocks·b, d_in]` (HF Linear `[out, in]`): block `e` is rows
+//!   `[e·b, (e+1)·b)`, read in place;
+//! - scatter weight `w` `[d_out, n_blocks·b]`: block `e` is columns `[e·b, (e+1)·b)`, read in place
+//!   through its row stride (no copy of the weights, unlike the reference implementation).
+//!
+//! Parallelism and determinism: work that writes routed rows runs in parallel over
+//! (block, token chunk) groups; work that accumulates into token rows runs in parallel over token
+//! chunks and visits blocks in a fixed order; weight gradients run in parallel over blocks and
+//! accumulate row tiles in a fixed order. No atomics, so results do not depend on the thread
+//! count.
+
+use super::router::Routing;
+use crate::util::Float;
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Routed rows per weight-gradient GEMM (fixed so results don't depend on the thread count).
+const ROW_TILE: usize = 512;
+
+/// A raw pointer that may cross rayon tasks; every task writes a disjoint set of elements.
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+/// A strided matrix operand: element (i, j) is at `ptr + i·rs + j·cs`.
+#[derive(Clone, Copy)]
+struct Mat<T> {
+    ptr: *const T,
+    rs: isize,
+    cs: isize,
+}
+
+impl<T> Mat<T> {
+    fn new(s: &[T], offset: usize, rs: usize, cs: usize) -> Self {
+        debug_assert!(offset <= s.len());
+        Self {
+            ptr: s[offset..].as_ptr(),
+            rs: rs as isize,
+            cs: cs as isize,
+        }
+    }
+}
+
+/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, `dst` with row stride `dst_rs` and unit column
+/// stride.
+///
+/// # Safety
+/// All operands must be valid for the given sizes and strides, and no other thread may touch
+/// the written part of `dst`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw<T: Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut T,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+    par: Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    *dst.add(i * dst_rs + j) = T::zero();
+                }
+            }
+        }
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs.ptr,
+        lhs.cs,
+        lhs.rs,
+        rhs.ptr,
+        rhs.cs,
+        rhs.rs,
+        T::one(),
+        T::one(),
+        false,
+        false,
+        false,
+        par,
+    );
+}
+
+/// Safe wrapper for a contiguous destination slice `[m, n]`.
+#[allow(clippy::too_many_arguments)]
+fn gemm_into<T: Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    accumulate: bool,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+    par: Parallelism,
+) {
+    debug_assert!(dst.len() >= m * n);
+    // SAFETY: `dst` is an exclusive slice of at least m·n elements; operands are built by the
+    // callers from slices whose sizes the public functions validated.
+    unsafe { gemm_raw(m, n, k, dst.as_mut_ptr(), n, accumulate, lhs, rhs, par) }
+}
+
+/// gemm's own parallelism when there are too few independent tasks to keep the pool busy.
+fn inner_par(tasks: usize) -> Parallelism {
+    let threads = rayon::current_num_threads();
+    if threads > 1 && tasks < 2 * threads {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    }
+}
+
+/// Copies the rows `idx` of `src` (`[*, width]`) into `buf` (`[idx.len(), width]`).
+fn gather_rows<T: Float>(src: &[T], width: usize, idx: &[u32], buf: &mut Vec<T>) {
+    buf.clear();
+    buf.reserve(idx.len() * width);
+    for &t in idx {
+        let t = t as usize;
+        buf.extend_from_slice(&src[t * width..(t + 1) * width]);
+    }
+}
+
+/// Splits `out` (`[R, width]`) into the row ranges of the routing's (block, chunk) groups.
+fn split_groups<'a, T>(routing: &Routing, out: &'a mut [T], width: usize) -> Vec<&'a mut [T]> {
+    let starts = routing.group_starts();
+    let mut parts = Vec::with_capacity(starts.len().saturating_sub(1));
+    let mut rest = out;
+    for w in starts.windows(2) {
+        let (head, tail) = rest.split_at_mut((w[1] - w[0]) * width);
+        parts.push(head);
+        rest = tail;
+    }
+    parts
+}
+
+/// Forward of the gather-in GEMM: `out[r] = x[tok(r)] · W_eᵀ + bias_e` for routed row `r` of
+/// block `e`. Returns `[R, b]`.
+pub(crate) fn gather_mm_fwd<T: Float>(
+    routing: &Routing,
+    x: &[T],
+    w: &[T],
+    bias: Option<&[T]>,
+    d_in: usize,
+    b: usize,
+) -> Vec<T> {
+    let mut out = vec![T::zero(); routing.n_rows() * b];
+    let nc = routing.n_chunks();
+    let par = inner_par(routing.n_blocks() * nc);
+    split_groups(routing, &mut out, b)
+        .into_par_iter()
+        .enumerate()
+        .for_each_init(Vec::new, |buf, (g, dst)| {
+            if dst.is_empty() {
+                return;
+            }
+            let e = g / nc.max(1);
+            let rows = routing.group_rows(g);
+            let m = rows.len();
+            gather_rows(x, d_in, &routing.row_token()[rows], buf);
+            if let Some(bias) = bias {
+                for row in dst.chunks_mut(b) {
+                    row.copy_from_slice(&bias[e * b..(e + 1) * b]);
+                }
+            }
+            // rhs (k = i, n = j) = W[e·b + j, i].
+            let rhs = Mat::new(w, e * b * d_in, 1, d_in);
+            gemm_into(
+                m,
+                b,
+                d_in,
+                dst,
+                bias.is_some(),
+                Mat::new(buf, 0, d_in, 1),
+                rhs,
+                par,
+            );
+        });
+    out
+}
+
+/// Input gradient of the gather-in GEMM: `dx[t] = Σ_{r of t} dh[r] · W_e`. Returns `[T, d_in]`.
+pub(crate) fn gather_mm_bwd_x<T: Float>(
+    routing: &Routing,
+    dh: &[T],
+    w: &[T],
+    d_in: usize,
+    b: usize,
+) -> Vec<T> {
+    let chunk = routing.chunk_tokens();
+    let mut dx = vec![T::zero(); routing.n_tokens() * d_in];
+    let nc = routing.n_chunks();
+    let par = inner_par(nc);
+    dx.par_chunks_mut(chunk * d_in.max(1)).enumerate().for_each_init(
+        Vec::new,
+        |tmp: &mut Vec<T>, (c, dx)| {
+            let t0 = c * chunk;
+            for e in 0..routing.n_blocks() {
+                let rows = routing.group_rows(e * nc + c);
+                let m = rows.len();
+                if m == 0 || d_in == 0 {
+                    continue;
+                }
+                tmp.resize(m * d_in, T::zero());
+                // rhs (k = j, n = i) = W[e·b + j, i].
+                let rhs = Mat::new(w, e * b * d_in, d_in, 1);
+                gemm_into(
+                    m,
+                    d_in,
+                    b,
+                    tmp,
+                    false,
+                    Mat::new(dh, rows.start * b, b, 1),
+                    rhs,
+                    par,
+                );
+                for (src, &t) in tmp.chunks(d_in).zip(&routing.row_token()[rows]) {
+                    let off = (t as usize - t0) * d_in;
+                    for (o, &v) in dx[off..off + d_in].iter_mut().zip(src) {
+                        *o = *o + v;
+                    }
+                }
+            }
+        },
+    );
+    dx
+}
+
+/// Weight and bias gradients of the gather-in GEMM: `dW_e = dh_eᵀ · x_e`, `db_e = Σ_r dh_e[r]`.
+/// Returns `([n_blocks·b, d_in], [n_blocks·b])`; either is skipped when not wanted.
+pub(crate) fn gather_mm_bwd_w<T: Float>(
+    routing: &Routing,
+    dh: &[T],
+    x: &[T],
+    d_in: usize,
+    b: usize,
+    want_w: bool,
+    want_b: bool,
+) -> (Option<Vec<T>>, Option<Vec<T>>) {
+    let n = routing.n_blocks();
+    let mut dw = if want_w {
+        vec![T::zero(); n * b * d_in]
+    } else {
+        vec![]
+    };
+    let mut db = if want_b { vec![T::zero(); n * b] } else { vec![] };
+    let par = inner_par(n);
+    let dw_chunks: Vec<&mut [T]> = if want_w {
+        dw.chunks_mut((b * d_in).max(1)).collect()
+    } else {
+        (0..n).map(|_| &mut [][..]).collect()
+    };
+    let db_chunks: Vec<&mut [T]> = if want_b {
+        db.chunks_mut(b.max(1)).collect()
+    } else {
+        (0..n).map(|_| &mut [][..]).collect()
+    };
+    dw_chunks
+        .into_par_iter()
+        .zip(db_chunks)
+        .enumerate()
+        .for_each_init(Vec::new, |buf, (e, (dw_e, db_e))| {
+            let rows = routing.block_rows(e);
+            let mut start = rows.start;
+            while start < rows.end {
+                let end = (start + ROW_TILE).min(rows.end);
+                let m = end - start;
+                if want_w && d_in > 0 && b > 0 {
+                    gather_rows(x, d_in, &routing.row_token()[start..end], buf);
+                    // lhs (i = j, k = r) = dh[start + r, j].
+                    let lhs = Mat::new(dh, start * b, 1, b);
+                    gemm_into(b, d_in, m, dw_e, true, lhs, Mat::new(buf, 0, d_in, 1), par);
+                }
+                if want_b {
+                    for row in dh[start * b..end * b].chunks(b.max(1)) {
+                        for (o, &v) in db_e.iter_mut().zip(row) {
+                            *o = *o + v;
+                        }
+                    }
+                }
+                start = end;
+            }
+        });
+    (want_w.then_some(dw), want_b.then_some(db))
+}
+
+/// Forward of the scatter-out GEMM: `y[t] = Σ_{r of t} g[r] · h[r] · W_eᵀ`, where `W_e` is the
+/// column block `e` of `w` (`[d_out, n_blocks·b]`). Returns `[T, d_out]`.
+pub(crate) fn scatter_mm_fwd<T: Float>(
+    routing: &Routing,
+    h: &[T],
+    g: &[T],
+    w: &[T],
+    d_out: usize,
+    b: usize,
+) -> Vec<T> {
+    let chunk = routing.chunk_tokens();
+    let nb = routing.n_blocks() * b;
+    let mut y = vec![T::zero(); routing.n_tokens() * d_out];
+    let nc = routing.n_chunks();
+    let par = inner_par(nc);
+    y.par_chunks_mut(chunk * d_out.max(1))
+        .enumerate()
+        .for_each_init(Vec::new, |tmp: &mut Vec<T>, (c, y)| {
+            let t0 = c * chunk;
+            for e in 0..routing.n_blocks() {
+                let rows = routing.group_rows(e * nc + c);
+                let m = rows.len();
+                if m == 0 || d_out == 0 {
+                    continue;
+                }
+                tmp.resize(m * d_out, T::zero());
+                // rhs (k = j, n = o) = w[o, e·b + j].
+                let rhs = Mat::new(w, e * b, 1, nb);
+                gemm_into(
+                    m,
+                    d_out,
+                    b,
+                    tmp,
+                    false,
+                    Mat::new(h, rows.start * b, b, 1),
+                    rhs,
+                    par,
+                );
+                let toks = &routing.row_token()[rows.clone()];
+                for ((src, &t), &gr) in tmp.chunks(d_out).zip(toks).zip(&g[rows]) {
+                    let off = (t as usize - t0) * d_out;
+                    for (o, &v) in y[off..off + d_out].iter_mut().zip(src) {
+                        *o = *o + gr * v;
+                    }
+                }
+            }
+        });
+    y
+}
+
+/// Input gradients of the scatter-out GEMM, from `u[r] = dy[tok(r)] · W_e`:
+/// `dh[r] = g[r]·u[r]` (`[R, b]`) and `dg[r] = ⟨h[r], u[r]⟩` (`[R]`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn scatter_mm_bwd_hg<T: Float>(
+    routing: &Routing,
+    dy: &[T],
+    h: &[T],
+    g: &[T],
+    w: &[T],
+    d_out: usize,
+    b: usize,
+    want_dg: bool,
+) -> (Vec<T>, Vec<T>) {
+    let nb = routing.n_blocks() * b;
+    let nc = routing.n_chunks();
+    let r_total = routing.n_rows();
+    let mut dh = vec![T::zero(); r_total * b];
+    let mut dg = vec![T::zero(); if want_dg { r_total } else { 0 }];
+    let par = inner_par(routing.n_blocks() * nc);
+    let dh_parts = split_groups(routing, &mut dh, b);
+    let dg_parts: Vec<&mut [T]> = if want_dg {
+        split_groups(routing, &mut dg, 1)
+    } else {
+        dh_parts.iter().map(|_| &mut [][..]).collect()
+    };
+    dh_parts
+        .into_par_iter()
+        .zip(dg_parts)
+        .enumerate()
+        .for_each_init(Vec::new, |buf, (gi, (dh_g, dg_g))| {
+            if dh_g.is_empty() {
+                return;
+            }
+            let e = gi / nc.max(1);
+            let rows = routing.group_rows(gi);
+            let m = rows.len();
+            gather_rows(dy, d_out, &routing.row_token()[rows.clone()], buf);
+            // u = dy_rows · W_e, rhs (k = o, n = j) = w[o, e·b + j].
+            let rhs = Mat::new(w, e * b, nb, 1);
+            gemm_into(m, b, d_out, dh_g, false, Mat::new(buf, 0, d_out, 1), rhs, par);
+            for (i, u) in dh_g.chunks_mut(b).enumerate() {
+                let r = rows.start + i;
+                if want_dg {
+                    let hr = &h[r * b..(r + 1) * b];
+                    dg_g[i] = hr
+                        .iter()
+                        .zip(u.iter())
+                        .fold(T::zero(), |acc, (&a, &c)| acc + a * c);
+                }
+                let gr = g[r];
+                for v in u.iter_mut() {
+                    *v = *v * gr;
+                }
+            }
+        });
+    (dh, dg)
+}
+
+/// Weight gradient of the scatter-out GEMM: `dW[:, block e] = Σ_r dy[tok(r)]ᵀ · (g[r]·h[r])`.
+/// Returns `[d_out, n_blocks·b]`.
+pub(crate) fn scatter_mm_bwd_w<T: Float>(
+    routing: &Routing,
+    dy: &[T],
+    h: &[T],
+    g: &[T],
+    d_out: usize,
+    b: usize,
+) -> Vec<T> {
+    let n = routing.n_blocks();
+    let nb = n * b;
+    let mut dw = vec![T::zero(); d_out * nb];
+    let dst = SendPtr(dw.as_mut_ptr());
+    let par = inner_par(n);
+    (0..n).into_par_iter().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(dybuf, ghbuf): &mut (Vec<T>, Vec<T>), e| {
+            let rows = routing.block_rows(e);
+            let mut start = rows.start;
+            while start < rows.end {
+                let end = (start + ROW_TILE).min(rows.end);
+                let m = end - start;
+                gather_rows(dy, d_out, &routing.row_token()[start..end], dybuf);
+                ghbuf.clear();
+                for r in start..end {
+                    let gr = g[r];
+                    ghbuf.extend(h[r * b..(r + 1) * b].iter().map(|&v| v * gr));
+                }
+                // lhs (i = o, k = r) = dybuf[r, o]; rhs (k = r, n = j) = ghbuf[r, j].
+                let lhs = Mat::new(dybuf, 0, 1, d_out);
+                let rhs = Mat::new(ghbuf, 0, b, 1);
+                let p = dst;
+                // SAFETY: block e's tasks are the only writers of columns [e·b, (e+1)·b) of the
+                // [d_out, n·b] buffer, which outlives the parallel loop.
+                unsafe { gemm_raw(d_out, b, m, p.0.add(e * b), nb, true, lhs, rhs, par) };
+                start = end;
+            }
+        },
+    );
+    dw
+}

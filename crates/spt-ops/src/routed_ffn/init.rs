@@ -1,0 +1,181 @@
+//! Router initialisation from a pretrained FFN, and a report of how well the routed output
+//! reproduces the dense one. (The reference implementation starts the router at random.)
+
+use super::{RoutedFfn, Routing};
+use candle_core::{bail, DType, Result, Tensor, D};
+
+/// How [`RoutedFfn::init_router`] fits the router.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RouterFitConfig {
+    /// Ridge penalty, relative to the mean diagonal of `XᵀX`.
+    pub ridge: f64,
+    /// The fitted scores approximate `score_scale ·` (per-token standardised block activation
+    /// norms). Ranking does not depend on it; the gates do: a small scale keeps the initial
+    /// softmax-kept gates near 1, i.e. close to the dense FFN restricted to the kept blocks.
+    pub score_scale: f64,
+}
+
+impl Default for RouterFitConfig {
+    fn default() -> Self {
+        Self {
+            ridge: 1e-3,
+            score_scale: 0.1,
+        }
+    }
+}
+
+/// Routed vs dense FFN on sample tokens (both without the fc2 bias b2, which they share).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RoutingQuality {
+    /// Cosine similarity of the routed and dense outputs over all sample tokens.
+    pub cosine: f64,
+    /// `‖y_routed − y_dense‖ / ‖y_dense‖`.
+    pub rel_error: f64,
+    /// `‖y_routed‖ / ‖y_dense‖`.
+    pub norm_ratio: f64,
+    /// Fraction of the router's picks that are among each token's k blocks of largest
+    /// activation norm (1 = the router picks exactly the oracle blocks).
+    pub oracle_recall: f64,
+    /// Tokens in the sample.
+    pub tokens: usize,
+}
+
+/// Solves `G β = R` for symmetric positive definite `G [m, m]` and `R [m, c]` (row-major, f64).
+fn cholesky_solve(g: &[f64], r: &[f64], m: usize, c: usize) -> Result<Vec<f64>> {
+    let mut l = vec![0f64; m * m];
+    for i in 0..m {
+        for j in 0..=i {
+            let mut s = g[i * m + j];
+            for p in 0..j {
+                s -= l[i * m + p] * l[j * m + p];
+            }
+            if i == j {
+                if !(s > 0.0) {
+                    bail!("routed_ffn: router fit is singular (pivot {i} = {s}); raise the ridge");
+                }
+                l[i * m + i] = s.sqrt();
+            } else {
+                l[i * m + j] = s / l[j * m + j];
+            }
+        }
+    }
+    let mut x = r.to_vec();
+    for col in 0..c {
+        // Forward: L z = r; backward: Lᵀ β = z.
+        for i in 0..m {
+            let mut s = x[i * c + col];
+            for p in 0..i {
+                s -= l[i * m + p] * x[p * c + col];
+            }
+            x[i * c + col] = s / l[i * m + i];
+        }
+        for i in (0..m).rev() {
+            let mut s = x[i * c + col];
+            for p in i + 1..m {
+                s -= l[p * m + i] * x[p * c + col];
+            }
+            x[i * c + col] = s / l[i * m + i];
+        }
+    }
+    Ok(x)
+}
+
+impl RoutedFfn {
+    /// `[S, n_blocks]` activation norms `‖act(x W1_eᵀ + b1_e)‖` of the sample tokens, in f64.
+    fn block_norms(&self, x2: &Tensor) -> Result<Tensor> {
+        let (w1, _) = self.merged_weights()?;
+        let (s, n) = (x2.dim(0)?, self.cfg.n_blocks);
+        let x = x2.detach().to_dtype(DType::F64)?;
+        let w1 = w1.detach().to_dtype(DType::F64)?;
+        let b1 = self.b1.detach().to_dtype(DType::F64)?;
+        let h = self
+            .cfg
+            .activation
+            .forward(&x.matmul(&w1.t()?)?.broadcast_add(&b1)?)?;
+        h.reshape((s, n, self.block))?.sqr()?.sum(D::Minus1)?.sqrt()
+    }
+
+    fn sample_tokens(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, t) = self.check_input(x)?;
+        if t == 0 {
+            bail!("routed_ffn: the router needs at least one sample token");
+        }
+        x.reshape((t, self.d_model()))
+    }
+
+    /// Fits the router by ridge least squares so that its scores rank the blocks of each sample
+    /// token by activation norm, then reports the routing quality on the same sample.
+    pub fn init_router(&mut self, sample: &Tensor, fit: RouterFitConfig) -> Result<RoutingQuality> {
+        if !(fit.ridge > 0.0 && fit.score_scale > 0.0) {
+            bail!("routed_ffn: router fit needs ridge > 0 and score_scale > 0, got {fit:?}");
+        }
+        let x2 = self.sample_tokens(sample)?;
+        let (s, d, n) = (x2.dim(0)?, self.d_model(), self.cfg.n_blocks);
+        // Per-token standardised norms: the targets.
+        let norms = self.block_norms(&x2)?;
+        let mean = norms.mean_keepdim(1)?;
+        let centred = norms.broadcast_sub(&mean)?;
+        let std = (centred.sqr()?.mean_keepdim(1)?.sqrt()? + 1e-12)?;
+        let z = centred.broadcast_div(&std)?; // [S, n]
+                                              // Ridge regression on [x, 1].
+        let xa = Tensor::cat(
+            &[
+                x2.detach().to_dtype(DType::F64)?,
+                Tensor::ones((s, 1), DType::F64, x2.device())?,
+            ],
+            1,
+        )?; // [S, d+1]
+        let g: Vec<f64> = xa.t()?.matmul(&xa)?.flatten_all()?.to_vec1()?;
+        let r: Vec<f64> = xa.t()?.matmul(&z)?.flatten_all()?.to_vec1()?;
+        let m = d + 1;
+        let mut g = g;
+        let mean_diag = (0..m).map(|i| g[i * m + i]).sum::<f64>() / m as f64;
+        for i in 0..m {
+            g[i * m + i] += fit.ridge * mean_diag.max(1e-12);
+        }
+        let beta = cholesky_solve(&g, &r, m, n)?; // [d+1, n]
+        let beta = (Tensor::from_vec(beta, (m, n), x2.device())? * fit.score_scale)?;
+        let w = beta.narrow(0, 0, d)?.t()?.contiguous()?; // [n, d]
+        let b = beta.narrow(0, d, 1)?.flatten_all()?; // [n]
+        let dt = self.w1.dtype();
+        self.router_w.set(&w.to_dtype(dt)?)?;
+        self.router_b.set(&b.to_dtype(dt)?)?;
+        self.quality(sample)
+    }
+
+    /// Compares the routed output (current router, gates and LoRA, eval mode) with the dense FFN
+    /// (every block, gate ≡ 1) on the sample tokens.
+    pub fn quality(&self, sample: &Tensor) -> Result<RoutingQuality> {
+        let x2 = self.sample_tokens(sample)?.detach();
+        let t = x2.dim(0)?;
+        let b2 = self.b2.detach().to_dtype(DType::F64)?;
+        let out = self.forward_t(&x2, false)?;
+        let yr = out.y.detach().to_dtype(DType::F64)?.broadcast_sub(&b2)?;
+        let yd = self
+            .forward_dense(&x2, false)?
+            .detach()
+            .to_dtype(DType::F64)?
+            .broadcast_sub(&b2)?;
+        let dot = yr.mul(&yd)?.sum_all()?.to_scalar::<f64>()?;
+        let nr = yr.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+        let nd = yd.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+        let ne = yr.sub(&yd)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+        let tiny = f64::MIN_POSITIVE;
+        // Oracle: each token's k blocks of largest activation norm.
+        let norms: Vec<f64> = self.block_norms(&x2)?.flatten_all()?.to_vec1()?;
+        let oracle = Routing::top_k(&norms, t, self.cfg.n_blocks, self.k)?;
+        let picked = out.routing.blocks();
+        let hits = picked
+            .chunks(self.k)
+            .zip(oracle.blocks().chunks(self.k))
+            .map(|(p, o)| p.iter().filter(|e| o.contains(e)).count())
+            .sum::<usize>();
+        Ok(RoutingQuality {
+            cosine: dot / (nr * nd).max(tiny),
+            rel_error: ne / nd.max(tiny),
+            norm_ratio: nr / nd.max(tiny),
+            oracle_recall: hits as f64 / picked.len().max(1) as f64,
+            tokens: t,
+        })
+    }
+}

@@ -1,0 +1,506 @@
+//! Routed FFN (SPT §2): the FFN hidden dimension is split into `n_blocks` contiguous blocks and
+//! each token runs only the top-k blocks its router picks.
+//!
+//! - Block `e` of fc1 is rows `[e·b, (e+1)·b)` of `W1 [d_ff, d]` and `b1`; block `e` of fc2 is the
+//!   same columns of `W2 [d, d_ff]`. Both are read in place (no per-step weight copies).
+//! - Router: `Linear(d → n_blocks)`; per token the `k` highest scores win (ties → lower block).
+//! - Gate ([`GateMode`]): applied **once**, to the block's fc2 output, so the router learns from
+//!   the task loss. The default, [`GateMode::SoftmaxKept`], is `k·softmax` over the kept scores:
+//!   equal scores give gate 1 (the dense FFN restricted to the kept blocks) and the gates of a
+//!   token sum to k. With `k = 1` it is constant (1) and the router learns only from the optional
+//!   load-balancing loss; use [`GateMode::Sigmoid`] there. [`GateMode::Ones`] with all blocks kept
+//!   is exactly the dense FFN.
+//! - Execution: a deterministic counting sort groups the (token, slot) pairs by block
+//!   ([`Routing`]); [`gather_matmul`] runs fc1 (+ bias) as a grouped GEMM, the activation follows,
+//!   and [`scatter_matmul`] runs fc2 scaled by the gates and scatter-adds into the tokens; then
+//!   `+ b2`. Backward is exact and skips the gradient of every untracked (frozen) weight.
+//! - LoRA (optional): on the **active blocks only**, like the reference, but consistent: the
+//!   routed layer with LoRA equals the routed layer with merged weights `W1 + (α/r)·B1 A1` and
+//!   `W2 + (α/r)·B2 A2` (the gate scales the block's LoRA output too). fc1's `x A1ᵀ` is computed
+//!   once for all blocks, B1's rows are routed like W1's; fc2's A2 columns are routed like W2's
+//!   and B2 is applied once per token.
+//! - [`RoutedFfn::init_router`] fits the router to rank blocks by their activation norm, and
+//!   [`RoutedFfn::quality`] reports how close the routed output is to the dense one.
+
+mod cpu;
+mod init;
+mod ops;
+pub mod reference;
+mod router;
+
+pub use init::{RouterFitConfig, RoutingQuality};
+pub use ops::{gather_matmul, scatter_matmul, GatherMatmul, ScatterMatmul};
+pub use router::{Routing, TopK};
+
+use crate::activation::Activation;
+use crate::lora::{dropout, uniform, DropoutSeeds, LoraConfig, LoraError};
+use crate::norm::softmax_last_dim;
+use crate::util::{check_float, check_same};
+use candle_core::{bail, DType, Result, Tensor, Var};
+use std::sync::Arc;
+
+/// How a kept block's fc2 output is scaled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GateMode {
+    /// `k · softmax(kept scores)`: 1 for equal scores, sums to k per token.
+    #[default]
+    SoftmaxKept,
+    /// `2·σ(score)`: 1 at score 0 (the reference's `c = 2p`, applied once at the output).
+    Sigmoid,
+    /// Gate ≡ 1: no router gradient from the task loss. With all blocks kept, the dense FFN.
+    Ones,
+}
+
+/// Configuration of a [`RoutedFfn`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RoutedFfnConfig {
+    pub n_blocks: usize,
+    pub top_k: TopK,
+    pub gate: GateMode,
+    pub activation: Activation,
+    /// Return the Switch-style load-balancing loss `n·Σ_e f_e·P_e` (off by default).
+    pub aux_loss: bool,
+    /// LoRA on the FFN weights (active blocks only), or none.
+    pub lora: Option<LoraConfig>,
+    /// Seed of the router's random initialisation.
+    pub seed: u64,
+}
+
+impl RoutedFfnConfig {
+    /// Defaults: softmax-kept gate, no aux loss, no LoRA, seed 0.
+    pub fn new(n_blocks: usize, top_k: TopK, activation: Activation) -> Self {
+        Self {
+            n_blocks,
+            top_k,
+            gate: GateMode::default(),
+            activation,
+            aux_loss: false,
+            lora: None,
+            seed: 0,
+        }
+    }
+}
+
+/// What [`RoutedFfn::forward_t`] returns.
+#[derive(Debug, Clone)]
+pub struct RoutedFfnOutput {
+    /// `[.., d]`, the shape of the input.
+    pub y: Tensor,
+    /// The load-balancing loss (scalar) when enabled: add it, weighted, to the task loss.
+    pub aux_loss: Option<Tensor>,
+    /// The routing used.
+    pub routing: Arc<Routing>,
+    /// `[R]` gate of each routed row (block-sorted order).
+    pub gates: Tensor,
+}
+
+impl RoutedFfnOutput {
+    /// The gates as a `[T, n_blocks]` matrix, 0 where a token skips a block (differentiable).
+    pub fn gate_matrix(&self) -> Result<Tensor> {
+        gate_matrix(&self.gates, &self.routing)
+    }
+}
+
+/// Scatters routed-row gates `[R]` into a `[T, n_blocks]` matrix (0 for skipped blocks).
+pub fn gate_matrix(gates: &Tensor, routing: &Routing) -> Result<Tensor> {
+    let (t, n, k) = (routing.n_tokens(), routing.n_blocks(), routing.k());
+    let idx: Vec<u32> = routing
+        .row_src()
+        .iter()
+        .map(|&s| {
+            let (tok, slot) = (s as usize / k, s as usize % k);
+            (tok * n) as u32 + routing.blocks()[tok * k + slot]
+        })
+        .collect();
+    let idx = Tensor::from_vec(idx, routing.n_rows(), gates.device())?;
+    Tensor::zeros(t * n, gates.dtype(), gates.device())?
+        .index_add(&idx, gates, 0)?
+        .reshape((t, n))
+}
+
+/// Gates `[R]` (routed-row order) from router scores `[T, n_blocks]` under `routing`.
+/// Differentiable in the scores (except [`GateMode::Ones`], which is constant).
+pub fn router_gates(logits: &Tensor, routing: &Routing, gate: GateMode) -> Result<Tensor> {
+    let dev = logits.device();
+    let (t, k, n) = (routing.n_tokens(), routing.k(), routing.n_blocks());
+    if logits.dims() != [t, n] {
+        bail!(
+            "routed_ffn: router scores are {:?}, expected [T, n_blocks] = [{t}, {n}]",
+            logits.dims()
+        );
+    }
+    let kept = || -> Result<Tensor> {
+        logits
+            .flatten_all()?
+            .index_select(&routing.kept_score_index(dev)?, 0)?
+            .reshape((t, k))
+    };
+    let per_slot = match gate {
+        GateMode::Ones => return Tensor::ones(routing.n_rows(), logits.dtype(), dev),
+        GateMode::SoftmaxKept => (softmax_last_dim(&kept()?)? * k as f64)?,
+        GateMode::Sigmoid => (candle_nn::ops::sigmoid(&kept()?)? * 2.0)?,
+    };
+    per_slot
+        .flatten_all()?
+        .index_select(&routing.row_src_tensor(dev)?, 0)
+}
+
+/// The routed FFN as a function (no LoRA): `y[t] = Σ_{kept e} gate · act(x W1_eᵀ + b1_e) W2_eᵀ
+/// + b2` for `x [T, d]`, `W1 [d_ff, d]`, `b1 [d_ff]`, `W2 [d, d_ff]`, `b2 [d]`, `gates [R]`.
+#[allow(clippy::too_many_arguments)]
+pub fn routed_ffn(
+    x: &Tensor,
+    w1: &Tensor,
+    b1: &Tensor,
+    w2: &Tensor,
+    b2: &Tensor,
+    gates: &Tensor,
+    routing: &Arc<Routing>,
+    act: Activation,
+) -> Result<Tensor> {
+    let h = act.forward(&gather_matmul(x, w1, Some(b1), routing)?)?; // [R, b]
+    scatter_matmul(&h, gates, w2, routing)?.broadcast_add(b2) // [T, d]
+}
+
+#[derive(Debug)]
+struct FfnLora {
+    a1: Var, // [r, d]
+    b1: Var, // [d_ff, r]
+    a2: Var, // [r, d_ff]
+    b2: Var, // [d, r]
+    cfg: LoraConfig,
+    seeds: DropoutSeeds,
+}
+
+/// The routed FFN layer. The FFN weights are whatever tensors the caller passes: plain tensors
+/// are frozen (no gradient work at all), `Var` tensors are trained. The router (and LoRA factors,
+/// if configured) are this layer's own `Var`s; see [`trainable_vars`](Self::trainable_vars).
+#[derive(Debug)]
+pub struct RoutedFfn {
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    router_w: Var, // [n_blocks, d]
+    router_b: Var, // [n_blocks]
+    cfg: RoutedFfnConfig,
+    k: usize,
+    block: usize,
+    lora: Option<FfnLora>,
+    merged: bool,
+}
+
+impl RoutedFfn {
+    /// Builds the layer from the pretrained `W1 [d_ff, d]`, `b1 [d_ff]`, `W2 [d, d_ff]`,
+    /// `b2 [d]` (HF Linear layout). The router starts as PyTorch's `nn.Linear` default
+    /// (`U(−1/√d, 1/√d)`, seeded); call [`init_router`](Self::init_router) to fit it instead.
+    pub fn new(w1: &Tensor, b1: &Tensor, w2: &Tensor, b2: &Tensor, cfg: RoutedFfnConfig) -> Result<Self> {
+        let op = "routed_ffn";
+        check_float(op, "W1", w1.dtype())?;
+        check_same(op, &[("W1", w1), ("b1", b1), ("W2", w2), ("b2", b2)])?;
+        let (d_ff, d) = match w1.dims() {
+            &[f, d] if f > 0 && d > 0 => (f, d),
+            dims => bail!("{op}: W1 is {dims:?}, expected [d_ff, d] with d_ff, d ≥ 1"),
+        };
+        if b1.dims() != [d_ff] {
+            bail!("{op}: b1 is {:?}, expected [d_ff] = [{d_ff}]", b1.dims());
+        }
+        if w2.dims() != [d, d_ff] {
+            bail!("{op}: W2 is {:?}, expected [d, d_ff] = [{d}, {d_ff}]", w2.dims());
+        }
+        if b2.dims() != [d] {
+            bail!("{op}: b2 is {:?}, expected [d] = [{d}]", b2.dims());
+        }
+        let n = cfg.n_blocks;
+        if n == 0 || d_ff % n != 0 {
+            bail!("{op}: d_ff = {d_ff} is not divisible by n_blocks = {n}");
+        }
+        let k = cfg.top_k.resolve(n)?;
+        let (dt, dev) = (w1.dtype(), w1.device());
+        let bound = 1.0 / (d as f64).sqrt();
+        let router_w = Var::from_tensor(&uniform(&[n, d], bound, cfg.seed, dt, dev)?)?;
+        let router_b = Var::from_tensor(&uniform(&[n], bound, cfg.seed ^ 0xB1A5, dt, dev)?)?;
+        let lora = match cfg.lora {
+            None => None,
+            Some(lc) => {
+                if lc.rank == 0 || !(0.0..1.0).contains(&lc.dropout) || !lc.alpha.is_finite() {
+                    bail!("{op}: bad LoRA config {lc:?}: rank ≥ 1, finite alpha and dropout in [0, 1)");
+                }
+                let r = lc.rank;
+                Some(FfnLora {
+                    a1: Var::from_tensor(&uniform(&[r, d], 1.0 / (d as f64).sqrt(), lc.seed, dt, dev)?)?,
+                    b1: Var::zeros((d_ff, r), dt, dev)?,
+                    a2: Var::from_tensor(&uniform(
+                        &[r, d_ff],
+                        1.0 / (d_ff as f64).sqrt(),
+                        lc.seed ^ 0xA2,
+                        dt,
+                        dev,
+                    )?)?,
+                    b2: Var::zeros((d, r), dt, dev)?,
+                    cfg: lc,
+                    seeds: DropoutSeeds::new(lc.seed ^ 0xD0),
+                })
+            }
+        };
+        Ok(Self {
+            w1: w1.clone(),
+            b1: b1.clone(),
+            w2: w2.clone(),
+            b2: b2.clone(),
+            router_w,
+            router_b,
+            cfg,
+            k,
+            block: d_ff / n,
+            lora,
+            merged: false,
+        })
+    }
+
+    /// Model width d.
+    pub fn d_model(&self) -> usize {
+        self.w1.dims()[1]
+    }
+
+    /// FFN width d_ff.
+    pub fn d_ff(&self) -> usize {
+        self.w1.dims()[0]
+    }
+
+    /// Hidden units per block.
+    pub fn block_size(&self) -> usize {
+        self.block
+    }
+
+    /// Blocks kept per token.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RoutedFfnConfig {
+        &self.cfg
+    }
+
+    /// The router's `(weight [n_blocks, d], bias [n_blocks])`.
+    pub fn router(&self) -> (&Var, &Var) {
+        (&self.router_w, &self.router_b)
+    }
+
+    /// The tensors to hand to the optimiser: the router, and LoRA's A1, B1, A2, B2 if
+    /// configured. (FFN weights passed in as `Var`s are the caller's to train.)
+    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        let mut v = vec![
+            ("router.weight".to_string(), self.router_w.clone()),
+            ("router.bias".to_string(), self.router_b.clone()),
+        ];
+        if let Some(l) = &self.lora {
+            v.push(("fc1.lora_a".into(), l.a1.clone()));
+            v.push(("fc1.lora_b".into(), l.b1.clone()));
+            v.push(("fc2.lora_a".into(), l.a2.clone()));
+            v.push(("fc2.lora_b".into(), l.b2.clone()));
+        }
+        v
+    }
+
+    fn check_input(&self, x: &Tensor) -> Result<(Vec<usize>, usize)> {
+        let d = self.d_model();
+        check_same("routed_ffn", &[("W1", &self.w1), ("x", x)])?;
+        let dims = x.dims().to_vec();
+        if dims.last() != Some(&d) {
+            bail!("routed_ffn: x is {dims:?}, expected [.., d] = [.., {d}]");
+        }
+        let t = dims[..dims.len() - 1].iter().product();
+        Ok((dims, t))
+    }
+
+    /// Router scores `[T, n_blocks]` for `x [T, d]`; recorded only if something learns from them.
+    pub fn router_logits(&self, x2: &Tensor) -> Result<Tensor> {
+        let needs_grad = self.cfg.gate != GateMode::Ones || self.cfg.aux_loss;
+        let x2 = if needs_grad { x2.clone() } else { x2.detach() };
+        x2.matmul(&self.router_w.as_tensor().t()?)?
+            .broadcast_add(self.router_b.as_tensor())
+    }
+
+    /// Top-k routing of `x [.., d]` by the current router.
+    pub fn route(&self, x: &Tensor) -> Result<Arc<Routing>> {
+        let (_, t) = self.check_input(x)?;
+        let x2 = x.reshape((t, self.d_model()))?.detach();
+        let logits = self.router_logits(&x2)?.detach();
+        self.routing_from_logits(&logits, t)
+    }
+
+    fn routing_from_logits(&self, logits: &Tensor, t: usize) -> Result<Arc<Routing>> {
+        let scores: Vec<f64> = logits.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+        Ok(Arc::new(Routing::top_k(&scores, t, self.cfg.n_blocks, self.k)?))
+    }
+
+    /// `x [.., d] → y [.., d]` through the top-k blocks; dropout (LoRA inputs) only when `train`.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<RoutedFfnOutput> {
+        let (dims, t) = self.check_input(x)?;
+        let x2 = x.reshape((t, self.d_model()))?;
+        let logits = self.router_logits(&x2)?;
+        let routing = self.routing_from_logits(&logits, t)?;
+        self.forward_routed(x, &x2, &dims, &logits, routing, self.cfg.gate, train)
+    }
+
+    /// Forward with a given routing (e.g. every block) and gate mode; the router supplies the
+    /// scores the gates are computed from.
+    pub fn forward_with_routing(
+        &self,
+        x: &Tensor,
+        routing: Arc<Routing>,
+        gate: GateMode,
+        train: bool,
+    ) -> Result<RoutedFfnOutput> {
+        let (dims, t) = self.check_input(x)?;
+        if routing.n_tokens() != t || routing.n_blocks() != self.cfg.n_blocks {
+            bail!(
+                "routed_ffn: routing is for {} tokens × {} blocks, expected {t} × {}",
+                routing.n_tokens(),
+                routing.n_blocks(),
+                self.cfg.n_blocks
+            );
+        }
+        let x2 = x.reshape((t, self.d_model()))?;
+        let logits = self.router_logits(&x2)?;
+        self.forward_routed(x, &x2, &dims, &logits, routing, gate, train)
+    }
+
+    /// The dense FFN through the same kernels: every block, gate ≡ 1 (LoRA included).
+    pub fn forward_dense(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (_, t) = self.check_input(x)?;
+        let n = self.cfg.n_blocks;
+        let blocks = (0..t).flat_map(|_| 0..n as u32).collect();
+        let routing = Arc::new(Routing::from_blocks(t, n, n, blocks)?);
+        Ok(self.forward_with_routing(x, routing, GateMode::Ones, train)?.y)
+    }
+
+    /// Switch-style balance loss `n · Σ_e f_e · P_e`: f_e the fraction of routed rows in block e
+    /// (constant), P_e the mean router softmax probability of e. 1 when perfectly balanced.
+    fn aux_loss(&self, logits: &Tensor, routing: &Routing) -> Result<Tensor> {
+        let n = routing.n_blocks();
+        let rows = routing.n_rows().max(1) as f64;
+        let f: Vec<f64> = routing.block_counts().iter().map(|&c| c as f64 / rows).collect();
+        let f = Tensor::from_vec(f, n, logits.device())?.to_dtype(logits.dtype())?;
+        let p = softmax_last_dim(logits)?.mean(0)?;
+        p.mul(&f)?.sum_all()? * n as f64
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_routed(
+        &self,
+        x: &Tensor,
+        x2: &Tensor,
+        dims: &[usize],
+        logits: &Tensor,
+        routing: Arc<Routing>,
+        gate: GateMode,
+        train: bool,
+    ) -> Result<RoutedFfnOutput> {
+        let (dt, dev) = (x.dtype(), x.device());
+        if routing.n_tokens() == 0 {
+            return Ok(RoutedFfnOutput {
+                y: Tensor::zeros(dims, dt, dev)?,
+                aux_loss: None,
+                routing,
+                gates: Tensor::zeros(0, dt, dev)?,
+            });
+        }
+        let gates = router_gates(logits, &routing, gate)?;
+        let lora = self.lora.as_ref().filter(|_| !self.merged);
+        // fc1: [R, b] pre-activations, + LoRA B1 on the routed rows.
+        let mut hpre = gather_matmul(x2, &self.w1, Some(&self.b1), &routing)?;
+        if let Some(l) = lora {
+            let xin = if train {
+                dropout(x2, l.cfg.dropout, l.seeds.next())?
+            } else {
+                x2.clone()
+            };
+            let u = (xin.matmul(&l.a1.as_tensor().t()?)? * l.cfg.scale())?; // [T, r]
+            hpre = hpre.add(&gather_matmul(&u, l.b1.as_tensor(), None, &routing)?)?;
+        }
+        let h = self.cfg.activation.forward(&hpre)?; // [R, b]
+                                                     // fc2: gate · h · W2_eᵀ scattered into the tokens, + LoRA A2 routed, B2 once per token.
+        let mut y = scatter_matmul(&h, &gates, &self.w2, &routing)?; // [T, d]
+        if let Some(l) = lora {
+            let hin = if train {
+                dropout(&h, l.cfg.dropout, l.seeds.next())?
+            } else {
+                h.clone()
+            };
+            let v = scatter_matmul(&hin, &gates, l.a2.as_tensor(), &routing)?; // [T, r]
+            y = y.add(&(v.matmul(&l.b2.as_tensor().t()?)? * l.cfg.scale())?)?;
+        }
+        let y = y.broadcast_add(&self.b2)?.reshape(dims)?;
+        let aux_loss = if self.cfg.aux_loss {
+            Some(self.aux_loss(logits, &routing)?)
+        } else {
+            None
+        };
+        Ok(RoutedFfnOutput {
+            y,
+            aux_loss,
+            routing,
+            gates,
+        })
+    }
+
+    /// The effective `(W1, W2)`: the base weights plus the LoRA updates (if any, and unmerged).
+    pub fn merged_weights(&self) -> Result<(Tensor, Tensor)> {
+        match self.lora.as_ref().filter(|_| !self.merged) {
+            None => Ok((self.w1.clone(), self.w2.clone())),
+            Some(l) => {
+                let s = l.cfg.scale();
+                let d1 = (l.b1.as_tensor().detach().matmul(&l.a1.as_tensor().detach())? * s)?;
+                let d2 = (l.b2.as_tensor().detach().matmul(&l.a2.as_tensor().detach())? * s)?;
+                Ok(((&self.w1 + d1)?, (&self.w2 + d2)?))
+            }
+        }
+    }
+
+    /// Folds the LoRA updates into W1 and W2 (frozen base weights only). While merged the LoRA
+    /// factors get no gradient.
+    pub fn merge(&mut self) -> std::result::Result<(), LoraError> {
+        if self.lora.is_none() {
+            return Err(LoraError::Candle(candle_core::Error::Msg(
+                "routed_ffn: merge needs a LoRA configuration".into(),
+            )));
+        }
+        if self.merged {
+            return Err(LoraError::AlreadyMerged);
+        }
+        let (w1, w2) = self.merged_weights()?;
+        (self.w1, self.w2) = (w1.detach(), w2.detach());
+        self.merged = true;
+        Ok(())
+    }
+
+    /// Undoes [`merge`](Self::merge) (exact up to rounding).
+    pub fn unmerge(&mut self) -> std::result::Result<(), LoraError> {
+        let Some(l) = self.lora.as_ref() else {
+            return Err(LoraError::NotMerged);
+        };
+        if !self.merged {
+            return Err(LoraError::NotMerged);
+        }
+        let s = l.cfg.scale();
+        let d1 = (l.b1.as_tensor().detach().matmul(&l.a1.as_tensor().detach())? * s)?;
+        let d2 = (l.b2.as_tensor().detach().matmul(&l.a2.as_tensor().detach())? * s)?;
+        (self.w1, self.w2) = ((&self.w1 - d1)?.detach(), (&self.w2 - d2)?.detach());
+        self.merged = false;
+        Ok(())
+    }
+
+    /// LoRA factors `(A1 [r, d], B1 [d_ff, r], A2 [r, d_ff], B2 [d, r])`, if configured.
+    pub fn lora_factors(&self) -> Option<(&Var, &Var, &Var, &Var)> {
+        self.lora.as_ref().map(|l| (&l.a1, &l.b1, &l.a2, &l.b2))
+    }
+
+    /// The FFN weights `(W1, b1, W2, b2)` currently used (merged ones while merged).
+    pub fn weights(&self) -> (&Tensor, &Tensor, &Tensor, &Tensor) {
+        (&self.w1, &self.b1, &self.w2, &self.b2)
+    }
+}

@@ -1,0 +1,323 @@
+//! LoRA: zero-B equals the base layer, merge equals unmerged (α ≠ r), gradients reach only A and B,
+//! dropout, the frozen-aware linear, and LoRA on the routed FFN.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use spt_ops::gradcheck::{check_gradients, randn_f64, GradCheck};
+use spt_ops::lora::{dropout, linear};
+use spt_ops::routed_ffn::reference;
+use spt_ops::{Activation, GateMode, LoraConfig, LoraError, LoraLinear, RoutedFfn, RoutedFfnConfig, TopK};
+
+fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+    assert_eq!(a.dims(), b.dims());
+    a.to_dtype(DType::F64)?
+        .sub(&b.to_dtype(DType::F64)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f64>()
+}
+
+fn f32(t: Tensor) -> Result<Tensor> {
+    t.to_dtype(DType::F32)
+}
+
+fn norm(t: &Tensor) -> Result<f64> {
+    t.to_dtype(DType::F64)?
+        .sqr()?
+        .sum_all()?
+        .to_scalar::<f64>()
+        .map(f64::sqrt)
+}
+
+#[test]
+fn zero_b_equals_base_layer() -> Result<()> {
+    let w = f32(randn_f64(&[12, 10], 1)?)?;
+    let b = f32(randn_f64(&[12], 2)?)?;
+    let x = f32(randn_f64(&[2, 7, 10], 3)?)?;
+    let layer = LoraLinear::new(
+        &w,
+        Some(&b),
+        LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            seed: 1,
+        },
+    )?;
+    let base = x.broadcast_matmul(&w.t()?)?.broadcast_add(&b)?;
+    let y = layer.forward_t(&x, true)?;
+    assert_eq!(y.dims(), &[2, 7, 12]);
+    assert!(max_diff(&y, &base)? < 1e-5);
+    // A is Kaiming-uniform U(−1/√in, 1/√in) and not degenerate; B starts at zero.
+    let a: Vec<f32> = layer.lora_a().as_tensor().flatten_all()?.to_vec1()?;
+    let bound = 1.0 / (10f32).sqrt();
+    assert!(a.iter().all(|v| v.abs() <= bound) && norm(layer.lora_a().as_tensor())? > 0.1);
+    assert_eq!(norm(layer.lora_b().as_tensor())?, 0.0);
+    Ok(())
+}
+
+#[test]
+fn merge_equals_unmerged_with_alpha_not_rank() -> Result<()> {
+    let w = f32(randn_f64(&[9, 6], 4)?)?;
+    let b = f32(randn_f64(&[9], 5)?)?;
+    let x = f32(randn_f64(&[11, 6], 6)?)?;
+    let mut layer = LoraLinear::new(
+        &w,
+        Some(&b),
+        LoraConfig {
+            rank: 3,
+            alpha: 7.0,
+            dropout: 0.0,
+            seed: 2,
+        },
+    )?;
+    layer.lora_b().set(&f32(randn_f64(&[9, 3], 7)?)?)?;
+    let unmerged = layer.forward_t(&x, false)?;
+    // By hand: x Wᵀ + b + (α/r)·(x Aᵀ) Bᵀ.
+    let a = layer.lora_a().as_tensor();
+    let bm = layer.lora_b().as_tensor();
+    let want =
+        (x.matmul(&w.t()?)?.broadcast_add(&b)? + (x.matmul(&a.t()?)?.matmul(&bm.t()?)? * (7.0 / 3.0))?)?;
+    assert!(max_diff(&unmerged, &want)? < 1e-5);
+    assert!(
+        max_diff(&unmerged, &x.matmul(&w.t()?)?.broadcast_add(&b)?)? > 1e-2,
+        "update must matter"
+    );
+    layer.merge().map_err(candle_core::Error::wrap)?;
+    assert!(layer.is_merged());
+    assert!(max_diff(&layer.forward_t(&x, false)?, &unmerged)? < 1e-5);
+    assert!(matches!(layer.merge(), Err(LoraError::AlreadyMerged)));
+    layer.unmerge().map_err(candle_core::Error::wrap)?;
+    assert!(max_diff(layer.weight(), &w)? < 1e-6);
+    assert!(max_diff(&layer.forward_t(&x, false)?, &unmerged)? < 1e-5);
+    assert!(matches!(layer.unmerge(), Err(LoraError::NotMerged)));
+    Ok(())
+}
+
+#[test]
+fn gradients_reach_only_a_and_b() -> Result<()> {
+    // W and b are passed as Vars: LoraLinear must still freeze them.
+    let w = Var::from_tensor(&f32(randn_f64(&[8, 5], 8)?)?)?;
+    let b = Var::from_tensor(&f32(randn_f64(&[8], 9)?)?)?;
+    let x = Var::from_tensor(&f32(randn_f64(&[6, 5], 10)?)?)?;
+    let layer = LoraLinear::new(
+        w.as_tensor(),
+        Some(b.as_tensor()),
+        LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            ..Default::default()
+        },
+    )?;
+    let names: Vec<String> = layer.trainable_vars().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["lora_a", "lora_b"]);
+    let up = f32(randn_f64(&[6, 8], 11)?)?;
+    let g = layer
+        .forward_t(x.as_tensor(), true)?
+        .mul(&up)?
+        .sum_all()?
+        .backward()?;
+    assert!(
+        g.get(w.as_tensor()).is_none() && g.get(b.as_tensor()).is_none(),
+        "W and b are frozen"
+    );
+    assert!(g.get(x.as_tensor()).is_some());
+    // With B = 0, A's gradient is exactly zero and B's is not.
+    let ga = g.get(layer.lora_a().as_tensor()).expect("grad A");
+    let gb = g.get(layer.lora_b().as_tensor()).expect("grad B");
+    assert_eq!(norm(ga)?, 0.0);
+    assert!(norm(gb)?.is_finite() && norm(gb)? > 0.0);
+    // One SGD step makes B non-zero; then both gradients are finite and non-zero.
+    layer.lora_b().set(&(layer.lora_b().as_tensor() - (gb * 0.1)?)?)?;
+    let g = layer
+        .forward_t(x.as_tensor(), true)?
+        .mul(&up)?
+        .sum_all()?
+        .backward()?;
+    for (name, v) in layer.trainable_vars() {
+        let n = norm(g.get(v.as_tensor()).expect("grad"))?;
+        assert!(n.is_finite() && n > 0.0, "{name}: |grad| = {n}");
+    }
+    Ok(())
+}
+
+#[test]
+fn dropout_is_train_only_seeded_and_scaled() -> Result<()> {
+    let x = Tensor::ones((200, 50), DType::F32, &Device::Cpu)?;
+    let y = dropout(&x, 0.25, 3)?;
+    let v: Vec<f32> = y.flatten_all()?.to_vec1()?;
+    let zeros = v.iter().filter(|&&e| e == 0.0).count() as f64 / v.len() as f64;
+    assert!((zeros - 0.25).abs() < 0.02, "dropped fraction {zeros}");
+    assert!(v.iter().all(|&e| e == 0.0 || (e - 1.0 / 0.75).abs() < 1e-6));
+    assert!(
+        max_diff(&y, &dropout(&x, 0.25, 3)?)? == 0.0,
+        "same seed, same mask"
+    );
+    assert!(dropout(&x, 1.0, 0).is_err());
+    // In the layer: train mode drops (outputs differ from eval), eval mode is deterministic.
+    let w = f32(randn_f64(&[4, 50], 12)?)?;
+    let layer = LoraLinear::new(
+        &w,
+        None,
+        LoraConfig {
+            rank: 2,
+            alpha: 2.0,
+            dropout: 0.5,
+            seed: 4,
+        },
+    )?;
+    layer.lora_b().set(&f32(randn_f64(&[4, 2], 13)?)?)?;
+    let xs = f32(randn_f64(&[3, 50], 14)?)?;
+    let eval = layer.forward_t(&xs, false)?;
+    assert_eq!(max_diff(&eval, &layer.forward_t(&xs, false)?)?, 0.0);
+    assert!(max_diff(&eval, &xs.apply_t(&layer, true)?)? > 1e-4);
+    Ok(())
+}
+
+#[test]
+fn frozen_aware_linear_matches_matmul_and_gradients_f64() -> Result<()> {
+    let x = randn_f64(&[2, 5, 7], 15)?;
+    let w = randn_f64(&[4, 7], 16)?;
+    let b = randn_f64(&[4], 17)?;
+    let y = linear(&x, &w, Some(&b))?;
+    assert!(max_diff(&y, &x.broadcast_matmul(&w.t()?)?.broadcast_add(&b)?)? < 1e-12);
+    check_gradients(
+        |t| linear(&t[0], &t[1], Some(&t[2])),
+        &[x, w, b],
+        &[0, 1, 2],
+        GradCheck::default(),
+    )?;
+    Ok(())
+}
+
+#[test]
+fn bad_lora_configs_are_named_errors() -> Result<()> {
+    let w = Tensor::zeros((4, 3), DType::F32, &Device::Cpu)?;
+    let e = LoraLinear::new(
+        &w,
+        None,
+        LoraConfig {
+            rank: 0,
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("lora_linear") && e.contains("rank"), "{e}");
+    let e = LoraLinear::new(
+        &w,
+        None,
+        LoraConfig {
+            dropout: 1.0,
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("dropout"), "{e}");
+    let bias = Tensor::zeros(3, DType::F32, &Device::Cpu)?;
+    let e = LoraLinear::new(&w, Some(&bias), LoraConfig::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bias is [3], expected [4]"), "{e}");
+    let e = linear(&Tensor::zeros((2, 5), DType::F32, &Device::Cpu)?, &w, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("linear: x is [2, 5]"), "{e}");
+    Ok(())
+}
+
+/// Routed FFN weights and a LoRA config with α ≠ r.
+fn routed_lora(gate: GateMode, k: usize) -> Result<(RoutedFfn, [Tensor; 4])> {
+    let (d, d_ff) = (10, 24);
+    let w = [
+        f32((randn_f64(&[d_ff, d], 20)? * 0.3)?)?,
+        f32((randn_f64(&[d_ff], 21)? * 0.1)?)?,
+        f32((randn_f64(&[d, d_ff], 22)? * 0.2)?)?,
+        f32((randn_f64(&[d], 23)? * 0.1)?)?,
+    ];
+    let mut cfg = RoutedFfnConfig::new(4, TopK::Count(k), Activation::GeluErf);
+    cfg.gate = gate;
+    cfg.lora = Some(LoraConfig {
+        rank: 3,
+        alpha: 5.0,
+        dropout: 0.0,
+        seed: 9,
+    });
+    let layer = RoutedFfn::new(&w[0], &w[1], &w[2], &w[3], cfg)?;
+    Ok((layer, w))
+}
+
+#[test]
+fn routed_lora_zero_b_equals_base_and_dense_lora_when_all_blocks() -> Result<()> {
+    let (layer, w) = routed_lora(GateMode::Ones, 4)?;
+    let x = f32(randn_f64(&[13, 10], 24)?)?;
+    // B1 = B2 = 0: the plain FFN.
+    let dense = reference::dense_ffn(&x, &w[0], &w[1], &w[2], &w[3], Activation::GeluErf)?;
+    assert!(max_diff(&layer.forward_t(&x, true)?.y, &dense)? < 1e-5);
+    // Non-zero B: all blocks + gate ≡ 1 equals a dense FFN of two LoraLinear layers.
+    let (a1, b1, a2, b2) = layer.lora_factors().expect("lora");
+    b1.set(&f32(randn_f64(&[24, 3], 25)?)?)?;
+    b2.set(&f32(randn_f64(&[10, 3], 26)?)?)?;
+    let cfg = LoraConfig {
+        rank: 3,
+        alpha: 5.0,
+        dropout: 0.0,
+        seed: 0,
+    };
+    let fc1 = LoraLinear::new(&w[0], Some(&w[1]), cfg)?;
+    let fc2 = LoraLinear::new(&w[2], Some(&w[3]), cfg)?;
+    for (dst, src) in [
+        (fc1.lora_a(), a1),
+        (fc1.lora_b(), b1),
+        (fc2.lora_a(), a2),
+        (fc2.lora_b(), b2),
+    ] {
+        dst.set(src.as_tensor())?;
+    }
+    let want = fc2.forward_t(&Activation::GeluErf.forward(&fc1.forward_t(&x, false)?)?, false)?;
+    let got = layer.forward_t(&x, false)?.y;
+    assert!(max_diff(&got, &want)? < 1e-5);
+    assert!(max_diff(&got, &dense)? > 1e-2, "the update must matter");
+    Ok(())
+}
+
+#[test]
+fn routed_lora_merge_equals_unmerged_and_grads_reach_only_trainables() -> Result<()> {
+    let (mut layer, w) = routed_lora(GateMode::SoftmaxKept, 2)?;
+    let x = f32(randn_f64(&[3, 9, 10], 27)?)?;
+    let (_, b1, _, b2) = layer.lora_factors().expect("lora");
+    b1.set(&f32(randn_f64(&[24, 3], 28)?)?)?;
+    b2.set(&f32(randn_f64(&[10, 3], 29)?)?)?;
+    let out = layer.forward_t(&x, true)?;
+    let up = f32(randn_f64(&[3, 9, 10], 30)?)?;
+    let g = out.y.mul(&up)?.sum_all()?.backward()?;
+    for t in &w {
+        assert!(g.get(t).is_none(), "frozen FFN weight got a gradient");
+    }
+    let names: Vec<String> = layer.trainable_vars().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        names,
+        [
+            "router.weight",
+            "router.bias",
+            "fc1.lora_a",
+            "fc1.lora_b",
+            "fc2.lora_a",
+            "fc2.lora_b"
+        ]
+    );
+    for (name, v) in layer.trainable_vars() {
+        let n = norm(g.get(v.as_tensor()).expect("grad"))?;
+        assert!(n.is_finite() && n > 0.0, "{name}: |grad| = {n}");
+    }
+    let unmerged = layer.forward_t(&x, false)?.y;
+    layer.merge().map_err(candle_core::Error::wrap)?;
+    assert!(matches!(layer.merge(), Err(LoraError::AlreadyMerged)));
+    assert!(max_diff(&layer.forward_t(&x, false)?.y, &unmerged)? < 1e-5);
+    layer.unmerge().map_err(candle_core::Error::wrap)?;
+    assert!(matches!(layer.unmerge(), Err(LoraError::NotMerged)));
+    assert!(max_diff(layer.weights().0, &w[0])? < 1e-5);
+    assert!(max_diff(&layer.forward_t(&x, false)?.y, &unmerged)? < 1e-5);
+    Ok(())
+}

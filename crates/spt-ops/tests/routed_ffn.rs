@@ -1,0 +1,557 @@
+//! Routed FFN: equality with the dense FFN (all blocks, gate ≡ 1) and with a masked dense FFN
+//! (top-k), f64 finite-difference gradients, property tests over shapes and routings, router
+//! initialisation, and named errors.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use proptest::prelude::*;
+use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
+use spt_ops::gradcheck::{check_gradients, randn_f64, GradCheck};
+use spt_ops::routed_ffn::{
+    gate_matrix, gather_matmul, reference, routed_ffn, router_gates, scatter_matmul, RouterFitConfig,
+};
+use spt_ops::{Activation, GateMode, RoutedFfn, RoutedFfnConfig, Routing, TopK};
+use std::sync::Arc;
+
+/// `max |a − b|` and `max |b|`.
+fn diff(a: &Tensor, b: &Tensor) -> Result<(f64, f64)> {
+    let a = a.to_dtype(DType::F64)?.flatten_all()?;
+    let b = b.to_dtype(DType::F64)?.flatten_all()?;
+    if b.elem_count() == 0 {
+        return Ok((0.0, 0.0));
+    }
+    let d = a.sub(&b)?.abs()?.max(0)?.to_scalar::<f64>()?;
+    let m = b.abs()?.max(0)?.to_scalar::<f64>()?;
+    Ok((d, m))
+}
+
+/// Asserts `max |a − b| ≤ tol · max(1, max |b|)`.
+fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f64) -> Result<()> {
+    assert_eq!(a.dims(), b.dims(), "{what}: shapes differ");
+    let (d, m) = diff(a, b)?;
+    assert!(
+        d <= tol * m.max(1.0),
+        "{what}: max |Δ| = {d:e} (max |ref| = {m:e}, tol {tol:e})"
+    );
+    Ok(())
+}
+
+/// FFN weights with 1/√fan_in scale: `(W1 [d_ff, d], b1, W2 [d, d_ff], b2)`.
+fn weights(d: usize, d_ff: usize, seed: u64, dt: DType) -> Result<[Tensor; 4]> {
+    let s1 = 1.0 / (d as f64).sqrt();
+    let s2 = 1.0 / (d_ff as f64).sqrt();
+    Ok([
+        (randn_f64(&[d_ff, d], seed)? * s1)?.to_dtype(dt)?,
+        (randn_f64(&[d_ff], seed + 1)? * 0.1)?.to_dtype(dt)?,
+        (randn_f64(&[d, d_ff], seed + 2)? * s2)?.to_dtype(dt)?,
+        (randn_f64(&[d], seed + 3)? * 0.1)?.to_dtype(dt)?,
+    ])
+}
+
+fn vars(ts: &[Tensor]) -> Result<Vec<Var>> {
+    ts.iter().map(Var::from_tensor).collect()
+}
+
+#[test]
+fn all_blocks_gate_ones_equals_dense_ffn_f32() -> Result<()> {
+    // 300 tokens: two token chunks of the kernels. Every activation.
+    for (act, seed) in [
+        (Activation::GeluErf, 1u64),
+        (Activation::GeluTanh, 2),
+        (Activation::Relu, 3),
+    ] {
+        let (t, d, d_ff, n) = (300, 24, 64, 4);
+        let p = vars(&weights(d, d_ff, seed, DType::F32)?)?;
+        let x = Var::from_tensor(&randn_f64(&[t, d], seed + 9)?.to_dtype(DType::F32)?)?;
+        let mut cfg = RoutedFfnConfig::new(n, TopK::Count(n), act);
+        cfg.gate = GateMode::Ones;
+        let layer = RoutedFfn::new(
+            p[0].as_tensor(),
+            p[1].as_tensor(),
+            p[2].as_tensor(),
+            p[3].as_tensor(),
+            cfg,
+        )?;
+        let ours = layer.forward_t(x.as_tensor(), true)?.y;
+        let dense = reference::dense_ffn(
+            x.as_tensor(),
+            p[0].as_tensor(),
+            p[1].as_tensor(),
+            p[2].as_tensor(),
+            p[3].as_tensor(),
+            act,
+        )?;
+        assert_close("forward", &ours, &dense, 1e-5)?;
+        assert_close(
+            "forward_dense",
+            &layer.forward_dense(x.as_tensor(), false)?,
+            &dense,
+            1e-5,
+        )?;
+        let up = randn_f64(&[t, d], seed + 20)?.to_dtype(DType::F32)?;
+        let g_ours = ours.mul(&up)?.sum_all()?.backward()?;
+        let g_ref = dense.mul(&up)?.sum_all()?.backward()?;
+        for (name, v) in ["x", "W1", "b1", "W2", "b2"]
+            .iter()
+            .zip(std::iter::once(&x).chain(p.iter()))
+        {
+            let a = g_ours.get(v.as_tensor()).expect("our gradient");
+            let b = g_ref.get(v.as_tensor()).expect("reference gradient");
+            assert_close(&format!("{act:?} grad {name}"), a, b, 1e-5)?;
+        }
+        // Gate ≡ 1: the router learns nothing and must get no gradient.
+        assert!(g_ours.get(layer.router().0.as_tensor()).is_none());
+    }
+    Ok(())
+}
+
+#[test]
+fn top_k_equals_masked_dense_ffn() -> Result<()> {
+    for (gate, seed) in [
+        (GateMode::SoftmaxKept, 11u64),
+        (GateMode::Sigmoid, 12),
+        (GateMode::Ones, 13),
+    ] {
+        let (t, d, d_ff, n) = (270, 16, 48, 6);
+        let p = vars(&weights(d, d_ff, seed, DType::F32)?)?;
+        let x = Var::from_tensor(&randn_f64(&[3, 90, d], seed + 9)?.to_dtype(DType::F32)?)?;
+        let mut cfg = RoutedFfnConfig::new(n, TopK::Fraction(0.5), Activation::GeluErf);
+        cfg.gate = gate;
+        let layer = RoutedFfn::new(
+            p[0].as_tensor(),
+            p[1].as_tensor(),
+            p[2].as_tensor(),
+            p[3].as_tensor(),
+            cfg,
+        )?;
+        assert_eq!(layer.k(), 3);
+        let out = layer.forward_t(x.as_tensor(), true)?;
+        assert_eq!(out.y.dims(), &[3, 90, d]);
+        // Every token keeps exactly k distinct blocks; the mask is those blocks' gates.
+        let gm = out.gate_matrix()?;
+        let nonzero: Vec<f32> = gm.ne(0f32)?.to_dtype(DType::F32)?.sum(1)?.to_vec1()?;
+        assert!(
+            nonzero.iter().all(|&c| c == 3.0),
+            "{gate:?}: kept blocks per token {nonzero:?}"
+        );
+        let mask = reference::block_mask(&gm, d_ff / n)?;
+        let x2 = x.as_tensor().reshape((t, d))?;
+        let want = reference::masked_ffn(
+            &x2,
+            p[0].as_tensor(),
+            p[1].as_tensor(),
+            p[2].as_tensor(),
+            p[3].as_tensor(),
+            Activation::GeluErf,
+            &mask,
+        )?;
+        let y = out.y.reshape((t, d))?;
+        assert_close(&format!("{gate:?} forward"), &y, &want, 1e-5)?;
+        let up = randn_f64(&[t, d], seed + 30)?.to_dtype(DType::F32)?;
+        let g_ours = y.mul(&up)?.sum_all()?.backward()?;
+        let g_ref = want.mul(&up)?.sum_all()?.backward()?;
+        let (rw, rb) = layer.router();
+        let named = [
+            ("x", &x),
+            ("W1", &p[0]),
+            ("b1", &p[1]),
+            ("W2", &p[2]),
+            ("b2", &p[3]),
+            ("router.w", rw),
+            ("router.b", rb),
+        ];
+        for (name, v) in named {
+            match (g_ours.get(v.as_tensor()), g_ref.get(v.as_tensor())) {
+                (Some(a), Some(b)) => assert_close(&format!("{gate:?} grad {name}"), a, b, 1e-5)?,
+                (None, None) => assert!(gate == GateMode::Ones && name.starts_with("router")),
+                (a, b) => panic!(
+                    "{gate:?} grad {name}: ours {:?} vs reference {:?}",
+                    a.is_some(),
+                    b.is_some()
+                ),
+            }
+        }
+        if gate != GateMode::Ones {
+            let g = g_ours.get(rw.as_tensor()).expect("router gradient");
+            let norm = g.sqr()?.sum_all()?.to_scalar::<f32>()?;
+            assert!(
+                norm.is_finite() && norm > 0.0,
+                "{gate:?}: router gradient norm {norm}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Routed FFN composed from the public ops, for gradient checks: inputs
+/// `[x, W1, b1, W2, b2, router_w, router_b]`.
+fn functional(t: &[Tensor], routing: &Arc<Routing>, gate: GateMode, act: Activation) -> Result<Tensor> {
+    let logits = t[0].matmul(&t[5].t()?)?.broadcast_add(&t[6])?;
+    let gates = router_gates(&logits, routing, gate)?;
+    routed_ffn(&t[0], &t[1], &t[2], &t[3], &t[4], &gates, routing, act)
+}
+
+#[test]
+fn gradients_f64_finite_differences() -> Result<()> {
+    let cases = [
+        (
+            7usize,
+            6usize,
+            12usize,
+            4usize,
+            2usize,
+            GateMode::SoftmaxKept,
+            Activation::GeluErf,
+            1u64,
+        ),
+        (5, 4, 15, 5, 3, GateMode::Sigmoid, Activation::GeluTanh, 2),
+        (1, 3, 8, 2, 1, GateMode::Sigmoid, Activation::GeluErf, 3),
+        (9, 5, 12, 3, 3, GateMode::SoftmaxKept, Activation::GeluTanh, 4),
+    ];
+    for (t, d, d_ff, n, k, gate, act, seed) in cases {
+        let [w1, b1, w2, b2] = weights(d, d_ff, seed, DType::F64)?;
+        let x = randn_f64(&[t, d], seed + 7)?;
+        let rw = randn_f64(&[n, d], seed + 8)?;
+        let rb = randn_f64(&[n], seed + 9)?;
+        // The routing is piecewise constant: fix it at the base point.
+        let logits: Vec<f64> = x.matmul(&rw.t()?)?.broadcast_add(&rb)?.flatten_all()?.to_vec1()?;
+        let routing = Arc::new(Routing::top_k(&logits, t, n, k)?);
+        let report = check_gradients(
+            |ts| functional(ts, &routing, gate, act),
+            &[x, w1, b1, w2, b2, rw, rb],
+            &[0, 1, 2, 3, 4, 5, 6],
+            GradCheck::default(),
+        )?;
+        assert_eq!(report.len(), 7);
+    }
+    Ok(())
+}
+
+/// A random routing: each token picks k distinct blocks, never `skip` (when given).
+fn random_routing(t: usize, n: usize, k: usize, skip: Option<u32>, seed: u64) -> Result<Routing> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let allowed: Vec<u32> = (0..n as u32).filter(|&e| Some(e) != skip).collect();
+    let mut blocks = Vec::with_capacity(t * k);
+    for _ in 0..t {
+        let mut a = allowed.clone();
+        a.shuffle(&mut rng);
+        blocks.extend_from_slice(&a[..k]);
+    }
+    Routing::from_blocks(t, n, k, blocks)
+}
+
+/// Ours vs the masked dense reference, forward and the gradients of x, W1, b1, W2, b2, gates.
+fn check_against_masked(
+    t: usize,
+    d: usize,
+    n: usize,
+    b: usize,
+    k: usize,
+    skip: bool,
+    seed: u64,
+) -> Result<()> {
+    let d_ff = n * b;
+    let skip = (skip && k < n).then_some((seed % n as u64) as u32);
+    let routing = Arc::new(random_routing(t, n, k, skip, seed)?);
+    if let Some(e) = skip {
+        assert_eq!(routing.block_counts()[e as usize], 0);
+    }
+    let p = vars(&weights(d, d_ff, seed, DType::F64)?)?;
+    let x = Var::from_tensor(&randn_f64(&[t, d], seed + 5)?)?;
+    let gates = Var::from_tensor(&randn_f64(&[t * k], seed + 6)?)?;
+    let act = Activation::GeluTanh;
+    let pt: Vec<&Tensor> = p.iter().map(|v| v.as_tensor()).collect();
+    let ours = routed_ffn(
+        x.as_tensor(),
+        pt[0],
+        pt[1],
+        pt[2],
+        pt[3],
+        gates.as_tensor(),
+        &routing,
+        act,
+    )?;
+    let mask = reference::block_mask(&gate_matrix(gates.as_tensor(), &routing)?, b)?;
+    let want = reference::masked_ffn(x.as_tensor(), pt[0], pt[1], pt[2], pt[3], act, &mask)?;
+    assert_close("forward", &ours, &want, 1e-10)?;
+    let up = randn_f64(&[t, d], seed + 7)?;
+    let g_ours = ours.mul(&up)?.sum_all()?.backward()?;
+    let g_ref = want.mul(&up)?.sum_all()?.backward()?;
+    let named = [
+        ("x", &x),
+        ("W1", &p[0]),
+        ("b1", &p[1]),
+        ("W2", &p[2]),
+        ("b2", &p[3]),
+        ("gates", &gates),
+    ];
+    for (name, v) in named {
+        let zeros = v.as_tensor().zeros_like()?;
+        let a = g_ours.get(v.as_tensor()).unwrap_or(&zeros);
+        let r = g_ref.get(v.as_tensor()).unwrap_or(&zeros);
+        assert_close(
+            &format!("grad {name} (T={t} d={d} n={n} b={b} k={k})"),
+            a,
+            r,
+            1e-10,
+        )?;
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    #[test]
+    fn routed_matches_masked_dense_on_random_shapes(
+        t in prop_oneof![4 => 0usize..=12, 1 => 250usize..=300],
+        d in 1usize..=9,
+        n in 1usize..=6,
+        b in 1usize..=5,
+        k_frac in 0.0f64..1.0,
+        skip in any::<bool>(),
+        seed in 0u64..1_000_000,
+    ) {
+        let k = 1 + ((n as f64 * k_frac) as usize).min(n - 1);
+        check_against_masked(t, d, n, b, k, skip, seed).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    }
+}
+
+#[test]
+fn zero_and_one_token() -> Result<()> {
+    for t in [0usize, 1] {
+        check_against_masked(t, 5, 3, 4, 2, false, 40 + t as u64)?;
+        let [w1, b1, w2, b2] = weights(5, 12, 3, DType::F32)?;
+        let layer = RoutedFfn::new(
+            &w1,
+            &b1,
+            &w2,
+            &b2,
+            RoutedFfnConfig::new(3, TopK::Count(2), Activation::Relu),
+        )?;
+        let x = Tensor::zeros((t, 5), DType::F32, &Device::Cpu)?;
+        let out = layer.forward_t(&x, false)?;
+        assert_eq!(out.y.dims(), &[t, 5]);
+        assert_eq!(out.routing.n_rows(), 2 * t);
+    }
+    Ok(())
+}
+
+#[test]
+fn routing_is_a_stable_counting_sort() -> Result<()> {
+    // Scores: token 0 prefers blocks 2, 0; token 1: 0, 1 (tie with 2 → lower index); token 2: 2, 1.
+    let scores = [0.5, -1.0, 3.0, 2.0, 1.0, 1.0, -5.0, 0.1, 9.0];
+    let r = Routing::top_k(&scores, 3, 3, 2)?;
+    assert_eq!(r.blocks(), &[2, 0, 0, 1, 2, 1]);
+    // Rows grouped by block, tokens ascending inside a block.
+    assert_eq!(r.row_token(), &[0, 1, 1, 2, 0, 2]);
+    assert_eq!(r.row_src(), &[1, 2, 3, 5, 0, 4]);
+    assert_eq!(r.block_counts(), vec![2, 2, 2]);
+    assert_eq!(r.block_rows(1), 2..4);
+    Ok(())
+}
+
+#[test]
+fn load_balancing_loss_is_optional_and_trains_the_router() -> Result<()> {
+    let [w1, b1, w2, b2] = weights(8, 16, 5, DType::F32)?;
+    let x = randn_f64(&[40, 8], 6)?.to_dtype(DType::F32)?;
+    let mut cfg = RoutedFfnConfig::new(4, TopK::Count(1), Activation::GeluErf);
+    assert!(RoutedFfn::new(&w1, &b1, &w2, &b2, cfg.clone())?
+        .forward_t(&x, true)?
+        .aux_loss
+        .is_none());
+    cfg.aux_loss = true;
+    cfg.gate = GateMode::Ones;
+    let layer = RoutedFfn::new(&w1, &b1, &w2, &b2, cfg)?;
+    let out = layer.forward_t(&x, true)?;
+    let aux = out.aux_loss.expect("aux loss requested");
+    // n · Σ f_e P_e, recomputed by hand.
+    let (rw, rb) = layer.router();
+    let logits = x.matmul(&rw.as_tensor().t()?)?.broadcast_add(rb.as_tensor())?;
+    let p: Vec<f32> = candle_nn::ops::softmax(&logits, 1)?.mean(0)?.to_vec1()?;
+    let counts = out.routing.block_counts();
+    let want: f32 = 4.0 * (0..4).map(|e| counts[e] as f32 / 40.0 * p[e]).sum::<f32>();
+    let got = aux.to_scalar::<f32>()?;
+    assert!((got - want).abs() < 1e-5, "aux {got} vs {want}");
+    let g = aux.backward()?;
+    let gn = g
+        .get(rw.as_tensor())
+        .expect("router gradient from aux")
+        .sqr()?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    assert!(gn.is_finite() && gn > 0.0);
+    Ok(())
+}
+
+#[test]
+fn frozen_weights_get_no_gradient_work() -> Result<()> {
+    let [w1, b1, w2, b2] = weights(8, 16, 7, DType::F32)?;
+    let layer = RoutedFfn::new(
+        &w1,
+        &b1,
+        &w2,
+        &b2,
+        RoutedFfnConfig::new(4, TopK::Count(2), Activation::GeluErf),
+    )?;
+    let x = Var::from_tensor(&randn_f64(&[30, 8], 8)?.to_dtype(DType::F32)?)?;
+    let g = layer
+        .forward_t(x.as_tensor(), true)?
+        .y
+        .sqr()?
+        .sum_all()?
+        .backward()?;
+    for (name, w) in [("W1", &w1), ("b1", &b1), ("W2", &w2), ("b2", &b2)] {
+        assert!(g.get(w).is_none(), "frozen {name} got a gradient");
+    }
+    assert!(g.get(x.as_tensor()).is_some() && g.get(layer.router().0.as_tensor()).is_some());
+    Ok(())
+}
+
+/// Tokens in clusters; cluster c strongly drives block c, so a linear router can rank blocks.
+fn planted(d: usize, n: usize, b: usize, t: usize, seed: u64) -> Result<([Tensor; 4], Tensor)> {
+    let dirs = randn_f64(&[n, d], seed)?; // cluster directions
+    let [w1, b1, w2, b2] = weights(d, n * b, seed + 1, DType::F64)?;
+    // Block e's rows get a large component along dirs[e].
+    let boost = dirs.unsqueeze(1)?.broadcast_as((n, b, d))?.reshape((n * b, d))?;
+    let w1 = (w1 + (boost * 0.5)?)?;
+    let mut rng = StdRng::seed_from_u64(seed + 2);
+    let ids: Vec<u32> = (0..t)
+        .map(|_| rand::Rng::random_range(&mut rng, 0..n as u32))
+        .collect();
+    let ids = Tensor::from_vec(ids, t, &Device::Cpu)?;
+    let x = (dirs.index_select(&ids, 0)? + (randn_f64(&[t, d], seed + 3)? * 0.3)?)?;
+    let f = |t: Tensor| t.to_dtype(DType::F32);
+    Ok(([f(w1)?, f(b1)?, f(w2)?, f(b2)?], f(x)?))
+}
+
+#[test]
+fn router_init_ranks_blocks_by_activation_norm() -> Result<()> {
+    let ([w1, b1, w2, b2], x) = planted(16, 4, 8, 400, 21)?;
+    let mut cfg = RoutedFfnConfig::new(4, TopK::Count(1), Activation::GeluErf);
+    cfg.seed = 3;
+    let mut layer = RoutedFfn::new(&w1, &b1, &w2, &b2, cfg)?;
+    let before = layer.quality(&x)?;
+    let after = layer.init_router(&x, RouterFitConfig::default())?;
+    assert!(after.oracle_recall >= 0.9, "recall after fit {after:?}");
+    assert!(
+        after.oracle_recall > before.oracle_recall + 0.2,
+        "before {before:?}, after {after:?}"
+    );
+    assert!(
+        after.rel_error < before.rel_error,
+        "before {before:?}, after {after:?}"
+    );
+    assert!(after.cosine > before.cosine && after.cosine <= 1.0 + 1e-9);
+    assert_eq!(after.tokens, 400);
+    Ok(())
+}
+
+#[test]
+fn quality_of_the_dense_routing_is_exact() -> Result<()> {
+    let [w1, b1, w2, b2] = weights(8, 24, 9, DType::F32)?;
+    let mut cfg = RoutedFfnConfig::new(3, TopK::Fraction(1.0), Activation::GeluTanh);
+    cfg.gate = GateMode::Ones;
+    let layer = RoutedFfn::new(&w1, &b1, &w2, &b2, cfg)?;
+    let q = layer.quality(&randn_f64(&[2, 20, 8], 10)?.to_dtype(DType::F32)?)?;
+    assert!(
+        (q.cosine - 1.0).abs() < 1e-6 && q.rel_error < 1e-6 && q.oracle_recall == 1.0,
+        "{q:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn bad_inputs_give_named_errors() -> Result<()> {
+    let [w1, b1, w2, b2] = weights(8, 24, 11, DType::F32)?;
+    let act = Activation::GeluErf;
+    let err = |r: Result<RoutedFfn>| r.map(|_| ()).unwrap_err().to_string();
+    let e = err(RoutedFfn::new(
+        &w1,
+        &b1,
+        &w2,
+        &b2,
+        RoutedFfnConfig::new(5, TopK::Count(1), act),
+    ));
+    assert!(
+        e.contains("routed_ffn") && e.contains("not divisible") && e.contains("24"),
+        "{e}"
+    );
+    let e = err(RoutedFfn::new(
+        &w1,
+        &b1,
+        &w2,
+        &b2,
+        RoutedFfnConfig::new(4, TopK::Count(0), act),
+    ));
+    assert!(e.contains("top-k is 0"), "{e}");
+    let e = err(RoutedFfn::new(
+        &w1,
+        &b1,
+        &w2,
+        &b2,
+        RoutedFfnConfig::new(4, TopK::Count(5), act),
+    ));
+    assert!(e.contains("top-k is 5") && e.contains("n_blocks = 4"), "{e}");
+    let e = err(RoutedFfn::new(
+        &w1,
+        &b1,
+        &w2,
+        &b2,
+        RoutedFfnConfig::new(4, TopK::Fraction(0.0), act),
+    ));
+    assert!(e.contains("fraction"), "{e}");
+    let e = err(RoutedFfn::new(
+        &w1,
+        &b1,
+        &w1,
+        &b2,
+        RoutedFfnConfig::new(4, TopK::Count(1), act),
+    ));
+    assert!(e.contains("W2 is [24, 8], expected [d, d_ff] = [8, 24]"), "{e}");
+    let e = err(RoutedFfn::new(
+        &w1,
+        &b2,
+        &w2,
+        &b2,
+        RoutedFfnConfig::new(4, TopK::Count(1), act),
+    ));
+    assert!(e.contains("b1 is [8]"), "{e}");
+    let e = err(RoutedFfn::new(
+        &w1,
+        &b1,
+        &w2.to_dtype(DType::F64)?,
+        &b2,
+        RoutedFfnConfig::new(4, TopK::Count(1), act),
+    ));
+    assert!(e.contains("W2") && e.contains("F64"), "{e}");
+    let layer = RoutedFfn::new(&w1, &b1, &w2, &b2, RoutedFfnConfig::new(4, TopK::Count(2), act))?;
+    let e = layer
+        .forward_t(&Tensor::zeros((3, 7), DType::F32, &Device::Cpu)?, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("x is [3, 7], expected [.., d] = [.., 8]"), "{e}");
+    let e = layer
+        .forward_t(&Tensor::zeros((3, 8), DType::F64, &Device::Cpu)?, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("x has dtype F64"), "{e}");
+    // The ops check their operands too.
+    let r = Arc::new(Routing::from_blocks(2, 4, 1, vec![0, 3])?);
+    let x = Tensor::zeros((2, 8), DType::F32, &Device::Cpu)?;
+    let e = gather_matmul(&x, &w2, None, &r).unwrap_err().to_string();
+    assert!(e.contains("gather_matmul: w is [8, 24]"), "{e}");
+    let h = Tensor::zeros((2, 5), DType::F32, &Device::Cpu)?;
+    let g = Tensor::ones(2, DType::F32, &Device::Cpu)?;
+    let e = scatter_matmul(&h, &g, &w2, &r).unwrap_err().to_string();
+    assert!(
+        e.contains("scatter_matmul: h is [2, 5], expected [R, b] = [2, 6]"),
+        "{e}"
+    );
+    let e = Routing::from_blocks(2, 4, 2, vec![1, 1, 0, 2])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("picks block 1 twice"), "{e}");
+    let e = Routing::from_blocks(1, 4, 1, vec![4]).unwrap_err().to_string();
+    assert!(e.contains("picks block 4"), "{e}");
+    Ok(())
+}
