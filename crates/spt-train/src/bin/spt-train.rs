@@ -16,7 +16,9 @@ use spt_train::checkpoint::{
 use spt_train::config::{resolve_model, FinetuneArgs, FinetuneConfig, Mode};
 use spt_train::data::{read_classification, ColumnSpec, DataFormat, LabelMap, TaskKind, TextTokenizer};
 use spt_train::pipeline::{load_tokenizer, model_max_length, prepare_data};
-use spt_train::trainer::{install_ctrlc_handler, TrainTask, Trainer};
+use spt_train::data::EncodedDataset;
+use spt_train::tasks::{calibration_batches, ModelTask};
+use spt_train::trainer::{install_ctrlc_handler, Trainer};
 
 #[derive(Parser)]
 #[command(
@@ -212,16 +214,38 @@ fn requires_models(what: &str) -> anyhow::Error {
 }
 
 /// Builds the trainable task for `cfg` (BertForSequenceClassification or GPT2LMHeadModel in
-/// dense / LoRA / SPT mode).
+/// dense / LoRA / SPT mode); spt mode calibrates on batches drawn from `train`.
 fn build_task(
     cfg: &FinetuneConfig,
-    _model_dir: &Path,
-    _num_labels: Option<usize>,
-    _device: &Device,
-) -> Result<Box<dyn TrainTask>> {
-    Err(requires_models(
-        &format!("finetune --task {:?} --mode {:?}", cfg.task, cfg.mode).to_lowercase(),
-    ))
+    model_dir: &Path,
+    num_labels: Option<usize>,
+    train: Option<&EncodedDataset>,
+    device: &Device,
+) -> Result<ModelTask> {
+    let calibration = match (cfg.mode, train) {
+        (Mode::Spt, Some(t)) => calibration_batches(t, 4, 16, cfg.seed, device)?,
+        _ => Vec::new(),
+    };
+    let task = ModelTask::build(cfg, model_dir, num_labels, device, calibration)
+        .with_context(|| format!("building the {:?} model from {}", cfg.mode, model_dir.display()))?;
+    eprintln!("{}", task.summary);
+    if let Some(r) = &task.sparsify_report {
+        for l in &r.layers {
+            eprintln!(
+                "layer {}: attention {} (PQ mse {}), ffn {}{}, {} calibration tokens, LoRA on {}",
+                l.layer,
+                l.attention,
+                l.quantization_mse.map(|m| format!("{m:.4}")).unwrap_or_else(|| "-".into()),
+                l.ffn,
+                l.routing
+                    .map(|q| format!(" (cosine to dense {:.3}, oracle recall {:.2})", q.cosine, q.oracle_recall))
+                    .unwrap_or_default(),
+                l.calibration_tokens,
+                l.lora.len()
+            );
+        }
+    }
+    Ok(task)
 }
 
 fn finetune(args: &FinetuneArgs) -> Result<()> {
@@ -250,7 +274,13 @@ fn finetune(args: &FinetuneArgs) -> Result<()> {
         labels = data.labels.as_ref().map(|l| l.len()).unwrap_or(0),
         "data ready"
     );
-    let task = build_task(&cfg, &model_dir, data.labels.as_ref().map(LabelMap::len), &dev)?;
+    let task = build_task(
+        &cfg,
+        &model_dir,
+        data.labels.as_ref().map(LabelMap::len),
+        Some(&data.train),
+        &dev,
+    )?;
     let stop = install_ctrlc_handler()?;
     let mut trainer = Trainer::new(task, cfg.trainer_config(data.train.len()), dev).with_stop_flag(stop);
     let summary = trainer.train(&data.train, data.validation.as_ref(), &resume)?;
