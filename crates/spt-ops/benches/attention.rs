@@ -45,13 +45,7 @@ struct Sample {
 type AttnStep<'a> = dyn Fn(&Tensor, &Tensor, &Tensor, &mut [f64; 4]) -> Result<Tensor> + 'a;
 
 /// One training step of attention: forward, then backward of Σ o ⊙ w.
-fn step(
-    q: &Var,
-    k: &Var,
-    v: &Var,
-    w: &Tensor,
-    f: &AttnStep<'_>,
-) -> Result<Sample> {
+fn step(q: &Var, k: &Var, v: &Var, w: &Tensor, f: &AttnStep<'_>) -> Result<Sample> {
     let base = LIVE.load(Relaxed);
     PEAK.store(base, Relaxed);
     let mut phases = [0f64; 4];

@@ -24,7 +24,7 @@ use spt_models::{
 };
 
 use crate::config::{FinetuneConfig, Mode};
-use crate::data::{Batch, EncodedDataset, TaskKind};
+use crate::data::{Batch, EncodedDataset, LabelMap, TaskKind};
 use crate::losses::{causal_lm_eval, causal_lm_loss, classification_eval, classification_loss};
 use crate::rng::SplitMix64;
 use crate::trainer::{EvalOutput, StepCtx, TrainTask};
@@ -126,8 +126,12 @@ pub struct ModelTask {
 
 /// How many PQ subspaces: the setting, else the largest divisor of the head dimension ≤ 8.
 fn pq_subspaces(cfg: &FinetuneConfig, head_dim: usize) -> usize {
-    cfg.pq_subspaces
-        .unwrap_or_else(|| (1..=8.min(head_dim)).rev().find(|s| head_dim % s == 0).unwrap_or(1))
+    cfg.pq_subspaces.unwrap_or_else(|| {
+        (1..=8.min(head_dim))
+            .rev()
+            .find(|s| head_dim % s == 0)
+            .unwrap_or(1)
+    })
 }
 
 /// The sparse-attention top-k of the settings (default: a quarter of the keys).
@@ -330,7 +334,11 @@ impl ModelTask {
             mode: cfg.mode,
             summary,
             sparsify_report: sparsify_report.filter(|_| cfg.mode == Mode::Spt),
-            calibration: if cfg.mode == Mode::Spt { calibration } else { Vec::new() },
+            calibration: if cfg.mode == Mode::Spt {
+                calibration
+            } else {
+                Vec::new()
+            },
             refresh_every: cfg.pq_refresh_every,
             attn_top_k,
             codebooks,
@@ -480,4 +488,85 @@ impl TrainTask for ModelTask {
         tracing::debug!(step, layers = n, "PQ codebooks refreshed");
         Ok(())
     }
+}
+
+/// Writes `task` as a Hugging Face model directory `out`: LoRA merged, `model.safetensors` with
+/// HF key names (no adapters, routers or codebooks), `config.json` (with the label mapping for a
+/// classifier) and the tokenizer files of `model_dir`. Built in a temporary sibling directory and
+/// renamed into place, so `out` is never half-written; an existing `out` is replaced.
+pub fn export_hf_dir(
+    task: &mut ModelTask,
+    model_dir: &Path,
+    labels: Option<&LabelMap>,
+    out: &Path,
+) -> Result<()> {
+    task.merge_lora()?;
+    let tensors: HashMap<String, Tensor> = task
+        .hf_tensors()
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| Error::Msg(format!("{}: not a directory name", out.display())))?;
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let write = || -> Result<()> {
+        candle_core::safetensors::save(&tensors, tmp.join("model.safetensors"))?;
+        let cfg_path = model_dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::Msg(format!("{}: {e}", cfg_path.display())))?;
+        if let (Some(obj), Some(l)) = (cfg.as_object_mut(), labels) {
+            let name = |i: usize| l.label(i as u32).unwrap_or_default().to_string();
+            let id2label: serde_json::Map<String, serde_json::Value> =
+                (0..l.len()).map(|i| (i.to_string(), name(i).into())).collect();
+            let label2id: serde_json::Map<String, serde_json::Value> =
+                (0..l.len()).map(|i| (name(i), i.into())).collect();
+            obj.insert("id2label".into(), id2label.into());
+            obj.insert("label2id".into(), label2id.into());
+            obj.insert(
+                "architectures".into(),
+                serde_json::json!(["BertForSequenceClassification"]),
+            );
+        }
+        let cfg_text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Msg(e.to_string()))?;
+        let dst = tmp.join("config.json");
+        std::fs::write(&dst, cfg_text).map_err(|e| Error::io(&dst, e))?;
+        for f in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "vocab.txt",
+            "vocab.json",
+            "merges.txt",
+            "generation_config.json",
+        ] {
+            let src = model_dir.join(f);
+            if src.is_file() {
+                std::fs::copy(&src, tmp.join(f)).map_err(|e| Error::io(&src, e))?;
+            }
+        }
+        let marker = tmp.join(".spt-train-output");
+        std::fs::write(&marker, b"spt-train output directory\n").map_err(|e| Error::io(&marker, e))?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if out.exists() {
+        std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
+    }
+    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+    Ok(())
 }
