@@ -153,7 +153,7 @@ fn lora_starts_at_identity_trains_only_factors_and_merges() -> Result<()> {
         n.starts_with("classifier.")
     }
     let opts = LoadOptions {
-        trainable: Trainable::Only(head),
+        trainable: Trainable::only(head),
         ..LoadOptions::default()
     };
     let (dense, _) = BertForSequenceClassification::from_dir(&dir, &LoadOptions::frozen(), None)?;

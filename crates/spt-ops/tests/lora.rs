@@ -5,7 +5,8 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use spt_ops::gradcheck::{check_gradients, randn_f64, GradCheck};
 use spt_ops::lora::{dropout, linear};
 use spt_ops::routed_ffn::reference;
-use spt_ops::{Activation, GateMode, LoraConfig, LoraError, LoraLinear, RoutedFfn, RoutedFfnConfig, TopK};
+use spt_ops::routed_ffn::TopK;
+use spt_ops::{Activation, GateMode, LoraConfig, LoraError, LoraLinear, RoutedFfn, RoutedFfnConfig};
 
 fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     assert_eq!(a.dims(), b.dims());

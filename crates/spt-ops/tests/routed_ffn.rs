@@ -6,10 +6,11 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use proptest::prelude::*;
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use spt_ops::gradcheck::{check_gradients, randn_f64, GradCheck};
+use spt_ops::routed_ffn::TopK;
 use spt_ops::routed_ffn::{
     gate_matrix, gather_matmul, reference, routed_ffn, router_gates, scatter_matmul, RouterFitConfig,
 };
-use spt_ops::{Activation, GateMode, RoutedFfn, RoutedFfnConfig, Routing, TopK};
+use spt_ops::{Activation, GateMode, RoutedFfn, RoutedFfnConfig, Routing};
 use std::sync::Arc;
 
 /// `max |a − b|` and `max |b|`.

@@ -50,7 +50,7 @@ fn cholesky_solve(g: &[f64], r: &[f64], m: usize, c: usize) -> Result<Vec<f64>> 
                 s -= l[i * m + p] * l[j * m + p];
             }
             if i == j {
-                if !(s > 0.0) {
+                if s.is_nan() || s <= 0.0 {
                     bail!("routed_ffn: router fit is singular (pivot {i} = {s}); raise the ridge");
                 }
                 l[i * m + i] = s.sqrt();
