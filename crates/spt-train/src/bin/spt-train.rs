@@ -748,7 +748,8 @@ fn bench_child(a: &BenchArgs, mode: Mode, model_dir: &Path, dev: &Device) -> Res
             model_dir.display()
         );
     };
-    let num_labels = (task_kind == TaskKind::Classify).then_some(2);
+    let n_cfg = v["id2label"].as_object().map(|m| m.len()).filter(|&n| n > 0);
+    let num_labels = (task_kind == TaskKind::Classify).then_some(n_cfg.unwrap_or(2));
     let mut task = ModelTask::build_from_source(&cfg, &cfg_path, &src, num_labels, dev, calibration)?;
     drop(src);
     let times = spt_train::bench::time_steps(&mut task, &data, a.warmup, a.steps, dev)?;
