@@ -252,8 +252,18 @@ impl ModelTask {
         device: &Device,
         calibration: Vec<CalibrationBatch>,
     ) -> Result<Self> {
-        let src = WeightSource::from_dir(model_dir)?;
         let config_path = model_dir.join("config.json");
+        let src = if cfg.random_init {
+            if cfg.task != TaskKind::Lm {
+                return Err(Error::Msg(
+                    "--random-init is only available for GPT-2 (--task lm)".into(),
+                ));
+            }
+            tracing::warn!("random initial weights (--random-init): not a pretrained model");
+            crate::bench::random_gpt2_weights(&config_path, cfg.seed, device)?
+        } else {
+            WeightSource::from_dir(model_dir)?
+        };
         Self::build_from_source(cfg, &config_path, &src, num_labels, device, calibration)
     }
 
