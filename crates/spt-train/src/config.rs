@@ -100,6 +100,9 @@ pub struct FinetuneConfig {
     pub lora_rank: usize,
     pub lora_alpha: f64,
     pub lora_dropout: f64,
+    /// GPT-2 only: start from random weights (the model directory holds only config.json and
+    /// tokenizer files); for experiments on model shapes without a checkpoint.
+    pub random_init: bool,
 
     // --- optimisation ---
     pub epochs: u64,
@@ -170,6 +173,7 @@ impl Default for FinetuneConfig {
             lora_rank: 8,
             lora_alpha: 16.0,
             lora_dropout: 0.0,
+            random_init: false,
             epochs: 3,
             max_steps: None,
             batch_size: 16,
@@ -277,6 +281,9 @@ pub struct FinetuneArgs {
     pub lora_alpha: Option<f64>,
     #[arg(long)]
     pub lora_dropout: Option<f64>,
+    /// GPT-2 only: random initial weights instead of a checkpoint.
+    #[arg(long)]
+    pub random_init: bool,
     #[arg(long)]
     pub epochs: Option<u64>,
     /// Total optimizer updates (overrides --epochs).
@@ -385,6 +392,9 @@ impl FinetuneConfig {
         }
         if a.no_progress {
             c.progress = false;
+        }
+        if a.random_init {
+            c.random_init = true;
         }
     }
 

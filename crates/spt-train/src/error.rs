@@ -13,6 +13,8 @@ pub enum Error {
     Checkpoint(#[from] crate::checkpoint::CheckpointError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Model(#[from] spt_models::ModelError),
     #[error("{path}: {error}")]
     Io {
         path: PathBuf,

@@ -12,8 +12,12 @@
 //!   resolution (local directory or Hugging Face hub id).
 //! - [`pipeline`]: from a config to tokenised train / validation sets.
 //! - [`losses`]: masked causal-LM loss and classification loss / eval outputs over a batch.
+//! - [`tasks`]: the BERT classifier and GPT-2 LM as [`trainer::TrainTask`]s in dense, LoRA or SPT
+//!   mode (one code path), checkpoint restore and LoRA-merged HF export.
+//! - [`bench`]: random weights, synthetic batches, timed steps and peak RSS for `spt-train bench`.
 //! - [`rng`]: the serialisable SplitMix64 behind data order and per-step seeds.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
@@ -23,6 +27,7 @@ pub mod metrics;
 pub mod optim;
 pub mod pipeline;
 pub mod rng;
+pub mod tasks;
 pub mod trainer;
 
 pub use error::{Error, Result};

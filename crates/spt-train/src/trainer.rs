@@ -243,6 +243,26 @@ pub struct TrainSummary {
     pub last_checkpoint: Option<PathBuf>,
     /// Step the run resumed from, if any.
     pub resumed_from: Option<u64>,
+    /// Wall-clock seconds of each step run in this call (forward, backward, update; not eval or
+    /// checkpointing).
+    pub step_times_s: Vec<f64>,
+}
+
+impl TrainSummary {
+    /// Median of [`TrainSummary::step_times_s`], if any step ran.
+    pub fn median_step_s(&self) -> Option<f64> {
+        let mut v = self.step_times_s.clone();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        Some(if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        })
+    }
 }
 
 /// Installs a Ctrl-C handler once per process and returns its flag. The first Ctrl-C sets the
@@ -566,6 +586,7 @@ impl<T: TrainTask> Trainer<T> {
             stopped: false,
             last_checkpoint: None,
             resumed_from,
+            step_times_s: Vec::new(),
         };
         let started = Instant::now();
         let mut tokens_seen: u64 = 0;
@@ -611,6 +632,7 @@ impl<T: TrainTask> Trainer<T> {
                 break;
             }
             let n = micro.len();
+            let step_started = Instant::now();
             let step_seed = st.rng.next_u64();
             let lr = sched.lr_at(st.step);
             let mut acc: Option<GradStore> = None;
@@ -662,6 +684,7 @@ impl<T: TrainTask> Trainer<T> {
             drop(grads);
             st.step += 1;
             self.task.after_step(st.step)?;
+            summary.step_times_s.push(step_started.elapsed().as_secs_f64());
 
             let step_loss = (loss_sum / n as f64) as f32;
             summary.train_losses.push((st.step, step_loss));

@@ -60,7 +60,7 @@ fn tiny_model(dir: &Path) -> String {
 }
 
 #[test]
-fn finetune_prepares_data_then_needs_the_model() {
+fn finetune_prepares_data_then_needs_the_weights() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path());
     let data = tmp.path().join("d.csv");
@@ -89,7 +89,7 @@ fn finetune_prepares_data_then_needs_the_model() {
     );
     let e = stderr(&o);
     assert!(!o.status.success());
-    assert!(e.contains("requires spt-models integration"), "{e}");
+    assert!(e.contains("building the Lora model from"), "{e}");
     assert!(out.join("labels.json").is_file() && out.join("finetune.toml").is_file());
     assert!(out.join(".spt-train-output").is_file());
 }

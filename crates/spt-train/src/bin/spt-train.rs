@@ -9,14 +9,19 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
+use candle_core::Tensor;
 use clap::{Args, Parser, Subcommand};
 use spt_train::checkpoint::{
     check_output_dir, latest_checkpoint, load_checkpoint, prepare_output_dir, write_file_atomic,
 };
 use spt_train::config::{resolve_model, FinetuneArgs, FinetuneConfig, Mode};
 use spt_train::data::{read_classification, ColumnSpec, DataFormat, LabelMap, TaskKind, TextTokenizer};
+use spt_train::data::{EncodedDataset, EncodedItem};
 use spt_train::pipeline::{load_tokenizer, model_max_length, prepare_data};
-use spt_train::trainer::{install_ctrlc_handler, TrainTask, Trainer};
+use spt_train::rng::SplitMix64;
+use spt_train::tasks::{calibration_batches, export_hf_dir, ModelTask, Net};
+use spt_train::trainer::evaluate;
+use spt_train::trainer::{install_ctrlc_handler, Trainer};
 
 #[derive(Parser)]
 #[command(
@@ -177,6 +182,12 @@ struct BenchArgs {
     output: Option<PathBuf>,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Replace this model's records in an existing --output file instead of starting a new one.
+    #[arg(long)]
+    append: bool,
+    /// Internal: time one mode in this process and print one JSON line.
+    #[arg(long, hide = true)]
+    child: Option<Mode>,
 }
 
 fn init_tracing(verbose: u8, quiet: bool) {
@@ -206,22 +217,44 @@ fn device(spec: &str) -> Result<Device> {
     }
 }
 
-/// The single place where a model is needed; spt-models wiring replaces this body.
-fn requires_models(what: &str) -> anyhow::Error {
-    anyhow::anyhow!("{what} requires spt-models integration (not wired into spt-train yet)")
-}
-
 /// Builds the trainable task for `cfg` (BertForSequenceClassification or GPT2LMHeadModel in
-/// dense / LoRA / SPT mode).
+/// dense / LoRA / SPT mode); spt mode calibrates on batches drawn from `train`.
 fn build_task(
     cfg: &FinetuneConfig,
-    _model_dir: &Path,
-    _num_labels: Option<usize>,
-    _device: &Device,
-) -> Result<Box<dyn TrainTask>> {
-    Err(requires_models(
-        &format!("finetune --task {:?} --mode {:?}", cfg.task, cfg.mode).to_lowercase(),
-    ))
+    model_dir: &Path,
+    num_labels: Option<usize>,
+    train: Option<&EncodedDataset>,
+    device: &Device,
+) -> Result<ModelTask> {
+    let calibration = match (cfg.mode, train) {
+        (Mode::Spt, Some(t)) => calibration_batches(t, 4, 16, cfg.seed, device)?,
+        _ => Vec::new(),
+    };
+    let task = ModelTask::build(cfg, model_dir, num_labels, device, calibration)
+        .with_context(|| format!("building the {:?} model from {}", cfg.mode, model_dir.display()))?;
+    eprintln!("{}", task.summary);
+    if let Some(r) = &task.sparsify_report {
+        for l in &r.layers {
+            eprintln!(
+                "layer {}: attention {} (PQ mse {}), ffn {}{}, {} calibration tokens, LoRA on {}",
+                l.layer,
+                l.attention,
+                l.quantization_mse
+                    .map(|m| format!("{m:.4}"))
+                    .unwrap_or_else(|| "-".into()),
+                l.ffn,
+                l.routing
+                    .map(|q| format!(
+                        " (cosine to dense {:.3}, oracle recall {:.2})",
+                        q.cosine, q.oracle_recall
+                    ))
+                    .unwrap_or_default(),
+                l.calibration_tokens,
+                l.lora.len()
+            );
+        }
+    }
+    Ok(task)
 }
 
 fn finetune(args: &FinetuneArgs) -> Result<()> {
@@ -250,13 +283,30 @@ fn finetune(args: &FinetuneArgs) -> Result<()> {
         labels = data.labels.as_ref().map(|l| l.len()).unwrap_or(0),
         "data ready"
     );
-    let task = build_task(&cfg, &model_dir, data.labels.as_ref().map(LabelMap::len), &dev)?;
+    let task = build_task(
+        &cfg,
+        &model_dir,
+        data.labels.as_ref().map(LabelMap::len),
+        Some(&data.train),
+        &dev,
+    )?;
+    let (trainable, total) = (task.summary.trainable, task.summary.total);
     let stop = install_ctrlc_handler()?;
     let mut trainer = Trainer::new(task, cfg.trainer_config(data.train.len()), dev).with_stop_flag(stop);
     let summary = trainer.train(&data.train, data.validation.as_ref(), &resume)?;
-    if let Some((step, rep)) = summary.evals.last() {
-        println!("{}", serde_json::json!({ "step": step, "eval": rep }));
-    }
+    let eval = summary.evals.last();
+    println!(
+        "{}",
+        serde_json::json!({
+            "step": summary.steps,
+            "eval": eval.map(|(_, r)| r),
+            "eval_step": eval.map(|(s, _)| s),
+            "median_step_s": summary.median_step_s(),
+            "mode": cfg.mode,
+            "trainable_params": trainable,
+            "total_params": total,
+        })
+    );
     if summary.stopped {
         eprintln!("stopped at step {}; resume with --resume", summary.steps);
     }
@@ -294,16 +344,66 @@ fn tokenizer_for(model_dir: &Path, max_length: Option<usize>) -> Result<TextToke
     Ok(TextTokenizer::from_model_dir(model_dir, max)?)
 }
 
+/// The finetune settings of the run a checkpoint belongs to (its `finetune.toml`), else defaults.
+fn run_config(checkpoint: Option<&Path>) -> Result<Option<FinetuneConfig>> {
+    let Some(c) = checkpoint else { return Ok(None) };
+    match c
+        .ancestors()
+        .take(4)
+        .map(|d| d.join("finetune.toml"))
+        .find(|p| p.is_file())
+    {
+        Some(p) => Ok(Some(
+            FinetuneConfig::load(&p).with_context(|| format!("reading {}", p.display()))?,
+        )),
+        None => Ok(None),
+    }
+}
+
+/// The model of `--model`, prepared in the run's mode and holding the checkpoint's trained values.
+fn load_trained(
+    m: &ModelArgs,
+    task: TaskKind,
+    num_labels: Option<usize>,
+    dev: &Device,
+) -> Result<(ModelTask, PathBuf)> {
+    let model_dir = resolve_model(&m.model)?;
+    let ck = m.checkpoint.as_deref().map(checkpoint_path).transpose()?;
+    let mut cfg = run_config(ck.as_deref())?.unwrap_or_else(|| FinetuneConfig {
+        mode: m.mode,
+        ..FinetuneConfig::default()
+    });
+    cfg.task = task;
+    let mut t = ModelTask::build(&cfg, &model_dir, num_labels, dev, Vec::new())
+        .with_context(|| format!("building the {:?} model from {}", cfg.mode, model_dir.display()))?;
+    if let Some(c) = &ck {
+        let loaded = load_checkpoint(c, dev).with_context(|| format!("loading {}", c.display()))?;
+        t.load_trained(&loaded.model, &loaded.extra)
+            .with_context(|| format!("restoring {}", c.display()))?;
+        tracing::info!(checkpoint = %c.display(), mode = ?cfg.mode, "model restored");
+    }
+    Ok((t, model_dir))
+}
+
+/// classify or lm, from the model's config.json (`model_type`).
+fn task_of(model: &str) -> Result<TaskKind> {
+    let dir = resolve_model(model)?;
+    let p = dir.join("config.json");
+    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+    Ok(match v.get("model_type").and_then(|t| t.as_str()) {
+        Some("gpt2") => TaskKind::Lm,
+        _ => TaskKind::Classify,
+    })
+}
+
 fn eval(a: &EvalArgs) -> Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1, got 0");
     }
-    let _dev = device(&a.model.device)?;
+    let dev = device(&a.model.device)?;
     let model_dir = resolve_model(&a.model.model)?;
-    let ck = a.model.checkpoint.as_deref().map(checkpoint_path).transpose()?;
-    if let Some(c) = &ck {
-        load_checkpoint(c, &Device::Cpu).with_context(|| format!("checking {}", c.display()))?;
-    }
     let mut cfg = match &a.config {
         Some(p) => FinetuneConfig::load(p)?,
         None => FinetuneConfig::default(),
@@ -326,14 +426,17 @@ fn eval(a: &EvalArgs) -> Result<()> {
     let tok = load_tokenizer(&cfg, &model_dir)?;
     let data = prepare_data(&cfg, &tok, None)?;
     tracing::info!(examples = data.train.len(), "evaluation data ready");
-    Err(requires_models("eval"))
+    let (mut task, _) = load_trained(&a.model, a.task, data.labels.as_ref().map(LabelMap::len), &dev)?;
+    let rep = evaluate(&mut task, &data.train, a.batch_size, &dev)?;
+    println!("{}", serde_json::to_string(&rep)?);
+    Ok(())
 }
 
 fn predict(a: &PredictArgs) -> Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1, got 0");
     }
-    let _dev = device(&a.model.device)?;
+    let dev = device(&a.model.device)?;
     let model_dir = resolve_model(&a.model.model)?;
     let tok = tokenizer_for(&model_dir, a.max_length)?;
     let labels = find_labels(&a.label_map, &a.model.checkpoint)?;
@@ -369,40 +472,324 @@ fn predict(a: &PredictArgs) -> Result<()> {
         labels = labels.as_ref().map(|l| l.len()),
         "inputs ready"
     );
-    Err(requires_models("predict"))
+    let (task, _) = load_trained(
+        &a.model,
+        TaskKind::Classify,
+        labels.as_ref().map(LabelMap::len),
+        &dev,
+    )?;
+    let data = EncodedDataset {
+        task: TaskKind::Classify,
+        items: encoded
+            .into_iter()
+            .map(|e| EncodedItem {
+                input_ids: e.ids,
+                token_type_ids: e.type_ids,
+                label: Some(0),
+            })
+            .collect(),
+        pad_id: tok.pad_id(),
+    };
+    let mut lines = String::new();
+    let idx: Vec<usize> = (0..data.len()).collect();
+    for chunk in idx.chunks(a.batch_size) {
+        let batch = data.batch(chunk, &dev)?;
+        let logits = task.net.forward(&batch, false)?;
+        let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
+        for (&i, p) in chunk.iter().zip(probs) {
+            let (best, score) =
+                p.iter().enumerate().fold(
+                    (0usize, f32::MIN),
+                    |acc, (j, &v)| if v > acc.1 { (j, v) } else { acc },
+                );
+            let label = labels
+                .as_ref()
+                .and_then(|l| l.label(best as u32))
+                .map(str::to_string)
+                .unwrap_or_else(|| best.to_string());
+            let rec = serde_json::json!({"text": texts[i].0, "label": label, "id": best, "score": score});
+            lines.push_str(&rec.to_string());
+            lines.push('\n');
+        }
+    }
+    match &a.output {
+        Some(p) => {
+            write_file_atomic(p, lines.as_bytes()).with_context(|| format!("writing {}", p.display()))?
+        }
+        None => print!("{lines}"),
+    }
+    Ok(())
 }
 
 fn generate(a: &GenerateArgs) -> Result<()> {
     if !(a.temperature > 0.0 && a.temperature.is_finite()) {
         bail!("--temperature must be positive, got {}", a.temperature);
     }
-    let _dev = device(&a.model.device)?;
+    let dev = device(&a.model.device)?;
     let model_dir = resolve_model(&a.model.model)?;
     let tok = tokenizer_for(&model_dir, None)?;
-    let prompt = tok.encode_raw(&a.prompt)?;
-    tracing::info!(prompt_tokens = prompt.len(), "prompt ready");
-    Err(requires_models("generate"))
+    let mut ids = tok.encode_raw(&a.prompt)?;
+    if ids.is_empty() {
+        ids.push(tok.eos_id().unwrap_or(0));
+    }
+    let n_prompt = ids.len();
+    tracing::info!(prompt_tokens = n_prompt, "prompt ready");
+    let (task, _) = load_trained(&a.model, TaskKind::Lm, None, &dev)?;
+    let ctx_len = model_max_length(&model_dir).unwrap_or(1024);
+    let mut rng = SplitMix64::new(a.seed);
+    for _ in 0..a.max_new_tokens {
+        let start = ids.len().saturating_sub(ctx_len);
+        let window = &ids[start..];
+        let input = Tensor::new(window, &dev)?.unsqueeze(0)?;
+        let logits = match &task.net {
+            Net::Lm(m) => m.forward_t(&input, None, false)?,
+            Net::Classifier(_) => bail!("generate needs a GPT-2 model (model_type gpt2)"),
+        };
+        let last: Vec<f32> = logits.get(0)?.get(window.len() - 1)?.to_vec1()?;
+        ids.push(sample_token(&last, a.temperature, a.top_k, &mut rng));
+    }
+    let text = tok
+        .inner()
+        .decode(&ids, true)
+        .map_err(|e| anyhow::anyhow!("decoding the generated tokens: {e}"))?;
+    println!("{text}");
+    Ok(())
 }
 
 fn export(a: &ExportArgs) -> Result<()> {
     check_output_dir(&a.out, a.overwrite, false)?;
-    let _model_dir = resolve_model(&a.model.model)?;
-    let ck = match &a.model.checkpoint {
-        Some(c) => checkpoint_path(c)?,
-        None => bail!("export needs --checkpoint (a checkpoint or a run directory)"),
-    };
-    load_checkpoint(&ck, &Device::Cpu).with_context(|| format!("checking {}", ck.display()))?;
-    prepare_output_dir(&a.out, a.overwrite, false)?;
-    Err(requires_models("export"))
+    if a.model.checkpoint.is_none() {
+        bail!("export needs --checkpoint (a checkpoint or a run directory)");
+    }
+    let task_kind = task_of(&a.model.model)?;
+    let labels = find_labels(&None, &a.model.checkpoint)?;
+    let (mut task, model_dir) = load_trained(
+        &a.model,
+        task_kind,
+        labels.as_ref().map(LabelMap::len),
+        &Device::Cpu,
+    )?;
+    if task.sparse_layers() > 0 {
+        eprintln!(
+            "note: the export is a dense Hugging Face model (LoRA merged); sparse attention and FFN \
+             routing are training-time approximations and are not part of it"
+        );
+    }
+    export_hf_dir(&mut task, &model_dir, labels.as_ref(), &a.out)?;
+    eprintln!("exported to {}", a.out.display());
+    Ok(())
 }
 
 fn bench(a: &BenchArgs) -> Result<()> {
     if a.batch_size == 0 || a.seq_len == 0 || a.steps == 0 {
         bail!("--batch-size, --seq-len and --steps must be at least 1");
     }
-    let _dev = device(&a.device)?;
-    let _model_dir = resolve_model(&a.model)?;
-    Err(requires_models("bench"))
+    let dev = device(&a.device)?;
+    let model_dir = resolve_model(&a.model)?;
+    if let Some(mode) = a.child {
+        return bench_child(a, mode, &model_dir, &dev);
+    }
+    let model_name = model_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| a.model.clone());
+    let loadavg = || {
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let load_before = loadavg();
+    let exe = std::env::current_exe().context("locating the spt-train executable")?;
+    let mut results: Vec<(Mode, serde_json::Value)> = Vec::new();
+    for &mode in &a.modes {
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args(["-q", "bench", "--model"])
+            .arg(&a.model)
+            .args(["--batch-size", &a.batch_size.to_string()])
+            .args(["--seq-len", &a.seq_len.to_string()])
+            .args(["--steps", &a.steps.to_string()])
+            .args(["--warmup", &a.warmup.to_string()])
+            .args(["--device", &a.device])
+            .args(["--child", &format!("{mode:?}").to_lowercase()]);
+        if let Some(k) = a.attn_k {
+            cmd.args(["--attn-k", &k.to_string()]);
+        }
+        eprintln!(
+            "bench: {model_name} B{}xL{} {mode:?} ...",
+            a.batch_size, a.seq_len
+        );
+        let out = cmd
+            .output()
+            .with_context(|| format!("running {}", exe.display()))?;
+        if !out.status.success() {
+            bail!(
+                "the {mode:?} child failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let line = String::from_utf8_lossy(&out.stdout);
+        let v: serde_json::Value = serde_json::from_str(line.trim())
+            .with_context(|| format!("parsing the {mode:?} child's output `{}`", line.trim()))?;
+        eprintln!(
+            "bench: {mode:?}: median {:.3} s/step, peak RSS {:.0} MiB",
+            v["median_s"].as_f64().unwrap_or(f64::NAN),
+            v["peak_rss_bytes"].as_f64().unwrap_or(f64::NAN) / 1048576.0
+        );
+        results.push((mode, v));
+    }
+    let load_after = loadavg();
+    let base = results
+        .iter()
+        .find(|(m, _)| *m == Mode::Dense)
+        .map(|(_, v)| v.clone());
+    let records: Vec<serde_json::Value> = results
+        .iter()
+        .map(|(mode, v)| {
+            let ours = v["median_s"].as_f64().unwrap_or(f64::NAN);
+            let ours_b = v["peak_rss_bytes"].as_u64().unwrap_or(0);
+            let (bs, bb) = match &base {
+                Some(b) => (b["median_s"].as_f64(), b["peak_rss_bytes"].as_u64()),
+                None => (None, None),
+            };
+            serde_json::json!({
+                "case": {"model": model_name, "B": a.batch_size, "L": a.seq_len, "mode": format!("{mode:?}").to_lowercase()},
+                "ours_s": ours,
+                "baseline_s": bs,
+                "speedup": bs.map(|b| b / ours),
+                "ours_bytes": ours_b,
+                "baseline_bytes": bb,
+                "memory_ratio": bb.map(|b| ours_b as f64 / b as f64),
+                "bytes_kind": "peak RSS",
+                "baseline": "dense full fine-tuning, same run",
+                "steps": a.steps,
+                "warmup": a.warmup,
+                "step_times_s": v["step_times_s"],
+                "trainable_params": v["trainable_params"],
+                "total_params": v["total_params"],
+                "attn_k": v["attn_k"],
+                "weights": v["weights"],
+                "loadavg_before": load_before,
+                "loadavg_after": load_after,
+            })
+        })
+        .collect();
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let machine = serde_json::json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "os": std::env::consts::OS,
+        "arch": std::env::consts::ARCH,
+        "device": a.device,
+    });
+    let mut doc = serde_json::json!({"command": command, "machine": machine, "records": records});
+    if let Some(out) = &a.output {
+        if a.append && out.is_file() {
+            let text = std::fs::read_to_string(out).with_context(|| format!("reading {}", out.display()))?;
+            let old: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("parsing {}", out.display()))?;
+            let mut merged: Vec<serde_json::Value> = old["records"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|r| r["case"]["model"] != serde_json::json!(model_name))
+                .collect();
+            merged.extend(doc["records"].as_array().cloned().unwrap_or_default());
+            let mut commands = match &old["command"] {
+                serde_json::Value::Array(v) => v.clone(),
+                serde_json::Value::String(s) => vec![s.clone().into()],
+                _ => Vec::new(),
+            };
+            commands.push(command.into());
+            doc = serde_json::json!({"command": commands, "machine": machine, "records": merged});
+        }
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        write_file_atomic(out, serde_json::to_string_pretty(&doc)?.as_bytes())
+            .with_context(|| format!("writing {}", out.display()))?;
+        eprintln!("bench: wrote {}", out.display());
+    } else {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    }
+    Ok(())
+}
+
+/// One mode, timed in this (fresh) process: prints `{median_s, step_times_s, peak_rss_bytes, …}`.
+fn bench_child(a: &BenchArgs, mode: Mode, model_dir: &Path, dev: &Device) -> Result<()> {
+    let task_kind = task_of(&a.model)?;
+    let attn_k = a.attn_k.unwrap_or((a.seq_len / 8).max(1));
+    let cfg = FinetuneConfig {
+        task: task_kind,
+        mode,
+        attn_k: Some(attn_k),
+        pq_refresh_every: 0,
+        ..FinetuneConfig::default()
+    };
+    let cfg_path = model_dir.join("config.json");
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?,
+    )?;
+    let vocab = v["vocab_size"].as_u64().unwrap_or(1000) as usize;
+    let data = spt_train::bench::synthetic_data(task_kind, vocab, a.batch_size, a.seq_len, 7);
+    let calibration = if mode == Mode::Spt {
+        calibration_batches(&data, 1, a.batch_size, 7, dev)?
+    } else {
+        Vec::new()
+    };
+    let has_weights = spt_models::WeightSource::from_dir(model_dir).is_ok();
+    let src = if has_weights {
+        spt_models::WeightSource::from_dir(model_dir)?
+    } else if task_kind == TaskKind::Lm {
+        spt_train::bench::random_gpt2_weights(&cfg_path, 7, dev)?
+    } else {
+        bail!(
+            "{} has no weights (random init is only built for GPT-2 configs)",
+            model_dir.display()
+        );
+    };
+    let n_cfg = v["id2label"].as_object().map(|m| m.len()).filter(|&n| n > 0);
+    let num_labels = (task_kind == TaskKind::Classify).then_some(n_cfg.unwrap_or(2));
+    let mut task = ModelTask::build_from_source(&cfg, &cfg_path, &src, num_labels, dev, calibration)?;
+    drop(src);
+    let times = spt_train::bench::time_steps(&mut task, &data, a.warmup, a.steps, dev)?;
+    let rss = spt_train::bench::peak_rss_bytes()?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "median_s": spt_train::bench::median(&times),
+            "step_times_s": times,
+            "peak_rss_bytes": rss,
+            "trainable_params": task.summary.trainable,
+            "total_params": task.summary.total,
+            "attn_k": (mode == Mode::Spt).then_some(attn_k),
+            "weights": if has_weights { "checkpoint" } else { "random init" },
+        })
+    );
+    Ok(())
+}
+
+/// Samples a token id from `logits` with temperature and top-k (0: all).
+fn sample_token(logits: &[f32], temperature: f64, top_k: usize, rng: &mut SplitMix64) -> u32 {
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if top_k > 0 {
+        order.truncate(top_k);
+    }
+    let max = logits[order[0]] as f64;
+    let w: Vec<f64> = order
+        .iter()
+        .map(|&i| ((logits[i] as f64 - max) / temperature).exp())
+        .collect();
+    let total: f64 = w.iter().sum();
+    let mut u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * total;
+    for (k, &wi) in w.iter().enumerate() {
+        if u < wi {
+            return order[k] as u32;
+        }
+        u -= wi;
+    }
+    order[order.len() - 1] as u32
 }
 
 fn main() -> std::process::ExitCode {

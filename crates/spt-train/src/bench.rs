@@ -1,0 +1,140 @@
+//! Pieces of `spt-train bench`: random weights for a config, a synthetic batch, timed training
+//! steps and the process's peak resident set size.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use spt_models::{GPT2Config, WeightSource};
+
+use crate::data::{EncodedDataset, EncodedItem, TaskKind};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::rng::SplitMix64;
+use crate::tasks::ModelTask;
+use crate::trainer::{StepCtx, TrainTask};
+use crate::{Error, Result};
+
+/// normal(0, 0.02)-ish weights (uniform with the same std), seeded, for timing only.
+fn random(shape: &[usize], rng: &mut SplitMix64, std: f64, device: &Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let a = std * 3f64.sqrt();
+    let v: Vec<f32> = (0..n)
+        .map(|_| ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * a)
+        .map(|x| x as f32)
+        .collect();
+    Ok(Tensor::from_vec(v, shape, device)?)
+}
+
+/// Random GPT-2 weights (HF names) for the config at `config_path`: for timing real shapes
+/// without a checkpoint. Not a trained model.
+pub fn random_gpt2_weights(config_path: &Path, seed: u64, device: &Device) -> Result<WeightSource> {
+    let c = GPT2Config::from_file(config_path)?;
+    let (e, inner) = (c.n_embd, c.inner_dim());
+    let mut rng = SplitMix64::new(seed);
+    let mut m: HashMap<String, Tensor> = HashMap::new();
+    let ones = |n: usize| Tensor::ones(n, DType::F32, device);
+    let zeros = |n: usize| Tensor::zeros(n, DType::F32, device);
+    m.insert(
+        "wte.weight".into(),
+        random(&[c.vocab_size, e], &mut rng, 0.02, device)?,
+    );
+    m.insert(
+        "wpe.weight".into(),
+        random(&[c.n_positions, e], &mut rng, 0.01, device)?,
+    );
+    for i in 0..c.n_layer {
+        let p = format!("h.{i}");
+        for ln in ["ln_1", "ln_2"] {
+            m.insert(format!("{p}.{ln}.weight"), ones(e)?);
+            m.insert(format!("{p}.{ln}.bias"), zeros(e)?);
+        }
+        for (name, rows, cols) in [
+            ("attn.c_attn", e, 3 * e),
+            ("attn.c_proj", e, e),
+            ("mlp.c_fc", e, inner),
+            ("mlp.c_proj", inner, e),
+        ] {
+            m.insert(
+                format!("{p}.{name}.weight"),
+                random(&[rows, cols], &mut rng, 0.02, device)?,
+            );
+            m.insert(format!("{p}.{name}.bias"), zeros(cols)?);
+        }
+    }
+    m.insert("ln_f.weight".into(), ones(e)?);
+    m.insert("ln_f.bias".into(), zeros(e)?);
+    Ok(WeightSource::from_tensors(m))
+}
+
+/// A dataset of `b` random sequences of length `l` (labels in 0..2 for classify).
+pub fn synthetic_data(task: TaskKind, vocab: usize, b: usize, l: usize, seed: u64) -> EncodedDataset {
+    let mut rng = SplitMix64::new(seed);
+    let items = (0..b)
+        .map(|_| EncodedItem {
+            input_ids: (0..l).map(|_| rng.below(vocab as u64) as u32).collect(),
+            token_type_ids: vec![0; l],
+            label: (task == TaskKind::Classify).then(|| rng.below(2) as u32),
+        })
+        .collect();
+    EncodedDataset {
+        task,
+        items,
+        pad_id: 0,
+    }
+}
+
+/// Runs `warmup + steps` full training steps (forward, backward, AdamW) on `data` as one batch
+/// and returns the timed steps' seconds.
+pub fn time_steps(
+    task: &mut ModelTask,
+    data: &EncodedDataset,
+    warmup: usize,
+    steps: usize,
+    device: &Device,
+) -> Result<Vec<f64>> {
+    let idx: Vec<usize> = (0..data.len()).collect();
+    let batch = data.batch(&idx, device)?;
+    let mut opt = AdamW::new(task.trainable(), AdamWConfig::default())?;
+    let mut times = Vec::with_capacity(steps);
+    for s in 0..warmup + steps {
+        let t0 = Instant::now();
+        let ctx = StepCtx {
+            step: s as u64,
+            micro: 0,
+            seed: s as u64,
+            train: true,
+        };
+        let loss = task.loss(&batch, &ctx)?;
+        let grads = loss.backward()?;
+        opt.step(&grads, 1e-5)?;
+        drop(grads);
+        task.after_step(s as u64 + 1)?;
+        let dt = t0.elapsed().as_secs_f64();
+        if s >= warmup {
+            times.push(dt);
+        }
+    }
+    Ok(times)
+}
+
+/// The median of `xs` (NaN when empty).
+pub fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Peak resident set size of this process in bytes (`VmHWM` of /proc/self/status).
+pub fn peak_rss_bytes() -> Result<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").map_err(|e| Error::io("/proc/self/status", e))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| Error::Msg("no VmHWM in /proc/self/status".into()))
+}

@@ -1,0 +1,582 @@
+//! The models of spt-models as [`TrainTask`]s: `BertForSequenceClassification` (classify) and
+//! `GPT2LMHeadModel` (lm), in dense, LoRA or SPT mode.
+//!
+//! The three modes share one code path and differ only in how the model is prepared:
+//! - `dense`: every weight is a trainable `Var`;
+//! - `lora`: the base is frozen, LoRA adapters wrap q, k, v, o, fc1, fc2, the (new) head trains;
+//! - `spt`: as `lora`, plus sparse attention (PQ codebooks fitted on calibration batches drawn,
+//!   seeded, from the training data) and a routed FFN (router fitted on the same tokens), via
+//!   [`spt_models::sparsify`]. The codebooks refresh every `pq_refresh_every` steps and are
+//!   checkpointed through [`TrainTask::extra_state`].
+//!
+//! Dropout is seeded from [`StepCtx::seed`], so a resumed run repeats the same masks.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+use spt_models::pq::{PqConfig, Refresh, TopK};
+use spt_models::routed_ffn::{GateMode, TopK as BlockTopK};
+use spt_models::{
+    sparsify, BertConfig, BertForSequenceClassification, CalibrationBatch, FeedForward, GPT2Config,
+    GPT2LMHeadModel, LoadOptions, LoraSettings, LoraTarget, NamedParams, RoutedFfnSettings, RouterFit,
+    SparseAttentionConfig, SparsifyReport, SptConfig, SptModel, Trainable, WeightSource,
+};
+
+use crate::config::{FinetuneConfig, Mode};
+use crate::data::{Batch, EncodedDataset, LabelMap, TaskKind};
+use crate::losses::{causal_lm_eval, causal_lm_loss, classification_eval, classification_loss};
+use crate::rng::SplitMix64;
+use crate::trainer::{EvalOutput, StepCtx, TrainTask};
+use crate::{Error, Result};
+
+/// Prefix of the PQ codebook tensors in [`TrainTask::extra_state`].
+pub const CODEBOOK_PREFIX: &str = "pq_codebook.layer.";
+
+/// The model behind a task.
+pub enum Net {
+    Classifier(Box<BertForSequenceClassification>),
+    Lm(Box<GPT2LMHeadModel>),
+}
+
+impl Net {
+    fn spt(&mut self) -> &mut dyn SptModel {
+        match self {
+            Net::Classifier(m) => m.as_mut(),
+            Net::Lm(m) => m.as_mut(),
+        }
+    }
+
+    fn params(&self) -> &dyn NamedParams {
+        match self {
+            Net::Classifier(m) => m.as_ref(),
+            Net::Lm(m) => m.as_ref(),
+        }
+    }
+
+    fn seed_dropout(&self, seed: u64) {
+        match self {
+            Net::Classifier(m) => m.seed_dropout(seed),
+            Net::Lm(m) => m.seed_dropout(seed),
+        }
+    }
+
+    /// Logits: `[B, C]` (classify) or `[B, L, V]` (lm).
+    pub fn forward(&self, batch: &Batch, train: bool) -> candle_core::Result<Tensor> {
+        Ok(match self {
+            Net::Classifier(m) => m.forward_t(
+                &batch.input_ids,
+                Some(&batch.token_type_ids),
+                Some(&batch.attention_mask),
+                train,
+            )?,
+            Net::Lm(m) => m.forward_t(&batch.input_ids, Some(&batch.attention_mask), train)?,
+        })
+    }
+
+    /// The number of transformer layers.
+    pub fn num_layers(&mut self) -> usize {
+        self.spt().num_layers()
+    }
+}
+
+/// Parameter counts of a prepared model.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct ParamSummary {
+    /// Scalars in every parameter (base weights, head, adapters, routers).
+    pub total: usize,
+    /// Scalars that train.
+    pub trainable: usize,
+    /// Canonical names of weights not in the checkpoint that were initialised (new heads).
+    pub initialised: Vec<String>,
+}
+
+impl std::fmt::Display for ParamSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "parameters: {} trainable of {} ({:.2}%)",
+            self.trainable,
+            self.total,
+            100.0 * self.trainable as f64 / self.total.max(1) as f64
+        )?;
+        if !self.initialised.is_empty() {
+            write!(f, "; newly initialised: {}", self.initialised.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// A model + loss for the trainer, in one of the three modes.
+pub struct ModelTask {
+    pub net: Net,
+    pub mode: Mode,
+    pub summary: ParamSummary,
+    /// What `sparsify` did (spt mode).
+    pub sparsify_report: Option<SparsifyReport>,
+    /// Batches the codebook refresh cycles through (spt mode).
+    calibration: Vec<CalibrationBatch>,
+    refresh_every: u64,
+    /// Keys per query of the sparse layers (to rebuild them from saved codebooks).
+    attn_top_k: Option<TopK>,
+    /// The current PQ codebooks (layer, centroids), kept in step with the model.
+    codebooks: Vec<(usize, Tensor)>,
+    vars: Vec<(String, Var)>,
+}
+
+/// How many PQ subspaces: the setting, else the largest divisor of the head dimension ≤ 8.
+fn pq_subspaces(cfg: &FinetuneConfig, head_dim: usize) -> usize {
+    cfg.pq_subspaces.unwrap_or_else(|| {
+        (1..=8.min(head_dim))
+            .rev()
+            .find(|s| head_dim % s == 0)
+            .unwrap_or(1)
+    })
+}
+
+/// The sparse-attention top-k of the settings (default: a quarter of the keys).
+pub fn attention_top_k(cfg: &FinetuneConfig) -> Result<TopK> {
+    match (cfg.attn_k, cfg.attn_k_fraction) {
+        (Some(_), Some(_)) => Err(Error::Msg(
+            "give either --attn-k or --attn-k-fraction, not both".into(),
+        )),
+        (Some(0), None) => Err(Error::Msg("--attn-k must be at least 1".into())),
+        (Some(k), None) => Ok(TopK::Count(k)),
+        (None, Some(f)) if !(f > 0.0 && f <= 1.0) => Err(Error::Msg(format!(
+            "--attn-k-fraction must be in (0, 1], got {f}"
+        ))),
+        (None, Some(f)) => Ok(TopK::Fraction(f)),
+        (None, None) => Ok(TopK::Fraction(0.25)),
+    }
+}
+
+/// The `SptConfig` of a mode. `fit` = fit codebooks and routers on calibration batches (a new
+/// run); without it (restoring a checkpoint) attention stays dense here and the saved codebooks
+/// are installed afterwards.
+fn spt_config(cfg: &FinetuneConfig, head_dim: usize, fit: bool) -> Result<Option<SptConfig>> {
+    if cfg.mode == Mode::Dense {
+        return Ok(None);
+    }
+    if cfg.lora_rank == 0 {
+        return Err(Error::Msg("--lora-rank must be at least 1".into()));
+    }
+    if !(0.0..1.0).contains(&cfg.lora_dropout) {
+        return Err(Error::Msg(format!(
+            "--lora-dropout must be in [0, 1), got {}",
+            cfg.lora_dropout
+        )));
+    }
+    let lora = LoraSettings {
+        targets: vec![
+            LoraTarget::Query,
+            LoraTarget::Key,
+            LoraTarget::Value,
+            LoraTarget::Output,
+            LoraTarget::Fc1,
+            LoraTarget::Fc2,
+        ],
+        config: spt_models::lora::LoraConfig {
+            rank: cfg.lora_rank,
+            alpha: cfg.lora_alpha,
+            dropout: cfg.lora_dropout as f32,
+            seed: cfg.seed,
+        },
+    };
+    let mut sc = SptConfig {
+        lora: Some(lora),
+        ..SptConfig::default()
+    };
+    if cfg.mode == Mode::Spt {
+        if cfg.ffn_top_k == 0 || cfg.ffn_top_k > cfg.ffn_blocks {
+            return Err(Error::Msg(format!(
+                "--ffn-top-k must be in 1..=--ffn-blocks ({}), got {}",
+                cfg.ffn_blocks, cfg.ffn_top_k
+            )));
+        }
+        let top_k = attention_top_k(cfg)?;
+        if fit {
+            sc.attention = Some(SparseAttentionConfig {
+                pq: PqConfig {
+                    n_subspaces: pq_subspaces(cfg, head_dim),
+                    n_codewords: cfg.pq_codewords.unwrap_or(16),
+                    seed: cfg.seed,
+                    ..PqConfig::default()
+                },
+                top_k,
+            });
+        }
+        sc.ffn = Some(RoutedFfnSettings {
+            n_blocks: cfg.ffn_blocks,
+            top_k: BlockTopK::Count(cfg.ffn_top_k),
+            gate: GateMode::default(),
+            router_fit: fit.then(RouterFit::default),
+            seed: cfg.seed,
+        });
+    }
+    Ok(Some(sc))
+}
+
+/// `n` calibration batches of `batch_size` items drawn (seeded) from `data`.
+pub fn calibration_batches(
+    data: &EncodedDataset,
+    n: usize,
+    batch_size: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<Vec<CalibrationBatch>> {
+    if data.is_empty() || n == 0 || batch_size == 0 {
+        return Ok(Vec::new());
+    }
+    let mut idx: Vec<usize> = (0..data.len()).collect();
+    SplitMix64::derive(seed, 0xCA11_B4A7).shuffle(&mut idx);
+    idx.chunks(batch_size)
+        .take(n)
+        .map(|c| {
+            let b = data.batch(c, device)?;
+            Ok(CalibrationBatch {
+                input_ids: b.input_ids,
+                attention_mask: Some(b.attention_mask),
+                token_type_ids: (data.task == TaskKind::Classify).then_some(b.token_type_ids),
+            })
+        })
+        .collect()
+}
+
+impl ModelTask {
+    /// Loads the model in `model_dir` and prepares it for `cfg.mode`. `calibration` batches fit
+    /// the PQ codebooks and routers (spt); pass none when the state comes from a checkpoint.
+    pub fn build(
+        cfg: &FinetuneConfig,
+        model_dir: &Path,
+        num_labels: Option<usize>,
+        device: &Device,
+        calibration: Vec<CalibrationBatch>,
+    ) -> Result<Self> {
+        let config_path = model_dir.join("config.json");
+        let src = if cfg.random_init {
+            if cfg.task != TaskKind::Lm {
+                return Err(Error::Msg(
+                    "--random-init is only available for GPT-2 (--task lm)".into(),
+                ));
+            }
+            tracing::warn!("random initial weights (--random-init): not a pretrained model");
+            crate::bench::random_gpt2_weights(&config_path, cfg.seed, device)?
+        } else {
+            WeightSource::from_dir(model_dir)?
+        };
+        Self::build_from_source(cfg, &config_path, &src, num_labels, device, calibration)
+    }
+
+    /// As [`ModelTask::build`], with the weights given (e.g. random ones for benchmarks).
+    pub fn build_from_source(
+        cfg: &FinetuneConfig,
+        config_path: &Path,
+        src: &WeightSource,
+        num_labels: Option<usize>,
+        device: &Device,
+        calibration: Vec<CalibrationBatch>,
+    ) -> Result<Self> {
+        let fit = !calibration.is_empty();
+        let trainable = match cfg.mode {
+            Mode::Dense => Trainable::All,
+            // The head trains in every mode; LoRA / routers are added by sparsify.
+            Mode::Lora | Mode::Spt => Trainable::only(|n: &str| n.starts_with("classifier.")),
+        };
+        let opts = LoadOptions {
+            dtype: DType::F32,
+            device: device.clone(),
+            trainable,
+            init_seed: cfg.seed,
+        };
+        let (mut net, report, head_dim) = match cfg.task {
+            TaskKind::Classify => {
+                let c = BertConfig::from_file(config_path)?;
+                let (m, r) = BertForSequenceClassification::load(&c, src, &opts, num_labels)?;
+                (Net::Classifier(Box::new(m)), r, c.head_dim())
+            }
+            TaskKind::Lm => {
+                let c = GPT2Config::from_file(config_path)?;
+                let (m, r) = GPT2LMHeadModel::load(&c, src, &opts)?;
+                (Net::Lm(Box::new(m)), r, c.head_dim())
+            }
+        };
+        // A newly initialised head (and pooler) must train in every mode.
+        if cfg.mode != Mode::Dense && !report.initialised.is_empty() {
+            let init = report.initialised.clone();
+            match &mut net {
+                Net::Classifier(m) => m.set_trainable(&|n: &str| init.iter().any(|i| i == n))?,
+                Net::Lm(m) => m.set_trainable(&|n: &str| init.iter().any(|i| i == n))?,
+            }
+        }
+        let mut sparsify_report = None;
+        if let Some(sc) = spt_config(cfg, head_dim, fit)? {
+            let calib = if fit && cfg.mode == Mode::Spt {
+                &calibration[..]
+            } else {
+                &[]
+            };
+            sparsify_report = Some(sparsify(net.spt(), &sc, calib)?);
+        }
+        if cfg.router_aux_weight > 0.0 {
+            tracing::warn!(
+                "--router-aux-weight is ignored: spt-models' routed FFN slot does not expose the \
+                 load-balancing loss yet"
+            );
+        }
+        let codebooks = net.spt().pq_codebooks()?;
+        let mut summary = ParamSummary {
+            initialised: report.initialised,
+            ..ParamSummary::default()
+        };
+        net.params().visit_params(&mut |p| {
+            summary.total += p.tensor().elem_count();
+            if p.is_trainable() {
+                summary.trainable += p.tensor().elem_count();
+            }
+        });
+        let vars = net.params().named_vars();
+        let attn_top_k = match cfg.mode {
+            Mode::Spt => Some(attention_top_k(cfg)?),
+            _ => None,
+        };
+        Ok(Self {
+            net,
+            mode: cfg.mode,
+            summary,
+            sparsify_report: sparsify_report.filter(|_| cfg.mode == Mode::Spt),
+            calibration: if cfg.mode == Mode::Spt {
+                calibration
+            } else {
+                Vec::new()
+            },
+            refresh_every: cfg.pq_refresh_every,
+            attn_top_k,
+            codebooks,
+            vars,
+        })
+    }
+
+    /// Loads trained values (and codebooks) from a checkpoint's tensors.
+    pub fn load_trained(
+        &mut self,
+        model: &HashMap<String, Tensor>,
+        extra: &HashMap<String, Tensor>,
+    ) -> Result<()> {
+        for (name, var) in &self.vars {
+            let t = model.get(name).ok_or_else(|| {
+                Error::Msg(format!(
+                    "the checkpoint has no tensor `{name}` (was it made with another --mode?)"
+                ))
+            })?;
+            if t.dims() != var.dims() {
+                return Err(Error::Msg(format!(
+                    "checkpoint tensor `{name}` has shape {:?}, the model expects {:?}",
+                    t.dims(),
+                    var.dims()
+                )));
+            }
+            var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+        }
+        self.load_extra_state(extra)?;
+        Ok(())
+    }
+
+    /// Folds every LoRA adapter into its weights (for export or faster inference).
+    pub fn merge_lora(&mut self) -> Result<()> {
+        let m = self.net.spt();
+        for i in 0..m.num_layers() {
+            let Some(slots) = m.layer_slots(i) else { continue };
+            for (_, lin) in slots.linears {
+                if lin.lora().is_some_and(|l| !l.is_merged()) {
+                    lin.merge_lora()?;
+                }
+            }
+            match slots.ffn {
+                FeedForward::Dense(d) => {
+                    for lin in [&mut d.fc1, &mut d.fc2] {
+                        if lin.lora().is_some_and(|l| !l.is_merged()) {
+                            lin.merge_lora()?;
+                        }
+                    }
+                }
+                FeedForward::Routed(r) => {
+                    if r.ffn.lora_factors().is_some() {
+                        r.merge_lora()?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The weights under their Hugging Face names, without adapters or routers (call
+    /// [`ModelTask::merge_lora`] first).
+    pub fn hf_tensors(&self) -> Vec<(String, Tensor)> {
+        self.net
+            .params()
+            .named_tensors()
+            .into_iter()
+            .filter(|(n, _)| !n.contains(".lora_A.") && !n.contains(".lora_B.") && !n.contains(".router."))
+            .collect()
+    }
+
+    /// The number of sparse-attention layers.
+    pub fn sparse_layers(&self) -> usize {
+        self.codebooks.len()
+    }
+}
+
+impl TrainTask for ModelTask {
+    fn loss(&mut self, batch: &Batch, ctx: &StepCtx) -> candle_core::Result<Tensor> {
+        if ctx.train {
+            self.net.seed_dropout(ctx.seed);
+        }
+        let logits = self.net.forward(batch, ctx.train)?;
+        match self.net {
+            Net::Classifier(_) => classification_loss(&logits, batch),
+            Net::Lm(_) => causal_lm_loss(&logits, batch),
+        }
+    }
+
+    fn trainable(&self) -> Vec<(String, Var)> {
+        self.vars.clone()
+    }
+
+    fn eval_batch(&mut self, batch: &Batch) -> candle_core::Result<EvalOutput> {
+        let logits = self.net.forward(batch, false)?;
+        match self.net {
+            Net::Classifier(_) => classification_eval(&logits, batch),
+            Net::Lm(_) => causal_lm_eval(&logits, batch),
+        }
+    }
+
+    fn extra_state(&self) -> candle_core::Result<BTreeMap<String, Tensor>> {
+        Ok(self
+            .codebooks
+            .iter()
+            .map(|(i, t)| (format!("{CODEBOOK_PREFIX}{i}"), t.clone()))
+            .collect())
+    }
+
+    fn load_extra_state(&mut self, state: &HashMap<String, Tensor>) -> candle_core::Result<()> {
+        let mut books: Vec<(usize, Tensor)> = Vec::new();
+        for (k, t) in state {
+            if let Some(i) = k.strip_prefix(CODEBOOK_PREFIX) {
+                let i: usize = i
+                    .parse()
+                    .map_err(|_| candle_core::Error::Msg(format!("bad codebook key `{k}`")))?;
+                books.push((i, t.clone()));
+            }
+        }
+        books.sort_by_key(|(i, _)| *i);
+        if books.is_empty() {
+            return Ok(());
+        }
+        let top_k = self.attn_top_k.ok_or_else(|| {
+            candle_core::Error::Msg("the checkpoint holds PQ codebooks but the mode is not spt".into())
+        })?;
+        self.net.spt().set_pq_codebooks(&books, top_k)?;
+        self.codebooks = self.net.spt().pq_codebooks()?;
+        Ok(())
+    }
+
+    fn after_step(&mut self, step: u64) -> candle_core::Result<()> {
+        if self.refresh_every == 0
+            || self.calibration.is_empty()
+            || self.codebooks.is_empty()
+            || step % self.refresh_every != 0
+        {
+            return Ok(());
+        }
+        let i = ((step / self.refresh_every) as usize) % self.calibration.len();
+        let batch = self.calibration[i].clone();
+        let n = self
+            .net
+            .spt()
+            .refresh_codebooks(&batch, Refresh::Ema { decay: 0.9 })?;
+        self.codebooks = self.net.spt().pq_codebooks()?;
+        tracing::debug!(step, layers = n, "PQ codebooks refreshed");
+        Ok(())
+    }
+}
+
+/// Writes `task` as a Hugging Face model directory `out`: LoRA merged, `model.safetensors` with
+/// HF key names (no adapters, routers or codebooks), `config.json` (with the label mapping for a
+/// classifier) and the tokenizer files of `model_dir`. Built in a temporary sibling directory and
+/// renamed into place, so `out` is never half-written; an existing `out` is replaced.
+pub fn export_hf_dir(
+    task: &mut ModelTask,
+    model_dir: &Path,
+    labels: Option<&LabelMap>,
+    out: &Path,
+) -> Result<()> {
+    task.merge_lora()?;
+    let tensors: HashMap<String, Tensor> = task
+        .hf_tensors()
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| Error::Msg(format!("{}: not a directory name", out.display())))?;
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let write = || -> Result<()> {
+        candle_core::safetensors::save(&tensors, tmp.join("model.safetensors"))?;
+        let cfg_path = model_dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::Msg(format!("{}: {e}", cfg_path.display())))?;
+        if let (Some(obj), Some(l)) = (cfg.as_object_mut(), labels) {
+            let name = |i: usize| l.label(i as u32).unwrap_or_default().to_string();
+            let id2label: serde_json::Map<String, serde_json::Value> =
+                (0..l.len()).map(|i| (i.to_string(), name(i).into())).collect();
+            let label2id: serde_json::Map<String, serde_json::Value> =
+                (0..l.len()).map(|i| (name(i), i.into())).collect();
+            obj.insert("id2label".into(), id2label.into());
+            obj.insert("label2id".into(), label2id.into());
+            obj.insert(
+                "architectures".into(),
+                serde_json::json!(["BertForSequenceClassification"]),
+            );
+        }
+        let cfg_text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Msg(e.to_string()))?;
+        let dst = tmp.join("config.json");
+        std::fs::write(&dst, cfg_text).map_err(|e| Error::io(&dst, e))?;
+        for f in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "vocab.txt",
+            "vocab.json",
+            "merges.txt",
+            "generation_config.json",
+        ] {
+            let src = model_dir.join(f);
+            if src.is_file() {
+                std::fs::copy(&src, tmp.join(f)).map_err(|e| Error::io(&src, e))?;
+            }
+        }
+        let marker = tmp.join(".spt-train-output");
+        std::fs::write(&marker, b"spt-train output directory\n").map_err(|e| Error::io(&marker, e))?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if out.exists() {
+        std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
+    }
+    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+    Ok(())
+}

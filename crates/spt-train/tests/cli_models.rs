@@ -1,0 +1,205 @@
+//! `spt-train` on the tiny fixture models, run as a user would: finetune, eval, predict, export
+//! (then reload with spt-models), generate.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn spt_train(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_spt-train"));
+    c.args(args).env("RUST_LOG", "warn");
+    if stdin.is_some() {
+        c.stdin(Stdio::piped());
+    }
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = c.spawn().expect("run spt-train");
+    if let Some(text) = stdin {
+        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    }
+    let o = child.wait_with_output().unwrap();
+    assert!(
+        o.status.success(),
+        "spt-train {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+const WORDS: [&str; 12] = [
+    "good", "bad", "great", "awful", "movie", "film", "the", "a", "was", "very", "story", "actor",
+];
+
+/// A fixture model copied with a word-level tokenizer.json (the fixtures ship none).
+fn fixture(name: &str, root: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../spt-models/tests/fixtures")
+        .join(name);
+    let dst = root.join(name);
+    std::fs::create_dir_all(&dst).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+    let mut vocab = serde_json::Map::new();
+    for (i, w) in ["[PAD]", "[UNK]", "<|endoftext|>"]
+        .iter()
+        .chain(WORDS.iter())
+        .enumerate()
+    {
+        vocab.insert((*w).to_string(), i.into());
+    }
+    // Cover the model's whole vocabulary (1000), so every sampled id decodes.
+    for i in vocab.len()..1000 {
+        vocab.insert(format!("w{i}"), i.into());
+    }
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": false},
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    });
+    std::fs::write(dst.join("tokenizer.json"), tok.to_string()).unwrap();
+    dst
+}
+
+#[test]
+fn classify_finetune_eval_predict_export() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-bert-cls", tmp.path());
+    let m = model.to_str().unwrap();
+    let data = tmp.path().join("d.csv");
+    let mut rows = String::from("text,label,movie\n");
+    for i in 0..60 {
+        let (w, l) = [("good", "pos"), ("bad", "neg"), ("story", "neutral")][i % 3];
+        rows.push_str(&format!("the {w} movie was very {w},{l},m{}\n", i % 5));
+    }
+    std::fs::write(&data, rows).unwrap();
+    let run = tmp.path().join("run");
+    let r = run.to_str().unwrap();
+    let o = spt_train(
+        &[
+            "finetune",
+            "--model",
+            m,
+            "--train-file",
+            data.to_str().unwrap(),
+            "--split-by",
+            "movie",
+            "--validation-split",
+            "0.3",
+            "--output-dir",
+            r,
+            "--mode",
+            "lora",
+            "--max-steps",
+            "8",
+            "--batch-size",
+            "8",
+            "--lr",
+            "3e-3",
+            "--no-progress",
+        ],
+        None,
+    );
+    let last: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(last["step"], 8);
+    assert!(last["median_step_s"].as_f64().unwrap() > 0.0);
+
+    // eval: accuracy and macro-F1 of the run's latest checkpoint.
+    let o = spt_train(
+        &[
+            "eval",
+            "--model",
+            m,
+            "--checkpoint",
+            r,
+            "--data-file",
+            data.to_str().unwrap(),
+        ],
+        None,
+    );
+    let rep: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    let acc = rep["accuracy"].as_f64().unwrap();
+    assert!(
+        (0.0..=1.0).contains(&acc) && rep["macro_f1"].as_f64().is_some(),
+        "{rep}"
+    );
+    assert_eq!(rep["examples"], 60);
+
+    // predict: one JSON line per stdin line, with a label from labels.json.
+    let o = spt_train(
+        &["predict", "--model", m, "--checkpoint", r],
+        Some("the good movie\nthe bad film\n"),
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for l in &lines {
+        assert!(
+            ["pos", "neg", "neutral"].contains(&l["label"].as_str().unwrap()),
+            "{l}"
+        );
+    }
+
+    // export: an HF directory that loads without initialising anything, with the labels.
+    let out = tmp.path().join("export");
+    spt_train(
+        &[
+            "export",
+            "--model",
+            m,
+            "--checkpoint",
+            r,
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        None,
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["id2label"]["0"], "neg");
+    assert!(out.join("tokenizer.json").is_file());
+    let st =
+        candle_core::safetensors::load(out.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    assert!(
+        st.keys().all(|k| !k.contains("lora_")),
+        "adapters left in the export"
+    );
+    let (_, rep) =
+        spt_models::BertForSequenceClassification::from_dir(&out, &spt_models::LoadOptions::frozen(), None)
+            .unwrap();
+    assert!(rep.initialised.is_empty() && rep.unused.is_empty(), "{rep:?}");
+}
+
+#[test]
+fn generate_is_seeded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-gpt2", tmp.path());
+    let m = model.to_str().unwrap();
+    let gen = |seed: &str| {
+        let o = spt_train(
+            &[
+                "generate",
+                "--model",
+                m,
+                "--prompt",
+                "the good movie",
+                "--max-new-tokens",
+                "6",
+                "--temperature",
+                "0.8",
+                "--top-k",
+                "5",
+                "--seed",
+                seed,
+            ],
+            None,
+        );
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let a = gen("1");
+    assert_eq!(a, gen("1"), "same seed, same text");
+    assert!(a.split_whitespace().count() >= 3, "{a}");
+}
