@@ -27,9 +27,11 @@ def table(name):
         return None
     with open(path) as f:
         data = json.load(f)
-    recs = data["records"]
+    recs = data.get("records") or []
     if not recs:
         return None
+    if "ours_s" not in recs[0]:
+        return quality_table(data)
     keys = list(recs[0]["case"].keys())
     head = keys + ["ours (s)", "baseline (s)", "speedup", "ours bytes", "baseline bytes", "bytes ratio"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -52,6 +54,52 @@ def table(name):
     return "\n".join(lines)
 
 
+def quality_table(data):
+    """Accuracy / perplexity records: the case, the metric and how it was trained."""
+    recs = data["records"]
+    keys = list(recs[0]["case"].keys())
+    extra = [k for k in ("accuracy", "macro_f1", "perplexity", "lr", "steps", "median_step_s") if any(k in r for r in recs)]
+    lines = ["| " + " | ".join(keys + extra) + " |", "|" + "---|" * (len(keys) + len(extra))]
+    for r in recs:
+        vals = []
+        for k in extra:
+            v = r.get(k)
+            vals.append("–" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)))
+        lines.append("| " + " | ".join(case_str(r["case"], keys) + vals) + " |")
+    lines.append("")
+    lines.append(f"Machine: {data.get('machine', '?')}. Re-run: `{data.get('command', '?')}`.")
+    return "\n".join(lines)
+
+
+def speed_chart(name):
+    """A small SVG bar chart of step time per mode, next to the JSON (linked from the README)."""
+    path = os.path.join(ROOT, "bench", "results", f"{name}.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        recs = json.load(f).get("records") or []
+    rows = [(f"{r['case'].get('model')} {r['case'].get('B')}x{r['case'].get('L')} {r['case'].get('mode')}", r["ours_s"], r.get("ours_bytes")) for r in recs if "ours_s" in r]
+    if not rows:
+        return
+    width, bar_h, left = 760, 22, 330
+    top = max(v for _, v, _ in rows)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{40 + bar_h * len(rows)}" font-family="sans-serif" font-size="12">',
+           f'<text x="10" y="18" font-weight="bold">{name}: seconds per fine-tuning step (median; shorter is better)</text>']
+    for i, (label, v, b) in enumerate(rows):
+        y = 30 + i * bar_h
+        w = (width - left - 120) * v / top
+        colour = "#d95f02" if label.endswith("dense") else ("#7570b3" if label.endswith("lora") else "#1b9e77")
+        mem = f", {b / 2**30:.1f} GiB" if b else ""
+        out.append(f'<text x="10" y="{y + 15}">{label}</text>')
+        out.append(f'<rect x="{left}" y="{y + 3}" width="{w:.1f}" height="{bar_h - 6}" fill="{colour}"/>')
+        out.append(f'<text x="{left + w + 5:.1f}" y="{y + 15}">{v:.2f} s{mem}</text>')
+    out.append("</svg>")
+    tmp = os.path.join(ROOT, "bench", "results", f"{name}.svg.tmp")
+    with open(tmp, "w") as f:
+        f.write("\n".join(out) + "\n")
+    os.replace(tmp, os.path.join(ROOT, "bench", "results", f"{name}.svg"))
+
+
 def main():
     names = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "bench", "results")) if f.endswith(".json"))
     tables = {n: table(n) for n in names}
@@ -59,14 +107,15 @@ def main():
         for n, t in tables.items():
             print(f"## {n}\n\n{t}\n")
         return
+    speed_chart("finetune-speed")
     readme = os.path.join(ROOT, "README.md")
     with open(readme) as f:
         text = f.read()
     for n, t in tables.items():
         if t is None:
             continue
-        pat = re.compile(rf"(<!-- results:{n} -->\n).*?(\n<!-- /results:{n} -->)", re.S)
-        text = pat.sub(lambda m: m.group(1) + t + m.group(2), text)
+        pat = re.compile(rf"(<!-- results:{n} -->\n)(?:.*?\n)?(<!-- /results:{n} -->)", re.S)
+        text = pat.sub(lambda m: m.group(1) + t + "\n" + m.group(2), text)
     tmp = readme + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
