@@ -94,3 +94,9 @@ pub(crate) fn sum_partials<T: Float>(partials: Vec<Vec<T>>, n: usize) -> Vec<T> 
     }
     out
 }
+
+/// `Some(grad)` only if `input` needs a gradient: candle keeps every returned gradient until the
+/// end of backward, so frozen inputs get `None`.
+pub(crate) fn if_tracked(input: &Tensor, grad: Tensor) -> Option<Tensor> {
+    input.track_op().then_some(grad)
+}

@@ -1,6 +1,6 @@
 //! Layer normalisation over the last dimension, as a [`CustomOp3`] over `(x, gamma, beta)`.
 
-use crate::util::{check_float, check_same, contiguous, sum_partials, with_cpu, Float};
+use crate::util::{check_float, check_same, contiguous, if_tracked, sum_partials, with_cpu, Float};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -155,9 +155,7 @@ impl CustomOp3 for LayerNormOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, dg, db) = layer_norm_backward(x, gamma, grad, self.eps)?;
-        // Skip gradients nobody asked for (frozen gamma/beta): candle would otherwise keep them.
-        let keep = |t: &Tensor, g: Tensor| if t.track_op() { Some(g) } else { None };
-        Ok((keep(x, dx), keep(gamma, dg), keep(beta, db)))
+        Ok((if_tracked(x, dx), if_tracked(gamma, dg), if_tracked(beta, db)))
     }
 }
 

@@ -11,7 +11,7 @@ pub mod reference;
 
 use crate::pq::KeySelection;
 use crate::simd::Vector;
-use crate::util::{check_float, check_same, contiguous, with_cpu};
+use crate::util::{check_float, check_same, contiguous, if_tracked, with_cpu};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use cpu::Dims;
 use std::sync::Mutex;
@@ -200,8 +200,7 @@ impl CustomOp3 for SparseAttention {
             bail!("sparse_attention: backward called before forward")
         };
         let (dq, dk, dv) = sparse_attention_backward(q, k, v, o, &lse, grad, &self.indices, self.scale)?;
-        let keep = |t: &Tensor, g: Tensor| if t.track_op() { Some(g) } else { None };
-        Ok((keep(q, dq), keep(k, dk), keep(v, dv)))
+        Ok((if_tracked(q, dq), if_tracked(k, dk), if_tracked(v, dv)))
     }
 }
 
