@@ -25,7 +25,7 @@ use crate::memory::{activation_bytes, ActivationAccounting, ActivationBytes, Lay
 use crate::sparsify::{CalibrationBatch, LayerSlots, LayerTrace, LoraTarget, SptModel};
 use crate::weights::{read_json, LoadOptions, LoadReport, Loader, NamedParams, Param, WeightSource};
 use candle_core::{DType, Tensor, D};
-use spt_ops::Activation;
+use spt_ops::{Activation, Reduction};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -428,6 +428,14 @@ impl GPT2LMHeadModel {
         self.transformer.seed_dropout(seed);
     }
 
+    /// The output projection `[vocab, n_embd]`: `wte` when tied.
+    fn head_weight(&self) -> &Tensor {
+        match &self.lm_head {
+            Some(p) => p.tensor(),
+            None => self.transformer.wte.weight.tensor(),
+        }
+    }
+
     /// Logits `[B, L, vocab]`.
     pub fn forward_t(
         &self,
@@ -436,12 +444,8 @@ impl GPT2LMHeadModel {
         train: bool,
     ) -> Result<Tensor> {
         let h = self.transformer.forward_t(input_ids, attention_mask, train)?;
-        let w = match &self.lm_head {
-            Some(p) => p.tensor(),
-            None => self.transformer.wte.weight.tensor(),
-        };
         let (b, l, e) = h.dims3()?;
-        let logits = h.reshape((b * l, e))?.matmul(&w.t()?)?;
+        let logits = h.reshape((b * l, e))?.matmul(&self.head_weight().t()?)?;
         Ok(logits.reshape((b, l, ()))?)
     }
 
@@ -467,12 +471,66 @@ impl GPT2LMHeadModel {
         let loss = lm_loss(&logits, input_ids, attention_mask)?;
         Ok((logits, loss))
     }
+
+    /// The mean next-token loss of [`Self::loss`] straight from the hidden states, through the
+    /// fused [`spt_ops::linear_cross_entropy`]: no `[B, L, vocab]` logits are kept, and a frozen
+    /// head costs no weight-gradient GEMM. Use this for training; it equals
+    /// `loss(forward_t(..))` up to float rounding.
+    pub fn forward_loss(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        Ok(self
+            .fused_nll(input_ids, attention_mask, train, Reduction::Mean)?
+            .0)
+    }
+
+    /// Summed next-token NLL over the targets that count, and their number (for evaluation and
+    /// perplexity over many batches); no graph is kept.
+    pub fn nll_sum(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<(f64, usize)> {
+        let (sum, count) = self.fused_nll(input_ids, attention_mask, false, Reduction::Sum)?;
+        Ok((sum.detach().to_dtype(DType::F64)?.to_scalar::<f64>()?, count))
+    }
+
+    fn fused_nll(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+        reduction: Reduction,
+    ) -> Result<(Tensor, usize)> {
+        let w = self.head_weight();
+        let (b, l) = input_ids.dims2().map_err(|_| ModelError::BadInput {
+            name: "input_ids",
+            reason: format!("expected shape [batch, seq_len], got {:?}", input_ids.dims()),
+        })?;
+        let t = next_token_targets(input_ids, attention_mask, (b, l), w.dim(0)?, w.dtype())?;
+        let h = self.transformer.forward_t(input_ids, attention_mask, train)?;
+        let e = h.dim(D::Minus1)?;
+        let h = h.narrow(1, 0, l - 1)?.reshape((t.count_rows, e))?;
+        let loss = spt_ops::linear_cross_entropy(&h, w, &t.ids, t.weight.as_ref(), reduction)?;
+        Ok((loss, t.counted))
+    }
 }
 
-/// Shifted next-token cross-entropy over `logits [B, L, V]`, ignoring targets where
-/// `attention_mask [B, L]` is 0. Errors if no target is left.
-pub fn lm_loss(logits: &Tensor, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-    let (b, l, v) = logits.dims3()?;
+/// The shifted targets of a next-token loss over `[B, L]` ids: `ids[:, 1:]` flattened, the 0/1
+/// weight of each (from `attention_mask[:, 1:]`), and how many count.
+struct NextTokenTargets {
+    ids: Tensor,
+    weight: Option<Tensor>,
+    count_rows: usize,
+    counted: usize,
+}
+
+fn next_token_targets(
+    input_ids: &Tensor,
+    attention_mask: Option<&Tensor>,
+    (b, l): (usize, usize),
+    vocab: usize,
+    dtype: DType,
+) -> Result<NextTokenTargets> {
     if input_ids.dims() != [b, l] {
         return Err(ModelError::BadInput {
             name: "input_ids",
@@ -488,28 +546,47 @@ pub fn lm_loss(logits: &Tensor, input_ids: &Tensor, attention_mask: Option<&Tens
             reason: "need at least 2 tokens for a next-token loss".into(),
         });
     }
-    let ids = check_ids(input_ids, "input_ids", "token", v, "vocab_size")?;
+    let ids = check_ids(input_ids, "input_ids", "token", vocab, "vocab_size")?;
     let n = b * (l - 1);
-    let pred = logits.narrow(1, 0, l - 1)?.reshape((n, v))?;
-    let target = ids.narrow(1, 1, l - 1)?.reshape((n, 1))?;
-    let logp = log_softmax_last(&pred)?;
-    let nll = logp.gather(&target, 1)?.neg()?.reshape(n)?; // [n]
-    let weight = match check_mask(attention_mask, (b, l), logits.dtype())? {
-        Some(m) => m
-            .narrow(1, 1, l - 1)?
-            .reshape(n)?
-            .ne(0f64)?
-            .to_dtype(logits.dtype())?,
-        None => Tensor::ones(n, logits.dtype(), logits.device())?,
+    let ids = ids.narrow(1, 1, l - 1)?.reshape(n)?;
+    let weight = match check_mask(attention_mask, (b, l), dtype)? {
+        Some(m) => Some(m.narrow(1, 1, l - 1)?.reshape(n)?.ne(0f64)?.to_dtype(dtype)?),
+        None => None,
     };
-    let count = weight.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
-    if count == 0.0 {
+    let counted = match &weight {
+        Some(w) => w.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? as usize,
+        None => n,
+    };
+    if counted == 0 {
         return Err(ModelError::BadInput {
             name: "attention_mask",
             reason: "no unpadded target token".into(),
         });
     }
-    Ok(((nll * weight)?.sum_all()? / count)?)
+    Ok(NextTokenTargets {
+        ids,
+        weight,
+        count_rows: n,
+        counted,
+    })
+}
+
+/// Shifted next-token cross-entropy over `logits [B, L, V]`, ignoring targets where
+/// `attention_mask [B, L]` is 0. Errors if no target is left.
+pub fn lm_loss(logits: &Tensor, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+    let (b, l, v) = logits.dims3()?;
+    let t = next_token_targets(input_ids, attention_mask, (b, l), v, logits.dtype())?;
+    let pred = logits.narrow(1, 0, l - 1)?.reshape((t.count_rows, v))?;
+    let logp = log_softmax_last(&pred)?;
+    let nll = logp
+        .gather(&t.ids.unsqueeze(1)?, 1)?
+        .neg()?
+        .reshape(t.count_rows)?;
+    let sum = match &t.weight {
+        Some(w) => (nll * w)?.sum_all()?,
+        None => nll.sum_all()?,
+    };
+    Ok((sum / t.counted as f64)?)
 }
 
 impl NamedParams for GPT2LMHeadModel {

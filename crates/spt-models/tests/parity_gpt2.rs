@@ -33,10 +33,34 @@ fn tiny_gpt2_matches_pytorch() -> Result<()> {
     eprintln!("loss rel err {e:.2e}");
     assert!(e < TOL, "loss rel err {e:e}");
 
-    let grads = loss.backward()?;
+    // The fused loss (no logits kept) against the same PyTorch loss and gradients.
+    let fused = model.forward_loss(&exp["input_ids"], Some(mask), false)?;
+    let e = rel_err(&fused.reshape(1)?, &exp["loss"])?;
+    eprintln!("fused loss rel err {e:.2e}");
+    assert!(e < TOL, "fused loss rel err {e:e}");
+    let (sum, count) = model.nll_sum(&exp["input_ids"], Some(mask))?;
+    let want = exp["loss"]
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?[0];
+    assert!(
+        (sum / count as f64 - want).abs() < TOL * want.abs(),
+        "nll_sum {sum}/{count} vs {want}"
+    );
+    check_grads(&model, &loss.backward()?, &exp, "")?;
+    check_grads(&model, &fused.backward()?, &exp, "fused ")?;
+    Ok(())
+}
+
+fn check_grads(
+    model: &GPT2LMHeadModel,
+    grads: &candle_core::backprop::GradStore,
+    exp: &HashMap<String, candle_core::Tensor>,
+    what: &str,
+) -> Result<()> {
     let vars: HashMap<String, _> = model.named_vars().into_iter().collect();
     let mut checked = 0;
-    for (k, want) in &exp {
+    for (k, want) in exp {
         let Some(name) = k.strip_prefix("grad.") else {
             continue;
         };
@@ -47,8 +71,8 @@ fn tiny_gpt2_matches_pytorch() -> Result<()> {
             .get(var)
             .with_context(|| format!("no gradient for {name}"))?;
         let e = rel_err(got, want)?;
-        eprintln!("grad {name}: rel err {e:.2e}");
-        assert!(e < TOL, "grad {name}: rel err {e:e}");
+        eprintln!("{what}grad {name}: rel err {e:.2e}");
+        assert!(e < TOL, "{what}grad {name}: rel err {e:e}");
         checked += 1;
     }
     assert_eq!(checked, 5);

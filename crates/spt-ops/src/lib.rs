@@ -11,9 +11,12 @@
 //! - [`sparse_attention`]: attention over the selected keys only.
 //! - [`routed_ffn`]: the routed FFN (router, grouped gather/scatter GEMMs, router fit).
 //! - [`lora`]: LoRA linear layer, frozen-aware dense `linear`, seeded dropout.
+//! - [`cross_entropy`]: fused output projection + cross-entropy (no `[N, V]` logits kept).
 
 pub mod activation;
 pub mod attention;
+mod blas;
+pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod gradcheck;
@@ -27,6 +30,7 @@ mod util;
 
 pub use activation::{gelu_erf, gelu_tanh, Activation};
 pub use attention::{dense_attention, AttentionMask};
+pub use cross_entropy::{linear_cross_entropy, Reduction};
 pub use lora::{LoraConfig, LoraError, LoraLinear};
 pub use norm::{layer_norm, softmax_last_dim};
 pub use pq::{pq_sparse_attention, select_keys, Codebook, KeySelection, PqConfig, Refresh, TopK};

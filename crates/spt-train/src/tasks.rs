@@ -25,7 +25,7 @@ use spt_models::{
 
 use crate::config::{FinetuneConfig, Mode};
 use crate::data::{Batch, EncodedDataset, LabelMap, TaskKind};
-use crate::losses::{causal_lm_eval, causal_lm_loss, classification_eval, classification_loss};
+use crate::losses::{classification_eval, classification_loss};
 use crate::rng::SplitMix64;
 use crate::trainer::{EvalOutput, StepCtx, TrainTask};
 use crate::{Error, Result};
@@ -431,10 +431,10 @@ impl TrainTask for ModelTask {
         if ctx.train {
             self.net.seed_dropout(ctx.seed);
         }
-        let logits = self.net.forward(batch, ctx.train)?;
-        match self.net {
-            Net::Classifier(_) => classification_loss(&logits, batch),
-            Net::Lm(_) => causal_lm_loss(&logits, batch),
+        match &self.net {
+            Net::Classifier(_) => classification_loss(&self.net.forward(batch, ctx.train)?, batch),
+            // Fused head + loss: the [B, L, vocab] logits are never kept (see spt_ops::cross_entropy).
+            Net::Lm(m) => Ok(m.forward_loss(&batch.input_ids, Some(&batch.attention_mask), ctx.train)?),
         }
     }
 
@@ -443,10 +443,16 @@ impl TrainTask for ModelTask {
     }
 
     fn eval_batch(&mut self, batch: &Batch) -> candle_core::Result<EvalOutput> {
-        let logits = self.net.forward(batch, false)?;
-        match self.net {
-            Net::Classifier(_) => classification_eval(&logits, batch),
-            Net::Lm(_) => causal_lm_eval(&logits, batch),
+        match &self.net {
+            Net::Classifier(_) => classification_eval(&self.net.forward(batch, false)?, batch),
+            Net::Lm(m) => {
+                let (loss_sum, count) = m.nll_sum(&batch.input_ids, Some(&batch.attention_mask))?;
+                Ok(EvalOutput {
+                    loss_sum,
+                    count: count as f64,
+                    predictions: None,
+                })
+            }
         }
     }
 
