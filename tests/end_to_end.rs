@@ -13,7 +13,7 @@ use spt_train::data::TaskKind;
 use spt_train::optim::ScheduleKind;
 use spt_train::pipeline::{load_tokenizer, prepare_data, PreparedData};
 use spt_train::tasks::{calibration_batches, export_hf_dir, ModelTask};
-use spt_train::trainer::{evaluate, Resume, TrainSummary, Trainer};
+use spt_train::trainer::{evaluate, Resume, StepCtx, TrainSummary, TrainTask, Trainer};
 
 const WORDS: [&str; 20] = [
     "good", "bad", "great", "awful", "fine", "movie", "film", "plot", "the", "a", "was", "is", "very", "not",
@@ -283,4 +283,39 @@ fn bert_classifier_dense_lora_spt() {
 #[test]
 fn gpt2_lm_dense_lora_spt() {
     check_model("tiny-gpt2", TaskKind::Lm);
+}
+
+#[test]
+fn router_aux_weight_adds_the_balancing_loss_in_training_only() {
+    let root = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-gpt2", root.path());
+    let train = root.path().join("train.txt");
+    write_text(&train);
+    let dev = Device::Cpu;
+    let build = |w: f64| {
+        let mut cfg = config(&model, TaskKind::Lm, &train, &root.path().join("aux"), Mode::Spt);
+        cfg.router_aux_weight = w;
+        let tok = load_tokenizer(&cfg, &model).unwrap();
+        let data = prepare_data(&cfg, &tok, None).unwrap();
+        let calib = calibration_batches(&data.train, 2, 8, cfg.seed, &dev).unwrap();
+        let idx: Vec<usize> = (0..8).collect();
+        let batch = data.train.batch(&idx, &dev).unwrap();
+        (ModelTask::build(&cfg, &model, None, &dev, calib).unwrap(), batch)
+    };
+    let loss = |task: &mut ModelTask, batch, train| -> f32 {
+        let ctx = StepCtx {
+            step: 0,
+            micro: 0,
+            seed: 3,
+            train,
+        };
+        task.loss(batch, &ctx).unwrap().to_scalar().unwrap()
+    };
+    let (mut plain, batch) = build(0.0);
+    let (mut aux, _) = build(0.5);
+    let (p, a) = (loss(&mut plain, &batch, true), loss(&mut aux, &batch, true));
+    // 0.5 × the mean Switch loss of 4 blocks, which lies in (0, 4].
+    assert!(a - p > 0.0 && a - p <= 2.0 + 1e-5, "plain {p}, with aux {a}");
+    let (p, a) = (loss(&mut plain, &batch, false), loss(&mut aux, &batch, false));
+    assert_eq!(p, a, "evaluation must not add the balancing loss");
 }

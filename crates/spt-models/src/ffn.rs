@@ -15,6 +15,7 @@ use crate::weights::{NamedParams, Param};
 use candle_core::Tensor;
 use spt_ops::routed_ffn::{RoutedFfn, RoutedFfnConfig, RouterFitConfig, RoutingQuality};
 use spt_ops::Activation;
+use std::sync::Mutex;
 
 /// The dense two-layer FFN.
 #[derive(Debug)]
@@ -42,6 +43,8 @@ pub struct RoutedFeedForward {
     router_params: Vec<Param>,
     lora_params: Vec<Param>,
     merged: bool,
+    /// The load-balancing loss of the last training forward, until taken.
+    aux_loss: Mutex<Option<Tensor>>,
 }
 
 impl RoutedFeedForward {
@@ -113,6 +116,7 @@ impl RoutedFeedForward {
             router_params,
             lora_params,
             merged: false,
+            aux_loss: Mutex::new(None),
         })
     }
 
@@ -171,7 +175,22 @@ impl FeedForward {
         let _span = tracing::trace_span!("ffn", kind = self.kind()).entered();
         match self {
             Self::Dense(f) => f.forward_t(x, train),
-            Self::Routed(r) => Ok(r.ffn.forward_t(x, train)?.y),
+            Self::Routed(r) => {
+                let out = r.ffn.forward_t(x, train)?;
+                if train && out.aux_loss.is_some() {
+                    *r.aux_loss.lock().unwrap_or_else(|e| e.into_inner()) = out.aux_loss;
+                }
+                Ok(out.y)
+            }
+        }
+    }
+
+    /// The router load-balancing loss of the last training forward, if this slot is routed
+    /// with the loss on; a second call returns `None`.
+    pub fn take_aux_loss(&self) -> Option<Tensor> {
+        match self {
+            Self::Dense(_) => None,
+            Self::Routed(r) => r.aux_loss.lock().unwrap_or_else(|e| e.into_inner()).take(),
         }
     }
 

@@ -89,6 +89,22 @@ pub trait SptModel {
     /// The swappable parts of layer `i`.
     fn layer_slots(&mut self, i: usize) -> Option<LayerSlots<'_>>;
 
+    /// The mean over routed layers of the router load-balancing losses of the last training
+    /// forward (differentiable; taken, so a second call returns `None`). `None` when no routed
+    /// layer computes it (see [`RoutedFfnSettings::aux_loss`]).
+    fn take_router_aux_loss(&mut self) -> Result<Option<Tensor>> {
+        let mut losses = Vec::new();
+        for i in 0..self.num_layers() {
+            if let Some(slots) = self.layer_slots(i) {
+                losses.extend(slots.ffn.take_aux_loss());
+            }
+        }
+        if losses.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Tensor::stack(&losses, 0)?.mean(0)?))
+    }
+
     /// The PQ codebooks of the sparse-attention layers, `(layer, centroids [G, S, C, d_codeword])`,
     /// for checkpoints (they are not parameters, so `named_tensors` leaves them out).
     fn pq_codebooks(&mut self) -> Result<Vec<(usize, Tensor)>> {
@@ -234,6 +250,10 @@ pub struct RoutedFfnSettings {
     pub router_fit: Option<RouterFit>,
     /// Seed of the router initialisation (xor'ed with the layer index).
     pub seed: u64,
+    /// Compute the router load-balancing loss in training forwards (collect it with
+    /// [`SptModel::take_router_aux_loss`]).
+    #[serde(default)]
+    pub aux_loss: bool,
 }
 
 /// Serializable form of spt-ops' `RouterFitConfig`.
@@ -469,6 +489,7 @@ pub fn sparsify<M: SptModel + ?Sized>(
             let mut rc = RoutedFfnConfig::new(fc.n_blocks, fc.top_k, dense.act);
             rc.gate = fc.gate;
             rc.seed = fc.seed ^ i as u64;
+            rc.aux_loss = fc.aux_loss;
             if wants(LoraTarget::Fc1) || wants(LoraTarget::Fc2) {
                 rc.lora = lora_cfg(10);
                 lr.lora.push(dense.fc1.module_name().to_string());

@@ -28,6 +28,7 @@ fn routed(n_blocks: usize, top_k: BlockTopK, gate: GateMode, fit: bool) -> Route
         gate,
         router_fit: fit.then(RouterFit::default),
         seed: 3,
+        aux_loss: false,
     }
 }
 
@@ -424,5 +425,42 @@ fn bad_routed_configs_are_named_and_leave_the_model_intact() -> Result<()> {
             ..
         })
     ));
+    Ok(())
+}
+
+#[test]
+fn router_aux_loss_is_collected_from_training_forwards_and_trains_the_router() -> Result<()> {
+    let (mut m, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
+    let mut rng = StdRng::seed_from_u64(4);
+    let ids: Vec<u32> = (0..2 * 16).map(|_| rng.random_range(0..1000)).collect();
+    let ids = Tensor::from_vec(ids, (2, 16), &Device::Cpu)?;
+    let mut ffn = routed(4, BlockTopK::Count(1), GateMode::SoftmaxKept, false);
+    ffn.aux_loss = true;
+    let cfg = SptConfig {
+        layers: LayerSelection::All,
+        attention: None,
+        ffn: Some(ffn),
+        lora: None,
+    };
+    sparsify(&mut m, &cfg, &[])?;
+    // Eval forwards leave nothing to collect.
+    m.forward_t(&ids, None, false)?;
+    assert!(m.take_router_aux_loss()?.is_none());
+    m.forward_t(&ids, None, true)?;
+    let aux = m
+        .take_router_aux_loss()?
+        .context("aux loss after a training forward")?;
+    assert!(m.take_router_aux_loss()?.is_none(), "taken twice");
+    // n·Σ f_e·P_e with n = 4 blocks: positive, at most n.
+    let v = aux.to_scalar::<f32>()?;
+    assert!(v > 0.0 && v <= 4.0, "{v}");
+    // Alone, it gives every router a gradient.
+    let grads = aux.backward()?;
+    for (k, var) in m.named_vars() {
+        if k.ends_with(".router.weight") {
+            let g = grads.get(&var).with_context(|| format!("no gradient for {k}"))?;
+            assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0, "{k}");
+        }
+    }
     Ok(())
 }

@@ -42,6 +42,29 @@ pub enum Mode {
     Spt,
 }
 
+/// How a routed FFN scales each kept block's output (spt-ops' `GateMode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum FfnGate {
+    /// `k · softmax` over the kept blocks' router scores (sums to k per token).
+    #[default]
+    SoftmaxKept,
+    /// `2·σ(score)` per kept block (the SPT reference's gate).
+    Sigmoid,
+    /// 1 for every kept block: the router learns nothing from the task loss.
+    Ones,
+}
+
+impl From<FfnGate> for spt_models::routed_ffn::GateMode {
+    fn from(g: FfnGate) -> Self {
+        match g {
+            FfnGate::SoftmaxKept => Self::SoftmaxKept,
+            FfnGate::Sigmoid => Self::Sigmoid,
+            FfnGate::Ones => Self::Ones,
+        }
+    }
+}
+
 /// Every setting of `spt-train finetune`. See the field comments for meaning and defaults.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -95,6 +118,8 @@ pub struct FinetuneConfig {
     /// FFN blocks (spt) and how many each token uses.
     pub ffn_blocks: usize,
     pub ffn_top_k: usize,
+    /// How kept blocks are scaled by the router.
+    pub ffn_gate: FfnGate,
     /// Weight of the router load-balancing loss (0: off).
     pub router_aux_weight: f64,
     pub lora_rank: usize,
@@ -169,6 +194,7 @@ impl Default for FinetuneConfig {
             pq_refresh_every: 100,
             ffn_blocks: 8,
             ffn_top_k: 2,
+            ffn_gate: FfnGate::default(),
             router_aux_weight: 0.0,
             lora_rank: 8,
             lora_alpha: 16.0,
@@ -272,6 +298,9 @@ pub struct FinetuneArgs {
     /// Routed-FFN blocks used per token.
     #[arg(long)]
     pub ffn_top_k: Option<usize>,
+    /// How kept FFN blocks are scaled by the router.
+    #[arg(long, value_enum)]
+    pub ffn_gate: Option<FfnGate>,
     /// Router load-balancing loss weight (0: off).
     #[arg(long)]
     pub router_aux_weight: Option<f64>,
@@ -380,7 +409,7 @@ impl FinetuneConfig {
         let c = self;
         set_if_some!(a, c;
             plain: model, task, validation_split, text_column, label_column, block_size, output_dir, mode,
-                pq_refresh_every, ffn_blocks, ffn_top_k, router_aux_weight, lora_rank, lora_alpha, lora_dropout,
+                pq_refresh_every, ffn_blocks, ffn_top_k, ffn_gate, router_aux_weight, lora_rank, lora_alpha, lora_dropout,
                 epochs, batch_size, grad_accum, lr, warmup_ratio, schedule, weight_decay, adam_beta1, adam_beta2,
                 adam_eps, max_grad_norm, seed, eval_every, save_every, keep_last, log_every, device;
             optional: tokenizer, split_by, format, text_pair_column, label_map, max_length, attn_k,

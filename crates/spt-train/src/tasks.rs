@@ -16,7 +16,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use spt_models::pq::{PqConfig, Refresh, TopK};
-use spt_models::routed_ffn::{GateMode, TopK as BlockTopK};
+use spt_models::routed_ffn::TopK as BlockTopK;
 use spt_models::{
     sparsify, BertConfig, BertForSequenceClassification, CalibrationBatch, FeedForward, GPT2Config,
     GPT2LMHeadModel, LoadOptions, LoraSettings, LoraTarget, NamedParams, RoutedFfnSettings, RouterFit,
@@ -122,6 +122,8 @@ pub struct ModelTask {
     /// The current PQ codebooks (layer, centroids), kept in step with the model.
     codebooks: Vec<(usize, Tensor)>,
     vars: Vec<(String, Var)>,
+    /// Weight of the routers' load-balancing loss in the training loss (0: off).
+    router_aux_weight: f64,
 }
 
 /// How many PQ subspaces: the setting, else the largest divisor of the head dimension ≤ 8.
@@ -208,9 +210,10 @@ fn spt_config(cfg: &FinetuneConfig, head_dim: usize, fit: bool) -> Result<Option
         sc.ffn = Some(RoutedFfnSettings {
             n_blocks: cfg.ffn_blocks,
             top_k: BlockTopK::Count(cfg.ffn_top_k),
-            gate: GateMode::default(),
+            gate: cfg.ffn_gate.into(),
             router_fit: fit.then(RouterFit::default),
             seed: cfg.seed,
+            aux_loss: cfg.router_aux_weight > 0.0,
         });
     }
     Ok(Some(sc))
@@ -317,12 +320,6 @@ impl ModelTask {
             };
             sparsify_report = Some(sparsify(net.spt(), &sc, calib)?);
         }
-        if cfg.router_aux_weight > 0.0 {
-            tracing::warn!(
-                "--router-aux-weight is ignored: spt-models' routed FFN slot does not expose the \
-                 load-balancing loss yet"
-            );
-        }
         let codebooks = net.spt().pq_codebooks()?;
         let mut summary = ParamSummary {
             initialised: report.initialised,
@@ -353,6 +350,7 @@ impl ModelTask {
             attn_top_k,
             codebooks,
             vars,
+            router_aux_weight: cfg.router_aux_weight,
         })
     }
 
@@ -431,10 +429,14 @@ impl TrainTask for ModelTask {
         if ctx.train {
             self.net.seed_dropout(ctx.seed);
         }
-        match &self.net {
-            Net::Classifier(_) => classification_loss(&self.net.forward(batch, ctx.train)?, batch),
+        let loss = match &self.net {
+            Net::Classifier(_) => classification_loss(&self.net.forward(batch, ctx.train)?, batch)?,
             // Fused head + loss: the [B, L, vocab] logits are never kept (see spt_ops::cross_entropy).
-            Net::Lm(m) => Ok(m.forward_loss(&batch.input_ids, Some(&batch.attention_mask), ctx.train)?),
+            Net::Lm(m) => m.forward_loss(&batch.input_ids, Some(&batch.attention_mask), ctx.train)?,
+        };
+        match self.net.spt().take_router_aux_loss()? {
+            Some(aux) if ctx.train && self.router_aux_weight > 0.0 => loss + (aux * self.router_aux_weight)?,
+            _ => Ok(loss),
         }
     }
 
