@@ -386,6 +386,56 @@ fn sparse_attention_matches_cpu() -> Result<()> {
 }
 
 #[test]
+#[ignore = "needs a GPU: run scripts/gpu-check.sh"]
+fn routed_ffn_matches_cpu() -> Result<()> {
+    use spt_ops::routed_ffn::{gather_matmul_act, scatter_matmul_bias};
+    use std::sync::Arc;
+    let (t, d, n, b, k) = (300, 64, 8, 32, 2);
+    let mut rng = StdRng::seed_from_u64(5);
+    let mut blocks = Vec::with_capacity(t * k);
+    for _ in 0..t {
+        let a = rng.random_range(0..n as u32);
+        let c = (a + 1 + rng.random_range(0..n as u32 - 1)) % n as u32;
+        blocks.extend_from_slice(&[a, c]);
+    }
+    let routing = Arc::new(spt_ops::Routing::from_blocks(t, n, k, blocks)?);
+    let r = routing.n_rows();
+    let x = uniform(&[t, d], 1.0, 1, DType::F32)?;
+    let w1 = uniform(&[n * b, d], 0.2, 2, DType::F32)?;
+    let b1 = uniform(&[n * b], 0.1, 3, DType::F32)?;
+    let gates = (uniform(&[r], 0.5, 4, DType::F32)? + 1.0)?;
+    let w2 = uniform(&[d, n * b], 0.2, 5, DType::F32)?;
+    let b2 = uniform(&[d], 0.1, 6, DType::F32)?;
+    parity("routed_ffn", &[&x, &w1, &b1, &gates, &w2, &b2], &[t, d], &|v| {
+        let h = gather_matmul_act(v[0], v[1], Some(v[2]), Some(Activation::GeluTanh), &routing)?;
+        scatter_matmul_bias(&h, v[3], v[4], Some(v[5]), &routing)
+    })
+}
+
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-check.sh"]
+fn linear_cross_entropy_matches_cpu() -> Result<()> {
+    use spt_ops::{linear_cross_entropy, Reduction};
+    let (n, d, v) = (300, 32, 1000);
+    let h = uniform(&[n, d], 1.0, 7, DType::F32)?;
+    let w = uniform(&[v, d], 0.3, 8, DType::F32)?;
+    let mut rng = StdRng::seed_from_u64(9);
+    let targets: Vec<u32> = (0..n).map(|_| rng.random_range(0..v as u32)).collect();
+    let targets = Tensor::from_vec(targets, n, &Device::Cpu)?;
+    let mask = padding(1, n, 10, false)?.reshape(n)?.to_dtype(DType::F32)?;
+    parity("linear_cross_entropy", &[&h, &w], &[], &|x| {
+        let dev = x[0].device();
+        linear_cross_entropy(
+            x[0],
+            x[1],
+            &targets.to_device(dev)?,
+            Some(&mask.to_device(dev)?),
+            Reduction::Mean,
+        )
+    })
+}
+
+#[test]
 fn cuda_tests_are_ignored_without_a_gpu_run() {
     // Listed so that `cargo test --features cuda` says how to run the real ones.
     eprintln!("spt-ops CUDA parity tests are #[ignore]d here ({GPU}).");

@@ -8,7 +8,8 @@ use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use spt_ops::gradcheck::{check_gradients, randn_f64, GradCheck};
 use spt_ops::routed_ffn::TopK;
 use spt_ops::routed_ffn::{
-    gate_matrix, gather_matmul, reference, routed_ffn, router_gates, scatter_matmul, RouterFitConfig,
+    composed, gate_matrix, gather_matmul, reference, routed_ffn, router_gates, scatter_matmul,
+    RouterFitConfig,
 };
 use spt_ops::{Activation, GateMode, RoutedFfn, RoutedFfnConfig, Routing};
 use std::sync::Arc;
@@ -588,5 +589,69 @@ fn gather_op_with_routed_base_and_lora_path_gradients_f64() -> Result<()> {
     assert_close("fused vs unfused", &fused, &plain, 1e-12)?;
     let report = check_gradients(f, &inputs, &[0, 1, 2, 3, 4], GradCheck::default())?;
     assert_eq!(report.len(), 5);
+    Ok(())
+}
+
+/// The composed path (what runs off the CPU) equals the fused CPU ops: forward and every
+/// gradient, both addend kinds, with and without the activation, with a block no token picks.
+#[test]
+fn composed_path_equals_fused_ops() -> Result<()> {
+    use spt_ops::routed_ffn::{gather_matmul_act, scatter_matmul_bias, AddKind};
+    let (t, d, n, b, k, d_out) = (37, 12, 4, 6, 2, 9);
+    for (seed, act, base) in [
+        (1, Some(Activation::GeluTanh), false),
+        (2, None, true),
+        (3, Some(Activation::Relu), true),
+    ] {
+        let routing = Arc::new(random_routing(t, n, k, Some(2), seed)?);
+        let r = routing.n_rows();
+        let x = (randn_f64(&[t, d], seed)?).to_dtype(DType::F32)?;
+        let w1 = (randn_f64(&[n * b, d], seed + 10)? * 0.3)?.to_dtype(DType::F32)?;
+        let add = if base {
+            randn_f64(&[r, b], seed + 20)?.to_dtype(DType::F32)?
+        } else {
+            randn_f64(&[n * b], seed + 20)?.to_dtype(DType::F32)?
+        };
+        let gates = (randn_f64(&[r], seed + 30)?.abs()? + 0.5)?.to_dtype(DType::F32)?;
+        let w2 = (randn_f64(&[d_out, n * b], seed + 40)? * 0.3)?.to_dtype(DType::F32)?;
+        let b2 = randn_f64(&[d_out], seed + 50)?.to_dtype(DType::F32)?;
+        let up = randn_f64(&[t, d_out], seed + 60)?.to_dtype(DType::F32)?;
+        let kind = if base { AddKind::Base } else { AddKind::Bias };
+        let run = |fused: bool| -> Result<Vec<Tensor>> {
+            let v = vars(&[
+                x.clone(),
+                w1.clone(),
+                add.clone(),
+                gates.clone(),
+                w2.clone(),
+                b2.clone(),
+            ])?;
+            let t_ = |i: usize| v[i].as_tensor();
+            let y = if fused {
+                let h = gather_matmul_act(t_(0), t_(1), Some(t_(2)), act, &routing)?;
+                scatter_matmul_bias(&h, t_(3), t_(4), Some(t_(5)), &routing)?
+            } else {
+                let h = composed::gather_matmul_act(t_(0), t_(1), Some((t_(2), kind)), act, &routing, b)?;
+                composed::scatter_matmul_bias(&h, t_(3), t_(4), Some(t_(5)), &routing, b, d_out)?
+            };
+            let g = (&y * &up)?.sum_all()?.backward()?;
+            let mut out = vec![y];
+            for var in &v {
+                out.push(
+                    g.get(var.as_tensor())
+                        .expect("every input gets a gradient")
+                        .clone(),
+                );
+            }
+            Ok(out)
+        };
+        let (f, c) = (run(true)?, run(false)?);
+        for (i, name) in ["y", "dx", "dw1", "dadd", "dgates", "dw2", "db2"]
+            .iter()
+            .enumerate()
+        {
+            assert_close(&format!("seed {seed} {name}"), &c[i], &f[i], 1e-5)?;
+        }
+    }
     Ok(())
 }

@@ -135,6 +135,14 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     if out == 0 {
         bail!("{op}: w is [0, {d_in}], expected at least one output");
     }
+    if !x.device().is_cpu() {
+        // No fused kernel off the CPU: candle's matmul (its backward also forms dW).
+        let y = x.broadcast_matmul(&w.t()?)?;
+        return match b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        };
+    }
     let t: usize = dims[..dims.len() - 1].iter().product();
     let routing = Arc::new(Routing::from_blocks(t, 1, 1, vec![0; t])?);
     let y = gather_matmul(&x.reshape((t, d_in))?, w, b, &routing)?;

@@ -22,6 +22,7 @@
 //! - [`RoutedFfn::init_router`] fits the router to rank blocks by their activation norm, and
 //!   [`RoutedFfn::quality`] reports how close the routed output is to the dense one.
 
+pub mod composed;
 mod cpu;
 mod init;
 mod ops;

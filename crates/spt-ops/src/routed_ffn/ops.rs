@@ -9,6 +9,7 @@
 //! struct. Each backward computes only the gradients of tracked inputs: a frozen weight costs no
 //! weight-gradient GEMM.
 
+use super::composed;
 use super::cpu;
 use super::router::Routing;
 use crate::activation::Activation;
@@ -93,6 +94,9 @@ pub fn gather_matmul_act(
     routing: &Arc<Routing>,
 ) -> Result<Tensor> {
     let (block, add_kind) = gather_dims(x, w, add, routing)?;
+    if composed::needs_composed(x) {
+        return composed::gather_matmul_act(x, w, add.map(|a| (a, add_kind)), act, routing, block);
+    }
     let op = GatherMatmul {
         routing: routing.clone(),
         block,
@@ -333,6 +337,9 @@ pub fn scatter_matmul_bias(
         if bias.dims() != [d_out] {
             bail!("{op}: bias is {:?}, expected [d_out] = [{d_out}]", bias.dims());
         }
+    }
+    if composed::needs_composed(h) {
+        return composed::scatter_matmul_bias(h, gates, w, bias, routing, block, d_out);
     }
     let const_bias = match bias {
         Some(b) if !b.track_op() => Some(b.contiguous()?),
