@@ -58,7 +58,7 @@ def quality_table(data):
     """Accuracy / perplexity records: the case, the metric and how it was trained."""
     recs = data["records"]
     keys = list(recs[0]["case"].keys())
-    extra = [k for k in ("accuracy", "macro_f1", "perplexity", "lr", "steps", "median_step_s") if any(k in r for r in recs)]
+    extra = [k for k in ("variant", "accuracy", "macro_f1", "perplexity", "lr", "steps", "epochs", "median_step_s") if any(k in r for r in recs)]
     lines = ["| " + " | ".join(keys + extra) + " |", "|" + "---|" * (len(keys) + len(extra))]
     for r in recs:
         vals = []
