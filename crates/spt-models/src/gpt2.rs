@@ -483,15 +483,15 @@ impl GPT2LMHeadModel {
         train: bool,
     ) -> Result<Tensor> {
         Ok(self
-            .fused_nll(input_ids, attention_mask, train, Reduction::Mean)?
+            .fused_nll(input_ids, attention_mask, train, Reduction::Mean, true)?
             .0)
     }
 
     /// Summed next-token NLL over the targets that count, and their number (for evaluation and
     /// perplexity over many batches); no graph is kept.
     pub fn nll_sum(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<(f64, usize)> {
-        let (sum, count) = self.fused_nll(input_ids, attention_mask, false, Reduction::Sum)?;
-        Ok((sum.detach().to_dtype(DType::F64)?.to_scalar::<f64>()?, count))
+        let (sum, count) = self.fused_nll(input_ids, attention_mask, false, Reduction::Sum, false)?;
+        Ok((sum.to_dtype(DType::F64)?.to_scalar::<f64>()?, count))
     }
 
     fn fused_nll(
@@ -500,6 +500,7 @@ impl GPT2LMHeadModel {
         attention_mask: Option<&Tensor>,
         train: bool,
         reduction: Reduction,
+        grads: bool,
     ) -> Result<(Tensor, usize)> {
         let w = self.head_weight();
         let (b, l) = input_ids.dims2().map_err(|_| ModelError::BadInput {
@@ -510,7 +511,13 @@ impl GPT2LMHeadModel {
         let h = self.transformer.forward_t(input_ids, attention_mask, train)?;
         let e = h.dim(D::Minus1)?;
         let h = h.narrow(1, 0, l - 1)?.reshape((t.count_rows, e))?;
-        let loss = spt_ops::linear_cross_entropy(&h, w, &t.ids, t.weight.as_ref(), reduction)?;
+        // Detached inputs: the fused op then computes no gradients (it forms them in its forward).
+        let (h, w) = if grads {
+            (h, w.clone())
+        } else {
+            (h.detach(), w.detach())
+        };
+        let loss = spt_ops::linear_cross_entropy(&h, &w, &t.ids, t.weight.as_ref(), reduction)?;
         Ok((loss, t.counted))
     }
 }
