@@ -18,9 +18,7 @@ use crate::attention::{
 };
 use crate::error::{ModelError, Result};
 use crate::ffn::{DenseFfn, FeedForward};
-use crate::layers::{
-    check_ids, check_mask, log_softmax_last, Dropout, DropoutRng, Embedding, LayerNorm, Linear, WeightLayout,
-};
+use crate::layers::{check_ids, check_mask, Dropout, DropoutRng, Embedding, LayerNorm, Linear, WeightLayout};
 use crate::memory::{activation_bytes, ActivationAccounting, ActivationBytes, LayerShape};
 use crate::sparsify::{CalibrationBatch, LayerSlots, LayerTrace, LoraTarget, SptModel};
 use crate::weights::{read_json, LoadOptions, LoadReport, Loader, NamedParams, Param, WeightSource};
@@ -584,16 +582,12 @@ pub fn lm_loss(logits: &Tensor, input_ids: &Tensor, attention_mask: Option<&Tens
     let (b, l, v) = logits.dims3()?;
     let t = next_token_targets(input_ids, attention_mask, (b, l), v, logits.dtype())?;
     let pred = logits.narrow(1, 0, l - 1)?.reshape((t.count_rows, v))?;
-    let logp = log_softmax_last(&pred)?;
-    let nll = logp
-        .gather(&t.ids.unsqueeze(1)?, 1)?
-        .neg()?
-        .reshape(t.count_rows)?;
-    let sum = match &t.weight {
-        Some(w) => (nll * w)?.sum_all()?,
-        None => nll.sum_all()?,
-    };
-    Ok((sum / t.counted as f64)?)
+    Ok(spt_ops::cross_entropy::cross_entropy(
+        &pred,
+        &t.ids,
+        t.weight.as_ref(),
+        Reduction::Mean,
+    )?)
 }
 
 impl NamedParams for GPT2LMHeadModel {

@@ -98,7 +98,18 @@ pub fn linear_cross_entropy_reference(
     mask: Option<&Tensor>,
     reduction: Reduction,
 ) -> Result<Tensor> {
-    let logits = h.matmul(&w.t()?)?;
+    cross_entropy(&h.matmul(&w.t()?)?, targets, mask, reduction)
+}
+
+/// Cross-entropy of `logits [N, V]` against `targets [N]` with an optional 0/1 `mask [N]`, from
+/// candle ops (max-subtracted log-softmax, gather, masked sum or mean): for callers that already
+/// hold the logits.
+pub fn cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    mask: Option<&Tensor>,
+    reduction: Reduction,
+) -> Result<Tensor> {
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
@@ -110,7 +121,7 @@ pub fn linear_cross_entropy_reference(
         .reshape(n)?;
     let (nll, count) = match mask {
         Some(m) => {
-            let m = m.ne(0f64)?.to_dtype(h.dtype())?;
+            let m = m.ne(0f64)?.to_dtype(logits.dtype())?;
             let c = m.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
             ((nll * m)?, c)
         }
@@ -120,7 +131,7 @@ pub fn linear_cross_entropy_reference(
     match reduction {
         Reduction::Sum => Ok(sum),
         Reduction::Mean if count == 0.0 => {
-            bail!("linear_cross_entropy: the mask leaves no row to average over")
+            bail!("cross_entropy: the mask leaves no row to average over")
         }
         Reduction::Mean => sum / count,
     }

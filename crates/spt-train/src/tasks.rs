@@ -434,9 +434,13 @@ impl TrainTask for ModelTask {
             // Fused head + loss: the [B, L, vocab] logits are never kept (see spt_ops::cross_entropy).
             Net::Lm(m) => m.forward_loss(&batch.input_ids, Some(&batch.attention_mask), ctx.train)?,
         };
+        // Only training forwards with the weight on store a balancing loss (aux_loss is set from it).
+        if !(ctx.train && self.router_aux_weight > 0.0) {
+            return Ok(loss);
+        }
         match self.net.spt().take_router_aux_loss()? {
-            Some(aux) if ctx.train && self.router_aux_weight > 0.0 => loss + (aux * self.router_aux_weight)?,
-            _ => Ok(loss),
+            Some(aux) => loss + (aux * self.router_aux_weight)?,
+            None => Ok(loss),
         }
     }
 
