@@ -1,18 +1,20 @@
 //! End to end on the tiny fixture models (BERT classifier, GPT-2 LM): fine-tune a few steps in
 //! dense, LoRA and SPT mode through the same library path as `spt-train finetune`, then check
 //! that the loss decreases, that `--resume` from a mid-run checkpoint equals the uninterrupted run
-//! bit for bit, and that the exported Hugging Face directory reloads to the same logits.
+//! bit for bit, that a model rebuilt from the last checkpoint (as eval / predict / export do)
+//! gives the trained logits, and that the exported Hugging Face directory reloads to the same
+//! logits.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use spt_models::{BertForSequenceClassification, GPT2LMHeadModel, LoadOptions};
-use spt_train::checkpoint::prepare_output_dir;
+use spt_train::checkpoint::{latest_checkpoint, load_checkpoint, prepare_output_dir};
 use spt_train::config::{FinetuneConfig, Mode};
 use spt_train::data::TaskKind;
 use spt_train::optim::ScheduleKind;
 use spt_train::pipeline::{load_tokenizer, prepare_data, PreparedData};
-use spt_train::tasks::{calibration_batches, export_hf_dir, ModelTask};
+use spt_train::tasks::{calibration_batches, export_hf_dir, ModelTask, UNIT_ORDER_PREFIX};
 use spt_train::trainer::{evaluate, Resume, StepCtx, TrainSummary, TrainTask, Trainer};
 
 const WORDS: [&str; 20] = [
@@ -224,10 +226,37 @@ fn check_model(name: &str, task: TaskKind) {
             "{name} {mode:?}: resumed losses differ from the uninterrupted run"
         );
 
-        // Export (LoRA merged, HF names) and reload as a plain model: equal logits.
         let valid = data.validation.as_ref().unwrap_or(&data.train);
         let idx: Vec<usize> = (0..valid.len().min(8)).collect();
         let batch = valid.batch(&idx, &Device::Cpu).unwrap();
+
+        // What eval / predict / export do: build without calibration, then restore the last
+        // checkpoint (PQ codebooks, FFN unit orders, trained values): the trained model's logits.
+        let ck = load_checkpoint(
+            &latest_checkpoint(&out.join("checkpoints")).unwrap(),
+            &Device::Cpu,
+        )
+        .unwrap();
+        if mode == Mode::Spt {
+            assert!(
+                ck.extra.keys().any(|k| k.starts_with(UNIT_ORDER_PREFIX)),
+                "{name}: the SPT checkpoint holds no FFN unit order: {:?}",
+                ck.extra.keys()
+            );
+        }
+        let nl = data.labels.as_ref().map(|l| l.len());
+        let mut restored = ModelTask::build(&cfg, &model, nl, &Device::Cpu, Vec::new()).unwrap();
+        restored.load_trained(&ck.model, &ck.extra).unwrap();
+        let d = max_abs_diff(
+            &restored.net.forward(&batch, false).unwrap(),
+            &trained.net.forward(&batch, false).unwrap(),
+        );
+        assert!(
+            d < 1e-5,
+            "{name} {mode:?}: the restored model's logits differ by {d}"
+        );
+
+        // Export (LoRA merged, HF names) and reload as a plain model: equal logits.
         let export = root.path().join(format!("export-{mode:?}"));
         export_hf_dir(&mut trained, &model, data.labels.as_ref(), &export).unwrap();
         // The sparse model is a training-time approximation; the export is its dense form.

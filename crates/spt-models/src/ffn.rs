@@ -13,7 +13,7 @@ use crate::error::{ModelError, Result};
 use crate::layers::{lora_err, Linear, WeightLayout};
 use crate::weights::{NamedParams, Param};
 use candle_core::Tensor;
-use spt_ops::routed_ffn::{RoutedFfn, RoutedFfnConfig, RouterFitConfig, RoutingQuality};
+use spt_ops::routed_ffn::{RoutedFfn, RoutedFfnConfig, RouterFitConfig, RoutingQuality, UnitClusterConfig};
 use spt_ops::Activation;
 use std::sync::Mutex;
 
@@ -45,6 +45,8 @@ pub struct RoutedFeedForward {
     merged: bool,
     /// The load-balancing loss of the last training forward, until taken.
     aux_loss: Mutex<Option<Tensor>>,
+    /// Hidden unit order: position `j` holds the checkpoint's unit `unit_order[j]`.
+    unit_order: Vec<u32>,
 }
 
 impl RoutedFeedForward {
@@ -89,6 +91,7 @@ impl RoutedFeedForward {
         let w1 = dense.fc1.weight_out_in()?;
         let w2 = dense.fc2.weight_out_in()?;
         let ffn = RoutedFfn::new(&w1, &bias(&dense.fc1)?, &w2, &bias(&dense.fc2)?, cfg)?;
+        let unit_order = (0..ffn.d_ff() as u32).collect();
         let fc1 = dense.fc1.module_name().to_string();
         let fc2 = dense.fc2.module_name().to_string();
         let router = match fc1.rsplit_once('.') {
@@ -117,7 +120,57 @@ impl RoutedFeedForward {
             lora_params,
             merged: false,
             aux_loss: Mutex::new(None),
+            unit_order,
         })
+    }
+
+    /// The current hidden unit order (identity until [`set_unit_order`](Self::set_unit_order)).
+    pub fn unit_order(&self) -> &[u32] {
+        &self.unit_order
+    }
+
+    /// Groups hidden units that fire together on sample FFN inputs `[N, d]` into the same block
+    /// (spt-ops' `cluster_units`); returns the new order.
+    pub fn cluster_units(&mut self, sample: &Tensor, cfg: UnitClusterConfig) -> Result<Vec<u32>> {
+        let relative = self.ffn.cluster_units(sample, cfg)?;
+        let order: Vec<u32> = relative.iter().map(|&j| self.unit_order[j as usize]).collect();
+        self.set_unit_order(&order)?;
+        Ok(order)
+    }
+
+    /// Puts the hidden units in `order` (position → the checkpoint's unit), whatever the current
+    /// order: setting the same order twice changes nothing. The dense function is unchanged and
+    /// `fc1` / `fc2` (what export writes) follow, so an exported model equals this one.
+    pub fn set_unit_order(&mut self, order: &[u32]) -> Result<()> {
+        let n = self.unit_order.len();
+        let mut pos = vec![u32::MAX; n];
+        for (j, &u) in self.unit_order.iter().enumerate() {
+            pos[u as usize] = j as u32;
+        }
+        let relative: Vec<u32> = order
+            .iter()
+            .enumerate()
+            .map(|(j, &u)| {
+                pos.get(u as usize)
+                    .copied()
+                    .ok_or_else(|| ModelError::InvalidConfig {
+                        field: "unit_order",
+                        value: format!("{u} at position {j}"),
+                        reason: format!("{}: units are 0..{n}", self.fc1.module_name()),
+                    })
+            })
+            .collect::<Result<_>>()?;
+        if relative.iter().enumerate().all(|(j, &r)| r as usize == j) && order.len() == n {
+            return Ok(());
+        }
+        self.ffn.permute_units(&relative)?;
+        self.unit_order = order.to_vec();
+        self.sync_weights()?;
+        let (_, b1, _, _) = self.ffn.weights();
+        if let Some(b) = &mut self.fc1.bias {
+            *b = Param::frozen(b.name().to_string(), b1);
+        }
+        Ok(())
     }
 
     /// Fits the router so its scores rank blocks by activation norm on sample FFN inputs

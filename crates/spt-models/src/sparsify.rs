@@ -20,7 +20,7 @@ use crate::weights::Param;
 use candle_core::{DType, Device, Tensor};
 use spt_ops::lora::LoraConfig;
 use spt_ops::pq::{PqConfig, Refresh, TopK};
-use spt_ops::routed_ffn::{GateMode, RoutedFfnConfig, RouterFitConfig, TopK as BlockTopK};
+use spt_ops::routed_ffn::{GateMode, RoutedFfnConfig, RouterFitConfig, TopK as BlockTopK, UnitClusterConfig};
 use std::sync::Arc;
 
 /// One batch of calibration inputs (the model's forward arguments).
@@ -119,6 +119,47 @@ pub trait SptModel {
             }
         }
         Ok(out)
+    }
+
+    /// The hidden unit order of every routed FFN whose units were regrouped, `(layer, order)`,
+    /// for checkpoints (the order is not a parameter; see [`SptModel::set_ffn_unit_orders`]).
+    fn ffn_unit_orders(&mut self) -> Result<Vec<(usize, Vec<u32>)>> {
+        let mut out = Vec::new();
+        for i in 0..self.num_layers() {
+            if let Some(LayerSlots {
+                ffn: FeedForward::Routed(r),
+                ..
+            }) = self.layer_slots(i)
+            {
+                let order = r.unit_order();
+                if order.iter().enumerate().any(|(j, &u)| u as usize != j) {
+                    out.push((i, order.to_vec()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Puts the routed FFNs' hidden units in saved orders (from [`SptModel::ffn_unit_orders`]).
+    /// Idempotent; call it before loading trained LoRA factors, which are in the saved order.
+    fn set_ffn_unit_orders(&mut self, orders: &[(usize, Vec<u32>)]) -> Result<()> {
+        let n = self.num_layers();
+        for (i, order) in orders {
+            match self.layer_slots(*i) {
+                Some(LayerSlots {
+                    ffn: FeedForward::Routed(r),
+                    ..
+                }) => r.set_unit_order(order)?,
+                _ => {
+                    return Err(ModelError::InvalidConfig {
+                        field: "unit_order",
+                        value: i.to_string(),
+                        reason: format!("layer {i} has no routed FFN (the model has {n} layers)"),
+                    })
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Folds every LoRA adapter (dense linears and routed FFNs) into its frozen weight, for
@@ -254,6 +295,10 @@ pub struct RoutedFfnSettings {
     /// [`SptModel::take_router_aux_loss`]).
     #[serde(default)]
     pub aux_loss: bool,
+    /// Before fitting the router, regroup the hidden units so that units firing on the same
+    /// calibration tokens share a block (spt-ops' `cluster_units`; exact for the dense FFN).
+    #[serde(default)]
+    pub cluster_units: bool,
 }
 
 /// Serializable form of spt-ops' `RouterFitConfig`.
@@ -320,6 +365,8 @@ pub struct RoutingSummary {
     pub rel_error: f64,
     /// Fraction of router picks among each token's top-k blocks by activation norm.
     pub oracle_recall: f64,
+    /// The cosine with the contiguous blocks, when the units were regrouped (else `None`).
+    pub contiguous_cosine: Option<f64>,
 }
 
 /// Per-layer outcome of [`sparsify`].
@@ -373,12 +420,16 @@ pub fn sparsify<M: SptModel + ?Sized>(
 ) -> Result<SparsifyReport> {
     let n = model.num_layers();
     let layers = cfg.layers.resolve(n)?;
-    let fit_router = cfg.ffn.as_ref().is_some_and(|f| f.router_fit.is_some());
+    let fit_router = cfg
+        .ffn
+        .as_ref()
+        .is_some_and(|f| f.router_fit.is_some() || f.cluster_units);
     if (cfg.attention.is_some() || fit_router) && calibration.is_empty() {
         return Err(ModelError::InvalidConfig {
             field: "calibration_batches",
             value: "0".into(),
-            reason: "fitting PQ codebooks or routers needs at least one calibration batch".into(),
+            reason: "fitting PQ codebooks, routers or unit groups needs at least one calibration batch"
+                .into(),
         });
     }
     // Check the FFN conversion up front, so that no layer is left half-converted.
@@ -496,19 +547,29 @@ pub fn sparsify<M: SptModel + ?Sized>(
                 lr.lora.push(dense.fc2.module_name().to_string());
             }
             let mut routed = RoutedFeedForward::from_dense(dense, rc)?;
-            if let Some(fit) = fc.router_fit {
-                let sample = Tensor::cat(&ffn_in[i], 0)?;
-                let q = routed.init_router(
-                    &sample.to_dtype(routed.fc1.weight.tensor().dtype())?,
-                    RouterFitConfig {
-                        ridge: fit.ridge,
-                        score_scale: fit.score_scale,
-                    },
-                )?;
+            let sample = match fc.router_fit.is_some() || fc.cluster_units {
+                true => Some(Tensor::cat(&ffn_in[i], 0)?.to_dtype(routed.fc1.weight.tensor().dtype())?),
+                false => None,
+            };
+            let fit = fc.router_fit.map(|f| RouterFitConfig {
+                ridge: f.ridge,
+                score_scale: f.score_scale,
+            });
+            let mut contiguous_cosine = None;
+            if let (Some(sample), true) = (&sample, fc.cluster_units) {
+                // The contiguous blocks' quality, to report what regrouping gained.
+                if let Some(fit) = fit {
+                    contiguous_cosine = Some(routed.init_router(sample, fit)?.cosine);
+                }
+                routed.cluster_units(sample, UnitClusterConfig::default())?;
+            }
+            if let (Some(sample), Some(fit)) = (&sample, fit) {
+                let q = routed.init_router(sample, fit)?;
                 lr.routing = Some(RoutingSummary {
                     cosine: q.cosine,
                     rel_error: q.rel_error,
                     oracle_recall: q.oracle_recall,
+                    contiguous_cosine,
                 });
             }
             *slots.ffn = FeedForward::Routed(routed);

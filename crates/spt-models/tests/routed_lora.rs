@@ -29,6 +29,7 @@ fn routed(n_blocks: usize, top_k: BlockTopK, gate: GateMode, fit: bool) -> Route
         router_fit: fit.then(RouterFit::default),
         seed: 3,
         aux_loss: false,
+        cluster_units: false,
     }
 }
 

@@ -1,6 +1,6 @@
 //! Routed FFN: equality with the dense FFN (all blocks, gate ≡ 1) and with a masked dense FFN
 //! (top-k), f64 finite-difference gradients, property tests over shapes and routings, router
-//! initialisation, and named errors.
+//! initialisation, unit regrouping, and named errors.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use proptest::prelude::*;
@@ -9,9 +9,9 @@ use spt_ops::gradcheck::{check_gradients, randn_f64, GradCheck};
 use spt_ops::routed_ffn::TopK;
 use spt_ops::routed_ffn::{
     composed, gate_matrix, gather_matmul, reference, routed_ffn, router_gates, scatter_matmul,
-    RouterFitConfig,
+    RouterFitConfig, UnitClusterConfig,
 };
-use spt_ops::{Activation, GateMode, RoutedFfn, RoutedFfnConfig, Routing};
+use spt_ops::{Activation, GateMode, LoraConfig, RoutedFfn, RoutedFfnConfig, Routing};
 use std::sync::Arc;
 
 /// `max |a − b|` and `max |b|`.
@@ -653,5 +653,135 @@ fn composed_path_equals_fused_ops() -> Result<()> {
             assert_close(&format!("seed {seed} {name}"), &c[i], &f[i], 1e-5)?;
         }
     }
+    Ok(())
+}
+
+/// A seeded permutation of `0..n`.
+fn shuffled(n: usize, seed: u64) -> Vec<u32> {
+    let mut p: Vec<u32> = (0..n as u32).collect();
+    p.shuffle(&mut StdRng::seed_from_u64(seed));
+    p
+}
+
+#[test]
+fn permuted_units_keep_the_dense_ffn_with_lora() -> Result<()> {
+    let [w1, b1, w2, b2] = weights(8, 24, 31, DType::F32)?;
+    let mut cfg = RoutedFfnConfig::new(4, TopK::Count(2), Activation::GeluErf);
+    cfg.lora = Some(LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        seed: 5,
+    });
+    let mut layer = RoutedFfn::new(&w1, &b1, &w2, &b2, cfg)?;
+    // Non-zero B factors, so LoRA's per-unit rows and columns matter.
+    let (_, lb1, _, lb2) = layer.lora_factors().expect("lora");
+    lb1.set(&(randn_f64(&[24, 2], 32)? * 0.2)?.to_dtype(DType::F32)?)?;
+    lb2.set(&(randn_f64(&[8, 2], 33)? * 0.2)?.to_dtype(DType::F32)?)?;
+    let x = randn_f64(&[30, 8], 34)?.to_dtype(DType::F32)?;
+    let dense = layer.forward_dense(&x, false)?;
+    let routed = layer.forward_t(&x, false)?.y;
+    layer.permute_units(&shuffled(24, 35))?;
+    assert_close(
+        "dense after permuting",
+        &layer.forward_dense(&x, false)?,
+        &dense,
+        1e-5,
+    )?;
+    let (d, _) = diff(&layer.forward_t(&x, false)?.y, &routed)?;
+    assert!(
+        d > 1e-3,
+        "the blocks hold other units now: routed output moved by {d}"
+    );
+    // Merging after a permutation gives the same dense function.
+    layer
+        .merge()
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    assert_close(
+        "merged after permuting",
+        &layer.forward_dense(&x, false)?,
+        &dense,
+        1e-5,
+    )?;
+
+    // Not a permutation, or trained weights: named errors, nothing changed.
+    let e = layer.permute_units(&[0, 1]).unwrap_err().to_string();
+    assert!(e.contains("2 entries, expected d_ff = 24"), "{e}");
+    let mut dup = shuffled(24, 36);
+    dup[3] = dup[7];
+    let e = layer.permute_units(&dup).unwrap_err().to_string();
+    assert!(e.contains("appears twice"), "{e}");
+    assert_close(
+        "after refused permutations",
+        &layer.forward_dense(&x, false)?,
+        &dense,
+        1e-5,
+    )?;
+    let v = vars(&[w1, b1, w2, b2])?;
+    let ts: Vec<Tensor> = v.iter().map(|v| v.as_tensor().clone()).collect();
+    let mut trained = RoutedFfn::new(
+        &ts[0],
+        &ts[1],
+        &ts[2],
+        &ts[3],
+        RoutedFfnConfig::new(4, TopK::Count(2), Activation::Relu),
+    )?;
+    let e = trained.permute_units(&shuffled(24, 37)).unwrap_err().to_string();
+    assert!(e.contains("frozen"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn clustering_regroups_units_that_fire_together() -> Result<()> {
+    // Planted: block e's units respond to token cluster e. Shuffle the units, so that contiguous
+    // blocks mix the groups, then regroup them.
+    let (n, b) = (4usize, 8usize);
+    let ([w1, b1, w2, b2], x) = planted(16, n, b, 600, 41)?;
+    let perm = shuffled(n * b, 42);
+    let idx = Tensor::new(perm.as_slice(), &Device::Cpu)?;
+    let (w1, b1, w2) = (
+        w1.index_select(&idx, 0)?,
+        b1.index_select(&idx, 0)?,
+        w2.index_select(&idx, 1)?,
+    );
+    let group = |u: u32| perm[u as usize] as usize / b; // planted group of shuffled unit u
+    let cfg = RoutedFfnConfig::new(n, TopK::Count(1), Activation::Relu);
+    let mut layer = RoutedFfn::new(&w1, &b1, &w2, &b2, cfg)?;
+    let contiguous = layer.init_router(&x, RouterFitConfig::default())?;
+    let order = layer.cluster_units(&x, UnitClusterConfig::default())?;
+    assert_eq!(
+        order,
+        layer.cluster_units(&x, UnitClusterConfig::default())?,
+        "deterministic"
+    );
+    let mut sorted = order.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (0..(n * b) as u32).collect::<Vec<_>>(), "a permutation");
+    // Each block is (almost) one planted group.
+    let mut pure = 0;
+    for blk in order.chunks(b) {
+        let mut count = vec![0usize; n];
+        blk.iter().for_each(|&u| count[group(u)] += 1);
+        pure += count.iter().max().unwrap();
+    }
+    assert!(
+        pure as f64 >= 0.9 * (n * b) as f64,
+        "{pure} of {} units in their group's block",
+        n * b
+    );
+    layer.permute_units(&order)?;
+    let regrouped = layer.init_router(&x, RouterFitConfig::default())?;
+    assert!(
+        regrouped.cosine > contiguous.cosine + 0.05 && regrouped.rel_error < contiguous.rel_error,
+        "contiguous {contiguous:?}, regrouped {regrouped:?}"
+    );
+    let e = layer
+        .cluster_units(
+            &Tensor::zeros((0, 16), DType::F32, &Device::Cpu)?,
+            UnitClusterConfig::default(),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("at least one sample token"), "{e}");
     Ok(())
 }

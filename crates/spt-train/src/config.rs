@@ -65,6 +65,17 @@ impl From<FfnGate> for spt_models::routed_ffn::GateMode {
     }
 }
 
+/// Which hidden units form each routed-FFN block.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum FfnUnits {
+    /// Contiguous ranges of d_ff, as the checkpoint orders them (the SPT reference).
+    Contiguous,
+    /// Units that fire on the same calibration tokens grouped together (balanced k-means).
+    #[default]
+    Clustered,
+}
+
 /// Every setting of `spt-train finetune`. See the field comments for meaning and defaults.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -120,6 +131,8 @@ pub struct FinetuneConfig {
     pub ffn_top_k: usize,
     /// How kept blocks are scaled by the router.
     pub ffn_gate: FfnGate,
+    /// Which hidden units form each block.
+    pub ffn_units: FfnUnits,
     /// Weight of the router load-balancing loss (0: off).
     pub router_aux_weight: f64,
     pub lora_rank: usize,
@@ -195,6 +208,7 @@ impl Default for FinetuneConfig {
             ffn_blocks: 8,
             ffn_top_k: 2,
             ffn_gate: FfnGate::default(),
+            ffn_units: FfnUnits::default(),
             router_aux_weight: 0.0,
             lora_rank: 8,
             lora_alpha: 16.0,
@@ -301,6 +315,9 @@ pub struct FinetuneArgs {
     /// How kept FFN blocks are scaled by the router.
     #[arg(long, value_enum)]
     pub ffn_gate: Option<FfnGate>,
+    /// Which hidden units form each routed-FFN block.
+    #[arg(long, value_enum)]
+    pub ffn_units: Option<FfnUnits>,
     /// Router load-balancing loss weight (0: off).
     #[arg(long)]
     pub router_aux_weight: Option<f64>,
@@ -409,7 +426,7 @@ impl FinetuneConfig {
         let c = self;
         set_if_some!(a, c;
             plain: model, task, validation_split, text_column, label_column, block_size, output_dir, mode,
-                pq_refresh_every, ffn_blocks, ffn_top_k, ffn_gate, router_aux_weight, lora_rank, lora_alpha, lora_dropout,
+                pq_refresh_every, ffn_blocks, ffn_top_k, ffn_gate, ffn_units, router_aux_weight, lora_rank, lora_alpha, lora_dropout,
                 epochs, batch_size, grad_accum, lr, warmup_ratio, schedule, weight_decay, adam_beta1, adam_beta2,
                 adam_eps, max_grad_norm, seed, eval_every, save_every, keep_last, log_every, device;
             optional: tokenizer, split_by, format, text_pair_column, label_map, max_length, attn_k,

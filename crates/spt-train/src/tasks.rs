@@ -23,7 +23,7 @@ use spt_models::{
     SparseAttentionConfig, SparsifyReport, SptConfig, SptModel, Trainable, WeightSource,
 };
 
-use crate::config::{FinetuneConfig, Mode};
+use crate::config::{FfnUnits, FinetuneConfig, Mode};
 use crate::data::{Batch, EncodedDataset, LabelMap, TaskKind};
 use crate::losses::{classification_eval, classification_loss};
 use crate::rng::SplitMix64;
@@ -32,6 +32,8 @@ use crate::{Error, Result};
 
 /// Prefix of the PQ codebook tensors in [`TrainTask::extra_state`].
 pub const CODEBOOK_PREFIX: &str = "pq_codebook.layer.";
+/// Prefix of the routed FFNs' hidden unit orders (u32) in [`TrainTask::extra_state`].
+pub const UNIT_ORDER_PREFIX: &str = "ffn_unit_order.layer.";
 
 /// The model behind a task.
 pub enum Net {
@@ -121,6 +123,8 @@ pub struct ModelTask {
     attn_top_k: Option<TopK>,
     /// The current PQ codebooks (layer, centroids), kept in step with the model.
     codebooks: Vec<(usize, Tensor)>,
+    /// Regrouped routed-FFN unit orders (layer, order), kept in step with the model.
+    unit_orders: Vec<(usize, Vec<u32>)>,
     vars: Vec<(String, Var)>,
     /// Weight of the routers' load-balancing loss in the training loss (0: off).
     router_aux_weight: f64,
@@ -214,6 +218,7 @@ fn spt_config(cfg: &FinetuneConfig, head_dim: usize, fit: bool) -> Result<Option
             router_fit: fit.then(RouterFit::default),
             seed: cfg.seed,
             aux_loss: cfg.router_aux_weight > 0.0,
+            cluster_units: fit && cfg.ffn_units == FfnUnits::Clustered,
         });
     }
     Ok(Some(sc))
@@ -321,6 +326,7 @@ impl ModelTask {
             sparsify_report = Some(sparsify(net.spt(), &sc, calib)?);
         }
         let codebooks = net.spt().pq_codebooks()?;
+        let unit_orders = net.spt().ffn_unit_orders()?;
         let mut summary = ParamSummary {
             initialised: report.initialised,
             ..ParamSummary::default()
@@ -349,6 +355,7 @@ impl ModelTask {
             refresh_every: cfg.pq_refresh_every,
             attn_top_k,
             codebooks,
+            unit_orders,
             vars,
             router_aux_weight: cfg.router_aux_weight,
         })
@@ -360,6 +367,8 @@ impl ModelTask {
         model: &HashMap<String, Tensor>,
         extra: &HashMap<String, Tensor>,
     ) -> Result<()> {
+        // Unit orders first: the saved LoRA factors are in the saved order.
+        self.load_extra_state(extra)?;
         for (name, var) in &self.vars {
             let t = model.get(name).ok_or_else(|| {
                 Error::Msg(format!(
@@ -375,7 +384,6 @@ impl ModelTask {
             }
             var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
         }
-        self.load_extra_state(extra)?;
         Ok(())
     }
 
@@ -463,22 +471,52 @@ impl TrainTask for ModelTask {
     }
 
     fn extra_state(&self) -> candle_core::Result<BTreeMap<String, Tensor>> {
-        Ok(self
+        let mut out: BTreeMap<String, Tensor> = self
             .codebooks
             .iter()
             .map(|(i, t)| (format!("{CODEBOOK_PREFIX}{i}"), t.clone()))
-            .collect())
+            .collect();
+        for (i, order) in &self.unit_orders {
+            let t = Tensor::new(order.as_slice(), &candle_core::Device::Cpu)?;
+            out.insert(format!("{UNIT_ORDER_PREFIX}{i}"), t);
+        }
+        Ok(out)
     }
 
     fn load_extra_state(&mut self, state: &HashMap<String, Tensor>) -> candle_core::Result<()> {
+        let layer_of = |k: &str, i: &str| -> candle_core::Result<usize> {
+            i.parse().map_err(|_| {
+                candle_core::Error::Msg(format!("bad checkpoint key `{k}`: expected a layer number"))
+            })
+        };
         let mut books: Vec<(usize, Tensor)> = Vec::new();
+        let mut orders: Vec<(usize, Vec<u32>)> = Vec::new();
         for (k, t) in state {
             if let Some(i) = k.strip_prefix(CODEBOOK_PREFIX) {
-                let i: usize = i
-                    .parse()
-                    .map_err(|_| candle_core::Error::Msg(format!("bad codebook key `{k}`")))?;
-                books.push((i, t.clone()));
+                books.push((layer_of(k, i)?, t.clone()));
+            } else if let Some(i) = k.strip_prefix(UNIT_ORDER_PREFIX) {
+                if t.dtype() != candle_core::DType::U32 || t.rank() != 1 {
+                    return Err(candle_core::Error::Msg(format!(
+                        "checkpoint tensor `{k}` is {:?} {:?}, expected a u32 vector (a unit order)",
+                        t.dtype(),
+                        t.dims()
+                    )));
+                }
+                orders.push((layer_of(k, i)?, t.to_vec1::<u32>()?));
             }
+        }
+        orders.sort_by_key(|(i, _)| *i);
+        if !orders.is_empty() {
+            if self.mode != Mode::Spt {
+                return Err(candle_core::Error::Msg(
+                    "the checkpoint holds routed-FFN unit orders but the mode is not spt".into(),
+                ));
+            }
+            self.net
+                .spt()
+                .set_ffn_unit_orders(&orders)
+                .map_err(|e| candle_core::Error::Msg(format!("restoring the FFN unit orders: {e}")))?;
+            self.unit_orders = self.net.spt().ffn_unit_orders()?;
         }
         books.sort_by_key(|(i, _)| *i);
         if books.is_empty() {

@@ -439,6 +439,8 @@ impl<T: TrainTask> Trainer<T> {
 
     fn restore(&mut self, path: &Path, opt: &mut AdamW) -> Result<LoopState> {
         let ck = load_checkpoint(path, &self.device)?;
+        // Extra state first: it may reorder what the trained values are loaded into.
+        self.task.load_extra_state(&ck.extra)?;
         let vars = self.task.trainable();
         for (name, var) in &vars {
             let t = ck.model.get(name).ok_or_else(|| {
@@ -467,7 +469,6 @@ impl<T: TrainTask> Trainer<T> {
         }
         opt.load_state_dict(&ck.optimizer)
             .map_err(|e| Error::Msg(format!("checkpoint {}: {e}", path.display())))?;
-        self.task.load_extra_state(&ck.extra)?;
         if ck.manifest.config != self.cfg.run_config {
             tracing::warn!(
                 "checkpoint {} was written with a different config; continuing with the current one",

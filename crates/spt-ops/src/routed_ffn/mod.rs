@@ -19,9 +19,12 @@
 //!   `W2 + (α/r)·B2 A2` (the gate scales the block's LoRA output too). fc1's `x A1ᵀ` is computed
 //!   once for all blocks, B1's rows are routed like W1's; fc2's A2 columns are routed like W2's
 //!   and B2 is applied once per token.
+//! - [`RoutedFfn::cluster_units`] / [`RoutedFfn::permute_units`] regroup the hidden units so that
+//!   units firing together share a block (exact for the dense FFN).
 //! - [`RoutedFfn::init_router`] fits the router to rank blocks by their activation norm, and
 //!   [`RoutedFfn::quality`] reports how close the routed output is to the dense one.
 
+mod cluster;
 pub mod composed;
 mod cpu;
 mod init;
@@ -29,6 +32,7 @@ mod ops;
 pub mod reference;
 mod router;
 
+pub use cluster::UnitClusterConfig;
 pub use init::{RouterFitConfig, RoutingQuality};
 pub use ops::{
     gather_matmul, gather_matmul_act, scatter_matmul, scatter_matmul_bias, AddKind, GatherMatmul,

@@ -259,8 +259,12 @@ fn build_task(
                 l.ffn,
                 l.routing
                     .map(|q| format!(
-                        " (cosine to dense {:.3}, oracle recall {:.2})",
-                        q.cosine, q.oracle_recall
+                        " (cosine to dense {:.3}{}, oracle recall {:.2})",
+                        q.cosine,
+                        q.contiguous_cosine
+                            .map(|c| format!(" with units regrouped, {c:.3} contiguous"))
+                            .unwrap_or_default(),
+                        q.oracle_recall
                     ))
                     .unwrap_or_default(),
                 l.calibration_tokens,
