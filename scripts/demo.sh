@@ -50,7 +50,7 @@ summary() { # line
 }
 
 echo "demo: spt fine-tuning, $WHAT" >&2
-t0=$(date +%s); SPT=$(summary "$(run spt 5e-4 | tail -n 1)"); t1=$(date +%s)
+t0=$(date +%s); SPT=$(summary "$(run spt 1e-3 | tail -n 1)"); t1=$(date +%s)
 if [[ "${DEMO_DENSE:-saved}" == saved && -z "$STEPS" ]]; then
   DENSE=$(python3 -c 'import json;d=json.load(open("bench/results/demo-dense.json"));print(json.dumps(d))')
   WHERE="saved (bench/results/demo-dense.json)"

@@ -56,7 +56,9 @@ def table(name):
 
 def quality_table(data):
     """Accuracy / perplexity records: the case, the metric and how it was trained."""
-    recs = data["records"]
+    shown = [r for r in data["records"] if not r.get("superseded")]
+    hidden = len(data["records"]) - len(shown)
+    recs = shown
     keys = list(recs[0]["case"].keys())
     extra = [k for k in ("variant", "accuracy", "macro_f1", "perplexity", "lr", "steps", "epochs", "median_step_s") if any(k in r for r in recs)]
     lines = ["| " + " | ".join(keys + extra) + " |", "|" + "---|" * (len(keys) + len(extra))]
@@ -67,6 +69,8 @@ def quality_table(data):
             vals.append("–" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)))
         lines.append("| " + " | ".join(case_str(r["case"], keys) + vals) + " |")
     lines.append("")
+    if hidden:
+        lines.append(f"{hidden} earlier records in the JSON are not shown (each says why under `superseded`).")
     lines.append(f"Machine: {data.get('machine', '?')}. Re-run: `{data.get('command', '?')}`.")
     return "\n".join(lines)
 

@@ -133,6 +133,9 @@ pub struct FinetuneConfig {
     pub ffn_gate: FfnGate,
     /// Which hidden units form each block.
     pub ffn_units: FfnUnits,
+    /// Batches of 16 training examples (seeded draw) that fit the PQ codebooks, routers and unit
+    /// groups, and that the codebook refresh cycles through (spt).
+    pub calibration_batches: usize,
     /// Weight of the router load-balancing loss (0: off).
     pub router_aux_weight: f64,
     pub lora_rank: usize,
@@ -209,6 +212,7 @@ impl Default for FinetuneConfig {
             ffn_top_k: 2,
             ffn_gate: FfnGate::default(),
             ffn_units: FfnUnits::default(),
+            calibration_batches: 4,
             router_aux_weight: 0.0,
             lora_rank: 8,
             lora_alpha: 16.0,
@@ -318,6 +322,9 @@ pub struct FinetuneArgs {
     /// Which hidden units form each routed-FFN block.
     #[arg(long, value_enum)]
     pub ffn_units: Option<FfnUnits>,
+    /// Batches of 16 training examples that calibrate the sparse layers (spt).
+    #[arg(long)]
+    pub calibration_batches: Option<usize>,
     /// Router load-balancing loss weight (0: off).
     #[arg(long)]
     pub router_aux_weight: Option<f64>,
@@ -426,7 +433,7 @@ impl FinetuneConfig {
         let c = self;
         set_if_some!(a, c;
             plain: model, task, validation_split, text_column, label_column, block_size, output_dir, mode,
-                pq_refresh_every, ffn_blocks, ffn_top_k, ffn_gate, ffn_units, router_aux_weight, lora_rank, lora_alpha, lora_dropout,
+                pq_refresh_every, ffn_blocks, ffn_top_k, ffn_gate, ffn_units, calibration_batches, router_aux_weight, lora_rank, lora_alpha, lora_dropout,
                 epochs, batch_size, grad_accum, lr, warmup_ratio, schedule, weight_decay, adam_beta1, adam_beta2,
                 adam_eps, max_grad_norm, seed, eval_every, save_every, keep_last, log_every, device;
             optional: tokenizer, split_by, format, text_pair_column, label_map, max_length, attn_k,
@@ -519,6 +526,9 @@ impl FinetuneConfig {
                 "lora_dropout",
                 format!("must be in [0, 1), got {}", self.lora_dropout),
             ));
+        }
+        if self.mode == Mode::Spt && self.calibration_batches == 0 {
+            return Err(invalid("calibration_batches", "must be at least 1 in spt mode"));
         }
         if self.router_aux_weight < 0.0 {
             return Err(invalid("router_aux_weight", "must be ≥ 0"));

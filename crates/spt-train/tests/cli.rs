@@ -154,6 +154,25 @@ fn settings_errors_name_the_setting() {
         "{}",
         stderr(&o)
     );
+    let o = spt_train(
+        &[
+            "finetune",
+            "--model",
+            "m",
+            "--train-file",
+            "a.csv",
+            "--mode",
+            "spt",
+            "--calibration-batches",
+            "0",
+        ],
+        &[],
+    );
+    assert!(
+        stderr(&o).contains("`calibration_batches`: must be at least 1 in spt mode"),
+        "{}",
+        stderr(&o)
+    );
     let tmp = tempfile::tempdir().unwrap();
     let cfg = tmp.path().join("c.toml");
     std::fs::write(&cfg, "model = \"m\"\nbatchsize = 3\n").unwrap();

@@ -241,7 +241,7 @@ fn build_task(
     device: &Device,
 ) -> Result<ModelTask> {
     let calibration = match (cfg.mode, train) {
-        (Mode::Spt, Some(t)) => calibration_batches(t, 4, 16, cfg.seed, device)?,
+        (Mode::Spt, Some(t)) => calibration_batches(t, cfg.calibration_batches, 16, cfg.seed, device)?,
         _ => Vec::new(),
     };
     let task = ModelTask::build(cfg, model_dir, num_labels, device, calibration)
