@@ -125,6 +125,36 @@ fn classify_finetune_eval_predict_export() {
         "{rep}"
     );
     assert_eq!(rep["examples"], 60);
+    // --split validation: the run's own held-out rows, the same figures as its final eval.
+    let cfg = run.join("finetune.toml");
+    let o = spt_train(
+        &[
+            "eval",
+            "--model",
+            m,
+            "--checkpoint",
+            r,
+            "--data-file",
+            data.to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+            "--split",
+            "validation",
+            "--batch-size",
+            "8",
+        ],
+        None,
+    );
+    let rep: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    assert_eq!(rep["examples"], last["eval"]["examples"], "{rep} vs {last}");
+    assert_eq!(rep["accuracy"], last["eval"]["accuracy"], "{rep} vs {last}");
+    let o = Command::new(env!("CARGO_BIN_EXE_spt-train"))
+        .args(["eval", "--model", m, "--checkpoint", r, "--split", "validation"])
+        .args(["--data-file", data.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--split validation needs --config"));
 
     // predict: one JSON line per stdin line, with a label from labels.json.
     let o = spt_train(

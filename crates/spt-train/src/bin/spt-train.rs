@@ -117,6 +117,16 @@ struct EvalArgs {
     max_length: Option<usize>,
     #[arg(long, default_value_t = 128)]
     block_size: usize,
+    /// Rows to evaluate: every row of the data files, or the validation rows that the seeded
+    /// split of `--config` (`validation_split`, `split_by`, `seed`) holds out of them.
+    #[arg(long, value_enum, default_value = "all")]
+    split: EvalSplit,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum EvalSplit {
+    All,
+    Validation,
 }
 
 #[derive(Args)]
@@ -430,7 +440,11 @@ fn eval(a: &EvalArgs) -> Result<()> {
     cfg.task = a.task;
     cfg.train_files = a.data_files.clone();
     cfg.validation_files.clear();
-    cfg.validation_split = 0.0;
+    if a.split == EvalSplit::All {
+        cfg.validation_split = 0.0;
+    } else if a.config.is_none() || cfg.validation_split <= 0.0 {
+        bail!("--split validation needs --config with a validation_split > 0 (the run's finetune.toml)");
+    }
     cfg.format = a.format;
     cfg.text_column = a.text_column.clone();
     cfg.text_pair_column = a.text_pair_column.clone();
@@ -443,9 +457,16 @@ fn eval(a: &EvalArgs) -> Result<()> {
     }
     let tok = load_tokenizer(&cfg, &model_dir)?;
     let data = prepare_data(&cfg, &tok, None)?;
-    tracing::info!(examples = data.train.len(), "evaluation data ready");
     let (mut task, _) = load_trained(&a.model, a.task, data.labels.as_ref().map(LabelMap::len), &dev)?;
-    let rep = evaluate(&mut task, &data.train, a.batch_size, &dev)?;
+    let rows = match a.split {
+        EvalSplit::All => &data.train,
+        EvalSplit::Validation => data
+            .validation
+            .as_ref()
+            .context("the --config split held out no validation rows")?,
+    };
+    tracing::info!(examples = rows.len(), "evaluation data ready");
+    let rep = evaluate(&mut task, rows, a.batch_size, &dev)?;
     println!("{}", serde_json::to_string(&rep)?);
     Ok(())
 }
