@@ -6,7 +6,7 @@
 //! exact for the dense FFN: W1's rows, b1 and W2's columns move together.
 
 use super::RoutedFfn;
-use candle_core::{bail, DType, Result, Tensor, D};
+use candle_core::{bail, Result, Tensor, D};
 
 /// How [`RoutedFfn::cluster_units`] groups the units.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -120,16 +120,8 @@ impl RoutedFfn {
         let (n, d_ff) = (self.cfg.n_blocks, self.d_ff());
         let x = sample
             .reshape((t, self.d_model()))?
-            .narrow(0, 0, t.min(cfg.max_tokens.max(1)))?
-            .detach()
-            .to_dtype(DType::F64)?;
-        let (w1, _) = self.merged_weights()?;
-        let w1 = w1.detach().to_dtype(DType::F64)?;
-        let b1 = self.b1.detach().to_dtype(DType::F64)?;
-        let h = self
-            .cfg
-            .activation
-            .forward(&x.matmul(&w1.t()?)?.broadcast_add(&b1)?)?;
+            .narrow(0, 0, t.min(cfg.max_tokens.max(1)))?;
+        let h = self.hidden_f64(&x)?;
         // A unit's profile: |activation| over the tokens, unit length (cosine similarity).
         let a = h.abs()?.t()?.contiguous()?; // [d_ff, S]
         let norms = (a.sqr()?.sum_keepdim(1)?.sqrt()? + 1e-300)?;

@@ -81,17 +81,21 @@ fn cholesky_solve(g: &[f64], r: &[f64], m: usize, c: usize) -> Result<Vec<f64>> 
 }
 
 impl RoutedFfn {
-    /// `[S, n_blocks]` activation norms `‖act(x W1_eᵀ + b1_e)‖` of the sample tokens, in f64.
-    fn block_norms(&self, x2: &Tensor) -> Result<Tensor> {
+    /// `[S, d_ff]` hidden activations `act(x W1ᵀ + b1)` (LoRA included) of tokens `[S, d]`, in f64.
+    pub(super) fn hidden_f64(&self, x2: &Tensor) -> Result<Tensor> {
         let (w1, _) = self.merged_weights()?;
-        let (s, n) = (x2.dim(0)?, self.cfg.n_blocks);
         let x = x2.detach().to_dtype(DType::F64)?;
         let w1 = w1.detach().to_dtype(DType::F64)?;
         let b1 = self.b1.detach().to_dtype(DType::F64)?;
-        let h = self
-            .cfg
+        self.cfg
             .activation
-            .forward(&x.matmul(&w1.t()?)?.broadcast_add(&b1)?)?;
+            .forward(&x.matmul(&w1.t()?)?.broadcast_add(&b1)?)
+    }
+
+    /// `[S, n_blocks]` activation norms `‖act(x W1_eᵀ + b1_e)‖` of the sample tokens, in f64.
+    fn block_norms(&self, x2: &Tensor) -> Result<Tensor> {
+        let (s, n) = (x2.dim(0)?, self.cfg.n_blocks);
+        let h = self.hidden_f64(x2)?;
         h.reshape((s, n, self.block))?.sqr()?.sum(D::Minus1)?.sqrt()
     }
 
