@@ -20,7 +20,9 @@ use crate::weights::Param;
 use candle_core::{DType, Device, Tensor};
 use spt_ops::lora::LoraConfig;
 use spt_ops::pq::{PqConfig, Refresh, TopK};
-use spt_ops::routed_ffn::{GateMode, RoutedFfnConfig, RouterFitConfig, TopK as BlockTopK, UnitClusterConfig};
+use spt_ops::routed_ffn::{
+    GateMode, RoutedFfnConfig, RouterFitConfig, RoutingQuality, TopK as BlockTopK, UnitClusterConfig,
+};
 use std::sync::Arc;
 
 /// One batch of calibration inputs (the model's forward arguments).
@@ -296,7 +298,8 @@ pub struct RoutedFfnSettings {
     #[serde(default)]
     pub aux_loss: bool,
     /// Before fitting the router, regroup the hidden units so that units firing on the same
-    /// calibration tokens share a block (spt-ops' `cluster_units`; exact for the dense FFN).
+    /// calibration tokens share a block (spt-ops' `cluster_units`; exact for the dense FFN). With
+    /// a router fit, a layer keeps its contiguous blocks where they fit the dense FFN better.
     #[serde(default)]
     pub cluster_units: bool,
 }
@@ -365,8 +368,12 @@ pub struct RoutingSummary {
     pub rel_error: f64,
     /// Fraction of router picks among each token's top-k blocks by activation norm.
     pub oracle_recall: f64,
-    /// The cosine with the contiguous blocks, when the units were regrouped (else `None`).
+    /// Which hidden units form the blocks: "contiguous" (the checkpoint's order) or "clustered".
+    pub units: &'static str,
+    /// The cosine with contiguous blocks.
     pub contiguous_cosine: Option<f64>,
+    /// The cosine with regrouped units, when regrouping was tried (it is kept if not worse).
+    pub clustered_cosine: Option<f64>,
 }
 
 /// Per-layer outcome of [`sparsify`].
@@ -555,21 +562,39 @@ pub fn sparsify<M: SptModel + ?Sized>(
                 ridge: f.ridge,
                 score_scale: f.score_scale,
             });
-            let mut contiguous_cosine = None;
-            if let (Some(sample), true) = (&sample, fc.cluster_units) {
-                // The contiguous blocks' quality, to report what regrouping gained.
-                if let Some(fit) = fit {
-                    contiguous_cosine = Some(routed.init_router(sample, fit)?.cosine);
+            if let Some(sample) = &sample {
+                let refit = |r: &mut RoutedFeedForward| -> Result<Option<RoutingQuality>> {
+                    fit.map(|f| r.init_router(sample, f)).transpose()
+                };
+                let contiguous = refit(&mut routed)?;
+                let mut q = contiguous;
+                let mut units = "contiguous";
+                let mut clustered_cosine = None;
+                if fc.cluster_units {
+                    routed.cluster_units(sample, UnitClusterConfig::default())?;
+                    let clustered = refit(&mut routed)?;
+                    clustered_cosine = clustered.map(|c| c.cosine);
+                    // Regrouping targets activation mass, not the output: where the fitted
+                    // router reproduces the dense FFN better on contiguous blocks, keep those.
+                    match (contiguous, clustered) {
+                        (Some(c), Some(g)) if c.cosine > g.cosine => {
+                            let identity: Vec<u32> = (0..routed.unit_order().len() as u32).collect();
+                            routed.set_unit_order(&identity)?;
+                            q = refit(&mut routed)?;
+                        }
+                        _ => {
+                            q = clustered;
+                            units = "clustered";
+                        }
+                    }
                 }
-                routed.cluster_units(sample, UnitClusterConfig::default())?;
-            }
-            if let (Some(sample), Some(fit)) = (&sample, fit) {
-                let q = routed.init_router(sample, fit)?;
-                lr.routing = Some(RoutingSummary {
+                lr.routing = q.map(|q| RoutingSummary {
                     cosine: q.cosine,
                     rel_error: q.rel_error,
                     oracle_recall: q.oracle_recall,
-                    contiguous_cosine,
+                    units,
+                    contiguous_cosine: contiguous.map(|c| c.cosine),
+                    clustered_cosine,
                 });
             }
             *slots.ffn = FeedForward::Routed(routed);

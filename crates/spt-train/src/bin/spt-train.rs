@@ -269,11 +269,13 @@ fn build_task(
                 l.ffn,
                 l.routing
                     .map(|q| format!(
-                        " (cosine to dense {:.3}{}, oracle recall {:.2})",
+                        " ({} units, cosine to dense {:.3}{}, oracle recall {:.2})",
+                        q.units,
                         q.cosine,
-                        q.contiguous_cosine
-                            .map(|c| format!(" with units regrouped, {c:.3} contiguous"))
-                            .unwrap_or_default(),
+                        match (q.contiguous_cosine, q.clustered_cosine) {
+                            (Some(c), Some(g)) => format!(" (contiguous {c:.3}, clustered {g:.3})"),
+                            _ => String::new(),
+                        },
                         q.oracle_recall
                     ))
                     .unwrap_or_default(),
