@@ -348,3 +348,55 @@ fn router_aux_weight_adds_the_balancing_loss_in_training_only() {
     let (p, a) = (loss(&mut plain, &batch, false), loss(&mut aux, &batch, false));
     assert_eq!(p, a, "evaluation must not add the balancing loss");
 }
+
+#[test]
+fn spt_without_adapters_trains_every_weight_through_the_sparse_layers() {
+    let root = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-gpt2", root.path());
+    let train = root.path().join("train.txt");
+    write_text(&train);
+    let mut cfg = config(&model, TaskKind::Lm, &train, &root.path().join("full"), Mode::Spt);
+    cfg.lora_rank = 0;
+    let (summary, task, _) = run(&cfg, Resume::No);
+    // Every scalar trains (base weights and routers), no LoRA factor exists, and the layers
+    // are the sparse ones.
+    assert_eq!(task.summary.trainable, task.summary.total, "{}", task.summary);
+    let names: Vec<String> = task.trainable().into_iter().map(|(n, _)| n).collect();
+    assert!(names.iter().all(|n| !n.contains(".lora_")), "{names:?}");
+    assert!(names.iter().any(|n| n.ends_with("mlp.c_fc.weight")), "{names:?}");
+    assert!(
+        names.iter().any(|n| n.ends_with("mlp.router.weight")),
+        "{names:?}"
+    );
+    // The routed FFN's own weights moved (they train through the routed op).
+    let start = spt_models::WeightSource::from_dir(&model).unwrap();
+    let (name, trained) = task
+        .trainable()
+        .into_iter()
+        .find(|(n, _)| n.ends_with("h.0.mlp.c_fc.weight"))
+        .unwrap();
+    let initial = start
+        .get(&name)
+        .or_else(|| start.get(name.trim_start_matches("transformer.")))
+        .unwrap();
+    assert!(
+        max_abs_diff(trained.as_tensor(), initial) > 0.0,
+        "{name} did not train"
+    );
+    let report = task.sparsify_report.as_ref().expect("spt report");
+    assert!(report
+        .layers
+        .iter()
+        .all(|l| l.attention == "sparse" && l.ffn == "routed" && l.lora.is_empty()));
+    let l = &summary.train_losses;
+    let (first, last) = (mean(&l[..4]), mean(&l[l.len() - 4..]));
+    assert!(last < first, "loss did not decrease ({first} -> {last}): {l:?}");
+    // Lora mode still needs a rank.
+    let mut bad = cfg.clone();
+    bad.mode = Mode::Lora;
+    assert!(bad
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("at least 1 in lora mode"));
+}

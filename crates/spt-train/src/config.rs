@@ -328,6 +328,8 @@ pub struct FinetuneArgs {
     /// Router load-balancing loss weight (0: off).
     #[arg(long)]
     pub router_aux_weight: Option<f64>,
+    /// LoRA rank (lora, spt). In spt mode 0 means no adapters: every weight trains through the
+    /// sparse attention and routed FFN (e.g. training from random weights).
     #[arg(long)]
     pub lora_rank: Option<usize>,
     #[arg(long)]
@@ -518,8 +520,11 @@ impl FinetuneConfig {
                 ),
             ));
         }
-        if self.mode != Mode::Dense && self.lora_rank == 0 {
-            return Err(invalid("lora_rank", "must be at least 1 for lora and spt modes"));
+        if self.mode == Mode::Lora && self.lora_rank == 0 {
+            return Err(invalid(
+                "lora_rank",
+                "must be at least 1 in lora mode (spt mode takes 0: no adapters, every weight trains)",
+            ));
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return Err(invalid(

@@ -163,8 +163,8 @@ fn spt_config(cfg: &FinetuneConfig, head_dim: usize, fit: bool) -> Result<Option
     if cfg.mode == Mode::Dense {
         return Ok(None);
     }
-    if cfg.lora_rank == 0 {
-        return Err(Error::Msg("--lora-rank must be at least 1".into()));
+    if cfg.lora_rank == 0 && cfg.mode == Mode::Lora {
+        return Err(Error::Msg("--lora-rank must be at least 1 in lora mode".into()));
     }
     if !(0.0..1.0).contains(&cfg.lora_dropout) {
         return Err(Error::Msg(format!(
@@ -172,7 +172,8 @@ fn spt_config(cfg: &FinetuneConfig, head_dim: usize, fit: bool) -> Result<Option
             cfg.lora_dropout
         )));
     }
-    let lora = LoraSettings {
+    // Rank 0 (spt only): no adapters; every weight trains through the sparse layers.
+    let lora = (cfg.lora_rank > 0).then(|| LoraSettings {
         targets: vec![
             LoraTarget::Query,
             LoraTarget::Key,
@@ -187,9 +188,9 @@ fn spt_config(cfg: &FinetuneConfig, head_dim: usize, fit: bool) -> Result<Option
             dropout: cfg.lora_dropout as f32,
             seed: cfg.seed,
         },
-    };
+    });
     let mut sc = SptConfig {
-        lora: Some(lora),
+        lora,
         ..SptConfig::default()
     };
     if cfg.mode == Mode::Spt {
@@ -218,7 +219,9 @@ fn spt_config(cfg: &FinetuneConfig, head_dim: usize, fit: bool) -> Result<Option
             router_fit: fit.then(RouterFit::default),
             seed: cfg.seed,
             aux_loss: cfg.router_aux_weight > 0.0,
-            cluster_units: fit && cfg.ffn_units == FfnUnits::Clustered,
+            // Regrouping permutes frozen weights only: with every weight training there is
+            // no fixed activation pattern to group by either.
+            cluster_units: fit && cfg.ffn_units == FfnUnits::Clustered && cfg.lora_rank > 0,
         });
     }
     Ok(Some(sc))
@@ -288,6 +291,7 @@ impl ModelTask {
         let trainable = match cfg.mode {
             Mode::Dense => Trainable::All,
             // The head trains in every mode; LoRA / routers are added by sparsify.
+            Mode::Spt if cfg.lora_rank == 0 => Trainable::All,
             Mode::Lora | Mode::Spt => Trainable::only(|n: &str| n.starts_with("classifier.")),
         };
         let opts = LoadOptions {
