@@ -300,6 +300,7 @@ pub struct RoutedFfnSettings {
     /// Before fitting the router, regroup the hidden units so that units firing on the same
     /// calibration tokens share a block (spt-ops' `cluster_units`; exact for the dense FFN). With
     /// a router fit, a layer keeps its contiguous blocks where they fit the dense FFN better.
+    /// Needs frozen FFN weights (LoRA on the FFN, or a frozen model): trained ones are an error.
     #[serde(default)]
     pub cluster_units: bool,
 }
