@@ -428,11 +428,11 @@ pub fn sparsify<M: SptModel + ?Sized>(
 ) -> Result<SparsifyReport> {
     let n = model.num_layers();
     let layers = cfg.layers.resolve(n)?;
-    let fit_router = cfg
+    let ffn_needs_tokens = cfg
         .ffn
         .as_ref()
         .is_some_and(|f| f.router_fit.is_some() || f.cluster_units);
-    if (cfg.attention.is_some() || fit_router) && calibration.is_empty() {
+    if (cfg.attention.is_some() || ffn_needs_tokens) && calibration.is_empty() {
         return Err(ModelError::InvalidConfig {
             field: "calibration_batches",
             value: "0".into(),
