@@ -99,10 +99,13 @@ impl RoutedFeedForward {
             None => "router".to_string(),
         };
         let (rw, rb) = ffn.router();
-        let router_params = vec![
+        let mut router_params = vec![
             Param::from_var(format!("{router}.weight"), rw.clone()),
             Param::from_var(format!("{router}.bias"), rb.clone()),
         ];
+        if let Some(s) = ffn.skip_bias() {
+            router_params.push(Param::from_var(format!("{router}.skip_bias"), s.clone()));
+        }
         let lora_params = match ffn.lora_factors() {
             Some((a1, b1, a2, b2)) => vec![
                 Param::from_var(format!("{fc1}.lora_A.weight"), a1.clone()),

@@ -303,6 +303,10 @@ pub struct RoutedFfnSettings {
     /// Needs frozen FFN weights (LoRA on the FFN, or a frozen model): trained ones are an error.
     #[serde(default)]
     pub cluster_units: bool,
+    /// Give each block a trainable skip bias, added for tokens that skip it (spt-ops'
+    /// `RoutedFfnConfig::skip_bias`), fitted with the router to the block's mean output.
+    #[serde(default)]
+    pub skip_bias: bool,
 }
 
 /// Serializable form of spt-ops' `RouterFitConfig`.
@@ -549,6 +553,7 @@ pub fn sparsify<M: SptModel + ?Sized>(
             rc.gate = fc.gate;
             rc.seed = fc.seed ^ i as u64;
             rc.aux_loss = fc.aux_loss;
+            rc.skip_bias = fc.skip_bias;
             if wants(LoraTarget::Fc1) || wants(LoraTarget::Fc2) {
                 rc.lora = lora_cfg(10);
                 lr.lora.push(dense.fc1.module_name().to_string());

@@ -30,6 +30,7 @@ fn routed(n_blocks: usize, top_k: BlockTopK, gate: GateMode, fit: bool) -> Route
         seed: 3,
         aux_loss: false,
         cluster_units: false,
+        skip_bias: false,
     }
 }
 

@@ -98,6 +98,7 @@ fn config(top_k: usize, gate: GateMode, fit: bool) -> SptConfig {
             seed: 5,
             aux_loss: false,
             cluster_units: fit,
+            skip_bias: false,
         }),
         lora: Some(LoraSettings {
             targets: vec![LoraTarget::Fc1, LoraTarget::Fc2],

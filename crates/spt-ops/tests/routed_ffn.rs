@@ -1,6 +1,6 @@
 //! Routed FFN: equality with the dense FFN (all blocks, gate ≡ 1) and with a masked dense FFN
 //! (top-k), f64 finite-difference gradients, property tests over shapes and routings, router
-//! initialisation, unit regrouping, and named errors.
+//! initialisation, unit regrouping, skip biases, and named errors.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use proptest::prelude::*;
@@ -783,5 +783,82 @@ fn clustering_regroups_units_that_fire_together() -> Result<()> {
         .unwrap_err()
         .to_string();
     assert!(e.contains("at least one sample token"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn skip_biases_add_the_mean_output_of_each_skipped_block() -> Result<()> {
+    let (n, b, k) = (4usize, 8usize, 2usize);
+    let ([w1, b1, w2, b2], x) = planted(16, n, b, 500, 51)?;
+    let act = Activation::GeluErf;
+    let mut cfg = RoutedFfnConfig::new(n, TopK::Count(k), act);
+    let plain = {
+        let mut l = RoutedFfn::new(&w1, &b1, &w2, &b2, cfg.clone())?;
+        let q = l.init_router(&x, RouterFitConfig::default())?;
+        (l, q)
+    };
+    cfg.skip_bias = true;
+    let mut layer = RoutedFfn::new(&w1, &b1, &w2, &b2, cfg)?;
+    assert_eq!(layer.skip_bias().unwrap().dims(), [n, 16]);
+    assert_eq!(
+        layer.trainable_vars().len(),
+        3,
+        "router weight, bias and skip biases"
+    );
+    let q = layer.init_router(&x, RouterFitConfig::default())?;
+    assert!(
+        q.rel_error < plain.1.rel_error && q.cosine > plain.1.cosine,
+        "with skip biases {q:?}, without {:?}",
+        plain.1
+    );
+
+    // The fit: block e's mean output over the tokens that skip it, from the dense blocks.
+    let routing = layer.route(&x)?;
+    let skipped = spt_ops::routed_ffn::skipped_matrix(&routing, DType::F32, &Device::Cpu)?; // [T, n]
+    let h = act.forward(&x.matmul(&w1.t()?)?.broadcast_add(&b1)?)?;
+    for e in 0..n {
+        let out = h.narrow(1, e * b, b)?.matmul(&w2.narrow(1, e * b, b)?.t()?)?; // [T, d]
+        let mask = skipped.narrow(1, e, 1)?;
+        let count = mask.sum_all()?.to_scalar::<f32>()?;
+        assert!(count > 0.0, "block {e} is never skipped: the test needs it to be");
+        let mean = (out.broadcast_mul(&mask)?.sum(0)? / count as f64)?;
+        let fitted = layer.skip_bias().unwrap().as_tensor().get(e)?;
+        assert_close(&format!("skip bias {e}"), &fitted, &mean, 1e-5)?;
+    }
+
+    // Forward: the plain routed output (same router, same gates) plus Σ_skipped skip_e.
+    let (rw, rb) = layer.router();
+    plain.0.router().0.set(rw.as_tensor())?;
+    plain.0.router().1.set(rb.as_tensor())?;
+    let y = layer.forward_t(&x, false)?.y;
+    let expect =
+        (plain.0.forward_t(&x, false)?.y + skipped.matmul(layer.skip_bias().unwrap().as_tensor())?)?;
+    assert_close("output with skip biases", &y, &expect, 1e-5)?;
+    // Every block running: nothing is skipped, the dense FFN is unchanged.
+    assert_close(
+        "all blocks",
+        &layer.forward_dense(&x, false)?,
+        &plain.0.forward_dense(&x, false)?,
+        1e-6,
+    )?;
+
+    // Backward: d(Σ y ⊙ w)/d skip = skippedᵀ w.
+    let w = randn_f64(&[500, 16], 52)?.to_dtype(DType::F32)?;
+    let grads = layer.forward_t(&x, true)?.y.mul(&w)?.sum_all()?.backward()?;
+    let g = grads
+        .get(layer.skip_bias().unwrap().as_tensor())
+        .expect("skip bias gradient");
+    assert_close("skip bias gradient", g, &skipped.t()?.matmul(&w)?, 1e-5)?;
+
+    // Regrouping makes the blocks new: the biases reset until the next fit.
+    layer.permute_units(&shuffled(n * b, 53))?;
+    let s = layer
+        .skip_bias()
+        .unwrap()
+        .as_tensor()
+        .abs()?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    assert_eq!(s, 0.0);
     Ok(())
 }

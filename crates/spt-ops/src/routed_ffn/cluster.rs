@@ -140,7 +140,8 @@ impl RoutedFfn {
     /// Reorders the hidden units: new unit `j` is old unit `perm[j]` in W1's rows, b1, W2's
     /// columns and LoRA's B1 rows / A2 columns. The dense function is unchanged; the blocks
     /// (and so the routed output) now hold other units. The FFN weights must be frozen (plain
-    /// tensors): a trained weight would lose its `Var` identity. LoRA factors move in place.
+    /// tensors): a trained weight would lose its `Var` identity. LoRA factors move in place;
+    /// skip biases are reset to 0 (they belong to the old blocks).
     pub fn permute_units(&mut self, perm: &[u32]) -> Result<()> {
         let d_ff = self.d_ff();
         check_permutation("routed_ffn", perm, d_ff)?;
@@ -154,6 +155,10 @@ impl RoutedFfn {
         if let Some(l) = &self.lora {
             l.b1.set(&l.b1.as_tensor().index_select(&idx, 0)?)?;
             l.a2.set(&l.a2.as_tensor().index_select(&idx, 1)?.contiguous()?)?;
+        }
+        // Skip biases describe the old blocks; refit them (init_router) after regrouping.
+        if let Some(s) = &self.skip {
+            s.set(&s.as_tensor().zeros_like()?)?;
         }
         Ok(())
     }

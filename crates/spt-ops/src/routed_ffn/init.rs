@@ -1,7 +1,7 @@
 //! Router initialisation from a pretrained FFN, and a report of how well the routed output
 //! reproduces the dense one. (The reference implementation starts the router at random.)
 
-use super::{RoutedFfn, Routing};
+use super::{skipped_matrix, RoutedFfn, Routing};
 use candle_core::{bail, DType, Result, Tensor, D};
 
 /// How [`RoutedFfn::init_router`] fits the router.
@@ -107,8 +107,35 @@ impl RoutedFfn {
         x.reshape((t, self.d_model()))
     }
 
+    /// Sets each skip bias to its block's mean fc2 output (LoRA included, no gate, no b2) over
+    /// the sample tokens that skip the block under the current router; 0 for a block no token
+    /// skips. Does nothing without [`skip_bias`](super::RoutedFfnConfig::skip_bias).
+    pub fn fit_skip_bias(&mut self, sample: &Tensor) -> Result<()> {
+        let Some(skip) = &self.skip else {
+            return Ok(());
+        };
+        let x2 = self.sample_tokens(sample)?.detach();
+        let (s, n, b) = (x2.dim(0)?, self.cfg.n_blocks, self.block);
+        let routing = self.route(&x2)?;
+        let skipped = skipped_matrix(&routing, DType::F64, x2.device())?; // [S, n]
+        let h = self.hidden_f64(&x2)?; // [S, d_ff]
+        let (_, w2) = self.merged_weights()?;
+        let w2 = w2.detach().to_dtype(DType::F64)?; // [d, d_ff]
+        let counts = skipped.sum(0)?.clamp(1.0, f64::INFINITY)?; // [n]
+        let means = (0..n)
+            .map(|e| {
+                let out = h.narrow(1, e * b, b)?.matmul(&w2.narrow(1, e * b, b)?.t()?)?; // [S, d]
+                let w = skipped.narrow(1, e, 1)?.reshape((1, s))?;
+                w.matmul(&out)?
+                    .broadcast_div(&counts.narrow(0, e, 1)?.reshape((1, 1))?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        skip.set(&Tensor::cat(&means, 0)?.to_dtype(self.w1.dtype())?)
+    }
+
     /// Fits the router by ridge least squares so that its scores rank the blocks of each sample
-    /// token by activation norm, then reports the routing quality on the same sample.
+    /// token by activation norm, then (if configured) the skip biases under that router, and
+    /// reports the routing quality on the same sample.
     pub fn init_router(&mut self, sample: &Tensor, fit: RouterFitConfig) -> Result<RoutingQuality> {
         if !(fit.ridge > 0.0 && fit.score_scale > 0.0) {
             bail!("routed_ffn: router fit needs ridge > 0 and score_scale > 0, got {fit:?}");
@@ -144,6 +171,7 @@ impl RoutedFfn {
         let dt = self.w1.dtype();
         self.router_w.set(&w.to_dtype(dt)?)?;
         self.router_b.set(&b.to_dtype(dt)?)?;
+        self.fit_skip_bias(sample)?;
         self.quality(sample)
     }
 

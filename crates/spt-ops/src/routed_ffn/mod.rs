@@ -21,8 +21,12 @@
 //!   and B2 is applied once per token.
 //! - [`RoutedFfn::cluster_units`] / [`RoutedFfn::permute_units`] regroup the hidden units so that
 //!   units firing together share a block (exact for the dense FFN).
-//! - [`RoutedFfn::init_router`] fits the router to rank blocks by their activation norm, and
-//!   [`RoutedFfn::quality`] reports how close the routed output is to the dense one.
+//! - Skip biases (optional, [`RoutedFfnConfig::skip_bias`]): a trainable `[n_blocks, d]` table;
+//!   a token that skips block `e` gets `skip_e` added, so the block contributes its average
+//!   instead of nothing (a `[T, n]` × `[n, d]` product, cheap next to one block's GEMMs).
+//! - [`RoutedFfn::init_router`] fits the router to rank blocks by their activation norm (and the
+//!   skip biases to each block's mean output when skipped), and [`RoutedFfn::quality`] reports
+//!   how close the routed output is to the dense one.
 
 mod cluster;
 pub mod composed;
@@ -73,6 +77,11 @@ pub struct RoutedFfnConfig {
     pub lora: Option<LoraConfig>,
     /// Seed of the router's random initialisation.
     pub seed: u64,
+    /// Add a trainable per-block "skip bias" `[n_blocks, d]` for every block a token skips: the
+    /// block's mean output when skipped (fitted by [`RoutedFfn::init_router`]), so a skipped
+    /// block still contributes its average instead of nothing. Zero when every block runs.
+    #[serde(default)]
+    pub skip_bias: bool,
 }
 
 impl RoutedFfnConfig {
@@ -86,6 +95,7 @@ impl RoutedFfnConfig {
             aux_loss: false,
             lora: None,
             seed: 0,
+            skip_bias: false,
         }
     }
 }
@@ -125,6 +135,18 @@ pub fn gate_matrix(gates: &Tensor, routing: &Routing) -> Result<Tensor> {
     Tensor::zeros(t * n, gates.dtype(), gates.device())?
         .index_add(&idx, gates, 0)?
         .reshape((t, n))
+}
+
+/// `[T, n_blocks]`: 1 where a token skips a block, 0 where it runs it.
+pub fn skipped_matrix(routing: &Routing, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
+    let (t, n, k) = (routing.n_tokens(), routing.n_blocks(), routing.k());
+    let mut m = vec![1f32; t * n];
+    for (tok, kept) in routing.blocks().chunks(k.max(1)).enumerate() {
+        for &e in kept {
+            m[tok * n + e as usize] = 0.0;
+        }
+    }
+    Tensor::from_vec(m, (t, n), device)?.to_dtype(dtype)
 }
 
 /// Gates `[R]` (routed-row order) from router scores `[T, n_blocks]` under `routing`.
@@ -190,8 +212,9 @@ pub struct RoutedFfn {
     b1: Tensor,
     w2: Tensor,
     b2: Tensor,
-    router_w: Var, // [n_blocks, d]
-    router_b: Var, // [n_blocks]
+    router_w: Var,     // [n_blocks, d]
+    router_b: Var,     // [n_blocks]
+    skip: Option<Var>, // [n_blocks, d], see RoutedFfnConfig::skip_bias
     cfg: RoutedFfnConfig,
     k: usize,
     block: usize,
@@ -252,6 +275,10 @@ impl RoutedFfn {
                 })
             }
         };
+        let skip = match cfg.skip_bias {
+            true => Some(Var::zeros((n, d), dt, dev)?),
+            false => None,
+        };
         Ok(Self {
             w1: w1.clone(),
             b1: b1.clone(),
@@ -259,6 +286,7 @@ impl RoutedFfn {
             b2: b2.clone(),
             router_w,
             router_b,
+            skip,
             cfg,
             k,
             block: d_ff / n,
@@ -297,13 +325,21 @@ impl RoutedFfn {
         (&self.router_w, &self.router_b)
     }
 
-    /// The tensors to hand to the optimiser: the router, and LoRA's A1, B1, A2, B2 if
-    /// configured. (FFN weights passed in as `Var`s are the caller's to train.)
+    /// The skip biases `[n_blocks, d]`, if configured ([`RoutedFfnConfig::skip_bias`]).
+    pub fn skip_bias(&self) -> Option<&Var> {
+        self.skip.as_ref()
+    }
+
+    /// The tensors to hand to the optimiser: the router, the skip biases and LoRA's A1, B1, A2,
+    /// B2 if configured. (FFN weights passed in as `Var`s are the caller's to train.)
     pub fn trainable_vars(&self) -> Vec<(String, Var)> {
         let mut v = vec![
             ("router.weight".to_string(), self.router_w.clone()),
             ("router.bias".to_string(), self.router_b.clone()),
         ];
+        if let Some(s) = &self.skip {
+            v.push(("router.skip_bias".into(), s.clone()));
+        }
         if let Some(l) = &self.lora {
             v.push(("fc1.lora_a".into(), l.a1.clone()));
             v.push(("fc1.lora_b".into(), l.b1.clone()));
@@ -446,6 +482,11 @@ impl RoutedFfn {
             };
             let v = (scatter_matmul(&hin, &gates, l.a2.as_tensor(), &routing)? * l.cfg.scale())?; // [T, r]
             y = y.add(&v.matmul(&l.b2.as_tensor().t()?)?)?;
+        }
+        if let Some(skip) = self.skip.as_ref().filter(|_| routing.k() < routing.n_blocks()) {
+            // [T, n] 0/1 "skipped" matrix (constant) times the per-block skip biases.
+            let skipped = skipped_matrix(&routing, dt, dev)?;
+            y = y.add(&skipped.matmul(skip.as_tensor())?)?;
         }
         let y = y.reshape(dims)?;
         let aux_loss = if self.cfg.aux_loss {
