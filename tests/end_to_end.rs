@@ -400,3 +400,72 @@ fn spt_without_adapters_trains_every_weight_through_the_sparse_layers() {
         .to_string()
         .contains("at least 1 in lora mode"));
 }
+
+#[test]
+fn skip_biases_and_modules_to_save_train_and_restore() {
+    let root = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-bert-cls", root.path());
+    let train = root.path().join("train.csv");
+    write_csv(&train);
+    let mut cfg = config(
+        &model,
+        TaskKind::Classify,
+        &train,
+        &root.path().join("run"),
+        Mode::Spt,
+    );
+    cfg.ffn_skip_bias = true;
+    cfg.modules_to_save = vec!["pooler".into()];
+    let (_, trained, data) = run(&cfg, Resume::No);
+    let names: Vec<String> = trained.trainable().into_iter().map(|(n, _)| n).collect();
+    let start = spt_models::WeightSource::from_dir(&model).unwrap();
+    let moved = |suffix: &str| {
+        let (name, v) = trained
+            .trainable()
+            .into_iter()
+            .find(|(n, _)| n.ends_with(suffix))
+            .unwrap_or_else(|| panic!("no trainable `{suffix}` in {names:?}"));
+        let initial = start
+            .get(&name)
+            .or_else(|| start.get(name.trim_start_matches("bert.")))
+            .cloned()
+            .unwrap_or_else(|| v.as_tensor().zeros_like().unwrap());
+        max_abs_diff(v.as_tensor(), &initial)
+    };
+    assert!(moved("pooler.dense.weight") > 0.0, "the pooler did not train");
+    assert!(
+        moved("layer.0.intermediate.router.skip_bias") > 0.0,
+        "skip biases stayed 0"
+    );
+    // Only the pooler joins the adapters, routers and head: the encoder's weights stay frozen.
+    assert!(
+        !names.iter().any(|n| n.ends_with("intermediate.dense.weight")),
+        "{names:?}"
+    );
+
+    // Restored from the last checkpoint without calibration: the trained logits.
+    let ck = load_checkpoint(
+        &latest_checkpoint(&cfg.output_dir.join("checkpoints")).unwrap(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let valid = data.validation.as_ref().unwrap_or(&data.train);
+    let idx: Vec<usize> = (0..valid.len().min(8)).collect();
+    let batch = valid.batch(&idx, &Device::Cpu).unwrap();
+    let nl = data.labels.as_ref().map(|l| l.len());
+    let mut restored = ModelTask::build(&cfg, &model, nl, &Device::Cpu, Vec::new()).unwrap();
+    restored.load_trained(&ck.model, &ck.extra).unwrap();
+    let d = max_abs_diff(
+        &restored.net.forward(&batch, false).unwrap(),
+        &trained.net.forward(&batch, false).unwrap(),
+    );
+    assert!(d < 1e-5, "the restored model's logits differ by {d}");
+
+    // A module name that matches nothing is an error naming it.
+    cfg.modules_to_save = vec!["poolr".into()];
+    let e = ModelTask::build(&cfg, &model, nl, &Device::Cpu, Vec::new())
+        .err()
+        .expect("unknown module accepted")
+        .to_string();
+    assert!(e.contains("`poolr`"), "{e}");
+}

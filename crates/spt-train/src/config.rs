@@ -133,6 +133,9 @@ pub struct FinetuneConfig {
     pub ffn_gate: FfnGate,
     /// Which hidden units form each block.
     pub ffn_units: FfnUnits,
+    /// A trainable per-block bias added for tokens that skip the block, fitted to the block's
+    /// mean output on the calibration tokens (spt).
+    pub ffn_skip_bias: bool,
     /// Batches of 16 training examples (seeded draw) that fit the PQ codebooks, routers and unit
     /// groups, and that the codebook refresh cycles through (spt).
     pub calibration_batches: usize,
@@ -141,6 +144,9 @@ pub struct FinetuneConfig {
     pub lora_rank: usize,
     pub lora_alpha: f64,
     pub lora_dropout: f64,
+    /// Modules trained in full in lora and spt modes besides the adapters and the task head, by
+    /// HF module name (e.g. `pooler`), like PEFT's `modules_to_save`.
+    pub modules_to_save: Vec<String>,
     /// GPT-2 only: start from random weights (the model directory holds only config.json and
     /// tokenizer files); for experiments on model shapes without a checkpoint.
     pub random_init: bool,
@@ -212,11 +218,13 @@ impl Default for FinetuneConfig {
             ffn_top_k: 2,
             ffn_gate: FfnGate::default(),
             ffn_units: FfnUnits::default(),
+            ffn_skip_bias: false,
             calibration_batches: 4,
             router_aux_weight: 0.0,
             lora_rank: 8,
             lora_alpha: 16.0,
             lora_dropout: 0.0,
+            modules_to_save: Vec::new(),
             random_init: false,
             epochs: 3,
             max_steps: None,
@@ -322,6 +330,9 @@ pub struct FinetuneArgs {
     /// Which hidden units form each routed-FFN block.
     #[arg(long, value_enum)]
     pub ffn_units: Option<FfnUnits>,
+    /// Per-block bias for tokens that skip an FFN block, fitted to its mean output (true|false).
+    #[arg(long)]
+    pub ffn_skip_bias: Option<bool>,
     /// Batches of 16 training examples that calibrate the sparse layers (spt).
     #[arg(long)]
     pub calibration_batches: Option<usize>,
@@ -336,6 +347,10 @@ pub struct FinetuneArgs {
     pub lora_alpha: Option<f64>,
     #[arg(long)]
     pub lora_dropout: Option<f64>,
+    /// Modules trained in full besides the adapters and head (lora, spt), comma-separated HF
+    /// module names, e.g. `pooler` (PEFT's `modules_to_save`).
+    #[arg(long, value_delimiter = ',', value_name = "MODULES")]
+    pub modules_to_save: Vec<String>,
     /// GPT-2 only: random initial weights instead of a checkpoint.
     #[arg(long)]
     pub random_init: bool,
@@ -435,12 +450,12 @@ impl FinetuneConfig {
         let c = self;
         set_if_some!(a, c;
             plain: model, task, validation_split, text_column, label_column, block_size, output_dir, mode,
-                pq_refresh_every, ffn_blocks, ffn_top_k, ffn_gate, ffn_units, calibration_batches, router_aux_weight, lora_rank, lora_alpha, lora_dropout,
+                pq_refresh_every, ffn_blocks, ffn_top_k, ffn_gate, ffn_units, ffn_skip_bias, calibration_batches, router_aux_weight, lora_rank, lora_alpha, lora_dropout,
                 epochs, batch_size, grad_accum, lr, warmup_ratio, schedule, weight_decay, adam_beta1, adam_beta2,
                 adam_eps, max_grad_norm, seed, eval_every, save_every, keep_last, log_every, device;
             optional: tokenizer, split_by, format, text_pair_column, label_map, max_length, attn_k,
                 attn_k_fraction, pq_subspaces, pq_codewords, max_steps, eval_batch_size, warmup_steps, resume;
-            list: train_files, validation_files, drop_labels
+            list: train_files, validation_files, drop_labels, modules_to_save
         );
         if a.overwrite {
             c.overwrite = true;
@@ -760,10 +775,14 @@ mod tests {
         "16",
         "--ffn-top-k",
         "4",
+        "--ffn-skip-bias",
+        "true",
         "--lora-rank",
         "16",
         "--lora-alpha",
         "32",
+        "--modules-to-save",
+        "pooler,bert.embeddings.LayerNorm",
         "--epochs",
         "2",
         "--batch-size",
@@ -805,8 +824,10 @@ mod tests {
         attn_k = 32
         ffn_blocks = 16
         ffn_top_k = 4
+        ffn_skip_bias = true
         lora_rank = 16
         lora_alpha = 32.0
+        modules_to_save = ["pooler", "bert.embeddings.LayerNorm"]
         epochs = 2
         batch_size = 32
         grad_accum = 2
@@ -834,6 +855,7 @@ mod tests {
         assert_eq!(FinetuneConfig::load(&j).unwrap(), from_flags);
         assert_eq!(from_flags.mode, Mode::Spt);
         assert_eq!(from_flags.drop_labels, vec!["plot".to_string()]);
+        assert_eq!(from_flags.modules_to_save, ["pooler", "bert.embeddings.LayerNorm"]);
         // Flags override the file.
         let over = FinetuneConfig::from_args(&parse(&[
             "--config",

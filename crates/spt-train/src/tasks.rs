@@ -222,9 +222,17 @@ fn spt_config(cfg: &FinetuneConfig, head_dim: usize, fit: bool) -> Result<Option
             // Regrouping permutes frozen weights only: with every weight training there is
             // no fixed activation pattern to group by either.
             cluster_units: fit && cfg.ffn_units == FfnUnits::Clustered && cfg.lora_rank > 0,
+            skip_bias: cfg.ffn_skip_bias,
         });
     }
     Ok(Some(sc))
+}
+
+/// Whether parameter `name` lies in a module called `module` (a dotted path, matched whole
+/// segments at any depth): `bert.pooler.dense.weight` is in `pooler` and in `bert.pooler`.
+fn in_module(name: &str, module: &str) -> bool {
+    let module = module.trim_matches('.');
+    !module.is_empty() && (name.starts_with(&format!("{module}.")) || name.contains(&format!(".{module}.")))
 }
 
 /// `n` calibration batches of `batch_size` items drawn (seeded) from `data`.
@@ -292,7 +300,12 @@ impl ModelTask {
             Mode::Dense => Trainable::All,
             // The head trains in every mode; LoRA / routers are added by sparsify.
             Mode::Spt if cfg.lora_rank == 0 => Trainable::All,
-            Mode::Lora | Mode::Spt => Trainable::only(|n: &str| n.starts_with("classifier.")),
+            Mode::Lora | Mode::Spt => {
+                let saved = cfg.modules_to_save.clone();
+                Trainable::only(move |n: &str| {
+                    n.starts_with("classifier.") || saved.iter().any(|m| in_module(n, m))
+                })
+            }
         };
         let opts = LoadOptions {
             dtype: DType::F32,
@@ -342,6 +355,17 @@ impl ModelTask {
             }
         });
         let vars = net.params().named_vars();
+        if cfg.mode != Mode::Dense {
+            if let Some(m) = cfg
+                .modules_to_save
+                .iter()
+                .find(|m| !vars.iter().any(|(n, _)| in_module(n, m)))
+            {
+                return Err(Error::Msg(format!(
+                    "--modules-to-save: no parameter of the model is in a module named `{m}`"
+                )));
+            }
+        }
         let attn_top_k = match cfg.mode {
             Mode::Spt => Some(attention_top_k(cfg)?),
             _ => None,
