@@ -405,6 +405,11 @@ fn spt_without_adapters_trains_every_weight_through_the_sparse_layers() {
 fn skip_biases_and_modules_to_save_train_and_restore() {
     let root = tempfile::tempdir().unwrap();
     let model = fixture("tiny-bert-cls", root.path());
+    // A base checkpoint (like MiniLM's): no classifier, so the head is new.
+    let weights = model.join("model.safetensors");
+    let mut ts = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+    ts.retain(|k, _| !k.starts_with("classifier."));
+    candle_core::safetensors::save(&ts, &weights).unwrap();
     let train = root.path().join("train.csv");
     write_csv(&train);
     let mut cfg = config(
@@ -433,6 +438,7 @@ fn skip_biases_and_modules_to_save_train_and_restore() {
         max_abs_diff(v.as_tensor(), &initial)
     };
     assert!(moved("pooler.dense.weight") > 0.0, "the pooler did not train");
+    assert!(names.iter().any(|n| n == "classifier.weight"), "{names:?}");
     assert!(
         moved("layer.0.intermediate.router.skip_bias") > 0.0,
         "skip biases stayed 0"

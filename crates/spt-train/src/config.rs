@@ -855,7 +855,10 @@ mod tests {
         assert_eq!(FinetuneConfig::load(&j).unwrap(), from_flags);
         assert_eq!(from_flags.mode, Mode::Spt);
         assert_eq!(from_flags.drop_labels, vec!["plot".to_string()]);
-        assert_eq!(from_flags.modules_to_save, ["pooler", "bert.embeddings.LayerNorm"]);
+        assert_eq!(
+            from_flags.modules_to_save,
+            ["pooler", "bert.embeddings.LayerNorm"]
+        );
         // Flags override the file.
         let over = FinetuneConfig::from_args(&parse(&[
             "--config",

@@ -296,16 +296,14 @@ impl ModelTask {
         calibration: Vec<CalibrationBatch>,
     ) -> Result<Self> {
         let fit = !calibration.is_empty();
+        // Besides LoRA and routers (added by sparsify): the head and --modules-to-save.
+        let saved = cfg.modules_to_save.clone();
+        let head_or_saved =
+            move |n: &str| n.starts_with("classifier.") || saved.iter().any(|m| in_module(n, m));
         let trainable = match cfg.mode {
             Mode::Dense => Trainable::All,
-            // The head trains in every mode; LoRA / routers are added by sparsify.
             Mode::Spt if cfg.lora_rank == 0 => Trainable::All,
-            Mode::Lora | Mode::Spt => {
-                let saved = cfg.modules_to_save.clone();
-                Trainable::only(move |n: &str| {
-                    n.starts_with("classifier.") || saved.iter().any(|m| in_module(n, m))
-                })
-            }
+            Mode::Lora | Mode::Spt => Trainable::only(head_or_saved.clone()),
         };
         let opts = LoadOptions {
             dtype: DType::F32,
@@ -328,9 +326,10 @@ impl ModelTask {
         // A newly initialised head (and pooler) must train in every mode.
         if cfg.mode != Mode::Dense && !report.initialised.is_empty() {
             let init = report.initialised.clone();
+            let pred = |n: &str| init.iter().any(|i| i == n) || head_or_saved(n);
             match &mut net {
-                Net::Classifier(m) => m.set_trainable(&|n: &str| init.iter().any(|i| i == n))?,
-                Net::Lm(m) => m.set_trainable(&|n: &str| init.iter().any(|i| i == n))?,
+                Net::Classifier(m) => m.set_trainable(&pred)?,
+                Net::Lm(m) => m.set_trainable(&pred)?,
             }
         }
         let mut sparsify_report = None;
