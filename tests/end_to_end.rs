@@ -467,6 +467,22 @@ fn skip_biases_and_modules_to_save_train_and_restore() {
     );
     assert!(d < 1e-5, "the restored model's logits differ by {d}");
 
+    // A checkpoint from before skip biases (none saved) restores as the model without them.
+    let mut old = ck.model.clone();
+    old.retain(|k, _| !k.ends_with(".skip_bias"));
+    assert!(old.len() < ck.model.len());
+    let mut with = ModelTask::build(&cfg, &model, nl, &Device::Cpu, Vec::new()).unwrap();
+    with.load_trained(&old, &ck.extra).unwrap();
+    let mut without_cfg = cfg.clone();
+    without_cfg.ffn_skip_bias = false;
+    let mut without = ModelTask::build(&without_cfg, &model, nl, &Device::Cpu, Vec::new()).unwrap();
+    without.load_trained(&old, &ck.extra).unwrap();
+    let d = max_abs_diff(
+        &with.net.forward(&batch, false).unwrap(),
+        &without.net.forward(&batch, false).unwrap(),
+    );
+    assert!(d == 0.0, "zero skip biases changed the logits by {d}");
+
     // A module name that matches nothing is an error naming it.
     cfg.modules_to_save = vec!["poolr".into()];
     let e = ModelTask::build(&cfg, &model, nl, &Device::Cpu, Vec::new())

@@ -397,6 +397,11 @@ impl ModelTask {
         // Unit orders first: the saved LoRA factors are in the saved order.
         self.load_extra_state(extra)?;
         for (name, var) in &self.vars {
+            // Runs from before skip biases existed: a zero skip bias is exactly their model.
+            if name.ends_with(".router.skip_bias") && !model.contains_key(name) {
+                var.set(&var.as_tensor().zeros_like()?)?;
+                continue;
+            }
             let t = model.get(name).ok_or_else(|| {
                 Error::Msg(format!(
                     "the checkpoint has no tensor `{name}` (was it made with another --mode?)"
