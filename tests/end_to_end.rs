@@ -5,6 +5,7 @@
 //! gives the trained logits, and that the exported Hugging Face directory reloads to the same
 //! logits.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -162,6 +163,20 @@ fn run(cfg: &FinetuneConfig, resume: Resume) -> (TrainSummary, ModelTask, Prepar
     (summary, trainer.into_task(), data)
 }
 
+/// What eval / predict / export do: build without calibration, then restore a checkpoint's
+/// tensors (PQ codebooks and FFN unit orders from `extra`, then the trained values).
+fn rebuild(
+    cfg: &FinetuneConfig,
+    model: &Path,
+    num_labels: Option<usize>,
+    tensors: &HashMap<String, Tensor>,
+    extra: &HashMap<String, Tensor>,
+) -> ModelTask {
+    let mut task = ModelTask::build(cfg, model, num_labels, &Device::Cpu, Vec::new()).unwrap();
+    task.load_trained(tensors, extra).unwrap();
+    task
+}
+
 fn mean(xs: &[(u64, f32)]) -> f32 {
     xs.iter().map(|x| x.1).sum::<f32>() / xs.len() as f32
 }
@@ -245,8 +260,7 @@ fn check_model(name: &str, task: TaskKind) {
             );
         }
         let nl = data.labels.as_ref().map(|l| l.len());
-        let mut restored = ModelTask::build(&cfg, &model, nl, &Device::Cpu, Vec::new()).unwrap();
-        restored.load_trained(&ck.model, &ck.extra).unwrap();
+        let restored = rebuild(&cfg, &model, nl, &ck.model, &ck.extra);
         let d = max_abs_diff(
             &restored.net.forward(&batch, false).unwrap(),
             &trained.net.forward(&batch, false).unwrap(),
@@ -459,8 +473,7 @@ fn skip_biases_and_modules_to_save_train_and_restore() {
     let idx: Vec<usize> = (0..valid.len().min(8)).collect();
     let batch = valid.batch(&idx, &Device::Cpu).unwrap();
     let nl = data.labels.as_ref().map(|l| l.len());
-    let mut restored = ModelTask::build(&cfg, &model, nl, &Device::Cpu, Vec::new()).unwrap();
-    restored.load_trained(&ck.model, &ck.extra).unwrap();
+    let restored = rebuild(&cfg, &model, nl, &ck.model, &ck.extra);
     let d = max_abs_diff(
         &restored.net.forward(&batch, false).unwrap(),
         &trained.net.forward(&batch, false).unwrap(),
@@ -471,12 +484,12 @@ fn skip_biases_and_modules_to_save_train_and_restore() {
     let mut old = ck.model.clone();
     old.retain(|k, _| !k.ends_with(".skip_bias"));
     assert!(old.len() < ck.model.len());
-    let mut with = ModelTask::build(&cfg, &model, nl, &Device::Cpu, Vec::new()).unwrap();
-    with.load_trained(&old, &ck.extra).unwrap();
-    let mut without_cfg = cfg.clone();
-    without_cfg.ffn_skip_bias = false;
-    let mut without = ModelTask::build(&without_cfg, &model, nl, &Device::Cpu, Vec::new()).unwrap();
-    without.load_trained(&old, &ck.extra).unwrap();
+    let with = rebuild(&cfg, &model, nl, &old, &ck.extra);
+    let without_cfg = FinetuneConfig {
+        ffn_skip_bias: false,
+        ..cfg.clone()
+    };
+    let without = rebuild(&without_cfg, &model, nl, &old, &ck.extra);
     let d = max_abs_diff(
         &with.net.forward(&batch, false).unwrap(),
         &without.net.forward(&batch, false).unwrap(),
