@@ -6,7 +6,8 @@
 //! The routed FFN ([`RoutedFeedForward`]) runs spt-ops' `RoutedFfn` on the same weights: d_ff is
 //! split into `n_blocks` blocks and each token runs the top-k blocks its router picks. Its router
 //! is named `{fc1's parent}.router.{weight,bias}` (e.g. `encoder.layer.3.intermediate.router`,
-//! `transformer.h.3.mlp.router`); LoRA on a routed FFN lives inside the op and is named like
+//! `transformer.h.3.mlp.router`), its optional skip biases `{…}.router.skip_bias` `[n_blocks, d]`;
+//! LoRA on a routed FFN lives inside the op and is named like
 //! LoRA on a dense linear (`{fc1}.lora_A.weight`, ...).
 
 use crate::error::{ModelError, Result};

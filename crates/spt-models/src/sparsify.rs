@@ -4,7 +4,8 @@
 //! - swap the attention core for [`SparseAttention`]: a PQ codebook fitted by k-means on the
 //!   layer's keys from a few calibration batches (padding excluded), and a top-k per query;
 //! - swap the FFN for a [`RoutedFeedForward`] (`n_blocks` blocks, top-k per token), its router
-//!   fitted to rank blocks by their activation norm on the calibration tokens;
+//!   fitted to rank blocks by their activation norm on the calibration tokens (and, if asked, the
+//!   hidden units regrouped first and per-block skip biases fitted after);
 //! - wrap linear layers with LoRA (q, k, v, o, fc1, fc2; GPT-2's fused `c_attn` for q/k/v). On a
 //!   routed FFN, LoRA lives inside the routed op and covers both fc1 and fc2.
 //!
