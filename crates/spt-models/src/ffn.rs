@@ -6,8 +6,8 @@
 //! The routed FFN ([`RoutedFeedForward`]) runs spt-ops' `RoutedFfn` on the same weights: d_ff is
 //! split into `n_blocks` blocks and each token runs the top-k blocks its router picks. Its router
 //! is named `{fc1's parent}.router.{weight,bias}` (e.g. `encoder.layer.3.intermediate.router`,
-//! `transformer.h.3.mlp.router`), its optional skip biases `{…}.router.skip_bias` `[n_blocks, d]`;
-//! LoRA on a routed FFN lives inside the op and is named like
+//! `transformer.h.3.mlp.router`); its optional skip biases are constants, not parameters (see
+//! [`RoutedFeedForward::skip_bias`]). LoRA on a routed FFN lives inside the op and is named like
 //! LoRA on a dense linear (`{fc1}.lora_A.weight`, ...).
 
 use crate::error::{ModelError, Result};
@@ -100,13 +100,10 @@ impl RoutedFeedForward {
             None => "router".to_string(),
         };
         let (rw, rb) = ffn.router();
-        let mut router_params = vec![
+        let router_params = vec![
             Param::from_var(format!("{router}.weight"), rw.clone()),
             Param::from_var(format!("{router}.bias"), rb.clone()),
         ];
-        if let Some(s) = ffn.skip_bias() {
-            router_params.push(Param::from_var(format!("{router}.skip_bias"), s.clone()));
-        }
         let lora_params = match ffn.lora_factors() {
             Some((a1, b1, a2, b2)) => vec![
                 Param::from_var(format!("{fc1}.lora_A.weight"), a1.clone()),
@@ -175,6 +172,17 @@ impl RoutedFeedForward {
             *b = Param::frozen(b.name().to_string(), b1);
         }
         Ok(())
+    }
+
+    /// The skip biases `[n_blocks, d]` (fitted constants, saved beside the parameters), if any.
+    pub fn skip_bias(&self) -> Option<&Tensor> {
+        self.ffn.skip_bias()
+    }
+
+    /// Restores saved skip biases (after [`set_unit_order`](Self::set_unit_order), which resets
+    /// them).
+    pub fn set_skip_bias(&mut self, bias: &Tensor) -> Result<()> {
+        Ok(self.ffn.set_skip_bias(bias)?)
     }
 
     /// Fits the router so its scores rank blocks by activation norm on sample FFN inputs

@@ -143,6 +143,45 @@ pub trait SptModel {
         Ok(out)
     }
 
+    /// The skip biases of every routed FFN that has them, `(layer, [n_blocks, d])`, for
+    /// checkpoints (fitted constants, so `named_tensors` leaves them out).
+    fn ffn_skip_biases(&mut self) -> Result<Vec<(usize, Tensor)>> {
+        let mut out = Vec::new();
+        for i in 0..self.num_layers() {
+            if let Some(LayerSlots {
+                ffn: FeedForward::Routed(r),
+                ..
+            }) = self.layer_slots(i)
+            {
+                if let Some(s) = r.skip_bias() {
+                    out.push((i, s.clone()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Restores saved skip biases (from [`SptModel::ffn_skip_biases`]); call it after
+    /// [`SptModel::set_ffn_unit_orders`], which resets them.
+    fn set_ffn_skip_biases(&mut self, biases: &[(usize, Tensor)]) -> Result<()> {
+        for (i, bias) in biases {
+            match self.layer_slots(*i) {
+                Some(LayerSlots {
+                    ffn: FeedForward::Routed(r),
+                    ..
+                }) => r.set_skip_bias(bias)?,
+                _ => {
+                    return Err(ModelError::InvalidConfig {
+                        field: "skip_bias",
+                        value: i.to_string(),
+                        reason: format!("layer {i} has no routed FFN"),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Puts the routed FFNs' hidden units in saved orders (from [`SptModel::ffn_unit_orders`]).
     /// Idempotent; call it before loading trained LoRA factors, which are in the saved order.
     fn set_ffn_unit_orders(&mut self, orders: &[(usize, Vec<u32>)]) -> Result<()> {
@@ -304,7 +343,7 @@ pub struct RoutedFfnSettings {
     /// Needs frozen FFN weights (LoRA on the FFN, or a frozen model): trained ones are an error.
     #[serde(default)]
     pub cluster_units: bool,
-    /// Give each block a trainable skip bias, added for tokens that skip it (spt-ops'
+    /// Give each block a skip bias, added for tokens that skip it (spt-ops'
     /// `RoutedFfnConfig::skip_bias`), fitted with the router to the block's mean output.
     #[serde(default)]
     pub skip_bias: bool,

@@ -34,6 +34,8 @@ use crate::{Error, Result};
 pub const CODEBOOK_PREFIX: &str = "pq_codebook.layer.";
 /// Prefix of the routed FFNs' hidden unit orders (u32) in [`TrainTask::extra_state`].
 pub const UNIT_ORDER_PREFIX: &str = "ffn_unit_order.layer.";
+/// Checkpoint `extra` key prefix of the routed FFNs' skip biases (`[n_blocks, d]` per layer).
+pub const SKIP_BIAS_PREFIX: &str = "ffn_skip_bias.layer.";
 
 /// The model behind a task.
 pub enum Net {
@@ -125,6 +127,7 @@ pub struct ModelTask {
     codebooks: Vec<(usize, Tensor)>,
     /// Regrouped routed-FFN unit orders (layer, order), kept in step with the model.
     unit_orders: Vec<(usize, Vec<u32>)>,
+    skip_biases: Vec<(usize, Tensor)>,
     vars: Vec<(String, Var)>,
     /// Weight of the routers' load-balancing loss in the training loss (0: off).
     router_aux_weight: f64,
@@ -343,6 +346,7 @@ impl ModelTask {
         }
         let codebooks = net.spt().pq_codebooks()?;
         let unit_orders = net.spt().ffn_unit_orders()?;
+        let skip_biases = net.spt().ffn_skip_biases()?;
         let mut summary = ParamSummary {
             initialised: report.initialised,
             ..ParamSummary::default()
@@ -383,6 +387,7 @@ impl ModelTask {
             attn_top_k,
             codebooks,
             unit_orders,
+            skip_biases,
             vars,
             router_aux_weight: cfg.router_aux_weight,
         })
@@ -397,11 +402,6 @@ impl ModelTask {
         // Unit orders first: the saved LoRA factors are in the saved order.
         self.load_extra_state(extra)?;
         for (name, var) in &self.vars {
-            // Runs from before skip biases existed: a zero skip bias is exactly their model.
-            if name.ends_with(".router.skip_bias") && !model.contains_key(name) {
-                var.set(&var.as_tensor().zeros_like()?)?;
-                continue;
-            }
             let t = model.get(name).ok_or_else(|| {
                 Error::Msg(format!(
                     "the checkpoint has no tensor `{name}` (was it made with another --mode?)"
@@ -512,6 +512,12 @@ impl TrainTask for ModelTask {
             let t = Tensor::new(order.as_slice(), &candle_core::Device::Cpu)?;
             out.insert(format!("{UNIT_ORDER_PREFIX}{i}"), t);
         }
+        for (i, bias) in &self.skip_biases {
+            out.insert(
+                format!("{SKIP_BIAS_PREFIX}{i}"),
+                bias.to_device(&candle_core::Device::Cpu)?,
+            );
+        }
         Ok(out)
     }
 
@@ -523,9 +529,12 @@ impl TrainTask for ModelTask {
         };
         let mut books: Vec<(usize, Tensor)> = Vec::new();
         let mut orders: Vec<(usize, Vec<u32>)> = Vec::new();
+        let mut skips: Vec<(usize, Tensor)> = Vec::new();
         for (k, t) in state {
             if let Some(i) = k.strip_prefix(CODEBOOK_PREFIX) {
                 books.push((layer_of(k, i)?, t.clone()));
+            } else if let Some(i) = k.strip_prefix(SKIP_BIAS_PREFIX) {
+                skips.push((layer_of(k, i)?, t.clone()));
             } else if let Some(i) = k.strip_prefix(UNIT_ORDER_PREFIX) {
                 if t.dtype() != candle_core::DType::U32 || t.rank() != 1 {
                     return Err(candle_core::Error::Msg(format!(
@@ -550,6 +559,16 @@ impl TrainTask for ModelTask {
                 .map_err(|e| candle_core::Error::Msg(format!("restoring the FFN unit orders: {e}")))?;
             self.unit_orders = self.net.spt().ffn_unit_orders()?;
         }
+        // After the unit orders (regrouping resets skip biases). A checkpoint without them (or
+        // from before they existed) keeps zeros: the routed FFN without skip biases.
+        if !skips.is_empty() {
+            skips.sort_by_key(|(i, _)| *i);
+            self.net
+                .spt()
+                .set_ffn_skip_biases(&skips)
+                .map_err(|e| candle_core::Error::Msg(format!("restoring the FFN skip biases: {e}")))?;
+        }
+        self.skip_biases = self.net.spt().ffn_skip_biases()?;
         books.sort_by_key(|(i, _)| *i);
         if books.is_empty() {
             return Ok(());

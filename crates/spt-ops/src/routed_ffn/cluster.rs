@@ -157,8 +157,8 @@ impl RoutedFfn {
             l.a2.set(&l.a2.as_tensor().index_select(&idx, 1)?.contiguous()?)?;
         }
         // Skip biases describe the old blocks; refit them (init_router) after regrouping.
-        if let Some(s) = &self.skip {
-            s.set(&s.as_tensor().zeros_like()?)?;
+        if let Some(s) = &mut self.skip {
+            *s = s.zeros_like()?;
         }
         Ok(())
     }

@@ -111,9 +111,9 @@ impl RoutedFfn {
     /// the sample tokens that skip the block under the current router; 0 for a block no token
     /// skips. Does nothing without [`skip_bias`](super::RoutedFfnConfig::skip_bias).
     pub fn fit_skip_bias(&mut self, sample: &Tensor) -> Result<()> {
-        let Some(skip) = &self.skip else {
+        if self.skip.is_none() {
             return Ok(());
-        };
+        }
         let x2 = self.sample_tokens(sample)?.detach();
         let (s, n, b) = (x2.dim(0)?, self.cfg.n_blocks, self.block);
         let routing = self.route(&x2)?;
@@ -130,7 +130,8 @@ impl RoutedFfn {
                     .broadcast_div(&counts.narrow(0, e, 1)?.reshape((1, 1))?)
             })
             .collect::<Result<Vec<_>>>()?;
-        skip.set(&Tensor::cat(&means, 0)?.to_dtype(self.w1.dtype())?)
+        self.skip = Some(Tensor::cat(&means, 0)?.to_dtype(self.w1.dtype())?);
+        Ok(())
     }
 
     /// Fits the router by ridge least squares so that its scores rank the blocks of each sample

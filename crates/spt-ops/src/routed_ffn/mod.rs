@@ -21,7 +21,7 @@
 //!   and B2 is applied once per token.
 //! - [`RoutedFfn::cluster_units`] / [`RoutedFfn::permute_units`] regroup the hidden units so that
 //!   units firing together share a block (exact for the dense FFN).
-//! - Skip biases (optional, [`RoutedFfnConfig::skip_bias`]): a trainable `[n_blocks, d]` table;
+//! - Skip biases (optional, [`RoutedFfnConfig::skip_bias`]): a constant `[n_blocks, d]` table;
 //!   a token that skips block `e` gets `skip_e` added, so the block contributes its average
 //!   instead of nothing (a `[T, n]` × `[n, d]` product, cheap next to one block's GEMMs).
 //! - [`RoutedFfn::init_router`] fits the router to rank blocks by their activation norm (and the
@@ -77,9 +77,10 @@ pub struct RoutedFfnConfig {
     pub lora: Option<LoraConfig>,
     /// Seed of the router's random initialisation.
     pub seed: u64,
-    /// Add a trainable per-block "skip bias" `[n_blocks, d]` for every block a token skips: the
-    /// block's mean output when skipped (fitted by [`RoutedFfn::init_router`]), so a skipped
-    /// block still contributes its average instead of nothing. Zero when every block runs.
+    /// Add a per-block "skip bias" `[n_blocks, d]` for every block a token skips: the block's
+    /// mean output when skipped (fitted by [`RoutedFfn::init_router`]), so a skipped block still
+    /// contributes its average instead of nothing. A constant, like the frozen weights it
+    /// summarises (trained, it destabilised fine-tuning). Unused when every block runs.
     #[serde(default)]
     pub skip_bias: bool,
 }
@@ -212,9 +213,9 @@ pub struct RoutedFfn {
     b1: Tensor,
     w2: Tensor,
     b2: Tensor,
-    router_w: Var,     // [n_blocks, d]
-    router_b: Var,     // [n_blocks]
-    skip: Option<Var>, // [n_blocks, d], see RoutedFfnConfig::skip_bias
+    router_w: Var,        // [n_blocks, d]
+    router_b: Var,        // [n_blocks]
+    skip: Option<Tensor>, // [n_blocks, d], constant; see RoutedFfnConfig::skip_bias
     cfg: RoutedFfnConfig,
     k: usize,
     block: usize,
@@ -276,7 +277,7 @@ impl RoutedFfn {
             }
         };
         let skip = match cfg.skip_bias {
-            true => Some(Var::zeros((n, d), dt, dev)?),
+            true => Some(Tensor::zeros((n, d), dt, dev)?),
             false => None,
         };
         Ok(Self {
@@ -326,20 +327,36 @@ impl RoutedFfn {
     }
 
     /// The skip biases `[n_blocks, d]`, if configured ([`RoutedFfnConfig::skip_bias`]).
-    pub fn skip_bias(&self) -> Option<&Var> {
+    pub fn skip_bias(&self) -> Option<&Tensor> {
         self.skip.as_ref()
     }
 
-    /// The tensors to hand to the optimiser: the router, the skip biases and LoRA's A1, B1, A2,
-    /// B2 if configured. (FFN weights passed in as `Var`s are the caller's to train.)
+    /// Sets the skip biases (e.g. restored from a checkpoint): `[n_blocks, d]`.
+    pub fn set_skip_bias(&mut self, bias: &Tensor) -> Result<()> {
+        let (n, d) = (self.cfg.n_blocks, self.d_model());
+        let Some(skip) = &mut self.skip else {
+            bail!("routed_ffn: skip biases given, but the layer is configured without them");
+        };
+        if bias.dims() != [n, d] {
+            bail!(
+                "routed_ffn: skip biases are {:?}, expected [n_blocks, d] = [{n}, {d}]",
+                bias.dims()
+            );
+        }
+        *skip = bias
+            .detach()
+            .to_dtype(self.w1.dtype())?
+            .to_device(self.w1.device())?;
+        Ok(())
+    }
+
+    /// The tensors to hand to the optimiser: the router, and LoRA's A1, B1, A2, B2 if
+    /// configured. (FFN weights passed in as `Var`s are the caller's to train.)
     pub fn trainable_vars(&self) -> Vec<(String, Var)> {
         let mut v = vec![
             ("router.weight".to_string(), self.router_w.clone()),
             ("router.bias".to_string(), self.router_b.clone()),
         ];
-        if let Some(s) = &self.skip {
-            v.push(("router.skip_bias".into(), s.clone()));
-        }
         if let Some(l) = &self.lora {
             v.push(("fc1.lora_a".into(), l.a1.clone()));
             v.push(("fc1.lora_b".into(), l.b1.clone()));
@@ -486,7 +503,7 @@ impl RoutedFfn {
         if let Some(skip) = self.skip.as_ref().filter(|_| routing.k() < routing.n_blocks()) {
             // [T, n] 0/1 "skipped" matrix (constant) times the per-block skip biases.
             let skipped = skipped_matrix(&routing, dt, dev)?;
-            y = y.add(&skipped.matmul(skip.as_tensor())?)?;
+            y = y.add(&skipped.matmul(skip)?)?;
         }
         let y = y.reshape(dims)?;
         let aux_loss = if self.cfg.aux_loss {
