@@ -133,8 +133,8 @@ pub struct FinetuneConfig {
     pub ffn_gate: FfnGate,
     /// Which hidden units form each block.
     pub ffn_units: FfnUnits,
-    /// A trainable per-block bias added for tokens that skip the block, fitted to the block's
-    /// mean output on the calibration tokens (spt; default on).
+    /// A constant per-block bias added for tokens that skip the block, fitted to the block's
+    /// mean output on the calibration tokens (spt; default off).
     pub ffn_skip_bias: bool,
     /// Batches of 16 training examples (seeded draw) that fit the PQ codebooks, routers and unit
     /// groups, and that the codebook refresh cycles through (spt).
@@ -218,7 +218,7 @@ impl Default for FinetuneConfig {
             ffn_top_k: 2,
             ffn_gate: FfnGate::default(),
             ffn_units: FfnUnits::default(),
-            ffn_skip_bias: true,
+            ffn_skip_bias: false,
             calibration_batches: 4,
             router_aux_weight: 0.0,
             lora_rank: 8,
@@ -330,7 +330,7 @@ pub struct FinetuneArgs {
     /// Which hidden units form each routed-FFN block.
     #[arg(long, value_enum)]
     pub ffn_units: Option<FfnUnits>,
-    /// Per-block bias for tokens that skip an FFN block, fitted to its mean output (default true).
+    /// Per-block bias for tokens that skip an FFN block, fitted to its mean output (default false).
     #[arg(long)]
     pub ffn_skip_bias: Option<bool>,
     /// Batches of 16 training examples that calibrate the sparse layers (spt).
@@ -776,7 +776,7 @@ mod tests {
         "--ffn-top-k",
         "4",
         "--ffn-skip-bias",
-        "false",
+        "true",
         "--lora-rank",
         "16",
         "--lora-alpha",
@@ -824,7 +824,7 @@ mod tests {
         attn_k = 32
         ffn_blocks = 16
         ffn_top_k = 4
-        ffn_skip_bias = false
+        ffn_skip_bias = true
         lora_rank = 16
         lora_alpha = 32.0
         modules_to_save = ["pooler", "bert.embeddings.LayerNorm"]
