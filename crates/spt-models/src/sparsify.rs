@@ -161,23 +161,27 @@ pub trait SptModel {
         Ok(out)
     }
 
+    /// The routed FFN of layer `i`, or an error naming the saved `field` that expected one.
+    fn routed_ffn_mut(&mut self, i: usize, field: &'static str) -> Result<&mut RoutedFeedForward> {
+        let n = self.num_layers();
+        match self.layer_slots(i) {
+            Some(LayerSlots {
+                ffn: FeedForward::Routed(r),
+                ..
+            }) => Ok(r),
+            _ => Err(ModelError::InvalidConfig {
+                field,
+                value: i.to_string(),
+                reason: format!("layer {i} has no routed FFN (the model has {n} layers)"),
+            }),
+        }
+    }
+
     /// Restores saved skip biases (from [`SptModel::ffn_skip_biases`]); call it after
     /// [`SptModel::set_ffn_unit_orders`], which resets them.
     fn set_ffn_skip_biases(&mut self, biases: &[(usize, Tensor)]) -> Result<()> {
         for (i, bias) in biases {
-            match self.layer_slots(*i) {
-                Some(LayerSlots {
-                    ffn: FeedForward::Routed(r),
-                    ..
-                }) => r.set_skip_bias(bias)?,
-                _ => {
-                    return Err(ModelError::InvalidConfig {
-                        field: "skip_bias",
-                        value: i.to_string(),
-                        reason: format!("layer {i} has no routed FFN"),
-                    })
-                }
-            }
+            self.routed_ffn_mut(*i, "skip_bias")?.set_skip_bias(bias)?;
         }
         Ok(())
     }
@@ -185,21 +189,8 @@ pub trait SptModel {
     /// Puts the routed FFNs' hidden units in saved orders (from [`SptModel::ffn_unit_orders`]).
     /// Idempotent; call it before loading trained LoRA factors, which are in the saved order.
     fn set_ffn_unit_orders(&mut self, orders: &[(usize, Vec<u32>)]) -> Result<()> {
-        let n = self.num_layers();
         for (i, order) in orders {
-            match self.layer_slots(*i) {
-                Some(LayerSlots {
-                    ffn: FeedForward::Routed(r),
-                    ..
-                }) => r.set_unit_order(order)?,
-                _ => {
-                    return Err(ModelError::InvalidConfig {
-                        field: "unit_order",
-                        value: i.to_string(),
-                        reason: format!("layer {i} has no routed FFN (the model has {n} layers)"),
-                    })
-                }
-            }
+            self.routed_ffn_mut(*i, "unit_order")?.set_unit_order(order)?;
         }
         Ok(())
     }
