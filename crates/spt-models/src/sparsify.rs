@@ -127,38 +127,17 @@ pub trait SptModel {
     /// The hidden unit order of every routed FFN whose units were regrouped, `(layer, order)`,
     /// for checkpoints (the order is not a parameter; see [`SptModel::set_ffn_unit_orders`]).
     fn ffn_unit_orders(&mut self) -> Result<Vec<(usize, Vec<u32>)>> {
-        let mut out = Vec::new();
-        for i in 0..self.num_layers() {
-            if let Some(LayerSlots {
-                ffn: FeedForward::Routed(r),
-                ..
-            }) = self.layer_slots(i)
-            {
-                let order = r.unit_order();
-                if order.iter().enumerate().any(|(j, &u)| u as usize != j) {
-                    out.push((i, order.to_vec()));
-                }
-            }
-        }
-        Ok(out)
+        Ok(routed_ffn_values(self, |r| {
+            let order = r.unit_order();
+            let regrouped = order.iter().enumerate().any(|(j, &u)| u as usize != j);
+            regrouped.then(|| order.to_vec())
+        }))
     }
 
     /// The skip biases of every routed FFN that has them, `(layer, [n_blocks, d])`, for
     /// checkpoints (fitted constants, so `named_tensors` leaves them out).
     fn ffn_skip_biases(&mut self) -> Result<Vec<(usize, Tensor)>> {
-        let mut out = Vec::new();
-        for i in 0..self.num_layers() {
-            if let Some(LayerSlots {
-                ffn: FeedForward::Routed(r),
-                ..
-            }) = self.layer_slots(i)
-            {
-                if let Some(s) = r.skip_bias() {
-                    out.push((i, s.clone()));
-                }
-            }
-        }
-        Ok(out)
+        Ok(routed_ffn_values(self, |r| r.skip_bias().cloned()))
     }
 
     /// The routed FFN of layer `i`, or an error naming the saved `field` that expected one.
@@ -660,6 +639,22 @@ pub fn sparsify<M: SptModel + ?Sized>(
         report.layers.push(lr);
     }
     Ok(report)
+}
+
+/// `(layer, value)` for every routed FFN of `m` where `f` gives a value.
+fn routed_ffn_values<M: SptModel + ?Sized, T>(
+    m: &mut M,
+    f: impl Fn(&RoutedFeedForward) -> Option<T>,
+) -> Vec<(usize, T)> {
+    (0..m.num_layers())
+        .filter_map(|i| match m.layer_slots(i) {
+            Some(LayerSlots {
+                ffn: FeedForward::Routed(r),
+                ..
+            }) => f(r).map(|v| (i, v)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// A zero-size dense FFN, held only while a slot's FFN is being converted.
