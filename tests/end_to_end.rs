@@ -364,6 +364,52 @@ fn router_aux_weight_adds_the_balancing_loss_in_training_only() {
 }
 
 #[test]
+fn router_lr_scale_zero_keeps_the_fitted_routers() {
+    let root = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-gpt2", root.path());
+    let train = root.path().join("train.txt");
+    write_text(&train);
+    let dev = Device::Cpu;
+    let trained_values = |scale: f64| {
+        let mut cfg = config(&model, TaskKind::Lm, &train, &root.path().join("rl"), Mode::Spt);
+        cfg.router_lr_scale = scale;
+        // The same calibration as `run`, without training: the routers as fitted.
+        let tok = load_tokenizer(&cfg, &model).unwrap();
+        let data = prepare_data(&cfg, &tok, None).unwrap();
+        let calib = calibration_batches(&data.train, 2, 8, cfg.seed, &dev).unwrap();
+        let fitted = ModelTask::build(&cfg, &model, None, &dev, calib).unwrap();
+        let (_, trained, _) = run(&cfg, Resume::No);
+        let fitted: HashMap<String, Tensor> = fitted
+            .trainable()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().copy().unwrap()))
+            .collect();
+        let moved: Vec<(String, f32)> = trained
+            .trainable()
+            .into_iter()
+            .map(|(n, v)| {
+                let d = max_abs_diff(v.as_tensor(), &fitted[&n]);
+                (n, d)
+            })
+            .collect();
+        moved
+    };
+    let frozen = trained_values(0.0);
+    let routers: Vec<&(String, f32)> = frozen.iter().filter(|(n, _)| n.contains(".router.")).collect();
+    assert!(!routers.is_empty(), "{frozen:?}");
+    assert!(routers.iter().all(|(_, d)| *d == 0.0), "{routers:?}");
+    assert!(
+        frozen.iter().any(|(n, d)| n.contains(".lora_") && *d > 0.0),
+        "the adapters did not train: {frozen:?}"
+    );
+    let free = trained_values(1.0);
+    assert!(
+        free.iter().any(|(n, d)| n.contains(".router.") && *d > 0.0),
+        "at scale 1 the routers should train: {free:?}"
+    );
+}
+
+#[test]
 fn spt_without_adapters_trains_every_weight_through_the_sparse_layers() {
     let root = tempfile::tempdir().unwrap();
     let model = fixture("tiny-gpt2", root.path());

@@ -141,6 +141,8 @@ pub struct FinetuneConfig {
     pub calibration_batches: usize,
     /// Weight of the router load-balancing loss (0: off).
     pub router_aux_weight: f64,
+    /// The routers' learning rate as a multiple of `lr` (spt).
+    pub router_lr_scale: f64,
     pub lora_rank: usize,
     pub lora_alpha: f64,
     pub lora_dropout: f64,
@@ -221,6 +223,7 @@ impl Default for FinetuneConfig {
             ffn_skip_bias: false,
             calibration_batches: 4,
             router_aux_weight: 0.0,
+            router_lr_scale: 1.0,
             lora_rank: 8,
             lora_alpha: 16.0,
             lora_dropout: 0.0,
@@ -339,6 +342,9 @@ pub struct FinetuneArgs {
     /// Router load-balancing loss weight (0: off).
     #[arg(long)]
     pub router_aux_weight: Option<f64>,
+    /// The routers' learning rate as a multiple of --lr (spt; default 1).
+    #[arg(long)]
+    pub router_lr_scale: Option<f64>,
     /// LoRA rank (lora, spt). In spt mode 0 means no adapters: every weight trains through the
     /// sparse attention and routed FFN (e.g. training from random weights).
     #[arg(long)]
@@ -450,7 +456,7 @@ impl FinetuneConfig {
         let c = self;
         set_if_some!(a, c;
             plain: model, task, validation_split, text_column, label_column, block_size, output_dir, mode,
-                pq_refresh_every, ffn_blocks, ffn_top_k, ffn_gate, ffn_units, ffn_skip_bias, calibration_batches, router_aux_weight, lora_rank, lora_alpha, lora_dropout,
+                pq_refresh_every, ffn_blocks, ffn_top_k, ffn_gate, ffn_units, ffn_skip_bias, calibration_batches, router_aux_weight, router_lr_scale, lora_rank, lora_alpha, lora_dropout,
                 epochs, batch_size, grad_accum, lr, warmup_ratio, schedule, weight_decay, adam_beta1, adam_beta2,
                 adam_eps, max_grad_norm, seed, eval_every, save_every, keep_last, log_every, device;
             optional: tokenizer, split_by, format, text_pair_column, label_map, max_length, attn_k,
@@ -553,6 +559,12 @@ impl FinetuneConfig {
         if self.router_aux_weight < 0.0 {
             return Err(invalid("router_aux_weight", "must be ≥ 0"));
         }
+        if !(self.router_lr_scale.is_finite() && self.router_lr_scale >= 0.0) {
+            return Err(invalid(
+                "router_lr_scale",
+                format!("must be finite and ≥ 0, got {}", self.router_lr_scale),
+            ));
+        }
         for (name, b) in [("adam_beta1", self.adam_beta1), ("adam_beta2", self.adam_beta2)] {
             if !(0.0..1.0).contains(&b) {
                 return Err(invalid(name, format!("must be in [0, 1), got {b}")));
@@ -624,6 +636,11 @@ impl FinetuneConfig {
                 beta2: self.adam_beta2,
                 eps: self.adam_eps,
                 weight_decay: self.weight_decay,
+            },
+            lr_scales: if self.mode == Mode::Spt && self.router_lr_scale != 1.0 {
+                vec![("router".into(), self.router_lr_scale)]
+            } else {
+                Vec::new()
             },
             max_grad_norm: self.max_grad_norm,
             seed: self.seed,
@@ -777,6 +794,8 @@ mod tests {
         "4",
         "--ffn-skip-bias",
         "true",
+        "--router-lr-scale",
+        "0.1",
         "--lora-rank",
         "16",
         "--lora-alpha",
@@ -825,6 +844,7 @@ mod tests {
         ffn_blocks = 16
         ffn_top_k = 4
         ffn_skip_bias = true
+        router_lr_scale = 0.1
         lora_rank = 16
         lora_alpha = 32.0
         modules_to_save = ["pooler", "bert.embeddings.LayerNorm"]
@@ -881,6 +901,7 @@ mod tests {
         assert_eq!(tc.warmup_steps, 4);
         assert_eq!(tc.adamw.weight_decay, 0.01);
         assert_eq!(tc.max_grad_norm, 1.0);
+        assert_eq!(tc.lr_scales, vec![("router".to_string(), 0.1)]);
     }
 
     #[test]
@@ -900,6 +921,7 @@ mod tests {
         assert!(with(&["--attn-k", "4", "--attn-k-fraction", "0.5"]).contains("not both"));
         assert!(with(&["--ffn-blocks", "2", "--ffn-top-k", "3"]).contains("ffn_top_k"));
         assert!(with(&["--device", "tpu"]).contains("device"));
+        assert!(with(&["--router-lr-scale=-1"]).contains("router_lr_scale"));
         let e = FinetuneConfig::from_args(&parse(&["--train-file", "a.csv"]))
             .unwrap_err()
             .to_string();

@@ -5,6 +5,8 @@
 //! dtype and cannot save them (candle-notes.md §4). This one:
 //! - decides per parameter, by its Hugging Face name, whether weight decay applies
 //!   ([`is_no_decay`]: biases and LayerNorm weights get none, as in HF Trainer);
+//! - scales the learning rate of chosen modules by name ([`AdamW::scale_lr`]; PyTorch's
+//!   per-group lr), e.g. the routed FFN's routers;
 //! - keeps `exp_avg` / `exp_avg_sq` in f32 whatever the parameter dtype, and a per-parameter step
 //!   count (a parameter without a gradient in a step is skipped, as in PyTorch);
 //! - saves and restores that state by name ([`AdamW::state_dict`], [`AdamW::load_state_dict`]),
@@ -14,7 +16,7 @@
 //! ```text
 //! m ← β1·m + (1−β1)·g          v ← β2·v + (1−β2)·g²
 //! m̂ = m / (1−β1^t)             v̂ = v / (1−β2^t)
-//! θ ← θ·(1 − lr·λ)   (decay group only)
+//! θ ← θ·(1 − lr·λ)   (decay group only; lr includes the parameter's scale)
 //! θ ← θ − lr · m̂ / (√v̂ + ε)
 //! ```
 
@@ -66,6 +68,8 @@ struct ParamState {
     name: String,
     var: Var,
     decay: bool,
+    /// Multiplies the scheduled lr for this parameter (PyTorch's per-group lr), 1 by default.
+    lr_scale: f64,
     step: u64,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
@@ -95,6 +99,7 @@ impl AdamW {
             let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
             states.push(ParamState {
                 decay: !is_no_decay(&name),
+                lr_scale: 1.0,
                 name,
                 var,
                 step: 0,
@@ -112,6 +117,24 @@ impl AdamW {
     /// `(name, takes_weight_decay)` for each parameter, in the order given.
     pub fn groups(&self) -> Vec<(&str, bool)> {
         self.params.iter().map(|p| (p.name.as_str(), p.decay)).collect()
+    }
+
+    /// Scales the learning rate (and so the decoupled decay) of every parameter whose dotted name
+    /// has `module` as a whole segment, e.g. `router` for `encoder.layer.3.intermediate.router.weight`.
+    /// Returns how many parameters matched. The scale is configuration, not state: it is not in
+    /// [`AdamW::state_dict`], so a resumed run sets it again.
+    pub fn scale_lr(&mut self, module: &str, scale: f64) -> Result<usize> {
+        if !(scale.is_finite() && scale >= 0.0) {
+            bail!("AdamW: lr scale for `{module}` must be finite and ≥ 0, got {scale}");
+        }
+        let mut n = 0;
+        for p in self.params.iter_mut() {
+            if p.name.split('.').any(|seg| seg == module) {
+                p.lr_scale = scale;
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// The variables, in the order given to [`AdamW::new`].
@@ -141,6 +164,7 @@ impl AdamW {
             }
             p.step += 1;
             let t = p.step as i32;
+            let lr = lr * p.lr_scale;
             let g = g.detach().to_dtype(DType::F32)?;
             let m = ((&p.exp_avg * beta1)? + (&g * (1.0 - beta1))?)?;
             let v = ((&p.exp_avg_sq * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
@@ -413,6 +437,58 @@ mod tests {
 
     fn quad_loss(w: &Var, target: &Tensor) -> Result<GradStore> {
         (w.as_tensor() - target)?.sqr()?.sum_all()?.backward()
+    }
+
+    /// A parameter with lr scale s follows the unscaled update at lr·s (decay included); the
+    /// scale matches whole name segments only; scale 0 freezes.
+    #[test]
+    fn lr_scale_is_a_per_module_learning_rate() -> Result<()> {
+        let target = Tensor::new(&[3.0f32, -1.0, 0.25], &Device::Cpu)?;
+        let init = [0.1f32, 0.2, 0.3];
+        let cfg = AdamWConfig::default();
+        let (r, frozen, other, plain) = (var(&init), var(&init), var(&init), var(&init));
+        let mut scaled = AdamW::new(
+            vec![
+                ("l.3.router.weight".into(), r.clone()),
+                ("l.3.zero.weight".into(), frozen.clone()),
+                ("l.3.routers.weight".into(), other.clone()),
+            ],
+            cfg,
+        )?;
+        assert_eq!(scaled.scale_lr("router", 0.1)?, 1);
+        assert_eq!(scaled.scale_lr("zero", 0.0)?, 1);
+        assert_eq!(scaled.scale_lr("absent", 0.5)?, 0);
+        assert!(scaled.scale_lr("router", -1.0).is_err());
+        assert!(scaled.scale_lr("router", f64::NAN).is_err());
+        let mut reference = AdamW::new(vec![("w".into(), plain.clone())], cfg)?;
+        let loss = |ws: &[&Var]| -> Result<GradStore> {
+            let mut total = Tensor::new(0f32, &Device::Cpu)?;
+            for w in ws {
+                total = (total + (w.as_tensor() - &target)?.sqr()?.sum_all()?)?;
+            }
+            total.backward()
+        };
+        for s in 0..4 {
+            let lr = 0.05 / (s + 1) as f64;
+            scaled.step(&loss(&[&r, &frozen, &other])?, lr)?;
+            reference.step(&quad_loss(&plain, &target)?, lr * 0.1)?;
+        }
+        let bits = |v: &Var| -> Result<Vec<u32>> {
+            Ok(v.as_tensor()
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|x| x.to_bits())
+                .collect())
+        };
+        assert_eq!(bits(&r)?, bits(&plain)?);
+        assert_eq!(frozen.as_tensor().to_vec1::<f32>()?, init.to_vec());
+        // `routers` is not the segment `router`: full lr, so it moved further than the scaled one.
+        let moved = |v: &Var| -> Result<f32> {
+            let d = (v.as_tensor() - Tensor::new(&init, &Device::Cpu)?)?;
+            d.abs()?.sum_all()?.to_scalar::<f32>()
+        };
+        assert!(moved(&other)? > 5.0 * moved(&r)?);
+        Ok(())
     }
 
     #[test]

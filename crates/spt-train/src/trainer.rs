@@ -147,6 +147,9 @@ pub struct TrainerConfig {
     pub warmup_steps: u64,
     pub schedule: ScheduleKind,
     pub adamw: AdamWConfig,
+    /// Learning-rate multipliers by module name segment (see [`AdamW::scale_lr`]), e.g.
+    /// `("router", 0.1)`.
+    pub lr_scales: Vec<(String, f64)>,
     /// Global gradient-norm clip; 0 disables.
     pub max_grad_norm: f64,
     pub seed: u64,
@@ -179,6 +182,7 @@ impl Default for TrainerConfig {
             warmup_steps: 0,
             schedule: ScheduleKind::Linear,
             adamw: AdamWConfig::default(),
+            lr_scales: Vec::new(),
             max_grad_norm: 1.0,
             seed: 42,
             eval_every: 0,
@@ -525,6 +529,14 @@ impl<T: TrainTask> Trainer<T> {
         let vars: Vec<Var> = vars_named.iter().map(|(_, v)| v.clone()).collect();
         let n_params: usize = vars.iter().map(|v| v.elem_count()).sum();
         let mut opt = AdamW::new(vars_named, self.cfg.adamw)?;
+        for (module, scale) in &self.cfg.lr_scales {
+            let n = opt.scale_lr(module, *scale)?;
+            if n == 0 {
+                tracing::warn!("lr scale {scale} for `{module}`: no trainable parameter has that name");
+            } else {
+                tracing::info!("lr scale {scale} for `{module}`: {n} parameters");
+            }
+        }
         let metrics = MetricsWriter::new(self.cfg.output_dir.join("metrics.jsonl"));
 
         let mut st = LoopState {
