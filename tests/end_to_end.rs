@@ -338,6 +338,7 @@ fn router_aux_weight_adds_the_balancing_loss_in_training_only() {
     let build = |w: f64| {
         let mut cfg = config(&model, TaskKind::Lm, &train, &root.path().join("aux"), Mode::Spt);
         cfg.router_aux_weight = w;
+        cfg.router_lr_scale = Some(1.0);
         let tok = load_tokenizer(&cfg, &model).unwrap();
         let data = prepare_data(&cfg, &tok, None).unwrap();
         let calib = calibration_batches(&data.train, 2, 8, cfg.seed, &dev).unwrap();
@@ -372,7 +373,7 @@ fn router_lr_scale_zero_keeps_the_fitted_routers() {
     let dev = Device::Cpu;
     let trained_values = |scale: f64| {
         let mut cfg = config(&model, TaskKind::Lm, &train, &root.path().join("rl"), Mode::Spt);
-        cfg.router_lr_scale = scale;
+        cfg.router_lr_scale = Some(scale);
         // The same calibration as `run`, without training: the routers as fitted.
         let tok = load_tokenizer(&cfg, &model).unwrap();
         let data = prepare_data(&cfg, &tok, None).unwrap();

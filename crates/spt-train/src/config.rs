@@ -141,8 +141,10 @@ pub struct FinetuneConfig {
     pub calibration_batches: usize,
     /// Weight of the router load-balancing loss (0: off).
     pub router_aux_weight: f64,
-    /// The routers' learning rate as a multiple of `lr` (spt).
-    pub router_lr_scale: f64,
+    /// The routers' learning rate as a multiple of `lr` (spt). Default
+    /// ([`FinetuneConfig::router_lr_scale`]): 0 with adapters, so the routers keep their fit to the
+    /// calibration tokens; 1 when every weight trains (`lora_rank = 0`).
+    pub router_lr_scale: Option<f64>,
     pub lora_rank: usize,
     pub lora_alpha: f64,
     pub lora_dropout: f64,
@@ -223,7 +225,7 @@ impl Default for FinetuneConfig {
             ffn_skip_bias: false,
             calibration_batches: 4,
             router_aux_weight: 0.0,
-            router_lr_scale: 1.0,
+            router_lr_scale: None,
             lora_rank: 8,
             lora_alpha: 16.0,
             lora_dropout: 0.0,
@@ -342,7 +344,8 @@ pub struct FinetuneArgs {
     /// Router load-balancing loss weight (0: off).
     #[arg(long)]
     pub router_aux_weight: Option<f64>,
-    /// The routers' learning rate as a multiple of --lr (spt; default 1).
+    /// The routers' learning rate as a multiple of --lr (spt). Default: 0 with adapters (the
+    /// routers keep their fit to the calibration tokens), 1 with --lora-rank 0.
     #[arg(long)]
     pub router_lr_scale: Option<f64>,
     /// LoRA rank (lora, spt). In spt mode 0 means no adapters: every weight trains through the
@@ -456,10 +459,10 @@ impl FinetuneConfig {
         let c = self;
         set_if_some!(a, c;
             plain: model, task, validation_split, text_column, label_column, block_size, output_dir, mode,
-                pq_refresh_every, ffn_blocks, ffn_top_k, ffn_gate, ffn_units, ffn_skip_bias, calibration_batches, router_aux_weight, router_lr_scale, lora_rank, lora_alpha, lora_dropout,
+                pq_refresh_every, ffn_blocks, ffn_top_k, ffn_gate, ffn_units, ffn_skip_bias, calibration_batches, router_aux_weight, lora_rank, lora_alpha, lora_dropout,
                 epochs, batch_size, grad_accum, lr, warmup_ratio, schedule, weight_decay, adam_beta1, adam_beta2,
                 adam_eps, max_grad_norm, seed, eval_every, save_every, keep_last, log_every, device;
-            optional: tokenizer, split_by, format, text_pair_column, label_map, max_length, attn_k,
+            optional: tokenizer, router_lr_scale, split_by, format, text_pair_column, label_map, max_length, attn_k,
                 attn_k_fraction, pq_subspaces, pq_codewords, max_steps, eval_batch_size, warmup_steps, resume;
             list: train_files, validation_files, drop_labels, modules_to_save
         );
@@ -559,10 +562,18 @@ impl FinetuneConfig {
         if self.router_aux_weight < 0.0 {
             return Err(invalid("router_aux_weight", "must be ≥ 0"));
         }
-        if !(self.router_lr_scale.is_finite() && self.router_lr_scale >= 0.0) {
+        let router_lr = self.router_lr_scale();
+        if !(router_lr.is_finite() && router_lr >= 0.0) {
             return Err(invalid(
                 "router_lr_scale",
-                format!("must be finite and ≥ 0, got {}", self.router_lr_scale),
+                format!("must be finite and ≥ 0, got {router_lr}"),
+            ));
+        }
+        if self.mode == Mode::Spt && self.router_aux_weight > 0.0 && router_lr == 0.0 {
+            return Err(invalid(
+                "router_aux_weight",
+                "the balancing loss trains only the routers, which are frozen (router_lr_scale 0, \
+                 the default with adapters): set --router-lr-scale > 0 as well",
             ));
         }
         for (name, b) in [("adam_beta1", self.adam_beta1), ("adam_beta2", self.adam_beta2)] {
@@ -589,6 +600,14 @@ impl FinetuneConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The routers' lr multiple: the set value, else 0 with adapters (fine-tuning keeps the
+    /// routers' calibration fit: trained at the adapters' lr they destabilised runs) and 1 when
+    /// every weight trains.
+    pub fn router_lr_scale(&self) -> f64 {
+        self.router_lr_scale
+            .unwrap_or(if self.lora_rank == 0 { 1.0 } else { 0.0 })
     }
 
     /// The columns to read.
@@ -637,8 +656,8 @@ impl FinetuneConfig {
                 eps: self.adam_eps,
                 weight_decay: self.weight_decay,
             },
-            lr_scales: if self.mode == Mode::Spt && self.router_lr_scale != 1.0 {
-                vec![("router".into(), self.router_lr_scale)]
+            lr_scales: if self.mode == Mode::Spt && self.router_lr_scale() != 1.0 {
+                vec![("router".into(), self.router_lr_scale())]
             } else {
                 Vec::new()
             },
@@ -922,6 +941,32 @@ mod tests {
         assert!(with(&["--ffn-blocks", "2", "--ffn-top-k", "3"]).contains("ffn_top_k"));
         assert!(with(&["--device", "tpu"]).contains("device"));
         assert!(with(&["--router-lr-scale=-1"]).contains("router_lr_scale"));
+        // The balancing loss needs routers that train; with adapters they are frozen by default.
+        let e = with(&["--mode", "spt", "--router-aux-weight", "0.1"]);
+        assert!(
+            e.contains("router_aux_weight") && e.contains("--router-lr-scale"),
+            "{e}"
+        );
+        let ok = |extra: &[&str]| {
+            let mut v = base.to_vec();
+            v.extend_from_slice(extra);
+            FinetuneConfig::from_args(&parse(&v)).unwrap()
+        };
+        let aux = ["--mode", "spt", "--router-aux-weight", "0.1"];
+        assert_eq!(
+            ok(&[&aux[..], &["--router-lr-scale", "0.5"]].concat()).router_lr_scale(),
+            0.5
+        );
+        assert_eq!(
+            ok(&[&aux[..], &["--lora-rank", "0"]].concat()).router_lr_scale(),
+            1.0
+        );
+        assert_eq!(ok(&["--mode", "spt"]).router_lr_scale(), 0.0);
+        assert_eq!(
+            ok(&["--mode", "spt"]).trainer_config(100).lr_scales,
+            vec![("router".to_string(), 0.0)]
+        );
+        assert!(ok(&["--mode", "lora"]).trainer_config(100).lr_scales.is_empty());
         let e = FinetuneConfig::from_args(&parse(&["--train-file", "a.csv"]))
             .unwrap_err()
             .to_string();
