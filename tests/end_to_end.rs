@@ -142,13 +142,12 @@ fn config(model: &Path, task: TaskKind, train: &Path, out: &Path, mode: Mode) ->
     }
 }
 
-/// What `spt-train finetune` does, through the library.
-fn run(cfg: &FinetuneConfig, resume: Resume) -> (TrainSummary, ModelTask, PreparedData) {
+/// The data and the task as `finetune` builds them (spt: calibrated on 2 batches of 8), untrained.
+fn build_task(cfg: &FinetuneConfig, data_out: Option<&Path>) -> (ModelTask, PreparedData) {
     let dev = Device::Cpu;
-    prepare_output_dir(&cfg.output_dir, true, resume != Resume::No).unwrap();
     let model_dir = PathBuf::from(&cfg.model);
     let tok = load_tokenizer(cfg, &model_dir).unwrap();
-    let data = prepare_data(cfg, &tok, Some(&cfg.output_dir)).unwrap();
+    let data = prepare_data(cfg, &tok, data_out).unwrap();
     let calib = if cfg.mode == Mode::Spt {
         calibration_batches(&data.train, 2, 8, cfg.seed, &dev).unwrap()
     } else {
@@ -156,6 +155,14 @@ fn run(cfg: &FinetuneConfig, resume: Resume) -> (TrainSummary, ModelTask, Prepar
     };
     let nl = data.labels.as_ref().map(|l| l.len());
     let task = ModelTask::build(cfg, &model_dir, nl, &dev, calib).unwrap();
+    (task, data)
+}
+
+/// What `spt-train finetune` does, through the library.
+fn run(cfg: &FinetuneConfig, resume: Resume) -> (TrainSummary, ModelTask, PreparedData) {
+    let dev = Device::Cpu;
+    prepare_output_dir(&cfg.output_dir, true, resume != Resume::No).unwrap();
+    let (task, data) = build_task(cfg, Some(&cfg.output_dir));
     let mut trainer = Trainer::new(task, cfg.trainer_config(data.train.len()), dev);
     let summary = trainer
         .train(&data.train, data.validation.as_ref(), &resume)
@@ -339,12 +346,9 @@ fn router_aux_weight_adds_the_balancing_loss_in_training_only() {
         let mut cfg = config(&model, TaskKind::Lm, &train, &root.path().join("aux"), Mode::Spt);
         cfg.router_aux_weight = w;
         cfg.router_lr_scale = Some(1.0);
-        let tok = load_tokenizer(&cfg, &model).unwrap();
-        let data = prepare_data(&cfg, &tok, None).unwrap();
-        let calib = calibration_batches(&data.train, 2, 8, cfg.seed, &dev).unwrap();
+        let (task, data) = build_task(&cfg, None);
         let idx: Vec<usize> = (0..8).collect();
-        let batch = data.train.batch(&idx, &dev).unwrap();
-        (ModelTask::build(&cfg, &model, None, &dev, calib).unwrap(), batch)
+        (task, data.train.batch(&idx, &dev).unwrap())
     };
     let loss = |task: &mut ModelTask, batch, train| -> f32 {
         let ctx = StepCtx {
@@ -370,30 +374,25 @@ fn router_lr_scale_zero_keeps_the_fitted_routers() {
     let model = fixture("tiny-gpt2", root.path());
     let train = root.path().join("train.txt");
     write_text(&train);
-    let dev = Device::Cpu;
     let trained_values = |scale: f64| {
         let mut cfg = config(&model, TaskKind::Lm, &train, &root.path().join("rl"), Mode::Spt);
         cfg.router_lr_scale = Some(scale);
         // The same calibration as `run`, without training: the routers as fitted.
-        let tok = load_tokenizer(&cfg, &model).unwrap();
-        let data = prepare_data(&cfg, &tok, None).unwrap();
-        let calib = calibration_batches(&data.train, 2, 8, cfg.seed, &dev).unwrap();
-        let fitted = ModelTask::build(&cfg, &model, None, &dev, calib).unwrap();
+        let (fitted, _) = build_task(&cfg, None);
         let (_, trained, _) = run(&cfg, Resume::No);
         let fitted: HashMap<String, Tensor> = fitted
             .trainable()
             .into_iter()
             .map(|(n, v)| (n, v.as_tensor().copy().unwrap()))
             .collect();
-        let moved: Vec<(String, f32)> = trained
+        trained
             .trainable()
             .into_iter()
             .map(|(n, v)| {
                 let d = max_abs_diff(v.as_tensor(), &fitted[&n]);
                 (n, d)
             })
-            .collect();
-        moved
+            .collect::<Vec<(String, f32)>>()
     };
     let frozen = trained_values(0.0);
     let routers: Vec<&(String, f32)> = frozen.iter().filter(|(n, _)| n.contains(".router.")).collect();
