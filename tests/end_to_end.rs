@@ -142,6 +142,15 @@ fn config(model: &Path, task: TaskKind, train: &Path, out: &Path, mode: Mode) ->
     }
 }
 
+/// A temp dir holding the tiny GPT-2 fixture and a training text: `(dir, model, train file)`.
+fn tiny_gpt2_with_text() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let root = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-gpt2", root.path());
+    let train = root.path().join("train.txt");
+    write_text(&train);
+    (root, model, train)
+}
+
 /// The data and the task as `finetune` builds them (spt: calibrated on 2 batches of 8), untrained.
 fn build_task(cfg: &FinetuneConfig, data_out: Option<&Path>) -> (ModelTask, PreparedData) {
     let dev = Device::Cpu;
@@ -337,10 +346,7 @@ fn gpt2_lm_dense_lora_spt() {
 
 #[test]
 fn router_aux_weight_adds_the_balancing_loss_in_training_only() {
-    let root = tempfile::tempdir().unwrap();
-    let model = fixture("tiny-gpt2", root.path());
-    let train = root.path().join("train.txt");
-    write_text(&train);
+    let (root, model, train) = tiny_gpt2_with_text();
     let dev = Device::Cpu;
     let build = |w: f64| {
         let mut cfg = config(&model, TaskKind::Lm, &train, &root.path().join("aux"), Mode::Spt);
@@ -370,10 +376,7 @@ fn router_aux_weight_adds_the_balancing_loss_in_training_only() {
 
 #[test]
 fn router_lr_scale_zero_keeps_the_fitted_routers() {
-    let root = tempfile::tempdir().unwrap();
-    let model = fixture("tiny-gpt2", root.path());
-    let train = root.path().join("train.txt");
-    write_text(&train);
+    let (root, model, train) = tiny_gpt2_with_text();
     let trained_values = |scale: f64| {
         let mut cfg = config(&model, TaskKind::Lm, &train, &root.path().join("rl"), Mode::Spt);
         cfg.router_lr_scale = Some(scale);
@@ -411,10 +414,7 @@ fn router_lr_scale_zero_keeps_the_fitted_routers() {
 
 #[test]
 fn spt_without_adapters_trains_every_weight_through_the_sparse_layers() {
-    let root = tempfile::tempdir().unwrap();
-    let model = fixture("tiny-gpt2", root.path());
-    let train = root.path().join("train.txt");
-    write_text(&train);
+    let (root, model, train) = tiny_gpt2_with_text();
     let mut cfg = config(&model, TaskKind::Lm, &train, &root.path().join("full"), Mode::Spt);
     cfg.lora_rank = 0;
     let (summary, task, _) = run(&cfg, Resume::No);
