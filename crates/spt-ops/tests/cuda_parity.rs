@@ -387,6 +387,33 @@ fn sparse_attention_matches_cpu() -> Result<()> {
 
 #[test]
 #[ignore = "needs a GPU: run scripts/gpu-check.sh"]
+fn routed_row_moves_match_cpu() -> Result<()> {
+    use spt_ops::routed_ffn::{gather_rows, sum_rows};
+    use std::sync::Arc;
+    // 600 tokens, k = 3 of 8; d = 200 and 1 (more and fewer columns than threads per block).
+    for &(t, n, k, d) in &[(600usize, 8usize, 3usize, 200usize), (7, 4, 4, 1)] {
+        let mut rng = StdRng::seed_from_u64(t as u64);
+        let mut blocks = Vec::with_capacity(t * k);
+        for _ in 0..t {
+            let mut all: Vec<u32> = (0..n as u32).collect();
+            for j in 0..k {
+                let i = rng.random_range(j..n);
+                all.swap(j, i);
+            }
+            blocks.extend_from_slice(&all[..k]);
+        }
+        let routing = Arc::new(spt_ops::Routing::from_blocks(t, n, k, blocks)?);
+        let x = uniform(&[t, d], 1.0, 7, DType::F32)?;
+        let w = uniform(&[routing.n_rows(), d], 1.0, 8, DType::F32)?;
+        parity("gather_rows · w → sum_rows", &[&x, &w], &[t, d], &|v| {
+            sum_rows(&gather_rows(v[0], &routing)?.mul(v[1])?, &routing)
+        })?;
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-check.sh"]
 fn routed_ffn_matches_cpu() -> Result<()> {
     use spt_ops::routed_ffn::{gather_matmul_act, scatter_matmul_bias};
     use std::sync::Arc;

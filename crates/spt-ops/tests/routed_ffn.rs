@@ -8,8 +8,8 @@ use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use spt_ops::gradcheck::{check_gradients, randn_f64, GradCheck};
 use spt_ops::routed_ffn::TopK;
 use spt_ops::routed_ffn::{
-    composed, gate_matrix, gather_matmul, reference, routed_ffn, router_gates, scatter_matmul,
-    RouterFitConfig, UnitClusterConfig,
+    composed, gate_matrix, gather_matmul, gather_rows, reference, routed_ffn, router_gates, scatter_matmul,
+    sum_rows, RouterFitConfig, UnitClusterConfig,
 };
 use spt_ops::{Activation, GateMode, LoraConfig, RoutedFfn, RoutedFfnConfig, Routing};
 use std::sync::Arc;
@@ -854,5 +854,99 @@ fn skip_biases_add_the_mean_output_of_each_skipped_block() -> Result<()> {
     layer.permute_units(&shuffled(n * b, 53))?;
     let s = layer.skip_bias().unwrap().abs()?.sum_all()?.to_scalar::<f32>()?;
     assert_eq!(s, 0.0);
+    Ok(())
+}
+
+/// The row moves against candle's `index_select` / `index_add`, the adjoint identity
+/// ⟨sum_rows(y), z⟩ = ⟨y, gather_rows(z)⟩, and their backward through f64 finite differences.
+fn check_row_moves(t: usize, n: usize, k: usize, d: usize, seed: u64) -> Result<()> {
+    let routing = Arc::new(random_routing(t, n, k, None, seed)?);
+    let r = routing.n_rows();
+    let tok = Tensor::from_slice(routing.row_token(), r, &Device::Cpu)?;
+    let x = randn_f64(&[t, d], seed + 1)?;
+    let y = randn_f64(&[r, d], seed + 2)?;
+    let g = gather_rows(&x, &routing)?;
+    assert_eq!(g.dims(), &[r, d]);
+    // A copy: exact.
+    assert_close("gather_rows vs index_select", &g, &x.index_select(&tok, 0)?, 0.0)?;
+    let sum = sum_rows(&y, &routing)?;
+    let want = Tensor::zeros((t, d), DType::F64, &Device::Cpu)?.index_add(&tok, &y, 0)?;
+    assert_close("sum_rows vs index_add", &sum, &want, 1e-12)?;
+    let lhs = sum.mul(&x)?.sum_all()?.to_scalar::<f64>()?;
+    let rhs = y.mul(&g)?.sum_all()?.to_scalar::<f64>()?;
+    assert!(
+        (lhs - rhs).abs() <= 1e-10 * (1.0 + lhs.abs()),
+        "adjoint: {lhs} vs {rhs}"
+    );
+    if t * d > 0 {
+        // Through a nonlinearity, so the upstream gradient is not constant.
+        let w = randn_f64(&[r, d], seed + 3)?;
+        check_gradients(
+            |ts| sum_rows(&gather_rows(&ts[0], &routing)?.mul(&ts[1])?.tanh()?, &routing),
+            &[x, w],
+            &[0, 1],
+            GradCheck::default(),
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn row_moves_match_index_ops_and_finite_differences() -> Result<()> {
+    for (t, n, k, d, seed) in [
+        (0, 3, 2, 4, 1),
+        (1, 1, 1, 3, 2),
+        (9, 5, 3, 6, 3),
+        (300, 8, 4, 5, 4),
+    ] {
+        check_row_moves(t, n, k, d, seed)?;
+    }
+    // f32 takes the same path.
+    let routing = Arc::new(random_routing(40, 6, 2, None, 9)?);
+    let x = randn_f64(&[40, 7], 10)?;
+    let a = sum_rows(&gather_rows(&x.to_dtype(DType::F32)?, &routing)?, &routing)?;
+    let b = sum_rows(&gather_rows(&x, &routing)?, &routing)?;
+    assert_close("f32 row moves", &a, &b, 1e-6)?;
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn row_moves_on_random_routings(
+        t in 0usize..=40,
+        n in 1usize..=8,
+        k_frac in 0.0f64..1.0,
+        d in 1usize..=6,
+        seed in 0u64..1_000_000,
+    ) {
+        let k = 1 + ((n as f64 * k_frac) as usize).min(n - 1);
+        check_row_moves(t, n, k, d, seed).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    }
+}
+
+#[test]
+fn row_moves_name_bad_shapes() -> Result<()> {
+    let routing = Arc::new(random_routing(5, 4, 2, None, 1)?);
+    let msg = |r: Result<Tensor>| r.expect_err("must fail").to_string();
+    let e = msg(gather_rows(
+        &Tensor::zeros((6, 3), DType::F32, &Device::Cpu)?,
+        &routing,
+    ));
+    assert!(
+        e.contains("gather_rows: x is [6, 3]") && e.contains("T = 5"),
+        "{e}"
+    );
+    let e = msg(sum_rows(
+        &Tensor::zeros((5, 3), DType::F32, &Device::Cpu)?,
+        &routing,
+    ));
+    assert!(e.contains("sum_rows: y is [5, 3]") && e.contains("R = 10"), "{e}");
+    let e = msg(sum_rows(
+        &Tensor::zeros((10, 3), DType::U32, &Device::Cpu)?,
+        &routing,
+    ));
+    assert!(e.contains("sum_rows: y has dtype U32"), "{e}");
     Ok(())
 }

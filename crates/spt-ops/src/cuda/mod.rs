@@ -39,6 +39,10 @@ pub(crate) const PQ: Module = Module {
     name: "spt_pq",
     ptx: ptx::PQ,
 };
+pub(crate) const ROUTED_FFN: Module = Module {
+    name: "spt_routed_ffn",
+    ptx: ptx::ROUTED_FFN,
+};
 pub(crate) const SPARSE_ATTENTION: Module = Module {
     name: "spt_sparse_attention",
     ptx: ptx::SPARSE_ATTENTION,

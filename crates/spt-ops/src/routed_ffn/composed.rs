@@ -1,13 +1,16 @@
-//! The routed GEMMs composed from candle ops (`index_select`, one `matmul` per block, `index_add`),
-//! differentiated by candle's autograd. This is what runs on devices without our fused kernel
-//! (CUDA today: one cuBLAS GEMM per block through candle's matmul). It computes the same function
-//! as the fused CPU ops, which the tests check on the CPU, but it copies the routed rows and
-//! computes every weight gradient candle's matmul backward produces.
+//! The routed GEMMs composed from a row gather, one candle `matmul` per block and a per-token row
+//! sum ([`gather_rows`], [`sum_rows`]: on CUDA, `kernels/routed_ffn.cu`), differentiated by
+//! candle's autograd. This is what runs on devices without our fused kernel (CUDA today: one
+//! cuBLAS GEMM per block through candle's matmul). It computes the same function as the fused CPU
+//! ops, which the tests check on the CPU, but it copies the routed rows and computes every weight
+//! gradient candle's matmul backward produces.
 
 use super::ops::AddKind;
 use super::router::Routing;
+use super::rows::{gather_rows, sum_rows};
 use crate::activation::Activation;
 use candle_core::{Result, Tensor};
+use std::sync::Arc;
 
 /// Block `e` of each routed row, `[R]` u32.
 fn row_blocks(routing: &Routing) -> Vec<u32> {
@@ -24,13 +27,12 @@ pub fn gather_matmul_act(
     w: &Tensor,
     add: Option<(&Tensor, AddKind)>,
     act: Option<Activation>,
-    routing: &Routing,
+    routing: &Arc<Routing>,
     block: usize,
 ) -> Result<Tensor> {
     let dev = x.device();
     let rows = routing.n_rows();
-    let tok = Tensor::from_slice(routing.row_token(), rows, dev)?;
-    let xr = x.index_select(&tok, 0)?; // [R, d_in]
+    let xr = gather_rows(x, routing)?; // [R, d_in]
     let mut parts = Vec::new();
     for e in 0..routing.n_blocks() {
         let r = routing.block_rows(e);
@@ -66,7 +68,7 @@ pub fn scatter_matmul_bias(
     gates: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
-    routing: &Routing,
+    routing: &Arc<Routing>,
     block: usize,
     d_out: usize,
 ) -> Result<Tensor> {
@@ -81,12 +83,10 @@ pub fn scatter_matmul_bias(
         let we = w.narrow(1, e * block, block)?; // [d_out, b]
         parts.push(hg.narrow(0, r.start, r.len())?.matmul(&we.t()?)?);
     }
-    let y = Tensor::zeros((routing.n_tokens(), d_out), h.dtype(), dev)?;
     let y = if parts.is_empty() {
-        y
+        Tensor::zeros((routing.n_tokens(), d_out), h.dtype(), dev)?
     } else {
-        let tok = Tensor::from_slice(routing.row_token(), routing.n_rows(), dev)?;
-        y.index_add(&tok, &Tensor::cat(&parts, 0)?, 0)?
+        sum_rows(&Tensor::cat(&parts, 0)?, routing)?
     };
     match bias {
         Some(b) => y.broadcast_add(b),

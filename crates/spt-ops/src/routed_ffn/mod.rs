@@ -31,10 +31,13 @@
 mod cluster;
 pub mod composed;
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod init;
 mod ops;
 pub mod reference;
 mod router;
+mod rows;
 
 pub use cluster::UnitClusterConfig;
 pub use init::{RouterFitConfig, RoutingQuality};
@@ -43,6 +46,7 @@ pub use ops::{
     ScatterMatmul,
 };
 pub use router::{Routing, TopK};
+pub use rows::{gather_rows, sum_rows};
 
 use crate::activation::Activation;
 use crate::lora::{dropout, uniform, DropoutSeeds, LoraConfig, LoraError};
