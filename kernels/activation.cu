@@ -1,4 +1,4 @@
-// activation.cu: GELU (erf), GELU (tanh, GPT-2's "gelu_new") and ReLU, forward and backward (f32).
+// activation.cu: GELU (erf), GELU (tanh, GPT-2's "gelu_new") and ReLU, forward and backward (f32, bf16).
 //
 // Reference: crates/spt-ops/src/activation.rs (same formulas; the CPU erf is candle's erf_f32,
 // here it is CUDA's erff: both are within a few ulp, far inside the 1e-4 parity tolerance).
@@ -39,17 +39,29 @@ __device__ __forceinline__ float spt_act_grad(int kind, float x) {
   return x > 0.0f ? 1.0f : 0.0f;
 }
 
-extern "C" __global__ void act_fwd_f32(const float* __restrict__ x,  // [n]
-                                       float* __restrict__ y,        // [n]
-                                       int n, int kind) {
+template <typename T>
+__device__ __forceinline__ void act_fwd(const T* __restrict__ x, T* __restrict__ y, int n, int kind) {
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
-    y[i] = spt_act(kind, x[i]);
+    y[i] = spt_st<T>(spt_act(kind, spt_ld(x[i])));
 }
 
-extern "C" __global__ void act_bwd_f32(const float* __restrict__ x,  // [n]
-                                       const float* __restrict__ g,  // [n] upstream gradient
-                                       float* __restrict__ dx,       // [n]
-                                       int n, int kind) {
+template <typename T>
+__device__ __forceinline__ void act_bwd(const T* __restrict__ x, const T* __restrict__ g,
+                                        T* __restrict__ dx, int n, int kind) {
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
-    dx[i] = g[i] * spt_act_grad(kind, x[i]);
+    dx[i] = spt_st<T>(spt_ld(g[i]) * spt_act_grad(kind, spt_ld(x[i])));
 }
+
+// x, y, g (upstream gradient), dx: [n].
+#define SPT_ACT_KERNELS(T, SFX)                                                                 \
+  extern "C" __global__ void act_fwd_##SFX(const T* __restrict__ x, T* __restrict__ y, int n,  \
+                                           int kind) {                                         \
+    act_fwd<T>(x, y, n, kind);                                                                 \
+  }                                                                                            \
+  extern "C" __global__ void act_bwd_##SFX(const T* __restrict__ x, const T* __restrict__ g,   \
+                                           T* __restrict__ dx, int n, int kind) {              \
+    act_bwd<T>(x, g, dx, n, kind);                                                             \
+  }
+
+SPT_ACT_KERNELS(float, f32)
+SPT_ACT_KERNELS(__nv_bfloat16, bf16)

@@ -6,17 +6,36 @@
 // argument checks and launch-error checks are on the Rust side (crates/spt-ops/src/cuda/).
 //
 // Conventions
-// - f32 data, f32 accumulation. Integer sizes are passed as `int` (the Rust side checks that
+// - f32 and bf16 data (kernel names end in _f32 / _bf16), f32 accumulation: values are read
+//   with spt_ld (bf16 → f32) and written with spt_st<T> (f32 → T, round to nearest even), so a
+//   bf16 kernel rounds once per stored element; saved statistics (lse, p, ds, partial sums)
+//   stay f32. Each file writes its kernels once as templates over the element type T and
+//   instantiates both with a macro. Integer sizes are passed as `int` (the Rust side checks that
 //   every size and every product used as an index fits in i32 before launching).
 // - Reductions are in a fixed order (warp shuffles, then per-warp partials summed by warp 0), so
 //   every kernel here is deterministic: same inputs, same bits, run after run.
 // - Blocks are 1-D and their size is a multiple of 32, at most 1024.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <stdint.h>
 
 #define SPT_SENTINEL 0xFFFFFFFFu
 #define SPT_WARP 32
+
+__device__ __forceinline__ float spt_ld(float v) { return v; }
+__device__ __forceinline__ float spt_ld(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T spt_st(float v);
+template <>
+__device__ __forceinline__ float spt_st<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 spt_st<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
 
 __device__ __forceinline__ float spt_warp_sum(float v) {
 #pragma unroll

@@ -1,4 +1,5 @@
 // pq.cu: product-quantisation encode and ADC top-k key selection (f32 scores, u8 codes).
+// Keys and queries may be f32 or bf16 (_f32 / _bf16 kernels; read as f32); centroids are f32.
 //
 // Reference: crates/spt-ops/src/pq/{mod.rs (Codebook::encode), select.rs (select_keys)}.
 //
@@ -37,7 +38,8 @@
 //   Limits: Lk < 2^31, k ≤ Lk, S·C + slots·width ≤ 12288 floats.
 #include "common.cuh"
 
-extern "C" __global__ void pq_encode_f32(const float* __restrict__ keys,  // [rows, d]
+template <typename E>
+__device__ __forceinline__ void pq_encode(const E* __restrict__ keys,  // [rows, d]
                                          const float* __restrict__ cen,   // [G, S, C, dc]
                                          uint8_t* __restrict__ codes,     // [rows, S]
                                          int rows, int h, int l, int groups, int s, int c, int dc) {
@@ -45,14 +47,14 @@ extern "C" __global__ void pq_encode_f32(const float* __restrict__ keys,  // [ro
   if (t >= (long long)rows * s) return;
   const int r = (int)(t / s), si = (int)(t % s);
   const int g = groups == 1 ? 0 : (r / l) % h;
-  const float* x = keys + (size_t)r * s * dc + (size_t)si * dc;
+  const E* x = keys + (size_t)r * s * dc + (size_t)si * dc;
   const float* cw = cen + ((size_t)g * s + si) * c * dc;
   float best = INFINITY;
   int arg = 0;
   for (int ci = 0; ci < c; ++ci) {
     float acc = 0.0f;
     for (int e = 0; e < dc; ++e) {
-      const float diff = __fsub_rn(x[e], cw[(size_t)ci * dc + e]);
+      const float diff = __fsub_rn(spt_ld(x[e]), cw[(size_t)ci * dc + e]);
       acc = __fadd_rn(acc, __fmul_rn(diff, diff));
     }
     if (acc < best) {
@@ -98,7 +100,8 @@ __device__ __forceinline__ float adc_score(const AdcTables& t, int j) {
   return acc;
 }
 
-extern "C" __global__ void adc_select_f32(const float* __restrict__ q,      // [B, H, Lq, d]
+template <typename E>
+__device__ __forceinline__ void adc_select(const E* __restrict__ q,      // [B, H, Lq, d]
                                           const uint8_t* __restrict__ codes,// [B, H, Lk, S]
                                           const float* __restrict__ cen,    // [G, S, C, dc]
                                           const uint8_t* __restrict__ pad,  // [B, Lk] or null
@@ -124,12 +127,12 @@ extern "C" __global__ void adc_select_f32(const float* __restrict__ q,      // [
   float* tab = paired ? smem + s * c : smem;  // [slots, width]
 
   // 1. Per-query table T[s][c] = ⟨q_s, cen[g, s, c]⟩ (sequential dot), then the pair table.
-  const float* qi = q + (size_t)row * d;
+  const E* qi = q + (size_t)row * d;
   for (int e = threadIdx.x; e < s * c; e += blockDim.x) {
     const int si = e / c, ci = e % c;
     const float* cw = cen + (((size_t)g * s + si) * c + ci) * dc;
     float acc = 0.0f;
-    for (int t = 0; t < dc; ++t) acc = __fadd_rn(acc, __fmul_rn(qi[si * dc + t], cw[t]));
+    for (int t = 0; t < dc; ++t) acc = __fadd_rn(acc, __fmul_rn(spt_ld(qi[si * dc + t]), cw[t]));
     table[e] = acc;
   }
   __syncthreads();
@@ -224,3 +227,21 @@ extern "C" __global__ void adc_select_f32(const float* __restrict__ q,      // [
   for (int t = written + threadIdx.x; t < k; t += blockDim.x) o[t] = SPT_SENTINEL;
   if (threadIdx.x == 0) counts[row] = (uint32_t)written;
 }
+
+#define SPT_PQ_KERNELS(T, SFX)                                                                  \
+  extern "C" __global__ void pq_encode_##SFX(const T* __restrict__ keys,                       \
+                                             const float* __restrict__ cen,                    \
+                                             uint8_t* __restrict__ codes, int rows, int h,     \
+                                             int l, int groups, int s, int c, int dc) {        \
+    pq_encode<T>(keys, cen, codes, rows, h, l, groups, s, c, dc);                              \
+  }                                                                                            \
+  extern "C" __global__ void adc_select_##SFX(                                                 \
+      const T* __restrict__ q, const uint8_t* __restrict__ codes,                              \
+      const float* __restrict__ cen, const uint8_t* __restrict__ pad,                          \
+      uint32_t* __restrict__ out, uint32_t* __restrict__ counts, int h, int lq, int lk,        \
+      int groups, int s, int c, int dc, int k, int causal) {                                   \
+    adc_select<T>(q, codes, cen, pad, out, counts, h, lq, lk, groups, s, c, dc, k, causal);    \
+  }
+
+SPT_PQ_KERNELS(float, f32)
+SPT_PQ_KERNELS(__nv_bfloat16, bf16)

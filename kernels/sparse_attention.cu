@@ -1,5 +1,6 @@
 // sparse_attention.cu: fused sparse attention over selected keys, forward and a deterministic
-// backward (f32 data, f32 accumulation).
+// backward (f32 or bf16 q/k/v/o and gradients, _f32 / _bf16 kernels; f32 accumulation, and
+// lse, p and ds are f32 in both).
 //
 //   o_i = Σ_{j ∈ sel(i)} softmax_j(scale · q_i·k_j) v_j,   lse_i = log Σ_j exp(scale · q_i·k_j)
 //
@@ -9,7 +10,8 @@
 // (each row ascending, then SENTINEL padding, never a duplicate), o/do [BH, Lq, dv], lse [BH, Lq].
 // Rows with no key: o = 0, lse = −inf, and they contribute nothing to any gradient.
 //
-// Kernels and launch geometry (SA_WARPS = 4 warps = 128 threads per block)
+// Kernels and launch geometry (SA_WARPS = 4 warps = 128 threads per block; the float kernels
+// exist as _f32 and _bf16)
 // - sparse_attn_fwd_f32       grid (ceil(BH·Lq / 4)), block 128: one warp per query row. Keys are
 //     taken 32 at a time, one per lane: the lane computes its score (q_i in shared memory), the
 //     warp updates an online max-subtracted softmax (running max m, running sum l), then every
@@ -31,7 +33,7 @@
 //     list in order: dk_j = scale Σ_i ds_ij q_i, dv_j = Σ_i p_ij do_i (lanes own columns).
 //
 // vec4 (last argument of the two row kernels): 1 when d and dv are multiples of 4 and k, v start
-// 16-byte aligned; rows of k and v are then read as float4.
+// 16-byte aligned; f32 rows of k and v are then read as float4 (bf16 rows are read scalar).
 // Limits (checked in Rust): d ≤ 128, dv ≤ 128 (4 columns per lane in registers); all element
 // counts < 2^31. Memory for backward beyond the gradients: p, ds, entries (3·BH·Lq·kk·4 bytes),
 // cnt (BH·nrb·Lk·4), tot and start (≈ 2·BH·Lk·4).
@@ -67,24 +69,37 @@ __device__ __forceinline__ float sa_dot(const float* a, const float* __restrict_
   return (s0 + s1) + (s2 + s3);
 }
 
-extern "C" __global__ void sparse_attn_fwd_f32(const float* __restrict__ q,       // [BH, Lq, d]
-                                               const float* __restrict__ k,       // [BH, Lk, d]
-                                               const float* __restrict__ v,       // [BH, Lk, dv]
-                                               const uint32_t* __restrict__ idx,  // [BH, Lq, kk]
-                                               float* __restrict__ o,             // [BH, Lq, dv]
-                                               float* __restrict__ lse,           // [BH, Lq]
-                                               int rows, int lq, int lk, int d, int dv, int kk,
-                                               float scale, int vec4) {
+// The same over a bf16 row (two columns per step; the vec4 flag does not apply).
+__device__ __forceinline__ float sa_dot(const float* a, const __nv_bfloat16* __restrict__ b, int n, int) {
+  float s0 = 0.0f, s1 = 0.0f;
+  int c = 0;
+  for (; c + 2 <= n; c += 2) {
+    s0 += a[c] * spt_ld(b[c]);
+    s1 += a[c + 1] * spt_ld(b[c + 1]);
+  }
+  if (c < n) s0 += a[c] * spt_ld(b[c]);
+  return s0 + s1;
+}
+
+template <typename T>
+__device__ __forceinline__ void sparse_attn_fwd(const T* __restrict__ q,          // [BH, Lq, d]
+                                                const T* __restrict__ k,          // [BH, Lk, d]
+                                                const T* __restrict__ v,          // [BH, Lk, dv]
+                                                const uint32_t* __restrict__ idx, // [BH, Lq, kk]
+                                                T* __restrict__ o,                // [BH, Lq, dv]
+                                                float* __restrict__ lse,          // [BH, Lq]
+                                                int rows, int lq, int lk, int d, int dv, int kk,
+                                                float scale, int vec4) {
   __shared__ __align__(16) float sq[SA_WARPS][SA_MAXD];
   const int warp = threadIdx.x / SPT_WARP, lane = threadIdx.x % SPT_WARP;
   const int row = blockIdx.x * SA_WARPS + warp;
   if (row >= rows) return;  // whole warp leaves; no block-wide barrier below
   const int bh = row / lq;
-  const float* qi = q + (size_t)row * d;
-  const float* kb = k + (size_t)bh * lk * d;
-  const float* vb = v + (size_t)bh * lk * dv;
+  const T* qi = q + (size_t)row * d;
+  const T* kb = k + (size_t)bh * lk * d;
+  const T* vb = v + (size_t)bh * lk * dv;
   const uint32_t* ids = idx + (size_t)row * kk;
-  for (int c = lane; c < d; c += SPT_WARP) sq[warp][c] = qi[c];
+  for (int c = lane; c < d; c += SPT_WARP) sq[warp][c] = spt_ld(qi[c]);
   __syncwarp();
 
   float acc[SA_PER_LANE];
@@ -110,33 +125,34 @@ extern "C" __global__ void sparse_attn_fwd_f32(const float* __restrict__ q,     
       const float pj = __shfl_sync(0xFFFFFFFFu, p, src);
       const uint32_t jj = __shfl_sync(0xFFFFFFFFu, j, src);
       if (jj == SPT_SENTINEL) break;
-      const float* vj = vb + (size_t)jj * dv;
+      const T* vj = vb + (size_t)jj * dv;
 #pragma unroll
       for (int r = 0; r < SA_PER_LANE; ++r) {
         const int c = lane + r * SPT_WARP;
-        if (c < dv) acc[r] += pj * vj[c];
+        if (c < dv) acc[r] += pj * spt_ld(vj[c]);
       }
     }
     m_run = m_new;
   }
-  float* oi = o + (size_t)row * dv;
+  T* oi = o + (size_t)row * dv;
   const float inv = l_run > 0.0f ? 1.0f / l_run : 0.0f;
 #pragma unroll
   for (int r = 0; r < SA_PER_LANE; ++r) {
     const int c = lane + r * SPT_WARP;
-    if (c < dv) oi[c] = acc[r] * inv;
+    if (c < dv) oi[c] = spt_st<T>(acc[r] * inv);
   }
   if (lane == 0) lse[row] = l_run > 0.0f ? m_run + logf(l_run) : -INFINITY;
 }
 
-extern "C" __global__ void sparse_attn_bwd_rows_f32(const float* __restrict__ q,      // [BH, Lq, d]
-                                                    const float* __restrict__ k,      // [BH, Lk, d]
-                                                    const float* __restrict__ v,      // [BH, Lk, dv]
-                                                    const float* __restrict__ o,      // [BH, Lq, dv]
+template <typename T>
+__device__ __forceinline__ void sparse_attn_bwd_rows(const T* __restrict__ q,          // [BH, Lq, d]
+                                                    const T* __restrict__ k,          // [BH, Lk, d]
+                                                    const T* __restrict__ v,          // [BH, Lk, dv]
+                                                    const T* __restrict__ o,          // [BH, Lq, dv]
                                                     const float* __restrict__ lse,    // [BH, Lq]
-                                                    const float* __restrict__ g,      // [BH, Lq, dv]
+                                                    const T* __restrict__ g,          // [BH, Lq, dv]
                                                     const uint32_t* __restrict__ idx, // [BH, Lq, kk]
-                                                    float* __restrict__ dq,           // [BH, Lq, d]
+                                                    T* __restrict__ dq,               // [BH, Lq, d]
                                                     float* __restrict__ p_out,        // [BH, Lq, kk]
                                                     float* __restrict__ ds_out,       // [BH, Lq, kk]
                                                     int rows, int lq, int lk, int d, int dv, int kk,
@@ -147,17 +163,17 @@ extern "C" __global__ void sparse_attn_bwd_rows_f32(const float* __restrict__ q,
   const int row = blockIdx.x * SA_WARPS + warp;
   if (row >= rows) return;
   const int bh = row / lq;
-  const float* kb = k + (size_t)bh * lk * d;
-  const float* vb = v + (size_t)bh * lk * dv;
+  const T* kb = k + (size_t)bh * lk * d;
+  const T* vb = v + (size_t)bh * lk * dv;
   const uint32_t* ids = idx + (size_t)row * kk;
   float* pr = p_out + (size_t)row * kk;
   float* dsr = ds_out + (size_t)row * kk;
-  for (int c = lane; c < d; c += SPT_WARP) sq[warp][c] = q[(size_t)row * d + c];
+  for (int c = lane; c < d; c += SPT_WARP) sq[warp][c] = spt_ld(q[(size_t)row * d + c]);
   float dl = 0.0f;
   for (int c = lane; c < dv; c += SPT_WARP) {
-    const float gc = g[(size_t)row * dv + c];
+    const float gc = spt_ld(g[(size_t)row * dv + c]);
     sg[warp][c] = gc;
-    dl += gc * o[(size_t)row * dv + c];
+    dl += gc * spt_ld(o[(size_t)row * dv + c]);
   }
   const float delta = spt_warp_sum(dl);  // Σ_j p_ij dp_ij = do_i · o_i
   __syncwarp();
@@ -186,20 +202,20 @@ extern "C" __global__ void sparse_attn_bwd_rows_f32(const float* __restrict__ q,
       const float dsj = __shfl_sync(0xFFFFFFFFu, dsv, src);
       const uint32_t jj = __shfl_sync(0xFFFFFFFFu, valid ? j : SPT_SENTINEL, src);
       if (jj == SPT_SENTINEL) continue;
-      const float* kj = kb + (size_t)jj * d;
+      const T* kj = kb + (size_t)jj * d;
       const float a = scale * dsj;
 #pragma unroll
       for (int r = 0; r < SA_PER_LANE; ++r) {
         const int c = lane + r * SPT_WARP;
-        if (c < d) acc[r] += a * kj[c];
+        if (c < d) acc[r] += a * spt_ld(kj[c]);
       }
     }
   }
-  float* dqi = dq + (size_t)row * d;
+  T* dqi = dq + (size_t)row * d;
 #pragma unroll
   for (int r = 0; r < SA_PER_LANE; ++r) {
     const int c = lane + r * SPT_WARP;
-    if (c < d) dqi[c] = acc[r];
+    if (c < d) dqi[c] = spt_st<T>(acc[r]);
   }
 }
 
@@ -275,14 +291,15 @@ extern "C" __global__ void csc_scatter_u32(const uint32_t* __restrict__ idx,    
   }
 }
 
-extern "C" __global__ void sparse_attn_bwd_keys_f32(const float* __restrict__ q,           // [BH, Lq, d]
-                                                    const float* __restrict__ g,           // [BH, Lq, dv]
+template <typename T>
+__device__ __forceinline__ void sparse_attn_bwd_keys(const T* __restrict__ q,               // [BH, Lq, d]
+                                                    const T* __restrict__ g,               // [BH, Lq, dv]
                                                     const float* __restrict__ p,           // [BH, Lq, kk]
                                                     const float* __restrict__ ds,          // [BH, Lq, kk]
                                                     const uint32_t* __restrict__ start,    // [BH, Lk + 1]
                                                     const uint32_t* __restrict__ entries,  // [BH, Lq·kk]
-                                                    float* __restrict__ dk,                // [BH, Lk, d]
-                                                    float* __restrict__ dv_out,            // [BH, Lk, dv]
+                                                    T* __restrict__ dk,                    // [BH, Lk, d]
+                                                    T* __restrict__ dv_out,                // [BH, Lk, dv]
                                                     int bh_count, int lq, int lk, int d, int dv,
                                                     int kk, float scale) {
   const int warp = threadIdx.x / SPT_WARP, lane = threadIdx.x % SPT_WARP;
@@ -311,22 +328,50 @@ extern "C" __global__ void sparse_attn_bwd_keys_f32(const float* __restrict__ q,
       const float a = __shfl_sync(0xFFFFFFFFu, ck, src);
       const float b = __shfl_sync(0xFFFFFFFFu, cv, src);
       const size_t qrow = (size_t)bh * lq + ee / (uint32_t)kk;
-      const float* qi = q + qrow * d;
-      const float* gi = g + qrow * dv;
+      const T* qi = q + qrow * d;
+      const T* gi = g + qrow * dv;
 #pragma unroll
       for (int r = 0; r < SA_PER_LANE; ++r) {
         const int c = lane + r * SPT_WARP;
-        if (c < d) ak[r] += a * qi[c];
-        if (c < dv) av[r] += b * gi[c];
+        if (c < d) ak[r] += a * spt_ld(qi[c]);
+        if (c < dv) av[r] += b * spt_ld(gi[c]);
       }
     }
   }
-  float* dkj = dk + (size_t)key * d;
-  float* dvj = dv_out + (size_t)key * dv;
+  T* dkj = dk + (size_t)key * d;
+  T* dvj = dv_out + (size_t)key * dv;
 #pragma unroll
   for (int r = 0; r < SA_PER_LANE; ++r) {
     const int c = lane + r * SPT_WARP;
-    if (c < d) dkj[c] = ak[r];
-    if (c < dv) dvj[c] = av[r];
+    if (c < d) dkj[c] = spt_st<T>(ak[r]);
+    if (c < dv) dvj[c] = spt_st<T>(av[r]);
   }
 }
+
+#define SPT_SA_KERNELS(T, SFX)                                                                   \
+  extern "C" __global__ void sparse_attn_fwd_##SFX(                                             \
+      const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,                \
+      const uint32_t* __restrict__ idx, T* __restrict__ o, float* __restrict__ lse, int rows,   \
+      int lq, int lk, int d, int dv, int kk, float scale, int vec4) {                           \
+    sparse_attn_fwd<T>(q, k, v, idx, o, lse, rows, lq, lk, d, dv, kk, scale, vec4);             \
+  }                                                                                             \
+  extern "C" __global__ void sparse_attn_bwd_rows_##SFX(                                        \
+      const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,                \
+      const T* __restrict__ o, const float* __restrict__ lse, const T* __restrict__ g,          \
+      const uint32_t* __restrict__ idx, T* __restrict__ dq, float* __restrict__ p_out,          \
+      float* __restrict__ ds_out, int rows, int lq, int lk, int d, int dv, int kk, float scale, \
+      int vec4) {                                                                               \
+    sparse_attn_bwd_rows<T>(q, k, v, o, lse, g, idx, dq, p_out, ds_out, rows, lq, lk, d, dv,    \
+                            kk, scale, vec4);                                                   \
+  }                                                                                             \
+  extern "C" __global__ void sparse_attn_bwd_keys_##SFX(                                        \
+      const T* __restrict__ q, const T* __restrict__ g, const float* __restrict__ p,            \
+      const float* __restrict__ ds, const uint32_t* __restrict__ start,                         \
+      const uint32_t* __restrict__ entries, T* __restrict__ dk, T* __restrict__ dv_out,         \
+      int bh_count, int lq, int lk, int d, int dv, int kk, float scale) {                       \
+    sparse_attn_bwd_keys<T>(q, g, p, ds, start, entries, dk, dv_out, bh_count, lq, lk, d, dv,   \
+                            kk, scale);                                                         \
+  }
+
+SPT_SA_KERNELS(float, f32)
+SPT_SA_KERNELS(__nv_bfloat16, bf16)

@@ -45,7 +45,7 @@ impl Activation {
 
     /// Applies the activation with a recorded, exact backward.
     pub fn forward(self, x: &Tensor) -> Result<Tensor> {
-        check_float("activation", "x", x.dtype())?;
+        check_float("activation", "x", x)?;
         x.contiguous()?.apply_op1(ActivationOp(self))
     }
 

@@ -55,7 +55,7 @@ pub fn linear_cross_entropy(
     reduction: Reduction,
 ) -> Result<Tensor> {
     let op = "linear_cross_entropy";
-    check_float(op, "h", h.dtype())?;
+    check_float(op, "h", h)?;
     check_same(op, &[("h", h), ("w", w)])?;
     let (n, d) = match h.dims() {
         &[n, d] => (n, d),

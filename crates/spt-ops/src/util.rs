@@ -54,11 +54,13 @@ pub(crate) fn with_cpu<T: candle_core::WithDType, R>(
     }
 }
 
-/// Checks that `dtype` is one the CPU kernels support.
-pub(crate) fn check_float(op: &str, arg: &str, dtype: DType) -> Result<()> {
-    match dtype {
+/// Checks that `t` has a float dtype its device's kernels support: f32 or f64 on the CPU, and
+/// also bf16 on CUDA (whose kernels take f32 and bf16).
+pub(crate) fn check_float(op: &str, arg: &str, t: &Tensor) -> Result<()> {
+    match t.dtype() {
         DType::F32 | DType::F64 => Ok(()),
-        other => bail!("{op}: {arg} has dtype {other:?}, expected f32 or f64"),
+        DType::BF16 if t.device().is_cuda() => Ok(()),
+        other => bail!("{op}: {arg} has dtype {other:?}, expected f32 or f64 (or bf16 on CUDA)"),
     }
 }
 

@@ -8,6 +8,11 @@
 //! SIMD/rayon code, so results differ by rounding only):
 //! - values of order 1 (outputs, dx, dq): |cuda − cpu| ≤ 1e-4 · (1 + |cpu|);
 //! - sums over many rows (dgamma, dbeta, dk, dv): the same 1e-4 relative bound.
+//! - bf16 kernels: the inputs are rounded to bf16 first, the CPU op runs in f32 on those values,
+//!   and |cuda − cpu| ≤ 3e-2 · (1 + |cpu|). bf16 keeps 8 significant bits, so every stored bf16
+//!   value is off by up to 2⁻⁹ ≈ 2e-3 relative; a kernel rounds once per output, and a composed
+//!   op (the routed FFN: GEMM, bias, activation, gate, GEMM, sum) rounds at each of its steps.
+//!   PQ codes and selections on bf16-exact data must still match exactly.
 //! - Integer outputs (PQ codes, selected indices, counts) must match exactly. ADC selection is
 //!   compared on integer-valued queries and codewords, where every summation order is exact, so
 //!   ties (and their break to the lower index) are exercised; on random float data the scores can
@@ -27,6 +32,7 @@ use spt_ops::{
 
 const GPU: &str = "needs a GPU: run scripts/gpu-check.sh";
 const TOL: f64 = 1e-4;
+const BF16_TOL: f64 = 3e-2;
 
 fn gpu() -> Result<Device> {
     Device::new_cuda(0).map_err(|e| {
@@ -36,8 +42,13 @@ fn gpu() -> Result<Device> {
     })
 }
 
-/// Asserts |a − b| ≤ TOL·(1 + |b|) elementwise; reports the worst index and values.
-fn close(what: &str, got: &Tensor, want: &Tensor) -> Result<()> {
+/// `t` rounded to bf16, back in f32 (exactly representable in both).
+fn bf16_exact(t: &Tensor) -> Result<Tensor> {
+    t.to_dtype(DType::BF16)?.to_dtype(DType::F32)
+}
+
+/// Asserts |a − b| ≤ tol·(1 + |b|) elementwise; reports the worst index and values.
+fn close_tol(what: &str, got: &Tensor, want: &Tensor, tol: f64) -> Result<()> {
     assert_eq!(got.dims(), want.dims(), "{what}: shapes differ");
     let g = got
         .to_device(&Device::Cpu)?
@@ -58,7 +69,7 @@ fn close(what: &str, got: &Tensor, want: &Tensor) -> Result<()> {
     }
     let i = worst.1;
     assert!(
-        worst.0 <= TOL,
+        worst.0 <= tol,
         "{what} {:?}: max |cuda − cpu| / (1 + |cpu|) = {:.3e} at flat index {i} (cuda {}, cpu {})",
         want.dims(),
         worst.0,
@@ -114,12 +125,38 @@ fn parity(
     out_shape: &[usize],
     f: &dyn Fn(&[&Tensor]) -> Result<Tensor>,
 ) -> Result<()> {
-    let w = uniform(out_shape, 1.0, 99, DType::F32)?;
-    let (o_cpu, g_cpu) = run(&Device::Cpu, inputs, &w, f)?;
-    let (o_gpu, g_gpu) = run(&gpu()?, inputs, &w, f)?;
-    close(&format!("{name} forward"), &o_gpu, &o_cpu)?;
+    parity_as(DType::F32, name, inputs, out_shape, f)
+}
+
+/// CUDA in `dtype` (f32 or bf16) against the CPU in f32, forward and every input's gradient;
+/// for bf16 the inputs and the upstream gradient are bf16-exact on both sides.
+fn parity_as(
+    dtype: DType,
+    name: &str,
+    inputs: &[&Tensor],
+    out_shape: &[usize],
+    f: &dyn Fn(&[&Tensor]) -> Result<Tensor>,
+) -> Result<()> {
+    let bf16 = dtype == DType::BF16;
+    let prep = |t: &Tensor| if bf16 { bf16_exact(t) } else { Ok(t.clone()) };
+    let xs = inputs.iter().map(|t| prep(t)).collect::<Result<Vec<_>>>()?;
+    let w = prep(&uniform(out_shape, 1.0, 99, DType::F32)?)?;
+    let refs: Vec<&Tensor> = xs.iter().collect();
+    let (o_cpu, g_cpu) = run(&Device::Cpu, &refs, &w, f)?;
+    let xg = xs.iter().map(|t| t.to_dtype(dtype)).collect::<Result<Vec<_>>>()?;
+    let refs: Vec<&Tensor> = xg.iter().collect();
+    let (o_gpu, g_gpu) = run(&gpu()?, &refs, &w.to_dtype(dtype)?, f)?;
+    assert_eq!(
+        o_gpu.dtype(),
+        dtype,
+        "{name}: the CUDA output has the wrong dtype"
+    );
+    let tol = if bf16 { BF16_TOL } else { TOL };
+    let name = format!("{name} ({dtype:?})");
+    close_tol(&format!("{name} forward"), &o_gpu, &o_cpu, tol)?;
     for (i, (a, b)) in g_gpu.iter().zip(&g_cpu).enumerate() {
-        close(&format!("{name} grad of input {i}"), a, b)?;
+        assert_eq!(a.dtype(), dtype, "{name}: grad of input {i} has the wrong dtype");
+        close_tol(&format!("{name} grad of input {i}"), a, b, tol)?;
     }
     Ok(())
 }
@@ -131,12 +168,15 @@ fn layer_norm_matches_cpu() -> Result<()> {
         let x = uniform(&[rows, d], 2.0, 1, DType::F32)?;
         let g = uniform(&[d], 1.0, 2, DType::F32)?.affine(1.0, 1.0)?;
         let b = uniform(&[d], 1.0, 3, DType::F32)?;
-        parity(
-            &format!("layer_norm [{rows}, {d}]"),
-            &[&x, &g, &b],
-            &[rows, d],
-            &|t| layer_norm(t[0], t[1], t[2], 1e-5),
-        )?;
+        for dt in [DType::F32, DType::BF16] {
+            parity_as(
+                dt,
+                &format!("layer_norm [{rows}, {d}]"),
+                &[&x, &g, &b],
+                &[rows, d],
+                &|t| layer_norm(t[0], t[1], t[2], 1e-5),
+            )?;
+        }
     }
     Ok(())
 }
@@ -146,9 +186,11 @@ fn layer_norm_matches_cpu() -> Result<()> {
 fn softmax_matches_cpu() -> Result<()> {
     for &(rows, d) in &[(5usize, 97usize), (64, 4096), (3, 1)] {
         let x = uniform(&[rows, d], 8.0, 4, DType::F32)?;
-        parity(&format!("softmax [{rows}, {d}]"), &[&x], &[rows, d], &|t| {
-            softmax_last_dim(t[0])
-        })?;
+        for dt in [DType::F32, DType::BF16] {
+            parity_as(dt, &format!("softmax [{rows}, {d}]"), &[&x], &[rows, d], &|t| {
+                softmax_last_dim(t[0])
+            })?;
+        }
     }
     Ok(())
 }
@@ -158,7 +200,9 @@ fn softmax_matches_cpu() -> Result<()> {
 fn activations_match_cpu() -> Result<()> {
     let x = uniform(&[3, 1001], 5.0, 5, DType::F32)?;
     for act in [Activation::GeluErf, Activation::GeluTanh, Activation::Relu] {
-        parity(&format!("{act:?}"), &[&x], &[3, 1001], &|t| act.forward(t[0]))?;
+        for dt in [DType::F32, DType::BF16] {
+            parity_as(dt, &format!("{act:?}"), &[&x], &[3, 1001], &|t| act.forward(t[0]))?;
+        }
     }
     Ok(())
 }
@@ -175,14 +219,25 @@ fn pq_encode_matches_cpu() -> Result<()> {
             ..PqConfig::default()
         };
         let cb = Codebook::fit(&keys, &cfg)?;
-        let want = cb.encode(&keys)?;
-        let got = cb.encode(&keys.to_device(&dev)?)?;
-        assert!(got.device().is_cuda());
-        let (g, w) = (
-            got.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<u8>()?,
-            want.flatten_all()?.to_vec1::<u8>()?,
-        );
-        assert_eq!(g, w, "pq encode (per_head = {per_head}) differs from the CPU");
+        for dt in [DType::F32, DType::BF16] {
+            // bf16 keys: the CPU encodes the same (bf16-exact) values in f32.
+            let keys = if dt == DType::BF16 {
+                bf16_exact(&keys)?
+            } else {
+                keys.clone()
+            };
+            let want = cb.encode(&keys)?;
+            let got = cb.encode(&keys.to_dtype(dt)?.to_device(&dev)?)?;
+            assert!(got.device().is_cuda());
+            let (g, w) = (
+                got.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<u8>()?,
+                want.flatten_all()?.to_vec1::<u8>()?,
+            );
+            assert_eq!(
+                g, w,
+                "pq encode ({dt:?}, per_head = {per_head}) differs from the CPU"
+            );
+        }
     }
     Ok(())
 }
@@ -243,21 +298,24 @@ fn adc_selection_matches_cpu_exactly_on_integer_data() -> Result<()> {
         for m in masks(b, l, 10)? {
             for topk in [TopK::Count(1), TopK::Count(13), TopK::Count(40), TopK::Count(l)] {
                 let want = select_keys(&q, &kc, &cb, topk, &m)?;
-                let got: KeySelection = select_keys(
-                    &q.to_device(&dev)?,
-                    &kc.to_device(&dev)?,
-                    &cb,
-                    topk,
-                    &on(&m, &dev)?,
-                )?;
-                assert!(got.indices.device().is_cuda());
-                let what = format!(
-                    "select S={s} C={c} G={groups} causal={} pad={} {topk:?}",
-                    m.causal,
-                    m.key_padding.is_some()
-                );
-                same_u32(&format!("{what} indices"), &got.indices, &want.indices)?;
-                same_u32(&format!("{what} counts"), &got.counts, &want.counts)?;
+                // Small integers are exact in bf16 too.
+                for dt in [DType::F32, DType::BF16] {
+                    let got: KeySelection = select_keys(
+                        &q.to_dtype(dt)?.to_device(&dev)?,
+                        &kc.to_device(&dev)?,
+                        &cb,
+                        topk,
+                        &on(&m, &dev)?,
+                    )?;
+                    assert!(got.indices.device().is_cuda());
+                    let what = format!(
+                        "select {dt:?} S={s} C={c} G={groups} causal={} pad={} {topk:?}",
+                        m.causal,
+                        m.key_padding.is_some()
+                    );
+                    same_u32(&format!("{what} indices"), &got.indices, &want.indices)?;
+                    same_u32(&format!("{what} counts"), &got.counts, &want.counts)?;
+                }
             }
         }
     }
@@ -338,35 +396,56 @@ fn sparse_case_pq(
     };
     let scale = 1.0 / (d as f64).sqrt();
     let w = uniform(&[b, h, l, d], 1.0, seed + 3, DType::F32)?;
-    let (o_cpu, g_cpu) = run(&Device::Cpu, &[&q, &kt, &v], &w, &|t| {
-        sparse_attention(t[0], t[1], t[2], &sel, scale)
-    })?;
-    let f_gpu = |t: &[&Tensor]| sparse_attention(t[0], t[1], t[2], &sel_gpu, scale);
-    let (o_gpu, g_gpu) = run(&dev, &[&q, &kt, &v], &w, &f_gpu)?;
-    let what = format!(
-        "sparse_attention [{b},{h},{l},{d}] k={k} causal={} pad={}",
-        m.causal,
-        m.key_padding.is_some()
-    );
-    close(&format!("{what} o"), &o_gpu, &o_cpu)?;
-    for (name, a, c) in [
-        ("dq", &g_gpu[0], &g_cpu[0]),
-        ("dk", &g_gpu[1], &g_cpu[1]),
-        ("dv", &g_gpu[2], &g_cpu[2]),
-    ] {
-        close(&format!("{what} {name}"), a, c)?;
-    }
-    // Deterministic: a second backward gives the same bits.
-    let (_, again) = run(&dev, &[&q, &kt, &v], &w, &f_gpu)?;
-    for (a, c) in again.iter().zip(&g_gpu) {
-        let diff = a
-            .sub(c)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_device(&Device::Cpu)?
-            .to_scalar::<f32>()?;
-        assert_eq!(diff, 0.0, "{what}: backward is not deterministic");
+    for dt in [DType::F32, DType::BF16] {
+        // bf16: the CPU runs in f32 on the same bf16-exact values.
+        let prep = |t: &Tensor| {
+            if dt == DType::BF16 {
+                bf16_exact(t)
+            } else {
+                Ok(t.clone())
+            }
+        };
+        let (q, kt, v, w) = (prep(&q)?, prep(&kt)?, prep(&v)?, prep(&w)?);
+        let (o_cpu, g_cpu) = run(&Device::Cpu, &[&q, &kt, &v], &w, &|t| {
+            sparse_attention(t[0], t[1], t[2], &sel, scale)
+        })?;
+        let f_gpu = |t: &[&Tensor]| sparse_attention(t[0], t[1], t[2], &sel_gpu, scale);
+        let (qg, kg, vg, wg) = (
+            q.to_dtype(dt)?,
+            kt.to_dtype(dt)?,
+            v.to_dtype(dt)?,
+            w.to_dtype(dt)?,
+        );
+        let (o_gpu, g_gpu) = run(&dev, &[&qg, &kg, &vg], &wg, &f_gpu)?;
+        assert_eq!(o_gpu.dtype(), dt);
+        let tol = if dt == DType::BF16 { BF16_TOL } else { TOL };
+        let what = format!(
+            "sparse_attention {dt:?} [{b},{h},{l},{d}] k={k} causal={} pad={}",
+            m.causal,
+            m.key_padding.is_some()
+        );
+        close_tol(&format!("{what} o"), &o_gpu, &o_cpu, tol)?;
+        for (name, a, c) in [
+            ("dq", &g_gpu[0], &g_cpu[0]),
+            ("dk", &g_gpu[1], &g_cpu[1]),
+            ("dv", &g_gpu[2], &g_cpu[2]),
+        ] {
+            assert_eq!(a.dtype(), dt, "{what} {name} dtype");
+            close_tol(&format!("{what} {name}"), a, c, tol)?;
+        }
+        // Deterministic: a second backward gives the same bits.
+        let (_, again) = run(&dev, &[&qg, &kg, &vg], &wg, &f_gpu)?;
+        for (a, c) in again.iter().zip(&g_gpu) {
+            let diff = a
+                .to_dtype(DType::F32)?
+                .sub(&c.to_dtype(DType::F32)?)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_device(&Device::Cpu)?
+                .to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0, "{what}: backward is not deterministic");
+        }
     }
     Ok(())
 }
@@ -405,9 +484,11 @@ fn routed_row_moves_match_cpu() -> Result<()> {
         let routing = Arc::new(spt_ops::Routing::from_blocks(t, n, k, blocks)?);
         let x = uniform(&[t, d], 1.0, 7, DType::F32)?;
         let w = uniform(&[routing.n_rows(), d], 1.0, 8, DType::F32)?;
-        parity("gather_rows · w → sum_rows", &[&x, &w], &[t, d], &|v| {
-            sum_rows(&gather_rows(v[0], &routing)?.mul(v[1])?, &routing)
-        })?;
+        for dt in [DType::F32, DType::BF16] {
+            parity_as(dt, "gather_rows · w → sum_rows", &[&x, &w], &[t, d], &|v| {
+                sum_rows(&gather_rows(v[0], &routing)?.mul(v[1])?, &routing)
+            })?;
+        }
     }
     Ok(())
 }
@@ -433,10 +514,19 @@ fn routed_ffn_matches_cpu() -> Result<()> {
     let gates = (uniform(&[r], 0.5, 4, DType::F32)? + 1.0)?;
     let w2 = uniform(&[d, n * b], 0.2, 5, DType::F32)?;
     let b2 = uniform(&[d], 0.1, 6, DType::F32)?;
-    parity("routed_ffn", &[&x, &w1, &b1, &gates, &w2, &b2], &[t, d], &|v| {
-        let h = gather_matmul_act(v[0], v[1], Some(v[2]), Some(Activation::GeluTanh), &routing)?;
-        scatter_matmul_bias(&h, v[3], v[4], Some(v[5]), &routing)
-    })
+    for dt in [DType::F32, DType::BF16] {
+        parity_as(
+            dt,
+            "routed_ffn",
+            &[&x, &w1, &b1, &gates, &w2, &b2],
+            &[t, d],
+            &|v| {
+                let h = gather_matmul_act(v[0], v[1], Some(v[2]), Some(Activation::GeluTanh), &routing)?;
+                scatter_matmul_bias(&h, v[3], v[4], Some(v[5]), &routing)
+            },
+        )?;
+    }
+    Ok(())
 }
 
 #[test]

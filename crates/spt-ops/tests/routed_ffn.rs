@@ -948,5 +948,14 @@ fn row_moves_name_bad_shapes() -> Result<()> {
         &routing,
     ));
     assert!(e.contains("sum_rows: y has dtype U32"), "{e}");
+    // bf16 is a CUDA-only dtype.
+    let e = msg(sum_rows(
+        &Tensor::zeros((10, 3), DType::BF16, &Device::Cpu)?,
+        &routing,
+    ));
+    assert!(
+        e.contains("y has dtype BF16, expected f32 or f64 (or bf16 on CUDA)"),
+        "{e}"
+    );
     Ok(())
 }

@@ -1,7 +1,9 @@
-//! CUDA launchers for `kernels/activation.cu`: GELU (erf/tanh) and ReLU forward and backward.
+//! CUDA launchers for `kernels/activation.cu`: GELU (erf/tanh) and ReLU forward and backward,
+//! f32 or bf16.
 
-use super::{cfg_elems, func, i32_arg, launched, view, ACTIVATION};
+use super::{by_float, cfg_elems, func, i32_arg, kname, launched, view, KernelFloat, ACTIVATION};
 use crate::activation::Activation;
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::{CudaStorage, Layout, Result, Shape};
 
@@ -17,17 +19,22 @@ fn kind(a: Activation) -> i32 {
 
 /// `act(x)`.
 pub(crate) fn forward(act: Activation, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    by_float!("activation", s.dtype(), forward_t(act, s, l))
+}
+
+fn forward_t<T: KernelFloat>(act: Activation, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
     let op = "activation";
-    let x = view::<f32>(op, "x", s, l)?;
+    let x = view::<T>(op, "x", s, l)?;
     let dev = &s.device;
     let n = l.shape().elem_count();
-    let mut y = dev.alloc_zeros::<f32>(n)?;
+    let mut y = dev.alloc_zeros::<T>(n)?;
     if n > 0 {
-        let f = func(dev, ACTIVATION, "act_fwd_f32")?;
+        let name = kname::<T>("act_fwd");
+        let f = func(dev, ACTIVATION, &name)?;
         let mut a = f.builder();
         a.arg(&x).arg(&mut y);
         candle_core::builder_arg!(a, i32_arg(op, "n", n)?, kind(act));
-        launched(op, "act_fwd_f32", unsafe { a.launch(cfg_elems(n, THREADS)) })?;
+        launched(op, &name, unsafe { a.launch(cfg_elems(n, THREADS)) })?;
     }
     Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), l.shape().clone()))
 }
@@ -44,17 +51,32 @@ pub(crate) fn backward(
     if l1.shape() != l2.shape() {
         candle_core::bail!("{op}: x is {:?} but grad is {:?}", l1.dims(), l2.dims());
     }
-    let x = view::<f32>(op, "x", s1, l1)?;
-    let g = view::<f32>(op, "grad", s2, l2)?;
+    if s1.dtype() != s2.dtype() {
+        candle_core::bail!("{op}: x is {:?} but grad is {:?}", s1.dtype(), s2.dtype());
+    }
+    by_float!(op, s1.dtype(), backward_t(act, s1, l1, s2, l2))
+}
+
+fn backward_t<T: KernelFloat>(
+    act: Activation,
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let op = "activation_backward";
+    let x = view::<T>(op, "x", s1, l1)?;
+    let g = view::<T>(op, "grad", s2, l2)?;
     let dev = &s1.device;
     let n = l1.shape().elem_count();
-    let mut dx = dev.alloc_zeros::<f32>(n)?;
+    let mut dx = dev.alloc_zeros::<T>(n)?;
     if n > 0 {
-        let f = func(dev, ACTIVATION, "act_bwd_f32")?;
+        let name = kname::<T>("act_bwd");
+        let f = func(dev, ACTIVATION, &name)?;
         let mut a = f.builder();
         a.arg(&x).arg(&g).arg(&mut dx);
         candle_core::builder_arg!(a, i32_arg(op, "n", n)?, kind(act));
-        launched(op, "act_bwd_f32", unsafe { a.launch(cfg_elems(n, THREADS)) })?;
+        launched(op, &name, unsafe { a.launch(cfg_elems(n, THREADS)) })?;
     }
     Ok((CudaStorage::wrap_cuda_slice(dx, dev.clone()), l1.shape().clone()))
 }

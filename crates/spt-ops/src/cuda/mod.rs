@@ -1,12 +1,14 @@
 //! CUDA plumbing shared by the ops' `cuda.rs` files: the PTX of `kernels/*.cu` (compiled by
 //! build.rs with nvcc), kernel loading, checked launches, and typed views of CUDA storage.
 //!
-//! Kernels are f32 only. Every size passed to a kernel is checked to fit in `i32` first, and
-//! every launch result is checked (`.w()?`), naming the op and kernel on failure.
+//! Float kernels come in f32 and bf16 (names ending `_f32` / `_bf16`, both accumulating in f32):
+//! launchers are generic over [`KernelFloat`] and picked by dtype with [`by_float!`]. Every size
+//! passed to a kernel is checked to fit in `i32` first, and every launch result is checked,
+//! naming the op and kernel on failure.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, CudaView, LaunchArgs, LaunchConfig,
+    CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::CudaDType;
 use candle_core::op::BackpropOp;
@@ -47,6 +49,40 @@ pub(crate) const SPARSE_ATTENTION: Module = Module {
     name: "spt_sparse_attention",
     ptx: ptx::SPARSE_ATTENTION,
 };
+
+/// An element type the float kernels are instantiated for.
+pub(crate) trait KernelFloat: CudaDType + DeviceRepr + ValidAsZeroBits + Copy + 'static {
+    /// The kernel-name suffix: `f32` or `bf16`.
+    const SUFFIX: &'static str;
+}
+
+impl KernelFloat for f32 {
+    const SUFFIX: &'static str = "f32";
+}
+
+impl KernelFloat for half::bf16 {
+    const SUFFIX: &'static str = "bf16";
+}
+
+/// The name of kernel `base` for element type `T`, e.g. `softmax_fwd_bf16`.
+pub(crate) fn kname<T: KernelFloat>(base: &str) -> String {
+    format!("{base}_{}", T::SUFFIX)
+}
+
+/// Calls `f::<T>(args…)` with `T` = f32 or bf16 as `dtype` says, or a named error for any other.
+macro_rules! by_float {
+    ($op:expr, $dtype:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $dtype {
+            candle_core::DType::F32 => $f::<f32>($($arg),*),
+            candle_core::DType::BF16 => $f::<half::bf16>($($arg),*),
+            other => candle_core::bail!(
+                "{}: dtype {other:?} on CUDA; the CUDA kernels take f32 or bf16",
+                $op
+            ),
+        }
+    };
+}
+pub(crate) use by_float;
 
 /// A loaded kernel, bound to the device's stream (the one candle's own ops use).
 pub(crate) struct Kernel {
@@ -122,11 +158,17 @@ pub(crate) fn cuda_storage<'a>(op: &str, arg: &str, s: &'a Storage) -> Result<&'
     }
 }
 
-/// Checks that a tensor is f32 (the CUDA kernels' only float type).
-pub(crate) fn check_f32(op: &str, arg: &str, t: &Tensor) -> Result<()> {
-    if t.dtype() != DType::F32 {
+/// Checks that a tensor is f32 or bf16 (the CUDA kernels' float types) and has `dtype`.
+pub(crate) fn check_kernel_float(op: &str, arg: &str, t: &Tensor, dtype: DType) -> Result<()> {
+    if !matches!(t.dtype(), DType::F32 | DType::BF16) {
         bail!(
-            "{op}: {arg} has dtype {:?}; the CUDA kernels take f32 (use the CPU for f64)",
+            "{op}: {arg} has dtype {:?}; the CUDA kernels take f32 or bf16 (use the CPU for f64)",
+            t.dtype()
+        );
+    }
+    if t.dtype() != dtype {
+        bail!(
+            "{op}: {arg} has dtype {:?}, expected {dtype:?} like the other inputs",
             t.dtype()
         );
     }

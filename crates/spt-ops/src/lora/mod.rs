@@ -122,7 +122,7 @@ impl DropoutSeeds {
 /// backward always computes both operands' gradients).
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let op = "linear";
-    check_float(op, "x", x.dtype())?;
+    check_float(op, "x", x)?;
     check_same(op, &[("x", x), ("w", w)])?;
     let (out, d_in) = match w.dims() {
         &[o, i] => (o, i),
@@ -172,7 +172,7 @@ impl LoraLinear {
     pub fn new(w: &Tensor, bias: Option<&Tensor>, cfg: LoraConfig) -> Result<Self> {
         let op = "lora_linear";
         cfg.check(op)?;
-        check_float(op, "w", w.dtype())?;
+        check_float(op, "w", w)?;
         let (out, d_in) = match w.dims() {
             &[o, i] if o > 0 && i > 0 => (o, i),
             d => bail!("{op}: w is {d:?}, expected [out, in] with out, in ≥ 1"),

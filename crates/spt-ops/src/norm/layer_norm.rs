@@ -11,7 +11,7 @@ const ROWS_PER_TASK: usize = 64;
 /// backward for all three inputs. `gamma` and `beta` have shape `[d]` where `x` is `[.., d]`.
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
     let op = "layer_norm";
-    check_float(op, "x", x.dtype())?;
+    check_float(op, "x", x)?;
     check_same(op, &[("x", x), ("gamma", gamma), ("beta", beta)])?;
     let d = x.dim(candle_core::D::Minus1)?;
     if gamma.dims() != [d] || beta.dims() != [d] {

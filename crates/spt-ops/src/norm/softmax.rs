@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 /// Softmax over the last dimension with an exact backward.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    check_float("softmax", "x", x.dtype())?;
+    check_float("softmax", "x", x)?;
     x.contiguous()?.apply_op1(SoftmaxOp)
 }
 

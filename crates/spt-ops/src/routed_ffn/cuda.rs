@@ -1,9 +1,11 @@
 //! CUDA launchers for `kernels/routed_ffn.cu`: the row gather and the per-token row sum of
-//! `rows.rs`. The index arrays come from the host-side `Routing` (a few u32 per token).
+//! `rows.rs`, f32 or bf16. The index arrays come from the host-side `Routing` (a few u32 per
+//! token).
 
 use super::router::Routing;
 use super::rows::token_rows;
-use crate::cuda::{cfg_blocks, func, i32_arg, launched, view, ROUTED_FFN};
+use crate::cuda::{by_float, cfg_blocks, func, i32_arg, kname, launched, view, KernelFloat, ROUTED_FFN};
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::{CudaStorage, Layout, Result, Shape};
 
@@ -11,22 +13,29 @@ const THREADS: u32 = 128;
 
 /// `x_g[r] = x[row_token[r]]` on CUDA.
 pub(crate) fn gather_rows(routing: &Routing, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    by_float!("gather_rows", s.dtype(), gather_rows_t(routing, s, l))
+}
+
+fn gather_rows_t<T: KernelFloat>(
+    routing: &Routing,
+    s: &CudaStorage,
+    l: &Layout,
+) -> Result<(CudaStorage, Shape)> {
     let op = "gather_rows";
-    let x = view::<f32>(op, "x", s, l)?;
+    let x = view::<T>(op, "x", s, l)?;
     let dev = &s.device;
     let (rows, d) = (routing.n_rows(), l.dims()[1]);
-    let mut out = dev.alloc_zeros::<f32>(rows * d)?;
+    let mut out = dev.alloc_zeros::<T>(rows * d)?;
     if rows * d > 0 {
         i32_arg(op, "R·d", rows * d)?;
         i32_arg(op, "T·d", routing.n_tokens() * d)?;
         let idx = dev.clone_htod(routing.row_token())?;
-        let f = func(dev, ROUTED_FFN, "route_gather_f32")?;
+        let name = kname::<T>("route_gather");
+        let f = func(dev, ROUTED_FFN, &name)?;
         let mut a = f.builder();
         a.arg(&x).arg(&idx).arg(&mut out);
         candle_core::builder_arg!(a, d as i32);
-        launched(op, "route_gather_f32", unsafe {
-            a.launch(cfg_blocks(rows, THREADS, 0))
-        })?;
+        launched(op, &name, unsafe { a.launch(cfg_blocks(rows, THREADS, 0)) })?;
     }
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev.clone()),
@@ -36,21 +45,28 @@ pub(crate) fn gather_rows(routing: &Routing, s: &CudaStorage, l: &Layout) -> Res
 
 /// `out[t] = Σ_s y[row of (t, s)]` on CUDA, slots in order.
 pub(crate) fn sum_rows(routing: &Routing, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    by_float!("sum_rows", s.dtype(), sum_rows_t(routing, s, l))
+}
+
+fn sum_rows_t<T: KernelFloat>(
+    routing: &Routing,
+    s: &CudaStorage,
+    l: &Layout,
+) -> Result<(CudaStorage, Shape)> {
     let op = "sum_rows";
-    let y = view::<f32>(op, "y", s, l)?;
+    let y = view::<T>(op, "y", s, l)?;
     let dev = &s.device;
     let (t, n) = (routing.n_tokens(), l.dims()[1]);
-    let mut out = dev.alloc_zeros::<f32>(t * n)?;
+    let mut out = dev.alloc_zeros::<T>(t * n)?;
     if t * n > 0 {
         i32_arg(op, "R·n", routing.n_rows() * n)?;
         let idx = dev.clone_htod(&token_rows(routing))?;
-        let f = func(dev, ROUTED_FFN, "route_sum_f32")?;
+        let name = kname::<T>("route_sum");
+        let f = func(dev, ROUTED_FFN, &name)?;
         let mut a = f.builder();
         a.arg(&y).arg(&idx).arg(&mut out);
         candle_core::builder_arg!(a, i32_arg(op, "k", routing.k())?, n as i32);
-        launched(op, "route_sum_f32", unsafe {
-            a.launch(cfg_blocks(t, THREADS, 0))
-        })?;
+        launched(op, &name, unsafe { a.launch(cfg_blocks(t, THREADS, 0)) })?;
     }
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev.clone()),

@@ -233,7 +233,7 @@ impl RoutedFfn {
     /// (`U(−1/√d, 1/√d)`, seeded); call [`init_router`](Self::init_router) to fit it instead.
     pub fn new(w1: &Tensor, b1: &Tensor, w2: &Tensor, b2: &Tensor, cfg: RoutedFfnConfig) -> Result<Self> {
         let op = "routed_ffn";
-        check_float(op, "W1", w1.dtype())?;
+        check_float(op, "W1", w1)?;
         check_same(op, &[("W1", w1), ("b1", b1), ("W2", w2), ("b2", b2)])?;
         let (d_ff, d) = match w1.dims() {
             &[f, d] if f > 0 && d > 0 => (f, d),

@@ -35,7 +35,7 @@ pub enum AddKind {
 /// Validates `gather_matmul`'s inputs and returns the block size b and the addend's kind.
 fn gather_dims(x: &Tensor, w: &Tensor, add: Option<&Tensor>, routing: &Routing) -> Result<(usize, AddKind)> {
     let op = "gather_matmul";
-    check_float(op, "x", x.dtype())?;
+    check_float(op, "x", x)?;
     check_same(op, &[("x", x), ("w", w)])?;
     if let Some(add) = add {
         check_same(op, &[("x", x), ("bias", add)])?;
@@ -311,7 +311,7 @@ pub fn scatter_matmul_bias(
     routing: &Arc<Routing>,
 ) -> Result<Tensor> {
     let op = "scatter_matmul";
-    check_float(op, "h", h.dtype())?;
+    check_float(op, "h", h)?;
     check_same(op, &[("h", h), ("gates", gates), ("w", w)])?;
     let n = routing.n_blocks();
     let r_total = routing.n_rows();

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 /// `x_g[r] = x[row_token[r]]`, `[T, d] → [R, d]`. Differentiable in `x`.
 pub fn gather_rows(x: &Tensor, routing: &Arc<Routing>) -> Result<Tensor> {
-    check_float("gather_rows", "x", x.dtype())?;
+    check_float("gather_rows", "x", x)?;
     match x.dims() {
         &[t, _] if t == routing.n_tokens() => {}
         d => bail!(
@@ -29,7 +29,7 @@ pub fn gather_rows(x: &Tensor, routing: &Arc<Routing>) -> Result<Tensor> {
 
 /// `out[t] = Σ_s y[row of (t, s)]`, `[R, n] → [T, n]`. Differentiable in `y`.
 pub fn sum_rows(y: &Tensor, routing: &Arc<Routing>) -> Result<Tensor> {
-    check_float("sum_rows", "y", y.dtype())?;
+    check_float("sum_rows", "y", y)?;
     match y.dims() {
         &[r, _] if r == routing.n_rows() => {}
         d => bail!(

@@ -1,9 +1,14 @@
 //! CUDA launchers for `kernels/sparse_attention.cu`: the fused forward (saving the row lse) and
 //! the deterministic two-phase backward (rows → dq, p, ds; a CSC key→query transpose per (b, h)
-//! built by histogram / prefix sum / ordered scatter; keys → dk, dv). No float atomics.
+//! built by histogram / prefix sum / ordered scatter; keys → dk, dv). No float atomics. q, k, v,
+//! o and the gradients are f32 or bf16; lse, p and ds are f32.
 
 use super::Dims;
-use crate::cuda::{cfg_blocks, cuda_storage, func, i32_arg, launched, tensor, view, SPARSE_ATTENTION};
+use crate::cuda::{
+    by_float, cfg_blocks, check_kernel_float, cuda_storage, func, i32_arg, kname, launched, tensor, view,
+    KernelFloat, SPARSE_ATTENTION,
+};
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::{bail, CudaStorage, Layout, Result, Shape, Tensor};
 
@@ -28,7 +33,7 @@ fn check_dims(op: &str, n: Dims) -> Result<()> {
     Ok(())
 }
 
-/// 1 when k and v rows can be read as float4: d, d_v multiples of 4 and both tensors start
+/// 1 when f32 k and v rows can be read as float4: d, d_v multiples of 4 and both tensors start
 /// 16-byte aligned (candle's allocations are 256-byte aligned; a view's offset may not be).
 fn vec4(n: Dims, k: &Layout, v: &Layout) -> i32 {
     (n.d % 4 == 0 && n.dv % 4 == 0 && k.start_offset() % 4 == 0 && v.start_offset() % 4 == 0) as i32
@@ -48,10 +53,38 @@ pub(crate) fn forward(
     l3: &Layout,
 ) -> Result<(CudaStorage, Shape, Tensor)> {
     let op = "sparse_attention";
+    if s2.dtype() != s1.dtype() || s3.dtype() != s1.dtype() {
+        bail!(
+            "{op}: q, k, v have dtypes {:?}, {:?}, {:?}; expected one dtype",
+            s1.dtype(),
+            s2.dtype(),
+            s3.dtype()
+        );
+    }
+    by_float!(
+        op,
+        s1.dtype(),
+        forward_t(indices, n, scale, s1, l1, s2, l2, s3, l3)
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward_t<T: KernelFloat>(
+    indices: &Tensor,
+    n: Dims,
+    scale: f64,
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+) -> Result<(CudaStorage, Shape, Tensor)> {
+    let op = "sparse_attention";
     check_dims(op, n)?;
-    let q = view::<f32>(op, "q", s1, l1)?;
-    let k = view::<f32>(op, "k", s2, l2)?;
-    let v = view::<f32>(op, "v", s3, l3)?;
+    let q = view::<T>(op, "q", s1, l1)?;
+    let k = view::<T>(op, "k", s2, l2)?;
+    let v = view::<T>(op, "v", s3, l3)?;
     let indices = indices.contiguous()?;
     let (is, il) = indices.storage_and_layout();
     let idx = view::<u32>(
@@ -62,10 +95,11 @@ pub(crate) fn forward(
     )?;
     let dev = &s1.device;
     let rows = n.bh * n.lq;
-    let mut o = dev.alloc_zeros::<f32>(rows * n.dv)?;
+    let mut o = dev.alloc_zeros::<T>(rows * n.dv)?;
     let mut lse = dev.alloc_zeros::<f32>(rows)?;
     if rows > 0 {
-        let f = func(dev, SPARSE_ATTENTION, "sparse_attn_fwd_f32")?;
+        let name = kname::<T>("sparse_attn_fwd");
+        let f = func(dev, SPARSE_ATTENTION, &name)?;
         let mut a = f.builder();
         a.arg(&q).arg(&k).arg(&v).arg(&idx).arg(&mut o).arg(&mut lse);
         candle_core::builder_arg!(
@@ -80,7 +114,7 @@ pub(crate) fn forward(
             vec4(n, l2, l3)
         );
         let cfg = cfg_blocks(rows.div_ceil(WARPS), (32 * WARPS) as u32, 0);
-        launched(op, "sparse_attn_fwd_f32", unsafe { a.launch(cfg) })?;
+        launched(op, &name, unsafe { a.launch(cfg) })?;
     }
     drop(is);
     let (b, h) = (l1.dims()[0], l1.dims()[1]);
@@ -108,8 +142,28 @@ pub(crate) fn backward(
     let op = "sparse_attention_backward";
     check_dims(op, n)?;
     for (name, t) in [("q", q), ("k", k), ("v", v), ("o", o), ("grad", grad)] {
-        crate::cuda::check_f32(op, name, t)?;
+        check_kernel_float(op, name, t, q.dtype())?;
     }
+    by_float!(
+        op,
+        q.dtype(),
+        backward_t(q, k, v, o, lse, grad, indices, n, scale)
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_t<T: KernelFloat>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    grad: &Tensor,
+    indices: &Tensor,
+    n: Dims,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let op = "sparse_attention_backward";
     let c = |t: &Tensor| t.contiguous();
     let (q, k, v, o, grad, indices) = (c(q)?, c(k)?, c(v)?, c(o)?, c(grad)?, c(indices)?);
     let lse = lse.to_dtype(candle_core::DType::F32)?.contiguous()?;
@@ -123,9 +177,9 @@ pub(crate) fn backward(
         kk,
     } = n;
     let rows = bh * lq;
-    let mut dq = dev.alloc_zeros::<f32>(rows * d)?;
-    let mut dk = dev.alloc_zeros::<f32>(bh * lk * d)?;
-    let mut dvv = dev.alloc_zeros::<f32>(bh * lk * dv)?;
+    let mut dq = dev.alloc_zeros::<T>(rows * d)?;
+    let mut dk = dev.alloc_zeros::<T>(bh * lk * d)?;
+    let mut dvv = dev.alloc_zeros::<T>(bh * lk * dv)?;
     if rows > 0 && lk > 0 {
         let (qs, ql) = q.storage_and_layout();
         let (ks, kl) = k.storage_and_layout();
@@ -134,12 +188,12 @@ pub(crate) fn backward(
         let (ls, ll) = lse.storage_and_layout();
         let (gs, gl) = grad.storage_and_layout();
         let (is, il) = indices.storage_and_layout();
-        let qv = view::<f32>(op, "q", cuda_storage(op, "q", &qs)?, ql)?;
-        let kv = view::<f32>(op, "k", cuda_storage(op, "k", &ks)?, kl)?;
-        let vv = view::<f32>(op, "v", cuda_storage(op, "v", &vs)?, vl)?;
-        let ov = view::<f32>(op, "o", cuda_storage(op, "o", &os)?, ol)?;
+        let qv = view::<T>(op, "q", cuda_storage(op, "q", &qs)?, ql)?;
+        let kv = view::<T>(op, "k", cuda_storage(op, "k", &ks)?, kl)?;
+        let vv = view::<T>(op, "v", cuda_storage(op, "v", &vs)?, vl)?;
+        let ov = view::<T>(op, "o", cuda_storage(op, "o", &os)?, ol)?;
         let lv = view::<f32>(op, "lse", cuda_storage(op, "lse", &ls)?, ll)?;
-        let gv = view::<f32>(op, "grad", cuda_storage(op, "grad", &gs)?, gl)?;
+        let gv = view::<T>(op, "grad", cuda_storage(op, "grad", &gs)?, gl)?;
         let iv = view::<u32>(op, "indices", cuda_storage(op, "indices", &is)?, il)?;
         let mut p = dev.alloc_zeros::<f32>(rows * kk)?;
         let mut ds = dev.alloc_zeros::<f32>(rows * kk)?;
@@ -155,14 +209,13 @@ pub(crate) fn backward(
         let warp_cfg = |items: usize| cfg_blocks(items.div_ceil(WARPS), (32 * WARPS) as u32, 0);
 
         // Phase 1: rows → dq, p, ds.
-        let f = func(&dev, SPARSE_ATTENTION, "sparse_attn_bwd_rows_f32")?;
+        let name = kname::<T>("sparse_attn_bwd_rows");
+        let f = func(&dev, SPARSE_ATTENTION, &name)?;
         let mut a = f.builder();
         a.arg(&qv).arg(&kv).arg(&vv).arg(&ov).arg(&lv).arg(&gv).arg(&iv);
         a.arg(&mut dq).arg(&mut p).arg(&mut ds);
         candle_core::builder_arg!(a, ri, lqi, lki, di, dvi, kki, sc, vec4(n, kl, vl));
-        launched(op, "sparse_attn_bwd_rows_f32", unsafe {
-            a.launch(warp_cfg(rows))
-        })?;
+        launched(op, &name, unsafe { a.launch(warp_cfg(rows)) })?;
 
         // Phase 2: CSC transpose per (b, h): histogram, two prefix sums, ordered scatter.
         let nrb = lq.div_ceil(CSC_ROWS);
@@ -206,14 +259,13 @@ pub(crate) fn backward(
         })?;
 
         // Phase 3: keys → dk, dv, walking each key's query list in order.
-        let f = func(&dev, SPARSE_ATTENTION, "sparse_attn_bwd_keys_f32")?;
+        let name = kname::<T>("sparse_attn_bwd_keys");
+        let f = func(&dev, SPARSE_ATTENTION, &name)?;
         let mut a = f.builder();
         a.arg(&qv).arg(&gv).arg(&p).arg(&ds).arg(&start).arg(&entries);
         a.arg(&mut dk).arg(&mut dvv);
         candle_core::builder_arg!(a, bhi, lqi, lki, di, dvi, kki, sc);
-        launched(op, "sparse_attn_bwd_keys_f32", unsafe {
-            a.launch(warp_cfg(bh * lk))
-        })?;
+        launched(op, &name, unsafe { a.launch(warp_cfg(bh * lk)) })?;
     }
     Ok((
         tensor(dq, &dev, q.shape()),

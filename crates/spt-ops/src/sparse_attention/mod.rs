@@ -30,7 +30,7 @@ pub fn sparse_attention(
     scale: f64,
 ) -> Result<Tensor> {
     let op = "sparse_attention";
-    check_float(op, "q", q.dtype())?;
+    check_float(op, "q", q)?;
     check_same(op, &[("q", q), ("k", k), ("v", v)])?;
     let shape_err = || {
         candle_core::Error::Msg(format!(
