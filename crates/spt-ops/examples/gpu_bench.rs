@@ -2,6 +2,10 @@
 //! forward and backward) vs dense attention (cuBLAS matmuls + our softmax, forward and backward)
 //! at GPT-2-medium-like shapes: B = 1, H = 16, d = 64, causal, k = L/8.
 //!
+//! Every case runs in bf16 and in f32 (`SPT_BENCH_DTYPES`, default `bf16,f32`; bf16 first, as
+//! the H200 target is set in it): PyTorch's flash attention, the comparison in
+//! `scripts/sdpa_bench.py`, exists only in half precision.
+//!
 //! Usage: `gpu_bench OUT_DIR [L,L,…]` (default lengths 1024,4096,16384). Writes
 //! `OUT_DIR/gpu_bench.json`. Dense attention materialises [H, L, L] scores several times over
 //! (and builds its causal mask on the host), so it runs only up to `SPT_DENSE_MAX_L` (default
@@ -48,9 +52,16 @@ fn time(dev: &Device, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<
     Ok(median(t))
 }
 
-fn randn(dev: &Device, l: usize, seed: u64) -> Result<Tensor> {
+fn randn(dev: &Device, l: usize, seed: u64, dt: DType) -> Result<Tensor> {
     dev.set_seed(seed)?;
-    Tensor::randn(0f32, 1f32, (B, H, l, D), dev)
+    Tensor::randn(0f32, 1f32, (B, H, l, D), dev)?.to_dtype(dt)
+}
+
+fn dtype_name(dt: DType) -> &'static str {
+    match dt {
+        DType::BF16 => "bf16",
+        _ => "f32",
+    }
 }
 
 fn fwd_bwd(
@@ -69,15 +80,15 @@ fn fwd_bwd(
 }
 
 /// Routed vs dense FFN (frozen weights, gradient to x), median ms of forward + backward.
-fn ffn_cases(dev: &Device, reps: usize) -> Result<Vec<serde_json::Value>> {
+fn ffn_cases(dev: &Device, reps: usize, dt: DType) -> Result<Vec<serde_json::Value>> {
     let (t, d, d_ff, n) = (8192, 1024, 4096, 8);
     dev.set_seed(10)?;
-    let x = Tensor::randn(0f32, 1f32, (t, d), dev)?;
-    let w1 = (Tensor::randn(0f32, 1f32, (d_ff, d), dev)? / (d as f64).sqrt())?;
-    let b1 = Tensor::zeros(d_ff, DType::F32, dev)?;
-    let w2 = (Tensor::randn(0f32, 1f32, (d, d_ff), dev)? / (d_ff as f64).sqrt())?;
-    let b2 = Tensor::zeros(d, DType::F32, dev)?;
-    let up = Tensor::randn(0f32, 1f32, (t, d), dev)?;
+    let x = Tensor::randn(0f32, 1f32, (t, d), dev)?.to_dtype(dt)?;
+    let w1 = (Tensor::randn(0f32, 1f32, (d_ff, d), dev)? / (d as f64).sqrt())?.to_dtype(dt)?;
+    let b1 = Tensor::zeros(d_ff, dt, dev)?;
+    let w2 = (Tensor::randn(0f32, 1f32, (d, d_ff), dev)? / (d_ff as f64).sqrt())?.to_dtype(dt)?;
+    let b2 = Tensor::zeros(d, dt, dev)?;
+    let up = Tensor::randn(0f32, 1f32, (t, d), dev)?.to_dtype(dt)?;
     let xv = Var::from_tensor(&x)?;
     let step = |y: Tensor| -> Result<()> {
         let g = (y * &up)?.sum_all()?.backward()?;
@@ -88,7 +99,10 @@ fn ffn_cases(dev: &Device, reps: usize) -> Result<Vec<serde_json::Value>> {
         let h = Activation::GeluTanh.forward(&xv.as_tensor().matmul(&w1.t()?)?.broadcast_add(&b1)?)?;
         step(h.matmul(&w2.t()?)?.broadcast_add(&b2)?)
     })?;
-    eprintln!("== FFN {t}x{d}, d_ff {d_ff}: dense fwd+bwd {dense_ms:.3} ms");
+    eprintln!(
+        "== FFN {t}x{d}, d_ff {d_ff}, {}: dense fwd+bwd {dense_ms:.3} ms",
+        dtype_name(dt)
+    );
     let mut cases = Vec::new();
     for k in [4, 2] {
         let cfg = RoutedFfnConfig::new(n, BlockTopK::Count(k), Activation::GeluTanh);
@@ -100,7 +114,7 @@ fn ffn_cases(dev: &Device, reps: usize) -> Result<Vec<serde_json::Value>> {
         );
         cases.push(serde_json::json!({
             "tokens": t, "d": d, "d_ff": d_ff, "n_blocks": n, "top_k": k,
-            "kept": k as f64 / n as f64, "dtype": "f32",
+            "kept": k as f64 / n as f64, "dtype": dtype_name(dt),
             "routed_fwd_bwd_ms": routed_ms, "dense_fwd_bwd_ms": dense_ms,
             "ratio": routed_ms / dense_ms,
         }));
@@ -130,18 +144,39 @@ fn main() -> Result<()> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(4096);
+    let dtypes: Vec<DType> = std::env::var("SPT_BENCH_DTYPES")
+        .unwrap_or_else(|_| "bf16,f32".into())
+        .split(',')
+        .map(|s| match s.trim() {
+            "bf16" => DType::BF16,
+            "f32" => DType::F32,
+            other => {
+                eprintln!("SPT_BENCH_DTYPES: unknown dtype {other:?} (expected f32 or bf16)");
+                std::process::exit(2);
+            }
+        })
+        .collect();
     let dev = Device::new_cuda(0)?;
     let scale = 1.0 / (D as f64).sqrt();
     let mask = AttentionMask::causal();
     let mut cases = Vec::new();
-    for &l in &lengths {
+    let mut ffn = Vec::new();
+    for &dt in &dtypes {
+        ffn.extend(ffn_cases(&dev, reps, dt)?);
+        write_results(out_dir, reps, &ffn, &cases, false)?;
+    }
+    for (&dt, &l) in dtypes.iter().flat_map(|dt| lengths.iter().map(move |l| (dt, l))) {
         let kk = l / 8;
-        eprintln!("== L = {l}, k = {kk}");
-        let (q, k, v) = (randn(&dev, l, 1)?, randn(&dev, l, 2)?, randn(&dev, l, 3)?);
-        let w = randn(&dev, l, 4)?;
+        eprintln!("== L = {l}, k = {kk}, {}", dtype_name(dt));
+        let (q, k, v) = (
+            randn(&dev, l, 1, dt)?,
+            randn(&dev, l, 2, dt)?,
+            randn(&dev, l, 3, dt)?,
+        );
+        let w = randn(&dev, l, 4, dt)?;
         // Codebook fitted on the host from a sample of keys (as training does once per refresh).
         let cb = Codebook::fit(
-            &k.to_device(&Device::Cpu)?,
+            &k.to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
             &PqConfig {
                 kmeans_iters: 5,
                 max_samples: 4096,
@@ -179,7 +214,7 @@ fn main() -> Result<()> {
             serde_json::json!(null)
         };
         cases.push(serde_json::json!({
-            "B": B, "H": H, "L": l, "d": D, "k": kk, "causal": true, "dtype": "f32",
+            "B": B, "H": H, "L": l, "d": D, "k": kk, "causal": true, "dtype": dtype_name(dt),
             "pq": {"n_subspaces": cb.n_subspaces(), "n_codewords": cb.n_codewords()},
             "sparse": {
                 "select_ms": select_ms,
@@ -190,21 +225,40 @@ fn main() -> Result<()> {
             "dense": dense,
             "dense_note": if l > dense_max { format!("skipped: L > SPT_DENSE_MAX_L = {dense_max}") } else { String::new() },
         }));
+        write_results(out_dir, reps, &ffn, &cases, false)?;
     }
+    write_results(out_dir, reps, &ffn, &cases, true)?;
+    Ok(())
+}
+
+/// Writes `OUT_DIR/gpu_bench.json` (temporary file, then rename). Called after every case, so a
+/// run cut short by gpu-check.sh's timeout still leaves the finished cases (`complete: false`).
+fn write_results(
+    out_dir: &str,
+    reps: usize,
+    ffn: &[serde_json::Value],
+    cases: &[serde_json::Value],
+    complete: bool,
+) -> Result<()> {
     let out = serde_json::json!({
         "bench": "spt-ops gpu_bench: sparse vs dense attention, fwd+bwd",
         "reps": reps,
+        "complete": complete,
         "timing": "median ms over reps after 2 warm-ups; device synchronize after each step",
-        "routed_ffn": ffn_cases(&dev, reps)?,
+        "routed_ffn": ffn,
         "routed_ffn_note": "composed path off the CPU (routed_ffn.cu row gather / row sum, one cuBLAS GEMM per block); frozen weights, gradient to x",
         "cases": cases,
     });
     std::fs::create_dir_all(out_dir)?;
     let path = std::path::Path::new(out_dir).join("gpu_bench.json");
+    let tmp = path.with_extension("json.tmp");
     std::fs::write(
-        &path,
+        &tmp,
         serde_json::to_string_pretty(&out).map_err(candle_core::Error::wrap)?,
     )?;
-    eprintln!("wrote {}", path.display());
+    std::fs::rename(&tmp, &path)?;
+    if complete {
+        eprintln!("wrote {}", path.display());
+    }
     Ok(())
 }
