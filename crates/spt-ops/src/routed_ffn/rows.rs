@@ -24,7 +24,7 @@ pub fn gather_rows(x: &Tensor, routing: &Arc<Routing>) -> Result<Tensor> {
             routing.n_tokens()
         ),
     }
-    x.contiguous()?.apply_op1(GatherRows(routing.clone()))
+    x.contiguous()?.apply_op1(RowMove(Move::Gather, routing.clone()))
 }
 
 /// `out[t] = Σ_s y[row of (t, s)]`, `[R, n] → [T, n]`. Differentiable in `y`.
@@ -37,7 +37,7 @@ pub fn sum_rows(y: &Tensor, routing: &Arc<Routing>) -> Result<Tensor> {
             routing.n_rows()
         ),
     }
-    y.contiguous()?.apply_op1(SumRows(routing.clone()))
+    y.contiguous()?.apply_op1(RowMove(Move::Sum, routing.clone()))
 }
 
 /// The routed row of each (token, slot) pair `t·k + s`: the inverse of `row_src`.
@@ -72,42 +72,42 @@ fn sum_cpu<T: Float>(y: &[T], n: usize, routing: &Routing) -> Vec<T> {
     out
 }
 
-/// Applies a row move to CPU storage of either float type.
-fn cpu_move(
-    op: &str,
-    s: &CpuStorage,
-    l: &Layout,
-    out_rows: usize,
-    f32_fn: impl FnOnce(&[f32], usize) -> Vec<f32>,
-    f64_fn: impl FnOnce(&[f64], usize) -> Vec<f64>,
-) -> Result<(CpuStorage, Shape)> {
-    let width = l.dims()[1];
-    let out = match s {
-        CpuStorage::F32(_) => CpuStorage::F32(f32_fn(contiguous(op, "input", s, l)?, width)),
-        CpuStorage::F64(_) => CpuStorage::F64(f64_fn(contiguous(op, "input", s, l)?, width)),
-        other => bail!("{op}: unsupported dtype {:?}", other.dtype()),
-    };
-    Ok((out, Shape::from((out_rows, width))))
+/// Which way rows move: tokens → routed rows, or routed rows → tokens (each other's adjoint).
+#[derive(Clone, Copy)]
+enum Move {
+    Gather,
+    Sum,
 }
 
-/// See [`gather_rows`].
-struct GatherRows(Arc<Routing>);
+/// See [`gather_rows`] and [`sum_rows`].
+struct RowMove(Move, Arc<Routing>);
 
-impl CustomOp1 for GatherRows {
+impl CustomOp1 for RowMove {
     fn name(&self) -> &'static str {
-        "gather_rows"
+        match self.0 {
+            Move::Gather => "gather_rows",
+            Move::Sum => "sum_rows",
+        }
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let r = &self.0;
-        cpu_move(
-            self.name(),
-            s,
-            l,
-            r.n_rows(),
-            |x, d| gather_cpu(x, d, r),
-            |x, d| gather_cpu(x, d, r),
-        )
+        let (op, r, width) = (self.name(), &*self.1, l.dims()[1]);
+        let out_rows = match self.0 {
+            Move::Gather => r.n_rows(),
+            Move::Sum => r.n_tokens(),
+        };
+        fn run<T: Float>(m: Move, x: &[T], width: usize, r: &Routing) -> Vec<T> {
+            match m {
+                Move::Gather => gather_cpu(x, width, r),
+                Move::Sum => sum_cpu(x, width, r),
+            }
+        }
+        let out = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(run(self.0, contiguous(op, "input", s, l)?, width, r)),
+            CpuStorage::F64(_) => CpuStorage::F64(run(self.0, contiguous(op, "input", s, l)?, width, r)),
+            other => bail!("{op}: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((out, Shape::from((out_rows, width))))
     }
 
     #[cfg(feature = "cuda")]
@@ -116,44 +116,16 @@ impl CustomOp1 for GatherRows {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::gather_rows(&self.0, s, l)
+        match self.0 {
+            Move::Gather => super::cuda::gather_rows(&self.1, s, l),
+            Move::Sum => super::cuda::sum_rows(&self.1, s, l),
+        }
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(sum_rows(grad, &self.0)?))
-    }
-}
-
-/// See [`sum_rows`].
-struct SumRows(Arc<Routing>);
-
-impl CustomOp1 for SumRows {
-    fn name(&self) -> &'static str {
-        "sum_rows"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let r = &self.0;
-        cpu_move(
-            self.name(),
-            s,
-            l,
-            r.n_tokens(),
-            |y, n| sum_cpu(y, n, r),
-            |y, n| sum_cpu(y, n, r),
-        )
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::sum_rows(&self.0, s, l)
-    }
-
-    fn bwd(&self, _y: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(gather_rows(grad, &self.0)?))
+        Ok(Some(match self.0 {
+            Move::Gather => sum_rows(grad, &self.1)?,
+            Move::Sum => gather_rows(grad, &self.1)?,
+        }))
     }
 }
