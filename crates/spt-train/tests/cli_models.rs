@@ -233,3 +233,73 @@ fn generate_is_seeded() {
     assert_eq!(a, gen("1"), "same seed, same text");
     assert!(a.split_whitespace().count() >= 3, "{a}");
 }
+
+/// `spt-train bench` on the tiny BERT: dense vs spt records with speed-ups and peak RSS; a
+/// non-default sparsity names itself in each case, so two settings share one --append file.
+#[test]
+fn bench_records_each_setting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-bert-cls", tmp.path());
+    let model = model.to_str().unwrap();
+    let out = tmp.path().join("speed.json");
+    let out_s = out.to_str().unwrap();
+    let base = [
+        "-q",
+        "bench",
+        "--model",
+        model,
+        "--modes",
+        "dense,spt",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--output",
+        out_s,
+    ];
+    spt_train(
+        &[&base[..], &["--attn-k", "4", "--ffn-top-k", "4"]].concat(),
+        None,
+    );
+    spt_train(&[&base[..], &["--ffn-top-k", "6", "--append"]].concat(), None);
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let recs = doc["records"].as_array().unwrap();
+    let settings: Vec<(&str, &str)> = recs
+        .iter()
+        .map(|r| {
+            (
+                r["case"]["mode"].as_str().unwrap(),
+                r["case"]["setting"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        settings,
+        [
+            ("dense", "spt k = 4, FFN 4/8"),
+            ("spt", "spt k = 4, FFN 4/8"),
+            ("dense", "spt k = 2, FFN 6/8"),
+            ("spt", "spt k = 2, FFN 6/8"),
+        ]
+    );
+    for r in recs {
+        let s = r["ours_s"].as_f64().unwrap();
+        assert!(s > 0.0 && r["speedup"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["ours_bytes"].as_u64().unwrap() > 0, "{r}");
+    }
+    assert_eq!(recs[1]["ffn_top_k"], 4);
+    assert_eq!(recs[3]["ffn_top_k"], 6);
+    assert_eq!(recs[3]["attn_k"], 2);
+    // A top-k the FFN cannot have is refused before anything runs.
+    let o = Command::new(env!("CARGO_BIN_EXE_spt-train"))
+        .args(["-q", "bench", "--model", model, "--ffn-top-k", "9"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--ffn-top-k is 9, expected 1 to 8"), "{err}");
+}

@@ -199,8 +199,12 @@ struct BenchArgs {
     steps: usize,
     #[arg(long, default_value_t = 2)]
     warmup: usize,
+    /// Keys per query in spt mode (default L/8).
     #[arg(long)]
     attn_k: Option<usize>,
+    /// FFN blocks kept per token (of 8) in spt mode (default: finetune's default, 2).
+    #[arg(long)]
+    ffn_top_k: Option<usize>,
     /// Write results JSON here (bench/results/finetune-speed.json format).
     #[arg(long)]
     output: Option<PathBuf>,
@@ -625,6 +629,13 @@ fn bench(a: &BenchArgs) -> Result<()> {
     if a.batch_size == 0 || a.seq_len == 0 || a.steps == 0 {
         bail!("--batch-size, --seq-len and --steps must be at least 1");
     }
+    let blocks = FinetuneConfig::default().ffn_blocks;
+    if let Some(k) = a.ffn_top_k.filter(|&k| k == 0 || k > blocks) {
+        bail!("--ffn-top-k is {k}, expected 1 to {blocks} (the FFN has {blocks} blocks)");
+    }
+    if a.attn_k == Some(0) {
+        bail!("--attn-k must be at least 1");
+    }
     let dev = device(&a.device)?;
     let model_dir = resolve_model(&a.model)?;
     if let Some(mode) = a.child {
@@ -656,6 +667,9 @@ fn bench(a: &BenchArgs) -> Result<()> {
         if let Some(k) = a.attn_k {
             cmd.args(["--attn-k", &k.to_string()]);
         }
+        if let Some(k) = a.ffn_top_k {
+            cmd.args(["--ffn-top-k", &k.to_string()]);
+        }
         eprintln!(
             "bench: {model_name} B{}xL{} {mode:?} ...",
             a.batch_size, a.seq_len
@@ -680,6 +694,17 @@ fn bench(a: &BenchArgs) -> Result<()> {
         results.push((mode, v));
     }
     let load_after = loadavg();
+    // With a non-default sparsity, each record's case names the run's spt setting, so runs at
+    // different settings can share one --output file.
+    let setting = (a.attn_k.is_some() || a.ffn_top_k.is_some()).then(|| {
+        let d = FinetuneConfig::default();
+        format!(
+            "spt k = {}, FFN {}/{}",
+            a.attn_k.unwrap_or((a.seq_len / 8).max(1)),
+            a.ffn_top_k.unwrap_or(d.ffn_top_k),
+            d.ffn_blocks
+        )
+    });
     let base = results
         .iter()
         .find(|(m, _)| *m == Mode::Dense)
@@ -693,8 +718,12 @@ fn bench(a: &BenchArgs) -> Result<()> {
                 Some(b) => (b["median_s"].as_f64(), b["peak_rss_bytes"].as_u64()),
                 None => (None, None),
             };
+            let mut case = serde_json::json!({"model": model_name, "B": a.batch_size, "L": a.seq_len, "mode": format!("{mode:?}").to_lowercase()});
+            if let Some(s) = &setting {
+                case["setting"] = s.clone().into();
+            }
             serde_json::json!({
-                "case": {"model": model_name, "B": a.batch_size, "L": a.seq_len, "mode": format!("{mode:?}").to_lowercase()},
+                "case": case,
                 "ours_s": ours,
                 "baseline_s": bs,
                 "speedup": bs.map(|b| b / ours),
@@ -709,6 +738,7 @@ fn bench(a: &BenchArgs) -> Result<()> {
                 "trainable_params": v["trainable_params"],
                 "total_params": v["total_params"],
                 "attn_k": v["attn_k"],
+                "ffn_top_k": v["ffn_top_k"],
                 "weights": v["weights"],
                 "loadavg_before": load_before,
                 "loadavg_after": load_after,
@@ -728,12 +758,17 @@ fn bench(a: &BenchArgs) -> Result<()> {
             let text = std::fs::read_to_string(out).with_context(|| format!("reading {}", out.display()))?;
             let old: serde_json::Value =
                 serde_json::from_str(&text).with_context(|| format!("parsing {}", out.display()))?;
+            // Replaces the records of this model (at this run's setting, if it names one).
+            let same = |r: &serde_json::Value| {
+                r["case"]["model"] == serde_json::json!(model_name)
+                    && r["case"].get("setting").and_then(|s| s.as_str()) == setting.as_deref()
+            };
             let mut merged: Vec<serde_json::Value> = old["records"]
                 .as_array()
                 .cloned()
                 .unwrap_or_default()
                 .into_iter()
-                .filter(|r| r["case"]["model"] != serde_json::json!(model_name))
+                .filter(|r| !same(r))
                 .collect();
             merged.extend(doc["records"].as_array().cloned().unwrap_or_default());
             let mut commands = match &old["command"] {
@@ -760,12 +795,15 @@ fn bench(a: &BenchArgs) -> Result<()> {
 fn bench_child(a: &BenchArgs, mode: Mode, model_dir: &Path, dev: &Device) -> Result<()> {
     let task_kind = task_of(&a.model)?;
     let attn_k = a.attn_k.unwrap_or((a.seq_len / 8).max(1));
+    let d = FinetuneConfig::default();
+    let ffn_top_k = a.ffn_top_k.unwrap_or(d.ffn_top_k);
     let cfg = FinetuneConfig {
         task: task_kind,
         mode,
         attn_k: Some(attn_k),
+        ffn_top_k,
         pq_refresh_every: 0,
-        ..FinetuneConfig::default()
+        ..d
     };
     let cfg_path = model_dir.join("config.json");
     let v: serde_json::Value = serde_json::from_str(
@@ -804,6 +842,7 @@ fn bench_child(a: &BenchArgs, mode: Mode, model_dir: &Path, dev: &Device) -> Res
             "trainable_params": task.summary.trainable,
             "total_params": task.summary.total,
             "attn_k": (mode == Mode::Spt).then_some(attn_k),
+            "ffn_top_k": (mode == Mode::Spt).then_some(ffn_top_k),
             "weights": if has_weights { "checkpoint" } else { "random init" },
         })
     );
