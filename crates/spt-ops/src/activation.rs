@@ -198,7 +198,12 @@ impl CustomOp1 for ActivationOp {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda::activation::forward(self.0, s, l)
+        use candle_core::backend::BackendStorage;
+        crate::cuda::by_float!(
+            "activation",
+            s.dtype(),
+            crate::cuda::activation::forward(self.0, s, l)
+        )
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -258,6 +263,11 @@ impl CustomOp2 for ActivationBackward {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda::activation::backward(self.0, s1, l1, s2, l2)
+        use candle_core::backend::BackendStorage;
+        crate::cuda::by_float!(
+            "activation_backward",
+            s1.dtype(),
+            crate::cuda::activation::backward(self.0, s1, l1, s2, l2)
+        )
     }
 }

@@ -1,7 +1,7 @@
 //! CUDA launchers for `kernels/activation.cu`: GELU (erf/tanh) and ReLU forward and backward,
 //! f32 or bf16.
 
-use super::{by_float, cfg_elems, func, i32_arg, kname, launched, view, KernelFloat, ACTIVATION};
+use super::{cfg_elems, func, i32_arg, kname, launched, view, KernelFloat, ACTIVATION};
 use crate::activation::Activation;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
@@ -17,12 +17,12 @@ fn kind(a: Activation) -> i32 {
     }
 }
 
-/// `act(x)`.
-pub(crate) fn forward(act: Activation, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-    by_float!("activation", s.dtype(), forward_t(act, s, l))
-}
-
-fn forward_t<T: KernelFloat>(act: Activation, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+/// `act(x)`, for `T` the storage's element type (see `by_float!`).
+pub(crate) fn forward<T: KernelFloat>(
+    act: Activation,
+    s: &CudaStorage,
+    l: &Layout,
+) -> Result<(CudaStorage, Shape)> {
     let op = "activation";
     let x = view::<T>(op, "x", s, l)?;
     let dev = &s.device;
@@ -40,7 +40,7 @@ fn forward_t<T: KernelFloat>(act: Activation, s: &CudaStorage, l: &Layout) -> Re
 }
 
 /// `grad · act'(x)` over `(x, grad)`.
-pub(crate) fn backward(
+pub(crate) fn backward<T: KernelFloat>(
     act: Activation,
     s1: &CudaStorage,
     l1: &Layout,
@@ -54,17 +54,6 @@ pub(crate) fn backward(
     if s1.dtype() != s2.dtype() {
         candle_core::bail!("{op}: x is {:?} but grad is {:?}", s1.dtype(), s2.dtype());
     }
-    by_float!(op, s1.dtype(), backward_t(act, s1, l1, s2, l2))
-}
-
-fn backward_t<T: KernelFloat>(
-    act: Activation,
-    s1: &CudaStorage,
-    l1: &Layout,
-    s2: &CudaStorage,
-    l2: &Layout,
-) -> Result<(CudaStorage, Shape)> {
-    let op = "activation_backward";
     let x = view::<T>(op, "x", s1, l1)?;
     let g = view::<T>(op, "grad", s2, l2)?;
     let dev = &s1.device;

@@ -69,12 +69,13 @@ pub(crate) fn kname<T: KernelFloat>(base: &str) -> String {
     format!("{base}_{}", T::SUFFIX)
 }
 
-/// Calls `f::<T>(args…)` with `T` = f32 or bf16 as `dtype` says, or a named error for any other.
+/// Calls `f::<T>(args…)` (`f` a path) with `T` = f32 or bf16 as `dtype` says, or a named error
+/// for any other dtype.
 macro_rules! by_float {
-    ($op:expr, $dtype:expr, $f:ident($($arg:expr),* $(,)?)) => {
+    ($op:expr, $dtype:expr, $($f:ident)::+ ($($arg:expr),* $(,)?)) => {
         match $dtype {
-            candle_core::DType::F32 => $f::<f32>($($arg),*),
-            candle_core::DType::BF16 => $f::<half::bf16>($($arg),*),
+            candle_core::DType::F32 => $($f)::+::<f32>($($arg),*),
+            candle_core::DType::BF16 => $($f)::+::<half::bf16>($($arg),*),
             other => candle_core::bail!(
                 "{}: dtype {other:?} on CUDA; the CUDA kernels take f32 or bf16",
                 $op

@@ -20,24 +20,8 @@ fn rows_d(l: &Layout) -> (usize, usize) {
     (rows, d)
 }
 
-/// `layer_norm` forward over `(x, gamma, beta)`.
-pub(crate) fn layer_norm_fwd(
-    eps: f64,
-    s1: &CudaStorage,
-    l1: &Layout,
-    s2: &CudaStorage,
-    l2: &Layout,
-    s3: &CudaStorage,
-    l3: &Layout,
-) -> Result<(CudaStorage, Shape)> {
-    by_float!(
-        "layer_norm",
-        s1.dtype(),
-        layer_norm_fwd_t(eps, s1, l1, s2, l2, s3, l3)
-    )
-}
-
-fn layer_norm_fwd_t<T: KernelFloat>(
+/// `layer_norm` forward over `(x, gamma, beta)`, for `T` the storages' element type.
+pub(crate) fn layer_norm_fwd<T: KernelFloat>(
     eps: f64,
     s1: &CudaStorage,
     l1: &Layout,
@@ -135,12 +119,8 @@ fn layer_norm_bwd_t<T: KernelFloat>(
     ))
 }
 
-/// Softmax forward over the last dimension.
-pub(crate) fn softmax_fwd(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-    by_float!("softmax", s.dtype(), softmax_fwd_t(s, l))
-}
-
-fn softmax_fwd_t<T: KernelFloat>(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+/// Softmax forward over the last dimension, for `T` the storage's element type.
+pub(crate) fn softmax_fwd<T: KernelFloat>(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
     let op = "softmax";
     let x = view::<T>(op, "x", s, l)?;
     let dev = &s.device;
@@ -159,7 +139,7 @@ fn softmax_fwd_t<T: KernelFloat>(s: &CudaStorage, l: &Layout) -> Result<(CudaSto
 }
 
 /// Softmax backward `dx = y ⊙ (dy − Σ y·dy)` over `(y, dy)`.
-pub(crate) fn softmax_bwd(
+pub(crate) fn softmax_bwd<T: KernelFloat>(
     s1: &CudaStorage,
     l1: &Layout,
     s2: &CudaStorage,
@@ -172,16 +152,6 @@ pub(crate) fn softmax_bwd(
     if s1.dtype() != s2.dtype() {
         candle_core::bail!("{op}: y is {:?} but grad is {:?}", s1.dtype(), s2.dtype());
     }
-    by_float!(op, s1.dtype(), softmax_bwd_t(s1, l1, s2, l2))
-}
-
-fn softmax_bwd_t<T: KernelFloat>(
-    s1: &CudaStorage,
-    l1: &Layout,
-    s2: &CudaStorage,
-    l2: &Layout,
-) -> Result<(CudaStorage, Shape)> {
-    let op = "softmax_backward";
     let y = view::<T>(op, "y", s1, l1)?;
     let g = view::<T>(op, "grad", s2, l2)?;
     let dev = &s1.device;

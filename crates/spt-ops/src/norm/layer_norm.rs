@@ -143,7 +143,12 @@ impl CustomOp3 for LayerNormOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::layer_norm_fwd(self.eps, s1, l1, s2, l2, s3, l3)
+        use candle_core::backend::BackendStorage;
+        crate::cuda::by_float!(
+            "layer_norm",
+            s1.dtype(),
+            super::cuda::layer_norm_fwd(self.eps, s1, l1, s2, l2, s3, l3)
+        )
     }
 
     fn bwd(

@@ -70,7 +70,8 @@ impl CustomOp1 for SoftmaxOp {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::softmax_fwd(s, l)
+        use candle_core::backend::BackendStorage;
+        crate::cuda::by_float!("softmax", s.dtype(), super::cuda::softmax_fwd(s, l))
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -122,6 +123,11 @@ impl CustomOp2 for SoftmaxBackward {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::softmax_bwd(s1, l1, s2, l2)
+        use candle_core::backend::BackendStorage;
+        crate::cuda::by_float!(
+            "softmax_backward",
+            s1.dtype(),
+            super::cuda::softmax_bwd(s1, l1, s2, l2)
+        )
     }
 }

@@ -4,19 +4,14 @@
 
 use super::router::Routing;
 use super::rows::token_rows;
-use crate::cuda::{by_float, cfg_blocks, func, i32_arg, kname, launched, view, KernelFloat, ROUTED_FFN};
-use candle_core::backend::BackendStorage;
+use crate::cuda::{cfg_blocks, func, i32_arg, kname, launched, view, KernelFloat, ROUTED_FFN};
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::{CudaStorage, Layout, Result, Shape};
 
 const THREADS: u32 = 128;
 
-/// `x_g[r] = x[row_token[r]]` on CUDA.
-pub(crate) fn gather_rows(routing: &Routing, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-    by_float!("gather_rows", s.dtype(), gather_rows_t(routing, s, l))
-}
-
-fn gather_rows_t<T: KernelFloat>(
+/// `x_g[r] = x[row_token[r]]` on CUDA, for `T` the storage's element type.
+pub(crate) fn gather_rows<T: KernelFloat>(
     routing: &Routing,
     s: &CudaStorage,
     l: &Layout,
@@ -43,12 +38,8 @@ fn gather_rows_t<T: KernelFloat>(
     ))
 }
 
-/// `out[t] = Σ_s y[row of (t, s)]` on CUDA, slots in order.
-pub(crate) fn sum_rows(routing: &Routing, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-    by_float!("sum_rows", s.dtype(), sum_rows_t(routing, s, l))
-}
-
-fn sum_rows_t<T: KernelFloat>(
+/// `out[t] = Σ_s y[row of (t, s)]` on CUDA, slots in order, for `T` the storage's element type.
+pub(crate) fn sum_rows<T: KernelFloat>(
     routing: &Routing,
     s: &CudaStorage,
     l: &Layout,

@@ -116,9 +116,11 @@ impl CustomOp1 for RowMove {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::by_float;
+        let (op, r) = (self.name(), &*self.1);
         match self.0 {
-            Move::Gather => super::cuda::gather_rows(&self.1, s, l),
-            Move::Sum => super::cuda::sum_rows(&self.1, s, l),
+            Move::Gather => by_float!(op, s.dtype(), super::cuda::gather_rows(r, s, l)),
+            Move::Sum => by_float!(op, s.dtype(), super::cuda::sum_rows(r, s, l)),
         }
     }
 

@@ -39,9 +39,9 @@ fn vec4(n: Dims, k: &Layout, v: &Layout) -> i32 {
     (n.d % 4 == 0 && n.dv % 4 == 0 && k.start_offset() % 4 == 0 && v.start_offset() % 4 == 0) as i32
 }
 
-/// Forward: `(o [B, H, L_q, d_v], lse [B, H, L_q])`.
+/// Forward: `(o [B, H, L_q, d_v], lse [B, H, L_q])`, for `T` the storages' element type.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn forward(
+pub(crate) fn forward<T: KernelFloat>(
     indices: &Tensor,
     n: Dims,
     scale: f64,
@@ -61,26 +61,6 @@ pub(crate) fn forward(
             s3.dtype()
         );
     }
-    by_float!(
-        op,
-        s1.dtype(),
-        forward_t(indices, n, scale, s1, l1, s2, l2, s3, l3)
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn forward_t<T: KernelFloat>(
-    indices: &Tensor,
-    n: Dims,
-    scale: f64,
-    s1: &CudaStorage,
-    l1: &Layout,
-    s2: &CudaStorage,
-    l2: &Layout,
-    s3: &CudaStorage,
-    l3: &Layout,
-) -> Result<(CudaStorage, Shape, Tensor)> {
-    let op = "sparse_attention";
     check_dims(op, n)?;
     let q = view::<T>(op, "q", s1, l1)?;
     let k = view::<T>(op, "k", s2, l2)?;

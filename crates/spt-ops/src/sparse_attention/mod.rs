@@ -175,7 +175,12 @@ impl CustomOp3 for SparseAttention {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (o, shape, lse) = cuda::forward(&self.indices, self.dims, self.scale, s1, l1, s2, l2, s3, l3)?;
+        use candle_core::backend::BackendStorage;
+        let (o, shape, lse) = crate::cuda::by_float!(
+            "sparse_attention",
+            s1.dtype(),
+            cuda::forward(&self.indices, self.dims, self.scale, s1, l1, s2, l2, s3, l3)
+        )?;
         *self
             .lse
             .lock()
