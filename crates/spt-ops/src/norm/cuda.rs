@@ -2,8 +2,8 @@
 //! statistics and dgamma/dbeta partials in f32).
 
 use crate::cuda::{
-    by_float, cfg_blocks, check_kernel_float, cuda_storage, func, i32_arg, kname, launched, tensor, view,
-    KernelFloat, NORM,
+    cfg_blocks, check_kernel_float, cuda_storage, func, i32_arg, kname, launched, tensor, view, KernelFloat,
+    NORM,
 };
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
@@ -50,8 +50,8 @@ pub(crate) fn layer_norm_fwd<T: KernelFloat>(
 }
 
 /// `(dx, dgamma, dbeta)` on CUDA; dgamma/dbeta are reduced deterministically (per-block
-/// partials, then a fixed-order sum).
-pub(crate) fn layer_norm_bwd(
+/// partials, then a fixed-order sum); `T` is the dtype of x.
+pub(crate) fn layer_norm_bwd<T: KernelFloat>(
     x: &Tensor,
     gamma: &Tensor,
     dy: &Tensor,
@@ -61,16 +61,6 @@ pub(crate) fn layer_norm_bwd(
     for (n, t) in [("x", x), ("gamma", gamma), ("dy", dy)] {
         check_kernel_float(op, n, t, x.dtype())?;
     }
-    by_float!(op, x.dtype(), layer_norm_bwd_t(x, gamma, dy, eps))
-}
-
-fn layer_norm_bwd_t<T: KernelFloat>(
-    x: &Tensor,
-    gamma: &Tensor,
-    dy: &Tensor,
-    eps: f64,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let op = "layer_norm_backward";
     let (x, gamma, dy) = (x.contiguous()?, gamma.contiguous()?, dy.contiguous()?);
     let dev = x.device().as_cuda_device()?.clone();
     let (xs, xl) = x.storage_and_layout();

@@ -173,7 +173,11 @@ pub fn layer_norm_backward(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
-        return super::cuda::layer_norm_bwd(x, gamma, dy, eps);
+        return crate::cuda::by_float!(
+            "layer_norm_backward",
+            x.dtype(),
+            super::cuda::layer_norm_bwd(x, gamma, dy, eps)
+        );
     }
     let op = "layer_norm_backward";
     let d = gamma.dim(0)?;

@@ -5,8 +5,8 @@
 
 use super::Dims;
 use crate::cuda::{
-    by_float, cfg_blocks, check_kernel_float, cuda_storage, func, i32_arg, kname, launched, tensor, view,
-    KernelFloat, SPARSE_ATTENTION,
+    cfg_blocks, check_kernel_float, cuda_storage, func, i32_arg, kname, launched, tensor, view, KernelFloat,
+    SPARSE_ATTENTION,
 };
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
@@ -106,9 +106,9 @@ pub(crate) fn forward<T: KernelFloat>(
     ))
 }
 
-/// Backward: `(dq, dk, dv)`, deterministic (every sum in a fixed order).
+/// Backward: `(dq, dk, dv)`, deterministic (every sum in a fixed order), for `T` the dtype of q.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn backward(
+pub(crate) fn backward<T: KernelFloat>(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -124,26 +124,6 @@ pub(crate) fn backward(
     for (name, t) in [("q", q), ("k", k), ("v", v), ("o", o), ("grad", grad)] {
         check_kernel_float(op, name, t, q.dtype())?;
     }
-    by_float!(
-        op,
-        q.dtype(),
-        backward_t(q, k, v, o, lse, grad, indices, n, scale)
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn backward_t<T: KernelFloat>(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    o: &Tensor,
-    lse: &Tensor,
-    grad: &Tensor,
-    indices: &Tensor,
-    n: Dims,
-    scale: f64,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let op = "sparse_attention_backward";
     let c = |t: &Tensor| t.contiguous();
     let (q, k, v, o, grad, indices) = (c(q)?, c(k)?, c(v)?, c(o)?, c(grad)?, c(indices)?);
     let lse = lse.to_dtype(candle_core::DType::F32)?.contiguous()?;

@@ -239,7 +239,11 @@ pub fn sparse_attention_backward(
     }
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() {
-        return cuda::backward(q, k, v, o, lse, grad, indices, n, scale);
+        return crate::cuda::by_float!(
+            op,
+            q.dtype(),
+            cuda::backward(q, k, v, o, lse, grad, indices, n, scale)
+        );
     }
     let idx = indices_u32(indices)?;
     let dev = q.device();
