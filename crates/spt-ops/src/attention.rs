@@ -50,7 +50,8 @@ impl AttentionMask {
     }
 
     /// Additive mask `[B|1, 1, L_q|1, L_k]` (0 or −1e30) and, when some query row has no
-    /// allowed key at all, a `[B, 1, L_q, 1]` multiplier that zeroes those rows.
+    /// allowed key at all, a `[B|1, 1, L_q|1, 1]` multiplier that zeroes those rows. Built with
+    /// tensor ops on `dev`, so a GPU run never builds an `L_q × L_k` mask on the host.
     fn dense_bias(
         &self,
         b: usize,
@@ -59,40 +60,46 @@ impl AttentionMask {
         dtype: DType,
         dev: &Device,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let keys = self.key_allowed("dense_attention", b, lk)?;
-        if !self.causal && keys.is_none() {
-            return Ok((None, None));
-        }
-        let (bb, qq) = (
-            if keys.is_some() { b } else { 1 },
-            if self.causal { lq } else { 1 },
-        );
-        let mut bias = vec![0f64; bb * qq * lk];
-        let mut row_ok = vec![1f64; b * lq];
-        let mut any_empty = false;
-        for bi in 0..bb {
-            for i in 0..qq {
-                for j in 0..lk {
-                    let ok = (!self.causal || j <= i) && keys.as_ref().is_none_or(|k| k[bi * lk + j]);
-                    if !ok {
-                        bias[(bi * qq + i) * lk + j] = MASKED;
-                    }
+        let causal = if self.causal {
+            let i = Tensor::arange(0u32, lq as u32, dev)?.reshape((1, 1, lq, 1))?;
+            let j = Tensor::arange(0u32, lk as u32, dev)?.reshape((1, 1, 1, lk))?;
+            Some(j.broadcast_le(&i)?) // u8 [1, 1, L_q, L_k]
+        } else {
+            None
+        };
+        let keys = match &self.key_padding {
+            Some(m) => {
+                if m.dims() != [b, lk] {
+                    bail!(
+                        "dense_attention: key_padding mask is {:?}, expected [B, L] = [{b}, {lk}]",
+                        m.dims()
+                    );
                 }
+                let m = m.to_device(dev)?.to_dtype(DType::F32)?;
+                Some(m.ne(0f32)?.reshape((b, 1, 1, lk))?) // u8 [B, 1, 1, L_k]
             }
-        }
-        for bi in 0..b {
-            for i in 0..lq {
-                let (bs, qs) = (if bb == 1 { 0 } else { bi }, if qq == 1 { 0 } else { i });
-                let row = &bias[(bs * qq + qs) * lk..(bs * qq + qs + 1) * lk];
-                if row.iter().all(|&x| x == MASKED) {
-                    row_ok[bi * lq + i] = 0.0;
-                    any_empty = true;
-                }
+            None => None,
+        };
+        let allowed = match (causal, keys) {
+            (None, None) => return Ok((None, None)),
+            (Some(c), None) => c,
+            (None, Some(k)) => k,
+            (Some(c), Some(k)) => c.broadcast_mul(&k)?,
+        };
+        // 1 → 0, 0 → −1e30: the two constants cancel exactly in every float dtype.
+        let bias = allowed.to_dtype(dtype)?.affine(-MASKED, MASKED)?;
+        // Causal rows always keep key 0, so only padding (or no keys at all) can empty a row.
+        let rows = if self.key_padding.is_some() || lk == 0 {
+            let row_ok = if lk == 0 {
+                Tensor::zeros((1, 1, lq, 1), DType::U8, dev)?
+            } else {
+                allowed.max_keepdim(3)?
+            };
+            if row_ok.flatten_all()?.min(0)?.to_scalar::<u8>()? == 0 {
+                Some(row_ok.to_dtype(dtype)?)
+            } else {
+                None
             }
-        }
-        let bias = Tensor::from_vec(bias, (bb, 1, qq, lk), dev)?.to_dtype(dtype)?;
-        let rows = if any_empty {
-            Some(Tensor::from_vec(row_ok, (b, 1, lq, 1), dev)?.to_dtype(dtype)?)
         } else {
             None
         };

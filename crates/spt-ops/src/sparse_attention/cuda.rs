@@ -33,10 +33,12 @@ fn check_dims(op: &str, n: Dims) -> Result<()> {
     Ok(())
 }
 
-/// 1 when f32 k and v rows can be read as float4: d, d_v multiples of 4 and both tensors start
-/// 16-byte aligned (candle's allocations are 256-byte aligned; a view's offset may not be).
-fn vec4(n: Dims, k: &Layout, v: &Layout) -> i32 {
-    (n.d % 4 == 0 && n.dv % 4 == 0 && k.start_offset() % 4 == 0 && v.start_offset() % 4 == 0) as i32
+/// 1 when k and v rows can be read 16 bytes at a time (float4, or 8 bf16): d, d_v multiples of
+/// the values per 16 bytes and both tensors start 16-byte aligned (candle's allocations are
+/// 256-byte aligned; a view's offset may not be).
+fn vec4<T>(n: Dims, k: &Layout, v: &Layout) -> i32 {
+    let w = 16 / std::mem::size_of::<T>();
+    (n.d % w == 0 && n.dv % w == 0 && k.start_offset() % w == 0 && v.start_offset() % w == 0) as i32
 }
 
 /// Forward: `(o [B, H, L_q, d_v], lse [B, H, L_q])`, for `T` the storages' element type.
@@ -91,7 +93,7 @@ pub(crate) fn forward<T: KernelFloat>(
             n.dv as i32,
             n.kk as i32,
             scale as f32,
-            vec4(n, l2, l3)
+            vec4::<T>(n, l2, l3)
         );
         let cfg = cfg_blocks(rows.div_ceil(WARPS), (32 * WARPS) as u32, 0);
         launched(op, &name, unsafe { a.launch(cfg) })?;
@@ -174,7 +176,7 @@ pub(crate) fn backward<T: KernelFloat>(
         let mut a = f.builder();
         a.arg(&qv).arg(&kv).arg(&vv).arg(&ov).arg(&lv).arg(&gv).arg(&iv);
         a.arg(&mut dq).arg(&mut p).arg(&mut ds);
-        candle_core::builder_arg!(a, ri, lqi, lki, di, dvi, kki, sc, vec4(n, kl, vl));
+        candle_core::builder_arg!(a, ri, lqi, lki, di, dvi, kki, sc, vec4::<T>(n, kl, vl));
         launched(op, &name, unsafe { a.launch(warp_cfg(rows)) })?;
 
         // Phase 2: CSC transpose per (b, h): histogram, two prefix sums, ordered scatter.

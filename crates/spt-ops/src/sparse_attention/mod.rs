@@ -78,14 +78,7 @@ pub fn sparse_attention(
         }
     }
     // Out-of-range indices would read another head's keys: reject them up front.
-    let max = sel
-        .indices
-        .flatten_all()?
-        .to_vec1::<u32>()?
-        .into_iter()
-        .filter(|&j| j != crate::pq::SENTINEL)
-        .max();
-    if let Some(j) = max.filter(|&j| j as usize >= lk) {
+    if let Some(j) = max_real_index(&sel.indices)?.filter(|&j| j as usize >= lk) {
         bail!("{op}: selection holds key index {j}, but k has only L_k = {lk} keys");
     }
     let dims = Dims {
@@ -106,6 +99,29 @@ pub fn sparse_attention(
             lse: Mutex::new(None),
         },
     )
+}
+
+/// The largest real (non-sentinel) key index of a selection `[B, H, L_q, k]`, if it has any.
+/// On the CPU a scan; elsewhere device reductions and one scalar read, so the check never copies
+/// the selection (4·B·H·L_q·k bytes) to the host.
+fn max_real_index(indices: &Tensor) -> Result<Option<u32>> {
+    use crate::pq::SENTINEL;
+    if indices.device().is_cpu() {
+        let v = indices.flatten_all()?.to_vec1::<u32>()?;
+        return Ok(v.into_iter().filter(|&j| j != SENTINEL).max());
+    }
+    if indices.elem_count() == 0 {
+        return Ok(None);
+    }
+    let real = indices.ne(SENTINEL)?;
+    // Per row first, then over rows: a flat max would run as one block over every entry.
+    let last = indices.rank() - 1;
+    let any = real.max(last)?.flatten_all()?.max(0)?.to_scalar::<u8>()? != 0;
+    if !any {
+        return Ok(None);
+    }
+    let masked = real.where_cond(indices, &indices.zeros_like()?)?;
+    Ok(Some(masked.max(last)?.flatten_all()?.max(0)?.to_scalar::<u32>()?))
 }
 
 /// The forward op. The selection rides along as a non-differentiable field; `lse` is filled by
