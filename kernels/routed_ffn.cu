@@ -1,38 +1,43 @@
-// routed_ffn.cu: the row moves of the routed FFN on CUDA, around its per-block GEMMs
-// (f32, bf16: a copy and a k-term f32 sum).
+// routed_ffn.cu: the row moves of the routed FFN on CUDA, around its GEMMs (f32, bf16: a copy
+// and a short f32 sum).
 //
-// Launched by crates/spt-ops/src/routed_ffn/cuda.rs for the ops in routed_ffn/rows.rs
-// (gather_rows / sum_rows), which the composed routed path (routed_ffn/composed.rs) uses on
-// every non-CPU device. The CPU versions of both ops are the reference (same summation order).
+// Launched by crates/spt-ops/src/routed_ffn/cuda.rs for the ops in routed_ffn/rows.rs, which the
+// composed routed path (routed_ffn/composed.rs) uses on every non-CPU device. The CPU versions
+// of both ops are the reference (same summation order).
 //
-// Shapes: T tokens, k blocks per token, R = T·k routed rows sorted by block, then by token (the
-// host-side `Routing`). row_token [R] u32: token of routed row r. token_rows [T·k] u32: routed
-// row of (token t, slot s) at t·k + s (the inverse of the routing's row_src).
-// - route_gather_{f32,bf16}  grid (R), block 128: x_g[r] = x[row_token[r]]   ([T, d] → [R, d]).
-// - route_sum_{f32,bf16}     grid (T), block 128: out[t] = Σ_s y_g[token_rows[t·k + s]], slots in
-//                     order ([R, n] → [T, n]). The scatter-add as a pull: one writer per output,
-//                     no float atomics, a fixed order, so the result is deterministic.
+// A row map (built on the host from the `Routing`) links a source space of S rows and a
+// destination space of D rows. src [D] u32: the source row each destination row copies, or the
+// sentinel 0xFFFFFFFF (a zero row). copies [S·per] u32: the destination rows that copy each source
+// row, in slot order, sentinel-padded. Maps in use: tokens → routed rows (sorted by block; per =
+// k), tokens → rows padded per block (per = k), padded → routed rows (per = 1).
+// - route_gather_{f32,bf16}  grid (D), block 128: out[i] = x[src[i]], or 0.
+// - route_sum_{f32,bf16}     grid (S), block 128: out[j] = Σ_s y[copies[j·per + s]], slots in
+//                     order. The scatter-add as a pull: one writer per output, no float atomics,
+//                     a fixed order, so the result is deterministic.
 // Each is the other's adjoint, so the backward of one is a launch of the other.
 //
 // Why not candle's index_add for the sum: its CUDA kernel gives one thread per output column and
-// loops over all R rows (n threads in all: ~400 for BERT-base widths, R ~ 16k rows), which leaves
-// almost the whole GPU idle. route_sum runs T·128 threads.
+// loops over all rows (n threads in all: ~400 for BERT-base widths, R ~ 16k rows), which leaves
+// almost the whole GPU idle. route_sum runs S·128 threads.
 //
-// Why the grouping itself stays on the host: the GEMMs are one cuBLAS call per block (through
-// candle's matmul on row ranges), and launching them needs every block's row count on the host,
-// so the top-k selection comes to the host anyway (T·k u32); sorting it there costs O(T·k).
-// A custom tiled grouped GEMM would only pay off with many tiny groups, and would have to redo
-// what cuBLAS tunes per architecture.
+// Why the grouping itself stays on the host: the GEMM launches (one batched cuBLAS call over the
+// padded blocks, or one per block) need the block row counts on the host, so the top-k selection
+// comes to the host anyway (T·k u32); sorting it there costs O(T·k).
 //
-// Limits: R, T·d and R·n < 2^31 (checked in Rust); indices < T and < R (built by `Routing`).
+// Limits: D·width, S·width < 2^31 (checked in Rust); indices < S and < D (built by `Routing`).
 #include "common.cuh"
 
 template <typename T>
 __device__ __forceinline__ void route_gather(const T* __restrict__ x, const uint32_t* __restrict__ row_token,
                                              T* __restrict__ x_g, int d) {
   const int r = blockIdx.x;
-  const T* src = x + (size_t)row_token[r] * d;
+  const uint32_t s = row_token[r];
   T* dst = x_g + (size_t)r * d;
+  if (s == SPT_SENTINEL) {
+    for (int c = threadIdx.x; c < d; c += blockDim.x) dst[c] = spt_st<T>(0.0f);
+    return;
+  }
+  const T* src = x + (size_t)s * d;
   for (int c = threadIdx.x; c < d; c += blockDim.x) dst[c] = src[c];
 }
 
@@ -42,12 +47,15 @@ __device__ __forceinline__ void route_sum(const T* __restrict__ y_g, const uint3
   const int t = blockIdx.x;
   for (int c = threadIdx.x; c < n; c += blockDim.x) {
     float acc = 0.0f;
-    for (int s = 0; s < k; ++s) acc += spt_ld(y_g[(size_t)token_rows[(size_t)t * k + s] * n + c]);
+    for (int s = 0; s < k; ++s) {
+      const uint32_t r = token_rows[(size_t)t * k + s];
+      if (r != SPT_SENTINEL) acc += spt_ld(y_g[(size_t)r * n + c]);
+    }
     out[(size_t)t * n + c] = spt_st<T>(acc);
   }
 }
 
-// x [T, d], row_token [R], x_g [R, d]; y_g [R, n], token_rows [T·k], out [T, n].
+// x [S, d], src (row_token) [D], x_g [D, d]; y_g [D, n], copies (token_rows) [S·per], out [S, n].
 #define SPT_ROUTE_KERNELS(T, SFX)                                                                \
   extern "C" __global__ void route_gather_##SFX(const T* __restrict__ x,                        \
                                                 const uint32_t* __restrict__ row_token,         \

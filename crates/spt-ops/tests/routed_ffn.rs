@@ -598,12 +598,24 @@ fn gather_op_with_routed_base_and_lora_path_gradients_f64() -> Result<()> {
 fn composed_path_equals_fused_ops() -> Result<()> {
     use spt_ops::routed_ffn::{gather_matmul_act, scatter_matmul_bias, AddKind};
     let (t, d, n, b, k, d_out) = (37, 12, 4, 6, 2, 9);
-    for (seed, act, base) in [
-        (1, Some(Activation::GeluTanh), false),
-        (2, None, true),
-        (3, Some(Activation::Relu), true),
+    // Balanced routings run padded (one batched GEMM per projection); the skewed one (k = 1,
+    // most tokens on block 0: padding would quadruple the rows) runs one GEMM per block.
+    for (seed, act, base, skewed) in [
+        (1, Some(Activation::GeluTanh), false, false),
+        (2, None, true, false),
+        (3, Some(Activation::Relu), true, false),
+        (4, Some(Activation::GeluTanh), false, true),
+        (5, None, true, true),
     ] {
-        let routing = Arc::new(random_routing(t, n, k, Some(2), seed)?);
+        let routing = Arc::new(if skewed {
+            let blocks = (0..t)
+                .map(|i| if i % 6 == 0 { (i % n) as u32 } else { 0 })
+                .collect();
+            Routing::from_blocks(t, n, 1, blocks)?
+        } else {
+            random_routing(t, n, k, Some(2), seed)?
+        });
+        assert_eq!(composed::uses_padding(&routing), !skewed, "seed {seed}");
         let r = routing.n_rows();
         let x = (randn_f64(&[t, d], seed)?).to_dtype(DType::F32)?;
         let w1 = (randn_f64(&[n * b, d], seed + 10)? * 0.3)?.to_dtype(DType::F32)?;

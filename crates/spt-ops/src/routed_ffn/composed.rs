@@ -1,24 +1,82 @@
-//! The routed GEMMs composed from a row gather, one candle `matmul` per block and a per-token row
-//! sum ([`gather_rows`], [`sum_rows`]: on CUDA, `kernels/routed_ffn.cu`), differentiated by
-//! candle's autograd. This is what runs on devices without our fused kernel (CUDA today: one
-//! cuBLAS GEMM per block through candle's matmul). It computes the same function as the fused CPU
-//! ops, which the tests check on the CPU, but it copies the routed rows and computes every weight
-//! gradient candle's matmul backward produces.
+//! The routed GEMMs composed from row moves (`rows.rs`: on CUDA, `kernels/routed_ffn.cu`) and
+//! candle `matmul`s, differentiated by candle's autograd. This is what runs on devices without
+//! our fused kernel (CUDA today). It computes the same function as the fused CPU ops, which the
+//! tests check on the CPU, but it copies the routed rows and computes every weight gradient
+//! candle's matmul backward produces.
+//!
+//! Two layouts, chosen per routing ([`uses_padding`]):
+//! - **padded** (balanced routings): the routed rows laid out per block, each padded with zero
+//!   rows to the fullest block's count, so each projection is one batched GEMM over all blocks
+//!   and the autograd graph has a fixed handful of nodes;
+//! - **per block** (skewed routings, where padding would more than double the rows): one GEMM per
+//!   block on its row range. Each range is a `narrow`, whose backward candle pads to the full
+//!   tensor and adds: on an H200 this path spent more time in those adds and copies than in its
+//!   GEMMs (BERT-base-like FFN, 8192 tokens, 4 of 8 blocks).
 
 use super::ops::AddKind;
 use super::router::Routing;
-use super::rows::{gather_rows, sum_rows};
+use super::rows::{gather_rows, move_rows, padded_rows, sum_rows, Move, RowMap};
 use crate::activation::Activation;
 use candle_core::{Result, Tensor};
 use std::sync::Arc;
 
-/// Block `e` of each routed row, `[R]` u32.
-fn row_blocks(routing: &Routing) -> Vec<u32> {
-    let mut out = Vec::with_capacity(routing.n_rows());
-    for e in 0..routing.n_blocks() {
-        out.extend(std::iter::repeat_n(e as u32, routing.block_rows(e).len()));
+/// Padding may at most double the routed rows (`n_blocks · R_max ≤ 2R`).
+const MAX_PADDING: usize = 2;
+
+/// Whether the composed path runs `routing` padded (one batched GEMM per projection) rather than
+/// one GEMM per block: when the padded layout has at most twice the routed rows.
+pub fn uses_padding(routing: &Routing) -> bool {
+    let rm = padded_rows(routing);
+    rm > 0 && routing.n_blocks() * rm <= MAX_PADDING * routing.n_rows()
+}
+
+/// `act(x[t] · W_eᵀ + add)` for every routed row, `[R, b]`, padded: one batched GEMM.
+fn gather_matmul_act_padded(
+    x: &Tensor,
+    w: &Tensor,
+    add: Option<(&Tensor, AddKind)>,
+    act: Option<Activation>,
+    routing: &Arc<Routing>,
+    block: usize,
+) -> Result<Tensor> {
+    let (n, rm, d_in) = (routing.n_blocks(), padded_rows(routing), x.dim(1)?);
+    let xp = move_rows(x, Move::Gather, Arc::new(RowMap::padded(routing)))?.reshape((n, rm, d_in))?;
+    let we = w.contiguous()?.reshape((n, block, d_in))?;
+    let mut h = xp.matmul(&we.t()?)?; // [n, R_max, b]
+    if let Some((bias, AddKind::Bias)) = add {
+        // A broadcast add, so the bias gradient is a sum (f32-accumulated in bf16 too).
+        h = h.broadcast_add(&bias.reshape((n, 1, block))?)?;
     }
-    out
+    let unpad = Arc::new(RowMap::unpad(routing));
+    let mut h = move_rows(&h.reshape((n * rm, block))?, Move::Gather, unpad)?; // [R, b]
+    if let Some((base, AddKind::Base)) = add {
+        h = (h + base)?;
+    }
+    match act {
+        Some(a) => a.forward(&h),
+        None => Ok(h),
+    }
+}
+
+/// `y[t] = Σ_{rows r of t} gates[r] · h[r] · W_eᵀ`, `[T, d_out]`, padded: one batched GEMM.
+fn scatter_matmul_padded(
+    hg: &Tensor,
+    w: &Tensor,
+    routing: &Arc<Routing>,
+    block: usize,
+    d_out: usize,
+) -> Result<Tensor> {
+    let (n, rm) = (routing.n_blocks(), padded_rows(routing));
+    let hp = move_rows(hg, Move::Sum, Arc::new(RowMap::unpad(routing)))?.reshape((n, rm, block))?;
+    // W's column blocks as [n, d_out, b]: one copy of W (small next to the GEMM), so each block
+    // is a plain transposed operand of the batched GEMM.
+    let we = w.reshape((d_out, n, block))?.transpose(0, 1)?.contiguous()?;
+    let yp = hp.matmul(&we.t()?)?; // [n, R_max, d_out]
+    move_rows(
+        &yp.reshape((n * rm, d_out))?,
+        Move::Sum,
+        Arc::new(RowMap::padded(routing)),
+    )
 }
 
 /// `act(x[t] · W_eᵀ + add)` for every routed row, `[R, b]`: see `gather_matmul_act`.
@@ -30,8 +88,10 @@ pub fn gather_matmul_act(
     routing: &Arc<Routing>,
     block: usize,
 ) -> Result<Tensor> {
+    if uses_padding(routing) {
+        return gather_matmul_act_padded(x, w, add, act, routing, block);
+    }
     let dev = x.device();
-    let rows = routing.n_rows();
     let xr = gather_rows(x, routing)?; // [R, d_in]
     let mut parts = Vec::new();
     for e in 0..routing.n_blocks() {
@@ -40,21 +100,21 @@ pub fn gather_matmul_act(
             continue;
         }
         let we = w.narrow(0, e * block, block)?;
-        parts.push(xr.narrow(0, r.start, r.len())?.matmul(&we.t()?)?);
+        let mut part = xr.narrow(0, r.start, r.len())?.matmul(&we.t()?)?;
+        if let Some((bias, AddKind::Bias)) = add {
+            // Per block, so the bias gradient is a column sum (f32-accumulated in bf16 too)
+            // rather than an index_add that rounds at every row.
+            part = part.broadcast_add(&bias.narrow(0, e * block, block)?)?;
+        }
+        parts.push(part);
     }
     let mut h = if parts.is_empty() {
         Tensor::zeros((0, block), x.dtype(), dev)?
     } else {
         Tensor::cat(&parts, 0)?
     };
-    match add {
-        Some((bias, AddKind::Bias)) => {
-            let per_block = bias.reshape((routing.n_blocks(), block))?;
-            let idx = Tensor::from_vec(row_blocks(routing), rows, dev)?;
-            h = (h + per_block.index_select(&idx, 0)?)?;
-        }
-        Some((base, AddKind::Base)) => h = (h + base)?,
-        _ => {}
+    if let Some((base, AddKind::Base)) = add {
+        h = (h + base)?;
     }
     match act {
         Some(a) => a.forward(&h),
@@ -74,23 +134,41 @@ pub fn scatter_matmul_bias(
 ) -> Result<Tensor> {
     let dev = h.device();
     let hg = h.broadcast_mul(&gates.unsqueeze(1)?)?;
+    let y = if uses_padding(routing) {
+        scatter_matmul_padded(&hg, w, routing, block, d_out)?
+    } else {
+        scatter_matmul_per_block(&hg, w, routing, block, d_out, dev)?
+    };
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+fn scatter_matmul_per_block(
+    hg: &Tensor,
+    w: &Tensor,
+    routing: &Arc<Routing>,
+    block: usize,
+    d_out: usize,
+    dev: &candle_core::Device,
+) -> Result<Tensor> {
     let mut parts = Vec::new();
     for e in 0..routing.n_blocks() {
         let r = routing.block_rows(e);
         if r.is_empty() {
             continue;
         }
-        let we = w.narrow(1, e * block, block)?; // [d_out, b]
+        // A column block of w is strided ([d_out, b] with row stride d_ff), which candle's cuBLAS
+        // matmul rejects once transposed; one copy of the block (d_out·b values, small next to
+        // the GEMM's R·b·d_out) makes it a plain transposed operand.
+        let we = w.narrow(1, e * block, block)?.contiguous()?; // [d_out, b]
         parts.push(hg.narrow(0, r.start, r.len())?.matmul(&we.t()?)?);
     }
-    let y = if parts.is_empty() {
-        Tensor::zeros((routing.n_tokens(), d_out), h.dtype(), dev)?
+    if parts.is_empty() {
+        Tensor::zeros((routing.n_tokens(), d_out), hg.dtype(), dev)
     } else {
-        sum_rows(&Tensor::cat(&parts, 0)?, routing)?
-    };
-    match bias {
-        Some(b) => y.broadcast_add(b),
-        None => Ok(y),
+        sum_rows(&Tensor::cat(&parts, 0)?, routing)
     }
 }
 

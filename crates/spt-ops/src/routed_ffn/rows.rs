@@ -1,18 +1,102 @@
-//! The two row moves around the routed GEMMs, as custom ops that are each other's adjoint:
+//! The row moves around the routed GEMMs, as custom ops that are each other's adjoint:
 //!
 //! - [`gather_rows`] `x [T, d] → [R, d]`: routed row `r` is a copy of its token's row.
 //! - [`sum_rows`] `y [R, n] → [T, n]`: each token's routed rows summed, slots in order.
 //!
-//! They are what the composed routed path (`composed.rs`) is built from off the CPU, where they
-//! run `kernels/routed_ffn.cu`; candle's `index_add` on CUDA gives one thread per column and
-//! leaves the GPU mostly idle. Their CPU versions are the reference for the CUDA kernels and sum
-//! in the same order.
+//! Both are instances of one pair over a [`RowMap`]: a gather (each destination row copies one
+//! source row, or is zero) and its adjoint, a per-source-row sum of the rows that copied it. The
+//! composed routed path (`composed.rs`) also uses the pair to lay the routed rows out padded per
+//! block (one batched GEMM over every block) and back. Off the CPU they run
+//! `kernels/routed_ffn.cu`; candle's `index_add` on CUDA gives one thread per column and leaves
+//! the GPU mostly idle. The CPU versions are the reference for the kernels and sum in the same
+//! order.
 
 use super::router::Routing;
+use crate::pq::SENTINEL;
 use crate::util::{check_float, contiguous, Float};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use std::sync::Arc;
+
+/// A row move between a source space of `src_rows` rows and a destination space of
+/// `src.len()` rows.
+#[derive(Debug)]
+pub(crate) struct RowMap {
+    /// `[dst_rows]`: the source row each destination row copies, or [`SENTINEL`] (a zero row).
+    pub(crate) src: Vec<u32>,
+    /// `[src_rows · per]`: the destination rows that copy each source row, in increasing slot
+    /// order, [`SENTINEL`]-padded.
+    pub(crate) copies: Vec<u32>,
+    pub(crate) per: usize,
+    pub(crate) src_rows: usize,
+}
+
+impl RowMap {
+    pub(crate) fn dst_rows(&self) -> usize {
+        self.src.len()
+    }
+
+    /// Tokens → routed rows (sorted by block): the map of [`gather_rows`] / [`sum_rows`].
+    pub(crate) fn routed(r: &Routing) -> Self {
+        Self {
+            src: r.row_token().to_vec(),
+            copies: token_rows(r),
+            per: r.k(),
+            src_rows: r.n_tokens(),
+        }
+    }
+
+    /// Tokens → rows padded per block: block `e`'s rows at `e·R_max ..`, then zero rows up to
+    /// the fullest block's count `R_max` ([`padded_rows`]).
+    pub(crate) fn padded(r: &Routing) -> Self {
+        let pad = pad_index(r);
+        let copies = token_rows(r).into_iter().map(|row| pad[row as usize]).collect();
+        let mut src = vec![SENTINEL; r.n_blocks() * padded_rows(r)];
+        for (row, &p) in pad.iter().enumerate() {
+            src[p as usize] = r.row_token()[row];
+        }
+        Self {
+            src,
+            copies,
+            per: r.k(),
+            src_rows: r.n_tokens(),
+        }
+    }
+
+    /// Padded rows → routed rows: the gather drops the padding, its adjoint puts it back.
+    pub(crate) fn unpad(r: &Routing) -> Self {
+        let src = pad_index(r);
+        let mut copies = vec![SENTINEL; r.n_blocks() * padded_rows(r)];
+        for (row, &p) in src.iter().enumerate() {
+            copies[p as usize] = row as u32;
+        }
+        let src_rows = copies.len();
+        Self {
+            src,
+            copies,
+            per: 1,
+            src_rows,
+        }
+    }
+}
+
+/// Rows of the fullest block, `R_max`: the padded layout has `n_blocks · R_max` rows.
+pub(crate) fn padded_rows(r: &Routing) -> usize {
+    r.block_counts().into_iter().max().unwrap_or(0)
+}
+
+/// `[R]`: the padded row `e·R_max + i` of routed row `r` (the i-th row of its block e).
+fn pad_index(r: &Routing) -> Vec<u32> {
+    let rm = padded_rows(r);
+    let mut out = vec![0u32; r.n_rows()];
+    for e in 0..r.n_blocks() {
+        let rows = r.block_rows(e);
+        for (i, row) in rows.clone().enumerate() {
+            out[row] = (e * rm + i) as u32;
+        }
+    }
+    out
+}
 
 /// `x_g[r] = x[row_token[r]]`, `[T, d] → [R, d]`. Differentiable in `x`.
 pub fn gather_rows(x: &Tensor, routing: &Arc<Routing>) -> Result<Tensor> {
@@ -24,7 +108,7 @@ pub fn gather_rows(x: &Tensor, routing: &Arc<Routing>) -> Result<Tensor> {
             routing.n_tokens()
         ),
     }
-    x.contiguous()?.apply_op1(RowMove(Move::Gather, routing.clone()))
+    move_rows(x, Move::Gather, Arc::new(RowMap::routed(routing)))
 }
 
 /// `out[t] = Σ_s y[row of (t, s)]`, `[R, n] → [T, n]`. Differentiable in `y`.
@@ -37,7 +121,21 @@ pub fn sum_rows(y: &Tensor, routing: &Arc<Routing>) -> Result<Tensor> {
             routing.n_rows()
         ),
     }
-    y.contiguous()?.apply_op1(RowMove(Move::Sum, routing.clone()))
+    move_rows(y, Move::Sum, Arc::new(RowMap::routed(routing)))
+}
+
+/// The gather (source → destination rows) or the sum (destination → source rows) of `map`, on a
+/// `[rows, width]` tensor whose row count the move expects. Differentiable.
+pub(crate) fn move_rows(x: &Tensor, m: Move, map: Arc<RowMap>) -> Result<Tensor> {
+    let op = m.name();
+    let want = match m {
+        Move::Gather => map.src_rows,
+        Move::Sum => map.dst_rows(),
+    };
+    if x.rank() != 2 || x.dim(0)? != want {
+        bail!("{op}: input is {:?}, expected [{want}, width]", x.dims());
+    }
+    x.contiguous()?.apply_op1(RowMove(m, map))
 }
 
 /// The routed row of each (token, slot) pair `t·k + s`: the inverse of `row_src`.
@@ -49,21 +147,21 @@ pub(crate) fn token_rows(routing: &Routing) -> Vec<u32> {
     out
 }
 
-fn gather_cpu<T: Float>(x: &[T], d: usize, routing: &Routing) -> Vec<T> {
-    let mut out = Vec::with_capacity(routing.n_rows() * d);
-    for &t in routing.row_token() {
-        out.extend_from_slice(&x[t as usize * d..(t as usize + 1) * d]);
+fn gather_cpu<T: Float>(x: &[T], width: usize, m: &RowMap) -> Vec<T> {
+    let mut out = vec![T::zero(); m.dst_rows() * width];
+    for (o, &s) in out.chunks_mut(width.max(1)).zip(&m.src) {
+        if s != SENTINEL {
+            o.copy_from_slice(&x[s as usize * width..(s as usize + 1) * width]);
+        }
     }
     out
 }
 
-fn sum_cpu<T: Float>(y: &[T], n: usize, routing: &Routing) -> Vec<T> {
-    let k = routing.k();
-    let rows = token_rows(routing);
-    let mut out = vec![T::zero(); routing.n_tokens() * n];
-    for (o, slots) in out.chunks_mut(n.max(1)).zip(rows.chunks(k)) {
-        for &r in slots {
-            let src = &y[r as usize * n..(r as usize + 1) * n];
+fn sum_cpu<T: Float>(y: &[T], width: usize, m: &RowMap) -> Vec<T> {
+    let mut out = vec![T::zero(); m.src_rows * width];
+    for (o, copies) in out.chunks_mut(width.max(1)).zip(m.copies.chunks(m.per.max(1))) {
+        for &r in copies.iter().filter(|&&r| r != SENTINEL) {
+            let src = &y[r as usize * width..(r as usize + 1) * width];
             for (o, &v) in o.iter_mut().zip(src) {
                 *o = *o + v;
             }
@@ -72,39 +170,46 @@ fn sum_cpu<T: Float>(y: &[T], n: usize, routing: &Routing) -> Vec<T> {
     out
 }
 
-/// Which way rows move: tokens → routed rows, or routed rows → tokens (each other's adjoint).
+/// Which way rows move: source → destination rows (a gather), or destination → source rows (a
+/// sum): each other's adjoint.
 #[derive(Clone, Copy)]
-enum Move {
+pub(crate) enum Move {
     Gather,
     Sum,
 }
 
-/// See [`gather_rows`] and [`sum_rows`].
-struct RowMove(Move, Arc<Routing>);
-
-impl CustomOp1 for RowMove {
-    fn name(&self) -> &'static str {
-        match self.0 {
+impl Move {
+    fn name(self) -> &'static str {
+        match self {
             Move::Gather => "gather_rows",
             Move::Sum => "sum_rows",
         }
     }
+}
+
+/// See [`move_rows`].
+struct RowMove(Move, Arc<RowMap>);
+
+impl CustomOp1 for RowMove {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (op, r, width) = (self.name(), &*self.1, l.dims()[1]);
+        let (op, m, width) = (self.name(), &*self.1, l.dims()[1]);
         let out_rows = match self.0 {
-            Move::Gather => r.n_rows(),
-            Move::Sum => r.n_tokens(),
+            Move::Gather => m.dst_rows(),
+            Move::Sum => m.src_rows,
         };
-        fn run<T: Float>(m: Move, x: &[T], width: usize, r: &Routing) -> Vec<T> {
-            match m {
-                Move::Gather => gather_cpu(x, width, r),
-                Move::Sum => sum_cpu(x, width, r),
+        fn run<T: Float>(mv: Move, x: &[T], width: usize, m: &RowMap) -> Vec<T> {
+            match mv {
+                Move::Gather => gather_cpu(x, width, m),
+                Move::Sum => sum_cpu(x, width, m),
             }
         }
         let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(run(self.0, contiguous(op, "input", s, l)?, width, r)),
-            CpuStorage::F64(_) => CpuStorage::F64(run(self.0, contiguous(op, "input", s, l)?, width, r)),
+            CpuStorage::F32(_) => CpuStorage::F32(run(self.0, contiguous(op, "input", s, l)?, width, m)),
+            CpuStorage::F64(_) => CpuStorage::F64(run(self.0, contiguous(op, "input", s, l)?, width, m)),
             other => bail!("{op}: unsupported dtype {:?}", other.dtype()),
         };
         Ok((out, Shape::from((out_rows, width))))
@@ -117,17 +222,18 @@ impl CustomOp1 for RowMove {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use crate::cuda::by_float;
-        let (op, r) = (self.name(), &*self.1);
+        let (op, m) = (self.name(), &*self.1);
         match self.0 {
-            Move::Gather => by_float!(op, s.dtype(), super::cuda::gather_rows(r, s, l)),
-            Move::Sum => by_float!(op, s.dtype(), super::cuda::sum_rows(r, s, l)),
+            Move::Gather => by_float!(op, s.dtype(), super::cuda::gather_rows(m, s, l)),
+            Move::Sum => by_float!(op, s.dtype(), super::cuda::sum_rows(m, s, l)),
         }
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(match self.0 {
-            Move::Gather => sum_rows(grad, &self.1)?,
-            Move::Sum => gather_rows(grad, &self.1)?,
-        }))
+        let adjoint = match self.0 {
+            Move::Gather => Move::Sum,
+            Move::Sum => Move::Gather,
+        };
+        Ok(Some(move_rows(grad, adjoint, self.1.clone())?))
     }
 }
