@@ -4,6 +4,8 @@
 #   bin.tar.gz        bin/cuda_parity: the CUDA-vs-CPU parity tests (tests/cuda_parity.rs), and
 #                     bin/gpu_bench: sparse vs dense attention (examples/gpu_bench.rs); ~25 MB
 #   gpu-check.sh      runs both there, plus sdpa_bench.py (PyTorch SDPA at the same shapes)
+#   train.tar.gz      only with --with-train: bin/spt-train (--features cuda) and the model
+#                     configs of bench/configs, for `spt-train bench --device cuda` (~30 MB more)
 #   lib/              only with --with-libs: cuBLAS, cuBLASLt, cuRAND, NVRTC, cudart from the
 #                     pinned CUDA 13.0 wheels (~800 MB); without it, gpu-check.sh looks for
 #                     them on the GPU machine (CUDA toolkit, or PyTorch's nvidia wheels).
@@ -15,12 +17,18 @@
 # at link time; at run time the driver's real libcuda.so.1 is loaded. Nothing here is copied
 # into the bundle from the stub.
 #
-# Usage: scripts/gpu-build.sh [--with-libs]      (uses CARGO_TARGET_DIR if set)
+# Usage: scripts/gpu-build.sh [--with-train] [--with-libs]   (uses CARGO_TARGET_DIR if set)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
-with_libs=0
-[[ "${1:-}" == "--with-libs" ]] && with_libs=1
+with_libs=0 with_train=0
+for arg in "$@"; do
+  case "$arg" in
+    --with-libs) with_libs=1 ;;
+    --with-train) with_train=1 ;;
+    *) echo "gpu-build.sh: unknown option $arg (expected --with-train, --with-libs)" >&2; exit 2 ;;
+  esac
+done
 
 eval "$(scripts/install-cuda.sh --link)"
 export CUDA_COMPUTE_CAP=90
@@ -57,6 +65,10 @@ for line in sys.stdin:
 cargo build --profile test --features cuda -p spt-ops --example gpu_bench
 bench_bin="$TARGET/debug/examples/gpu_bench"
 [[ -x "$test_bin" && -x "$bench_bin" ]] || { echo "gpu-build.sh: binaries not found ($test_bin, $bench_bin)" >&2; exit 1; }
+if [[ $with_train == 1 ]]; then
+  echo "== building spt-train (--features cuda, profile test: reuses the artifacts above)"
+  cargo build --profile test --features cuda -p spt-train --bin spt-train
+fi
 
 B="$ROOT/gpu-bundle"
 rm -rf "$B"
@@ -69,6 +81,14 @@ strip --strip-debug -o "$stage/bin/cuda_parity" "$test_bin"
 strip --strip-debug -o "$stage/bin/gpu_bench" "$bench_bin"
 tar -C "$stage" -czf "$B/bin.tar.gz" bin
 rm -rf "$stage"
+if [[ $with_train == 1 ]]; then
+  stage="$(mktemp -d)"
+  mkdir -p "$stage/bin"
+  strip --strip-debug -o "$stage/bin/spt-train" "$TARGET/debug/spt-train"
+  cp -r bench/configs "$stage/configs"
+  tar -C "$stage" -czf "$B/train.tar.gz" bin configs
+  rm -rf "$stage"
+fi
 cp scripts/gpu-check.sh scripts/sdpa_bench.py "$B/"
 if [[ $with_libs == 1 ]]; then
   mkdir -p "$B/lib"

@@ -5,10 +5,15 @@
 #      1e-4, bf16 within 3e-2 of the f32 CPU op on bf16-exact inputs);
 #   2. the benchmark, bf16 then f32: sparse attention fwd+bwd vs dense at L = 1024, 4096, 16384
 #      (H=16, d=64), routed vs dense FFN;
-#   3. PyTorch SDPA (flash / efficient) at the same shapes, for comparison.
-# Writes OUT_DIR (default ./gpu-results): parity.log, gpu_bench.json, bench.log, sdpa.json,
-# sdpa.log, nvidia-smi.txt, summary.json, target.json (the L = 4096 comparison with SDPA).
-# Budget: under 8 minutes (timeouts 180 + 180 + 90 s).
+#   3. PyTorch SDPA (flash / efficient) at the same shapes, for comparison;
+#   4. with train.tar.gz (gpu-build.sh --with-train): `spt-train bench --device cuda`, dense vs
+#      LoRA vs SPT training steps on MiniLM (B8×L512) and GPT-2 small (B4×L512), random weights
+#      of the real shapes, into finetune-speed-gpu.json.
+# Writes OUT_DIR (default ./gpu-results): parity.log, run.log (steps 2-4), gpu_bench.json,
+# sdpa.json, nvidia-smi.txt, summary.json, target.json (the L = 4096 comparison with SDPA), and
+# with step 4 finetune-speed-gpu.json.
+# Budget: under 8 minutes (timeouts 100 + 100 + 60 + 2·100 s). At most 8 files, as the device
+# tool returns no more.
 # Exit status: non-zero if a parity test failed or a step could not run.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -47,36 +52,52 @@ fi
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || echo "gpu-check.sh: nvidia-smi failed (no GPU?)" >&2
 
 echo "== 1/3 parity tests (CUDA vs CPU)"
-timeout 180 bin/cuda_parity --include-ignored --test-threads=1 2>&1 | tee "$OUT/parity.log"
+timeout 100 bin/cuda_parity --include-ignored --test-threads=1 2>&1 | tee "$OUT/parity.log"
 parity_rc=${PIPESTATUS[0]}
 
 echo "== 2/3 gpu_bench"
-timeout 180 bin/gpu_bench "$OUT" 2>&1 | tee "$OUT/bench.log"
+timeout 100 bin/gpu_bench "$OUT" 2>&1 | tee -a "$OUT/run.log"
 bench_rc=${PIPESTATUS[0]}
 
 echo "== 3/3 PyTorch SDPA at the same shapes"
-timeout 90 python3 sdpa_bench.py "$OUT" 2>&1 | tee "$OUT/sdpa.log"
+timeout 60 python3 sdpa_bench.py "$OUT" 2>&1 | tee -a "$OUT/run.log"
 sdpa_rc=${PIPESTATUS[0]}
+
+train_rc=-1
+if [[ -f "$B/train.tar.gz" ]]; then
+  echo "== 4/4 spt-train bench --device cuda"
+  tar -C "$RUN" -xzf "$B/train.tar.gz"
+  train_rc=0
+  append=()
+  for spec in all-MiniLM-L6-v2:8 gpt2-small:4; do
+    timeout 100 bin/spt-train bench --model "configs/${spec%%:*}" --batch-size "${spec#*:}" --seq-len 512 \
+      --steps 5 --warmup 2 --device cuda --output "$OUT/finetune-speed-gpu.json" "${append[@]}" 2>&1 |
+      tee -a "$OUT/run.log"
+    rc=${PIPESTATUS[0]}
+    [[ $rc != 0 ]] && train_rc=$rc
+    append=(--append)
+  done
+fi
 
 passed=$(grep -cE '^test .* ok$' "$OUT/parity.log" || true)
 failed=$(grep -cE '^test .* FAILED$' "$OUT/parity.log" || true)
 cat >"$OUT/summary.json" <<JSON
 {"parity_rc": $parity_rc, "parity_passed": $passed, "parity_failed": $failed,
- "bench_rc": $bench_rc, "sdpa_rc": $sdpa_rc, "seconds": $(( $(date +%s) - t_start )),
+ "bench_rc": $bench_rc, "sdpa_rc": $sdpa_rc, "train_rc": $train_rc, "seconds": $(( $(date +%s) - t_start )),
  "bundle": "$(head -n 1 MANIFEST 2>/dev/null | sed 's/"/\\"/g')"}
 JSON
 cat "$OUT/summary.json"
 
 # The H200 target: sparse attention fwd+bwd at L = 4096, k = L/8, faster than SDPA's flash
 # attention at the same shape (bf16, where flash runs). Printed and written as target.json.
-python3 - "$OUT" <<'PY' || echo "gpu-check.sh: could not compare with SDPA (see sdpa.log)" >&2
+python3 - "$OUT" <<'PY' || echo "gpu-check.sh: could not compare with SDPA (see run.log)" >&2
 import json, os, sys
 out = sys.argv[1]
 ours = json.load(open(os.path.join(out, "gpu_bench.json")))["cases"]
 sdpa = json.load(open(os.path.join(out, "sdpa.json")))["cases"]
 res = []
 for dt in ("bfloat16", "float32"):
-    mine = [c for c in ours if c["L"] == 4096 and c["dtype"] == {"bfloat16": "bf16", "float32": "f32"}[dt]]
+    mine = [c for c in ours if c["L"] == 4096 and "sparse" in c and c["dtype"] == {"bfloat16": "bf16", "float32": "f32"}[dt]]
     theirs = [c for c in sdpa if c["L"] == 4096 and c["dtype"] == dt and "fwd_bwd_ms" in c]
     if mine and theirs:
         a, b = mine[0]["sparse"]["fwd_bwd_plus_select_ms"], theirs[0]["fwd_bwd_ms"]

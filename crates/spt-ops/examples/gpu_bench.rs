@@ -108,14 +108,25 @@ fn ffn_cases(dev: &Device, reps: usize, dt: DType) -> Result<Vec<serde_json::Val
         let cfg = RoutedFfnConfig::new(n, BlockTopK::Count(k), Activation::GeluTanh);
         let ffn = RoutedFfn::new(&w1, &b1, &w2, &b2, cfg)?;
         let routed_ms = time(dev, reps, || step(ffn.forward_t(xv.as_tensor(), true)?.y))?;
+        // Where the time goes: the routing alone (router GEMM, scores to the host, top-k and
+        // grouping there) and the forward alone.
+        let route_ms = time(dev, reps, || ffn.route(xv.as_tensor()).map(|_| ()))?;
+        let fwd_ms = time(dev, reps, || ffn.forward_t(xv.as_tensor(), false).map(|_| ()))?;
         eprintln!(
-            "  routed {k}/{n} blocks: {routed_ms:.3} ms ({:.2}x dense)",
+            "  routed {k}/{n} blocks: {routed_ms:.3} ms ({:.2}x dense); routing {route_ms:.3} ms, forward {fwd_ms:.3} ms",
             routed_ms / dense_ms
         );
+        let stages = if k == 4 {
+            Some(ffn_stages(dev, reps, &x, &w1, n, k)?)
+        } else {
+            None
+        };
         cases.push(serde_json::json!({
+            "stages_fwd_bwd_ms": stages,
             "tokens": t, "d": d, "d_ff": d_ff, "n_blocks": n, "top_k": k,
             "kept": k as f64 / n as f64, "dtype": dtype_name(dt),
             "routed_fwd_bwd_ms": routed_ms, "dense_fwd_bwd_ms": dense_ms,
+            "routed_routing_only_ms": route_ms, "routed_fwd_ms": fwd_ms,
             "ratio": routed_ms / dense_ms,
         }));
     }
@@ -157,78 +168,205 @@ fn main() -> Result<()> {
         })
         .collect();
     let dev = Device::new_cuda(0)?;
-    let scale = 1.0 / (D as f64).sqrt();
-    let mask = AttentionMask::causal();
+    if std::env::var("SPT_BENCH_ONLY").as_deref() == Ok("ffn-profile") {
+        return ffn_profile(&dev);
+    }
     let mut cases = Vec::new();
     let mut ffn = Vec::new();
-    for &dt in &dtypes {
-        ffn.extend(ffn_cases(&dev, reps, dt)?);
-        write_results(out_dir, reps, &ffn, &cases, false)?;
-    }
+    // Attention first (the H200 target is set on it), then the FFN. A case that fails records
+    // its error and the run goes on, so one broken path does not hide the others' numbers.
+    let mut failed = 0;
     for (&dt, &l) in dtypes.iter().flat_map(|dt| lengths.iter().map(move |l| (dt, l))) {
-        let kk = l / 8;
-        eprintln!("== L = {l}, k = {kk}, {}", dtype_name(dt));
-        let (q, k, v) = (
-            randn(&dev, l, 1, dt)?,
-            randn(&dev, l, 2, dt)?,
-            randn(&dev, l, 3, dt)?,
-        );
-        let w = randn(&dev, l, 4, dt)?;
-        // Codebook fitted on the host from a sample of keys (as training does once per refresh).
-        let cb = Codebook::fit(
-            &k.to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
-            &PqConfig {
-                kmeans_iters: 5,
-                max_samples: 4096,
-                ..PqConfig::default()
-            },
-        )?;
-        let select_ms = time(&dev, reps, || {
-            let codes = cb.encode(&k)?;
-            select_keys(&q, &codes, &cb, TopK::Count(kk), &mask).map(|_| ())
-        })?;
-        let sel = select_keys(&q, &cb.encode(&k)?, &cb, TopK::Count(kk), &mask)?;
-        let (qv, kv, vv) = (
-            Var::from_tensor(&q)?,
-            Var::from_tensor(&k)?,
-            Var::from_tensor(&v)?,
-        );
-        let sparse = |a: &Tensor, b: &Tensor, c: &Tensor| sparse_attention(a, b, c, &sel, scale);
-        let sparse_fwd_ms = time(&dev, reps, || sparse(&q, &k, &v).map(|_| ()))?;
-        let sparse_step_ms = time(&dev, reps, || fwd_bwd(&qv, &kv, &vv, &w, &sparse))?;
-        eprintln!(
-            "  select {select_ms:.3} ms, sparse fwd {sparse_fwd_ms:.3} ms, fwd+bwd {sparse_step_ms:.3} ms"
-        );
-        let dense = if l <= dense_max {
-            let f = |a: &Tensor, b: &Tensor, c: &Tensor| dense_attention(a, b, c, &mask, scale);
-            let fwd = time(&dev, reps, || f(&q, &k, &v).map(|_| ()));
-            let step = time(&dev, reps, || fwd_bwd(&qv, &kv, &vv, &w, &f));
-            match (fwd, step) {
-                (Ok(fwd), Ok(step)) => {
-                    eprintln!("  dense fwd {fwd:.3} ms, fwd+bwd {step:.3} ms");
-                    serde_json::json!({"fwd_ms": fwd, "fwd_bwd_ms": step})
-                }
-                (a, b) => serde_json::json!({"error": format!("{:?} / {:?}", a.err(), b.err())}),
-            }
-        } else {
-            serde_json::json!(null)
-        };
-        cases.push(serde_json::json!({
-            "B": B, "H": H, "L": l, "d": D, "k": kk, "causal": true, "dtype": dtype_name(dt),
-            "pq": {"n_subspaces": cb.n_subspaces(), "n_codewords": cb.n_codewords()},
-            "sparse": {
-                "select_ms": select_ms,
-                "fwd_ms": sparse_fwd_ms,
-                "fwd_bwd_ms": sparse_step_ms,
-                "fwd_bwd_plus_select_ms": sparse_step_ms + select_ms,
-            },
-            "dense": dense,
-            "dense_note": if l > dense_max { format!("skipped: L > SPT_DENSE_MAX_L = {dense_max}") } else { String::new() },
+        eprintln!("== L = {l}, k = {}, {}", l / 8, dtype_name(dt));
+        cases.push(attention_case(&dev, reps, dense_max, dt, l).unwrap_or_else(|e| {
+            failed += 1;
+            eprintln!("  FAILED: {e}");
+            serde_json::json!({"L": l, "k": l / 8, "dtype": dtype_name(dt), "error": e.to_string()})
         }));
         write_results(out_dir, reps, &ffn, &cases, false)?;
     }
+    for &dt in &dtypes {
+        match ffn_cases(&dev, reps, dt) {
+            Ok(c) => ffn.extend(c),
+            Err(e) => {
+                failed += 1;
+                eprintln!("  FFN {} FAILED: {e}", dtype_name(dt));
+                ffn.push(serde_json::json!({"dtype": dtype_name(dt), "error": e.to_string()}));
+            }
+        }
+        write_results(out_dir, reps, &ffn, &cases, false)?;
+    }
     write_results(out_dir, reps, &ffn, &cases, true)?;
+    if failed > 0 {
+        eprintln!("gpu_bench: {failed} case(s) failed (their errors are in the JSON)");
+        std::process::exit(1);
+    }
     Ok(())
+}
+
+/// For a kernel profiler (`SPT_BENCH_ONLY=ffn-profile ncu … gpu_bench OUT`): one dense and one
+/// routed (4 of 8) FFN step in bf16, each after a warm-up and followed by a marker, a one-value
+/// f32 → f64 cast, so the profile splits into the two steps. Prints each step's wall time.
+fn ffn_profile(dev: &Device) -> Result<()> {
+    let (t, d, d_ff, n, dt) = (8192, 1024, 4096, 8, DType::BF16);
+    dev.set_seed(10)?;
+    let r = |shape: (usize, usize), s: f64| -> Result<Tensor> {
+        (Tensor::randn(0f32, 1f32, shape, dev)? * s)?.to_dtype(dt)
+    };
+    let (x, w1, w2, up) = (
+        r((t, d), 1.0)?,
+        r((d_ff, d), 0.03)?,
+        r((d, d_ff), 0.015)?,
+        r((t, d), 1.0)?,
+    );
+    let (b1, b2) = (Tensor::zeros(d_ff, dt, dev)?, Tensor::zeros(d, dt, dev)?);
+    let xv = Var::from_tensor(&x)?;
+    let marker = || Tensor::new(&[1f32], dev)?.to_dtype(DType::F64).map(|_| ());
+    let step = |y: Tensor| -> Result<()> { (y * &up)?.sum_all()?.backward().map(|_| ()) };
+    let dense = || -> Result<()> {
+        let h = Activation::GeluTanh.forward(&xv.as_tensor().matmul(&w1.t()?)?.broadcast_add(&b1)?)?;
+        step(h.matmul(&w2.t()?)?.broadcast_add(&b2)?)
+    };
+    let cfg = RoutedFfnConfig::new(n, BlockTopK::Count(4), Activation::GeluTanh);
+    let ffn = RoutedFfn::new(&w1, &b1, &w2, &b2, cfg)?;
+    let routed = || step(ffn.forward_t(xv.as_tensor(), true)?.y);
+    for (name, f) in [
+        ("dense", &dense as &dyn Fn() -> Result<()>),
+        ("routed 4/8", &routed),
+    ] {
+        f()?;
+        dev.synchronize()?;
+        marker()?;
+        let t0 = Instant::now();
+        f()?;
+        dev.synchronize()?;
+        eprintln!(
+            "ffn-profile: {name} step {:.3} ms (wall)",
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+        marker()?;
+        dev.synchronize()?;
+    }
+    Ok(())
+}
+
+/// Forward + backward of the composed path's pieces alone, to see where the routed FFN's time
+/// goes: the row gather, fc1's per-block GEMMs (narrow, matmul, cat) and the row sum.
+fn ffn_stages(
+    dev: &Device,
+    reps: usize,
+    x: &Tensor,
+    w1: &Tensor,
+    n: usize,
+    k: usize,
+) -> Result<serde_json::Value> {
+    let (t, d) = x.dims2()?;
+    let block = w1.dim(0)? / n;
+    let scores: Vec<f64> = (0..t * n).map(|i| ((i * 2654435761) % 1000) as f64).collect();
+    let routing = std::sync::Arc::new(spt_ops::routed_ffn::Routing::top_k(&scores, t, n, k)?);
+    let r = routing.n_rows();
+    let xv = Var::from_tensor(x)?;
+    let up_rd = Tensor::randn(0f32, 1f32, (r, d), dev)?.to_dtype(x.dtype())?;
+    let gather = time(dev, reps, || {
+        let y = spt_ops::routed_ffn::gather_rows(xv.as_tensor(), &routing)?;
+        y.mul(&up_rd)?.sum_all()?.backward().map(|_| ())
+    })?;
+    let xr = Var::from_tensor(&up_rd)?;
+    let up_rb = Tensor::randn(0f32, 1f32, (r, block), dev)?.to_dtype(x.dtype())?;
+    let gemms = time(dev, reps, || {
+        let mut parts = Vec::new();
+        for e in 0..n {
+            let rows = routing.block_rows(e);
+            let we = w1.narrow(0, e * block, block)?;
+            parts.push(
+                xr.as_tensor()
+                    .narrow(0, rows.start, rows.len())?
+                    .matmul(&we.t()?)?,
+            );
+        }
+        Tensor::cat(&parts, 0)?
+            .mul(&up_rb)?
+            .sum_all()?
+            .backward()
+            .map(|_| ())
+    })?;
+    let up_td = Tensor::randn(0f32, 1f32, (t, d), dev)?.to_dtype(x.dtype())?;
+    let sum = time(dev, reps, || {
+        let y = spt_ops::routed_ffn::sum_rows(xr.as_tensor(), &routing)?;
+        y.mul(&up_td)?.sum_all()?.backward().map(|_| ())
+    })?;
+    eprintln!(
+        "  stages (fwd+bwd): gather {gather:.3} ms, fc1 block GEMMs {gemms:.3} ms, row sum {sum:.3} ms"
+    );
+    Ok(serde_json::json!({"gather_rows": gather, "fc1_block_gemms": gemms, "sum_rows": sum}))
+}
+
+/// Sparse (PQ encode + ADC selection + fused attention) vs dense attention at one length.
+fn attention_case(
+    dev: &Device,
+    reps: usize,
+    dense_max: usize,
+    dt: DType,
+    l: usize,
+) -> Result<serde_json::Value> {
+    let scale = 1.0 / (D as f64).sqrt();
+    let mask = AttentionMask::causal();
+    let kk = l / 8;
+    let (q, k, v) = (
+        randn(dev, l, 1, dt)?,
+        randn(dev, l, 2, dt)?,
+        randn(dev, l, 3, dt)?,
+    );
+    let w = randn(dev, l, 4, dt)?;
+    // Codebook fitted on the host from a sample of keys (as training does once per refresh).
+    let cb = Codebook::fit(
+        &k.to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
+        &PqConfig {
+            kmeans_iters: 5,
+            max_samples: 4096,
+            ..PqConfig::default()
+        },
+    )?;
+    let select_ms = time(dev, reps, || {
+        let codes = cb.encode(&k)?;
+        select_keys(&q, &codes, &cb, TopK::Count(kk), &mask).map(|_| ())
+    })?;
+    let sel = select_keys(&q, &cb.encode(&k)?, &cb, TopK::Count(kk), &mask)?;
+    let (qv, kv, vv) = (
+        Var::from_tensor(&q)?,
+        Var::from_tensor(&k)?,
+        Var::from_tensor(&v)?,
+    );
+    let sparse = |a: &Tensor, b: &Tensor, c: &Tensor| sparse_attention(a, b, c, &sel, scale);
+    let sparse_fwd_ms = time(dev, reps, || sparse(&q, &k, &v).map(|_| ()))?;
+    let sparse_step_ms = time(dev, reps, || fwd_bwd(&qv, &kv, &vv, &w, &sparse))?;
+    eprintln!("  select {select_ms:.3} ms, sparse fwd {sparse_fwd_ms:.3} ms, fwd+bwd {sparse_step_ms:.3} ms");
+    let dense = if l <= dense_max {
+        let f = |a: &Tensor, b: &Tensor, c: &Tensor| dense_attention(a, b, c, &mask, scale);
+        let fwd = time(dev, reps, || f(&q, &k, &v).map(|_| ()));
+        let step = time(dev, reps, || fwd_bwd(&qv, &kv, &vv, &w, &f));
+        match (fwd, step) {
+            (Ok(fwd), Ok(step)) => {
+                eprintln!("  dense fwd {fwd:.3} ms, fwd+bwd {step:.3} ms");
+                serde_json::json!({"fwd_ms": fwd, "fwd_bwd_ms": step})
+            }
+            (a, b) => serde_json::json!({"error": format!("{:?} / {:?}", a.err(), b.err())}),
+        }
+    } else {
+        serde_json::json!(null)
+    };
+    Ok(serde_json::json!({
+        "B": B, "H": H, "L": l, "d": D, "k": kk, "causal": true, "dtype": dtype_name(dt),
+        "pq": {"n_subspaces": cb.n_subspaces(), "n_codewords": cb.n_codewords()},
+        "sparse": {
+            "select_ms": select_ms,
+            "fwd_ms": sparse_fwd_ms,
+            "fwd_bwd_ms": sparse_step_ms,
+            "fwd_bwd_plus_select_ms": sparse_step_ms + select_ms,
+        },
+        "dense": dense,
+        "dense_note": if l > dense_max { format!("skipped: L > SPT_DENSE_MAX_L = {dense_max}") } else { String::new() },
+    }))
 }
 
 /// Writes `OUT_DIR/gpu_bench.json` (temporary file, then rename). Called after every case, so a
