@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use spt_models::{GPT2Config, WeightSource};
+use spt_models::{BertConfig, GPT2Config, WeightSource};
 
 use crate::data::{EncodedDataset, EncodedItem, TaskKind};
 use crate::optim::{AdamW, AdamWConfig};
@@ -65,6 +65,99 @@ pub fn random_gpt2_weights(config_path: &Path, seed: u64, device: &Device) -> Re
     m.insert("ln_f.weight".into(), ones(e)?);
     m.insert("ln_f.bias".into(), zeros(e)?);
     Ok(WeightSource::from_tensors(m))
+}
+
+/// Random BERT weights (HF names, pooler included) for the config at `config_path`: for timing
+/// real shapes where the checkpoint is not at hand (e.g. a GPU machine the weights cannot reach).
+/// Not a trained model.
+pub fn random_bert_weights(config_path: &Path, seed: u64, device: &Device) -> Result<WeightSource> {
+    let c = BertConfig::from_file(config_path)?;
+    let (h, inner) = (c.hidden_size, c.intermediate_size);
+    let mut rng = SplitMix64::new(seed);
+    let mut m: HashMap<String, Tensor> = HashMap::new();
+    let norm = |m: &mut HashMap<String, Tensor>, p: &str| -> Result<()> {
+        m.insert(format!("{p}.weight"), Tensor::ones(h, DType::F32, device)?);
+        m.insert(format!("{p}.bias"), Tensor::zeros(h, DType::F32, device)?);
+        Ok(())
+    };
+    for (name, rows) in [
+        ("word_embeddings", c.vocab_size),
+        ("position_embeddings", c.max_position_embeddings),
+        ("token_type_embeddings", c.type_vocab_size),
+    ] {
+        m.insert(
+            format!("embeddings.{name}.weight"),
+            random(&[rows, h], &mut rng, 0.02, device)?,
+        );
+    }
+    norm(&mut m, "embeddings.LayerNorm")?;
+    let mut linears = vec![("pooler.dense".to_string(), h, h)];
+    for i in 0..c.num_hidden_layers {
+        let p = format!("encoder.layer.{i}");
+        for name in [
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+        ] {
+            linears.push((format!("{p}.{name}"), h, h));
+        }
+        linears.push((format!("{p}.intermediate.dense"), inner, h));
+        linears.push((format!("{p}.output.dense"), h, inner));
+        norm(&mut m, &format!("{p}.attention.output.LayerNorm"))?;
+        norm(&mut m, &format!("{p}.output.LayerNorm"))?;
+    }
+    // HF layout: weight [out, in].
+    for (name, out, inp) in linears {
+        m.insert(
+            format!("{name}.weight"),
+            random(&[out, inp], &mut rng, 0.02, device)?,
+        );
+        m.insert(format!("{name}.bias"), Tensor::zeros(out, DType::F32, device)?);
+    }
+    Ok(WeightSource::from_tensors(m))
+}
+
+/// Runs `f` and returns its result with the peak device memory it added, on CUDA: the device's
+/// bytes in use (total − free, so the allocator's pool counts) sampled every 2 ms on another
+/// thread, peak minus the value before `f`. `None` on the CPU (peak RSS covers it there).
+pub fn with_peak_device_memory<R>(
+    device: &Device,
+    f: impl FnOnce() -> Result<R>,
+) -> Result<(R, Option<u64>)> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let ctx = d.cuda_stream().context().clone();
+        let used = move || -> Result<u64> {
+            let (free, total) = ctx
+                .mem_get_info()
+                .map_err(|e| Error::Msg(format!("reading CUDA memory use: {e:?}")))?;
+            Ok((total - free) as u64)
+        };
+        device.synchronize()?;
+        let before = used()?;
+        let (stop, peak) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(before)));
+        let sampler = {
+            let (stop, peak, used) = (stop.clone(), peak.clone(), used.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(u) = used() {
+                        peak.fetch_max(u, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+            })
+        };
+        let r = f();
+        stop.store(true, Ordering::Relaxed);
+        let _ = sampler.join();
+        return Ok((r?, Some(peak.load(Ordering::Relaxed).saturating_sub(before))));
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
+    Ok((f()?, None))
 }
 
 /// A dataset of `b` random sequences of length `l` (labels in 0..2 for classify).

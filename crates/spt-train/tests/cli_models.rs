@@ -234,6 +234,47 @@ fn generate_is_seeded() {
     assert!(a.split_whitespace().count() >= 3, "{a}");
 }
 
+/// A BERT config without weights (a GPU machine the checkpoint cannot reach, say) is timed on
+/// random weights of its shapes, and each record says so.
+#[test]
+fn bench_times_a_bert_config_without_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("bert-config-only");
+    std::fs::create_dir_all(&dir).unwrap();
+    let src =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../spt-models/tests/fixtures/tiny-bert-cls/config.json");
+    std::fs::copy(src, dir.join("config.json")).unwrap();
+    let out = tmp.path().join("speed.json");
+    spt_train(
+        &[
+            "-q",
+            "bench",
+            "--model",
+            dir.to_str().unwrap(),
+            "--modes",
+            "dense,spt",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "16",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        None,
+    );
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let recs = doc["records"].as_array().unwrap();
+    assert_eq!(recs.len(), 2, "{doc}");
+    for r in recs {
+        assert_eq!(r["weights"], "random init", "{r}");
+        assert!(r["ours_s"].as_f64().unwrap() > 0.0, "{r}");
+    }
+}
+
 /// `spt-train bench` on the tiny BERT: dense vs spt records with speed-ups and peak RSS; a
 /// non-default sparsity names itself in each case, so two settings share one --append file.
 #[test]

@@ -714,10 +714,15 @@ fn bench(a: &BenchArgs) -> Result<()> {
         .map(|(mode, v)| {
             let ours = v["median_s"].as_f64().unwrap_or(f64::NAN);
             let ours_b = v["peak_rss_bytes"].as_u64().unwrap_or(0);
-            let (bs, bb) = match &base {
-                Some(b) => (b["median_s"].as_f64(), b["peak_rss_bytes"].as_u64()),
-                None => (None, None),
+            let (bs, bb, bg) = match &base {
+                Some(b) => (
+                    b["median_s"].as_f64(),
+                    b["peak_rss_bytes"].as_u64(),
+                    b["peak_device_bytes"].as_u64(),
+                ),
+                None => (None, None, None),
             };
+            let ours_g = v["peak_device_bytes"].as_u64();
             let mut case = serde_json::json!({"model": model_name, "B": a.batch_size, "L": a.seq_len, "mode": format!("{mode:?}").to_lowercase()});
             if let Some(s) = &setting {
                 case["setting"] = s.clone().into();
@@ -731,6 +736,9 @@ fn bench(a: &BenchArgs) -> Result<()> {
                 "baseline_bytes": bb,
                 "memory_ratio": bb.map(|b| ours_b as f64 / b as f64),
                 "bytes_kind": "peak RSS",
+                "ours_device_bytes": ours_g,
+                "baseline_device_bytes": bg,
+                "device_memory_ratio": ours_g.zip(bg).map(|(o, b)| o as f64 / b as f64),
                 "baseline": "dense full fine-tuning, same run",
                 "steps": a.steps,
                 "warmup": a.warmup,
@@ -817,21 +825,23 @@ fn bench_child(a: &BenchArgs, mode: Mode, model_dir: &Path, dev: &Device) -> Res
         Vec::new()
     };
     let has_weights = spt_models::WeightSource::from_dir(model_dir).is_ok();
-    let src = if has_weights {
-        spt_models::WeightSource::from_dir(model_dir)?
-    } else if task_kind == TaskKind::Lm {
-        spt_train::bench::random_gpt2_weights(&cfg_path, 7, dev)?
-    } else {
-        bail!(
-            "{} has no weights (random init is only built for GPT-2 configs)",
-            model_dir.display()
-        );
-    };
     let n_cfg = v["id2label"].as_object().map(|m| m.len()).filter(|&n| n > 0);
     let num_labels = (task_kind == TaskKind::Classify).then_some(n_cfg.unwrap_or(2));
-    let mut task = ModelTask::build_from_source(&cfg, &cfg_path, &src, num_labels, dev, calibration)?;
-    drop(src);
-    let times = spt_train::bench::time_steps(&mut task, &data, a.warmup, a.steps, dev)?;
+    // Device memory counts from before the weights exist (weights, optimizer state, steps), as
+    // peak RSS does on the CPU.
+    let ((task, times), device_bytes) = spt_train::bench::with_peak_device_memory(dev, || {
+        let src = if has_weights {
+            spt_models::WeightSource::from_dir(model_dir)?
+        } else if task_kind == TaskKind::Lm {
+            spt_train::bench::random_gpt2_weights(&cfg_path, 7, dev)?
+        } else {
+            spt_train::bench::random_bert_weights(&cfg_path, 7, dev)?
+        };
+        let mut task = ModelTask::build_from_source(&cfg, &cfg_path, &src, num_labels, dev, calibration)?;
+        drop(src);
+        let times = spt_train::bench::time_steps(&mut task, &data, a.warmup, a.steps, dev)?;
+        Ok((task, times))
+    })?;
     let rss = spt_train::bench::peak_rss_bytes()?;
     println!(
         "{}",
@@ -839,6 +849,7 @@ fn bench_child(a: &BenchArgs, mode: Mode, model_dir: &Path, dev: &Device) -> Res
             "median_s": spt_train::bench::median(&times),
             "step_times_s": times,
             "peak_rss_bytes": rss,
+            "peak_device_bytes": device_bytes,
             "trainable_params": task.summary.trainable,
             "total_params": task.summary.total,
             "attn_k": (mode == Mode::Spt).then_some(attn_k),
