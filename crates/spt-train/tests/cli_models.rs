@@ -234,6 +234,28 @@ fn generate_is_seeded() {
     assert!(a.split_whitespace().count() >= 3, "{a}");
 }
 
+/// `spt-train bench` of dense and spt on `model`, one tiny step, into `out`.
+fn bench_args<'a>(model: &'a str, out: &'a str) -> [&'a str; 16] {
+    [
+        "-q",
+        "bench",
+        "--model",
+        model,
+        "--modes",
+        "dense,spt",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--output",
+        out,
+    ]
+}
+
 /// A BERT config without weights (a GPU machine the checkpoint cannot reach, say) is timed on
 /// random weights of its shapes, and each record says so.
 #[test]
@@ -245,27 +267,7 @@ fn bench_times_a_bert_config_without_weights() {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../spt-models/tests/fixtures/tiny-bert-cls/config.json");
     std::fs::copy(src, dir.join("config.json")).unwrap();
     let out = tmp.path().join("speed.json");
-    spt_train(
-        &[
-            "-q",
-            "bench",
-            "--model",
-            dir.to_str().unwrap(),
-            "--modes",
-            "dense,spt",
-            "--batch-size",
-            "2",
-            "--seq-len",
-            "16",
-            "--steps",
-            "1",
-            "--warmup",
-            "0",
-            "--output",
-            out.to_str().unwrap(),
-        ],
-        None,
-    );
+    spt_train(&bench_args(dir.to_str().unwrap(), out.to_str().unwrap()), None);
     let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     let recs = doc["records"].as_array().unwrap();
     assert_eq!(recs.len(), 2, "{doc}");
@@ -284,24 +286,7 @@ fn bench_records_each_setting() {
     let model = model.to_str().unwrap();
     let out = tmp.path().join("speed.json");
     let out_s = out.to_str().unwrap();
-    let base = [
-        "-q",
-        "bench",
-        "--model",
-        model,
-        "--modes",
-        "dense,spt",
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "16",
-        "--steps",
-        "1",
-        "--warmup",
-        "0",
-        "--output",
-        out_s,
-    ];
+    let base = bench_args(model, out_s);
     spt_train(
         &[&base[..], &["--attn-k", "4", "--ffn-top-k", "4"]].concat(),
         None,
