@@ -4,8 +4,9 @@
 #   bin.tar.gz        bin/cuda_parity: the CUDA-vs-CPU parity tests (tests/cuda_parity.rs), and
 #                     bin/gpu_bench: sparse vs dense attention (examples/gpu_bench.rs); ~25 MB
 #   gpu-check.sh      runs both there, plus sdpa_bench.py (PyTorch SDPA at the same shapes)
-#   train.tar.gz      only with --with-train: bin/spt-train (--features cuda) and the model
-#                     configs of bench/configs, for `spt-train bench --device cuda` (~30 MB more)
+#   train.tar.gz      only with --with-train: bin/spt-train (--features cuda), the model configs
+#                     of bench/configs, the tiny fixture models and gpu-train-parity.py, for
+#                     `spt-train bench --device cuda` and CPU-vs-CUDA fine-tuning (~19 MB more)
 #   lib/              only with --with-libs: cuBLAS, cuBLASLt, cuRAND, NVRTC, cudart from the
 #                     pinned CUDA 13.0 wheels (~800 MB); without it, gpu-check.sh looks for
 #                     them on the GPU machine (CUDA toolkit, or PyTorch's nvidia wheels).
@@ -86,7 +87,13 @@ if [[ $with_train == 1 ]]; then
   mkdir -p "$stage/bin"
   strip --strip-debug -o "$stage/bin/spt-train" "$TARGET/debug/spt-train"
   cp -r bench/configs "$stage/configs"
-  tar -C "$stage" -czf "$B/train.tar.gz" bin configs
+  mkdir -p "$stage/fixtures"
+  for m in tiny-bert-cls tiny-gpt2; do
+    mkdir -p "$stage/fixtures/$m"
+    cp "crates/spt-models/tests/fixtures/$m/config.json" "crates/spt-models/tests/fixtures/$m/model.safetensors" "$stage/fixtures/$m/"
+  done
+  cp scripts/gpu-train-parity.py "$stage/"
+  tar -C "$stage" -czf "$B/train.tar.gz" bin configs fixtures gpu-train-parity.py
   rm -rf "$stage"
 fi
 cp scripts/gpu-check.sh scripts/sdpa_bench.py "$B/"

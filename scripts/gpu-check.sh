@@ -8,13 +8,16 @@
 #   3. PyTorch SDPA (flash / efficient) at the same shapes, for comparison;
 #   4. with train.tar.gz (gpu-build.sh --with-train): `spt-train bench --device cuda`, dense vs
 #      LoRA vs SPT training steps on MiniLM (B8×L512) and GPT-2 small (B4×L512), random weights
-#      of the real shapes, into finetune-speed-gpu.json.
-# Writes OUT_DIR (default ./gpu-results): parity.log, run.log (steps 2-4), gpu_bench.json,
-# sdpa.json, nvidia-smi.txt, summary.json, target.json (the L = 4096 comparison with SDPA), and
-# with step 4 finetune-speed-gpu.json.
-# Budget: under 8 minutes (timeouts 100 + 100 + 60 + 2·100 s). At most 8 files, as the device
-# tool returns no more.
-# Exit status: non-zero if a parity test failed or a step could not run.
+#      of the real shapes, into finetune-speed-gpu.json;
+#   5. with train.tar.gz: gpu-train-parity.py, the same 8-step fine-tuning of the tiny fixture
+#      models on the CPU and on CUDA (dense, LoRA, SPT), losses compared, into train-parity.json.
+# Writes OUT_DIR (default ./gpu-results): parity.log, run.log (nvidia-smi and steps 2-5),
+# gpu_bench.json, sdpa.json, summary.json, target.json (the L = 4096 comparison with SDPA), and
+# with steps 4-5 finetune-speed-gpu.json and train-parity.json.
+# Budget: under 8 minutes (timeouts 60 + 80 + 60 + 2·80 + 100 s; about 1 minute without steps
+# 4-5). At most 8 files, as the device tool returns no more.
+# Exit status: non-zero if a parity test or a CPU-vs-CUDA fine-tuning case failed, or a step
+# could not run.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 if [[ -f "$here/bin.tar.gz" ]]; then B="$here"
@@ -49,34 +52,38 @@ if [[ -n "$missing" ]]; then
   echo "{\"error\": \"missing libraries\", \"ldd\": $(printf '%s' "$missing" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()))')}" >"$OUT/summary.json"
   exit 2
 fi
-nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || echo "gpu-check.sh: nvidia-smi failed (no GPU?)" >&2
+nvidia-smi >>"$OUT/run.log" 2>&1 || echo "gpu-check.sh: nvidia-smi failed (no GPU?)" >&2
 
-echo "== 1/3 parity tests (CUDA vs CPU)"
-timeout 100 bin/cuda_parity --include-ignored --test-threads=1 2>&1 | tee "$OUT/parity.log"
+echo "== 1/5 parity tests (CUDA vs CPU)"
+timeout 60 bin/cuda_parity --include-ignored --test-threads=1 2>&1 | tee "$OUT/parity.log"
 parity_rc=${PIPESTATUS[0]}
 
-echo "== 2/3 gpu_bench"
-timeout 100 bin/gpu_bench "$OUT" 2>&1 | tee -a "$OUT/run.log"
+echo "== 2/5 gpu_bench"
+timeout 80 bin/gpu_bench "$OUT" 2>&1 | tee -a "$OUT/run.log"
 bench_rc=${PIPESTATUS[0]}
 
-echo "== 3/3 PyTorch SDPA at the same shapes"
+echo "== 3/5 PyTorch SDPA at the same shapes"
 timeout 60 python3 sdpa_bench.py "$OUT" 2>&1 | tee -a "$OUT/run.log"
 sdpa_rc=${PIPESTATUS[0]}
 
 train_rc=-1
 if [[ -f "$B/train.tar.gz" ]]; then
-  echo "== 4/4 spt-train bench --device cuda"
+  echo "== 4/5 spt-train bench --device cuda"
   tar -C "$RUN" -xzf "$B/train.tar.gz"
   train_rc=0
   append=()
   for spec in all-MiniLM-L6-v2:8 gpt2-small:4; do
-    timeout 100 bin/spt-train bench --model "configs/${spec%%:*}" --batch-size "${spec#*:}" --seq-len 512 \
+    timeout 80 bin/spt-train bench --model "configs/${spec%%:*}" --batch-size "${spec#*:}" --seq-len 512 \
       --steps 5 --warmup 2 --device cuda --output "$OUT/finetune-speed-gpu.json" "${append[@]}" 2>&1 |
       tee -a "$OUT/run.log"
     rc=${PIPESTATUS[0]}
     [[ $rc != 0 ]] && train_rc=$rc
     append=(--append)
   done
+  echo "== 5/5 fine-tuning the tiny models on the CPU and on CUDA"
+  timeout 100 python3 gpu-train-parity.py bin/spt-train fixtures "$OUT" 2>&1 | tee -a "$OUT/run.log"
+  rc=${PIPESTATUS[0]}
+  [[ $rc != 0 ]] && train_rc=$rc
 fi
 
 passed=$(grep -cE '^test .* ok$' "$OUT/parity.log" || true)
@@ -106,4 +113,4 @@ for dt in ("bfloat16", "float32"):
 json.dump(res, open(os.path.join(out, "target.json"), "w"), indent=1)
 print(json.dumps(res, indent=1))
 PY
-[[ $parity_rc == 0 && $bench_rc == 0 ]]
+[[ $parity_rc == 0 && $bench_rc == 0 && $train_rc -le 0 ]]

@@ -1,0 +1,105 @@
+"""CPU vs CUDA fine-tuning with the spt-train binary on the tiny fixture models.
+
+Run by gpu-check.sh (step 5, with gpu-build.sh --with-train). For BERT (classify) and GPT-2 (lm),
+in dense, LoRA and SPT mode, the same seeded 8-step run goes once with --device cpu and once with
+--device cuda (f32 both); the per-step training losses must agree:
+|cuda - cpu| <= tol * (1 + |cpu|), tol 1e-3 for dense and LoRA (different GEMM and reduction
+orders, compounded over 8 AdamW steps) and 2e-2 for SPT (an ADC score tie may select a different
+key on the two devices).
+
+Usage: python3 gpu-train-parity.py SPT_TRAIN FIXTURES_DIR OUT_DIR [--devices cpu,cuda]
+Writes OUT_DIR/train-parity.json; exits 1 if a case fails or cannot run.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+WORDS = ["good", "bad", "great", "awful", "movie", "film", "the", "a", "was", "very", "story", "actor"]
+TOL = {"dense": 1e-3, "lora": 1e-3, "spt": 2e-2}
+
+
+def model_dir(fixtures, name, root):
+    """The fixture with a word-level tokenizer.json covering its 1000-token vocabulary."""
+    dst = os.path.join(root, name)
+    shutil.copytree(os.path.join(fixtures, name), dst)
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "<|endoftext|>"] + WORDS)}
+    for i in range(len(vocab), 1000):
+        vocab[f"w{i}"] = i
+    tok = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
+        "normalizer": None, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None,
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": False},
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"},
+    }
+    with open(os.path.join(dst, "tokenizer.json"), "w") as f:
+        json.dump(tok, f)
+    return dst
+
+
+def data(root):
+    cls = os.path.join(root, "cls.csv")
+    with open(cls, "w") as f:
+        f.write("text,label,movie\n")
+        for i in range(60):
+            w, label = [("good", "pos"), ("bad", "neg"), ("story", "neutral")][i % 3]
+            f.write(f"the {w} movie was very {w},{label},m{i % 5}\n")
+    lm = os.path.join(root, "lm.txt")
+    with open(lm, "w") as f:
+        for i in range(200):
+            f.write(" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(12)) + "\n")
+    return cls, lm
+
+
+def losses(exe, model, task, train, mode, device, out):
+    args = [exe, "-q", "finetune", "--model", model, "--task", task, "--train-file", train,
+            "--output-dir", out, "--overwrite", "--mode", mode, "--max-steps", "8", "--batch-size", "8",
+            "--lr", "3e-3", "--seed", "1", "--log-every", "1", "--no-progress", "--device", device,
+            "--validation-split", "0.3"]
+    args += ["--split-by", "movie"] if task == "classify" else ["--block-size", "16"]
+    if mode == "spt":
+        args += ["--attn-k", "4"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[2:])}: exit {r.returncode}: {r.stderr.strip()[-600:]}")
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return {r["step"]: r["loss"] for r in rows if r.get("split") == "train"}
+
+
+def main():
+    exe, fixtures, out_dir = sys.argv[1:4]
+    devices = ["cpu", "cuda"]
+    if len(sys.argv) > 5 and sys.argv[4] == "--devices":
+        devices = sys.argv[5].split(",")
+    os.makedirs(out_dir, exist_ok=True)
+    root = tempfile.mkdtemp(prefix="spt-train-parity.")
+    cls, lm = data(root)
+    cases, ok = [], True
+    for name, task, train in [("tiny-bert-cls", "classify", cls), ("tiny-gpt2", "lm", lm)]:
+        model = model_dir(fixtures, name, root)
+        for mode in ("dense", "lora", "spt"):
+            case = {"model": name, "task": task, "mode": mode, "devices": devices, "tol": TOL[mode]}
+            try:
+                a, b = (losses(exe, model, task, train, mode, d, os.path.join(root, f"{name}-{mode}-{i}"))
+                        for i, d in enumerate(devices))
+                steps = sorted(set(a) & set(b))
+                worst = max((abs(b[s] - a[s]) / (1 + abs(a[s])), s) for s in steps) if steps else (float("inf"), None)
+                case.update(steps=len(steps), max_scaled_diff=worst[0], at_step=worst[1],
+                            first_loss=[a.get(1), b.get(1)], last_loss=[a.get(8), b.get(8)],
+                            passed=len(steps) == 8 and worst[0] <= TOL[mode])
+            except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+                case.update(passed=False, error=str(e))
+            ok &= case["passed"]
+            print(json.dumps(case), flush=True)
+            cases.append(case)
+    with open(os.path.join(out_dir, "train-parity.json"), "w") as f:
+        json.dump({"cases": cases, "passed": ok}, f, indent=1)
+    shutil.rmtree(root, ignore_errors=True)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
