@@ -432,8 +432,9 @@ pub(crate) fn check_ids(
     }
     if ids.elem_count() > 0 {
         let as_i64 = ids.to_dtype(DType::I64)?.flatten_all()?;
-        let max = as_i64.max(0)?.to_scalar::<i64>()?;
-        let min = as_i64.min(0)?.to_scalar::<i64>()?;
+        // One read of both bounds: one host synchronisation per batch on a GPU.
+        let bounds = Tensor::stack(&[as_i64.max(0)?, as_i64.min(0)?], 0)?.to_vec1::<i64>()?;
+        let (max, min) = (bounds[0], bounds[1]);
         if min < 0 {
             return Err(ModelError::TokenOutOfRange {
                 what,

@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use candle_core::backprop::GradStore;
-use candle_core::{bail, DType, Result, Tensor, Var};
+use candle_core::{bail, DType, Result, Tensor, Var, D};
 use serde::{Deserialize, Serialize};
 
 /// AdamW hyper-parameters (PyTorch / HF defaults except `weight_decay`, which HF leaves at 0).
@@ -289,15 +289,27 @@ pub fn clip_grad_norm(vars: &[Var], grads: &mut GradStore, max_norm: f64) -> Res
     Ok(norm)
 }
 
-/// The global L2 norm of the gradients of `vars` (f64 accumulation).
+/// The global L2 norm of the gradients of `vars` (f64 accumulation). The sum stays on the
+/// gradients' device and is read once: one host synchronisation per step on a GPU, not one per
+/// parameter. Each gradient is reduced over its last dimension first, as candle's CUDA `sum_all`
+/// runs a whole tensor through one thread block.
 pub fn grad_norm(vars: &[Var], grads: &GradStore) -> Result<f64> {
-    let mut total = 0f64;
+    let mut total: Option<Tensor> = None;
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
-            total += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+            let sq = g.to_dtype(DType::F64)?.sqr()?;
+            let sq = if sq.rank() > 1 { sq.sum(D::Minus1)? } else { sq };
+            let part = sq.sum_all()?;
+            total = Some(match total {
+                Some(t) => (t + part)?,
+                None => part,
+            });
         }
     }
-    Ok(total.sqrt())
+    Ok(match total {
+        Some(t) => t.to_scalar::<f64>()?.sqrt(),
+        None => 0.0,
+    })
 }
 
 /// Learning-rate decay after warmup.
