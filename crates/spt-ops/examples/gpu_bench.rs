@@ -16,8 +16,9 @@
 //!
 //! Routed FFN vs dense FFN, forward + backward to x, at GPT-2-medium's FFN (d = 1024,
 //! d_ff = 4096, GELU-tanh), 8192 tokens, 8 blocks with 4 (50 %) and 2 (25 %) kept. Off the CPU
-//! the routed FFN is the composed path: our row gather / row sum kernels around one cuBLAS GEMM
-//! per block, so this measures that path, not a fused grouped-GEMM kernel.
+//! the routed FFN is the composed path: our row-move kernels around cuBLAS GEMMs (one batched
+//! GEMM over blocks padded to the fullest, or one per block for skewed routings), so this
+//! measures that path, not a fused grouped-GEMM kernel.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use spt_ops::routed_ffn::TopK as BlockTopK;
@@ -384,7 +385,7 @@ fn write_results(
         "complete": complete,
         "timing": "median ms over reps after 2 warm-ups; device synchronize after each step",
         "routed_ffn": ffn,
-        "routed_ffn_note": "composed path off the CPU (routed_ffn.cu row gather / row sum, one cuBLAS GEMM per block); frozen weights, gradient to x",
+        "routed_ffn_note": "composed path off the CPU (routed_ffn.cu row moves around cuBLAS GEMMs: one batched GEMM over padded blocks, or one per block for skewed routings); frozen weights, gradient to x",
         "cases": cases,
     });
     std::fs::create_dir_all(out_dir)?;
