@@ -57,6 +57,8 @@ pub struct Routing {
     row_src: Vec<u32>,
     /// `[n_blocks·n_chunks + 1]`: first routed row of group `e·n_chunks + c`.
     group_starts: Vec<usize>,
+    /// Row maps for the composed path's row moves, built on first use.
+    pub(crate) row_maps: super::rows::RowMaps,
 }
 
 impl Routing {
@@ -121,6 +123,7 @@ impl Routing {
             row_token,
             row_src,
             group_starts,
+            row_maps: Default::default(),
         })
     }
 

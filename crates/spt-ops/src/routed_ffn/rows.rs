@@ -16,7 +16,7 @@ use crate::pq::SENTINEL;
 use crate::util::{check_float, contiguous, Float};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// A row move between a source space of `src_rows` rows and a destination space of
 /// `src.len()` rows.
@@ -37,7 +37,31 @@ impl RowMap {
     }
 
     /// Tokens → routed rows (sorted by block): the map of [`gather_rows`] / [`sum_rows`].
-    pub(crate) fn routed(r: &Routing) -> Self {
+    pub(crate) fn routed(r: &Routing) -> Arc<Self> {
+        r.row_maps
+            .routed
+            .get_or_init(|| Arc::new(Self::build_routed(r)))
+            .clone()
+    }
+
+    /// Tokens → rows padded per block: block `e`'s rows at `e·R_max ..`, then zero rows up to
+    /// the fullest block's count `R_max` ([`padded_rows`]).
+    pub(crate) fn padded(r: &Routing) -> Arc<Self> {
+        r.row_maps
+            .padded
+            .get_or_init(|| Arc::new(Self::build_padded(r)))
+            .clone()
+    }
+
+    /// Padded rows → routed rows: the gather drops the padding, its adjoint puts it back.
+    pub(crate) fn unpad(r: &Routing) -> Arc<Self> {
+        r.row_maps
+            .unpad
+            .get_or_init(|| Arc::new(Self::build_unpad(r)))
+            .clone()
+    }
+
+    fn build_routed(r: &Routing) -> Self {
         Self {
             src: r.row_token().to_vec(),
             copies: token_rows(r),
@@ -46,9 +70,7 @@ impl RowMap {
         }
     }
 
-    /// Tokens → rows padded per block: block `e`'s rows at `e·R_max ..`, then zero rows up to
-    /// the fullest block's count `R_max` ([`padded_rows`]).
-    pub(crate) fn padded(r: &Routing) -> Self {
+    fn build_padded(r: &Routing) -> Self {
         let pad = pad_index(r);
         let copies = token_rows(r).into_iter().map(|row| pad[row as usize]).collect();
         let mut src = vec![SENTINEL; r.n_blocks() * padded_rows(r)];
@@ -63,8 +85,7 @@ impl RowMap {
         }
     }
 
-    /// Padded rows → routed rows: the gather drops the padding, its adjoint puts it back.
-    pub(crate) fn unpad(r: &Routing) -> Self {
+    fn build_unpad(r: &Routing) -> Self {
         let src = pad_index(r);
         let mut copies = vec![SENTINEL; r.n_blocks() * padded_rows(r)];
         for (row, &p) in src.iter().enumerate() {
@@ -78,6 +99,15 @@ impl RowMap {
             src_rows,
         }
     }
+}
+
+/// The row maps of one routing, built on first use and shared by the forward, the backward and
+/// the gates (each is O(R) host work and one upload's worth of indices).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RowMaps {
+    routed: OnceLock<Arc<RowMap>>,
+    padded: OnceLock<Arc<RowMap>>,
+    unpad: OnceLock<Arc<RowMap>>,
 }
 
 /// Rows of the fullest block, `R_max`: the padded layout has `n_blocks · R_max` rows.
@@ -108,7 +138,7 @@ pub fn gather_rows(x: &Tensor, routing: &Arc<Routing>) -> Result<Tensor> {
             routing.n_tokens()
         ),
     }
-    move_rows(x, Move::Gather, Arc::new(RowMap::routed(routing)))
+    move_rows(x, Move::Gather, RowMap::routed(routing))
 }
 
 /// `out[t] = Σ_s y[row of (t, s)]`, `[R, n] → [T, n]`. Differentiable in `y`.
@@ -121,7 +151,7 @@ pub fn sum_rows(y: &Tensor, routing: &Arc<Routing>) -> Result<Tensor> {
             routing.n_rows()
         ),
     }
-    move_rows(y, Move::Sum, Arc::new(RowMap::routed(routing)))
+    move_rows(y, Move::Sum, RowMap::routed(routing))
 }
 
 /// The gather (source → destination rows) or the sum (destination → source rows) of `map`, on a
