@@ -349,3 +349,54 @@ fn routed_lora_merge_equals_unmerged_and_grads_reach_only_trainables() -> Result
     assert!(max_diff(&layer.forward_t(&x, false)?.y, &unmerged)? < 1e-5);
     Ok(())
 }
+
+/// With k < n_blocks the routed layer with LoRA is the masked dense FFN of the merged weights
+/// `W1 + s·B1 A1`, `W2 + s·B2 A2` (s = α/r), and every LoRA factor's gradient matches autograd
+/// through that reference (for the gated and the ungated layer).
+#[test]
+fn routed_lora_top_k_equals_masked_merged_ffn_and_its_gradients() -> Result<()> {
+    for gate in [GateMode::Ones, GateMode::SoftmaxKept] {
+        let (layer, w) = routed_lora(gate, 2)?;
+        let (a1, b1, a2, b2) = layer.lora_factors().expect("lora");
+        b1.set(&f32(randn_f64(&[24, 3], 41)?)?)?;
+        b2.set(&f32(randn_f64(&[10, 3], 42)?)?)?;
+        let x = Var::from_tensor(&f32(randn_f64(&[17, 10], 43)?)?)?;
+        let out = layer.forward_t(x.as_tensor(), true)?;
+        assert!(out.routing.k() < out.routing.n_blocks());
+        // The reference: the same LoRA factors (fresh vars), the gates as a constant mask.
+        let refs: Vec<Var> = [a1, b1, a2, b2]
+            .iter()
+            .map(|v| Var::from_tensor(&v.as_tensor().copy()?))
+            .collect::<Result<_>>()?;
+        let s = 5.0 / 3.0;
+        let w1 = (&w[0] + (refs[1].as_tensor().matmul(refs[0].as_tensor())? * s)?)?;
+        let w2 = (&w[2] + (refs[3].as_tensor().matmul(refs[2].as_tensor())? * s)?)?;
+        let mask = reference::block_mask(&out.gate_matrix()?.detach(), 6)?;
+        let want = reference::masked_ffn(x.as_tensor(), &w1, &w[1], &w2, &w[3], Activation::GeluErf, &mask)?;
+        assert!(max_diff(&out.y, &want)? < 1e-5, "{gate:?}: forward differs");
+        let up = f32(randn_f64(&[17, 10], 44)?)?;
+        let g_got = out.y.mul(&up)?.sum_all()?.backward()?;
+        let g_want = want.mul(&up)?.sum_all()?.backward()?;
+        for (i, (ours, theirs)) in [a1, b1, a2, b2].iter().zip(&refs).enumerate() {
+            let a = g_got.get(ours.as_tensor()).expect("routed grad");
+            let b = g_want.get(theirs.as_tensor()).expect("reference grad");
+            let d = max_diff(a, b)?;
+            assert!(
+                d < 1e-5 * norm(b)?.max(1.0),
+                "{gate:?}: LoRA factor {i} gradient differs by {d}"
+            );
+        }
+        if gate == GateMode::Ones {
+            // Constant gates: the input gradient matches too.
+            let (a, b) = (
+                g_got.get(x.as_tensor()).expect("x"),
+                g_want.get(x.as_tensor()).expect("x"),
+            );
+            assert!(
+                max_diff(a, b)? < 1e-5 * norm(b)?.max(1.0),
+                "input gradient differs"
+            );
+        }
+    }
+    Ok(())
+}
