@@ -22,7 +22,8 @@ use candle_core::{DType, Device, Tensor};
 use spt_ops::lora::LoraConfig;
 use spt_ops::pq::{PqConfig, Refresh, TopK};
 use spt_ops::routed_ffn::{
-    GateMode, RoutedFfnConfig, RouterFitConfig, RoutingQuality, TopK as BlockTopK, UnitClusterConfig,
+    GateMode, RoutedFfnConfig, RouterFitConfig, RouterTarget, RoutingQuality, TopK as BlockTopK,
+    UnitClusterConfig,
 };
 use std::sync::Arc;
 
@@ -322,14 +323,22 @@ pub struct RoutedFfnSettings {
 /// Serializable form of spt-ops' `RouterFitConfig`.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RouterFit {
+    /// What the router ranks blocks by (older configs, without it: activation norm).
+    #[serde(default = "activation_norm")]
+    pub target: RouterTarget,
     pub ridge: f64,
     pub score_scale: f64,
+}
+
+fn activation_norm() -> RouterTarget {
+    RouterTarget::ActivationNorm
 }
 
 impl Default for RouterFit {
     fn default() -> Self {
         let d = RouterFitConfig::default();
         Self {
+            target: d.target,
             ridge: d.ridge,
             score_scale: d.score_scale,
         }
@@ -381,8 +390,10 @@ pub struct RoutingSummary {
     pub cosine: f64,
     /// `‖routed − dense‖ / ‖dense‖`.
     pub rel_error: f64,
-    /// Fraction of router picks among each token's top-k blocks by activation norm.
+    /// Fraction of router picks among each token's top-k blocks by output norm.
     pub oracle_recall: f64,
+    /// The cosine of the oracle routing (each token's top-k blocks by output norm).
+    pub oracle_cosine: f64,
     /// Which hidden units form the blocks: "contiguous" (the checkpoint's order) or "clustered".
     pub units: &'static str,
     /// The cosine with contiguous blocks.
@@ -575,6 +586,7 @@ pub fn sparsify<M: SptModel + ?Sized>(
                 false => None,
             };
             let fit = fc.router_fit.map(|f| RouterFitConfig {
+                target: f.target,
                 ridge: f.ridge,
                 score_scale: f.score_scale,
             });
@@ -608,6 +620,7 @@ pub fn sparsify<M: SptModel + ?Sized>(
                     cosine: q.cosine,
                     rel_error: q.rel_error,
                     oracle_recall: q.oracle_recall,
+                    oracle_cosine: q.oracle_cosine,
                     units,
                     contiguous_cosine: contiguous.map(|c| c.cosine),
                     clustered_cosine,

@@ -9,7 +9,7 @@ use spt_ops::gradcheck::{check_gradients, randn_f64, GradCheck};
 use spt_ops::routed_ffn::TopK;
 use spt_ops::routed_ffn::{
     composed, gate_matrix, gather_matmul, gather_rows, reference, routed_ffn, router_gates, scatter_matmul,
-    sum_rows, RouterFitConfig, UnitClusterConfig,
+    sum_rows, RouterFitConfig, RouterTarget, UnitClusterConfig,
 };
 use spt_ops::{Activation, GateMode, LoraConfig, RoutedFfn, RoutedFfnConfig, Routing};
 use std::sync::Arc;
@@ -456,8 +456,59 @@ fn quality_of_the_dense_routing_is_exact() -> Result<()> {
     let layer = RoutedFfn::new(&w1, &b1, &w2, &b2, cfg)?;
     let q = layer.quality(&randn_f64(&[2, 20, 8], 10)?.to_dtype(DType::F32)?)?;
     assert!(
-        (q.cosine - 1.0).abs() < 1e-6 && q.rel_error < 1e-6 && q.oracle_recall == 1.0,
+        (q.cosine - 1.0).abs() < 1e-6
+            && (q.oracle_cosine - 1.0).abs() < 1e-6
+            && q.rel_error < 1e-6
+            && q.oracle_recall == 1.0,
         "{q:?}"
+    );
+    Ok(())
+}
+
+/// Block 0 fires hardest on every token but its fc2 columns are tiny, so it adds almost nothing
+/// to the output: ranking by activation norm keeps it, ranking by output norm skips it and
+/// reproduces the dense FFN far better (and at the oracle's cosine).
+#[test]
+fn router_fit_to_output_norm_skips_loud_blocks_that_add_little() -> Result<()> {
+    let (d, n, b, t) = (16, 4, 8, 400);
+    let ([w1, b1, w2, b2], x) = planted(d, n, b, t, 31)?;
+    // Block 0: large activations (its W1 rows ×4, biases +3) and fc2 columns ×0.01.
+    let in_block0 = |u: usize, yes: f32, no: f32| if u < b { yes } else { no };
+    let per_unit = |yes, no| {
+        Tensor::from_vec(
+            (0..n * b).map(|u| in_block0(u, yes, no)).collect::<Vec<_>>(),
+            n * b,
+            &Device::Cpu,
+        )
+    };
+    let w1 = w1.broadcast_mul(&per_unit(4.0, 1.0)?.unsqueeze(1)?)?;
+    let b1 = (b1 + per_unit(3.0, 0.0)?)?;
+    let w2 = w2.broadcast_mul(&per_unit(0.01, 1.0)?.unsqueeze(0)?)?;
+    let mut cfg = RoutedFfnConfig::new(n, TopK::Count(1), Activation::GeluErf);
+    cfg.gate = GateMode::Ones;
+    let fit = |target| -> Result<(spt_ops::routed_ffn::RoutingQuality, f64)> {
+        let mut layer = RoutedFfn::new(&w1, &b1, &w2, &b2, cfg.clone())?;
+        let fit = RouterFitConfig {
+            target,
+            ..RouterFitConfig::default()
+        };
+        let q = layer.init_router(&x, fit)?;
+        let picked = layer.route(&x)?.blocks().iter().filter(|&&e| e == 0).count();
+        Ok((q, picked as f64 / t as f64))
+    };
+    let (by_act, act_picks_0) = fit(RouterTarget::ActivationNorm)?;
+    let (by_out, out_picks_0) = fit(RouterTarget::OutputNorm)?;
+    assert!(
+        act_picks_0 > 0.5 && out_picks_0 < 0.05,
+        "block 0 picked: {act_picks_0} vs {out_picks_0}"
+    );
+    assert!(
+        by_out.cosine > by_act.cosine + 0.1,
+        "activation {by_act:?}, output {by_out:?}"
+    );
+    assert!(
+        by_out.oracle_recall > 0.9 && by_out.cosine > by_out.oracle_cosine - 0.02,
+        "{by_out:?}"
     );
     Ok(())
 }

@@ -219,7 +219,10 @@ fn spt_config(cfg: &FinetuneConfig, head_dim: usize, fit: bool) -> Result<Option
             n_blocks: cfg.ffn_blocks,
             top_k: BlockTopK::Count(cfg.ffn_top_k),
             gate: cfg.ffn_gate.into(),
-            router_fit: fit.then(RouterFit::default),
+            router_fit: fit.then(|| RouterFit {
+                target: cfg.ffn_router_target.into(),
+                ..RouterFit::default()
+            }),
             seed: cfg.seed,
             aux_loss: cfg.router_aux_weight > 0.0,
             // Regrouping permutes frozen weights only: with every weight training there is

@@ -1,12 +1,27 @@
 //! Router initialisation from a pretrained FFN, and a report of how well the routed output
 //! reproduces the dense one. (The reference implementation starts the router at random.)
 
-use super::{skipped_matrix, RoutedFfn, Routing};
+use super::{skipped_matrix, GateMode, RoutedFfn, Routing};
 use candle_core::{bail, DType, Result, Tensor, D};
+use std::sync::Arc;
+
+/// What the fitted router ranks a token's blocks by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RouterTarget {
+    /// `‖act(x W1_eᵀ + b1_e)‖`, the block's hidden activation norm.
+    ActivationNorm,
+    /// `‖act(x W1_eᵀ + b1_e) W2_eᵀ‖`, the norm of what the block adds to the output: skipping
+    /// the blocks that add least is what keeps the routed output closest to the dense one.
+    #[default]
+    OutputNorm,
+}
 
 /// How [`RoutedFfn::init_router`] fits the router.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RouterFitConfig {
+    /// The per-block quantity the scores are fitted to rank by.
+    pub target: RouterTarget,
     /// Ridge penalty, relative to the mean diagonal of `XᵀX`.
     pub ridge: f64,
     /// The fitted scores approximate `score_scale ·` (per-token standardised block activation
@@ -18,6 +33,7 @@ pub struct RouterFitConfig {
 impl Default for RouterFitConfig {
     fn default() -> Self {
         Self {
+            target: RouterTarget::default(),
             ridge: 1e-3,
             score_scale: 0.1,
         }
@@ -34,8 +50,11 @@ pub struct RoutingQuality {
     /// `‖y_routed‖ / ‖y_dense‖`.
     pub norm_ratio: f64,
     /// Fraction of the router's picks that are among each token's k blocks of largest
-    /// activation norm (1 = the router picks exactly the oracle blocks).
+    /// output norm (1 = the router picks exactly the oracle blocks).
     pub oracle_recall: f64,
+    /// The cosine the oracle routing (those blocks, gate 1) would reach: the ceiling of any
+    /// router at this k and block partition.
+    pub oracle_cosine: f64,
     /// Tokens in the sample.
     pub tokens: usize,
 }
@@ -92,11 +111,24 @@ impl RoutedFfn {
             .forward(&x.matmul(&w1.t()?)?.broadcast_add(&b1)?)
     }
 
-    /// `[S, n_blocks]` activation norms `‖act(x W1_eᵀ + b1_e)‖` of the sample tokens, in f64.
-    fn block_norms(&self, x2: &Tensor) -> Result<Tensor> {
-        let (s, n) = (x2.dim(0)?, self.cfg.n_blocks);
+    /// `[S, n_blocks]` per-block norms of the sample tokens (LoRA included), in f64.
+    fn block_norms(&self, x2: &Tensor, target: RouterTarget) -> Result<Tensor> {
+        let (s, n, b) = (x2.dim(0)?, self.cfg.n_blocks, self.block);
         let h = self.hidden_f64(x2)?;
-        h.reshape((s, n, self.block))?.sqr()?.sum(D::Minus1)?.sqrt()
+        match target {
+            RouterTarget::ActivationNorm => h.reshape((s, n, b))?.sqr()?.sum(D::Minus1)?.sqrt(),
+            RouterTarget::OutputNorm => {
+                let (_, w2) = self.merged_weights()?;
+                let w2 = w2.detach().to_dtype(DType::F64)?; // [d, d_ff]
+                let cols = (0..n)
+                    .map(|e| {
+                        let out = h.narrow(1, e * b, b)?.matmul(&w2.narrow(1, e * b, b)?.t()?)?;
+                        out.sqr()?.sum_keepdim(1)?.sqrt() // [S, 1]
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&cols, 1)
+            }
+        }
     }
 
     fn sample_tokens(&self, x: &Tensor) -> Result<Tensor> {
@@ -135,7 +167,7 @@ impl RoutedFfn {
     }
 
     /// Fits the router by ridge least squares so that its scores rank the blocks of each sample
-    /// token by activation norm, then (if configured) the skip biases under that router, and
+    /// token by `fit.target`, then (if configured) the skip biases under that router, and
     /// reports the routing quality on the same sample.
     pub fn init_router(&mut self, sample: &Tensor, fit: RouterFitConfig) -> Result<RoutingQuality> {
         if !(fit.ridge > 0.0 && fit.score_scale > 0.0) {
@@ -144,7 +176,7 @@ impl RoutedFfn {
         let x2 = self.sample_tokens(sample)?;
         let (s, d, n) = (x2.dim(0)?, self.d_model(), self.cfg.n_blocks);
         // Per-token standardised norms: the targets.
-        let norms = self.block_norms(&x2)?;
+        let norms = self.block_norms(&x2, fit.target)?;
         let mean = norms.mean_keepdim(1)?;
         let centred = norms.broadcast_sub(&mean)?;
         let std = (centred.sqr()?.mean_keepdim(1)?.sqrt()? + 1e-12)?;
@@ -189,14 +221,28 @@ impl RoutedFfn {
             .detach()
             .to_dtype(DType::F64)?
             .broadcast_sub(&b2)?;
-        let dot = yr.mul(&yd)?.sum_all()?.to_scalar::<f64>()?;
+        let cos = |a: &Tensor| -> Result<f64> {
+            let dot = a.mul(&yd)?.sum_all()?.to_scalar::<f64>()?;
+            let na = a.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+            let nd = yd.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+            Ok(dot / (na * nd).max(f64::MIN_POSITIVE))
+        };
         let nr = yr.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
         let nd = yd.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
         let ne = yr.sub(&yd)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
         let tiny = f64::MIN_POSITIVE;
-        // Oracle: each token's k blocks of largest activation norm.
-        let norms: Vec<f64> = self.block_norms(&x2)?.flatten_all()?.to_vec1()?;
-        let oracle = Routing::top_k(&norms, t, self.cfg.n_blocks, self.k)?;
+        // Oracle: each token's k blocks that add most to the output.
+        let norms: Vec<f64> = self
+            .block_norms(&x2, RouterTarget::OutputNorm)?
+            .flatten_all()?
+            .to_vec1()?;
+        let oracle = Arc::new(Routing::top_k(&norms, t, self.cfg.n_blocks, self.k)?);
+        let yo = self
+            .forward_with_routing(&x2, oracle.clone(), GateMode::Ones, false)?
+            .y
+            .detach()
+            .to_dtype(DType::F64)?
+            .broadcast_sub(&b2)?;
         let picked = out.routing.blocks();
         let hits = picked
             .chunks(self.k)
@@ -204,7 +250,8 @@ impl RoutedFfn {
             .map(|(p, o)| p.iter().filter(|e| o.contains(e)).count())
             .sum::<usize>();
         Ok(RoutingQuality {
-            cosine: dot / (nr * nd).max(tiny),
+            cosine: cos(&yr)?,
+            oracle_cosine: cos(&yo)?,
             rel_error: ne / nd.max(tiny),
             norm_ratio: nr / nd.max(tiny),
             oracle_recall: hits as f64 / picked.len().max(1) as f64,
