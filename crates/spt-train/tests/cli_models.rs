@@ -329,3 +329,66 @@ fn bench_records_each_setting() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("--ffn-top-k is 9, expected 1 to 8"), "{err}");
 }
+
+/// `eval` without a checkpoint takes its data columns and settings from `--config` (flags
+/// override), and in spt mode fits the sparse layers on the training rows instead of routing
+/// at random; commands without data refuse spt mode without a checkpoint.
+#[test]
+fn eval_without_checkpoint_uses_the_config_and_calibrates_spt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-bert-cls", tmp.path());
+    let m = model.to_str().unwrap();
+    let data = tmp.path().join("reviews.csv");
+    let mut rows = String::from("review,sentiment,movie\n");
+    for i in 0..60 {
+        let (w, l) = [("good", "pos"), ("bad", "neg"), ("story", "neutral")][i % 3];
+        rows.push_str(&format!("the {w} movie was very {w},{l},m{}\n", i % 5));
+    }
+    std::fs::write(&data, rows).unwrap();
+    let cfg = tmp.path().join("spt.toml");
+    std::fs::write(
+        &cfg,
+        "text_column = \"review\"\nlabel_column = \"sentiment\"\nvalidation_split = 0.3\n\
+         split_by = \"movie\"\nmode = \"spt\"\nffn_blocks = 4\nffn_top_k = 2\n",
+    )
+    .unwrap();
+    let eval = |extra: &[&str]| {
+        let mut args = vec!["eval", "--model", m, "--data-file", data.to_str().unwrap()];
+        args.extend(["--config", cfg.to_str().unwrap(), "--split", "validation"]);
+        args.extend(extra);
+        let o = spt_train(&args, None);
+        let rep: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+        (rep, String::from_utf8_lossy(&o.stderr).to_string())
+    };
+    let (sparse, log) = eval(&[]);
+    assert!(
+        log.contains("layer 0: attention sparse")
+            && log.contains("ffn routed")
+            && log.contains("oracle cosine"),
+        "spt eval did not calibrate: {log}"
+    );
+    let (dense, log) = eval(&["--mode", "dense"]);
+    assert!(!log.contains("ffn routed"), "{log}");
+    assert_eq!(sparse["examples"], dense["examples"]);
+    assert!(sparse["examples"].as_u64().unwrap() > 0 && sparse["examples"].as_u64().unwrap() < 60);
+    // A flag overrides the config's column: no column `text` in this file.
+    let o = Command::new(env!("CARGO_BIN_EXE_spt-train"))
+        .args(["eval", "--model", m, "--data-file", data.to_str().unwrap()])
+        .args(["--config", cfg.to_str().unwrap(), "--text-column", "text"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("missing column `text`"));
+    // predict has no rows to fit the sparse layers on.
+    let o = Command::new(env!("CARGO_BIN_EXE_spt-train"))
+        .args(["predict", "--model", m, "--mode", "spt"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--mode spt without --checkpoint"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

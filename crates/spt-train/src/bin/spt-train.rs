@@ -78,9 +78,10 @@ struct ModelArgs {
     /// A checkpoint directory, or a run's output directory (its latest checkpoint).
     #[arg(long)]
     checkpoint: Option<PathBuf>,
-    /// Training mode the checkpoint was made with.
-    #[arg(long, value_enum, default_value = "dense")]
-    mode: Mode,
+    /// Training mode the checkpoint was made with (default: dense; for eval without a
+    /// checkpoint, the mode of `--config`).
+    #[arg(long, value_enum)]
+    mode: Option<Mode>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -100,12 +101,15 @@ struct EvalArgs {
     data_files: Vec<PathBuf>,
     #[arg(long, value_enum)]
     format: Option<DataFormat>,
-    #[arg(long, default_value = "text")]
-    text_column: String,
+    /// Text column (default: `--config`'s, else `text`).
+    #[arg(long)]
+    text_column: Option<String>,
     #[arg(long)]
     text_pair_column: Option<String>,
-    #[arg(long, default_value = "label")]
-    label_column: String,
+    /// Label column (default: `--config`'s, else `label`).
+    #[arg(long)]
+    label_column: Option<String>,
+    /// Drop rows with this label; repeat for several (default: `--config`'s).
     #[arg(long = "drop-label")]
     drop_labels: Vec<String>,
     /// labels.json of the run (default: the checkpoint run's labels.json).
@@ -273,14 +277,15 @@ fn build_task(
                 l.ffn,
                 l.routing
                     .map(|q| format!(
-                        " ({} units, cosine to dense {:.3}{}, oracle recall {:.2})",
+                        " ({} units, cosine to dense {:.3}{}, oracle recall {:.2}, oracle cosine {:.3})",
                         q.units,
                         q.cosine,
                         match (q.contiguous_cosine, q.clustered_cosine) {
                             (Some(c), Some(g)) => format!(" (contiguous {c:.3}, clustered {g:.3})"),
                             _ => String::new(),
                         },
-                        q.oracle_recall
+                        q.oracle_recall,
+                        q.oracle_cosine
                     ))
                     .unwrap_or_default(),
                 l.calibration_tokens,
@@ -395,21 +400,44 @@ fn run_config(checkpoint: Option<&Path>) -> Result<Option<FinetuneConfig>> {
 }
 
 /// The model of `--model`, prepared in the run's mode and holding the checkpoint's trained values.
+///
+/// Without a checkpoint the model is built from `settings` (or the defaults) in `--mode` (or the
+/// settings' mode). In spt mode that fits its PQ codebooks and routers on batches drawn from
+/// `calibrate`, as fine-tuning does, and refuses when there is nothing to fit them on: random
+/// routing would give meaningless results.
 fn load_trained(
     m: &ModelArgs,
     task: TaskKind,
     num_labels: Option<usize>,
     dev: &Device,
+    settings: Option<&FinetuneConfig>,
+    calibrate: Option<&EncodedDataset>,
 ) -> Result<(ModelTask, PathBuf)> {
     let model_dir = resolve_model(&m.model)?;
     let ck = m.checkpoint.as_deref().map(checkpoint_path).transpose()?;
-    let mut cfg = run_config(ck.as_deref())?.unwrap_or_else(|| FinetuneConfig {
-        mode: m.mode,
-        ..FinetuneConfig::default()
+    let run = run_config(ck.as_deref())?;
+    let from_run = run.is_some();
+    let mut cfg = run.unwrap_or_else(|| {
+        let mut c = settings.cloned().unwrap_or_default();
+        c.mode = m
+            .mode
+            .unwrap_or(if settings.is_some() { c.mode } else { Mode::Dense });
+        c
     });
     cfg.task = task;
-    let mut t = ModelTask::build(&cfg, &model_dir, num_labels, dev, Vec::new())
-        .with_context(|| format!("building the {:?} model from {}", cfg.mode, model_dir.display()))?;
+    let mut t = match (ck.is_none() && cfg.mode == Mode::Spt, calibrate) {
+        (true, Some(data)) => build_task(&cfg, &model_dir, num_labels, Some(data), dev)?,
+        (true, None) => bail!(
+            "--mode spt without --checkpoint: the sparse model fits its PQ codebooks and routers on \
+             data, and this command has none to fit them on; pass --checkpoint (an spt run) or use \
+             `spt-train eval`, which fits them on its data"
+        ),
+        (false, _) => ModelTask::build(&cfg, &model_dir, num_labels, dev, Vec::new())
+            .with_context(|| format!("building the {:?} model from {}", cfg.mode, model_dir.display()))?,
+    };
+    if !from_run && ck.is_some() && m.mode.is_none() && settings.is_none() {
+        tracing::warn!("no finetune.toml found beside the checkpoint; assuming a dense run (pass --mode)");
+    }
     if let Some(c) = &ck {
         let loaded = load_checkpoint(c, dev).with_context(|| format!("loading {}", c.display()))?;
         t.load_trained(&loaded.model, &loaded.extra)
@@ -451,11 +479,23 @@ fn eval(a: &EvalArgs) -> Result<()> {
     } else if a.config.is_none() || cfg.validation_split <= 0.0 {
         bail!("--split validation needs --config with a validation_split > 0 (the run's finetune.toml)");
     }
-    cfg.format = a.format;
-    cfg.text_column = a.text_column.clone();
-    cfg.text_pair_column = a.text_pair_column.clone();
-    cfg.label_column = a.label_column.clone();
-    cfg.drop_labels = a.drop_labels.clone();
+    // Data settings: a flag overrides `--config`, which overrides the defaults.
+    let defaults = FinetuneConfig::default();
+    cfg.format = a.format.or(cfg.format);
+    if let Some(c) = &a.text_column {
+        cfg.text_column = c.clone();
+    } else if a.config.is_none() {
+        cfg.text_column = defaults.text_column.clone();
+    }
+    cfg.text_pair_column = a.text_pair_column.clone().or(cfg.text_pair_column);
+    if let Some(c) = &a.label_column {
+        cfg.label_column = c.clone();
+    } else if a.config.is_none() {
+        cfg.label_column = defaults.label_column.clone();
+    }
+    if !a.drop_labels.is_empty() {
+        cfg.drop_labels = a.drop_labels.clone();
+    }
     cfg.max_length = a.max_length.or(cfg.max_length);
     cfg.block_size = a.block_size;
     if let Some(p) = labels_path(&a.label_map, &a.model.checkpoint) {
@@ -463,7 +503,15 @@ fn eval(a: &EvalArgs) -> Result<()> {
     }
     let tok = load_tokenizer(&cfg, &model_dir)?;
     let data = prepare_data(&cfg, &tok, None)?;
-    let (mut task, _) = load_trained(&a.model, a.task, data.labels.as_ref().map(LabelMap::len), &dev)?;
+    let settings = a.config.as_ref().map(|_| &cfg);
+    let (mut task, _) = load_trained(
+        &a.model,
+        a.task,
+        data.labels.as_ref().map(LabelMap::len),
+        &dev,
+        settings,
+        Some(&data.train),
+    )?;
     let rows = match a.split {
         EvalSplit::All => &data.train,
         EvalSplit::Validation => data
@@ -522,6 +570,8 @@ fn predict(a: &PredictArgs) -> Result<()> {
         TaskKind::Classify,
         labels.as_ref().map(LabelMap::len),
         &dev,
+        None,
+        None,
     )?;
     let data = EncodedDataset {
         task: TaskKind::Classify,
@@ -579,7 +629,7 @@ fn generate(a: &GenerateArgs) -> Result<()> {
     }
     let n_prompt = ids.len();
     tracing::info!(prompt_tokens = n_prompt, "prompt ready");
-    let (task, _) = load_trained(&a.model, TaskKind::Lm, None, &dev)?;
+    let (task, _) = load_trained(&a.model, TaskKind::Lm, None, &dev, None, None)?;
     let ctx_len = model_max_length(&model_dir).unwrap_or(1024);
     let mut rng = SplitMix64::new(a.seed);
     for _ in 0..a.max_new_tokens {
@@ -613,6 +663,8 @@ fn export(a: &ExportArgs) -> Result<()> {
         task_kind,
         labels.as_ref().map(LabelMap::len),
         &Device::Cpu,
+        None,
+        None,
     )?;
     if task.sparse_layers() > 0 {
         eprintln!(
