@@ -70,9 +70,9 @@ impl From<FfnGate> for spt_models::routed_ffn::GateMode {
 #[serde(rename_all = "kebab-case")]
 pub enum FfnRouterTarget {
     /// The block's hidden activation norm.
+    #[default]
     ActivationNorm,
     /// The norm of the block's contribution to the FFN output.
-    #[default]
     OutputNorm,
 }
 
@@ -155,6 +155,9 @@ pub struct FinetuneConfig {
     pub ffn_units: FfnUnits,
     /// What the router is fitted to rank blocks by, on the calibration tokens.
     pub ffn_router_target: FfnRouterTarget,
+    /// Refit the routers every N steps on the calibration batches, as the model now is (0: never;
+    /// spt).
+    pub router_refit_every: u64,
     /// A constant per-block bias added for tokens that skip the block, fitted to the block's
     /// mean output on the calibration tokens (spt; default off).
     pub ffn_skip_bias: bool,
@@ -245,6 +248,7 @@ impl Default for FinetuneConfig {
             ffn_gate: FfnGate::default(),
             ffn_units: FfnUnits::default(),
             ffn_router_target: FfnRouterTarget::default(),
+            router_refit_every: 0,
             ffn_skip_bias: false,
             calibration_batches: 4,
             router_aux_weight: 0.0,
@@ -361,6 +365,9 @@ pub struct FinetuneArgs {
     /// What the routers are fitted to rank FFN blocks by.
     #[arg(long, value_enum)]
     pub ffn_router_target: Option<FfnRouterTarget>,
+    /// Refit the routers every N steps on the calibration batches (0: never).
+    #[arg(long)]
+    pub router_refit_every: Option<u64>,
     /// Per-block bias for tokens that skip an FFN block, fitted to its mean output (default false).
     #[arg(long)]
     pub ffn_skip_bias: Option<bool>,
@@ -485,7 +492,7 @@ impl FinetuneConfig {
         let c = self;
         set_if_some!(a, c;
             plain: model, task, validation_split, text_column, label_column, block_size, output_dir, mode,
-                pq_refresh_every, ffn_blocks, ffn_top_k, ffn_gate, ffn_units, ffn_router_target, ffn_skip_bias, calibration_batches, router_aux_weight, lora_rank, lora_alpha, lora_dropout,
+                pq_refresh_every, ffn_blocks, ffn_top_k, ffn_gate, ffn_units, ffn_router_target, router_refit_every, ffn_skip_bias, calibration_batches, router_aux_weight, lora_rank, lora_alpha, lora_dropout,
                 epochs, batch_size, grad_accum, lr, warmup_ratio, schedule, weight_decay, adam_beta1, adam_beta2,
                 adam_eps, max_grad_norm, seed, eval_every, save_every, keep_last, log_every, device;
             optional: tokenizer, router_lr_scale, split_by, format, text_pair_column, label_map, max_length, attn_k,

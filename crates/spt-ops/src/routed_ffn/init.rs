@@ -10,10 +10,12 @@ use std::sync::Arc;
 #[serde(rename_all = "kebab-case")]
 pub enum RouterTarget {
     /// `‖act(x W1_eᵀ + b1_e)‖`, the block's hidden activation norm.
+    #[default]
     ActivationNorm,
     /// `‖act(x W1_eᵀ + b1_e) W2_eᵀ‖`, the norm of what the block adds to the output: skipping
-    /// the blocks that add least is what keeps the routed output closest to the dense one.
-    #[default]
+    /// the blocks that add least keeps the routed output closest to the dense one. On MiniLM it
+    /// fits the dense FFN as well or better (calibration cosine +0.01 in one layer of six) but
+    /// did not fine-tune better (4 seeds), so it is not the default.
     OutputNorm,
 }
 

@@ -24,8 +24,8 @@
 //! - Skip biases (optional, [`RoutedFfnConfig::skip_bias`]): a constant `[n_blocks, d]` table;
 //!   a token that skips block `e` gets `skip_e` added, so the block contributes its average
 //!   instead of nothing (a `[T, n]` × `[n, d]` product, cheap next to one block's GEMMs).
-//! - [`RoutedFfn::init_router`] fits the router to rank blocks by what they add to the output (or
-//!   by their activation norm, [`RouterTarget`]) (and the
+//! - [`RoutedFfn::init_router`] fits the router to rank blocks by their activation norm (or by
+//!   what they add to the output, [`RouterTarget`]) (and the
 //!   skip biases to each block's mean output when skipped), and [`RoutedFfn::quality`] reports
 //!   how close the routed output is to the dense one.
 
