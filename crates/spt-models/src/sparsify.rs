@@ -230,6 +230,39 @@ pub trait SptModel {
         Ok(n)
     }
 
+    /// Refits every routed FFN's router on the FFN inputs the current model (adapters included)
+    /// produces on `batches` (padding excluded), as [`sparsify`] first fitted it: a router kept at
+    /// its first fit goes stale as the adapters change its layer's inputs and blocks. Returns the
+    /// routing quality of each refitted layer on those tokens.
+    fn refit_routers(
+        &mut self,
+        batches: &[CalibrationBatch],
+        fit: RouterFitConfig,
+    ) -> Result<Vec<(usize, RoutingQuality)>> {
+        let n = self.num_layers();
+        let mut ffn_in: Vec<Vec<Tensor>> = vec![Vec::new(); n];
+        for batch in batches {
+            for (i, t) in self.trace(batch)?.iter().enumerate() {
+                ffn_in[i].push(gather_valid(t, batch.attention_mask.as_ref())?.1);
+            }
+        }
+        let mut out = Vec::new();
+        for (i, inputs) in ffn_in.iter().enumerate() {
+            if let Some(LayerSlots {
+                ffn: FeedForward::Routed(r),
+                ..
+            }) = self.layer_slots(i)
+            {
+                if inputs.is_empty() {
+                    continue;
+                }
+                let sample = Tensor::cat(inputs, 0)?.to_dtype(r.fc1.weight.tensor().dtype())?;
+                out.push((i, r.init_router(&sample, fit)?));
+            }
+        }
+        Ok(out)
+    }
+
     /// Makes the listed layers sparse with the given codebooks (e.g. from [`SptModel::pq_codebooks`]
     /// of a saved run) and top-k; no calibration needed.
     fn set_pq_codebooks(&mut self, codebooks: &[(usize, Tensor)], top_k: TopK) -> Result<()> {
@@ -324,14 +357,10 @@ pub struct RoutedFfnSettings {
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RouterFit {
     /// What the router ranks blocks by (older configs, without it: activation norm).
-    #[serde(default = "activation_norm")]
+    #[serde(default)]
     pub target: RouterTarget,
     pub ridge: f64,
     pub score_scale: f64,
-}
-
-fn activation_norm() -> RouterTarget {
-    RouterTarget::ActivationNorm
 }
 
 impl Default for RouterFit {

@@ -16,7 +16,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use spt_models::pq::{PqConfig, Refresh, TopK};
-use spt_models::routed_ffn::TopK as BlockTopK;
+use spt_models::routed_ffn::{RouterFitConfig, TopK as BlockTopK};
 use spt_models::{
     sparsify, BertConfig, BertForSequenceClassification, CalibrationBatch, FeedForward, GPT2Config,
     GPT2LMHeadModel, LoadOptions, LoraSettings, LoraTarget, NamedParams, RoutedFfnSettings, RouterFit,
@@ -121,6 +121,9 @@ pub struct ModelTask {
     /// Batches the codebook refresh cycles through (spt mode).
     calibration: Vec<CalibrationBatch>,
     refresh_every: u64,
+    /// Refit the routers every N steps (0: never), with this fit.
+    router_refit_every: u64,
+    router_fit: RouterFitConfig,
     /// Keys per query of the sparse layers (to rebuild them from saved codebooks).
     attn_top_k: Option<TopK>,
     /// The current PQ codebooks (layer, centroids), kept in step with the model.
@@ -387,6 +390,11 @@ impl ModelTask {
                 Vec::new()
             },
             refresh_every: cfg.pq_refresh_every,
+            router_refit_every: cfg.router_refit_every,
+            router_fit: RouterFitConfig {
+                target: cfg.ffn_router_target.into(),
+                ..RouterFitConfig::default()
+            },
             attn_top_k,
             codebooks,
             unit_orders,
@@ -585,6 +593,13 @@ impl TrainTask for ModelTask {
     }
 
     fn after_step(&mut self, step: u64) -> candle_core::Result<()> {
+        if self.router_refit_every > 0 && step % self.router_refit_every == 0 && !self.calibration.is_empty()
+        {
+            let fit = self.router_fit;
+            let q = self.net.spt().refit_routers(&self.calibration, fit)?;
+            let worst = q.iter().map(|(_, q)| q.cosine).fold(f64::INFINITY, f64::min);
+            tracing::debug!(step, layers = q.len(), worst_cosine = worst, "routers refitted");
+        }
         if self.refresh_every == 0
             || self.calibration.is_empty()
             || self.codebooks.is_empty()
