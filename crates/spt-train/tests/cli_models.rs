@@ -61,18 +61,24 @@ fn fixture(name: &str, root: &Path) -> PathBuf {
     dst
 }
 
+/// 60 three-class reviews over 5 movies, under `header` (text, label and movie columns).
+fn reviews_csv(dir: &Path, name: &str, header: &str) -> PathBuf {
+    let mut rows = format!("{header}\n");
+    for i in 0..60 {
+        let (w, l) = [("good", "pos"), ("bad", "neg"), ("story", "neutral")][i % 3];
+        rows.push_str(&format!("the {w} movie was very {w},{l},m{}\n", i % 5));
+    }
+    let path = dir.join(name);
+    std::fs::write(&path, rows).unwrap();
+    path
+}
+
 #[test]
 fn classify_finetune_eval_predict_export() {
     let tmp = tempfile::tempdir().unwrap();
     let model = fixture("tiny-bert-cls", tmp.path());
     let m = model.to_str().unwrap();
-    let data = tmp.path().join("d.csv");
-    let mut rows = String::from("text,label,movie\n");
-    for i in 0..60 {
-        let (w, l) = [("good", "pos"), ("bad", "neg"), ("story", "neutral")][i % 3];
-        rows.push_str(&format!("the {w} movie was very {w},{l},m{}\n", i % 5));
-    }
-    std::fs::write(&data, rows).unwrap();
+    let data = reviews_csv(tmp.path(), "d.csv", "text,label,movie");
     let run = tmp.path().join("run");
     let r = run.to_str().unwrap();
     let o = spt_train(
@@ -338,13 +344,7 @@ fn eval_without_checkpoint_uses_the_config_and_calibrates_spt() {
     let tmp = tempfile::tempdir().unwrap();
     let model = fixture("tiny-bert-cls", tmp.path());
     let m = model.to_str().unwrap();
-    let data = tmp.path().join("reviews.csv");
-    let mut rows = String::from("review,sentiment,movie\n");
-    for i in 0..60 {
-        let (w, l) = [("good", "pos"), ("bad", "neg"), ("story", "neutral")][i % 3];
-        rows.push_str(&format!("the {w} movie was very {w},{l},m{}\n", i % 5));
-    }
-    std::fs::write(&data, rows).unwrap();
+    let data = reviews_csv(tmp.path(), "reviews.csv", "review,sentiment,movie");
     let cfg = tmp.path().join("spt.toml");
     std::fs::write(
         &cfg,
