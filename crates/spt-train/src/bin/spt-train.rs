@@ -479,19 +479,14 @@ fn eval(a: &EvalArgs) -> Result<()> {
     } else if a.config.is_none() || cfg.validation_split <= 0.0 {
         bail!("--split validation needs --config with a validation_split > 0 (the run's finetune.toml)");
     }
-    // Data settings: a flag overrides `--config`, which overrides the defaults.
-    let defaults = FinetuneConfig::default();
+    // Data settings: a flag overrides `--config` (or, without one, the defaults).
     cfg.format = a.format.or(cfg.format);
     if let Some(c) = &a.text_column {
         cfg.text_column = c.clone();
-    } else if a.config.is_none() {
-        cfg.text_column = defaults.text_column.clone();
     }
     cfg.text_pair_column = a.text_pair_column.clone().or(cfg.text_pair_column);
     if let Some(c) = &a.label_column {
         cfg.label_column = c.clone();
-    } else if a.config.is_none() {
-        cfg.label_column = defaults.label_column.clone();
     }
     if !a.drop_labels.is_empty() {
         cfg.drop_labels = a.drop_labels.clone();
