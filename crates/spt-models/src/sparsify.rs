@@ -374,6 +374,16 @@ impl Default for RouterFit {
     }
 }
 
+impl From<RouterFit> for RouterFitConfig {
+    fn from(f: RouterFit) -> Self {
+        Self {
+            target: f.target,
+            ridge: f.ridge,
+            score_scale: f.score_scale,
+        }
+    }
+}
+
 /// LoRA settings.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LoraSettings {
@@ -614,11 +624,7 @@ pub fn sparsify<M: SptModel + ?Sized>(
                 true => Some(Tensor::cat(&ffn_in[i], 0)?.to_dtype(routed.fc1.weight.tensor().dtype())?),
                 false => None,
             };
-            let fit = fc.router_fit.map(|f| RouterFitConfig {
-                target: f.target,
-                ridge: f.ridge,
-                score_scale: f.score_scale,
-            });
+            let fit = fc.router_fit.map(RouterFitConfig::from);
             if let Some(sample) = &sample {
                 let refit = |r: &mut RoutedFeedForward| -> Result<Option<RoutingQuality>> {
                     fit.map(|f| r.init_router(sample, f)).transpose()

@@ -136,6 +136,14 @@ pub struct ModelTask {
     router_aux_weight: f64,
 }
 
+/// How the routers are fitted, at calibration and at each refit.
+fn router_fit(cfg: &FinetuneConfig) -> RouterFit {
+    RouterFit {
+        target: cfg.ffn_router_target.into(),
+        ..RouterFit::default()
+    }
+}
+
 /// How many PQ subspaces: the setting, else the largest divisor of the head dimension ≤ 8.
 fn pq_subspaces(cfg: &FinetuneConfig, head_dim: usize) -> usize {
     cfg.pq_subspaces.unwrap_or_else(|| {
@@ -222,10 +230,7 @@ fn spt_config(cfg: &FinetuneConfig, head_dim: usize, fit: bool) -> Result<Option
             n_blocks: cfg.ffn_blocks,
             top_k: BlockTopK::Count(cfg.ffn_top_k),
             gate: cfg.ffn_gate.into(),
-            router_fit: fit.then(|| RouterFit {
-                target: cfg.ffn_router_target.into(),
-                ..RouterFit::default()
-            }),
+            router_fit: fit.then(|| router_fit(cfg)),
             seed: cfg.seed,
             aux_loss: cfg.router_aux_weight > 0.0,
             // Regrouping permutes frozen weights only: with every weight training there is
@@ -391,10 +396,7 @@ impl ModelTask {
             },
             refresh_every: cfg.pq_refresh_every,
             router_refit_every: cfg.router_refit_every,
-            router_fit: RouterFitConfig {
-                target: cfg.ffn_router_target.into(),
-                ..RouterFitConfig::default()
-            },
+            router_fit: router_fit(cfg).into(),
             attn_top_k,
             codebooks,
             unit_orders,

@@ -223,16 +223,13 @@ impl RoutedFfn {
             .detach()
             .to_dtype(DType::F64)?
             .broadcast_sub(&b2)?;
-        let cos = |a: &Tensor| -> Result<f64> {
-            let dot = a.mul(&yd)?.sum_all()?.to_scalar::<f64>()?;
-            let na = a.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
-            let nd = yd.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
-            Ok(dot / (na * nd).max(f64::MIN_POSITIVE))
-        };
-        let nr = yr.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
-        let nd = yd.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
-        let ne = yr.sub(&yd)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
         let tiny = f64::MIN_POSITIVE;
+        let norm = |a: &Tensor| -> Result<f64> { Ok(a.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt()) };
+        let (nr, nd) = (norm(&yr)?, norm(&yd)?);
+        let cos = |a: &Tensor, na: f64| -> Result<f64> {
+            Ok(a.mul(&yd)?.sum_all()?.to_scalar::<f64>()? / (na * nd).max(tiny))
+        };
+        let ne = norm(&yr.sub(&yd)?)?;
         // Oracle: each token's k blocks that add most to the output.
         let norms: Vec<f64> = self
             .block_norms(&x2, RouterTarget::OutputNorm)?
@@ -252,8 +249,8 @@ impl RoutedFfn {
             .map(|(p, o)| p.iter().filter(|e| o.contains(e)).count())
             .sum::<usize>();
         Ok(RoutingQuality {
-            cosine: cos(&yr)?,
-            oracle_cosine: cos(&yo)?,
+            cosine: cos(&yr, nr)?,
+            oracle_cosine: cos(&yo, norm(&yo)?)?,
             rel_error: ne / nd.max(tiny),
             norm_ratio: nr / nd.max(tiny),
             oracle_recall: hits as f64 / picked.len().max(1) as f64,
