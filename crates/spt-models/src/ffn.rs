@@ -6,8 +6,8 @@
 //! The routed FFN ([`RoutedFeedForward`]) runs spt-ops' `RoutedFfn` on the same weights: d_ff is
 //! split into `n_blocks` blocks and each token runs the top-k blocks its router picks. Its router
 //! is named `{fc1's parent}.router.{weight,bias}` (e.g. `encoder.layer.3.intermediate.router`,
-//! `transformer.h.3.mlp.router`); its optional skip biases are constants, not parameters (see
-//! [`RoutedFeedForward::skip_bias`]). LoRA on a routed FFN lives inside the op and is named like
+//! `transformer.h.3.mlp.router`); its optional skip biases and linear correction are constants, not
+//! parameters (see [`RoutedFeedForward::skip_bias`], [`RoutedFeedForward::correction`]). LoRA on a routed FFN lives inside the op and is named like
 //! LoRA on a dense linear (`{fc1}.lora_A.weight`, ...).
 
 use crate::error::{ModelError, Result};
@@ -183,6 +183,18 @@ impl RoutedFeedForward {
     /// them).
     pub fn set_skip_bias(&mut self, bias: &Tensor) -> Result<()> {
         Ok(self.ffn.set_skip_bias(bias)?)
+    }
+
+    /// The linear correction `[d+1, d]` (a fitted constant, saved beside the parameters), if
+    /// any.
+    pub fn correction(&self) -> Option<&Tensor> {
+        self.ffn.correction()
+    }
+
+    /// Restores a saved linear correction (after [`set_unit_order`](Self::set_unit_order),
+    /// which resets it).
+    pub fn set_correction(&mut self, c: &Tensor) -> Result<()> {
+        Ok(self.ffn.set_correction(c)?)
     }
 
     /// Fits the router so its scores rank blocks by activation norm on sample FFN inputs

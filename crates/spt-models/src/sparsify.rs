@@ -141,6 +141,21 @@ pub trait SptModel {
         Ok(routed_ffn_values(self, |r| r.skip_bias().cloned()))
     }
 
+    /// The linear corrections of every routed FFN that has one, `(layer, [d+1, d])`, for
+    /// checkpoints (fitted constants, like the skip biases).
+    fn ffn_corrections(&mut self) -> Result<Vec<(usize, Tensor)>> {
+        Ok(routed_ffn_values(self, |r| r.correction().cloned()))
+    }
+
+    /// Restores saved linear corrections (from [`SptModel::ffn_corrections`]); call it after
+    /// [`SptModel::set_ffn_unit_orders`], which resets them.
+    fn set_ffn_corrections(&mut self, corrections: &[(usize, Tensor)]) -> Result<()> {
+        for (i, c) in corrections {
+            self.routed_ffn_mut(*i, "correction")?.set_correction(c)?;
+        }
+        Ok(())
+    }
+
     /// The routed FFN of layer `i`, or an error naming the saved `field` that expected one.
     fn routed_ffn_mut(&mut self, i: usize, field: &'static str) -> Result<&mut RoutedFeedForward> {
         let n = self.num_layers();
@@ -351,6 +366,10 @@ pub struct RoutedFfnSettings {
     /// `RoutedFfnConfig::skip_bias`), fitted with the router to the block's mean output.
     #[serde(default)]
     pub skip_bias: bool,
+    /// Give each routed FFN a linear correction for the blocks a token skips (spt-ops'
+    /// `RoutedFfnConfig::correction`), fitted with the router.
+    #[serde(default)]
+    pub correction: bool,
 }
 
 /// Serializable form of spt-ops' `RouterFitConfig`.
@@ -361,6 +380,13 @@ pub struct RouterFit {
     pub target: RouterTarget,
     pub ridge: f64,
     pub score_scale: f64,
+    /// Ridge of the linear correction's fit (older configs, without it: the default).
+    #[serde(default = "default_correction_ridge")]
+    pub correction_ridge: f64,
+}
+
+fn default_correction_ridge() -> f64 {
+    RouterFitConfig::default().correction_ridge
 }
 
 impl Default for RouterFit {
@@ -370,6 +396,7 @@ impl Default for RouterFit {
             target: d.target,
             ridge: d.ridge,
             score_scale: d.score_scale,
+            correction_ridge: d.correction_ridge,
         }
     }
 }
@@ -380,6 +407,7 @@ impl From<RouterFit> for RouterFitConfig {
             target: f.target,
             ridge: f.ridge,
             score_scale: f.score_scale,
+            correction_ridge: f.correction_ridge,
         }
     }
 }
@@ -433,6 +461,11 @@ pub struct RoutingSummary {
     pub oracle_recall: f64,
     /// The cosine of the oracle routing (each token's top-k blocks by output norm).
     pub oracle_cosine: f64,
+    /// The per-token cosine to the dense FFN, averaged over the calibration tokens (the
+    /// `cosine` above is dominated by the few tokens with very large FFN outputs).
+    pub token_cosine: f64,
+    /// The per-token cosine of the oracle routing.
+    pub oracle_token_cosine: f64,
     /// Which hidden units form the blocks: "contiguous" (the checkpoint's order) or "clustered".
     pub units: &'static str,
     /// The cosine with contiguous blocks.
@@ -614,6 +647,7 @@ pub fn sparsify<M: SptModel + ?Sized>(
             rc.seed = fc.seed ^ i as u64;
             rc.aux_loss = fc.aux_loss;
             rc.skip_bias = fc.skip_bias;
+            rc.correction = fc.correction;
             if wants(LoraTarget::Fc1) || wants(LoraTarget::Fc2) {
                 rc.lora = lora_cfg(10);
                 lr.lora.push(dense.fc1.module_name().to_string());
@@ -656,6 +690,8 @@ pub fn sparsify<M: SptModel + ?Sized>(
                     rel_error: q.rel_error,
                     oracle_recall: q.oracle_recall,
                     oracle_cosine: q.oracle_cosine,
+                    token_cosine: q.token_cosine,
+                    oracle_token_cosine: q.oracle_token_cosine,
                     units,
                     contiguous_cosine: contiguous.map(|c| c.cosine),
                     clustered_cosine,

@@ -31,6 +31,7 @@ fn routed(n_blocks: usize, top_k: BlockTopK, gate: GateMode, fit: bool) -> Route
         aux_loss: false,
         cluster_units: false,
         skip_bias: false,
+        correction: false,
     }
 }
 

@@ -99,6 +99,7 @@ fn config(top_k: usize, gate: GateMode, fit: bool) -> SptConfig {
             aux_loss: false,
             cluster_units: fit,
             skip_bias: false,
+            correction: false,
         }),
         lora: Some(LoraSettings {
             targets: vec![LoraTarget::Fc1, LoraTarget::Fc2],

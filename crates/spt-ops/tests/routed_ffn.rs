@@ -1,6 +1,6 @@
 //! Routed FFN: equality with the dense FFN (all blocks, gate ≡ 1) and with a masked dense FFN
 //! (top-k), f64 finite-difference gradients, property tests over shapes and routings, router
-//! initialisation, unit regrouping, skip biases, and named errors.
+//! initialisation, unit regrouping, skip biases, the linear correction, and named errors.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use proptest::prelude::*;
@@ -458,6 +458,8 @@ fn quality_of_the_dense_routing_is_exact() -> Result<()> {
     assert!(
         (q.cosine - 1.0).abs() < 1e-6
             && (q.oracle_cosine - 1.0).abs() < 1e-6
+            && (q.token_cosine - 1.0).abs() < 1e-6
+            && (q.oracle_token_cosine - 1.0).abs() < 1e-6
             && q.rel_error < 1e-6
             && q.oracle_recall == 1.0,
         "{q:?}"
@@ -917,6 +919,115 @@ fn skip_biases_add_the_mean_output_of_each_skipped_block() -> Result<()> {
     layer.permute_units(&shuffled(n * b, 53))?;
     let s = layer.skip_bias().unwrap().abs()?.sum_all()?.to_scalar::<f32>()?;
     assert_eq!(s, 0.0);
+    Ok(())
+}
+
+/// With every pre-activation positive, a ReLU FFN is linear, and with the same blocks skipped
+/// by every token so is what they add: the fitted correction then restores the dense output.
+#[test]
+fn linear_correction_restores_skipped_blocks_that_are_linear() -> Result<()> {
+    let (d, n, b, t) = (12usize, 4usize, 6usize, 300usize);
+    let [w1, b1, w2, b2] = weights(d, n * b, 61, DType::F64)?;
+    let b1 = (b1 + 20.0)?; // |x W1ᵀ| stays far below 20: ReLU is the identity here
+    let x = randn_f64(&[t, d], 62)?;
+    let mut cfg = RoutedFfnConfig::new(n, TopK::Count(2), Activation::Relu);
+    cfg.gate = GateMode::Ones;
+    cfg.correction = true;
+    let mut layer = RoutedFfn::new(&w1, &b1, &w2, &b2, cfg)?;
+    // Every token keeps blocks 1 and 3.
+    layer
+        .router()
+        .0
+        .set(&Tensor::zeros((n, d), DType::F64, &Device::Cpu)?)?;
+    layer
+        .router()
+        .1
+        .set(&Tensor::new(&[0.0, 5.0, 0.0, 5.0], &Device::Cpu)?)?;
+    let before = layer.quality(&x)?;
+    layer.fit_correction(&x, 1e-12)?;
+    let after = layer.quality(&x)?;
+    assert!(before.rel_error > 0.3, "{before:?}");
+    assert_close(
+        "corrected",
+        &layer.forward_t(&x, false)?.y,
+        &layer.forward_dense(&x, false)?,
+        1e-6,
+    )?;
+    assert!(
+        after.token_cosine > 1.0 - 1e-9 && after.rel_error < 1e-6,
+        "{after:?}"
+    );
+    let e = layer.fit_correction(&x, 0.0).unwrap_err().to_string();
+    assert!(e.contains("ridge > 0"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn linear_correction_adds_a_fitted_linear_term_for_tokens_that_skip_blocks() -> Result<()> {
+    let (n, b, k, d) = (4usize, 8usize, 2usize, 16usize);
+    let ([w1, b1, w2, b2], x) = planted(d, n, b, 600, 71)?;
+    let mut cfg = RoutedFfnConfig::new(n, TopK::Count(k), Activation::GeluErf);
+    let mut plain = RoutedFfn::new(&w1, &b1, &w2, &b2, cfg.clone())?;
+    let without = plain.init_router(&x, RouterFitConfig::default())?;
+    cfg.correction = true;
+    let mut layer = RoutedFfn::new(&w1, &b1, &w2, &b2, cfg)?;
+    assert_eq!(layer.correction().unwrap().dims(), [d + 1, d]);
+    assert_eq!(layer.trainable_vars().len(), 2, "the correction is a constant");
+    let with = layer.init_router(&x, RouterFitConfig::default())?;
+    // The same router either way (the correction is fitted after it); closer to dense per token.
+    assert_close(
+        "router",
+        layer.router().0.as_tensor(),
+        plain.router().0.as_tensor(),
+        0.0,
+    )?;
+    assert!(
+        with.token_cosine > without.token_cosine + 0.01 && with.rel_error < without.rel_error,
+        "with {with:?}, without {without:?}"
+    );
+
+    // Forward: the plain routed output plus [x, 1] C, and d(Σy)/dx gains C's row sums.
+    let c = layer.correction().unwrap().clone();
+    let ones = Tensor::ones((x.dim(0)?, 1), DType::F32, &Device::Cpu)?;
+    let term = Tensor::cat(&[&x, &ones], 1)?.matmul(&c)?;
+    let y = layer.forward_t(&x, false)?.y;
+    assert_close("output", &y, &(plain.forward_t(&x, false)?.y + &term)?, 1e-5)?;
+    let xv = Var::from_tensor(&x)?;
+    let gx = |l: &RoutedFfn| -> Result<Tensor> {
+        let g = l.forward_t(xv.as_tensor(), true)?.y.sum_all()?.backward()?;
+        Ok(g.get(xv.as_tensor()).expect("x gradient").clone())
+    };
+    let row_sums = c.narrow(0, 0, d)?.sum(1)?.unsqueeze(0)?; // [1, d]
+    let expect = (gx(&plain)?.broadcast_add(&row_sums))?;
+    assert_close("x gradient", &gx(&layer)?, &expect, 1e-4)?;
+    // Every block running: nothing is skipped, nothing is corrected.
+    assert_close(
+        "all blocks",
+        &layer.forward_dense(&x, false)?,
+        &plain.forward_dense(&x, false)?,
+        0.0,
+    )?;
+
+    // Restore (as from a checkpoint): the same output; named errors.
+    let mut restored = RoutedFfn::new(&w1, &b1, &w2, &b2, layer.config().clone())?;
+    restored.router().0.set(layer.router().0.as_tensor())?;
+    restored.router().1.set(layer.router().1.as_tensor())?;
+    restored.set_correction(&c)?;
+    assert_close("restored", &restored.forward_t(&x, false)?.y, &y, 0.0)?;
+    let e = restored
+        .set_correction(&c.narrow(0, 0, d)?)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("expected [d+1, d] = [17, 16]"), "{e}");
+    let e = plain.set_correction(&c).unwrap_err().to_string();
+    assert!(e.contains("configured without one"), "{e}");
+
+    // Regrouping makes the blocks new: the correction resets until the next fit.
+    layer.permute_units(&shuffled(n * b, 73))?;
+    assert_eq!(
+        layer.correction().unwrap().abs()?.sum_all()?.to_scalar::<f32>()?,
+        0.0
+    );
     Ok(())
 }
 

@@ -161,6 +161,9 @@ pub struct FinetuneConfig {
     /// A constant per-block bias added for tokens that skip the block, fitted to the block's
     /// mean output on the calibration tokens (spt; default off).
     pub ffn_skip_bias: bool,
+    /// A constant linear correction `[x, 1] C` for the FFN blocks a token skips, fitted on the
+    /// calibration tokens to what the routing misses of the dense FFN (spt).
+    pub ffn_correction: bool,
     /// Batches of 16 training examples (seeded draw) that fit the PQ codebooks, routers and unit
     /// groups, and that the codebook refresh cycles through (spt).
     pub calibration_batches: usize,
@@ -250,6 +253,7 @@ impl Default for FinetuneConfig {
             ffn_router_target: FfnRouterTarget::default(),
             router_refit_every: 0,
             ffn_skip_bias: false,
+            ffn_correction: false,
             calibration_batches: 4,
             router_aux_weight: 0.0,
             router_lr_scale: None,
@@ -371,6 +375,9 @@ pub struct FinetuneArgs {
     /// Per-block bias for tokens that skip an FFN block, fitted to its mean output (default false).
     #[arg(long)]
     pub ffn_skip_bias: Option<bool>,
+    /// Linear correction for the FFN blocks a token skips, fitted on the calibration tokens.
+    #[arg(long)]
+    pub ffn_correction: Option<bool>,
     /// Batches of 16 training examples that calibrate the sparse layers (spt).
     #[arg(long)]
     pub calibration_batches: Option<usize>,
@@ -492,7 +499,7 @@ impl FinetuneConfig {
         let c = self;
         set_if_some!(a, c;
             plain: model, task, validation_split, text_column, label_column, block_size, output_dir, mode,
-                pq_refresh_every, ffn_blocks, ffn_top_k, ffn_gate, ffn_units, ffn_router_target, router_refit_every, ffn_skip_bias, calibration_batches, router_aux_weight, lora_rank, lora_alpha, lora_dropout,
+                pq_refresh_every, ffn_blocks, ffn_top_k, ffn_gate, ffn_units, ffn_router_target, router_refit_every, ffn_skip_bias, ffn_correction, calibration_batches, router_aux_weight, lora_rank, lora_alpha, lora_dropout,
                 epochs, batch_size, grad_accum, lr, warmup_ratio, schedule, weight_decay, adam_beta1, adam_beta2,
                 adam_eps, max_grad_norm, seed, eval_every, save_every, keep_last, log_every, device;
             optional: tokenizer, router_lr_scale, split_by, format, text_pair_column, label_map, max_length, attn_k,

@@ -36,6 +36,8 @@ pub const CODEBOOK_PREFIX: &str = "pq_codebook.layer.";
 pub const UNIT_ORDER_PREFIX: &str = "ffn_unit_order.layer.";
 /// Checkpoint `extra` key prefix of the routed FFNs' skip biases (`[n_blocks, d]` per layer).
 pub const SKIP_BIAS_PREFIX: &str = "ffn_skip_bias.layer.";
+/// Checkpoint `extra` key prefix of the routed FFNs' linear corrections (`[d+1, d]` per layer).
+pub const CORRECTION_PREFIX: &str = "ffn_correction.layer.";
 
 /// The model behind a task.
 pub enum Net {
@@ -131,6 +133,7 @@ pub struct ModelTask {
     /// Regrouped routed-FFN unit orders (layer, order), kept in step with the model.
     unit_orders: Vec<(usize, Vec<u32>)>,
     skip_biases: Vec<(usize, Tensor)>,
+    corrections: Vec<(usize, Tensor)>,
     vars: Vec<(String, Var)>,
     /// Weight of the routers' load-balancing loss in the training loss (0: off).
     router_aux_weight: f64,
@@ -237,6 +240,7 @@ fn spt_config(cfg: &FinetuneConfig, head_dim: usize, fit: bool) -> Result<Option
             // no fixed activation pattern to group by either.
             cluster_units: fit && cfg.ffn_units == FfnUnits::Clustered && cfg.lora_rank > 0,
             skip_bias: cfg.ffn_skip_bias,
+            correction: cfg.ffn_correction,
         });
     }
     Ok(Some(sc))
@@ -358,6 +362,7 @@ impl ModelTask {
         let codebooks = net.spt().pq_codebooks()?;
         let unit_orders = net.spt().ffn_unit_orders()?;
         let skip_biases = net.spt().ffn_skip_biases()?;
+        let corrections = net.spt().ffn_corrections()?;
         let mut summary = ParamSummary {
             initialised: report.initialised,
             ..ParamSummary::default()
@@ -401,6 +406,7 @@ impl ModelTask {
             codebooks,
             unit_orders,
             skip_biases,
+            corrections,
             vars,
             router_aux_weight: cfg.router_aux_weight,
         })
@@ -525,11 +531,13 @@ impl TrainTask for ModelTask {
             let t = Tensor::new(order.as_slice(), &candle_core::Device::Cpu)?;
             out.insert(format!("{UNIT_ORDER_PREFIX}{i}"), t);
         }
-        for (i, bias) in &self.skip_biases {
-            out.insert(
-                format!("{SKIP_BIAS_PREFIX}{i}"),
-                bias.to_device(&candle_core::Device::Cpu)?,
-            );
+        for (prefix, fitted) in [
+            (SKIP_BIAS_PREFIX, &self.skip_biases),
+            (CORRECTION_PREFIX, &self.corrections),
+        ] {
+            for (i, t) in fitted {
+                out.insert(format!("{prefix}{i}"), t.to_device(&candle_core::Device::Cpu)?);
+            }
         }
         Ok(out)
     }
@@ -543,11 +551,14 @@ impl TrainTask for ModelTask {
         let mut books: Vec<(usize, Tensor)> = Vec::new();
         let mut orders: Vec<(usize, Vec<u32>)> = Vec::new();
         let mut skips: Vec<(usize, Tensor)> = Vec::new();
+        let mut corrections: Vec<(usize, Tensor)> = Vec::new();
         for (k, t) in state {
             if let Some(i) = k.strip_prefix(CODEBOOK_PREFIX) {
                 books.push((layer_of(k, i)?, t.clone()));
             } else if let Some(i) = k.strip_prefix(SKIP_BIAS_PREFIX) {
                 skips.push((layer_of(k, i)?, t.clone()));
+            } else if let Some(i) = k.strip_prefix(CORRECTION_PREFIX) {
+                corrections.push((layer_of(k, i)?, t.clone()));
             } else if let Some(i) = k.strip_prefix(UNIT_ORDER_PREFIX) {
                 if t.dtype() != candle_core::DType::U32 || t.rank() != 1 {
                     return Err(candle_core::Error::Msg(format!(
@@ -582,6 +593,14 @@ impl TrainTask for ModelTask {
                 .map_err(|e| candle_core::Error::Msg(format!("restoring the FFN skip biases: {e}")))?;
         }
         self.skip_biases = self.net.spt().ffn_skip_biases()?;
+        if !corrections.is_empty() {
+            corrections.sort_by_key(|(i, _)| *i);
+            self.net
+                .spt()
+                .set_ffn_corrections(&corrections)
+                .map_err(|e| candle_core::Error::Msg(format!("restoring the FFN linear corrections: {e}")))?;
+        }
+        self.corrections = self.net.spt().ffn_corrections()?;
         books.sort_by_key(|(i, _)| *i);
         if books.is_empty() {
             return Ok(());
@@ -599,6 +618,9 @@ impl TrainTask for ModelTask {
         {
             let fit = self.router_fit;
             let q = self.net.spt().refit_routers(&self.calibration, fit)?;
+            // The refit refits the skip biases and corrections too: checkpoints take these.
+            self.skip_biases = self.net.spt().ffn_skip_biases()?;
+            self.corrections = self.net.spt().ffn_corrections()?;
             let worst = q.iter().map(|(_, q)| q.cosine).fold(f64::INFINITY, f64::min);
             tracing::debug!(step, layers = q.len(), worst_cosine = worst, "routers refitted");
         }

@@ -24,13 +24,17 @@
 //! - Skip biases (optional, [`RoutedFfnConfig::skip_bias`]): a constant `[n_blocks, d]` table;
 //!   a token that skips block `e` gets `skip_e` added, so the block contributes its average
 //!   instead of nothing (a `[T, n]` × `[n, d]` product, cheap next to one block's GEMMs).
+//! - Linear correction (optional, [`RoutedFfnConfig::correction`]): a constant `C [d+1, d]`;
+//!   a token that skips blocks gets `[x, 1] C` added, the part of the skipped blocks' output
+//!   that is linear in `x` (see `correction.rs`).
 //! - [`RoutedFfn::init_router`] fits the router to rank blocks by their activation norm (or by
 //!   what they add to the output, [`RouterTarget`]) (and the
-//!   skip biases to each block's mean output when skipped), and [`RoutedFfn::quality`] reports
+//!   skip biases to each block's mean output when skipped, then the linear correction), and [`RoutedFfn::quality`] reports
 //!   how close the routed output is to the dense one.
 
 mod cluster;
 pub mod composed;
+mod correction;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -88,6 +92,11 @@ pub struct RoutedFfnConfig {
     /// summarises (trained, it destabilised fine-tuning). Unused when every block runs.
     #[serde(default)]
     pub skip_bias: bool,
+    /// Add a linear correction `[x, 1] C` for tokens that skip blocks: the least-squares linear
+    /// stand-in for the skipped blocks' output (fitted by [`RoutedFfn::init_router`], a
+    /// constant). Unused when every block runs.
+    #[serde(default)]
+    pub correction: bool,
 }
 
 impl RoutedFfnConfig {
@@ -102,6 +111,7 @@ impl RoutedFfnConfig {
             lora: None,
             seed: 0,
             skip_bias: false,
+            correction: false,
         }
     }
 }
@@ -222,9 +232,10 @@ pub struct RoutedFfn {
     b1: Tensor,
     w2: Tensor,
     b2: Tensor,
-    router_w: Var,        // [n_blocks, d]
-    router_b: Var,        // [n_blocks]
-    skip: Option<Tensor>, // [n_blocks, d], constant; see RoutedFfnConfig::skip_bias
+    router_w: Var,              // [n_blocks, d]
+    router_b: Var,              // [n_blocks]
+    skip: Option<Tensor>,       // [n_blocks, d], constant; see RoutedFfnConfig::skip_bias
+    correction: Option<Tensor>, // [d+1, d], constant; see RoutedFfnConfig::correction
     cfg: RoutedFfnConfig,
     k: usize,
     block: usize,
@@ -289,6 +300,10 @@ impl RoutedFfn {
             true => Some(Tensor::zeros((n, d), dt, dev)?),
             false => None,
         };
+        let correction = match cfg.correction {
+            true => Some(Tensor::zeros((d + 1, d), dt, dev)?),
+            false => None,
+        };
         Ok(Self {
             w1: w1.clone(),
             b1: b1.clone(),
@@ -297,6 +312,7 @@ impl RoutedFfn {
             router_w,
             router_b,
             skip,
+            correction,
             cfg,
             k,
             block: d_ff / n,
@@ -513,6 +529,11 @@ impl RoutedFfn {
             // [T, n] 0/1 "skipped" matrix (constant) times the per-block skip biases.
             let skipped = skipped_matrix(&routing, dt, dev)?;
             y = y.add(&skipped.matmul(skip)?)?;
+        }
+        if routing.k() < routing.n_blocks() {
+            if let Some(c) = self.correction_term(x2)? {
+                y = y.add(&c)?;
+            }
         }
         let y = y.reshape(dims)?;
         let aux_loss = if self.cfg.aux_loss {

@@ -209,6 +209,9 @@ struct BenchArgs {
     /// FFN blocks kept per token (of 8) in spt mode (default: finetune's default, 2).
     #[arg(long)]
     ffn_top_k: Option<usize>,
+    /// The linear correction for skipped FFN blocks in spt mode (default: finetune's default).
+    #[arg(long)]
+    ffn_correction: Option<bool>,
     /// Write results JSON here (bench/results/finetune-speed.json format).
     #[arg(long)]
     output: Option<PathBuf>,
@@ -277,15 +280,17 @@ fn build_task(
                 l.ffn,
                 l.routing
                     .map(|q| format!(
-                        " ({} units, cosine to dense {:.3}{}, oracle recall {:.2}, oracle cosine {:.3})",
+                        " ({} units, cosine to dense {:.3}{}, per token {:.3}, oracle recall {:.2}, oracle cosine {:.3}, per token {:.3})",
                         q.units,
                         q.cosine,
                         match (q.contiguous_cosine, q.clustered_cosine) {
                             (Some(c), Some(g)) => format!(" (contiguous {c:.3}, clustered {g:.3})"),
                             _ => String::new(),
                         },
+                        q.token_cosine,
                         q.oracle_recall,
-                        q.oracle_cosine
+                        q.oracle_cosine,
+                        q.oracle_token_cosine
                     ))
                     .unwrap_or_default(),
                 l.calibration_tokens,
@@ -717,6 +722,9 @@ fn bench(a: &BenchArgs) -> Result<()> {
         if let Some(k) = a.ffn_top_k {
             cmd.args(["--ffn-top-k", &k.to_string()]);
         }
+        if let Some(c) = a.ffn_correction {
+            cmd.args(["--ffn-correction", &c.to_string()]);
+        }
         eprintln!(
             "bench: {model_name} B{}xL{} {mode:?} ...",
             a.batch_size, a.seq_len
@@ -743,13 +751,17 @@ fn bench(a: &BenchArgs) -> Result<()> {
     let load_after = loadavg();
     // With a non-default sparsity, each record's case names the run's spt setting, so runs at
     // different settings can share one --output file.
-    let setting = (a.attn_k.is_some() || a.ffn_top_k.is_some()).then(|| {
+    let setting = (a.attn_k.is_some() || a.ffn_top_k.is_some() || a.ffn_correction.is_some()).then(|| {
         let d = FinetuneConfig::default();
         format!(
-            "spt k = {}, FFN {}/{}",
+            "spt k = {}, FFN {}/{}{}",
             a.attn_k.unwrap_or((a.seq_len / 8).max(1)),
             a.ffn_top_k.unwrap_or(d.ffn_top_k),
-            d.ffn_blocks
+            d.ffn_blocks,
+            match a.ffn_correction.unwrap_or(d.ffn_correction) {
+                true => ", linear correction",
+                false => "",
+            }
         )
     });
     let base = results
@@ -794,6 +806,7 @@ fn bench(a: &BenchArgs) -> Result<()> {
                 "total_params": v["total_params"],
                 "attn_k": v["attn_k"],
                 "ffn_top_k": v["ffn_top_k"],
+                "ffn_correction": v["ffn_correction"],
                 "weights": v["weights"],
                 "loadavg_before": load_before,
                 "loadavg_after": load_after,
@@ -852,11 +865,13 @@ fn bench_child(a: &BenchArgs, mode: Mode, model_dir: &Path, dev: &Device) -> Res
     let attn_k = a.attn_k.unwrap_or((a.seq_len / 8).max(1));
     let d = FinetuneConfig::default();
     let ffn_top_k = a.ffn_top_k.unwrap_or(d.ffn_top_k);
+    let ffn_correction = a.ffn_correction.unwrap_or(d.ffn_correction);
     let cfg = FinetuneConfig {
         task: task_kind,
         mode,
         attn_k: Some(attn_k),
         ffn_top_k,
+        ffn_correction,
         pq_refresh_every: 0,
         ..d
     };
@@ -901,6 +916,7 @@ fn bench_child(a: &BenchArgs, mode: Mode, model_dir: &Path, dev: &Device) -> Res
             "total_params": task.summary.total,
             "attn_k": (mode == Mode::Spt).then_some(attn_k),
             "ffn_top_k": (mode == Mode::Spt).then_some(ffn_top_k),
+            "ffn_correction": (mode == Mode::Spt).then_some(ffn_correction),
             "weights": if has_weights { "checkpoint" } else { "random init" },
         })
     );
