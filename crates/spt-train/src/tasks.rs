@@ -583,8 +583,8 @@ impl TrainTask for ModelTask {
                 .map_err(|e| candle_core::Error::Msg(format!("restoring the FFN unit orders: {e}")))?;
             self.unit_orders = self.net.spt().ffn_unit_orders()?;
         }
-        // After the unit orders (regrouping resets skip biases). A checkpoint without them (or
-        // from before they existed) keeps zeros: the routed FFN without skip biases.
+        // After the unit orders (regrouping resets skip biases and corrections). A checkpoint
+        // without them (or from before they existed) keeps zeros: the routed FFN without them.
         if !skips.is_empty() {
             skips.sort_by_key(|(i, _)| *i);
             self.net

@@ -9,9 +9,9 @@
 //! weights it stands in for, `C` is a constant, fitted with the router (and refitted with it).
 //!
 //! The fit is ridge least squares of the dense minus the routed output on `[x, 1]`, each token
-//! weighted by `1 / ‖y_dense‖`. Unweighted, a handful of special tokens whose FFN outputs are
-//! 10–30× the median ([CLS], [SEP]) decide the fit, and ordinary tokens, the ones the loss sees
-//! through, gain little.
+//! weighted by `1 / ‖y_dense‖`, so that the few tokens with FFN outputs far above the median (up
+//! to 34× on MiniLM) count no more than the others. (On MiniLM the unweighted fit is as good per
+//! token, within 0.004 held out; the weighting is a safeguard, not a measured gain.)
 
 use super::init::cholesky_solve;
 use super::RoutedFfn;
