@@ -6,9 +6,10 @@
 //! The routed FFN ([`RoutedFeedForward`]) runs spt-ops' `RoutedFfn` on the same weights: d_ff is
 //! split into `n_blocks` blocks and each token runs the top-k blocks its router picks. Its router
 //! is named `{fc1's parent}.router.{weight,bias}` (e.g. `encoder.layer.3.intermediate.router`,
-//! `transformer.h.3.mlp.router`); its optional skip biases and linear correction are constants, not
-//! parameters (see [`RoutedFeedForward::skip_bias`], [`RoutedFeedForward::correction`]). LoRA on a routed FFN lives inside the op and is named like
-//! LoRA on a dense linear (`{fc1}.lora_A.weight`, ...).
+//! `transformer.h.3.mlp.router`); its optional skip biases and linear correction are constants,
+//! not parameters (see [`RoutedFeedForward::skip_bias`], [`RoutedFeedForward::correction`]).
+//! LoRA on a routed FFN lives inside the op and is named like LoRA on a dense linear
+//! (`{fc1}.lora_A.weight`, ...).
 
 use crate::error::{ModelError, Result};
 use crate::layers::{lora_err, Linear, WeightLayout};
