@@ -10,10 +10,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use spt_models::{BertForSequenceClassification, GPT2LMHeadModel, LoadOptions};
-use spt_train::checkpoint::{latest_checkpoint, load_checkpoint, prepare_output_dir};
+use spt_train::checkpoint::{latest_checkpoint, load_checkpoint};
 use spt_train::config::{FinetuneConfig, Mode};
 use spt_train::data::TaskKind;
 use spt_train::optim::ScheduleKind;
+use spt_train::output_dir::prepare_run_dir;
 use spt_train::pipeline::{load_tokenizer, prepare_data, PreparedData};
 use spt_train::tasks::{
     calibration_batches, export_hf_dir, ModelTask, CORRECTION_PREFIX, SKIP_BIAS_PREFIX, UNIT_ORDER_PREFIX,
@@ -172,7 +173,7 @@ fn build_task(cfg: &FinetuneConfig, data_out: Option<&Path>) -> (ModelTask, Prep
 /// What `spt-train finetune` does, through the library.
 fn run(cfg: &FinetuneConfig, resume: Resume) -> (TrainSummary, ModelTask, PreparedData) {
     let dev = Device::Cpu;
-    prepare_output_dir(&cfg.output_dir, true, resume != Resume::No).unwrap();
+    prepare_run_dir(&cfg.output_dir, true, resume != Resume::No).unwrap();
     let (task, data) = build_task(cfg, Some(&cfg.output_dir));
     let mut trainer = Trainer::new(task, cfg.trainer_config(data.train.len()), dev);
     let summary = trainer
@@ -238,15 +239,13 @@ fn check_model(name: &str, task: TaskKind) {
             "{name} {mode:?}: loss did not decrease ({first} -> {last}): {l:?}"
         );
 
-        // Resume from the step-8 checkpoint, in a fresh directory: same losses, bit for bit.
+        // Resume from the step-8 checkpoint into a fresh directory (a fork): same losses, bit for bit.
         let out2 = root.path().join(format!("resumed-{mode:?}"));
-        std::fs::create_dir_all(out2.join("checkpoints")).unwrap();
         let ck = out.join("checkpoints/step-00000008");
         assert!(ck.is_dir(), "{name} {mode:?}: no mid-run checkpoint");
-        copy_dir(&ck, &out2.join("checkpoints/step-00000008"));
         let mut cfg2 = cfg.clone();
-        cfg2.output_dir = out2.clone();
-        let (resumed, _, _) = run(&cfg2, Resume::Latest);
+        cfg2.output_dir = out2;
+        let (resumed, _, _) = run(&cfg2, Resume::From(ck));
         assert_eq!(resumed.resumed_from, Some(8));
         let tail: Vec<(u64, u32)> = l[8..].iter().map(|&(s, x)| (s, x.to_bits())).collect();
         let got: Vec<(u64, u32)> = resumed
@@ -290,7 +289,7 @@ fn check_model(name: &str, task: TaskKind) {
 
         // Export (LoRA merged, HF names) and reload as a plain model: equal logits.
         let export = root.path().join(format!("export-{mode:?}"));
-        export_hf_dir(&mut trained, &model, data.labels.as_ref(), &export).unwrap();
+        export_hf_dir(&mut trained, &model, data.labels.as_ref(), &export, false).unwrap();
         // The sparse model is a training-time approximation; the export is its dense form.
         if mode != Mode::Spt {
             let ours = trained.net.forward(&batch, false).unwrap();
@@ -325,14 +324,6 @@ fn check_model(name: &str, task: TaskKind) {
         assert!(export.join("tokenizer.json").is_file());
         let r = evaluate(&mut trained, valid, 8, &Device::Cpu).unwrap();
         assert!(r.loss.is_finite());
-    }
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
     }
 }
 

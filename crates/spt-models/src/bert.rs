@@ -145,6 +145,28 @@ impl BertConfig {
             }
         }
         self.activation()?;
+        let (v, h, f, l, p) = (
+            self.vocab_size,
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_hidden_layers,
+            self.max_position_embeddings,
+        );
+        let w = |x: usize| x as u128;
+        let params =
+            (w(v) + w(p) + w(self.type_vocab_size)) * w(h) + w(l) * (w(4) * w(h) * w(h) + w(2) * w(h) * w(f));
+        crate::memory::check_model_size(
+            &[
+                ("vocab_size", v),
+                ("hidden_size", h),
+                ("intermediate_size", f),
+                ("num_hidden_layers", l),
+                ("num_attention_heads", self.num_attention_heads),
+                ("max_position_embeddings", p),
+                ("type_vocab_size", self.type_vocab_size),
+            ],
+            params,
+        )?;
         if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
             return Err(ModelError::InvalidConfig {
                 field: "num_attention_heads",
@@ -517,6 +539,11 @@ impl BertModel {
     /// reproducible, resumable runs).
     pub fn seed_dropout(&self, seed: u64) {
         self.dropout_rng.seed(seed);
+        for (i, layer) in self.layers.iter().enumerate() {
+            layer
+                .ffn
+                .seed_dropout(seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        }
     }
 
     /// The pooled output `[B, H]` of a last hidden state; an error if the model has no pooler.

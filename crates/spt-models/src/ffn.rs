@@ -248,6 +248,14 @@ pub enum FeedForward {
 }
 
 impl FeedForward {
+    /// Restarts the routed FFN's own LoRA dropout masks from `seed` (its adapters live inside
+    /// the spt-ops op, outside the model's shared seed source). Dense FFNs draw from that source.
+    pub fn seed_dropout(&self, seed: u64) {
+        if let Self::Routed(r) = self {
+            r.ffn.seed_dropout(seed);
+        }
+    }
+
     /// `x [.., d] → [.., d]`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let _span = tracing::trace_span!("ffn", kind = self.kind()).entered();

@@ -127,6 +127,26 @@ impl GPT2Config {
 
     pub fn validate(&self) -> Result<()> {
         self.activation()?;
+        let (v, e, f, l, p) = (
+            self.vocab_size,
+            self.n_embd,
+            self.inner_dim(),
+            self.n_layer,
+            self.n_positions,
+        );
+        let w = |x: usize| x as u128;
+        let params = w(v) * w(e) + w(p) * w(e) + w(l) * (w(4) * w(e) * w(e) + w(2) * w(e) * w(f));
+        crate::memory::check_model_size(
+            &[
+                ("vocab_size", v),
+                ("n_embd", e),
+                ("n_inner", f),
+                ("n_layer", l),
+                ("n_head", self.n_head),
+                ("n_positions", p),
+            ],
+            params,
+        )?;
         if self.n_head == 0 || self.n_embd % self.n_head != 0 {
             return Err(ModelError::InvalidConfig {
                 field: "n_head",
@@ -319,6 +339,11 @@ impl GPT2Model {
     /// reproducible, resumable runs).
     pub fn seed_dropout(&self, seed: u64) {
         self.dropout_rng.seed(seed);
+        for (i, layer) in self.h.iter().enumerate() {
+            layer
+                .mlp
+                .seed_dropout(seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        }
     }
 
     /// The final hidden state `[B, L, E]` (after `ln_f`). `attention_mask`: `[B, L]`, 1 = attend;

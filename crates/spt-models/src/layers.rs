@@ -91,11 +91,23 @@ impl Linear {
                 reason: "this layer already has a LoRA adapter".into(),
             });
         }
+        let w = self.weight_out_in()?.contiguous()?;
+        let (out, d_in) = w.dims2()?;
+        if cfg.rank > out.min(d_in) {
+            return Err(ModelError::InvalidConfig {
+                field: "lora_rank",
+                value: cfg.rank.to_string(),
+                reason: format!(
+                    "{} is [{out}, {d_in}]: a LoRA rank above min(out, in) = {} adds nothing",
+                    self.module_name(),
+                    out.min(d_in)
+                ),
+            });
+        }
         self.weight.freeze();
         if let Some(b) = &mut self.bias {
             b.freeze();
         }
-        let w = self.weight_out_in()?.contiguous()?;
         let lora = LoraLinear::new(&w, self.bias.as_ref().map(|b| b.tensor()), cfg)?;
         let m = self.module_name().to_string();
         self.lora_params = vec![

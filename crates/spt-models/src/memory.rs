@@ -101,3 +101,56 @@ pub trait ActivationAccounting {
     /// One entry per layer, in order.
     fn activation_bytes_per_layer(&self, batch: usize, seq_len: usize, train: bool) -> Vec<ActivationBytes>;
 }
+
+/// Largest value a size field of a model config may take: far above any released BERT or GPT-2
+/// (GPT-3: 96 layers, width 12288), low enough that the products below stay meaningful.
+const SIZE_LIMIT: usize = 1 << 20;
+
+/// Rejects a config whose sizes cannot be built on this machine, before anything is allocated
+/// (an absurd config would otherwise abort the process on allocation).
+///
+/// `fields` are the config's size fields with their values; each must be in 1..=2^20.
+/// `params` is the parameter count they imply; its f32 bytes must fit in physical memory
+/// (training needs several times more: gradients and optimizer state).
+pub(crate) fn check_model_size(fields: &[(&'static str, usize)], params: u128) -> crate::Result<()> {
+    for &(field, v) in fields {
+        if v == 0 || v > SIZE_LIMIT {
+            return Err(crate::ModelError::InvalidConfig {
+                field,
+                value: v.to_string(),
+                reason: format!("must be in 1..={SIZE_LIMIT}"),
+            });
+        }
+    }
+    let bytes = params.saturating_mul(4);
+    if let Some(total) = physical_memory_bytes() {
+        if bytes > total as u128 {
+            // Headed by the largest field; every size is listed, since any of them may be the typo.
+            let (field, v) = fields
+                .iter()
+                .copied()
+                .max_by_key(|&(_, v)| v)
+                .unwrap_or(("size", 0));
+            let all: Vec<String> = fields.iter().map(|(f, v)| format!("{f} {v}")).collect();
+            return Err(crate::ModelError::InvalidConfig {
+                field,
+                value: v.to_string(),
+                reason: format!(
+                    "the config's sizes ({}) imply {params} parameters ({:.1} GiB in f32), more than this machine's {:.1} GiB of memory",
+                    all.join(", "),
+                    bytes as f64 / (1u64 << 30) as f64,
+                    total as f64 / (1u64 << 30) as f64
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Physical memory in bytes (Linux: `MemTotal` of /proc/meminfo); `None` where unknown.
+fn physical_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

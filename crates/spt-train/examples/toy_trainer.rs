@@ -14,10 +14,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use spt_train::checkpoint::prepare_output_dir;
 use spt_train::data::{Batch, EncodedDataset, EncodedItem, TaskKind};
 use spt_train::losses::{classification_eval, classification_loss};
 use spt_train::optim::ScheduleKind;
+use spt_train::output_dir::prepare_run_dir;
 use spt_train::rng::SplitMix64;
 use spt_train::trainer::{
     install_ctrlc_handler, EvalOutput, Resume, StepCtx, TrainTask, Trainer, TrainerConfig,
@@ -117,7 +117,7 @@ fn main() -> Result<()> {
     } else {
         Resume::No
     };
-    prepare_output_dir(&out, true, resume != Resume::No)?;
+    prepare_run_dir(&out, true, resume != Resume::No)?;
     let cfg = TrainerConfig {
         epochs: 3,
         batch_size: 32,

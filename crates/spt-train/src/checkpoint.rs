@@ -1,4 +1,4 @@
-//! Directory checkpoints, written atomically, versioned and checksummed; and the output-dir guard.
+//! Directory checkpoints, written atomically, versioned and checksummed.
 //!
 //! Layout of one checkpoint, `<output>/checkpoints/step-00000120/`:
 //! - `manifest.json`: format name and version, step, epoch, data position, RNG state, the run's
@@ -10,7 +10,10 @@
 //! Writing goes to `.tmp-step-…` in the same parent; each file is written through
 //! [`CheckpointIo`] and fsynced, the manifest is written last, the directory is fsynced and then
 //! renamed into place. On any error the temporary directory is removed, so nothing half-written
-//! remains and the previous checkpoints are untouched. Then only the newest `keep_last` remain.
+//! remains and the previous checkpoints are untouched. Then only the newest `keep_last` remain:
+//! a pruned checkpoint is first renamed aside (`.prune-…`), so a kill while it is deleted never
+//! leaves a `step-…` folder that looks complete. [`remove_stale_temporaries`] removes what a
+//! killed process left behind.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -23,8 +26,6 @@ use serde::{Deserialize, Serialize};
 pub const FORMAT_NAME: &str = "spt-train-checkpoint";
 /// Current manifest version; loading refuses others.
 pub const FORMAT_VERSION: u32 = 1;
-/// The marker file that makes an output directory "ours".
-pub const OUTPUT_MARKER: &str = ".spt-train-output";
 
 const TENSOR_FILES: [&str; 3] = ["model.safetensors", "optimizer.safetensors", "extra.safetensors"];
 
@@ -45,10 +46,8 @@ pub enum CheckpointError {
         format: String,
         version: u32,
     },
-    #[error("output directory {} exists, is not empty and was not written by spt-train (no {OUTPUT_MARKER}); pass --overwrite to use it anyway", path.display())]
-    ForeignOutputDir { path: PathBuf },
-    #[error("output directory {} holds checkpoints of an earlier run; pass --resume to continue it or --overwrite to start over", path.display())]
-    ExistingRun { path: PathBuf },
+    #[error("checkpoint {} does not exist", path.display())]
+    Missing { path: PathBuf },
     #[error("no checkpoint found in {}", path.display())]
     NoCheckpoint { path: PathBuf },
     #[error("{0}")]
@@ -211,6 +210,11 @@ pub fn checkpoint_dir_name(step: u64) -> String {
     format!("step-{step:08}")
 }
 
+/// Whether `name` is a checkpoint folder's name (`step-N`).
+pub fn is_checkpoint_name(name: &str) -> bool {
+    parse_step(name).is_some()
+}
+
 fn parse_step(name: &str) -> Option<u64> {
     name.strip_prefix("step-").and_then(|s| s.parse().ok())
 }
@@ -291,12 +295,123 @@ pub fn save_checkpoint(
     if keep_last > 0 {
         let all = list_checkpoints(dir)?;
         if all.len() > keep_last {
-            for (_, p) in &all[..all.len() - keep_last] {
-                std::fs::remove_dir_all(p).map_err(|e| io_err(p, e))?;
-            }
+            let cut = all[all.len() - keep_last].0;
+            remove_checkpoints(dir, |s| s < cut)?;
         }
     }
     Ok(final_path)
+}
+
+/// Removes the checkpoints in `dir` whose step satisfies `which`. Each is renamed aside first
+/// (its manifest goes with it), then deleted: a kill midway leaves a `.prune-…` folder, never a
+/// `step-…` that looks complete. Returns the removed checkpoints' original paths.
+pub fn remove_checkpoints(dir: &Path, which: impl Fn(u64) -> bool) -> Result<Vec<PathBuf>, CheckpointError> {
+    let mut removed = Vec::new();
+    for (step, p) in list_checkpoints(dir)? {
+        if !which(step) {
+            continue;
+        }
+        let aside = dir.join(format!(
+            ".prune-{}-{}",
+            checkpoint_dir_name(step),
+            std::process::id()
+        ));
+        std::fs::rename(&p, &aside).map_err(|e| io_err(&p, e))?;
+        sync_dir(dir);
+        std::fs::remove_dir_all(&aside).map_err(|e| io_err(&aside, e))?;
+        removed.push(p);
+    }
+    Ok(removed)
+}
+
+/// Whether process `pid` is running (Linux: /proc; elsewhere assumed not, since one output
+/// directory is not meant to be shared by two runs at once).
+fn pid_alive(pid: u32) -> bool {
+    pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// Removes what a killed process left in `dir`: `.tmp-NAME-PID` (an unfinished save or atomic
+/// write) and `.prune-NAME-PID` (a checkpoint being deleted), for the NAMEs `ours` accepts. A `.old-step-N-PID` (a checkpoint
+/// being replaced by a new save of the same step) is renamed back when `step-N` is missing, else
+/// removed. Entries of running processes are left alone. Returns the removed paths.
+///
+/// For a checkpoint folder, pass [`is_checkpoint_name`].
+pub fn remove_stale_temporaries(
+    dir: &Path,
+    ours: impl Fn(&str) -> bool,
+) -> Result<Vec<PathBuf>, CheckpointError> {
+    let mut removed = Vec::new();
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(io_err(dir, e)),
+    };
+    for entry in rd {
+        let entry = entry.map_err(|e| io_err(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((kind, rest)) = [".tmp-", ".prune-", ".old-"]
+            .iter()
+            .find_map(|k| name.strip_prefix(k).map(|r| (*k, r)))
+        else {
+            continue;
+        };
+        let Some((what, pid)) = rest.rsplit_once('-') else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        if !ours(what) || pid_alive(pid) {
+            continue;
+        }
+        let p = entry.path();
+        if kind == ".old-" && parse_step(what).is_some() && !dir.join(what).exists() {
+            std::fs::rename(&p, dir.join(what)).map_err(|e| io_err(&p, e))?;
+            continue;
+        }
+        let res = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        res.map_err(|e| io_err(&p, e))?;
+        tracing::info!(path = %p.display(), "removed the leftovers of an interrupted write");
+        removed.push(p);
+    }
+    Ok(removed)
+}
+
+/// The step a checkpoint's manifest records, without reading its tensors.
+pub fn checkpoint_step(path: &Path) -> Result<u64, CheckpointError> {
+    Ok(read_manifest(path)?.step)
+}
+
+fn read_manifest(path: &Path) -> Result<Manifest, CheckpointError> {
+    let corrupt = |reason: String| CheckpointError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if !path.exists() {
+        return Err(CheckpointError::Missing {
+            path: path.to_path_buf(),
+        });
+    }
+    let mpath = path.join("manifest.json");
+    let text = std::fs::read(&mpath).map_err(|e| corrupt(format!("cannot read manifest.json: {e}")))?;
+    let value: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| corrupt(format!("manifest.json is not valid JSON: {e}")))?;
+    let format = value
+        .get("format")
+        .and_then(|v| v.as_str())
+        .unwrap_or("")
+        .to_string();
+    let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
+    if format != FORMAT_NAME || version != FORMAT_VERSION {
+        return Err(CheckpointError::Version {
+            path: path.to_path_buf(),
+            format,
+            version,
+        });
+    }
+    serde_json::from_value(value).map_err(|e| corrupt(format!("manifest.json: {e}")))
 }
 
 /// Complete checkpoints (those with a manifest) in `dir`, oldest first.
@@ -333,31 +448,27 @@ pub fn latest_checkpoint(dir: &Path) -> Result<PathBuf, CheckpointError> {
 /// Loads and validates a checkpoint: manifest format and version, every file's length and
 /// checksum, and the safetensors contents.
 pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint, CheckpointError> {
+    load(path, device, true)
+}
+
+/// [`load_checkpoint`] without the optimizer state (empty in the result): what evaluation and
+/// export need, so a checkpoint whose optimizer file is gone still serves them.
+pub fn load_checkpoint_weights(path: &Path, device: &Device) -> Result<LoadedCheckpoint, CheckpointError> {
+    load(path, device, false)
+}
+
+fn load(path: &Path, device: &Device, optimizer: bool) -> Result<LoadedCheckpoint, CheckpointError> {
     let corrupt = |reason: String| CheckpointError::Corrupt {
         path: path.to_path_buf(),
         reason,
     };
-    let mpath = path.join("manifest.json");
-    let text = std::fs::read(&mpath).map_err(|e| corrupt(format!("cannot read manifest.json: {e}")))?;
-    let value: serde_json::Value = serde_json::from_slice(&text)
-        .map_err(|e| corrupt(format!("manifest.json is not valid JSON: {e}")))?;
-    let format = value
-        .get("format")
-        .and_then(|v| v.as_str())
-        .unwrap_or("")
-        .to_string();
-    let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
-    if format != FORMAT_NAME || version != FORMAT_VERSION {
-        return Err(CheckpointError::Version {
-            path: path.to_path_buf(),
-            format,
-            version,
-        });
-    }
-    let manifest: Manifest =
-        serde_json::from_value(value).map_err(|e| corrupt(format!("manifest.json: {e}")))?;
+    let manifest = read_manifest(path)?;
     let mut maps = Vec::with_capacity(3);
     for fname in TENSOR_FILES {
+        if fname == "optimizer.safetensors" && !optimizer {
+            maps.push(HashMap::new());
+            continue;
+        }
         let entry = manifest
             .files
             .get(fname)
@@ -392,54 +503,6 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint,
         optimizer,
         extra,
     })
-}
-
-/// The checks of [`prepare_output_dir`] without touching anything, so a CLI can refuse early.
-pub fn check_output_dir(dir: &Path, overwrite: bool, resume: bool) -> Result<(), CheckpointError> {
-    let marker = dir.join(OUTPUT_MARKER);
-    let empty = !dir.exists()
-        || std::fs::read_dir(dir)
-            .map_err(|e| io_err(dir, e))?
-            .next()
-            .is_none();
-    if !empty && !marker.is_file() && !overwrite {
-        return Err(CheckpointError::ForeignOutputDir {
-            path: dir.to_path_buf(),
-        });
-    }
-    if marker.is_file() && !resume && !overwrite && !list_checkpoints(&dir.join("checkpoints"))?.is_empty() {
-        return Err(CheckpointError::ExistingRun {
-            path: dir.to_path_buf(),
-        });
-    }
-    Ok(())
-}
-
-/// Prepares an output directory for a run.
-///
-/// - Missing or empty: created and marked as ours.
-/// - Not empty and not ours (no marker): refused unless `overwrite` (then marked and used; other
-///   files are left alone).
-/// - Ours: fine when `resume`; otherwise, if it holds checkpoints, refused unless `overwrite`,
-///   which deletes `checkpoints/` and `metrics.jsonl` so the new run starts clean.
-pub fn prepare_output_dir(dir: &Path, overwrite: bool, resume: bool) -> Result<(), CheckpointError> {
-    let marker = dir.join(OUTPUT_MARKER);
-    check_output_dir(dir, overwrite, resume)?;
-    if marker.is_file() && !resume {
-        let ckpts = dir.join("checkpoints");
-        if !list_checkpoints(&ckpts)?.is_empty() {
-            std::fs::remove_dir_all(&ckpts).map_err(|e| io_err(&ckpts, e))?;
-            let m = dir.join("metrics.jsonl");
-            if m.exists() {
-                std::fs::remove_file(&m).map_err(|e| io_err(&m, e))?;
-            }
-        }
-    }
-    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-    if !marker.is_file() {
-        write_file_atomic(&marker, b"spt-train output directory\n").map_err(|e| io_err(&marker, e))?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -587,31 +650,5 @@ mod tests {
             latest_checkpoint(&tmp.path().join("none")),
             Err(CheckpointError::NoCheckpoint { .. })
         ));
-    }
-
-    #[test]
-    fn output_dir_guard() {
-        let tmp = tempfile::tempdir().unwrap();
-        let foreign = tmp.path().join("foreign");
-        std::fs::create_dir(&foreign).unwrap();
-        std::fs::write(foreign.join("notes.txt"), "mine").unwrap();
-        let e = prepare_output_dir(&foreign, false, false).unwrap_err();
-        assert!(matches!(e, CheckpointError::ForeignOutputDir { .. }), "{e}");
-        assert!(e.to_string().contains("--overwrite"));
-        prepare_output_dir(&foreign, true, false).unwrap();
-        assert!(foreign.join(OUTPUT_MARKER).is_file() && foreign.join("notes.txt").is_file());
-        // Fresh and empty dirs are fine.
-        let fresh = tmp.path().join("a/b");
-        prepare_output_dir(&fresh, false, false).unwrap();
-        prepare_output_dir(&fresh, false, false).unwrap();
-        // Ours with checkpoints: needs resume or overwrite.
-        save_checkpoint(&fresh.join("checkpoints"), &data(3), 0, &FsIo).unwrap();
-        assert!(matches!(
-            prepare_output_dir(&fresh, false, false),
-            Err(CheckpointError::ExistingRun { .. })
-        ));
-        prepare_output_dir(&fresh, false, true).unwrap();
-        prepare_output_dir(&fresh, true, false).unwrap();
-        assert!(list_checkpoints(&fresh.join("checkpoints")).unwrap().is_empty());
     }
 }

@@ -490,6 +490,13 @@ impl FinetuneConfig {
             None => Self::default(),
         };
         cfg.apply(args);
+        if args.validation_split.is_some() && !cfg.validation_files.is_empty() {
+            return Err(invalid(
+                "validation_split",
+                "--validation-split holds rows out of the training files, --validation-file gives the \
+                 validation rows: give one, not both",
+            ));
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -599,7 +606,7 @@ impl FinetuneConfig {
         if self.mode == Mode::Spt && self.calibration_batches == 0 {
             return Err(invalid("calibration_batches", "must be at least 1 in spt mode"));
         }
-        if self.router_aux_weight < 0.0 {
+        if !(self.router_aux_weight.is_finite() && self.router_aux_weight >= 0.0) {
             return Err(invalid("router_aux_weight", "must be ≥ 0"));
         }
         let router_lr = self.router_lr_scale();
@@ -621,10 +628,44 @@ impl FinetuneConfig {
                 return Err(invalid(name, format!("must be in [0, 1), got {b}")));
             }
         }
-        if self.max_grad_norm < 0.0 || self.weight_decay < 0.0 {
-            return Err(invalid(
+        for (name, v, what) in [
+            (
                 "max_grad_norm",
-                "max_grad_norm and weight_decay must be ≥ 0",
+                self.max_grad_norm,
+                "finite and ≥ 0 (0 turns clipping off)",
+            ),
+            ("weight_decay", self.weight_decay, "finite and ≥ 0"),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(invalid(name, format!("must be {what}, got {v}")));
+            }
+        }
+        if !(self.adam_eps.is_finite() && self.adam_eps > 0.0) {
+            return Err(invalid(
+                "adam_eps",
+                format!(
+                    "must be finite and > 0 (it keeps the update's denominator away from 0), got {}",
+                    self.adam_eps
+                ),
+            ));
+        }
+        if self.lora_rank > 0 && !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
+            return Err(invalid(
+                "lora_alpha",
+                format!(
+                    "must be finite and > 0 (the adapter's scale is alpha / rank), got {}",
+                    self.lora_alpha
+                ),
+            ));
+        }
+        if self.warmup_steps.is_some() && self.warmup_ratio > 0.0 {
+            return Err(invalid(
+                "warmup_steps",
+                format!(
+                    "give warmup_steps or warmup_ratio, not both (got {} steps and ratio {})",
+                    self.warmup_steps.unwrap_or(0),
+                    self.warmup_ratio
+                ),
             ));
         }
         if !(self.device == "cpu"

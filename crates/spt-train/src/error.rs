@@ -12,6 +12,8 @@ pub enum Error {
     #[error(transparent)]
     Checkpoint(#[from] crate::checkpoint::CheckpointError),
     #[error(transparent)]
+    Output(#[from] crate::output_dir::OutputError),
+    #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Model(#[from] spt_models::ModelError),

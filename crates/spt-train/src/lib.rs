@@ -4,7 +4,9 @@
 //!   gradient clipping and learning-rate schedules.
 //! - [`data`]: CSV / TSV / JSONL classification readers, label maps, seeded (grouped) splits, LM
 //!   text packing, tokenizers, length-bucketed batches as candle tensors.
-//! - [`checkpoint`]: atomic, versioned, checksummed directory checkpoints and the output-dir guard.
+//! - [`checkpoint`]: atomic, versioned, checksummed directory checkpoints.
+//! - [`output_dir`]: which files of an output directory spt-train wrote, and the rules that keep
+//!   everyone else's files safe.
 //! - [`metrics`]: accuracy, macro-F1, perplexity, `metrics.jsonl`, `loss.svg`.
 //! - [`trainer`]: the [`trainer::TrainTask`] trait a model implements and the [`trainer::Trainer`]
 //!   loop (accumulation, schedule, clipping, eval, checkpoints, bit-exact resume, Ctrl-C).
@@ -25,6 +27,7 @@ pub mod error;
 pub mod losses;
 pub mod metrics;
 pub mod optim;
+pub mod output_dir;
 pub mod pipeline;
 pub mod rng;
 pub mod tasks;

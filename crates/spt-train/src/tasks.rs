@@ -279,6 +279,25 @@ pub fn calibration_batches(
         .collect()
 }
 
+/// The data's label count against a classifier head that the checkpoint already has, so the
+/// mismatch is named as such (not as a tensor shape) with the ways out.
+fn check_classifier_size(src: &WeightSource, num_labels: Option<usize>, config_path: &Path) -> Result<()> {
+    let (Some(n), Some(w)) = (num_labels, src.get("classifier.weight")) else {
+        return Ok(());
+    };
+    let m = w.dim(0)?;
+    if m == n {
+        return Ok(());
+    }
+    let dir = config_path.parent().unwrap_or(Path::new("."));
+    Err(Error::Msg(format!(
+        "the data has {n} labels, the classifier of {} has {m}: give the data the model's {m} labels \
+         (--drop-label for extra ones, --label-map for their order), or fine-tune from a model \
+         without a classification head (a new head is initialised for the data's labels)",
+        dir.display()
+    )))
+}
+
 impl ModelTask {
     /// Loads the model in `model_dir` and prepares it for `cfg.mode`. `calibration` batches fit
     /// the PQ codebooks and routers (spt); pass none when the state comes from a checkpoint.
@@ -332,6 +351,7 @@ impl ModelTask {
         let (mut net, report, head_dim) = match cfg.task {
             TaskKind::Classify => {
                 let c = BertConfig::from_file(config_path)?;
+                check_classifier_size(src, num_labels, config_path)?;
                 let (m, r) = BertForSequenceClassification::load(&c, src, &opts, num_labels)?;
                 (Net::Classifier(Box::new(m)), r, c.head_dim())
             }
@@ -423,7 +443,9 @@ impl ModelTask {
         for (name, var) in &self.vars {
             let t = model.get(name).ok_or_else(|| {
                 Error::Msg(format!(
-                    "the checkpoint has no tensor `{name}` (was it made with another --mode?)"
+                    "the checkpoint has no tensor `{name}`, which the {:?} model trains: it was made \
+                     in another mode or from another model (its run's finetune.toml says which)",
+                    self.mode
                 ))
             })?;
             if t.dims() != var.dims() {
@@ -643,16 +665,43 @@ impl TrainTask for ModelTask {
     }
 }
 
+/// The tokenizer and generation files an export copies from the model directory.
+const EXPORT_COPIED: [&str; 7] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+];
+
+/// The files [`export_hf_dir`] writes for a model in `model_dir`.
+pub fn export_files(model_dir: &Path) -> Vec<String> {
+    let mut v = vec!["config.json".to_string(), "model.safetensors".to_string()];
+    v.extend(
+        EXPORT_COPIED
+            .iter()
+            .filter(|f| model_dir.join(f).is_file())
+            .map(|f| f.to_string()),
+    );
+    v.sort();
+    v
+}
+
 /// Writes `task` as a Hugging Face model directory `out`: LoRA merged, `model.safetensors` with
 /// HF key names (no adapters, routers or codebooks), `config.json` (with the label mapping for a
 /// classifier) and the tokenizer files of `model_dir`. Built in a temporary sibling directory and
-/// renamed into place, so `out` is never half-written; an existing `out` is replaced.
+/// moved in by [`crate::output_dir::install_export`], so no file is half-written and files that
+/// spt-train did not write are never replaced (an earlier export needs `overwrite`).
 pub fn export_hf_dir(
     task: &mut ModelTask,
     model_dir: &Path,
     labels: Option<&LabelMap>,
     out: &Path,
+    overwrite: bool,
 ) -> Result<()> {
+    crate::output_dir::check_export_dir(out, &export_files(model_dir), overwrite)?;
     task.merge_lora()?;
     let tensors: HashMap<String, Tensor> = task
         .hf_tensors()
@@ -695,31 +744,21 @@ pub fn export_hf_dir(
         let cfg_text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Msg(e.to_string()))?;
         let dst = tmp.join("config.json");
         std::fs::write(&dst, cfg_text).map_err(|e| Error::io(&dst, e))?;
-        for f in [
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-            "vocab.txt",
-            "vocab.json",
-            "merges.txt",
-            "generation_config.json",
-        ] {
+        for f in EXPORT_COPIED {
             let src = model_dir.join(f);
             if src.is_file() {
                 std::fs::copy(&src, tmp.join(f)).map_err(|e| Error::io(&src, e))?;
             }
         }
-        let marker = tmp.join(".spt-train-output");
-        std::fs::write(&marker, b"spt-train output directory\n").map_err(|e| Error::io(&marker, e))?;
         Ok(())
     };
     if let Err(e) = write() {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    if out.exists() {
-        std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
+    if let Err(e) = crate::output_dir::install_export(&tmp, out, overwrite) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e.into());
     }
-    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
     Ok(())
 }

@@ -449,7 +449,7 @@ impl<T: TrainTask> Trainer<T> {
         for (name, var) in &vars {
             let t = ck.model.get(name).ok_or_else(|| {
                 Error::Msg(format!(
-                    "checkpoint {}: no tensor for trainable parameter `{name}`",
+                    "checkpoint {}: no tensor for trainable parameter `{name}`; it was made in another mode or from another model (its finetune.toml says which)",
                     path.display()
                 ))
             })?;
@@ -467,16 +467,18 @@ impl<T: TrainTask> Trainer<T> {
             let known: std::collections::HashSet<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
             let extra: Vec<&String> = ck.model.keys().filter(|k| !known.contains(k.as_str())).collect();
             return Err(Error::Msg(format!(
-                "checkpoint {}: holds parameters the model does not train: {extra:?} (different --mode?)",
+                "checkpoint {}: holds parameters the model does not train: {extra:?}; it was made in another mode or from another model (its finetune.toml says which)",
                 path.display()
             )));
         }
         opt.load_state_dict(&ck.optimizer)
             .map_err(|e| Error::Msg(format!("checkpoint {}: {e}", path.display())))?;
-        if ck.manifest.config != self.cfg.run_config {
+        let changed = config_changes(&ck.manifest.config, &self.cfg.run_config);
+        if !changed.is_empty() {
             tracing::warn!(
-                "checkpoint {} was written with a different config; continuing with the current one",
-                path.display()
+                "checkpoint {} was written with other settings ({}); continuing with the current ones",
+                path.display(),
+                changed.join(", ")
             );
         }
         Ok(LoopState {
@@ -797,9 +799,41 @@ impl<T: TrainTask> Trainer<T> {
     }
 }
 
+/// The settings that differ between two run configs (JSON objects), as `name: old → new`.
+pub fn config_changes(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> {
+    let (Some(a), Some(b)) = (old.as_object(), new.as_object()) else {
+        return if old == new {
+            Vec::new()
+        } else {
+            vec![format!("config: {old} → {new}")]
+        };
+    };
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let show = |v: Option<&serde_json::Value>| v.map_or("(unset)".to_string(), |v| v.to_string());
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| format!("{k}: {} → {}", show(a.get(k)), show(b.get(k))))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_changes_name_each_setting() {
+        let a = serde_json::json!({"lr": 0.001, "seed": 1, "mode": "spt"});
+        let b = serde_json::json!({"lr": 0.0005, "seed": 1, "epochs": 2});
+        assert_eq!(
+            config_changes(&a, &b),
+            vec![
+                "epochs: (unset) → 2",
+                "lr: 0.001 → 0.0005",
+                "mode: \"spt\" → (unset)"
+            ]
+        );
+        assert!(config_changes(&a, &a).is_empty());
+    }
 
     #[test]
     fn progress_template_parses_and_steps_are_planned() {

@@ -1,76 +1,15 @@
 //! `spt-train` on the tiny fixture models, run as a user would: finetune, eval, predict, export
 //! (then reload with spt-models), generate.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
+use common::{fixture, reviews_csv};
+
 fn spt_train(args: &[&str], stdin: Option<&str>) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_spt-train"));
-    c.args(args).env("RUST_LOG", "warn");
-    if stdin.is_some() {
-        c.stdin(Stdio::piped());
-    }
-    c.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = c.spawn().expect("run spt-train");
-    if let Some(text) = stdin {
-        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    }
-    let o = child.wait_with_output().unwrap();
-    assert!(
-        o.status.success(),
-        "spt-train {args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
-
-const WORDS: [&str; 12] = [
-    "good", "bad", "great", "awful", "movie", "film", "the", "a", "was", "very", "story", "actor",
-];
-
-/// A fixture model copied with a word-level tokenizer.json (the fixtures ship none).
-fn fixture(name: &str, root: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../spt-models/tests/fixtures")
-        .join(name);
-    let dst = root.join(name);
-    std::fs::create_dir_all(&dst).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(src.join(f), dst.join(f)).unwrap();
-    }
-    let mut vocab = serde_json::Map::new();
-    for (i, w) in ["[PAD]", "[UNK]", "<|endoftext|>"]
-        .iter()
-        .chain(WORDS.iter())
-        .enumerate()
-    {
-        vocab.insert((*w).to_string(), i.into());
-    }
-    // Cover the model's whole vocabulary (1000), so every sampled id decodes.
-    for i in vocab.len()..1000 {
-        vocab.insert(format!("w{i}"), i.into());
-    }
-    let tok = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
-        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": false},
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
-    });
-    std::fs::write(dst.join("tokenizer.json"), tok.to_string()).unwrap();
-    dst
-}
-
-/// 60 three-class reviews over 5 movies, under `header` (text, label and movie columns).
-fn reviews_csv(dir: &Path, name: &str, header: &str) -> PathBuf {
-    let mut rows = format!("{header}\n");
-    for i in 0..60 {
-        let (w, l) = [("good", "pos"), ("bad", "neg"), ("story", "neutral")][i % 3];
-        rows.push_str(&format!("the {w} movie was very {w},{l},m{}\n", i % 5));
-    }
-    let path = dir.join(name);
-    std::fs::write(&path, rows).unwrap();
-    path
+    common::run_ok(args, stdin)
 }
 
 #[test]

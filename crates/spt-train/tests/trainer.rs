@@ -337,6 +337,22 @@ fn disk_full_during_save_keeps_the_previous_checkpoint() -> anyhow::Result<()> {
         ck.extra["codebook.layer0"].to_vec2::<f32>()?,
         vec![vec![7.0; 3]; 2]
     );
+    // With room again, the run resumes from that checkpoint and finishes.
+    let cfg = TrainerConfig {
+        max_steps: Some(6),
+        save_every: 3,
+        ..config(tmp.path())
+    };
+    let summary =
+        Trainer::new(BagClassifier::new(3, 0.0)?, cfg, Device::Cpu).train(&train, None, &Resume::Latest)?;
+    assert_eq!((summary.resumed_from, summary.steps), (Some(3), 6));
+    assert_eq!(
+        list_checkpoints(&dir)?
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect::<Vec<_>>(),
+        vec![3, 6]
+    );
     Ok(())
 }
 

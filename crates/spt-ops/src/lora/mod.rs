@@ -1,7 +1,7 @@
 //! LoRA: `y = x Wᵀ + b + (α/r)·(dropout(x) Aᵀ) Bᵀ` with W, b frozen and A `[r, in]`, B `[out, r]`
 //! trainable; plus a frozen-aware dense [`linear`] and a seeded, differentiable [`dropout`].
 //!
-//! Differences from the reference implementation (spt-method.md §3): A is Kaiming-uniform (not
+//! Fixes of the SPT reference implementation's LoRA: A is Kaiming-uniform (not
 //! N(0, 1)), the α/r scale and dropout are applied, and the unmerged forward scales only the LoRA
 //! path, so merged and unmerged forwards agree for any α ≠ r.
 
@@ -93,25 +93,37 @@ pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
     x.mul(&mask)
 }
 
-/// Per-layer dropout seeds: a base seed and a call counter, so masks differ per call but a run
-/// is reproducible.
+/// Per-layer dropout seeds: a salt, a base seed and a call counter, so masks differ per call but
+/// a run is reproducible. [`DropoutSeeds::reseed`] restarts the sequence (once per training step),
+/// so a resumed run draws the same masks as an uninterrupted one.
 #[derive(Debug)]
 pub(crate) struct DropoutSeeds {
-    base: u64,
+    salt: u64,
+    base: AtomicU64,
     calls: AtomicU64,
 }
 
 impl DropoutSeeds {
-    pub(crate) fn new(base: u64) -> Self {
+    pub(crate) fn new(salt: u64) -> Self {
         Self {
-            base,
+            salt,
+            base: AtomicU64::new(salt),
             calls: AtomicU64::new(0),
         }
     }
 
+    /// Restarts the masks from `seed` (mixed with this layer's salt).
+    pub(crate) fn reseed(&self, seed: u64) {
+        self.base.store(
+            self.salt ^ seed.wrapping_mul(0xD6E8_FEB8_6659_FD93),
+            Ordering::Relaxed,
+        );
+        self.calls.store(0, Ordering::Relaxed);
+    }
+
     pub(crate) fn next(&self) -> u64 {
         let c = self.calls.fetch_add(1, Ordering::Relaxed);
-        self.base
+        self.base.load(Ordering::Relaxed)
             ^ c.wrapping_mul(0x9E37_79B9_7F4A_7C15)
                 .wrapping_add(0x2545_F491_4F6C_DD1D)
     }
@@ -196,6 +208,12 @@ impl LoraLinear {
             merged: false,
             seeds: DropoutSeeds::new(cfg.seed ^ 0x5EED),
         })
+    }
+
+    /// Restarts this adapter's dropout masks from `seed` (call once per training step, so a
+    /// resumed run repeats the masks of an uninterrupted one).
+    pub fn seed_dropout(&self, seed: u64) {
+        self.seeds.reseed(seed);
     }
 
     /// `x [.., in] → [.., out]`; dropout on the LoRA input only when `train`. While merged, the

@@ -279,6 +279,13 @@ impl RoutedFfn {
                 if lc.rank == 0 || !(0.0..1.0).contains(&lc.dropout) || !lc.alpha.is_finite() {
                     bail!("{op}: bad LoRA config {lc:?}: rank ≥ 1, finite alpha and dropout in [0, 1)");
                 }
+                if lc.rank > d.min(d_ff) {
+                    bail!(
+                        "{op}: LoRA rank {} is above min(d, d_ff) = {}",
+                        lc.rank,
+                        d.min(d_ff)
+                    );
+                }
                 let r = lc.rank;
                 Some(FfnLora {
                     a1: Var::from_tensor(&uniform(&[r, d], 1.0 / (d as f64).sqrt(), lc.seed, dt, dev)?)?,
@@ -373,6 +380,14 @@ impl RoutedFfn {
             .to_dtype(self.w1.dtype())?
             .to_device(self.w1.device())?;
         Ok(())
+    }
+
+    /// Restarts the LoRA dropout masks from `seed` (call once per training step, so a resumed
+    /// run repeats the masks of an uninterrupted one). No-op without LoRA.
+    pub fn seed_dropout(&self, seed: u64) {
+        if let Some(l) = &self.lora {
+            l.seeds.reseed(seed);
+        }
     }
 
     /// The tensors to hand to the optimiser: the router, and LoRA's A1, B1, A2, B2 if

@@ -3,7 +3,7 @@
 //! The subcommands are wired here from the library: config, data, tokenizer, output dir, trainer
 //! and checkpoints from spt-train, the models from spt-models.
 
-use std::io::BufRead;
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -26,16 +26,18 @@ use candle_core::Device;
 use candle_core::Tensor;
 use clap::{Args, Parser, Subcommand};
 use spt_train::checkpoint::{
-    check_output_dir, latest_checkpoint, load_checkpoint, prepare_output_dir, write_file_atomic,
+    checkpoint_step, latest_checkpoint, list_checkpoints, load_checkpoint_weights, remove_checkpoints,
+    write_file_atomic,
 };
 use spt_train::config::{resolve_model, FinetuneArgs, FinetuneConfig, Mode};
 use spt_train::data::{read_classification, ColumnSpec, DataFormat, LabelMap, TaskKind, TextTokenizer};
 use spt_train::data::{EncodedDataset, EncodedItem};
+use spt_train::output_dir::{check_export_dir, check_run_dir, prepare_run_dir};
 use spt_train::pipeline::{load_tokenizer, model_max_length, prepare_data};
 use spt_train::rng::SplitMix64;
-use spt_train::tasks::{calibration_batches, export_hf_dir, ModelTask, Net};
+use spt_train::tasks::{calibration_batches, export_files, export_hf_dir, ModelTask, Net};
 use spt_train::trainer::evaluate;
-use spt_train::trainer::{install_ctrlc_handler, Trainer};
+use spt_train::trainer::{install_ctrlc_handler, Resume, Trainer};
 
 #[derive(Parser)]
 #[command(
@@ -301,21 +303,19 @@ fn build_task(
     Ok(task)
 }
 
-fn finetune(args: &FinetuneArgs) -> Result<()> {
+fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
     let cfg = FinetuneConfig::from_args(args).context("reading the finetune settings")?;
     let dev = device(&cfg.device)?;
-    let resume = cfg.resume_from();
-    check_output_dir(
-        &cfg.output_dir,
-        cfg.overwrite,
-        resume != spt_train::trainer::Resume::No,
-    )?;
+    let resume = resume_point(&cfg)?;
+    let resuming = resume != Resume::No;
+    check_run_dir(&cfg.output_dir, cfg.overwrite, resuming)?;
     let model_dir = resolve_model(&cfg.model)?;
-    prepare_output_dir(
-        &cfg.output_dir,
-        cfg.overwrite,
-        resume != spt_train::trainer::Resume::No,
-    )?;
+    check_task_matches_model(cfg.task, &model_dir)?;
+    check_model_config(cfg.task, &model_dir)?;
+    prepare_run_dir(&cfg.output_dir, cfg.overwrite, resuming)?;
+    if let Resume::From(p) = &resume {
+        discard_later_checkpoints(&cfg, p)?;
+    }
     let resolved = toml::to_string_pretty(&cfg).context("serialising the resolved config")?;
     write_file_atomic(&cfg.output_dir.join("finetune.toml"), resolved.as_bytes())
         .with_context(|| format!("writing {}", cfg.output_dir.join("finetune.toml").display()))?;
@@ -346,15 +346,111 @@ fn finetune(args: &FinetuneArgs) -> Result<()> {
             "eval": eval.map(|(_, r)| r),
             "eval_step": eval.map(|(s, _)| s),
             "median_step_s": summary.median_step_s(),
+            "step_times_s": summary.step_times_s,
             "mode": cfg.mode,
             "trainable_params": trainable,
             "total_params": total,
+            "stopped": summary.stopped,
         })
     );
     if summary.stopped {
         eprintln!("stopped at step {}; resume with --resume", summary.steps);
+        return Ok(Outcome::Interrupted);
     }
+    Ok(Outcome::Done)
+}
+
+/// How a command ended without an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Done,
+    /// Stopped by Ctrl-C after saving: exit 130, as shells report SIGINT, so scripts can tell.
+    Interrupted,
+}
+
+/// `--resume` resolved: `latest`, a checkpoint, or a run directory (its latest checkpoint).
+fn resume_point(cfg: &FinetuneConfig) -> Result<Resume> {
+    Ok(match cfg.resume_from() {
+        Resume::From(p) => {
+            if !p.exists() {
+                bail!("--resume {}: no such checkpoint or run directory", p.display());
+            }
+            Resume::From(checkpoint_path(&p)?)
+        }
+        r => r,
+    })
+}
+
+/// Resuming from `from` while the output directory holds later checkpoints would mix two runs:
+/// with `--overwrite` they are discarded (named), otherwise refused with both ways out.
+fn discard_later_checkpoints(cfg: &FinetuneConfig, from: &Path) -> Result<()> {
+    let step = checkpoint_step(from)?;
+    let ckpts = cfg.output_dir.join("checkpoints");
+    let later: Vec<String> = list_checkpoints(&ckpts)?
+        .into_iter()
+        .filter(|(s, _)| *s > step)
+        .map(|(_, p)| p.file_name().unwrap_or_default().to_string_lossy().into_owned())
+        .collect();
+    if later.is_empty() {
+        if !from.starts_with(&cfg.output_dir) {
+            eprintln!(
+                "note: resuming from {} into {}: a new run folder (a fork); the original run is unchanged",
+                from.display(),
+                cfg.output_dir.display()
+            );
+        }
+        return Ok(());
+    }
+    if !cfg.overwrite {
+        bail!(
+            "--resume {}: {} already holds later checkpoints ({}); continuing would mix two runs. \
+             Pass --output-dir NEW to fork the run into a new folder, or --overwrite to discard the later checkpoints",
+            from.display(),
+            cfg.output_dir.display(),
+            later.join(", ")
+        );
+    }
+    remove_checkpoints(&ckpts, |s| s > step)?;
+    eprintln!(
+        "note: --overwrite: discarded the later checkpoints {} of {}; the run continues from step {step}",
+        later.join(", "),
+        cfg.output_dir.display()
+    );
     Ok(())
+}
+
+/// Parses and validates the model's config.json (sizes included) before any data is read or
+/// weights allocated.
+fn check_model_config(task: TaskKind, model_dir: &Path) -> Result<()> {
+    let p = model_dir.join("config.json");
+    match task {
+        TaskKind::Classify => spt_models::BertConfig::from_file(&p).map(drop),
+        TaskKind::Lm => spt_models::GPT2Config::from_file(&p).map(drop),
+    }
+    .with_context(|| format!("checking {}", p.display()))
+}
+
+/// The task against the model's architecture (`model_type` in its config.json), so that
+/// `--task lm` on BERT is named as such rather than as a missing tensor.
+fn check_task_matches_model(task: TaskKind, model_dir: &Path) -> Result<()> {
+    let Some(kind) = model_type(model_dir)? else {
+        return Ok(());
+    };
+    match (task, kind.as_str()) {
+        (TaskKind::Lm, "bert") => bail!(
+            "--task lm: {} is a BERT model (model_type \"bert\" in config.json), which has no language-model head; use --task classify, or a GPT-2 model",
+            model_dir.display()
+        ),
+        (TaskKind::Classify, "gpt2") => bail!(
+            "--task classify: {} is a GPT-2 model (model_type \"gpt2\" in config.json); spt-train classifies with BERT models: use --task lm, or a BERT model",
+            model_dir.display()
+        ),
+        (_, "bert" | "gpt2") => Ok(()),
+        (_, other) => bail!(
+            "{}: model_type \"{other}\" in config.json; spt-train fine-tunes BERT (model_type \"bert\") and GPT-2 (\"gpt2\") checkpoints",
+            model_dir.display()
+        ),
+    }
 }
 
 /// The checkpoint a `--checkpoint` names: itself, or the latest one of a run directory.
@@ -422,6 +518,7 @@ fn load_trained(
     let ck = m.checkpoint.as_deref().map(checkpoint_path).transpose()?;
     let run = run_config(ck.as_deref())?;
     let from_run = run.is_some();
+    let trained_on = run.as_ref().map(|r| (r.model.clone(), r.mode));
     let mut cfg = run.unwrap_or_else(|| {
         let mut c = settings.cloned().unwrap_or_default();
         c.mode = m
@@ -444,22 +541,52 @@ fn load_trained(
         tracing::warn!("no finetune.toml found beside the checkpoint; assuming a dense run (pass --mode)");
     }
     if let Some(c) = &ck {
-        let loaded = load_checkpoint(c, dev).with_context(|| format!("loading {}", c.display()))?;
+        let loaded = load_checkpoint_weights(c, dev).with_context(|| format!("loading {}", c.display()))?;
+        let origin = || match &trained_on {
+            Some((model, mode)) => format!(
+                "restoring {} (trained from {model} in {mode:?} mode, per its finetune.toml; this is {})",
+                c.display(),
+                model_dir.display()
+            ),
+            None => format!("restoring {}", c.display()),
+        };
         t.load_trained(&loaded.model, &loaded.extra)
-            .with_context(|| format!("restoring {}", c.display()))?;
+            .with_context(origin)?;
+        if let Some((model, _)) = &trained_on {
+            let same = resolve_model(model)
+                .ok()
+                .and_then(|d| d.canonicalize().ok())
+                .zip(model_dir.canonicalize().ok())
+                .is_some_and(|(a, b)| a == b);
+            if !same {
+                tracing::warn!(
+                    "{} was trained from {model}, and is applied to {}: make sure it is the same model",
+                    c.display(),
+                    model_dir.display()
+                );
+            }
+        }
         tracing::info!(checkpoint = %c.display(), mode = ?cfg.mode, "model restored");
     }
     Ok((t, model_dir))
 }
 
-/// classify or lm, from the model's config.json (`model_type`).
-fn task_of(model: &str) -> Result<TaskKind> {
-    let dir = resolve_model(model)?;
+/// `model_type` from the model's config.json, if it names one.
+fn model_type(dir: &Path) -> Result<Option<String>> {
     let p = dir.join("config.json");
+    if !p.is_file() {
+        return Ok(None);
+    }
     let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
     let v: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
-    Ok(match v.get("model_type").and_then(|t| t.as_str()) {
+    Ok(v.get("model_type").and_then(|t| t.as_str()).map(str::to_string))
+}
+
+/// classify or lm, from the model's config.json (`model_type`).
+fn task_of(model: &str) -> Result<TaskKind> {
+    let dir = resolve_model(model)?;
+    Ok(match model_type(&dir)?.as_deref() {
         Some("gpt2") => TaskKind::Lm,
         _ => TaskKind::Classify,
     })
@@ -471,6 +598,7 @@ fn eval(a: &EvalArgs) -> Result<()> {
     }
     let dev = device(&a.model.device)?;
     let model_dir = resolve_model(&a.model.model)?;
+    check_task_matches_model(a.task, &model_dir)?;
     let mut cfg = match &a.config {
         Some(p) => FinetuneConfig::load(p)?,
         None => FinetuneConfig::default(),
@@ -622,40 +750,93 @@ fn generate(a: &GenerateArgs) -> Result<()> {
     }
     let dev = device(&a.model.device)?;
     let model_dir = resolve_model(&a.model.model)?;
+    if let Some(t) = model_type(&model_dir)?.filter(|t| t != "gpt2") {
+        bail!(
+            "generate needs a GPT-2 model; {} is model_type \"{t}\"",
+            model_dir.display()
+        );
+    }
     let tok = tokenizer_for(&model_dir, None)?;
+    let eos = tok.eos_id();
     let mut ids = tok.encode_raw(&a.prompt)?;
     if ids.is_empty() {
-        ids.push(tok.eos_id().unwrap_or(0));
+        ids.push(eos.unwrap_or(0));
     }
     let n_prompt = ids.len();
-    tracing::info!(prompt_tokens = n_prompt, "prompt ready");
-    let (task, _) = load_trained(&a.model, TaskKind::Lm, None, &dev, None, None)?;
     let ctx_len = model_max_length(&model_dir).unwrap_or(1024);
-    let mut rng = SplitMix64::new(a.seed);
-    for _ in 0..a.max_new_tokens {
-        let start = ids.len().saturating_sub(ctx_len);
-        let window = &ids[start..];
-        let input = Tensor::new(window, &dev)?.unsqueeze(0)?;
-        let logits = match &task.net {
-            Net::Lm(m) => m.forward_t(&input, None, false)?,
-            Net::Classifier(_) => bail!("generate needs a GPT-2 model (model_type gpt2)"),
-        };
-        let last: Vec<f32> = logits.get(0)?.get(window.len() - 1)?.to_vec1()?;
-        ids.push(sample_token(&last, a.temperature, a.top_k, &mut rng));
+    if n_prompt >= ctx_len {
+        bail!("--prompt is {n_prompt} tokens; the model's context is {ctx_len}: shorten the prompt");
     }
-    let text = tok
-        .inner()
-        .decode(&ids, true)
-        .map_err(|e| anyhow::anyhow!("decoding the generated tokens: {e}"))?;
-    println!("{text}");
+    // No sliding window: past its context a GPT-2 would only see the last tokens, so the length
+    // is capped there and said so.
+    let max_new = a.max_new_tokens.min(ctx_len - n_prompt);
+    if max_new < a.max_new_tokens {
+        eprintln!(
+            "note: --max-new-tokens {} capped at {max_new}: the prompt ({n_prompt} tokens) and the \
+             generated text fit the model's context of {ctx_len} tokens",
+            a.max_new_tokens
+        );
+    }
+    tracing::info!(prompt_tokens = n_prompt, max_new, "prompt ready");
+    let (task, _) = load_trained(&a.model, TaskKind::Lm, None, &dev, None, None)?;
+    let Net::Lm(model) = &task.net else {
+        bail!("generate needs a GPT-2 model (model_type gpt2)")
+    };
+    let mut rng = SplitMix64::new(a.seed);
+    let decode = |ids: &[u32]| {
+        tok.inner()
+            .decode(ids, true)
+            .map_err(|e| anyhow::anyhow!("decoding the generated tokens: {e}"))
+    };
+    // Stream: print the text as it grows (decoding the whole sequence each time, so multi-byte
+    // characters split across tokens come out whole).
+    let mut out = std::io::stdout().lock();
+    let mut shown = decode(&ids)?;
+    write!(out, "{shown}")?;
+    out.flush()?;
+    for _ in 0..max_new {
+        let input = Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?;
+        let logits = model.forward_t(&input, None, false)?;
+        let last: Vec<f32> = logits.get(0)?.get(ids.len() - 1)?.to_vec1()?;
+        let next = sample_token(&last, a.temperature, a.top_k, &mut rng);
+        if Some(next) == eos {
+            break;
+        }
+        ids.push(next);
+        let text = decode(&ids)?;
+        if text.ends_with('\u{fffd}') {
+            continue; // an incomplete character: its next byte comes with the next token
+        }
+        // Decoding is prefix-stable for byte-level BPE; if a tokenizer's is not, print from where
+        // the texts part.
+        let from = match text.strip_prefix(shown.as_str()) {
+            Some(_) => shown.len(),
+            None => common_prefix(&shown, &text),
+        };
+        write!(out, "{}", &text[from..])?;
+        out.flush()?;
+        shown = text;
+    }
+    writeln!(out)?;
     Ok(())
 }
 
+/// Byte length of the longest common prefix of `a` and `b` on a char boundary.
+fn common_prefix(a: &str, b: &str) -> usize {
+    a.char_indices()
+        .zip(b.chars())
+        .find(|((_, x), y)| x != y)
+        .map(|((i, _), _)| i)
+        .unwrap_or(a.len().min(b.len()))
+}
+
 fn export(a: &ExportArgs) -> Result<()> {
-    check_output_dir(&a.out, a.overwrite, false)?;
     if a.model.checkpoint.is_none() {
         bail!("export needs --checkpoint (a checkpoint or a run directory)");
     }
+    // Refuse before the (slow) load: the checks are repeated when the files are moved in.
+    let model_dir = resolve_model(&a.model.model)?;
+    check_export_dir(&a.out, &export_files(&model_dir), a.overwrite)?;
     let task_kind = task_of(&a.model.model)?;
     let labels = find_labels(&None, &a.model.checkpoint)?;
     let (mut task, model_dir) = load_trained(
@@ -672,7 +853,7 @@ fn export(a: &ExportArgs) -> Result<()> {
              routing are training-time approximations and are not part of it"
         );
     }
-    export_hf_dir(&mut task, &model_dir, labels.as_ref(), &a.out)?;
+    export_hf_dir(&mut task, &model_dir, labels.as_ref(), &a.out, a.overwrite)?;
     eprintln!("exported to {}", a.out.display());
     Ok(())
 }
@@ -951,7 +1132,8 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.verbose, cli.quiet);
     match run(&cli) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(Outcome::Done) => std::process::ExitCode::SUCCESS,
+        Ok(Outcome::Interrupted) => std::process::ExitCode::from(130),
         Err(e) => {
             // `{:#}` prints the whole context chain on one line, without a backtrace.
             eprintln!("error: {e:#}");
@@ -960,15 +1142,16 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(cli: &Cli) -> Result<()> {
+fn run(cli: &Cli) -> Result<Outcome> {
     match &cli.command {
-        Command::Finetune(a) => finetune(a),
+        Command::Finetune(a) => return finetune(a),
         Command::Eval(a) => eval(a),
         Command::Predict(a) => predict(a),
         Command::Generate(a) => generate(a),
         Command::Export(a) => export(a),
         Command::Bench(a) => bench(a),
-    }
+    }?;
+    Ok(Outcome::Done)
 }
 
 #[cfg(test)]

@@ -90,6 +90,10 @@ pub fn read_classification(
     columns: &ColumnSpec,
     drop_labels: &[String],
 ) -> Result<ClassificationData, DataError> {
+    // A missing file is named as missing, before its extension is looked at.
+    if let Err(e) = std::fs::metadata(path) {
+        return Err(DataError::io(path, e));
+    }
     let format = match format {
         Some(f) => f,
         None => DataFormat::from_path(path)?,

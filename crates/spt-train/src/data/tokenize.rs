@@ -197,7 +197,13 @@ impl TextTokenizer {
 
     /// Encodes with special tokens, truncating to `max_length`. `location` (e.g. `file:line`)
     /// is named in the one-time truncation warning.
+    ///
+    /// The work per row is bounded: a text longer than [`TextTokenizer::char_budget`] characters
+    /// is cut there before tokenizing (a 50 MB field would otherwise take gigabytes to tokenize,
+    /// only to keep `max_length` tokens).
     pub fn encode(&self, text: &str, pair: Option<&str>, location: &str) -> Result<Encoded, DataError> {
+        let budget = self.char_budget();
+        let (text, pair) = (cut_chars(text, budget), pair.map(|p| cut_chars(p, budget)));
         let input = |t: &str| -> EncodeInput<'_> {
             match pair {
                 Some(p) => (t.to_string(), p.to_string()).into(),
@@ -232,6 +238,12 @@ impl TextTokenizer {
         })
     }
 
+    /// Characters of a text that are tokenized at most: 64 per kept token (no more than
+    /// WordPiece's longest word, 100, for realistic text), and at least 4096.
+    pub fn char_budget(&self) -> usize {
+        self.max_length.saturating_mul(64).max(4096)
+    }
+
     /// Encodes raw text without special tokens or truncation (LM packing).
     pub fn encode_raw(&self, text: &str) -> Result<Vec<u32>, DataError> {
         let enc = self
@@ -254,6 +266,17 @@ impl TextTokenizer {
         self.plain
             .decode(ids, skip_special_tokens)
             .map_err(|e| tok_err(&self.source, e))
+    }
+}
+
+/// `text` up to its first `max_chars` characters.
+fn cut_chars(text: &str, max_chars: usize) -> &str {
+    if text.len() <= max_chars {
+        return text;
+    }
+    match text.char_indices().nth(max_chars) {
+        Some((i, _)) => &text[..i],
+        None => text,
     }
 }
 
@@ -330,6 +353,21 @@ pub(crate) mod tests {
         let e = t.encode("fun", None, "f.csv:4").unwrap();
         assert_eq!(e.ids, vec![2, 17, 3]);
         assert_eq!(t.truncated_count(), 2);
+    }
+
+    #[test]
+    fn a_huge_text_is_cut_before_tokenizing() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tiny_bert(dir.path(), 5);
+        assert_eq!(t.char_budget(), 4096);
+        // 5 M characters: tokenized whole this would take seconds and hundreds of MB.
+        let huge = "the movie was great fun . ".repeat(200_000);
+        let started = std::time::Instant::now();
+        let e = t.encode(&huge, Some(&huge), "f.csv:9").unwrap();
+        assert_eq!(e.ids.len(), 5);
+        assert!(started.elapsed().as_secs_f64() < 1.0, "{:?}", started.elapsed());
+        assert_eq!(cut_chars("aé€b", 3), "aé€");
+        assert_eq!(cut_chars("ab", 3), "ab");
     }
 
     /// A byte-level BPE whose merges spell "Hello" and "Ġworld".

@@ -1,0 +1,437 @@
+//! Which files in an output directory spt-train wrote, and the rules that follow from it.
+//!
+//! Every directory the CLI writes (a fine-tuning run or an export) holds a marker,
+//! `.spt-train-output`, that records the kind of directory and the top-level names the tool
+//! claimed in it. The rules:
+//!
+//! - A name is claimed only while nothing of that name exists, so a claimed name is always ours.
+//! - `--overwrite` replaces or removes only claimed names; files the tool did not write are never
+//!   deleted or replaced, whatever the flags. A folder of someone else's holding a name the tool
+//!   needs is refused, naming the files.
+//! - An export is built in a temporary sibling, then moved in file by file (each rename atomic).
+//! - A marker from an older spt-train (plain text, no list) is trusted for `--resume` only: it
+//!   cannot tell which files were the tool's, so nothing in it is deleted.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{
+    is_checkpoint_name, list_checkpoints, remove_checkpoints, remove_stale_temporaries, write_file_atomic,
+    CheckpointError,
+};
+
+/// The marker file that makes an output directory "ours".
+pub const OUTPUT_MARKER: &str = ".spt-train-output";
+
+/// The top-level names a fine-tuning run writes in its output directory.
+pub const RUN_ENTRIES: [&str; 5] = [
+    "checkpoints",
+    "finetune.toml",
+    "labels.json",
+    "loss.svg",
+    "metrics.jsonl",
+];
+
+const MARKER_VERSION: u32 = 2;
+
+/// What an output directory holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DirKind {
+    /// A fine-tuning run (`spt-train finetune`).
+    Run,
+    /// A Hugging Face model directory (`spt-train export`).
+    Export,
+}
+
+/// The marker's contents.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ownership {
+    pub written_by: String,
+    pub version: u32,
+    pub kind: DirKind,
+    /// Top-level names in the directory that spt-train claimed (and so may replace).
+    pub entries: BTreeSet<String>,
+}
+
+impl Ownership {
+    fn new(kind: DirKind, entries: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            written_by: "spt-train".into(),
+            version: MARKER_VERSION,
+            kind,
+            entries: entries.into_iter().collect(),
+        }
+    }
+}
+
+/// What a directory's marker says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Marker {
+    /// No marker: not written by spt-train (or missing / empty).
+    None,
+    /// A marker from an older spt-train, with no record of what it wrote.
+    Legacy,
+    Current(Ownership),
+}
+
+/// Output-directory errors; each names the directory and, where it matters, the files.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error("{}: {error}", path.display())]
+    Io { path: PathBuf, error: std::io::Error },
+    #[error("output directory {} exists, is not empty and was not written by spt-train (no {OUTPUT_MARKER}); pass --overwrite to write beside its files (spt-train never deletes or replaces files it did not write), or choose another directory", path.display())]
+    Foreign { path: PathBuf },
+    #[error("output directory {} holds {} that spt-train did not write and would have to replace; spt-train never replaces files it did not write: move them away or choose another directory", path.display(), names.join(", "))]
+    Collision { path: PathBuf, names: Vec<String> },
+    #[error("output directory {} holds checkpoints of an earlier run; pass --resume to continue it or --overwrite to start over (only the files spt-train wrote there are removed)", path.display())]
+    ExistingRun { path: PathBuf },
+    #[error("output directory {} holds an earlier export; pass --overwrite to replace the files spt-train wrote there (other files are kept)", path.display())]
+    ExistingExport { path: PathBuf },
+    #[error("output directory {} holds {}, not {}; choose another directory", path.display(), describe(*found), describe(*wanted))]
+    WrongKind {
+        path: PathBuf,
+        found: DirKind,
+        wanted: DirKind,
+    },
+    #[error("output directory {} was marked by an older spt-train that did not record which files it wrote, and it holds {}; spt-train will not delete them: remove them yourself or choose another directory", path.display(), names.join(", "))]
+    Legacy { path: PathBuf, names: Vec<String> },
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+}
+
+fn describe(k: DirKind) -> &'static str {
+    match k {
+        DirKind::Run => "a fine-tuning run (spt-train finetune)",
+        DirKind::Export => "an exported model (spt-train export)",
+    }
+}
+
+fn io_err(path: &Path, error: std::io::Error) -> OutputError {
+    OutputError::Io {
+        path: path.to_path_buf(),
+        error,
+    }
+}
+
+fn is_empty_dir(dir: &Path) -> Result<bool, OutputError> {
+    if !dir.exists() {
+        return Ok(true);
+    }
+    Ok(std::fs::read_dir(dir)
+        .map_err(|e| io_err(dir, e))?
+        .next()
+        .is_none())
+}
+
+/// Reads `dir`'s marker.
+pub fn read_marker(dir: &Path) -> Result<Marker, OutputError> {
+    let p = dir.join(OUTPUT_MARKER);
+    if !p.is_file() {
+        return Ok(Marker::None);
+    }
+    let bytes = std::fs::read(&p).map_err(|e| io_err(&p, e))?;
+    Ok(match serde_json::from_slice::<Ownership>(&bytes) {
+        Ok(o) if o.written_by == "spt-train" => Marker::Current(o),
+        // The plain-text marker of spt-train before version 2 (or one damaged beyond reading).
+        _ => Marker::Legacy,
+    })
+}
+
+fn write_marker(dir: &Path, o: &Ownership) -> Result<(), OutputError> {
+    let p = dir.join(OUTPUT_MARKER);
+    let text = serde_json::to_vec_pretty(o).map_err(|e| io_err(&p, std::io::Error::other(e)))?;
+    write_file_atomic(&p, &text).map_err(|e| io_err(&p, e))
+}
+
+/// `names` that exist in `dir`.
+fn existing<'a>(dir: &Path, names: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    names
+        .into_iter()
+        .filter(|n| dir.join(n).symlink_metadata().is_ok())
+        .map(|n| n.to_string())
+        .collect()
+}
+
+/// The checks of [`prepare_run_dir`], touching nothing, so a CLI can refuse before loading.
+pub fn check_run_dir(dir: &Path, overwrite: bool, resume: bool) -> Result<(), OutputError> {
+    if is_empty_dir(dir)? {
+        return Ok(());
+    }
+    let path = || dir.to_path_buf();
+    match read_marker(dir)? {
+        Marker::None => {
+            if !overwrite {
+                return Err(OutputError::Foreign { path: path() });
+            }
+            let names = existing(dir, RUN_ENTRIES);
+            if !names.is_empty() {
+                return Err(OutputError::Collision { path: path(), names });
+            }
+        }
+        Marker::Legacy => {
+            if !resume {
+                let mut names = existing(dir, ["metrics.jsonl"]);
+                if !list_checkpoints(&dir.join("checkpoints"))?.is_empty() {
+                    names.insert(0, "checkpoints/".into());
+                }
+                if !names.is_empty() {
+                    return Err(OutputError::Legacy { path: path(), names });
+                }
+            }
+        }
+        Marker::Current(o) => {
+            if o.kind != DirKind::Run {
+                return Err(OutputError::WrongKind {
+                    path: path(),
+                    found: o.kind,
+                    wanted: DirKind::Run,
+                });
+            }
+            let unclaimed = RUN_ENTRIES.iter().copied().filter(|n| !o.entries.contains(*n));
+            let names = existing(dir, unclaimed);
+            if !names.is_empty() {
+                return Err(OutputError::Collision { path: path(), names });
+            }
+            if !resume && !overwrite && !list_checkpoints(&dir.join("checkpoints"))?.is_empty() {
+                return Err(OutputError::ExistingRun { path: path() });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Prepares `dir` for a fine-tuning run.
+///
+/// - Missing or empty: created and claimed.
+/// - Someone else's (no marker): refused unless `overwrite`; then the run's names are claimed
+///   beside the other files, and refused if any of them exists.
+/// - A run of ours: fine with `resume`. Otherwise its checkpoints need `overwrite`, and the
+///   previous run's checkpoints, metrics and plot are removed (only those spt-train wrote).
+///
+/// Stale temporaries of a killed save are removed in every case.
+pub fn prepare_run_dir(dir: &Path, overwrite: bool, resume: bool) -> Result<(), OutputError> {
+    check_run_dir(dir, overwrite, resume)?;
+    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    let mut own = match read_marker(dir)? {
+        Marker::Current(o) => o,
+        Marker::None | Marker::Legacy => Ownership::new(DirKind::Run, []),
+    };
+    for n in RUN_ENTRIES {
+        own.entries.insert(n.to_string());
+    }
+    write_marker(dir, &own)?;
+    let ckpts = dir.join("checkpoints");
+    remove_stale_temporaries(&ckpts, is_checkpoint_name)?;
+    remove_stale_temporaries(dir, |n| n == OUTPUT_MARKER || RUN_ENTRIES.contains(&n))?;
+    if !resume {
+        remove_checkpoints(&ckpts, |_| true)?;
+        // An empty checkpoints/ goes; one still holding something else stays.
+        let _ = std::fs::remove_dir(&ckpts);
+        for n in ["metrics.jsonl", "loss.svg"] {
+            let p = dir.join(n);
+            if p.is_file() {
+                std::fs::remove_file(&p).map_err(|e| io_err(&p, e))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The checks of [`install_export`] for an export of `files` into `out`, touching nothing.
+pub fn check_export_dir(out: &Path, files: &[String], overwrite: bool) -> Result<(), OutputError> {
+    if is_empty_dir(out)? {
+        return Ok(());
+    }
+    let path = || out.to_path_buf();
+    match read_marker(out)? {
+        Marker::None => {
+            if !overwrite {
+                return Err(OutputError::Foreign { path: path() });
+            }
+            let names = existing(out, files.iter().map(String::as_str));
+            if !names.is_empty() {
+                return Err(OutputError::Collision { path: path(), names });
+            }
+        }
+        Marker::Legacy => {
+            return Err(OutputError::Legacy {
+                path: path(),
+                names: existing(out, files.iter().map(String::as_str)),
+            })
+        }
+        Marker::Current(o) => {
+            if o.kind != DirKind::Export {
+                return Err(OutputError::WrongKind {
+                    path: path(),
+                    found: o.kind,
+                    wanted: DirKind::Export,
+                });
+            }
+            if !overwrite {
+                return Err(OutputError::ExistingExport { path: path() });
+            }
+            let unclaimed = files
+                .iter()
+                .map(String::as_str)
+                .filter(|n| !o.entries.contains(*n));
+            let names = existing(out, unclaimed);
+            if !names.is_empty() {
+                return Err(OutputError::Collision { path: path(), names });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Moves the files of the finished export in `staged` (a sibling of `out`, holding only plain
+/// files) into `out` under the rules of [`check_export_dir`], and removes `staged`.
+///
+/// A new `out` is `staged` renamed. Into an existing one each file is renamed over its earlier
+/// version; files of an earlier export that this one does not write are removed; anything else
+/// in `out` stays as it was.
+pub fn install_export(staged: &Path, out: &Path, overwrite: bool) -> Result<(), OutputError> {
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(staged).map_err(|e| io_err(staged, e))? {
+        let e = e.map_err(|e| io_err(staged, e))?;
+        files.push(e.file_name().to_string_lossy().into_owned());
+    }
+    files.sort();
+    check_export_dir(out, &files, overwrite)?;
+    let own = Ownership::new(DirKind::Export, files.iter().cloned());
+    if is_empty_dir(out)? {
+        write_marker(staged, &own)?;
+        if out.exists() {
+            std::fs::remove_dir(out).map_err(|e| io_err(out, e))?;
+        }
+        return std::fs::rename(staged, out).map_err(|e| io_err(out, e));
+    }
+    let earlier = match read_marker(out)? {
+        Marker::Current(o) => o.entries,
+        _ => BTreeSet::new(),
+    };
+    // Claim the union first, so a failure midway leaves every file we moved in recorded.
+    let mut both = own.clone();
+    both.entries.extend(earlier.iter().cloned());
+    write_marker(out, &both)?;
+    for f in &files {
+        let (src, dst) = (staged.join(f), out.join(f));
+        std::fs::rename(&src, &dst).map_err(|e| io_err(&dst, e))?;
+    }
+    for f in earlier.difference(&own.entries) {
+        let p = out.join(f);
+        if p.is_file() {
+            std::fs::remove_file(&p).map_err(|e| io_err(&p, e))?;
+        }
+    }
+    write_marker(out, &own)?;
+    std::fs::remove_dir(staged).map_err(|e| io_err(staged, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(p: &Path) -> Vec<u8> {
+        std::fs::read(p).unwrap()
+    }
+
+    #[test]
+    fn run_dir_claims_only_free_names_and_cleans_only_its_own() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().join("run");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("notes.txt"), "mine").unwrap();
+        assert!(matches!(
+            prepare_run_dir(&d, false, false),
+            Err(OutputError::Foreign { .. })
+        ));
+        // A user's metrics.jsonl is never adopted, with or without --overwrite.
+        std::fs::write(d.join("metrics.jsonl"), "user line\n").unwrap();
+        let e = prepare_run_dir(&d, true, false).unwrap_err();
+        assert!(
+            matches!(&e, OutputError::Collision { names, .. } if names == &["metrics.jsonl"]),
+            "{e}"
+        );
+        std::fs::remove_file(d.join("metrics.jsonl")).unwrap();
+        prepare_run_dir(&d, true, false).unwrap();
+        match read_marker(&d).unwrap() {
+            Marker::Current(o) => {
+                assert_eq!(o.kind, DirKind::Run);
+                assert!(o.entries.contains("metrics.jsonl") && !o.entries.contains("notes.txt"));
+            }
+            m => panic!("{m:?}"),
+        }
+        // Our metrics and a user's file inside checkpoints/: the second overwrite keeps the latter.
+        std::fs::write(d.join("metrics.jsonl"), "ours\n").unwrap();
+        std::fs::create_dir_all(d.join("checkpoints")).unwrap();
+        std::fs::write(d.join("checkpoints/README"), "user").unwrap();
+        prepare_run_dir(&d, true, false).unwrap();
+        assert!(!d.join("metrics.jsonl").exists());
+        assert_eq!(bytes(&d.join("checkpoints/README")), b"user");
+        assert_eq!(bytes(&d.join("notes.txt")), b"mine");
+        // An export folder is not a run folder.
+        let x = tmp.path().join("x");
+        std::fs::create_dir(&x).unwrap();
+        write_marker(&x, &Ownership::new(DirKind::Export, ["config.json".to_string()])).unwrap();
+        assert!(matches!(
+            check_run_dir(&x, true, false),
+            Err(OutputError::WrongKind { .. })
+        ));
+    }
+
+    #[test]
+    fn legacy_marker_is_trusted_for_resume_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().join("old");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join(OUTPUT_MARKER), "spt-train output directory\n").unwrap();
+        std::fs::write(d.join("metrics.jsonl"), "whose?\n").unwrap();
+        assert_eq!(read_marker(&d).unwrap(), Marker::Legacy);
+        let e = prepare_run_dir(&d, true, false).unwrap_err();
+        assert!(
+            matches!(e, OutputError::Legacy { .. }) && e.to_string().contains("metrics.jsonl"),
+            "{e}"
+        );
+        assert_eq!(bytes(&d.join("metrics.jsonl")), b"whose?\n");
+        prepare_run_dir(&d, false, true).unwrap();
+        assert_eq!(bytes(&d.join("metrics.jsonl")), b"whose?\n");
+    }
+
+    #[test]
+    fn export_moves_files_in_and_keeps_the_users() {
+        let tmp = tempfile::tempdir().unwrap();
+        let stage = |files: &[(&str, &str)]| {
+            let s = tmp.path().join(".stage");
+            std::fs::create_dir_all(&s).unwrap();
+            for (n, t) in files {
+                std::fs::write(s.join(n), t).unwrap();
+            }
+            s
+        };
+        let out = tmp.path().join("out");
+        install_export(&stage(&[("a", "1"), ("b", "1")]), &out, false).unwrap();
+        assert_eq!(bytes(&out.join("a")), b"1");
+        std::fs::write(out.join("README.md"), "user").unwrap();
+        // Again: needs --overwrite, then replaces ours, drops our stale `b`, keeps the user's.
+        let s = stage(&[("a", "2")]);
+        assert!(matches!(
+            install_export(&s, &out, false),
+            Err(OutputError::ExistingExport { .. })
+        ));
+        install_export(&s, &out, true).unwrap();
+        assert_eq!(bytes(&out.join("a")), b"2");
+        assert!(!out.join("b").exists() && !s.exists());
+        assert_eq!(bytes(&out.join("README.md")), b"user");
+        // A foreign folder holding a name we write is refused, even with --overwrite.
+        let src = tmp.path().join("model");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("a"), "weights").unwrap();
+        let s = stage(&[("a", "3")]);
+        let e = install_export(&s, &src, true).unwrap_err();
+        assert!(matches!(e, OutputError::Collision { .. }), "{e}");
+        assert_eq!(bytes(&src.join("a")), b"weights");
+    }
+}

@@ -1,0 +1,511 @@
+//! `spt-train` never loses a user's files, leaves a usable state after every fault, and refuses
+//! bad input by name. Run as a user would, on the tiny fixture models.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{fixture, fixture_with, last_json, reviews_csv, run, run_err, run_ok};
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Finetune args for the tiny BERT on `data` into `out`: `steps` LoRA steps, a checkpoint each.
+fn finetune_args<'a>(model: &'a str, data: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
+    vec![
+        "finetune",
+        "--model",
+        model,
+        "--train-file",
+        data,
+        "--split-by",
+        "movie",
+        "--validation-split",
+        "0.3",
+        "--output-dir",
+        out,
+        "--mode",
+        "lora",
+        "--max-steps",
+        steps,
+        "--batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--save-every",
+        "1",
+        "--keep-last",
+        "0",
+        "--no-progress",
+    ]
+}
+
+/// Every file under `dir` with its bytes, for byte-for-byte comparisons.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn steps_in(run: &Path) -> Vec<u64> {
+    spt_train::checkpoint::list_checkpoints(&run.join("checkpoints"))
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect()
+}
+
+struct Setup {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    model: PathBuf,
+    data: PathBuf,
+}
+
+fn setup() -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let model = fixture("tiny-bert-cls", &root);
+    let data = reviews_csv(&root, "d.csv", "text,label,movie");
+    Setup {
+        _tmp: tmp,
+        root,
+        model,
+        data,
+    }
+}
+
+#[test]
+fn export_never_deletes_or_replaces_files_it_did_not_write() {
+    let t = setup();
+    let run_dir = t.root.join("run");
+    run_ok(&finetune_args(s(&t.model), s(&t.data), s(&run_dir), "2"), None);
+    let export = |out: &Path, overwrite: bool| {
+        let mut a = vec![
+            "export",
+            "--model",
+            s(&t.model),
+            "--checkpoint",
+            s(&run_dir),
+            "--out",
+            s(out),
+        ];
+        if overwrite {
+            a.push("--overwrite");
+        }
+        run(&a, None)
+    };
+    // 1. Into the source model folder, with --overwrite: refused, every byte kept.
+    std::fs::write(t.model.join("README.md"), "the model card").unwrap();
+    let before = snapshot(&t.model);
+    let o = export(&t.model, true);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains("model.safetensors") && e.contains("did not write"),
+        "{e}"
+    );
+    assert_eq!(snapshot(&t.model), before);
+    // A foreign folder without name clashes: only with --overwrite, and the user's file stays.
+    let notes = t.root.join("notes");
+    std::fs::create_dir(&notes).unwrap();
+    std::fs::write(notes.join("todo.txt"), "mine").unwrap();
+    assert!(!export(&notes, false).status.success());
+    assert!(export(&notes, true).status.success());
+    assert_eq!(std::fs::read(notes.join("todo.txt")).unwrap(), b"mine");
+    assert!(notes.join("model.safetensors").is_file());
+    // 2. Re-export into an earlier export holding a file the user added: refused without
+    // --overwrite; with it, the export's files are replaced and the user's file survives.
+    let out = t.root.join("export");
+    assert!(export(&out, false).status.success());
+    std::fs::write(out.join("README.md"), "my notes").unwrap();
+    let o = export(&out, false);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--overwrite"));
+    assert!(export(&out, true).status.success());
+    assert_eq!(std::fs::read(out.join("README.md")).unwrap(), b"my notes");
+    assert!(out.join("config.json").is_file());
+    // A run folder is not an export folder.
+    let o = export(&run_dir, true);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("fine-tuning run"));
+    // No staging folder left behind.
+    let debris: Vec<_> = std::fs::read_dir(&t.root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp-"))
+        .collect();
+    assert!(debris.is_empty(), "{debris:?}");
+}
+
+#[test]
+fn finetune_overwrite_never_touches_the_users_files() {
+    let t = setup();
+    // 3. A folder with the user's own checkpoints/ and metrics.jsonl: refused even with
+    // --overwrite, naming them, and nothing changes.
+    let mine = t.root.join("mine");
+    std::fs::create_dir_all(mine.join("checkpoints")).unwrap();
+    std::fs::write(mine.join("checkpoints/model.pt"), "weights").unwrap();
+    std::fs::write(mine.join("metrics.jsonl"), "{\"mine\": 1}\n").unwrap();
+    let before = snapshot(&mine);
+    let mut a = finetune_args(s(&t.model), s(&t.data), s(&mine), "2");
+    a.push("--overwrite");
+    let e = run_err(&a);
+    assert!(e.contains("checkpoints") && e.contains("metrics.jsonl"), "{e}");
+    assert_eq!(snapshot(&mine), before);
+    // A folder with only other files: adopted with --overwrite, twice; the file stays as it was.
+    let adopted = t.root.join("adopted");
+    std::fs::create_dir(&adopted).unwrap();
+    std::fs::write(adopted.join("notes.txt"), "mine").unwrap();
+    let mut a = finetune_args(s(&t.model), s(&t.data), s(&adopted), "2");
+    assert!(run_err(&a).contains("--overwrite"));
+    a.push("--overwrite");
+    run_ok(&a, None);
+    run_ok(&a, None);
+    assert_eq!(std::fs::read(adopted.join("notes.txt")).unwrap(), b"mine");
+    assert_eq!(steps_in(&adopted), vec![1, 2]);
+    let metrics = std::fs::read_to_string(adopted.join("metrics.jsonl")).unwrap();
+    assert!(!metrics.contains("mine"));
+}
+
+#[test]
+fn resuming_an_older_checkpoint_forks_or_discards_but_never_mixes() {
+    let t = setup();
+    let run_dir = t.root.join("run");
+    run_ok(&finetune_args(s(&t.model), s(&t.data), s(&run_dir), "4"), None);
+    assert_eq!(steps_in(&run_dir), vec![1, 2, 3, 4]);
+    let step1 = run_dir.join("checkpoints/step-00000001");
+    // 4. Refused by default, naming the later checkpoints and both ways out.
+    let mut a = finetune_args(s(&t.model), s(&t.data), s(&run_dir), "4");
+    a.extend(["--resume", s(&step1)]);
+    let e = run_err(&a);
+    assert!(
+        e.contains("step-00000004") && e.contains("--output-dir") && e.contains("--overwrite"),
+        "{e}"
+    );
+    assert_eq!(steps_in(&run_dir), vec![1, 2, 3, 4]);
+    // A fork into a new folder leaves the original run as it was.
+    let before = snapshot(&run_dir.join("checkpoints"));
+    let fork = t.root.join("fork");
+    let mut a = finetune_args(s(&t.model), s(&t.data), s(&fork), "4");
+    a.extend(["--resume", s(&step1)]);
+    let o = run_ok(&a, None);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("fork"));
+    assert_eq!(steps_in(&fork), vec![2, 3, 4]);
+    assert_eq!(snapshot(&run_dir.join("checkpoints")), before);
+    // With --overwrite the later checkpoints go first, and the run continues from step 1.
+    let mut a = finetune_args(s(&t.model), s(&t.data), s(&run_dir), "4");
+    a.extend(["--resume", s(&step1), "--overwrite"]);
+    let o = run_ok(&a, None);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("discarded"));
+    assert_eq!(steps_in(&run_dir), vec![1, 2, 3, 4]);
+    // Training is deterministic: the fork and the rerun reach the same weights.
+    let w = |r: &Path| std::fs::read(r.join("checkpoints/step-00000004/model.safetensors")).unwrap();
+    assert_eq!(w(&fork), w(&run_dir));
+    // A resume path that does not exist is named as missing, not as corrupt.
+    let mut a = finetune_args(s(&t.model), s(&t.data), s(&run_dir), "4");
+    let missing = t.root.join("nope");
+    a.extend(["--resume", s(&missing)]);
+    let e = run_err(&a);
+    assert!(e.contains("no such checkpoint") && !e.contains("corrupt"), "{e}");
+}
+
+/// `args` without its `--mode lora`, for a caller that sets the mode.
+fn without_mode(mut args: Vec<&str>) -> Vec<&str> {
+    let i = args.iter().position(|x| *x == "--mode").unwrap();
+    args.drain(i..i + 2);
+    args
+}
+
+/// Uninterrupted vs stopped at step 3 and resumed (forked into another folder): the step-6
+/// weights must be the same bytes, with dropout on.
+fn resume_is_exact(model: &Path, data: &Path, root: &Path, extra: &[&str]) {
+    let full = root.join(format!("full-{}", extra.join("")));
+    let mut a = without_mode(finetune_args(s(model), s(data), s(&full), "6"));
+    a.extend_from_slice(extra);
+    let f = last_json(&run_ok(&a, None));
+    let resumed = root.join(format!("resumed-{}", extra.join("")));
+    let step3 = full.join("checkpoints/step-00000003");
+    let mut a = without_mode(finetune_args(s(model), s(data), s(&resumed), "6"));
+    a.extend_from_slice(extra);
+    a.extend(["--resume", s(&step3)]);
+    let r = last_json(&run_ok(&a, None));
+    let w = |r: &Path| std::fs::read(r.join("checkpoints/step-00000006/model.safetensors")).unwrap();
+    assert!(w(&full) == w(&resumed), "{extra:?}: resumed weights differ");
+    assert_eq!(f["eval"]["loss"], r["eval"]["loss"], "{extra:?}");
+}
+
+#[test]
+fn resume_with_dropout_is_bit_exact_in_every_mode() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Dropout on everywhere the model has it (the fixture ships it off).
+    let model = fixture_with("tiny-bert-cls", tmp.path(), |c| {
+        c["hidden_dropout_prob"] = 0.1.into();
+        c["attention_probs_dropout_prob"] = 0.1.into();
+    });
+    let data = reviews_csv(tmp.path(), "d.csv", "text,label,movie");
+    resume_is_exact(&model, &data, tmp.path(), &["--mode", "dense"]);
+    resume_is_exact(
+        &model,
+        &data,
+        tmp.path(),
+        &["--mode", "lora", "--lora-dropout", "0.2"],
+    );
+    // SPT: LoRA dropout inside the routed FFN too (its own seed source, reseeded per step).
+    resume_is_exact(
+        &model,
+        &data,
+        tmp.path(),
+        &[
+            "--mode",
+            "spt",
+            "--lora-dropout",
+            "0.2",
+            "--ffn-blocks",
+            "4",
+            "--ffn-top-k",
+            "2",
+        ],
+    );
+}
+
+#[test]
+fn kill_during_saves_always_leaves_a_loadable_checkpoint_and_no_debris() {
+    let t = setup();
+    let run_dir = t.root.join("run");
+    let mut a = finetune_args(s(&t.model), s(&t.data), s(&run_dir), "60");
+    let keep = a.iter().position(|x| *x == "--keep-last").unwrap();
+    a[keep + 1] = "2";
+    // A fixed sequence of kill times (ms after start), spread over loading, training and saving.
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    for round in 0..8 {
+        let mut args = a.clone();
+        if !steps_in(&run_dir).is_empty() {
+            args.push("--resume");
+        }
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let wait = Duration::from_millis(150 + x % 900);
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_spt-train"))
+            .args(&args)
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(wait);
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        // Whatever was interrupted, every checkpoint that looks complete loads.
+        for (step, p) in spt_train::checkpoint::list_checkpoints(&run_dir.join("checkpoints")).unwrap() {
+            let ck = spt_train::checkpoint::load_checkpoint(&p, &candle_core::Device::Cpu);
+            assert!(
+                ck.is_ok(),
+                "round {round}: step {step} does not load: {:?}",
+                ck.err()
+            );
+        }
+    }
+    // Resume runs to the end, and no temporary of a killed save is left.
+    let mut args = a.clone();
+    if !steps_in(&run_dir).is_empty() {
+        args.push("--resume");
+    }
+    let o = run_ok(&args, None);
+    assert_eq!(last_json(&o)["step"], 60);
+    let names: Vec<String> = std::fs::read_dir(run_dir.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| n.starts_with("step-")), "{names:?}");
+    assert_eq!(steps_in(&run_dir), vec![59, 60]);
+    let top: Vec<String> = std::fs::read_dir(&run_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".tmp-"))
+        .collect();
+    assert!(top.is_empty(), "{top:?}");
+}
+
+#[test]
+fn ctrl_c_saves_and_exits_130() {
+    let t = setup();
+    let run_dir = t.root.join("run");
+    let a = finetune_args(s(&t.model), s(&t.data), s(&run_dir), "100000");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_spt-train"))
+        .args(&a)
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while steps_in(&run_dir).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no checkpoint after 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let summary = last_json(&o);
+    assert_eq!(summary["stopped"], true);
+    let last = *steps_in(&run_dir).last().unwrap();
+    assert_eq!(summary["step"], last);
+}
+
+#[test]
+fn bad_numbers_and_conflicting_flags_are_refused_by_name() {
+    let t = setup();
+    let out = t.root.join("run");
+    let base = finetune_args(s(&t.model), s(&t.data), s(&out), "2");
+    for (flags, name) in [
+        (&["--weight-decay", "NaN"][..], "weight_decay"),
+        (&["--adam-eps", "0"], "adam_eps"),
+        (&["--adam-eps", "NaN"], "adam_eps"),
+        (&["--max-grad-norm", "NaN"], "max_grad_norm"),
+        (&["--lora-alpha=-16"], "lora_alpha"),
+        (&["--lora-rank", "100"], "lora_rank"),
+        (&["--warmup-steps", "2", "--warmup-ratio", "0.1"], "warmup"),
+        (&["--validation-file", s(&t.data)], "validation"),
+        (&["--task", "lm"], "BERT"),
+    ] {
+        let mut a = base.clone();
+        a.extend_from_slice(flags);
+        let e = run_err(&a);
+        assert!(e.contains(name), "{flags:?}: {e}");
+    }
+    // Four labels against a three-way classifier: said in those words.
+    let four = t.root.join("four.csv");
+    let mut rows = String::from("text,label,movie\n");
+    for i in 0..40 {
+        rows.push_str(&format!("the movie,{},m{}\n", ["a", "b", "c", "d"][i % 4], i % 5));
+    }
+    std::fs::write(&four, rows).unwrap();
+    let e = run_err(&finetune_args(s(&t.model), s(&four), s(&t.root.join("r4")), "2"));
+    assert!(e.contains("the data has 4 labels") && e.contains("has 3"), "{e}");
+    // GPT-2 asked to classify.
+    let gpt2 = fixture("tiny-gpt2", &t.root);
+    let e = run_err(&finetune_args(s(&gpt2), s(&t.data), s(&t.root.join("r5")), "2"));
+    assert!(e.contains("GPT-2") && e.contains("--task lm"), "{e}");
+}
+
+#[test]
+fn absurd_model_sizes_are_refused_before_allocating() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("t.txt");
+    std::fs::write(&text, "the good movie was very good\n".repeat(200)).unwrap();
+    for (field, value) in [("n_layer", 1_000_000u64), ("n_embd", 262_144)] {
+        let model = fixture_with("tiny-gpt2", tmp.path(), |c| c[field] = value.into());
+        let out = tmp.path().join(format!("run-{field}"));
+        let e = run_err(&[
+            "finetune",
+            "--model",
+            s(&model),
+            "--task",
+            "lm",
+            "--random-init",
+            "--train-file",
+            s(&text),
+            "--output-dir",
+            s(&out),
+            "--max-steps",
+            "1",
+            "--no-progress",
+        ]);
+        assert!(e.contains(field), "{field}: {e}");
+    }
+}
+
+#[test]
+fn messages_point_the_right_way() {
+    let t = setup();
+    let run_dir = t.root.join("run");
+    run_ok(&finetune_args(s(&t.model), s(&t.data), s(&run_dir), "2"), None);
+    // predict on a missing file: named as missing, not as a bad extension.
+    let missing = t.root.join("missing.txt");
+    let o = run(
+        &[
+            "predict",
+            "--model",
+            s(&t.model),
+            "--checkpoint",
+            s(&run_dir),
+            "--input",
+            s(&missing),
+        ],
+        None,
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("missing.txt") && !e.contains("extension"),
+        "{e}"
+    );
+    // eval needs no optimizer state.
+    let ck = run_dir.join("checkpoints/step-00000002");
+    std::fs::remove_file(ck.join("optimizer.safetensors")).unwrap();
+    let eval = [
+        "eval",
+        "--model",
+        s(&t.model),
+        "--checkpoint",
+        s(&ck),
+        "--data-file",
+        s(&t.data),
+    ];
+    run_ok(&eval, None);
+    // A LoRA checkpoint read as dense (its finetune.toml gone): the mode or model is named.
+    std::fs::remove_file(run_dir.join("finetune.toml")).unwrap();
+    let e = run_err(&eval);
+    assert!(e.contains("another mode or from another model"), "{e}");
+}
+
+#[test]
+fn generate_is_capped_at_the_context_and_streams() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-gpt2", tmp.path());
+    let started = Instant::now();
+    let o = run_ok(
+        &[
+            "generate",
+            "--model",
+            s(&model),
+            "--prompt",
+            "the good movie",
+            "--max-new-tokens",
+            "1000000000",
+        ],
+        None,
+    );
+    assert!(started.elapsed() < Duration::from_secs(60));
+    let e = String::from_utf8_lossy(&o.stderr);
+    // The fixture's context is 128 tokens, the prompt 3.
+    assert!(e.contains("capped at 125"), "{e}");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.starts_with("the good movie") && out.ends_with('\n'), "{out}");
+    assert!(out.split_whitespace().count() <= 128, "{out}");
+}
