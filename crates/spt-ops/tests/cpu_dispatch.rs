@@ -1,0 +1,114 @@
+//! The CPU kernels pick their instruction set at run time, so one binary runs on any x86-64.
+//!
+//! Where the dispatch happens:
+//! - GEMM (candle's CPU matmul and spt-ops' grouped GEMMs): the `gemm` crate, built with its
+//!   `x86-v4` feature (workspace Cargo.toml), checks `avx512f` once per call shape and otherwise
+//!   takes its AVX2+FMA (or SSE / scalar) micro-kernels;
+//! - spt-ops' own dot / axpy (`simd.rs`): AVX2+FMA when detected, else scalar.
+//!
+//! This test runs the same checks natively (AVX-512 where the CPU has it) and, under user-mode
+//! QEMU emulating a Haswell (AVX2+FMA, no AVX-512), the fallback path. QEMU comes from Debian's
+//! `qemu-user`; `.ci/run` installs it and sets `SPT_REQUIRE_QEMU=1` so CI cannot skip that half.
+
+use candle_core::{DType, Device, Tensor};
+
+/// Matmuls of awkward shapes (edges of every micro-kernel tile) against an f64 reference.
+fn matmul_matches_reference() {
+    let dev = Device::Cpu;
+    for &(m, k, n) in &[(1, 1, 1), (7, 13, 5), (33, 64, 47), (64, 384, 96), (129, 70, 257)] {
+        let a = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (k, n), &dev).unwrap();
+        let got = a.matmul(&b).unwrap().to_dtype(DType::F64).unwrap();
+        let want = a
+            .to_dtype(DType::F64)
+            .unwrap()
+            .matmul(&b.to_dtype(DType::F64).unwrap())
+            .unwrap();
+        let err = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(
+            err < 1e-4 * (k as f64).sqrt(),
+            "[{m}, {k}] x [{k}, {n}]: max error {err}"
+        );
+    }
+    // The sparse attention kernels (simd.rs dot / axpy) against their dense reference.
+    let q = Tensor::randn(0f32, 1.0, (1, 2, 40, 16), &dev).unwrap();
+    let k = Tensor::randn(0f32, 1.0, (1, 2, 40, 16), &dev).unwrap();
+    let v = Tensor::randn(0f32, 1.0, (1, 2, 40, 16), &dev).unwrap();
+    let mask = spt_ops::AttentionMask::causal();
+    let dense = spt_ops::dense_attention(&q, &k, &v, &mask, 0.25).unwrap();
+    // Every key selected: the sparse kernels must give dense attention.
+    let pq = spt_ops::PqConfig {
+        n_subspaces: 4,
+        n_codewords: 4,
+        ..Default::default()
+    };
+    let book = spt_ops::Codebook::fit(&k, &pq).unwrap();
+    let sparse =
+        spt_ops::pq_sparse_attention(&q, &k, &v, &book, spt_ops::TopK::Fraction(1.0), &mask, 0.25).unwrap();
+    let err = (dense - sparse)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(err < 1e-5, "sparse attention with every key vs dense: {err}");
+}
+
+#[test]
+fn kernels_are_right_on_this_cpu_and_on_an_avx2_only_cpu() {
+    if std::env::var_os("SPT_DISPATCH_CHILD").is_some() {
+        // The emulated run: report what this CPU has, then check.
+        let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+        eprintln!("child: avx512f {avx512}, simd path {}", spt_ops::simd_path());
+        assert!(!avx512, "the emulated CPU should lack AVX-512");
+        matmul_matches_reference();
+        return;
+    }
+    eprintln!(
+        "native: avx512f {}, simd path {}",
+        std::arch::is_x86_feature_detected!("avx512f"),
+        spt_ops::simd_path()
+    );
+    matmul_matches_reference();
+
+    let qemu = ["qemu-x86_64", "qemu-x86_64-static"]
+        .into_iter()
+        .find(|q| std::process::Command::new(q).arg("--version").output().is_ok());
+    let Some(qemu) = qemu else {
+        assert!(
+            std::env::var_os("SPT_REQUIRE_QEMU").is_none(),
+            "SPT_REQUIRE_QEMU is set but qemu-x86_64 is not installed (apt-get install qemu-user)"
+        );
+        eprintln!("skipped the AVX2-only half: qemu-x86_64 not installed (apt-get install qemu-user)");
+        return;
+    };
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new(qemu)
+        .args(["-cpu", "Haswell"])
+        .arg(&exe)
+        .args([
+            "--exact",
+            "kernels_are_right_on_this_cpu_and_on_an_avx2_only_cpu",
+            "--nocapture",
+        ])
+        .env("SPT_DISPATCH_CHILD", "1")
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the AVX2-only run failed: {log}");
+    assert!(log.contains("child: avx512f false, simd path avx2+fma"), "{log}");
+}
