@@ -165,17 +165,18 @@ impl AdamW {
             p.step += 1;
             let t = p.step as i32;
             let lr = lr * p.lr_scale;
-            let g = g.detach().to_dtype(DType::F32)?;
-            let m = ((&p.exp_avg * beta1)? + (&g * (1.0 - beta1))?)?;
-            let v = ((&p.exp_avg_sq * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
-            let m_hat = (&m * (1.0 / (1.0 - beta1.powi(t))))?;
-            let v_hat = (&v * (1.0 / (1.0 - beta2.powi(t))))?;
-            let mut theta = p.var.as_tensor().detach().to_dtype(DType::F32)?;
-            if p.decay && weight_decay != 0.0 {
-                theta = (theta * (1.0 - lr * weight_decay))?;
-            }
-            let update = (m_hat / (v_hat.sqrt()? + eps)?)?;
-            let theta = (theta - (update * lr)?)?;
+            let h = Hyper {
+                beta1,
+                beta2,
+                eps,
+                decay: if p.decay { lr * weight_decay } else { 0.0 },
+                lr,
+                t,
+            };
+            let (theta, m, v) = match fused_cpu_update(p, g, &h)? {
+                Some(new) => new,
+                None => tensor_update(p, g, &h)?,
+            };
             p.var.set(&theta.to_dtype(p.var.dtype())?)?;
             p.exp_avg = m;
             p.exp_avg_sq = v;
@@ -353,6 +354,96 @@ impl LrSchedule {
     }
 }
 
+/// One parameter's AdamW constants for a step.
+struct Hyper {
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    /// lr · λ in the decay group, else 0.
+    decay: f64,
+    lr: f64,
+    t: i32,
+}
+
+/// The update as tensor ops (any device and dtype; moments in f32): new θ (f32), m and v.
+fn tensor_update(p: &ParamState, g: &Tensor, h: &Hyper) -> Result<(Tensor, Tensor, Tensor)> {
+    let g = g.detach().to_dtype(DType::F32)?;
+    let m = ((&p.exp_avg * h.beta1)? + (&g * (1.0 - h.beta1))?)?;
+    let v = ((&p.exp_avg_sq * h.beta2)? + (g.sqr()? * (1.0 - h.beta2))?)?;
+    let m_hat = (&m * (1.0 / (1.0 - h.beta1.powi(h.t))))?;
+    let v_hat = (&v * (1.0 / (1.0 - h.beta2.powi(h.t))))?;
+    let mut theta = p.var.as_tensor().detach().to_dtype(DType::F32)?;
+    if h.decay != 0.0 {
+        theta = (theta * (1.0 - h.decay))?;
+    }
+    let update = (m_hat / (v_hat.sqrt()? + h.eps)?)?;
+    let theta = (theta - (update * h.lr)?)?;
+    Ok((theta, m, v))
+}
+
+/// The update of one f32 parameter on the CPU as one multithreaded pass over θ, g, m and v
+/// (the tensor-op version makes ~12 single-threaded passes, each allocating). The arithmetic is
+/// the tensor-op version's, in the same order, so both give the same bits. `None` where it does
+/// not apply (another device or dtype, a non-contiguous tensor).
+fn fused_cpu_update(p: &ParamState, g: &Tensor, h: &Hyper) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    use candle_core::{CpuStorage, Storage};
+    use rayon::prelude::*;
+    let theta = p.var.as_tensor();
+    let all = [theta, g, &p.exp_avg, &p.exp_avg_sq];
+    if !all
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
+    {
+        return Ok(None);
+    }
+    let guards: Vec<_> = all.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices: Vec<&[f32]> = Vec::with_capacity(4);
+    for (st, l) in &guards {
+        let Storage::Cpu(CpuStorage::F32(v)) = &**st else {
+            return Ok(None);
+        };
+        let start = l.start_offset();
+        slices.push(&v[start..start + l.shape().elem_count()]);
+    }
+    let (th, gr, m0, v0) = (slices[0], slices[1], slices[2], slices[3]);
+    let f = |x: f64| x as f32;
+    let (b1, c1, b2, c2) = (f(h.beta1), f(1.0 - h.beta1), f(h.beta2), f(1.0 - h.beta2));
+    let (bc1, bc2) = (
+        f(1.0 / (1.0 - h.beta1.powi(h.t))),
+        f(1.0 / (1.0 - h.beta2.powi(h.t))),
+    );
+    let (keep, eps, lr) = (f(1.0 - h.decay), f(h.eps), f(h.lr));
+    let n = th.len();
+    let (mut t_out, mut m_out, mut v_out) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    const CHUNK: usize = 1 << 14;
+    t_out
+        .par_chunks_mut(CHUNK)
+        .zip(m_out.par_chunks_mut(CHUNK))
+        .zip(v_out.par_chunks_mut(CHUNK))
+        .enumerate()
+        .for_each(|(c, ((to, mo), vo))| {
+            let o = c * CHUNK;
+            for i in 0..to.len() {
+                let (x, gi) = (th[o + i], gr[o + i]);
+                let m = m0[o + i] * b1 + gi * c1;
+                let v = v0[o + i] * b2 + (gi * gi) * c2;
+                let x = if h.decay != 0.0 { x * keep } else { x };
+                let update = (m * bc1) / ((v * bc2).sqrt() + eps);
+                to[i] = x - update * lr;
+                mo[i] = m;
+                vo[i] = v;
+            }
+        });
+    drop(guards);
+    let shape = theta.shape();
+    let dev = theta.device();
+    Ok(Some((
+        Tensor::from_vec(t_out, shape, dev)?,
+        Tensor::from_vec(m_out, shape, dev)?,
+        Tensor::from_vec(v_out, shape, dev)?,
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -444,6 +535,40 @@ mod tests {
         }
         // First step of Adam moves every coordinate by ~lr (m̂/√v̂ = sign(g)).
         assert_eq!(opt.step_count(), 2);
+        Ok(())
+    }
+
+    /// The fused CPU pass and the tensor ops give the same bits, decay group or not.
+    #[test]
+    fn fused_update_equals_the_tensor_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let n = 100_003; // several rayon chunks and a ragged tail
+        for decay in [true, false] {
+            let p = ParamState {
+                name: "w".into(),
+                var: Var::from_tensor(&Tensor::randn(0f32, 1.0, n, &dev)?)?,
+                decay,
+                lr_scale: 1.0,
+                step: 3,
+                exp_avg: Tensor::randn(0f32, 0.1, n, &dev)?,
+                exp_avg_sq: Tensor::randn(0f32, 0.1, n, &dev)?.sqr()?,
+            };
+            let g = Tensor::randn(0f32, 1.0, n, &dev)?;
+            let h = Hyper {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                decay: if decay { 1e-3 * 0.01 } else { 0.0 },
+                lr: 1e-3,
+                t: 3,
+            };
+            let fused = fused_cpu_update(&p, &g, &h)?.expect("the CPU f32 path");
+            let ops = tensor_update(&p, &g, &h)?;
+            for (a, b) in [(&fused.0, &ops.0), (&fused.1, &ops.1), (&fused.2, &ops.2)] {
+                let (a, b) = (a.to_vec1::<f32>()?, b.to_vec1::<f32>()?);
+                assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+            }
+        }
         Ok(())
     }
 
