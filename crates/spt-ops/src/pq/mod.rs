@@ -10,6 +10,7 @@
 //! Selection never records a gradient: the quantiser reads detached data. Gradients reach keys
 //! only through [`Codebook::quantization_loss`] when asked for explicitly.
 
+mod blocks;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod kmeans;
@@ -21,6 +22,7 @@ use candle_core::{bail, DType, Device, Result, Tensor};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use rayon::prelude::*;
 
+pub use blocks::{pq_attention, select_blocks, BlockScore, BlockSelection, BlockTiling, Selection};
 pub use select::select_keys;
 
 /// Index value that pads a selection row with fewer than k allowed keys. Kernels skip it.
