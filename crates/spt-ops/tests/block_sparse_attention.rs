@@ -68,7 +68,6 @@ fn blocks_of(
 
 /// Checks the selection's invariants and that the unforced picks are the best-scoring blocks,
 /// with block scores recomputed in f64 from the decoded keys.
-#[allow(clippy::too_many_arguments)]
 fn check_selection(
     q: &Tensor,
     codes: &Tensor,

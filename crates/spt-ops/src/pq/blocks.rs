@@ -5,17 +5,27 @@
 //! of the tile's mean query, up to a positive factor that no ranking sees). Each key block keeps
 //! per subspace how often each codeword occurs among its allowed keys. Two block scores:
 //!
+//! - [`BlockScore::Mean`]: the mean query's dot with the block's mean reconstructed key (MoBA's
+//!   gate, computed from codeword counts).
 //! - [`BlockScore::UpperBound`]: per subspace the best table entry among the codewords present
 //!   in the block, summed over subspaces. It bounds the ADC score of every key of the block
-//!   against the tile's mean query, so a block holding one strongly matching key ranks high
-//!   however many weak keys surround it.
-//! - [`BlockScore::Mean`]: the mean query's dot with the block's mean reconstructed key (MoBA's
-//!   gate, computed from codeword counts). It dilutes as blocks grow.
+//!   against the tile's mean query.
 //!
-//! **The default is `UpperBound`**: the softmax mass of a block comes from its few largest
-//! scores, which the bound tracks and the mean averages away. Measured with
-//! `cargo run --release -p spt-ops --example block_fidelity` (mean softmax mass kept per query;
-//! figures in the README of that example and in `tests/block_sparse_attention.rs`).
+//! **The default is `Mean`, because it kept more attention mass in every case measured.** With
+//! C = 16 codewords a block of 16 or more keys holds most codewords of every subspace, so the
+//! bound saturates towards the same value for every block and stops ranking them; the mean keeps
+//! the signal and lands within 0.025 of an oracle that picks blocks by their true softmax
+//! mass. Mean softmax mass kept per query, L = 1024, H = 4, d = 64, 128 keys per query, tiles of
+//! 16 / 32 / 64 queries and keys (`cargo run -p spt-ops --example block_fidelity`):
+//!
+//! | data, mask | per-query top-k | upper bound | mean | oracle blocks |
+//! |---|---|---|---|---|
+//! | random, none | 0.301 | 0.128 / 0.125 / 0.125 | 0.133 / 0.129 / 0.127 | 0.144 / 0.134 / 0.130 |
+//! | random, causal | 0.567 | 0.373 / 0.354 / 0.318 | 0.378 / 0.356 / 0.320 | 0.389 / 0.362 / 0.322 |
+//! | structured, none | 0.649 | 0.607 / 0.571 / 0.472 | 0.617 / 0.593 / 0.567 | 0.632 / 0.606 / 0.571 |
+//! | structured, causal | 0.770 | 0.719 / 0.693 / 0.626 | 0.721 / 0.701 / 0.667 | 0.743 / 0.717 / 0.673 |
+//!
+//! The bound may do better with more codewords or smaller blocks; measure before switching.
 //!
 //! Masks: under a causal mask the diagonal blocks of a tile (those holding keys at the tile's
 //! query positions) are always kept and blocks entirely in the tile's future are never chosen;
@@ -73,11 +83,11 @@ pub enum Selection {
 /// How a key block is scored against a query tile (see the module docs for the comparison).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum BlockScore {
-    /// Σ_s max over the codewords present in the block of the tile's table entry.
-    #[default]
-    UpperBound,
     /// The tile's mean query · the block's mean reconstructed key.
+    #[default]
     Mean,
+    /// Σ_s max over the codewords present in the block of the tile's table entry.
+    UpperBound,
 }
 
 /// The key blocks each query tile attends to, plus the mask the kernel applies inside them.
