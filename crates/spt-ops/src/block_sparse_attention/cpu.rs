@@ -96,11 +96,27 @@ fn masked_scores<T: Float>(
         Mat::new(&g.keys, 0, 1, d),
         Parallelism::None,
     );
+    let pad_ok: Option<Vec<bool>> = n
+        .key_ok
+        .as_ref()
+        .map(|k| g.idx.iter().map(|&j| k[b * n.lk + j]).collect());
     for (r, row) in s.chunks_mut(nk.max(1)).enumerate().take(m) {
-        let i = i0 + r;
-        for (x, &j) in row.iter_mut().zip(&g.idx) {
-            let ok = (!n.causal || j <= i) && n.key_ok.as_ref().is_none_or(|k| k[b * n.lk + j]);
-            *x = if ok { *x * scale } else { T::neg_infinity() };
+        // Gathered keys ascend, so the causally allowed ones are a prefix of the row.
+        let cut = if n.causal {
+            g.idx.partition_point(|&j| j <= i0 + r)
+        } else {
+            nk
+        };
+        for x in row[..cut].iter_mut() {
+            *x = *x * scale;
+        }
+        row[cut..].fill(T::neg_infinity());
+        if let Some(ok) = &pad_ok {
+            for (x, &ok) in row[..cut].iter_mut().zip(ok) {
+                if !ok {
+                    *x = T::neg_infinity();
+                }
+            }
         }
     }
 }

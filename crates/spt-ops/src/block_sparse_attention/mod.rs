@@ -19,7 +19,7 @@ mod cpu;
 pub mod reference;
 
 use crate::pq::{BlockSelection, SENTINEL};
-use crate::util::{check_float, check_same, contiguous, if_tracked, with_cpu};
+use crate::util::{check_float, check_same, contiguous, if_tracked};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use cpu::Dims;
 use std::sync::Mutex;
@@ -201,21 +201,30 @@ impl CustomOp3 for BlockSparseAttention {
         if grad.dims() != o.dims() {
             bail!("{op}: grad is {:?} but the output is {:?}", grad.dims(), o.dims());
         }
-        if !matches!(&*q.storage_and_layout().0, Storage::Cpu(_)) {
-            bail!("{op}: only the CPU backward is available");
-        }
         let dev = q.device();
         let n = &self.dims;
+        // Borrow the inputs' storage instead of copying them (6 tensors of B·H·L·d).
+        let inputs = [q, k, v, o, &lse, grad]
+            .iter()
+            .map(|t| t.contiguous())
+            .collect::<Result<Vec<_>>>()?;
+        let guards: Vec<_> = inputs.iter().map(|t| t.storage_and_layout()).collect();
         macro_rules! run {
             ($t:ty) => {{
-                let f = |t: &Tensor| with_cpu::<$t, _>(op, t, |s| Ok(s.to_vec()));
+                let s = guards
+                    .iter()
+                    .map(|(st, l)| match &**st {
+                        Storage::Cpu(c) => contiguous::<$t>(op, "input", c, l),
+                        _ => bail!("{op}: only the CPU backward is available"),
+                    })
+                    .collect::<Result<Vec<&[$t]>>>()?;
                 let (dq, dk, dvv) = cpu::backward::<$t>(
-                    &f(q)?,
-                    &f(k)?,
-                    &f(v)?,
-                    &f(o)?,
-                    &f(&lse)?,
-                    &f(grad)?,
+                    s[0],
+                    s[1],
+                    s[2],
+                    s[3],
+                    s[4],
+                    s[5],
                     &self.blocks,
                     n,
                     self.scale as $t,
