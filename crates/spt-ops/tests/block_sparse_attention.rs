@@ -491,3 +491,50 @@ fn bad_input_gives_named_errors() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn cross_attention_lengths_match_the_reference() -> Result<()> {
+    // L_q ≠ L_k (both ragged against the tiles), with and without causality and padding.
+    for (lq, lk) in [(13usize, 29usize), (29, 13)] {
+        for kind in 0..4 {
+            let seed = (lq * 100 + lk + kind) as u64;
+            let q = uniform(&[2, 2, lq, 8], 1.0, seed, DType::F32)?;
+            let k = uniform(&[2, 2, lk, 8], 1.0, seed + 1, DType::F32)?;
+            let v = uniform(&[2, 2, lk, 5], 1.0, seed + 2, DType::F32)?;
+            let w = uniform(&[2, 2, lq, 5], 1.0, seed + 3, DType::F32)?;
+            let mask = mask_of(kind, 2, lk, seed)?;
+            let t = fit_tiling(4, 3, 3, lq, lk, mask.causal);
+            let cb = codebook(&k, 2, 8, seed)?;
+            let codes = cb.encode(&k)?;
+            let sel = select_blocks(&q, &codes, &cb, t, &mask, BlockScore::default())?;
+            check_selection(&q, &codes, &cb, &sel, &mask, BlockScore::default())?;
+            let (o, g) = fwd_bwd(
+                |q, k, v| block_sparse_attention(q, k, v, &sel, 0.4),
+                &q,
+                &k,
+                &v,
+                &w,
+            )?;
+            let (ow, gw) = fwd_bwd(
+                |q, k, v| block_sparse_attention_reference(q, k, v, &sel, 0.4),
+                &q,
+                &k,
+                &v,
+                &w,
+            )?;
+            for (name, a, bb) in [
+                ("o", &o, &ow),
+                ("dq", &g[0], &gw[0]),
+                ("dk", &g[1], &gw[1]),
+                ("dv", &g[2], &gw[2]),
+            ] {
+                let e = max_diff(a, bb)?;
+                assert!(
+                    e < 1e-5,
+                    "{name}: max |Δ| = {e} (L_q {lq}, L_k {lk}, mask #{kind})"
+                );
+            }
+        }
+    }
+    Ok(())
+}
