@@ -7,9 +7,10 @@
 //! - [`norm`]: `layer_norm` and `softmax` over the last dimension.
 //! - [`activation`]: GELU (erf and tanh) and ReLU with backward.
 //! - [`attention`]: masks and the dense attention baseline.
-//! - [`pq`]: product-quantisation codebooks and ADC top-k key selection.
+//! - [`pq`]: product-quantisation codebooks, ADC top-k key selection and block selection
+//!   ([`Selection`]: per query or per query tile).
 //! - [`sparse_attention`]: attention over the selected keys only.
-//! - [`block_sparse_attention`]: attention over key blocks shared by a tile of queries.
+//! - [`mod@block_sparse_attention`]: attention over key blocks shared by a tile of queries.
 //! - [`routed_ffn`]: the routed FFN (router, grouped gather/scatter GEMMs, router fit).
 //! - [`lora`]: LoRA linear layer, frozen-aware dense `linear`, seeded dropout.
 //! - [`cross_entropy`]: fused output projection + cross-entropy (no `[N, V]` logits kept).
