@@ -4,7 +4,9 @@
 //!
 //! Synthetic data only (no assets): "random" is iid Gaussian q and k; "structured" packs
 //! segments (like several reviews in one row) whose queries and keys share a topic vector, plus
-//! a smooth positional component (locality) and a sink key at position 0.
+//! a smooth positional component (locality) and a sink key at position 0; "short" is the same
+//! with segments of 8-47 tokens, about a key block long; "peaky" has short segments with strong
+//! topics and little noise, so nearly all of a query's mass stays in its segment.
 //!
 //! Run: `cargo run --release -p spt-ops --example block_fidelity -- [L] [H]` (default 1024 4).
 
@@ -48,16 +50,23 @@ fn data(kind: &str, h: usize, l: usize, d: usize, seed: u64) -> Result<(Tensor, 
                 continue;
             }
             if left == 0 {
-                left = rng.random_range(16..160);
+                // "short" segments are about as long as a key block, so block means mix topics.
+                left = if kind != "structured" {
+                    rng.random_range(8..48)
+                } else {
+                    rng.random_range(16..160)
+                };
                 for t in topic.iter_mut() {
                     *t = normal(&mut rng);
                 }
             }
             left -= 1;
+            // "peaky": strong topics, little noise, so nearly all mass stays in the segment.
+            let (a, noise) = if kind == "peaky" { (1.2, 0.2) } else { (0.6, 0.6) };
             for e in 0..d {
                 let pos = (freqs[e].0 * i as f32 + freqs[e].1).sin();
-                qi[e] = 0.6 * topic[e] + 0.5 * pos + 0.25 * sink[e] + 0.6 * normal(&mut rng);
-                ki[e] = 0.6 * topic[e] + 0.5 * pos + 0.6 * normal(&mut rng);
+                qi[e] = a * topic[e] + 0.5 * pos + 0.25 * sink[e] + noise * normal(&mut rng);
+                ki[e] = a * topic[e] + 0.5 * pos + noise * normal(&mut rng);
                 if i == 0 {
                     ki[e] = 1.5 * sink[e];
                 }
@@ -138,7 +147,7 @@ fn main() -> Result<()> {
         "{:<11} {:<7} {:>6} {:>9} {:>11} {:>9} {:>8}",
         "data", "mask", "tile", "per-query", "upper-bound", "mean", "oracle"
     );
-    for kind in ["random", "structured"] {
+    for kind in ["random", "structured", "short", "peaky"] {
         let (q, k) = data(kind, h, l, d, 7)?;
         let cb = Codebook::fit(&k, &PqConfig::default())?;
         let codes = cb.encode(&k)?;
