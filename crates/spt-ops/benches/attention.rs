@@ -3,9 +3,17 @@
 //! the same run. Writes `bench/results/attention.json`.
 //!
 //! Run: `cargo bench -p spt-ops --bench attention` (set `SPT_BENCH_LENGTHS=512,1024` to narrow).
+//!
+//! Block-sparse mode (records with `case.selection = "blocks"`): for each tile size in
+//! `SPT_BENCH_TILES` (default `64`; empty skips it), query tiles and key blocks of that size with
+//! `max(1, k / tile)` blocks per tile, PQ encode + block selection + block-sparse attention,
+//! measured in the same run against the same dense baseline.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use spt_ops::{dense_attention, select_keys, sparse_attention, AttentionMask, Codebook, PqConfig, TopK};
+use spt_ops::{
+    block_sparse_attention, dense_attention, select_blocks, select_keys, sparse_attention, AttentionMask,
+    BlockScore, BlockTiling, Codebook, PqConfig, TopK,
+};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Instant;
@@ -96,6 +104,27 @@ fn machine() -> String {
     )
 }
 
+/// The block-sparse attention step for one tiling, with phase timings like the per-query step.
+fn blocks_step<'a>(
+    cb: &'a Codebook,
+    mask: &'a AttentionMask,
+    tiling: BlockTiling,
+    scale: f64,
+) -> impl Fn(&Tensor, &Tensor, &Tensor, &mut [f64; 4]) -> Result<Tensor> + 'a {
+    move |q, k, v, ph| {
+        let t = Instant::now();
+        let codes = cb.encode(k)?;
+        ph[0] = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let sel = select_blocks(q, &codes, cb, tiling, mask, BlockScore::default())?;
+        ph[1] = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let o = block_sparse_attention(q, k, v, &sel, scale)?;
+        ph[2] = t.elapsed().as_secs_f64();
+        Ok(o)
+    }
+}
+
 fn main() -> Result<()> {
     let lengths: Vec<usize> = std::env::var("SPT_BENCH_LENGTHS")
         .ok()
@@ -103,6 +132,10 @@ fn main() -> Result<()> {
         .unwrap_or_else(|| vec![512, 1024, 2048, 4096]);
     let (b, h, d) = (1usize, 12usize, 64usize);
     let scale = 1.0 / (d as f64).sqrt();
+    let tiles: Vec<usize> = std::env::var("SPT_BENCH_TILES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![64]);
     let mut records = Vec::new();
     println!(
         "{:>6} {:>5} {:>10} {:>10} {:>8} {:>12} {:>12} {:>7}",
@@ -133,6 +166,18 @@ fn main() -> Result<()> {
         };
         let dense =
             |q: &Tensor, k: &Tensor, v: &Tensor, _: &mut [f64; 4]| dense_attention(q, k, v, &mask, scale);
+        let tilings: Vec<BlockTiling> = tiles
+            .iter()
+            .map(|&t| BlockTiling {
+                query_tile: t,
+                key_block: t,
+                top_blocks: (topk / t).max(1),
+            })
+            .collect();
+        let blocks: Vec<_> = tilings
+            .iter()
+            .map(|&t| blocks_step(&cb, &mask, t, scale))
+            .collect();
         let reps = if l >= 4096 { 5 } else { 7 };
         // Warm-up, then alternate so both see the same machine state.
         step(&q, &k, &v, &w, &sparse)?;
@@ -141,8 +186,15 @@ fn main() -> Result<()> {
         if !sparse_only {
             step(&q, &k, &v, &w, &dense)?;
         }
+        for f in &blocks {
+            step(&q, &k, &v, &w, f)?;
+        }
         let (mut s, mut dn) = (Vec::new(), Vec::new());
+        let mut bl: Vec<Vec<Sample>> = vec![Vec::new(); blocks.len()];
         for _ in 0..reps {
+            for (f, out) in blocks.iter().zip(bl.iter_mut()) {
+                out.push(step(&q, &k, &v, &w, f)?);
+            }
             s.push(step(&q, &k, &v, &w, &sparse)?);
             dn.push(if sparse_only {
                 s[s.len() - 1]
@@ -188,6 +240,46 @@ fn main() -> Result<()> {
             "load_avg_1min": [load_before, load_avg()],
             "ours_phases_s": {"pq_encode": phase(0), "select": phase(1), "attention_fwd": phase(2), "backward": phase(3)},
         }));
+        for (t, b_s) in tilings.iter().zip(&bl) {
+            let ours = median(b_s.iter().map(|x| x.total).collect());
+            let phase = |i: usize| median(b_s.iter().map(|x| x.phases[i]).collect());
+            let ok = b_s[0].kept_bytes;
+            println!(
+                "{l:>6} {:>5} {ours:>10.4} {base:>10.4} {:>8.2} {ok:>12} {bk:>12} {:>7.3}  blocks {}x{} top {}",
+                t.keys_per_query(),
+                base / ours,
+                ok as f64 / bk as f64,
+                t.query_tile,
+                t.key_block,
+                t.top_blocks
+            );
+            println!(
+                "        blocks phases (median s): encode {:.4}, select {:.4}, attention fwd {:.4}, backward {:.4}",
+                phase(0),
+                phase(1),
+                phase(2),
+                phase(3)
+            );
+            records.push(serde_json::json!({
+                "case": {"B": b, "H": h, "L": l, "d": d, "k": t.keys_per_query(), "mask": "none", "selection": "blocks",
+                         "query_tile": t.query_tile, "key_block": t.key_block, "top_blocks": t.top_blocks},
+                "ours": "PQ encode (S=8, C=16) + block selection (mean score) + block-sparse attention (gathered-block GEMMs), fwd+bwd, f32",
+                "ours_s": ours,
+                "baseline_s": base,
+                "speedup": base / ours,
+                "ours_bytes": ok,
+                "baseline_bytes": bk,
+                "bytes_ratio": ok as f64 / bk as f64,
+                "bytes_kind": "heap bytes held by the autograd graph after forward (counting allocator): output plus everything saved for backward, excluding q, k, v",
+                "ours_peak_bytes": median(b_s.iter().map(|x| x.peak_bytes as f64).collect()),
+                "baseline_peak_bytes": median(dn.iter().map(|x| x.peak_bytes as f64).collect()),
+                "min_s": b_s.iter().map(|x| x.total).fold(f64::INFINITY, f64::min),
+                "max_s": b_s.iter().map(|x| x.total).fold(0.0, f64::max),
+                "runs": reps,
+                "load_avg_1min": [load_before, load_avg()],
+                "ours_phases_s": {"pq_encode": phase(0), "select": phase(1), "attention_fwd": phase(2), "backward": phase(3)},
+            }));
+        }
     }
     let out = serde_json::json!({
         "command": "cargo bench -p spt-ops --bench attention",

@@ -7,8 +7,10 @@
 //! - [`norm`]: `layer_norm` and `softmax` over the last dimension.
 //! - [`activation`]: GELU (erf and tanh) and ReLU with backward.
 //! - [`attention`]: masks and the dense attention baseline.
-//! - [`pq`]: product-quantisation codebooks and ADC top-k key selection.
+//! - [`pq`]: product-quantisation codebooks, ADC top-k key selection and block selection
+//!   ([`Selection`]: per query or per query tile).
 //! - [`sparse_attention`]: attention over the selected keys only.
+//! - [`mod@block_sparse_attention`]: attention over key blocks shared by a tile of queries.
 //! - [`routed_ffn`]: the routed FFN (router, grouped gather/scatter GEMMs, router fit).
 //! - [`lora`]: LoRA linear layer, frozen-aware dense `linear`, seeded dropout.
 //! - [`cross_entropy`]: fused output projection + cross-entropy (no `[N, V]` logits kept).
@@ -16,6 +18,7 @@
 pub mod activation;
 pub mod attention;
 mod blas;
+pub mod block_sparse_attention;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -30,10 +33,14 @@ mod util;
 
 pub use activation::{gelu_erf, gelu_tanh, Activation};
 pub use attention::{dense_attention, AttentionMask};
+pub use block_sparse_attention::block_sparse_attention;
 pub use cross_entropy::{linear_cross_entropy, Reduction};
 pub use lora::{LoraConfig, LoraError, LoraLinear};
 pub use norm::{layer_norm, softmax_last_dim};
-pub use pq::{pq_sparse_attention, select_keys, Codebook, KeySelection, PqConfig, Refresh, TopK};
+pub use pq::{
+    pq_attention, pq_sparse_attention, select_blocks, select_keys, BlockScore, BlockSelection, BlockTiling,
+    Codebook, KeySelection, PqConfig, Refresh, Selection, TopK,
+};
 pub use routed_ffn::{GateMode, RoutedFfn, RoutedFfnConfig, Routing};
 pub use simd::simd_path;
 pub use sparse_attention::sparse_attention;

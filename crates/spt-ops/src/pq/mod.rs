@@ -5,11 +5,13 @@
 //! (or `[H, S, C, d_codeword]` with one per head). Keys are encoded to `u8` codes; a query
 //! scores every allowed key by asymmetric distance computation (ADC),
 //! `score(q, k) = Σ_s ⟨q_s, c[s, code_s(k)]⟩`, from a per-query table of `S·C` inner products,
-//! and keeps an exact top-k.
+//! and keeps an exact top-k. The block mode ([`Selection::Blocks`], see [`select_blocks`]) scores
+//! key blocks per query tile from the same codes instead.
 //!
 //! Selection never records a gradient: the quantiser reads detached data. Gradients reach keys
 //! only through [`Codebook::quantization_loss`] when asked for explicitly.
 
+mod blocks;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod kmeans;
@@ -21,6 +23,7 @@ use candle_core::{bail, DType, Device, Result, Tensor};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use rayon::prelude::*;
 
+pub use blocks::{pq_attention, select_blocks, BlockScore, BlockSelection, BlockTiling, Selection};
 pub use select::select_keys;
 
 /// Index value that pads a selection row with fewer than k allowed keys. Kernels skip it.
@@ -399,6 +402,7 @@ impl Codebook {
 
 /// Encodes keys, selects the top-k keys per query by ADC, and runs sparse attention: the whole
 /// SPT attention step for `[B, H, L, d]` inputs. The selection is not differentiated.
+/// [`pq_attention`] does the same for either [`Selection`] mode.
 pub fn pq_sparse_attention(
     q: &Tensor,
     k: &Tensor,

@@ -1,0 +1,253 @@
+//! Block-sparse attention: each tile of `query_tile` queries of one (batch, head) attends to the
+//! keys of the key blocks a [`BlockSelection`] lists for it.
+//!
+//! Contract, for `q [B, H, L_q, d]`, `k [B, H, L_k, d]`, `v [B, H, L_k, d_v]` (f32 or f64,
+//! contiguous, CPU):
+//!
+//! - Query `i` belongs to tile `i / query_tile` (the last tile may be shorter) and sees key `j`
+//!   iff `j` lies in one of its tile's selected blocks `[blk·key_block, (blk+1)·key_block)`
+//!   (the last block may be shorter), `j ≤ i` under a causal mask, and `j` is not padding.
+//! - `o_i = Σ_j softmax_j(scale·q_i·k_j) v_j` over those keys; a row with none outputs 0.
+//! - Differentiable in q, k and v; the selection is a constant.
+//! - Backward keeps the selection (`B·H·n_tiles·top_blocks` block indices) and one log-sum-exp
+//!   per query row: `O(B·H·L)`, well under the per-query mode's `O(B·H·L·k)`.
+//! - dk and dv are summed in a fixed order: bit-identical across runs and thread counts.
+//!
+//! With every block selected the op equals [`crate::dense_attention`] under the same mask.
+
+mod cpu;
+pub mod reference;
+
+use crate::pq::{BlockSelection, SENTINEL};
+use crate::util::{check_float, check_same, contiguous, if_tracked};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use cpu::Dims;
+use std::sync::Mutex;
+
+pub use reference::block_sparse_attention_reference;
+
+/// Block-sparse attention of `q` over the key blocks `sel` lists per query tile, with softmax
+/// scale `scale` (usually `1/√d`). See the module docs for the contract.
+pub fn block_sparse_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    sel: &BlockSelection,
+    scale: f64,
+) -> Result<Tensor> {
+    let op = "block_sparse_attention";
+    check_float(op, "q", q)?;
+    check_same(op, &[("q", q), ("k", k), ("v", v)])?;
+    let shape_err = || {
+        candle_core::Error::Msg(format!(
+            "{op}: expected q [B, H, L_q, d], k [B, H, L_k, d], v [B, H, L_k, d_v]; got q {:?}, k {:?}, v {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        ))
+    };
+    let (b, h, lq, d) = q.dims4().map_err(|_| shape_err())?;
+    let (kb, kh, lk, kd) = k.dims4().map_err(|_| shape_err())?;
+    let (vb, vh, vl, dv) = v.dims4().map_err(|_| shape_err())?;
+    if (kb, kh, kd) != (b, h, d) || (vb, vh, vl) != (b, h, lk) || d == 0 || dv == 0 {
+        return Err(shape_err());
+    }
+    if !q.device().is_cpu() {
+        bail!(
+            "{op}: only the CPU kernel exists so far; q is on {:?}",
+            q.device().location()
+        );
+    }
+    let tiling = sel.tiling;
+    let (qt, kblk) = (tiling.query_tile, tiling.key_block);
+    if qt == 0 || kblk == 0 {
+        bail!("{op}: selection tiling {tiling:?} has a zero tile size");
+    }
+    let (nt, nb) = (lq.div_ceil(qt), lk.div_ceil(kblk));
+    let Ok((sb, sh, snt, width)) = sel.blocks.dims4() else {
+        bail!(
+            "{op}: selection blocks are {:?}, expected u32 [B, H, n_tiles, top_blocks]",
+            sel.blocks.dims()
+        )
+    };
+    if sel.blocks.dtype() != DType::U32 || (sb, sh, snt) != (b, h, nt) || width == 0 {
+        bail!(
+            "{op}: selection blocks are {:?} {:?}, expected u32 [B, H, n_tiles, top_blocks ≥ 1] = [{b}, {h}, {nt}, *] \
+             for q {:?} and query_tile = {qt}",
+            sel.blocks.dims(),
+            sel.blocks.dtype(),
+            q.dims()
+        );
+    }
+    for (name, t) in [("q", q), ("k", k), ("v", v)] {
+        if !t.is_contiguous() {
+            bail!(
+                "{op}: {name} {:?} is not contiguous (strides {:?}); call .contiguous() first",
+                t.dims(),
+                t.stride()
+            );
+        }
+    }
+    let blocks = sel.blocks.flatten_all()?.to_vec1::<u32>()?;
+    // Out-of-range blocks would read another head's keys; duplicates would count keys twice.
+    for (t, list) in blocks.chunks(width).enumerate() {
+        let real: Vec<u32> = list.iter().copied().filter(|&x| x != SENTINEL).collect();
+        if let Some(&blk) = real.iter().find(|&&x| x as usize >= nb) {
+            bail!("{op}: tile {t} selects key block {blk}, but L_k = {lk} has only {nb} blocks of {kblk}");
+        }
+        if real.windows(2).any(|w| w[0] >= w[1])
+            || real.len() != list.iter().take_while(|&&x| x != SENTINEL).count()
+        {
+            bail!("{op}: tile {t} block list {list:?} is not ascending, unique and SENTINEL-padded");
+        }
+    }
+    let dims = Dims {
+        h,
+        bh: b * h,
+        lq,
+        lk,
+        d,
+        dv,
+        qt,
+        kb: kblk,
+        width,
+        causal: sel.mask.causal,
+        key_ok: sel.mask.key_allowed(op, b, lk)?,
+    };
+    q.apply_op3(
+        k,
+        v,
+        BlockSparseAttention {
+            blocks,
+            dims,
+            scale,
+            lse: Mutex::new(None),
+        },
+    )
+}
+
+/// The forward op. The block lists and mask ride along as non-differentiable fields; `lse` is
+/// filled by the forward for the backward.
+struct BlockSparseAttention {
+    blocks: Vec<u32>,
+    dims: Dims,
+    scale: f64,
+    lse: Mutex<Option<Tensor>>,
+}
+
+impl BlockSparseAttention {
+    fn lse(&self) -> Result<std::sync::MutexGuard<'_, Option<Tensor>>> {
+        self.lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("block_sparse_attention: poisoned lock".into()))
+    }
+}
+
+impl CustomOp3 for BlockSparseAttention {
+    fn name(&self) -> &'static str {
+        "block_sparse_attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = "block_sparse_attention";
+        let n = &self.dims;
+        let (b, h) = (l1.dims()[0], l1.dims()[1]);
+        macro_rules! run {
+            ($t:ty, $variant:ident) => {{
+                let (o, lse) = cpu::forward::<$t>(
+                    contiguous(op, "q", s1, l1)?,
+                    contiguous(op, "k", s2, l2)?,
+                    contiguous(op, "v", s3, l3)?,
+                    &self.blocks,
+                    n,
+                    self.scale as $t,
+                );
+                *self.lse()? = Some(Tensor::from_vec(
+                    lse,
+                    (b, h, n.lq),
+                    &candle_core::Device::Cpu,
+                )?);
+                CpuStorage::$variant(o)
+            }};
+        }
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => run!(f32, F32),
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => run!(f64, F64),
+            _ => bail!("{op}: q, k and v must all be f32 or all f64"),
+        };
+        Ok((out, Shape::from((b, h, n.lq, n.dv))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = "block_sparse_attention";
+        let Some(lse) = self.lse()?.clone() else {
+            bail!("{op}: backward called before forward")
+        };
+        if grad.dims() != o.dims() {
+            bail!("{op}: grad is {:?} but the output is {:?}", grad.dims(), o.dims());
+        }
+        let dev = q.device();
+        let n = &self.dims;
+        // Borrow the inputs' storage instead of copying them (6 tensors of B·H·L·d).
+        let inputs = [q, k, v, o, &lse, grad]
+            .iter()
+            .map(|t| t.contiguous())
+            .collect::<Result<Vec<_>>>()?;
+        let guards: Vec<_> = inputs.iter().map(|t| t.storage_and_layout()).collect();
+        macro_rules! run {
+            ($t:ty) => {{
+                let s = guards
+                    .iter()
+                    .map(|(st, l)| match &**st {
+                        Storage::Cpu(c) => contiguous::<$t>(op, "input", c, l),
+                        _ => bail!("{op}: only the CPU backward is available"),
+                    })
+                    .collect::<Result<Vec<&[$t]>>>()?;
+                let (dq, dk, dvv) = cpu::backward::<$t>(
+                    s[0],
+                    s[1],
+                    s[2],
+                    s[3],
+                    s[4],
+                    s[5],
+                    &self.blocks,
+                    n,
+                    self.scale as $t,
+                );
+                (
+                    Tensor::from_vec(dq, q.shape(), dev)?,
+                    Tensor::from_vec(dk, k.shape(), dev)?,
+                    Tensor::from_vec(dvv, v.shape(), dev)?,
+                )
+            }};
+        }
+        let (dq, dk, dv) = match q.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            dt => bail!("{op}: unsupported dtype {dt:?}"),
+        };
+        Ok((if_tracked(q, dq), if_tracked(k, dk), if_tracked(v, dv)))
+    }
+}
+
+/// Bytes the block-sparse op keeps for backward beyond its inputs and output: the block lists
+/// and one log-sum-exp per query row (`elem` bytes each).
+pub fn block_saved_bytes(sel: &BlockSelection, lq: usize, elem: usize) -> Result<usize> {
+    let (b, h, _, _) = sel.blocks.dims4()?;
+    Ok(4 * sel.blocks.elem_count() + b * h * lq * elem)
+}
