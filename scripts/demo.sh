@@ -16,6 +16,7 @@
 #   scripts/demo.sh                    # fetch assets if missing, build release, run the above
 #   DEMO_DENSE=run scripts/demo.sh     # train dense for the whole epoch too (about 8 more min)
 #   STEPS=120 scripts/demo.sh          # a bounded number of SPT steps instead of one epoch
+#   DEMO_RECORD=bench/results/demo.json scripts/demo.sh   # also save the figures (docs/results)
 #
 # Designed to finish in <= 15 minutes on a 2-core machine from a fresh clone (release build
 # ~5 min, SPT epoch ~5 min, dense and PyTorch steps ~1 min each).
@@ -108,7 +109,7 @@ fi
 t3=$(date +%s)
 
 python3 - "$SPT" "$DENSE" "$TORCH" "$DEMO_DENSE" "$WHAT" "$SAVED" "$(cut -d' ' -f1-3 /proc/loadavg)" <<'PY'
-import json, re, sys
+import json, os, re, sys
 spt, dense, torch = (json.loads(a) for a in sys.argv[1:4])
 dense_mode, what, saved_path, load = sys.argv[4:8]
 saved = json.load(open(saved_path))
@@ -147,5 +148,21 @@ for name, r, label in [("dense", dense, "dense (candle, spt-train --mode dense)"
         print(f"spt step time: {how} {label} (both measured now, on this machine)")
 if not torch:
     print("PyTorch: not measured (no .venv-peer/; scripts/peer-bench.sh --only demo sets it up)")
+record = os.environ.get("DEMO_RECORD")
+if record:  # the figures of this run, for docs/results (scripts/results-md.py renders them)
+    import datetime
+    rec = {
+        "note": "scripts/demo.sh: every s/step measured in this run on this machine; dense accuracy "
+                + ("measured now" if dense_mode == "run" else saved_from),
+        "measured": datetime.date.today().isoformat(), "loadavg": load, "what": what,
+        "spt": spt, "dense": dense, "torch": torch,
+        "dense_mode": dense_mode,
+    }
+    tmp = record + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(rec, fh, indent=1, sort_keys=True)
+        fh.write("\n")
+    os.replace(tmp, record)
+    print(f"demo: figures written to {record}")
 PY
 echo "demo: wall time: spt $((t1 - t0)) s, dense $((t2 - t1)) s, pytorch $((t3 - t2)) s, total $((t3 - t0)) s" >&2

@@ -100,7 +100,7 @@ REGIONS = {
     ],
     "docs/results/accuracy.md": ["demo", "accuracy-minilm", "accuracy-gpt2", "accuracy-superseded", "accuracy-settings"],
 }
-KNOWN_FILES = {"accuracy", "attention", "demo-dense", "ffn", "finetune-speed", "finetune-speed-accuracy-setting", "gpu-h200"}
+KNOWN_FILES = {"accuracy", "attention", "demo", "demo-dense", "ffn", "finetune-speed", "finetune-speed-accuracy-setting", "gpu-h200"}
 
 
 class Stale(Exception):
@@ -411,6 +411,8 @@ def accuracy_settings():
 
 
 def demo():
+    if "demo" in result_names():
+        return demo_run()
     [(i, spt)] = select("accuracy", DEMO, "DEMO")[-1:]
     dense = load("demo-dense")
     out = head(["mode", "accuracy", "macro-F1", "s/step", "record"], ["---", "--:", "--:", "--:", "---"])
@@ -421,6 +423,31 @@ def demo():
     if spt.get("median_step_s") and dense.get("median_step_s"):
         out += ["", f"SPT's step: {dense['median_step_s'] / spt['median_step_s']:.2f}× faster than dense. "
                 f"SPT: {spt.get('note', '')}. Dense: {dense.get('note', '')}."]
+    return "\n".join(out)
+
+
+def demo_run():
+    """The demo's last recorded run (DEMO_RECORD=bench/results/demo.json scripts/demo.sh): every
+    s/step of one run on one machine."""
+    d = load("demo")
+    out = head(["mode", "accuracy", "macro-F1", "s/step", "where from"], ["---", "--:", "--:", "--:", "---"])
+    spt, dense, torch = d["spt"], d["dense"], d.get("torch")
+    out.append(row(["spt", num(spt.get("accuracy"), "{:.4f}"), num(spt.get("macro_f1"), "{:.4f}"),
+                    num(spt.get("median_step_s"), "{:.3f}"), f"measured in the run ({d.get('what')})"]))
+    acc_from = "measured in the run" if d.get("dense_mode") == "run" else "accuracy saved from a full run (demo-dense.json)"
+    out.append(row(["dense (spt-train)", num(dense.get("accuracy"), "{:.4f}"), num(dense.get("macro_f1"), "{:.4f}"),
+                    num(dense.get("median_step_s"), "{:.3f}"), f"{acc_from}; s/step measured in the run"]))
+    if torch:
+        out.append(row(["PyTorch full", "-", "-", num(torch.get("median_step_s"), "{:.3f}"),
+                        f"s/step measured in the run (torch {torch.get('torch')}, transformers {torch.get('transformers')})"]))
+    s_ = spt.get("median_step_s")
+    ratios = []
+    for name, r in [("dense (spt-train)", dense), ("PyTorch full fine-tuning", torch)]:
+        if s_ and r and r.get("median_step_s"):
+            x = r["median_step_s"] / s_
+            ratios.append(f"{x:.2f}× faster than {name}" if x >= 1 else f"{1 / x:.2f}× slower than {name}")
+    out += ["", f"SPT's step: {'; '.join(ratios)}. Measured {d.get('measured')} on the 2-core machine "
+            f"(load average {d.get('loadavg')}); s/step is the median after the warm-up steps."]
     return "\n".join(out)
 
 
@@ -444,8 +471,8 @@ def torch_figures(name, rec, keys):
 
 
 def headline():
-    out = head(["recipe", "setting", "accuracy", "s/step", "vs dense", "peak RSS", "vs PyTorch"],
-               ["---", "---", "--:", "--:", "--:", "--:", "---"])
+    out = head(["recipe", "setting", "vs PyTorch (same run)", "accuracy", "s/step", "vs dense", "peak RSS"],
+               ["---", "---", "---", "--:", "--:", "--:", "--:"])
     notes, sources = [], []
     for h in HEADLINE:
         if h["accuracy"] is None:
@@ -481,7 +508,7 @@ def headline():
                 note = f"† PyTorch measured in another run (bench/results/{where}.json)."
                 if note not in notes:
                     notes.append(note)
-        out.append(row([f"**{h['recipe']}**", h["what"], acc, f"{sr['ours_s']:.2f}", f"{sr['speedup']:.2f}×", rss, vs]))
+        out.append(row([f"**{h['recipe']}**", h["what"], vs, acc, f"{sr['ours_s']:.2f}", f"{sr['speedup']:.2f}×", rss]))
         sources.append(f"{h['recipe']}: {src}{name}.json #{si}")
     seeds = "–".join(str(s) for s in (SEEDS[0], SEEDS[-1]))
     out += [
