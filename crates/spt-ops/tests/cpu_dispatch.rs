@@ -12,6 +12,19 @@
 
 use candle_core::{DType, Device, Tensor};
 
+/// max |a − b| as f64.
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
+    d.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
 /// Matmuls of awkward shapes (edges of every micro-kernel tile) against an f64 reference.
 fn matmul_matches_reference() {
     let dev = Device::Cpu;
@@ -24,16 +37,7 @@ fn matmul_matches_reference() {
             .unwrap()
             .matmul(&b.to_dtype(DType::F64).unwrap())
             .unwrap();
-        let err = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let err = max_abs_diff(&got, &want);
         assert!(
             err < 1e-4 * (k as f64).sqrt(),
             "[{m}, {k}] x [{k}, {n}]: max error {err}"
@@ -54,16 +58,7 @@ fn matmul_matches_reference() {
     let book = spt_ops::Codebook::fit(&k, &pq).unwrap();
     let sparse =
         spt_ops::pq_sparse_attention(&q, &k, &v, &book, spt_ops::TopK::Fraction(1.0), &mask, 0.25).unwrap();
-    let err = (dense - sparse)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let err = max_abs_diff(&dense, &sparse);
     assert!(err < 1e-5, "sparse attention with every key vs dense: {err}");
 }
 
