@@ -15,7 +15,7 @@
 # gpu_bench.json, sdpa.json, summary.json, target.json (the L = 4096 comparison with SDPA), and
 # with steps 4-5 finetune-speed-gpu.json and train-parity.json.
 # Budget: under 8 minutes (timeouts 60 + 80 + 60 + 2·80 + 100 s; about 1 minute without steps
-# 4-5). At most 8 files, as the device tool returns no more.
+# 4-5). At most 8 output files, so that a remote runner with a small return limit gets them all.
 # Exit status: non-zero if a parity test or a CPU-vs-CUDA fine-tuning case failed, or a step
 # could not run.
 set -uo pipefail
