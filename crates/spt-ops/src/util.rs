@@ -86,6 +86,28 @@ pub(crate) fn check_same(op: &str, named: &[(&str, &Tensor)]) -> Result<()> {
     Ok(())
 }
 
+/// Attention inputs: q `[B, H, L_q, d]`, k `[B, H, L_k, d]`, v `[B, H, L_k, d_v]` of one float
+/// dtype on one device. Returns `[B, H, L_q, L_k, d, d_v]`; the error names all three shapes.
+pub(crate) fn check_qkv(op: &str, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<[usize; 6]> {
+    check_float(op, "q", q)?;
+    check_same(op, &[("q", q), ("k", k), ("v", v)])?;
+    let shape_err = || {
+        candle_core::Error::Msg(format!(
+            "{op}: expected q [B, H, L_q, d], k [B, H, L_k, d], v [B, H, L_k, d_v]; got q {:?}, k {:?}, v {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        ))
+    };
+    let (b, h, lq, d) = q.dims4().map_err(|_| shape_err())?;
+    let (kb, kh, lk, kd) = k.dims4().map_err(|_| shape_err())?;
+    let (vb, vh, vl, dv) = v.dims4().map_err(|_| shape_err())?;
+    if (kb, kh, kd) != (b, h, d) || (vb, vh, vl) != (b, h, lk) || d == 0 || dv == 0 {
+        return Err(shape_err());
+    }
+    Ok([b, h, lq, lk, d, dv])
+}
+
 /// Deterministic parallel sum of per-chunk partial vectors: chunks are summed in index order.
 pub(crate) fn sum_partials<T: Float>(partials: Vec<Vec<T>>, n: usize) -> Vec<T> {
     let mut out = vec![T::zero(); n];

@@ -19,7 +19,7 @@ mod cpu;
 pub mod reference;
 
 use crate::pq::{BlockSelection, SENTINEL};
-use crate::util::{check_float, check_same, contiguous, if_tracked};
+use crate::util::{check_qkv, contiguous, if_tracked};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use cpu::Dims;
 use std::sync::Mutex;
@@ -36,22 +36,7 @@ pub fn block_sparse_attention(
     scale: f64,
 ) -> Result<Tensor> {
     let op = "block_sparse_attention";
-    check_float(op, "q", q)?;
-    check_same(op, &[("q", q), ("k", k), ("v", v)])?;
-    let shape_err = || {
-        candle_core::Error::Msg(format!(
-            "{op}: expected q [B, H, L_q, d], k [B, H, L_k, d], v [B, H, L_k, d_v]; got q {:?}, k {:?}, v {:?}",
-            q.dims(),
-            k.dims(),
-            v.dims()
-        ))
-    };
-    let (b, h, lq, d) = q.dims4().map_err(|_| shape_err())?;
-    let (kb, kh, lk, kd) = k.dims4().map_err(|_| shape_err())?;
-    let (vb, vh, vl, dv) = v.dims4().map_err(|_| shape_err())?;
-    if (kb, kh, kd) != (b, h, d) || (vb, vh, vl) != (b, h, lk) || d == 0 || dv == 0 {
-        return Err(shape_err());
-    }
+    let [b, h, lq, lk, d, dv] = check_qkv(op, q, k, v)?;
     if !q.device().is_cpu() {
         bail!(
             "{op}: only the CPU kernel exists so far; q is on {:?}",

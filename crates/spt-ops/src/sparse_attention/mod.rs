@@ -11,7 +11,7 @@ pub mod reference;
 
 use crate::pq::KeySelection;
 use crate::simd::Vector;
-use crate::util::{check_float, check_same, contiguous, if_tracked, with_cpu};
+use crate::util::{check_qkv, contiguous, if_tracked, with_cpu};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use cpu::Dims;
 use std::sync::Mutex;
@@ -30,22 +30,7 @@ pub fn sparse_attention(
     scale: f64,
 ) -> Result<Tensor> {
     let op = "sparse_attention";
-    check_float(op, "q", q)?;
-    check_same(op, &[("q", q), ("k", k), ("v", v)])?;
-    let shape_err = || {
-        candle_core::Error::Msg(format!(
-            "{op}: expected q [B, H, L_q, d], k [B, H, L_k, d], v [B, H, L_k, d_v]; got q {:?}, k {:?}, v {:?}",
-            q.dims(),
-            k.dims(),
-            v.dims()
-        ))
-    };
-    let (b, h, lq, d) = q.dims4().map_err(|_| shape_err())?;
-    let (kb, kh, lk, kd) = k.dims4().map_err(|_| shape_err())?;
-    let (vb, vh, vl, dv) = v.dims4().map_err(|_| shape_err())?;
-    if (kb, kh, kd) != (b, h, d) || (vb, vh, vl) != (b, h, lk) || d == 0 || dv == 0 {
-        return Err(shape_err());
-    }
+    let [b, h, lq, lk, d, dv] = check_qkv(op, q, k, v)?;
     let kk = sel.k();
     if sel.indices.dtype() != DType::U32 || sel.indices.dims() != [b, h, lq, kk] {
         bail!(
