@@ -310,8 +310,7 @@ fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
     let resuming = resume != Resume::No;
     check_run_dir(&cfg.output_dir, cfg.overwrite, resuming)?;
     let model_dir = resolve_model(&cfg.model)?;
-    check_task_matches_model(cfg.task, &model_dir)?;
-    check_model_config(cfg.task, &model_dir)?;
+    check_model(cfg.task, &model_dir)?;
     prepare_run_dir(&cfg.output_dir, cfg.overwrite, resuming)?;
     if let Resume::From(p) = &resume {
         discard_later_checkpoints(&cfg, p)?;
@@ -419,38 +418,31 @@ fn discard_later_checkpoints(cfg: &FinetuneConfig, from: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Parses and validates the model's config.json (sizes included) before any data is read or
-/// weights allocated.
-fn check_model_config(task: TaskKind, model_dir: &Path) -> Result<()> {
+/// The model's config.json against the task, before any data is read or weights allocated: the
+/// architecture (`model_type`), so that `--task lm` on BERT is named as such rather than as a
+/// missing tensor, then the config itself, sizes included.
+fn check_model(task: TaskKind, model_dir: &Path) -> Result<()> {
+    match (task, model_type(model_dir)?.as_deref()) {
+        (TaskKind::Lm, Some("bert")) => bail!(
+            "--task lm: {} is a BERT model (model_type \"bert\" in config.json), which has no language-model head; use --task classify, or a GPT-2 model",
+            model_dir.display()
+        ),
+        (TaskKind::Classify, Some("gpt2")) => bail!(
+            "--task classify: {} is a GPT-2 model (model_type \"gpt2\" in config.json); spt-train classifies with BERT models: use --task lm, or a BERT model",
+            model_dir.display()
+        ),
+        (_, None | Some("bert" | "gpt2")) => {}
+        (_, Some(other)) => bail!(
+            "{}: model_type \"{other}\" in config.json; spt-train fine-tunes BERT (model_type \"bert\") and GPT-2 (\"gpt2\") checkpoints",
+            model_dir.display()
+        ),
+    }
     let p = model_dir.join("config.json");
     match task {
         TaskKind::Classify => spt_models::BertConfig::from_file(&p).map(drop),
         TaskKind::Lm => spt_models::GPT2Config::from_file(&p).map(drop),
     }
     .with_context(|| format!("checking {}", p.display()))
-}
-
-/// The task against the model's architecture (`model_type` in its config.json), so that
-/// `--task lm` on BERT is named as such rather than as a missing tensor.
-fn check_task_matches_model(task: TaskKind, model_dir: &Path) -> Result<()> {
-    let Some(kind) = model_type(model_dir)? else {
-        return Ok(());
-    };
-    match (task, kind.as_str()) {
-        (TaskKind::Lm, "bert") => bail!(
-            "--task lm: {} is a BERT model (model_type \"bert\" in config.json), which has no language-model head; use --task classify, or a GPT-2 model",
-            model_dir.display()
-        ),
-        (TaskKind::Classify, "gpt2") => bail!(
-            "--task classify: {} is a GPT-2 model (model_type \"gpt2\" in config.json); spt-train classifies with BERT models: use --task lm, or a BERT model",
-            model_dir.display()
-        ),
-        (_, "bert" | "gpt2") => Ok(()),
-        (_, other) => bail!(
-            "{}: model_type \"{other}\" in config.json; spt-train fine-tunes BERT (model_type \"bert\") and GPT-2 (\"gpt2\") checkpoints",
-            model_dir.display()
-        ),
-    }
 }
 
 /// The checkpoint a `--checkpoint` names: itself, or the latest one of a run directory.
@@ -598,7 +590,7 @@ fn eval(a: &EvalArgs) -> Result<()> {
     }
     let dev = device(&a.model.device)?;
     let model_dir = resolve_model(&a.model.model)?;
-    check_task_matches_model(a.task, &model_dir)?;
+    check_model(a.task, &model_dir)?;
     let mut cfg = match &a.config {
         Some(p) => FinetuneConfig::load(p)?,
         None => FinetuneConfig::default(),
