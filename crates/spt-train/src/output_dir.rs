@@ -173,7 +173,8 @@ pub fn check_run_dir(dir: &Path, overwrite: bool, resume: bool) -> Result<(), Ou
         }
         Marker::Legacy => {
             if !resume {
-                let mut names = existing(dir, ["metrics.jsonl"]);
+                // What a fresh start would remove: refused, since nothing says whose it is.
+                let mut names = existing(dir, ["loss.svg", "metrics.jsonl"]);
                 if !list_checkpoints(&dir.join("checkpoints"))?.is_empty() {
                     names.insert(0, "checkpoints/".into());
                 }
@@ -398,6 +399,16 @@ mod tests {
         assert_eq!(bytes(&d.join("metrics.jsonl")), b"whose?\n");
         prepare_run_dir(&d, false, true).unwrap();
         assert_eq!(bytes(&d.join("metrics.jsonl")), b"whose?\n");
+        // A plot alone is not removed either.
+        let p = tmp.path().join("plot");
+        std::fs::create_dir(&p).unwrap();
+        std::fs::write(p.join(OUTPUT_MARKER), "spt-train output directory\n").unwrap();
+        std::fs::write(p.join("loss.svg"), "<svg/>").unwrap();
+        assert!(matches!(
+            prepare_run_dir(&p, true, false),
+            Err(OutputError::Legacy { .. })
+        ));
+        assert_eq!(bytes(&p.join("loss.svg")), b"<svg/>");
     }
 
     #[test]
