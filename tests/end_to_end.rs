@@ -16,9 +16,7 @@ use spt_train::data::TaskKind;
 use spt_train::optim::ScheduleKind;
 use spt_train::output_dir::prepare_run_dir;
 use spt_train::pipeline::{load_tokenizer, prepare_data, PreparedData};
-use spt_train::tasks::{
-    calibration_batches, export_hf_dir, ModelTask, CORRECTION_PREFIX, SKIP_BIAS_PREFIX, UNIT_ORDER_PREFIX,
-};
+use spt_train::tasks::{calibration_batches, export_hf_dir, ModelTask, CORRECTION_PREFIX, UNIT_ORDER_PREFIX};
 use spt_train::trainer::{evaluate, Resume, StepCtx, TrainSummary, TrainTask, Trainer};
 
 const WORDS: [&str; 20] = [
@@ -455,7 +453,7 @@ fn spt_without_adapters_trains_every_weight_through_the_sparse_layers() {
 }
 
 #[test]
-fn skip_biases_and_corrections_restore_and_modules_to_save_train() {
+fn corrections_restore_and_modules_to_save_train() {
     let root = tempfile::tempdir().unwrap();
     let model = fixture("tiny-bert-cls", root.path());
     // A base checkpoint (like MiniLM's): no classifier, so the head is new.
@@ -472,7 +470,6 @@ fn skip_biases_and_corrections_restore_and_modules_to_save_train() {
         &root.path().join("run"),
         Mode::Spt,
     );
-    cfg.ffn_skip_bias = true;
     cfg.ffn_correction = true;
     cfg.modules_to_save = vec!["pooler".into()];
     let (_, trained, data) = run(&cfg, Resume::No);
@@ -494,7 +491,7 @@ fn skip_biases_and_corrections_restore_and_modules_to_save_train() {
     assert!(moved("pooler.dense.weight") > 0.0, "the pooler did not train");
     assert!(names.iter().any(|n| n == "classifier.weight"), "{names:?}");
     // Only the pooler joins the adapters, routers and head: the encoder's weights (and the
-    // skip biases and corrections, fitted constants) stay frozen.
+    // corrections, fitted constants) stay frozen.
     assert!(
         !names.iter().any(|n| n.ends_with("intermediate.dense.weight")
             || n.contains("skip")
@@ -518,33 +515,30 @@ fn skip_biases_and_corrections_restore_and_modules_to_save_train() {
         &trained.net.forward(&batch, false).unwrap(),
     );
     assert!(d < 1e-5, "the restored model's logits differ by {d}");
-    // The skip biases and the linear corrections come from the checkpoint (without either, the
-    // logits move).
-    for prefix in [SKIP_BIAS_PREFIX, CORRECTION_PREFIX] {
-        let n = ck.extra.keys().filter(|k| k.starts_with(prefix)).count();
-        assert_eq!(
-            n,
-            2,
-            "one `{prefix}` tensor per routed layer: {:?}",
-            ck.extra.keys()
-        );
-        let mut less = ck.extra.clone();
-        less.retain(|k, _| !k.starts_with(prefix));
-        let d = max_abs_diff(
-            &rebuild(&cfg, &model, nl, &ck.model, &less)
-                .net
-                .forward(&batch, false)
-                .unwrap(),
-            &trained.net.forward(&batch, false).unwrap(),
-        );
-        assert!(d > 1e-4, "`{prefix}` changed nothing ({d})");
-    }
-    // A checkpoint from before either existed (none saved) restores as the model without them.
+    // The linear corrections come from the checkpoint (without them, the logits move).
+    let prefix = CORRECTION_PREFIX;
+    let n = ck.extra.keys().filter(|k| k.starts_with(prefix)).count();
+    assert_eq!(
+        n,
+        2,
+        "one `{prefix}` tensor per routed layer: {:?}",
+        ck.extra.keys()
+    );
+    let mut less = ck.extra.clone();
+    less.retain(|k, _| !k.starts_with(prefix));
+    let d = max_abs_diff(
+        &rebuild(&cfg, &model, nl, &ck.model, &less)
+            .net
+            .forward(&batch, false)
+            .unwrap(),
+        &trained.net.forward(&batch, false).unwrap(),
+    );
+    assert!(d > 1e-4, "`{prefix}` changed nothing ({d})");
+    // A checkpoint from before corrections existed (none saved) restores as the model without.
     let mut old = ck.extra.clone();
-    old.retain(|k, _| !k.starts_with(SKIP_BIAS_PREFIX) && !k.starts_with(CORRECTION_PREFIX));
+    old.retain(|k, _| !k.starts_with(CORRECTION_PREFIX));
     let with = rebuild(&cfg, &model, nl, &ck.model, &old);
     let without_cfg = FinetuneConfig {
-        ffn_skip_bias: false,
         ffn_correction: false,
         ..cfg.clone()
     };
@@ -553,9 +547,21 @@ fn skip_biases_and_corrections_restore_and_modules_to_save_train() {
         &with.net.forward(&batch, false).unwrap(),
         &without.net.forward(&batch, false).unwrap(),
     );
+    assert!(d == 0.0, "zero corrections changed the logits by {d}");
+    // A checkpoint with skip biases (an option that was removed) is refused, naming the tensor.
+    let mut removed = ck.extra.clone();
+    removed.insert(
+        "ffn_skip_bias.layer.1".into(),
+        Tensor::zeros((4, 8), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
+    let mut task = ModelTask::build(&cfg, &model, nl, &Device::Cpu, Vec::new()).unwrap();
+    let e = task
+        .load_trained(&ck.model, &removed)
+        .expect_err("a checkpoint with skip biases was accepted")
+        .to_string();
     assert!(
-        d == 0.0,
-        "zero skip biases and corrections changed the logits by {d}"
+        e.contains("`ffn_skip_bias.layer.1`") && e.contains("removed"),
+        "{e}"
     );
 
     // A module name that matches nothing is an error naming it.

@@ -6,8 +6,8 @@
 //! The routed FFN ([`RoutedFeedForward`]) runs spt-ops' `RoutedFfn` on the same weights: d_ff is
 //! split into `n_blocks` blocks and each token runs the top-k blocks its router picks. Its router
 //! is named `{fc1's parent}.router.{weight,bias}` (e.g. `encoder.layer.3.intermediate.router`,
-//! `transformer.h.3.mlp.router`); its optional skip biases and linear correction are constants,
-//! not parameters (see [`RoutedFeedForward::skip_bias`], [`RoutedFeedForward::correction`]).
+//! `transformer.h.3.mlp.router`); its optional linear correction is a constant, not a parameter
+//! (see [`RoutedFeedForward::correction`]).
 //! LoRA on a routed FFN lives inside the op and is named like LoRA on a dense linear
 //! (`{fc1}.lora_A.weight`, ...).
 
@@ -173,17 +173,6 @@ impl RoutedFeedForward {
             *b = Param::frozen(b.name().to_string(), b1);
         }
         Ok(())
-    }
-
-    /// The skip biases `[n_blocks, d]` (fitted constants, saved beside the parameters), if any.
-    pub fn skip_bias(&self) -> Option<&Tensor> {
-        self.ffn.skip_bias()
-    }
-
-    /// Restores saved skip biases (after [`set_unit_order`](Self::set_unit_order), which resets
-    /// them).
-    pub fn set_skip_bias(&mut self, bias: &Tensor) -> Result<()> {
-        Ok(self.ffn.set_skip_bias(bias)?)
     }
 
     /// The linear correction `[d+1, d]` (a fitted constant, saved beside the parameters), if

@@ -5,7 +5,7 @@
 //!   layer's keys from a few calibration batches (padding excluded), and a top-k per query;
 //! - swap the FFN for a [`RoutedFeedForward`] (`n_blocks` blocks, top-k per token), its router
 //!   fitted to rank blocks by their activation norm on the calibration tokens (and, if asked, the
-//!   hidden units regrouped first and per-block skip biases fitted after);
+//!   hidden units regrouped first and the linear correction fitted after);
 //! - wrap linear layers with LoRA (q, k, v, o, fc1, fc2; GPT-2's fused `c_attn` for q/k/v). On a
 //!   routed FFN, LoRA lives inside the routed op and covers both fc1 and fc2.
 //!
@@ -22,8 +22,7 @@ use candle_core::{DType, Device, Tensor};
 use spt_ops::lora::LoraConfig;
 use spt_ops::pq::{PqConfig, Refresh, TopK};
 use spt_ops::routed_ffn::{
-    GateMode, RoutedFfnConfig, RouterFitConfig, RouterTarget, RoutingQuality, TopK as BlockTopK,
-    UnitClusterConfig,
+    GateMode, RoutedFfnConfig, RouterFitConfig, RoutingQuality, TopK as BlockTopK, UnitClusterConfig,
 };
 use std::sync::Arc;
 
@@ -135,14 +134,8 @@ pub trait SptModel {
         }))
     }
 
-    /// The skip biases of every routed FFN that has them, `(layer, [n_blocks, d])`, for
-    /// checkpoints (fitted constants, so `named_tensors` leaves them out).
-    fn ffn_skip_biases(&mut self) -> Result<Vec<(usize, Tensor)>> {
-        Ok(routed_ffn_values(self, |r| r.skip_bias().cloned()))
-    }
-
     /// The linear corrections of every routed FFN that has one, `(layer, [d+1, d])`, for
-    /// checkpoints (fitted constants, like the skip biases).
+    /// checkpoints (fitted constants, so `named_tensors` leaves them out).
     fn ffn_corrections(&mut self) -> Result<Vec<(usize, Tensor)>> {
         Ok(routed_ffn_values(self, |r| r.correction().cloned()))
     }
@@ -170,15 +163,6 @@ pub trait SptModel {
                 reason: format!("layer {i} has no routed FFN (the model has {n} layers)"),
             }),
         }
-    }
-
-    /// Restores saved skip biases (from [`SptModel::ffn_skip_biases`]); call it after
-    /// [`SptModel::set_ffn_unit_orders`], which resets them.
-    fn set_ffn_skip_biases(&mut self, biases: &[(usize, Tensor)]) -> Result<()> {
-        for (i, bias) in biases {
-            self.routed_ffn_mut(*i, "skip_bias")?.set_skip_bias(bias)?;
-        }
-        Ok(())
     }
 
     /// Puts the routed FFNs' hidden units in saved orders (from [`SptModel::ffn_unit_orders`]).
@@ -243,39 +227,6 @@ pub trait SptModel {
             }
         }
         Ok(n)
-    }
-
-    /// Refits every routed FFN's router on the FFN inputs the current model (adapters included)
-    /// produces on `batches` (padding excluded), as [`sparsify`] first fitted it: a router kept at
-    /// its first fit goes stale as the adapters change its layer's inputs and blocks. Returns the
-    /// routing quality of each refitted layer on those tokens.
-    fn refit_routers(
-        &mut self,
-        batches: &[CalibrationBatch],
-        fit: RouterFitConfig,
-    ) -> Result<Vec<(usize, RoutingQuality)>> {
-        let n = self.num_layers();
-        let mut ffn_in: Vec<Vec<Tensor>> = vec![Vec::new(); n];
-        for batch in batches {
-            for (i, t) in self.trace(batch)?.iter().enumerate() {
-                ffn_in[i].push(gather_valid(t, batch.attention_mask.as_ref())?.1);
-            }
-        }
-        let mut out = Vec::new();
-        for (i, inputs) in ffn_in.iter().enumerate() {
-            if let Some(LayerSlots {
-                ffn: FeedForward::Routed(r),
-                ..
-            }) = self.layer_slots(i)
-            {
-                if inputs.is_empty() {
-                    continue;
-                }
-                let sample = Tensor::cat(inputs, 0)?.to_dtype(r.fc1.weight.tensor().dtype())?;
-                out.push((i, r.init_router(&sample, fit)?));
-            }
-        }
-        Ok(out)
     }
 
     /// Makes the listed layers sparse with the given codebooks (e.g. from [`SptModel::pq_codebooks`]
@@ -362,10 +313,6 @@ pub struct RoutedFfnSettings {
     /// Needs frozen FFN weights (LoRA on the FFN, or a frozen model): trained ones are an error.
     #[serde(default)]
     pub cluster_units: bool,
-    /// Give each block a skip bias, added for tokens that skip it (spt-ops'
-    /// `RoutedFfnConfig::skip_bias`), fitted with the router to the block's mean output.
-    #[serde(default)]
-    pub skip_bias: bool,
     /// Give each routed FFN a linear correction for the blocks a token skips (spt-ops'
     /// `RoutedFfnConfig::correction`), fitted with the router.
     #[serde(default)]
@@ -375,9 +322,6 @@ pub struct RoutedFfnSettings {
 /// Serializable form of spt-ops' `RouterFitConfig`.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RouterFit {
-    /// What the router ranks blocks by (older configs, without it: activation norm).
-    #[serde(default)]
-    pub target: RouterTarget,
     pub ridge: f64,
     pub score_scale: f64,
     /// Ridge of the linear correction's fit (older configs, without it: the default).
@@ -393,7 +337,6 @@ impl Default for RouterFit {
     fn default() -> Self {
         let d = RouterFitConfig::default();
         Self {
-            target: d.target,
             ridge: d.ridge,
             score_scale: d.score_scale,
             correction_ridge: d.correction_ridge,
@@ -404,7 +347,6 @@ impl Default for RouterFit {
 impl From<RouterFit> for RouterFitConfig {
     fn from(f: RouterFit) -> Self {
         Self {
-            target: f.target,
             ridge: f.ridge,
             score_scale: f.score_scale,
             correction_ridge: f.correction_ridge,
@@ -646,7 +588,6 @@ pub fn sparsify<M: SptModel + ?Sized>(
             rc.gate = fc.gate;
             rc.seed = fc.seed ^ i as u64;
             rc.aux_loss = fc.aux_loss;
-            rc.skip_bias = fc.skip_bias;
             rc.correction = fc.correction;
             if wants(LoraTarget::Fc1) || wants(LoraTarget::Fc2) {
                 rc.lora = lora_cfg(10);
@@ -660,16 +601,16 @@ pub fn sparsify<M: SptModel + ?Sized>(
             };
             let fit = fc.router_fit.map(RouterFitConfig::from);
             if let Some(sample) = &sample {
-                let refit = |r: &mut RoutedFeedForward| -> Result<Option<RoutingQuality>> {
+                let fit_router = |r: &mut RoutedFeedForward| -> Result<Option<RoutingQuality>> {
                     fit.map(|f| r.init_router(sample, f)).transpose()
                 };
-                let contiguous = refit(&mut routed)?;
+                let contiguous = fit_router(&mut routed)?;
                 let mut q = contiguous;
                 let mut units = "contiguous";
                 let mut clustered_cosine = None;
                 if fc.cluster_units {
                     routed.cluster_units(sample, UnitClusterConfig::default())?;
-                    let clustered = refit(&mut routed)?;
+                    let clustered = fit_router(&mut routed)?;
                     clustered_cosine = clustered.map(|c| c.cosine);
                     // Regrouping targets activation mass, not the output: where the fitted
                     // router reproduces the dense FFN better on contiguous blocks, keep those.
@@ -677,7 +618,7 @@ pub fn sparsify<M: SptModel + ?Sized>(
                         (Some(c), Some(g)) if c.cosine > g.cosine => {
                             let identity: Vec<u32> = (0..routed.unit_order().len() as u32).collect();
                             routed.set_unit_order(&identity)?;
-                            q = refit(&mut routed)?;
+                            q = fit_router(&mut routed)?;
                         }
                         _ => {
                             q = clustered;

@@ -98,7 +98,6 @@ fn config(top_k: usize, gate: GateMode, fit: bool) -> SptConfig {
             seed: 5,
             aux_loss: false,
             cluster_units: fit,
-            skip_bias: false,
             correction: false,
         }),
         lora: Some(LoraSettings {

@@ -42,49 +42,6 @@ pub enum Mode {
     Spt,
 }
 
-/// How a routed FFN scales each kept block's output (spt-ops' `GateMode`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum FfnGate {
-    /// `k · softmax` over the kept blocks' router scores (sums to k per token).
-    #[default]
-    SoftmaxKept,
-    /// `2·σ(score)` per kept block (the SPT reference's gate).
-    Sigmoid,
-    /// 1 for every kept block: the router learns nothing from the task loss.
-    Ones,
-}
-
-impl From<FfnGate> for spt_models::routed_ffn::GateMode {
-    fn from(g: FfnGate) -> Self {
-        match g {
-            FfnGate::SoftmaxKept => Self::SoftmaxKept,
-            FfnGate::Sigmoid => Self::Sigmoid,
-            FfnGate::Ones => Self::Ones,
-        }
-    }
-}
-
-/// What a routed FFN's router is fitted to rank blocks by (spt-ops' `RouterTarget`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum FfnRouterTarget {
-    /// The block's hidden activation norm.
-    #[default]
-    ActivationNorm,
-    /// The norm of the block's contribution to the FFN output.
-    OutputNorm,
-}
-
-impl From<FfnRouterTarget> for spt_models::routed_ffn::RouterTarget {
-    fn from(t: FfnRouterTarget) -> Self {
-        match t {
-            FfnRouterTarget::ActivationNorm => Self::ActivationNorm,
-            FfnRouterTarget::OutputNorm => Self::OutputNorm,
-        }
-    }
-}
-
 /// Which hidden units form each routed-FFN block.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -94,6 +51,32 @@ pub enum FfnUnits {
     /// Units that fire on the same calibration tokens grouped together (balanced k-means).
     #[default]
     Clustered,
+}
+
+/// Settings of earlier versions whose option was removed, with the value that selects the
+/// behaviour that remains. A config file may still carry them with that value (it is dropped);
+/// any other value is refused by name. Their measurements: docs/experiments/routed-ffn.md.
+pub const REMOVED_SETTINGS: [(&str, &str); 4] = [
+    ("ffn_gate", "\"softmax-kept\""),
+    ("ffn_router_target", "\"activation-norm\""),
+    ("router_refit_every", "0"),
+    ("ffn_skip_bias", "false"),
+];
+
+/// Drops the removed settings that keep the remaining behaviour; errors on any other value.
+fn strip_removed_settings(table: &mut serde_json::Map<String, serde_json::Value>) -> Result<(), String> {
+    for (key, kept) in REMOVED_SETTINGS {
+        let Some(v) = table.get(key) else { continue };
+        if serde_json::from_str::<serde_json::Value>(kept).ok().as_ref() != Some(v) {
+            return Err(format!(
+                "`{key} = {v}`: this option was removed from spt (only `{key} = {kept}` remains, the \
+                 behaviour it now always has; the measurements that led to its removal are in \
+                 docs/experiments/routed-ffn.md). Remove the line to run with the remaining behaviour"
+            ));
+        }
+        table.remove(key);
+    }
+    Ok(())
 }
 
 /// Every setting of `spt-train finetune`. See the field comments for meaning and defaults.
@@ -149,18 +132,8 @@ pub struct FinetuneConfig {
     /// FFN blocks (spt) and how many each token uses.
     pub ffn_blocks: usize,
     pub ffn_top_k: usize,
-    /// How kept blocks are scaled by the router.
-    pub ffn_gate: FfnGate,
     /// Which hidden units form each block.
     pub ffn_units: FfnUnits,
-    /// What the router is fitted to rank blocks by, on the calibration tokens.
-    pub ffn_router_target: FfnRouterTarget,
-    /// Refit the routers every N steps on the calibration batches, as the model now is (0: never;
-    /// spt).
-    pub router_refit_every: u64,
-    /// A constant per-block bias added for tokens that skip the block, fitted to the block's
-    /// mean output on the calibration tokens (spt; default off).
-    pub ffn_skip_bias: bool,
     /// A constant linear correction `[x, 1] C` for the FFN blocks a token skips, fitted on the
     /// calibration tokens to what the routing misses of the dense FFN (spt).
     pub ffn_correction: bool,
@@ -248,11 +221,7 @@ impl Default for FinetuneConfig {
             pq_refresh_every: 100,
             ffn_blocks: 8,
             ffn_top_k: 2,
-            ffn_gate: FfnGate::default(),
             ffn_units: FfnUnits::default(),
-            ffn_router_target: FfnRouterTarget::default(),
-            router_refit_every: 0,
-            ffn_skip_bias: false,
             ffn_correction: false,
             calibration_batches: 4,
             router_aux_weight: 0.0,
@@ -360,21 +329,9 @@ pub struct FinetuneArgs {
     /// Routed-FFN blocks used per token.
     #[arg(long)]
     pub ffn_top_k: Option<usize>,
-    /// How kept FFN blocks are scaled by the router.
-    #[arg(long, value_enum)]
-    pub ffn_gate: Option<FfnGate>,
     /// Which hidden units form each routed-FFN block.
     #[arg(long, value_enum)]
     pub ffn_units: Option<FfnUnits>,
-    /// What the routers are fitted to rank FFN blocks by.
-    #[arg(long, value_enum)]
-    pub ffn_router_target: Option<FfnRouterTarget>,
-    /// Refit the routers every N steps on the calibration batches (0: never).
-    #[arg(long)]
-    pub router_refit_every: Option<u64>,
-    /// Per-block bias for tokens that skip an FFN block, fitted to its mean output (default false).
-    #[arg(long)]
-    pub ffn_skip_bias: Option<bool>,
     /// Linear correction for the FFN blocks a token skips, fitted on the calibration tokens.
     #[arg(long)]
     pub ffn_correction: Option<bool>,
@@ -464,23 +421,29 @@ macro_rules! set_if_some {
 }
 
 impl FinetuneConfig {
-    /// Reads a TOML (`.toml`) or JSON (`.json`) config file; unknown keys are an error.
+    /// Reads a TOML (`.toml`) or JSON (`.json`) config file; unknown keys are an error, and so is
+    /// a removed setting ([`REMOVED_SETTINGS`]) unless it has the value of the behaviour that
+    /// remains (old run directories' `finetune.toml` files list every setting).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let file_err = |msg: String| ConfigError::File {
             path: path.to_path_buf(),
             msg,
         };
         let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
-        match path
+        let mut value: serde_json::Value = match path
             .extension()
             .and_then(|e| e.to_str())
             .map(|e| e.to_ascii_lowercase())
             .as_deref()
         {
-            Some("toml") => toml::from_str(&text).map_err(|e| file_err(e.to_string())),
-            Some("json") => serde_json::from_str(&text).map_err(|e| file_err(e.to_string())),
-            _ => Err(file_err("use a .toml or .json file".into())),
+            Some("toml") => toml::from_str(&text).map_err(|e| file_err(e.to_string()))?,
+            Some("json") => serde_json::from_str(&text).map_err(|e| file_err(e.to_string()))?,
+            _ => return Err(file_err("use a .toml or .json file".into())),
+        };
+        if let Some(table) = value.as_object_mut() {
+            strip_removed_settings(table).map_err(file_err)?;
         }
+        serde_json::from_value(value).map_err(|e| file_err(e.to_string()))
     }
 
     /// Defaults, then `--config`, then the flags; then [`FinetuneConfig::validate`].
@@ -506,7 +469,7 @@ impl FinetuneConfig {
         let c = self;
         set_if_some!(a, c;
             plain: model, task, validation_split, text_column, label_column, block_size, output_dir, mode,
-                pq_refresh_every, ffn_blocks, ffn_top_k, ffn_gate, ffn_units, ffn_router_target, router_refit_every, ffn_skip_bias, ffn_correction, calibration_batches, router_aux_weight, lora_rank, lora_alpha, lora_dropout,
+                pq_refresh_every, ffn_blocks, ffn_top_k, ffn_units, ffn_correction, calibration_batches, router_aux_weight, lora_rank, lora_alpha, lora_dropout,
                 epochs, batch_size, grad_accum, lr, warmup_ratio, schedule, weight_decay, adam_beta1, adam_beta2,
                 adam_eps, max_grad_norm, seed, eval_every, save_every, keep_last, log_every, device;
             optional: tokenizer, router_lr_scale, split_by, format, text_pair_column, label_map, max_length, attn_k,
@@ -892,7 +855,7 @@ mod tests {
         "16",
         "--ffn-top-k",
         "4",
-        "--ffn-skip-bias",
+        "--ffn-correction",
         "true",
         "--router-lr-scale",
         "0.1",
@@ -943,7 +906,7 @@ mod tests {
         attn_k = 32
         ffn_blocks = 16
         ffn_top_k = 4
-        ffn_skip_bias = true
+        ffn_correction = true
         router_lr_scale = 0.1
         lora_rank = 16
         lora_alpha = 32.0
@@ -1052,6 +1015,45 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("`model`"), "{e}");
+    }
+
+    /// A run directory's finetune.toml from before an option was removed: with the remaining
+    /// behaviour's value it loads, with any other value it is refused, naming the setting.
+    #[test]
+    fn removed_settings_are_refused_by_name_unless_they_keep_the_behaviour() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = "model = \"m\"\ntrain_files = [\"a.csv\"]\nffn_gate = \"softmax-kept\"\n\
+                   ffn_router_target = \"activation-norm\"\nrouter_refit_every = 0\nffn_skip_bias = false\n";
+        let t = dir.path().join("finetune.toml");
+        std::fs::write(&t, old).unwrap();
+        let cfg = FinetuneConfig::load(&t).unwrap();
+        assert_eq!(cfg.model, "m");
+        let j = dir.path().join("finetune.json");
+        std::fs::write(
+            &j,
+            r#"{"model": "m", "ffn_skip_bias": false, "router_refit_every": 0}"#,
+        )
+        .unwrap();
+        assert_eq!(FinetuneConfig::load(&j).unwrap().model, "m");
+        for (line, key) in [
+            ("ffn_skip_bias = true", "ffn_skip_bias"),
+            ("ffn_router_target = \"output-norm\"", "ffn_router_target"),
+            ("router_refit_every = 100", "router_refit_every"),
+            ("ffn_gate = \"sigmoid\"", "ffn_gate"),
+        ] {
+            std::fs::write(&t, format!("model = \"m\"\n{line}\n")).unwrap();
+            let e = FinetuneConfig::load(&t).unwrap_err().to_string();
+            assert!(
+                e.contains("finetune.toml") && e.contains(key) && e.contains("removed"),
+                "{e}"
+            );
+        }
+        std::fs::write(&j, r#"{"model": "m", "ffn_skip_bias": true}"#).unwrap();
+        let e = FinetuneConfig::load(&j).unwrap_err().to_string();
+        assert!(e.contains("ffn_skip_bias") && e.contains("removed"), "{e}");
+        // The flags are gone too.
+        assert!(Cli::try_parse_from(["x", "--ffn-skip-bias", "true"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--router-refit-every", "10"]).is_err());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use spt_models::pq::{PqConfig, Refresh, TopK};
-use spt_models::routed_ffn::{RouterFitConfig, TopK as BlockTopK};
+use spt_models::routed_ffn::{GateMode, TopK as BlockTopK};
 use spt_models::{
     sparsify, BertConfig, BertForSequenceClassification, CalibrationBatch, FeedForward, GPT2Config,
     GPT2LMHeadModel, LoadOptions, LoraSettings, LoraTarget, NamedParams, RoutedFfnSettings, RouterFit,
@@ -34,8 +34,10 @@ use crate::{Error, Result};
 pub const CODEBOOK_PREFIX: &str = "pq_codebook.layer.";
 /// Prefix of the routed FFNs' hidden unit orders (u32) in [`TrainTask::extra_state`].
 pub const UNIT_ORDER_PREFIX: &str = "ffn_unit_order.layer.";
-/// Checkpoint `extra` key prefix of the routed FFNs' skip biases (`[n_blocks, d]` per layer).
-pub const SKIP_BIAS_PREFIX: &str = "ffn_skip_bias.layer.";
+/// Checkpoint `extra` key prefixes of fitted state whose option was removed: a checkpoint that
+/// holds any is refused by name (docs/experiments/routed-ffn.md has the measurements).
+pub const REMOVED_STATE_PREFIXES: [(&str, &str); 1] =
+    [("ffn_skip_bias.layer.", "the routed FFN's skip biases")];
 /// Checkpoint `extra` key prefix of the routed FFNs' linear corrections (`[d+1, d]` per layer).
 pub const CORRECTION_PREFIX: &str = "ffn_correction.layer.";
 
@@ -123,28 +125,16 @@ pub struct ModelTask {
     /// Batches the codebook refresh cycles through (spt mode).
     calibration: Vec<CalibrationBatch>,
     refresh_every: u64,
-    /// Refit the routers every N steps (0: never), with this fit.
-    router_refit_every: u64,
-    router_fit: RouterFitConfig,
     /// Keys per query of the sparse layers (to rebuild them from saved codebooks).
     attn_top_k: Option<TopK>,
     /// The current PQ codebooks (layer, centroids), kept in step with the model.
     codebooks: Vec<(usize, Tensor)>,
     /// Regrouped routed-FFN unit orders (layer, order), kept in step with the model.
     unit_orders: Vec<(usize, Vec<u32>)>,
-    skip_biases: Vec<(usize, Tensor)>,
     corrections: Vec<(usize, Tensor)>,
     vars: Vec<(String, Var)>,
     /// Weight of the routers' load-balancing loss in the training loss (0: off).
     router_aux_weight: f64,
-}
-
-/// How the routers are fitted, at calibration and at each refit.
-fn router_fit(cfg: &FinetuneConfig) -> RouterFit {
-    RouterFit {
-        target: cfg.ffn_router_target.into(),
-        ..RouterFit::default()
-    }
 }
 
 /// How many PQ subspaces: the setting, else the largest divisor of the head dimension ≤ 8.
@@ -232,14 +222,13 @@ fn spt_config(cfg: &FinetuneConfig, head_dim: usize, fit: bool) -> Result<Option
         sc.ffn = Some(RoutedFfnSettings {
             n_blocks: cfg.ffn_blocks,
             top_k: BlockTopK::Count(cfg.ffn_top_k),
-            gate: cfg.ffn_gate.into(),
-            router_fit: fit.then(|| router_fit(cfg)),
+            gate: GateMode::SoftmaxKept,
+            router_fit: fit.then(RouterFit::default),
             seed: cfg.seed,
             aux_loss: cfg.router_aux_weight > 0.0,
             // Regrouping permutes frozen weights only: with every weight training there is
             // no fixed activation pattern to group by either.
             cluster_units: fit && cfg.ffn_units == FfnUnits::Clustered && cfg.lora_rank > 0,
-            skip_bias: cfg.ffn_skip_bias,
             correction: cfg.ffn_correction,
         });
     }
@@ -381,7 +370,6 @@ impl ModelTask {
         }
         let codebooks = net.spt().pq_codebooks()?;
         let unit_orders = net.spt().ffn_unit_orders()?;
-        let skip_biases = net.spt().ffn_skip_biases()?;
         let corrections = net.spt().ffn_corrections()?;
         let mut summary = ParamSummary {
             initialised: report.initialised,
@@ -420,12 +408,9 @@ impl ModelTask {
                 Vec::new()
             },
             refresh_every: cfg.pq_refresh_every,
-            router_refit_every: cfg.router_refit_every,
-            router_fit: router_fit(cfg).into(),
             attn_top_k,
             codebooks,
             unit_orders,
-            skip_biases,
             corrections,
             vars,
             router_aux_weight: cfg.router_aux_weight,
@@ -553,13 +538,11 @@ impl TrainTask for ModelTask {
             let t = Tensor::new(order.as_slice(), &candle_core::Device::Cpu)?;
             out.insert(format!("{UNIT_ORDER_PREFIX}{i}"), t);
         }
-        for (prefix, fitted) in [
-            (SKIP_BIAS_PREFIX, &self.skip_biases),
-            (CORRECTION_PREFIX, &self.corrections),
-        ] {
-            for (i, t) in fitted {
-                out.insert(format!("{prefix}{i}"), t.to_device(&candle_core::Device::Cpu)?);
-            }
+        for (i, t) in &self.corrections {
+            out.insert(
+                format!("{CORRECTION_PREFIX}{i}"),
+                t.to_device(&candle_core::Device::Cpu)?,
+            );
         }
         Ok(out)
     }
@@ -572,13 +555,24 @@ impl TrainTask for ModelTask {
         };
         let mut books: Vec<(usize, Tensor)> = Vec::new();
         let mut orders: Vec<(usize, Vec<u32>)> = Vec::new();
-        let mut skips: Vec<(usize, Tensor)> = Vec::new();
         let mut corrections: Vec<(usize, Tensor)> = Vec::new();
+        let mut keys: Vec<&String> = state.keys().collect();
+        keys.sort();
+        if let Some((k, what)) = keys.iter().find_map(|k| {
+            REMOVED_STATE_PREFIXES
+                .iter()
+                .find(|(p, _)| k.starts_with(p))
+                .map(|(_, what)| (k, what))
+        }) {
+            return Err(candle_core::Error::Msg(format!(
+                "checkpoint tensor `{k}` holds {what}, an option that was removed from spt (its \
+                 measurements are in docs/experiments/routed-ffn.md): this checkpoint cannot be \
+                 restored by this version"
+            )));
+        }
         for (k, t) in state {
             if let Some(i) = k.strip_prefix(CODEBOOK_PREFIX) {
                 books.push((layer_of(k, i)?, t.clone()));
-            } else if let Some(i) = k.strip_prefix(SKIP_BIAS_PREFIX) {
-                skips.push((layer_of(k, i)?, t.clone()));
             } else if let Some(i) = k.strip_prefix(CORRECTION_PREFIX) {
                 corrections.push((layer_of(k, i)?, t.clone()));
             } else if let Some(i) = k.strip_prefix(UNIT_ORDER_PREFIX) {
@@ -605,16 +599,8 @@ impl TrainTask for ModelTask {
                 .map_err(|e| candle_core::Error::Msg(format!("restoring the FFN unit orders: {e}")))?;
             self.unit_orders = self.net.spt().ffn_unit_orders()?;
         }
-        // After the unit orders (regrouping resets skip biases and corrections). A checkpoint
-        // without them (or from before they existed) keeps zeros: the routed FFN without them.
-        if !skips.is_empty() {
-            skips.sort_by_key(|(i, _)| *i);
-            self.net
-                .spt()
-                .set_ffn_skip_biases(&skips)
-                .map_err(|e| candle_core::Error::Msg(format!("restoring the FFN skip biases: {e}")))?;
-        }
-        self.skip_biases = self.net.spt().ffn_skip_biases()?;
+        // After the unit orders (regrouping resets the corrections). A checkpoint without them
+        // (or from before they existed) keeps zeros: the routed FFN without a correction.
         if !corrections.is_empty() {
             corrections.sort_by_key(|(i, _)| *i);
             self.net
@@ -636,16 +622,6 @@ impl TrainTask for ModelTask {
     }
 
     fn after_step(&mut self, step: u64) -> candle_core::Result<()> {
-        if self.router_refit_every > 0 && step % self.router_refit_every == 0 && !self.calibration.is_empty()
-        {
-            let fit = self.router_fit;
-            let q = self.net.spt().refit_routers(&self.calibration, fit)?;
-            // The refit refits the skip biases and corrections too: checkpoints take these.
-            self.skip_biases = self.net.spt().ffn_skip_biases()?;
-            self.corrections = self.net.spt().ffn_corrections()?;
-            let worst = q.iter().map(|(_, q)| q.cosine).fold(f64::INFINITY, f64::min);
-            tracing::debug!(step, layers = q.len(), worst_cosine = worst, "routers refitted");
-        }
         if self.refresh_every == 0
             || self.calibration.is_empty()
             || self.codebooks.is_empty()

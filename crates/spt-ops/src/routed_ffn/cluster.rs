@@ -141,7 +141,7 @@ impl RoutedFfn {
     /// columns and LoRA's B1 rows / A2 columns. The dense function is unchanged; the blocks
     /// (and so the routed output) now hold other units. The FFN weights must be frozen (plain
     /// tensors): a trained weight would lose its `Var` identity. LoRA factors move in place;
-    /// skip biases and the linear correction are reset to 0 (they belong to the old blocks).
+    /// the linear correction is reset to 0 (it belongs to the old blocks).
     pub fn permute_units(&mut self, perm: &[u32]) -> Result<()> {
         let d_ff = self.d_ff();
         check_permutation("routed_ffn", perm, d_ff)?;
@@ -156,9 +156,8 @@ impl RoutedFfn {
             l.b1.set(&l.b1.as_tensor().index_select(&idx, 0)?)?;
             l.a2.set(&l.a2.as_tensor().index_select(&idx, 1)?.contiguous()?)?;
         }
-        // Skip biases and the correction describe the old blocks; refit them (init_router)
-        // after regrouping.
-        for c in [&mut self.skip, &mut self.correction].into_iter().flatten() {
+        // The correction describes the old blocks; refit it (init_router) after regrouping.
+        if let Some(c) = &mut self.correction {
             *c = c.zeros_like()?;
         }
         Ok(())

@@ -5,11 +5,11 @@
 //!   same columns of `W2 [d, d_ff]`. Both are read in place (no per-step weight copies).
 //! - Router: `Linear(d → n_blocks)`; per token the `k` highest scores win (ties → lower block).
 //! - Gate ([`GateMode`]): applied **once**, to the block's fc2 output, so the router learns from
-//!   the task loss. The default, [`GateMode::SoftmaxKept`], is `k·softmax` over the kept scores:
-//!   equal scores give gate 1 (the dense FFN restricted to the kept blocks) and the gates of a
-//!   token sum to k. With `k = 1` it is constant (1) and the router learns only from the optional
-//!   load-balancing loss; use [`GateMode::Sigmoid`] there. [`GateMode::Ones`] with all blocks kept
-//!   is exactly the dense FFN.
+//!   the task loss: `k·softmax` over the kept scores ([`GateMode::SoftmaxKept`]). Equal scores give
+//!   gate 1 (the dense FFN restricted to the kept blocks) and the gates of a token sum to k. With
+//!   `k = 1` it is constant (1) and the router learns only from the optional load-balancing loss.
+//!   [`GateMode::Ones`] (gate ≡ 1) is the reference: with every block kept it is exactly the dense
+//!   FFN ([`RoutedFfn::forward_dense`] and the tests use it).
 //! - Execution: a deterministic counting sort groups the (token, slot) pairs by block
 //!   ([`Routing`]); [`gather_matmul`] runs fc1 (+ bias) as a grouped GEMM, the activation follows,
 //!   and [`scatter_matmul`] runs fc2 scaled by the gates and scatter-adds into the tokens; then
@@ -21,31 +21,30 @@
 //!   and B2 is applied once per token.
 //! - [`RoutedFfn::cluster_units`] / [`RoutedFfn::permute_units`] regroup the hidden units so that
 //!   units firing together share a block (exact for the dense FFN).
-//! - Skip biases (optional, [`RoutedFfnConfig::skip_bias`]): a constant `[n_blocks, d]` table;
-//!   a token that skips block `e` gets `skip_e` added, so the block contributes its average
-//!   instead of nothing (a `[T, n]` × `[n, d]` product, cheap next to one block's GEMMs).
 //! - Linear correction (optional, [`RoutedFfnConfig::correction`]): a constant `C [d+1, d]`;
 //!   a token that skips blocks gets `[x, 1] C` added, the part of the skipped blocks' output
 //!   that is linear in `x` (see `correction.rs`).
-//! - [`RoutedFfn::init_router`] fits the router to rank blocks by their activation norm (or by
-//!   what they add to the output, [`RouterTarget`]) (and the
-//!   skip biases to each block's mean output when skipped, then the linear correction), and [`RoutedFfn::quality`] reports
-//!   how close the routed output is to the dense one.
+//! - Calibration (`calibrate.rs`): [`RoutedFfn::init_router`] fits the router to rank blocks by
+//!   their activation norm, then the linear correction, and [`RoutedFfn::quality`] reports how
+//!   close the routed output is to the dense one.
+//!
+//! Options that were measured and dropped (skip biases, an output-norm router target, router
+//! refits, a sigmoid gate) are in docs/experiments/routed-ffn.md.
 
+mod calibrate;
 mod cluster;
 pub mod composed;
 mod correction;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
-mod init;
 mod ops;
 pub mod reference;
 mod router;
 mod rows;
 
+pub use calibrate::{RouterFitConfig, RoutingQuality};
 pub use cluster::UnitClusterConfig;
-pub use init::{RouterFitConfig, RouterTarget, RoutingQuality};
 pub use ops::{
     gather_matmul, gather_matmul_act, scatter_matmul, scatter_matmul_bias, AddKind, GatherMatmul,
     ScatterMatmul,
@@ -67,9 +66,8 @@ pub enum GateMode {
     /// `k · softmax(kept scores)`: 1 for equal scores, sums to k per token.
     #[default]
     SoftmaxKept,
-    /// `2·σ(score)`: 1 at score 0 (the reference's `c = 2p`, applied once at the output).
-    Sigmoid,
-    /// Gate ≡ 1: no router gradient from the task loss. With all blocks kept, the dense FFN.
+    /// Gate ≡ 1: no router gradient from the task loss. With all blocks kept, the dense FFN (the
+    /// reference the tests and [`RoutedFfn::forward_dense`] use).
     Ones,
 }
 
@@ -86,12 +84,6 @@ pub struct RoutedFfnConfig {
     pub lora: Option<LoraConfig>,
     /// Seed of the router's random initialisation.
     pub seed: u64,
-    /// Add a per-block "skip bias" `[n_blocks, d]` for every block a token skips: the block's
-    /// mean output when skipped (fitted by [`RoutedFfn::init_router`]), so a skipped block still
-    /// contributes its average instead of nothing. A constant, like the frozen weights it
-    /// summarises (trained, it destabilised fine-tuning). Unused when every block runs.
-    #[serde(default)]
-    pub skip_bias: bool,
     /// Add a linear correction `[x, 1] C` for tokens that skip blocks: the least-squares linear
     /// stand-in for the skipped blocks' output (fitted by [`RoutedFfn::init_router`], a
     /// constant). Unused when every block runs.
@@ -110,7 +102,6 @@ impl RoutedFfnConfig {
             aux_loss: false,
             lora: None,
             seed: 0,
-            skip_bias: false,
             correction: false,
         }
     }
@@ -153,18 +144,6 @@ pub fn gate_matrix(gates: &Tensor, routing: &Routing) -> Result<Tensor> {
         .reshape((t, n))
 }
 
-/// `[T, n_blocks]`: 1 where a token skips a block, 0 where it runs it.
-pub fn skipped_matrix(routing: &Routing, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
-    let (t, n, k) = (routing.n_tokens(), routing.n_blocks(), routing.k());
-    let mut m = vec![1f32; t * n];
-    for (tok, kept) in routing.blocks().chunks(k.max(1)).enumerate() {
-        for &e in kept {
-            m[tok * n + e as usize] = 0.0;
-        }
-    }
-    Tensor::from_vec(m, (t, n), device)?.to_dtype(dtype)
-}
-
 /// Gates `[R]` (routed-row order) from router scores `[T, n_blocks]` under `routing`.
 /// Differentiable in the scores (except [`GateMode::Ones`], which is constant).
 pub fn router_gates(logits: &Tensor, routing: &Arc<Routing>, gate: GateMode) -> Result<Tensor> {
@@ -186,7 +165,6 @@ pub fn router_gates(logits: &Tensor, routing: &Arc<Routing>, gate: GateMode) -> 
     let per_slot = match gate {
         GateMode::Ones => return Tensor::ones(routing.n_rows(), logits.dtype(), dev),
         GateMode::SoftmaxKept => (softmax_last_dim(&kept()?)? * k as f64)?,
-        GateMode::Sigmoid => (candle_nn::ops::sigmoid(&kept()?)? * 2.0)?,
     };
     // Per-slot [T, k] → routed-row order: each row's token row, then its slot's column.
     let slot: Vec<u32> = routing.row_src().iter().map(|&p| p % k as u32).collect();
@@ -234,7 +212,6 @@ pub struct RoutedFfn {
     b2: Tensor,
     router_w: Var,              // [n_blocks, d]
     router_b: Var,              // [n_blocks]
-    skip: Option<Tensor>,       // [n_blocks, d], constant; see RoutedFfnConfig::skip_bias
     correction: Option<Tensor>, // [d+1, d], constant; see RoutedFfnConfig::correction
     cfg: RoutedFfnConfig,
     k: usize,
@@ -303,10 +280,6 @@ impl RoutedFfn {
                 })
             }
         };
-        let skip = match cfg.skip_bias {
-            true => Some(Tensor::zeros((n, d), dt, dev)?),
-            false => None,
-        };
         let correction = match cfg.correction {
             true => Some(Tensor::zeros((d + 1, d), dt, dev)?),
             false => None,
@@ -318,7 +291,6 @@ impl RoutedFfn {
             b2: b2.clone(),
             router_w,
             router_b,
-            skip,
             correction,
             cfg,
             k,
@@ -356,30 +328,6 @@ impl RoutedFfn {
     /// The router's `(weight [n_blocks, d], bias [n_blocks])`.
     pub fn router(&self) -> (&Var, &Var) {
         (&self.router_w, &self.router_b)
-    }
-
-    /// The skip biases `[n_blocks, d]`, if configured ([`RoutedFfnConfig::skip_bias`]).
-    pub fn skip_bias(&self) -> Option<&Tensor> {
-        self.skip.as_ref()
-    }
-
-    /// Sets the skip biases (e.g. restored from a checkpoint): `[n_blocks, d]`.
-    pub fn set_skip_bias(&mut self, bias: &Tensor) -> Result<()> {
-        let (n, d) = (self.cfg.n_blocks, self.d_model());
-        let Some(skip) = &mut self.skip else {
-            bail!("routed_ffn: skip biases given, but the layer is configured without them");
-        };
-        if bias.dims() != [n, d] {
-            bail!(
-                "routed_ffn: skip biases are {:?}, expected [n_blocks, d] = [{n}, {d}]",
-                bias.dims()
-            );
-        }
-        *skip = bias
-            .detach()
-            .to_dtype(self.w1.dtype())?
-            .to_device(self.w1.device())?;
-        Ok(())
     }
 
     /// Restarts the LoRA dropout masks from `seed` (call once per training step, so a resumed
@@ -539,11 +487,6 @@ impl RoutedFfn {
             };
             let v = (scatter_matmul(&hin, &gates, l.a2.as_tensor(), &routing)? * l.cfg.scale())?; // [T, r]
             y = y.add(&v.matmul(&l.b2.as_tensor().t()?)?)?;
-        }
-        if let Some(skip) = self.skip.as_ref().filter(|_| routing.k() < routing.n_blocks()) {
-            // [T, n] 0/1 "skipped" matrix (constant) times the per-block skip biases.
-            let skipped = skipped_matrix(&routing, dt, dev)?;
-            y = y.add(&skipped.matmul(skip)?)?;
         }
         if routing.k() < routing.n_blocks() {
             if let Some(c) = self.correction_term(x2)? {
