@@ -13,8 +13,8 @@
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use spt::models::pq::{PqConfig, TopK};
-use spt::models::routed_ffn::{GateMode, RoutedFfn, RoutedFfnConfig, RouterFitConfig, TopK as BlockTopK};
+use spt::models::pq::{KeyTopK, PqConfig};
+use spt::models::routed_ffn::{BlockTopK, GateMode, RoutedFfn, RoutedFfnConfig, RouterFitConfig};
 use spt::models::{activation_bytes, AttentionCost, AttentionMask, FfnCost, LayerShape, SparseAttention};
 use spt::ops::gradcheck::randn_f64;
 use spt::ops::{layer_norm, softmax_last_dim, Activation};
@@ -171,9 +171,9 @@ fn main() -> Result<()> {
         n_codewords: 16,
         ..PqConfig::default()
     };
-    let all_keys = SparseAttention::fit(&keys, &pq, TopK::Fraction(1.0))?;
+    let all_keys = SparseAttention::fit(&keys, &pq, KeyTopK::Fraction(1.0))?;
     let sparse = SparseAttention {
-        top_k: TopK::Count(k),
+        top_k: KeyTopK::Count(k),
         ..all_keys.clone()
     };
 

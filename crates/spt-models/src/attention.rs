@@ -14,7 +14,7 @@
 use crate::error::{ModelError, Result};
 use crate::layers::Dropout;
 use candle_core::{DType, Device, Tensor};
-use spt_ops::pq::{Codebook, PqConfig, TopK};
+use spt_ops::pq::{Codebook, KeyTopK, PqConfig};
 
 /// Which keys each query may attend to (`key_padding`: `[B, L]`, nonzero = attend); spt-ops' type.
 pub use spt_ops::AttentionMask;
@@ -108,12 +108,12 @@ impl DenseAttention {
 pub struct SparseAttention {
     pub codebook: Codebook,
     /// Keys kept per query; a count above the sequence length keeps every allowed key.
-    pub top_k: TopK,
+    pub top_k: KeyTopK,
 }
 
 impl SparseAttention {
     /// Fits the codebook to sample keys `[B, H, L, d]` (k-means++ and Lloyd, seeded by `pq.seed`).
-    pub fn fit(keys: &Tensor, pq: &PqConfig, top_k: TopK) -> Result<Self> {
+    pub fn fit(keys: &Tensor, pq: &PqConfig, top_k: KeyTopK) -> Result<Self> {
         Ok(Self {
             codebook: Codebook::fit(keys, pq)?,
             top_k,
@@ -121,9 +121,9 @@ impl SparseAttention {
     }
 
     /// The top-k for `lk` keys (counts are clamped to `lk`).
-    pub fn resolve_top_k(&self, lk: usize) -> TopK {
+    pub fn resolve_top_k(&self, lk: usize) -> KeyTopK {
         match self.top_k {
-            TopK::Count(k) if k > lk => TopK::Count(lk),
+            KeyTopK::Count(k) if k > lk => KeyTopK::Count(lk),
             t => t,
         }
     }

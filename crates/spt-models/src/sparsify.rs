@@ -20,9 +20,9 @@ use crate::layers::{DropoutRng, Linear, WeightLayout};
 use crate::weights::Param;
 use candle_core::{DType, Device, Tensor};
 use spt_ops::lora::LoraConfig;
-use spt_ops::pq::{PqConfig, Refresh, TopK};
+use spt_ops::pq::{KeyTopK, PqConfig, Refresh};
 use spt_ops::routed_ffn::{
-    GateMode, RoutedFfnConfig, RouterFitConfig, RoutingQuality, TopK as BlockTopK, UnitClusterConfig,
+    BlockTopK, GateMode, RoutedFfnConfig, RouterFitConfig, RoutingQuality, UnitClusterConfig,
 };
 use std::sync::Arc;
 
@@ -231,7 +231,7 @@ pub trait SptModel {
 
     /// Makes the listed layers sparse with the given codebooks (e.g. from [`SptModel::pq_codebooks`]
     /// of a saved run) and top-k; no calibration needed.
-    fn set_pq_codebooks(&mut self, codebooks: &[(usize, Tensor)], top_k: TopK) -> Result<()> {
+    fn set_pq_codebooks(&mut self, codebooks: &[(usize, Tensor)], top_k: KeyTopK) -> Result<()> {
         let n = self.num_layers();
         for (i, centroids) in codebooks {
             let slots = self.layer_slots(*i).ok_or(ModelError::InvalidConfig {
@@ -287,7 +287,7 @@ pub struct SparseAttentionConfig {
     /// Codebook shape and k-means settings.
     pub pq: PqConfig,
     /// Keys kept per query.
-    pub top_k: TopK,
+    pub top_k: KeyTopK,
 }
 
 /// Routed FFN settings.

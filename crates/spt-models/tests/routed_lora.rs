@@ -10,8 +10,8 @@ use candle_core::{backprop::GradStore, DType, Device, Tensor, Var, D};
 use common::{expected, fixture, max_abs, rel_err};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use spt_models::lora::LoraConfig;
-use spt_models::pq::{PqConfig, TopK};
-use spt_models::routed_ffn::{GateMode, TopK as BlockTopK};
+use spt_models::pq::{KeyTopK, PqConfig};
+use spt_models::routed_ffn::{BlockTopK, GateMode};
 use spt_models::{
     sparsify, ActivationAccounting, BertForSequenceClassification, CalibrationBatch, FeedForward,
     GPT2LMHeadModel, LayerSelection, LoadOptions, LoraSettings, LoraTarget, ModelError, NamedParams,
@@ -113,7 +113,7 @@ fn bert_routed_ffn_and_sparse_attention_all_equals_dense() -> Result<()> {
                 n_codewords: 8,
                 ..PqConfig::default()
             },
-            top_k: TopK::Fraction(1.0),
+            top_k: KeyTopK::Fraction(1.0),
         }),
         ffn: Some(routed(8, BlockTopK::Fraction(1.0), GateMode::Ones, true)),
         lora: None,
@@ -273,7 +273,7 @@ fn fully_sparse_gpt2_is_causal_and_trains() -> Result<()> {
                 n_codewords: 16,
                 ..PqConfig::default()
             },
-            top_k: TopK::Count(8),
+            top_k: KeyTopK::Count(8),
         }),
         ffn: Some(routed(4, BlockTopK::Count(2), GateMode::SoftmaxKept, true)),
         lora: Some(LoraSettings {
@@ -416,7 +416,7 @@ fn bad_routed_configs_are_named_and_leave_the_model_intact() -> Result<()> {
     let cfg = SptConfig {
         attention: Some(SparseAttentionConfig {
             pq: PqConfig::default(),
-            top_k: TopK::Count(4),
+            top_k: KeyTopK::Count(4),
         }),
         ..SptConfig::default()
     };

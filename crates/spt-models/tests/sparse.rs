@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use common::{expected, fixture, max_abs, rel_err};
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use spt_models::pq::{PqConfig, TopK};
+use spt_models::pq::{KeyTopK, PqConfig};
 use spt_models::{
     sparsify, ActivationAccounting, AttentionCore, BertForSequenceClassification, CalibrationBatch,
     GPT2LMHeadModel, LayerSelection, LoadOptions, NamedParams, SparseAttentionConfig, SptConfig, SptModel,
@@ -26,7 +26,7 @@ fn pq() -> PqConfig {
     }
 }
 
-fn attention_only(top_k: TopK) -> SptConfig {
+fn attention_only(top_k: KeyTopK) -> SptConfig {
     SptConfig {
         layers: LayerSelection::All,
         attention: Some(SparseAttentionConfig { pq: pq(), top_k }),
@@ -74,7 +74,7 @@ fn gpt2_sparse_attention_with_all_keys_equals_dense() -> Result<()> {
     let (dense, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::default())?;
     let (mut sparse, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::default())?;
     let calib = [CalibrationBatch::new(ids.clone(), Some(mask.clone()))];
-    let report = sparsify(&mut sparse, &attention_only(TopK::Count(1 << 20)), &calib)?;
+    let report = sparsify(&mut sparse, &attention_only(KeyTopK::Count(1 << 20)), &calib)?;
     assert_eq!(report.layers.len(), 2);
     assert!(report
         .layers
@@ -114,7 +114,7 @@ fn bert_sparse_attention_with_all_keys_equals_dense() -> Result<()> {
         attention_mask: Some(mask.clone()),
         token_type_ids: Some(types.clone()),
     }];
-    sparsify(&mut sparse, &attention_only(TopK::Fraction(1.0)), &calib)?;
+    sparsify(&mut sparse, &attention_only(KeyTopK::Fraction(1.0)), &calib)?;
     assert!(sparse
         .bert
         .layers
@@ -128,7 +128,7 @@ fn bert_sparse_attention_with_all_keys_equals_dense() -> Result<()> {
     assert!(e_hidden < TOL, "hidden rel err {e_hidden:e}");
     // A really sparse BERT (2 keys per query) differs from dense.
     let (mut few, _) = BertForSequenceClassification::from_dir(&dir, &LoadOptions::frozen(), None)?;
-    sparsify(&mut few, &attention_only(TopK::Count(2)), &calib)?;
+    sparsify(&mut few, &attention_only(KeyTopK::Count(2)), &calib)?;
     let hf = few.bert.forward_t(ids, Some(types), Some(mask), false)?;
     assert!(max_abs(&hf, &hd)? > 1e-3);
 
@@ -162,7 +162,7 @@ fn gpt2_sparse_attention_is_causal_and_sparse() -> Result<()> {
     let ids = Tensor::from_vec(base.clone(), (b, l), &Device::Cpu)?;
     let report = sparsify(
         &mut m,
-        &attention_only(TopK::Count(6)),
+        &attention_only(KeyTopK::Count(6)),
         &[CalibrationBatch::new(ids.clone(), None)],
     )?;
     // Memory accounting follows the slots: attention state is k = 6 indices + 1 lse per row.
@@ -205,14 +205,14 @@ fn pq_codebooks_round_trip_without_calibration() -> Result<()> {
     let (mut a, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
     sparsify(
         &mut a,
-        &attention_only(TopK::Count(5)),
+        &attention_only(KeyTopK::Count(5)),
         &[CalibrationBatch::new(ids.clone(), Some(mask.clone()))],
     )?;
     let books = a.pq_codebooks()?;
     assert_eq!(books.len(), 2);
     assert_eq!(books[0].1.dims(), [1, 4, 8, 4]);
     let (mut b, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
-    b.set_pq_codebooks(&books, TopK::Count(5))?;
+    b.set_pq_codebooks(&books, KeyTopK::Count(5))?;
     let (la, lb) = (
         a.forward_t(ids, Some(mask), false)?,
         b.forward_t(ids, Some(mask), false)?,
@@ -228,7 +228,7 @@ fn codebooks_refresh_on_new_batches() -> Result<()> {
     let (mut m, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
     sparsify(
         &mut m,
-        &attention_only(TopK::Count(5)),
+        &attention_only(KeyTopK::Count(5)),
         &[CalibrationBatch::new(ids.clone(), Some(mask.clone()))],
     )?;
     let before = m.pq_codebooks()?;

@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use common::{expected, fixture, max_abs, rel_err};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use spt_models::lora::LoraConfig;
-use spt_models::routed_ffn::{GateMode, TopK as BlockTopK};
+use spt_models::routed_ffn::{BlockTopK, GateMode};
 use spt_models::{
     sparsify, BertConfig, BertForSequenceClassification, CalibrationBatch, GPT2Config, GPT2LMHeadModel,
     LoadOptions, LoraSettings, LoraTarget, NamedParams, RoutedFfnSettings, RouterFit, SptConfig, SptModel,

@@ -12,7 +12,7 @@
 use candle_core::{DType, Device, Result, Tensor, Var};
 use spt_ops::{
     block_sparse_attention, dense_attention, select_blocks, select_keys, sparse_attention, AttentionMask,
-    BlockScore, BlockTiling, Codebook, PqConfig, TopK,
+    BlockScore, BlockTiling, Codebook, KeyTopK, PqConfig,
 };
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -157,7 +157,7 @@ fn main() -> Result<()> {
             let codes = cb.encode(k)?;
             ph[0] = t.elapsed().as_secs_f64();
             let t = Instant::now();
-            let sel = select_keys(q, &codes, &cb, TopK::Count(topk), &mask)?;
+            let sel = select_keys(q, &codes, &cb, KeyTopK::Count(topk), &mask)?;
             ph[1] = t.elapsed().as_secs_f64();
             let t = Instant::now();
             let o = sparse_attention(q, k, v, &sel, scale)?;

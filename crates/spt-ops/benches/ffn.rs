@@ -20,7 +20,7 @@
 use candle_core::{DType, Result, Tensor, Var};
 use spt_ops::gradcheck::randn_f64;
 use spt_ops::routed_ffn::reference;
-use spt_ops::routed_ffn::TopK;
+use spt_ops::routed_ffn::BlockTopK;
 use spt_ops::{Activation, GateMode, LoraConfig, LoraLinear, RoutedFfn, RoutedFfnConfig};
 use std::time::Instant;
 
@@ -120,7 +120,7 @@ fn bench_case(c: Case, reps: usize) -> Result<Record> {
             b2v.as_tensor().clone(),
         )
     };
-    let mut cfg = RoutedFfnConfig::new(n_blocks, TopK::Fraction(c.kept), ACT);
+    let mut cfg = RoutedFfnConfig::new(n_blocks, BlockTopK::Fraction(c.kept), ACT);
     cfg.gate = GateMode::SoftmaxKept;
     if c.frozen {
         cfg.lora = Some(lcfg);
@@ -191,7 +191,7 @@ fn bench_case(c: Case, reps: usize) -> Result<Record> {
         k.push(t);
         kf.push(f);
     }
-    let k_blocks = TopK::Fraction(c.kept).resolve(n_blocks)?;
+    let k_blocks = BlockTopK::Fraction(c.kept).resolve(n_blocks)?;
     // f32 hidden activations the graph holds for backward: fc1 output and activation output.
     let ours_bytes = 4 * 2 * N_TOKENS * k_blocks * c.block;
     let base_bytes = 4 * 2 * N_TOKENS * d_ff;

@@ -15,8 +15,8 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use spt_ops::block_sparse_attention::reference::{block_keep_mask, captured_mass, key_keep_mask};
 use spt_ops::pq::SENTINEL;
 use spt_ops::{
-    select_blocks, select_keys, AttentionMask, BlockScore, BlockSelection, BlockTiling, Codebook, PqConfig,
-    TopK,
+    select_blocks, select_keys, AttentionMask, BlockScore, BlockSelection, BlockTiling, Codebook, KeyTopK,
+    PqConfig,
 };
 
 fn normal(rng: &mut StdRng) -> f32 {
@@ -152,7 +152,7 @@ fn main() -> Result<()> {
         let cb = Codebook::fit(&k, &PqConfig::default())?;
         let codes = cb.encode(&k)?;
         for mask in [AttentionMask::none(), AttentionMask::causal()] {
-            let per_query = select_keys(&q, &codes, &cb, TopK::Count(k_per_query), &mask)?;
+            let per_query = select_keys(&q, &codes, &cb, KeyTopK::Count(k_per_query), &mask)?;
             let pq_mass = captured_mass(&q, &k, &mask, scale, &key_keep_mask(&per_query, l)?)?;
             for tile in [16usize, 32, 64] {
                 let tiling = BlockTiling {

@@ -21,10 +21,10 @@
 //! measures that path, not a fused grouped-GEMM kernel.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use spt_ops::routed_ffn::TopK as BlockTopK;
+use spt_ops::routed_ffn::BlockTopK;
 use spt_ops::{
-    dense_attention, select_keys, sparse_attention, Activation, AttentionMask, Codebook, PqConfig, RoutedFfn,
-    RoutedFfnConfig, TopK,
+    dense_attention, select_keys, sparse_attention, Activation, AttentionMask, Codebook, KeyTopK, PqConfig,
+    RoutedFfn, RoutedFfnConfig,
 };
 use std::time::Instant;
 
@@ -330,9 +330,9 @@ fn attention_case(
     )?;
     let select_ms = time(dev, reps, || {
         let codes = cb.encode(&k)?;
-        select_keys(&q, &codes, &cb, TopK::Count(kk), &mask).map(|_| ())
+        select_keys(&q, &codes, &cb, KeyTopK::Count(kk), &mask).map(|_| ())
     })?;
-    let sel = select_keys(&q, &cb.encode(&k)?, &cb, TopK::Count(kk), &mask)?;
+    let sel = select_keys(&q, &cb.encode(&k)?, &cb, KeyTopK::Count(kk), &mask)?;
     let (qv, kv, vv) = (
         Var::from_tensor(&q)?,
         Var::from_tensor(&k)?,

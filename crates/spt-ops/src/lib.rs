@@ -39,8 +39,8 @@ pub use lora::{LoraConfig, LoraError, LoraLinear};
 pub use norm::{layer_norm, softmax_last_dim};
 pub use pq::{
     pq_attention, pq_sparse_attention, select_blocks, select_keys, BlockScore, BlockSelection, BlockTiling,
-    Codebook, KeySelection, PqConfig, Refresh, Selection, TopK,
+    Codebook, KeySelection, KeyTopK, PqConfig, Refresh, Selection,
 };
-pub use routed_ffn::{GateMode, RoutedFfn, RoutedFfnConfig, Routing};
+pub use routed_ffn::{BlockTopK, GateMode, RoutedFfn, RoutedFfnConfig, Routing};
 pub use simd::simd_path;
 pub use sparse_attention::sparse_attention;

@@ -12,7 +12,7 @@ use spt_ops::gradcheck::{check_gradients, GradCheck};
 use spt_ops::pq::SENTINEL;
 use spt_ops::{
     block_sparse_attention, dense_attention, pq_attention, select_blocks, AttentionMask, BlockScore,
-    BlockSelection, BlockTiling, Codebook, PqConfig, Selection, TopK,
+    BlockSelection, BlockTiling, Codebook, KeyTopK, PqConfig, Selection,
 };
 
 fn codebook(k: &Tensor, s: usize, c: usize, seed: u64) -> Result<Codebook> {
@@ -429,7 +429,7 @@ fn pq_attention_dispatches_both_modes() -> Result<()> {
     let all = Selection::Blocks(tiling(8, 8, 5));
     let dense = dense_attention(&q, &k, &v, &mask, 0.3)?;
     assert!(max_diff(&pq_attention(&q, &k, &v, &cb, all, &mask, 0.3)?, &dense)? < 1e-5);
-    let per_query = Selection::PerQuery { k: TopK::Count(l) };
+    let per_query = Selection::PerQuery { k: KeyTopK::Count(l) };
     assert!(max_diff(&pq_attention(&q, &k, &v, &cb, per_query, &mask, 0.3)?, &dense)? < 1e-5);
     Ok(())
 }

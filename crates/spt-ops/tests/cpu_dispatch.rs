@@ -57,7 +57,8 @@ fn matmul_matches_reference() {
     };
     let book = spt_ops::Codebook::fit(&k, &pq).unwrap();
     let sparse =
-        spt_ops::pq_sparse_attention(&q, &k, &v, &book, spt_ops::TopK::Fraction(1.0), &mask, 0.25).unwrap();
+        spt_ops::pq_sparse_attention(&q, &k, &v, &book, spt_ops::KeyTopK::Fraction(1.0), &mask, 0.25)
+            .unwrap();
     let err = max_abs_diff(&dense, &sparse);
     assert!(err < 1e-5, "sparse attention with every key vs dense: {err}");
 }

@@ -27,7 +27,7 @@ use common::{padding, uniform};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use spt_ops::{
     layer_norm, select_keys, softmax_last_dim, sparse_attention, Activation, AttentionMask, Codebook,
-    KeySelection, PqConfig, TopK,
+    KeySelection, KeyTopK, PqConfig,
 };
 
 const GPU: &str = "needs a GPU: run scripts/gpu-check.sh";
@@ -296,7 +296,12 @@ fn adc_selection_matches_cpu_exactly_on_integer_data() -> Result<()> {
         let q = ints(&[b, h, l, d], 3, 8)?;
         let kc = codes(&[b, h, l, s], c, 9)?;
         for m in masks(b, l, 10)? {
-            for topk in [TopK::Count(1), TopK::Count(13), TopK::Count(40), TopK::Count(l)] {
+            for topk in [
+                KeyTopK::Count(1),
+                KeyTopK::Count(13),
+                KeyTopK::Count(40),
+                KeyTopK::Count(l),
+            ] {
                 let want = select_keys(&q, &kc, &cb, topk, &m)?;
                 // Small integers are exact in bf16 too.
                 for dt in [DType::F32, DType::BF16] {
@@ -338,12 +343,12 @@ fn adc_selection_on_random_data_agrees_with_cpu() -> Result<()> {
     )?;
     let kc = cb.encode(&keys)?;
     let m = AttentionMask::causal();
-    let want = select_keys(&q, &kc, &cb, TopK::Count(32), &m)?;
+    let want = select_keys(&q, &kc, &cb, KeyTopK::Count(32), &m)?;
     let got = select_keys(
         &q.to_device(&dev)?,
         &kc.to_device(&dev)?,
         &cb,
-        TopK::Count(32),
+        KeyTopK::Count(32),
         &on(&m, &dev)?,
     )?;
     let (g, w) = (
@@ -389,7 +394,7 @@ fn sparse_case_pq(
         ..PqConfig::default()
     };
     let cb = Codebook::fit(&kt, &cfg)?;
-    let sel = select_keys(&q, &cb.encode(&kt)?, &cb, TopK::Count(k), m)?;
+    let sel = select_keys(&q, &cb.encode(&kt)?, &cb, KeyTopK::Count(k), m)?;
     let sel_gpu = KeySelection {
         indices: sel.indices.to_device(&dev)?,
         counts: sel.counts.to_device(&dev)?,

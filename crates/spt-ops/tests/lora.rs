@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use spt_ops::gradcheck::{check_gradients, randn_f64, GradCheck};
 use spt_ops::lora::{dropout, linear};
 use spt_ops::routed_ffn::reference;
-use spt_ops::routed_ffn::TopK;
+use spt_ops::routed_ffn::BlockTopK;
 use spt_ops::{Activation, GateMode, LoraConfig, LoraError, LoraLinear, RoutedFfn, RoutedFfnConfig};
 
 fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
@@ -237,7 +237,7 @@ fn routed_lora(gate: GateMode, k: usize) -> Result<(RoutedFfn, [Tensor; 4])> {
         f32((randn_f64(&[d, d_ff], 22)? * 0.2)?)?,
         f32((randn_f64(&[d], 23)? * 0.1)?)?,
     ];
-    let mut cfg = RoutedFfnConfig::new(4, TopK::Count(k), Activation::GeluErf);
+    let mut cfg = RoutedFfnConfig::new(4, BlockTopK::Count(k), Activation::GeluErf);
     cfg.gate = gate;
     cfg.lora = Some(LoraConfig {
         rank: 3,

@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use spt_ops::pq::reference::{adc_scores, select_keys_brute_force};
 use spt_ops::pq::SENTINEL;
-use spt_ops::{select_keys, AttentionMask, Codebook, PqConfig, Refresh, TopK};
+use spt_ops::{select_keys, AttentionMask, Codebook, KeyTopK, PqConfig, Refresh};
 
 fn cfg(s: usize, c: usize, seed: u64) -> PqConfig {
     PqConfig {
@@ -125,7 +125,7 @@ fn no_gradient_reaches_keys_unless_asked() -> Result<()> {
         q.as_tensor(),
         &cb.encode(k.as_tensor())?,
         &cb,
-        TopK::Count(3),
+        KeyTopK::Count(3),
         &AttentionMask::none(),
     )?;
     assert!(!sel.indices.track_op());
@@ -204,8 +204,8 @@ fn selection_case(
         mask = mask.with_key_padding(padding(b, l, seed, true)?);
     }
     let k = k.min(l);
-    let ours = select_keys(&q, &codes, &cb, TopK::Count(k), &mask)?;
-    let brute = select_keys_brute_force(&q, &codes, &cb, TopK::Count(k), &mask)?;
+    let ours = select_keys(&q, &codes, &cb, KeyTopK::Count(k), &mask)?;
+    let brute = select_keys_brute_force(&q, &codes, &cb, KeyTopK::Count(k), &mask)?;
     check_invariants(&ours, &mask, b, h, l, k)?;
     assert_eq!(
         ours.counts.flatten_all()?.to_vec1::<u32>()?,
@@ -253,7 +253,7 @@ fn ties_break_toward_lower_key_index() -> Result<()> {
         &q,
         &cb.encode(&keys)?,
         &cb,
-        TopK::Count(3),
+        KeyTopK::Count(3),
         &AttentionMask::none(),
     )?;
     for row in sel.indices.squeeze(0)?.squeeze(0)?.to_vec2::<u32>()? {
@@ -264,11 +264,11 @@ fn ties_break_toward_lower_key_index() -> Result<()> {
 
 #[test]
 fn k_as_fraction() -> Result<()> {
-    assert_eq!(TopK::Fraction(0.125).resolve(2048)?, 256);
-    assert_eq!(TopK::Fraction(0.1).resolve(5)?, 1);
-    assert_eq!(TopK::Fraction(1.0).resolve(7)?, 7);
-    assert!(TopK::Fraction(0.0).resolve(7).is_err());
-    assert!(TopK::Fraction(1.5).resolve(7).is_err());
+    assert_eq!(KeyTopK::Fraction(0.125).resolve(2048)?, 256);
+    assert_eq!(KeyTopK::Fraction(0.1).resolve(5)?, 1);
+    assert_eq!(KeyTopK::Fraction(1.0).resolve(7)?, 7);
+    assert!(KeyTopK::Fraction(0.0).resolve(7).is_err());
+    assert!(KeyTopK::Fraction(1.5).resolve(7).is_err());
     Ok(())
 }
 
@@ -313,7 +313,7 @@ fn selection_quality_on_clustered_data() -> Result<()> {
         &q,
         &cb.encode(&k)?,
         &cb,
-        TopK::Count(topk),
+        KeyTopK::Count(topk),
         &AttentionMask::none(),
     )?;
     let p = spt_ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?
@@ -349,15 +349,15 @@ fn bad_input_gives_named_errors() -> Result<()> {
     let codes = cb.encode(&keys)?;
     let none = AttentionMask::none();
     let msg = |r: Result<spt_ops::KeySelection>| r.expect_err("expected an error").to_string();
-    let e = msg(select_keys(&q, &codes, &cb, TopK::Count(0), &none));
+    let e = msg(select_keys(&q, &codes, &cb, KeyTopK::Count(0), &none));
     assert!(e.contains("k = 0"), "{e}");
-    let e = msg(select_keys(&q, &codes, &cb, TopK::Count(9), &none));
+    let e = msg(select_keys(&q, &codes, &cb, KeyTopK::Count(9), &none));
     assert!(e.contains("k = 9") && e.contains("L = 8"), "{e}");
     let e = msg(select_keys(
         &uniform(&[1, 2, 8, 6], 1.0, 2, DType::F32)?,
         &codes,
         &cb,
-        TopK::Count(2),
+        KeyTopK::Count(2),
         &none,
     ));
     assert!(
@@ -368,12 +368,12 @@ fn bad_input_gives_named_errors() -> Result<()> {
         &q,
         &codes.to_dtype(DType::U32)?,
         &cb,
-        TopK::Count(2),
+        KeyTopK::Count(2),
         &none,
     ));
     assert!(e.contains("codes") && e.contains("U32"), "{e}");
     let bad_mask = AttentionMask::none().with_key_padding(Tensor::ones((1, 5), DType::U8, &Device::Cpu)?);
-    let e = msg(select_keys(&q, &codes, &cb, TopK::Count(2), &bad_mask));
+    let e = msg(select_keys(&q, &codes, &cb, KeyTopK::Count(2), &bad_mask));
     assert!(e.contains("key_padding") && e.contains("[1, 5]"), "{e}");
     // Wrong codebook shapes.
     let e = Codebook::from_tensor(&Tensor::zeros((2, 4), DType::F32, &Device::Cpu)?)

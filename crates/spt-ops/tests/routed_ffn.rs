@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use proptest::prelude::*;
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use spt_ops::gradcheck::{check_gradients, randn_f64, GradCheck};
-use spt_ops::routed_ffn::TopK;
+use spt_ops::routed_ffn::BlockTopK;
 use spt_ops::routed_ffn::{
     composed, gate_matrix, gather_matmul, gather_rows, reference, routed_ffn, router_gates, scatter_matmul,
     sum_rows, RouterFitConfig, UnitClusterConfig,
@@ -64,7 +64,7 @@ fn all_blocks_gate_ones_equals_dense_ffn_f32() -> Result<()> {
         let (t, d, d_ff, n) = (300, 24, 64, 4);
         let p = vars(&weights(d, d_ff, seed, DType::F32)?)?;
         let x = Var::from_tensor(&randn_f64(&[t, d], seed + 9)?.to_dtype(DType::F32)?)?;
-        let mut cfg = RoutedFfnConfig::new(n, TopK::Count(n), act);
+        let mut cfg = RoutedFfnConfig::new(n, BlockTopK::Count(n), act);
         cfg.gate = GateMode::Ones;
         let layer = RoutedFfn::new(
             p[0].as_tensor(),
@@ -112,7 +112,7 @@ fn top_k_equals_masked_dense_ffn() -> Result<()> {
         let (t, d, d_ff, n) = (270, 16, 48, 6);
         let p = vars(&weights(d, d_ff, seed, DType::F32)?)?;
         let x = Var::from_tensor(&randn_f64(&[3, 90, d], seed + 9)?.to_dtype(DType::F32)?)?;
-        let mut cfg = RoutedFfnConfig::new(n, TopK::Fraction(0.5), Activation::GeluErf);
+        let mut cfg = RoutedFfnConfig::new(n, BlockTopK::Fraction(0.5), Activation::GeluErf);
         cfg.gate = gate;
         let layer = RoutedFfn::new(
             p[0].as_tensor(),
@@ -324,7 +324,7 @@ fn zero_and_one_token() -> Result<()> {
             &b1,
             &w2,
             &b2,
-            RoutedFfnConfig::new(3, TopK::Count(2), Activation::Relu),
+            RoutedFfnConfig::new(3, BlockTopK::Count(2), Activation::Relu),
         )?;
         let x = Tensor::zeros((t, 5), DType::F32, &Device::Cpu)?;
         let out = layer.forward_t(&x, false)?;
@@ -352,7 +352,7 @@ fn routing_is_a_stable_counting_sort() -> Result<()> {
 fn load_balancing_loss_is_optional_and_trains_the_router() -> Result<()> {
     let [w1, b1, w2, b2] = weights(8, 16, 5, DType::F32)?;
     let x = randn_f64(&[40, 8], 6)?.to_dtype(DType::F32)?;
-    let mut cfg = RoutedFfnConfig::new(4, TopK::Count(1), Activation::GeluErf);
+    let mut cfg = RoutedFfnConfig::new(4, BlockTopK::Count(1), Activation::GeluErf);
     assert!(RoutedFfn::new(&w1, &b1, &w2, &b2, cfg.clone())?
         .forward_t(&x, true)?
         .aux_loss
@@ -389,7 +389,7 @@ fn frozen_weights_get_no_gradient_work() -> Result<()> {
         &b1,
         &w2,
         &b2,
-        RoutedFfnConfig::new(4, TopK::Count(2), Activation::GeluErf),
+        RoutedFfnConfig::new(4, BlockTopK::Count(2), Activation::GeluErf),
     )?;
     let x = Var::from_tensor(&randn_f64(&[30, 8], 8)?.to_dtype(DType::F32)?)?;
     let g = layer
@@ -425,7 +425,7 @@ fn planted(d: usize, n: usize, b: usize, t: usize, seed: u64) -> Result<([Tensor
 #[test]
 fn router_init_ranks_blocks_by_activation_norm() -> Result<()> {
     let ([w1, b1, w2, b2], x) = planted(16, 4, 8, 400, 21)?;
-    let mut cfg = RoutedFfnConfig::new(4, TopK::Count(1), Activation::GeluErf);
+    let mut cfg = RoutedFfnConfig::new(4, BlockTopK::Count(1), Activation::GeluErf);
     cfg.seed = 3;
     let mut layer = RoutedFfn::new(&w1, &b1, &w2, &b2, cfg)?;
     let before = layer.quality(&x)?;
@@ -447,7 +447,7 @@ fn router_init_ranks_blocks_by_activation_norm() -> Result<()> {
 #[test]
 fn quality_of_the_dense_routing_is_exact() -> Result<()> {
     let [w1, b1, w2, b2] = weights(8, 24, 9, DType::F32)?;
-    let mut cfg = RoutedFfnConfig::new(3, TopK::Fraction(1.0), Activation::GeluTanh);
+    let mut cfg = RoutedFfnConfig::new(3, BlockTopK::Fraction(1.0), Activation::GeluTanh);
     cfg.gate = GateMode::Ones;
     let layer = RoutedFfn::new(&w1, &b1, &w2, &b2, cfg)?;
     let q = layer.quality(&randn_f64(&[2, 20, 8], 10)?.to_dtype(DType::F32)?)?;
@@ -473,7 +473,7 @@ fn bad_inputs_give_named_errors() -> Result<()> {
         &b1,
         &w2,
         &b2,
-        RoutedFfnConfig::new(5, TopK::Count(1), act),
+        RoutedFfnConfig::new(5, BlockTopK::Count(1), act),
     ));
     assert!(
         e.contains("routed_ffn") && e.contains("not divisible") && e.contains("24"),
@@ -484,7 +484,7 @@ fn bad_inputs_give_named_errors() -> Result<()> {
         &b1,
         &w2,
         &b2,
-        RoutedFfnConfig::new(4, TopK::Count(0), act),
+        RoutedFfnConfig::new(4, BlockTopK::Count(0), act),
     ));
     assert!(e.contains("top-k is 0"), "{e}");
     let e = err(RoutedFfn::new(
@@ -492,7 +492,7 @@ fn bad_inputs_give_named_errors() -> Result<()> {
         &b1,
         &w2,
         &b2,
-        RoutedFfnConfig::new(4, TopK::Count(5), act),
+        RoutedFfnConfig::new(4, BlockTopK::Count(5), act),
     ));
     assert!(e.contains("top-k is 5") && e.contains("n_blocks = 4"), "{e}");
     let e = err(RoutedFfn::new(
@@ -500,7 +500,7 @@ fn bad_inputs_give_named_errors() -> Result<()> {
         &b1,
         &w2,
         &b2,
-        RoutedFfnConfig::new(4, TopK::Fraction(0.0), act),
+        RoutedFfnConfig::new(4, BlockTopK::Fraction(0.0), act),
     ));
     assert!(e.contains("fraction"), "{e}");
     let e = err(RoutedFfn::new(
@@ -508,7 +508,7 @@ fn bad_inputs_give_named_errors() -> Result<()> {
         &b1,
         &w1,
         &b2,
-        RoutedFfnConfig::new(4, TopK::Count(1), act),
+        RoutedFfnConfig::new(4, BlockTopK::Count(1), act),
     ));
     assert!(e.contains("W2 is [24, 8], expected [d, d_ff] = [8, 24]"), "{e}");
     let e = err(RoutedFfn::new(
@@ -516,7 +516,7 @@ fn bad_inputs_give_named_errors() -> Result<()> {
         &b2,
         &w2,
         &b2,
-        RoutedFfnConfig::new(4, TopK::Count(1), act),
+        RoutedFfnConfig::new(4, BlockTopK::Count(1), act),
     ));
     assert!(e.contains("b1 is [8]"), "{e}");
     let e = err(RoutedFfn::new(
@@ -524,10 +524,16 @@ fn bad_inputs_give_named_errors() -> Result<()> {
         &b1,
         &w2.to_dtype(DType::F64)?,
         &b2,
-        RoutedFfnConfig::new(4, TopK::Count(1), act),
+        RoutedFfnConfig::new(4, BlockTopK::Count(1), act),
     ));
     assert!(e.contains("W2") && e.contains("F64"), "{e}");
-    let layer = RoutedFfn::new(&w1, &b1, &w2, &b2, RoutedFfnConfig::new(4, TopK::Count(2), act))?;
+    let layer = RoutedFfn::new(
+        &w1,
+        &b1,
+        &w2,
+        &b2,
+        RoutedFfnConfig::new(4, BlockTopK::Count(2), act),
+    )?;
     let e = layer
         .forward_t(&Tensor::zeros((3, 7), DType::F32, &Device::Cpu)?, false)
         .unwrap_err()
@@ -679,7 +685,7 @@ fn shuffled(n: usize, seed: u64) -> Vec<u32> {
 #[test]
 fn permuted_units_keep_the_dense_ffn_with_lora() -> Result<()> {
     let [w1, b1, w2, b2] = weights(8, 24, 31, DType::F32)?;
-    let mut cfg = RoutedFfnConfig::new(4, TopK::Count(2), Activation::GeluErf);
+    let mut cfg = RoutedFfnConfig::new(4, BlockTopK::Count(2), Activation::GeluErf);
     cfg.lora = Some(LoraConfig {
         rank: 2,
         alpha: 4.0,
@@ -737,7 +743,7 @@ fn permuted_units_keep_the_dense_ffn_with_lora() -> Result<()> {
         &ts[1],
         &ts[2],
         &ts[3],
-        RoutedFfnConfig::new(4, TopK::Count(2), Activation::Relu),
+        RoutedFfnConfig::new(4, BlockTopK::Count(2), Activation::Relu),
     )?;
     let e = trained.permute_units(&shuffled(24, 37)).unwrap_err().to_string();
     assert!(e.contains("frozen"), "{e}");
@@ -758,7 +764,7 @@ fn clustering_regroups_units_that_fire_together() -> Result<()> {
         w2.index_select(&idx, 1)?,
     );
     let group = |u: u32| perm[u as usize] as usize / b; // planted group of shuffled unit u
-    let cfg = RoutedFfnConfig::new(n, TopK::Count(1), Activation::Relu);
+    let cfg = RoutedFfnConfig::new(n, BlockTopK::Count(1), Activation::Relu);
     let mut layer = RoutedFfn::new(&w1, &b1, &w2, &b2, cfg)?;
     let contiguous = layer.init_router(&x, RouterFitConfig::default())?;
     let order = layer.cluster_units(&x, UnitClusterConfig::default())?;
@@ -807,7 +813,7 @@ fn linear_correction_restores_skipped_blocks_that_are_linear() -> Result<()> {
     let [w1, b1, w2, b2] = weights(d, n * b, 61, DType::F64)?;
     let b1 = (b1 + 20.0)?; // |x W1ᵀ| stays far below 20: ReLU is the identity here
     let x = randn_f64(&[t, d], 62)?;
-    let mut cfg = RoutedFfnConfig::new(n, TopK::Count(2), Activation::Relu);
+    let mut cfg = RoutedFfnConfig::new(n, BlockTopK::Count(2), Activation::Relu);
     cfg.gate = GateMode::Ones;
     cfg.correction = true;
     let mut layer = RoutedFfn::new(&w1, &b1, &w2, &b2, cfg)?;
@@ -843,7 +849,7 @@ fn linear_correction_restores_skipped_blocks_that_are_linear() -> Result<()> {
 fn linear_correction_adds_a_fitted_linear_term_for_tokens_that_skip_blocks() -> Result<()> {
     let (n, b, k, d) = (4usize, 8usize, 2usize, 16usize);
     let ([w1, b1, w2, b2], x) = planted(d, n, b, 600, 71)?;
-    let mut cfg = RoutedFfnConfig::new(n, TopK::Count(k), Activation::GeluErf);
+    let mut cfg = RoutedFfnConfig::new(n, BlockTopK::Count(k), Activation::GeluErf);
     let mut plain = RoutedFfn::new(&w1, &b1, &w2, &b2, cfg.clone())?;
     let without = plain.init_router(&x, RouterFitConfig::default())?;
     cfg.correction = true;

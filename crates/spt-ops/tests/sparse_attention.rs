@@ -10,11 +10,17 @@ use spt_ops::gradcheck::{check_gradients, GradCheck};
 use spt_ops::pq::SENTINEL;
 use spt_ops::sparse_attention::{sparse_attention_backward, sparse_attention_reference};
 use spt_ops::{
-    dense_attention, select_keys, sparse_attention, AttentionMask, Codebook, KeySelection, PqConfig, TopK,
+    dense_attention, select_keys, sparse_attention, AttentionMask, Codebook, KeySelection, KeyTopK, PqConfig,
 };
 
 /// A selection from a small fitted codebook (S = 1 subspace, so any d works).
-fn pq_selection(q: &Tensor, k: &Tensor, topk: TopK, mask: &AttentionMask, seed: u64) -> Result<KeySelection> {
+fn pq_selection(
+    q: &Tensor,
+    k: &Tensor,
+    topk: KeyTopK,
+    mask: &AttentionMask,
+    seed: u64,
+) -> Result<KeySelection> {
     let cfg = PqConfig {
         n_subspaces: 1,
         n_codewords: 4,
@@ -44,7 +50,7 @@ fn gradients_match_finite_differences_f64() -> Result<()> {
             let q = uniform(&[b, h, l, d], 1.5, seed, DType::F64)?;
             let kk = uniform(&[b, h, l, d], 1.5, seed + 1, DType::F64)?;
             let v = uniform(&[b, h, l, dv], 1.0, seed + 2, DType::F64)?;
-            let sel = pq_selection(&q, &kk, TopK::Count(k), &mask, seed)?;
+            let sel = pq_selection(&q, &kk, KeyTopK::Count(k), &mask, seed)?;
             let cfg = GradCheck {
                 seed,
                 ..Default::default()
@@ -68,7 +74,7 @@ fn backward_is_deterministic_and_matches_its_standalone_function() -> Result<()>
     let k = uniform(&[b, h, l, d], 1.0, 2, DType::F32)?;
     let v = uniform(&[b, h, l, d], 1.0, 3, DType::F32)?;
     let w = uniform(&[b, h, l, d], 1.0, 4, DType::F32)?;
-    let sel = pq_selection(&q, &k, TopK::Fraction(0.25), &AttentionMask::causal(), 7)?;
+    let sel = pq_selection(&q, &k, KeyTopK::Fraction(0.25), &AttentionMask::causal(), 7)?;
     let run = || fwd_bwd(|q, k, v| sparse_attention(q, k, v, &sel, 0.25), &q, &k, &v, &w);
     let (o1, g1) = run()?;
     let (o2, g2) = run()?;
@@ -117,7 +123,7 @@ fn empty_rows_output_zero_and_get_zero_gradient() -> Result<()> {
     let k = uniform(&[b, h, l, d], 1.0, 2, DType::F32)?;
     let v = uniform(&[b, h, l, d], 1.0, 3, DType::F32)?;
     let w = uniform(&[b, h, l, d], 1.0, 4, DType::F32)?;
-    let sel = pq_selection(&q, &k, TopK::Count(2), &mask, 1)?;
+    let sel = pq_selection(&q, &k, KeyTopK::Count(2), &mask, 1)?;
     assert_eq!(sel.counts.flatten_all()?.to_vec1::<u32>()?[5..], [0, 0, 0, 0, 0]);
     let (o, g) = fwd_bwd(|q, k, v| sparse_attention(q, k, v, &sel, 0.5), &q, &k, &v, &w)?;
     assert_eq!(o.get(1)?.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
@@ -158,12 +164,12 @@ fn check_case(
     let (sel, want): (_, Box<AttnFn>) = match k {
         // k = L keeps every allowed key: the op must equal dense masked attention.
         None => {
-            let sel = pq_selection(&q, &kk, TopK::Count(l), &mask, seed)?;
+            let sel = pq_selection(&q, &kk, KeyTopK::Count(l), &mask, seed)?;
             let m = mask.clone();
             (sel, Box::new(move |q, k, v| dense_attention(q, k, v, &m, scale)))
         }
         Some(k) => {
-            let sel = pq_selection(&q, &kk, TopK::Count(k.min(l)), &mask, seed)?;
+            let sel = pq_selection(&q, &kk, KeyTopK::Count(k.min(l)), &mask, seed)?;
             let s2 = sel.clone();
             (
                 sel,
@@ -226,7 +232,7 @@ fn bad_input_gives_named_errors() -> Result<()> {
     let q = uniform(&[1, 2, 8, 4], 1.0, 1, dt)?;
     let k = uniform(&[1, 2, 8, 4], 1.0, 2, dt)?;
     let v = uniform(&[1, 2, 8, 4], 1.0, 3, dt)?;
-    let sel = pq_selection(&q, &k, TopK::Count(3), &AttentionMask::none(), 1)?;
+    let sel = pq_selection(&q, &k, KeyTopK::Count(3), &AttentionMask::none(), 1)?;
     let err = |r: Result<Tensor>| r.expect_err("expected an error").to_string();
 
     let e = err(sparse_attention(

@@ -15,8 +15,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
-use spt_models::pq::{PqConfig, Refresh, TopK};
-use spt_models::routed_ffn::{GateMode, TopK as BlockTopK};
+use spt_models::pq::{KeyTopK, PqConfig, Refresh};
+use spt_models::routed_ffn::{BlockTopK, GateMode};
 use spt_models::{
     sparsify, BertConfig, BertForSequenceClassification, CalibrationBatch, FeedForward, GPT2Config,
     GPT2LMHeadModel, LoadOptions, LoraSettings, LoraTarget, NamedParams, RoutedFfnSettings, RouterFit,
@@ -126,7 +126,7 @@ pub struct ModelTask {
     calibration: Vec<CalibrationBatch>,
     refresh_every: u64,
     /// Keys per query of the sparse layers (to rebuild them from saved codebooks).
-    attn_top_k: Option<TopK>,
+    attn_top_k: Option<KeyTopK>,
     /// The current PQ codebooks (layer, centroids), kept in step with the model.
     codebooks: Vec<(usize, Tensor)>,
     /// Regrouped routed-FFN unit orders (layer, order), kept in step with the model.
@@ -148,18 +148,18 @@ fn pq_subspaces(cfg: &FinetuneConfig, head_dim: usize) -> usize {
 }
 
 /// The sparse-attention top-k of the settings (default: a quarter of the keys).
-pub fn attention_top_k(cfg: &FinetuneConfig) -> Result<TopK> {
+pub fn attention_top_k(cfg: &FinetuneConfig) -> Result<KeyTopK> {
     match (cfg.attn_k, cfg.attn_k_fraction) {
         (Some(_), Some(_)) => Err(Error::Msg(
             "give either --attn-k or --attn-k-fraction, not both".into(),
         )),
         (Some(0), None) => Err(Error::Msg("--attn-k must be at least 1".into())),
-        (Some(k), None) => Ok(TopK::Count(k)),
+        (Some(k), None) => Ok(KeyTopK::Count(k)),
         (None, Some(f)) if !(f > 0.0 && f <= 1.0) => Err(Error::Msg(format!(
             "--attn-k-fraction must be in (0, 1], got {f}"
         ))),
-        (None, Some(f)) => Ok(TopK::Fraction(f)),
-        (None, None) => Ok(TopK::Fraction(0.25)),
+        (None, Some(f)) => Ok(KeyTopK::Fraction(f)),
+        (None, None) => Ok(KeyTopK::Fraction(0.25)),
     }
 }
 

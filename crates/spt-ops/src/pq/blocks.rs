@@ -42,7 +42,7 @@
 //! query positions) are always kept and blocks entirely in the tile's future are never chosen;
 //! blocks whose keys are all padding are never kept. Ties go to the lower block index.
 
-use super::{select::top_k_into, Codebook, TopK, SENTINEL};
+use super::{select::top_k_into, Codebook, KeyTopK, SENTINEL};
 use crate::attention::AttentionMask;
 use candle_core::{bail, DType, Result, Tensor};
 use rayon::prelude::*;
@@ -86,7 +86,7 @@ impl BlockTiling {
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Selection {
     /// Exact ADC top-k per query: the reference mode.
-    PerQuery { k: TopK },
+    PerQuery { k: KeyTopK },
     /// Top key blocks per query tile, run as small dense GEMMs.
     Blocks(BlockTiling),
 }

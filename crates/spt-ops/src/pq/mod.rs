@@ -68,26 +68,28 @@ pub enum Refresh {
     MiniBatch,
 }
 
-/// How many keys each query keeps.
+/// How many keys each query keeps (sparse attention). Not [`BlockTopK`](crate::routed_ffn::BlockTopK),
+/// the routed FFN's blocks per token: a fraction of the keys rounds up here (a query keeps at
+/// least one key), a fraction of the blocks rounds to the nearest count there.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
-pub enum TopK {
+pub enum KeyTopK {
     /// Exactly this many (fewer where fewer keys are allowed).
     Count(usize),
     /// `ceil(fraction · L_k)`, at least 1.
     Fraction(f64),
 }
 
-impl TopK {
+impl KeyTopK {
     /// The count for `lk` keys, or a named error.
     pub fn resolve(self, lk: usize) -> Result<usize> {
         match self {
-            TopK::Count(0) => bail!("select_keys: k = 0, expected 1 ≤ k ≤ L = {lk}"),
-            TopK::Count(k) if k > lk => bail!("select_keys: k = {k} exceeds the number of keys L = {lk}"),
-            TopK::Count(k) => Ok(k),
-            TopK::Fraction(f) if !(f > 0.0 && f <= 1.0) => {
+            KeyTopK::Count(0) => bail!("select_keys: k = 0, expected 1 ≤ k ≤ L = {lk}"),
+            KeyTopK::Count(k) if k > lk => bail!("select_keys: k = {k} exceeds the number of keys L = {lk}"),
+            KeyTopK::Count(k) => Ok(k),
+            KeyTopK::Fraction(f) if !(f > 0.0 && f <= 1.0) => {
                 bail!("select_keys: k fraction {f} must be in (0, 1]")
             }
-            TopK::Fraction(f) => Ok(((f * lk as f64).ceil() as usize).clamp(1, lk.max(1))),
+            KeyTopK::Fraction(f) => Ok(((f * lk as f64).ceil() as usize).clamp(1, lk.max(1))),
         }
     }
 }
@@ -408,7 +410,7 @@ pub fn pq_sparse_attention(
     k: &Tensor,
     v: &Tensor,
     codebook: &Codebook,
-    topk: TopK,
+    topk: KeyTopK,
     mask: &AttentionMask,
     scale: f64,
 ) -> Result<Tensor> {

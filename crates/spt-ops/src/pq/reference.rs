@@ -1,6 +1,6 @@
 //! Brute-force selection: decode every key, score in f64, full sort. The oracle for tests.
 
-use super::{Codebook, KeySelection, TopK, SENTINEL};
+use super::{Codebook, KeySelection, KeyTopK, SENTINEL};
 use crate::attention::AttentionMask;
 use candle_core::{DType, Result, Tensor};
 
@@ -16,7 +16,7 @@ pub fn select_keys_brute_force(
     q: &Tensor,
     codes: &Tensor,
     codebook: &Codebook,
-    k: TopK,
+    k: KeyTopK,
     mask: &AttentionMask,
 ) -> Result<KeySelection> {
     let (b, h, lq, _) = q.dims4()?;

@@ -1,6 +1,6 @@
 //! ADC scoring and exact top-k per query row (CPU).
 
-use super::{Codebook, KeySelection, TopK, SENTINEL};
+use super::{Codebook, KeySelection, KeyTopK, SENTINEL};
 use crate::attention::AttentionMask;
 use candle_core::{bail, DType, Result, Tensor};
 use rayon::prelude::*;
@@ -77,7 +77,7 @@ pub fn select_keys(
     q: &Tensor,
     codes: &Tensor,
     codebook: &Codebook,
-    k: TopK,
+    k: KeyTopK,
     mask: &AttentionMask,
 ) -> Result<KeySelection> {
     let op = "select_keys";

@@ -49,7 +49,7 @@ pub use ops::{
     gather_matmul, gather_matmul_act, scatter_matmul, scatter_matmul_bias, AddKind, GatherMatmul,
     ScatterMatmul,
 };
-pub use router::{Routing, TopK};
+pub use router::{BlockTopK, Routing};
 pub use rows::{gather_rows, sum_rows};
 
 use crate::activation::Activation;
@@ -75,7 +75,7 @@ pub enum GateMode {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RoutedFfnConfig {
     pub n_blocks: usize,
-    pub top_k: TopK,
+    pub top_k: BlockTopK,
     pub gate: GateMode,
     pub activation: Activation,
     /// Return the Switch-style load-balancing loss `n·Σ_e f_e·P_e` (off by default).
@@ -93,7 +93,7 @@ pub struct RoutedFfnConfig {
 
 impl RoutedFfnConfig {
     /// Defaults: softmax-kept gate, no aux loss, no LoRA, seed 0.
-    pub fn new(n_blocks: usize, top_k: TopK, activation: Activation) -> Self {
+    pub fn new(n_blocks: usize, top_k: BlockTopK, activation: Activation) -> Self {
         Self {
             n_blocks,
             top_k,

@@ -7,22 +7,23 @@ use candle_core::{bail, Device, Result, Tensor};
 /// that every result is the same whatever the number of threads.
 pub(crate) const CHUNK_TOKENS: usize = 256;
 
-/// How many blocks each token keeps.
+/// How many FFN blocks each token keeps (routed FFN). Not [`KeyTopK`](crate::pq::KeyTopK), the
+/// keys per query of sparse attention, whose fraction rounds up.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum TopK {
+pub enum BlockTopK {
     /// Exactly this many blocks.
     Count(usize),
     /// This fraction of the blocks, rounded to the nearest count (`0.5` of 24 blocks is 12).
     Fraction(f64),
 }
 
-impl TopK {
+impl BlockTopK {
     /// The block count for `n_blocks` blocks, or a named error if it is 0 or above `n_blocks`.
     pub fn resolve(self, n_blocks: usize) -> Result<usize> {
         let k = match self {
-            TopK::Count(k) => k,
-            TopK::Fraction(f) => {
+            BlockTopK::Count(k) => k,
+            BlockTopK::Fraction(f) => {
                 if !(f > 0.0 && f <= 1.0) {
                     bail!("routed_ffn: top-k fraction must be in (0, 1], got {f}");
                 }
