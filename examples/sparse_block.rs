@@ -119,9 +119,10 @@ impl Block {
     }
 
     fn routed(&self, n_blocks: usize, top_k: BlockTopK, gate: GateMode) -> Result<RoutedFfn> {
-        let mut cfg = RoutedFfnConfig::new(n_blocks, top_k, Activation::GeluTanh);
+        let mut cfg = RoutedFfnConfig::new(n_blocks, top_k);
+        let act = Activation::GeluTanh;
         cfg.gate = gate;
-        Ok(RoutedFfn::new(&self.w1, &self.b1, &self.w2, &self.b2, cfg)?)
+        Ok(RoutedFfn::new(&self.w1, &self.b1, &self.w2, &self.b2, act, cfg)?)
     }
 }
 

@@ -3,11 +3,11 @@
 //! BERT's `intermediate.dense` / `output.dense` and GPT-2's `mlp.c_fc` / `mlp.c_proj` are `fc1` /
 //! `fc2` here, keeping their HF parameter names. Residual, dropout and layer norm stay in the layer.
 //!
-//! The routed FFN ([`RoutedFeedForward`]) runs spt-ops' `RoutedFfn` on the same weights: d_ff is
+//! The routed FFN ([`NamedRoutedFfn`]) runs spt-ops' `RoutedFfn` on the same weights: d_ff is
 //! split into `n_blocks` blocks and each token runs the top-k blocks its router picks. Its router
 //! is named `{fc1's parent}.router.{weight,bias}` (e.g. `encoder.layer.3.intermediate.router`,
 //! `transformer.h.3.mlp.router`); its optional linear correction is a constant, not a parameter
-//! (see [`RoutedFeedForward::correction`]).
+//! (see [`NamedRoutedFfn::correction`]).
 //! LoRA on a routed FFN lives inside the op and is named like LoRA on a dense linear
 //! (`{fc1}.lora_A.weight`, ...).
 
@@ -15,6 +15,7 @@ use crate::error::{ModelError, Result};
 use crate::layers::{lora_err, Linear, WeightLayout};
 use crate::weights::{NamedParams, Param};
 use candle_core::Tensor;
+use spt_ops::lora::LoraConfig;
 use spt_ops::routed_ffn::{RoutedFfn, RoutedFfnConfig, RouterFitConfig, RoutingQuality, UnitClusterConfig};
 use spt_ops::Activation;
 use std::sync::Mutex;
@@ -35,9 +36,12 @@ impl DenseFfn {
     }
 }
 
-/// The routed FFN slot: spt-ops' `RoutedFfn` over the layer's own fc1/fc2 weights.
+/// spt-ops' `RoutedFfn` bound to one model layer. The op computes; this adds what a model needs
+/// around it: the HF-named parameters (fc1 / fc2 for export, the router, the LoRA factors), the
+/// unit order that maps the op's hidden units to the checkpoint's (so saved orders, LoRA factors
+/// and exports stay in the checkpoint's terms), and the last training forward's balancing loss.
 #[derive(Debug)]
-pub struct RoutedFeedForward {
+pub struct NamedRoutedFfn {
     /// The dense layers, kept for their HF names and export; the op reads the same tensors.
     pub fc1: Linear,
     pub fc2: Linear,
@@ -51,27 +55,20 @@ pub struct RoutedFeedForward {
     unit_order: Vec<u32>,
 }
 
-impl RoutedFeedForward {
+impl NamedRoutedFfn {
     /// Converts a dense FFN. The FFN weights keep the trainability they have now (a `Var` is
-    /// trained through the op, a frozen tensor costs no weight-gradient work); with
-    /// `cfg.lora` they are frozen and LoRA factors are added inside the op.
-    pub fn from_dense(mut dense: DenseFfn, cfg: RoutedFfnConfig) -> Result<Self> {
+    /// trained through the op, a frozen tensor costs no weight-gradient work); with `lora` they
+    /// are frozen and LoRA factors are added inside the op.
+    pub fn from_dense(mut dense: DenseFfn, cfg: RoutedFfnConfig, lora: Option<LoraConfig>) -> Result<Self> {
         if dense.fc1.lora().is_some() || dense.fc2.lora().is_some() {
             return Err(ModelError::InvalidConfig {
                 field: "lora",
                 value: dense.fc1.module_name().to_string(),
-                reason: "a routed FFN takes its LoRA through RoutedFfnConfig::lora, not from wrapped fc1/fc2"
+                reason: "a routed FFN takes its LoRA inside the op (from_dense's `lora`), not from wrapped fc1/fc2"
                     .into(),
             });
         }
-        if cfg.activation != dense.act {
-            return Err(ModelError::InvalidConfig {
-                field: "activation",
-                value: cfg.activation.hf_name().into(),
-                reason: format!("the dense FFN uses {}", dense.act.hf_name()),
-            });
-        }
-        if cfg.lora.is_some() {
+        if lora.is_some() {
             for p in [&mut dense.fc1.weight, &mut dense.fc2.weight] {
                 p.freeze();
             }
@@ -92,7 +89,10 @@ impl RoutedFeedForward {
         // RoutedFfn takes HF Linear layout: W1 [d_ff, d], W2 [d, d_ff].
         let w1 = dense.fc1.weight_out_in()?;
         let w2 = dense.fc2.weight_out_in()?;
-        let ffn = RoutedFfn::new(&w1, &bias(&dense.fc1)?, &w2, &bias(&dense.fc2)?, cfg)?;
+        let mut ffn = RoutedFfn::new(&w1, &bias(&dense.fc1)?, &w2, &bias(&dense.fc2)?, dense.act, cfg)?;
+        if let Some(lc) = lora {
+            ffn = ffn.with_lora(lc)?;
+        }
         let unit_order = (0..ffn.d_ff() as u32).collect();
         let fc1 = dense.fc1.module_name().to_string();
         let fc2 = dense.fc2.module_name().to_string();
@@ -205,7 +205,7 @@ impl RoutedFeedForward {
         self.merged
     }
 
-    /// Undoes [`RoutedFeedForward::merge_lora`].
+    /// Undoes [`NamedRoutedFfn::merge_lora`].
     pub fn unmerge_lora(&mut self) -> Result<()> {
         self.ffn.unmerge().map_err(lora_err)?;
         self.merged = false;
@@ -233,7 +233,7 @@ pub enum FeedForward {
     /// `fc2(act(fc1(x)))`.
     Dense(DenseFfn),
     /// Router + routed FFN op.
-    Routed(RoutedFeedForward),
+    Routed(NamedRoutedFfn),
 }
 
 impl FeedForward {

@@ -26,15 +26,15 @@ pub mod weights;
 pub use attention::{AttentionCore, AttentionMask, DenseAttention, PreparedMask, SparseAttention};
 pub use bert::{BertConfig, BertForSequenceClassification, BertModel};
 pub use error::{ModelError, Result};
-pub use ffn::{DenseFfn, FeedForward, RoutedFeedForward};
+pub use ffn::{DenseFfn, FeedForward, NamedRoutedFfn};
 pub use gpt2::{lm_loss, GPT2Config, GPT2LMHeadModel, GPT2Model};
 pub use layers::{Dropout, Embedding, LayerNorm, Linear, WeightLayout};
 pub use memory::{
     activation_bytes, ActivationAccounting, ActivationBytes, AttentionCost, FfnCost, LayerShape,
 };
 pub use sparsify::{
-    sparsify, CalibrationBatch, LayerReport, LayerSelection, LoraSettings, LoraTarget, RoutedFfnSettings,
-    RouterFit, RoutingSummary, SparseAttentionConfig, SparsifyReport, SptConfig, SptModel,
+    sparsify, CalibrationBatch, FfnCalibration, LayerReport, LayerSelection, LoraSettings, LoraTarget,
+    RoutingSummary, SparseAttentionConfig, SparsifyReport, SptConfig, SptModel,
 };
 /// spt-ops' types used in [`SptConfig`]: PQ, routed FFN, LoRA.
 pub use spt_ops::{lora, pq, routed_ffn};

@@ -3,7 +3,7 @@
 //! Per selected layer it can
 //! - swap the attention core for [`SparseAttention`]: a PQ codebook fitted by k-means on the
 //!   layer's keys from a few calibration batches (padding excluded), and a top-k per query;
-//! - swap the FFN for a [`RoutedFeedForward`] (`n_blocks` blocks, top-k per token), its router
+//! - swap the FFN for a [`NamedRoutedFfn`] (`n_blocks` blocks, top-k per token), its router
 //!   fitted to rank blocks by their activation norm on the calibration tokens (and, if asked, the
 //!   hidden units regrouped first and the linear correction fitted after);
 //! - wrap linear layers with LoRA (q, k, v, o, fc1, fc2; GPT-2's fused `c_attn` for q/k/v). On a
@@ -15,15 +15,13 @@
 
 use crate::attention::{AttentionCore, SparseAttention};
 use crate::error::{ModelError, Result};
-use crate::ffn::{DenseFfn, FeedForward, RoutedFeedForward};
+use crate::ffn::{DenseFfn, FeedForward, NamedRoutedFfn};
 use crate::layers::{DropoutRng, Linear, WeightLayout};
 use crate::weights::Param;
 use candle_core::{DType, Device, Tensor};
 use spt_ops::lora::LoraConfig;
 use spt_ops::pq::{KeyTopK, PqConfig, Refresh};
-use spt_ops::routed_ffn::{
-    BlockTopK, GateMode, RoutedFfnConfig, RouterFitConfig, RoutingQuality, UnitClusterConfig,
-};
+use spt_ops::routed_ffn::{RoutedFfnConfig, RouterFitConfig, RoutingQuality, UnitClusterConfig};
 use std::sync::Arc;
 
 /// One batch of calibration inputs (the model's forward arguments).
@@ -94,7 +92,7 @@ pub trait SptModel {
 
     /// The mean over routed layers of the router load-balancing losses of the last training
     /// forward (differentiable; taken, so a second call returns `None`). `None` when no routed
-    /// layer computes it (see [`RoutedFfnSettings::aux_loss`]).
+    /// layer computes it (see spt-ops' `RoutedFfnConfig::aux_loss`).
     fn take_router_aux_loss(&mut self) -> Result<Option<Tensor>> {
         let mut losses = Vec::new();
         for i in 0..self.num_layers() {
@@ -150,7 +148,7 @@ pub trait SptModel {
     }
 
     /// The routed FFN of layer `i`, or an error naming the saved `field` that expected one.
-    fn routed_ffn_mut(&mut self, i: usize, field: &'static str) -> Result<&mut RoutedFeedForward> {
+    fn routed_ffn_mut(&mut self, i: usize, field: &'static str) -> Result<&mut NamedRoutedFfn> {
         let n = self.num_layers();
         match self.layer_slots(i) {
             Some(LayerSlots {
@@ -290,66 +288,28 @@ pub struct SparseAttentionConfig {
     pub top_k: KeyTopK,
 }
 
-/// Routed FFN settings.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct RoutedFfnSettings {
-    /// Blocks d_ff is split into (must divide d_ff).
-    pub n_blocks: usize,
-    /// Blocks each token runs.
-    pub top_k: BlockTopK,
-    pub gate: GateMode,
-    /// Fit the router on the calibration tokens (ridge, score scale); `None` keeps the seeded
-    /// random `nn.Linear`-style initialisation.
-    pub router_fit: Option<RouterFit>,
-    /// Seed of the router initialisation (xor'ed with the layer index).
-    pub seed: u64,
-    /// Compute the router load-balancing loss in training forwards (collect it with
-    /// [`SptModel::take_router_aux_loss`]).
-    #[serde(default)]
-    pub aux_loss: bool,
+/// How [`sparsify`] fits the routed FFNs on the calibration tokens (the layers' routing itself
+/// is spt-ops' `RoutedFfnConfig`, [`SptConfig::ffn`]).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FfnCalibration {
+    /// Fit the router (then the linear correction, if the layer has one) on the calibration
+    /// tokens; `None` keeps the seeded random `nn.Linear`-style initialisation.
+    pub router_fit: Option<RouterFitConfig>,
     /// Before fitting the router, regroup the hidden units so that units firing on the same
     /// calibration tokens share a block (spt-ops' `cluster_units`; exact for the dense FFN). With
     /// a router fit, a layer keeps its contiguous blocks where they fit the dense FFN better.
     /// Needs frozen FFN weights (LoRA on the FFN, or a frozen model): trained ones are an error.
     #[serde(default)]
     pub cluster_units: bool,
-    /// Give each routed FFN a linear correction for the blocks a token skips (spt-ops'
-    /// `RoutedFfnConfig::correction`), fitted with the router.
-    #[serde(default)]
-    pub correction: bool,
 }
 
-/// Serializable form of spt-ops' `RouterFitConfig`.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct RouterFit {
-    pub ridge: f64,
-    pub score_scale: f64,
-    /// Ridge of the linear correction's fit (older configs, without it: the default).
-    #[serde(default = "default_correction_ridge")]
-    pub correction_ridge: f64,
-}
-
-fn default_correction_ridge() -> f64 {
-    RouterFitConfig::default().correction_ridge
-}
-
-impl Default for RouterFit {
+impl Default for FfnCalibration {
+    /// The router fitted with the default settings; contiguous units.
     fn default() -> Self {
-        let d = RouterFitConfig::default();
         Self {
-            ridge: d.ridge,
-            score_scale: d.score_scale,
-            correction_ridge: d.correction_ridge,
-        }
-    }
-}
-
-impl From<RouterFit> for RouterFitConfig {
-    fn from(f: RouterFit) -> Self {
-        Self {
-            ridge: f.ridge,
-            score_scale: f.score_scale,
-            correction_ridge: f.correction_ridge,
+            router_fit: Some(RouterFitConfig::default()),
+            cluster_units: false,
         }
     }
 }
@@ -368,8 +328,12 @@ pub struct SptConfig {
     pub layers: LayerSelection,
     /// Sparse attention in the selected layers, or keep dense attention.
     pub attention: Option<SparseAttentionConfig>,
-    /// Routed FFN in the selected layers, or keep the dense FFN.
-    pub ffn: Option<RoutedFfnSettings>,
+    /// Routed FFN in the selected layers, or keep the dense FFN. Layer `i`'s router seed is
+    /// `seed ^ i`; its LoRA comes from [`SptConfig::lora`] (targets `Fc1` / `Fc2`).
+    pub ffn: Option<RoutedFfnConfig>,
+    /// How the routed FFNs are fitted on the calibration tokens.
+    #[serde(default)]
+    pub ffn_calibration: FfnCalibration,
     /// LoRA adapters in the selected layers, or none.
     pub lora: Option<LoraSettings>,
 }
@@ -467,10 +431,8 @@ pub fn sparsify<M: SptModel + ?Sized>(
 ) -> Result<SparsifyReport> {
     let n = model.num_layers();
     let layers = cfg.layers.resolve(n)?;
-    let ffn_needs_tokens = cfg
-        .ffn
-        .as_ref()
-        .is_some_and(|f| f.router_fit.is_some() || f.cluster_units);
+    let calib = cfg.ffn_calibration;
+    let ffn_needs_tokens = cfg.ffn.is_some() && (calib.router_fit.is_some() || calib.cluster_units);
     if (cfg.attention.is_some() || ffn_needs_tokens) && calibration.is_empty() {
         return Err(ModelError::InvalidConfig {
             field: "calibration_batches",
@@ -584,31 +546,31 @@ pub fn sparsify<M: SptModel + ?Sized>(
                     });
                 }
             };
-            let mut rc = RoutedFfnConfig::new(fc.n_blocks, fc.top_k, dense.act);
-            rc.gate = fc.gate;
-            rc.seed = fc.seed ^ i as u64;
-            rc.aux_loss = fc.aux_loss;
-            rc.correction = fc.correction;
+            let rc = RoutedFfnConfig {
+                seed: fc.seed ^ i as u64,
+                ..fc.clone()
+            };
+            let mut ffn_lora = None;
             if wants(LoraTarget::Fc1) || wants(LoraTarget::Fc2) {
-                rc.lora = lora_cfg(10);
+                ffn_lora = lora_cfg(10);
                 lr.lora.push(dense.fc1.module_name().to_string());
                 lr.lora.push(dense.fc2.module_name().to_string());
             }
-            let mut routed = RoutedFeedForward::from_dense(dense, rc)?;
-            let sample = match fc.router_fit.is_some() || fc.cluster_units {
+            let mut routed = NamedRoutedFfn::from_dense(dense, rc, ffn_lora)?;
+            let sample = match calib.router_fit.is_some() || calib.cluster_units {
                 true => Some(Tensor::cat(&ffn_in[i], 0)?.to_dtype(routed.fc1.weight.tensor().dtype())?),
                 false => None,
             };
-            let fit = fc.router_fit.map(RouterFitConfig::from);
+            let fit = calib.router_fit;
             if let Some(sample) = &sample {
-                let fit_router = |r: &mut RoutedFeedForward| -> Result<Option<RoutingQuality>> {
+                let fit_router = |r: &mut NamedRoutedFfn| -> Result<Option<RoutingQuality>> {
                     fit.map(|f| r.init_router(sample, f)).transpose()
                 };
                 let contiguous = fit_router(&mut routed)?;
                 let mut q = contiguous;
                 let mut units = "contiguous";
                 let mut clustered_cosine = None;
-                if fc.cluster_units {
+                if calib.cluster_units {
                     routed.cluster_units(sample, UnitClusterConfig::default())?;
                     let clustered = fit_router(&mut routed)?;
                     clustered_cosine = clustered.map(|c| c.cosine);
@@ -669,7 +631,7 @@ pub fn sparsify<M: SptModel + ?Sized>(
 /// `(layer, value)` for every routed FFN of `m` where `f` gives a value.
 fn routed_ffn_values<M: SptModel + ?Sized, T>(
     m: &mut M,
-    f: impl Fn(&RoutedFeedForward) -> Option<T>,
+    f: impl Fn(&NamedRoutedFfn) -> Option<T>,
 ) -> Vec<(usize, T)> {
     (0..m.num_layers())
         .filter_map(|i| match m.layer_slots(i) {

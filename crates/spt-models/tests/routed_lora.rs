@@ -11,26 +11,29 @@ use common::{expected, fixture, max_abs, rel_err};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use spt_models::lora::LoraConfig;
 use spt_models::pq::{KeyTopK, PqConfig};
-use spt_models::routed_ffn::{BlockTopK, GateMode};
+use spt_models::routed_ffn::{BlockTopK, GateMode, RoutedFfnConfig, RouterFitConfig};
 use spt_models::{
     sparsify, ActivationAccounting, BertForSequenceClassification, CalibrationBatch, FeedForward,
-    GPT2LMHeadModel, LayerSelection, LoadOptions, LoraSettings, LoraTarget, ModelError, NamedParams,
-    RoutedFfnSettings, RouterFit, SparseAttentionConfig, SptConfig, SptModel, Trainable,
+    FfnCalibration, GPT2LMHeadModel, LayerSelection, LoadOptions, LoraSettings, LoraTarget, ModelError,
+    NamedParams, SparseAttentionConfig, SptConfig, SptModel, Trainable,
 };
 use std::collections::HashMap;
 
 const TOL: f64 = 1e-5;
 
-fn routed(n_blocks: usize, top_k: BlockTopK, gate: GateMode, fit: bool) -> RoutedFfnSettings {
-    RoutedFfnSettings {
-        n_blocks,
-        top_k,
+fn routed(n_blocks: usize, top_k: BlockTopK, gate: GateMode) -> RoutedFfnConfig {
+    RoutedFfnConfig {
         gate,
-        router_fit: fit.then(RouterFit::default),
         seed: 3,
-        aux_loss: false,
+        ..RoutedFfnConfig::new(n_blocks, top_k)
+    }
+}
+
+/// The router fitted on the calibration tokens (contiguous units), or left at its seeded init.
+fn calibration(fit: bool) -> FfnCalibration {
+    FfnCalibration {
+        router_fit: fit.then(RouterFitConfig::default),
         cluster_units: false,
-        correction: false,
     }
 }
 
@@ -65,7 +68,8 @@ fn gpt2_routed_ffn_all_blocks_gate_one_equals_dense() -> Result<()> {
     let (dense, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::default())?;
     let (mut m, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::default())?;
     let cfg = SptConfig {
-        ffn: Some(routed(4, BlockTopK::Count(4), GateMode::Ones, false)),
+        ffn: Some(routed(4, BlockTopK::Count(4), GateMode::Ones)),
+        ffn_calibration: calibration(false),
         ..SptConfig::default()
     };
     let report = sparsify(&mut m, &cfg, &[])?;
@@ -115,7 +119,8 @@ fn bert_routed_ffn_and_sparse_attention_all_equals_dense() -> Result<()> {
             },
             top_k: KeyTopK::Fraction(1.0),
         }),
-        ffn: Some(routed(8, BlockTopK::Fraction(1.0), GateMode::Ones, true)),
+        ffn: Some(routed(8, BlockTopK::Fraction(1.0), GateMode::Ones)),
+        ffn_calibration: calibration(true),
         lora: None,
     };
     let calib = [CalibrationBatch {
@@ -275,7 +280,8 @@ fn fully_sparse_gpt2_is_causal_and_trains() -> Result<()> {
             },
             top_k: KeyTopK::Count(8),
         }),
-        ffn: Some(routed(4, BlockTopK::Count(2), GateMode::SoftmaxKept, true)),
+        ffn: Some(routed(4, BlockTopK::Count(2), GateMode::SoftmaxKept)),
+        ffn_calibration: calibration(true),
         lora: Some(LoraSettings {
             targets: vec![LoraTarget::Query, LoraTarget::Output, LoraTarget::Fc1],
             config: LoraConfig {
@@ -386,7 +392,8 @@ fn fully_sparse_gpt2_is_causal_and_trains() -> Result<()> {
 fn bad_routed_configs_are_named_and_leave_the_model_intact() -> Result<()> {
     let (mut m, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
     let cfg = SptConfig {
-        ffn: Some(routed(3, BlockTopK::Count(1), GateMode::Ones, false)),
+        ffn: Some(routed(3, BlockTopK::Count(1), GateMode::Ones)),
+        ffn_calibration: calibration(false),
         ..SptConfig::default()
     };
     let err = sparsify(&mut m, &cfg, &[]).unwrap_err();
@@ -436,12 +443,13 @@ fn router_aux_loss_is_collected_from_training_forwards_and_trains_the_router() -
     let mut rng = StdRng::seed_from_u64(4);
     let ids: Vec<u32> = (0..2 * 16).map(|_| rng.random_range(0..1000)).collect();
     let ids = Tensor::from_vec(ids, (2, 16), &Device::Cpu)?;
-    let mut ffn = routed(4, BlockTopK::Count(1), GateMode::SoftmaxKept, false);
+    let mut ffn = routed(4, BlockTopK::Count(1), GateMode::SoftmaxKept);
     ffn.aux_loss = true;
     let cfg = SptConfig {
         layers: LayerSelection::All,
         attention: None,
         ffn: Some(ffn),
+        ffn_calibration: calibration(false),
         lora: None,
     };
     sparsify(&mut m, &cfg, &[])?;

@@ -1,4 +1,4 @@
-//! Regrouped routed-FFN units (`RoutedFfnSettings::cluster_units`): the reordering is exact for
+//! Regrouped routed-FFN units (`FfnCalibration::cluster_units`): the reordering is exact for
 //! the dense model and for export (BERT's out×in and GPT-2's Conv1D in×out layouts), and a saved
 //! order plus the trained values rebuild the same routed model.
 
@@ -9,11 +9,11 @@ use candle_core::{Device, Tensor};
 use common::{expected, fixture, max_abs, rel_err};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use spt_models::lora::LoraConfig;
-use spt_models::routed_ffn::{BlockTopK, GateMode};
+use spt_models::routed_ffn::{BlockTopK, GateMode, RoutedFfnConfig, RouterFitConfig};
 use spt_models::{
-    sparsify, BertConfig, BertForSequenceClassification, CalibrationBatch, GPT2Config, GPT2LMHeadModel,
-    LoadOptions, LoraSettings, LoraTarget, NamedParams, RoutedFfnSettings, RouterFit, SptConfig, SptModel,
-    Trainable, WeightSource,
+    sparsify, BertConfig, BertForSequenceClassification, CalibrationBatch, FfnCalibration, GPT2Config,
+    GPT2LMHeadModel, LoadOptions, LoraSettings, LoraTarget, NamedParams, SptConfig, SptModel, Trainable,
+    WeightSource,
 };
 use std::collections::HashMap;
 
@@ -90,16 +90,15 @@ impl Model {
 
 fn config(top_k: usize, gate: GateMode, fit: bool) -> SptConfig {
     SptConfig {
-        ffn: Some(RoutedFfnSettings {
-            n_blocks: 4,
-            top_k: BlockTopK::Count(top_k),
+        ffn: Some(RoutedFfnConfig {
             gate,
-            router_fit: fit.then(RouterFit::default),
             seed: 5,
-            aux_loss: false,
-            cluster_units: fit,
-            correction: false,
+            ..RoutedFfnConfig::new(4, BlockTopK::Count(top_k))
         }),
+        ffn_calibration: FfnCalibration {
+            router_fit: fit.then(RouterFitConfig::default),
+            cluster_units: fit,
+        },
         lora: Some(LoraSettings {
             targets: vec![LoraTarget::Fc1, LoraTarget::Fc2],
             config: LoraConfig {

@@ -120,12 +120,13 @@ fn bench_case(c: Case, reps: usize) -> Result<Record> {
             b2v.as_tensor().clone(),
         )
     };
-    let mut cfg = RoutedFfnConfig::new(n_blocks, BlockTopK::Fraction(c.kept), ACT);
+    let mut cfg = RoutedFfnConfig::new(n_blocks, BlockTopK::Fraction(c.kept));
+    let act = ACT;
     cfg.gate = GateMode::SoftmaxKept;
+    let mut routed = RoutedFfn::new(&w1, &b1, &w2, &b2, act, cfg)?;
     if c.frozen {
-        cfg.lora = Some(lcfg);
+        routed = routed.with_lora(lcfg)?;
     }
-    let routed = RoutedFfn::new(&w1, &b1, &w2, &b2, cfg)?;
     // Non-zero B so that no gradient is trivially zero.
     if let Some((_, lb1, _, lb2)) = routed.lora_factors() {
         lb1.set(&f32t((randn_f64(&[d_ff, RANK], 8)? * 0.01)?)?)?;

@@ -106,8 +106,9 @@ fn ffn_cases(dev: &Device, reps: usize, dt: DType) -> Result<Vec<serde_json::Val
     );
     let mut cases = Vec::new();
     for k in [4, 2] {
-        let cfg = RoutedFfnConfig::new(n, BlockTopK::Count(k), Activation::GeluTanh);
-        let ffn = RoutedFfn::new(&w1, &b1, &w2, &b2, cfg)?;
+        let cfg = RoutedFfnConfig::new(n, BlockTopK::Count(k));
+        let act = Activation::GeluTanh;
+        let ffn = RoutedFfn::new(&w1, &b1, &w2, &b2, act, cfg)?;
         let routed_ms = time(dev, reps, || step(ffn.forward_t(xv.as_tensor(), true)?.y))?;
         // Where the time goes: the routing alone (router GEMM, scores to the host, top-k and
         // grouping there) and the forward alone.
@@ -228,8 +229,9 @@ fn ffn_profile(dev: &Device) -> Result<()> {
         let h = Activation::GeluTanh.forward(&xv.as_tensor().matmul(&w1.t()?)?.broadcast_add(&b1)?)?;
         step(h.matmul(&w2.t()?)?.broadcast_add(&b2)?)
     };
-    let cfg = RoutedFfnConfig::new(n, BlockTopK::Count(4), Activation::GeluTanh);
-    let ffn = RoutedFfn::new(&w1, &b1, &w2, &b2, cfg)?;
+    let cfg = RoutedFfnConfig::new(n, BlockTopK::Count(4));
+    let act = Activation::GeluTanh;
+    let ffn = RoutedFfn::new(&w1, &b1, &w2, &b2, act, cfg)?;
     let routed = || step(ffn.forward_t(xv.as_tensor(), true)?.y);
     for (name, f) in [
         ("dense", &dense as &dyn Fn() -> Result<()>),

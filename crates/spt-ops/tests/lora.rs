@@ -237,15 +237,15 @@ fn routed_lora(gate: GateMode, k: usize) -> Result<(RoutedFfn, [Tensor; 4])> {
         f32((randn_f64(&[d, d_ff], 22)? * 0.2)?)?,
         f32((randn_f64(&[d], 23)? * 0.1)?)?,
     ];
-    let mut cfg = RoutedFfnConfig::new(4, BlockTopK::Count(k), Activation::GeluErf);
+    let mut cfg = RoutedFfnConfig::new(4, BlockTopK::Count(k));
+    let act = Activation::GeluErf;
     cfg.gate = gate;
-    cfg.lora = Some(LoraConfig {
+    let layer = RoutedFfn::new(&w[0], &w[1], &w[2], &w[3], act, cfg)?.with_lora(LoraConfig {
         rank: 3,
         alpha: 5.0,
         dropout: 0.0,
         seed: 9,
-    });
-    let layer = RoutedFfn::new(&w[0], &w[1], &w[2], &w[3], cfg)?;
+    })?;
     Ok((layer, w))
 }
 

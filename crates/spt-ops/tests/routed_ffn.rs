@@ -64,13 +64,14 @@ fn all_blocks_gate_ones_equals_dense_ffn_f32() -> Result<()> {
         let (t, d, d_ff, n) = (300, 24, 64, 4);
         let p = vars(&weights(d, d_ff, seed, DType::F32)?)?;
         let x = Var::from_tensor(&randn_f64(&[t, d], seed + 9)?.to_dtype(DType::F32)?)?;
-        let mut cfg = RoutedFfnConfig::new(n, BlockTopK::Count(n), act);
+        let mut cfg = RoutedFfnConfig::new(n, BlockTopK::Count(n));
         cfg.gate = GateMode::Ones;
         let layer = RoutedFfn::new(
             p[0].as_tensor(),
             p[1].as_tensor(),
             p[2].as_tensor(),
             p[3].as_tensor(),
+            act,
             cfg,
         )?;
         let ours = layer.forward_t(x.as_tensor(), true)?.y;
@@ -112,13 +113,15 @@ fn top_k_equals_masked_dense_ffn() -> Result<()> {
         let (t, d, d_ff, n) = (270, 16, 48, 6);
         let p = vars(&weights(d, d_ff, seed, DType::F32)?)?;
         let x = Var::from_tensor(&randn_f64(&[3, 90, d], seed + 9)?.to_dtype(DType::F32)?)?;
-        let mut cfg = RoutedFfnConfig::new(n, BlockTopK::Fraction(0.5), Activation::GeluErf);
+        let mut cfg = RoutedFfnConfig::new(n, BlockTopK::Fraction(0.5));
+        let act = Activation::GeluErf;
         cfg.gate = gate;
         let layer = RoutedFfn::new(
             p[0].as_tensor(),
             p[1].as_tensor(),
             p[2].as_tensor(),
             p[3].as_tensor(),
+            act,
             cfg,
         )?;
         assert_eq!(layer.k(), 3);
@@ -324,7 +327,8 @@ fn zero_and_one_token() -> Result<()> {
             &b1,
             &w2,
             &b2,
-            RoutedFfnConfig::new(3, BlockTopK::Count(2), Activation::Relu),
+            Activation::Relu,
+            RoutedFfnConfig::new(3, BlockTopK::Count(2)),
         )?;
         let x = Tensor::zeros((t, 5), DType::F32, &Device::Cpu)?;
         let out = layer.forward_t(&x, false)?;
@@ -352,14 +356,15 @@ fn routing_is_a_stable_counting_sort() -> Result<()> {
 fn load_balancing_loss_is_optional_and_trains_the_router() -> Result<()> {
     let [w1, b1, w2, b2] = weights(8, 16, 5, DType::F32)?;
     let x = randn_f64(&[40, 8], 6)?.to_dtype(DType::F32)?;
-    let mut cfg = RoutedFfnConfig::new(4, BlockTopK::Count(1), Activation::GeluErf);
-    assert!(RoutedFfn::new(&w1, &b1, &w2, &b2, cfg.clone())?
+    let mut cfg = RoutedFfnConfig::new(4, BlockTopK::Count(1));
+    let act = Activation::GeluErf;
+    assert!(RoutedFfn::new(&w1, &b1, &w2, &b2, act, cfg.clone())?
         .forward_t(&x, true)?
         .aux_loss
         .is_none());
     cfg.aux_loss = true;
     cfg.gate = GateMode::Ones;
-    let layer = RoutedFfn::new(&w1, &b1, &w2, &b2, cfg)?;
+    let layer = RoutedFfn::new(&w1, &b1, &w2, &b2, act, cfg)?;
     let out = layer.forward_t(&x, true)?;
     let aux = out.aux_loss.expect("aux loss requested");
     // n · Σ f_e P_e, recomputed by hand.
@@ -389,7 +394,8 @@ fn frozen_weights_get_no_gradient_work() -> Result<()> {
         &b1,
         &w2,
         &b2,
-        RoutedFfnConfig::new(4, BlockTopK::Count(2), Activation::GeluErf),
+        Activation::GeluErf,
+        RoutedFfnConfig::new(4, BlockTopK::Count(2)),
     )?;
     let x = Var::from_tensor(&randn_f64(&[30, 8], 8)?.to_dtype(DType::F32)?)?;
     let g = layer
@@ -425,9 +431,10 @@ fn planted(d: usize, n: usize, b: usize, t: usize, seed: u64) -> Result<([Tensor
 #[test]
 fn router_init_ranks_blocks_by_activation_norm() -> Result<()> {
     let ([w1, b1, w2, b2], x) = planted(16, 4, 8, 400, 21)?;
-    let mut cfg = RoutedFfnConfig::new(4, BlockTopK::Count(1), Activation::GeluErf);
+    let mut cfg = RoutedFfnConfig::new(4, BlockTopK::Count(1));
+    let act = Activation::GeluErf;
     cfg.seed = 3;
-    let mut layer = RoutedFfn::new(&w1, &b1, &w2, &b2, cfg)?;
+    let mut layer = RoutedFfn::new(&w1, &b1, &w2, &b2, act, cfg)?;
     let before = layer.quality(&x)?;
     let after = layer.init_router(&x, RouterFitConfig::default())?;
     assert!(after.oracle_recall >= 0.9, "recall after fit {after:?}");
@@ -447,9 +454,10 @@ fn router_init_ranks_blocks_by_activation_norm() -> Result<()> {
 #[test]
 fn quality_of_the_dense_routing_is_exact() -> Result<()> {
     let [w1, b1, w2, b2] = weights(8, 24, 9, DType::F32)?;
-    let mut cfg = RoutedFfnConfig::new(3, BlockTopK::Fraction(1.0), Activation::GeluTanh);
+    let mut cfg = RoutedFfnConfig::new(3, BlockTopK::Fraction(1.0));
+    let act = Activation::GeluTanh;
     cfg.gate = GateMode::Ones;
-    let layer = RoutedFfn::new(&w1, &b1, &w2, &b2, cfg)?;
+    let layer = RoutedFfn::new(&w1, &b1, &w2, &b2, act, cfg)?;
     let q = layer.quality(&randn_f64(&[2, 20, 8], 10)?.to_dtype(DType::F32)?)?;
     assert!(
         (q.cosine - 1.0).abs() < 1e-6
@@ -473,7 +481,8 @@ fn bad_inputs_give_named_errors() -> Result<()> {
         &b1,
         &w2,
         &b2,
-        RoutedFfnConfig::new(5, BlockTopK::Count(1), act),
+        act,
+        RoutedFfnConfig::new(5, BlockTopK::Count(1)),
     ));
     assert!(
         e.contains("routed_ffn") && e.contains("not divisible") && e.contains("24"),
@@ -484,7 +493,8 @@ fn bad_inputs_give_named_errors() -> Result<()> {
         &b1,
         &w2,
         &b2,
-        RoutedFfnConfig::new(4, BlockTopK::Count(0), act),
+        act,
+        RoutedFfnConfig::new(4, BlockTopK::Count(0)),
     ));
     assert!(e.contains("top-k is 0"), "{e}");
     let e = err(RoutedFfn::new(
@@ -492,7 +502,8 @@ fn bad_inputs_give_named_errors() -> Result<()> {
         &b1,
         &w2,
         &b2,
-        RoutedFfnConfig::new(4, BlockTopK::Count(5), act),
+        act,
+        RoutedFfnConfig::new(4, BlockTopK::Count(5)),
     ));
     assert!(e.contains("top-k is 5") && e.contains("n_blocks = 4"), "{e}");
     let e = err(RoutedFfn::new(
@@ -500,7 +511,8 @@ fn bad_inputs_give_named_errors() -> Result<()> {
         &b1,
         &w2,
         &b2,
-        RoutedFfnConfig::new(4, BlockTopK::Fraction(0.0), act),
+        act,
+        RoutedFfnConfig::new(4, BlockTopK::Fraction(0.0)),
     ));
     assert!(e.contains("fraction"), "{e}");
     let e = err(RoutedFfn::new(
@@ -508,7 +520,8 @@ fn bad_inputs_give_named_errors() -> Result<()> {
         &b1,
         &w1,
         &b2,
-        RoutedFfnConfig::new(4, BlockTopK::Count(1), act),
+        act,
+        RoutedFfnConfig::new(4, BlockTopK::Count(1)),
     ));
     assert!(e.contains("W2 is [24, 8], expected [d, d_ff] = [8, 24]"), "{e}");
     let e = err(RoutedFfn::new(
@@ -516,7 +529,8 @@ fn bad_inputs_give_named_errors() -> Result<()> {
         &b2,
         &w2,
         &b2,
-        RoutedFfnConfig::new(4, BlockTopK::Count(1), act),
+        act,
+        RoutedFfnConfig::new(4, BlockTopK::Count(1)),
     ));
     assert!(e.contains("b1 is [8]"), "{e}");
     let e = err(RoutedFfn::new(
@@ -524,7 +538,8 @@ fn bad_inputs_give_named_errors() -> Result<()> {
         &b1,
         &w2.to_dtype(DType::F64)?,
         &b2,
-        RoutedFfnConfig::new(4, BlockTopK::Count(1), act),
+        act,
+        RoutedFfnConfig::new(4, BlockTopK::Count(1)),
     ));
     assert!(e.contains("W2") && e.contains("F64"), "{e}");
     let layer = RoutedFfn::new(
@@ -532,7 +547,8 @@ fn bad_inputs_give_named_errors() -> Result<()> {
         &b1,
         &w2,
         &b2,
-        RoutedFfnConfig::new(4, BlockTopK::Count(2), act),
+        act,
+        RoutedFfnConfig::new(4, BlockTopK::Count(2)),
     )?;
     let e = layer
         .forward_t(&Tensor::zeros((3, 7), DType::F32, &Device::Cpu)?, false)
@@ -685,14 +701,14 @@ fn shuffled(n: usize, seed: u64) -> Vec<u32> {
 #[test]
 fn permuted_units_keep_the_dense_ffn_with_lora() -> Result<()> {
     let [w1, b1, w2, b2] = weights(8, 24, 31, DType::F32)?;
-    let mut cfg = RoutedFfnConfig::new(4, BlockTopK::Count(2), Activation::GeluErf);
-    cfg.lora = Some(LoraConfig {
+    let cfg = RoutedFfnConfig::new(4, BlockTopK::Count(2));
+    let act = Activation::GeluErf;
+    let mut layer = RoutedFfn::new(&w1, &b1, &w2, &b2, act, cfg)?.with_lora(LoraConfig {
         rank: 2,
         alpha: 4.0,
         dropout: 0.0,
         seed: 5,
-    });
-    let mut layer = RoutedFfn::new(&w1, &b1, &w2, &b2, cfg)?;
+    })?;
     // Non-zero B factors, so LoRA's per-unit rows and columns matter.
     let (_, lb1, _, lb2) = layer.lora_factors().expect("lora");
     lb1.set(&(randn_f64(&[24, 2], 32)? * 0.2)?.to_dtype(DType::F32)?)?;
@@ -743,7 +759,8 @@ fn permuted_units_keep_the_dense_ffn_with_lora() -> Result<()> {
         &ts[1],
         &ts[2],
         &ts[3],
-        RoutedFfnConfig::new(4, BlockTopK::Count(2), Activation::Relu),
+        Activation::Relu,
+        RoutedFfnConfig::new(4, BlockTopK::Count(2)),
     )?;
     let e = trained.permute_units(&shuffled(24, 37)).unwrap_err().to_string();
     assert!(e.contains("frozen"), "{e}");
@@ -764,8 +781,9 @@ fn clustering_regroups_units_that_fire_together() -> Result<()> {
         w2.index_select(&idx, 1)?,
     );
     let group = |u: u32| perm[u as usize] as usize / b; // planted group of shuffled unit u
-    let cfg = RoutedFfnConfig::new(n, BlockTopK::Count(1), Activation::Relu);
-    let mut layer = RoutedFfn::new(&w1, &b1, &w2, &b2, cfg)?;
+    let cfg = RoutedFfnConfig::new(n, BlockTopK::Count(1));
+    let act = Activation::Relu;
+    let mut layer = RoutedFfn::new(&w1, &b1, &w2, &b2, act, cfg)?;
     let contiguous = layer.init_router(&x, RouterFitConfig::default())?;
     let order = layer.cluster_units(&x, UnitClusterConfig::default())?;
     assert_eq!(
@@ -813,10 +831,11 @@ fn linear_correction_restores_skipped_blocks_that_are_linear() -> Result<()> {
     let [w1, b1, w2, b2] = weights(d, n * b, 61, DType::F64)?;
     let b1 = (b1 + 20.0)?; // |x W1ᵀ| stays far below 20: ReLU is the identity here
     let x = randn_f64(&[t, d], 62)?;
-    let mut cfg = RoutedFfnConfig::new(n, BlockTopK::Count(2), Activation::Relu);
+    let mut cfg = RoutedFfnConfig::new(n, BlockTopK::Count(2));
+    let act = Activation::Relu;
     cfg.gate = GateMode::Ones;
     cfg.correction = true;
-    let mut layer = RoutedFfn::new(&w1, &b1, &w2, &b2, cfg)?;
+    let mut layer = RoutedFfn::new(&w1, &b1, &w2, &b2, act, cfg)?;
     // Every token keeps blocks 1 and 3.
     layer
         .router()
@@ -849,11 +868,12 @@ fn linear_correction_restores_skipped_blocks_that_are_linear() -> Result<()> {
 fn linear_correction_adds_a_fitted_linear_term_for_tokens_that_skip_blocks() -> Result<()> {
     let (n, b, k, d) = (4usize, 8usize, 2usize, 16usize);
     let ([w1, b1, w2, b2], x) = planted(d, n, b, 600, 71)?;
-    let mut cfg = RoutedFfnConfig::new(n, BlockTopK::Count(k), Activation::GeluErf);
-    let mut plain = RoutedFfn::new(&w1, &b1, &w2, &b2, cfg.clone())?;
+    let mut cfg = RoutedFfnConfig::new(n, BlockTopK::Count(k));
+    let act = Activation::GeluErf;
+    let mut plain = RoutedFfn::new(&w1, &b1, &w2, &b2, act, cfg.clone())?;
     let without = plain.init_router(&x, RouterFitConfig::default())?;
     cfg.correction = true;
-    let mut layer = RoutedFfn::new(&w1, &b1, &w2, &b2, cfg)?;
+    let mut layer = RoutedFfn::new(&w1, &b1, &w2, &b2, act, cfg)?;
     assert_eq!(layer.correction().unwrap().dims(), [d + 1, d]);
     assert_eq!(layer.trainable_vars().len(), 2, "the correction is a constant");
     let with = layer.init_router(&x, RouterFitConfig::default())?;
@@ -892,7 +912,7 @@ fn linear_correction_adds_a_fitted_linear_term_for_tokens_that_skip_blocks() -> 
     )?;
 
     // Restore (as from a checkpoint): the same output; named errors.
-    let mut restored = RoutedFfn::new(&w1, &b1, &w2, &b2, layer.config().clone())?;
+    let mut restored = RoutedFfn::new(&w1, &b1, &w2, &b2, act, layer.config().clone())?;
     restored.router().0.set(layer.router().0.as_tensor())?;
     restored.router().1.set(layer.router().1.as_tensor())?;
     restored.set_correction(&c)?;

@@ -16,11 +16,11 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use spt_models::pq::{KeyTopK, PqConfig, Refresh};
-use spt_models::routed_ffn::{BlockTopK, GateMode};
+use spt_models::routed_ffn::{BlockTopK, RoutedFfnConfig, RouterFitConfig};
 use spt_models::{
-    sparsify, BertConfig, BertForSequenceClassification, CalibrationBatch, FeedForward, GPT2Config,
-    GPT2LMHeadModel, LoadOptions, LoraSettings, LoraTarget, NamedParams, RoutedFfnSettings, RouterFit,
-    SparseAttentionConfig, SparsifyReport, SptConfig, SptModel, Trainable, WeightSource,
+    sparsify, BertConfig, BertForSequenceClassification, CalibrationBatch, FeedForward, FfnCalibration,
+    GPT2Config, GPT2LMHeadModel, LoadOptions, LoraSettings, LoraTarget, NamedParams, SparseAttentionConfig,
+    SparsifyReport, SptConfig, SptModel, Trainable, WeightSource,
 };
 
 use crate::config::{FfnUnits, FinetuneConfig, Mode};
@@ -219,18 +219,18 @@ fn spt_config(cfg: &FinetuneConfig, head_dim: usize, fit: bool) -> Result<Option
                 top_k,
             });
         }
-        sc.ffn = Some(RoutedFfnSettings {
-            n_blocks: cfg.ffn_blocks,
-            top_k: BlockTopK::Count(cfg.ffn_top_k),
-            gate: GateMode::SoftmaxKept,
-            router_fit: fit.then(RouterFit::default),
+        sc.ffn = Some(RoutedFfnConfig {
             seed: cfg.seed,
             aux_loss: cfg.router_aux_weight > 0.0,
+            correction: cfg.ffn_correction,
+            ..RoutedFfnConfig::new(cfg.ffn_blocks, BlockTopK::Count(cfg.ffn_top_k))
+        });
+        sc.ffn_calibration = FfnCalibration {
+            router_fit: fit.then(RouterFitConfig::default),
             // Regrouping permutes frozen weights only: with every weight training there is
             // no fixed activation pattern to group by either.
             cluster_units: fit && cfg.ffn_units == FfnUnits::Clustered && cfg.lora_rank > 0,
-            correction: cfg.ffn_correction,
-        });
+        };
     }
     Ok(Some(sc))
 }

@@ -116,9 +116,7 @@ impl RoutedFfn {
         let x = x2.detach().to_dtype(DType::F64)?;
         let w1 = w1.detach().to_dtype(DType::F64)?;
         let b1 = self.b1.detach().to_dtype(DType::F64)?;
-        self.cfg
-            .activation
-            .forward(&x.matmul(&w1.t()?)?.broadcast_add(&b1)?)
+        self.activation.forward(&x.matmul(&w1.t()?)?.broadcast_add(&b1)?)
     }
 
     /// `[S, n_blocks]` per-block hidden activation norms `‖act(x W1_eᵀ + b1_e)‖` of the sample

@@ -71,18 +71,24 @@ pub enum GateMode {
     Ones,
 }
 
-/// Configuration of a [`RoutedFfn`].
+/// How a [`RoutedFfn`] routes: the one routed-FFN configuration, used by the op and, per layer,
+/// by spt-models' `sparsify` (`SptConfig::ffn`). What belongs to the weights is given with them
+/// ([`RoutedFfn::new`]'s activation) and LoRA is added by [`RoutedFfn::with_lora`].
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RoutedFfnConfig {
+    /// Blocks d_ff is split into (must divide d_ff).
     pub n_blocks: usize,
+    /// Blocks each token runs.
     pub top_k: BlockTopK,
+    /// [`GateMode::SoftmaxKept`]; [`GateMode::Ones`] is the dense reference (with every block).
+    #[serde(default)]
     pub gate: GateMode,
-    pub activation: Activation,
     /// Return the Switch-style load-balancing loss `n·Σ_e f_e·P_e` (off by default).
+    #[serde(default)]
     pub aux_loss: bool,
-    /// LoRA on the FFN weights (active blocks only), or none.
-    pub lora: Option<LoraConfig>,
-    /// Seed of the router's random initialisation.
+    /// Seed of the router's random initialisation (`sparsify` uses `seed ^ layer`).
+    #[serde(default)]
     pub seed: u64,
     /// Add a linear correction `[x, 1] C` for tokens that skip blocks: the least-squares linear
     /// stand-in for the skipped blocks' output (fitted by [`RoutedFfn::init_router`], a
@@ -92,15 +98,13 @@ pub struct RoutedFfnConfig {
 }
 
 impl RoutedFfnConfig {
-    /// Defaults: softmax-kept gate, no aux loss, no LoRA, seed 0.
-    pub fn new(n_blocks: usize, top_k: BlockTopK, activation: Activation) -> Self {
+    /// Defaults: softmax-kept gate, no aux loss, seed 0, no correction.
+    pub fn new(n_blocks: usize, top_k: BlockTopK) -> Self {
         Self {
             n_blocks,
             top_k,
             gate: GateMode::default(),
-            activation,
             aux_loss: false,
-            lora: None,
             seed: 0,
             correction: false,
         }
@@ -213,6 +217,7 @@ pub struct RoutedFfn {
     router_w: Var,              // [n_blocks, d]
     router_b: Var,              // [n_blocks]
     correction: Option<Tensor>, // [d+1, d], constant; see RoutedFfnConfig::correction
+    activation: Activation,
     cfg: RoutedFfnConfig,
     k: usize,
     block: usize,
@@ -222,9 +227,17 @@ pub struct RoutedFfn {
 
 impl RoutedFfn {
     /// Builds the layer from the pretrained `W1 [d_ff, d]`, `b1 [d_ff]`, `W2 [d, d_ff]`,
-    /// `b2 [d]` (HF Linear layout). The router starts as PyTorch's `nn.Linear` default
-    /// (`U(−1/√d, 1/√d)`, seeded); call [`init_router`](Self::init_router) to fit it instead.
-    pub fn new(w1: &Tensor, b1: &Tensor, w2: &Tensor, b2: &Tensor, cfg: RoutedFfnConfig) -> Result<Self> {
+    /// `b2 [d]` (HF Linear layout) and the FFN's `activation`. The router starts as PyTorch's
+    /// `nn.Linear` default (`U(−1/√d, 1/√d)`, seeded); call [`init_router`](Self::init_router) to
+    /// fit it instead.
+    pub fn new(
+        w1: &Tensor,
+        b1: &Tensor,
+        w2: &Tensor,
+        b2: &Tensor,
+        activation: Activation,
+        cfg: RoutedFfnConfig,
+    ) -> Result<Self> {
         let op = "routed_ffn";
         check_float(op, "W1", w1)?;
         check_same(op, &[("W1", w1), ("b1", b1), ("W2", w2), ("b2", b2)])?;
@@ -250,36 +263,6 @@ impl RoutedFfn {
         let bound = 1.0 / (d as f64).sqrt();
         let router_w = Var::from_tensor(&uniform(&[n, d], bound, cfg.seed, dt, dev)?)?;
         let router_b = Var::from_tensor(&uniform(&[n], bound, cfg.seed ^ 0xB1A5, dt, dev)?)?;
-        let lora = match cfg.lora {
-            None => None,
-            Some(lc) => {
-                if lc.rank == 0 || !(0.0..1.0).contains(&lc.dropout) || !lc.alpha.is_finite() {
-                    bail!("{op}: bad LoRA config {lc:?}: rank ≥ 1, finite alpha and dropout in [0, 1)");
-                }
-                if lc.rank > d.min(d_ff) {
-                    bail!(
-                        "{op}: LoRA rank {} is above min(d, d_ff) = {}",
-                        lc.rank,
-                        d.min(d_ff)
-                    );
-                }
-                let r = lc.rank;
-                Some(FfnLora {
-                    a1: Var::from_tensor(&uniform(&[r, d], 1.0 / (d as f64).sqrt(), lc.seed, dt, dev)?)?,
-                    b1: Var::zeros((d_ff, r), dt, dev)?,
-                    a2: Var::from_tensor(&uniform(
-                        &[r, d_ff],
-                        1.0 / (d_ff as f64).sqrt(),
-                        lc.seed ^ 0xA2,
-                        dt,
-                        dev,
-                    )?)?,
-                    b2: Var::zeros((d, r), dt, dev)?,
-                    cfg: lc,
-                    seeds: DropoutSeeds::new(lc.seed ^ 0xD0),
-                })
-            }
-        };
         let correction = match cfg.correction {
             true => Some(Tensor::zeros((d + 1, d), dt, dev)?),
             false => None,
@@ -292,12 +275,57 @@ impl RoutedFfn {
             router_w,
             router_b,
             correction,
+            activation,
             cfg,
             k,
             block: d_ff / n,
-            lora,
+            lora: None,
             merged: false,
         })
+    }
+
+    /// Adds LoRA on the FFN weights (active blocks only): A1 `[r, d]`, B1 `[d_ff, r]`, A2
+    /// `[r, d_ff]`, B2 `[d, r]`, the B factors zero (so the layer is unchanged), seeded from
+    /// `lc.seed`.
+    pub fn with_lora(mut self, lc: LoraConfig) -> Result<Self> {
+        let op = "routed_ffn";
+        if self.lora.is_some() {
+            bail!("{op}: the layer already has LoRA");
+        }
+        let (d, d_ff) = (self.d_model(), self.d_ff());
+        let (dt, dev) = (self.w1.dtype(), self.w1.device().clone());
+        let dev = &dev;
+        if lc.rank == 0 || !(0.0..1.0).contains(&lc.dropout) || !lc.alpha.is_finite() {
+            bail!("{op}: bad LoRA config {lc:?}: rank ≥ 1, finite alpha and dropout in [0, 1)");
+        }
+        if lc.rank > d.min(d_ff) {
+            bail!(
+                "{op}: LoRA rank {} is above min(d, d_ff) = {}",
+                lc.rank,
+                d.min(d_ff)
+            );
+        }
+        let r = lc.rank;
+        self.lora = Some(FfnLora {
+            a1: Var::from_tensor(&uniform(&[r, d], 1.0 / (d as f64).sqrt(), lc.seed, dt, dev)?)?,
+            b1: Var::zeros((d_ff, r), dt, dev)?,
+            a2: Var::from_tensor(&uniform(
+                &[r, d_ff],
+                1.0 / (d_ff as f64).sqrt(),
+                lc.seed ^ 0xA2,
+                dt,
+                dev,
+            )?)?,
+            b2: Var::zeros((d, r), dt, dev)?,
+            cfg: lc,
+            seeds: DropoutSeeds::new(lc.seed ^ 0xD0),
+        });
+        Ok(self)
+    }
+
+    /// The FFN's activation.
+    pub fn activation(&self) -> Activation {
+        self.activation
     }
 
     /// Model width d.
@@ -462,7 +490,7 @@ impl RoutedFfn {
         let lora = self.lora.as_ref().filter(|_| !self.merged);
         // fc1: act(x W1_eᵀ + b1_e [+ LoRA: (α/r)·(x A1ᵀ) B1_eᵀ]) on the routed rows, [R, b]. With
         // LoRA, B1's routed rows plus b1 form the base the fused W1 GEMM adds to.
-        let act = Some(self.cfg.activation);
+        let act = Some(self.activation);
         let h = match lora {
             None => gather_matmul_act(x2, &self.w1, Some(&self.b1), act, &routing)?,
             Some(l) => {
