@@ -188,12 +188,7 @@ impl Linear {
             (Some(l), Some(d)) if train && d.p > 0.0 && !l.is_merged() => {
                 // LoraLinear's formula, with the model's seeded dropout on the LoRA input.
                 self.check_input(x)?;
-                let y = spt_ops::lora::linear(x, l.weight(), l.bias())?;
-                let u = d
-                    .forward_t(x, true)?
-                    .broadcast_matmul(&l.lora_a().as_tensor().t()?)?; // [.., r]
-                let delta = u.broadcast_matmul(&l.lora_b().as_tensor().t()?)?; // [.., out]
-                Ok(y.add(&(delta * l.config().scale())?)?)
+                Ok(l.forward_with_lora_input(x, &d.forward_t(x, true)?)?)
             }
             (Some(l), _) => {
                 self.check_input(x)?;

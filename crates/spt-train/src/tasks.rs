@@ -18,8 +18,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use spt_models::pq::{KeyTopK, PqConfig, Refresh};
 use spt_models::routed_ffn::{BlockTopK, RoutedFfnConfig, RouterFitConfig};
 use spt_models::{
-    sparsify, BertConfig, BertForSequenceClassification, CalibrationBatch, FeedForward, FfnCalibration,
-    GPT2Config, GPT2LMHeadModel, LoadOptions, LoraSettings, LoraTarget, NamedParams, SparseAttentionConfig,
+    sparsify, BertConfig, BertForSequenceClassification, CalibrationBatch, FfnCalibration, GPT2Config,
+    GPT2LMHeadModel, LoadOptions, LoraSettings, LoraTarget, NamedParams, SparseAttentionConfig,
     SparsifyReport, SptConfig, SptModel, Trainable, WeightSource,
 };
 
@@ -445,31 +445,10 @@ impl ModelTask {
         Ok(())
     }
 
-    /// Folds every LoRA adapter into its weights (for export or faster inference).
+    /// Folds every LoRA adapter into its weights (for export or faster inference); see
+    /// [`SptModel::merge_lora`].
     pub fn merge_lora(&mut self) -> Result<()> {
-        let m = self.net.spt();
-        for i in 0..m.num_layers() {
-            let Some(slots) = m.layer_slots(i) else { continue };
-            for (_, lin) in slots.linears {
-                if lin.lora().is_some_and(|l| !l.is_merged()) {
-                    lin.merge_lora()?;
-                }
-            }
-            match slots.ffn {
-                FeedForward::Dense(d) => {
-                    for lin in [&mut d.fc1, &mut d.fc2] {
-                        if lin.lora().is_some_and(|l| !l.is_merged()) {
-                            lin.merge_lora()?;
-                        }
-                    }
-                }
-                FeedForward::Routed(r) => {
-                    if r.ffn.lora_factors().is_some() {
-                        r.merge_lora()?;
-                    }
-                }
-            }
-        }
+        self.net.spt().merge_lora()?;
         Ok(())
     }
 

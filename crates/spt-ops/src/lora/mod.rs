@@ -165,6 +165,12 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     y.reshape(out_dims)
 }
 
+/// The merged update `(α/r)·B A` `[out, in]` of factors A `[r, in]`, B `[out, r]` (detached): what
+/// merging adds to W, for [`LoraLinear`] and the routed FFN's fc1 / fc2 alike.
+pub fn delta_weight(a: &Var, b: &Var, cfg: &LoraConfig) -> Result<Tensor> {
+    b.as_tensor().detach().matmul(&a.as_tensor().detach())? * cfg.scale()
+}
+
 /// A linear layer with a frozen base weight and a trainable low-rank update.
 #[derive(Debug)]
 pub struct LoraLinear {
@@ -219,16 +225,24 @@ impl LoraLinear {
     /// `x [.., in] → [.., out]`; dropout on the LoRA input only when `train`. While merged, the
     /// update lives in W and A, B get no gradient (merging is for export and inference).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = linear(x, &self.w, self.bias.as_ref())?;
         if self.merged {
-            return Ok(y);
+            return linear(x, &self.w, self.bias.as_ref());
         }
         let xin = if train {
             dropout(x, self.cfg.dropout, self.seeds.next())?
         } else {
             x.clone()
         };
-        let u = xin.broadcast_matmul(&self.a.as_tensor().t()?)?; // [.., r]
+        self.forward_with_lora_input(x, &xin)
+    }
+
+    /// LoRA's formula, written once: `x Wᵀ + b + (α/r)·(x_in Aᵀ) Bᵀ`, with `x_in` the LoRA
+    /// path's input (`x` after dropout in training, `x` itself otherwise), for a caller that
+    /// draws the dropout mask itself (spt-models' seeded dropout). Ignores the merged state:
+    /// callers check [`is_merged`](Self::is_merged).
+    pub fn forward_with_lora_input(&self, x: &Tensor, x_in: &Tensor) -> Result<Tensor> {
+        let y = linear(x, &self.w, self.bias.as_ref())?;
+        let u = x_in.broadcast_matmul(&self.a.as_tensor().t()?)?; // [.., r]
         let delta = u.broadcast_matmul(&self.b.as_tensor().t()?)?; // [.., out]
         y.add(&(delta * self.cfg.scale())?)
     }
@@ -238,7 +252,7 @@ impl LoraLinear {
         if self.merged {
             return Err(LoraError::AlreadyMerged);
         }
-        self.w = (&self.w + (self.delta_weight()? * self.cfg.scale())?)?.detach();
+        self.w = (&self.w + self.delta_weight()?)?.detach();
         self.merged = true;
         Ok(())
     }
@@ -248,13 +262,13 @@ impl LoraLinear {
         if !self.merged {
             return Err(LoraError::NotMerged);
         }
-        self.w = (&self.w - (self.delta_weight()? * self.cfg.scale())?)?.detach();
+        self.w = (&self.w - self.delta_weight()?)?.detach();
         self.merged = false;
         Ok(())
     }
 
     fn delta_weight(&self) -> Result<Tensor> {
-        self.b.as_tensor().detach().matmul(&self.a.as_tensor().detach())
+        delta_weight(&self.a, &self.b, &self.cfg)
     }
 
     /// Whether the update is currently folded into W.

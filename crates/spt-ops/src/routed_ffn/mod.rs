@@ -53,7 +53,7 @@ pub use router::{BlockTopK, Routing};
 pub use rows::{gather_rows, sum_rows};
 
 use crate::activation::Activation;
-use crate::lora::{dropout, uniform, DropoutSeeds, LoraConfig, LoraError};
+use crate::lora::{delta_weight, dropout, uniform, DropoutSeeds, LoraConfig, LoraError};
 use crate::norm::softmax_last_dim;
 use crate::util::{check_float, check_same};
 use candle_core::{bail, DType, Result, Tensor, Var};
@@ -540,9 +540,8 @@ impl RoutedFfn {
         match self.lora.as_ref().filter(|_| !self.merged) {
             None => Ok((self.w1.clone(), self.w2.clone())),
             Some(l) => {
-                let s = l.cfg.scale();
-                let d1 = (l.b1.as_tensor().detach().matmul(&l.a1.as_tensor().detach())? * s)?;
-                let d2 = (l.b2.as_tensor().detach().matmul(&l.a2.as_tensor().detach())? * s)?;
+                let d1 = delta_weight(&l.a1, &l.b1, &l.cfg)?;
+                let d2 = delta_weight(&l.a2, &l.b2, &l.cfg)?;
                 Ok(((&self.w1 + d1)?, (&self.w2 + d2)?))
             }
         }
@@ -573,9 +572,8 @@ impl RoutedFfn {
         if !self.merged {
             return Err(LoraError::NotMerged);
         }
-        let s = l.cfg.scale();
-        let d1 = (l.b1.as_tensor().detach().matmul(&l.a1.as_tensor().detach())? * s)?;
-        let d2 = (l.b2.as_tensor().detach().matmul(&l.a2.as_tensor().detach())? * s)?;
+        let d1 = delta_weight(&l.a1, &l.b1, &l.cfg)?;
+        let d2 = delta_weight(&l.a2, &l.b2, &l.cfg)?;
         (self.w1, self.w2) = ((&self.w1 - d1)?.detach(), (&self.w2 - d2)?.detach());
         self.merged = false;
         Ok(())
