@@ -1,0 +1,297 @@
+//! `spt-train bench`: time fine-tuning steps, dense vs LoRA vs SPT, each mode in a fresh child
+//! process.
+
+use std::path::{Path, PathBuf};
+
+use crate::common::{device, task_of};
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use clap::Args;
+use spt_train::checkpoint::write_file_atomic;
+use spt_train::config::{resolve_model, FinetuneConfig, Mode};
+use spt_train::data::TaskKind;
+use spt_train::tasks::{calibration_batches, ModelTask};
+
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    /// Model directory or hub id whose config gives the shapes.
+    #[arg(long)]
+    pub(crate) model: String,
+    #[arg(long, value_enum, default_values_t = [Mode::Dense, Mode::Lora, Mode::Spt], value_delimiter = ',')]
+    pub(crate) modes: Vec<Mode>,
+    #[arg(long, default_value_t = 8)]
+    pub(crate) batch_size: usize,
+    #[arg(long, default_value_t = 512)]
+    pub(crate) seq_len: usize,
+    /// Timed steps per mode (median reported).
+    #[arg(long, default_value_t = 5)]
+    pub(crate) steps: usize,
+    #[arg(long, default_value_t = 2)]
+    pub(crate) warmup: usize,
+    /// Keys per query in spt mode (default L/8).
+    #[arg(long)]
+    pub(crate) attn_k: Option<usize>,
+    /// FFN blocks kept per token (of 8) in spt mode (default: finetune's default, 2).
+    #[arg(long)]
+    pub(crate) ffn_top_k: Option<usize>,
+    /// The linear correction for skipped FFN blocks in spt mode (default: finetune's default).
+    #[arg(long)]
+    pub(crate) ffn_correction: Option<bool>,
+    /// Write results JSON here (bench/results/finetune-speed.json format).
+    #[arg(long)]
+    pub(crate) output: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    pub(crate) device: String,
+    /// Replace this model's records in an existing --output file instead of starting a new one.
+    #[arg(long)]
+    pub(crate) append: bool,
+    /// Internal: time one mode in this process and print one JSON line.
+    #[arg(long, hide = true)]
+    pub(crate) child: Option<Mode>,
+}
+
+pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
+    if a.batch_size == 0 || a.seq_len == 0 || a.steps == 0 {
+        bail!("--batch-size, --seq-len and --steps must be at least 1");
+    }
+    let blocks = FinetuneConfig::default().ffn_blocks;
+    if let Some(k) = a.ffn_top_k.filter(|&k| k == 0 || k > blocks) {
+        bail!("--ffn-top-k is {k}, expected 1 to {blocks} (the FFN has {blocks} blocks)");
+    }
+    if a.attn_k == Some(0) {
+        bail!("--attn-k must be at least 1");
+    }
+    let dev = device(&a.device)?;
+    let model_dir = resolve_model(&a.model)?;
+    if let Some(mode) = a.child {
+        return bench_child(a, mode, &model_dir, &dev);
+    }
+    let model_name = model_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| a.model.clone());
+    let loadavg = || {
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let load_before = loadavg();
+    let exe = std::env::current_exe().context("locating the spt-train executable")?;
+    let mut results: Vec<(Mode, serde_json::Value)> = Vec::new();
+    for &mode in &a.modes {
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args(["-q", "bench", "--model"])
+            .arg(&a.model)
+            .args(["--batch-size", &a.batch_size.to_string()])
+            .args(["--seq-len", &a.seq_len.to_string()])
+            .args(["--steps", &a.steps.to_string()])
+            .args(["--warmup", &a.warmup.to_string()])
+            .args(["--device", &a.device])
+            .args(["--child", &format!("{mode:?}").to_lowercase()]);
+        if let Some(k) = a.attn_k {
+            cmd.args(["--attn-k", &k.to_string()]);
+        }
+        if let Some(k) = a.ffn_top_k {
+            cmd.args(["--ffn-top-k", &k.to_string()]);
+        }
+        if let Some(c) = a.ffn_correction {
+            cmd.args(["--ffn-correction", &c.to_string()]);
+        }
+        eprintln!(
+            "bench: {model_name} B{}xL{} {mode:?} ...",
+            a.batch_size, a.seq_len
+        );
+        let out = cmd
+            .output()
+            .with_context(|| format!("running {}", exe.display()))?;
+        if !out.status.success() {
+            bail!(
+                "the {mode:?} child failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let line = String::from_utf8_lossy(&out.stdout);
+        let v: serde_json::Value = serde_json::from_str(line.trim())
+            .with_context(|| format!("parsing the {mode:?} child's output `{}`", line.trim()))?;
+        eprintln!(
+            "bench: {mode:?}: median {:.3} s/step, peak RSS {:.0} MiB",
+            v["median_s"].as_f64().unwrap_or(f64::NAN),
+            v["peak_rss_bytes"].as_f64().unwrap_or(f64::NAN) / 1048576.0
+        );
+        results.push((mode, v));
+    }
+    let load_after = loadavg();
+    // With a non-default sparsity, each record's case names the run's spt setting, so runs at
+    // different settings can share one --output file.
+    let setting = (a.attn_k.is_some() || a.ffn_top_k.is_some() || a.ffn_correction.is_some()).then(|| {
+        let d = FinetuneConfig::default();
+        format!(
+            "spt k = {}, FFN {}/{}{}",
+            a.attn_k.unwrap_or((a.seq_len / 8).max(1)),
+            a.ffn_top_k.unwrap_or(d.ffn_top_k),
+            d.ffn_blocks,
+            match a.ffn_correction.unwrap_or(d.ffn_correction) {
+                true => ", linear correction",
+                false => "",
+            }
+        )
+    });
+    let base = results
+        .iter()
+        .find(|(m, _)| *m == Mode::Dense)
+        .map(|(_, v)| v.clone());
+    let records: Vec<serde_json::Value> = results
+        .iter()
+        .map(|(mode, v)| {
+            let ours = v["median_s"].as_f64().unwrap_or(f64::NAN);
+            let ours_b = v["peak_rss_bytes"].as_u64().unwrap_or(0);
+            let (bs, bb, bg) = match &base {
+                Some(b) => (
+                    b["median_s"].as_f64(),
+                    b["peak_rss_bytes"].as_u64(),
+                    b["peak_device_bytes"].as_u64(),
+                ),
+                None => (None, None, None),
+            };
+            let ours_g = v["peak_device_bytes"].as_u64();
+            let mut case = serde_json::json!({"model": model_name, "B": a.batch_size, "L": a.seq_len, "mode": format!("{mode:?}").to_lowercase()});
+            if let Some(s) = &setting {
+                case["setting"] = s.clone().into();
+            }
+            serde_json::json!({
+                "case": case,
+                "ours_s": ours,
+                "baseline_s": bs,
+                "speedup": bs.map(|b| b / ours),
+                "ours_bytes": ours_b,
+                "baseline_bytes": bb,
+                "memory_ratio": bb.map(|b| ours_b as f64 / b as f64),
+                "bytes_kind": "peak RSS",
+                "ours_device_bytes": ours_g,
+                "baseline_device_bytes": bg,
+                "device_memory_ratio": ours_g.zip(bg).map(|(o, b)| o as f64 / b as f64),
+                "baseline": "dense full fine-tuning, same run",
+                "steps": a.steps,
+                "warmup": a.warmup,
+                "step_times_s": v["step_times_s"],
+                "trainable_params": v["trainable_params"],
+                "total_params": v["total_params"],
+                "attn_k": v["attn_k"],
+                "ffn_top_k": v["ffn_top_k"],
+                "ffn_correction": v["ffn_correction"],
+                "weights": v["weights"],
+                "loadavg_before": load_before,
+                "loadavg_after": load_after,
+            })
+        })
+        .collect();
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let machine = serde_json::json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "os": std::env::consts::OS,
+        "arch": std::env::consts::ARCH,
+        "device": a.device,
+    });
+    let mut doc = serde_json::json!({"command": command, "machine": machine, "records": records});
+    if let Some(out) = &a.output {
+        if a.append && out.is_file() {
+            let text = std::fs::read_to_string(out).with_context(|| format!("reading {}", out.display()))?;
+            let old: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("parsing {}", out.display()))?;
+            // Replaces the records of this model (at this run's setting, if it names one).
+            let same = |r: &serde_json::Value| {
+                r["case"]["model"] == serde_json::json!(model_name)
+                    && r["case"].get("setting").and_then(|s| s.as_str()) == setting.as_deref()
+            };
+            let mut merged: Vec<serde_json::Value> = old["records"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|r| !same(r))
+                .collect();
+            merged.extend(doc["records"].as_array().cloned().unwrap_or_default());
+            let mut commands = match &old["command"] {
+                serde_json::Value::Array(v) => v.clone(),
+                serde_json::Value::String(s) => vec![s.clone().into()],
+                _ => Vec::new(),
+            };
+            commands.push(command.into());
+            doc = serde_json::json!({"command": commands, "machine": machine, "records": merged});
+        }
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        write_file_atomic(out, serde_json::to_string_pretty(&doc)?.as_bytes())
+            .with_context(|| format!("writing {}", out.display()))?;
+        eprintln!("bench: wrote {}", out.display());
+    } else {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    }
+    Ok(())
+}
+
+/// One mode, timed in this (fresh) process: prints `{median_s, step_times_s, peak_rss_bytes, …}`.
+pub(crate) fn bench_child(a: &BenchArgs, mode: Mode, model_dir: &Path, dev: &Device) -> Result<()> {
+    let task_kind = task_of(&a.model)?;
+    let attn_k = a.attn_k.unwrap_or((a.seq_len / 8).max(1));
+    let d = FinetuneConfig::default();
+    let ffn_top_k = a.ffn_top_k.unwrap_or(d.ffn_top_k);
+    let ffn_correction = a.ffn_correction.unwrap_or(d.ffn_correction);
+    let cfg = FinetuneConfig {
+        task: task_kind,
+        mode,
+        attn_k: Some(attn_k),
+        ffn_top_k,
+        ffn_correction,
+        pq_refresh_every: 0,
+        ..d
+    };
+    let cfg_path = model_dir.join("config.json");
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?,
+    )?;
+    let vocab = v["vocab_size"].as_u64().unwrap_or(1000) as usize;
+    let data = spt_train::bench::synthetic_data(task_kind, vocab, a.batch_size, a.seq_len, 7);
+    let calibration = if mode == Mode::Spt {
+        calibration_batches(&data, 1, a.batch_size, 7, dev)?
+    } else {
+        Vec::new()
+    };
+    let has_weights = spt_models::WeightSource::from_dir(model_dir).is_ok();
+    let n_cfg = v["id2label"].as_object().map(|m| m.len()).filter(|&n| n > 0);
+    let num_labels = (task_kind == TaskKind::Classify).then_some(n_cfg.unwrap_or(2));
+    // Device memory counts from before the weights exist (weights, optimizer state, steps), as
+    // peak RSS does on the CPU.
+    let ((task, times), device_bytes) = spt_train::bench::with_peak_device_memory(dev, || {
+        let src = if has_weights {
+            spt_models::WeightSource::from_dir(model_dir)?
+        } else if task_kind == TaskKind::Lm {
+            spt_train::bench::random_gpt2_weights(&cfg_path, 7, dev)?
+        } else {
+            spt_train::bench::random_bert_weights(&cfg_path, 7, dev)?
+        };
+        let mut task = ModelTask::build_from_source(&cfg, &cfg_path, &src, num_labels, dev, calibration)?;
+        drop(src);
+        let times = spt_train::bench::time_steps(&mut task, &data, a.warmup, a.steps, dev)?;
+        Ok((task, times))
+    })?;
+    let rss = spt_train::bench::peak_rss_bytes()?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "median_s": spt_train::bench::median(&times),
+            "step_times_s": times,
+            "peak_rss_bytes": rss,
+            "peak_device_bytes": device_bytes,
+            "trainable_params": task.summary.trainable,
+            "total_params": task.summary.total,
+            "attn_k": (mode == Mode::Spt).then_some(attn_k),
+            "ffn_top_k": (mode == Mode::Spt).then_some(ffn_top_k),
+            "ffn_correction": (mode == Mode::Spt).then_some(ffn_correction),
+            "weights": if has_weights { "checkpoint" } else { "random init" },
+        })
+    );
+    Ok(())
+}

@@ -1,0 +1,257 @@
+//! What the subcommands share: the model arguments, the device, building the task, finding a
+//! checkpoint's run settings, labels and tokenizer, and loading a trained model.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use clap::Args;
+use spt_train::checkpoint::{latest_checkpoint, load_checkpoint_weights};
+use spt_train::config::{resolve_model, FinetuneConfig, Mode};
+use spt_train::data::EncodedDataset;
+use spt_train::data::{LabelMap, TaskKind, TextTokenizer};
+use spt_train::pipeline::model_max_length;
+use spt_train::tasks::{calibration_batches, ModelTask};
+
+#[derive(Args)]
+pub(crate) struct ModelArgs {
+    /// Local model directory or Hugging Face hub id.
+    #[arg(long)]
+    pub(crate) model: String,
+    /// A checkpoint directory, or a run's output directory (its latest checkpoint).
+    #[arg(long)]
+    pub(crate) checkpoint: Option<PathBuf>,
+    /// Training mode the checkpoint was made with (default: dense; for eval without a
+    /// checkpoint, the mode of `--config`).
+    #[arg(long, value_enum)]
+    pub(crate) mode: Option<Mode>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub(crate) device: String,
+}
+
+pub(crate) fn device(spec: &str) -> Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(0).context("opening CUDA device 0 (built with --features cuda?)"),
+        s => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => Device::new_cuda(n).with_context(|| format!("opening CUDA device {n}")),
+            None => bail!("unknown device `{spec}`: expected cpu, cuda or cuda:N"),
+        },
+    }
+}
+
+/// Builds the trainable task for `cfg` (BertForSequenceClassification or GPT2LMHeadModel in
+/// dense / LoRA / SPT mode); spt mode calibrates on batches drawn from `train`.
+pub(crate) fn build_task(
+    cfg: &FinetuneConfig,
+    model_dir: &Path,
+    num_labels: Option<usize>,
+    train: Option<&EncodedDataset>,
+    device: &Device,
+) -> Result<ModelTask> {
+    let calibration = match (cfg.mode, train) {
+        (Mode::Spt, Some(t)) => calibration_batches(t, cfg.calibration_batches, 16, cfg.seed, device)?,
+        _ => Vec::new(),
+    };
+    let task = ModelTask::build(cfg, model_dir, num_labels, device, calibration)
+        .with_context(|| format!("building the {:?} model from {}", cfg.mode, model_dir.display()))?;
+    eprintln!("{}", task.summary);
+    if let Some(r) = &task.sparsify_report {
+        for l in &r.layers {
+            eprintln!(
+                "layer {}: attention {} (PQ mse {}), ffn {}{}, {} calibration tokens, LoRA on {}",
+                l.layer,
+                l.attention,
+                l.quantization_mse
+                    .map(|m| format!("{m:.4}"))
+                    .unwrap_or_else(|| "-".into()),
+                l.ffn,
+                l.routing
+                    .map(|q| format!(
+                        " ({} units, cosine to dense {:.3}{}, per token {:.3}, oracle recall {:.2}, oracle cosine {:.3}, per token {:.3})",
+                        q.units,
+                        q.cosine,
+                        match (q.contiguous_cosine, q.clustered_cosine) {
+                            (Some(c), Some(g)) => format!(" (contiguous {c:.3}, clustered {g:.3})"),
+                            _ => String::new(),
+                        },
+                        q.token_cosine,
+                        q.oracle_recall,
+                        q.oracle_cosine,
+                        q.oracle_token_cosine
+                    ))
+                    .unwrap_or_default(),
+                l.calibration_tokens,
+                l.lora.len()
+            );
+        }
+    }
+    Ok(task)
+}
+
+/// The model's config.json against the task, before any data is read or weights allocated: the
+/// architecture (`model_type`), so that `--task lm` on BERT is named as such rather than as a
+/// missing tensor, then the config itself, sizes included.
+pub(crate) fn check_model(task: TaskKind, model_dir: &Path) -> Result<()> {
+    match (task, model_type(model_dir)?.as_deref()) {
+        (TaskKind::Lm, Some("bert")) => bail!(
+            "--task lm: {} is a BERT model (model_type \"bert\" in config.json), which has no language-model head; use --task classify, or a GPT-2 model",
+            model_dir.display()
+        ),
+        (TaskKind::Classify, Some("gpt2")) => bail!(
+            "--task classify: {} is a GPT-2 model (model_type \"gpt2\" in config.json); spt-train classifies with BERT models: use --task lm, or a BERT model",
+            model_dir.display()
+        ),
+        (_, None | Some("bert" | "gpt2")) => {}
+        (_, Some(other)) => bail!(
+            "{}: model_type \"{other}\" in config.json; spt-train fine-tunes BERT (model_type \"bert\") and GPT-2 (\"gpt2\") checkpoints",
+            model_dir.display()
+        ),
+    }
+    let p = model_dir.join("config.json");
+    match task {
+        TaskKind::Classify => spt_models::BertConfig::from_file(&p).map(drop),
+        TaskKind::Lm => spt_models::GPT2Config::from_file(&p).map(drop),
+    }
+    .with_context(|| format!("checking {}", p.display()))
+}
+
+/// The checkpoint a `--checkpoint` names: itself, or the latest one of a run directory.
+pub(crate) fn checkpoint_path(p: &Path) -> Result<PathBuf> {
+    if p.join("manifest.json").is_file() {
+        return Ok(p.to_path_buf());
+    }
+    Ok(latest_checkpoint(&p.join("checkpoints"))?)
+}
+
+/// labels.json: given, or next to the run that holds the checkpoint.
+pub(crate) fn labels_path(given: &Option<PathBuf>, checkpoint: &Option<PathBuf>) -> Option<PathBuf> {
+    if given.is_some() {
+        return given.clone();
+    }
+    let c = checkpoint.as_ref()?;
+    c.ancestors()
+        .take(3)
+        .map(|d| d.join("labels.json"))
+        .find(|p| p.is_file())
+}
+
+pub(crate) fn find_labels(given: &Option<PathBuf>, checkpoint: &Option<PathBuf>) -> Result<Option<LabelMap>> {
+    Ok(labels_path(given, checkpoint)
+        .map(|p| LabelMap::load(&p))
+        .transpose()?)
+}
+
+pub(crate) fn tokenizer_for(model_dir: &Path, max_length: Option<usize>) -> Result<TextTokenizer> {
+    let max = max_length.or_else(|| model_max_length(model_dir)).unwrap_or(512);
+    Ok(TextTokenizer::from_model_dir(model_dir, max)?)
+}
+
+/// The finetune settings of the run a checkpoint belongs to (its `finetune.toml`), else defaults.
+pub(crate) fn run_config(checkpoint: Option<&Path>) -> Result<Option<FinetuneConfig>> {
+    let Some(c) = checkpoint else { return Ok(None) };
+    match c
+        .ancestors()
+        .take(4)
+        .map(|d| d.join("finetune.toml"))
+        .find(|p| p.is_file())
+    {
+        Some(p) => Ok(Some(
+            FinetuneConfig::load(&p).with_context(|| format!("reading {}", p.display()))?,
+        )),
+        None => Ok(None),
+    }
+}
+
+/// The model of `--model`, prepared in the run's mode and holding the checkpoint's trained values.
+///
+/// Without a checkpoint the model is built from `settings` (or the defaults) in `--mode` (or the
+/// settings' mode). In spt mode that fits its PQ codebooks and routers on batches drawn from
+/// `calibrate`, as fine-tuning does, and refuses when there is nothing to fit them on: random
+/// routing would give meaningless results.
+pub(crate) fn load_trained(
+    m: &ModelArgs,
+    task: TaskKind,
+    num_labels: Option<usize>,
+    dev: &Device,
+    settings: Option<&FinetuneConfig>,
+    calibrate: Option<&EncodedDataset>,
+) -> Result<(ModelTask, PathBuf)> {
+    let model_dir = resolve_model(&m.model)?;
+    let ck = m.checkpoint.as_deref().map(checkpoint_path).transpose()?;
+    let run = run_config(ck.as_deref())?;
+    let from_run = run.is_some();
+    let trained_on = run.as_ref().map(|r| (r.model.clone(), r.mode));
+    let mut cfg = run.unwrap_or_else(|| {
+        let mut c = settings.cloned().unwrap_or_default();
+        c.mode = m
+            .mode
+            .unwrap_or(if settings.is_some() { c.mode } else { Mode::Dense });
+        c
+    });
+    cfg.task = task;
+    let mut t = match (ck.is_none() && cfg.mode == Mode::Spt, calibrate) {
+        (true, Some(data)) => build_task(&cfg, &model_dir, num_labels, Some(data), dev)?,
+        (true, None) => bail!(
+            "--mode spt without --checkpoint: the sparse model fits its PQ codebooks and routers on \
+             data, and this command has none to fit them on; pass --checkpoint (an spt run) or use \
+             `spt-train eval`, which fits them on its data"
+        ),
+        (false, _) => ModelTask::build(&cfg, &model_dir, num_labels, dev, Vec::new())
+            .with_context(|| format!("building the {:?} model from {}", cfg.mode, model_dir.display()))?,
+    };
+    if !from_run && ck.is_some() && m.mode.is_none() && settings.is_none() {
+        tracing::warn!("no finetune.toml found beside the checkpoint; assuming a dense run (pass --mode)");
+    }
+    if let Some(c) = &ck {
+        let loaded = load_checkpoint_weights(c, dev).with_context(|| format!("loading {}", c.display()))?;
+        let origin = || match &trained_on {
+            Some((model, mode)) => format!(
+                "restoring {} (trained from {model} in {mode:?} mode, per its finetune.toml; this is {})",
+                c.display(),
+                model_dir.display()
+            ),
+            None => format!("restoring {}", c.display()),
+        };
+        t.load_trained(&loaded.model, &loaded.extra)
+            .with_context(origin)?;
+        if let Some((model, _)) = &trained_on {
+            let same = resolve_model(model)
+                .ok()
+                .and_then(|d| d.canonicalize().ok())
+                .zip(model_dir.canonicalize().ok())
+                .is_some_and(|(a, b)| a == b);
+            if !same {
+                tracing::warn!(
+                    "{} was trained from {model}, and is applied to {}: make sure it is the same model",
+                    c.display(),
+                    model_dir.display()
+                );
+            }
+        }
+        tracing::info!(checkpoint = %c.display(), mode = ?cfg.mode, "model restored");
+    }
+    Ok((t, model_dir))
+}
+
+/// `model_type` from the model's config.json, if it names one.
+pub(crate) fn model_type(dir: &Path) -> Result<Option<String>> {
+    let p = dir.join("config.json");
+    if !p.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+    Ok(v.get("model_type").and_then(|t| t.as_str()).map(str::to_string))
+}
+
+/// classify or lm, from the model's config.json (`model_type`).
+pub(crate) fn task_of(model: &str) -> Result<TaskKind> {
+    let dir = resolve_model(model)?;
+    Ok(match model_type(&dir)?.as_deref() {
+        Some("gpt2") => TaskKind::Lm,
+        _ => TaskKind::Classify,
+    })
+}

@@ -1,0 +1,118 @@
+//! `spt-train eval`: accuracy and macro-F1 (classify) or loss and perplexity (lm).
+
+use std::path::PathBuf;
+
+use crate::common::{check_model, device, labels_path, load_trained, ModelArgs};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use spt_train::config::{resolve_model, FinetuneConfig};
+use spt_train::data::{DataFormat, LabelMap, TaskKind};
+use spt_train::pipeline::{load_tokenizer, prepare_data};
+use spt_train::trainer::evaluate;
+
+#[derive(Args)]
+pub(crate) struct EvalArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    /// A finetune config file: data columns, mode and sparsity settings are taken from it.
+    #[arg(long)]
+    pub(crate) config: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "classify")]
+    pub(crate) task: TaskKind,
+    /// Data file; repeat for several.
+    #[arg(long = "data-file", required = true)]
+    pub(crate) data_files: Vec<PathBuf>,
+    #[arg(long, value_enum)]
+    pub(crate) format: Option<DataFormat>,
+    /// Text column (default: `--config`'s, else `text`).
+    #[arg(long)]
+    pub(crate) text_column: Option<String>,
+    #[arg(long)]
+    pub(crate) text_pair_column: Option<String>,
+    /// Label column (default: `--config`'s, else `label`).
+    #[arg(long)]
+    pub(crate) label_column: Option<String>,
+    /// Drop rows with this label; repeat for several (default: `--config`'s).
+    #[arg(long = "drop-label")]
+    pub(crate) drop_labels: Vec<String>,
+    /// labels.json of the run (default: the checkpoint run's labels.json).
+    #[arg(long)]
+    pub(crate) label_map: Option<PathBuf>,
+    #[arg(long, default_value_t = 32)]
+    pub(crate) batch_size: usize,
+    #[arg(long)]
+    pub(crate) max_length: Option<usize>,
+    #[arg(long, default_value_t = 128)]
+    pub(crate) block_size: usize,
+    /// Rows to evaluate: every row of the data files, or the validation rows that the seeded
+    /// split of `--config` (`validation_split`, `split_by`, `seed`) holds out of them.
+    #[arg(long, value_enum, default_value = "all")]
+    pub(crate) split: EvalSplit,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum EvalSplit {
+    All,
+    Validation,
+}
+
+pub(crate) fn eval(a: &EvalArgs) -> Result<()> {
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1, got 0");
+    }
+    let dev = device(&a.model.device)?;
+    let model_dir = resolve_model(&a.model.model)?;
+    check_model(a.task, &model_dir)?;
+    let mut cfg = match &a.config {
+        Some(p) => FinetuneConfig::load(p)?,
+        None => FinetuneConfig::default(),
+    };
+    cfg.model = a.model.model.clone();
+    cfg.task = a.task;
+    cfg.train_files = a.data_files.clone();
+    cfg.validation_files.clear();
+    if a.split == EvalSplit::All {
+        cfg.validation_split = 0.0;
+    } else if a.config.is_none() || cfg.validation_split <= 0.0 {
+        bail!("--split validation needs --config with a validation_split > 0 (the run's finetune.toml)");
+    }
+    // Data settings: a flag overrides `--config` (or, without one, the defaults).
+    cfg.format = a.format.or(cfg.format);
+    if let Some(c) = &a.text_column {
+        cfg.text_column = c.clone();
+    }
+    cfg.text_pair_column = a.text_pair_column.clone().or(cfg.text_pair_column);
+    if let Some(c) = &a.label_column {
+        cfg.label_column = c.clone();
+    }
+    if !a.drop_labels.is_empty() {
+        cfg.drop_labels = a.drop_labels.clone();
+    }
+    cfg.max_length = a.max_length.or(cfg.max_length);
+    cfg.block_size = a.block_size;
+    if let Some(p) = labels_path(&a.label_map, &a.model.checkpoint) {
+        cfg.label_map = Some(p);
+    }
+    let tok = load_tokenizer(&cfg, &model_dir)?;
+    let data = prepare_data(&cfg, &tok, None)?;
+    let settings = a.config.as_ref().map(|_| &cfg);
+    let (mut task, _) = load_trained(
+        &a.model,
+        a.task,
+        data.labels.as_ref().map(LabelMap::len),
+        &dev,
+        settings,
+        Some(&data.train),
+    )?;
+    let rows = match a.split {
+        EvalSplit::All => &data.train,
+        EvalSplit::Validation => data
+            .validation
+            .as_ref()
+            .context("the --config split held out no validation rows")?,
+    };
+    tracing::info!(examples = rows.len(), "evaluation data ready");
+    let rep = evaluate(&mut task, rows, a.batch_size, &dev)?;
+    println!("{}", serde_json::to_string(&rep)?);
+    Ok(())
+}

@@ -1,0 +1,51 @@
+//! `spt-train export`: merge LoRA and write a Hugging Face model directory.
+
+use std::path::PathBuf;
+
+use crate::common::{find_labels, load_trained, task_of, ModelArgs};
+use anyhow::{bail, Result};
+use candle_core::Device;
+use clap::Args;
+use spt_train::config::resolve_model;
+use spt_train::data::LabelMap;
+use spt_train::output_dir::check_export_dir;
+use spt_train::tasks::{export_files, export_hf_dir};
+
+#[derive(Args)]
+pub(crate) struct ExportArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    /// Directory to write (config.json, model.safetensors with HF names, tokenizer files).
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    #[arg(long)]
+    pub(crate) overwrite: bool,
+}
+
+pub(crate) fn export(a: &ExportArgs) -> Result<()> {
+    if a.model.checkpoint.is_none() {
+        bail!("export needs --checkpoint (a checkpoint or a run directory)");
+    }
+    // Refuse before the (slow) load: the checks are repeated when the files are moved in.
+    let model_dir = resolve_model(&a.model.model)?;
+    check_export_dir(&a.out, &export_files(&model_dir), a.overwrite)?;
+    let task_kind = task_of(&a.model.model)?;
+    let labels = find_labels(&None, &a.model.checkpoint)?;
+    let (mut task, model_dir) = load_trained(
+        &a.model,
+        task_kind,
+        labels.as_ref().map(LabelMap::len),
+        &Device::Cpu,
+        None,
+        None,
+    )?;
+    if task.sparse_layers() > 0 {
+        eprintln!(
+            "note: the export is a dense Hugging Face model (LoRA merged); sparse attention and FFN \
+             routing are training-time approximations and are not part of it"
+        );
+    }
+    export_hf_dir(&mut task, &model_dir, labels.as_ref(), &a.out, a.overwrite)?;
+    eprintln!("exported to {}", a.out.display());
+    Ok(())
+}

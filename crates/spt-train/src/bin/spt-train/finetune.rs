@@ -1,0 +1,120 @@
+//! `spt-train finetune`: the run directory, resuming, training and the final evaluation.
+
+use std::path::Path;
+
+use crate::common::{build_task, check_model, checkpoint_path, device};
+use crate::Outcome;
+use anyhow::{bail, Context, Result};
+use spt_train::checkpoint::{checkpoint_step, list_checkpoints, remove_checkpoints, write_file_atomic};
+use spt_train::config::{resolve_model, FinetuneArgs, FinetuneConfig};
+use spt_train::data::LabelMap;
+use spt_train::output_dir::{check_run_dir, prepare_run_dir};
+use spt_train::pipeline::{load_tokenizer, prepare_data};
+use spt_train::trainer::{install_ctrlc_handler, Resume, Trainer};
+
+pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
+    let cfg = FinetuneConfig::from_args(args).context("reading the finetune settings")?;
+    let dev = device(&cfg.device)?;
+    let resume = resume_point(&cfg)?;
+    let resuming = resume != Resume::No;
+    check_run_dir(&cfg.output_dir, cfg.overwrite, resuming)?;
+    let model_dir = resolve_model(&cfg.model)?;
+    check_model(cfg.task, &model_dir)?;
+    prepare_run_dir(&cfg.output_dir, cfg.overwrite, resuming)?;
+    if let Resume::From(p) = &resume {
+        discard_later_checkpoints(&cfg, p)?;
+    }
+    let resolved = toml::to_string_pretty(&cfg).context("serialising the resolved config")?;
+    write_file_atomic(&cfg.output_dir.join("finetune.toml"), resolved.as_bytes())
+        .with_context(|| format!("writing {}", cfg.output_dir.join("finetune.toml").display()))?;
+    let tok = load_tokenizer(&cfg, &model_dir)?;
+    let data = prepare_data(&cfg, &tok, Some(&cfg.output_dir))?;
+    tracing::info!(
+        train = data.train.len(),
+        validation = data.validation.as_ref().map(|v| v.len()).unwrap_or(0),
+        labels = data.labels.as_ref().map(|l| l.len()).unwrap_or(0),
+        "data ready"
+    );
+    let task = build_task(
+        &cfg,
+        &model_dir,
+        data.labels.as_ref().map(LabelMap::len),
+        Some(&data.train),
+        &dev,
+    )?;
+    let (trainable, total) = (task.summary.trainable, task.summary.total);
+    let stop = install_ctrlc_handler()?;
+    let mut trainer = Trainer::new(task, cfg.trainer_config(data.train.len()), dev).with_stop_flag(stop);
+    let summary = trainer.train(&data.train, data.validation.as_ref(), &resume)?;
+    let eval = summary.evals.last();
+    println!(
+        "{}",
+        serde_json::json!({
+            "step": summary.steps,
+            "eval": eval.map(|(_, r)| r),
+            "eval_step": eval.map(|(s, _)| s),
+            "median_step_s": summary.median_step_s(),
+            "step_times_s": summary.step_times_s,
+            "mode": cfg.mode,
+            "trainable_params": trainable,
+            "total_params": total,
+            "stopped": summary.stopped,
+        })
+    );
+    if summary.stopped {
+        eprintln!("stopped at step {}; resume with --resume", summary.steps);
+        return Ok(Outcome::Interrupted);
+    }
+    Ok(Outcome::Done)
+}
+
+/// `--resume` resolved: `latest`, a checkpoint, or a run directory (its latest checkpoint).
+pub(crate) fn resume_point(cfg: &FinetuneConfig) -> Result<Resume> {
+    Ok(match cfg.resume_from() {
+        Resume::From(p) => {
+            if !p.exists() {
+                bail!("--resume {}: no such checkpoint or run directory", p.display());
+            }
+            Resume::From(checkpoint_path(&p)?)
+        }
+        r => r,
+    })
+}
+
+/// Resuming from `from` while the output directory holds later checkpoints would mix two runs:
+/// with `--overwrite` they are discarded (named), otherwise refused with both ways out.
+pub(crate) fn discard_later_checkpoints(cfg: &FinetuneConfig, from: &Path) -> Result<()> {
+    let step = checkpoint_step(from)?;
+    let ckpts = cfg.output_dir.join("checkpoints");
+    let later: Vec<String> = list_checkpoints(&ckpts)?
+        .into_iter()
+        .filter(|(s, _)| *s > step)
+        .map(|(_, p)| p.file_name().unwrap_or_default().to_string_lossy().into_owned())
+        .collect();
+    if later.is_empty() {
+        if !from.starts_with(&cfg.output_dir) {
+            eprintln!(
+                "note: resuming from {} into {}: a new run folder (a fork); the original run is unchanged",
+                from.display(),
+                cfg.output_dir.display()
+            );
+        }
+        return Ok(());
+    }
+    if !cfg.overwrite {
+        bail!(
+            "--resume {}: {} already holds later checkpoints ({}); continuing would mix two runs. \
+             Pass --output-dir NEW to fork the run into a new folder, or --overwrite to discard the later checkpoints",
+            from.display(),
+            cfg.output_dir.display(),
+            later.join(", ")
+        );
+    }
+    remove_checkpoints(&ckpts, |s| s > step)?;
+    eprintln!(
+        "note: --overwrite: discarded the later checkpoints {} of {}; the run continues from step {step}",
+        later.join(", "),
+        cfg.output_dir.display()
+    );
+    Ok(())
+}

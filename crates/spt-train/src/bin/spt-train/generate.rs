@@ -1,0 +1,140 @@
+//! `spt-train generate`: sample text from a GPT-2 model.
+
+use std::io::Write;
+
+use crate::common::{device, load_trained, model_type, tokenizer_for, ModelArgs};
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use clap::Args;
+use spt_train::config::resolve_model;
+use spt_train::data::TaskKind;
+use spt_train::pipeline::model_max_length;
+use spt_train::rng::SplitMix64;
+use spt_train::tasks::Net;
+
+#[derive(Args)]
+pub(crate) struct GenerateArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    #[arg(long, default_value = "")]
+    pub(crate) prompt: String,
+    #[arg(long, default_value_t = 50)]
+    pub(crate) max_new_tokens: usize,
+    /// Softmax temperature (> 0).
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) temperature: f64,
+    /// Sample among the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 50)]
+    pub(crate) top_k: usize,
+    #[arg(long, default_value_t = 42)]
+    pub(crate) seed: u64,
+}
+
+pub(crate) fn generate(a: &GenerateArgs) -> Result<()> {
+    if !(a.temperature > 0.0 && a.temperature.is_finite()) {
+        bail!("--temperature must be positive, got {}", a.temperature);
+    }
+    let dev = device(&a.model.device)?;
+    let model_dir = resolve_model(&a.model.model)?;
+    if let Some(t) = model_type(&model_dir)?.filter(|t| t != "gpt2") {
+        bail!(
+            "generate needs a GPT-2 model; {} is model_type \"{t}\"",
+            model_dir.display()
+        );
+    }
+    let tok = tokenizer_for(&model_dir, None)?;
+    let eos = tok.eos_id();
+    let mut ids = tok.encode_raw(&a.prompt)?;
+    if ids.is_empty() {
+        ids.push(eos.unwrap_or(0));
+    }
+    let n_prompt = ids.len();
+    let ctx_len = model_max_length(&model_dir).unwrap_or(1024);
+    if n_prompt >= ctx_len {
+        bail!("--prompt is {n_prompt} tokens; the model's context is {ctx_len}: shorten the prompt");
+    }
+    // No sliding window: past its context a GPT-2 would only see the last tokens, so the length
+    // is capped there and said so.
+    let max_new = a.max_new_tokens.min(ctx_len - n_prompt);
+    if max_new < a.max_new_tokens {
+        eprintln!(
+            "note: --max-new-tokens {} capped at {max_new}: the prompt ({n_prompt} tokens) and the \
+             generated text fit the model's context of {ctx_len} tokens",
+            a.max_new_tokens
+        );
+    }
+    tracing::info!(prompt_tokens = n_prompt, max_new, "prompt ready");
+    let (task, _) = load_trained(&a.model, TaskKind::Lm, None, &dev, None, None)?;
+    let Net::Lm(model) = &task.net else {
+        bail!("generate needs a GPT-2 model (model_type gpt2)")
+    };
+    let mut rng = SplitMix64::new(a.seed);
+    let decode = |ids: &[u32]| {
+        tok.inner()
+            .decode(ids, true)
+            .map_err(|e| anyhow::anyhow!("decoding the generated tokens: {e}"))
+    };
+    // Stream: print the text as it grows (decoding the whole sequence each time, so multi-byte
+    // characters split across tokens come out whole).
+    let mut out = std::io::stdout().lock();
+    let mut shown = decode(&ids)?;
+    write!(out, "{shown}")?;
+    out.flush()?;
+    for _ in 0..max_new {
+        let input = Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?;
+        let logits = model.forward_t(&input, None, false)?;
+        let last: Vec<f32> = logits.get(0)?.get(ids.len() - 1)?.to_vec1()?;
+        let next = sample_token(&last, a.temperature, a.top_k, &mut rng);
+        if Some(next) == eos {
+            break;
+        }
+        ids.push(next);
+        let text = decode(&ids)?;
+        if text.ends_with('\u{fffd}') {
+            continue; // an incomplete character: its next byte comes with the next token
+        }
+        // Decoding is prefix-stable for byte-level BPE; if a tokenizer's is not, print from where
+        // the texts part.
+        let from = match text.strip_prefix(shown.as_str()) {
+            Some(_) => shown.len(),
+            None => common_prefix(&shown, &text),
+        };
+        write!(out, "{}", &text[from..])?;
+        out.flush()?;
+        shown = text;
+    }
+    writeln!(out)?;
+    Ok(())
+}
+
+/// Byte length of the longest common prefix of `a` and `b` on a char boundary.
+pub(crate) fn common_prefix(a: &str, b: &str) -> usize {
+    a.char_indices()
+        .zip(b.chars())
+        .find(|((_, x), y)| x != y)
+        .map(|((i, _), _)| i)
+        .unwrap_or(a.len().min(b.len()))
+}
+
+/// Samples a token id from `logits` with temperature and top-k (0: all).
+pub(crate) fn sample_token(logits: &[f32], temperature: f64, top_k: usize, rng: &mut SplitMix64) -> u32 {
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if top_k > 0 {
+        order.truncate(top_k);
+    }
+    let max = logits[order[0]] as f64;
+    let w: Vec<f64> = order
+        .iter()
+        .map(|&i| ((logits[i] as f64 - max) / temperature).exp())
+        .collect();
+    let total: f64 = w.iter().sum();
+    let mut u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * total;
+    for (k, &wi) in w.iter().enumerate() {
+        if u < wi {
+            return order[k] as u32;
+        }
+        u -= wi;
+    }
+    order[order.len() - 1] as u32
+}

@@ -1,0 +1,146 @@
+//! `spt-train`: fine-tune, evaluate and use BERT / GPT-2 checkpoints with sparse training.
+//!
+//! The subcommands are wired here from the library: config, data, tokenizer, output dir, trainer
+//! and checkpoints from spt-train, the models from spt-models.
+
+mod bench;
+mod common;
+mod eval;
+mod export;
+mod finetune;
+mod generate;
+mod predict;
+
+use anyhow::Result;
+
+/// Training allocates and frees the same large tensor buffers every step: glibc unmaps them and
+/// pays page faults (and TLB shootdowns) to get them back, 17 % of a GPT-2 step here (perf).
+/// mimalloc with purging off keeps them for reuse: the process stays at its peak footprint.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `mi_option_purge_delay` in mimalloc v3's `mi_option_e` (mimalloc.h); the test below checks
+/// it against the option's default.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+fn keep_freed_memory() {
+    // SAFETY: sets one process-wide allocator option to a documented value (-1: never purge).
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
+}
+
+use clap::{Parser, Subcommand};
+use spt_train::config::FinetuneArgs;
+
+use bench::BenchArgs;
+use eval::EvalArgs;
+use export::ExportArgs;
+use generate::GenerateArgs;
+use predict::PredictArgs;
+
+#[derive(Parser)]
+#[command(
+    name = "spt-train",
+    version,
+    about = "Sparse fine-tuning (SPT) of BERT and GPT-2 checkpoints with candle"
+)]
+struct Cli {
+    /// More log output (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Only warnings and errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fine-tune a checkpoint (dense, LoRA or SPT) on classification or LM data.
+    Finetune(Box<FinetuneArgs>),
+    /// Accuracy and macro-F1 (classify) or loss and perplexity (lm) of a model or checkpoint.
+    Eval(EvalArgs),
+    /// Classify texts from a file or stdin.
+    Predict(PredictArgs),
+    /// Sample text from a GPT-2 model.
+    Generate(GenerateArgs),
+    /// Merge LoRA and write a Hugging Face-compatible model directory.
+    Export(ExportArgs),
+    /// Time fine-tuning steps, dense vs LoRA vs SPT, on real model shapes.
+    Bench(BenchArgs),
+}
+
+fn init_tracing(verbose: u8, quiet: bool) {
+    use tracing_subscriber::EnvFilter;
+    let level = match (quiet, verbose) {
+        (true, _) => "warn",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// How a command ended without an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Done,
+    /// Stopped by Ctrl-C after saving: exit 130, as shells report SIGINT, so scripts can tell.
+    Interrupted,
+}
+
+fn main() -> std::process::ExitCode {
+    keep_freed_memory();
+    let cli = Cli::parse();
+    init_tracing(cli.verbose, cli.quiet);
+    match run(&cli) {
+        Ok(Outcome::Done) => std::process::ExitCode::SUCCESS,
+        Ok(Outcome::Interrupted) => std::process::ExitCode::from(130),
+        Err(e) => {
+            // `{:#}` prints the whole context chain on one line, without a backtrace.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<Outcome> {
+    match &cli.command {
+        Command::Finetune(a) => return finetune::finetune(a),
+        Command::Eval(a) => eval::eval(a),
+        Command::Predict(a) => predict::predict(a),
+        Command::Generate(a) => generate::generate(a),
+        Command::Export(a) => export::export(a),
+        Command::Bench(a) => bench::bench(a),
+    }?;
+    Ok(Outcome::Done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn purge_delay_option_index_matches_mimalloc() {
+        // The bundled mimalloc's options.c defaults `purge_delay` to 1000 ms (mimalloc.h still
+        // says 10); no neighbouring option has that default, so a wrong index fails here.
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+            // SAFETY: reads a process-wide option.
+            assert_eq!(
+                unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) },
+                1000
+            );
+        }
+        keep_freed_memory();
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) },
+            -1
+        );
+    }
+}

@@ -1,0 +1,128 @@
+//! `spt-train predict`: classify texts from a file or stdin.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+
+use crate::common::{device, find_labels, load_trained, tokenizer_for, ModelArgs};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use spt_train::checkpoint::write_file_atomic;
+use spt_train::config::resolve_model;
+use spt_train::data::{read_classification, ColumnSpec, DataFormat, LabelMap, TaskKind};
+use spt_train::data::{EncodedDataset, EncodedItem};
+
+#[derive(Args)]
+pub(crate) struct PredictArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    /// CSV / TSV / JSONL file, or `-` for one text per line on stdin.
+    #[arg(long, default_value = "-")]
+    pub(crate) input: String,
+    #[arg(long, value_enum)]
+    pub(crate) format: Option<DataFormat>,
+    #[arg(long, default_value = "text")]
+    pub(crate) text_column: String,
+    #[arg(long)]
+    pub(crate) text_pair_column: Option<String>,
+    /// labels.json of the run (default: the checkpoint run's labels.json).
+    #[arg(long)]
+    pub(crate) label_map: Option<PathBuf>,
+    /// Write JSON lines here instead of stdout.
+    #[arg(long)]
+    pub(crate) output: Option<PathBuf>,
+    #[arg(long, default_value_t = 32)]
+    pub(crate) batch_size: usize,
+    #[arg(long)]
+    pub(crate) max_length: Option<usize>,
+}
+
+pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1, got 0");
+    }
+    let dev = device(&a.model.device)?;
+    let model_dir = resolve_model(&a.model.model)?;
+    let tok = tokenizer_for(&model_dir, a.max_length)?;
+    let labels = find_labels(&a.label_map, &a.model.checkpoint)?;
+    let texts: Vec<(String, Option<String>)> = if a.input == "-" {
+        let mut out = Vec::new();
+        for (i, line) in std::io::stdin().lock().lines().enumerate() {
+            let line = line.with_context(|| format!("stdin: line {}", i + 1))?;
+            if !line.trim().is_empty() {
+                out.push((line, None));
+            }
+        }
+        out
+    } else {
+        let cols = ColumnSpec {
+            text: a.text_column.clone(),
+            text_pair: a.text_pair_column.clone(),
+            label: None,
+            group: None,
+        };
+        read_classification(Path::new(&a.input), a.format, &cols, &[])?
+            .examples
+            .into_iter()
+            .map(|e| (e.text, e.text_pair))
+            .collect()
+    };
+    let encoded: Vec<_> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, (t, p))| tok.encode(t, p.as_deref(), &format!("{}:{}", a.input, i + 1)))
+        .collect::<std::result::Result<_, _>>()?;
+    tracing::info!(
+        texts = encoded.len(),
+        labels = labels.as_ref().map(|l| l.len()),
+        "inputs ready"
+    );
+    let (task, _) = load_trained(
+        &a.model,
+        TaskKind::Classify,
+        labels.as_ref().map(LabelMap::len),
+        &dev,
+        None,
+        None,
+    )?;
+    let data = EncodedDataset {
+        task: TaskKind::Classify,
+        items: encoded
+            .into_iter()
+            .map(|e| EncodedItem {
+                input_ids: e.ids,
+                token_type_ids: e.type_ids,
+                label: Some(0),
+            })
+            .collect(),
+        pad_id: tok.pad_id(),
+    };
+    let mut lines = String::new();
+    let idx: Vec<usize> = (0..data.len()).collect();
+    for chunk in idx.chunks(a.batch_size) {
+        let batch = data.batch(chunk, &dev)?;
+        let logits = task.net.forward(&batch, false)?;
+        let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
+        for (&i, p) in chunk.iter().zip(probs) {
+            let (best, score) =
+                p.iter().enumerate().fold(
+                    (0usize, f32::MIN),
+                    |acc, (j, &v)| if v > acc.1 { (j, v) } else { acc },
+                );
+            let label = labels
+                .as_ref()
+                .and_then(|l| l.label(best as u32))
+                .map(str::to_string)
+                .unwrap_or_else(|| best.to_string());
+            let rec = serde_json::json!({"text": texts[i].0, "label": label, "id": best, "score": score});
+            lines.push_str(&rec.to_string());
+            lines.push('\n');
+        }
+    }
+    match &a.output {
+        Some(p) => {
+            write_file_atomic(p, lines.as_bytes()).with_context(|| format!("writing {}", p.display()))?
+        }
+        None => print!("{lines}"),
+    }
+    Ok(())
+}
