@@ -1,0 +1,213 @@
+//! [`FinetuneArgs`]: the flags of `spt-train finetune`, and how they override a config file.
+
+use std::path::PathBuf;
+
+use super::{invalid, ConfigError, FfnUnits, FinetuneConfig, Mode};
+use crate::data::{DataFormat, TaskKind};
+use crate::optim::ScheduleKind;
+
+/// The flags of `spt-train finetune`; each overrides the config file's field of the same name.
+#[derive(Clone, Debug, Default, PartialEq, clap::Args)]
+pub struct FinetuneArgs {
+    /// TOML or JSON file with any of these settings (flags win).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Local model directory or Hugging Face hub id (honours HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE).
+    #[arg(long)]
+    pub model: Option<String>,
+    #[arg(long, value_enum)]
+    pub task: Option<TaskKind>,
+    /// Tokenizer directory or tokenizer.json (default: the model directory).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Training file; repeat for several.
+    #[arg(long = "train-file", value_name = "FILE")]
+    pub train_files: Vec<PathBuf>,
+    /// Validation file; repeat for several.
+    #[arg(long = "validation-file", value_name = "FILE")]
+    pub validation_files: Vec<PathBuf>,
+    /// Held-out fraction when no validation file is given (0: none).
+    #[arg(long)]
+    pub validation_split: Option<f64>,
+    /// Column kept whole on one side of the split (e.g. movie_name).
+    #[arg(long)]
+    pub split_by: Option<String>,
+    #[arg(long, value_enum)]
+    pub format: Option<DataFormat>,
+    #[arg(long)]
+    pub text_column: Option<String>,
+    #[arg(long)]
+    pub text_pair_column: Option<String>,
+    #[arg(long)]
+    pub label_column: Option<String>,
+    /// Drop rows with this label; repeat for several.
+    #[arg(long = "drop-label", value_name = "LABEL")]
+    pub drop_labels: Vec<String>,
+    /// Fixed label mapping (labels.json).
+    #[arg(long)]
+    pub label_map: Option<PathBuf>,
+    /// Truncate texts to this many tokens (default: the model's maximum).
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    /// LM block length.
+    #[arg(long)]
+    pub block_size: Option<usize>,
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
+    /// Use a non-empty output directory that spt-train did not create, or restart an earlier run.
+    #[arg(long)]
+    pub overwrite: bool,
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
+    /// Keys per query for sparse attention (exclusive with --attn-k-fraction).
+    #[arg(long)]
+    pub attn_k: Option<usize>,
+    /// Fraction of keys per query for sparse attention.
+    #[arg(long)]
+    pub attn_k_fraction: Option<f64>,
+    #[arg(long)]
+    pub pq_subspaces: Option<usize>,
+    #[arg(long)]
+    pub pq_codewords: Option<usize>,
+    /// Refresh PQ codebooks every N steps (0: never).
+    #[arg(long)]
+    pub pq_refresh_every: Option<u64>,
+    /// Routed-FFN blocks.
+    #[arg(long)]
+    pub ffn_blocks: Option<usize>,
+    /// Routed-FFN blocks used per token.
+    #[arg(long)]
+    pub ffn_top_k: Option<usize>,
+    /// Which hidden units form each routed-FFN block.
+    #[arg(long, value_enum)]
+    pub ffn_units: Option<FfnUnits>,
+    /// Linear correction for the FFN blocks a token skips, fitted on the calibration tokens.
+    #[arg(long)]
+    pub ffn_correction: Option<bool>,
+    /// Batches of 16 training examples that calibrate the sparse layers (spt).
+    #[arg(long)]
+    pub calibration_batches: Option<usize>,
+    /// Router load-balancing loss weight (0: off).
+    #[arg(long)]
+    pub router_aux_weight: Option<f64>,
+    /// The routers' learning rate as a multiple of --lr (spt). Default: 0 with adapters (the
+    /// routers keep their fit to the calibration tokens), 1 with --lora-rank 0.
+    #[arg(long)]
+    pub router_lr_scale: Option<f64>,
+    /// LoRA rank (lora, spt). In spt mode 0 means no adapters: every weight trains through the
+    /// sparse attention and routed FFN (e.g. training from random weights).
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    #[arg(long)]
+    pub lora_dropout: Option<f64>,
+    /// Modules trained in full besides the adapters and head (lora, spt), comma-separated HF
+    /// module names, e.g. `pooler` (PEFT's `modules_to_save`).
+    #[arg(long, value_delimiter = ',', value_name = "MODULES")]
+    pub modules_to_save: Vec<String>,
+    /// GPT-2 only: random initial weights instead of a checkpoint.
+    #[arg(long)]
+    pub random_init: bool,
+    #[arg(long)]
+    pub epochs: Option<u64>,
+    /// Total optimizer updates (overrides --epochs).
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub eval_batch_size: Option<usize>,
+    /// Micro-batches per optimizer update.
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub warmup_steps: Option<u64>,
+    #[arg(long)]
+    pub warmup_ratio: Option<f64>,
+    #[arg(long, value_enum)]
+    pub schedule: Option<ScheduleKind>,
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    #[arg(long)]
+    pub adam_beta1: Option<f64>,
+    #[arg(long)]
+    pub adam_beta2: Option<f64>,
+    #[arg(long)]
+    pub adam_eps: Option<f64>,
+    /// Clip the global gradient norm to this (0: off).
+    #[arg(long, alias = "clip")]
+    pub max_grad_norm: Option<f64>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long)]
+    pub eval_every: Option<u64>,
+    #[arg(long)]
+    pub save_every: Option<u64>,
+    #[arg(long)]
+    pub keep_last: Option<usize>,
+    #[arg(long)]
+    pub log_every: Option<u64>,
+    /// Resume from the latest checkpoint in --output-dir, or from the given checkpoint directory.
+    #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "CHECKPOINT")]
+    pub resume: Option<String>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+macro_rules! set_if_some {
+    ($args:ident, $cfg:ident; plain: $($p:ident),* ; optional: $($o:ident),* ; list: $($l:ident),*) => {
+        $( if let Some(v) = $args.$p.clone() { $cfg.$p = v; } )*
+        $( if let Some(v) = $args.$o.clone() { $cfg.$o = Some(v); } )*
+        $( if !$args.$l.is_empty() { $cfg.$l = $args.$l.clone(); } )*
+    };
+}
+
+impl FinetuneConfig {
+    /// Defaults, then `--config`, then the flags; then [`FinetuneConfig::validate`].
+    pub fn from_args(args: &FinetuneArgs) -> Result<Self, ConfigError> {
+        let mut cfg = match &args.config {
+            Some(p) => Self::load(p)?,
+            None => Self::default(),
+        };
+        cfg.apply(args);
+        if args.validation_split.is_some() && !cfg.validation_files.is_empty() {
+            return Err(invalid(
+                "validation_split",
+                "--validation-split holds rows out of the training files, --validation-file gives the \
+                 validation rows: give one, not both",
+            ));
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Applies the flags that were given.
+    pub fn apply(&mut self, a: &FinetuneArgs) {
+        let c = self;
+        set_if_some!(a, c;
+            plain: model, task, validation_split, text_column, label_column, block_size, output_dir, mode,
+                pq_refresh_every, ffn_blocks, ffn_top_k, ffn_units, ffn_correction, calibration_batches, router_aux_weight, lora_rank, lora_alpha, lora_dropout,
+                epochs, batch_size, grad_accum, lr, warmup_ratio, schedule, weight_decay, adam_beta1, adam_beta2,
+                adam_eps, max_grad_norm, seed, eval_every, save_every, keep_last, log_every, device;
+            optional: tokenizer, router_lr_scale, split_by, format, text_pair_column, label_map, max_length, attn_k,
+                attn_k_fraction, pq_subspaces, pq_codewords, max_steps, eval_batch_size, warmup_steps, resume;
+            list: train_files, validation_files, drop_labels, modules_to_save
+        );
+        if a.overwrite {
+            c.overwrite = true;
+        }
+        if a.no_progress {
+            c.progress = false;
+        }
+        if a.random_init {
+            c.random_init = true;
+        }
+    }
+}

@@ -1,0 +1,376 @@
+//! [`FinetuneConfig`]: every `spt-train finetune` setting, loadable from TOML or JSON, and the
+//! [`FinetuneArgs`] flags that override it; model resolution (local directory or hub id).
+//!
+//! Precedence: built-in defaults < `--config FILE` < flags. The file uses the same names as the
+//! struct fields (flags are the same names with `-` for `_`), and unknown keys are an error.
+//!
+//! - here: the settings, their defaults, loading a file and what the trainer takes from them;
+//! - `args.rs`: the flags and how they override a file;
+//! - `validate.rs`: [`FinetuneConfig::validate`];
+//! - `hub.rs`: model resolution (local directory, hub cache, download).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::{ColumnSpec, DataFormat, TaskKind};
+use crate::optim::{AdamWConfig, ScheduleKind};
+use crate::trainer::{Resume, TrainerConfig};
+
+/// Configuration errors; each names the file, the setting or the model.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {}: {msg}", path.display())]
+    File { path: PathBuf, msg: String },
+    #[error("invalid setting `{field}`: {msg}")]
+    Invalid { field: String, msg: String },
+    #[error("model `{id}`: {msg}")]
+    Model { id: String, msg: String },
+}
+
+fn invalid(field: &str, msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.to_string(),
+        msg: msg.into(),
+    }
+}
+
+/// How the model is fine-tuned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Full fine-tuning of every weight.
+    Dense,
+    /// Frozen weights + LoRA adapters.
+    Lora,
+    /// Sparse attention + routed FFN + LoRA.
+    Spt,
+}
+
+/// Which hidden units form each routed-FFN block.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum FfnUnits {
+    /// Contiguous ranges of d_ff, as the checkpoint orders them (the SPT reference).
+    Contiguous,
+    /// Units that fire on the same calibration tokens grouped together (balanced k-means).
+    #[default]
+    Clustered,
+}
+
+/// Settings of earlier versions whose option was removed, with the value that selects the
+/// behaviour that remains. A config file may still carry them with that value (it is dropped);
+/// any other value is refused by name. Their measurements: docs/experiments/routed-ffn.md.
+pub const REMOVED_SETTINGS: [(&str, &str); 4] = [
+    ("ffn_gate", "\"softmax-kept\""),
+    ("ffn_router_target", "\"activation-norm\""),
+    ("router_refit_every", "0"),
+    ("ffn_skip_bias", "false"),
+];
+
+/// Drops the removed settings that keep the remaining behaviour; errors on any other value.
+fn strip_removed_settings(table: &mut serde_json::Map<String, serde_json::Value>) -> Result<(), String> {
+    for (key, kept) in REMOVED_SETTINGS {
+        let Some(v) = table.get(key) else { continue };
+        if serde_json::from_str::<serde_json::Value>(kept).ok().as_ref() != Some(v) {
+            return Err(format!(
+                "`{key} = {v}`: this option was removed from spt (only `{key} = {kept}` remains, the \
+                 behaviour it now always has; the measurements that led to its removal are in \
+                 docs/experiments/routed-ffn.md). Remove the line to run with the remaining behaviour"
+            ));
+        }
+        table.remove(key);
+    }
+    Ok(())
+}
+
+/// Every setting of `spt-train finetune`. See the field comments for meaning and defaults.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FinetuneConfig {
+    // --- model and task ---
+    /// Local directory or Hugging Face hub id (required).
+    pub model: String,
+    pub task: TaskKind,
+    /// Tokenizer directory or file; default: the model directory.
+    pub tokenizer: Option<PathBuf>,
+
+    // --- data ---
+    /// Training files (classification: CSV/TSV/JSONL; lm: plain text). Required.
+    pub train_files: Vec<PathBuf>,
+    /// Validation files; when empty, `validation_split` of the training rows are held out.
+    pub validation_files: Vec<PathBuf>,
+    /// Fraction held out when there are no validation files (0: no validation).
+    pub validation_split: f64,
+    /// Column whose values never straddle the split (e.g. `movie_name`).
+    pub split_by: Option<String>,
+    /// File format; default: from the extension.
+    pub format: Option<DataFormat>,
+    pub text_column: String,
+    pub text_pair_column: Option<String>,
+    pub label_column: String,
+    /// Rows with these labels are dropped (e.g. `plot`).
+    pub drop_labels: Vec<String>,
+    /// A fixed label mapping (`labels.json`); default: sorted distinct training labels.
+    pub label_map: Option<PathBuf>,
+    /// Truncation length in tokens; default: the model's maximum.
+    pub max_length: Option<usize>,
+    /// LM block length in tokens.
+    pub block_size: usize,
+
+    // --- output ---
+    pub output_dir: PathBuf,
+    /// Use an existing output directory that is not ours, or restart over an earlier run.
+    pub overwrite: bool,
+
+    // --- mode and sparsity ---
+    pub mode: Mode,
+    /// Keys each query attends to (spt); exclusive with `attn_k_fraction`.
+    pub attn_k: Option<usize>,
+    /// Fraction of the sequence each query attends to (spt), in (0, 1].
+    pub attn_k_fraction: Option<f64>,
+    /// PQ subspaces per head and codewords per subspace (spt); default: the model's choice.
+    pub pq_subspaces: Option<usize>,
+    pub pq_codewords: Option<usize>,
+    /// Refresh PQ codebooks every N steps (0: never).
+    pub pq_refresh_every: u64,
+    /// FFN blocks (spt) and how many each token uses.
+    pub ffn_blocks: usize,
+    pub ffn_top_k: usize,
+    /// Which hidden units form each block.
+    pub ffn_units: FfnUnits,
+    /// A constant linear correction `[x, 1] C` for the FFN blocks a token skips, fitted on the
+    /// calibration tokens to what the routing misses of the dense FFN (spt).
+    pub ffn_correction: bool,
+    /// Batches of 16 training examples (seeded draw) that fit the PQ codebooks, routers and unit
+    /// groups, and that the codebook refresh cycles through (spt).
+    pub calibration_batches: usize,
+    /// Weight of the router load-balancing loss (0: off).
+    pub router_aux_weight: f64,
+    /// The routers' learning rate as a multiple of `lr` (spt). Default
+    /// ([`FinetuneConfig::router_lr_scale`]): 0 with adapters, so the routers keep their fit to the
+    /// calibration tokens; 1 when every weight trains (`lora_rank = 0`).
+    pub router_lr_scale: Option<f64>,
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    /// Modules trained in full in lora and spt modes besides the adapters and the task head, by
+    /// HF module name (e.g. `pooler`), like PEFT's `modules_to_save`.
+    pub modules_to_save: Vec<String>,
+    /// GPT-2 only: start from random weights (the model directory holds only config.json and
+    /// tokenizer files); for experiments on model shapes without a checkpoint.
+    pub random_init: bool,
+
+    // --- optimisation ---
+    pub epochs: u64,
+    /// Overrides `epochs` when set.
+    pub max_steps: Option<u64>,
+    pub batch_size: usize,
+    /// Default: `batch_size`.
+    pub eval_batch_size: Option<usize>,
+    pub grad_accum: usize,
+    pub lr: f64,
+    /// Warmup updates; default: `warmup_ratio` of the total.
+    pub warmup_steps: Option<u64>,
+    pub warmup_ratio: f64,
+    pub schedule: ScheduleKind,
+    /// AdamW decoupled weight decay (never on biases and LayerNorm weights).
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_eps: f64,
+    /// Global gradient-norm clip (0: off).
+    pub max_grad_norm: f64,
+    pub seed: u64,
+
+    // --- loop ---
+    /// Evaluate every N steps (0: at the end only).
+    pub eval_every: u64,
+    /// Checkpoint every N steps (0: at the end only; Ctrl-C always saves).
+    pub save_every: u64,
+    /// Checkpoints kept (0: all).
+    pub keep_last: usize,
+    pub log_every: u64,
+    /// `latest` or a checkpoint directory.
+    pub resume: Option<String>,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    pub progress: bool,
+}
+
+impl Default for FinetuneConfig {
+    fn default() -> Self {
+        Self {
+            model: String::new(),
+            task: TaskKind::Classify,
+            tokenizer: None,
+            train_files: Vec::new(),
+            validation_files: Vec::new(),
+            validation_split: 0.1,
+            split_by: None,
+            format: None,
+            text_column: "text".into(),
+            text_pair_column: None,
+            label_column: "label".into(),
+            drop_labels: Vec::new(),
+            label_map: None,
+            max_length: None,
+            block_size: 128,
+            output_dir: PathBuf::from("spt-output"),
+            overwrite: false,
+            mode: Mode::Dense,
+            attn_k: None,
+            attn_k_fraction: None,
+            pq_subspaces: None,
+            pq_codewords: None,
+            pq_refresh_every: 100,
+            ffn_blocks: 8,
+            ffn_top_k: 2,
+            ffn_units: FfnUnits::default(),
+            ffn_correction: false,
+            calibration_batches: 4,
+            router_aux_weight: 0.0,
+            router_lr_scale: None,
+            lora_rank: 8,
+            lora_alpha: 16.0,
+            lora_dropout: 0.0,
+            modules_to_save: Vec::new(),
+            random_init: false,
+            epochs: 3,
+            max_steps: None,
+            batch_size: 16,
+            eval_batch_size: None,
+            grad_accum: 1,
+            lr: 5e-5,
+            warmup_steps: None,
+            warmup_ratio: 0.0,
+            schedule: ScheduleKind::Linear,
+            weight_decay: 0.01,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            max_grad_norm: 1.0,
+            seed: 42,
+            eval_every: 0,
+            save_every: 0,
+            keep_last: 3,
+            log_every: 10,
+            resume: None,
+            device: "cpu".into(),
+            progress: true,
+        }
+    }
+}
+
+impl FinetuneConfig {
+    /// Reads a TOML (`.toml`) or JSON (`.json`) config file; unknown keys are an error, and so is
+    /// a removed setting ([`REMOVED_SETTINGS`]) unless it has the value of the behaviour that
+    /// remains (old run directories' `finetune.toml` files list every setting).
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file_err = |msg: String| ConfigError::File {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
+        let mut value: serde_json::Value = match path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(|e| e.to_ascii_lowercase())
+            .as_deref()
+        {
+            Some("toml") => toml::from_str(&text).map_err(|e| file_err(e.to_string()))?,
+            Some("json") => serde_json::from_str(&text).map_err(|e| file_err(e.to_string()))?,
+            _ => return Err(file_err("use a .toml or .json file".into())),
+        };
+        if let Some(table) = value.as_object_mut() {
+            strip_removed_settings(table).map_err(file_err)?;
+        }
+        serde_json::from_value(value).map_err(|e| file_err(e.to_string()))
+    }
+
+    /// The routers' lr multiple: the set value, else 0 with adapters (fine-tuning keeps the
+    /// routers' calibration fit: trained at the adapters' lr they destabilised runs) and 1 when
+    /// every weight trains.
+    pub fn router_lr_scale(&self) -> f64 {
+        self.router_lr_scale
+            .unwrap_or(if self.lora_rank == 0 { 1.0 } else { 0.0 })
+    }
+
+    /// The columns to read.
+    pub fn columns(&self) -> ColumnSpec {
+        ColumnSpec {
+            text: self.text_column.clone(),
+            text_pair: self.text_pair_column.clone(),
+            label: Some(self.label_column.clone()),
+            group: self.split_by.clone(),
+        }
+    }
+
+    /// Where to resume from.
+    pub fn resume_from(&self) -> Resume {
+        match self.resume.as_deref() {
+            None => Resume::No,
+            Some("latest") => Resume::Latest,
+            Some(p) => Resume::From(PathBuf::from(p)),
+        }
+    }
+
+    /// The settings that define a run, as JSON, for checkpoint manifests: everything except how
+    /// this invocation starts (`resume`, `overwrite`, `progress`), so a resumed run matches.
+    pub fn run_identity(&self) -> serde_json::Value {
+        let mut c = self.clone();
+        c.resume = None;
+        c.overwrite = false;
+        c.progress = true;
+        serde_json::to_value(&c).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The loop settings for a training set of `n_train` items.
+    pub fn trainer_config(&self, n_train: usize) -> TrainerConfig {
+        let mut t = TrainerConfig {
+            epochs: self.epochs,
+            max_steps: self.max_steps,
+            batch_size: self.batch_size,
+            eval_batch_size: self.eval_batch_size.unwrap_or(self.batch_size),
+            grad_accum: self.grad_accum,
+            lr: self.lr,
+            warmup_steps: 0,
+            schedule: self.schedule,
+            adamw: AdamWConfig {
+                beta1: self.adam_beta1,
+                beta2: self.adam_beta2,
+                eps: self.adam_eps,
+                weight_decay: self.weight_decay,
+            },
+            lr_scales: if self.mode == Mode::Spt && self.router_lr_scale() != 1.0 {
+                vec![("router".into(), self.router_lr_scale())]
+            } else {
+                Vec::new()
+            },
+            max_grad_norm: self.max_grad_norm,
+            seed: self.seed,
+            eval_every: self.eval_every,
+            save_every: self.save_every,
+            keep_last: self.keep_last,
+            log_every: self.log_every,
+            output_dir: self.output_dir.clone(),
+            progress: self.progress,
+            run_config: self.run_identity(),
+            ..TrainerConfig::default()
+        };
+        let total = crate::trainer::planned_steps(&t, n_train);
+        t.warmup_steps = self
+            .warmup_steps
+            .unwrap_or((self.warmup_ratio * total as f64).ceil() as u64);
+        t
+    }
+}
+
+mod args;
+mod hub;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+pub use args::FinetuneArgs;
+pub use hub::{hub_cache, hub_offline, resolve_model, resolve_model_with};

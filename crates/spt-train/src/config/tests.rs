@@ -1,0 +1,283 @@
+use super::*;
+use clap::Parser;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: FinetuneArgs,
+}
+
+fn parse(argv: &[&str]) -> FinetuneArgs {
+    Cli::try_parse_from(std::iter::once("x").chain(argv.iter().copied()))
+        .unwrap()
+        .args
+}
+
+const FLAGS: &[&str] = &[
+    "--model",
+    "sentence-transformers/all-MiniLM-L6-v2",
+    "--task",
+    "classify",
+    "--train-file",
+    "data/rt/rt.csv",
+    "--validation-split",
+    "0.2",
+    "--split-by",
+    "movie_name",
+    "--text-column",
+    "text",
+    "--label-column",
+    "category",
+    "--drop-label",
+    "plot",
+    "--max-length",
+    "128",
+    "--output-dir",
+    "runs/rt",
+    "--mode",
+    "spt",
+    "--attn-k",
+    "32",
+    "--ffn-blocks",
+    "16",
+    "--ffn-top-k",
+    "4",
+    "--ffn-correction",
+    "true",
+    "--router-lr-scale",
+    "0.1",
+    "--lora-rank",
+    "16",
+    "--lora-alpha",
+    "32",
+    "--modules-to-save",
+    "pooler,bert.embeddings.LayerNorm",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "32",
+    "--grad-accum",
+    "2",
+    "--lr",
+    "0.0003",
+    "--warmup-ratio",
+    "0.1",
+    "--schedule",
+    "cosine",
+    "--weight-decay",
+    "0.01",
+    "--clip",
+    "1.0",
+    "--seed",
+    "7",
+    "--eval-every",
+    "100",
+    "--save-every",
+    "200",
+    "--keep-last",
+    "2",
+];
+
+const TOML: &str = r#"
+    model = "sentence-transformers/all-MiniLM-L6-v2"
+    task = "classify"
+    train_files = ["data/rt/rt.csv"]
+    validation_split = 0.2
+    split_by = "movie_name"
+    text_column = "text"
+    label_column = "category"
+    drop_labels = ["plot"]
+    max_length = 128
+    output_dir = "runs/rt"
+    mode = "spt"
+    attn_k = 32
+    ffn_blocks = 16
+    ffn_top_k = 4
+    ffn_correction = true
+    router_lr_scale = 0.1
+    lora_rank = 16
+    lora_alpha = 32.0
+    modules_to_save = ["pooler", "bert.embeddings.LayerNorm"]
+    epochs = 2
+    batch_size = 32
+    grad_accum = 2
+    lr = 0.0003
+    warmup_ratio = 0.1
+    schedule = "cosine"
+    weight_decay = 0.01
+    max_grad_norm = 1.0
+    seed = 7
+    eval_every = 100
+    save_every = 200
+    keep_last = 2
+"#;
+
+#[test]
+fn toml_json_and_flags_are_equivalent() {
+    let from_flags = FinetuneConfig::from_args(&parse(FLAGS)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("c.toml");
+    std::fs::write(&t, TOML).unwrap();
+    let from_toml = FinetuneConfig::from_args(&parse(&["--config", t.to_str().unwrap()])).unwrap();
+    assert_eq!(from_toml, from_flags);
+    let j = dir.path().join("c.json");
+    std::fs::write(&j, serde_json::to_string(&from_flags).unwrap()).unwrap();
+    assert_eq!(FinetuneConfig::load(&j).unwrap(), from_flags);
+    assert_eq!(from_flags.mode, Mode::Spt);
+    assert_eq!(from_flags.drop_labels, vec!["plot".to_string()]);
+    assert_eq!(
+        from_flags.modules_to_save,
+        ["pooler", "bert.embeddings.LayerNorm"]
+    );
+    // Flags override the file.
+    let over = FinetuneConfig::from_args(&parse(&[
+        "--config",
+        t.to_str().unwrap(),
+        "--lr",
+        "0.001",
+        "--resume",
+    ]))
+    .unwrap();
+    assert_eq!(over.lr, 0.001);
+    assert_eq!(over.resume_from(), Resume::Latest);
+    assert_eq!(over.seed, 7);
+    let same_run = FinetuneConfig {
+        lr: from_toml.lr,
+        ..over.clone()
+    };
+    assert_eq!(same_run.run_identity(), from_toml.run_identity()); // --resume does not change it
+                                                                   // Trainer settings: 1000 items / 32 = 32 batches × 2 epochs / 2 accum = 32 steps, warmup 10%.
+    let tc = from_flags.trainer_config(1000);
+    assert_eq!(tc.warmup_steps, 4);
+    assert_eq!(tc.adamw.weight_decay, 0.01);
+    assert_eq!(tc.max_grad_norm, 1.0);
+    assert_eq!(tc.lr_scales, vec![("router".to_string(), 0.1)]);
+}
+
+#[test]
+fn unknown_keys_and_bad_values_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("bad.toml");
+    std::fs::write(&t, "model = \"m\"\nlearning_rate = 0.1\n").unwrap();
+    let e = FinetuneConfig::load(&t).unwrap_err().to_string();
+    assert!(e.contains("bad.toml") && e.contains("learning_rate"), "{e}");
+    let base = ["--model", "m", "--train-file", "a.csv"];
+    let with = |extra: &[&str]| {
+        let mut v = base.to_vec();
+        v.extend_from_slice(extra);
+        FinetuneConfig::from_args(&parse(&v)).unwrap_err().to_string()
+    };
+    assert!(with(&["--batch-size", "0"]).contains("batch size must be at least 1"));
+    assert!(with(&["--attn-k", "4", "--attn-k-fraction", "0.5"]).contains("not both"));
+    assert!(with(&["--ffn-blocks", "2", "--ffn-top-k", "3"]).contains("ffn_top_k"));
+    assert!(with(&["--device", "tpu"]).contains("device"));
+    assert!(with(&["--router-lr-scale=-1"]).contains("router_lr_scale"));
+    // The balancing loss needs routers that train; with adapters they are frozen by default.
+    let e = with(&["--mode", "spt", "--router-aux-weight", "0.1"]);
+    assert!(
+        e.contains("router_aux_weight") && e.contains("--router-lr-scale"),
+        "{e}"
+    );
+    let ok = |extra: &[&str]| {
+        let mut v = base.to_vec();
+        v.extend_from_slice(extra);
+        FinetuneConfig::from_args(&parse(&v)).unwrap()
+    };
+    let aux = ["--mode", "spt", "--router-aux-weight", "0.1"];
+    assert_eq!(
+        ok(&[&aux[..], &["--router-lr-scale", "0.5"]].concat()).router_lr_scale(),
+        0.5
+    );
+    assert_eq!(
+        ok(&[&aux[..], &["--lora-rank", "0"]].concat()).router_lr_scale(),
+        1.0
+    );
+    assert_eq!(ok(&["--mode", "spt"]).router_lr_scale(), 0.0);
+    assert_eq!(
+        ok(&["--mode", "spt"]).trainer_config(100).lr_scales,
+        vec![("router".to_string(), 0.0)]
+    );
+    assert!(ok(&["--mode", "lora"]).trainer_config(100).lr_scales.is_empty());
+    let e = FinetuneConfig::from_args(&parse(&["--train-file", "a.csv"]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`model`"), "{e}");
+}
+
+/// A run directory's finetune.toml from before an option was removed: with the remaining
+/// behaviour's value it loads, with any other value it is refused, naming the setting.
+#[test]
+fn removed_settings_are_refused_by_name_unless_they_keep_the_behaviour() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = "model = \"m\"\ntrain_files = [\"a.csv\"]\nffn_gate = \"softmax-kept\"\n\
+               ffn_router_target = \"activation-norm\"\nrouter_refit_every = 0\nffn_skip_bias = false\n";
+    let t = dir.path().join("finetune.toml");
+    std::fs::write(&t, old).unwrap();
+    let cfg = FinetuneConfig::load(&t).unwrap();
+    assert_eq!(cfg.model, "m");
+    let j = dir.path().join("finetune.json");
+    std::fs::write(
+        &j,
+        r#"{"model": "m", "ffn_skip_bias": false, "router_refit_every": 0}"#,
+    )
+    .unwrap();
+    assert_eq!(FinetuneConfig::load(&j).unwrap().model, "m");
+    for (line, key) in [
+        ("ffn_skip_bias = true", "ffn_skip_bias"),
+        ("ffn_router_target = \"output-norm\"", "ffn_router_target"),
+        ("router_refit_every = 100", "router_refit_every"),
+        ("ffn_gate = \"sigmoid\"", "ffn_gate"),
+    ] {
+        std::fs::write(&t, format!("model = \"m\"\n{line}\n")).unwrap();
+        let e = FinetuneConfig::load(&t).unwrap_err().to_string();
+        assert!(
+            e.contains("finetune.toml") && e.contains(key) && e.contains("removed"),
+            "{e}"
+        );
+    }
+    std::fs::write(&j, r#"{"model": "m", "ffn_skip_bias": true}"#).unwrap();
+    let e = FinetuneConfig::load(&j).unwrap_err().to_string();
+    assert!(e.contains("ffn_skip_bias") && e.contains("removed"), "{e}");
+    // The flags are gone too.
+    assert!(Cli::try_parse_from(["x", "--ffn-skip-bias", "true"]).is_err());
+    assert!(Cli::try_parse_from(["x", "--router-refit-every", "10"]).is_err());
+}
+
+#[test]
+fn model_resolution_local_cached_and_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = hf_hub::Cache::new(dir.path().join("hub"));
+    // Offline and uncached: the error names the id and says why.
+    let e = resolve_model_with("someone/tiny-bert", &cache, true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("someone/tiny-bert") && e.contains("HF_HUB_OFFLINE"),
+        "{e}"
+    );
+    // Cached (hub cache layout: refs/main → snapshots/<commit>/files).
+    let repo = dir.path().join("hub/models--someone--tiny-bert");
+    let snap = repo.join("snapshots/abc123");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "abc123").unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::write(snap.join(f), "{}").unwrap();
+    }
+    assert_eq!(
+        resolve_model_with("someone/tiny-bert", &cache, true).unwrap(),
+        snap
+    );
+    // Local directory.
+    assert_eq!(
+        resolve_model_with(snap.to_str().unwrap(), &cache, true).unwrap(),
+        snap
+    );
+    let e = resolve_model_with("./no/such/dir", &cache, true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("./no/such/dir") && e.contains("not a directory"),
+        "{e}"
+    );
+}
