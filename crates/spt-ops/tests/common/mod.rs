@@ -1,6 +1,8 @@
 //! Helpers shared by the spt-ops integration tests.
 #![allow(dead_code)]
 
+pub mod routed;
+
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 

@@ -1,0 +1,315 @@
+//! Routed-FFN calibration: the router fit, the routing-quality report, unit regrouping
+//! (permutation and clustering), and the linear correction.
+
+mod common;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use common::routed::{assert_close, diff, vars, weights};
+use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
+use spt_ops::gradcheck::randn_f64;
+use spt_ops::routed_ffn::BlockTopK;
+use spt_ops::routed_ffn::{RouterFitConfig, UnitClusterConfig};
+use spt_ops::{Activation, GateMode, LoraConfig, RoutedFfn, RoutedFfnConfig};
+
+/// Tokens in clusters; cluster c strongly drives block c, so a linear router can rank blocks.
+fn planted(d: usize, n: usize, b: usize, t: usize, seed: u64) -> Result<([Tensor; 4], Tensor)> {
+    let dirs = randn_f64(&[n, d], seed)?; // cluster directions
+    let [w1, b1, w2, b2] = weights(d, n * b, seed + 1, DType::F64)?;
+    // Block e's rows get a large component along dirs[e].
+    let boost = dirs.unsqueeze(1)?.broadcast_as((n, b, d))?.reshape((n * b, d))?;
+    let w1 = (w1 + (boost * 0.5)?)?;
+    let mut rng = StdRng::seed_from_u64(seed + 2);
+    let ids: Vec<u32> = (0..t)
+        .map(|_| rand::Rng::random_range(&mut rng, 0..n as u32))
+        .collect();
+    let ids = Tensor::from_vec(ids, t, &Device::Cpu)?;
+    let x = (dirs.index_select(&ids, 0)? + (randn_f64(&[t, d], seed + 3)? * 0.3)?)?;
+    let f = |t: Tensor| t.to_dtype(DType::F32);
+    Ok(([f(w1)?, f(b1)?, f(w2)?, f(b2)?], f(x)?))
+}
+
+#[test]
+fn router_init_ranks_blocks_by_activation_norm() -> Result<()> {
+    let ([w1, b1, w2, b2], x) = planted(16, 4, 8, 400, 21)?;
+    let mut cfg = RoutedFfnConfig::new(4, BlockTopK::Count(1));
+    let act = Activation::GeluErf;
+    cfg.seed = 3;
+    let mut layer = RoutedFfn::new(&w1, &b1, &w2, &b2, act, cfg)?;
+    let before = layer.quality(&x)?;
+    let after = layer.init_router(&x, RouterFitConfig::default())?;
+    assert!(after.oracle_recall >= 0.9, "recall after fit {after:?}");
+    assert!(
+        after.oracle_recall > before.oracle_recall + 0.2,
+        "before {before:?}, after {after:?}"
+    );
+    assert!(
+        after.rel_error < before.rel_error,
+        "before {before:?}, after {after:?}"
+    );
+    assert!(after.cosine > before.cosine && after.cosine <= 1.0 + 1e-9);
+    assert_eq!(after.tokens, 400);
+    Ok(())
+}
+
+#[test]
+fn quality_of_the_dense_routing_is_exact() -> Result<()> {
+    let [w1, b1, w2, b2] = weights(8, 24, 9, DType::F32)?;
+    let mut cfg = RoutedFfnConfig::new(3, BlockTopK::Fraction(1.0));
+    let act = Activation::GeluTanh;
+    cfg.gate = GateMode::Ones;
+    let layer = RoutedFfn::new(&w1, &b1, &w2, &b2, act, cfg)?;
+    let q = layer.quality(&randn_f64(&[2, 20, 8], 10)?.to_dtype(DType::F32)?)?;
+    assert!(
+        (q.cosine - 1.0).abs() < 1e-6
+            && (q.oracle_cosine - 1.0).abs() < 1e-6
+            && (q.token_cosine - 1.0).abs() < 1e-6
+            && (q.oracle_token_cosine - 1.0).abs() < 1e-6
+            && q.rel_error < 1e-6
+            && q.oracle_recall == 1.0,
+        "{q:?}"
+    );
+    Ok(())
+}
+
+/// A seeded permutation of `0..n`.
+fn shuffled(n: usize, seed: u64) -> Vec<u32> {
+    let mut p: Vec<u32> = (0..n as u32).collect();
+    p.shuffle(&mut StdRng::seed_from_u64(seed));
+    p
+}
+
+#[test]
+fn permuted_units_keep_the_dense_ffn_with_lora() -> Result<()> {
+    let [w1, b1, w2, b2] = weights(8, 24, 31, DType::F32)?;
+    let cfg = RoutedFfnConfig::new(4, BlockTopK::Count(2));
+    let act = Activation::GeluErf;
+    let mut layer = RoutedFfn::new(&w1, &b1, &w2, &b2, act, cfg)?.with_lora(LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        seed: 5,
+    })?;
+    // Non-zero B factors, so LoRA's per-unit rows and columns matter.
+    let (_, lb1, _, lb2) = layer.lora_factors().expect("lora");
+    lb1.set(&(randn_f64(&[24, 2], 32)? * 0.2)?.to_dtype(DType::F32)?)?;
+    lb2.set(&(randn_f64(&[8, 2], 33)? * 0.2)?.to_dtype(DType::F32)?)?;
+    let x = randn_f64(&[30, 8], 34)?.to_dtype(DType::F32)?;
+    let dense = layer.forward_dense(&x, false)?;
+    let routed = layer.forward_t(&x, false)?.y;
+    layer.permute_units(&shuffled(24, 35))?;
+    assert_close(
+        "dense after permuting",
+        &layer.forward_dense(&x, false)?,
+        &dense,
+        1e-5,
+    )?;
+    let (d, _) = diff(&layer.forward_t(&x, false)?.y, &routed)?;
+    assert!(
+        d > 1e-3,
+        "the blocks hold other units now: routed output moved by {d}"
+    );
+    // Merging after a permutation gives the same dense function.
+    layer
+        .merge()
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    assert_close(
+        "merged after permuting",
+        &layer.forward_dense(&x, false)?,
+        &dense,
+        1e-5,
+    )?;
+
+    // Not a permutation, or trained weights: named errors, nothing changed.
+    let e = layer.permute_units(&[0, 1]).unwrap_err().to_string();
+    assert!(e.contains("2 entries, expected d_ff = 24"), "{e}");
+    let mut dup = shuffled(24, 36);
+    dup[3] = dup[7];
+    let e = layer.permute_units(&dup).unwrap_err().to_string();
+    assert!(e.contains("appears twice"), "{e}");
+    assert_close(
+        "after refused permutations",
+        &layer.forward_dense(&x, false)?,
+        &dense,
+        1e-5,
+    )?;
+    let v = vars(&[w1, b1, w2, b2])?;
+    let ts: Vec<Tensor> = v.iter().map(|v| v.as_tensor().clone()).collect();
+    let mut trained = RoutedFfn::new(
+        &ts[0],
+        &ts[1],
+        &ts[2],
+        &ts[3],
+        Activation::Relu,
+        RoutedFfnConfig::new(4, BlockTopK::Count(2)),
+    )?;
+    let e = trained.permute_units(&shuffled(24, 37)).unwrap_err().to_string();
+    assert!(e.contains("frozen"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn clustering_regroups_units_that_fire_together() -> Result<()> {
+    // Planted: block e's units respond to token cluster e. Shuffle the units, so that contiguous
+    // blocks mix the groups, then regroup them.
+    let (n, b) = (4usize, 8usize);
+    let ([w1, b1, w2, b2], x) = planted(16, n, b, 600, 41)?;
+    let perm = shuffled(n * b, 42);
+    let idx = Tensor::new(perm.as_slice(), &Device::Cpu)?;
+    let (w1, b1, w2) = (
+        w1.index_select(&idx, 0)?,
+        b1.index_select(&idx, 0)?,
+        w2.index_select(&idx, 1)?,
+    );
+    let group = |u: u32| perm[u as usize] as usize / b; // planted group of shuffled unit u
+    let cfg = RoutedFfnConfig::new(n, BlockTopK::Count(1));
+    let act = Activation::Relu;
+    let mut layer = RoutedFfn::new(&w1, &b1, &w2, &b2, act, cfg)?;
+    let contiguous = layer.init_router(&x, RouterFitConfig::default())?;
+    let order = layer.cluster_units(&x, UnitClusterConfig::default())?;
+    assert_eq!(
+        order,
+        layer.cluster_units(&x, UnitClusterConfig::default())?,
+        "deterministic"
+    );
+    let mut sorted = order.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (0..(n * b) as u32).collect::<Vec<_>>(), "a permutation");
+    // Each block is (almost) one planted group.
+    let mut pure = 0;
+    for blk in order.chunks(b) {
+        let mut count = vec![0usize; n];
+        blk.iter().for_each(|&u| count[group(u)] += 1);
+        pure += count.iter().max().unwrap();
+    }
+    assert!(
+        pure as f64 >= 0.9 * (n * b) as f64,
+        "{pure} of {} units in their group's block",
+        n * b
+    );
+    layer.permute_units(&order)?;
+    let regrouped = layer.init_router(&x, RouterFitConfig::default())?;
+    assert!(
+        regrouped.cosine > contiguous.cosine + 0.05 && regrouped.rel_error < contiguous.rel_error,
+        "contiguous {contiguous:?}, regrouped {regrouped:?}"
+    );
+    let e = layer
+        .cluster_units(
+            &Tensor::zeros((0, 16), DType::F32, &Device::Cpu)?,
+            UnitClusterConfig::default(),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("at least one sample token"), "{e}");
+    Ok(())
+}
+
+/// With every pre-activation positive, a ReLU FFN is linear, and with the same blocks skipped
+/// by every token so is what they add: the fitted correction then restores the dense output.
+#[test]
+fn linear_correction_restores_skipped_blocks_that_are_linear() -> Result<()> {
+    let (d, n, b, t) = (12usize, 4usize, 6usize, 300usize);
+    let [w1, b1, w2, b2] = weights(d, n * b, 61, DType::F64)?;
+    let b1 = (b1 + 20.0)?; // |x W1ᵀ| stays far below 20: ReLU is the identity here
+    let x = randn_f64(&[t, d], 62)?;
+    let mut cfg = RoutedFfnConfig::new(n, BlockTopK::Count(2));
+    let act = Activation::Relu;
+    cfg.gate = GateMode::Ones;
+    cfg.correction = true;
+    let mut layer = RoutedFfn::new(&w1, &b1, &w2, &b2, act, cfg)?;
+    // Every token keeps blocks 1 and 3.
+    layer
+        .router()
+        .0
+        .set(&Tensor::zeros((n, d), DType::F64, &Device::Cpu)?)?;
+    layer
+        .router()
+        .1
+        .set(&Tensor::new(&[0.0, 5.0, 0.0, 5.0], &Device::Cpu)?)?;
+    let before = layer.quality(&x)?;
+    layer.fit_correction(&x, 1e-12)?;
+    let after = layer.quality(&x)?;
+    assert!(before.rel_error > 0.3, "{before:?}");
+    assert_close(
+        "corrected",
+        &layer.forward_t(&x, false)?.y,
+        &layer.forward_dense(&x, false)?,
+        1e-6,
+    )?;
+    assert!(
+        after.token_cosine > 1.0 - 1e-9 && after.rel_error < 1e-6,
+        "{after:?}"
+    );
+    let e = layer.fit_correction(&x, 0.0).unwrap_err().to_string();
+    assert!(e.contains("ridge > 0"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn linear_correction_adds_a_fitted_linear_term_for_tokens_that_skip_blocks() -> Result<()> {
+    let (n, b, k, d) = (4usize, 8usize, 2usize, 16usize);
+    let ([w1, b1, w2, b2], x) = planted(d, n, b, 600, 71)?;
+    let mut cfg = RoutedFfnConfig::new(n, BlockTopK::Count(k));
+    let act = Activation::GeluErf;
+    let mut plain = RoutedFfn::new(&w1, &b1, &w2, &b2, act, cfg.clone())?;
+    let without = plain.init_router(&x, RouterFitConfig::default())?;
+    cfg.correction = true;
+    let mut layer = RoutedFfn::new(&w1, &b1, &w2, &b2, act, cfg)?;
+    assert_eq!(layer.correction().unwrap().dims(), [d + 1, d]);
+    assert_eq!(layer.trainable_vars().len(), 2, "the correction is a constant");
+    let with = layer.init_router(&x, RouterFitConfig::default())?;
+    // The same router either way (the correction is fitted after it); closer to dense per token.
+    assert_close(
+        "router",
+        layer.router().0.as_tensor(),
+        plain.router().0.as_tensor(),
+        0.0,
+    )?;
+    assert!(
+        with.token_cosine > without.token_cosine + 0.01 && with.rel_error < without.rel_error,
+        "with {with:?}, without {without:?}"
+    );
+
+    // Forward: the plain routed output plus [x, 1] C, and d(Σy)/dx gains C's row sums.
+    let c = layer.correction().unwrap().clone();
+    let ones = Tensor::ones((x.dim(0)?, 1), DType::F32, &Device::Cpu)?;
+    let term = Tensor::cat(&[&x, &ones], 1)?.matmul(&c)?;
+    let y = layer.forward_t(&x, false)?.y;
+    assert_close("output", &y, &(plain.forward_t(&x, false)?.y + &term)?, 1e-5)?;
+    let xv = Var::from_tensor(&x)?;
+    let gx = |l: &RoutedFfn| -> Result<Tensor> {
+        let g = l.forward_t(xv.as_tensor(), true)?.y.sum_all()?.backward()?;
+        Ok(g.get(xv.as_tensor()).expect("x gradient").clone())
+    };
+    let row_sums = c.narrow(0, 0, d)?.sum(1)?.unsqueeze(0)?; // [1, d]
+    let expect = (gx(&plain)?.broadcast_add(&row_sums))?;
+    assert_close("x gradient", &gx(&layer)?, &expect, 1e-4)?;
+    // Every block running: nothing is skipped, nothing is corrected.
+    assert_close(
+        "all blocks",
+        &layer.forward_dense(&x, false)?,
+        &plain.forward_dense(&x, false)?,
+        0.0,
+    )?;
+
+    // Restore (as from a checkpoint): the same output; named errors.
+    let mut restored = RoutedFfn::new(&w1, &b1, &w2, &b2, act, layer.config().clone())?;
+    restored.router().0.set(layer.router().0.as_tensor())?;
+    restored.router().1.set(layer.router().1.as_tensor())?;
+    restored.set_correction(&c)?;
+    assert_close("restored", &restored.forward_t(&x, false)?.y, &y, 0.0)?;
+    let e = restored
+        .set_correction(&c.narrow(0, 0, d)?)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("expected [d+1, d] = [17, 16]"), "{e}");
+    let e = plain.set_correction(&c).unwrap_err().to_string();
+    assert!(e.contains("configured without one"), "{e}");
+
+    // Regrouping makes the blocks new: the correction resets until the next fit.
+    layer.permute_units(&shuffled(n * b, 73))?;
+    assert_eq!(
+        layer.correction().unwrap().abs()?.sum_all()?.to_scalar::<f32>()?,
+        0.0
+    );
+    Ok(())
+}
