@@ -147,19 +147,13 @@ fn pq_subspaces(cfg: &FinetuneConfig, head_dim: usize) -> usize {
     })
 }
 
-/// The sparse-attention top-k of the settings (default: a quarter of the keys).
-pub fn attention_top_k(cfg: &FinetuneConfig) -> Result<KeyTopK> {
+/// The sparse-attention top-k of the settings (default: a quarter of the keys), which
+/// [`FinetuneConfig::validate_model`] has checked.
+pub fn attention_top_k(cfg: &FinetuneConfig) -> KeyTopK {
     match (cfg.attn_k, cfg.attn_k_fraction) {
-        (Some(_), Some(_)) => Err(Error::Msg(
-            "give either --attn-k or --attn-k-fraction, not both".into(),
-        )),
-        (Some(0), None) => Err(Error::Msg("--attn-k must be at least 1".into())),
-        (Some(k), None) => Ok(KeyTopK::Count(k)),
-        (None, Some(f)) if !(f > 0.0 && f <= 1.0) => Err(Error::Msg(format!(
-            "--attn-k-fraction must be in (0, 1], got {f}"
-        ))),
-        (None, Some(f)) => Ok(KeyTopK::Fraction(f)),
-        (None, None) => Ok(KeyTopK::Fraction(0.25)),
+        (Some(k), _) => KeyTopK::Count(k),
+        (None, Some(f)) => KeyTopK::Fraction(f),
+        (None, None) => KeyTopK::Fraction(0.25),
     }
 }
 
@@ -170,15 +164,7 @@ fn spt_config(cfg: &FinetuneConfig, head_dim: usize, fit: bool) -> Result<Option
     if cfg.mode == Mode::Dense {
         return Ok(None);
     }
-    if cfg.lora_rank == 0 && cfg.mode == Mode::Lora {
-        return Err(Error::Msg("--lora-rank must be at least 1 in lora mode".into()));
-    }
-    if !(0.0..1.0).contains(&cfg.lora_dropout) {
-        return Err(Error::Msg(format!(
-            "--lora-dropout must be in [0, 1), got {}",
-            cfg.lora_dropout
-        )));
-    }
+    cfg.validate_model()?;
     // Rank 0 (spt only): no adapters; every weight trains through the sparse layers.
     let lora = (cfg.lora_rank > 0).then(|| LoraSettings {
         targets: vec![
@@ -201,13 +187,7 @@ fn spt_config(cfg: &FinetuneConfig, head_dim: usize, fit: bool) -> Result<Option
         ..SptConfig::default()
     };
     if cfg.mode == Mode::Spt {
-        if cfg.ffn_top_k == 0 || cfg.ffn_top_k > cfg.ffn_blocks {
-            return Err(Error::Msg(format!(
-                "--ffn-top-k must be in 1..=--ffn-blocks ({}), got {}",
-                cfg.ffn_blocks, cfg.ffn_top_k
-            )));
-        }
-        let top_k = attention_top_k(cfg)?;
+        let top_k = attention_top_k(cfg);
         if fit {
             sc.attention = Some(SparseAttentionConfig {
                 pq: PqConfig {
@@ -394,7 +374,7 @@ impl ModelTask {
             }
         }
         let attn_top_k = match cfg.mode {
-            Mode::Spt => Some(attention_top_k(cfg)?),
+            Mode::Spt => Some(attention_top_k(cfg)),
             _ => None,
         };
         Ok(Self {

@@ -159,6 +159,10 @@ pub struct FinetuneArgs {
     /// Hide the progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Any setting by its place in the config file, e.g. `--set spt.ffn.top_k=6` or
+    /// `--set optim.lr=1e-3` (after `--config` and the other flags); repeat for several.
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub set: Vec<String>,
 }
 
 macro_rules! set_if_some {
@@ -170,13 +174,14 @@ macro_rules! set_if_some {
 }
 
 impl FinetuneConfig {
-    /// Defaults, then `--config`, then the flags; then [`FinetuneConfig::validate`].
+    /// Defaults, then `--config`, then the flags, then `--set`; then [`FinetuneConfig::validate`].
     pub fn from_args(args: &FinetuneArgs) -> Result<Self, ConfigError> {
         let mut cfg = match &args.config {
             Some(p) => Self::load(p)?,
             None => Self::default(),
         };
         cfg.apply(args);
+        cfg.apply_sets(&args.set)?;
         if args.validation_split.is_some() && !cfg.validation_files.is_empty() {
             return Err(invalid(
                 "validation_split",

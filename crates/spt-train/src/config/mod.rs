@@ -7,7 +7,9 @@
 //! - here: the settings, their defaults, loading a file and what the trainer takes from them;
 //! - `args.rs`: the flags and how they override a file;
 //! - `validate.rs`: [`FinetuneConfig::validate`];
-//! - `hub.rs`: model resolution (local directory, hub cache, download).
+//! - `hub.rs`: model resolution (local directory, hub cache, download);
+//! - `sections.rs`: the file's sections (`[data]`, `[optim]`, `[loop]`, `[lora]`, `[spt]`,
+//!   `[spt.attention]`, `[spt.ffn]`) and `--set section.key=value`.
 
 use std::path::{Path, PathBuf};
 
@@ -272,7 +274,7 @@ impl FinetuneConfig {
             msg,
         };
         let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
-        let mut value: serde_json::Value = match path
+        let value: serde_json::Value = match path
             .extension()
             .and_then(|e| e.to_str())
             .map(|e| e.to_ascii_lowercase())
@@ -282,10 +284,56 @@ impl FinetuneConfig {
             Some("json") => serde_json::from_str(&text).map_err(|e| file_err(e.to_string()))?,
             _ => return Err(file_err("use a .toml or .json file".into())),
         };
-        if let Some(table) = value.as_object_mut() {
-            strip_removed_settings(table).map_err(file_err)?;
+        let serde_json::Value::Object(table) = value else {
+            return Err(file_err("expected a table of settings".into()));
+        };
+        let mut table = sections::flatten(table).map_err(file_err)?;
+        strip_removed_settings(&mut table).map_err(file_err)?;
+        serde_json::from_value(serde_json::Value::Object(table)).map_err(|e| file_err(e.to_string()))
+    }
+
+    /// The settings as a sectioned TOML file (what a run directory's `finetune.toml` holds).
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        let err = |e: String| invalid("config", format!("cannot write the settings as TOML: {e}"));
+        let flat = match serde_json::to_value(self).map_err(|e| err(e.to_string()))? {
+            serde_json::Value::Object(m) => m,
+            v => return Err(err(format!("expected a table, got {v}"))),
+        };
+        toml::to_string_pretty(&sections::nest(&flat)).map_err(|e| err(e.to_string()))
+    }
+
+    /// Applies `--set` overrides: `section.key=value` (or a top-level setting's name), the value
+    /// read as TOML (`0.001`, `true`, `[1, 2]`, `"text"`) or else as a bare string.
+    pub fn apply_sets(&mut self, sets: &[String]) -> Result<(), ConfigError> {
+        if sets.is_empty() {
+            return Ok(());
         }
-        serde_json::from_value(value).map_err(|e| file_err(e.to_string()))
+        let mut flat = match serde_json::to_value(&*self) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => return Err(invalid("set", "cannot represent the settings as a table")),
+        };
+        for s in sets {
+            let Some((path, value)) = s.split_once('=') else {
+                return Err(invalid("set", format!("`{s}`: expected section.key=value")));
+            };
+            let path = path.trim();
+            let field = match sections::field_of(path) {
+                Some(f) => f.to_string(),
+                None if !path.contains('.') && flat.contains_key(path) && sections::path_of(path) == path => {
+                    path.to_string()
+                }
+                None => {
+                    return Err(invalid(
+                        path,
+                        format!("--set {s}: no such setting (sections: data, optim, loop, lora, spt, spt.attention, spt.ffn)"),
+                    ))
+                }
+            };
+            flat.insert(field, sections::parse_value(value.trim()));
+        }
+        *self = serde_json::from_value(serde_json::Value::Object(flat))
+            .map_err(|e| invalid("set", format!("{}: {e}", sets.join(" "))))?;
+        Ok(())
     }
 
     /// The routers' lr multiple: the set value, else 0 with adapters (fine-tuning keeps the
@@ -368,6 +416,7 @@ impl FinetuneConfig {
 
 mod args;
 mod hub;
+pub mod sections;
 #[cfg(test)]
 mod tests;
 mod validate;

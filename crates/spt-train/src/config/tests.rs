@@ -281,3 +281,79 @@ fn model_resolution_local_cached_and_offline() {
         "{e}"
     );
 }
+
+/// The sectioned file: what a run writes loads back to the same settings; the flat form of older
+/// run directories still loads; a mix works; a setting given twice or an unknown one is named.
+#[test]
+fn sectioned_and_flat_files_load_to_the_same_settings() {
+    let cfg = FinetuneConfig::from_args(&parse(FLAGS)).unwrap();
+    let text = cfg.to_toml().unwrap();
+    for section in [
+        "[data]",
+        "[optim]",
+        "[loop]",
+        "[lora]",
+        "[spt]",
+        "[spt.attention]",
+        "[spt.ffn]",
+    ] {
+        assert!(text.contains(section), "{section} missing from\n{text}");
+    }
+    assert!(
+        text.contains("top_k = 4") && !text.contains("ffn_top_k"),
+        "{text}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("finetune.toml");
+    std::fs::write(&t, &text).unwrap();
+    assert_eq!(FinetuneConfig::load(&t).unwrap(), cfg);
+    // Flat (TOML above, as older runs wrote it) and mixed forms.
+    std::fs::write(&t, TOML).unwrap();
+    assert_eq!(FinetuneConfig::load(&t).unwrap(), cfg);
+    let mixed = "model = \"m\"\nlr = 0.01\n[spt.ffn]\ntop_k = 3\n[lora]\nrank = 4\n";
+    std::fs::write(&t, mixed).unwrap();
+    let m = FinetuneConfig::load(&t).unwrap();
+    assert_eq!((m.lr, m.ffn_top_k, m.lora_rank), (0.01, 3, 4));
+    std::fs::write(&t, "lr = 0.01\n[optim]\nlr = 0.02\n").unwrap();
+    let e = FinetuneConfig::load(&t).unwrap_err().to_string();
+    assert!(e.contains("twice") && e.contains("optim.lr"), "{e}");
+    std::fs::write(&t, "[spt.ffn]\ntopk = 3\n").unwrap();
+    let e = FinetuneConfig::load(&t).unwrap_err().to_string();
+    assert!(e.contains("`spt.ffn.topk`"), "{e}");
+}
+
+#[test]
+fn set_overrides_any_setting_by_its_section() {
+    let base = ["--model", "m", "--train-file", "a.csv", "--mode", "spt"];
+    let with = |extra: &[&str]| {
+        let mut v = base.to_vec();
+        v.extend_from_slice(extra);
+        FinetuneConfig::from_args(&parse(&v))
+    };
+    let c = with(&[
+        "--set",
+        "spt.ffn.top_k=6",
+        "--set",
+        "optim.lr=1e-3",
+        "--set",
+        "spt.ffn.correction=true",
+        "--set",
+        "data.format=csv",
+        "--set",
+        "seed=7",
+        "--ffn-top-k",
+        "2",
+    ])
+    .unwrap();
+    assert_eq!(
+        (c.ffn_top_k, c.lr, c.ffn_correction, c.format, c.seed),
+        (6, 1e-3, true, Some(crate::data::DataFormat::Csv), 7)
+    );
+    let e = with(&["--set", "spt.ffn.topk=6"]).unwrap_err().to_string();
+    assert!(e.contains("spt.ffn.topk") && e.contains("no such setting"), "{e}");
+    let e = with(&["--set", "optim.lr=fast"]).unwrap_err().to_string();
+    assert!(e.contains("--set") || e.contains("set"), "{e}");
+    // The result is validated like the flags.
+    let e = with(&["--set", "spt.ffn.top_k=9"]).unwrap_err().to_string();
+    assert!(e.contains("ffn_top_k"), "{e}");
+}

@@ -1,4 +1,5 @@
-//! [`FinetuneConfig::validate`]: ranges and combinations, each error naming the setting.
+//! [`FinetuneConfig::validate`] (a finetune run) and [`FinetuneConfig::validate_model`] (the model
+//! part, for every subcommand): ranges and combinations, each error naming the setting.
 
 use super::{invalid, ConfigError, FinetuneConfig, Mode};
 
@@ -50,41 +51,7 @@ impl FinetuneConfig {
                 format!("must be at least 2, got {}", self.block_size),
             ));
         }
-        if self.attn_k.is_some() && self.attn_k_fraction.is_some() {
-            return Err(invalid("attn_k", "give attn_k or attn_k_fraction, not both"));
-        }
-        if self.attn_k == Some(0) {
-            return Err(invalid("attn_k", "must be at least 1"));
-        }
-        if let Some(f) = self.attn_k_fraction {
-            if !(f > 0.0 && f <= 1.0) {
-                return Err(invalid("attn_k_fraction", format!("must be in (0, 1], got {f}")));
-            }
-        }
-        if self.ffn_blocks == 0 || self.ffn_top_k == 0 || self.ffn_top_k > self.ffn_blocks {
-            return Err(invalid(
-                "ffn_top_k",
-                format!(
-                    "need 1 ≤ ffn_top_k ≤ ffn_blocks, got {} of {}",
-                    self.ffn_top_k, self.ffn_blocks
-                ),
-            ));
-        }
-        if self.mode == Mode::Lora && self.lora_rank == 0 {
-            return Err(invalid(
-                "lora_rank",
-                "must be at least 1 in lora mode (spt mode takes 0: no adapters, every weight trains)",
-            ));
-        }
-        if !(0.0..1.0).contains(&self.lora_dropout) {
-            return Err(invalid(
-                "lora_dropout",
-                format!("must be in [0, 1), got {}", self.lora_dropout),
-            ));
-        }
-        if self.mode == Mode::Spt && self.calibration_batches == 0 {
-            return Err(invalid("calibration_batches", "must be at least 1 in spt mode"));
-        }
+        self.validate_model()?;
         if !(self.router_aux_weight.is_finite() && self.router_aux_weight >= 0.0) {
             return Err(invalid("router_aux_weight", "must be ≥ 0"));
         }
@@ -128,15 +95,6 @@ impl FinetuneConfig {
                 ),
             ));
         }
-        if self.lora_rank > 0 && !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
-            return Err(invalid(
-                "lora_alpha",
-                format!(
-                    "must be finite and > 0 (the adapter's scale is alpha / rank), got {}",
-                    self.lora_alpha
-                ),
-            ));
-        }
         if self.warmup_steps.is_some() && self.warmup_ratio > 0.0 {
             return Err(invalid(
                 "warmup_steps",
@@ -157,6 +115,57 @@ impl FinetuneConfig {
             return Err(invalid(
                 "device",
                 format!("expected cpu, cuda or cuda:N, got `{}`", self.device),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The checks of what builds the model (mode, sparsity, LoRA): the part of
+    /// [`validate`](Self::validate) that every subcommand needs, including those that restore a
+    /// run's model without training it (`ModelTask::build` calls it).
+    pub fn validate_model(&self) -> Result<(), ConfigError> {
+        if self.attn_k.is_some() && self.attn_k_fraction.is_some() {
+            return Err(invalid("attn_k", "give attn_k or attn_k_fraction, not both"));
+        }
+        if self.attn_k == Some(0) {
+            return Err(invalid("attn_k", "must be at least 1"));
+        }
+        if let Some(f) = self.attn_k_fraction {
+            if !(f > 0.0 && f <= 1.0) {
+                return Err(invalid("attn_k_fraction", format!("must be in (0, 1], got {f}")));
+            }
+        }
+        if self.ffn_blocks == 0 || self.ffn_top_k == 0 || self.ffn_top_k > self.ffn_blocks {
+            return Err(invalid(
+                "ffn_top_k",
+                format!(
+                    "need 1 ≤ ffn_top_k ≤ ffn_blocks, got {} of {}",
+                    self.ffn_top_k, self.ffn_blocks
+                ),
+            ));
+        }
+        if self.mode == Mode::Lora && self.lora_rank == 0 {
+            return Err(invalid(
+                "lora_rank",
+                "must be at least 1 in lora mode (spt mode takes 0: no adapters, every weight trains)",
+            ));
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return Err(invalid(
+                "lora_dropout",
+                format!("must be in [0, 1), got {}", self.lora_dropout),
+            ));
+        }
+        if self.mode == Mode::Spt && self.calibration_batches == 0 {
+            return Err(invalid("calibration_batches", "must be at least 1 in spt mode"));
+        }
+        if self.lora_rank > 0 && !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
+            return Err(invalid(
+                "lora_alpha",
+                format!(
+                    "must be finite and > 0 (the adapter's scale is alpha / rank), got {}",
+                    self.lora_alpha
+                ),
             ));
         }
         Ok(())

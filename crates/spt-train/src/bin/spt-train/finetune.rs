@@ -24,7 +24,7 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
     if let Resume::From(p) = &resume {
         discard_later_checkpoints(&cfg, p)?;
     }
-    let resolved = toml::to_string_pretty(&cfg).context("serialising the resolved config")?;
+    let resolved = cfg.to_toml().context("serialising the resolved config")?;
     write_file_atomic(&cfg.output_dir.join("finetune.toml"), resolved.as_bytes())
         .with_context(|| format!("writing {}", cfg.output_dir.join("finetune.toml").display()))?;
     let tok = load_tokenizer(&cfg, &model_dir)?;
