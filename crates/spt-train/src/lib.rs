@@ -16,7 +16,7 @@
 //! - [`losses`]: masked causal-LM loss and classification loss / eval outputs over a batch.
 //! - [`tasks`]: the BERT classifier and GPT-2 LM as [`trainer::TrainTask`]s in dense, LoRA or SPT
 //!   mode (one code path), checkpoint restore and LoRA-merged HF export.
-//! - [`bench`]: random weights, synthetic batches, timed steps and peak RSS for `spt-train bench`.
+//! - [`bench`](mod@bench): random weights, synthetic batches, timed steps and peak RSS for `spt-train bench`.
 //! - [`rng`]: the serialisable SplitMix64 behind data order and per-step seeds.
 
 pub mod bench;

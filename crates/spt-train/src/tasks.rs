@@ -6,7 +6,7 @@
 //! - `lora`: the base is frozen, LoRA adapters wrap q, k, v, o, fc1, fc2, the (new) head trains;
 //! - `spt`: as `lora`, plus sparse attention (PQ codebooks fitted on calibration batches drawn,
 //!   seeded, from the training data) and a routed FFN (router fitted on the same tokens), via
-//!   [`spt_models::sparsify`]. The codebooks refresh every `pq_refresh_every` steps and are
+//!   [`spt_models::sparsify()`]. The codebooks refresh every `pq_refresh_every` steps and are
 //!   checkpointed through [`TrainTask::extra_state`].
 //!
 //! Dropout is seeded from [`StepCtx::seed`], so a resumed run repeats the same masks.

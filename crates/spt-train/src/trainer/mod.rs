@@ -6,7 +6,7 @@
 //! model does inside `loss`, so they share this one loop.
 //!
 //! One *step* is one optimizer update over `grad_accum` micro-batches. The loop:
-//! 1. draws the step's seed from the trainer RNG ([`SplitMix64`], saved in checkpoints);
+//! 1. draws the step's seed from the trainer RNG ([`SplitMix64`](crate::rng::SplitMix64), saved in checkpoints);
 //! 2. for each micro-batch (in the order [`epoch_batches`] gives for `(seed, epoch)`): `loss`,
 //!    `backward` of `loss / n_micro`, gradients summed;
 //! 3. clips the global gradient norm, sets the scheduled learning rate, steps AdamW;
@@ -145,7 +145,7 @@ pub struct TrainerConfig {
     pub warmup_steps: u64,
     pub schedule: ScheduleKind,
     pub adamw: AdamWConfig,
-    /// Learning-rate multipliers by module name segment (see [`AdamW::scale_lr`]), e.g.
+    /// Learning-rate multipliers by module name segment (see [`AdamW::scale_lr`](crate::optim::AdamW::scale_lr)), e.g.
     /// `("router", 0.1)`.
     pub lr_scales: Vec<(String, f64)>,
     /// Global gradient-norm clip; 0 disables.

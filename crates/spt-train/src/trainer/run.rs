@@ -50,7 +50,7 @@ impl<T: TrainTask> Trainer<T> {
         }
     }
 
-    /// Uses `flag` as the stop request (e.g. from [`install_ctrlc_handler`]).
+    /// Uses `flag` as the stop request (e.g. from [`install_ctrlc_handler`](super::install_ctrlc_handler)).
     pub fn with_stop_flag(mut self, flag: Arc<AtomicBool>) -> Self {
         self.stop = flag;
         self
