@@ -3,8 +3,11 @@
 //!
 //! Every model computes `q, k, v: [B, H, L, d]` with its own (HF-named) projections, then calls
 //! [`AttentionCore::forward_t`] with a [`PreparedMask`] built once per forward pass. The dense core
-//! is `softmax(scale·q·kᵀ + mask)·v` with dropout on the probabilities; its softmax is spt-ops'
-//! differentiable one (candle's `softmax_last_dim` has no backward).
+//! is `softmax(scale·q·kᵀ + mask)·v` with dropout on the probabilities. On the CPU it runs
+//! spt-ops' fused `flash_attention` (no `[B, H, L, L]` tensor kept for backward); elsewhere, and
+//! for batches where some query row has no allowed key (HF then averages every value; the fused
+//! op outputs 0), it runs the composed form with HF's additive mask and spt-ops' differentiable
+//! softmax (candle's `softmax_last_dim` has no backward).
 //!
 //! The sparse core ([`SparseAttention`]) encodes the keys with a product-quantisation codebook,
 //! keeps the top-k keys per query by ADC score (under the same causal / padding mask), and runs
@@ -26,6 +29,8 @@ pub struct PreparedMask {
     /// `0` where allowed and the dtype's most negative finite value elsewhere (as HF does), of
     /// shape `[B|1, 1, L|1, L]`; `None` when everything is allowed.
     pub additive: Option<Tensor>,
+    /// Every query row has at least one allowed key, so the fused kernel gives HF's numbers.
+    pub rows_nonempty: bool,
 }
 
 /// The most negative finite value of a float dtype (HF's `torch.finfo(dtype).min`).
@@ -43,6 +48,7 @@ impl PreparedMask {
     pub fn new(mask: AttentionMask, len: usize, dtype: DType, device: &Device) -> Result<Self> {
         // allowed: u8, broadcastable to [B, 1, L, L].
         let mut allowed: Option<Tensor> = None;
+        let rows_nonempty = rows_nonempty(&mask, len)?;
         if let Some(p) = &mask.key_padding {
             let (_b, l) = p.dims2()?;
             if l != len {
@@ -72,8 +78,30 @@ impl PreparedMask {
                 Some(a.where_cond(&zeros, &neg)?)
             }
         };
-        Ok(Self { mask, additive })
+        Ok(Self {
+            mask,
+            additive,
+            rows_nonempty,
+        })
     }
+}
+
+/// Whether every query row sees a key: with key padding, each sequence needs one allowed key
+/// (under a causal mask: key 0, which row 0 needs). One host read of the `[B, L]` mask.
+fn rows_nonempty(mask: &AttentionMask, len: usize) -> Result<bool> {
+    if len == 0 {
+        return Ok(true);
+    }
+    let Some(p) = &mask.key_padding else {
+        return Ok(true);
+    };
+    let rows = p.ne(0f64)?.to_dtype(DType::U32)?;
+    let ok = if mask.causal {
+        rows.narrow(1, 0, 1)?.min_all()?
+    } else {
+        rows.max(1)?.min_all()?
+    };
+    Ok(ok.to_scalar::<u32>()? > 0)
 }
 
 /// Dense softmax attention with attention-probability dropout.
@@ -92,6 +120,10 @@ impl DenseAttention {
         scale: f64,
         train: bool,
     ) -> Result<Tensor> {
+        if q.device().is_cpu() && mask.rows_nonempty && matches!(q.dtype(), DType::F32 | DType::F64) {
+            let dropout = self.dropout.attention_dropout(train);
+            return Ok(spt_ops::flash_attention(q, k, v, &mask.mask, scale, dropout)?);
+        }
         let scores = (q.matmul(&k.t()?)? * scale)?; // [B, H, L, L]
         let scores = match &mask.additive {
             Some(m) => scores.broadcast_add(m)?,
