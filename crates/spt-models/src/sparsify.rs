@@ -51,6 +51,8 @@ impl CalibrationBatch {
 /// What one layer saw during a calibration forward pass (detached).
 #[derive(Debug, Clone)]
 pub struct LayerTrace {
+    /// `[B, H, L, d]`, after the query projection.
+    pub queries: Tensor,
     /// `[B, H, L, d]`, after the key projection.
     pub keys: Tensor,
     /// `[B, L, E]`, the FFN's input.
