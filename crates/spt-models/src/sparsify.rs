@@ -13,7 +13,7 @@
 //! every layer's keys and FFN inputs, before anything is swapped, so every layer is calibrated on
 //! the activations the pretrained model produces.
 
-use crate::attention::{AttentionCore, SparseAttention};
+use crate::attention::{AttentionCore, KeyGrouping, SparseAttention};
 use crate::error::{ModelError, Result};
 use crate::ffn::{DenseFfn, FeedForward, RoutedFeedForward};
 use crate::layers::{DropoutRng, Linear, WeightLayout};
@@ -282,7 +282,12 @@ pub trait SptModel {
 
     /// Makes the listed layers sparse with the given codebooks (e.g. from [`SptModel::pq_codebooks`]
     /// of a saved run) and top-k; no calibration needed.
-    fn set_pq_codebooks(&mut self, codebooks: &[(usize, Tensor)], top_k: TopK) -> Result<()> {
+    fn set_pq_codebooks(
+        &mut self,
+        codebooks: &[(usize, Tensor)],
+        top_k: TopK,
+        grouping: KeyGrouping,
+    ) -> Result<()> {
         let n = self.num_layers();
         for (i, centroids) in codebooks {
             let slots = self.layer_slots(*i).ok_or(ModelError::InvalidConfig {
@@ -291,7 +296,11 @@ pub trait SptModel {
                 reason: format!("the model has {n} layers"),
             })?;
             let codebook = spt_ops::pq::Codebook::from_tensor(centroids)?;
-            *slots.attention = AttentionCore::Sparse(SparseAttention { codebook, top_k });
+            *slots.attention = AttentionCore::Sparse(SparseAttention {
+                codebook,
+                top_k,
+                grouping,
+            });
         }
         Ok(())
     }
@@ -339,6 +348,9 @@ pub struct SparseAttentionConfig {
     pub pq: PqConfig,
     /// Keys kept per query.
     pub top_k: TopK,
+    /// Per-query selection (default) or per query tile.
+    #[serde(default)]
+    pub grouping: KeyGrouping,
 }
 
 /// Routed FFN settings.
@@ -605,7 +617,7 @@ pub fn sparsify<M: SptModel + ?Sized>(
         };
         if let Some(ac) = &cfg.attention {
             let k = Tensor::cat(&keys[i], 2)?; // [1, H, N, d]
-            let sparse = SparseAttention::fit(&k, &ac.pq, ac.top_k)?;
+            let sparse = SparseAttention::fit(&k, &ac.pq, ac.top_k, ac.grouping)?;
             lr.quantization_mse = Some(
                 sparse
                     .codebook

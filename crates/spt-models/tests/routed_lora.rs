@@ -115,6 +115,7 @@ fn bert_routed_ffn_and_sparse_attention_all_equals_dense() -> Result<()> {
                 ..PqConfig::default()
             },
             top_k: TopK::Fraction(1.0),
+            grouping: Default::default(),
         }),
         ffn: Some(routed(8, BlockTopK::Fraction(1.0), GateMode::Ones, true)),
         lora: None,
@@ -275,6 +276,7 @@ fn fully_sparse_gpt2_is_causal_and_trains() -> Result<()> {
                 ..PqConfig::default()
             },
             top_k: TopK::Count(8),
+            grouping: Default::default(),
         }),
         ffn: Some(routed(4, BlockTopK::Count(2), GateMode::SoftmaxKept, true)),
         lora: Some(LoraSettings {
@@ -418,6 +420,7 @@ fn bad_routed_configs_are_named_and_leave_the_model_intact() -> Result<()> {
         attention: Some(SparseAttentionConfig {
             pq: PqConfig::default(),
             top_k: TopK::Count(4),
+            grouping: Default::default(),
         }),
         ..SptConfig::default()
     };
