@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{ColumnSpec, DataFormat, TaskKind};
 use crate::optim::{AdamWConfig, ScheduleKind};
+use crate::presets::{self, Preset};
 use crate::trainer::{Resume, TrainerConfig};
 
 /// Configuration errors; each names the file, the setting or the model.
@@ -137,6 +138,9 @@ pub struct FinetuneConfig {
 
     // --- mode and sparsity ---
     pub mode: Mode,
+    /// The measured recipe the spt settings start from (spt mode: `fast` unless given); the
+    /// other settings override it.
+    pub preset: Option<Preset>,
     /// Keys each query attends to (spt); exclusive with `attn_k_fraction`.
     pub attn_k: Option<usize>,
     /// Fraction of the sequence each query attends to (spt), in (0, 1].
@@ -241,6 +245,7 @@ impl Default for FinetuneConfig {
             output_dir: PathBuf::from("spt-output"),
             overwrite: false,
             mode: Mode::Dense,
+            preset: None,
             attn_k: None,
             attn_k_fraction: None,
             pq_subspaces: None,
@@ -267,7 +272,7 @@ impl Default for FinetuneConfig {
             batch_size: 16,
             eval_batch_size: None,
             grad_accum: 1,
-            lr: 5e-5,
+            lr: crate::presets::default_lr(Mode::Dense),
             warmup_steps: None,
             warmup_ratio: 0.0,
             schedule: ScheduleKind::Linear,
@@ -341,6 +346,12 @@ pub struct FinetuneArgs {
     pub overwrite: bool,
     #[arg(long, value_enum)]
     pub mode: Option<Mode>,
+    /// SPT recipe (spt mode; default fast). fast: keys k = L/8, FFN 2 of 8 blocks + correction,
+    /// pooler trained, lr 1e-3 (≈2.7× dense's step, ~20 % of its memory, a few points below dense
+    /// accuracy). accurate: k = L/2, FFN 6 of 8 + correction, pooler, lr 1e-3 (within 1 point of
+    /// dense, ≈1.5× its step). Other flags override the preset's values.
+    #[arg(long, value_enum)]
+    pub preset: Option<Preset>,
     /// Keys per query for sparse attention (exclusive with --attn-k-fraction).
     #[arg(long)]
     pub attn_k: Option<usize>,
@@ -464,31 +475,107 @@ macro_rules! set_if_some {
 }
 
 impl FinetuneConfig {
-    /// Reads a TOML (`.toml`) or JSON (`.json`) config file; unknown keys are an error.
+    /// Reads a TOML (`.toml`) or JSON (`.json`) config file over the built-in defaults; unknown
+    /// keys are an error.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::default().overlay(path, Self::read_table(path)?)
+    }
+
+    /// A config file's keys, as a JSON object.
+    fn read_table(path: &Path) -> Result<serde_json::Map<String, serde_json::Value>, ConfigError> {
         let file_err = |msg: String| ConfigError::File {
             path: path.to_path_buf(),
             msg,
         };
         let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
-        match path
+        let value: serde_json::Value = match path
             .extension()
             .and_then(|e| e.to_str())
             .map(|e| e.to_ascii_lowercase())
             .as_deref()
         {
-            Some("toml") => toml::from_str(&text).map_err(|e| file_err(e.to_string())),
-            Some("json") => serde_json::from_str(&text).map_err(|e| file_err(e.to_string())),
-            _ => Err(file_err("use a .toml or .json file".into())),
+            Some("toml") => toml::from_str(&text).map_err(|e| file_err(e.to_string()))?,
+            Some("json") => serde_json::from_str(&text).map_err(|e| file_err(e.to_string()))?,
+            _ => return Err(file_err("use a .toml or .json file".into())),
+        };
+        match value {
+            serde_json::Value::Object(m) => Ok(m),
+            _ => Err(file_err("expected a table of settings".into())),
         }
     }
 
-    /// Defaults, then `--config`, then the flags; then [`FinetuneConfig::validate`].
-    pub fn from_args(args: &FinetuneArgs) -> Result<Self, ConfigError> {
-        let mut cfg = match &args.config {
-            Some(p) => Self::load(p)?,
-            None => Self::default(),
+    /// These settings with a config file's keys written over them (a key the file gives for
+    /// one of `attn_k` / `attn_k_fraction` clears the other).
+    fn overlay(
+        self,
+        path: &Path,
+        file: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Self, ConfigError> {
+        let file_err = |msg: String| ConfigError::File {
+            path: path.to_path_buf(),
+            msg,
         };
+        let mut base = match serde_json::to_value(&self) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => {
+                return Err(file_err(
+                    "internal: the defaults do not serialise to a table".into(),
+                ))
+            }
+        };
+        for (given, other) in [("attn_k", "attn_k_fraction"), ("attn_k_fraction", "attn_k")] {
+            if file.contains_key(given) && !file.contains_key(other) {
+                base.remove(other);
+            }
+        }
+        // TOML has no null: an absent Option is absent, so drop the defaults' nulls first.
+        base.retain(|_, v| !v.is_null());
+        base.extend(file);
+        serde_json::from_value(serde_json::Value::Object(base)).map_err(|e| file_err(e.to_string()))
+    }
+
+    /// Defaults (the mode's learning rate and, in spt mode, the preset), then `--config`, then
+    /// the flags; then [`FinetuneConfig::validate`].
+    pub fn from_args(args: &FinetuneArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(p) => Some((p, Self::read_table(p)?)),
+            None => None,
+        };
+        fn key<T: serde::de::DeserializeOwned>(
+            file: &Option<(&PathBuf, serde_json::Map<String, serde_json::Value>)>,
+            name: &str,
+        ) -> Result<Option<T>, ConfigError> {
+            let Some((p, m)) = file else { return Ok(None) };
+            m.get(name)
+                .map(|v| serde_json::from_value(v.clone()))
+                .transpose()
+                .map_err(|e| ConfigError::File {
+                    path: p.to_path_buf(),
+                    msg: format!("{name}: {e}"),
+                })
+        }
+        let mode = match args.mode {
+            Some(m) => m,
+            None => key(&file, "mode")?.unwrap_or(Mode::Dense),
+        };
+        let task = match args.task {
+            Some(t) => t,
+            None => key(&file, "task")?.unwrap_or(TaskKind::Classify),
+        };
+        let preset = match args.preset {
+            Some(p) => Some(p),
+            None => key(&file, "preset")?,
+        };
+        if preset.is_some() && mode != Mode::Spt {
+            return Err(invalid(
+                "preset",
+                format!("presets are spt recipes; the mode is {mode:?}").to_lowercase(),
+            ));
+        }
+        let mut cfg = presets::base_config(mode, task, presets::effective(mode, preset));
+        if let Some((p, m)) = file {
+            cfg = cfg.overlay(p, m)?;
+        }
         cfg.apply(args);
         if args.validation_split.is_some() && !cfg.validation_files.is_empty() {
             return Err(invalid(
@@ -504,12 +591,19 @@ impl FinetuneConfig {
     /// Applies the flags that were given.
     pub fn apply(&mut self, a: &FinetuneArgs) {
         let c = self;
+        // A flag for one way of giving k replaces the other (which may come from the preset).
+        if a.attn_k.is_some() && a.attn_k_fraction.is_none() {
+            c.attn_k_fraction = None;
+        }
+        if a.attn_k_fraction.is_some() && a.attn_k.is_none() {
+            c.attn_k = None;
+        }
         set_if_some!(a, c;
             plain: model, task, validation_split, text_column, label_column, block_size, output_dir, mode,
                 pq_refresh_every, ffn_blocks, ffn_top_k, ffn_gate, ffn_units, ffn_router_target, router_refit_every, ffn_skip_bias, ffn_correction, calibration_batches, router_aux_weight, lora_rank, lora_alpha, lora_dropout,
                 epochs, batch_size, grad_accum, lr, warmup_ratio, schedule, weight_decay, adam_beta1, adam_beta2,
                 adam_eps, max_grad_norm, seed, eval_every, save_every, keep_last, log_every, device;
-            optional: tokenizer, router_lr_scale, split_by, format, text_pair_column, label_map, max_length, attn_k,
+            optional: preset, tokenizer, router_lr_scale, split_by, format, text_pair_column, label_map, max_length, attn_k,
                 attn_k_fraction, pq_subspaces, pq_codewords, max_steps, eval_batch_size, warmup_steps, resume;
             list: train_files, validation_files, drop_labels, modules_to_save
         );
