@@ -172,7 +172,7 @@ fn main() -> Result<()> {
         n_codewords: 16,
         ..PqConfig::default()
     };
-    let all_keys = SparseAttention::fit(&keys, &pq, KeyTopK::Fraction(1.0))?;
+    let all_keys = SparseAttention::fit(&keys, &pq, KeyTopK::Fraction(1.0), Default::default())?;
     let sparse = SparseAttention {
         top_k: KeyTopK::Count(k),
         ..all_keys.clone()

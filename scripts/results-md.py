@@ -243,13 +243,17 @@ def speed_table(name):
             if k not in keys:
                 keys.append(k)
     tk = torch_keys(recs)
-    out = head(keys + ["ours (s)", "baseline (s)", "speedup", "ours bytes", "baseline bytes", "bytes ratio"] + tk)
+    # Attention records also time our fused dense op (flash_attention) in the same run.
+    fused = any("fused_dense_s" in r for r in recs)
+    extra = ["fused dense (s)"] if fused else []
+    out = head(keys + ["ours (s)", "baseline (s)"] + extra + ["speedup", "ours bytes", "baseline bytes", "bytes ratio"] + tk)
     for r in recs:
         ob, bb = r.get("ours_bytes"), r.get("baseline_bytes")
         out.append(row(
             [num((r.get("case") or {}).get(k)) for k in keys]
-            + [num(r.get("ours_s"), "{:.4f}"), num(r.get("baseline_s"), "{:.4f}"),
-               "–" if r.get("speedup") is None else f"{r['speedup']:.2f}×",
+            + [num(r.get("ours_s"), "{:.4f}"), num(r.get("baseline_s"), "{:.4f}")]
+            + ([num(r.get("fused_dense_s"), "{:.4f}")] if fused else [])
+            + ["–" if r.get("speedup") is None else f"{r['speedup']:.2f}×",
                mib(ob), mib(bb), f"{ob / bb:.3f}" if ob and bb else "–"]
             + [torch_cell(r, k) for k in tk]
         ))
@@ -257,6 +261,8 @@ def speed_table(name):
         out += ["", f"Baseline: {data['baseline']}."]
     if data.get("ours"):
         out += [f"Ours: {data['ours']}."]
+    if data.get("fused_dense"):
+        out += [f"Fused dense: {data['fused_dense']}."]
     return "\n".join(out + footer(data, recs))
 
 

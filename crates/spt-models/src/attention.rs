@@ -3,8 +3,11 @@
 //!
 //! Every model computes `q, k, v: [B, H, L, d]` with its own (HF-named) projections, then calls
 //! [`AttentionCore::forward_t`] with a [`PreparedMask`] built once per forward pass. The dense core
-//! is `softmax(scale·q·kᵀ + mask)·v` with dropout on the probabilities; its softmax is spt-ops'
-//! differentiable one (candle's `softmax_last_dim` has no backward).
+//! is `softmax(scale·q·kᵀ + mask)·v` with dropout on the probabilities. On the CPU it runs
+//! spt-ops' fused `flash_attention` (no `[B, H, L, L]` tensor kept for backward); elsewhere, and
+//! for batches where some query row has no allowed key (HF then averages every value; the fused
+//! op outputs 0), it runs the composed form with HF's additive mask and spt-ops' differentiable
+//! softmax (candle's `softmax_last_dim` has no backward).
 //!
 //! The sparse core ([`SparseAttention`]) encodes the keys with a product-quantisation codebook,
 //! keeps the top-k keys per query by ADC score (under the same causal / padding mask), and runs
@@ -14,7 +17,7 @@
 use crate::error::{ModelError, Result};
 use crate::layers::Dropout;
 use candle_core::{DType, Device, Tensor};
-use spt_ops::pq::{Codebook, KeyTopK, PqConfig};
+use spt_ops::pq::{BlockTiling, Codebook, KeyTopK, PqConfig, Selection};
 
 /// Which keys each query may attend to (`key_padding`: `[B, L]`, nonzero = attend); spt-ops' type.
 pub use spt_ops::AttentionMask;
@@ -26,6 +29,8 @@ pub struct PreparedMask {
     /// `0` where allowed and the dtype's most negative finite value elsewhere (as HF does), of
     /// shape `[B|1, 1, L|1, L]`; `None` when everything is allowed.
     pub additive: Option<Tensor>,
+    /// Every query row has at least one allowed key, so the fused kernel gives HF's numbers.
+    pub rows_nonempty: bool,
 }
 
 /// The most negative finite value of a float dtype (HF's `torch.finfo(dtype).min`).
@@ -43,6 +48,7 @@ impl PreparedMask {
     pub fn new(mask: AttentionMask, len: usize, dtype: DType, device: &Device) -> Result<Self> {
         // allowed: u8, broadcastable to [B, 1, L, L].
         let mut allowed: Option<Tensor> = None;
+        let rows_nonempty = rows_nonempty(&mask, len)?;
         if let Some(p) = &mask.key_padding {
             let (_b, l) = p.dims2()?;
             if l != len {
@@ -72,8 +78,30 @@ impl PreparedMask {
                 Some(a.where_cond(&zeros, &neg)?)
             }
         };
-        Ok(Self { mask, additive })
+        Ok(Self {
+            mask,
+            additive,
+            rows_nonempty,
+        })
     }
+}
+
+/// Whether every query row sees a key: with key padding, each sequence needs one allowed key
+/// (under a causal mask: key 0, which row 0 needs). One host read of the `[B, L]` mask.
+fn rows_nonempty(mask: &AttentionMask, len: usize) -> Result<bool> {
+    if len == 0 {
+        return Ok(true);
+    }
+    let Some(p) = &mask.key_padding else {
+        return Ok(true);
+    };
+    let rows = p.ne(0f64)?.to_dtype(DType::U32)?;
+    let ok = if mask.causal {
+        rows.narrow(1, 0, 1)?.min_all()?
+    } else {
+        rows.max(1)?.min_all()?
+    };
+    Ok(ok.to_scalar::<u32>()? > 0)
 }
 
 /// Dense softmax attention with attention-probability dropout.
@@ -92,6 +120,10 @@ impl DenseAttention {
         scale: f64,
         train: bool,
     ) -> Result<Tensor> {
+        if q.device().is_cpu() && mask.rows_nonempty && matches!(q.dtype(), DType::F32 | DType::F64) {
+            let dropout = self.dropout.attention_dropout(train);
+            return Ok(spt_ops::flash_attention(q, k, v, &mask.mask, scale, dropout)?);
+        }
         let scores = (q.matmul(&k.t()?)? * scale)?; // [B, H, L, L]
         let scores = match &mask.additive {
             Some(m) => scores.broadcast_add(m)?,
@@ -103,20 +135,44 @@ impl DenseAttention {
     }
 }
 
-/// PQ-selected sparse attention: each query attends to its `top_k` keys of largest ADC score.
+/// How the sparse core groups its key selection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyGrouping {
+    /// Each query keeps its own top-k keys by ADC score (the paper's method; exact mode).
+    #[default]
+    PerQuery,
+    /// Each tile of `tile` queries shares its top `⌈k / tile⌉` key blocks of `tile` keys, run as
+    /// small dense GEMMs (spt-ops' block-sparse attention). Faster per kept key, but on MiniLM
+    /// it captures less attention mass than per-query selection at the same k
+    /// (bench/results/attention-fidelity.json), so it is opt-in.
+    Blocks { tile: usize },
+}
+
+/// PQ-selected sparse attention: each query attends to its `top_k` keys of largest ADC score
+/// (or, with [`KeyGrouping::Blocks`], to the key blocks its query tile selected).
 #[derive(Debug, Clone)]
 pub struct SparseAttention {
     pub codebook: Codebook,
     /// Keys kept per query; a count above the sequence length keeps every allowed key.
     pub top_k: KeyTopK,
+    pub grouping: KeyGrouping,
 }
 
 impl SparseAttention {
     /// Fits the codebook to sample keys `[B, H, L, d]` (k-means++ and Lloyd, seeded by `pq.seed`).
-    pub fn fit(keys: &Tensor, pq: &PqConfig, top_k: KeyTopK) -> Result<Self> {
+    pub fn fit(keys: &Tensor, pq: &PqConfig, top_k: KeyTopK, grouping: KeyGrouping) -> Result<Self> {
+        if let KeyGrouping::Blocks { tile: 0 } = grouping {
+            return Err(ModelError::InvalidConfig {
+                field: "attention tile",
+                value: "0".into(),
+                reason: "block mode needs tiles of at least one token".into(),
+            });
+        }
         Ok(Self {
             codebook: Codebook::fit(keys, pq)?,
             top_k,
+            grouping,
         })
     }
 
@@ -137,13 +193,30 @@ impl SparseAttention {
         mask: &AttentionMask,
         scale: f64,
     ) -> Result<Tensor> {
-        let lk = k.dim(2)?;
-        Ok(spt_ops::pq_sparse_attention(
+        let (lq, lk) = (q.dim(2)?, k.dim(2)?);
+        let top_k = self.resolve_top_k(lk);
+        let selection = match self.grouping {
+            KeyGrouping::PerQuery => Selection::PerQuery { k: top_k },
+            KeyGrouping::Blocks { tile } => {
+                let keys = top_k.resolve(lk).unwrap_or(lk).max(1);
+                let mut tiling = BlockTiling {
+                    query_tile: tile,
+                    key_block: tile,
+                    top_blocks: keys.div_ceil(tile).max(1),
+                };
+                if mask.causal {
+                    // Every tile keeps its diagonal blocks.
+                    tiling.top_blocks = tiling.top_blocks.max(tiling.diagonal_blocks(lq, lk));
+                }
+                Selection::Blocks(tiling)
+            }
+        };
+        Ok(spt_ops::pq_attention(
             q,
             k,
             v,
             &self.codebook,
-            self.resolve_top_k(lk),
+            selection,
             mask,
             scale,
         )?)

@@ -266,15 +266,20 @@ impl BertSelfAttention {
         Ok(self.forward_with_keys(x, mask, train)?.0)
     }
 
-    /// The context and the keys `[B, heads, L, d]` (for calibration).
-    fn forward_with_keys(&self, x: &Tensor, mask: &PreparedMask, train: bool) -> Result<(Tensor, Tensor)> {
+    /// The context and the queries and keys `[B, heads, L, d]` (for calibration).
+    fn forward_with_keys(
+        &self,
+        x: &Tensor,
+        mask: &PreparedMask,
+        train: bool,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let nh = self.num_attention_heads;
         let q = split_heads(&self.query.forward_t(x, train)?, nh)?;
         let k = split_heads(&self.key.forward_t(x, train)?, nh)?;
         let v = split_heads(&self.value.forward_t(x, train)?, nh)?;
         let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
         let ctx = self.core.forward_t(&q, &k, &v, mask, scale, train)?;
-        Ok((merge_heads(&ctx)?, k))
+        Ok((merge_heads(&ctx)?, q, k))
     }
 }
 
@@ -350,12 +355,13 @@ impl BertLayer {
         trace: Option<&mut Vec<LayerTrace>>,
     ) -> Result<Tensor> {
         let _span = tracing::trace_span!("bert_layer").entered();
-        let (a, keys) = self.attention.self_attn.forward_with_keys(x, mask, train)?;
+        let (a, queries, keys) = self.attention.self_attn.forward_with_keys(x, mask, train)?;
         let o = &self.attention.output;
         let a = o.dropout.forward_t(&o.dense.forward_t(&a, train)?, train)?;
         let a = o.layer_norm.forward(&(a + x)?)?;
         if let Some(t) = trace {
             t.push(LayerTrace {
+                queries: queries.detach(),
                 keys: keys.detach(),
                 ffn_input: a.detach(),
             });

@@ -189,8 +189,13 @@ impl GPT2Attention {
         Ok(self.forward_with_keys(x, mask, train)?.0)
     }
 
-    /// The output and the keys `[B, heads, L, d]` (for calibration).
-    fn forward_with_keys(&self, x: &Tensor, mask: &PreparedMask, train: bool) -> Result<(Tensor, Tensor)> {
+    /// The output and the queries and keys `[B, heads, L, d]` (for calibration).
+    fn forward_with_keys(
+        &self,
+        x: &Tensor,
+        mask: &PreparedMask,
+        train: bool,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let e = x.dim(D::Minus1)?;
         let qkv = self.c_attn.forward_t(x, train)?; // [B, L, 3E]
         let q = split_heads(&qkv.narrow(D::Minus1, 0, e)?, self.n_head)?;
@@ -198,7 +203,7 @@ impl GPT2Attention {
         let v = split_heads(&qkv.narrow(D::Minus1, 2 * e, e)?, self.n_head)?;
         let ctx = self.core.forward_t(&q, &k, &v, mask, self.scale, train)?;
         let out = self.c_proj.forward_t(&merge_heads(&ctx)?, train)?;
-        Ok((self.resid_dropout.forward_t(&out, train)?, k))
+        Ok((self.resid_dropout.forward_t(&out, train)?, q, k))
     }
 }
 
@@ -262,11 +267,12 @@ impl GPT2Block {
         trace: Option<&mut Vec<LayerTrace>>,
     ) -> Result<Tensor> {
         let _span = tracing::trace_span!("gpt2_block").entered();
-        let (a, keys) = self.attn.forward_with_keys(&self.ln_1.forward(x)?, mask, train)?;
+        let (a, queries, keys) = self.attn.forward_with_keys(&self.ln_1.forward(x)?, mask, train)?;
         let x = (x + a)?;
         let h = self.ln_2.forward(&x)?;
         if let Some(t) = trace {
             t.push(LayerTrace {
+                queries: queries.detach(),
                 keys: keys.detach(),
                 ffn_input: h.detach(),
             });

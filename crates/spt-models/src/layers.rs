@@ -403,6 +403,15 @@ impl Dropout {
         Ok(Self { p: p as f32, rng })
     }
 
+    /// This call's mask for spt-ops' fused attention (a seed from the same sequence as the
+    /// masks [`Dropout::forward_t`] draws); `None` when inactive.
+    pub fn attention_dropout(&self, train: bool) -> Option<spt_ops::AttentionDropout> {
+        (train && self.p > 0.0).then(|| spt_ops::AttentionDropout {
+            p: self.p as f64,
+            seed: self.rng.next(),
+        })
+    }
+
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if !train || self.p == 0.0 {
             return Ok(x.clone());

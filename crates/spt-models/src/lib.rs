@@ -23,7 +23,9 @@ pub mod memory;
 pub mod sparsify;
 pub mod weights;
 
-pub use attention::{AttentionCore, AttentionMask, DenseAttention, PreparedMask, SparseAttention};
+pub use attention::{
+    AttentionCore, AttentionMask, DenseAttention, KeyGrouping, PreparedMask, SparseAttention,
+};
 pub use bert::{BertConfig, BertForSequenceClassification, BertModel};
 pub use error::{ModelError, Result};
 pub use ffn::{DenseFfn, FeedForward, NamedRoutedFfn};

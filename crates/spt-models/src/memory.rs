@@ -7,7 +7,8 @@
 //! - attention: dense keeps the probabilities `B·H·L·L` (plus a dropout mask of the same size
 //!   when attention dropout is on); sparse keeps the selected key indices (u32, `B·H·L·k`) and
 //!   one log-sum-exp per row (`B·H·L`), as spt-ops' `sparse_attention` does (it has no
-//!   attention dropout);
+//!   attention dropout). This is the composed form (and PyTorch eager's); on the CPU the dense
+//!   path runs spt-ops' fused `flash_attention`, which keeps one log-sum-exp per row instead;
 //! - context (input of the output projection): `B·L·E`;
 //! - two layer-norm inputs and the FFN input: `3·B·L·E`;
 //! - FFN hidden pre- and post-activation: `2·B·L·F` (routed: only the active fraction);

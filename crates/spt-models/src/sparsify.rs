@@ -13,7 +13,7 @@
 //! every layer's keys and FFN inputs, before anything is swapped, so every layer is calibrated on
 //! the activations the pretrained model produces.
 
-use crate::attention::{AttentionCore, SparseAttention};
+use crate::attention::{AttentionCore, KeyGrouping, SparseAttention};
 use crate::error::{ModelError, Result};
 use crate::ffn::{DenseFfn, FeedForward, NamedRoutedFfn};
 use crate::layers::{DropoutRng, Linear, WeightLayout};
@@ -48,6 +48,8 @@ impl CalibrationBatch {
 /// What one layer saw during a calibration forward pass (detached).
 #[derive(Debug, Clone)]
 pub struct LayerTrace {
+    /// `[B, H, L, d]`, after the query projection.
+    pub queries: Tensor,
     /// `[B, H, L, d]`, after the key projection.
     pub keys: Tensor,
     /// `[B, L, E]`, the FFN's input.
@@ -229,7 +231,12 @@ pub trait SptModel {
 
     /// Makes the listed layers sparse with the given codebooks (e.g. from [`SptModel::pq_codebooks`]
     /// of a saved run) and top-k; no calibration needed.
-    fn set_pq_codebooks(&mut self, codebooks: &[(usize, Tensor)], top_k: KeyTopK) -> Result<()> {
+    fn set_pq_codebooks(
+        &mut self,
+        codebooks: &[(usize, Tensor)],
+        top_k: KeyTopK,
+        grouping: KeyGrouping,
+    ) -> Result<()> {
         let n = self.num_layers();
         for (i, centroids) in codebooks {
             let slots = self.layer_slots(*i).ok_or(ModelError::InvalidConfig {
@@ -238,7 +245,11 @@ pub trait SptModel {
                 reason: format!("the model has {n} layers"),
             })?;
             let codebook = spt_ops::pq::Codebook::from_tensor(centroids)?;
-            *slots.attention = AttentionCore::Sparse(SparseAttention { codebook, top_k });
+            *slots.attention = AttentionCore::Sparse(SparseAttention {
+                codebook,
+                top_k,
+                grouping,
+            });
         }
         Ok(())
     }
@@ -286,6 +297,9 @@ pub struct SparseAttentionConfig {
     pub pq: PqConfig,
     /// Keys kept per query.
     pub top_k: KeyTopK,
+    /// Per-query selection (default) or per query tile.
+    #[serde(default)]
+    pub grouping: KeyGrouping,
 }
 
 /// How [`sparsify`] fits the routed FFNs on the calibration tokens (the layers' routing itself
@@ -507,7 +521,7 @@ pub fn sparsify<M: SptModel + ?Sized>(
         };
         if let Some(ac) = &cfg.attention {
             let k = Tensor::cat(&keys[i], 2)?; // [1, H, N, d]
-            let sparse = SparseAttention::fit(&k, &ac.pq, ac.top_k)?;
+            let sparse = SparseAttention::fit(&k, &ac.pq, ac.top_k, ac.grouping)?;
             lr.quantization_mse = Some(
                 sparse
                     .codebook

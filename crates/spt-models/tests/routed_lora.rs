@@ -118,6 +118,7 @@ fn bert_routed_ffn_and_sparse_attention_all_equals_dense() -> Result<()> {
                 ..PqConfig::default()
             },
             top_k: KeyTopK::Fraction(1.0),
+            grouping: Default::default(),
         }),
         ffn: Some(routed(8, BlockTopK::Fraction(1.0), GateMode::Ones)),
         ffn_calibration: calibration(true),
@@ -279,6 +280,7 @@ fn fully_sparse_gpt2_is_causal_and_trains() -> Result<()> {
                 ..PqConfig::default()
             },
             top_k: KeyTopK::Count(8),
+            grouping: Default::default(),
         }),
         ffn: Some(routed(4, BlockTopK::Count(2), GateMode::SoftmaxKept)),
         ffn_calibration: calibration(true),
@@ -424,6 +426,7 @@ fn bad_routed_configs_are_named_and_leave_the_model_intact() -> Result<()> {
         attention: Some(SparseAttentionConfig {
             pq: PqConfig::default(),
             top_k: KeyTopK::Count(4),
+            grouping: Default::default(),
         }),
         ..SptConfig::default()
     };

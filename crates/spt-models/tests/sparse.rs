@@ -11,7 +11,8 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use spt_models::pq::{KeyTopK, PqConfig};
 use spt_models::{
     sparsify, ActivationAccounting, AttentionCore, BertForSequenceClassification, CalibrationBatch,
-    GPT2LMHeadModel, LayerSelection, LoadOptions, NamedParams, SparseAttentionConfig, SptConfig, SptModel,
+    GPT2LMHeadModel, KeyGrouping, LayerSelection, LoadOptions, NamedParams, SparseAttentionConfig, SptConfig,
+    SptModel,
 };
 use std::collections::HashMap;
 
@@ -29,7 +30,11 @@ fn pq() -> PqConfig {
 fn attention_only(top_k: KeyTopK) -> SptConfig {
     SptConfig {
         layers: LayerSelection::All,
-        attention: Some(SparseAttentionConfig { pq: pq(), top_k }),
+        attention: Some(SparseAttentionConfig {
+            pq: pq(),
+            top_k,
+            grouping: Default::default(),
+        }),
         ..SptConfig::default()
     }
 }
@@ -212,7 +217,7 @@ fn pq_codebooks_round_trip_without_calibration() -> Result<()> {
     assert_eq!(books.len(), 2);
     assert_eq!(books[0].1.dims(), [1, 4, 8, 4]);
     let (mut b, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
-    b.set_pq_codebooks(&books, KeyTopK::Count(5))?;
+    b.set_pq_codebooks(&books, KeyTopK::Count(5), Default::default())?;
     let (la, lb) = (
         a.forward_t(ids, Some(mask), false)?,
         b.forward_t(ids, Some(mask), false)?,
@@ -243,5 +248,67 @@ fn codebooks_refresh_on_new_batches() -> Result<()> {
     }
     let logits = m.forward_t(ids, Some(mask), false)?;
     assert!(logits.abs()?.max_all()?.to_scalar::<f32>()?.is_finite());
+    Ok(())
+}
+
+/// Block mode through `sparsify`: with k covering every key it equals the dense model (tiles of
+/// 5 tokens, so the 24- and 19-token rows end in ragged tiles), and with fewer keys GPT-2 stays
+/// causal (a later token cannot change an earlier position's logits).
+#[test]
+fn gpt2_block_mode_with_all_keys_equals_dense_and_stays_causal() -> Result<()> {
+    let exp = expected("tiny-gpt2")?;
+    let (ids, mask) = (&exp["input_ids"], &exp["attention_mask"]);
+    let (dense, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::default())?;
+    let (mut blocks, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::default())?;
+    let calib = [CalibrationBatch::new(ids.clone(), Some(mask.clone()))];
+    let cfg = |top_k| SptConfig {
+        layers: LayerSelection::All,
+        attention: Some(SparseAttentionConfig {
+            pq: pq(),
+            top_k,
+            grouping: KeyGrouping::Blocks { tile: 5 },
+        }),
+        ..SptConfig::default()
+    };
+    sparsify(&mut blocks, &cfg(KeyTopK::Fraction(1.0)), &calib)?;
+    let (ld, lossd) = dense.forward_with_loss(ids, Some(mask), false)?;
+    let (lb, lossb) = blocks.forward_with_loss(ids, Some(mask), false)?;
+    let m = mask.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?;
+    let e_logits = rel_err(&lb.broadcast_mul(&m)?, &ld.broadcast_mul(&m)?)?;
+    assert!(e_logits < TOL, "logits rel err {e_logits:e}");
+    let e_grad = compare_grads(
+        &dense.named_vars(),
+        &lossd.backward()?,
+        &blocks.named_vars(),
+        &lossb.backward()?,
+    )?;
+    assert!(rel_err(&lossb, &lossd)? < TOL);
+
+    let (mut few, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
+    sparsify(&mut few, &cfg(KeyTopK::Count(5)), &calib)?;
+    let mut rng = StdRng::seed_from_u64(9);
+    let base: Vec<u32> = (0..30).map(|_| rng.random_range(0..1000)).collect();
+    let mut changed = base.clone();
+    changed[29] = (changed[29] + 1) % 1000;
+    let run = |v: Vec<u32>| -> Result<Tensor> {
+        Ok(few.forward_t(&Tensor::from_vec(v, (1, 30), &Device::Cpu)?, None, false)?)
+    };
+    let (a, b) = (run(base)?, run(changed)?);
+    assert_eq!(max_abs(&a.narrow(1, 0, 29)?, &b.narrow(1, 0, 29)?)?, 0.0);
+    let hd = dense.forward_t(
+        &Tensor::from_vec((0..30u32).collect::<Vec<_>>(), (1, 30), &Device::Cpu)?,
+        None,
+        false,
+    )?;
+    let hf = few.forward_t(
+        &Tensor::from_vec((0..30u32).collect::<Vec<_>>(), (1, 30), &Device::Cpu)?,
+        None,
+        false,
+    )?;
+    assert!(
+        max_abs(&hf, &hd)? > 1e-4,
+        "5 keys per query should differ from dense"
+    );
+    eprintln!("gpt2 blocks(k = all) vs dense: logits {e_logits:.2e}, grads {e_grad:.2e}");
     Ok(())
 }

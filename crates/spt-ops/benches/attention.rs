@@ -1,6 +1,6 @@
 //! Sparse attention (PQ encode + ADC top-k selection + fused sparse attention, forward and
-//! backward) against dense attention (candle matmul + our softmax, forward and backward), in
-//! the same run. Writes `bench/results/attention.json`.
+//! backward) against dense attention (candle matmul + our softmax, forward and backward) and our
+//! fused dense attention (`flash_attention`), in the same run. Writes `bench/results/attention.json`.
 //!
 //! Run: `cargo bench -p spt-ops --bench attention` (set `SPT_BENCH_LENGTHS=512,1024` to narrow).
 //!
@@ -11,8 +11,8 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use spt_ops::{
-    block_sparse_attention, dense_attention, select_blocks, select_keys, sparse_attention, AttentionMask,
-    BlockScore, BlockTiling, Codebook, KeyTopK, PqConfig,
+    block_sparse_attention, dense_attention, flash_attention, select_blocks, select_keys, sparse_attention,
+    AttentionMask, BlockScore, BlockTiling, Codebook, KeyTopK, PqConfig,
 };
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -166,6 +166,9 @@ fn main() -> Result<()> {
         };
         let dense =
             |q: &Tensor, k: &Tensor, v: &Tensor, _: &mut [f64; 4]| dense_attention(q, k, v, &mask, scale);
+        let flash = |q: &Tensor, k: &Tensor, v: &Tensor, _: &mut [f64; 4]| {
+            flash_attention(q, k, v, &mask, scale, None)
+        };
         let tilings: Vec<BlockTiling> = tiles
             .iter()
             .map(|&t| BlockTiling {
@@ -189,13 +192,15 @@ fn main() -> Result<()> {
         for f in &blocks {
             step(&q, &k, &v, &w, f)?;
         }
-        let (mut s, mut dn) = (Vec::new(), Vec::new());
+        step(&q, &k, &v, &w, &flash)?;
+        let (mut s, mut dn, mut fl) = (Vec::new(), Vec::new(), Vec::new());
         let mut bl: Vec<Vec<Sample>> = vec![Vec::new(); blocks.len()];
         for _ in 0..reps {
             for (f, out) in blocks.iter().zip(bl.iter_mut()) {
                 out.push(step(&q, &k, &v, &w, f)?);
             }
             s.push(step(&q, &k, &v, &w, &sparse)?);
+            fl.push(step(&q, &k, &v, &w, &flash)?);
             dn.push(if sparse_only {
                 s[s.len() - 1]
             } else {
@@ -207,8 +212,13 @@ fn main() -> Result<()> {
         }
         let ours = median(s.iter().map(|x| x.total).collect());
         let base = median(dn.iter().map(|x| x.total).collect());
+        let fused = median(fl.iter().map(|x| x.total).collect());
         let phase = |i: usize| median(s.iter().map(|x| x.phases[i]).collect());
         let (ok, bk) = (s[0].kept_bytes, dn[0].kept_bytes);
+        println!(
+            "        fused dense (flash_attention): {fused:.4} s, kept {} bytes",
+            fl[0].kept_bytes
+        );
         println!(
             "{l:>6} {topk:>5} {ours:>10.4} {base:>10.4} {:>8.2} {ok:>12} {bk:>12} {:>7.3}",
             base / ours,
@@ -239,6 +249,9 @@ fn main() -> Result<()> {
             "runs": reps,
             "load_avg_1min": [load_before, load_avg()],
             "ours_phases_s": {"pq_encode": phase(0), "select": phase(1), "attention_fwd": phase(2), "backward": phase(3)},
+            "fused_dense_s": fused,
+            "fused_dense_bytes": fl[0].kept_bytes,
+            "fused_dense_peak_bytes": median(fl.iter().map(|x| x.peak_bytes as f64).collect()),
         }));
         for (t, b_s) in tilings.iter().zip(&bl) {
             let ours = median(b_s.iter().map(|x| x.total).collect());
@@ -286,6 +299,7 @@ fn main() -> Result<()> {
         "machine": machine(),
         "ours": "PQ encode (S=8, C=16) + ADC exact top-k selection + fused sparse attention, fwd+bwd, f32",
         "baseline": "dense attention from candle matmul + spt softmax (autograd), fwd+bwd, f32",
+        "fused_dense": "spt_ops::flash_attention (fused dense attention, the models' dense path on the CPU), fwd+bwd, f32, timed in the same run; `fused_dense_bytes` is what it keeps",
         "records": records,
     });
     if std::env::var("SPT_BENCH_SPARSE_ONLY").is_ok() {

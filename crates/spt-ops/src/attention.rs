@@ -109,7 +109,8 @@ impl AttentionMask {
 
 /// Dense masked attention `softmax(scale·q kᵀ + mask) v` over `[B, H, L, d]` tensors: the
 /// baseline, differentiable through candle's autograd and our softmax. Rows with no allowed key
-/// output zero (as the sparse op does).
+/// output zero (as the sparse op does). [`crate::flash_attention`] computes the same without
+/// keeping the `[B, H, L, L]` intermediates.
 pub fn dense_attention(
     q: &Tensor,
     k: &Tensor,
@@ -117,6 +118,12 @@ pub fn dense_attention(
     mask: &AttentionMask,
     scale: f64,
 ) -> Result<Tensor> {
+    dense_probs(q, k, mask, scale)?.matmul(&v.contiguous()?)
+}
+
+/// The attention probabilities `[B, H, L_q, L_k]` of [`dense_attention`] (zero rows where no
+/// key is allowed).
+pub(crate) fn dense_probs(q: &Tensor, k: &Tensor, mask: &AttentionMask, scale: f64) -> Result<Tensor> {
     let (b, _h, lq, _d) = q.dims4()?;
     let lk = k.dim(2)?;
     let scores = (q.matmul(&k.t()?)? * scale)?;
@@ -126,9 +133,8 @@ pub fn dense_attention(
         None => scores,
     };
     let p = softmax_last_dim(&scores)?;
-    let p = match rows {
-        Some(r) => p.broadcast_mul(&r)?,
-        None => p,
-    };
-    p.matmul(&v.contiguous()?)
+    match rows {
+        Some(r) => p.broadcast_mul(&r),
+        None => Ok(p),
+    }
 }

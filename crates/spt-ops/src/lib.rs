@@ -7,6 +7,7 @@
 //! - [`norm`]: `layer_norm` and `softmax` over the last dimension.
 //! - [`activation`]: GELU (erf and tanh) and ReLU with backward.
 //! - [`attention`]: masks and the dense attention baseline.
+//! - [`mod@flash_attention`]: fused dense attention (no `[B, H, L, L]` kept), with dropout.
 //! - [`pq`]: product-quantisation codebooks, ADC top-k key selection and block selection
 //!   ([`Selection`]: per query or per query tile).
 //! - [`sparse_attention`]: attention over the selected keys only.
@@ -22,6 +23,7 @@ pub mod block_sparse_attention;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub mod flash_attention;
 pub mod gradcheck;
 pub mod lora;
 pub mod norm;
@@ -35,6 +37,7 @@ pub use activation::{gelu_erf, gelu_tanh, Activation};
 pub use attention::{dense_attention, AttentionMask};
 pub use block_sparse_attention::block_sparse_attention;
 pub use cross_entropy::{linear_cross_entropy, Reduction};
+pub use flash_attention::{flash_attention, AttentionDropout};
 pub use lora::{LoraConfig, LoraError, LoraLinear};
 pub use norm::{layer_norm, softmax_last_dim};
 pub use pq::{

@@ -26,8 +26,8 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use common::{padding, uniform};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use spt_ops::{
-    layer_norm, select_keys, softmax_last_dim, sparse_attention, Activation, AttentionMask, Codebook,
-    KeySelection, KeyTopK, PqConfig,
+    flash_attention, layer_norm, select_keys, softmax_last_dim, sparse_attention, Activation, AttentionMask,
+    Codebook, KeySelection, KeyTopK, PqConfig,
 };
 
 const GPU: &str = "needs a GPU: run scripts/gpu-check.sh";
@@ -189,6 +189,28 @@ fn softmax_matches_cpu() -> Result<()> {
         for dt in [DType::F32, DType::BF16] {
             parity_as(dt, &format!("softmax [{rows}, {d}]"), &[&x], &[rows, d], &|t| {
                 softmax_last_dim(t[0])
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// `flash_attention` on CUDA runs its composed form (the fused kernel is CPU-only so far): it
+/// must match the CPU's fused kernel, masks and dropout included (the mask comes from the seed).
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-check.sh"]
+fn flash_attention_matches_cpu() -> Result<()> {
+    let (b, h, l, d) = (2, 3, 77, 16);
+    let q = uniform(&[b, h, l, d], 1.0, 11, DType::F32)?;
+    let k = uniform(&[b, h, l, d], 1.0, 12, DType::F32)?;
+    let v = uniform(&[b, h, l, d], 1.0, 13, DType::F32)?;
+    for (mi, m) in masks(b, l, 14)?.into_iter().enumerate() {
+        for p in [0.0, 0.2] {
+            let drop = Some(spt_ops::AttentionDropout { p, seed: 5 });
+            let name = format!("flash_attention mask #{mi} p {p}");
+            parity(&name, &[&q, &k, &v], &[b, h, l, d], &|t| {
+                let m = on(&m, t[0].device())?;
+                flash_attention(t[0], t[1], t[2], &m, 0.25, drop)
             })?;
         }
     }

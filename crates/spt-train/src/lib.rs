@@ -13,6 +13,7 @@
 //! - [`config`]: [`config::FinetuneConfig`] (TOML / JSON, equal to the CLI flags) and model
 //!   resolution (local directory or Hugging Face hub id).
 //! - [`pipeline`]: from a config to tokenised train / validation sets.
+//! - [`presets`]: the measured recipes `finetune` starts from (`--preset fast|accurate`).
 //! - [`losses`]: masked causal-LM loss and classification loss / eval outputs over a batch.
 //! - [`tasks`]: the BERT classifier and GPT-2 LM as [`trainer::TrainTask`]s in dense, LoRA or SPT
 //!   mode (one code path), checkpoint restore and LoRA-merged HF export.
@@ -29,6 +30,7 @@ pub mod metrics;
 pub mod optim;
 pub mod output_dir;
 pub mod pipeline;
+pub mod presets;
 pub mod rng;
 pub mod tasks;
 pub mod trainer;

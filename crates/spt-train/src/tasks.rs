@@ -197,6 +197,7 @@ fn spt_config(cfg: &FinetuneConfig, head_dim: usize, fit: bool) -> Result<Option
                     ..PqConfig::default()
                 },
                 top_k,
+                grouping: Default::default(),
             });
         }
         sc.ffn = Some(RoutedFfnConfig {
@@ -575,7 +576,9 @@ impl TrainTask for ModelTask {
         let top_k = self.attn_top_k.ok_or_else(|| {
             candle_core::Error::Msg("the checkpoint holds PQ codebooks but the mode is not spt".into())
         })?;
-        self.net.spt().set_pq_codebooks(&books, top_k)?;
+        self.net
+            .spt()
+            .set_pq_codebooks(&books, top_k, Default::default())?;
         self.codebooks = self.net.spt().pq_codebooks()?;
         Ok(())
     }

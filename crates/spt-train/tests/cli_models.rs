@@ -238,7 +238,7 @@ fn bench_records_each_setting() {
     );
     spt_train(&[&base[..], &["--ffn-top-k", "6", "--append"]].concat(), None);
     spt_train(
-        &[&base[..], &["--ffn-correction", "true", "--append"]].concat(),
+        &[&base[..], &["--ffn-correction", "false", "--append"]].concat(),
         None,
     );
     let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
@@ -255,12 +255,12 @@ fn bench_records_each_setting() {
     assert_eq!(
         settings,
         [
-            ("dense", "spt k = 4, FFN 4/8"),
-            ("spt", "spt k = 4, FFN 4/8"),
-            ("dense", "spt k = 2, FFN 6/8"),
-            ("spt", "spt k = 2, FFN 6/8"),
-            ("dense", "spt k = 2, FFN 2/8, linear correction"),
-            ("spt", "spt k = 2, FFN 2/8, linear correction"),
+            ("dense", "spt k = 4, FFN 4/8, linear correction"),
+            ("spt", "spt k = 4, FFN 4/8, linear correction"),
+            ("dense", "spt k = 2, FFN 6/8, linear correction"),
+            ("spt", "spt k = 2, FFN 6/8, linear correction"),
+            ("dense", "spt k = 2, FFN 2/8"),
+            ("spt", "spt k = 2, FFN 2/8"),
         ]
     );
     for r in recs {
@@ -271,8 +271,8 @@ fn bench_records_each_setting() {
     assert_eq!(recs[1]["ffn_top_k"], 4);
     assert_eq!(recs[3]["ffn_top_k"], 6);
     assert_eq!(recs[3]["attn_k"], 2);
-    assert_eq!(recs[3]["ffn_correction"], false);
-    assert_eq!(recs[5]["ffn_correction"], true);
+    assert_eq!(recs[3]["ffn_correction"], true);
+    assert_eq!(recs[5]["ffn_correction"], false);
     // A top-k the FFN cannot have is refused before anything runs.
     let o = Command::new(env!("CARGO_BIN_EXE_spt-train"))
         .args(["-q", "bench", "--model", model, "--ffn-top-k", "9"])

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{ColumnSpec, DataFormat, TaskKind};
 use crate::optim::{AdamWConfig, ScheduleKind};
+use crate::presets::Preset;
 use crate::trainer::{Resume, TrainerConfig};
 
 /// Configuration errors; each names the file, the setting or the model.
@@ -127,6 +128,9 @@ pub struct FinetuneConfig {
 
     // --- mode and sparsity ---
     pub mode: Mode,
+    /// The measured recipe the spt settings start from (spt mode: `fast` unless given); the
+    /// other settings override it.
+    pub preset: Option<Preset>,
     /// Keys each query attends to (spt); exclusive with `attn_k_fraction`.
     pub attn_k: Option<usize>,
     /// Fraction of the sequence each query attends to (spt), in (0, 1].
@@ -221,6 +225,7 @@ impl Default for FinetuneConfig {
             output_dir: PathBuf::from("spt-output"),
             overwrite: false,
             mode: Mode::Dense,
+            preset: None,
             attn_k: None,
             attn_k_fraction: None,
             pq_subspaces: None,
@@ -243,7 +248,7 @@ impl Default for FinetuneConfig {
             batch_size: 16,
             eval_batch_size: None,
             grad_accum: 1,
-            lr: 5e-5,
+            lr: crate::presets::default_lr(Mode::Dense),
             warmup_steps: None,
             warmup_ratio: 0.0,
             schedule: ScheduleKind::Linear,
@@ -265,10 +270,17 @@ impl Default for FinetuneConfig {
 }
 
 impl FinetuneConfig {
-    /// Reads a TOML (`.toml`) or JSON (`.json`) config file; unknown keys are an error, and so is
-    /// a removed setting ([`REMOVED_SETTINGS`]) unless it has the value of the behaviour that
-    /// remains (old run directories' `finetune.toml` files list every setting).
+    /// Reads a TOML (`.toml`) or JSON (`.json`) config file over the built-in defaults; unknown
+    /// keys are an error, and so is a removed setting ([`REMOVED_SETTINGS`]) unless it has the
+    /// value of the behaviour that remains (old run directories' `finetune.toml` files list every
+    /// setting). The file may be sectioned or flat ([`sections`]).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::default().overlay(path, Self::read_table(path)?)
+    }
+
+    /// A config file's keys as a flat JSON object (sections flattened, removed settings that keep
+    /// the remaining behaviour dropped).
+    fn read_table(path: &Path) -> Result<serde_json::Map<String, serde_json::Value>, ConfigError> {
         let file_err = |msg: String| ConfigError::File {
             path: path.to_path_buf(),
             msg,
@@ -289,7 +301,37 @@ impl FinetuneConfig {
         };
         let mut table = sections::flatten(table).map_err(file_err)?;
         strip_removed_settings(&mut table).map_err(file_err)?;
-        serde_json::from_value(serde_json::Value::Object(table)).map_err(|e| file_err(e.to_string()))
+        Ok(table)
+    }
+
+    /// These settings with a config file's keys written over them (a key the file gives for
+    /// one of `attn_k` / `attn_k_fraction` clears the other).
+    fn overlay(
+        self,
+        path: &Path,
+        file: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Self, ConfigError> {
+        let file_err = |msg: String| ConfigError::File {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let mut base = match serde_json::to_value(&self) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => {
+                return Err(file_err(
+                    "internal: the defaults do not serialise to a table".into(),
+                ))
+            }
+        };
+        for (given, other) in [("attn_k", "attn_k_fraction"), ("attn_k_fraction", "attn_k")] {
+            if file.contains_key(given) && !file.contains_key(other) {
+                base.remove(other);
+            }
+        }
+        // TOML has no null: an absent Option is absent, so drop the defaults' nulls first.
+        base.retain(|_, v| !v.is_null());
+        base.extend(file);
+        serde_json::from_value(serde_json::Value::Object(base)).map_err(|e| file_err(e.to_string()))
     }
 
     /// The settings as a sectioned TOML file (what a run directory's `finetune.toml` holds).

@@ -307,9 +307,11 @@ fn sectioned_and_flat_files_load_to_the_same_settings() {
     let t = dir.path().join("finetune.toml");
     std::fs::write(&t, &text).unwrap();
     assert_eq!(FinetuneConfig::load(&t).unwrap(), cfg);
-    // Flat (TOML above, as older runs wrote it) and mixed forms.
+    // Flat (TOML above, as older runs wrote it; without a preset key, so through from_args,
+    // which applies the preset as the flags did) and mixed forms.
     std::fs::write(&t, TOML).unwrap();
-    assert_eq!(FinetuneConfig::load(&t).unwrap(), cfg);
+    let flat = FinetuneConfig::from_args(&parse(&["--config", t.to_str().unwrap()])).unwrap();
+    assert_eq!(flat, cfg);
     let mixed = "model = \"m\"\nlr = 0.01\n[spt.ffn]\ntop_k = 3\n[lora]\nrank = 4\n";
     std::fs::write(&t, mixed).unwrap();
     let m = FinetuneConfig::load(&t).unwrap();

@@ -31,10 +31,10 @@ pub(crate) struct BenchArgs {
     /// Keys per query in spt mode (default L/8).
     #[arg(long)]
     pub(crate) attn_k: Option<usize>,
-    /// FFN blocks kept per token (of 8) in spt mode (default: finetune's default, 2).
+    /// FFN blocks kept per token (of 8) in spt mode (default: the fast preset's, 2).
     #[arg(long)]
     pub(crate) ffn_top_k: Option<usize>,
-    /// The linear correction for skipped FFN blocks in spt mode (default: finetune's default).
+    /// The linear correction for skipped FFN blocks in spt mode (default: the fast preset's, on).
     #[arg(long)]
     pub(crate) ffn_correction: Option<bool>,
     /// Write results JSON here (bench/results/finetune-speed.json format).
@@ -125,7 +125,11 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
     // With a non-default sparsity, each record's case names the run's spt setting, so runs at
     // different settings can share one --output file.
     let setting = (a.attn_k.is_some() || a.ffn_top_k.is_some() || a.ffn_correction.is_some()).then(|| {
-        let d = FinetuneConfig::default();
+        let d = spt_train::presets::base_config(
+            Mode::Spt,
+            TaskKind::Classify,
+            Some(spt_train::presets::Preset::Fast),
+        );
         format!(
             "spt k = {}, FFN {}/{}{}",
             a.attn_k.unwrap_or((a.seq_len / 8).max(1)),
@@ -236,16 +240,20 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
 pub(crate) fn bench_child(a: &BenchArgs, mode: Mode, model_dir: &Path, dev: &Device) -> Result<()> {
     let task_kind = task_of(&a.model)?;
     let attn_k = a.attn_k.unwrap_or((a.seq_len / 8).max(1));
-    let d = FinetuneConfig::default();
+    // spt mode starts from the fast preset, as `finetune --mode spt` does (timed without the
+    // pooler, which the preset also trains: one 384 × 384 layer).
+    let d = spt_train::presets::base_config(mode, task_kind, spt_train::presets::effective(mode, None));
     let ffn_top_k = a.ffn_top_k.unwrap_or(d.ffn_top_k);
     let ffn_correction = a.ffn_correction.unwrap_or(d.ffn_correction);
     let cfg = FinetuneConfig {
         task: task_kind,
         mode,
         attn_k: Some(attn_k),
+        attn_k_fraction: None,
         ffn_top_k,
         ffn_correction,
         pq_refresh_every: 0,
+        modules_to_save: Vec::new(),
         ..d
     };
     let cfg_path = model_dir.join("config.json");

@@ -1,0 +1,286 @@
+//! CPU kernels of fused dense attention, FlashAttention-style: per (batch, head, query tile),
+//! `S = scale · Q Kᵀ` as one GEMM over the keys the tile may see, a masked softmax over the whole
+//! row (a tile row is at most `L_k` wide, so no online rescaling is needed), dropout drawn from a
+//! counter hash, `O = P V` as a second GEMM. Only one log-sum-exp per row is kept; backward
+//! recomputes `P` (and the dropout mask) tile by tile with the same GEMMs.
+//!
+//! Forward tiles run in parallel (each writes its own rows). Backward runs one rayon task per
+//! (batch, head) that walks its tiles in order and accumulates dk and dv itself, with
+//! single-threaded GEMMs: every sum has a fixed order, so results are bit-identical across runs
+//! and thread counts.
+
+use super::dropout::{DropoutElem, RowDropout};
+use crate::blas::{gemm_into, Mat};
+use crate::simd::Vector;
+use crate::util::Float;
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Problem dimensions. q is `[bh, lq, d]`, k is `[bh, lk, d]`, v is `[bh, lk, dv]`; `key_ok`
+/// is `[B, lk]` (None: every key allowed).
+#[derive(Debug, Clone)]
+pub(crate) struct Dims {
+    pub h: usize,
+    pub bh: usize,
+    pub lq: usize,
+    pub lk: usize,
+    pub d: usize,
+    pub dv: usize,
+    pub causal: bool,
+    pub key_ok: Option<Vec<bool>>,
+    pub dropout: Option<RowDropout>,
+}
+
+/// Query rows per tile: the `[tile, L_k]` score block stays in L2 up to L_k ≈ 2048 (f32), and
+/// the backward's `Pᵀ dO` / `dSᵀ Q` GEMMs get an inner dimension of 64.
+pub(crate) const QUERY_TILE: usize = 64;
+
+impl Dims {
+    fn tiles(&self) -> usize {
+        self.lq.div_ceil(QUERY_TILE)
+    }
+
+    /// Keys `0..n` that a tile of rows `i0..i0 + m` of batch `b` may see: causal masks cut keys
+    /// after the tile's last row, and trailing padding is never read.
+    fn key_span(&self, b: usize, i0: usize, m: usize) -> usize {
+        let mut n = self.lk;
+        if self.causal {
+            n = n.min(i0 + m);
+        }
+        if let Some(ok) = &self.key_ok {
+            let row = &ok[b * self.lk..b * self.lk + n];
+            n = row.iter().rposition(|&x| x).map_or(0, |j| j + 1);
+        }
+        n
+    }
+}
+
+/// `s [m, nk] = scale · Q_tile K[0..nk]ᵀ`, then −∞ where a key is not allowed for its query.
+#[allow(clippy::too_many_arguments)]
+fn masked_scores<T: Float>(
+    q_tile: &[T],
+    keys: &[T],
+    nk: usize,
+    s: &mut Vec<T>,
+    i0: usize,
+    b: usize,
+    n: &Dims,
+    scale: T,
+) {
+    let (m, d) = (q_tile.len() / n.d, n.d);
+    s.clear();
+    s.resize(m * nk, T::zero());
+    // Kᵀ read column-major: element (a, c) at c·d + a.
+    gemm_into(
+        m,
+        nk,
+        d,
+        s,
+        false,
+        Mat::new(q_tile, 0, d, 1),
+        Mat::new(keys, 0, 1, d),
+        Parallelism::None,
+    );
+    let ok = n.key_ok.as_ref().map(|k| &k[b * n.lk..b * n.lk + nk]);
+    for (r, row) in s.chunks_mut(nk.max(1)).enumerate().take(m) {
+        let cut = if n.causal { (i0 + r + 1).min(nk) } else { nk };
+        for x in row[..cut].iter_mut() {
+            *x = *x * scale;
+        }
+        row[cut..].fill(T::neg_infinity());
+        if let Some(ok) = ok {
+            for (x, &ok) in row[..cut].iter_mut().zip(ok) {
+                if !ok {
+                    *x = T::neg_infinity();
+                }
+            }
+        }
+    }
+}
+
+/// Returns `(o [bh, lq, dv], lse [bh, lq])`. Rows with no allowed key output 0 and lse = −∞.
+pub(crate) fn forward<T: Float + Vector + DropoutElem>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    n: &Dims,
+    scale: T,
+) -> (Vec<T>, Vec<T>) {
+    let (lq, lk, d, dv, qt) = (n.lq, n.lk, n.d, n.dv, QUERY_TILE);
+    let mut o = vec![T::zero(); n.bh * lq * dv];
+    let mut lse = vec![T::neg_infinity(); n.bh * lq];
+    if lq == 0 || dv == 0 || d == 0 {
+        return (o, lse);
+    }
+    o.par_chunks_mut(lq * dv)
+        .zip(lse.par_chunks_mut(lq))
+        .enumerate()
+        .for_each(|(bh, (ob, lseb))| {
+            let (kb, vb) = (&k[bh * lk * d..(bh + 1) * lk * d], &v[bh * lk * dv..]);
+            ob.par_chunks_mut(qt * dv)
+                .zip(lseb.par_chunks_mut(qt))
+                .enumerate()
+                .for_each_init(Vec::new, |s, (t, (ot, lset))| {
+                    let (m, i0, b) = (lset.len(), t * qt, bh / n.h);
+                    let nk = n.key_span(b, i0, m);
+                    if nk == 0 {
+                        return;
+                    }
+                    let q_tile = &q[(bh * lq + i0) * d..(bh * lq + i0 + m) * d];
+                    masked_scores(q_tile, kb, nk, s, i0, b, n, scale);
+                    for (r, (row, l)) in s.chunks_mut(nk).zip(lset.iter_mut()).enumerate() {
+                        let max = row.iter().fold(T::neg_infinity(), |a, &x| a.max(x));
+                        if max == T::neg_infinity() {
+                            row.fill(T::zero());
+                            continue;
+                        }
+                        let sum = T::exp_shift(row, max);
+                        let inv = sum.recip();
+                        match &n.dropout {
+                            Some(drop) => drop.apply_scaled(row, bh, i0 + r, inv),
+                            None => row.iter_mut().for_each(|x| *x = *x * inv),
+                        }
+                        *l = max + sum.ln();
+                    }
+                    gemm_into(
+                        m,
+                        dv,
+                        nk,
+                        ot,
+                        false,
+                        Mat::new(s, 0, nk, 1),
+                        Mat::new(vb, 0, dv, 1),
+                        Parallelism::None,
+                    );
+                });
+        });
+    (o, lse)
+}
+
+/// Exact backward. Inputs as in [`forward`] plus `o`, `lse` and upstream `go = dL/do`.
+/// Returns `(dq, dk, dv)`.
+///
+/// Per tile, with `D` the dropout multipliers (0 or 1/(1−p); all 1 without dropout):
+/// `P = exp(S − lse)`, `dV += (P⊙D)ᵀ dO`, `dP = (dO Vᵀ) ⊙ D`,
+/// `dS = P ⊙ (dP − rowsum(dO ⊙ O))`, `dQ = scale · dS K`, `dK += scale · dSᵀ Q`.
+/// (`Σ_j P_ij dP_ij = dO_i · O_i` because `O_i = Σ_j (P⊙D)_ij v_j`.)
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward<T: Float + Vector + DropoutElem>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    o: &[T],
+    lse: &[T],
+    go: &[T],
+    n: &Dims,
+    scale: T,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let (lq, lk, d, dv, qt, nt) = (n.lq, n.lk, n.d, n.dv, QUERY_TILE, n.tiles());
+    let mut dq = vec![T::zero(); n.bh * lq * d];
+    let mut dk = vec![T::zero(); n.bh * lk * d];
+    let mut dvv = vec![T::zero(); n.bh * lk * dv];
+    if lq == 0 || lk == 0 || d == 0 || dv == 0 {
+        return (dq, dk, dvv);
+    }
+    dq.par_chunks_mut(lq * d)
+        .zip(dk.par_chunks_mut(lk * d).zip(dvv.par_chunks_mut(lk * dv)))
+        .enumerate()
+        .for_each(|(bh, (dqb, (dkb, dvb)))| {
+            let (kb, vb) = (&k[bh * lk * d..(bh + 1) * lk * d], &v[bh * lk * dv..]);
+            let b = bh / n.h;
+            let (mut p, mut dp, mut pd) = (Vec::new(), Vec::new(), Vec::new());
+            for t in 0..nt {
+                let i0 = t * qt;
+                let m = qt.min(lq - i0);
+                let nk = n.key_span(b, i0, m);
+                if nk == 0 {
+                    continue;
+                }
+                let (r0, r1) = (bh * lq + i0, bh * lq + i0 + m);
+                let q_tile = &q[r0 * d..r1 * d];
+                let go_tile = &go[r0 * dv..r1 * dv];
+                masked_scores(q_tile, kb, nk, &mut p, i0, b, n, scale);
+                for (r, row) in p.chunks_mut(nk).enumerate() {
+                    let l = lse[r0 + r];
+                    if l == T::neg_infinity() {
+                        // A row with no allowed key: its output is the constant 0.
+                        row.fill(T::zero());
+                    } else {
+                        T::exp_shift(row, l);
+                    }
+                }
+                // P⊙D, the probabilities the forward multiplied V by.
+                let p_used = match &n.dropout {
+                    Some(drop) => {
+                        pd.clear();
+                        pd.extend_from_slice(&p);
+                        for (r, row) in pd.chunks_mut(nk).enumerate() {
+                            drop.apply_scaled(row, bh, i0 + r, T::one());
+                        }
+                        &pd
+                    }
+                    None => &p,
+                };
+                // dV[0..nk] += (P⊙D)ᵀ dO.
+                gemm_into(
+                    nk,
+                    dv,
+                    m,
+                    &mut dvb[..nk * dv],
+                    true,
+                    Mat::new(p_used, 0, 1, nk),
+                    Mat::new(go_tile, 0, dv, 1),
+                    Parallelism::None,
+                );
+                // dP [m, nk] = dO V[0..nk]ᵀ (then ⊙ D).
+                dp.clear();
+                dp.resize(m * nk, T::zero());
+                gemm_into(
+                    m,
+                    nk,
+                    dv,
+                    &mut dp,
+                    false,
+                    Mat::new(go_tile, 0, dv, 1),
+                    Mat::new(vb, 0, 1, dv),
+                    Parallelism::None,
+                );
+                if let Some(drop) = &n.dropout {
+                    for (r, row) in dp.chunks_mut(nk).enumerate() {
+                        drop.apply_scaled(row, bh, i0 + r, T::one());
+                    }
+                }
+                // scale · dS, in place of P.
+                for (r, (prow, dprow)) in p.chunks_mut(nk).zip(dp.chunks(nk)).enumerate() {
+                    let row = r0 + r;
+                    let delta = T::dot(&go[row * dv..(row + 1) * dv], &o[row * dv..(row + 1) * dv]);
+                    for (x, &y) in prow.iter_mut().zip(dprow) {
+                        *x = scale * *x * (y - delta);
+                    }
+                }
+                // dQ_tile = dS K[0..nk] (each tile owns its dq rows).
+                gemm_into(
+                    m,
+                    d,
+                    nk,
+                    &mut dqb[i0 * d..(i0 + m) * d],
+                    false,
+                    Mat::new(&p, 0, nk, 1),
+                    Mat::new(kb, 0, d, 1),
+                    Parallelism::None,
+                );
+                // dK[0..nk] += dSᵀ Q_tile.
+                gemm_into(
+                    nk,
+                    d,
+                    m,
+                    &mut dkb[..nk * d],
+                    true,
+                    Mat::new(&p, 0, 1, nk),
+                    Mat::new(q_tile, 0, d, 1),
+                    Parallelism::None,
+                );
+            }
+        });
+    (dq, dk, dvv)
+}

@@ -1,0 +1,237 @@
+//! Fused dense attention with exact backward, FlashAttention-style: the `[B, H, L, L]` scores
+//! and probabilities are never stored.
+//!
+//! Contract, for `q [B, H, L_q, d]`, `k [B, H, L_k, d]`, `v [B, H, L_k, d_v]` (f32 or f64):
+//!
+//! - `o = (softmax(scale·q kᵀ + mask) ⊙ D) v`, where the mask is an [`AttentionMask`] (causal
+//!   and/or key padding) and `D` is the dropout multiplier (0 with probability `p`, else
+//!   `1/(1−p)`; all ones without dropout). A row with no allowed key outputs 0.
+//! - Without dropout it equals [`crate::dense_attention`]; with dropout it equals
+//!   [`flash_attention_reference`], which applies [`attention_dropout_mask`] explicitly.
+//! - Differentiable in q, k and v. Backward keeps one log-sum-exp per query row and the seed,
+//!   and recomputes the probabilities and the dropout mask tile by tile: `O(B·H·L)` beyond
+//!   q, k, v and o, against the composed form's `O(B·H·L²)` per intermediate.
+//! - dk and dv are summed in a fixed order: bit-identical across runs and thread counts.
+//!
+//! The fused kernel runs on the CPU. On other devices the op runs the composed reference
+//! (candle autograd; the dropout mask is built on the host); the CUDA kernel is planned
+//! (docs/cuda.md).
+
+mod cpu;
+mod dropout;
+
+use crate::attention::dense_probs;
+use crate::simd::Vector;
+use crate::util::{check_qkv, contiguous, if_tracked};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use cpu::Dims;
+use dropout::{DropoutElem, RowDropout};
+use std::sync::Mutex;
+
+pub use crate::attention::AttentionMask;
+pub use dropout::{attention_dropout_mask, AttentionDropout};
+
+/// Fused dense attention of `q` over `k`, `v` under `mask`, with softmax scale `scale` (usually
+/// `1/√d`) and optional dropout on the probabilities. See the module docs for the contract.
+pub fn flash_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttentionMask,
+    scale: f64,
+    dropout: Option<AttentionDropout>,
+) -> Result<Tensor> {
+    let op = "flash_attention";
+    let [b, h, lq, lk, d, dv] = check_qkv(op, q, k, v)?;
+    if let Some(dr) = dropout {
+        if !(0.0..1.0).contains(&dr.p) {
+            bail!("{op}: dropout p = {} must be in [0, 1)", dr.p);
+        }
+    }
+    let dropout = dropout.filter(|dr| dr.p > 0.0);
+    if !q.device().is_cpu() || !matches!(q.dtype(), DType::F32 | DType::F64) {
+        return flash_attention_reference(q, k, v, mask, scale, dropout);
+    }
+    let dims = Dims {
+        h,
+        bh: b * h,
+        lq,
+        lk,
+        d,
+        dv,
+        causal: mask.causal,
+        key_ok: mask.key_allowed(op, b, lk)?,
+        dropout: dropout.map(RowDropout::new),
+    };
+    q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        FlashAttention {
+            dims,
+            scale,
+            lse: Mutex::new(None),
+        },
+    )
+}
+
+/// The composed form of [`flash_attention`]: softmax from candle ops, the dropout mask as an
+/// explicit `[B, H, L_q, L_k]` tensor. The oracle the tests compare with, and the path on
+/// devices without the fused kernel.
+pub fn flash_attention_reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttentionMask,
+    scale: f64,
+    dropout: Option<AttentionDropout>,
+) -> Result<Tensor> {
+    let p = dense_probs(q, k, mask, scale)?;
+    let p = match dropout.filter(|dr| dr.p > 0.0) {
+        Some(dr) => {
+            let dims = p.dims4()?;
+            let m = attention_dropout_mask(dr, dims, &candle_core::Device::Cpu)?;
+            p.mul(&m.to_device(p.device())?.to_dtype(p.dtype())?)?
+        }
+        None => p,
+    };
+    p.matmul(&v.contiguous()?)
+}
+
+/// The forward op; `lse` is filled by the forward for the backward.
+struct FlashAttention {
+    dims: Dims,
+    scale: f64,
+    lse: Mutex<Option<Tensor>>,
+}
+
+impl FlashAttention {
+    fn lse(&self) -> Result<std::sync::MutexGuard<'_, Option<Tensor>>> {
+        self.lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("flash_attention: poisoned lock".into()))
+    }
+}
+
+fn run_forward<T: Float3>(op: &FlashAttention, s: [&[T]; 3], shape: (usize, usize)) -> Result<Vec<T>> {
+    let n = &op.dims;
+    let (o, lse) = cpu::forward::<T>(s[0], s[1], s[2], n, T::lit(op.scale));
+    *op.lse()? = Some(Tensor::from_vec(
+        lse,
+        (shape.0, shape.1, n.lq),
+        &candle_core::Device::Cpu,
+    )?);
+    Ok(o)
+}
+
+/// The element types the kernels run in.
+trait Float3: crate::util::Float + Vector + DropoutElem + candle_core::WithDType {}
+impl Float3 for f32 {}
+impl Float3 for f64 {}
+
+impl CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "flash_attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = "flash_attention";
+        let n = &self.dims;
+        let (b, h) = (l1.dims()[0], l1.dims()[1]);
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                CpuStorage::F32(run_forward::<f32>(
+                    self,
+                    [
+                        contiguous(op, "q", s1, l1)?,
+                        contiguous(op, "k", s2, l2)?,
+                        contiguous(op, "v", s3, l3)?,
+                    ],
+                    (b, h),
+                )?)
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                CpuStorage::F64(run_forward::<f64>(
+                    self,
+                    [
+                        contiguous(op, "q", s1, l1)?,
+                        contiguous(op, "k", s2, l2)?,
+                        contiguous(op, "v", s3, l3)?,
+                    ],
+                    (b, h),
+                )?)
+            }
+            _ => bail!("{op}: q, k and v must all be f32 or all f64"),
+        };
+        Ok((out, Shape::from((b, h, n.lq, n.dv))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = "flash_attention";
+        let Some(lse) = self.lse()?.clone() else {
+            bail!("{op}: backward called before forward")
+        };
+        if grad.dims() != o.dims() {
+            bail!("{op}: grad is {:?} but the output is {:?}", grad.dims(), o.dims());
+        }
+        let dev = q.device();
+        // Borrow the inputs' storage instead of copying them (6 tensors of B·H·L·d).
+        let inputs = [q, k, v, o, &lse, grad]
+            .iter()
+            .map(|t| t.contiguous())
+            .collect::<Result<Vec<_>>>()?;
+        let guards: Vec<_> = inputs.iter().map(|t| t.storage_and_layout()).collect();
+        macro_rules! run {
+            ($t:ty) => {{
+                let s = guards
+                    .iter()
+                    .map(|(st, l)| match &**st {
+                        Storage::Cpu(c) => contiguous::<$t>(op, "input", c, l),
+                        _ => bail!("{op}: the fused backward runs on the CPU only"),
+                    })
+                    .collect::<Result<Vec<&[$t]>>>()?;
+                let (dq, dk, dvv) = cpu::backward::<$t>(
+                    s[0],
+                    s[1],
+                    s[2],
+                    s[3],
+                    s[4],
+                    s[5],
+                    &self.dims,
+                    self.scale as $t,
+                );
+                (
+                    Tensor::from_vec(dq, q.shape(), dev)?,
+                    Tensor::from_vec(dk, k.shape(), dev)?,
+                    Tensor::from_vec(dvv, v.shape(), dev)?,
+                )
+            }};
+        }
+        let (dq, dk, dv) = match q.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            dt => bail!("{op}: unsupported dtype {dt:?}"),
+        };
+        Ok((if_tracked(q, dq), if_tracked(k, dk), if_tracked(v, dv)))
+    }
+}
+
+/// Bytes the fused op keeps for backward beyond its inputs and output: one log-sum-exp per
+/// query row (`elem` bytes each).
+pub fn flash_saved_bytes(b: usize, h: usize, lq: usize, elem: usize) -> usize {
+    b * h * lq * elem
+}
