@@ -50,14 +50,14 @@ HEADLINE = [
     },
     {
         "recipe": "SPT fast",
-        "what": "k = L/8 keys, FFN 2 of 8 blocks, LoRA r = 8",
-        "accuracy": None,
+        "what": "`--preset fast`: k = L/8, FFN 2 of 8 + linear correction, pooler trained, LoRA r = 8, lr 1e-3",
+        "accuracy": {"model": MINILM, "mode": "spt", "preset": "fast", "lr": 1e-3, "epochs": 1},
         "speed": ("finetune-speed", dict(MINILM_B8_L512, mode="spt")),
         "torch": ("torch_full_s", "torch_full_bytes", "PyTorch full fine-tuning"),
     },
     {
         "recipe": "SPT accurate",
-        "what": "k = L/2, FFN 6 of 8 + linear correction, pooler trained, LoRA r = 8, lr 1e-3",
+        "what": "`--preset accurate`: k = L/2, FFN 6 of 8 + linear correction, pooler trained, LoRA r = 8, lr 1e-3",
         "accuracy": {
             "model": MINILM,
             "mode": "spt",
@@ -91,6 +91,7 @@ REGIONS = {
     "README.md": ["headline", "cuda-status"],
     "docs/results/speed.md": [
         "attention",
+        "attention-fidelity",
         "ffn",
         "finetune-speed",
         "finetune-speed-accuracy-setting",
@@ -100,7 +101,7 @@ REGIONS = {
     ],
     "docs/results/accuracy.md": ["demo", "accuracy-minilm", "accuracy-gpt2", "accuracy-superseded", "accuracy-settings"],
 }
-KNOWN_FILES = {"accuracy", "attention", "demo", "demo-dense", "ffn", "finetune-speed", "finetune-speed-accuracy-setting", "gpu-h200"}
+KNOWN_FILES = {"accuracy", "attention", "attention-fidelity", "demo", "demo-dense", "ffn", "finetune-speed", "finetune-speed-accuracy-setting", "gpu-h200"}
 
 
 class Stale(Exception):
@@ -264,6 +265,25 @@ def speed_table(name):
     if data.get("fused_dense"):
         out += [f"Fused dense: {data['fused_dense']}."]
     return "\n".join(out + footer(data, recs))
+
+
+def attention_fidelity():
+    f = load("attention-fidelity")
+    summary = f.get("summary") or []
+    tiles = sorted({int(k.split("_")[1]) for s in summary for k in s if re.fullmatch(r"blocks_\d+", k)})
+    out = head(["keys per query k", "exact top-k", "per-query (PQ)"]
+               + [f"blocks, tile {t}" for t in tiles] + [f"blocks, tile {t}, upper-bound score" for t in tiles],
+               ["--:"] * (3 + 2 * len(tiles)))
+    for s in summary:
+        out.append(row([s["k"], f"{s['exact_topk']:.3f}", f"{s['per_query']:.3f}"]
+                       + [f"{s.get(f'blocks_{t}', float('nan')):.3f}" for t in tiles]
+                       + [f"{s.get(f'blocks_{t}_upper_bound_score', float('nan')):.3f}" for t in tiles]))
+    recs = f.get("records") or []
+    r0 = recs[0] if recs else {}
+    out += ["", f"Mean over the {len({r['layer'] for r in recs})} layers of {r0.get('model')} "
+            f"({r0.get('data')}, B = {r0.get('B')}, L = {r0.get('L')}): {f.get('what')}. "
+            f"Per-layer figures are in the JSON. Re-run: `{f.get('command')}`."]
+    return "\n".join(out)
 
 
 def gpu_attention():
@@ -523,7 +543,7 @@ def headline():
         "Step time and peak RSS: MiniLM, B 8 × L 512, one synthetic batch, 2-core CPU, median of 5 steps; "
         "\"vs dense\" is against dense full fine-tuning timed in the same run. "
         "\"vs PyTorch\" is PyTorch's step time over ours (above 1: we are faster) for the same kind of training. "
-        "The SPT accurate step was timed without the pooler trained.",
+        "The SPT steps were timed without the pooler trained (one 384 × 384 layer).",
     ]
     out += notes
     out += ["", "Records: " + "; ".join(sources) + "."]
@@ -577,6 +597,7 @@ RENDER = {
     "headline": headline,
     "cuda-status": cuda_status,
     "attention": lambda: speed_table("attention"),
+    "attention-fidelity": attention_fidelity,
     "ffn": lambda: speed_table("ffn"),
     "finetune-speed": lambda: speed_table("finetune-speed"),
     "finetune-speed-accuracy-setting": lambda: speed_table("finetune-speed-accuracy-setting"),
