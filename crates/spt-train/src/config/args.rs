@@ -16,7 +16,7 @@ pub struct FinetuneArgs {
     /// Local model directory or Hugging Face hub id (honours HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE).
     #[arg(long)]
     pub model: Option<String>,
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, hide_possible_values = true, value_name = "classify|lm")]
     pub task: Option<TaskKind>,
     /// Tokenizer directory or tokenizer.json (default: the model directory).
     #[arg(long)]
@@ -33,11 +33,11 @@ pub struct FinetuneArgs {
     /// Column kept whole on one side of the split (e.g. movie_name).
     #[arg(long)]
     pub split_by: Option<String>,
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, hide = true)]
     pub format: Option<DataFormat>,
     #[arg(long)]
     pub text_column: Option<String>,
-    #[arg(long)]
+    #[arg(long, hide = true)]
     pub text_pair_column: Option<String>,
     #[arg(long)]
     pub label_column: Option<String>,
@@ -45,26 +45,24 @@ pub struct FinetuneArgs {
     #[arg(long = "drop-label", value_name = "LABEL")]
     pub drop_labels: Vec<String>,
     /// Fixed label mapping (labels.json).
-    #[arg(long)]
+    #[arg(long, hide = true)]
     pub label_map: Option<PathBuf>,
     /// Truncate texts to this many tokens (default: the model's maximum).
     #[arg(long)]
     pub max_length: Option<usize>,
     /// LM block length.
-    #[arg(long)]
+    #[arg(long, hide = true)]
     pub block_size: Option<usize>,
     #[arg(long)]
     pub output_dir: Option<PathBuf>,
     /// Use a non-empty output directory that spt-train did not create, or restart an earlier run.
     #[arg(long)]
     pub overwrite: bool,
-    #[arg(long, value_enum)]
+    /// What trains: every weight (dense), LoRA adapters (lora), or SPT's sparse layers + LoRA.
+    #[arg(long, value_enum, hide_possible_values = true, value_name = "dense|lora|spt")]
     pub mode: Option<Mode>,
-    /// SPT recipe (spt mode; default fast). fast: keys k = L/8, FFN 2 of 8 blocks + correction,
-    /// pooler trained, lr 1e-3 (≈2.7× dense's step, ~20 % of its memory, a few points below dense
-    /// accuracy). accurate: k = L/2, FFN 6 of 8 + correction, pooler, lr 1e-3 (within 1 point of
-    /// dense, ≈1.5× its step). Other flags override the preset's values.
-    #[arg(long, value_enum)]
+    /// SPT recipe (default fast); see "Presets" below. Other flags override its values.
+    #[arg(long, value_enum, hide_possible_values = true, value_name = "fast|accurate")]
     pub preset: Option<Preset>,
     /// Keys per query for sparse attention (exclusive with --attn-k-fraction).
     #[arg(long)]
@@ -72,12 +70,12 @@ pub struct FinetuneArgs {
     /// Fraction of keys per query for sparse attention.
     #[arg(long)]
     pub attn_k_fraction: Option<f64>,
-    #[arg(long)]
+    #[arg(long, hide = true)]
     pub pq_subspaces: Option<usize>,
-    #[arg(long)]
+    #[arg(long, hide = true)]
     pub pq_codewords: Option<usize>,
     /// Refresh PQ codebooks every N steps (0: never).
-    #[arg(long)]
+    #[arg(long, hide = true)]
     pub pq_refresh_every: Option<u64>,
     /// Routed-FFN blocks.
     #[arg(long)]
@@ -86,20 +84,20 @@ pub struct FinetuneArgs {
     #[arg(long)]
     pub ffn_top_k: Option<usize>,
     /// Which hidden units form each routed-FFN block.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, hide = true)]
     pub ffn_units: Option<FfnUnits>,
     /// Linear correction for the FFN blocks a token skips, fitted on the calibration tokens.
     #[arg(long)]
     pub ffn_correction: Option<bool>,
     /// Batches of 16 training examples that calibrate the sparse layers (spt).
-    #[arg(long)]
+    #[arg(long, hide = true)]
     pub calibration_batches: Option<usize>,
     /// Router load-balancing loss weight (0: off).
-    #[arg(long)]
+    #[arg(long, hide = true)]
     pub router_aux_weight: Option<f64>,
     /// The routers' learning rate as a multiple of --lr (spt). Default: 0 with adapters (the
     /// routers keep their fit to the calibration tokens), 1 with --lora-rank 0.
-    #[arg(long)]
+    #[arg(long, hide = true)]
     pub router_lr_scale: Option<f64>,
     /// LoRA rank (lora, spt). In spt mode 0 means no adapters: every weight trains through the
     /// sparse attention and routed FFN (e.g. training from random weights).
@@ -107,14 +105,14 @@ pub struct FinetuneArgs {
     pub lora_rank: Option<usize>,
     #[arg(long)]
     pub lora_alpha: Option<f64>,
-    #[arg(long)]
+    #[arg(long, hide = true)]
     pub lora_dropout: Option<f64>,
     /// Modules trained in full besides the adapters and head (lora, spt), comma-separated HF
     /// module names, e.g. `pooler` (PEFT's `modules_to_save`).
     #[arg(long, value_delimiter = ',', value_name = "MODULES")]
     pub modules_to_save: Vec<String>,
     /// GPT-2 only: random initial weights instead of a checkpoint.
-    #[arg(long)]
+    #[arg(long, hide = true)]
     pub random_init: bool,
     #[arg(long)]
     pub epochs: Option<u64>,
@@ -123,26 +121,31 @@ pub struct FinetuneArgs {
     pub max_steps: Option<u64>,
     #[arg(long)]
     pub batch_size: Option<usize>,
-    #[arg(long)]
+    #[arg(long, hide = true)]
     pub eval_batch_size: Option<usize>,
     /// Micro-batches per optimizer update.
     #[arg(long)]
     pub grad_accum: Option<usize>,
     #[arg(long)]
     pub lr: Option<f64>,
-    #[arg(long)]
+    #[arg(long, hide = true)]
     pub warmup_steps: Option<u64>,
     #[arg(long)]
     pub warmup_ratio: Option<f64>,
-    #[arg(long, value_enum)]
+    #[arg(
+        long,
+        value_enum,
+        hide_possible_values = true,
+        value_name = "linear|cosine|constant"
+    )]
     pub schedule: Option<ScheduleKind>,
     #[arg(long)]
     pub weight_decay: Option<f64>,
-    #[arg(long)]
+    #[arg(long, hide = true)]
     pub adam_beta1: Option<f64>,
-    #[arg(long)]
+    #[arg(long, hide = true)]
     pub adam_beta2: Option<f64>,
-    #[arg(long)]
+    #[arg(long, hide = true)]
     pub adam_eps: Option<f64>,
     /// Clip the global gradient norm to this (0: off).
     #[arg(long, alias = "clip")]
@@ -153,9 +156,9 @@ pub struct FinetuneArgs {
     pub eval_every: Option<u64>,
     #[arg(long)]
     pub save_every: Option<u64>,
-    #[arg(long)]
+    #[arg(long, hide = true)]
     pub keep_last: Option<usize>,
-    #[arg(long)]
+    #[arg(long, hide = true)]
     pub log_every: Option<u64>,
     /// Resume from the latest checkpoint in --output-dir, or from the given checkpoint directory.
     #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "CHECKPOINT")]
