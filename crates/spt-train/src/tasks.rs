@@ -19,7 +19,7 @@ use spt_models::pq::{KeyTopK, PqConfig, Refresh};
 use spt_models::routed_ffn::{BlockTopK, RoutedFfnConfig, RouterFitConfig};
 use spt_models::{
     sparsify, BertConfig, BertForSequenceClassification, CalibrationBatch, FfnCalibration, GPT2Config,
-    GPT2LMHeadModel, LoadOptions, LoraSettings, LoraTarget, NamedParams, SparseAttentionConfig,
+    GPT2LMHeadModel, KeyGrouping, LoadOptions, LoraSettings, LoraTarget, NamedParams, SparseAttentionConfig,
     SparsifyReport, SptConfig, SptModel, Trainable, WeightSource,
 };
 
@@ -125,8 +125,10 @@ pub struct ModelTask {
     /// Batches the codebook refresh cycles through (spt mode).
     calibration: Vec<CalibrationBatch>,
     refresh_every: u64,
-    /// Keys per query of the sparse layers (to rebuild them from saved codebooks).
+    /// Keys per query of the sparse layers and their grouping (to rebuild them from saved
+    /// codebooks).
     attn_top_k: Option<KeyTopK>,
+    attn_grouping: KeyGrouping,
     /// The current PQ codebooks (layer, centroids), kept in step with the model.
     codebooks: Vec<(usize, Tensor)>,
     /// Regrouped routed-FFN unit orders (layer, order), kept in step with the model.
@@ -145,6 +147,14 @@ fn pq_subspaces(cfg: &FinetuneConfig, head_dim: usize) -> usize {
             .find(|s| head_dim % s == 0)
             .unwrap_or(1)
     })
+}
+
+/// Per-query selection, or block mode with `attn_tile`-token tiles.
+pub fn key_grouping(cfg: &FinetuneConfig) -> KeyGrouping {
+    match cfg.attn_tile {
+        Some(tile) => KeyGrouping::Blocks { tile },
+        None => KeyGrouping::PerQuery,
+    }
 }
 
 /// The sparse-attention top-k of the settings (default: a quarter of the keys), which
@@ -197,7 +207,7 @@ fn spt_config(cfg: &FinetuneConfig, head_dim: usize, fit: bool) -> Result<Option
                     ..PqConfig::default()
                 },
                 top_k,
-                grouping: Default::default(),
+                grouping: key_grouping(cfg),
             });
         }
         sc.ffn = Some(RoutedFfnConfig {
@@ -390,6 +400,7 @@ impl ModelTask {
             },
             refresh_every: cfg.pq_refresh_every,
             attn_top_k,
+            attn_grouping: key_grouping(cfg),
             codebooks,
             unit_orders,
             corrections,
@@ -578,7 +589,7 @@ impl TrainTask for ModelTask {
         })?;
         self.net
             .spt()
-            .set_pq_codebooks(&books, top_k, Default::default())?;
+            .set_pq_codebooks(&books, top_k, self.attn_grouping)?;
         self.codebooks = self.net.spt().pq_codebooks()?;
         Ok(())
     }

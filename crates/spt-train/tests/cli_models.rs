@@ -316,6 +316,31 @@ fn eval_without_checkpoint_uses_the_config_and_calibrates_spt() {
     );
     let (dense, log) = eval(&["--mode", "dense"]);
     assert!(!log.contains("ffn routed"), "{log}");
+    // Block mode (`attn_tile`, [spt.attention] tile) from a config file: the same calibration,
+    // other keys kept, so another loss.
+    let cfg_blocks = tmp.path().join("spt-blocks.toml");
+    let flat = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg_blocks, format!("{flat}attn_tile = 2\n")).unwrap();
+    let o = spt_train(
+        &[
+            "eval",
+            "--model",
+            m,
+            "--data-file",
+            data.to_str().unwrap(),
+            "--config",
+            cfg_blocks.to_str().unwrap(),
+            "--split",
+            "validation",
+        ],
+        None,
+    );
+    let blocks: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    assert_eq!(blocks["examples"], sparse["examples"]);
+    assert_ne!(
+        blocks["loss"], sparse["loss"],
+        "block mode kept the same keys as per-query selection"
+    );
     assert_eq!(sparse["examples"], dense["examples"]);
     assert!(sparse["examples"].as_u64().unwrap() > 0 && sparse["examples"].as_u64().unwrap() < 60);
     // A flag overrides the config's column: no column `text` in this file.

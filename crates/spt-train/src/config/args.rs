@@ -70,6 +70,9 @@ pub struct FinetuneArgs {
     /// Fraction of keys per query for sparse attention.
     #[arg(long)]
     pub attn_k_fraction: Option<f64>,
+    /// Block mode: tiles of N queries share key blocks of N keys (default: per-query top-k).
+    #[arg(long, value_name = "N")]
+    pub attn_tile: Option<usize>,
     #[arg(long, hide = true)]
     pub pq_subspaces: Option<usize>,
     #[arg(long, hide = true)]
@@ -255,7 +258,7 @@ impl FinetuneConfig {
                 epochs, batch_size, grad_accum, lr, warmup_ratio, schedule, weight_decay, adam_beta1, adam_beta2,
                 adam_eps, max_grad_norm, seed, eval_every, save_every, keep_last, log_every, device;
             optional: preset, tokenizer, router_lr_scale, split_by, format, text_pair_column, label_map, max_length, attn_k,
-                attn_k_fraction, pq_subspaces, pq_codewords, max_steps, eval_batch_size, warmup_steps, resume;
+                attn_k_fraction, attn_tile, pq_subspaces, pq_codewords, max_steps, eval_batch_size, warmup_steps, resume;
             list: train_files, validation_files, drop_labels, modules_to_save
         );
         if a.overwrite {

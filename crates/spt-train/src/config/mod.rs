@@ -135,6 +135,10 @@ pub struct FinetuneConfig {
     pub attn_k: Option<usize>,
     /// Fraction of the sequence each query attends to (spt), in (0, 1].
     pub attn_k_fraction: Option<f64>,
+    /// Block mode (spt): each tile of this many queries shares its top ⌈k / tile⌉ key blocks of
+    /// this many keys; `None` (default): each query keeps its own top-k. Faster, but it keeps
+    /// less attention mass (docs/results/speed.md).
+    pub attn_tile: Option<usize>,
     /// PQ subspaces per head and codewords per subspace (spt); default: the model's choice.
     pub pq_subspaces: Option<usize>,
     pub pq_codewords: Option<usize>,
@@ -228,6 +232,7 @@ impl Default for FinetuneConfig {
             preset: None,
             attn_k: None,
             attn_k_fraction: None,
+            attn_tile: None,
             pq_subspaces: None,
             pq_codewords: None,
             pq_refresh_every: 100,

@@ -47,6 +47,7 @@ pub const LAYOUT: &[(&str, &str, &str)] = &[
     ("calibration_batches", "spt", "calibration_batches"),
     ("attn_k", "spt.attention", "k"),
     ("attn_k_fraction", "spt.attention", "k_fraction"),
+    ("attn_tile", "spt.attention", "tile"),
     ("pq_subspaces", "spt.attention", "pq_subspaces"),
     ("pq_codewords", "spt.attention", "pq_codewords"),
     ("pq_refresh_every", "spt.attention", "pq_refresh_every"),

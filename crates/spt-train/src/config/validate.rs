@@ -127,6 +127,9 @@ impl FinetuneConfig {
         if self.attn_k.is_some() && self.attn_k_fraction.is_some() {
             return Err(invalid("attn_k", "give attn_k or attn_k_fraction, not both"));
         }
+        if self.attn_tile == Some(0) {
+            return Err(invalid("attn_tile", "block mode needs tiles of at least 1 token"));
+        }
         if self.attn_k == Some(0) {
             return Err(invalid("attn_k", "must be at least 1"));
         }
