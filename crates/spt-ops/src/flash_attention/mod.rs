@@ -112,12 +112,15 @@ impl FlashAttention {
     }
 }
 
-fn run_forward<T: Float3>(op: &FlashAttention, s: [&[T]; 3], shape: (usize, usize)) -> Result<Vec<T>> {
+/// The forward in `T`: reads q, k, v from their storages, keeps the log-sum-exp for backward.
+fn run_forward<T: Float3>(op: &FlashAttention, s: [(&CpuStorage, &Layout); 3]) -> Result<Vec<T>> {
     let n = &op.dims;
-    let (o, lse) = cpu::forward::<T>(s[0], s[1], s[2], n, T::lit(op.scale));
+    let [q, k, v] = [("q", s[0]), ("k", s[1]), ("v", s[2])]
+        .map(|(name, (st, l))| contiguous::<T>("flash_attention", name, st, l));
+    let (o, lse) = cpu::forward::<T>(q?, k?, v?, n, T::lit(op.scale));
     *op.lse()? = Some(Tensor::from_vec(
         lse,
-        (shape.0, shape.1, n.lq),
+        (n.bh / n.h, n.h, n.lq),
         &candle_core::Device::Cpu,
     )?);
     Ok(o)
@@ -145,28 +148,13 @@ impl CustomOp3 for FlashAttention {
         let op = "flash_attention";
         let n = &self.dims;
         let (b, h) = (l1.dims()[0], l1.dims()[1]);
+        let args = [(s1, l1), (s2, l2), (s3, l3)];
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(run_forward::<f32>(
-                    self,
-                    [
-                        contiguous(op, "q", s1, l1)?,
-                        contiguous(op, "k", s2, l2)?,
-                        contiguous(op, "v", s3, l3)?,
-                    ],
-                    (b, h),
-                )?)
+                CpuStorage::F32(run_forward::<f32>(self, args)?)
             }
             (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(run_forward::<f64>(
-                    self,
-                    [
-                        contiguous(op, "q", s1, l1)?,
-                        contiguous(op, "k", s2, l2)?,
-                        contiguous(op, "v", s3, l3)?,
-                    ],
-                    (b, h),
-                )?)
+                CpuStorage::F64(run_forward::<f64>(self, args)?)
             }
             _ => bail!("{op}: q, k and v must all be f32 or all f64"),
         };
