@@ -5,6 +5,10 @@
 //! N(0, 1)), the α/r scale and dropout are applied, and the unmerged forward scales only the LoRA
 //! path, so merged and unmerged forwards agree for any α ≠ r.
 
+mod fused;
+
+pub use fused::lora_linear;
+
 use crate::routed_ffn::{gather_matmul, Routing};
 use crate::util::{check_float, check_same};
 use candle_core::{bail, DType, Device, Result, Tensor, Var};
@@ -241,6 +245,10 @@ impl LoraLinear {
     /// draws the dropout mask itself (spt-models' seeded dropout). Ignores the merged state:
     /// callers check [`is_merged`](Self::is_merged).
     pub fn forward_with_lora_input(&self, x: &Tensor, x_in: &Tensor) -> Result<Tensor> {
+        if x_in.id() == x.id() {
+            let (a, b) = (self.a.as_tensor(), self.b.as_tensor());
+            return lora_linear(x, &self.w, self.bias.as_ref(), a, b, self.cfg.scale());
+        }
         let y = linear(x, &self.w, self.bias.as_ref())?;
         let u = x_in.broadcast_matmul(&self.a.as_tensor().t()?)?; // [.., r]
         let delta = u.broadcast_matmul(&self.b.as_tensor().t()?)?; // [.., out]

@@ -2,70 +2,119 @@
 
 use super::{Codebook, KeySelection, KeyTopK, SENTINEL};
 use crate::attention::AttentionMask;
+use crate::blas::{gemm_into, Mat};
 use candle_core::{bail, DType, Result, Tensor};
+use gemm::Parallelism;
 use rayon::prelude::*;
 
-/// Query rows per rayon task.
-const ROWS_PER_TASK: usize = 16;
+/// Query rows per rayon task: one score GEMM per tile of this many rows.
+const ROWS_PER_TASK: usize = 32;
+
+/// Rows shorter than this skip the sampled threshold and filter nothing.
+const SAMPLE_MIN_ROW: usize = 128;
+/// Strided sample size for the threshold guess.
+const SAMPLE: usize = 64;
+
+/// Order-preserving u32 key of a score (larger score ⇒ larger key), so comparisons are integer.
+#[inline]
+fn order_key(v: f32) -> u32 {
+    let b = v.to_bits();
+    if b >> 31 == 1 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
 
 /// Writes into `out` the indices of the `k` best allowed scores of `sc` (higher score first, then
 /// lower index: deterministic ties), ascending, padded with [`SENTINEL`]. `allowed[j]` gates key j;
 /// `tmp` is scratch. Returns how many are real.
 ///
-/// Finds the k-th best score with a selection on a scratch copy, then one ascending scan takes
-/// every key above it and the lowest-indexed ties at it, so the output needs no sort.
+/// Each candidate is packed as `key << 32 | (u32::MAX − j)`, a total order that is the tie rule
+/// itself. A strided sample gives a threshold that about 1.5·k scores pass; one branch-free pass
+/// keeps those (in index order), a selection among them finds the k-th best, and a scan of the
+/// kept ones writes the answer in index order. When fewer than k pass, every allowed score is a
+/// candidate: the answer never depends on the guess, only the time does.
 pub(crate) fn top_k_into(
     sc: &[f32],
     allowed: Option<&[bool]>,
     k: usize,
-    tmp: &mut Vec<u32>,
+    tmp: &mut Vec<u64>,
     out: &mut [u32],
 ) -> usize {
+    let n = sc.len();
     let ok = |j: usize| allowed.is_none_or(|a| a[j]);
-    // Order-preserving u32 keys (larger score ⇒ larger key), so selection compares integers.
-    let key = |v: f32| {
-        let b = v.to_bits();
-        if b >> 31 == 1 {
-            !b
-        } else {
-            b | 0x8000_0000
+    if tmp.len() < 2 * n + 1 {
+        tmp.resize(2 * n + 1, 0);
+    }
+    let guess = if n >= SAMPLE_MIN_ROW && k > 0 {
+        let step = n / SAMPLE;
+        let mut buf = [0u32; SAMPLE];
+        let mut len = 0;
+        for j in (0..SAMPLE).map(|t| t * step).filter(|&j| ok(j)) {
+            buf[len] = order_key(sc[j]);
+            len += 1;
         }
-    };
-    tmp.clear();
-    tmp.extend(
-        sc.iter()
-            .enumerate()
-            .filter(|&(j, _)| ok(j))
-            .map(|(_, &v)| key(v)),
-    );
-    let n = tmp.len().min(k);
-    if tmp.len() <= k {
-        for (o, j) in out.iter_mut().zip((0..sc.len()).filter(|&j| ok(j))) {
-            *o = j as u32;
+        let sample = &mut buf[..len];
+        let rank = (sample.len() * k * 3).div_ceil(2 * n) + 2;
+        if rank < sample.len() {
+            let (_, &mut g, _) = sample.select_nth_unstable_by(rank - 1, |a, b| b.cmp(a));
+            g
+        } else {
+            0
         }
     } else {
-        let (_, &mut thr, _) = tmp.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
-        let above = tmp[..k - 1].iter().filter(|&&v| v > thr).count();
-        let mut ties = k - above;
+        0
+    };
+    // Branch-free: every candidate is written, the cursor only moves past the kept ones.
+    let collect = |buf: &mut [u64], floor: u32| -> usize {
+        let buf = &mut buf[..n + 1];
         let mut w = 0;
-        for (j, &v) in sc.iter().enumerate() {
-            if !ok(j) {
-                continue;
+        match allowed {
+            None => {
+                for (j, &v) in sc.iter().enumerate() {
+                    let key = order_key(v);
+                    buf[w] = (u64::from(key) << 32) | u64::from(u32::MAX - j as u32);
+                    w += usize::from(key >= floor);
+                }
             }
-            let v = key(v);
-            if v < thr || (v == thr && ties == 0) {
-                continue;
+            Some(a) => {
+                for (j, (&v, &okj)) in sc.iter().zip(a).enumerate() {
+                    let key = order_key(v);
+                    buf[w] = (u64::from(key) << 32) | u64::from(u32::MAX - j as u32);
+                    w += usize::from(key >= floor && okj);
+                }
             }
-            if v == thr {
-                ties -= 1;
-            }
-            out[w] = j as u32;
-            w += 1;
+        }
+        w
+    };
+    let mut m = collect(tmp, guess);
+    if m < k && guess > 0 {
+        m = collect(tmp, 0);
+    }
+    let (cand, scratch) = tmp.split_at_mut(n + 1);
+    let taken = m.min(k);
+    if m <= k {
+        for (o, &p) in out.iter_mut().zip(&cand[..m]) {
+            *o = u32::MAX - p as u32;
+        }
+    } else {
+        let sel = &mut scratch[..m];
+        sel.copy_from_slice(&cand[..m]);
+        let (_, &mut thr, _) = sel.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+        // Branch-free again (about half the candidates pass), into the scratch.
+        let mut w = 0;
+        for &p in &cand[..m] {
+            scratch[w] = u64::from(u32::MAX - p as u32);
+            w += usize::from(p >= thr);
         }
         debug_assert_eq!(w, k);
+        for (o, &j) in out.iter_mut().zip(&scratch[..k]) {
+            *o = j as u32;
+        }
     }
-    out[n..].fill(SENTINEL);
-    n
+    out[taken..].fill(SENTINEL);
+    taken
 }
 
 /// Selects, for every query row of `q [B, H, L_q, d]`, the `k` allowed keys with the largest
@@ -109,7 +158,7 @@ pub fn select_keys(
     let keys_ok = mask.key_allowed(op, b, lk)?;
     let qv = q.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let cv = codes.flatten_all()?.to_vec1::<u8>()?;
-    let (c, dc) = (codebook.n_codewords(), codebook.d_codeword());
+    let dc = codebook.d_codeword();
 
     let mut indices = vec![SENTINEL; b * h * lq * kk];
     let mut counts = vec![0u32; b * h * lq];
@@ -120,26 +169,42 @@ pub fn select_keys(
         .enumerate()
         .for_each(|(bh, (idx, cnt))| {
             let (bi, hi) = (bh / h, bh % h);
-            let g = codebook.group(hi);
-            let packed = Scorer::pack(&cv[bh * lk * s..(bh + 1) * lk * s], s, c, lk);
+            let recon = reconstruct(
+                &cv[bh * lk * s..(bh + 1) * lk * s],
+                codebook,
+                codebook.group(hi),
+                dc,
+            );
             let allowed: Vec<bool> = (0..lk)
                 .map(|j| keys_ok.as_ref().is_none_or(|m| m[bi * lk + j]))
                 .collect();
             let allowed = allowed.iter().any(|&a| !a).then_some(allowed.as_slice());
+            let qb = &qv[bh * lq * d..(bh + 1) * lq * d];
             idx.par_chunks_mut(ROWS_PER_TASK * kk)
                 .zip(cnt.par_chunks_mut(ROWS_PER_TASK))
                 .enumerate()
                 .for_each(|(blk, (idx, cnt))| {
-                    let mut scorer = Scorer::new(s, c);
-                    let mut scores = vec![0f32; lk];
-                    let mut tmp = Vec::with_capacity(lk);
+                    let (i0, rows) = (blk * ROWS_PER_TASK, cnt.len());
+                    // Under a causal mask the tile's last row sees the most keys.
+                    let width = if causal { (i0 + rows).min(lk) } else { lk };
+                    let mut scores = vec![0f32; rows * width];
+                    // One GEMM per tile: q · ĉ(key) over every key equals Σ_s ⟨q_s, c[s, code_s]⟩.
+                    gemm_into(
+                        rows,
+                        width,
+                        d,
+                        &mut scores,
+                        false,
+                        Mat::new(qb, i0 * d, d, 1),
+                        Mat::new(&recon, 0, 1, d),
+                        Parallelism::None,
+                    );
+                    let mut tmp = Vec::with_capacity(width);
                     for (r, (out, n)) in idx.chunks_mut(kk).zip(cnt.iter_mut()).enumerate() {
-                        let i = blk * ROWS_PER_TASK + r;
-                        let qi = &qv[(bh * lq + i) * d..(bh * lq + i + 1) * d];
-                        scorer.build(qi, codebook, g, dc);
+                        let i = i0 + r;
                         let end = if causal { (i + 1).min(lk) } else { lk };
-                        scorer.score(&packed, lk, &mut scores[..end]);
-                        *n = top_k_into(&scores[..end], allowed.map(|a| &a[..end]), kk, &mut tmp, out) as u32;
+                        let sc = &scores[r * width..r * width + end];
+                        *n = top_k_into(sc, allowed.map(|a| &a[..end]), kk, &mut tmp, out) as u32;
                     }
                 });
         });
@@ -150,117 +215,84 @@ pub fn select_keys(
     })
 }
 
-/// Per-query ADC lookup tables. With C ≤ 16, two 4-bit codes share a byte and the table for a
-/// subspace pair has 256 entries `T[2p][lo] + T[2p+1][hi]`, halving the lookups per key.
-struct Scorer {
-    s: usize,
-    c: usize,
-    paired: bool,
-    table: Vec<f32>,
-    pairs: Vec<f32>,
+/// Decoded keys `[L_k, d]` of one (batch, head) from its codes `[L_k, S]`: codeword `code_s` of
+/// subspace s in columns `s·dc..(s+1)·dc`. Scoring against these with a GEMM gives the ADC
+/// scores at GEMM speed; per-query lookup tables cost more than the GEMM at any head dim here.
+fn reconstruct(codes: &[u8], cb: &Codebook, g: usize, dc: usize) -> Vec<f32> {
+    let s = cb.n_subspaces();
+    let lk = codes.len() / s.max(1);
+    let mut out = vec![0f32; lk * s * dc];
+    for (j, row) in out.chunks_mut(s * dc).enumerate() {
+        for si in 0..s {
+            let c = codes[j * s + si] as usize;
+            row[si * dc..(si + 1) * dc].copy_from_slice(&cb.sub(g, si)[c * dc..(c + 1) * dc]);
+        }
+    }
+    out
 }
 
-impl Scorer {
-    fn new(s: usize, c: usize) -> Self {
-        let paired = c <= 16 && s >= 2;
-        let pairs = if paired {
-            vec![0f32; s.div_ceil(2) * 256]
-        } else {
-            Vec::new()
-        };
-        Self {
-            s,
-            c,
-            paired,
-            table: vec![0f32; s * c],
-            pairs,
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Full sort: score descending, then index ascending; the k first, ascending.
+    fn brute(sc: &[f32], allowed: Option<&[bool]>, k: usize) -> Vec<u32> {
+        let mut c: Vec<usize> = (0..sc.len()).filter(|&j| allowed.is_none_or(|a| a[j])).collect();
+        c.sort_by(|&a, &b| sc[b].total_cmp(&sc[a]).then(a.cmp(&b)));
+        c.truncate(k);
+        let mut c: Vec<u32> = c.into_iter().map(|j| j as u32).collect();
+        c.sort_unstable();
+        c
+    }
+
+    fn check(sc: &[f32], allowed: Option<&[bool]>, k: usize) {
+        let mut out = vec![0u32; k];
+        let mut tmp = Vec::new();
+        let n = top_k_into(sc, allowed, k, &mut tmp, &mut out);
+        let want = brute(sc, allowed, k);
+        assert_eq!(n, want.len());
+        assert_eq!(&out[..n], &want[..]);
+        assert!(out[n..].iter().all(|&j| j == SENTINEL));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+        /// Long rows take the sampled-threshold path; few distinct values force ties at the
+        /// threshold, and a skewed tail makes the guess miss (the fallback path).
+        #[test]
+        fn sampled_threshold_equals_full_sort(
+            n in 1usize..1500, k in 1usize..300, levels in 1u32..1000, skew in 0usize..3,
+            masked in any::<bool>(), seed in any::<u64>(),
+        ) {
+            let mut x = seed | 1;
+            let mut next = || { x ^= x << 13; x ^= x >> 7; x ^= x << 17; x };
+            let sc: Vec<f32> = (0..n)
+                .map(|j| {
+                    let v = (next() % u64::from(levels)) as f32 - levels as f32 / 2.0;
+                    match skew { 1 => v + j as f32, 2 if j % 97 == 0 => v + 1e4, _ => v }
+                })
+                .collect();
+            let allowed: Vec<bool> = (0..n).map(|_| next() % 4 != 0).collect();
+            check(&sc, masked.then_some(allowed.as_slice()), k.min(n));
         }
     }
 
-    /// Key codes `[L_k, S]` regrouped as `[slots, L_k]` bytes, a slot per subspace (or pair), so
-    /// each slot's lookups stream through memory.
-    fn pack(codes: &[u8], s: usize, c: usize, lk: usize) -> Vec<u8> {
-        if c <= 16 && s >= 2 {
-            let np = s.div_ceil(2);
-            let mut out = vec![0u8; np * lk];
-            for j in 0..lk {
-                for p in 0..np {
-                    let lo = codes[j * s + 2 * p];
-                    let hi = if 2 * p + 1 < s {
-                        codes[j * s + 2 * p + 1]
-                    } else {
-                        0
-                    };
-                    out[p * lk + j] = lo | (hi << 4);
-                }
-            }
-            out
-        } else {
-            let mut out = vec![0u8; s * lk];
-            for j in 0..lk {
-                for si in 0..s {
-                    out[si * lk + j] = codes[j * s + si];
-                }
-            }
-            out
-        }
-    }
-
-    fn build(&mut self, qi: &[f32], cb: &Codebook, g: usize, dc: usize) {
-        let (s, c) = (self.s, self.c);
-        for si in 0..s {
-            let cw = cb.sub(g, si);
-            for ci in 0..c {
-                self.table[si * c + ci] =
-                    crate::simd::Vector::dot(&qi[si * dc..(si + 1) * dc], &cw[ci * dc..(ci + 1) * dc]);
-            }
-        }
-        if self.paired {
-            for p in 0..s.div_ceil(2) {
-                let t = &mut self.pairs[p * 256..(p + 1) * 256];
-                let lo_t = &self.table[2 * p * c..(2 * p + 1) * c];
-                let hi_t = if 2 * p + 1 < s {
-                    Some(&self.table[(2 * p + 1) * c..(2 * p + 2) * c])
-                } else {
-                    None
-                };
-                for (byte, v) in t.iter_mut().enumerate() {
-                    let (lo, hi) = (byte & 15, byte >> 4);
-                    *v = match hi_t {
-                        Some(h) if lo < c && hi < c => lo_t[lo] + h[hi],
-                        None if lo < c => lo_t[lo],
-                        _ => 0.0,
-                    };
-                }
-            }
-        }
-    }
-
-    /// `scores[j] = Σ_slot T[slot][packed[slot][j]]` for the first `scores.len()` keys.
-    fn score(&self, packed: &[u8], lk: usize, scores: &mut [f32]) {
-        let end = scores.len();
-        let (slots, width, table) = if self.paired {
-            (self.s.div_ceil(2), 256, &self.pairs)
-        } else {
-            (self.s, self.c, &self.table)
-        };
-        let col = |slot: usize| &packed[slot * lk..slot * lk + end];
-        let tab = |slot: usize| &table[slot * width..(slot + 1) * width];
-        // Four slots at a time, summed in registers: one store per key instead of one per slot.
-        let mut slot = 0;
-        scores.fill(0.0);
-        while slot + 4 <= slots {
-            let (c0, c1, c2, c3) = (col(slot), col(slot + 1), col(slot + 2), col(slot + 3));
-            let (t0, t1, t2, t3) = (tab(slot), tab(slot + 1), tab(slot + 2), tab(slot + 3));
-            for (j, acc) in scores.iter_mut().enumerate() {
-                *acc += (t0[c0[j] as usize] + t1[c1[j] as usize]) + (t2[c2[j] as usize] + t3[c3[j] as usize]);
-            }
-            slot += 4;
-        }
-        for slot in slot..slots {
-            let t = tab(slot);
-            for (acc, &code) in scores.iter_mut().zip(col(slot)) {
-                *acc += t[code as usize];
+    #[test]
+    fn constant_and_sorted_rows() {
+        for n in [128usize, 513, 2048] {
+            for k in [1, n / 8, n - 1, n] {
+                check(&vec![0.5; n], None, k);
+                check(&(0..n).map(|j| j as f32).collect::<Vec<_>>(), None, k);
+                check(&(0..n).map(|j| -(j as f32)).collect::<Vec<_>>(), None, k);
+                check(
+                    &(0..n)
+                        .map(|j| if j % 2 == 0 { -0.0 } else { 0.0 })
+                        .collect::<Vec<_>>(),
+                    None,
+                    k,
+                );
             }
         }
     }

@@ -1,0 +1,303 @@
+//! The unmerged LoRA layer as one op: `y = x Wᵀ + b + s·(x Aᵀ) Bᵀ` with W, b frozen.
+//!
+//! Composed from candle ops this is six graph nodes of `[N, out]` or `[N, in]` (the base matmul,
+//! the bias, two LoRA matmuls, the scale, the sum), and candle's backward zero-fills and adds a
+//! gradient buffer for every input of every node. One op keeps one node, recomputes the rank-r
+//! `x Aᵀ` in backward instead of storing it, and never forms dW.
+
+use super::linear;
+use crate::blas::{gemm_into, inner_par, Mat};
+use crate::util::{check_float, check_same, contiguous, if_tracked, sum_partials, Float};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Rows per rayon task; each task runs its own small GEMMs.
+const ROWS_PER_TASK: usize = 256;
+
+/// `x [.., in] Wᵀ + b + scale·(x Aᵀ) Bᵀ` for `W [out, in]`, `b [out]`, `A [r, in]`, `B [out, r]`,
+/// differentiable in x, A and B (W and b are frozen: they never get a gradient). On the CPU in
+/// f32/f64 one fused op; elsewhere the composed form, which gives the same values.
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let op = "lora_linear";
+    check_float(op, "x", x)?;
+    check_same(op, &[("x", x), ("w", w), ("a", a), ("b", b)])?;
+    let (out, d_in) = match w.dims() {
+        &[o, i] if o > 0 && i > 0 => (o, i),
+        d => bail!("{op}: w is {d:?}, expected [out, in] with out, in ≥ 1"),
+    };
+    let r = match a.dims() {
+        &[r, i] if i == d_in && r > 0 => r,
+        d => bail!("{op}: a is {d:?}, expected [r, {d_in}] for w [{out}, {d_in}]"),
+    };
+    if b.dims() != [out, r] {
+        bail!(
+            "{op}: b is {:?}, expected [{out}, {r}] for w [{out}, {d_in}], a [{r}, {d_in}]",
+            b.dims()
+        );
+    }
+    if let Some(bias) = bias {
+        check_same(op, &[("x", x), ("bias", bias)])?;
+        if bias.dims() != [out] {
+            bail!("{op}: bias is {:?}, expected [{out}]", bias.dims());
+        }
+    }
+    if x.dims().last() != Some(&d_in) {
+        bail!(
+            "{op}: x is {:?}, expected [.., {d_in}] to match w [{out}, {d_in}]",
+            x.dims()
+        );
+    }
+    if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) {
+        let delta = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
+        return linear(x, w, bias)?.add(&(delta * scale)?);
+    }
+    let fused = FusedLora {
+        w: w.detach().contiguous()?,
+        bias: bias.map(|t| t.detach().contiguous()).transpose()?,
+        dims: (out, d_in, r),
+        scale,
+    };
+    x.contiguous()?
+        .apply_op3(&a.contiguous()?, &b.contiguous()?, fused)
+}
+
+struct FusedLora {
+    w: Tensor,
+    bias: Option<Tensor>,
+    /// (out, in, r).
+    dims: (usize, usize, usize),
+    scale: f64,
+}
+
+/// The CPU data of a (contiguous) tensor, borrowed for `f`.
+fn with_slices<T: Float + candle_core::WithDType, R>(
+    op: &str,
+    ts: &[&Tensor],
+    f: impl FnOnce(&[&[T]]) -> Result<R>,
+) -> Result<R> {
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let slices = guards
+        .iter()
+        .map(|(st, l)| match &**st {
+            Storage::Cpu(c) => contiguous::<T>(op, "input", c, l),
+            _ => bail!("{op}: the fused kernel runs on the CPU only"),
+        })
+        .collect::<Result<Vec<&[T]>>>()?;
+    f(&slices)
+}
+
+/// Forward over row tasks: `u = s·x Aᵀ`, then `y = b + x Wᵀ + u Bᵀ`.
+fn forward<T: Float>(
+    x: &[T],
+    w: &[T],
+    bias: Option<&[T]>,
+    a: &[T],
+    b: &[T],
+    dims: (usize, usize, usize),
+    s: T,
+) -> Vec<T> {
+    let (out, d_in, r) = dims;
+    let n = x.len() / d_in;
+    let mut y = vec![T::zero(); n * out];
+    let par = inner_par(n.div_ceil(ROWS_PER_TASK));
+    y.par_chunks_mut(ROWS_PER_TASK * out)
+        .enumerate()
+        .for_each(|(c, yc)| {
+            let m = yc.len() / out;
+            let xc = Mat::new(x, c * ROWS_PER_TASK * d_in, d_in, 1);
+            let mut u = vec![T::zero(); m * r];
+            gemm_into(m, r, d_in, &mut u, false, xc, Mat::new(a, 0, 1, d_in), par);
+            u.iter_mut().for_each(|v| *v = *v * s);
+            if let Some(bias) = bias {
+                yc.chunks_mut(out).for_each(|row| row.copy_from_slice(bias));
+            }
+            gemm_into(m, out, d_in, yc, bias.is_some(), xc, Mat::new(w, 0, 1, d_in), par);
+            gemm_into(
+                m,
+                out,
+                r,
+                yc,
+                true,
+                Mat::new(&u, 0, r, 1),
+                Mat::new(b, 0, 1, r),
+                par,
+            );
+        });
+    y
+}
+
+/// Backward over row tasks: `du = s·g B`, `dx = g W + du A`, and per-task partials of
+/// `dA = duᵀ x` and `dB = s·gᵀ (x Aᵀ)`, summed in task order (deterministic for any thread count).
+#[allow(clippy::too_many_arguments)]
+fn backward<T: Float>(
+    x: &[T],
+    w: &[T],
+    a: &[T],
+    b: &[T],
+    g: &[T],
+    dims: (usize, usize, usize),
+    s: T,
+    want_dx: bool,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let (out, d_in, r) = dims;
+    let n = x.len() / d_in;
+    let mut dx = vec![T::zero(); if want_dx { n * d_in } else { 0 }];
+    let tasks = n.div_ceil(ROWS_PER_TASK);
+    let par = inner_par(tasks);
+    let per_task = |c: usize, dxc: &mut [T]| -> (Vec<T>, Vec<T>) {
+        let r0 = c * ROWS_PER_TASK;
+        let m = ROWS_PER_TASK.min(n - r0);
+        let xc = Mat::new(x, r0 * d_in, d_in, 1);
+        let gc = Mat::new(g, r0 * out, out, 1);
+        let mut su = vec![T::zero(); m * r];
+        gemm_into(m, r, d_in, &mut su, false, xc, Mat::new(a, 0, 1, d_in), par);
+        su.iter_mut().for_each(|v| *v = *v * s);
+        let mut du = vec![T::zero(); m * r];
+        gemm_into(m, r, out, &mut du, false, gc, Mat::new(b, 0, r, 1), par);
+        du.iter_mut().for_each(|v| *v = *v * s);
+        if want_dx {
+            gemm_into(m, d_in, out, dxc, false, gc, Mat::new(w, 0, d_in, 1), par);
+            gemm_into(
+                m,
+                d_in,
+                r,
+                dxc,
+                true,
+                Mat::new(&du, 0, r, 1),
+                Mat::new(a, 0, d_in, 1),
+                par,
+            );
+        }
+        let mut da = vec![T::zero(); r * d_in];
+        gemm_into(r, d_in, m, &mut da, false, Mat::new(&du, 0, 1, r), xc, par);
+        let mut db = vec![T::zero(); out * r];
+        gemm_into(
+            out,
+            r,
+            m,
+            &mut db,
+            false,
+            Mat::new(g, r0 * out, 1, out),
+            Mat::new(&su, 0, r, 1),
+            par,
+        );
+        (da, db)
+    };
+    let partials: Vec<(Vec<T>, Vec<T>)> = if want_dx {
+        dx.par_chunks_mut(ROWS_PER_TASK * d_in)
+            .enumerate()
+            .map(|(c, dxc)| per_task(c, dxc))
+            .collect()
+    } else {
+        (0..tasks).into_par_iter().map(|c| per_task(c, &mut [])).collect()
+    };
+    let (pa, pb): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
+    (dx, sum_partials(pa, r * d_in), sum_partials(pb, out * r))
+}
+
+impl CustomOp3 for FusedLora {
+    fn name(&self) -> &'static str {
+        "lora_linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = "lora_linear";
+        let mut shape = l1.dims().to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = self.dims.0;
+        }
+        let fixed: Vec<&Tensor> = std::iter::once(&self.w).chain(self.bias.as_ref()).collect();
+        macro_rules! run {
+            ($t:ty, $x:expr, $a:expr, $b:expr) => {{
+                let (x, a, b) = (
+                    contiguous::<$t>(op, "x", $x, l1)?,
+                    contiguous::<$t>(op, "a", $a, l2)?,
+                    contiguous::<$t>(op, "b", $b, l3)?,
+                );
+                with_slices::<$t, _>(op, &fixed, |wb| {
+                    Ok(forward::<$t>(
+                        x,
+                        wb[0],
+                        wb.get(1).copied(),
+                        a,
+                        b,
+                        self.dims,
+                        self.scale as $t,
+                    ))
+                })?
+            }};
+        }
+        let y = match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                CpuStorage::F32(run!(f32, s1, s2, s3))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                CpuStorage::F64(run!(f64, s1, s2, s3))
+            }
+            _ => bail!("{op}: x, a and b must all be f32 or all f64"),
+        };
+        Ok((y, Shape::from(shape)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = "lora_linear";
+        if grad.dims() != y.dims() {
+            bail!("{op}: grad is {:?} but the output is {:?}", grad.dims(), y.dims());
+        }
+        let g = grad.contiguous()?;
+        let want_dx = x.track_op();
+        let dev = x.device();
+        let (out, d_in, r) = self.dims;
+        macro_rules! run {
+            ($t:ty) => {{
+                let (dx, da, db) = with_slices::<$t, _>(op, &[x, &self.w, a, b, &g], |s| {
+                    Ok(backward::<$t>(
+                        s[0],
+                        s[1],
+                        s[2],
+                        s[3],
+                        s[4],
+                        self.dims,
+                        self.scale as $t,
+                        want_dx,
+                    ))
+                })?;
+                (
+                    want_dx
+                        .then(|| Tensor::from_vec(dx, x.shape(), dev))
+                        .transpose()?,
+                    Tensor::from_vec(da, (r, d_in), dev)?,
+                    Tensor::from_vec(db, (out, r), dev)?,
+                )
+            }};
+        }
+        let (dx, da, db) = match x.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            dt => bail!("{op}: unsupported dtype {dt:?}"),
+        };
+        Ok((dx, if_tracked(a, da), if_tracked(b, db)))
+    }
+}
