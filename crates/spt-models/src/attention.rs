@@ -154,7 +154,8 @@ pub enum KeyGrouping {
 #[derive(Debug, Clone)]
 pub struct SparseAttention {
     pub codebook: Codebook,
-    /// Keys kept per query; a count above the sequence length keeps every allowed key.
+    /// Keys kept per query; a count above the sequence length keeps every allowed key. Keeping
+    /// every key (e.g. `Fraction(1.0)`) runs the fused dense kernel on the CPU.
     pub top_k: KeyTopK,
     pub grouping: KeyGrouping,
 }
@@ -195,6 +196,13 @@ impl SparseAttention {
     ) -> Result<Tensor> {
         let (lq, lk) = (q.dim(2)?, k.dim(2)?);
         let top_k = self.resolve_top_k(lk);
+        let kept = top_k.resolve(lk).unwrap_or(lk);
+        if kept >= lk && q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64) {
+            // Every key is kept, so this is dense attention (same zeros for rows with no
+            // allowed key, no dropout): the fused dense kernel computes it faster than a
+            // selection that gathers every key.
+            return Ok(spt_ops::flash_attention(q, k, v, mask, scale, None)?);
+        }
         let selection = match self.grouping {
             KeyGrouping::PerQuery => Selection::PerQuery { k: top_k },
             KeyGrouping::Blocks { tile } => {

@@ -312,3 +312,49 @@ fn gpt2_block_mode_with_all_keys_equals_dense_and_stays_causal() -> Result<()> {
     eprintln!("gpt2 blocks(k = all) vs dense: logits {e_logits:.2e}, grads {e_grad:.2e}");
     Ok(())
 }
+
+/// With every key kept the layer runs the fused dense kernel (the fast path) and must give what
+/// the per-query sparse kernel gives for all keys: values and q/k/v gradients, causal and
+/// padded (including a query row with no allowed key: zeros in both).
+#[test]
+fn all_keys_dispatch_equals_the_sparse_kernel() -> Result<()> {
+    use spt_models::SparseAttention;
+    use spt_ops::pq::Selection;
+    use spt_ops::AttentionMask;
+    let (b, h, l, d) = (2, 3, 21, 8);
+    let var = |seed| -> Result<candle_core::Var> {
+        Ok(candle_core::Var::from_tensor(
+            &spt_ops::gradcheck::randn_f64(&[b, h, l, d], seed)?.to_dtype(DType::F32)?,
+        )?)
+    };
+    let (q, k, v) = (var(1)?, var(2)?, var(3)?);
+    let attn = SparseAttention::fit(
+        k.as_tensor(),
+        &pq(),
+        KeyTopK::Fraction(1.0),
+        KeyGrouping::PerQuery,
+    )?;
+    let pad: Vec<u32> = (0..b * l)
+        .map(|i| u32::from(!(i < l && i % l >= 15 || i == l)))
+        .collect();
+    let pad = Tensor::from_vec(pad, (b, l), &Device::Cpu)?;
+    let up = spt_ops::gradcheck::randn_f64(&[b, h, l, d], 4)?.to_dtype(DType::F32)?;
+    for mask in [
+        AttentionMask::causal().with_key_padding(pad.clone()),
+        AttentionMask::none().with_key_padding(pad.clone()),
+    ] {
+        let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+        let fast = attn.forward(qt, kt, vt, &mask, 0.3)?;
+        let all = Selection::PerQuery { k: KeyTopK::Count(l) };
+        let sparse = spt_ops::pq_attention(qt, kt, vt, &attn.codebook, all, &mask, 0.3)?;
+        assert!(max_abs(&fast, &sparse)? < 1e-5);
+        let (gf, gs) = (
+            (fast * &up)?.sum_all()?.backward()?,
+            (sparse * &up)?.sum_all()?.backward()?,
+        );
+        for t in [qt, kt, vt] {
+            assert!(max_abs(gf.get(t).context("fast grad")?, gs.get(t).context("sparse grad")?)? < 1e-4);
+        }
+    }
+    Ok(())
+}
