@@ -326,7 +326,7 @@ pub fn remove_checkpoints(dir: &Path, which: impl Fn(u64) -> bool) -> Result<Vec
 
 /// Whether process `pid` is running (Linux: /proc; elsewhere assumed not, since one output
 /// directory is not meant to be shared by two runs at once).
-fn pid_alive(pid: u32) -> bool {
+pub(crate) fn pid_alive(pid: u32) -> bool {
     pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists()
 }
 

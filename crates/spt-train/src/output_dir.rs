@@ -287,6 +287,54 @@ pub fn check_export_dir(out: &Path, files: &[String], overwrite: bool) -> Result
     Ok(())
 }
 
+/// The staging directory of an export into `parent/name` by process `pid`.
+pub fn export_staging(parent: &Path, name: &str, pid: u32) -> PathBuf {
+    parent.join(format!(".{name}.tmp-{pid}"))
+}
+
+/// Removes the staging directories (`.NAME.tmp-PID`, see [`export_staging`]) that exports into
+/// `parent/name` left when they were killed: only those of processes no longer running, and only
+/// when they hold nothing but plain files from `files` (what an export writes), so a folder the
+/// tool did not write is never deleted. Returns the removed paths.
+pub fn remove_stale_export_staging(
+    parent: &Path,
+    name: &str,
+    files: &[String],
+) -> Result<Vec<PathBuf>, OutputError> {
+    let mut removed = Vec::new();
+    let prefix = format!(".{name}.tmp-");
+    let rd = match std::fs::read_dir(parent) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(io_err(parent, e)),
+    };
+    for entry in rd {
+        let entry = entry.map_err(|e| io_err(parent, e))?;
+        let entry_name = entry.file_name().to_string_lossy().into_owned();
+        let Some(Ok(pid)) = entry_name.strip_prefix(&prefix).map(str::parse::<u32>) else {
+            continue;
+        };
+        let path = entry.path();
+        if crate::checkpoint::pid_alive(pid) || !path.is_dir() {
+            continue;
+        }
+        let ours = std::fs::read_dir(&path).map_err(|e| io_err(&path, e))?.all(|e| {
+            e.is_ok_and(|e| {
+                e.file_type().is_ok_and(|t| t.is_file())
+                    && files.iter().any(|f| *f == e.file_name().to_string_lossy())
+            })
+        });
+        if !ours {
+            tracing::warn!(path = %path.display(), "left alone: looks like an export's staging folder but holds files an export does not write");
+            continue;
+        }
+        std::fs::remove_dir_all(&path).map_err(|e| io_err(&path, e))?;
+        tracing::info!(path = %path.display(), "removed the staging folder of an interrupted export");
+        removed.push(path);
+    }
+    Ok(removed)
+}
+
 /// Moves the files of the finished export in `staged` (a sibling of `out`, holding only plain
 /// files) into `out` under the rules of [`check_export_dir`], and removes `staged`.
 ///
@@ -409,6 +457,27 @@ mod tests {
             Err(OutputError::Legacy { .. })
         ));
         assert_eq!(bytes(&p.join("loss.svg")), b"<svg/>");
+    }
+
+    #[test]
+    fn stale_export_staging_is_removed_only_when_it_is_ours() {
+        let tmp = tempfile::tempdir().unwrap();
+        let files = vec!["config.json".to_string(), "model.safetensors".to_string()];
+        // u32::MAX is never a running pid; our own pid always is.
+        let dead = export_staging(tmp.path(), "out", u32::MAX);
+        std::fs::create_dir(&dead).unwrap();
+        std::fs::write(dead.join("config.json"), "{}").unwrap();
+        let live = export_staging(tmp.path(), "out", std::process::id());
+        std::fs::create_dir(&live).unwrap();
+        let foreign = export_staging(tmp.path(), "out", u32::MAX - 1);
+        std::fs::create_dir(&foreign).unwrap();
+        std::fs::write(foreign.join("notes.txt"), "mine").unwrap();
+        let other = export_staging(tmp.path(), "other", u32::MAX);
+        std::fs::create_dir(&other).unwrap();
+        let removed = remove_stale_export_staging(tmp.path(), "out", &files).unwrap();
+        assert_eq!(removed, vec![dead.clone()]);
+        assert!(!dead.exists() && live.exists() && other.exists());
+        assert_eq!(bytes(&foreign.join("notes.txt")), b"mine");
     }
 
     #[test]

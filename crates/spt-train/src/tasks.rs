@@ -666,7 +666,8 @@ pub fn export_hf_dir(
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    crate::output_dir::remove_stale_export_staging(parent, &name, &export_files(model_dir))?;
+    let tmp = crate::output_dir::export_staging(parent, &name, std::process::id());
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
