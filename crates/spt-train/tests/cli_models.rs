@@ -257,10 +257,10 @@ fn bench_records_each_setting() {
         [
             ("dense", "spt k = 4, FFN 4/8, linear correction"),
             ("spt", "spt k = 4, FFN 4/8, linear correction"),
-            ("dense", "spt k = 2, FFN 6/8, linear correction"),
-            ("spt", "spt k = 2, FFN 6/8, linear correction"),
-            ("dense", "spt k = 2, FFN 2/8"),
-            ("spt", "spt k = 2, FFN 2/8"),
+            ("dense", "spt k = 16, FFN 6/8, linear correction"),
+            ("spt", "spt k = 16, FFN 6/8, linear correction"),
+            ("dense", "spt k = 16, FFN 2/8"),
+            ("spt", "spt k = 16, FFN 2/8"),
         ]
     );
     for r in recs {
@@ -270,7 +270,7 @@ fn bench_records_each_setting() {
     }
     assert_eq!(recs[1]["ffn_top_k"], 4);
     assert_eq!(recs[3]["ffn_top_k"], 6);
-    assert_eq!(recs[3]["attn_k"], 2);
+    assert_eq!(recs[3]["attn_k"], 16); // the fast preset keeps every key
     assert_eq!(recs[3]["ffn_correction"], true);
     assert_eq!(recs[5]["ffn_correction"], false);
     // A top-k the FFN cannot have is refused before anything runs.

@@ -28,7 +28,7 @@ pub(crate) struct BenchArgs {
     pub(crate) steps: usize,
     #[arg(long, default_value_t = 2)]
     pub(crate) warmup: usize,
-    /// Keys per query in spt mode (default L/8).
+    /// Keys per query in spt mode (default: the fast preset's, every key).
     #[arg(long)]
     pub(crate) attn_k: Option<usize>,
     /// FFN blocks kept per token (of 8) in spt mode (default: the fast preset's, 2).
@@ -132,7 +132,7 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
         );
         format!(
             "spt k = {}, FFN {}/{}{}",
-            a.attn_k.unwrap_or((a.seq_len / 8).max(1)),
+            a.attn_k.unwrap_or_else(|| preset_keys(a.seq_len)),
             a.ffn_top_k.unwrap_or(d.ffn_top_k),
             d.ffn_blocks,
             match a.ffn_correction.unwrap_or(d.ffn_correction) {
@@ -236,10 +236,21 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Keys per query of the fast preset (which `finetune --mode spt` starts from) at `seq_len`.
+fn preset_keys(seq_len: usize) -> usize {
+    let d = spt_train::presets::base_config(
+        Mode::Spt,
+        TaskKind::Classify,
+        Some(spt_train::presets::Preset::Fast),
+    );
+    let f = d.attn_k_fraction.unwrap_or(1.0);
+    ((f * seq_len as f64).round() as usize).clamp(1, seq_len)
+}
+
 /// One mode, timed in this (fresh) process: prints `{median_s, step_times_s, peak_rss_bytes, …}`.
 pub(crate) fn bench_child(a: &BenchArgs, mode: Mode, model_dir: &Path, dev: &Device) -> Result<()> {
     let task_kind = task_of(&a.model)?;
-    let attn_k = a.attn_k.unwrap_or((a.seq_len / 8).max(1));
+    let attn_k = a.attn_k.unwrap_or_else(|| preset_keys(a.seq_len));
     // spt mode starts from the fast preset, as `finetune --mode spt` does (timed without the
     // pooler, which the preset also trains: one 384 × 384 layer).
     let d = spt_train::presets::base_config(mode, task_kind, spt_train::presets::effective(mode, None));
