@@ -57,14 +57,15 @@ BIN="${CARGO_TARGET_DIR:-target}/release/spt-train"
 if [[ -n "$STEPS" ]]; then SPT_LEN=(--max-steps "$STEPS"); WHAT="$STEPS steps"; else SPT_LEN=(--epochs 1); WHAT="1 epoch"; fi
 
 run() { # mode lr length-args...
-  local mode=$1 lr=$2
+  local mode=$1 lr=$2 preset=()
   shift 2
+  [[ $mode == spt ]] && preset=(--preset fast)  # the default recipe, spelled out
   "$BIN" -q finetune --model "$MODEL" --task classify --train-file "$DATA" \
     --text-column text --label-column category --drop-label plot \
     --validation-split 0.1 --split-by movie_name --seed "$SEED" \
     --max-length "$MAXLEN" --batch-size "$BATCH" "$@" \
     --lr "$lr" --warmup-ratio 0.1 --schedule linear \
-    --mode "$mode" --attn-k-fraction 0.5 --ffn-blocks 8 --ffn-top-k 4 --lora-rank 8 --lora-alpha 16 \
+    --mode "$mode" "${preset[@]}" --lora-rank 8 --lora-alpha 16 \
     --output-dir "$OUT/$mode" --overwrite --no-progress
 }
 
