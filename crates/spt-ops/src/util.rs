@@ -46,12 +46,26 @@ pub(crate) fn with_cpu<T: candle_core::WithDType, R>(
     t: &Tensor,
     f: impl FnOnce(&[T]) -> Result<R>,
 ) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(cpu) => f(contiguous::<T>(op, "tensor", cpu, layout)?),
-        _ => bail!("{op}: the backward pass for this device is not available; use the CPU or build with --features cuda"),
-    }
+    with_slices(op, &[t], |s| f(s[0]))
+}
+
+/// Runs `f` over the CPU data of `ts` (each made contiguous first if needed), borrowed from
+/// their storage rather than copied: what a backward pass reads its saved tensors through.
+pub(crate) fn with_slices<T: candle_core::WithDType, R>(
+    op: &str,
+    ts: &[&Tensor],
+    f: impl FnOnce(&[&[T]]) -> Result<R>,
+) -> Result<R> {
+    let ts = ts.iter().map(|t| t.contiguous()).collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let slices = guards
+        .iter()
+        .map(|(storage, layout)| match &**storage {
+            Storage::Cpu(cpu) => contiguous::<T>(op, "tensor", cpu, layout),
+            _ => bail!("{op}: the backward pass for this device is not available; use the CPU or build with --features cuda"),
+        })
+        .collect::<Result<Vec<&[T]>>>()?;
+    f(&slices)
 }
 
 /// Checks that `t` has a float dtype its device's kernels support: f32 or f64 on the CPU, and

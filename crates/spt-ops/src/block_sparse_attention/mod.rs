@@ -19,8 +19,8 @@ mod cpu;
 pub mod reference;
 
 use crate::pq::{BlockSelection, SENTINEL};
-use crate::util::{check_qkv, contiguous, if_tracked};
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use crate::util::{check_qkv, contiguous, if_tracked, with_slices};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use cpu::Dims;
 use std::sync::Mutex;
 
@@ -189,31 +189,21 @@ impl CustomOp3 for BlockSparseAttention {
         let dev = q.device();
         let n = &self.dims;
         // Borrow the inputs' storage instead of copying them (6 tensors of B·H·L·d).
-        let inputs = [q, k, v, o, &lse, grad]
-            .iter()
-            .map(|t| t.contiguous())
-            .collect::<Result<Vec<_>>>()?;
-        let guards: Vec<_> = inputs.iter().map(|t| t.storage_and_layout()).collect();
         macro_rules! run {
             ($t:ty) => {{
-                let s = guards
-                    .iter()
-                    .map(|(st, l)| match &**st {
-                        Storage::Cpu(c) => contiguous::<$t>(op, "input", c, l),
-                        _ => bail!("{op}: only the CPU backward is available"),
-                    })
-                    .collect::<Result<Vec<&[$t]>>>()?;
-                let (dq, dk, dvv) = cpu::backward::<$t>(
-                    s[0],
-                    s[1],
-                    s[2],
-                    s[3],
-                    s[4],
-                    s[5],
-                    &self.blocks,
-                    n,
-                    self.scale as $t,
-                );
+                let (dq, dk, dvv) = with_slices::<$t, _>(op, &[q, k, v, o, &lse, grad], |s| {
+                    Ok(cpu::backward::<$t>(
+                        s[0],
+                        s[1],
+                        s[2],
+                        s[3],
+                        s[4],
+                        s[5],
+                        &self.blocks,
+                        n,
+                        self.scale as $t,
+                    ))
+                })?;
                 (
                     Tensor::from_vec(dq, q.shape(), dev)?,
                     Tensor::from_vec(dk, k.shape(), dev)?,

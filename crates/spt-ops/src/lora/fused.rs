@@ -7,8 +7,8 @@
 
 use super::linear;
 use crate::blas::{gemm_into, inner_par, Mat};
-use crate::util::{check_float, check_same, contiguous, if_tracked, sum_partials, Float};
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use crate::util::{check_float, check_same, contiguous, if_tracked, sum_partials, with_slices, Float};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Rows per rayon task; each task runs its own small GEMMs.
@@ -74,23 +74,6 @@ struct FusedLora {
     /// (out, in, r).
     dims: (usize, usize, usize),
     scale: f64,
-}
-
-/// The CPU data of a (contiguous) tensor, borrowed for `f`.
-fn with_slices<T: Float + candle_core::WithDType, R>(
-    op: &str,
-    ts: &[&Tensor],
-    f: impl FnOnce(&[&[T]]) -> Result<R>,
-) -> Result<R> {
-    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
-    let slices = guards
-        .iter()
-        .map(|(st, l)| match &**st {
-            Storage::Cpu(c) => contiguous::<T>(op, "input", c, l),
-            _ => bail!("{op}: the fused kernel runs on the CPU only"),
-        })
-        .collect::<Result<Vec<&[T]>>>()?;
-    f(&slices)
 }
 
 /// Forward over row tasks: `u = s·x Aᵀ`, then `y = b + x Wᵀ + u Bᵀ`.
@@ -266,13 +249,12 @@ impl CustomOp3 for FusedLora {
         if grad.dims() != y.dims() {
             bail!("{op}: grad is {:?} but the output is {:?}", grad.dims(), y.dims());
         }
-        let g = grad.contiguous()?;
         let want_dx = x.track_op();
         let dev = x.device();
         let (out, d_in, r) = self.dims;
         macro_rules! run {
             ($t:ty) => {{
-                let (dx, da, db) = with_slices::<$t, _>(op, &[x, &self.w, a, b, &g], |s| {
+                let (dx, da, db) = with_slices::<$t, _>(op, &[x, &self.w, a, b, grad], |s| {
                     Ok(backward::<$t>(
                         s[0],
                         s[1],
