@@ -315,7 +315,9 @@ pub fn remove_stale_export_staging(
             continue;
         };
         let path = entry.path();
-        if crate::checkpoint::pid_alive(pid) || !path.is_dir() {
+        // `file_type` does not follow links: a link named like a staging folder is never ours.
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        if crate::checkpoint::pid_alive(pid) || !is_dir {
             continue;
         }
         let ours = std::fs::read_dir(&path).map_err(|e| io_err(&path, e))?.all(|e| {
@@ -474,8 +476,18 @@ mod tests {
         std::fs::write(foreign.join("notes.txt"), "mine").unwrap();
         let other = export_staging(tmp.path(), "other", u32::MAX);
         std::fs::create_dir(&other).unwrap();
+        // A link named like a dead export's staging folder, to a user's folder of export-like files.
+        let users = tmp.path().join("users");
+        std::fs::create_dir(&users).unwrap();
+        std::fs::write(users.join("config.json"), "user").unwrap();
+        let link = export_staging(tmp.path(), "out", u32::MAX - 2);
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(&users, &link).unwrap();
         let removed = remove_stale_export_staging(tmp.path(), "out", &files).unwrap();
         assert_eq!(removed, vec![dead.clone()]);
+        assert_eq!(bytes(&users.join("config.json")), b"user");
+        #[cfg(unix)]
+        assert!(link.symlink_metadata().is_ok());
         assert!(!dead.exists() && live.exists() && other.exists());
         assert_eq!(bytes(&foreign.join("notes.txt")), b"mine");
     }
