@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use spt_models::buffers::BufferKind;
 use spt_models::{BertForSequenceClassification, GPT2LMHeadModel, LoadOptions};
 use spt_train::checkpoint::{latest_checkpoint, load_checkpoint};
 use spt_train::config::{FinetuneConfig, Mode};
@@ -16,7 +17,7 @@ use spt_train::data::TaskKind;
 use spt_train::optim::ScheduleKind;
 use spt_train::output_dir::prepare_run_dir;
 use spt_train::pipeline::{load_tokenizer, prepare_data, PreparedData};
-use spt_train::tasks::{calibration_batches, export_hf_dir, ModelTask, CORRECTION_PREFIX, UNIT_ORDER_PREFIX};
+use spt_train::tasks::{calibration_batches, export_hf_dir, ModelTask};
 use spt_train::trainer::{evaluate, Resume, StepCtx, TrainSummary, TrainTask, Trainer};
 
 const WORDS: [&str; 20] = [
@@ -269,12 +270,36 @@ fn check_model(name: &str, task: TaskKind) {
         .unwrap();
         if mode == Mode::Spt {
             assert!(
-                ck.extra.keys().any(|k| k.starts_with(UNIT_ORDER_PREFIX)),
+                ck.extra
+                    .keys()
+                    .any(|k| k.starts_with(BufferKind::FfnUnitOrder.prefix())),
                 "{name}: the SPT checkpoint holds no FFN unit order: {:?}",
                 ck.extra.keys()
             );
         }
         let nl = data.labels.as_ref().map(|l| l.len());
+        if mode == Mode::Spt {
+            let pq = BufferKind::PqCodebook.prefix();
+            assert!(
+                ck.extra.keys().any(|k| k.starts_with(pq)),
+                "{name}: k = 4 but the checkpoint holds no PQ codebook"
+            );
+            // Keeping every key is dense attention: no codebook is fitted, refreshed or saved.
+            let every = FinetuneConfig {
+                attn_k: None,
+                attn_k_fraction: Some(1.0),
+                ..cfg.clone()
+            };
+            let calib = calibration_batches(&data.train, 1, 4, cfg.seed, &Device::Cpu).unwrap();
+            let mut t = ModelTask::build(&every, &model, nl, &Device::Cpu, calib).unwrap();
+            assert_eq!(t.sparse_layers(), 0, "{name}: every key kept, yet sparse layers");
+            let state = t.extra_state().unwrap();
+            assert!(
+                !state.keys().any(|k| k.starts_with(pq)) && !state.is_empty(),
+                "{name}: every key kept: {:?}",
+                state.keys()
+            );
+        }
         let restored = rebuild(&cfg, &model, nl, &ck.model, &ck.extra);
         let d = max_abs_diff(
             &restored.net.forward(&batch, false).unwrap(),
@@ -516,7 +541,7 @@ fn corrections_restore_and_modules_to_save_train() {
     );
     assert!(d < 1e-5, "the restored model's logits differ by {d}");
     // The linear corrections come from the checkpoint (without them, the logits move).
-    let prefix = CORRECTION_PREFIX;
+    let prefix = BufferKind::FfnCorrection.prefix();
     let n = ck.extra.keys().filter(|k| k.starts_with(prefix)).count();
     assert_eq!(
         n,
@@ -536,7 +561,7 @@ fn corrections_restore_and_modules_to_save_train() {
     assert!(d > 1e-4, "`{prefix}` changed nothing ({d})");
     // A checkpoint from before corrections existed (none saved) restores as the model without.
     let mut old = ck.extra.clone();
-    old.retain(|k, _| !k.starts_with(CORRECTION_PREFIX));
+    old.retain(|k, _| !k.starts_with(prefix));
     let with = rebuild(&cfg, &model, nl, &ck.model, &old);
     let without_cfg = FinetuneConfig {
         ffn_correction: false,

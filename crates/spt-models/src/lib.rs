@@ -8,6 +8,7 @@
 //!   [`LoadOptions`] and the [`LoadReport`] of unused / ignored / initialised tensors.
 //! - [`attention`] and [`ffn`]: the per-layer slots ([`AttentionCore`], [`FeedForward`]).
 //! - [`mod@sparsify`]: [`sparsify()`](fn@sparsify) converts a loaded model in place (sparse attention, routed FFN, LoRA).
+//! - [`buffers`]: fitted state (codebooks, unit orders, corrections) as named buffers.
 //! - [`memory`]: bytes of activations kept for backward per layer, dense vs sparse.
 //!
 //! Everything trainable uses spt-ops' differentiable `layer_norm` and `softmax` and a real
@@ -15,6 +16,7 @@
 
 pub mod attention;
 pub mod bert;
+pub mod buffers;
 pub mod error;
 pub mod ffn;
 pub mod gpt2;

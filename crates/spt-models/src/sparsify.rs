@@ -108,70 +108,24 @@ pub trait SptModel {
         Ok(Some(Tensor::stack(&losses, 0)?.mean(0)?))
     }
 
-    /// The PQ codebooks of the sparse-attention layers, `(layer, centroids [G, S, C, d_codeword])`,
-    /// for checkpoints (they are not parameters, so `named_tensors` leaves them out).
-    fn pq_codebooks(&mut self) -> Result<Vec<(usize, Tensor)>> {
-        let mut out = Vec::new();
-        for i in 0..self.num_layers() {
-            if let Some(LayerSlots {
-                attention: AttentionCore::Sparse(s),
-                ..
-            }) = self.layer_slots(i)
-            {
-                out.push((i, s.codebook.to_tensor(&Device::Cpu)?));
-            }
-        }
-        Ok(out)
+    /// The fitted state (PQ codebooks, regrouped FFN unit orders, linear corrections) as named
+    /// CPU tensors, for checkpoints: it is not trained, so `named_tensors` leaves it out. The
+    /// names are listed in [`crate::buffers`].
+    fn named_buffers(&mut self) -> Result<Vec<(String, Tensor)>> {
+        crate::buffers::named_buffers(self)
     }
 
-    /// The hidden unit order of every routed FFN whose units were regrouped, `(layer, order)`,
-    /// for checkpoints (the order is not a parameter; see [`SptModel::set_ffn_unit_orders`]).
-    fn ffn_unit_orders(&mut self) -> Result<Vec<(usize, Vec<u32>)>> {
-        Ok(routed_ffn_values(self, |r| {
-            let order = r.unit_order();
-            let regrouped = order.iter().enumerate().any(|(j, &u)| u as usize != j);
-            regrouped.then(|| order.to_vec())
-        }))
-    }
-
-    /// The linear corrections of every routed FFN that has one, `(layer, [d+1, d])`, for
-    /// checkpoints (fitted constants, so `named_tensors` leaves them out).
-    fn ffn_corrections(&mut self) -> Result<Vec<(usize, Tensor)>> {
-        Ok(routed_ffn_values(self, |r| r.correction().cloned()))
-    }
-
-    /// Restores saved linear corrections (from [`SptModel::ffn_corrections`]); call it after
-    /// [`SptModel::set_ffn_unit_orders`], which resets them.
-    fn set_ffn_corrections(&mut self, corrections: &[(usize, Tensor)]) -> Result<()> {
-        for (i, c) in corrections {
-            self.routed_ffn_mut(*i, "correction")?.set_correction(c)?;
-        }
-        Ok(())
-    }
-
-    /// The routed FFN of layer `i`, or an error naming the saved `field` that expected one.
-    fn routed_ffn_mut(&mut self, i: usize, field: &'static str) -> Result<&mut NamedRoutedFfn> {
-        let n = self.num_layers();
-        match self.layer_slots(i) {
-            Some(LayerSlots {
-                ffn: FeedForward::Routed(r),
-                ..
-            }) => Ok(r),
-            _ => Err(ModelError::InvalidConfig {
-                field,
-                value: i.to_string(),
-                reason: format!("layer {i} has no routed FFN (the model has {n} layers)"),
-            }),
-        }
-    }
-
-    /// Puts the routed FFNs' hidden units in saved orders (from [`SptModel::ffn_unit_orders`]).
-    /// Idempotent; call it before loading trained LoRA factors, which are in the saved order.
-    fn set_ffn_unit_orders(&mut self, orders: &[(usize, Vec<u32>)]) -> Result<()> {
-        for (i, order) in orders {
-            self.routed_ffn_mut(*i, "unit_order")?.set_unit_order(order)?;
-        }
-        Ok(())
+    /// Restores buffers saved by [`SptModel::named_buffers`] (unit orders first: the saved LoRA
+    /// factors are in the saved order, so call it before loading them). Codebooks make their
+    /// layers sparse with `attention`'s top-k and grouping; no calibration is needed. Every name
+    /// is checked before the model changes; an unknown or removed kind is refused by name.
+    /// Returns the number of buffers installed.
+    fn load_buffers(
+        &mut self,
+        buffers: &[(String, Tensor)],
+        attention: Option<(KeyTopK, KeyGrouping)>,
+    ) -> Result<usize> {
+        crate::buffers::load_buffers(self, buffers, attention)
     }
 
     /// Folds every LoRA adapter (dense linears and routed FFNs) into its frozen weight, for
@@ -227,31 +181,6 @@ pub trait SptModel {
             }
         }
         Ok(n)
-    }
-
-    /// Makes the listed layers sparse with the given codebooks (e.g. from [`SptModel::pq_codebooks`]
-    /// of a saved run) and top-k; no calibration needed.
-    fn set_pq_codebooks(
-        &mut self,
-        codebooks: &[(usize, Tensor)],
-        top_k: KeyTopK,
-        grouping: KeyGrouping,
-    ) -> Result<()> {
-        let n = self.num_layers();
-        for (i, centroids) in codebooks {
-            let slots = self.layer_slots(*i).ok_or(ModelError::InvalidConfig {
-                field: "layers",
-                value: i.to_string(),
-                reason: format!("the model has {n} layers"),
-            })?;
-            let codebook = spt_ops::pq::Codebook::from_tensor(centroids)?;
-            *slots.attention = AttentionCore::Sparse(SparseAttention {
-                codebook,
-                top_k,
-                grouping,
-            });
-        }
-        Ok(())
     }
 }
 
@@ -640,22 +569,6 @@ pub fn sparsify<M: SptModel + ?Sized>(
         report.layers.push(lr);
     }
     Ok(report)
-}
-
-/// `(layer, value)` for every routed FFN of `m` where `f` gives a value.
-fn routed_ffn_values<M: SptModel + ?Sized, T>(
-    m: &mut M,
-    f: impl Fn(&NamedRoutedFfn) -> Option<T>,
-) -> Vec<(usize, T)> {
-    (0..m.num_layers())
-        .filter_map(|i| match m.layer_slots(i) {
-            Some(LayerSlots {
-                ffn: FeedForward::Routed(r),
-                ..
-            }) => f(r).map(|v| (i, v)),
-            _ => None,
-        })
-        .collect()
 }
 
 /// A zero-size dense FFN, held only while a slot's FFN is being converted.

@@ -213,11 +213,18 @@ fn pq_codebooks_round_trip_without_calibration() -> Result<()> {
         &attention_only(KeyTopK::Count(5)),
         &[CalibrationBatch::new(ids.clone(), Some(mask.clone()))],
     )?;
-    let books = a.pq_codebooks()?;
-    assert_eq!(books.len(), 2);
+    let books = a.named_buffers()?;
+    let names: Vec<&str> = books.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["pq_codebook.layer.0", "pq_codebook.layer.1"]);
     assert_eq!(books[0].1.dims(), [1, 4, 8, 4]);
     let (mut b, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
-    b.set_pq_codebooks(&books, KeyTopK::Count(5), Default::default())?;
+    // Codebooks need the attention settings to install; without them they are refused by name.
+    let err = b.load_buffers(&books, None).unwrap_err().to_string();
+    assert!(err.contains("`pq_codebook.layer.0`"), "{err}");
+    assert_eq!(
+        b.load_buffers(&books, Some((KeyTopK::Count(5), Default::default())))?,
+        2
+    );
     let (la, lb) = (
         a.forward_t(ids, Some(mask), false)?,
         b.forward_t(ids, Some(mask), false)?,
@@ -236,13 +243,13 @@ fn codebooks_refresh_on_new_batches() -> Result<()> {
         &attention_only(KeyTopK::Count(5)),
         &[CalibrationBatch::new(ids.clone(), Some(mask.clone()))],
     )?;
-    let before = m.pq_codebooks()?;
+    let before = m.named_buffers()?;
     let mut rng = StdRng::seed_from_u64(3);
     let other: Vec<u32> = (0..2 * 30).map(|_| rng.random_range(0..1000)).collect();
     let batch = CalibrationBatch::new(Tensor::from_vec(other, (2, 30), &Device::Cpu)?, None);
     let refreshed = m.refresh_codebooks(&batch, spt_models::pq::Refresh::Ema { decay: 0.5 })?;
     assert_eq!(refreshed, 2);
-    let after = m.pq_codebooks()?;
+    let after = m.named_buffers()?;
     for ((_, a), (_, b)) in before.iter().zip(&after) {
         assert!(max_abs(a, b)? > 1e-6, "codebook did not move");
     }

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use common::{expected, fixture, max_abs, rel_err};
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use spt_models::buffers::BufferKind;
 use spt_models::lora::LoraConfig;
 use spt_models::routed_ffn::{BlockTopK, GateMode, RoutedFfnConfig, RouterFitConfig};
 use spt_models::{
@@ -16,6 +17,20 @@ use spt_models::{
     WeightSource,
 };
 use std::collections::HashMap;
+
+/// The unit-order buffers of a model.
+fn unit_orders(m: &mut dyn SptModel) -> Result<Vec<(String, Tensor)>> {
+    let mut v = m.named_buffers()?;
+    v.retain(|(n, _)| n.starts_with(BufferKind::FfnUnitOrder.prefix()));
+    Ok(v)
+}
+
+fn as_vecs(buffers: &[(String, Tensor)]) -> Result<Vec<(String, Vec<u32>)>> {
+    buffers
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), t.to_vec1::<u32>()?)))
+        .collect()
+}
 
 /// A fixture model with a trainable head only (LoRA and routers are added by `sparsify`).
 #[allow(clippy::large_enum_variant)] // a few per test
@@ -132,7 +147,7 @@ fn regrouped_units_keep_the_dense_model_and_its_export() -> Result<()> {
         // All blocks with gate 1 is the dense FFN, whatever units form the blocks.
         let mut m = case.load()?;
         sparsify(m.spt(), &config(4, GateMode::Ones, true), &[case.calibration()])?;
-        let orders = m.spt().ffn_unit_orders()?;
+        let orders = unit_orders(m.spt())?;
         assert!(!orders.is_empty(), "{name}: no layer was regrouped");
         let e = rel_err(&case.logits(&m)?, &dense)?;
         assert!(
@@ -174,13 +189,13 @@ fn saved_unit_orders_rebuild_the_routed_model() -> Result<()> {
         assert!(q.contiguous_cosine.is_some(), "{q:?}");
         randomize_lora(&a, 11)?;
         let want = case.logits(&a)?;
-        let orders = a.spt().ffn_unit_orders()?;
+        let orders = unit_orders(a.spt())?;
 
         // A restore: no calibration; the saved orders, then the saved trained values.
         let mut b = case.load()?;
         sparsify(b.spt(), &config(2, GateMode::SoftmaxKept, false), &[])?;
-        b.spt().set_ffn_unit_orders(&orders)?;
-        b.spt().set_ffn_unit_orders(&orders)?; // idempotent
+        b.spt().load_buffers(&orders, None)?;
+        b.spt().load_buffers(&orders, None)?; // idempotent
         let saved: HashMap<String, Tensor> = a
             .params()
             .named_vars()
@@ -190,7 +205,7 @@ fn saved_unit_orders_rebuild_the_routed_model() -> Result<()> {
         for (k, v) in b.params().named_vars() {
             v.set(saved.get(&k).with_context(|| format!("{name}: {k} not saved"))?)?;
         }
-        assert_eq!(b.spt().ffn_unit_orders()?, orders);
+        assert_eq!(as_vecs(&unit_orders(b.spt())?)?, as_vecs(&orders)?);
         let got = case.logits(&b)?;
         assert!(max_abs(&got, &want)? < 1e-6, "{name}: rebuilt model differs");
         // Without the orders the routed blocks hold other units: the check above can fail.
@@ -205,32 +220,40 @@ fn saved_unit_orders_rebuild_the_routed_model() -> Result<()> {
         );
 
         // Bad orders are named errors, and leave the model as it was.
-        let (layer, order) = &orders[0];
+        let (layer, order) = (&orders[0].0, orders[0].1.to_vec1::<u32>()?);
+        let load = |b: &mut Model, name: &str, order: Vec<u32>| -> Result<String> {
+            let t = Tensor::new(order, &Device::Cpu)?;
+            Ok(b.spt()
+                .load_buffers(&[(name.to_string(), t)], None)
+                .unwrap_err()
+                .to_string())
+        };
         let mut dup = order.clone();
         dup[1] = dup[0];
-        let err = b
-            .spt()
-            .set_ffn_unit_orders(&[(*layer, dup)])
-            .unwrap_err()
-            .to_string();
+        let err = load(&mut b, layer, dup)?;
         assert!(err.contains("appears twice"), "{err}");
         let mut far = order.clone();
         far[0] = order.len() as u32;
-        let err = b
-            .spt()
-            .set_ffn_unit_orders(&[(*layer, far)])
-            .unwrap_err()
-            .to_string();
+        let err = load(&mut b, layer, far)?;
         assert!(
             err.contains("unit_order") && err.contains("units are 0.."),
             "{err}"
         );
+        let err = load(&mut b, "ffn_unit_order.layer.99", order.clone())?;
+        assert!(err.contains("`ffn_unit_order.layer.99`"), "{err}");
+        let err = load(&mut b, "ffn_unit_order.layer.x", order.clone())?;
+        assert!(err.contains("layer number"), "{err}");
+        let err = load(&mut b, "ffn_skip_bias.layer.0", order.clone())?;
+        assert!(err.contains("removed"), "{err}");
+        let err = load(&mut b, "router_state.layer.0", order.clone())?;
+        assert!(err.contains("not a buffer spt knows"), "{err}");
+        let floats = Tensor::new(&[0f32, 1.0], &Device::Cpu)?;
         let err = b
             .spt()
-            .set_ffn_unit_orders(&[(99, order.clone())])
+            .load_buffers(&[(layer.clone(), floats)], None)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("99"), "{err}");
+        assert!(err.contains("expected a u32 vector"), "{err}");
         assert!(
             max_abs(&case.logits(&b)?, &want)? < 1e-6,
             "{name}: a refused order changed the model"

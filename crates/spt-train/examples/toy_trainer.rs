@@ -70,7 +70,7 @@ impl TrainTask for Toy {
     fn eval_batch(&mut self, batch: &Batch) -> candle_core::Result<EvalOutput> {
         classification_eval(&self.logits(batch)?, batch)
     }
-    fn extra_state(&self) -> candle_core::Result<BTreeMap<String, Tensor>> {
+    fn extra_state(&mut self) -> candle_core::Result<BTreeMap<String, Tensor>> {
         Ok(BTreeMap::new())
     }
 }

@@ -18,9 +18,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use spt_models::pq::{KeyTopK, PqConfig, Refresh};
 use spt_models::routed_ffn::{BlockTopK, RoutedFfnConfig, RouterFitConfig};
 use spt_models::{
-    sparsify, BertConfig, BertForSequenceClassification, CalibrationBatch, FfnCalibration, GPT2Config,
-    GPT2LMHeadModel, KeyGrouping, LoadOptions, LoraSettings, LoraTarget, NamedParams, SparseAttentionConfig,
-    SparsifyReport, SptConfig, SptModel, Trainable, WeightSource,
+    sparsify, AttentionCore, BertConfig, BertForSequenceClassification, CalibrationBatch, FfnCalibration,
+    GPT2Config, GPT2LMHeadModel, KeyGrouping, LoadOptions, LoraSettings, LoraTarget, NamedParams,
+    SparseAttentionConfig, SparsifyReport, SptConfig, SptModel, Trainable, WeightSource,
 };
 
 use crate::config::{FfnUnits, FinetuneConfig, Mode};
@@ -29,17 +29,6 @@ use crate::losses::{classification_eval, classification_loss};
 use crate::rng::SplitMix64;
 use crate::trainer::{EvalOutput, StepCtx, TrainTask};
 use crate::{Error, Result};
-
-/// Prefix of the PQ codebook tensors in [`TrainTask::extra_state`].
-pub const CODEBOOK_PREFIX: &str = "pq_codebook.layer.";
-/// Prefix of the routed FFNs' hidden unit orders (u32) in [`TrainTask::extra_state`].
-pub const UNIT_ORDER_PREFIX: &str = "ffn_unit_order.layer.";
-/// Checkpoint `extra` key prefixes of fitted state whose option was removed: a checkpoint that
-/// holds any is refused by name (docs/experiments/routed-ffn.md has the measurements).
-pub const REMOVED_STATE_PREFIXES: [(&str, &str); 1] =
-    [("ffn_skip_bias.layer.", "the routed FFN's skip biases")];
-/// Checkpoint `extra` key prefix of the routed FFNs' linear corrections (`[d+1, d]` per layer).
-pub const CORRECTION_PREFIX: &str = "ffn_correction.layer.";
 
 /// The model behind a task.
 pub enum Net {
@@ -129,11 +118,6 @@ pub struct ModelTask {
     /// codebooks).
     attn_top_k: Option<KeyTopK>,
     attn_grouping: KeyGrouping,
-    /// The current PQ codebooks (layer, centroids), kept in step with the model.
-    codebooks: Vec<(usize, Tensor)>,
-    /// Regrouped routed-FFN unit orders (layer, order), kept in step with the model.
-    unit_orders: Vec<(usize, Vec<u32>)>,
-    corrections: Vec<(usize, Tensor)>,
     vars: Vec<(String, Var)>,
     /// Weight of the routers' load-balancing loss in the training loss (0: off).
     router_aux_weight: f64,
@@ -198,7 +182,10 @@ fn spt_config(cfg: &FinetuneConfig, head_dim: usize, fit: bool) -> Result<Option
     };
     if cfg.mode == Mode::Spt {
         let top_k = attention_top_k(cfg);
-        if fit {
+        // Keeping every key is dense attention (the fused kernel): no codebook to fit, refresh
+        // or save.
+        let every_key = matches!(top_k, KeyTopK::Fraction(f) if f >= 1.0);
+        if fit && !every_key {
             sc.attention = Some(SparseAttentionConfig {
                 pq: PqConfig {
                     n_subspaces: pq_subspaces(cfg, head_dim),
@@ -359,9 +346,6 @@ impl ModelTask {
             };
             sparsify_report = Some(sparsify(net.spt(), &sc, calib)?);
         }
-        let codebooks = net.spt().pq_codebooks()?;
-        let unit_orders = net.spt().ffn_unit_orders()?;
-        let corrections = net.spt().ffn_corrections()?;
         let mut summary = ParamSummary {
             initialised: report.initialised,
             ..ParamSummary::default()
@@ -401,9 +385,6 @@ impl ModelTask {
             refresh_every: cfg.pq_refresh_every,
             attn_top_k,
             attn_grouping: key_grouping(cfg),
-            codebooks,
-            unit_orders,
-            corrections,
             vars,
             router_aux_weight: cfg.router_aux_weight,
         })
@@ -456,8 +437,14 @@ impl ModelTask {
     }
 
     /// The number of sparse-attention layers.
-    pub fn sparse_layers(&self) -> usize {
-        self.codebooks.len()
+    pub fn sparse_layers(&mut self) -> usize {
+        let m = self.net.spt();
+        (0..m.num_layers())
+            .filter(|&i| {
+                m.layer_slots(i)
+                    .is_some_and(|s| matches!(s.attention, AttentionCore::Sparse(_)))
+            })
+            .count()
     }
 }
 
@@ -499,106 +486,25 @@ impl TrainTask for ModelTask {
         }
     }
 
-    fn extra_state(&self) -> candle_core::Result<BTreeMap<String, Tensor>> {
-        let mut out: BTreeMap<String, Tensor> = self
-            .codebooks
-            .iter()
-            .map(|(i, t)| (format!("{CODEBOOK_PREFIX}{i}"), t.clone()))
-            .collect();
-        for (i, order) in &self.unit_orders {
-            let t = Tensor::new(order.as_slice(), &candle_core::Device::Cpu)?;
-            out.insert(format!("{UNIT_ORDER_PREFIX}{i}"), t);
-        }
-        for (i, t) in &self.corrections {
-            out.insert(
-                format!("{CORRECTION_PREFIX}{i}"),
-                t.to_device(&candle_core::Device::Cpu)?,
-            );
-        }
-        Ok(out)
+    fn extra_state(&mut self) -> candle_core::Result<BTreeMap<String, Tensor>> {
+        Ok(self.net.spt().named_buffers()?.into_iter().collect())
     }
 
     fn load_extra_state(&mut self, state: &HashMap<String, Tensor>) -> candle_core::Result<()> {
-        let layer_of = |k: &str, i: &str| -> candle_core::Result<usize> {
-            i.parse().map_err(|_| {
-                candle_core::Error::Msg(format!("bad checkpoint key `{k}`: expected a layer number"))
-            })
-        };
-        let mut books: Vec<(usize, Tensor)> = Vec::new();
-        let mut orders: Vec<(usize, Vec<u32>)> = Vec::new();
-        let mut corrections: Vec<(usize, Tensor)> = Vec::new();
-        let mut keys: Vec<&String> = state.keys().collect();
-        keys.sort();
-        if let Some((k, what)) = keys.iter().find_map(|k| {
-            REMOVED_STATE_PREFIXES
-                .iter()
-                .find(|(p, _)| k.starts_with(p))
-                .map(|(_, what)| (k, what))
-        }) {
-            return Err(candle_core::Error::Msg(format!(
-                "checkpoint tensor `{k}` holds {what}, an option that was removed from spt (its \
-                 measurements are in docs/experiments/routed-ffn.md): this checkpoint cannot be \
-                 restored by this version"
-            )));
-        }
-        for (k, t) in state {
-            if let Some(i) = k.strip_prefix(CODEBOOK_PREFIX) {
-                books.push((layer_of(k, i)?, t.clone()));
-            } else if let Some(i) = k.strip_prefix(CORRECTION_PREFIX) {
-                corrections.push((layer_of(k, i)?, t.clone()));
-            } else if let Some(i) = k.strip_prefix(UNIT_ORDER_PREFIX) {
-                if t.dtype() != candle_core::DType::U32 || t.rank() != 1 {
-                    return Err(candle_core::Error::Msg(format!(
-                        "checkpoint tensor `{k}` is {:?} {:?}, expected a u32 vector (a unit order)",
-                        t.dtype(),
-                        t.dims()
-                    )));
-                }
-                orders.push((layer_of(k, i)?, t.to_vec1::<u32>()?));
-            }
-        }
-        orders.sort_by_key(|(i, _)| *i);
-        if !orders.is_empty() {
-            if self.mode != Mode::Spt {
-                return Err(candle_core::Error::Msg(
-                    "the checkpoint holds routed-FFN unit orders but the mode is not spt".into(),
-                ));
-            }
-            self.net
-                .spt()
-                .set_ffn_unit_orders(&orders)
-                .map_err(|e| candle_core::Error::Msg(format!("restoring the FFN unit orders: {e}")))?;
-            self.unit_orders = self.net.spt().ffn_unit_orders()?;
-        }
-        // After the unit orders (regrouping resets the corrections). A checkpoint without them
-        // (or from before they existed) keeps zeros: the routed FFN without a correction.
-        if !corrections.is_empty() {
-            corrections.sort_by_key(|(i, _)| *i);
-            self.net
-                .spt()
-                .set_ffn_corrections(&corrections)
-                .map_err(|e| candle_core::Error::Msg(format!("restoring the FFN linear corrections: {e}")))?;
-        }
-        self.corrections = self.net.spt().ffn_corrections()?;
-        books.sort_by_key(|(i, _)| *i);
-        if books.is_empty() {
-            return Ok(());
-        }
-        let top_k = self.attn_top_k.ok_or_else(|| {
-            candle_core::Error::Msg("the checkpoint holds PQ codebooks but the mode is not spt".into())
-        })?;
+        let buffers: Vec<(String, Tensor)> = state.iter().map(|(k, t)| (k.clone(), t.clone())).collect();
+        let attention = self.attn_top_k.map(|k| (k, self.attn_grouping));
         self.net
             .spt()
-            .set_pq_codebooks(&books, top_k, self.attn_grouping)?;
-        self.codebooks = self.net.spt().pq_codebooks()?;
+            .load_buffers(&buffers, attention)
+            .map_err(|e| candle_core::Error::Msg(format!("restoring the checkpoint's fitted state: {e}")))?;
         Ok(())
     }
 
     fn after_step(&mut self, step: u64) -> candle_core::Result<()> {
         if self.refresh_every == 0
             || self.calibration.is_empty()
-            || self.codebooks.is_empty()
             || step % self.refresh_every != 0
+            || self.sparse_layers() == 0
         {
             return Ok(());
         }
@@ -608,7 +514,6 @@ impl TrainTask for ModelTask {
             .net
             .spt()
             .refresh_codebooks(&batch, Refresh::Ema { decay: 0.9 })?;
-        self.codebooks = self.net.spt().pq_codebooks()?;
         tracing::debug!(step, layers = n, "PQ codebooks refreshed");
         Ok(())
     }

@@ -121,7 +121,7 @@ impl TrainTask for BagClassifier {
         })
     }
 
-    fn extra_state(&self) -> Result<BTreeMap<String, Tensor>> {
+    fn extra_state(&mut self) -> Result<BTreeMap<String, Tensor>> {
         // Stands in for PQ codebooks: round-trips through the checkpoint.
         let mut m = BTreeMap::new();
         m.insert(

@@ -95,7 +95,7 @@ pub trait TrainTask {
     }
 
     /// Extra named tensors to checkpoint (e.g. PQ codebooks).
-    fn extra_state(&self) -> candle_core::Result<BTreeMap<String, Tensor>> {
+    fn extra_state(&mut self) -> candle_core::Result<BTreeMap<String, Tensor>> {
         Ok(BTreeMap::new())
     }
 
@@ -121,7 +121,7 @@ impl<T: TrainTask + ?Sized> TrainTask for Box<T> {
     fn eval_batch(&mut self, batch: &Batch) -> candle_core::Result<EvalOutput> {
         (**self).eval_batch(batch)
     }
-    fn extra_state(&self) -> candle_core::Result<BTreeMap<String, Tensor>> {
+    fn extra_state(&mut self) -> candle_core::Result<BTreeMap<String, Tensor>> {
         (**self).extra_state()
     }
     fn load_extra_state(&mut self, state: &HashMap<String, Tensor>) -> candle_core::Result<()> {

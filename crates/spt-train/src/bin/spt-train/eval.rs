@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use crate::common::{check_model, device, labels_path, load_trained, ModelArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use spt_train::config::{resolve_model, FinetuneConfig};
+use spt_train::config::{resolve_model, FinetuneArgs, FinetuneConfig};
 use spt_train::data::{DataFormat, LabelMap, TaskKind};
 use spt_train::pipeline::{load_tokenizer, prepare_data};
 use spt_train::trainer::evaluate;
@@ -67,31 +67,27 @@ pub(crate) fn eval(a: &EvalArgs) -> Result<()> {
         Some(p) => FinetuneConfig::load(p)?,
         None => FinetuneConfig::default(),
     };
-    cfg.model = a.model.model.clone();
-    cfg.task = a.task;
-    cfg.train_files = a.data_files.clone();
+    // The flags go through the same merge as finetune's: a flag given overrides `--config`
+    // (or, without one, the defaults).
+    cfg.apply(&FinetuneArgs {
+        model: Some(a.model.model.clone()),
+        task: Some(a.task),
+        train_files: a.data_files.clone(),
+        format: a.format,
+        text_column: a.text_column.clone(),
+        text_pair_column: a.text_pair_column.clone(),
+        label_column: a.label_column.clone(),
+        drop_labels: a.drop_labels.clone(),
+        label_map: labels_path(&a.label_map, &a.model.checkpoint),
+        max_length: a.max_length,
+        block_size: Some(a.block_size),
+        ..FinetuneArgs::default()
+    });
     cfg.validation_files.clear();
     if a.split == EvalSplit::All {
         cfg.validation_split = 0.0;
     } else if a.config.is_none() || cfg.validation_split <= 0.0 {
         bail!("--split validation needs --config with a validation_split > 0 (the run's finetune.toml)");
-    }
-    // Data settings: a flag overrides `--config` (or, without one, the defaults).
-    cfg.format = a.format.or(cfg.format);
-    if let Some(c) = &a.text_column {
-        cfg.text_column = c.clone();
-    }
-    cfg.text_pair_column = a.text_pair_column.clone().or(cfg.text_pair_column);
-    if let Some(c) = &a.label_column {
-        cfg.label_column = c.clone();
-    }
-    if !a.drop_labels.is_empty() {
-        cfg.drop_labels = a.drop_labels.clone();
-    }
-    cfg.max_length = a.max_length.or(cfg.max_length);
-    cfg.block_size = a.block_size;
-    if let Some(p) = labels_path(&a.label_map, &a.model.checkpoint) {
-        cfg.label_map = Some(p);
     }
     let tok = load_tokenizer(&cfg, &model_dir)?;
     let data = prepare_data(&cfg, &tok, None)?;

@@ -1,0 +1,187 @@
+//! Fitted state as named buffers: the tensors sparsification fits but training does not
+//! (PQ codebooks, routed-FFN hidden unit orders, linear corrections). They are saved and restored
+//! by one mechanism, [`SptModel::named_buffers`] / [`SptModel::load_buffers`], next to the
+//! parameters of [`crate::NamedParams`].
+//!
+//! Names are `<kind>.layer.<i>`; they are the checkpoint format of spt-train's `extra.safetensors`
+//! since codebooks were first saved, so every checkpoint written so far loads unchanged:
+//!
+//! | name                    | tensor                                   |
+//! |-------------------------|------------------------------------------|
+//! | `pq_codebook.layer.N`   | centroids `[G, S, C, d_codeword]` (f32)  |
+//! | `ffn_unit_order.layer.N`| hidden unit order `[d_ff]` (u32)         |
+//! | `ffn_correction.layer.N`| linear correction `[d + 1, d]`           |
+//!
+//! A buffer of an option that was removed (`ffn_skip_bias.layer.N`) is refused by name.
+
+use crate::attention::{AttentionCore, KeyGrouping, SparseAttention};
+use crate::error::{ModelError, Result};
+use crate::ffn::{FeedForward, NamedRoutedFfn};
+use crate::sparsify::{LayerSlots, SptModel};
+use candle_core::{DType, Device, Tensor};
+use spt_ops::pq::{Codebook, KeyTopK};
+
+/// The kinds of buffer, in the order [`load_buffers`] installs them: a unit order permutes the
+/// FFN and resets its correction, so orders go first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum BufferKind {
+    FfnUnitOrder,
+    FfnCorrection,
+    PqCodebook,
+}
+
+impl BufferKind {
+    pub const ALL: [BufferKind; 3] = [Self::FfnUnitOrder, Self::FfnCorrection, Self::PqCodebook];
+
+    /// The name's prefix, e.g. `pq_codebook.layer.`.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Self::FfnUnitOrder => "ffn_unit_order.layer.",
+            Self::FfnCorrection => "ffn_correction.layer.",
+            Self::PqCodebook => "pq_codebook.layer.",
+        }
+    }
+
+    /// The buffer's name for layer `layer`.
+    pub fn name(self, layer: usize) -> String {
+        format!("{}{layer}", self.prefix())
+    }
+}
+
+/// Buffer prefixes of options that were removed from spt, with what they held.
+pub const REMOVED_BUFFERS: [(&str, &str); 1] = [("ffn_skip_bias.layer.", "the routed FFN's skip biases")];
+
+/// Parses a buffer name into its kind and layer, or names what is wrong with it.
+pub fn parse_buffer_name(name: &str) -> Result<(BufferKind, usize)> {
+    if let Some((_, what)) = REMOVED_BUFFERS.iter().find(|(p, _)| name.starts_with(p)) {
+        return Err(bad_buffer(
+            name,
+            format!(
+                "it holds {what}, an option that was removed from spt (its measurements are in \
+                 docs/experiments/routed-ffn.md): this state cannot be restored by this version"
+            ),
+        ));
+    }
+    for kind in BufferKind::ALL {
+        if let Some(rest) = name.strip_prefix(kind.prefix()) {
+            let layer = rest.parse().map_err(|_| {
+                bad_buffer(name, format!("expected {}N with N a layer number", kind.prefix()))
+            })?;
+            return Ok((kind, layer));
+        }
+    }
+    let known: Vec<String> = BufferKind::ALL
+        .iter()
+        .map(|k| format!("{}N", k.prefix()))
+        .collect();
+    Err(bad_buffer(
+        name,
+        format!("not a buffer spt knows (expected one of {})", known.join(", ")),
+    ))
+}
+
+fn bad_buffer(name: &str, reason: String) -> ModelError {
+    ModelError::InvalidConfig {
+        field: "buffer",
+        value: format!("`{name}`"),
+        reason,
+    }
+}
+
+/// See [`SptModel::named_buffers`].
+pub fn named_buffers<M: SptModel + ?Sized>(m: &mut M) -> Result<Vec<(String, Tensor)>> {
+    let mut out = Vec::new();
+    for i in 0..m.num_layers() {
+        let Some(slots) = m.layer_slots(i) else {
+            continue;
+        };
+        if let FeedForward::Routed(r) = slots.ffn {
+            let order = r.unit_order();
+            // The identity order is what a restored model has anyway.
+            if order.iter().enumerate().any(|(j, &u)| u as usize != j) {
+                let t = Tensor::new(order, &Device::Cpu)?;
+                out.push((BufferKind::FfnUnitOrder.name(i), t));
+            }
+            if let Some(c) = r.correction() {
+                out.push((BufferKind::FfnCorrection.name(i), c.to_device(&Device::Cpu)?));
+            }
+        }
+        if let AttentionCore::Sparse(s) = slots.attention {
+            out.push((
+                BufferKind::PqCodebook.name(i),
+                s.codebook.to_tensor(&Device::Cpu)?,
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// See [`SptModel::load_buffers`].
+pub fn load_buffers<M: SptModel + ?Sized>(
+    m: &mut M,
+    buffers: &[(String, Tensor)],
+    attention: Option<(KeyTopK, KeyGrouping)>,
+) -> Result<usize> {
+    // Check every name before touching the model.
+    let mut parsed = Vec::with_capacity(buffers.len());
+    for (name, t) in buffers {
+        let (kind, layer) = parse_buffer_name(name)?;
+        parsed.push((kind, layer, name.as_str(), t));
+    }
+    parsed.sort_by_key(|(kind, layer, _, _)| (*kind, *layer));
+    let n_layers = m.num_layers();
+    for &(kind, layer, name, t) in &parsed {
+        if layer >= n_layers {
+            return Err(bad_buffer(name, format!("the model has {n_layers} layers")));
+        }
+        match kind {
+            BufferKind::FfnUnitOrder => {
+                if t.dtype() != DType::U32 || t.rank() != 1 {
+                    return Err(bad_buffer(
+                        name,
+                        format!(
+                            "is {:?} {:?}, expected a u32 vector (a unit order)",
+                            t.dtype(),
+                            t.dims()
+                        ),
+                    ));
+                }
+                routed_ffn(m, layer, name)?.set_unit_order(&t.to_vec1::<u32>()?)?;
+            }
+            BufferKind::FfnCorrection => routed_ffn(m, layer, name)?.set_correction(t)?,
+            BufferKind::PqCodebook => {
+                let (top_k, grouping) = attention.ok_or_else(|| {
+                    bad_buffer(
+                        name,
+                        "a PQ codebook, but no sparse attention was asked for".into(),
+                    )
+                })?;
+                let codebook = Codebook::from_tensor(t)?;
+                let slots = m
+                    .layer_slots(layer)
+                    .ok_or_else(|| bad_buffer(name, "no such layer".into()))?;
+                *slots.attention = AttentionCore::Sparse(SparseAttention {
+                    codebook,
+                    top_k,
+                    grouping,
+                });
+            }
+        }
+    }
+    Ok(parsed.len())
+}
+
+/// The routed FFN of layer `i`, or an error naming the buffer that expected one.
+fn routed_ffn<'a, M: SptModel + ?Sized>(
+    m: &'a mut M,
+    i: usize,
+    name: &str,
+) -> Result<&'a mut NamedRoutedFfn> {
+    match m.layer_slots(i) {
+        Some(LayerSlots {
+            ffn: FeedForward::Routed(r),
+            ..
+        }) => Ok(r),
+        _ => Err(bad_buffer(name, format!("layer {i} has no routed FFN"))),
+    }
+}
