@@ -121,7 +121,7 @@ impl DenseAttention {
         train: bool,
     ) -> Result<Tensor> {
         if q.device().is_cpu() && mask.rows_nonempty && matches!(q.dtype(), DType::F32 | DType::F64) {
-            let dropout = self.dropout.attention_dropout(train);
+            let dropout = self.dropout.seeded(train);
             return Ok(spt_ops::flash_attention(q, k, v, &mask.mask, scale, dropout)?);
         }
         let scores = (q.matmul(&k.t()?)? * scale)?; // [B, H, L, L]

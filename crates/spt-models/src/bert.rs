@@ -357,8 +357,9 @@ impl BertLayer {
         let _span = tracing::trace_span!("bert_layer").entered();
         let (a, queries, keys) = self.attention.self_attn.forward_with_keys(x, mask, train)?;
         let o = &self.attention.output;
-        let a = o.dropout.forward_t(&o.dense.forward_t(&a, train)?, train)?;
-        let a = o.layer_norm.forward(&(a + x)?)?;
+        let a = o
+            .layer_norm
+            .forward_residual(&o.dense.forward_t(&a, train)?, x, &o.dropout, train)?;
         if let Some(t) = trace {
             t.push(LayerTrace {
                 queries: queries.detach(),
@@ -367,8 +368,8 @@ impl BertLayer {
             });
         }
         let f = self.ffn.forward_t(&a, train)?;
-        let f = self.output_dropout.forward_t(&f, train)?;
-        self.output_layer_norm.forward(&(f + a)?)
+        self.output_layer_norm
+            .forward_residual(&f, &a, &self.output_dropout, train)
     }
 }
 

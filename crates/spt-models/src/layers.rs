@@ -302,6 +302,25 @@ impl LayerNorm {
             self.eps,
         )?)
     }
+
+    /// `LayerNorm(dropout(x) + residual)`, the end of a post-LN sublayer, as one op
+    /// (`spt_ops::residual_layer_norm`).
+    pub fn forward_residual(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        dropout: &Dropout,
+        train: bool,
+    ) -> Result<Tensor> {
+        Ok(spt_ops::residual_layer_norm(
+            x,
+            residual,
+            self.weight.tensor(),
+            self.bias.tensor(),
+            self.eps,
+            dropout.seeded(train),
+        )?)
+    }
 }
 
 impl NamedParams for LayerNorm {
@@ -403,10 +422,10 @@ impl Dropout {
         Ok(Self { p: p as f32, rng })
     }
 
-    /// This call's mask for spt-ops' fused attention (a seed from the same sequence as the
-    /// masks [`Dropout::forward_t`] draws); `None` when inactive.
-    pub fn attention_dropout(&self, train: bool) -> Option<spt_ops::AttentionDropout> {
-        (train && self.p > 0.0).then(|| spt_ops::AttentionDropout {
+    /// This call's mask for spt-ops' fused ops (flash attention, residual layer norm): a seed
+    /// from the same sequence as the masks [`Dropout::forward_t`] draws; `None` when inactive.
+    pub fn seeded(&self, train: bool) -> Option<spt_ops::SeededDropout> {
+        (train && self.p > 0.0).then(|| spt_ops::SeededDropout {
             p: self.p as f64,
             seed: self.rng.next(),
         })

@@ -37,9 +37,9 @@ pub use activation::{gelu_erf, gelu_tanh, Activation};
 pub use attention::{dense_attention, AttentionMask};
 pub use block_sparse_attention::block_sparse_attention;
 pub use cross_entropy::{linear_cross_entropy, Reduction};
-pub use flash_attention::{flash_attention, AttentionDropout};
+pub use flash_attention::{flash_attention, SeededDropout};
 pub use lora::{LoraConfig, LoraError, LoraLinear};
-pub use norm::{layer_norm, softmax_last_dim};
+pub use norm::{layer_norm, residual_layer_norm, softmax_last_dim};
 pub use pq::{
     pq_attention, pq_sparse_attention, select_blocks, select_keys, BlockScore, BlockSelection, BlockTiling,
     Codebook, KeySelection, KeyTopK, PqConfig, Refresh, Selection,

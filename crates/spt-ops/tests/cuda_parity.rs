@@ -206,13 +206,33 @@ fn flash_attention_matches_cpu() -> Result<()> {
     let v = uniform(&[b, h, l, d], 1.0, 13, DType::F32)?;
     for (mi, m) in masks(b, l, 14)?.into_iter().enumerate() {
         for p in [0.0, 0.2] {
-            let drop = Some(spt_ops::AttentionDropout { p, seed: 5 });
+            let drop = Some(spt_ops::SeededDropout { p, seed: 5 });
             let name = format!("flash_attention mask #{mi} p {p}");
             parity(&name, &[&q, &k, &v], &[b, h, l, d], &|t| {
                 let m = on(&m, t[0].device())?;
                 flash_attention(t[0], t[1], t[2], &m, 0.25, drop)
             })?;
         }
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-check.sh"]
+fn residual_layer_norm_matches_cpu() -> Result<()> {
+    let (n, d) = (130, 48);
+    let x = uniform(&[n, d], 2.0, 21, DType::F32)?;
+    let r = uniform(&[n, d], 2.0, 22, DType::F32)?;
+    let g = uniform(&[d], 1.0, 23, DType::F32)?;
+    let b = uniform(&[d], 1.0, 24, DType::F32)?;
+    for p in [0.0, 0.1] {
+        let drop = Some(spt_ops::SeededDropout { p, seed: 9 });
+        parity(
+            &format!("residual_layer_norm p {p}"),
+            &[&x, &r, &g, &b],
+            &[n, d],
+            &|t| spt_ops::residual_layer_norm(t[0], t[1], t[2], t[3], 1e-5, drop),
+        )?;
     }
     Ok(())
 }

@@ -9,7 +9,7 @@ use common::{fwd_bwd, max_diff, padding, uniform};
 use proptest::prelude::*;
 use spt_ops::flash_attention::{attention_dropout_mask, flash_attention_reference};
 use spt_ops::gradcheck::{check_gradients, GradCheck};
-use spt_ops::{dense_attention, flash_attention, AttentionDropout, AttentionMask};
+use spt_ops::{dense_attention, flash_attention, AttentionMask, SeededDropout};
 
 fn mask_of(kind: usize, b: usize, l: usize, seed: u64, allow_empty: bool) -> Result<AttentionMask> {
     let mut m = AttentionMask {
@@ -34,7 +34,7 @@ fn gradients_match_finite_differences_f64() -> Result<()> {
                 let q = uniform(&[b, h, l, d], 1.5, seed, DType::F64)?;
                 let k = uniform(&[b, h, l, d], 1.5, seed + 1, DType::F64)?;
                 let v = uniform(&[b, h, l, dv], 1.0, seed + 2, DType::F64)?;
-                let drop = Some(AttentionDropout { p, seed });
+                let drop = Some(SeededDropout { p, seed });
                 check_gradients(
                     |x| flash_attention(&x[0], &x[1], &x[2], &mask, 0.5, drop),
                     &[q, k, v],
@@ -70,7 +70,7 @@ fn check_case(
     let w = uniform(&[b, h, lq, d + 1], 1.0, seed + 3, dt)?;
     let mask = mask_of(kind, b, lk, seed, true)?;
     let scale = 1.0 / (d as f64).sqrt();
-    let drop = Some(AttentionDropout {
+    let drop = Some(SeededDropout {
         p,
         seed: seed ^ 0xABCD,
     });
@@ -163,7 +163,7 @@ fn dropout_mask_is_the_one_applied_and_has_rate_p() -> Result<()> {
     let eye = Tensor::eye(l, DType::F32, &Device::Cpu)?
         .broadcast_as((b, h, l, l))?
         .contiguous()?;
-    let drop = AttentionDropout { p: 0.25, seed: 99 };
+    let drop = SeededDropout { p: 0.25, seed: 99 };
     let mask = AttentionMask::causal();
     let o = flash_attention(&q, &k, &eye, &mask, 0.3, Some(drop))?;
     let dmask = attention_dropout_mask(drop, (b, h, l, l), &Device::Cpu)?;
@@ -186,7 +186,7 @@ fn dropout_mask_is_the_one_applied_and_has_rate_p() -> Result<()> {
 }
 
 fn bits(q: &Tensor, k: &Tensor, v: &Tensor, w: &Tensor, mask: &AttentionMask) -> Result<Vec<Vec<u32>>> {
-    let drop = Some(AttentionDropout { p: 0.1, seed: 5 });
+    let drop = Some(SeededDropout { p: 0.1, seed: 5 });
     let (o, g) = fwd_bwd(|q, k, v| flash_attention(q, k, v, mask, 0.125, drop), q, k, v, w)?;
     [&o, &g[0], &g[1], &g[2]]
         .iter()
@@ -238,7 +238,7 @@ fn bad_input_is_an_error_naming_what_is_wrong() -> Result<()> {
         &q,
         &AttentionMask::none(),
         1.0,
-        Some(AttentionDropout { p: 1.0, seed: 0 }),
+        Some(SeededDropout { p: 1.0, seed: 0 }),
     )
     .unwrap_err();
     assert!(err.to_string().contains("dropout p = 1"), "{err}");

@@ -5,16 +5,18 @@
 use crate::util::Float;
 use candle_core::{Device, Result, Tensor};
 
-/// The mask of one op call: a seed and a drop probability.
+/// The dropout mask of one op call (attention probabilities in `flash_attention`, the sublayer
+/// output in `residual_layer_norm`): a seed and a drop probability. The mask is a counter hash
+/// of the seed and the element's position, so backward regenerates it instead of storing it.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AttentionDropout {
-    /// Probability of zeroing each attention probability, in `[0, 1)`.
+pub struct SeededDropout {
+    /// Probability of zeroing each element, in `[0, 1)`.
     pub p: f64,
     /// Seed of this call's mask; use a new one per step (and per layer).
     pub seed: u64,
 }
 
-/// The kernels' form of [`AttentionDropout`].
+/// The kernels' form of [`SeededDropout`].
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RowDropout {
     seed: u64,
@@ -24,7 +26,7 @@ pub(crate) struct RowDropout {
 }
 
 impl RowDropout {
-    pub(crate) fn new(d: AttentionDropout) -> Self {
+    pub(crate) fn new(d: SeededDropout) -> Self {
         Self {
             seed: d.seed,
             threshold: threshold(d.p),
@@ -105,7 +107,7 @@ unsafe fn apply_avx2(row: &mut [f32], key: u32, threshold: u32, kept: f32) {
 /// as an f32 tensor `[b, h, lq, lk]`: for references and tests, not for training (it is the
 /// `[B, H, L, L]` tensor the fused op avoids).
 pub fn attention_dropout_mask(
-    dropout: AttentionDropout,
+    dropout: SeededDropout,
     (b, h, lq, lk): (usize, usize, usize, usize),
     device: &Device,
 ) -> Result<Tensor> {
@@ -128,7 +130,7 @@ mod tests {
 
     #[test]
     fn drop_rate_matches_p_and_avx2_matches_scalar() {
-        let d = RowDropout::new(AttentionDropout { p: 0.1, seed: 7 });
+        let d = RowDropout::new(SeededDropout { p: 0.1, seed: 7 });
         let mut dropped = 0usize;
         let n = 200 * 1000;
         for i in 0..200 {
@@ -146,14 +148,14 @@ mod tests {
 
     #[test]
     fn p_zero_keeps_everything_and_seeds_differ() {
-        let d = RowDropout::new(AttentionDropout { p: 0.0, seed: 1 });
+        let d = RowDropout::new(SeededDropout { p: 0.0, seed: 1 });
         let mut a = vec![2f64; 64];
         d.apply_scaled(&mut a, 0, 0, 0.5);
         assert!(a.iter().all(|&x| x == 1.0));
         let m1 =
-            attention_dropout_mask(AttentionDropout { p: 0.5, seed: 1 }, (1, 2, 8, 8), &Device::Cpu).unwrap();
+            attention_dropout_mask(SeededDropout { p: 0.5, seed: 1 }, (1, 2, 8, 8), &Device::Cpu).unwrap();
         let m2 =
-            attention_dropout_mask(AttentionDropout { p: 0.5, seed: 2 }, (1, 2, 8, 8), &Device::Cpu).unwrap();
+            attention_dropout_mask(SeededDropout { p: 0.5, seed: 2 }, (1, 2, 8, 8), &Device::Cpu).unwrap();
         let diff = (m1 - m2)
             .unwrap()
             .abs()

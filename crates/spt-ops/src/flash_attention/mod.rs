@@ -25,11 +25,11 @@ use crate::simd::Vector;
 use crate::util::{check_qkv, contiguous, if_tracked, with_slices};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use cpu::Dims;
-use dropout::{DropoutElem, RowDropout};
+pub(crate) use dropout::{DropoutElem, RowDropout};
 use std::sync::Mutex;
 
 pub use crate::attention::AttentionMask;
-pub use dropout::{attention_dropout_mask, AttentionDropout};
+pub use dropout::{attention_dropout_mask, SeededDropout};
 
 /// Fused dense attention of `q` over `k`, `v` under `mask`, with softmax scale `scale` (usually
 /// `1/√d`) and optional dropout on the probabilities. See the module docs for the contract.
@@ -39,7 +39,7 @@ pub fn flash_attention(
     v: &Tensor,
     mask: &AttentionMask,
     scale: f64,
-    dropout: Option<AttentionDropout>,
+    dropout: Option<SeededDropout>,
 ) -> Result<Tensor> {
     let op = "flash_attention";
     let [b, h, lq, lk, d, dv] = check_qkv(op, q, k, v)?;
@@ -83,7 +83,7 @@ pub fn flash_attention_reference(
     v: &Tensor,
     mask: &AttentionMask,
     scale: f64,
-    dropout: Option<AttentionDropout>,
+    dropout: Option<SeededDropout>,
 ) -> Result<Tensor> {
     let p = dense_probs(q, k, mask, scale)?;
     let p = match dropout.filter(|dr| dr.p > 0.0) {

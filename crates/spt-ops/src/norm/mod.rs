@@ -6,7 +6,9 @@
 mod cuda;
 mod layer_norm;
 pub mod reference;
+mod residual;
 mod softmax;
 
 pub use layer_norm::{layer_norm, LayerNormOp};
+pub use residual::{residual_layer_norm, residual_layer_norm_reference};
 pub use softmax::{softmax_last_dim, SoftmaxOp};

@@ -1,0 +1,142 @@
+//! `residual_layer_norm` (one op) against its composed form (dropout mask multiply, add,
+//! `layer_norm`: three graph nodes), forward + backward of `Σ y ⊙ u`, in one process and
+//! interleaved rep by rep. x and the residual are tracked, gamma and beta frozen (as in LoRA and
+//! SPT fine-tuning). Bytes: heap held between the forward and the backward (what the graph keeps),
+//! counted by a wrapping allocator. Writes `bench/results/residual-layer-norm.json`.
+//!
+//! Run: `cargo bench -p spt-ops --bench norm`.
+
+use candle_core::{DType, Result, Tensor, Var};
+use spt_ops::gradcheck::randn_f64;
+use spt_ops::norm::residual_layer_norm_reference;
+use spt_ops::{residual_layer_norm, SeededDropout};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::time::Instant;
+
+struct Counting;
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let p = System.alloc(l);
+        if !p.is_null() {
+            LIVE.fetch_add(l.size(), Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        System.dealloc(p, l);
+        LIVE.fetch_sub(l.size(), Relaxed);
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+type Op = fn(&Tensor, &Tensor, &Tensor, &Tensor, f64, Option<SeededDropout>) -> Result<Tensor>;
+
+struct Inputs {
+    x: Var,
+    r: Var,
+    g: Tensor,
+    b: Tensor,
+    /// The upstream gradient.
+    u: Tensor,
+}
+
+/// One forward + backward: (seconds, bytes held between them).
+fn step(op: Op, t: &Inputs, p: f64, seed: u64) -> Result<(f64, usize)> {
+    let base = LIVE.load(Relaxed);
+    let t0 = Instant::now();
+    let y = op(
+        t.x.as_tensor(),
+        t.r.as_tensor(),
+        &t.g,
+        &t.b,
+        1e-12,
+        Some(SeededDropout { p, seed }),
+    )?;
+    let loss = y.mul(&t.u)?.sum_all()?;
+    let kept = LIVE.load(Relaxed).saturating_sub(base);
+    let grads = loss.backward()?;
+    let t = t0.elapsed().as_secs_f64();
+    drop(grads);
+    Ok((t, kept))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn main() -> Result<()> {
+    let threads = rayon::current_num_threads();
+    println!("{threads} rayon threads; load average {}", loadavg());
+    let f32t = |t: Tensor| t.to_dtype(DType::F32);
+    let mut records = Vec::new();
+    // MiniLM B8 x L512 and BERT-base B4 x L512 sublayer outputs.
+    for (rows, d) in [(4096usize, 384usize), (2048, 768)] {
+        for p in [0.0, 0.1] {
+            let t = Inputs {
+                x: Var::from_tensor(&f32t(randn_f64(&[rows, d], 1)?)?)?,
+                r: Var::from_tensor(&f32t(randn_f64(&[rows, d], 2)?)?)?,
+                g: f32t(randn_f64(&[d], 3)?.affine(0.1, 1.0)?)?,
+                b: f32t(randn_f64(&[d], 4)?)?,
+                u: f32t(randn_f64(&[rows, d], 5)?)?,
+            };
+            let load_before = loadavg();
+            let (mut ours, mut base) = (Vec::new(), Vec::new());
+            let (mut ours_bytes, mut base_bytes) = (0, 0);
+            for rep in 0..12u64 {
+                let (to, kb) = step(residual_layer_norm, &t, p, rep)?;
+                let (tb, bb) = step(residual_layer_norm_reference, &t, p, rep)?;
+                if rep > 0 {
+                    ours.push(to);
+                    base.push(tb);
+                }
+                (ours_bytes, base_bytes) = (kb, bb);
+            }
+            let (o, bs) = (median(&mut ours), median(&mut base));
+            println!(
+                "rows {rows} d {d} p {p}: fused {o:.5}s, composed {bs:.5}s ({:.2}x); kept {} vs {} KiB",
+                bs / o,
+                ours_bytes / 1024,
+                base_bytes / 1024
+            );
+            records.push(serde_json::json!({
+                "case": {"rows": rows, "d": d, "dropout": p},
+                "ours_s": o,
+                "baseline_s": bs,
+                "speedup": bs / o,
+                "ours_bytes": ours_bytes,
+                "baseline_bytes": base_bytes,
+                "bytes_kind": "heap held between forward and backward (f32)",
+                "reps": ours.len(),
+                "loadavg_before": load_before,
+                "loadavg_after": loadavg(),
+            }));
+        }
+    }
+    let doc = serde_json::json!({
+        "command": "cargo bench -p spt-ops --bench norm",
+        "machine": format!("{threads} rayon threads"),
+        "ours": "spt_ops::residual_layer_norm (one op; mask regenerated from its seed in backward)",
+        "baseline": "the composed form: dropout mask multiply, add, spt_ops::layer_norm (three graph nodes)",
+        "records": records,
+    });
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/results");
+    std::fs::create_dir_all(&dir)?;
+    let tmp = dir.join("residual-layer-norm.json.tmp");
+    let text = serde_json::to_string_pretty(&doc).map_err(candle_core::Error::wrap)?;
+    std::fs::write(&tmp, text + "\n")?;
+    std::fs::rename(&tmp, dir.join("residual-layer-norm.json"))?;
+    println!("wrote {}", dir.join("residual-layer-norm.json").display());
+    Ok(())
+}
