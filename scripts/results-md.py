@@ -11,8 +11,8 @@ findings written around a table stay as written. CI runs `--check` (.ci/run), so
 bench/results/*.json needs a run of this script in the same commit. Standard library only.
 
 Headline records. README.md shows one table, built only from the records that HEADLINE (below)
-names: per row, the accuracy records (one per seed in SEEDS, from accuracy.json) and one
-step-time record (a file and its `case`). Every other record goes to docs/results/*.md. To
+names: per row, the accuracy records (one per seed in SEEDS, from accuracy.json, each storing
+its run's `settings`) and one step-time record (a file and its `case`). Every other record goes to docs/results/*.md. To
 change what the README shows, edit HEADLINE; a selector that matches no record, or a seed twice,
 is an error that names the row. PyTorch figures (`torch_full_s`, `torch_full_bytes`,
 `torch_lora_s`, `torch_lora_bytes`) are taken from the step-time record, else from another record
@@ -521,6 +521,10 @@ def headline():
             if bad or missing:
                 raise SystemExit(f"results-md: HEADLINE {h['recipe']!r}: want one accuracy record per seed {SEEDS}; "
                                  f"duplicates {bad}, missing {missing}: make the selector exact")
+            bare = [i for i, r in recs if r.get("seed") in SEEDS and not r.get("settings")]
+            if bare:
+                raise SystemExit(f"results-md: HEADLINE {h['recipe']!r}: records #{', #'.join(map(str, bare))} store no "
+                                 "`settings` (the run's finetune.toml): a headline figure must be re-runnable from its record")
             vals = [r["accuracy"] for _, r in recs if r.get("seed") in SEEDS]
             acc = f"{sum(vals) / len(vals):.3f}"
             src = f"accuracy.json #{', #'.join(str(i) for i, r in recs if r.get('seed') in SEEDS)} and "

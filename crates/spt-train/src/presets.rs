@@ -121,7 +121,15 @@ mod tests {
             (Some(64), None, 6, 5e-4)
         );
         assert_eq!(resolve(&["--mode", "lora"]).unwrap().lr, 1e-3);
-        let e = resolve(&["--preset", "fast"]).unwrap_err().to_string();
+        // A preset alone implies spt; with another mode it is a named error.
+        let c = resolve(&["--preset", "accurate"]).unwrap();
+        assert_eq!(
+            (c.mode, c.preset, c.ffn_top_k),
+            (Mode::Spt, Some(Preset::Accurate), 6)
+        );
+        let e = resolve(&["--preset", "fast", "--mode", "dense"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("preset") && e.contains("dense"), "{e}");
         // A config file's keys win over the preset; its mode picks the defaults.
         let dir = std::env::temp_dir().join(format!("spt-presets-{}", std::process::id()));

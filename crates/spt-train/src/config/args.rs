@@ -61,7 +61,8 @@ pub struct FinetuneArgs {
     /// What trains: every weight (dense), LoRA adapters (lora), or SPT's sparse layers + LoRA.
     #[arg(long, value_enum, hide_possible_values = true, value_name = "dense|lora|spt")]
     pub mode: Option<Mode>,
-    /// SPT recipe (default fast); see "Presets" below. Other flags override its values.
+    /// SPT recipe (default fast; implies --mode spt); see "Presets" below. Other flags override
+    /// its values.
     #[arg(long, value_enum, hide_possible_values = true, value_name = "fast|accurate")]
     pub preset: Option<Preset>,
     /// Keys per query for sparse attention (exclusive with --attn-k-fraction).
@@ -207,17 +208,18 @@ impl FinetuneConfig {
                     msg: format!("{name}: {e}"),
                 })
         }
+        let preset = match args.preset {
+            Some(p) => Some(p),
+            None => key(&file, "preset")?,
+        };
+        // A preset is an spt recipe, so it implies the mode when none is given.
         let mode = match args.mode {
             Some(m) => m,
-            None => key(&file, "mode")?.unwrap_or(Mode::Dense),
+            None => key(&file, "mode")?.unwrap_or(if preset.is_some() { Mode::Spt } else { Mode::Dense }),
         };
         let task = match args.task {
             Some(t) => t,
             None => key(&file, "task")?.unwrap_or(TaskKind::Classify),
-        };
-        let preset = match args.preset {
-            Some(p) => Some(p),
-            None => key(&file, "preset")?,
         };
         if preset.is_some() && mode != Mode::Spt {
             return Err(invalid(
