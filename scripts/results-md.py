@@ -423,9 +423,18 @@ def accuracy_superseded():
     return "\n".join(out)
 
 
+# Records from this index on must store `settings` (the run's finetune.toml): the convention
+# since the runs that introduced it; older records keep the fields they stored.
+SETTINGS_FROM = 125
+
+
 def accuracy_settings():
     data = load("accuracy")
     recs = data["records"]
+    bare = [i for i, r in enumerate(recs) if i >= SETTINGS_FROM and not r.get("settings")]
+    if bare:
+        raise SystemExit(f"results-md: accuracy.json records #{', #'.join(map(str, bare))} store no `settings` "
+                         "(the run's finetune.toml): every record from #125 on must")
     n = len(recs)
     with_settings = sum(1 for r in recs if r.get("settings"))
     stored = ["case", "variant", "seed", "lr", "steps", "epochs", "batch_size", "max_length", "block_size", "lora_rank",

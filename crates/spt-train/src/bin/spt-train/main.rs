@@ -39,17 +39,14 @@ use predict::PredictArgs;
 
 /// What `finetune --help` adds after the flags: the presets, and where the other settings are.
 const FINETUNE_HELP: &str = "\
-Presets (--preset NAME implies --mode spt; --mode spt alone is fast; measured on MiniLM,
-docs/results). Both keep every attention key: on the CPU the fused dense kernel is faster than
-per-query PQ selection and keeps more accuracy.
-  fast      FFN 2 of 8 blocks + linear correction, LoRA r 8, pooler trained, lr 1e-3:
-            accuracy 0.800 (dense 0.825); step 3.1x PyTorch full fine-tuning's speed
-  accurate  FFN 6 of 8 blocks + linear correction, LoRA r 8, pooler trained, lr 1e-3:
-            accuracy 0.817, within 1 point of dense; step 2.4x PyTorch's speed
-Default lr without --lr: dense 1e-4, lora and spt 1e-3.
-Every other setting (PQ shape and refresh, FFN units, calibration, router lr and balancing,
-LoRA dropout, Adam betas and eps, warmup steps, logging): --set section.key=value or --config
-FILE; the hidden flags of earlier versions still work. Reference: docs/cli.md.";
+Presets (--preset NAME implies --mode spt, whose default is fast; MiniLM, docs/results). Both
+keep every attention key (the fused dense kernel: faster on the CPU than PQ selection).
+  fast      FFN 2 of 8 + linear correction, LoRA r 8, pooler trained, lr 1e-3: accuracy 0.800
+            (dense 0.825); step 3.1x PyTorch full fine-tuning's speed
+  accurate  FFN 6 of 8, otherwise as fast: accuracy 0.817, within 1 point of dense; 2.4x
+Default lr without --lr: dense 1e-4, lora and spt 1e-3. Every other setting (PQ, FFN units,
+calibration, routers, LoRA dropout, Adam, warmup, logging): --set section.key=value or --config
+FILE (the hidden flags of earlier versions still work). Reference: docs/cli.md.";
 
 #[derive(Parser)]
 #[command(
