@@ -3,20 +3,13 @@
 //! form as reference over random shapes, dropout rates and frozen/tracked inputs, determinism,
 //! and named errors for bad input.
 
+mod common;
+
 use candle_core::{DType, Device, Result, Tensor, Var};
+use common::max_diff;
 use spt_ops::gradcheck::{check_gradients, randn_f64, GradCheck};
 use spt_ops::norm::residual_layer_norm_reference;
 use spt_ops::{residual_layer_norm, SeededDropout};
-
-fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-    assert_eq!(a.dims(), b.dims());
-    a.to_dtype(DType::F64)?
-        .sub(&b.to_dtype(DType::F64)?)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f64>()
-}
 
 #[test]
 fn gradients_match_finite_differences() -> Result<()> {

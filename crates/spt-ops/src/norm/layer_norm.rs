@@ -5,7 +5,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Rows per rayon task in the backward's parameter-gradient reduction.
-const ROWS_PER_TASK: usize = 64;
+pub(super) const ROWS_PER_TASK: usize = 64;
 
 /// `y = (x − mean(x)) / sqrt(var(x) + eps) · gamma + beta` over the last dimension, with an exact
 /// backward for all three inputs. `gamma` and `beta` have shape `[d]` where `x` is `[.., d]`.
@@ -35,7 +35,7 @@ pub struct LayerNormOp {
 }
 
 /// Per-row mean and reciprocal standard deviation.
-fn row_stats<T: Float>(row: &[T], eps: f64) -> (T, T) {
+pub(super) fn row_stats<T: Float>(row: &[T], eps: f64) -> (T, T) {
     let n = T::lit(row.len() as f64);
     let mean = row.iter().copied().sum::<T>() / n;
     let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<T>() / n;

@@ -7,14 +7,11 @@
 //! `residual`, which the graph holds anyway; the mask is regenerated from its seed), and the
 //! backward makes one pass that writes `d residual` and `dx = d residual ⊙ mask`.
 
-use super::layer_norm::layer_norm;
+use super::layer_norm::{layer_norm, row_stats, ROWS_PER_TASK};
 use crate::flash_attention::{attention_dropout_mask, RowDropout, SeededDropout};
 use crate::util::{check_float, check_same, contiguous, if_tracked, sum_partials, with_slices, Float};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-
-/// Rows per rayon task in the backward's parameter-gradient reduction.
-const ROWS_PER_TASK: usize = 64;
 
 /// `LayerNorm(dropout(x) + residual)` over the last dimension, with an exact backward for `x`,
 /// `residual`, `gamma` and `beta`. `x` and `residual` are `[.., d]` of one shape; `gamma` and
@@ -119,14 +116,6 @@ fn row_sum<T: Float + crate::flash_attention::DropoutElem>(
     for (s, &r) in s.iter_mut().zip(r) {
         *s = *s + r;
     }
-}
-
-/// Mean and reciprocal standard deviation of a row.
-fn row_stats<T: Float>(row: &[T], eps: f64) -> (T, T) {
-    let n = T::lit(row.len() as f64);
-    let mean = row.iter().copied().sum::<T>() / n;
-    let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<T>() / n;
-    (mean, (var + T::lit(eps)).sqrt().recip())
 }
 
 fn forward<T: Float + crate::flash_attention::DropoutElem>(
