@@ -122,40 +122,40 @@ pub fn load_buffers<M: SptModel + ?Sized>(
     buffers: &[(String, Tensor)],
     attention: Option<(KeyTopK, KeyGrouping)>,
 ) -> Result<usize> {
-    // Check every name before touching the model.
+    // Check every name, layer and unit-order tensor before touching the model.
+    let n_layers = m.num_layers();
     let mut parsed = Vec::with_capacity(buffers.len());
     for (name, t) in buffers {
         let (kind, layer) = parse_buffer_name(name)?;
-        parsed.push((kind, layer, name.as_str(), t));
-    }
-    parsed.sort_by_key(|(kind, layer, _, _)| (*kind, *layer));
-    let n_layers = m.num_layers();
-    for &(kind, layer, name, t) in &parsed {
         if layer >= n_layers {
             return Err(bad_buffer(name, format!("the model has {n_layers} layers")));
         }
-        match kind {
-            BufferKind::FfnUnitOrder => {
-                if t.dtype() != DType::U32 || t.rank() != 1 {
-                    return Err(bad_buffer(
-                        name,
-                        format!(
-                            "is {:?} {:?}, expected a u32 vector (a unit order)",
-                            t.dtype(),
-                            t.dims()
-                        ),
-                    ));
-                }
-                routed_ffn(m, layer, name)?.set_unit_order(&t.to_vec1::<u32>()?)?;
+        if kind == BufferKind::FfnUnitOrder && (t.dtype() != DType::U32 || t.rank() != 1) {
+            return Err(bad_buffer(
+                name,
+                format!(
+                    "is {:?} {:?}, expected a u32 vector (a unit order)",
+                    t.dtype(),
+                    t.dims()
+                ),
+            ));
+        }
+        if kind == BufferKind::PqCodebook && attention.is_none() {
+            return Err(bad_buffer(
+                name,
+                "a PQ codebook, but no sparse attention was asked for".into(),
+            ));
+        }
+        parsed.push((kind, layer, name.as_str(), t));
+    }
+    parsed.sort_by_key(|(kind, layer, _, _)| (*kind, *layer));
+    for &(kind, layer, name, t) in &parsed {
+        match (kind, attention) {
+            (BufferKind::FfnUnitOrder, _) => {
+                routed_ffn(m, layer, name)?.set_unit_order(&t.to_vec1::<u32>()?)?
             }
-            BufferKind::FfnCorrection => routed_ffn(m, layer, name)?.set_correction(t)?,
-            BufferKind::PqCodebook => {
-                let (top_k, grouping) = attention.ok_or_else(|| {
-                    bad_buffer(
-                        name,
-                        "a PQ codebook, but no sparse attention was asked for".into(),
-                    )
-                })?;
+            (BufferKind::FfnCorrection, _) => routed_ffn(m, layer, name)?.set_correction(t)?,
+            (BufferKind::PqCodebook, Some((top_k, grouping))) => {
                 let codebook = Codebook::from_tensor(t)?;
                 let slots = m
                     .layer_slots(layer)
@@ -166,6 +166,8 @@ pub fn load_buffers<M: SptModel + ?Sized>(
                     grouping,
                 });
             }
+            // Refused in the first pass.
+            (BufferKind::PqCodebook, None) => {}
         }
     }
     Ok(parsed.len())
