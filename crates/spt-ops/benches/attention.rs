@@ -2,7 +2,10 @@
 //! backward) against dense attention (candle matmul + our softmax, forward and backward) and our
 //! fused dense attention (`flash_attention`), in the same run. Writes `bench/results/attention.json`.
 //!
-//! Run: `cargo bench -p spt-ops --bench attention` (set `SPT_BENCH_LENGTHS=512,1024` to narrow).
+//! Run: `cargo bench -p spt-ops --bench attention` (lengths 512 … 4096 and 16384). With
+//! `SPT_BENCH_LENGTHS=512,1024` only those lengths run, and their records replace the file's
+//! records at those lengths (the others are kept). Beyond 4096 only block mode runs (3 reps):
+//! dense would keep [H, L, L] scores and per-query selection takes minutes.
 //!
 //! Block-sparse mode (records with `case.selection = "blocks"`): for each tile size in
 //! `SPT_BENCH_TILES` (default `64`; empty skips it), query tiles and key blocks of that size with
@@ -14,32 +17,15 @@ use spt_ops::{
     block_sparse_attention, dense_attention, flash_attention, select_blocks, select_keys, sparse_attention,
     AttentionMask, BlockScore, BlockTiling, Codebook, KeyTopK, PqConfig,
 };
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
-/// Counts live heap bytes so we can measure what the autograd graph keeps for backward.
-struct Counting;
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let p = System.alloc(l);
-        if !p.is_null() {
-            let now = LIVE.fetch_add(l.size(), Relaxed) + l.size();
-            PEAK.fetch_max(now, Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        System.dealloc(p, l);
-        LIVE.fetch_sub(l.size(), Relaxed);
-    }
-}
+#[path = "common/alloc.rs"]
+mod alloc;
+use alloc::{LIVE, PEAK};
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: alloc::Counting = alloc::Counting;
 
 #[derive(Default, Clone, Copy)]
 struct Sample {
@@ -125,11 +111,83 @@ fn blocks_step<'a>(
     }
 }
 
+/// The dense baseline of a block-mode record: its median time, kept bytes and samples.
+type Baseline<'a> = Option<(f64, usize, &'a [Sample])>;
+
+/// One block-mode record (printed, and as JSON). Without a dense run (L > 4096), the bytes
+/// ratio is against the `[B, H, L, L]` f32 probabilities, a lower bound on what dense keeps.
+#[allow(clippy::too_many_arguments)]
+fn blocks_record(
+    l: usize,
+    d: usize,
+    b: usize,
+    h: usize,
+    t: &BlockTiling,
+    b_s: &[Sample],
+    baseline: Baseline<'_>,
+    load_before: &f64,
+) -> serde_json::Value {
+    let ours = median(b_s.iter().map(|x| x.total).collect());
+    let phase = |i: usize| median(b_s.iter().map(|x| x.phases[i]).collect());
+    let ok = b_s[0].kept_bytes;
+    let probs_bytes = b * h * l * l * 4;
+    let (base, bk) = match baseline {
+        Some((base, bk, _)) => (Some(base), bk),
+        None => (None, probs_bytes),
+    };
+    println!(
+        "{l:>6} {:>5} {ours:>10.4} {:>10} {:>8} {ok:>12} {bk:>12} {:>7.3}  blocks {}x{} top {}",
+        t.keys_per_query(),
+        base.map_or("-".into(), |x| format!("{x:.4}")),
+        base.map_or("-".into(), |x| format!("{:.2}", x / ours)),
+        ok as f64 / bk as f64,
+        t.query_tile,
+        t.key_block,
+        t.top_blocks
+    );
+    println!(
+        "        blocks phases (median s): encode {:.4}, select {:.4}, attention fwd {:.4}, backward {:.4}",
+        phase(0),
+        phase(1),
+        phase(2),
+        phase(3)
+    );
+    let mut rec = serde_json::json!({
+        "case": {"B": b, "H": h, "L": l, "d": d, "k": t.keys_per_query(), "mask": "none", "selection": "blocks",
+                 "query_tile": t.query_tile, "key_block": t.key_block, "top_blocks": t.top_blocks},
+        "ours": "PQ encode (S=8, C=16) + block selection (mean score) + block-sparse attention (gathered-block GEMMs), fwd+bwd, f32",
+        "ours_s": ours,
+        "baseline_s": base,
+        "speedup": base.map(|x| x / ours),
+        "ours_bytes": ok,
+        "baseline_bytes": bk,
+        "bytes_ratio": ok as f64 / bk as f64,
+        "bytes_kind": "heap bytes held by the autograd graph after forward (counting allocator): output plus everything saved for backward, excluding q, k, v",
+        "ours_peak_bytes": median(b_s.iter().map(|x| x.peak_bytes as f64).collect()),
+        "min_s": b_s.iter().map(|x| x.total).fold(f64::INFINITY, f64::min),
+        "max_s": b_s.iter().map(|x| x.total).fold(0.0, f64::max),
+        "runs": b_s.len(),
+        "load_avg_1min": [load_before, load_avg()],
+        "ours_phases_s": {"pq_encode": phase(0), "select": phase(1), "attention_fwd": phase(2), "backward": phase(3)},
+    });
+    match baseline {
+        Some((_, _, dn)) => {
+            rec["baseline_peak_bytes"] = median(dn.iter().map(|x| x.peak_bytes as f64).collect()).into();
+        }
+        None => {
+            rec["baseline_bytes_kind"] =
+                "no dense run at this length: the [B, H, L, L] f32 probabilities dense attention keeps (a lower bound)".into();
+        }
+    }
+    rec
+}
+
 fn main() -> Result<()> {
+    alloc::keep_freed_memory();
     let lengths: Vec<usize> = std::env::var("SPT_BENCH_LENGTHS")
         .ok()
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![512, 1024, 2048, 4096]);
+        .unwrap_or_else(|| vec![512, 1024, 2048, 4096, 16384]);
     let (b, h, d) = (1usize, 12usize, 64usize);
     let scale = 1.0 / (d as f64).sqrt();
     let tiles: Vec<usize> = std::env::var("SPT_BENCH_TILES")
@@ -182,6 +240,20 @@ fn main() -> Result<()> {
             .map(|&t| blocks_step(&cb, &mask, t, scale))
             .collect();
         let reps = if l >= 4096 { 5 } else { 7 };
+        // Beyond 4096 only block mode runs: dense attention would keep [H, L, L] scores (12 GiB
+        // at 16384) and per-query selection takes minutes; PyTorch's SDPA is the reference there.
+        if l > 4096 {
+            for f in &blocks {
+                step(&q, &k, &v, &w, f)?;
+            }
+            for (t, f) in tilings.iter().zip(&blocks) {
+                let b_s = (0..3)
+                    .map(|_| step(&q, &k, &v, &w, f))
+                    .collect::<Result<Vec<_>>>()?;
+                records.push(blocks_record(l, d, b, h, t, &b_s, None, &load_before));
+            }
+            continue;
+        }
         // Warm-up, then alternate so both see the same machine state.
         step(&q, &k, &v, &w, &sparse)?;
         // SPT_BENCH_SPARSE_ONLY=1 skips the baseline (for profiling the sparse path alone).
@@ -254,44 +326,16 @@ fn main() -> Result<()> {
             "fused_dense_peak_bytes": median(fl.iter().map(|x| x.peak_bytes as f64).collect()),
         }));
         for (t, b_s) in tilings.iter().zip(&bl) {
-            let ours = median(b_s.iter().map(|x| x.total).collect());
-            let phase = |i: usize| median(b_s.iter().map(|x| x.phases[i]).collect());
-            let ok = b_s[0].kept_bytes;
-            println!(
-                "{l:>6} {:>5} {ours:>10.4} {base:>10.4} {:>8.2} {ok:>12} {bk:>12} {:>7.3}  blocks {}x{} top {}",
-                t.keys_per_query(),
-                base / ours,
-                ok as f64 / bk as f64,
-                t.query_tile,
-                t.key_block,
-                t.top_blocks
-            );
-            println!(
-                "        blocks phases (median s): encode {:.4}, select {:.4}, attention fwd {:.4}, backward {:.4}",
-                phase(0),
-                phase(1),
-                phase(2),
-                phase(3)
-            );
-            records.push(serde_json::json!({
-                "case": {"B": b, "H": h, "L": l, "d": d, "k": t.keys_per_query(), "mask": "none", "selection": "blocks",
-                         "query_tile": t.query_tile, "key_block": t.key_block, "top_blocks": t.top_blocks},
-                "ours": "PQ encode (S=8, C=16) + block selection (mean score) + block-sparse attention (gathered-block GEMMs), fwd+bwd, f32",
-                "ours_s": ours,
-                "baseline_s": base,
-                "speedup": base / ours,
-                "ours_bytes": ok,
-                "baseline_bytes": bk,
-                "bytes_ratio": ok as f64 / bk as f64,
-                "bytes_kind": "heap bytes held by the autograd graph after forward (counting allocator): output plus everything saved for backward, excluding q, k, v",
-                "ours_peak_bytes": median(b_s.iter().map(|x| x.peak_bytes as f64).collect()),
-                "baseline_peak_bytes": median(dn.iter().map(|x| x.peak_bytes as f64).collect()),
-                "min_s": b_s.iter().map(|x| x.total).fold(f64::INFINITY, f64::min),
-                "max_s": b_s.iter().map(|x| x.total).fold(0.0, f64::max),
-                "runs": reps,
-                "load_avg_1min": [load_before, load_avg()],
-                "ours_phases_s": {"pq_encode": phase(0), "select": phase(1), "attention_fwd": phase(2), "backward": phase(3)},
-            }));
+            records.push(blocks_record(
+                l,
+                d,
+                b,
+                h,
+                t,
+                b_s,
+                Some((base, bk, &dn)),
+                &load_before,
+            ));
         }
     }
     let out = serde_json::json!({
@@ -307,6 +351,27 @@ fn main() -> Result<()> {
     }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/results");
     std::fs::create_dir_all(&dir)?;
+    let mut out = out;
+    if std::env::var("SPT_BENCH_LENGTHS").is_ok() {
+        // A run of some lengths replaces the records at those lengths and keeps the others.
+        let old: serde_json::Value = std::fs::read_to_string(dir.join("attention.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        let mut merged: Vec<serde_json::Value> = old["records"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| {
+                let l = r["case"]["L"].as_u64().unwrap_or(0) as usize;
+                !lengths.contains(&l)
+            })
+            .cloned()
+            .collect();
+        merged.extend(out["records"].as_array().cloned().unwrap_or_default());
+        merged.sort_by_key(|r| r["case"]["L"].as_u64().unwrap_or(0));
+        out["records"] = merged.into();
+    }
     let tmp = dir.join("attention.json.tmp");
     std::fs::write(
         &tmp,

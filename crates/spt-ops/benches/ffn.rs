@@ -14,6 +14,8 @@
 //!   unlike candle's matmul backward, computes no gradient for frozen weights. This isolates the
 //!   gain of routing from the gain of skipping frozen weight gradients.
 //!
+//! Memory comes from mimalloc with purging off, as in the `spt-train` binary (benches/common).
+//!
 //! x is a `Var` (as inside a model, the layer's input needs a gradient); the loss is
 //! `Σ y ⊙ u` with a fixed random `u`. Times are medians of ≥ 5 runs after one warm-up.
 
@@ -23,6 +25,12 @@ use spt_ops::routed_ffn::reference;
 use spt_ops::routed_ffn::BlockTopK;
 use spt_ops::{Activation, GateMode, LoraConfig, LoraLinear, RoutedFfn, RoutedFfnConfig};
 use std::time::Instant;
+
+#[path = "common/alloc.rs"]
+mod alloc;
+
+#[global_allocator]
+static GLOBAL: alloc::Counting = alloc::Counting;
 
 const N_TOKENS: usize = 4096;
 const RANK: usize = 16;
@@ -278,6 +286,7 @@ fn machine() -> String {
 }
 
 fn main() -> Result<()> {
+    alloc::keep_freed_memory();
     let quick = std::env::var("FFN_BENCH_QUICK").is_ok();
     println!("machine: {}; load average {}", machine(), loadavg());
     let mut records = Vec::new();
@@ -352,6 +361,7 @@ fn main() -> Result<()> {
     let doc = serde_json::json!({
         "command": "cargo bench -p spt-ops --bench ffn",
         "machine": machine(),
+        "allocator": "mimalloc, purging off (as the spt-train binary)",
         "records": recs,
     });
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/results");

@@ -10,29 +10,15 @@ use candle_core::{DType, Result, Tensor, Var};
 use spt_ops::gradcheck::randn_f64;
 use spt_ops::norm::residual_layer_norm_reference;
 use spt_ops::{residual_layer_norm, SeededDropout};
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
-struct Counting;
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let p = System.alloc(l);
-        if !p.is_null() {
-            LIVE.fetch_add(l.size(), Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        System.dealloc(p, l);
-        LIVE.fetch_sub(l.size(), Relaxed);
-    }
-}
+#[path = "common/alloc.rs"]
+mod alloc;
+use alloc::LIVE;
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: alloc::Counting = alloc::Counting;
 
 type Op = fn(&Tensor, &Tensor, &Tensor, &Tensor, f64, Option<SeededDropout>) -> Result<Tensor>;
 
@@ -77,6 +63,7 @@ fn loadavg() -> String {
 }
 
 fn main() -> Result<()> {
+    alloc::keep_freed_memory();
     let threads = rayon::current_num_threads();
     println!("{threads} rayon threads; load average {}", loadavg());
     let f32t = |t: Tensor| t.to_dtype(DType::F32);

@@ -74,18 +74,33 @@ const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
 const GELU_C: f64 = 0.044_715;
 
 /// Scalars the activations are defined for (f32 and f64).
-pub trait ActScalar: Copy {
+pub trait ActScalar: Copy + std::ops::Mul<Output = Self> {
     fn gelu_erf(self) -> Self;
     fn gelu_erf_grad(self) -> Self;
     fn gelu_tanh(self) -> Self;
     fn gelu_tanh_grad(self) -> Self;
     fn relu(self) -> Self;
     fn relu_grad(self) -> Self;
+
+    /// `out[i] = act(x[i])`; f32 GELU is vectorised where the CPU allows.
+    fn eval_slice(act: Activation, x: &[Self], out: &mut [Self]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = act.eval(v);
+        }
+    }
+
+    /// `out[i] = g[i] · act'(x[i])`; f32 GELU is vectorised where the CPU allows.
+    fn grad_slice(act: Activation, x: &[Self], g: &[Self], out: &mut [Self]) {
+        for ((o, &v), &g) in out.iter_mut().zip(x).zip(g) {
+            *o = g * act.derivative(v);
+        }
+    }
 }
 
 macro_rules! impl_act_scalar {
-    ($t:ty, $erf:path) => {
+    ($t:ty, $erf:path $(, $slices:item)*) => {
         impl ActScalar for $t {
+            $($slices)*
             #[inline]
             fn gelu_erf(self) -> Self {
                 0.5 * self * (1.0 + $erf(self * std::f64::consts::FRAC_1_SQRT_2 as $t))
@@ -129,7 +144,30 @@ macro_rules! impl_act_scalar {
         }
     };
 }
-impl_act_scalar!(f32, candle_core::cpu::erf::erf_f32);
+impl_act_scalar!(
+    f32,
+    candle_core::cpu::erf::erf_f32,
+    fn eval_slice(act: Activation, x: &[f32], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(kind), true) = (crate::gelu_avx2::Gelu::of(act), crate::simd::has_avx2()) {
+            // SAFETY: AVX2 and FMA were detected on this CPU.
+            return unsafe { crate::gelu_avx2::forward(kind, x, out) };
+        }
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = act.eval(v);
+        }
+    },
+    fn grad_slice(act: Activation, x: &[f32], g: &[f32], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(kind), true) = (crate::gelu_avx2::Gelu::of(act), crate::simd::has_avx2()) {
+            // SAFETY: AVX2 and FMA were detected on this CPU.
+            return unsafe { crate::gelu_avx2::backward(kind, x, g, out) };
+        }
+        for ((o, &v), &g) in out.iter_mut().zip(x).zip(g) {
+            *o = g * act.derivative(v);
+        }
+    }
+);
 impl_act_scalar!(f64, candle_core::cpu::erf::erf_f64);
 
 /// GELU with the exact erf (BERT's "gelu"), differentiable.
@@ -142,27 +180,21 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     Activation::GeluTanh.forward(x)
 }
 
-fn map_par<T: Float>(src: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
-    let mut out = vec![T::zero(); src.len()];
+/// `act(x)` in parallel chunks.
+pub(crate) fn eval_par<T: Float + ActScalar>(act: Activation, x: &[T]) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len()];
     out.par_chunks_mut(CHUNK)
-        .zip(src.par_chunks(CHUNK))
-        .for_each(|(o, s)| {
-            for (o, &s) in o.iter_mut().zip(s) {
-                *o = f(s);
-            }
-        });
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(o, x)| T::eval_slice(act, x, o));
     out
 }
 
-fn zip_par<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
-    let mut out = vec![T::zero(); a.len()];
+/// `g ⊙ act'(x)` in parallel chunks.
+pub(crate) fn grad_par<T: Float + ActScalar>(act: Activation, x: &[T], g: &[T]) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len()];
     out.par_chunks_mut(CHUNK)
-        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-        .for_each(|(o, (a, b))| {
-            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-                *o = f(a, b);
-            }
-        });
+        .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+        .for_each(|(o, (x, g))| T::grad_slice(act, x, g, o));
     out
 }
 
@@ -177,16 +209,8 @@ impl CustomOp1 for ActivationOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let act = self.0;
         let out = match s {
-            CpuStorage::F32(_) => {
-                CpuStorage::F32(map_par(contiguous::<f32>("activation", "x", s, l)?, |v| {
-                    act.eval(v)
-                }))
-            }
-            CpuStorage::F64(_) => {
-                CpuStorage::F64(map_par(contiguous::<f64>("activation", "x", s, l)?, |v| {
-                    act.eval(v)
-                }))
-            }
+            CpuStorage::F32(_) => CpuStorage::F32(eval_par(act, contiguous::<f32>("activation", "x", s, l)?)),
+            CpuStorage::F64(_) => CpuStorage::F64(eval_par(act, contiguous::<f64>("activation", "x", s, l)?)),
             other => bail!("activation: unsupported dtype {:?}", other.dtype()),
         };
         Ok((out, l.shape().clone()))
@@ -236,15 +260,15 @@ impl CustomOp2 for ActivationBackward {
             );
         }
         let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(zip_par(
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(grad_par(
+                act,
                 contiguous::<f32>("activation_backward", "x", s1, l1)?,
                 contiguous::<f32>("activation_backward", "grad", s2, l2)?,
-                |x, g| g * act.derivative(x),
             )),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(zip_par(
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(grad_par(
+                act,
                 contiguous::<f64>("activation_backward", "x", s1, l1)?,
                 contiguous::<f64>("activation_backward", "grad", s2, l2)?,
-                |x, g| g * act.derivative(x),
             )),
             _ => bail!(
                 "activation_backward: dtypes {:?} and {:?} must both be f32 or f64",

@@ -17,7 +17,8 @@
 //! [`linear_cross_entropy_reference`], which materialises the logits.
 
 use crate::blas::{gemm_into, inner_par, Mat};
-use crate::util::{check_float, check_same, contiguous, Float};
+use crate::simd::Vector;
+use crate::util::{check_float, check_same, contiguous};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -195,7 +196,7 @@ struct Output<T> {
 }
 
 impl LinearCrossEntropy {
-    fn forward<T: Float>(&self, h: &[T], w: &[T], n: usize, d: usize, v: usize) -> Output<T> {
+    fn forward<T: Vector>(&self, h: &[T], w: &[T], n: usize, d: usize, v: usize) -> Output<T> {
         let scale = T::lit(self.scale);
         let mut dh = self.grad_h.then(|| vec![T::zero(); n * d]);
         let mut dw = self.grad_w.then(|| vec![T::zero(); v * d]);
@@ -235,11 +236,7 @@ impl LinearCrossEntropy {
                 .map(|(z, &t)| {
                     let max = z.iter().copied().fold(T::neg_infinity(), T::max);
                     let target = z[t];
-                    let mut sum = T::zero();
-                    for x in z.iter_mut() {
-                        *x = (*x - max).exp();
-                        sum = sum + *x;
-                    }
+                    let sum = T::exp_shift(z, max);
                     if grads {
                         let k = scale / sum;
                         z.iter_mut().for_each(|x| *x = *x * k);
@@ -290,7 +287,7 @@ impl LinearCrossEntropy {
         }
     }
 
-    fn run<T: Float + candle_core::WithDType>(
+    fn run<T: Vector + candle_core::WithDType>(
         &self,
         s1: &CpuStorage,
         l1: &Layout,

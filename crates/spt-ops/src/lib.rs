@@ -24,6 +24,8 @@ pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod flash_attention;
+#[cfg(target_arch = "x86_64")]
+mod gelu_avx2;
 pub mod gradcheck;
 pub mod lora;
 pub mod norm;

@@ -131,7 +131,7 @@ fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 #[inline]
-fn has_avx2() -> bool {
+pub(crate) fn has_avx2() -> bool {
     // std caches the CPUID result, so this is a load and a test.
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
@@ -146,7 +146,7 @@ pub fn simd_path() -> &'static str {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma")]
@@ -292,7 +292,7 @@ mod avx2 {
     /// e^x for 8 lanes; lanes below −87 (including −∞ and NaN-free masked scores) give 0.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn exp8(x: __m256) -> __m256 {
+    pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
         let keep = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0), _CMP_GE_OQ);
         let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
         let x = _mm256_min_ps(x, _mm256_set1_ps(88.0));

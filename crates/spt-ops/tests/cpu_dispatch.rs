@@ -4,10 +4,12 @@
 //! - GEMM (candle's CPU matmul and spt-ops' grouped GEMMs): the `gemm` crate, built with its
 //!   `x86-v4` feature (workspace Cargo.toml), checks `avx512f` once per call shape and otherwise
 //!   takes its AVX2+FMA (or SSE / scalar) micro-kernels;
-//! - spt-ops' own dot / axpy (`simd.rs`): AVX2+FMA when detected, else scalar.
+//! - spt-ops' own dot / axpy / exp (`simd.rs`) and GELU (`gelu_avx2.rs`): AVX2+FMA when
+//!   detected, else scalar.
 //!
 //! This test runs the same checks natively (AVX-512 where the CPU has it) and, under user-mode
-//! QEMU emulating a Haswell (AVX2+FMA, no AVX-512), the fallback path. QEMU comes from Debian's
+//! QEMU, the fallback paths: a Haswell (AVX2+FMA, no AVX-512) and a Nehalem (SSE4.2 only: every
+//! spt-ops kernel on its scalar path). QEMU comes from Debian's
 //! `qemu-user`; `.ci/run` installs it and sets `SPT_REQUIRE_QEMU=1` so CI cannot skip that half.
 
 use candle_core::{DType, Device, Tensor};
@@ -25,8 +27,9 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .unwrap()
 }
 
-/// Matmuls of awkward shapes (edges of every micro-kernel tile) against an f64 reference.
-fn matmul_matches_reference() {
+/// Matmuls of awkward shapes (edges of every micro-kernel tile), GELU and sparse attention
+/// against f64 or dense references.
+fn kernels_match_reference() {
     let dev = Device::Cpu;
     for &(m, k, n) in &[(1, 1, 1), (7, 13, 5), (33, 64, 47), (64, 384, 96), (129, 70, 257)] {
         let a = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
@@ -61,6 +64,25 @@ fn matmul_matches_reference() {
             .unwrap();
     let err = max_abs_diff(&dense, &sparse);
     assert!(err < 1e-5, "sparse attention with every key vs dense: {err}");
+    // GELU (both forms) and its backward, on a length that leaves a partial SIMD lane.
+    let x = Tensor::arange(0u32, 1003, &dev)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .affine(0.012, -6.0)
+        .unwrap();
+    for act in [spt_ops::Activation::GeluErf, spt_ops::Activation::GeluTanh] {
+        let x32 = candle_core::Var::from_tensor(&x.to_dtype(DType::F32).unwrap()).unwrap();
+        let x64 = candle_core::Var::from_tensor(&x32.to_dtype(DType::F64).unwrap()).unwrap();
+        let y32 = act.forward(&x32).unwrap();
+        let y64 = act.forward(&x64).unwrap();
+        let err = max_abs_diff(&y32, &y64);
+        assert!(err < 1.5e-6, "{act:?} forward vs f64: {err}");
+        let g32 = y32.sum_all().unwrap().backward().unwrap();
+        let g64 = y64.sum_all().unwrap().backward().unwrap();
+        let err = max_abs_diff(g32.get(&x32).unwrap(), g64.get(&x64).unwrap());
+        assert!(err < 1.5e-6, "{act:?} derivative vs f64: {err}");
+    }
 }
 
 #[test]
@@ -70,7 +92,7 @@ fn kernels_are_right_on_this_cpu_and_on_an_avx2_only_cpu() {
         let avx512 = std::arch::is_x86_feature_detected!("avx512f");
         eprintln!("child: avx512f {avx512}, simd path {}", spt_ops::simd_path());
         assert!(!avx512, "the emulated CPU should lack AVX-512");
-        matmul_matches_reference();
+        kernels_match_reference();
         return;
     }
     eprintln!(
@@ -78,7 +100,7 @@ fn kernels_are_right_on_this_cpu_and_on_an_avx2_only_cpu() {
         std::arch::is_x86_feature_detected!("avx512f"),
         spt_ops::simd_path()
     );
-    matmul_matches_reference();
+    kernels_match_reference();
 
     let qemu = ["qemu-x86_64", "qemu-x86_64-static"]
         .into_iter()
@@ -92,19 +114,24 @@ fn kernels_are_right_on_this_cpu_and_on_an_avx2_only_cpu() {
         return;
     };
     let exe = std::env::current_exe().unwrap();
-    let out = std::process::Command::new(qemu)
-        .args(["-cpu", "Haswell"])
-        .arg(&exe)
-        .args([
-            "--exact",
-            "kernels_are_right_on_this_cpu_and_on_an_avx2_only_cpu",
-            "--nocapture",
-        ])
-        .env("SPT_DISPATCH_CHILD", "1")
-        .env("RAYON_NUM_THREADS", "2")
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "the AVX2-only run failed: {log}");
-    assert!(log.contains("child: avx512f false, simd path avx2+fma"), "{log}");
+    for (cpu, path) in [("Haswell", "avx2+fma"), ("Nehalem", "scalar")] {
+        let out = std::process::Command::new(qemu)
+            .args(["-cpu", cpu])
+            .arg(&exe)
+            .args([
+                "--exact",
+                "kernels_are_right_on_this_cpu_and_on_an_avx2_only_cpu",
+                "--nocapture",
+            ])
+            .env("SPT_DISPATCH_CHILD", "1")
+            .env("RAYON_NUM_THREADS", "2")
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "the {cpu} run failed: {log}");
+        assert!(
+            log.contains(&format!("child: avx512f false, simd path {path}")),
+            "{cpu}: {log}"
+        );
+    }
 }

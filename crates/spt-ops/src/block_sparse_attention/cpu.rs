@@ -10,6 +10,7 @@
 
 use crate::blas::{gemm_into, Mat};
 use crate::pq::SENTINEL;
+use crate::simd::Vector;
 use crate::util::Float;
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -122,7 +123,7 @@ fn masked_scores<T: Float>(
 }
 
 /// Returns `(o [bh, lq, dv], lse [bh, lq])`. Rows with no allowed key output 0 and lse = −∞.
-pub(crate) fn forward<T: Float>(
+pub(crate) fn forward<T: Vector>(
     q: &[T],
     k: &[T],
     v: &[T],
@@ -164,11 +165,8 @@ pub(crate) fn forward<T: Float>(
                                 row.fill(T::zero());
                                 continue;
                             }
-                            let mut sum = T::zero();
-                            for x in row.iter_mut() {
-                                *x = (*x - max).exp();
-                                sum = sum + *x;
-                            }
+                            // Vectorised exp (simd.rs): scalar libm exp was 14 % of fwd+bwd.
+                            let sum = T::exp_shift(row, max);
                             let inv = sum.recip();
                             for x in row.iter_mut() {
                                 *x = *x * inv;
@@ -198,7 +196,7 @@ pub(crate) fn forward<T: Float>(
 /// `dS = P ⊙ (dP − rowsum(dO ⊙ O))`, `dQ = scale · dS K_sel`, `dK_sel = scale · dSᵀ Q`; the
 /// gathered dK and dV rows are added back to their keys in tile order.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn backward<T: Float>(
+pub(crate) fn backward<T: Vector>(
     q: &[T],
     k: &[T],
     v: &[T],
@@ -240,13 +238,12 @@ pub(crate) fn backward<T: Float>(
                 masked_scores(q_tile, &g, &mut p, i0, bh / n.h, n, scale);
                 for (r, row) in p.chunks_mut(nk).enumerate() {
                     let l = lse[r0 + r];
-                    for x in row.iter_mut() {
-                        // Masked entries are −∞ and empty rows have lse = −∞: both give 0.
-                        *x = if *x == T::neg_infinity() {
-                            T::zero()
-                        } else {
-                            (*x - l).exp()
-                        };
+                    if l == T::neg_infinity() {
+                        // A row with no allowed key: P = 0.
+                        row.fill(T::zero());
+                    } else {
+                        // Masked entries are −∞ and give exactly 0.
+                        T::exp_shift(row, l);
                     }
                 }
                 // dV_sel [nk, dv] = Pᵀ dO.

@@ -1,6 +1,7 @@
 //! Max-subtracted softmax over the last dimension, as a [`CustomOp1`] whose backward uses only
 //! the output: `dx = y ⊙ (dy − Σ y·dy)`.
 
+use crate::simd::Vector;
 use crate::util::{check_float, contiguous, Float};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
@@ -15,18 +16,14 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// The softmax op.
 pub struct SoftmaxOp;
 
-fn forward<T: Float>(x: &[T], d: usize) -> Vec<T> {
-    let mut y = vec![T::zero(); x.len()];
+fn forward<T: Vector>(x: &[T], d: usize) -> Vec<T> {
+    let mut y = x.to_vec();
     if d == 0 {
         return y;
     }
-    y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(y, x)| {
-        let max = x.iter().copied().fold(T::neg_infinity(), T::max);
-        let mut sum = T::zero();
-        for (y, &x) in y.iter_mut().zip(x) {
-            *y = (x - max).exp();
-            sum = sum + *y;
-        }
+    y.par_chunks_mut(d).for_each(|y| {
+        let max = y.iter().copied().fold(T::neg_infinity(), T::max);
+        let sum = T::exp_shift(y, max);
         let inv = sum.recip();
         y.iter_mut().for_each(|y| *y = *y * inv);
     });

@@ -113,9 +113,7 @@ pub(crate) fn gather_mm_fwd<T: Float + ActScalar>(
             let rhs = Mat::new(w, e * b * d_in, 1, d_in);
             gemm_into(m, b, d_in, dst, accumulate, Mat::new(buf, 0, d_in, 1), rhs, par);
             if let Some(act) = act {
-                for (o, &v) in h_dst.iter_mut().zip(dst.iter()) {
-                    *o = act.eval(v);
-                }
+                T::eval_slice(act, dst, h_dst);
             }
         });
     (pre, act.map(|_| h))
@@ -123,15 +121,7 @@ pub(crate) fn gather_mm_fwd<T: Float + ActScalar>(
 
 /// `dh ⊙ act'(pre)`, in parallel.
 pub(crate) fn act_backward<T: Float + ActScalar>(dh: &[T], pre: &[T], act: Activation) -> Vec<T> {
-    let mut out = vec![T::zero(); dh.len()];
-    out.par_chunks_mut(16 * 1024)
-        .zip(dh.par_chunks(16 * 1024).zip(pre.par_chunks(16 * 1024)))
-        .for_each(|(o, (g, p))| {
-            for ((o, &g), &p) in o.iter_mut().zip(g).zip(p) {
-                *o = g * act.derivative(p);
-            }
-        });
-    out
+    crate::activation::grad_par(act, pre, dh)
 }
 
 /// Input gradient of the gather-in GEMM: `dx[t] = Σ_{r of t} dh[r] · W_e`. Returns `[T, d_in]`.

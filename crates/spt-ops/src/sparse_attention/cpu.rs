@@ -84,11 +84,7 @@ pub(crate) fn forward<T: Vector>(
                     *st = *st * scale;
                     max = max.max(*st);
                 }
-                let mut sum = T::zero();
-                for st in s[..m].iter_mut() {
-                    *st = (*st - max).exp();
-                    sum = sum + *st;
-                }
+                let sum = T::exp_shift(&mut s[..m], max);
                 let inv = sum.recip();
                 let mut t = 0;
                 while t + 4 <= m {
