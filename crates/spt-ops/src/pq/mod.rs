@@ -129,6 +129,26 @@ pub struct Codebook {
 }
 
 /// Keys as host f32 `[B, H, L, d]` plus dims.
+/// Index of the nearest of `dist.len()` codewords stored transposed (`t[j·C + c]`); ties go to the
+/// lowest index, as [`kmeans::nearest`].
+fn nearest_transposed(x: &[f32], t: &[f32], dist: &mut [f32]) -> usize {
+    let nc = dist.len();
+    dist.fill(0.0);
+    for (j, &xj) in x.iter().enumerate() {
+        for (a, &c) in dist.iter_mut().zip(&t[j * nc..(j + 1) * nc]) {
+            let e = xj - c;
+            *a += e * e;
+        }
+    }
+    let mut best = (f32::INFINITY, 0usize);
+    for (c, &v) in dist.iter().enumerate() {
+        if v < best.0 {
+            best = (v, c);
+        }
+    }
+    best.1
+}
+
 fn host_keys(op: &str, keys: &Tensor) -> Result<(Vec<f32>, [usize; 4])> {
     let Ok((b, h, l, d)) = keys.dims4() else {
         bail!("{op}: keys are {:?}, expected [B, H, L, d]", keys.dims())
@@ -296,21 +316,34 @@ impl Codebook {
             return cuda::encode(self, keys, (b, h, l, d));
         }
         let (data, _) = host_keys("Codebook::encode", keys)?;
-        let (s, dc) = (self.n_subspaces, self.d_codeword);
+        let (s, dc, nc) = (self.n_subspaces, self.d_codeword, self.n_codewords);
+        // Codewords transposed per (group, subspace), [dc][C]: the distances to all C codewords
+        // then accumulate side by side (C independent sums the compiler vectorises) instead of
+        // one dependent chain per codeword. Same operations in the same order as `nearest`.
+        let mut ct = vec![0f32; self.groups * s * dc * nc];
+        for gs in 0..self.groups * s {
+            let sub = self.sub(gs / s, gs % s);
+            for c in 0..nc {
+                for j in 0..dc {
+                    ct[(gs * dc + j) * nc + c] = sub[c * dc + j];
+                }
+            }
+        }
         let mut codes = vec![0u8; b * h * l * s];
-        codes
-            .par_chunks_mut(s.max(1) * 64)
-            .enumerate()
-            .for_each(|(blk, out)| {
+        codes.par_chunks_mut(s.max(1) * 64).enumerate().for_each_init(
+            || vec![0f32; nc],
+            |dist, (blk, out)| {
                 for (r, row) in out.chunks_mut(s).enumerate() {
                     let row_id = blk * 64 + r;
                     let g = self.group((row_id / l) % h);
                     let x = &data[row_id * d..(row_id + 1) * d];
                     for (si, code) in row.iter_mut().enumerate() {
-                        *code = kmeans::nearest(&x[si * dc..(si + 1) * dc], self.sub(g, si), dc) as u8;
+                        let t = &ct[(g * s + si) * dc * nc..(g * s + si + 1) * dc * nc];
+                        *code = nearest_transposed(&x[si * dc..(si + 1) * dc], t, dist) as u8;
                     }
                 }
-            });
+            },
+        );
         Tensor::from_vec(codes, (b, h, l, s), keys.device())
     }
 
@@ -417,4 +450,54 @@ pub fn pq_sparse_attention(
     let codes = codebook.encode(k)?;
     let sel = select_keys(q, &codes, codebook, topk, mask)?;
     crate::sparse_attention::sparse_attention(q, k, v, &sel, scale)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The transposed-codebook encode picks exactly the codeword `kmeans::nearest` picks, ties
+    /// (a duplicated codeword, keys equal to codewords) included.
+    #[test]
+    fn encode_matches_nearest_per_subspace() {
+        let keys = crate::gradcheck::randn_f64(&[2, 3, 70, 16], 5)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let cfg = PqConfig {
+            n_subspaces: 4,
+            n_codewords: 8,
+            ..Default::default()
+        };
+        let mut book = Codebook::fit(&keys, &cfg).unwrap();
+        // Codeword 5 duplicates codeword 2 in every subspace: ties must go to 2.
+        let n = book.n_codewords * book.d_codeword;
+        for gs in 0..book.groups * book.n_subspaces {
+            let dc = book.d_codeword;
+            let (src, dst) = (gs * n + 2 * dc, gs * n + 5 * dc);
+            book.centroids.copy_within(src..src + dc, dst);
+        }
+        // Some keys sit exactly on codewords.
+        let (mut data, _) = host_keys("test", &keys).unwrap();
+        for r in 0..10 {
+            let g = book.group((r / 70) % 3);
+            data[r * 16..r * 16 + 4].copy_from_slice(&book.sub(g, 0)[8..12]);
+        }
+        let keys = Tensor::from_vec(data.clone(), (2, 3, 70, 16), &candle_core::Device::Cpu).unwrap();
+        let codes = book
+            .encode(&keys)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<u8>()
+            .unwrap();
+        for (r, x) in data.chunks(16).enumerate() {
+            let g = book.group((r / 70) % 3);
+            for si in 0..4 {
+                let want = kmeans::nearest(&x[si * 4..(si + 1) * 4], book.sub(g, si), 4);
+                assert_eq!(codes[r * 4 + si] as usize, want, "row {r}, subspace {si}");
+                assert_ne!(want, 5, "the duplicate never wins a tie");
+            }
+        }
+    }
 }
