@@ -278,19 +278,28 @@ def speed_table(name):
 def attention_fidelity():
     f = load("attention-fidelity")
     summary = f.get("summary") or []
+    recs = f.get("records") or []
     tiles = sorted({int(k.split("_")[1]) for s in summary for k in s if re.fullmatch(r"blocks_\d+", k)})
-    out = head(["keys per query k", "exact top-k", "per-query (PQ)"]
+    # Summaries before the GPT-2 part have no model: they are the first record's.
+    model_of = lambda s: s.get("model") or (recs[0].get("model") if recs else "?")
+    models = list(dict.fromkeys(model_of(s) for s in summary))
+    short = {m: m.split(" (")[0] for m in models}
+    out = head(["model", "L", "keys per query k", "exact top-k", "per-query (PQ)"]
                + [f"blocks, tile {t}" for t in tiles] + [f"blocks, tile {t}, upper-bound score" for t in tiles],
-               ["--:"] * (3 + 2 * len(tiles)))
+               ["---", "--:"] + ["--:"] * (3 + 2 * len(tiles)))
     for s in summary:
-        out.append(row([s["k"], f"{s['exact_topk']:.3f}", f"{s['per_query']:.3f}"]
+        m = model_of(s)
+        L = s.get("L") or next((r.get("L") for r in recs if r.get("model") == m), "?")
+        out.append(row([short[m], L, s["k"], f"{s['exact_topk']:.3f}", f"{s['per_query']:.3f}"]
                        + [f"{s.get(f'blocks_{t}', float('nan')):.3f}" for t in tiles]
                        + [f"{s.get(f'blocks_{t}_upper_bound_score', float('nan')):.3f}" for t in tiles]))
-    recs = f.get("records") or []
-    r0 = recs[0] if recs else {}
-    out += ["", f"Mean over the {len({r['layer'] for r in recs})} layers of {r0.get('model')} "
-            f"({r0.get('data')}, B = {r0.get('B')}, L = {r0.get('L')}): {f.get('what')}. "
-            f"Per-layer figures are in the JSON. Re-run: `{f.get('command')}`."]
+    out.append("")
+    for m in models:
+        mr = [r for r in recs if r.get("model") == m]
+        r0 = mr[0] if mr else {}
+        out.append(f"- {short[m]}: mean over its {len({r['layer'] for r in mr})} layers; {m} on "
+                   f"{r0.get('data')}, B = {r0.get('B')}, L = {r0.get('L')}, mask {r0.get('mask', 'none')}.")
+    out += ["", f"Mass: {f.get('what')}. Per-layer figures are in the JSON. Re-run: `{f.get('command')}`."]
     return "\n".join(out)
 
 

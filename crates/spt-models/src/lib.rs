@@ -37,8 +37,8 @@ pub use memory::{
     activation_bytes, ActivationAccounting, ActivationBytes, AttentionCost, FfnCost, LayerShape,
 };
 pub use sparsify::{
-    sparsify, CalibrationBatch, FfnCalibration, LayerReport, LayerSelection, LoraSettings, LoraTarget,
-    RoutingSummary, SparseAttentionConfig, SparsifyReport, SptConfig, SptModel,
+    sparsify, CalibrationBatch, FfnCalibration, LayerReport, LayerSelection, LayerTrace, LoraSettings,
+    LoraTarget, RoutingSummary, SparseAttentionConfig, SparsifyReport, SptConfig, SptModel,
 };
 /// spt-ops' types used in [`SptConfig`]: PQ, routed FFN, LoRA.
 pub use spt_ops::{lora, pq, routed_ffn};
