@@ -83,6 +83,52 @@ pub(crate) unsafe fn gemm_raw<T: Float>(
     );
 }
 
+/// `dst[m, n] = scale · lhs[m, k] · rhs[k, n]` on the caller's thread, `dst` contiguous: the
+/// attention kernels' scores, scaled inside the GEMM instead of in a second pass over `dst`.
+pub(crate) fn gemm_scaled<T: Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+    scale: T,
+) {
+    assert!(dst.len() >= m * n, "gemm_scaled: destination too short");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        dst[..m * n].fill(T::zero());
+        return;
+    }
+    // SAFETY: `dst` is an exclusive slice of at least m·n elements; operands are built by the
+    // callers from slices whose sizes the public functions validated.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.ptr,
+            lhs.cs,
+            lhs.rs,
+            rhs.ptr,
+            rhs.cs,
+            rhs.rs,
+            T::one(),
+            scale,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
+}
+
 /// Safe wrapper for a contiguous destination slice `[m, n]`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_into<T: Float>(

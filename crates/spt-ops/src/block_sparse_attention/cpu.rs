@@ -8,7 +8,7 @@
 //! single-threaded. So every sum has a fixed order and the result is bit-identical across runs
 //! and thread counts.
 
-use crate::blas::{gemm_into, Mat};
+use crate::blas::{gemm_into, gemm_scaled, Mat};
 use crate::pq::SENTINEL;
 use crate::simd::Vector;
 use crate::util::Float;
@@ -84,18 +84,17 @@ fn masked_scores<T: Float>(
     scale: T,
 ) {
     let (m, nk, d) = (q_tile.len() / n.d, g.len(), n.d);
-    s.clear();
+    // The GEMM overwrites every element: only a size change needs the (zero-filling) resize.
     s.resize(m * nk, T::zero());
-    // Kᵀ is the gathered keys read column-major: element (a, c) at c·d + a.
-    gemm_into(
+    // Kᵀ is the gathered keys read column-major: element (a, c) at c·d + a; scaled in the GEMM.
+    gemm_scaled(
         m,
         nk,
         d,
         s,
-        false,
         Mat::new(q_tile, 0, d, 1),
         Mat::new(&g.keys, 0, 1, d),
-        Parallelism::None,
+        scale,
     );
     let pad_ok: Option<Vec<bool>> = n
         .key_ok
@@ -108,9 +107,6 @@ fn masked_scores<T: Float>(
         } else {
             nk
         };
-        for x in row[..cut].iter_mut() {
-            *x = *x * scale;
-        }
         row[cut..].fill(T::neg_infinity());
         if let Some(ok) = &pad_ok {
             for (x, &ok) in row[..cut].iter_mut().zip(ok) {

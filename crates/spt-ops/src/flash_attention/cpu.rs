@@ -10,7 +10,7 @@
 //! and thread counts.
 
 use super::dropout::{DropoutElem, RowDropout};
-use crate::blas::{gemm_into, Mat};
+use crate::blas::{gemm_into, gemm_scaled, Mat};
 use crate::simd::Vector;
 use crate::util::Float;
 use gemm::Parallelism;
@@ -68,25 +68,21 @@ fn masked_scores<T: Float>(
     scale: T,
 ) {
     let (m, d) = (q_tile.len() / n.d, n.d);
-    s.clear();
+    // The GEMM overwrites every element: only a size change needs the (zero-filling) resize.
     s.resize(m * nk, T::zero());
-    // Kᵀ read column-major: element (a, c) at c·d + a.
-    gemm_into(
+    // Kᵀ read column-major: element (a, c) at c·d + a; the scale is applied inside the GEMM.
+    gemm_scaled(
         m,
         nk,
         d,
         s,
-        false,
         Mat::new(q_tile, 0, d, 1),
         Mat::new(keys, 0, 1, d),
-        Parallelism::None,
+        scale,
     );
     let ok = n.key_ok.as_ref().map(|k| &k[b * n.lk..b * n.lk + nk]);
     for (r, row) in s.chunks_mut(nk.max(1)).enumerate().take(m) {
         let cut = if n.causal { (i0 + r + 1).min(nk) } else { nk };
-        for x in row[..cut].iter_mut() {
-            *x = *x * scale;
-        }
         row[cut..].fill(T::neg_infinity());
         if let Some(ok) = ok {
             for (x, &ok) in row[..cut].iter_mut().zip(ok) {
