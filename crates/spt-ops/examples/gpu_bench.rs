@@ -2,6 +2,10 @@
 //! forward and backward) vs dense attention (cuBLAS matmuls + our softmax, forward and backward)
 //! at GPT-2-medium-like shapes: B = 1, H = 16, d = 64, causal, k = L/8.
 //!
+//! In bf16 each case also times the tensor-core kernels (`kernels/flash_attention.cu`): our dense
+//! flash attention and block-sparse attention (64 × 64 tiles, L/512 blocks = L/8 keys per query)
+//! with its device-side block selection, under `"tiled"`.
+//!
 //! Every case runs in bf16 and in f32 (`SPT_BENCH_DTYPES`, default `bf16,f32`; bf16 first, as
 //! the H200 target is set in it): PyTorch's flash attention, the comparison in
 //! `scripts/sdpa_bench.py`, exists only in half precision.
@@ -23,7 +27,8 @@
 use candle_core::{DType, Device, Result, Tensor, Var};
 use spt_ops::routed_ffn::BlockTopK;
 use spt_ops::{
-    dense_attention, select_keys, sparse_attention, Activation, AttentionMask, Codebook, KeyTopK, PqConfig,
+    block_sparse_attention, dense_attention, flash_attention, select_blocks, select_keys, sparse_attention,
+    Activation, AttentionMask, BlockScore, BlockSelection, BlockTiling, Codebook, KeyTopK, PqConfig,
     RoutedFfn, RoutedFfnConfig,
 };
 use std::time::Instant;
@@ -358,8 +363,14 @@ fn attention_case(
     } else {
         serde_json::json!(null)
     };
+    let tiled = if dt == DType::BF16 {
+        tiled_cases(dev, reps, l, &mask, scale, &cb, (&q, &k, &v, &w), (&qv, &kv, &vv))?
+    } else {
+        serde_json::json!(null)
+    };
     Ok(serde_json::json!({
         "B": B, "H": H, "L": l, "d": D, "k": kk, "causal": true, "dtype": dtype_name(dt),
+        "tiled": tiled,
         "pq": {"n_subspaces": cb.n_subspaces(), "n_codewords": cb.n_codewords()},
         "sparse": {
             "select_ms": select_ms,
@@ -369,6 +380,52 @@ fn attention_case(
         },
         "dense": dense,
         "dense_note": if l > dense_max { format!("skipped: L > SPT_DENSE_MAX_L = {dense_max}") } else { String::new() },
+    }))
+}
+
+/// The tensor-core kernels (bf16): our dense flash attention, and block-sparse attention over
+/// 64 × 64 tiles keeping L/8 keys per query (L/512 blocks per tile), its selection (PQ encode of
+/// the keys + block scores + top blocks, all on the device) timed alone and included in
+/// `fwd_bwd_plus_select_ms`.
+#[allow(clippy::too_many_arguments)]
+fn tiled_cases(
+    dev: &Device,
+    reps: usize,
+    l: usize,
+    mask: &AttentionMask,
+    scale: f64,
+    cb: &Codebook,
+    (q, k, v, w): (&Tensor, &Tensor, &Tensor, &Tensor),
+    (qv, kv, vv): (&Var, &Var, &Var),
+) -> Result<serde_json::Value> {
+    let flash = |a: &Tensor, b: &Tensor, c: &Tensor| flash_attention(a, b, c, mask, scale, None);
+    let flash_fwd = time(dev, reps, || flash(q, k, v).map(|_| ()))?;
+    let flash_step = time(dev, reps, || fwd_bwd(qv, kv, vv, w, &flash))?;
+    eprintln!("  flash (tensor cores) fwd {flash_fwd:.3} ms, fwd+bwd {flash_step:.3} ms");
+    let tiling = BlockTiling {
+        query_tile: 64,
+        key_block: 64,
+        top_blocks: (l / 512).max(1),
+    };
+    let select = || -> Result<BlockSelection> {
+        let codes = cb.encode(k)?;
+        select_blocks(q, &codes, cb, tiling, mask, BlockScore::default())
+    };
+    let select_ms = time(dev, reps, || select().map(|_| ()))?;
+    let sel = select()?;
+    let blocks = |a: &Tensor, b: &Tensor, c: &Tensor| block_sparse_attention(a, b, c, &sel, scale);
+    let fwd = time(dev, reps, || blocks(q, k, v).map(|_| ()))?;
+    let step = time(dev, reps, || fwd_bwd(qv, kv, vv, w, &blocks))?;
+    eprintln!("  block-sparse select {select_ms:.3} ms, fwd {fwd:.3} ms, fwd+bwd {step:.3} ms");
+    Ok(serde_json::json!({
+        "flash": {"fwd_ms": flash_fwd, "fwd_bwd_ms": flash_step},
+        "block_sparse": {
+            "tiling": tiling,
+            "select_ms": select_ms,
+            "fwd_ms": fwd,
+            "fwd_bwd_ms": step,
+            "fwd_bwd_plus_select_ms": step + select_ms,
+        },
     }))
 }
 

@@ -25,9 +25,11 @@ mod common;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use common::{padding, uniform};
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use spt_ops::pq::SENTINEL;
 use spt_ops::{
-    flash_attention, layer_norm, select_keys, softmax_last_dim, sparse_attention, Activation, AttentionMask,
-    Codebook, KeySelection, KeyTopK, PqConfig,
+    block_sparse_attention, flash_attention, layer_norm, select_blocks, select_keys, softmax_last_dim,
+    sparse_attention, Activation, AttentionMask, BlockScore, BlockSelection, BlockTiling, Codebook,
+    KeySelection, KeyTopK, PqConfig,
 };
 
 const GPU: &str = "needs a GPU: run scripts/gpu-check.sh";
@@ -195,7 +197,7 @@ fn softmax_matches_cpu() -> Result<()> {
     Ok(())
 }
 
-/// `flash_attention` on CUDA runs its composed form (the fused kernel is CPU-only so far): it
+/// `flash_attention` in f32 on CUDA runs its composed form (the tensor-core kernel is bf16): it
 /// must match the CPU's fused kernel, masks and dropout included (the mask comes from the seed).
 #[test]
 #[ignore = "needs a GPU: run scripts/gpu-check.sh"]
@@ -211,6 +213,96 @@ fn flash_attention_matches_cpu() -> Result<()> {
             parity(&name, &[&q, &k, &v], &[b, h, l, d], &|t| {
                 let m = on(&m, t[0].device())?;
                 flash_attention(t[0], t[1], t[2], &m, 0.25, drop)
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// The tensor-core kernel (bf16, d ∈ {64, 128}): forward and all three gradients against the
+/// CPU's fused f32 kernel on bf16-exact inputs, every mask, ragged lengths (not multiples of the
+/// 64-row tile) and L_q ≠ L_k.
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-check.sh"]
+fn flash_attention_kernel_matches_cpu() -> Result<()> {
+    for &(b, h, lq, lk, d) in &[
+        (2usize, 2usize, 200usize, 200usize, 64usize),
+        (1, 3, 130, 190, 64),
+        (2, 1, 150, 150, 128),
+    ] {
+        let q = uniform(&[b, h, lq, d], 1.0, 21, DType::F32)?;
+        let k = uniform(&[b, h, lk, d], 1.0, 22, DType::F32)?;
+        let v = uniform(&[b, h, lk, d], 1.0, 23, DType::F32)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        for (mi, m) in masks(b, lk, 24)?.into_iter().enumerate() {
+            if m.causal && lq != lk {
+                continue;
+            }
+            let name = format!("flash_attention kernel [{b}, {h}, {lq}, {lk}, {d}] mask #{mi}");
+            parity_as(DType::BF16, &name, &[&q, &k, &v], &[b, h, lq, d], &|t| {
+                let m = on(&m, t[0].device())?;
+                flash_attention(t[0], t[1], t[2], &m, scale, None)
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// A random block selection over 64 × 64 tiles: per tile up to `width` distinct blocks,
+/// ascending, then SENTINEL (some tiles get none).
+fn random_selection(
+    b: usize,
+    h: usize,
+    lq: usize,
+    lk: usize,
+    width: usize,
+    mask: AttentionMask,
+    seed: u64,
+) -> Result<BlockSelection> {
+    let (nt, nb) = (lq.div_ceil(64), lk.div_ceil(64));
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (mut blocks, mut counts) = (Vec::new(), Vec::new());
+    for _ in 0..b * h * nt {
+        let mut pick: Vec<u32> = (0..nb as u32)
+            .filter(|_| rng.random_bool(0.5))
+            .take(width)
+            .collect();
+        pick.sort_unstable();
+        counts.push(pick.len() as u32);
+        pick.resize(width, SENTINEL);
+        blocks.extend(pick);
+    }
+    Ok(BlockSelection {
+        blocks: Tensor::from_vec(blocks, (b, h, nt, width), &Device::Cpu)?,
+        counts: Tensor::from_vec(counts, (b, h, nt), &Device::Cpu)?,
+        tiling: BlockTiling {
+            query_tile: 64,
+            key_block: 64,
+            top_blocks: width,
+        },
+        mask,
+    })
+}
+
+/// Block-sparse attention on the tensor-core kernel (bf16) against the CPU op (f32): forward and
+/// gradients, random block lists (the dk/dv pass uses their device-built transpose), every mask.
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-check.sh"]
+fn block_sparse_attention_kernel_matches_cpu() -> Result<()> {
+    for &(b, h, l, d, width) in &[(2usize, 2usize, 320usize, 64usize, 3usize), (1, 2, 200, 128, 2)] {
+        let q = uniform(&[b, h, l, d], 1.0, 31, DType::F32)?;
+        let k = uniform(&[b, h, l, d], 1.0, 32, DType::F32)?;
+        let v = uniform(&[b, h, l, d], 1.0, 33, DType::F32)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        for (mi, m) in masks(b, l, 34)?.into_iter().enumerate() {
+            let sel = random_selection(b, h, l, l, width, m, 35 + mi as u64)?;
+            let name = format!("block_sparse_attention kernel [{b}, {h}, {l}, {d}] width {width} mask #{mi}");
+            parity_as(DType::BF16, &name, &[&q, &k, &v], &[b, h, l, d], &|t| {
+                let sel = BlockSelection {
+                    mask: on(&sel.mask, t[0].device())?,
+                    ..sel.clone()
+                };
+                block_sparse_attention(t[0], t[1], t[2], &sel, scale)
             })?;
         }
     }
@@ -362,6 +454,57 @@ fn adc_selection_matches_cpu_exactly_on_integer_data() -> Result<()> {
                     );
                     same_u32(&format!("{what} indices"), &got.indices, &want.indices)?;
                     same_u32(&format!("{what} counts"), &got.counts, &want.counts)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Block selection on the device picks the CPU's blocks exactly on integer data (every sum exact,
+/// so ties and their break to the lower block are exercised): both scores, tile and block sizes
+/// that do not divide L, per-head codebooks, every mask, f32 and bf16 queries.
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-check.sh"]
+fn block_selection_matches_cpu_exactly_on_integer_data() -> Result<()> {
+    let dev = gpu()?;
+    let (b, h, l, s, c, dc) = (2usize, 3usize, 333usize, 4usize, 16usize, 2usize);
+    for groups in [1usize, 3] {
+        let cen = if groups == 1 {
+            ints(&[s, c, dc], 2, 17)?
+        } else {
+            ints(&[groups, s, c, dc], 2, 17)?
+        };
+        let cb = Codebook::from_tensor(&cen)?;
+        let q = ints(&[b, h, l, s * dc], 3, 18)?;
+        let kc = codes(&[b, h, l, s], c, 19)?;
+        for m in masks(b, l, 20)? {
+            for (qt, kb, top) in [(64usize, 64usize, 3usize), (32, 16, 6), (50, 40, 20)] {
+                let tiling = BlockTiling {
+                    query_tile: qt,
+                    key_block: kb,
+                    top_blocks: top,
+                };
+                for score in [BlockScore::Mean, BlockScore::UpperBound] {
+                    let want = select_blocks(&q, &kc, &cb, tiling, &m, score)?;
+                    for dt in [DType::F32, DType::BF16] {
+                        let got = select_blocks(
+                            &q.to_dtype(dt)?.to_device(&dev)?,
+                            &kc.to_device(&dev)?,
+                            &cb,
+                            tiling,
+                            &on(&m, &dev)?,
+                            score,
+                        )?;
+                        assert!(got.blocks.device().is_cuda());
+                        let what = format!(
+                            "select_blocks {dt:?} G={groups} {tiling:?} {score:?} causal={} pad={}",
+                            m.causal,
+                            m.key_padding.is_some()
+                        );
+                        same_u32(&format!("{what} blocks"), &got.blocks, &want.blocks)?;
+                        same_u32(&format!("{what} counts"), &got.counts, &want.counts)?;
+                    }
                 }
             }
         }

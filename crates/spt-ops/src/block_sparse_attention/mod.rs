@@ -37,13 +37,10 @@ pub fn block_sparse_attention(
 ) -> Result<Tensor> {
     let op = "block_sparse_attention";
     let [b, h, lq, lk, d, dv] = check_qkv(op, q, k, v)?;
-    if !q.device().is_cpu() {
-        bail!(
-            "{op}: only the CPU kernel exists so far; q is on {:?}",
-            q.device().location()
-        );
-    }
     let tiling = sel.tiling;
+    if !q.device().is_cpu() {
+        return on_device(q, k, v, sel, scale, [b, h, lq, lk, d, dv]);
+    }
     let (qt, kblk) = (tiling.query_tile, tiling.key_block);
     if qt == 0 || kblk == 0 {
         bail!("{op}: selection tiling {tiling:?} has a zero tile size");
@@ -109,6 +106,49 @@ pub fn block_sparse_attention(
             lse: Mutex::new(None),
         },
     )
+}
+
+/// Block-sparse attention off the CPU: the tensor-core kernel (bf16 on CUDA, d = d_v ∈ {64, 128},
+/// 64 × 64 tiles), else the dense reference (f32 or other shapes; `[B, H, L_q, L_k]` scores).
+fn on_device(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    sel: &BlockSelection,
+    scale: f64,
+    [b, h, lq, _lk, d, dv]: [usize; 6],
+) -> Result<Tensor> {
+    let op = "block_sparse_attention";
+    #[cfg(feature = "cuda")]
+    if crate::flash_attention::cuda::supported(q, d, dv) {
+        use crate::flash_attention::cuda::{FlashCuda, TILE};
+        let tiling = sel.tiling;
+        if (tiling.query_tile, tiling.key_block) != (TILE, TILE) {
+            bail!(
+                "{op}: the CUDA kernel works on {TILE} × {TILE} tiles; the selection has query_tile = {}, key_block = {}",
+                tiling.query_tile,
+                tiling.key_block
+            );
+        }
+        let (sb, sh, snt, _) = sel.blocks.dims4()?;
+        if sel.blocks.dtype() != DType::U32 || (sb, sh, snt) != (b, h, lq.div_ceil(TILE)) {
+            bail!(
+                "{op}: selection blocks are {:?} {:?}, expected u32 [{b}, {h}, {}, top_blocks]",
+                sel.blocks.dims(),
+                sel.blocks.dtype(),
+                lq.div_ceil(TILE)
+            );
+        }
+        let cuda_op = FlashCuda::new(op, h, &sel.mask, scale, Some(&sel.blocks), q.device())?;
+        return q
+            .contiguous()?
+            .apply_op3(&k.contiguous()?, &v.contiguous()?, cuda_op);
+    }
+    let _ = (b, h, lq, d, dv);
+    if !matches!(q.dtype(), DType::F32 | DType::F64 | DType::BF16) {
+        bail!("{op}: dtype {:?} is not supported", q.dtype());
+    }
+    block_sparse_attention_reference(q, k, v, sel, scale)
 }
 
 /// The forward op. The block lists and mask ride along as non-differentiable fields; `lse` is

@@ -45,6 +45,14 @@ pub(crate) const ROUTED_FFN: Module = Module {
     name: "spt_routed_ffn",
     ptx: ptx::ROUTED_FFN,
 };
+pub(crate) const BLOCK_SELECT: Module = Module {
+    name: "spt_block_select",
+    ptx: ptx::BLOCK_SELECT,
+};
+pub(crate) const FLASH_ATTENTION: Module = Module {
+    name: "spt_flash_attention",
+    ptx: ptx::FLASH_ATTENTION,
+};
 pub(crate) const SPARSE_ATTENTION: Module = Module {
     name: "spt_sparse_attention",
     ptx: ptx::SPARSE_ATTENTION,
@@ -95,6 +103,11 @@ impl Kernel {
     /// A launch builder on the device's stream.
     pub(crate) fn builder(&self) -> LaunchArgs<'_> {
         self.stream.launch_builder(&self.func)
+    }
+
+    /// The driver function, e.g. to raise its shared-memory limit.
+    pub(crate) fn func(&self) -> &CudaFunction {
+        &self.func
     }
 }
 

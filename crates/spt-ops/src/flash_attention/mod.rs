@@ -13,11 +13,15 @@
 //!   q, k, v and o, against the composed form's `O(B·H·L²)` per intermediate.
 //! - dk and dv are summed in a fixed order: bit-identical across runs and thread counts.
 //!
-//! The fused kernel runs on the CPU. On other devices the op runs the composed reference
-//! (candle autograd; the dropout mask is built on the host); the CUDA kernel is planned
-//! (docs/cuda.md).
+//! The fused kernel runs on the CPU (f32, f64) and on CUDA in bf16 with d = d_v ∈ {64, 128}
+//! and no dropout (`kernels/flash_attention.cu`: tensor cores, f32 accumulation, the same
+//! deterministic backward). Anything else on a GPU (f32, other head sizes, dropout) runs the
+//! composed reference: candle autograd over `[B, H, L_q, L_k]` scores, the dropout mask built on
+//! the host.
 
 mod cpu;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 mod dropout;
 
 use crate::attention::dense_probs;
@@ -49,6 +53,11 @@ pub fn flash_attention(
         }
     }
     let dropout = dropout.filter(|dr| dr.p > 0.0);
+    #[cfg(feature = "cuda")]
+    if dropout.is_none() && cuda::supported(q, d, dv) {
+        let op = cuda::FlashCuda::new(op, h, mask, scale, None, q.device())?;
+        return q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op);
+    }
     if !q.device().is_cpu() || !matches!(q.dtype(), DType::F32 | DType::F64) {
         return flash_attention_reference(q, k, v, mask, scale, dropout);
     }

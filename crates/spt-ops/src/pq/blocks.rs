@@ -155,9 +155,9 @@ pub fn select_blocks(
             q.dims()
         );
     }
-    if !q.device().same_device(codes.device()) || !q.device().is_cpu() {
+    if !q.device().same_device(codes.device()) || !(q.device().is_cpu() || q.device().is_cuda()) {
         bail!(
-            "{op}: q ({:?}) and codes ({:?}) must both be on the CPU (no CUDA block selection yet)",
+            "{op}: q ({:?}) and codes ({:?}) must be on one device, the CPU or CUDA",
             q.device().location(),
             codes.device().location()
         );
@@ -177,6 +177,29 @@ pub fn select_blocks(
                  (L_q = {lq}, L_k = {lk}), but only top_blocks = {width} fit; raise top_blocks or align the tiles"
             );
         }
+    }
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        let tiling = BlockTiling {
+            top_blocks: width,
+            ..tiling
+        };
+        return super::cuda::select_blocks(
+            q,
+            &codes.detach(),
+            codebook,
+            tiling,
+            mask,
+            score,
+            (b, h, lq, d),
+            lk,
+        );
+    }
+    if !q.device().is_cpu() {
+        bail!(
+            "{op}: q is on {:?}, which has no block selection kernel",
+            q.device().location()
+        );
     }
     let keys_ok = mask.key_allowed(op, b, lk)?;
     let qv = q.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;

@@ -1,13 +1,15 @@
-//! CUDA launchers for `kernels/pq.cu`: PQ encode and ADC top-k key selection.
+//! CUDA launchers for `kernels/pq.cu` (PQ encode and ADC top-k key selection) and
+//! `kernels/block_select.cu` (block selection for block-sparse attention).
 //!
 //! Same outputs as the CPU paths (`Codebook::encode`, `select_keys`): codes `u8 [B, H, L, S]`;
 //! indices `u32 [B, H, L_q, k]` ascending with [`super::SENTINEL`] padding, counts `u32 [B, H, L_q]`.
 //! Keys and queries are read as bf16 when they are bf16 (other dtypes are converted to f32).
 
-use super::{Codebook, KeySelection};
+use super::{BlockScore, BlockSelection, BlockTiling, Codebook, KeySelection};
 use crate::attention::AttentionMask;
 use crate::cuda::{
-    by_float, cfg_blocks, cuda_storage, func, i32_arg, kname, launched, tensor, view, KernelFloat, PQ,
+    by_float, cfg_blocks, cuda_storage, func, i32_arg, kname, launched, tensor, view, KernelFloat,
+    BLOCK_SELECT, PQ,
 };
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::{bail, DType, Result, Tensor};
@@ -178,5 +180,162 @@ fn select_t<T: KernelFloat>(
     Ok(KeySelection {
         indices: tensor(out, &dev, (b, h, lq, kk)),
         counts: tensor(counts, &dev, (b, h, lq)),
+    })
+}
+
+/// `u8 [B, L_k]` on the device (nonzero = allowed) from a key-padding mask, checked against
+/// `(b, lk)`.
+fn device_pad(
+    op: &str,
+    mask: &AttentionMask,
+    b: usize,
+    lk: usize,
+    dev: &candle_core::Device,
+) -> Result<Option<Tensor>> {
+    let Some(m) = &mask.key_padding else {
+        return Ok(None);
+    };
+    if m.dims() != [b, lk] {
+        bail!(
+            "{op}: key_padding mask is {:?}, expected [B, L] = [{b}, {lk}]",
+            m.dims()
+        );
+    }
+    Ok(Some(
+        m.to_device(dev)?
+            .to_dtype(DType::F32)?
+            .ne(0f64)?
+            .to_dtype(DType::U8)?
+            .contiguous()?,
+    ))
+}
+
+/// Block selection on CUDA (`select_blocks`' rules; `tiling.top_blocks` is already the list
+/// width): codeword counts per key block, then per query tile its table, block scores and the
+/// kept blocks. Nothing goes through the host but the codebook (uploaded per call, as in
+/// [`select`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn select_blocks(
+    q: &Tensor,
+    codes: &Tensor,
+    cb: &Codebook,
+    tiling: BlockTiling,
+    mask: &AttentionMask,
+    score: BlockScore,
+    dims: (usize, usize, usize, usize),
+    lk: usize,
+) -> Result<BlockSelection> {
+    let q = kernel_input(q)?;
+    by_float!(
+        "select_blocks",
+        q.dtype(),
+        select_blocks_t(&q, codes, cb, tiling, mask, score, dims, lk)
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn select_blocks_t<T: KernelFloat>(
+    q: &Tensor,
+    codes: &Tensor,
+    cb: &Codebook,
+    tiling: BlockTiling,
+    mask: &AttentionMask,
+    score: BlockScore,
+    dims: (usize, usize, usize, usize),
+    lk: usize,
+) -> Result<BlockSelection> {
+    let op = "select_blocks";
+    let (b, h, lq, d) = dims;
+    let (s, c) = (cb.n_subspaces, cb.n_codewords);
+    let (qt, kb, width) = (tiling.query_tile, tiling.key_block, tiling.top_blocks);
+    let (nt, nb) = (lq.div_ceil(qt), lk.div_ceil(kb));
+    let bh = b * h;
+    let smem = 4 * (d + s * c + 3 * nb);
+    if smem > MAX_TABLE_BYTES {
+        bail!(
+            "{op}: the CUDA kernel needs {smem} bytes of shared memory (d = {d}, S·C = {}, {nb} key blocks), over {MAX_TABLE_BYTES}; \
+             use larger key blocks",
+            s * c
+        );
+    }
+    if bh > 65535 {
+        bail!("{op}: B·H = {bh} exceeds the CUDA grid's 65535");
+    }
+    i32_arg(op, "B·H·n_blocks·S·C", bh * nb * s * c)?;
+    i32_arg(op, "B·H·L_q·d", bh * lq * d)?;
+    i32_arg(op, "B·H·L_k·S", bh * lk * s)?;
+    i32_arg(op, "B·H·n_tiles·top_blocks", bh * nt * width)?;
+    let codes = codes.contiguous()?;
+    let pad = device_pad(op, mask, b, lk, q.device())?;
+    let dev = q.device().as_cuda_device()?.clone();
+    let cen = dev.clone_htod(&cb.centroids)?;
+    let mut hist = dev.alloc_zeros::<u32>(bh * nb * s * c)?;
+    let mut nkeys = dev.alloc_zeros::<u32>(bh * nb)?;
+    let mut blocks = dev.alloc_zeros::<u32>(bh * nt * width)?;
+    let mut counts = dev.alloc_zeros::<u32>(bh * nt)?;
+    if bh * nt > 0 && nb > 0 {
+        let (qs, ql) = q.storage_and_layout();
+        let (cs, cl) = codes.storage_and_layout();
+        let qv = view::<T>(op, "q", cuda_storage(op, "q", &qs)?, ql)?;
+        let cv = view::<u8>(op, "codes", cuda_storage(op, "codes", &cs)?, cl)?;
+        let pad_guard = pad.as_ref().map(|p| p.storage_and_layout());
+        let pad_view = match &pad_guard {
+            Some((ps, pl)) => Some(view::<u8>(
+                op,
+                "key_padding",
+                cuda_storage(op, "key_padding", ps)?,
+                pl,
+            )?),
+            None => None,
+        };
+        let null = 0u64;
+        let f = func(&dev, BLOCK_SELECT, "block_hist_u8")?;
+        let mut a = f.builder();
+        a.arg(&cv);
+        match &pad_view {
+            Some(p) => a.arg(p),
+            None => a.arg(&null),
+        };
+        a.arg(&mut hist).arg(&mut nkeys);
+        candle_core::builder_arg!(a, h as i32, lk as i32, s as i32, c as i32, kb as i32);
+        let grid = |x: usize, smem: usize| candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+            grid_dim: (x as u32, bh as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        launched(op, "block_hist_u8", unsafe { a.launch(grid(nb, 0)) })?;
+
+        let name = kname::<T>("block_select");
+        let f = func(&dev, BLOCK_SELECT, &name)?;
+        let mut a = f.builder();
+        a.arg(&qv)
+            .arg(&cen)
+            .arg(&hist)
+            .arg(&nkeys)
+            .arg(&mut blocks)
+            .arg(&mut counts);
+        candle_core::builder_arg!(
+            a,
+            h as i32,
+            lq as i32,
+            lk as i32,
+            d as i32,
+            cb.groups as i32,
+            s as i32,
+            c as i32,
+            cb.d_codeword as i32,
+            qt as i32,
+            kb as i32,
+            width as i32,
+            mask.causal as i32,
+            (score == BlockScore::UpperBound) as i32
+        );
+        launched(op, &name, unsafe { a.launch(grid(nt, smem)) })?;
+    }
+    Ok(BlockSelection {
+        blocks: tensor(blocks, &dev, (b, h, nt, width)),
+        counts: tensor(counts, &dev, (b, h, nt)),
+        tiling,
+        mask: mask.clone(),
     })
 }
