@@ -23,7 +23,15 @@
 //                     writes the list in block order. The rank pass is O(nb²) per tile: 65 536
 //                     comparisons at L = 16384 with 64-key blocks.
 // Limits (checked in Rust): every element count < 2^31, C ≤ 256.
+// Checked without a GPU by kernels/emu/block_select_emu_test.cpp.
+#ifdef SPT_EMU
+#include "emu/cuda_emu.hpp"
+#define BS_SMEM reinterpret_cast<float*>(emu_block->smem.data())
+#else
 #include "common.cuh"
+extern __shared__ float bs_smem[];
+#define BS_SMEM bs_smem
+#endif
 
 extern "C" __global__ void block_hist_u8(const uint8_t* __restrict__ codes, const uint8_t* __restrict__ pad,
                                          uint32_t* __restrict__ hist, uint32_t* __restrict__ nkeys, int h, int lk,
@@ -54,8 +62,7 @@ __device__ __forceinline__ void block_select(const T* __restrict__ q, const floa
                                              int width, int causal, int upper_bound) {
   const int tile = blockIdx.x, bh = blockIdx.y, nt = gridDim.x;
   const int nb = (lk + kb - 1) / kb;
-  extern __shared__ float bs_smem[];
-  float* qbar = bs_smem;
+  float* qbar = BS_SMEM;
   float* table = qbar + d;
   float* score = table + s * c;
   int* flag = reinterpret_cast<int*>(score + nb);  // 0 never, 1 candidate, 2 diagonal (kept)

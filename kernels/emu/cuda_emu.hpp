@@ -41,6 +41,20 @@ struct uint4 {
   unsigned x, y, z, w;
 };
 
+// The helpers of common.cuh that kernels use, for f32 data (bf16 kernels are not emulated: their
+// instantiation only needs the type).
+#define SPT_SENTINEL 0xFFFFFFFFu
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+inline float spt_ld(float v) { return v; }
+inline float spt_ld(__nv_bfloat16 v) {
+  const uint32_t x = uint32_t(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &x, 4);
+  return f;
+}
+
 inline thread_local EmuDim threadIdx, blockIdx, blockDim, gridDim;
 
 struct EmuWarp {

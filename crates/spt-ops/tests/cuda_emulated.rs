@@ -1,8 +1,13 @@
-//! The CUDA flash-attention kernels checked without a GPU: `kernels/flash_attention.cu`'s device
-//! code is compiled for the host with `kernels/emu/cuda_emu.hpp` (one OS thread per CUDA thread,
-//! barriers for `__syncthreads` and warp shuffles, the PTX ISA's mma.m16n8k16 fragment layouts)
-//! and `kernels/emu/flash_emu_test.cpp` compares its forward and backward with an f64 reference:
-//! dense and block-sparse, causal, key padding, ragged lengths, L_q ≠ L_k, d = 64 and 128.
+//! CUDA kernels checked without a GPU: a kernel file's device code is compiled for the host with
+//! `kernels/emu/cuda_emu.hpp` (one OS thread per CUDA thread, barriers for `__syncthreads` and
+//! warp shuffles, the PTX ISA's mma.m16n8k16 fragment layouts) and a C++ driver compares its
+//! results with a reference:
+//!
+//! - `flash_emu_test.cpp`: the tensor-core attention kernels (`flash_attention.cu`), forward and
+//!   backward against f64: dense and block-sparse, causal, key padding, ragged lengths,
+//!   L_q ≠ L_k, d = 64 and 128.
+//! - `block_select_emu_test.cpp`: device block selection (`block_select.cu`) against a
+//!   brute-force key-by-key scoring, exact on integer data.
 //!
 //! It needs a C++20 compiler (`$CXX`, else `c++`): g++ ≥ 11 or clang ≥ 13. On a GPU the same
 //! kernels run in `cuda_parity.rs` (scripts/gpu-check.sh).
@@ -10,10 +15,11 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-#[test]
-fn flash_attention_kernels_match_f64_reference_under_emulation() {
+/// Builds `kernels/emu/<name>.cpp` in emulation mode, runs it, and asserts that it reports
+/// `expect`.
+fn emulate(name: &str, expect: &str) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../kernels");
-    let exe = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("flash_emu_test");
+    let exe = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let out = Command::new(&cxx)
         .args([
@@ -26,25 +32,34 @@ fn flash_attention_kernels_match_f64_reference_under_emulation() {
             "-I",
         ])
         .arg(&root)
-        .arg(root.join("emu/flash_emu_test.cpp"))
+        .arg(root.join(format!("emu/{name}.cpp")))
         .arg("-o")
         .arg(&exe)
         .output()
         .unwrap_or_else(|e| panic!("cannot run the C++ compiler {cxx:?} ({e}); install g++ ≥ 11 or set CXX"));
     assert!(
         out.status.success(),
-        "{cxx} failed to build the emulated kernels:\n{}",
+        "{cxx} failed to build {name}:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let run = Command::new(&exe)
         .output()
-        .expect("the emulated kernel test runs");
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()));
     let stdout = String::from_utf8_lossy(&run.stdout);
     eprintln!("{stdout}");
     assert!(
-        run.status.success(),
-        "emulated flash-attention kernels differ from the f64 reference:\n{stdout}{}",
+        run.status.success() && stdout.contains(expect),
+        "{name}: the emulated kernels differ from the reference:\n{stdout}{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    assert!(stdout.contains("all cases pass"), "unexpected output:\n{stdout}");
+}
+
+#[test]
+fn flash_attention_kernels_match_f64_reference_under_emulation() {
+    emulate("flash_emu_test", "flash_attention emulated: all cases pass");
+}
+
+#[test]
+fn block_selection_kernels_match_brute_force_under_emulation() {
+    emulate("block_select_emu_test", "block_select emulated: all cases pass");
 }
