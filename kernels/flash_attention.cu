@@ -19,7 +19,8 @@
 //
 // Geometry: query tile = key block = 64 rows (FA_BR, FA_BC; the CPU's default tiling); 4 warps
 // per CTA, each owning 16 of the 64 rows and computing with mma.sync.m16n8k16 (bf16 in, f32
-// accumulators). Fragment layouts (PTX ISA), with g = lane / 4, t = lane % 4: an A register holds
+// accumulators), operands loaded from shared memory with ldmatrix (.trans for the [k][n] ones).
+// The per-element mask runs only on tile pairs that need it (diagonal, ragged or padded). Fragment layouts (PTX ISA), with g = lane / 4, t = lane % 4: an A register holds
 // row g or g + 8, columns 2t, 2t + 1 (+ 8); a B register rows 2t, 2t + 1 (+ 8) of column g; an
 // accumulator rows g, g + 8, columns 2t, 2t + 1. So a 16 × 16 slice of an S accumulator is,
 // element for element, the A fragment of P for the next product (no shared-memory round trip).
@@ -108,6 +109,31 @@ __device__ __forceinline__ void fa_mma(float (&c)[4], const fa_u32 (&a)[4], fa_u
 #endif
 }
 
+// Four 8 × 8 b16 matrices from shared memory, one register each (ldmatrix .x4): lane L gives the
+// address of row L % 8 of matrix L / 8. Plain: register m holds row g, columns 2t, 2t + 1 of
+// matrix m; transposed (.trans): rows 2t, 2t + 1 of column g.
+__device__ __forceinline__ void fa_ldsm(fa_u32 (&r)[4], const fa_u16* p) {
+#ifdef SPT_EMU
+  emu_ldmatrix_x4(r, p, false);
+#else
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+#endif
+}
+
+__device__ __forceinline__ void fa_ldsm_t(fa_u32 (&r)[4], const fa_u16* p) {
+#ifdef SPT_EMU
+  emu_ldmatrix_x4(r, p, true);
+#else
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+#endif
+}
+
 __device__ __forceinline__ float fa_quad_max(float v) {
   v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, 1));
   return fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, 2));
@@ -118,31 +144,30 @@ __device__ __forceinline__ float fa_quad_sum(float v) {
   return v + __shfl_xor_sync(0xFFFFFFFFu, v, 2);
 }
 
-// Fragment loads from a shared-memory tile m, row-major with row stride S (elements).
-// A fragment of rows r0.., columns k0..: m read as [row][k].
-template <int S>
-__device__ __forceinline__ void fa_frag_a(fa_u32 (&a)[4], const fa_u16* m, int r0, int k0, int g, int t) {
-  const fa_u16* p = m + (r0 + g) * S + k0 + 2 * t;
-  a[0] = fa_ld32(p);
-  a[1] = fa_ld32(p + 8 * S);
-  a[2] = fa_ld32(p + 8);
-  a[3] = fa_ld32(p + 8 * S + 8);
-}
+// The GEMM tiles below read shared-memory tiles (row-major, row stride S = D + 8 elements, so
+// the 8 row addresses of an ldmatrix fall in 8 distinct 16-byte bank groups) with ldmatrix. For
+// lane L, mi = L / 8 picks the 8 × 8 matrix and L % 8 its row.
 
-// B fragment (k0.. × n0..) of mᵀ: m read as [n][k] (keys or queries by rows, head dims k).
-template <int S>
-__device__ __forceinline__ void fa_frag_bt(fa_u32& b0, fa_u32& b1, const fa_u16* m, int k0, int n0, int g, int t) {
-  const fa_u16* p = m + (n0 + g) * S + k0 + 2 * t;
-  b0 = fa_ld32(p);
-  b1 = fa_ld32(p + 8);
-}
-
-// B fragment (k0.. × n0..) of m itself: m read as [k][n] (rows are the reduced dimension).
-template <int S>
-__device__ __forceinline__ void fa_frag_b(fa_u32& b0, fa_u32& b1, const fa_u16* m, int k0, int n0, int g, int t) {
-  const fa_u16* p = m + (k0 + 2 * t) * S + n0 + g;
-  b0 = fa_pack16(p[0], p[S]);
-  b1 = fa_pack16(p[8 * S], p[9 * S]);
+// x[16 × 64] = A[16 × D] · Bᵀ with A rows r0.. of `a_m` ([row][k]) and B rows of `b_m` ([n][k]):
+// the Q Kᵀ shape. One ldmatrix gives A's 16 × 16 fragment; one gives B for two n-tiles of 8.
+template <int D>
+__device__ __forceinline__ void fa_mm_abt(float (&x)[8][4], const fa_u16* a_m, int r0, const fa_u16* b_m) {
+  constexpr int S = D + FA_PAD;
+  const int lane = threadIdx.x % 32, mi = lane / 8, lr = lane % 8;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) x[j][0] = x[j][1] = x[j][2] = x[j][3] = 0.0f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    fa_u32 a[4];
+    fa_ldsm(a, a_m + (r0 + (mi & 1) * 8 + lr) * S + kk * 16 + (mi >> 1) * 8);
+#pragma unroll
+    for (int jp = 0; jp < 4; ++jp) {
+      fa_u32 b[4];
+      fa_ldsm(b, b_m + (jp * 16 + (mi >> 1) * 8 + lr) * S + kk * 16 + (mi & 1) * 8);
+      fa_mma(x[2 * jp], a, b[0], b[1]);
+      fa_mma(x[2 * jp + 1], a, b[2], b[3]);
+    }
+  }
 }
 
 // The A fragment of columns 16·kk.. of a 16 × 64 accumulator tile x (rounded to bf16).
@@ -153,41 +178,22 @@ __device__ __forceinline__ void fa_acc_to_a(fa_u32 (&a)[4], const float (&x)[8][
   a[3] = fa_pack(x[2 * kk + 1][2], x[2 * kk + 1][3]);
 }
 
-// x[16 × 64] = A[16 × D] · B[D × 64] with A rows r0.. of `a_m` ([row][k]) and B = b_mᵀ (b_m
-// [n][k]): the Q Kᵀ shape.
-template <int D>
-__device__ __forceinline__ void fa_mm_abt(float (&x)[8][4], const fa_u16* a_m, int r0, const fa_u16* b_m, int g,
-                                          int t) {
-  constexpr int S = D + FA_PAD;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) x[j][0] = x[j][1] = x[j][2] = x[j][3] = 0.0f;
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    fa_u32 a[4];
-    fa_frag_a<S>(a, a_m, r0, kk * 16, g, t);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      fa_u32 b0, b1;
-      fa_frag_bt<S>(b0, b1, b_m, kk * 16, j * 8, g, t);
-      fa_mma(x[j], a, b0, b1);
-    }
-  }
-}
-
 // acc[16 × D] += X[16 × 64] · m[64 × D], X an accumulator tile, m read as [k][n]: the P V shape.
+// A transposing ldmatrix gives B for two n-tiles of 8.
 template <int D>
-__device__ __forceinline__ void fa_mm_acc_b(float (&acc)[D / 8][4], const float (&x)[8][4], const fa_u16* m, int g,
-                                            int t) {
+__device__ __forceinline__ void fa_mm_acc_b(float (&acc)[D / 8][4], const float (&x)[8][4], const fa_u16* m) {
   constexpr int S = D + FA_PAD;
+  const int lane = threadIdx.x % 32, mi = lane / 8, lr = lane % 8;
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
     fa_u32 a[4];
     fa_acc_to_a(a, x, kk);
 #pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn) {
-      fa_u32 b0, b1;
-      fa_frag_b<S>(b0, b1, m, kk * 16, dn * 8, g, t);
-      fa_mma(acc[dn], a, b0, b1);
+    for (int dp = 0; dp < D / 16; ++dp) {
+      fa_u32 b[4];
+      fa_ldsm_t(b, m + (kk * 16 + (mi & 1) * 8 + lr) * S + dp * 16 + (mi >> 1) * 8);
+      fa_mma(acc[2 * dp], a, b[0], b[1]);
+      fa_mma(acc[2 * dp + 1], a, b[2], b[3]);
     }
   }
 }
@@ -206,6 +212,13 @@ __device__ __forceinline__ void fa_load_tile(fa_u16* dst, const fa_u16* __restri
 
 __device__ __forceinline__ bool fa_sees(int i, int j, int lq, int lk, int causal, const uint8_t* __restrict__ kok) {
   return i < lq && j < lk && (!causal || j <= i) && (kok == nullptr || kok[j] != 0);
+}
+
+// Whether every (query, key) of the 64 × 64 tile pair at (i0, j0) is visible, so the per-element
+// mask can be skipped: no padding mask, no ragged edge, and under causality the whole key block
+// at or before the tile's first query.
+__device__ __forceinline__ bool fa_full(int i0, int j0, int lq, int lk, int causal, const uint8_t* kok) {
+  return kok == nullptr && j0 + FA_BC <= lk && i0 + FA_BR <= lq && (!causal || j0 + FA_BC - 1 <= i0);
 }
 
 // The it-th key block of a query tile, or −1 past the end: the tile's list (sparse; an entry ≥ nb
@@ -262,14 +275,15 @@ __device__ __forceinline__ void fa_fwd(const fa_u16* __restrict__ q, const fa_u1
     fa_load_tile<D>(vs, v, j0, lk);
     __syncthreads();
     float s[8][4];
-    fa_mm_abt<D>(s, qs, r0, ks, g, t);
+    fa_mm_abt<D>(s, qs, r0, ks);
     float mx[2] = {-INFINITY, -INFINITY};
+    const bool full = fa_full(i0, j0, lq, lk, causal, key_ok);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = i0 + r0 + g + 8 * (e >> 1), jj = j0 + j * 8 + 2 * t + (e & 1);
-        const float x = fa_sees(i, jj, lq, lk, causal, key_ok) ? s[j][e] * sl2 : -INFINITY;
+        const float x = full || fa_sees(i, jj, lq, lk, causal, key_ok) ? s[j][e] * sl2 : -INFINITY;
         s[j][e] = x;
         mx[e >> 1] = fmaxf(mx[e >> 1], x);
       }
@@ -297,7 +311,7 @@ __device__ __forceinline__ void fa_fwd(const fa_u16* __restrict__ q, const fa_u1
         l[e >> 1] += p;
       }
     }
-    fa_mm_acc_b<D>(acc, s, vs, g, t);
+    fa_mm_acc_b<D>(acc, s, vs);
   }
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
@@ -362,20 +376,21 @@ __device__ __forceinline__ void fa_bwd_dq(const fa_u16* __restrict__ q, const fa
     fa_load_tile<D>(vs, v, j0, lk);
     __syncthreads();
     float p[8][4], dp[8][4];
-    fa_mm_abt<D>(p, qs, r0, ks, g, t);
-    fa_mm_abt<D>(dp, dos, r0, vs, g, t);
+    fa_mm_abt<D>(p, qs, r0, ks);
+    fa_mm_abt<D>(dp, dos, r0, vs);
+    const bool full = fa_full(i0, j0, lq, lk, causal, key_ok);  // then every row has a finite lse
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int rr = e >> 1;
         const int i = i0 + r0 + g + 8 * rr, jj = j0 + j * 8 + 2 * t + (e & 1);
-        const bool ok = lse2[rr] != -INFINITY && fa_sees(i, jj, lq, lk, causal, key_ok);
+        const bool ok = full || (lse2[rr] != -INFINITY && fa_sees(i, jj, lq, lk, causal, key_ok));
         const float pv = ok ? exp2f(p[j][e] * sl2 - lse2[rr]) : 0.0f;
         dp[j][e] = pv * (dp[j][e] - dl[rr]);  // dS
       }
     }
-    fa_mm_acc_b<D>(acc, dp, ks, g, t);
+    fa_mm_acc_b<D>(acc, dp, ks);
   }
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
@@ -444,22 +459,23 @@ __device__ __forceinline__ void fa_bwd_dkdv(const fa_u16* __restrict__ q, const 
     }
     __syncthreads();
     float p[8][4], dp[8][4];
-    fa_mm_abt<D>(p, ks, r0, qs, g, t);   // Sᵀ: rows keys, columns queries
-    fa_mm_abt<D>(dp, vs, r0, dos, g, t);  // dPᵀ
+    fa_mm_abt<D>(p, ks, r0, qs);    // Sᵀ: rows keys, columns queries
+    fa_mm_abt<D>(dp, vs, r0, dos);  // dPᵀ
+    const bool full = fa_full(i0, j0, lq, lk, causal, key_ok);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int c = j * 8 + 2 * t + (e & 1);
         const int jj = j0 + r0 + g + 8 * (e >> 1), i = i0 + c;
-        const bool ok = lse_s[c] != -INFINITY && fa_sees(i, jj, lq, lk, causal, key_ok);
+        const bool ok = full || (lse_s[c] != -INFINITY && fa_sees(i, jj, lq, lk, causal, key_ok));
         const float pv = ok ? exp2f(p[j][e] * sl2 - lse_s[c]) : 0.0f;
         p[j][e] = pv;
         dp[j][e] = pv * (dp[j][e] - dl_s[c]);  // dSᵀ
       }
     }
-    fa_mm_acc_b<D>(dva, p, dos, g, t);
-    fa_mm_acc_b<D>(dka, dp, qs, g, t);
+    fa_mm_acc_b<D>(dva, p, dos);
+    fa_mm_acc_b<D>(dka, dp, qs);
   }
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {

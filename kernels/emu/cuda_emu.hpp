@@ -3,8 +3,8 @@
 //
 // What it models: threadIdx / blockIdx / blockDim / gridDim, __syncthreads (a barrier over the
 // block's threads), __shfl_xor_sync (a barrier over the warp's 32 threads), dynamic shared memory
-// (one zeroed buffer per block), and the warp-collective mma.sync.m16n8k16 (bf16 × bf16 + f32)
-// with the fragment layouts of the PTX ISA: with g = lane / 4 and t = lane % 4, A register r holds
+// (one zeroed buffer per block), ldmatrix .x4 (plain and .trans), and the warp-collective
+// mma.sync.m16n8k16 (bf16 × bf16 + f32) with the fragment layouts of the PTX ISA: with g = lane / 4 and t = lane % 4, A register r holds
 // row g + 8·(r & 1), columns 2t, 2t + 1 (+ 8 for r ≥ 2); B register r holds rows 2t, 2t + 1
 // (+ 8 for r = 1) of column g; accumulator element e is row g + 8·(e / 2), column 2t + (e & 1).
 // The low 16 bits of a packed register hold the lower-indexed element.
@@ -62,6 +62,7 @@ struct EmuWarp {
   float f[32];
   uint32_t a[32][4], b[32][2];
   float c[32][4];
+  const uint16_t* rows[32];
 };
 
 struct EmuBlock {
@@ -125,6 +126,29 @@ inline void emu_mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uin
     float s = c[e];
     for (int kk = 0; kk < 16; ++kk) s += A[row][kk] * B[kk][col];
     c[e] = s;
+  }
+  w.bar.arrive_and_wait();
+}
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane L gives the address of row L % 8 of
+// matrix L / 8 (8 contiguous b16); register m gets, plain, row g, columns 2t, 2t + 1 of matrix m,
+// or, transposed, rows 2t, 2t + 1 of column g (low half = first element).
+inline void emu_ldmatrix_x4(uint32_t (&r)[4], const uint16_t* p, bool trans) {
+  EmuWarp& w = emu_warp();
+  const unsigned lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  w.rows[lane] = p;
+  w.bar.arrive_and_wait();
+  for (unsigned m = 0; m < 4; ++m) {
+    const uint16_t* const* rows = &w.rows[m * 8];
+    uint32_t lo, hi;
+    if (trans) {
+      lo = rows[2 * t][g];
+      hi = rows[2 * t + 1][g];
+    } else {
+      lo = rows[g][2 * t];
+      hi = rows[g][2 * t + 1];
+    }
+    r[m] = lo | (hi << 16);
   }
   w.bar.arrive_and_wait();
 }
