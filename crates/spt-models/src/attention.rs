@@ -120,7 +120,8 @@ impl DenseAttention {
         scale: f64,
         train: bool,
     ) -> Result<Tensor> {
-        if q.device().is_cpu() && mask.rows_nonempty && matches!(q.dtype(), DType::F32 | DType::F64) {
+        let dropout_on = train && self.dropout.p > 0.0;
+        if mask.rows_nonempty && spt_ops::flash_attention_is_fused(q, v, dropout_on) {
             let dropout = self.dropout.seeded(train);
             return Ok(spt_ops::flash_attention(q, k, v, &mask.mask, scale, dropout)?);
         }
@@ -197,7 +198,7 @@ impl SparseAttention {
         let (lq, lk) = (q.dim(2)?, k.dim(2)?);
         let top_k = self.resolve_top_k(lk);
         let kept = top_k.resolve(lk).unwrap_or(lk);
-        if kept >= lk && q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64) {
+        if kept >= lk && spt_ops::flash_attention_is_fused(q, v, false) {
             // Every key is kept, so this is dense attention (same zeros for rows with no
             // allowed key, no dropout): the fused dense kernel computes it faster than a
             // selection that gathers every key.

@@ -39,7 +39,7 @@ pub use activation::{gelu_erf, gelu_tanh, Activation};
 pub use attention::{dense_attention, AttentionMask};
 pub use block_sparse_attention::block_sparse_attention;
 pub use cross_entropy::{linear_cross_entropy, Reduction};
-pub use flash_attention::{flash_attention, SeededDropout};
+pub use flash_attention::{flash_attention, flash_attention_is_fused, SeededDropout};
 pub use lora::{LoraConfig, LoraError, LoraLinear};
 pub use norm::{layer_norm, residual_layer_norm, softmax_last_dim};
 pub use pq::{

@@ -83,6 +83,21 @@ pub fn flash_attention(
     )
 }
 
+/// Whether [`flash_attention`] runs a fused kernel for `q`, `v` (with or without dropout) rather
+/// than its composed `[B, H, L_q, L_k]` form: f32 or f64 on the CPU; bf16 with d = d_v ∈ {64, 128}
+/// and no dropout on CUDA.
+pub fn flash_attention_is_fused(q: &Tensor, v: &Tensor, dropout: bool) -> bool {
+    if q.device().is_cpu() {
+        return matches!(q.dtype(), DType::F32 | DType::F64);
+    }
+    #[cfg(feature = "cuda")]
+    if let (Some(&d), Some(&dv)) = (q.dims().last(), v.dims().last()) {
+        return !dropout && cuda::supported(q, d, dv);
+    }
+    let _ = (v, dropout);
+    false
+}
+
 /// The composed form of [`flash_attention`]: softmax from candle ops, the dropout mask as an
 /// explicit `[B, H, L_q, L_k]` tensor. The oracle the tests compare with, and the path on
 /// devices without the fused kernel.
