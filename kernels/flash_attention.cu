@@ -38,9 +38,11 @@
 //                          S, P from lse, dP = dO Vᵀ, dS, dQ += dS K. Recomputing S once more
 //                          instead of float atomics on dq makes the backward deterministic (same
 //                          bits run after run) with no option to choose.
-// Shared memory (dynamic): fwd 3, dq and dkdv 4 tiles of 64 × (D + 8) bf16 (rows padded by 16
-// bytes against bank conflicts), dkdv + 512 bytes: D = 64: 27 / 36 KB; D = 128: 52 / 70 KB, above
-// the default 48 KB, so the launcher raises the kernels' limit.
+// Global → shared copies are cp.async, two stages: the next key block (fwd, dq) or query tile
+// (dkdv) is copied while the current one is computed.
+// Shared memory (dynamic), tiles of 64 × (D + 8) bf16 (rows padded by 16 bytes against bank
+// conflicts): fwd 5 (Q + 2 stages of K, V), dq 6, dkdv 6 + 1 KB: D = 64: 45 / 54 / 55 KB;
+// D = 128: 85 / 102 / 103 KB, above the default 48 KB, so the launcher raises the kernels' limit.
 // Limits (checked in Rust): D ∈ {64, 128}, d_v = D; q, k, v, o, do start 16-byte aligned; every
 // element count < 2^31.
 #ifdef SPT_EMU
@@ -148,20 +150,20 @@ __device__ __forceinline__ float fa_quad_sum(float v) {
 // the 8 row addresses of an ldmatrix fall in 8 distinct 16-byte bank groups) with ldmatrix. For
 // lane L, mi = L / 8 picks the 8 × 8 matrix and L % 8 its row.
 
-// x[16 × 64] = A[16 × D] · Bᵀ with A rows r0.. of `a_m` ([row][k]) and B rows of `b_m` ([n][k]):
-// the Q Kᵀ shape. One ldmatrix gives A's 16 × 16 fragment; one gives B for two n-tiles of 8.
-template <int D>
-__device__ __forceinline__ void fa_mm_abt(float (&x)[8][4], const fa_u16* a_m, int r0, const fa_u16* b_m) {
+// x[16 × 8·NJ] = A[16 × D] · Bᵀ with A rows r0.. of `a_m` ([row][k]) and B rows of `b_m`
+// ([n][k]): the Q Kᵀ shape. One ldmatrix gives A's 16 × 16 fragment; one gives B for two n-tiles.
+template <int D, int NJ = 8>
+__device__ __forceinline__ void fa_mm_abt(float (&x)[NJ][4], const fa_u16* a_m, int r0, const fa_u16* b_m) {
   constexpr int S = D + FA_PAD;
   const int lane = threadIdx.x % 32, mi = lane / 8, lr = lane % 8;
 #pragma unroll
-  for (int j = 0; j < 8; ++j) x[j][0] = x[j][1] = x[j][2] = x[j][3] = 0.0f;
+  for (int j = 0; j < NJ; ++j) x[j][0] = x[j][1] = x[j][2] = x[j][3] = 0.0f;
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     fa_u32 a[4];
     fa_ldsm(a, a_m + (r0 + (mi & 1) * 8 + lr) * S + kk * 16 + (mi >> 1) * 8);
 #pragma unroll
-    for (int jp = 0; jp < 4; ++jp) {
+    for (int jp = 0; jp < NJ / 2; ++jp) {
       fa_u32 b[4];
       fa_ldsm(b, b_m + (jp * 16 + (mi >> 1) * 8 + lr) * S + kk * 16 + (mi & 1) * 8);
       fa_mma(x[2 * jp], a, b[0], b[1]);
@@ -170,24 +172,25 @@ __device__ __forceinline__ void fa_mm_abt(float (&x)[8][4], const fa_u16* a_m, i
   }
 }
 
-// The A fragment of columns 16·kk.. of a 16 × 64 accumulator tile x (rounded to bf16).
-__device__ __forceinline__ void fa_acc_to_a(fa_u32 (&a)[4], const float (&x)[8][4], int kk) {
+// The A fragment of columns 16·kk.. of a 16 × 8·NJ accumulator tile x (rounded to bf16).
+template <int NJ>
+__device__ __forceinline__ void fa_acc_to_a(fa_u32 (&a)[4], const float (&x)[NJ][4], int kk) {
   a[0] = fa_pack(x[2 * kk][0], x[2 * kk][1]);
   a[1] = fa_pack(x[2 * kk][2], x[2 * kk][3]);
   a[2] = fa_pack(x[2 * kk + 1][0], x[2 * kk + 1][1]);
   a[3] = fa_pack(x[2 * kk + 1][2], x[2 * kk + 1][3]);
 }
 
-// acc[16 × D] += X[16 × 64] · m[64 × D], X an accumulator tile, m read as [k][n]: the P V shape.
-// A transposing ldmatrix gives B for two n-tiles of 8.
-template <int D>
-__device__ __forceinline__ void fa_mm_acc_b(float (&acc)[D / 8][4], const float (&x)[8][4], const fa_u16* m) {
+// acc[16 × D] += X[16 × 8·NJ] · m[8·NJ × D], X an accumulator tile, m read as [k][n]: the P V
+// shape. A transposing ldmatrix gives B for two n-tiles of 8.
+template <int D, int NJ = 8>
+__device__ __forceinline__ void fa_mm_acc_b(float (&acc)[D / 8][4], const float (&x)[NJ][4], const fa_u16* m) {
   constexpr int S = D + FA_PAD;
   const int lane = threadIdx.x % 32, mi = lane / 8, lr = lane % 8;
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
+  for (int kk = 0; kk < NJ / 2; ++kk) {
     fa_u32 a[4];
-    fa_acc_to_a(a, x, kk);
+    fa_acc_to_a<NJ>(a, x, kk);
 #pragma unroll
     for (int dp = 0; dp < D / 16; ++dp) {
       fa_u32 b[4];
@@ -198,16 +201,40 @@ __device__ __forceinline__ void fa_mm_acc_b(float (&acc)[D / 8][4], const float 
   }
 }
 
-// Copies rows row0 .. row0 + 64 of a [n, D] bf16 matrix into a padded tile; rows ≥ n are zero.
+// Starts copying rows row0 .. row0 + 64 of a [n, D] bf16 matrix into a padded tile with cp.async
+// (16 bytes per thread per step, bypassing L1); rows ≥ n are zero-filled (source size 0, the
+// address kept in bounds). Completion: fa_commit() closes the group, fa_wait<N>() waits until at
+// most N groups are pending, then a __syncthreads makes every thread's copies visible.
 template <int D>
 __device__ __forceinline__ void fa_load_tile(fa_u16* dst, const fa_u16* __restrict__ src, int row0, int n) {
   constexpr int CH = D / 8;  // 16-byte chunks per row
   for (int e = threadIdx.x; e < 64 * CH; e += FA_THREADS) {
     const int r = e / CH, c = (e % CH) * 8;
+    const bool in = row0 + r < n;
+    const fa_u16* from = src + static_cast<size_t>(in ? row0 + r : 0) * D + c;
+    fa_u16* to = dst + r * (D + FA_PAD) + c;
+#ifdef SPT_EMU
     uint4 val = {0u, 0u, 0u, 0u};
-    if (row0 + r < n) val = *reinterpret_cast<const uint4*>(src + static_cast<size_t>(row0 + r) * D + c);
-    *reinterpret_cast<uint4*>(dst + r * (D + FA_PAD) + c) = val;
+    if (in) val = *reinterpret_cast<const uint4*>(from);
+    *reinterpret_cast<uint4*>(to) = val;
+#else
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(to));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(from), "r"(in ? 16 : 0));
+#endif
   }
+}
+
+__device__ __forceinline__ void fa_commit() {
+#ifndef SPT_EMU
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void fa_wait() {
+#ifndef SPT_EMU
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
 }
 
 __device__ __forceinline__ bool fa_sees(int i, int j, int lq, int lk, int causal, const uint8_t* __restrict__ kok) {
@@ -244,14 +271,15 @@ __device__ __forceinline__ void fa_fwd(const fa_u16* __restrict__ q, const fa_u1
                                        const uint8_t* __restrict__ key_ok, const fa_u32* __restrict__ blocks,
                                        int width, int h, int lq, int lk, int causal, float scale) {
   constexpr int S = D + FA_PAD;
-  const int tile = blockIdx.x, bh = blockIdx.y, nt = gridDim.x;
+  // Last tiles first: under a causal mask they have the most key blocks, so the long CTAs start
+  // early and the short ones fill the tail.
+  const int tile = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y, nt = gridDim.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int i0 = tile * FA_BR, r0 = warp * 16;
   const int nb = (lk + FA_BC - 1) / FA_BC;
   const float sl2 = scale * FA_LOG2E;
   fa_u16* qs = reinterpret_cast<fa_u16*>(fa_smem);
-  fa_u16* ks = qs + FA_BR * S;
-  fa_u16* vs = ks + FA_BC * S;
+  fa_u16* kv = qs + FA_BR * S;  // two stages of K then V
   q += static_cast<size_t>(bh) * lq * D;
   k += static_cast<size_t>(bh) * lk * D;
   v += static_cast<size_t>(bh) * lk * D;
@@ -261,19 +289,31 @@ __device__ __forceinline__ void fa_fwd(const fa_u16* __restrict__ q, const fa_u1
   const fa_u32* list = blocks ? blocks + (static_cast<size_t>(bh) * nt + tile) * width : nullptr;
   const int n_dense = fa_dense_blocks(i0, lq, lk, causal);
 
-  fa_load_tile<D>(qs, q, i0, lq);
   float acc[D / 8][4];
 #pragma unroll
   for (int dn = 0; dn < D / 8; ++dn) acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.0f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  for (int it = 0;; ++it) {
-    const int kb = fa_key_block(list, width, it, n_dense, nb);
-    if (kb < 0) break;
-    const int j0 = kb * FA_BC;
-    __syncthreads();  // the previous block's K, V are no longer read
-    fa_load_tile<D>(ks, k, j0, lk);
-    fa_load_tile<D>(vs, v, j0, lk);
+  // Two-stage pipeline: block it + 1's K, V are copied while block it is computed.
+  fa_load_tile<D>(qs, q, i0, lq);
+  int kb = fa_key_block(list, width, 0, n_dense, nb);
+  if (kb >= 0) {
+    fa_load_tile<D>(kv, k, kb * FA_BC, lk);
+    fa_load_tile<D>(kv + FA_BC * S, v, kb * FA_BC, lk);
+  }
+  fa_commit();
+  for (int it = 0; kb >= 0; ++it) {
+    const int next = fa_key_block(list, width, it + 1, n_dense, nb);
+    const fa_u16* ks = kv + (it & 1) * 2 * FA_BC * S;
+    const fa_u16* vs = ks + FA_BC * S;
+    if (next >= 0) {
+      fa_u16* kn = kv + ((it + 1) & 1) * 2 * FA_BC * S;
+      fa_load_tile<D>(kn, k, next * FA_BC, lk);
+      fa_load_tile<D>(kn + FA_BC * S, v, next * FA_BC, lk);
+    }
+    fa_commit();
+    fa_wait<1>();  // this block's group (and Q) have landed
     __syncthreads();
+    const int j0 = kb * FA_BC;
     float s[8][4];
     fa_mm_abt<D>(s, qs, r0, ks);
     float mx[2] = {-INFINITY, -INFINITY};
@@ -312,7 +352,10 @@ __device__ __forceinline__ void fa_fwd(const fa_u16* __restrict__ q, const fa_u1
       }
     }
     fa_mm_acc_b<D>(acc, s, vs);
+    __syncthreads();  // this stage is refilled by the next iteration's copies
+    kb = next;
   }
+  fa_wait<0>();
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     const float lt = fa_quad_sum(l[rr]);
@@ -335,15 +378,16 @@ __device__ __forceinline__ void fa_bwd_dq(const fa_u16* __restrict__ q, const fa
                                           const fa_u32* __restrict__ blocks, int width, int h, int lq, int lk,
                                           int causal, float scale) {
   constexpr int S = D + FA_PAD;
-  const int tile = blockIdx.x, bh = blockIdx.y, nt = gridDim.x;
+  // Last tiles first: under a causal mask they have the most key blocks, so the long CTAs start
+  // early and the short ones fill the tail.
+  const int tile = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y, nt = gridDim.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int i0 = tile * FA_BR, r0 = warp * 16;
   const int nb = (lk + FA_BC - 1) / FA_BC;
   const float sl2 = scale * FA_LOG2E;
   fa_u16* qs = reinterpret_cast<fa_u16*>(fa_smem);
   fa_u16* dos = qs + FA_BR * S;
-  fa_u16* ks = dos + FA_BR * S;
-  fa_u16* vs = ks + FA_BC * S;
+  fa_u16* kv = dos + FA_BR * S;  // two stages of K then V
   q += static_cast<size_t>(bh) * lq * D;
   dout += static_cast<size_t>(bh) * lq * D;
   dq += static_cast<size_t>(bh) * lq * D;
@@ -355,8 +399,6 @@ __device__ __forceinline__ void fa_bwd_dq(const fa_u16* __restrict__ q, const fa
   const fa_u32* list = blocks ? blocks + (static_cast<size_t>(bh) * nt + tile) * width : nullptr;
   const int n_dense = fa_dense_blocks(i0, lq, lk, causal);
 
-  fa_load_tile<D>(qs, q, i0, lq);
-  fa_load_tile<D>(dos, dout, i0, lq);
   float lse2[2], dl[2];
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
@@ -367,14 +409,27 @@ __device__ __forceinline__ void fa_bwd_dq(const fa_u16* __restrict__ q, const fa
   float acc[D / 8][4];
 #pragma unroll
   for (int dn = 0; dn < D / 8; ++dn) acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.0f;
-  for (int it = 0;; ++it) {
-    const int kb = fa_key_block(list, width, it, n_dense, nb);
-    if (kb < 0) break;
+  fa_load_tile<D>(qs, q, i0, lq);
+  fa_load_tile<D>(dos, dout, i0, lq);
+  int kb = fa_key_block(list, width, 0, n_dense, nb);
+  if (kb >= 0) {
+    fa_load_tile<D>(kv, k, kb * FA_BC, lk);
+    fa_load_tile<D>(kv + FA_BC * S, v, kb * FA_BC, lk);
+  }
+  fa_commit();
+  for (int it = 0; kb >= 0; ++it) {
+    const int next = fa_key_block(list, width, it + 1, n_dense, nb);
+    const fa_u16* ks = kv + (it & 1) * 2 * FA_BC * S;
+    const fa_u16* vs = ks + FA_BC * S;
+    if (next >= 0) {
+      fa_u16* kn = kv + ((it + 1) & 1) * 2 * FA_BC * S;
+      fa_load_tile<D>(kn, k, next * FA_BC, lk);
+      fa_load_tile<D>(kn + FA_BC * S, v, next * FA_BC, lk);
+    }
+    fa_commit();
+    fa_wait<1>();
+    __syncthreads();
     const int j0 = kb * FA_BC;
-    __syncthreads();
-    fa_load_tile<D>(ks, k, j0, lk);
-    fa_load_tile<D>(vs, v, j0, lk);
-    __syncthreads();
     float p[8][4], dp[8][4];
     fa_mm_abt<D>(p, qs, r0, ks);
     fa_mm_abt<D>(dp, dos, r0, vs);
@@ -391,7 +446,10 @@ __device__ __forceinline__ void fa_bwd_dq(const fa_u16* __restrict__ q, const fa
       }
     }
     fa_mm_acc_b<D>(acc, dp, ks);
+    __syncthreads();
+    kb = next;
   }
+  fa_wait<0>();
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     const int i = i0 + r0 + g + 8 * rr;
@@ -419,10 +477,8 @@ __device__ __forceinline__ void fa_bwd_dkdv(const fa_u16* __restrict__ q, const 
   const float sl2 = scale * FA_LOG2E;
   fa_u16* ks = reinterpret_cast<fa_u16*>(fa_smem);
   fa_u16* vs = ks + FA_BC * S;
-  fa_u16* qs = vs + FA_BC * S;
-  fa_u16* dos = qs + FA_BR * S;
-  float* lse_s = reinterpret_cast<float*>(dos + FA_BR * S);  // log2 domain
-  float* dl_s = lse_s + FA_BR;
+  fa_u16* qd = vs + FA_BC * S;                                // two stages of Q then dO
+  float* stats = reinterpret_cast<float*>(qd + 4 * FA_BR * S);  // two stages of lse (log2), delta
   q += static_cast<size_t>(bh) * lq * D;
   dout += static_cast<size_t>(bh) * lq * D;
   k += static_cast<size_t>(bh) * lk * D;
@@ -438,45 +494,68 @@ __device__ __forceinline__ void fa_bwd_dkdv(const fa_u16* __restrict__ q, const 
   const int first = causal ? kb * FA_BC / FA_BR : 0;
   const int count = tiles ? static_cast<int>(ntiles[static_cast<size_t>(bh) * nb + kb]) : max(nt - first, 0);
 
-  fa_load_tile<D>(ks, k, j0, lk);
-  fa_load_tile<D>(vs, v, j0, lk);
   float dka[D / 8][4], dva[D / 8][4];
 #pragma unroll
   for (int dn = 0; dn < D / 8; ++dn) {
     dka[dn][0] = dka[dn][1] = dka[dn][2] = dka[dn][3] = 0.0f;
     dva[dn][0] = dva[dn][1] = dva[dn][2] = dva[dn][3] = 0.0f;
   }
-  for (int it = 0; it < count; ++it) {
-    const int tile = list ? static_cast<int>(list[it]) : first + it;
-    const int i0 = tile * FA_BR;
-    __syncthreads();  // the previous tile's Q, dO, lse, delta are no longer read
-    fa_load_tile<D>(qs, q, i0, lq);
-    fa_load_tile<D>(dos, dout, i0, lq);
+  // Two-stage pipeline over the query tiles: tile it + 1's Q, dO (cp.async) and lse, delta (plain
+  // loads) go to the other stage while tile it is computed.
+  constexpr int NJ = D <= 64 ? 8 : 4;
+  auto stage_in = [&](int it, int st) {
+    const int i0 = (list ? static_cast<int>(list[it]) : first + it) * FA_BR;
+    fa_u16* qn = qd + st * 2 * FA_BR * S;
+    fa_load_tile<D>(qn, q, i0, lq);
+    fa_load_tile<D>(qn + FA_BR * S, dout, i0, lq);
+    float* sn = stats + st * 2 * FA_BR;
     for (int x = threadIdx.x; x < FA_BR; x += FA_THREADS) {
       const int i = i0 + x;
-      lse_s[x] = i < lq ? lse[i] * FA_LOG2E : -INFINITY;
-      dl_s[x] = i < lq ? delta[i] : 0.0f;
+      sn[x] = i < lq ? lse[i] * FA_LOG2E : -INFINITY;
+      sn[FA_BR + x] = i < lq ? delta[i] : 0.0f;
     }
+  };
+  fa_load_tile<D>(ks, k, j0, lk);
+  fa_load_tile<D>(vs, v, j0, lk);
+  if (count > 0) stage_in(0, 0);
+  fa_commit();
+  for (int it = 0; it < count; ++it) {
+    const int i0 = (list ? static_cast<int>(list[it]) : first + it) * FA_BR;
+    const int cur = it & 1;
+    const fa_u16* qs = qd + cur * 2 * FA_BR * S;
+    const fa_u16* dos = qs + FA_BR * S;
+    const float* lse_s = stats + cur * 2 * FA_BR;
+    const float* dl_s = lse_s + FA_BR;
+    if (it + 1 < count) stage_in(it + 1, (it + 1) & 1);
+    fa_commit();
+    fa_wait<1>();
     __syncthreads();
-    float p[8][4], dp[8][4];
-    fa_mm_abt<D>(p, ks, r0, qs);    // Sᵀ: rows keys, columns queries
-    fa_mm_abt<D>(dp, vs, r0, dos);  // dPᵀ
     const bool full = fa_full(i0, j0, lq, lk, causal, key_ok);
+    // The tile's 64 queries in chunks of 8·NJ (D = 128: two halves, so that Sᵀ and dPᵀ fit in
+    // registers beside the dK, dV accumulators).
+#pragma unroll 1
+    for (int c0 = 0; c0 < FA_BR; c0 += 8 * NJ) {
+      float p[NJ][4], dp[NJ][4];
+      fa_mm_abt<D, NJ>(p, ks, r0, qs + c0 * S);    // Sᵀ: rows keys, columns queries
+      fa_mm_abt<D, NJ>(dp, vs, r0, dos + c0 * S);  // dPᵀ
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
+      for (int j = 0; j < NJ; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int c = j * 8 + 2 * t + (e & 1);
-        const int jj = j0 + r0 + g + 8 * (e >> 1), i = i0 + c;
-        const bool ok = full || (lse_s[c] != -INFINITY && fa_sees(i, jj, lq, lk, causal, key_ok));
-        const float pv = ok ? exp2f(p[j][e] * sl2 - lse_s[c]) : 0.0f;
-        p[j][e] = pv;
-        dp[j][e] = pv * (dp[j][e] - dl_s[c]);  // dSᵀ
+        for (int e = 0; e < 4; ++e) {
+          const int c = c0 + j * 8 + 2 * t + (e & 1);
+          const int jj = j0 + r0 + g + 8 * (e >> 1), i = i0 + c;
+          const bool ok = full || (lse_s[c] != -INFINITY && fa_sees(i, jj, lq, lk, causal, key_ok));
+          const float pv = ok ? exp2f(p[j][e] * sl2 - lse_s[c]) : 0.0f;
+          p[j][e] = pv;
+          dp[j][e] = pv * (dp[j][e] - dl_s[c]);  // dSᵀ
+        }
       }
+      fa_mm_acc_b<D, NJ>(dva, p, dos + c0 * S);
+      fa_mm_acc_b<D, NJ>(dka, dp, qs + c0 * S);
     }
-    fa_mm_acc_b<D>(dva, p, dos);
-    fa_mm_acc_b<D>(dka, dp, qs);
+    __syncthreads();  // this stage is refilled by the next iteration
   }
+  fa_wait<0>();
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     const int jj = j0 + r0 + g + 8 * rr;

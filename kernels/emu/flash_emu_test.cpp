@@ -99,7 +99,7 @@ bool run_case(const Case& c) {
   std::vector<float> lse(size_t(bh) * c.lq), delta(size_t(bh) * c.lq);
   std::vector<uint32_t> tiles(size_t(bh) * nb * nt), ntiles(size_t(bh) * nb);
   const size_t tile_bytes = size_t(64) * (D + FA_PAD) * 2;
-  emu_launch(nt, bh, FA_THREADS, 3 * tile_bytes, [&] {
+  emu_launch(nt, bh, FA_THREADS, 5 * tile_bytes, [&] {
     if (D == 64)
       fa_fwd_d64(q.data(), k.data(), v.data(), o.data(), lse.data(), kok, blk, width, c.h, c.lq, c.lk, c.causal, scale);
     else
@@ -112,7 +112,7 @@ bool run_case(const Case& c) {
                [&] { fa_block_tiles(blocks.data(), tiles.data(), ntiles.data(), bh, nt, nb, width); });
   const uint32_t* tl = c.sparse ? tiles.data() : nullptr;
   const uint32_t* ntl = c.sparse ? ntiles.data() : nullptr;
-  emu_launch(nt, bh, FA_THREADS, 4 * tile_bytes, [&] {
+  emu_launch(nt, bh, FA_THREADS, 6 * tile_bytes, [&] {
     if (D == 64)
       fa_bwd_dq_d64(q.data(), k.data(), v.data(), dout.data(), lse.data(), delta.data(), dq.data(), kok, blk, width,
                     c.h, c.lq, c.lk, c.causal, scale);
@@ -120,7 +120,7 @@ bool run_case(const Case& c) {
       fa_bwd_dq_d128(q.data(), k.data(), v.data(), dout.data(), lse.data(), delta.data(), dq.data(), kok, blk, width,
                      c.h, c.lq, c.lk, c.causal, scale);
   });
-  emu_launch(nb, bh, FA_THREADS, 4 * tile_bytes + 512, [&] {
+  emu_launch(nb, bh, FA_THREADS, 6 * tile_bytes + 1024, [&] {
     if (D == 64)
       fa_bwd_dkdv_d64(q.data(), k.data(), v.data(), dout.data(), lse.data(), delta.data(), dk.data(), dv.data(), kok,
                       tl, ntl, c.h, c.lq, c.lk, c.causal, scale);

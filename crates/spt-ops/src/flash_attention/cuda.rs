@@ -160,7 +160,7 @@ impl CustomOp3 for FlashCuda {
             opt_view!(op, "key padding mask", u8, self.key_ok.as_ref(), kg, kok);
             opt_view!(op, "block lists", u32, self.blocks.as_ref(), bg, blk);
             let name = format!("fa_fwd_d{d}");
-            let smem = 3 * tile_bytes(d);
+            let smem = 5 * tile_bytes(d);
             let f = kernel(dev, &name, smem)?;
             let mut a = f.builder();
             a.arg(&q).arg(&k).arg(&v).arg(&mut o).arg(&mut lse);
@@ -280,7 +280,7 @@ impl FlashCuda {
 
             // dq: per query tile, over its key blocks.
             let name = format!("fa_bwd_dq_d{d}");
-            let smem = 4 * tile_bytes(d);
+            let smem = 6 * tile_bytes(d);
             let f = kernel(&dev, &name, smem)?;
             let mut a = f.builder();
             a.arg(&qv)
@@ -315,7 +315,7 @@ impl FlashCuda {
 
             // dk, dv: per key block, over the query tiles that see it.
             let name = format!("fa_bwd_dkdv_d{d}");
-            let smem = 4 * tile_bytes(d) + 2 * TILE * 4;
+            let smem = 6 * tile_bytes(d) + 4 * TILE * 4;
             let null = 0u64;
             let f = kernel(&dev, &name, smem)?;
             let mut a = f.builder();
