@@ -99,7 +99,9 @@ fn masked_scores<T: Float>(
     let pad_ok: Option<Vec<bool>> = n
         .key_ok
         .as_ref()
-        .map(|k| g.idx.iter().map(|&j| k[b * n.lk + j]).collect());
+        .map(|k| g.idx.iter().map(|&j| k[b * n.lk + j]).collect::<Vec<bool>>())
+        // Every gathered key allowed (unpadded batches): no per-element pass.
+        .filter(|ok| !ok.iter().all(|&x| x));
     for (r, row) in s.chunks_mut(nk.max(1)).enumerate().take(m) {
         // Gathered keys ascend, so the causally allowed ones are a prefix of the row.
         let cut = if n.causal {
