@@ -113,26 +113,21 @@ __device__ __forceinline__ void fa_mma(float (&c)[4], const fa_u32 (&a)[4], fa_u
 
 // Four 8 × 8 b16 matrices from shared memory, one register each (ldmatrix .x4): lane L gives the
 // address of row L % 8 of matrix L / 8. Plain: register m holds row g, columns 2t, 2t + 1 of
-// matrix m; transposed (.trans): rows 2t, 2t + 1 of column g.
+// matrix m; transposed (kTrans, .trans): rows 2t, 2t + 1 of column g.
+template <bool kTrans>
 __device__ __forceinline__ void fa_ldsm(fa_u32 (&r)[4], const fa_u16* p) {
 #ifdef SPT_EMU
-  emu_ldmatrix_x4(r, p, false);
+  emu_ldmatrix_x4(r, p, kTrans);
 #else
   const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a));
-#endif
-}
-
-__device__ __forceinline__ void fa_ldsm_t(fa_u32 (&r)[4], const fa_u16* p) {
-#ifdef SPT_EMU
-  emu_ldmatrix_x4(r, p, true);
-#else
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a));
+  if constexpr (kTrans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
 #endif
 }
 
@@ -146,6 +141,12 @@ __device__ __forceinline__ float fa_quad_sum(float v) {
   return v + __shfl_xor_sync(0xFFFFFFFFu, v, 2);
 }
 
+template <int N>
+__device__ __forceinline__ void fa_zero(float (&x)[N][4]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) x[j][0] = x[j][1] = x[j][2] = x[j][3] = 0.0f;
+}
+
 // The GEMM tiles below read shared-memory tiles (row-major, row stride S = D + 8 elements, so
 // the 8 row addresses of an ldmatrix fall in 8 distinct 16-byte bank groups) with ldmatrix. For
 // lane L, mi = L / 8 picks the 8 × 8 matrix and L % 8 its row.
@@ -156,16 +157,15 @@ template <int D, int NJ = 8>
 __device__ __forceinline__ void fa_mm_abt(float (&x)[NJ][4], const fa_u16* a_m, int r0, const fa_u16* b_m) {
   constexpr int S = D + FA_PAD;
   const int lane = threadIdx.x % 32, mi = lane / 8, lr = lane % 8;
-#pragma unroll
-  for (int j = 0; j < NJ; ++j) x[j][0] = x[j][1] = x[j][2] = x[j][3] = 0.0f;
+  fa_zero(x);
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     fa_u32 a[4];
-    fa_ldsm(a, a_m + (r0 + (mi & 1) * 8 + lr) * S + kk * 16 + (mi >> 1) * 8);
+    fa_ldsm<false>(a, a_m + (r0 + (mi & 1) * 8 + lr) * S + kk * 16 + (mi >> 1) * 8);
 #pragma unroll
     for (int jp = 0; jp < NJ / 2; ++jp) {
       fa_u32 b[4];
-      fa_ldsm(b, b_m + (jp * 16 + (mi >> 1) * 8 + lr) * S + kk * 16 + (mi & 1) * 8);
+      fa_ldsm<false>(b, b_m + (jp * 16 + (mi >> 1) * 8 + lr) * S + kk * 16 + (mi & 1) * 8);
       fa_mma(x[2 * jp], a, b[0], b[1]);
       fa_mma(x[2 * jp + 1], a, b[2], b[3]);
     }
@@ -194,7 +194,7 @@ __device__ __forceinline__ void fa_mm_acc_b(float (&acc)[D / 8][4], const float 
 #pragma unroll
     for (int dp = 0; dp < D / 16; ++dp) {
       fa_u32 b[4];
-      fa_ldsm_t(b, m + (kk * 16 + (mi & 1) * 8 + lr) * S + dp * 16 + (mi >> 1) * 8);
+      fa_ldsm<true>(b, m + (kk * 16 + (mi & 1) * 8 + lr) * S + dp * 16 + (mi >> 1) * 8);
       fa_mma(acc[2 * dp], a, b[0], b[1]);
       fa_mma(acc[2 * dp + 1], a, b[2], b[3]);
     }
@@ -224,6 +224,12 @@ __device__ __forceinline__ void fa_load_tile(fa_u16* dst, const fa_u16* __restri
   }
 }
 
+// Starts copying key block kb's K and V (nothing when kb < 0) into stage st of the two-stage
+// buffer kv ([2][K, V] tiles), and closes the copy group.
+template <int D>
+__device__ __forceinline__ void fa_stage_kv(fa_u16* kv, int st, const fa_u16* __restrict__ k,
+                                            const fa_u16* __restrict__ v, int kb, int lk);
+
 __device__ __forceinline__ void fa_commit() {
 #ifndef SPT_EMU
   asm volatile("cp.async.commit_group;\n" ::);
@@ -235,6 +241,18 @@ __device__ __forceinline__ void fa_wait() {
 #ifndef SPT_EMU
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 #endif
+}
+
+template <int D>
+__device__ __forceinline__ void fa_stage_kv(fa_u16* kv, int st, const fa_u16* __restrict__ k,
+                                            const fa_u16* __restrict__ v, int kb, int lk) {
+  constexpr int S = D + FA_PAD;
+  if (kb >= 0) {
+    fa_u16* dst = kv + st * 2 * FA_BC * S;
+    fa_load_tile<D>(dst, k, kb * FA_BC, lk);
+    fa_load_tile<D>(dst + FA_BC * S, v, kb * FA_BC, lk);
+  }
+  fa_commit();
 }
 
 __device__ __forceinline__ bool fa_sees(int i, int j, int lq, int lk, int causal, const uint8_t* __restrict__ kok) {
@@ -290,27 +308,17 @@ __device__ __forceinline__ void fa_fwd(const fa_u16* __restrict__ q, const fa_u1
   const int n_dense = fa_dense_blocks(i0, lq, lk, causal);
 
   float acc[D / 8][4];
-#pragma unroll
-  for (int dn = 0; dn < D / 8; ++dn) acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.0f;
+  fa_zero(acc);
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   // Two-stage pipeline: block it + 1's K, V are copied while block it is computed.
   fa_load_tile<D>(qs, q, i0, lq);
   int kb = fa_key_block(list, width, 0, n_dense, nb);
-  if (kb >= 0) {
-    fa_load_tile<D>(kv, k, kb * FA_BC, lk);
-    fa_load_tile<D>(kv + FA_BC * S, v, kb * FA_BC, lk);
-  }
-  fa_commit();
+  fa_stage_kv<D>(kv, 0, k, v, kb, lk);
   for (int it = 0; kb >= 0; ++it) {
     const int next = fa_key_block(list, width, it + 1, n_dense, nb);
     const fa_u16* ks = kv + (it & 1) * 2 * FA_BC * S;
     const fa_u16* vs = ks + FA_BC * S;
-    if (next >= 0) {
-      fa_u16* kn = kv + ((it + 1) & 1) * 2 * FA_BC * S;
-      fa_load_tile<D>(kn, k, next * FA_BC, lk);
-      fa_load_tile<D>(kn + FA_BC * S, v, next * FA_BC, lk);
-    }
-    fa_commit();
+    fa_stage_kv<D>(kv, (it + 1) & 1, k, v, next, lk);
     fa_wait<1>();  // this block's group (and Q) have landed
     __syncthreads();
     const int j0 = kb * FA_BC;
@@ -407,26 +415,16 @@ __device__ __forceinline__ void fa_bwd_dq(const fa_u16* __restrict__ q, const fa
     dl[rr] = i < lq ? delta[i] : 0.0f;
   }
   float acc[D / 8][4];
-#pragma unroll
-  for (int dn = 0; dn < D / 8; ++dn) acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.0f;
+  fa_zero(acc);
   fa_load_tile<D>(qs, q, i0, lq);
   fa_load_tile<D>(dos, dout, i0, lq);
   int kb = fa_key_block(list, width, 0, n_dense, nb);
-  if (kb >= 0) {
-    fa_load_tile<D>(kv, k, kb * FA_BC, lk);
-    fa_load_tile<D>(kv + FA_BC * S, v, kb * FA_BC, lk);
-  }
-  fa_commit();
+  fa_stage_kv<D>(kv, 0, k, v, kb, lk);
   for (int it = 0; kb >= 0; ++it) {
     const int next = fa_key_block(list, width, it + 1, n_dense, nb);
     const fa_u16* ks = kv + (it & 1) * 2 * FA_BC * S;
     const fa_u16* vs = ks + FA_BC * S;
-    if (next >= 0) {
-      fa_u16* kn = kv + ((it + 1) & 1) * 2 * FA_BC * S;
-      fa_load_tile<D>(kn, k, next * FA_BC, lk);
-      fa_load_tile<D>(kn + FA_BC * S, v, next * FA_BC, lk);
-    }
-    fa_commit();
+    fa_stage_kv<D>(kv, (it + 1) & 1, k, v, next, lk);
     fa_wait<1>();
     __syncthreads();
     const int j0 = kb * FA_BC;
@@ -495,11 +493,8 @@ __device__ __forceinline__ void fa_bwd_dkdv(const fa_u16* __restrict__ q, const 
   const int count = tiles ? static_cast<int>(ntiles[static_cast<size_t>(bh) * nb + kb]) : max(nt - first, 0);
 
   float dka[D / 8][4], dva[D / 8][4];
-#pragma unroll
-  for (int dn = 0; dn < D / 8; ++dn) {
-    dka[dn][0] = dka[dn][1] = dka[dn][2] = dka[dn][3] = 0.0f;
-    dva[dn][0] = dva[dn][1] = dva[dn][2] = dva[dn][3] = 0.0f;
-  }
+  fa_zero(dka);
+  fa_zero(dva);
   // Two-stage pipeline over the query tiles: tile it + 1's Q, dO (cp.async) and lse, delta (plain
   // loads) go to the other stage while tile it is computed.
   constexpr int NJ = D <= 64 ? 8 : 4;

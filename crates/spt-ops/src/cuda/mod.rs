@@ -204,3 +204,36 @@ pub(crate) fn launched<T>(
     r.map(|_| ())
         .map_err(|e| candle_core::Error::Msg(format!("{op}: CUDA kernel {kernel} failed to launch: {e}")))
 }
+
+/// `let $guard = …; let $view = …;`: the device view of an optional tensor (a mask, a selection)
+/// and the storage guard it borrows from; `$view` is None when the tensor is.
+macro_rules! opt_view {
+    ($op:expr, $name:expr, $t:ty, $tensor:expr, $guard:ident, $view:ident) => {
+        let $guard = $tensor.map(|t| t.storage_and_layout());
+        let $view = match &$guard {
+            Some((s, l)) => Some($crate::cuda::view::<$t>(
+                $op,
+                $name,
+                $crate::cuda::cuda_storage($op, $name, s)?,
+                l,
+            )?),
+            None => None,
+        };
+    };
+}
+pub(crate) use opt_view;
+
+/// Pushes an optional device view as a kernel argument, or a null pointer.
+pub(crate) fn push_opt<'a, T>(a: &mut LaunchArgs<'a>, v: &'a Option<CudaView<'a, T>>) {
+    const NULL: u64 = 0;
+    match v {
+        Some(v) => {
+            use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+            a.arg(v);
+        }
+        None => {
+            use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+            a.arg(&NULL);
+        }
+    }
+}

@@ -9,7 +9,9 @@
 //! [`crate::select_blocks`] and only guards against out-of-range entries (which end a list).
 
 use crate::attention::AttentionMask;
-use crate::cuda::{cfg_blocks, cuda_storage, func, i32_arg, launched, tensor, view, FLASH_ATTENTION};
+use crate::cuda::{
+    cfg_blocks, cuda_storage, func, i32_arg, launched, opt_view, tensor, view, FLASH_ATTENTION,
+};
 use crate::util::if_tracked;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
@@ -103,17 +105,6 @@ fn check_sizes(op: &str, bh: usize, lq: usize, lk: usize, d: usize) -> Result<()
     Ok(())
 }
 
-/// A u8 / u32 device view of an optional tensor, or a null pointer argument.
-macro_rules! opt_view {
-    ($op:expr, $name:expr, $t:ty, $tensor:expr, $guard:ident, $view:ident) => {
-        let $guard = $tensor.map(|t| t.storage_and_layout());
-        let $view = match &$guard {
-            Some((s, l)) => Some(view::<$t>($op, $name, cuda_storage($op, $name, s)?, l)?),
-            None => None,
-        };
-    };
-}
-
 impl CustomOp3 for FlashCuda {
     fn name(&self) -> &'static str {
         self.op
@@ -164,8 +155,8 @@ impl CustomOp3 for FlashCuda {
             let f = kernel(dev, &name, smem)?;
             let mut a = f.builder();
             a.arg(&q).arg(&k).arg(&v).arg(&mut o).arg(&mut lse);
-            push_ptr(&mut a, &kok);
-            push_ptr(&mut a, &blk);
+            crate::cuda::push_opt(&mut a, &kok);
+            crate::cuda::push_opt(&mut a, &blk);
             candle_core::builder_arg!(
                 a,
                 self.width()? as i32,
@@ -290,8 +281,8 @@ impl FlashCuda {
                 .arg(&lv)
                 .arg(&delta)
                 .arg(&mut dq);
-            push_ptr(&mut a, &kok);
-            push_ptr(&mut a, &blk);
+            crate::cuda::push_opt(&mut a, &kok);
+            crate::cuda::push_opt(&mut a, &blk);
             candle_core::builder_arg!(a, self.width()? as i32, hi, lqi, lki, causal, scale);
             launched(op, &name, unsafe { a.launch(grid(nt, bh, smem)) })?;
 
@@ -327,7 +318,7 @@ impl FlashCuda {
                 .arg(&delta)
                 .arg(&mut dk)
                 .arg(&mut dv);
-            push_ptr(&mut a, &kok);
+            crate::cuda::push_opt(&mut a, &kok);
             match &transposed {
                 Some((tiles, ntiles)) => {
                     a.arg(tiles).arg(ntiles);
@@ -345,22 +336,6 @@ impl FlashCuda {
             tensor(dk, &dev, k.shape()),
             tensor(dv, &dev, v.shape()),
         ))
-    }
-}
-
-/// Pushes an optional device view, or a null pointer.
-fn push_ptr<'a, T>(
-    a: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'a>,
-    v: &'a Option<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>>,
-) {
-    const NULL: u64 = 0;
-    match v {
-        Some(v) => {
-            a.arg(v);
-        }
-        None => {
-            a.arg(&NULL);
-        }
     }
 }
 

@@ -8,8 +8,8 @@
 use super::{BlockScore, BlockSelection, BlockTiling, Codebook, KeySelection};
 use crate::attention::AttentionMask;
 use crate::cuda::{
-    by_float, cfg_blocks, cuda_storage, func, i32_arg, kname, launched, tensor, view, KernelFloat,
-    BLOCK_SELECT, PQ,
+    by_float, cfg_blocks, cuda_storage, func, i32_arg, kname, launched, opt_view, push_opt, tensor, view,
+    KernelFloat, BLOCK_SELECT, PQ,
 };
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::{bail, DType, Result, Tensor};
@@ -113,23 +113,7 @@ fn select_t<T: KernelFloat>(
         );
     }
     let codes = codes.contiguous()?;
-    let pad = match &mask.key_padding {
-        Some(m) => {
-            if m.dims() != [b, lk] {
-                bail!(
-                    "{op}: key_padding mask is {:?}, expected [B, L] = [{b}, {lk}]",
-                    m.dims()
-                );
-            }
-            Some(
-                m.to_dtype(DType::F32)?
-                    .ne(0f64)?
-                    .to_dtype(DType::U8)?
-                    .contiguous()?,
-            )
-        }
-        None => None,
-    };
+    let pad = device_pad(op, mask, b, lk, q.device())?;
     let dev = q.device().as_cuda_device()?.clone();
     let cen = dev.clone_htod(&cb.centroids)?;
     let rows = b * h * lq;
@@ -142,25 +126,12 @@ fn select_t<T: KernelFloat>(
         let (cs, cl) = codes.storage_and_layout();
         let qv = view::<T>(op, "q", cuda_storage(op, "q", &qs)?, ql)?;
         let cv = view::<u8>(op, "codes", cuda_storage(op, "codes", &cs)?, cl)?;
-        let pad_guard = pad.as_ref().map(|p| p.storage_and_layout());
-        let pad_view = match &pad_guard {
-            Some((ps, pl)) => Some(view::<u8>(
-                op,
-                "key_padding",
-                cuda_storage(op, "key_padding", ps)?,
-                pl,
-            )?),
-            None => None,
-        };
+        opt_view!(op, "key_padding", u8, pad.as_ref(), pad_guard, pad_view);
         let name = kname::<T>("adc_select");
         let f = func(&dev, PQ, &name)?;
         let mut a = f.builder();
         a.arg(&qv).arg(&cv).arg(&cen);
-        let null = 0u64;
-        match &pad_view {
-            Some(p) => a.arg(p),
-            None => a.arg(&null),
-        };
+        push_opt(&mut a, &pad_view);
         a.arg(&mut out).arg(&mut counts);
         candle_core::builder_arg!(
             a,
@@ -278,24 +249,11 @@ fn select_blocks_t<T: KernelFloat>(
         let (cs, cl) = codes.storage_and_layout();
         let qv = view::<T>(op, "q", cuda_storage(op, "q", &qs)?, ql)?;
         let cv = view::<u8>(op, "codes", cuda_storage(op, "codes", &cs)?, cl)?;
-        let pad_guard = pad.as_ref().map(|p| p.storage_and_layout());
-        let pad_view = match &pad_guard {
-            Some((ps, pl)) => Some(view::<u8>(
-                op,
-                "key_padding",
-                cuda_storage(op, "key_padding", ps)?,
-                pl,
-            )?),
-            None => None,
-        };
-        let null = 0u64;
+        opt_view!(op, "key_padding", u8, pad.as_ref(), pad_guard, pad_view);
         let f = func(&dev, BLOCK_SELECT, "block_hist_u8")?;
         let mut a = f.builder();
         a.arg(&cv);
-        match &pad_view {
-            Some(p) => a.arg(p),
-            None => a.arg(&null),
-        };
+        push_opt(&mut a, &pad_view);
         a.arg(&mut hist).arg(&mut nkeys);
         candle_core::builder_arg!(a, h as i32, lk as i32, s as i32, c as i32, kb as i32);
         let grid = |x: usize, smem: usize| candle_core::cuda_backend::cudarc::driver::LaunchConfig {
