@@ -287,14 +287,10 @@ impl AttentionCore {
 
 /// `[B, L, H·d] → [B, H, L, d]`, contiguous.
 pub(crate) fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
-    let (b, l, hd) = x.dims3()?;
-    Ok(x.reshape((b, l, heads, hd / heads))?
-        .transpose(1, 2)?
-        .contiguous()?)
+    Ok(spt_ops::split_heads(x, heads)?)
 }
 
 /// `[B, H, L, d] → [B, L, H·d]`.
 pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
-    let (b, h, l, d) = x.dims4()?;
-    Ok(x.transpose(1, 2)?.contiguous()?.reshape((b, l, h * d))?)
+    Ok(spt_ops::merge_heads(x)?)
 }

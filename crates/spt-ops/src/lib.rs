@@ -8,6 +8,7 @@
 //! - [`activation`]: GELU (erf and tanh) and ReLU with backward.
 //! - [`attention`]: masks and the dense attention baseline.
 //! - [`mod@flash_attention`]: fused dense attention (no `[B, H, L, L]` kept), with dropout.
+//! - [`heads`]: attention head split and merge as single autograd nodes.
 //! - [`pq`]: product-quantisation codebooks, ADC top-k key selection and block selection
 //!   ([`Selection`]: per query or per query tile).
 //! - [`sparse_attention`]: attention over the selected keys only.
@@ -27,6 +28,7 @@ pub mod flash_attention;
 #[cfg(target_arch = "x86_64")]
 mod gelu_avx2;
 pub mod gradcheck;
+pub mod heads;
 pub mod lora;
 pub mod norm;
 pub mod pq;
@@ -40,6 +42,7 @@ pub use attention::{dense_attention, AttentionMask};
 pub use block_sparse_attention::block_sparse_attention;
 pub use cross_entropy::{linear_cross_entropy, Reduction};
 pub use flash_attention::{flash_attention, flash_attention_is_fused, SeededDropout};
+pub use heads::{merge_heads, split_heads};
 pub use lora::{LoraConfig, LoraError, LoraLinear};
 pub use norm::{layer_norm, residual_layer_norm, softmax_last_dim};
 pub use pq::{
