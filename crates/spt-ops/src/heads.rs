@@ -8,7 +8,6 @@
 //! output in every layer, so this is 4 activation-sized tensors a layer. On the CPU (f32, f64)
 //! the op copies rows in parallel; elsewhere it is the composed form.
 
-use crate::util::contiguous;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -28,6 +27,11 @@ pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
             .transpose(1, 2)?
             .contiguous();
     }
+    let x = if x.stride()[2] == 1 {
+        x.clone()
+    } else {
+        x.contiguous()?
+    };
     x.apply_op1(Heads {
         dir: Dir::Split,
         b,
@@ -43,7 +47,7 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     if !fused(x) {
         return x.transpose(1, 2)?.contiguous()?.reshape((b, l, h * d));
     }
-    x.apply_op1(Heads {
+    x.contiguous()?.apply_op1(Heads {
         dir: Dir::Merge,
         b,
         l,
@@ -72,17 +76,23 @@ struct Heads {
 
 impl Heads {
     /// The output: one parallel task per (batch, head) block of `L·d` values in split layout.
-    fn run<T: Copy + Send + Sync + Default>(&self, x: &[T]) -> Vec<T> {
+    /// `x` is the input's storage and `at(b, i)` the offset of its row (b, i): a split's input may
+    /// be a narrowed view (GPT-2's q, k, v are column ranges of one projection).
+    fn run<T: Copy + Send + Sync + Default>(
+        &self,
+        x: &[T],
+        at: impl Fn(usize, usize) -> usize + Sync,
+    ) -> Vec<T> {
         let (l, h, d) = (self.l, self.h, self.d);
-        let mut out = vec![T::default(); x.len()];
-        if x.is_empty() {
+        let mut out = vec![T::default(); self.b * h * l * d];
+        if out.is_empty() {
             return out;
         }
         match self.dir {
             Dir::Split => out.par_chunks_mut(l * d).enumerate().for_each(|(bh, dst)| {
                 let (b, hh) = (bh / h, bh % h);
                 for (i, row) in dst.chunks_mut(d).enumerate() {
-                    let src = ((b * l + i) * h + hh) * d;
+                    let src = at(b, i) + hh * d;
                     row.copy_from_slice(&x[src..src + d]);
                 }
             }),
@@ -90,7 +100,7 @@ impl Heads {
             Dir::Merge => out.par_chunks_mut(h * d).enumerate().for_each(|(bi, dst)| {
                 let (b, i) = (bi / l, bi % l);
                 for (hh, part) in dst.chunks_mut(d).enumerate() {
-                    let src = ((b * h + hh) * l + i) * d;
+                    let src = at(0, 0) + ((b * h + hh) * l + i) * d;
                     part.copy_from_slice(&x[src..src + d]);
                 }
             }),
@@ -116,9 +126,22 @@ impl CustomOp1 for Heads {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let op = self.name();
+        let (start, st) = (l.start_offset(), l.stride());
+        // Rows of H·d contiguous values at any row stride (split), or a contiguous input (merge).
+        let rows_ok = match self.dir {
+            Dir::Split => st[2] == 1,
+            Dir::Merge => l.is_contiguous(),
+        };
+        if !rows_ok {
+            bail!(
+                "{op}: x {:?} with strides {st:?} has non-contiguous rows",
+                l.dims()
+            );
+        }
+        let at = |b: usize, i: usize| start + b * st[0] + i * st[1];
         let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(self.run(contiguous::<f32>(op, "x", s, l)?)),
-            CpuStorage::F64(_) => CpuStorage::F64(self.run(contiguous::<f64>(op, "x", s, l)?)),
+            CpuStorage::F32(v) => CpuStorage::F32(self.run(v, at)),
+            CpuStorage::F64(v) => CpuStorage::F64(self.run(v, at)),
             other => bail!("{op}: unsupported dtype {:?}", other.dtype()),
         };
         Ok((out, self.out_shape()))
@@ -174,6 +197,29 @@ mod tests {
         assert_eq!(
             g.get(y.as_tensor()).unwrap().flatten_all()?.to_vec1::<f32>()?,
             want.flatten_all()?.to_vec1::<f32>()?
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_narrowed_input_splits_like_its_copy() -> Result<()> {
+        // GPT-2 takes q, k, v as column ranges of one [B, L, 3·H·d] projection.
+        let qkv = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, 36), &Device::Cpu)?)?;
+        let k = qkv.as_tensor().narrow(2, 12, 12)?;
+        assert!(!k.is_contiguous());
+        let ours = split_heads(&k, 3)?;
+        let theirs = composed_split(&k.contiguous()?, 3)?;
+        assert_eq!(
+            ours.flatten_all()?.to_vec1::<f32>()?,
+            theirs.flatten_all()?.to_vec1::<f32>()?
+        );
+        let w = Tensor::randn(0f32, 1.0, ours.dims(), &Device::Cpu)?;
+        let g1 = ours.mul(&w)?.sum_all()?.backward()?;
+        let g2 = composed_split(&k, 3)?.mul(&w)?.sum_all()?.backward()?;
+        let (g1, g2) = (g1.get(qkv.as_tensor()).unwrap(), g2.get(qkv.as_tensor()).unwrap());
+        assert_eq!(
+            g1.flatten_all()?.to_vec1::<f32>()?,
+            g2.flatten_all()?.to_vec1::<f32>()?
         );
         Ok(())
     }
