@@ -34,8 +34,8 @@ impl AttentionMask {
         self
     }
 
-    /// The key-padding mask as host booleans `[B·L_k]`, checked against `(b, lk)`.
-    pub(crate) fn key_allowed(&self, op: &str, b: usize, lk: usize) -> Result<Option<Vec<bool>>> {
+    /// The key-padding mask `[B, L_k]`, checked against `(b, lk)`.
+    fn key_padding_checked(&self, op: &str, b: usize, lk: usize) -> Result<Option<&Tensor>> {
         let Some(m) = &self.key_padding else {
             return Ok(None);
         };
@@ -45,8 +45,38 @@ impl AttentionMask {
                 m.dims()
             );
         }
+        Ok(Some(m))
+    }
+
+    /// The key-padding mask as host booleans `[B·L_k]`, checked against `(b, lk)`.
+    pub(crate) fn key_allowed(&self, op: &str, b: usize, lk: usize) -> Result<Option<Vec<bool>>> {
+        let Some(m) = self.key_padding_checked(op, b, lk)? else {
+            return Ok(None);
+        };
         let v = m.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
         Ok(Some(v.into_iter().map(|x| x != 0.0).collect()))
+    }
+
+    /// The key-padding mask as a contiguous `u8 [B, L_k]` tensor on `dev` (1 = attend), checked
+    /// against `(b, lk)`: what the CUDA kernels read, with no host copy.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn key_allowed_on(
+        &self,
+        op: &str,
+        b: usize,
+        lk: usize,
+        dev: &Device,
+    ) -> Result<Option<Tensor>> {
+        let Some(m) = self.key_padding_checked(op, b, lk)? else {
+            return Ok(None);
+        };
+        Ok(Some(
+            m.to_device(dev)?
+                .to_dtype(DType::F32)?
+                .ne(0f64)?
+                .to_dtype(DType::U8)?
+                .contiguous()?,
+        ))
     }
 
     /// Additive mask `[B|1, 1, L_q|1, L_k]` (0 or −1e30) and, when some query row has no

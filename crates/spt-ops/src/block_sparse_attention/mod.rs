@@ -38,9 +38,6 @@ pub fn block_sparse_attention(
     let op = "block_sparse_attention";
     let [b, h, lq, lk, d, dv] = check_qkv(op, q, k, v)?;
     let tiling = sel.tiling;
-    if !q.device().is_cpu() {
-        return on_device(q, k, v, sel, scale, [b, h, lq, lk, d, dv]);
-    }
     let (qt, kblk) = (tiling.query_tile, tiling.key_block);
     if qt == 0 || kblk == 0 {
         bail!("{op}: selection tiling {tiling:?} has a zero tile size");
@@ -60,6 +57,9 @@ pub fn block_sparse_attention(
             sel.blocks.dtype(),
             q.dims()
         );
+    }
+    if !q.device().is_cpu() {
+        return on_device(q, k, v, sel, scale, [b, h, lk, d, dv]);
     }
     for (name, t) in [("q", q), ("k", k), ("v", v)] {
         if !t.is_contiguous() {
@@ -108,15 +108,16 @@ pub fn block_sparse_attention(
     )
 }
 
-/// Block-sparse attention off the CPU: the tensor-core kernel (bf16 on CUDA, d = d_v ∈ {64, 128},
-/// 64 × 64 tiles), else the dense reference (f32 or other shapes; `[B, H, L_q, L_k]` scores).
+/// Block-sparse attention off the CPU (the selection's shape already checked): the tensor-core
+/// kernel (bf16 on CUDA, d = d_v ∈ {64, 128}, 64 × 64 tiles), else the dense reference (f32 or
+/// other shapes; `[B, H, L_q, L_k]` scores).
 fn on_device(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     sel: &BlockSelection,
     scale: f64,
-    [b, h, lq, _lk, d, dv]: [usize; 6],
+    [b, h, lk, d, dv]: [usize; 5],
 ) -> Result<Tensor> {
     let op = "block_sparse_attention";
     #[cfg(feature = "cuda")]
@@ -130,21 +131,12 @@ fn on_device(
                 tiling.key_block
             );
         }
-        let (sb, sh, snt, _) = sel.blocks.dims4()?;
-        if sel.blocks.dtype() != DType::U32 || (sb, sh, snt) != (b, h, lq.div_ceil(TILE)) {
-            bail!(
-                "{op}: selection blocks are {:?} {:?}, expected u32 [{b}, {h}, {}, top_blocks]",
-                sel.blocks.dims(),
-                sel.blocks.dtype(),
-                lq.div_ceil(TILE)
-            );
-        }
-        let cuda_op = FlashCuda::new(op, h, &sel.mask, scale, Some(&sel.blocks), q.device())?;
+        let cuda_op = FlashCuda::new(op, [b, h, lk], &sel.mask, scale, Some(&sel.blocks), q.device())?;
         return q
             .contiguous()?
             .apply_op3(&k.contiguous()?, &v.contiguous()?, cuda_op);
     }
-    let _ = (b, h, lq, d, dv);
+    let _ = (b, h, lk, d, dv);
     if !matches!(q.dtype(), DType::F32 | DType::F64 | DType::BF16) {
         bail!("{op}: dtype {:?} is not supported", q.dtype());
     }

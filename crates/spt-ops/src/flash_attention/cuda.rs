@@ -45,16 +45,13 @@ pub(crate) struct FlashCuda {
 impl FlashCuda {
     pub(crate) fn new(
         op: &'static str,
-        h: usize,
+        [b, h, lk]: [usize; 3],
         mask: &AttentionMask,
         scale: f64,
         blocks: Option<&Tensor>,
         dev: &candle_core::Device,
     ) -> Result<Self> {
-        let key_ok = match &mask.key_padding {
-            Some(m) => Some(m.to_device(dev)?.ne(0.0)?.to_dtype(DType::U8)?.contiguous()?),
-            None => None,
-        };
+        let key_ok = mask.key_allowed_on(op, b, lk, dev)?;
         let blocks = blocks.map(|b| b.to_device(dev)?.contiguous()).transpose()?;
         Ok(Self {
             op,

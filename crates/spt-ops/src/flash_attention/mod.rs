@@ -53,13 +53,13 @@ pub fn flash_attention(
         }
     }
     let dropout = dropout.filter(|dr| dr.p > 0.0);
-    #[cfg(feature = "cuda")]
-    if dropout.is_none() && cuda::supported(q, d, dv) {
-        let op = cuda::FlashCuda::new(op, h, mask, scale, None, q.device())?;
-        return q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op);
-    }
-    if !q.device().is_cpu() || !matches!(q.dtype(), DType::F32 | DType::F64) {
+    if !flash_attention_is_fused(q, v, dropout.is_some()) {
         return flash_attention_reference(q, k, v, mask, scale, dropout);
+    }
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        let op = cuda::FlashCuda::new(op, [b, h, lk], mask, scale, None, q.device())?;
+        return q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op);
     }
     let dims = Dims {
         h,

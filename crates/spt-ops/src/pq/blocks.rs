@@ -195,12 +195,6 @@ pub fn select_blocks(
             lk,
         );
     }
-    if !q.device().is_cpu() {
-        bail!(
-            "{op}: q is on {:?}, which has no block selection kernel",
-            q.device().location()
-        );
-    }
     let keys_ok = mask.key_allowed(op, b, lk)?;
     let qv = q.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let cv = codes.flatten_all()?.to_vec1::<u8>()?;

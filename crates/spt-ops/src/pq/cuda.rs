@@ -113,7 +113,7 @@ fn select_t<T: KernelFloat>(
         );
     }
     let codes = codes.contiguous()?;
-    let pad = device_pad(op, mask, b, lk, q.device())?;
+    let pad = mask.key_allowed_on(op, b, lk, q.device())?;
     let dev = q.device().as_cuda_device()?.clone();
     let cen = dev.clone_htod(&cb.centroids)?;
     let rows = b * h * lq;
@@ -152,33 +152,6 @@ fn select_t<T: KernelFloat>(
         indices: tensor(out, &dev, (b, h, lq, kk)),
         counts: tensor(counts, &dev, (b, h, lq)),
     })
-}
-
-/// `u8 [B, L_k]` on the device (nonzero = allowed) from a key-padding mask, checked against
-/// `(b, lk)`.
-fn device_pad(
-    op: &str,
-    mask: &AttentionMask,
-    b: usize,
-    lk: usize,
-    dev: &candle_core::Device,
-) -> Result<Option<Tensor>> {
-    let Some(m) = &mask.key_padding else {
-        return Ok(None);
-    };
-    if m.dims() != [b, lk] {
-        bail!(
-            "{op}: key_padding mask is {:?}, expected [B, L] = [{b}, {lk}]",
-            m.dims()
-        );
-    }
-    Ok(Some(
-        m.to_device(dev)?
-            .to_dtype(DType::F32)?
-            .ne(0f64)?
-            .to_dtype(DType::U8)?
-            .contiguous()?,
-    ))
 }
 
 /// Block selection on CUDA (`select_blocks`' rules; `tiling.top_blocks` is already the list
@@ -237,7 +210,7 @@ fn select_blocks_t<T: KernelFloat>(
     i32_arg(op, "B·H·L_k·S", bh * lk * s)?;
     i32_arg(op, "B·H·n_tiles·top_blocks", bh * nt * width)?;
     let codes = codes.contiguous()?;
-    let pad = device_pad(op, mask, b, lk, q.device())?;
+    let pad = mask.key_allowed_on(op, b, lk, q.device())?;
     let dev = q.device().as_cuda_device()?.clone();
     let cen = dev.clone_htod(&cb.centroids)?;
     let mut hist = dev.alloc_zeros::<u32>(bh * nb * s * c)?;
