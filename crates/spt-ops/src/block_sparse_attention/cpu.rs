@@ -8,7 +8,7 @@
 //! single-threaded. So every sum has a fixed order and the result is bit-identical across runs
 //! and thread counts.
 
-use crate::blas::{gemm_into, gemm_scaled, Mat};
+use crate::blas::{gemm_into, gemm_scaled, transpose, Mat};
 use crate::pq::SENTINEL;
 use crate::simd::Vector;
 use crate::util::Float;
@@ -38,11 +38,23 @@ impl Dims {
     }
 }
 
-/// One tile's gathered keys and values and the global index of each gathered key.
+/// One tile's gathered keys and values and the global index of each gathered key. The scores'
+/// and dP's GEMMs read `Kᵀ` and `Vᵀ`: gathered row-major from the head's transposes, because
+/// gemm repacks a transposed view one strided scalar at a time (see `blas::transpose`).
 struct Gathered<T> {
     keys: Vec<T>,
     vals: Vec<T>,
+    /// `[d, nk]`.
+    keys_t: Vec<T>,
+    /// `[dv, nk]` (backward only).
+    vals_t: Vec<T>,
     idx: Vec<usize>,
+}
+
+/// A head's `Kᵀ [d, lk]` and, for backward, `Vᵀ [dv, lk]`.
+struct HeadT<'a, T> {
+    kt: &'a [T],
+    vt: Option<&'a [T]>,
 }
 
 impl<T: Float> Gathered<T> {
@@ -50,26 +62,50 @@ impl<T: Float> Gathered<T> {
         Self {
             keys: Vec::new(),
             vals: Vec::new(),
+            keys_t: Vec::new(),
+            vals_t: Vec::new(),
             idx: Vec::new(),
         }
     }
 
-    /// Copies the rows of the listed blocks of one (batch, head): kb `[lk, d]`, vb `[lk, dv]`.
-    fn gather(&mut self, list: &[u32], kb: &[T], vb: &[T], n: &Dims) {
+    /// Copies the rows of the listed blocks of one (batch, head): kb `[lk, d]`, vb `[lk, dv]`,
+    /// and their columns of the head's transposes.
+    fn gather(&mut self, list: &[u32], kb: &[T], vb: &[T], ht: &HeadT<'_, T>, n: &Dims) {
         self.keys.clear();
         self.vals.clear();
         self.idx.clear();
-        for &blk in list.iter().take_while(|&&x| x != SENTINEL) {
-            let j0 = blk as usize * n.kb;
-            let j1 = (j0 + n.kb).min(n.lk);
+        let spans: Vec<(usize, usize)> = list
+            .iter()
+            .take_while(|&&x| x != SENTINEL)
+            .map(|&blk| {
+                let j0 = blk as usize * n.kb;
+                (j0, (j0 + n.kb).min(n.lk))
+            })
+            .collect();
+        for &(j0, j1) in &spans {
             self.keys.extend_from_slice(&kb[j0 * n.d..j1 * n.d]);
             self.vals.extend_from_slice(&vb[j0 * n.dv..j1 * n.dv]);
             self.idx.extend(j0..j1);
+        }
+        gather_columns(ht.kt, n.lk, n.d, &spans, &mut self.keys_t);
+        if let Some(vt) = ht.vt {
+            gather_columns(vt, n.lk, n.dv, &spans, &mut self.vals_t);
         }
     }
 
     fn len(&self) -> usize {
         self.idx.len()
+    }
+}
+
+/// The column spans `[j0, j1)` of `src [rows, lk]`, side by side, into `dst [rows, Σ len]`.
+fn gather_columns<T: Float>(src: &[T], lk: usize, rows: usize, spans: &[(usize, usize)], dst: &mut Vec<T>) {
+    dst.clear();
+    for a in 0..rows {
+        let row = &src[a * lk..(a + 1) * lk];
+        for &(j0, j1) in spans {
+            dst.extend_from_slice(&row[j0..j1]);
+        }
     }
 }
 
@@ -86,14 +122,14 @@ fn masked_scores<T: Float>(
     let (m, nk, d) = (q_tile.len() / n.d, g.len(), n.d);
     // The GEMM overwrites every element: only a size change needs the (zero-filling) resize.
     s.resize(m * nk, T::zero());
-    // Kᵀ is the gathered keys read column-major: element (a, c) at c·d + a; scaled in the GEMM.
+    // Scaled inside the GEMM.
     gemm_scaled(
         m,
         nk,
         d,
         s,
         Mat::new(q_tile, 0, d, 1),
-        Mat::new(&g.keys, 0, 1, d),
+        Mat::new(&g.keys_t, 0, nk, 1),
         scale,
     );
     let pad_ok: Option<Vec<bool>> = n
@@ -143,6 +179,8 @@ pub(crate) fn forward<T: Vector>(
                 &k[bh * lk * d..(bh + 1) * lk * d],
                 &v[bh * lk * dv..(bh + 1) * lk * dv],
             );
+            let kt = transpose(kb, lk, d);
+            let ht = HeadT { kt: &kt, vt: None };
             ob.par_chunks_mut(qt * dv)
                 .zip(lseb.par_chunks_mut(qt))
                 .enumerate()
@@ -150,7 +188,7 @@ pub(crate) fn forward<T: Vector>(
                     || (Gathered::new(), Vec::new()),
                     |(g, s), (t, (ot, lset))| {
                         let list = &blocks[(bh * nt + t) * n.width..(bh * nt + t + 1) * n.width];
-                        g.gather(list, kb, vb, n);
+                        g.gather(list, kb, vb, &ht, n);
                         let (m, nk, i0) = (lset.len(), g.len(), t * qt);
                         if nk == 0 {
                             return;
@@ -220,11 +258,16 @@ pub(crate) fn backward<T: Vector>(
                 &k[bh * lk * d..(bh + 1) * lk * d],
                 &v[bh * lk * dv..(bh + 1) * lk * dv],
             );
+            let (kt, vt) = (transpose(kb, lk, d), transpose(vb, lk, dv));
+            let ht = HeadT {
+                kt: &kt,
+                vt: Some(&vt),
+            };
             let mut g = Gathered::new();
             let (mut p, mut dp, mut gk, mut gv) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for t in 0..nt {
                 let list = &blocks[(bh * nt + t) * n.width..(bh * nt + t + 1) * n.width];
-                g.gather(list, kb, vb, n);
+                g.gather(list, kb, vb, &ht, n);
                 let (i0, nk) = (t * qt, g.len());
                 let m = qt.min(lq - i0);
                 if nk == 0 {
@@ -267,7 +310,7 @@ pub(crate) fn backward<T: Vector>(
                     &mut dp,
                     false,
                     Mat::new(go_tile, 0, dv, 1),
-                    Mat::new(&g.vals, 0, 1, dv),
+                    Mat::new(&g.vals_t, 0, nk, 1),
                     Parallelism::None,
                 );
                 // dS·scale, in place of P: Σ_j p_ij dp_ij = dO_i · O_i since O_i = Σ_j p_ij v_j.

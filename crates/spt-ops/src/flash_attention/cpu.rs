@@ -10,7 +10,7 @@
 //! and thread counts.
 
 use super::dropout::{DropoutElem, RowDropout};
-use crate::blas::{gemm_into, gemm_scaled, Mat};
+use crate::blas::{gemm_into, gemm_scaled, transpose, Mat};
 use crate::simd::Vector;
 use crate::util::Float;
 use gemm::Parallelism;
@@ -56,10 +56,11 @@ impl Dims {
 }
 
 /// `s [m, nk] = scale · Q_tile K[0..nk]ᵀ`, then −∞ where a key is not allowed for its query.
+/// `keys_t` is the head's `Kᵀ [d, lk]`, row-major (see `blas::transpose`).
 #[allow(clippy::too_many_arguments)]
 fn masked_scores<T: Float>(
     q_tile: &[T],
-    keys: &[T],
+    keys_t: &[T],
     nk: usize,
     s: &mut Vec<T>,
     i0: usize,
@@ -70,14 +71,14 @@ fn masked_scores<T: Float>(
     let (m, d) = (q_tile.len() / n.d, n.d);
     // The GEMM overwrites every element: only a size change needs the (zero-filling) resize.
     s.resize(m * nk, T::zero());
-    // Kᵀ read column-major: element (a, c) at c·d + a; the scale is applied inside the GEMM.
+    // The scale is applied inside the GEMM.
     gemm_scaled(
         m,
         nk,
         d,
         s,
         Mat::new(q_tile, 0, d, 1),
-        Mat::new(keys, 0, 1, d),
+        Mat::new(keys_t, 0, n.lk, 1),
         scale,
     );
     let ok = n
@@ -118,7 +119,8 @@ pub(crate) fn forward<T: Float + Vector + DropoutElem>(
         .zip(lse.par_chunks_mut(lq))
         .enumerate()
         .for_each(|(bh, (ob, lseb))| {
-            let (kb, vb) = (&k[bh * lk * d..(bh + 1) * lk * d], &v[bh * lk * dv..]);
+            let vb = &v[bh * lk * dv..];
+            let kt = transpose(&k[bh * lk * d..(bh + 1) * lk * d], lk, d);
             ob.par_chunks_mut(qt * dv)
                 .zip(lseb.par_chunks_mut(qt))
                 .enumerate()
@@ -129,7 +131,7 @@ pub(crate) fn forward<T: Float + Vector + DropoutElem>(
                         return;
                     }
                     let q_tile = &q[(bh * lq + i0) * d..(bh * lq + i0 + m) * d];
-                    masked_scores(q_tile, kb, nk, s, i0, b, n, scale);
+                    masked_scores(q_tile, &kt, nk, s, i0, b, n, scale);
                     for (r, (row, l)) in s.chunks_mut(nk).zip(lset.iter_mut()).enumerate() {
                         let max = row.iter().fold(T::neg_infinity(), |a, &x| a.max(x));
                         if max == T::neg_infinity() {
@@ -188,7 +190,11 @@ pub(crate) fn backward<T: Float + Vector + DropoutElem>(
         .zip(dk.par_chunks_mut(lk * d).zip(dvv.par_chunks_mut(lk * dv)))
         .enumerate()
         .for_each(|(bh, (dqb, (dkb, dvb)))| {
-            let (kb, vb) = (&k[bh * lk * d..(bh + 1) * lk * d], &v[bh * lk * dv..]);
+            let (kb, vb) = (
+                &k[bh * lk * d..(bh + 1) * lk * d],
+                &v[bh * lk * dv..(bh + 1) * lk * dv],
+            );
+            let (kt, vt) = (transpose(kb, lk, d), transpose(vb, lk, dv));
             let b = bh / n.h;
             let (mut p, mut dp, mut pd) = (Vec::new(), Vec::new(), Vec::new());
             for t in 0..nt {
@@ -201,7 +207,7 @@ pub(crate) fn backward<T: Float + Vector + DropoutElem>(
                 let (r0, r1) = (bh * lq + i0, bh * lq + i0 + m);
                 let q_tile = &q[r0 * d..r1 * d];
                 let go_tile = &go[r0 * dv..r1 * dv];
-                masked_scores(q_tile, kb, nk, &mut p, i0, b, n, scale);
+                masked_scores(q_tile, &kt, nk, &mut p, i0, b, n, scale);
                 for (r, row) in p.chunks_mut(nk).enumerate() {
                     let l = lse[r0 + r];
                     if l == T::neg_infinity() {
@@ -244,7 +250,7 @@ pub(crate) fn backward<T: Float + Vector + DropoutElem>(
                     &mut dp,
                     false,
                     Mat::new(go_tile, 0, dv, 1),
-                    Mat::new(vb, 0, 1, dv),
+                    Mat::new(&vt, 0, lk, 1),
                     Parallelism::None,
                 );
                 if let Some(drop) = &n.dropout {

@@ -6,7 +6,7 @@
 //! `x Aᵀ` in backward instead of storing it, and never forms dW.
 
 use super::linear;
-use crate::blas::{gemm_into, inner_par, Mat};
+use crate::blas::{gemm_into, inner_par, transpose, Mat};
 use crate::util::{check_float, check_same, contiguous, if_tracked, sum_partials, with_slices, Float};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -90,18 +90,34 @@ fn forward<T: Float>(
     let n = x.len() / d_in;
     let mut y = vec![T::zero(); n * out];
     let par = inner_par(n.div_ceil(ROWS_PER_TASK));
+    // Wᵀ, Aᵀ, Bᵀ once, row-major (see `blas::transpose`): read as `Wᵀ` views, every row task
+    // would repack W one strided scalar at a time.
+    let (wt, at, bt) = (
+        transpose(w, out, d_in),
+        transpose(a, r, d_in),
+        transpose(b, out, r),
+    );
     y.par_chunks_mut(ROWS_PER_TASK * out)
         .enumerate()
         .for_each(|(c, yc)| {
             let m = yc.len() / out;
             let xc = Mat::new(x, c * ROWS_PER_TASK * d_in, d_in, 1);
             let mut u = vec![T::zero(); m * r];
-            gemm_into(m, r, d_in, &mut u, false, xc, Mat::new(a, 0, 1, d_in), par);
+            gemm_into(m, r, d_in, &mut u, false, xc, Mat::new(&at, 0, r, 1), par);
             u.iter_mut().for_each(|v| *v = *v * s);
             if let Some(bias) = bias {
                 yc.chunks_mut(out).for_each(|row| row.copy_from_slice(bias));
             }
-            gemm_into(m, out, d_in, yc, bias.is_some(), xc, Mat::new(w, 0, 1, d_in), par);
+            gemm_into(
+                m,
+                out,
+                d_in,
+                yc,
+                bias.is_some(),
+                xc,
+                Mat::new(&wt, 0, out, 1),
+                par,
+            );
             gemm_into(
                 m,
                 out,
@@ -109,7 +125,7 @@ fn forward<T: Float>(
                 yc,
                 true,
                 Mat::new(&u, 0, r, 1),
-                Mat::new(b, 0, 1, r),
+                Mat::new(&bt, 0, out, 1),
                 par,
             );
         });
@@ -134,13 +150,14 @@ fn backward<T: Float>(
     let mut dx = vec![T::zero(); if want_dx { n * d_in } else { 0 }];
     let tasks = n.div_ceil(ROWS_PER_TASK);
     let par = inner_par(tasks);
+    let at = transpose(a, r, d_in);
     let per_task = |c: usize, dxc: &mut [T]| -> (Vec<T>, Vec<T>) {
         let r0 = c * ROWS_PER_TASK;
         let m = ROWS_PER_TASK.min(n - r0);
         let xc = Mat::new(x, r0 * d_in, d_in, 1);
         let gc = Mat::new(g, r0 * out, out, 1);
         let mut su = vec![T::zero(); m * r];
-        gemm_into(m, r, d_in, &mut su, false, xc, Mat::new(a, 0, 1, d_in), par);
+        gemm_into(m, r, d_in, &mut su, false, xc, Mat::new(&at, 0, r, 1), par);
         su.iter_mut().for_each(|v| *v = *v * s);
         let mut du = vec![T::zero(); m * r];
         gemm_into(m, r, out, &mut du, false, gc, Mat::new(b, 0, r, 1), par);

@@ -2,7 +2,7 @@
 
 use super::{Codebook, KeySelection, KeyTopK, SENTINEL};
 use crate::attention::AttentionMask;
-use crate::blas::{gemm_into, Mat};
+use crate::blas::{gemm_into, transpose, Mat};
 use candle_core::{bail, DType, Result, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -175,6 +175,8 @@ pub fn select_keys(
                 codebook.group(hi),
                 dc,
             );
+            // Row-major ĉᵀ `[d, lk]`: the GEMMs read it without gemm's strided repacking.
+            let recon_t = transpose(&recon, lk, d);
             let allowed: Vec<bool> = (0..lk)
                 .map(|j| keys_ok.as_ref().is_none_or(|m| m[bi * lk + j]))
                 .collect();
@@ -196,7 +198,7 @@ pub fn select_keys(
                         &mut scores,
                         false,
                         Mat::new(qb, i0 * d, d, 1),
-                        Mat::new(&recon, 0, 1, d),
+                        Mat::new(&recon_t, 0, lk, 1),
                         Parallelism::None,
                     );
                     let mut tmp = Vec::with_capacity(width);

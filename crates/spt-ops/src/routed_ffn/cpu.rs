@@ -17,7 +17,7 @@
 
 use super::router::Routing;
 use crate::activation::{ActScalar, Activation};
-use crate::blas::{gemm_into, gemm_raw, inner_par, Mat, SendPtr};
+use crate::blas::{gemm_into, gemm_raw, inner_par, transpose, Mat, SendPtr};
 use crate::util::Float;
 use rayon::prelude::*;
 
@@ -78,6 +78,9 @@ pub(crate) fn gather_mm_fwd<T: Float + ActScalar>(
     };
     let nc = routing.n_chunks();
     let par = inner_par(routing.n_blocks() * nc);
+    // Wᵀ `[d_in, n_blocks·b]`, so that every group's GEMM reads its weight block row by row.
+    let nb = routing.n_blocks() * b;
+    let wt = transpose(&w[..nb * d_in], nb, d_in);
     let pre_parts = split_groups(routing, &mut pre, b);
     let h_parts: Vec<&mut [T]> = if act.is_some() {
         split_groups(routing, &mut h, b)
@@ -109,8 +112,8 @@ pub(crate) fn gather_mm_fwd<T: Float + ActScalar>(
                     true
                 }
             };
-            // rhs (k = i, n = j) = W[e·b + j, i].
-            let rhs = Mat::new(w, e * b * d_in, 1, d_in);
+            // rhs (k = i, n = j) = W[e·b + j, i] = Wᵀ[i, e·b + j].
+            let rhs = Mat::new(&wt, e * b, nb, 1);
             gemm_into(m, b, d_in, dst, accumulate, Mat::new(buf, 0, d_in, 1), rhs, par);
             if let Some(act) = act {
                 T::eval_slice(act, dst, h_dst);
@@ -248,6 +251,8 @@ pub(crate) fn scatter_mm_fwd<T: Float>(
     };
     let nc = routing.n_chunks();
     let par = inner_par(nc);
+    // Wᵀ `[n_blocks·b, d_out]`: block e is a contiguous row range (see `transpose`).
+    let wt = transpose(&w[..d_out * nb], d_out, nb);
     y.par_chunks_mut(chunk * d_out.max(1))
         .enumerate()
         .for_each_init(Vec::new, |tmp: &mut Vec<T>, (c, y)| {
@@ -259,8 +264,8 @@ pub(crate) fn scatter_mm_fwd<T: Float>(
                     continue;
                 }
                 tmp.resize(m * d_out, T::zero());
-                // rhs (k = j, n = o) = w[o, e·b + j].
-                let rhs = Mat::new(w, e * b, 1, nb);
+                // rhs (k = j, n = o) = w[o, e·b + j] = Wᵀ[e·b + j, o].
+                let rhs = Mat::new(&wt, e * b * d_out, d_out, 1);
                 gemm_into(
                     m,
                     d_out,
