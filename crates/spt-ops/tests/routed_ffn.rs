@@ -16,13 +16,13 @@ use std::sync::Arc;
 
 #[test]
 fn all_blocks_gate_ones_equals_dense_ffn_f32() -> Result<()> {
-    // 300 tokens: two token chunks of the kernels. Every activation.
+    // 600 tokens: two token chunks of the kernels (512 tokens each). Every activation.
     for (act, seed) in [
         (Activation::GeluErf, 1u64),
         (Activation::GeluTanh, 2),
         (Activation::Relu, 3),
     ] {
-        let (t, d, d_ff, n) = (300, 24, 64, 4);
+        let (t, d, d_ff, n) = (600, 24, 64, 4);
         let p = vars(&weights(d, d_ff, seed, DType::F32)?)?;
         let x = Var::from_tensor(&randn_f64(&[t, d], seed + 9)?.to_dtype(DType::F32)?)?;
         let mut cfg = RoutedFfnConfig::new(n, BlockTopK::Count(n));
@@ -252,7 +252,7 @@ proptest! {
 
     #[test]
     fn routed_matches_masked_dense_on_random_shapes(
-        t in prop_oneof![4 => 0usize..=12, 1 => 250usize..=300],
+        t in prop_oneof![4 => 0usize..=12, 1 => 500usize..=600],
         d in 1usize..=9,
         n in 1usize..=6,
         b in 1usize..=5,

@@ -161,7 +161,7 @@ fn row_moves_match_index_ops_and_finite_differences() -> Result<()> {
         (0, 3, 2, 4, 1),
         (1, 1, 1, 3, 2),
         (9, 5, 3, 6, 3),
-        (300, 8, 4, 5, 4),
+        (600, 8, 4, 5, 4),
     ] {
         check_row_moves(t, n, k, d, seed)?;
     }
