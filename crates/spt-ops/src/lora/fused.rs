@@ -4,6 +4,11 @@
 //! the bias, two LoRA matmuls, the scale, the sum), and candle's backward zero-fills and adds a
 //! gradient buffer for every input of every node. One op keeps one node, recomputes the rank-r
 //! `x Aᵀ` in backward instead of storing it, and never forms dW.
+//!
+//! Both passes multiply by the merged weight `W + s·B A`, formed per call (`out·in` elements
+//! and a rank-r product, small beside the `N·out·in` GEMM): the forward is then one GEMM instead
+//! of three, two of them rank-r ones that each streamed all of x or all of y, and the backward's
+//! dx is one GEMM instead of two. The adapters stay unmerged: the gradients are those of A and B.
 
 use super::linear;
 use crate::blas::{gemm_into, inner_par, transpose, Mat};
@@ -76,7 +81,50 @@ struct FusedLora {
     scale: f64,
 }
 
-/// Forward over row tasks: `u = s·x Aᵀ`, then `y = b + x Wᵀ + u Bᵀ`.
+/// `W + s·B A` as `[out, in]`, or transposed (`[in, out]`, what the forward's GEMMs read
+/// row by row; see `blas::transpose`).
+fn merged<T: Float>(
+    w: &[T],
+    a: &[T],
+    b: &[T],
+    dims: (usize, usize, usize),
+    s: T,
+    transposed: bool,
+) -> Vec<T> {
+    let (out, d_in, r) = dims;
+    let sb: Vec<T> = b.iter().map(|&v| v * s).collect(); // [out, r]
+    if transposed {
+        // Wᵀ + Aᵀ (s·B)ᵀ: lhs Aᵀ (i, j) = a[j·in + i], rhs (s·B)ᵀ (j, o) = sb[o·r + j].
+        let mut m = transpose(w, out, d_in);
+        let sbt = transpose(&sb, out, r);
+        gemm_into(
+            d_in,
+            out,
+            r,
+            &mut m,
+            true,
+            Mat::new(a, 0, 1, d_in),
+            Mat::new(&sbt, 0, out, 1),
+            inner_par(1),
+        );
+        m
+    } else {
+        let mut m = w.to_vec();
+        gemm_into(
+            out,
+            d_in,
+            r,
+            &mut m,
+            true,
+            Mat::new(&sb, 0, r, 1),
+            Mat::new(a, 0, d_in, 1),
+            inner_par(1),
+        );
+        m
+    }
+}
+
+/// Forward over row tasks: `y = b + x (W + s·B A)ᵀ`.
 fn forward<T: Float>(
     x: &[T],
     w: &[T],
@@ -86,25 +134,16 @@ fn forward<T: Float>(
     dims: (usize, usize, usize),
     s: T,
 ) -> Vec<T> {
-    let (out, d_in, r) = dims;
+    let (out, d_in, _) = dims;
     let n = x.len() / d_in;
     let mut y = vec![T::zero(); n * out];
     let par = inner_par(n.div_ceil(ROWS_PER_TASK));
-    // Wᵀ, Aᵀ, Bᵀ once, row-major (see `blas::transpose`): read as `Wᵀ` views, every row task
-    // would repack W one strided scalar at a time.
-    let (wt, at, bt) = (
-        transpose(w, out, d_in),
-        transpose(a, r, d_in),
-        transpose(b, out, r),
-    );
+    let wt = merged(w, a, b, dims, s, true);
     y.par_chunks_mut(ROWS_PER_TASK * out)
         .enumerate()
         .for_each(|(c, yc)| {
             let m = yc.len() / out;
             let xc = Mat::new(x, c * ROWS_PER_TASK * d_in, d_in, 1);
-            let mut u = vec![T::zero(); m * r];
-            gemm_into(m, r, d_in, &mut u, false, xc, Mat::new(&at, 0, r, 1), par);
-            u.iter_mut().for_each(|v| *v = *v * s);
             if let Some(bias) = bias {
                 yc.chunks_mut(out).for_each(|row| row.copy_from_slice(bias));
             }
@@ -118,21 +157,11 @@ fn forward<T: Float>(
                 Mat::new(&wt, 0, out, 1),
                 par,
             );
-            gemm_into(
-                m,
-                out,
-                r,
-                yc,
-                true,
-                Mat::new(&u, 0, r, 1),
-                Mat::new(&bt, 0, out, 1),
-                par,
-            );
         });
     y
 }
 
-/// Backward over row tasks: `du = s·g B`, `dx = g W + du A`, and per-task partials of
+/// Backward over row tasks: `du = s·g B`, `dx = g (W + s·B A)`, and per-task partials of
 /// `dA = duᵀ x` and `dB = s·gᵀ (x Aᵀ)`, summed in task order (deterministic for any thread count).
 #[allow(clippy::too_many_arguments)]
 fn backward<T: Float>(
@@ -151,6 +180,11 @@ fn backward<T: Float>(
     let tasks = n.div_ceil(ROWS_PER_TASK);
     let par = inner_par(tasks);
     let at = transpose(a, r, d_in);
+    let wm = if want_dx {
+        merged(w, a, b, dims, s, false)
+    } else {
+        vec![]
+    };
     let per_task = |c: usize, dxc: &mut [T]| -> (Vec<T>, Vec<T>) {
         let r0 = c * ROWS_PER_TASK;
         let m = ROWS_PER_TASK.min(n - r0);
@@ -163,17 +197,7 @@ fn backward<T: Float>(
         gemm_into(m, r, out, &mut du, false, gc, Mat::new(b, 0, r, 1), par);
         du.iter_mut().for_each(|v| *v = *v * s);
         if want_dx {
-            gemm_into(m, d_in, out, dxc, false, gc, Mat::new(w, 0, d_in, 1), par);
-            gemm_into(
-                m,
-                d_in,
-                r,
-                dxc,
-                true,
-                Mat::new(&du, 0, r, 1),
-                Mat::new(a, 0, d_in, 1),
-                par,
-            );
+            gemm_into(m, d_in, out, dxc, false, gc, Mat::new(&wm, 0, d_in, 1), par);
         }
         let mut da = vec![T::zero(); r * d_in];
         gemm_into(r, d_in, m, &mut da, false, Mat::new(&du, 0, 1, r), xc, par);
