@@ -188,6 +188,26 @@ fn frozen_aware_linear_matches_matmul_and_gradients_f64() -> Result<()> {
         &[0, 1, 2],
         GradCheck::default(),
     )?;
+    // 1200 tokens: several token chunks, which the kernels read and write in place.
+    let x = Var::from_tensor(&randn_f64(&[3, 400, 7], 18)?)?;
+    let (w, b) = (
+        Var::from_tensor(&randn_f64(&[4, 7], 19)?)?,
+        Var::from_tensor(&randn_f64(&[4], 20)?)?,
+    );
+    let u = randn_f64(&[3, 400, 4], 21)?;
+    let got = linear(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()))?;
+    let want = x
+        .as_tensor()
+        .broadcast_matmul(&w.as_tensor().t()?)?
+        .broadcast_add(b.as_tensor())?;
+    assert!(max_diff(&got, &want)? < 1e-12);
+    let (gg, gw) = (
+        got.mul(&u)?.sum_all()?.backward()?,
+        want.mul(&u)?.sum_all()?.backward()?,
+    );
+    for v in [x.as_tensor(), w.as_tensor(), b.as_tensor()] {
+        assert!(max_diff(gg.get(v).unwrap(), gw.get(v).unwrap())? < 1e-10);
+    }
     Ok(())
 }
 

@@ -98,7 +98,12 @@ pub(crate) fn gather_mm_fwd<T: Float + ActScalar>(
             let e = g / nc.max(1);
             let rows = routing.group_rows(g);
             let m = rows.len();
-            gather_rows(x, d_in, &routing.row_token()[rows.clone()], buf);
+            let lhs = if routing.is_identity() {
+                Mat::new(x, rows.start * d_in, d_in, 1)
+            } else {
+                gather_rows(x, d_in, &routing.row_token()[rows.clone()], buf);
+                Mat::new(buf, 0, d_in, 1)
+            };
             let accumulate = match add {
                 Addend::None => false,
                 Addend::Bias(bias) => {
@@ -114,7 +119,7 @@ pub(crate) fn gather_mm_fwd<T: Float + ActScalar>(
             };
             // rhs (k = i, n = j) = W[e·b + j, i] = Wᵀ[i, e·b + j].
             let rhs = Mat::new(&wt, e * b, nb, 1);
-            gemm_into(m, b, d_in, dst, accumulate, Mat::new(buf, 0, d_in, 1), rhs, par);
+            gemm_into(m, b, d_in, dst, accumulate, lhs, rhs, par);
             if let Some(act) = act {
                 T::eval_slice(act, dst, h_dst);
             }
@@ -149,19 +154,17 @@ pub(crate) fn gather_mm_bwd_x<T: Float>(
                 if m == 0 || d_in == 0 {
                     continue;
                 }
-                tmp.resize(m * d_in, T::zero());
                 // rhs (k = j, n = i) = W[e·b + j, i].
                 let rhs = Mat::new(w, e * b * d_in, d_in, 1);
-                gemm_into(
-                    m,
-                    d_in,
-                    b,
-                    tmp,
-                    false,
-                    Mat::new(dh, rows.start * b, b, 1),
-                    rhs,
-                    par,
-                );
+                let lhs = Mat::new(dh, rows.start * b, b, 1);
+                if routing.is_identity() {
+                    // Token rows t0.. are routed rows rows.start.., one each: write them in place.
+                    let off = (rows.start - t0) * d_in;
+                    gemm_into(m, d_in, b, &mut dx[off..off + m * d_in], false, lhs, rhs, par);
+                    continue;
+                }
+                tmp.resize(m * d_in, T::zero());
+                gemm_into(m, d_in, b, tmp, false, lhs, rhs, par);
                 for (src, &t) in tmp.chunks(d_in).zip(&routing.row_token()[rows]) {
                     let off = (t as usize - t0) * d_in;
                     for (o, &v) in dx[off..off + d_in].iter_mut().zip(src) {
@@ -214,10 +217,15 @@ pub(crate) fn gather_mm_bwd_w<T: Float>(
                 let end = (start + ROW_TILE).min(rows.end);
                 let m = end - start;
                 if want_w && d_in > 0 && b > 0 {
-                    gather_rows(x, d_in, &routing.row_token()[start..end], buf);
+                    let rhs = if routing.is_identity() {
+                        Mat::new(x, start * d_in, d_in, 1)
+                    } else {
+                        gather_rows(x, d_in, &routing.row_token()[start..end], buf);
+                        Mat::new(buf, 0, d_in, 1)
+                    };
                     // lhs (i = j, k = r) = dh[start + r, j].
                     let lhs = Mat::new(dh, start * b, 1, b);
-                    gemm_into(b, d_in, m, dw_e, true, lhs, Mat::new(buf, 0, d_in, 1), par);
+                    gemm_into(b, d_in, m, dw_e, true, lhs, rhs, par);
                 }
                 if want_b {
                     for row in dh[start * b..end * b].chunks(b.max(1)) {

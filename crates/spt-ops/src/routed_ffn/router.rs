@@ -220,6 +220,12 @@ impl Routing {
     }
 
     /// Routed rows of group `g = e·n_chunks + c`.
+    /// One block, one slot: routed row r is token r (the dense `linear`'s routing), so the
+    /// kernels read and write token rows in place instead of gathering and scattering them.
+    pub(crate) fn is_identity(&self) -> bool {
+        self.n_blocks == 1 && self.k == 1
+    }
+
     pub(crate) fn group_rows(&self, g: usize) -> std::ops::Range<usize> {
         self.group_starts[g]..self.group_starts[g + 1]
     }
