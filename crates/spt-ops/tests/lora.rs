@@ -188,7 +188,8 @@ fn frozen_aware_linear_matches_matmul_and_gradients_f64() -> Result<()> {
         &[0, 1, 2],
         GradCheck::default(),
     )?;
-    // 1200 tokens: several token chunks, which the kernels read and write in place.
+    // 1200 tokens: several token chunks, each a run of consecutive tokens that the kernels read
+    // and write in place.
     let x = Var::from_tensor(&randn_f64(&[3, 400, 7], 18)?)?;
     let (w, b) = (
         Var::from_tensor(&randn_f64(&[4, 7], 19)?)?,

@@ -46,12 +46,13 @@ struct Gathered<T> {
     vals: Vec<T>,
     /// `[d, nk]`.
     keys_t: Vec<T>,
-    /// `[dv, nk]` (backward only).
+    /// `[dv, nk]` (backward only; so are `keys`, which dQ reads).
     vals_t: Vec<T>,
     idx: Vec<usize>,
 }
 
-/// A head's `Kᵀ [d, lk]` and, for backward, `Vᵀ [dv, lk]`.
+/// A head's `Kᵀ [d, lk]` and, for backward, `Vᵀ [dv, lk]` (which also asks for the
+/// row-major keys).
 struct HeadT<'a, T> {
     kt: &'a [T],
     vt: Option<&'a [T]>,
@@ -68,8 +69,8 @@ impl<T: Float> Gathered<T> {
         }
     }
 
-    /// Copies the rows of the listed blocks of one (batch, head): kb `[lk, d]`, vb `[lk, dv]`,
-    /// and their columns of the head's transposes.
+    /// Copies the rows of the listed blocks of one (batch, head), vb `[lk, dv]` and, for
+    /// backward, kb `[lk, d]`, and their columns of the head's transposes.
     fn gather(&mut self, list: &[u32], kb: &[T], vb: &[T], ht: &HeadT<'_, T>, n: &Dims) {
         self.keys.clear();
         self.vals.clear();
@@ -83,7 +84,9 @@ impl<T: Float> Gathered<T> {
             })
             .collect();
         for &(j0, j1) in &spans {
-            self.keys.extend_from_slice(&kb[j0 * n.d..j1 * n.d]);
+            if ht.vt.is_some() {
+                self.keys.extend_from_slice(&kb[j0 * n.d..j1 * n.d]);
+            }
             self.vals.extend_from_slice(&vb[j0 * n.dv..j1 * n.dv]);
             self.idx.extend(j0..j1);
         }

@@ -81,47 +81,22 @@ struct FusedLora {
     scale: f64,
 }
 
-/// `W + s·B A` as `[out, in]`, or transposed (`[in, out]`, what the forward's GEMMs read
-/// row by row; see `blas::transpose`).
-fn merged<T: Float>(
-    w: &[T],
-    a: &[T],
-    b: &[T],
-    dims: (usize, usize, usize),
-    s: T,
-    transposed: bool,
-) -> Vec<T> {
+/// `W + s·B A`, `[out, in]`.
+fn merged<T: Float>(w: &[T], a: &[T], b: &[T], dims: (usize, usize, usize), s: T) -> Vec<T> {
     let (out, d_in, r) = dims;
     let sb: Vec<T> = b.iter().map(|&v| v * s).collect(); // [out, r]
-    if transposed {
-        // Wᵀ + Aᵀ (s·B)ᵀ: lhs Aᵀ (i, j) = a[j·in + i], rhs (s·B)ᵀ (j, o) = sb[o·r + j].
-        let mut m = transpose(w, out, d_in);
-        let sbt = transpose(&sb, out, r);
-        gemm_into(
-            d_in,
-            out,
-            r,
-            &mut m,
-            true,
-            Mat::new(a, 0, 1, d_in),
-            Mat::new(&sbt, 0, out, 1),
-            inner_par(1),
-        );
-        m
-    } else {
-        let mut m = w.to_vec();
-        gemm_into(
-            out,
-            d_in,
-            r,
-            &mut m,
-            true,
-            Mat::new(&sb, 0, r, 1),
-            Mat::new(a, 0, d_in, 1),
-            inner_par(1),
-        );
-        m
-    }
+    let mut m = w.to_vec();
+    gemm_into(
+        out,
+        d_in,
+        r,
+        &mut m,
+        true,
+        Mat::new(&sb, 0, r, 1),
+        Mat::new(a, 0, d_in, 1),
+        inner_par(1),
+    );
+    m
 }
 
 /// Forward over row tasks: `y = b + x (W + s·B A)ᵀ`.
@@ -138,7 +113,8 @@ fn forward<T: Float>(
     let n = x.len() / d_in;
     let mut y = vec![T::zero(); n * out];
     let par = inner_par(n.div_ceil(ROWS_PER_TASK));
-    let wt = merged(w, a, b, dims, s, true);
+    // Read as `[in, out]` row by row (see `blas::transpose`).
+    let wt = transpose(&merged(w, a, b, dims, s), out, d_in);
     y.par_chunks_mut(ROWS_PER_TASK * out)
         .enumerate()
         .for_each(|(c, yc)| {
@@ -180,11 +156,7 @@ fn backward<T: Float>(
     let tasks = n.div_ceil(ROWS_PER_TASK);
     let par = inner_par(tasks);
     let at = transpose(a, r, d_in);
-    let wm = if want_dx {
-        merged(w, a, b, dims, s, false)
-    } else {
-        vec![]
-    };
+    let wm = if want_dx { merged(w, a, b, dims, s) } else { vec![] };
     let per_task = |c: usize, dxc: &mut [T]| -> (Vec<T>, Vec<T>) {
         let r0 = c * ROWS_PER_TASK;
         let m = ROWS_PER_TASK.min(n - r0);

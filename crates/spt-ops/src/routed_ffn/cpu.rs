@@ -98,8 +98,8 @@ pub(crate) fn gather_mm_fwd<T: Float + ActScalar>(
             let e = g / nc.max(1);
             let rows = routing.group_rows(g);
             let m = rows.len();
-            let lhs = if routing.is_identity() {
-                Mat::new(x, rows.start * d_in, d_in, 1)
+            let lhs = if let Some(t) = routing.token_run(rows.clone()) {
+                Mat::new(x, t * d_in, d_in, 1)
             } else {
                 gather_rows(x, d_in, &routing.row_token()[rows.clone()], buf);
                 Mat::new(buf, 0, d_in, 1)
@@ -157,10 +157,10 @@ pub(crate) fn gather_mm_bwd_x<T: Float>(
                 // rhs (k = j, n = i) = W[e·b + j, i].
                 let rhs = Mat::new(w, e * b * d_in, d_in, 1);
                 let lhs = Mat::new(dh, rows.start * b, b, 1);
-                if routing.is_identity() {
-                    // Token rows t0.. are routed rows rows.start.., one each: write them in place.
-                    let off = (rows.start - t0) * d_in;
-                    gemm_into(m, d_in, b, &mut dx[off..off + m * d_in], false, lhs, rhs, par);
+                if let Some(t) = routing.token_run(rows.clone()) {
+                    // Consecutive tokens: add into their dx rows in place (dx starts at zero).
+                    let off = (t - t0) * d_in;
+                    gemm_into(m, d_in, b, &mut dx[off..off + m * d_in], true, lhs, rhs, par);
                     continue;
                 }
                 tmp.resize(m * d_in, T::zero());
@@ -217,8 +217,8 @@ pub(crate) fn gather_mm_bwd_w<T: Float>(
                 let end = (start + ROW_TILE).min(rows.end);
                 let m = end - start;
                 if want_w && d_in > 0 && b > 0 {
-                    let rhs = if routing.is_identity() {
-                        Mat::new(x, start * d_in, d_in, 1)
+                    let rhs = if let Some(t) = routing.token_run(start..end) {
+                        Mat::new(x, t * d_in, d_in, 1)
                     } else {
                         gather_rows(x, d_in, &routing.row_token()[start..end], buf);
                         Mat::new(buf, 0, d_in, 1)

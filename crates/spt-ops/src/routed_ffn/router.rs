@@ -219,13 +219,19 @@ impl Routing {
         &self.group_starts
     }
 
-    /// Routed rows of group `g = e·n_chunks + c`.
-    /// One block, one slot: routed row r is token r (the dense `linear`'s routing), so the
-    /// kernels read and write token rows in place instead of gathering and scattering them.
-    pub(crate) fn is_identity(&self) -> bool {
-        self.n_blocks == 1 && self.k == 1
+    /// The first token when the routed rows `rows` (of one block) are consecutive tokens, as
+    /// when every token of a chunk runs the block (the dense `linear`, `forward_dense`): the
+    /// kernels then read and write those token rows in place instead of gathering and
+    /// scattering them. A block's tokens ascend strictly, so the ends decide.
+    pub(crate) fn token_run(&self, rows: std::ops::Range<usize>) -> Option<usize> {
+        if rows.is_empty() {
+            return None;
+        }
+        let (t0, t1) = (self.row_token[rows.start], self.row_token[rows.end - 1]);
+        ((t1 - t0) as usize == rows.len() - 1).then_some(t0 as usize)
     }
 
+    /// Routed rows of group `g = e·n_chunks + c`.
     pub(crate) fn group_rows(&self, g: usize) -> std::ops::Range<usize> {
         self.group_starts[g]..self.group_starts[g + 1]
     }
