@@ -55,6 +55,20 @@ inline float spt_ld(__nv_bfloat16 v) {
   return f;
 }
 
+template <typename T>
+inline T spt_st(float v);
+template <>
+inline float spt_st<float>(float v) {
+  return v;
+}
+template <>
+inline __nv_bfloat16 spt_st<__nv_bfloat16>(float v) {  // round to nearest even (NaN stays NaN)
+  uint32_t x;
+  std::memcpy(&x, &v, 4);
+  if ((x & 0x7F800000u) == 0x7F800000u && (x & 0x007FFFFFu)) return {0x7FC0u};
+  return {static_cast<uint16_t>((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16)};
+}
+
 inline thread_local EmuDim threadIdx, blockIdx, blockDim, gridDim;
 
 struct EmuWarp {

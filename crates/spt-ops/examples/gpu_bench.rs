@@ -115,8 +115,8 @@ fn ffn_cases(dev: &Device, reps: usize, dt: DType) -> Result<Vec<serde_json::Val
         let act = Activation::GeluTanh;
         let ffn = RoutedFfn::new(&w1, &b1, &w2, &b2, act, cfg)?;
         let routed_ms = time(dev, reps, || step(ffn.forward_t(xv.as_tensor(), true)?.y))?;
-        // Where the time goes: the routing alone (router GEMM, scores to the host, top-k and
-        // grouping there) and the forward alone.
+        // Where the time goes: the routing alone (router GEMM, then top-k, the counting sort and
+        // the row maps on the device, with the group row counts read back) and the forward alone.
         let route_ms = time(dev, reps, || ffn.route(xv.as_tensor()).map(|_| ()))?;
         let fwd_ms = time(dev, reps, || ffn.forward_t(xv.as_tensor(), false).map(|_| ()))?;
         eprintln!(
@@ -270,8 +270,9 @@ fn ffn_stages(
 ) -> Result<serde_json::Value> {
     let (t, d) = x.dims2()?;
     let block = w1.dim(0)? / n;
-    let scores: Vec<f64> = (0..t * n).map(|i| ((i * 2654435761) % 1000) as f64).collect();
-    let routing = std::sync::Arc::new(spt_ops::routed_ffn::Routing::top_k(&scores, t, n, k)?);
+    let scores: Vec<f32> = (0..t * n).map(|i| ((i * 2654435761) % 1000) as f32).collect();
+    let scores = Tensor::from_vec(scores, (t, n), dev)?;
+    let routing = std::sync::Arc::new(spt_ops::routed_ffn::Routing::from_scores(&scores, k)?);
     let r = routing.n_rows();
     let xv = Var::from_tensor(x)?;
     let up_rd = Tensor::randn(0f32, 1f32, (r, d), dev)?.to_dtype(x.dtype())?;

@@ -8,6 +8,8 @@
 //!   L_q ≠ L_k, d = 64 and 128.
 //! - `block_select_emu_test.cpp`: device block selection (`block_select.cu`) against a
 //!   brute-force key-by-key scoring, exact on integer data.
+//! - `route_emu_test.cpp`: the routed FFN's routing on the device (`routed_ffn.cu`: top-k, the
+//!   counting sort, the padded maps) against the host's rules, index for index.
 //!
 //! It needs a C++20 compiler (`$CXX`, else `c++`): g++ ≥ 11 or clang ≥ 13. On a GPU the same
 //! kernels run in `cuda_parity.rs` (scripts/gpu-check.sh).
@@ -62,4 +64,9 @@ fn flash_attention_kernels_match_f64_reference_under_emulation() {
 #[test]
 fn block_selection_kernels_match_brute_force_under_emulation() {
     emulate("block_select_emu_test", "block_select emulated: all cases pass");
+}
+
+#[test]
+fn routing_kernels_match_host_routing_under_emulation() {
+    emulate("route_emu_test", "routing emulated: all cases pass");
 }

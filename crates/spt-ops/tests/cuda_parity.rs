@@ -719,6 +719,103 @@ fn routed_ffn_matches_cpu() -> Result<()> {
     Ok(())
 }
 
+/// `[t, n]` integer-valued router scores in -3..=3 (many ties), or, `skewed`, with block 0 above
+/// every other block (a routing that is not balanced).
+fn router_scores(t: usize, n: usize, skewed: bool, seed: u64) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..t * n)
+        .map(|i| {
+            let v = rng.random_range(-3i32..=3) as f32;
+            if skewed && i % n == 0 {
+                10.0
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-check.sh"]
+fn device_routing_matches_host_routing() -> Result<()> {
+    use spt_ops::Routing;
+    // More than one token chunk (512), every k up to n, n up to the device limit (64) and one
+    // past it (routed on the host).
+    for &(t, n, k) in &[
+        (1usize, 1usize, 1usize),
+        (700, 8, 2),
+        (1300, 24, 12),
+        (600, 64, 5),
+        (520, 64, 64),
+        (300, 65, 3),
+    ] {
+        let scores = router_scores(t, n, false, (t * n + k) as u64);
+        let host: Vec<f64> = scores.iter().map(|&v| v as f64).collect();
+        let want = Routing::top_k(&host, t, n, k)?;
+        for dt in [DType::F32, DType::BF16] {
+            let s = Tensor::from_vec(scores.clone(), (t, n), &gpu()?)?.to_dtype(dt)?;
+            let got = Routing::from_scores(&s, k)?;
+            let what = format!("T {t} n {n} k {k} {dt:?}");
+            assert_eq!(
+                got.device().is_some(),
+                n <= 64,
+                "{what}: routed on the wrong side"
+            );
+            assert_eq!(got.block_counts(), want.block_counts(), "{what}: block counts");
+            assert_eq!(got.blocks()?, want.blocks()?, "{what}: blocks");
+            assert_eq!(got.row_token()?, want.row_token()?, "{what}: row_token");
+            assert_eq!(got.row_src()?, want.row_src()?, "{what}: row_src");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-check.sh"]
+fn routed_ffn_on_device_routing_matches_cpu() -> Result<()> {
+    use spt_ops::routed_ffn::composed::uses_padding;
+    use spt_ops::routed_ffn::{gather_matmul_act, router_gates, scatter_matmul_bias, GateMode};
+    use spt_ops::Routing;
+    use std::sync::Arc;
+    // Balanced (the padded layout, one batched GEMM) and skewed (one GEMM per block) routings,
+    // each built on the device from scores there and on the host from the same scores; the gates
+    // come from the scores through the (token, slot) → row map.
+    let (t, d, n, b, k) = (700, 64, 8, 32, 3);
+    for skewed in [false, true] {
+        let scores = router_scores(t, n, skewed, 11 + skewed as u64);
+        let logits = Tensor::from_vec(scores, (t, n), &Device::Cpu)?;
+        let host = Arc::new(Routing::from_scores(&logits, k)?);
+        let device = Arc::new(Routing::from_scores(&logits.to_device(&gpu()?)?, k)?);
+        assert!(device.device().is_some(), "the GPU routing was built on the host");
+        assert_eq!(
+            uses_padding(&host),
+            !skewed,
+            "the case does not take the layout it tests"
+        );
+        let x = uniform(&[t, d], 1.0, 1, DType::F32)?;
+        let w1 = uniform(&[n * b, d], 0.2, 2, DType::F32)?;
+        let b1 = uniform(&[n * b], 0.1, 3, DType::F32)?;
+        let w2 = uniform(&[d, n * b], 0.2, 5, DType::F32)?;
+        let b2 = uniform(&[d], 0.1, 6, DType::F32)?;
+        let logits = (&logits * 0.25)?; // distinct gates
+        for dt in [DType::F32, DType::BF16] {
+            parity_as(
+                dt,
+                &format!("routed_ffn on a device routing (skewed: {skewed})"),
+                &[&x, &w1, &b1, &logits, &w2, &b2],
+                &[t, d],
+                &|v| {
+                    let r = if v[0].device().is_cuda() { &device } else { &host };
+                    let gates = router_gates(v[3], r, GateMode::SoftmaxKept)?;
+                    let h = gather_matmul_act(v[0], v[1], Some(v[2]), Some(Activation::GeluTanh), r)?;
+                    scatter_matmul_bias(&h, &gates, v[4], Some(v[5]), r)
+                },
+            )?;
+        }
+    }
+    Ok(())
+}
+
 #[test]
 #[ignore = "needs a GPU: run scripts/gpu-check.sh"]
 fn linear_cross_entropy_matches_cpu() -> Result<()> {

@@ -126,7 +126,7 @@ fn composed_path_equals_fused_ops() -> Result<()> {
 fn check_row_moves(t: usize, n: usize, k: usize, d: usize, seed: u64) -> Result<()> {
     let routing = Arc::new(random_routing(t, n, k, None, seed)?);
     let r = routing.n_rows();
-    let tok = Tensor::from_slice(routing.row_token(), r, &Device::Cpu)?;
+    let tok = Tensor::from_slice(routing.row_token()?, r, &Device::Cpu)?;
     let x = randn_f64(&[t, d], seed + 1)?;
     let y = randn_f64(&[r, d], seed + 2)?;
     let g = gather_rows(&x, &routing)?;

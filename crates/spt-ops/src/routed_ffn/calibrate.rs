@@ -234,10 +234,10 @@ impl RoutedFfn {
             .detach()
             .to_dtype(DType::F64)?
             .broadcast_sub(&b2)?;
-        let picked = out.routing.blocks();
+        let picked = out.routing.blocks()?;
         let hits = picked
             .chunks(self.k)
-            .zip(oracle.blocks().chunks(self.k))
+            .zip(oracle.blocks()?.chunks(self.k))
             .map(|(p, o)| p.iter().filter(|e| o.contains(e)).count())
             .sum::<usize>();
         Ok(RoutingQuality {

@@ -40,14 +40,14 @@ fn gather_matmul_act_padded(
     block: usize,
 ) -> Result<Tensor> {
     let (n, rm, d_in) = (routing.n_blocks(), padded_rows(routing), x.dim(1)?);
-    let xp = move_rows(x, Move::Gather, RowMap::padded(routing))?.reshape((n, rm, d_in))?;
+    let xp = move_rows(x, Move::Gather, RowMap::padded(routing)?)?.reshape((n, rm, d_in))?;
     let we = w.contiguous()?.reshape((n, block, d_in))?;
     let mut h = xp.matmul(&we.t()?)?; // [n, R_max, b]
     if let Some((bias, AddKind::Bias)) = add {
         // A broadcast add, so the bias gradient is a sum (f32-accumulated in bf16 too).
         h = h.broadcast_add(&bias.reshape((n, 1, block))?)?;
     }
-    let unpad = RowMap::unpad(routing);
+    let unpad = RowMap::unpad(routing)?;
     let mut h = move_rows(&h.reshape((n * rm, block))?, Move::Gather, unpad)?; // [R, b]
     if let Some((base, AddKind::Base)) = add {
         h = (h + base)?;
@@ -67,12 +67,12 @@ fn scatter_matmul_padded(
     d_out: usize,
 ) -> Result<Tensor> {
     let (n, rm) = (routing.n_blocks(), padded_rows(routing));
-    let hp = move_rows(hg, Move::Sum, RowMap::unpad(routing))?.reshape((n, rm, block))?;
+    let hp = move_rows(hg, Move::Sum, RowMap::unpad(routing)?)?.reshape((n, rm, block))?;
     // W's column blocks as [n, d_out, b]: one copy of W (small next to the GEMM), so each block
     // is a plain transposed operand of the batched GEMM.
     let we = w.reshape((d_out, n, block))?.transpose(0, 1)?.contiguous()?;
     let yp = hp.matmul(&we.t()?)?; // [n, R_max, d_out]
-    move_rows(&yp.reshape((n * rm, d_out))?, Move::Sum, RowMap::padded(routing))
+    move_rows(&yp.reshape((n * rm, d_out))?, Move::Sum, RowMap::padded(routing)?)
 }
 
 /// `act(x[t] · W_eᵀ + add)` for every routed row, `[R, b]`: see `gather_matmul_act`.

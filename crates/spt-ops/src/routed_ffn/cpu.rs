@@ -15,11 +15,36 @@
 //! accumulate row tiles in a fixed order. No atomics, so results do not depend on the thread
 //! count.
 
-use super::router::Routing;
+use super::router::{token_run, Routing};
 use crate::activation::{ActScalar, Activation};
 use crate::blas::{gemm_into, gemm_raw, inner_par, transpose, Mat, SendPtr};
 use crate::util::Float;
 use rayon::prelude::*;
+
+/// A routing whose routed rows' tokens are in host memory, as these kernels read them.
+#[derive(Clone, Copy)]
+pub(crate) struct HostRouting<'a> {
+    routing: &'a Routing,
+    /// [`Routing::row_token`].
+    tok: &'a [u32],
+}
+
+impl<'a> HostRouting<'a> {
+    pub(crate) fn new(routing: &'a Routing) -> candle_core::Result<Self> {
+        Ok(Self {
+            routing,
+            tok: routing.row_token()?,
+        })
+    }
+}
+
+impl std::ops::Deref for HostRouting<'_> {
+    type Target = Routing;
+
+    fn deref(&self) -> &Routing {
+        self.routing
+    }
+}
 
 /// Routed rows per weight-gradient GEMM (fixed so results don't depend on the thread count).
 const ROW_TILE: usize = 512;
@@ -62,7 +87,7 @@ pub(crate) enum Addend<'a, T> {
 /// cache.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gather_mm_fwd<T: Float + ActScalar>(
-    routing: &Routing,
+    routing: HostRouting<'_>,
     x: &[T],
     w: &[T],
     add: Addend<'_, T>,
@@ -81,9 +106,9 @@ pub(crate) fn gather_mm_fwd<T: Float + ActScalar>(
     // Wᵀ `[d_in, n_blocks·b]`, so that every group's GEMM reads its weight block row by row.
     let nb = routing.n_blocks() * b;
     let wt = transpose(&w[..nb * d_in], nb, d_in);
-    let pre_parts = split_groups(routing, &mut pre, b);
+    let pre_parts = split_groups(&routing, &mut pre, b);
     let h_parts: Vec<&mut [T]> = if act.is_some() {
-        split_groups(routing, &mut h, b)
+        split_groups(&routing, &mut h, b)
     } else {
         pre_parts.iter().map(|_| &mut [][..]).collect()
     };
@@ -98,10 +123,10 @@ pub(crate) fn gather_mm_fwd<T: Float + ActScalar>(
             let e = g / nc.max(1);
             let rows = routing.group_rows(g);
             let m = rows.len();
-            let lhs = if let Some(t) = routing.token_run(rows.clone()) {
+            let lhs = if let Some(t) = token_run(routing.tok, rows.clone()) {
                 Mat::new(x, t * d_in, d_in, 1)
             } else {
-                gather_rows(x, d_in, &routing.row_token()[rows.clone()], buf);
+                gather_rows(x, d_in, &routing.tok[rows.clone()], buf);
                 Mat::new(buf, 0, d_in, 1)
             };
             let accumulate = match add {
@@ -134,7 +159,7 @@ pub(crate) fn act_backward<T: Float + ActScalar>(dh: &[T], pre: &[T], act: Activ
 
 /// Input gradient of the gather-in GEMM: `dx[t] = Σ_{r of t} dh[r] · W_e`. Returns `[T, d_in]`.
 pub(crate) fn gather_mm_bwd_x<T: Float>(
-    routing: &Routing,
+    routing: HostRouting<'_>,
     dh: &[T],
     w: &[T],
     d_in: usize,
@@ -157,7 +182,7 @@ pub(crate) fn gather_mm_bwd_x<T: Float>(
                 // rhs (k = j, n = i) = W[e·b + j, i].
                 let rhs = Mat::new(w, e * b * d_in, d_in, 1);
                 let lhs = Mat::new(dh, rows.start * b, b, 1);
-                if let Some(t) = routing.token_run(rows.clone()) {
+                if let Some(t) = token_run(routing.tok, rows.clone()) {
                     // Consecutive tokens: add into their dx rows in place (dx starts at zero).
                     let off = (t - t0) * d_in;
                     gemm_into(m, d_in, b, &mut dx[off..off + m * d_in], true, lhs, rhs, par);
@@ -165,7 +190,7 @@ pub(crate) fn gather_mm_bwd_x<T: Float>(
                 }
                 tmp.resize(m * d_in, T::zero());
                 gemm_into(m, d_in, b, tmp, false, lhs, rhs, par);
-                for (src, &t) in tmp.chunks(d_in).zip(&routing.row_token()[rows]) {
+                for (src, &t) in tmp.chunks(d_in).zip(&routing.tok[rows]) {
                     let off = (t as usize - t0) * d_in;
                     for (o, &v) in dx[off..off + d_in].iter_mut().zip(src) {
                         *o = *o + v;
@@ -180,7 +205,7 @@ pub(crate) fn gather_mm_bwd_x<T: Float>(
 /// Weight and bias gradients of the gather-in GEMM: `dW_e = dh_eᵀ · x_e`, `db_e = Σ_r dh_e[r]`.
 /// Returns `([n_blocks·b, d_in], [n_blocks·b])`; either is skipped when not wanted.
 pub(crate) fn gather_mm_bwd_w<T: Float>(
-    routing: &Routing,
+    routing: HostRouting<'_>,
     dh: &[T],
     x: &[T],
     d_in: usize,
@@ -217,10 +242,10 @@ pub(crate) fn gather_mm_bwd_w<T: Float>(
                 let end = (start + ROW_TILE).min(rows.end);
                 let m = end - start;
                 if want_w && d_in > 0 && b > 0 {
-                    let rhs = if let Some(t) = routing.token_run(start..end) {
+                    let rhs = if let Some(t) = token_run(routing.tok, start..end) {
                         Mat::new(x, t * d_in, d_in, 1)
                     } else {
-                        gather_rows(x, d_in, &routing.row_token()[start..end], buf);
+                        gather_rows(x, d_in, &routing.tok[start..end], buf);
                         Mat::new(buf, 0, d_in, 1)
                     };
                     // lhs (i = j, k = r) = dh[start + r, j].
@@ -243,7 +268,7 @@ pub(crate) fn gather_mm_bwd_w<T: Float>(
 /// Forward of the scatter-out GEMM: `y[t] = (bias +) Σ_{r of t} g[r] · h[r] · W_eᵀ`, where `W_e`
 /// is the column block `e` of `w` (`[d_out, n_blocks·b]`). Returns `[T, d_out]`.
 pub(crate) fn scatter_mm_fwd<T: Float>(
-    routing: &Routing,
+    routing: HostRouting<'_>,
     h: &[T],
     g: &[T],
     w: &[T],
@@ -284,7 +309,7 @@ pub(crate) fn scatter_mm_fwd<T: Float>(
                     rhs,
                     par,
                 );
-                let toks = &routing.row_token()[rows.clone()];
+                let toks = &routing.tok[rows.clone()];
                 for ((src, &t), &gr) in tmp.chunks(d_out).zip(toks).zip(&g[rows]) {
                     let off = (t as usize - t0) * d_out;
                     for (o, &v) in y[off..off + d_out].iter_mut().zip(src) {
@@ -300,7 +325,7 @@ pub(crate) fn scatter_mm_fwd<T: Float>(
 /// `dh[r] = g[r]·u[r]` (`[R, b]`) and `dg[r] = ⟨h[r], u[r]⟩` (`[R]`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn scatter_mm_bwd_hg<T: Float>(
-    routing: &Routing,
+    routing: HostRouting<'_>,
     dy: &[T],
     h: &[T],
     g: &[T],
@@ -315,9 +340,9 @@ pub(crate) fn scatter_mm_bwd_hg<T: Float>(
     let mut dh = vec![T::zero(); r_total * b];
     let mut dg = vec![T::zero(); if want_dg { r_total } else { 0 }];
     let par = inner_par(routing.n_blocks() * nc);
-    let dh_parts = split_groups(routing, &mut dh, b);
+    let dh_parts = split_groups(&routing, &mut dh, b);
     let dg_parts: Vec<&mut [T]> = if want_dg {
-        split_groups(routing, &mut dg, 1)
+        split_groups(&routing, &mut dg, 1)
     } else {
         dh_parts.iter().map(|_| &mut [][..]).collect()
     };
@@ -332,7 +357,7 @@ pub(crate) fn scatter_mm_bwd_hg<T: Float>(
             let e = gi / nc.max(1);
             let rows = routing.group_rows(gi);
             let m = rows.len();
-            gather_rows(dy, d_out, &routing.row_token()[rows.clone()], buf);
+            gather_rows(dy, d_out, &routing.tok[rows.clone()], buf);
             // u = dy_rows · W_e, rhs (k = o, n = j) = w[o, e·b + j].
             let rhs = Mat::new(w, e * b, nb, 1);
             gemm_into(m, b, d_out, dh_g, false, Mat::new(buf, 0, d_out, 1), rhs, par);
@@ -357,7 +382,7 @@ pub(crate) fn scatter_mm_bwd_hg<T: Float>(
 /// Weight gradient of the scatter-out GEMM: `dW[:, block e] = Σ_r dy[tok(r)]ᵀ · (g[r]·h[r])`.
 /// Returns `[d_out, n_blocks·b]`.
 pub(crate) fn scatter_mm_bwd_w<T: Float>(
-    routing: &Routing,
+    routing: HostRouting<'_>,
     dy: &[T],
     h: &[T],
     g: &[T],
@@ -377,7 +402,7 @@ pub(crate) fn scatter_mm_bwd_w<T: Float>(
             while start < rows.end {
                 let end = (start + ROW_TILE).min(rows.end);
                 let m = end - start;
-                gather_rows(dy, d_out, &routing.row_token()[start..end], dybuf);
+                gather_rows(dy, d_out, &routing.tok[start..end], dybuf);
                 ghbuf.clear();
                 for r in start..end {
                     let gr = g[r];

@@ -56,7 +56,7 @@ use crate::activation::Activation;
 use crate::lora::{delta_weight, dropout, uniform, DropoutSeeds, LoraConfig, LoraError};
 use crate::norm::softmax_last_dim;
 use crate::util::{check_float, check_same};
-use candle_core::{bail, DType, Result, Tensor, Var};
+use candle_core::{bail, Result, Tensor, Var};
 use std::sync::Arc;
 
 /// How a kept block's fc2 output is scaled.
@@ -134,12 +134,13 @@ impl RoutedFfnOutput {
 /// Scatters routed-row gates `[R]` into a `[T, n_blocks]` matrix (0 for skipped blocks).
 pub fn gate_matrix(gates: &Tensor, routing: &Routing) -> Result<Tensor> {
     let (t, n, k) = (routing.n_tokens(), routing.n_blocks(), routing.k());
+    let blocks = routing.blocks()?;
     let idx: Vec<u32> = routing
-        .row_src()
+        .row_src()?
         .iter()
         .map(|&s| {
-            let (tok, slot) = (s as usize / k, s as usize % k);
-            (tok * n) as u32 + routing.blocks()[tok * k + slot]
+            let tok = s as usize / k;
+            (tok * n) as u32 + blocks[s as usize]
         })
         .collect();
     let idx = Tensor::from_vec(idx, routing.n_rows(), gates.device())?;
@@ -159,23 +160,19 @@ pub fn router_gates(logits: &Tensor, routing: &Arc<Routing>, gate: GateMode) -> 
             logits.dims()
         );
     }
-    // Gathers along dim 1 rather than 1-D index_selects: the backward of a 1-D index_select is
-    // an index_add with one column, which candle's CUDA kernel runs on a single thread (6 ms
-    // each at 8192 tokens × 4 of 8 blocks on an H200, half the routed FFN's step).
-    let kept = || -> Result<Tensor> {
-        let blocks = Tensor::from_slice(routing.blocks(), (t, k), dev)?; // [T, k], slot order
-        logits.contiguous()?.gather(&blocks, 1)
-    };
     let per_slot = match gate {
         GateMode::Ones => return Tensor::ones(routing.n_rows(), logits.dtype(), dev),
-        GateMode::SoftmaxKept => (softmax_last_dim(&kept()?)? * k as f64)?,
+        // A gather along dim 1 rather than a 1-D index_select: the backward of a 1-D index_select
+        // is an index_add with one column, which candle's CUDA kernel runs on a single thread
+        // (6 ms each at 8192 tokens × 4 of 8 blocks on an H200, half the routed FFN's step).
+        GateMode::SoftmaxKept => {
+            let kept = logits.contiguous()?.gather(&routing.blocks_tensor(dev)?, 1)?; // [T, k]
+            (softmax_last_dim(&kept)? * k as f64)?
+        }
     };
-    // Per-slot [T, k] → routed-row order: each row's token row, then its slot's column.
-    let slot: Vec<u32> = routing.row_src().iter().map(|&p| p % k as u32).collect();
-    let slot = Tensor::from_vec(slot, (routing.n_rows(), 1), dev)?;
-    gather_rows(&per_slot.contiguous()?, routing)?
-        .gather(&slot, 1)?
-        .flatten_all()
+    // Per (token, slot) → routed-row order: a row move (its adjoint is the gradient).
+    let pairs = rows::RowMap::pairs(routing)?;
+    rows::move_rows(&per_slot.reshape((t * k, 1))?, rows::Move::Gather, pairs)?.flatten_all()
 }
 
 /// The routed FFN as a function (no LoRA): `y[t] = Σ_{kept e} gate · act(x W1_eᵀ + b1_e) W2_eᵀ
@@ -406,12 +403,12 @@ impl RoutedFfn {
         let (_, t) = self.check_input(x)?;
         let x2 = x.reshape((t, self.d_model()))?.detach();
         let logits = self.router_logits(&x2)?.detach();
-        self.routing_from_logits(&logits, t)
+        self.routing_from_logits(&logits)
     }
 
-    fn routing_from_logits(&self, logits: &Tensor, t: usize) -> Result<Arc<Routing>> {
-        let scores: Vec<f64> = logits.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
-        Ok(Arc::new(Routing::top_k(&scores, t, self.cfg.n_blocks, self.k)?))
+    /// On the device of the scores when they are on CUDA (see [`Routing::from_scores`]).
+    fn routing_from_logits(&self, logits: &Tensor) -> Result<Arc<Routing>> {
+        Ok(Arc::new(Routing::from_scores(&logits.detach(), self.k)?))
     }
 
     /// `x [.., d] → y [.., d]` through the top-k blocks; dropout (LoRA inputs) only when `train`.
@@ -419,7 +416,7 @@ impl RoutedFfn {
         let (dims, t) = self.check_input(x)?;
         let x2 = x.reshape((t, self.d_model()))?;
         let logits = self.router_logits(&x2)?;
-        let routing = self.routing_from_logits(&logits, t)?;
+        let routing = self.routing_from_logits(&logits)?;
         self.forward_routed(x, &x2, &dims, &logits, routing, self.cfg.gate, train)
     }
 

@@ -126,6 +126,7 @@ impl GatherMatmul {
         let op = "gather_matmul";
         let d_in = ss[1].1.dims()[1];
         let shape = Shape::from((self.routing.n_rows(), self.block));
+        let hr = cpu::HostRouting::new(&self.routing)?;
         macro_rules! run {
             ($t:ty, $variant:ident) => {{
                 let x = contiguous::<$t>(op, "x", ss[0].0, ss[0].1)?;
@@ -135,7 +136,7 @@ impl GatherMatmul {
                     (Some((s, l)), AddKind::Base) => cpu::Addend::Base(contiguous::<$t>(op, "base", s, l)?),
                     _ => cpu::Addend::None,
                 };
-                let (pre, h) = cpu::gather_mm_fwd(&self.routing, x, w, add, d_in, self.block, self.act);
+                let (pre, h) = cpu::gather_mm_fwd(hr, x, w, add, d_in, self.block, self.act);
                 match h {
                     Some(h) => {
                         let pre = Tensor::from_vec(pre, shape.clone(), &Device::Cpu)?;
@@ -170,6 +171,7 @@ impl GatherMatmul {
         let want_b = want_add && self.add_kind == AddKind::Bias;
         let (b, d_in) = (self.block, x.dim(1)?);
         let r = &*self.routing;
+        let hr = cpu::HostRouting::new(r)?;
         let dev = x.device();
         // The gradient of the pre-activation.
         let dpre = match self.act {
@@ -203,14 +205,14 @@ impl GatherMatmul {
             ($t:ty) => {
                 with_cpu::<$t, _>(op, &dpre, |dh| {
                     let dx = if want_x {
-                        let v = with_cpu::<$t, _>(op, w, |w| Ok(cpu::gather_mm_bwd_x(r, dh, w, d_in, b)))?;
+                        let v = with_cpu::<$t, _>(op, w, |w| Ok(cpu::gather_mm_bwd_x(hr, dh, w, d_in, b)))?;
                         Some(Tensor::from_vec(v, x.shape(), dev)?)
                     } else {
                         None
                     };
                     let (dw, db) = if want_w || want_b {
                         with_cpu::<$t, _>(op, x, |xs| {
-                            Ok(cpu::gather_mm_bwd_w(r, dh, xs, d_in, b, want_w, want_b))
+                            Ok(cpu::gather_mm_bwd_w(hr, dh, xs, d_in, b, want_w, want_b))
                         })?
                     } else {
                         (None, None)
@@ -386,6 +388,7 @@ impl CustomOp3 for ScatterMatmul {
     ) -> Result<(CpuStorage, Shape)> {
         let op = "scatter_matmul";
         let shape = Shape::from((self.routing.n_tokens(), self.d_out));
+        let hr = cpu::HostRouting::new(&self.routing)?;
         macro_rules! run {
             ($t:ty, $variant:ident) => {{
                 let h = contiguous::<$t>(op, "h", s1, l1)?;
@@ -394,7 +397,7 @@ impl CustomOp3 for ScatterMatmul {
                 let y = match &self.const_bias {
                     Some(bias) => with_cpu::<$t, _>(op, bias, |bias| {
                         Ok(cpu::scatter_mm_fwd(
-                            &self.routing,
+                            hr,
                             h,
                             g,
                             w,
@@ -403,7 +406,7 @@ impl CustomOp3 for ScatterMatmul {
                             Some(bias),
                         ))
                     })?,
-                    None => cpu::scatter_mm_fwd(&self.routing, h, g, w, self.d_out, self.block, None),
+                    None => cpu::scatter_mm_fwd(hr, h, g, w, self.d_out, self.block, None),
                 };
                 Ok((CpuStorage::$variant(y), shape))
             }};
@@ -426,6 +429,7 @@ impl CustomOp3 for ScatterMatmul {
         let op = "scatter_matmul_backward";
         let (want_h, want_g, want_w) = (h.track_op(), gates.track_op(), w.track_op());
         let r = &*self.routing;
+        let hr = cpu::HostRouting::new(r)?;
         let (b, d_out) = (self.block, self.d_out);
         let dev = h.device();
         macro_rules! run {
@@ -435,7 +439,7 @@ impl CustomOp3 for ScatterMatmul {
                         with_cpu::<$t, _>(op, gates, |gs| {
                             let (dh, dg) = if want_h || want_g {
                                 let (dh, dg) = with_cpu::<$t, _>(op, w, |ws| {
-                                    Ok(cpu::scatter_mm_bwd_hg(r, dy, hs, gs, ws, d_out, b, want_g))
+                                    Ok(cpu::scatter_mm_bwd_hg(hr, dy, hs, gs, ws, d_out, b, want_g))
                                 })?;
                                 let dh = if want_h {
                                     Some(Tensor::from_vec(dh, h.shape(), dev)?)
@@ -452,7 +456,7 @@ impl CustomOp3 for ScatterMatmul {
                                 (None, None)
                             };
                             let dw = if want_w {
-                                let v = cpu::scatter_mm_bwd_w(r, dy, hs, gs, d_out, b);
+                                let v = cpu::scatter_mm_bwd_w(hr, dy, hs, gs, d_out, b);
                                 Some(Tensor::from_vec(v, w.shape(), dev)?)
                             } else {
                                 None

@@ -1,7 +1,9 @@
 //! Token → block routing: top-k selection per token and the deterministic counting sort that
-//! groups the routed (token, slot) pairs by block.
+//! groups the routed (token, slot) pairs by block. Built on the host, or on the GPU from scores
+//! that live there ([`Routing::from_scores`]); both give the same routing, row for row.
 
-use candle_core::{bail, Device, Result, Tensor};
+use candle_core::{bail, DType, Device, Result, Tensor};
+use std::sync::OnceLock;
 
 /// Tokens per chunk of the token-parallel kernels. A fixed constant (not the thread count), so
 /// that every result is the same whatever the number of threads. A chunk's rows of one block are
@@ -46,22 +48,46 @@ impl BlockTopK {
 /// block, then by token (a stable counting sort of the (token, slot) pairs in token order), so
 /// block `e` owns a contiguous range of rows and, inside it, every token chunk of
 /// [`CHUNK_TOKENS`] tokens owns a contiguous sub-range (a *group*).
+///
+/// Where the index arrays live: a routing built on the host ([`from_blocks`](Self::from_blocks),
+/// [`top_k`](Self::top_k)) has them in host memory. One built on a GPU
+/// ([`from_scores`](Self::from_scores) with scores on CUDA) keeps them on the device; only the
+/// per-group row counts come to the host (the GEMM launches need them), and the arrays are copied
+/// to the host on the first call of an accessor that returns them as slices.
 #[derive(Debug, Clone)]
 pub struct Routing {
     n_tokens: usize,
     n_blocks: usize,
     k: usize,
     n_chunks: usize,
+    /// `[n_blocks·n_chunks + 1]`: first routed row of group `e·n_chunks + c`.
+    group_starts: Vec<usize>,
+    /// The index arrays in host memory (set at construction, or copied from `device`).
+    host: OnceLock<HostIndex>,
+    /// The index arrays on a device, for a routing built there.
+    device: Option<DeviceIndex>,
+    /// Row maps for the composed path's row moves, built on first use.
+    pub(crate) row_maps: super::rows::RowMaps,
+}
+
+#[derive(Debug, Clone)]
+struct HostIndex {
     /// `[T·k]`: block of (token t, slot j) at `t·k + j`, slots in descending score order.
     blocks: Vec<u32>,
     /// `[R]`: token of each routed row.
     row_token: Vec<u32>,
     /// `[R]`: the (token, slot) pair `t·k + j` of each routed row.
     row_src: Vec<u32>,
-    /// `[n_blocks·n_chunks + 1]`: first routed row of group `e·n_chunks + c`.
-    group_starts: Vec<usize>,
-    /// Row maps for the composed path's row moves, built on first use.
-    pub(crate) row_maps: super::rows::RowMaps,
+}
+
+/// A routing's index arrays as u32 tensors on its device: those of [`HostIndex`] and
+/// `token_rows [T·k]`, the routed row of each (token, slot) pair (the inverse of `row_src`).
+#[derive(Debug, Clone)]
+pub(crate) struct DeviceIndex {
+    pub(crate) blocks: Tensor,
+    pub(crate) row_token: Tensor,
+    pub(crate) row_src: Tensor,
+    pub(crate) token_rows: Tensor,
 }
 
 impl Routing {
@@ -122,12 +148,50 @@ impl Routing {
             n_blocks,
             k,
             n_chunks,
-            blocks,
-            row_token,
-            row_src,
             group_starts,
+            host: OnceLock::from(HostIndex {
+                blocks,
+                row_token,
+                row_src,
+            }),
+            device: None,
             row_maps: Default::default(),
         })
+    }
+
+    /// Top-k routing from router scores `[T, n_blocks]` (any float dtype, any device), by the
+    /// rules of [`top_k`](Self::top_k). On CUDA (f32 or bf16 scores, up to 64 blocks) the
+    /// selection, the counting sort and the row maps run on the device and only the per-group
+    /// row counts come to the host; elsewhere the scores are copied to the host.
+    pub fn from_scores(scores: &Tensor, k: usize) -> Result<Self> {
+        let (t, n) = match scores.dims() {
+            &[t, n] => (t, n),
+            d => bail!("routed_ffn: router scores are {d:?}, expected [T, n_blocks]"),
+        };
+        #[cfg(feature = "cuda")]
+        if scores.device().is_cuda() && matches!(scores.dtype(), DType::F32 | DType::BF16) && t > 0 {
+            if n == 0 {
+                bail!("routed_ffn: n_blocks must be at least 1");
+            }
+            if k == 0 || k > n {
+                bail!("routed_ffn: top-k is {k}, expected 1 ≤ k ≤ n_blocks = {n}");
+            }
+            if n <= super::cuda::MAX_DEVICE_BLOCKS {
+                let (device, group_starts) = super::cuda::route(scores, k)?;
+                return Ok(Self {
+                    n_tokens: t,
+                    n_blocks: n,
+                    k,
+                    n_chunks: t.div_ceil(CHUNK_TOKENS),
+                    group_starts,
+                    host: OnceLock::new(),
+                    device: Some(device),
+                    row_maps: Default::default(),
+                });
+            }
+        }
+        let host: Vec<f64> = scores.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+        Self::top_k(&host, t, n, k)
     }
 
     /// Top-k routing from router scores `[T, n_blocks]` (row-major): each token keeps its `k`
@@ -179,22 +243,59 @@ impl Routing {
 
     /// Number of routed rows, `T·k`.
     pub fn n_rows(&self) -> usize {
-        self.row_token.len()
+        self.n_tokens * self.k
     }
 
-    /// `[T·k]`: token t's j-th block at `t·k + j`.
-    pub fn blocks(&self) -> &[u32] {
-        &self.blocks
+    /// The host index arrays, copied from the device on first use for a routing built there.
+    fn host(&self) -> Result<&HostIndex> {
+        if let Some(h) = self.host.get() {
+            return Ok(h);
+        }
+        let Some(d) = &self.device else {
+            bail!("routed_ffn: routing has no index arrays"); // every constructor sets one
+        };
+        let h = HostIndex {
+            blocks: d.blocks.to_vec1()?,
+            row_token: d.row_token.to_vec1()?,
+            row_src: d.row_src.to_vec1()?,
+        };
+        Ok(self.host.get_or_init(|| h))
     }
 
-    /// `[R]`: the token of each routed row.
-    pub fn row_token(&self) -> &[u32] {
-        &self.row_token
+    /// The index arrays on the device, for a routing built there.
+    pub(crate) fn device_index(&self) -> Option<&DeviceIndex> {
+        self.device.as_ref()
     }
 
-    /// `[R]`: the (token, slot) index `t·k + j` of each routed row.
-    pub fn row_src(&self) -> &[u32] {
-        &self.row_src
+    /// The device the routing was built on: `None` for a host routing.
+    pub fn device(&self) -> Option<&Device> {
+        self.device.as_ref().map(|d| d.blocks.device())
+    }
+
+    /// `[T·k]`: token t's j-th block at `t·k + j` (copied from the device on first use).
+    pub fn blocks(&self) -> Result<&[u32]> {
+        Ok(&self.host()?.blocks)
+    }
+
+    /// `[R]`: the token of each routed row (copied from the device on first use).
+    pub fn row_token(&self) -> Result<&[u32]> {
+        Ok(&self.host()?.row_token)
+    }
+
+    /// `[R]`: the (token, slot) index `t·k + j` of each routed row (copied from the device on
+    /// first use).
+    pub fn row_src(&self) -> Result<&[u32]> {
+        Ok(&self.host()?.row_src)
+    }
+
+    /// `[T, k]` u32 tensor of the kept blocks on `device`: the device's own array for a routing
+    /// built there, else an upload.
+    pub fn blocks_tensor(&self, device: &Device) -> Result<Tensor> {
+        let shape = (self.n_tokens, self.k);
+        match &self.device {
+            Some(d) if d.blocks.device().same_device(device) => d.blocks.reshape(shape),
+            _ => Tensor::from_slice(self.blocks()?, shape, device),
+        }
     }
 
     /// Routed rows of block `e`.
@@ -219,37 +320,20 @@ impl Routing {
         &self.group_starts
     }
 
-    /// The first token when the routed rows `rows` (of one block) are consecutive tokens, as
-    /// when every token of a chunk runs the block (the dense `linear`, `forward_dense`): the
-    /// kernels then read and write those token rows in place instead of gathering and
-    /// scattering them. A block's tokens ascend strictly, so the ends decide.
-    pub(crate) fn token_run(&self, rows: std::ops::Range<usize>) -> Option<usize> {
-        if rows.is_empty() {
-            return None;
-        }
-        let (t0, t1) = (self.row_token[rows.start], self.row_token[rows.end - 1]);
-        ((t1 - t0) as usize == rows.len() - 1).then_some(t0 as usize)
-    }
-
     /// Routed rows of group `g = e·n_chunks + c`.
     pub(crate) fn group_rows(&self, g: usize) -> std::ops::Range<usize> {
         self.group_starts[g]..self.group_starts[g + 1]
     }
+}
 
-    /// `row_src` as a u32 tensor, for gathering per-(token, slot) values into routed-row order.
-    pub fn row_src_tensor(&self, device: &Device) -> Result<Tensor> {
-        Tensor::from_slice(&self.row_src, self.row_src.len(), device)
+/// The first token when the routed rows `rows` (of one block) are consecutive tokens, as when
+/// every token of a chunk runs the block (the dense `linear`, `forward_dense`): the kernels then
+/// read and write those token rows in place instead of gathering and scattering them. A block's
+/// tokens ascend strictly, so the ends decide. `row_token` is [`Routing::row_token`].
+pub(crate) fn token_run(row_token: &[u32], rows: std::ops::Range<usize>) -> Option<usize> {
+    if rows.is_empty() {
+        return None;
     }
-
-    /// `[T·k]` u32 indices `t·n_blocks + e` of the kept (token, block) pairs in slot order, for
-    /// gathering from flattened `[T, n_blocks]` scores.
-    pub fn kept_score_index(&self, device: &Device) -> Result<Tensor> {
-        let idx: Vec<u32> = self
-            .blocks
-            .iter()
-            .enumerate()
-            .map(|(i, &e)| ((i / self.k) * self.n_blocks) as u32 + e)
-            .collect();
-        Tensor::from_vec(idx, self.blocks.len(), device)
-    }
+    let (t0, t1) = (row_token[rows.start], row_token[rows.end - 1]);
+    ((t1 - t0) as usize == rows.len() - 1).then_some(t0 as usize)
 }
