@@ -2,8 +2,8 @@
 //!
 //! Run: `cargo bench -p spt-ops --bench ffn` (writes `bench/results/ffn.json`).
 //! `FFN_BENCH_QUICK=1` runs only the first case of each shape (for development; writes nothing).
-//! `FFN_BENCH_QUICK=1 FFN_BENCH_PROFILE=ours|baseline|dense_skip` runs one variant of the first
-//! case only, for `perf record`.
+//! `FFN_BENCH_QUICK=1 FFN_BENCH_PROFILE=ours|baseline|dense_skip|phases` runs one variant of the
+//! first case only, for `perf record`; `FFN_BENCH_D=384` keeps only the cases of that width (and writes nothing).
 //!
 //! For each case, in one process and interleaved rep by rep:
 //! - **ours**: [`RoutedFfn`] (softmax-kept gates, top-k of the blocks), forward + backward;
@@ -290,7 +290,11 @@ fn main() -> Result<()> {
     let quick = std::env::var("FFN_BENCH_QUICK").is_ok();
     println!("machine: {}; load average {}", machine(), loadavg());
     let mut records = Vec::new();
+    let only_d: Option<usize> = std::env::var("FFN_BENCH_D").ok().and_then(|v| v.parse().ok());
     for (d, d_ff) in [(768usize, 3072usize), (384, 1536)] {
+        if only_d.is_some_and(|o| o != d) {
+            continue;
+        }
         for frozen in [true, false] {
             for block in [64usize, 128] {
                 for kept in [0.5, 0.25] {
@@ -326,8 +330,8 @@ fn main() -> Result<()> {
             }
         }
     }
-    if quick {
-        return Ok(());
+    if quick || only_d.is_some() {
+        return Ok(()); // a partial run: no record
     }
     let recs: Vec<serde_json::Value> = records
         .iter()

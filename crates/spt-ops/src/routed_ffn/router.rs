@@ -3,6 +3,7 @@
 //! that live there ([`Routing::from_scores`]); both give the same routing, row for row.
 
 use candle_core::{bail, DType, Device, Result, Tensor};
+use rayon::prelude::*;
 use std::sync::OnceLock;
 
 /// Tokens per chunk of the token-parallel kernels. A fixed constant (not the thread count), so
@@ -109,14 +110,17 @@ impl Routing {
         if n_tokens.saturating_mul(n_blocks) > u32::MAX as usize {
             bail!("routed_ffn: {n_tokens} tokens × {n_blocks} blocks exceed the u32 index range");
         }
+        // seen[e] = t + 1 once token t picked e: O(T·k), not O(T·k²).
+        let mut seen = vec![0u32; n_blocks];
         for (t, sel) in blocks.chunks(k).enumerate() {
-            for (j, &e) in sel.iter().enumerate() {
-                if e as usize >= n_blocks {
+            for &e in sel {
+                let Some(s) = seen.get_mut(e as usize) else {
                     bail!("routed_ffn: token {t} picks block {e}, expected < n_blocks = {n_blocks}");
-                }
-                if sel[..j].contains(&e) {
+                };
+                if *s == t as u32 + 1 {
                     bail!("routed_ffn: token {t} picks block {e} twice");
                 }
+                *s = t as u32 + 1;
             }
         }
         let n_chunks = n_tokens.div_ceil(CHUNK_TOKENS);
@@ -206,23 +210,26 @@ impl Routing {
         if k == 0 || k > n_blocks {
             bail!("routed_ffn: top-k is {k}, expected 1 ≤ k ≤ n_blocks = {n_blocks}");
         }
-        let mut blocks = Vec::with_capacity(n_tokens * k);
-        let mut order: Vec<u32> = Vec::with_capacity(n_blocks);
+        let mut blocks = vec![0u32; n_tokens * k];
         let key = |v: f64| if v.is_nan() { f64::NEG_INFINITY } else { v };
-        for row in scores.chunks(n_blocks.max(1)).take(n_tokens) {
-            order.clear();
-            order.extend(0..n_blocks as u32);
-            let cmp = |a: &u32, b: &u32| {
-                key(row[*b as usize])
-                    .total_cmp(&key(row[*a as usize]))
-                    .then(a.cmp(b))
-            };
-            if k < n_blocks {
-                order.select_nth_unstable_by(k - 1, cmp);
-            }
-            order[..k].sort_by(cmp);
-            blocks.extend_from_slice(&order[..k]);
-        }
+        // Tokens are independent: in parallel, each thread with its own scratch order.
+        blocks
+            .par_chunks_mut(k)
+            .zip(scores.par_chunks(n_blocks))
+            .for_each_init(Vec::new, |order: &mut Vec<u32>, (out, row)| {
+                order.clear();
+                order.extend(0..n_blocks as u32);
+                let cmp = |a: &u32, b: &u32| {
+                    key(row[*b as usize])
+                        .total_cmp(&key(row[*a as usize]))
+                        .then(a.cmp(b))
+                };
+                if k < n_blocks {
+                    order.select_nth_unstable_by(k - 1, cmp);
+                }
+                order[..k].sort_by(cmp);
+                out.copy_from_slice(&order[..k]);
+            });
         Self::from_blocks(n_tokens, n_blocks, k, blocks)
     }
 
