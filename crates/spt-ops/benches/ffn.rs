@@ -263,9 +263,16 @@ fn phases(layer: &RoutedFfn, x: &Tensor, u: &Tensor, reps: usize) -> Result<()> 
         out.y.mul(u)?.sum_all()?.backward().map(|_| ())
     })?;
     let t_fwd = med(reps, || layer.forward_t(x, true).map(|_| ()))?;
+    // The same layer without LoRA (same router, so the same routing): what LoRA adds.
+    let (w1, b1, w2, b2) = layer.weights();
+    let bare = RoutedFfn::new(w1, b1, w2, b2, layer.activation(), layer.config().clone())?;
+    let t_bare = med(reps, || {
+        let out = bare.forward_t(x, true)?;
+        out.y.mul(u)?.sum_all()?.backward().map(|_| ())
+    })?;
     println!(
         "phases (median s): route {t_route:.4} | fc1 gather fwd {t_g:.4} | act fwd {t_act:.4} | fc2 scatter fwd {t_s:.4} | \
-         fc2 scatter bwd(dh) {t_s_bwd:.4} | fc1 gather bwd(dx)+mul {t_g_bwd:.4} | layer fwd {t_fwd:.4} | layer fwd+bwd {t_full:.4}"
+         fc2 scatter bwd(dh) {t_s_bwd:.4} | fc1 gather bwd(dx)+mul {t_g_bwd:.4} | layer fwd {t_fwd:.4} | layer fwd+bwd {t_full:.4} | without LoRA {t_bare:.4}"
     );
     Ok(())
 }

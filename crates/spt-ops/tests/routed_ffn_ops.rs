@@ -223,3 +223,52 @@ fn row_moves_name_bad_shapes() -> Result<()> {
     );
     Ok(())
 }
+
+/// The fused LoRA projections (what the layer runs on the CPU without LoRA dropout) equal the
+/// routed GEMMs on the merged weights `W + s·B A`, and their gradients (x, A1, B1, the gates, A2,
+/// B2) pass the f64 finite-difference check; 600 tokens, so more than one token chunk.
+#[test]
+fn fused_lora_projections_equal_merged_weights_and_pass_gradcheck_f64() -> Result<()> {
+    use spt_ops::routed_ffn::{gather_lora_act, gather_matmul_act, scatter_lora, scatter_matmul_bias};
+    let (t, d, r, n, b, k, s) = (600usize, 5usize, 3usize, 4usize, 3usize, 2usize, 0.7);
+    let act = Activation::GeluErf;
+    let routing = Arc::new(random_routing(t, n, k, Some(1), 91)?);
+    let (w1, b1) = (randn_f64(&[n * b, d], 92)?, randn_f64(&[n * b], 93)?);
+    let (w2, b2) = (randn_f64(&[d, n * b], 94)?, randn_f64(&[d], 95)?);
+    let inputs = [
+        randn_f64(&[t, d], 96)?,
+        randn_f64(&[r, d], 97)?,
+        randn_f64(&[n * b, r], 98)?,
+        ((randn_f64(&[t * k], 99)? * 0.3)? + 1.0)?,
+        randn_f64(&[r, n * b], 100)?,
+        randn_f64(&[d, r], 101)?,
+    ];
+    let f = |ts: &[Tensor]| -> Result<Tensor> {
+        let h = gather_lora_act(&ts[0], &w1, &b1, &ts[1], &ts[2], s, act, &routing)?;
+        scatter_lora(&h, &ts[3], &w2, &b2, &ts[4], &ts[5], s, &routing)
+    };
+    let merged = |w: &Tensor, a: &Tensor, bb: &Tensor| w + (bb.matmul(a)? * s)?;
+    let h = gather_matmul_act(
+        &inputs[0],
+        &merged(&w1, &inputs[1], &inputs[2])?,
+        Some(&b1),
+        Some(act),
+        &routing,
+    )?;
+    let want = scatter_matmul_bias(
+        &h,
+        &inputs[3],
+        &merged(&w2, &inputs[4], &inputs[5])?,
+        Some(&b2),
+        &routing,
+    )?;
+    assert_close("fused LoRA vs merged weights", &f(&inputs)?, &want, 1e-12)?;
+    let report = check_gradients(f, &inputs, &[0, 1, 2, 3, 4, 5], GradCheck::default())?;
+    assert_eq!(report.len(), 6);
+    // Shapes are checked by name.
+    let e = gather_lora_act(&inputs[0], &w1, &b1, &inputs[2], &inputs[2], s, act, &routing)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("A1 is [12, 3], expected [3, 5]"), "{e}");
+    Ok(())
+}

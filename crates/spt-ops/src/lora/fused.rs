@@ -82,7 +82,7 @@ struct FusedLora {
 }
 
 /// `W + s·B A`, `[out, in]`.
-fn merged<T: Float>(w: &[T], a: &[T], b: &[T], dims: (usize, usize, usize), s: T) -> Vec<T> {
+pub(crate) fn merged<T: Float>(w: &[T], a: &[T], b: &[T], dims: (usize, usize, usize), s: T) -> Vec<T> {
     let (out, d_in, r) = dims;
     let sb: Vec<T> = b.iter().map(|&v| v * s).collect(); // [out, r]
     let mut m = w.to_vec();

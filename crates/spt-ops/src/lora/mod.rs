@@ -8,6 +8,7 @@
 mod fused;
 
 pub use fused::lora_linear;
+pub(crate) use fused::merged;
 
 use crate::routed_ffn::{gather_matmul, Routing};
 use crate::util::{check_float, check_same};

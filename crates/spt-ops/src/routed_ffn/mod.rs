@@ -38,6 +38,7 @@ mod correction;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod lora_ops;
 mod ops;
 pub mod reference;
 mod router;
@@ -45,6 +46,7 @@ mod rows;
 
 pub use calibrate::{RouterFitConfig, RoutingQuality};
 pub use cluster::UnitClusterConfig;
+pub use lora_ops::{gather_lora_act, scatter_lora};
 pub use ops::{
     gather_matmul, gather_matmul_act, scatter_matmul, scatter_matmul_bias, AddKind, GatherMatmul,
     ScatterMatmul,
@@ -56,7 +58,7 @@ use crate::activation::Activation;
 use crate::lora::{delta_weight, dropout, uniform, DropoutSeeds, LoraConfig, LoraError};
 use crate::norm::softmax_last_dim;
 use crate::util::{check_float, check_same};
-use candle_core::{bail, Result, Tensor, Var};
+use candle_core::{bail, DType, Result, Tensor, Var};
 use std::sync::Arc;
 
 /// How a kept block's fc2 output is scaled.
@@ -485,6 +487,15 @@ impl RoutedFfn {
         }
         let gates = router_gates(logits, &routing, gate)?;
         let lora = self.lora.as_ref().filter(|_| !self.merged);
+        if let Some(l) = lora.filter(|l| self.fuses_lora(x2, l, train)) {
+            // Both projections multiply by their merged weight (see lora_ops.rs).
+            let s = l.cfg.scale();
+            let (a1, b1) = (l.a1.as_tensor(), l.b1.as_tensor());
+            let h = lora_ops::gather_lora_act(x2, &self.w1, &self.b1, a1, b1, s, self.activation, &routing)?;
+            let (a2, b2) = (l.a2.as_tensor(), l.b2.as_tensor());
+            let y = lora_ops::scatter_lora(&h, &gates, &self.w2, &self.b2, a2, b2, s, &routing)?;
+            return self.finish(y, x2, dims, logits, routing, gates);
+        }
         // fc1: act(x W1_eᵀ + b1_e [+ LoRA: (α/r)·(x A1ᵀ) B1_eᵀ]) on the routed rows, [R, b]. With
         // LoRA, B1's routed rows plus b1 form the base the fused W1 GEMM adds to.
         let act = Some(self.activation);
@@ -513,6 +524,32 @@ impl RoutedFfn {
             let v = (scatter_matmul(&hin, &gates, l.a2.as_tensor(), &routing)? * l.cfg.scale())?; // [T, r]
             y = y.add(&v.matmul(&l.b2.as_tensor().t()?)?)?;
         }
+        self.finish(y, x2, dims, logits, routing, gates)
+    }
+
+    /// Whether the LoRA layer runs as the fused ops of `lora_ops.rs`: on the CPU in f32 or f64,
+    /// with frozen FFN weights, and with the adapters seeing the base weights' input (no LoRA
+    /// dropout, or evaluation).
+    fn fuses_lora(&self, x2: &Tensor, l: &FfnLora, train: bool) -> bool {
+        let frozen = [&self.w1, &self.b1, &self.w2, &self.b2]
+            .iter()
+            .all(|w| !w.track_op());
+        x2.device().is_cpu()
+            && matches!(x2.dtype(), DType::F32 | DType::F64)
+            && frozen
+            && (l.cfg.dropout == 0.0 || !train)
+    }
+
+    /// The correction term, the output shape and the aux loss, after fc2.
+    fn finish(
+        &self,
+        mut y: Tensor,
+        x2: &Tensor,
+        dims: &[usize],
+        logits: &Tensor,
+        routing: Arc<Routing>,
+        gates: Tensor,
+    ) -> Result<RoutedFfnOutput> {
         if routing.k() < routing.n_blocks() {
             if let Some(c) = self.correction_term(x2)? {
                 y = y.add(&c)?;
