@@ -297,6 +297,15 @@ fn routing_is_a_stable_counting_sort() -> Result<()> {
     assert_eq!(r.row_src()?, &[1, 2, 3, 5, 0, 4]);
     assert_eq!(r.block_counts(), vec![2, 2, 2]);
     assert_eq!(r.block_rows(1), 2..4);
+    // From a scores tensor (on the CPU: routed on the host, by the same rules).
+    let t = Tensor::from_slice(&scores, (3, 3), &Device::Cpu)?.to_dtype(DType::F32)?;
+    let from_tensor = Routing::from_scores(&t, 2)?;
+    assert!(from_tensor.device().is_none());
+    assert_eq!(from_tensor.row_src()?, r.row_src()?);
+    let e = Routing::from_scores(&t.flatten_all()?, 2)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("router scores are [9], expected [T, n_blocks]"), "{e}");
     Ok(())
 }
 
