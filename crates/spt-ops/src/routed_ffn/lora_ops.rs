@@ -24,7 +24,7 @@ use super::router::Routing;
 use crate::activation::{ActScalar, Activation};
 use crate::blas::{gemm_into, inner_par, transpose, Mat};
 use crate::lora::merged;
-use crate::util::{contiguous, if_tracked, with_slices, Float};
+use crate::util::{contiguous, with_slices, Float};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Error, Layout, Result, Shape, Tensor};
 use std::sync::{Arc, Mutex};
 
@@ -51,9 +51,9 @@ pub fn gather_lora_act(
             routing.n_blocks()
         );
     }
-    let names = ["x", "W1", "b1", "A1", "B1", ""];
+    let names = ["x", "W1", "b1", "A1", "B1"];
     let shapes = [(t, d), (d_ff, d), (d_ff, 1), (r, d), (d_ff, r)];
-    check_lora(op, names, &[x, w1, b1, a1, bb1], &shapes, routing.n_tokens())?;
+    check_lora(op, &names, &[x, w1, b1, a1, bb1], &shapes, routing.n_tokens())?;
     let op = GatherLora {
         routing: routing.clone(),
         w: w1.detach().contiguous()?,
@@ -89,7 +89,7 @@ pub fn scatter_lora(
     let names = ["h", "gates", "W2", "b2", "A2", "B2"];
     check_lora(
         "routed_ffn fc2 (LoRA)",
-        names,
+        &names,
         &[h, gates, w2, b2, a2, bb2],
         &shapes,
         routing.n_rows(),
@@ -109,13 +109,7 @@ pub fn scatter_lora(
 
 /// Checks the inputs (named `names`) against their shapes (`(n, 1)` for a vector `[n]`), that
 /// they are all f32 or all f64 on the CPU, and that the first has `rows` rows.
-fn check_lora(
-    op: &str,
-    names: [&str; 6],
-    ts: &[&Tensor],
-    want: &[(usize, usize)],
-    rows: usize,
-) -> Result<()> {
+fn check_lora(op: &str, names: &[&str], ts: &[&Tensor], want: &[(usize, usize)], rows: usize) -> Result<()> {
     for ((t, &(r, c)), name) in ts.iter().zip(want).zip(names) {
         let ok = match *t.dims() {
             [n] => c == 1 && n == r,
@@ -145,18 +139,25 @@ fn check_lora(
     Ok(())
 }
 
-/// The forward of one of this file's ops, for either float type.
-trait Forward3: CustomOp3 {
+/// One of this file's ops, for either float type.
+trait Fused3: CustomOp3 {
+    fn routing(&self) -> &Routing;
+
     fn forward<T: Float + ActScalar + candle_core::WithDType>(
         &self,
         a: &[T],
         b: &[T],
         c: &[T],
     ) -> Result<Vec<T>>;
+
+    /// The gradients of the three inputs (an empty vector where `want` is false), from
+    /// `s` = the inputs, the output's gradient and the tensors the forward saved.
+    fn backward<T: Float + ActScalar>(&self, hr: HostRouting<'_>, s: &[&[T]], want: [bool; 3])
+        -> [Vec<T>; 3];
 }
 
-/// `cpu_fwd` of a [`Forward3`] op: its inputs (named `names`) all f32 or all f64.
-fn cpu_fwd3<O: Forward3>(
+/// `cpu_fwd` of a [`Fused3`] op: its inputs (named `names`) all f32 or all f64.
+fn cpu_fwd3<O: Fused3>(
     op: &O,
     names: [&str; 3],
     ins: [(&CpuStorage, &Layout); 3],
@@ -178,6 +179,38 @@ fn cpu_fwd3<O: Forward3>(
         (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => run!(f32, F32),
         (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => run!(f64, F64),
         _ => bail!("{name}: {} must all be f32 or all f64", names.join(", ")),
+    }
+}
+
+/// `bwd` of a [`Fused3`] op: the gradient of each tracked input, from the output's gradient
+/// and the tensors the forward saved.
+fn bwd3<O: Fused3>(
+    op: &O,
+    ins: [&Tensor; 3],
+    grad: &Tensor,
+    saved: &[Tensor],
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let name = op.name();
+    let hr = HostRouting::new(op.routing())?;
+    let want = ins.map(|t| t.track_op());
+    let all: Vec<&Tensor> = ins.iter().copied().chain([grad]).chain(saved).collect();
+    let dev = ins[0].device();
+    macro_rules! run {
+        ($t:ty) => {{
+            let g = with_slices::<$t, _>(name, &all, |s| Ok(op.backward::<$t>(hr, s, want)))?;
+            let [a, b, c] = g;
+            let wrap = |i: usize, v: Vec<$t>| {
+                want[i]
+                    .then(|| Tensor::from_vec(v, ins[i].shape(), dev))
+                    .transpose()
+            };
+            Ok((wrap(0, a)?, wrap(1, b)?, wrap(2, c)?))
+        }};
+    }
+    match ins[0].dtype() {
+        DType::F32 => run!(f32),
+        DType::F64 => run!(f64),
+        dt => bail!("{name}: unsupported dtype {dt:?}"),
     }
 }
 
@@ -234,7 +267,11 @@ struct GatherLora {
     saved: Mutex<Option<(Tensor, Tensor)>>,
 }
 
-impl Forward3 for GatherLora {
+impl Fused3 for GatherLora {
+    fn routing(&self) -> &Routing {
+        &self.routing
+    }
+
     fn forward<T: Float + ActScalar + candle_core::WithDType>(
         &self,
         x: &[T],
@@ -257,29 +294,24 @@ impl Forward3 for GatherLora {
         *self.saved.lock().map_err(|_| poisoned(op))? = Some((pre, m));
         Ok(h)
     }
-}
-
-impl GatherLora {
-    /// `(dx, dA1, dB1)` as flat vectors, each only if wanted.
-    #[allow(clippy::too_many_arguments)]
+    /// `[dx, dA1, dB1]`; `s` = x, A1, B1, dh, the pre-activation, the merged weight.
     fn backward<T: Float + ActScalar>(
         &self,
         hr: HostRouting<'_>,
         s: &[&[T]],
-        d: usize,
-        want_x: bool,
-        want_lora: bool,
-    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        want: [bool; 3],
+    ) -> [Vec<T>; 3] {
         let [x, a, bb, grad, pre, m] = [s[0], s[1], s[2], s[3], s[4], s[5]];
         let (b, r, sc) = (self.block, self.r, T::lit(self.scale));
+        let d = x.len() / hr.n_tokens().max(1);
         let dpre = cpu::act_backward(grad, pre, self.act);
-        let dx = if want_x {
+        let dx = if want[0] {
             cpu::gather_mm_bwd_x(hr, &dpre, m, d, b)
         } else {
             vec![]
         };
-        if !want_lora {
-            return (dx, vec![], vec![]);
+        if !want[1] && !want[2] {
+            return [dx, vec![], vec![]];
         }
         // dB1 = s·dpreᵀ u per block, u = x A1ᵀ; dA1 = s·duᵀ x, du[t] = Σ dpre B1_e.
         let u = times_at(x, a, d, r);
@@ -287,7 +319,7 @@ impl GatherLora {
         let dbb: Vec<T> = dbb.unwrap_or_default().into_iter().map(|v| v * sc).collect();
         let du = cpu::gather_mm_bwd_x(hr, &dpre, bb, r, b);
         let da = scaled_at_b(&du, x, r, d, sc);
-        (dx, da, dbb)
+        [dx, da, dbb]
     }
 }
 
@@ -321,32 +353,7 @@ impl CustomOp3 for GatherLora {
         let Some((pre, m)) = self.saved.lock().map_err(|_| poisoned(op))?.clone() else {
             bail!("{op}: the forward did not save its pre-activation");
         };
-        let hr = HostRouting::new(&self.routing)?;
-        let (want_x, want_lora) = (x.track_op(), a.track_op() || bb.track_op());
-        let d = x.dim(1)?;
-        let dev = x.device();
-        let ins = [x, a, bb, grad, &pre, &m];
-        macro_rules! run {
-            ($t:ty) => {{
-                let (dx, da, dbb) = with_slices::<$t, _>(op, &ins, |s| {
-                    Ok(self.backward::<$t>(hr, s, d, want_x, want_lora))
-                })?;
-                let dx = want_x
-                    .then(|| Tensor::from_vec(dx, x.shape(), dev))
-                    .transpose()?;
-                if !want_lora {
-                    return Ok((dx, None, None));
-                }
-                let da = Tensor::from_vec(da, a.shape(), dev)?;
-                let dbb = Tensor::from_vec(dbb, bb.shape(), dev)?;
-                Ok((dx, if_tracked(a, da), if_tracked(bb, dbb)))
-            }};
-        }
-        match x.dtype() {
-            DType::F32 => run!(f32),
-            DType::F64 => run!(f64),
-            dt => bail!("{op}: unsupported dtype {dt:?}"),
-        }
+        bwd3(self, [x, a, bb], grad, &[pre, m])
     }
 }
 
@@ -362,7 +369,11 @@ struct ScatterLora {
     saved: Mutex<Option<Tensor>>,
 }
 
-impl Forward3 for ScatterLora {
+impl Fused3 for ScatterLora {
+    fn routing(&self) -> &Routing {
+        &self.routing
+    }
+
     fn forward<T: Float + ActScalar + candle_core::WithDType>(
         &self,
         h: &[T],
@@ -381,16 +392,13 @@ impl Forward3 for ScatterLora {
         *self.saved.lock().map_err(|_| poisoned(op))? = Some(Tensor::from_vec(m, (d, d_ff), &Device::Cpu)?);
         Ok(y)
     }
-}
-
-impl ScatterLora {
-    /// `(dh, dg, d_packed)` as flat vectors, each only if wanted.
-    fn backward<T: Float>(
+    /// `[dh, dgates, d(A2, B2)]`; `s` = h, the gates, A2 and B2 packed, dy, the merged weight.
+    fn backward<T: Float + ActScalar>(
         &self,
         hr: HostRouting<'_>,
         s: &[&[T]],
         want: [bool; 3],
-    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+    ) -> [Vec<T>; 3] {
         let [h, g, packed, dy, m] = [s[0], s[1], s[2], s[3], s[4]];
         let (b, r, sc) = (self.block, self.r, T::lit(self.scale));
         let d = dy.len() / self.routing.n_tokens().max(1);
@@ -400,7 +408,7 @@ impl ScatterLora {
             (vec![], vec![])
         };
         if !want[2] {
-            return (dh, dg, vec![]);
+            return [dh, dg, vec![]];
         }
         let (a, bb) = packed.split_at(packed.len() - d * r);
         // dA2: the block weight gradient of dv = s·dy B2; dB2 = s·dyᵀ v, v = Σ g·h A2_eᵀ.
@@ -420,7 +428,7 @@ impl ScatterLora {
         let mut dp = cpu::scatter_mm_bwd_w(hr, &dv, h, g, r, b);
         let v = cpu::scatter_mm_fwd(hr, h, g, a, r, b, None);
         dp.extend(scaled_at_b(dy, &v, d, r, sc));
-        (dh, dg, dp)
+        [dh, dg, dp]
     }
 }
 
@@ -459,27 +467,6 @@ impl CustomOp3 for ScatterLora {
         let Some(m) = self.saved.lock().map_err(|_| poisoned(op))?.clone() else {
             bail!("{op}: the forward did not save its merged weight");
         };
-        let hr = HostRouting::new(&self.routing)?;
-        let want = [h.track_op(), g.track_op(), packed.track_op()];
-        let dev = h.device();
-        let ins = [h, g, packed, grad, &m];
-        macro_rules! run {
-            ($t:ty) => {{
-                let (dh, dg, dp) = with_slices::<$t, _>(op, &ins, |s| Ok(self.backward::<$t>(hr, s, want)))?;
-                let wrap = |on: bool, v: Vec<$t>, t: &Tensor| {
-                    on.then(|| Tensor::from_vec(v, t.shape(), dev)).transpose()
-                };
-                Ok((
-                    wrap(want[0], dh, h)?,
-                    wrap(want[1], dg, g)?,
-                    wrap(want[2], dp, packed)?,
-                ))
-            }};
-        }
-        match h.dtype() {
-            DType::F32 => run!(f32),
-            DType::F64 => run!(f64),
-            dt => bail!("{op}: unsupported dtype {dt:?}"),
-        }
+        bwd3(self, [h, g, packed], grad, &[m])
     }
 }

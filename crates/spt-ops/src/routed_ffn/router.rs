@@ -95,12 +95,7 @@ impl Routing {
     /// Routing from explicit block choices: `blocks[t·k + j]` is token t's j-th block. A token
     /// may not pick a block twice.
     pub fn from_blocks(n_tokens: usize, n_blocks: usize, k: usize, blocks: Vec<u32>) -> Result<Self> {
-        if n_blocks == 0 {
-            bail!("routed_ffn: n_blocks must be at least 1");
-        }
-        if k == 0 || k > n_blocks {
-            bail!("routed_ffn: top-k is {k}, expected 1 ≤ k ≤ n_blocks = {n_blocks}");
-        }
+        check_counts(n_blocks, k)?;
         if blocks.len() != n_tokens * k {
             bail!(
                 "routed_ffn: routing has {} block choices, expected T·k = {n_tokens}·{k}",
@@ -174,12 +169,7 @@ impl Routing {
         };
         #[cfg(feature = "cuda")]
         if scores.device().is_cuda() && matches!(scores.dtype(), DType::F32 | DType::BF16) && t > 0 {
-            if n == 0 {
-                bail!("routed_ffn: n_blocks must be at least 1");
-            }
-            if k == 0 || k > n {
-                bail!("routed_ffn: top-k is {k}, expected 1 ≤ k ≤ n_blocks = {n}");
-            }
+            check_counts(n, k)?;
             if n <= super::cuda::MAX_DEVICE_BLOCKS {
                 let (device, group_starts) = super::cuda::route(scores, k)?;
                 return Ok(Self {
@@ -207,9 +197,7 @@ impl Routing {
                 scores.len()
             );
         }
-        if k == 0 || k > n_blocks {
-            bail!("routed_ffn: top-k is {k}, expected 1 ≤ k ≤ n_blocks = {n_blocks}");
-        }
+        check_counts(n_blocks, k)?;
         let mut blocks = vec![0u32; n_tokens * k];
         let key = |v: f64| if v.is_nan() { f64::NEG_INFINITY } else { v };
         // Tokens are independent: in parallel, each thread with its own scratch order.
@@ -331,6 +319,17 @@ impl Routing {
     pub(crate) fn group_rows(&self, g: usize) -> std::ops::Range<usize> {
         self.group_starts[g]..self.group_starts[g + 1]
     }
+}
+
+/// At least one block, and 1 ≤ k ≤ n_blocks.
+fn check_counts(n_blocks: usize, k: usize) -> Result<()> {
+    if n_blocks == 0 {
+        bail!("routed_ffn: n_blocks must be at least 1");
+    }
+    if k == 0 || k > n_blocks {
+        bail!("routed_ffn: top-k is {k}, expected 1 ≤ k ≤ n_blocks = {n_blocks}");
+    }
+    Ok(())
 }
 
 /// The first token when the routed rows `rows` (of one block) are consecutive tokens, as when
