@@ -186,10 +186,12 @@ pub struct GPT2Attention {
 impl GPT2Attention {
     /// `x [B, L, E] → [B, L, E]`.
     pub fn forward_t(&self, x: &Tensor, mask: &PreparedMask, train: bool) -> Result<Tensor> {
-        Ok(self.forward_with_keys(x, mask, train)?.0)
+        let out = self.forward_with_keys(x, mask, train)?.0;
+        self.resid_dropout.forward_t(&out, train)
     }
 
-    /// The output and the queries and keys `[B, heads, L, d]` (for calibration).
+    /// The output before `resid_dropout` (the block fuses it with the residual add) and the
+    /// queries and keys `[B, heads, L, d]` (for calibration).
     fn forward_with_keys(
         &self,
         x: &Tensor,
@@ -202,8 +204,7 @@ impl GPT2Attention {
         let k = split_heads(&qkv.narrow(D::Minus1, e, e)?, self.n_head)?;
         let v = split_heads(&qkv.narrow(D::Minus1, 2 * e, e)?, self.n_head)?;
         let ctx = self.core.forward_t(&q, &k, &v, mask, self.scale, train)?;
-        let out = self.c_proj.forward_t(&merge_heads(&ctx)?, train)?;
-        Ok((self.resid_dropout.forward_t(&out, train)?, q, k))
+        Ok((self.c_proj.forward_t(&merge_heads(&ctx)?, train)?, q, k))
     }
 }
 
@@ -268,7 +269,7 @@ impl GPT2Block {
     ) -> Result<Tensor> {
         let _span = tracing::trace_span!("gpt2_block").entered();
         let (a, queries, keys) = self.attn.forward_with_keys(&self.ln_1.forward(x)?, mask, train)?;
-        let x = (x + a)?;
+        let x = self.attn.resid_dropout.residual_add(&a, x, train)?;
         let h = self.ln_2.forward(&x)?;
         if let Some(t) = trace {
             t.push(LayerTrace {
@@ -278,8 +279,7 @@ impl GPT2Block {
             });
         }
         let m = self.mlp.forward_t(&h, train)?;
-        let m = self.mlp_dropout.forward_t(&m, train)?;
-        Ok((x + m)?)
+        self.mlp_dropout.residual_add(&m, &x, train)
     }
 }
 

@@ -431,6 +431,12 @@ impl Dropout {
         })
     }
 
+    /// `residual + dropout(x)`, the end of a pre-LN sublayer, as one op
+    /// (`spt_ops::residual_dropout`: the mask is a counter hash of this call's seed, not stored).
+    pub fn residual_add(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(spt_ops::residual_dropout(x, residual, self.seeded(train))?)
+    }
+
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if !train || self.p == 0.0 {
             return Ok(x.clone());

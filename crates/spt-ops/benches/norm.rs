@@ -4,12 +4,16 @@
 //! SPT fine-tuning). Bytes: heap held between the forward and the backward (what the graph keeps),
 //! counted by a wrapping allocator. Writes `bench/results/residual-layer-norm.json`.
 //!
+//! Then `residual_dropout` (one op: GPT-2's pre-LN residual branches) against its composed form
+//! (a mask drawn on one thread, a multiply and an add), the same way, into
+//! `bench/results/residual-dropout.json`.
+//!
 //! Run: `cargo bench -p spt-ops --bench norm`.
 
 use candle_core::{DType, Result, Tensor, Var};
 use spt_ops::gradcheck::randn_f64;
-use spt_ops::norm::residual_layer_norm_reference;
-use spt_ops::{residual_layer_norm, SeededDropout};
+use spt_ops::norm::{residual_dropout_reference, residual_layer_norm_reference};
+use spt_ops::{residual_dropout, residual_layer_norm, SeededDropout};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
@@ -49,6 +53,33 @@ fn step(op: Op, t: &Inputs, p: f64, seed: u64) -> Result<(f64, usize)> {
     let t = t0.elapsed().as_secs_f64();
     drop(grads);
     Ok((t, kept))
+}
+
+type DropOp = fn(&Tensor, &Tensor, Option<SeededDropout>) -> Result<Tensor>;
+
+/// [`step`] for a residual-dropout op.
+fn step_dropout(op: DropOp, t: &Inputs, p: f64, seed: u64) -> Result<(f64, usize)> {
+    let base = LIVE.load(Relaxed);
+    let t0 = Instant::now();
+    let y = op(t.x.as_tensor(), t.r.as_tensor(), Some(SeededDropout { p, seed }))?;
+    let loss = y.mul(&t.u)?.sum_all()?;
+    let kept = LIVE.load(Relaxed).saturating_sub(base);
+    let grads = loss.backward()?;
+    let t = t0.elapsed().as_secs_f64();
+    drop(grads);
+    Ok((t, kept))
+}
+
+/// Writes `doc` to `bench/results/{name}` through a temporary file.
+fn write_results(name: &str, doc: &serde_json::Value) -> Result<()> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/results");
+    std::fs::create_dir_all(&dir)?;
+    let tmp = dir.join(format!("{name}.tmp"));
+    let text = serde_json::to_string_pretty(doc).map_err(candle_core::Error::wrap)?;
+    std::fs::write(&tmp, text + "\n")?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    println!("wrote {}", dir.join(name).display());
+    Ok(())
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -118,12 +149,57 @@ fn main() -> Result<()> {
         "baseline": "the composed form: dropout mask multiply, add, spt_ops::layer_norm (three graph nodes)",
         "records": records,
     });
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/results");
-    std::fs::create_dir_all(&dir)?;
-    let tmp = dir.join("residual-layer-norm.json.tmp");
-    let text = serde_json::to_string_pretty(&doc).map_err(candle_core::Error::wrap)?;
-    std::fs::write(&tmp, text + "\n")?;
-    std::fs::rename(&tmp, dir.join("residual-layer-norm.json"))?;
-    println!("wrote {}", dir.join("residual-layer-norm.json").display());
-    Ok(())
+    write_results("residual-layer-norm.json", &doc)?;
+
+    let mut records = Vec::new();
+    // GPT-2 small B4 x L512 and a MiniLM-width [4096, 384], the dropout of GPT-2's config.
+    for (rows, d) in [(2048usize, 768usize), (4096, 384)] {
+        let p = 0.1;
+        let t = Inputs {
+            x: Var::from_tensor(&f32t(randn_f64(&[rows, d], 1)?)?)?,
+            r: Var::from_tensor(&f32t(randn_f64(&[rows, d], 2)?)?)?,
+            g: f32t(randn_f64(&[d], 3)?)?,
+            b: f32t(randn_f64(&[d], 4)?)?,
+            u: f32t(randn_f64(&[rows, d], 5)?)?,
+        };
+        let load_before = loadavg();
+        let (mut ours, mut base) = (Vec::new(), Vec::new());
+        let (mut ours_bytes, mut base_bytes) = (0, 0);
+        for rep in 0..12u64 {
+            let (to, kb) = step_dropout(residual_dropout, &t, p, rep)?;
+            let (tb, bb) = step_dropout(residual_dropout_reference, &t, p, rep)?;
+            if rep > 0 {
+                ours.push(to);
+                base.push(tb);
+            }
+            (ours_bytes, base_bytes) = (kb, bb);
+        }
+        let (o, bs) = (median(&mut ours), median(&mut base));
+        println!(
+            "residual_dropout rows {rows} d {d} p {p}: fused {o:.5}s, composed {bs:.5}s ({:.2}x); kept {} vs {} KiB",
+            bs / o,
+            ours_bytes / 1024,
+            base_bytes / 1024
+        );
+        records.push(serde_json::json!({
+            "case": {"rows": rows, "d": d, "dropout": p},
+            "ours_s": o,
+            "baseline_s": bs,
+            "speedup": bs / o,
+            "ours_bytes": ours_bytes,
+            "baseline_bytes": base_bytes,
+            "bytes_kind": "heap held between forward and backward (f32)",
+            "reps": ours.len(),
+            "loadavg_before": load_before,
+            "loadavg_after": loadavg(),
+        }));
+    }
+    let doc = serde_json::json!({
+        "command": "cargo bench -p spt-ops --bench norm",
+        "machine": format!("{threads} rayon threads"),
+        "ours": "spt_ops::residual_dropout (one op; mask regenerated from its seed in backward)",
+        "baseline": "the composed form: a mask drawn on one thread, a multiply and an add (two graph nodes, the mask kept)",
+        "records": records,
+    });
+    write_results("residual-dropout.json", &doc)
 }

@@ -263,6 +263,12 @@ fn fused_lora_projections_equal_merged_weights_and_pass_gradcheck_f64() -> Resul
         &routing,
     )?;
     assert_close("fused LoRA vs merged weights", &f(&inputs)?, &want, 1e-12)?;
+    // Weights stored [in, out] (GPT-2's Conv1D) arrive as transposed views: same values.
+    let (w1t, w2t) = (w1.t()?.contiguous()?.t()?, w2.t()?.contiguous()?.t()?);
+    assert!(!w1t.is_contiguous() && !w2t.is_contiguous());
+    let h = gather_lora_act(&inputs[0], &w1t, &b1, &inputs[1], &inputs[2], s, act, &routing)?;
+    let y = scatter_lora(&h, &inputs[3], &w2t, &b2, &inputs[4], &inputs[5], s, &routing)?;
+    assert_close("fused LoRA on transposed weight views", &y, &want, 1e-12)?;
     let report = check_gradients(f, &inputs, &[0, 1, 2, 3, 4, 5], GradCheck::default())?;
     assert_eq!(report.len(), 6);
     // Shapes are checked by name.

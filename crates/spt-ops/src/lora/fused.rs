@@ -83,9 +83,19 @@ struct FusedLora {
 
 /// `W + s·B A`, `[out, in]`.
 pub(crate) fn merged<T: Float>(w: &[T], a: &[T], b: &[T], dims: (usize, usize, usize), s: T) -> Vec<T> {
+    merged_into(w.to_vec(), a, b, dims, s)
+}
+
+/// [`merged`] on `w`'s own copy, `m` (`[out, in]`): `m + s·B A`.
+pub(crate) fn merged_into<T: Float>(
+    mut m: Vec<T>,
+    a: &[T],
+    b: &[T],
+    dims: (usize, usize, usize),
+    s: T,
+) -> Vec<T> {
     let (out, d_in, r) = dims;
     let sb: Vec<T> = b.iter().map(|&v| v * s).collect(); // [out, r]
-    let mut m = w.to_vec();
     gemm_into(
         out,
         d_in,

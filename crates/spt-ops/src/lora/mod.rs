@@ -8,7 +8,7 @@
 mod fused;
 
 pub use fused::lora_linear;
-pub(crate) use fused::merged;
+pub(crate) use fused::merged_into;
 
 use crate::routed_ffn::{gather_matmul, Routing};
 use crate::util::{check_float, check_same};

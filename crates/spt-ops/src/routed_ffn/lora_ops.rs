@@ -22,8 +22,8 @@
 use super::cpu::{self, Addend, HostRouting};
 use super::router::Routing;
 use crate::activation::{ActScalar, Activation};
-use crate::blas::{gemm_into, inner_par, transpose, Mat};
-use crate::lora::merged;
+use crate::blas::{gemm_into, inner_par, row_major, transpose, Mat};
+use crate::lora::merged_into;
 use crate::util::{contiguous, with_slices, Float};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Error, Layout, Result, Shape, Tensor};
 use std::sync::{Arc, Mutex};
@@ -56,7 +56,8 @@ pub fn gather_lora_act(
     check_lora(op, &names, &[x, w1, b1, a1, bb1], &shapes, routing.n_tokens())?;
     let op = GatherLora {
         routing: routing.clone(),
-        w: w1.detach().contiguous()?,
+        // Kept in its layout: the forward reads it once, in parallel (`blas::row_major`).
+        w: w1.detach(),
         bias: b1.detach().contiguous()?,
         scale,
         act,
@@ -96,7 +97,7 @@ pub fn scatter_lora(
     )?;
     let op = ScatterLora {
         routing: routing.clone(),
-        w: w2.detach().contiguous()?,
+        w: w2.detach(),
         bias: b2.detach().contiguous()?,
         scale,
         block: w2.dim(1)? / routing.n_blocks(),
@@ -281,10 +282,23 @@ impl Fused3 for GatherLora {
         let op = "routed_ffn fc1 (LoRA)";
         let (d_ff, d) = self.w.dims2()?;
         let hr = HostRouting::new(&self.routing)?;
-        let (m, pre, h) = with_slices::<T, _>(op, &[&self.w, &self.bias], |wb| {
-            let m = merged(wb[0], a, bb, (d_ff, d, self.r), T::lit(self.scale));
-            let (pre, h) = cpu::gather_mm_fwd(hr, x, &m, Addend::Bias(wb[1]), d, self.block, Some(self.act));
-            Ok((m, pre, h))
+        let m = merged_into(
+            row_major(op, &self.w)?,
+            a,
+            bb,
+            (d_ff, d, self.r),
+            T::lit(self.scale),
+        );
+        let (pre, h) = with_slices::<T, _>(op, &[&self.bias], |b1| {
+            Ok(cpu::gather_mm_fwd(
+                hr,
+                x,
+                &m,
+                Addend::Bias(b1[0]),
+                d,
+                self.block,
+                Some(self.act),
+            ))
         })?;
         let Some(h) = h else {
             bail!("{op}: the activation output is missing");
@@ -384,10 +398,15 @@ impl Fused3 for ScatterLora {
         let (d, d_ff) = self.w.dims2()?;
         let (a, bb) = packed.split_at(self.r * d_ff);
         let hr = HostRouting::new(&self.routing)?;
-        let (m, y) = with_slices::<T, _>(op, &[&self.w, &self.bias], |wb| {
-            let m = merged(wb[0], a, bb, (d, d_ff, self.r), T::lit(self.scale));
-            let y = cpu::scatter_mm_fwd(hr, h, g, &m, d, self.block, Some(wb[1]));
-            Ok((m, y))
+        let m = merged_into(
+            row_major(op, &self.w)?,
+            a,
+            bb,
+            (d, d_ff, self.r),
+            T::lit(self.scale),
+        );
+        let y = with_slices::<T, _>(op, &[&self.bias], |b2| {
+            Ok(cpu::scatter_mm_fwd(hr, h, g, &m, d, self.block, Some(b2[0])))
         })?;
         *self.saved.lock().map_err(|_| poisoned(op))? = Some(Tensor::from_vec(m, (d, d_ff), &Device::Cpu)?);
         Ok(y)
