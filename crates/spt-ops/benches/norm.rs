@@ -93,113 +93,109 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
+/// Times `ours` and `base` interleaved rep by rep (12 reps, the first dropped) on one case and
+/// returns its record.
+fn compare(
+    what: &str,
+    (rows, d, p): (usize, usize, f64),
+    ours: impl Fn(u64) -> Result<(f64, usize)>,
+    base: impl Fn(u64) -> Result<(f64, usize)>,
+) -> Result<serde_json::Value> {
+    let load_before = loadavg();
+    let (mut ours_s, mut base_s) = (Vec::new(), Vec::new());
+    let (mut ours_bytes, mut base_bytes) = (0, 0);
+    for rep in 0..12u64 {
+        let (to, kb) = ours(rep)?;
+        let (tb, bb) = base(rep)?;
+        if rep > 0 {
+            ours_s.push(to);
+            base_s.push(tb);
+        }
+        (ours_bytes, base_bytes) = (kb, bb);
+    }
+    let (o, bs) = (median(&mut ours_s), median(&mut base_s));
+    println!(
+        "{what} rows {rows} d {d} p {p}: fused {o:.5}s, composed {bs:.5}s ({:.2}x); kept {} vs {} KiB",
+        bs / o,
+        ours_bytes / 1024,
+        base_bytes / 1024
+    );
+    Ok(serde_json::json!({
+        "case": {"rows": rows, "d": d, "dropout": p},
+        "ours_s": o,
+        "baseline_s": bs,
+        "speedup": bs / o,
+        "ours_bytes": ours_bytes,
+        "baseline_bytes": base_bytes,
+        "bytes_kind": "heap held between forward and backward (f32)",
+        "reps": ours_s.len(),
+        "loadavg_before": load_before,
+        "loadavg_after": loadavg(),
+    }))
+}
+
 fn main() -> Result<()> {
     alloc::keep_freed_memory();
     let threads = rayon::current_num_threads();
     println!("{threads} rayon threads; load average {}", loadavg());
     let f32t = |t: Tensor| t.to_dtype(DType::F32);
+    let inputs = |rows: usize, d: usize| -> Result<Inputs> {
+        Ok(Inputs {
+            x: Var::from_tensor(&f32t(randn_f64(&[rows, d], 1)?)?)?,
+            r: Var::from_tensor(&f32t(randn_f64(&[rows, d], 2)?)?)?,
+            g: f32t(randn_f64(&[d], 3)?.affine(0.1, 1.0)?)?,
+            b: f32t(randn_f64(&[d], 4)?)?,
+            u: f32t(randn_f64(&[rows, d], 5)?)?,
+        })
+    };
+    let doc = |ours: &str, baseline: &str, records: Vec<serde_json::Value>| {
+        serde_json::json!({
+            "command": "cargo bench -p spt-ops --bench norm",
+            "machine": format!("{threads} rayon threads"),
+            "ours": ours,
+            "baseline": baseline,
+            "records": records,
+        })
+    };
     let mut records = Vec::new();
     // MiniLM B8 x L512 and BERT-base B4 x L512 sublayer outputs.
     for (rows, d) in [(4096usize, 384usize), (2048, 768)] {
         for p in [0.0, 0.1] {
-            let t = Inputs {
-                x: Var::from_tensor(&f32t(randn_f64(&[rows, d], 1)?)?)?,
-                r: Var::from_tensor(&f32t(randn_f64(&[rows, d], 2)?)?)?,
-                g: f32t(randn_f64(&[d], 3)?.affine(0.1, 1.0)?)?,
-                b: f32t(randn_f64(&[d], 4)?)?,
-                u: f32t(randn_f64(&[rows, d], 5)?)?,
-            };
-            let load_before = loadavg();
-            let (mut ours, mut base) = (Vec::new(), Vec::new());
-            let (mut ours_bytes, mut base_bytes) = (0, 0);
-            for rep in 0..12u64 {
-                let (to, kb) = step(residual_layer_norm, &t, p, rep)?;
-                let (tb, bb) = step(residual_layer_norm_reference, &t, p, rep)?;
-                if rep > 0 {
-                    ours.push(to);
-                    base.push(tb);
-                }
-                (ours_bytes, base_bytes) = (kb, bb);
-            }
-            let (o, bs) = (median(&mut ours), median(&mut base));
-            println!(
-                "rows {rows} d {d} p {p}: fused {o:.5}s, composed {bs:.5}s ({:.2}x); kept {} vs {} KiB",
-                bs / o,
-                ours_bytes / 1024,
-                base_bytes / 1024
-            );
-            records.push(serde_json::json!({
-                "case": {"rows": rows, "d": d, "dropout": p},
-                "ours_s": o,
-                "baseline_s": bs,
-                "speedup": bs / o,
-                "ours_bytes": ours_bytes,
-                "baseline_bytes": base_bytes,
-                "bytes_kind": "heap held between forward and backward (f32)",
-                "reps": ours.len(),
-                "loadavg_before": load_before,
-                "loadavg_after": loadavg(),
-            }));
+            let t = inputs(rows, d)?;
+            records.push(compare(
+                "residual_layer_norm",
+                (rows, d, p),
+                |rep| step(residual_layer_norm, &t, p, rep),
+                |rep| step(residual_layer_norm_reference, &t, p, rep),
+            )?);
         }
     }
-    let doc = serde_json::json!({
-        "command": "cargo bench -p spt-ops --bench norm",
-        "machine": format!("{threads} rayon threads"),
-        "ours": "spt_ops::residual_layer_norm (one op; mask regenerated from its seed in backward)",
-        "baseline": "the composed form: dropout mask multiply, add, spt_ops::layer_norm (three graph nodes)",
-        "records": records,
-    });
-    write_results("residual-layer-norm.json", &doc)?;
+    write_results(
+        "residual-layer-norm.json",
+        &doc(
+            "spt_ops::residual_layer_norm (one op; mask regenerated from its seed in backward)",
+            "the composed form: dropout mask multiply, add, spt_ops::layer_norm (three graph nodes)",
+            records,
+        ),
+    )?;
 
     let mut records = Vec::new();
-    // GPT-2 small B4 x L512 and a MiniLM-width [4096, 384], the dropout of GPT-2's config.
+    // GPT-2 small B4 x L512 and a MiniLM-width [4096, 384], at GPT-2's dropout.
     for (rows, d) in [(2048usize, 768usize), (4096, 384)] {
-        let p = 0.1;
-        let t = Inputs {
-            x: Var::from_tensor(&f32t(randn_f64(&[rows, d], 1)?)?)?,
-            r: Var::from_tensor(&f32t(randn_f64(&[rows, d], 2)?)?)?,
-            g: f32t(randn_f64(&[d], 3)?)?,
-            b: f32t(randn_f64(&[d], 4)?)?,
-            u: f32t(randn_f64(&[rows, d], 5)?)?,
-        };
-        let load_before = loadavg();
-        let (mut ours, mut base) = (Vec::new(), Vec::new());
-        let (mut ours_bytes, mut base_bytes) = (0, 0);
-        for rep in 0..12u64 {
-            let (to, kb) = step_dropout(residual_dropout, &t, p, rep)?;
-            let (tb, bb) = step_dropout(residual_dropout_reference, &t, p, rep)?;
-            if rep > 0 {
-                ours.push(to);
-                base.push(tb);
-            }
-            (ours_bytes, base_bytes) = (kb, bb);
-        }
-        let (o, bs) = (median(&mut ours), median(&mut base));
-        println!(
-            "residual_dropout rows {rows} d {d} p {p}: fused {o:.5}s, composed {bs:.5}s ({:.2}x); kept {} vs {} KiB",
-            bs / o,
-            ours_bytes / 1024,
-            base_bytes / 1024
-        );
-        records.push(serde_json::json!({
-            "case": {"rows": rows, "d": d, "dropout": p},
-            "ours_s": o,
-            "baseline_s": bs,
-            "speedup": bs / o,
-            "ours_bytes": ours_bytes,
-            "baseline_bytes": base_bytes,
-            "bytes_kind": "heap held between forward and backward (f32)",
-            "reps": ours.len(),
-            "loadavg_before": load_before,
-            "loadavg_after": loadavg(),
-        }));
+        let (t, p) = (inputs(rows, d)?, 0.1);
+        records.push(compare(
+            "residual_dropout",
+            (rows, d, p),
+            |rep| step_dropout(residual_dropout, &t, p, rep),
+            |rep| step_dropout(residual_dropout_reference, &t, p, rep),
+        )?);
     }
-    let doc = serde_json::json!({
-        "command": "cargo bench -p spt-ops --bench norm",
-        "machine": format!("{threads} rayon threads"),
-        "ours": "spt_ops::residual_dropout (one op; mask regenerated from its seed in backward)",
-        "baseline": "the composed form: a mask drawn on one thread, a multiply and an add (two graph nodes, the mask kept)",
-        "records": records,
-    });
-    write_results("residual-dropout.json", &doc)
+    write_results(
+        "residual-dropout.json",
+        &doc(
+            "spt_ops::residual_dropout (one op; mask regenerated from its seed in backward)",
+            "the composed form: a mask drawn on one thread, a multiply and an add (two graph nodes, the mask kept)",
+            records,
+        ),
+    )
 }

@@ -8,6 +8,7 @@
 //! backward makes one pass that writes `d residual` and `dx = d residual ⊙ mask`.
 
 use super::layer_norm::{layer_norm, row_stats, ROWS_PER_TASK};
+use super::residual_dropout::mask_rows;
 use crate::flash_attention::{attention_dropout_mask, RowDropout, SeededDropout};
 use crate::util::{check_float, check_same, contiguous, if_tracked, sum_partials, with_slices, Float};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -259,9 +260,7 @@ impl CustomOp3 for ResidualLayerNormOp {
                     let (ds, dgb) = backward(s[0], s[1], s[2], s[3], self.eps, dr);
                     let dx = masked_dx.map(|dr| {
                         let mut dx = ds.clone();
-                        dx.par_chunks_mut(d)
-                            .enumerate()
-                            .for_each(|(i, row)| dr.apply_scaled(row, 0, i, <$t>::lit(1.0)));
+                        mask_rows(&mut dx, None, d, dr);
                         Tensor::from_vec(dx, x.shape(), dev)
                     });
                     Ok((

@@ -74,7 +74,7 @@ struct ResidualDropoutOp {
 }
 
 /// `out[i] = (out[i] ⊙ mask_i) (+ add[i])` for every row `i` of width `d`, in parallel.
-fn mask_rows<T: Float + DropoutElem>(out: &mut [T], add: Option<&[T]>, d: usize, dr: &RowDropout) {
+pub(super) fn mask_rows<T: Float + DropoutElem>(out: &mut [T], add: Option<&[T]>, d: usize, dr: &RowDropout) {
     out.par_chunks_mut(d * ROWS_PER_TASK)
         .enumerate()
         .for_each(|(task, rows)| {
