@@ -331,6 +331,21 @@ fn residual_layer_norm_matches_cpu() -> Result<()> {
 
 #[test]
 #[ignore = "needs a GPU: run scripts/gpu-check.sh"]
+fn residual_dropout_matches_cpu() -> Result<()> {
+    let (n, d) = (130, 48);
+    let x = uniform(&[n, d], 2.0, 25, DType::F32)?;
+    let r = uniform(&[n, d], 2.0, 26, DType::F32)?;
+    for p in [0.0, 0.1] {
+        let drop = Some(spt_ops::SeededDropout { p, seed: 9 });
+        parity(&format!("residual_dropout p {p}"), &[&x, &r], &[n, d], &|t| {
+            spt_ops::residual_dropout(t[0], t[1], drop)
+        })?;
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-check.sh"]
 fn activations_match_cpu() -> Result<()> {
     let x = uniform(&[3, 1001], 5.0, 5, DType::F32)?;
     for act in [Activation::GeluErf, Activation::GeluTanh, Activation::Relu] {
