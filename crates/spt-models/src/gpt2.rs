@@ -198,11 +198,11 @@ impl GPT2Attention {
         mask: &PreparedMask,
         train: bool,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let e = x.dim(D::Minus1)?;
-        let qkv = self.c_attn.forward_t(x, train)?; // [B, L, 3E]
-        let q = split_heads(&qkv.narrow(D::Minus1, 0, e)?, self.n_head)?;
-        let k = split_heads(&qkv.narrow(D::Minus1, e, e)?, self.n_head)?;
-        let v = split_heads(&qkv.narrow(D::Minus1, 2 * e, e)?, self.n_head)?;
+        // c_attn's [B, L, 3E] output as q, k, v [B, L, E] each.
+        let qkv = self.c_attn.forward_t_parts(x, 3, train)?;
+        let q = split_heads(&qkv[0], self.n_head)?;
+        let k = split_heads(&qkv[1], self.n_head)?;
+        let v = split_heads(&qkv[2], self.n_head)?;
         let ctx = self.core.forward_t(&q, &k, &v, mask, self.scale, train)?;
         Ok((self.c_proj.forward_t(&merge_heads(&ctx)?, train)?, q, k))
     }

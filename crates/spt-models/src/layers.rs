@@ -198,6 +198,34 @@ impl Linear {
         }
     }
 
+    /// [`Linear::forward_t`]'s output split into `parts` equal pieces along the last dimension
+    /// (GPT-2's fused q|k|v). With an unmerged LoRA adapter and no active LoRA dropout, each
+    /// piece is its own op (`LoraLinear::forward_parts`: no narrow in the graph, so no padded
+    /// gradients in the backward); otherwise the output is narrowed.
+    pub fn forward_t_parts(&self, x: &Tensor, parts: usize, train: bool) -> Result<Vec<Tensor>> {
+        let dropout_active = train && self.lora_dropout.as_ref().is_some_and(|d| d.p > 0.0);
+        if let Some(l) = self.lora.as_ref().filter(|_| !dropout_active) {
+            self.check_input(x)?;
+            return Ok(l.forward_parts(x, parts, train)?);
+        }
+        let out = self.out_features();
+        if parts == 0 || out % parts != 0 {
+            return Err(ModelError::InvalidConfig {
+                field: "parts",
+                value: parts.to_string(),
+                reason: format!(
+                    "{} has {out} outputs, not divisible into {parts} parts",
+                    self.module_name()
+                ),
+            });
+        }
+        let y = self.forward_t(x, train)?;
+        let width = out / parts;
+        (0..parts)
+            .map(|i| Ok(y.narrow(D::Minus1, i * width, width)?))
+            .collect()
+    }
+
     fn check_input(&self, x: &Tensor) -> Result<()> {
         if x.dims().last() != Some(&self.in_features()) {
             return Err(ModelError::ShapeMismatch {

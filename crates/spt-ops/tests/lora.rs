@@ -142,6 +142,69 @@ fn gradients_reach_only_a_and_b() -> Result<()> {
     Ok(())
 }
 
+/// `forward_parts` (one op per part, A shared) against narrowing `forward_t`: values, and the
+/// gradients of x, A and B under a random upstream gradient per part, in f64.
+#[test]
+fn forward_parts_equal_narrowed_forward_with_gradients() -> Result<()> {
+    // 300 rows: two row tasks per part; out 12 = 3 parts of 4.
+    let x = Var::from_tensor(&randn_f64(&[3, 100, 5], 30)?)?;
+    let w = randn_f64(&[12, 5], 31)?;
+    let b = randn_f64(&[12], 32)?;
+    let mut layer = LoraLinear::new(
+        &w,
+        Some(&b),
+        LoraConfig {
+            rank: 2,
+            alpha: 3.0,
+            dropout: 0.0,
+            seed: 3,
+        },
+    )?;
+    layer.lora_b().set(&randn_f64(&[12, 2], 33)?)?;
+    let ups: Vec<Tensor> = (0..3)
+        .map(|i| randn_f64(&[3, 100, 4], 34 + i))
+        .collect::<Result<_>>()?;
+    let loss = |parts: &[Tensor]| -> Result<Tensor> {
+        let mut sum = parts[0].mul(&ups[0])?.sum_all()?;
+        for (p, u) in parts.iter().zip(&ups).skip(1) {
+            sum = (sum + p.mul(u)?.sum_all()?)?;
+        }
+        Ok(sum)
+    };
+    for train in [false, true] {
+        let parts = layer.forward_parts(x.as_tensor(), 3, train)?;
+        let y = layer.forward_t(x.as_tensor(), train)?;
+        let narrowed: Vec<Tensor> = (0..3).map(|i| y.narrow(2, 4 * i, 4)).collect::<Result<_>>()?;
+        for (p, n) in parts.iter().zip(&narrowed) {
+            assert_eq!(p.dims(), &[3, 100, 4]);
+            assert!(max_diff(p, n)? < 1e-12);
+        }
+        let (gp, gn) = (loss(&parts)?.backward()?, loss(&narrowed)?.backward()?);
+        for v in [
+            x.as_tensor(),
+            layer.lora_a().as_tensor(),
+            layer.lora_b().as_tensor(),
+        ] {
+            let (a, b) = (gp.get(v).expect("parts grad"), gn.get(v).expect("narrow grad"));
+            assert!(norm(b)? > 1e-3, "a gradient that cannot tell the paths apart");
+            assert!(max_diff(a, b)? < 1e-10, "train = {train}");
+        }
+    }
+    // Merged: the narrowed fallback, same values.
+    let before = layer.forward_parts(x.as_tensor(), 3, false)?;
+    layer.merge().map_err(candle_core::Error::wrap)?;
+    let after = layer.forward_parts(x.as_tensor(), 3, false)?;
+    for (p, q) in before.iter().zip(&after) {
+        assert!(max_diff(p, q)? < 1e-12);
+    }
+    let err = layer
+        .forward_parts(x.as_tensor(), 5, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("12 outputs into 5"), "{err}");
+    Ok(())
+}
+
 #[test]
 fn dropout_is_train_only_seeded_and_scaled() -> Result<()> {
     let x = Tensor::ones((200, 50), DType::F32, &Device::Cpu)?;

@@ -256,6 +256,40 @@ impl LoraLinear {
         y.add(&(delta * self.cfg.scale())?)
     }
 
+    /// `x [.., in] →` `parts` tensors `[.., out/parts]`: the output split evenly along its last
+    /// dimension (GPT-2's fused q|k|v), the same values as narrowing [`forward_t`](Self::forward_t).
+    ///
+    /// Why not narrow: candle's backward of each narrow zero-pads its gradient to `[.., out]`
+    /// and concatenates it on one thread, then adds the parts (GPT-2's c_attn: three
+    /// `[B·L, 2304]` buffers filled, copied and summed per layer). Here each part is its own
+    /// LoRA op on a row slice of W, b and B with A shared, so each part's gradient goes
+    /// straight into its op; only the `[.., in]` input gradients are summed. With dropout
+    /// active in training, or merged, it narrows `forward_t` (the mask must be one draw).
+    pub fn forward_parts(&self, x: &Tensor, parts: usize, train: bool) -> Result<Vec<Tensor>> {
+        let out = self.w.dim(0)?;
+        if parts == 0 || out % parts != 0 {
+            bail!(
+                "lora_linear: cannot split {out} outputs into {parts} equal parts (w is {:?})",
+                self.w.dims()
+            );
+        }
+        let width = out / parts;
+        if self.merged || (train && self.cfg.dropout > 0.0) {
+            let y = self.forward_t(x, train)?;
+            return (0..parts)
+                .map(|i| y.narrow(candle_core::D::Minus1, i * width, width))
+                .collect();
+        }
+        let (a, b) = (self.a.as_tensor(), self.b.as_tensor());
+        (0..parts)
+            .map(|i| {
+                let rows = |t: &Tensor| t.narrow(0, i * width, width);
+                let bias = self.bias.as_ref().map(rows).transpose()?;
+                lora_linear(x, &rows(&self.w)?, bias.as_ref(), a, &rows(b)?, self.cfg.scale())
+            })
+            .collect()
+    }
+
     /// Folds the update into the frozen weight: `W ← W + (α/r)·B A`.
     pub fn merge(&mut self) -> std::result::Result<(), LoraError> {
         if self.merged {
