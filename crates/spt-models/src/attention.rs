@@ -17,6 +17,7 @@
 use crate::error::{ModelError, Result};
 use crate::layers::Dropout;
 use candle_core::{DType, Device, Tensor};
+use spt_ops::lora::HeadsLayout;
 use spt_ops::pq::{BlockTiling, Codebook, KeyTopK, PqConfig, Selection};
 
 /// Which keys each query may attend to (`key_padding`: `[B, L]`, nonzero = attend); spt-ops' type.
@@ -285,10 +286,11 @@ impl AttentionCore {
     }
 }
 
-/// `[B, L, H·d] → [B, H, L, d]`, contiguous.
-pub(crate) fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
-    Ok(spt_ops::split_heads(x, heads)?)
-}
+/// Reads attention's context `[B, heads, L, d]` as `[B, L, heads·d]` (an output projection's input).
+pub(crate) const FROM_HEADS: HeadsLayout = HeadsLayout {
+    input_heads: true,
+    output_heads: None,
+};
 
 /// `[B, H, L, d] → [B, L, H·d]`.
 pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {

@@ -14,9 +14,7 @@
 //! Module and field names follow HF (`self` is `self_attn`, `LayerNorm` is `layer_norm`), and every
 //! parameter keeps its HF name (see [`NamedParams`]).
 
-use crate::attention::{
-    merge_heads, split_heads, AttentionCore, AttentionMask, DenseAttention, PreparedMask,
-};
+use crate::attention::{merge_heads, AttentionCore, AttentionMask, DenseAttention, PreparedMask, FROM_HEADS};
 use crate::error::{ModelError, Result};
 use crate::ffn::{DenseFfn, FeedForward};
 use crate::layers::{
@@ -26,6 +24,7 @@ use crate::memory::{activation_bytes, ActivationAccounting, ActivationBytes, Lay
 use crate::sparsify::{CalibrationBatch, LayerSlots, LayerTrace, LoraTarget, SptModel};
 use crate::weights::{read_json, Init, LoadOptions, LoadReport, Loader, NamedParams, Param, WeightSource};
 use candle_core::{DType, Tensor, D};
+use spt_ops::lora::HeadsLayout;
 use spt_ops::Activation;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -263,23 +262,27 @@ pub struct BertSelfAttention {
 impl BertSelfAttention {
     /// `x [B, L, H] → context [B, L, H]`.
     pub fn forward_t(&self, x: &Tensor, mask: &PreparedMask, train: bool) -> Result<Tensor> {
-        Ok(self.forward_with_keys(x, mask, train)?.0)
+        merge_heads(&self.forward_with_keys(x, mask, train)?.0)
     }
 
-    /// The context and the queries and keys `[B, heads, L, d]` (for calibration).
+    /// The context `[B, heads, L, d]` (the output projection reads it in that layout) and the
+    /// queries and keys `[B, heads, L, d]` (for calibration).
     fn forward_with_keys(
         &self,
         x: &Tensor,
         mask: &PreparedMask,
         train: bool,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let nh = self.num_attention_heads;
-        let q = split_heads(&self.query.forward_t(x, train)?, nh)?;
-        let k = split_heads(&self.key.forward_t(x, train)?, nh)?;
-        let v = split_heads(&self.value.forward_t(x, train)?, nh)?;
+        let to_heads = HeadsLayout {
+            input_heads: false,
+            output_heads: Some(self.num_attention_heads),
+        };
+        let q = self.query.forward_t_heads(x, to_heads, train)?;
+        let k = self.key.forward_t_heads(x, to_heads, train)?;
+        let v = self.value.forward_t_heads(x, to_heads, train)?;
         let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
         let ctx = self.core.forward_t(&q, &k, &v, mask, scale, train)?;
-        Ok((merge_heads(&ctx)?, q, k))
+        Ok((ctx, q, k))
     }
 }
 
@@ -357,9 +360,12 @@ impl BertLayer {
         let _span = tracing::trace_span!("bert_layer").entered();
         let (a, queries, keys) = self.attention.self_attn.forward_with_keys(x, mask, train)?;
         let o = &self.attention.output;
-        let a = o
-            .layer_norm
-            .forward_residual(&o.dense.forward_t(&a, train)?, x, &o.dropout, train)?;
+        let a = o.layer_norm.forward_residual(
+            &o.dense.forward_t_heads(&a, FROM_HEADS, train)?,
+            x,
+            &o.dropout,
+            train,
+        )?;
         if let Some(t) = trace {
             t.push(LayerTrace {
                 queries: queries.detach(),

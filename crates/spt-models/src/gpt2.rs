@@ -13,9 +13,7 @@
 //! - The attention core and the MLP are per-layer slots ([`AttentionCore`], [`FeedForward`]) that
 //!   `sparsify` swaps. No KV cache: this model is for training and scoring.
 
-use crate::attention::{
-    merge_heads, split_heads, AttentionCore, AttentionMask, DenseAttention, PreparedMask,
-};
+use crate::attention::{AttentionCore, AttentionMask, DenseAttention, PreparedMask, FROM_HEADS};
 use crate::error::{ModelError, Result};
 use crate::ffn::{DenseFfn, FeedForward};
 use crate::layers::{check_ids, check_mask, Dropout, DropoutRng, Embedding, LayerNorm, Linear, WeightLayout};
@@ -23,6 +21,7 @@ use crate::memory::{activation_bytes, ActivationAccounting, ActivationBytes, Lay
 use crate::sparsify::{CalibrationBatch, LayerSlots, LayerTrace, LoraTarget, SptModel};
 use crate::weights::{read_json, LoadOptions, LoadReport, Loader, NamedParams, Param, WeightSource};
 use candle_core::{DType, Tensor, D};
+use spt_ops::lora::HeadsLayout;
 use spt_ops::{Activation, Reduction};
 use std::path::Path;
 use std::sync::Arc;
@@ -198,13 +197,16 @@ impl GPT2Attention {
         mask: &PreparedMask,
         train: bool,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        // c_attn's [B, L, 3E] output as q, k, v [B, L, E] each.
-        let qkv = self.c_attn.forward_t_parts(x, 3, train)?;
-        let q = split_heads(&qkv[0], self.n_head)?;
-        let k = split_heads(&qkv[1], self.n_head)?;
-        let v = split_heads(&qkv[2], self.n_head)?;
-        let ctx = self.core.forward_t(&q, &k, &v, mask, self.scale, train)?;
-        Ok((self.c_proj.forward_t(&merge_heads(&ctx)?, train)?, q, k))
+        // c_attn's [B, L, 3E] output as q, k, v [B, heads, L, d] each.
+        let heads = HeadsLayout {
+            input_heads: false,
+            output_heads: Some(self.n_head),
+        };
+        let qkv = self.c_attn.forward_t_parts(x, 3, heads, train)?;
+        let (q, k, v) = (&qkv[0], &qkv[1], &qkv[2]);
+        let ctx = self.core.forward_t(q, k, v, mask, self.scale, train)?;
+        let out = self.c_proj.forward_t_heads(&ctx, FROM_HEADS, train)?;
+        Ok((out, q.clone(), k.clone()))
     }
 }
 

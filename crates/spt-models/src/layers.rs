@@ -5,7 +5,7 @@ use crate::error::{ModelError, Result};
 use crate::weights::{Loader, NamedParams, Param};
 use candle_core::{DType, Tensor, D};
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use spt_ops::lora::{LoraConfig, LoraError, LoraLinear};
+use spt_ops::lora::{HeadsLayout, LoraConfig, LoraError, LoraLinear};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -199,14 +199,24 @@ impl Linear {
     }
 
     /// [`Linear::forward_t`]'s output split into `parts` equal pieces along the last dimension
-    /// (GPT-2's fused q|k|v). With an unmerged LoRA adapter and no active LoRA dropout, each
-    /// piece is its own op (`LoraLinear::forward_parts`: no narrow in the graph, so no padded
-    /// gradients in the backward); otherwise the output is narrowed.
-    pub fn forward_t_parts(&self, x: &Tensor, parts: usize, train: bool) -> Result<Vec<Tensor>> {
+    /// (GPT-2's fused q|k|v; 1 for the whole output), with x read from and the pieces written
+    /// to the attention-head layout as `layout` says (the same values as `merge_heads` before
+    /// and `split_heads` after). With an unmerged LoRA adapter and no active LoRA dropout this
+    /// is one op per piece (`LoraLinear::forward_parts`: no narrow or head-layout node in the
+    /// graph, so no padded or extra gradients in the backward); otherwise it is composed.
+    pub fn forward_t_parts(
+        &self,
+        x: &Tensor,
+        parts: usize,
+        layout: HeadsLayout,
+        train: bool,
+    ) -> Result<Vec<Tensor>> {
         let dropout_active = train && self.lora_dropout.as_ref().is_some_and(|d| d.p > 0.0);
         if let Some(l) = self.lora.as_ref().filter(|_| !dropout_active) {
-            self.check_input(x)?;
-            return Ok(l.forward_parts(x, parts, train)?);
+            if !layout.input_heads {
+                self.check_input(x)?;
+            }
+            return Ok(l.forward_parts(x, parts, layout, train)?);
         }
         let out = self.out_features();
         if parts == 0 || out % parts != 0 {
@@ -219,11 +229,28 @@ impl Linear {
                 ),
             });
         }
-        let y = self.forward_t(x, train)?;
+        let x = if layout.input_heads {
+            spt_ops::merge_heads(x)?
+        } else {
+            x.clone()
+        };
+        let y = self.forward_t(&x, train)?;
         let width = out / parts;
         (0..parts)
-            .map(|i| Ok(y.narrow(D::Minus1, i * width, width)?))
+            .map(|i| {
+                let part = y.narrow(D::Minus1, i * width, width)?;
+                Ok(match layout.output_heads {
+                    Some(h) => spt_ops::split_heads(&part, h)?,
+                    None => part,
+                })
+            })
             .collect()
+    }
+
+    /// [`Linear::forward_t_parts`] with one part.
+    pub fn forward_t_heads(&self, x: &Tensor, layout: HeadsLayout, train: bool) -> Result<Tensor> {
+        let mut y = self.forward_t_parts(x, 1, layout, train)?;
+        Ok(y.remove(0))
     }
 
     fn check_input(&self, x: &Tensor) -> Result<()> {

@@ -155,6 +155,80 @@ impl CustomOp1 for Heads {
     }
 }
 
+/// Where an op's `[N, width]` operand rows sit in memory: plainly, or as attention heads
+/// `[B, H, L, width/H]` with row `b·L + l` split over the H heads. An op that reads or writes the
+/// heads layout itself saves attention's `split_heads` / `merge_heads` node, and with it the
+/// zero-fill and add candle's backward spends on every node's input gradient.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RowLayout {
+    Plain,
+    Heads { h: usize, l: usize },
+}
+
+impl RowLayout {
+    /// The offset of each head's part of row `r` (`width/H` values each), in head order.
+    fn parts(self, r: usize, width: usize) -> impl Iterator<Item = (usize, usize)> {
+        let (h, l) = match self {
+            RowLayout::Plain => (1, 1),
+            RowLayout::Heads { h, l } => (h, l),
+        };
+        let (d, b, i) = (width / h, r / l, r % l);
+        (0..h).map(move |hh| (((b * h + hh) * l + i) * d, d))
+    }
+
+    /// Rows `r0..r0 + m` of a `width`-wide operand as a row-major `[m, width]` slice: borrowed
+    /// when plain, gathered into `buf` otherwise.
+    pub(crate) fn read<'a, T: Copy>(
+        self,
+        src: &'a [T],
+        width: usize,
+        r0: usize,
+        m: usize,
+        buf: &'a mut Vec<T>,
+    ) -> &'a [T] {
+        if self == RowLayout::Plain {
+            return &src[r0 * width..(r0 + m) * width];
+        }
+        buf.clear();
+        for r in r0..r0 + m {
+            for (at, d) in self.parts(r, width) {
+                buf.extend_from_slice(&src[at..at + d]);
+            }
+        }
+        buf
+    }
+
+    /// Lets `fill` write rows `r0..r0 + m` of the `width`-wide `dst` as a row-major `[m, width]`
+    /// slice: `dst`'s own rows when plain, `buf` scattered into `dst` afterwards otherwise.
+    ///
+    /// # Safety
+    /// `dst` must hold all rows of the operand, and no other thread may touch rows `r0..r0 + m`.
+    pub(crate) unsafe fn write<T: crate::util::Float>(
+        self,
+        dst: crate::blas::SendPtr<T>,
+        width: usize,
+        r0: usize,
+        m: usize,
+        buf: &mut Vec<T>,
+        fill: impl FnOnce(&mut [T]),
+    ) {
+        if self == RowLayout::Plain {
+            fill(std::slice::from_raw_parts_mut(dst.0.add(r0 * width), m * width));
+            return;
+        }
+        buf.clear();
+        buf.resize(m * width, T::zero());
+        fill(buf);
+        for (j, r) in (r0..r0 + m).enumerate() {
+            let mut src = &buf[j * width..(j + 1) * width];
+            for (at, d) in self.parts(r, width) {
+                std::ptr::copy_nonoverlapping(src.as_ptr(), dst.0.add(at), d);
+                src = &src[d..];
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

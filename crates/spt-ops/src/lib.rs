@@ -43,7 +43,7 @@ pub use block_sparse_attention::block_sparse_attention;
 pub use cross_entropy::{linear_cross_entropy, Reduction};
 pub use flash_attention::{flash_attention, flash_attention_is_fused, SeededDropout};
 pub use heads::{merge_heads, split_heads};
-pub use lora::{LoraConfig, LoraError, LoraLinear};
+pub use lora::{HeadsLayout, LoraConfig, LoraError, LoraLinear};
 pub use norm::{layer_norm, residual_dropout, residual_layer_norm, softmax_last_dim};
 pub use pq::{
     pq_attention, pq_sparse_attention, select_blocks, select_keys, BlockScore, BlockSelection, BlockTiling,

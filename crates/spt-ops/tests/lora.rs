@@ -3,10 +3,13 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use spt_ops::gradcheck::{check_gradients, randn_f64, GradCheck};
-use spt_ops::lora::{dropout, linear, lora_linear};
+use spt_ops::lora::{dropout, linear, lora_linear, lora_linear_heads};
 use spt_ops::routed_ffn::reference;
 use spt_ops::routed_ffn::BlockTopK;
-use spt_ops::{Activation, GateMode, LoraConfig, LoraError, LoraLinear, RoutedFfn, RoutedFfnConfig};
+use spt_ops::{
+    merge_heads, split_heads, Activation, GateMode, HeadsLayout, LoraConfig, LoraError, LoraLinear,
+    RoutedFfn, RoutedFfnConfig,
+};
 
 fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     assert_eq!(a.dims(), b.dims());
@@ -172,7 +175,7 @@ fn forward_parts_equal_narrowed_forward_with_gradients() -> Result<()> {
         Ok(sum)
     };
     for train in [false, true] {
-        let parts = layer.forward_parts(x.as_tensor(), 3, train)?;
+        let parts = layer.forward_parts(x.as_tensor(), 3, HeadsLayout::default(), train)?;
         let y = layer.forward_t(x.as_tensor(), train)?;
         let narrowed: Vec<Tensor> = (0..3).map(|i| y.narrow(2, 4 * i, 4)).collect::<Result<_>>()?;
         for (p, n) in parts.iter().zip(&narrowed) {
@@ -191,14 +194,14 @@ fn forward_parts_equal_narrowed_forward_with_gradients() -> Result<()> {
         }
     }
     // Merged: the narrowed fallback, same values.
-    let before = layer.forward_parts(x.as_tensor(), 3, false)?;
+    let before = layer.forward_parts(x.as_tensor(), 3, HeadsLayout::default(), false)?;
     layer.merge().map_err(candle_core::Error::wrap)?;
-    let after = layer.forward_parts(x.as_tensor(), 3, false)?;
+    let after = layer.forward_parts(x.as_tensor(), 3, HeadsLayout::default(), false)?;
     for (p, q) in before.iter().zip(&after) {
         assert!(max_diff(p, q)? < 1e-12);
     }
     let err = layer
-        .forward_parts(x.as_tensor(), 5, false)
+        .forward_parts(x.as_tensor(), 5, HeadsLayout::default(), false)
         .unwrap_err()
         .to_string();
     assert!(err.contains("12 outputs into 5"), "{err}");
@@ -359,6 +362,102 @@ proptest::proptest! {
         };
         run().unwrap();
     }
+
+    /// Reading x as heads and writing y as heads equals `merge_heads` → fused op →
+    /// `split_heads`, in values and in the gradients of x, A and B, over batch and sequence
+    /// sizes whose rows cross both the 256-row task seam and the batch boundary inside a task.
+    #[test]
+    fn lora_linear_heads_equals_composed(
+        batch in 1usize..4, seq in 1usize..200, heads_in in 1usize..4, d in 1usize..9,
+        heads_out in 1usize..4, d_out in 1usize..9, input_heads in proptest::bool::ANY,
+        output_heads in proptest::bool::ANY, seed in 0u64..10_000,
+    ) {
+        let run = || -> Result<()> {
+            let f = |s: &[usize], k: u64| randn_f64(s, seed * 8 + k);
+            let (d_in, out) = (heads_in * d, heads_out * d_out);
+            let x_shape: Vec<usize> = if input_heads {
+                vec![batch, heads_in, seq, d]
+            } else {
+                vec![batch, seq, d_in]
+            };
+            let x = Var::from_tensor(&f(&x_shape, 0)?)?;
+            let (w, b) = (f(&[out, d_in], 1)?, f(&[out], 2)?);
+            let a = Var::from_tensor(&f(&[2, d_in], 3)?)?;
+            let bm = Var::from_tensor(&f(&[out, 2], 4)?)?;
+            let layout = HeadsLayout { input_heads, output_heads: output_heads.then_some(heads_out) };
+            let got = lora_linear_heads(x.as_tensor(), &w, Some(&b), a.as_tensor(), bm.as_tensor(), 0.7, layout)?;
+            let xm = if input_heads { merge_heads(x.as_tensor())? } else { x.as_tensor().clone() };
+            let y = lora_linear(&xm, &w, Some(&b), a.as_tensor(), bm.as_tensor(), 0.7)?;
+            let want = if output_heads { split_heads(&y, heads_out)? } else { y };
+            assert_eq!(got.dims(), want.dims());
+            assert!(max_diff(&got, &want)? < 1e-12);
+            let up = f(got.dims(), 5)?;
+            let (gg, gw) = ((got * &up)?.sum_all()?.backward()?, (want * &up)?.sum_all()?.backward()?);
+            for v in [&x, &a, &bm] {
+                let (p, q) = (gg.get(v.as_tensor()).unwrap(), gw.get(v.as_tensor()).unwrap());
+                assert_eq!(p.dims(), v.as_tensor().dims());
+                assert!(max_diff(p, q)? < 1e-10);
+            }
+            Ok(())
+        };
+        run().unwrap();
+    }
+}
+
+#[test]
+fn lora_linear_heads_gradients_f64() -> Result<()> {
+    // B 3 × L 100: two row tasks, the first crossing two batch boundaries.
+    let x = randn_f64(&[3, 2, 100, 3], 40)?; // heads [B, H, L, d]
+    let w = randn_f64(&[8, 6], 41)?;
+    let b = randn_f64(&[8], 42)?;
+    let a = randn_f64(&[2, 6], 43)?;
+    let bm = randn_f64(&[8, 2], 44)?;
+    let layout = HeadsLayout {
+        input_heads: true,
+        output_heads: Some(4),
+    };
+    check_gradients(
+        |t| lora_linear_heads(&t[0], &t[1], Some(&t[2]), &t[3], &t[4], 1.5, layout),
+        &[x, w, b, a, bm],
+        &[0, 3, 4],
+        GradCheck::default(),
+    )?;
+    Ok(())
+}
+
+#[test]
+fn lora_linear_heads_bad_shapes_are_named_errors() -> Result<()> {
+    let (w, a, bm) = (
+        randn_f64(&[8, 6], 1)?,
+        randn_f64(&[2, 6], 2)?,
+        randn_f64(&[8, 2], 3)?,
+    );
+    let call = |x: &Tensor, layout| {
+        lora_linear_heads(x, &w, None, &a, &bm, 1.0, layout)
+            .unwrap_err()
+            .to_string()
+    };
+    let heads_in = HeadsLayout {
+        input_heads: true,
+        output_heads: None,
+    };
+    let e = call(&randn_f64(&[2, 5, 6], 4)?, heads_in);
+    assert!(e.contains("expected heads [B, H, L, d] with H·d = 6"), "{e}");
+    let e = call(&randn_f64(&[2, 4, 5, 2], 4)?, heads_in);
+    assert!(e.contains("H·d = 6"), "{e}");
+    let out3 = HeadsLayout {
+        input_heads: false,
+        output_heads: Some(3),
+    };
+    let e = call(&randn_f64(&[2, 5, 6], 5)?, out3);
+    assert!(e.contains("cannot write 8 outputs as 3 heads"), "{e}");
+    let out2 = HeadsLayout {
+        output_heads: Some(2),
+        ..out3
+    };
+    let e = call(&randn_f64(&[10, 6], 6)?, out2);
+    assert!(e.contains("needs [B, L, in]"), "{e}");
+    Ok(())
 }
 
 #[test]

@@ -11,7 +11,8 @@
 //! dx is one GEMM instead of two. The adapters stay unmerged: the gradients are those of A and B.
 
 use super::linear;
-use crate::blas::{gemm_into, inner_par, transpose, Mat};
+use crate::blas::{gemm_into, inner_par, transpose, Mat, SendPtr};
+use crate::heads::{merge_heads, split_heads, RowLayout};
 use crate::util::{check_float, check_same, contiguous, if_tracked, sum_partials, with_slices, Float};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -29,6 +30,32 @@ pub fn lora_linear(
     a: &Tensor,
     b: &Tensor,
     scale: f64,
+) -> Result<Tensor> {
+    lora_linear_heads(x, w, bias, a, b, scale, HeadsLayout::default())
+}
+
+/// Attention-head layouts [`lora_linear_heads`] reads and writes directly.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeadsLayout {
+    /// x is attention's context `[B, H, L, d]`, read as `[B, L, H·d]` (`merge_heads` fused in).
+    pub input_heads: bool,
+    /// y is written as `[B, H, L, out/H]` for this many heads (`split_heads` fused in).
+    pub output_heads: Option<usize>,
+}
+
+/// [`lora_linear`] reading x from, or writing y to, the attention-head layout: the same values
+/// as `split_heads(lora_linear(merge_heads(x)), H)` with each step present only when asked.
+/// Why: each of those steps is a graph node, and candle's backward zero-fills and adds an
+/// activation-sized gradient for every node's input (four per attention layer); here the
+/// fused kernel gathers and scatters the rows of each task instead.
+pub fn lora_linear_heads(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    layout: HeadsLayout,
 ) -> Result<Tensor> {
     let op = "lora_linear";
     check_float(op, "x", x)?;
@@ -53,21 +80,50 @@ pub fn lora_linear(
             bail!("{op}: bias is {:?}, expected [{out}]", bias.dims());
         }
     }
-    if x.dims().last() != Some(&d_in) {
-        bail!(
-            "{op}: x is {:?}, expected [.., {d_in}] to match w [{out}, {d_in}]",
+    // (B, L) of the rows, when a heads layout needs them.
+    let (input, seq) = match (layout.input_heads, x.dims()) {
+        (false, d) if d.last() == Some(&d_in) => (RowLayout::Plain, (d.len() == 3).then(|| (d[0], d[1]))),
+        (true, &[bs, h, l, dh]) if h * dh == d_in => (RowLayout::Heads { h, l }, Some((bs, l))),
+        (true, d) => bail!("{op}: x is {d:?}, expected heads [B, H, L, d] with H·d = {d_in}"),
+        (false, d) => bail!("{op}: x is {d:?}, expected [.., {d_in}] to match w [{out}, {d_in}]"),
+    };
+    let output = match (layout.output_heads, seq) {
+        (None, _) => RowLayout::Plain,
+        (Some(h), Some((_, l))) if h > 0 && out % h == 0 => RowLayout::Heads { h, l },
+        (Some(h), _) => bail!(
+            "{op}: cannot write {out} outputs as {h} heads of x {:?} (needs [B, L, in] or heads input, and H dividing {out})",
             x.dims()
-        );
-    }
+        ),
+    };
     if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) {
+        let x = if layout.input_heads {
+            merge_heads(x)?
+        } else {
+            x.clone()
+        };
         let delta = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
-        return linear(x, w, bias)?.add(&(delta * scale)?);
+        let y = linear(&x, w, bias)?.add(&(delta * scale)?)?;
+        return match layout.output_heads {
+            Some(h) => split_heads(&y, h),
+            None => Ok(y),
+        };
+    }
+    let mut shape = match seq {
+        Some((bs, l)) => vec![bs, l, out],
+        None => x.dims().to_vec(),
+    };
+    if let RowLayout::Heads { h, l } = output {
+        shape = vec![shape[0], h, l, out / h];
+    } else if let Some(last) = shape.last_mut() {
+        *last = out;
     }
     let fused = FusedLora {
         w: w.detach().contiguous()?,
         bias: bias.map(|t| t.detach().contiguous()).transpose()?,
         dims: (out, d_in, r),
         scale,
+        io: (input, output),
+        shape: Shape::from(shape),
     };
     x.contiguous()?
         .apply_op3(&a.contiguous()?, &b.contiguous()?, fused)
@@ -79,6 +135,10 @@ struct FusedLora {
     /// (out, in, r).
     dims: (usize, usize, usize),
     scale: f64,
+    /// Where x's and y's rows are.
+    io: (RowLayout, RowLayout),
+    /// y's shape.
+    shape: Shape,
 }
 
 /// `W + s·B A`, `[out, in]`.
@@ -109,7 +169,8 @@ pub(crate) fn merged_into<T: Float>(
     m
 }
 
-/// Forward over row tasks: `y = b + x (W + s·B A)ᵀ`.
+/// Forward over row tasks: `y = b + x (W + s·B A)ᵀ`, x's and y's rows laid out as `io` says.
+#[allow(clippy::too_many_arguments)]
 fn forward<T: Float>(
     x: &[T],
     w: &[T],
@@ -118,32 +179,42 @@ fn forward<T: Float>(
     b: &[T],
     dims: (usize, usize, usize),
     s: T,
+    io: (RowLayout, RowLayout),
 ) -> Vec<T> {
     let (out, d_in, _) = dims;
     let n = x.len() / d_in;
     let mut y = vec![T::zero(); n * out];
-    let par = inner_par(n.div_ceil(ROWS_PER_TASK));
+    let tasks = n.div_ceil(ROWS_PER_TASK);
+    let par = inner_par(tasks);
     // Read as `[in, out]` row by row (see `blas::transpose`).
     let wt = transpose(&merged(w, a, b, dims, s), out, d_in);
-    y.par_chunks_mut(ROWS_PER_TASK * out)
-        .enumerate()
-        .for_each(|(c, yc)| {
-            let m = yc.len() / out;
-            let xc = Mat::new(x, c * ROWS_PER_TASK * d_in, d_in, 1);
-            if let Some(bias) = bias {
-                yc.chunks_mut(out).for_each(|row| row.copy_from_slice(bias));
-            }
-            gemm_into(
-                m,
-                out,
-                d_in,
-                yc,
-                bias.is_some(),
-                xc,
-                Mat::new(&wt, 0, out, 1),
-                par,
-            );
-        });
+    let dst = SendPtr(y.as_mut_ptr());
+    (0..tasks).into_par_iter().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(xbuf, ybuf), c| {
+            let r0 = c * ROWS_PER_TASK;
+            let m = ROWS_PER_TASK.min(n - r0);
+            let xc = io.0.read(x, d_in, r0, m, xbuf);
+            let fill = |yc: &mut [T]| {
+                if let Some(bias) = bias {
+                    yc.chunks_mut(out).for_each(|row| row.copy_from_slice(bias));
+                }
+                let xc = Mat::new(xc, 0, d_in, 1);
+                gemm_into(
+                    m,
+                    out,
+                    d_in,
+                    yc,
+                    bias.is_some(),
+                    xc,
+                    Mat::new(&wt, 0, out, 1),
+                    par,
+                );
+            };
+            // SAFETY: `y` holds all n rows and each task writes only its own.
+            unsafe { io.1.write(dst, out, r0, m, ybuf, fill) };
+        },
+    );
     y
 }
 
@@ -158,6 +229,7 @@ fn backward<T: Float>(
     g: &[T],
     dims: (usize, usize, usize),
     s: T,
+    io: (RowLayout, RowLayout),
     want_dx: bool,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let (out, d_in, r) = dims;
@@ -167,11 +239,14 @@ fn backward<T: Float>(
     let par = inner_par(tasks);
     let at = transpose(a, r, d_in);
     let wm = if want_dx { merged(w, a, b, dims, s) } else { vec![] };
-    let per_task = |c: usize, dxc: &mut [T]| -> (Vec<T>, Vec<T>) {
+    let dst = SendPtr(dx.as_mut_ptr());
+    let per_task = |c: usize, bufs: &mut [Vec<T>; 3]| -> (Vec<T>, Vec<T>) {
         let r0 = c * ROWS_PER_TASK;
         let m = ROWS_PER_TASK.min(n - r0);
-        let xc = Mat::new(x, r0 * d_in, d_in, 1);
-        let gc = Mat::new(g, r0 * out, out, 1);
+        let [xbuf, gbuf, dxbuf] = bufs;
+        let xs = io.0.read(x, d_in, r0, m, xbuf);
+        let gs = io.1.read(g, out, r0, m, gbuf);
+        let (xc, gc) = (Mat::new(xs, 0, d_in, 1), Mat::new(gs, 0, out, 1));
         let mut su = vec![T::zero(); m * r];
         gemm_into(m, r, d_in, &mut su, false, xc, Mat::new(&at, 0, r, 1), par);
         su.iter_mut().for_each(|v| *v = *v * s);
@@ -179,7 +254,10 @@ fn backward<T: Float>(
         gemm_into(m, r, out, &mut du, false, gc, Mat::new(b, 0, r, 1), par);
         du.iter_mut().for_each(|v| *v = *v * s);
         if want_dx {
-            gemm_into(m, d_in, out, dxc, false, gc, Mat::new(&wm, 0, d_in, 1), par);
+            let fill =
+                |dxc: &mut [T]| gemm_into(m, d_in, out, dxc, false, gc, Mat::new(&wm, 0, d_in, 1), par);
+            // SAFETY: `dx` holds all n rows of x and each task writes only its own.
+            unsafe { io.0.write(dst, d_in, r0, m, dxbuf, fill) };
         }
         let mut da = vec![T::zero(); r * d_in];
         gemm_into(r, d_in, m, &mut da, false, Mat::new(&du, 0, 1, r), xc, par);
@@ -190,20 +268,16 @@ fn backward<T: Float>(
             m,
             &mut db,
             false,
-            Mat::new(g, r0 * out, 1, out),
+            Mat::new(gs, 0, 1, out),
             Mat::new(&su, 0, r, 1),
             par,
         );
         (da, db)
     };
-    let partials: Vec<(Vec<T>, Vec<T>)> = if want_dx {
-        dx.par_chunks_mut(ROWS_PER_TASK * d_in)
-            .enumerate()
-            .map(|(c, dxc)| per_task(c, dxc))
-            .collect()
-    } else {
-        (0..tasks).into_par_iter().map(|c| per_task(c, &mut [])).collect()
-    };
+    let partials: Vec<(Vec<T>, Vec<T>)> = (0..tasks)
+        .into_par_iter()
+        .map_init(Default::default, |bufs, c| per_task(c, bufs))
+        .collect();
     let (pa, pb): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
     (dx, sum_partials(pa, r * d_in), sum_partials(pb, out * r))
 }
@@ -223,10 +297,6 @@ impl CustomOp3 for FusedLora {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = "lora_linear";
-        let mut shape = l1.dims().to_vec();
-        if let Some(last) = shape.last_mut() {
-            *last = self.dims.0;
-        }
         let fixed: Vec<&Tensor> = std::iter::once(&self.w).chain(self.bias.as_ref()).collect();
         macro_rules! run {
             ($t:ty, $x:expr, $a:expr, $b:expr) => {{
@@ -244,6 +314,7 @@ impl CustomOp3 for FusedLora {
                         b,
                         self.dims,
                         self.scale as $t,
+                        self.io,
                     ))
                 })?
             }};
@@ -257,7 +328,7 @@ impl CustomOp3 for FusedLora {
             }
             _ => bail!("{op}: x, a and b must all be f32 or all f64"),
         };
-        Ok((y, Shape::from(shape)))
+        Ok((y, self.shape.clone()))
     }
 
     fn bwd(
@@ -286,6 +357,7 @@ impl CustomOp3 for FusedLora {
                         s[4],
                         self.dims,
                         self.scale as $t,
+                        self.io,
                         want_dx,
                     ))
                 })?;

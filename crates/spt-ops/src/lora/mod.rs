@@ -7,8 +7,8 @@
 
 mod fused;
 
-pub use fused::lora_linear;
 pub(crate) use fused::merged_into;
+pub use fused::{lora_linear, lora_linear_heads, HeadsLayout};
 
 use crate::routed_ffn::{gather_matmul, Routing};
 use crate::util::{check_float, check_same};
@@ -257,15 +257,23 @@ impl LoraLinear {
     }
 
     /// `x [.., in] →` `parts` tensors `[.., out/parts]`: the output split evenly along its last
-    /// dimension (GPT-2's fused q|k|v), the same values as narrowing [`forward_t`](Self::forward_t).
+    /// dimension (GPT-2's fused q|k|v; `parts = 1` for one output), each read from or written to
+    /// the attention-head layout as `layout` says. The same values as narrowing
+    /// [`forward_t`](Self::forward_t) with `merge_heads` / `split_heads` around it.
     ///
     /// Why not narrow: candle's backward of each narrow zero-pads its gradient to `[.., out]`
     /// and concatenates it on one thread, then adds the parts (GPT-2's c_attn: three
     /// `[B·L, 2304]` buffers filled, copied and summed per layer). Here each part is its own
     /// LoRA op on a row slice of W, b and B with A shared, so each part's gradient goes
     /// straight into its op; only the `[.., in]` input gradients are summed. With dropout
-    /// active in training, or merged, it narrows `forward_t` (the mask must be one draw).
-    pub fn forward_parts(&self, x: &Tensor, parts: usize, train: bool) -> Result<Vec<Tensor>> {
+    /// active in training, or merged, it composes `forward_t` (the mask must be one draw).
+    pub fn forward_parts(
+        &self,
+        x: &Tensor,
+        parts: usize,
+        layout: HeadsLayout,
+        train: bool,
+    ) -> Result<Vec<Tensor>> {
         let out = self.w.dim(0)?;
         if parts == 0 || out % parts != 0 {
             bail!(
@@ -275,9 +283,20 @@ impl LoraLinear {
         }
         let width = out / parts;
         if self.merged || (train && self.cfg.dropout > 0.0) {
-            let y = self.forward_t(x, train)?;
+            let x = if layout.input_heads {
+                crate::merge_heads(x)?
+            } else {
+                x.clone()
+            };
+            let y = self.forward_t(&x, train)?;
             return (0..parts)
-                .map(|i| y.narrow(candle_core::D::Minus1, i * width, width))
+                .map(|i| {
+                    let part = y.narrow(candle_core::D::Minus1, i * width, width)?;
+                    match layout.output_heads {
+                        Some(h) => crate::split_heads(&part, h),
+                        None => Ok(part),
+                    }
+                })
                 .collect();
         }
         let (a, b) = (self.a.as_tensor(), self.b.as_tensor());
@@ -285,7 +304,8 @@ impl LoraLinear {
             .map(|i| {
                 let rows = |t: &Tensor| t.narrow(0, i * width, width);
                 let bias = self.bias.as_ref().map(rows).transpose()?;
-                lora_linear(x, &rows(&self.w)?, bias.as_ref(), a, &rows(b)?, self.cfg.scale())
+                let (w, b) = (rows(&self.w)?, rows(b)?);
+                lora_linear_heads(x, &w, bias.as_ref(), a, &b, self.cfg.scale(), layout)
             })
             .collect()
     }
