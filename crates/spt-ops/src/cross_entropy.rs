@@ -23,9 +23,10 @@ use candle_core::{bail, CpuStorage, CustomOp2, DType, Device, Layout, Result, Sh
 use rayon::prelude::*;
 use std::sync::Mutex;
 
-/// Rows per chunk: fixed, so results do not depend on the thread count. 256 rows of a
-/// 50257-token vocabulary is a 51 MB f32 buffer.
-pub const ROW_CHUNK: usize = 256;
+/// Rows per chunk: fixed, so results do not depend on the thread count. Each chunk's two GEMMs
+/// repack all of W (gemm packs its large operand per call), so fewer, larger chunks repack it
+/// less: 1024 rows of a 50257-token vocabulary is a 206 MB f32 buffer.
+pub const ROW_CHUNK: usize = 1024;
 
 /// How the per-row losses are combined.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -149,8 +149,8 @@ fn gradients_reach_only_a_and_b() -> Result<()> {
 /// gradients of x, A and B under a random upstream gradient per part, in f64.
 #[test]
 fn forward_parts_equal_narrowed_forward_with_gradients() -> Result<()> {
-    // 300 rows: two row tasks per part; out 12 = 3 parts of 4.
-    let x = Var::from_tensor(&randn_f64(&[3, 100, 5], 30)?)?;
+    // 1200 rows: five 256-row tasks per part; out 12 = 3 parts of 4.
+    let x = Var::from_tensor(&randn_f64(&[3, 400, 5], 30)?)?;
     let w = randn_f64(&[12, 5], 31)?;
     let b = randn_f64(&[12], 32)?;
     let mut layer = LoraLinear::new(
@@ -165,7 +165,7 @@ fn forward_parts_equal_narrowed_forward_with_gradients() -> Result<()> {
     )?;
     layer.lora_b().set(&randn_f64(&[12, 2], 33)?)?;
     let ups: Vec<Tensor> = (0..3)
-        .map(|i| randn_f64(&[3, 100, 4], 34 + i))
+        .map(|i| randn_f64(&[3, 400, 4], 34 + i))
         .collect::<Result<_>>()?;
     let loss = |parts: &[Tensor]| -> Result<Tensor> {
         let mut sum = parts[0].mul(&ups[0])?.sum_all()?;
@@ -179,7 +179,7 @@ fn forward_parts_equal_narrowed_forward_with_gradients() -> Result<()> {
         let y = layer.forward_t(x.as_tensor(), train)?;
         let narrowed: Vec<Tensor> = (0..3).map(|i| y.narrow(2, 4 * i, 4)).collect::<Result<_>>()?;
         for (p, n) in parts.iter().zip(&narrowed) {
-            assert_eq!(p.dims(), &[3, 100, 4]);
+            assert_eq!(p.dims(), &[3, 400, 4]);
             assert!(max_diff(p, n)? < 1e-12);
         }
         let (gp, gn) = (loss(&parts)?.backward()?, loss(&narrowed)?.backward()?);
@@ -297,8 +297,8 @@ fn lora_reference(
 
 #[test]
 fn fused_lora_linear_gradients_f64() -> Result<()> {
-    // 300 rows: two row tasks of the kernel, so the dA / dB partial sums are exercised.
-    let x = randn_f64(&[3, 100, 6], 20)?;
+    // 1200 rows: five 256-row tasks of the kernel, so the dA / dB partial sums are exercised.
+    let x = randn_f64(&[3, 400, 6], 20)?;
     let w = randn_f64(&[5, 6], 21)?;
     let b = randn_f64(&[5], 22)?;
     let a = randn_f64(&[2, 6], 23)?;
@@ -333,7 +333,7 @@ proptest::proptest! {
     /// frozen (no dx formed) or tracked.
     #[test]
     fn fused_lora_linear_equals_composed(
-        rows in 1usize..600, d_in in 1usize..40, out in 1usize..40, r in 1usize..9,
+        rows in 1usize..2400, d_in in 1usize..40, out in 1usize..40, r in 1usize..9,
         with_bias in proptest::bool::ANY, x_tracked in proptest::bool::ANY, seed in 0u64..10_000,
     ) {
         let run = || -> Result<()> {
@@ -368,7 +368,7 @@ proptest::proptest! {
     /// sizes whose rows cross both the 256-row task seam and the batch boundary inside a task.
     #[test]
     fn lora_linear_heads_equals_composed(
-        batch in 1usize..4, seq in 1usize..200, heads_in in 1usize..4, d in 1usize..9,
+        batch in 1usize..4, seq in 1usize..800, heads_in in 1usize..4, d in 1usize..9,
         heads_out in 1usize..4, d_out in 1usize..9, input_heads in proptest::bool::ANY,
         output_heads in proptest::bool::ANY, seed in 0u64..10_000,
     ) {
@@ -406,8 +406,8 @@ proptest::proptest! {
 
 #[test]
 fn lora_linear_heads_gradients_f64() -> Result<()> {
-    // B 3 × L 100: two row tasks, the first crossing two batch boundaries.
-    let x = randn_f64(&[3, 2, 100, 3], 40)?; // heads [B, H, L, d]
+    // B 3 × L 400: five 256-row tasks, some crossing a batch boundary.
+    let x = randn_f64(&[3, 2, 400, 3], 40)?; // heads [B, H, L, d]
     let w = randn_f64(&[8, 6], 41)?;
     let b = randn_f64(&[8], 42)?;
     let a = randn_f64(&[2, 6], 43)?;
