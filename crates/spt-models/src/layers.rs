@@ -235,16 +235,7 @@ impl Linear {
             x.clone()
         };
         let y = self.forward_t(&x, train)?;
-        let width = out / parts;
-        (0..parts)
-            .map(|i| {
-                let part = y.narrow(D::Minus1, i * width, width)?;
-                Ok(match layout.output_heads {
-                    Some(h) => spt_ops::split_heads(&part, h)?,
-                    None => part,
-                })
-            })
-            .collect()
+        Ok(spt_ops::heads::split_parts(&y, parts, layout.output_heads)?)
     }
 
     /// [`Linear::forward_t_parts`] with one part.

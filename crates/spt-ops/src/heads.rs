@@ -56,6 +56,29 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     })
 }
 
+/// `y [.., P·w]` as `parts` (P) tensors `[.., w]`, each split into `heads` when given
+/// (`[B, L, w] → [B, H, L, w/H]`): the composed form of a projection whose output is several
+/// attention inputs (GPT-2's fused q|k|v), for callers without the fused op.
+pub fn split_parts(y: &Tensor, parts: usize, heads: Option<usize>) -> Result<Vec<Tensor>> {
+    let out = y.dim(candle_core::D::Minus1)?;
+    if parts == 0 || out % parts != 0 {
+        bail!(
+            "split_parts: cannot split {out} outputs of {:?} into {parts} equal parts",
+            y.dims()
+        );
+    }
+    let width = out / parts;
+    (0..parts)
+        .map(|i| {
+            let part = y.narrow(candle_core::D::Minus1, i * width, width)?;
+            match heads {
+                Some(h) => split_heads(&part, h),
+                None => Ok(part),
+            }
+        })
+        .collect()
+}
+
 fn fused(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
 }
@@ -303,5 +326,28 @@ mod tests {
         let x = Tensor::zeros((1, 2, 10), DType::F32, &Device::Cpu).unwrap();
         let e = split_heads(&x, 3).unwrap_err().to_string();
         assert!(e.contains("split_heads") && e.contains("3 heads"), "{e}");
+    }
+
+    #[test]
+    fn split_parts_are_narrowed_then_split_pieces() -> Result<()> {
+        let y = Tensor::randn(0f32, 1.0, (2, 5, 12), &Device::Cpu)?;
+        let parts = split_parts(&y, 3, Some(2))?;
+        assert_eq!(parts.len(), 3);
+        for (i, p) in parts.iter().enumerate() {
+            let want = split_heads(&y.narrow(2, 4 * i, 4)?, 2)?;
+            assert_eq!(p.dims(), [2, 2, 5, 2]);
+            assert_eq!(
+                p.flatten_all()?.to_vec1::<f32>()?,
+                want.flatten_all()?.to_vec1::<f32>()?
+            );
+        }
+        let plain = split_parts(&y, 2, None)?;
+        assert_eq!(
+            plain[1].flatten_all()?.to_vec1::<f32>()?,
+            y.narrow(2, 6, 6)?.flatten_all()?.to_vec1::<f32>()?
+        );
+        let e = split_parts(&y, 5, None).unwrap_err().to_string();
+        assert!(e.contains("cannot split 12 outputs of [2, 5, 12] into 5"), "{e}");
+        Ok(())
     }
 }

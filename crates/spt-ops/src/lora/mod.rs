@@ -288,16 +288,7 @@ impl LoraLinear {
             } else {
                 x.clone()
             };
-            let y = self.forward_t(&x, train)?;
-            return (0..parts)
-                .map(|i| {
-                    let part = y.narrow(candle_core::D::Minus1, i * width, width)?;
-                    match layout.output_heads {
-                        Some(h) => crate::split_heads(&part, h),
-                        None => Ok(part),
-                    }
-                })
-                .collect();
+            return crate::heads::split_parts(&self.forward_t(&x, train)?, parts, layout.output_heads);
         }
         let (a, b) = (self.a.as_tensor(), self.b.as_tensor());
         (0..parts)
