@@ -346,6 +346,44 @@ fn residual_dropout_matches_cpu() -> Result<()> {
 
 #[test]
 #[ignore = "needs a GPU: run scripts/gpu-check.sh"]
+fn lora_linear_heads_matches_cpu() -> Result<()> {
+    // On CUDA the composed form (merge_heads, matmuls, split_heads) against the CPU's fused op
+    // that gathers and scatters head rows per task. B 2 × L 150 = 300 rows: two row tasks.
+    let (b, h, l, d, out) = (2, 3, 150, 4, 8);
+    let w = uniform(&[out, h * d], 1.0, 30, DType::F32)?;
+    let bias = uniform(&[out], 1.0, 31, DType::F32)?;
+    for (input_heads, output_heads) in [(true, None), (false, Some(2)), (true, Some(4))] {
+        let x_shape = if input_heads {
+            vec![b, h, l, d]
+        } else {
+            vec![b, l, h * d]
+        };
+        let y_shape = match output_heads {
+            Some(ho) => vec![b, ho, l, out / ho],
+            None => vec![b, l, out],
+        };
+        let x = uniform(&x_shape, 2.0, 32, DType::F32)?;
+        let a = uniform(&[2, h * d], 1.0, 33, DType::F32)?;
+        let bm = uniform(&[out, 2], 1.0, 34, DType::F32)?;
+        let layout = spt_ops::HeadsLayout {
+            input_heads,
+            output_heads,
+        };
+        parity(
+            &format!("lora_linear_heads {layout:?}"),
+            &[&x, &a, &bm],
+            &y_shape,
+            &|t| {
+                let (w, bias) = (w.to_device(t[0].device())?, bias.to_device(t[0].device())?);
+                spt_ops::lora::lora_linear_heads(t[0], &w, Some(&bias), t[1], t[2], 0.5, layout)
+            },
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-check.sh"]
 fn activations_match_cpu() -> Result<()> {
     let x = uniform(&[3, 1001], 5.0, 5, DType::F32)?;
     for act in [Activation::GeluErf, Activation::GeluTanh, Activation::Relu] {
