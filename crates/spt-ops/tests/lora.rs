@@ -297,18 +297,28 @@ fn lora_reference(
 
 #[test]
 fn fused_lora_linear_gradients_f64() -> Result<()> {
-    // 1200 rows: five 256-row tasks of the kernel, so the dA / dB partial sums are exercised.
-    let x = randn_f64(&[3, 400, 6], 20)?;
-    let w = randn_f64(&[5, 6], 21)?;
-    let b = randn_f64(&[5], 22)?;
-    let a = randn_f64(&[2, 6], 23)?;
-    let bm = randn_f64(&[5, 2], 24)?;
-    check_gradients(
-        |t| lora_linear(&t[0], &t[1], Some(&t[2]), &t[3], &t[4], 1.5),
-        &[x, w, b, a, bm],
-        &[0, 3, 4],
-        GradCheck::default(),
-    )?;
+    // 1200 rows: five 256-row tasks, so the dA / dB partial sums are exercised; in the heads
+    // layouts (B 3 × L 400) some tasks cross a batch boundary.
+    let heads = HeadsLayout {
+        input_heads: true,
+        output_heads: Some(4),
+    };
+    for (x_shape, layout) in [
+        (vec![3, 400, 6], HeadsLayout::default()),
+        (vec![3, 2, 400, 3], heads),
+    ] {
+        let x = randn_f64(&x_shape, 20)?;
+        let w = randn_f64(&[8, 6], 21)?;
+        let b = randn_f64(&[8], 22)?;
+        let a = randn_f64(&[2, 6], 23)?;
+        let bm = randn_f64(&[8, 2], 24)?;
+        check_gradients(
+            |t| lora_linear_heads(&t[0], &t[1], Some(&t[2]), &t[3], &t[4], 1.5, layout),
+            &[x, w, b, a, bm],
+            &[0, 3, 4],
+            GradCheck::default(),
+        )?;
+    }
     Ok(())
 }
 
@@ -402,27 +412,6 @@ proptest::proptest! {
         };
         run().unwrap();
     }
-}
-
-#[test]
-fn lora_linear_heads_gradients_f64() -> Result<()> {
-    // B 3 × L 400: five 256-row tasks, some crossing a batch boundary.
-    let x = randn_f64(&[3, 2, 400, 3], 40)?; // heads [B, H, L, d]
-    let w = randn_f64(&[8, 6], 41)?;
-    let b = randn_f64(&[8], 42)?;
-    let a = randn_f64(&[2, 6], 43)?;
-    let bm = randn_f64(&[8, 2], 44)?;
-    let layout = HeadsLayout {
-        input_heads: true,
-        output_heads: Some(4),
-    };
-    check_gradients(
-        |t| lora_linear_heads(&t[0], &t[1], Some(&t[2]), &t[3], &t[4], 1.5, layout),
-        &[x, w, b, a, bm],
-        &[0, 3, 4],
-        GradCheck::default(),
-    )?;
-    Ok(())
 }
 
 #[test]
