@@ -189,12 +189,9 @@ pub(crate) enum RowLayout {
 }
 
 impl RowLayout {
-    /// The offset of each head's part of row `r` (`width/H` values each), in head order.
-    fn parts(self, r: usize, width: usize) -> impl Iterator<Item = (usize, usize)> {
-        let (h, l) = match self {
-            RowLayout::Plain => (1, 1),
-            RowLayout::Heads { h, l } => (h, l),
-        };
+    /// The offset of each head's part of row `r` (`width/H` values each), in head order; only
+    /// called for the heads layout (a plain row is one piece).
+    fn parts(h: usize, l: usize, r: usize, width: usize) -> impl Iterator<Item = (usize, usize)> {
         let (d, b, i) = (width / h, r / l, r % l);
         (0..h).map(move |hh| (((b * h + hh) * l + i) * d, d))
     }
@@ -209,12 +206,12 @@ impl RowLayout {
         m: usize,
         buf: &'a mut Vec<T>,
     ) -> &'a [T] {
-        if self == RowLayout::Plain {
+        let RowLayout::Heads { h, l } = self else {
             return &src[r0 * width..(r0 + m) * width];
-        }
+        };
         buf.clear();
         for r in r0..r0 + m {
-            for (at, d) in self.parts(r, width) {
+            for (at, d) in Self::parts(h, l, r, width) {
                 buf.extend_from_slice(&src[at..at + d]);
             }
         }
@@ -235,16 +232,16 @@ impl RowLayout {
         buf: &mut Vec<T>,
         fill: impl FnOnce(&mut [T]),
     ) {
-        if self == RowLayout::Plain {
+        let RowLayout::Heads { h, l } = self else {
             fill(std::slice::from_raw_parts_mut(dst.0.add(r0 * width), m * width));
             return;
-        }
+        };
         buf.clear();
         buf.resize(m * width, T::zero());
         fill(buf);
         for (j, r) in (r0..r0 + m).enumerate() {
             let mut src = &buf[j * width..(j + 1) * width];
-            for (at, d) in self.parts(r, width) {
+            for (at, d) in Self::parts(h, l, r, width) {
                 std::ptr::copy_nonoverlapping(src.as_ptr(), dst.0.add(at), d);
                 src = &src[d..];
             }

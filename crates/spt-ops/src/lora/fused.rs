@@ -80,16 +80,16 @@ pub fn lora_linear_heads(
             bail!("{op}: bias is {:?}, expected [{out}]", bias.dims());
         }
     }
-    // (B, L) of the rows, when a heads layout needs them.
-    let (input, seq) = match (layout.input_heads, x.dims()) {
-        (false, d) if d.last() == Some(&d_in) => (RowLayout::Plain, (d.len() == 3).then(|| (d[0], d[1]))),
-        (true, &[bs, h, l, dh]) if h * dh == d_in => (RowLayout::Heads { h, l }, Some((bs, l))),
+    // The dims that index rows ([B, L] for a heads input), and x's row layout.
+    let (lead, input) = match (layout.input_heads, x.dims()) {
+        (false, [lead @ .., last]) if *last == d_in => (lead.to_vec(), RowLayout::Plain),
+        (true, &[bs, h, l, dh]) if h * dh == d_in => (vec![bs, l], RowLayout::Heads { h, l }),
         (true, d) => bail!("{op}: x is {d:?}, expected heads [B, H, L, d] with H·d = {d_in}"),
         (false, d) => bail!("{op}: x is {d:?}, expected [.., {d_in}] to match w [{out}, {d_in}]"),
     };
-    let output = match (layout.output_heads, seq) {
-        (None, _) => RowLayout::Plain,
-        (Some(h), Some((_, l))) if h > 0 && out % h == 0 => RowLayout::Heads { h, l },
+    let (shape, output) = match (layout.output_heads, lead.as_slice()) {
+        (None, _) => ([lead.as_slice(), &[out]].concat(), RowLayout::Plain),
+        (Some(h), &[bs, l]) if h > 0 && out % h == 0 => (vec![bs, h, l, out / h], RowLayout::Heads { h, l }),
         (Some(h), _) => bail!(
             "{op}: cannot write {out} outputs as {h} heads of x {:?} (needs [B, L, in] or heads input, and H dividing {out})",
             x.dims()
@@ -107,15 +107,6 @@ pub fn lora_linear_heads(
             Some(h) => split_heads(&y, h),
             None => Ok(y),
         };
-    }
-    let mut shape = match seq {
-        Some((bs, l)) => vec![bs, l, out],
-        None => x.dims().to_vec(),
-    };
-    if let RowLayout::Heads { h, l } = output {
-        shape = vec![shape[0], h, l, out / h];
-    } else if let Some(last) = shape.last_mut() {
-        *last = out;
     }
     let fused = FusedLora {
         w: w.detach().contiguous()?,
