@@ -3,7 +3,8 @@
 //! Run: `cargo bench -p spt-ops --bench ffn` (writes `bench/results/ffn.json`).
 //! `FFN_BENCH_QUICK=1` runs only the first case of each shape (for development; writes nothing).
 //! `FFN_BENCH_QUICK=1 FFN_BENCH_PROFILE=ours|baseline|dense_skip|phases` runs one variant of the
-//! first case only, for `perf record`; `FFN_BENCH_D=384` keeps only the cases of that width (and writes nothing).
+//! first case only, for `perf record`; `FFN_BENCH_D=384` keeps only the cases of that width (and writes nothing);
+//! `FFN_BENCH_REPS=n` sets the repetitions (for profiling; default 5 at d768, 7 at d384).
 //!
 //! For each case, in one process and interleaved rep by rep:
 //! - **ours**: [`RoutedFfn`] (softmax-kept gates, top-k of the blocks), forward + backward;
@@ -312,12 +313,16 @@ fn main() -> Result<()> {
                         kept,
                         frozen,
                     };
-                    let reps = if d >= 768 { 5 } else { 7 };
+                    let reps = std::env::var("FFN_BENCH_REPS")
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(if d >= 768 { 5 } else { 7 });
                     let r = bench_case(c, reps)?;
                     println!(
-                        "d={d:4} d_ff={d_ff:4} block={block:3} kept={kept:.2} {:11}: ours {:.4}s (fwd {:.4}) | candle dense {:.4}s (fwd {:.4}) → {:.2}× | dense_skip {:.4}s (fwd {:.4}) → {:.2}×",
+                        "d={d:4} d_ff={d_ff:4} block={block:3} kept={kept:.2} {:11}: ours {:.4}s (min {:.4}, fwd {:.4}) | candle dense {:.4}s (fwd {:.4}) → {:.2}× | dense_skip {:.4}s (fwd {:.4}) → {:.2}×",
                         if frozen { "frozen_lora" } else { "trainable" },
                         r.ours.median,
+                        r.ours.min,
                         r.ours.fwd_median,
                         r.base.median,
                         r.base.fwd_median,
