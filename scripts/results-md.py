@@ -10,6 +10,10 @@ REGIONS below says which file holds each NAME. Text outside the markers is never
 findings written around a table stay as written. CI runs `--check` (.ci/run), so a change to
 bench/results/*.json needs a run of this script in the same commit. Standard library only.
 
+Quoted figures. Hand-written text that quotes a headline figure (the CLI's help, presets.rs,
+docs/cli.md, the README's summary) is listed in QUOTES; the script sets those numbers from the
+records too, and --check fails when one differs or its sentence no longer matches.
+
 Headline records. README.md shows one table, built only from the records that HEADLINE (below)
 names: per row, the accuracy records (one per seed in SEEDS, from accuracy.json, each storing
 its run's `settings`) and one step-time record (a file and its `case`). Every other record goes to docs/results/*.md. To
@@ -522,39 +526,50 @@ def torch_figures(name, rec, keys):
     return None, None, None
 
 
+def headline_figures(h):
+    """The README row's figures for a HEADLINE entry: accuracy (mean over SEEDS, or None), its
+    record indices, the step-time file, record index and record, and the PyTorch peer's figures
+    for the kind of training in h["torch"] (seconds, bytes, the file they came from)."""
+    acc, acc_idx = None, []
+    if h["accuracy"] is not None:
+        recs = select("accuracy", h["accuracy"], f"HEADLINE {h['recipe']!r}")
+        by_seed = {}
+        for i, r in recs:
+            by_seed.setdefault(r.get("seed"), []).append(i)
+        bad = {s: ix for s, ix in by_seed.items() if len(ix) != 1}
+        missing = [s for s in SEEDS if s not in by_seed]
+        if bad or missing:
+            raise SystemExit(f"results-md: HEADLINE {h['recipe']!r}: want one accuracy record per seed {SEEDS}; "
+                             f"duplicates {bad}, missing {missing}: make the selector exact")
+        bare = [i for i, r in recs if r.get("seed") in SEEDS and not r.get("settings")]
+        if bare:
+            raise SystemExit(f"results-md: HEADLINE {h['recipe']!r}: records #{', #'.join(map(str, bare))} store no "
+                             "`settings` (the run's finetune.toml): a headline figure must be re-runnable from its record")
+        vals = [r["accuracy"] for _, r in recs if r.get("seed") in SEEDS]
+        acc = sum(vals) / len(vals)
+        acc_idx = [i for i, r in recs if r.get("seed") in SEEDS]
+    name, sel = h["speed"]
+    found = select(name, sel, f"HEADLINE {h['recipe']!r} speed")
+    if len(found) != 1:
+        raise SystemExit(f"results-md: HEADLINE {h['recipe']!r}: {len(found)} records in bench/results/{name}.json "
+                         f"match {sel} (#{', #'.join(str(i) for i, _ in found)}): make the selector exact")
+    [(si, sr)] = found
+    return acc, acc_idx, name, si, sr, torch_figures(name, sr, h["torch"])
+
+
 def headline():
     out = head(["recipe", "setting", "vs PyTorch (same run)", "accuracy", "s/step", "vs dense", "peak RSS"],
                ["---", "---", "---", "--:", "--:", "--:", "--:"])
     notes, sources = [], []
     for h in HEADLINE:
-        if h["accuracy"] is None:
+        accv, acc_idx, name, si, sr, (ts, tb, where) = headline_figures(h)
+        if accv is None:
             acc, src = "not measured yet", ""
         else:
-            recs = select("accuracy", h["accuracy"], f"HEADLINE {h['recipe']!r}")
-            by_seed = {}
-            for i, r in recs:
-                by_seed.setdefault(r.get("seed"), []).append(i)
-            bad = {s: ix for s, ix in by_seed.items() if len(ix) != 1}
-            missing = [s for s in SEEDS if s not in by_seed]
-            if bad or missing:
-                raise SystemExit(f"results-md: HEADLINE {h['recipe']!r}: want one accuracy record per seed {SEEDS}; "
-                                 f"duplicates {bad}, missing {missing}: make the selector exact")
-            bare = [i for i, r in recs if r.get("seed") in SEEDS and not r.get("settings")]
-            if bare:
-                raise SystemExit(f"results-md: HEADLINE {h['recipe']!r}: records #{', #'.join(map(str, bare))} store no "
-                                 "`settings` (the run's finetune.toml): a headline figure must be re-runnable from its record")
-            vals = [r["accuracy"] for _, r in recs if r.get("seed") in SEEDS]
-            acc = f"{sum(vals) / len(vals):.3f}"
-            src = f"accuracy.json #{', #'.join(str(i) for i, r in recs if r.get('seed') in SEEDS)} and "
-        name, sel = h["speed"]
-        found = select(name, sel, f"HEADLINE {h['recipe']!r} speed")
-        if len(found) != 1:
-            raise SystemExit(f"results-md: HEADLINE {h['recipe']!r}: {len(found)} records in bench/results/{name}.json "
-                             f"match {sel} (#{', #'.join(str(i) for i, _ in found)}): make the selector exact")
-        [(si, sr)] = found
+            acc = f"{accv:.3f}"
+            src = f"accuracy.json #{', #'.join(str(i) for i in acc_idx)} and "
         ob, bb = sr.get("ours_bytes"), sr.get("baseline_bytes")
         rss = gib(ob) + (f" ({100 * ob / bb:.0f} %)" if ob and bb else "")
-        ts, tb, where = torch_figures(name, sr, h["torch"])
         if ts is None:
             vs = "not measured yet"
         else:
@@ -595,6 +610,94 @@ def cuda_status():
     if f:
         parts[-1] += f"; the routed FFN at 50 % kept takes {f[0]['ratio']:.1f}× the dense FFN."
     return "\n".join(parts)
+
+
+# ---------------------------------------------------------------- figures quoted in prose and code
+
+# The presets' figures are quoted by hand-written text as well as by the README's table: the
+# CLI's help, presets.rs, docs/cli.md and the README's summary. Each quote is a template in which
+# `{}` stands for a number, with what each number is: (HEADLINE recipe, quantity, format).
+# Quantities: "accuracy" (mean over SEEDS), "full_speed" / "lora_speed" (PyTorch full / PEFT
+# LoRA step time over ours), "full_rss" (our peak RSS over PyTorch full's, in %). The script
+# rewrites the numbers in place; --check names any that differ, and any template that no longer
+# matches exactly once (so an edit of the prose cannot silently drop a quote from the check).
+QUOTES = [
+    ("crates/spt-train/src/bin/spt-train/main.rs",
+     "accuracy {} (dense {}); step {}x PyTorch full fine-tuning's speed",
+     [("SPT fast", "accuracy", "{:.3f}"), ("dense", "accuracy", "{:.3f}"), ("SPT fast", "full_speed", "{:.1f}")]),
+    ("crates/spt-train/src/bin/spt-train/main.rs",
+     "accuracy {}, within 1 point of dense; {}x",
+     [("SPT accurate", "accuracy", "{:.3f}"), ("SPT accurate", "full_speed", "{:.1f}")]),
+    ("crates/spt-train/src/presets.rs", "| dense, lr 1e-4 | {} | {}× |",
+     [("dense", "accuracy", "{:.3f}"), ("dense", "full_speed", "{:.2f}")]),
+    ("crates/spt-train/src/presets.rs", "| lora r 8, lr 1e-3 | {} | {}× ({}× PEFT) |",
+     [("PEFT-style LoRA", "accuracy", "{:.3f}"), ("PEFT-style LoRA", "full_speed", "{:.2f}"),
+      ("PEFT-style LoRA", "lora_speed", "{:.2f}")]),
+    ("crates/spt-train/src/presets.rs", "| spt `accurate` | {} | {}× |",
+     [("SPT accurate", "accuracy", "{:.3f}"), ("SPT accurate", "full_speed", "{:.2f}")]),
+    ("crates/spt-train/src/presets.rs", "| spt `fast` | {} | {}× ({}× PEFT) |",
+     [("SPT fast", "accuracy", "{:.3f}"), ("SPT fast", "full_speed", "{:.2f}"), ("SPT fast", "lora_speed", "{:.2f}")]),
+    ("docs/cli.md", "| 1e-3 | {} (dense: {}) | {}× faster, {} % of its peak RSS |",
+     [("SPT fast", "accuracy", "{:.3f}"), ("dense", "accuracy", "{:.3f}"), ("SPT fast", "full_speed", "{:.2f}"),
+      ("SPT fast", "full_rss", "{:.0f}")]),
+    ("docs/cli.md", "| 6 of 8 | on | pooler | 1e-3 | {} | {}× faster, {} % of its peak RSS |",
+     [("SPT accurate", "accuracy", "{:.3f}"), ("SPT accurate", "full_speed", "{:.2f}"),
+      ("SPT accurate", "full_rss", "{:.0f}")]),
+    ("README.md",
+     "**SPT fast** takes {}× less time per step than PyTorch full fine-tuning ({}× PEFT LoRA) at {} % of its peak RSS",
+     [("SPT fast", "full_speed", "{:.2f}"), ("SPT fast", "lora_speed", "{:.2f}"), ("SPT fast", "full_rss", "{:.0f}")]),
+    ("README.md",
+     "**SPT accurate** is within 1 point of dense at {}× PyTorch's speed ({} % of its RSS); our **dense** "
+     "mode is {}× PyTorch's speed and LoRA {}× PEFT's",
+     [("SPT accurate", "full_speed", "{:.2f}"), ("SPT accurate", "full_rss", "{:.0f}"), ("dense", "full_speed", "{:.2f}"),
+      ("PEFT-style LoRA", "lora_speed", "{:.2f}")]),
+    ("README.md", "The paper's ≥ 2.2× within 1 point is reached ({}×), as are issue #17's ≥ 4× ({}×)",
+     [("SPT accurate", "full_speed", "{:.2f}"), ("SPT fast", "full_speed", "{:.2f}")]),
+]
+
+PEER_KEYS = {"full": ("torch_full_s", "torch_full_bytes", ""), "lora": ("torch_lora_s", "torch_lora_bytes", "")}
+
+
+def quoted_value(recipe, quantity):
+    h = next((h for h in HEADLINE if h["recipe"] == recipe), None)
+    if h is None:
+        raise SystemExit(f"results-md: QUOTES names recipe {recipe!r}, which HEADLINE lacks")
+    acc, _, name, si, sr, _ = headline_figures(h)
+    if quantity == "accuracy":
+        if acc is None:
+            raise SystemExit(f"results-md: QUOTES quotes the accuracy of {recipe!r}, which has no records")
+        return acc
+    kind, what = quantity.split("_")
+    ts, tb, _ = torch_figures(name, sr, PEER_KEYS[kind])
+    if ts is None or (what == "rss" and not tb):
+        raise SystemExit(f"results-md: QUOTES: no PyTorch {kind} figure for {recipe!r} ({name}.json #{si})")
+    return ts / sr["ours_s"] if what == "speed" else 100 * sr["ours_bytes"] / tb
+
+
+def quote_pattern(template):
+    """The template as a regex: a number group per `{}`, any whitespace where it has a space."""
+    parts = [re.sub(r"\\ ", r"\\s+", re.escape(p)) for p in template.split("{}")]
+    return re.compile(r"(\d+(?:\.\d+)?)".join(parts))
+
+
+def rewrite_quotes(path, text):
+    """Returns text with every quoted figure of `path` set from the records, the quotes whose
+    figures changed, and the templates that do not match exactly once."""
+    changed, problems = [], []
+    for qpath, template, values in QUOTES:
+        if qpath != path:
+            continue
+        found = list(quote_pattern(template).finditer(text))
+        if len(found) != 1:
+            problems.append(f"{path}: the quote {template!r} matches {len(found)} times, not once (QUOTES)")
+            continue
+        m = found[0]
+        new = [fmt.format(quoted_value(recipe, q)) for recipe, q, fmt in values]
+        if [m.group(i + 1) for i in range(len(new))] != new:
+            changed.append(template)
+            for i in reversed(range(len(new))):
+                text = text[: m.start(i + 1)] + new[i] + text[m.end(i + 1):]
+    return text, changed, problems
 
 
 # ---------------------------------------------------------------- the chart
@@ -679,16 +782,20 @@ def main():
         return 0
     check = "--check" in args
     stale, problems = [], []
-    for path, names in REGIONS.items():
+    paths = list(REGIONS) + [q[0] for q in QUOTES if q[0] not in REGIONS]
+    for path in dict.fromkeys(paths):
         full = os.path.join(ROOT, path)
         if not os.path.exists(full):
             problems.append(f"{path} is missing")
             continue
         with open(full) as f:
             text = f.read()
-        new, changed, probs = rewrite(path, text, names)
+        new, changed, probs = rewrite(path, text, REGIONS.get(path, []))
         problems += probs
         stale += [f"{path}: region '{n}'" for n in changed]
+        new, changed, probs = rewrite_quotes(path, new)
+        problems += probs
+        stale += [f"{path}: the figures of {t!r}" for t in changed]
         if not check and new != text:
             tmp = full + ".tmp"
             with open(tmp, "w") as f:
@@ -712,7 +819,8 @@ def main():
         if stale or problems:
             print("results-md: run `python3 scripts/results-md.py` and commit the result", file=sys.stderr)
             return 1
-        print(f"results-md: every generated region matches bench/results ({sum(len(v) for v in REGIONS.values())} regions)")
+        print(f"results-md: every generated region matches bench/results ({sum(len(v) for v in REGIONS.values())} regions, "
+              f"{len(QUOTES)} quotes)")
         return 0
     for s in stale:
         print(f"results-md: rewrote {s}")
