@@ -115,6 +115,8 @@ fn bad_data_is_reported_with_file_line_and_column() {
     );
     let e = stderr(&o);
     assert!(e.contains("d.csv: line 1: missing column `text`"), "{e}");
+    // The data is checked before the run directory is made: a bad file leaves nothing behind.
+    assert!(!out.exists(), "the failed run left {} behind", out.display());
     std::fs::write(&data, b"label,text\npos,Hello\nneg,He\xffllo\n").unwrap();
     let o = spt_train(
         &[
@@ -133,6 +135,7 @@ fn bad_data_is_reported_with_file_line_and_column() {
         e.contains("d.csv: line 3, column `text`") && e.contains("UTF-8"),
         "{e}"
     );
+    assert!(!out.exists(), "the failed run left {} behind", out.display());
 }
 
 #[test]

@@ -281,6 +281,32 @@ fn bench_records_each_setting() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("--ffn-top-k is 9, expected 1 to 8"), "{err}");
+    // --output naming a file bench did not write is refused before anything runs, and the file
+    // is left as it was; with or without --append. The record written above may be rewritten.
+    let mine = tmp.path().join("notes.json");
+    for text in ["my notes", r#"{"records": [], "command": "python3 train.py"}"#] {
+        std::fs::write(&mine, text).unwrap();
+        for append in [false, true] {
+            let mut args = bench_args(model, mine.to_str().unwrap()).to_vec();
+            if append {
+                args.push("--append");
+            }
+            let o = Command::new(env!("CARGO_BIN_EXE_spt-train"))
+                .args(&args)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(!o.status.success(), "{err}");
+            assert!(
+                err.contains("notes.json: the file exists and is not a record of spt-train bench"),
+                "{err}"
+            );
+            assert_eq!(std::fs::read_to_string(&mine).unwrap(), text);
+        }
+    }
+    spt_train(&base, None);
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(doc["records"].as_array().unwrap().len(), 2, "{doc}");
 }
 
 /// `eval` without a checkpoint takes its data columns and settings from `--config` (flags

@@ -441,6 +441,42 @@ fn absurd_model_sizes_are_refused_before_allocating() {
     }
 }
 
+/// `predict --output` writes its JSON lines over an earlier predictions file, and refuses any
+/// other existing file before loading the model, leaving it as it was.
+#[test]
+fn predict_never_overwrites_a_file_it_did_not_write() {
+    let t = setup();
+    let run_dir = t.root.join("run");
+    run_ok(&finetune_args(s(&t.model), s(&t.data), s(&run_dir), "1"), None);
+    let out = t.root.join("predictions.jsonl");
+    let predict = [
+        "predict",
+        "--model",
+        s(&t.model),
+        "--checkpoint",
+        s(&run_dir),
+        "--input",
+        s(&t.data),
+        "--output",
+        s(&out),
+    ];
+    for users in ["my notes\n", "", "{\"text\": \"a\", \"label\": \"pos\"}\n"] {
+        std::fs::write(&out, users).unwrap();
+        let e = run_err(&predict);
+        assert!(
+            e.contains("predictions.jsonl: the file exists and is not predictions"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), users);
+    }
+    std::fs::remove_file(&out).unwrap();
+    run_ok(&predict, None);
+    let first = std::fs::read_to_string(&out).unwrap();
+    assert!(first.lines().count() > 1, "{first}");
+    run_ok(&predict, None);
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), first);
+}
+
 #[test]
 fn messages_point_the_right_way() {
     let t = setup();

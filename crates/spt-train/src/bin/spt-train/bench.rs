@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::common::{device, task_of};
+use crate::common::{check_output_file, device, task_of};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args;
@@ -60,6 +60,11 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
     }
     if a.attn_k == Some(0) {
         bail!("--attn-k must be at least 1");
+    }
+    if let Some(out) = a.output.as_deref().filter(|_| a.child.is_none()) {
+        let what =
+            "a record of spt-train bench (a JSON object with `records` and the `command` that wrote them)";
+        check_output_file(out, "--output", what, is_bench_record)?;
     }
     let dev = device(&a.device)?;
     let model_dir = resolve_model(&a.model)?;
@@ -234,6 +239,20 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&doc)?);
     }
     Ok(())
+}
+
+/// Whether `text` is what `bench --output` writes: a JSON object with `records` and the bench
+/// command(s) behind them (an earlier record is replaced, or merged into with `--append`).
+fn is_bench_record(text: &str) -> bool {
+    let Ok(doc) = serde_json::from_str::<serde_json::Value>(text) else {
+        return false;
+    };
+    let by_bench = |c: &serde_json::Value| c.as_str().is_some_and(|c| c.contains(" bench "));
+    let command = match &doc["command"] {
+        serde_json::Value::Array(cs) => !cs.is_empty() && cs.iter().all(by_bench),
+        c => by_bench(c),
+    };
+    command && doc["records"].is_array()
 }
 
 /// Keys per query of the fast preset (which `finetune --mode spt` starts from) at `seq_len`.

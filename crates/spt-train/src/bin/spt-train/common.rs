@@ -255,3 +255,29 @@ pub(crate) fn task_of(model: &str) -> Result<TaskKind> {
         _ => TaskKind::Classify,
     })
 }
+
+/// Refuses an output file (`flag` names the option) that exists and is not one this command
+/// wrote, judged by `ours` on its text: spt-train never overwrites a file it did not write,
+/// whatever the flags. Called before any work, so a refusal costs nothing.
+pub(crate) fn check_output_file(
+    path: &Path,
+    flag: &str,
+    what: &str,
+    ours: impl Fn(&str) -> bool,
+) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    if !path.is_file() {
+        bail!("{flag} {}: exists and is not a file", path.display());
+    }
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    if !ours(&text) {
+        bail!(
+            "{flag} {}: the file exists and is not {what}; spt-train never overwrites files it did \
+             not write, so choose another path",
+            path.display()
+        );
+    }
+    Ok(())
+}

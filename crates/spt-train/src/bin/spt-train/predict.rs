@@ -3,7 +3,7 @@
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
-use crate::common::{device, find_labels, load_trained, tokenizer_for, ModelArgs};
+use crate::common::{check_output_file, device, find_labels, load_trained, tokenizer_for, ModelArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use spt_train::checkpoint::write_file_atomic;
@@ -39,6 +39,10 @@ pub(crate) struct PredictArgs {
 pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1, got 0");
+    }
+    if let Some(out) = &a.output {
+        let what = "predictions spt-train wrote (JSON lines with text, label, id and score)";
+        check_output_file(out, "--output", what, is_predictions)?;
     }
     let dev = device(&a.model.device)?;
     let model_dir = resolve_model(&a.model.model)?;
@@ -125,4 +129,21 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
         None => print!("{lines}"),
     }
     Ok(())
+}
+
+/// Whether `text` is what `predict --output` writes: one JSON object per line with the keys
+/// `text`, `label`, `id` and `score`.
+fn is_predictions(text: &str) -> bool {
+    let keys = ["text", "label", "id", "score"];
+    let mut lines = text.lines().peekable();
+    lines.peek().is_some()
+        && lines.all(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| {
+                    v.as_object()
+                        .map(|o| o.len() == keys.len() && keys.iter().all(|k| o.contains_key(*k)))
+                })
+                .unwrap_or(false)
+        })
 }
