@@ -139,7 +139,7 @@ impl AttentionMask {
 
 /// Dense masked attention `softmax(scale·q kᵀ + mask) v` over `[B, H, L, d]` tensors: the
 /// baseline, differentiable through candle's autograd and our softmax. Rows with no allowed key
-/// output zero (as the sparse op does). [`crate::flash_attention`] computes the same without
+/// output zero (as the sparse op does). [`fn@crate::flash_attention`] computes the same without
 /// keeping the `[B, H, L, L]` intermediates.
 pub fn dense_attention(
     q: &Tensor,

@@ -11,7 +11,7 @@
 //! - [`heads`]: attention head split and merge as single autograd nodes.
 //! - [`pq`]: product-quantisation codebooks, ADC top-k key selection and block selection
 //!   ([`Selection`]: per query or per query tile).
-//! - [`sparse_attention`]: attention over the selected keys only.
+//! - [`mod@sparse_attention`]: attention over the selected keys only.
 //! - [`mod@block_sparse_attention`]: attention over key blocks shared by a tile of queries.
 //! - [`routed_ffn`]: the routed FFN (router, grouped gather/scatter GEMMs, router fit).
 //! - [`lora`]: LoRA linear layer, frozen-aware dense `linear`, seeded dropout.

@@ -177,8 +177,9 @@ pub fn router_gates(logits: &Tensor, routing: &Arc<Routing>, gate: GateMode) -> 
     rows::move_rows(&per_slot.reshape((t * k, 1))?, rows::Move::Gather, pairs)?.flatten_all()
 }
 
-/// The routed FFN as a function (no LoRA): `y[t] = Σ_{kept e} gate · act(x W1_eᵀ + b1_e) W2_eᵀ
-/// + b2` for `x [T, d]`, `W1 [d_ff, d]`, `b1 [d_ff]`, `W2 [d, d_ff]`, `b2 [d]`, `gates [R]`.
+/// The routed FFN as a function (no LoRA):
+/// `y[t] = Σ_{kept e} gate · act(x W1_eᵀ + b1_e) W2_eᵀ + b2` for `x [T, d]`, `W1 [d_ff, d]`,
+/// `b1 [d_ff]`, `W2 [d, d_ff]`, `b2 [d]`, `gates [R]`.
 #[allow(clippy::too_many_arguments)]
 pub fn routed_ffn(
     x: &Tensor,

@@ -47,8 +47,8 @@ impl BlockTopK {
 ///
 /// A *routed row* is one (token, slot) pair; there are `R = T·k` of them. Rows are ordered by
 /// block, then by token (a stable counting sort of the (token, slot) pairs in token order), so
-/// block `e` owns a contiguous range of rows and, inside it, every token chunk of
-/// [`CHUNK_TOKENS`] tokens owns a contiguous sub-range (a *group*).
+/// block `e` owns a contiguous range of rows and, inside it, every chunk of 512 consecutive
+/// tokens owns a contiguous sub-range (a *group*).
 ///
 /// Where the index arrays live: a routing built on the host ([`from_blocks`](Self::from_blocks),
 /// [`top_k`](Self::top_k)) has them in host memory. One built on a GPU
