@@ -20,20 +20,10 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
     check_run_dir(&cfg.output_dir, cfg.overwrite, resuming)?;
     let model_dir = resolve_model(&cfg.model)?;
     check_model(cfg.task, &model_dir)?;
-    // The data is read and checked before the run directory is made, so that a bad file leaves
-    // nothing behind.
+    // The data is read and the model built before the run directory is made, so that a bad
+    // file or setting leaves nothing behind.
     let tok = load_tokenizer(&cfg, &model_dir)?;
     let data = prepare_data(&cfg, &tok, None)?;
-    prepare_run_dir(&cfg.output_dir, cfg.overwrite, resuming)?;
-    if let Resume::From(p) = &resume {
-        discard_later_checkpoints(&cfg, p)?;
-    }
-    let resolved = cfg.to_toml().context("serialising the resolved config")?;
-    write_file_atomic(&cfg.output_dir.join("finetune.toml"), resolved.as_bytes())
-        .with_context(|| format!("writing {}", cfg.output_dir.join("finetune.toml").display()))?;
-    if let Some(labels) = &data.labels {
-        labels.save(&cfg.output_dir.join("labels.json"))?;
-    }
     tracing::info!(
         train = data.train.len(),
         validation = data.validation.as_ref().map(|v| v.len()).unwrap_or(0),
@@ -47,6 +37,16 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
         Some(&data.train),
         &dev,
     )?;
+    prepare_run_dir(&cfg.output_dir, cfg.overwrite, resuming)?;
+    if let Resume::From(p) = &resume {
+        discard_later_checkpoints(&cfg, p)?;
+    }
+    let resolved = cfg.to_toml().context("serialising the resolved config")?;
+    write_file_atomic(&cfg.output_dir.join("finetune.toml"), resolved.as_bytes())
+        .with_context(|| format!("writing {}", cfg.output_dir.join("finetune.toml").display()))?;
+    if let Some(labels) = &data.labels {
+        labels.save(&cfg.output_dir.join("labels.json"))?;
+    }
     let (trainable, total) = (task.summary.trainable, task.summary.total);
     let stop = install_ctrlc_handler()?;
     let mut trainer = Trainer::new(task, cfg.trainer_config(data.train.len()), dev).with_stop_flag(stop);
