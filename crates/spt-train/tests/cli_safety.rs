@@ -441,6 +441,19 @@ fn absurd_model_sizes_are_refused_before_allocating() {
     }
 }
 
+/// `predict` of `input` with the run in `run_dir`.
+fn predict_args<'a>(t: &'a Setup, run_dir: &'a Path, input: &'a Path) -> [&'a str; 7] {
+    [
+        "predict",
+        "--model",
+        s(&t.model),
+        "--checkpoint",
+        s(run_dir),
+        "--input",
+        s(input),
+    ]
+}
+
 /// `predict --output` writes its JSON lines over an earlier predictions file, and refuses any
 /// other existing file before loading the model, leaving it as it was.
 #[test]
@@ -449,17 +462,7 @@ fn predict_never_overwrites_a_file_it_did_not_write() {
     let run_dir = t.root.join("run");
     run_ok(&finetune_args(s(&t.model), s(&t.data), s(&run_dir), "1"), None);
     let out = t.root.join("predictions.jsonl");
-    let predict = [
-        "predict",
-        "--model",
-        s(&t.model),
-        "--checkpoint",
-        s(&run_dir),
-        "--input",
-        s(&t.data),
-        "--output",
-        s(&out),
-    ];
+    let predict = [&predict_args(&t, &run_dir, &t.data)[..], &["--output", s(&out)]].concat();
     for users in ["my notes\n", "", "{\"text\": \"a\", \"label\": \"pos\"}\n"] {
         std::fs::write(&out, users).unwrap();
         let e = run_err(&predict);
@@ -484,18 +487,7 @@ fn messages_point_the_right_way() {
     run_ok(&finetune_args(s(&t.model), s(&t.data), s(&run_dir), "2"), None);
     // predict on a missing file: named as missing, not as a bad extension.
     let missing = t.root.join("missing.txt");
-    let o = run(
-        &[
-            "predict",
-            "--model",
-            s(&t.model),
-            "--checkpoint",
-            s(&run_dir),
-            "--input",
-            s(&missing),
-        ],
-        None,
-    );
+    let o = run(&predict_args(&t, &run_dir, &missing), None);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success() && e.contains("missing.txt") && !e.contains("extension"),
