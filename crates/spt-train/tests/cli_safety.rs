@@ -473,6 +473,19 @@ fn predict_never_overwrites_a_file_it_did_not_write() {
         assert_eq!(std::fs::read_to_string(&out).unwrap(), users);
     }
     std::fs::remove_file(&out).unwrap();
+    // Nothing to predict is an error, not an empty file that a later run would have to refuse.
+    let stdin = [
+        &predict_args(&t, &run_dir, Path::new("-"))[..],
+        &["--output", s(&out)],
+    ]
+    .concat();
+    let o = run(&stdin, Some("\n\n"));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("stdin: no texts to predict"),
+        "{e}"
+    );
+    assert!(!out.exists());
     run_ok(&predict, None);
     let first = std::fs::read_to_string(&out).unwrap();
     assert!(first.lines().count() > 1, "{first}");

@@ -70,6 +70,10 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
             .map(|e| (e.text, e.text_pair))
             .collect()
     };
+    if texts.is_empty() {
+        let from = if a.input == "-" { "stdin" } else { a.input.as_str() };
+        bail!("{from}: no texts to predict (every line is empty)");
+    }
     let encoded: Vec<_> = texts
         .iter()
         .enumerate()
