@@ -216,7 +216,7 @@ def bench_ffn(torch, path, quick=False):
             # The LoRA rank of this shape's frozen records (our bench: 16).
             rank = max((r.get("lora_rank", 0) for r in records
                         if (r["case"]["d"], r["case"]["d_ff"]) == key[1:]), default=0)
-            reps = 5 if case["d"] >= 768 else 7  # as our bench
+            reps = 7 if case["d"] >= 768 else 15  # as our bench (crates/spt-ops/benches/ffn.rs)
             before = loadavg()
             t = ffn_shape(torch, *key, rank, reps)
             measured[key] = {

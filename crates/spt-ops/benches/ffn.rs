@@ -4,7 +4,7 @@
 //! `FFN_BENCH_QUICK=1` runs only the first case of each shape (for development; writes nothing).
 //! `FFN_BENCH_QUICK=1 FFN_BENCH_PROFILE=ours|baseline|dense_skip|phases` runs one variant of the
 //! first case only, for `perf record`; `FFN_BENCH_D=384` keeps only the cases of that width (and writes nothing);
-//! `FFN_BENCH_REPS=n` sets the repetitions (for profiling; default 5 at d768, 7 at d384).
+//! `FFN_BENCH_REPS=n` sets the repetitions (for profiling; default 7 at d768, 15 at d384).
 //!
 //! For each case, in one process and interleaved rep by rep:
 //! - **ours**: [`RoutedFfn`] (softmax-kept gates, top-k of the blocks), forward + backward;
@@ -18,7 +18,8 @@
 //! Memory comes from mimalloc with purging off, as in the `spt-train` binary (benches/common).
 //!
 //! x is a `Var` (as inside a model, the layer's input needs a gradient); the loss is
-//! `Σ y ⊙ u` with a fixed random `u`. Times are medians of ≥ 5 runs after one warm-up.
+//! `Σ y ⊙ u` with a fixed random `u`. Times are medians of 7 (d 768) or 15 (d 384, whose runs
+//! are short and noisier) runs after one warm-up.
 
 use candle_core::{DType, Result, Tensor, Var};
 use spt_ops::gradcheck::randn_f64;
@@ -316,7 +317,7 @@ fn main() -> Result<()> {
                     let reps = std::env::var("FFN_BENCH_REPS")
                         .ok()
                         .and_then(|v| v.parse().ok())
-                        .unwrap_or(if d >= 768 { 5 } else { 7 });
+                        .unwrap_or(if d >= 768 { 7 } else { 15 });
                     let r = bench_case(c, reps)?;
                     println!(
                         "d={d:4} d_ff={d_ff:4} block={block:3} kept={kept:.2} {:11}: ours {:.4}s (min {:.4}, fwd {:.4}) | candle dense {:.4}s (fwd {:.4}) → {:.2}× | dense_skip {:.4}s (fwd {:.4}) → {:.2}×",
