@@ -70,10 +70,6 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
             .map(|e| (e.text, e.text_pair))
             .collect()
     };
-    if texts.is_empty() {
-        let from = if a.input == "-" { "stdin" } else { a.input.as_str() };
-        bail!("{from}: no texts to predict (every line is empty)");
-    }
     let encoded: Vec<_> = texts
         .iter()
         .enumerate()
@@ -92,6 +88,11 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
         None,
         None,
     )?;
+    // After the model's settings are checked, so that a wrong flag is named first.
+    if texts.is_empty() {
+        let from = if a.input == "-" { "stdin" } else { a.input.as_str() };
+        bail!("{from}: no texts to predict (every line is empty)");
+    }
     let data = EncodedDataset {
         task: TaskKind::Classify,
         items: encoded
