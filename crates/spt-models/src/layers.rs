@@ -229,13 +229,7 @@ impl Linear {
                 ),
             });
         }
-        let x = if layout.input_heads {
-            spt_ops::merge_heads(x)?
-        } else {
-            x.clone()
-        };
-        let y = self.forward_t(&x, train)?;
-        Ok(spt_ops::heads::split_parts(&y, parts, layout.output_heads)?)
+        spt_ops::heads::compose_parts(x, parts, layout, |x| self.forward_t(x, train))
     }
 
     /// [`Linear::forward_t_parts`] with one part.

@@ -79,6 +79,24 @@ pub fn split_parts(y: &Tensor, parts: usize, heads: Option<usize>) -> Result<Vec
         .collect()
 }
 
+/// The composed form of a projection `f` whose input and parts use the attention-head layout
+/// as `layout` says: `split_parts(f(merge_heads(x)), parts, heads)`, each step only when asked.
+/// For callers without the fused op (a LoRA layer that is merged or draws a dropout mask, a
+/// plain linear layer).
+pub fn compose_parts<E: From<candle_core::Error>>(
+    x: &Tensor,
+    parts: usize,
+    layout: crate::HeadsLayout,
+    f: impl FnOnce(&Tensor) -> std::result::Result<Tensor, E>,
+) -> std::result::Result<Vec<Tensor>, E> {
+    let y = if layout.input_heads {
+        f(&merge_heads(x)?)?
+    } else {
+        f(x)?
+    };
+    Ok(split_parts(&y, parts, layout.output_heads)?)
+}
+
 fn fused(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
 }

@@ -283,12 +283,7 @@ impl LoraLinear {
         }
         let width = out / parts;
         if self.merged || (train && self.cfg.dropout > 0.0) {
-            let x = if layout.input_heads {
-                crate::merge_heads(x)?
-            } else {
-                x.clone()
-            };
-            return crate::heads::split_parts(&self.forward_t(&x, train)?, parts, layout.output_heads);
+            return crate::heads::compose_parts(x, parts, layout, |x| self.forward_t(x, train));
         }
         let (a, b) = (self.a.as_tensor(), self.b.as_tensor());
         (0..parts)
