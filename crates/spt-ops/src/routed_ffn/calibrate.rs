@@ -70,14 +70,17 @@ pub struct RoutingQuality {
 }
 
 /// Solves `G β = R` for symmetric positive definite `G [m, m]` and `R [m, c]` (row-major, f64).
+///
+/// Each column of `R` is solved on its own, contiguously and in parallel: the correction's fit
+/// has `c = d` columns (768 on GPT-2), and substituting row by row down strided columns took
+/// ~2 s a layer, most of a GPT-2 model's start-up.
 pub(super) fn cholesky_solve(g: &[f64], r: &[f64], m: usize, c: usize) -> Result<Vec<f64>> {
+    use rayon::prelude::*;
+    // G = L Lᵀ, L lower triangular, row-major.
     let mut l = vec![0f64; m * m];
     for i in 0..m {
         for j in 0..=i {
-            let mut s = g[i * m + j];
-            for p in 0..j {
-                s -= l[i * m + p] * l[j * m + p];
-            }
+            let s = g[i * m + j] - dot(&l[i * m..i * m + j], &l[j * m..j * m + j]);
             if i == j {
                 if s.is_nan() || s <= 0.0 {
                     bail!("routed_ffn: router fit is singular (pivot {i} = {s}); raise the ridge");
@@ -88,42 +91,91 @@ pub(super) fn cholesky_solve(g: &[f64], r: &[f64], m: usize, c: usize) -> Result
             }
         }
     }
-    let mut x = r.to_vec();
-    for col in 0..c {
-        // Forward: L z = r; backward: Lᵀ β = z.
-        for i in 0..m {
-            let mut s = x[i * c + col];
-            for p in 0..i {
-                s -= l[i * m + p] * x[p * c + col];
-            }
-            x[i * c + col] = s / l[i * m + i];
-        }
-        for i in (0..m).rev() {
-            let mut s = x[i * c + col];
-            for p in i + 1..m {
-                s -= l[p * m + i] * x[p * c + col];
-            }
-            x[i * c + col] = s / l[i * m + i];
+    // Lᵀ row-major, so that the backward substitution reads rows too.
+    let mut u = vec![0f64; m * m];
+    for i in 0..m {
+        for j in 0..=i {
+            u[j * m + i] = l[i * m + j];
         }
     }
-    Ok(x)
+    // Columns of R, each contiguous: L z = r, then Lᵀ β = z.
+    let mut cols = vec![0f64; c * m];
+    for (i, row) in r.chunks(c.max(1)).take(m).enumerate() {
+        for (col, &v) in row.iter().enumerate() {
+            cols[col * m + i] = v;
+        }
+    }
+    cols.par_chunks_mut(m.max(1)).for_each(|x| {
+        for i in 0..m {
+            x[i] = (x[i] - dot(&l[i * m..i * m + i], &x[..i])) / l[i * m + i];
+        }
+        for i in (0..m).rev() {
+            x[i] = (x[i] - dot(&u[i * m + i + 1..(i + 1) * m], &x[i + 1..])) / l[i * m + i];
+        }
+    });
+    let mut beta = vec![0f64; m * c];
+    for (col, x) in cols.chunks(m.max(1)).enumerate() {
+        for (i, &v) in x.iter().enumerate() {
+            beta[i * c + col] = v;
+        }
+    }
+    Ok(beta)
+}
+
+/// `⟨a, b⟩` in eight running sums, which the compiler keeps in vector registers (one running
+/// sum would serialise every addition).
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0f64; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    acc.iter().sum::<f64>() + tail
 }
 
 impl RoutedFfn {
-    /// `[S, d_ff]` hidden activations `act(x W1ᵀ + b1)` (LoRA included) of tokens `[S, d]`, in f64.
-    pub(super) fn hidden_f64(&self, x2: &Tensor) -> Result<Tensor> {
+    /// `[S, d_ff]` hidden activations `act(x W1ᵀ + b1)` (LoRA included) of tokens `[S, d]`,
+    /// in the layer's dtype. They are computed there, not in f64: candle's f64 GEMM and scalar
+    /// f64 GELU took a third of a GPT-2 model's start-up, and the fits only rank blocks by norms
+    /// of these values, which the callers sum in f64.
+    fn hidden(&self, x2: &Tensor) -> Result<Tensor> {
         let (w1, _) = self.merged_weights()?;
-        let x = x2.detach().to_dtype(DType::F64)?;
-        let w1 = w1.detach().to_dtype(DType::F64)?;
-        let b1 = self.b1.detach().to_dtype(DType::F64)?;
-        self.activation.forward(&x.matmul(&w1.t()?)?.broadcast_add(&b1)?)
+        let x = x2.detach().to_dtype(w1.dtype())?;
+        let pre = x.matmul(&w1.detach().t()?)?.broadcast_add(&self.b1.detach())?;
+        self.activation.forward(&pre)
+    }
+
+    /// [`hidden`](Self::hidden) in f64.
+    pub(super) fn hidden_f64(&self, x2: &Tensor) -> Result<Tensor> {
+        self.hidden(x2)?.to_dtype(DType::F64)
+    }
+
+    /// The dense FFN on the sample tokens `x2 [S, d]`: computed once per fit and shared by
+    /// the router's targets, the correction's fit and the quality report (each computed it
+    /// again before, 10 FFN-sized GEMMs per fit instead of 6).
+    fn dense_sample(&self, x2: &Tensor) -> Result<DenseSample> {
+        let h = self.hidden(x2)?;
+        let (_, w2) = self.merged_weights()?;
+        let w2 = w2.detach(); // [d, d_ff]
+        let y = h.matmul(&w2.t()?)?.broadcast_add(&self.b2.detach())?;
+        Ok(DenseSample { h, w2, y })
     }
 
     /// `[S, n_blocks]` per-block hidden activation norms `‖act(x W1_eᵀ + b1_e)‖` of the sample
     /// tokens (LoRA included), in f64: what the router is fitted to rank by.
-    fn activation_norms(&self, x2: &Tensor) -> Result<Tensor> {
-        let (s, n, b) = (x2.dim(0)?, self.cfg.n_blocks, self.block);
-        self.hidden_f64(x2)?
+    fn activation_norms(&self, dense: &DenseSample) -> Result<Tensor> {
+        let (s, n, b) = (dense.h.dim(0)?, self.cfg.n_blocks, self.block);
+        dense
+            .h
+            .to_dtype(DType::F64)?
             .reshape((s, n, b))?
             .sqr()?
             .sum(D::Minus1)?
@@ -133,15 +185,15 @@ impl RoutedFfn {
     /// `[S, n_blocks]` norms `‖act(x W1_eᵀ + b1_e) W2_eᵀ‖` of what each block adds to the output
     /// (LoRA included), in f64: the oracle routing of [`quality`](Self::quality) keeps each
     /// token's k largest.
-    fn output_norms(&self, x2: &Tensor) -> Result<Tensor> {
+    fn output_norms(&self, dense: &DenseSample) -> Result<Tensor> {
         let (n, b) = (self.cfg.n_blocks, self.block);
-        let h = self.hidden_f64(x2)?;
-        let (_, w2) = self.merged_weights()?;
-        let w2 = w2.detach().to_dtype(DType::F64)?; // [d, d_ff]
         let cols = (0..n)
             .map(|e| {
-                let out = h.narrow(1, e * b, b)?.matmul(&w2.narrow(1, e * b, b)?.t()?)?;
-                out.sqr()?.sum_keepdim(1)?.sqrt() // [S, 1]
+                let out = dense
+                    .h
+                    .narrow(1, e * b, b)?
+                    .matmul(&dense.w2.narrow(1, e * b, b)?.t()?)?;
+                out.to_dtype(DType::F64)?.sqr()?.sum_keepdim(1)?.sqrt() // [S, 1]
             })
             .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&cols, 1)
@@ -164,8 +216,9 @@ impl RoutedFfn {
         }
         let x2 = self.sample_tokens(sample)?;
         let (s, d, n) = (x2.dim(0)?, self.d_model(), self.cfg.n_blocks);
+        let dense = self.dense_sample(&x2)?;
         // Per-token standardised norms: the targets.
-        let norms = self.activation_norms(&x2)?;
+        let norms = self.activation_norms(&dense)?;
         let mean = norms.mean_keepdim(1)?;
         let centred = norms.broadcast_sub(&mean)?;
         let std = (centred.sqr()?.mean_keepdim(1)?.sqrt()? + 1e-12)?;
@@ -193,23 +246,24 @@ impl RoutedFfn {
         let dt = self.w1.dtype();
         self.router_w.set(&w.to_dtype(dt)?)?;
         self.router_b.set(&b.to_dtype(dt)?)?;
-        self.fit_correction(sample, fit.correction_ridge)?;
-        self.quality(sample)
+        self.fit_correction_to(&x2, &dense.y, fit.correction_ridge)?;
+        self.quality_against(&x2, &dense)
     }
 
     /// Compares the routed output (current router, gates and LoRA, eval mode) with the dense FFN
     /// (every block, gate ≡ 1) on the sample tokens.
     pub fn quality(&self, sample: &Tensor) -> Result<RoutingQuality> {
         let x2 = self.sample_tokens(sample)?.detach();
+        self.quality_against(&x2, &self.dense_sample(&x2)?)
+    }
+
+    /// [`quality`](Self::quality) of tokens `x2 [S, d]` against their dense FFN.
+    fn quality_against(&self, x2: &Tensor, dense: &DenseSample) -> Result<RoutingQuality> {
         let t = x2.dim(0)?;
         let b2 = self.b2.detach().to_dtype(DType::F64)?;
-        let out = self.forward_t(&x2, false)?;
+        let out = self.forward_t(x2, false)?;
         let yr = out.y.detach().to_dtype(DType::F64)?.broadcast_sub(&b2)?;
-        let yd = self
-            .forward_dense(&x2, false)?
-            .detach()
-            .to_dtype(DType::F64)?
-            .broadcast_sub(&b2)?;
+        let yd = dense.y.to_dtype(DType::F64)?.broadcast_sub(&b2)?;
         let tiny = f64::MIN_POSITIVE;
         let norm = |a: &Tensor| -> Result<f64> { Ok(a.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt()) };
         let (nr, nd) = (norm(&yr)?, norm(&yd)?);
@@ -226,10 +280,10 @@ impl RoutedFfn {
             Ok(c.iter().sum::<f64>() / c.len().max(1) as f64)
         };
         // Oracle: each token's k blocks that add most to the output.
-        let norms: Vec<f64> = self.output_norms(&x2)?.flatten_all()?.to_vec1()?;
+        let norms: Vec<f64> = self.output_norms(dense)?.flatten_all()?.to_vec1()?;
         let oracle = Arc::new(Routing::top_k(&norms, t, self.cfg.n_blocks, self.k)?);
         let yo = self
-            .forward_with_routing(&x2, oracle.clone(), GateMode::Ones, false)?
+            .forward_with_routing(x2, oracle.clone(), GateMode::Ones, false)?
             .y
             .detach()
             .to_dtype(DType::F64)?
@@ -259,10 +313,20 @@ impl RoutedFfn {
         if self.correction.is_none() {
             return Ok(());
         }
+        let x2 = self.sample_tokens(sample)?.detach();
+        let dense = self.dense_sample(&x2)?;
+        self.fit_correction_to(&x2, &dense.y, ridge)
+    }
+
+    /// [`fit_correction`](Self::fit_correction) on tokens `x2 [S, d]` whose dense FFN output
+    /// is `dense_y [S, d]`.
+    fn fit_correction_to(&mut self, x2: &Tensor, dense_y: &Tensor, ridge: f64) -> Result<()> {
+        if self.correction.is_none() {
+            return Ok(());
+        }
         if ridge.is_nan() || ridge <= 0.0 {
             bail!("routed_ffn: the correction fit needs ridge > 0, got {ridge}");
         }
-        let x2 = self.sample_tokens(sample)?.detach();
         let (s, d) = (x2.dim(0)?, self.d_model());
         let dt = self.w1.dtype();
         // Fit what the routing alone misses, whatever correction is in place now.
@@ -271,8 +335,8 @@ impl RoutedFfn {
             .replace(Tensor::zeros((d + 1, d), dt, x2.device())?);
         let fitted = (|| {
             let b2 = self.b2.detach().to_dtype(DType::F64)?;
-            let routed = self.forward_t(&x2, false)?.y.detach().to_dtype(DType::F64)?;
-            let dense = self.forward_dense(&x2, false)?.detach().to_dtype(DType::F64)?;
+            let routed = self.forward_t(x2, false)?.y.detach().to_dtype(DType::F64)?;
+            let dense = dense_y.to_dtype(DType::F64)?;
             let miss = dense.sub(&routed)?; // [S, d]
             let norm = dense.broadcast_sub(&b2)?.sqr()?.sum_keepdim(1)?.sqrt()?;
             let w = (norm + 1e-12)?.recip()?; // [S, 1]
@@ -308,5 +372,59 @@ impl RoutedFfn {
                 Err(e)
             }
         }
+    }
+}
+
+/// [`RoutedFfn::dense_sample`]: the hidden activations `h [S, d_ff]`, the effective `W2
+/// [d, d_ff]` and the dense output `y [S, d]` (with b2), in the layer's dtype.
+struct DenseSample {
+    h: Tensor,
+    w2: Tensor,
+    y: Tensor,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cholesky_solve;
+
+    /// A random SPD system `G = AᵀA + I` with several right-hand sides: `G β` reproduces `R`.
+    #[test]
+    fn cholesky_solve_solves_spd_systems() {
+        let mut state = 7u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        };
+        for (m, c) in [(1, 1), (5, 3), (19, 1), (37, 41)] {
+            let a: Vec<f64> = (0..m * m).map(|_| next()).collect();
+            let mut g = vec![0f64; m * m];
+            for i in 0..m {
+                for j in 0..m {
+                    g[i * m + j] = (0..m).map(|p| a[p * m + i] * a[p * m + j]).sum::<f64>()
+                        + if i == j { 1.0 } else { 0.0 };
+                }
+            }
+            let r: Vec<f64> = (0..m * c).map(|_| next()).collect();
+            let beta = cholesky_solve(&g, &r, m, c).unwrap();
+            for i in 0..m {
+                for col in 0..c {
+                    let gb: f64 = (0..m).map(|p| g[i * m + p] * beta[p * c + col]).sum();
+                    let want = r[i * c + col];
+                    assert!(
+                        (gb - want).abs() < 1e-9,
+                        "m {m} c {c} row {i} col {col}: {gb} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn cholesky_solve_names_a_singular_system() {
+        // Rank one: [[1, 1], [1, 1]].
+        let e = cholesky_solve(&[1.0, 1.0, 1.0, 1.0], &[1.0, 2.0], 2, 1).unwrap_err();
+        assert!(e.to_string().contains("singular (pivot 1"), "{e}");
     }
 }
