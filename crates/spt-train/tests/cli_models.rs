@@ -267,6 +267,7 @@ fn bench_records_each_setting() {
         let s = r["ours_s"].as_f64().unwrap();
         assert!(s > 0.0 && r["speedup"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["ours_bytes"].as_u64().unwrap() > 0, "{r}");
+        assert!(r["build_s"].as_f64().unwrap() > 0.0, "{r}");
     }
     assert_eq!(recs[1]["ffn_top_k"], 4);
     assert_eq!(recs[3]["ffn_top_k"], 6);
@@ -281,6 +282,17 @@ fn bench_records_each_setting() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("--ffn-top-k is 9, expected 1 to 8"), "{err}");
+    // So is a sequence longer than the model's positions (the tiny BERT has 128), naming them.
+    let o = Command::new(env!("CARGO_BIN_EXE_spt-train"))
+        .args(["-q", "bench", "--model", model, "--seq-len", "129"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--seq-len 129 exceeds the 128 positions of"),
+        "{err}"
+    );
     // --output naming a file bench did not write is refused before anything runs, and the file
     // is left as it was; with or without --append. The record written above may be rewritten.
     let mine = tmp.path().join("notes.json");

@@ -68,6 +68,14 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
     }
     let dev = device(&a.device)?;
     let model_dir = resolve_model(&a.model)?;
+    // Checked here, before a child process starts and builds the model only to refuse it.
+    if let Some(max) = spt_train::pipeline::model_max_length(&model_dir).filter(|&m| a.seq_len > m) {
+        bail!(
+            "--seq-len {} exceeds the {max} positions of {} (its config.json)",
+            a.seq_len,
+            model_dir.display()
+        );
+    }
     if let Some(mode) = a.child {
         return bench_child(a, mode, &model_dir, &dev);
     }
@@ -184,6 +192,7 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
                 "steps": a.steps,
                 "warmup": a.warmup,
                 "step_times_s": v["step_times_s"],
+                "build_s": v["build_s"],
                 "trainable_params": v["trainable_params"],
                 "total_params": v["total_params"],
                 "attn_k": v["attn_k"],
@@ -302,7 +311,7 @@ pub(crate) fn bench_child(a: &BenchArgs, mode: Mode, model_dir: &Path, dev: &Dev
     let num_labels = (task_kind == TaskKind::Classify).then_some(n_cfg.unwrap_or(2));
     // Device memory counts from before the weights exist (weights, optimizer state, steps), as
     // peak RSS does on the CPU.
-    let ((task, times), device_bytes) = spt_train::bench::with_peak_device_memory(dev, || {
+    let ((task, times, build_s), device_bytes) = spt_train::bench::with_peak_device_memory(dev, || {
         let src = if has_weights {
             spt_models::WeightSource::from_dir(model_dir)?
         } else if task_kind == TaskKind::Lm {
@@ -310,10 +319,12 @@ pub(crate) fn bench_child(a: &BenchArgs, mode: Mode, model_dir: &Path, dev: &Dev
         } else {
             spt_train::bench::random_bert_weights(&cfg_path, 7, dev)?
         };
+        let t0 = std::time::Instant::now();
         let mut task = ModelTask::build_from_source(&cfg, &cfg_path, &src, num_labels, dev, calibration)?;
+        let build_s = t0.elapsed().as_secs_f64();
         drop(src);
         let times = spt_train::bench::time_steps(&mut task, &data, a.warmup, a.steps, dev)?;
-        Ok((task, times))
+        Ok((task, times, build_s))
     })?;
     let rss = spt_train::bench::peak_rss_bytes()?;
     println!(
@@ -321,6 +332,7 @@ pub(crate) fn bench_child(a: &BenchArgs, mode: Mode, model_dir: &Path, dev: &Dev
         serde_json::json!({
             "median_s": spt_train::bench::median(&times),
             "step_times_s": times,
+            "build_s": build_s,
             "peak_rss_bytes": rss,
             "peak_device_bytes": device_bytes,
             "trainable_params": task.summary.trainable,
