@@ -7,10 +7,10 @@
 //!
 //! | recipe | accuracy (4 seeds) | step vs PyTorch full fine-tuning (same run) |
 //! |---|--:|--:|
-//! | dense, lr 1e-4 | 0.825 | 2.23× |
-//! | lora r 8, lr 1e-3 | 0.813 | 3.70× (3.04× PEFT) |
-//! | spt `accurate` | 0.817 | 3.32× |
-//! | spt `fast` | 0.800 | 4.87× (3.99× PEFT) |
+//! | dense, lr 1e-4 | 0.825 | 2.00× |
+//! | lora r 8, lr 1e-3 | 0.813 | 2.89× (2.56× PEFT) |
+//! | spt `accurate` | 0.817 | 3.27× |
+//! | spt `fast` | 0.800 | 4.29× (3.80× PEFT) |
 //!
 //! Both presets keep every key (`attn_k_fraction = 1.0`): sparse attention that keeps every key
 //! runs the fused dense kernel, which on the CPU is faster than per-query PQ selection at every
