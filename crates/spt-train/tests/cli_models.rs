@@ -274,21 +274,11 @@ fn bench_records_each_setting() {
     assert_eq!(recs[3]["attn_k"], 16); // the fast preset keeps every key
     assert_eq!(recs[3]["ffn_correction"], true);
     assert_eq!(recs[5]["ffn_correction"], false);
-    // A top-k the FFN cannot have is refused before anything runs.
-    let o = Command::new(env!("CARGO_BIN_EXE_spt-train"))
-        .args(["-q", "bench", "--model", model, "--ffn-top-k", "9"])
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
+    // A top-k the FFN cannot have is refused before anything runs; so is a sequence longer than
+    // the model's positions (the tiny BERT has 128), naming them.
+    let err = common::run_err(&["-q", "bench", "--model", model, "--ffn-top-k", "9"]);
     assert!(err.contains("--ffn-top-k is 9, expected 1 to 8"), "{err}");
-    // So is a sequence longer than the model's positions (the tiny BERT has 128), naming them.
-    let o = Command::new(env!("CARGO_BIN_EXE_spt-train"))
-        .args(["-q", "bench", "--model", model, "--seq-len", "129"])
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = common::run_err(&["-q", "bench", "--model", model, "--seq-len", "129"]);
     assert!(
         err.contains("--seq-len 129 exceeds the 128 positions of"),
         "{err}"
