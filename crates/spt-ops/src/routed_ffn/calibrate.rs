@@ -144,8 +144,8 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 impl RoutedFfn {
     /// `[S, d_ff]` hidden activations `act(x W1ᵀ + b1)` (LoRA included) of tokens `[S, d]`,
     /// in the layer's dtype. They are computed there, not in f64: candle's f64 GEMM and scalar
-    /// f64 GELU took a third of a GPT-2 model's start-up, and the fits only rank blocks by norms
-    /// of these values, which the callers sum in f64.
+    /// f64 GELU took a quarter of a GPT-2 model's start-up, and the fits only rank blocks by
+    /// norms of these values, which the callers sum in f64.
     fn hidden(&self, x2: &Tensor) -> Result<Tensor> {
         let (w1, _) = self.merged_weights()?;
         let x = x2.detach().to_dtype(w1.dtype())?;
