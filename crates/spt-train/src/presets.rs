@@ -9,8 +9,8 @@
 //! |---|--:|--:|
 //! | dense, lr 1e-4 | 0.825 | 2.00× |
 //! | lora r 8, lr 1e-3 | 0.813 | 2.89× (2.56× PEFT) |
-//! | spt `accurate` | 0.817 | 3.27× |
-//! | spt `fast` | 0.800 | 4.29× (3.80× PEFT) |
+//! | spt `accurate` | 0.816 | 3.27× |
+//! | spt `fast` | 0.797 | 4.29× (3.80× PEFT) |
 //!
 //! Both presets keep every key (`attn_k_fraction = 1.0`): sparse attention that keeps every key
 //! runs the fused dense kernel, which on the CPU is faster than per-query PQ selection at every
