@@ -12,7 +12,9 @@ bench/results/*.json needs a run of this script in the same commit. Standard lib
 
 Quoted figures. Hand-written text that quotes a headline figure (the CLI's help, presets.rs,
 docs/cli.md, the README's summary) is listed in QUOTES; the script sets those numbers from the
-records too, and --check fails when one differs or its sentence no longer matches.
+records too, and --check fails when one differs or its sentence no longer matches. What those
+sentences say in words ("within 1 point of dense") is in CLAIMS, and fails when the records stop
+supporting it.
 
 Headline records. README.md shows one table, built only from the records that HEADLINE (below)
 names: per row, the accuracy records (one per seed in SEEDS, from accuracy.json, each storing
@@ -665,6 +667,13 @@ QUOTES = [
 
 PEER_KEYS = {"full": ("torch_full_s", "torch_full_bytes", ""), "lora": ("torch_lora_s", "torch_lora_bytes", "")}
 
+# What the quotes' sentences say in words about the records, checked on every run: (recipe,
+# quantity, test, the claim). A record that breaks one is an error until the words change.
+CLAIMS = [
+    ("SPT accurate", "dense_gap", lambda v: v <= 1.0,
+     "SPT accurate is within 1 point of dense (README summary, `finetune --help`)"),
+]
+
 # Step records that QUOTES names beside HEADLINE's recipes: name -> (file, case fields).
 QUOTED_RECORDS = {
     "GPT-2 SPT": ("finetune-speed", {"model": "gpt2-small", "B": 4, "L": 512, "mode": "spt"}),
@@ -835,6 +844,10 @@ def main():
                 with open(svg_path + ".tmp", "w") as f:
                     f.write(svg)
                 os.replace(svg_path + ".tmp", svg_path)
+    for recipe, quantity, holds, claim in CLAIMS:
+        v = quoted_value(recipe, quantity)
+        if not holds(v):
+            problems.append(f"the records no longer support the claim '{claim}': {recipe} {quantity} = {v:.2f}")
     for p in problems:
         print(f"results-md: {p}", file=sys.stderr)
     if check:
