@@ -293,12 +293,7 @@ fn bench_records_each_setting() {
             if append {
                 args.push("--append");
             }
-            let o = Command::new(env!("CARGO_BIN_EXE_spt-train"))
-                .args(&args)
-                .output()
-                .unwrap();
-            let err = String::from_utf8_lossy(&o.stderr);
-            assert!(!o.status.success(), "{err}");
+            let err = common::run_err(&args);
             assert!(
                 err.contains("notes.json: the file exists and is not a record of spt-train bench"),
                 "{err}"

@@ -75,7 +75,9 @@ pub struct RoutingQuality {
 /// has `c = d` columns (768 on GPT-2), and substituting row by row down strided columns took
 /// ~2 s a layer, most of a GPT-2 model's start-up.
 pub(super) fn cholesky_solve(g: &[f64], r: &[f64], m: usize, c: usize) -> Result<Vec<f64>> {
+    use crate::simd::Vector;
     use rayon::prelude::*;
+    let dot = f64::dot;
     // G = L Lᵀ, L lower triangular, row-major.
     let mut l = vec![0f64; m * m];
     for i in 0..m {
@@ -120,25 +122,6 @@ pub(super) fn cholesky_solve(g: &[f64], r: &[f64], m: usize, c: usize) -> Result
         }
     }
     Ok(beta)
-}
-
-/// `⟨a, b⟩` in eight running sums, which the compiler keeps in vector registers (one running
-/// sum would serialise every addition).
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    let mut acc = [0f64; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f64 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    acc.iter().sum::<f64>() + tail
 }
 
 impl RoutedFfn {
