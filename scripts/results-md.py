@@ -109,13 +109,15 @@ REGIONS = {
         "ffn",
         "finetune-speed",
         "finetune-speed-accuracy-setting",
+        "lora-linear",
+        "linear-cross-entropy",
         "gpu-attention",
         "gpu-ffn",
         "other",
     ],
     "docs/results/accuracy.md": ["demo", "accuracy-minilm", "accuracy-gpt2", "accuracy-superseded", "accuracy-settings"],
 }
-KNOWN_FILES = {"accuracy", "attention", "attention-fidelity", "demo", "demo-dense", "ffn", "finetune-speed", "finetune-speed-accuracy-setting", "gpu-h200"}
+KNOWN_FILES = {"accuracy", "attention", "attention-fidelity", "demo", "demo-dense", "ffn", "finetune-speed", "finetune-speed-accuracy-setting", "gpu-h200", "linear-cross-entropy", "lora-linear"}
 
 
 class Stale(Exception):
@@ -223,6 +225,11 @@ def footer(data, recs):
         out.append(f"Bytes: {'; '.join(kinds)}.")
     if data.get("note"):
         out.append(f"Note: {data['note']}")
+    peer = data.get("peer")
+    if isinstance(peer, dict) and peer.get("torch"):
+        whats = sorted({(r.get("peer_details") or {}).get("what") for r in recs} - {None})
+        out.append(f"PyTorch (`torch_*` columns): torch {peer['torch']}, {peer.get('threads')} threads, measured "
+                   f"{peer.get('measured')} by `scripts/peer-bench.sh`" + "".join(f"; {w}" for w in whats) + ".")
     out += command_lines(data.get("command", "?"))
     return out
 
@@ -767,6 +774,8 @@ RENDER = {
     "ffn": lambda: speed_table("ffn"),
     "finetune-speed": lambda: speed_table("finetune-speed"),
     "finetune-speed-accuracy-setting": lambda: speed_table("finetune-speed-accuracy-setting"),
+    "lora-linear": lambda: speed_table("lora-linear"),
+    "linear-cross-entropy": lambda: speed_table("linear-cross-entropy"),
     "gpu-attention": gpu_attention,
     "gpu-ffn": gpu_ffn,
     "other": other_results,

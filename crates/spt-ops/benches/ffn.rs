@@ -30,6 +30,9 @@ use std::time::Instant;
 
 #[path = "common/alloc.rs"]
 mod alloc;
+#[path = "common/compare.rs"]
+mod compare;
+use compare::{loadavg, machine};
 
 #[global_allocator]
 static GLOBAL: alloc::Counting = alloc::Counting;
@@ -89,13 +92,6 @@ struct Record {
     skip: Timing,
     ours_bytes: usize,
     base_bytes: usize,
-}
-
-/// The 1/5/15-minute load averages: the machine may be shared, and other load inflates times.
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 fn bench_case(c: Case, reps: usize) -> Result<Record> {
@@ -277,21 +273,6 @@ fn phases(layer: &RoutedFfn, x: &Tensor, u: &Tensor, reps: usize) -> Result<()> 
          fc2 scatter bwd(dh) {t_s_bwd:.4} | fc1 gather bwd(dx)+mul {t_g_bwd:.4} | layer fwd {t_fwd:.4} | layer fwd+bwd {t_full:.4} | without LoRA {t_bare:.4}"
     );
     Ok(())
-}
-
-fn machine() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = info
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cpus = info.lines().filter(|l| l.starts_with("processor")).count();
-    format!(
-        "{cpus} cores, {model}, {} rayon threads",
-        rayon::current_num_threads()
-    )
 }
 
 fn main() -> Result<()> {

@@ -1,0 +1,110 @@
+"""PyTorch at exactly the shapes of our linear-layer op benchmark (crates/spt-ops/benches/linear.rs),
+forward + backward, f32, CPU:
+
+- LM head (bench/results/linear-cross-entropy.json): `F.cross_entropy(F.linear(h, W), t)`
+  (mean over rows), what transformers' GPT2LMHeadModel computes, with h needing a gradient and W
+  frozen or trainable as the record's `weights`. Ids from the same fixed LCG as ours.
+- LoRA (bench/results/lora-linear.json): a PEFT LoRA layer (`peft.get_peft_model` on a module
+  holding one `nn.Linear(in, out)`; r and alpha = 2 r as ours, no dropout; B drawn non-zero as
+  ours), x needing a gradient, loss = sum(y * u).
+
+Adds `torch_s` and `vs_torch` (= ours_s / torch_s: below 1, ours is faster) to every record and
+`peer_details` (runs, min, max, load average). Runs: as many as our bench times, after one
+warm-up.
+"""
+from common import loadavg, merge, peer_info, ratio, read_results, summary, timed
+
+
+def _time(fn, reps):
+    fn()
+    return summary([timed(fn) for _ in range(reps)])
+
+
+def _ids(torch, n, vocab):
+    """The ids of our bench's `targets` (an LCG, upper bits)."""
+    s, out = 0x2545F4914F6CDD1D, []
+    for _ in range(n):
+        s = (s * 6364136223846793005 + 1442695040888963407) % 2**64
+        out.append((s >> 33) % vocab)
+    return torch.tensor(out, dtype=torch.long)
+
+
+def lm_head_case(torch, case, reps, quick):
+    F = torch.nn.functional
+    rows, d, vocab = case["rows"], case["d"], case["vocab"]
+    if quick:
+        rows, vocab = min(rows, 64), min(vocab, 1000)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(rows, d, generator=g).requires_grad_()
+    w = (torch.randn(vocab, d, generator=g) * 0.02).requires_grad_(case["weights"] == "trainable")
+    t = _ids(torch, rows, vocab)
+
+    def step():
+        F.cross_entropy(F.linear(h, w), t).backward()
+        h.grad = w.grad = None
+
+    return _time(step, reps), "PyTorch F.cross_entropy(F.linear(h, W), t) fwd+bwd, f32, mean over rows"
+
+
+def lora_case(torch, case, reps, quick):
+    import peft
+
+    rows, d_in, d_out, r = case["rows"], case["in"], case["out"], case["rank"]
+    if quick:
+        rows = min(rows, 64)
+    g = torch.Generator().manual_seed(0)
+
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(d_in, d_out)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["proj"])
+    model = peft.get_peft_model(One(), cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+    x = torch.randn(rows, d_in, generator=g).requires_grad_()
+    u = torch.randn(rows, d_out, generator=g)
+
+    def step():
+        (model(x) * u).sum().backward()
+        x.grad = None
+        model.zero_grad(set_to_none=True)
+
+    return _time(step, reps), f"PyTorch + PEFT LoRA on nn.Linear(in, out), r = {r}, alpha = {2 * r}, fwd+bwd of sum(y * u), f32"
+
+
+def bench_linear(torch, paths, quick=False):
+    """Adds PyTorch's figures to every record of the LM-head and LoRA result files in `paths`."""
+    for path in paths:
+        lm = path.endswith("linear-cross-entropy.json")
+        out = []
+        for rec in read_results(path)["records"]:
+            case = rec["case"]
+            before = loadavg()
+            t, what = (lm_head_case if lm else lora_case)(torch, case, rec.get("reps", 5), quick)
+            fields = {
+                "torch_s": t["median_s"],
+                "vs_torch": ratio(rec.get("ours_s"), t["median_s"]),
+                "peer_details": {
+                    "what": what,
+                    "runs": len(t["times_s"]),
+                    "min_s": t["min_s"],
+                    "max_s": t["max_s"],
+                    "loadavg_before": before,
+                    "loadavg_after": loadavg(),
+                    **({"quick": True} if quick else {}),
+                },
+            }
+            print(
+                f"peer {'lm head' if lm else 'lora'} {case}: ours {rec.get('ours_s', float('nan')):.4f} s | "
+                f"torch {t['median_s']:.4f} s | ours/torch {fields['vs_torch'] or float('nan'):.3f}",
+                flush=True,
+            )
+            out.append((case, fields))
+        merge(path, out, peer_info(torch))
