@@ -111,13 +111,14 @@ REGIONS = {
         "finetune-speed-accuracy-setting",
         "lora-linear",
         "linear-cross-entropy",
+        "norm-activation",
         "gpu-attention",
         "gpu-ffn",
         "other",
     ],
     "docs/results/accuracy.md": ["demo", "accuracy-minilm", "accuracy-gpt2", "accuracy-superseded", "accuracy-settings"],
 }
-KNOWN_FILES = {"accuracy", "attention", "attention-fidelity", "demo", "demo-dense", "ffn", "finetune-speed", "finetune-speed-accuracy-setting", "gpu-h200", "linear-cross-entropy", "lora-linear"}
+KNOWN_FILES = {"accuracy", "attention", "attention-fidelity", "demo", "demo-dense", "ffn", "finetune-speed", "finetune-speed-accuracy-setting", "gpu-h200", "linear-cross-entropy", "lora-linear", "norm-activation"}
 
 
 class Stale(Exception):
@@ -776,6 +777,7 @@ RENDER = {
     "finetune-speed-accuracy-setting": lambda: speed_table("finetune-speed-accuracy-setting"),
     "lora-linear": lambda: speed_table("lora-linear"),
     "linear-cross-entropy": lambda: speed_table("linear-cross-entropy"),
+    "norm-activation": lambda: speed_table("norm-activation"),
     "gpu-attention": gpu_attention,
     "gpu-ffn": gpu_ffn,
     "other": other_results,

@@ -2,15 +2,16 @@
 
 Adds PyTorch's figures, measured now, to the records of our result files:
 
-    python3 bench/peer/run.py [--results DIR] [--quick] attention ffn steps linear
+    python3 bench/peer/run.py [--results DIR] [--quick] attention ffn steps layers
 
 - attention -> DIR/attention.json, ffn -> DIR/ffn.json (bench/peer/ops.py);
-- linear -> DIR/linear-cross-entropy.json and DIR/lora-linear.json (bench/peer/linear.py);
+- layers -> DIR/lora-linear.json, DIR/linear-cross-entropy.json and DIR/norm-activation.json
+  (bench/peer/layers.py);
 - steps -> DIR/finetune-speed.json and DIR/finetune-speed-accuracy-setting.json
   (bench/peer/steps.py).
 
 `--quick` measures small shapes instead of the records' (attention L <= 256, FFN 256 tokens,
-steps B <= 2, L <= 64, 2 steps, linear 64 rows and a 1000-token vocabulary): for checking the pipeline; point --results at a copy, since
+steps B <= 2, L <= 64, 2 steps, layers 64 rows and a 1000-token vocabulary): for checking the pipeline; point --results at a copy, since
 the figures are not those of the records' shapes.
 """
 import argparse
@@ -19,12 +20,11 @@ import os
 from common import ROOT, setup_torch
 
 STEP_FILES = ("finetune-speed.json", "finetune-speed-accuracy-setting.json")
-LINEAR_FILES = ("linear-cross-entropy.json", "lora-linear.json")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("parts", nargs="+", choices=("attention", "ffn", "steps", "linear"))
+    ap.add_argument("parts", nargs="+", choices=("attention", "ffn", "steps", "layers"))
     ap.add_argument("--results", default=os.path.join(ROOT, "bench", "results"),
                     help="folder of the result files to update in place")
     ap.add_argument("--quick", action="store_true", help="small shapes (pipeline check)")
@@ -39,10 +39,10 @@ def main():
 
             path = os.path.join(args.results, f"{part}.json")
             (ops.bench_attention if part == "attention" else ops.bench_ffn)(torch, path, args.quick)
-        elif part == "linear":
-            import linear
+        elif part == "layers":
+            import layers
 
-            linear.bench_linear(torch, [os.path.join(args.results, f) for f in LINEAR_FILES], args.quick)
+            layers.bench_layers(torch, args.results, args.quick)
         else:
             import steps
 

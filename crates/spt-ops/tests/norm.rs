@@ -45,6 +45,31 @@ fn layer_norm_gradients_f64() -> Result<()> {
     Ok(())
 }
 
+/// Many rows (several rayon tasks of rows) and widths with and without a tail past the kernel's
+/// 16 sum lanes: values and every gradient against the composed reference's autograd.
+#[test]
+fn layer_norm_many_rows_match_reference_gradients() -> Result<()> {
+    for (shape, seed) in [(vec![3, 50, 37], 30u64), (vec![130, 768], 31), (vec![65, 16], 32)] {
+        let d = *shape.last().unwrap();
+        let x = candle_core::Var::from_tensor(&((randn_f64(&shape, seed)? * 2.0)? + 0.3)?)?;
+        let g = candle_core::Var::from_tensor(&randn_f64(&[d], seed + 1)?)?;
+        let b = candle_core::Var::from_tensor(&randn_f64(&[d], seed + 2)?)?;
+        let u = randn_f64(&shape, seed + 3)?;
+        let (xt, gt, bt) = (x.as_tensor(), g.as_tensor(), b.as_tensor());
+        let ours = layer_norm(xt, gt, bt, 1e-5)?;
+        let refr = reference::layer_norm(xt, gt, bt, 1e-5)?;
+        assert!(max_abs_diff(&ours, &refr)? < 1e-12, "{shape:?}: values");
+        let go = ours.mul(&u)?.sum_all()?.backward()?;
+        let gr = refr.mul(&u)?.sum_all()?.backward()?;
+        for (name, t) in [("x", xt), ("gamma", gt), ("beta", bt)] {
+            let (a, e) = (go.get(t).unwrap(), gr.get(t).unwrap());
+            let diff = max_abs_diff(a, e)?;
+            assert!(diff < 1e-10, "{shape:?}: d{name} max |Δ| = {diff}");
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn layer_norm_equals_reference_and_skips_frozen_params() -> Result<()> {
     let x = candle_core::Var::from_tensor(&randn_f64(&[5, 12], 9)?)?;

@@ -1,10 +1,11 @@
 //! Layer normalisation over the last dimension, as a [`CustomOp3`] over `(x, gamma, beta)`.
 
+use super::rows;
 use crate::util::{check_float, check_same, contiguous, if_tracked, sum_partials, with_cpu, Float};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// Rows per rayon task in the backward's parameter-gradient reduction.
+/// Rows per rayon task (and per partial sum of the parameter gradients in the backward).
 pub(super) const ROWS_PER_TASK: usize = 64;
 
 /// `y = (x − mean(x)) / sqrt(var(x) + eps) · gamma + beta` over the last dimension, with an exact
@@ -34,26 +35,22 @@ pub struct LayerNormOp {
     pub eps: f64,
 }
 
-/// Per-row mean and reciprocal standard deviation.
-pub(super) fn row_stats<T: Float>(row: &[T], eps: f64) -> (T, T) {
-    let n = T::lit(row.len() as f64);
-    let mean = row.iter().copied().sum::<T>() / n;
-    let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<T>() / n;
-    (mean, (var + T::lit(eps)).sqrt().recip())
-}
-
 fn forward<T: Float>(x: &[T], g: &[T], b: &[T], eps: f64) -> Vec<T> {
     let d = g.len();
     let mut y = vec![T::zero(); x.len()];
     if d == 0 {
         return y;
     }
-    y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(y, x)| {
-        let (mean, rstd) = row_stats(x, eps);
-        for i in 0..d {
-            y[i] = (x[i] - mean) * rstd * g[i] + b[i];
-        }
-    });
+    let chunk = d * ROWS_PER_TASK;
+    y.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .for_each(|(y, x)| {
+            for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
+                y.copy_from_slice(x);
+                let st = rows::stats(y, eps);
+                rows::normalize(y, st, g, b);
+            }
+        });
     y
 }
 
@@ -64,7 +61,6 @@ fn backward<T: Float>(x: &[T], g: &[T], dy: &[T], eps: f64) -> (Vec<T>, Vec<T>, 
     if d == 0 {
         return (dx, vec![], vec![]);
     }
-    let inv_d = T::lit(1.0 / d as f64);
     // dx per row, and per-task partial sums of dgamma/dbeta reduced in a fixed order.
     let partials: Vec<(Vec<T>, Vec<T>)> = dx
         .par_chunks_mut(d * ROWS_PER_TASK)
@@ -76,22 +72,7 @@ fn backward<T: Float>(x: &[T], g: &[T], dy: &[T], eps: f64) -> (Vec<T>, Vec<T>, 
             let mut dg = vec![T::zero(); d];
             let mut db = vec![T::zero(); d];
             for ((dx, x), dy) in dx.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
-                let (mean, rstd) = row_stats(x, eps);
-                let mut sum_gd = T::zero();
-                let mut sum_gd_xhat = T::zero();
-                for i in 0..d {
-                    let xhat = (x[i] - mean) * rstd;
-                    let gd = dy[i] * g[i];
-                    sum_gd = sum_gd + gd;
-                    sum_gd_xhat = sum_gd_xhat + gd * xhat;
-                    dg[i] = dg[i] + dy[i] * xhat;
-                    db[i] = db[i] + dy[i];
-                }
-                let (m1, m2) = (sum_gd * inv_d, sum_gd_xhat * inv_d);
-                for i in 0..d {
-                    let xhat = (x[i] - mean) * rstd;
-                    dx[i] = rstd * (dy[i] * g[i] - m1 - xhat * m2);
-                }
+                rows::backward(dx, x, dy, g, rows::stats(x, eps), &mut dg, &mut db);
             }
             (dg, db)
         })

@@ -9,6 +9,7 @@ mod layer_norm;
 pub mod reference;
 mod residual;
 mod residual_dropout;
+mod rows;
 mod softmax;
 
 pub use layer_norm::{layer_norm, LayerNormOp};

@@ -7,8 +7,9 @@
 //! `residual`, which the graph holds anyway; the mask is regenerated from its seed), and the
 //! backward makes one pass that writes `d residual` and `dx = d residual ⊙ mask`.
 
-use super::layer_norm::{layer_norm, row_stats, ROWS_PER_TASK};
+use super::layer_norm::{layer_norm, ROWS_PER_TASK};
 use super::residual_dropout::mask_rows;
+use super::rows;
 use crate::flash_attention::{attention_dropout_mask, RowDropout, SeededDropout};
 use crate::util::{check_float, check_same, contiguous, if_tracked, sum_partials, with_slices, Float};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -132,14 +133,15 @@ fn forward<T: Float + crate::flash_attention::DropoutElem>(
         return y;
     }
     let (g, b) = gb.split_at(d);
-    y.par_chunks_mut(d)
-        .zip(x.par_chunks(d).zip(r.par_chunks(d)))
+    let chunk = d * ROWS_PER_TASK;
+    y.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk).zip(r.par_chunks(chunk)))
         .enumerate()
-        .for_each(|(i, (y, (x, r)))| {
-            row_sum(y, x, r, i, dropout);
-            let (mean, rstd) = row_stats(y, eps);
-            for j in 0..d {
-                y[j] = (y[j] - mean) * rstd * g[j] + b[j];
+        .for_each(|(task, (y, (x, r)))| {
+            for (k, (y, (x, r))) in y.chunks_mut(d).zip(x.chunks(d).zip(r.chunks(d))).enumerate() {
+                row_sum(y, x, r, task * ROWS_PER_TASK + k, dropout);
+                let st = rows::stats(y, eps);
+                rows::normalize(y, st, g, b);
             }
         });
     y
@@ -160,7 +162,6 @@ fn backward<T: Float + crate::flash_attention::DropoutElem>(
         return (ds, vec![]);
     }
     let g = &gb[..d];
-    let inv_d = T::lit(1.0 / d as f64);
     let chunk = d * ROWS_PER_TASK;
     // Per-task partial sums of dgamma/dbeta, reduced in task order: deterministic.
     let partials: Vec<Vec<T>> = ds
@@ -181,21 +182,7 @@ fn backward<T: Float + crate::flash_attention::DropoutElem>(
                 .enumerate()
             {
                 row_sum(&mut s, x, r, task * ROWS_PER_TASK + k, dropout);
-                let (mean, rstd) = row_stats(&s, eps);
-                let (mut sum_gd, mut sum_gd_xhat) = (T::zero(), T::zero());
-                for j in 0..d {
-                    let xhat = (s[j] - mean) * rstd;
-                    s[j] = xhat;
-                    let gd = dy[j] * g[j];
-                    sum_gd = sum_gd + gd;
-                    sum_gd_xhat = sum_gd_xhat + gd * xhat;
-                    dg[j] = dg[j] + dy[j] * xhat;
-                    db[j] = db[j] + dy[j];
-                }
-                let (m1, m2) = (sum_gd * inv_d, sum_gd_xhat * inv_d);
-                for j in 0..d {
-                    ds[j] = rstd * (dy[j] * g[j] - m1 - s[j] * m2);
-                }
+                rows::backward(ds, &s, dy, g, rows::stats(&s, eps), dg, db);
             }
             dgb
         })

@@ -1,4 +1,4 @@
-"""PyTorch at exactly the shapes of our linear-layer op benchmark (crates/spt-ops/benches/linear.rs),
+"""PyTorch at exactly the shapes of our layer op benchmark (crates/spt-ops/benches/layers.rs),
 forward + backward, f32, CPU:
 
 - LM head (bench/results/linear-cross-entropy.json): `F.cross_entropy(F.linear(h, W), t)`
@@ -7,11 +7,16 @@ forward + backward, f32, CPU:
 - LoRA (bench/results/lora-linear.json): a PEFT LoRA layer (`peft.get_peft_model` on a module
   holding one `nn.Linear(in, out)`; r and alpha = 2 r as ours, no dropout; B drawn non-zero as
   ours), x needing a gradient, loss = sum(y * u).
+- Norms and activations (bench/results/norm-activation.json): `F.layer_norm` (frozen unit weight,
+  zero bias, eps 1e-12), `torch.softmax(x, -1)`, `F.gelu` (erf, or tanh for `gelu_tanh`), x
+  needing a gradient, loss = sum(y * u).
 
 Adds `torch_s` and `vs_torch` (= ours_s / torch_s: below 1, ours is faster) to every record and
 `peer_details` (runs, min, max, load average). Runs: as many as our bench times, after one
 warm-up.
 """
+import os
+
 from common import loadavg, merge, peer_info, ratio, read_results, summary, timed
 
 
@@ -79,15 +84,47 @@ def lora_case(torch, case, reps, quick):
     return _time(step, reps), f"PyTorch + PEFT LoRA on nn.Linear(in, out), r = {r}, alpha = {2 * r}, fwd+bwd of sum(y * u), f32"
 
 
-def bench_linear(torch, paths, quick=False):
-    """Adds PyTorch's figures to every record of the LM-head and LoRA result files in `paths`."""
-    for path in paths:
-        lm = path.endswith("linear-cross-entropy.json")
+def norm_activation_case(torch, case, reps, quick):
+    F = torch.nn.functional
+    rows, d, op = case["rows"], case["d"], case["op"]
+    if quick:
+        rows = min(rows, 64)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, d, generator=g).requires_grad_()
+    u = torch.randn(rows, d, generator=g)
+    ones, zeros = torch.ones(d), torch.zeros(d)
+    fn = {
+        "layer_norm": lambda: F.layer_norm(x, (d,), ones, zeros, 1e-12),
+        "softmax": lambda: torch.softmax(x, -1),
+        "gelu_erf": lambda: F.gelu(x),
+        "gelu_tanh": lambda: F.gelu(x, approximate="tanh"),
+    }[op]
+
+    def step():
+        (fn() * u).sum().backward()
+        x.grad = None
+
+    return _time(step, reps), ("PyTorch F.layer_norm (frozen weight and bias) / torch.softmax / F.gelu (erf or tanh) "
+                               "fwd+bwd of sum(y * u), f32")
+
+
+# Result file -> the function timing one of its records.
+CASES = {
+    "linear-cross-entropy.json": lm_head_case,
+    "lora-linear.json": lora_case,
+    "norm-activation.json": norm_activation_case,
+}
+
+
+def bench_layers(torch, results, quick=False):
+    """Adds PyTorch's figures to every record of the layer benchmark's result files in `results`."""
+    for name, timer in CASES.items():
+        path = os.path.join(results, name)
         out = []
         for rec in read_results(path)["records"]:
             case = rec["case"]
             before = loadavg()
-            t, what = (lm_head_case if lm else lora_case)(torch, case, rec.get("reps", 5), quick)
+            t, what = timer(torch, case, rec.get("reps", 5), quick)
             fields = {
                 "torch_s": t["median_s"],
                 "vs_torch": ratio(rec.get("ours_s"), t["median_s"]),
@@ -102,7 +139,7 @@ def bench_linear(torch, paths, quick=False):
                 },
             }
             print(
-                f"peer {'lm head' if lm else 'lora'} {case}: ours {rec.get('ours_s', float('nan')):.4f} s | "
+                f"peer {name} {case}: ours {rec.get('ours_s', float('nan')):.4f} s | "
                 f"torch {t['median_s']:.4f} s | ours/torch {fields['vs_torch'] or float('nan'):.3f}",
                 flush=True,
             )

@@ -1,4 +1,4 @@
-//! The linear-layer ops against their composed forms, forward + backward, in one process and
+//! The layer ops against their composed forms, forward + backward, in one process and
 //! interleaved rep by rep (benches/common/compare.rs), f32 on the CPU:
 //!
 //! - `linear_cross_entropy` (output layer + cross-entropy, no `[N, V]` logits kept) against
@@ -12,15 +12,21 @@
 //!   d 384) and GPT-2 small's (B 4 × L 512, d 768) projections. x is a `Var` (a layer inside a
 //!   model needs its input's gradient); the loss is `Σ y ⊙ u`. Writes
 //!   `bench/results/lora-linear.json`.
+//! - `layer_norm`, `softmax_last_dim` and `gelu_erf` / `gelu_tanh` against the composed forms
+//!   (`spt_ops::norm::reference`'s layer norm and softmax from candle ops; candle's own GELU ops,
+//!   which have a backward), at MiniLM's and GPT-2's sublayer, score and FFN-hidden shapes. x is
+//!   a `Var`, gamma and beta frozen; the loss is `Σ y ⊙ u`. Writes
+//!   `bench/results/norm-activation.json`.
 //!
-//! `scripts/peer-bench.sh --only linear` adds PyTorch's figures (bench/peer/linear.py) to both.
-//! Run: `cargo bench -p spt-ops --bench linear`.
+//! `scripts/peer-bench.sh --only layers` adds PyTorch's figures (bench/peer/layers.py) to all three.
+//! Run: `cargo bench -p spt-ops --bench layers`.
 
 use candle_core::{DType, Result, Tensor, Var};
 use spt_ops::cross_entropy::linear_cross_entropy_reference;
 use spt_ops::gradcheck::randn_f64;
 use spt_ops::lora::lora_linear;
-use spt_ops::{linear_cross_entropy, Reduction};
+use spt_ops::norm::reference;
+use spt_ops::{gelu_erf, gelu_tanh, layer_norm, linear_cross_entropy, softmax_last_dim, Reduction};
 
 #[path = "common/alloc.rs"]
 mod alloc;
@@ -31,7 +37,7 @@ use compare::{compare, loadavg, machine, step, write_results};
 #[global_allocator]
 static GLOBAL: alloc::Counting = alloc::Counting;
 
-const COMMAND: &str = "cargo bench -p spt-ops --bench linear";
+const COMMAND: &str = "cargo bench -p spt-ops --bench layers";
 /// LoRA rank and scale (alpha = 2 r, as the presets).
 const RANK: usize = 8;
 const LORA_SCALE: f64 = 2.0;
@@ -138,6 +144,89 @@ fn lora(reps: usize) -> Result<Vec<serde_json::Value>> {
     Ok(records)
 }
 
+type Unary = Box<dyn Fn(&Tensor) -> Result<Tensor>>;
+
+/// Our layer norm and the composed one, with frozen unit gamma and zero beta of width `d`.
+fn layer_norms(d: usize) -> Result<(Unary, Unary)> {
+    let g = Tensor::ones(d, DType::F32, &candle_core::Device::Cpu)?;
+    let b = Tensor::zeros(d, DType::F32, &candle_core::Device::Cpu)?;
+    let (g2, b2) = (g.clone(), b.clone());
+    Ok((
+        Box::new(move |x| layer_norm(x, &g, &b, 1e-12)),
+        Box::new(move |x| reference::layer_norm(x, &g2, &b2, 1e-12)),
+    ))
+}
+
+fn norm_activation(reps: usize) -> Result<Vec<serde_json::Value>> {
+    let (ln384, ln384_composed) = layer_norms(384)?;
+    let (ln768, ln768_composed) = layer_norms(768)?;
+    // (op, rows, d, where the shape comes from, ours, composed)
+    let cases: Vec<(&str, usize, usize, &str, Unary, Unary)> = vec![
+        (
+            "layer_norm",
+            4096,
+            384,
+            "MiniLM sublayer output",
+            ln384,
+            ln384_composed,
+        ),
+        (
+            "layer_norm",
+            2048,
+            768,
+            "GPT-2 sublayer input",
+            ln768,
+            ln768_composed,
+        ),
+        (
+            "softmax",
+            8 * 12 * 512,
+            512,
+            "MiniLM attention scores (B 8, H 12, L 512)",
+            Box::new(softmax_last_dim),
+            Box::new(reference::softmax),
+        ),
+        (
+            "softmax",
+            4 * 12 * 512,
+            512,
+            "GPT-2 attention scores (B 4, H 12, L 512)",
+            Box::new(softmax_last_dim),
+            Box::new(reference::softmax),
+        ),
+        (
+            "gelu_erf",
+            4096,
+            1536,
+            "MiniLM FFN hidden",
+            Box::new(gelu_erf),
+            Box::new(|x| x.gelu_erf()),
+        ),
+        (
+            "gelu_tanh",
+            2048,
+            3072,
+            "GPT-2 FFN hidden",
+            Box::new(gelu_tanh),
+            Box::new(|x| x.gelu()),
+        ),
+    ];
+    let mut records = Vec::new();
+    for (i, (op, rows, d, what, ours, composed)) in cases.into_iter().enumerate() {
+        let x = Var::from_tensor(&f32_randn(&[rows, d], 100 + i as u64, 1.0)?)?;
+        let u = f32_randn(&[rows, d], 200 + i as u64, 1.0)?;
+        let case = serde_json::json!({"op": op, "rows": rows, "d": d, "shape": what});
+        records.push(compare(
+            op,
+            case,
+            reps,
+            |_| step(|| ours(x.as_tensor())?.mul(&u)?.sum_all()),
+            |_| step(|| composed(x.as_tensor())?.mul(&u)?.sum_all()),
+        )?);
+    }
+    Ok(records)
+}
+
 fn main() -> Result<()> {
     alloc::keep_freed_memory();
     println!("machine: {}; load average {}", machine(), loadavg());
@@ -155,6 +244,14 @@ fn main() -> Result<()> {
             "spt_ops::linear_cross_entropy (rows in chunks of 1024: logits, softmax − onehot and the gradients formed in the forward; no [N, V] tensor kept)",
             "spt_ops::cross_entropy::linear_cross_entropy_reference: candle matmul h Wᵀ, max-subtracted log-softmax from candle ops, gather, mean",
             lm_head(5)?,
+        ),
+    )?;
+    write_results(
+        "norm-activation.json",
+        &doc(
+            "spt_ops::layer_norm / softmax_last_dim / gelu_erf / gelu_tanh (one op each, vectorised, exact backward)",
+            "layer norm and softmax from candle ops (spt_ops::norm::reference, autograd); candle's gelu_erf / gelu (tanh) ops with their backward",
+            norm_activation(11)?,
         ),
     )
 }
