@@ -15,7 +15,9 @@
 //! - `layer_norm`, `softmax_last_dim` and `gelu_erf` / `gelu_tanh` against the composed forms
 //!   (`spt_ops::norm::reference`'s layer norm and softmax from candle ops; candle's own GELU ops,
 //!   which have a backward), at MiniLM's and GPT-2's sublayer, score and FFN-hidden shapes. x is
-//!   a `Var`, gamma and beta frozen; the loss is `Σ y ⊙ u`. Writes
+//!   a `Var`, gamma and beta frozen. The backward starts from `dy = 1` (candle's `backward` on a
+//!   non-scalar): a loss such as `Σ y ⊙ u` costs candle more than these ops themselves (its
+//!   backward multiplies through a broadcast gradient), which would hide the op. Writes
 //!   `bench/results/norm-activation.json`.
 //!
 //! `scripts/peer-bench.sh --only layers` adds PyTorch's figures (bench/peer/layers.py) to all three.
@@ -214,14 +216,13 @@ fn norm_activation(reps: usize) -> Result<Vec<serde_json::Value>> {
     let mut records = Vec::new();
     for (i, (op, rows, d, what, ours, composed)) in cases.into_iter().enumerate() {
         let x = Var::from_tensor(&f32_randn(&[rows, d], 100 + i as u64, 1.0)?)?;
-        let u = f32_randn(&[rows, d], 200 + i as u64, 1.0)?;
         let case = serde_json::json!({"op": op, "rows": rows, "d": d, "shape": what});
         records.push(compare(
             op,
             case,
             reps,
-            |_| step(|| ours(x.as_tensor())?.mul(&u)?.sum_all()),
-            |_| step(|| composed(x.as_tensor())?.mul(&u)?.sum_all()),
+            |_| step(|| ours(x.as_tensor())),
+            |_| step(|| composed(x.as_tensor())),
         )?);
     }
     Ok(records)

@@ -66,6 +66,15 @@ fn layer_norm_many_rows_match_reference_gradients() -> Result<()> {
             let diff = max_abs_diff(a, e)?;
             assert!(diff < 1e-10, "{shape:?}: d{name} max |Δ| = {diff}");
         }
+        // Frozen gamma and beta (LoRA fine-tuning): the kernel skips their gradients; dx holds.
+        let (gf, bf) = (gt.detach(), bt.detach());
+        let go = layer_norm(xt, &gf, &bf, 1e-5)?.mul(&u)?.sum_all()?.backward()?;
+        let diff = max_abs_diff(go.get(xt).unwrap(), gr.get(xt).unwrap())?;
+        assert!(
+            diff < 1e-10,
+            "{shape:?}: dx with frozen gamma, beta: max |Δ| = {diff}"
+        );
+        assert!(go.get(&gf).is_none() && go.get(&bf).is_none());
     }
     Ok(())
 }

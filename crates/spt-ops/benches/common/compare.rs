@@ -10,8 +10,8 @@ use candle_core::{Result, Tensor};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
-/// One forward (`loss`, which returns the scalar to differentiate) + backward: (seconds, bytes
-/// held between them).
+/// One forward (`loss`, which returns the tensor to differentiate: a scalar loss, or any tensor,
+/// whose backward then starts from ones) + backward: (seconds, bytes held between them).
 pub fn step(loss: impl FnOnce() -> Result<Tensor>) -> Result<(f64, usize)> {
     let base = LIVE.load(Relaxed);
     let t0 = Instant::now();

@@ -46,16 +46,14 @@ fn forward<T: Float>(x: &[T], g: &[T], b: &[T], eps: f64) -> Vec<T> {
         .zip(x.par_chunks(chunk))
         .for_each(|(y, x)| {
             for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
-                y.copy_from_slice(x);
-                let st = rows::stats(y, eps);
-                rows::normalize(y, st, g, b);
+                rows::normalize_from(y, x, rows::stats(x, eps), g, b);
             }
         });
     y
 }
 
-/// Returns `(dx, dgamma, dbeta)`.
-fn backward<T: Float>(x: &[T], g: &[T], dy: &[T], eps: f64) -> (Vec<T>, Vec<T>, Vec<T>) {
+/// Returns `(dx, dgamma, dbeta)`; the parameter gradients are zeros unless `params`.
+fn backward<T: Float>(x: &[T], g: &[T], dy: &[T], eps: f64, params: bool) -> (Vec<T>, Vec<T>, Vec<T>) {
     let d = g.len();
     let mut dx = vec![T::zero(); x.len()];
     if d == 0 {
@@ -69,14 +67,18 @@ fn backward<T: Float>(x: &[T], g: &[T], dy: &[T], eps: f64) -> (Vec<T>, Vec<T>, 
                 .zip(dy.par_chunks(d * ROWS_PER_TASK)),
         )
         .map(|(dx, (x, dy))| {
-            let mut dg = vec![T::zero(); d];
-            let mut db = vec![T::zero(); d];
+            let n = if params { d } else { 0 };
+            let (mut dg, mut db) = (vec![T::zero(); n], vec![T::zero(); n]);
             for ((dx, x), dy) in dx.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
-                rows::backward(dx, x, dy, g, rows::stats(x, eps), &mut dg, &mut db);
+                let acc = params.then_some((&mut dg[..], &mut db[..]));
+                rows::backward(dx, x, dy, g, rows::stats(x, eps), acc);
             }
             (dg, db)
         })
         .collect();
+    if !params {
+        return (dx, vec![T::zero(); d], vec![T::zero(); d]);
+    }
     let (dg, db): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
     (dx, sum_partials(dg, d), sum_partials(db, d))
 }
@@ -140,17 +142,21 @@ impl CustomOp3 for LayerNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dg, db) = layer_norm_backward(x, gamma, grad, self.eps)?;
+        let params = gamma.track_op() || beta.track_op();
+        let (dx, dg, db) = layer_norm_backward(x, gamma, grad, self.eps, params)?;
         Ok((if_tracked(x, dx), if_tracked(gamma, dg), if_tracked(beta, db)))
     }
 }
 
-/// The exact layer-norm backward: `(dx, dgamma, dbeta)` for upstream gradient `dy`.
+/// The exact layer-norm backward: `(dx, dgamma, dbeta)` for upstream gradient `dy`. Without
+/// `params` (gamma and beta frozen) the CPU kernel skips the parameter gradients and returns
+/// zeros for them.
 pub fn layer_norm_backward(
     x: &Tensor,
     gamma: &Tensor,
     dy: &Tensor,
     eps: f64,
+    params: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
@@ -168,7 +174,7 @@ pub fn layer_norm_backward(
             with_cpu::<$t, _>(op, x, |xs| {
                 with_cpu::<$t, _>(op, gamma, |gs| {
                     with_cpu::<$t, _>(op, dy, |dys| {
-                        let (dx, dg, db) = backward(xs, gs, dys, eps);
+                        let (dx, dg, db) = backward(xs, gs, dys, eps, params);
                         Ok((
                             Tensor::from_vec(dx, x.shape(), dev)?,
                             Tensor::from_vec(dg, d, dev)?,

@@ -148,6 +148,7 @@ fn forward<T: Float + crate::flash_attention::DropoutElem>(
 }
 
 /// Returns `(d residual, [dgamma; dbeta])`; `dx` is `d residual ⊙ mask`, made by the caller.
+/// The parameter gradients are zeros unless `params`.
 fn backward<T: Float + crate::flash_attention::DropoutElem>(
     x: &[T],
     r: &[T],
@@ -155,6 +156,7 @@ fn backward<T: Float + crate::flash_attention::DropoutElem>(
     dy: &[T],
     eps: f64,
     dropout: Option<&RowDropout>,
+    params: bool,
 ) -> (Vec<T>, Vec<T>) {
     let d = gb.len() / 2;
     let mut ds = vec![T::zero(); x.len()];
@@ -173,8 +175,8 @@ fn backward<T: Float + crate::flash_attention::DropoutElem>(
         )
         .enumerate()
         .map(|(task, (ds, ((x, r), dy)))| {
-            let mut dgb = vec![T::zero(); 2 * d];
-            let (dg, db) = dgb.split_at_mut(d);
+            let mut dgb = vec![T::zero(); if params { 2 * d } else { 0 }];
+            let (dg, db) = dgb.split_at_mut(if params { d } else { 0 });
             let mut s = vec![T::zero(); d];
             for (k, (ds, ((x, r), dy))) in ds
                 .chunks_mut(d)
@@ -182,11 +184,15 @@ fn backward<T: Float + crate::flash_attention::DropoutElem>(
                 .enumerate()
             {
                 row_sum(&mut s, x, r, task * ROWS_PER_TASK + k, dropout);
-                rows::backward(ds, &s, dy, g, rows::stats(&s, eps), dg, db);
+                let acc = params.then_some((&mut dg[..], &mut db[..]));
+                rows::backward(ds, &s, dy, g, rows::stats(&s, eps), acc);
             }
             dgb
         })
         .collect();
+    if !params {
+        return (ds, vec![T::zero(); 2 * d]);
+    }
     (ds, sum_partials(partials, 2 * d))
 }
 
@@ -244,7 +250,7 @@ impl CustomOp3 for ResidualLayerNormOp {
         macro_rules! run {
             ($t:ty) => {
                 with_slices::<$t, _>(op, &[x, residual, gb, &dy], |s| {
-                    let (ds, dgb) = backward(s[0], s[1], s[2], s[3], self.eps, dr);
+                    let (ds, dgb) = backward(s[0], s[1], s[2], s[3], self.eps, dr, gb.track_op());
                     let dx = masked_dx.map(|dr| {
                         let mut dx = ds.clone();
                         mask_rows(&mut dx, None, d, dr);

@@ -54,8 +54,18 @@ pub(super) fn normalize<T: Float>(y: &mut [T], (mean, rstd): (T, T), g: &[T], b:
     }
 }
 
-/// The backward of one row whose input was `x` (statistics `mean`, `rstd`): adds `dy ⊙ x̂` to
-/// `dg` and `dy` to `db`, and writes `dx = rstd·(dy ⊙ g − mean(dy ⊙ g) − x̂·mean(dy ⊙ g ⊙ x̂))`.
+/// `y = (x − mean)·rstd·g + b`.
+#[inline]
+pub(super) fn normalize_from<T: Float>(y: &mut [T], x: &[T], (mean, rstd): (T, T), g: &[T], b: &[T]) {
+    for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(g).zip(b) {
+        *y = (x - mean) * rstd * g + b;
+    }
+}
+
+/// The backward of one row whose input was `x` (statistics `mean`, `rstd`): writes
+/// `dx = rstd·(dy ⊙ g − mean(dy ⊙ g) − x̂·mean(dy ⊙ g ⊙ x̂))` and, when `params` holds the
+/// parameter gradients' accumulators `(dg, db)`, adds `dy ⊙ x̂` and `dy` to them (frozen
+/// parameters, as in LoRA fine-tuning, skip that pass).
 #[inline]
 pub(super) fn backward<T: Float>(
     dx: &mut [T],
@@ -63,8 +73,7 @@ pub(super) fn backward<T: Float>(
     dy: &[T],
     g: &[T],
     (mean, rstd): (T, T),
-    dg: &mut [T],
-    db: &mut [T],
+    params: Option<(&mut [T], &mut [T])>,
 ) {
     let d = x.len();
     let (mut s1, mut s2) = ([T::zero(); LANES], [T::zero(); LANES]);
@@ -86,9 +95,11 @@ pub(super) fn backward<T: Float>(
         sum_gd = sum_gd + gd;
         sum_gd_xhat = sum_gd_xhat + gd * ((x[j] - mean) * rstd);
     }
-    for (((dg, db), &x), &dy) in dg.iter_mut().zip(db.iter_mut()).zip(x).zip(dy) {
-        *dg = *dg + dy * ((x - mean) * rstd);
-        *db = *db + dy;
+    if let Some((dg, db)) = params {
+        for (((dg, db), &x), &dy) in dg.iter_mut().zip(db.iter_mut()).zip(x).zip(dy) {
+            *dg = *dg + dy * ((x - mean) * rstd);
+            *db = *db + dy;
+        }
     }
     let inv_d = T::lit(1.0 / d as f64);
     let (m1, m2) = (sum_gd * inv_d, sum_gd_xhat * inv_d);
