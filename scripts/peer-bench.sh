@@ -12,8 +12,8 @@
 #
 # Parts and files (bench/results/): attention -> attention.json, ffn -> ffn.json, steps ->
 # finetune-speed.json and finetune-speed-accuracy-setting.json, layers -> lora-linear.json,
-# linear-cross-entropy.json and norm-activation.json (each record gets torch_* fields, ratios and peer_details; each file a
-# top-level `peer` object). demo: PyTorch's full
+# linear-cross-entropy.json and norm-activation.json (each record gets torch_* fields, ratios
+# and peer_details; each file a top-level `peer` object). demo: PyTorch's full
 # fine-tuning step at the demo's setting, printed (with --with-ours: scripts/demo.sh, which times
 # SPT, dense and PyTorch in one run). Our benchmarks are re-run with the commands their files
 # record (`command`). Timings taken while something else runs (a cargo build) are disturbed,
@@ -117,7 +117,7 @@ run_ours() { # part
       done
     done
   elif [[ $QUICK == 1 ]]; then
-    log "quick mode: our $part benchmark is not re-run (it writes bench/results/$part.json)"
+    log "quick mode: our $part benchmark is not re-run (it writes into bench/results)"
   else
     # The layers bench writes three files; each records its one command.
     f="bench/results/$part.json"
