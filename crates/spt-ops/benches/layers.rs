@@ -146,83 +146,53 @@ fn lora(reps: usize) -> Result<Vec<serde_json::Value>> {
     Ok(records)
 }
 
-type Unary = Box<dyn Fn(&Tensor) -> Result<Tensor>>;
-
-/// Our layer norm and the composed one, with frozen unit gamma and zero beta of width `d`.
-fn layer_norms(d: usize) -> Result<(Unary, Unary)> {
-    let g = Tensor::ones(d, DType::F32, &candle_core::Device::Cpu)?;
-    let b = Tensor::zeros(d, DType::F32, &candle_core::Device::Cpu)?;
-    let (g2, b2) = (g.clone(), b.clone());
-    Ok((
-        Box::new(move |x| layer_norm(x, &g, &b, 1e-12)),
-        Box::new(move |x| reference::layer_norm(x, &g2, &b2, 1e-12)),
-    ))
+/// The norm or activation `op` on x, ours or its composed form; layer norm with frozen `g`, `b`.
+fn norm_or_activation(op: &str, composed: bool, x: &Tensor, g: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match (op, composed) {
+        ("layer_norm", false) => layer_norm(x, g, b, 1e-12),
+        ("layer_norm", true) => reference::layer_norm(x, g, b, 1e-12),
+        ("softmax", false) => softmax_last_dim(x),
+        ("softmax", true) => reference::softmax(x),
+        ("gelu_erf", false) => gelu_erf(x),
+        ("gelu_erf", true) => x.gelu_erf(),
+        ("gelu_tanh", false) => gelu_tanh(x),
+        ("gelu_tanh", true) => x.gelu(),
+        _ => candle_core::bail!("layers bench: no op {op}"),
+    }
 }
 
 fn norm_activation(reps: usize) -> Result<Vec<serde_json::Value>> {
-    let (ln384, ln384_composed) = layer_norms(384)?;
-    let (ln768, ln768_composed) = layer_norms(768)?;
-    // (op, rows, d, where the shape comes from, ours, composed)
-    let cases: Vec<(&str, usize, usize, &str, Unary, Unary)> = vec![
-        (
-            "layer_norm",
-            4096,
-            384,
-            "MiniLM sublayer output",
-            ln384,
-            ln384_composed,
-        ),
-        (
-            "layer_norm",
-            2048,
-            768,
-            "GPT-2 sublayer input",
-            ln768,
-            ln768_composed,
-        ),
+    // (op, rows, d, where the shape comes from)
+    let cases = [
+        ("layer_norm", 4096, 384, "MiniLM sublayer output"),
+        ("layer_norm", 2048, 768, "GPT-2 sublayer input"),
         (
             "softmax",
             8 * 12 * 512,
             512,
             "MiniLM attention scores (B 8, H 12, L 512)",
-            Box::new(softmax_last_dim),
-            Box::new(reference::softmax),
         ),
         (
             "softmax",
             4 * 12 * 512,
             512,
             "GPT-2 attention scores (B 4, H 12, L 512)",
-            Box::new(softmax_last_dim),
-            Box::new(reference::softmax),
         ),
-        (
-            "gelu_erf",
-            4096,
-            1536,
-            "MiniLM FFN hidden",
-            Box::new(gelu_erf),
-            Box::new(|x| x.gelu_erf()),
-        ),
-        (
-            "gelu_tanh",
-            2048,
-            3072,
-            "GPT-2 FFN hidden",
-            Box::new(gelu_tanh),
-            Box::new(|x| x.gelu()),
-        ),
+        ("gelu_erf", 4096, 1536, "MiniLM FFN hidden"),
+        ("gelu_tanh", 2048, 3072, "GPT-2 FFN hidden"),
     ];
     let mut records = Vec::new();
-    for (i, (op, rows, d, what, ours, composed)) in cases.into_iter().enumerate() {
+    for (i, &(op, rows, d, what)) in cases.iter().enumerate() {
         let x = Var::from_tensor(&f32_randn(&[rows, d], 100 + i as u64, 1.0)?)?;
+        let g = Tensor::ones(d, DType::F32, &candle_core::Device::Cpu)?;
+        let b = Tensor::zeros(d, DType::F32, &candle_core::Device::Cpu)?;
         let case = serde_json::json!({"op": op, "rows": rows, "d": d, "shape": what});
         records.push(compare(
             op,
             case,
             reps,
-            |_| step(|| ours(x.as_tensor())),
-            |_| step(|| composed(x.as_tensor())),
+            |_| step(|| norm_or_activation(op, false, x.as_tensor(), &g, &b)),
+            |_| step(|| norm_or_activation(op, true, x.as_tensor(), &g, &b)),
         )?);
     }
     Ok(records)

@@ -26,7 +26,7 @@ fn total<T: Float>(mut acc: [T; LANES]) -> T {
 
 /// `Σ f(v)` over a row: lanes for the whole chunks, then the tail in order.
 #[inline(always)]
-fn row_sum<T: Float>(row: &[T], f: impl Fn(T) -> T) -> T {
+fn lane_sum<T: Float>(row: &[T], f: impl Fn(T) -> T) -> T {
     let mut acc = [T::zero(); LANES];
     let mut chunks = row.chunks_exact(LANES);
     for c in &mut chunks {
@@ -41,8 +41,8 @@ fn row_sum<T: Float>(row: &[T], f: impl Fn(T) -> T) -> T {
 #[inline]
 pub(super) fn stats<T: Float>(row: &[T], eps: f64) -> (T, T) {
     let n = T::lit(row.len() as f64);
-    let mean = row_sum(row, |v| v) / n;
-    let var = row_sum(row, |v| (v - mean) * (v - mean)) / n;
+    let mean = lane_sum(row, |v| v) / n;
+    let var = lane_sum(row, |v| (v - mean) * (v - mean)) / n;
     (mean, (var + T::lit(eps)).sqrt().recip())
 }
 

@@ -68,6 +68,9 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
     }
     let dev = device(&a.device)?;
     let model_dir = resolve_model(&a.model)?;
+    if let Some(mode) = a.child {
+        return bench_child(a, mode, &model_dir, &dev);
+    }
     // Checked here, before a child process starts and builds the model only to refuse it.
     if let Some(max) = spt_train::pipeline::model_max_length(&model_dir).filter(|&m| a.seq_len > m) {
         bail!(
@@ -75,9 +78,6 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
             a.seq_len,
             model_dir.display()
         );
-    }
-    if let Some(mode) = a.child {
-        return bench_child(a, mode, &model_dir, &dev);
     }
     let model_name = model_dir
         .file_name()
