@@ -12,8 +12,9 @@
 //! renamed into place. On any error the temporary directory is removed, so nothing half-written
 //! remains and the previous checkpoints are untouched. Then only the newest `keep_last` remain:
 //! a pruned checkpoint is first renamed aside (`.prune-…`), so a kill while it is deleted never
-//! leaves a `step-…` folder that looks complete. [`remove_stale_temporaries`] removes what a
-//! killed process left behind.
+//! leaves a `step-…` folder that looks complete. Files in a checkpoint folder that a checkpoint
+//! does not write are never deleted: such a folder loses only the checkpoint's own files.
+//! [`remove_stale_temporaries`] removes what a killed process left behind.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -276,14 +277,25 @@ pub fn save_checkpoint(
         let p = tmp.join("manifest.json");
         io.write_file(&p, &text).map_err(|e| io_err(&p, e))?;
         sync_dir(&tmp);
-        if final_path.exists() {
+        if final_path.symlink_metadata().is_err() {
+            std::fs::rename(&tmp, &final_path).map_err(|e| io_err(&final_path, e))?;
+        } else if foreign_entries(&final_path)?.is_empty() {
             // Same step saved again (e.g. Ctrl-C right after a periodic save): replace it.
             let old = dir.join(format!(".old-{name}-{}", std::process::id()));
             std::fs::rename(&final_path, &old).map_err(|e| io_err(&final_path, e))?;
             std::fs::rename(&tmp, &final_path).map_err(|e| io_err(&final_path, e))?;
             let _ = std::fs::remove_dir_all(&old);
         } else {
-            std::fs::rename(&tmp, &final_path).map_err(|e| io_err(&final_path, e))?;
+            // The folder also holds files spt-train did not write: they stay. Ours are replaced
+            // one by one, the manifest removed first and written last, so the folder never
+            // looks complete with a mix of old and new files.
+            remove_checkpoint_files(&final_path)?;
+            for fname in TENSOR_FILES.iter().chain(["manifest.json"].iter()) {
+                let (src, dst) = (tmp.join(fname), final_path.join(fname));
+                std::fs::rename(&src, &dst).map_err(|e| io_err(&dst, e))?;
+            }
+            sync_dir(&final_path);
+            std::fs::remove_dir(&tmp).map_err(|e| io_err(&tmp, e))?;
         }
         sync_dir(dir);
         Ok(())
@@ -302,13 +314,65 @@ pub fn save_checkpoint(
     Ok(final_path)
 }
 
+/// Whether a checkpoint writes a file of this name into its folder.
+fn is_checkpoint_file(name: &str) -> bool {
+    name == "manifest.json" || TENSOR_FILES.contains(&name)
+}
+
+/// What a checkpoint folder holds that a checkpoint does not write (someone's notes, a
+/// sub-folder), sorted. A path that is not a folder is an error: it is not a checkpoint.
+fn foreign_entries(dir: &Path) -> Result<Vec<String>, CheckpointError> {
+    if !dir.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+        return Err(io_err(
+            dir,
+            std::io::Error::other("exists and is not a checkpoint folder; spt-train will not replace it"),
+        ));
+    }
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
+        let e = e.map_err(|e| io_err(dir, e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !(is_checkpoint_file(&name) && e.file_type().is_ok_and(|t| t.is_file())) {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Removes the files a checkpoint writes from `dir`, the manifest first (so that a kill midway
+/// never leaves a folder that looks complete), and nothing else.
+fn remove_checkpoint_files(dir: &Path) -> Result<(), CheckpointError> {
+    for fname in ["manifest.json"].iter().chain(TENSOR_FILES.iter()) {
+        let p = dir.join(fname);
+        if p.symlink_metadata().is_ok_and(|m| m.is_file()) {
+            std::fs::remove_file(&p).map_err(|e| io_err(&p, e))?;
+        }
+    }
+    sync_dir(dir);
+    Ok(())
+}
+
 /// Removes the checkpoints in `dir` whose step satisfies `which`. Each is renamed aside first
 /// (its manifest goes with it), then deleted: a kill midway leaves a `.prune-…` folder, never a
-/// `step-…` that looks complete. Returns the removed checkpoints' original paths.
+/// `step-…` that looks complete. A checkpoint folder that also holds files spt-train did not
+/// write loses only the checkpoint's own files and stays, with a warning. Returns the removed
+/// checkpoints' original paths.
 pub fn remove_checkpoints(dir: &Path, which: impl Fn(u64) -> bool) -> Result<Vec<PathBuf>, CheckpointError> {
     let mut removed = Vec::new();
     for (step, p) in list_checkpoints(dir)? {
         if !which(step) {
+            continue;
+        }
+        let foreign = foreign_entries(&p)?;
+        if !foreign.is_empty() {
+            remove_checkpoint_files(&p)?;
+            tracing::warn!(
+                path = %p.display(),
+                kept = %foreign.join(", "),
+                "removed the checkpoint's files; the folder stays, it holds files spt-train did not write"
+            );
+            removed.push(p);
             continue;
         }
         let aside = dir.join(format!(
@@ -573,6 +637,84 @@ mod tests {
         // Saving the same step again replaces it.
         save_checkpoint(&dir, &data(30), 2, &FsIo).unwrap();
         assert_eq!(names(&dir), vec!["step-00000020", "step-00000030"]);
+    }
+
+    #[test]
+    fn files_spt_train_did_not_write_survive_pruning_and_saving() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("checkpoints");
+        save_checkpoint(&dir, &data(1), 0, &FsIo).unwrap();
+        save_checkpoint(&dir, &data(2), 0, &FsIo).unwrap();
+        let s1 = dir.join("step-00000001");
+        std::fs::write(s1.join("README.md"), "my notes").unwrap();
+        std::fs::create_dir(s1.join("plots")).unwrap();
+        std::fs::write(s1.join("plots/a.txt"), "mine too").unwrap();
+        // A user's folder named like a checkpoint, with no manifest, and a plain file.
+        std::fs::create_dir(dir.join("step-00000005")).unwrap();
+        std::fs::write(dir.join("step-00000005/NOTES.txt"), "keep").unwrap();
+        std::fs::write(dir.join("step-00000007"), "a file").unwrap();
+
+        // Pruning (keep the last one) removes step 1's own files and nothing else.
+        save_checkpoint(&dir, &data(3), 1, &FsIo).unwrap();
+        assert_eq!(names(&s1), vec!["README.md", "plots"]);
+        assert_eq!(
+            std::fs::read_to_string(s1.join("plots/a.txt")).unwrap(),
+            "mine too"
+        );
+        assert_eq!(
+            list_checkpoints(&dir)
+                .unwrap()
+                .iter()
+                .map(|c| c.0)
+                .collect::<Vec<_>>(),
+            vec![3]
+        );
+
+        // Saving step 1 again writes the checkpoint beside the notes; it loads.
+        save_checkpoint(&dir, &data(1), 0, &FsIo).unwrap();
+        assert_eq!(
+            names(&s1),
+            vec![
+                "README.md",
+                "extra.safetensors",
+                "manifest.json",
+                "model.safetensors",
+                "optimizer.safetensors",
+                "plots"
+            ]
+        );
+        assert_eq!(load_checkpoint(&s1, &Device::Cpu).unwrap().manifest.step, 1);
+        // And once more over that mixed folder (the same step saved twice).
+        save_checkpoint(&dir, &data(1), 0, &FsIo).unwrap();
+        assert_eq!(std::fs::read_to_string(s1.join("README.md")).unwrap(), "my notes");
+        assert_eq!(load_checkpoint(&s1, &Device::Cpu).unwrap().manifest.step, 1);
+
+        // Step 5 goes into the user's folder beside its file; step 7 is refused, file intact.
+        save_checkpoint(&dir, &data(5), 0, &FsIo).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("step-00000005/NOTES.txt")).unwrap(),
+            "keep"
+        );
+        let e = save_checkpoint(&dir, &data(7), 0, &FsIo).unwrap_err().to_string();
+        assert!(
+            e.contains("step-00000007") && e.contains("not a checkpoint folder"),
+            "{e}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join("step-00000007")).unwrap(),
+            "a file"
+        );
+
+        // Removing every checkpoint (a fresh start) keeps both users' folders.
+        remove_checkpoints(&dir, |_| true).unwrap();
+        assert!(list_checkpoints(&dir).unwrap().is_empty());
+        assert_eq!(names(&s1), vec!["README.md", "plots"]);
+        assert_eq!(names(&dir.join("step-00000005")), vec!["NOTES.txt"]);
+        assert!(
+            !names(&dir).iter().any(|n| n.starts_with('.')),
+            "{:?}",
+            names(&dir)
+        );
     }
 
     #[test]
