@@ -397,10 +397,34 @@ pub fn save_safetensors(model: &(impl NamedParams + ?Sized), path: impl AsRef<Pa
         .into_iter()
         .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?.contiguous()?)))
         .collect::<Result<_>>()?;
-    let tmp = path.with_extension("safetensors.tmp");
-    candle_core::safetensors::save(&tensors, &tmp).map_err(|e| ckpt_err(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| ckpt_err(path, e))?;
-    Ok(())
+    save_tensors(&tensors, path)
+}
+
+/// Writes `tensors` to the safetensors file `path` through a temporary sibling renamed into
+/// place, with the permissions of any new file (the process umask). Why not
+/// `candle_core::safetensors::save` alone: its temporary file is private (0600) and keeps that
+/// mode, so an exported model would be unreadable to the other users of a shared machine.
+pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: impl AsRef<Path>) -> Result<()> {
+    let path = path.as_ref();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let write = || -> Result<()> {
+        let mode = std::fs::File::create(&tmp)
+            .and_then(|f| f.metadata())
+            .map_err(|e| ckpt_err(&tmp, e))?
+            .permissions();
+        candle_core::safetensors::save(tensors, &tmp).map_err(|e| ckpt_err(&tmp, e))?;
+        std::fs::set_permissions(&tmp, mode).map_err(|e| ckpt_err(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| ckpt_err(path, e))
+    };
+    let res = write();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
 }
 
 /// How a tensor missing from the checkpoint may be created.

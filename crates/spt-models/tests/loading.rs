@@ -525,7 +525,16 @@ fn saved_checkpoint_round_trips_with_hf_names() -> Result<()> {
         false,
     )?;
     assert_eq!(max_abs(&a, &b)?, 0.0);
-    assert!(!dir.join("model.safetensors.tmp").exists());
+    // Nothing left beside it, and the mode of any new file (the umask's), not the private mode
+    // of a temporary file.
+    let mut names: Vec<_> = std::fs::read_dir(&dir)?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()?;
+    names.sort();
+    assert_eq!(names, ["config.json", "model.safetensors"]);
+    std::fs::write(dir.join("new"), b"")?;
+    let mode = |f: &str| std::fs::metadata(dir.join(f)).map(|m| m.permissions());
+    assert_eq!(mode("model.safetensors")?, mode("new")?);
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

@@ -258,7 +258,7 @@ impl AdamW {
     /// Writes the state to a safetensors file.
     pub fn save<P: AsRef<Path>>(&self, path: P) -> Result<()> {
         let map: HashMap<String, Tensor> = self.state_dict()?.into_iter().collect();
-        candle_core::safetensors::save(&map, path)
+        spt_models::save_tensors(&map, path).map_err(candle_core::Error::wrap)
     }
 
     /// Reads a state written by [`AdamW::save`].

@@ -578,7 +578,7 @@ pub fn export_hf_dir(
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let write = || -> Result<()> {
-        candle_core::safetensors::save(&tensors, tmp.join("model.safetensors"))?;
+        spt_models::save_tensors(&tensors, tmp.join("model.safetensors"))?;
         let cfg_path = model_dir.join("config.json");
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
         let mut cfg: serde_json::Value =
