@@ -33,7 +33,7 @@ impl DataFormat {
             "tsv" | "tab" => Ok(Self::Tsv),
             "jsonl" | "ndjson" | "json" => Ok(Self::Jsonl),
             _ => Err(DataError::Invalid(format!(
-                "{}: cannot tell the format from the extension `{ext}`; use .csv, .tsv or .jsonl, or set the format",
+                "{}: cannot tell the format from the extension `{ext}`; use .csv, .tsv or .jsonl, or pass --format csv|tsv|jsonl (`format` in a config file)",
                 path.display()
             ))),
         }
@@ -149,13 +149,15 @@ fn read_delimited(
     quoting: bool,
     spec: &ColumnSpec,
 ) -> Result<Vec<RawExample>, DataError> {
-    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    let lines = LineIndex::of(&bytes);
+    let csv_error = |e| csv_error(path, &lines, e);
     let mut rdr = csv::ReaderBuilder::new()
         .delimiter(delimiter)
         .quoting(quoting)
         .has_headers(true)
-        .from_reader(std::io::BufReader::new(file));
-    let headers = rdr.byte_headers().map_err(|e| csv_error(path, e))?.clone();
+        .from_reader(&bytes[..]);
+    let headers = rdr.byte_headers().map_err(csv_error)?.clone();
     if headers.is_empty() || (headers.len() == 1 && headers[0].is_empty()) {
         return Err(DataError::Empty {
             path: path.to_path_buf(),
@@ -193,9 +195,9 @@ fn read_delimited(
         match rdr.read_byte_record(&mut rec) {
             Ok(false) => break,
             Ok(true) => {}
-            Err(e) => return Err(csv_error(path, e)),
+            Err(e) => return Err(csv_error(e)),
         }
-        let line = rec.position().map(|p| p.line()).unwrap_or(0);
+        let line = rec.position().map(|p| lines.line(p.byte())).unwrap_or(0);
         if rec.len() == 1 && rec[0].is_empty() {
             continue; // blank line
         }
@@ -204,8 +206,8 @@ fn read_delimited(
                 path: path.to_path_buf(),
                 line,
                 msg: format!(
-                    "row has {} fields, column `{name}` is field {}",
-                    rec.len(),
+                    "row has {}, column `{name}` is field {}",
+                    fields(rec.len()),
                     idx + 1
                 ),
             })?;
@@ -231,8 +233,36 @@ fn read_delimited(
     Ok(out)
 }
 
-fn csv_error(path: &Path, e: csv::Error) -> DataError {
-    let line = e.position().map(|p| p.line()).unwrap_or(0);
+/// 1-based line numbers of byte offsets in a file, counted from its `\n`s. Why: after a CRLF line
+/// end (what Excel and Python's csv module write) the csv crate starts the next record at the
+/// `\n` and counts its line one short, so error messages would name the line above the bad row.
+struct LineIndex(Vec<u64>);
+
+impl LineIndex {
+    fn of(bytes: &[u8]) -> Self {
+        Self(
+            bytes
+                .iter()
+                .enumerate()
+                .filter(|(_, &b)| b == b'\n')
+                .map(|(i, _)| i as u64)
+                .collect(),
+        )
+    }
+
+    /// The line of a record that starts at byte `byte` (a `\n` there ends the line before).
+    fn line(&self, byte: u64) -> u64 {
+        1 + self.0.partition_point(|&nl| nl <= byte) as u64
+    }
+}
+
+/// "1 field", "3 fields".
+fn fields(n: usize) -> String {
+    format!("{n} field{}", if n == 1 { "" } else { "s" })
+}
+
+fn csv_error(path: &Path, lines: &LineIndex, e: csv::Error) -> DataError {
+    let line = e.position().map(|p| lines.line(p.byte())).unwrap_or(0);
     match e.into_kind() {
         csv::ErrorKind::Io(io) => DataError::io(path, io),
         csv::ErrorKind::UnequalLengths {
@@ -240,7 +270,7 @@ fn csv_error(path: &Path, e: csv::Error) -> DataError {
         } => DataError::Parse {
             path: path.to_path_buf(),
             line,
-            msg: format!("row has {len} fields, the header has {expected_len}"),
+            msg: format!("row has {}, the header has {expected_len}", fields(len as usize)),
         },
         csv::ErrorKind::Utf8 { err, .. } => DataError::NonUtf8 {
             path: path.to_path_buf(),
@@ -584,6 +614,40 @@ mod tests {
         assert_eq!(d.examples[3].group.as_deref(), Some("Movie C"));
         let labels = LabelMap::from_data(&d).unwrap();
         assert_eq!(labels.labels(), ["fresh", "rotten"]);
+    }
+
+    #[test]
+    fn crlf_files_name_the_same_lines_as_lf_files() {
+        let dir = tempfile::tempdir().unwrap();
+        // Only the record ends become CRLF; the newline inside the quoted field stays.
+        let crlf = RT
+            .replace(",True\n", ",True\r\n")
+            .replace(",False\n", ",False\r\n");
+        let crlf = crlf.replacen("reviews\n", "reviews\r\n", 1);
+        assert!(crlf.matches("\r\n").count() >= 4, "{crlf:?}");
+        let lf =
+            read_classification(&write(dir.path(), "lf.csv", RT.as_bytes()), None, &rt_spec(), &[]).unwrap();
+        let p = write(dir.path(), "crlf.csv", crlf.as_bytes());
+        let d = read_classification(&p, None, &rt_spec(), &[]).unwrap();
+        let lines = |d: &ClassificationData| d.examples.iter().map(|e| e.line).collect::<Vec<_>>();
+        assert_eq!(lines(&d), lines(&lf));
+        assert_eq!(d.examples[0].text, "A joy, from start\nto finish.");
+        // Errors too: a ragged row and a non-UTF-8 field, each on line 3.
+        let spec = rt_spec();
+        let p = write(
+            dir.path(),
+            "r.csv",
+            b"category,text,movie_name\r\nfresh,ok,A\r\nrotten,two\r\n",
+        );
+        let e = read_classification(&p, None, &spec, &[]).unwrap_err().to_string();
+        assert!(e.contains("line 3"), "{e}");
+        let p = write(
+            dir.path(),
+            "u.csv",
+            b"category,text,movie_name\r\nfresh,ok,A\r\nrotten,b\xff,B\r\n",
+        );
+        let e = read_classification(&p, None, &spec, &[]).unwrap_err().to_string();
+        assert!(e.contains("line 3"), "{e}");
     }
 
     #[test]
