@@ -98,6 +98,8 @@ pub enum OutputError {
     },
     #[error("output directory {} was marked by an older spt-train that did not record which files it wrote, and it holds {}; spt-train will not delete them: remove them yourself or choose another directory", path.display(), names.join(", "))]
     Legacy { path: PathBuf, names: Vec<String> },
+    #[error("output directory {}: exists and is not a directory; choose another path", path.display())]
+    NotADirectory { path: PathBuf },
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
 }
@@ -116,9 +118,16 @@ fn io_err(path: &Path, error: std::io::Error) -> OutputError {
     }
 }
 
+/// Whether `dir` is missing or an empty directory; anything there that is not a directory (a
+/// file, a link to one) is refused by name rather than as the OS's "Not a directory".
 fn is_empty_dir(dir: &Path) -> Result<bool, OutputError> {
     if !dir.exists() {
         return Ok(true);
+    }
+    if !dir.is_dir() {
+        return Err(OutputError::NotADirectory {
+            path: dir.to_path_buf(),
+        });
     }
     Ok(std::fs::read_dir(dir)
         .map_err(|e| io_err(dir, e))?
@@ -387,6 +396,21 @@ mod tests {
 
     fn bytes(p: &Path) -> Vec<u8> {
         std::fs::read(p).unwrap()
+    }
+
+    #[test]
+    fn a_file_where_a_directory_goes_is_refused_by_name_and_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let f = tmp.path().join("notes");
+        std::fs::write(&f, "mine").unwrap();
+        for overwrite in [false, true] {
+            let e = prepare_run_dir(&f, overwrite, false).unwrap_err();
+            assert!(matches!(e, OutputError::NotADirectory { .. }), "{e}");
+            assert!(e.to_string().contains("notes") && e.to_string().contains("not a directory"));
+            let e = check_export_dir(&f, &["config.json".into()], overwrite).unwrap_err();
+            assert!(matches!(e, OutputError::NotADirectory { .. }), "{e}");
+        }
+        assert_eq!(bytes(&f), b"mine");
     }
 
     #[test]

@@ -173,8 +173,17 @@ fn finetune_overwrite_never_touches_the_users_files() {
     assert!(run_err(&a).contains("--overwrite"));
     a.push("--overwrite");
     run_ok(&a, None);
+    // Notes the user left inside the run's checkpoints survive the next --overwrite run.
+    let step1 = adopted.join("checkpoints/step-00000001");
+    std::fs::write(step1.join("README.md"), "my notes").unwrap();
+    std::fs::write(adopted.join("checkpoints/NOTES.txt"), "mine").unwrap();
     run_ok(&a, None);
     assert_eq!(std::fs::read(adopted.join("notes.txt")).unwrap(), b"mine");
+    assert_eq!(std::fs::read(step1.join("README.md")).unwrap(), b"my notes");
+    assert_eq!(
+        std::fs::read(adopted.join("checkpoints/NOTES.txt")).unwrap(),
+        b"mine"
+    );
     assert_eq!(steps_in(&adopted), vec![1, 2]);
     let metrics = std::fs::read_to_string(adopted.join("metrics.jsonl")).unwrap();
     assert!(!metrics.contains("mine"));
@@ -549,4 +558,52 @@ fn generate_is_capped_at_the_context_and_streams() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.starts_with("the good movie") && out.ends_with('\n'), "{out}");
     assert!(out.split_whitespace().count() <= 128, "{out}");
+}
+
+/// `eval` and `predict` refuse a model whose head would be freshly initialised (no checkpoint to
+/// bring a trained one), and a `--mode` other than the one the checkpoint's run trained in: both
+/// would print figures of a model that was never trained.
+#[test]
+fn eval_and_predict_refuse_untrained_heads_and_a_foreign_mode() {
+    let t = setup();
+    // The fixture without its classifier: a base checkpoint.
+    let base = t.root.join("base");
+    std::fs::create_dir(&base).unwrap();
+    for e in std::fs::read_dir(&t.model).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, base.join(p.file_name().unwrap())).unwrap();
+    }
+    let weights =
+        candle_core::safetensors::load(t.model.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let headless: std::collections::HashMap<_, _> = weights
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("classifier."))
+        .collect();
+    candle_core::safetensors::save(&headless, base.join("model.safetensors")).unwrap();
+    let e = run_err(&["eval", "--model", s(&base), "--data-file", s(&t.data)]);
+    assert!(
+        e.contains("no trained classification head")
+            && e.contains("classifier.weight")
+            && e.contains("--checkpoint"),
+        "{e}"
+    );
+    let text = t.root.join("texts.csv");
+    std::fs::write(&text, "text\na good film\n").unwrap();
+    let e = run_err(&["predict", "--model", s(&base), "--input", s(&text)]);
+    assert!(e.contains("no trained classification head"), "{e}");
+
+    // A LoRA run: --mode dense is refused, naming both modes; its own mode works.
+    let run_dir = t.root.join("run");
+    run_ok(&finetune_args(s(&t.model), s(&t.data), s(&run_dir), "1"), None);
+    let mut a = predict_args(&t, &run_dir, &text).to_vec();
+    let ok = run_ok(&a, None);
+    a.extend(["--mode", "dense"]);
+    let e = run_err(&a);
+    assert!(e.contains("--mode dense") && e.contains("lora mode"), "{e}");
+    *a.last_mut().unwrap() = "lora";
+    assert_eq!(run_ok(&a, None).stdout, ok.stdout);
+    // With the checkpoint, the headless base model is fine: the head comes from the run.
+    let mut a = predict_args(&t, &run_dir, &text).to_vec();
+    a[2] = s(&base);
+    run_ok(&a, None);
 }

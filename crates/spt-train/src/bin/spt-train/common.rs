@@ -11,18 +11,20 @@ use spt_train::config::{resolve_model, FinetuneConfig, Mode};
 use spt_train::data::EncodedDataset;
 use spt_train::data::{LabelMap, TaskKind, TextTokenizer};
 use spt_train::pipeline::model_max_length;
-use spt_train::tasks::{calibration_batches, ModelTask};
+use spt_train::tasks::{calibration_batches, ModelTask, ParamSummary};
 
 #[derive(Args)]
 pub(crate) struct ModelArgs {
     /// Local model directory or Hugging Face hub id.
     #[arg(long)]
     pub(crate) model: String,
-    /// A checkpoint directory, or a run's output directory (its latest checkpoint).
+    /// A checkpoint directory, or a run's output directory (its latest checkpoint); export needs
+    /// one, and eval and predict do unless --model is a fine-tuned (exported) model.
     #[arg(long)]
     pub(crate) checkpoint: Option<PathBuf>,
-    /// Training mode the checkpoint was made with (default: dense; for eval without a
-    /// checkpoint, the mode of `--config`).
+    /// Training mode the checkpoint was made with (default: the run's, from the finetune.toml
+    /// beside the checkpoint; else the mode of `--config`; else dense). A run's checkpoint is
+    /// rebuilt in the run's mode: a different `--mode` is refused.
     #[arg(long, value_enum)]
     pub(crate) mode: Option<Mode>,
     /// cpu, cuda or cuda:N.
@@ -42,13 +44,15 @@ pub(crate) fn device(spec: &str) -> Result<Device> {
 }
 
 /// Builds the trainable task for `cfg` (BertForSequenceClassification or GPT2LMHeadModel in
-/// dense / LoRA / SPT mode); spt mode calibrates on batches drawn from `train`.
+/// dense / LoRA / SPT mode); spt mode calibrates on batches drawn from `train`. `resuming`: the
+/// trained values will come from a checkpoint, so no head is reported as newly initialised.
 pub(crate) fn build_task(
     cfg: &FinetuneConfig,
     model_dir: &Path,
     num_labels: Option<usize>,
     train: Option<&EncodedDataset>,
     device: &Device,
+    resuming: bool,
 ) -> Result<ModelTask> {
     let calibration = match (cfg.mode, train) {
         (Mode::Spt, Some(t)) => calibration_batches(t, cfg.calibration_batches, 16, cfg.seed, device)?,
@@ -56,7 +60,15 @@ pub(crate) fn build_task(
     };
     let task = ModelTask::build(cfg, model_dir, num_labels, device, calibration)
         .with_context(|| format!("building the {:?} model from {}", cfg.mode, model_dir.display()))?;
-    eprintln!("{}", task.summary);
+    if resuming {
+        let summary = ParamSummary {
+            initialised: Vec::new(),
+            ..task.summary.clone()
+        };
+        eprintln!("{summary}; trained values come from the checkpoint being resumed");
+    } else {
+        eprintln!("{}", task.summary);
+    }
     if let Some(r) = &task.sparsify_report {
         for l in &r.layers {
             eprintln!(
@@ -94,6 +106,13 @@ pub(crate) fn build_task(
 /// architecture (`model_type`), so that `--task lm` on BERT is named as such rather than as a
 /// missing tensor, then the config itself, sizes included.
 pub(crate) fn check_model(task: TaskKind, model_dir: &Path) -> Result<()> {
+    if !model_dir.join("config.json").is_file() {
+        bail!(
+            "--model {}: no config.json; a model directory holds a Hugging Face checkpoint \
+             (config.json, model.safetensors and the tokenizer files)",
+            model_dir.display()
+        );
+    }
     match (task, model_type(model_dir)?.as_deref()) {
         (TaskKind::Lm, Some("bert")) => bail!(
             "--task lm: {} is a BERT model (model_type \"bert\" in config.json), which has no language-model head; use --task classify, or a GPT-2 model",
@@ -179,10 +198,23 @@ pub(crate) fn load_trained(
     calibrate: Option<&EncodedDataset>,
 ) -> Result<(ModelTask, PathBuf)> {
     let model_dir = resolve_model(&m.model)?;
+    check_model(task, &model_dir)?;
     let ck = m.checkpoint.as_deref().map(checkpoint_path).transpose()?;
     let run = run_config(ck.as_deref())?;
     let from_run = run.is_some();
     let trained_on = run.as_ref().map(|r| (r.model.clone(), r.mode));
+    if let (Some((_, run_mode)), Some(asked), Some(c)) = (&trained_on, m.mode, &ck) {
+        if asked != *run_mode {
+            bail!(
+                "--mode {}: {} was trained in {} mode (its run's finetune.toml), and a checkpoint \
+                 is rebuilt in the mode it was trained in; drop --mode, or export it \
+                 (`spt-train export`) and evaluate the export in another mode",
+                mode_name(asked),
+                c.display(),
+                mode_name(*run_mode)
+            );
+        }
+    }
     let mut cfg = run.unwrap_or_else(|| {
         let mut c = settings.cloned().unwrap_or_default();
         c.mode = m
@@ -192,7 +224,7 @@ pub(crate) fn load_trained(
     });
     cfg.task = task;
     let mut t = match (ck.is_none() && cfg.mode == Mode::Spt, calibrate) {
-        (true, Some(data)) => build_task(&cfg, &model_dir, num_labels, Some(data), dev)?,
+        (true, Some(data)) => build_task(&cfg, &model_dir, num_labels, Some(data), dev, false)?,
         (true, None) => bail!(
             "--mode spt without --checkpoint: the sparse model fits its PQ codebooks and routers on \
              data, and this command has none to fit them on; pass --checkpoint (an spt run) or use \
@@ -201,6 +233,19 @@ pub(crate) fn load_trained(
         (false, _) => ModelTask::build(&cfg, &model_dir, num_labels, dev, Vec::new())
             .with_context(|| format!("building the {:?} model from {}", cfg.mode, model_dir.display()))?,
     };
+    if ck.is_none() && !t.summary.initialised.is_empty() {
+        bail!(
+            "{} has no trained {} ({} not in its weights): a freshly initialised head gives \
+             meaningless results; pass --checkpoint (a finetune run) or a fine-tuned model \
+             (`spt-train export` writes one)",
+            model_dir.display(),
+            match task {
+                TaskKind::Classify => "classification head",
+                TaskKind::Lm => "language-model head",
+            },
+            t.summary.initialised.join(", ")
+        );
+    }
     if !from_run && ck.is_some() && m.mode.is_none() && settings.is_none() {
         tracing::warn!("no finetune.toml found beside the checkpoint; assuming a dense run (pass --mode)");
     }
@@ -233,6 +278,14 @@ pub(crate) fn load_trained(
         tracing::info!(checkpoint = %c.display(), mode = ?cfg.mode, "model restored");
     }
     Ok((t, model_dir))
+}
+
+/// A mode as its flag value spells it.
+fn mode_name(m: Mode) -> String {
+    use clap::ValueEnum;
+    m.to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_else(|| format!("{m:?}"))
 }
 
 /// `model_type` from the model's config.json, if it names one.

@@ -36,6 +36,7 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
         data.labels.as_ref().map(LabelMap::len),
         Some(&data.train),
         &dev,
+        resuming,
     )?;
     prepare_run_dir(&cfg.output_dir, cfg.overwrite, resuming)?;
     if let Resume::From(p) = &resume {
