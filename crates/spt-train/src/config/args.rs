@@ -16,6 +16,7 @@ pub struct FinetuneArgs {
     /// Local model directory or Hugging Face hub id (honours HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE).
     #[arg(long)]
     pub model: Option<String>,
+    /// classify (BERT, a label per text) or lm (GPT-2, next-token loss) (default: classify).
     #[arg(long, value_enum, hide_possible_values = true, value_name = "classify|lm")]
     pub task: Option<TaskKind>,
     /// Tokenizer directory or tokenizer.json (default: the model directory).
@@ -27,7 +28,7 @@ pub struct FinetuneArgs {
     /// Validation file; repeat for several.
     #[arg(long = "validation-file", value_name = "FILE")]
     pub validation_files: Vec<PathBuf>,
-    /// Held-out fraction when no validation file is given (0: none).
+    /// Held-out fraction when no validation file is given (0: none) (default: 0.1).
     #[arg(long)]
     pub validation_split: Option<f64>,
     /// Column kept whole on one side of the split (e.g. movie_name).
@@ -35,10 +36,12 @@ pub struct FinetuneArgs {
     pub split_by: Option<String>,
     #[arg(long, value_enum, hide = true)]
     pub format: Option<DataFormat>,
+    /// Column (CSV, TSV) or key (JSONL) holding the text (default: text).
     #[arg(long)]
     pub text_column: Option<String>,
     #[arg(long, hide = true)]
     pub text_pair_column: Option<String>,
+    /// Column or key holding the label (default: label).
     #[arg(long)]
     pub label_column: Option<String>,
     /// Drop rows with this label; repeat for several.
@@ -53,12 +56,14 @@ pub struct FinetuneArgs {
     /// LM block length.
     #[arg(long, hide = true)]
     pub block_size: Option<usize>,
+    /// Run directory: checkpoints, metrics, the resolved settings (default: spt-output).
     #[arg(long)]
     pub output_dir: Option<PathBuf>,
     /// Use a non-empty output directory that spt-train did not create, or restart an earlier run.
     #[arg(long)]
     pub overwrite: bool,
-    /// What trains: every weight (dense), LoRA adapters (lora), or SPT's sparse layers + LoRA.
+    /// What trains: every weight (dense), LoRA adapters (lora), or SPT's sparse layers + LoRA
+    /// (default: dense).
     #[arg(long, value_enum, hide_possible_values = true, value_name = "dense|lora|spt")]
     pub mode: Option<Mode>,
     /// SPT recipe (default fast; implies --mode spt); see "Presets" below. Other flags override
@@ -81,16 +86,17 @@ pub struct FinetuneArgs {
     /// Refresh PQ codebooks every N steps (0: never).
     #[arg(long, hide = true)]
     pub pq_refresh_every: Option<u64>,
-    /// Routed-FFN blocks.
+    /// Routed-FFN blocks (default: 8).
     #[arg(long)]
     pub ffn_blocks: Option<usize>,
-    /// Routed-FFN blocks used per token.
+    /// Routed-FFN blocks used per token (default: the preset's).
     #[arg(long)]
     pub ffn_top_k: Option<usize>,
     /// Which hidden units form each routed-FFN block.
     #[arg(long, value_enum, hide = true)]
     pub ffn_units: Option<FfnUnits>,
-    /// Linear correction for the FFN blocks a token skips, fitted on the calibration tokens.
+    /// Linear correction for the FFN blocks a token skips, fitted on the calibration tokens
+    /// (default: the preset's).
     #[arg(long)]
     pub ffn_correction: Option<bool>,
     /// Batches of 16 training examples that calibrate the sparse layers (spt).
@@ -104,38 +110,45 @@ pub struct FinetuneArgs {
     #[arg(long, hide = true)]
     pub router_lr_scale: Option<f64>,
     /// LoRA rank (lora, spt). In spt mode 0 means no adapters: every weight trains through the
-    /// sparse attention and routed FFN (e.g. training from random weights).
+    /// sparse attention and routed FFN (e.g. training from random weights) (default: 8).
     #[arg(long)]
     pub lora_rank: Option<usize>,
+    /// LoRA updates are scaled by alpha / rank (default: 16).
     #[arg(long)]
     pub lora_alpha: Option<f64>,
     #[arg(long, hide = true)]
     pub lora_dropout: Option<f64>,
     /// Modules trained in full besides the adapters and head (lora, spt), comma-separated HF
-    /// module names, e.g. `pooler` (PEFT's `modules_to_save`).
+    /// module names, e.g. `pooler` (PEFT's `modules_to_save`); `""` for none (default: the
+    /// preset's, pooler; else none).
     #[arg(long, value_delimiter = ',', value_name = "MODULES")]
     pub modules_to_save: Vec<String>,
     /// GPT-2 only: random initial weights instead of a checkpoint.
     #[arg(long, hide = true)]
     pub random_init: bool,
+    /// Passes over the training data (default: 3).
     #[arg(long)]
     pub epochs: Option<u64>,
     /// Total optimizer updates (overrides --epochs).
     #[arg(long)]
     pub max_steps: Option<u64>,
+    /// Examples per micro-batch (default: 16).
     #[arg(long)]
     pub batch_size: Option<usize>,
     #[arg(long, hide = true)]
     pub eval_batch_size: Option<usize>,
-    /// Micro-batches per optimizer update.
+    /// Micro-batches per optimizer update (default: 1).
     #[arg(long)]
     pub grad_accum: Option<usize>,
+    /// Peak learning rate (default: dense 1e-4, lora and spt 1e-3).
     #[arg(long)]
     pub lr: Option<f64>,
     #[arg(long, hide = true)]
     pub warmup_steps: Option<u64>,
+    /// Fraction of the optimizer steps spent warming the learning rate up (default: 0).
     #[arg(long)]
     pub warmup_ratio: Option<f64>,
+    /// Learning-rate decay after the warm-up (default: linear).
     #[arg(
         long,
         value_enum,
@@ -143,6 +156,7 @@ pub struct FinetuneArgs {
         value_name = "linear|cosine|constant"
     )]
     pub schedule: Option<ScheduleKind>,
+    /// AdamW's decoupled weight decay (default: 0.01).
     #[arg(long)]
     pub weight_decay: Option<f64>,
     #[arg(long, hide = true)]
@@ -151,13 +165,16 @@ pub struct FinetuneArgs {
     pub adam_beta2: Option<f64>,
     #[arg(long, hide = true)]
     pub adam_eps: Option<f64>,
-    /// Clip the global gradient norm to this (0: off).
+    /// Clip the global gradient norm to this (0: off) (default: 1).
     #[arg(long, alias = "clip")]
     pub max_grad_norm: Option<f64>,
+    /// Seeds the data order, the validation split, dropout and new weights (default: 42).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Evaluate every N optimizer steps (0: only at the end) (default: 0).
     #[arg(long)]
     pub eval_every: Option<u64>,
+    /// Save a checkpoint every N optimizer steps (0: only at the end and on Ctrl-C) (default: 0).
     #[arg(long)]
     pub save_every: Option<u64>,
     #[arg(long, hide = true)]
@@ -167,7 +184,7 @@ pub struct FinetuneArgs {
     /// Resume from the latest checkpoint in --output-dir, or from the given checkpoint directory.
     #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "CHECKPOINT")]
     pub resume: Option<String>,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda or cuda:N (default: cpu).
     #[arg(long)]
     pub device: Option<String>,
     /// Hide the progress bar.
@@ -263,6 +280,8 @@ impl FinetuneConfig {
                 attn_k_fraction, attn_tile, pq_subspaces, pq_codewords, max_steps, eval_batch_size, warmup_steps, resume;
             list: train_files, validation_files, drop_labels, modules_to_save
         );
+        // `--modules-to-save ""`: none (a preset's pooler off), not a module named "".
+        c.modules_to_save.retain(|m| !m.trim().is_empty());
         if a.overwrite {
             c.overwrite = true;
         }

@@ -359,3 +359,68 @@ fn set_overrides_any_setting_by_its_section() {
     let e = with(&["--set", "spt.ffn.top_k=9"]).unwrap_err().to_string();
     assert!(e.contains("ffn_top_k"), "{e}");
 }
+
+/// Every "(default: X)" that `finetune --help` states is the value a run gets without the flag.
+#[test]
+fn help_states_the_real_defaults() {
+    use clap::CommandFactory;
+    let help = Cli::command().render_long_help().to_string();
+    let d = FinetuneConfig::default();
+    let lr = |m| format!("{:e}", crate::presets::default_lr(m));
+    let schedule = format!("{:?}", d.schedule).to_lowercase();
+    let expected: Vec<(&str, String)> = vec![
+        ("--task", format!("{:?}", d.task).to_lowercase()),
+        ("--validation-split", d.validation_split.to_string()),
+        ("--text-column", d.text_column.clone()),
+        ("--label-column", d.label_column.clone()),
+        ("--output-dir", d.output_dir.display().to_string()),
+        ("--mode", format!("{:?}", d.mode).to_lowercase()),
+        ("--ffn-blocks", d.ffn_blocks.to_string()),
+        ("--lora-rank", d.lora_rank.to_string()),
+        ("--lora-alpha", d.lora_alpha.to_string()),
+        ("--epochs", d.epochs.to_string()),
+        ("--batch-size", d.batch_size.to_string()),
+        ("--grad-accum", d.grad_accum.to_string()),
+        (
+            "--lr",
+            format!("dense {}, lora and spt {}", lr(Mode::Dense), lr(Mode::Lora)),
+        ),
+        ("--warmup-ratio", d.warmup_ratio.to_string()),
+        ("--schedule", schedule),
+        ("--weight-decay", d.weight_decay.to_string()),
+        ("--max-grad-norm", d.max_grad_norm.to_string()),
+        ("--seed", d.seed.to_string()),
+        ("--eval-every", d.eval_every.to_string()),
+        ("--save-every", d.save_every.to_string()),
+        ("--device", d.device.clone()),
+    ];
+    assert_eq!(lr(Mode::Lora), lr(Mode::Spt));
+    for (flag, value) in expected {
+        // The flag's entry: from its line to the next flag's.
+        let start = help
+            .find(&format!("      {flag} "))
+            .unwrap_or_else(|| panic!("{flag} is not in the help"));
+        let rest = &help[start + flag.len() + 6..];
+        let entry = &rest[..rest.find("\n      --").unwrap_or(rest.len())];
+        let entry = entry.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(
+            entry.contains(&format!("(default: {value})")),
+            "{flag}: the help says `{entry}`, the default is {value}"
+        );
+    }
+}
+
+#[test]
+fn an_empty_modules_to_save_turns_the_presets_pooler_off() {
+    let base = ["--model", "m", "--train-file", "t.csv", "--preset", "fast"];
+    let cfg = |extra: &[&str]| {
+        let argv: Vec<&str> = base.iter().chain(extra).copied().collect();
+        FinetuneConfig::from_args(&parse(&argv)).unwrap()
+    };
+    assert_eq!(cfg(&[]).modules_to_save, vec!["pooler".to_string()]);
+    assert!(cfg(&["--modules-to-save", ""]).modules_to_save.is_empty());
+    assert_eq!(
+        cfg(&["--modules-to-save", "pooler,"]).modules_to_save,
+        vec!["pooler".to_string()]
+    );
+}
