@@ -107,6 +107,17 @@ pub fn read_classification(
     if !drop_labels.is_empty() {
         examples.retain(|e| e.label.as_ref().is_none_or(|l| !drop_labels.contains(l)));
     }
+    // A blank label is missing data, not a class named "".
+    if let Some(e) = examples.iter().find(|e| e.label.as_deref() == Some("")) {
+        return Err(DataError::Parse {
+            path: path.to_path_buf(),
+            line: e.line,
+            msg: format!(
+                "the label (column `{}`) is empty; fill it in, or skip such rows with --drop-label \"\"",
+                columns.label.as_deref().unwrap_or_default()
+            ),
+        });
+    }
     if examples.is_empty() {
         let detail = if before > 0 {
             format!(" left after dropping labels {drop_labels:?}")
@@ -732,6 +743,19 @@ mod tests {
             e.contains("k.jsonl") && e.contains("line 2") && e.contains("`text`"),
             "{e}"
         );
+        // A blank label: named, and skipped with --drop-label "".
+        let blank = b"category,text,movie_name\nfresh,ok,A\n ,meh,B\nrotten,bad,C\n";
+        let p = write(dir.path(), "b.csv", blank);
+        let e = read_classification(&p, None, &spec, &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("b.csv")
+                && e.contains("line 3")
+                && e.contains("`category`")
+                && e.contains("--drop-label"),
+            "{e}"
+        );
+        let d = read_classification(&p, None, &spec, &["".into()]).unwrap();
+        assert_eq!(d.examples.len(), 2);
         // Ragged CSV row.
         let p = write(
             dir.path(),
