@@ -3,12 +3,25 @@
 use crate::norm::softmax_last_dim;
 use candle_core::{bail, DType, Device, Result, Tensor};
 
-/// Which keys a query may attend to: an optional causal constraint (key j ≤ query i) and an
-/// optional key-padding mask `[B, L_k]` (nonzero = attend; any dtype).
+/// Which keys a query may attend to: an optional causal constraint (key j ≤ query i, both counted
+/// from 0: top-left aligned when L_q ≠ L_k, unlike flash-attn's bottom-right; a one-token decoding
+/// step over a key cache sees every cached key, so it passes no causal mask) and an optional
+/// key-padding mask `[B, L_k]` of 0 / 1 (1 = attend; any dtype).
 #[derive(Debug, Clone, Default)]
 pub struct AttentionMask {
     pub causal: bool,
     pub key_padding: Option<Tensor>,
+}
+
+/// The error for a key-padding mask entry other than 0 / 1 at flat index `i` of `dims` `[B, L_k]`.
+fn non_binary(op: &str, dims: &[usize], i: usize, x: f64) -> Result<()> {
+    let lk = dims.get(1).copied().unwrap_or(1).max(1);
+    bail!(
+        "{op}: key_padding mask holds {x} at [{}, {}]; expected 0 / 1 (1 = attend). An additive \
+         mask (0 / -10000 or -inf, HF's extended attention mask) must be turned back into 0 / 1",
+        i / lk,
+        i % lk
+    )
 }
 
 /// Score added to disallowed entries in the dense path: exp underflows to exactly 0.
@@ -28,7 +41,9 @@ impl AttentionMask {
         }
     }
 
-    /// Adds a key-padding mask `[B, L_k]`, nonzero = attend (BERT's attention_mask).
+    /// Adds a key-padding mask `[B, L_k]` of 0 / 1, 1 = attend (BERT's attention_mask). Other
+    /// values are refused by the ops: an additive mask (0 / −10000, HF's extended mask) would
+    /// otherwise read as "attend" everywhere.
     pub fn with_key_padding(mut self, mask: Tensor) -> Self {
         self.key_padding = Some(mask);
         self
@@ -48,12 +63,28 @@ impl AttentionMask {
         Ok(Some(m))
     }
 
+    /// Refuses a key-padding mask holding anything but 0 and 1, naming the first such entry.
+    /// Reads one scalar back from the device; the mask itself only on the error path.
+    fn check_binary(op: &str, m: &Tensor) -> Result<()> {
+        let m = m.to_dtype(DType::F32)?;
+        let bad = m.ne(0f32)?.mul(&m.ne(1f32)?)?;
+        if bad.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()? == 0 {
+            return Ok(());
+        }
+        let v = m.flatten_all()?.to_vec1::<f32>()?;
+        let i = v.iter().position(|&x| x != 0.0 && x != 1.0).unwrap_or(0);
+        non_binary(op, m.dims(), i, v[i] as f64)
+    }
+
     /// The key-padding mask as host booleans `[B·L_k]`, checked against `(b, lk)`.
     pub(crate) fn key_allowed(&self, op: &str, b: usize, lk: usize) -> Result<Option<Vec<bool>>> {
         let Some(m) = self.key_padding_checked(op, b, lk)? else {
             return Ok(None);
         };
         let v = m.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+        if let Some(i) = v.iter().position(|&x| x != 0.0 && x != 1.0) {
+            non_binary(op, m.dims(), i, v[i])?;
+        }
         Ok(Some(v.into_iter().map(|x| x != 0.0).collect()))
     }
 
@@ -70,6 +101,7 @@ impl AttentionMask {
         let Some(m) = self.key_padding_checked(op, b, lk)? else {
             return Ok(None);
         };
+        Self::check_binary(op, m)?;
         Ok(Some(
             m.to_device(dev)?
                 .to_dtype(DType::F32)?
@@ -105,6 +137,7 @@ impl AttentionMask {
                         m.dims()
                     );
                 }
+                Self::check_binary("dense_attention", m)?;
                 let m = m.to_device(dev)?.to_dtype(DType::F32)?;
                 Some(m.ne(0f32)?.reshape((b, 1, 1, lk))?) // u8 [B, 1, 1, L_k]
             }
@@ -148,6 +181,7 @@ pub fn dense_attention(
     mask: &AttentionMask,
     scale: f64,
 ) -> Result<Tensor> {
+    crate::util::check_qkv("dense_attention", q, k, v)?;
     dense_probs(q, k, mask, scale)?.matmul(&v.contiguous()?)
 }
 

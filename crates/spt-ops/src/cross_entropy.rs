@@ -73,6 +73,7 @@ pub fn linear_cross_entropy(
     let t = read_targets(op, targets, mask, n, v)?;
     let scale = match reduction {
         Reduction::Sum => 1.0,
+        Reduction::Mean if n == 0 => bail!("{op}: h has no rows to average over"),
         Reduction::Mean if t.rows.is_empty() => {
             bail!("{op}: the mask leaves no row to average over (all {n} rows are masked)")
         }
@@ -146,6 +147,12 @@ fn read_targets(op: &str, targets: &Tensor, mask: Option<&Tensor>, n: usize, v: 
             targets.dims()
         );
     }
+    if targets.dtype().is_float() {
+        bail!(
+            "{op}: targets are {:?}, expected class ids as an integer dtype (u32 or i64)",
+            targets.dtype()
+        );
+    }
     let labels: Vec<i64> = targets.to_dtype(DType::I64)?.to_vec1()?;
     let keep: Vec<bool> = match mask {
         None => vec![true; n],
@@ -153,11 +160,12 @@ fn read_targets(op: &str, targets: &Tensor, mask: Option<&Tensor>, n: usize, v: 
             if m.dims() != [n] {
                 bail!("{op}: mask is {:?}, expected [{n}]", m.dims());
             }
-            m.to_dtype(DType::F64)?
-                .to_vec1::<f64>()?
-                .into_iter()
-                .map(|x| x != 0.0)
-                .collect()
+            let m = m.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            // A mask is not a weight: 0.5 would silently count as 1.
+            if let Some(i) = m.iter().position(|&x| x != 0.0 && x != 1.0) {
+                bail!("{op}: mask[{i}] = {}, expected 0 or 1 (1 = the row counts)", m[i]);
+            }
+            m.into_iter().map(|x| x != 0.0).collect()
         }
     };
     let mut rows = Vec::new();

@@ -14,7 +14,9 @@ use rayon::prelude::*;
 
 /// `[B, L, H·d] → [B, H, L, d]` (contiguous), differentiable.
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
-    let (b, l, hd) = x.dims3()?;
+    let Ok((b, l, hd)) = x.dims3() else {
+        bail!("split_heads: x is {:?}, expected [B, L, H·d]", x.dims())
+    };
     if heads == 0 || hd % heads != 0 {
         bail!(
             "split_heads: width {hd} of {:?} is not a multiple of {heads} heads",
@@ -43,7 +45,9 @@ pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
 
 /// `[B, H, L, d] → [B, L, H·d]` (contiguous), differentiable: the inverse of [`split_heads`].
 pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
-    let (b, h, l, d) = x.dims4()?;
+    let Ok((b, h, l, d)) = x.dims4() else {
+        bail!("merge_heads: x is {:?}, expected [B, H, L, d]", x.dims())
+    };
     if !fused(x) {
         return x.transpose(1, 2)?.contiguous()?.reshape((b, l, h * d));
     }

@@ -40,10 +40,12 @@ mod util;
 pub use activation::{gelu_erf, gelu_tanh, Activation};
 pub use attention::{dense_attention, AttentionMask};
 pub use block_sparse_attention::block_sparse_attention;
-pub use cross_entropy::{linear_cross_entropy, Reduction};
-pub use flash_attention::{flash_attention, flash_attention_is_fused, SeededDropout};
+pub use cross_entropy::{cross_entropy, linear_cross_entropy, linear_cross_entropy_reference, Reduction};
+pub use flash_attention::{
+    flash_attention, flash_attention_is_fused, flash_attention_reference, SeededDropout,
+};
 pub use heads::{merge_heads, split_heads};
-pub use lora::{HeadsLayout, LoraConfig, LoraError, LoraLinear};
+pub use lora::{lora_linear, lora_linear_heads, HeadsLayout, LoraConfig, LoraError, LoraLinear};
 pub use norm::{layer_norm, residual_dropout, residual_layer_norm, softmax_last_dim};
 pub use pq::{
     pq_attention, pq_sparse_attention, select_blocks, select_keys, BlockScore, BlockSelection, BlockTiling,

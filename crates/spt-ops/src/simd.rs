@@ -277,7 +277,8 @@ pub(crate) mod avx2 {
 
     /// `x ← exp(x − shift)`, returning the sum. exp by range reduction, `x = n·ln 2 + r` with
     /// |r| ≤ ln 2 / 2, a degree-7 polynomial for `e^r` (relative error ~1e-7, within 2 ulp of
-    /// libm on [−87, 0]) and `2^n` built in the exponent bits. Inputs below −87 (and −∞) give 0.
+    /// libm on [−87, 0]) and `2^n` built in the exponent bits. Inputs below −87 (and −∞) give 0;
+    /// NaN gives NaN.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn exp_shift(x: &mut [f32], shift: f32) -> f32 {
         let n = x.len();
@@ -304,13 +305,15 @@ pub(crate) mod avx2 {
         sum
     }
 
-    /// e^x for 8 lanes; lanes below −87 (including −∞ and NaN-free masked scores) give 0.
+    /// e^x for 8 lanes; lanes below −87 (including −∞, masked scores) give 0, NaN stays NaN.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
-        let keep = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0), _CMP_GE_OQ);
-        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
-        let x = _mm256_min_ps(x, _mm256_set1_ps(88.0));
+        // Unordered "not less than" keeps NaN lanes, and max / min return their second operand
+        // when one is NaN: a diverged score must come out NaN, not as a masked 0.
+        let keep = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0), _CMP_NLT_UQ);
+        let x = _mm256_max_ps(_mm256_set1_ps(-87.0), x);
+        let x = _mm256_min_ps(_mm256_set1_ps(88.0), x);
         let n = _mm256_round_ps(
             _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,

@@ -22,6 +22,17 @@ impl Float for f64 {
     }
 }
 
+/// A softmax row's max. `max` skips NaN, so a row of NaN only (a diverged input) would read as a
+/// fully masked row (max −∞, output 0); it gets NaN, which then propagates as it does in candle.
+pub(crate) fn row_max<T: Float>(row: &[T]) -> T {
+    let m = row.iter().copied().fold(T::neg_infinity(), T::max);
+    if m == T::neg_infinity() && row.iter().any(|x| x.is_nan()) {
+        T::nan()
+    } else {
+        m
+    }
+}
+
 /// The contiguous slice a layout describes, or a named error.
 pub(crate) fn contiguous<'a, T: candle_core::WithDType>(
     op: &str,

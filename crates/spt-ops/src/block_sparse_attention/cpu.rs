@@ -11,7 +11,7 @@
 use crate::blas::{gemm_into, gemm_scaled, transpose, Mat};
 use crate::pq::SENTINEL;
 use crate::simd::Vector;
-use crate::util::Float;
+use crate::util::{row_max, Float};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -199,7 +199,7 @@ pub(crate) fn forward<T: Vector>(
                         let q_tile = &q[(bh * lq + i0) * d..(bh * lq + i0 + m) * d];
                         masked_scores(q_tile, g, s, i0, bh / n.h, n, scale);
                         for (row, l) in s.chunks_mut(nk).zip(lset.iter_mut()) {
-                            let max = row.iter().fold(T::neg_infinity(), |a, &x| a.max(x));
+                            let max = row_max(row);
                             if max == T::neg_infinity() {
                                 row.fill(T::zero());
                                 continue;

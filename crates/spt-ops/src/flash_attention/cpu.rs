@@ -12,7 +12,7 @@
 use super::dropout::{DropoutElem, RowDropout};
 use crate::blas::{gemm_into, gemm_scaled, transpose, Mat};
 use crate::simd::Vector;
-use crate::util::Float;
+use crate::util::{row_max, Float};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -133,7 +133,7 @@ pub(crate) fn forward<T: Float + Vector + DropoutElem>(
                     let q_tile = &q[(bh * lq + i0) * d..(bh * lq + i0 + m) * d];
                     masked_scores(q_tile, &kt, nk, s, i0, b, n, scale);
                     for (r, (row, l)) in s.chunks_mut(nk).zip(lset.iter_mut()).enumerate() {
-                        let max = row.iter().fold(T::neg_infinity(), |a, &x| a.max(x));
+                        let max = row_max(row);
                         if max == T::neg_infinity() {
                             row.fill(T::zero());
                             continue;

@@ -14,7 +14,9 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
     let op = "layer_norm";
     check_float(op, "x", x)?;
     check_same(op, &[("x", x), ("gamma", gamma), ("beta", beta)])?;
-    let d = x.dim(candle_core::D::Minus1)?;
+    let Some(&d) = x.dims().last() else {
+        bail!("layer_norm: x is a scalar, expected [.., d]")
+    };
     if gamma.dims() != [d] || beta.dims() != [d] {
         bail!(
             "layer_norm: x is {:?}, expected gamma and beta of shape [{d}], got {:?} and {:?}",

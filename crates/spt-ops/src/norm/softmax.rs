@@ -2,7 +2,7 @@
 //! the output: `dx = y ⊙ (dy − Σ y·dy)`.
 
 use crate::simd::Vector;
-use crate::util::{check_float, contiguous, Float};
+use crate::util::{check_float, contiguous, row_max, Float};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -22,7 +22,7 @@ fn forward<T: Vector>(x: &[T], d: usize) -> Vec<T> {
         return y;
     }
     y.par_chunks_mut(d).for_each(|y| {
-        let max = y.iter().copied().fold(T::neg_infinity(), T::max);
+        let max = row_max(y);
         let sum = T::exp_shift(y, max);
         let inv = sum.recip();
         y.iter_mut().for_each(|y| *y = *y * inv);

@@ -173,6 +173,20 @@ impl Codebook {
         if c == 0 || c > 256 {
             bail!("Codebook::fit: n_codewords = {c}, expected 1..=256 (codes are u8)");
         }
+        // Nothing to fit would give all-zero centroids, and every key the same code.
+        if b * l == 0 || h == 0 || cfg.max_samples == 0 {
+            bail!(
+                "Codebook::fit: no keys to fit on (keys {:?}, max_samples {}); pass at least one key per head",
+                keys.dims(),
+                cfg.max_samples
+            );
+        }
+        if let Some(i) = data.iter().position(|x| !x.is_finite()) {
+            bail!(
+                "Codebook::fit: keys hold a non-finite value ({} at flat index {i}); centroids would be NaN",
+                data[i]
+            );
+        }
         let dc = d / s;
         let groups = if cfg.per_head { h } else { 1 };
         let mut centroids = vec![0f32; groups * s * c * dc];

@@ -151,6 +151,14 @@ pub fn select_keys(
         );
     }
     let kk = k.resolve(lk)?;
+    if b * h * lq == 0 {
+        // No query rows: an empty selection (the kernels below chunk by rows).
+        let dev = q.device();
+        return Ok(KeySelection {
+            indices: Tensor::zeros((b, h, lq, kk), DType::U32, dev)?,
+            counts: Tensor::zeros((b, h, lq), DType::U32, dev)?,
+        });
+    }
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() {
         return super::cuda::select(q, codes, codebook, kk, mask, (b, h, lq, d), lk);

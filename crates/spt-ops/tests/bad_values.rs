@@ -1,0 +1,222 @@
+//! Inputs at the edges that a model meets in practice: no query rows, NaN from a diverged run,
+//! nothing to calibrate on, an additive (HF-style) mask where a 0 / 1 mask belongs, and
+//! arguments of the wrong rank or dtype. Each gives a result candle would give, or an error that
+//! names the op and what it expected; never a panic, never a silently wrong number.
+
+mod common;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use common::uniform;
+use spt_ops::{
+    dense_attention, flash_attention, layer_norm, linear_cross_entropy, merge_heads, pq_sparse_attention,
+    softmax_last_dim, split_heads, AttentionMask, Codebook, KeyTopK, PqConfig, Reduction,
+};
+
+fn nan_rows(t: &Tensor) -> Result<Vec<bool>> {
+    let d = *t.dims().last().unwrap();
+    let v = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    Ok(v.chunks(d).map(|r| r.iter().all(|x| x.is_nan())).collect())
+}
+
+fn all_finite(t: &Tensor) -> Result<bool> {
+    let v = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    Ok(v.iter().all(|x| x.is_finite()))
+}
+
+fn err<T: std::fmt::Debug>(r: Result<T>) -> String {
+    r.expect_err("expected an error").to_string()
+}
+
+#[test]
+fn no_query_rows_give_an_empty_output_and_gradient() -> Result<()> {
+    let q = Var::from_tensor(&uniform(&[1, 2, 0, 8], 1.0, 1, DType::F32)?)?;
+    let k = Var::from_tensor(&uniform(&[1, 2, 8, 8], 1.0, 2, DType::F32)?)?;
+    let v = Var::from_tensor(&uniform(&[1, 2, 8, 8], 1.0, 3, DType::F32)?)?;
+    let cb = Codebook::fit(
+        k.as_tensor(),
+        &PqConfig {
+            n_subspaces: 2,
+            n_codewords: 4,
+            ..Default::default()
+        },
+    )?;
+    for mask in [AttentionMask::none(), AttentionMask::causal()] {
+        let o = pq_sparse_attention(&q, &k, &v, &cb, KeyTopK::Count(2), &mask, 0.5)?;
+        assert_eq!(o.dims(), &[1, 2, 0, 8]);
+        let g = o.sum_all()?.backward()?;
+        assert_eq!(g.get(&k).map(|t| t.dims().to_vec()), Some(vec![1, 2, 8, 8]));
+    }
+    Ok(())
+}
+
+#[test]
+fn nan_propagates_as_in_candle() -> Result<()> {
+    for dtype in [DType::F32, DType::F64] {
+        // Softmax: a row with a NaN is NaN; the others are untouched. 17 columns: the SIMD body
+        // and its tail.
+        let x = uniform(&[3, 17], 2.0, 4, dtype)?;
+        let mut v = x.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+        v[1][16] = f64::NAN;
+        v[2] = vec![f64::NAN; 17];
+        let x = Tensor::new(v, &Device::Cpu)?.to_dtype(dtype)?;
+        assert_eq!(
+            nan_rows(&softmax_last_dim(&x)?)?,
+            [false, true, true],
+            "{dtype:?}"
+        );
+
+        // Attention: a NaN in one query row makes that row NaN (before: zeros); in a key, every
+        // row that sees it; a NaN scale, everything.
+        let (b, h, l, d) = (1, 2, 5, 4);
+        let q = uniform(&[b, h, l, d], 1.0, 5, dtype)?;
+        let k = uniform(&[b, h, l, d], 1.0, 6, dtype)?;
+        let v = uniform(&[b, h, l, d], 1.0, 7, dtype)?;
+        let mut qv = q.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+        qv[2 * d..3 * d].fill(f64::NAN); // head 0, query 2
+        let q_nan = Tensor::from_vec(qv, (b, h, l, d), &Device::Cpu)?.to_dtype(dtype)?;
+        let o = flash_attention(&q_nan, &k, &v, &AttentionMask::none(), 0.5, None)?;
+        let rows = nan_rows(&o)?;
+        assert!(
+            rows[2] && rows.iter().filter(|&&r| r).count() == 1,
+            "{dtype:?}: {rows:?}"
+        );
+        let mut kv = k.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+        kv[3 * d] = f64::NAN; // head 0, key 3: causal queries 3 and 4 see it
+        let k_nan = Tensor::from_vec(kv, (b, h, l, d), &Device::Cpu)?.to_dtype(dtype)?;
+        let o = flash_attention(&q, &k_nan, &v, &AttentionMask::causal(), 0.5, None)?;
+        let want: Vec<bool> = (0..b * h * l).map(|r| r == 3 || r == 4).collect();
+        assert_eq!(nan_rows(&o)?, want, "{dtype:?}");
+        let o = flash_attention(&q, &k, &v, &AttentionMask::none(), f64::NAN, None)?;
+        assert!(nan_rows(&o)?.iter().all(|&r| r), "{dtype:?}");
+        assert!(all_finite(&flash_attention(
+            &q,
+            &k,
+            &v,
+            &AttentionMask::causal(),
+            0.5,
+            None
+        )?)?);
+
+        // The fused LM head: a NaN anywhere in W makes the loss NaN.
+        let hdn = uniform(&[6, 4], 1.0, 8, dtype)?;
+        let mut wv = uniform(&[9, 4], 1.0, 9, dtype)?
+            .to_dtype(DType::F64)?
+            .to_vec2::<f64>()?;
+        let t = Tensor::new(&[0u32, 1, 2, 3, 4, 5], &Device::Cpu)?;
+        let w = Tensor::new(wv.clone(), &Device::Cpu)?.to_dtype(dtype)?;
+        let loss = linear_cross_entropy(&hdn, &w, &t, None, Reduction::Mean)?;
+        assert!(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite());
+        wv[8][1] = f64::NAN; // a class no row targets
+        let w = Tensor::new(wv, &Device::Cpu)?.to_dtype(dtype)?;
+        let loss = linear_cross_entropy(&hdn, &w, &t, None, Reduction::Mean)?;
+        assert!(
+            loss.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_nan(),
+            "{dtype:?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_codebook_needs_finite_keys_to_fit() -> Result<()> {
+    let cfg = PqConfig {
+        n_subspaces: 2,
+        n_codewords: 4,
+        ..Default::default()
+    };
+    for shape in [[1, 2, 0, 8], [0, 2, 8, 8]] {
+        let e = err(Codebook::fit(
+            &Tensor::zeros(&shape, DType::F32, &Device::Cpu)?,
+            &cfg,
+        ));
+        assert!(e.contains("Codebook::fit") && e.contains("no keys"), "{e}");
+    }
+    let keys = uniform(&[1, 2, 8, 8], 1.0, 10, DType::F32)?;
+    let none = PqConfig {
+        max_samples: 0,
+        ..cfg.clone()
+    };
+    assert!(err(Codebook::fit(&keys, &none)).contains("max_samples 0"));
+    let nan = (keys.clone() * f64::NAN)?;
+    let e = err(Codebook::fit(&nan, &cfg));
+    assert!(e.contains("non-finite"), "{e}");
+    assert!(Codebook::fit(&keys, &cfg).is_ok());
+    Ok(())
+}
+
+#[test]
+fn an_additive_mask_is_refused_where_a_0_1_mask_belongs() -> Result<()> {
+    let (b, h, l, d) = (1, 2, 4, 8);
+    let q = uniform(&[b, h, l, d], 1.0, 11, DType::F32)?;
+    let k = uniform(&[b, h, l, d], 1.0, 12, DType::F32)?;
+    let v = uniform(&[b, h, l, d], 1.0, 13, DType::F32)?;
+    // HF's extended form of "keep the first two": 0 / -10000.
+    let additive = Tensor::new(&[[0f32, 0., -10000., -10000.]], &Device::Cpu)?;
+    let mask = AttentionMask::none().with_key_padding(additive);
+    let cb = Codebook::fit(
+        &k,
+        &PqConfig {
+            n_subspaces: 2,
+            n_codewords: 4,
+            ..Default::default()
+        },
+    )?;
+    for (op, r) in [
+        ("flash_attention", flash_attention(&q, &k, &v, &mask, 0.5, None)),
+        ("dense_attention", dense_attention(&q, &k, &v, &mask, 0.5)),
+        (
+            "pq_sparse_attention",
+            pq_sparse_attention(&q, &k, &v, &cb, KeyTopK::Count(2), &mask, 0.5),
+        ),
+    ] {
+        let e = err(r);
+        assert!(
+            e.contains("key_padding") && e.contains("-10000") && e.contains("[0, 2]") && e.contains("0 / 1"),
+            "{op}: {e}"
+        );
+    }
+    // The same mask as 0 / 1 in any dtype is fine.
+    for dt in [DType::U8, DType::U32, DType::I64, DType::F32] {
+        let m = Tensor::new(&[[1f32, 1., 0., 0.]], &Device::Cpu)?.to_dtype(dt)?;
+        flash_attention(&q, &k, &v, &AttentionMask::none().with_key_padding(m), 0.5, None)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn wrong_ranks_and_dtypes_name_the_op() -> Result<()> {
+    let dev = Device::Cpu;
+    let q3 = Tensor::zeros((2, 4, 8), DType::F32, &dev)?;
+    let k4 = Tensor::zeros((1, 2, 4, 8), DType::F32, &dev)?;
+    let e = err(dense_attention(&q3, &k4, &k4, &AttentionMask::none(), 1.0));
+    assert!(
+        e.contains("dense_attention") && e.contains("q [B, H, L_q, d]"),
+        "{e}"
+    );
+    let qi = Tensor::zeros((1, 2, 4, 8), DType::U32, &dev)?;
+    let e = err(dense_attention(&qi, &k4, &k4, &AttentionMask::none(), 1.0));
+    assert!(e.contains("dense_attention"), "{e}");
+    let e = err(split_heads(&Tensor::zeros((4, 8), DType::F32, &dev)?, 2));
+    assert!(e.contains("split_heads") && e.contains("[B, L, H·d]"), "{e}");
+    let e = err(merge_heads(&q3));
+    assert!(e.contains("merge_heads") && e.contains("[B, H, L, d]"), "{e}");
+    let s = Tensor::new(1f32, &dev)?;
+    let e = err(layer_norm(&s, &s, &s, 1e-5));
+    assert!(e.contains("layer_norm") && e.contains("scalar"), "{e}");
+
+    // The fused LM head: targets are class ids, a mask is 0 / 1, and a mean needs rows.
+    let h = uniform(&[3, 4], 1.0, 14, DType::F32)?;
+    let w = uniform(&[5, 4], 1.0, 15, DType::F32)?;
+    let ft = Tensor::new(&[0f32, 1.7, 2.], &dev)?;
+    let e = err(linear_cross_entropy(&h, &w, &ft, None, Reduction::Sum));
+    assert!(e.contains("targets") && e.contains("integer"), "{e}");
+    let t = Tensor::new(&[0u32, 1, 2], &dev)?;
+    let half = Tensor::new(&[1f32, 0.5, 1.], &dev)?;
+    let e = err(linear_cross_entropy(&h, &w, &t, Some(&half), Reduction::Sum));
+    assert!(e.contains("mask[1] = 0.5"), "{e}");
+    let h0 = Tensor::zeros((0, 4), DType::F32, &dev)?;
+    let t0 = Tensor::zeros(0, DType::U32, &dev)?;
+    let e = err(linear_cross_entropy(&h0, &w, &t0, None, Reduction::Mean));
+    assert!(e.contains("no rows"), "{e}");
+    Ok(())
+}
