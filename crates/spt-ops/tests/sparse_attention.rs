@@ -274,5 +274,20 @@ fn bad_input_gives_named_errors() -> Result<()> {
         e.contains("selection indices") && e.contains("[1, 2, 4, 3]"),
         "{e}"
     );
+    // Hand-built rows: a repeated key, descending keys, a key after the padding.
+    let pad = u32::MAX;
+    for bad in [[1u32, 1, 2], [2, 1, pad], [1, pad, 3]] {
+        let mut rows = [[0u32, 1, 2]; 16];
+        rows[5] = bad;
+        let sel = KeySelection {
+            indices: Tensor::from_vec(rows.concat(), (1, 2, 8, 3), &Device::Cpu)?,
+            counts: sel.counts.clone(),
+        };
+        let e = err(sparse_attention(&q, &k, &v, &sel, 1.0));
+        assert!(
+            e.contains("selection row 5") && e.contains("ascending"),
+            "{bad:?}: {e}"
+        );
+    }
     Ok(())
 }

@@ -63,7 +63,7 @@ pub fn sparse_attention(
         }
     }
     // Out-of-range indices would read another head's keys: reject them up front.
-    if let Some(j) = max_real_index(&sel.indices)?.filter(|&j| j as usize >= lk) {
+    if let Some(j) = max_real_index(op, &sel.indices)?.filter(|&j| j as usize >= lk) {
         bail!("{op}: selection holds key index {j}, but k has only L_k = {lk} keys");
     }
     let dims = Dims {
@@ -87,12 +87,24 @@ pub fn sparse_attention(
 }
 
 /// The largest real (non-sentinel) key index of a selection `[B, H, L_q, k]`, if it has any.
-/// On the CPU a scan; elsewhere device reductions and one scalar read, so the check never copies
-/// the selection (4·B·H·L_q·k bytes) to the host.
-fn max_real_index(indices: &Tensor) -> Result<Option<u32>> {
+/// On the CPU a scan that also checks each row's layout (real indices ascending and unique, then
+/// the padding): a hand-built selection with a repeated key would count it twice. Elsewhere
+/// device reductions and one scalar read, so the check never copies the selection
+/// (4·B·H·L_q·k bytes) to the host.
+fn max_real_index(op: &str, indices: &Tensor) -> Result<Option<u32>> {
     use crate::pq::SENTINEL;
     if indices.device().is_cpu() {
+        let kk = indices.dims().last().copied().unwrap_or(1).max(1);
         let v = indices.flatten_all()?.to_vec1::<u32>()?;
+        for (r, row) in v.chunks(kk).enumerate() {
+            let n = row.iter().position(|&j| j == SENTINEL).unwrap_or(kk);
+            if row[n..].iter().any(|&j| j != SENTINEL) || row[..n].windows(2).any(|w| w[0] >= w[1]) {
+                bail!(
+                    "{op}: selection row {r} is {row:?}; expected ascending, unique key indices, then \
+                     u32::MAX padding (as select_keys returns them)"
+                );
+            }
+        }
         return Ok(v.into_iter().filter(|&j| j != SENTINEL).max());
     }
     if indices.elem_count() == 0 {
