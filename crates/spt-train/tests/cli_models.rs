@@ -146,6 +146,44 @@ fn classify_finetune_eval_predict_export() {
         spt_models::BertForSequenceClassification::from_dir(&out, &spt_models::LoadOptions::frozen(), None)
             .unwrap();
     assert!(rep.initialised.is_empty() && rep.unused.is_empty(), "{rep:?}");
+    // The export predicts as the run did, with the label names from its config.json.
+    let e = out.to_str().unwrap();
+    let o = spt_train(&["predict", "--model", e], Some("the good movie\nthe bad film\n"));
+    let exported: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for (a, b) in lines.iter().zip(&exported) {
+        assert_eq!((&a["label"], &a["id"]), (&b["label"], &b["id"]), "{a} vs {b}");
+        let (sa, sb) = (a["score"].as_f64().unwrap(), b["score"].as_f64().unwrap());
+        assert!((sa - sb).abs() < 1e-5, "{a} vs {b}");
+    }
+    // eval on the export reads its labels by name too: the run's figures on the same rows.
+    let o = spt_train(
+        &["eval", "--model", e, "--data-file", data.to_str().unwrap()],
+        None,
+    );
+    let on_export: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    let o = spt_train(
+        &[
+            "eval",
+            "--model",
+            m,
+            "--checkpoint",
+            r,
+            "--data-file",
+            data.to_str().unwrap(),
+        ],
+        None,
+    );
+    let on_run: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    assert_eq!(on_export["examples"], on_run["examples"]);
+    let (la, lb) = (
+        on_export["loss"].as_f64().unwrap(),
+        on_run["loss"].as_f64().unwrap(),
+    );
+    assert!((la - lb).abs() < 1e-5, "{on_export} vs {on_run}");
 }
 
 #[test]

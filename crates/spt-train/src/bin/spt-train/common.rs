@@ -144,20 +144,41 @@ pub(crate) fn checkpoint_path(p: &Path) -> Result<PathBuf> {
     Ok(latest_checkpoint(&p.join("checkpoints"))?)
 }
 
-/// labels.json: given, or next to the run that holds the checkpoint.
-pub(crate) fn labels_path(given: &Option<PathBuf>, checkpoint: &Option<PathBuf>) -> Option<PathBuf> {
+/// The label mapping: `--label-map`; else the labels.json of the run that holds the checkpoint;
+/// else, without a checkpoint, the `id2label` of the model's config.json (what `export` writes,
+/// and what a fine-tuned Hub model carries), unless those are HF's placeholder names (`LABEL_0`,
+/// …), which say nothing: then the labels come from the data, as in fine-tuning.
+pub(crate) fn labels_path(
+    given: &Option<PathBuf>,
+    checkpoint: &Option<PathBuf>,
+    model_dir: &Path,
+) -> Option<PathBuf> {
     if given.is_some() {
         return given.clone();
     }
-    let c = checkpoint.as_ref()?;
-    c.ancestors()
-        .take(3)
-        .map(|d| d.join("labels.json"))
-        .find(|p| p.is_file())
+    if let Some(c) = checkpoint {
+        return c
+            .ancestors()
+            .take(3)
+            .map(|d| d.join("labels.json"))
+            .find(|p| p.is_file());
+    }
+    let cfg = model_dir.join("config.json");
+    let named = LabelMap::load(&cfg)
+        .ok()?
+        .labels()
+        .iter()
+        .enumerate()
+        .any(|(i, l)| *l != format!("LABEL_{i}"));
+    named.then_some(cfg)
 }
 
-pub(crate) fn find_labels(given: &Option<PathBuf>, checkpoint: &Option<PathBuf>) -> Result<Option<LabelMap>> {
-    Ok(labels_path(given, checkpoint)
+pub(crate) fn find_labels(
+    given: &Option<PathBuf>,
+    checkpoint: &Option<PathBuf>,
+    model_dir: &Path,
+) -> Result<Option<LabelMap>> {
+    Ok(labels_path(given, checkpoint, model_dir)
         .map(|p| LabelMap::load(&p))
         .transpose()?)
 }

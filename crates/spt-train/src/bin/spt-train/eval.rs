@@ -35,7 +35,8 @@ pub(crate) struct EvalArgs {
     /// Drop rows with this label; repeat for several (default: `--config`'s).
     #[arg(long = "drop-label")]
     pub(crate) drop_labels: Vec<String>,
-    /// labels.json of the run (default: the checkpoint run's labels.json).
+    /// labels.json of the run (default: the checkpoint run's labels.json; without a checkpoint,
+    /// the id2label of the model's config.json, as an export writes it).
     #[arg(long)]
     pub(crate) label_map: Option<PathBuf>,
     #[arg(long, default_value_t = 32)]
@@ -78,7 +79,7 @@ pub(crate) fn eval(a: &EvalArgs) -> Result<()> {
         text_pair_column: a.text_pair_column.clone(),
         label_column: a.label_column.clone(),
         drop_labels: a.drop_labels.clone(),
-        label_map: labels_path(&a.label_map, &a.model.checkpoint),
+        label_map: labels_path(&a.label_map, &a.model.checkpoint, &model_dir),
         max_length: a.max_length,
         block_size: Some(a.block_size),
         ..FinetuneArgs::default()

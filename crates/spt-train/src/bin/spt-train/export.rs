@@ -30,7 +30,7 @@ pub(crate) fn export(a: &ExportArgs) -> Result<()> {
     let model_dir = resolve_model(&a.model.model)?;
     check_export_dir(&a.out, &export_files(&model_dir), a.overwrite)?;
     let task_kind = task_of(&a.model.model)?;
-    let labels = find_labels(&None, &a.model.checkpoint)?;
+    let labels = find_labels(&None, &a.model.checkpoint, &model_dir)?;
     let (mut task, model_dir) = load_trained(
         &a.model,
         task_kind,

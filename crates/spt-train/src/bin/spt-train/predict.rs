@@ -24,7 +24,8 @@ pub(crate) struct PredictArgs {
     pub(crate) text_column: String,
     #[arg(long)]
     pub(crate) text_pair_column: Option<String>,
-    /// labels.json of the run (default: the checkpoint run's labels.json).
+    /// labels.json of the run (default: the checkpoint run's labels.json; without a checkpoint,
+    /// the id2label of the model's config.json, as an export writes it).
     #[arg(long)]
     pub(crate) label_map: Option<PathBuf>,
     /// Write JSON lines here instead of stdout.
@@ -47,7 +48,7 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
     let dev = device(&a.model.device)?;
     let model_dir = resolve_model(&a.model.model)?;
     let tok = tokenizer_for(&model_dir, a.max_length)?;
-    let labels = find_labels(&a.label_map, &a.model.checkpoint)?;
+    let labels = find_labels(&a.label_map, &a.model.checkpoint, &model_dir)?;
     let texts: Vec<(String, Option<String>)> = if a.input == "-" {
         let mut out = Vec::new();
         for (i, line) in std::io::stdin().lock().lines().enumerate() {
