@@ -178,13 +178,8 @@ pub(crate) fn transpose<T: Float>(src: &[T], rows: usize, cols: usize) -> Vec<T>
         let j0 = jt * TILE;
         let nj = out.len() / rows;
         for i0 in (0..rows).step_by(TILE) {
-            let i1 = (i0 + TILE).min(rows);
-            for dj in 0..nj {
-                let o = &mut out[dj * rows..(dj + 1) * rows];
-                for i in i0..i1 {
-                    o[i] = src[i * cols + j0 + dj];
-                }
-            }
+            let m = TILE.min(rows - i0);
+            T::transpose_tile(&src[i0 * cols + j0..], cols, &mut out[i0..], rows, m, nj);
         }
     });
     dst
@@ -239,19 +234,39 @@ mod tests {
 
     #[test]
     fn transpose_matches_the_definition_on_ragged_tiles() {
-        // Sizes around the 32-element tile: below, equal, above, and empty.
-        for (rows, cols) in [(1, 1), (3, 70), (32, 32), (65, 33), (100, 1), (0, 5), (5, 0)] {
+        // Sizes around the 32-element tile (below, equal, above, empty), and tiles whose sides
+        // are not multiples of the 8 × 8 register blocks (edges on both sides).
+        for (rows, cols) in [
+            (1, 1),
+            (3, 70),
+            (32, 32),
+            (65, 33),
+            (100, 1),
+            (0, 5),
+            (5, 0),
+            (45, 29),
+            (20, 100),
+            (70, 13),
+            (8, 8),
+            (9, 15),
+        ] {
+            // f32 takes the register path (where the CPU has AVX2), f64 the element loop.
             let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
-            let t = transpose(&src, rows, cols);
-            assert_eq!(t.len(), rows * cols);
-            for i in 0..rows {
-                for j in 0..cols {
-                    assert_eq!(
-                        t[j * rows + i],
-                        src[i * cols + j],
-                        "({rows}, {cols}) at ({i}, {j})"
-                    );
-                }
+            check(&src, &transpose(&src, rows, cols), rows, cols);
+            let src: Vec<f64> = (0..rows * cols).map(|i| i as f64).collect();
+            check(&src, &transpose(&src, rows, cols), rows, cols);
+        }
+    }
+
+    fn check<T: PartialEq + std::fmt::Debug>(src: &[T], t: &[T], rows: usize, cols: usize) {
+        assert_eq!(t.len(), rows * cols);
+        for i in 0..rows {
+            for j in 0..cols {
+                assert_eq!(
+                    t[j * rows + i],
+                    src[i * cols + j],
+                    "({rows}, {cols}) at ({i}, {j})"
+                );
             }
         }
     }

@@ -8,11 +8,57 @@ pub(crate) trait Float:
 {
     /// Converts an f64 constant.
     fn lit(v: f64) -> Self;
+
+    /// One tile of a transpose: `dst[c·ds + r] = src[r·ss + c]` for `r < m`, `c < n`.
+    fn transpose_tile(src: &[Self], ss: usize, dst: &mut [Self], ds: usize, m: usize, n: usize) {
+        for c in 0..n {
+            let out = &mut dst[c * ds..c * ds + m];
+            for (r, o) in out.iter_mut().enumerate() {
+                *o = src[r * ss + c];
+            }
+        }
+    }
 }
 
 impl Float for f32 {
     fn lit(v: f64) -> Self {
         v as f32
+    }
+
+    /// 8 × 8 blocks transposed in registers where the CPU has AVX2, element by element at the
+    /// edges: the scalar loop's strided reads made the weight transposes ~4 % of a GPT-2 step.
+    fn transpose_tile(src: &[f32], ss: usize, dst: &mut [f32], ds: usize, m: usize, n: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::has_avx2() && m >= 8 && n >= 8 {
+            assert!(src.len() >= (m - 1) * ss + n && dst.len() >= (n - 1) * ds + m);
+            let (m8, n8) = (m / 8 * 8, n / 8 * 8);
+            for r in (0..m8).step_by(8) {
+                for c in (0..n8).step_by(8) {
+                    // SAFETY: r + 8 ≤ m and c + 8 ≤ n, so every row read and written lies
+                    // within the lengths asserted above.
+                    unsafe {
+                        crate::simd::avx2::transpose8x8(
+                            src.as_ptr().add(r * ss + c),
+                            ss,
+                            dst.as_mut_ptr().add(c * ds + r),
+                            ds,
+                        )
+                    };
+                }
+            }
+            for c in 0..n {
+                let rows = if c < n8 { m8..m } else { 0..m };
+                for r in rows {
+                    dst[c * ds + r] = src[r * ss + c];
+                }
+            }
+            return;
+        }
+        for c in 0..n {
+            for r in 0..m {
+                dst[c * ds + r] = src[r * ss + c];
+            }
+        }
     }
 }
 
