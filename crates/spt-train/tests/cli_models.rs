@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use common::{fixture, reviews_csv};
+use common::{fixture, last_json, reviews_csv};
 
 fn spt_train(args: &[&str], stdin: Option<&str>) -> Output {
     common::run_ok(args, stdin)
@@ -163,8 +163,7 @@ fn classify_finetune_eval_predict_export() {
         &["eval", "--model", e, "--data-file", data.to_str().unwrap()],
         None,
     );
-    let on_export: serde_json::Value =
-        serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    let on_export = last_json(&o);
     let o = spt_train(
         &[
             "eval",
@@ -177,7 +176,7 @@ fn classify_finetune_eval_predict_export() {
         ],
         None,
     );
-    let on_run: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    let on_run = last_json(&o);
     assert_eq!(on_export["examples"], on_run["examples"]);
     let (la, lb) = (
         on_export["loss"].as_f64().unwrap(),
