@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Tensor};
 use spt_ops::lora::HeadsLayout;
 use spt_ops::pq::{BlockTiling, Codebook, KeyTopK, PqConfig, Selection};
 
-/// Which keys each query may attend to (`key_padding`: `[B, L]`, nonzero = attend); spt-ops' type.
+/// Which keys each query may attend to (`key_padding`: `[B, L]` of 0 / 1, 1 = attend); spt-ops' type.
 pub use spt_ops::AttentionMask;
 
 /// An [`AttentionMask`] plus its additive form for dense attention, computed once per forward.

@@ -8,8 +8,9 @@ mod common;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use common::uniform;
 use spt_ops::{
-    dense_attention, flash_attention, layer_norm, linear_cross_entropy, merge_heads, pq_sparse_attention,
-    softmax_last_dim, split_heads, AttentionMask, Codebook, KeyTopK, PqConfig, Reduction,
+    dense_attention, flash_attention, layer_norm, linear_cross_entropy, merge_heads, pq_attention,
+    pq_sparse_attention, softmax_last_dim, split_heads, AttentionMask, BlockTiling, Codebook, KeyTopK,
+    PqConfig, Reduction, Selection,
 };
 
 fn nan_rows(t: &Tensor) -> Result<Vec<bool>> {
@@ -96,6 +97,38 @@ fn nan_propagates_as_in_candle() -> Result<()> {
             0.5,
             None
         )?)?);
+
+        // The sparse paths: per-query top-k and block mode, a NaN query row comes out NaN.
+        if dtype == DType::F32 {
+            let (l, d) = (16, 8);
+            let q = uniform(&[1, 1, l, d], 1.0, 16, dtype)?;
+            let k = uniform(&[1, 1, l, d], 1.0, 17, dtype)?;
+            let v = uniform(&[1, 1, l, d], 1.0, 18, dtype)?;
+            let mut qv = q.flatten_all()?.to_vec1::<f32>()?;
+            qv[5 * d..6 * d].fill(f32::NAN);
+            let q = Tensor::from_vec(qv, (1, 1, l, d), &Device::Cpu)?;
+            let cb = Codebook::fit(
+                &k,
+                &PqConfig {
+                    n_subspaces: 2,
+                    n_codewords: 4,
+                    ..Default::default()
+                },
+            )?;
+            let tiling = BlockTiling {
+                query_tile: 8,
+                key_block: 8,
+                top_blocks: 1,
+            };
+            for sel in [
+                Selection::PerQuery { k: KeyTopK::Count(4) },
+                Selection::Blocks(tiling),
+            ] {
+                let o = pq_attention(&q, &k, &v, &cb, sel.clone(), &AttentionMask::none(), 0.5)?;
+                let want: Vec<bool> = (0..l).map(|r| r == 5).collect();
+                assert_eq!(nan_rows(&o)?, want, "{sel:?}");
+            }
+        }
 
         // The fused LM head: a NaN anywhere in W makes the loss NaN.
         let hdn = uniform(&[6, 4], 1.0, 8, dtype)?;
