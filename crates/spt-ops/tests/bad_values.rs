@@ -124,7 +124,7 @@ fn nan_propagates_as_in_candle() -> Result<()> {
                 Selection::PerQuery { k: KeyTopK::Count(4) },
                 Selection::Blocks(tiling),
             ] {
-                let o = pq_attention(&q, &k, &v, &cb, sel.clone(), &AttentionMask::none(), 0.5)?;
+                let o = pq_attention(&q, &k, &v, &cb, sel, &AttentionMask::none(), 0.5)?;
                 let want: Vec<bool> = (0..l).map(|r| r == 5).collect();
                 assert_eq!(nan_rows(&o)?, want, "{sel:?}");
             }
