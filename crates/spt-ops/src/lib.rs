@@ -15,7 +15,7 @@
 //! - [`mod@block_sparse_attention`]: attention over key blocks shared by a tile of queries.
 //! - [`routed_ffn`]: the routed FFN (router, grouped gather/scatter GEMMs, router fit).
 //! - [`lora`]: LoRA linear layer, frozen-aware dense `linear`, seeded dropout.
-//! - [`cross_entropy`]: fused output projection + cross-entropy (no `[N, V]` logits kept).
+//! - [`cross_entropy`](mod@cross_entropy): fused output projection + cross-entropy (no `[N, V]` logits kept).
 
 pub mod activation;
 pub mod attention;
