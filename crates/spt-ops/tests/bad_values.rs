@@ -24,6 +24,18 @@ fn all_finite(t: &Tensor) -> Result<bool> {
     Ok(v.iter().all(|x| x.is_finite()))
 }
 
+/// A 2-subspace, 4-codeword codebook fitted on `k`.
+fn small_codebook(k: &Tensor) -> Result<Codebook> {
+    Codebook::fit(
+        k,
+        &PqConfig {
+            n_subspaces: 2,
+            n_codewords: 4,
+            ..Default::default()
+        },
+    )
+}
+
 fn err<T: std::fmt::Debug>(r: Result<T>) -> String {
     r.expect_err("expected an error").to_string()
 }
@@ -33,14 +45,7 @@ fn no_query_rows_give_an_empty_output_and_gradient() -> Result<()> {
     let q = Var::from_tensor(&uniform(&[1, 2, 0, 8], 1.0, 1, DType::F32)?)?;
     let k = Var::from_tensor(&uniform(&[1, 2, 8, 8], 1.0, 2, DType::F32)?)?;
     let v = Var::from_tensor(&uniform(&[1, 2, 8, 8], 1.0, 3, DType::F32)?)?;
-    let cb = Codebook::fit(
-        k.as_tensor(),
-        &PqConfig {
-            n_subspaces: 2,
-            n_codewords: 4,
-            ..Default::default()
-        },
-    )?;
+    let cb = small_codebook(k.as_tensor())?;
     for mask in [AttentionMask::none(), AttentionMask::causal()] {
         let o = pq_sparse_attention(&q, &k, &v, &cb, KeyTopK::Count(2), &mask, 0.5)?;
         assert_eq!(o.dims(), &[1, 2, 0, 8]);
@@ -107,14 +112,7 @@ fn nan_propagates_as_in_candle() -> Result<()> {
             let mut qv = q.flatten_all()?.to_vec1::<f32>()?;
             qv[5 * d..6 * d].fill(f32::NAN);
             let q = Tensor::from_vec(qv, (1, 1, l, d), &Device::Cpu)?;
-            let cb = Codebook::fit(
-                &k,
-                &PqConfig {
-                    n_subspaces: 2,
-                    n_codewords: 4,
-                    ..Default::default()
-                },
-            )?;
+            let cb = small_codebook(&k)?;
             let tiling = BlockTiling {
                 query_tile: 8,
                 key_block: 8,
@@ -186,14 +184,7 @@ fn an_additive_mask_is_refused_where_a_0_1_mask_belongs() -> Result<()> {
     // HF's extended form of "keep the first two": 0 / -10000.
     let additive = Tensor::new(&[[0f32, 0., -10000., -10000.]], &Device::Cpu)?;
     let mask = AttentionMask::none().with_key_padding(additive);
-    let cb = Codebook::fit(
-        &k,
-        &PqConfig {
-            n_subspaces: 2,
-            n_codewords: 4,
-            ..Default::default()
-        },
-    )?;
+    let cb = small_codebook(&k)?;
     for (op, r) in [
         ("flash_attention", flash_attention(&q, &k, &v, &mask, 0.5, None)),
         ("dense_attention", dense_attention(&q, &k, &v, &mask, 0.5)),
