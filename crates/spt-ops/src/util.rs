@@ -11,11 +11,22 @@ pub(crate) trait Float:
 
     /// One tile of a transpose: `dst[c·ds + r] = src[r·ss + c]` for `r < m`, `c < n`.
     fn transpose_tile(src: &[Self], ss: usize, dst: &mut [Self], ds: usize, m: usize, n: usize) {
-        for c in 0..n {
-            let out = &mut dst[c * ds..c * ds + m];
-            for (r, o) in out.iter_mut().enumerate() {
-                *o = src[r * ss + c];
-            }
+        transpose_elems(src, ss, dst, ds, 0..m, 0..n);
+    }
+}
+
+/// [`Float::transpose_tile`] element by element, over rows `rows` and columns `cols` of `src`.
+fn transpose_elems<T: Copy>(
+    src: &[T],
+    ss: usize,
+    dst: &mut [T],
+    ds: usize,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+) {
+    for c in cols {
+        for r in rows.clone() {
+            dst[c * ds + r] = src[r * ss + c];
         }
     }
 }
@@ -46,19 +57,12 @@ impl Float for f32 {
                     };
                 }
             }
-            for c in 0..n {
-                let rows = if c < n8 { m8..m } else { 0..m };
-                for r in rows {
-                    dst[c * ds + r] = src[r * ss + c];
-                }
-            }
+            // The edges: the rows below the blocks, then the columns right of them.
+            transpose_elems(src, ss, dst, ds, m8..m, 0..n8);
+            transpose_elems(src, ss, dst, ds, 0..m, n8..n);
             return;
         }
-        for c in 0..n {
-            for r in 0..m {
-                dst[c * ds + r] = src[r * ss + c];
-            }
-        }
+        transpose_elems(src, ss, dst, ds, 0..m, 0..n);
     }
 }
 

@@ -219,7 +219,6 @@ pub(crate) fn load_trained(
     calibrate: Option<&EncodedDataset>,
 ) -> Result<(ModelTask, PathBuf)> {
     let model_dir = resolve_model(&m.model)?;
-    check_model(task, &model_dir)?;
     let ck = m.checkpoint.as_deref().map(checkpoint_path).transpose()?;
     let run = run_config(ck.as_deref())?;
     let from_run = run.is_some();

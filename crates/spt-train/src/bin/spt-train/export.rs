@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::common::{find_labels, load_trained, task_of, ModelArgs};
+use crate::common::{check_model, find_labels, load_trained, task_of, ModelArgs};
 use anyhow::{bail, Result};
 use candle_core::Device;
 use clap::Args;
@@ -30,6 +30,7 @@ pub(crate) fn export(a: &ExportArgs) -> Result<()> {
     let model_dir = resolve_model(&a.model.model)?;
     check_export_dir(&a.out, &export_files(&model_dir), a.overwrite)?;
     let task_kind = task_of(&a.model.model)?;
+    check_model(task_kind, &model_dir)?;
     let labels = find_labels(&None, &a.model.checkpoint, &model_dir)?;
     let (mut task, model_dir) = load_trained(
         &a.model,

@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use crate::common::{device, load_trained, model_type, tokenizer_for, ModelArgs};
+use crate::common::{check_model, device, load_trained, model_type, tokenizer_for, ModelArgs};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use clap::Args;
@@ -42,6 +42,7 @@ pub(crate) fn generate(a: &GenerateArgs) -> Result<()> {
             model_dir.display()
         );
     }
+    check_model(TaskKind::Lm, &model_dir)?;
     let tok = tokenizer_for(&model_dir, None)?;
     let eos = tok.eos_id();
     let mut ids = tok.encode_raw(&a.prompt)?;

@@ -3,7 +3,9 @@
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
-use crate::common::{check_output_file, device, find_labels, load_trained, tokenizer_for, ModelArgs};
+use crate::common::{
+    check_model, check_output_file, device, find_labels, load_trained, tokenizer_for, ModelArgs,
+};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use spt_train::checkpoint::write_file_atomic;
@@ -47,6 +49,7 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
     }
     let dev = device(&a.model.device)?;
     let model_dir = resolve_model(&a.model.model)?;
+    check_model(TaskKind::Classify, &model_dir)?;
     let tok = tokenizer_for(&model_dir, a.max_length)?;
     let labels = find_labels(&a.label_map, &a.model.checkpoint, &model_dir)?;
     let texts: Vec<(String, Option<String>)> = if a.input == "-" {
