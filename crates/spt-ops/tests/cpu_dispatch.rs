@@ -83,6 +83,49 @@ fn kernels_match_reference() {
         let err = max_abs_diff(g32.get(&x32).unwrap(), g64.get(&x64).unwrap());
         assert!(err < 1.5e-6, "{act:?} derivative vs f64: {err}");
     }
+    // Layer norm and the fused residual form (norm/rows.rs's kernels), forward and the gradients
+    // of every input, in f32 against f64, at a width that leaves a partial SIMD chunk.
+    let d = 389;
+    let vars = [(0u64, vec![6, d]), (1, vec![6, d]), (2, vec![d]), (3, vec![d])].map(|(i, shape)| {
+        let t = Tensor::randn(0f64, 1.0, shape, &dev)
+            .unwrap()
+            .affine(1.0, i as f64 * 0.3)
+            .unwrap();
+        (
+            candle_core::Var::from_tensor(&t.to_dtype(DType::F32).unwrap()).unwrap(),
+            candle_core::Var::from_tensor(&t.to_dtype(DType::F32).unwrap().to_dtype(DType::F64).unwrap())
+                .unwrap(),
+        )
+    });
+    for fused in [false, true] {
+        let run = |v: [&Tensor; 4]| {
+            let y = if fused {
+                spt_ops::residual_layer_norm(v[0], v[1], v[2], v[3], 1e-5, None).unwrap()
+            } else {
+                spt_ops::layer_norm(v[0], v[2], v[3], 1e-5).unwrap()
+            };
+            // A weighted loss, so the backward sees a non-uniform dy.
+            let w = Tensor::arange(0u32, y.elem_count() as u32, &dev)
+                .unwrap()
+                .to_dtype(y.dtype())
+                .unwrap();
+            let w = (w.reshape(y.shape()).unwrap() * 0.01).unwrap().sin().unwrap();
+            let g = (&y * w).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, g)
+        };
+        let (y32, g32) = run(vars.each_ref().map(|v| v.0.as_tensor()));
+        let (y64, g64) = run(vars.each_ref().map(|v| v.1.as_tensor()));
+        let err = max_abs_diff(&y32, &y64);
+        assert!(err < 2e-6, "layer norm (fused {fused}) forward vs f64: {err}");
+        for (i, (v32, v64)) in vars.iter().enumerate() {
+            let Some(want) = g64.get(v64) else { continue };
+            let err = max_abs_diff(g32.get(v32).unwrap(), want);
+            assert!(
+                err < 1e-5,
+                "layer norm (fused {fused}) gradient of input {i} vs f64: {err}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Layer normalisation over the last dimension, as a [`CustomOp3`] over `(x, gamma, beta)`.
 
-use super::rows;
-use crate::util::{check_float, check_same, contiguous, if_tracked, sum_partials, with_cpu, Float};
+use super::rows::Rows;
+use crate::util::{check_float, check_same, contiguous, if_tracked, sum_partials, with_cpu};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -37,7 +37,7 @@ pub struct LayerNormOp {
     pub eps: f64,
 }
 
-fn forward<T: Float>(x: &[T], g: &[T], b: &[T], eps: f64) -> Vec<T> {
+fn forward<T: Rows>(x: &[T], g: &[T], b: &[T], eps: f64) -> Vec<T> {
     let d = g.len();
     let mut y = vec![T::zero(); x.len()];
     if d == 0 {
@@ -48,14 +48,14 @@ fn forward<T: Float>(x: &[T], g: &[T], b: &[T], eps: f64) -> Vec<T> {
         .zip(x.par_chunks(chunk))
         .for_each(|(y, x)| {
             for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
-                rows::normalize_from(y, x, rows::stats(x, eps), g, b);
+                T::normalize_from(y, x, T::stats(x, eps), g, b);
             }
         });
     y
 }
 
 /// Returns `(dx, dgamma, dbeta)`; the parameter gradients are zeros unless `params`.
-fn backward<T: Float>(x: &[T], g: &[T], dy: &[T], eps: f64, params: bool) -> (Vec<T>, Vec<T>, Vec<T>) {
+fn backward<T: Rows>(x: &[T], g: &[T], dy: &[T], eps: f64, params: bool) -> (Vec<T>, Vec<T>, Vec<T>) {
     let d = g.len();
     let mut dx = vec![T::zero(); x.len()];
     if d == 0 {
@@ -73,7 +73,7 @@ fn backward<T: Float>(x: &[T], g: &[T], dy: &[T], eps: f64, params: bool) -> (Ve
             let (mut dg, mut db) = (vec![T::zero(); n], vec![T::zero(); n]);
             for ((dx, x), dy) in dx.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
                 let acc = params.then_some((&mut dg[..], &mut db[..]));
-                rows::backward(dx, x, dy, g, rows::stats(x, eps), acc);
+                T::backward(dx, x, dy, g, T::stats(x, eps), acc);
             }
             (dg, db)
         })

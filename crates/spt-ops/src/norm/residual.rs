@@ -9,7 +9,7 @@
 
 use super::layer_norm::{layer_norm, ROWS_PER_TASK};
 use super::residual_dropout::mask_rows;
-use super::rows;
+use super::rows::Rows;
 use crate::flash_attention::{attention_dropout_mask, RowDropout, SeededDropout};
 use crate::util::{check_float, check_same, contiguous, if_tracked, sum_partials, with_slices, Float};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -120,7 +120,7 @@ fn row_sum<T: Float + crate::flash_attention::DropoutElem>(
     }
 }
 
-fn forward<T: Float + crate::flash_attention::DropoutElem>(
+fn forward<T: Rows + crate::flash_attention::DropoutElem>(
     x: &[T],
     r: &[T],
     gb: &[T],
@@ -140,8 +140,8 @@ fn forward<T: Float + crate::flash_attention::DropoutElem>(
         .for_each(|(task, (y, (x, r)))| {
             for (k, (y, (x, r))) in y.chunks_mut(d).zip(x.chunks(d).zip(r.chunks(d))).enumerate() {
                 row_sum(y, x, r, task * ROWS_PER_TASK + k, dropout);
-                let st = rows::stats(y, eps);
-                rows::normalize(y, st, g, b);
+                let st = T::stats(y, eps);
+                T::normalize(y, st, g, b);
             }
         });
     y
@@ -149,7 +149,7 @@ fn forward<T: Float + crate::flash_attention::DropoutElem>(
 
 /// Returns `(d residual, [dgamma; dbeta])`; `dx` is `d residual ⊙ mask`, made by the caller.
 /// The parameter gradients are zeros unless `params`.
-fn backward<T: Float + crate::flash_attention::DropoutElem>(
+fn backward<T: Rows + crate::flash_attention::DropoutElem>(
     x: &[T],
     r: &[T],
     gb: &[T],
@@ -185,7 +185,7 @@ fn backward<T: Float + crate::flash_attention::DropoutElem>(
             {
                 row_sum(&mut s, x, r, task * ROWS_PER_TASK + k, dropout);
                 let acc = params.then_some((&mut dg[..], &mut db[..]));
-                rows::backward(ds, &s, dy, g, rows::stats(&s, eps), acc);
+                T::backward(ds, &s, dy, g, T::stats(&s, eps), acc);
             }
             dgb
         })
