@@ -16,6 +16,7 @@
 
 use crate::activation::Activation;
 use crate::simd::avx2::exp8;
+use crate::simd::has_avx512vl;
 use std::arch::x86_64::*;
 
 /// |z| below which erf is its Taylor series.
@@ -155,64 +156,108 @@ unsafe fn backward8(kind: Gelu, x: __m256, g: __m256) -> __m256 {
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA.
-#[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn forward(kind: Gelu, x: &[f32], out: &mut [f32]) {
-    assert_eq!(x.len(), out.len(), "gelu: input and output lengths");
-    let mut xs = x.chunks_exact(8);
-    let mut os = out.chunks_exact_mut(8);
-    for (x, o) in (&mut xs).zip(&mut os) {
-        // SAFETY: both chunks hold exactly 8 f32; AVX2 is enabled here.
-        unsafe { _mm256_storeu_ps(o.as_mut_ptr(), forward8(kind, _mm256_loadu_ps(x.as_ptr()))) };
-    }
-    let (x, o) = (xs.remainder(), os.into_remainder());
-    if !x.is_empty() {
-        // The tail through the same lanes, so every element rounds the same way.
-        let mut buf = [0f32; 8];
-        buf[..x.len()].copy_from_slice(x);
-        // SAFETY: buf holds 8 f32; AVX2 is enabled here.
-        unsafe { _mm256_storeu_ps(buf.as_mut_ptr(), forward8(kind, _mm256_loadu_ps(buf.as_ptr()))) };
-        o.copy_from_slice(&buf[..x.len()]);
+    if has_avx512vl() {
+        // SAFETY: AVX-512F and VL were detected; AVX2 and FMA are the caller's contract.
+        unsafe { forward_avx512vl(kind, x, out) }
+    } else {
+        // SAFETY: AVX2 and FMA are the caller's contract.
+        unsafe { forward_avx2(kind, x, out) }
     }
 }
 
-/// `out[i] = g[i] · gelu'(x[i])`.
+/// `g[i] · gelu'(x[i])` into `out[i]`.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA.
-#[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn backward(kind: Gelu, x: &[f32], g: &[f32], out: &mut [f32]) {
-    assert!(
-        x.len() == g.len() && x.len() == out.len(),
-        "gelu backward: input, gradient and output lengths"
-    );
-    let mut xs = x.chunks_exact(8);
-    let mut gs = g.chunks_exact(8);
-    let mut os = out.chunks_exact_mut(8);
-    for ((x, g), o) in (&mut xs).zip(&mut gs).zip(&mut os) {
-        // SAFETY: the chunks hold exactly 8 f32; AVX2 is enabled here.
-        unsafe {
-            let r = backward8(kind, _mm256_loadu_ps(x.as_ptr()), _mm256_loadu_ps(g.as_ptr()));
-            _mm256_storeu_ps(o.as_mut_ptr(), r);
-        }
-    }
-    let (x, g, o) = (xs.remainder(), gs.remainder(), os.into_remainder());
-    if !x.is_empty() {
-        let (mut bx, mut bg) = ([0f32; 8], [0f32; 8]);
-        bx[..x.len()].copy_from_slice(x);
-        bg[..g.len()].copy_from_slice(g);
-        // SAFETY: the buffers hold 8 f32; AVX2 is enabled here.
-        unsafe {
-            let r = backward8(kind, _mm256_loadu_ps(bx.as_ptr()), _mm256_loadu_ps(bg.as_ptr()));
-            _mm256_storeu_ps(bx.as_mut_ptr(), r);
-        }
-        o.copy_from_slice(&bx[..x.len()]);
+    if has_avx512vl() {
+        // SAFETY: AVX-512F and VL were detected; AVX2 and FMA are the caller's contract.
+        unsafe { backward_avx512vl(kind, x, g, out) }
+    } else {
+        // SAFETY: AVX2 and FMA are the caller's contract.
+        unsafe { backward_avx2(kind, x, g, out) }
     }
 }
+
+// The same 256-bit code compiled twice. With AVX-512VL the compiler has 32 vector registers
+// instead of 16, so the erf polynomials' constants stay in registers rather than being reloaded
+// every 8 lanes (perf annotate): ~22 % less time per element for the erf form on Zen 4, ~6 % for
+// tanh. The instructions are the same operations, so both copies give the same bits. A macro,
+// because a `#[target_feature]` function cannot be `#[inline(always)]` into two callers.
+macro_rules! gelu_loops {
+    ($features:literal, $forward:ident, $backward:ident) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $forward(kind: Gelu, x: &[f32], out: &mut [f32]) {
+            assert_eq!(x.len(), out.len(), "gelu: input and output lengths");
+            let mut xs = x.chunks_exact(8);
+            let mut os = out.chunks_exact_mut(8);
+            for (x, o) in (&mut xs).zip(&mut os) {
+                // SAFETY: both chunks hold exactly 8 f32; AVX2 is enabled here.
+                unsafe { _mm256_storeu_ps(o.as_mut_ptr(), forward8(kind, _mm256_loadu_ps(x.as_ptr()))) };
+            }
+            let (x, o) = (xs.remainder(), os.into_remainder());
+            if !x.is_empty() {
+                // The tail through the same lanes, so every element rounds the same way.
+                let mut buf = [0f32; 8];
+                buf[..x.len()].copy_from_slice(x);
+                // SAFETY: buf holds 8 f32; AVX2 is enabled here.
+                unsafe {
+                    _mm256_storeu_ps(
+                        buf.as_mut_ptr(),
+                        forward8(kind, _mm256_loadu_ps(buf.as_ptr())),
+                    )
+                };
+                o.copy_from_slice(&buf[..x.len()]);
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn $backward(kind: Gelu, x: &[f32], g: &[f32], out: &mut [f32]) {
+            assert!(
+                x.len() == g.len() && x.len() == out.len(),
+                "gelu backward: input, gradient and output lengths"
+            );
+            let mut xs = x.chunks_exact(8);
+            let mut gs = g.chunks_exact(8);
+            let mut os = out.chunks_exact_mut(8);
+            for ((x, g), o) in (&mut xs).zip(&mut gs).zip(&mut os) {
+                // SAFETY: the chunks hold exactly 8 f32; AVX2 is enabled here.
+                unsafe {
+                    let r = backward8(
+                        kind,
+                        _mm256_loadu_ps(x.as_ptr()),
+                        _mm256_loadu_ps(g.as_ptr()),
+                    );
+                    _mm256_storeu_ps(o.as_mut_ptr(), r);
+                }
+            }
+            let (x, g, o) = (xs.remainder(), gs.remainder(), os.into_remainder());
+            if !x.is_empty() {
+                let (mut bx, mut bg) = ([0f32; 8], [0f32; 8]);
+                bx[..x.len()].copy_from_slice(x);
+                bg[..g.len()].copy_from_slice(g);
+                // SAFETY: the buffers hold 8 f32; AVX2 is enabled here.
+                unsafe {
+                    let r = backward8(
+                        kind,
+                        _mm256_loadu_ps(bx.as_ptr()),
+                        _mm256_loadu_ps(bg.as_ptr()),
+                    );
+                    _mm256_storeu_ps(bx.as_mut_ptr(), r);
+                }
+                o.copy_from_slice(&bx[..x.len()]);
+            }
+        }
+    };
+}
+gelu_loops!("avx2,fma", forward_avx2, backward_avx2);
+gelu_loops!("avx2,fma,avx512f,avx512vl", forward_avx512vl, backward_avx512vl);
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::simd::has_avx2;
+    use crate::simd::{has_avx2, has_avx512vl};
 
     /// Every x in [−12, 12] at steps of 1/1024, plus the split points and special values.
     fn grid() -> Vec<f32> {
@@ -323,6 +368,37 @@ mod tests {
             }
             assert_eq!(y, full[29 - n..], "forward, length {n}");
             assert_eq!(d, full_d[29 - n..], "backward, length {n}");
+        }
+    }
+
+    /// The AVX-512VL copy (what the other tests run on such a CPU) and the AVX2 copy give the
+    /// same bits, so the tests above hold for both.
+    #[test]
+    fn both_compiled_copies_agree_bit_for_bit() {
+        if !has_avx2() || !has_avx512vl() {
+            eprintln!("this CPU runs one copy only (no AVX2 or no AVX-512VL): nothing to compare");
+            return;
+        }
+        let mut x = grid();
+        x.extend([f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 0.0, -0.0]);
+        let g: Vec<f32> = (0..x.len()).map(|i| 0.5 + (i % 7) as f32 / 4.0).collect();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for kind in [Gelu::Erf, Gelu::Tanh] {
+            let mut out = [
+                vec![0f32; x.len()],
+                vec![0f32; x.len()],
+                vec![0f32; x.len()],
+                vec![0f32; x.len()],
+            ];
+            // SAFETY: AVX2, FMA, AVX-512F and VL were detected above.
+            unsafe {
+                forward_avx2(kind, &x, &mut out[0]);
+                forward_avx512vl(kind, &x, &mut out[1]);
+                backward_avx2(kind, &x, &g, &mut out[2]);
+                backward_avx512vl(kind, &x, &g, &mut out[3]);
+            }
+            assert_eq!(bits(&out[0]), bits(&out[1]), "forward");
+            assert_eq!(bits(&out[2]), bits(&out[3]), "backward");
         }
     }
 

@@ -151,6 +151,13 @@ pub(crate) fn has_avx2() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
 
+/// AVX-512F and VL: 32 vector registers for 256-bit code (see `gelu_avx2`).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) fn has_avx512vl() -> bool {
+    is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl")
+}
+
 /// Which inner-product path this CPU uses (reported by the benchmarks).
 pub fn simd_path() -> &'static str {
     #[cfg(target_arch = "x86_64")]
