@@ -103,7 +103,7 @@ fn write_text(path: &Path) {
     for _ in 0..120 {
         let line: Vec<&str> = (0..10)
             .map(|j| {
-                if r.next() % 4 == 0 {
+                if r.next().is_multiple_of(4) {
                     r.pick(&WORDS)
                 } else {
                     WORDS[j % 6]

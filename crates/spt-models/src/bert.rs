@@ -166,7 +166,7 @@ impl BertConfig {
             ],
             params,
         )?;
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(ModelError::InvalidConfig {
                 field: "num_attention_heads",
                 value: self.num_attention_heads.to_string(),

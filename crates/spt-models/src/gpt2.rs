@@ -146,7 +146,7 @@ impl GPT2Config {
             ],
             params,
         )?;
-        if self.n_head == 0 || self.n_embd % self.n_head != 0 {
+        if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
             return Err(ModelError::InvalidConfig {
                 field: "n_head",
                 value: self.n_head.to_string(),

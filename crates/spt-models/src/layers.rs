@@ -219,7 +219,7 @@ impl Linear {
             return Ok(l.forward_parts(x, parts, layout, train)?);
         }
         let out = self.out_features();
-        if parts == 0 || out % parts != 0 {
+        if parts == 0 || !out.is_multiple_of(parts) {
             return Err(ModelError::InvalidConfig {
                 field: "parts",
                 value: parts.to_string(),

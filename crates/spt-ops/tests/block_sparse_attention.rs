@@ -225,7 +225,7 @@ fn check_case(
     let w = uniform(&[b, h, l, d + 1], 1.0, seed + 3, dt)?;
     let mask = mask_of(kind, b, l, seed)?;
     let scale = 1.0 / (d as f64).sqrt();
-    let score = if seed % 2 == 0 {
+    let score = if seed.is_multiple_of(2) {
         BlockScore::UpperBound
     } else {
         BlockScore::Mean
@@ -233,7 +233,7 @@ fn check_case(
     // top = None keeps every block: the op must equal dense masked attention.
     let t = fit_tiling(qt, kb, top.unwrap_or(l.div_ceil(kb)), l, l, mask.causal);
     let s = 1 + (seed % 2) as usize;
-    let (q, k) = if d % s == 0 {
+    let (q, k) = if d.is_multiple_of(s) {
         (q, k)
     } else {
         (q.pad_with_zeros(3, 0, 1)?, k.pad_with_zeros(3, 0, 1)?)

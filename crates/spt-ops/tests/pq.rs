@@ -191,7 +191,7 @@ fn selection_case(
     let cb = Codebook::fit(
         &keys,
         &PqConfig {
-            per_head: seed % 2 == 0,
+            per_head: seed.is_multiple_of(2),
             ..cfg(s, 1 + (seed % 16) as usize, seed)
         },
     )?;

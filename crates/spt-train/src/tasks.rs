@@ -128,7 +128,7 @@ fn pq_subspaces(cfg: &FinetuneConfig, head_dim: usize) -> usize {
     cfg.pq_subspaces.unwrap_or_else(|| {
         (1..=8.min(head_dim))
             .rev()
-            .find(|s| head_dim % s == 0)
+            .find(|s| head_dim.is_multiple_of(*s))
             .unwrap_or(1)
     })
 }
@@ -503,7 +503,7 @@ impl TrainTask for ModelTask {
     fn after_step(&mut self, step: u64) -> candle_core::Result<()> {
         if self.refresh_every == 0
             || self.calibration.is_empty()
-            || step % self.refresh_every != 0
+            || !step.is_multiple_of(self.refresh_every)
             || self.sparse_layers() == 0
         {
             return Ok(());

@@ -221,7 +221,7 @@ impl FlashCuda {
         check_sizes(op, bh, lq, lk, d)?;
         // Fresh contiguous copies start at offset 0, so every row is 16-byte aligned.
         let c = |t: &Tensor| -> Result<Tensor> {
-            if t.is_contiguous() && t.layout().start_offset() % 8 == 0 {
+            if t.is_contiguous() && t.layout().start_offset().is_multiple_of(8) {
                 Ok(t.clone())
             } else {
                 t.copy()

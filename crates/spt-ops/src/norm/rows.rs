@@ -206,16 +206,6 @@ mod avx2 {
         _mm_cvtss_f32(_mm_add_ss(r, _mm_shuffle_ps::<1>(r, r)))
     }
 
-    /// A row's whole chunks of [`LANES`] and its tail (`as_chunks` is newer than our MSRV).
-    fn chunks(row: &[f32]) -> (impl Iterator<Item = &[f32; LANES]> + Clone, &[f32]) {
-        let it = row.chunks_exact(LANES);
-        let tail = it.remainder();
-        (
-            it.map(|c| c.try_into().expect("chunks_exact yields whole chunks")),
-            tail,
-        )
-    }
-
     /// One chunk's two halves.
     #[target_feature(enable = "avx2")]
     fn load(c: &[f32; LANES]) -> (__m256, __m256) {
@@ -228,9 +218,9 @@ mod avx2 {
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn stats(row: &[f32], eps: f64) -> (f32, f32) {
         let n = row.len() as f64 as f32;
-        let (chunks, tail) = chunks(row);
+        let (chunks, tail) = row.as_chunks::<LANES>();
         let (mut a, mut b) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        for c in chunks.clone() {
+        for c in chunks {
             let (lo, hi) = load(c);
             (a, b) = (_mm256_add_ps(a, lo), _mm256_add_ps(b, hi));
         }
@@ -293,14 +283,18 @@ mod avx2 {
         let d = x.len();
         assert!(dx.len() == d && dy.len() == d && g.len() == d);
         let (m, r) = (_mm256_set1_ps(mean), _mm256_set1_ps(rstd));
-        let (xs, dys, gs) = (chunks(x).0, chunks(dy).0, chunks(g).0);
+        let (xs, dys, gs) = (
+            x.as_chunks::<LANES>().0,
+            dy.as_chunks::<LANES>().0,
+            g.as_chunks::<LANES>().0,
+        );
         let (mut s1a, mut s1b, mut s2a, mut s2b) = (
             _mm256_setzero_ps(),
             _mm256_setzero_ps(),
             _mm256_setzero_ps(),
             _mm256_setzero_ps(),
         );
-        for ((x, dy), g) in xs.zip(dys).zip(gs) {
+        for ((x, dy), g) in xs.iter().zip(dys).zip(gs) {
             let ((xl, xh), (dl, dh), (gl, gh)) = (load(x), load(dy), load(g));
             let (gdl, gdh) = (_mm256_mul_ps(dl, gl), _mm256_mul_ps(dh, gh));
             s1a = _mm256_add_ps(s1a, gdl);

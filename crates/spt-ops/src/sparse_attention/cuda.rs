@@ -38,7 +38,10 @@ fn check_dims(op: &str, n: Dims) -> Result<()> {
 /// 256-byte aligned; a view's offset may not be).
 fn vec4<T>(n: Dims, k: &Layout, v: &Layout) -> i32 {
     let w = 16 / std::mem::size_of::<T>();
-    (n.d % w == 0 && n.dv % w == 0 && k.start_offset() % w == 0 && v.start_offset() % w == 0) as i32
+    (n.d.is_multiple_of(w)
+        && n.dv.is_multiple_of(w)
+        && k.start_offset().is_multiple_of(w)
+        && v.start_offset().is_multiple_of(w)) as i32
 }
 
 /// Forward: `(o [B, H, L_q, d_v], lse [B, H, L_q])`, for `T` the storages' element type.

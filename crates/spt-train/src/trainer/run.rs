@@ -383,7 +383,7 @@ impl<T: TrainTask> Trainer<T> {
             pb.set_position(st.step);
             pb.set_message(format!("loss {step_loss:.4} lr {lr:.2e} {tok_s:.0} tok/s"));
             let epoch_f = st.pos.epoch as f64 + st.pos.batch as f64 / n_batches.max(1) as f64;
-            if self.cfg.log_every > 0 && (st.step % self.cfg.log_every == 0 || st.step == total) {
+            if self.cfg.log_every > 0 && (st.step.is_multiple_of(self.cfg.log_every) || st.step == total) {
                 let mut values = BTreeMap::new();
                 values.insert("grad_norm".to_string(), gnorm);
                 values.insert("tokens_per_s".to_string(), tok_s);
@@ -409,14 +409,14 @@ impl<T: TrainTask> Trainer<T> {
                 window = MeanLoss::default();
             }
             if let Some(ev) = eval {
-                if self.cfg.eval_every > 0 && st.step % self.cfg.eval_every == 0 {
+                if self.cfg.eval_every > 0 && st.step.is_multiple_of(self.cfg.eval_every) {
                     let rep = self.evaluate(ev)?;
                     self.record_eval(&metrics, &pb, st.step, epoch_f, &rep)?;
                     summary.evals.push((st.step, rep));
                     last_eval = Some(st.step);
                 }
             }
-            if self.cfg.save_every > 0 && st.step % self.cfg.save_every == 0 {
+            if self.cfg.save_every > 0 && st.step.is_multiple_of(self.cfg.save_every) {
                 summary.last_checkpoint = Some(self.save(&st, &opt)?);
                 last_saved = Some(st.step);
             }
