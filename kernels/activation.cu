@@ -41,14 +41,15 @@ __device__ __forceinline__ float spt_act_grad(int kind, float x) {
 
 template <typename T>
 __device__ __forceinline__ void act_fwd(const T* __restrict__ x, T* __restrict__ y, int n, int kind) {
-  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+  // A 64-bit index: `i + stride` in int wraps negative for n near 2^31 (a 4 GB bf16 tensor).
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
     y[i] = spt_st<T>(spt_act(kind, spt_ld(x[i])));
 }
 
 template <typename T>
 __device__ __forceinline__ void act_bwd(const T* __restrict__ x, const T* __restrict__ g,
                                         T* __restrict__ dx, int n, int kind) {
-  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
     dx[i] = spt_st<T>(spt_ld(g[i]) * spt_act_grad(kind, spt_ld(x[i])));
 }
 

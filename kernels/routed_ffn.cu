@@ -66,7 +66,10 @@ __device__ __forceinline__ uint32_t route_key(float v) {
 template <typename T>
 __device__ __forceinline__ void route_topk(const T* __restrict__ scores, uint32_t* __restrict__ blocks, int t_n,
                                            int n, int k) {
-  for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < t_n; t += gridDim.x * blockDim.x) {
+  // 64-bit grid stride (see activation.cu); t itself fits an int.
+  for (long long t_ = (long long)blockIdx.x * blockDim.x + threadIdx.x; t_ < t_n;
+       t_ += (long long)gridDim.x * blockDim.x) {
+    const int t = static_cast<int>(t_);
     const T* row = scores + static_cast<size_t>(t) * n;
     unsigned long long taken = 0;
     for (int j = 0; j < k; ++j) {
@@ -117,7 +120,9 @@ extern "C" __global__ void route_place(const uint32_t* __restrict__ blocks, cons
                                        const uint32_t* __restrict__ group_starts, uint32_t* __restrict__ row_token,
                                        uint32_t* __restrict__ row_src, uint32_t* __restrict__ token_rows, int pairs,
                                        int k, int chunk, int nc) {
-  for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < pairs; p += gridDim.x * blockDim.x) {
+  for (long long p_ = (long long)blockIdx.x * blockDim.x + threadIdx.x; p_ < pairs;
+       p_ += (long long)gridDim.x * blockDim.x) {
+    const int p = static_cast<int>(p_);
     const int t = p / k;
     const uint32_t g = blocks[p] * static_cast<uint32_t>(nc) + static_cast<uint32_t>(t / chunk);
     const uint32_t r = group_starts[g] + pair_rank[p];
@@ -135,7 +140,9 @@ extern "C" __global__ void route_pad(const uint32_t* __restrict__ blocks, const 
                                      uint32_t* __restrict__ padded_copies, uint32_t* __restrict__ unpad_src,
                                      uint32_t* __restrict__ unpad_copies, int rows, int n, int rmax) {
   const int slots = n * rmax, all = rows > slots ? rows : slots;
-  for (int x = blockIdx.x * blockDim.x + threadIdx.x; x < all; x += gridDim.x * blockDim.x) {
+  for (long long x_ = (long long)blockIdx.x * blockDim.x + threadIdx.x; x_ < all;
+       x_ += (long long)gridDim.x * blockDim.x) {
+    const int x = static_cast<int>(x_);
     if (x < slots) {  // padded slot x: the i-th row of block e, or padding
       const int e = x / rmax, i = x % rmax;
       const uint32_t r = block_starts[e] + static_cast<uint32_t>(i);

@@ -127,14 +127,20 @@ __device__ __forceinline__ void sparse_attn_fwd(const T* __restrict__ q,        
 #pragma unroll
   for (int r = 0; r < SA_PER_LANE; ++r) acc[r] = 0.0f;
   float m_run = -INFINITY, l_run = 0.0f;
+  // A NaN score makes the whole row NaN, as on the CPU (a diverged run must not read as a masked
+  // row). fmaxf skips NaN, so the warp max cannot carry it: a flag does.
+  bool nan = false;
   for (int t0 = 0; t0 < kk; t0 += SPT_WARP) {
     const int t = t0 + lane;
     const uint32_t j = t < kk ? ids[t] : SPT_SENTINEL;
     const bool valid = j != SPT_SENTINEL;
+    // Only padding from here on (rows are sentinel-padded at the end).
+    if (__ballot_sync(0xFFFFFFFFu, valid) == 0u) break;
     float s = -INFINITY;
     if (valid) s = scale * sa_dot(sq[warp], kb + (size_t)j * d, d, vec4);
+    nan |= __any_sync(0xFFFFFFFFu, s != s);
     const float cm = spt_warp_max(s);
-    if (cm == -INFINITY) break;  // only padding from here on (rows are sentinel-padded at the end)
+    if (cm == -INFINITY) continue;  // every score in this chunk is -inf: no weight
     const float m_new = fmaxf(m_run, cm);
     const float corr = expf(m_run - m_new);  // 0 on the first chunk
     const float p = valid ? expf(s - m_new) : 0.0f;
@@ -156,13 +162,15 @@ __device__ __forceinline__ void sparse_attn_fwd(const T* __restrict__ q,        
     m_run = m_new;
   }
   T* oi = o + (size_t)row * dv;
-  const float inv = l_run > 0.0f ? 1.0f / l_run : 0.0f;
+  const float qnan = __int_as_float(0x7fc00000);
+  const float inv = nan ? qnan : l_run > 0.0f ? 1.0f / l_run : 0.0f;
 #pragma unroll
   for (int r = 0; r < SA_PER_LANE; ++r) {
     const int c = lane + r * SPT_WARP;
     if (c < dv) oi[c] = spt_st<T>(acc[r] * inv);
   }
-  if (lane == 0) lse[row] = l_run > 0.0f ? m_run + logf(l_run) : -INFINITY;
+  // A NaN lse makes the backward's weights, and so every gradient of the row, NaN.
+  if (lane == 0) lse[row] = nan ? qnan : l_run > 0.0f ? m_run + logf(l_run) : -INFINITY;
 }
 
 template <typename T>

@@ -244,3 +244,54 @@ fn wrong_ranks_and_dtypes_name_the_op() -> Result<()> {
     assert!(e.contains("no rows"), "{e}");
     Ok(())
 }
+
+/// Codes and selections made by hand: a code past the codebook's C codewords, a selection row
+/// out of order, and a backward called with tensors that do not belong together. Each is refused
+/// by name rather than read out of bounds.
+#[test]
+fn hand_made_codes_selections_and_backward_inputs_are_checked() -> Result<()> {
+    let dev = Device::Cpu;
+    let q = uniform(&[1, 2, 4, 8], 1.0, 21, DType::F32)?;
+    let k = uniform(&[1, 2, 6, 8], 1.0, 22, DType::F32)?;
+    let v = uniform(&[1, 2, 6, 8], 1.0, 23, DType::F32)?;
+    let cb = small_codebook(&k)?;
+    let codes = cb.encode(&k)?;
+    let too_big = (codes.to_dtype(DType::U32)? + 4.0)?.to_dtype(DType::U8)?;
+    let e = err(spt_ops::select_keys(
+        &q,
+        &too_big,
+        &cb,
+        KeyTopK::Count(2),
+        &AttentionMask::none(),
+    ));
+    assert!(e.contains("select_keys") && e.contains("C = 4 codewords"), "{e}");
+
+    let sel = spt_ops::select_keys(&q, &codes, &cb, KeyTopK::Count(3), &AttentionMask::none())?;
+    let o = spt_ops::sparse_attention(&q, &k, &v, &sel, 0.5)?;
+    let lse = Tensor::zeros((1, 2, 4), DType::F32, &dev)?;
+    let back = |k: &Tensor, lse: &Tensor, idx: &Tensor| {
+        spt_ops::sparse_attention::sparse_attention_backward(&q, k, &v, &o, lse, &o, idx, 0.5)
+    };
+    back(&k, &lse, &sel.indices)?;
+    let e = err(back(&k.narrow(2, 0, 5)?, &lse, &sel.indices));
+    assert!(e.contains("sparse_attention_backward"), "{e}");
+    let e = err(back(
+        &k,
+        &Tensor::zeros((1, 2, 3), DType::F32, &dev)?,
+        &sel.indices,
+    ));
+    assert!(e.contains("lse is [1, 2, 3], expected [1, 2, 4]"), "{e}");
+    let s = u32::MAX;
+    let mut rows = sel.indices.flatten_all()?.to_vec1::<u32>()?;
+    rows[..3].copy_from_slice(&[2, 1, s]);
+    let e = err(back(
+        &k,
+        &lse,
+        &Tensor::from_vec(rows.clone(), (1, 2, 4, 3), &dev)?,
+    ));
+    assert!(e.contains("selection row 0 is [2, 1, 4294967295]"), "{e}");
+    rows[..3].copy_from_slice(&[0, 6, s]);
+    let e = err(back(&k, &lse, &Tensor::from_vec(rows, (1, 2, 4, 3), &dev)?));
+    assert!(e.contains("key index 6") && e.contains("L_k = 6"), "{e}");
+    Ok(())
+}

@@ -693,6 +693,91 @@ fn sparse_case_pq(
     Ok(())
 }
 
+/// A NaN in a query row makes that row's output and gradients NaN on the GPU as on the CPU (a
+/// diverged run must not read as a masked row), a row with no selected key gives 0, and the
+/// other rows still agree.
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-check.sh"]
+fn sparse_attention_propagates_nan_as_the_cpu() -> Result<()> {
+    let dev = gpu()?;
+    let (b, h, l, d, kk) = (1, 2, 40, 64, 8);
+    let mut qv = uniform(&[b, h, l, d], 1.0, 70, DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    qv[3 * d + 5] = f32::NAN; // one entry of head 0's query row 3
+    let q = Tensor::from_vec(qv, (b, h, l, d), &Device::Cpu)?;
+    let kt = uniform(&[b, h, l, d], 1.0, 71, DType::F32)?;
+    let v = uniform(&[b, h, l, d], 1.0, 72, DType::F32)?;
+    let w = uniform(&[b, h, l, d], 1.0, 73, DType::F32)?;
+    // Row i selects keys i .. i + kk (clamped to the end); row 5 of each head selects none.
+    let (mut idx, mut counts) = (Vec::new(), Vec::new());
+    for r in 0..b * h * l {
+        let i = r % l;
+        if i == 5 {
+            idx.extend([SENTINEL; 8]);
+            counts.push(0u32);
+        } else {
+            let start = i.min(l - kk) as u32;
+            idx.extend(start..start + kk as u32);
+            counts.push(kk as u32);
+        }
+    }
+    let sel = KeySelection {
+        indices: Tensor::from_vec(idx, (b, h, l, kk), &Device::Cpu)?,
+        counts: Tensor::from_vec(counts, (b, h, l), &Device::Cpu)?,
+    };
+    let sel_gpu = KeySelection {
+        indices: sel.indices.to_device(&dev)?,
+        counts: sel.counts.to_device(&dev)?,
+    };
+    let (o_cpu, g_cpu) = run(&Device::Cpu, &[&q, &kt, &v], &w, &|t| {
+        sparse_attention(t[0], t[1], t[2], &sel, 0.125)
+    })?;
+    let (o_gpu, g_gpu) = run(&dev, &[&q, &kt, &v], &w, &|t| {
+        sparse_attention(t[0], t[1], t[2], &sel_gpu, 0.125)
+    })?;
+    let nan_mask = |t: &Tensor| -> Result<Vec<bool>> {
+        let v = t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(v.iter().map(|x| x.is_nan()).collect())
+    };
+    let zeroed = |t: &Tensor| t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>();
+    assert!(
+        nan_mask(&o_cpu)?[3 * d..4 * d].iter().all(|&n| n),
+        "the CPU reference lost its NaN row"
+    );
+    assert!(
+        zeroed(&o_cpu)?[5 * d..6 * d].iter().all(|&x| x == 0.0),
+        "the CPU reference's empty row"
+    );
+    for (name, got, want) in [
+        ("o", &o_gpu, &o_cpu),
+        ("dq", &g_gpu[0], &g_cpu[0]),
+        ("dk", &g_gpu[1], &g_cpu[1]),
+        ("dv", &g_gpu[2], &g_cpu[2]),
+    ] {
+        let (gn, wn) = (nan_mask(got)?, nan_mask(want)?);
+        assert_eq!(
+            gn, wn,
+            "sparse_attention with a NaN row: {name}'s NaN entries differ from the CPU's"
+        );
+        let keep = |t: &Tensor, n: &[bool]| -> Result<Tensor> {
+            let v: Vec<f32> = zeroed(t)?
+                .iter()
+                .zip(n)
+                .map(|(&x, &n)| if n { 0.0 } else { x })
+                .collect();
+            Tensor::from_vec(v, t.dims(), &Device::Cpu)
+        };
+        close_tol(
+            &format!("sparse_attention with a NaN row: {name}"),
+            &keep(got, &gn)?,
+            &keep(want, &wn)?,
+            TOL,
+        )?;
+    }
+    Ok(())
+}
+
 #[test]
 #[ignore = "needs a GPU: run scripts/gpu-check.sh"]
 fn sparse_attention_matches_cpu() -> Result<()> {

@@ -219,12 +219,13 @@ impl FlashCuda {
         let bh = b * h;
         let (nt, nb) = (lq.div_ceil(TILE), lk.div_ceil(TILE));
         check_sizes(op, bh, lq, lk, d)?;
-        // Fresh contiguous copies start at offset 0, so every row is 16-byte aligned.
+        // Fresh row-major copies start at offset 0, so every row is 16-byte aligned
+        // (`Tensor::copy` would keep the layout, offset and strides included).
         let c = |t: &Tensor| -> Result<Tensor> {
             if t.is_contiguous() && t.layout().start_offset().is_multiple_of(8) {
                 Ok(t.clone())
             } else {
-                t.copy()
+                t.force_contiguous()
             }
         };
         let (q, k, v, o, grad) = (c(q)?, c(k)?, c(v)?, c(o)?, c(grad)?);

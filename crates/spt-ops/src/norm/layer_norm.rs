@@ -160,6 +160,16 @@ pub fn layer_norm_backward(
     eps: f64,
     params: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    let op = "layer_norm_backward";
+    let d = x.dims().last().copied().unwrap_or(0);
+    if gamma.dims() != [d] || dy.dims() != x.dims() {
+        bail!(
+            "{op}: x is {:?}, expected gamma [{d}] and dy of x's shape, got {:?} and {:?}",
+            x.dims(),
+            gamma.dims(),
+            dy.dims()
+        );
+    }
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
         return crate::cuda::by_float!(
@@ -168,8 +178,6 @@ pub fn layer_norm_backward(
             super::cuda::layer_norm_bwd(x, gamma, dy, eps)
         );
     }
-    let op = "layer_norm_backward";
-    let d = gamma.dim(0)?;
     let dev = x.device();
     macro_rules! run {
         ($t:ty) => {

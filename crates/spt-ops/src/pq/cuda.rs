@@ -15,8 +15,11 @@ use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::{bail, DType, Result, Tensor};
 
 const THREADS: u32 = 256;
-/// Shared memory the selection kernel may use for its tables without an opt-in.
-const MAX_TABLE_BYTES: usize = 48 * 1024;
+/// Shared memory a kernel may use without an opt-in, static and dynamic together.
+const MAX_SHARED_BYTES: usize = 48 * 1024;
+/// Of that, what adc_select's tables may take: its static arrays (`hist[256]`,
+/// `scan_scratch[33]` and two scalars: 1,164 bytes, rounded up here) take the rest.
+const MAX_TABLE_BYTES: usize = MAX_SHARED_BYTES - 2048;
 
 /// `t` detached and contiguous, as bf16 if it is bf16 and as f32 otherwise.
 fn kernel_input(t: &Tensor) -> Result<Tensor> {
@@ -195,9 +198,10 @@ fn select_blocks_t<T: KernelFloat>(
     let (nt, nb) = (lq.div_ceil(qt), lk.div_ceil(kb));
     let bh = b * h;
     let smem = 4 * (d + s * c + 3 * nb);
-    if smem > MAX_TABLE_BYTES {
+    // block_select has no static shared arrays.
+    if smem > MAX_SHARED_BYTES {
         bail!(
-            "{op}: the CUDA kernel needs {smem} bytes of shared memory (d = {d}, S·C = {}, {nb} key blocks), over {MAX_TABLE_BYTES}; \
+            "{op}: the CUDA kernel needs {smem} bytes of shared memory (d = {d}, S·C = {}, {nb} key blocks), over {MAX_SHARED_BYTES}; \
              use larger key blocks",
             s * c
         );

@@ -159,6 +159,20 @@ pub fn select_keys(
             counts: Tensor::zeros((b, h, lq), DType::U32, dev)?,
         });
     }
+    // A code names one of the codebook's C codewords; a larger one (codes made by hand, or by
+    // another codebook) would index past its tables. Per row first: a flat max would run as one
+    // block on a GPU.
+    if lk > 0 {
+        let max = codes.max(3)?.flatten_all()?.max(0)?.to_scalar::<u8>()? as usize;
+        if max >= codebook.n_codewords() {
+            bail!(
+                "{op}: codes hold {max}, but the codebook has C = {} codewords (0..{}); codes come from \
+                 Codebook::encode with the same codebook",
+                codebook.n_codewords(),
+                codebook.n_codewords() - 1
+            );
+        }
+    }
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() {
         return super::cuda::select(q, codes, codebook, kk, mask, (b, h, lq, d), lk);

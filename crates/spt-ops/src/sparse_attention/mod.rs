@@ -9,7 +9,7 @@ mod cpu;
 mod cuda;
 pub mod reference;
 
-use crate::pq::KeySelection;
+use crate::pq::{KeySelection, SENTINEL};
 use crate::simd::Vector;
 use crate::util::{check_qkv, contiguous, if_tracked, with_cpu};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
@@ -86,39 +86,76 @@ pub fn sparse_attention(
     )
 }
 
-/// The largest real (non-sentinel) key index of a selection `[B, H, L_q, k]`, if it has any.
-/// On the CPU a scan that also checks each row's layout (real indices ascending and unique, then
-/// the padding): a hand-built selection with a repeated key would count it twice. Elsewhere
-/// device reductions and one scalar read, so the check never copies the selection
-/// (4·B·H·L_q·k bytes) to the host.
+/// The largest real (non-sentinel) key index of a selection `[B, H, L_q, k]`, if it has any,
+/// after checking each row's layout (real indices ascending and unique, then the padding): a
+/// hand-built selection with a repeated key would count it twice, and the CUDA kernel stops a
+/// row at its first padding entry. On the CPU a scan; elsewhere [`device_check`].
 fn max_real_index(op: &str, indices: &Tensor) -> Result<Option<u32>> {
-    use crate::pq::SENTINEL;
-    if indices.device().is_cpu() {
-        let kk = indices.dims().last().copied().unwrap_or(1).max(1);
-        let v = indices.flatten_all()?.to_vec1::<u32>()?;
-        for (r, row) in v.chunks(kk).enumerate() {
-            let n = row.iter().position(|&j| j == SENTINEL).unwrap_or(kk);
-            if row[n..].iter().any(|&j| j != SENTINEL) || row[..n].windows(2).any(|w| w[0] >= w[1]) {
-                bail!(
-                    "{op}: selection row {r} is {row:?}; expected ascending, unique key indices, then \
-                     u32::MAX padding (as select_keys returns them)"
-                );
-            }
-        }
-        return Ok(v.into_iter().filter(|&j| j != SENTINEL).max());
+    if !indices.device().is_cpu() {
+        return device_check(op, indices);
     }
+    let kk = indices.dims().last().copied().unwrap_or(1).max(1);
+    let v = indices.flatten_all()?.to_vec1::<u32>()?;
+    if let Some(r) = v.chunks(kk).position(|row| !well_laid_out(row)) {
+        return Err(bad_row(op, r, &v[r * kk..][..kk]));
+    }
+    Ok(v.into_iter().filter(|&j| j != SENTINEL).max())
+}
+
+fn well_laid_out(row: &[u32]) -> bool {
+    let n = row.iter().position(|&j| j == SENTINEL).unwrap_or(row.len());
+    row[n..].iter().all(|&j| j == SENTINEL) && row[..n].windows(2).all(|w| w[0] < w[1])
+}
+
+fn bad_row(op: &str, r: usize, row: &[u32]) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "{op}: selection row {r} is {row:?}; expected ascending, unique key indices, then u32::MAX \
+         padding (as select_keys returns them)"
+    ))
+}
+
+/// [`max_real_index`] with tensor ops on the selection's device and one read of three scalars,
+/// so the check never copies the selection (4·B·H·L_q·k bytes) to the host: a row is well laid
+/// out when each adjacent pair ascends (a real index before the padding does, the padding being
+/// `u32::MAX`) or is padding twice. Only a bad selection reads its rows back, to name one.
+fn device_check(op: &str, indices: &Tensor) -> Result<Option<u32>> {
     if indices.elem_count() == 0 {
         return Ok(None);
     }
-    let real = indices.ne(SENTINEL)?;
-    // Per row first, then over rows: a flat max would run as one block over every entry.
     let last = indices.rank() - 1;
-    let any = real.max(last)?.flatten_all()?.max(0)?.to_scalar::<u8>()? != 0;
-    if !any {
-        return Ok(None);
-    }
+    let kk = indices.dim(last)?;
+    // Per row first, then over rows: a flat reduction would run as one block over every entry.
+    let over_rows = |t: Tensor, max: bool| -> Result<Tensor> {
+        let t = if max { t.max(last)? } else { t.min(last)? };
+        let t = t.flatten_all()?;
+        (if max { t.max(0) } else { t.min(0) })?.to_dtype(DType::U32)
+    };
+    let real = indices.ne(SENTINEL)?;
     let masked = real.where_cond(indices, &indices.zeros_like()?)?;
-    Ok(Some(masked.max(last)?.flatten_all()?.max(0)?.to_scalar::<u32>()?))
+    let row_ok = if kk > 1 {
+        let (a, b) = (indices.narrow(last, 0, kk - 1)?, indices.narrow(last, 1, kk - 1)?);
+        let both_padding = a.eq(SENTINEL)?.minimum(&b.eq(SENTINEL)?)?;
+        Some(a.lt(&b)?.maximum(&both_padding)?)
+    } else {
+        None
+    };
+    let ok = match &row_ok {
+        Some(t) => over_rows(t.clone(), false)?,
+        None => Tensor::new(1u32, indices.device())?,
+    };
+    let summary = Tensor::stack(&[over_rows(real, true)?, over_rows(masked, true)?, ok], 0)?;
+    let [any, max, ok] = <[u32; 3]>::try_from(summary.to_vec1::<u32>()?).expect("three scalars");
+    if ok == 0 {
+        let rows = row_ok
+            .expect("a bad row has two entries")
+            .min(last)?
+            .flatten_all()?
+            .to_vec1::<u8>()?;
+        let r = rows.iter().position(|&o| o == 0).expect("a row failed");
+        let all = indices.flatten_all()?;
+        return Err(bad_row(op, r, &all.narrow(0, r * kk, kk)?.to_vec1::<u32>()?));
+    }
+    Ok((any != 0).then_some(max))
 }
 
 /// The forward op. The selection rides along as a non-differentiable field; `lse` is filled by
@@ -217,7 +254,8 @@ impl CustomOp3 for SparseAttention {
         let Some(lse) = lse else {
             bail!("sparse_attention: backward called before forward")
         };
-        let (dq, dk, dv) = sparse_attention_backward(q, k, v, o, &lse, grad, &self.indices, self.scale)?;
+        // Shapes and indices were checked by the forward.
+        let (dq, dk, dv) = backward(q, k, v, o, &lse, grad, &self.indices, self.scale)?;
         Ok((if_tracked(q, dq), if_tracked(k, dk), if_tracked(v, dv)))
     }
 }
@@ -226,6 +264,48 @@ impl CustomOp3 for SparseAttention {
 /// output `o`, its row log-sum-exp `lse [B, H, L_q]` and the upstream gradient `grad`.
 #[allow(clippy::too_many_arguments)]
 pub fn sparse_attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    grad: &Tensor,
+    indices: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let op = "sparse_attention_backward";
+    let [b, h, lq, lk, _, dv] = check_qkv(op, q, k, v)?;
+    let kk = indices.dims().last().copied().unwrap_or(0);
+    for (name, t, want) in [
+        ("o", o, vec![b, h, lq, dv]),
+        ("grad", grad, vec![b, h, lq, dv]),
+        ("lse", lse, vec![b, h, lq]),
+        ("indices", indices, vec![b, h, lq, kk]),
+    ] {
+        if t.dims() != want {
+            bail!(
+                "{op}: {name} is {:?}, expected {want:?} for q {:?}, v {:?}",
+                t.dims(),
+                q.dims(),
+                v.dims()
+            );
+        }
+    }
+    if indices.dtype() != DType::U32 {
+        bail!(
+            "{op}: indices are {:?}, expected u32 (as select_keys returns them)",
+            indices.dtype()
+        );
+    }
+    if let Some(j) = max_real_index(op, indices)?.filter(|&j| j as usize >= lk) {
+        bail!("{op}: indices hold key index {j}, but k has only L_k = {lk} keys");
+    }
+    backward(q, k, v, o, lse, grad, indices, scale)
+}
+
+/// [`sparse_attention_backward`] without its checks (the op's backward: the forward made them).
+#[allow(clippy::too_many_arguments)]
+fn backward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -247,9 +327,6 @@ pub fn sparse_attention_backward(
         dv,
         kk,
     };
-    if grad.dims() != o.dims() {
-        bail!("{op}: grad is {:?} but the output is {:?}", grad.dims(), o.dims());
-    }
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() {
         return crate::cuda::by_float!(
@@ -301,4 +378,48 @@ fn _assert_vector_impls() {
     fn f<T: Vector>() {}
     f::<f32>();
     f::<f64>();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The device form of the selection check gives the CPU scan's answer, error included (run
+    /// here on CPU tensors: the same tensor ops run on a GPU).
+    #[test]
+    fn device_check_agrees_with_the_scan() -> Result<()> {
+        let s = SENTINEL;
+        let cases: [[u32; 4]; 9] = [
+            [0, 1, 2, 3],
+            [3, 5, s, s],
+            [s, s, s, s],
+            [2, 2, s, s],
+            [1, 0, s, s],
+            [0, s, 3, s],
+            [s, 1, s, s],
+            [0, 1, 2, 9],
+            [0, 9, s, s],
+        ];
+        for case in cases {
+            // Row 2 of a [1, 2, 2, 4] selection whose other rows are well laid out.
+            let mut v = vec![0, 1, 2, 3, 4, s, s, s, 0, 0, 0, 0, 0, 3, s, s];
+            v[8..12].copy_from_slice(&case);
+            let t = Tensor::from_vec(v, (1, 2, 2, 4), &Device::Cpu)?;
+            match (max_real_index("op", &t), device_check("op", &t)) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b, "{case:?}"),
+                (Err(a), Err(b)) => {
+                    assert_eq!(a.to_string(), b.to_string(), "{case:?}");
+                    assert!(a.to_string().contains("row 2 is"), "{a}");
+                }
+                (a, b) => panic!("{case:?}: scan {a:?}, device ops {b:?}"),
+            }
+        }
+        // Every entry padding, and one key per row.
+        let pad = Tensor::from_vec(vec![s; 4], (1, 1, 2, 2), &Device::Cpu)?;
+        assert_eq!(device_check("op", &pad)?, None);
+        let one = Tensor::from_vec(vec![5u32, s], (1, 1, 2, 1), &Device::Cpu)?;
+        assert_eq!(device_check("op", &one)?, Some(5));
+        Ok(())
+    }
 }
