@@ -38,7 +38,14 @@
 // Limits (checked in Rust): d ≤ 128, dv ≤ 128 (4 columns per lane in registers); all element
 // counts < 2^31. Memory for backward beyond the gradients: p, ds, entries (3·BH·Lq·kk·4 bytes),
 // cnt (BH·nrb·Lk·4), tot and start (≈ 2·BH·Lk·4).
+// The f32 row kernels (forward, backward rows) are checked without a GPU by
+// kernels/emu/sparse_attention_emu_test.cpp; the key→query transpose, the key kernel and the
+// bf16 instantiations are left out of that build.
+#ifdef SPT_EMU
+#include "emu/cuda_emu.hpp"
+#else
 #include "common.cuh"
+#endif
 
 #define SA_WARPS 4
 #define SA_MAXD 128
@@ -70,6 +77,7 @@ __device__ __forceinline__ float sa_dot(const float* a, const float* __restrict_
   return (s0 + s1) + (s2 + s3);
 }
 
+#ifndef SPT_EMU
 // The same over a bf16 row. With vec (n % 8 == 0 and `b` 16-byte aligned, checked in Rust) the
 // row is read 8 values per 16-byte load: scalar 2-byte loads made the bf16 kernels slower than
 // the f32 ones on an H200 (forward at L = 4096, k = 512: 12.0 ms against 6.0), as the score
@@ -101,6 +109,8 @@ __device__ __forceinline__ float sa_dot(const float* a, const __nv_bfloat16* __r
   if (c < n) s0 += a[c] * spt_ld(b[c]);
   return s0 + s1;
 }
+
+#endif  // SPT_EMU
 
 template <typename T>
 __device__ __forceinline__ void sparse_attn_fwd(const T* __restrict__ q,          // [BH, Lq, d]
@@ -248,6 +258,7 @@ __device__ __forceinline__ void sparse_attn_bwd_rows(const T* __restrict__ q,   
   }
 }
 
+#ifndef SPT_EMU
 extern "C" __global__ void csc_hist_u32(const uint32_t* __restrict__ idx,  // [BH, Lq, kk]
                                         uint32_t* __restrict__ cnt,        // [BH, nrb, Lk], zeroed
                                         int lq, int lk, int kk, int nrb, int rows_per_block) {
@@ -377,6 +388,8 @@ __device__ __forceinline__ void sparse_attn_bwd_keys(const T* __restrict__ q,   
   }
 }
 
+#endif  // SPT_EMU
+
 #define SPT_SA_KERNELS(T, SFX)                                                                   \
   extern "C" __global__ void sparse_attn_fwd_##SFX(                                             \
       const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,                \
@@ -393,6 +406,12 @@ __device__ __forceinline__ void sparse_attn_bwd_keys(const T* __restrict__ q,   
     sparse_attn_bwd_rows<T>(q, k, v, o, lse, g, idx, dq, p_out, ds_out, rows, lq, lk, d, dv,    \
                             kk, scale, vec4);                                                   \
   }                                                                                             \
+  SPT_SA_KEYS_KERNEL(T, SFX)
+
+#ifdef SPT_EMU
+#define SPT_SA_KEYS_KERNEL(T, SFX)
+#else
+#define SPT_SA_KEYS_KERNEL(T, SFX)                                                               \
   extern "C" __global__ void sparse_attn_bwd_keys_##SFX(                                        \
       const T* __restrict__ q, const T* __restrict__ g, const float* __restrict__ p,            \
       const float* __restrict__ ds, const uint32_t* __restrict__ start,                         \
@@ -401,6 +420,9 @@ __device__ __forceinline__ void sparse_attn_bwd_keys(const T* __restrict__ q,   
     sparse_attn_bwd_keys<T>(q, g, p, ds, start, entries, dk, dv_out, bh_count, lq, lk, d, dv,   \
                             kk, scale);                                                         \
   }
+#endif  // SPT_EMU
 
 SPT_SA_KERNELS(float, f32)
+#ifndef SPT_EMU
 SPT_SA_KERNELS(__nv_bfloat16, bf16)
+#endif

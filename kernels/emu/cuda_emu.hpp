@@ -74,6 +74,7 @@ inline thread_local EmuDim threadIdx, blockIdx, blockDim, gridDim;
 struct EmuWarp {
   std::barrier<> bar{32};
   float f[32];
+  uint32_t u[32];
   uint32_t a[32][4], b[32][2];
   float c[32][4];
   const uint16_t* rows[32];
@@ -103,6 +104,68 @@ inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
   const float r = w.f[lane ^ unsigned(lane_mask)];
   w.bar.arrive_and_wait();
   return r;
+}
+
+// The other warp collectives the row kernels of sparse_attention.cu use: a full warp, every
+// lane taking part (as those kernels require).
+inline void __syncwarp(unsigned = 0xFFFFFFFFu) { emu_warp().bar.arrive_and_wait(); }
+
+inline float __shfl_sync(unsigned, float v, int src) {
+  EmuWarp& w = emu_warp();
+  w.f[threadIdx.x % 32] = v;
+  w.bar.arrive_and_wait();
+  const float r = w.f[unsigned(src) % 32];
+  w.bar.arrive_and_wait();
+  return r;
+}
+
+inline uint32_t __shfl_sync(unsigned, uint32_t v, int src) {
+  EmuWarp& w = emu_warp();
+  w.u[threadIdx.x % 32] = v;
+  w.bar.arrive_and_wait();
+  const uint32_t r = w.u[unsigned(src) % 32];
+  w.bar.arrive_and_wait();
+  return r;
+}
+
+inline unsigned __ballot_sync(unsigned, int pred) {
+  EmuWarp& w = emu_warp();
+  w.u[threadIdx.x % 32] = pred != 0;
+  w.bar.arrive_and_wait();
+  unsigned m = 0;
+  for (unsigned l = 0; l < 32; ++l) m |= w.u[l] << l;
+  w.bar.arrive_and_wait();
+  return m;
+}
+
+inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
+
+// common.cuh's warp reductions, as written there.
+#define SPT_WARP 32
+inline float spt_warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+  return v;
+}
+inline float spt_warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
+  return v;
+}
+
+// Static shared arrays: blocks run one after the other, so one static array per kernel serves
+// every block in turn.
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+struct float4 {
+  float x, y, z, w;
+};
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+inline float __int_as_float(int i) {
+  float f;
+  std::memcpy(&f, &i, 4);
+  return f;
 }
 
 inline float emu_bf16_bits_to_float(uint32_t h) {

@@ -10,6 +10,9 @@
 //!   brute-force key-by-key scoring, exact on integer data.
 //! - `route_emu_test.cpp`: the routed FFN's routing on the device (`routed_ffn.cu`: top-k, the
 //!   counting sort, the padded maps) against the host's rules, index for index.
+//! - `sparse_attention_emu_test.cpp`: per-query sparse attention's f32 row kernels
+//!   (`sparse_attention.cu`: the forward, and the backward's dq, p and ds) against f64, with
+//!   empty, full and longer-than-a-warp key lists, and a NaN query row that must come out NaN.
 //!
 //! It needs a C++20 compiler (`$CXX`, else `c++`): g++ ≥ 11 or clang ≥ 13. On a GPU the same
 //! kernels run in `cuda_parity.rs` (scripts/gpu-check.sh).
@@ -69,4 +72,12 @@ fn block_selection_kernels_match_brute_force_under_emulation() {
 #[test]
 fn routing_kernels_match_host_routing_under_emulation() {
     emulate("route_emu_test", "routing emulated: all cases pass");
+}
+
+#[test]
+fn sparse_attention_row_kernels_match_f64_reference_under_emulation() {
+    emulate(
+        "sparse_attention_emu_test",
+        "sparse_attention emulated: all cases pass",
+    );
 }
