@@ -110,23 +110,18 @@ inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
 // lane taking part (as those kernels require).
 inline void __syncwarp(unsigned = 0xFFFFFFFFu) { emu_warp().bar.arrive_and_wait(); }
 
-inline float __shfl_sync(unsigned, float v, int src) {
+// Every lane posts `v` in the warp's `slots`, then reads lane `src`'s.
+template <typename T>
+inline T emu_shfl(T (&slots)[32], T v, int src) {
   EmuWarp& w = emu_warp();
-  w.f[threadIdx.x % 32] = v;
+  slots[threadIdx.x % 32] = v;
   w.bar.arrive_and_wait();
-  const float r = w.f[unsigned(src) % 32];
+  const T r = slots[unsigned(src) % 32];
   w.bar.arrive_and_wait();
   return r;
 }
-
-inline uint32_t __shfl_sync(unsigned, uint32_t v, int src) {
-  EmuWarp& w = emu_warp();
-  w.u[threadIdx.x % 32] = v;
-  w.bar.arrive_and_wait();
-  const uint32_t r = w.u[unsigned(src) % 32];
-  w.bar.arrive_and_wait();
-  return r;
-}
+inline float __shfl_sync(unsigned, float v, int src) { return emu_shfl(emu_warp().f, v, src); }
+inline uint32_t __shfl_sync(unsigned, uint32_t v, int src) { return emu_shfl(emu_warp().u, v, src); }
 
 inline unsigned __ballot_sync(unsigned, int pred) {
   EmuWarp& w = emu_warp();

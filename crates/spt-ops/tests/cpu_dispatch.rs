@@ -4,8 +4,9 @@
 //! - GEMM (candle's CPU matmul and spt-ops' grouped GEMMs): the `gemm` crate, built with its
 //!   `x86-v4` feature (workspace Cargo.toml), checks `avx512f` once per call shape and otherwise
 //!   takes its AVX2+FMA (or SSE / scalar) micro-kernels;
-//! - spt-ops' own dot / axpy / exp (`simd.rs`) and GELU (`gelu_avx2.rs`): AVX2+FMA when
-//!   detected, else scalar.
+//! - spt-ops' own dot / axpy / exp (`simd.rs`), GELU (`gelu_avx2.rs`) and layer norm's f32 rows
+//!   (`norm/rows.rs`): AVX2+FMA when detected, else scalar; GELU's AVX2 loops also have a copy
+//!   compiled with AVX-512VL's 32 registers, taken where the CPU has them.
 //!
 //! This test runs the same checks natively (AVX-512 where the CPU has it) and, under user-mode
 //! QEMU, the fallback paths: a Haswell (AVX2+FMA, no AVX-512) and a Nehalem (SSE4.2 only: every

@@ -123,6 +123,8 @@ fn select_t<T: KernelFloat>(
     let mut out = dev.alloc_zeros::<u32>(rows * kk)?;
     let mut counts = dev.alloc_zeros::<u32>(rows)?;
     if rows > 0 {
+        // Rows on their own too: with k = 0 the product says nothing about them.
+        i32_arg(op, "B·H·L_q", rows)?;
         i32_arg(op, "B·H·L_q·k", rows * kk)?;
         i32_arg(op, "B·H·L_k·S", b * h * lk * s)?;
         let (qs, ql) = q.storage_and_layout();

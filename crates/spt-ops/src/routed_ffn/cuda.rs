@@ -212,8 +212,8 @@ pub(crate) fn sum_rows<T: KernelFloat>(
     let (rows, n) = (m.src_rows, l.dims()[1]);
     let mut out = dev.alloc_zeros::<T>(rows * n)?;
     if rows * n > 0 {
-        i32_arg(op, "rows·n", m.dst_rows * n)?;
-        i32_arg(op, "rows·n", rows * n)?;
+        i32_arg(op, "destination rows·n", m.dst_rows * n)?;
+        i32_arg(op, "source rows·n", rows * n)?;
         let name = kname::<T>("route_sum");
         let f = func(dev, ROUTED_FFN, &name)?;
         with_index(op, dev, &m.copies, |idx| {
