@@ -183,6 +183,19 @@ pub(crate) fn check_qkv(op: &str, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<
     Ok([b, h, lq, lk, d, dv])
 }
 
+/// The max (or, with `max` false, the min) of every entry of `t`, as a scalar tensor on its device:
+/// per row of the last dimension first, then over rows, as a flat reduction would run as one CUDA
+/// block over every entry. For checks that read one value back instead of copying `t` to the host.
+pub(crate) fn reduce_all(t: &Tensor, max: bool) -> Result<Tensor> {
+    let last = t.rank().saturating_sub(1);
+    let rows = if max { t.max(last)? } else { t.min(last)? }.flatten_all()?;
+    if max {
+        rows.max(0)
+    } else {
+        rows.min(0)
+    }
+}
+
 /// Deterministic parallel sum of per-chunk partial vectors: chunks are summed in index order.
 pub(crate) fn sum_partials<T: Float>(partials: Vec<Vec<T>>, n: usize) -> Vec<T> {
     let mut out = vec![T::zero(); n];

@@ -118,6 +118,20 @@ pub(crate) fn top_k_into(
 }
 
 /// Selects, for every query row of `q [B, H, L_q, d]`, the `k` allowed keys with the largest
+/// A code names one of the codebook's C codewords; a larger one (codes made by hand, or by
+/// another codebook) would index past its tables. `max` is the codes' largest.
+fn check_codes(op: &str, max: u8, codebook: &Codebook) -> Result<()> {
+    let c = codebook.n_codewords();
+    if max as usize >= c {
+        bail!(
+            "{op}: codes hold {max}, but the codebook has C = {c} codewords (0..{}); codes come from \
+             Codebook::encode with the same codebook",
+            c - 1
+        );
+    }
+    Ok(())
+}
+
 /// ADC score `Σ_s ⟨q_s, c[s, code_s(key)]⟩`, from key codes `u8 [B, H, L_k, S]`.
 ///
 /// Allowed keys: `j ≤ i` when `mask.causal`, and `key_padding[b, j] ≠ 0` when given. Rows with
@@ -159,27 +173,21 @@ pub fn select_keys(
             counts: Tensor::zeros((b, h, lq), DType::U32, dev)?,
         });
     }
-    // A code names one of the codebook's C codewords; a larger one (codes made by hand, or by
-    // another codebook) would index past its tables. Per row first: a flat max would run as one
-    // block on a GPU.
-    if lk > 0 {
-        let max = codes.max(3)?.flatten_all()?.max(0)?.to_scalar::<u8>()? as usize;
-        if max >= codebook.n_codewords() {
-            bail!(
-                "{op}: codes hold {max}, but the codebook has C = {} codewords (0..{}); codes come from \
-                 Codebook::encode with the same codebook",
-                codebook.n_codewords(),
-                codebook.n_codewords() - 1
-            );
-        }
-    }
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() {
+        if lk > 0 {
+            check_codes(
+                op,
+                crate::util::reduce_all(codes, true)?.to_scalar::<u8>()?,
+                codebook,
+            )?;
+        }
         return super::cuda::select(q, codes, codebook, kk, mask, (b, h, lq, d), lk);
     }
     let keys_ok = mask.key_allowed(op, b, lk)?;
     let qv = q.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let cv = codes.flatten_all()?.to_vec1::<u8>()?;
+    check_codes(op, cv.iter().copied().max().unwrap_or(0), codebook)?;
     let dc = codebook.d_codeword();
 
     let mut indices = vec![SENTINEL; b * h * lq * kk];

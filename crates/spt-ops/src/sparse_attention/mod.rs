@@ -11,7 +11,7 @@ pub mod reference;
 
 use crate::pq::{KeySelection, SENTINEL};
 use crate::simd::Vector;
-use crate::util::{check_qkv, contiguous, if_tracked, with_cpu};
+use crate::util::{check_qkv, contiguous, if_tracked, reduce_all, with_cpu};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use cpu::Dims;
 use std::sync::Mutex;
@@ -124,12 +124,7 @@ fn device_check(op: &str, indices: &Tensor) -> Result<Option<u32>> {
     }
     let last = indices.rank() - 1;
     let kk = indices.dim(last)?;
-    // Per row first, then over rows: a flat reduction would run as one block over every entry.
-    let over_rows = |t: Tensor, max: bool| -> Result<Tensor> {
-        let t = if max { t.max(last)? } else { t.min(last)? };
-        let t = t.flatten_all()?;
-        (if max { t.max(0) } else { t.min(0) })?.to_dtype(DType::U32)
-    };
+    let over_rows = |t: Tensor, max: bool| reduce_all(&t, max)?.to_dtype(DType::U32);
     let real = indices.ne(SENTINEL)?;
     let masked = real.where_cond(indices, &indices.zeros_like()?)?;
     let row_ok = if kk > 1 {
