@@ -11,7 +11,9 @@
 //! - `attn.bias` / `attn.masked_bias` buffers are ignored; the causal mask is built per forward,
 //!   combined with an optional key-padding mask.
 //! - The attention core and the MLP are per-layer slots ([`AttentionCore`], [`FeedForward`]) that
-//!   `sparsify` swaps. No KV cache: this model is for training and scoring.
+//!   `sparsify` swaps.
+//! - Incremental decoding ([`GPT2Model::forward_cached`], [`GPT2LMHeadModel::next_token_logits`])
+//!   keeps each layer's keys and values in a [`KvCache`], as HF's `past_key_values` do.
 
 use crate::attention::{AttentionCore, AttentionMask, DenseAttention, PreparedMask, FROM_HEADS};
 use crate::error::{ModelError, Result};
@@ -185,17 +187,19 @@ pub struct GPT2Attention {
 impl GPT2Attention {
     /// `x [B, L, E] → [B, L, E]`.
     pub fn forward_t(&self, x: &Tensor, mask: &PreparedMask, train: bool) -> Result<Tensor> {
-        let out = self.forward_with_keys(x, mask, train)?.0;
+        let out = self.forward_with_keys(x, mask, train, None)?.0;
         self.resid_dropout.forward_t(&out, train)
     }
 
     /// The output before `resid_dropout` (the block fuses it with the residual add) and the
-    /// queries and keys `[B, heads, L, d]` (for calibration).
+    /// queries and keys `[B, heads, L, d]` (for calibration). With `past`, the layer's cached
+    /// keys and values come before this call's, and the cache is extended with them.
     fn forward_with_keys(
         &self,
         x: &Tensor,
         mask: &PreparedMask,
         train: bool,
+        past: Option<&mut LayerKv>,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         // c_attn's [B, L, 3E] output as q, k, v [B, heads, L, d] each.
         let heads = HeadsLayout {
@@ -203,10 +207,19 @@ impl GPT2Attention {
             output_heads: Some(self.n_head),
         };
         let qkv = self.c_attn.forward_t_parts(x, 3, heads, train)?;
-        let (q, k, v) = (&qkv[0], &qkv[1], &qkv[2]);
-        let ctx = self.core.forward_t(q, k, v, mask, self.scale, train)?;
+        let (q, mut k, mut v) = (qkv[0].clone(), qkv[1].clone(), qkv[2].clone());
+        if let Some(slot) = past {
+            // Detached: a cache that held its graph would keep every earlier step's alive.
+            let (k_new, v_new) = (k.detach(), v.detach());
+            (k, v) = match slot.take() {
+                Some((pk, pv)) => (Tensor::cat(&[&pk, &k_new], 2)?, Tensor::cat(&[&pv, &v_new], 2)?),
+                None => (k_new, v_new),
+            };
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let ctx = self.core.forward_t(&q, &k, &v, mask, self.scale, train)?;
         let out = self.c_proj.forward_t_heads(&ctx, FROM_HEADS, train)?;
-        Ok((out, q.clone(), k.clone()))
+        Ok((out, q, k))
     }
 }
 
@@ -259,7 +272,7 @@ impl GPT2Block {
     }
 
     pub fn forward_t(&self, x: &Tensor, mask: &PreparedMask, train: bool) -> Result<Tensor> {
-        self.forward_traced(x, mask, train, None)
+        self.forward_traced(x, mask, train, None, None)
     }
 
     fn forward_traced(
@@ -268,9 +281,12 @@ impl GPT2Block {
         mask: &PreparedMask,
         train: bool,
         trace: Option<&mut Vec<LayerTrace>>,
+        past: Option<&mut LayerKv>,
     ) -> Result<Tensor> {
         let _span = tracing::trace_span!("gpt2_block").entered();
-        let (a, queries, keys) = self.attn.forward_with_keys(&self.ln_1.forward(x)?, mask, train)?;
+        let (a, queries, keys) = self
+            .attn
+            .forward_with_keys(&self.ln_1.forward(x)?, mask, train, past)?;
         let x = self.attn.resid_dropout.residual_add(&a, x, train)?;
         let h = self.ln_2.forward(&x)?;
         if let Some(t) = trace {
@@ -397,9 +413,119 @@ impl GPT2Model {
         let x = self.wte.forward(&ids)?.broadcast_add(&self.wpe.forward(&pos)?)?;
         let mut x = self.drop.forward_t(&x, train)?;
         for block in &self.h {
-            x = block.forward_traced(&x, &mask, train, trace.as_deref_mut())?;
+            x = block.forward_traced(&x, &mask, train, trace.as_deref_mut(), None)?;
         }
         self.ln_f.forward(&x)
+    }
+
+    /// Incremental decoding: the final hidden states `[B, L, E]` (after `ln_f`) of `input_ids`
+    /// `[B, L]` placed after the `cache.len()` positions already in `cache`, whose keys and values
+    /// are appended to it. Call it with the prompt, then with each sampled token. Inference only:
+    /// no dropout, no graph kept, no padding mask (every sequence in the batch has the same
+    /// length). On an error the cache is left as it was.
+    ///
+    /// A position sees itself and every position before it, as in [`Self::forward_t`]; with dense
+    /// attention, or sparse attention keeping a fixed number of keys ([`KeyTopK::Count`]), the
+    /// result equals `forward_t` over the whole sequence at the same positions (up to float
+    /// rounding). Settings whose keys depend on the sequence length are taken at the length so far:
+    /// with [`KeyTopK::Fraction`] a decoded position keeps that fraction of the positions up to
+    /// it, and in block mode each decoded position is a query tile of its own.
+    ///
+    /// [`KeyTopK::Count`]: spt_ops::pq::KeyTopK::Count
+    /// [`KeyTopK::Fraction`]: spt_ops::pq::KeyTopK::Fraction
+    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let c = &self.config;
+        let ids = check_ids(input_ids, "input_ids", "token", c.vocab_size, "vocab_size")?;
+        let (b, len) = ids.dims2()?;
+        if len == 0 {
+            return Err(ModelError::BadInput {
+                name: "input_ids",
+                reason: "no tokens to decode".into(),
+            });
+        }
+        let past = cache.len;
+        if past + len > c.n_positions {
+            return Err(ModelError::SequenceTooLong {
+                len: past + len,
+                max: c.n_positions,
+                field: "n_positions",
+            });
+        }
+        if let Some(cached) = cache.batch_size()? {
+            if cached != b {
+                return Err(ModelError::BadInput {
+                    name: "input_ids",
+                    reason: format!("batch of {b} sequences, but the cache holds {cached}"),
+                });
+            }
+        }
+        if past > 0 && len > 1 {
+            // New positions after cached ones need a causal mask aligned to the last key, which
+            // the attention ops do not take (theirs starts at key 0): one position at a time.
+            let mut work = cache.clone();
+            let hidden = (0..len)
+                .map(|t| self.forward_cached(&ids.narrow(1, t, 1)?, &mut work))
+                .collect::<Result<Vec<_>>>()?;
+            *cache = work;
+            return Ok(Tensor::cat(&hidden, 1)?);
+        }
+        // The prompt (past = 0) is causal; one new position may see every cached key.
+        let mask = AttentionMask {
+            causal: past == 0,
+            key_padding: None,
+        };
+        let mask = PreparedMask::new(mask, len, self.wte.weight.tensor().dtype(), ids.device())?;
+        let pos = Tensor::arange(past as u32, (past + len) as u32, ids.device())?.unsqueeze(0)?;
+        let mut x = self.wte.forward(&ids)?.broadcast_add(&self.wpe.forward(&pos)?)?;
+        let mut layers = cache.layers.clone();
+        layers.resize(self.h.len(), None);
+        for (block, kv) in self.h.iter().zip(layers.iter_mut()) {
+            x = block.forward_traced(&x, &mask, false, None, Some(kv))?;
+        }
+        let hidden = self.ln_f.forward(&x)?.detach();
+        cache.layers = layers;
+        cache.len = past + len;
+        Ok(hidden)
+    }
+}
+
+/// One layer's cached keys and values, `[B, heads, T, d]` each.
+type LayerKv = Option<(Tensor, Tensor)>;
+
+/// The keys and values of the positions a GPT-2 has decoded, per layer, for incremental
+/// decoding ([`GPT2Model::forward_cached`]). Start each sequence (or batch) with an empty cache.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<LayerKv>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Positions decoded so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets every position (to decode a new sequence).
+    pub fn clear(&mut self) {
+        *self = Self::default();
+    }
+
+    /// The batch size of the cached sequences (`None` when empty).
+    fn batch_size(&self) -> Result<Option<usize>> {
+        match self.layers.first() {
+            Some(Some((k, _))) => Ok(Some(k.dim(0)?)),
+            _ => Ok(None),
+        }
     }
 }
 
@@ -478,6 +604,16 @@ impl GPT2LMHeadModel {
         let (b, l, e) = h.dims3()?;
         let logits = h.reshape((b * l, e))?.matmul(&self.head_weight().t()?)?;
         Ok(logits.reshape((b, l, ()))?)
+    }
+
+    /// Incremental decoding for generation: runs `input_ids [B, L]` after the positions in
+    /// `cache` (the prompt first, then each sampled token) and returns the logits of the last
+    /// position, `[B, vocab]`; the head runs for that position only. See
+    /// [`GPT2Model::forward_cached`].
+    pub fn next_token_logits(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let h = self.transformer.forward_cached(input_ids, cache)?;
+        let last = h.narrow(1, h.dim(1)? - 1, 1)?.squeeze(1)?;
+        Ok(last.matmul(&self.head_weight().detach().t()?)?)
     }
 
     /// Mean next-token cross-entropy: position t predicts `input_ids[t+1]`; targets whose

@@ -2,7 +2,8 @@
 //! swappable attention and feed-forward slots for sparse fine-tuning (SPT).
 //!
 //! - [`bert`]: `BertModel` (token-level output) and `BertForSequenceClassification`.
-//! - [`gpt2`]: `GPT2Model` and `GPT2LMHeadModel` (tied head, shifted next-token loss).
+//! - [`gpt2`]: `GPT2Model` and `GPT2LMHeadModel` (tied head, shifted next-token loss, KV-cached
+//!   decoding).
 //! - [`weights`]: checkpoint reading ([`WeightSource`]: safetensors, sharded safetensors,
 //!   `pytorch_model.bin`), [`Param`] (trainable `Var` or frozen tensor, with its HF name),
 //!   [`LoadOptions`] and the [`LoadReport`] of unused / ignored / initialised tensors.
@@ -31,7 +32,7 @@ pub use attention::{
 pub use bert::{BertConfig, BertForSequenceClassification, BertModel};
 pub use error::{ModelError, Result};
 pub use ffn::{DenseFfn, FeedForward, NamedRoutedFfn};
-pub use gpt2::{lm_loss, GPT2Config, GPT2LMHeadModel, GPT2Model};
+pub use gpt2::{lm_loss, GPT2Config, GPT2LMHeadModel, GPT2Model, KvCache};
 pub use layers::{Dropout, Embedding, LayerNorm, Linear, WeightLayout};
 pub use memory::{
     activation_bytes, ActivationAccounting, ActivationBytes, AttentionCost, FfnCost, LayerShape,

@@ -4,8 +4,9 @@ use std::io::Write;
 
 use crate::common::{check_model, device, load_trained, model_type, tokenizer_for, ModelArgs};
 use anyhow::{bail, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use clap::Args;
+use spt_models::KvCache;
 use spt_train::config::resolve_model;
 use spt_train::data::TaskKind;
 use spt_train::pipeline::model_max_length;
@@ -81,15 +82,19 @@ pub(crate) fn generate(a: &GenerateArgs) -> Result<()> {
     let mut shown = decode(&ids)?;
     write!(out, "{shown}")?;
     out.flush()?;
+    // Keys and values of the positions so far are cached: each step runs one new position.
+    let mut cache = KvCache::new();
+    let mut input = ids.clone();
     for _ in 0..max_new {
-        let input = Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?;
-        let logits = model.forward_t(&input, None, false)?;
-        let last: Vec<f32> = logits.get(0)?.get(ids.len() - 1)?.to_vec1()?;
+        let input_ids = Tensor::new(input.as_slice(), &dev)?.unsqueeze(0)?;
+        let logits = model.next_token_logits(&input_ids, &mut cache)?;
+        let last: Vec<f32> = logits.get(0)?.to_dtype(DType::F32)?.to_vec1()?;
         let next = sample_token(&last, a.temperature, a.top_k, &mut rng);
         if Some(next) == eos {
             break;
         }
         ids.push(next);
+        input = vec![next];
         let text = decode(&ids)?;
         if text.ends_with('\u{fffd}') {
             continue; // an incomplete character: its next byte comes with the next token
@@ -119,11 +124,15 @@ pub(crate) fn common_prefix(a: &str, b: &str) -> usize {
 
 /// Samples a token id from `logits` with temperature and top-k (0: all).
 pub(crate) fn sample_token(logits: &[f32], temperature: f64, top_k: usize, rng: &mut SplitMix64) -> u32 {
+    // Largest first, ties by id: a total order, so partitioning off the top k and sorting them
+    // gives what a stable sort of the whole vocabulary gives, in O(V) instead of O(V log V).
+    let desc = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
     let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if top_k > 0 {
+    if top_k > 0 && top_k < order.len() {
+        order.select_nth_unstable_by(top_k - 1, desc);
         order.truncate(top_k);
     }
+    order.sort_unstable_by(desc);
     let max = logits[order[0]] as f64;
     let w: Vec<f64> = order
         .iter()
@@ -138,4 +147,51 @@ pub(crate) fn sample_token(logits: &[f32], temperature: f64, top_k: usize, rng: 
         u -= wi;
     }
     order[order.len() - 1] as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sampler before the partial sort: a stable sort of the whole vocabulary.
+    fn sample_by_full_sort(logits: &[f32], temperature: f64, top_k: usize, rng: &mut SplitMix64) -> u32 {
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        if top_k > 0 {
+            order.truncate(top_k);
+        }
+        let max = logits[order[0]] as f64;
+        let w: Vec<f64> = order
+            .iter()
+            .map(|&i| ((logits[i] as f64 - max) / temperature).exp())
+            .collect();
+        let mut u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * w.iter().sum::<f64>();
+        for (k, &wi) in w.iter().enumerate() {
+            if u < wi {
+                return order[k] as u32;
+            }
+            u -= wi;
+        }
+        order[order.len() - 1] as u32
+    }
+
+    #[test]
+    fn partial_sort_samples_what_the_full_sort_did() {
+        let mut g = SplitMix64::new(9);
+        for case in 0..200u64 {
+            // Few distinct values, so ties straddle the top-k boundary.
+            let n = 1 + g.below(300) as usize;
+            let logits: Vec<f32> = (0..n).map(|_| g.below(7) as f32 * 0.5).collect();
+            for top_k in [0, 1, 2, 5, 40, n, n + 3] {
+                let (mut a, mut b) = (SplitMix64::new(case), SplitMix64::new(case));
+                for _ in 0..5 {
+                    assert_eq!(
+                        sample_token(&logits, 0.7, top_k, &mut a),
+                        sample_by_full_sort(&logits, 0.7, top_k, &mut b),
+                        "n {n}, top_k {top_k}"
+                    );
+                }
+            }
+        }
+    }
 }
