@@ -19,6 +19,7 @@
 //!   mode (one code path), checkpoint restore and LoRA-merged HF export.
 //! - [`bench`](mod@bench): random weights, synthetic batches, timed steps and peak RSS for `spt-train bench`.
 //! - [`rng`]: the serialisable SplitMix64 behind data order and per-step seeds.
+//! - [`threads`]: the CPU thread count, fixed once per process (candle recounts it per matmul).
 
 pub mod bench;
 pub mod checkpoint;
@@ -33,6 +34,7 @@ pub mod pipeline;
 pub mod presets;
 pub mod rng;
 pub mod tasks;
+pub mod threads;
 pub mod trainer;
 
 pub use error::{Error, Result};

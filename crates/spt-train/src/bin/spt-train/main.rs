@@ -107,6 +107,7 @@ pub(crate) enum Outcome {
 }
 
 fn main() -> std::process::ExitCode {
+    spt_train::threads::fix_thread_count();
     keep_freed_memory();
     let cli = Cli::parse();
     init_tracing(cli.verbose, cli.quiet);
