@@ -477,3 +477,71 @@ fn bad_inputs_give_named_errors() -> Result<()> {
     assert!(e.contains("picks block 4"), "{e}");
     Ok(())
 }
+
+/// An evaluation forward of at most 16 tokens (decoding) runs its own path on the CPU: one GEMM
+/// per active block with the weights read in place, LoRA unmerged. It must give the fused ops'
+/// values, for both weight layouts (HF Linear `[out, in]`, and GPT-2's Conv1D `[in, out]` read
+/// as a transposed view), with and without LoRA, and stay differentiable: its gradients equal
+/// those of the fused ops (a training forward without dropout computes the same function).
+#[test]
+fn few_token_evaluation_equals_the_fused_ops() -> Result<()> {
+    use spt_ops::lora::LoraConfig;
+    let (d, d_ff, n, t) = (24, 64, 8, 40);
+    for (transposed, lora, gate) in [
+        (false, false, GateMode::SoftmaxKept),
+        (true, false, GateMode::Ones),
+        (false, true, GateMode::Ones),
+        (true, true, GateMode::SoftmaxKept),
+    ] {
+        let mut w = weights(d, d_ff, 31, DType::F32)?;
+        if transposed {
+            // Stored [in, out] and viewed [out, in], as spt-models passes GPT-2's weights.
+            w[0] = w[0].t()?.contiguous()?.t()?;
+            w[2] = w[2].t()?.contiguous()?.t()?;
+        }
+        let mut cfg = RoutedFfnConfig::new(n, BlockTopK::Count(2));
+        cfg.gate = gate;
+        let mut layer = RoutedFfn::new(&w[0], &w[1], &w[2], &w[3], Activation::GeluTanh, cfg)?;
+        if lora {
+            layer = layer.with_lora(LoraConfig {
+                rank: 3,
+                alpha: 5.0,
+                dropout: 0.0,
+                seed: 9,
+            })?;
+            let (_, b1, _, b2) = layer.lora_factors().expect("lora");
+            b1.set(&(randn_f64(b1.dims(), 40)? * 0.2)?.to_dtype(DType::F32)?)?;
+            b2.set(&(randn_f64(b2.dims(), 41)? * 0.2)?.to_dtype(DType::F32)?)?;
+        }
+        let x = (randn_f64(&[t, d], 32)?).to_dtype(DType::F32)?;
+        // 40 tokens: the fused ops.
+        let all = layer.forward_t(&x, false)?.y;
+        for (start, len) in [(0, 1), (5, 3), (20, 16)] {
+            let what = format!("transposed {transposed}, lora {lora}, tokens {start}..+{len}");
+            let xs = Var::from_tensor(&x.narrow(0, start, len)?)?;
+            let few = layer.forward_t(xs.as_tensor(), false)?.y;
+            assert_close(&what, &few, &all.narrow(0, start, len)?, 1e-5)?;
+            // Gradients: the few-token path (evaluation) against the fused ops (training).
+            let u = randn_f64(&[len, d], 33)?.to_dtype(DType::F32)?;
+            let fused = layer.forward_t(xs.as_tensor(), true)?.y;
+            let (gf, gk) = (
+                (few * &u)?.sum_all()?.backward()?,
+                (fused * &u)?.sum_all()?.backward()?,
+            );
+            let mut tracked = vec![("x", xs.as_tensor().clone())];
+            if let Some((a1, b1, a2, b2)) = layer.lora_factors() {
+                for (name, v) in [("A1", a1), ("B1", b1), ("A2", a2), ("B2", b2)] {
+                    tracked.push((name, v.as_tensor().clone()));
+                }
+            }
+            for (name, v) in tracked {
+                let (p, q) = (
+                    gf.get(&v).expect("few-token grad"),
+                    gk.get(&v).expect("fused grad"),
+                );
+                assert_close(&format!("{what}: d{name}"), p, q, 1e-5)?;
+            }
+        }
+    }
+    Ok(())
+}
