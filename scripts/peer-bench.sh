@@ -4,7 +4,7 @@
 #
 #   scripts/peer-bench.sh                    # add PyTorch's figures to the existing records
 #   scripts/peer-bench.sh --with-ours        # re-run our benchmarks, then PyTorch's: one run
-#   scripts/peer-bench.sh --only attention   # a subset: attention, ffn, steps, layers, demo
+#   scripts/peer-bench.sh --only attention   # a subset: attention, ffn, steps, layers, generate, demo
 #                                            # (repeatable, or comma-separated); default:
 #                                            # attention,ffn,steps
 #   scripts/peer-bench.sh --quick            # small shapes, on a temporary copy of the results
@@ -12,8 +12,8 @@
 #
 # Parts and files (bench/results/): attention -> attention.json, ffn -> ffn.json, steps ->
 # finetune-speed.json and finetune-speed-accuracy-setting.json, layers -> lora-linear.json,
-# linear-cross-entropy.json and norm-activation.json (each record gets torch_* fields, ratios
-# and peer_details; each file a top-level `peer` object). demo: PyTorch's full
+# linear-cross-entropy.json and norm-activation.json, generate -> generate.json (each record gets
+# torch_* fields, ratios and peer_details; each file a top-level `peer` object). demo: PyTorch's full
 # fine-tuning step at the demo's setting, printed (with --with-ours: scripts/demo.sh, which times
 # SPT, dense and PyTorch in one run). Our benchmarks are re-run with the commands their files
 # record (`command`). Timings taken while something else runs (a cargo build) are disturbed,
@@ -51,7 +51,7 @@ while [[ $# -gt 0 ]]; do
 done
 [[ ${#PARTS[@]} -gt 0 ]] || PARTS=(attention ffn steps)
 for p in "${PARTS[@]}"; do
-  case "$p" in attention|ffn|steps|layers|demo) ;; *) log "unknown part '$p' (attention, ffn, steps, layers, demo)"; exit 2 ;; esac
+  case "$p" in attention|ffn|steps|layers|generate|demo) ;; *) log "unknown part '$p' (attention, ffn, steps, layers, generate, demo)"; exit 2 ;; esac
 done
 want() { local p; for p in "${PARTS[@]}"; do [[ "$p" == "$1" ]] && return 0; done; return 1; }
 
@@ -84,9 +84,9 @@ fi
 
 # --- where results go ------------------------------------------------------------------------
 RESULTS=bench/results
-if [[ $QUICK == 1 ]] && { want attention || want ffn || want steps || want layers; }; then
+if [[ $QUICK == 1 ]] && { want attention || want ffn || want steps || want layers || want generate; }; then
   RESULTS="$(mktemp -d "${TMPDIR:-/tmp}/peer-bench.XXXXXX")"
-  cp bench/results/{attention,ffn,finetune-speed,finetune-speed-accuracy-setting,linear-cross-entropy,lora-linear,norm-activation}.json "$RESULTS/"
+  cp bench/results/{attention,ffn,finetune-speed,finetune-speed-accuracy-setting,generate,linear-cross-entropy,lora-linear,norm-activation}.json "$RESULTS/"
   log "quick mode: small shapes, results in the copy $RESULTS (bench/results untouched)"
 fi
 
@@ -129,7 +129,7 @@ run_ours() { # part
 }
 
 log "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
-for part in attention ffn steps layers; do
+for part in attention ffn steps layers generate; do
   want "$part" || continue
   [[ $WITH_OURS == 1 ]] && run_ours "$part"
   quick_flag=()

@@ -112,13 +112,14 @@ REGIONS = {
         "lora-linear",
         "linear-cross-entropy",
         "norm-activation",
+        "generate",
         "gpu-attention",
         "gpu-ffn",
         "other",
     ],
     "docs/results/accuracy.md": ["demo", "accuracy-minilm", "accuracy-gpt2", "accuracy-superseded", "accuracy-settings"],
 }
-KNOWN_FILES = {"accuracy", "attention", "attention-fidelity", "demo", "demo-dense", "ffn", "finetune-speed", "finetune-speed-accuracy-setting", "gpu-h200", "linear-cross-entropy", "lora-linear", "norm-activation"}
+KNOWN_FILES = {"accuracy", "attention", "attention-fidelity", "demo", "demo-dense", "ffn", "finetune-speed", "finetune-speed-accuracy-setting", "generate", "gpu-h200", "linear-cross-entropy", "lora-linear", "norm-activation"}
 
 
 class Stale(Exception):
@@ -270,7 +271,9 @@ def speed_table(name):
     fused = any("fused_dense_s" in r for r in recs)
     # Step records also time the model's build (calibration included) before the first step.
     build = any("build_s" in r for r in recs)
-    extra = (["fused dense (s)"] if fused else []) + (["build (s)"] if build else [])
+    # Generation records also time one new token.
+    token = any("ours_token_s" in r for r in recs)
+    extra = (["fused dense (s)"] if fused else []) + (["build (s)"] if build else []) + (["ours per token (s)"] if token else [])
     out = head(keys + ["ours (s)", "baseline (s)"] + extra + ["speedup", "ours bytes", "baseline bytes", "bytes ratio"] + tk)
     for r in recs:
         ob, bb = r.get("ours_bytes"), r.get("baseline_bytes")
@@ -279,6 +282,7 @@ def speed_table(name):
             + [num(r.get("ours_s"), "{:.4f}"), num(r.get("baseline_s"), "{:.4f}")]
             + ([num(r.get("fused_dense_s"), "{:.4f}")] if fused else [])
             + ([num(r.get("build_s"), "{:.1f}")] if build else [])
+            + ([num(r.get("ours_token_s"), "{:.4f}")] if token else [])
             + ["–" if r.get("speedup") is None else f"{r['speedup']:.2f}×",
                mib(ob), mib(bb), f"{ob / bb:.3f}" if ob and bb else "–"]
             + [torch_cell(r, k) for k in tk]
@@ -781,6 +785,7 @@ RENDER = {
     "lora-linear": lambda: speed_table("lora-linear"),
     "linear-cross-entropy": lambda: speed_table("linear-cross-entropy"),
     "norm-activation": lambda: speed_table("norm-activation"),
+    "generate": lambda: speed_table("generate"),
     "gpu-attention": gpu_attention,
     "gpu-ffn": gpu_ffn,
     "other": other_results,
