@@ -6,11 +6,21 @@
 //! with more cores, whose cpuinfo is longer): 1.4 ms of a generated GPT-2 token's 24 ms.
 
 /// Sets `RAYON_NUM_THREADS` to the count candle would compute, unless the variable already
-/// holds one: the same threads as before, counted once. Call it first in `main`, before any
-/// thread starts (it writes the process environment).
+/// holds one, and builds rayon's global pool with the count rayon would have taken without it
+/// (the logical CPUs; the variable would otherwise set it too, to candle's physical-core count):
+/// the same threads as before on every machine, counted once. Call it first in `main`, before
+/// any thread starts (it writes the process environment).
 pub fn fix_thread_count() {
     if let Some(n) = count_to_fix() {
+        // rayon's own default: its deprecated variable, else the logical CPUs.
+        let pool = std::env::var("RAYON_RS_NUM_CPUS")
+            .ok()
+            .and_then(|s| s.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |p| p.get()));
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        // Fails only if the pool already exists, which then keeps its count.
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(pool).build_global();
     }
 }
 
