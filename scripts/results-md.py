@@ -675,9 +675,21 @@ QUOTES = [
      [("SPT accurate", "full_speed", "{:.2f}"), ("SPT fast", "full_speed", "{:.2f}"), ("GPT-2 SPT", "full_speed", "{:.2f}")]),
     ("README.md", "GPT-2 small gains less (SPT {}× PyTorch at {} % of its RSS; our dense {}×)",
      [("GPT-2 SPT", "full_speed", "{:.2f}"), ("GPT-2 SPT", "full_rss", "{:.0f}"), ("GPT-2 dense", "full_speed", "{:.2f}")]),
+    ("README.md", "with GPT-2 small (KV cache, batch 1) takes {}× PyTorch's time dense, {}× PEFT's with LoRA "
+     "and {}× with SPT's routed FFN",
+     [("generate dense", "gen_time", "{:.2f}"), ("generate LoRA", "gen_time", "{:.2f}"),
+      ("generate SPT", "gen_time", "{:.2f}")]),
+    ("docs/results/speed.md", "(**{}×** its time for 128 tokens), LoRA against PEFT **{}×**, SPT against PEFT **{}×**",
+     [("generate dense", "gen_time", "{:.2f}"), ("generate LoRA", "gen_time", "{:.2f}"),
+      ("generate SPT", "gen_time", "{:.2f}")]),
 ]
 
-PEER_KEYS = {"full": ("torch_full_s", "torch_full_bytes", ""), "lora": ("torch_lora_s", "torch_lora_bytes", "")}
+PEER_KEYS = {
+    "full": ("torch_full_s", "torch_full_bytes", ""),
+    "lora": ("torch_lora_s", "torch_lora_bytes", ""),
+    # Generation records hold one peer each: transformers, or transformers + PEFT for LoRA / SPT.
+    "gen": ("torch_s", "torch_bytes", ""),
+}
 
 # What the quotes' sentences say in words about the records, checked on every run: (recipe,
 # quantity, test, the claim). A record that breaks one is an error until the words change.
@@ -693,6 +705,9 @@ CLAIMS = [
 QUOTED_RECORDS = {
     "GPT-2 SPT": ("finetune-speed", {"model": "gpt2-small", "B": 4, "L": 512, "mode": "spt"}),
     "GPT-2 dense": ("finetune-speed", {"model": "gpt2-small", "B": 4, "L": 512, "mode": "dense"}),
+    "generate dense": ("generate", {"model": "gpt2-small", "mode": "dense", "new_tokens": 128}),
+    "generate LoRA": ("generate", {"model": "gpt2-small", "mode": "lora", "new_tokens": 128}),
+    "generate SPT": ("generate", {"model": "gpt2-small", "mode": "spt", "new_tokens": 128}),
 }
 
 
@@ -719,6 +734,8 @@ def quoted_value(recipe, quantity):
     ts, tb, _ = torch_figures(name, sr, PEER_KEYS[kind])
     if ts is None or (what == "rss" and not tb):
         raise SystemExit(f"results-md: QUOTES: no PyTorch {kind} figure for {recipe!r} ({name}.json #{si})")
+    if what == "time":  # ours over PyTorch's: below 1, ours is faster
+        return sr["ours_s"] / ts
     return ts / sr["ours_s"] if what == "speed" else 100 * sr["ours_bytes"] / tb
 
 
