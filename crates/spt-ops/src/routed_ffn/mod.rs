@@ -61,8 +61,8 @@ use crate::util::{check_float, check_same};
 use candle_core::{bail, DType, Result, Tensor, Var};
 use std::sync::Arc;
 
-/// Up to this many tokens an evaluation forward runs [`RoutedFfn::forward_few_tokens`] on the
-/// CPU (decoding). At GPT-2 small's shape (d 768, d_ff 3072, 2 of 8 blocks), per call: one
+/// Up to this many tokens an evaluation forward on the CPU (decoding) runs its GEMMs once per
+/// active block (`RoutedFfn::forward_unfused`). At GPT-2 small's shape (d 768, d_ff 3072, 2 of 8 blocks), per call: one
 /// token 0.23 ms (0.43 with LoRA) against the fused ops' 2.3-17 ms (3.5-5 ms), whose per-call
 /// weight setup one token's GEMVs do not amortise; at 16 tokens 2.5 ms (3.4-3.7) against
 /// 2.7-19 ms (5-6 ms); from 32 tokens the fused ops win with BERT's weight layout (2 cores).
@@ -495,11 +495,8 @@ impl RoutedFfn {
         }
         let gates = router_gates(logits, &routing, gate)?;
         let lora = self.lora.as_ref().filter(|_| !self.merged);
-        if !train && routing.n_tokens() <= FEW_TOKENS && x2.device().is_cpu() {
-            let y = self.forward_few_tokens(x2, &routing, &gates, lora)?;
-            return self.finish(y, x2, dims, logits, routing, gates);
-        }
-        if let Some(l) = lora.filter(|l| self.fuses_lora(x2, l, train)) {
+        let few = !train && routing.n_tokens() <= FEW_TOKENS && x2.device().is_cpu();
+        if let Some(l) = lora.filter(|l| !few && self.fuses_lora(x2, l, train)) {
             // Both projections multiply by their merged weight (see lora_ops.rs).
             let s = l.cfg.scale();
             let (a1, b1) = (l.a1.as_tensor(), l.b1.as_tensor());
@@ -508,11 +505,51 @@ impl RoutedFfn {
             let y = lora_ops::scatter_lora(&h, &gates, &self.w2, &self.b2, a2, b2, s, &routing)?;
             return self.finish(y, x2, dims, logits, routing, gates);
         }
+        let y = self.forward_unfused(x2, &routing, &gates, lora, train, few)?;
+        self.finish(y, x2, dims, logits, routing, gates)
+    }
+
+    /// The FFN from the grouped GEMMs with LoRA composed around them (LoRA dropout, trainable
+    /// weights, other devices), before the correction. With `per_block` (an evaluation of a few
+    /// tokens on the CPU: decoding) each GEMM runs once per active block on the weights in place
+    /// (`composed.rs`, candle ops, so still differentiable): the fused ops' per-call setup reads
+    /// all of W1 and W2 (a copy, the transpose their grouped GEMMs read) whatever the token
+    /// count, for one token with 2 of 8 blocks several times the weights the token needs.
+    fn forward_unfused(
+        &self,
+        x2: &Tensor,
+        routing: &Arc<Routing>,
+        gates: &Tensor,
+        lora: Option<&FfnLora>,
+        train: bool,
+        per_block: bool,
+    ) -> Result<Tensor> {
+        let b = self.block_size();
+        // `add`: a bias [n_blocks·b] or a routed base [R, b].
+        let gather = |x: &Tensor, w: &Tensor, add: &Tensor, act: Option<Activation>| {
+            if per_block {
+                let kind = if add.rank() == 1 {
+                    AddKind::Bias
+                } else {
+                    AddKind::Base
+                };
+                composed::gather_matmul_act_per_block(x, w, Some((add, kind)), act, routing, b)
+            } else {
+                gather_matmul_act(x, w, Some(add), act, routing)
+            }
+        };
+        let scatter = |h: &Tensor, w: &Tensor, bias: Option<&Tensor>| -> Result<Tensor> {
+            if per_block {
+                composed::scatter_matmul_bias_with(h, gates, w, bias, routing, b, w.dim(0)?, false)
+            } else {
+                scatter_matmul_bias(h, gates, w, bias, routing)
+            }
+        };
         // fc1: act(x W1_eᵀ + b1_e [+ LoRA: (α/r)·(x A1ᵀ) B1_eᵀ]) on the routed rows, [R, b]. With
         // LoRA, B1's routed rows plus b1 form the base the fused W1 GEMM adds to.
         let act = Some(self.activation);
         let h = match lora {
-            None => gather_matmul_act(x2, &self.w1, Some(&self.b1), act, &routing)?,
+            None => gather(x2, &self.w1, &self.b1, act)?,
             Some(l) => {
                 let xin = if train {
                     dropout(x2, l.cfg.dropout, l.seeds.next())?
@@ -520,57 +557,21 @@ impl RoutedFfn {
                     x2.clone()
                 };
                 let u = (xin.matmul(&l.a1.as_tensor().t()?)? * l.cfg.scale())?; // [T, r]
-                let base = gather_matmul(&u, l.b1.as_tensor(), Some(&self.b1), &routing)?; // [R, b]
-                gather_matmul_act(x2, &self.w1, Some(&base), act, &routing)?
+                let base = gather(&u, l.b1.as_tensor(), &self.b1, None)?; // [R, b]
+                gather(x2, &self.w1, &base, act)?
             }
         };
         // fc2: gate · h · W2_eᵀ scattered into the tokens (+ b2, inside the kernel when frozen),
         // + LoRA: A2's columns routed like W2's, B2 once per token; α/r scales the [T, r] side.
-        let mut y = scatter_matmul_bias(&h, &gates, &self.w2, Some(&self.b2), &routing)?; // [T, d]
+        let mut y = scatter(&h, &self.w2, Some(&self.b2))?; // [T, d]
         if let Some(l) = lora {
             let hin = if train {
                 dropout(&h, l.cfg.dropout, l.seeds.next())?
             } else {
                 h.clone()
             };
-            let v = (scatter_matmul(&hin, &gates, l.a2.as_tensor(), &routing)? * l.cfg.scale())?; // [T, r]
+            let v = (scatter(&hin, l.a2.as_tensor(), None)? * l.cfg.scale())?; // [T, r]
             y = y.add(&v.matmul(&l.b2.as_tensor().t()?)?)?;
-        }
-        self.finish(y, x2, dims, logits, routing, gates)
-    }
-
-    /// The routed FFN of a few tokens (decoding), before the correction: one GEMM per active
-    /// block with W's block read in place, and LoRA unmerged (candle ops, so still
-    /// differentiable). The fused ops' per-call setup reads all of W1 and W2 (a copy, the
-    /// transpose their grouped GEMMs read, with LoRA a merge) whatever the token count: for one
-    /// token with 2 of 8 blocks, several times the weights the token needs.
-    fn forward_few_tokens(
-        &self,
-        x2: &Tensor,
-        routing: &Arc<Routing>,
-        gates: &Tensor,
-        lora: Option<&FfnLora>,
-    ) -> Result<Tensor> {
-        let (b, act) = (self.block_size(), Some(self.activation));
-        let base = match lora {
-            None => (self.b1.clone(), AddKind::Bias),
-            Some(l) => {
-                let u = (x2.matmul(&l.a1.as_tensor().t()?)? * l.cfg.scale())?; // [T, r]
-                let bias = Some((&self.b1, AddKind::Bias));
-                let base =
-                    composed::gather_matmul_act_per_block(&u, l.b1.as_tensor(), bias, None, routing, b)?;
-                (base, AddKind::Base)
-            }
-        };
-        let add = Some((&base.0, base.1));
-        let h = composed::gather_matmul_act_per_block(x2, &self.w1, add, act, routing, b)?; // [R, b]
-        let d = self.d_model();
-        let mut y =
-            composed::scatter_matmul_bias_with(&h, gates, &self.w2, Some(&self.b2), routing, b, d, false)?;
-        if let Some(l) = lora {
-            let (a2, r) = (l.a2.as_tensor(), l.cfg.rank);
-            let v = composed::scatter_matmul_bias_with(&h, gates, a2, None, routing, b, r, false)?;
-            y = y.add(&(v * l.cfg.scale())?.matmul(&l.b2.as_tensor().t()?)?)?;
         }
         Ok(y)
     }
