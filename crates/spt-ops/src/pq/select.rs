@@ -117,7 +117,6 @@ pub(crate) fn top_k_into(
     taken
 }
 
-/// Selects, for every query row of `q [B, H, L_q, d]`, the `k` allowed keys with the largest
 /// A code names one of the codebook's C codewords; a larger one (codes made by hand, or by
 /// another codebook) would index past its tables. `max` is the codes' largest.
 fn check_codes(op: &str, max: u8, codebook: &Codebook) -> Result<()> {
@@ -132,6 +131,7 @@ fn check_codes(op: &str, max: u8, codebook: &Codebook) -> Result<()> {
     Ok(())
 }
 
+/// Selects, for every query row of `q [B, H, L_q, d]`, the `k` allowed keys with the largest
 /// ADC score `Σ_s ⟨q_s, c[s, code_s(key)]⟩`, from key codes `u8 [B, H, L_k, S]`.
 ///
 /// Allowed keys: `j ≤ i` when `mask.causal`, and `key_padding[b, j] ≠ 0` when given. Rows with
