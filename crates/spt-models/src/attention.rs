@@ -267,6 +267,18 @@ impl AttentionCore {
         }
     }
 
+    /// How many leading query rows of a `len`-token sequence the first row's output depends on:
+    /// one, except in block mode, where a query tile shares one key selection.
+    pub fn first_query_rows(&self, len: usize) -> usize {
+        match self {
+            Self::Sparse(SparseAttention {
+                grouping: KeyGrouping::Blocks { tile },
+                ..
+            }) => (*tile).max(1).min(len),
+            _ => 1.min(len),
+        }
+    }
+
     /// How this slot is accounted in [`crate::memory::activation_bytes`] for `seq_len` keys.
     pub fn cost(&self, seq_len: usize) -> crate::memory::AttentionCost {
         match self {

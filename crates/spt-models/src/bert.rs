@@ -273,11 +273,23 @@ impl BertSelfAttention {
         mask: &PreparedMask,
         train: bool,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        self.attend(x, x, mask, train)
+    }
+
+    /// [`BertSelfAttention::forward_with_keys`] for the queries of `xq [B, Lq, H]` (leading
+    /// positions of `x`) over the keys and values of every position of `x [B, L, H]`.
+    fn attend(
+        &self,
+        xq: &Tensor,
+        x: &Tensor,
+        mask: &PreparedMask,
+        train: bool,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let to_heads = HeadsLayout {
             input_heads: false,
             output_heads: Some(self.num_attention_heads),
         };
-        let q = self.query.forward_t_heads(x, to_heads, train)?;
+        let q = self.query.forward_t_heads(xq, to_heads, train)?;
         let k = self.key.forward_t_heads(x, to_heads, train)?;
         let v = self.value.forward_t_heads(x, to_heads, train)?;
         let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
@@ -357,12 +369,43 @@ impl BertLayer {
         train: bool,
         trace: Option<&mut Vec<LayerTrace>>,
     ) -> Result<Tensor> {
+        self.forward_rows(x, x, mask, train, trace)
+    }
+
+    /// The layer's output at the first position, `[B, 1, H]`. Keys and values come from every
+    /// position of `x`; the queries, attention, output projection and FFN run only for the
+    /// leading rows that the first one depends on ([`AttentionCore::first_query_rows`]: one, or
+    /// a block-mode query tile, which shares one key selection), so the first row is the full
+    /// forward's. Unless `train` routes tokens with a batch-wide balancing loss, which would
+    /// then see only these rows: that runs the whole layer.
+    fn forward_first(&self, x: &Tensor, mask: &PreparedMask, train: bool) -> Result<Tensor> {
+        let len = x.dim(1)?;
+        let rows = self.attention.self_attn.core.first_query_rows(len);
+        let y = if train && self.ffn.has_aux_loss() {
+            self.forward_rows(x, x, mask, train, None)?
+        } else {
+            let xq = x.narrow(1, 0, rows)?.contiguous()?;
+            self.forward_rows(&xq, x, mask, train, None)?
+        };
+        Ok(y.narrow(1, 0, 1.min(len))?)
+    }
+
+    /// The layer's output at the positions of `xq` (the leading rows of `x`), attending over
+    /// every position of `x`.
+    fn forward_rows(
+        &self,
+        xq: &Tensor,
+        x: &Tensor,
+        mask: &PreparedMask,
+        train: bool,
+        trace: Option<&mut Vec<LayerTrace>>,
+    ) -> Result<Tensor> {
         let _span = tracing::trace_span!("bert_layer").entered();
-        let (a, queries, keys) = self.attention.self_attn.forward_with_keys(x, mask, train)?;
+        let (a, queries, keys) = self.attention.self_attn.attend(xq, x, mask, train)?;
         let o = &self.attention.output;
         let a = o.layer_norm.forward_residual(
             &o.dense.forward_t_heads(&a, FROM_HEADS, train)?,
-            x,
+            xq,
             &o.dropout,
             train,
         )?;
@@ -548,6 +591,28 @@ impl BertModel {
         Ok(x)
     }
 
+    /// The last hidden state at the first position, `[B, 1, H]` (what the pooler reads): the
+    /// same values as [`BertModel::forward_t`]'s first position, but the last layer computes its
+    /// queries, attention and FFN for that position only (keys and values still cover the whole
+    /// sequence), about `1 / num_hidden_layers` of the encoder's work saved.
+    pub fn forward_first_t(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (ids, type_ids, mask) = self.prepare(input_ids, token_type_ids, attention_mask)?;
+        let mut x = self.embeddings.forward_t(&ids, &type_ids, train)?;
+        let Some((last, rest)) = self.layers.split_last() else {
+            return Ok(x.narrow(1, 0, 1.min(x.dim(1)?))?);
+        };
+        for layer in rest {
+            x = layer.forward_traced(&x, &mask, train, None)?;
+        }
+        last.forward_first(&x, &mask, train)
+    }
+
     /// Restarts the model's dropout masks from `seed` (call once per training step for
     /// reproducible, resumable runs).
     pub fn seed_dropout(&self, seed: u64) {
@@ -676,9 +741,10 @@ impl BertForSequenceClassification {
         attention_mask: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
+        // The pooler reads the first position only, so the last layer runs for that one.
         let h = self
             .bert
-            .forward_t(input_ids, token_type_ids, attention_mask, train)?;
+            .forward_first_t(input_ids, token_type_ids, attention_mask, train)?;
         let pooled = self.bert.pool(&h)?;
         let pooled = self.dropout.forward_t(&pooled, train)?;
         self.classifier.forward_t(&pooled, train)

@@ -260,6 +260,12 @@ impl FeedForward {
         }
     }
 
+    /// Whether a training forward adds a router load-balancing loss, which averages over every
+    /// token of the batch (so a forward over fewer tokens changes it).
+    pub fn has_aux_loss(&self) -> bool {
+        matches!(self, Self::Routed(r) if r.ffn.config().aux_loss)
+    }
+
     /// The router load-balancing loss of the last training forward, if this slot is routed
     /// with the loss on; a second call returns `None`.
     pub fn take_aux_loss(&self) -> Option<Tensor> {
