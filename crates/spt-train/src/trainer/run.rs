@@ -15,7 +15,7 @@ use crate::checkpoint::{
 };
 use crate::data::{epoch_batches, BatchOrder, DataError, EncodedDataset};
 use crate::metrics::{MeanLoss, MetricRecord, MetricsWriter};
-use crate::optim::{clip_grad_norm, AdamW, LrSchedule};
+use crate::optim::{clip_scale, grad_norm, AdamW, LrSchedule};
 use crate::rng::SplitMix64;
 use crate::{Error, Result};
 
@@ -361,15 +361,16 @@ impl<T: TrainTask> Trainer<T> {
                     }
                 });
             }
-            let Some(mut grads) = acc else { break };
-            let gnorm = clip_grad_norm(&vars, &mut grads, self.cfg.max_grad_norm)?;
+            let Some(grads) = acc else { break };
+            let gnorm = grad_norm(&vars, &grads)?;
             if !gnorm.is_finite() {
                 return Err(Error::Msg(format!(
                     "gradient norm is {gnorm} at step {}",
                     st.step + 1
                 )));
             }
-            opt.step(&grads, lr)?;
+            // Clipping is applied inside the update (no scaled copy of every gradient).
+            opt.step_scaled(&grads, lr, clip_scale(gnorm, self.cfg.max_grad_norm))?;
             drop(grads);
             st.step += 1;
             self.task.after_step(st.step)?;

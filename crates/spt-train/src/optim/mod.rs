@@ -20,6 +20,8 @@
 //! θ ← θ − lr · m̂ / (√v̂ + ε)
 //! ```
 
+mod cpu;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
@@ -71,8 +73,45 @@ struct ParamState {
     /// Multiplies the scheduled lr for this parameter (PyTorch's per-group lr), 1 by default.
     lr_scale: f64,
     step: u64,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
+    moments: Moments,
+}
+
+/// A parameter's first and second moments (`exp_avg`, `exp_avg_sq`), f32.
+enum Moments {
+    /// Host vectors, updated in place with θ by one pass ([`cpu::update_in_place`]): f32
+    /// parameters on the CPU.
+    Host { m: Vec<f32>, v: Vec<f32> },
+    /// Tensors on the parameter's device, replaced by the tensor-op update.
+    Tensors { m: Tensor, v: Tensor },
+}
+
+impl Moments {
+    /// The moments of `var` from f32 tensors of its shape.
+    fn new(var: &Var, m: Tensor, v: Tensor) -> Result<Self> {
+        Ok(if cpu::applies(var) {
+            Self::Host {
+                m: m.flatten_all()?.to_vec1()?,
+                v: v.flatten_all()?.to_vec1()?,
+            }
+        } else {
+            let dev = var.device();
+            Self::Tensors {
+                m: m.to_device(dev)?,
+                v: v.to_device(dev)?,
+            }
+        })
+    }
+
+    /// `(exp_avg, exp_avg_sq)` as tensors of `var`'s shape on its device.
+    fn tensors(&self, var: &Var) -> Result<(Tensor, Tensor)> {
+        Ok(match self {
+            Self::Host { m, v } => (
+                Tensor::from_slice(m, var.shape(), var.device())?,
+                Tensor::from_slice(v, var.shape(), var.device())?,
+            ),
+            Self::Tensors { m, v } => (m.clone(), v.clone()),
+        })
+    }
 }
 
 /// AdamW over named variables, with per-name decay groups and a saveable state.
@@ -96,15 +135,26 @@ impl AdamW {
                     var.dtype()
                 );
             }
-            let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+            let moments = if cpu::applies(&var) {
+                let n = var.elem_count();
+                Moments::Host {
+                    m: vec![0.0; n],
+                    v: vec![0.0; n],
+                }
+            } else {
+                let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+                Moments::Tensors {
+                    m: zeros.clone(),
+                    v: zeros,
+                }
+            };
             states.push(ParamState {
                 decay: !is_no_decay(&name),
                 lr_scale: 1.0,
                 name,
                 var,
                 step: 0,
-                exp_avg: zeros.clone(),
-                exp_avg_sq: zeros,
+                moments,
             });
         }
         Ok(Self { cfg, params: states })
@@ -144,6 +194,12 @@ impl AdamW {
 
     /// One update with learning rate `lr`. Parameters without a gradient in `grads` are skipped.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        self.step_scaled(grads, lr, 1.0)
+    }
+
+    /// [`AdamW::step`] on the gradients multiplied by `grad_scale` (a clipping factor from
+    /// [`clip_scale`]), without forming the scaled gradients: the same bits as scaling them first.
+    pub fn step_scaled(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
         let AdamWConfig {
             beta1,
             beta2,
@@ -173,13 +229,19 @@ impl AdamW {
                 lr,
                 t,
             };
-            let (theta, m, v) = match fused_cpu_update(p, g, &h)? {
-                Some(new) => new,
-                None => tensor_update(p, g, &h)?,
-            };
-            p.var.set(&theta.to_dtype(p.var.dtype())?)?;
-            p.exp_avg = m;
-            p.exp_avg_sq = v;
+            match &mut p.moments {
+                Moments::Host { m, v } => cpu::update_in_place(&p.var, g, m, v, &h, grad_scale)?,
+                Moments::Tensors { m, v } => {
+                    let g = if grad_scale == 1.0 {
+                        g.clone()
+                    } else {
+                        (g * grad_scale)?
+                    };
+                    let (theta, m1, v1) = tensor_update(&p.var, m, v, &g, &h)?;
+                    p.var.set(&theta.to_dtype(p.var.dtype())?)?;
+                    (*m, *v) = (m1, v1);
+                }
+            }
         }
         Ok(())
     }
@@ -194,8 +256,9 @@ impl AdamW {
     pub fn state_dict(&self) -> Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
         for p in &self.params {
-            out.insert(format!("{}.exp_avg", p.name), p.exp_avg.clone());
-            out.insert(format!("{}.exp_avg_sq", p.name), p.exp_avg_sq.clone());
+            let (m, v) = p.moments.tensors(&p.var)?;
+            out.insert(format!("{}.exp_avg", p.name), m);
+            out.insert(format!("{}.exp_avg_sq", p.name), v);
             out.insert(
                 format!("{}.step", p.name),
                 Tensor::new(p.step as i64, p.var.device())?,
@@ -234,10 +297,8 @@ impl AdamW {
                 [s] if *s >= 0 => *s as u64,
                 _ => bail!("optimizer state: `{k3}` must be one non-negative integer, got {step:?}"),
             };
-            let dev = p.var.device();
             new_states.push((
-                m.to_dtype(DType::F32)?.to_device(dev)?,
-                v.to_dtype(DType::F32)?.to_device(dev)?,
+                Moments::new(&p.var, m.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?)?,
                 step,
             ));
             used.extend([k1, k2, k3]);
@@ -247,9 +308,8 @@ impl AdamW {
             extra.sort();
             bail!("optimizer state: entries for unknown parameters: {extra:?}");
         }
-        for (p, (m, v, step)) in self.params.iter_mut().zip(new_states) {
-            p.exp_avg = m;
-            p.exp_avg_sq = v;
+        for (p, (moments, step)) in self.params.iter_mut().zip(new_states) {
+            p.moments = moments;
             p.step = step;
         }
         Ok(())
@@ -278,8 +338,8 @@ impl AdamW {
 /// clipping, computed in f64; it may be non-finite, which the caller should treat as an error.
 pub fn clip_grad_norm(vars: &[Var], grads: &mut GradStore, max_norm: f64) -> Result<f64> {
     let norm = grad_norm(vars, grads)?;
-    if max_norm > 0.0 && norm.is_finite() && norm > max_norm {
-        let scale = max_norm / (norm + 1e-6);
+    let scale = clip_scale(norm, max_norm);
+    if scale != 1.0 {
         for v in vars {
             if let Some(g) = grads.get(v.as_tensor()) {
                 let scaled = (g * scale)?;
@@ -290,14 +350,31 @@ pub fn clip_grad_norm(vars: &[Var], grads: &mut GradStore, max_norm: f64) -> Res
     Ok(norm)
 }
 
+/// The factor [`clip_grad_norm`] scales gradients of global norm `norm` by: `max_norm / (norm +
+/// 1e-6)` when `norm` exceeds `max_norm > 0` (and is finite), else 1. For [`AdamW::step_scaled`],
+/// which applies it inside the update instead of scaling every gradient first.
+pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
+    if max_norm > 0.0 && norm.is_finite() && norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    }
+}
+
 /// The global L2 norm of the gradients of `vars` (f64 accumulation). The sum stays on the
 /// gradients' device and is read once: one host synchronisation per step on a GPU, not one per
 /// parameter. Each gradient is reduced over its last dimension first, as candle's CUDA `sum_all`
 /// runs a whole tensor through one thread block.
 pub fn grad_norm(vars: &[Var], grads: &GradStore) -> Result<f64> {
+    // CPU gradients are summed on the host in one pass each; others stay on their device.
+    let mut host = 0f64;
     let mut total: Option<Tensor> = None;
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
+            if let Some(sum) = cpu::sum_squares(g)? {
+                host += sum;
+                continue;
+            }
             let sq = g.to_dtype(DType::F64)?.sqr()?;
             let sq = if sq.rank() > 1 { sq.sum(D::Minus1)? } else { sq };
             let part = sq.sum_all()?;
@@ -307,10 +384,11 @@ pub fn grad_norm(vars: &[Var], grads: &GradStore) -> Result<f64> {
             });
         }
     }
-    Ok(match total {
-        Some(t) => t.to_scalar::<f64>()?.sqrt(),
+    let device = match total {
+        Some(t) => t.to_scalar::<f64>()?,
         None => 0.0,
-    })
+    };
+    Ok((host + device).sqrt())
 }
 
 /// Learning-rate decay after warmup.
@@ -365,83 +443,27 @@ struct Hyper {
     t: i32,
 }
 
-/// The update as tensor ops (any device and dtype; moments in f32): new θ (f32), m and v.
-fn tensor_update(p: &ParamState, g: &Tensor, h: &Hyper) -> Result<(Tensor, Tensor, Tensor)> {
+/// The update as tensor ops (any device and dtype; moments `m`, `v` in f32): new θ (f32), m
+/// and v.
+fn tensor_update(
+    var: &Var,
+    m: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    h: &Hyper,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let g = g.detach().to_dtype(DType::F32)?;
-    let m = ((&p.exp_avg * h.beta1)? + (&g * (1.0 - h.beta1))?)?;
-    let v = ((&p.exp_avg_sq * h.beta2)? + (g.sqr()? * (1.0 - h.beta2))?)?;
+    let m = ((m * h.beta1)? + (&g * (1.0 - h.beta1))?)?;
+    let v = ((v * h.beta2)? + (g.sqr()? * (1.0 - h.beta2))?)?;
     let m_hat = (&m * (1.0 / (1.0 - h.beta1.powi(h.t))))?;
     let v_hat = (&v * (1.0 / (1.0 - h.beta2.powi(h.t))))?;
-    let mut theta = p.var.as_tensor().detach().to_dtype(DType::F32)?;
+    let mut theta = var.as_tensor().detach().to_dtype(DType::F32)?;
     if h.decay != 0.0 {
         theta = (theta * (1.0 - h.decay))?;
     }
     let update = (m_hat / (v_hat.sqrt()? + h.eps)?)?;
     let theta = (theta - (update * h.lr)?)?;
     Ok((theta, m, v))
-}
-
-/// The update of one f32 parameter on the CPU as one multithreaded pass over θ, g, m and v
-/// (the tensor-op version makes ~12 single-threaded passes, each allocating). The arithmetic is
-/// the tensor-op version's, in the same order, so both give the same bits. `None` where it does
-/// not apply (another device or dtype, a non-contiguous tensor).
-fn fused_cpu_update(p: &ParamState, g: &Tensor, h: &Hyper) -> Result<Option<(Tensor, Tensor, Tensor)>> {
-    use candle_core::{CpuStorage, Storage};
-    use rayon::prelude::*;
-    let theta = p.var.as_tensor();
-    let all = [theta, g, &p.exp_avg, &p.exp_avg_sq];
-    if !all
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
-    {
-        return Ok(None);
-    }
-    let guards: Vec<_> = all.iter().map(|t| t.storage_and_layout()).collect();
-    let mut slices: Vec<&[f32]> = Vec::with_capacity(4);
-    for (st, l) in &guards {
-        let Storage::Cpu(CpuStorage::F32(v)) = &**st else {
-            return Ok(None);
-        };
-        let start = l.start_offset();
-        slices.push(&v[start..start + l.shape().elem_count()]);
-    }
-    let (th, gr, m0, v0) = (slices[0], slices[1], slices[2], slices[3]);
-    let f = |x: f64| x as f32;
-    let (b1, c1, b2, c2) = (f(h.beta1), f(1.0 - h.beta1), f(h.beta2), f(1.0 - h.beta2));
-    let (bc1, bc2) = (
-        f(1.0 / (1.0 - h.beta1.powi(h.t))),
-        f(1.0 / (1.0 - h.beta2.powi(h.t))),
-    );
-    let (keep, eps, lr) = (f(1.0 - h.decay), f(h.eps), f(h.lr));
-    let n = th.len();
-    let (mut t_out, mut m_out, mut v_out) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-    const CHUNK: usize = 1 << 14;
-    t_out
-        .par_chunks_mut(CHUNK)
-        .zip(m_out.par_chunks_mut(CHUNK))
-        .zip(v_out.par_chunks_mut(CHUNK))
-        .enumerate()
-        .for_each(|(c, ((to, mo), vo))| {
-            let o = c * CHUNK;
-            for i in 0..to.len() {
-                let (x, gi) = (th[o + i], gr[o + i]);
-                let m = m0[o + i] * b1 + gi * c1;
-                let v = v0[o + i] * b2 + (gi * gi) * c2;
-                let x = if h.decay != 0.0 { x * keep } else { x };
-                let update = (m * bc1) / ((v * bc2).sqrt() + eps);
-                to[i] = x - update * lr;
-                mo[i] = m;
-                vo[i] = v;
-            }
-        });
-    drop(guards);
-    let shape = theta.shape();
-    let dev = theta.device();
-    Ok(Some((
-        Tensor::from_vec(t_out, shape, dev)?,
-        Tensor::from_vec(m_out, shape, dev)?,
-        Tensor::from_vec(v_out, shape, dev)?,
-    )))
 }
 
 #[cfg(test)]
@@ -538,36 +560,106 @@ mod tests {
         Ok(())
     }
 
-    /// The fused CPU pass and the tensor ops give the same bits, decay group or not.
+    /// The in-place CPU pass and the tensor ops give the same bits (θ, m and v), decay group
+    /// or not, with and without a gradient scale; and the scale gives the bits of pre-scaled
+    /// gradients.
     #[test]
-    fn fused_update_equals_the_tensor_ops() -> Result<()> {
+    fn in_place_update_equals_the_tensor_ops() -> Result<()> {
         let dev = Device::Cpu;
         let n = 100_003; // several rayon chunks and a ragged tail
+        let bits = |t: &Tensor| -> Result<Vec<u32>> {
+            Ok(t.flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|x| x.to_bits())
+                .collect())
+        };
         for decay in [true, false] {
-            let p = ParamState {
-                name: "w".into(),
-                var: Var::from_tensor(&Tensor::randn(0f32, 1.0, n, &dev)?)?,
-                decay,
-                lr_scale: 1.0,
-                step: 3,
-                exp_avg: Tensor::randn(0f32, 0.1, n, &dev)?,
-                exp_avg_sq: Tensor::randn(0f32, 0.1, n, &dev)?.sqr()?,
-            };
-            let g = Tensor::randn(0f32, 1.0, n, &dev)?;
-            let h = Hyper {
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                decay: if decay { 1e-3 * 0.01 } else { 0.0 },
-                lr: 1e-3,
-                t: 3,
-            };
-            let fused = fused_cpu_update(&p, &g, &h)?.expect("the CPU f32 path");
-            let ops = tensor_update(&p, &g, &h)?;
-            for (a, b) in [(&fused.0, &ops.0), (&fused.1, &ops.1), (&fused.2, &ops.2)] {
-                let (a, b) = (a.to_vec1::<f32>()?, b.to_vec1::<f32>()?);
-                assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+            for scale in [1.0, 0.37] {
+                let theta = Tensor::randn(0f32, 1.0, n, &dev)?;
+                let (m, v) = (
+                    Tensor::randn(0f32, 0.1, n, &dev)?,
+                    Tensor::randn(0f32, 0.1, n, &dev)?.sqr()?,
+                );
+                let g = Tensor::randn(0f32, 1.0, n, &dev)?;
+                let h = Hyper {
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    decay: if decay { 1e-3 * 0.01 } else { 0.0 },
+                    lr: 1e-3,
+                    t: 3,
+                };
+                let var = Var::from_tensor(&theta)?;
+                assert!(cpu::applies(&var));
+                let (mut mh, mut vh) = (m.to_vec1::<f32>()?, v.to_vec1::<f32>()?);
+                cpu::update_in_place(&var, &g, &mut mh, &mut vh, &h, scale)?;
+                let scaled = (&g * scale)?;
+                let ops = tensor_update(&Var::from_tensor(&theta)?, &m, &v, &scaled, &h)?;
+                assert_eq!(
+                    bits(var.as_tensor())?,
+                    bits(&ops.0)?,
+                    "θ, decay {decay}, scale {scale}"
+                );
+                assert_eq!(bits(&Tensor::new(mh, &dev)?)?, bits(&ops.1)?, "m");
+                assert_eq!(bits(&Tensor::new(vh, &dev)?)?, bits(&ops.2)?, "v");
             }
+        }
+        Ok(())
+    }
+
+    /// The gradient norm's host pass equals an f64 reference (f32 and f64 gradients, sizes
+    /// around the chunk and the 8-lane blocks).
+    #[test]
+    fn grad_norm_matches_an_f64_sum() -> Result<()> {
+        let dev = Device::Cpu;
+        let vars: Vec<Var> = [1usize, 7, 9, 40_000, 70_001]
+            .iter()
+            .map(|&n| Var::from_tensor(&Tensor::zeros(n, DType::F32, &dev)?))
+            .collect::<Result<_>>()?;
+        let mut total = Tensor::new(0f32, &dev)?;
+        let mut grads_f64 = Vec::new();
+        for v in &vars {
+            let r = Tensor::randn(0f32, 1.0, v.shape(), &dev)?;
+            grads_f64.push(r.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+            total = (total + (v.as_tensor() * r)?.sum_all()?)?;
+        }
+        let grads = total.backward()?;
+        let expect = grads_f64.iter().flatten().map(|x| x * x).sum::<f64>().sqrt();
+        let got = grad_norm(&vars, &grads)?;
+        assert!((got - expect).abs() <= 1e-12 * expect, "{got} vs {expect}");
+        let g64 = Tensor::new(grads_f64[3].as_slice(), &dev)?;
+        let s = cpu::sum_squares(&g64)?.expect("f64 on the CPU");
+        let e: f64 = grads_f64[3].iter().map(|x| x * x).sum();
+        assert!((s - e).abs() <= 1e-12 * e);
+        assert_eq!(clip_scale(0.5, 1.0), 1.0);
+        assert_eq!(clip_scale(f64::NAN, 1.0), 1.0);
+        assert_eq!(clip_scale(4.0, 0.0), 1.0);
+        assert!((clip_scale(4.0, 1.0) - 1.0 / (4.0 + 1e-6)).abs() < 1e-15);
+        Ok(())
+    }
+
+    /// `step_scaled` and `clip_grad_norm` + `step` give the same parameters, bit for bit.
+    #[test]
+    fn step_scaled_equals_clipping_first() -> Result<()> {
+        let target = Tensor::new(&[30.0f32, -10.0, 2.5], &Device::Cpu)?;
+        let (a, b) = (var(&[0.1, 0.2, 0.3]), var(&[0.1, 0.2, 0.3]));
+        let cfg = AdamWConfig::default();
+        let mut oa = AdamW::new(vec![("w".into(), a.clone())], cfg)?;
+        let mut ob = AdamW::new(vec![("w".into(), b.clone())], cfg)?;
+        for _ in 0..3 {
+            let mut ga = quad_loss(&a, &target)?;
+            let norm = clip_grad_norm(std::slice::from_ref(&a), &mut ga, 1.0)?;
+            assert!(norm > 1.0, "the test needs clipping to act");
+            oa.step(&ga, 0.01)?;
+            let gb = quad_loss(&b, &target)?;
+            let scale = clip_scale(grad_norm(std::slice::from_ref(&b), &gb)?, 1.0);
+            ob.step_scaled(&gb, 0.01, scale)?;
+            let (x, y) = (a.as_tensor().to_vec1::<f32>()?, b.as_tensor().to_vec1::<f32>()?);
+            assert!(
+                x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{x:?} vs {y:?}"
+            );
         }
         Ok(())
     }
