@@ -273,7 +273,8 @@ impl Linear {
         let x2 = x.reshape((rows, in_dim))?;
         let mut y = x2.matmul(&self.weight_in_out()?)?;
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(b.tensor())?;
+            // spt-ops' op: candle's broadcast_add sums the bias gradient with a strided loop.
+            y = spt_ops::bias_add(&y, b.tensor())?;
         }
         let mut out_dims = lead.to_vec();
         out_dims.push(self.out_features());

@@ -9,6 +9,7 @@
 //! - [`attention`]: masks and the dense attention baseline.
 //! - [`mod@flash_attention`]: fused dense attention (no `[B, H, L, L]` kept), with dropout.
 //! - [`heads`]: attention head split and merge as single autograd nodes.
+//! - [`mod@bias`]: a bias added over rows, with a parallel bias gradient.
 //! - [`pq`]: product-quantisation codebooks, ADC top-k key selection and block selection
 //!   ([`Selection`]: per query or per query tile).
 //! - [`mod@sparse_attention`]: attention over the selected keys only.
@@ -19,6 +20,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod bias;
 mod blas;
 pub mod block_sparse_attention;
 pub mod cross_entropy;
@@ -39,6 +41,7 @@ mod util;
 
 pub use activation::{gelu_erf, gelu_tanh, Activation};
 pub use attention::{dense_attention, AttentionMask};
+pub use bias::bias_add;
 pub use block_sparse_attention::block_sparse_attention;
 pub use cross_entropy::{cross_entropy, linear_cross_entropy, linear_cross_entropy_reference, Reduction};
 pub use flash_attention::{
