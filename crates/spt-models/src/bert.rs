@@ -572,9 +572,11 @@ impl BertModel {
         attention_mask: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
-        self.forward_traced(input_ids, token_type_ids, attention_mask, train, None)
+        self.forward_traced(input_ids, token_type_ids, attention_mask, train, None, false)
     }
 
+    /// The last hidden state, or with `first_only` its first position, which the last layer then
+    /// computes alone ([`BertModel::forward_first_t`]).
     fn forward_traced(
         &self,
         input_ids: &Tensor,
@@ -582,11 +584,20 @@ impl BertModel {
         attention_mask: Option<&Tensor>,
         train: bool,
         mut trace: Option<&mut Vec<LayerTrace>>,
+        first_only: bool,
     ) -> Result<Tensor> {
         let (ids, type_ids, mask) = self.prepare(input_ids, token_type_ids, attention_mask)?;
         let mut x = self.embeddings.forward_t(&ids, &type_ids, train)?;
-        for layer in &self.layers {
-            x = layer.forward_traced(&x, &mask, train, trace.as_deref_mut())?;
+        let last = self.layers.len().checked_sub(1).filter(|_| first_only);
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = if Some(i) == last {
+                layer.forward_first(&x, &mask, train)?
+            } else {
+                layer.forward_traced(&x, &mask, train, trace.as_deref_mut())?
+            };
+        }
+        if first_only && last.is_none() {
+            x = x.narrow(1, 0, 1.min(x.dim(1)?))?;
         }
         Ok(x)
     }
@@ -602,15 +613,7 @@ impl BertModel {
         attention_mask: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
-        let (ids, type_ids, mask) = self.prepare(input_ids, token_type_ids, attention_mask)?;
-        let mut x = self.embeddings.forward_t(&ids, &type_ids, train)?;
-        let Some((last, rest)) = self.layers.split_last() else {
-            return Ok(x.narrow(1, 0, 1.min(x.dim(1)?))?);
-        };
-        for layer in rest {
-            x = layer.forward_traced(&x, &mask, train, None)?;
-        }
-        last.forward_first(&x, &mask, train)
+        self.forward_traced(input_ids, token_type_ids, attention_mask, train, None, true)
     }
 
     /// Restarts the model's dropout masks from `seed` (call once per training step for
@@ -796,6 +799,7 @@ impl SptModel for BertModel {
             batch.attention_mask.as_ref(),
             false,
             Some(&mut t),
+            false,
         )?;
         Ok(t)
     }
