@@ -143,3 +143,55 @@ fn activation_bytes_dense_vs_sparse() {
     assert_eq!(with_drop.attention_scores, 2 * dense.attention_scores);
     assert_eq!(with_drop.other, 5 * tok * 768 * 4);
 }
+
+/// A dense `Linear` computes `yᵀ = W xᵀ` up to 64 rows and `y = x Wᵀ` above: both give the
+/// composed `x Wᵀ + b` and its gradients (x, W, b), in both weight layouts.
+#[test]
+fn linear_equals_the_composed_form_on_both_sides_of_the_few_row_path() -> Result<()> {
+    use candle_core::{DType, Var};
+    use spt_models::weights::Param;
+    use spt_models::{Linear, WeightLayout};
+    let dev = Device::Cpu;
+    let (n_in, n_out) = (37, 29);
+    for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
+        for rows in [1usize, 63, 64, 65, 200] {
+            let w_shape = match layout {
+                WeightLayout::OutIn => (n_out, n_in),
+                WeightLayout::InOut => (n_in, n_out),
+            };
+            let w = Var::randn(0f32, 1.0, w_shape, &dev)?;
+            let b = Var::randn(0f32, 1.0, n_out, &dev)?;
+            let x = Var::randn(0f32, 1.0, (rows, n_in), &dev)?;
+            let up = Tensor::randn(0f32, 1.0, (rows, n_out), &dev)?;
+            let lin = Linear::new(
+                Param::from_var("l.weight", w.clone()),
+                Some(Param::from_var("l.bias", b.clone())),
+                layout,
+            );
+            let wt = match layout {
+                WeightLayout::OutIn => w.as_tensor().t()?,
+                WeightLayout::InOut => w.as_tensor().clone(),
+            };
+            let want = x.as_tensor().matmul(&wt)?.broadcast_add(b.as_tensor())?;
+            let got = lin.forward(x.as_tensor())?;
+            let scale = want.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+            assert!(
+                max_abs(&got, &want)? <= 1e-6 * scale,
+                "{layout:?}, {rows} rows: values"
+            );
+            let (gg, gw) = (
+                (got * &up)?.sum_all()?.backward()?,
+                (want * &up)?.sum_all()?.backward()?,
+            );
+            for (v, name) in [(&x, "x"), (&w, "W"), (&b, "b")] {
+                let (a, e) = (
+                    gg.get(v.as_tensor()).expect("grad"),
+                    gw.get(v.as_tensor()).expect("grad"),
+                );
+                let scale = e.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                assert!(max_abs(a, e)? <= 1e-5 * scale, "{layout:?}, {rows} rows: d{name}");
+            }
+        }
+    }
+    Ok(())
+}
