@@ -86,6 +86,23 @@ enum Moments {
 }
 
 impl Moments {
+    /// Zero moments for `var`, on the host where the in-place update applies.
+    fn zeros(var: &Var) -> Result<Self> {
+        Ok(if cpu::applies(var) {
+            let n = var.elem_count();
+            Self::Host {
+                m: vec![0.0; n],
+                v: vec![0.0; n],
+            }
+        } else {
+            let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+            Self::Tensors {
+                m: zeros.clone(),
+                v: zeros,
+            }
+        })
+    }
+
     /// The moments of `var` from f32 tensors of its shape.
     fn new(var: &Var, m: Tensor, v: Tensor) -> Result<Self> {
         Ok(if cpu::applies(var) {
@@ -135,19 +152,7 @@ impl AdamW {
                     var.dtype()
                 );
             }
-            let moments = if cpu::applies(&var) {
-                let n = var.elem_count();
-                Moments::Host {
-                    m: vec![0.0; n],
-                    v: vec![0.0; n],
-                }
-            } else {
-                let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
-                Moments::Tensors {
-                    m: zeros.clone(),
-                    v: zeros,
-                }
-            };
+            let moments = Moments::zeros(&var)?;
             states.push(ParamState {
                 decay: !is_no_decay(&name),
                 lr_scale: 1.0,
