@@ -278,7 +278,7 @@ impl Linear {
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, in_dim))?;
         let mut y = if rows <= FEW_ROWS {
-            self.weight_out_in()?.matmul(&x2.t()?)?.t()?.contiguous()?
+            spt_ops::lora::few_rows_matmul(&x2, &self.weight_out_in()?)?.contiguous()?
         } else {
             x2.matmul(&self.weight_in_out()?)?
         };

@@ -170,6 +170,18 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     y.reshape(out_dims)
 }
 
+/// `x · wᵀ` for `x [rows, in]` with few rows and a weight `w [out, in]`, read in place. On the
+/// CPU, when w's rows lie contiguously, as `(w · xᵀ)ᵀ` (a transposed view): gemm packs its right
+/// operand on every call, and with few rows packing all of `w` costs more than the product (or
+/// gathers `wᵀ` one strided element at a time). The routed FFN's per-block GEMMs and spt-models'
+/// dense `Linear` up to 64 rows use it.
+pub fn few_rows_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && w.stride()[1] == 1 {
+        return w.matmul(&x.t()?)?.t();
+    }
+    x.matmul(&w.t()?)
+}
+
 /// The merged update `(α/r)·B A` `[out, in]` of factors A `[r, in]`, B `[out, r]` (detached): what
 /// merging adds to W, for [`LoraLinear`] and the routed FFN's fc1 / fc2 alike.
 pub fn delta_weight(a: &Var, b: &Var, cfg: &LoraConfig) -> Result<Tensor> {

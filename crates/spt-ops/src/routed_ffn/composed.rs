@@ -22,6 +22,7 @@ use super::ops::AddKind;
 use super::router::Routing;
 use super::rows::{gather_rows, move_rows, padded_rows, sum_rows, Move, RowMap};
 use crate::activation::Activation;
+use crate::lora::few_rows_matmul;
 use candle_core::{Result, Tensor};
 use std::sync::Arc;
 
@@ -202,15 +203,10 @@ fn scatter_matmul_per_block(
     }
 }
 
-/// `x · wᵀ` for a block `w` of a weight, read in place. On the CPU, when w's rows lie
-/// contiguously, as `(w · xᵀ)ᵀ`: gemm packs its right operand for every call, and `wᵀ` as that
-/// operand would be gathered one strided element at a time (a few tokens' GEMM with BERT's
-/// weight layout took 3-8x the time of the other orientation).
+/// `x · wᵀ` for a block `w` of a weight, read in place ([`few_rows_matmul`]: a few tokens' GEMM
+/// with BERT's weight layout took 3-8x the time in the other orientation).
 fn block_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && w.stride()[1] == 1 {
-        return w.matmul(&x.t()?)?.t();
-    }
-    x.matmul(&w.t()?)
+    few_rows_matmul(x, w)
 }
 
 /// Whether `t` lives where the fused kernels do not run (any device but the CPU).
