@@ -16,7 +16,7 @@
 //! does not write are never deleted: such a folder loses only the checkpoint's own files.
 //! [`remove_stale_temporaries`] removes what a killed process left behind.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -279,17 +279,39 @@ pub fn save_checkpoint(
         sync_dir(&tmp);
         if final_path.symlink_metadata().is_err() {
             std::fs::rename(&tmp, &final_path).map_err(|e| io_err(&final_path, e))?;
-        } else if foreign_entries(&final_path)?.is_empty() {
+            sync_dir(dir);
+            return Ok(());
+        }
+        let (foreign, own) = foreign_entries(&final_path)?;
+        if foreign.is_empty() {
             // Same step saved again (e.g. Ctrl-C right after a periodic save): replace it.
             let old = dir.join(format!(".old-{name}-{}", std::process::id()));
             std::fs::rename(&final_path, &old).map_err(|e| io_err(&final_path, e))?;
             std::fs::rename(&tmp, &final_path).map_err(|e| io_err(&final_path, e))?;
             let _ = std::fs::remove_dir_all(&old);
         } else {
-            // The folder also holds files spt-train did not write: they stay. Ours are replaced
-            // one by one, the manifest removed first and written last, so the folder never
-            // looks complete with a mix of old and new files.
-            remove_checkpoint_files(&final_path)?;
+            // The folder also holds files spt-train did not write: they stay, and one that has
+            // the name of a checkpoint file stops the save.
+            let taken: Vec<&str> = foreign
+                .iter()
+                .map(String::as_str)
+                .filter(|n| is_checkpoint_file(n))
+                .collect();
+            if !taken.is_empty() {
+                return Err(io_err(
+                    &final_path,
+                    std::io::Error::other(format!(
+                        "holds {}, which spt-train did not write (no checkpoint manifest of ours \
+                         vouches for it); the checkpoint of step {} needs those names: move them \
+                         away, or use another --output-dir",
+                        taken.join(", "),
+                        data.step
+                    )),
+                ));
+            }
+            // Ours are replaced one by one, the manifest removed first and written last, so
+            // the folder never looks complete with a mix of old and new files.
+            remove_checkpoint_files(&final_path, &own)?;
             for fname in TENSOR_FILES.iter().chain(["manifest.json"].iter()) {
                 let (src, dst) = (tmp.join(fname), final_path.join(fname));
                 std::fs::rename(&src, &dst).map_err(|e| io_err(&dst, e))?;
@@ -319,33 +341,58 @@ fn is_checkpoint_file(name: &str) -> bool {
     name == "manifest.json" || TENSOR_FILES.contains(&name)
 }
 
-/// What a checkpoint folder holds that a checkpoint does not write (someone's notes, a
-/// sub-folder), sorted. A path that is not a folder is an error: it is not a checkpoint.
-fn foreign_entries(dir: &Path) -> Result<Vec<String>, CheckpointError> {
+/// The files of `dir` that its checkpoint vouches for: `manifest.json` when it is a manifest of
+/// ours, and each file it lists whose length and checksum match. A file named like a checkpoint
+/// file that no manifest vouches for (a user's `model.safetensors` in a folder they made) is not
+/// ours, so it is never replaced or removed.
+fn own_files(dir: &Path) -> BTreeSet<String> {
+    let mut own = BTreeSet::new();
+    let Ok(manifest) = read_manifest(dir) else {
+        return own;
+    };
+    own.insert("manifest.json".to_string());
+    for (name, entry) in &manifest.files {
+        let p = dir.join(name);
+        if !(TENSOR_FILES.contains(&name.as_str()) && p.symlink_metadata().is_ok_and(|m| m.is_file())) {
+            continue;
+        }
+        let Ok(bytes) = std::fs::read(&p) else { continue };
+        if bytes.len() as u64 == entry.bytes && format!("{:016x}", fnv1a64(&bytes)) == entry.fnv1a64 {
+            own.insert(name.clone());
+        }
+    }
+    own
+}
+
+/// What a checkpoint folder holds besides its own files ([`own_files`]: someone's notes, a
+/// sub-folder, a file named like a checkpoint file that no manifest vouches for), sorted, with
+/// the own files. A path that is not a folder is an error: it is not a checkpoint.
+fn foreign_entries(dir: &Path) -> Result<(Vec<String>, BTreeSet<String>), CheckpointError> {
     if !dir.symlink_metadata().is_ok_and(|m| m.is_dir()) {
         return Err(io_err(
             dir,
             std::io::Error::other("exists and is not a checkpoint folder; spt-train will not replace it"),
         ));
     }
+    let own = own_files(dir);
     let mut names = Vec::new();
     for e in std::fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
         let e = e.map_err(|e| io_err(dir, e))?;
         let name = e.file_name().to_string_lossy().into_owned();
-        if !(is_checkpoint_file(&name) && e.file_type().is_ok_and(|t| t.is_file())) {
+        if !own.contains(&name) {
             names.push(name);
         }
     }
     names.sort();
-    Ok(names)
+    Ok((names, own))
 }
 
-/// Removes the files a checkpoint writes from `dir`, the manifest first (so that a kill midway
-/// never leaves a folder that looks complete), and nothing else.
-fn remove_checkpoint_files(dir: &Path) -> Result<(), CheckpointError> {
+/// Removes `own` (the files of `dir` its checkpoint wrote) from `dir`, the manifest first (so
+/// that a kill midway never leaves a folder that looks complete), and nothing else.
+fn remove_checkpoint_files(dir: &Path, own: &BTreeSet<String>) -> Result<(), CheckpointError> {
     for fname in ["manifest.json"].iter().chain(TENSOR_FILES.iter()) {
         let p = dir.join(fname);
-        if p.symlink_metadata().is_ok_and(|m| m.is_file()) {
+        if own.contains(*fname) {
             std::fs::remove_file(&p).map_err(|e| io_err(&p, e))?;
         }
     }
@@ -364,9 +411,9 @@ pub fn remove_checkpoints(dir: &Path, which: impl Fn(u64) -> bool) -> Result<Vec
         if !which(step) {
             continue;
         }
-        let foreign = foreign_entries(&p)?;
+        let (foreign, own) = foreign_entries(&p)?;
         if !foreign.is_empty() {
-            remove_checkpoint_files(&p)?;
+            remove_checkpoint_files(&p, &own)?;
             tracing::warn!(
                 path = %p.display(),
                 kept = %foreign.join(", "),
@@ -560,6 +607,23 @@ fn load(path: &Path, device: &Device, optimizer: bool) -> Result<LoadedCheckpoin
     let extra = maps.pop().unwrap_or_default();
     let optimizer = maps.pop().unwrap_or_default();
     let model = maps.pop().unwrap_or_default();
+    // Training stops at a non-finite loss, so such weights are damage, and would otherwise pass
+    // into predictions, evaluations and exports as NaN scores.
+    let mut names: Vec<&String> = model.keys().collect();
+    names.sort();
+    for name in names {
+        let finite = model[name]
+            .flatten_all()
+            .and_then(|t| t.to_dtype(candle_core::DType::F32))
+            .and_then(|t| t.to_vec1::<f32>())
+            .map(|v| v.iter().all(|x| x.is_finite()))
+            .map_err(|e| corrupt(format!("model.safetensors: `{name}`: {e}")))?;
+        if !finite {
+            return Err(corrupt(format!(
+                "model.safetensors: `{name}` holds NaN or infinite values"
+            )));
+        }
+    }
     Ok(LoadedCheckpoint {
         path: path.to_path_buf(),
         manifest,
@@ -705,11 +769,38 @@ mod tests {
             "a file"
         );
 
-        // Removing every checkpoint (a fresh start) keeps both users' folders.
+        // A user's folder holding a file named like a checkpoint's, that no manifest vouches
+        // for: the save is refused, naming it, and the file is kept.
+        let s9 = dir.join("step-00000009");
+        std::fs::create_dir(&s9).unwrap();
+        std::fs::write(s9.join("model.safetensors"), "USERDATA").unwrap();
+        let e = save_checkpoint(&dir, &data(9), 0, &FsIo).unwrap_err().to_string();
+        assert!(
+            e.contains("step-00000009") && e.contains("model.safetensors") && e.contains("did not write"),
+            "{e}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(s9.join("model.safetensors")).unwrap(),
+            "USERDATA"
+        );
+        assert_eq!(names(&s9), vec!["model.safetensors"]);
+        // A checkpoint whose model file someone replaced: that file is no longer ours, so
+        // pruning removes the rest and keeps it, and saving that step again is refused.
+        std::fs::write(dir.join("step-00000003/model.safetensors"), "MINE NOW").unwrap();
+        save_checkpoint(&dir, &data(4), 1, &FsIo).unwrap();
+        assert_eq!(names(&dir.join("step-00000003")), vec!["model.safetensors"]);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("step-00000003/model.safetensors")).unwrap(),
+            "MINE NOW"
+        );
+        assert!(save_checkpoint(&dir, &data(3), 0, &FsIo).is_err());
+
+        // Removing every checkpoint (a fresh start) keeps the users' folders.
         remove_checkpoints(&dir, |_| true).unwrap();
         assert!(list_checkpoints(&dir).unwrap().is_empty());
         assert_eq!(names(&s1), vec!["README.md", "plots"]);
         assert_eq!(names(&dir.join("step-00000005")), vec!["NOTES.txt"]);
+        assert_eq!(names(&dir.join("step-00000009")), vec!["model.safetensors"]);
         assert!(
             !names(&dir).iter().any(|n| n.starts_with('.')),
             "{:?}",
@@ -792,5 +883,21 @@ mod tests {
             latest_checkpoint(&tmp.path().join("none")),
             Err(CheckpointError::NoCheckpoint { .. })
         ));
+        // Intact files holding a NaN weight: named, for training and evaluation alike.
+        let mut bad = data(6);
+        bad.model.insert(
+            "enc.b".to_string(),
+            Tensor::new(&[1f32, f32::NAN], &Device::Cpu).unwrap(),
+        );
+        let p = save_checkpoint(&dir, &bad, 0, &FsIo).unwrap();
+        for e in [
+            load_checkpoint(&p, &Device::Cpu).unwrap_err().to_string(),
+            load_checkpoint_weights(&p, &Device::Cpu).unwrap_err().to_string(),
+        ] {
+            assert!(
+                e.contains("step-00000006") && e.contains("`enc.b`") && e.contains("NaN"),
+                "{e}"
+            );
+        }
     }
 }
