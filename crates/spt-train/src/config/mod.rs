@@ -31,6 +31,22 @@ pub enum ConfigError {
     Model { id: String, msg: String },
 }
 
+/// The first of `given` (setting, value) that does not fit its setting's type on its own, as
+/// "section.key: why" (serde's message for the whole table names no key).
+fn name_bad_key(
+    defaults: &serde_json::Map<String, serde_json::Value>,
+    given: &[(String, serde_json::Value)],
+) -> Option<String> {
+    given.iter().find_map(|(k, v)| {
+        let mut one = defaults.clone();
+        one.retain(|_, v| !v.is_null());
+        one.insert(k.clone(), v.clone());
+        serde_json::from_value::<FinetuneConfig>(serde_json::Value::Object(one))
+            .err()
+            .map(|e| format!("{}: {e}", sections::path_of(k)))
+    })
+}
+
 fn invalid(field: &str, msg: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field: field.to_string(),
@@ -297,7 +313,17 @@ impl FinetuneConfig {
             .map(|e| e.to_ascii_lowercase())
             .as_deref()
         {
-            Some("toml") => toml::from_str(&text).map_err(|e| file_err(e.to_string()))?,
+            Some("toml") => {
+                let table: toml::Value = toml::from_str(&text).map_err(|e| file_err(e.to_string()))?;
+                // JSON has no NaN or infinity: converted, such a value would silently vanish.
+                if let Some(at) = sections::non_finite(&table, "") {
+                    return Err(file_err(format!(
+                        "{}: not a finite number",
+                        at.trim_start_matches('.')
+                    )));
+                }
+                serde_json::to_value(table).map_err(|e| file_err(e.to_string()))?
+            }
             Some("json") => serde_json::from_str(&text).map_err(|e| file_err(e.to_string()))?,
             _ => return Err(file_err("use a .toml or .json file".into())),
         };
@@ -335,8 +361,12 @@ impl FinetuneConfig {
         }
         // TOML has no null: an absent Option is absent, so drop the defaults' nulls first.
         base.retain(|_, v| !v.is_null());
+        let keys: Vec<(String, serde_json::Value)> =
+            file.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let defaults = base.clone();
         base.extend(file);
-        serde_json::from_value(serde_json::Value::Object(base)).map_err(|e| file_err(e.to_string()))
+        serde_json::from_value(serde_json::Value::Object(base))
+            .map_err(|e| file_err(name_bad_key(&defaults, &keys).unwrap_or_else(|| e.to_string())))
     }
 
     /// The settings as a sectioned TOML file (what a run directory's `finetune.toml` holds).
@@ -354,6 +384,15 @@ impl FinetuneConfig {
     pub fn apply_sets(&mut self, sets: &[String]) -> Result<(), ConfigError> {
         if sets.is_empty() {
             return Ok(());
+        }
+        // The round trip below goes through JSON, which would turn a NaN or infinite flag value
+        // into an unset one: name it here (TOML keeps such floats).
+        if let Some(at) = toml::Value::try_from(&*self)
+            .ok()
+            .and_then(|v| sections::non_finite(&v, ""))
+        {
+            let field = at.trim_start_matches('.');
+            return Err(invalid(field, "not a finite number"));
         }
         let mut flat = match serde_json::to_value(&*self) {
             Ok(serde_json::Value::Object(m)) => m,
@@ -376,10 +415,25 @@ impl FinetuneConfig {
                     ))
                 }
             };
-            flat.insert(field, sections::parse_value(value.trim()));
+            let value =
+                sections::parse_value(value.trim()).map_err(|e| invalid(path, format!("--set {s}: {e}")))?;
+            flat.insert(field, value);
         }
-        *self = serde_json::from_value(serde_json::Value::Object(flat))
-            .map_err(|e| invalid("set", format!("{}: {e}", sets.join(" "))))?;
+        let defaults = serde_json::to_value(&*self)
+            .ok()
+            .and_then(|v| v.as_object().cloned())
+            .unwrap_or_default();
+        *self = serde_json::from_value(serde_json::Value::Object(flat.clone())).map_err(|e| {
+            let given: Vec<(String, serde_json::Value)> = flat
+                .iter()
+                .filter(|(k, v)| defaults.get(*k) != Some(*v))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            invalid(
+                "set",
+                name_bad_key(&defaults, &given).unwrap_or_else(|| format!("{}: {e}", sets.join(" "))),
+            )
+        })?;
         Ok(())
     }
 

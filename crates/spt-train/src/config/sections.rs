@@ -156,11 +156,31 @@ pub fn flatten(root: Map<String, Value>) -> Result<Map<String, Value>, String> {
 }
 
 /// Parses a `--set` value as a TOML value (`0.001`, `true`, `"text"`, `[1, 2]`); anything that is
-/// not one is taken as a bare string (`--set data.format=csv`).
-pub fn parse_value(text: &str) -> Value {
-    toml::from_str::<toml::Table>(&format!("v = {text}"))
+/// not one is taken as a bare string (`--set data.format=csv`). A NaN or infinite number is an
+/// error: the settings pass through JSON, which has neither, and would silently drop it.
+pub fn parse_value(text: &str) -> Result<Value, String> {
+    let Some(v) = toml::from_str::<toml::Table>(&format!("v = {text}"))
         .ok()
         .and_then(|mut t| t.remove("v"))
-        .and_then(|v| serde_json::to_value(v).ok())
-        .unwrap_or_else(|| Value::String(text.to_string()))
+    else {
+        return Ok(Value::String(text.to_string()));
+    };
+    if let Some(at) = non_finite(&v, "") {
+        return Err(format!("{text}{at} is not a finite number"));
+    }
+    serde_json::to_value(v).map_err(|e| e.to_string())
+}
+
+/// Where `v` holds a NaN or infinite float: `""` for `v` itself, else its dotted key path
+/// (`.lr`); `None` if nowhere.
+pub fn non_finite(v: &toml::Value, at: &str) -> Option<String> {
+    match v {
+        toml::Value::Float(f) if !f.is_finite() => Some(at.to_string()),
+        toml::Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| non_finite(x, &format!("{at}[{i}]"))),
+        toml::Value::Table(t) => t.iter().find_map(|(k, x)| non_finite(x, &format!("{at}.{k}"))),
+        _ => None,
+    }
 }

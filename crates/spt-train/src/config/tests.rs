@@ -358,6 +358,44 @@ fn set_overrides_any_setting_by_its_section() {
     // The result is validated like the flags.
     let e = with(&["--set", "spt.ffn.top_k=9"]).unwrap_err().to_string();
     assert!(e.contains("ffn_top_k"), "{e}");
+    // NaN and infinity, which JSON cannot hold, are named instead of silently unset: in a
+    // --set value, in a flag beside a --set, and in a TOML file.
+    let e = with(&["--set", "spt.attention.k_fraction=nan"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("spt.attention.k_fraction") && e.contains("not a finite number"),
+        "{e}"
+    );
+    let e = with(&["--attn-k-fraction", "NaN", "--set", "seed=1"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("attn_k_fraction") && e.contains("not a finite number"),
+        "{e}"
+    );
+    let e = with(&["--lr", "inf", "--set", "seed=1"]).unwrap_err().to_string();
+    assert!(e.contains("lr") && e.contains("not a finite number"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("nan.toml");
+    std::fs::write(&t, "model = \"m\"\n[spt.attention]\nk_fraction = nan\n").unwrap();
+    let e = FinetuneConfig::load(&t).unwrap_err().to_string();
+    assert!(
+        e.contains("nan.toml") && e.contains("spt.attention.k_fraction") && e.contains("finite"),
+        "{e}"
+    );
+    // A value of the wrong type is named by its key, in a file and in --set.
+    for (text, key) in [
+        ("model = \"m\"\n[optim]\nlr = \"fast\"\n", "optim.lr"),
+        ("model = \"m\"\n[optim]\nbatch_size = -1\n", "optim.batch_size"),
+        ("model = \"m\"\n[optim]\nbatch_size = 1.5\n", "optim.batch_size"),
+    ] {
+        std::fs::write(&t, text).unwrap();
+        let e = FinetuneConfig::load(&t).unwrap_err().to_string();
+        assert!(e.contains("nan.toml") && e.contains(key), "{text}: {e}");
+    }
+    let e = with(&["--set", "optim.batch_size=-1"]).unwrap_err().to_string();
+    assert!(e.contains("optim.batch_size"), "{e}");
 }
 
 /// Every "(default: X)" that `finetune --help` states is the value a run gets without the flag.
