@@ -118,6 +118,37 @@ fn classify_finetune_eval_predict_export() {
             "{l}"
         );
     }
+    // Batched by length, written in input order: texts of mixed lengths give, line for line,
+    // the predictions of one text at a time.
+    let texts: Vec<String> = (0..9)
+        .map(|i| {
+            let words = ["good", "bad", "film", "movie", "the", "plot", "great"];
+            (0..1 + (i * 5) % 9)
+                .map(|j| words[(i + j) % words.len()])
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    let input = texts.join("\n") + "\n";
+    let predict = |bs: &str| -> Vec<serde_json::Value> {
+        let o = spt_train(
+            &["predict", "--model", m, "--checkpoint", r, "--batch-size", bs],
+            Some(&input),
+        );
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (one, four) = (predict("1"), predict("4"));
+    assert_eq!(one.len(), texts.len());
+    for ((a, b), t) in one.iter().zip(&four).zip(&texts) {
+        assert_eq!(a["text"], t.as_str());
+        assert_eq!(b["text"], t.as_str());
+        assert_eq!(a["id"], b["id"], "{a} vs {b}");
+        let (sa, sb) = (a["score"].as_f64().unwrap(), b["score"].as_f64().unwrap());
+        assert!((sa - sb).abs() < 1e-5, "{a} vs {b}");
+    }
 
     // export: an HF directory that loads without initialising anything, with the labels.
     let out = tmp.path().join("export");

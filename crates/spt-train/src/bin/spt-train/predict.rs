@@ -10,8 +10,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use spt_train::checkpoint::write_file_atomic;
 use spt_train::config::resolve_model;
+use spt_train::data::{epoch_batches, BatchOrder, EncodedDataset, EncodedItem};
 use spt_train::data::{read_classification, ColumnSpec, DataFormat, LabelMap, TaskKind};
-use spt_train::data::{EncodedDataset, EncodedItem};
 
 #[derive(Args)]
 pub(crate) struct PredictArgs {
@@ -109,10 +109,10 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
             .collect(),
         pad_id: tok.pad_id(),
     };
-    let mut lines = String::new();
-    let idx: Vec<usize> = (0..data.len()).collect();
-    for chunk in idx.chunks(a.batch_size) {
-        let batch = data.batch(chunk, &dev)?;
+    // Batched by length, as `eval` batches (padding is small), written in input order.
+    let mut out: Vec<Option<String>> = vec![None; data.len()];
+    for chunk in epoch_batches(&data.lengths(), a.batch_size, 0, 0, BatchOrder::EVAL)? {
+        let batch = data.batch(&chunk, &dev)?;
         let logits = task.net.forward(&batch, false)?;
         let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
         for (&i, p) in chunk.iter().zip(probs) {
@@ -127,9 +127,13 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
                 .map(str::to_string)
                 .unwrap_or_else(|| best.to_string());
             let rec = serde_json::json!({"text": texts[i].0, "label": label, "id": best, "score": score});
-            lines.push_str(&rec.to_string());
-            lines.push('\n');
+            out[i] = Some(rec.to_string());
         }
+    }
+    let mut lines = String::new();
+    for line in out.into_iter().flatten() {
+        lines.push_str(&line);
+        lines.push('\n');
     }
     match &a.output {
         Some(p) => {
