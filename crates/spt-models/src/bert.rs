@@ -166,6 +166,13 @@ impl BertConfig {
             ],
             params,
         )?;
+        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
+            return Err(ModelError::InvalidConfig {
+                field: "layer_norm_eps",
+                value: self.layer_norm_eps.to_string(),
+                reason: "must be a positive number".into(),
+            });
+        }
         if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(ModelError::InvalidConfig {
                 field: "num_attention_heads",

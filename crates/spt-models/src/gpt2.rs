@@ -148,6 +148,13 @@ impl GPT2Config {
             ],
             params,
         )?;
+        if !(self.layer_norm_epsilon.is_finite() && self.layer_norm_epsilon > 0.0) {
+            return Err(ModelError::InvalidConfig {
+                field: "layer_norm_epsilon",
+                value: self.layer_norm_epsilon.to_string(),
+                reason: "must be a positive number".into(),
+            });
+        }
         if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
             return Err(ModelError::InvalidConfig {
                 field: "n_head",

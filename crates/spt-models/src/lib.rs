@@ -35,7 +35,8 @@ pub use ffn::{DenseFfn, FeedForward, NamedRoutedFfn};
 pub use gpt2::{lm_loss, GPT2Config, GPT2LMHeadModel, GPT2Model, KvCache};
 pub use layers::{Dropout, Embedding, LayerNorm, Linear, WeightLayout};
 pub use memory::{
-    activation_bytes, ActivationAccounting, ActivationBytes, AttentionCost, FfnCost, LayerShape,
+    activation_bytes, physical_memory_bytes, ActivationAccounting, ActivationBytes, AttentionCost, FfnCost,
+    LayerShape,
 };
 pub use sparsify::{
     sparsify, CalibrationBatch, FfnCalibration, LayerReport, LayerSelection, LayerTrace, LoraSettings,

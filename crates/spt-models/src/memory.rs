@@ -149,7 +149,7 @@ pub(crate) fn check_model_size(fields: &[(&'static str, usize)], params: u128) -
 }
 
 /// Physical memory in bytes (Linux: `MemTotal` of /proc/meminfo); `None` where unknown.
-fn physical_memory_bytes() -> Option<u64> {
+pub fn physical_memory_bytes() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -103,6 +103,37 @@ fn bad_configs_are_named() -> Result<()> {
         "{err}"
     );
 
+    // A layer-norm epsilon that is not positive would fail only in the first forward.
+    for eps in [0.0, -1.0] {
+        let mut v: serde_json::Value = serde_json::from_str(&text)?;
+        v["layer_norm_epsilon"] = eps.into();
+        let err = GPT2Config::from_json_str(&v.to_string()).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                ModelError::InvalidConfig {
+                    field: "layer_norm_epsilon",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+    let text = std::fs::read_to_string(fixture("tiny-bert-cls/config.json"))?;
+    let mut v: serde_json::Value = serde_json::from_str(&text)?;
+    v["layer_norm_eps"] = 0.0.into();
+    let err = BertConfig::from_json_str(&v.to_string()).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            ModelError::InvalidConfig {
+                field: "layer_norm_eps",
+                ..
+            }
+        ),
+        "{err}"
+    );
+
     let err = BertConfig::from_file(fixture("does-not-exist.json")).unwrap_err();
     assert!(matches!(err, ModelError::Config { .. }), "{err}");
     Ok(())

@@ -30,6 +30,47 @@ pub fn model_max_length(model_dir: &Path) -> Option<usize> {
         .map(|x| x as usize)
 }
 
+/// Checks tokenised data against the model in `model_dir` (its `config.json`): every token id
+/// inside the vocabulary (another model's tokenizer gives ids past it) and every sequence within
+/// the positions (`--block-size` of an LM run is not capped). Run before anything is written:
+/// the model would otherwise fail at its first forward, inside a half-made run.
+pub fn check_data_fits_model(data: &PreparedData, model_dir: &Path) -> Result<()> {
+    let config = model_dir.join("config.json");
+    let Ok(text) = std::fs::read_to_string(&config) else {
+        return Ok(()); // loading the model names a missing or unreadable config
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Ok(());
+    };
+    let sets = std::iter::once(&data.train).chain(data.validation.as_ref());
+    let (mut max_id, mut longest) = (None::<u32>, 0usize);
+    for set in sets {
+        for item in &set.items {
+            max_id = max_id.max(item.input_ids.iter().copied().max());
+            longest = longest.max(item.input_ids.len());
+        }
+    }
+    if let (Some(id), Some(vocab)) = (max_id, v.get("vocab_size").and_then(|x| x.as_u64())) {
+        if id as u64 >= vocab {
+            return Err(crate::Error::Msg(format!(
+                "the tokenizer gives token id {id}, but the model's vocabulary has {vocab} \
+                 (vocab_size in {}): use the model's own tokenizer",
+                config.display()
+            )));
+        }
+    }
+    if let Some(max) = model_max_length(model_dir) {
+        if longest > max {
+            return Err(crate::Error::Msg(format!(
+                "sequences of {longest} tokens, but the model takes at most {max} positions ({}): \
+                 use a --block-size (LM) or --max-length of at most {max}",
+                config.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The tokenizer: `cfg.tokenizer` (a directory or a `tokenizer.json`) or the model directory.
 /// Truncation length: `cfg.max_length`, capped by the model's maximum, else the model's maximum,
 /// else 512.
@@ -105,6 +146,22 @@ pub fn prepare_data(
                     LabelMap::new(all.into_iter().collect())?
                 }
             };
+            if labels.len() < 2 {
+                let held_out = if cfg.validation_files.is_empty() && cfg.validation_split > 0.0 {
+                    format!(" after holding out validation_split = {}", cfg.validation_split)
+                } else {
+                    String::new()
+                };
+                let files: Vec<String> = cfg.train_files.iter().map(|p| p.display().to_string()).collect();
+                return Err(DataError::Invalid(format!(
+                    "{}: the training rows have one label, {:?} (column `{}`{held_out}): a classifier \
+                     needs at least two; check --label-column, --drop-label and --label-map",
+                    files.join(", "),
+                    labels.labels(),
+                    cfg.label_column
+                ))
+                .into());
+            }
             if let Some(dir) = output_dir {
                 labels.save(&dir.join("labels.json"))?;
             }
@@ -214,6 +271,20 @@ mod tests {
         assert_eq!(tok.truncated_count(), 20); // every "fresh" row: 5 words + [CLS] [SEP] > 6
         let labels = LabelMap::load(&out.join("labels.json")).unwrap();
         assert_eq!(labels.labels(), ["fresh", "rotten"]);
+
+        // Dropping every label but one leaves nothing to classify: refused, naming it.
+        let one = FinetuneConfig {
+            drop_labels: vec!["plot".into(), "rotten".into()],
+            ..cfg
+        };
+        let e = prepare_data(&one, &tok, None).unwrap_err().to_string();
+        assert!(
+            e.contains("rt.csv")
+                && e.contains("one label")
+                && e.contains("fresh")
+                && e.contains("`category`"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -104,6 +104,35 @@ impl std::fmt::Display for ParamSummary {
     }
 }
 
+impl ParamSummary {
+    /// Bytes that training holds however small the batch: f32 weights, and a gradient and
+    /// AdamW's two moments per trainable scalar.
+    pub fn training_bytes(&self) -> u128 {
+        4 * self.total as u128 + 12 * self.trainable as u128
+    }
+
+    /// Refuses training that cannot fit in `physical` bytes of memory (activations come on
+    /// top), before anything is written: the process would otherwise abort mid-run.
+    pub fn check_fits(&self, physical: Option<u64>) -> Result<()> {
+        let (Some(physical), need) = (physical, self.training_bytes()) else {
+            return Ok(());
+        };
+        if need <= physical as u128 {
+            return Ok(());
+        }
+        let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
+        Err(Error::Msg(format!(
+            "training needs at least {:.1} GiB for the weights ({} parameters) and the gradients \
+             and AdamW state of the {} trainable ones, more than this machine's {:.1} GiB: train \
+             fewer parameters (--mode lora or spt) or use a smaller model",
+            gib(need),
+            self.total,
+            self.trainable,
+            gib(physical as u128)
+        )))
+    }
+}
+
 /// A model + loss for the trainer, in one of the three modes.
 pub struct ModelTask {
     pub net: Net,
@@ -328,8 +357,10 @@ impl ModelTask {
                 (Net::Lm(Box::new(m)), r, c.head_dim())
             }
         };
-        // A newly initialised head (and pooler) must train in every mode.
-        if cfg.mode != Mode::Dense && !report.initialised.is_empty() {
+        // A newly initialised head (and pooler) must train in every mode; where every weight
+        // trains (dense, and spt without adapters) it already does.
+        let trains_all = cfg.mode == Mode::Dense || (cfg.mode == Mode::Spt && cfg.lora_rank == 0);
+        if !trains_all && !report.initialised.is_empty() {
             let init = report.initialised.clone();
             let pred = |n: &str| init.iter().any(|i| i == n) || head_or_saved(n);
             match &mut net {
@@ -616,4 +647,33 @@ pub fn export_hf_dir(
         return Err(e.into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ParamSummary;
+
+    #[test]
+    fn training_that_cannot_fit_in_memory_is_refused_with_the_figures() {
+        let full = ParamSummary {
+            total: 1 << 30,
+            trainable: 1 << 30,
+            initialised: Vec::new(),
+        };
+        // 4 GiB of weights + 12 GiB of gradients and moments.
+        assert_eq!(full.training_bytes(), 16 << 30);
+        let e = full.check_fits(Some(15 << 30)).unwrap_err().to_string();
+        assert!(
+            e.contains("16.0 GiB") && e.contains("15.0 GiB") && e.contains("--mode lora"),
+            "{e}"
+        );
+        full.check_fits(Some(16 << 30)).unwrap();
+        full.check_fits(None).unwrap();
+        // The same model with adapters only: the frozen weights count once.
+        let lora = ParamSummary {
+            trainable: 1 << 20,
+            ..full
+        };
+        lora.check_fits(Some(5 << 30)).unwrap();
+    }
 }

@@ -445,3 +445,56 @@ fn eval_without_checkpoint_uses_the_config_and_calibrates_spt() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// spt without adapters trains every weight, also when the head is new (it used to freeze all
+/// but the head, pooler and routers, as the adapter modes do).
+#[test]
+fn spt_without_adapters_trains_every_weight_beside_a_new_head() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-bert-cls", tmp.path());
+    let weights =
+        candle_core::safetensors::load(model.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let headless: std::collections::HashMap<_, _> = weights
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("classifier."))
+        .collect();
+    candle_core::safetensors::save(&headless, model.join("model.safetensors")).unwrap();
+    let data = reviews_csv(tmp.path(), "d.csv", "text,label,movie");
+    let run = |mode: &str, rank: &str| -> serde_json::Value {
+        let out = tmp.path().join(format!("run-{mode}-{rank}"));
+        let o = spt_train(
+            &[
+                "finetune",
+                "--model",
+                model.to_str().unwrap(),
+                "--train-file",
+                data.to_str().unwrap(),
+                "--output-dir",
+                out.to_str().unwrap(),
+                "--mode",
+                mode,
+                "--lora-rank",
+                rank,
+                "--ffn-blocks",
+                "2",
+                "--ffn-top-k",
+                "1",
+                "--max-steps",
+                "1",
+                "--batch-size",
+                "8",
+                "--no-progress",
+            ],
+            None,
+        );
+        last_json(&o)
+    };
+    let all = run("spt", "0");
+    assert_eq!(all["trainable_params"], all["total_params"], "{all}");
+    let adapters = run("spt", "4");
+    let (t, n) = (
+        adapters["trainable_params"].as_u64().unwrap(),
+        adapters["total_params"].as_u64().unwrap(),
+    );
+    assert!(t < n / 2, "{adapters}");
+}

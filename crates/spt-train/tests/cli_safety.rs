@@ -114,11 +114,23 @@ fn export_never_deletes_or_replaces_files_it_did_not_write() {
     let o = export(&t.model, true);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{e}");
+    assert!(e.contains("the model being exported from"), "{e}");
+    assert_eq!(snapshot(&t.model), before);
+    // Another user folder holding a model's files: refused, naming them.
+    let other = t.root.join("other-model");
+    std::fs::create_dir(&other).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(t.model.join(f), other.join(f)).unwrap();
+    }
+    let before = snapshot(&other);
+    let o = export(&other, true);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{e}");
     assert!(
         e.contains("config.json") && e.contains("model.safetensors") && e.contains("did not write"),
         "{e}"
     );
-    assert_eq!(snapshot(&t.model), before);
+    assert_eq!(snapshot(&other), before);
     // A foreign folder without name clashes: only with --overwrite, and the user's file stays.
     let notes = t.root.join("notes");
     std::fs::create_dir(&notes).unwrap();
@@ -138,6 +150,24 @@ fn export_never_deletes_or_replaces_files_it_did_not_write() {
     assert!(export(&out, true).status.success());
     assert_eq!(std::fs::read(out.join("README.md")).unwrap(), b"my notes");
     assert!(out.join("config.json").is_file());
+    // That export as the base model of another export into itself: refused, bytes kept.
+    let before = snapshot(&out);
+    let o = run(
+        &[
+            "export",
+            "--model",
+            s(&out),
+            "--checkpoint",
+            s(&run_dir),
+            "--out",
+            s(&out),
+            "--overwrite",
+        ],
+        None,
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("the model being exported from"));
+    assert_eq!(snapshot(&out), before);
     // A run folder is not an export folder.
     let o = export(&run_dir, true);
     assert!(String::from_utf8_lossy(&o.stderr).contains("fine-tuning run"));
@@ -423,6 +453,78 @@ fn bad_numbers_and_conflicting_flags_are_refused_by_name() {
     assert!(e.contains("GPT-2") && e.contains("--task lm"), "{e}");
 }
 
+/// Settings that only the data or the model can refute are refused before the run directory
+/// exists, by name.
+#[test]
+fn what_the_data_or_model_cannot_take_leaves_no_run_directory() {
+    let t = setup();
+    let out = t.root.join("run");
+    let one = t.root.join("one.csv");
+    let mut rows = String::from("text,label,movie\n");
+    for i in 0..20 {
+        rows.push_str(&format!("the movie,pos,m{}\n", i % 5));
+    }
+    std::fs::write(&one, rows).unwrap();
+    let text = t.root.join("t.txt");
+    std::fs::write(&text, "the good movie was very good\n".repeat(200)).unwrap();
+    let gpt2 = fixture("tiny-gpt2", &t.root);
+    let n_positions = {
+        let c: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(gpt2.join("config.json")).unwrap()).unwrap();
+        c["n_positions"].as_u64().unwrap()
+    };
+    let too_long = (n_positions + 1).to_string();
+    let zero_eps = fixture_with("tiny-gpt2", &t.root.join("eps"), |c| {
+        c["layer_norm_epsilon"] = 0.0.into()
+    });
+    let lm = |model: &Path, block: &str| -> Vec<String> {
+        [
+            "finetune",
+            "--model",
+            s(model),
+            "--task",
+            "lm",
+            "--random-init",
+            "--train-file",
+            s(&text),
+        ]
+        .into_iter()
+        .chain([
+            "--block-size",
+            block,
+            "--output-dir",
+            s(&out),
+            "--max-steps",
+            "1",
+            "--no-progress",
+        ])
+        .map(String::from)
+        .collect()
+    };
+    let mut cases: Vec<(Vec<String>, &[&str])> = Vec::new();
+    let mut accum = finetune_args(s(&t.model), s(&t.data), s(&out), "2");
+    accum.extend(["--grad-accum", "1000000"]);
+    cases.push((
+        accum.iter().map(|a| a.to_string()).collect(),
+        &["grad_accum = 1000000", "at most"],
+    ));
+    let one_label = finetune_args(s(&t.model), s(&one), s(&out), "2");
+    cases.push((
+        one_label.iter().map(|a| a.to_string()).collect(),
+        &["one label", "\"pos\""],
+    ));
+    cases.push((lm(&gpt2, &too_long), &["positions", "--block-size"]));
+    cases.push((lm(&zero_eps, "8"), &["layer_norm_epsilon"]));
+    let small_vocab = fixture_with("tiny-gpt2", &t.root.join("vocab"), |c| c["vocab_size"] = 5.into());
+    cases.push((lm(&small_vocab, "8"), &["token id", "vocabulary has 5"]));
+    for (args, wanted) in cases {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let e = run_err(&a);
+        assert!(wanted.iter().all(|w| e.contains(w)), "{args:?}: {e}");
+        assert!(!out.exists(), "{args:?} left {}", out.display());
+    }
+}
+
 #[test]
 fn absurd_model_sizes_are_refused_before_allocating() {
     let tmp = tempfile::tempdir().unwrap();
@@ -606,4 +708,43 @@ fn eval_and_predict_refuse_untrained_heads_and_a_foreign_mode() {
     let mut a = predict_args(&t, &run_dir, &text).to_vec();
     a[2] = s(&base);
     run_ok(&a, None);
+    // A language-model run's checkpoint given to eval: named as the other task, not as a flag
+    // the user never passed.
+    let gpt2 = fixture("tiny-gpt2", &t.root);
+    let lm_text = t.root.join("lm.txt");
+    std::fs::write(&lm_text, "the good movie was very good\n".repeat(100)).unwrap();
+    let lm_run = t.root.join("lm-run");
+    run_ok(
+        &[
+            "finetune",
+            "--model",
+            s(&gpt2),
+            "--task",
+            "lm",
+            "--random-init",
+            "--train-file",
+            s(&lm_text),
+            "--block-size",
+            "8",
+            "--output-dir",
+            s(&lm_run),
+            "--max-steps",
+            "1",
+            "--no-progress",
+        ],
+        None,
+    );
+    let e = run_err(&[
+        "eval",
+        "--model",
+        s(&t.model),
+        "--checkpoint",
+        s(&lm_run),
+        "--data-file",
+        s(&t.data),
+    ]);
+    assert!(
+        e.contains("language modelling") && e.contains("finetune.toml"),
+        "{e}"
+    );
 }

@@ -33,7 +33,7 @@ use crate::{Error, Result};
 
 mod run;
 
-pub use run::Trainer;
+pub use run::{check_settings, Trainer};
 
 /// The progress bar: bar, steps, elapsed < ETA, then "loss … lr … tok/s".
 pub const PROGRESS_TEMPLATE: &str = "{bar:30.cyan/blue} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}";
@@ -345,7 +345,10 @@ pub fn planned_steps(cfg: &TrainerConfig, n_items: usize) -> u64 {
         return m;
     }
     let n_batches = (n_items as u64).div_ceil(cfg.batch_size.max(1) as u64);
-    (cfg.epochs * n_batches).div_ceil(cfg.grad_accum.max(1) as u64)
+    // Saturating: the trainer refuses epoch counts that overflow; this only plans.
+    cfg.epochs
+        .saturating_mul(n_batches)
+        .div_ceil(cfg.grad_accum.max(1) as u64)
 }
 
 /// The settings that differ between two run configs (JSON objects), as `name: old → new`.
@@ -403,6 +406,65 @@ mod tests {
                 50
             ),
             5
+        );
+    }
+
+    #[test]
+    fn settings_the_data_cannot_carry_are_refused_by_name() {
+        use crate::data::{EncodedDataset, EncodedItem, TaskKind};
+        let item = EncodedItem {
+            input_ids: vec![1, 2, 3],
+            token_type_ids: vec![0, 0, 0],
+            label: Some(0),
+        };
+        let train = EncodedDataset {
+            task: TaskKind::Classify,
+            items: vec![item; 10],
+            pad_id: 0,
+        };
+        let ok = TrainerConfig {
+            epochs: 2,
+            batch_size: 4,
+            grad_accum: 3, // 3 batches an epoch: the most a step may gather
+            ..Default::default()
+        };
+        check_settings(&ok, &train).unwrap();
+        let e = check_settings(
+            &TrainerConfig {
+                grad_accum: 4,
+                ..ok.clone()
+            },
+            &train,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("grad_accum = 4") && e.contains("at most 3"), "{e}");
+        let e = check_settings(
+            &TrainerConfig {
+                epochs: u64::MAX / 2,
+                ..ok.clone()
+            },
+            &train,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("epochs") && e.contains("too large"), "{e}");
+        // max_steps bounds the run: no epoch count is multiplied out.
+        let capped = TrainerConfig {
+            epochs: u64::MAX,
+            max_steps: Some(2),
+            ..ok
+        };
+        check_settings(&capped, &train).unwrap();
+        assert_eq!(
+            planned_steps(
+                &TrainerConfig {
+                    max_steps: None,
+                    ..capped
+                },
+                10
+            ),
+            u64::MAX / 3
         );
     }
 }

@@ -87,29 +87,6 @@ impl<T: TrainTask> Trainer<T> {
         planned_steps(&self.cfg, n_items)
     }
 
-    fn validate(&self, train: &EncodedDataset) -> Result<()> {
-        let c = &self.cfg;
-        if c.batch_size == 0 || c.eval_batch_size == 0 {
-            return Err(DataError::ZeroBatchSize.into());
-        }
-        if c.grad_accum == 0 {
-            return Err(Error::Msg("grad_accum must be at least 1".into()));
-        }
-        if !(c.lr.is_finite() && c.lr > 0.0) {
-            return Err(Error::Msg(format!(
-                "learning rate must be positive, got {}",
-                c.lr
-            )));
-        }
-        if train.is_empty() {
-            return Err(Error::Msg("the training set is empty".into()));
-        }
-        if c.max_steps.is_none() && c.epochs == 0 {
-            return Err(Error::Msg("set epochs ≥ 1 or max_steps".into()));
-        }
-        Ok(())
-    }
-
     /// Evaluates the current model on `data`.
     pub fn evaluate(&mut self, data: &EncodedDataset) -> Result<EvalReport> {
         evaluate(&mut self.task, data, self.cfg.eval_batch_size, &self.device)
@@ -196,7 +173,7 @@ impl<T: TrainTask> Trainer<T> {
         eval: Option<&EncodedDataset>,
         resume: &Resume,
     ) -> Result<TrainSummary> {
-        self.validate(train)?;
+        check_settings(&self.cfg, train)?;
         std::fs::create_dir_all(&self.cfg.output_dir).map_err(|e| Error::io(&self.cfg.output_dir, e))?;
         let vars_named = self.task.trainable();
         if vars_named.is_empty() {
@@ -472,4 +449,46 @@ impl<T: TrainTask> Trainer<T> {
         });
         Ok(())
     }
+}
+
+/// The settings that depend on the training data, checked before anything is written (the
+/// CLI calls it before making the run directory; [`Trainer::train`] again).
+pub fn check_settings(c: &TrainerConfig, train: &EncodedDataset) -> Result<()> {
+    if c.batch_size == 0 || c.eval_batch_size == 0 {
+        return Err(DataError::ZeroBatchSize.into());
+    }
+    if c.grad_accum == 0 {
+        return Err(Error::Msg("grad_accum must be at least 1".into()));
+    }
+    if !(c.lr.is_finite() && c.lr > 0.0) {
+        return Err(Error::Msg(format!(
+            "learning rate must be positive, got {}",
+            c.lr
+        )));
+    }
+    if train.is_empty() {
+        return Err(Error::Msg("the training set is empty".into()));
+    }
+    if c.max_steps.is_none() && c.epochs == 0 {
+        return Err(Error::Msg("set epochs ≥ 1 or max_steps".into()));
+    }
+    // One step gathers its micro-batches before running them: more than an epoch's worth
+    // would hold the data several times over in memory.
+    let n_batches = train.len().div_ceil(c.batch_size) as u64;
+    if c.grad_accum as u64 > n_batches {
+        return Err(Error::Msg(format!(
+            "grad_accum = {} micro-batches per step, but an epoch of the training data has {n_batches} \
+             ({} examples in batches of {}): use at most {n_batches}",
+            c.grad_accum,
+            train.len(),
+            c.batch_size
+        )));
+    }
+    if c.max_steps.is_none() && c.epochs.checked_mul(n_batches).is_none() {
+        return Err(Error::Msg(format!(
+            "epochs = {} is too large: {} batches per epoch would overflow the step count",
+            c.epochs, n_batches
+        )));
+    }
+    Ok(())
 }

@@ -184,8 +184,25 @@ pub(crate) fn find_labels(
 }
 
 pub(crate) fn tokenizer_for(model_dir: &Path, max_length: Option<usize>) -> Result<TextTokenizer> {
-    let max = max_length.or_else(|| model_max_length(model_dir)).unwrap_or(512);
+    let model_max = model_max_length(model_dir);
+    let max = match (max_length, model_max) {
+        // As finetune: texts are truncated to what the model takes.
+        (Some(m), Some(cap)) if m > cap => {
+            tracing::warn!("--max-length {m} exceeds the model's {cap} positions; using {cap}");
+            cap
+        }
+        (Some(m), _) => m,
+        (None, cap) => cap.unwrap_or(512),
+    };
     Ok(TextTokenizer::from_model_dir(model_dir, max)?)
+}
+
+/// A task as the `--task` flag spells it.
+fn task_name(t: TaskKind) -> &'static str {
+    match t {
+        TaskKind::Classify => "sequence classification (--task classify)",
+        TaskKind::Lm => "language modelling (--task lm)",
+    }
 }
 
 /// The finetune settings of the run a checkpoint belongs to (its `finetune.toml`), else defaults.
@@ -232,6 +249,17 @@ pub(crate) fn load_trained(
                 mode_name(asked),
                 c.display(),
                 mode_name(*run_mode)
+            );
+        }
+    }
+    if let (Some(r), Some(c)) = (&run, &ck) {
+        if r.task != task {
+            bail!(
+                "{} was trained for {}, per its run's finetune.toml; this command needs a checkpoint \
+                 of {}",
+                c.display(),
+                task_name(r.task),
+                task_name(task)
             );
         }
     }

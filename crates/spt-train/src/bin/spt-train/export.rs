@@ -28,6 +28,16 @@ pub(crate) fn export(a: &ExportArgs) -> Result<()> {
     }
     // Refuse before the (slow) load: the checks are repeated when the files are moved in.
     let model_dir = resolve_model(&a.model.model)?;
+    // An earlier export used as the base: exporting over it would replace the input it reads.
+    if let (Ok(out), Ok(src)) = (a.out.canonicalize(), model_dir.canonicalize()) {
+        if out == src {
+            bail!(
+                "--out {} is the model being exported from (--model): write the export to another \
+                 directory",
+                a.out.display()
+            );
+        }
+    }
     check_export_dir(&a.out, &export_files(&model_dir), a.overwrite)?;
     let task_kind = task_of(&a.model.model)?;
     check_model(task_kind, &model_dir)?;

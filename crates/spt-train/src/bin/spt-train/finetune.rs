@@ -30,6 +30,8 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
         labels = data.labels.as_ref().map(|l| l.len()).unwrap_or(0),
         "data ready"
     );
+    spt_train::trainer::check_settings(&cfg.trainer_config(data.train.len()), &data.train)?;
+    spt_train::pipeline::check_data_fits_model(&data, &model_dir)?;
     let task = build_task(
         &cfg,
         &model_dir,
@@ -38,6 +40,7 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
         &dev,
         resuming,
     )?;
+    task.summary.check_fits(spt_models::physical_memory_bytes())?;
     prepare_run_dir(&cfg.output_dir, cfg.overwrite, resuming)?;
     if let Resume::From(p) = &resume {
         discard_later_checkpoints(&cfg, p)?;
