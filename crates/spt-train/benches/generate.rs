@@ -3,7 +3,8 @@
 //! a prompt, then new tokens one at a time, as `spt-train generate` runs them, for the model of
 //! each mode as `spt-train` builds it (`ModelTask::build_from_source`): dense; LoRA (r 8 on
 //! c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj, unmerged); SPT (the fast preset: FFN 2 of 8 +
-//! linear correction, every attention key, LoRA r 8; routers fitted on random tokens).
+//! linear correction, every attention key, LoRA r 8; routers fitted on random tokens), every
+//! parameter frozen as `spt-train generate` freezes them.
 //!
 //! - ours: `GPT2LMHeadModel::next_token_logits` with a `KvCache` (the prompt in one call, then
 //!   one position per call, the head for the last position only);
@@ -106,7 +107,8 @@ fn model(mode: Mode, cfg_path: &Path, vocab: usize) -> Result<(GPT2LMHeadModel, 
     };
     let src = random_gpt2_weights(cfg_path, 7, &dev)?;
     let t0 = Instant::now();
-    let task = ModelTask::build_from_source(&cfg, cfg_path, &src, None, &dev, calibration)?;
+    let mut task = ModelTask::build_from_source(&cfg, cfg_path, &src, None, &dev, calibration)?;
+    task.net.freeze()?; // as spt-train generate does
     let build_s = t0.elapsed().as_secs_f64();
     match task.net {
         Net::Lm(m) => Ok((*m, build_s)),

@@ -66,7 +66,8 @@ pub(crate) fn generate(a: &GenerateArgs) -> Result<()> {
         );
     }
     tracing::info!(prompt_tokens = n_prompt, max_new, "prompt ready");
-    let (task, _) = load_trained(&a.model, TaskKind::Lm, None, &dev, None, None)?;
+    let (mut task, _) = load_trained(&a.model, TaskKind::Lm, None, &dev, None, None)?;
+    task.net.freeze()?; // inference only: nothing recorded for a backward
     let Net::Lm(model) = &task.net else {
         bail!("generate needs a GPT-2 model (model_type gpt2)")
     };

@@ -84,7 +84,7 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
         labels = labels.as_ref().map(|l| l.len()),
         "inputs ready"
     );
-    let (task, _) = load_trained(
+    let (mut task, _) = load_trained(
         &a.model,
         TaskKind::Classify,
         labels.as_ref().map(LabelMap::len),
@@ -92,7 +92,8 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
         None,
         None,
     )?;
-    // After the model's settings are checked, so that a wrong flag is named first.
+    task.net.freeze()?; // inference only: nothing recorded for a backward
+                        // After the model's settings are checked, so that a wrong flag is named first.
     if texts.is_empty() {
         let from = if a.input == "-" { "stdin" } else { a.input.as_str() };
         bail!("{from}: no texts to predict (every line is empty)");
