@@ -4,7 +4,8 @@
 #
 #   scripts/peer-bench.sh                    # add PyTorch's figures to the existing records
 #   scripts/peer-bench.sh --with-ours        # re-run our benchmarks, then PyTorch's: one run
-#   scripts/peer-bench.sh --only attention   # a subset: attention, ffn, steps, layers, generate, demo
+#   scripts/peer-bench.sh --only attention   # a subset: attention, ffn, steps, layers, generate,
+#                                            # predict, demo
 #                                            # (repeatable, or comma-separated); default:
 #                                            # attention,ffn,steps
 #   scripts/peer-bench.sh --quick            # small shapes, on a temporary copy of the results
@@ -12,7 +13,8 @@
 #
 # Parts and files (bench/results/): attention -> attention.json, ffn -> ffn.json, steps ->
 # finetune-speed.json and finetune-speed-accuracy-setting.json, layers -> lora-linear.json,
-# linear-cross-entropy.json and norm-activation.json, generate -> generate.json (each record gets
+# linear-cross-entropy.json and norm-activation.json, generate -> generate.json, predict ->
+# predict.json (each record gets
 # torch_* fields, ratios and peer_details; each file a top-level `peer` object). demo: PyTorch's full
 # fine-tuning step at the demo's setting, printed (with --with-ours: scripts/demo.sh, which times
 # SPT, dense and PyTorch in one run). Our benchmarks are re-run with the commands their files
@@ -51,7 +53,7 @@ while [[ $# -gt 0 ]]; do
 done
 [[ ${#PARTS[@]} -gt 0 ]] || PARTS=(attention ffn steps)
 for p in "${PARTS[@]}"; do
-  case "$p" in attention|ffn|steps|layers|generate|demo) ;; *) log "unknown part '$p' (attention, ffn, steps, layers, generate, demo)"; exit 2 ;; esac
+  case "$p" in attention|ffn|steps|layers|generate|predict|demo) ;; *) log "unknown part '$p' (attention, ffn, steps, layers, generate, predict, demo)"; exit 2 ;; esac
 done
 want() { local p; for p in "${PARTS[@]}"; do [[ "$p" == "$1" ]] && return 0; done; return 1; }
 
@@ -73,10 +75,10 @@ setup_venv() {
 setup_venv
 PY="$ROOT/$VENV/bin/python"
 
-if want steps || want demo; then
+if want steps || want demo || want predict; then
   assets=(minilm)
-  want demo && assets+=(rt)
-  if [[ ! -f third_party/all-MiniLM-L6-v2/model.safetensors ]] || { want demo && [[ ! -f data/rt/rotten_tomatoes_corpus_full.csv ]]; }; then
+  { want demo || want predict; } && assets+=(rt)
+  if [[ ! -f third_party/all-MiniLM-L6-v2/model.safetensors ]] || { [[ ${#assets[@]} -gt 1 ]] && [[ ! -f data/rt/rotten_tomatoes_corpus_full.csv ]]; }; then
     log "fetching ${assets[*]}"
     scripts/fetch-assets.sh "${assets[@]}"
   fi
@@ -84,9 +86,9 @@ fi
 
 # --- where results go ------------------------------------------------------------------------
 RESULTS=bench/results
-if [[ $QUICK == 1 ]] && { want attention || want ffn || want steps || want layers || want generate; }; then
+if [[ $QUICK == 1 ]] && { want attention || want ffn || want steps || want layers || want generate || want predict; }; then
   RESULTS="$(mktemp -d "${TMPDIR:-/tmp}/peer-bench.XXXXXX")"
-  cp bench/results/{attention,ffn,finetune-speed,finetune-speed-accuracy-setting,generate,linear-cross-entropy,lora-linear,norm-activation}.json "$RESULTS/"
+  cp bench/results/{attention,ffn,finetune-speed,finetune-speed-accuracy-setting,generate,linear-cross-entropy,lora-linear,norm-activation,predict}.json "$RESULTS/"
   log "quick mode: small shapes, results in the copy $RESULTS (bench/results untouched)"
 fi
 
@@ -129,7 +131,7 @@ run_ours() { # part
 }
 
 log "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
-for part in attention ffn steps layers generate; do
+for part in attention ffn steps layers generate predict; do
   want "$part" || continue
   [[ $WITH_OURS == 1 ]] && run_ours "$part"
   quick_flag=()

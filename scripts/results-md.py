@@ -113,13 +113,14 @@ REGIONS = {
         "linear-cross-entropy",
         "norm-activation",
         "generate",
+        "predict",
         "gpu-attention",
         "gpu-ffn",
         "other",
     ],
     "docs/results/accuracy.md": ["demo", "accuracy-minilm", "accuracy-gpt2", "accuracy-superseded", "accuracy-settings"],
 }
-KNOWN_FILES = {"accuracy", "attention", "attention-fidelity", "demo", "demo-dense", "ffn", "finetune-speed", "finetune-speed-accuracy-setting", "generate", "gpu-h200", "linear-cross-entropy", "lora-linear", "norm-activation"}
+KNOWN_FILES = {"accuracy", "attention", "attention-fidelity", "demo", "demo-dense", "ffn", "finetune-speed", "finetune-speed-accuracy-setting", "generate", "gpu-h200", "predict", "linear-cross-entropy", "lora-linear", "norm-activation"}
 
 
 class Stale(Exception):
@@ -293,6 +294,25 @@ def speed_table(name):
         out += [f"Ours: {data['ours']}."]
     if data.get("fused_dense"):
         out += [f"Fused dense: {data['fused_dense']}."]
+    return "\n".join(out + footer(data, recs))
+
+
+def predict_table():
+    """Inference records: ours and PyTorch on the same batches, their time ratio and peak RSS."""
+    data = load("predict")
+    recs = data.get("records") or []
+    out = head(["mode", "batches", "batch size", "texts", "tokens (padded)", "ours (s)", "PyTorch (s)",
+                "ours / PyTorch", "ours peak RSS", "PyTorch peak RSS"],
+               ["---", "---", "--:", "--:", "--:", "--:", "--:", "--:", "--:", "--:"])
+    for r in recs:
+        c = r.get("case") or {}
+        vs = r.get("vs_torch")
+        out.append(row([c.get("mode"), c.get("batches"), c.get("batch_size"), c.get("texts"),
+                        f"{r.get('tokens')} ({r.get('padded_tokens')})", num(r.get("ours_s"), "{:.3f}"),
+                        num(r.get("torch_s"), "{:.3f}"), "–" if vs is None else f"{vs:.2f}×",
+                        mib(r.get("ours_bytes")), mib(r.get("torch_bytes"))]))
+    if data.get("ours"):
+        out += ["", f"Ours: {data['ours']}."]
     return "\n".join(out + footer(data, recs))
 
 
@@ -679,6 +699,8 @@ QUOTES = [
      "and {}× with SPT's routed FFN",
      [("generate dense", "gen_time", "{:.2f}"), ("generate LoRA", "gen_time", "{:.2f}"),
       ("generate SPT", "gen_time", "{:.2f}")]),
+    ("README.md", "Classifying with MiniLM (batches of 32) takes {}× PyTorch's time dense, {}× with SPT",
+     [("predict dense", "gen_time", "{:.2f}"), ("predict SPT", "gen_time", "{:.2f}")]),
     ("docs/results/speed.md", "(**{}×** its time for 128 tokens), LoRA against PEFT **{}×**, SPT against PEFT **{}×**",
      [("generate dense", "gen_time", "{:.2f}"), ("generate LoRA", "gen_time", "{:.2f}"),
       ("generate SPT", "gen_time", "{:.2f}")]),
@@ -687,7 +709,8 @@ QUOTES = [
 PEER_KEYS = {
     "full": ("torch_full_s", "torch_full_bytes", ""),
     "lora": ("torch_lora_s", "torch_lora_bytes", ""),
-    # Generation records hold one peer each: transformers, or transformers + PEFT for LoRA / SPT.
+    # Generation and inference records hold one peer each: transformers (+ PEFT for generation's
+    # LoRA / SPT records).
     "gen": ("torch_s", "torch_bytes", ""),
 }
 
@@ -708,6 +731,8 @@ QUOTED_RECORDS = {
     "generate dense": ("generate", {"model": "gpt2-small", "mode": "dense", "new_tokens": 128}),
     "generate LoRA": ("generate", {"model": "gpt2-small", "mode": "lora", "new_tokens": 128}),
     "generate SPT": ("generate", {"model": "gpt2-small", "mode": "spt", "new_tokens": 128}),
+    "predict dense": ("predict", {"model": "all-MiniLM-L6-v2", "mode": "dense", "batches": "sorted"}),
+    "predict SPT": ("predict", {"model": "all-MiniLM-L6-v2", "mode": "spt", "batches": "sorted"}),
 }
 
 
@@ -803,6 +828,7 @@ RENDER = {
     "linear-cross-entropy": lambda: speed_table("linear-cross-entropy"),
     "norm-activation": lambda: speed_table("norm-activation"),
     "generate": lambda: speed_table("generate"),
+    "predict": predict_table,
     "gpu-attention": gpu_attention,
     "gpu-ffn": gpu_ffn,
     "other": other_results,

@@ -2,18 +2,19 @@
 
 Adds PyTorch's figures, measured now, to the records of our result files:
 
-    python3 bench/peer/run.py [--results DIR] [--quick] attention ffn steps layers generate
+    python3 bench/peer/run.py [--results DIR] [--quick] attention ffn steps layers generate predict
 
 - attention -> DIR/attention.json, ffn -> DIR/ffn.json (bench/peer/ops.py);
 - layers -> DIR/lora-linear.json, DIR/linear-cross-entropy.json and DIR/norm-activation.json
   (bench/peer/layers.py);
 - steps -> DIR/finetune-speed.json and DIR/finetune-speed-accuracy-setting.json
   (bench/peer/steps.py);
-- generate -> DIR/generate.json (bench/peer/generate.py).
+- generate -> DIR/generate.json (bench/peer/generate.py);
+- predict -> DIR/predict.json (bench/peer/predict.py).
 
 `--quick` measures small shapes instead of the records' (attention L <= 256, FFN 256 tokens,
 steps B <= 2, L <= 64, 2 steps, layers 64 rows and a 1000-token vocabulary, generation 2 layers
-and 16 new tokens): for checking the pipeline; point --results at a copy, since
+and 16 new tokens, inference 2 batches once): for checking the pipeline; point --results at a copy, since
 the figures are not those of the records' shapes.
 """
 import argparse
@@ -26,7 +27,7 @@ STEP_FILES = ("finetune-speed.json", "finetune-speed-accuracy-setting.json")
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("parts", nargs="+", choices=("attention", "ffn", "steps", "layers", "generate"))
+    ap.add_argument("parts", nargs="+", choices=("attention", "ffn", "steps", "layers", "generate", "predict"))
     ap.add_argument("--results", default=os.path.join(ROOT, "bench", "results"),
                     help="folder of the result files to update in place")
     ap.add_argument("--quick", action="store_true", help="small shapes (pipeline check)")
@@ -49,6 +50,10 @@ def main():
             import generate
 
             generate.bench_generate(torch, os.path.join(args.results, "generate.json"), args.quick)
+        elif part == "predict":
+            import predict
+
+            predict.bench_predict(torch, os.path.join(args.results, "predict.json"), args.quick)
         else:
             import steps
 
