@@ -634,6 +634,22 @@ fn messages_point_the_right_way() {
     std::fs::remove_file(run_dir.join("finetune.toml")).unwrap();
     let e = run_err(&eval);
     assert!(e.contains("another mode or from another model"), "{e}");
+    // predict from a run without labels.json, on a model whose config names no classes: the
+    // missing file and the flag that gives it, not a config field.
+    let bare = fixture_with("tiny-bert-cls", &t.root.join("bare"), |c| {
+        let o = c.as_object_mut().unwrap();
+        o.remove("id2label");
+        o.remove("label2id");
+    });
+    let run2 = t.root.join("run2");
+    run_ok(&finetune_args(s(&bare), s(&t.data), s(&run2), "1"), None);
+    std::fs::remove_file(run2.join("labels.json")).unwrap();
+    let text = t.root.join("texts.csv");
+    std::fs::write(&text, "text\na good film\n").unwrap();
+    let mut a = predict_args(&t, &run2, &text).to_vec();
+    a[2] = s(&bare);
+    let e = run_err(&a);
+    assert!(e.contains("labels.json") && e.contains("--label-map"), "{e}");
 }
 
 #[test]

@@ -258,7 +258,33 @@ impl FinetuneConfig {
             ));
         }
         cfg.validate()?;
+        for unused in cfg.unused_settings() {
+            tracing::warn!("{unused}");
+        }
         Ok(cfg)
+    }
+
+    /// Settings that were given but change nothing in this run, each said in a sentence.
+    pub fn unused_settings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.split_by.is_some() && !self.validation_files.is_empty() {
+            out.push("split_by (--split-by) has no effect: the validation rows come from --validation-file, none are held out".into());
+        }
+        if self.mode == Mode::Dense && !self.modules_to_save.is_empty() {
+            out.push(format!(
+                "modules_to_save (--modules-to-save {}) has no effect in dense mode: every weight trains",
+                self.modules_to_save.join(",")
+            ));
+        }
+        let every_key = self.mode != Mode::Spt
+            || (self.attn_k.is_none() && self.attn_k_fraction.is_some_and(|f| f >= 1.0));
+        if self.attn_tile.is_some() && every_key {
+            out.push(
+                "attn_tile (--attn-tile) has no effect: attention keeps every key (the fused dense kernel)"
+                    .into(),
+            );
+        }
+        out
     }
 
     /// Applies the flags that were given.

@@ -398,6 +398,7 @@ impl FinetuneConfig {
             Ok(serde_json::Value::Object(m)) => m,
             _ => return Err(invalid("set", "cannot represent the settings as a table")),
         };
+        let mut seen = std::collections::BTreeMap::new();
         for s in sets {
             let Some((path, value)) = s.split_once('=') else {
                 return Err(invalid("set", format!("`{s}`: expected section.key=value")));
@@ -415,6 +416,12 @@ impl FinetuneConfig {
                     ))
                 }
             };
+            if let Some(first) = seen.insert(field.clone(), s.clone()) {
+                return Err(invalid(
+                    path,
+                    format!("--set {s}: the same setting as --set {first}; give it once"),
+                ));
+            }
             let value =
                 sections::parse_value(value.trim()).map_err(|e| invalid(path, format!("--set {s}: {e}")))?;
             flat.insert(field, value);

@@ -396,6 +396,14 @@ fn set_overrides_any_setting_by_its_section() {
     }
     let e = with(&["--set", "optim.batch_size=-1"]).unwrap_err().to_string();
     assert!(e.contains("optim.batch_size"), "{e}");
+    // A setting given twice is refused, naming both.
+    let e = with(&["--set", "optim.lr=1e-3", "--set", "optim.lr=2e-3"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("optim.lr=1e-3") && e.contains("optim.lr=2e-3") && e.contains("once"),
+        "{e}"
+    );
 }
 
 /// Every "(default: X)" that `finetune --help` states is the value a run gets without the flag.
@@ -461,4 +469,23 @@ fn an_empty_modules_to_save_turns_the_presets_pooler_off() {
         cfg(&["--modules-to-save", "pooler,"]).modules_to_save,
         vec!["pooler".to_string()]
     );
+}
+
+/// Flags that change nothing in the run are said (as warnings), each by its name.
+#[test]
+fn settings_without_effect_are_named() {
+    let base = ["--model", "m", "--train-file", "a.csv"];
+    let unused = |extra: &[&str]| {
+        let mut v = base.to_vec();
+        v.extend_from_slice(extra);
+        FinetuneConfig::from_args(&parse(&v)).unwrap().unused_settings()
+    };
+    assert!(unused(&[]).is_empty());
+    assert!(unused(&["--mode", "spt", "--attn-k-fraction", "0.25", "--attn-tile", "64"]).is_empty());
+    let u = unused(&["--split-by", "movie", "--validation-file", "b.csv"]);
+    assert!(u.len() == 1 && u[0].contains("--split-by"), "{u:?}");
+    let u = unused(&["--modules-to-save", "pooler"]);
+    assert!(u.len() == 1 && u[0].contains("dense mode"), "{u:?}");
+    let u = unused(&["--mode", "spt", "--attn-tile", "64"]); // the fast preset keeps every key
+    assert!(u.len() == 1 && u[0].contains("--attn-tile"), "{u:?}");
 }

@@ -90,9 +90,17 @@ pub fn read_classification(
     columns: &ColumnSpec,
     drop_labels: &[String],
 ) -> Result<ClassificationData, DataError> {
-    // A missing file is named as missing, before its extension is looked at.
-    if let Err(e) = std::fs::metadata(path) {
-        return Err(DataError::io(path, e));
+    // A missing file is named as missing, and a folder as a folder, before the extension is
+    // looked at.
+    match std::fs::metadata(path) {
+        Err(e) => return Err(DataError::io(path, e)),
+        Ok(m) if m.is_dir() => {
+            return Err(DataError::Invalid(format!(
+                "{}: is a directory; give a .csv, .tsv or .jsonl file",
+                path.display()
+            )))
+        }
+        Ok(_) => {}
     }
     let format = match format {
         Some(f) => f,
@@ -707,6 +715,13 @@ mod tests {
         let p = write(dir.path(), "h.csv", b"category,text,movie_name\n");
         let e = read_classification(&p, None, &spec, &[]).unwrap_err().to_string();
         assert!(e.contains("h.csv") && e.contains("empty"), "{e}");
+        // A folder where a file goes.
+        let folder = dir.path().join("data.csv");
+        std::fs::create_dir(&folder).unwrap();
+        let e = read_classification(&folder, None, &spec, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("data.csv") && e.contains("is a directory"), "{e}");
         // Non-UTF-8 in a CSV field and in a JSONL line.
         let p = write(
             dir.path(),

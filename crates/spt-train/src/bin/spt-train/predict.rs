@@ -52,6 +52,24 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
     check_model(TaskKind::Classify, &model_dir)?;
     let tok = tokenizer_for(&model_dir, a.max_length)?;
     let labels = find_labels(&a.label_map, &a.model.checkpoint, &model_dir)?;
+    if labels.is_none() && !config_gives_labels(&model_dir) {
+        let cfg = model_dir.join("config.json");
+        match &a.model.checkpoint {
+            Some(c) => bail!(
+                "no class labels: {} has no labels.json beside it, and {} gives neither num_labels \
+                 nor id2label; pass --label-map (the run's labels.json)",
+                c.display(),
+                cfg.display()
+            ),
+            None => bail!(
+                "{} has no classification head to predict with ({} gives neither num_labels nor \
+                 id2label): pass --checkpoint (a finetune run) or a fine-tuned model (`spt-train \
+                 export` writes one)",
+                model_dir.display(),
+                cfg.display()
+            ),
+        }
+    }
     let texts: Vec<(String, Option<String>)> = if a.input == "-" {
         let mut out = Vec::new();
         for (i, line) in std::io::stdin().lock().lines().enumerate() {
@@ -160,4 +178,12 @@ fn is_predictions(text: &str) -> bool {
                 })
                 .unwrap_or(false)
         })
+}
+
+/// Whether the model's config.json says how many classes its head has.
+fn config_gives_labels(model_dir: &Path) -> bool {
+    std::fs::read_to_string(model_dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v.get("num_labels").is_some() || v.get("id2label").is_some())
 }
