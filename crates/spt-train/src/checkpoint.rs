@@ -141,7 +141,13 @@ fn sync_dir(dir: &Path) {
 
 /// FNV-1a, 64-bit: a cheap checksum that catches truncation and corruption (not tampering).
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    fnv1a64_extend(FNV_OFFSET, bytes)
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a continued over more bytes from the hash `h` of those before.
+fn fnv1a64_extend(mut h: u64, bytes: &[u8]) -> u64 {
     for &b in bytes {
         h ^= b as u64;
         h = h.wrapping_mul(0x0100_0000_01b3);
@@ -356,12 +362,32 @@ fn own_files(dir: &Path) -> BTreeSet<String> {
         if !(TENSOR_FILES.contains(&name.as_str()) && p.symlink_metadata().is_ok_and(|m| m.is_file())) {
             continue;
         }
-        let Ok(bytes) = std::fs::read(&p) else { continue };
-        if bytes.len() as u64 == entry.bytes && format!("{:016x}", fnv1a64(&bytes)) == entry.fnv1a64 {
+        if file_matches(&p, entry) {
             own.insert(name.clone());
         }
     }
     own
+}
+
+/// Whether the file at `p` has the length and checksum `entry` records, read in 1 MiB chunks
+/// (a dense checkpoint's optimizer file is gigabytes).
+fn file_matches(p: &Path, entry: &FileEntry) -> bool {
+    use std::io::Read;
+    let Ok(mut f) = std::fs::File::open(p) else {
+        return false;
+    };
+    if f.metadata().map(|m| m.len()).ok() != Some(entry.bytes) {
+        return false;
+    }
+    let (mut h, mut buf) = (FNV_OFFSET, vec![0u8; 1 << 20]);
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => h = fnv1a64_extend(h, &buf[..n]),
+            Err(_) => return false,
+        }
+    }
+    format!("{h:016x}") == entry.fnv1a64
 }
 
 /// What a checkpoint folder holds besides its own files ([`own_files`]: someone's notes, a

@@ -71,6 +71,31 @@ pub fn check_data_fits_model(data: &PreparedData, model_dir: &Path) -> Result<()
     Ok(())
 }
 
+/// A classifier needs two labels in its training rows (`finetune`; an evaluation file may hold
+/// one class).
+pub fn check_training_labels(cfg: &FinetuneConfig, data: &PreparedData) -> Result<()> {
+    let Some(labels) = &data.labels else {
+        return Ok(());
+    };
+    if labels.len() >= 2 {
+        return Ok(());
+    }
+    let held_out = if cfg.validation_files.is_empty() && cfg.validation_split > 0.0 {
+        format!(" after holding out validation_split = {}", cfg.validation_split)
+    } else {
+        String::new()
+    };
+    let files: Vec<String> = cfg.train_files.iter().map(|p| p.display().to_string()).collect();
+    Err(DataError::Invalid(format!(
+        "{}: the training rows have one label, {:?} (column `{}`{held_out}): a classifier \
+         needs at least two; check --label-column, --drop-label and --label-map",
+        files.join(", "),
+        labels.labels(),
+        cfg.label_column
+    ))
+    .into())
+}
+
 /// The tokenizer: `cfg.tokenizer` (a directory or a `tokenizer.json`) or the model directory.
 /// Truncation length: `cfg.max_length`, capped by the model's maximum, else the model's maximum,
 /// else 512.
@@ -146,22 +171,6 @@ pub fn prepare_data(
                     LabelMap::new(all.into_iter().collect())?
                 }
             };
-            if labels.len() < 2 {
-                let held_out = if cfg.validation_files.is_empty() && cfg.validation_split > 0.0 {
-                    format!(" after holding out validation_split = {}", cfg.validation_split)
-                } else {
-                    String::new()
-                };
-                let files: Vec<String> = cfg.train_files.iter().map(|p| p.display().to_string()).collect();
-                return Err(DataError::Invalid(format!(
-                    "{}: the training rows have one label, {:?} (column `{}`{held_out}): a classifier \
-                     needs at least two; check --label-column, --drop-label and --label-map",
-                    files.join(", "),
-                    labels.labels(),
-                    cfg.label_column
-                ))
-                .into());
-            }
             if let Some(dir) = output_dir {
                 labels.save(&dir.join("labels.json"))?;
             }
@@ -277,7 +286,8 @@ mod tests {
             drop_labels: vec!["plot".into(), "rotten".into()],
             ..cfg
         };
-        let e = prepare_data(&one, &tok, None).unwrap_err().to_string();
+        let d = prepare_data(&one, &tok, None).unwrap();
+        let e = check_training_labels(&one, &d).unwrap_err().to_string();
         assert!(
             e.contains("rt.csv")
                 && e.contains("one label")

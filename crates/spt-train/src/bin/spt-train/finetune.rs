@@ -31,6 +31,7 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
         "data ready"
     );
     spt_train::trainer::check_settings(&cfg.trainer_config(data.train.len()), &data.train)?;
+    spt_train::pipeline::check_training_labels(&cfg, &data)?;
     spt_train::pipeline::check_data_fits_model(&data, &model_dir)?;
     let task = build_task(
         &cfg,
