@@ -451,8 +451,19 @@ impl ModelTask {
                 ))
             })?;
             if t.dims() != var.dims() {
+                // The head's size comes from the label map: say so rather than only the shapes.
+                let head = if name.starts_with("classifier.") {
+                    format!(
+                        ": the checkpoint's classifier has {} classes, the label map gives {}; use \
+                         the run's own labels.json",
+                        t.dims()[0],
+                        var.dims()[0]
+                    )
+                } else {
+                    String::new()
+                };
                 return Err(Error::Msg(format!(
-                    "checkpoint tensor `{name}` has shape {:?}, the model expects {:?}",
+                    "checkpoint tensor `{name}` has shape {:?}, the model expects {:?}{head}",
                     t.dims(),
                     var.dims()
                 )));

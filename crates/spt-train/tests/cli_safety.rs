@@ -636,11 +636,19 @@ fn messages_point_the_right_way() {
     assert!(e.contains("another mode or from another model"), "{e}");
     // predict from a run without labels.json, on a model whose config names no classes: the
     // missing file and the flag that gives it, not a config field.
+    // (and, headless, a base model: its runs' heads are new, sized by the data's labels)
     let bare = fixture_with("tiny-bert-cls", &t.root.join("bare"), |c| {
         let o = c.as_object_mut().unwrap();
         o.remove("id2label");
         o.remove("label2id");
     });
+    let weights =
+        candle_core::safetensors::load(bare.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let headless: std::collections::HashMap<_, _> = weights
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("classifier."))
+        .collect();
+    candle_core::safetensors::save(&headless, bare.join("model.safetensors")).unwrap();
     let run2 = t.root.join("run2");
     run_ok(&finetune_args(s(&bare), s(&t.data), s(&run2), "1"), None);
     std::fs::remove_file(run2.join("labels.json")).unwrap();
@@ -650,6 +658,21 @@ fn messages_point_the_right_way() {
     a[2] = s(&bare);
     let e = run_err(&a);
     assert!(e.contains("labels.json") && e.contains("--label-map"), "{e}");
+    // A label map of another size than the checkpoint's head: both counts, and what to use.
+    let two = t.root.join("two.json");
+    std::fs::write(
+        &two,
+        r#"{"id2label": {"0": "neg", "1": "pos"}, "label2id": {"neg": 0, "pos": 1}}"#,
+    )
+    .unwrap();
+    let mut a = predict_args(&t, &run2, &text).to_vec();
+    a[2] = s(&bare);
+    a.extend(["--label-map", s(&two)]);
+    let e = run_err(&a);
+    assert!(
+        e.contains("has 3 classes, the label map gives 2") && e.contains("labels.json"),
+        "{e}"
+    );
 }
 
 #[test]
