@@ -598,27 +598,35 @@ fn corrections_restore_and_modules_to_save_train() {
     assert!(e.contains("`poolr`"), "{e}");
 }
 
-/// What predict, eval and generate run: the parameters frozen, the same logits, and for a dense
-/// model nothing recorded for a backward (the activations are freed as the forward goes; LoRA
-/// factors and routers inside spt-ops' layers still record).
+/// What predict, eval and generate run: the model frozen, the same logits, and nothing recorded
+/// for a backward (the activations are freed as the forward goes), adapters and routers included.
 #[test]
 fn frozen_inference_gives_the_same_logits_and_records_nothing() {
     let root = tempfile::tempdir().unwrap();
-    let model = fixture("tiny-bert-cls", root.path());
+    let bert = fixture("tiny-bert-cls", root.path());
     let csv = root.path().join("d.csv");
     write_csv(&csv);
-    for mode in [Mode::Dense, Mode::Lora, Mode::Spt] {
-        let cfg = config(&model, TaskKind::Classify, &csv, &root.path().join("out"), mode);
+    let (_lm_root, gpt2, text) = tiny_gpt2_with_text();
+    let cases = [(&bert, TaskKind::Classify, &csv), (&gpt2, TaskKind::Lm, &text)];
+    for ((model, kind, data), mode) in cases
+        .into_iter()
+        .flat_map(|c| [Mode::Dense, Mode::Lora, Mode::Spt].map(|m| (c, m)))
+    {
+        let cfg = config(model, kind, data, &root.path().join("out"), mode);
         let (mut task, data) = build_task(&cfg, None);
         let idx: Vec<usize> = (0..8).collect();
         let batch = data.train.batch(&idx, &Device::Cpu).unwrap();
         let before = task.net.forward(&batch, false).unwrap();
-        assert!(before.track_op(), "{mode:?}: the trainable model records its ops");
+        assert!(
+            before.track_op(),
+            "{kind:?} {mode:?}: the trainable model records its ops"
+        );
         task.net.freeze().unwrap();
         let after = task.net.forward(&batch, false).unwrap();
-        if mode == Mode::Dense {
-            assert!(!after.track_op(), "a frozen dense model records nothing");
-        }
-        assert_eq!(max_abs_diff(&before, &after), 0.0, "{mode:?}");
+        assert!(
+            !after.track_op(),
+            "{kind:?} {mode:?}: a frozen model records nothing"
+        );
+        assert_eq!(max_abs_diff(&before, &after), 0.0, "{kind:?} {mode:?}");
     }
 }

@@ -137,6 +137,12 @@ impl Linear {
         self.lora.as_ref()
     }
 
+    /// For inference: the adapter reads its factors detached ([`LoraLinear::freeze`]). Returns
+    /// whether there was one.
+    pub fn freeze_lora(&mut self) -> bool {
+        self.lora.as_mut().map(LoraLinear::freeze).is_some()
+    }
+
     /// Folds the LoRA update into the (frozen) weight for inference or export; the exported
     /// weight is then `W + (α/r)·B A`. Errors if there is no adapter or it is already merged.
     pub fn merge_lora(&mut self) -> Result<()> {

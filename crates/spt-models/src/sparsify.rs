@@ -163,6 +163,31 @@ pub trait SptModel {
         Ok(n)
     }
 
+    /// For inference: every LoRA adapter and routed FFN reads its own `Var`s (factors, router)
+    /// detached, so with the parameters frozen too (`NamedParams::set_trainable`) no op records
+    /// a graph and activations are freed as the forward goes. Values are unchanged. Returns the
+    /// number of layers (adapters and routed FFNs) frozen.
+    fn freeze_adapters(&mut self) -> Result<usize> {
+        let mut n = 0;
+        for i in 0..self.num_layers() {
+            let Some(slots) = self.layer_slots(i) else {
+                continue;
+            };
+            let dense_ffn = match slots.ffn {
+                FeedForward::Dense(d) => vec![&mut d.fc1, &mut d.fc2],
+                FeedForward::Routed(r) => {
+                    r.ffn.freeze();
+                    n += 1;
+                    Vec::new()
+                }
+            };
+            for lin in slots.linears.into_iter().map(|(_, l)| l).chain(dense_ffn) {
+                n += usize::from(lin.freeze_lora());
+            }
+        }
+        Ok(n)
+    }
+
     /// Moves every sparse layer's PQ codebook toward the keys the current model produces on
     /// `batch` (padding excluded), by EMA or mini-batch k-means: the codebook refresh of SPT,
     /// e.g. every few hundred steps. Returns the number of layers refreshed.

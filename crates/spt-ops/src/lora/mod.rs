@@ -197,6 +197,8 @@ pub struct LoraLinear {
     b: Var,
     cfg: LoraConfig,
     merged: bool,
+    /// Inference only: A and B are read detached, so no op records them.
+    frozen: bool,
     seeds: DropoutSeeds,
 }
 
@@ -229,8 +231,26 @@ impl LoraLinear {
             b,
             cfg,
             merged: false,
+            frozen: false,
             seeds: DropoutSeeds::new(cfg.seed ^ 0x5EED),
         })
+    }
+
+    /// For inference: the forward reads A and B detached, so with a frozen base nothing records
+    /// a graph (candle has no no-grad mode; an op records whenever an input is a `Var`). Their
+    /// values, `lora_a` / `lora_b`, merging and saving are unchanged.
+    pub fn freeze(&mut self) {
+        self.frozen = true;
+    }
+
+    /// A and B as the forward reads them (detached once frozen).
+    fn factors(&self) -> (Tensor, Tensor) {
+        let (a, b) = (self.a.as_tensor(), self.b.as_tensor());
+        if self.frozen {
+            (a.detach(), b.detach())
+        } else {
+            (a.clone(), b.clone())
+        }
     }
 
     /// Restarts this adapter's dropout masks from `seed` (call once per training step, so a
@@ -258,13 +278,13 @@ impl LoraLinear {
     /// draws the dropout mask itself (spt-models' seeded dropout). Ignores the merged state:
     /// callers check [`is_merged`](Self::is_merged).
     pub fn forward_with_lora_input(&self, x: &Tensor, x_in: &Tensor) -> Result<Tensor> {
+        let (a, b) = self.factors();
         if x_in.id() == x.id() {
-            let (a, b) = (self.a.as_tensor(), self.b.as_tensor());
-            return lora_linear(x, &self.w, self.bias.as_ref(), a, b, self.cfg.scale());
+            return lora_linear(x, &self.w, self.bias.as_ref(), &a, &b, self.cfg.scale());
         }
         let y = linear(x, &self.w, self.bias.as_ref())?;
-        let u = x_in.broadcast_matmul(&self.a.as_tensor().t()?)?; // [.., r]
-        let delta = u.broadcast_matmul(&self.b.as_tensor().t()?)?; // [.., out]
+        let u = x_in.broadcast_matmul(&a.t()?)?; // [.., r]
+        let delta = u.broadcast_matmul(&b.t()?)?; // [.., out]
         y.add(&(delta * self.cfg.scale())?)
     }
 
@@ -297,13 +317,13 @@ impl LoraLinear {
         if self.merged || (train && self.cfg.dropout > 0.0) {
             return crate::heads::compose_parts(x, parts, layout, |x| self.forward_t(x, train));
         }
-        let (a, b) = (self.a.as_tensor(), self.b.as_tensor());
+        let (a, b) = self.factors();
         (0..parts)
             .map(|i| {
                 let rows = |t: &Tensor| t.narrow(0, i * width, width);
                 let bias = self.bias.as_ref().map(rows).transpose()?;
-                let (w, b) = (rows(&self.w)?, rows(b)?);
-                lora_linear_heads(x, &w, bias.as_ref(), a, &b, self.cfg.scale(), layout)
+                let (w, b) = (rows(&self.w)?, rows(&b)?);
+                lora_linear_heads(x, &w, bias.as_ref(), &a, &b, self.cfg.scale(), layout)
             })
             .collect()
     }

@@ -230,6 +230,8 @@ pub struct RoutedFfn {
     block: usize,
     lora: Option<FfnLora>,
     merged: bool,
+    /// Inference only: the router and LoRA factors are read detached (see `freeze`).
+    frozen: bool,
 }
 
 impl RoutedFfn {
@@ -288,6 +290,7 @@ impl RoutedFfn {
             block: d_ff / n,
             lora: None,
             merged: false,
+            frozen: false,
         })
     }
 
@@ -402,10 +405,29 @@ impl RoutedFfn {
 
     /// Router scores `[T, n_blocks]` for `x [T, d]`; recorded only if something learns from them.
     pub fn router_logits(&self, x2: &Tensor) -> Result<Tensor> {
-        let needs_grad = self.cfg.gate != GateMode::Ones || self.cfg.aux_loss;
+        let needs_grad = !self.frozen && (self.cfg.gate != GateMode::Ones || self.cfg.aux_loss);
         let x2 = if needs_grad { x2.clone() } else { x2.detach() };
-        x2.matmul(&self.router_w.as_tensor().t()?)?
-            .broadcast_add(self.router_b.as_tensor())
+        x2.matmul(&self.read(&self.router_w).t()?)?
+            .broadcast_add(&self.read(&self.router_b))
+    }
+
+    /// For inference: the router, the LoRA factors and the FFN weights are read detached, so
+    /// nothing records a graph (candle has no no-grad mode; an op records whenever an input is
+    /// a `Var`). Their values, saving and merging are unchanged.
+    pub fn freeze(&mut self) {
+        self.frozen = true;
+        for w in [&mut self.w1, &mut self.b1, &mut self.w2, &mut self.b2] {
+            *w = w.detach();
+        }
+    }
+
+    /// One of this layer's `Var`s as the forward reads it (detached once frozen).
+    fn read(&self, v: &Var) -> Tensor {
+        if self.frozen {
+            v.as_tensor().detach()
+        } else {
+            v.as_tensor().clone()
+        }
     }
 
     /// Top-k routing of `x [.., d]` by the current router.
@@ -499,10 +521,11 @@ impl RoutedFfn {
         if let Some(l) = lora.filter(|l| !few && self.fuses_lora(x2, l, train)) {
             // Both projections multiply by their merged weight (see lora_ops.rs).
             let s = l.cfg.scale();
-            let (a1, b1) = (l.a1.as_tensor(), l.b1.as_tensor());
-            let h = lora_ops::gather_lora_act(x2, &self.w1, &self.b1, a1, b1, s, self.activation, &routing)?;
-            let (a2, b2) = (l.a2.as_tensor(), l.b2.as_tensor());
-            let y = lora_ops::scatter_lora(&h, &gates, &self.w2, &self.b2, a2, b2, s, &routing)?;
+            let (a1, b1) = (self.read(&l.a1), self.read(&l.b1));
+            let h =
+                lora_ops::gather_lora_act(x2, &self.w1, &self.b1, &a1, &b1, s, self.activation, &routing)?;
+            let (a2, b2) = (self.read(&l.a2), self.read(&l.b2));
+            let y = lora_ops::scatter_lora(&h, &gates, &self.w2, &self.b2, &a2, &b2, s, &routing)?;
             return self.finish(y, x2, dims, logits, routing, gates);
         }
         let y = self.forward_unfused(x2, &routing, &gates, lora, train, few)?;
@@ -556,8 +579,8 @@ impl RoutedFfn {
                 } else {
                     x2.clone()
                 };
-                let u = (xin.matmul(&l.a1.as_tensor().t()?)? * l.cfg.scale())?; // [T, r]
-                let base = gather(&u, l.b1.as_tensor(), &self.b1, None)?; // [R, b]
+                let u = (xin.matmul(&self.read(&l.a1).t()?)? * l.cfg.scale())?; // [T, r]
+                let base = gather(&u, &self.read(&l.b1), &self.b1, None)?; // [R, b]
                 gather(x2, &self.w1, &base, act)?
             }
         };
@@ -570,8 +593,8 @@ impl RoutedFfn {
             } else {
                 h.clone()
             };
-            let v = (scatter(&hin, l.a2.as_tensor(), None)? * l.cfg.scale())?; // [T, r]
-            y = y.add(&v.matmul(&l.b2.as_tensor().t()?)?)?;
+            let v = (scatter(&hin, &self.read(&l.a2), None)? * l.cfg.scale())?; // [T, r]
+            y = y.add(&v.matmul(&self.read(&l.b2).t()?)?)?;
         }
         Ok(y)
     }
