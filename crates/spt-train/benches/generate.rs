@@ -25,7 +25,9 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use spt_models::{GPT2Config, GPT2LMHeadModel, KvCache};
-use spt_train::bench::{median, peak_rss_bytes, random_gpt2_weights, synthetic_data};
+use spt_train::bench::{
+    child_records, machine_json, median, peak_rss_bytes, random_gpt2_weights, synthetic_data, write_results,
+};
 use spt_train::config::{FinetuneConfig, Mode};
 use spt_train::data::TaskKind;
 use spt_train::presets::{base_config, effective};
@@ -203,36 +205,16 @@ fn main() -> Result<()> {
         return child(&mode, &cfg_path);
     }
     // One process per mode, so that each peak RSS is its mode's own.
-    let mut records = Vec::new();
-    for mode in ["dense", "lora", "spt"] {
-        let out = std::process::Command::new(std::env::current_exe()?)
-            .env(CHILD, mode)
-            .stderr(std::process::Stdio::inherit())
-            .output()?;
-        if !out.status.success() {
-            bail!("the {mode} child failed ({})", out.status);
-        }
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            records.push(serde_json::from_str::<serde_json::Value>(line)?);
-        }
-    }
+    let records = child_records(CHILD, &["dense", "lora", "spt"])?;
     let doc = serde_json::json!({
         "command": COMMAND,
-        "machine": {
-            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-            "os": std::env::consts::OS,
-            "arch": std::env::consts::ARCH,
-            "device": "cpu",
-        },
+        "machine": machine_json(),
         "ours": "GPT2LMHeadModel::next_token_logits with a KvCache: the prompt in one call, then one position per call; the LM head for the last position only; the model of each mode as spt-train builds it",
         "baseline": "dense only: forward_t over the whole sequence for every new token, the last position's logits (spt-train generate before the cache)",
         "records": records,
     });
-    let dir = root.join("bench/results");
-    let path = dir.join("generate.json");
-    let text = serde_json::to_string_pretty(&doc)? + "\n";
-    spt_train::checkpoint::write_file_atomic(&path, text.as_bytes())
-        .with_context(|| format!("writing {}", path.display()))?;
+    let path = root.join("bench/results/generate.json");
+    write_results(&path, &doc)?;
     println!("wrote {}", path.display());
     Ok(())
 }

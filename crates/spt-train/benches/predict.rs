@@ -21,9 +21,9 @@
 //!     cargo bench -p spt-train --bench predict [-- CASE]   # CASE: run the cases whose name
 //!                                                          # contains it (no file written)
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::Device;
-use spt_train::bench::{median, peak_rss_bytes};
+use spt_train::bench::{child_records, machine_json, median, peak_rss_bytes, write_results};
 use spt_train::config::{FinetuneConfig, Mode};
 use spt_train::data::{epoch_batches, read_classification, BatchOrder, ColumnSpec, EncodedDataset};
 use spt_train::data::{EncodedItem, TaskKind, TextTokenizer};
@@ -224,38 +224,18 @@ fn main() -> Result<()> {
         return child(&mode, &root);
     }
     // One process per mode, so that each peak RSS is its mode's own.
-    let mut records = Vec::new();
-    for mode in ["dense", "spt"] {
-        let out = std::process::Command::new(std::env::current_exe()?)
-            .args(std::env::args().skip(1))
-            .env(CHILD, mode)
-            .stderr(std::process::Stdio::inherit())
-            .output()?;
-        if !out.status.success() {
-            bail!("the {mode} child failed ({})", out.status);
-        }
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            records.push(serde_json::from_str::<serde_json::Value>(line)?);
-        }
-    }
+    let records = child_records(CHILD, &["dense", "spt"])?;
     if filter().is_some() {
         return Ok(()); // a subset of the cases is not the record
     }
     let doc = serde_json::json!({
         "command": COMMAND,
-        "machine": {
-            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-            "os": std::env::consts::OS,
-            "arch": std::env::consts::ARCH,
-            "device": "cpu",
-        },
+        "machine": machine_json(),
         "ours": "BertForSequenceClassification forward (eval), softmax, probabilities read to the host, per batch, as spt-train predict runs it; the model of each mode as spt-train loads it, its parameters frozen as predict freezes them",
         "records": records,
     });
     let path = root.join("bench/results/predict.json");
-    let text = serde_json::to_string_pretty(&doc)? + "\n";
-    spt_train::checkpoint::write_file_atomic(&path, text.as_bytes())
-        .with_context(|| format!("writing {}", path.display()))?;
+    write_results(&path, &doc)?;
     println!("wrote {}", path.display());
     Ok(())
 }

@@ -231,3 +231,43 @@ pub fn peak_rss_bytes() -> Result<u64> {
         .map(|kb| kb * 1024)
         .ok_or_else(|| Error::Msg("no VmHWM in /proc/self/status".into()))
 }
+
+/// Runs the current benchmark binary once per mode, each in a fresh process with `env` set to
+/// the mode (and this process's arguments), so that each peak RSS is that mode's own; returns
+/// the JSON records the children print on stdout, one a line. Their stderr passes through.
+pub fn child_records(env: &str, modes: &[&str]) -> Result<Vec<serde_json::Value>> {
+    let exe = std::env::current_exe().map_err(|e| Error::io("the benchmark binary", e))?;
+    let mut records = Vec::new();
+    for mode in modes {
+        let out = std::process::Command::new(&exe)
+            .args(std::env::args().skip(1))
+            .env(env, mode)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .map_err(|e| Error::io(&exe, e))?;
+        if !out.status.success() {
+            return Err(Error::Msg(format!("the {mode} child failed ({})", out.status)));
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            records
+                .push(serde_json::from_str(line).map_err(|e| Error::Msg(format!("the {mode} child: {e}")))?);
+        }
+    }
+    Ok(records)
+}
+
+/// The `machine` object of a result file: CPUs, OS, architecture, device.
+pub fn machine_json() -> serde_json::Value {
+    serde_json::json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "os": std::env::consts::OS,
+        "arch": std::env::consts::ARCH,
+        "device": "cpu",
+    })
+}
+
+/// Writes a result file as pretty JSON through a temporary file and a rename.
+pub fn write_results(path: &Path, doc: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(doc).map_err(|e| Error::Msg(e.to_string()))? + "\n";
+    crate::checkpoint::write_file_atomic(path, text.as_bytes()).map_err(|e| Error::io(path, e))
+}

@@ -452,13 +452,7 @@ fn eval_without_checkpoint_uses_the_config_and_calibrates_spt() {
 fn spt_without_adapters_trains_every_weight_beside_a_new_head() {
     let tmp = tempfile::tempdir().unwrap();
     let model = fixture("tiny-bert-cls", tmp.path());
-    let weights =
-        candle_core::safetensors::load(model.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
-    let headless: std::collections::HashMap<_, _> = weights
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with("classifier."))
-        .collect();
-    candle_core::safetensors::save(&headless, model.join("model.safetensors")).unwrap();
+    common::drop_head(&model);
     let data = reviews_csv(tmp.path(), "d.csv", "text,label,movie");
     let run = |mode: &str, rank: &str| -> serde_json::Value {
         let out = tmp.path().join(format!("run-{mode}-{rank}"));

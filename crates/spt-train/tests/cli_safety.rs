@@ -642,13 +642,7 @@ fn messages_point_the_right_way() {
         o.remove("id2label");
         o.remove("label2id");
     });
-    let weights =
-        candle_core::safetensors::load(bare.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
-    let headless: std::collections::HashMap<_, _> = weights
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with("classifier."))
-        .collect();
-    candle_core::safetensors::save(&headless, bare.join("model.safetensors")).unwrap();
+    common::drop_head(&bare);
     let run2 = t.root.join("run2");
     run_ok(&finetune_args(s(&bare), s(&t.data), s(&run2), "1"), None);
     std::fs::remove_file(run2.join("labels.json")).unwrap();
@@ -714,13 +708,7 @@ fn eval_and_predict_refuse_untrained_heads_and_a_foreign_mode() {
         let p = e.unwrap().path();
         std::fs::copy(&p, base.join(p.file_name().unwrap())).unwrap();
     }
-    let weights =
-        candle_core::safetensors::load(t.model.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
-    let headless: std::collections::HashMap<_, _> = weights
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with("classifier."))
-        .collect();
-    candle_core::safetensors::save(&headless, base.join("model.safetensors")).unwrap();
+    common::drop_head(&base);
     let e = run_err(&["eval", "--model", s(&base), "--data-file", s(&t.data)]);
     assert!(
         e.contains("no trained classification head")

@@ -105,3 +105,15 @@ pub fn reviews_csv(dir: &Path, name: &str, header: &str) -> PathBuf {
     std::fs::write(&path, rows).unwrap();
     path
 }
+
+/// Removes the classification head (`classifier.*`) from `dir`'s model.safetensors: a base
+/// model, whose runs initialise a head sized by their data.
+pub fn drop_head(dir: &Path) {
+    let path = dir.join("model.safetensors");
+    let weights = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+    let headless: std::collections::HashMap<_, _> = weights
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("classifier."))
+        .collect();
+    candle_core::safetensors::save(&headless, &path).unwrap();
+}
