@@ -32,10 +32,9 @@ use spt_train::tasks::{calibration_batches, ModelTask};
 use std::path::Path;
 use std::time::Instant;
 
-/// As in the `spt-train` binary: freed buffers are kept for reuse (see its main).
+/// As in the `spt-train` binary: freed buffers are kept for reuse (`spt_train::alloc`).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 const COMMAND: &str = "cargo bench -p spt-train --bench predict";
 const REPS: usize = 5;
@@ -213,13 +212,7 @@ fn child(mode_name: &str, root: &Path) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    // As the `spt-train` binary: the thread count is counted once, not per matmul.
-    spt_train::threads::fix_thread_count();
-    // SAFETY: sets one process-wide allocator option to a documented value (-1: never purge).
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()?;
+    let root = spt_train::bench::start()?;
     if let Ok(mode) = std::env::var(CHILD) {
         return child(&mode, &root);
     }

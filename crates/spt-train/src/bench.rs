@@ -271,3 +271,13 @@ pub fn write_results(path: &Path, doc: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(doc).map_err(|e| Error::Msg(e.to_string()))? + "\n";
     crate::checkpoint::write_file_atomic(path, text.as_bytes()).map_err(|e| Error::io(path, e))
 }
+
+/// What a benchmark binary does first, as the `spt-train` binary does: the thread count counted
+/// once ([`crate::threads`]) and freed memory kept ([`crate::alloc`]). Returns the repository
+/// root (where `bench/results` and the assets are).
+pub fn start() -> Result<std::path::PathBuf> {
+    crate::threads::fix_thread_count();
+    crate::alloc::keep_freed_memory();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    root.canonicalize().map_err(|e| Error::io(&root, e))
+}

@@ -21,6 +21,7 @@
 //! - [`rng`]: the serialisable SplitMix64 behind data order and per-step seeds.
 //! - [`threads`]: the CPU thread count, fixed once per process (candle recounts it per matmul).
 
+pub mod alloc;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
