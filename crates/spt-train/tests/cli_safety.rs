@@ -451,6 +451,12 @@ fn bad_numbers_and_conflicting_flags_are_refused_by_name() {
     let gpt2 = fixture("tiny-gpt2", &t.root);
     let e = run_err(&finetune_args(s(&gpt2), s(&t.data), s(&t.root.join("r5")), "2"));
     assert!(e.contains("GPT-2") && e.contains("--task lm"), "{e}");
+    // A one-token benchmark of a language model, refused before a child builds it.
+    let e = run_err(&["bench", "--model", s(&gpt2), "--seq-len", "1", "--steps", "1"]);
+    assert!(
+        e.contains("--seq-len 1") && e.contains("at least 2 tokens"),
+        "{e}"
+    );
 }
 
 /// Settings that only the data or the model can refute are refused before the run directory

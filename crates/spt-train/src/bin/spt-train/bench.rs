@@ -79,6 +79,9 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
             model_dir.display()
         );
     }
+    if a.seq_len < 2 && task_of(&a.model)? == TaskKind::Lm {
+        bail!("--seq-len 1: a language model's next-token loss needs at least 2 tokens");
+    }
     let model_name = model_dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
