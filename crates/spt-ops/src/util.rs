@@ -1,6 +1,6 @@
 //! Small helpers shared by the CPU kernels: dtype dispatch, slice access and argument checks.
 
-use candle_core::{bail, CpuStorage, DType, Layout, Result, Storage, Tensor};
+use candle_core::{bail, CpuStorage, DType, Layout, Result, Storage, Tensor, Var};
 
 /// Float element types our CPU kernels are generic over (f32 for speed, f64 for gradient checks).
 pub(crate) trait Float:
@@ -205,6 +205,16 @@ pub(crate) fn sum_partials<T: Float>(partials: Vec<Vec<T>>, n: usize) -> Vec<T> 
         }
     }
     out
+}
+
+/// A layer's own `Var` as its forward reads it: detached once the layer is frozen for inference
+/// (candle has no no-grad mode; an op records whenever an input is a `Var`).
+pub(crate) fn read_var(v: &Var, frozen: bool) -> Tensor {
+    if frozen {
+        v.as_tensor().detach()
+    } else {
+        v.as_tensor().clone()
+    }
 }
 
 /// `Some(grad)` only if `input` needs a gradient: candle keeps every returned gradient until the

@@ -23,10 +23,14 @@ pub struct PreparedData {
 /// `n_positions` or `n_ctx`).
 pub fn model_max_length(model_dir: &Path) -> Option<usize> {
     let text = std::fs::read_to_string(model_dir.join("config.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    max_positions(&serde_json::from_str(&text).ok()?)
+}
+
+/// The positions a parsed `config.json` allows.
+fn max_positions(config: &serde_json::Value) -> Option<usize> {
     ["max_position_embeddings", "n_positions", "n_ctx"]
         .iter()
-        .find_map(|k| v.get(*k).and_then(|x| x.as_u64()))
+        .find_map(|k| config.get(*k).and_then(|x| x.as_u64()))
         .map(|x| x as usize)
 }
 
@@ -59,7 +63,7 @@ pub fn check_data_fits_model(data: &PreparedData, model_dir: &Path) -> Result<()
             )));
         }
     }
-    if let Some(max) = model_max_length(model_dir) {
+    if let Some(max) = max_positions(&v) {
         if longest > max {
             return Err(crate::Error::Msg(format!(
                 "sequences of {longest} tokens, but the model takes at most {max} positions ({}): \

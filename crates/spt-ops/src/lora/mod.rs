@@ -11,7 +11,7 @@ pub(crate) use fused::merged_into;
 pub use fused::{lora_linear, lora_linear_heads, HeadsLayout};
 
 use crate::routed_ffn::{gather_matmul, Routing};
-use crate::util::{check_float, check_same};
+use crate::util::{check_float, check_same, read_var};
 use candle_core::{bail, DType, Device, Result, Tensor, Var};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -245,12 +245,7 @@ impl LoraLinear {
 
     /// A and B as the forward reads them (detached once frozen).
     fn factors(&self) -> (Tensor, Tensor) {
-        let (a, b) = (self.a.as_tensor(), self.b.as_tensor());
-        if self.frozen {
-            (a.detach(), b.detach())
-        } else {
-            (a.clone(), b.clone())
-        }
+        (read_var(&self.a, self.frozen), read_var(&self.b, self.frozen))
     }
 
     /// Restarts this adapter's dropout masks from `seed` (call once per training step, so a

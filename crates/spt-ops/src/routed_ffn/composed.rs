@@ -114,7 +114,7 @@ pub(crate) fn gather_matmul_act_per_block(
             continue;
         }
         let we = w.narrow(0, e * block, block)?;
-        let mut part = block_matmul(&xr.narrow(0, r.start, r.len())?, &we)?;
+        let mut part = few_rows_matmul(&xr.narrow(0, r.start, r.len())?, &we)?;
         if let Some((bias, AddKind::Bias)) = add {
             // Per block, so the bias gradient is a column sum (f32-accumulated in bf16 too)
             // rather than an index_add that rounds at every row.
@@ -194,19 +194,13 @@ fn scatter_matmul_per_block(
         // place (what few-token decoding needs: there the copy is most of the work).
         let we = w.narrow(1, e * block, block)?; // [d_out, b]
         let we = if dev.is_cpu() { we } else { we.contiguous()? };
-        parts.push(block_matmul(&hg.narrow(0, r.start, r.len())?, &we)?);
+        parts.push(few_rows_matmul(&hg.narrow(0, r.start, r.len())?, &we)?);
     }
     if parts.is_empty() {
         Tensor::zeros((routing.n_tokens(), d_out), hg.dtype(), dev)
     } else {
         sum_rows(&Tensor::cat(&parts, 0)?, routing)
     }
-}
-
-/// `x · wᵀ` for a block `w` of a weight, read in place ([`few_rows_matmul`]: a few tokens' GEMM
-/// with BERT's weight layout took 3-8x the time in the other orientation).
-fn block_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    few_rows_matmul(x, w)
 }
 
 /// Whether `t` lives where the fused kernels do not run (any device but the CPU).

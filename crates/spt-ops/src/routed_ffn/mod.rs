@@ -57,7 +57,7 @@ pub use rows::{gather_rows, sum_rows};
 use crate::activation::Activation;
 use crate::lora::{delta_weight, dropout, uniform, DropoutSeeds, LoraConfig, LoraError};
 use crate::norm::softmax_last_dim;
-use crate::util::{check_float, check_same};
+use crate::util::{check_float, check_same, read_var};
 use candle_core::{bail, DType, Result, Tensor, Var};
 use std::sync::Arc;
 
@@ -423,11 +423,7 @@ impl RoutedFfn {
 
     /// One of this layer's `Var`s as the forward reads it (detached once frozen).
     fn read(&self, v: &Var) -> Tensor {
-        if self.frozen {
-            v.as_tensor().detach()
-        } else {
-            v.as_tensor().clone()
-        }
+        read_var(v, self.frozen)
     }
 
     /// Top-k routing of `x [.., d]` by the current router.

@@ -430,9 +430,12 @@ impl FinetuneConfig {
             .ok()
             .and_then(|v| v.as_object().cloned())
             .unwrap_or_default();
-        *self = serde_json::from_value(serde_json::Value::Object(flat.clone())).map_err(|e| {
-            let given: Vec<(String, serde_json::Value)> = flat
-                .iter()
+        let table = serde_json::Value::Object(flat);
+        *self = Self::deserialize(&table).map_err(|e| {
+            let given: Vec<(String, serde_json::Value)> = table
+                .as_object()
+                .into_iter()
+                .flatten()
                 .filter(|(k, v)| defaults.get(*k) != Some(*v))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
