@@ -45,5 +45,6 @@ pub use sparsify::{
 /// spt-ops' types used in [`SptConfig`]: PQ, routed FFN, LoRA.
 pub use spt_ops::{lora, pq, routed_ffn};
 pub use weights::{
-    save_safetensors, save_tensors, LoadOptions, LoadReport, NamedParams, Param, Trainable, WeightSource,
+    all_finite, save_safetensors, save_tensors, LoadOptions, LoadReport, NamedParams, Param, Trainable,
+    WeightSource,
 };

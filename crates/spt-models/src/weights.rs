@@ -545,6 +545,13 @@ impl<'a> Loader<'a> {
                 reason: format!("tensor '{key}' has dtype {:?}, expected a float dtype", t.dtype()),
             });
         }
+        // A NaN weight would surface only as a NaN loss at the first step, with nothing named.
+        if !all_finite(t)? {
+            return Err(ModelError::Checkpoint {
+                path: self.src.origin().map(Path::to_path_buf).unwrap_or_default(),
+                reason: format!("tensor '{key}' holds NaN or infinite values"),
+            });
+        }
         let t = t.to_dtype(self.opts.dtype)?.to_device(&self.opts.device)?;
         self.used.insert(key);
         self.make(canonical, &t)
@@ -579,6 +586,32 @@ impl<'a> Loader<'a> {
             used: self.used.len(),
         }
     }
+}
+
+/// Whether every value of `t` is finite (integer tensors always are). Contiguous CPU tensors are
+/// read in place, without a copy: loaders check every tensor of a checkpoint.
+pub fn all_finite(t: &Tensor) -> Result<bool> {
+    use candle_core::{CpuStorage, Storage};
+    if !t.dtype().is_float() {
+        return Ok(true);
+    }
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets()) {
+            let known = match cpu {
+                CpuStorage::F32(v) => Some(v[a..b].iter().all(|x| x.is_finite())),
+                CpuStorage::F64(v) => Some(v[a..b].iter().all(|x| x.is_finite())),
+                CpuStorage::F16(v) => Some(v[a..b].iter().all(|x| x.is_finite())),
+                CpuStorage::BF16(v) => Some(v[a..b].iter().all(|x| x.is_finite())),
+                _ => None,
+            };
+            if let Some(finite) = known {
+                return Ok(finite);
+            }
+        }
+    }
+    let v = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    Ok(v.iter().all(|x| x.is_finite()))
 }
 
 /// Box–Muller standard normal (keeps us off rand_distr).

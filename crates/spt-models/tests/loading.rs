@@ -76,6 +76,44 @@ fn wrong_shape_reports_expected_and_got() -> Result<()> {
 }
 
 #[test]
+fn non_finite_weights_are_named() -> Result<()> {
+    let key = "bert.encoder.layer.1.output.dense.weight";
+    for (bad, dtype) in [
+        (f32::NAN, DType::F32),
+        (f32::INFINITY, DType::BF16),
+        (f32::NEG_INFINITY, DType::F16),
+    ] {
+        let mut m = load_map(&fixture("tiny-bert-cls/model.safetensors"))?;
+        let mut v = m[key].flatten_all()?.to_vec1::<f32>()?;
+        v[17] = bad;
+        let dims = m[key].dims().to_vec();
+        m.insert(
+            key.into(),
+            Tensor::from_vec(v, dims, &Device::Cpu)?.to_dtype(dtype)?,
+        );
+        let err = BertForSequenceClassification::load(
+            &bert_cfg()?,
+            &WeightSource::from_tensors(m),
+            &LoadOptions::default(),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(key) && err.contains("NaN or infinite"),
+            "{dtype:?}: {err}"
+        );
+    }
+    // The check itself: finite tensors of each dtype pass, strided views are read correctly.
+    let t = Tensor::new(&[[1f32, f32::NAN], [3.0, 4.0]], &Device::Cpu)?;
+    assert!(!spt_models::all_finite(&t)?);
+    assert!(spt_models::all_finite(&t.narrow(1, 0, 1)?)?);
+    assert!(!spt_models::all_finite(&t.t()?)?);
+    assert!(spt_models::all_finite(&Tensor::new(&[1u32, 2], &Device::Cpu)?)?);
+    Ok(())
+}
+
+#[test]
 fn bad_configs_are_named() -> Result<()> {
     let text = std::fs::read_to_string(fixture("tiny-bert-cls/config.json"))?;
     let mut v: serde_json::Value = serde_json::from_str(&text)?;

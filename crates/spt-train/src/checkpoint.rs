@@ -638,11 +638,7 @@ fn load(path: &Path, device: &Device, optimizer: bool) -> Result<LoadedCheckpoin
     let mut names: Vec<&String> = model.keys().collect();
     names.sort();
     for name in names {
-        let finite = model[name]
-            .flatten_all()
-            .and_then(|t| t.to_dtype(candle_core::DType::F32))
-            .and_then(|t| t.to_vec1::<f32>())
-            .map(|v| v.iter().all(|x| x.is_finite()))
+        let finite = spt_models::all_finite(&model[name])
             .map_err(|e| corrupt(format!("model.safetensors: `{name}`: {e}")))?;
         if !finite {
             return Err(corrupt(format!(
