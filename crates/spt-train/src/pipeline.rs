@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::FinetuneConfig;
 use crate::data::{
-    encode_classification, pack_lm, read_classification, read_lm_texts, split_train_validation,
+    encode_classification, pack_lm, read_classification_counted, read_lm_texts, split_train_validation,
     ClassificationData, DataError, EncodedDataset, LabelMap, TaskKind, TextTokenizer,
 };
 use crate::Result;
@@ -123,12 +123,57 @@ pub fn load_tokenizer(cfg: &FinetuneConfig, model_dir: &Path) -> Result<TextToke
     Ok(tok)
 }
 
-fn read_all(cfg: &FinetuneConfig, files: &[PathBuf]) -> Result<Vec<ClassificationData>> {
+/// Reads `files`, adding to `dropped` the rows that each of `cfg.drop_labels` removed.
+fn read_all(
+    cfg: &FinetuneConfig,
+    files: &[PathBuf],
+    dropped: &mut [usize],
+) -> Result<Vec<ClassificationData>> {
     let cols = cfg.columns();
-    files
+    let mut out = Vec::with_capacity(files.len());
+    for f in files {
+        let (data, n) = read_classification_counted(f, cfg.format, &cols, &cfg.drop_labels)?;
+        dropped.iter_mut().zip(n).for_each(|(d, n)| *d += n);
+        out.push(data);
+    }
+    Ok(out)
+}
+
+/// Refuses a seeded split that leaves a label only on the validation side: the model would be
+/// scored on a class it never saw, and the label map (built from the training rows) lacks it.
+fn check_split_labels(
+    cfg: &FinetuneConfig,
+    train: &[ClassificationData],
+    valid: &[ClassificationData],
+) -> Result<()> {
+    let seen: std::collections::HashSet<&str> = train
         .iter()
-        .map(|f| Ok(read_classification(f, cfg.format, &cols, &cfg.drop_labels)?))
-        .collect()
+        .flat_map(|p| p.examples.iter().filter_map(|e| e.label.as_deref()))
+        .collect();
+    for part in valid {
+        if let Some((e, label)) = part
+            .examples
+            .iter()
+            .find_map(|e| e.label.as_deref().filter(|l| !seen.contains(l)).map(|l| (e, l)))
+        {
+            let by = cfg
+                .split_by
+                .as_ref()
+                .map(|c| format!(", split_by = {c}"))
+                .unwrap_or_default();
+            return Err(DataError::Invalid(format!(
+                "{}: line {}: label `{label}` falls only on the validation side of the split \
+                 (validation_split = {}, seed = {}{by}), so the model could never learn it; use \
+                 another --seed or --validation-split, a --validation-file, or --drop-label {label:?}",
+                part.path.display(),
+                e.line,
+                cfg.validation_split,
+                cfg.seed
+            ))
+            .into());
+        }
+    }
+    Ok(())
 }
 
 fn concat(parts: Vec<EncodedDataset>) -> Option<EncodedDataset> {
@@ -149,9 +194,11 @@ pub fn prepare_data(
 ) -> Result<PreparedData> {
     match cfg.task {
         TaskKind::Classify => {
-            let train_parts = read_all(cfg, &cfg.train_files)?;
+            let mut dropped = vec![0; cfg.drop_labels.len()];
+            let train_parts = read_all(cfg, &cfg.train_files, &mut dropped)?;
             let (train_parts, valid_parts) = if !cfg.validation_files.is_empty() {
-                (train_parts, read_all(cfg, &cfg.validation_files)?)
+                let valid = read_all(cfg, &cfg.validation_files, &mut dropped)?;
+                (train_parts, valid)
             } else if cfg.validation_split > 0.0 {
                 let mut tr = Vec::new();
                 let mut va = Vec::new();
@@ -161,10 +208,21 @@ pub fn prepare_data(
                     tr.push(a);
                     va.push(b);
                 }
+                if cfg.label_map.is_none() {
+                    check_split_labels(cfg, &tr, &va)?;
+                }
                 (tr, va)
             } else {
                 (train_parts, Vec::new())
             };
+            for (label, n) in cfg.drop_labels.iter().zip(&dropped) {
+                if *n == 0 {
+                    tracing::warn!(
+                        "--drop-label {label:?} matches no row's label (column `{}`); check its spelling",
+                        cfg.label_column
+                    );
+                }
+            }
             let labels = match &cfg.label_map {
                 Some(p) => LabelMap::load(p)?,
                 None => {
@@ -284,6 +342,40 @@ mod tests {
         assert_eq!(tok.truncated_count(), 20); // every "fresh" row: 5 words + [CLS] [SEP] > 6
         let labels = LabelMap::load(&out.join("labels.json")).unwrap();
         assert_eq!(labels.labels(), ["fresh", "rotten"]);
+
+        // A label of one movie only: the seeds whose split sends that movie to validation are
+        // refused, naming the label, its line and the split; the others train on it.
+        let mut rare_csv = std::fs::read_to_string(&cfg.train_files[0]).unwrap();
+        rare_csv.push_str("shocked,dull,Movie 0,True\nshocked,dull,Movie 0,True\n");
+        let rare_path = dir.path().join("rare.csv");
+        std::fs::write(&rare_path, rare_csv).unwrap();
+        let (mut refused, mut kept) = (0, 0);
+        for seed in 0..24 {
+            let c = FinetuneConfig {
+                train_files: vec![rare_path.clone()],
+                seed,
+                ..cfg.clone()
+            };
+            match prepare_data(&c, &tok, None) {
+                Ok(d) => {
+                    assert!(d.labels.unwrap().id("shocked").is_some());
+                    kept += 1;
+                }
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(
+                        e.contains("rare.csv: line 62")
+                            && e.contains("`shocked`")
+                            && e.contains("validation side")
+                            && e.contains(&format!("seed = {seed}"))
+                            && e.contains("split_by = movie_name"),
+                        "{e}"
+                    );
+                    refused += 1;
+                }
+            }
+        }
+        assert!(refused > 0 && kept > 0, "{refused} {kept}");
 
         // Dropping every label but one leaves nothing to classify: refused, naming it.
         let one = FinetuneConfig {

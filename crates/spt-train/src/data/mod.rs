@@ -19,8 +19,8 @@ pub use batch::{
     encode_classification, epoch_batches, make_batch, pack_lm, Batch, BatchOrder, EncodedDataset, EncodedItem,
 };
 pub use read::{
-    read_classification, read_lm_texts, split_train_validation, ClassificationData, ColumnSpec, DataFormat,
-    LabelMap, RawExample,
+    read_classification, read_classification_counted, read_lm_texts, split_train_validation,
+    ClassificationData, ColumnSpec, DataFormat, LabelMap, RawExample,
 };
 pub use tokenize::TextTokenizer;
 

@@ -90,6 +90,17 @@ pub fn read_classification(
     columns: &ColumnSpec,
     drop_labels: &[String],
 ) -> Result<ClassificationData, DataError> {
+    read_classification_counted(path, format, columns, drop_labels).map(|(data, _)| data)
+}
+
+/// [`read_classification`], also giving how many rows each of `drop_labels` removed: a label
+/// that removes none in any file is most likely misspelt.
+pub fn read_classification_counted(
+    path: &Path,
+    format: Option<DataFormat>,
+    columns: &ColumnSpec,
+    drop_labels: &[String],
+) -> Result<(ClassificationData, Vec<usize>), DataError> {
     // A missing file is named as missing, and a folder as a folder, before the extension is
     // looked at.
     match std::fs::metadata(path) {
@@ -112,8 +123,21 @@ pub fn read_classification(
         DataFormat::Jsonl => read_jsonl(path, columns)?,
     };
     let before = examples.len();
+    let mut dropped = vec![0; drop_labels.len()];
     if !drop_labels.is_empty() {
-        examples.retain(|e| e.label.as_ref().is_none_or(|l| !drop_labels.contains(l)));
+        examples.retain(|e| {
+            match e
+                .label
+                .as_ref()
+                .and_then(|l| drop_labels.iter().position(|d| d == l))
+            {
+                Some(i) => {
+                    dropped[i] += 1;
+                    false
+                }
+                None => true,
+            }
+        });
     }
     // A blank label is missing data, not a class named "".
     if let Some(e) = examples.iter().find(|e| e.label.as_deref() == Some("")) {
@@ -137,11 +161,12 @@ pub fn read_classification(
             detail,
         });
     }
-    Ok(ClassificationData {
+    let data = ClassificationData {
         path: path.to_path_buf(),
         columns: columns.clone(),
         examples,
-    })
+    };
+    Ok((data, dropped))
 }
 
 fn utf8_field(path: &Path, line: u64, column: &str, bytes: &[u8]) -> Result<String, DataError> {
@@ -192,15 +217,29 @@ fn read_delimited(
         names.push(name.trim().to_string());
     }
     let find = |col: &str| -> Result<usize, DataError> {
-        names
-            .iter()
-            .position(|n| n == col)
-            .ok_or_else(|| DataError::MissingColumn {
+        let at: Vec<usize> = (0..names.len()).filter(|&i| names[i] == col).collect();
+        match at[..] {
+            [i] => Ok(i),
+            [] => Err(DataError::MissingColumn {
                 path: path.to_path_buf(),
                 line: 1,
                 column: col.to_string(),
                 available: names.join(", "),
-            })
+            }),
+            // Either copy could be meant: picking one would silently train on the other's text.
+            _ => Err(DataError::Parse {
+                path: path.to_path_buf(),
+                line: 1,
+                msg: format!(
+                    "the header names column `{col}` {} times (fields {}); rename all but one",
+                    at.len(),
+                    at.iter()
+                        .map(|i| (i + 1).to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }),
+        }
     };
     let cols = Cols {
         text: find(&spec.text)?,
@@ -332,16 +371,22 @@ fn read_jsonl(path: &Path, spec: &ColumnSpec) -> Result<Vec<RawExample>, DataErr
         if text.trim().is_empty() {
             continue;
         }
-        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| DataError::Parse {
+        let JsonRow(obj) = serde_json::from_str(&text).map_err(|e| DataError::Parse {
             path: path.to_path_buf(),
             line,
-            msg: format!("invalid JSON at column {}: {e}", e.column()),
+            msg: if e.is_data() {
+                // Our own message (a key twice, not an object), without serde's "at line 1".
+                let m = e.to_string();
+                let m = m
+                    .rsplit_once(" at line ")
+                    .map_or(m.as_str(), |(m, _)| m)
+                    .to_string();
+                format!("{m} (column {})", e.column())
+            } else {
+                format!("invalid JSON at column {}: {e}", e.column())
+            },
         })?;
-        let obj = value.as_object().ok_or_else(|| DataError::Parse {
-            path: path.to_path_buf(),
-            line,
-            msg: "expected a JSON object".into(),
-        })?;
+        let obj = &obj;
         let get = |key: &str| -> Result<String, DataError> {
             match obj.get(key) {
                 Some(serde_json::Value::String(s)) => Ok(s.clone()),
@@ -373,6 +418,35 @@ fn read_jsonl(path: &Path, spec: &ColumnSpec) -> Result<Vec<RawExample>, DataErr
         });
     }
     Ok(out)
+}
+
+/// One JSONL row: an object whose keys are distinct. serde_json keeps the last of a repeated key
+/// without a word, which would train on a value the user may not have meant.
+struct JsonRow(serde_json::Map<String, serde_json::Value>);
+
+impl<'de> Deserialize<'de> for JsonRow {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = JsonRow;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<JsonRow, A::Error> {
+                let mut out = serde_json::Map::new();
+                while let Some((k, v)) = map.next_entry::<String, serde_json::Value>()? {
+                    if out.contains_key(&k) {
+                        return Err(serde::de::Error::custom(format!("key `{k}` appears twice")));
+                    }
+                    out.insert(k, v);
+                }
+                Ok(JsonRow(out))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
 }
 
 /// Reads plain-text files for LM training: `(path, [(line number, line)])` per file, every line
@@ -552,10 +626,18 @@ pub fn split_train_validation(
         groups.entry(key).or_default().push(i);
     }
     if groups.len() < 2 {
+        let what = if by_group {
+            format!(
+                "{} group(s) (distinct values of column `{}`)",
+                groups.len(),
+                data.columns.group.as_deref().unwrap_or_default()
+            )
+        } else {
+            format!("{} row(s)", groups.len())
+        };
         return Err(DataError::Invalid(format!(
-            "{}: cannot split {} group(s) into train and validation",
+            "{}: cannot split {what} into train and validation; give more rows, or a --validation-file",
             data.path.display(),
-            groups.len()
         )));
     }
     let mut keys: Vec<&String> = groups.keys().collect();
@@ -771,6 +853,59 @@ mod tests {
         );
         let d = read_classification(&p, None, &spec, &["".into()]).unwrap();
         assert_eq!(d.examples.len(), 2);
+        // A used column named twice in the header, and a JSONL key given twice: named, since
+        // either copy could be the one meant (an unused duplicate column is harmless).
+        let p = write(
+            dir.path(),
+            "d.csv",
+            b"category,text,text,movie_name,x,x\nfresh,a,b,A,1,2\n",
+        );
+        let e = read_classification(&p, None, &spec, &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("d.csv")
+                && e.contains("line 1")
+                && e.contains("`text` 2 times")
+                && e.contains("fields 2, 3"),
+            "{e}"
+        );
+        let p = write(
+            dir.path(),
+            "ok.csv",
+            b"category,text,movie_name,x,x\nfresh,a,A,1,2\n",
+        );
+        assert_eq!(
+            read_classification(&p, None, &spec, &[]).unwrap().examples.len(),
+            1
+        );
+        let p = write(
+            dir.path(),
+            "d.jsonl",
+            b"{\"text\":\"a\",\"label\":\"x\"}\n{\"text\":\"b\",\"label\":\"y\",\"text\":\"c\"}\n",
+        );
+        let e = read_classification(&p, None, &ColumnSpec::default(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("d.jsonl") && e.contains("line 2") && e.contains("key `text` appears twice"),
+            "{e}"
+        );
+        let p = write(dir.path(), "a.jsonl", b"[1, 2]\n");
+        let e = read_classification(&p, None, &ColumnSpec::default(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 1") && e.contains("expected a JSON object"),
+            "{e}"
+        );
+        // Dropped rows are counted per label, so a label that matches nothing can be named.
+        let p = write(
+            dir.path(),
+            "c.csv",
+            b"category,text,movie_name\nfresh,a,A\nplot,b,B\nrotten,c,C\n",
+        );
+        let drops = ["plot".to_string(), "plto".to_string()];
+        let (d, n) = read_classification_counted(&p, None, &spec, &drops).unwrap();
+        assert_eq!((d.examples.len(), n), (2, vec![1, 0]));
         // Ragged CSV row.
         let p = write(
             dir.path(),
@@ -834,7 +969,25 @@ mod tests {
         assert_eq!((tr2, va2), (tr.clone(), va.clone()));
         let (_, va3) = split_train_validation(data.clone(), 0.2, 2, true).unwrap();
         assert_ne!(va3, va);
-        let (tr4, va4) = split_train_validation(data, 0.25, 1, false).unwrap();
+        let (tr4, va4) = split_train_validation(data.clone(), 0.25, 1, false).unwrap();
         assert_eq!((tr4.examples.len(), va4.examples.len()), (150, 50));
+        // Too little to split: rows, or the group column's values, are named as what is short.
+        let one = |n: usize| ClassificationData {
+            examples: data.examples[..n].to_vec(),
+            ..data.clone()
+        };
+        let e = split_train_validation(one(1), 0.2, 1, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("x.csv") && e.contains("1 row(s)") && !e.contains("group"),
+            "{e}"
+        );
+        let mut same = one(3);
+        same.examples.iter_mut().for_each(|e| e.group = Some("m".into()));
+        let e = split_train_validation(same, 0.2, 1, true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("1 group(s)") && e.contains("`movie_name`"), "{e}");
     }
 }
