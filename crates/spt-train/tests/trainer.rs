@@ -264,6 +264,19 @@ fn resume_after_stop_equals_uninterrupted_run_bit_exactly() -> anyhow::Result<()
         .map(|r| r.step)
         .collect();
     assert_eq!(train_steps, vec![2, 4, 6, 8, 10, 11]);
+    // Resuming the finished run trains, evaluates and records nothing more.
+    let mut d = Trainer::new(BagClassifier::new(7, 0.2)?, config(b_dir.path()), Device::Cpu);
+    let sd = d.train(&train, Some(&valid), &Resume::Latest)?;
+    assert_eq!((sd.resumed_from, sd.steps), (Some(11), 11));
+    let again = spt_train::metrics::MetricsWriter::new(b_dir.path().join("metrics.jsonl")).read_all()?;
+    let steps = |r: &[spt_train::metrics::MetricRecord]| {
+        r.iter().map(|r| (r.step, r.split.clone())).collect::<Vec<_>>()
+    };
+    assert_eq!(steps(&again), steps(&recs));
+    assert_eq!(
+        recs.iter().filter(|r| r.step == 11 && r.split == "eval").count(),
+        1
+    );
     Ok(())
 }
 

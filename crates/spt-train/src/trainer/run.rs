@@ -258,7 +258,16 @@ impl<T: TrainTask> Trainer<T> {
         let mut tokens_seen: u64 = 0;
         let mut window = MeanLoss::default();
         let mut last_saved = resumed_from;
-        let mut last_eval = None;
+        // A resumed run whose checkpoint step was already evaluated (a finished run resumed, or
+        // a save that failed after the evaluation) must not record that evaluation twice.
+        let mut last_eval = match resumed_from {
+            Some(step) => metrics
+                .read_all()?
+                .iter()
+                .any(|r| r.step == step && r.split == "eval")
+                .then_some(step),
+            None => None,
+        };
 
         while st.step < total {
             if self.stop.load(Ordering::SeqCst) {
