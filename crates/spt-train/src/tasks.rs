@@ -473,6 +473,18 @@ impl ModelTask {
             }
             var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
         }
+        // A tensor nobody reads means the checkpoint is not this model's: applying the rest
+        // would silently give another model.
+        if model.len() != self.vars.len() {
+            let known: std::collections::HashSet<&str> = self.vars.iter().map(|(n, _)| n.as_str()).collect();
+            let mut extra: Vec<&String> = model.keys().filter(|k| !known.contains(k.as_str())).collect();
+            extra.sort();
+            return Err(Error::Msg(format!(
+                "the checkpoint holds tensors the {:?} model does not train: {extra:?}; it was made \
+                 in another mode or from another model (its run's finetune.toml says which)",
+                self.mode
+            )));
+        }
         Ok(())
     }
 

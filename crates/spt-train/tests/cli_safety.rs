@@ -636,6 +636,31 @@ fn messages_point_the_right_way() {
         s(&t.data),
     ];
     run_ok(&eval, None);
+    // A checkpoint holding a tensor the model does not train (here added to a valid checkpoint)
+    // is refused by the tensor's name, not applied in part.
+    {
+        use spt_train::checkpoint::{load_checkpoint_weights, save_checkpoint, CheckpointData, FsIo};
+        let c = load_checkpoint_weights(&ck, &candle_core::Device::Cpu).unwrap();
+        let mut model: std::collections::BTreeMap<_, _> = c.model.into_iter().collect();
+        let stray =
+            candle_core::Tensor::zeros(4, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        model.insert("bert.encoder.layer.0.stray.weight".to_string(), stray);
+        let data = CheckpointData {
+            step: 7,
+            data: c.manifest.data,
+            rng_state: c.manifest.rng_state,
+            config: c.manifest.config,
+            extra_json: c.manifest.extra,
+            model,
+            optimizer: Default::default(),
+            extra: c.extra.into_iter().collect(),
+        };
+        let odd = save_checkpoint(&run_dir.join("checkpoints"), &data, 0, &FsIo).unwrap();
+        let mut a = eval.to_vec();
+        a[4] = s(&odd);
+        let e = run_err(&a);
+        assert!(e.contains("stray.weight") && e.contains("does not train"), "{e}");
+    }
     // A LoRA checkpoint read as dense (its finetune.toml gone): the mode or model is named.
     std::fs::remove_file(run_dir.join("finetune.toml")).unwrap();
     let e = run_err(&eval);
@@ -673,6 +698,63 @@ fn messages_point_the_right_way() {
         e.contains("has 3 classes, the label map gives 2") && e.contains("labels.json"),
         "{e}"
     );
+    // eval takes its task from --config: an LM run's settings with a BERT model are named as
+    // such (it used to look for a `label` column the run never had), and so is a --task that
+    // contradicts them.
+    let lm_toml = t.root.join("lm.toml");
+    std::fs::write(&lm_toml, "task = \"lm\"\nmodel = \"gpt2\"\n").unwrap();
+    let eval_lm = [
+        "eval",
+        "--model",
+        s(&t.model),
+        "--config",
+        s(&lm_toml),
+        "--data-file",
+        s(&t.data),
+    ];
+    let e = run_err(&eval_lm);
+    assert!(
+        e.contains("lm.toml") && e.contains("language modelling") && e.contains("BERT model"),
+        "{e}"
+    );
+    let e = run_err(&[&eval_lm[..], &["--task", "classify"]].concat());
+    assert!(e.contains("lm.toml") && e.contains("--task asks for"), "{e}");
+    // A --drop-label that matches no row is likely misspelt: warned by name.
+    let run3 = t.root.join("run3");
+    let mut a = finetune_args(s(&t.model), s(&t.data), s(&run3), "1");
+    a.extend(["--drop-label", "nuetral"]);
+    let o = run_ok(&a, None);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("--drop-label \"nuetral\" matches no row"), "{e}");
+    // export checks the tokenizer it copies: a broken tokenizer.json is refused by name and
+    // nothing is written; a model without tokenizer files exports with a warning.
+    let broken = fixture_with("tiny-bert-cls", &t.root.join("broken"), |_| {});
+    std::fs::write(broken.join("tokenizer.json"), "{\"version\": ").unwrap();
+    let out = t.root.join("export-broken");
+    let export = |model: &Path, out: &Path| {
+        run(
+            &[
+                "export",
+                "--model",
+                s(model),
+                "--checkpoint",
+                s(&run3),
+                "--out",
+                s(out),
+            ],
+            None,
+        )
+    };
+    let o = export(&broken, &out);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("tokenizer.json"), "{e}");
+    assert!(!out.exists());
+    let untok = fixture_with("tiny-bert-cls", &t.root.join("untok"), |_| {});
+    std::fs::remove_file(untok.join("tokenizer.json")).unwrap();
+    let o = export(&untok, &out);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && e.contains("no tokenizer files"), "{e}");
+    assert!(out.join("model.safetensors").is_file() && !out.join("tokenizer.json").exists());
 }
 
 #[test]

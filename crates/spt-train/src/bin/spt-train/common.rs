@@ -198,7 +198,7 @@ pub(crate) fn tokenizer_for(model_dir: &Path, max_length: Option<usize>) -> Resu
 }
 
 /// A task as the `--task` flag spells it.
-fn task_name(t: TaskKind) -> &'static str {
+pub(crate) fn task_name(t: TaskKind) -> &'static str {
     match t {
         TaskKind::Classify => "sequence classification (--task classify)",
         TaskKind::Lm => "language modelling (--task lm)",

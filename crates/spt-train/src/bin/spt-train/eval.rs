@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::common::{check_model, device, labels_path, load_trained, ModelArgs};
+use crate::common::{check_model, device, labels_path, load_trained, task_name, task_of, ModelArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use spt_train::config::{resolve_model, FinetuneArgs, FinetuneConfig};
@@ -17,8 +17,9 @@ pub(crate) struct EvalArgs {
     /// A finetune config file: data columns, mode and sparsity settings are taken from it.
     #[arg(long)]
     pub(crate) config: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "classify")]
-    pub(crate) task: TaskKind,
+    /// classify or lm (default: `--config`'s task, else the model's: lm for GPT-2).
+    #[arg(long, value_enum)]
+    pub(crate) task: Option<TaskKind>,
     /// Data file; repeat for several.
     #[arg(long = "data-file", required = true)]
     pub(crate) data_files: Vec<PathBuf>,
@@ -63,16 +64,33 @@ pub(crate) fn eval(a: &EvalArgs) -> Result<()> {
     }
     let dev = device(&a.model.device)?;
     let model_dir = resolve_model(&a.model.model)?;
-    check_model(a.task, &model_dir)?;
     let mut cfg = match &a.config {
         Some(p) => FinetuneConfig::load(p)?,
         None => FinetuneConfig::default(),
     };
+    // A run's settings belong to its task: reading an LM run's columns as a classifier's would
+    // fail on a column the run never had.
+    let task = match (a.task, &a.config) {
+        (Some(t), Some(p)) if t != cfg.task => bail!(
+            "--config {} is a {} run (its `task`), and --task asks for {}; drop --task, or give \
+             that task's run config",
+            p.display(),
+            task_name(cfg.task),
+            task_name(t)
+        ),
+        (Some(t), _) => t,
+        (None, Some(_)) => cfg.task,
+        (None, None) => task_of(&a.model.model)?,
+    };
+    check_model(task, &model_dir).map_err(|e| match (a.task, &a.config) {
+        (None, Some(p)) => e.context(format!("--config {} is a {} run", p.display(), task_name(task))),
+        _ => e,
+    })?;
     // The flags go through the same merge as finetune's: a flag given overrides `--config`
     // (or, without one, the defaults).
     cfg.apply(&FinetuneArgs {
         model: Some(a.model.model.clone()),
-        task: Some(a.task),
+        task: Some(task),
         train_files: a.data_files.clone(),
         format: a.format,
         text_column: a.text_column.clone(),
@@ -93,9 +111,9 @@ pub(crate) fn eval(a: &EvalArgs) -> Result<()> {
     let tok = load_tokenizer(&cfg, &model_dir)?;
     let data = prepare_data(&cfg, &tok, None)?;
     let settings = a.config.as_ref().map(|_| &cfg);
-    let (mut task, _) = load_trained(
+    let (mut model, _) = load_trained(
         &a.model,
-        a.task,
+        task,
         data.labels.as_ref().map(LabelMap::len),
         &dev,
         settings,
@@ -103,7 +121,7 @@ pub(crate) fn eval(a: &EvalArgs) -> Result<()> {
     )?;
     // Inference only: frozen weights record nothing for a backward (MiniLM, batch 32: peak RSS
     // 697 → 247 MiB).
-    task.net.freeze()?;
+    model.net.freeze()?;
     let rows = match a.split {
         EvalSplit::All => &data.train,
         EvalSplit::Validation => data
@@ -112,7 +130,7 @@ pub(crate) fn eval(a: &EvalArgs) -> Result<()> {
             .context("the --config split held out no validation rows")?,
     };
     tracing::info!(examples = rows.len(), "evaluation data ready");
-    let rep = evaluate(&mut task, rows, a.batch_size, &dev)?;
+    let rep = evaluate(&mut model, rows, a.batch_size, &dev)?;
     println!("{}", serde_json::to_string(&rep)?);
     Ok(())
 }

@@ -1,13 +1,13 @@
 //! `spt-train export`: merge LoRA and write a Hugging Face model directory.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::common::{check_model, find_labels, load_trained, task_of, ModelArgs};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args;
 use spt_train::config::resolve_model;
-use spt_train::data::LabelMap;
+use spt_train::data::{LabelMap, TextTokenizer};
 use spt_train::output_dir::check_export_dir;
 use spt_train::tasks::{export_files, export_hf_dir};
 
@@ -41,6 +41,7 @@ pub(crate) fn export(a: &ExportArgs) -> Result<()> {
     check_export_dir(&a.out, &export_files(&model_dir), a.overwrite)?;
     let task_kind = task_of(&a.model.model)?;
     check_model(task_kind, &model_dir)?;
+    check_tokenizer_files(&model_dir)?;
     let labels = find_labels(&None, &a.model.checkpoint, &model_dir)?;
     let (mut task, model_dir) = load_trained(
         &a.model,
@@ -59,4 +60,29 @@ pub(crate) fn export(a: &ExportArgs) -> Result<()> {
     export_hf_dir(&mut task, &model_dir, labels.as_ref(), &a.out, a.overwrite)?;
     eprintln!("exported to {}", a.out.display());
     Ok(())
+}
+
+/// The export copies the model's tokenizer files as they are: a broken one is refused here, by
+/// name, rather than shipped inside a model that loads; a missing one is worth a warning, since
+/// the export then cannot tokenise text on its own.
+fn check_tokenizer_files(model_dir: &Path) -> Result<()> {
+    let any = ["tokenizer.json", "vocab.json", "vocab.txt"]
+        .iter()
+        .any(|f| model_dir.join(f).is_file());
+    if !any {
+        tracing::warn!(
+            "{} has no tokenizer files (tokenizer.json, vocab.json + merges.txt or vocab.txt), so \
+             the export has none: give --tokenizer when you use it",
+            model_dir.display()
+        );
+        return Ok(());
+    }
+    TextTokenizer::from_model_dir(model_dir, 512)
+        .map(drop)
+        .with_context(|| {
+            format!(
+                "checking the tokenizer that the export copies from {}",
+                model_dir.display()
+            )
+        })
 }
