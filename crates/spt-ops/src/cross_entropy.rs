@@ -106,44 +106,58 @@ pub fn linear_cross_entropy_reference(
 
 /// Cross-entropy of `logits [N, V]` against `targets [N]` with an optional 0/1 `mask [N]`, from
 /// candle ops (max-subtracted log-softmax, gather, masked sum or mean): for callers that already
-/// hold the logits.
+/// hold the logits. Inputs are checked as [`linear_cross_entropy`] checks them: integer class
+/// ids inside `0..V` on every counted row (a masked row may hold any id, as HF's −100), a mask of
+/// 0 and 1 only.
 pub fn cross_entropy(
     logits: &Tensor,
     targets: &Tensor,
     mask: Option<&Tensor>,
     reduction: Reduction,
 ) -> Result<Tensor> {
+    let op = "cross_entropy";
+    check_float(op, "logits", logits)?;
+    let (n, v) = match logits.dims() {
+        &[n, v] if v > 0 => (n, v),
+        dims => bail!("{op}: logits are {dims:?}, expected [rows, classes] with at least one class"),
+    };
+    let t = read_targets(op, targets, mask, n, v)?;
+    if reduction == Reduction::Mean && t.rows.is_empty() {
+        if n == 0 {
+            bail!("{op}: logits have no rows to average over");
+        }
+        bail!("{op}: the mask leaves no row to average over (all {n} rows are masked)");
+    }
+    // Masked rows gather class 0 (their id may be anything) and are then multiplied by 0.
+    let (mut ids, mut keep) = (vec![0u32; n], vec![0f32; n]);
+    for &r in &t.rows {
+        ids[r as usize] = t.labels[r as usize];
+        keep[r as usize] = 1.0;
+    }
+    let dev = logits.device();
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
     let logp = shifted.broadcast_sub(&lse)?;
-    let n = logits.dim(0)?;
     let nll = logp
-        .gather(&targets.to_dtype(DType::U32)?.reshape((n, 1))?, 1)?
+        .gather(&Tensor::from_vec(ids, (n, 1), dev)?, 1)?
         .neg()?
         .reshape(n)?;
-    let (nll, count) = match mask {
-        Some(m) => {
-            let m = m.ne(0f64)?.to_dtype(logits.dtype())?;
-            let c = m.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
-            ((nll * m)?, c)
-        }
-        None => (nll, n as f64),
+    let nll = match mask {
+        Some(_) => (nll * Tensor::from_vec(keep, n, dev)?.to_dtype(logits.dtype())?)?,
+        None => nll,
     };
     let sum = nll.sum_all()?;
     match reduction {
         Reduction::Sum => Ok(sum),
-        Reduction::Mean if count == 0.0 => {
-            bail!("cross_entropy: the mask leaves no row to average over")
-        }
-        Reduction::Mean => sum / count,
+        Reduction::Mean => sum / t.rows.len() as f64,
     }
 }
 
 fn read_targets(op: &str, targets: &Tensor, mask: Option<&Tensor>, n: usize, v: usize) -> Result<Targets> {
     if targets.dims() != [n] {
         bail!(
-            "{op}: targets is {:?}, expected [{n}] (one label per row of h)",
+            "{op}: targets is {:?}, expected [{n}] (one label per row)",
             targets.dims()
         );
     }

@@ -10,7 +10,7 @@ use common::uniform;
 use spt_ops::{
     dense_attention, flash_attention, layer_norm, linear_cross_entropy, merge_heads, pq_attention,
     pq_sparse_attention, softmax_last_dim, split_heads, AttentionMask, BlockTiling, Codebook, KeyTopK,
-    PqConfig, Reduction, Selection,
+    PqConfig, Reduction, Refresh, Selection,
 };
 
 fn nan_rows(t: &Tensor) -> Result<Vec<bool>> {
@@ -51,6 +51,15 @@ fn no_query_rows_give_an_empty_output_and_gradient() -> Result<()> {
         assert_eq!(o.dims(), &[1, 2, 0, 8]);
         let g = o.sum_all()?.backward()?;
         assert_eq!(g.get(&k).map(|t| t.dims().to_vec()), Some(vec![1, 2, 8, 8]));
+    }
+    // No heads at all: an empty output and gradient, with and without dropout (it divided by
+    // the head count).
+    let z = Var::from_tensor(&Tensor::zeros((1, 0, 4, 8), DType::F32, &Device::Cpu)?)?;
+    for dropout in [None, Some(spt_ops::SeededDropout { p: 0.1, seed: 3 })] {
+        let o = flash_attention(&z, &z, &z, &AttentionMask::causal(), 0.5, dropout)?;
+        assert_eq!(o.dims(), &[1, 0, 4, 8]);
+        let g = o.sum_all()?.backward()?;
+        assert_eq!(g.get(&z).map(|t| t.dims().to_vec()), Some(vec![1, 0, 4, 8]));
     }
     Ok(())
 }
@@ -171,7 +180,25 @@ fn a_codebook_needs_finite_keys_to_fit() -> Result<()> {
     let nan = (keys.clone() * f64::NAN)?;
     let e = err(Codebook::fit(&nan, &cfg));
     assert!(e.contains("non-finite"), "{e}");
-    assert!(Codebook::fit(&keys, &cfg).is_ok());
+    // A head dimension of 0 divides by any subspace count: refused, not a division by zero.
+    let e = err(Codebook::fit(
+        &Tensor::zeros((1, 2, 8, 0), DType::F32, &Device::Cpu)?,
+        &cfg,
+    ));
+    assert!(
+        e.contains("Codebook::fit") && e.contains("head dimension 0"),
+        "{e}"
+    );
+    let mut book = Codebook::fit(&keys, &cfg)?;
+    // Neither refreshed from nor built with non-finite values: a NaN centroid would drop out of
+    // every nearest-codeword search without a word.
+    let e = err(book.refresh(&nan, Refresh::MiniBatch));
+    assert!(e.contains("Codebook::refresh") && e.contains("non-finite"), "{e}");
+    let e = err(Codebook::from_tensor(
+        &(book.to_tensor(&Device::Cpu)? * f64::NAN)?,
+    ));
+    assert!(e.contains("centroids") && e.contains("non-finite"), "{e}");
+    assert!(Codebook::from_tensor(&book.to_tensor(&Device::Cpu)?).is_ok());
     Ok(())
 }
 

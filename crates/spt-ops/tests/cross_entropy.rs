@@ -8,7 +8,9 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use common::{max_diff, uniform};
 use proptest::prelude::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use spt_ops::cross_entropy::{linear_cross_entropy, linear_cross_entropy_reference, Reduction, ROW_CHUNK};
+use spt_ops::cross_entropy::{
+    cross_entropy, linear_cross_entropy, linear_cross_entropy_reference, Reduction, ROW_CHUNK,
+};
 use spt_ops::gradcheck::{check_gradients, randn_f64, GradCheck};
 
 fn targets(n: usize, v: usize, seed: u64) -> Result<Tensor> {
@@ -194,6 +196,31 @@ fn bad_input_is_named() -> Result<()> {
         Reduction::Sum,
     ));
     assert!(e.contains("w has dtype F64"), "{e}");
+    // The logits form checks what the fused one checks: a negative id wrapped to a valid one, a
+    // fractional id was truncated, a 0.5 mask counted as 1, integer logits panicked in candle.
+    let logits = h.matmul(&w.t()?)?;
+    let ce = |l: &Tensor, t: &Tensor, m: Option<&Tensor>| err(cross_entropy(l, t, m, Reduction::Mean));
+    let e = ce(&logits, &Tensor::new(&[0i64, -1, 2, 1], &Device::Cpu)?, None);
+    assert!(
+        e.contains("cross_entropy") && e.contains("targets[1] = -1"),
+        "{e}"
+    );
+    let e = ce(&logits, &Tensor::new(&[0f32, 1.7, 2., 1.], &Device::Cpu)?, None);
+    assert!(e.contains("cross_entropy") && e.contains("integer dtype"), "{e}");
+    let half = Tensor::new(&[1f32, 0.5, 1., 1.], &Device::Cpu)?;
+    let e = ce(&logits, &t, Some(&half));
+    assert!(e.contains("mask[1] = 0.5"), "{e}");
+    let e = ce(&Tensor::zeros((4, 5), DType::U32, &Device::Cpu)?, &t, None);
+    assert!(e.contains("cross_entropy") && e.contains("logits"), "{e}");
+    let e = ce(&logits.flatten_all()?, &t, None);
+    assert!(e.contains("logits are [20]"), "{e}");
+    let e = ce(&logits.narrow(0, 0, 0)?, &t.narrow(0, 0, 0)?, None);
+    assert!(e.contains("no rows"), "{e}");
+    // HF's −100 on a masked row is fine, and equals the fused loss.
+    let ignore = Tensor::new(&[0i64, 1, -100, 2], &Device::Cpu)?;
+    let a = cross_entropy(&logits, &ignore, Some(&m), Reduction::Mean)?.to_scalar::<f32>()?;
+    let b = linear_cross_entropy(&h, &w, &ignore, Some(&m), Reduction::Mean)?.to_scalar::<f32>()?;
+    assert!((a - b).abs() < 1e-5, "{a} {b}");
     Ok(())
 }
 

@@ -467,6 +467,20 @@ fn bad_lora_configs_are_named_errors() -> Result<()> {
     .unwrap_err()
     .to_string();
     assert!(e.contains("lora_linear") && e.contains("rank"), "{e}");
+    // A rank past min(out, in): refused by name (usize::MAX panicked on capacity, 2^40 aborted).
+    for rank in [4, 1 << 40, usize::MAX] {
+        let e = LoraLinear::new(
+            &w,
+            None,
+            LoraConfig {
+                rank,
+                ..Default::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("above min(out, in) = 3"), "{e}");
+    }
     let e = LoraLinear::new(
         &w,
         None,

@@ -53,7 +53,9 @@ pub fn flash_attention(
         }
     }
     let dropout = dropout.filter(|dr| dr.p > 0.0);
-    if !flash_attention_is_fused(q, v, dropout.is_some()) {
+    // No heads: an empty output, which the composed form gives without the kernels' per-head
+    // bookkeeping.
+    if !flash_attention_is_fused(q, v, dropout.is_some()) || b * h == 0 {
         return flash_attention_reference(q, k, v, mask, scale, dropout);
     }
     #[cfg(feature = "cuda")]

@@ -220,6 +220,16 @@ impl LoraLinear {
                 bail!("{op}: bias is {:?}, expected [{out}]", bias.dims());
             }
         }
+        // As the routed FFN's LoRA: a rank past both dimensions adds nothing a full-rank update
+        // lacks, and an absurd one would abort on allocation.
+        if cfg.rank > out.min(d_in) {
+            bail!(
+                "{op}: LoRA rank {} is above min(out, in) = {} of w {:?}",
+                cfg.rank,
+                out.min(d_in),
+                w.dims()
+            );
+        }
         let (dt, dev) = (w.dtype(), w.device());
         let bound = 1.0 / (d_in as f64).sqrt();
         let a = Var::from_tensor(&uniform(&[cfg.rank, d_in], bound, cfg.seed, dt, dev)?)?;

@@ -161,6 +161,18 @@ fn host_keys(op: &str, keys: &Tensor) -> Result<(Vec<f32>, [usize; 4])> {
     Ok((v, [b, h, l, d]))
 }
 
+/// Refuses a non-finite value in `data`, naming where: centroids fitted to or refreshed from it
+/// would be NaN, and a NaN centroid silently drops out of every nearest-codeword search.
+fn finite(op: &str, what: &str, data: &[f32]) -> Result<()> {
+    match data.iter().position(|x| !x.is_finite()) {
+        Some(i) => bail!(
+            "{op}: {what} hold a non-finite value ({} at flat index {i})",
+            data[i]
+        ),
+        None => Ok(()),
+    }
+}
+
 impl Codebook {
     /// Fits a codebook to key vectors `[B, H, L, d]` by k-means++ and Lloyd iterations on up to
     /// `cfg.max_samples` sampled keys per group. Deterministic under `cfg.seed`.
@@ -181,12 +193,13 @@ impl Codebook {
                 cfg.max_samples
             );
         }
-        if let Some(i) = data.iter().position(|x| !x.is_finite()) {
+        if d == 0 {
             bail!(
-                "Codebook::fit: keys hold a non-finite value ({} at flat index {i}); centroids would be NaN",
-                data[i]
+                "Codebook::fit: keys {:?} have head dimension 0; nothing to quantise",
+                keys.dims()
             );
         }
+        finite("Codebook::fit", "keys", &data)?;
         let dc = d / s;
         let groups = if cfg.per_head { h } else { 1 };
         let mut centroids = vec![0f32; groups * s * c * dc];
@@ -243,6 +256,8 @@ impl Codebook {
             );
         }
         let v = centroids.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        // A NaN centroid loses every distance comparison, so selection would run on the rest.
+        finite("Codebook", "centroids", &v)?;
         Ok(Self {
             centroids: v,
             groups,
@@ -400,6 +415,7 @@ impl Codebook {
     pub fn refresh(&mut self, keys: &Tensor, rule: Refresh) -> Result<()> {
         let (b, h, l, d) = self.check("Codebook::refresh", "keys", keys)?;
         let (data, _) = host_keys("Codebook::refresh", keys)?;
+        finite("Codebook::refresh", "keys", &data)?;
         let (s, c, dc) = (self.n_subspaces, self.n_codewords, self.d_codeword);
         if let Refresh::Ema { decay } = rule {
             if !(0.0..=1.0).contains(&decay) {
