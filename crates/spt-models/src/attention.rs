@@ -151,6 +151,21 @@ pub enum KeyGrouping {
     Blocks { tile: usize },
 }
 
+/// Refuses a k that selects nothing: checked when a layer is made, since at the forward an
+/// invalid k could only mean every key, dense attention that looks sparse.
+pub(crate) fn check_top_k(top_k: KeyTopK) -> Result<()> {
+    let reason = match top_k {
+        KeyTopK::Count(0) => "keys per query must be at least 1",
+        KeyTopK::Fraction(f) if !(f > 0.0 && f <= 1.0) => "a fraction of the keys must be in (0, 1]",
+        _ => return Ok(()),
+    };
+    Err(ModelError::InvalidConfig {
+        field: "attention.top_k",
+        value: format!("{top_k:?}"),
+        reason: reason.into(),
+    })
+}
+
 /// PQ-selected sparse attention: each query attends to its `top_k` keys of largest ADC score
 /// (or, with [`KeyGrouping::Blocks`], to the key blocks its query tile selected).
 #[derive(Debug, Clone)]
@@ -172,6 +187,7 @@ impl SparseAttention {
                 reason: "block mode needs tiles of at least one token".into(),
             });
         }
+        check_top_k(top_k)?;
         Ok(Self {
             codebook: Codebook::fit(keys, pq)?,
             top_k,
@@ -198,7 +214,8 @@ impl SparseAttention {
     ) -> Result<Tensor> {
         let (lq, lk) = (q.dim(2)?, k.dim(2)?);
         let top_k = self.resolve_top_k(lk);
-        let kept = top_k.resolve(lk).unwrap_or(lk);
+        // An invalid k (the field is public) is an error, not every key.
+        let kept = if lk == 0 { 0 } else { top_k.resolve(lk)? };
         if kept >= lk && spt_ops::flash_attention_is_fused(q, v, false) {
             // Every key is kept, so this is dense attention (same zeros for rows with no
             // allowed key, no dropout): the fused dense kernel computes it faster than a
@@ -208,7 +225,7 @@ impl SparseAttention {
         let selection = match self.grouping {
             KeyGrouping::PerQuery => Selection::PerQuery { k: top_k },
             KeyGrouping::Blocks { tile } => {
-                let keys = top_k.resolve(lk).unwrap_or(lk).max(1);
+                let keys = kept.max(1);
                 let mut tiling = BlockTiling {
                     query_tile: tile,
                     key_block: tile,

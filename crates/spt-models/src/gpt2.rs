@@ -443,13 +443,7 @@ impl GPT2Model {
     pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let c = &self.config;
         let ids = check_ids(input_ids, "input_ids", "token", c.vocab_size, "vocab_size")?;
-        let (b, len) = ids.dims2()?;
-        if len == 0 {
-            return Err(ModelError::BadInput {
-                name: "input_ids",
-                reason: "no tokens to decode".into(),
-            });
-        }
+        let (b, len) = ids.dims2()?; // check_ids refuses no tokens
         let past = cache.len;
         if past + len > c.n_positions {
             return Err(ModelError::SequenceTooLong {

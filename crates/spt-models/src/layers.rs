@@ -528,7 +528,16 @@ pub(crate) fn check_ids(
             reason: format!("expected an integer dtype, got {:?}", ids.dtype()),
         });
     }
-    if ids.elem_count() > 0 {
+    if ids.elem_count() == 0 {
+        return Err(ModelError::BadInput {
+            name,
+            reason: format!(
+                "is {:?}: an empty batch or sequence; give at least one token",
+                ids.dims()
+            ),
+        });
+    }
+    {
         let as_i64 = ids.to_dtype(DType::I64)?.flatten_all()?;
         // One read of both bounds: one host synchronisation per batch on a GPU.
         let bounds = Tensor::stack(&[as_i64.max(0)?, as_i64.min(0)?], 0)?.to_vec1::<i64>()?;
@@ -564,6 +573,21 @@ pub(crate) fn check_mask(
         return Err(ModelError::BadInput {
             name: "attention_mask",
             reason: format!("expected shape [{}, {}], got {:?}", dims.0, dims.1, m.dims()),
+        });
+    }
+    // HF's additive form (0 to attend, −10000 or −inf to skip) is the other convention: read as
+    // 0/1 it would invert the mask, silently. One host read of [B, L].
+    let values = m.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    if let Some(i) = values.iter().position(|&x| x != 0.0 && x != 1.0) {
+        return Err(ModelError::BadInput {
+            name: "attention_mask",
+            reason: format!(
+                "holds {} at [{}, {}]; expected 1 (attend) or 0 (padding), as HF tokenizers give it, \
+                 not an additive mask (0 / -10000)",
+                values[i],
+                i / dims.1.max(1),
+                i % dims.1.max(1)
+            ),
         });
     }
     Ok(Some(m.to_dtype(dtype)?.detach()))

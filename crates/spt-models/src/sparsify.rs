@@ -401,6 +401,9 @@ pub fn sparsify<M: SptModel + ?Sized>(
     let layers = cfg.layers.resolve(n)?;
     let calib = cfg.ffn_calibration;
     let ffn_needs_tokens = cfg.ffn.is_some() && (calib.router_fit.is_some() || calib.cluster_units);
+    if let Some(ac) = &cfg.attention {
+        crate::attention::check_top_k(ac.top_k)?;
+    }
     if (cfg.attention.is_some() || ffn_needs_tokens) && calibration.is_empty() {
         return Err(ModelError::InvalidConfig {
             field: "calibration_batches",

@@ -212,7 +212,7 @@ fn bad_input_leaves_the_cache_as_it_was() -> Result<()> {
         )
         .unwrap_err()
         .to_string();
-    assert!(e.contains("no tokens"), "{e}");
+    assert!(e.contains("empty batch or sequence"), "{e}");
     let e = m
         .next_token_logits(&Tensor::new(&[[5u32, 1000], [1, 2]], &Device::Cpu)?, &mut cache)
         .unwrap_err()

@@ -296,6 +296,43 @@ fn too_long_and_out_of_range_inputs_are_named() -> Result<()> {
         ),
         "{err}"
     );
+    // A mask of other values than 0 and 1 (HF's additive form, a weight): named, not read as
+    // "non-zero attends", which inverted an additive mask silently.
+    let (b, l) = ids.dims2()?;
+    for bad in [-10000f32, 0.5, 7.0] {
+        let mut v = vec![1f32; b * l];
+        v[l - 1] = bad;
+        let m = Tensor::from_vec(v, (b, l), &Device::Cpu)?;
+        let e = bert
+            .forward_t(&ids, None, Some(&m), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("attention_mask") && e.contains(&format!("holds {bad} at [0, {}]", l - 1)),
+            "{e}"
+        );
+        let e = gpt.forward_t(&ids, Some(&m), false).unwrap_err().to_string();
+        assert!(
+            e.contains("attention_mask") && e.contains("expected 1 (attend) or 0"),
+            "{e}"
+        );
+        let logits = gpt.forward_t(&ids, None, false)?;
+        assert!(gpt.loss(&logits, &ids, Some(&m)).is_err());
+        assert!(gpt.forward_loss(&ids, Some(&m), false).is_err());
+    }
+    // An empty batch or sequence: named, not a reshape error.
+    for empty in [ids.narrow(0, 0, 0)?, ids.narrow(1, 0, 0)?] {
+        let e = bert.forward_t(&empty, None, None, false).unwrap_err().to_string();
+        assert!(
+            e.contains("input_ids") && e.contains("empty batch or sequence"),
+            "{e}"
+        );
+        let e = gpt.forward_t(&empty, None, false).unwrap_err().to_string();
+        assert!(
+            e.contains("input_ids") && e.contains("empty batch or sequence"),
+            "{e}"
+        );
+    }
     Ok(())
 }
 

@@ -437,6 +437,30 @@ fn bad_routed_configs_are_named_and_leave_the_model_intact() -> Result<()> {
             ..
         })
     ));
+    // A k that selects nothing is refused: at the forward it ran every key, dense attention
+    // that looked sparse.
+    for top_k in [
+        KeyTopK::Count(0),
+        KeyTopK::Fraction(f64::NAN),
+        KeyTopK::Fraction(1.5),
+        KeyTopK::Fraction(0.0),
+    ] {
+        let mut bad = cfg.clone();
+        if let Some(a) = bad.attention.as_mut() {
+            a.top_k = top_k;
+        }
+        let err = sparsify(&mut m, &bad, &[]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ModelError::InvalidConfig {
+                    field: "attention.top_k",
+                    ..
+                }
+            ),
+            "{top_k:?}: {err}"
+        );
+    }
     Ok(())
 }
 
