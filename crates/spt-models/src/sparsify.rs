@@ -165,8 +165,9 @@ pub trait SptModel {
 
     /// For inference: every LoRA adapter and routed FFN reads its own `Var`s (factors, router)
     /// detached, so with the parameters frozen too (`NamedParams::set_trainable`) no op records
-    /// a graph and activations are freed as the forward goes. Values are unchanged. Returns the
-    /// number of layers (adapters and routed FFNs) frozen.
+    /// a graph and activations are freed as the forward goes. Values are unchanged; load
+    /// trained values first, since routed FFNs keep their GEMM operands once frozen
+    /// (`RoutedFfn::freeze`). Returns the number of layers (adapters and routed FFNs) frozen.
     fn freeze_adapters(&mut self) -> Result<usize> {
         let mut n = 0;
         for i in 0..self.num_layers() {

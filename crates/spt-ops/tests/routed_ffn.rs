@@ -369,6 +369,80 @@ fn frozen_weights_get_no_gradient_work() -> Result<()> {
 }
 
 #[test]
+fn a_frozen_layer_gives_the_same_bits_from_its_kept_operands() -> Result<()> {
+    let bits = |t: &Tensor| -> Result<Vec<u64>> {
+        Ok(t.to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?
+            .iter()
+            .map(|v| v.to_bits())
+            .collect())
+    };
+    for dt in [DType::F32, DType::F64] {
+        for lora in [false, true] {
+            // 40 tokens: one token chunk; 600: two.
+            for t in [40usize, 600] {
+                let (d, d_ff) = (8, 32);
+                let [w1, b1, w2, b2] = weights(d, d_ff, 13, dt)?;
+                let cfg = RoutedFfnConfig::new(4, BlockTopK::Count(2));
+                let make = || -> Result<RoutedFfn> {
+                    let layer = RoutedFfn::new(&w1, &b1, &w2, &b2, Activation::GeluErf, cfg.clone())?;
+                    if !lora {
+                        return Ok(layer);
+                    }
+                    let lc = spt_ops::LoraConfig {
+                        rank: 3,
+                        alpha: 6.0,
+                        dropout: 0.0,
+                        seed: 5,
+                    };
+                    let layer = layer.with_lora(lc)?;
+                    let (_, bb1, _, bb2) = layer.lora_factors().expect("LoRA");
+                    bb1.set(&randn_f64(bb1.dims(), 21)?.to_dtype(dt)?)?;
+                    bb2.set(&randn_f64(bb2.dims(), 22)?.to_dtype(dt)?)?;
+                    Ok(layer)
+                };
+                let x = randn_f64(&[t, d], 23)?.to_dtype(dt)?;
+                let want = bits(&make()?.forward_t(&x, false)?.y)?;
+                let mut frozen = make()?;
+                frozen.freeze();
+                // The first forward forms the operands per call; the next ones keep them.
+                for call in 0..3 {
+                    let got = frozen.forward_t(&x, false)?.y;
+                    assert_eq!(bits(&got)?, want, "{dt:?} lora {lora} t {t} call {call}");
+                }
+                if lora {
+                    // The kept operands are what runs: a value written into a factor after
+                    // freezing is not seen (freeze's documented contract).
+                    let (_, bb1, _, _) = frozen.lora_factors().expect("LoRA");
+                    bb1.set(&bb1.zeros_like()?)?;
+                    assert_eq!(bits(&frozen.forward_t(&x, false)?.y)?, want);
+                }
+                // Regrouping the units drops them: the output is the regrouped layer's.
+                let perm: Vec<u32> = (0..d_ff as u32).rev().collect();
+                let mut fresh = make()?;
+                fresh.permute_units(&perm)?;
+                let mut regrouped = make()?;
+                regrouped.freeze();
+                regrouped.forward_t(&x, false)?;
+                regrouped.forward_t(&x, false)?;
+                regrouped.permute_units(&perm)?;
+                let want = bits(&fresh.forward_t(&x, false)?.y)?;
+                for call in 0..2 {
+                    let got = regrouped.forward_t(&x, false)?.y;
+                    assert_eq!(
+                        bits(&got)?,
+                        want,
+                        "{dt:?} lora {lora} t {t}: call {call} after permute_units"
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
 fn bad_inputs_give_named_errors() -> Result<()> {
     let [w1, b1, w2, b2] = weights(8, 24, 11, DType::F32)?;
     let act = Activation::GeluErf;

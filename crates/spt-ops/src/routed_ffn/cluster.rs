@@ -149,6 +149,7 @@ impl RoutedFfn {
             bail!("routed_ffn: permute_units needs frozen FFN weights (W1, b1, W2 are trained here)");
         }
         let idx = Tensor::new(perm, self.w1.device())?;
+        self.frozen_operands = Default::default();
         self.w1 = select_keeping_layout(&self.w1, &idx, 0)?;
         self.b1 = self.b1.contiguous()?.index_select(&idx, 0)?;
         self.w2 = select_keeping_layout(&self.w2, &idx, 1)?;

@@ -95,6 +95,24 @@ pub(crate) fn gather_mm_fwd<T: Float + ActScalar>(
     b: usize,
     act: Option<Activation>,
 ) -> (Vec<T>, Option<Vec<T>>) {
+    // Wᵀ `[d_in, n_blocks·b]`, so that every group's GEMM reads its weight block row by row.
+    let nb = routing.n_blocks() * b;
+    let wt = transpose(&w[..nb * d_in], nb, d_in);
+    gather_mm_fwd_t(routing, x, &wt, add, d_in, b, act)
+}
+
+/// [`gather_mm_fwd`] with `Wᵀ [d_in, n_blocks·b]` given (a frozen layer keeps it, see
+/// `frozen.rs`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gather_mm_fwd_t<T: Float + ActScalar>(
+    routing: HostRouting<'_>,
+    x: &[T],
+    wt: &[T],
+    add: Addend<'_, T>,
+    d_in: usize,
+    b: usize,
+    act: Option<Activation>,
+) -> (Vec<T>, Option<Vec<T>>) {
     let mut pre = vec![T::zero(); routing.n_rows() * b];
     let mut h = if act.is_some() {
         vec![T::zero(); pre.len()]
@@ -103,9 +121,7 @@ pub(crate) fn gather_mm_fwd<T: Float + ActScalar>(
     };
     let nc = routing.n_chunks();
     let par = inner_par(routing.n_blocks() * nc);
-    // Wᵀ `[d_in, n_blocks·b]`, so that every group's GEMM reads its weight block row by row.
     let nb = routing.n_blocks() * b;
-    let wt = transpose(&w[..nb * d_in], nb, d_in);
     let pre_parts = split_groups(&routing, &mut pre, b);
     let h_parts: Vec<&mut [T]> = if act.is_some() {
         split_groups(&routing, &mut h, b)
@@ -143,7 +159,7 @@ pub(crate) fn gather_mm_fwd<T: Float + ActScalar>(
                 }
             };
             // rhs (k = i, n = j) = W[e·b + j, i] = Wᵀ[i, e·b + j].
-            let rhs = Mat::new(&wt, e * b, nb, 1);
+            let rhs = Mat::new(wt, e * b, nb, 1);
             gemm_into(m, b, d_in, dst, accumulate, lhs, rhs, par);
             if let Some(act) = act {
                 T::eval_slice(act, dst, h_dst);
@@ -276,16 +292,30 @@ pub(crate) fn scatter_mm_fwd<T: Float>(
     b: usize,
     bias: Option<&[T]>,
 ) -> Vec<T> {
-    let chunk = routing.chunk_tokens();
     let nb = routing.n_blocks() * b;
+    // Wᵀ `[n_blocks·b, d_out]`: block e is a contiguous row range (see `transpose`).
+    let wt = transpose(&w[..d_out * nb], d_out, nb);
+    scatter_mm_fwd_t(routing, h, g, &wt, d_out, b, bias)
+}
+
+/// [`scatter_mm_fwd`] with `Wᵀ [n_blocks·b, d_out]` given (a frozen layer keeps it, see
+/// `frozen.rs`).
+pub(crate) fn scatter_mm_fwd_t<T: Float>(
+    routing: HostRouting<'_>,
+    h: &[T],
+    g: &[T],
+    wt: &[T],
+    d_out: usize,
+    b: usize,
+    bias: Option<&[T]>,
+) -> Vec<T> {
+    let chunk = routing.chunk_tokens();
     let mut y = match bias {
         Some(bias) => bias.repeat(routing.n_tokens()),
         None => vec![T::zero(); routing.n_tokens() * d_out],
     };
     let nc = routing.n_chunks();
     let par = inner_par(nc);
-    // Wᵀ `[n_blocks·b, d_out]`: block e is a contiguous row range (see `transpose`).
-    let wt = transpose(&w[..d_out * nb], d_out, nb);
     y.par_chunks_mut(chunk * d_out.max(1))
         .enumerate()
         .for_each_init(Vec::new, |tmp: &mut Vec<T>, (c, y)| {
@@ -298,7 +328,7 @@ pub(crate) fn scatter_mm_fwd<T: Float>(
                 }
                 tmp.resize(m * d_out, T::zero());
                 // rhs (k = j, n = o) = w[o, e·b + j] = Wᵀ[e·b + j, o].
-                let rhs = Mat::new(&wt, e * b * d_out, d_out, 1);
+                let rhs = Mat::new(wt, e * b * d_out, d_out, 1);
                 gemm_into(
                     m,
                     d_out,

@@ -38,6 +38,7 @@ mod correction;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod frozen;
 mod lora_ops;
 mod ops;
 pub mod reference;
@@ -232,6 +233,8 @@ pub struct RoutedFfn {
     merged: bool,
     /// Inference only: the router and LoRA factors are read detached (see `freeze`).
     frozen: bool,
+    /// Inference only: fc1's and fc2's GEMM operands, made once (`frozen.rs`).
+    frozen_operands: frozen::FrozenOperands,
 }
 
 impl RoutedFfn {
@@ -291,6 +294,7 @@ impl RoutedFfn {
             lora: None,
             merged: false,
             frozen: false,
+            frozen_operands: Default::default(),
         })
     }
 
@@ -413,9 +417,13 @@ impl RoutedFfn {
 
     /// For inference: the router, the LoRA factors and the FFN weights are read detached, so
     /// nothing records a graph (candle has no no-grad mode; an op records whenever an input is
-    /// a `Var`). Their values, saving and merging are unchanged.
+    /// a `Var`). Their values, saving and merging are unchanged. From the second CPU forward of
+    /// more than a few tokens, fc1's and fc2's operands (LoRA folded in, transposed) are kept
+    /// and reused, so set the adapters' values before freezing: a value written into a LoRA
+    /// `Var` afterwards is not seen (merge, unmerge and `permute_units` drop the kept copy).
     pub fn freeze(&mut self) {
         self.frozen = true;
+        self.frozen_operands = Default::default();
         for w in [&mut self.w1, &mut self.b1, &mut self.w2, &mut self.b2] {
             *w = w.detach();
         }
@@ -514,6 +522,10 @@ impl RoutedFfn {
         let gates = router_gates(logits, &routing, gate)?;
         let lora = self.lora.as_ref().filter(|_| !self.merged);
         let few = !train && routing.n_tokens() <= FEW_TOKENS && x2.device().is_cpu();
+        if !few && self.reads_frozen_operands(x2, &gates, train) {
+            let y = self.forward_frozen(x2, &routing, &gates)?;
+            return self.finish(y, x2, dims, logits, routing, gates);
+        }
         if let Some(l) = lora.filter(|l| !few && self.fuses_lora(x2, l, train)) {
             // Both projections multiply by their merged weight (see lora_ops.rs).
             let s = l.cfg.scale();
@@ -663,6 +675,7 @@ impl RoutedFfn {
         let (w1, w2) = self.merged_weights()?;
         (self.w1, self.w2) = (w1.detach(), w2.detach());
         self.merged = true;
+        self.frozen_operands = Default::default();
         Ok(())
     }
 
@@ -678,6 +691,7 @@ impl RoutedFfn {
         let d2 = delta_weight(&l.a2, &l.b2, &l.cfg)?;
         (self.w1, self.w2) = ((&self.w1 - d1)?.detach(), (&self.w2 - d2)?.detach());
         self.merged = false;
+        self.frozen_operands = Default::default();
         Ok(())
     }
 

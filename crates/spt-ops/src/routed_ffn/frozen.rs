@@ -1,0 +1,129 @@
+//! A frozen layer's fc1 and fc2 weights as the grouped GEMMs read them, kept across forwards.
+//!
+//! The fused ops form their operands on every call: a row-major copy of W, plus LoRA's `s·B A`
+//! when adapters are unmerged, then the transpose their GEMMs read (`cpu.rs`). That is three
+//! passes over both weights whatever the token count; for one text of ~26 tokens it was most of
+//! the layer's time. Once [`RoutedFfn::freeze`] has fixed the values (inference), the same
+//! operands are formed once and reused, through the same kernels, so the output is the same to
+//! the bit.
+//!
+//! They are made on the second forward that would form them, not the first: a layer that runs
+//! one such forward (a prompt before cached decoding) would hold a copy of both weights for
+//! nothing.
+
+use super::cpu::{self, Addend, HostRouting};
+use super::{RoutedFfn, Routing};
+use crate::blas::{row_major, transpose};
+use crate::lora::merged_into;
+use crate::util::{with_slices, Float};
+use candle_core::{DType, Device, Result, Tensor};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+/// `W1'ᵀ [d, d_ff]` and `W2'ᵀ [d_ff, d]`, LoRA folded in, on the CPU.
+#[derive(Debug)]
+struct Operands {
+    w1t: Tensor,
+    w2t: Tensor,
+}
+
+/// The cache a layer carries; reset whenever its weights or adapters change.
+#[derive(Debug, Default)]
+pub(super) struct FrozenOperands {
+    calls: AtomicUsize,
+    operands: OnceLock<Operands>,
+}
+
+impl FrozenOperands {
+    /// A copy would be made twice from here on: make it once.
+    fn wanted(&self) -> bool {
+        self.operands.get().is_some() || self.calls.fetch_add(1, Ordering::Relaxed) >= 1
+    }
+}
+
+impl RoutedFfn {
+    /// Whether a forward of `x2` can read the kept operands: frozen, evaluation, f32/f64 on the
+    /// CPU, nothing tracked (a gradient would need the ops' backward).
+    pub(super) fn reads_frozen_operands(&self, x2: &Tensor, gates: &Tensor, train: bool) -> bool {
+        self.frozen
+            && !train
+            && x2.device().is_cpu()
+            && matches!(x2.dtype(), DType::F32 | DType::F64)
+            && !x2.track_op()
+            && !gates.track_op()
+            && self.frozen_operands.wanted()
+    }
+
+    /// fc2(act(fc1(x))) on the routed rows, `[T, d]`, before the correction: the fused ops'
+    /// forward with the kept operands.
+    pub(super) fn forward_frozen(
+        &self,
+        x2: &Tensor,
+        routing: &Arc<Routing>,
+        gates: &Tensor,
+    ) -> Result<Tensor> {
+        let ops = match self.frozen_operands.operands.get() {
+            Some(ops) => ops,
+            None => {
+                let made = self.make_operands(x2.dtype())?;
+                self.frozen_operands.operands.get_or_init(|| made)
+            }
+        };
+        match x2.dtype() {
+            DType::F32 => self.run_frozen::<f32>(ops, x2, routing, gates),
+            _ => self.run_frozen::<f64>(ops, x2, routing, gates),
+        }
+    }
+
+    fn run_frozen<T: Float + crate::activation::ActScalar + candle_core::WithDType>(
+        &self,
+        ops: &Operands,
+        x2: &Tensor,
+        routing: &Arc<Routing>,
+        gates: &Tensor,
+    ) -> Result<Tensor> {
+        let op = "routed_ffn (frozen)";
+        let (t, d) = x2.dims2()?;
+        let hr = HostRouting::new(routing)?;
+        let ts = [x2, &ops.w1t, &self.b1, gates, &ops.w2t, &self.b2];
+        let y = with_slices::<T, _>(op, &ts, |s| {
+            let [x, w1t, b1, g, w2t, b2] = [s[0], s[1], s[2], s[3], s[4], s[5]];
+            let (_, h) =
+                cpu::gather_mm_fwd_t(hr, x, w1t, Addend::Bias(b1), d, self.block, Some(self.activation));
+            let h = h.unwrap_or_default();
+            Ok(cpu::scatter_mm_fwd_t(hr, &h, g, w2t, d, self.block, Some(b2)))
+        })?;
+        Tensor::from_vec(y, (t, d), &Device::Cpu)
+    }
+
+    /// `W' = W + s·B A` as the LoRA ops form it per call (or W alone), then transposed.
+    fn make_operands(&self, dtype: DType) -> Result<Operands> {
+        match dtype {
+            DType::F32 => self.make_operands_t::<f32>(),
+            _ => self.make_operands_t::<f64>(),
+        }
+    }
+
+    fn make_operands_t<T: Float + candle_core::WithDType>(&self) -> Result<Operands> {
+        let op = "routed_ffn (frozen)";
+        let (d_ff, d) = self.w1.dims2()?;
+        let lora = self.lora.as_ref().filter(|_| !self.merged);
+        let (mut w1, mut w2) = (row_major::<T>(op, &self.w1)?, row_major::<T>(op, &self.w2)?);
+        if let Some(l) = lora {
+            let s = T::lit(l.cfg.scale());
+            let r = l.cfg.rank;
+            let f = [&l.a1, &l.b1, &l.a2, &l.b2].map(|v| self.read(v));
+            (w1, w2) = with_slices::<T, _>(op, &[&f[0], &f[1], &f[2], &f[3]], |s_| {
+                Ok((
+                    merged_into(w1, s_[0], s_[1], (d_ff, d, r), s),
+                    merged_into(w2, s_[2], s_[3], (d, d_ff, r), s),
+                ))
+            })?;
+        }
+        let dev = Device::Cpu;
+        Ok(Operands {
+            w1t: Tensor::from_vec(transpose(&w1, d_ff, d), (d, d_ff), &dev)?,
+            w2t: Tensor::from_vec(transpose(&w2, d, d_ff), (d_ff, d), &dev)?,
+        })
+    }
+}
