@@ -48,6 +48,15 @@ fn router_init_ranks_blocks_by_activation_norm() -> Result<()> {
     );
     assert!(after.cosine > before.cosine && after.cosine <= 1.0 + 1e-9);
     assert_eq!(after.tokens, 400);
+    // A non-finite sample is named as such (it was reported as a singular fit).
+    let mut bad = x.flatten_all()?.to_vec1::<f32>()?;
+    bad[37] = f32::NAN;
+    let bad = Tensor::from_vec(bad, x.dims(), &Device::Cpu)?;
+    let e = layer
+        .init_router(&bad, RouterFitConfig::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("NaN or infinite") && !e.contains("singular"), "{e}");
     Ok(())
 }
 

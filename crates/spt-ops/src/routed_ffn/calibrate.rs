@@ -187,6 +187,12 @@ impl RoutedFfn {
         if t == 0 {
             bail!("routed_ffn: the router needs at least one sample token");
         }
+        // A NaN sample makes the least-squares system NaN, which would be reported as singular.
+        // (An f64 sum of f32 values overflows only if a value is not finite.)
+        let sum = x.detach().to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        if !sum.is_finite() {
+            bail!("routed_ffn: the sample tokens hold a NaN or infinite value; fit on finite activations");
+        }
         x.reshape((t, self.d_model()))
     }
 
