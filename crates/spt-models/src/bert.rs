@@ -233,9 +233,9 @@ impl BertEmbeddings {
     fn forward_t(&self, ids: &Tensor, type_ids: &Tensor, train: bool) -> Result<Tensor> {
         let (_b, len) = ids.dims2()?;
         let pos = Tensor::arange(0u32, len as u32, ids.device())?.unsqueeze(0)?;
-        let x = self.word_embeddings.forward(ids)?;
-        let x = x.broadcast_add(&self.position_embeddings.forward(&pos)?)?;
-        let x = (x + self.token_type_embeddings.forward(type_ids)?)?;
+        let x = self.word_embeddings.forward_checked(ids)?;
+        let x = x.broadcast_add(&self.position_embeddings.forward_checked(&pos)?)?;
+        let x = (x + self.token_type_embeddings.forward_checked(type_ids)?)?;
         let x = self.layer_norm.forward(&x)?;
         self.dropout.forward_t(&x, train)
     }
@@ -763,7 +763,12 @@ impl BertForSequenceClassification {
     /// Mean cross-entropy of `logits [B, C]` against integer `labels [B]`; with one label (HF's
     /// regression case) the mean squared error against float labels.
     pub fn loss(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-        let (b, c) = logits.dims2()?;
+        let &[b, c] = logits.dims() else {
+            return Err(ModelError::BadInput {
+                name: "logits",
+                reason: format!("expected [batch, num_labels], got {:?}", logits.dims()),
+            });
+        };
         if labels.dims() != [b] {
             return Err(ModelError::BadInput {
                 name: "labels",

@@ -417,7 +417,10 @@ impl GPT2Model {
             ids.device(),
         )?;
         let pos = Tensor::arange(0u32, len as u32, ids.device())?.unsqueeze(0)?;
-        let x = self.wte.forward(&ids)?.broadcast_add(&self.wpe.forward(&pos)?)?;
+        let x = self
+            .wte
+            .forward_checked(&ids)?
+            .broadcast_add(&self.wpe.forward_checked(&pos)?)?;
         let mut x = self.drop.forward_t(&x, train)?;
         for block in &self.h {
             x = block.forward_traced(&x, &mask, train, trace.as_deref_mut(), None)?;
@@ -477,7 +480,10 @@ impl GPT2Model {
         };
         let mask = PreparedMask::new(mask, len, self.wte.weight.tensor().dtype(), ids.device())?;
         let pos = Tensor::arange(past as u32, (past + len) as u32, ids.device())?.unsqueeze(0)?;
-        let mut x = self.wte.forward(&ids)?.broadcast_add(&self.wpe.forward(&pos)?)?;
+        let mut x = self
+            .wte
+            .forward_checked(&ids)?
+            .broadcast_add(&self.wpe.forward_checked(&pos)?)?;
         let mut layers = cache.layers.clone();
         layers.resize(self.h.len(), None);
         for (block, kv) in self.h.iter().zip(layers.iter_mut()) {
@@ -749,7 +755,12 @@ fn next_token_targets(
 /// Shifted next-token cross-entropy over `logits [B, L, V]`, ignoring targets where
 /// `attention_mask [B, L]` is 0. Errors if no target is left.
 pub fn lm_loss(logits: &Tensor, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-    let (b, l, v) = logits.dims3()?;
+    let &[b, l, v] = logits.dims() else {
+        return Err(ModelError::BadInput {
+            name: "logits",
+            reason: format!("expected [batch, seq_len, vocab], got {:?}", logits.dims()),
+        });
+    };
     let t = next_token_targets(input_ids, attention_mask, (b, l), v, logits.dtype())?;
     let pred = logits.narrow(1, 0, l - 1)?.reshape((t.count_rows, v))?;
     Ok(spt_ops::cross_entropy::cross_entropy(

@@ -408,8 +408,16 @@ impl Embedding {
         self.weight.tensor().dims()[0]
     }
 
-    /// `ids [B, L]` (u32) → `[B, L, dim]`. Ids must already be range-checked.
+    /// `ids [B, L]` (an integer dtype, each id below `num_embeddings`) → `[B, L, dim]`; other
+    /// ids are a named error.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let ids = check_ids(ids, "ids", "embedding", self.num_embeddings(), "num_embeddings")?;
+        self.forward_checked(&ids)
+    }
+
+    /// [`Embedding::forward`] for u32 ids the model has already range-checked (one host read of
+    /// the ids per forward, not one per embedding).
+    pub(crate) fn forward_checked(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
         let flat = ids.flatten_all()?;
         let e = self.weight.tensor().index_select(&flat, 0)?;

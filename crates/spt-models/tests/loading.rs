@@ -320,6 +320,23 @@ fn too_long_and_out_of_range_inputs_are_named() -> Result<()> {
         assert!(gpt.loss(&logits, &ids, Some(&m)).is_err());
         assert!(gpt.forward_loss(&ids, Some(&m), false).is_err());
     }
+    // A layer or loss called directly names its input too.
+    let e = gpt
+        .transformer
+        .wte
+        .forward(&Tensor::new(&[[1i64, -2]], &Device::Cpu)?)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("-2") && e.contains("num_embeddings"), "{e}");
+    let logits = gpt.forward_t(&ids, None, false)?;
+    let e = gpt
+        .loss(&logits.flatten_to(1)?, &ids, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("logits") && e.contains("[batch, seq_len, vocab]"),
+        "{e}"
+    );
     // An empty batch or sequence: named, not a reshape error.
     for empty in [ids.narrow(0, 0, 0)?, ids.narrow(1, 0, 0)?] {
         let e = bert.forward_t(&empty, None, None, false).unwrap_err().to_string();

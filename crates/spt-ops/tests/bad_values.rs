@@ -199,6 +199,8 @@ fn a_codebook_needs_finite_keys_to_fit() -> Result<()> {
     ));
     assert!(e.contains("centroids") && e.contains("non-finite"), "{e}");
     assert!(Codebook::from_tensor(&book.to_tensor(&Device::Cpu)?).is_ok());
+    let e = err(book.quantization_loss(&keys.narrow(2, 0, 0)?, false));
+    assert!(e.contains("quantization_loss") && e.contains("no key"), "{e}");
     Ok(())
 }
 

@@ -459,6 +459,12 @@ impl Codebook {
     /// Mean squared distance between keys and their quantised reconstruction. The gradient
     /// reaches `keys` only if `grad_to_keys` is set; codebooks learn by [`Codebook::refresh`].
     pub fn quantization_loss(&self, keys: &Tensor, grad_to_keys: bool) -> Result<Tensor> {
+        if keys.elem_count() == 0 {
+            bail!(
+                "Codebook::quantization_loss: keys {:?} hold no key to average over",
+                keys.dims()
+            );
+        }
         let recon = self.decode(&self.encode(keys)?)?.to_dtype(keys.dtype())?;
         let k = if grad_to_keys { keys.clone() } else { keys.detach() };
         k.sub(&recon)?.sqr()?.mean_all()
