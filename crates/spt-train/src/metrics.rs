@@ -20,39 +20,32 @@ pub fn accuracy(preds: &[u32], labels: &[u32]) -> f64 {
 /// predictions and labels is left out of the mean (as scikit-learn does with `labels=` unset);
 /// a class with no true positives scores 0.
 pub fn macro_f1(preds: &[u32], labels: &[u32], num_classes: usize) -> f64 {
-    let mut tp = vec![0u64; num_classes];
-    let mut fp = vec![0u64; num_classes];
-    let mut fneg = vec![0u64; num_classes];
+    // Counts of the classes that occur only: a class id is data, and a vector sized by the
+    // largest one (u32::MAX from a bad label) would not fit in memory.
+    let mut counts: BTreeMap<u32, [u64; 3]> = BTreeMap::new(); // tp, fp, fn
+    let known = |c: u32| (c as u64) < num_classes as u64;
     for (&p, &l) in preds.iter().zip(labels) {
-        let (p, l) = (p as usize, l as usize);
         if p == l {
-            if p < num_classes {
-                tp[p] += 1;
+            if known(p) {
+                counts.entry(p).or_default()[0] += 1;
             }
         } else {
-            if p < num_classes {
-                fp[p] += 1;
+            if known(p) {
+                counts.entry(p).or_default()[1] += 1;
             }
-            if l < num_classes {
-                fneg[l] += 1;
+            if known(l) {
+                counts.entry(l).or_default()[2] += 1;
             }
         }
     }
-    let mut sum = 0.0;
-    let mut n = 0;
-    for c in 0..num_classes {
-        let denom = 2 * tp[c] + fp[c] + fneg[c];
-        if denom == 0 {
-            continue;
-        }
-        sum += 2.0 * tp[c] as f64 / denom as f64;
-        n += 1;
+    if counts.is_empty() {
+        return 0.0;
     }
-    if n == 0 {
-        0.0
-    } else {
-        sum / n as f64
-    }
+    let sum: f64 = counts
+        .values()
+        .map(|[tp, fp, fneg]| 2.0 * *tp as f64 / (2 * tp + fp + fneg) as f64)
+        .sum();
+    sum / counts.len() as f64
 }
 
 /// A weighted running mean (e.g. of per-token or per-example losses).
@@ -83,8 +76,11 @@ pub fn perplexity(mean_loss: f64) -> f64 {
     mean_loss.exp()
 }
 
-/// One line of `metrics.jsonl`.
+/// One line of `metrics.jsonl`. JSON has no NaN or infinity: serde_json writes them as `null`,
+/// and reading takes `null` back as NaN, so a diverged evaluation does not make the file
+/// unreadable for a resume.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(from = "RawRecord")]
 pub struct MetricRecord {
     /// Optimizer updates done when the record was made.
     pub step: u64,
@@ -98,6 +94,33 @@ pub struct MetricRecord {
     /// Other named values: accuracy, macro_f1, perplexity, grad_norm, tokens_per_s, …
     #[serde(flatten)]
     pub values: BTreeMap<String, f64>,
+}
+
+/// [`MetricRecord`] as read, `null` allowed where a number goes.
+#[derive(Deserialize)]
+struct RawRecord {
+    step: u64,
+    epoch: Option<f64>,
+    split: String,
+    loss: Option<f64>,
+    #[serde(default)]
+    lr: Option<f64>,
+    #[serde(flatten)]
+    values: BTreeMap<String, Option<f64>>,
+}
+
+impl From<RawRecord> for MetricRecord {
+    fn from(r: RawRecord) -> Self {
+        let num = |v: Option<f64>| v.unwrap_or(f64::NAN);
+        Self {
+            step: r.step,
+            epoch: num(r.epoch),
+            split: r.split,
+            loss: num(r.loss),
+            lr: r.lr,
+            values: r.values.into_iter().map(|(k, v)| (k, num(v))).collect(),
+        }
+    }
 }
 
 /// Appends JSON lines to `<output>/metrics.jsonl`, flushing each.
@@ -181,6 +204,17 @@ pub fn plot_loss_svg(path: &Path, train: &[(u64, f64)], eval: &[(u64, f64)]) -> 
     let y_min = all.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
     let y_max = all.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
     let pad = ((y_max - y_min) * 0.05).max(1e-3);
+    // The plotting library's tick search does not end on a range past f64 (it spun forever on
+    // losses of ±1e308); no loss curve needs one.
+    if !(y_min - pad).is_finite()
+        || !(y_max + pad).is_finite()
+        || !((y_max + pad) - (y_min - pad)).is_finite()
+    {
+        return Err(Error::Msg(format!(
+            "{}: losses from {y_min:e} to {y_max:e} span more than a plot can (f64 overflows)",
+            path.display()
+        )));
+    }
     let plot_err =
         |e: &dyn std::fmt::Display| Error::Msg(format!("{}: plotting failed: {e}", path.display()));
     let mut svg = String::new();
@@ -314,5 +348,28 @@ mod tests {
             vec![1, 2]
         );
         assert!(plot_loss_svg(&svg, &[], &[]).is_err());
+        // A range past f64 is an error, not an endless tick search in the plotting library.
+        let e = plot_loss_svg(&svg, &[(0, -1e308), (5, 1e308)], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("span more than a plot can"), "{e}");
+        assert!(plot_loss_svg(&svg, &[(0, 0.7), (5, 1.7e308)], &[]).is_err());
+        // NaN and infinite values (an evaluation that diverged) are written as null and read
+        // back as NaN: the file stays readable for a resume.
+        w.append(&MetricRecord {
+            step: 3,
+            epoch: 0.75,
+            split: "eval".into(),
+            loss: f64::NAN,
+            lr: None,
+            values: BTreeMap::from([("perplexity".to_string(), f64::INFINITY)]),
+        })
+        .unwrap();
+        let last = w.read_all().unwrap().pop().unwrap();
+        assert!(last.loss.is_nan() && last.values["perplexity"].is_nan());
+        // Macro-F1 counts only the classes that occur: a label id of u32::MAX is data, not a
+        // class count (it allocated 3 × 2^32 counters and aborted).
+        assert_eq!(macro_f1(&[0, u32::MAX], &[0, u32::MAX], usize::MAX), 1.0);
+        assert_eq!(macro_f1(&[0, 1], &[0, 1], 1 << 40), 1.0);
     }
 }

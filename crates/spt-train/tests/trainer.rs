@@ -9,7 +9,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use spt_train::checkpoint::{list_checkpoints, DiskFullIo};
 use spt_train::data::{Batch, EncodedDataset, EncodedItem, TaskKind};
-use spt_train::optim::ScheduleKind;
+use spt_train::optim::{AdamWConfig, ScheduleKind};
 use spt_train::rng::SplitMix64;
 use spt_train::trainer::{EvalOutput, Resume, StepCtx, TrainSummary, TrainTask, Trainer, TrainerConfig};
 
@@ -28,6 +28,8 @@ struct BagClassifier {
     w: Var,
     b: Var,
     dropout: f32,
+    /// A loss cut off from the parameters (a task bug the trainer must name).
+    detach_loss: bool,
     /// Set the flag when the forward of update `stop_at_step` (0-based) runs: simulates Ctrl-C.
     stop: Option<(u64, Arc<AtomicBool>)>,
 }
@@ -43,6 +45,7 @@ impl BagClassifier {
             w: Var::from_tensor(&w)?,
             b: Var::zeros(CLASSES, DType::F32, &dev)?,
             dropout,
+            detach_loss: false,
             stop: None,
         })
     }
@@ -99,7 +102,8 @@ impl TrainTask for BagClassifier {
             }
         }
         let logits = self.logits(batch, ctx.train.then_some(ctx.seed))?;
-        candle_nn::loss::cross_entropy(&logits, &batch.labels)
+        let loss = candle_nn::loss::cross_entropy(&logits, &batch.labels)?;
+        Ok(if self.detach_loss { loss.detach() } else { loss })
     }
 
     fn trainable(&self) -> Vec<(String, Var)> {
@@ -277,6 +281,95 @@ fn resume_after_stop_equals_uninterrupted_run_bit_exactly() -> anyhow::Result<()
         recs.iter().filter(|r| r.step == 11 && r.split == "eval").count(),
         1
     );
+    Ok(())
+}
+
+#[test]
+fn settings_and_tasks_that_would_train_nothing_or_nan_are_refused() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let train = synthetic(40, 5);
+    let base = TrainerConfig {
+        max_steps: Some(1),
+        ..config(tmp.path())
+    };
+    let err = |cfg: TrainerConfig, task: BagClassifier, eval: Option<&EncodedDataset>| {
+        Trainer::new(task, cfg, Device::Cpu)
+            .train(&train, eval, &Resume::No)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    // Optimizer settings that made every weight NaN after one step (FinetuneConfig::validate
+    // guards the command line; a library user's TrainerConfig went unchecked).
+    let adam = AdamWConfig::default();
+    for (adamw, want) in [
+        (AdamWConfig { beta1: 1.0, ..adam }, "beta1"),
+        (
+            AdamWConfig {
+                beta2: f64::NAN,
+                ..adam
+            },
+            "beta2",
+        ),
+        (AdamWConfig { eps: 0.0, ..adam }, "eps"),
+        (
+            AdamWConfig {
+                weight_decay: -1.0,
+                ..adam
+            },
+            "weight_decay",
+        ),
+    ] {
+        let e = err(
+            TrainerConfig {
+                adamw,
+                ..base.clone()
+            },
+            BagClassifier::new(3, 0.0)?,
+            None,
+        );
+        assert!(e.contains(want), "{want}: {e}");
+    }
+    let e = err(
+        TrainerConfig {
+            max_grad_norm: f64::NAN,
+            ..base.clone()
+        },
+        BagClassifier::new(3, 0.0)?,
+        None,
+    );
+    assert!(e.contains("max_grad_norm"), "{e}");
+    let e = err(
+        TrainerConfig {
+            lr_scales: vec![("classifier".into(), f64::INFINITY)],
+            ..base.clone()
+        },
+        BagClassifier::new(3, 0.0)?,
+        None,
+    );
+    assert!(e.contains("lr scale") && e.contains("classifier"), "{e}");
+    // An empty evaluation set: its NaN loss was written to metrics.jsonl as null, which a
+    // resume could not read.
+    let empty = EncodedDataset {
+        items: Vec::new(),
+        ..synthetic(1, 1)
+    };
+    let e = err(base.clone(), BagClassifier::new(3, 0.0)?, Some(&empty));
+    assert!(e.contains("evaluation set is empty"), "{e}");
+    let e = spt_train::trainer::evaluate(&mut BagClassifier::new(3, 0.0)?, &empty, 4, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("empty"), "{e}");
+    // A loss cut off from the parameters trained nothing and returned Ok.
+    let mut detached = BagClassifier::new(3, 0.0)?;
+    detached.detach_loss = true;
+    let e = err(base.clone(), detached, None);
+    assert!(e.contains("no trainable variable received a gradient"), "{e}");
+    // A label id of u32::MAX in evaluation sized the macro-F1 counters by it and aborted.
+    let mut odd = synthetic(8, 6);
+    odd.items[0].label = Some(u32::MAX);
+    let rep = spt_train::trainer::evaluate(&mut BagClassifier::new(3, 0.0)?, &odd, 4, &Device::Cpu)?;
+    assert!(rep.macro_f1.is_some_and(|f| (0.0..=1.0).contains(&f)), "{rep:?}");
     Ok(())
 }
 

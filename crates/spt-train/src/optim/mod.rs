@@ -49,6 +49,28 @@ impl Default for AdamWConfig {
     }
 }
 
+impl AdamWConfig {
+    /// Refuses settings that make every update NaN or meaningless: β outside [0, 1) (β = 1
+    /// divides by 1 − β^t = 0), ε not finite and > 0, weight decay not finite and ≥ 0.
+    pub fn check(&self) -> Result<()> {
+        for (name, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                bail!("AdamW: {name} = {b}, expected a value in [0, 1)");
+            }
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            bail!("AdamW: eps = {}, expected a finite value > 0", self.eps);
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            bail!(
+                "AdamW: weight_decay = {}, expected a finite value ≥ 0",
+                self.weight_decay
+            );
+        }
+        Ok(())
+    }
+}
+
 /// True when a parameter takes no weight decay: biases and LayerNorm weights, by HF name
 /// (`*.bias`, `*LayerNorm*` in BERT, `ln_1` / `ln_2` / `ln_f` in GPT-2, `*layer_norm*`, `*norm*`).
 pub fn is_no_decay(name: &str) -> bool {
@@ -140,11 +162,17 @@ pub struct AdamW {
 impl AdamW {
     /// Builds the optimizer. Non-float variables are rejected; duplicate names are an error.
     pub fn new(params: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
+        cfg.check()?;
         let mut seen = HashSet::new();
+        // One Var under two names would be updated twice per step.
+        let mut vars = HashMap::new();
         let mut states = Vec::with_capacity(params.len());
         for (name, var) in params {
             if !seen.insert(name.clone()) {
                 bail!("AdamW: parameter `{name}` is given twice");
+            }
+            if let Some(first) = vars.insert(var.as_tensor().id(), name.clone()) {
+                bail!("AdamW: `{first}` and `{name}` are the same variable; give it once");
             }
             if !var.dtype().is_float() {
                 bail!(
@@ -224,7 +252,8 @@ impl AdamW {
                 );
             }
             p.step += 1;
-            let t = p.step as i32;
+            // β^t is 0 long before t leaves i32 (a restored step may be any u64).
+            let t = i32::try_from(p.step).unwrap_or(i32::MAX);
             let lr = lr * p.lr_scale;
             let h = Hyper {
                 beta1,
@@ -296,6 +325,20 @@ impl AdamW {
                         p.var.shape()
                     );
                 }
+            }
+            // NaN moments, or a negative second moment, make every later update NaN.
+            let finite = |t: &Tensor| spt_models::all_finite(t).map_err(candle_core::Error::wrap);
+            if !finite(&m)? || !finite(&v)? {
+                bail!("optimizer state: `{k1}` or `{k2}` holds NaN or infinite values");
+            }
+            if v.elem_count() > 0 && v.to_dtype(DType::F64)?.min_all()?.to_scalar::<f64>()? < 0.0 {
+                bail!("optimizer state: `{k2}` holds a negative value; a second moment is ≥ 0");
+            }
+            if s.dtype().is_float() {
+                bail!(
+                    "optimizer state: `{k3}` is {:?}, expected an integer step count",
+                    s.dtype()
+                );
             }
             let step = s.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
             let step = match step.as_slice() {
@@ -784,6 +827,66 @@ mod tests {
         );
         let err = o.load_state_dict(&sd).unwrap_err().to_string();
         assert!(err.contains("other.exp_avg"), "{err}");
+        // Values that make every later update NaN, and a step that is not a count.
+        let dev = Device::Cpu;
+        for (key, t, want) in [
+            ("enc.w.exp_avg_sq", Tensor::new(&[-1f32], &dev)?, "negative"),
+            ("enc.w.exp_avg", Tensor::new(&[f32::NAN], &dev)?, "NaN"),
+            ("enc.w.step", Tensor::new(2.7f32, &dev)?, "integer step"),
+        ] {
+            let mut sd: HashMap<String, Tensor> = o.state_dict()?.into_iter().collect();
+            sd.insert(key.into(), t);
+            let err = o.load_state_dict(&sd).unwrap_err().to_string();
+            assert!(err.contains(want), "{key}: {err}");
+        }
+        // A step count past i32 (it wrapped: no update, or NaN weights) updates as a late step
+        // does, with the bias corrections at 1.
+        let target = Tensor::new(&[0f32], &dev)?;
+        for step in [1000i64, (1 << 31) + 5, (1 << 32) - 1, i64::MAX - 1] {
+            let w = var(&[1.0]);
+            let mut o = AdamW::new(vec![("enc.w".into(), w.clone())], AdamWConfig::default())?;
+            let mut sd: HashMap<String, Tensor> = o.state_dict()?.into_iter().collect();
+            sd.insert("enc.w.exp_avg".into(), Tensor::new(&[0.5f32], &dev)?);
+            sd.insert("enc.w.exp_avg_sq".into(), Tensor::new(&[0.25f32], &dev)?);
+            sd.insert("enc.w.step".into(), Tensor::new(step, &dev)?);
+            o.load_state_dict(&sd)?;
+            o.step(&quad_loss(&w, &target)?, 0.1)?;
+            let after = w.as_tensor().to_vec1::<f32>()?[0];
+            assert!(after.is_finite() && after < 1.0, "step {step}: {after}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn bad_settings_and_one_variable_under_two_names_are_refused() -> Result<()> {
+        let w = var(&[1.0]);
+        let e = AdamW::new(
+            vec![("a".into(), w.clone()), ("b".into(), w.clone())],
+            AdamWConfig::default(),
+        )
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("`a` and `b` are the same variable"), "{e}");
+        let d = AdamWConfig::default();
+        for (cfg, want) in [
+            (AdamWConfig { beta1: 1.0, ..d }, "beta1"),
+            (AdamWConfig { beta2: -0.5, ..d }, "beta2"),
+            (AdamWConfig { eps: f64::NAN, ..d }, "eps"),
+            (
+                AdamWConfig {
+                    weight_decay: f64::INFINITY,
+                    ..d
+                },
+                "weight_decay",
+            ),
+        ] {
+            let e = AdamW::new(vec![("a".into(), w.clone())], cfg)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{e}");
+        }
         Ok(())
     }
 

@@ -293,8 +293,11 @@ pub fn evaluate<T: TrainTask + ?Sized>(
     batch_size: usize,
     device: &Device,
 ) -> Result<EvalReport> {
+    if data.is_empty() {
+        return Err(Error::Msg("evaluate: the evaluation set is empty".into()));
+    }
     let batches = epoch_batches(&data.lengths(), batch_size, 0, 0, BatchOrder::EVAL)?;
-    let mut loss = MeanLoss::default();
+    let (mut loss, mut counted) = (MeanLoss::default(), 0.0);
     let (mut preds, mut labels) = (Vec::new(), Vec::new());
     let mut have_preds = true;
     for idx in &batches {
@@ -302,6 +305,7 @@ pub fn evaluate<T: TrainTask + ?Sized>(
         let out = task.eval_batch(&batch)?;
         if out.count > 0.0 {
             loss.add(out.loss_sum / out.count, out.count);
+            counted += out.count;
         }
         match (out.predictions, data.task) {
             (Some(p), TaskKind::Classify) => {
@@ -317,6 +321,13 @@ pub fn evaluate<T: TrainTask + ?Sized>(
             }
             _ => have_preds = false,
         }
+    }
+    if counted == 0.0 {
+        // No figure to report: a mean over nothing is NaN, which JSON can only write as null.
+        return Err(Error::Msg(format!(
+            "evaluate: eval_batch counted no example or token in {} examples",
+            data.len()
+        )));
     }
     let mean = loss.mean();
     let (acc, f1) = if have_preds && !preds.is_empty() {

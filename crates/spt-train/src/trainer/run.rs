@@ -174,6 +174,11 @@ impl<T: TrainTask> Trainer<T> {
         resume: &Resume,
     ) -> Result<TrainSummary> {
         check_settings(&self.cfg, train)?;
+        if eval.is_some_and(|e| e.is_empty()) {
+            return Err(Error::Msg(
+                "the evaluation set is empty: pass None for no evaluation".into(),
+            ));
+        }
         std::fs::create_dir_all(&self.cfg.output_dir).map_err(|e| Error::io(&self.cfg.output_dir, e))?;
         let vars_named = self.task.trainable();
         if vars_named.is_empty() {
@@ -348,6 +353,15 @@ impl<T: TrainTask> Trainer<T> {
                 });
             }
             let Some(grads) = acc else { break };
+            // A loss that does not depend on the trainable variables (detached, or of an
+            // integer dtype) would train nothing, silently.
+            if !vars.iter().any(|v| grads.get(v.as_tensor()).is_some()) {
+                return Err(Error::Msg(format!(
+                    "step {}: no trainable variable received a gradient; the task's loss does not \
+                     depend on trainable() (detached, or not a float?)",
+                    st.step + 1
+                )));
+            }
             let gnorm = grad_norm(&vars, &grads)?;
             if !gnorm.is_finite() {
                 return Err(Error::Msg(format!(
@@ -477,6 +491,18 @@ pub fn check_settings(c: &TrainerConfig, train: &EncodedDataset) -> Result<()> {
     }
     if train.is_empty() {
         return Err(Error::Msg("the training set is empty".into()));
+    }
+    c.adamw.check()?;
+    if !(c.max_grad_norm.is_finite() && c.max_grad_norm >= 0.0) {
+        return Err(Error::Msg(format!(
+            "max_grad_norm = {}: expected a finite value ≥ 0 (0 turns clipping off)",
+            c.max_grad_norm
+        )));
+    }
+    if let Some((module, scale)) = c.lr_scales.iter().find(|(_, s)| !(s.is_finite() && *s >= 0.0)) {
+        return Err(Error::Msg(format!(
+            "lr scale {scale} for `{module}`: expected a finite value ≥ 0"
+        )));
     }
     if c.max_steps.is_none() && c.epochs == 0 {
         return Err(Error::Msg("set epochs ≥ 1 or max_steps".into()));
