@@ -138,6 +138,18 @@ impl MetricsWriter {
     }
 
     pub fn append(&self, rec: &MetricRecord) -> Result<()> {
+        // The values are flattened beside the fixed fields: a value named like one would write
+        // a JSON key twice, and the file could not be read back.
+        if let Some(k) = rec
+            .values
+            .keys()
+            .find(|k| ["step", "epoch", "split", "loss", "lr"].contains(&k.as_str()))
+        {
+            return Err(Error::Msg(format!(
+                "{}: a metric value is named `{k}`, as a fixed field of the record is; rename it",
+                self.path.display()
+            )));
+        }
         let mut line = serde_json::to_string(rec).map_err(|e| Error::Msg(format!("metrics record: {e}")))?;
         line.push('\n');
         let mut f = std::fs::OpenOptions::new()
@@ -367,6 +379,13 @@ mod tests {
         .unwrap();
         let last = w.read_all().unwrap().pop().unwrap();
         assert!(last.loss.is_nan() && last.values["perplexity"].is_nan());
+        let clash = MetricRecord {
+            values: BTreeMap::from([("loss".to_string(), 1.0)]),
+            ..last
+        };
+        let e = w.append(&clash).unwrap_err().to_string();
+        assert!(e.contains("named `loss`"), "{e}");
+        assert_eq!(w.read_all().unwrap().len(), 3);
         // Macro-F1 counts only the classes that occur: a label id of u32::MAX is data, not a
         // class count (it allocated 3 × 2^32 counters and aborted).
         assert_eq!(macro_f1(&[0, u32::MAX], &[0, u32::MAX], usize::MAX), 1.0);

@@ -410,10 +410,11 @@ impl FinetuneConfig {
                     path.to_string()
                 }
                 None => {
-                    return Err(invalid(
-                        path,
-                        format!("--set {s}: no such setting (sections: data, optim, loop, lora, spt, spt.attention, spt.ffn)"),
-                    ))
+                    let hint = match sections::suggest(path)[..] {
+                        [] => "sections: data, optim, loop, lora, spt, spt.attention, spt.ffn".to_string(),
+                        ref near => format!("did you mean {}?", near.join(" or ")),
+                    };
+                    return Err(invalid(path, format!("--set {s}: no such setting ({hint})")));
                 }
             };
             if let Some(first) = seen.insert(field.clone(), s.clone()) {

@@ -74,6 +74,18 @@ pub fn field_of(path: &str) -> Option<&'static str> {
         .map(|(f, _, _)| *f)
 }
 
+/// The `section.key` paths a mistyped `--set` name most likely meant: a key or a flat field
+/// name given without its section (`lr`, `ffn_top_k`), or a key put in the wrong section.
+pub fn suggest(path: &str) -> Vec<String> {
+    let last = path.rsplit('.').next().unwrap_or(path);
+    LAYOUT
+        .iter()
+        .filter(|(f, _, k)| *k == last || *f == last)
+        .map(|(_, s, k)| format!("{s}.{k}"))
+        .filter(|p| p != path)
+        .collect()
+}
+
 /// `section.key` of a flat field (its own name at the top level).
 pub fn path_of(field: &str) -> String {
     match LAYOUT.iter().find(|(f, _, _)| *f == field) {

@@ -353,6 +353,13 @@ fn set_overrides_any_setting_by_its_section() {
     );
     let e = with(&["--set", "spt.ffn.topk=6"]).unwrap_err().to_string();
     assert!(e.contains("spt.ffn.topk") && e.contains("no such setting"), "{e}");
+    // A key without its section, or a flat field's name, is pointed at its path.
+    let e = with(&["--set", "lr=0.1"]).unwrap_err().to_string();
+    assert!(e.contains("did you mean optim.lr?"), "{e}");
+    let e = with(&["--set", "ffn_top_k=2"]).unwrap_err().to_string();
+    assert!(e.contains("did you mean spt.ffn.top_k?"), "{e}");
+    let e = with(&["--set", "optim.rank=4"]).unwrap_err().to_string();
+    assert!(e.contains("did you mean lora.rank?"), "{e}");
     let e = with(&["--set", "optim.lr=fast"]).unwrap_err().to_string();
     assert!(e.contains("--set") || e.contains("set"), "{e}");
     // The result is validated like the flags.

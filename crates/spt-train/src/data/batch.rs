@@ -184,8 +184,14 @@ pub fn make_batch(
         n_tokens += n;
         ids[r * l..r * l + n].copy_from_slice(&it.input_ids);
         mask[r * l..r * l + n].fill(1);
-        let nt = it.token_type_ids.len().min(n);
-        types[r * l..r * l + nt].copy_from_slice(&it.token_type_ids[..nt]);
+        // One type per token, or none (all 0); any other length was cut or padded silently.
+        let nt = it.token_type_ids.len();
+        if nt != n && nt != 0 {
+            return Err(DataError::Invalid(format!(
+                "batch example {r}: {nt} token_type_ids for {n} input_ids; give one per token, or none"
+            )));
+        }
+        types[r * l..r * l + nt].copy_from_slice(&it.token_type_ids);
         if task == TaskKind::Classify {
             class_labels.push(it.label.ok_or_else(|| {
                 DataError::Invalid("a classification batch needs a label on every example".into())
@@ -292,6 +298,22 @@ mod tests {
             vec![vec![1, 1, 1, 0, 0], vec![1; 5]]
         );
         assert_eq!(b.token_type_ids.to_vec2::<u32>().unwrap()[1], vec![0, 0, 0, 1, 1]);
+        // Types of another length than the ids are named (they were cut or padded silently);
+        // none at all means all 0.
+        let mut odd = items.clone();
+        odd[1].token_type_ids.pop();
+        let refs: Vec<&EncodedItem> = odd.iter().collect();
+        let e = make_batch(&refs, 0, TaskKind::Classify, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("example 1") && e.contains("4 token_type_ids for 5 input_ids"),
+            "{e}"
+        );
+        odd[1].token_type_ids.clear();
+        let refs: Vec<&EncodedItem> = odd.iter().collect();
+        let b = make_batch(&refs, 0, TaskKind::Classify, &Device::Cpu).unwrap();
+        assert_eq!(b.token_type_ids.to_vec2::<u32>().unwrap()[1], vec![0; 5]);
         assert_eq!(b.labels.to_vec1::<u32>().unwrap(), vec![1, 0]);
         assert_eq!((b.n_tokens, b.size), (8, 2));
         assert!(matches!(

@@ -552,9 +552,12 @@ impl LabelMap {
             .ok_or("missing object `id2label`")?;
         let mut pairs = Vec::with_capacity(map.len());
         for (k, v) in map {
+            // "00" and "+0" parse as 0 too, and would then be reported as a missing id.
             let id: usize = k
                 .parse()
-                .map_err(|_| format!("id2label key `{k}` is not an integer"))?;
+                .ok()
+                .filter(|id: &usize| id.to_string() == *k)
+                .ok_or_else(|| format!("id2label key `{k}` is not an integer id (0, 1, …)"))?;
             let label = v
                 .as_str()
                 .ok_or_else(|| format!("id2label[{k}] is not a string"))?;
@@ -566,7 +569,20 @@ impl LabelMap {
                 return Err(format!("id2label ids must be 0..{}, missing {i}", pairs.len()));
             }
         }
-        Self::new(pairs.into_iter().map(|(_, l)| l).collect()).map_err(|e| e.to_string())
+        let map = Self::new(pairs.into_iter().map(|(_, l)| l).collect()).map_err(|e| e.to_string())?;
+        // HF writes both directions; one that contradicts the other is a broken file.
+        if let Some(l2i) = value.get("label2id").and_then(|v| v.as_object()) {
+            for (label, id) in l2i {
+                if id.as_u64().map(|i| i as usize) != map.id(label).map(|i| i as usize) {
+                    return Err(format!(
+                        "label2id[{label:?}] = {id}, but id2label gives {}",
+                        map.id(label)
+                            .map_or("no such label".to_string(), |i| format!("id {i}"))
+                    ));
+                }
+            }
+        }
+        Ok(map)
     }
 
     /// Writes the JSON next to `path` then renames it into place.
@@ -924,6 +940,19 @@ mod tests {
         let p = write(dir.path(), "z.txt", b"\n  \n");
         let e = read_lm_texts(&[p]).unwrap_err().to_string();
         assert!(e.contains("z.txt") && e.contains("empty"), "{e}");
+    }
+
+    #[test]
+    fn label_maps_with_odd_ids_or_directions_that_disagree_are_refused() {
+        let bad = |j: serde_json::Value| LabelMap::from_json(&j).unwrap_err();
+        let e = bad(serde_json::json!({"id2label": {"0": "a", "00": "b"}}));
+        assert!(e.contains("`00`"), "{e}");
+        let e = bad(serde_json::json!({"id2label": {"+0": "a", "1": "b"}}));
+        assert!(e.contains("`+0`"), "{e}");
+        let e = bad(serde_json::json!({"id2label": {"0": "a", "1": "b"}, "label2id": {"a": 1, "b": 0}}));
+        assert!(e.contains("label2id[\"a\"] = 1") && e.contains("id 0"), "{e}");
+        let ok = serde_json::json!({"id2label": {"0": "a", "1": "b"}, "label2id": {"a": 0, "b": 1}});
+        assert_eq!(LabelMap::from_json(&ok).unwrap().labels(), ["a", "b"]);
     }
 
     #[test]

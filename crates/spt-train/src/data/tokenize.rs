@@ -17,7 +17,7 @@ use tokenizers::normalizers::bert::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::bert::BertProcessing;
-use tokenizers::{AddedToken, EncodeInput, Tokenizer, TruncationParams, TruncationStrategy};
+use tokenizers::{AddedToken, EncodeInput, PostProcessor, Tokenizer, TruncationParams, TruncationStrategy};
 
 use super::DataError;
 
@@ -202,6 +202,21 @@ impl TextTokenizer {
     /// is cut there before tokenizing (a 50 MB field would otherwise take gigabytes to tokenize,
     /// only to keep `max_length` tokens).
     pub fn encode(&self, text: &str, pair: Option<&str>, location: &str) -> Result<Encoded, DataError> {
+        // A limit at or below the special tokens cannot hold the text: the tokenizer then
+        // returns more than max_length tokens, or the special tokens alone.
+        let specials = self
+            .plain
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(pair.is_some()));
+        let need = specials + if pair.is_some() { 2 } else { 1 };
+        if self.max_length < need {
+            return Err(DataError::Invalid(format!(
+                "{location}: max_length {} leaves no room for the text: the tokenizer adds {specials} \
+                 special tokens{}, so at least {need} are needed",
+                self.max_length,
+                if pair.is_some() { " to a pair" } else { "" }
+            )));
+        }
         let budget = self.char_budget();
         let (text, pair) = (cut_chars(text, budget), pair.map(|p| cut_chars(p, budget)));
         let input = |t: &str| -> EncodeInput<'_> {
@@ -353,6 +368,31 @@ pub(crate) mod tests {
         let e = t.encode("fun", None, "f.csv:4").unwrap();
         assert_eq!(e.ids, vec![2, 17, 3]);
         assert_eq!(t.truncated_count(), 2);
+        // A limit the special tokens fill: named (max_length 1 gave 3 tokens, a pair at 3 gave
+        // [CLS] [SEP] [SEP] with no text).
+        for (m, pair, specials) in [
+            (1, None, 2),
+            (2, None, 2),
+            (3, Some("fun"), 3),
+            (4, Some("fun"), 3),
+        ] {
+            let t = tiny_bert(dir.path(), m);
+            let e = t.encode("the movie", pair, "f.csv:5").unwrap_err().to_string();
+            assert!(
+                e.contains("f.csv:5")
+                    && e.contains(&format!("max_length {m}"))
+                    && e.contains(&format!("adds {specials}")),
+                "{e}"
+            );
+        }
+        let t = tiny_bert(dir.path(), 5);
+        assert_eq!(
+            t.encode("the movie was", Some("fun"), "f.csv:6")
+                .unwrap()
+                .ids
+                .len(),
+            5
+        );
     }
 
     #[test]
