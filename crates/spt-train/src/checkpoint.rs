@@ -222,8 +222,11 @@ pub fn is_checkpoint_name(name: &str) -> bool {
     parse_step(name).is_some()
 }
 
+/// The step of a folder named as [`checkpoint_dir_name`] names one, and only then: `step-5`,
+/// `step-+5` and `step-0005` would all read as step 5.
 fn parse_step(name: &str) -> Option<u64> {
-    name.strip_prefix("step-").and_then(|s| s.parse().ok())
+    let step = name.strip_prefix("step-")?.parse().ok()?;
+    (checkpoint_dir_name(step) == name).then_some(step)
 }
 
 fn serialize(map: &BTreeMap<String, Tensor>, what: &str) -> Result<Vec<u8>, CheckpointError> {
@@ -562,7 +565,10 @@ pub fn list_checkpoints(dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointErr
     for entry in rd {
         let entry = entry.map_err(|e| io_err(dir, e))?;
         let name = entry.file_name();
-        if let Some(step) = name.to_str().and_then(parse_step) {
+        // spt-train makes real folders: a symlink named like one is someone else's, which
+        // pruning could not remove (it refused, after the new checkpoint was written).
+        let real_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        if let Some(step) = name.to_str().and_then(parse_step).filter(|_| real_dir) {
             if entry.path().join("manifest.json").is_file() {
                 out.push((step, entry.path()));
             }
@@ -723,6 +729,33 @@ mod tests {
         // Saving the same step again replaces it.
         save_checkpoint(&dir, &data(30), 2, &FsIo).unwrap();
         assert_eq!(names(&dir), vec!["step-00000020", "step-00000030"]);
+    }
+
+    #[test]
+    #[cfg(unix)]
+    fn only_canonical_real_step_folders_are_checkpoints() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("checkpoints");
+        let elsewhere = tmp.path().join("elsewhere");
+        save_checkpoint(&elsewhere, &data(9), 0, &FsIo).unwrap();
+        save_checkpoint(&dir, &data(1), 0, &FsIo).unwrap();
+        // Copies under names that also read as a step number, and a symlink to a checkpoint.
+        for name in ["step-5", "step-+6", "step-0007"] {
+            let d = dir.join(name);
+            std::fs::create_dir(&d).unwrap();
+            std::fs::copy(dir.join("step-00000001/manifest.json"), d.join("manifest.json")).unwrap();
+        }
+        std::os::unix::fs::symlink(elsewhere.join("step-00000009"), dir.join("step-00000009")).unwrap();
+        let listed: Vec<u64> = list_checkpoints(&dir).unwrap().iter().map(|c| c.0).collect();
+        assert_eq!(listed, vec![1]);
+        // Pruning to one checkpoint leaves them all: it used to refuse the symlink after the
+        // new checkpoint was written.
+        save_checkpoint(&dir, &data(2), 1, &FsIo).unwrap();
+        assert_eq!(
+            names(&dir),
+            vec!["step-+6", "step-00000002", "step-00000009", "step-0007", "step-5"]
+        );
+        assert!(elsewhere.join("step-00000009/manifest.json").is_file());
     }
 
     #[test]

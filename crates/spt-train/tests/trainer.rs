@@ -396,6 +396,40 @@ fn corrupt_checkpoint_on_resume_is_a_clear_error() -> anyhow::Result<()> {
         err.contains("corrupt") && err.contains("step-00000003") && err.contains("model.safetensors"),
         "{err}"
     );
+    // A valid checkpoint whose data position was edited to the last epoch: named, where the
+    // epoch count wrapped to 0 (and a debug build panicked on the overflow).
+    let good = tempfile::tempdir()?;
+    let cfg = TrainerConfig {
+        max_steps: Some(3),
+        ..config(good.path())
+    };
+    Trainer::new(BagClassifier::new(3, 0.0)?, cfg.clone(), Device::Cpu).train(&train, None, &Resume::No)?;
+    let ckpts = good.path().join("checkpoints");
+    let (_, last) = list_checkpoints(&ckpts)?.pop().expect("a checkpoint");
+    let c = spt_train::checkpoint::load_checkpoint(&last, &Device::Cpu)?;
+    let edited = spt_train::checkpoint::CheckpointData {
+        step: 4,
+        data: spt_train::checkpoint::DataPosition {
+            epoch: u64::MAX,
+            batch: u64::MAX,
+        },
+        rng_state: c.manifest.rng_state,
+        config: c.manifest.config,
+        extra_json: c.manifest.extra,
+        model: c.model.into_iter().collect(),
+        optimizer: c.optimizer.into_iter().collect(),
+        extra: c.extra.into_iter().collect(),
+    };
+    spt_train::checkpoint::save_checkpoint(&ckpts, &edited, 0, &spt_train::checkpoint::FsIo)?;
+    let more = TrainerConfig {
+        max_steps: Some(6),
+        ..cfg
+    };
+    let err = Trainer::new(BagClassifier::new(3, 0.0)?, more, Device::Cpu)
+        .train(&train, None, &Resume::Latest)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cannot advance"), "{err}");
     Ok(())
 }
 

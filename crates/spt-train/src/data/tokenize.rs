@@ -61,8 +61,18 @@ impl TextTokenizer {
     /// Wraps a `tokenizers::Tokenizer`; its own padding and truncation are removed.
     /// `source` names it in errors (usually the file path).
     pub fn from_tokenizer(mut tok: Tokenizer, source: &str, max_length: usize) -> Result<Self, DataError> {
-        if max_length == 0 {
-            return Err(DataError::Invalid("max_length must be at least 1".into()));
+        // Room for one token of text beside the special tokens. tokenizers subtracts them from
+        // the limit unchecked (an overflow panic in a debug build, a wrap in release).
+        let specials = tok.get_post_processor().map_or(0, |p| p.added_tokens(false));
+        if max_length <= specials {
+            return Err(tok_err(
+                source,
+                format!(
+                    "max_length {max_length} leaves no room for the text: the tokenizer adds {specials} special \
+                     tokens, so at least {} are needed",
+                    specials + 1
+                ),
+            ));
         }
         let padding_pad = tok.get_padding().map(|p| p.pad_id);
         tok.with_padding(None);
@@ -370,18 +380,27 @@ pub(crate) mod tests {
         assert_eq!(t.truncated_count(), 2);
         // A limit the special tokens fill: named (max_length 1 gave 3 tokens, a pair at 3 gave
         // [CLS] [SEP] [SEP] with no text).
-        for (m, pair, specials) in [
-            (1, None, 2),
-            (2, None, 2),
-            (3, Some("fun"), 3),
-            (4, Some("fun"), 3),
-        ] {
-            let t = tiny_bert(dir.path(), m);
-            let e = t.encode("the movie", pair, "f.csv:5").unwrap_err().to_string();
+        // At construction for a single text (tokenizers' own subtraction overflowed there, a
+        // panic in a debug build), at the encoding for a pair.
+        let file = dir.path().join("tokenizer.json");
+        for m in [0, 1, 2] {
+            let e = TextTokenizer::from_file(&file, m)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
             assert!(
-                e.contains("f.csv:5")
-                    && e.contains(&format!("max_length {m}"))
-                    && e.contains(&format!("adds {specials}")),
+                e.contains("tokenizer.json") && e.contains(&format!("max_length {m}")),
+                "{e}"
+            );
+        }
+        for m in [3, 4] {
+            let t = tiny_bert(dir.path(), m);
+            let e = t
+                .encode("the movie", Some("fun"), "f.csv:5")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("f.csv:5") && e.contains(&format!("max_length {m}")) && e.contains("adds 3"),
                 "{e}"
             );
         }

@@ -289,10 +289,14 @@ impl<T: TrainTask> Trainer<T> {
             let mut micro = Vec::with_capacity(self.cfg.grad_accum);
             while micro.len() < self.cfg.grad_accum {
                 if st.pos.batch >= n_batches {
-                    st.pos = DataPosition {
-                        epoch: st.pos.epoch + 1,
-                        batch: 0,
-                    };
+                    // Only a hand-edited manifest can put the epoch at u64::MAX.
+                    let epoch = st.pos.epoch.checked_add(1).ok_or_else(|| {
+                        Error::Msg(format!(
+                            "the data position's epoch {} cannot advance; was the checkpoint's manifest edited?",
+                            st.pos.epoch
+                        ))
+                    })?;
+                    st.pos = DataPosition { epoch, batch: 0 };
                 }
                 if self.cfg.max_steps.is_none() && st.pos.epoch >= self.cfg.epochs {
                     break;
