@@ -28,13 +28,25 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .unwrap()
 }
 
+/// Seeded normal values in f32: the checks must not depend on the run (unseeded inputs once
+/// put a layer norm error at 2.004e-6 against a 2e-6 bound).
+fn randn32(shape: &[usize], seed: u64) -> Tensor {
+    spt_ops::gradcheck::randn_f64(shape, seed)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+}
+
 /// Matmuls of awkward shapes (edges of every micro-kernel tile), GELU and sparse attention
 /// against f64 or dense references.
 fn kernels_match_reference() {
     let dev = Device::Cpu;
-    for &(m, k, n) in &[(1, 1, 1), (7, 13, 5), (33, 64, 47), (64, 384, 96), (129, 70, 257)] {
-        let a = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
-        let b = Tensor::randn(0f32, 1.0, (k, n), &dev).unwrap();
+    for (s, &(m, k, n)) in [(1, 1, 1), (7, 13, 5), (33, 64, 47), (64, 384, 96), (129, 70, 257)]
+        .iter()
+        .enumerate()
+    {
+        let a = randn32(&[m, k], 10 + s as u64);
+        let b = randn32(&[k, n], 20 + s as u64);
         let got = a.matmul(&b).unwrap().to_dtype(DType::F64).unwrap();
         let want = a
             .to_dtype(DType::F64)
@@ -48,9 +60,7 @@ fn kernels_match_reference() {
         );
     }
     // The sparse attention kernels (simd.rs dot / axpy) against their dense reference.
-    let q = Tensor::randn(0f32, 1.0, (1, 2, 40, 16), &dev).unwrap();
-    let k = Tensor::randn(0f32, 1.0, (1, 2, 40, 16), &dev).unwrap();
-    let v = Tensor::randn(0f32, 1.0, (1, 2, 40, 16), &dev).unwrap();
+    let [q, k, v] = [31, 32, 33].map(|seed| randn32(&[1, 2, 40, 16], seed));
     let mask = spt_ops::AttentionMask::causal();
     let dense = spt_ops::dense_attention(&q, &k, &v, &mask, 0.25).unwrap();
     // Every key selected: the sparse kernels must give dense attention.
@@ -88,7 +98,7 @@ fn kernels_match_reference() {
     // of every input, in f32 against f64, at a width that leaves a partial SIMD chunk.
     let d = 389;
     let vars = [(0u64, vec![6, d]), (1, vec![6, d]), (2, vec![d]), (3, vec![d])].map(|(i, shape)| {
-        let t = Tensor::randn(0f64, 1.0, shape, &dev)
+        let t = spt_ops::gradcheck::randn_f64(&shape, 40 + i)
             .unwrap()
             .affine(1.0, i as f64 * 0.3)
             .unwrap();
@@ -116,8 +126,21 @@ fn kernels_match_reference() {
         };
         let (y32, g32) = run(vars.each_ref().map(|v| v.0.as_tensor()));
         let (y64, g64) = run(vars.each_ref().map(|v| v.1.as_tensor()));
+        // f32 rounding scales with the outputs (up to ~8 here): a bound relative to them.
         let err = max_abs_diff(&y32, &y64);
-        assert!(err < 2e-6, "layer norm (fused {fused}) forward vs f64: {err}");
+        let scale = y64
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+            .max(1.0);
+        eprintln!("layer norm (fused {fused}): max error {err:.3e}, outputs up to {scale:.2}");
+        assert!(
+            err < 4e-7 * scale,
+            "layer norm (fused {fused}) forward vs f64: {err} (outputs up to {scale})"
+        );
         for (i, (v32, v64)) in vars.iter().enumerate() {
             let Some(want) = g64.get(v64) else { continue };
             let err = max_abs_diff(g32.get(v32).unwrap(), want);
@@ -173,6 +196,9 @@ fn kernels_are_right_on_this_cpu_and_on_an_avx2_only_cpu() {
             .unwrap();
         let log = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "the {cpu} run failed: {log}");
+        for line in log.lines().filter(|l| l.starts_with("layer norm")) {
+            eprintln!("{cpu}: {line}");
+        }
         assert!(
             log.contains(&format!("child: avx512f false, simd path {path}")),
             "{cpu}: {log}"
