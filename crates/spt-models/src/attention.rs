@@ -154,16 +154,15 @@ pub enum KeyGrouping {
 /// Refuses a k that selects nothing: checked when a layer is made, since at the forward an
 /// invalid k could only mean every key, dense attention that looks sparse.
 pub(crate) fn check_top_k(top_k: KeyTopK) -> Result<()> {
-    let reason = match top_k {
-        KeyTopK::Count(0) => "keys per query must be at least 1",
-        KeyTopK::Fraction(f) if !(f > 0.0 && f <= 1.0) => "a fraction of the keys must be in (0, 1]",
-        _ => return Ok(()),
-    };
-    Err(ModelError::InvalidConfig {
-        field: "attention.top_k",
-        value: format!("{top_k:?}"),
-        reason: reason.into(),
-    })
+    // spt-ops' own rule (k ≥ 1, a fraction in (0, 1]); with no key limit a count never exceeds.
+    top_k
+        .resolve(usize::MAX)
+        .map(drop)
+        .map_err(|e| ModelError::InvalidConfig {
+            field: "attention.top_k",
+            value: format!("{top_k:?}"),
+            reason: e.to_string(),
+        })
 }
 
 /// PQ-selected sparse attention: each query attends to its `top_k` keys of largest ADC score

@@ -33,6 +33,8 @@ pub struct TextTokenizer {
     plain: Tokenizer,
     truncating: Tokenizer,
     max_length: usize,
+    /// Special tokens the tokenizer adds to a single text and to a pair.
+    specials: [usize; 2],
     pad_id: u32,
     eos_id: Option<u32>,
     source: String,
@@ -63,14 +65,16 @@ impl TextTokenizer {
     pub fn from_tokenizer(mut tok: Tokenizer, source: &str, max_length: usize) -> Result<Self, DataError> {
         // Room for one token of text beside the special tokens. tokenizers subtracts them from
         // the limit unchecked (an overflow panic in a debug build, a wrap in release).
-        let specials = tok.get_post_processor().map_or(0, |p| p.added_tokens(false));
-        if max_length <= specials {
+        let added = |pair| tok.get_post_processor().map_or(0, |p| p.added_tokens(pair));
+        let specials = [added(false), added(true)];
+        if max_length <= specials[0] {
             return Err(tok_err(
                 source,
                 format!(
-                    "max_length {max_length} leaves no room for the text: the tokenizer adds {specials} special \
+                    "max_length {max_length} leaves no room for the text: the tokenizer adds {} special \
                      tokens, so at least {} are needed",
-                    specials + 1
+                    specials[0],
+                    specials[0] + 1
                 ),
             ));
         }
@@ -99,6 +103,7 @@ impl TextTokenizer {
             plain: tok,
             truncating,
             max_length,
+            specials,
             pad_id,
             eos_id,
             source: source.to_string(),
@@ -214,10 +219,7 @@ impl TextTokenizer {
     pub fn encode(&self, text: &str, pair: Option<&str>, location: &str) -> Result<Encoded, DataError> {
         // A limit at or below the special tokens cannot hold the text: the tokenizer then
         // returns more than max_length tokens, or the special tokens alone.
-        let specials = self
-            .plain
-            .get_post_processor()
-            .map_or(0, |p| p.added_tokens(pair.is_some()));
+        let specials = self.specials[usize::from(pair.is_some())];
         let need = specials + if pair.is_some() { 2 } else { 1 };
         if self.max_length < need {
             return Err(DataError::Invalid(format!(
