@@ -7,10 +7,10 @@
 //!
 //! | recipe | accuracy (4 seeds) | step vs PyTorch full fine-tuning (same run) |
 //! |---|--:|--:|
-//! | dense, lr 1e-4 | 0.825 | 2.78× |
-//! | lora r 8, lr 1e-3 | 0.813 | 4.08× (4.00× PEFT) |
-//! | spt `accurate` | 0.816 | 4.01× |
-//! | spt `fast` | 0.797 | 5.31× (5.20× PEFT) |
+//! | dense, lr 1e-4 | 0.825 | 2.44× |
+//! | lora r 8, lr 1e-3 | 0.813 | 3.10× (2.70× PEFT) |
+//! | spt `accurate` | 0.816 | 3.54× |
+//! | spt `fast` | 0.797 | 4.31× (3.75× PEFT) |
 //!
 //! Both presets keep every key (`attn_k_fraction = 1.0`): sparse attention that keeps every key
 //! runs the fused dense kernel, which on the CPU is faster than per-query PQ selection at every
