@@ -25,6 +25,7 @@ import datetime
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -125,6 +126,10 @@ def main():
         raise SystemExit("accuracy-runs: no headline record matches those rows and seeds")
 
     with tempfile.TemporaryDirectory(prefix="spt-accuracy-") as tmp:
+        # A private copy of the binary: a cargo build during the runs must not change what runs.
+        binary = os.path.join(tmp, "spt-train")
+        if not a.dry_run:
+            shutil.copy2(BIN, binary)
         for n, (row, i) in enumerate(todo, 1):
             with open(ACCURACY) as f:
                 data = json.load(f)
@@ -135,7 +140,7 @@ def main():
             cfg = os.path.join(tmp, f"{row}-{old['seed']}.toml")
             with open(cfg, "w") as f:
                 f.write(to_toml(settings))
-            cmd = [BIN, "-q", "finetune", "--config", cfg, "--no-progress"]
+            cmd = [binary, "-q", "finetune", "--config", cfg, "--no-progress"]
             print(f"accuracy-runs: [{n}/{len(todo)}] {row}, seed {old['seed']} (re-runs record #{i})", file=sys.stderr)
             if a.dry_run:
                 print(f"# {' '.join(cmd)}\n{to_toml(settings)}")
