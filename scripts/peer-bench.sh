@@ -5,7 +5,7 @@
 #   scripts/peer-bench.sh                    # add PyTorch's figures to the existing records
 #   scripts/peer-bench.sh --with-ours        # re-run our benchmarks, then PyTorch's: one run
 #   scripts/peer-bench.sh --only attention   # a subset: attention, ffn, steps, layers, generate,
-#                                            # predict, demo
+#                                            # predict, demo, accuracy
 #                                            # (repeatable, or comma-separated); default:
 #                                            # attention,ffn,steps
 #   scripts/peer-bench.sh --quick            # small shapes, on a temporary copy of the results
@@ -14,10 +14,13 @@
 # Parts and files (bench/results/): attention -> attention.json, ffn -> ffn.json, steps ->
 # finetune-speed.json and finetune-speed-accuracy-setting.json, layers -> lora-linear.json,
 # linear-cross-entropy.json and norm-activation.json, generate -> generate.json, predict ->
-# predict.json (each record gets
+# predict.json, accuracy -> accuracy.json (each record gets
 # torch_* fields, ratios and peer_details; each file a top-level `peer` object). demo: PyTorch's full
 # fine-tuning step at the demo's setting, printed (with --with-ours: scripts/demo.sh, which times
-# SPT, dense and PyTorch in one run). Our benchmarks are re-run with the commands their files
+# SPT, dense and PyTorch in one run). accuracy: transformers full fine-tuning and PEFT LoRA of
+# MiniLM on Rotten Tomatoes for seeds 42-45 on spt-train's rows, batches and schedule, new records
+# in accuracy.json (with --with-ours, scripts/accuracy-runs.py first re-runs our headline rows;
+# both take about an hour on 2 cores). Our benchmarks are re-run with the commands their files
 # record (`command`). Timings taken while something else runs (a cargo build) are disturbed,
 # PyTorch's more than ours: each record keeps the load average before and after.
 #
@@ -53,7 +56,7 @@ while [[ $# -gt 0 ]]; do
 done
 [[ ${#PARTS[@]} -gt 0 ]] || PARTS=(attention ffn steps)
 for p in "${PARTS[@]}"; do
-  case "$p" in attention|ffn|steps|layers|generate|predict|demo) ;; *) log "unknown part '$p' (attention, ffn, steps, layers, generate, predict, demo)"; exit 2 ;; esac
+  case "$p" in attention|ffn|steps|layers|generate|predict|demo|accuracy) ;; *) log "unknown part '$p' (attention, ffn, steps, layers, generate, predict, demo, accuracy)"; exit 2 ;; esac
 done
 want() { local p; for p in "${PARTS[@]}"; do [[ "$p" == "$1" ]] && return 0; done; return 1; }
 
@@ -75,9 +78,9 @@ setup_venv() {
 setup_venv
 PY="$ROOT/$VENV/bin/python"
 
-if want steps || want demo || want predict; then
+if want steps || want demo || want predict || want accuracy; then
   assets=(minilm)
-  { want demo || want predict; } && assets+=(rt)
+  { want demo || want predict || want accuracy; } && assets+=(rt)
   if [[ ! -f third_party/all-MiniLM-L6-v2/model.safetensors ]] || { [[ ${#assets[@]} -gt 1 ]] && [[ ! -f data/rt/rotten_tomatoes_corpus_full.csv ]]; }; then
     log "fetching ${assets[*]}"
     scripts/fetch-assets.sh "${assets[@]}"
@@ -153,6 +156,19 @@ print(f"PyTorch full fine-tuning of MiniLM-L6 at the demo's setting (batch 16, m
       f"{r['steps']} steps after {r['warmup']}; torch {r['torch']}, {r['threads']} threads; "
       f"peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB)")
 PY
+  fi
+fi
+if want accuracy; then
+  if [[ $QUICK == 1 ]]; then
+    log "quick mode: the accuracy part is not run (an epoch per run)"
+  else
+    if [[ $WITH_OURS == 1 ]]; then
+      cargo build --release -q -p spt-train --bin spt-train
+      python3 scripts/accuracy-runs.py
+    fi
+    for mode in full lora; do
+      "$PY" bench/peer/accuracy.py --mode "$mode"
+    done
   fi
 fi
 log "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
