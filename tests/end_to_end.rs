@@ -312,7 +312,7 @@ fn check_model(name: &str, task: TaskKind) {
 
         // Export (LoRA merged, HF names) and reload as a plain model: equal logits.
         let export = root.path().join(format!("export-{mode:?}"));
-        export_hf_dir(&mut trained, &model, data.labels.as_ref(), &export, false).unwrap();
+        export_hf_dir(&mut trained, &model, None, data.labels.as_ref(), &export, false).unwrap();
         // The sparse model is a training-time approximation; the export is its dense form.
         if mode != Mode::Spt {
             let ours = trained.net.forward(&batch, false).unwrap();

@@ -12,7 +12,7 @@
 //! Dropout is seeded from [`StepCtx::seed`], so a resumed run repeats the same masks.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
 use spt_models::pq::{KeyTopK, PqConfig, Refresh};
@@ -600,32 +600,51 @@ const EXPORT_COPIED: [&str; 7] = [
     "generation_config.json",
 ];
 
-/// The files [`export_hf_dir`] writes for a model in `model_dir`.
-pub fn export_files(model_dir: &Path) -> Vec<String> {
+/// Where each file that an export copies comes from: the tokenizer files from `tokenizer` when
+/// given (a directory, or a `tokenizer.json` file), else from `model_dir`; `generation_config.json`
+/// from `model_dir`. Only files that exist.
+fn export_sources(model_dir: &Path, tokenizer: Option<&Path>) -> Vec<(&'static str, PathBuf)> {
+    EXPORT_COPIED
+        .iter()
+        .filter_map(|&f| {
+            let src = match tokenizer {
+                Some(t) if f != "generation_config.json" => match (t.is_dir(), f) {
+                    (true, _) => t.join(f),
+                    (false, "tokenizer.json") => t.to_path_buf(),
+                    (false, _) => return None,
+                },
+                _ => model_dir.join(f),
+            };
+            src.is_file().then_some((f, src))
+        })
+        .collect()
+}
+
+/// The files [`export_hf_dir`] writes for a model in `model_dir` (tokenizer files from
+/// `tokenizer` when given).
+pub fn export_files(model_dir: &Path, tokenizer: Option<&Path>) -> Vec<String> {
     let mut v = vec!["config.json".to_string(), "model.safetensors".to_string()];
-    v.extend(
-        EXPORT_COPIED
-            .iter()
-            .filter(|f| model_dir.join(f).is_file())
-            .map(|f| f.to_string()),
-    );
+    v.extend(export_sources(model_dir, tokenizer).into_iter().map(|(f, _)| f.to_string()));
     v.sort();
     v
 }
 
 /// Writes `task` as a Hugging Face model directory `out`: LoRA merged, `model.safetensors` with
 /// HF key names (no adapters, routers or codebooks), `config.json` (with the label mapping for a
-/// classifier) and the tokenizer files of `model_dir`. Built in a temporary sibling directory and
+/// classifier) and the tokenizer files of `tokenizer` (a directory or a tokenizer.json file), else
+/// of `model_dir`. Built in a temporary sibling directory and
 /// moved in by [`crate::output_dir::install_export`], so no file is half-written and files that
 /// spt-train did not write are never replaced (an earlier export needs `overwrite`).
 pub fn export_hf_dir(
     task: &mut ModelTask,
     model_dir: &Path,
+    tokenizer: Option<&Path>,
     labels: Option<&LabelMap>,
     out: &Path,
     overwrite: bool,
 ) -> Result<()> {
-    crate::output_dir::check_export_dir(out, &export_files(model_dir), overwrite)?;
+    let files = export_files(model_dir, tokenizer);
+    crate::output_dir::check_export_dir(out, &files, overwrite)?;
     task.merge_lora()?;
     let tensors: HashMap<String, Tensor> = task
         .hf_tensors()
@@ -641,7 +660,7 @@ pub fn export_hf_dir(
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    crate::output_dir::remove_stale_export_staging(parent, &name, &export_files(model_dir))?;
+    crate::output_dir::remove_stale_export_staging(parent, &name, &files)?;
     let tmp = crate::output_dir::export_staging(parent, &name, std::process::id());
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -669,11 +688,8 @@ pub fn export_hf_dir(
         let cfg_text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Msg(e.to_string()))?;
         let dst = tmp.join("config.json");
         std::fs::write(&dst, cfg_text).map_err(|e| Error::io(&dst, e))?;
-        for f in EXPORT_COPIED {
-            let src = model_dir.join(f);
-            if src.is_file() {
-                std::fs::copy(&src, tmp.join(f)).map_err(|e| Error::io(&src, e))?;
-            }
+        for (f, src) in export_sources(model_dir, tokenizer) {
+            std::fs::copy(&src, tmp.join(f)).map_err(|e| Error::io(&src, e))?;
         }
         Ok(())
     };

@@ -27,9 +27,32 @@ pub(crate) struct ModelArgs {
     /// rebuilt in the run's mode: a different `--mode` is refused.
     #[arg(long, value_enum)]
     pub(crate) mode: Option<Mode>,
+    /// Tokenizer: a directory with tokenizer.json (or vocab.json + merges.txt, or vocab.txt), or
+    /// a tokenizer.json file (default: the one the run of --checkpoint was trained with, per its
+    /// finetune.toml; else --model's).
+    #[arg(long)]
+    pub(crate) tokenizer: Option<PathBuf>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub(crate) device: String,
+}
+
+impl ModelArgs {
+    /// The settings of the run that `--checkpoint` belongs to (its finetune.toml), if any: they
+    /// supply the defaults a later command needs to read data as the run did (tokenizer, columns,
+    /// max_length, block_size).
+    pub(crate) fn run_settings(&self) -> Result<Option<FinetuneConfig>> {
+        run_config(self.checkpoint.as_deref())
+    }
+
+    /// The tokenizer's source: `--tokenizer`, else the run's `tokenizer`, else none (the model
+    /// directory's own files).
+    pub(crate) fn tokenizer_source(&self) -> Result<Option<PathBuf>> {
+        if self.tokenizer.is_some() {
+            return Ok(self.tokenizer.clone());
+        }
+        Ok(self.run_settings()?.and_then(|r| r.tokenizer))
+    }
 }
 
 pub(crate) fn device(spec: &str) -> Result<Device> {
@@ -183,7 +206,9 @@ pub(crate) fn find_labels(
         .transpose()?)
 }
 
-pub(crate) fn tokenizer_for(model_dir: &Path, max_length: Option<usize>) -> Result<TextTokenizer> {
+/// The tokenizer of `m` (see [`ModelArgs::tokenizer_source`]) for texts truncated to
+/// `max_length` tokens (default: the model's maximum).
+pub(crate) fn tokenizer_for(m: &ModelArgs, model_dir: &Path, max_length: Option<usize>) -> Result<TextTokenizer> {
     let model_max = model_max_length(model_dir);
     let max = match (max_length, model_max) {
         // As finetune: texts are truncated to what the model takes.
@@ -194,7 +219,11 @@ pub(crate) fn tokenizer_for(model_dir: &Path, max_length: Option<usize>) -> Resu
         (Some(m), _) => m,
         (None, cap) => cap.unwrap_or(512),
     };
-    Ok(TextTokenizer::from_model_dir(model_dir, max)?)
+    Ok(match m.tokenizer_source()? {
+        Some(src) if src.is_dir() => TextTokenizer::from_model_dir(&src, max)?,
+        Some(src) => TextTokenizer::from_file(&src, max)?,
+        None => TextTokenizer::from_model_dir(model_dir, max)?,
+    })
 }
 
 /// A task as the `--task` flag spells it.

@@ -14,7 +14,8 @@ use spt_train::trainer::evaluate;
 pub(crate) struct EvalArgs {
     #[command(flatten)]
     pub(crate) model: ModelArgs,
-    /// A finetune config file: data columns, mode and sparsity settings are taken from it.
+    /// A finetune config file: data columns, mode and sparsity settings are taken from it
+    /// (default: the finetune.toml of the run that --checkpoint belongs to).
     #[arg(long)]
     pub(crate) config: Option<PathBuf>,
     /// classify or lm (default: `--config`'s task, else the model's: lm for GPT-2).
@@ -23,11 +24,13 @@ pub(crate) struct EvalArgs {
     /// Data file; repeat for several.
     #[arg(long = "data-file", required = true)]
     pub(crate) data_files: Vec<PathBuf>,
+    /// csv, tsv, jsonl or txt (default: from the file's extension).
     #[arg(long, value_enum)]
     pub(crate) format: Option<DataFormat>,
     /// Text column (default: `--config`'s, else `text`).
     #[arg(long)]
     pub(crate) text_column: Option<String>,
+    /// Second text column, for sentence pairs (default: `--config`'s, else none).
     #[arg(long)]
     pub(crate) text_pair_column: Option<String>,
     /// Label column (default: `--config`'s, else `label`).
@@ -40,12 +43,15 @@ pub(crate) struct EvalArgs {
     /// the id2label of the model's config.json, as an export writes it).
     #[arg(long)]
     pub(crate) label_map: Option<PathBuf>,
+    /// Examples per evaluation batch.
     #[arg(long, default_value_t = 32)]
     pub(crate) batch_size: usize,
+    /// Truncation length in tokens (default: `--config`'s, else the model's maximum).
     #[arg(long)]
     pub(crate) max_length: Option<usize>,
-    #[arg(long, default_value_t = 128)]
-    pub(crate) block_size: usize,
+    /// LM block length in tokens (default: `--config`'s, else 128).
+    #[arg(long)]
+    pub(crate) block_size: Option<usize>,
     /// Rows to evaluate: every row of the data files, or the validation rows that the seeded
     /// split of `--config` (`validation_split`, `split_by`, `seed`) holds out of them.
     #[arg(long, value_enum, default_value = "all")]
@@ -64,17 +70,21 @@ pub(crate) fn eval(a: &EvalArgs) -> Result<()> {
     }
     let dev = device(&a.model.device)?;
     let model_dir = resolve_model(&a.model.model)?;
-    let mut cfg = match &a.config {
-        Some(p) => FinetuneConfig::load(p)?,
-        None => FinetuneConfig::default(),
+    // The run's own settings when no --config is given: its data is then read as it was in
+    // training (tokenizer, columns, dropped labels, max_length, block_size).
+    let (mut cfg, settings_from) = match &a.config {
+        Some(p) => (FinetuneConfig::load(p)?, Some(format!("--config {}", p.display()))),
+        None => match a.model.run_settings()? {
+            Some(run) => (run, Some("the finetune.toml of --checkpoint's run".to_string())),
+            None => (FinetuneConfig::default(), None),
+        },
     };
     // A run's settings belong to its task: reading an LM run's columns as a classifier's would
     // fail on a column the run never had.
-    let task = match (a.task, &a.config) {
-        (Some(t), Some(p)) if t != cfg.task => bail!(
-            "--config {} is a {} run (its `task`), and --task asks for {}; drop --task, or give \
+    let task = match (a.task, &settings_from) {
+        (Some(t), Some(from)) if t != cfg.task => bail!(
+            "{from} is a {} run (its `task`), and --task asks for {}; drop --task, or give \
              that task's run config",
-            p.display(),
             task_name(cfg.task),
             task_name(t)
         ),
@@ -82,8 +92,8 @@ pub(crate) fn eval(a: &EvalArgs) -> Result<()> {
         (None, Some(_)) => cfg.task,
         (None, None) => task_of(&a.model.model)?,
     };
-    check_model(task, &model_dir).map_err(|e| match (a.task, &a.config) {
-        (None, Some(p)) => e.context(format!("--config {} is a {} run", p.display(), task_name(task))),
+    check_model(task, &model_dir).map_err(|e| match (a.task, &settings_from) {
+        (None, Some(from)) => e.context(format!("{from} is a {} run", task_name(task))),
         _ => e,
     })?;
     // The flags go through the same merge as finetune's: a flag given overrides `--config`
@@ -99,18 +109,22 @@ pub(crate) fn eval(a: &EvalArgs) -> Result<()> {
         drop_labels: a.drop_labels.clone(),
         label_map: labels_path(&a.label_map, &a.model.checkpoint, &model_dir),
         max_length: a.max_length,
-        block_size: Some(a.block_size),
+        block_size: a.block_size,
+        tokenizer: a.model.tokenizer.clone(),
         ..FinetuneArgs::default()
     });
     cfg.validation_files.clear();
     if a.split == EvalSplit::All {
         cfg.validation_split = 0.0;
-    } else if a.config.is_none() || cfg.validation_split <= 0.0 {
-        bail!("--split validation needs --config with a validation_split > 0 (the run's finetune.toml)");
+    } else if settings_from.is_none() || cfg.validation_split <= 0.0 {
+        bail!(
+            "--split validation needs the settings of a run that held out rows (validation_split > 0): \
+             --config RUN/finetune.toml, or --checkpoint RUN"
+        );
     }
     let tok = load_tokenizer(&cfg, &model_dir)?;
     let data = prepare_data(&cfg, &tok, None)?;
-    let settings = a.config.as_ref().map(|_| &cfg);
+    let settings = settings_from.as_ref().map(|_| &cfg);
     let (mut model, _) = load_trained(
         &a.model,
         task,

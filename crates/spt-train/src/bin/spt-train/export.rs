@@ -18,6 +18,7 @@ pub(crate) struct ExportArgs {
     /// Directory to write (config.json, model.safetensors with HF names, tokenizer files).
     #[arg(long)]
     pub(crate) out: PathBuf,
+    /// Replace an earlier export in --out (only one that spt-train wrote).
     #[arg(long)]
     pub(crate) overwrite: bool,
 }
@@ -38,10 +39,13 @@ pub(crate) fn export(a: &ExportArgs) -> Result<()> {
             );
         }
     }
-    check_export_dir(&a.out, &export_files(&model_dir), a.overwrite)?;
+    // The run's tokenizer (--tokenizer, or the run's `tokenizer`) goes into the export, so that
+    // the export tokenises text as the run did.
+    let tokenizer = a.model.tokenizer_source()?;
+    check_export_dir(&a.out, &export_files(&model_dir, tokenizer.as_deref()), a.overwrite)?;
     let task_kind = task_of(&a.model.model)?;
     check_model(task_kind, &model_dir)?;
-    check_tokenizer_files(&model_dir)?;
+    check_tokenizer_files(tokenizer.as_deref().unwrap_or(&model_dir))?;
     let labels = find_labels(&None, &a.model.checkpoint, &model_dir)?;
     let (mut task, model_dir) = load_trained(
         &a.model,
@@ -57,32 +61,32 @@ pub(crate) fn export(a: &ExportArgs) -> Result<()> {
              routing are training-time approximations and are not part of it"
         );
     }
-    export_hf_dir(&mut task, &model_dir, labels.as_ref(), &a.out, a.overwrite)?;
+    export_hf_dir(&mut task, &model_dir, tokenizer.as_deref(), labels.as_ref(), &a.out, a.overwrite)?;
     eprintln!("exported to {}", a.out.display());
     Ok(())
 }
 
 /// The export copies the model's tokenizer files as they are: a broken one is refused here, by
 /// name, rather than shipped inside a model that loads; a missing one is worth a warning, since
-/// the export then cannot tokenise text on its own.
-fn check_tokenizer_files(model_dir: &Path) -> Result<()> {
-    let any = ["tokenizer.json", "vocab.json", "vocab.txt"]
-        .iter()
-        .any(|f| model_dir.join(f).is_file());
-    if !any {
-        tracing::warn!(
-            "{} has no tokenizer files (tokenizer.json, vocab.json + merges.txt or vocab.txt), so \
-             the export has none: give --tokenizer when you use it",
-            model_dir.display()
-        );
-        return Ok(());
-    }
-    TextTokenizer::from_model_dir(model_dir, 512)
+/// the export then cannot tokenise text on its own. `src`: a directory, or a tokenizer.json file.
+fn check_tokenizer_files(src: &Path) -> Result<()> {
+    let checked = if src.is_dir() {
+        let any = ["tokenizer.json", "vocab.json", "vocab.txt"]
+            .iter()
+            .any(|f| src.join(f).is_file());
+        if !any {
+            tracing::warn!(
+                "{} has no tokenizer files (tokenizer.json, vocab.json + merges.txt or vocab.txt), \
+                 so the export has none: pass --tokenizer to export one",
+                src.display()
+            );
+            return Ok(());
+        }
+        TextTokenizer::from_model_dir(src, 512)
+    } else {
+        TextTokenizer::from_file(src, 512)
+    };
+    checked
         .map(drop)
-        .with_context(|| {
-            format!(
-                "checking the tokenizer that the export copies from {}",
-                model_dir.display()
-            )
-        })
+        .with_context(|| format!("checking the tokenizer that the export copies from {}", src.display()))
 }

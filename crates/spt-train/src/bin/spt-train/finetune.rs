@@ -1,11 +1,13 @@
 //! `spt-train finetune`: the run directory, resuming, training and the final evaluation.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::common::{build_task, check_model, checkpoint_path, device};
 use crate::Outcome;
 use anyhow::{bail, Context, Result};
-use spt_train::checkpoint::{checkpoint_step, list_checkpoints, remove_checkpoints, write_file_atomic};
+use spt_train::checkpoint::{
+    checkpoint_step, latest_checkpoint, list_checkpoints, remove_checkpoints, write_file_atomic,
+};
 use spt_train::config::{resolve_model, FinetuneArgs, FinetuneConfig};
 use spt_train::data::LabelMap;
 use spt_train::output_dir::{check_run_dir, prepare_run_dir};
@@ -13,6 +15,18 @@ use spt_train::pipeline::{load_tokenizer, prepare_data};
 use spt_train::trainer::{install_ctrlc_handler, Resume, Trainer};
 
 pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
+    let with_run_config;
+    let args = match resumed_run_config(args) {
+        Some(p) => {
+            eprintln!("note: --resume without --config or --model: the run's settings come from {}", p.display());
+            with_run_config = FinetuneArgs {
+                config: Some(p),
+                ..args.clone()
+            };
+            &with_run_config
+        }
+        None => args,
+    };
     let cfg = FinetuneConfig::from_args(args).context("reading the finetune settings")?;
     let dev = device(&cfg.device)?;
     let resume = resume_point(&cfg)?;
@@ -46,7 +60,14 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
     if let Resume::From(p) = &resume {
         discard_later_checkpoints(&cfg, p)?;
     }
-    let resolved = cfg.to_toml().context("serialising the resolved config")?;
+    // `overwrite` is this invocation's permission, not a setting of the run: a finetune.toml
+    // reused with --config must not grant it again.
+    let resolved = FinetuneConfig {
+        overwrite: false,
+        ..cfg.clone()
+    }
+    .to_toml()
+    .context("serialising the resolved config")?;
     write_file_atomic(&cfg.output_dir.join("finetune.toml"), resolved.as_bytes())
         .with_context(|| format!("writing {}", cfg.output_dir.join("finetune.toml").display()))?;
     if let Some(labels) = &data.labels {
@@ -78,9 +99,35 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
     Ok(Outcome::Done)
 }
 
+/// `finetune --resume` given neither `--config` nor `--model`: the finetune.toml of the run being
+/// resumed (the output directory's for `latest`, else the one the checkpoint belongs to).
+fn resumed_run_config(args: &FinetuneArgs) -> Option<PathBuf> {
+    if args.config.is_some() || args.model.is_some() {
+        return None;
+    }
+    let from = match args.resume.as_deref()? {
+        "latest" => args.output_dir.clone().unwrap_or_else(|| FinetuneConfig::default().output_dir),
+        p => PathBuf::from(p),
+    };
+    from.ancestors()
+        .take(4)
+        .map(|d| d.join("finetune.toml"))
+        .find(|p| p.is_file())
+}
+
 /// `--resume` resolved: `latest`, a checkpoint, or a run directory (its latest checkpoint).
+/// Checked before anything is written, so a run with nothing to resume leaves no folder behind.
 pub(crate) fn resume_point(cfg: &FinetuneConfig) -> Result<Resume> {
     Ok(match cfg.resume_from() {
+        Resume::Latest => {
+            latest_checkpoint(&cfg.output_dir.join("checkpoints")).with_context(|| {
+                format!(
+                    "--resume: nothing to resume in {}; drop --resume to start a new run there",
+                    cfg.output_dir.display()
+                )
+            })?;
+            Resume::Latest
+        }
         Resume::From(p) => {
             if !p.exists() {
                 bail!("--resume {}: no such checkpoint or run directory", p.display());

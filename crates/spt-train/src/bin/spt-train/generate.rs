@@ -17,8 +17,10 @@ use spt_train::tasks::Net;
 pub(crate) struct GenerateArgs {
     #[command(flatten)]
     pub(crate) model: ModelArgs,
+    /// Text to continue (empty: start from the end-of-text token).
     #[arg(long, default_value = "")]
     pub(crate) prompt: String,
+    /// Tokens to generate at most (capped at the model's context; stops early at end-of-text).
     #[arg(long, default_value_t = 50)]
     pub(crate) max_new_tokens: usize,
     /// Softmax temperature (> 0).
@@ -27,6 +29,7 @@ pub(crate) struct GenerateArgs {
     /// Sample among the k most likely tokens (0: all).
     #[arg(long, default_value_t = 50)]
     pub(crate) top_k: usize,
+    /// Sampling seed: the same seed, prompt and model give the same text.
     #[arg(long, default_value_t = 42)]
     pub(crate) seed: u64,
 }
@@ -44,7 +47,7 @@ pub(crate) fn generate(a: &GenerateArgs) -> Result<()> {
         );
     }
     check_model(TaskKind::Lm, &model_dir)?;
-    let tok = tokenizer_for(&model_dir, None)?;
+    let tok = tokenizer_for(&a.model, &model_dir, None)?;
     let eos = tok.eos_id();
     let mut ids = tok.encode_raw(&a.prompt)?;
     if ids.is_empty() {

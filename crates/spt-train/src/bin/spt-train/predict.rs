@@ -17,13 +17,17 @@ use spt_train::data::{read_classification, ColumnSpec, DataFormat, LabelMap, Tas
 pub(crate) struct PredictArgs {
     #[command(flatten)]
     pub(crate) model: ModelArgs,
-    /// CSV / TSV / JSONL file, or `-` for one text per line on stdin.
+    /// CSV / TSV / JSONL file, or `-` for one text per line on stdin (a blank line is an empty
+    /// text: each input line gets its output line).
     #[arg(long, default_value = "-")]
     pub(crate) input: String,
+    /// csv, tsv or jsonl (default: from the file's extension).
     #[arg(long, value_enum)]
     pub(crate) format: Option<DataFormat>,
-    #[arg(long, default_value = "text")]
-    pub(crate) text_column: String,
+    /// Text column of a CSV / TSV / JSONL input (default: the run's, for --checkpoint; else `text`).
+    #[arg(long)]
+    pub(crate) text_column: Option<String>,
+    /// Second text column, for sentence pairs (default: the run's, for --checkpoint; else none).
     #[arg(long)]
     pub(crate) text_pair_column: Option<String>,
     /// labels.json of the run (default: the checkpoint run's labels.json; without a checkpoint,
@@ -33,8 +37,10 @@ pub(crate) struct PredictArgs {
     /// Write JSON lines here instead of stdout.
     #[arg(long)]
     pub(crate) output: Option<PathBuf>,
+    /// Texts per batch.
     #[arg(long, default_value_t = 32)]
     pub(crate) batch_size: usize,
+    /// Truncation length in tokens (default: the run's, for --checkpoint; else the model's maximum).
     #[arg(long)]
     pub(crate) max_length: Option<usize>,
 }
@@ -50,7 +56,10 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
     let dev = device(&a.model.device)?;
     let model_dir = resolve_model(&a.model.model)?;
     check_model(TaskKind::Classify, &model_dir)?;
-    let tok = tokenizer_for(&model_dir, a.max_length)?;
+    // A run's texts were read with its columns and truncated at its max_length: the same here.
+    let run = a.model.run_settings()?;
+    let max_length = a.max_length.or(run.as_ref().and_then(|r| r.max_length));
+    let tok = tokenizer_for(&a.model, &model_dir, max_length)?;
     let labels = find_labels(&a.label_map, &a.model.checkpoint, &model_dir)?;
     if labels.is_none() && !config_gives_labels(&model_dir) {
         let cfg = model_dir.join("config.json");
@@ -73,16 +82,16 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
     let texts: Vec<(String, Option<String>)> = if a.input == "-" {
         let mut out = Vec::new();
         for (i, line) in std::io::stdin().lock().lines().enumerate() {
-            let line = line.with_context(|| format!("stdin: line {}", i + 1))?;
-            if !line.trim().is_empty() {
-                out.push((line, None));
-            }
+            // Every line, blank ones too: output line i answers input line i.
+            out.push((line.with_context(|| format!("stdin: line {}", i + 1))?, None));
         }
         out
     } else {
         let cols = ColumnSpec {
-            text: a.text_column.clone(),
-            text_pair: a.text_pair_column.clone(),
+            text: (a.text_column.clone())
+                .or(run.as_ref().map(|r| r.text_column.clone()))
+                .unwrap_or_else(|| "text".into()),
+            text_pair: (a.text_pair_column.clone()).or(run.as_ref().and_then(|r| r.text_pair_column.clone())),
             label: None,
             group: None,
         };
@@ -112,9 +121,9 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
     )?;
     task.net.freeze()?; // inference only: nothing recorded for a backward
                         // After the model's settings are checked, so that a wrong flag is named first.
-    if texts.is_empty() {
+    if texts.iter().all(|(t, p)| t.trim().is_empty() && p.as_deref().is_none_or(|p| p.trim().is_empty())) {
         let from = if a.input == "-" { "stdin" } else { a.input.as_str() };
-        bail!("{from}: no texts to predict (every line is empty)");
+        bail!("{from}: no texts to predict (no line holds any text)");
     }
     let data = EncodedDataset {
         task: TaskKind::Classify,
