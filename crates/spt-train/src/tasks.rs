@@ -624,7 +624,11 @@ fn export_sources(model_dir: &Path, tokenizer: Option<&Path>) -> Vec<(&'static s
 /// `tokenizer` when given).
 pub fn export_files(model_dir: &Path, tokenizer: Option<&Path>) -> Vec<String> {
     let mut v = vec!["config.json".to_string(), "model.safetensors".to_string()];
-    v.extend(export_sources(model_dir, tokenizer).into_iter().map(|(f, _)| f.to_string()));
+    v.extend(
+        export_sources(model_dir, tokenizer)
+            .into_iter()
+            .map(|(f, _)| f.to_string()),
+    );
     v.sort();
     v
 }

@@ -240,3 +240,28 @@ fn offline_uncached_hub_id_names_the_id() {
     );
     assert!(!out.exists(), "nothing is created before the model is found");
 }
+
+#[test]
+fn a_mistyped_local_path_is_named_beside_the_hub_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let models = tmp.path().join("models");
+    std::fs::create_dir_all(models.join("bert-tiny")).unwrap();
+    std::fs::write(models.join("bert-tiny/config.json"), "{}").unwrap();
+    let home = tmp.path().join("hf");
+    // `models/bert-tin` has the shape of a hub id (owner/name); the folder `models` is local.
+    let o = Command::new(env!("CARGO_BIN_EXE_spt-train"))
+        .args(["finetune", "--model", "models/bert-tin", "--train-file", "x.csv"])
+        .current_dir(tmp.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", &home)
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert!(!o.status.success(), "{e}");
+    assert!(
+        e.contains("HF_HUB_OFFLINE")
+            && e.contains("A local folder models exists, and has no bert-tin")
+            && e.contains("bert-tiny"),
+        "{e}"
+    );
+}

@@ -34,12 +34,14 @@ pub struct FinetuneArgs {
     /// Column kept whole on one side of the split (e.g. movie_name).
     #[arg(long)]
     pub split_by: Option<String>,
+    /// csv, tsv, jsonl or txt (default: from the file's extension).
     #[arg(long, value_enum, hide = true)]
     pub format: Option<DataFormat>,
     /// Column (CSV, TSV) or key (JSONL) holding the text (default: text).
     #[arg(long)]
     pub text_column: Option<String>,
-    #[arg(long, hide = true)]
+    /// Second text column or key, for sentence-pair tasks (default: none).
+    #[arg(long)]
     pub text_pair_column: Option<String>,
     /// Column or key holding the label (default: label).
     #[arg(long)]
@@ -53,8 +55,9 @@ pub struct FinetuneArgs {
     /// Truncate texts to this many tokens (default: the model's maximum).
     #[arg(long)]
     pub max_length: Option<usize>,
-    /// LM block length.
-    #[arg(long, hide = true)]
+    /// Tokens per training block for --task lm: the text is packed into blocks of this length
+    /// (default: 128).
+    #[arg(long)]
     pub block_size: Option<usize>,
     /// Run directory: checkpoints, metrics, the resolved settings (default: spt-output).
     #[arg(long)]
@@ -261,6 +264,21 @@ impl FinetuneConfig {
         for unused in cfg.unused_settings() {
             tracing::warn!("{unused}");
         }
+        let ignored = args.flags_ignored_in(cfg.mode);
+        if !ignored.is_empty() {
+            let wants = if cfg.mode == Mode::Dense {
+                "--mode lora or --mode spt"
+            } else {
+                "--mode spt"
+            };
+            tracing::warn!(
+                "{} {} no effect in {} mode; add {wants} to use {}",
+                ignored.join(", "),
+                if ignored.len() == 1 { "has" } else { "have" },
+                format!("{:?}", cfg.mode).to_lowercase(),
+                if ignored.len() == 1 { "it" } else { "them" },
+            );
+        }
         Ok(cfg)
     }
 
@@ -317,5 +335,43 @@ impl FinetuneConfig {
         if a.random_init {
             c.random_init = true;
         }
+    }
+}
+
+impl FinetuneArgs {
+    /// The flags given on the command line that `mode` does not use: the LoRA flags in dense
+    /// mode, the sparse-layer flags in dense and lora modes. (`--modules-to-save` in dense mode
+    /// is reported by [`FinetuneConfig::unused_settings`].)
+    pub fn flags_ignored_in(&self, mode: Mode) -> Vec<&'static str> {
+        let lora = [
+            ("--lora-rank", self.lora_rank.is_some()),
+            ("--lora-alpha", self.lora_alpha.is_some()),
+            ("--lora-dropout", self.lora_dropout.is_some()),
+        ];
+        let spt = [
+            ("--attn-k", self.attn_k.is_some()),
+            ("--attn-k-fraction", self.attn_k_fraction.is_some()),
+            ("--attn-tile", self.attn_tile.is_some()),
+            ("--pq-subspaces", self.pq_subspaces.is_some()),
+            ("--pq-codewords", self.pq_codewords.is_some()),
+            ("--pq-refresh-every", self.pq_refresh_every.is_some()),
+            ("--ffn-blocks", self.ffn_blocks.is_some()),
+            ("--ffn-top-k", self.ffn_top_k.is_some()),
+            ("--ffn-units", self.ffn_units.is_some()),
+            ("--ffn-correction", self.ffn_correction.is_some()),
+            ("--calibration-batches", self.calibration_batches.is_some()),
+            ("--router-aux-weight", self.router_aux_weight.is_some()),
+            ("--router-lr-scale", self.router_lr_scale.is_some()),
+        ];
+        let unused: &[(&'static str, bool)] = match mode {
+            Mode::Dense => &[&lora[..], &spt[..]].concat(),
+            Mode::Lora => &spt,
+            Mode::Spt => &[],
+        };
+        unused
+            .iter()
+            .filter(|(_, given)| *given)
+            .map(|(f, _)| *f)
+            .collect()
     }
 }

@@ -496,3 +496,23 @@ fn settings_without_effect_are_named() {
     let u = unused(&["--mode", "spt", "--attn-tile", "64"]); // the fast preset keeps every key
     assert!(u.len() == 1 && u[0].contains("--attn-tile"), "{u:?}");
 }
+
+#[test]
+fn flags_another_mode_uses_are_named() {
+    let a = FinetuneArgs {
+        lora_rank: Some(4),
+        ffn_top_k: Some(3),
+        attn_k_fraction: Some(0.5),
+        ..FinetuneArgs::default()
+    };
+    assert_eq!(
+        a.flags_ignored_in(Mode::Dense),
+        ["--lora-rank", "--attn-k-fraction", "--ffn-top-k"]
+    );
+    assert_eq!(
+        a.flags_ignored_in(Mode::Lora),
+        ["--attn-k-fraction", "--ffn-top-k"]
+    );
+    assert!(a.flags_ignored_in(Mode::Spt).is_empty());
+    assert!(FinetuneArgs::default().flags_ignored_in(Mode::Dense).is_empty());
+}

@@ -1,6 +1,7 @@
 //! `spt-train bench`: time fine-tuning steps, dense vs LoRA vs SPT, each mode in a fresh child
 //! process.
 
+use crate::say;
 use std::path::{Path, PathBuf};
 
 use crate::common::{check_output_file, device, task_of};
@@ -246,7 +247,7 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
         }
         write_file_atomic(out, serde_json::to_string_pretty(&doc)?.as_bytes())
             .with_context(|| format!("writing {}", out.display()))?;
-        eprintln!("bench: wrote {}", out.display());
+        say!("bench: wrote {}", out.display());
     } else {
         println!("{}", serde_json::to_string_pretty(&doc)?);
     }

@@ -1,6 +1,7 @@
 //! What the subcommands share: the model arguments, the device, building the task, finding a
 //! checkpoint's run settings, labels and tokenizer, and loading a trained model.
 
+use crate::say;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -88,13 +89,13 @@ pub(crate) fn build_task(
             initialised: Vec::new(),
             ..task.summary.clone()
         };
-        eprintln!("{summary}; trained values come from the checkpoint being resumed");
+        say!("{summary}; trained values come from the checkpoint being resumed");
     } else {
-        eprintln!("{}", task.summary);
+        say!("{}", task.summary);
     }
     if let Some(r) = &task.sparsify_report {
         for l in &r.layers {
-            eprintln!(
+            say!(
                 "layer {}: attention {} (PQ mse {}), ffn {}{}, {} calibration tokens, LoRA on {}",
                 l.layer,
                 l.attention,
@@ -208,7 +209,11 @@ pub(crate) fn find_labels(
 
 /// The tokenizer of `m` (see [`ModelArgs::tokenizer_source`]) for texts truncated to
 /// `max_length` tokens (default: the model's maximum).
-pub(crate) fn tokenizer_for(m: &ModelArgs, model_dir: &Path, max_length: Option<usize>) -> Result<TextTokenizer> {
+pub(crate) fn tokenizer_for(
+    m: &ModelArgs,
+    model_dir: &Path,
+    max_length: Option<usize>,
+) -> Result<TextTokenizer> {
     let model_max = model_max_length(model_dir);
     let max = match (max_length, model_max) {
         // As finetune: texts are truncated to what the model takes.

@@ -73,7 +73,10 @@ pub(crate) fn eval(a: &EvalArgs) -> Result<()> {
     // The run's own settings when no --config is given: its data is then read as it was in
     // training (tokenizer, columns, dropped labels, max_length, block_size).
     let (mut cfg, settings_from) = match &a.config {
-        Some(p) => (FinetuneConfig::load(p)?, Some(format!("--config {}", p.display()))),
+        Some(p) => (
+            FinetuneConfig::load(p)?,
+            Some(format!("--config {}", p.display())),
+        ),
         None => match a.model.run_settings()? {
             Some(run) => (run, Some("the finetune.toml of --checkpoint's run".to_string())),
             None => (FinetuneConfig::default(), None),

@@ -1,5 +1,6 @@
 //! `spt-train export`: merge LoRA and write a Hugging Face model directory.
 
+use crate::say;
 use std::path::{Path, PathBuf};
 
 use crate::common::{check_model, find_labels, load_trained, task_of, ModelArgs};
@@ -42,7 +43,11 @@ pub(crate) fn export(a: &ExportArgs) -> Result<()> {
     // The run's tokenizer (--tokenizer, or the run's `tokenizer`) goes into the export, so that
     // the export tokenises text as the run did.
     let tokenizer = a.model.tokenizer_source()?;
-    check_export_dir(&a.out, &export_files(&model_dir, tokenizer.as_deref()), a.overwrite)?;
+    check_export_dir(
+        &a.out,
+        &export_files(&model_dir, tokenizer.as_deref()),
+        a.overwrite,
+    )?;
     let task_kind = task_of(&a.model.model)?;
     check_model(task_kind, &model_dir)?;
     check_tokenizer_files(tokenizer.as_deref().unwrap_or(&model_dir))?;
@@ -56,13 +61,20 @@ pub(crate) fn export(a: &ExportArgs) -> Result<()> {
         None,
     )?;
     if task.sparse_layers() > 0 {
-        eprintln!(
+        say!(
             "note: the export is a dense Hugging Face model (LoRA merged); sparse attention and FFN \
              routing are training-time approximations and are not part of it"
         );
     }
-    export_hf_dir(&mut task, &model_dir, tokenizer.as_deref(), labels.as_ref(), &a.out, a.overwrite)?;
-    eprintln!("exported to {}", a.out.display());
+    export_hf_dir(
+        &mut task,
+        &model_dir,
+        tokenizer.as_deref(),
+        labels.as_ref(),
+        &a.out,
+        a.overwrite,
+    )?;
+    say!("exported to {}", a.out.display());
     Ok(())
 }
 
@@ -86,7 +98,10 @@ fn check_tokenizer_files(src: &Path) -> Result<()> {
     } else {
         TextTokenizer::from_file(src, 512)
     };
-    checked
-        .map(drop)
-        .with_context(|| format!("checking the tokenizer that the export copies from {}", src.display()))
+    checked.map(drop).with_context(|| {
+        format!(
+            "checking the tokenizer that the export copies from {}",
+            src.display()
+        )
+    })
 }

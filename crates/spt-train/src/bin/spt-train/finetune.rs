@@ -1,5 +1,6 @@
 //! `spt-train finetune`: the run directory, resuming, training and the final evaluation.
 
+use crate::say;
 use std::path::{Path, PathBuf};
 
 use crate::common::{build_task, check_model, checkpoint_path, device};
@@ -18,7 +19,10 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
     let with_run_config;
     let args = match resumed_run_config(args) {
         Some(p) => {
-            eprintln!("note: --resume without --config or --model: the run's settings come from {}", p.display());
+            say!(
+                "note: --resume without --config or --model: the run's settings come from {}",
+                p.display()
+            );
             with_run_config = FinetuneArgs {
                 config: Some(p),
                 ..args.clone()
@@ -106,7 +110,10 @@ fn resumed_run_config(args: &FinetuneArgs) -> Option<PathBuf> {
         return None;
     }
     let from = match args.resume.as_deref()? {
-        "latest" => args.output_dir.clone().unwrap_or_else(|| FinetuneConfig::default().output_dir),
+        "latest" => args
+            .output_dir
+            .clone()
+            .unwrap_or_else(|| FinetuneConfig::default().output_dir),
         p => PathBuf::from(p),
     };
     from.ancestors()
@@ -150,7 +157,7 @@ pub(crate) fn discard_later_checkpoints(cfg: &FinetuneConfig, from: &Path) -> Re
         .collect();
     if later.is_empty() {
         if !from.starts_with(&cfg.output_dir) {
-            eprintln!(
+            say!(
                 "note: resuming from {} into {}: a new run folder (a fork); the original run is unchanged",
                 from.display(),
                 cfg.output_dir.display()

@@ -1,5 +1,6 @@
 //! `spt-train generate`: sample text from a GPT-2 model.
 
+use crate::say;
 use std::io::Write;
 
 use crate::common::{check_model, device, load_trained, model_type, tokenizer_for, ModelArgs};
@@ -62,7 +63,7 @@ pub(crate) fn generate(a: &GenerateArgs) -> Result<()> {
     // is capped there and said so.
     let max_new = a.max_new_tokens.min(ctx_len - n_prompt);
     if max_new < a.max_new_tokens {
-        eprintln!(
+        say!(
             "note: --max-new-tokens {} capped at {max_new}: the prompt ({n_prompt} tokens) and the \
              generated text fit the model's context of {ctx_len} tokens",
             a.max_new_tokens

@@ -71,8 +71,24 @@ enum Command {
     Bench(BenchArgs),
 }
 
+/// `-q`: the progress lines printed with [`say!`] are left out as well as the info logs.
+pub(crate) static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// An informational line on stderr (a summary, where a file went), left out under `-q`. Warnings
+/// and notes about removed files are printed whatever the flags.
+macro_rules! say {
+    ($($t:tt)*) => {
+        if !$crate::QUIET.load(std::sync::atomic::Ordering::Relaxed) {
+            eprintln!($($t)*);
+        }
+    };
+}
+pub(crate) use say;
+
 fn init_tracing(verbose: u8, quiet: bool) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
+    QUIET.store(quiet, std::sync::atomic::Ordering::Relaxed);
     let level = match (quiet, verbose) {
         (true, _) => "warn",
         (false, 0) => "info",
@@ -83,6 +99,8 @@ fn init_tracing(verbose: u8, quiet: bool) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal: a log redirected to a file stays plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
 }

@@ -121,7 +121,10 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
     )?;
     task.net.freeze()?; // inference only: nothing recorded for a backward
                         // After the model's settings are checked, so that a wrong flag is named first.
-    if texts.iter().all(|(t, p)| t.trim().is_empty() && p.as_deref().is_none_or(|p| p.trim().is_empty())) {
+    if texts
+        .iter()
+        .all(|(t, p)| t.trim().is_empty() && p.as_deref().is_none_or(|p| p.trim().is_empty()))
+    {
         let from = if a.input == "-" { "stdin" } else { a.input.as_str() };
         bail!("{from}: no texts to predict (no line holds any text)");
     }

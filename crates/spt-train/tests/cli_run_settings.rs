@@ -1,0 +1,300 @@
+//! The commands after `finetune` read data as the run did, from the run's finetune.toml beside
+//! `--checkpoint`: its tokenizer, columns, max_length and block_size; and `finetune --resume`
+//! needs nothing but the run folder.
+
+mod common;
+
+use std::path::Path;
+
+use common::{fixture, last_json, run, run_err, run_ok};
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// 40 lines of text for a language model.
+fn lm_text(dir: &Path) -> std::path::PathBuf {
+    let words = ["the", "good", "movie", "was", "very", "bad", "story"];
+    let text: String = (0..40)
+        .map(|i| {
+            (0..8)
+                .map(|j| words[(i * 3 + j * 5) % words.len()])
+                .collect::<Vec<_>>()
+                .join(" ")
+                + "\n"
+        })
+        .collect();
+    let p = dir.join("text.txt");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn a_run_trained_with_its_own_tokenizer_keeps_it_for_eval_generate_and_export() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-gpt2", tmp.path());
+    // The model directory without tokenizer files, as a config-only GPT-2 is; the tokenizer
+    // lives elsewhere and is given to finetune only.
+    let tok_dir = tmp.path().join("tok");
+    std::fs::create_dir(&tok_dir).unwrap();
+    std::fs::rename(model.join("tokenizer.json"), tok_dir.join("tokenizer.json")).unwrap();
+    let text = lm_text(tmp.path());
+    let run_dir = tmp.path().join("run");
+    let (m, r) = (s(&model), s(&run_dir));
+    run_ok(
+        &[
+            "finetune",
+            "--model",
+            m,
+            "--tokenizer",
+            s(&tok_dir),
+            "--task",
+            "lm",
+            "--train-file",
+            s(&text),
+            "--block-size",
+            "16",
+            "--output-dir",
+            r,
+            "--mode",
+            "lora",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--no-progress",
+        ],
+        None,
+    );
+    // Without the run's tokenizer these all failed: "no tokenizer.json … in" the model directory.
+    let eval = |extra: &[&str]| {
+        let args = [
+            &["eval", "--model", m, "--checkpoint", r, "--data-file", s(&text)][..],
+            extra,
+        ]
+        .concat();
+        last_json(&run_ok(&args, None))
+    };
+    let from_run = eval(&[]);
+    // The run's block_size (16), not eval's old fixed default of 128 (which fits no block of this
+    // text's 320 tokens in fewer than 3).
+    assert_eq!(
+        from_run["examples"],
+        eval(&["--block-size", "16"])["examples"],
+        "{from_run}"
+    );
+    assert_ne!(
+        from_run["examples"],
+        eval(&["--block-size", "8"])["examples"],
+        "{from_run}"
+    );
+    assert!(from_run["perplexity"].as_f64().unwrap().is_finite(), "{from_run}");
+    let gen = run_ok(
+        &[
+            "generate",
+            "--model",
+            m,
+            "--checkpoint",
+            r,
+            "--prompt",
+            "the good",
+            "--max-new-tokens",
+            "3",
+        ],
+        None,
+    );
+    assert!(String::from_utf8_lossy(&gen.stdout).starts_with("the good"));
+    let export = tmp.path().join("export");
+    run_ok(
+        &["export", "--model", m, "--checkpoint", r, "--out", s(&export)],
+        None,
+    );
+    assert_eq!(
+        std::fs::read(export.join("tokenizer.json")).unwrap(),
+        std::fs::read(tok_dir.join("tokenizer.json")).unwrap(),
+        "the export carries the run's tokenizer"
+    );
+    // The export then generates on its own.
+    run_ok(
+        &[
+            "generate",
+            "--model",
+            s(&export),
+            "--prompt",
+            "the",
+            "--max-new-tokens",
+            "2",
+        ],
+        None,
+    );
+    // --tokenizer still wins over the run's: a file that is not a tokenizer is named.
+    let bad = tmp.path().join("not-a-tokenizer.json");
+    std::fs::write(&bad, "{}").unwrap();
+    let e = run_err(&[
+        "generate",
+        "--model",
+        m,
+        "--checkpoint",
+        r,
+        "--tokenizer",
+        s(&bad),
+    ]);
+    assert!(e.contains("not-a-tokenizer.json"), "{e}");
+}
+
+#[test]
+fn eval_and_predict_read_the_runs_columns_and_max_length() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-bert-cls", tmp.path());
+    let data = common::reviews_csv(tmp.path(), "d.csv", "review,verdict,film");
+    let run_dir = tmp.path().join("run");
+    let (m, r, d) = (s(&model), s(&run_dir), s(&data));
+    run_ok(
+        &[
+            "finetune",
+            "--model",
+            m,
+            "--train-file",
+            d,
+            "--text-column",
+            "review",
+            "--label-column",
+            "verdict",
+            "--split-by",
+            "film",
+            "--validation-split",
+            "0.3",
+            "--max-length",
+            "3",
+            "--output-dir",
+            r,
+            "--mode",
+            "lora",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "8",
+            "--no-progress",
+        ],
+        None,
+    );
+    // No column flags: the run's. (Before: "missing column `label`".)
+    let rep = last_json(&run_ok(
+        &["eval", "--model", m, "--checkpoint", r, "--data-file", d],
+        None,
+    ));
+    assert_eq!(rep["examples"], 60, "{rep}");
+    let held_out = last_json(&run_ok(
+        &[
+            "eval",
+            "--model",
+            m,
+            "--checkpoint",
+            r,
+            "--data-file",
+            d,
+            "--split",
+            "validation",
+        ],
+        None,
+    ));
+    let n = held_out["examples"].as_u64().unwrap();
+    assert!(n > 0 && n < 60, "{held_out}");
+    // The run truncated at 3 tokens (of 6), and so does eval: a longer limit changes the loss.
+    let longer = last_json(&run_ok(
+        &[
+            "eval",
+            "--model",
+            m,
+            "--checkpoint",
+            r,
+            "--data-file",
+            d,
+            "--max-length",
+            "12",
+        ],
+        None,
+    ));
+    assert_ne!(rep["loss"], longer["loss"], "{rep} {longer}");
+    let o = run_ok(&["predict", "--model", m, "--checkpoint", r, "--input", d], None);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 60);
+    // One output line per input line, a blank one included.
+    let o = run_ok(
+        &["predict", "--model", m, "--checkpoint", r],
+        Some("a good movie\n\nbad\n"),
+    );
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    let texts: Vec<String> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(texts, ["a good movie", "", "bad"], "{out}");
+}
+
+#[test]
+fn resume_needs_only_the_run_folder_and_refuses_before_writing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-bert-cls", tmp.path());
+    let data = common::reviews_csv(tmp.path(), "d.csv", "text,label,movie");
+    let (m, d) = (s(&model), s(&data));
+    let train = |out: &str, extra: &[&str]| {
+        let args = [
+            &[
+                "finetune",
+                "--model",
+                m,
+                "--train-file",
+                d,
+                "--output-dir",
+                out,
+                "--mode",
+                "lora",
+                "--batch-size",
+                "8",
+                "--save-every",
+                "1",
+                "--no-progress",
+            ][..],
+            extra,
+        ]
+        .concat();
+        run(&args, None)
+    };
+    // Nothing to resume: refused, and the folder is not created.
+    let fresh = tmp.path().join("fresh");
+    let o = train(s(&fresh), &["--max-steps", "2", "--resume"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("nothing to resume"), "{e}");
+    assert!(
+        !fresh.exists(),
+        "a refused --resume left {} behind",
+        fresh.display()
+    );
+
+    let run_dir = tmp.path().join("run");
+    let r = s(&run_dir);
+    assert!(train(r, &["--max-steps", "2", "--overwrite"]).status.success());
+    // --overwrite is this invocation's, not the run's: the saved settings do not grant it again.
+    let toml = std::fs::read_to_string(run_dir.join("finetune.toml")).unwrap();
+    assert!(toml.contains("overwrite = false"), "{toml}");
+    // Resume with the run folder alone: its finetune.toml supplies the model, data and settings.
+    let o = run_ok(
+        &[
+            "finetune",
+            "--output-dir",
+            r,
+            "--resume",
+            "--max-steps",
+            "3",
+            "--no-progress",
+        ],
+        None,
+    );
+    assert_eq!(last_json(&o)["step"], 3);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("finetune.toml"));
+}
