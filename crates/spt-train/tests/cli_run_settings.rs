@@ -297,4 +297,11 @@ fn resume_needs_only_the_run_folder_and_refuses_before_writing() {
     );
     assert_eq!(last_json(&o)["step"], 3);
     assert!(String::from_utf8_lossy(&o.stderr).contains("finetune.toml"));
+    // Resuming a finished run trains nothing, and says so.
+    let o = run_ok(
+        &["finetune", "--output-dir", r, "--resume", "--no-progress"],
+        None,
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("already at its last step (3)"), "{e}");
 }

@@ -41,7 +41,8 @@ pub enum DataError {
         // Named `error`, not `source`: shown in the message, not chained (no double printing).
         error: std::io::Error,
     },
-    #[error("{}: the file is empty (no data rows{detail})", path.display())]
+    /// `detail` empty: the file holds no rows at all; else what left none.
+    #[error("{}: {}", path.display(), if detail.is_empty() { "the file is empty (no data rows)".to_string() } else { format!("no data rows{detail}") })]
     Empty { path: PathBuf, detail: String },
     #[error("{}: line {line}: missing column `{column}` (columns: {available})", path.display())]
     MissingColumn {

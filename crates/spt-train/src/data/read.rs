@@ -152,7 +152,7 @@ pub fn read_classification_counted(
     }
     if examples.is_empty() {
         let detail = if before > 0 {
-            format!(" left after dropping labels {drop_labels:?}")
+            format!(" left after dropping labels {drop_labels:?} (every one of its {before} rows had one)")
         } else {
             String::new()
         };
@@ -731,6 +731,20 @@ mod tests {
         assert_eq!(d.examples[3].group.as_deref(), Some("Movie C"));
         let labels = LabelMap::from_data(&d).unwrap();
         assert_eq!(labels.labels(), ["fresh", "rotten"]);
+        // Dropping every label that occurs leaves no rows: said so, not "the file is empty".
+        let drop_all: Vec<String> = ["plot", "fresh", "rotten"].map(String::from).to_vec();
+        let e = read_classification(&p, None, &rt_spec(), &drop_all)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no data rows left after dropping labels") && !e.contains("file is empty"),
+            "{e}"
+        );
+        let empty = write(dir.path(), "empty.csv", b"category,text,movie_name\n");
+        let e = read_classification(&empty, None, &rt_spec(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("the file is empty"), "{e}");
     }
 
     #[test]

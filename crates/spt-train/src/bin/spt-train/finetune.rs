@@ -81,6 +81,13 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
     let stop = install_ctrlc_handler()?;
     let mut trainer = Trainer::new(task, cfg.trainer_config(data.train.len()), dev).with_stop_flag(stop);
     let summary = trainer.train(&data.train, data.validation.as_ref(), &resume)?;
+    if summary.resumed_from == Some(summary.steps) && summary.train_losses.is_empty() {
+        say!(
+            "note: the run was already at its last step ({}); nothing to train. Raise --max-steps or \
+             --epochs to continue it",
+            summary.steps
+        );
+    }
     let eval = summary.evals.last();
     println!(
         "{}",
