@@ -9,7 +9,7 @@
 //!
 //!     cargo run --release --example sparse_block -- [--cpu] [--seq 512] [--k 64]
 //!
-//! CPU only for now (`--cpu` is accepted for uniformity with the other examples).
+//! It runs on the CPU (`--cpu` is accepted and changes nothing).
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};

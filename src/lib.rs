@@ -66,7 +66,8 @@
 //! # }
 //! ```
 //!
-//! A model of your own trains the same way by implementing [`train::trainer::TrainTask`]. To put
+//! A model of your own trains the same way by implementing [`train::trainer::TrainTask`]
+//! (`crates/spt-train/examples/toy_trainer.rs` does, for a bag-of-embeddings classifier). To put
 //! the sparse layers into your own candle model instead, see `examples/sparse_block.rs` and the
 //! README's `pq_sparse_attention` example; the `spt-train` command line is in `docs/cli.md`.
 
