@@ -8,18 +8,32 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
-/// Fraction of `preds` equal to `labels` (0 for empty input).
-pub fn accuracy(preds: &[u32], labels: &[u32]) -> f64 {
-    if preds.is_empty() || preds.len() != labels.len() {
-        return 0.0;
+/// Predictions and labels pair up one to one: a length mismatch is a caller's bug, named.
+fn check_pairs(what: &str, preds: &[u32], labels: &[u32]) -> Result<()> {
+    if preds.len() != labels.len() {
+        return Err(Error::Msg(format!(
+            "{what}: {} predictions for {} labels; they pair up one to one",
+            preds.len(),
+            labels.len()
+        )));
     }
-    preds.iter().zip(labels).filter(|(p, l)| p == l).count() as f64 / preds.len() as f64
+    Ok(())
+}
+
+/// Fraction of `preds` equal to `labels` (0 for empty input); an error when their lengths differ.
+pub fn accuracy(preds: &[u32], labels: &[u32]) -> Result<f64> {
+    check_pairs("accuracy", preds, labels)?;
+    if preds.is_empty() {
+        return Ok(0.0);
+    }
+    Ok(preds.iter().zip(labels).filter(|(p, l)| p == l).count() as f64 / preds.len() as f64)
 }
 
 /// Unweighted mean over classes `0..num_classes` of per-class F1. A class absent from both
 /// predictions and labels is left out of the mean (as scikit-learn does with `labels=` unset);
-/// a class with no true positives scores 0.
-pub fn macro_f1(preds: &[u32], labels: &[u32], num_classes: usize) -> f64 {
+/// a class with no true positives scores 0. An error when the lengths differ.
+pub fn macro_f1(preds: &[u32], labels: &[u32], num_classes: usize) -> Result<f64> {
+    check_pairs("macro_f1", preds, labels)?;
     // Counts of the classes that occur only: a class id is data, and a vector sized by the
     // largest one (u32::MAX from a bad label) would not fit in memory.
     let mut counts: BTreeMap<u32, [u64; 3]> = BTreeMap::new(); // tp, fp, fn
@@ -39,13 +53,13 @@ pub fn macro_f1(preds: &[u32], labels: &[u32], num_classes: usize) -> f64 {
         }
     }
     if counts.is_empty() {
-        return 0.0;
+        return Ok(0.0);
     }
     let sum: f64 = counts
         .values()
         .map(|[tp, fp, fneg]| 2.0 * *tp as f64 / (2 * tp + fp + fneg) as f64)
         .sum();
-    sum / counts.len() as f64
+    Ok(sum / counts.len() as f64)
 }
 
 /// A weighted running mean (e.g. of per-token or per-example losses).
@@ -295,12 +309,17 @@ mod tests {
     fn accuracy_and_macro_f1_by_hand() {
         let labels = [0, 0, 1, 1, 2, 2];
         let preds = [0, 1, 1, 1, 2, 0];
-        assert!((accuracy(&preds, &labels) - 4.0 / 6.0).abs() < 1e-12);
+        assert!((accuracy(&preds, &labels).unwrap() - 4.0 / 6.0).abs() < 1e-12);
         // class 0: tp1 fp1 fn1 → 0.5; class 1: tp2 fp1 fn0 → 0.8; class 2: tp1 fp0 fn1 → 2/3
         let want = (0.5 + 0.8 + 2.0 / 3.0) / 3.0;
-        assert!((macro_f1(&preds, &labels, 3) - want).abs() < 1e-12);
-        assert_eq!(macro_f1(&[1, 1], &[1, 1], 3), 1.0); // absent classes are left out
-        assert_eq!(accuracy(&[], &[]), 0.0);
+        assert!((macro_f1(&preds, &labels, 3).unwrap() - want).abs() < 1e-12);
+        assert_eq!(macro_f1(&[1, 1], &[1, 1], 3).unwrap(), 1.0); // absent classes are left out
+        assert_eq!(accuracy(&[], &[]).unwrap(), 0.0);
+        // Mismatched lengths are named, not scored (accuracy used to return 0, macro-F1 to
+        // score the shorter prefix).
+        let e = accuracy(&[1, 2], &[1]).unwrap_err().to_string();
+        assert!(e.contains("2 predictions for 1 labels"), "{e}");
+        assert!(macro_f1(&[1], &[1, 0], 2).is_err());
     }
 
     #[test]
@@ -388,7 +407,7 @@ mod tests {
         assert_eq!(w.read_all().unwrap().len(), 3);
         // Macro-F1 counts only the classes that occur: a label id of u32::MAX is data, not a
         // class count (it allocated 3 × 2^32 counters and aborted).
-        assert_eq!(macro_f1(&[0, u32::MAX], &[0, u32::MAX], usize::MAX), 1.0);
-        assert_eq!(macro_f1(&[0, 1], &[0, 1], 1 << 40), 1.0);
+        assert_eq!(macro_f1(&[0, u32::MAX], &[0, u32::MAX], usize::MAX).unwrap(), 1.0);
+        assert_eq!(macro_f1(&[0, 1], &[0, 1], 1 << 40).unwrap(), 1.0);
     }
 }

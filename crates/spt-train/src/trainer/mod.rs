@@ -333,8 +333,8 @@ pub fn evaluate<T: TrainTask + ?Sized>(
     let (acc, f1) = if have_preds && !preds.is_empty() {
         let classes = preds.iter().chain(labels.iter()).copied().max().unwrap_or(0) as usize + 1;
         (
-            Some(accuracy(&preds, &labels)),
-            Some(macro_f1(&preds, &labels, classes)),
+            Some(accuracy(&preds, &labels)?),
+            Some(macro_f1(&preds, &labels, classes)?),
         )
     } else {
         (None, None)
