@@ -123,6 +123,8 @@ def run(args, seed, torch, transformers, rows, labels, tok):
     train_ids, valid_ids = enc(train), enc(valid)
     order = epoch_batches([len(e) for e in train_ids], args.batch_size, seed)
     total = len(order)
+    if args.smoke:  # a pipeline check: 3 steps, 64 validation rows
+        order, valid, valid_ids = order[:3], valid[:64], valid_ids[:64]
     warmup = math.ceil(0.1 * total)
     lr = args.lr if args.lr is not None else (1e-4 if args.mode == "full" else 1e-3)
 
@@ -211,9 +213,14 @@ def main():
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--added-by", default=None)
     ap.add_argument("--dry-run", action="store_true", help="print the split and batch counts, train nothing")
+    ap.add_argument("--smoke", action="store_true", help="3 steps, 64 validation rows, print, record nothing")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # Accuracy, not speed, is measured here, and an epoch takes minutes: OpenMP's spinning
+    # threads slow torch ~15x (6 s instead of 0.35 s a step) whenever anything else runs (a
+    # cargo build), which passive waiting avoids.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     torch = setup_torch()
     import transformers
 
@@ -233,6 +240,9 @@ def main():
             continue
         before = loadavg()
         res = run(args, seed, torch, transformers, rows, labels, tok)
+        if args.smoke:
+            print(json.dumps({"seed": seed, **res}))
+            continue
         variant = "PyTorch full fine-tuning" if args.mode == "full" else "PyTorch + PEFT LoRA r = 8"
         rec = {
             "case": {"model": "all-MiniLM-L6-v2", "dataset": DATASET.format(seed), "mode": f"pytorch-{args.mode}"},
