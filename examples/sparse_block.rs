@@ -191,6 +191,10 @@ fn main() -> Result<()> {
         .max(0)?
         .to_scalar::<f32>()?;
     println!("all keys + all blocks vs dense: max |Δ| = {max_abs:.2e}");
+    anyhow::ensure!(
+        max_abs < 1e-4,
+        "every key and every block should reproduce the dense block (f32 rounding only), got max |Δ| = {max_abs:.2e}"
+    );
 
     // 2. Really sparse: top-k keys, 2 of 8 FFN blocks with a router fitted to activation norms.
     let mut routed = block.routed(8, BlockTopK::Count(2), GateMode::SoftmaxKept)?;

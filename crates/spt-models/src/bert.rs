@@ -743,7 +743,8 @@ impl BertForSequenceClassification {
         self.bert.seed_dropout(seed);
     }
 
-    /// Logits `[B, num_labels]`.
+    /// Logits `[B, num_labels]` of `input_ids [B, L]`; `attention_mask [B, L]`: 1 = attend, 0 =
+    /// padding (an additive mask is refused).
     pub fn forward_t(
         &self,
         input_ids: &Tensor,

@@ -600,7 +600,8 @@ impl GPT2LMHeadModel {
         }
     }
 
-    /// Logits `[B, L, vocab]`.
+    /// Logits `[B, L, vocab]` of `input_ids [B, L]`; `attention_mask [B, L]`: 1 = attend, 0 =
+    /// padding (an additive mask is refused).
     pub fn forward_t(
         &self,
         input_ids: &Tensor,

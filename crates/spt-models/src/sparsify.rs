@@ -392,7 +392,14 @@ fn gather_valid(trace: &LayerTrace, mask: Option<&Tensor>) -> Result<(Tensor, Te
 }
 
 /// Converts `model` in place as `cfg` says, calibrating on `calibration` batches (at least one
-/// when sparse attention is requested). Layers not selected stay as they are.
+/// when sparse attention, a fitted router or clustered FFN units are requested: the defaults fit
+/// the routers). Layers not selected stay as they are.
+///
+/// What trains afterwards: the adapters, and the new routers, which come back as trainable
+/// variables. spt-train gives the routers a learning rate of 0 by default (`router_lr_scale`:
+/// trained at the adapters' rate they destabilised runs), so with an optimizer of your own,
+/// leave them out or scale them. The base weights train as the model was loaded
+/// ([`crate::LoadOptions`]): spt-train loads them frozen except the task head.
 pub fn sparsify<M: SptModel + ?Sized>(
     model: &mut M,
     cfg: &SptConfig,

@@ -13,8 +13,8 @@
 //! Cost: one `[N, d]·[d, V]` GEMM forward, one for `dh`, one more for `dW` if tracked — the same
 //! products as the unfused path, minus `dW` for a frozen head, and with O(chunk·V) memory.
 //! The gradients are computed only when an input is tracked, so evaluation pays one GEMM.
-//! On devices other than the CPU (and for dtypes other than f32/f64) the op runs
-//! [`linear_cross_entropy_reference`], which materialises the logits.
+//! On the CPU it takes f32 or f64 (other dtypes are refused by name); on CUDA it runs
+//! [`linear_cross_entropy_reference`] (f32, f64 or bf16), which materialises the logits.
 
 use crate::blas::{gemm_into, inner_par, transpose, Mat};
 use crate::simd::Vector;

@@ -1,4 +1,4 @@
-//! The trainer on a toy model, to see the progress bar, logs, checkpoints, Ctrl-C and `--resume`
+//! The trainer on a toy model, to see the progress bar, logs, checkpoints, Ctrl-C and resuming
 //! without a real checkpoint:
 //!
 //! ```text

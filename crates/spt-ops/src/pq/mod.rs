@@ -4,8 +4,9 @@
 //! codebook holds `C ≤ 256` codewords per subspace, shape `[S, C, d_codeword]`, one per layer
 //! (or `[H, S, C, d_codeword]` with one per head). Keys are encoded to `u8` codes; a query
 //! scores every allowed key by asymmetric distance computation (ADC),
-//! `score(q, k) = Σ_s ⟨q_s, c[s, code_s(k)]⟩`, from a per-query table of `S·C` inner products,
-//! and keeps an exact top-k. The block mode ([`Selection::Blocks`], see [`select_blocks`]) scores
+//! `score(q, k) = Σ_s ⟨q_s, c[s, code_s(k)]⟩` (on the CPU as one GEMM of the queries with the
+//! keys rebuilt from their codes; on CUDA from per-query tables of `S·C` inner products), and
+//! keeps an exact top-k. The block mode ([`Selection::Blocks`], see [`select_blocks`]) scores
 //! key blocks per query tile from the same codes instead.
 //!
 //! Selection never records a gradient: the quantiser reads detached data. Gradients reach keys
@@ -73,7 +74,9 @@ pub enum Refresh {
 /// least one key), a fraction of the blocks rounds to the nearest count there.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum KeyTopK {
-    /// Exactly this many (fewer where fewer keys are allowed).
+    /// Exactly this many, `1 ≤ k ≤ L_k`: a larger count is an error, not clamped (the models'
+    /// `SparseAttention` clamps to the sequence before it calls the op). Rows with fewer allowed
+    /// keys (causal, padding) keep those.
     Count(usize),
     /// `ceil(fraction · L_k)`, at least 1.
     Fraction(f64),
@@ -128,7 +131,6 @@ pub struct Codebook {
     seen: Vec<f32>,
 }
 
-/// Keys as host f32 `[B, H, L, d]` plus dims.
 /// Index of the nearest of `dist.len()` codewords stored transposed (`t[j·C + c]`); ties go to the
 /// lowest index, as [`kmeans::nearest`].
 fn nearest_transposed(x: &[f32], t: &[f32], dist: &mut [f32]) -> usize {
@@ -472,7 +474,8 @@ impl Codebook {
 }
 
 /// Encodes keys, selects the top-k keys per query by ADC, and runs sparse attention: the whole
-/// SPT attention step for `[B, H, L, d]` inputs. The selection is not differentiated.
+/// SPT attention step for contiguous `[B, H, L, d]` inputs (f32 or f64 on the CPU; bf16 too on
+/// CUDA). The selection is not differentiated.
 /// [`pq_attention`] does the same for either [`Selection`] mode.
 pub fn pq_sparse_attention(
     q: &Tensor,

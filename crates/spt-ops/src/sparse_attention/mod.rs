@@ -21,7 +21,9 @@ pub use reference::sparse_attention_reference;
 
 /// Sparse attention of `q [B, H, L_q, d]` over the keys `k [B, H, L_k, d]` / values
 /// `v [B, H, L_k, d_v]` listed in `sel`, with softmax scale `scale` (usually `1/√d`).
-/// Differentiable in q, k and v; the selection is a constant.
+/// Differentiable in q, k and v; the selection is a constant. q, k and v must be contiguous (a
+/// strided one is refused by name; call `.contiguous()`), f32 or f64 on the CPU, also bf16 on
+/// CUDA.
 pub fn sparse_attention(
     q: &Tensor,
     k: &Tensor,

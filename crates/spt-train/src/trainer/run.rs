@@ -40,6 +40,8 @@ struct LoopState {
 }
 
 impl<T: TrainTask> Trainer<T> {
+    /// A trainer for `task`. Nothing is written until [`Trainer::train`], which writes into
+    /// `cfg.output_dir` (see there).
     pub fn new(task: T, cfg: TrainerConfig, device: Device) -> Self {
         Self {
             task,
@@ -167,6 +169,12 @@ impl<T: TrainTask> Trainer<T> {
     }
 
     /// Trains on `train`, evaluating on `eval` if given. See the module docs.
+    ///
+    /// Writes into `cfg.output_dir`: checkpoints (`checkpoints/step-N`, every `save_every` steps
+    /// and always at the end), `metrics.jsonl` (appended; a resume first drops the records after
+    /// its step) and `loss.svg`. Prepare the folder with [`crate::output_dir::prepare_run_dir`],
+    /// as `spt-train finetune` does: it refuses a folder of someone else's files and clears an
+    /// earlier run's (with `overwrite`), so two runs' metrics never mix.
     pub fn train(
         &mut self,
         train: &EncodedDataset,
