@@ -297,6 +297,28 @@ fn resume_needs_only_the_run_folder_and_refuses_before_writing() {
     );
     assert_eq!(last_json(&o)["step"], 3);
     assert!(String::from_utf8_lossy(&o.stderr).contains("finetune.toml"));
+    // An older run folder's finetune.toml may say `overwrite = true` (the permission its first
+    // invocation had): resuming from an earlier checkpoint with it must not discard the later
+    // ones unless this invocation passes --overwrite itself.
+    let old_style = toml.replace("overwrite = false", "overwrite = true");
+    std::fs::write(run_dir.join("finetune.toml"), old_style).unwrap();
+    let before = std::fs::read_dir(run_dir.join("checkpoints")).unwrap().count();
+    let cfg = run_dir.join("finetune.toml");
+    let step1 = run_dir.join("checkpoints/step-00000001");
+    assert!(step1.is_dir());
+    let e = run_err(&[
+        "finetune",
+        "--config",
+        s(&cfg),
+        "--resume",
+        s(&step1),
+        "--no-progress",
+    ]);
+    assert!(e.contains("already holds later checkpoints"), "{e}");
+    assert_eq!(
+        std::fs::read_dir(run_dir.join("checkpoints")).unwrap().count(),
+        before
+    );
     // Resuming a finished run trains nothing, and says so.
     let o = run_ok(
         &["finetune", "--output-dir", r, "--resume", "--no-progress"],

@@ -31,7 +31,12 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
         }
         None => args,
     };
-    let cfg = FinetuneConfig::from_args(args).context("reading the finetune settings")?;
+    let mut cfg = FinetuneConfig::from_args(args).context("reading the finetune settings")?;
+    if args.config.is_some() && !args.overwrite && cfg.overwrite && cfg.resume.is_some() {
+        // A run folder's finetune.toml from before it recorded `overwrite = false`: resuming with
+        // it must not discard later checkpoints on a permission given to another invocation.
+        cfg.overwrite = false;
+    }
     let dev = device(&cfg.device)?;
     let resume = resume_point(&cfg)?;
     let resuming = resume != Resume::No;
