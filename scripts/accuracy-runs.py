@@ -15,7 +15,7 @@ through a temporary file after each run, so an interrupted session keeps the run
 
 The step times of these runs are kept only as each run's median (`median_step_s`) with the load
 average around it: they are not the README's step times, which come from `spt-train bench`.
-Needs the release binary (`cargo build --release -p spt-train`) and the assets
+Builds the release binary first (the records name HEAD) and needs the assets
 (`scripts/fetch-assets.sh`). A dirty work tree is refused: a record names the commit it ran.
 Standard library only.
 """
@@ -111,8 +111,9 @@ def main():
         if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results/accuracy.json"):
             raise SystemExit("accuracy-runs: the work tree has uncommitted changes; commit them first "
                              "(each record names the commit it ran)")
-        if not os.access(BIN, os.X_OK):
-            raise SystemExit(f"accuracy-runs: {BIN} is missing: cargo build --release -p spt-train")
+        # The records name HEAD: the binary must be built from it.
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "spt-train", "--bin", "spt-train"], cwd=ROOT,
+                       check=True)
     build = git("rev-parse", "--short", "HEAD")
     added_by = a.added_by or f"scripts/accuracy-runs.py, {datetime.date.today().isoformat()}"
 
