@@ -663,8 +663,9 @@ QUOTES = [
      "accuracy {} (dense {}); step {}x PyTorch full fine-tuning's speed",
      [("SPT fast", "accuracy", "{:.3f}"), ("dense", "accuracy", "{:.3f}"), ("SPT fast", "full_speed", "{:.1f}")]),
     ("crates/spt-train/src/bin/spt-train/main.rs",
-     "accuracy {}, within 1 point of dense; {}x",
-     [("SPT accurate", "accuracy", "{:.3f}"), ("SPT accurate", "full_speed", "{:.1f}")]),
+     "accuracy {}, {} points below dense; {}x",
+     [("SPT accurate", "accuracy", "{:.3f}"), ("SPT accurate", "dense_gap", "{:.1f}"),
+      ("SPT accurate", "full_speed", "{:.1f}")]),
     ("crates/spt-train/src/presets.rs", "| dense, lr 1e-4 | {} | {}× |",
      [("dense", "accuracy", "{:.3f}"), ("dense", "full_speed", "{:.2f}")]),
     ("crates/spt-train/src/presets.rs", "| lora r 8, lr 1e-3 | {} | {}× ({}× PEFT) |",
@@ -686,13 +687,14 @@ QUOTES = [
      [("SPT fast", "full_speed", "{:.2f}"), ("SPT fast", "lora_speed", "{:.2f}"), ("SPT fast", "full_rss", "{:.0f}"),
       ("SPT fast", "dense_gap", "{:.1f}")]),
     ("README.md",
-     "**SPT accurate** is within 1 point of dense at {}× PyTorch's speed ({} % of its RSS); our **dense** "
+     "**SPT accurate** is {} points below dense at {}× PyTorch's speed ({} % of its RSS); our **dense** "
      "mode is {}× PyTorch's speed and LoRA {}× PEFT's",
-     [("SPT accurate", "full_speed", "{:.2f}"), ("SPT accurate", "full_rss", "{:.0f}"), ("dense", "full_speed", "{:.2f}"),
-      ("PEFT-style LoRA", "lora_speed", "{:.2f}")]),
-    ("README.md", "The paper's ≥ 2.2× within 1 point is reached ({}×), as is issue #17's ≥ 4× ({}×); "
-     "its GPT-2 ≥ 3× is not reached in every run ({}× in this one",
-     [("SPT accurate", "full_speed", "{:.2f}"), ("SPT fast", "full_speed", "{:.2f}"), ("GPT-2 SPT", "full_speed", "{:.2f}")]),
+     [("SPT accurate", "dense_gap", "{:.1f}"), ("SPT accurate", "full_speed", "{:.2f}"), ("SPT accurate", "full_rss", "{:.0f}"),
+      ("dense", "full_speed", "{:.2f}"), ("PEFT-style LoRA", "lora_speed", "{:.2f}")]),
+    ("README.md", "The paper's ≥ 2.2× within 1 point of dense is not reached in this re-run: SPT accurate is {}× "
+     "but {} points below; issue #17's ≥ 4× is ({}×); its GPT-2 ≥ 3× is not reached in every run ({}× in this one",
+     [("SPT accurate", "full_speed", "{:.2f}"), ("SPT accurate", "dense_gap", "{:.1f}"), ("SPT fast", "full_speed", "{:.2f}"),
+      ("GPT-2 SPT", "full_speed", "{:.2f}")]),
     ("README.md", "GPT-2 small gains less (SPT {}× PyTorch at {} % of its RSS; our dense {}×)",
      [("GPT-2 SPT", "full_speed", "{:.2f}"), ("GPT-2 SPT", "full_rss", "{:.0f}"), ("GPT-2 dense", "full_speed", "{:.2f}")]),
     ("README.md", "with GPT-2 small (KV cache, batch 1) takes {}× PyTorch's time dense, {}× PEFT's with LoRA "
@@ -717,10 +719,10 @@ PEER_KEYS = {
 # What the quotes' sentences say in words about the records, checked on every run: (recipe,
 # quantity, test, the claim). A record that breaks one is an error until the words change.
 CLAIMS = [
-    ("SPT accurate", "dense_gap", lambda v: v <= 1.0,
-     "SPT accurate is within 1 point of dense (README summary, `finetune --help`)"),
+    ("SPT accurate", "dense_gap", lambda v: v > 1.0,
+     "the paper's >= 2.2x within 1 point of dense is not reached in this re-run (README summary)"),
     ("SPT accurate", "full_speed", lambda v: v >= 2.2,
-     "the paper's >= 2.2x within 1 point of dense is reached (README summary)"),
+     "SPT accurate is at least 2.2x PyTorch full fine-tuning's speed (README summary)"),
     ("SPT fast", "full_speed", lambda v: v >= 4.0, "issue #17's >= 4x is reached (README summary)"),
 ]
 

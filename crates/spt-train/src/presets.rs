@@ -7,9 +7,9 @@
 //!
 //! | recipe | accuracy (4 seeds) | step vs PyTorch full fine-tuning (same run) |
 //! |---|--:|--:|
-//! | dense, lr 1e-4 | 0.826 | 2.44× |
-//! | lora r 8, lr 1e-3 | 0.813 | 3.10× (2.70× PEFT) |
-//! | spt `accurate` | 0.816 | 3.54× |
+//! | dense, lr 1e-4 | 0.827 | 2.44× |
+//! | lora r 8, lr 1e-3 | 0.741 | 3.10× (2.70× PEFT) |
+//! | spt `accurate` | 0.814 | 3.54× |
 //! | spt `fast` | 0.797 | 4.31× (3.75× PEFT) |
 //!
 //! Both presets keep every key (`attn_k_fraction = 1.0`): sparse attention that keeps every key
