@@ -183,6 +183,21 @@ def run(args, seed, torch, transformers, rows, labels, tok):
     }
 
 
+def run_settings(args, seed, lr):
+    """What re-runs a record: the command and every setting it used."""
+    return {
+        "command": f"bench/peer/accuracy.py --mode {args.mode} --seeds {seed}",
+        "model": os.path.relpath(args.model_dir, ROOT), "train_file": os.path.relpath(args.data, ROOT),
+        "drop_labels": ["plot"], "text_column": "text", "label_column": "category",
+        "validation_split": 0.1, "split_by": "movie_name", "seed": seed,
+        "batch_size": args.batch_size, "max_length": args.max_length, "epochs": 1, "lr": lr,
+        "warmup_ratio": 0.1, "schedule": "linear", "weight_decay": 0.01, "adam_betas": [0.9, 0.999],
+        "adam_eps": 1e-8, "max_grad_norm": 1.0,
+        "lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "targets": LORA_TARGETS,
+                 "modules_to_save": "classifier (PEFT's SEQ_CLS default)"} if args.mode == "lora" else None,
+    }
+
+
 def append_record(rec):
     """Appends `rec`; an earlier live record of the same mode and seed is marked superseded."""
     path = os.path.join(ROOT, "bench", "results", "accuracy.json")
@@ -260,6 +275,7 @@ def main():
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "note": "bench/peer/accuracy.py: spt-train's rows, split, batches, schedule and AdamW groups; "
                     "torch's own head initialisation and dropout",
+            "settings": run_settings(args, seed, res["lr"]),
         }
         i = append_record(rec)
         print(json.dumps({"record": i, "seed": seed, "mode": args.mode, "accuracy": res["accuracy"],
