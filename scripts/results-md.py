@@ -38,12 +38,15 @@ MINILM_B8_L512 = {"model": MINILM, "B": 8, "L": 512}
 
 # The README's rows. `accuracy`: fields every record must match (case fields or top-level
 # fields; superseded records never match), None = not measured. `speed`: (file, case fields).
-# `torch`: the PyTorch peer of the row (fields of the speed records).
+# `torch`: the PyTorch peer of the row (fields of the speed records). `torch_accuracy` (optional):
+# (selector, label) of PyTorch's accuracy records for the same recipe, one per seed, shown in
+# brackets beside ours.
 HEADLINE = [
     {
         "recipe": "dense",
         "what": "full fine-tuning, lr 1e-4",
         "accuracy": {"model": MINILM, "mode": "dense", "variant": "full fine-tuning", "lr": 1e-4, "epochs": 1},
+        "torch_accuracy": ({"model": MINILM, "mode": "pytorch-full", "lr": 1e-4, "epochs": 1}, "PyTorch"),
         "speed": ("finetune-speed", dict(MINILM_B8_L512, mode="dense")),
         "torch": ("torch_full_s", "torch_full_bytes", "PyTorch full fine-tuning"),
     },
@@ -563,28 +566,34 @@ def torch_figures(name, rec, keys):
     return None, None, None
 
 
+def seed_mean(sel, what, need_settings):
+    """Mean accuracy over SEEDS of the accuracy records matching `sel` (exactly one per seed), and
+    their indices. `need_settings`: each must store its run's settings (our runs do; PyTorch's
+    runs are re-run by bench/peer/accuracy.py instead)."""
+    recs = select("accuracy", sel, what)
+    by_seed = {}
+    for i, r in recs:
+        by_seed.setdefault(r.get("seed"), []).append(i)
+    bad = {s: ix for s, ix in by_seed.items() if len(ix) != 1}
+    missing = [s for s in SEEDS if s not in by_seed]
+    if bad or missing:
+        raise SystemExit(f"results-md: {what}: want one accuracy record per seed {SEEDS}; "
+                         f"duplicates {bad}, missing {missing}: make the selector exact")
+    bare = [i for i, r in recs if r.get("seed") in SEEDS and not r.get("settings")]
+    if need_settings and bare:
+        raise SystemExit(f"results-md: {what}: records #{', #'.join(map(str, bare))} store no "
+                         "`settings` (the run's finetune.toml): a headline figure must be re-runnable from its record")
+    vals = [r["accuracy"] for _, r in recs if r.get("seed") in SEEDS]
+    return sum(vals) / len(vals), [i for i, r in recs if r.get("seed") in SEEDS]
+
+
 def headline_figures(h):
     """The README row's figures for a HEADLINE entry: accuracy (mean over SEEDS, or None), its
     record indices, the step-time file, record index and record, and the PyTorch peer's figures
     for the kind of training in h["torch"] (seconds, bytes, the file they came from)."""
     acc, acc_idx = None, []
     if h["accuracy"] is not None:
-        recs = select("accuracy", h["accuracy"], f"HEADLINE {h['recipe']!r}")
-        by_seed = {}
-        for i, r in recs:
-            by_seed.setdefault(r.get("seed"), []).append(i)
-        bad = {s: ix for s, ix in by_seed.items() if len(ix) != 1}
-        missing = [s for s in SEEDS if s not in by_seed]
-        if bad or missing:
-            raise SystemExit(f"results-md: HEADLINE {h['recipe']!r}: want one accuracy record per seed {SEEDS}; "
-                             f"duplicates {bad}, missing {missing}: make the selector exact")
-        bare = [i for i, r in recs if r.get("seed") in SEEDS and not r.get("settings")]
-        if bare:
-            raise SystemExit(f"results-md: HEADLINE {h['recipe']!r}: records #{', #'.join(map(str, bare))} store no "
-                             "`settings` (the run's finetune.toml): a headline figure must be re-runnable from its record")
-        vals = [r["accuracy"] for _, r in recs if r.get("seed") in SEEDS]
-        acc = sum(vals) / len(vals)
-        acc_idx = [i for i, r in recs if r.get("seed") in SEEDS]
+        acc, acc_idx = seed_mean(h["accuracy"], f"HEADLINE {h['recipe']!r}", need_settings=True)
     name, sel = h["speed"]
     found = select(name, sel, f"HEADLINE {h['recipe']!r} speed")
     if len(found) != 1:
@@ -605,6 +614,11 @@ def headline():
         else:
             acc = f"{accv:.3f}"
             src = f"accuracy.json #{', #'.join(str(i) for i in acc_idx)} and "
+        if h.get("torch_accuracy"):
+            sel, peer = h["torch_accuracy"]
+            tv, t_idx = seed_mean(sel, f"HEADLINE {h['recipe']!r} torch_accuracy", need_settings=False)
+            acc += f" ({peer} {tv:.3f})"
+            src = f"{peer}: accuracy.json #{', #'.join(str(i) for i in t_idx)}; " + src
         ob, bb = sr.get("ours_bytes"), sr.get("baseline_bytes")
         rss = gib(ob) + (f" ({100 * ob / bb:.0f} %)" if ob and bb else "")
         if ts is None:
@@ -621,7 +635,8 @@ def headline():
     seeds = "–".join(str(s) for s in (SEEDS[0], SEEDS[-1]))
     out += [
         "",
-        f"Accuracy: MiniLM (all-MiniLM-L6-v2) on Rotten Tomatoes, one epoch, batch 16, ≤ 64 tokens, mean of seeds {seeds}. "
+        f"Accuracy: MiniLM (all-MiniLM-L6-v2) on Rotten Tomatoes, one epoch, batch 16, ≤ 64 tokens, mean of seeds {seeds}; "
+        "in brackets, transformers (+ PEFT) trained on the same rows, batches and schedule (bench/peer/accuracy.py). "
         "Step time and peak RSS: MiniLM, B 8 × L 512, one synthetic batch, 2-core CPU, median of 5 steps; "
         "\"vs dense\" is against dense full fine-tuning timed in the same run. "
         "\"vs PyTorch\" is PyTorch's step time over ours (above 1: we are faster) for the same kind of training. "
@@ -654,7 +669,8 @@ def cuda_status():
 # The presets' figures are quoted by hand-written text as well as by the README's table: the
 # CLI's help, presets.rs, docs/cli.md and the README's summary. Each quote is a template in which
 # `{}` stands for a number, with what each number is: (HEADLINE recipe, quantity, format).
-# Quantities: "accuracy" (mean over SEEDS), "full_speed" / "lora_speed" (PyTorch full / PEFT
+# Quantities: "accuracy" (mean over SEEDS), "torch_accuracy" (PyTorch's mean over SEEDS for the
+# recipe, HEADLINE's `torch_accuracy`), "full_speed" / "lora_speed" (PyTorch full / PEFT
 # LoRA step time over ours), "full_rss" (our peak RSS over PyTorch full's, in %). The script
 # rewrites the numbers in place; --check names any that differ, and any template that no longer
 # matches exactly once (so an edit of the prose cannot silently drop a quote from the check).
@@ -695,6 +711,8 @@ QUOTES = [
      "but {} points below; issue #17's ≥ 4× is ({}×); its GPT-2 ≥ 3× is not reached in every run ({}× in this one",
      [("SPT accurate", "full_speed", "{:.2f}"), ("SPT accurate", "dense_gap", "{:.1f}"), ("SPT fast", "full_speed", "{:.2f}"),
       ("GPT-2 SPT", "full_speed", "{:.2f}")]),
+    ("README.md", "Our dense fine-tuning scores {} where transformers scores {} on the same rows, batches and schedule",
+     [("dense", "accuracy", "{:.3f}"), ("dense", "torch_accuracy", "{:.3f}")]),
     ("README.md", "GPT-2 small gains less (SPT {}× PyTorch at {} % of its RSS; our dense {}×)",
      [("GPT-2 SPT", "full_speed", "{:.2f}"), ("GPT-2 SPT", "full_rss", "{:.0f}"), ("GPT-2 dense", "full_speed", "{:.2f}")]),
     ("README.md", "with GPT-2 small (KV cache, batch 1) takes {}× PyTorch's time dense, {}× PEFT's with LoRA "
@@ -746,12 +764,17 @@ def quoted_value(recipe, quantity):
             raise SystemExit(f"results-md: QUOTED_RECORDS {recipe!r}: {len(found)} records in bench/results/{name}.json "
                              f"match {sel}: make the selector exact")
         [(si, sr)] = found
-        acc = None
+        acc, h = None, None
     else:
         h = next((h for h in HEADLINE if h["recipe"] == recipe), None)
         if h is None:
             raise SystemExit(f"results-md: QUOTES names recipe {recipe!r}, which HEADLINE lacks")
         acc, _, name, si, sr, _ = headline_figures(h)
+    if quantity == "torch_accuracy":
+        # PyTorch's mean accuracy for the recipe (HEADLINE's `torch_accuracy` records).
+        if not (h and h.get("torch_accuracy")):
+            raise SystemExit(f"results-md: QUOTES quotes PyTorch's accuracy for {recipe!r}, which HEADLINE lacks")
+        return seed_mean(h["torch_accuracy"][0], f"QUOTES {recipe!r} torch_accuracy", need_settings=False)[0]
     if quantity in ("accuracy", "dense_gap"):
         if acc is None:
             raise SystemExit(f"results-md: QUOTES quotes the accuracy of {recipe!r}, which has no records")
