@@ -18,7 +18,7 @@ What differs: the new classifier's initial weights and the dropout masks come fr
 Modes: `full` (every weight, lr 1e-4) and `lora` (PEFT r 8, alpha 16 on q, k, v, o, fc1, fc2,
 the classifier trained in full, lr 1e-3), the settings of our `dense` and `lora` headline rows.
 Appends one record per run to bench/results/accuracy.json (case mode `pytorch-full` /
-`pytorch-lora`; an earlier record of that mode and seed is marked superseded), through a
+`pytorch-lora`; an earlier record of that mode, seed and lr is marked superseded), through a
 temporary file and a rename, after each run.
 
     .venv-peer/bin/python bench/peer/accuracy.py --mode full --seeds 42,43,44,45
@@ -207,7 +207,7 @@ def append_record(rec):
     i = len(data["records"]) - 1
     for old in data["records"][:i]:
         if old["case"].get("mode") == rec["case"]["mode"] and old.get("seed") == rec["seed"] \
-                and not old.get("superseded"):
+                and old.get("lr") == rec["lr"] and not old.get("superseded"):
             old["superseded"] = f"re-run as #{i} (accuracy {old['accuracy']:.4f} -> {rec['accuracy']:.4f})"
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
