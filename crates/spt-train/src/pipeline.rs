@@ -104,8 +104,19 @@ pub fn check_training_labels(cfg: &FinetuneConfig, data: &PreparedData) -> Resul
 /// Truncation length: `cfg.max_length`, capped by the model's maximum, else the model's maximum,
 /// else 512.
 pub fn load_tokenizer(cfg: &FinetuneConfig, model_dir: &Path) -> Result<TextTokenizer> {
+    open_tokenizer(cfg.tokenizer.as_deref(), model_dir, cfg.max_length)
+}
+
+/// The tokenizer in `src` (a directory or a tokenizer.json file; default: `model_dir`) for texts
+/// truncated to `max_length` tokens, capped at the model's positions (default: that cap, else
+/// 512).
+pub fn open_tokenizer(
+    src: Option<&Path>,
+    model_dir: &Path,
+    max_length: Option<usize>,
+) -> Result<TextTokenizer> {
     let model_max = model_max_length(model_dir);
-    let max_length = match (cfg.max_length, model_max) {
+    let max_length = match (max_length, model_max) {
         (Some(m), Some(cap)) if m > cap => {
             tracing::warn!("max_length {m} exceeds the model's {cap} positions; using {cap}");
             cap
@@ -114,11 +125,11 @@ pub fn load_tokenizer(cfg: &FinetuneConfig, model_dir: &Path) -> Result<TextToke
         (None, Some(cap)) => cap,
         (None, None) => 512,
     };
-    let src = cfg.tokenizer.clone().unwrap_or_else(|| model_dir.to_path_buf());
+    let src = src.unwrap_or(model_dir);
     let tok = if src.is_dir() {
-        TextTokenizer::from_model_dir(&src, max_length)?
+        TextTokenizer::from_model_dir(src, max_length)?
     } else {
-        TextTokenizer::from_file(&src, max_length)?
+        TextTokenizer::from_file(src, max_length)?
     };
     Ok(tok)
 }

@@ -56,32 +56,7 @@ pub fn resolve_model_with(
             "is not a directory (a model directory needs config.json and model.safetensors)".into(),
         ));
     }
-    // `owner/name` is a hub id, unless `owner` is a local folder: then the user may have mistyped
-    // a path, which is worth saying beside the hub's own error.
-    let local_hint = match p.parent().filter(|d| !d.as_os_str().is_empty() && d.is_dir()) {
-        Some(d) => {
-            let mut models: Vec<String> = std::fs::read_dir(d)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .filter(|e| e.path().join("config.json").is_file())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect();
-            models.sort();
-            let held = if models.is_empty() {
-                String::new()
-            } else {
-                format!(" (it holds the model directories {})", models.join(", "))
-            };
-            format!(
-                ". A local folder {} exists, and has no {}{held}: a mistyped local path?",
-                d.display(),
-                p.file_name().unwrap_or_default().to_string_lossy()
-            )
-        }
-        None => String::new(),
-    };
-    let err = |msg: String| err(msg + &local_hint);
+    let err = |msg: String| err(msg + &mistyped_path_hint(p));
     let repo = cache.model(id_or_path.to_string());
     let cached: Option<Vec<PathBuf>> = REQUIRED_FILES.iter().map(|f| repo.get(f)).collect();
     if let Some(files) = cached {
@@ -113,4 +88,30 @@ pub fn resolve_model_with(
         }
     }
     dir.ok_or_else(|| err("the hub returned no file paths".into()))
+}
+
+/// `owner/name` is a hub id, unless `owner` is a local folder: then the user may have mistyped a
+/// path, which is worth saying beside the hub's own error (only then is the folder read).
+fn mistyped_path_hint(p: &Path) -> String {
+    let Some(d) = p.parent().filter(|d| !d.as_os_str().is_empty() && d.is_dir()) else {
+        return String::new();
+    };
+    let mut models: Vec<String> = std::fs::read_dir(d)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join("config.json").is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    models.sort();
+    let held = if models.is_empty() {
+        String::new()
+    } else {
+        format!(" (it holds the model directories {})", models.join(", "))
+    };
+    format!(
+        ". A local folder {} exists, and has no {}{held}: a mistyped local path?",
+        d.display(),
+        p.file_name().unwrap_or_default().to_string_lossy()
+    )
 }

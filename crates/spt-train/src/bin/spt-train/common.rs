@@ -11,7 +11,7 @@ use spt_train::checkpoint::{latest_checkpoint, load_checkpoint_weights};
 use spt_train::config::{resolve_model, FinetuneConfig, Mode};
 use spt_train::data::EncodedDataset;
 use spt_train::data::{LabelMap, TaskKind, TextTokenizer};
-use spt_train::pipeline::model_max_length;
+use spt_train::pipeline::open_tokenizer;
 use spt_train::tasks::{calibration_batches, ModelTask, ParamSummary};
 
 #[derive(Args)]
@@ -46,13 +46,12 @@ impl ModelArgs {
         run_config(self.checkpoint.as_deref())
     }
 
-    /// The tokenizer's source: `--tokenizer`, else the run's `tokenizer`, else none (the model
-    /// directory's own files).
-    pub(crate) fn tokenizer_source(&self) -> Result<Option<PathBuf>> {
-        if self.tokenizer.is_some() {
-            return Ok(self.tokenizer.clone());
-        }
-        Ok(self.run_settings()?.and_then(|r| r.tokenizer))
+    /// The tokenizer's source: `--tokenizer`, else the `tokenizer` of `run` (the run's
+    /// settings, [`ModelArgs::run_settings`]), else none (the model directory's own files).
+    pub(crate) fn tokenizer_source(&self, run: Option<&FinetuneConfig>) -> Option<PathBuf> {
+        self.tokenizer
+            .clone()
+            .or_else(|| run.and_then(|r| r.tokenizer.clone()))
     }
 }
 
@@ -208,27 +207,18 @@ pub(crate) fn find_labels(
 }
 
 /// The tokenizer of `m` (see [`ModelArgs::tokenizer_source`]) for texts truncated to
-/// `max_length` tokens (default: the model's maximum).
+/// `max_length` tokens, as finetune opens it (capped at the model's positions).
 pub(crate) fn tokenizer_for(
     m: &ModelArgs,
+    run: Option<&FinetuneConfig>,
     model_dir: &Path,
     max_length: Option<usize>,
 ) -> Result<TextTokenizer> {
-    let model_max = model_max_length(model_dir);
-    let max = match (max_length, model_max) {
-        // As finetune: texts are truncated to what the model takes.
-        (Some(m), Some(cap)) if m > cap => {
-            tracing::warn!("--max-length {m} exceeds the model's {cap} positions; using {cap}");
-            cap
-        }
-        (Some(m), _) => m,
-        (None, cap) => cap.unwrap_or(512),
-    };
-    Ok(match m.tokenizer_source()? {
-        Some(src) if src.is_dir() => TextTokenizer::from_model_dir(&src, max)?,
-        Some(src) => TextTokenizer::from_file(&src, max)?,
-        None => TextTokenizer::from_model_dir(model_dir, max)?,
-    })
+    Ok(open_tokenizer(
+        m.tokenizer_source(run).as_deref(),
+        model_dir,
+        max_length,
+    )?)
 }
 
 /// A task as the `--task` flag spells it.
@@ -239,15 +229,17 @@ pub(crate) fn task_name(t: TaskKind) -> &'static str {
     }
 }
 
-/// The finetune settings of the run a checkpoint belongs to (its `finetune.toml`), else defaults.
-pub(crate) fn run_config(checkpoint: Option<&Path>) -> Result<Option<FinetuneConfig>> {
-    let Some(c) = checkpoint else { return Ok(None) };
-    match c
-        .ancestors()
+/// The `finetune.toml` of the run that `p` (a run folder, or a checkpoint inside one) belongs to.
+pub(crate) fn run_config_path(p: &Path) -> Option<PathBuf> {
+    p.ancestors()
         .take(4)
         .map(|d| d.join("finetune.toml"))
-        .find(|p| p.is_file())
-    {
+        .find(|f| f.is_file())
+}
+
+/// The finetune settings of the run a checkpoint belongs to (its `finetune.toml`), else none.
+pub(crate) fn run_config(checkpoint: Option<&Path>) -> Result<Option<FinetuneConfig>> {
+    match checkpoint.and_then(run_config_path) {
         Some(p) => Ok(Some(
             FinetuneConfig::load(&p).with_context(|| format!("reading {}", p.display()))?,
         )),

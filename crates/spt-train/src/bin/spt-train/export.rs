@@ -42,7 +42,7 @@ pub(crate) fn export(a: &ExportArgs) -> Result<()> {
     }
     // The run's tokenizer (--tokenizer, or the run's `tokenizer`) goes into the export, so that
     // the export tokenises text as the run did.
-    let tokenizer = a.model.tokenizer_source()?;
+    let tokenizer = a.model.tokenizer_source(a.model.run_settings()?.as_ref());
     check_export_dir(
         &a.out,
         &export_files(&model_dir, tokenizer.as_deref()),

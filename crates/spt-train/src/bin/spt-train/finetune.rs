@@ -3,7 +3,7 @@
 use crate::say;
 use std::path::{Path, PathBuf};
 
-use crate::common::{build_task, check_model, checkpoint_path, device};
+use crate::common::{build_task, check_model, checkpoint_path, device, run_config_path};
 use crate::Outcome;
 use anyhow::{bail, Context, Result};
 use spt_train::checkpoint::{
@@ -128,10 +128,7 @@ fn resumed_run_config(args: &FinetuneArgs) -> Option<PathBuf> {
             .unwrap_or_else(|| FinetuneConfig::default().output_dir),
         p => PathBuf::from(p),
     };
-    from.ancestors()
-        .take(4)
-        .map(|d| d.join("finetune.toml"))
-        .find(|p| p.is_file())
+    run_config_path(&from)
 }
 
 /// `--resume` resolved: `latest`, a checkpoint, or a run directory (its latest checkpoint).

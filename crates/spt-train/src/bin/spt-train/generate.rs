@@ -48,7 +48,7 @@ pub(crate) fn generate(a: &GenerateArgs) -> Result<()> {
         );
     }
     check_model(TaskKind::Lm, &model_dir)?;
-    let tok = tokenizer_for(&a.model, &model_dir, None)?;
+    let tok = tokenizer_for(&a.model, a.model.run_settings()?.as_ref(), &model_dir, None)?;
     let eos = tok.eos_id();
     let mut ids = tok.encode_raw(&a.prompt)?;
     if ids.is_empty() {

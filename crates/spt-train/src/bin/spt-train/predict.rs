@@ -59,7 +59,7 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
     // A run's texts were read with its columns and truncated at its max_length: the same here.
     let run = a.model.run_settings()?;
     let max_length = a.max_length.or(run.as_ref().and_then(|r| r.max_length));
-    let tok = tokenizer_for(&a.model, &model_dir, max_length)?;
+    let tok = tokenizer_for(&a.model, run.as_ref(), &model_dir, max_length)?;
     let labels = find_labels(&a.label_map, &a.model.checkpoint, &model_dir)?;
     if labels.is_none() && !config_gives_labels(&model_dir) {
         let cfg = model_dir.join("config.json");
