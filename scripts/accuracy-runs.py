@@ -4,6 +4,8 @@
     python3 scripts/accuracy-runs.py                      every headline row, seeds 42-45
     python3 scripts/accuracy-runs.py --rows dense,fast    some rows (dense, lora, fast, accurate)
     python3 scripts/accuracy-runs.py --seeds 42 --dry-run print the configs and commands only
+    python3 scripts/accuracy-runs.py --rows lora --set 'lora.modules_to_save=["pooler"]' \
+        --variant "r = 8, pooler trained"                 a changed recipe, as new records
 
 Each headline accuracy record (scripts/results-md.py's HEADLINE) keeps its run's resolved
 `finetune.toml` as `settings`. This script writes that config back out (output_dir moved to a
@@ -12,6 +14,10 @@ root, and appends the new result to bench/results/accuracy.json as a record of t
 variant. The record it re-ran is marked `superseded` (pointing at the new one), so the README
 takes the new figure; then run `python3 scripts/results-md.py`. accuracy.json is rewritten
 through a temporary file after each run, so an interrupted session keeps the runs it finished.
+
+With `--set SECTION.KEY=JSON` (repeatable) the runs change those settings, and `--variant` names
+the changed recipe: the new records carry that variant and supersede nothing, so the README keeps
+its row until results-md's HEADLINE selects the new variant.
 
 The step times of these runs are kept only as each run's median (`median_step_s`) with the load
 average around it: they are not the README's step times, which come from `spt-train bench`.
@@ -97,7 +103,21 @@ def main():
     ap.add_argument("--dry-run", action="store_true", help="print each config and command, run nothing")
     ap.add_argument("--added-by", default=None, help="the new records' added_by (default: the date)")
     ap.add_argument("--note", default="", help="appended to each new record's note")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=JSON",
+                    help="change a stored setting, e.g. optim.lr=5e-4 (needs --variant)")
+    ap.add_argument("--variant", default=None, help="the new records' variant, for --set")
     a = ap.parse_args()
+    if bool(a.set) != bool(a.variant):
+        raise SystemExit("accuracy-runs: --set and --variant go together (a changed recipe is a new variant)")
+    changes = []
+    for item in a.set:
+        path, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"accuracy-runs: --set {item!r}: expected SECTION.KEY=JSON")
+        try:
+            changes.append((path.split("."), json.loads(value)))
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"accuracy-runs: --set {item!r}: the value is not JSON ({e})")
 
     rm = results_md()
     seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else list(rm.SEEDS)
@@ -136,7 +156,17 @@ def main():
             with open(ACCURACY) as f:
                 data = json.load(f)
             old = data["records"][i]
-            settings = copy.deepcopy(old["settings"])
+            stored = copy.deepcopy(old["settings"])  # what the new record keeps
+            for keys, value in changes:
+                d = stored
+                for k in keys[:-1]:
+                    d = d.get(k) if isinstance(d.get(k), dict) else None
+                    if d is None:
+                        raise SystemExit(f"accuracy-runs: --set {'.'.join(keys)}: record #{i} has no section {k!r}")
+                if keys[-1] not in d:
+                    raise SystemExit(f"accuracy-runs: --set {'.'.join(keys)}: record #{i} has no setting {keys[-1]!r}")
+                d[keys[-1]] = value
+            settings = copy.deepcopy(stored)
             settings["output_dir"] = os.path.join(tmp, f"{row}-{old['seed']}")
             settings["overwrite"] = True
             cfg = os.path.join(tmp, f"{row}-{old['seed']}.toml")
@@ -158,6 +188,9 @@ def main():
             times = summary.get("step_times_s") or []
             new = {k: v for k, v in old.items() if k not in ("superseded",)}
             new.update({
+                "settings": stored,
+                "lr": stored["optim"]["lr"],
+                "variant": a.variant or old["variant"],
                 "accuracy": e["accuracy"],
                 "macro_f1": e.get("macro_f1"),
                 "eval_loss": e.get("loss"),
@@ -169,14 +202,16 @@ def main():
                 "build": build,
                 "added_by": added_by,
                 "load_average": {"before": load_before, "after": load_average()},
-                "note": f"re-run of record #{i} from its stored settings by scripts/accuracy-runs.py"
+                "note": (f"record #{i}'s settings with {', '.join(a.set)}, by scripts/accuracy-runs.py" if a.set
+                         else f"re-run of record #{i} from its stored settings by scripts/accuracy-runs.py")
                         + (f"; {a.note}" if a.note else ""),
             })
             with open(ACCURACY) as f:  # re-read: nothing else may have changed it meanwhile
                 data = json.load(f)
             data["records"].append(new)
-            data["records"][i]["superseded"] = (f"re-run as #{len(data['records']) - 1} at build {build} "
-                                                f"(accuracy {old['accuracy']:.4f} -> {e['accuracy']:.4f})")
+            if not a.set:
+                data["records"][i]["superseded"] = (f"re-run as #{len(data['records']) - 1} at build {build} "
+                                                    f"(accuracy {old['accuracy']:.4f} -> {e['accuracy']:.4f})")
             write_atomic(ACCURACY, data)
             print(f"accuracy-runs: {row} seed {old['seed']}: accuracy {old['accuracy']:.4f} -> {e['accuracy']:.4f} "
                   f"(record #{len(data['records']) - 1})", file=sys.stderr)

@@ -16,10 +16,11 @@ What differs: the new classifier's initial weights and the dropout masks come fr
 (seeded with --seed), not ours, so single seeds differ; compare means over seeds.
 
 Modes: `full` (every weight, lr 1e-4) and `lora` (PEFT r 8, alpha 16 on q, k, v, o, fc1, fc2,
-the classifier trained in full, lr 1e-3), the settings of our `dense` and `lora` headline rows.
-Appends one record per run to bench/results/accuracy.json (case mode `pytorch-full` /
-`pytorch-lora`; an earlier record of that mode, seed and lr is marked superseded), through a
-temporary file and a rename, after each run.
+the classifier and, with `--modules-to-save pooler`, the pooler trained in full, lr 1e-3), the
+settings of our `dense` and `lora` headline rows. Appends one record per run to
+bench/results/accuracy.json (case mode `pytorch-full` / `pytorch-lora`; an earlier record of that
+mode, variant, seed and lr is marked superseded), through a temporary file and a rename, after
+each run.
 
     .venv-peer/bin/python bench/peer/accuracy.py --mode full --seeds 42,43,44,45
 """
@@ -133,8 +134,11 @@ def run(args, seed, torch, transformers, rows, labels, tok):
         args.model_dir, num_labels=len(labels), dtype=torch.float32)
     if args.mode == "lora":
         import peft
+        # SEQ_CLS adds the classifier to modules_to_save; `pooler` matches bert.pooler as our
+        # `--modules-to-save pooler` does.
         model = peft.get_peft_model(model, peft.LoraConfig(
-            task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS))
+            task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS,
+            modules_to_save=args.modules_to_save or None))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     no_decay = lambda n: n.endswith("bias") or "LayerNorm" in n
     opt = torch.optim.AdamW([
@@ -186,7 +190,8 @@ def run(args, seed, torch, transformers, rows, labels, tok):
 def run_settings(args, seed, lr):
     """What re-runs a record: the command and every setting it used."""
     return {
-        "command": f"bench/peer/accuracy.py --mode {args.mode} --seeds {seed}",
+        "command": f"bench/peer/accuracy.py --mode {args.mode} --seeds {seed} --lr {lr:g}"
+                   + (f" --modules-to-save {','.join(args.modules_to_save)}" if args.modules_to_save else ""),
         "model": os.path.relpath(args.model_dir, ROOT), "train_file": os.path.relpath(args.data, ROOT),
         "drop_labels": ["plot"], "text_column": "text", "label_column": "category",
         "validation_split": 0.1, "split_by": "movie_name", "seed": seed,
@@ -194,20 +199,22 @@ def run_settings(args, seed, lr):
         "warmup_ratio": 0.1, "schedule": "linear", "weight_decay": 0.01, "adam_betas": [0.9, 0.999],
         "adam_eps": 1e-8, "max_grad_norm": 1.0,
         "lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "targets": LORA_TARGETS,
-                 "modules_to_save": "classifier (PEFT's SEQ_CLS default)"} if args.mode == "lora" else None,
+                 "modules_to_save": "classifier (PEFT's SEQ_CLS default)"
+                 + "".join(f", {m}" for m in args.modules_to_save)} if args.mode == "lora" else None,
     }
 
 
 def append_record(rec):
-    """Appends `rec`; an earlier live record of the same mode and seed is marked superseded."""
+    """Appends `rec`; an earlier live record of the same mode, variant, seed and lr is marked
+    superseded."""
     path = os.path.join(ROOT, "bench", "results", "accuracy.json")
     with open(path) as f:
         data = json.load(f)
     data["records"].append(rec)
     i = len(data["records"]) - 1
     for old in data["records"][:i]:
-        if old["case"].get("mode") == rec["case"]["mode"] and old.get("seed") == rec["seed"] \
-                and old.get("lr") == rec["lr"] and not old.get("superseded"):
+        if old["case"].get("mode") == rec["case"]["mode"] and old.get("variant") == rec["variant"] \
+                and old.get("seed") == rec["seed"] and old.get("lr") == rec["lr"] and not old.get("superseded"):
             old["superseded"] = f"re-run as #{i} (accuracy {old['accuracy']:.4f} -> {rec['accuracy']:.4f})"
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -226,10 +233,15 @@ def main():
     ap.add_argument("--data", default=os.path.join(ROOT, "data", "rt", "rotten_tomatoes_corpus_full.csv"))
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--modules-to-save", default="",
+                    help="lora: comma-separated modules trained in full besides the classifier (e.g. pooler)")
     ap.add_argument("--added-by", default=None)
     ap.add_argument("--dry-run", action="store_true", help="print the split and batch counts, train nothing")
     ap.add_argument("--smoke", action="store_true", help="3 steps, 64 validation rows, print, record nothing")
     args = ap.parse_args()
+    args.modules_to_save = [m.strip() for m in args.modules_to_save.split(",") if m.strip()]
+    if args.modules_to_save and args.mode != "lora":
+        ap.error("--modules-to-save is for --mode lora (full fine-tuning trains every module)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # Accuracy, not speed, is measured here, and an epoch takes minutes: OpenMP's spinning
@@ -258,7 +270,8 @@ def main():
         if args.smoke:
             print(json.dumps({"seed": seed, **res}))
             continue
-        variant = "PyTorch full fine-tuning" if args.mode == "full" else "PyTorch + PEFT LoRA r = 8"
+        variant = "PyTorch full fine-tuning" if args.mode == "full" else "PyTorch + PEFT LoRA r = 8" + "".join(
+            f", {m} trained" for m in args.modules_to_save)
         rec = {
             "case": {"model": "all-MiniLM-L6-v2", "dataset": DATASET.format(seed), "mode": f"pytorch-{args.mode}"},
             "variant": variant,
