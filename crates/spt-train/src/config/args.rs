@@ -13,7 +13,8 @@ pub struct FinetuneArgs {
     /// TOML or JSON file with any of these settings (flags win).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Local model directory or Hugging Face hub id (honours HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE).
+    /// Local model directory or Hugging Face hub id (honours HF_HOME, HF_HUB_CACHE, HF_ENDPOINT,
+    /// HF_HUB_OFFLINE).
     #[arg(long)]
     pub model: Option<String>,
     /// classify (BERT, a label per text) or lm (GPT-2, next-token loss) (default: classify).

@@ -24,23 +24,50 @@ pub fn hub_cache() -> hf_hub::Cache {
     }
 }
 
-/// Files a model directory needs, and the tokenizer alternatives tried in order.
-const REQUIRED_FILES: [&str; 2] = ["config.json", "model.safetensors"];
+/// Where hub ids are looked up, read from the environment as `huggingface_hub` reads it.
+#[derive(Clone, Debug)]
+pub struct Hub {
+    /// The local cache ([`hub_cache`]).
+    pub cache: hf_hub::Cache,
+    /// The server: `HF_ENDPOINT` (a mirror), else `https://huggingface.co`.
+    pub endpoint: String,
+    /// No downloads, cache only ([`hub_offline`]).
+    pub offline: bool,
+}
+
+impl Hub {
+    /// `HF_HUB_CACHE` / `HF_HOME`, `HF_ENDPOINT` and `HF_HUB_OFFLINE`.
+    pub fn from_env() -> Self {
+        Self {
+            cache: hub_cache(),
+            endpoint: std::env::var("HF_ENDPOINT")
+                .ok()
+                .map(|e| e.trim_end_matches('/').to_string())
+                .filter(|e| !e.is_empty())
+                .unwrap_or_else(|| "https://huggingface.co".into()),
+            offline: hub_offline(),
+        }
+    }
+}
+
+/// Checkpoint files in `WeightSource::from_dir`'s order of preference: the first the repo has
+/// is the one fetched (a sharded index brings its shards).
+const WEIGHT_FILES: [&str; 3] = [
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+];
 const TOKENIZER_SETS: [&[&str]; 3] = [&["tokenizer.json"], &["vocab.json", "merges.txt"], &["vocab.txt"]];
 
 /// A local directory as is; otherwise a hub id looked up in the cache and, unless offline,
-/// downloaded. Returns the directory holding `config.json`, `model.safetensors` and the
-/// tokenizer files.
+/// downloaded. Returns the directory holding `config.json`, the checkpoint (`model.safetensors`,
+/// sharded safetensors with their index, or `pytorch_model.bin`) and the tokenizer files.
 pub fn resolve_model(id_or_path: &str) -> Result<PathBuf, ConfigError> {
-    resolve_model_with(id_or_path, &hub_cache(), hub_offline())
+    resolve_model_with(id_or_path, &Hub::from_env())
 }
 
-/// [`resolve_model`] with an explicit cache and offline switch.
-pub fn resolve_model_with(
-    id_or_path: &str,
-    cache: &hf_hub::Cache,
-    offline: bool,
-) -> Result<PathBuf, ConfigError> {
+/// [`resolve_model`] with an explicit cache, endpoint and offline switch.
+pub fn resolve_model_with(id_or_path: &str, hub: &Hub) -> Result<PathBuf, ConfigError> {
     let err = |msg: String| ConfigError::Model {
         id: id_or_path.to_string(),
         msg,
@@ -57,37 +84,102 @@ pub fn resolve_model_with(
         ));
     }
     let err = |msg: String| err(msg + &mistyped_path_hint(p));
-    let repo = cache.model(id_or_path.to_string());
-    let cached: Option<Vec<PathBuf>> = REQUIRED_FILES.iter().map(|f| repo.get(f)).collect();
-    if let Some(files) = cached {
-        if let Some(dir) = files[0].parent() {
-            return Ok(dir.to_path_buf());
-        }
+    if let Some(dir) = cached_model(&hub.cache.model(id_or_path.to_string())) {
+        return Ok(dir);
     }
-    if offline {
+    if hub.offline {
         return Err(err(format!(
             "not a local directory and not in the Hugging Face cache at {}; HF_HUB_OFFLINE is set, so it cannot be \
              downloaded. Download it once with network access, or pass a local directory",
-            cache.path().display()
+            hub.cache.path().display()
         )));
     }
-    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
+    let api = hf_hub::api::sync::ApiBuilder::from_cache(hub.cache.clone())
+        .with_endpoint(hub.endpoint.clone())
         .build()
         .map_err(|e| err(format!("cannot start the hub client: {e}")))?;
     let remote = api.model(id_or_path.to_string());
-    let mut dir = None;
-    for f in REQUIRED_FILES {
-        let path = remote
+    let listed: Vec<String> = remote
+        .info()
+        .map_err(|e| err(format!("cannot list its files on {}: {e}", hub.endpoint)))?
+        .siblings
+        .into_iter()
+        .map(|s| s.rfilename)
+        .collect();
+    let has = |f: &str| listed.iter().any(|l| l == f);
+    let fetch = |f: &str| {
+        remote
             .get(f)
-            .map_err(|e| err(format!("cannot download {f}: {e}")))?;
-        dir = path.parent().map(Path::to_path_buf);
+            .map_err(|e| err(format!("cannot download {f}: {e}")))
+    };
+    if !has("config.json") {
+        return Err(err(format!(
+            "the hub repository has no config.json (files: {})",
+            listed.join(", ")
+        )));
     }
-    for set in TOKENIZER_SETS {
-        if set.iter().all(|f| remote.get(f).is_ok()) {
-            break;
+    let Some(weights) = WEIGHT_FILES.into_iter().find(|f| has(f)) else {
+        return Err(err(format!(
+            "the hub repository has none of {} (files: {}); sharded .bin checkpoints are not read",
+            WEIGHT_FILES.join(", "),
+            listed.join(", ")
+        )));
+    };
+    let config = fetch("config.json")?;
+    let weights_path = fetch(weights)?;
+    if weights.ends_with(".index.json") {
+        for shard in shard_names(&weights_path).map_err(err)? {
+            fetch(&shard)?;
         }
     }
-    dir.ok_or_else(|| err("the hub returned no file paths".into()))
+    if let Some(set) = TOKENIZER_SETS.iter().find(|set| set.iter().all(|f| has(f))) {
+        for f in *set {
+            fetch(f)?;
+        }
+    }
+    config
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| err("the hub returned no file paths".into()))
+}
+
+/// The cached snapshot that holds `config.json` and a whole checkpoint, if any.
+fn cached_model(repo: &hf_hub::CacheRepo) -> Option<PathBuf> {
+    let dir = repo.get("config.json")?.parent()?.to_path_buf();
+    let whole = WEIGHT_FILES.iter().any(|f| {
+        let p = dir.join(f);
+        p.is_file()
+            && (!f.ends_with(".index.json")
+                || shard_names(&p).is_ok_and(|s| s.iter().all(|s| dir.join(s).is_file())))
+    });
+    whole.then_some(dir)
+}
+
+/// The shard files a `*.safetensors.index.json` names in its `weight_map`, each once.
+fn shard_names(index: &Path) -> Result<Vec<String>, String> {
+    let bad = |why: String| format!("{}: {why}", index.display());
+    let text = std::fs::read_to_string(index).map_err(|e| bad(e.to_string()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("no `weight_map` object".into()))?;
+    let mut shards = Vec::new();
+    for (tensor, file) in map {
+        let file = file
+            .as_str()
+            .filter(|f| !f.is_empty() && !f.contains("..") && !f.starts_with('/'))
+            .ok_or_else(|| {
+                bad(format!(
+                    "`weight_map.{tensor}` is not a file name in the repository"
+                ))
+            })?;
+        if !shards.iter().any(|s| s == file) {
+            shards.push(file.to_string());
+        }
+    }
+    shards.sort();
+    Ok(shards)
 }
 
 /// `owner/name` is a hub id, unless `owner` is a local folder: then the user may have mistyped a

@@ -534,4 +534,4 @@ mod tests;
 mod validate;
 
 pub use args::FinetuneArgs;
-pub use hub::{hub_cache, hub_offline, resolve_model, resolve_model_with};
+pub use hub::{hub_cache, hub_offline, resolve_model, resolve_model_with, Hub};

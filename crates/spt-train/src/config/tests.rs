@@ -246,9 +246,13 @@ fn removed_settings_are_refused_by_name_unless_they_keep_the_behaviour() {
 #[test]
 fn model_resolution_local_cached_and_offline() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = hf_hub::Cache::new(dir.path().join("hub"));
+    let hub = Hub {
+        cache: hf_hub::Cache::new(dir.path().join("hub")),
+        endpoint: "http://127.0.0.1:9".into(),
+        offline: true,
+    };
     // Offline and uncached: the error names the id and says why.
-    let e = resolve_model_with("someone/tiny-bert", &cache, true)
+    let e = resolve_model_with("someone/tiny-bert", &hub)
         .unwrap_err()
         .to_string();
     assert!(
@@ -264,18 +268,10 @@ fn model_resolution_local_cached_and_offline() {
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         std::fs::write(snap.join(f), "{}").unwrap();
     }
-    assert_eq!(
-        resolve_model_with("someone/tiny-bert", &cache, true).unwrap(),
-        snap
-    );
+    assert_eq!(resolve_model_with("someone/tiny-bert", &hub).unwrap(), snap);
     // Local directory.
-    assert_eq!(
-        resolve_model_with(snap.to_str().unwrap(), &cache, true).unwrap(),
-        snap
-    );
-    let e = resolve_model_with("./no/such/dir", &cache, true)
-        .unwrap_err()
-        .to_string();
+    assert_eq!(resolve_model_with(snap.to_str().unwrap(), &hub).unwrap(), snap);
+    let e = resolve_model_with("./no/such/dir", &hub).unwrap_err().to_string();
     assert!(
         e.contains("./no/such/dir") && e.contains("not a directory"),
         "{e}"
