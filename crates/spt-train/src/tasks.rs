@@ -327,7 +327,6 @@ impl ModelTask {
                     "--random-init is only available for GPT-2 (--task lm)".into(),
                 ));
             }
-            tracing::warn!("random initial weights (--random-init): not a pretrained model");
             crate::bench::random_gpt2_weights(&config_path, cfg.seed, device)?
         } else {
             WeightSource::from_dir(model_dir)?

@@ -327,3 +327,61 @@ fn resume_needs_only_the_run_folder_and_refuses_before_writing() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("already at its last step (3)"), "{e}");
 }
+
+/// `--random-init` warns where the weights are random, not where a checkpoint replaces them: a
+/// dense run's checkpoint holds every weight; a LoRA run's frozen base is drawn again from its
+/// seed, which is said instead.
+#[test]
+fn random_init_warns_only_where_the_weights_are_random() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-gpt2", tmp.path());
+    std::fs::remove_file(model.join("model.safetensors")).unwrap();
+    let text = lm_text(tmp.path());
+    let warning = "random initial weights";
+    for mode in ["dense", "lora"] {
+        let run_dir = tmp.path().join(format!("run-{mode}"));
+        let (m, r) = (s(&model), s(&run_dir));
+        let train = run_ok(
+            &[
+                "finetune",
+                "--model",
+                m,
+                "--task",
+                "lm",
+                "--random-init",
+                "--train-file",
+                s(&text),
+                "--block-size",
+                "16",
+                "--output-dir",
+                r,
+                "--mode",
+                mode,
+                "--max-steps",
+                "1",
+                "--batch-size",
+                "4",
+                "--no-progress",
+            ],
+            None,
+        );
+        assert!(String::from_utf8_lossy(&train.stderr).contains(warning), "{mode}");
+        let gen = run_ok(
+            &[
+                "generate",
+                "--model",
+                m,
+                "--checkpoint",
+                r,
+                "--prompt",
+                "the good",
+                "--max-new-tokens",
+                "2",
+            ],
+            None,
+        );
+        let e = String::from_utf8_lossy(&gen.stderr);
+        assert!(!e.contains(warning), "{mode}: {e}");
+        assert_eq!(e.contains("drawn from its seed"), mode == "lora", "{mode}: {e}");
+    }
+}

@@ -81,6 +81,9 @@ pub(crate) fn build_task(
         (Mode::Spt, Some(t)) => calibration_batches(t, cfg.calibration_batches, 16, cfg.seed, device)?,
         _ => Vec::new(),
     };
+    if cfg.random_init {
+        tracing::warn!("random initial weights (--random-init): not a pretrained model");
+    }
     let task = ModelTask::build(cfg, model_dir, num_labels, device, calibration)
         .with_context(|| format!("building the {:?} model from {}", cfg.mode, model_dir.display()))?;
     if resuming {
@@ -304,8 +307,21 @@ pub(crate) fn load_trained(
              data, and this command has none to fit them on; pass --checkpoint (an spt run) or use \
              `spt-train eval`, which fits them on its data"
         ),
-        (false, _) => ModelTask::build(&cfg, &model_dir, num_labels, dev, Vec::new())
-            .with_context(|| format!("building the {:?} model from {}", cfg.mode, model_dir.display()))?,
+        (false, _) => {
+            // A dense checkpoint replaces every weight; with adapters the frozen base is drawn
+            // again from the run's seed, as in training.
+            match (cfg.random_init, &ck) {
+                (false, _) => {}
+                (true, None) => tracing::warn!("random initial weights (--random-init): not a pretrained model"),
+                (true, Some(_)) if cfg.mode == Mode::Dense => {}
+                (true, Some(_)) => say!(
+                    "a --random-init run: its frozen base weights are drawn from its seed ({}), as in training",
+                    cfg.seed
+                ),
+            }
+            ModelTask::build(&cfg, &model_dir, num_labels, dev, Vec::new())
+                .with_context(|| format!("building the {:?} model from {}", cfg.mode, model_dir.display()))?
+        }
     };
     if ck.is_none() && !t.summary.initialised.is_empty() {
         bail!(
