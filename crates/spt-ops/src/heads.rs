@@ -48,6 +48,10 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     let Ok((b, h, l, d)) = x.dims4() else {
         bail!("merge_heads: x is {:?}, expected [B, H, L, d]", x.dims())
     };
+    if h == 0 {
+        // Its backward (split into 0 heads) could not run.
+        bail!("merge_heads: x is {:?}, which has 0 heads", x.dims())
+    }
     if !fused(x) {
         return x.transpose(1, 2)?.contiguous()?.reshape((b, l, h * d));
     }

@@ -61,6 +61,10 @@ fn no_query_rows_give_an_empty_output_and_gradient() -> Result<()> {
         let g = o.sum_all()?.backward()?;
         assert_eq!(g.get(&z).map(|t| t.dims().to_vec()), Some(vec![1, 0, 4, 8]));
     }
+    // Merging 0 heads is refused by its own name (its backward, a split into 0 heads, failed
+    // naming split_heads).
+    let e = err(spt_ops::merge_heads(&z));
+    assert!(e.contains("merge_heads") && e.contains("0 heads"), "{e}");
     Ok(())
 }
 

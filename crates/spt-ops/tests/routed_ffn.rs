@@ -340,6 +340,11 @@ fn load_balancing_loss_is_optional_and_trains_the_router() -> Result<()> {
         .sum_all()?
         .to_scalar::<f32>()?;
     assert!(gn.is_finite() && gn > 0.0);
+    // No tokens: the loss is still there, and 0.
+    let none = layer.forward_t(&x.narrow(0, 0, 0)?, true)?;
+    assert_eq!(none.y.dims(), &[0, 8]);
+    let aux0 = none.aux_loss.expect("aux loss requested, 0 tokens");
+    assert_eq!(aux0.to_scalar::<f32>()?, 0.0);
     Ok(())
 }
 

@@ -514,7 +514,12 @@ impl RoutedFfn {
         if routing.n_tokens() == 0 {
             return Ok(RoutedFfnOutput {
                 y: Tensor::zeros(dims, dt, dev)?,
-                aux_loss: None,
+                // No tokens, no imbalance: a loss of 0 keeps `aux_loss: Some` whenever enabled.
+                aux_loss: if self.cfg.aux_loss {
+                    Some(Tensor::zeros((), dt, dev)?)
+                } else {
+                    None
+                },
                 routing,
                 gates: Tensor::zeros(0, dt, dev)?,
             });
