@@ -123,8 +123,8 @@ pub struct FinetuneArgs {
     #[arg(long, hide = true)]
     pub lora_dropout: Option<f64>,
     /// Modules trained in full besides the adapters and head (lora, spt), comma-separated HF
-    /// module names, e.g. `pooler` (PEFT's `modules_to_save`); `""` for none (default: the
-    /// preset's, pooler; else none).
+    /// module names, e.g. `pooler` (PEFT's `modules_to_save`); `""` for none (default: pooler
+    /// for classifiers, none for language models).
     #[arg(long, value_delimiter = ',', value_name = "MODULES")]
     pub modules_to_save: Vec<String>,
     /// GPT-2 only: random initial weights instead of a checkpoint.
