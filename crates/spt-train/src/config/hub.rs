@@ -107,6 +107,17 @@ pub fn resolve_model_with(id_or_path: &str, hub: &Hub) -> Result<PathBuf, Config
         .map(|s| s.rfilename)
         .collect();
     let has = |f: &str| listed.iter().any(|l| l == f);
+    // A repository can hold thousands of files: an error names the first few.
+    let files = || {
+        let shown: Vec<&str> = listed.iter().take(20).map(String::as_str).collect();
+        let more = listed.len().saturating_sub(shown.len());
+        shown.join(", ")
+            + &if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+    };
     let fetch = |f: &str| {
         remote
             .get(f)
@@ -115,14 +126,14 @@ pub fn resolve_model_with(id_or_path: &str, hub: &Hub) -> Result<PathBuf, Config
     if !has("config.json") {
         return Err(err(format!(
             "the hub repository has no config.json (files: {})",
-            listed.join(", ")
+            files()
         )));
     }
     let Some(weights) = WEIGHT_FILES.into_iter().find(|f| has(f)) else {
         return Err(err(format!(
             "the hub repository has none of {} (files: {}); sharded .bin checkpoints are not read",
             WEIGHT_FILES.join(", "),
-            listed.join(", ")
+            files()
         )));
     };
     let config = fetch("config.json")?;
