@@ -138,7 +138,7 @@ def run(args, seed, torch, transformers, rows, labels, tok):
         # `--modules-to-save pooler` does.
         model = peft.get_peft_model(model, peft.LoraConfig(
             task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS,
-            modules_to_save=args.modules_to_save or None))
+            modules_to_save=list(args.modules_to_save) or None))  # a copy: PEFT appends to it
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     no_decay = lambda n: n.endswith("bias") or "LayerNorm" in n
     opt = torch.optim.AdamW([
