@@ -31,6 +31,7 @@ pub mod losses;
 pub mod metrics;
 pub mod optim;
 pub mod output_dir;
+pub mod peft;
 pub mod pipeline;
 pub mod presets;
 pub mod rng;

@@ -44,7 +44,7 @@ impl Net {
         }
     }
 
-    fn params(&self) -> &dyn NamedParams {
+    pub(crate) fn params(&self) -> &dyn NamedParams {
         match self {
             Net::Classifier(m) => m.as_ref(),
             Net::Lm(m) => m.as_ref(),
@@ -260,7 +260,7 @@ fn spt_config(cfg: &FinetuneConfig, head_dim: usize, fit: bool) -> Result<Option
 
 /// Whether parameter `name` lies in a module called `module` (a dotted path, matched whole
 /// segments at any depth): `bert.pooler.dense.weight` is in `pooler` and in `bert.pooler`.
-fn in_module(name: &str, module: &str) -> bool {
+pub(crate) fn in_module(name: &str, module: &str) -> bool {
     let module = module.trim_matches('.');
     !module.is_empty() && (name.starts_with(&format!("{module}.")) || name.contains(&format!(".{module}.")))
 }
@@ -654,22 +654,7 @@ pub fn export_hf_dir(
         .into_iter()
         .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?.contiguous()?)))
         .collect::<Result<_>>()?;
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .ok_or_else(|| Error::Msg(format!("{}: not a directory name", out.display())))?;
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    crate::output_dir::remove_stale_export_staging(parent, &name, &files)?;
-    let tmp = crate::output_dir::export_staging(parent, &name, std::process::id());
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let write = || -> Result<()> {
+    write_export_dir(out, &files, overwrite, |tmp| {
         spt_models::save_tensors(&tensors, tmp.join("model.safetensors"))?;
         let cfg_path = model_dir.join("config.json");
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
@@ -695,8 +680,34 @@ pub fn export_hf_dir(
             std::fs::copy(&src, tmp.join(f)).map_err(|e| Error::io(&src, e))?;
         }
         Ok(())
-    };
-    if let Err(e) = write() {
+    })
+}
+
+/// Writes an export directory `out` that will hold `files`: `write` fills a temporary sibling
+/// directory, which [`crate::output_dir::install_export`] then moves in, so no file is
+/// half-written and files that spt-train did not write are never replaced.
+pub(crate) fn write_export_dir(
+    out: &Path,
+    files: &[String],
+    overwrite: bool,
+    write: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| Error::Msg(format!("{}: not a directory name", out.display())))?;
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    crate::output_dir::remove_stale_export_staging(parent, &name, files)?;
+    let tmp = crate::output_dir::export_staging(parent, &name, std::process::id());
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    if let Err(e) = write(&tmp) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }

@@ -1,4 +1,5 @@
-//! `spt-train export`: merge LoRA and write a Hugging Face model directory.
+//! `spt-train export`: merge LoRA and write a Hugging Face model directory, or write a LoRA run's
+//! adapter as PEFT does.
 
 use crate::say;
 use std::path::{Path, PathBuf};
@@ -10,15 +11,30 @@ use clap::Args;
 use spt_train::config::resolve_model;
 use spt_train::data::{LabelMap, TextTokenizer};
 use spt_train::output_dir::check_export_dir;
+use spt_train::peft::{adapter_refusal, export_peft_adapter, ADAPTER_FILES};
 use spt_train::tasks::{export_files, export_hf_dir};
+
+/// What `export` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Format {
+    /// A Hugging Face model directory: LoRA merged into the weights, config, tokenizer.
+    Hf,
+    /// A PEFT adapter (lora runs): adapter_config.json and adapter_model.safetensors, for
+    /// `PeftModel.from_pretrained` on the run's base model.
+    Peft,
+}
 
 #[derive(Args)]
 pub(crate) struct ExportArgs {
     #[command(flatten)]
     pub(crate) model: ModelArgs,
-    /// Directory to write (config.json, model.safetensors with HF names, tokenizer files).
+    /// Directory to write (hf: config.json, model.safetensors with HF names, tokenizer files;
+    /// peft: adapter_config.json, adapter_model.safetensors).
     #[arg(long)]
     pub(crate) out: PathBuf,
+    /// hf: the merged model; peft: the adapter alone, as PEFT saves one.
+    #[arg(long, value_enum, default_value = "hf")]
+    pub(crate) format: Format,
     /// Replace an earlier export in --out (only one that spt-train wrote).
     #[arg(long)]
     pub(crate) overwrite: bool,
@@ -40,9 +56,13 @@ pub(crate) fn export(a: &ExportArgs) -> Result<()> {
             );
         }
     }
+    let run = a.model.run_settings()?;
+    if a.format == Format::Peft {
+        return export_adapter(a, run, &model_dir);
+    }
     // The run's tokenizer (--tokenizer, or the run's `tokenizer`) goes into the export, so that
     // the export tokenises text as the run did.
-    let tokenizer = a.model.tokenizer_source(a.model.run_settings()?.as_ref());
+    let tokenizer = a.model.tokenizer_source(run.as_ref());
     check_export_dir(
         &a.out,
         &export_files(&model_dir, tokenizer.as_deref()),
@@ -75,6 +95,43 @@ pub(crate) fn export(a: &ExportArgs) -> Result<()> {
         a.overwrite,
     )?;
     say!("exported to {}", a.out.display());
+    Ok(())
+}
+
+/// `export --format peft`: the run's LoRA factors and fully trained modules as a PEFT adapter.
+fn export_adapter(
+    a: &ExportArgs,
+    run: Option<spt_train::config::FinetuneConfig>,
+    model_dir: &Path,
+) -> Result<()> {
+    let Some(cfg) = run else {
+        bail!(
+            "--format peft needs the run's finetune.toml beside --checkpoint (its LoRA rank, alpha \
+             and trained modules); none was found"
+        );
+    };
+    if let Some(why) = adapter_refusal(&cfg) {
+        bail!("--format peft: {why}");
+    }
+    let files: Vec<String> = ADAPTER_FILES.iter().map(|f| f.to_string()).collect();
+    check_export_dir(&a.out, &files, a.overwrite)?;
+    let task_kind = task_of(&a.model.model)?;
+    check_model(task_kind, model_dir)?;
+    let labels = find_labels(&None, &a.model.checkpoint, model_dir)?;
+    let (task, _) = load_trained(
+        &a.model,
+        task_kind,
+        labels.as_ref().map(LabelMap::len),
+        &Device::Cpu,
+        Some(&cfg),
+        None,
+    )?;
+    export_peft_adapter(&task, &cfg, &cfg.model, &a.out, a.overwrite)?;
+    say!(
+        "exported the adapter to {} (load it with peft.PeftModel.from_pretrained onto {})",
+        a.out.display(),
+        cfg.model
+    );
     Ok(())
 }
 
