@@ -17,7 +17,7 @@ What differs: the new classifier's initial weights and the dropout masks come fr
 
 Modes: `full` (every weight, lr 1e-4) and `lora` (PEFT r 8, alpha 16 on q, k, v, o, fc1, fc2,
 the classifier and, with `--modules-to-save pooler`, the pooler trained in full, lr 1e-3), the
-settings of our `dense` and `lora` headline rows. Appends one record per run to
+settings of our `dense` and `lora` headline rows (the latter with `--modules-to-save pooler`). Appends one record per run to
 bench/results/accuracy.json (case mode `pytorch-full` / `pytorch-lora`; an earlier record of that
 mode, variant, seed and lr is marked superseded), through a temporary file and a rename, after
 each run.
