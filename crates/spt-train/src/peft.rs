@@ -6,7 +6,7 @@
 //! The layout is PEFT's own: each adapter as `base_model.model.{module}.lora_A.weight` `[r, in]`
 //! and `….lora_B.weight` `[out, r]` (the names spt-models already gives them), and the modules
 //! trained in full (the new head, `modules_to_save`) as `base_model.model.{module}.{param}`.
-//! PEFT applies `W + (alpha / r)·B·A`, the update our LoRA layers add (`tests/cli_export.rs`
+//! PEFT applies `W + (alpha / r)·B·A`, the update our LoRA layers add (`tests/cli_export_peft.rs`
 //! checks an adapter against the merged export; `bench/peer/peft_adapter.py` loads one in PEFT).
 
 use std::collections::{BTreeSet, HashMap};
@@ -63,7 +63,7 @@ pub fn export_peft_adapter(
     let mut tensors = HashMap::new();
     let mut targets = BTreeSet::new();
     let mut saved = cfg.modules_to_save.clone();
-    if cfg.task == TaskKind::Classify {
+    if cfg.task == TaskKind::Classify && !saved.iter().any(|m| m == "classifier") {
         saved.push("classifier".into());
     }
     for (name, var) in task.net.params().named_vars() {
@@ -76,13 +76,14 @@ pub fn export_peft_adapter(
             // Trained although not asked for (a module the checkpoint lacked, initialised anew):
             // PEFT loads it only as a module to save.
             if let Some((module, _)) = name.rsplit_once('.') {
-                saved.push(module.to_string());
+                if !saved.iter().any(|m| m == module) {
+                    saved.push(module.to_string());
+                }
             }
         }
         let t = var.as_tensor().to_device(&Device::Cpu)?.contiguous()?;
         tensors.insert(format!("base_model.model.{name}"), t);
     }
-    saved.dedup();
     if targets.is_empty() {
         return Err(Error::Msg(
             "--format peft: the model has no LoRA adapters (lora_rank = 0?)".into(),
