@@ -59,13 +59,14 @@ if [[ -n "$STEPS" ]]; then SPT_LEN=(--max-steps "$STEPS"); WHAT="$STEPS steps"; 
 run() { # mode lr length-args...
   local mode=$1 lr=$2 preset=()
   shift 2
-  [[ $mode == spt ]] && preset=(--preset fast)  # the default recipe, spelled out
+  # spt: the default recipe, spelled out (dense has no adapters to size).
+  [[ $mode == spt ]] && preset=(--preset fast --lora-rank 8 --lora-alpha 16)
   "$BIN" -q finetune --model "$MODEL" --task classify --train-file "$DATA" \
     --text-column text --label-column category --drop-label plot \
     --validation-split 0.1 --split-by movie_name --seed "$SEED" \
     --max-length "$MAXLEN" --batch-size "$BATCH" "$@" \
     --lr "$lr" --warmup-ratio 0.1 --schedule linear \
-    --mode "$mode" "${preset[@]}" --lora-rank 8 --lora-alpha 16 \
+    --mode "$mode" "${preset[@]}" \
     --output-dir "$OUT/$mode" --overwrite --no-progress
 }
 
