@@ -385,3 +385,51 @@ fn random_init_warns_only_where_the_weights_are_random() {
         assert_eq!(e.contains("drawn from its seed"), mode == "lora", "{mode}: {e}");
     }
 }
+
+/// A LoRA checkpoint whose finetune.toml is gone is rebuilt with `--mode lora` alone: the modules
+/// it trained in full (the pooler, trained by default) are read off the checkpoint, as are its
+/// tensors, and it evaluates as with its settings.
+#[test]
+fn a_lora_checkpoint_without_its_settings_restores_its_pooler() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-bert-cls", tmp.path());
+    let data = common::reviews_csv(tmp.path(), "d.csv", "text,label,movie");
+    let run_dir = tmp.path().join("run");
+    let (m, r, d) = (s(&model), s(&run_dir), s(&data));
+    run_ok(
+        &[
+            "finetune",
+            "--model",
+            m,
+            "--train-file",
+            d,
+            "--output-dir",
+            r,
+            "--mode",
+            "lora",
+            "--max-steps",
+            "3",
+            "--lr",
+            "5e-2",
+            "--no-progress",
+        ],
+        None,
+    );
+    let eval = |extra: &[&str]| {
+        let args = [
+            &["eval", "--model", m, "--checkpoint", r, "--data-file", d][..],
+            extra,
+        ]
+        .concat();
+        last_json(&run_ok(&args, None))
+    };
+    let with_settings = eval(&[]);
+    std::fs::remove_file(run_dir.join("finetune.toml")).unwrap();
+    let without = eval(&["--mode", "lora"]);
+    assert_eq!(with_settings["examples"], without["examples"]);
+    let (a, b) = (
+        with_settings["loss"].as_f64().unwrap(),
+        without["loss"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() < 1e-6, "{with_settings} vs {without}");
+}

@@ -300,6 +300,25 @@ pub(crate) fn load_trained(
         c
     });
     cfg.task = task;
+    // Read before the model is built: without the run's settings, the modules it trained in full
+    // besides adapters, head and routers (the pooler by default) are read off the checkpoint.
+    let loaded = match &ck {
+        Some(c) => Some(load_checkpoint_weights(c, dev).with_context(|| format!("loading {}", c.display()))?),
+        None => None,
+    };
+    if let (false, None, Some(l)) = (from_run, settings, &loaded) {
+        if cfg.mode != Mode::Dense {
+            let mut saved: Vec<String> = l
+                .model
+                .keys()
+                .filter(|n| !n.contains(".lora_") && !n.contains(".router.") && !n.starts_with("classifier."))
+                .filter_map(|n| n.rsplit_once('.').map(|(module, _)| module.to_string()))
+                .collect();
+            saved.sort();
+            saved.dedup();
+            cfg.modules_to_save = saved;
+        }
+    }
     let mut t = match (ck.is_none() && cfg.mode == Mode::Spt, calibrate) {
         (true, Some(data)) => build_task(&cfg, &model_dir, num_labels, Some(data), dev, false)?,
         (true, None) => bail!(
@@ -339,8 +358,7 @@ pub(crate) fn load_trained(
     if !from_run && ck.is_some() && m.mode.is_none() && settings.is_none() {
         tracing::warn!("no finetune.toml found beside the checkpoint; assuming a dense run (pass --mode)");
     }
-    if let Some(c) = &ck {
-        let loaded = load_checkpoint_weights(c, dev).with_context(|| format!("loading {}", c.display()))?;
+    if let (Some(c), Some(loaded)) = (&ck, loaded) {
         let origin = || match &trained_on {
             Some((model, mode)) => format!(
                 "restoring {} (trained from {model} in {mode:?} mode, per its finetune.toml; this is {})",
