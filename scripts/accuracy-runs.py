@@ -143,6 +143,9 @@ def main():
         h = by_recipe[ROWS[r]]
         for i, rec in rm.select("accuracy", h["accuracy"], f"HEADLINE {h['recipe']!r}"):
             if rec.get("seed") in seeds:
+                if a.variant is not None and a.variant == rec.get("variant"):
+                    raise SystemExit(f"accuracy-runs: --variant {a.variant!r} is record #{i}'s own: a changed "
+                                     "recipe needs a name of its own")
                 todo.append((r, i))
     if not todo:
         raise SystemExit("accuracy-runs: no headline record matches those rows and seeds")
@@ -187,6 +190,16 @@ def main():
                 raise SystemExit(f"accuracy-runs: {row} seed {old['seed']}: the run printed no accuracy: {summary}")
             times = summary.get("step_times_s") or []
             new = {k: v for k, v in old.items() if k not in ("superseded",)}
+            # The record's own copies of settings follow the settings it ran with (--set may change them).
+            for key, path in (("epochs", ("optim", "epochs")), ("batch_size", ("optim", "batch_size")),
+                              ("max_length", ("data", "max_length")), ("lora_rank", ("lora", "rank")),
+                              ("seed", ("seed",))):
+                v = stored
+                for k in path:
+                    v = v.get(k) if isinstance(v, dict) else None
+                if key in new and v is not None:
+                    new[key] = v
+            new["case"] = {**old["case"], "mode": stored.get("mode", old["case"].get("mode"))}
             new.update({
                 "settings": stored,
                 "lr": stored["optim"]["lr"],
@@ -209,9 +222,16 @@ def main():
             with open(ACCURACY) as f:  # re-read: nothing else may have changed it meanwhile
                 data = json.load(f)
             data["records"].append(new)
+            j = len(data["records"]) - 1
             if not a.set:
-                data["records"][i]["superseded"] = (f"re-run as #{len(data['records']) - 1} at build {build} "
+                data["records"][i]["superseded"] = (f"re-run as #{j} at build {build} "
                                                     f"(accuracy {old['accuracy']:.4f} -> {e['accuracy']:.4f})")
+            else:
+                # An earlier run of the same changed recipe (an interrupted session's) gives way.
+                for r in data["records"][:j]:
+                    if (not r.get("superseded") and r.get("variant") == new["variant"] and r.get("seed") == new["seed"]
+                            and r.get("lr") == new["lr"] and r["case"].get("mode") == new["case"]["mode"]):
+                        r["superseded"] = f"re-run as #{j} at build {build} (accuracy {r['accuracy']:.4f} -> {e['accuracy']:.4f})"
             write_atomic(ACCURACY, data)
             print(f"accuracy-runs: {row} seed {old['seed']}: accuracy {old['accuracy']:.4f} -> {e['accuracy']:.4f} "
                   f"(record #{len(data['records']) - 1})", file=sys.stderr)

@@ -16,7 +16,7 @@ use candle_core::Device;
 
 use crate::config::{FinetuneConfig, Mode};
 use crate::data::TaskKind;
-use crate::tasks::{in_module, write_export_dir, ModelTask};
+use crate::tasks::{write_export_dir, ModelTask};
 use crate::{Error, Result};
 
 /// The files an adapter export writes.
@@ -59,36 +59,43 @@ pub fn export_peft_adapter(
     }
     let files: Vec<String> = ADAPTER_FILES.iter().map(|f| f.to_string()).collect();
     crate::output_dir::check_export_dir(out, &files, overwrite)?;
-    // The adapter is what trained: LoRA factors, the head and `modules_to_save`.
+    // The adapter is what trained: LoRA factors, and the modules trained in full (the head,
+    // `modules_to_save`), which PEFT is given by their full paths: a name as typed (`pooler.`)
+    // could match nothing there, or more than was trained.
     let mut tensors = HashMap::new();
     let mut targets = BTreeSet::new();
-    let mut saved = cfg.modules_to_save.clone();
-    if cfg.task == TaskKind::Classify && !saved.iter().any(|m| m == "classifier") {
-        saved.push("classifier".into());
-    }
+    let mut saved = BTreeSet::new();
     for (name, var) in task.net.params().named_vars() {
         if let Some(module) = name
             .strip_suffix(".lora_A.weight")
             .or_else(|| name.strip_suffix(".lora_B.weight"))
         {
             targets.insert(module.to_string());
-        } else if !saved.iter().any(|m| in_module(&name, m)) {
-            // Trained although not asked for (a module the checkpoint lacked, initialised anew):
-            // PEFT loads it only as a module to save.
-            if let Some((module, _)) = name.rsplit_once('.') {
-                if !saved.iter().any(|m| m == module) {
-                    saved.push(module.to_string());
-                }
-            }
+        } else if let Some((module, _)) = name.rsplit_once('.') {
+            saved.insert(module.to_string());
         }
         let t = var.as_tensor().to_device(&Device::Cpu)?.contiguous()?;
         tensors.insert(format!("base_model.model.{name}"), t);
+    }
+    // PEFT gives a module to save no adapter: one inside it would be dropped on load.
+    let inside =
+        |t: &str, s: &str| t == s || t.starts_with(&format!("{s}.")) || t.ends_with(&format!(".{s}"));
+    if let Some((t, s)) = targets
+        .iter()
+        .find_map(|t| saved.iter().find(|s| inside(t, s)).map(|s| (t, s)))
+    {
+        return Err(Error::Msg(format!(
+            "--format peft: `{t}` has LoRA adapters and lies in `{s}`, which trained in full \
+             (modules_to_save); PEFT would drop its adapters on load: export the merged model \
+             (--format hf)"
+        )));
     }
     if targets.is_empty() {
         return Err(Error::Msg(
             "--format peft: the model has no LoRA adapters (lora_rank = 0?)".into(),
         ));
     }
+    let saved: Vec<String> = saved.into_iter().collect();
     let config = adapter_config(cfg, base, &targets, &saved);
     write_export_dir(out, &files, overwrite, |tmp| {
         spt_models::save_tensors(&tensors, tmp.join("adapter_model.safetensors"))?;

@@ -260,7 +260,7 @@ fn spt_config(cfg: &FinetuneConfig, head_dim: usize, fit: bool) -> Result<Option
 
 /// Whether parameter `name` lies in a module called `module` (a dotted path, matched whole
 /// segments at any depth): `bert.pooler.dense.weight` is in `pooler` and in `bert.pooler`.
-pub(crate) fn in_module(name: &str, module: &str) -> bool {
+fn in_module(name: &str, module: &str) -> bool {
     let module = module.trim_matches('.');
     !module.is_empty() && (name.starts_with(&format!("{module}.")) || name.contains(&format!(".{module}.")))
 }

@@ -163,11 +163,11 @@ fn a_bert_lora_run_exports_as_a_peft_adapter_equal_to_its_merged_export() {
     let cfg = adapter_matches_merged_export(tmp.path(), &model, &["--train-file", s(&data)]);
     assert_eq!(cfg["task_type"], "SEQ_CLS");
     assert_eq!(cfg["fan_in_fan_out"], false);
-    // The pooler (trained by default in lora mode) and the new head load as modules to save;
-    // no "dense" suffix that would also adapt the pooler.
+    // The pooler (trained by default in lora mode) and the new head load as modules to save, by
+    // their full paths; no "dense" suffix that would also adapt the pooler.
     assert_eq!(
         cfg["modules_to_save"],
-        serde_json::json!(["pooler", "classifier"])
+        serde_json::json!(["bert.pooler.dense", "classifier"])
     );
     let targets = cfg["target_modules"].as_array().unwrap();
     assert!(

@@ -433,3 +433,41 @@ fn a_lora_checkpoint_without_its_settings_restores_its_pooler() {
     );
     assert!((a - b).abs() < 1e-6, "{with_settings} vs {without}");
 }
+
+/// A LoRA run from before the pooler default (`modules_to_save = []`), resumed with flags that
+/// now mean "pooler trained": the refusal names the setting that changed, not only "another mode
+/// or model".
+#[test]
+fn a_resume_whose_settings_changed_names_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-bert-cls", tmp.path());
+    let data = common::reviews_csv(tmp.path(), "d.csv", "text,label,movie");
+    let run_dir = tmp.path().join("run");
+    let (m, d, r) = (s(&model), s(&data), s(&run_dir));
+    let args = |extra: &[&str]| -> Vec<String> {
+        [
+            &[
+                "finetune",
+                "--model",
+                m,
+                "--train-file",
+                d,
+                "--output-dir",
+                r,
+                "--mode",
+                "lora",
+            ][..],
+            &["--batch-size", "8", "--no-progress"],
+            extra,
+        ]
+        .concat()
+        .into_iter()
+        .map(String::from)
+        .collect()
+    };
+    let old = args(&["--max-steps", "2", "--modules-to-save", ""]);
+    run_ok(&old.iter().map(String::as_str).collect::<Vec<_>>(), None);
+    let resume = args(&["--max-steps", "3", "--resume"]);
+    let e = run_err(&resume.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(e.contains("modules_to_save") && e.contains("--resume"), "{e}");
+}

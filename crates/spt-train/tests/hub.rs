@@ -77,9 +77,13 @@ fn answer(mut stream: TcpStream, repos: &Repos, log: &Mutex<Vec<String>>) {
             None => reply(&mut stream, "404 Not Found", &[], b"Repository not found"),
         };
     }
-    // GET /{owner}/{name}/resolve/main/{file}, with a byte range.
-    let found = path.split_once("/resolve/main/").and_then(|(id, file)| {
-        let files = repos.get(id.trim_start_matches('/'))?;
+    // GET /{owner}/{name}/resolve/{revision}/{file}, with a byte range. Every repository is at
+    // commit c0ffee; its branch `main` names it too.
+    let found = path.split_once("/resolve/").and_then(|(id, rest)| {
+        let (rev, file) = rest.split_once('/')?;
+        let files = repos
+            .get(id.trim_start_matches('/'))
+            .filter(|_| rev == "main" || rev == "c0ffee")?;
         files.iter().find(|(f, _)| *f == file).map(|(f, b)| (*f, b))
     });
     match found {
@@ -109,6 +113,7 @@ fn hub(dir: &std::path::Path, endpoint: &str, offline: bool) -> Hub {
         cache: hf_hub::Cache::new(dir.join("hub")),
         endpoint: endpoint.to_string(),
         offline,
+        token: None,
     }
 }
 
@@ -151,8 +156,20 @@ fn hub_models_come_with_whichever_checkpoint_files_they_ship() {
     let tmp = tempfile::tempdir().unwrap();
     let online = hub(tmp.path(), &endpoint, false);
 
+    // The cache holds an older commit's config.json alone (as a tokenizer-only download leaves
+    // it): everything comes from the listed commit, into one folder, which `main` then names.
+    let repo_dir = tmp.path().join("hub/models--someone--sharded");
+    std::fs::create_dir_all(repo_dir.join("snapshots/old0")).unwrap();
+    std::fs::create_dir_all(repo_dir.join("refs")).unwrap();
+    std::fs::write(repo_dir.join("refs/main"), "old0").unwrap();
+    std::fs::write(repo_dir.join("snapshots/old0/config.json"), "{\"old\": true}").unwrap();
     // Sharded safetensors: the index and every shard it names, beside config and tokenizer.
     let dir = resolve_model_with("someone/sharded", &online).unwrap();
+    assert!(dir.ends_with("snapshots/c0ffee"), "{}", dir.display());
+    assert_eq!(
+        std::fs::read_to_string(repo_dir.join("refs/main")).unwrap(),
+        "c0ffee"
+    );
     for (f, bytes) in &sharded {
         if *f == "README.md" {
             assert!(!dir.join(f).exists(), "only what a model needs is fetched");
@@ -187,15 +204,17 @@ fn hub_models_come_with_whichever_checkpoint_files_they_ship() {
     for id in ["someone/sharded", "someone/pickled", "someone/both"] {
         resolve_model_with(id, &offline).unwrap_or_else(|e| panic!("{id} offline: {e}"));
     }
-    // A cached index whose shard is missing is not a whole model.
+    // A cached index whose shard is missing is not a whole model, even beside a whole pickle
+    // (the loader reads the index first).
     let sharded = resolve_model_with("someone/sharded", &offline).unwrap();
     let shard = sharded.join("model-00002-of-00002.safetensors");
     std::fs::remove_file(&shard).unwrap();
+    std::fs::write(sharded.join("pytorch_model.bin"), [0u8; 8]).unwrap();
     let e = resolve_model_with("someone/sharded", &offline)
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("someone/sharded") && e.contains("HF_HUB_OFFLINE"),
+        e.contains("someone/sharded") && e.contains("no whole copy") && e.contains("HF_HUB_OFFLINE"),
         "{e}"
     );
 

@@ -33,6 +33,9 @@ pub struct Hub {
     pub endpoint: String,
     /// No downloads, cache only ([`hub_offline`]).
     pub offline: bool,
+    /// `HF_TOKEN`, for private and gated repositories; `None`: the token file of the cache's
+    /// parent folder (`huggingface-cli login`), if any.
+    pub token: Option<String>,
 }
 
 impl Hub {
@@ -46,6 +49,7 @@ impl Hub {
                 .filter(|e| !e.is_empty())
                 .unwrap_or_else(|| "https://huggingface.co".into()),
             offline: hub_offline(),
+            token: std::env::var("HF_TOKEN").ok().filter(|t| !t.trim().is_empty()),
         }
     }
 }
@@ -89,23 +93,32 @@ pub fn resolve_model_with(id_or_path: &str, hub: &Hub) -> Result<PathBuf, Config
     }
     if hub.offline {
         return Err(err(format!(
-            "not a local directory and not in the Hugging Face cache at {}; HF_HUB_OFFLINE is set, so it cannot be \
-             downloaded. Download it once with network access, or pass a local directory",
+            "not a local directory, and the Hugging Face cache at {} holds no whole copy of it (config.json and \
+             a checkpoint); HF_HUB_OFFLINE is set, so it cannot be downloaded. Download it once with network \
+             access, or pass a local directory",
             hub.cache.path().display()
         )));
     }
-    let api = hf_hub::api::sync::ApiBuilder::from_cache(hub.cache.clone())
-        .with_endpoint(hub.endpoint.clone())
+    let mut builder =
+        hf_hub::api::sync::ApiBuilder::from_cache(hub.cache.clone()).with_endpoint(hub.endpoint.clone());
+    if hub.token.is_some() {
+        builder = builder.with_token(hub.token.clone());
+    }
+    let api = builder
         .build()
         .map_err(|e| err(format!("cannot start the hub client: {e}")))?;
-    let remote = api.model(id_or_path.to_string());
-    let listed: Vec<String> = remote
+    let info = api
+        .model(id_or_path.to_string())
         .info()
-        .map_err(|e| err(format!("cannot list its files on {}: {e}", hub.endpoint)))?
-        .siblings
-        .into_iter()
-        .map(|s| s.rfilename)
-        .collect();
+        .map_err(|e| err(format!("cannot list its files on {}: {e}", hub.endpoint)))?;
+    // Every file from the commit that was listed: fetched by branch, files could come from two
+    // commits (a cached config.json from an older one) and land in two snapshot folders.
+    let remote = api.repo(hf_hub::Repo::with_revision(
+        id_or_path.to_string(),
+        hf_hub::RepoType::Model,
+        info.sha.clone(),
+    ));
+    let listed: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
     let has = |f: &str| listed.iter().any(|l| l == f);
     // A repository can hold thousands of files: an error names the first few.
     let files = || {
@@ -148,21 +161,32 @@ pub fn resolve_model_with(id_or_path: &str, hub: &Hub) -> Result<PathBuf, Config
             fetch(f)?;
         }
     }
-    config
+    // The branch now names this commit, so later (and offline) lookups find this snapshot.
+    hub.cache
+        .model(id_or_path.to_string())
+        .create_ref(&info.sha)
+        .map_err(|e| err(format!("cannot record the downloaded commit in the cache: {e}")))?;
+    let dir = config
         .parent()
         .map(Path::to_path_buf)
-        .ok_or_else(|| err("the hub returned no file paths".into()))
+        .ok_or_else(|| err("the hub returned no file paths".into()))?;
+    if weights_path.parent() != Some(dir.as_path()) {
+        return Err(err(format!(
+            "the hub served config.json and {weights} from different commits ({} and {})",
+            dir.display(),
+            weights_path.parent().unwrap_or(Path::new("?")).display()
+        )));
+    }
+    Ok(dir)
 }
 
-/// The cached snapshot that holds `config.json` and a whole checkpoint, if any.
+/// The cached snapshot that holds `config.json` and a whole checkpoint, if any: the first
+/// checkpoint file present, the one `WeightSource::from_dir` reads, with every shard it names.
 fn cached_model(repo: &hf_hub::CacheRepo) -> Option<PathBuf> {
     let dir = repo.get("config.json")?.parent()?.to_path_buf();
-    let whole = WEIGHT_FILES.iter().any(|f| {
-        let p = dir.join(f);
-        p.is_file()
-            && (!f.ends_with(".index.json")
-                || shard_names(&p).is_ok_and(|s| s.iter().all(|s| dir.join(s).is_file())))
-    });
+    let first = WEIGHT_FILES.iter().map(|f| dir.join(f)).find(|p| p.is_file())?;
+    let whole = !first.to_string_lossy().ends_with(".index.json")
+        || shard_names(&first).is_ok_and(|s| s.iter().all(|s| dir.join(s).is_file()));
     whole.then_some(dir)
 }
 

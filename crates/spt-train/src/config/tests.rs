@@ -250,6 +250,7 @@ fn model_resolution_local_cached_and_offline() {
         cache: hf_hub::Cache::new(dir.path().join("hub")),
         endpoint: "http://127.0.0.1:9".into(),
         offline: true,
+        token: None,
     };
     // Offline and uncached: the error names the id and says why.
     let e = resolve_model_with("someone/tiny-bert", &hub)

@@ -99,10 +99,21 @@ impl<T: TrainTask> Trainer<T> {
         // Extra state first: it may reorder what the trained values are loaded into.
         self.task.load_extra_state(&ck.extra)?;
         let vars = self.task.trainable();
+        let changed = config_changes(&ck.manifest.config, &self.cfg.run_config);
+        // Which settings differ from the checkpoint's says why its tensors do not fit.
+        let why = if changed.is_empty() {
+            "it was made in another mode or from another model (its finetune.toml says which)".to_string()
+        } else {
+            format!(
+                "it was written with other settings ({}): resume with the run's own (`--output-dir RUN \
+                 --resume` alone reads its finetune.toml)",
+                changed.join(", ")
+            )
+        };
         for (name, var) in &vars {
             let t = ck.model.get(name).ok_or_else(|| {
                 Error::Msg(format!(
-                    "checkpoint {}: no tensor for trainable parameter `{name}`; it was made in another mode or from another model (its finetune.toml says which)",
+                    "checkpoint {}: no tensor for trainable parameter `{name}`; {why}",
                     path.display()
                 ))
             })?;
@@ -120,13 +131,12 @@ impl<T: TrainTask> Trainer<T> {
             let known: std::collections::HashSet<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
             let extra: Vec<&String> = ck.model.keys().filter(|k| !known.contains(k.as_str())).collect();
             return Err(Error::Msg(format!(
-                "checkpoint {}: holds parameters the model does not train: {extra:?}; it was made in another mode or from another model (its finetune.toml says which)",
+                "checkpoint {}: holds parameters the model does not train: {extra:?}; {why}",
                 path.display()
             )));
         }
         opt.load_state_dict(&ck.optimizer)
             .map_err(|e| Error::Msg(format!("checkpoint {}: {e}", path.display())))?;
-        let changed = config_changes(&ck.manifest.config, &self.cfg.run_config);
         if !changed.is_empty() {
             tracing::warn!(
                 "checkpoint {} was written with other settings ({}); continuing with the current ones",

@@ -283,8 +283,9 @@ fn preset_keys(seq_len: usize) -> usize {
 pub(crate) fn bench_child(a: &BenchArgs, mode: Mode, model_dir: &Path, dev: &Device) -> Result<()> {
     let task_kind = task_of(&a.model)?;
     let attn_k = a.attn_k.unwrap_or_else(|| preset_keys(a.seq_len));
-    // spt mode starts from the fast preset, as `finetune --mode spt` does (timed without the
-    // pooler, which the preset also trains: one 384 × 384 layer).
+    // spt mode starts from the fast preset, as `finetune --mode spt` does. lora and spt are
+    // timed without the pooler, which both train by default (one 384 × 384 layer on B rows), as
+    // PEFT is timed without it in bench/peer/steps.py.
     let d = spt_train::presets::base_config(mode, task_kind, spt_train::presets::effective(mode, None));
     let ffn_top_k = a.ffn_top_k.unwrap_or(d.ffn_top_k);
     let ffn_correction = a.ffn_correction.unwrap_or(d.ffn_correction);

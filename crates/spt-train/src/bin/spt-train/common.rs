@@ -300,13 +300,14 @@ pub(crate) fn load_trained(
         c
     });
     cfg.task = task;
-    // Read before the model is built: without the run's settings, the modules it trained in full
-    // besides adapters, head and routers (the pooler by default) are read off the checkpoint.
+    // Read before the model is built: without the run's finetune.toml, the modules it trained in
+    // full besides adapters, head and routers (the pooler by default) are read off the checkpoint
+    // (a `--config` file written by hand need not list them).
     let loaded = match &ck {
         Some(c) => Some(load_checkpoint_weights(c, dev).with_context(|| format!("loading {}", c.display()))?),
         None => None,
     };
-    if let (false, None, Some(l)) = (from_run, settings, &loaded) {
+    if let (false, Some(l)) = (from_run, &loaded) {
         if cfg.mode != Mode::Dense {
             let mut saved: Vec<String> = l
                 .model

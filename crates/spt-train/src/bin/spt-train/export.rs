@@ -132,6 +132,18 @@ fn export_adapter(
         a.out.display(),
         cfg.model
     );
+    // The adapter carries no label names: the base must be built with the head's size.
+    if let Some(l) = &labels {
+        let names: Vec<String> = (0..l.len())
+            .map(|i| format!("{i} = {}", l.label(i as u32).unwrap_or_default()))
+            .collect();
+        say!(
+            "its classifier has {} classes ({}): load the base with num_labels={}",
+            l.len(),
+            names.join(", "),
+            l.len()
+        );
+    }
     Ok(())
 }
 
