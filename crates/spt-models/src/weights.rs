@@ -41,6 +41,35 @@ fn ckpt_err(path: &Path, reason: impl std::fmt::Display) -> ModelError {
     }
 }
 
+/// The checkpoint files of a model directory, in the order [`WeightSource::from_dir`] prefers
+/// them (a sharded index brings the shards it names: [`shard_files`]).
+pub const CHECKPOINT_FILES: [&str; 3] = [
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+];
+
+/// The shard files a `*.safetensors.index.json` names in its `weight_map`, each once, sorted.
+pub fn shard_files(index: &Path) -> Result<Vec<String>> {
+    Ok(read_index(index)?
+        .into_values()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect())
+}
+
+/// An index's `weight_map`: tensor name → shard file.
+fn read_index(path: &Path) -> Result<HashMap<String, String>> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: HashMap<String, String>,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| ckpt_err(path, e))?;
+    let index: Index =
+        serde_json::from_str(&text).map_err(|e| ckpt_err(path, format!("bad shard index: {e}")))?;
+    Ok(index.weight_map)
+}
+
 impl WeightSource {
     /// Wraps tensors already in memory (tests, conversions).
     pub fn from_tensors(tensors: HashMap<String, Tensor>) -> Self {
@@ -54,11 +83,7 @@ impl WeightSource {
     /// else `pytorch_model.bin`.
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
-        for name in [
-            "model.safetensors",
-            "model.safetensors.index.json",
-            "pytorch_model.bin",
-        ] {
+        for name in CHECKPOINT_FILES {
             let p = dir.join(name);
             if p.is_file() {
                 return Self::from_file(&p);
@@ -102,21 +127,15 @@ impl WeightSource {
     }
 
     fn read_sharded(path: &Path) -> Result<HashMap<String, Tensor>> {
-        #[derive(serde::Deserialize)]
-        struct Index {
-            weight_map: HashMap<String, String>,
-        }
-        let text = std::fs::read_to_string(path).map_err(|e| ckpt_err(path, e))?;
-        let index: Index =
-            serde_json::from_str(&text).map_err(|e| ckpt_err(path, format!("bad shard index: {e}")))?;
+        let weight_map = read_index(path)?;
         let dir = path.parent().unwrap_or(Path::new("."));
-        let shards: BTreeSet<&String> = index.weight_map.values().collect();
+        let shards: BTreeSet<&String> = weight_map.values().collect();
         let mut all = HashMap::new();
         for shard in shards {
             let shard_path = dir.join(shard);
             all.extend(Self::read_safetensors(&shard_path)?);
         }
-        for (key, shard) in &index.weight_map {
+        for (key, shard) in &weight_map {
             if !all.contains_key(key) {
                 return Err(ckpt_err(
                     path,

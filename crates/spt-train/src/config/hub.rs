@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use spt_models::weights::{shard_files, CHECKPOINT_FILES};
+
 use super::ConfigError;
 
 /// Is `HF_HUB_OFFLINE` (or `TRANSFORMERS_OFFLINE`) set to a true value?
@@ -54,13 +56,6 @@ impl Hub {
     }
 }
 
-/// Checkpoint files in `WeightSource::from_dir`'s order of preference: the first the repo has
-/// is the one fetched (a sharded index brings its shards).
-const WEIGHT_FILES: [&str; 3] = [
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-];
 const TOKENIZER_SETS: [&[&str]; 3] = [&["tokenizer.json"], &["vocab.json", "merges.txt"], &["vocab.txt"]];
 
 /// A local directory as is; otherwise a hub id looked up in the cache and, unless offline,
@@ -142,10 +137,11 @@ pub fn resolve_model_with(id_or_path: &str, hub: &Hub) -> Result<PathBuf, Config
             files()
         )));
     }
-    let Some(weights) = WEIGHT_FILES.into_iter().find(|f| has(f)) else {
+    // The loader's first choice that the repository has (an index brings its shards below).
+    let Some(weights) = CHECKPOINT_FILES.into_iter().find(|f| has(f)) else {
         return Err(err(format!(
             "the hub repository has none of {} (files: {}); sharded .bin checkpoints are not read",
-            WEIGHT_FILES.join(", "),
+            CHECKPOINT_FILES.join(", "),
             files()
         )));
     };
@@ -184,37 +180,29 @@ pub fn resolve_model_with(id_or_path: &str, hub: &Hub) -> Result<PathBuf, Config
 /// checkpoint file present, the one `WeightSource::from_dir` reads, with every shard it names.
 fn cached_model(repo: &hf_hub::CacheRepo) -> Option<PathBuf> {
     let dir = repo.get("config.json")?.parent()?.to_path_buf();
-    let first = WEIGHT_FILES.iter().map(|f| dir.join(f)).find(|p| p.is_file())?;
+    let first = CHECKPOINT_FILES
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.is_file())?;
     let whole = !first.to_string_lossy().ends_with(".index.json")
         || shard_names(&first).is_ok_and(|s| s.iter().all(|s| dir.join(s).is_file()));
     whole.then_some(dir)
 }
 
-/// The shard files a `*.safetensors.index.json` names in its `weight_map`, each once.
+/// The shard files a `*.safetensors.index.json` names, each a file of the repository itself (a
+/// downloaded index decides what is fetched, and where it goes in the cache).
 fn shard_names(index: &Path) -> Result<Vec<String>, String> {
-    let bad = |why: String| format!("{}: {why}", index.display());
-    let text = std::fs::read_to_string(index).map_err(|e| bad(e.to_string()))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    let map = v
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| bad("no `weight_map` object".into()))?;
-    let mut shards = Vec::new();
-    for (tensor, file) in map {
-        let file = file
-            .as_str()
-            .filter(|f| !f.is_empty() && !f.contains("..") && !f.starts_with('/'))
-            .ok_or_else(|| {
-                bad(format!(
-                    "`weight_map.{tensor}` is not a file name in the repository"
-                ))
-            })?;
-        if !shards.iter().any(|s| s == file) {
-            shards.push(file.to_string());
-        }
+    let shards = shard_files(index).map_err(|e| e.to_string())?;
+    match shards
+        .iter()
+        .find(|f| f.is_empty() || f.contains("..") || f.starts_with('/'))
+    {
+        Some(f) => Err(format!(
+            "{}: shard `{f}` is not a file name in the repository",
+            index.display()
+        )),
+        None => Ok(shards),
     }
-    shards.sort();
-    Ok(shards)
 }
 
 /// `owner/name` is a hub id, unless `owner` is a local folder: then the user may have mistyped a

@@ -57,20 +57,32 @@ pub(crate) fn export(a: &ExportArgs) -> Result<()> {
         }
     }
     let run = a.model.run_settings()?;
-    if a.format == Format::Peft {
-        return export_adapter(a, run, &model_dir);
-    }
-    // The run's tokenizer (--tokenizer, or the run's `tokenizer`) goes into the export, so that
-    // the export tokenises text as the run did.
-    let tokenizer = a.model.tokenizer_source(run.as_ref());
-    check_export_dir(
-        &a.out,
-        &export_files(&model_dir, tokenizer.as_deref()),
-        a.overwrite,
-    )?;
+    // What is written, checked before the load: the merged model with the run's tokenizer (so
+    // that the export tokenises text as the run did), or the adapter of a LoRA run.
+    let (files, tokenizer) = match a.format {
+        Format::Hf => {
+            let tokenizer = a.model.tokenizer_source(run.as_ref());
+            (export_files(&model_dir, tokenizer.as_deref()), tokenizer)
+        }
+        Format::Peft => {
+            let Some(cfg) = &run else {
+                bail!(
+                    "--format peft needs the run's finetune.toml beside --checkpoint (its LoRA rank, \
+                     alpha and trained modules); none was found"
+                );
+            };
+            if let Some(why) = adapter_refusal(cfg) {
+                bail!("--format peft: {why}");
+            }
+            (ADAPTER_FILES.iter().map(|f| f.to_string()).collect(), None)
+        }
+    };
+    check_export_dir(&a.out, &files, a.overwrite)?;
     let task_kind = task_of(&a.model.model)?;
     check_model(task_kind, &model_dir)?;
-    check_tokenizer_files(tokenizer.as_deref().unwrap_or(&model_dir))?;
+    if a.format == Format::Hf {
+        check_tokenizer_files(tokenizer.as_deref().unwrap_or(&model_dir))?;
+    }
     let labels = find_labels(&None, &a.model.checkpoint, &model_dir)?;
     let (mut task, model_dir) = load_trained(
         &a.model,
@@ -80,6 +92,27 @@ pub(crate) fn export(a: &ExportArgs) -> Result<()> {
         None,
         None,
     )?;
+    if let (Format::Peft, Some(cfg)) = (a.format, &run) {
+        export_peft_adapter(&task, cfg, &cfg.model, &a.out, a.overwrite)?;
+        say!(
+            "exported the adapter to {} (load it with peft.PeftModel.from_pretrained onto {})",
+            a.out.display(),
+            cfg.model
+        );
+        // The adapter carries no label names: the base must be built with the head's size.
+        if let Some(l) = &labels {
+            let names: Vec<String> = (0..l.len())
+                .map(|i| format!("{i} = {}", l.label(i as u32).unwrap_or_default()))
+                .collect();
+            say!(
+                "its classifier has {} classes ({}): load the base with num_labels={}",
+                l.len(),
+                names.join(", "),
+                l.len()
+            );
+        }
+        return Ok(());
+    }
     if task.sparse_layers() > 0 {
         say!(
             "note: the export is a dense Hugging Face model (LoRA merged); sparse attention and FFN \
@@ -95,55 +128,6 @@ pub(crate) fn export(a: &ExportArgs) -> Result<()> {
         a.overwrite,
     )?;
     say!("exported to {}", a.out.display());
-    Ok(())
-}
-
-/// `export --format peft`: the run's LoRA factors and fully trained modules as a PEFT adapter.
-fn export_adapter(
-    a: &ExportArgs,
-    run: Option<spt_train::config::FinetuneConfig>,
-    model_dir: &Path,
-) -> Result<()> {
-    let Some(cfg) = run else {
-        bail!(
-            "--format peft needs the run's finetune.toml beside --checkpoint (its LoRA rank, alpha \
-             and trained modules); none was found"
-        );
-    };
-    if let Some(why) = adapter_refusal(&cfg) {
-        bail!("--format peft: {why}");
-    }
-    let files: Vec<String> = ADAPTER_FILES.iter().map(|f| f.to_string()).collect();
-    check_export_dir(&a.out, &files, a.overwrite)?;
-    let task_kind = task_of(&a.model.model)?;
-    check_model(task_kind, model_dir)?;
-    let labels = find_labels(&None, &a.model.checkpoint, model_dir)?;
-    let (task, _) = load_trained(
-        &a.model,
-        task_kind,
-        labels.as_ref().map(LabelMap::len),
-        &Device::Cpu,
-        Some(&cfg),
-        None,
-    )?;
-    export_peft_adapter(&task, &cfg, &cfg.model, &a.out, a.overwrite)?;
-    say!(
-        "exported the adapter to {} (load it with peft.PeftModel.from_pretrained onto {})",
-        a.out.display(),
-        cfg.model
-    );
-    // The adapter carries no label names: the base must be built with the head's size.
-    if let Some(l) = &labels {
-        let names: Vec<String> = (0..l.len())
-            .map(|i| format!("{i} = {}", l.label(i as u32).unwrap_or_default()))
-            .collect();
-        say!(
-            "its classifier has {} classes ({}): load the base with num_labels={}",
-            l.len(),
-            names.join(", "),
-            l.len()
-        );
-    }
     Ok(())
 }
 
