@@ -231,3 +231,87 @@ fn a_gpt2_lora_run_exports_as_a_peft_adapter_equal_to_its_merged_export() {
     assert_eq!(cfg["fan_in_fan_out"], true);
     assert!(cfg["modules_to_save"].is_null(), "{cfg}");
 }
+
+/// An adapter export removes and replaces only what spt-train wrote: a user's folder, a user's
+/// own adapter files, files added to an earlier export, and a user's folder named like an
+/// interrupted export's staging folder all survive, whatever the flags.
+#[test]
+fn a_peft_export_keeps_every_file_it_did_not_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-bert-cls", tmp.path());
+    let data = reviews_csv(tmp.path(), "d.csv", "text,label,movie");
+    let run = tmp.path().join("run");
+    run_ok(
+        &[
+            "finetune",
+            "--model",
+            s(&model),
+            "--train-file",
+            s(&data),
+            "--output-dir",
+            s(&run),
+            "--mode",
+            "lora",
+            "--max-steps",
+            "1",
+            "--no-progress",
+        ],
+        None,
+    );
+    let export = |out: &Path, format: &str, overwrite: bool| {
+        let mut args = vec![
+            "export",
+            "--model",
+            s(&model),
+            "--checkpoint",
+            s(&run),
+            "--out",
+            s(out),
+            "--format",
+            format,
+        ];
+        if overwrite {
+            args.push("--overwrite");
+        }
+        common::run(&args, None)
+    };
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap();
+
+    // A user's folder: refused without --overwrite; with it, the adapter goes in beside their file.
+    let mine = tmp.path().join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    std::fs::write(mine.join("notes.txt"), "mine").unwrap();
+    assert!(!export(&mine, "peft", false).status.success());
+    assert!(!mine.join("adapter_config.json").exists());
+    assert!(export(&mine, "peft", true).status.success());
+    assert!(mine.join("adapter_model.safetensors").is_file());
+    assert_eq!(read(&mine.join("notes.txt")), "mine");
+
+    // A user's own adapter, which the export would replace: refused even with --overwrite.
+    let theirs = tmp.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::fs::write(theirs.join("adapter_config.json"), "their adapter").unwrap();
+    let o = export(&theirs, "peft", true);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("adapter_config.json"));
+    assert_eq!(read(&theirs.join("adapter_config.json")), "their adapter");
+    assert!(!theirs.join("adapter_model.safetensors").exists());
+
+    // An earlier export, merged, then the adapter over it: the merged files (ours) give way,
+    // the README the user added stays.
+    let out = tmp.path().join("out");
+    assert!(export(&out, "hf", false).status.success());
+    std::fs::write(out.join("README.md"), "my card").unwrap();
+    assert!(
+        !export(&out, "peft", false).status.success(),
+        "an earlier export needs --overwrite"
+    );
+    // A user's folder named like a dead export's staging folder, holding their file.
+    let staging = tmp.path().join(format!(".out.tmp-{}", u32::MAX - 1));
+    std::fs::create_dir(&staging).unwrap();
+    std::fs::write(staging.join("adapter_config.json.bak"), "kept").unwrap();
+    assert!(export(&out, "peft", true).status.success());
+    assert!(out.join("adapter_config.json").is_file() && !out.join("model.safetensors").exists());
+    assert_eq!(read(&out.join("README.md")), "my card");
+    assert_eq!(read(&staging.join("adapter_config.json.bak")), "kept");
+}
