@@ -1,6 +1,6 @@
 //! [`FinetuneArgs`]: the flags of `spt-train finetune`, and how they override a config file.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::{invalid, ConfigError, FfnUnits, FinetuneConfig, Mode};
 use crate::data::{DataFormat, TaskKind};
@@ -213,42 +213,10 @@ impl FinetuneConfig {
     /// the flags, then `--set`; then [`FinetuneConfig::validate`].
     pub fn from_args(args: &FinetuneArgs) -> Result<Self, ConfigError> {
         let file = match &args.config {
-            Some(p) => Some((p, Self::read_table(p)?)),
+            Some(p) => Some((p.as_path(), Self::read_table(p)?)),
             None => None,
         };
-        fn key<T: serde::de::DeserializeOwned>(
-            file: &Option<(&PathBuf, serde_json::Map<String, serde_json::Value>)>,
-            name: &str,
-        ) -> Result<Option<T>, ConfigError> {
-            let Some((p, m)) = file else { return Ok(None) };
-            m.get(name)
-                .map(|v| serde_json::from_value(v.clone()))
-                .transpose()
-                .map_err(|e| ConfigError::File {
-                    path: p.to_path_buf(),
-                    msg: format!("{name}: {e}"),
-                })
-        }
-        let preset = match args.preset {
-            Some(p) => Some(p),
-            None => key(&file, "preset")?,
-        };
-        // A preset is an spt recipe, so it implies the mode when none is given.
-        let mode = match args.mode {
-            Some(m) => m,
-            None => key(&file, "mode")?.unwrap_or(if preset.is_some() { Mode::Spt } else { Mode::Dense }),
-        };
-        let task = match args.task {
-            Some(t) => t,
-            None => key(&file, "task")?.unwrap_or(TaskKind::Classify),
-        };
-        if preset.is_some() && mode != Mode::Spt {
-            return Err(invalid(
-                "preset",
-                format!("presets are spt recipes; the mode is {mode:?}").to_lowercase(),
-            ));
-        }
-        let mut cfg = presets::base_config(mode, task, presets::effective(mode, preset));
+        let mut cfg = Self::defaults_for(file.as_ref(), args.mode, args.task, args.preset)?;
         if let Some((p, m)) = file {
             cfg = cfg.overlay(p, m)?;
         }
@@ -281,6 +249,49 @@ impl FinetuneConfig {
             );
         }
         Ok(cfg)
+    }
+
+    /// The defaults a config file is read over: those of the mode, task and preset given by
+    /// flag, else by the file, else dense classification ([`presets::base_config`]).
+    pub(super) fn defaults_for(
+        file: Option<&(&Path, serde_json::Map<String, serde_json::Value>)>,
+        mode: Option<Mode>,
+        task: Option<TaskKind>,
+        preset: Option<Preset>,
+    ) -> Result<Self, ConfigError> {
+        fn key<T: serde::de::DeserializeOwned>(
+            file: Option<&(&Path, serde_json::Map<String, serde_json::Value>)>,
+            name: &str,
+        ) -> Result<Option<T>, ConfigError> {
+            let Some((p, m)) = file else { return Ok(None) };
+            m.get(name)
+                .map(|v| serde_json::from_value(v.clone()))
+                .transpose()
+                .map_err(|e| ConfigError::File {
+                    path: p.to_path_buf(),
+                    msg: format!("{name}: {e}"),
+                })
+        }
+        let preset = match preset {
+            Some(p) => Some(p),
+            None => key(file, "preset")?,
+        };
+        // A preset is an spt recipe, so it implies the mode when none is given.
+        let mode = match mode {
+            Some(m) => m,
+            None => key(file, "mode")?.unwrap_or(if preset.is_some() { Mode::Spt } else { Mode::Dense }),
+        };
+        let task = match task {
+            Some(t) => t,
+            None => key(file, "task")?.unwrap_or(TaskKind::Classify),
+        };
+        if preset.is_some() && mode != Mode::Spt {
+            return Err(invalid(
+                "preset",
+                format!("presets are spt recipes; the mode is {mode:?}").to_lowercase(),
+            ));
+        }
+        Ok(presets::base_config(mode, task, presets::effective(mode, preset)))
     }
 
     /// Settings that were given but change nothing in this run, each said in a sentence.

@@ -291,12 +291,16 @@ impl Default for FinetuneConfig {
 }
 
 impl FinetuneConfig {
-    /// Reads a TOML (`.toml`) or JSON (`.json`) config file over the built-in defaults; unknown
-    /// keys are an error, and so is a removed setting ([`REMOVED_SETTINGS`]) unless it has the
+    /// Reads a TOML (`.toml`) or JSON (`.json`) config file over the defaults of the mode, task
+    /// and preset it names (as `finetune --config` does: a file that gives only `mode = "lora"`
+    /// has LoRA's learning rate and modules to save); unknown keys are an error, and so is a removed setting ([`REMOVED_SETTINGS`]) unless it has the
     /// value of the behaviour that remains (old run directories' `finetune.toml` files list every
     /// setting). The file may be sectioned or flat ([`sections`]).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        Self::default().overlay(path, Self::read_table(path)?)
+        let table = Self::read_table(path)?;
+        let file = (path, table);
+        let base = Self::defaults_for(Some(&file), None, None, None)?;
+        base.overlay(path, file.1)
     }
 
     /// A config file's keys as a flat JSON object (sections flattened, removed settings that keep

@@ -513,3 +513,37 @@ fn flags_another_mode_uses_are_named() {
     assert!(a.flags_ignored_in(Mode::Spt).is_empty());
     assert!(FinetuneArgs::default().flags_ignored_in(Mode::Dense).is_empty());
 }
+
+/// A hand-written config file that names only a mode (or a preset) is read over that mode's
+/// defaults, as `finetune --config` reads it: `eval --config` must build the model the run
+/// trained, not a dense-default one.
+#[test]
+fn a_partial_config_file_is_read_over_its_modes_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("my.toml");
+    for text in [
+        "mode = \"lora\"\n",
+        "preset = \"accurate\"\n",
+        "mode = \"spt\"\ntask = \"lm\"\n",
+        "mode = \"spt\"\n[spt.attention]\nk_fraction = 0.25\n",
+    ] {
+        std::fs::write(&t, format!("model = \"m\"\ntrain_files = [\"a.csv\"]\n{text}")).unwrap();
+        let loaded = FinetuneConfig::load(&t).unwrap();
+        let flags = FinetuneConfig::from_args(&parse(&["--config", t.to_str().unwrap()])).unwrap();
+        assert_eq!(loaded, flags, "{text}");
+    }
+    std::fs::write(&t, "mode = \"lora\"\n").unwrap();
+    let lora = FinetuneConfig::load(&t).unwrap();
+    assert_eq!(lora.lr, crate::presets::default_lr(Mode::Lora));
+    assert_eq!(lora.modules_to_save, vec!["pooler".to_string()]);
+    std::fs::write(&t, "preset = \"accurate\"\n").unwrap();
+    let acc = FinetuneConfig::load(&t).unwrap();
+    assert_eq!(acc.mode, Mode::Spt);
+    assert_eq!(
+        (acc.attn_k_fraction, acc.ffn_blocks, acc.ffn_top_k),
+        (Some(1.0), 8, 6)
+    );
+    std::fs::write(&t, "mode = \"lora\"\npreset = \"fast\"\n").unwrap();
+    let e = FinetuneConfig::load(&t).unwrap_err().to_string();
+    assert!(e.contains("preset"), "{e}");
+}
