@@ -36,6 +36,24 @@ pub const RUN_ENTRIES: [&str; 5] = [
 
 const MARKER_VERSION: u32 = 2;
 
+/// Whether an export (either format) can write a file of this name.
+fn export_writes(name: &str) -> bool {
+    ["config.json", "model.safetensors"].contains(&name)
+        || crate::tasks::EXPORT_COPIED.contains(&name)
+        || crate::peft::ADAPTER_FILES.contains(&name)
+}
+
+/// Whether a directory of `kind` can hold `name` as spt-train's: what the marker may claim.
+/// A marker is a file in the user's folder; one edited by hand (or copied in with a folder
+/// someone handed over) could list `../notes.txt` or the user's own README, and entries are
+/// what `--overwrite` removes.
+fn claimable(kind: DirKind, name: &str) -> bool {
+    match kind {
+        DirKind::Run => RUN_ENTRIES.contains(&name),
+        DirKind::Export => export_writes(name),
+    }
+}
+
 /// What an output directory holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -143,7 +161,23 @@ pub fn read_marker(dir: &Path) -> Result<Marker, OutputError> {
     }
     let bytes = std::fs::read(&p).map_err(|e| io_err(&p, e))?;
     Ok(match serde_json::from_slice::<Ownership>(&bytes) {
-        Ok(o) if o.written_by == "spt-train" => Marker::Current(o),
+        Ok(mut o) if o.written_by == "spt-train" => {
+            let foreign: Vec<String> = o
+                .entries
+                .iter()
+                .filter(|n| !claimable(o.kind, n))
+                .cloned()
+                .collect();
+            if !foreign.is_empty() {
+                tracing::warn!(
+                    marker = %p.display(),
+                    "ignoring entries that spt-train never writes there: {} (they are kept, never removed or replaced)",
+                    foreign.join(", ")
+                );
+                o.entries.retain(|n| claimable(o.kind, n));
+            }
+            Marker::Current(o)
+        }
         // The plain-text marker of spt-train before version 2 (or one damaged beyond reading).
         _ => Marker::Legacy,
     })
@@ -528,26 +562,88 @@ mod tests {
             s
         };
         let out = tmp.path().join("out");
-        install_export(&stage(&[("a", "1"), ("b", "1")]), &out, false).unwrap();
-        assert_eq!(bytes(&out.join("a")), b"1");
+        install_export(
+            &stage(&[("config.json", "1"), ("model.safetensors", "1")]),
+            &out,
+            false,
+        )
+        .unwrap();
+        assert_eq!(bytes(&out.join("config.json")), b"1");
         std::fs::write(out.join("README.md"), "user").unwrap();
-        // Again: needs --overwrite, then replaces ours, drops our stale `b`, keeps the user's.
-        let s = stage(&[("a", "2")]);
+        // Again: needs --overwrite, then replaces ours, drops our stale weights, keeps the user's.
+        let s = stage(&[("config.json", "2")]);
         assert!(matches!(
             install_export(&s, &out, false),
             Err(OutputError::ExistingExport { .. })
         ));
         install_export(&s, &out, true).unwrap();
-        assert_eq!(bytes(&out.join("a")), b"2");
-        assert!(!out.join("b").exists() && !s.exists());
+        assert_eq!(bytes(&out.join("config.json")), b"2");
+        assert!(!out.join("model.safetensors").exists() && !s.exists());
         assert_eq!(bytes(&out.join("README.md")), b"user");
         // A foreign folder holding a name we write is refused, even with --overwrite.
         let src = tmp.path().join("model");
         std::fs::create_dir(&src).unwrap();
-        std::fs::write(src.join("a"), "weights").unwrap();
-        let s = stage(&[("a", "3")]);
+        std::fs::write(src.join("config.json"), "weights").unwrap();
+        let s = stage(&[("config.json", "3")]);
         let e = install_export(&s, &src, true).unwrap_err();
         assert!(matches!(e, OutputError::Collision { .. }), "{e}");
-        assert_eq!(bytes(&src.join("a")), b"weights");
+        assert_eq!(bytes(&src.join("config.json")), b"weights");
+    }
+
+    /// A marker edited by hand (or shipped inside a folder someone handed over) that claims a
+    /// path outside the directory, an absolute path, or a name spt-train never writes there:
+    /// those entries are ignored, so `--overwrite` removes nothing of them.
+    #[test]
+    fn forged_marker_entries_are_never_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let stage = || {
+            let s = tmp.path().join(".stage");
+            std::fs::create_dir_all(&s).unwrap();
+            std::fs::write(s.join("config.json"), "{}").unwrap();
+            s
+        };
+        install_export(&stage(), &out, false).unwrap();
+        let victim = tmp.path().join("victim.txt");
+        let absolute = tmp.path().join("absolute.txt");
+        for (p, t) in [
+            (&victim, "up"),
+            (&absolute, "abs"),
+            (&out.join("README.md"), "mine"),
+        ] {
+            std::fs::write(p, t).unwrap();
+        }
+        let forged = serde_json::json!({
+            "written_by": "spt-train", "version": 2, "kind": "export",
+            "entries": ["config.json", "../victim.txt", absolute.to_str().unwrap(), "README.md"],
+        });
+        std::fs::write(out.join(OUTPUT_MARKER), forged.to_string()).unwrap();
+        let Marker::Current(o) = read_marker(&out).unwrap() else {
+            panic!("marker not read")
+        };
+        assert_eq!(o.entries.iter().collect::<Vec<_>>(), ["config.json"]);
+        install_export(&stage(), &out, true).unwrap();
+        assert_eq!(bytes(&victim), b"up");
+        assert_eq!(bytes(&absolute), b"abs");
+        assert_eq!(bytes(&out.join("README.md")), b"mine");
+        // A run's marker is held to a run's names the same way.
+        let run = tmp.path().join("run");
+        prepare_run_dir(&run, false, false).unwrap();
+        std::fs::write(run.join("notes.txt"), "mine").unwrap();
+        let forged = serde_json::json!({
+            "written_by": "spt-train", "version": 2, "kind": "run",
+            "entries": ["metrics.jsonl", "../victim.txt", "notes.txt"],
+        });
+        std::fs::write(run.join(OUTPUT_MARKER), forged.to_string()).unwrap();
+        prepare_run_dir(&run, true, false).unwrap();
+        let Marker::Current(o) = read_marker(&run).unwrap() else {
+            panic!("marker not read")
+        };
+        assert!(
+            o.entries.iter().all(|n| RUN_ENTRIES.contains(&n.as_str())),
+            "{o:?}"
+        );
+        assert_eq!(bytes(&run.join("notes.txt")), b"mine");
+        assert_eq!(bytes(&victim), b"up");
     }
 }

@@ -589,7 +589,7 @@ impl TrainTask for ModelTask {
 }
 
 /// The tokenizer and generation files an export copies from the model directory.
-const EXPORT_COPIED: [&str; 7] = [
+pub(crate) const EXPORT_COPIED: [&str; 7] = [
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
