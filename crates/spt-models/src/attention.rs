@@ -49,15 +49,25 @@ impl PreparedMask {
     pub fn new(mask: AttentionMask, len: usize, dtype: DType, device: &Device) -> Result<Self> {
         // allowed: u8, broadcastable to [B, 1, L, L].
         let mut allowed: Option<Tensor> = None;
-        let rows_nonempty = rows_nonempty(&mask, len)?;
         if let Some(p) = &mask.key_padding {
-            let (_b, l) = p.dims2()?;
+            let l = match p.dims() {
+                &[_, l] => l,
+                dims => {
+                    return Err(ModelError::BadInput {
+                        name: "attention_mask",
+                        reason: format!("is {dims:?}, expected [B, L]"),
+                    })
+                }
+            };
             if l != len {
                 return Err(ModelError::BadInput {
                     name: "attention_mask",
                     reason: format!("has length {l}, expected {len}"),
                 });
             }
+        }
+        let rows_nonempty = rows_nonempty(&mask, len)?;
+        if let Some(p) = &mask.key_padding {
             let pad = p.ne(0f64)?.unsqueeze(1)?.unsqueeze(1)?; // [B, 1, 1, L]
             allowed = Some(pad);
         }
@@ -96,6 +106,10 @@ fn rows_nonempty(mask: &AttentionMask, len: usize) -> Result<bool> {
     let Some(p) = &mask.key_padding else {
         return Ok(true);
     };
+    if p.elem_count() == 0 {
+        // No sequences (B = 0): no row to empty, and candle's min has no identity.
+        return Ok(true);
+    }
     let rows = p.ne(0f64)?.to_dtype(DType::U32)?;
     let ok = if mask.causal {
         rows.narrow(1, 0, 1)?.min_all()?
@@ -128,7 +142,21 @@ impl DenseAttention {
         }
         let scores = (q.matmul(&k.t()?)? * scale)?; // [B, H, L, L]
         let scores = match &mask.additive {
-            Some(m) => scores.broadcast_add(m)?,
+            Some(m) => {
+                // A mask prepared for another length would broadcast silently.
+                let (lq, lk) = (q.dim(2)?, k.dim(2)?);
+                let fits = m.rank() == 4 && m.dim(3)? == lk && [1, lq].contains(&m.dim(2)?);
+                if !fits {
+                    return Err(ModelError::BadInput {
+                        name: "attention mask",
+                        reason: format!(
+                            "is prepared as {:?}, expected [B|1, 1, {lq}|1, {lk}] for {lq} queries and {lk} keys",
+                            m.dims()
+                        ),
+                    });
+                }
+                scores.broadcast_add(m)?
+            }
             None => scores,
         };
         let probs = spt_ops::softmax_last_dim(&scores)?;
@@ -165,6 +193,19 @@ pub(crate) fn check_top_k(top_k: KeyTopK) -> Result<()> {
         })
 }
 
+/// Refuses block mode with empty tiles (checked when a layer is made, and at the forward since
+/// the field is public).
+pub(crate) fn check_grouping(grouping: KeyGrouping) -> Result<()> {
+    if let KeyGrouping::Blocks { tile: 0 } = grouping {
+        return Err(ModelError::InvalidConfig {
+            field: "attention tile",
+            value: "0".into(),
+            reason: "block mode needs tiles of at least one token".into(),
+        });
+    }
+    Ok(())
+}
+
 /// PQ-selected sparse attention: each query attends to its `top_k` keys of largest ADC score
 /// (or, with [`KeyGrouping::Blocks`], to the key blocks its query tile selected).
 #[derive(Debug, Clone)]
@@ -179,13 +220,7 @@ pub struct SparseAttention {
 impl SparseAttention {
     /// Fits the codebook to sample keys `[B, H, L, d]` (k-means++ and Lloyd, seeded by `pq.seed`).
     pub fn fit(keys: &Tensor, pq: &PqConfig, top_k: KeyTopK, grouping: KeyGrouping) -> Result<Self> {
-        if let KeyGrouping::Blocks { tile: 0 } = grouping {
-            return Err(ModelError::InvalidConfig {
-                field: "attention tile",
-                value: "0".into(),
-                reason: "block mode needs tiles of at least one token".into(),
-            });
-        }
+        check_grouping(grouping)?;
         check_top_k(top_k)?;
         Ok(Self {
             codebook: Codebook::fit(keys, pq)?,
@@ -211,6 +246,7 @@ impl SparseAttention {
         mask: &AttentionMask,
         scale: f64,
     ) -> Result<Tensor> {
+        check_grouping(self.grouping)?;
         let (lq, lk) = (q.dim(2)?, k.dim(2)?);
         let top_k = self.resolve_top_k(lk);
         // An invalid k (the field is public) is an error, not every key.
@@ -323,4 +359,62 @@ pub(crate) const FROM_HEADS: HeadsLayout = HeadsLayout {
 /// `[B, H, L, d] → [B, L, H·d]`.
 pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
     Ok(spt_ops::merge_heads(x)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A key-padding mask of no sequences prepares (candle refuses an empty reduction), one of
+    /// another rank or length is refused by name, and a mask prepared for another length is
+    /// refused at the forward instead of broadcasting over the scores.
+    #[test]
+    fn masks_of_no_rows_or_another_length() -> Result<()> {
+        let dev = Device::Cpu;
+        for causal in [false, true] {
+            let base = if causal {
+                AttentionMask::causal()
+            } else {
+                AttentionMask::none()
+            };
+            let none = base
+                .clone()
+                .with_key_padding(Tensor::zeros((0, 5), DType::U8, &dev)?);
+            assert!(PreparedMask::new(none, 5, DType::F32, &dev)?.rows_nonempty);
+            let flat = base.clone().with_key_padding(Tensor::ones(5, DType::U8, &dev)?);
+            let e = PreparedMask::new(flat, 5, DType::F32, &dev)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("attention_mask") && e.contains("[B, L]"), "{e}");
+            let short = base.with_key_padding(Tensor::ones((2, 0), DType::U8, &dev)?);
+            let e = PreparedMask::new(short, 5, DType::F32, &dev)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("length 0, expected 5"), "{e}");
+        }
+        // Both paths: the fused kernel (every row has a key) and the composed one (key 0 padded
+        // under a causal mask empties row 0).
+        let att = DenseAttention {
+            dropout: Dropout::new(0.0)?,
+        };
+        let x = Tensor::ones((1, 1, 2, 4), DType::F32, &dev)?;
+        let x3 = Tensor::ones((1, 1, 3, 4), DType::F32, &dev)?;
+        for (pad, fused) in [([[1u8, 0]], true), ([[0u8, 1]], false)] {
+            let mask = AttentionMask::causal().with_key_padding(Tensor::new(&pad, &dev)?);
+            let two = PreparedMask::new(mask, 2, DType::F32, &dev)?;
+            assert_eq!(two.rows_nonempty, fused);
+            assert_eq!(att.forward_t(&x, &x, &x, &two, 0.5, false)?.dims(), &[1, 1, 2, 4]);
+            let e = att
+                .forward_t(&x3, &x3, &x3, &two, 0.5, false)
+                .unwrap_err()
+                .to_string();
+            let named = if fused {
+                e.contains("key_padding mask is [1, 2], expected [B, L] = [1, 3]")
+            } else {
+                e.contains("attention mask") && e.contains("3 queries and 3 keys")
+            };
+            assert!(named, "{e}");
+        }
+        Ok(())
+    }
 }

@@ -708,12 +708,12 @@ impl BertForSequenceClassification {
             let weight = l.top_or_init("bert.pooler.dense.weight", &[h, h], Init::Normal(std))?;
             let bias = l.top_or_init("bert.pooler.dense.bias", &[h], Init::Zeros)?;
             bert.pooler = Some(BertPooler {
-                dense: Linear::new(weight, Some(bias), WeightLayout::OutIn),
+                dense: Linear::new(weight, Some(bias), WeightLayout::OutIn)?,
             });
         }
         let weight = l.top_or_init("classifier.weight", &[num_labels, h], Init::Normal(std))?;
         let bias = l.top_or_init("classifier.bias", &[num_labels], Init::Zeros)?;
-        let classifier = Linear::new(weight, Some(bias), WeightLayout::OutIn);
+        let classifier = Linear::new(weight, Some(bias), WeightLayout::OutIn)?;
         let dropout = l.dropout(config.classifier_dropout.unwrap_or(config.hidden_dropout_prob))?;
         let report = l.finish(bert_buffer);
         Ok((

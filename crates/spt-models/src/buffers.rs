@@ -122,7 +122,11 @@ pub fn load_buffers<M: SptModel + ?Sized>(
     buffers: &[(String, Tensor)],
     attention: Option<(KeyTopK, KeyGrouping)>,
 ) -> Result<usize> {
-    // Check every name, layer and unit-order tensor before touching the model.
+    // Check the settings, every name, layer and unit-order tensor before touching the model.
+    if let Some((top_k, grouping)) = attention {
+        crate::attention::check_top_k(top_k)?;
+        crate::attention::check_grouping(grouping)?;
+    }
     let n_layers = m.num_layers();
     let mut parsed = Vec::with_capacity(buffers.len());
     for (name, t) in buffers {

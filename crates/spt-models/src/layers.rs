@@ -55,19 +55,40 @@ impl Linear {
         };
         let weight = l.base(&format!("{prefix}.weight"), &shape)?;
         let bias = Some(l.base(&format!("{prefix}.bias"), &[out_dim])?);
-        Ok(Self::new(weight, bias, layout))
+        Self::new(weight, bias, layout)
     }
 
-    /// A linear layer from its parameters.
-    pub fn new(weight: Param, bias: Option<Param>, layout: WeightLayout) -> Self {
-        Self {
+    /// A linear layer from its parameters: a rank-2 weight in `layout`, and a bias of one value
+    /// per output.
+    pub fn new(weight: Param, bias: Option<Param>, layout: WeightLayout) -> Result<Self> {
+        let w = weight.tensor().dims();
+        if w.len() != 2 {
+            return Err(ModelError::BadInput {
+                name: "Linear weight",
+                reason: format!("'{}' is {w:?}, expected a matrix ({layout:?})", weight.name()),
+            });
+        }
+        let out = match layout {
+            WeightLayout::OutIn => w[0],
+            WeightLayout::InOut => w[1],
+        };
+        if let Some(b) = &bias {
+            if b.tensor().dims() != [out] {
+                return Err(ModelError::ShapeMismatch {
+                    name: b.name().to_string(),
+                    expected: vec![out],
+                    got: b.tensor().dims().to_vec(),
+                });
+            }
+        }
+        Ok(Self {
             weight,
             bias,
             layout,
             lora: None,
             lora_params: Vec::new(),
             lora_dropout: None,
-        }
+        })
     }
 
     /// The module name (the weight's name without `.weight`).
@@ -170,19 +191,32 @@ impl Linear {
         Ok(())
     }
 
+    /// (0 for a weight that is not a matrix, set by hand through the public field: the forward
+    /// then fails in candle's matmul, naming the shapes.)
     pub fn in_features(&self) -> usize {
         let d = self.weight.tensor().dims();
-        match self.layout {
-            WeightLayout::OutIn => d[1],
-            WeightLayout::InOut => d[0],
+        let i = match self.layout {
+            WeightLayout::OutIn => 1,
+            WeightLayout::InOut => 0,
+        };
+        if d.len() == 2 {
+            d[i]
+        } else {
+            0
         }
     }
 
+    /// (0 for a weight that is not a matrix; see [`Linear::in_features`].)
     pub fn out_features(&self) -> usize {
         let d = self.weight.tensor().dims();
-        match self.layout {
-            WeightLayout::OutIn => d[0],
-            WeightLayout::InOut => d[1],
+        let i = match self.layout {
+            WeightLayout::OutIn => 0,
+            WeightLayout::InOut => 1,
+        };
+        if d.len() == 2 {
+            d[i]
+        } else {
+            0
         }
     }
 
@@ -404,8 +438,9 @@ impl Embedding {
         })
     }
 
+    /// (0 for a weight set by hand that has no rows dimension.)
     pub fn num_embeddings(&self) -> usize {
-        self.weight.tensor().dims()[0]
+        self.weight.tensor().dims().first().copied().unwrap_or(0)
     }
 
     /// `ids [B, L]` (an integer dtype, each id below `num_embeddings`) → `[B, L, dim]`; other

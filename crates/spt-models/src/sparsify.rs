@@ -616,8 +616,8 @@ fn placeholder_ffn() -> Result<FeedForward> {
         ))
     };
     Ok(FeedForward::Dense(DenseFfn {
-        fc1: Linear::new(empty("placeholder.fc1")?, None, WeightLayout::OutIn),
-        fc2: Linear::new(empty("placeholder.fc2")?, None, WeightLayout::OutIn),
+        fc1: Linear::new(empty("placeholder.fc1")?, None, WeightLayout::OutIn)?,
+        fc2: Linear::new(empty("placeholder.fc2")?, None, WeightLayout::OutIn)?,
         act: spt_ops::Activation::Relu,
     }))
 }

@@ -167,7 +167,7 @@ fn linear_equals_the_composed_form_on_both_sides_of_the_few_row_path() -> Result
                 Param::from_var("l.weight", w.clone()),
                 Some(Param::from_var("l.bias", b.clone())),
                 layout,
-            );
+            )?;
             let wt = match layout {
                 WeightLayout::OutIn => w.as_tensor().t()?,
                 WeightLayout::InOut => w.as_tensor().clone(),
@@ -193,5 +193,46 @@ fn linear_equals_the_composed_form_on_both_sides_of_the_few_row_path() -> Result
             }
         }
     }
+    Ok(())
+}
+
+/// `Linear::new` refuses a weight that is not a matrix and a bias of another length, naming
+/// the tensor, instead of panicking later in `in_features` or broadcasting the bias.
+#[test]
+fn linear_new_checks_its_parameters() -> Result<()> {
+    use candle_core::DType;
+    use spt_models::weights::Param;
+    use spt_models::{Linear, WeightLayout};
+    let dev = Device::Cpu;
+    let p = |name: &str, shape: &[usize]| -> Result<Param> {
+        Ok(Param::frozen(name, &Tensor::zeros(shape, DType::F32, &dev)?))
+    };
+    let lin = Linear::new(
+        p("l.weight", &[3, 5])?,
+        Some(p("l.bias", &[3])?),
+        WeightLayout::OutIn,
+    )?;
+    assert_eq!((lin.in_features(), lin.out_features()), (5, 3));
+    let lin = Linear::new(
+        p("l.weight", &[3, 5])?,
+        Some(p("l.bias", &[5])?),
+        WeightLayout::InOut,
+    )?;
+    assert_eq!((lin.in_features(), lin.out_features()), (3, 5));
+    let e = Linear::new(p("l.weight", &[15])?, None, WeightLayout::OutIn)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("'l.weight' is [15], expected a matrix"), "{e}");
+    let e = Linear::new(
+        p("l.weight", &[3, 5])?,
+        Some(p("l.bias", &[5])?),
+        WeightLayout::OutIn,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("l.bias") && e.contains("[5]") && e.contains("[3]"),
+        "{e}"
+    );
     Ok(())
 }

@@ -221,6 +221,15 @@ fn pq_codebooks_round_trip_without_calibration() -> Result<()> {
     // Codebooks need the attention settings to install; without them they are refused by name.
     let err = b.load_buffers(&books, None).unwrap_err().to_string();
     assert!(err.contains("`pq_codebook.layer.0`"), "{err}");
+    // Settings a fit would refuse are refused here too, before anything is installed: block
+    // tiles of no tokens (a division by zero at the forward) and a k of nothing.
+    for bad in [
+        (KeyTopK::Count(5), KeyGrouping::Blocks { tile: 0 }),
+        (KeyTopK::Count(0), KeyGrouping::PerQuery),
+    ] {
+        let err = b.load_buffers(&books, Some(bad)).unwrap_err().to_string();
+        assert!(err.contains("tile") || err.contains("top_k"), "{err}");
+    }
     assert_eq!(
         b.load_buffers(&books, Some((KeyTopK::Count(5), Default::default())))?,
         2
@@ -230,6 +239,14 @@ fn pq_codebooks_round_trip_without_calibration() -> Result<()> {
         b.forward_t(ids, Some(mask), false)?,
     );
     assert_eq!(max_abs(&la, &lb)?, 0.0);
+    // The layer's fields are public: a block tile of 0 set by hand is an error at the forward.
+    for layer in 0..b.num_layers() {
+        if let AttentionCore::Sparse(s) = b.layer_slots(layer).unwrap().attention {
+            s.grouping = KeyGrouping::Blocks { tile: 0 };
+        }
+    }
+    let err = b.forward_t(ids, Some(mask), false).unwrap_err().to_string();
+    assert!(err.contains("attention tile"), "{err}");
     Ok(())
 }
 

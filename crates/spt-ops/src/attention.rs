@@ -152,7 +152,10 @@ impl AttentionMask {
         // 1 → 0, 0 → −1e30: the two constants cancel exactly in every float dtype.
         let bias = allowed.to_dtype(dtype)?.affine(-MASKED, MASKED)?;
         // Causal rows always keep key 0, so only padding (or no keys at all) can empty a row.
-        let rows = if self.key_padding.is_some() || lk == 0 {
+        // (No rows at all, B or L_q = 0: nothing to zero, and candle refuses empty reductions.)
+        let rows = if b * lq == 0 {
+            None
+        } else if self.key_padding.is_some() || lk == 0 {
             let row_ok = if lk == 0 {
                 Tensor::zeros((1, 1, lq, 1), DType::U8, dev)?
             } else {

@@ -61,6 +61,27 @@ fn no_query_rows_give_an_empty_output_and_gradient() -> Result<()> {
         let g = o.sum_all()?.backward()?;
         assert_eq!(g.get(&z).map(|t| t.dims().to_vec()), Some(vec![1, 0, 4, 8]));
     }
+    // No sequences, or no query rows, beside a key-padding mask: an empty output (candle's min
+    // over no rows panicked).
+    for (b, lq, lk) in [(0, 4, 4), (1, 0, 4), (1, 0, 0), (0, 0, 0)] {
+        let q = Tensor::zeros((b, 2, lq, 8), DType::F32, &Device::Cpu)?;
+        let kv = Tensor::zeros((b, 2, lk, 8), DType::F32, &Device::Cpu)?;
+        let pad = Tensor::ones((b, lk), DType::U8, &Device::Cpu)?;
+        for causal in [false, true] {
+            let base = if causal {
+                AttentionMask::causal()
+            } else {
+                AttentionMask::none()
+            };
+            let mask = base.with_key_padding(pad.clone());
+            let o = spt_ops::dense_attention(&q, &kv, &kv, &mask, 0.5)?;
+            assert_eq!(o.dims(), &[b, 2, lq, 8]);
+            let o = flash_attention(&q, &kv, &kv, &mask, 0.5, None)?;
+            assert_eq!(o.dims(), &[b, 2, lq, 8]);
+            let o = spt_ops::flash_attention_reference(&q, &kv, &kv, &mask, 0.5, None)?;
+            assert_eq!(o.dims(), &[b, 2, lq, 8]);
+        }
+    }
     // Merging 0 heads is refused by its own name (its backward, a split into 0 heads, failed
     // naming split_heads).
     let e = err(spt_ops::merge_heads(&z));
@@ -298,6 +319,45 @@ fn hand_made_codes_selections_and_backward_inputs_are_checked() -> Result<()> {
         &AttentionMask::none(),
     ));
     assert!(e.contains("select_keys") && e.contains("C = 4 codewords"), "{e}");
+    let tiling = BlockTiling {
+        query_tile: 2,
+        key_block: 2,
+        top_blocks: 2,
+    };
+    for score in [spt_ops::BlockScore::Mean, spt_ops::BlockScore::UpperBound] {
+        let e = err(spt_ops::select_blocks(
+            &q,
+            &too_big,
+            &cb,
+            tiling,
+            &AttentionMask::none(),
+            score,
+        ));
+        assert!(
+            e.contains("select_blocks") && e.contains("C = 4 codewords"),
+            "{e}"
+        );
+    }
+    // Per-head codebooks (2 groups here) decode codes of exactly as many heads.
+    let per_head = Codebook::fit(
+        &k,
+        &PqConfig {
+            n_subspaces: 2,
+            n_codewords: 4,
+            per_head: true,
+            ..Default::default()
+        },
+    )?;
+    let codes2 = per_head.encode(&k)?;
+    assert_eq!(per_head.decode(&codes2)?.dims(), &[1, 2, 6, 8]);
+    for heads in [1, 4] {
+        let other = Tensor::zeros((1, heads, 6, 2), DType::U8, &dev)?;
+        let e = err(per_head.decode(&other));
+        assert!(
+            e.contains("Codebook::decode") && e.contains("2 per-head groups"),
+            "{e}"
+        );
+    }
 
     let sel = spt_ops::select_keys(&q, &codes, &cb, KeyTopK::Count(3), &AttentionMask::none())?;
     let o = spt_ops::sparse_attention(&q, &k, &v, &sel, 0.5)?;
@@ -326,5 +386,28 @@ fn hand_made_codes_selections_and_backward_inputs_are_checked() -> Result<()> {
     rows[..3].copy_from_slice(&[0, 6, s]);
     let e = err(back(&k, &lse, &Tensor::from_vec(rows, (1, 2, 4, 3), &dev)?));
     assert!(e.contains("key index 6") && e.contains("L_k = 6"), "{e}");
+    Ok(())
+}
+
+/// The layer-norm op applied directly (`apply_op3`, skipping `layer_norm`'s checks) refuses
+/// parameters of another length and a non-positive eps instead of normalising the wrong rows.
+#[test]
+fn the_layer_norm_op_applied_directly_checks_its_inputs() -> Result<()> {
+    let x = uniform(&[3, 8], 1.0, 51, DType::F32)?;
+    let (g, b) = (
+        uniform(&[8], 1.0, 52, DType::F32)?,
+        uniform(&[8], 1.0, 53, DType::F32)?,
+    );
+    let op = |eps| spt_ops::norm::LayerNormOp { eps };
+    let direct = x.apply_op3(&g, &b, op(1e-5))?;
+    let wrapped = spt_ops::layer_norm(&x, &g, &b, 1e-5)?;
+    assert_eq!(direct.to_vec2::<f32>()?, wrapped.to_vec2::<f32>()?);
+    let g4 = g.narrow(0, 0, 4)?;
+    let e = err(x.apply_op3(&g4, &g4, op(1e-5)));
+    assert!(e.contains("layer_norm") && e.contains("[4] and [4]"), "{e}");
+    let e = err(x.apply_op3(&g, &g4, op(1e-5)));
+    assert!(e.contains("[8] and [4]"), "{e}");
+    let e = err(x.apply_op3(&g, &b, op(0.0)));
+    assert!(e.contains("eps must be positive"), "{e}");
     Ok(())
 }

@@ -309,6 +309,58 @@ fn block_sparse_attention_kernel_matches_cpu() -> Result<()> {
     Ok(())
 }
 
+/// Block lists made by hand are checked on the device as on the CPU: a repeated block would be
+/// summed twice by the kernel, a descending list breaks its dk/dv pass, and a block past the
+/// keys would read another head's.
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-check.sh"]
+fn block_sparse_attention_refuses_bad_lists_on_the_gpu() -> Result<()> {
+    let dev = gpu()?;
+    let (b, h, l, d) = (1, 1, 192, 64);
+    let q = uniform(&[b, h, l, d], 1.0, 41, DType::F32)?
+        .to_dtype(DType::BF16)?
+        .to_device(&dev)?;
+    let good = [0u32, 1, 2, 0, 1, SENTINEL, 2, SENTINEL, SENTINEL];
+    for (lists, what) in [
+        (
+            [0u32, 0, 2, 0, 1, SENTINEL, 2, SENTINEL, SENTINEL],
+            "not ascending, unique",
+        ),
+        (
+            [0, 2, 1, 0, 1, SENTINEL, 2, SENTINEL, SENTINEL],
+            "not ascending, unique",
+        ),
+        (
+            [0, 1, 2, 0, SENTINEL, 1, 2, SENTINEL, SENTINEL],
+            "SENTINEL-padded",
+        ),
+        (
+            [0, 1, 3, 0, 1, SENTINEL, 2, SENTINEL, SENTINEL],
+            "selects key block 3",
+        ),
+        (good, ""),
+    ] {
+        let sel = BlockSelection {
+            blocks: Tensor::from_vec(lists.to_vec(), (b, h, 3, 3), &dev)?,
+            counts: Tensor::zeros((b, h, 3), DType::U32, &dev)?,
+            tiling: BlockTiling {
+                query_tile: 64,
+                key_block: 64,
+                top_blocks: 3,
+            },
+            mask: AttentionMask::none(),
+        };
+        let r = block_sparse_attention(&q, &q, &q, &sel, 0.125);
+        if what.is_empty() {
+            r?;
+        } else {
+            let e = r.expect_err(what).to_string();
+            assert!(e.contains(what), "{lists:?}: {e}");
+        }
+    }
+    Ok(())
+}
+
 #[test]
 #[ignore = "needs a GPU: run scripts/gpu-check.sh"]
 fn residual_layer_norm_matches_cpu() -> Result<()> {

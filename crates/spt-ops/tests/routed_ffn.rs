@@ -306,6 +306,16 @@ fn routing_is_a_stable_counting_sort() -> Result<()> {
         .unwrap_err()
         .to_string();
     assert!(e.contains("router scores are [9], expected [T, n_blocks]"), "{e}");
+    // A block past n_blocks has no rows; absurd counts are refused before any table is made.
+    assert_eq!(r.block_rows(3), 0..0);
+    let e = Routing::top_k(&[], 0, usize::MAX, 1).unwrap_err().to_string();
+    assert!(e.contains("n_blocks") && e.contains("exceeds"), "{e}");
+    let e = Routing::from_blocks(0, usize::MAX, 1, vec![])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("n_blocks") && e.contains("exceeds"), "{e}");
+    let e = Routing::top_k(&[1.0], usize::MAX, 2, 1).unwrap_err().to_string();
+    assert!(e.contains("router scores"), "{e}");
     Ok(())
 }
 

@@ -35,6 +35,25 @@ pub fn block_sparse_attention(
     sel: &BlockSelection,
     scale: f64,
 ) -> Result<Tensor> {
+    with_lists(q, k, v, sel, scale, Lists::Check)
+}
+
+/// Whether the block lists still need checking: a selection made by hand does; one that
+/// [`crate::select_blocks`] just made does not (on a device, the check reads a count back).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lists {
+    Check,
+    FromSelectBlocks,
+}
+
+pub(crate) fn with_lists(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    sel: &BlockSelection,
+    scale: f64,
+    lists: Lists,
+) -> Result<Tensor> {
     let op = "block_sparse_attention";
     let [b, h, lq, lk, d, dv] = check_qkv(op, q, k, v)?;
     let tiling = sel.tiling;
@@ -59,6 +78,9 @@ pub fn block_sparse_attention(
         );
     }
     if !q.device().is_cpu() {
+        if lists == Lists::Check {
+            check_lists_on_device(op, &sel.blocks, nb, lk, kblk)?;
+        }
         return on_device(q, k, v, sel, scale, [b, h, lk, d, dv]);
     }
     for (name, t) in [("q", q), ("k", k), ("v", v)] {
@@ -71,18 +93,7 @@ pub fn block_sparse_attention(
         }
     }
     let blocks = sel.blocks.flatten_all()?.to_vec1::<u32>()?;
-    // Out-of-range blocks would read another head's keys; duplicates would count keys twice.
-    for (t, list) in blocks.chunks(width).enumerate() {
-        let real: Vec<u32> = list.iter().copied().filter(|&x| x != SENTINEL).collect();
-        if let Some(&blk) = real.iter().find(|&&x| x as usize >= nb) {
-            bail!("{op}: tile {t} selects key block {blk}, but L_k = {lk} has only {nb} blocks of {kblk}");
-        }
-        if real.windows(2).any(|w| w[0] >= w[1])
-            || real.len() != list.iter().take_while(|&&x| x != SENTINEL).count()
-        {
-            bail!("{op}: tile {t} block list {list:?} is not ascending, unique and SENTINEL-padded");
-        }
-    }
+    check_lists(op, &blocks, width, nb, lk, kblk)?;
     let dims = Dims {
         h,
         bh: b * h,
@@ -106,6 +117,51 @@ pub fn block_sparse_attention(
             lse: Mutex::new(None),
         },
     )
+}
+
+/// Out-of-range blocks would read another head's keys; duplicates would count keys twice, and
+/// the kernels stop a list at its first [`SENTINEL`].
+fn check_lists(op: &str, blocks: &[u32], width: usize, nb: usize, lk: usize, kblk: usize) -> Result<()> {
+    for (t, list) in blocks.chunks(width).enumerate() {
+        let real: Vec<u32> = list.iter().copied().filter(|&x| x != SENTINEL).collect();
+        if let Some(&blk) = real.iter().find(|&&x| x as usize >= nb) {
+            bail!("{op}: tile {t} selects key block {blk}, but L_k = {lk} has only {nb} blocks of {kblk}");
+        }
+        if real.windows(2).any(|w| w[0] >= w[1])
+            || real.len() != list.iter().take_while(|&&x| x != SENTINEL).count()
+        {
+            bail!("{op}: tile {t} block list {list:?} is not ascending, unique and SENTINEL-padded");
+        }
+    }
+    Ok(())
+}
+
+/// [`check_lists`] for lists `[B, H, n_tiles, width]` on a device: the same conditions as tensor
+/// ops there, one count read back; the lists come to the host only to name a bad one.
+fn check_lists_on_device(op: &str, blocks: &Tensor, nb: usize, lk: usize, kblk: usize) -> Result<()> {
+    let width = blocks.dim(3)?;
+    let sentinel = blocks.eq(SENTINEL)?;
+    let real = sentinel.eq(0u8)?;
+    // A real block past the keys.
+    let mut bad = real
+        .mul(&blocks.ge(nb as u32)?)?
+        .to_dtype(DType::U32)?
+        .sum_all()?;
+    if width > 1 {
+        // A real entry after a SENTINEL, or not above the entry before it.
+        let (cur, next) = (blocks.narrow(3, 0, width - 1)?, blocks.narrow(3, 1, width - 1)?);
+        let unordered = sentinel
+            .narrow(3, 0, width - 1)?
+            .maximum(&cur.ge(&next)?)?
+            .mul(&real.narrow(3, 1, width - 1)?)?;
+        bad = (bad + unordered.to_dtype(DType::U32)?.sum_all()?)?;
+    }
+    if bad.to_scalar::<u32>()? > 0 {
+        let host = blocks.flatten_all()?.to_vec1::<u32>()?;
+        check_lists(op, &host, width, nb, lk, kblk)?;
+        bail!("{op}: the block lists are not ascending, unique, in range and SENTINEL-padded");
+    }
+    Ok(())
 }
 
 /// Block-sparse attention off the CPU (the selection's shape already checked): the tensor-core
@@ -257,4 +313,50 @@ impl CustomOp3 for BlockSparseAttention {
 pub fn block_saved_bytes(sel: &BlockSelection, lq: usize, elem: usize) -> Result<usize> {
     let (b, h, _, _) = sel.blocks.dims4()?;
     Ok(4 * sel.blocks.elem_count() + b * h * lq * elem)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    /// The device check (tensor ops, run here on the CPU) accepts and refuses exactly the lists
+    /// the host check does, over random lists of in-range, out-of-range and SENTINEL entries.
+    #[test]
+    fn device_list_check_agrees_with_the_host_check() -> Result<()> {
+        let (nb, lk, kblk) = (4, 30, 8);
+        let mut rng = StdRng::seed_from_u64(7);
+        let (mut accepted, mut refused) = (0, 0);
+        for _ in 0..2000 {
+            let width = rng.random_range(1..5);
+            let tiles = rng.random_range(1..4);
+            let lists: Vec<u32> = (0..tiles * width)
+                .map(|_| match rng.random_range(0..8) {
+                    0 | 1 => SENTINEL,
+                    6 => nb as u32 + rng.random_range(0..2),
+                    _ => rng.random_range(0..nb as u32),
+                })
+                .collect();
+            let t = Tensor::from_vec(lists.clone(), (1, 1, tiles, width), &Device::Cpu)?;
+            let host = check_lists("t", &lists, width, nb, lk, kblk);
+            let device = check_lists_on_device("t", &t, nb, lk, kblk);
+            assert_eq!(host.is_ok(), device.is_ok(), "{lists:?} in rows of {width}");
+            if let (Err(h), Err(d)) = (&host, &device) {
+                // The first line: errors carry a backtrace when RUST_BACKTRACE is set.
+                let first = |e: &candle_core::Error| e.to_string().lines().next().map(str::to_owned);
+                assert_eq!(first(h), first(d));
+            }
+            if host.is_ok() {
+                accepted += 1
+            } else {
+                refused += 1
+            }
+        }
+        assert!(
+            accepted > 100 && refused > 100,
+            "{accepted} accepted, {refused} refused"
+        );
+        Ok(())
+    }
 }

@@ -41,6 +41,9 @@ pub fn key_keep_mask(sel: &KeySelection, lk: usize) -> Result<Vec<bool>> {
     let mut keep = vec![false; rows * lk];
     for (r, row) in idx.chunks(kk.max(1)).enumerate() {
         for &j in row.iter().filter(|&&j| j != SENTINEL) {
+            if j as usize >= lk {
+                candle_core::bail!("key_keep_mask: query row {r} selects key {j}, but L_k = {lk}");
+            }
             keep[r * lk + j as usize] = true;
         }
     }

@@ -152,6 +152,15 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     if out == 0 {
         bail!("{op}: w is [0, {d_in}], expected at least one output");
     }
+    if let Some(b) = b {
+        check_same(op, &[("x", x), ("b", b)])?;
+        if b.dims() != [out] {
+            bail!(
+                "{op}: b is {:?}, expected [{out}] to match w [{out}, {d_in}]",
+                b.dims()
+            );
+        }
+    }
     if !x.device().is_cpu() {
         // No fused kernel off the CPU: candle's matmul (its backward also forms dW).
         let y = x.broadcast_matmul(&w.t()?)?;
@@ -176,6 +185,9 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 /// gathers `wᵀ` one strided element at a time). The routed FFN's per-block GEMMs and spt-models'
 /// dense `Linear` up to 64 rows use it.
 pub fn few_rows_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if w.rank() != 2 {
+        candle_core::bail!("few_rows_matmul: w is {:?}, expected [out, in]", w.dims());
+    }
     if x.device().is_cpu() && w.stride()[1] == 1 {
         return w.matmul(&x.t()?)?.t();
     }

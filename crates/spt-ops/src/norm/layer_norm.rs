@@ -32,9 +32,29 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
         .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, LayerNormOp { eps })
 }
 
-/// The layer-norm op; `eps` is the variance epsilon.
+/// The layer-norm op; `eps` is the variance epsilon. Applied directly (`apply_op3`) rather than
+/// through [`layer_norm`], it still refuses parameters that do not match x's last dimension.
 pub struct LayerNormOp {
     pub eps: f64,
+}
+
+impl LayerNormOp {
+    /// gamma and beta `[d]` for x `[.., d]`: another length would normalise over the wrong rows.
+    fn check(&self, x: &Layout, gamma: &Layout, beta: &Layout) -> Result<()> {
+        let d = x.dims().last().copied();
+        if d.is_none() || [gamma.dims(), beta.dims()] != [&[d.unwrap_or(0)][..]; 2] {
+            bail!(
+                "layer_norm: x is {:?}, expected gamma and beta of shape [d] = its last dimension, got {:?} and {:?}",
+                x.dims(),
+                gamma.dims(),
+                beta.dims()
+            );
+        }
+        if self.eps.is_nan() || self.eps <= 0.0 {
+            bail!("layer_norm: eps must be positive, got {}", self.eps);
+        }
+        Ok(())
+    }
 }
 
 fn forward<T: Rows>(x: &[T], g: &[T], b: &[T], eps: f64) -> Vec<T> {
@@ -100,6 +120,7 @@ impl CustomOp3 for LayerNormOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = "layer_norm";
+        self.check(l1, l2, l3)?;
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(forward(
                 contiguous::<f32>(op, "x", s1, l1)?,
@@ -129,6 +150,7 @@ impl CustomOp3 for LayerNormOp {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
+        self.check(l1, l2, l3)?;
         crate::cuda::by_float!(
             "layer_norm",
             s1.dtype(),

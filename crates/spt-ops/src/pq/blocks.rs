@@ -65,9 +65,13 @@ impl BlockTiling {
     }
 
     /// Under a causal mask, the most diagonal blocks any tile must keep for `lq` queries and
-    /// `lk` keys: the blocks that overlap the tile's query positions.
+    /// `lk` keys: the blocks that overlap the tile's query positions. 0 for a tiling with an
+    /// empty tile or block, which the ops refuse.
     pub fn diagonal_blocks(&self, lq: usize, lk: usize) -> usize {
         let (qt, kb) = (self.query_tile, self.key_block);
+        if qt == 0 || kb == 0 {
+            return 0;
+        }
         (0..lq.div_ceil(qt))
             .map(|t| diagonal_range(t * qt, ((t + 1) * qt).min(lq), kb, lk).len())
             .max()
@@ -180,6 +184,13 @@ pub fn select_blocks(
     }
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() {
+        if lk > 0 && b * h > 0 {
+            super::select::check_codes(
+                op,
+                crate::util::reduce_all(codes, true)?.to_scalar::<u8>()?,
+                codebook,
+            )?;
+        }
         let tiling = BlockTiling {
             top_blocks: width,
             ..tiling
@@ -198,6 +209,7 @@ pub fn select_blocks(
     let keys_ok = mask.key_allowed(op, b, lk)?;
     let qv = q.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let cv = codes.flatten_all()?.to_vec1::<u8>()?;
+    super::select::check_codes(op, cv.iter().copied().max().unwrap_or(0), codebook)?;
     let (c, dc) = (codebook.n_codewords(), codebook.d_codeword());
 
     let mut blocks = vec![SENTINEL; b * h * nt * width];
@@ -336,7 +348,8 @@ pub fn pq_attention(
         }
         Selection::Blocks(tiling) => {
             let sel = select_blocks(q, &codes, codebook, tiling, mask, BlockScore::default())?;
-            crate::block_sparse_attention::block_sparse_attention(q, k, v, &sel, scale)
+            use crate::block_sparse_attention::{with_lists, Lists};
+            with_lists(q, k, v, &sel, scale, Lists::FromSelectBlocks)
         }
     }
 }

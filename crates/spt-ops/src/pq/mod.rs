@@ -394,6 +394,12 @@ impl Codebook {
                 self.n_subspaces
             );
         }
+        if self.groups != 1 && self.groups != h {
+            bail!(
+                "Codebook::decode: codes have H = {h} heads but the codebook has {} per-head groups",
+                self.groups
+            );
+        }
         let c = codes.flatten_all()?.to_vec1::<u8>()?;
         let dc = self.d_codeword;
         let mut out = vec![0f32; b * h * l * s * dc];

@@ -119,7 +119,7 @@ pub(crate) fn top_k_into(
 
 /// A code names one of the codebook's C codewords; a larger one (codes made by hand, or by
 /// another codebook) would index past its tables. `max` is the codes' largest.
-fn check_codes(op: &str, max: u8, codebook: &Codebook) -> Result<()> {
+pub(super) fn check_codes(op: &str, max: u8, codebook: &Codebook) -> Result<()> {
     let c = codebook.n_codewords();
     if max as usize >= c {
         bail!(

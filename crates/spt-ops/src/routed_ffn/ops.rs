@@ -111,12 +111,13 @@ pub fn gather_matmul_act(
     }
 }
 
-/// The gather-in op; see [`gather_matmul_act`].
+/// The gather-in op; see [`gather_matmul_act`]. Made only by the functions, which check the
+/// shapes its kernels read by.
 pub struct GatherMatmul {
-    pub routing: Arc<Routing>,
-    pub block: usize,
-    pub act: Option<Activation>,
-    pub add_kind: AddKind,
+    pub(crate) routing: Arc<Routing>,
+    pub(crate) block: usize,
+    pub(crate) act: Option<Activation>,
+    pub(crate) add_kind: AddKind,
     /// The pre-activation `[R, b]`, saved by the forward for the backward (with `act` only).
     saved_pre: Mutex<Option<Tensor>>,
 }
@@ -363,13 +364,14 @@ pub fn scatter_matmul_bias(
     }
 }
 
-/// The scatter-out op; see [`scatter_matmul`].
+/// The scatter-out op; see [`scatter_matmul`]. Made only by the functions, which check the
+/// shapes its kernels read by (a field set by hand could read past `h`).
 pub struct ScatterMatmul {
-    pub routing: Arc<Routing>,
-    pub block: usize,
-    pub d_out: usize,
+    pub(crate) routing: Arc<Routing>,
+    pub(crate) block: usize,
+    pub(crate) d_out: usize,
     /// A frozen `[d_out]` bias the forward starts every output row from (not differentiated).
-    pub const_bias: Option<Tensor>,
+    pub(crate) const_bias: Option<Tensor>,
 }
 
 impl CustomOp3 for ScatterMatmul {

@@ -96,7 +96,7 @@ impl Routing {
     /// may not pick a block twice.
     pub fn from_blocks(n_tokens: usize, n_blocks: usize, k: usize, blocks: Vec<u32>) -> Result<Self> {
         check_counts(n_blocks, k)?;
-        if blocks.len() != n_tokens * k {
+        if n_tokens.checked_mul(k) != Some(blocks.len()) {
             bail!(
                 "routed_ffn: routing has {} block choices, expected T·k = {n_tokens}·{k}",
                 blocks.len()
@@ -191,7 +191,7 @@ impl Routing {
     /// Top-k routing from router scores `[T, n_blocks]` (row-major): each token keeps its `k`
     /// highest-scoring blocks, ties broken toward the lower block index; NaN ranks lowest.
     pub fn top_k(scores: &[f64], n_tokens: usize, n_blocks: usize, k: usize) -> Result<Self> {
-        if scores.len() != n_tokens * n_blocks {
+        if n_tokens.checked_mul(n_blocks) != Some(scores.len()) {
             bail!(
                 "routed_ffn: {} router scores, expected T·n_blocks = {n_tokens}·{n_blocks}",
                 scores.len()
@@ -293,8 +293,11 @@ impl Routing {
         }
     }
 
-    /// Routed rows of block `e`.
+    /// Routed rows of block `e` (none for `e ≥ n_blocks`).
     pub fn block_rows(&self, e: usize) -> std::ops::Range<usize> {
+        if e >= self.n_blocks {
+            return 0..0;
+        }
         self.group_starts[e * self.n_chunks]..self.group_starts[(e + 1) * self.n_chunks]
     }
 
@@ -322,9 +325,18 @@ impl Routing {
 }
 
 /// At least one block, and 1 ≤ k ≤ n_blocks.
+/// The most blocks a routing may have (2^20; FFNs have far fewer hidden units).
+pub const MAX_BLOCKS: usize = 1 << 20;
+
 fn check_counts(n_blocks: usize, k: usize) -> Result<()> {
     if n_blocks == 0 {
         bail!("routed_ffn: n_blocks must be at least 1");
+    }
+    // Tables of n_blocks entries are made up front: an absurd count would abort on allocation.
+    if n_blocks > MAX_BLOCKS {
+        bail!(
+            "routed_ffn: n_blocks = {n_blocks} exceeds {MAX_BLOCKS} (a block holds at least one of the FFN's hidden units)"
+        );
     }
     if k == 0 || k > n_blocks {
         bail!("routed_ffn: top-k is {k}, expected 1 ≤ k ≤ n_blocks = {n_blocks}");
