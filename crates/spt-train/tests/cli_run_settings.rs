@@ -465,9 +465,74 @@ fn a_resume_whose_settings_changed_names_them() {
         .map(String::from)
         .collect()
     };
-    let old = args(&["--max-steps", "2", "--modules-to-save", ""]);
+    let old = args(&["--max-steps", "2", "--save-every", "1", "--modules-to-save", ""]);
     run_ok(&old.iter().map(String::as_str).collect::<Vec<_>>(), None);
+    // Every file of the run, to check that refused resumes change none of them.
+    let snapshot = || -> Vec<(String, Vec<u8>)> {
+        let mut files = Vec::new();
+        let mut dirs = vec![run_dir.clone()];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    dirs.push(p);
+                } else {
+                    files.push((p.display().to_string(), std::fs::read(&p).unwrap()));
+                }
+            }
+        }
+        files.sort();
+        files
+    };
+    let before = snapshot();
     let resume = args(&["--max-steps", "3", "--resume"]);
     let e = run_err(&resume.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(e.contains("modules_to_save") && e.contains("--resume"), "{e}");
+    // From the earlier checkpoint too: its later one is not discarded for a resume that fails.
+    let step1 = run_dir.join("checkpoints/step-00000001");
+    let from1 = args(&[
+        "--max-steps",
+        "3",
+        "--overwrite",
+        "--resume",
+        s(&step1),
+        "--lora-rank",
+        "4",
+    ]);
+    let e = run_err(&from1.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(e.contains("lora_rank"), "{e}");
+    assert!(before == snapshot(), "a refused resume changed the run folder");
+    // The run's own settings still resume it.
+    run_ok(
+        &[
+            "finetune",
+            "--output-dir",
+            r,
+            "--resume",
+            "--max-steps",
+            "3",
+            "--no-progress",
+        ],
+        None,
+    );
+    // A fork (--resume from this run into a new folder) that does not fit makes no folder.
+    let fork = tmp.path().join("fork");
+    let e = run_err(&[
+        "finetune",
+        "--model",
+        m,
+        "--train-file",
+        d,
+        "--output-dir",
+        s(&fork),
+        "--mode",
+        "dense",
+        "--resume",
+        s(&step1),
+        "--batch-size",
+        "8",
+        "--no-progress",
+    ]);
+    assert!(e.contains("checkpoint"), "{e}");
+    assert!(!fork.exists(), "a refused fork left {} behind", fork.display());
 }

@@ -94,7 +94,39 @@ impl<T: TrainTask> Trainer<T> {
         evaluate(&mut self.task, data, self.cfg.eval_batch_size, &self.device)
     }
 
-    fn restore(&mut self, path: &Path, opt: &mut AdamW) -> Result<LoopState> {
+    /// Checks that `resume`'s checkpoint fits this task and optimizer, before anything is
+    /// written: its tensors are loaded into the task (as [`Trainer::train`] will load them again)
+    /// and its optimizer state into a scratch AdamW. A CLI calls it before touching the run
+    /// folder, so that a resume with settings the checkpoint does not fit changes nothing there.
+    pub fn check_resume(&mut self, resume: &Resume) -> Result<()> {
+        let path = match resume {
+            Resume::No => return Ok(()),
+            Resume::Latest => latest_checkpoint(&self.checkpoint_dir())?,
+            Resume::From(p) => p.clone(),
+        };
+        let mut opt = self.optimizer(false)?;
+        self.restore(&path, &mut opt, false).map(drop)
+    }
+
+    /// AdamW over the task's trainable parameters, with the per-module learning-rate scales
+    /// (said in the log when `report`: once per run, not again for [`Trainer::check_resume`]).
+    fn optimizer(&self, report: bool) -> Result<AdamW> {
+        let mut opt = AdamW::new(self.task.trainable(), self.cfg.adamw)?;
+        for (module, scale) in &self.cfg.lr_scales {
+            let n = opt.scale_lr(module, *scale)?;
+            if !report {
+                continue;
+            }
+            if n == 0 {
+                tracing::warn!("lr scale {scale} for `{module}`: no trainable parameter has that name");
+            } else {
+                tracing::info!("lr scale {scale} for `{module}`: {n} parameters");
+            }
+        }
+        Ok(opt)
+    }
+
+    fn restore(&mut self, path: &Path, opt: &mut AdamW, report: bool) -> Result<LoopState> {
         let ck = load_checkpoint(path, &self.device)?;
         // Extra state first: it may reorder what the trained values are loaded into.
         self.task.load_extra_state(&ck.extra)?;
@@ -119,7 +151,7 @@ impl<T: TrainTask> Trainer<T> {
             })?;
             if t.shape() != var.shape() {
                 return Err(Error::Msg(format!(
-                    "checkpoint {}: `{name}` is {:?}, the model has {:?}",
+                    "checkpoint {}: `{name}` is {:?}, the model has {:?}; {why}",
                     path.display(),
                     t.shape(),
                     var.shape()
@@ -137,7 +169,7 @@ impl<T: TrainTask> Trainer<T> {
         }
         opt.load_state_dict(&ck.optimizer)
             .map_err(|e| Error::Msg(format!("checkpoint {}: {e}", path.display())))?;
-        if !changed.is_empty() {
+        if report && !changed.is_empty() {
             tracing::warn!(
                 "checkpoint {} was written with other settings ({}); continuing with the current ones",
                 path.display(),
@@ -204,15 +236,7 @@ impl<T: TrainTask> Trainer<T> {
         }
         let vars: Vec<Var> = vars_named.iter().map(|(_, v)| v.clone()).collect();
         let n_params: usize = vars.iter().map(|v| v.elem_count()).sum();
-        let mut opt = AdamW::new(vars_named, self.cfg.adamw)?;
-        for (module, scale) in &self.cfg.lr_scales {
-            let n = opt.scale_lr(module, *scale)?;
-            if n == 0 {
-                tracing::warn!("lr scale {scale} for `{module}`: no trainable parameter has that name");
-            } else {
-                tracing::info!("lr scale {scale} for `{module}`: {n} parameters");
-            }
-        }
+        let mut opt = self.optimizer(true)?;
         let metrics = MetricsWriter::new(self.cfg.output_dir.join("metrics.jsonl"));
 
         let mut st = LoopState {
@@ -227,7 +251,7 @@ impl<T: TrainTask> Trainer<T> {
         };
         let mut resumed_from = None;
         if let Some(p) = &resume_path {
-            st = self.restore(p, &mut opt)?;
+            st = self.restore(p, &mut opt, true)?;
             metrics.truncate_after(st.step)?;
             resumed_from = Some(st.step);
             tracing::info!(step = st.step, path = %p.display(), "resumed");

@@ -65,6 +65,11 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
         resuming,
     )?;
     task.summary.check_fits(spt_models::physical_memory_bytes())?;
+    let (trainable, total) = (task.summary.trainable, task.summary.total);
+    let mut trainer = Trainer::new(task, cfg.trainer_config(data.train.len()), dev);
+    // The checkpoint must fit these settings before the run folder changes: a refused resume
+    // leaves its finetune.toml, labels.json and later checkpoints as they were.
+    trainer.check_resume(&resume)?;
     prepare_run_dir(&cfg.output_dir, cfg.overwrite, resuming)?;
     if let Resume::From(p) = &resume {
         discard_later_checkpoints(&cfg, p)?;
@@ -82,9 +87,7 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
     if let Some(labels) = &data.labels {
         labels.save(&cfg.output_dir.join("labels.json"))?;
     }
-    let (trainable, total) = (task.summary.trainable, task.summary.total);
-    let stop = install_ctrlc_handler()?;
-    let mut trainer = Trainer::new(task, cfg.trainer_config(data.train.len()), dev).with_stop_flag(stop);
+    let mut trainer = trainer.with_stop_flag(install_ctrlc_handler()?);
     let summary = trainer.train(&data.train, data.validation.as_ref(), &resume)?;
     if summary.resumed_from == Some(summary.steps) && summary.train_losses.is_empty() {
         say!(
