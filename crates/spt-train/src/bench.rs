@@ -281,3 +281,67 @@ pub fn start() -> Result<std::path::PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     root.canonicalize().map_err(|e| Error::io(&root, e))
 }
+
+/// A lower bound on the bytes a training step of `batch × seq_len` tokens keeps for its
+/// backward in `model_dir`'s model (f32, spt-models' accounting), with attention keeping `keys`
+/// keys per query and the FFN running `ffn_blocks.1` of `ffn_blocks.0` blocks when given. Read
+/// from config.json alone, so that `bench` refuses a batch that cannot fit before it builds one.
+pub fn activation_lower_bound(
+    config_path: &Path,
+    task: TaskKind,
+    batch: usize,
+    seq_len: usize,
+    keys: Option<usize>,
+    ffn_blocks: Option<(usize, usize)>,
+) -> Result<u128> {
+    use spt_models::{activation_bytes, AttentionCost, FfnCost, LayerShape};
+    let (hidden, heads, intermediate, layers) = match task {
+        TaskKind::Classify => {
+            let c = BertConfig::from_file(config_path)?;
+            (
+                c.hidden_size,
+                c.num_attention_heads,
+                c.intermediate_size,
+                c.num_hidden_layers,
+            )
+        }
+        TaskKind::Lm => {
+            let c = GPT2Config::from_file(config_path)?;
+            (c.n_embd, c.n_head, c.inner_dim(), c.n_layer)
+        }
+    };
+    let too_big = || {
+        Error::Msg(format!(
+            "a batch of {batch} × {seq_len} tokens is too large to count"
+        ))
+    };
+    // The accounting multiplies B·H·L·L and B·L·F in usize.
+    let worst = [heads * seq_len, hidden, intermediate]
+        .into_iter()
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    batch
+        .checked_mul(seq_len)
+        .and_then(|t| t.checked_mul(worst))
+        .and_then(|t| t.checked_mul(16))
+        .ok_or_else(too_big)?;
+    let shape = LayerShape {
+        batch,
+        seq_len,
+        hidden,
+        heads,
+        intermediate,
+        dtype_bytes: 4,
+        dropout: false,
+    };
+    let attn = match keys {
+        Some(k) if k < seq_len => AttentionCost::Sparse { k },
+        _ => AttentionCost::Dense,
+    };
+    let ffn = match ffn_blocks {
+        Some((n_blocks, top_k)) => FfnCost::Routed { n_blocks, top_k },
+        None => FfnCost::Dense,
+    };
+    Ok(activation_bytes(&shape, attn, ffn).total() as u128 * layers as u128)
+}

@@ -18,9 +18,10 @@ use candle_core::{DType, Device, Tensor, Var};
 use spt_models::pq::{KeyTopK, PqConfig, Refresh};
 use spt_models::routed_ffn::{BlockTopK, RoutedFfnConfig, RouterFitConfig};
 use spt_models::{
-    sparsify, AttentionCore, BertConfig, BertForSequenceClassification, CalibrationBatch, FfnCalibration,
-    GPT2Config, GPT2LMHeadModel, KeyGrouping, LoadOptions, LoraSettings, LoraTarget, NamedParams,
-    SparseAttentionConfig, SparsifyReport, SptConfig, SptModel, Trainable, WeightSource,
+    sparsify, ActivationAccounting, AttentionCore, BertConfig, BertForSequenceClassification,
+    CalibrationBatch, FfnCalibration, GPT2Config, GPT2LMHeadModel, KeyGrouping, LoadOptions, LoraSettings,
+    LoraTarget, NamedParams, SparseAttentionConfig, SparsifyReport, SptConfig, SptModel, Trainable,
+    WeightSource,
 };
 
 use crate::config::{FfnUnits, FinetuneConfig, Mode};
@@ -127,26 +128,57 @@ impl ParamSummary {
         4 * self.total as u128 + 12 * self.trainable as u128
     }
 
-    /// Refuses training that cannot fit in `physical` bytes of memory (activations come on
-    /// top), before anything is written: the process would otherwise abort mid-run.
-    pub fn check_fits(&self, physical: Option<u64>) -> Result<()> {
-        let (Some(physical), need) = (physical, self.training_bytes()) else {
+    /// Refuses training that cannot fit in `physical` bytes of memory, before anything is
+    /// written: the process would otherwise be killed mid-run. `batch` is what one micro-batch's
+    /// backward keeps (see [`BatchActivations`]); its bytes are a lower bound, as the rest.
+    pub fn check_fits(&self, physical: Option<u64>, batch: Option<BatchActivations>) -> Result<()> {
+        let Some(physical) = physical else {
             return Ok(());
         };
+        let act = batch.map_or(0, |b| b.bytes);
+        let need = self.training_bytes().saturating_add(act);
         if need <= physical as u128 {
             return Ok(());
         }
         let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
+        let (acts, advice) = match batch {
+            Some(b) if act > 0 => (
+                format!(
+                    ", and {:.1} GiB of activations for a batch of {} × {} tokens",
+                    gib(act),
+                    b.batch,
+                    b.seq_len
+                ),
+                if act >= self.training_bytes() {
+                    "use a smaller batch or shorter sequences"
+                } else {
+                    "train fewer parameters (--mode lora or spt) or use a smaller model"
+                },
+            ),
+            _ => (
+                String::new(),
+                "train fewer parameters (--mode lora or spt) or use a smaller model",
+            ),
+        };
         Err(Error::Msg(format!(
             "training needs at least {:.1} GiB for the weights ({} parameters) and the gradients \
-             and AdamW state of the {} trainable ones, more than this machine's {:.1} GiB: train \
-             fewer parameters (--mode lora or spt) or use a smaller model",
+             and AdamW state of the {} trainable ones{acts}, more than this machine's {:.1} GiB: \
+             {advice}",
             gib(need),
             self.total,
             self.trainable,
             gib(physical as u128)
         )))
     }
+}
+
+/// The activations one micro-batch of `batch` sequences of `seq_len` tokens keeps for its
+/// backward ([`ModelTask::batch_activations`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchActivations {
+    pub batch: usize,
+    pub seq_len: usize,
+    pub bytes: u128,
 }
 
 /// A model + loss for the trainer, in one of the three modes.
@@ -311,6 +343,23 @@ fn check_classifier_size(src: &WeightSource, num_labels: Option<usize>, config_p
 }
 
 impl ModelTask {
+    /// Bytes of activations a training micro-batch of `batch × seq_len` tokens keeps for its
+    /// backward, by spt-models' accounting (a lower bound; `None` when the sizes overflow).
+    pub fn batch_activations(&self, batch: usize, seq_len: usize) -> Option<BatchActivations> {
+        // The accounting multiplies B·H·L·L in usize: keep it far from overflowing.
+        let tokens = batch.checked_mul(seq_len)?;
+        tokens.checked_mul(seq_len)?.checked_mul(1 << 12)?;
+        let layers = match &self.net {
+            Net::Classifier(m) => m.activation_bytes_per_layer(batch, seq_len, true),
+            Net::Lm(m) => m.activation_bytes_per_layer(batch, seq_len, true),
+        };
+        Some(BatchActivations {
+            batch,
+            seq_len,
+            bytes: layers.iter().map(|l| l.total() as u128).sum(),
+        })
+    }
+
     /// Loads the model in `model_dir` and prepares it for `cfg.mode`. `calibration` batches fit
     /// the PQ codebooks and routers (spt); pass none when the state comes from a checkpoint.
     pub fn build(
@@ -731,18 +780,36 @@ mod tests {
         };
         // 4 GiB of weights + 12 GiB of gradients and moments.
         assert_eq!(full.training_bytes(), 16 << 30);
-        let e = full.check_fits(Some(15 << 30)).unwrap_err().to_string();
+        let e = full.check_fits(Some(15 << 30), None).unwrap_err().to_string();
         assert!(
             e.contains("16.0 GiB") && e.contains("15.0 GiB") && e.contains("--mode lora"),
             "{e}"
         );
-        full.check_fits(Some(16 << 30)).unwrap();
-        full.check_fits(None).unwrap();
+        full.check_fits(Some(16 << 30), None).unwrap();
+        full.check_fits(None, None).unwrap();
         // The same model with adapters only: the frozen weights count once.
         let lora = ParamSummary {
             trainable: 1 << 20,
             ..full
         };
-        lora.check_fits(Some(5 << 30)).unwrap();
+        lora.check_fits(Some(5 << 30), None).unwrap();
+        // Activations count too, and when they are most of it the advice is a smaller batch.
+        let batch = |bytes| {
+            Some(super::BatchActivations {
+                batch: 64,
+                seq_len: 512,
+                bytes,
+            })
+        };
+        lora.check_fits(Some(5 << 30), batch(1 << 29)).unwrap();
+        let e = lora
+            .check_fits(Some(9 << 30), batch(6 << 30))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("6.0 GiB of activations for a batch of 64 × 512 tokens")
+                && e.contains("smaller batch"),
+            "{e}"
+        );
     }
 }

@@ -355,6 +355,34 @@ fn bench_records_each_setting() {
         err.contains("--seq-len 129 exceeds the 128 positions of"),
         "{err}"
     );
+    // A batch that cannot fit is refused before a child builds it: one whose sizes overflow
+    // (a capacity-overflow panic in the child), and one of terabytes (killed by the kernel).
+    let max = usize::MAX.to_string();
+    let err = common::run_err(&[
+        "-q",
+        "bench",
+        "--model",
+        model,
+        "--batch-size",
+        &max,
+        "--seq-len",
+        "16",
+    ]);
+    assert!(err.contains("too large to count"), "{err}");
+    let err = common::run_err(&[
+        "-q",
+        "bench",
+        "--model",
+        model,
+        "--batch-size",
+        "1000000000",
+        "--seq-len",
+        "16",
+    ]);
+    assert!(
+        err.contains("1000000000 × 16 tokens keeps at least") && err.contains("smaller --batch-size"),
+        "{err}"
+    );
     // --output naming a file bench did not write is refused before anything runs, and the file
     // is left as it was; with or without --append. The record written above may be rewritten.
     let mine = tmp.path().join("notes.json");

@@ -83,6 +83,7 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
     if a.seq_len < 2 && task_of(&a.model)? == TaskKind::Lm {
         bail!("--seq-len 1: a language model's next-token loss needs at least 2 tokens");
     }
+    check_batch_fits(a, &model_dir)?;
     let model_name = model_dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -123,8 +124,17 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
             .output()
             .with_context(|| format!("running {}", exe.display()))?;
         if !out.status.success() {
+            use std::os::unix::process::ExitStatusExt;
+            let why = match out.status.signal() {
+                // SIGKILL with no message of its own: the kernel's out-of-memory killer, as a rule.
+                Some(9) => {
+                    " killed by SIGKILL (out of memory, most likely: try a smaller --batch-size or --seq-len)"
+                }
+                Some(_) => " killed by a signal",
+                None => "",
+            };
             bail!(
-                "the {mode:?} child failed: {}",
+                "the {mode:?} child failed{why}: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
@@ -277,6 +287,42 @@ fn preset_keys(seq_len: usize) -> usize {
     );
     let f = d.attn_k_fraction.unwrap_or(1.0);
     ((f * seq_len as f64).round() as usize).clamp(1, seq_len)
+}
+
+/// Refuses a batch whose activations alone, in the lightest mode asked for, exceed this
+/// machine's memory: the child would be killed by the kernel, or spend minutes swapping first.
+fn check_batch_fits(a: &BenchArgs, model_dir: &Path) -> Result<()> {
+    let Some(physical) = spt_models::physical_memory_bytes() else {
+        return Ok(());
+    };
+    let task = task_of(&a.model)?;
+    let cfg_path = model_dir.join("config.json");
+    let d = spt_train::presets::base_config(Mode::Spt, task, spt_train::presets::effective(Mode::Spt, None));
+    let mut least = u128::MAX;
+    for &mode in &a.modes {
+        let (keys, ffn) = match mode {
+            Mode::Spt => (
+                Some(a.attn_k.unwrap_or_else(|| preset_keys(a.seq_len))),
+                Some((d.ffn_blocks, a.ffn_top_k.unwrap_or(d.ffn_top_k))),
+            ),
+            _ => (None, None),
+        };
+        let bytes =
+            spt_train::bench::activation_lower_bound(&cfg_path, task, a.batch_size, a.seq_len, keys, ffn)?;
+        least = least.min(bytes);
+    }
+    if least != u128::MAX && least > physical as u128 {
+        let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
+        bail!(
+            "a batch of {} × {} tokens keeps at least {:.1} GiB of activations for its backward, more than \
+             this machine's {:.1} GiB: use a smaller --batch-size or --seq-len",
+            a.batch_size,
+            a.seq_len,
+            gib(least),
+            gib(physical as u128)
+        );
+    }
+    Ok(())
 }
 
 /// One mode, timed in this (fresh) process: prints `{median_s, step_times_s, peak_rss_bytes, …}`.

@@ -64,7 +64,12 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
         &dev,
         resuming,
     )?;
-    task.summary.check_fits(spt_models::physical_memory_bytes())?;
+    let longest = data.train.lengths().into_iter().max().unwrap_or(0);
+    let batch = task
+        .batch_activations(cfg.batch_size, longest)
+        .context("the batch size times the sequence length overflows")?;
+    task.summary
+        .check_fits(spt_models::physical_memory_bytes(), Some(batch))?;
     let (trainable, total) = (task.summary.trainable, task.summary.total);
     let mut trainer = Trainer::new(task, cfg.trainer_config(data.train.len()), dev);
     // The checkpoint must fit these settings before the run folder changes: a refused resume
