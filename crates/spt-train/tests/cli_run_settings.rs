@@ -536,3 +536,53 @@ fn a_resume_whose_settings_changed_names_them() {
     assert!(e.contains("checkpoint"), "{e}");
     assert!(!fork.exists(), "a refused fork left {} behind", fork.display());
 }
+
+/// A run whose validation rows came from `--validation-file` held nothing out of its training
+/// files: `eval --split validation` of those files would report rows it trained on as held out,
+/// so it is refused, naming the file to evaluate instead.
+#[test]
+fn split_validation_of_a_run_with_a_validation_file_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-bert-cls", tmp.path());
+    let data = common::reviews_csv(tmp.path(), "d.csv", "text,label,movie");
+    let val = common::reviews_csv(tmp.path(), "v.csv", "text,label,movie");
+    let run_dir = tmp.path().join("run");
+    let (m, d, v, r) = (s(&model), s(&data), s(&val), s(&run_dir));
+    run_ok(
+        &[
+            "finetune",
+            "--model",
+            m,
+            "--train-file",
+            d,
+            "--validation-file",
+            v,
+            "--output-dir",
+            r,
+            "--mode",
+            "lora",
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "8",
+            "--no-progress",
+        ],
+        None,
+    );
+    let e = run_err(&[
+        "eval",
+        "--model",
+        m,
+        "--checkpoint",
+        r,
+        "--data-file",
+        d,
+        "--split",
+        "validation",
+    ]);
+    assert!(
+        e.contains("--validation-file") && e.contains(&format!("--data-file {v} --split all")),
+        "{e}"
+    );
+    run_ok(&["eval", "--model", m, "--checkpoint", r, "--data-file", v], None);
+}

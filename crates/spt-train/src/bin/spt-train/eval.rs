@@ -116,6 +116,22 @@ pub(crate) fn eval(a: &EvalArgs) -> Result<()> {
         tokenizer: a.model.tokenizer.clone(),
         ..FinetuneArgs::default()
     });
+    if a.split == EvalSplit::Validation && !cfg.validation_files.is_empty() {
+        // That run held nothing out of its training files: a split of them would be rows it
+        // trained on, reported as held out.
+        let files: Vec<String> = cfg
+            .validation_files
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        bail!(
+            "--split validation: {} took its validation rows from --validation-file ({}), not from a split \
+             of its training files; evaluate that file with --data-file {} --split all",
+            settings_from.as_deref().unwrap_or("the run"),
+            files.join(", "),
+            files.join(" --data-file ")
+        );
+    }
     cfg.validation_files.clear();
     if a.split == EvalSplit::All {
         cfg.validation_split = 0.0;
