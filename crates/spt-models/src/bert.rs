@@ -111,10 +111,7 @@ impl BertConfig {
 
     /// Parses and validates a JSON string.
     pub fn from_json_str(s: &str) -> Result<Self> {
-        let cfg: Self = serde_json::from_str(s).map_err(|e| ModelError::Config {
-            path: "<string>".into(),
-            reason: e.to_string(),
-        })?;
+        let cfg: Self = crate::weights::parse_json(s, Path::new("<string>"))?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -646,8 +646,19 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    serde_json::from_str(&text).map_err(|e| ModelError::Config {
+    parse_json(&text, path)
+}
+
+/// A config's JSON text (from `path`, named in errors) as `T`.
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T> {
+    let err = |reason: String| ModelError::Config {
         path: path.to_path_buf(),
-        reason: e.to_string(),
-    })
+        reason,
+    };
+    // serde reads a struct from an array too, field by field in order: `[1, 2]` would become
+    // vocab_size 1, hidden_size 2 and an error about those instead of the file's shape.
+    if text.trim_start().starts_with('[') {
+        return Err(err("expected a JSON object of settings, found an array".into()));
+    }
+    serde_json::from_str(text).map_err(|e| err(e.to_string()))
 }

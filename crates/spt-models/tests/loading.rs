@@ -132,6 +132,14 @@ fn bad_configs_are_named() -> Result<()> {
         "{err}"
     );
 
+    // An array is not read field by field in order (serde would): the file's shape is named.
+    for err in [
+        BertConfig::from_json_str("[2, 384]").unwrap_err(),
+        GPT2Config::from_json_str(" [1]").unwrap_err(),
+    ] {
+        assert!(err.to_string().contains("expected a JSON object"), "{err}");
+    }
+
     let text = std::fs::read_to_string(fixture("tiny-gpt2/config.json"))?;
     let mut v: serde_json::Value = serde_json::from_str(&text)?;
     v["activation_function"] = "silu_unknown".into();

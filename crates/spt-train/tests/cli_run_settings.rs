@@ -586,3 +586,52 @@ fn split_validation_of_a_run_with_a_validation_file_is_refused() {
     );
     run_ok(&["eval", "--model", m, "--checkpoint", r, "--data-file", v], None);
 }
+
+/// Errors that name what is wrong rather than a setting it led to: a resume with no run to
+/// read, an empty --model, and a pair column that is the text or label column.
+#[test]
+fn resume_without_a_run_and_bad_columns_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-bert-cls", tmp.path());
+    let data = common::reviews_csv(tmp.path(), "d.csv", "text,label,movie");
+    let (m, d) = (s(&model), s(&data));
+    let missing = tmp.path().join("missing");
+    let e = run_err(&["finetune", "--output-dir", s(&missing), "--resume"]);
+    assert!(
+        e.contains("no such run directory") && e.contains("missing"),
+        "{e}"
+    );
+    let e = run_err(&["finetune", "--output-dir", s(tmp.path()), "--resume", s(&missing)]);
+    assert!(
+        e.contains("--resume") && e.contains("no such run directory"),
+        "{e}"
+    );
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let e = run_err(&["finetune", "--output-dir", s(&empty), "--resume"]);
+    assert!(e.contains("holds no run settings (finetune.toml)"), "{e}");
+    let e = run_err(&["eval", "--model", "", "--data-file", d]);
+    assert!(
+        e.contains("is empty: give a model directory or a Hugging Face hub id"),
+        "{e}"
+    );
+    for (pair, what) in [("label", "label"), ("text", "text")] {
+        let out = tmp.path().join(format!("run-{pair}"));
+        let e = run_err(&[
+            "finetune",
+            "--model",
+            m,
+            "--train-file",
+            d,
+            "--output-dir",
+            s(&out),
+            "--text-pair-column",
+            pair,
+        ]);
+        assert!(
+            e.contains(&format!("`{pair}` is already the {what} column")),
+            "{e}"
+        );
+        assert!(!out.exists());
+    }
+}

@@ -35,7 +35,8 @@ pub struct FinetuneArgs {
     /// Column kept whole on one side of the split (e.g. movie_name).
     #[arg(long)]
     pub split_by: Option<String>,
-    /// csv, tsv, jsonl or txt (default: from the file's extension).
+    /// csv, tsv or jsonl (default: from the file's extension); --task lm reads every file as
+    /// plain text.
     #[arg(long, value_enum, hide = true)]
     pub format: Option<DataFormat>,
     /// Column (CSV, TSV) or key (JSONL) holding the text (default: text).

@@ -71,6 +71,11 @@ pub fn resolve_model_with(id_or_path: &str, hub: &Hub) -> Result<PathBuf, Config
         id: id_or_path.to_string(),
         msg,
     };
+    if id_or_path.trim().is_empty() {
+        return Err(err(
+            "is empty: give a model directory or a Hugging Face hub id (e.g. sentence-transformers/all-MiniLM-L6-v2)".into(),
+        ));
+    }
     let p = Path::new(id_or_path);
     if p.is_dir() {
         return Ok(p.to_path_buf());

@@ -12,6 +12,22 @@ impl FinetuneConfig {
         if self.train_files.is_empty() {
             return Err(invalid("train_files", "required: at least one --train-file"));
         }
+        if let Some(pair) = &self.text_pair_column {
+            // The same column twice, or the label fed in as input text, trains on nonsense.
+            if *pair == self.text_column || *pair == self.label_column {
+                return Err(invalid(
+                    "text_pair_column",
+                    format!(
+                        "`{pair}` is already the {} column; the pair column holds the second text",
+                        if *pair == self.text_column {
+                            "text"
+                        } else {
+                            "label"
+                        }
+                    ),
+                ));
+            }
+        }
         if self.batch_size == 0 {
             return Err(invalid("batch_size", "batch size must be at least 1, got 0"));
         }

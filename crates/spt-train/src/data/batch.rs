@@ -70,8 +70,8 @@ pub fn encode_classification(
                 path: data.path.clone(),
                 line: ex.line,
                 column: col.to_string(),
-                label: l.clone(),
-                known: labels.labels().join(", "),
+                label: l.escape_debug().to_string(),
+                known: known_labels(labels.labels()),
             })?),
             _ => None,
         };
@@ -268,6 +268,16 @@ pub fn epoch_batches(
 
 #[cfg(test)]
 mod tests {
+    /// An unknown label's error lists at most 20 known ones, each cut to 60 characters, with
+    /// control characters escaped.
+    #[test]
+    fn known_labels_are_listed_briefly() {
+        assert_eq!(super::known_labels(&["fresh\0", "rotten"]), "fresh\\0, rotten");
+        let many: Vec<String> = (0..25).map(|i| format!("{i} {}", "x".repeat(100))).collect();
+        let s = super::known_labels(&many);
+        assert!(s.ends_with("… and 5 more") && s.len() < 20 * 64 + 20, "{s}");
+    }
+
     use super::super::read::{ColumnSpec, RawExample};
     use super::super::tokenize::tests::{tiny_bert, tiny_gpt2};
     use super::*;
@@ -437,4 +447,26 @@ mod tests {
         );
         assert!(pack_lm(&files, &tok, 100).is_err());
     }
+}
+
+/// The labels a mapping knows, for an error: the first 20, control characters escaped (a label
+/// column that holds texts would otherwise print them all).
+fn known_labels<S: AsRef<str>>(labels: &[S]) -> String {
+    const SHOWN: usize = 20;
+    let mut s: Vec<String> = labels
+        .iter()
+        .take(SHOWN)
+        .map(|l| {
+            l.as_ref()
+                .chars()
+                .take(60)
+                .collect::<String>()
+                .escape_debug()
+                .to_string()
+        })
+        .collect();
+    if labels.len() > SHOWN {
+        s.push(format!("… and {} more", labels.len() - SHOWN));
+    }
+    s.join(", ")
 }

@@ -145,7 +145,7 @@ pub(crate) fn check_model(task: TaskKind, model_dir: &Path) -> Result<()> {
             model_dir.display()
         ),
         (TaskKind::Classify, Some("gpt2")) => bail!(
-            "--task classify: {} is a GPT-2 model (model_type \"gpt2\" in config.json); spt-train classifies with BERT models: use --task lm, or a BERT model",
+            "{} is a GPT-2 model (model_type \"gpt2\" in config.json) and the task is classification; spt-train classifies with BERT models: use a BERT model, or train and evaluate the GPT-2 model as a language model (--task lm)",
             model_dir.display()
         ),
         (_, None | Some("bert" | "gpt2")) => {}

@@ -24,7 +24,8 @@ pub(crate) struct EvalArgs {
     /// Data file; repeat for several.
     #[arg(long = "data-file", required = true)]
     pub(crate) data_files: Vec<PathBuf>,
-    /// csv, tsv, jsonl or txt (default: from the file's extension).
+    /// csv, tsv or jsonl (default: from the file's extension); --task lm reads every file as
+    /// plain text.
     #[arg(long, value_enum)]
     pub(crate) format: Option<DataFormat>,
     /// Text column (default: `--config`'s, else `text`).

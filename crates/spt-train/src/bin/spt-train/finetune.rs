@@ -29,7 +29,31 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
             };
             &with_run_config
         }
-        None => args,
+        None => {
+            if let (Some(r), None, None) = (args.resume.as_deref(), &args.config, &args.model) {
+                // Nothing says what to train: the error is the missing run, not the missing --model.
+                let dir = args
+                    .output_dir
+                    .clone()
+                    .unwrap_or_else(|| FinetuneConfig::default().output_dir);
+                let (what, path) = match r {
+                    "latest" => ("--output-dir", dir),
+                    p => ("--resume", PathBuf::from(p)),
+                };
+                if !path.exists() {
+                    bail!(
+                        "{what} {}: no such run directory or checkpoint to resume",
+                        path.display()
+                    );
+                }
+                bail!(
+                    "{what} {}: holds no run settings (finetune.toml) to resume from; give --model and the \
+                     data, or --config, to resume with",
+                    path.display()
+                );
+            }
+            args
+        }
     };
     let mut cfg = FinetuneConfig::from_args(args).context("reading the finetune settings")?;
     if args.config.is_some() && !args.overwrite && cfg.overwrite && cfg.resume.is_some() {
