@@ -635,3 +635,23 @@ fn resume_without_a_run_and_bad_columns_are_named() {
         assert!(!out.exists());
     }
 }
+
+/// A model whose config.json gives an id2label that does not load (ids with a gap) is refused
+/// by predict and eval, naming the file, instead of predicting bare ids.
+#[test]
+fn a_broken_id2label_is_named_not_ignored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::fixture_with("tiny-bert-cls", tmp.path(), |c| {
+        c["id2label"] = serde_json::json!({"0": "fresh", "5": "rotten"});
+    });
+    let data = common::reviews_csv(tmp.path(), "d.csv", "text,label,movie");
+    let (m, d) = (s(&model), s(&data));
+    let o = run(&["predict", "--model", m], Some("a good movie\n"));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("config.json") && e.contains("id2label"),
+        "{e}"
+    );
+    let e = run_err(&["eval", "--model", m, "--data-file", d]);
+    assert!(e.contains("config.json") && e.contains("id2label"), "{e}");
+}

@@ -190,13 +190,25 @@ pub(crate) fn labels_path(
             .find(|p| p.is_file());
     }
     let cfg = model_dir.join("config.json");
-    let named = LabelMap::load(&cfg)
-        .ok()?
+    // An id2label that does not load is returned too, so that reading it names what is wrong
+    // (ids with gaps, a label2id that disagrees) rather than predicting bare ids.
+    let Ok(map) = LabelMap::load(&cfg) else {
+        return config_has_id2label(&cfg).then_some(cfg);
+    };
+    let named = map
         .labels()
         .iter()
         .enumerate()
         .any(|(i, l)| *l != format!("LABEL_{i}"));
     named.then_some(cfg)
+}
+
+/// Whether `config` (a config.json) has an `id2label` entry at all.
+fn config_has_id2label(config: &Path) -> bool {
+    std::fs::read_to_string(config)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v.get("id2label").is_some())
 }
 
 pub(crate) fn find_labels(

@@ -70,7 +70,17 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
     // The data is read and the model built before the run directory is made, so that a bad
     // file or setting leaves nothing behind.
     let tok = load_tokenizer(&cfg, &model_dir)?;
-    let data = prepare_data(&cfg, &tok, None)?;
+    let data = prepare_data(&cfg, &tok, None).with_context(|| match &args.config {
+        // A run's finetune.toml is often read from another directory than the one it was written in.
+        Some(c) => format!(
+            "reading the data {} names (relative paths are read from the current directory, {})",
+            c.display(),
+            std::env::current_dir()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default()
+        ),
+        None => "reading the data".into(),
+    })?;
     tracing::info!(
         train = data.train.len(),
         validation = data.validation.as_ref().map(|v| v.len()).unwrap_or(0),
