@@ -118,6 +118,8 @@ pub enum OutputError {
     Legacy { path: PathBuf, names: Vec<String> },
     #[error("output directory {}: exists and is not a directory; choose another path", path.display())]
     NotADirectory { path: PathBuf },
+    #[error("output directory {} is inside the checkpoints of the run in {}, which manages that folder; choose a path outside it", path.display(), run.display())]
+    InsideRun { path: PathBuf, run: PathBuf },
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
 }
@@ -151,6 +153,30 @@ fn is_empty_dir(dir: &Path) -> Result<bool, OutputError> {
         .map_err(|e| io_err(dir, e))?
         .next()
         .is_none())
+}
+
+/// Refuses `dir` inside a run's `checkpoints/` folder: the run prunes and replaces what is there.
+fn check_outside_run_checkpoints(dir: &Path) -> Result<(), OutputError> {
+    let abs = std::path::absolute(dir).map_err(|e| io_err(dir, e))?;
+    for a in abs.ancestors().skip(1) {
+        if a.file_name().is_some_and(|n| n == "checkpoints") {
+            if let Some(run) = a.parent() {
+                if matches!(
+                    read_marker(run)?,
+                    Marker::Current(Ownership {
+                        kind: DirKind::Run,
+                        ..
+                    }) | Marker::Legacy
+                ) {
+                    return Err(OutputError::InsideRun {
+                        path: dir.to_path_buf(),
+                        run: run.to_path_buf(),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Reads `dir`'s marker.
@@ -200,6 +226,7 @@ fn existing<'a>(dir: &Path, names: impl IntoIterator<Item = &'a str>) -> Vec<Str
 
 /// The checks of [`prepare_run_dir`], touching nothing, so a CLI can refuse before loading.
 pub fn check_run_dir(dir: &Path, overwrite: bool, resume: bool) -> Result<(), OutputError> {
+    check_outside_run_checkpoints(dir)?;
     if is_empty_dir(dir)? {
         return Ok(());
     }
@@ -286,6 +313,7 @@ pub fn prepare_run_dir(dir: &Path, overwrite: bool, resume: bool) -> Result<(), 
 
 /// The checks of [`install_export`] for an export of `files` into `out`, touching nothing.
 pub fn check_export_dir(out: &Path, files: &[String], overwrite: bool) -> Result<(), OutputError> {
+    check_outside_run_checkpoints(out)?;
     if is_empty_dir(out)? {
         return Ok(());
     }
@@ -645,5 +673,31 @@ mod tests {
         );
         assert_eq!(bytes(&run.join("notes.txt")), b"mine");
         assert_eq!(bytes(&victim), b"up");
+    }
+
+    /// A run or an export inside a run's checkpoints folder is refused (the run prunes what is
+    /// there); beside the run, or inside a folder that is not a run's, is fine.
+    #[test]
+    fn outputs_inside_a_runs_checkpoints_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("run");
+        prepare_run_dir(&run, false, false).unwrap();
+        let ckpts = run.join("checkpoints");
+        std::fs::create_dir_all(ckpts.join("step-00000002")).unwrap();
+        for inside in [
+            ckpts.join("step-00000002"),
+            ckpts.join("new"),
+            ckpts.join("step-00000002/deeper"),
+        ] {
+            let e = check_run_dir(&inside, true, false).unwrap_err();
+            assert!(matches!(e, OutputError::InsideRun { .. }), "{e}");
+            assert!(e.to_string().contains("inside the checkpoints of the run"), "{e}");
+            let e = check_export_dir(&inside, &["config.json".into()], true).unwrap_err();
+            assert!(matches!(e, OutputError::InsideRun { .. }), "{e}");
+        }
+        check_run_dir(&tmp.path().join("run2"), false, false).unwrap();
+        check_export_dir(&run.join("export"), &["config.json".into()], false).unwrap();
+        let plain = tmp.path().join("mine/checkpoints/x");
+        check_export_dir(&plain, &["config.json".into()], false).unwrap();
     }
 }
