@@ -194,24 +194,20 @@ impl Linear {
     /// (0 for a weight that is not a matrix, set by hand through the public field: the forward
     /// then fails in candle's matmul, naming the shapes.)
     pub fn in_features(&self) -> usize {
-        let d = self.weight.tensor().dims();
-        let i = match self.layout {
-            WeightLayout::OutIn => 1,
-            WeightLayout::InOut => 0,
-        };
-        if d.len() == 2 {
-            d[i]
-        } else {
-            0
-        }
+        self.weight_dim(false)
     }
 
     /// (0 for a weight that is not a matrix; see [`Linear::in_features`].)
     pub fn out_features(&self) -> usize {
+        self.weight_dim(true)
+    }
+
+    /// The weight's output (`out`) or input dimension, by its layout.
+    fn weight_dim(&self, out: bool) -> usize {
         let d = self.weight.tensor().dims();
-        let i = match self.layout {
-            WeightLayout::OutIn => 0,
-            WeightLayout::InOut => 1,
+        let i = match (self.layout, out) {
+            (WeightLayout::OutIn, true) | (WeightLayout::InOut, false) => 0,
+            _ => 1,
         };
         if d.len() == 2 {
             d[i]

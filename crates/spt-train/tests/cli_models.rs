@@ -419,7 +419,7 @@ fn eval_without_checkpoint_uses_the_config_and_calibrates_spt() {
     std::fs::write(
         &cfg,
         "text_column = \"review\"\nlabel_column = \"sentiment\"\nvalidation_split = 0.3\n\
-         split_by = \"movie\"\nmode = \"spt\"\nffn_blocks = 4\nffn_top_k = 2\n",
+         split_by = \"movie\"\nmode = \"spt\"\nffn_blocks = 4\nffn_top_k = 2\nattn_k_fraction = 0.5\n",
     )
     .unwrap();
     let eval = |extra: &[&str]| {

@@ -467,24 +467,8 @@ fn a_resume_whose_settings_changed_names_them() {
     };
     let old = args(&["--max-steps", "2", "--save-every", "1", "--modules-to-save", ""]);
     run_ok(&old.iter().map(String::as_str).collect::<Vec<_>>(), None);
-    // Every file of the run, to check that refused resumes change none of them.
-    let snapshot = || -> Vec<(String, Vec<u8>)> {
-        let mut files = Vec::new();
-        let mut dirs = vec![run_dir.clone()];
-        while let Some(d) = dirs.pop() {
-            for e in std::fs::read_dir(&d).unwrap() {
-                let p = e.unwrap().path();
-                if p.is_dir() {
-                    dirs.push(p);
-                } else {
-                    files.push((p.display().to_string(), std::fs::read(&p).unwrap()));
-                }
-            }
-        }
-        files.sort();
-        files
-    };
-    let before = snapshot();
+    // Refused resumes change no file of the run.
+    let before = common::snapshot(&run_dir);
     let resume = args(&["--max-steps", "3", "--resume"]);
     let e = run_err(&resume.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(e.contains("modules_to_save") && e.contains("--resume"), "{e}");
@@ -501,7 +485,10 @@ fn a_resume_whose_settings_changed_names_them() {
     ]);
     let e = run_err(&from1.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(e.contains("lora_rank"), "{e}");
-    assert!(before == snapshot(), "a refused resume changed the run folder");
+    assert!(
+        before == common::snapshot(&run_dir),
+        "a refused resume changed the run folder"
+    );
     // The run's own settings still resume it.
     run_ok(
         &[

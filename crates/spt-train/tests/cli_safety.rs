@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{fixture, fixture_with, last_json, reviews_csv, run, run_err, run_ok};
+use common::{fixture, fixture_with, last_json, reviews_csv, run, run_err, run_ok, snapshot};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -40,24 +40,6 @@ fn finetune_args<'a>(model: &'a str, data: &'a str, out: &'a str, steps: &'a str
         "0",
         "--no-progress",
     ]
-}
-
-/// Every file under `dir` with its bytes, for byte-for-byte comparisons.
-fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push((p.clone(), std::fs::read(&p).unwrap()));
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 fn steps_in(run: &Path) -> Vec<u64> {

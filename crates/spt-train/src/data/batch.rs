@@ -266,6 +266,28 @@ pub fn epoch_batches(
     Ok(batches)
 }
 
+/// The labels a mapping knows, for an error: the first 20, control characters escaped (a label
+/// column that holds texts would otherwise print them all).
+fn known_labels<S: AsRef<str>>(labels: &[S]) -> String {
+    const SHOWN: usize = 20;
+    let mut s: Vec<String> = labels
+        .iter()
+        .take(SHOWN)
+        .map(|l| {
+            l.as_ref()
+                .chars()
+                .take(60)
+                .collect::<String>()
+                .escape_debug()
+                .to_string()
+        })
+        .collect();
+    if labels.len() > SHOWN {
+        s.push(format!("… and {} more", labels.len() - SHOWN));
+    }
+    s.join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     /// An unknown label's error lists at most 20 known ones, each cut to 60 characters, with
@@ -447,26 +469,4 @@ mod tests {
         );
         assert!(pack_lm(&files, &tok, 100).is_err());
     }
-}
-
-/// The labels a mapping knows, for an error: the first 20, control characters escaped (a label
-/// column that holds texts would otherwise print them all).
-fn known_labels<S: AsRef<str>>(labels: &[S]) -> String {
-    const SHOWN: usize = 20;
-    let mut s: Vec<String> = labels
-        .iter()
-        .take(SHOWN)
-        .map(|l| {
-            l.as_ref()
-                .chars()
-                .take(60)
-                .collect::<String>()
-                .escape_debug()
-                .to_string()
-        })
-        .collect();
-    if labels.len() > SHOWN {
-        s.push(format!("… and {} more", labels.len() - SHOWN));
-    }
-    s.join(", ")
 }
