@@ -66,33 +66,40 @@ pub struct ActivationBytes {
 }
 
 impl ActivationBytes {
+    /// The sum (saturating: sizes too large to count read as `usize::MAX`).
     pub fn total(&self) -> usize {
-        self.attention_scores + self.attention_io + self.ffn + self.other
+        self.attention_scores
+            .saturating_add(self.attention_io)
+            .saturating_add(self.ffn)
+            .saturating_add(self.other)
     }
 }
 
 /// Bytes of activations one layer keeps for backward (see the module docs for what is counted).
+/// Products saturate: a batch too large to count reads as `usize::MAX` bytes, which no memory
+/// check lets through.
 pub fn activation_bytes(s: &LayerShape, attn: AttentionCost, ffn: FfnCost) -> ActivationBytes {
-    let tok = s.batch * s.seq_len;
-    let e = tok * s.hidden;
-    let rows = s.batch * s.heads * s.seq_len;
+    let m = |xs: &[usize]| xs.iter().fold(1usize, |a, &x| a.saturating_mul(x));
+    let tok = m(&[s.batch, s.seq_len]);
+    let e = m(&[tok, s.hidden]);
+    let rows = m(&[s.batch, s.heads, s.seq_len]);
     let attention_scores = match attn {
-        AttentionCost::Dense => rows * s.seq_len * s.dtype_bytes * if s.dropout { 2 } else { 1 },
-        AttentionCost::Sparse { k } => rows * (4 * k.min(s.seq_len) + s.dtype_bytes),
+        AttentionCost::Dense => m(&[rows, s.seq_len, s.dtype_bytes, if s.dropout { 2 } else { 1 }]),
+        AttentionCost::Sparse { k } => m(&[rows, m(&[4, k.min(s.seq_len)]).saturating_add(s.dtype_bytes)]),
     };
     let f = match ffn {
-        FfnCost::Dense => tok * s.intermediate,
+        FfnCost::Dense => m(&[tok, s.intermediate]),
         FfnCost::Routed { n_blocks, top_k } => {
             let n = n_blocks.max(1);
             let block = s.intermediate.div_ceil(n);
-            tok * block * top_k.min(n)
+            m(&[tok, block, top_k.min(n)])
         }
     };
     ActivationBytes {
         attention_scores,
-        attention_io: 5 * e * s.dtype_bytes,
-        ffn: 2 * f * s.dtype_bytes,
-        other: (3 + if s.dropout { 2 } else { 0 }) * e * s.dtype_bytes,
+        attention_io: m(&[5, e, s.dtype_bytes]),
+        ffn: m(&[2, f, s.dtype_bytes]),
+        other: m(&[3 + if s.dropout { 2 } else { 0 }, e, s.dtype_bytes]),
     }
 }
 

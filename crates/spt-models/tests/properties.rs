@@ -85,6 +85,33 @@ fn padding_is_invisible_to_unpadded_positions() -> Result<()> {
     Ok(())
 }
 
+/// A batch too large to count saturates at usize::MAX instead of overflowing (a panic in
+/// debug builds, a small wrapped number that a memory check would let through in release).
+#[test]
+fn activation_bytes_saturate() {
+    let s = LayerShape {
+        batch: usize::MAX / 3,
+        seq_len: 16,
+        hidden: 384,
+        heads: 12,
+        intermediate: 1536,
+        dtype_bytes: 4,
+        dropout: true,
+    };
+    for (attn, ffn) in [
+        (AttentionCost::Dense, FfnCost::Dense),
+        (
+            AttentionCost::Sparse { k: 4 },
+            FfnCost::Routed {
+                n_blocks: 8,
+                top_k: 2,
+            },
+        ),
+    ] {
+        assert_eq!(activation_bytes(&s, attn, ffn).total(), usize::MAX);
+    }
+}
+
 #[test]
 fn activation_bytes_dense_vs_sparse() {
     // BERT-base-like layer, f32, no dropout: B=2, L=512, E=768, H=12, F=3072.

@@ -408,6 +408,9 @@ fn tiled_cases(
         key_block: 64,
         top_blocks: (l / 512).max(1),
     };
+    // Through the public functions, which check a caller's codes and block lists (a few small
+    // kernels and one value read back each); pq_attention, the models' path, skips both since
+    // it made them itself. At these sizes that is microseconds against milliseconds.
     let select = || -> Result<BlockSelection> {
         let codes = cb.encode(k)?;
         select_blocks(q, &codes, cb, tiling, mask, BlockScore::default())

@@ -155,10 +155,17 @@ fn is_empty_dir(dir: &Path) -> Result<bool, OutputError> {
         .is_none())
 }
 
-/// Refuses `dir` inside a run's `checkpoints/` folder: the run prunes and replaces what is there.
+/// Refuses `dir` at or inside a run's `checkpoints/` folder: the run prunes and replaces what
+/// is there. The path is resolved as the OS would (links and `..` of the part that exists).
 fn check_outside_run_checkpoints(dir: &Path) -> Result<(), OutputError> {
-    let abs = std::path::absolute(dir).map_err(|e| io_err(dir, e))?;
-    for a in abs.ancestors().skip(1) {
+    if dir.as_os_str().is_empty() {
+        return Err(io_err(
+            dir,
+            std::io::Error::other("an empty path; give a directory"),
+        ));
+    }
+    let resolved = resolve(dir).map_err(|e| io_err(dir, e))?;
+    for a in resolved.ancestors() {
         if a.file_name().is_some_and(|n| n == "checkpoints") {
             if let Some(run) = a.parent() {
                 if matches!(
@@ -177,6 +184,36 @@ fn check_outside_run_checkpoints(dir: &Path) -> Result<(), OutputError> {
         }
     }
     Ok(())
+}
+
+/// `path` made absolute: its longest existing prefix canonicalised (links followed, `..`
+/// resolved), the rest, which does not exist and so holds no links, normalised lexically.
+fn resolve(path: &Path) -> std::io::Result<PathBuf> {
+    use std::path::Component;
+    let abs = std::path::absolute(path)?;
+    let parts: Vec<Component> = abs.components().collect();
+    let mut cut = parts.len();
+    let base = loop {
+        let prefix: PathBuf = parts[..cut].iter().collect();
+        if let Ok(c) = prefix.canonicalize() {
+            break c;
+        }
+        if cut <= 1 {
+            break prefix;
+        }
+        cut -= 1;
+    };
+    let mut out = base;
+    for c in &parts[cut..] {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other.as_os_str()),
+        }
+    }
+    Ok(out)
 }
 
 /// Reads `dir`'s marker.
@@ -695,9 +732,30 @@ mod tests {
             let e = check_export_dir(&inside, &["config.json".into()], true).unwrap_err();
             assert!(matches!(e, OutputError::InsideRun { .. }), "{e}");
         }
+        // The folder itself, a path that leaves it through `..` of a folder not yet made
+        // (refused: it is still inside), and one through a link.
+        let e = check_export_dir(&ckpts, &["config.json".into()], true).unwrap_err();
+        assert!(matches!(e, OutputError::InsideRun { .. }), "{e}");
+        let e = check_run_dir(&ckpts.join("new/../other"), true, false).unwrap_err();
+        assert!(matches!(e, OutputError::InsideRun { .. }), "{e}");
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&ckpts, &link).unwrap();
+        let e = check_run_dir(&link.join("x"), true, false).unwrap_err();
+        assert!(matches!(e, OutputError::InsideRun { .. }), "{e}");
+        // Outside: beside the run, inside the run (not its checkpoints), out through `..`, and
+        // a folder named checkpoints that is not a run's.
         check_run_dir(&tmp.path().join("run2"), false, false).unwrap();
         check_export_dir(&run.join("export"), &["config.json".into()], false).unwrap();
+        check_export_dir(&ckpts.join("../../hf"), &["config.json".into()], false).unwrap();
+        check_export_dir(
+            &ckpts.join("step-00000002/../../../hf2"),
+            &["config.json".into()],
+            false,
+        )
+        .unwrap();
         let plain = tmp.path().join("mine/checkpoints/x");
         check_export_dir(&plain, &["config.json".into()], false).unwrap();
+        let e = check_run_dir(Path::new(""), false, false).unwrap_err();
+        assert!(e.to_string().contains("empty path"), "{e}");
     }
 }

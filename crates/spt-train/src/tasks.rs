@@ -344,20 +344,17 @@ fn check_classifier_size(src: &WeightSource, num_labels: Option<usize>, config_p
 
 impl ModelTask {
     /// Bytes of activations a training micro-batch of `batch × seq_len` tokens keeps for its
-    /// backward, by spt-models' accounting (a lower bound; `None` when the sizes overflow).
-    pub fn batch_activations(&self, batch: usize, seq_len: usize) -> Option<BatchActivations> {
-        // The accounting multiplies B·H·L·L in usize: keep it far from overflowing.
-        let tokens = batch.checked_mul(seq_len)?;
-        tokens.checked_mul(seq_len)?.checked_mul(1 << 12)?;
+    /// backward, by spt-models' accounting (a lower bound; a size too large to count saturates).
+    pub fn batch_activations(&self, batch: usize, seq_len: usize) -> BatchActivations {
         let layers = match &self.net {
             Net::Classifier(m) => m.activation_bytes_per_layer(batch, seq_len, true),
             Net::Lm(m) => m.activation_bytes_per_layer(batch, seq_len, true),
         };
-        Some(BatchActivations {
+        BatchActivations {
             batch,
             seq_len,
             bytes: layers.iter().map(|l| l.total() as u128).sum(),
-        })
+        }
     }
 
     /// Loads the model in `model_dir` and prepares it for `cfg.mode`. `calibration` batches fit

@@ -356,7 +356,8 @@ fn bench_records_each_setting() {
         "{err}"
     );
     // A batch that cannot fit is refused before a child builds it: one whose sizes overflow
-    // (a capacity-overflow panic in the child), and one of terabytes (killed by the kernel).
+    // (a capacity-overflow panic in the child; counted as saturated), and one of terabytes
+    // (killed by the kernel).
     let max = usize::MAX.to_string();
     let err = common::run_err(&[
         "-q",
@@ -368,7 +369,10 @@ fn bench_records_each_setting() {
         "--seq-len",
         "16",
     ]);
-    assert!(err.contains("too large to count"), "{err}");
+    assert!(
+        err.contains("keeps at least") && err.contains("smaller --batch-size"),
+        "{err}"
+    );
     let err = common::run_err(&[
         "-q",
         "bench",

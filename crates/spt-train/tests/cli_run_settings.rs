@@ -520,7 +520,10 @@ fn a_resume_whose_settings_changed_names_them() {
         "8",
         "--no-progress",
     ]);
-    assert!(e.contains("checkpoint"), "{e}");
+    assert!(
+        e.contains("checkpoint") && e.contains("other settings") && e.contains("mode"),
+        "{e}"
+    );
     assert!(!fork.exists(), "a refused fork left {} behind", fork.display());
 }
 

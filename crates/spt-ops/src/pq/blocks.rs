@@ -42,6 +42,7 @@
 //! query positions) are always kept and blocks entirely in the tile's future are never chosen;
 //! blocks whose keys are all padding are never kept. Ties go to the lower block index.
 
+use super::select::CodesFrom;
 use super::{select::top_k_into, Codebook, KeyTopK, SENTINEL};
 use crate::attention::AttentionMask;
 use candle_core::{bail, DType, Result, Tensor};
@@ -144,6 +145,19 @@ pub fn select_blocks(
     mask: &AttentionMask,
     score: BlockScore,
 ) -> Result<BlockSelection> {
+    select_blocks_from(q, codes, codebook, tiling, mask, score, CodesFrom::Caller)
+}
+
+/// [`select_blocks`], told where the codes come from (see [`CodesFrom`]).
+pub(crate) fn select_blocks_from(
+    q: &Tensor,
+    codes: &Tensor,
+    codebook: &Codebook,
+    tiling: BlockTiling,
+    mask: &AttentionMask,
+    score: BlockScore,
+    from: CodesFrom,
+) -> Result<BlockSelection> {
     let op = "select_blocks";
     tiling.check(op)?;
     let (b, h, lq, d) = codebook.check(op, "q", q)?;
@@ -184,7 +198,7 @@ pub fn select_blocks(
     }
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() {
-        if lk > 0 && b * h > 0 {
+        if lk > 0 && b * h > 0 && from == CodesFrom::Caller {
             super::select::check_codes(
                 op,
                 crate::util::reduce_all(codes, true)?.to_scalar::<u8>()?,
@@ -209,7 +223,9 @@ pub fn select_blocks(
     let keys_ok = mask.key_allowed(op, b, lk)?;
     let qv = q.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let cv = codes.flatten_all()?.to_vec1::<u8>()?;
-    super::select::check_codes(op, cv.iter().copied().max().unwrap_or(0), codebook)?;
+    if from == CodesFrom::Caller {
+        super::select::check_codes(op, cv.iter().copied().max().unwrap_or(0), codebook)?;
+    }
     let (c, dc) = (codebook.n_codewords(), codebook.d_codeword());
 
     let mut blocks = vec![SENTINEL; b * h * nt * width];
@@ -343,11 +359,19 @@ pub fn pq_attention(
     let codes = codebook.encode(k)?;
     match selection {
         Selection::PerQuery { k: topk } => {
-            let sel = super::select_keys(q, &codes, codebook, topk, mask)?;
+            let sel = super::select::select_keys_from(q, &codes, codebook, topk, mask, CodesFrom::Encode)?;
             crate::sparse_attention::sparse_attention(q, k, v, &sel, scale)
         }
         Selection::Blocks(tiling) => {
-            let sel = select_blocks(q, &codes, codebook, tiling, mask, BlockScore::default())?;
+            let sel = select_blocks_from(
+                q,
+                &codes,
+                codebook,
+                tiling,
+                mask,
+                BlockScore::default(),
+                CodesFrom::Encode,
+            )?;
             use crate::block_sparse_attention::{with_lists, Lists};
             with_lists(q, k, v, &sel, scale, Lists::FromSelectBlocks)
         }

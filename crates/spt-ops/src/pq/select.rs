@@ -143,6 +143,26 @@ pub fn select_keys(
     k: KeyTopK,
     mask: &AttentionMask,
 ) -> Result<KeySelection> {
+    select_keys_from(q, codes, codebook, k, mask, CodesFrom::Caller)
+}
+
+/// Where key codes come from: a caller's (checked against the codebook; on a device that reads
+/// their maximum back), or [`Codebook::encode`] with the same codebook just before (in range by
+/// construction, so [`super::pq_attention`] adds no device sync).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CodesFrom {
+    Caller,
+    Encode,
+}
+
+pub(crate) fn select_keys_from(
+    q: &Tensor,
+    codes: &Tensor,
+    codebook: &Codebook,
+    k: KeyTopK,
+    mask: &AttentionMask,
+    from: CodesFrom,
+) -> Result<KeySelection> {
     let op = "select_keys";
     let (b, h, lq, d) = codebook.check(op, "q", q)?;
     let s = codebook.n_subspaces();
@@ -175,7 +195,7 @@ pub fn select_keys(
     }
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() {
-        if lk > 0 {
+        if lk > 0 && from == CodesFrom::Caller {
             check_codes(
                 op,
                 crate::util::reduce_all(codes, true)?.to_scalar::<u8>()?,
@@ -187,7 +207,9 @@ pub fn select_keys(
     let keys_ok = mask.key_allowed(op, b, lk)?;
     let qv = q.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let cv = codes.flatten_all()?.to_vec1::<u8>()?;
-    check_codes(op, cv.iter().copied().max().unwrap_or(0), codebook)?;
+    if from == CodesFrom::Caller {
+        check_codes(op, cv.iter().copied().max().unwrap_or(0), codebook)?;
+    }
     let dc = codebook.d_codeword();
 
     let mut indices = vec![SENTINEL; b * h * lq * kk];

@@ -324,10 +324,10 @@ impl Routing {
     }
 }
 
-/// At least one block, and 1 ≤ k ≤ n_blocks.
 /// The most blocks a routing may have (2^20; FFNs have far fewer hidden units).
 pub const MAX_BLOCKS: usize = 1 << 20;
 
+/// At least one block and at most [`MAX_BLOCKS`], and 1 ≤ k ≤ n_blocks.
 fn check_counts(n_blocks: usize, k: usize) -> Result<()> {
     if n_blocks == 0 {
         bail!("routed_ffn: n_blocks must be at least 1");

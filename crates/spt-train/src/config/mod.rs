@@ -303,6 +303,14 @@ impl FinetuneConfig {
         base.overlay(path, file.1)
     }
 
+    /// Reads a run's own finetune.toml (the one beside its checkpoints) over the plain defaults:
+    /// finetune writes every setting, so a key it lacks is a setting that run's spt-train did not
+    /// have yet, whose behaviour then was the default's (an old spt run's attention, an old LoRA
+    /// run's frozen pooler), not today's preset's. Otherwise as [`FinetuneConfig::load`].
+    pub fn load_run(path: &Path) -> Result<Self, ConfigError> {
+        Self::default().overlay(path, Self::read_table(path)?)
+    }
+
     /// A config file's keys as a flat JSON object (sections flattened, removed settings that keep
     /// the remaining behaviour dropped).
     fn read_table(path: &Path) -> Result<serde_json::Map<String, serde_json::Value>, ConfigError> {

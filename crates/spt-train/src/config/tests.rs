@@ -547,3 +547,31 @@ fn a_partial_config_file_is_read_over_its_modes_defaults() {
     let e = FinetuneConfig::load(&t).unwrap_err().to_string();
     assert!(e.contains("preset"), "{e}");
 }
+
+/// A run's own finetune.toml from before a setting existed is read (`load_run`, for the file
+/// beside a checkpoint) over the plain defaults, as that run trained: an old LoRA run's pooler
+/// stays frozen, an old spt run's attention is not the fast preset's. `load` (a `--config`
+/// file) reads the same file over its mode's defaults, as finetune --config does.
+#[test]
+fn a_runs_own_settings_are_read_over_the_plain_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("finetune.toml");
+    let run = "model = \"m\"\ntrain_files = [\"a.csv\"]\noutput_dir = \"runs/x\"\n";
+    std::fs::write(&t, format!("{run}mode = \"lora\"\n")).unwrap();
+    let old_lora = FinetuneConfig::load_run(&t).unwrap();
+    assert_eq!((old_lora.mode, old_lora.modules_to_save.len()), (Mode::Lora, 0));
+    assert_eq!(FinetuneConfig::load(&t).unwrap().modules_to_save, ["pooler"]);
+    std::fs::write(&t, format!("{run}mode = \"spt\"\n")).unwrap();
+    let old_spt = FinetuneConfig::load_run(&t).unwrap();
+    assert_eq!((old_spt.preset, old_spt.attn_k_fraction), (None, None));
+    // A complete file written by a run today reads the same either way.
+    let today = crate::presets::base_config(Mode::Spt, crate::data::TaskKind::Classify, Some(Preset::Fast));
+    let today = FinetuneConfig {
+        model: "m".into(),
+        train_files: vec!["a.csv".into()],
+        ..today
+    };
+    std::fs::write(&t, today.to_toml().unwrap()).unwrap();
+    assert_eq!(FinetuneConfig::load_run(&t).unwrap(), today);
+    assert_eq!(FinetuneConfig::load(&t).unwrap(), today);
+}

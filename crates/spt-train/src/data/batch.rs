@@ -70,7 +70,7 @@ pub fn encode_classification(
                 path: data.path.clone(),
                 line: ex.line,
                 column: col.to_string(),
-                label: l.escape_debug().to_string(),
+                label: escape_controls(l),
                 known: known_labels(labels.labels()),
             })?),
             _ => None,
@@ -266,6 +266,20 @@ pub fn epoch_batches(
     Ok(batches)
 }
 
+/// `s` with its control characters (a NUL, a newline) escaped, for an error message.
+fn escape_controls(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let esc: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            esc
+        })
+        .collect()
+}
+
 /// The labels a mapping knows, for an error: the first 20, control characters escaped (a label
 /// column that holds texts would otherwise print them all).
 fn known_labels<S: AsRef<str>>(labels: &[S]) -> String {
@@ -273,14 +287,7 @@ fn known_labels<S: AsRef<str>>(labels: &[S]) -> String {
     let mut s: Vec<String> = labels
         .iter()
         .take(SHOWN)
-        .map(|l| {
-            l.as_ref()
-                .chars()
-                .take(60)
-                .collect::<String>()
-                .escape_debug()
-                .to_string()
-        })
+        .map(|l| escape_controls(&l.as_ref().chars().take(60).collect::<String>()))
         .collect();
     if labels.len() > SHOWN {
         s.push(format!("… and {} more", labels.len() - SHOWN));
@@ -294,7 +301,7 @@ mod tests {
     /// control characters escaped.
     #[test]
     fn known_labels_are_listed_briefly() {
-        assert_eq!(super::known_labels(&["fresh\0", "rotten"]), "fresh\\0, rotten");
+        assert_eq!(super::known_labels(&["fresh\0", "don't"]), "fresh\\u{0}, don't");
         let many: Vec<String> = (0..25).map(|i| format!("{i} {}", "x".repeat(100))).collect();
         let s = super::known_labels(&many);
         assert!(s.ends_with("… and 5 more") && s.len() < 20 * 64 + 20, "{s}");

@@ -570,8 +570,20 @@ impl LabelMap {
             }
         }
         let map = Self::new(pairs.into_iter().map(|(_, l)| l).collect()).map_err(|e| e.to_string())?;
-        // HF writes both directions; one that contradicts the other is a broken file.
-        if let Some(l2i) = value.get("label2id").and_then(|v| v.as_object()) {
+        // HF writes both directions; one that contradicts the other is a broken file. Many hub
+        // configs name their classes in id2label but leave label2id at HF's placeholders
+        // (`LABEL_0`, …); transformers reads id2label, and so does this.
+        let placeholders = |l2i: &serde_json::Map<String, serde_json::Value>| {
+            l2i.keys().all(|k| {
+                k.strip_prefix("LABEL_")
+                    .is_some_and(|n| n.parse::<usize>().is_ok())
+            })
+        };
+        if let Some(l2i) = value
+            .get("label2id")
+            .and_then(|v| v.as_object())
+            .filter(|m| !placeholders(m))
+        {
             for (label, id) in l2i {
                 if id.as_u64().map(|i| i as usize) != map.id(label).map(|i| i as usize) {
                     return Err(format!(
@@ -965,6 +977,11 @@ mod tests {
         assert!(e.contains("`+0`"), "{e}");
         let e = bad(serde_json::json!({"id2label": {"0": "a", "1": "b"}, "label2id": {"a": 1, "b": 0}}));
         assert!(e.contains("label2id[\"a\"] = 1") && e.contains("id 0"), "{e}");
+        let placeholders = serde_json::json!({"id2label": {"0": "neg", "1": "pos"}, "label2id": {"LABEL_0": 0, "LABEL_1": 1}});
+        assert_eq!(
+            LabelMap::from_json(&placeholders).unwrap().labels(),
+            ["neg", "pos"]
+        );
         let ok = serde_json::json!({"id2label": {"0": "a", "1": "b"}, "label2id": {"a": 0, "b": 1}});
         assert_eq!(LabelMap::from_json(&ok).unwrap().labels(), ["a", "b"]);
     }

@@ -124,8 +124,11 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
             .output()
             .with_context(|| format!("running {}", exe.display()))?;
         if !out.status.success() {
-            use std::os::unix::process::ExitStatusExt;
-            let why = match out.status.signal() {
+            #[cfg(unix)]
+            let signal = std::os::unix::process::ExitStatusExt::signal(&out.status);
+            #[cfg(not(unix))]
+            let signal: Option<i32> = None;
+            let why = match signal {
                 // SIGKILL with no message of its own: the kernel's out-of-memory killer, as a rule.
                 Some(9) => {
                     " killed by SIGKILL (out of memory, most likely: try a smaller --batch-size or --seq-len)"

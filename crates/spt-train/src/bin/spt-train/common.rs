@@ -256,7 +256,7 @@ pub(crate) fn run_config_path(p: &Path) -> Option<PathBuf> {
 pub(crate) fn run_config(checkpoint: Option<&Path>) -> Result<Option<FinetuneConfig>> {
     match checkpoint.and_then(run_config_path) {
         Some(p) => Ok(Some(
-            FinetuneConfig::load(&p).with_context(|| format!("reading {}", p.display()))?,
+            FinetuneConfig::load_run(&p).with_context(|| format!("reading {}", p.display()))?,
         )),
         None => Ok(None),
     }

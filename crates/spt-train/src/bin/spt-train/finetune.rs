@@ -30,7 +30,13 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
             &with_run_config
         }
         None => {
-            if let (Some(r), None, None) = (args.resume.as_deref(), &args.config, &args.model) {
+            let model_set = args
+                .set
+                .iter()
+                .any(|s| s.split('=').next().is_some_and(|k| k.trim() == "model"));
+            if let (Some(r), None, None, false) =
+                (args.resume.as_deref(), &args.config, &args.model, model_set)
+            {
                 // Nothing says what to train: the error is the missing run, not the missing --model.
                 let dir = args
                     .output_dir
@@ -98,16 +104,20 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
         &dev,
         resuming,
     )?;
+    // A step's batch holds at most every training row; on a GPU the activations live in its
+    // memory, not the host's.
     let longest = data.train.lengths().into_iter().max().unwrap_or(0);
-    let batch = task
-        .batch_activations(cfg.batch_size, longest)
-        .context("the batch size times the sequence length overflows")?;
+    let rows = cfg.batch_size.min(data.train.len());
+    let batch = dev.is_cpu().then(|| task.batch_activations(rows, longest));
     task.summary
-        .check_fits(spt_models::physical_memory_bytes(), Some(batch))?;
+        .check_fits(spt_models::physical_memory_bytes(), batch)?;
     let (trainable, total) = (task.summary.trainable, task.summary.total);
     let mut trainer = Trainer::new(task, cfg.trainer_config(data.train.len()), dev);
     // The checkpoint must fit these settings before the run folder changes: a refused resume
     // leaves its finetune.toml, labels.json and later checkpoints as they were.
+    if let Resume::From(p) = &resume {
+        later_checkpoints(&cfg, p)?;
+    }
     trainer.check_resume(&resume)?;
     prepare_run_dir(&cfg.output_dir, cfg.overwrite, resuming)?;
     if let Resume::From(p) = &resume {
@@ -196,16 +206,34 @@ pub(crate) fn resume_point(cfg: &FinetuneConfig) -> Result<Resume> {
     })
 }
 
+/// The checkpoints of the output directory later than `from`, named; refused when there are
+/// some and no `--overwrite` (resuming would mix two runs). Touches nothing, so it runs before
+/// the run folder changes.
+fn later_checkpoints(cfg: &FinetuneConfig, from: &Path) -> Result<Vec<String>> {
+    let step = checkpoint_step(from)?;
+    let later: Vec<String> = list_checkpoints(&cfg.output_dir.join("checkpoints"))?
+        .into_iter()
+        .filter(|(s, _)| *s > step)
+        .map(|(_, p)| p.file_name().unwrap_or_default().to_string_lossy().into_owned())
+        .collect();
+    if !later.is_empty() && !cfg.overwrite {
+        bail!(
+            "--resume {}: {} already holds later checkpoints ({}); continuing would mix two runs. \
+             Pass --output-dir NEW to fork the run into a new folder, or --overwrite to discard the later checkpoints",
+            from.display(),
+            cfg.output_dir.display(),
+            later.join(", ")
+        );
+    }
+    Ok(later)
+}
+
 /// Resuming from `from` while the output directory holds later checkpoints would mix two runs:
 /// with `--overwrite` they are discarded (named), otherwise refused with both ways out.
 pub(crate) fn discard_later_checkpoints(cfg: &FinetuneConfig, from: &Path) -> Result<()> {
     let step = checkpoint_step(from)?;
     let ckpts = cfg.output_dir.join("checkpoints");
-    let later: Vec<String> = list_checkpoints(&ckpts)?
-        .into_iter()
-        .filter(|(s, _)| *s > step)
-        .map(|(_, p)| p.file_name().unwrap_or_default().to_string_lossy().into_owned())
-        .collect();
+    let later = later_checkpoints(cfg, from)?;
     if later.is_empty() {
         if !from.starts_with(&cfg.output_dir) {
             say!(
@@ -215,15 +243,6 @@ pub(crate) fn discard_later_checkpoints(cfg: &FinetuneConfig, from: &Path) -> Re
             );
         }
         return Ok(());
-    }
-    if !cfg.overwrite {
-        bail!(
-            "--resume {}: {} already holds later checkpoints ({}); continuing would mix two runs. \
-             Pass --output-dir NEW to fork the run into a new folder, or --overwrite to discard the later checkpoints",
-            from.display(),
-            cfg.output_dir.display(),
-            later.join(", ")
-        );
     }
     remove_checkpoints(&ckpts, |s| s > step)?;
     eprintln!(
