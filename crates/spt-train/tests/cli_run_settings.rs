@@ -645,3 +645,48 @@ fn a_broken_id2label_is_named_not_ignored() {
     let e = run_err(&["eval", "--model", m, "--data-file", d]);
     assert!(e.contains("config.json") && e.contains("id2label"), "{e}");
 }
+
+/// eval says why it chose the run's task only when the model's type contradicts it; a broken
+/// config.json is named as itself, without that line.
+#[test]
+fn a_broken_model_config_is_named_without_the_task_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-bert-cls", tmp.path());
+    let data = common::reviews_csv(tmp.path(), "d.csv", "text,label,movie");
+    let run_dir = tmp.path().join("run");
+    let (m, d, r) = (s(&model), s(&data), s(&run_dir));
+    run_ok(
+        &[
+            "finetune",
+            "--model",
+            m,
+            "--train-file",
+            d,
+            "--output-dir",
+            r,
+            "--mode",
+            "lora",
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "8",
+            "--no-progress",
+        ],
+        None,
+    );
+    let broken_root = tmp.path().join("broken");
+    let broken = common::fixture_with("tiny-bert-cls", &broken_root, |c| {
+        c["num_attention_heads"] = 0.into()
+    });
+    let e = run_err(&["eval", "--model", s(&broken), "--checkpoint", r, "--data-file", d]);
+    assert!(
+        e.contains("num_attention_heads") && !e.contains("run is a"),
+        "{e}"
+    );
+    let gpt2 = common::fixture("tiny-gpt2", tmp.path());
+    let e = run_err(&["eval", "--model", s(&gpt2), "--checkpoint", r, "--data-file", d]);
+    assert!(
+        e.contains("GPT-2") && e.contains("is a sequence classification"),
+        "{e}"
+    );
+}

@@ -132,6 +132,13 @@ pub(crate) fn build_task(
 /// architecture (`model_type`), so that `--task lm` on BERT is named as such rather than as a
 /// missing tensor, then the config itself, sizes included.
 pub(crate) fn check_model(task: TaskKind, model_dir: &Path) -> Result<()> {
+    check_model_type(task, model_dir)?;
+    check_model_config(task, model_dir)
+}
+
+/// The first half of [`check_model`]: the directory holds a config.json whose `model_type`
+/// suits the task.
+pub(crate) fn check_model_type(task: TaskKind, model_dir: &Path) -> Result<()> {
     if !model_dir.join("config.json").is_file() {
         bail!(
             "--model {}: no config.json; a model directory holds a Hugging Face checkpoint \
@@ -154,6 +161,11 @@ pub(crate) fn check_model(task: TaskKind, model_dir: &Path) -> Result<()> {
             model_dir.display()
         ),
     }
+    Ok(())
+}
+
+/// The second half of [`check_model`]: the config itself, sizes included.
+pub(crate) fn check_model_config(task: TaskKind, model_dir: &Path) -> Result<()> {
     let p = model_dir.join("config.json");
     match task {
         TaskKind::Classify => spt_models::BertConfig::from_file(&p).map(drop),

@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
-use crate::common::{check_model, device, labels_path, load_trained, task_name, task_of, ModelArgs};
+use crate::common::{
+    check_model_config, check_model_type, device, labels_path, load_trained, task_name, task_of, ModelArgs,
+};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use spt_train::config::{resolve_model, FinetuneArgs, FinetuneConfig};
@@ -96,10 +98,12 @@ pub(crate) fn eval(a: &EvalArgs) -> Result<()> {
         (None, Some(_)) => cfg.task,
         (None, None) => task_of(&a.model.model)?,
     };
-    check_model(task, &model_dir).map_err(|e| match (a.task, &settings_from) {
+    // Why the task is what it is matters to a model of the wrong type, not to a broken config.
+    check_model_type(task, &model_dir).map_err(|e| match (a.task, &settings_from) {
         (None, Some(from)) => e.context(format!("{from} is a {} run", task_name(task))),
         _ => e,
     })?;
+    check_model_config(task, &model_dir)?;
     // The flags go through the same merge as finetune's: a flag given overrides `--config`
     // (or, without one, the defaults).
     cfg.apply(&FinetuneArgs {
