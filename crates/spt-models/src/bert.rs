@@ -116,6 +116,20 @@ impl BertConfig {
         Ok(cfg)
     }
 
+    /// One layer's work for a batch of `batch × seq_len` tokens, for
+    /// [`crate::memory::activation_bytes`] (dropout counted when `train` and the config has some).
+    pub fn layer_shape(&self, batch: usize, seq_len: usize, dtype_bytes: usize, train: bool) -> LayerShape {
+        LayerShape {
+            batch,
+            seq_len,
+            hidden: self.hidden_size,
+            heads: self.num_attention_heads,
+            intermediate: self.intermediate_size,
+            dtype_bytes,
+            dropout: train && self.hidden_dropout_prob > 0.0,
+        }
+    }
+
     /// The FFN activation.
     pub fn activation(&self) -> Result<Activation> {
         Activation::from_hf(&self.hidden_act)
@@ -846,21 +860,14 @@ impl SptModel for BertForSequenceClassification {
 impl ActivationAccounting for BertModel {
     fn activation_bytes_per_layer(&self, batch: usize, seq_len: usize, train: bool) -> Vec<ActivationBytes> {
         let c = &self.config;
-        let shape = LayerShape {
-            batch,
-            seq_len,
-            hidden: c.hidden_size,
-            heads: c.num_attention_heads,
-            intermediate: c.intermediate_size,
-            dtype_bytes: self
-                .embeddings
-                .word_embeddings
-                .weight
-                .tensor()
-                .dtype()
-                .size_in_bytes(),
-            dropout: train && c.hidden_dropout_prob > 0.0,
-        };
+        let dtype_bytes = self
+            .embeddings
+            .word_embeddings
+            .weight
+            .tensor()
+            .dtype()
+            .size_in_bytes();
+        let shape = c.layer_shape(batch, seq_len, dtype_bytes, train);
         self.layers
             .iter()
             .map(|l| activation_bytes(&shape, l.attention.self_attn.core.cost(seq_len), l.ffn.cost()))

@@ -115,6 +115,20 @@ impl GPT2Config {
             .ok_or_else(|| ModelError::UnknownActivation(self.activation_function.clone()))
     }
 
+    /// One layer's work for a batch of `batch × seq_len` tokens, for
+    /// [`crate::memory::activation_bytes`] (dropout counted when `train` and the config has some).
+    pub fn layer_shape(&self, batch: usize, seq_len: usize, dtype_bytes: usize, train: bool) -> LayerShape {
+        LayerShape {
+            batch,
+            seq_len,
+            hidden: self.n_embd,
+            heads: self.n_head,
+            intermediate: self.inner_dim(),
+            dtype_bytes,
+            dropout: train && self.resid_pdrop > 0.0,
+        }
+    }
+
     pub fn inner_dim(&self) -> usize {
         self.n_inner.unwrap_or(4 * self.n_embd)
     }
@@ -830,15 +844,12 @@ impl SptModel for GPT2LMHeadModel {
 impl ActivationAccounting for GPT2Model {
     fn activation_bytes_per_layer(&self, batch: usize, seq_len: usize, train: bool) -> Vec<ActivationBytes> {
         let c = &self.config;
-        let shape = LayerShape {
+        let shape = c.layer_shape(
             batch,
             seq_len,
-            hidden: c.n_embd,
-            heads: c.n_head,
-            intermediate: c.inner_dim(),
-            dtype_bytes: self.wte.weight.tensor().dtype().size_in_bytes(),
-            dropout: train && c.resid_pdrop > 0.0,
-        };
+            self.wte.weight.tensor().dtype().size_in_bytes(),
+            train,
+        );
         self.h
             .iter()
             .map(|b| activation_bytes(&shape, b.attn.core.cost(seq_len), b.mlp.cost()))

@@ -222,3 +222,12 @@ pub(crate) fn read_var(v: &Var, frozen: bool) -> Tensor {
 pub(crate) fn if_tracked(input: &Tensor, grad: Tensor) -> Option<Tensor> {
     input.track_op().then_some(grad)
 }
+
+/// Who made an op's index input (key codes, block lists): a caller, whose values are checked
+/// (on a device that reads a value back), or spt-ops itself just before, in the same codebook or
+/// selection ([`crate::pq_attention`]), valid by construction, so that path adds no device sync.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MadeBy {
+    Caller,
+    SptOps,
+}

@@ -295,30 +295,17 @@ pub fn activation_lower_bound(
     keys: Option<usize>,
     ffn_blocks: Option<(usize, usize)>,
 ) -> Result<u128> {
-    use spt_models::{activation_bytes, AttentionCost, FfnCost, LayerShape};
-    let (hidden, heads, intermediate, layers) = match task {
+    use spt_models::{activation_bytes, AttentionCost, FfnCost};
+    // f32, dropout not counted: a lower bound.
+    let (shape, layers) = match task {
         TaskKind::Classify => {
             let c = BertConfig::from_file(config_path)?;
-            (
-                c.hidden_size,
-                c.num_attention_heads,
-                c.intermediate_size,
-                c.num_hidden_layers,
-            )
+            (c.layer_shape(batch, seq_len, 4, false), c.num_hidden_layers)
         }
         TaskKind::Lm => {
             let c = GPT2Config::from_file(config_path)?;
-            (c.n_embd, c.n_head, c.inner_dim(), c.n_layer)
+            (c.layer_shape(batch, seq_len, 4, false), c.n_layer)
         }
-    };
-    let shape = LayerShape {
-        batch,
-        seq_len,
-        hidden,
-        heads,
-        intermediate,
-        dtype_bytes: 4,
-        dropout: false,
     };
     let attn = match keys {
         Some(k) if k < seq_len => AttentionCost::Sparse { k },

@@ -182,18 +182,7 @@ fn a_bert_lora_run_exports_as_a_peft_adapter_equal_to_its_merged_export() {
     // A dense run has no adapter to export: refused by name, nothing written.
     let dense = tmp.path().join("dense");
     run_ok(
-        &[
-            "finetune",
-            "--model",
-            s(&model),
-            "--train-file",
-            s(&data),
-            "--output-dir",
-            s(&dense),
-            "--max-steps",
-            "1",
-            "--no-progress",
-        ],
+        &common::finetune_args(s(&model), s(&data), s(&dense), &["--max-steps", "1"]),
         None,
     );
     let out = tmp.path().join("nothing");
@@ -242,20 +231,12 @@ fn a_peft_export_keeps_every_file_it_did_not_write() {
     let data = reviews_csv(tmp.path(), "d.csv", "text,label,movie");
     let run = tmp.path().join("run");
     run_ok(
-        &[
-            "finetune",
-            "--model",
+        &common::finetune_args(
             s(&model),
-            "--train-file",
             s(&data),
-            "--output-dir",
             s(&run),
-            "--mode",
-            "lora",
-            "--max-steps",
-            "1",
-            "--no-progress",
-        ],
+            &["--mode", "lora", "--max-steps", "1"],
+        ),
         None,
     );
     let export = |out: &Path, format: &str, overwrite: bool| {

@@ -358,35 +358,23 @@ fn bench_records_each_setting() {
     // A batch that cannot fit is refused before a child builds it: one whose sizes overflow
     // (a capacity-overflow panic in the child; counted as saturated), and one of terabytes
     // (killed by the kernel).
-    let max = usize::MAX.to_string();
-    let err = common::run_err(&[
-        "-q",
-        "bench",
-        "--model",
-        model,
-        "--batch-size",
-        &max,
-        "--seq-len",
-        "16",
-    ]);
-    assert!(
-        err.contains("keeps at least") && err.contains("smaller --batch-size"),
-        "{err}"
-    );
-    let err = common::run_err(&[
-        "-q",
-        "bench",
-        "--model",
-        model,
-        "--batch-size",
-        "1000000000",
-        "--seq-len",
-        "16",
-    ]);
-    assert!(
-        err.contains("1000000000 × 16 tokens keeps at least") && err.contains("smaller --batch-size"),
-        "{err}"
-    );
+    for batch in [usize::MAX.to_string(), "1000000000".to_string()] {
+        let err = common::run_err(&[
+            "-q",
+            "bench",
+            "--model",
+            model,
+            "--batch-size",
+            &batch,
+            "--seq-len",
+            "16",
+        ]);
+        assert!(
+            err.contains(&format!("{batch} × 16 tokens keeps at least"))
+                && err.contains("smaller --batch-size"),
+            "{err}"
+        );
+    }
     // --output naming a file bench did not write is refused before anything runs, and the file
     // is left as it was; with or without --append. The record written above may be rewritten.
     let mine = tmp.path().join("notes.json");

@@ -396,25 +396,8 @@ fn a_lora_checkpoint_without_its_settings_restores_its_pooler() {
     let data = common::reviews_csv(tmp.path(), "d.csv", "text,label,movie");
     let run_dir = tmp.path().join("run");
     let (m, r, d) = (s(&model), s(&run_dir), s(&data));
-    run_ok(
-        &[
-            "finetune",
-            "--model",
-            m,
-            "--train-file",
-            d,
-            "--output-dir",
-            r,
-            "--mode",
-            "lora",
-            "--max-steps",
-            "3",
-            "--lr",
-            "5e-2",
-            "--no-progress",
-        ],
-        None,
-    );
+    let lora = ["--mode", "lora", "--max-steps", "3", "--lr", "5e-2"];
+    run_ok(&common::finetune_args(m, d, r, &lora), None);
     let eval = |extra: &[&str]| {
         let args = [
             &["eval", "--model", m, "--checkpoint", r, "--data-file", d][..],
@@ -445,25 +428,11 @@ fn a_resume_whose_settings_changed_names_them() {
     let run_dir = tmp.path().join("run");
     let (m, d, r) = (s(&model), s(&data), s(&run_dir));
     let args = |extra: &[&str]| -> Vec<String> {
-        [
-            &[
-                "finetune",
-                "--model",
-                m,
-                "--train-file",
-                d,
-                "--output-dir",
-                r,
-                "--mode",
-                "lora",
-            ][..],
-            &["--batch-size", "8", "--no-progress"],
-            extra,
-        ]
-        .concat()
-        .into_iter()
-        .map(String::from)
-        .collect()
+        let lora = [&["--mode", "lora", "--batch-size", "8"][..], extra].concat();
+        common::finetune_args(m, d, r, &lora)
+            .into_iter()
+            .map(String::from)
+            .collect()
     };
     let old = args(&["--max-steps", "2", "--save-every", "1", "--modules-to-save", ""]);
     run_ok(&old.iter().map(String::as_str).collect::<Vec<_>>(), None);
@@ -504,22 +473,8 @@ fn a_resume_whose_settings_changed_names_them() {
     );
     // A fork (--resume from this run into a new folder) that does not fit makes no folder.
     let fork = tmp.path().join("fork");
-    let e = run_err(&[
-        "finetune",
-        "--model",
-        m,
-        "--train-file",
-        d,
-        "--output-dir",
-        s(&fork),
-        "--mode",
-        "dense",
-        "--resume",
-        s(&step1),
-        "--batch-size",
-        "8",
-        "--no-progress",
-    ]);
+    let dense_from_step1 = ["--mode", "dense", "--resume", s(&step1), "--batch-size", "8"];
+    let e = run_err(&common::finetune_args(m, d, s(&fork), &dense_from_step1));
     assert!(
         e.contains("checkpoint") && e.contains("other settings") && e.contains("mode"),
         "{e}"
@@ -538,27 +493,17 @@ fn split_validation_of_a_run_with_a_validation_file_is_refused() {
     let val = common::reviews_csv(tmp.path(), "v.csv", "text,label,movie");
     let run_dir = tmp.path().join("run");
     let (m, d, v, r) = (s(&model), s(&data), s(&val), s(&run_dir));
-    run_ok(
-        &[
-            "finetune",
-            "--model",
-            m,
-            "--train-file",
-            d,
-            "--validation-file",
-            v,
-            "--output-dir",
-            r,
-            "--mode",
-            "lora",
-            "--max-steps",
-            "1",
-            "--batch-size",
-            "8",
-            "--no-progress",
-        ],
-        None,
-    );
+    let lora = [
+        "--validation-file",
+        v,
+        "--mode",
+        "lora",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "8",
+    ];
+    run_ok(&common::finetune_args(m, d, r, &lora), None);
     let e = run_err(&[
         "eval",
         "--model",
@@ -607,17 +552,12 @@ fn resume_without_a_run_and_bad_columns_are_named() {
     );
     for (pair, what) in [("label", "label"), ("text", "text")] {
         let out = tmp.path().join(format!("run-{pair}"));
-        let e = run_err(&[
-            "finetune",
-            "--model",
+        let e = run_err(&common::finetune_args(
             m,
-            "--train-file",
             d,
-            "--output-dir",
             s(&out),
-            "--text-pair-column",
-            pair,
-        ]);
+            &["--text-pair-column", pair],
+        ));
         assert!(
             e.contains(&format!("`{pair}` is already the {what} column")),
             "{e}"
@@ -655,25 +595,8 @@ fn a_broken_model_config_is_named_without_the_task_line() {
     let data = common::reviews_csv(tmp.path(), "d.csv", "text,label,movie");
     let run_dir = tmp.path().join("run");
     let (m, d, r) = (s(&model), s(&data), s(&run_dir));
-    run_ok(
-        &[
-            "finetune",
-            "--model",
-            m,
-            "--train-file",
-            d,
-            "--output-dir",
-            r,
-            "--mode",
-            "lora",
-            "--max-steps",
-            "1",
-            "--batch-size",
-            "8",
-            "--no-progress",
-        ],
-        None,
-    );
+    let lora = ["--mode", "lora", "--max-steps", "1", "--batch-size", "8"];
+    run_ok(&common::finetune_args(m, d, r, &lora), None);
     let broken_root = tmp.path().join("broken");
     let broken = common::fixture_with("tiny-bert-cls", &broken_root, |c| {
         c["num_attention_heads"] = 0.into()

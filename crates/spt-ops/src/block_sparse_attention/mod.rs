@@ -19,7 +19,7 @@ mod cpu;
 pub mod reference;
 
 use crate::pq::{BlockSelection, SENTINEL};
-use crate::util::{check_qkv, contiguous, if_tracked, with_slices};
+use crate::util::{check_qkv, contiguous, if_tracked, with_slices, MadeBy};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use cpu::Dims;
 use std::sync::Mutex;
@@ -35,24 +35,17 @@ pub fn block_sparse_attention(
     sel: &BlockSelection,
     scale: f64,
 ) -> Result<Tensor> {
-    with_lists(q, k, v, sel, scale, Lists::Check)
+    with_lists(q, k, v, sel, scale, MadeBy::Caller)
 }
 
-/// Whether the block lists still need checking: a selection made by hand does; one that
-/// [`crate::select_blocks`] just made does not (on a device, the check reads a count back).
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Lists {
-    Check,
-    FromSelectBlocks,
-}
-
+/// [`block_sparse_attention`], told who made the block lists.
 pub(crate) fn with_lists(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     sel: &BlockSelection,
     scale: f64,
-    lists: Lists,
+    lists: MadeBy,
 ) -> Result<Tensor> {
     let op = "block_sparse_attention";
     let [b, h, lq, lk, d, dv] = check_qkv(op, q, k, v)?;
@@ -78,7 +71,7 @@ pub(crate) fn with_lists(
         );
     }
     if !q.device().is_cpu() {
-        if lists == Lists::Check {
+        if lists == MadeBy::Caller {
             check_lists_on_device(op, &sel.blocks, nb, lk, kblk)?;
         }
         return on_device(q, k, v, sel, scale, [b, h, lk, d, dv]);

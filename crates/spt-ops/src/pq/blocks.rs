@@ -42,9 +42,9 @@
 //! query positions) are always kept and blocks entirely in the tile's future are never chosen;
 //! blocks whose keys are all padding are never kept. Ties go to the lower block index.
 
-use super::select::CodesFrom;
 use super::{select::top_k_into, Codebook, KeyTopK, SENTINEL};
 use crate::attention::AttentionMask;
+use crate::util::MadeBy;
 use candle_core::{bail, DType, Result, Tensor};
 use rayon::prelude::*;
 
@@ -145,10 +145,10 @@ pub fn select_blocks(
     mask: &AttentionMask,
     score: BlockScore,
 ) -> Result<BlockSelection> {
-    select_blocks_from(q, codes, codebook, tiling, mask, score, CodesFrom::Caller)
+    select_blocks_from(q, codes, codebook, tiling, mask, score, MadeBy::Caller)
 }
 
-/// [`select_blocks`], told where the codes come from (see [`CodesFrom`]).
+/// [`select_blocks`], told who made the codes.
 pub(crate) fn select_blocks_from(
     q: &Tensor,
     codes: &Tensor,
@@ -156,7 +156,7 @@ pub(crate) fn select_blocks_from(
     tiling: BlockTiling,
     mask: &AttentionMask,
     score: BlockScore,
-    from: CodesFrom,
+    from: MadeBy,
 ) -> Result<BlockSelection> {
     let op = "select_blocks";
     tiling.check(op)?;
@@ -198,7 +198,7 @@ pub(crate) fn select_blocks_from(
     }
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() {
-        if lk > 0 && b * h > 0 && from == CodesFrom::Caller {
+        if lk > 0 && b * h > 0 && from == MadeBy::Caller {
             super::select::check_codes(
                 op,
                 crate::util::reduce_all(codes, true)?.to_scalar::<u8>()?,
@@ -223,7 +223,7 @@ pub(crate) fn select_blocks_from(
     let keys_ok = mask.key_allowed(op, b, lk)?;
     let qv = q.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let cv = codes.flatten_all()?.to_vec1::<u8>()?;
-    if from == CodesFrom::Caller {
+    if from == MadeBy::Caller {
         super::select::check_codes(op, cv.iter().copied().max().unwrap_or(0), codebook)?;
     }
     let (c, dc) = (codebook.n_codewords(), codebook.d_codeword());
@@ -359,7 +359,7 @@ pub fn pq_attention(
     let codes = codebook.encode(k)?;
     match selection {
         Selection::PerQuery { k: topk } => {
-            let sel = super::select::select_keys_from(q, &codes, codebook, topk, mask, CodesFrom::Encode)?;
+            let sel = super::select::select_keys_from(q, &codes, codebook, topk, mask, MadeBy::SptOps)?;
             crate::sparse_attention::sparse_attention(q, k, v, &sel, scale)
         }
         Selection::Blocks(tiling) => {
@@ -370,10 +370,10 @@ pub fn pq_attention(
                 tiling,
                 mask,
                 BlockScore::default(),
-                CodesFrom::Encode,
+                MadeBy::SptOps,
             )?;
-            use crate::block_sparse_attention::{with_lists, Lists};
-            with_lists(q, k, v, &sel, scale, Lists::FromSelectBlocks)
+            use crate::block_sparse_attention::with_lists;
+            with_lists(q, k, v, &sel, scale, MadeBy::SptOps)
         }
     }
 }

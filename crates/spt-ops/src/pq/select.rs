@@ -3,6 +3,7 @@
 use super::{Codebook, KeySelection, KeyTopK, SENTINEL};
 use crate::attention::AttentionMask;
 use crate::blas::{gemm_into, transpose, Mat};
+use crate::util::MadeBy;
 use candle_core::{bail, DType, Result, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -143,25 +144,17 @@ pub fn select_keys(
     k: KeyTopK,
     mask: &AttentionMask,
 ) -> Result<KeySelection> {
-    select_keys_from(q, codes, codebook, k, mask, CodesFrom::Caller)
+    select_keys_from(q, codes, codebook, k, mask, MadeBy::Caller)
 }
 
-/// Where key codes come from: a caller's (checked against the codebook; on a device that reads
-/// their maximum back), or [`Codebook::encode`] with the same codebook just before (in range by
-/// construction, so [`super::pq_attention`] adds no device sync).
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum CodesFrom {
-    Caller,
-    Encode,
-}
-
+/// [`select_keys`], told who made the codes.
 pub(crate) fn select_keys_from(
     q: &Tensor,
     codes: &Tensor,
     codebook: &Codebook,
     k: KeyTopK,
     mask: &AttentionMask,
-    from: CodesFrom,
+    from: MadeBy,
 ) -> Result<KeySelection> {
     let op = "select_keys";
     let (b, h, lq, d) = codebook.check(op, "q", q)?;
@@ -195,7 +188,7 @@ pub(crate) fn select_keys_from(
     }
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() {
-        if lk > 0 && from == CodesFrom::Caller {
+        if lk > 0 && from == MadeBy::Caller {
             check_codes(
                 op,
                 crate::util::reduce_all(codes, true)?.to_scalar::<u8>()?,
@@ -207,7 +200,7 @@ pub(crate) fn select_keys_from(
     let keys_ok = mask.key_allowed(op, b, lk)?;
     let qv = q.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let cv = codes.flatten_all()?.to_vec1::<u8>()?;
-    if from == CodesFrom::Caller {
+    if from == MadeBy::Caller {
         check_codes(op, cv.iter().copied().max().unwrap_or(0), codebook)?;
     }
     let dc = codebook.d_codeword();

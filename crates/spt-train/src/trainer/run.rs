@@ -31,6 +31,15 @@ pub struct Trainer<T: TrainTask> {
     device: Device,
     stop: Arc<AtomicBool>,
     io: Box<dyn CheckpointIo>,
+    /// What [`Trainer::check_resume`] restored, for [`Trainer::train`] to continue from.
+    restored: Option<Restored>,
+}
+
+/// A checkpoint restored into the task: its path, the optimizer holding its state, its loop state.
+struct Restored {
+    path: PathBuf,
+    opt: AdamW,
+    st: LoopState,
 }
 
 struct LoopState {
@@ -49,6 +58,7 @@ impl<T: TrainTask> Trainer<T> {
             device,
             stop: Arc::new(AtomicBool::new(false)),
             io: Box::new(FsIo),
+            restored: None,
         }
     }
 
@@ -94,29 +104,27 @@ impl<T: TrainTask> Trainer<T> {
         evaluate(&mut self.task, data, self.cfg.eval_batch_size, &self.device)
     }
 
-    /// Checks that `resume`'s checkpoint fits this task and optimizer, before anything is
-    /// written: its tensors are loaded into the task (as [`Trainer::train`] will load them again)
-    /// and its optimizer state into a scratch AdamW. A CLI calls it before touching the run
-    /// folder, so that a resume with settings the checkpoint does not fit changes nothing there.
+    /// Restores `resume`'s checkpoint (tensors into the task, state into the optimizer) before
+    /// anything is written, so that a checkpoint that does not fit is refused first; a CLI calls
+    /// it before touching the run folder. [`Trainer::train`] with the same `resume` continues
+    /// from it without reading the checkpoint again (and restores it itself when not called).
     pub fn check_resume(&mut self, resume: &Resume) -> Result<()> {
         let path = match resume {
             Resume::No => return Ok(()),
             Resume::Latest => latest_checkpoint(&self.checkpoint_dir())?,
             Resume::From(p) => p.clone(),
         };
-        let mut opt = self.optimizer(false)?;
-        self.restore(&path, &mut opt, false).map(drop)
+        let mut opt = self.optimizer()?;
+        let st = self.restore(&path, &mut opt)?;
+        self.restored = Some(Restored { path, opt, st });
+        Ok(())
     }
 
-    /// AdamW over the task's trainable parameters, with the per-module learning-rate scales
-    /// (said in the log when `report`: once per run, not again for [`Trainer::check_resume`]).
-    fn optimizer(&self, report: bool) -> Result<AdamW> {
+    /// AdamW over the task's trainable parameters, with the per-module learning-rate scales.
+    fn optimizer(&self) -> Result<AdamW> {
         let mut opt = AdamW::new(self.task.trainable(), self.cfg.adamw)?;
         for (module, scale) in &self.cfg.lr_scales {
             let n = opt.scale_lr(module, *scale)?;
-            if !report {
-                continue;
-            }
             if n == 0 {
                 tracing::warn!("lr scale {scale} for `{module}`: no trainable parameter has that name");
             } else {
@@ -126,7 +134,7 @@ impl<T: TrainTask> Trainer<T> {
         Ok(opt)
     }
 
-    fn restore(&mut self, path: &Path, opt: &mut AdamW, report: bool) -> Result<LoopState> {
+    fn restore(&mut self, path: &Path, opt: &mut AdamW) -> Result<LoopState> {
         let ck = load_checkpoint(path, &self.device)?;
         // Extra state first: it may reorder what the trained values are loaded into.
         self.task.load_extra_state(&ck.extra)?;
@@ -169,7 +177,7 @@ impl<T: TrainTask> Trainer<T> {
         }
         opt.load_state_dict(&ck.optimizer)
             .map_err(|e| Error::Msg(format!("checkpoint {}: {e}", path.display())))?;
-        if report && !changed.is_empty() {
+        if !changed.is_empty() {
             tracing::warn!(
                 "checkpoint {} was written with other settings ({}); continuing with the current ones",
                 path.display(),
@@ -236,22 +244,34 @@ impl<T: TrainTask> Trainer<T> {
         }
         let vars: Vec<Var> = vars_named.iter().map(|(_, v)| v.clone()).collect();
         let n_params: usize = vars.iter().map(|v| v.elem_count()).sum();
-        let mut opt = self.optimizer(true)?;
         let metrics = MetricsWriter::new(self.cfg.output_dir.join("metrics.jsonl"));
-
-        let mut st = LoopState {
-            step: 0,
-            pos: DataPosition::default(),
-            rng: SplitMix64::new(self.cfg.seed),
-        };
         let resume_path = match resume {
             Resume::No => None,
             Resume::Latest => Some(latest_checkpoint(&self.checkpoint_dir())?),
             Resume::From(p) => Some(p.clone()),
         };
+        // What check_resume restored, if it restored this checkpoint; else restore it here.
+        let restored = self
+            .restored
+            .take()
+            .filter(|r| Some(&r.path) == resume_path.as_ref());
+        let (mut opt, mut st) = match restored {
+            Some(r) => (r.opt, r.st),
+            None => {
+                let mut opt = self.optimizer()?;
+                let st = match &resume_path {
+                    Some(p) => self.restore(p, &mut opt)?,
+                    None => LoopState {
+                        step: 0,
+                        pos: DataPosition::default(),
+                        rng: SplitMix64::new(self.cfg.seed),
+                    },
+                };
+                (opt, st)
+            }
+        };
         let mut resumed_from = None;
         if let Some(p) = &resume_path {
-            st = self.restore(p, &mut opt, true)?;
             metrics.truncate_after(st.step)?;
             resumed_from = Some(st.step);
             tracing::info!(step = st.step, path = %p.display(), "resumed");

@@ -135,3 +135,20 @@ pub fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     out.sort();
     out
 }
+
+/// `finetune --model MODEL --train-file DATA --output-dir OUT --no-progress`, then `extra` (the
+/// mode, steps, batch size a test wants).
+pub fn finetune_args<'a>(model: &'a str, data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "finetune",
+        "--model",
+        model,
+        "--train-file",
+        data,
+        "--output-dir",
+        out,
+        "--no-progress",
+    ];
+    args.extend_from_slice(extra);
+    args
+}

@@ -205,7 +205,7 @@ pub(crate) fn labels_path(
     // An id2label that does not load is returned too, so that reading it names what is wrong
     // (ids with gaps, a label2id that disagrees) rather than predicting bare ids.
     let Ok(map) = LabelMap::load(&cfg) else {
-        return config_has_id2label(&cfg).then_some(cfg);
+        return config_has_any(model_dir, &["id2label"]).then_some(cfg);
     };
     let named = map
         .labels()
@@ -215,12 +215,13 @@ pub(crate) fn labels_path(
     named.then_some(cfg)
 }
 
-/// Whether `config` (a config.json) has an `id2label` entry at all.
-fn config_has_id2label(config: &Path) -> bool {
-    std::fs::read_to_string(config)
+/// Whether the model's config.json has any of `keys` at the top level (false when it does not
+/// read as JSON: loading the model names that).
+pub(crate) fn config_has_any(model_dir: &Path, keys: &[&str]) -> bool {
+    std::fs::read_to_string(model_dir.join("config.json"))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|v| v.get("id2label").is_some())
+        .is_some_and(|v| keys.iter().any(|k| v.get(k).is_some()))
 }
 
 pub(crate) fn find_labels(

@@ -115,13 +115,14 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
     let mut trainer = Trainer::new(task, cfg.trainer_config(data.train.len()), dev);
     // The checkpoint must fit these settings before the run folder changes: a refused resume
     // leaves its finetune.toml, labels.json and later checkpoints as they were.
-    if let Resume::From(p) = &resume {
-        later_checkpoints(&cfg, p)?;
-    }
+    let later = match &resume {
+        Resume::From(p) => later_checkpoints(&cfg, p)?,
+        _ => Vec::new(),
+    };
     trainer.check_resume(&resume)?;
     prepare_run_dir(&cfg.output_dir, cfg.overwrite, resuming)?;
     if let Resume::From(p) = &resume {
-        discard_later_checkpoints(&cfg, p)?;
+        discard_later_checkpoints(&cfg, p, &later)?;
     }
     // `overwrite` is this invocation's permission, not a setting of the run: a finetune.toml
     // reused with --config must not grant it again.
@@ -228,12 +229,11 @@ fn later_checkpoints(cfg: &FinetuneConfig, from: &Path) -> Result<Vec<String>> {
     Ok(later)
 }
 
-/// Resuming from `from` while the output directory holds later checkpoints would mix two runs:
-/// with `--overwrite` they are discarded (named), otherwise refused with both ways out.
-pub(crate) fn discard_later_checkpoints(cfg: &FinetuneConfig, from: &Path) -> Result<()> {
+/// Discards the checkpoints `later` than `from` ([`later_checkpoints`], which refused them
+/// without `--overwrite`), naming them; says when resuming from `from` forks the run instead.
+fn discard_later_checkpoints(cfg: &FinetuneConfig, from: &Path, later: &[String]) -> Result<()> {
     let step = checkpoint_step(from)?;
     let ckpts = cfg.output_dir.join("checkpoints");
-    let later = later_checkpoints(cfg, from)?;
     if later.is_empty() {
         if !from.starts_with(&cfg.output_dir) {
             say!(

@@ -4,7 +4,8 @@ use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use crate::common::{
-    check_model, check_output_file, device, find_labels, load_trained, tokenizer_for, ModelArgs,
+    check_model, check_output_file, config_has_any, device, find_labels, load_trained, tokenizer_for,
+    ModelArgs,
 };
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -61,7 +62,7 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
     let max_length = a.max_length.or(run.as_ref().and_then(|r| r.max_length));
     let tok = tokenizer_for(&a.model, run.as_ref(), &model_dir, max_length)?;
     let labels = find_labels(&a.label_map, &a.model.checkpoint, &model_dir)?;
-    if labels.is_none() && !config_gives_labels(&model_dir) {
+    if labels.is_none() && !config_has_any(&model_dir, &["num_labels", "id2label"]) {
         let cfg = model_dir.join("config.json");
         match &a.model.checkpoint {
             Some(c) => bail!(
@@ -190,12 +191,4 @@ fn is_predictions(text: &str) -> bool {
                 })
                 .unwrap_or(false)
         })
-}
-
-/// Whether the model's config.json says how many classes its head has.
-fn config_gives_labels(model_dir: &Path) -> bool {
-    std::fs::read_to_string(model_dir.join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|v| v.get("num_labels").is_some() || v.get("id2label").is_some())
 }
