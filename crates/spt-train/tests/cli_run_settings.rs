@@ -236,6 +236,74 @@ fn eval_and_predict_read_the_runs_columns_and_max_length() {
     assert_eq!(texts, ["a good movie", "", "bad"], "{out}");
 }
 
+/// A run started with relative paths is resumed from another directory: the run's finetune.toml
+/// records absolute paths (the model was taken for a hub id, the data not found), and the resume
+/// continues in the folder being resumed (it used to start a new run under the current directory).
+#[test]
+fn a_run_is_resumed_from_another_directory_in_its_own_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (work, elsewhere) = (tmp.path().join("work"), tmp.path().join("elsewhere"));
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    fixture("tiny-bert-cls", &work);
+    common::reviews_csv(&work, "d.csv", "text,label,movie");
+    let first = common::run_in(
+        &work,
+        &common::finetune_args(
+            "tiny-bert-cls",
+            "d.csv",
+            "run",
+            &["--mode", "lora", "--max-steps", "2", "--save-every", "1"],
+        ),
+    );
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let run_dir = work.join("run");
+    let o = common::run_in(
+        &elsewhere,
+        &[
+            "finetune",
+            "--resume",
+            s(&run_dir),
+            "--max-steps",
+            "3",
+            "--no-progress",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(last_json(&o)["step"], 3);
+    assert!(run_dir.join("checkpoints/step-00000003").is_dir());
+    assert_eq!(
+        std::fs::read_dir(&elsewhere).unwrap().count(),
+        0,
+        "the resume wrote into the current directory"
+    );
+    let toml = std::fs::read_to_string(run_dir.join("finetune.toml")).unwrap();
+    let abs = |p: &Path| format!("{:?}", p.to_str().unwrap());
+    for p in [work.join("tiny-bert-cls"), work.join("d.csv"), run_dir.clone()] {
+        assert!(toml.contains(&abs(&p)), "{} not recorded: {toml}", p.display());
+    }
+    // A moved run continues where it is now, not at the output_dir its finetune.toml recorded.
+    let moved = tmp.path().join("moved");
+    std::fs::rename(&run_dir, &moved).unwrap();
+    let o = common::run_in(
+        &elsewhere,
+        &[
+            "finetune",
+            "--resume",
+            s(&moved),
+            "--max-steps",
+            "4",
+            "--no-progress",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(moved.join("checkpoints/step-00000004").is_dir());
+    assert!(!run_dir.exists(), "the resume went back to the run's old place");
+}
+
 #[test]
 fn resume_needs_only_the_run_folder_and_refuses_before_writing() {
     let tmp = tempfile::tempdir().unwrap();

@@ -391,6 +391,37 @@ impl FinetuneConfig {
         toml::to_string_pretty(&sections::nest(&flat)).map_err(|e| err(e.to_string()))
     }
 
+    /// These settings with every local path made absolute (the model only when it names an
+    /// existing directory, not a hub id), as a run's own finetune.toml records them: resuming the
+    /// run, or evaluating its validation split, from another directory then reads the same files.
+    /// A path whose absolute form is not valid UTF-8 (the model is a `String`) is kept as given.
+    pub fn with_absolute_paths(&self) -> Self {
+        let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        let model = if Path::new(&self.model).exists() {
+            abs(Path::new(&self.model))
+                .to_str()
+                .map_or_else(|| self.model.clone(), str::to_owned)
+        } else {
+            self.model.clone()
+        };
+        let resume = self.resume.as_ref().map(|r| match r.as_str() {
+            "latest" => r.clone(),
+            p => abs(Path::new(p))
+                .to_str()
+                .map_or_else(|| r.clone(), str::to_owned),
+        });
+        Self {
+            model,
+            tokenizer: self.tokenizer.as_deref().map(abs),
+            train_files: self.train_files.iter().map(|p| abs(p)).collect(),
+            validation_files: self.validation_files.iter().map(|p| abs(p)).collect(),
+            label_map: self.label_map.as_deref().map(abs),
+            output_dir: abs(&self.output_dir),
+            resume,
+            ..self.clone()
+        }
+    }
+
     /// Applies `--set` overrides: `section.key=value` (or a top-level setting's name), the value
     /// read as TOML (`0.001`, `true`, `[1, 2]`, `"text"`) or else as a bare string.
     pub fn apply_sets(&mut self, sets: &[String]) -> Result<(), ConfigError> {

@@ -9,8 +9,20 @@ use std::process::{Command, Output, Stdio};
 /// Runs `spt-train args` (with `stdin` piped in, if given) and returns its output, whatever the
 /// exit status.
 pub fn run(args: &[&str], stdin: Option<&str>) -> Output {
+    run_at(None, args, stdin)
+}
+
+/// [`run`] from the directory `cwd` (relative paths in `args` are read from there).
+pub fn run_in(cwd: &Path, args: &[&str]) -> Output {
+    run_at(Some(cwd), args, None)
+}
+
+fn run_at(cwd: Option<&Path>, args: &[&str], stdin: Option<&str>) -> Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_spt-train"));
     c.args(args).env("RUST_LOG", "warn");
+    if let Some(d) = cwd {
+        c.current_dir(d);
+    }
     c.stdin(if stdin.is_some() {
         Stdio::piped()
     } else {

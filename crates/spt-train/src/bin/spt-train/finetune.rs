@@ -23,8 +23,16 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
                 "note: --resume without --config or --model: the run's settings come from {}",
                 p.display()
             );
+            // The run continues in its own folder (the one being resumed), not in the
+            // finetune.toml's `output_dir`: an older run recorded that relative to the directory
+            // it was started from, and a moved run's records its old place.
+            let run_dir = match p.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
             with_run_config = FinetuneArgs {
                 config: Some(p),
+                output_dir: args.output_dir.clone().or(Some(run_dir)),
                 ..args.clone()
             };
             &with_run_config
@@ -126,10 +134,12 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
     }
     // `overwrite` is this invocation's permission, not a setting of the run: a finetune.toml
     // reused with --config must not grant it again.
+    // Absolute paths: the run is resumed and evaluated from wherever its user stands then.
     let resolved = FinetuneConfig {
         overwrite: false,
         ..cfg.clone()
     }
+    .with_absolute_paths()
     .to_toml()
     .context("serialising the resolved config")?;
     write_file_atomic(&cfg.output_dir.join("finetune.toml"), resolved.as_bytes())
