@@ -374,7 +374,10 @@ __device__ __forceinline__ void fa_fwd(const fa_u16* __restrict__ q, const fa_u1
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn)
       *reinterpret_cast<fa_u32*>(orow + dn * 8) = fa_pack(acc[dn][2 * rr] * inv, acc[dn][2 * rr + 1] * inv);
-    if (t == 0) lse[i] = lt > 0.0f ? m[rr] * FA_LN2 + logf(lt) : -INFINITY;
+    // A row that saw no key has lt = 0: lse = -inf marks it for the backward. A NaN score
+    // (a NaN in q or k) gives lt = NaN, and lse must stay NaN, as on the CPU: read as -inf, the
+    // backward would drop the row and then spread 0 · NaN into keys the row cannot see.
+    if (t == 0) lse[i] = lt != lt ? lt : lt > 0.0f ? m[rr] * FA_LN2 + logf(lt) : -INFINITY;
   }
 }
 
@@ -440,7 +443,7 @@ __device__ __forceinline__ void fa_bwd_dq(const fa_u16* __restrict__ q, const fa
         const int i = i0 + r0 + g + 8 * rr, jj = j0 + j * 8 + 2 * t + (e & 1);
         const bool ok = full || (lse2[rr] != -INFINITY && fa_sees(i, jj, lq, lk, causal, key_ok));
         const float pv = ok ? exp2f(p[j][e] * sl2 - lse2[rr]) : 0.0f;
-        dp[j][e] = pv * (dp[j][e] - dl[rr]);  // dS
+        dp[j][e] = ok ? pv * (dp[j][e] - dl[rr]) : 0.0f;  // dS (dl is NaN in a NaN row)
       }
     }
     fa_mm_acc_b<D>(acc, dp, ks);
@@ -542,7 +545,7 @@ __device__ __forceinline__ void fa_bwd_dkdv(const fa_u16* __restrict__ q, const 
           const bool ok = full || (lse_s[c] != -INFINITY && fa_sees(i, jj, lq, lk, causal, key_ok));
           const float pv = ok ? exp2f(p[j][e] * sl2 - lse_s[c]) : 0.0f;
           p[j][e] = pv;
-          dp[j][e] = pv * (dp[j][e] - dl_s[c]);  // dSᵀ
+          dp[j][e] = ok ? pv * (dp[j][e] - dl_s[c]) : 0.0f;  // dSᵀ
         }
       }
       fa_mm_acc_b<D, NJ>(dva, p, dos + c0 * S);

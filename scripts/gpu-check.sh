@@ -15,8 +15,10 @@
 # Writes OUT_DIR (default ./gpu-results): parity.log, run.log (nvidia-smi and steps 2-5),
 # gpu_bench.json, sdpa.json, summary.json, target.json (issue 19's targets against SDPA at L = 4096 and 16384), and
 # with steps 4-5 finetune-speed-gpu.json and train-parity.json.
-# Budget: under 8 minutes (timeouts 60 + 120 + 60 + 2·80 + 100 s; about 1 minute without steps
-# 4-5). At most 8 output files, so that a remote runner with a small return limit gets them all.
+# Budget: the timeouts add up to 9 minutes at worst (parity 100 + 40, then 120 + 60 + 2·80 +
+# 100 s; 5 minutes without steps 4-5), which only hung steps reach; give a remote runner at least
+# 560 s. At most 8 output files, so that a remote runner with a small return limit gets them all
+# (a killed step's temporary is removed at the end).
 # Exit status: non-zero if a parity test or a CPU-vs-CUDA fine-tuning case failed, or a step
 # could not run.
 set -uo pipefail
@@ -56,8 +58,36 @@ fi
 nvidia-smi >>"$OUT/run.log" 2>&1 || echo "gpu-check.sh: nvidia-smi failed (no GPU?)" >&2
 
 echo "== 1/5 parity tests (CUDA vs CPU)"
-timeout 60 bin/cuda_parity --include-ignored --test-threads=1 2>&1 | tee "$OUT/parity.log"
-parity_rc=${PIPESTATUS[0]}
+# One process per test: a kernel that faults (an illegal address) poisons its CUDA context, and
+# every later test in the same process would fail with it, hiding which kernels work. A failed
+# test runs again with CUDA_LAUNCH_BLOCKING=1, so that an asynchronous fault names its launch.
+# Tests not started within 100 s are reported as skipped (and fail the check).
+: >"$OUT/parity.log"
+parity_rc=0
+p_start=$(date +%s)
+mapfile -t tests < <(bin/cuda_parity --list --include-ignored 2>/dev/null | sed -n 's/: test$//p')
+[[ ${#tests[@]} == 0 ]] && { echo "gpu-check.sh: bin/cuda_parity lists no tests" | tee -a "$OUT/parity.log"; parity_rc=2; }
+for t in "${tests[@]}"; do
+  if (( $(date +%s) - p_start > 100 )); then
+    echo "test $t ... (skipped: the parity step's 100 s were spent) FAILED" | tee -a "$OUT/parity.log"
+    parity_rc=1
+    continue
+  fi
+  timeout 40 bin/cuda_parity --include-ignored --exact "$t" >"$RUN/one.log" 2>&1
+  rc=$?
+  cat "$RUN/one.log" >>"$OUT/parity.log"
+  if [[ $rc != 0 ]]; then
+    parity_rc=$rc
+    # A crash leaves "test NAME ... " unfinished: end that line, and count the test as failed.
+    grep -q "^test $t \.\.\. FAILED" "$RUN/one.log" ||
+      printf '\ntest %s ... (exit %s: timed out or crashed) FAILED\n' "$t" "$rc" >>"$OUT/parity.log"
+    echo "-- $t again, with CUDA_LAUNCH_BLOCKING=1 (indented, not counted)" >>"$OUT/parity.log"
+    CUDA_LAUNCH_BLOCKING=1 timeout 40 bin/cuda_parity --include-ignored --exact "$t" 2>&1 |
+      sed 's/^/    /' >>"$OUT/parity.log"
+    echo >>"$OUT/parity.log"
+  fi
+  grep "^test $t " "$OUT/parity.log" | tail -n 1
+done
 
 echo "== 2/5 gpu_bench"
 timeout 120 bin/gpu_bench "$OUT" 2>&1 | tee -a "$OUT/run.log"
@@ -127,4 +157,5 @@ for L in (4096, 16384):
 json.dump(res, open(os.path.join(out, "target.json"), "w"), indent=1)
 print(json.dumps(res, indent=1))
 PY
+rm -f "$OUT"/*.tmp
 [[ $parity_rc == 0 && $bench_rc == 0 && $train_rc -le 0 ]]

@@ -29,14 +29,26 @@ struct Case {
   int b, h, lq, lk, d;
   bool causal, padding, sparse;
   unsigned seed;
+  int nan_row = -1;  // a query row of batch-head 0 set to NaN: NaN where that row reaches, no further
 };
 
 struct Check {
   bool ok = true;
-  void close(const char* what, const std::vector<double>& got, const std::vector<double>& want) {
+  // `spread`: NaN may also appear where the reference has a number (see dk below).
+  void close(const char* what, const std::vector<double>& got, const std::vector<double>& want,
+             bool spread = false) {
     double maxref = 0, err = 0;
-    size_t at = 0;
+    size_t at = 0, nan_miss = 0, nans = 0;
     for (size_t i = 0; i < want.size(); ++i) {
+      // NaN must appear exactly where the reference has it (an input row's NaN, and what it reaches).
+      if (std::isnan(want[i]) || std::isnan(got[i])) {
+        nans += std::isnan(want[i]);
+        const bool miss = spread ? std::isnan(want[i]) && !std::isnan(got[i])
+                                 : std::isnan(want[i]) != std::isnan(got[i]);
+        if (miss && nan_miss++ == 0)
+          std::printf("      %s element %zu: got %f, want %f  FAIL\n", what, i, got[i], want[i]);
+        continue;
+      }
       maxref = std::max(maxref, std::fabs(want[i]));
       const double e = std::fabs(got[i] - want[i]);
       if (!(e <= err)) {
@@ -45,9 +57,9 @@ struct Check {
       }
     }
     const double tol = 0.02 * maxref + 2e-3;
-    const bool pass = err <= tol;
-    std::printf("    %-4s max |err| %.2e (tol %.2e, max |ref| %.2e)%s\n", what, err, tol, maxref,
-                pass ? "" : "  FAIL");
+    const bool pass = err <= tol && nan_miss == 0;
+    std::printf("    %-4s max |err| %.2e (tol %.2e, max |ref| %.2e)%s%s\n", what, err, tol, maxref,
+                nans ? (", " + std::to_string(nans) + " NaN as in the reference").c_str() : "", pass ? "" : "  FAIL");
     if (!pass)
       std::printf("      worst at element %zu: got %.6f, want %.6f\n", at, got[at], want[at]);
     ok = ok && pass;
@@ -64,8 +76,9 @@ bool run_case(const Case& c) {
     for (auto& x : v) x = to_bf16(normal(rng));
     return v;
   };
-  const auto q = fill(size_t(bh) * c.lq * D), k = fill(size_t(bh) * c.lk * D),
-             v = fill(size_t(bh) * c.lk * D), dout = fill(size_t(bh) * c.lq * D);
+  auto q = fill(size_t(bh) * c.lq * D);
+  const auto k = fill(size_t(bh) * c.lk * D), v = fill(size_t(bh) * c.lk * D), dout = fill(size_t(bh) * c.lq * D);
+  if (c.nan_row >= 0) q[size_t(c.nan_row) * D + 3] = to_bf16(NAN);
   // Key padding: batch 0 drops every 7th key; batch 1 its first 5 keys (so causal rows 0-4 see
   // none) and its last third.
   std::vector<uint8_t> key_ok;
@@ -141,6 +154,7 @@ bool run_case(const Case& c) {
     for (int i = 0; i < c.lq; ++i) {
       std::vector<double> s(c.lk, -INFINITY);
       double mx = -INFINITY;
+      bool saw = false;
       for (int j = 0; j < c.lk; ++j) {
         bool sees = (!c.causal || j <= i) && (!c.padding || key_ok[size_t(bb) * c.lk + j]);
         if (c.sparse) {
@@ -151,10 +165,11 @@ bool run_case(const Case& c) {
         double d = 0;
         for (int e = 0; e < D; ++e) d += at(q, c.lq, i, e) * at(k, c.lk, j, e);
         s[j] = d * scale;
-        mx = std::max(mx, s[j]);
+        mx = std::isnan(s[j]) ? s[j] : std::max(mx, s[j]);
+        saw = true;
       }
       const size_t row = size_t(x) * c.lq + i;
-      if (mx == -INFINITY) {
+      if (!saw) {
         lse_ref[row] = -INFINITY;
         continue;
       }
@@ -171,7 +186,7 @@ bool run_case(const Case& c) {
         dl += p[j] * t;
       }
       for (int j = 0; j < c.lk; ++j) {
-        if (p[j] == 0) continue;
+        if (s[j] == -INFINITY) continue;  // unseen (a seen key's p may underflow to 0; NaN stays)
         const double ds = p[j] * (dp[j] - dl);
         for (int e = 0; e < D; ++e) {
           o_ref[row * D + e] += p[j] * at(v, c.lk, j, e);
@@ -190,7 +205,9 @@ bool run_case(const Case& c) {
   };
   ch.close("o", dec(o), o_ref);
   ch.close("dq", dec(dq), dq_ref);
-  ch.close("dk", dec(dk), dk_ref);
+  // dK = dSᵀ Q on tensor cores: a NaN row of Q reaches every key of the key blocks its tile
+  // visits through 0 · NaN, as in any GEMM formulation (the CPU kernel's and PyTorch's too).
+  ch.close("dk", dec(dk), dk_ref, c.nan_row >= 0);
   ch.close("dv", dec(dv), dv_ref);
   int empty = 0;
   double lse_err = 0;
@@ -201,6 +218,11 @@ bool run_case(const Case& c) {
       for (int e = 0; e < D; ++e) zero = zero && o[r * D + e] == 0;
       if (lse[r] != -INFINITY || !zero) {
         std::printf("    row %zu sees no key but lse = %f or o is not 0  FAIL\n", r, lse[r]);
+        ok = false;
+      }
+    } else if (std::isnan(lse_ref[r]) || std::isnan(lse[r])) {
+      if (std::isnan(lse_ref[r]) != std::isnan(lse[r])) {
+        std::printf("    row %zu: lse = %f, want %f  FAIL\n", r, lse[r], lse_ref[r]);
         ok = false;
       }
     } else {
@@ -220,6 +242,13 @@ int main() {
       {2, 2, 130, 190, 64, false, true, false, 3},   {2, 1, 200, 200, 64, true, true, false, 4},
       {2, 2, 200, 200, 64, false, false, true, 5},   {2, 1, 256, 256, 64, true, true, true, 6},
       {1, 1, 100, 80, 128, false, true, false, 7},   {1, 2, 140, 140, 128, true, false, true, 8},
+      // Causal with L_q ≠ L_k (top-left: query i sees keys j ≤ i), ragged tiles both ways.
+      {2, 2, 130, 190, 64, true, true, false, 9},    {1, 2, 190, 130, 64, true, false, true, 10},
+      {1, 1, 100, 150, 128, true, true, true, 11},
+      // A NaN query row: NaN in its o, lse and dq and in the dV of the keys it sees, and not in
+      // other rows (it used to be read as a row that sees no key, dropping it from dV).
+      {1, 1, 150, 150, 64, true, false, false, 12, 40}, {1, 2, 150, 150, 64, false, true, false, 13, 70},
+      {1, 1, 200, 200, 128, true, true, true, 14, 150},
   };
   bool all = true;
   for (const Case& c : cases) {

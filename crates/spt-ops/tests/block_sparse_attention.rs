@@ -415,6 +415,19 @@ fn ties_go_to_the_lower_block_and_padding_blocks_are_never_kept() -> Result<()> 
         sel.blocks.flatten_all()?.to_vec1::<u32>()?,
         [0, SENTINEL, 0, 1, 0, 2, 0, 3]
     );
+    // No keys at all: one list entry per tile, padding (cuda_parity.rs checks the device's).
+    let none = codes.narrow(2, 0, 0)?;
+    let sel = select_blocks(
+        &q,
+        &none,
+        &cb,
+        tiling(4, 4, 2),
+        &AttentionMask::none(),
+        BlockScore::Mean,
+    )?;
+    assert_eq!(sel.blocks.dims(), [1, 1, 4, 1]);
+    assert_eq!(sel.blocks.flatten_all()?.to_vec1::<u32>()?, [SENTINEL; 4]);
+    assert_eq!(sel.counts.flatten_all()?.to_vec1::<u32>()?, [0; 4]);
     Ok(())
 }
 

@@ -614,6 +614,27 @@ fn block_selection_matches_cpu_exactly_on_integer_data() -> Result<()> {
             }
         }
     }
+    // No keys: every tile's list is padding (the kernels do not run).
+    let cb = Codebook::from_tensor(&ints(&[s, c, dc], 2, 17)?)?;
+    let q = ints(&[b, h, 70, s * dc], 3, 18)?;
+    let kc = codes(&[b, h, 0, s], c, 19)?;
+    let tiling = BlockTiling {
+        query_tile: 32,
+        key_block: 16,
+        top_blocks: 2,
+    };
+    let m = AttentionMask::none();
+    let want = select_blocks(&q, &kc, &cb, tiling, &m, BlockScore::Mean)?;
+    let got = select_blocks(
+        &q.to_device(&dev)?,
+        &kc.to_device(&dev)?,
+        &cb,
+        tiling,
+        &m,
+        BlockScore::Mean,
+    )?;
+    same_u32("select_blocks with L_k = 0: blocks", &got.blocks, &want.blocks)?;
+    same_u32("select_blocks with L_k = 0: counts", &got.counts, &want.counts)?;
     Ok(())
 }
 

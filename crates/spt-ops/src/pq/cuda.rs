@@ -221,7 +221,12 @@ fn select_blocks_t<T: KernelFloat>(
     let cen = dev.clone_htod(&cb.centroids)?;
     let mut hist = dev.alloc_zeros::<u32>(bh * nb * s * c)?;
     let mut nkeys = dev.alloc_zeros::<u32>(bh * nb)?;
-    let mut blocks = dev.alloc_zeros::<u32>(bh * nt * width)?;
+    // With no key blocks the kernels do not run: every list is then all padding, as on the CPU.
+    let mut blocks = if nb == 0 {
+        dev.clone_htod(&vec![u32::MAX; bh * nt * width])?
+    } else {
+        dev.alloc_zeros::<u32>(bh * nt * width)?
+    };
     let mut counts = dev.alloc_zeros::<u32>(bh * nt)?;
     if bh * nt > 0 && nb > 0 {
         let (qs, ql) = q.storage_and_layout();
