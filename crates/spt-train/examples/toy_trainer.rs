@@ -117,7 +117,7 @@ fn main() -> Result<()> {
     } else {
         Resume::No
     };
-    prepare_run_dir(&out, true, resume != Resume::No)?;
+    let _lock = prepare_run_dir(&out, true, resume != Resume::No)?;
     let cfg = TrainerConfig {
         epochs: 3,
         batch_size: 32,

@@ -120,8 +120,33 @@ pub enum OutputError {
     NotADirectory { path: PathBuf },
     #[error("output directory {} is inside the checkpoints of the run in {}, which manages that folder; choose a path outside it", path.display(), run.display())]
     InsideRun { path: PathBuf, run: PathBuf },
+    #[error("output directory {} is in use by another spt-train process (it holds the folder's lock); wait for that run to end, or choose another directory", path.display())]
+    Busy { path: PathBuf },
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+}
+
+/// Held while a process writes a run folder (returned by [`prepare_run_dir`]): an exclusive
+/// advisory lock (`flock`) on the folder itself, so that a second spt-train into the same folder
+/// is refused instead of mixing its checkpoints, metrics and settings with the first's. Released
+/// when dropped, or by the OS when the process ends however it ends. Where the folder cannot be
+/// locked (a file system without locks), runs go unguarded.
+#[derive(Debug)]
+pub struct RunLock {
+    _dir: Option<std::fs::File>,
+}
+
+fn lock_run_dir(dir: &Path) -> Result<RunLock, OutputError> {
+    let Ok(f) = std::fs::File::open(dir) else {
+        return Ok(RunLock { _dir: None });
+    };
+    match f.try_lock() {
+        Ok(()) => Ok(RunLock { _dir: Some(f) }),
+        Err(std::fs::TryLockError::WouldBlock) => Err(OutputError::Busy {
+            path: dir.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(_)) => Ok(RunLock { _dir: None }),
+    }
 }
 
 fn describe(k: DirKind) -> &'static str {
@@ -261,8 +286,17 @@ fn existing<'a>(dir: &Path, names: impl IntoIterator<Item = &'a str>) -> Vec<Str
         .collect()
 }
 
-/// The checks of [`prepare_run_dir`], touching nothing, so a CLI can refuse before loading.
+/// The checks of [`prepare_run_dir`], touching nothing, so a CLI can refuse before loading: a
+/// folder another process is writing is refused too.
 pub fn check_run_dir(dir: &Path, overwrite: bool, resume: bool) -> Result<(), OutputError> {
+    if dir.is_dir() {
+        drop(lock_run_dir(dir)?);
+    }
+    check_unlocked_run_dir(dir, overwrite, resume)
+}
+
+/// [`check_run_dir`] without the lock probe (the caller holds the lock, or will take it).
+fn check_unlocked_run_dir(dir: &Path, overwrite: bool, resume: bool) -> Result<(), OutputError> {
     check_outside_run_checkpoints(dir)?;
     if is_empty_dir(dir)? {
         return Ok(());
@@ -319,10 +353,15 @@ pub fn check_run_dir(dir: &Path, overwrite: bool, resume: bool) -> Result<(), Ou
 /// - A run of ours: fine with `resume`. Otherwise its checkpoints need `overwrite`, and the
 ///   previous run's checkpoints, metrics and plot are removed (only those spt-train wrote).
 ///
-/// Stale temporaries of a killed save are removed in every case.
-pub fn prepare_run_dir(dir: &Path, overwrite: bool, resume: bool) -> Result<(), OutputError> {
-    check_run_dir(dir, overwrite, resume)?;
+/// Stale temporaries of a killed save are removed in every case. The folder stays locked against
+/// other processes while the returned [`RunLock`] lives: keep it for the whole run.
+pub fn prepare_run_dir(dir: &Path, overwrite: bool, resume: bool) -> Result<RunLock, OutputError> {
+    check_unlocked_run_dir(dir, overwrite, resume)?;
     std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    let lock = lock_run_dir(dir)?;
+    // Again under the lock: a run that ended between the first check and the lock may have left
+    // checkpoints that this one must not discard without `overwrite`.
+    check_unlocked_run_dir(dir, overwrite, resume)?;
     let mut own = match read_marker(dir)? {
         Marker::Current(o) => o,
         Marker::None | Marker::Legacy => Ownership::new(DirKind::Run, []),
@@ -345,7 +384,7 @@ pub fn prepare_run_dir(dir: &Path, overwrite: bool, resume: bool) -> Result<(), 
             }
         }
     }
-    Ok(())
+    Ok(lock)
 }
 
 /// The checks of [`install_export`] for an export of `files` into `out`, touching nothing.
@@ -495,6 +534,21 @@ mod tests {
 
     fn bytes(p: &Path) -> Vec<u8> {
         std::fs::read(p).unwrap()
+    }
+
+    #[test]
+    fn a_run_folder_is_locked_while_its_run_holds_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().join("run");
+        let lock = prepare_run_dir(&d, false, false).unwrap();
+        for (overwrite, resume) in [(false, false), (true, false), (false, true)] {
+            let e = check_run_dir(&d, overwrite, resume).unwrap_err();
+            assert!(matches!(e, OutputError::Busy { .. }), "{e}");
+            let e = prepare_run_dir(&d, overwrite, resume).unwrap_err();
+            assert!(matches!(e, OutputError::Busy { .. }), "{e}");
+        }
+        drop(lock);
+        prepare_run_dir(&d, false, true).unwrap();
     }
 
     #[test]

@@ -363,6 +363,18 @@ fn kill_during_saves_always_leaves_a_loadable_checkpoint_and_no_debris() {
 
 #[test]
 fn ctrl_c_saves_and_exits_130() {
+    interrupted_run_saves("-INT");
+}
+
+/// SIGTERM (docker stop, Slurm) saves and stops as Ctrl-C does; it used to kill the run unsaved.
+/// While the run trains, a second finetune into its folder is refused and changes nothing there:
+/// two runs used to interleave their checkpoints, metrics and settings in one folder.
+#[test]
+fn sigterm_saves_too_and_a_second_run_into_a_busy_folder_is_refused() {
+    interrupted_run_saves("-TERM");
+}
+
+fn interrupted_run_saves(signal: &str) {
     let t = setup();
     let run_dir = t.root.join("run");
     let a = finetune_args(s(&t.model), s(&t.data), s(&run_dir), "100000");
@@ -381,8 +393,19 @@ fn ctrl_c_saves_and_exits_130() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    if signal == "-TERM" {
+        for extra in [&["--resume"][..], &["--overwrite"][..]] {
+            let mut b = finetune_args(s(&t.model), s(&t.data), s(&run_dir), "2");
+            b.extend_from_slice(extra);
+            let e = run_err(&b);
+            assert!(e.contains("in use by another spt-train process"), "{e}");
+        }
+        // The refused --overwrite did not put its settings in the running run's folder.
+        let toml = std::fs::read_to_string(run_dir.join("finetune.toml")).unwrap();
+        assert!(toml.contains("max_steps = 100000"), "{toml}");
+    }
     let kill = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args([signal, &child.id().to_string()])
         .status()
         .unwrap();
     assert!(kill.success());

@@ -267,8 +267,9 @@ impl TrainSummary {
     }
 }
 
-/// Installs a Ctrl-C handler once per process and returns its flag. The first Ctrl-C sets the
-/// flag (the trainer then saves and stops); a second one exits at once with status 130.
+/// Installs a Ctrl-C handler once per process and returns its flag; SIGTERM and SIGHUP count as
+/// Ctrl-C (what `docker stop`, Slurm and a closed terminal send). The first sets the flag (the
+/// trainer then saves and stops); a second one exits at once with status 130.
 pub fn install_ctrlc_handler() -> Result<Arc<AtomicBool>> {
     static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
     if let Some(f) = FLAG.get() {
@@ -280,7 +281,10 @@ pub fn install_ctrlc_handler() -> Result<Arc<AtomicBool>> {
         if f2.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
-        eprintln!("\nCtrl-C: finishing the current step and saving a checkpoint (Ctrl-C again to quit now)");
+        eprintln!(
+            "\ninterrupted (Ctrl-C, SIGTERM or SIGHUP): finishing the current step and saving a \
+             checkpoint (interrupt again to quit now)"
+        );
     })
     .map_err(|e| Error::Msg(format!("cannot install the Ctrl-C handler: {e}")))?;
     Ok(FLAG.get_or_init(|| flag).clone())

@@ -128,7 +128,8 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
         _ => Vec::new(),
     };
     trainer.check_resume(&resume)?;
-    prepare_run_dir(&cfg.output_dir, cfg.overwrite, resuming)?;
+    // Held to the end of the run: a second spt-train into this folder is refused meanwhile.
+    let _lock = prepare_run_dir(&cfg.output_dir, cfg.overwrite, resuming)?;
     if let Resume::From(p) = &resume {
         discard_later_checkpoints(&cfg, p, &later)?;
     }
