@@ -144,10 +144,10 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
     fnv1a64_extend(FNV_OFFSET, bytes)
 }
 
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+pub(crate) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
 /// FNV-1a continued over more bytes from the hash `h` of those before.
-fn fnv1a64_extend(mut h: u64, bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a64_extend(mut h: u64, bytes: &[u8]) -> u64 {
     for &b in bytes {
         h ^= b as u64;
         h = h.wrapping_mul(0x0100_0000_01b3);
@@ -524,7 +524,8 @@ pub fn checkpoint_step(path: &Path) -> Result<u64, CheckpointError> {
     Ok(read_manifest(path)?.step)
 }
 
-fn read_manifest(path: &Path) -> Result<Manifest, CheckpointError> {
+/// A checkpoint's manifest, checked for its format and version (the files are not read).
+pub fn read_manifest(path: &Path) -> Result<Manifest, CheckpointError> {
     let corrupt = |reason: String| CheckpointError::Corrupt {
         path: path.to_path_buf(),
         reason,

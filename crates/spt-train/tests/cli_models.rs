@@ -115,6 +115,59 @@ fn classify_finetune_eval_predict_export() {
     let from_run: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
     assert_eq!(from_run, rep);
+    // An edited training file splits into other rows (mostly ones the run trained on): refused,
+    // where it used to report them as held out.
+    let edited = tmp.path().join("edited.csv");
+    std::fs::write(
+        &edited,
+        std::fs::read_to_string(&data).unwrap().replace("very", "a"),
+    )
+    .unwrap();
+    let e = common::run_err(&[
+        "eval",
+        "--model",
+        m,
+        "--checkpoint",
+        r,
+        "--split",
+        "validation",
+        "--data-file",
+        edited.to_str().unwrap(),
+    ]);
+    assert!(e.contains("are not the ones") && e.contains("edited.csv"), "{e}");
+    // Resuming on it (into a fork) goes on, as it may be meant, but warns that the rows changed.
+    let step8 = run.join("checkpoints/step-00000008");
+    let fork = tmp.path().join("fork");
+    let o = spt_train(
+        &[
+            "finetune",
+            "--model",
+            m,
+            "--train-file",
+            edited.to_str().unwrap(),
+            "--split-by",
+            "movie",
+            "--validation-split",
+            "0.3",
+            "--output-dir",
+            fork.to_str().unwrap(),
+            "--mode",
+            "lora",
+            "--max-steps",
+            "9",
+            "--batch-size",
+            "8",
+            "--lr",
+            "3e-3",
+            "--no-progress",
+            "--resume",
+            step8.to_str().unwrap(),
+        ],
+        None,
+    );
+    let warned = String::from_utf8_lossy(&o.stderr);
+    assert!(warned.contains("the train rows differ from those"), "{warned}");
+    assert_eq!(last_json(&o)["step"], 9);
 
     // predict: one JSON line per stdin line, with a label from labels.json.
     let o = spt_train(

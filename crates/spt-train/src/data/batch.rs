@@ -26,7 +26,35 @@ pub struct EncodedDataset {
     pub pad_id: u32,
 }
 
+/// Which rows a dataset holds, as the model sees them: their count and an FNV-1a-64 checksum
+/// over every item's token ids, token types and label, in order. A checkpoint records its
+/// run's, so that a resume, or `eval --split validation`, on rows that changed since is noticed.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DataFingerprint {
+    pub rows: usize,
+    pub fnv1a64: String,
+}
+
 impl EncodedDataset {
+    /// See [`DataFingerprint`].
+    pub fn fingerprint(&self) -> DataFingerprint {
+        use crate::checkpoint::{fnv1a64_extend, FNV_OFFSET};
+        let mut h = FNV_OFFSET;
+        let words = |h: u64, v: &[u32]| {
+            let h = fnv1a64_extend(h, &(v.len() as u64).to_le_bytes());
+            v.iter().fold(h, |h, x| fnv1a64_extend(h, &x.to_le_bytes()))
+        };
+        for it in &self.items {
+            h = words(h, &it.input_ids);
+            h = words(h, &it.token_type_ids);
+            h = fnv1a64_extend(h, &it.label.map_or(u64::MAX, u64::from).to_le_bytes());
+        }
+        DataFingerprint {
+            rows: self.items.len(),
+            fnv1a64: format!("{h:016x}"),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.items.len()
     }

@@ -11,9 +11,10 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Var};
 
 use crate::checkpoint::{
-    latest_checkpoint, load_checkpoint, save_checkpoint, CheckpointData, CheckpointIo, DataPosition, FsIo,
+    latest_checkpoint, load_checkpoint, read_manifest, save_checkpoint, CheckpointData, CheckpointIo,
+    DataPosition, FsIo,
 };
-use crate::data::{epoch_batches, BatchOrder, DataError, EncodedDataset};
+use crate::data::{epoch_batches, BatchOrder, DataError, DataFingerprint, EncodedDataset};
 use crate::metrics::{MeanLoss, MetricRecord, MetricsWriter};
 use crate::optim::{clip_scale, grad_norm, AdamW, LrSchedule};
 use crate::rng::SplitMix64;
@@ -33,6 +34,9 @@ pub struct Trainer<T: TrainTask> {
     io: Box<dyn CheckpointIo>,
     /// What [`Trainer::check_resume`] restored, for [`Trainer::train`] to continue from.
     restored: Option<Restored>,
+    /// The rows being trained and evaluated on ([`DataFingerprint`]s), recorded in every
+    /// checkpoint's manifest (`extra.data`).
+    data_prints: serde_json::Value,
 }
 
 /// A checkpoint restored into the task: its path, the optimizer holding its state, its loop state.
@@ -59,6 +63,7 @@ impl<T: TrainTask> Trainer<T> {
             stop: Arc::new(AtomicBool::new(false)),
             io: Box::new(FsIo),
             restored: None,
+            data_prints: serde_json::Value::Null,
         }
     }
 
@@ -203,7 +208,7 @@ impl<T: TrainTask> Trainer<T> {
             data: st.pos,
             rng_state: st.rng.state,
             config: self.cfg.run_config.clone(),
-            extra_json: serde_json::Value::Null,
+            extra_json: serde_json::json!({ "data": self.data_prints }),
             model,
             optimizer: opt.state_dict()?,
             extra: self.task.extra_state()?,
@@ -270,8 +275,13 @@ impl<T: TrainTask> Trainer<T> {
                 (opt, st)
             }
         };
+        self.data_prints = serde_json::json!({
+            "train": train.fingerprint(),
+            "validation": eval.map(EncodedDataset::fingerprint),
+        });
         let mut resumed_from = None;
         if let Some(p) = &resume_path {
+            warn_if_rows_changed(p, &self.data_prints);
             metrics.truncate_after(st.step)?;
             resumed_from = Some(st.step);
             tracing::info!(step = st.step, path = %p.display(), "resumed");
@@ -592,4 +602,39 @@ pub fn check_settings(c: &TrainerConfig, train: &EncodedDataset) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The rows a checkpoint recorded (`which`: "train" or "validation"), if it recorded them
+/// (checkpoints before the record have none).
+pub fn recorded_rows(checkpoint: &Path, which: &str) -> Option<DataFingerprint> {
+    let m = read_manifest(checkpoint).ok()?;
+    serde_json::from_value(m.extra.get("data")?.get(which)?.clone()).ok()
+}
+
+/// A resume on other rows than the checkpoint's run trained on goes on (the user may mean it),
+/// but says so: the data position and the shuffle order refer to the old rows.
+fn warn_if_rows_changed(checkpoint: &Path, now: &serde_json::Value) {
+    for which in ["train", "validation"] {
+        let Some(then) = recorded_rows(checkpoint, which) else {
+            continue;
+        };
+        let current: Option<DataFingerprint> = serde_json::from_value(now[which].clone()).ok();
+        if current.as_ref() != Some(&then) {
+            let now = current.map_or("none".to_string(), |c| {
+                format!("{} rows, checksum {}", c.rows, c.fnv1a64)
+            });
+            tracing::warn!(
+                "the {which} rows differ from those {} was trained with ({} rows, checksum {}; now {now}): \
+                 {}",
+                checkpoint.display(),
+                then.rows,
+                then.fnv1a64,
+                if which == "train" {
+                    "the data position and shuffle order it resumes refer to the old rows"
+                } else {
+                    "evaluations before and after the resume are not comparable"
+                }
+            );
+        }
+    }
 }

@@ -167,8 +167,40 @@ pub(crate) fn eval(a: &EvalArgs) -> Result<()> {
             .as_ref()
             .context("the --config split held out no validation rows")?,
     };
+    if a.split == EvalSplit::Validation {
+        check_same_validation_rows(a, rows)?;
+    }
     tracing::info!(examples = rows.len(), "evaluation data ready");
     let rep = evaluate(&mut model, rows, a.batch_size, &dev)?;
     println!("{}", serde_json::to_string(&rep)?);
+    Ok(())
+}
+
+/// `--split validation` re-splits `--data-file` by row: another file, or the training file after
+/// an edit, gives other rows (most of them rows the run trained on), reported as held out. The
+/// checkpoint records its run's validation rows; those must be the rows evaluated.
+fn check_same_validation_rows(a: &EvalArgs, rows: &spt_train::data::EncodedDataset) -> Result<()> {
+    let Some(ck) = a.model.checkpoint.as_deref() else {
+        return Ok(());
+    };
+    let ck = crate::common::checkpoint_path(ck)?;
+    let Some(then) = spt_train::trainer::recorded_rows(&ck, "validation") else {
+        return Ok(()); // a checkpoint from before the record
+    };
+    let now = rows.fingerprint();
+    if now != then {
+        let files: Vec<String> = a.data_files.iter().map(|p| p.display().to_string()).collect();
+        bail!(
+            "--split validation: the validation rows split from {} are not the ones {} held out \
+             ({} rows now, {} then; checksums {} and {}): the file differs from the training \
+             file the run split, or was edited since; give the run's training files unchanged",
+            files.join(", "),
+            ck.display(),
+            now.rows,
+            then.rows,
+            now.fnv1a64,
+            then.fnv1a64
+        );
+    }
     Ok(())
 }
