@@ -213,9 +213,10 @@ impl TextTokenizer {
     /// Encodes with special tokens, truncating to `max_length`. `location` (e.g. `file:line`)
     /// is named in the one-time truncation warning.
     ///
-    /// The work per row is bounded: a text longer than [`TextTokenizer::char_budget`] characters
-    /// is cut there before tokenizing (a 50 MB field would otherwise take gigabytes to tokenize,
-    /// only to keep `max_length` tokens).
+    /// The work per row is bounded by what it keeps: a text longer than
+    /// [`TextTokenizer::char_budget`] characters is cut there before tokenizing (a 50 MB field
+    /// would otherwise take gigabytes to tokenize, only to keep `max_length` tokens), and read
+    /// further only while the cut yields fewer than `max_length` tokens.
     pub fn encode(&self, text: &str, pair: Option<&str>, location: &str) -> Result<Encoded, DataError> {
         // A limit at or below the special tokens cannot hold the text: the tokenizer then
         // returns more than max_length tokens, or the special tokens alone.
@@ -229,18 +230,31 @@ impl TextTokenizer {
                 if pair.is_some() { " to a pair" } else { "" }
             )));
         }
-        let budget = self.char_budget();
-        let (text, pair) = (cut_chars(text, budget), pair.map(|p| cut_chars(p, budget)));
-        let input = |t: &str| -> EncodeInput<'_> {
-            match pair {
+        let input = |t: &str, p: Option<&str>| -> EncodeInput<'_> {
+            match p {
                 Some(p) => (t.to_string(), p.to_string()).into(),
                 None => t.to_string().into(),
             }
         };
-        let enc = self
-            .plain
-            .encode(input(text), true)
-            .map_err(|e| tok_err(&self.source, e))?;
+        let mut budget = self.char_budget();
+        let (enc, text, pair) = loop {
+            let (t, p) = (cut_chars(text, budget), pair.map(|p| cut_chars(p, budget)));
+            let enc = self
+                .plain
+                .encode(input(t, p), true)
+                .map_err(|e| tok_err(&self.source, e))?;
+            // A cut side that yields fewer tokens than max_length lost words there was room for
+            // (a long run of whitespace, or one long word that WordPiece reads as a single
+            // [UNK]): read twice as much of it.
+            let short = |side: usize, kept: &str, whole: &str| {
+                kept.len() < whole.len()
+                    && enc.get_sequence_ids().iter().filter(|s| **s == Some(side)).count() < self.max_length
+            };
+            if !short(0, t, text) && !pair.zip(p).is_some_and(|(whole, kept)| short(1, kept, whole)) {
+                break (enc, t, p);
+            }
+            budget = budget.saturating_mul(2);
+        };
         if enc.len() <= self.max_length {
             return Ok(Encoded {
                 ids: enc.get_ids().to_vec(),
@@ -257,7 +271,7 @@ impl TextTokenizer {
         }
         let enc = self
             .truncating
-            .encode(input(text), true)
+            .encode(input(text, pair), true)
             .map_err(|e| tok_err(&self.source, e))?;
         Ok(Encoded {
             ids: enc.get_ids().to_vec(),
@@ -265,8 +279,9 @@ impl TextTokenizer {
         })
     }
 
-    /// Characters of a text that are tokenized at most: 64 per kept token (no more than
-    /// WordPiece's longest word, 100, for realistic text), and at least 4096.
+    /// Characters of a text that are tokenized first: 64 per kept token (no more than
+    /// WordPiece's longest word, 100, for realistic text), and at least 4096. A text whose first
+    /// `char_budget` characters yield fewer than `max_length` tokens is read further.
     pub fn char_budget(&self) -> usize {
         self.max_length.saturating_mul(64).max(4096)
     }
@@ -429,6 +444,24 @@ pub(crate) mod tests {
         assert!(started.elapsed().as_secs_f64() < 1.0, "{:?}", started.elapsed());
         assert_eq!(cut_chars("aé€b", 3), "aé€");
         assert_eq!(cut_chars("ab", 3), "ab");
+    }
+
+    /// Words past the budget are read when the cut kept too few tokens: after 5000 spaces, or
+    /// after one 5000-character word (a single [UNK]), the review used to vanish.
+    #[test]
+    fn words_past_a_long_blank_or_unknown_stretch_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tiny_bert(dir.path(), 8);
+        let want = t.encode("not great fun", None, "x").unwrap().ids;
+        let e = t.encode(&format!("{}not great fun", " ".repeat(5000)), None, "x").unwrap();
+        assert_eq!(e.ids, want);
+        let e = t.encode(&format!("{} not great fun", "x".repeat(5000)), None, "x").unwrap();
+        assert_eq!(e.ids, [2, 1, 19, 14, 17, 3]); // [CLS] [UNK] not great fun [SEP]
+        // In the pair too, and on the side that was cut only.
+        let e = t
+            .encode("the movie", Some(&format!("{}dull", " ".repeat(9000))), "x")
+            .unwrap();
+        assert_eq!(e.ids, [2, 11, 12, 3, 18, 3]);
     }
 
     /// A byte-level BPE whose merges spell "Hello" and "Ġworld".
