@@ -632,6 +632,16 @@ fn resume_without_a_run_and_bad_columns_are_named() {
         );
         assert!(!out.exists());
     }
+    // The label column as the text: the model reads the answer (accuracy 1.0 on any data).
+    let out = tmp.path().join("run-leak");
+    let e = run_err(&common::finetune_args(m, d, s(&out), &["--text-column", "label"]));
+    assert!(
+        e.contains("column `label` is both the text column and the label column"),
+        "{e}"
+    );
+    assert!(!out.exists());
+    let e = run_err(&["eval", "--model", m, "--data-file", d, "--text-column", "label"]);
+    assert!(e.contains("is both the text column and the label column"), "{e}");
 }
 
 /// A model whose config.json gives an id2label that does not load (ids with a gap) is refused

@@ -62,6 +62,39 @@ impl Default for ColumnSpec {
     }
 }
 
+impl ColumnSpec {
+    /// The label read as input text leaks the answer to the model (a run reached accuracy 1.0
+    /// that way), and the same column as both texts is a slip: both are refused by name.
+    pub fn check(&self) -> Result<(), DataError> {
+        let same = |what: &str, flag: &str, col: &str| {
+            DataError::Invalid(format!(
+                "column `{col}` is both the text column and the {what} (--text-column and {flag}); \
+                 the model would read its {} as input",
+                if what == "label column" {
+                    "answer"
+                } else {
+                    "text twice"
+                }
+            ))
+        };
+        if self.label.as_deref() == Some(self.text.as_str()) {
+            return Err(same("label column", "--label-column", &self.text));
+        }
+        if self.text_pair.as_deref() == Some(self.text.as_str()) {
+            return Err(same("pair column", "--text-pair-column", &self.text));
+        }
+        if let (Some(p), Some(l)) = (&self.text_pair, &self.label) {
+            if p == l {
+                return Err(DataError::Invalid(format!(
+                    "column `{p}` is both the pair column and the label column (--text-pair-column and \
+                     --label-column); the model would read its answer as input"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// One row of a classification file, before tokenisation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RawExample {
@@ -101,6 +134,7 @@ pub fn read_classification_counted(
     columns: &ColumnSpec,
     drop_labels: &[String],
 ) -> Result<(ClassificationData, Vec<usize>), DataError> {
+    columns.check()?;
     // A missing file is named as missing, and a folder as a folder, before the extension is
     // looked at.
     match std::fs::metadata(path) {

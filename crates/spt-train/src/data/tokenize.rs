@@ -248,7 +248,12 @@ impl TextTokenizer {
             // [UNK]): read twice as much of it.
             let short = |side: usize, kept: &str, whole: &str| {
                 kept.len() < whole.len()
-                    && enc.get_sequence_ids().iter().filter(|s| **s == Some(side)).count() < self.max_length
+                    && enc
+                        .get_sequence_ids()
+                        .iter()
+                        .filter(|s| **s == Some(side))
+                        .count()
+                        < self.max_length
             };
             if !short(0, t, text) && !pair.zip(p).is_some_and(|(whole, kept)| short(1, kept, whole)) {
                 break (enc, t, p);
@@ -453,11 +458,15 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t = tiny_bert(dir.path(), 8);
         let want = t.encode("not great fun", None, "x").unwrap().ids;
-        let e = t.encode(&format!("{}not great fun", " ".repeat(5000)), None, "x").unwrap();
+        let e = t
+            .encode(&format!("{}not great fun", " ".repeat(5000)), None, "x")
+            .unwrap();
         assert_eq!(e.ids, want);
-        let e = t.encode(&format!("{} not great fun", "x".repeat(5000)), None, "x").unwrap();
+        let e = t
+            .encode(&format!("{} not great fun", "x".repeat(5000)), None, "x")
+            .unwrap();
         assert_eq!(e.ids, [2, 1, 19, 14, 17, 3]); // [CLS] [UNK] not great fun [SEP]
-        // In the pair too, and on the side that was cut only.
+                                                  // In the pair too, and on the side that was cut only.
         let e = t
             .encode("the movie", Some(&format!("{}dull", " ".repeat(9000))), "x")
             .unwrap();
