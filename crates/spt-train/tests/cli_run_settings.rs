@@ -644,6 +644,59 @@ fn resume_without_a_run_and_bad_columns_are_named() {
     assert!(e.contains("is both the text column and the label column"), "{e}");
 }
 
+/// stdin gives one text per line: a run trained on text pairs refuses it (it used to classify
+/// the lone text as a pair with an empty second text), and so does a column flag it ignored.
+#[test]
+fn predict_from_stdin_refuses_what_it_cannot_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-bert-cls", tmp.path());
+    let data = common::reviews_csv(tmp.path(), "d.csv", "text,label,movie");
+    let run_dir = tmp.path().join("run");
+    let (m, r) = (s(&model), s(&run_dir));
+    let args = common::finetune_args(
+        m,
+        s(&data),
+        r,
+        &[
+            "--text-pair-column",
+            "movie",
+            "--mode",
+            "lora",
+            "--max-steps",
+            "1",
+        ],
+    );
+    run_ok(&args, None);
+    let o = run(
+        &["predict", "--model", m, "--checkpoint", r],
+        Some("good movie\n"),
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("the run's text_pair_column `movie`"),
+        "{e}"
+    );
+    let o = run(
+        &[
+            "predict",
+            "--model",
+            m,
+            "--checkpoint",
+            r,
+            "--text-column",
+            "review",
+        ],
+        Some("good movie\n"),
+    );
+    assert!(!o.status.success());
+    // A file with both columns is read as the run was.
+    let o = run_ok(
+        &["predict", "--model", m, "--checkpoint", r, "--input", s(&data)],
+        None,
+    );
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 60);
+}
+
 /// A model whose config.json gives an id2label that does not load (ids with a gap) is refused
 /// by predict and eval, naming the file, instead of predicting bare ids.
 #[test]

@@ -290,8 +290,19 @@ fn read_delimited(
             Err(e) => return Err(csv_error(e)),
         }
         let line = rec.position().map(|p| lines.line(p.byte())).unwrap_or(0);
-        if rec.len() == 1 && rec[0].is_empty() {
-            continue; // blank line
+        // A blank line is no record; a quoted empty field (`""`, as Python's csv writes an empty
+        // text in a one-column file) is an empty text, whose row must not vanish from predict's
+        // answers.
+        // (A record's position can be the blank lines before it, which the reader skips.)
+        let quoted = rec.position().is_some_and(|p| {
+            let from = usize::try_from(p.byte()).unwrap_or(usize::MAX);
+            bytes
+                .get(from..)
+                .and_then(|r| r.iter().find(|c| !matches!(c, b'\r' | b'\n')))
+                == Some(&b'"')
+        });
+        if rec.len() == 1 && rec[0].is_empty() && !quoted {
+            continue;
         }
         let field = |idx: usize, name: &str| -> Result<String, DataError> {
             let bytes = rec.get(idx).ok_or_else(|| DataError::Parse {
@@ -380,6 +391,8 @@ fn csv_error(path: &Path, lines: &LineIndex, e: csv::Error) -> DataError {
 /// Splits file bytes into lines (without `\n` / `\r\n`), checking each is UTF-8.
 /// Yields `(1-based line number, line)`.
 fn utf8_lines(path: &Path, bytes: &[u8]) -> Result<Vec<(u64, String)>, DataError> {
+    // A UTF-8 byte-order mark (Windows PowerShell and Notepad write one) is no text.
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     let mut out = Vec::new();
     for (i, raw) in bytes.split(|b| *b == b'\n').enumerate() {
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
@@ -916,6 +929,28 @@ mod tests {
             e.contains("k.jsonl") && e.contains("line 2") && e.contains("`text`"),
             "{e}"
         );
+        // A quoted empty text in a one-column file is a row (blank lines are none), and a
+        // JSONL file's byte-order mark is no JSON.
+        let one = b"text\ngreat film\n\n\"\"\nawful film\n";
+        let p = write(dir.path(), "one.csv", one);
+        let pred = ColumnSpec {
+            label: None,
+            ..ColumnSpec::default()
+        };
+        let texts: Vec<String> = read_classification(&p, None, &pred, &[])
+            .unwrap()
+            .examples
+            .into_iter()
+            .map(|e| e.text)
+            .collect();
+        assert_eq!(texts, ["great film", "", "awful film"]);
+        let p = write(
+            dir.path(),
+            "bom.jsonl",
+            b"\xEF\xBB\xBF{\"text\":\"a\",\"label\":\"x\"}\n",
+        );
+        let rows = read_classification(&p, None, &ColumnSpec::default(), &[]).unwrap();
+        assert_eq!(rows.examples[0].text, "a");
         // A blank label: named, and skipped with --drop-label "".
         let blank = b"category,text,movie_name\nfresh,ok,A\n ,meh,B\nrotten,bad,C\n";
         let p = write(dir.path(), "b.csv", blank);

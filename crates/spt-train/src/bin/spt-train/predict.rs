@@ -81,6 +81,25 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
         }
     }
     let texts: Vec<(String, Option<String>)> = if a.input == "-" {
+        // A line of stdin is one text: column settings cannot apply, and a pair model would
+        // classify a lone text as if its second text were empty.
+        let pair_from = match (
+            &a.text_pair_column,
+            run.as_ref().and_then(|r| r.text_pair_column.as_ref()),
+        ) {
+            (Some(c), _) => Some(format!("--text-pair-column {c}")),
+            (None, Some(c)) => Some(format!("the run's text_pair_column `{c}` (its finetune.toml)")),
+            (None, None) => None,
+        };
+        if let Some(from) = pair_from {
+            bail!(
+                "stdin gives one text per line, but {from} asks for text pairs: give them in a CSV, \
+                 TSV or JSONL file with --input"
+            );
+        }
+        if let Some(c) = &a.text_column {
+            bail!("--text-column {c}: stdin lines are the texts themselves; the flag applies to an --input file");
+        }
         let mut out = Vec::new();
         for (i, line) in std::io::stdin().lock().lines().enumerate() {
             // Every line, blank ones too: output line i answers input line i.
