@@ -418,6 +418,25 @@ impl ModelTask {
                 (Net::Lm(Box::new(m)), r, c.head_dim())
             }
         };
+        // Tensors the model leaves unused are most often a head it does not have (an MLM head),
+        // but may be layers that config.json does not count: named, as transformers does.
+        if !report.unused.is_empty() {
+            let shown: Vec<&str> = report.unused.iter().take(6).map(String::as_str).collect();
+            tracing::warn!(
+                "{}: {} tensor(s) of the checkpoint are not used by the model that {} describes \
+                 ({}{}): expected for a head this task does not have; otherwise check the config",
+                src.origin()
+                    .map_or("the weights".into(), |p| p.display().to_string()),
+                report.unused.len(),
+                config_path.display(),
+                shown.join(", "),
+                if report.unused.len() > shown.len() {
+                    ", …"
+                } else {
+                    ""
+                }
+            );
+        }
         // A newly initialised head (and pooler) must train in every mode; where every weight
         // trains (dense, and spt without adapters) it already does.
         let trains_all = cfg.mode == Mode::Dense || (cfg.mode == Mode::Spt && cfg.lora_rank == 0);

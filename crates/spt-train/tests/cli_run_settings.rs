@@ -697,6 +697,25 @@ fn predict_from_stdin_refuses_what_it_cannot_read() {
     assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 60);
 }
 
+/// A checkpoint with layers its config.json does not count trains on the layers it counts, and
+/// says which tensors went unused (it dropped them without a word).
+#[test]
+fn unused_checkpoint_tensors_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::fixture_with("tiny-bert-cls", tmp.path(), |c| c["num_hidden_layers"] = 1.into());
+    let data = common::reviews_csv(tmp.path(), "d.csv", "text,label,movie");
+    let out = tmp.path().join("run");
+    let o = run_ok(
+        &common::finetune_args(s(&model), s(&data), s(&out), &["--max-steps", "1"]),
+        None,
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("are not used by the model") && e.contains("encoder.layer.1."),
+        "{e}"
+    );
+}
+
 /// A model whose config.json gives an id2label that does not load (ids with a gap) is refused
 /// by predict and eval, naming the file, instead of predicting bare ids.
 #[test]
