@@ -39,6 +39,15 @@ fn max_positions(config: &serde_json::Value) -> Option<usize> {
 /// the positions (`--block-size` of an LM run is not capped). Run before anything is written:
 /// the model would otherwise fail at its first forward, inside a half-made run.
 pub fn check_data_fits_model(data: &PreparedData, model_dir: &Path) -> Result<()> {
+    let sets = std::iter::once(&data.train).chain(data.validation.as_ref());
+    check_ids_fit_model(
+        sets.flat_map(|s| s.items.iter().map(|i| &i.input_ids[..])),
+        model_dir,
+    )
+}
+
+/// [`check_data_fits_model`] for any token id sequences (eval's, predict's and generate's inputs).
+pub fn check_ids_fit_model<'a>(seqs: impl IntoIterator<Item = &'a [u32]>, model_dir: &Path) -> Result<()> {
     let config = model_dir.join("config.json");
     let Ok(text) = std::fs::read_to_string(&config) else {
         return Ok(()); // loading the model names a missing or unreadable config
@@ -46,13 +55,10 @@ pub fn check_data_fits_model(data: &PreparedData, model_dir: &Path) -> Result<()
     let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
         return Ok(());
     };
-    let sets = std::iter::once(&data.train).chain(data.validation.as_ref());
     let (mut max_id, mut longest) = (None::<u32>, 0usize);
-    for set in sets {
-        for item in &set.items {
-            max_id = max_id.max(item.input_ids.iter().copied().max());
-            longest = longest.max(item.input_ids.len());
-        }
+    for ids in seqs {
+        max_id = max_id.max(ids.iter().copied().max());
+        longest = longest.max(ids.len());
     }
     if let (Some(id), Some(vocab)) = (max_id, v.get("vocab_size").and_then(|x| x.as_u64())) {
         if id as u64 >= vocab {

@@ -716,6 +716,47 @@ fn unused_checkpoint_tensors_are_named() {
     );
 }
 
+/// A tokenizer that gives ids past the model's vocabulary is refused by eval and predict before
+/// the forward, naming the file to fix, and with RUST_BACKTRACE set the error stays one line
+/// (candle's error used to carry 25 frames of backtrace into it).
+#[test]
+fn token_ids_past_the_vocabulary_are_refused_by_every_command() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-bert-cls", tmp.path());
+    let tok_path = model.join("tokenizer.json");
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tok_path).unwrap()).unwrap();
+    tok["model"]["vocab"]["zzz"] = 5000.into();
+    std::fs::write(&tok_path, tok.to_string()).unwrap();
+    let data = tmp.path().join("d.csv");
+    std::fs::write(&data, "text,label\ngood zzz,pos\nbad movie,neg\n").unwrap();
+    let m = s(&model);
+    let cases: [(&[&str], Option<&str>); 2] = [
+        (&["eval", "--model", m, "--data-file", s(&data)], None),
+        (&["predict", "--model", m], Some("good zzz\n")),
+    ];
+    for (args, stdin) in cases {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_spt-train"));
+        c.args(args).env("RUST_BACKTRACE", "1").env("RUST_LOG", "warn");
+        c.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped());
+        c.stderr(std::process::Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        use std::io::Write;
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+        drop(input);
+        let o = child.wait_with_output().unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?}: {e}");
+        assert!(
+            e.contains("token id 5000") && e.contains("use the model's own tokenizer"),
+            "{args:?}: {e}"
+        );
+        assert!(!e.contains("backtrace") && !e.contains("   0: "), "{args:?}: {e}");
+    }
+}
+
 /// A model whose config.json gives an id2label that does not load (ids with a gap) is refused
 /// by predict and eval, naming the file, instead of predicting bare ids.
 #[test]

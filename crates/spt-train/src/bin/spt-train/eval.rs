@@ -148,6 +148,7 @@ pub(crate) fn eval(a: &EvalArgs) -> Result<()> {
     }
     let tok = load_tokenizer(&cfg, &model_dir)?;
     let data = prepare_data(&cfg, &tok, None)?;
+    spt_train::pipeline::check_data_fits_model(&data, &model_dir)?;
     let settings = settings_from.as_ref().map(|_| &cfg);
     let (mut model, _) = load_trained(
         &a.model,

@@ -59,6 +59,7 @@ pub(crate) fn generate(a: &GenerateArgs) -> Result<()> {
     if n_prompt >= ctx_len {
         bail!("--prompt is {n_prompt} tokens; the model's context is {ctx_len}: shorten the prompt");
     }
+    spt_train::pipeline::check_ids_fit_model([&ids[..]], &model_dir)?;
     // No sliding window: past its context a GPT-2 would only see the last tokens, so the length
     // is capped there and said so.
     let max_new = a.max_new_tokens.min(ctx_len - n_prompt);

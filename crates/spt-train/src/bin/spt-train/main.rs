@@ -115,6 +115,13 @@ pub(crate) enum Outcome {
 }
 
 fn main() -> std::process::ExitCode {
+    // With RUST_BACKTRACE set, candle attaches a backtrace to each of its errors and prints it in
+    // their message, so a one-line error became 25 frames. Library backtraces follow
+    // RUST_LIB_BACKTRACE where it is set, panics' RUST_BACKTRACE alone: set it to keep errors
+    // to their message (RUST_LIB_BACKTRACE=1 brings the frames back). Before any thread starts.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     spt_train::threads::fix_thread_count();
     spt_train::alloc::keep_freed_memory();
     let cli = Cli::parse();

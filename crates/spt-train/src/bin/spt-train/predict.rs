@@ -126,6 +126,7 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
         .enumerate()
         .map(|(i, (t, p))| tok.encode(t, p.as_deref(), &format!("{}:{}", a.input, i + 1)))
         .collect::<std::result::Result<_, _>>()?;
+    spt_train::pipeline::check_ids_fit_model(encoded.iter().map(|e| &e.ids[..]), &model_dir)?;
     tracing::info!(
         texts = encoded.len(),
         labels = labels.as_ref().map(|l| l.len()),
