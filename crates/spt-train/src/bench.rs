@@ -64,6 +64,13 @@ pub fn random_gpt2_weights(config_path: &Path, seed: u64, device: &Device) -> Re
     }
     m.insert("ln_f.weight".into(), ones(e)?);
     m.insert("ln_f.bias".into(), zeros(e)?);
+    if !c.tie_word_embeddings {
+        // An untied model has its own output layer (it failed to build without one).
+        m.insert(
+            "lm_head.weight".into(),
+            random(&[c.vocab_size, e], &mut rng, 0.02, device)?,
+        );
+    }
     Ok(WeightSource::from_tensors(m))
 }
 
@@ -317,4 +324,31 @@ pub fn activation_lower_bound(
     };
     // (Saturated at usize::MAX per layer when too large to count: refused all the same.)
     Ok(activation_bytes(&shape, attn, ffn).total() as u128 * layers as u128)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_weights_build_tied_and_untied_gpt2() {
+        let dir = tempfile::tempdir().unwrap();
+        let src =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../spt-models/tests/fixtures/tiny-gpt2/config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(src).unwrap()).unwrap();
+        for tied in [true, false] {
+            cfg["tie_word_embeddings"] = tied.into();
+            let path = dir.path().join("config.json");
+            std::fs::write(&path, cfg.to_string()).unwrap();
+            let w = random_gpt2_weights(&path, 1, &Device::Cpu).unwrap();
+            let c = GPT2Config::from_file(&path).unwrap();
+            let opts = spt_models::LoadOptions::default();
+            let (_, report) = spt_models::GPT2LMHeadModel::load(&c, &w, &opts).unwrap();
+            assert!(
+                report.unused.is_empty() && report.initialised.is_empty(),
+                "{report:?}"
+            );
+        }
+    }
 }
