@@ -22,6 +22,10 @@ pub enum ModelError {
     #[error("cannot read checkpoint {}: {reason}", path.display())]
     Checkpoint { path: PathBuf, reason: String },
 
+    /// Saving weights failed (a full disk, a folder without write permission).
+    #[error("cannot write {}: {reason}", path.display())]
+    Write { path: PathBuf, reason: String },
+
     /// A config file cannot be read or parsed.
     #[error("bad config {}: {reason}", path.display())]
     Config { path: PathBuf, reason: String },

@@ -430,14 +430,19 @@ pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: impl AsRef<Path>) -
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    // Named by the file being written: the temporary beside it is ours, not the user's concern.
+    let write_err = |e: &dyn std::fmt::Display| ModelError::Write {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
     let write = || -> Result<()> {
         let mode = std::fs::File::create(&tmp)
             .and_then(|f| f.metadata())
-            .map_err(|e| ckpt_err(&tmp, e))?
+            .map_err(|e| write_err(&e))?
             .permissions();
-        candle_core::safetensors::save(tensors, &tmp).map_err(|e| ckpt_err(&tmp, e))?;
-        std::fs::set_permissions(&tmp, mode).map_err(|e| ckpt_err(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| ckpt_err(path, e))
+        candle_core::safetensors::save(tensors, &tmp).map_err(|e| write_err(&e))?;
+        std::fs::set_permissions(&tmp, mode).map_err(|e| write_err(&e))?;
+        std::fs::rename(&tmp, path).map_err(|e| write_err(&e))
     };
     let res = write();
     if res.is_err() {
@@ -661,4 +666,23 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(text: &str, path: &Path
         return Err(err("expected a JSON object of settings, found an array".into()));
     }
     serde_json::from_str(text).map_err(|e| err(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failed save names the file being written, as a write (it said "cannot read checkpoint"
+    /// of the temporary beside it).
+    #[test]
+    fn a_failed_save_names_the_file_it_writes() {
+        let missing = std::env::temp_dir().join(format!("spt-no-such-folder-{}", std::process::id()));
+        let path = missing.join("model.safetensors");
+        let t = HashMap::from([(
+            "w".to_string(),
+            Tensor::zeros(2, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+        )]);
+        let e = save_tensors(&t, &path).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("cannot write {}", path.display())), "{e}");
+    }
 }
