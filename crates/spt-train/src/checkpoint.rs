@@ -470,6 +470,20 @@ pub(crate) fn pid_alive(pid: u32) -> bool {
     pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists()
 }
 
+/// `name` as a temporary that a process no longer running left (see
+/// [`remove_stale_temporaries`]): its kind (`.tmp-`, `.prune-`, `.old-`) and the NAME it was for.
+pub(crate) fn stale_temporary<'a>(
+    name: &'a str,
+    ours: impl Fn(&str) -> bool,
+) -> Option<(&'static str, &'a str)> {
+    let (kind, rest) = [".tmp-", ".prune-", ".old-"]
+        .iter()
+        .find_map(|k| name.strip_prefix(k).map(|r| (*k, r)))?;
+    let (what, pid) = rest.rsplit_once('-')?;
+    let pid = pid.parse::<u32>().ok()?;
+    (ours(what) && !pid_alive(pid)).then_some((kind, what))
+}
+
 /// Removes what a killed process left in `dir`: `.tmp-NAME-PID` (an unfinished save or atomic
 /// write) and `.prune-NAME-PID` (a checkpoint being deleted), for the NAMEs `ours` accepts. A `.old-step-N-PID` (a checkpoint
 /// being replaced by a new save of the same step) is renamed back when `step-N` is missing, else
@@ -489,19 +503,9 @@ pub fn remove_stale_temporaries(
     for entry in rd {
         let entry = entry.map_err(|e| io_err(dir, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some((kind, rest)) = [".tmp-", ".prune-", ".old-"]
-            .iter()
-            .find_map(|k| name.strip_prefix(k).map(|r| (*k, r)))
-        else {
+        let Some((kind, what)) = stale_temporary(&name, &ours) else {
             continue;
         };
-        let Some((what, pid)) = rest.rsplit_once('-') else {
-            continue;
-        };
-        let Ok(pid) = pid.parse::<u32>() else { continue };
-        if !ours(what) || pid_alive(pid) {
-            continue;
-        }
         let p = entry.path();
         if kind == ".old-" && parse_step(what).is_some() && !dir.join(what).exists() {
             std::fs::rename(&p, dir.join(what)).map_err(|e| io_err(&p, e))?;

@@ -180,6 +180,20 @@ fn is_empty_dir(dir: &Path) -> Result<bool, OutputError> {
         .is_none())
 }
 
+/// Whether `dir` holds nothing but what an interrupted start of a run left (a run stopped before
+/// its marker was in place leaves `.tmp-.spt-train-output-PID` or `.tmp-finetune.toml-PID`):
+/// such a folder is ours to start in, not a stranger's.
+fn only_stale_run_temporaries(dir: &Path) -> Result<bool, OutputError> {
+    let ours = |n: &str| n == OUTPUT_MARKER || RUN_ENTRIES.contains(&n);
+    for e in std::fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
+        let name = e.map_err(|e| io_err(dir, e))?.file_name();
+        if crate::checkpoint::stale_temporary(&name.to_string_lossy(), ours).is_none() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// Refuses `dir` at or inside a run's `checkpoints/` folder: the run prunes and replaces what
 /// is there. The path is resolved as the OS would (links and `..` of the part that exists).
 fn check_outside_run_checkpoints(dir: &Path) -> Result<(), OutputError> {
@@ -298,7 +312,7 @@ pub fn check_run_dir(dir: &Path, overwrite: bool, resume: bool) -> Result<(), Ou
 /// [`check_run_dir`] without the lock probe (the caller holds the lock, or will take it).
 fn check_unlocked_run_dir(dir: &Path, overwrite: bool, resume: bool) -> Result<(), OutputError> {
     check_outside_run_checkpoints(dir)?;
-    if is_empty_dir(dir)? {
+    if is_empty_dir(dir)? || only_stale_run_temporaries(dir)? {
         return Ok(());
     }
     let path = || dir.to_path_buf();
@@ -534,6 +548,31 @@ mod tests {
 
     fn bytes(p: &Path) -> Vec<u8> {
         std::fs::read(p).unwrap()
+    }
+
+    #[test]
+    fn a_start_interrupted_before_its_marker_leaves_a_folder_it_can_start_in() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().join("run");
+        std::fs::create_dir(&d).unwrap();
+        // A process that no longer runs (pid_max is at most 2^22 on Linux).
+        let dead = 4_194_305;
+        for n in [OUTPUT_MARKER, "finetune.toml"] {
+            std::fs::write(d.join(format!(".tmp-{n}-{dead}")), "").unwrap();
+        }
+        drop(prepare_run_dir(&d, false, false).unwrap());
+        let left: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, [OUTPUT_MARKER]);
+        // Anything else in the folder still makes it a stranger's.
+        let other = tmp.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        std::fs::write(other.join(format!(".tmp-{OUTPUT_MARKER}-{dead}")), "").unwrap();
+        std::fs::write(other.join(format!(".tmp-notes.txt-{dead}")), "").unwrap();
+        let e = prepare_run_dir(&other, false, false).unwrap_err();
+        assert!(matches!(e, OutputError::Foreign { .. }), "{e}");
     }
 
     #[test]
