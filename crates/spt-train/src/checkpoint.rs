@@ -472,10 +472,7 @@ pub(crate) fn pid_alive(pid: u32) -> bool {
 
 /// `name` as a temporary that a process no longer running left (see
 /// [`remove_stale_temporaries`]): its kind (`.tmp-`, `.prune-`, `.old-`) and the NAME it was for.
-pub(crate) fn stale_temporary(
-    name: &str,
-    ours: impl Fn(&str) -> bool,
-) -> Option<(&'static str, &str)> {
+pub(crate) fn stale_temporary(name: &str, ours: impl Fn(&str) -> bool) -> Option<(&'static str, &str)> {
     let (kind, rest) = [".tmp-", ".prune-", ".old-"]
         .iter()
         .find_map(|k| name.strip_prefix(k).map(|r| (*k, r)))?;

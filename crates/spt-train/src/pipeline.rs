@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 
 use crate::config::FinetuneConfig;
 use crate::data::{
-    encode_classification, pack_lm, read_classification_counted, read_lm_texts, split_train_validation,
-    ClassificationData, DataError, EncodedDataset, LabelMap, TaskKind, TextTokenizer,
+    encode_classification, pack_lm, raw_rows_fingerprint, read_classification_counted, read_lm_texts,
+    split_train_validation, ClassificationData, DataError, DataFingerprint, EncodedDataset, LabelMap,
+    TaskKind, TextTokenizer,
 };
 use crate::Result;
 
@@ -15,6 +16,10 @@ use crate::Result;
 pub struct PreparedData {
     pub train: EncodedDataset,
     pub validation: Option<EncodedDataset>,
+    /// The rows held out of the training files (a `validation_split`), as a checkpoint records
+    /// them for `eval --split validation` to find again: a classifier's raw rows (text, pair,
+    /// label), whatever the tokenisation; an LM's held-out blocks (they follow the block size).
+    pub held_out: Option<DataFingerprint>,
     /// Classification only.
     pub labels: Option<LabelMap>,
 }
@@ -262,6 +267,8 @@ pub fn prepare_data(
             let train = concat(enc(&train_parts)?)
                 .ok_or_else(|| DataError::Invalid("no training files given".into()))?;
             let validation = concat(enc(&valid_parts)?);
+            let held_out = (cfg.validation_files.is_empty() && validation.is_some())
+                .then(|| raw_rows_fingerprint(&valid_parts));
             if tok.truncated_count() > 0 {
                 tracing::warn!(
                     "{} texts were truncated to {} tokens",
@@ -272,6 +279,7 @@ pub fn prepare_data(
             Ok(PreparedData {
                 train,
                 validation,
+                held_out,
                 labels: Some(labels),
             })
         }
@@ -305,9 +313,15 @@ pub fn prepare_data(
             } else {
                 None
             };
+            let held_out = cfg
+                .validation_files
+                .is_empty()
+                .then(|| validation.as_ref().map(EncodedDataset::fingerprint))
+                .flatten();
             Ok(PreparedData {
                 train,
                 validation,
+                held_out,
                 labels: None,
             })
         }

@@ -135,6 +135,25 @@ fn classify_finetune_eval_predict_export() {
         edited.to_str().unwrap(),
     ]);
     assert!(e.contains("are not the ones") && e.contains("edited.csv"), "{e}");
+    // The same rows under another truncation are still the held-out rows: evaluated.
+    let o = spt_train(
+        &[
+            "eval",
+            "--model",
+            m,
+            "--checkpoint",
+            r,
+            "--split",
+            "validation",
+            "--data-file",
+            data.to_str().unwrap(),
+            "--max-length",
+            "4",
+        ],
+        None,
+    );
+    let short: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    assert_eq!(short["examples"], rep["examples"]);
     // Resuming on it (into a fork) goes on, as it may be meant, but warns that the rows changed.
     let step8 = run.join("checkpoints/step-00000008");
     let fork = tmp.path().join("fork");

@@ -374,6 +374,50 @@ fn sigterm_saves_too_and_a_second_run_into_a_busy_folder_is_refused() {
     interrupted_run_saves("-TERM");
 }
 
+/// Under `nohup` a run survives its terminal's SIGHUP (SIGTERM's handler must not take SIGHUP
+/// over from nohup's ignore), and still saves on Ctrl-C.
+#[test]
+fn a_nohup_run_survives_sighup() {
+    let t = setup();
+    let run_dir = t.root.join("run");
+    let a = finetune_args(s(&t.model), s(&t.data), s(&run_dir), "100000");
+    let mut child = std::process::Command::new("nohup")
+        .arg(env!("CARGO_BIN_EXE_spt-train"))
+        .args(&a)
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while steps_in(&run_dir).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no checkpoint after 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = child.id().to_string();
+    let kill = |sig: &str| {
+        let st = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    kill("-HUP");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(child.try_wait().unwrap().is_none(), "SIGHUP stopped a nohup run");
+    kill("-INT");
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 fn interrupted_run_saves(signal: &str) {
     let t = setup();
     let run_dir = t.root.join("run");

@@ -26,13 +26,35 @@ pub struct EncodedDataset {
     pub pad_id: u32,
 }
 
-/// Which rows a dataset holds, as the model sees them: their count and an FNV-1a-64 checksum
-/// over every item's token ids, token types and label, in order. A checkpoint records its
-/// run's, so that a resume, or `eval --split validation`, on rows that changed since is noticed.
+/// Which rows a dataset holds: their count and an FNV-1a-64 checksum of their contents, in order.
+/// [`EncodedDataset::fingerprint`] reads the rows as the model sees them (a resume on changed
+/// training rows is noticed by it); [`raw_rows_fingerprint`] reads a classification file's rows
+/// before tokenising (the held-out rows `eval --split validation` must find again, whatever its
+/// `--max-length`).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DataFingerprint {
     pub rows: usize,
     pub fnv1a64: String,
+}
+
+/// See [`DataFingerprint`]: every row's text, second text and label, in order.
+pub fn raw_rows_fingerprint(parts: &[ClassificationData]) -> DataFingerprint {
+    use crate::checkpoint::{fnv1a64_extend, FNV_OFFSET};
+    let field = |h: u64, f: Option<&str>| match f {
+        Some(t) => fnv1a64_extend(fnv1a64_extend(h, &(t.len() as u64).to_le_bytes()), t.as_bytes()),
+        None => fnv1a64_extend(h, &u64::MAX.to_le_bytes()),
+    };
+    let (mut h, mut rows) = (FNV_OFFSET, 0);
+    for e in parts.iter().flat_map(|p| &p.examples) {
+        h = field(h, Some(&e.text));
+        h = field(h, e.text_pair.as_deref());
+        h = field(h, e.label.as_deref());
+        rows += 1;
+    }
+    DataFingerprint {
+        rows,
+        fnv1a64: format!("{h:016x}"),
+    }
 }
 
 impl EncodedDataset {

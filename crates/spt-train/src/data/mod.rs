@@ -16,8 +16,8 @@ pub mod tokenize;
 use std::path::PathBuf;
 
 pub use batch::{
-    encode_classification, epoch_batches, make_batch, pack_lm, Batch, BatchOrder, DataFingerprint,
-    EncodedDataset, EncodedItem,
+    encode_classification, epoch_batches, make_batch, pack_lm, raw_rows_fingerprint, Batch, BatchOrder,
+    DataFingerprint, EncodedDataset, EncodedItem,
 };
 pub use read::{
     read_classification, read_classification_counted, read_lm_texts, split_train_validation,

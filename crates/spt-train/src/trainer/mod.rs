@@ -267,9 +267,10 @@ impl TrainSummary {
     }
 }
 
-/// Installs a Ctrl-C handler once per process and returns its flag; SIGTERM and SIGHUP count as
-/// Ctrl-C (what `docker stop`, Slurm and a closed terminal send). The first sets the flag (the
-/// trainer then saves and stops); a second one exits at once with status 130.
+/// Installs a Ctrl-C handler once per process and returns its flag; SIGTERM (what `docker stop`
+/// and Slurm send) counts as Ctrl-C. The first sets the flag (the trainer then saves and stops);
+/// a second one exits at once with status 130. SIGHUP keeps the action it had: a run started
+/// under `nohup` goes on when its terminal closes.
 pub fn install_ctrlc_handler() -> Result<Arc<AtomicBool>> {
     static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
     if let Some(f) = FLAG.get() {
@@ -277,17 +278,50 @@ pub fn install_ctrlc_handler() -> Result<Arc<AtomicBool>> {
     }
     let flag = Arc::new(AtomicBool::new(false));
     let f2 = flag.clone();
+    #[cfg(unix)]
+    let hup = sighup::take()?;
     ctrlc::set_handler(move || {
         if f2.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
-        eprintln!(
-            "\ninterrupted (Ctrl-C, SIGTERM or SIGHUP): finishing the current step and saving a \
-             checkpoint (interrupt again to quit now)"
+        // Not eprintln!: it panics when stderr is gone (a closed terminal).
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "\ninterrupted (Ctrl-C or SIGTERM): finishing the current step and saving a checkpoint \
+             (interrupt again to quit now)"
         );
     })
     .map_err(|e| Error::Msg(format!("cannot install the Ctrl-C handler: {e}")))?;
+    #[cfg(unix)]
+    sighup::restore(&hup)?;
     Ok(FLAG.get_or_init(|| flag).clone())
+}
+
+/// SIGHUP's action around ctrlc's handler, which takes it with SIGTERM.
+#[cfg(unix)]
+mod sighup {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+
+    fn set(action: &SigAction) -> crate::Result<SigAction> {
+        // SAFETY: SIG_DFL, SIG_IGN or an action read back from the OS, installed once at start-up
+        // before any training thread; no Rust handler function is registered here.
+        unsafe { sigaction(Signal::SIGHUP, action) }
+            .map_err(|e| crate::Error::Msg(format!("cannot read or set the SIGHUP action: {e}")))
+    }
+
+    /// The current action, leaving the default one in place until [`restore`].
+    pub(super) fn take() -> crate::Result<SigAction> {
+        set(&SigAction::new(
+            SigHandler::SigDfl,
+            SaFlags::empty(),
+            SigSet::empty(),
+        ))
+    }
+
+    pub(super) fn restore(action: &SigAction) -> crate::Result<()> {
+        set(action).map(|_| ())
+    }
 }
 
 /// Evaluates `task` on `data` in length-sorted batches of `batch_size`.

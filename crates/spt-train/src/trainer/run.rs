@@ -37,6 +37,8 @@ pub struct Trainer<T: TrainTask> {
     /// The rows being trained and evaluated on ([`DataFingerprint`]s), recorded in every
     /// checkpoint's manifest (`extra.data`).
     data_prints: serde_json::Value,
+    /// The rows held out of the training files, recorded beside them ([`Trainer::with_held_out`]).
+    held_out: Option<DataFingerprint>,
 }
 
 /// A checkpoint restored into the task: its path, the optimizer holding its state, its loop state.
@@ -64,7 +66,16 @@ impl<T: TrainTask> Trainer<T> {
             io: Box::new(FsIo),
             restored: None,
             data_prints: serde_json::Value::Null,
+            held_out: None,
         }
+    }
+
+    /// Records in each checkpoint which rows were held out of the training files
+    /// ([`crate::pipeline::PreparedData::held_out`]), for `eval --split validation` to check
+    /// that it evaluates those rows again.
+    pub fn with_held_out(mut self, rows: Option<DataFingerprint>) -> Self {
+        self.held_out = rows;
+        self
     }
 
     /// Uses `flag` as the stop request (e.g. from [`install_ctrlc_handler`](super::install_ctrlc_handler)).
@@ -278,6 +289,7 @@ impl<T: TrainTask> Trainer<T> {
         self.data_prints = serde_json::json!({
             "train": train.fingerprint(),
             "validation": eval.map(EncodedDataset::fingerprint),
+            "held_out": self.held_out,
         });
         let mut resumed_from = None;
         if let Some(p) = &resume_path {

@@ -149,6 +149,9 @@ pub(crate) fn eval(a: &EvalArgs) -> Result<()> {
     let tok = load_tokenizer(&cfg, &model_dir)?;
     let data = prepare_data(&cfg, &tok, None)?;
     spt_train::pipeline::check_data_fits_model(&data, &model_dir)?;
+    if a.split == EvalSplit::Validation {
+        check_same_held_out_rows(a, &cfg, data.held_out.as_ref())?;
+    }
     let settings = settings_from.as_ref().map(|_| &cfg);
     let (mut model, _) = load_trained(
         &a.model,
@@ -168,9 +171,6 @@ pub(crate) fn eval(a: &EvalArgs) -> Result<()> {
             .as_ref()
             .context("the --config split held out no validation rows")?,
     };
-    if a.split == EvalSplit::Validation {
-        check_same_validation_rows(a, rows)?;
-    }
     tracing::info!(examples = rows.len(), "evaluation data ready");
     let rep = evaluate(&mut model, rows, a.batch_size, &dev)?;
     println!("{}", serde_json::to_string(&rep)?);
@@ -179,29 +179,39 @@ pub(crate) fn eval(a: &EvalArgs) -> Result<()> {
 
 /// `--split validation` re-splits `--data-file` by row: another file, or the training file after
 /// an edit, gives other rows (most of them rows the run trained on), reported as held out. The
-/// checkpoint records its run's validation rows; those must be the rows evaluated.
-fn check_same_validation_rows(a: &EvalArgs, rows: &spt_train::data::EncodedDataset) -> Result<()> {
+/// checkpoint records the rows its run held out; those must be the rows evaluated. Checked
+/// before the model is built (an spt model calibrates first).
+fn check_same_held_out_rows(
+    a: &EvalArgs,
+    cfg: &FinetuneConfig,
+    now: Option<&spt_train::data::DataFingerprint>,
+) -> Result<()> {
     let Some(ck) = a.model.checkpoint.as_deref() else {
         return Ok(());
     };
     let ck = crate::common::checkpoint_path(ck)?;
-    let Some(then) = spt_train::trainer::recorded_rows(&ck, "validation") else {
+    let Some(then) = spt_train::trainer::recorded_rows(&ck, "held_out") else {
         return Ok(()); // a checkpoint from before the record
     };
-    let now = rows.fingerprint();
-    if now != then {
-        let files: Vec<String> = a.data_files.iter().map(|p| p.display().to_string()).collect();
-        bail!(
-            "--split validation: the validation rows split from {} are not the ones {} held out \
-             ({} rows now, {} then; checksums {} and {}): the file differs from the training \
-             file the run split, or was edited since; give the run's training files unchanged",
-            files.join(", "),
-            ck.display(),
-            now.rows,
-            then.rows,
-            now.fnv1a64,
-            then.fnv1a64
-        );
+    if now == Some(&then) {
+        return Ok(());
     }
-    Ok(())
+    let files: Vec<String> = a.data_files.iter().map(|p| p.display().to_string()).collect();
+    // What decides the held-out rows besides the file: for an LM, the blocks follow the
+    // tokenizer and block size too.
+    let settings = match cfg.task {
+        TaskKind::Classify => "--drop-label, the columns",
+        TaskKind::Lm => "--block-size, --tokenizer",
+    };
+    bail!(
+        "--split validation: the rows split from {} are not the ones {} held out ({} rows now, {} \
+         then; checksums {} and {}): give the run's training files unchanged, with its own {settings} \
+         (a file edited since, another file, or other settings split differently)",
+        files.join(", "),
+        ck.display(),
+        now.map_or(0, |n| n.rows),
+        then.rows,
+        now.map_or("-", |n| n.fnv1a64.as_str()),
+        then.fnv1a64
+    );
 }

@@ -120,7 +120,8 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
     task.summary
         .check_fits(spt_models::physical_memory_bytes(), batch)?;
     let (trainable, total) = (task.summary.trainable, task.summary.total);
-    let mut trainer = Trainer::new(task, cfg.trainer_config(data.train.len()), dev);
+    let mut trainer =
+        Trainer::new(task, cfg.trainer_config(data.train.len()), dev).with_held_out(data.held_out.clone());
     // The checkpoint must fit these settings before the run folder changes: a refused resume
     // leaves its finetune.toml, labels.json and later checkpoints as they were.
     let later = match &resume {
