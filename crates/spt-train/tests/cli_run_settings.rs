@@ -243,18 +243,22 @@ fn eval_and_predict_read_the_runs_columns_and_max_length() {
 fn a_run_is_resumed_from_another_directory_in_its_own_folder() {
     let tmp = tempfile::tempdir().unwrap();
     let (work, elsewhere) = (tmp.path().join("work"), tmp.path().join("elsewhere"));
+    let job = work.join("job");
     std::fs::create_dir_all(&elsewhere).unwrap();
+    std::fs::create_dir_all(&job).unwrap();
     fixture("tiny-bert-cls", &work);
     common::reviews_csv(&work, "d.csv", "text,label,movie");
+    // Started from a folder removed afterwards, through `..`: the paths recorded are resolved.
     let first = common::run_in(
-        &work,
+        &job,
         &common::finetune_args(
-            "tiny-bert-cls",
-            "d.csv",
-            "run",
+            "../tiny-bert-cls",
+            "../d.csv",
+            "../run",
             &["--mode", "lora", "--max-steps", "2", "--save-every", "1"],
         ),
     );
+    std::fs::remove_dir(&job).unwrap();
     assert!(
         first.status.success(),
         "{}",
@@ -755,6 +759,126 @@ fn token_ids_past_the_vocabulary_are_refused_by_every_command() {
         );
         assert!(!e.contains("backtrace") && !e.contains("   0: "), "{args:?}: {e}");
     }
+}
+
+/// A checkpoint means what it was trained as: a resume with another lora_alpha rewrites the
+/// run's finetune.toml, and the earlier checkpoint is still rebuilt with its own alpha (it was
+/// read with the new one, and its accuracy changed). The toml records no `resume`, so reused as
+/// a --config it starts a run instead of resuming one.
+#[test]
+fn a_checkpoint_keeps_its_own_settings_after_a_resume_changes_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-bert-cls", tmp.path());
+    let data = common::reviews_csv(tmp.path(), "d.csv", "text,label,movie");
+    let run_dir = tmp.path().join("run");
+    let (m, d, r) = (s(&model), s(&data), s(&run_dir));
+    let extra = [
+        "--mode",
+        "lora",
+        "--max-steps",
+        "4",
+        "--save-every",
+        "2",
+        "--lr",
+        "1e-2",
+    ];
+    run_ok(&common::finetune_args(m, d, r, &extra), None);
+    let step2 = run_dir.join("checkpoints/step-00000002");
+    let eval = ["eval", "--model", m, "--checkpoint", s(&step2), "--data-file", d];
+    let before = String::from_utf8_lossy(&run_ok(&eval, None).stdout).into_owned();
+    let o = run_ok(
+        &[
+            "finetune",
+            "--output-dir",
+            r,
+            "--resume",
+            "--lora-alpha",
+            "64",
+            "--max-steps",
+            "5",
+            "--no-progress",
+        ],
+        None,
+    );
+    assert_eq!(last_json(&o)["step"], 5);
+    let toml = std::fs::read_to_string(run_dir.join("finetune.toml")).unwrap();
+    assert!(toml.contains("alpha = 64"), "{toml}");
+    assert!(!toml.contains("resume"), "{toml}");
+    let after = String::from_utf8_lossy(&run_ok(&eval, None).stdout).into_owned();
+    assert_eq!(after, before);
+    // Reused as --config for a new folder: a new run, not a resume of this one.
+    let fresh = tmp.path().join("fresh");
+    let o = run_ok(
+        &[
+            "finetune",
+            "--config",
+            s(&run_dir.join("finetune.toml")),
+            "--output-dir",
+            s(&fresh),
+            "--max-steps",
+            "1",
+            "--no-progress",
+        ],
+        None,
+    );
+    assert_eq!(last_json(&o)["step"], 1);
+}
+
+/// A fork goes into a new or empty folder: resumed into another run's folder it used to put its
+/// checkpoints and labels beside that run's. Without --output-dir, `--resume RUN` continues RUN
+/// even under a --config whose output_dir says otherwise.
+#[test]
+fn a_fork_into_another_run_is_refused_and_resume_continues_its_own_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-bert-cls", tmp.path());
+    let data = common::reviews_csv(tmp.path(), "d.csv", "text,label,movie");
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    let (m, d) = (s(&model), s(&data));
+    for out in [&one, &two] {
+        run_ok(
+            &common::finetune_args(m, d, s(out), &["--mode", "lora", "--max-steps", "2"]),
+            None,
+        );
+    }
+    let before = common::snapshot(&two);
+    let e = run_err(&[
+        "finetune",
+        "--resume",
+        s(&one),
+        "--output-dir",
+        s(&two),
+        "--max-steps",
+        "3",
+        "--no-progress",
+    ]);
+    assert!(e.contains("holds another run"), "{e}");
+    assert!(
+        common::snapshot(&two) == before,
+        "the refused fork changed the other run"
+    );
+    // A --config naming another output_dir: the resumed run continues in its own folder.
+    let cfg = tmp.path().join("hand.toml");
+    std::fs::write(
+        &cfg,
+        format!("model = {m:?}\ntrain_files = [{d:?}]\nmode = \"lora\"\n"),
+    )
+    .unwrap();
+    let o = run_ok(
+        &[
+            "finetune",
+            "--config",
+            s(&cfg),
+            "--resume",
+            s(&one),
+            "--max-steps",
+            "3",
+            "--no-progress",
+        ],
+        None,
+    );
+    assert_eq!(last_json(&o)["step"], 3);
+    assert!(one.join("checkpoints/step-00000003").is_dir());
+    assert!(!tmp.path().join("spt-output").exists() && !Path::new("spt-output").exists());
 }
 
 /// A model whose config.json gives an id2label that does not load (ids with a gap) is refused

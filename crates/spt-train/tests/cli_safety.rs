@@ -710,8 +710,15 @@ fn messages_point_the_right_way() {
         let e = run_err(&a);
         assert!(e.contains("stray.weight") && e.contains("does not train"), "{e}");
     }
-    // A LoRA checkpoint read as dense (its finetune.toml gone): the mode or model is named.
+    // Its finetune.toml gone, a checkpoint still carries its own settings (its manifest)...
     std::fs::remove_file(run_dir.join("finetune.toml")).unwrap();
+    run_ok(&eval, None);
+    // ...but one without them (an older spt-train's) is read as dense: the mode or model is named.
+    let manifest = ck.join("manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    m["config"] = serde_json::Value::Null;
+    std::fs::write(&manifest, m.to_string()).unwrap();
     let e = run_err(&eval);
     assert!(e.contains("another mode or from another model"), "{e}");
     // predict from a run without labels.json, on a model whose config names no classes: the

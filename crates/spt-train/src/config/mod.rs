@@ -311,6 +311,23 @@ impl FinetuneConfig {
         Self::default().overlay(path, Self::read_table(path)?)
     }
 
+    /// The settings a checkpoint was trained with (its manifest's `config`, finetune's
+    /// [`FinetuneConfig::run_identity`]), over the plain defaults as [`FinetuneConfig::load_run`]
+    /// reads a run's finetune.toml. `manifest` names the file in errors.
+    pub fn from_checkpoint(manifest: &Path, config: &serde_json::Value) -> Result<Self, ConfigError> {
+        let file_err = |msg: String| ConfigError::File {
+            path: manifest.to_path_buf(),
+            msg,
+        };
+        let serde_json::Value::Object(map) = config else {
+            return Err(file_err("its `config` is not a table of settings".into()));
+        };
+        let mut map = map.clone();
+        map.retain(|_, v| !v.is_null());
+        strip_removed_settings(&mut map).map_err(file_err)?;
+        Self::default().overlay(manifest, map)
+    }
+
     /// A config file's keys as a flat JSON object (sections flattened, removed settings that keep
     /// the remaining behaviour dropped).
     fn read_table(path: &Path) -> Result<serde_json::Map<String, serde_json::Value>, ConfigError> {
@@ -391,12 +408,14 @@ impl FinetuneConfig {
         toml::to_string_pretty(&sections::nest(&flat)).map_err(|e| err(e.to_string()))
     }
 
-    /// These settings with every local path made absolute (the model only when it names an
-    /// existing directory, not a hub id), as a run's own finetune.toml records them: resuming the
-    /// run, or evaluating its validation split, from another directory then reads the same files.
-    /// A path whose absolute form is not valid UTF-8 (the model is a `String`) is kept as given.
+    /// These settings with every local path resolved (absolute, links and `..` followed as the
+    /// OS did; the model only when it names an existing directory, not a hub id), as a run's own
+    /// finetune.toml and its checkpoints record them: resuming the run, or evaluating its
+    /// validation split, from another directory then reads the same files, even after the
+    /// directory it started from is gone. A path whose resolved form is not valid UTF-8 (the
+    /// model is a `String`) is kept as given.
     pub fn with_absolute_paths(&self) -> Self {
-        let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        let abs = |p: &Path| crate::output_dir::resolve(p).unwrap_or_else(|_| p.to_path_buf());
         let model = if Path::new(&self.model).exists() {
             abs(Path::new(&self.model))
                 .to_str()
@@ -521,7 +540,7 @@ impl FinetuneConfig {
     /// The settings that define a run, as JSON, for checkpoint manifests: everything except how
     /// this invocation starts (`resume`, `overwrite`, `progress`), so a resumed run matches.
     pub fn run_identity(&self) -> serde_json::Value {
-        let mut c = self.clone();
+        let mut c = self.with_absolute_paths();
         c.resume = None;
         c.overwrite = false;
         c.progress = true;

@@ -265,9 +265,22 @@ pub(crate) fn run_config_path(p: &Path) -> Option<PathBuf> {
         .find(|f| f.is_file())
 }
 
-/// The finetune settings of the run a checkpoint belongs to (its `finetune.toml`), else none.
+/// The finetune settings a checkpoint was trained with: its manifest's own (a later resume with
+/// other settings rewrites the run's finetune.toml, not what this checkpoint means), else, for a
+/// checkpoint from before the manifest held them whole, its run's `finetune.toml`, else none.
+/// `checkpoint` is a checkpoint or a run folder (its latest checkpoint).
 pub(crate) fn run_config(checkpoint: Option<&Path>) -> Result<Option<FinetuneConfig>> {
-    match checkpoint.and_then(run_config_path) {
+    let Some(given) = checkpoint else {
+        return Ok(None);
+    };
+    if let Ok(ck) = checkpoint_path(given) {
+        if let Ok(m) = spt_train::checkpoint::read_manifest(&ck) {
+            if let Ok(c) = FinetuneConfig::from_checkpoint(&ck.join("manifest.json"), &m.config) {
+                return Ok(Some(c));
+            }
+        }
+    }
+    match run_config_path(given) {
         Some(p) => Ok(Some(
             FinetuneConfig::load_run(&p).with_context(|| format!("reading {}", p.display()))?,
         )),

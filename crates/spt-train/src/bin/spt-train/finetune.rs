@@ -3,7 +3,7 @@
 use crate::say;
 use std::path::{Path, PathBuf};
 
-use crate::common::{build_task, check_model, checkpoint_path, device, run_config_path};
+use crate::common::{build_task, check_model, checkpoint_path, device};
 use crate::Outcome;
 use anyhow::{bail, Context, Result};
 use spt_train::checkpoint::{
@@ -16,6 +16,20 @@ use spt_train::pipeline::{load_tokenizer, prepare_data};
 use spt_train::trainer::{install_ctrlc_handler, Resume, Trainer};
 
 pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
+    // `--resume PATH` without --output-dir continues the run PATH belongs to in its own folder,
+    // whatever a --config or the run's finetune.toml says `output_dir` is (an older run recorded
+    // it relative to where it started, a moved run its old place): a fork is asked for by name.
+    let with_run_dir;
+    let args = match (args.resume.as_deref(), &args.output_dir) {
+        (Some(r), None) if r != "latest" => {
+            with_run_dir = FinetuneArgs {
+                output_dir: Some(resumed_run_dir(Path::new(r))),
+                ..args.clone()
+            };
+            &with_run_dir
+        }
+        _ => args,
+    };
     let with_run_config;
     let args = match resumed_run_config(args) {
         Some(p) => {
@@ -23,16 +37,8 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
                 "note: --resume without --config or --model: the run's settings come from {}",
                 p.display()
             );
-            // The run continues in its own folder (the one being resumed), not in the
-            // finetune.toml's `output_dir`: an older run recorded that relative to the directory
-            // it was started from, and a moved run's records its old place.
-            let run_dir = match p.parent() {
-                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-                _ => PathBuf::from("."),
-            };
             with_run_config = FinetuneArgs {
                 config: Some(p),
-                output_dir: args.output_dir.clone().or(Some(run_dir)),
                 ..args.clone()
             };
             &with_run_config
@@ -124,21 +130,24 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
         Trainer::new(task, cfg.trainer_config(data.train.len()), dev).with_held_out(data.held_out.clone());
     // The checkpoint must fit these settings before the run folder changes: a refused resume
     // leaves its finetune.toml, labels.json and later checkpoints as they were.
-    let later = match &resume {
-        Resume::From(p) => later_checkpoints(&cfg, p)?,
-        _ => Vec::new(),
-    };
+    if let Resume::From(p) = &resume {
+        check_fork_target(&cfg, p)?;
+        later_checkpoints(&cfg, p)?;
+    }
     trainer.check_resume(&resume)?;
     // Held to the end of the run: a second spt-train into this folder is refused meanwhile.
     let _lock = prepare_run_dir(&cfg.output_dir, cfg.overwrite, resuming)?;
     if let Resume::From(p) = &resume {
+        // Listed again under the lock: a run that ended meanwhile may have saved more.
+        let later = later_checkpoints(&cfg, p)?;
         discard_later_checkpoints(&cfg, p, &later)?;
     }
-    // `overwrite` is this invocation's permission, not a setting of the run: a finetune.toml
-    // reused with --config must not grant it again.
-    // Absolute paths: the run is resumed and evaluated from wherever its user stands then.
+    // `overwrite` and `resume` belong to this invocation, not to the run: a finetune.toml reused
+    // with --config must not overwrite or resume on another invocation's word. Absolute paths:
+    // the run is resumed and evaluated from wherever its user stands then.
     let resolved = FinetuneConfig {
         overwrite: false,
+        resume: None,
         ..cfg.clone()
     }
     .with_absolute_paths()
@@ -181,19 +190,75 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
 }
 
 /// `finetune --resume` given neither `--config` nor `--model`: the finetune.toml of the run being
-/// resumed (the output directory's for `latest`, else the one the checkpoint belongs to).
+/// resumed, in that run's folder only ([`resumed_run_dir`]; a finetune.toml of the user's in a
+/// folder above is not it).
 fn resumed_run_config(args: &FinetuneArgs) -> Option<PathBuf> {
     if args.config.is_some() || args.model.is_some() {
         return None;
     }
-    let from = match args.resume.as_deref()? {
+    let run = match args.resume.as_deref()? {
         "latest" => args
             .output_dir
             .clone()
             .unwrap_or_else(|| FinetuneConfig::default().output_dir),
-        p => PathBuf::from(p),
+        p => resumed_run_dir(Path::new(p)),
     };
-    run_config_path(&from)
+    Some(run.join("finetune.toml")).filter(|f| f.is_file())
+}
+
+/// The run folder that `--resume PATH` names: PATH itself, or the run holding the checkpoint
+/// PATH (`RUN/checkpoints/step-N`) or its `checkpoints/` folder.
+fn resumed_run_dir(p: &Path) -> PathBuf {
+    let up = |p: &Path, n: usize| {
+        let mut d = p.to_path_buf();
+        for _ in 0..n {
+            d = match d.parent() {
+                Some(x) if !x.as_os_str().is_empty() => x.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+        }
+        d
+    };
+    if p.join("manifest.json").is_file() {
+        up(p, 2)
+    } else if p.file_name().is_some_and(|n| n == "checkpoints") {
+        up(p, 1)
+    } else {
+        p.to_path_buf()
+    }
+}
+
+/// Whether `a` is `b` or inside it, as the OS resolves them.
+fn within(a: &Path, b: &Path) -> bool {
+    let real = |p: &Path| {
+        p.canonicalize()
+            .or_else(|_| std::path::absolute(p))
+            .unwrap_or_default()
+    };
+    real(a).starts_with(real(b))
+}
+
+/// A fork (resuming another run's checkpoint into `--output-dir`) goes into a new or empty
+/// folder: into a folder holding a run of its own it would put its checkpoints, metrics and
+/// labels beside that run's, and the older checkpoints would be read with the fork's labels.
+fn check_fork_target(cfg: &FinetuneConfig, from: &Path) -> Result<()> {
+    let out = &cfg.output_dir;
+    if within(from, out) {
+        return Ok(());
+    }
+    let theirs = !list_checkpoints(&out.join("checkpoints"))?.is_empty()
+        || out.join("finetune.toml").exists()
+        || out.join("metrics.jsonl").exists();
+    if theirs {
+        bail!(
+            "--resume {}: {} holds another run (its checkpoints, finetune.toml or metrics); a fork \
+             goes into a new or empty folder: choose another --output-dir, or drop --output-dir to \
+             continue the run being resumed in its own folder",
+            from.display(),
+            out.display()
+        );
+    }
+    Ok(())
 }
 
 /// `--resume` resolved: `latest`, a checkpoint, or a run directory (its latest checkpoint).
@@ -247,7 +312,7 @@ fn discard_later_checkpoints(cfg: &FinetuneConfig, from: &Path, later: &[String]
     let step = checkpoint_step(from)?;
     let ckpts = cfg.output_dir.join("checkpoints");
     if later.is_empty() {
-        if !from.starts_with(&cfg.output_dir) {
+        if !within(from, &cfg.output_dir) {
             say!(
                 "note: resuming from {} into {}: a new run folder (a fork); the original run is unchanged",
                 from.display(),
