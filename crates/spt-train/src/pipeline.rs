@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use crate::config::FinetuneConfig;
 use crate::data::{
     encode_classification, pack_lm, raw_rows_fingerprint, read_classification_counted, read_lm_texts,
-    split_train_validation, ClassificationData, DataError, DataFingerprint, EncodedDataset, LabelMap,
-    TaskKind, TextTokenizer,
+    split_train_validation, ClassificationData, ColumnSpec, DataError, DataFingerprint, DataFormat,
+    EncodedDataset, LabelMap, TaskKind, TextTokenizer,
 };
 use crate::Result;
 
@@ -207,6 +207,36 @@ fn concat(parts: Vec<EncodedDataset>) -> Option<EncodedDataset> {
     Some(first)
 }
 
+/// An LM's texts: a plain text file line by line, and the text column (`text_column`) of a CSV,
+/// TSV or JSONL file, one row a line (read line by line, such a file trained on its keys, quotes
+/// and labels).
+#[allow(clippy::type_complexity)]
+fn lm_texts(cfg: &FinetuneConfig, paths: &[PathBuf]) -> Result<Vec<(PathBuf, Vec<(u64, String)>)>> {
+    let mut out = Vec::with_capacity(paths.len());
+    for p in paths {
+        match cfg.format.or_else(|| DataFormat::from_path(p).ok()) {
+            None => out.extend(read_lm_texts(std::slice::from_ref(p))?),
+            Some(format) => {
+                let cols = ColumnSpec {
+                    text: cfg.text_column.clone(),
+                    text_pair: None,
+                    label: None,
+                    group: None,
+                };
+                let rows = read_classification_counted(p, Some(format), &cols, &[])?.0;
+                out.push((
+                    p.clone(),
+                    rows.examples.into_iter().map(|e| (e.line, e.text)).collect(),
+                ));
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(DataError::Invalid("no LM text files given".into()).into());
+    }
+    Ok(out)
+}
+
 /// Reads, splits, label-maps and tokenises the data `cfg` names. With `output_dir` the label
 /// mapping is written there as `labels.json`.
 pub fn prepare_data(
@@ -284,11 +314,11 @@ pub fn prepare_data(
             })
         }
         TaskKind::Lm => {
-            let texts = read_lm_texts(&cfg.train_files)?;
+            let texts = lm_texts(cfg, &cfg.train_files)?;
             let mut train = pack_lm(&texts, tok, cfg.block_size)?;
             let validation = if !cfg.validation_files.is_empty() {
                 Some(pack_lm(
-                    &read_lm_texts(&cfg.validation_files)?,
+                    &lm_texts(cfg, &cfg.validation_files)?,
                     tok,
                     cfg.block_size,
                 )?)
@@ -447,5 +477,28 @@ mod tests {
         );
         assert_eq!(d.train.items[0].input_ids, vec![12, 17, 19]);
         assert!(d.labels.is_none());
+        // The same texts as a JSONL file's text column (with a label beside them): the same
+        // blocks; read line by line, the keys and labels used to be trained on.
+        let jsonl = dir.path().join("t.jsonl");
+        std::fs::write(
+            &jsonl,
+            "{\"text\": \"Hello world\", \"label\": \"x\"}\n".repeat(10),
+        )
+        .unwrap();
+        let from_jsonl = prepare_data(
+            &FinetuneConfig {
+                train_files: vec![jsonl],
+                ..cfg.clone()
+            },
+            &tok,
+            None,
+        )
+        .unwrap();
+        // 10 texts joined by newlines: 29 tokens, 9 blocks, 2 held out; no key or label in them.
+        let held = from_jsonl.validation.as_ref().unwrap();
+        let blocks = from_jsonl.train.items.iter().chain(&held.items);
+        let ids: Vec<&[u32]> = blocks.map(|b| &b.input_ids[..]).collect();
+        assert_eq!(ids, vec![&[12u32, 17, 19][..]; 9]);
+        assert_eq!(from_jsonl.train.len(), 7);
     }
 }
