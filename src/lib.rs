@@ -60,9 +60,11 @@
 //! let calibration = calibration_batches(&data.train, cfg.calibration_batches, 16, cfg.seed, &dev)?;
 //! let labels = data.labels.as_ref().map(|l| l.len());
 //! let task = ModelTask::build(&cfg, &model_dir, labels, &dev, calibration)?;
-//! // The trainer writes checkpoints, metrics.jsonl and loss.svg there.
-//! prepare_run_dir(&cfg.output_dir, false, false)?;
-//! let mut trainer = Trainer::new(task, cfg.trainer_config(data.train.len()), dev);
+//! // The trainer writes checkpoints, metrics.jsonl and loss.svg there; the folder stays locked
+//! // against another process while `_lock` lives.
+//! let _lock = prepare_run_dir(&cfg.output_dir, false, false)?;
+//! let mut trainer = Trainer::new(task, cfg.trainer_config(data.train.len()), dev)
+//!     .with_held_out(data.held_out.clone());
 //! let summary = trainer.train(&data.train, data.validation.as_ref(), &Resume::No)?;
 //! println!("{:?}", summary.evals.last());
 //! # Ok(())
@@ -70,8 +72,7 @@
 //! ```
 //!
 //! What the command line adds: it writes the run's `finetune.toml` and `labels.json` beside the
-//! checkpoints (so that `eval`, `predict` and `export --checkpoint` rebuild the model in its mode
-//! and read data as the run did), checks the labels and lengths against the model first
+//! checkpoints (so that `eval`, `predict` and `export --checkpoint` read data as the run did), checks the labels and lengths against the model first
 //! (`pipeline::check_training_labels`, `check_data_fits_model`), and sets the process up for
 //! speed: `train::threads::fix_thread_count()` first in `main`, and mimalloc as the global
 //! allocator with `train::alloc::keep_freed_memory()` (glibc's unmap / page-fault cycle cost

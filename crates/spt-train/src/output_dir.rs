@@ -132,21 +132,37 @@ pub enum OutputError {
 /// when dropped, or by the OS when the process ends however it ends. Where the folder cannot be
 /// locked (a file system without locks), runs go unguarded.
 #[derive(Debug)]
+#[must_use = "the run folder is unlocked when the RunLock is dropped: keep it for the whole run"]
 pub struct RunLock {
     _dir: Option<std::fs::File>,
 }
 
+/// The folder's lock. Held by someone else, it is tried again for a second before `Busy`: another
+/// process's check (which takes the lock for an instant) must not refuse a run starting then.
 fn lock_run_dir(dir: &Path) -> Result<RunLock, OutputError> {
     let Ok(f) = std::fs::File::open(dir) else {
         return Ok(RunLock { _dir: None });
     };
-    match f.try_lock() {
-        Ok(()) => Ok(RunLock { _dir: Some(f) }),
-        Err(std::fs::TryLockError::WouldBlock) => Err(OutputError::Busy {
-            path: dir.to_path_buf(),
-        }),
-        Err(std::fs::TryLockError::Error(_)) => Ok(RunLock { _dir: None }),
+    for attempt in 0.. {
+        match f.try_lock() {
+            Ok(()) => return Ok(RunLock { _dir: Some(f) }),
+            Err(std::fs::TryLockError::WouldBlock) if attempt < 20 => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => break,
+            Err(std::fs::TryLockError::Error(e)) => {
+                tracing::warn!(
+                    "{}: cannot lock the folder ({e}); a second spt-train writing it at the same \
+                     time would not be refused",
+                    dir.display()
+                );
+                return Ok(RunLock { _dir: None });
+            }
+        }
     }
+    Err(OutputError::Busy {
+        path: dir.to_path_buf(),
+    })
 }
 
 fn describe(k: DirKind) -> &'static str {
@@ -370,9 +386,15 @@ fn check_unlocked_run_dir(dir: &Path, overwrite: bool, resume: bool) -> Result<(
 /// Stale temporaries of a killed save are removed in every case. The folder stays locked against
 /// other processes while the returned [`RunLock`] lives: keep it for the whole run.
 pub fn prepare_run_dir(dir: &Path, overwrite: bool, resume: bool) -> Result<RunLock, OutputError> {
-    check_unlocked_run_dir(dir, overwrite, resume)?;
-    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-    let lock = lock_run_dir(dir)?;
+    // An existing folder is locked first, so that one in use is refused as such, not for what
+    // the run using it has written; a new one is checked (touching nothing) before it is made.
+    let lock = if dir.is_dir() {
+        lock_run_dir(dir)?
+    } else {
+        check_unlocked_run_dir(dir, overwrite, resume)?;
+        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        lock_run_dir(dir)?
+    };
     // Again under the lock: a run that ended between the first check and the lock may have left
     // checkpoints that this one must not discard without `overwrite`.
     check_unlocked_run_dir(dir, overwrite, resume)?;
@@ -587,7 +609,7 @@ mod tests {
             assert!(matches!(e, OutputError::Busy { .. }), "{e}");
         }
         drop(lock);
-        prepare_run_dir(&d, false, true).unwrap();
+        drop(prepare_run_dir(&d, false, true).unwrap());
     }
 
     #[test]
@@ -623,7 +645,7 @@ mod tests {
             "{e}"
         );
         std::fs::remove_file(d.join("metrics.jsonl")).unwrap();
-        prepare_run_dir(&d, true, false).unwrap();
+        drop(prepare_run_dir(&d, true, false).unwrap());
         match read_marker(&d).unwrap() {
             Marker::Current(o) => {
                 assert_eq!(o.kind, DirKind::Run);
@@ -635,7 +657,7 @@ mod tests {
         std::fs::write(d.join("metrics.jsonl"), "ours\n").unwrap();
         std::fs::create_dir_all(d.join("checkpoints")).unwrap();
         std::fs::write(d.join("checkpoints/README"), "user").unwrap();
-        prepare_run_dir(&d, true, false).unwrap();
+        drop(prepare_run_dir(&d, true, false).unwrap());
         assert!(!d.join("metrics.jsonl").exists());
         assert_eq!(bytes(&d.join("checkpoints/README")), b"user");
         assert_eq!(bytes(&d.join("notes.txt")), b"mine");
@@ -663,7 +685,7 @@ mod tests {
             "{e}"
         );
         assert_eq!(bytes(&d.join("metrics.jsonl")), b"whose?\n");
-        prepare_run_dir(&d, false, true).unwrap();
+        drop(prepare_run_dir(&d, false, true).unwrap());
         assert_eq!(bytes(&d.join("metrics.jsonl")), b"whose?\n");
         // A plot alone is not removed either.
         let p = tmp.path().join("plot");
@@ -786,14 +808,14 @@ mod tests {
         assert_eq!(bytes(&out.join("README.md")), b"mine");
         // A run's marker is held to a run's names the same way.
         let run = tmp.path().join("run");
-        prepare_run_dir(&run, false, false).unwrap();
+        drop(prepare_run_dir(&run, false, false).unwrap());
         std::fs::write(run.join("notes.txt"), "mine").unwrap();
         let forged = serde_json::json!({
             "written_by": "spt-train", "version": 2, "kind": "run",
             "entries": ["metrics.jsonl", "../victim.txt", "notes.txt"],
         });
         std::fs::write(run.join(OUTPUT_MARKER), forged.to_string()).unwrap();
-        prepare_run_dir(&run, true, false).unwrap();
+        drop(prepare_run_dir(&run, true, false).unwrap());
         let Marker::Current(o) = read_marker(&run).unwrap() else {
             panic!("marker not read")
         };
@@ -811,7 +833,7 @@ mod tests {
     fn outputs_inside_a_runs_checkpoints_are_refused() {
         let tmp = tempfile::tempdir().unwrap();
         let run = tmp.path().join("run");
-        prepare_run_dir(&run, false, false).unwrap();
+        drop(prepare_run_dir(&run, false, false).unwrap());
         let ckpts = run.join("checkpoints");
         std::fs::create_dir_all(ckpts.join("step-00000002")).unwrap();
         for inside in [
