@@ -680,19 +680,29 @@ fn predict_from_stdin_refuses_what_it_cannot_read() {
         !o.status.success() && e.contains("the run's text_pair_column `movie`"),
         "{e}"
     );
+    // A column flag stdin cannot apply is refused, on a run without pairs too.
+    let plain = tmp.path().join("plain");
+    run_ok(
+        &common::finetune_args(m, s(&data), s(&plain), &["--mode", "lora", "--max-steps", "1"]),
+        None,
+    );
     let o = run(
         &[
             "predict",
             "--model",
             m,
             "--checkpoint",
-            r,
+            s(&plain),
             "--text-column",
             "review",
         ],
         Some("good movie\n"),
     );
-    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("--text-column review: stdin lines are the texts"),
+        "{e}"
+    );
     // A file with both columns is read as the run was.
     let o = run_ok(
         &["predict", "--model", m, "--checkpoint", r, "--input", s(&data)],
@@ -735,9 +745,27 @@ fn token_ids_past_the_vocabulary_are_refused_by_every_command() {
     let data = tmp.path().join("d.csv");
     std::fs::write(&data, "text,label\ngood zzz,pos\nbad movie,neg\n").unwrap();
     let m = s(&model);
-    let cases: [(&[&str], Option<&str>); 2] = [
+    let gpt = fixture("tiny-gpt2", tmp.path());
+    let tok_path = gpt.join("tokenizer.json");
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tok_path).unwrap()).unwrap();
+    tok["model"]["vocab"]["zzz"] = 5000.into();
+    std::fs::write(&tok_path, tok.to_string()).unwrap();
+    let cases: [(&[&str], Option<&str>); 3] = [
         (&["eval", "--model", m, "--data-file", s(&data)], None),
         (&["predict", "--model", m], Some("good zzz\n")),
+        (
+            &[
+                "generate",
+                "--model",
+                s(&gpt),
+                "--prompt",
+                "good zzz",
+                "--max-new-tokens",
+                "2",
+            ],
+            None,
+        ),
     ];
     for (args, stdin) in cases {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_spt-train"));

@@ -66,29 +66,28 @@ impl ColumnSpec {
     /// The label read as input text leaks the answer to the model (a run reached accuracy 1.0
     /// that way), and the same column as both texts is a slip: both are refused by name.
     pub fn check(&self) -> Result<(), DataError> {
-        let same = |what: &str, flag: &str, col: &str| {
-            DataError::Invalid(format!(
-                "column `{col}` is both the text column and the {what} (--text-column and {flag}); \
-                 the model would read its {} as input",
-                if what == "label column" {
-                    "answer"
-                } else {
-                    "text twice"
+        let text = Some(("text column", "--text-column", self.text.as_str()));
+        let pair = self
+            .text_pair
+            .as_deref()
+            .map(|c| ("pair column", "--text-pair-column", c));
+        let label = self
+            .label
+            .as_deref()
+            .map(|c| ("label column", "--label-column", c));
+        for (a, b) in [(text, label), (text, pair), (pair, label)] {
+            if let (Some((what_a, flag_a, col)), Some((what_b, flag_b, other))) = (a, b) {
+                if col == other {
+                    return Err(DataError::Invalid(format!(
+                        "column `{col}` is both the {what_a} and the {what_b} ({flag_a} and {flag_b}); \
+                         the model would read {} as input",
+                        if what_b == "label column" {
+                            "its answer"
+                        } else {
+                            "the same text twice"
+                        }
+                    )));
                 }
-            ))
-        };
-        if self.label.as_deref() == Some(self.text.as_str()) {
-            return Err(same("label column", "--label-column", &self.text));
-        }
-        if self.text_pair.as_deref() == Some(self.text.as_str()) {
-            return Err(same("pair column", "--text-pair-column", &self.text));
-        }
-        if let (Some(p), Some(l)) = (&self.text_pair, &self.label) {
-            if p == l {
-                return Err(DataError::Invalid(format!(
-                    "column `{p}` is both the pair column and the label column (--text-pair-column and \
-                     --label-column); the model would read its answer as input"
-                )));
             }
         }
         Ok(())

@@ -616,18 +616,24 @@ pub fn check_settings(c: &TrainerConfig, train: &EncodedDataset) -> Result<()> {
     Ok(())
 }
 
-/// The rows a checkpoint recorded (`which`: "train" or "validation"), if it recorded them
-/// (checkpoints before the record have none).
+/// The rows a checkpoint recorded (`which`: "train", "validation" or "held_out"), if it recorded
+/// them (checkpoints before the record have none).
 pub fn recorded_rows(checkpoint: &Path, which: &str) -> Option<DataFingerprint> {
-    let m = read_manifest(checkpoint).ok()?;
-    serde_json::from_value(m.extra.get("data")?.get(which)?.clone()).ok()
+    rows_in(&read_manifest(checkpoint).ok()?.extra, which)
+}
+
+fn rows_in(extra: &serde_json::Value, which: &str) -> Option<DataFingerprint> {
+    serde_json::from_value(extra.get("data")?.get(which)?.clone()).ok()
 }
 
 /// A resume on other rows than the checkpoint's run trained on goes on (the user may mean it),
 /// but says so: the data position and the shuffle order refer to the old rows.
 fn warn_if_rows_changed(checkpoint: &Path, now: &serde_json::Value) {
+    let Ok(manifest) = read_manifest(checkpoint) else {
+        return;
+    };
     for which in ["train", "validation"] {
-        let Some(then) = recorded_rows(checkpoint, which) else {
+        let Some(then) = rows_in(&manifest.extra, which) else {
             continue;
         };
         let current: Option<DataFingerprint> = serde_json::from_value(now[which].clone()).ok();

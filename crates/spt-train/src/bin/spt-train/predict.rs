@@ -80,18 +80,16 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
             ),
         }
     }
+    // The flag's, else the run's.
+    let pair_column = (a.text_pair_column.clone()).or(run.as_ref().and_then(|r| r.text_pair_column.clone()));
     let texts: Vec<(String, Option<String>)> = if a.input == "-" {
         // A line of stdin is one text: column settings cannot apply, and a pair model would
         // classify a lone text as if its second text were empty.
-        let pair_from = match (
-            &a.text_pair_column,
-            run.as_ref().and_then(|r| r.text_pair_column.as_ref()),
-        ) {
-            (Some(c), _) => Some(format!("--text-pair-column {c}")),
-            (None, Some(c)) => Some(format!("the run's text_pair_column `{c}` (its finetune.toml)")),
-            (None, None) => None,
-        };
-        if let Some(from) = pair_from {
+        if let Some(c) = &pair_column {
+            let from = match &a.text_pair_column {
+                Some(_) => format!("--text-pair-column {c}"),
+                None => format!("the run's text_pair_column `{c}`"),
+            };
             bail!(
                 "stdin gives one text per line, but {from} asks for text pairs: give them in a CSV, \
                  TSV or JSONL file with --input"
@@ -111,7 +109,7 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
             text: (a.text_column.clone())
                 .or(run.as_ref().map(|r| r.text_column.clone()))
                 .unwrap_or_else(|| "text".into()),
-            text_pair: (a.text_pair_column.clone()).or(run.as_ref().and_then(|r| r.text_pair_column.clone())),
+            text_pair: pair_column,
             label: None,
             group: None,
         };
