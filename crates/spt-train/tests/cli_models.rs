@@ -422,6 +422,14 @@ fn bench_records_each_setting() {
     // the model's positions (the tiny BERT has 128), naming them.
     let err = common::run_err(&["-q", "bench", "--model", model, "--ffn-top-k", "9"]);
     assert!(err.contains("--ffn-top-k is 9, expected 1 to 8"), "{err}");
+    // A mode twice, or an spt setting with spt left out, is refused (one was timed twice, the
+    // other ignored).
+    let err = common::run_err(&["-q", "bench", "--model", model, "--modes", "spt,spt"]);
+    assert!(err.contains("--modes names spt twice"), "{err}");
+    let err = common::run_err(&[
+        "-q", "bench", "--model", model, "--modes", "lora", "--attn-k", "4",
+    ]);
+    assert!(err.contains("--attn-k sets the spt mode"), "{err}");
     let err = common::run_err(&["-q", "bench", "--model", model, "--seq-len", "129"]);
     assert!(
         err.contains("--seq-len 129 exceeds the 128 positions of"),

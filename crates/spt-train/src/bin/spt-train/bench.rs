@@ -4,7 +4,7 @@
 use crate::say;
 use std::path::{Path, PathBuf};
 
-use crate::common::{check_output_file, device, task_of};
+use crate::common::{check_output_file, device, mode_name, task_of};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args;
@@ -61,6 +61,24 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
     }
     if a.attn_k == Some(0) {
         bail!("--attn-k must be at least 1");
+    }
+    if let Some(m) = a
+        .modes
+        .iter()
+        .enumerate()
+        .find_map(|(i, m)| a.modes[..i].contains(m).then_some(m))
+    {
+        bail!("--modes names {} twice; each mode is timed once", mode_name(*m));
+    }
+    let spt_flags = [
+        a.attn_k.map(|_| "--attn-k"),
+        a.ffn_top_k.map(|_| "--ffn-top-k"),
+        a.ffn_correction.map(|_| "--ffn-correction"),
+    ];
+    if a.child.is_none() && !a.modes.contains(&Mode::Spt) {
+        if let Some(flag) = spt_flags.into_iter().flatten().next() {
+            bail!("{flag} sets the spt mode, which --modes leaves out; add spt to --modes or drop {flag}");
+        }
     }
     if let Some(out) = a.output.as_deref().filter(|_| a.child.is_none()) {
         let what =

@@ -428,7 +428,7 @@ pub(crate) fn load_trained(
 }
 
 /// A mode as its flag value spells it.
-fn mode_name(m: Mode) -> String {
+pub(crate) fn mode_name(m: Mode) -> String {
     use clap::ValueEnum;
     m.to_possible_value()
         .map(|v| v.get_name().to_string())
