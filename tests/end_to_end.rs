@@ -172,7 +172,7 @@ fn build_task(cfg: &FinetuneConfig, data_out: Option<&Path>) -> (ModelTask, Prep
 /// What `spt-train finetune` does, through the library.
 fn run(cfg: &FinetuneConfig, resume: Resume) -> (TrainSummary, ModelTask, PreparedData) {
     let dev = Device::Cpu;
-    prepare_run_dir(&cfg.output_dir, true, resume != Resume::No).unwrap();
+    let _lock = prepare_run_dir(&cfg.output_dir, true, resume != Resume::No).unwrap();
     let (task, data) = build_task(cfg, Some(&cfg.output_dir));
     let mut trainer = Trainer::new(task, cfg.trainer_config(data.train.len()), dev);
     let summary = trainer
