@@ -379,36 +379,11 @@ fn sigterm_saves_too_and_a_second_run_into_a_busy_folder_is_refused() {
 #[test]
 fn a_nohup_run_survives_sighup() {
     let t = setup();
-    let run_dir = t.root.join("run");
-    let a = finetune_args(s(&t.model), s(&t.data), s(&run_dir), "100000");
-    let mut child = std::process::Command::new("nohup")
-        .arg(env!("CARGO_BIN_EXE_spt-train"))
-        .args(&a)
-        .env("RUST_LOG", "error")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while steps_in(&run_dir).is_empty() {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "no checkpoint after 60 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let pid = child.id().to_string();
-    let kill = |sig: &str| {
-        let st = std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap();
-        assert!(st.success());
-    };
-    kill("-HUP");
+    let mut child = start_long_run(&t, Some("nohup"));
+    send(&child, "-HUP");
     std::thread::sleep(Duration::from_millis(500));
     assert!(child.try_wait().unwrap().is_none(), "SIGHUP stopped a nohup run");
-    kill("-INT");
+    send(&child, "-INT");
     let o = child.wait_with_output().unwrap();
     assert_eq!(
         o.status.code(),
@@ -418,11 +393,17 @@ fn a_nohup_run_survives_sighup() {
     );
 }
 
-fn interrupted_run_saves(signal: &str) {
-    let t = setup();
+/// A LoRA run of the tiny BERT into `t.root/run` with no end in sight (through `wrapper`, e.g.
+/// nohup), returned once it has saved its first checkpoint.
+fn start_long_run(t: &Setup, wrapper: Option<&str>) -> std::process::Child {
     let run_dir = t.root.join("run");
     let a = finetune_args(s(&t.model), s(&t.data), s(&run_dir), "100000");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_spt-train"))
+    let exe = env!("CARGO_BIN_EXE_spt-train");
+    let mut c = std::process::Command::new(wrapper.unwrap_or(exe));
+    if wrapper.is_some() {
+        c.arg(exe);
+    }
+    let child = c
         .args(&a)
         .env("RUST_LOG", "error")
         .stdout(std::process::Stdio::piped())
@@ -437,6 +418,22 @@ fn interrupted_run_saves(signal: &str) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    child
+}
+
+/// `kill SIGNAL` to `child`.
+fn send(child: &std::process::Child, signal: &str) {
+    let st = std::process::Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+fn interrupted_run_saves(signal: &str) {
+    let t = setup();
+    let run_dir = t.root.join("run");
+    let child = start_long_run(&t, None);
     if signal == "-TERM" {
         for extra in [&["--resume"][..], &["--overwrite"][..]] {
             let mut b = finetune_args(s(&t.model), s(&t.data), s(&run_dir), "2");
@@ -448,11 +445,7 @@ fn interrupted_run_saves(signal: &str) {
         let toml = std::fs::read_to_string(run_dir.join("finetune.toml")).unwrap();
         assert!(toml.contains("max_steps = 100000"), "{toml}");
     }
-    let kill = std::process::Command::new("kill")
-        .args([signal, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    send(&child, signal);
     let o = child.wait_with_output().unwrap();
     assert_eq!(
         o.status.code(),
