@@ -886,9 +886,13 @@ fn a_fork_into_another_run_is_refused_and_resume_continues_its_own_run() {
     );
     // A --config naming another output_dir: the resumed run continues in its own folder.
     let cfg = tmp.path().join("hand.toml");
+    let elsewhere = tmp.path().join("elsewhere");
     std::fs::write(
         &cfg,
-        format!("model = {m:?}\ntrain_files = [{d:?}]\nmode = \"lora\"\n"),
+        format!(
+            "model = {m:?}\ntrain_files = [{d:?}]\nmode = \"lora\"\noutput_dir = {:?}\n",
+            s(&elsewhere)
+        ),
     )
     .unwrap();
     let o = run_ok(
@@ -906,7 +910,95 @@ fn a_fork_into_another_run_is_refused_and_resume_continues_its_own_run() {
     );
     assert_eq!(last_json(&o)["step"], 3);
     assert!(one.join("checkpoints/step-00000003").is_dir());
-    assert!(!tmp.path().join("spt-output").exists() && !Path::new("spt-output").exists());
+    assert!(
+        !elsewhere.exists(),
+        "the resume went to the --config's output_dir"
+    );
+}
+
+/// What a resume continues: a copied run folder continues in the copy (it went back to the
+/// original's recorded output_dir); a checkpoint kept outside a run's checkpoints/ folder does not
+/// make the folder above it the run (with --overwrite, spt-train claimed it); and the classes
+/// must be the run's, in its order (another --label-map order passed the shape check and renamed
+/// the answers of the run's earlier checkpoints).
+#[test]
+fn a_resume_continues_the_run_it_names_with_its_classes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-bert-cls", tmp.path());
+    let data = common::reviews_csv(tmp.path(), "d.csv", "text,label,movie");
+    let (m, d) = (s(&model), s(&data));
+    // The default output folder, resumed from where the copy is.
+    let (here, there) = (tmp.path().join("a"), tmp.path().join("b"));
+    std::fs::create_dir_all(&there).unwrap();
+    let orig = here.join("spt-output");
+    run_ok(
+        &common::finetune_args(m, d, s(&orig), &["--mode", "lora", "--max-steps", "2"]),
+        None,
+    );
+    let copy = there.join("spt-output");
+    assert!(std::process::Command::new("cp")
+        .args(["-r", s(&orig), s(&copy)])
+        .status()
+        .unwrap()
+        .success());
+    let before = common::snapshot(&orig);
+    let o = common::run_in(
+        &there,
+        &["finetune", "--resume", "--max-steps", "3", "--no-progress"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(last_json(&o)["step"], 3);
+    assert!(copy.join("checkpoints/step-00000003").is_dir());
+    assert!(
+        common::snapshot(&orig) == before,
+        "the copy's resume wrote into the original"
+    );
+    // A checkpoint kept aside: its parent folder is not taken for the run.
+    let keep = tmp.path().join("keep");
+    std::fs::create_dir(&keep).unwrap();
+    let best = keep.join("best");
+    let step2 = orig.join("checkpoints/step-00000002");
+    assert!(std::process::Command::new("cp")
+        .args(["-r", s(&step2), s(&best)])
+        .status()
+        .unwrap()
+        .success());
+    let cfg = orig.join("finetune.toml");
+    let e = run_err(&[
+        "finetune",
+        "--config",
+        s(&cfg),
+        "--resume",
+        s(&best),
+        "--overwrite",
+        "--no-progress",
+    ]);
+    assert!(e.contains("holds another run"), "{e}");
+    assert!(!keep.join(".spt-train-output").exists() && !tmp.path().join(".spt-train-output").exists());
+    // The same classes in another order: refused before the run changes.
+    let labels = tmp.path().join("labels.json");
+    std::fs::write(
+        &labels,
+        r#"{"id2label": {"0": "pos", "1": "neutral", "2": "neg"}, "label2id": {"pos": 0, "neutral": 1, "neg": 2}}"#,
+    )
+    .unwrap();
+    let before = common::snapshot(&orig);
+    let e = run_err(&[
+        "finetune",
+        "--output-dir",
+        s(&orig),
+        "--resume",
+        "--label-map",
+        s(&labels),
+        "--max-steps",
+        "3",
+        "--no-progress",
+    ]);
+    assert!(
+        e.contains("gives the run's classes as") && e.contains("labels.json"),
+        "{e}"
+    );
+    assert!(common::snapshot(&orig) == before);
 }
 
 /// A model whose config.json gives an id2label that does not load (ids with a gap) is refused

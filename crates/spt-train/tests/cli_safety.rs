@@ -908,7 +908,7 @@ fn eval_and_predict_refuse_untrained_heads_and_a_foreign_mode() {
         s(&t.data),
     ]);
     assert!(
-        e.contains("language modelling") && e.contains("finetune.toml"),
+        e.contains("language modelling") && e.contains("--checkpoint's run"),
         "{e}"
     );
 }

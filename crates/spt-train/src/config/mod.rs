@@ -441,6 +441,28 @@ impl FinetuneConfig {
         }
     }
 
+    /// Whether a local path among these settings is relative (the model counts when it names an
+    /// existing directory, or has no hub id's `owner/name` form).
+    pub fn has_relative_paths(&self) -> bool {
+        let model = Path::new(&self.model);
+        let paths = self
+            .tokenizer
+            .iter()
+            .chain(&self.train_files)
+            .chain(&self.validation_files);
+        paths.chain(&self.label_map).any(|p| p.is_relative())
+            || (model.is_relative() && (model.exists() || self.model.matches('/').count() != 1))
+    }
+
+    /// The local paths (model, tokenizer, data files, label map) of `other`, over these.
+    pub fn take_paths_from(&mut self, other: &FinetuneConfig) {
+        self.model.clone_from(&other.model);
+        self.tokenizer.clone_from(&other.tokenizer);
+        self.train_files.clone_from(&other.train_files);
+        self.validation_files.clone_from(&other.validation_files);
+        self.label_map.clone_from(&other.label_map);
+    }
+
     /// Applies `--set` overrides: `section.key=value` (or a top-level setting's name), the value
     /// read as TOML (`0.001`, `true`, `[1, 2]`, `"text"`) or else as a bare string.
     pub fn apply_sets(&mut self, sets: &[String]) -> Result<(), ConfigError> {

@@ -23,14 +23,14 @@ pub(crate) struct ModelArgs {
     /// one, and eval and predict do unless --model is a fine-tuned (exported) model.
     #[arg(long)]
     pub(crate) checkpoint: Option<PathBuf>,
-    /// Training mode the checkpoint was made with (default: the run's, from the finetune.toml
-    /// beside the checkpoint; else the mode of `--config`; else dense). A run's checkpoint is
+    /// Training mode the checkpoint was made with (default: the one it records, or its run's
+    /// finetune.toml; else the mode of `--config`; else dense). A run's checkpoint is
     /// rebuilt in the run's mode: a different `--mode` is refused.
     #[arg(long, value_enum)]
     pub(crate) mode: Option<Mode>,
     /// Tokenizer: a directory with tokenizer.json (or vocab.json + merges.txt, or vocab.txt), or
-    /// a tokenizer.json file (default: the one the run of --checkpoint was trained with, per its
-    /// finetune.toml; else --model's).
+    /// a tokenizer.json file (default: the one --checkpoint was trained with, per its recorded
+    /// settings; else --model's).
     #[arg(long)]
     pub(crate) tokenizer: Option<PathBuf>,
     /// cpu, cuda or cuda:N.
@@ -39,7 +39,7 @@ pub(crate) struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// The settings of the run that `--checkpoint` belongs to (its finetune.toml), if any: they
+    /// The settings `--checkpoint` was trained with ([`run_config`]), if any: they
     /// supply the defaults a later command needs to read data as the run did (tokenizer, columns,
     /// max_length, block_size).
     pub(crate) fn run_settings(&self) -> Result<Option<FinetuneConfig>> {
@@ -273,10 +273,34 @@ pub(crate) fn run_config(checkpoint: Option<&Path>) -> Result<Option<FinetuneCon
     let Some(given) = checkpoint else {
         return Ok(None);
     };
+    let from_toml = || -> Result<Option<FinetuneConfig>> {
+        match run_config_path(given) {
+            Some(p) => Ok(Some(
+                FinetuneConfig::load_run(&p).with_context(|| format!("reading {}", p.display()))?,
+            )),
+            None => Ok(None),
+        }
+    };
     if let Ok(ck) = checkpoint_path(given) {
         if let Ok(m) = spt_train::checkpoint::read_manifest(&ck) {
-            if let Ok(c) = FinetuneConfig::from_checkpoint(&ck.join("manifest.json"), &m.config) {
-                return Ok(Some(c));
+            let manifest = ck.join("manifest.json");
+            match FinetuneConfig::from_checkpoint(&manifest, &m.config) {
+                Ok(mut c) => {
+                    // A checkpoint of an older spt-train recorded paths as they were typed,
+                    // relative to a directory it does not name; its run's finetune.toml may hold
+                    // them resolved.
+                    if c.has_relative_paths() {
+                        if let Some(t) = from_toml()? {
+                            c.take_paths_from(&t);
+                        }
+                    }
+                    return Ok(Some(c));
+                }
+                Err(e) if m.config.get("model").is_some() => tracing::warn!(
+                    "{}: cannot read the settings it records ({e}); using its run's finetune.toml",
+                    manifest.display()
+                ),
+                Err(_) => {} // a manifest written through the library, with settings of its own
             }
         }
     }
@@ -310,7 +334,7 @@ pub(crate) fn load_trained(
     if let (Some((_, run_mode)), Some(asked), Some(c)) = (&trained_on, m.mode, &ck) {
         if asked != *run_mode {
             bail!(
-                "--mode {}: {} was trained in {} mode (its run's finetune.toml), and a checkpoint \
+                "--mode {}: {} was trained in {} mode (its recorded settings), and a checkpoint \
                  is rebuilt in the mode it was trained in; drop --mode, or export it \
                  (`spt-train export`) and evaluate the export in another mode",
                 mode_name(asked),
@@ -322,7 +346,7 @@ pub(crate) fn load_trained(
     if let (Some(r), Some(c)) = (&run, &ck) {
         if r.task != task {
             bail!(
-                "{} was trained for {}, per its run's finetune.toml; this command needs a checkpoint \
+                "{} was trained for {}, per its recorded settings; this command needs a checkpoint \
                  of {}",
                 c.display(),
                 task_name(r.task),
@@ -395,12 +419,12 @@ pub(crate) fn load_trained(
         );
     }
     if !from_run && ck.is_some() && m.mode.is_none() && settings.is_none() {
-        tracing::warn!("no finetune.toml found beside the checkpoint; assuming a dense run (pass --mode)");
+        tracing::warn!("the checkpoint records no settings and has no finetune.toml beside it; assuming a dense run (pass --mode)");
     }
     if let (Some(c), Some(loaded)) = (&ck, loaded) {
         let origin = || match &trained_on {
             Some((model, mode)) => format!(
-                "restoring {} (trained from {model} in {mode:?} mode, per its finetune.toml; this is {})",
+                "restoring {} (trained from {model} in {mode:?} mode, per its recorded settings; this is {})",
                 c.display(),
                 model_dir.display()
             ),

@@ -17,7 +17,7 @@ pub(crate) struct EvalArgs {
     #[command(flatten)]
     pub(crate) model: ModelArgs,
     /// A finetune config file: data columns, mode and sparsity settings are taken from it
-    /// (default: the finetune.toml of the run that --checkpoint belongs to).
+    /// (default: the settings --checkpoint was trained with).
     #[arg(long)]
     pub(crate) config: Option<PathBuf>,
     /// classify or lm (default: `--config`'s task, else the model's: lm for GPT-2).
@@ -81,7 +81,7 @@ pub(crate) fn eval(a: &EvalArgs) -> Result<()> {
             Some(format!("--config {}", p.display())),
         ),
         None => match a.model.run_settings()? {
-            Some(run) => (run, Some("the finetune.toml of --checkpoint's run".to_string())),
+            Some(run) => (run, Some("--checkpoint's run".to_string())),
             None => (FinetuneConfig::default(), None),
         },
     };

@@ -21,13 +21,16 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
     // it relative to where it started, a moved run its old place): a fork is asked for by name.
     let with_run_dir;
     let args = match (args.resume.as_deref(), &args.output_dir) {
-        (Some(r), None) if r != "latest" => {
-            with_run_dir = FinetuneArgs {
-                output_dir: Some(resumed_run_dir(Path::new(r))),
-                ..args.clone()
-            };
-            &with_run_dir
-        }
+        (Some(r), None) if r != "latest" => match resumed_run_dir(Path::new(r)) {
+            Some(run) => {
+                with_run_dir = FinetuneArgs {
+                    output_dir: Some(run),
+                    ..args.clone()
+                };
+                &with_run_dir
+            }
+            None => args,
+        },
         _ => args,
     };
     let with_run_config;
@@ -37,7 +40,14 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
                 "note: --resume without --config or --model: the run's settings come from {}",
                 p.display()
             );
+            // `--resume` (latest) continues in the folder whose finetune.toml this is, not in the
+            // `output_dir` it records (a moved or copied run's old place).
+            let here = p
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
             with_run_config = FinetuneArgs {
+                output_dir: args.output_dir.clone().or_else(|| Some(here.to_path_buf())),
                 config: Some(p),
                 ..args.clone()
             };
@@ -134,6 +144,7 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
         check_fork_target(&cfg, p)?;
         later_checkpoints(&cfg, p)?;
     }
+    check_same_labels(&cfg, &resume, data.labels.as_ref())?;
     trainer.check_resume(&resume)?;
     // Held to the end of the run: a second spt-train into this folder is refused meanwhile.
     let _lock = prepare_run_dir(&cfg.output_dir, cfg.overwrite, resuming)?;
@@ -201,31 +212,56 @@ fn resumed_run_config(args: &FinetuneArgs) -> Option<PathBuf> {
             .output_dir
             .clone()
             .unwrap_or_else(|| FinetuneConfig::default().output_dir),
-        p => resumed_run_dir(Path::new(p)),
+        p => resumed_run_dir(Path::new(p))?,
     };
     Some(run.join("finetune.toml")).filter(|f| f.is_file())
 }
 
-/// The run folder that `--resume PATH` names: PATH itself, or the run holding the checkpoint
-/// PATH (`RUN/checkpoints/step-N`) or its `checkpoints/` folder.
-fn resumed_run_dir(p: &Path) -> PathBuf {
-    let up = |p: &Path, n: usize| {
-        let mut d = p.to_path_buf();
-        for _ in 0..n {
-            d = match d.parent() {
-                Some(x) if !x.as_os_str().is_empty() => x.to_path_buf(),
-                _ => PathBuf::from("."),
-            };
-        }
-        d
-    };
+/// The run folder that `--resume PATH` names: the run holding the checkpoint PATH
+/// (`RUN/checkpoints/step-N`), the run of its `checkpoints/` folder, or PATH itself when it is
+/// no checkpoint; none for a checkpoint kept outside a run's `checkpoints/` folder.
+fn resumed_run_dir(p: &Path) -> Option<PathBuf> {
+    let p = std::path::absolute(p).ok()?;
+    let in_checkpoints = |d: &Path| d.file_name().is_some_and(|n| n == "checkpoints");
     if p.join("manifest.json").is_file() {
-        up(p, 2)
-    } else if p.file_name().is_some_and(|n| n == "checkpoints") {
-        up(p, 1)
+        let parent = p.parent()?;
+        in_checkpoints(parent).then(|| parent.parent().map(Path::to_path_buf))?
+    } else if in_checkpoints(&p) {
+        p.parent().map(Path::to_path_buf)
     } else {
-        p.to_path_buf()
+        Some(p)
     }
+}
+
+/// A resumed classifier's head reads its classes in the order of its run's labels.json: another
+/// label set of the same size (renamed classes, another --label-map order) would pass the shape
+/// check, rewrite labels.json, and make the run's earlier checkpoints answer with wrong names.
+fn check_same_labels(cfg: &FinetuneConfig, resume: &Resume, labels: Option<&LabelMap>) -> Result<()> {
+    let run = match resume {
+        Resume::No => return Ok(()),
+        Resume::Latest => Some(cfg.output_dir.clone()),
+        Resume::From(p) => resumed_run_dir(p),
+    };
+    let (Some(run), Some(labels)) = (run, labels) else {
+        return Ok(());
+    };
+    let file = run.join("labels.json");
+    if !file.is_file() {
+        return Ok(());
+    }
+    let then = LabelMap::load(&file).with_context(|| format!("reading {}", file.display()))?;
+    if then != *labels {
+        bail!(
+            "--resume: {} gives the run's classes as {:?}, these settings give {:?}; a checkpoint's \
+             head answers in its run's order: resume with --label-map {} (and the same data), or \
+             start a new run",
+            file.display(),
+            then.labels(),
+            labels.labels(),
+            file.display()
+        );
+    }
+    Ok(())
 }
 
 /// Whether `a` is `b` or inside it, as the OS resolves them.
@@ -246,12 +282,11 @@ fn check_fork_target(cfg: &FinetuneConfig, from: &Path) -> Result<()> {
     if within(from, out) {
         return Ok(());
     }
-    let theirs = !list_checkpoints(&out.join("checkpoints"))?.is_empty()
-        || out.join("finetune.toml").exists()
-        || out.join("metrics.jsonl").exists();
-    if theirs {
+    // Checkpoints are what a run cannot lose; a fork killed before its first save leaves only
+    // settings and metrics, and may be started again.
+    if !list_checkpoints(&out.join("checkpoints"))?.is_empty() {
         bail!(
-            "--resume {}: {} holds another run (its checkpoints, finetune.toml or metrics); a fork \
+            "--resume {}: {} holds another run (its checkpoints); a fork \
              goes into a new or empty folder: choose another --output-dir, or drop --output-dir to \
              continue the run being resumed in its own folder",
             from.display(),
