@@ -595,7 +595,11 @@ mod tests {
         std::fs::write(other.join(format!(".tmp-notes.txt-{dead}")), "").unwrap();
         let e = prepare_run_dir(&other, false, false).unwrap_err();
         assert!(matches!(e, OutputError::Foreign { .. }), "{e}");
-        assert_eq!(std::fs::read_dir(&other).unwrap().count(), 2, "the refused folder changed");
+        assert_eq!(
+            std::fs::read_dir(&other).unwrap().count(),
+            2,
+            "the refused folder changed"
+        );
     }
 
     #[test]

@@ -1001,6 +1001,120 @@ fn a_resume_continues_the_run_it_names_with_its_classes() {
     assert!(common::snapshot(&orig) == before);
 }
 
+/// Resume edge cases from a hostile pass: a fork kept inside its parent's folder is its own run
+/// (resumed back into the parent it mixed the two); `--resume RUN/checkpoints` and
+/// `--checkpoint RUN/checkpoints` take the latest; `--config COPY/finetune.toml --resume`
+/// continues the copy (it trained the original); a --random-init LoRA run resumed with another
+/// seed is refused (its adapters went on over a different random base).
+#[test]
+fn resume_edge_cases_continue_the_right_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-bert-cls", tmp.path());
+    let data = common::reviews_csv(tmp.path(), "d.csv", "text,label,movie");
+    let (m, d) = (s(&model), s(&data));
+    let p = tmp.path().join("P");
+    let lora = ["--mode", "lora", "--max-steps", "4", "--save-every", "2"];
+    run_ok(&common::finetune_args(m, d, s(&p), &lora), None);
+    let exp = p.join("exp");
+    let step2 = p.join("checkpoints/step-00000002");
+    let fork = [
+        "finetune",
+        "--resume",
+        s(&step2),
+        "--output-dir",
+        s(&exp),
+        "--max-steps",
+        "6",
+        "--no-progress",
+    ];
+    run_ok(&fork, None);
+    let before = common::snapshot(&p.join("checkpoints"));
+    let e = run_err(&[
+        "finetune",
+        "--resume",
+        s(&exp),
+        "--output-dir",
+        s(&p),
+        "--max-steps",
+        "8",
+        "--no-progress",
+    ]);
+    assert!(e.contains("holds another run"), "{e}");
+    assert!(common::snapshot(&p.join("checkpoints")) == before);
+    // RUN/checkpoints names the run's latest checkpoint.
+    let ckpts = exp.join("checkpoints");
+    run_ok(
+        &["eval", "--model", m, "--checkpoint", s(&ckpts), "--data-file", d],
+        None,
+    );
+    let o = run_ok(
+        &[
+            "finetune",
+            "--resume",
+            s(&ckpts),
+            "--max-steps",
+            "7",
+            "--no-progress",
+        ],
+        None,
+    );
+    assert_eq!(last_json(&o)["step"], 7);
+    assert!(exp.join("checkpoints/step-00000007").is_dir());
+    // A copy resumed through its own finetune.toml.
+    let copy = tmp.path().join("copy");
+    assert!(std::process::Command::new("cp")
+        .args(["-r", s(&exp), s(&copy)])
+        .status()
+        .unwrap()
+        .success());
+    let o = run_ok(
+        &[
+            "finetune",
+            "--config",
+            s(&copy.join("finetune.toml")),
+            "--resume",
+            "--max-steps",
+            "8",
+            "--no-progress",
+        ],
+        None,
+    );
+    assert_eq!(last_json(&o)["step"], 8);
+    assert!(copy.join("checkpoints/step-00000008").is_dir());
+    assert!(!exp.join("checkpoints/step-00000008").exists());
+    // --random-init LoRA: the seed is part of the model.
+    let gpt = fixture("tiny-gpt2", tmp.path());
+    let text = lm_text(tmp.path());
+    let lm = tmp.path().join("lm");
+    let lm_args = |extra: &[&'static str]| {
+        let mut a = vec![
+            "finetune",
+            "--model",
+            s(&gpt),
+            "--task",
+            "lm",
+            "--random-init",
+            "--mode",
+            "lora",
+            "--train-file",
+            s(&text),
+            "--block-size",
+            "8",
+            "--batch-size",
+            "4",
+            "--output-dir",
+            s(&lm),
+            "--no-progress",
+        ];
+        a.extend_from_slice(extra);
+        a
+    };
+    run_ok(&lm_args(&["--seed", "5", "--max-steps", "2"]), None);
+    let e = run_err(&lm_args(&["--resume", "--max-steps", "3"]));
+    assert!(e.contains("drawn from seed 5") && e.contains("--seed 5"), "{e}");
+    run_ok(&lm_args(&["--resume", "--seed", "5", "--max-steps", "3"]), None);
+}
+
 /// A model whose config.json gives an id2label that does not load (ids with a gap) is refused
 /// by predict and eval, naming the file, instead of predicting bare ids.
 #[test]

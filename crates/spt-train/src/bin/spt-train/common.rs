@@ -174,10 +174,20 @@ pub(crate) fn check_model_config(task: TaskKind, model_dir: &Path) -> Result<()>
     .with_context(|| format!("checking {}", p.display()))
 }
 
-/// The checkpoint a `--checkpoint` names: itself, or the latest one of a run directory.
+/// The checkpoint a `--checkpoint` names: itself, or the latest one of a run directory or of its
+/// `checkpoints/` folder.
 pub(crate) fn checkpoint_path(p: &Path) -> Result<PathBuf> {
     if p.join("manifest.json").is_file() {
         return Ok(p.to_path_buf());
+    }
+    if !p.exists() {
+        bail!("{}: no such checkpoint or run folder", p.display());
+    }
+    let named_checkpoints = std::path::absolute(p)
+        .ok()
+        .is_some_and(|a| a.file_name().is_some_and(|n| n == "checkpoints"));
+    if named_checkpoints {
+        return Ok(latest_checkpoint(p)?);
     }
     Ok(latest_checkpoint(&p.join("checkpoints"))?)
 }

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use spt_train::checkpoint::{
     checkpoint_step, latest_checkpoint, list_checkpoints, remove_checkpoints, write_file_atomic,
 };
-use spt_train::config::{resolve_model, FinetuneArgs, FinetuneConfig};
+use spt_train::config::{resolve_model, FinetuneArgs, FinetuneConfig, Mode};
 use spt_train::data::LabelMap;
 use spt_train::output_dir::{check_run_dir, prepare_run_dir};
 use spt_train::pipeline::{load_tokenizer, prepare_data};
@@ -19,8 +19,34 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
     // `--resume PATH` without --output-dir continues the run PATH belongs to in its own folder,
     // whatever a --config or the run's finetune.toml says `output_dir` is (an older run recorded
     // it relative to where it started, a moved run its old place): a fork is asked for by name.
+    // Likewise `--config RUN/finetune.toml --resume`: the run of that finetune.toml, where a copy
+    // of a run is resumed, not the folder its output_dir names (the original).
+    let run_of_config = args
+        .config
+        .as_deref()
+        .filter(|c| c.file_name().is_some_and(|n| n == "finetune.toml"))
+        .and_then(Path::parent)
+        .filter(|d| {
+            !list_checkpoints(&d.join("checkpoints"))
+                .unwrap_or_default()
+                .is_empty()
+        })
+        .map(|d| {
+            if d.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                d
+            }
+        });
     let with_run_dir;
     let args = match (args.resume.as_deref(), &args.output_dir) {
+        (Some("latest"), None) if run_of_config.is_some() => {
+            with_run_dir = FinetuneArgs {
+                output_dir: run_of_config.map(Path::to_path_buf),
+                ..args.clone()
+            };
+            &with_run_dir
+        }
         (Some(r), None) if r != "latest" => match resumed_run_dir(Path::new(r)) {
             Some(run) => {
                 with_run_dir = FinetuneArgs {
@@ -145,6 +171,7 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
         later_checkpoints(&cfg, p)?;
     }
     check_same_labels(&cfg, &resume, data.labels.as_ref())?;
+    check_same_random_base(&cfg, &resume)?;
     trainer.check_resume(&resume)?;
     // Held to the end of the run: a second spt-train into this folder is refused meanwhile.
     let _lock = prepare_run_dir(&cfg.output_dir, cfg.overwrite, resuming)?;
@@ -264,14 +291,41 @@ fn check_same_labels(cfg: &FinetuneConfig, resume: &Resume, labels: Option<&Labe
     Ok(())
 }
 
-/// Whether `a` is `b` or inside it, as the OS resolves them.
-fn within(a: &Path, b: &Path) -> bool {
-    let real = |p: &Path| {
-        p.canonicalize()
-            .or_else(|_| std::path::absolute(p))
-            .unwrap_or_default()
+/// With --random-init and a frozen base (lora, or spt with adapters), the seed draws the base the
+/// adapters were trained on, and a checkpoint holds only the adapters: resumed with another seed
+/// (or the command retyped without its --seed), they would go on over a different random model.
+fn check_same_random_base(cfg: &FinetuneConfig, resume: &Resume) -> Result<()> {
+    let frozen_base = cfg.mode == Mode::Lora || (cfg.mode == Mode::Spt && cfg.lora_rank > 0);
+    if !cfg.random_init || !frozen_base {
+        return Ok(());
+    }
+    let ck = match resume {
+        Resume::No => return Ok(()),
+        Resume::Latest => latest_checkpoint(&cfg.output_dir.join("checkpoints"))?,
+        Resume::From(p) => p.clone(),
     };
-    real(a).starts_with(real(b))
+    let manifest = spt_train::checkpoint::read_manifest(&ck)?;
+    if let Some(then) = manifest.config.get("seed").and_then(|s| s.as_u64()) {
+        if then != cfg.seed {
+            bail!(
+                "--seed {}: {} was trained over a random frozen base drawn from seed {then} \
+                 (--random-init); resume with --seed {then}",
+                cfg.seed,
+                ck.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Whether the checkpoint `from` is one of the run in `out` (as the OS resolves both): not a
+/// fork. A run kept inside another's folder (`P/exp`) is its own run, not P's.
+fn of_run(from: &Path, out: &Path) -> bool {
+    let real = |p: &Path| p.canonicalize().ok();
+    match resumed_run_dir(from).and_then(|r| real(&r)) {
+        Some(run) => real(out) == Some(run),
+        None => false,
+    }
 }
 
 /// A fork (resuming another run's checkpoint into `--output-dir`) goes into a new or empty
@@ -279,7 +333,7 @@ fn within(a: &Path, b: &Path) -> bool {
 /// labels beside that run's, and the older checkpoints would be read with the fork's labels.
 fn check_fork_target(cfg: &FinetuneConfig, from: &Path) -> Result<()> {
     let out = &cfg.output_dir;
-    if within(from, out) {
+    if of_run(from, out) {
         return Ok(());
     }
     // Checkpoints are what a run cannot lose; a fork killed before its first save leaves only
@@ -347,7 +401,7 @@ fn discard_later_checkpoints(cfg: &FinetuneConfig, from: &Path, later: &[String]
     let step = checkpoint_step(from)?;
     let ckpts = cfg.output_dir.join("checkpoints");
     if later.is_empty() {
-        if !within(from, &cfg.output_dir) {
+        if !of_run(from, &cfg.output_dir) {
             say!(
                 "note: resuming from {} into {}: a new run folder (a fork); the original run is unchanged",
                 from.display(),
