@@ -1113,6 +1113,73 @@ fn resume_edge_cases_continue_the_right_run() {
     let e = run_err(&lm_args(&["--resume", "--max-steps", "3"]));
     assert!(e.contains("drawn from seed 5") && e.contains("--seed 5"), "{e}");
     run_ok(&lm_args(&["--resume", "--seed", "5", "--max-steps", "3"]), None);
+    // Held-out rows that change at a resume were trained on before it: eval --split validation
+    // refuses them (it reported them as held out).
+    let v = tmp.path().join("v");
+    let val = common::reviews_csv(tmp.path(), "val.csv", "text,label,movie");
+    let mut first = common::finetune_args(m, d, s(&v), &["--mode", "lora", "--max-steps", "2"]);
+    first.extend(["--validation-file", s(&val)]);
+    run_ok(&first, None);
+    run_ok(
+        &[
+            "finetune",
+            "--output-dir",
+            s(&v),
+            "--resume",
+            "--max-steps",
+            "3",
+            "--validation-split",
+            "0.2",
+            "--set",
+            "data.validation_files=[]",
+            "--no-progress",
+        ],
+        None,
+    );
+    let e = run_err(&[
+        "eval",
+        "--model",
+        m,
+        "--checkpoint",
+        s(&v),
+        "--data-file",
+        d,
+        "--split",
+        "validation",
+    ]);
+    assert!(e.contains("changed its held-out rows when it was resumed"), "{e}");
+    // An unchanged resume keeps them held out.
+    let w = tmp.path().join("w");
+    run_ok(
+        &common::finetune_args(m, d, s(&w), &["--mode", "lora", "--max-steps", "2"]),
+        None,
+    );
+    run_ok(
+        &[
+            "finetune",
+            "--output-dir",
+            s(&w),
+            "--resume",
+            "--max-steps",
+            "3",
+            "--no-progress",
+        ],
+        None,
+    );
+    run_ok(
+        &[
+            "eval",
+            "--model",
+            m,
+            "--checkpoint",
+            s(&w),
+            "--data-file",
+            d,
+            "--split",
+            "validation",
+        ],
+        None,
+    );
 }
 
 /// A model whose config.json gives an id2label that does not load (ids with a gap) is refused

@@ -286,10 +286,16 @@ impl<T: TrainTask> Trainer<T> {
                 (opt, st)
             }
         };
+        // Held-out rows that changed at a resume (another split, validation file or data) may
+        // be rows the steps before it trained on: said in every later checkpoint.
+        let mixed = resume_path
+            .as_deref()
+            .is_some_and(|p| held_out_changed(p, self.held_out.as_ref()));
         self.data_prints = serde_json::json!({
             "train": train.fingerprint(),
             "validation": eval.map(EncodedDataset::fingerprint),
             "held_out": self.held_out,
+            "held_out_mixed": mixed,
         });
         let mut resumed_from = None;
         if let Some(p) = &resume_path {
@@ -620,6 +626,30 @@ pub fn check_settings(c: &TrainerConfig, train: &EncodedDataset) -> Result<()> {
 /// them (checkpoints before the record have none).
 pub fn recorded_rows(checkpoint: &Path, which: &str) -> Option<DataFingerprint> {
     rows_in(&read_manifest(checkpoint).ok()?.extra, which)
+}
+
+/// Whether a checkpoint's held-out rows may hold rows its run trained on: they changed at a
+/// resume on its way ([`Trainer::train`] records it).
+pub fn held_out_mixed(checkpoint: &Path) -> bool {
+    read_manifest(checkpoint)
+        .ok()
+        .and_then(|m| m.extra.get("data")?.get("held_out_mixed")?.as_bool())
+        .unwrap_or(false)
+}
+
+/// Whether resuming `checkpoint` with the held-out rows `now` changes them (or they had changed
+/// already). A checkpoint from before the record says nothing.
+fn held_out_changed(checkpoint: &Path, now: Option<&DataFingerprint>) -> bool {
+    let Ok(m) = read_manifest(checkpoint) else {
+        return false;
+    };
+    let Some(data) = m.extra.get("data").filter(|d| d.get("train").is_some()) else {
+        return false;
+    };
+    let then: Option<DataFingerprint> = data
+        .get("held_out")
+        .and_then(|h| serde_json::from_value(h.clone()).ok());
+    data.get("held_out_mixed").and_then(|x| x.as_bool()) == Some(true) || then.as_ref() != now
 }
 
 fn rows_in(extra: &serde_json::Value, which: &str) -> Option<DataFingerprint> {

@@ -190,6 +190,14 @@ fn check_same_held_out_rows(
         return Ok(());
     };
     let ck = crate::common::checkpoint_path(ck)?;
+    if spt_train::trainer::held_out_mixed(&ck) {
+        bail!(
+            "--split validation: {}'s run changed its held-out rows when it was resumed (another \
+             validation_split, validation file or data), so steps before the resume trained on \
+             some of the rows it now holds out; evaluate a file it never trained on with --split all",
+            ck.display()
+        );
+    }
     let Some(then) = spt_train::trainer::recorded_rows(&ck, "held_out") else {
         return Ok(()); // a checkpoint from before the record
     };
