@@ -383,14 +383,7 @@ fn a_nohup_run_survives_sighup() {
     send(&child, "-HUP");
     std::thread::sleep(Duration::from_millis(500));
     assert!(child.try_wait().unwrap().is_none(), "SIGHUP stopped a nohup run");
-    send(&child, "-INT");
-    let o = child.wait_with_output().unwrap();
-    assert_eq!(
-        o.status.code(),
-        Some(130),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    stop_and_wait(child, "-INT");
 }
 
 /// A LoRA run of the tiny BERT into `t.root/run` with no end in sight (through `wrapper`, e.g.
@@ -421,6 +414,19 @@ fn start_long_run(t: &Setup, wrapper: Option<&str>) -> std::process::Child {
     child
 }
 
+/// `signal` to `child`, which must then save and exit with status 130; its output.
+fn stop_and_wait(child: std::process::Child, signal: &str) -> std::process::Output {
+    send(&child, signal);
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
 /// `kill SIGNAL` to `child`.
 fn send(child: &std::process::Child, signal: &str) {
     let st = std::process::Command::new("kill")
@@ -445,14 +451,7 @@ fn interrupted_run_saves(signal: &str) {
         let toml = std::fs::read_to_string(run_dir.join("finetune.toml")).unwrap();
         assert!(toml.contains("max_steps = 100000"), "{toml}");
     }
-    send(&child, signal);
-    let o = child.wait_with_output().unwrap();
-    assert_eq!(
-        o.status.code(),
-        Some(130),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let o = stop_and_wait(child, signal);
     let summary = last_json(&o);
     assert_eq!(summary["stopped"], true);
     let last = *steps_in(&run_dir).last().unwrap();

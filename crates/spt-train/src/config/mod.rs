@@ -413,7 +413,7 @@ impl FinetuneConfig {
     /// finetune.toml and its checkpoints record them: resuming the run, or evaluating its
     /// validation split, from another directory then reads the same files, even after the
     /// directory it started from is gone. A path whose resolved form is not valid UTF-8 (the
-    /// model is a `String`) is kept as given.
+    /// model is a `String`) is kept as given; `resume`, which neither record keeps, too.
     pub fn with_absolute_paths(&self) -> Self {
         let abs = |p: &Path| crate::output_dir::resolve(p).unwrap_or_else(|_| p.to_path_buf());
         let model = if Path::new(&self.model).exists() {
@@ -423,12 +423,6 @@ impl FinetuneConfig {
         } else {
             self.model.clone()
         };
-        let resume = self.resume.as_ref().map(|r| match r.as_str() {
-            "latest" => r.clone(),
-            p => abs(Path::new(p))
-                .to_str()
-                .map_or_else(|| r.clone(), str::to_owned),
-        });
         Self {
             model,
             tokenizer: self.tokenizer.as_deref().map(abs),
@@ -436,7 +430,6 @@ impl FinetuneConfig {
             validation_files: self.validation_files.iter().map(|p| abs(p)).collect(),
             label_map: self.label_map.as_deref().map(abs),
             output_dir: abs(&self.output_dir),
-            resume,
             ..self.clone()
         }
     }

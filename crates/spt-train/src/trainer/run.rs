@@ -34,11 +34,29 @@ pub struct Trainer<T: TrainTask> {
     io: Box<dyn CheckpointIo>,
     /// What [`Trainer::check_resume`] restored, for [`Trainer::train`] to continue from.
     restored: Option<Restored>,
-    /// The rows being trained and evaluated on ([`DataFingerprint`]s), recorded in every
-    /// checkpoint's manifest (`extra.data`).
-    data_prints: serde_json::Value,
-    /// The rows held out of the training files, recorded beside them ([`Trainer::with_held_out`]).
-    held_out: Option<DataFingerprint>,
+    /// The rows being trained, evaluated and held out on, recorded in every checkpoint.
+    data: DataRecord,
+}
+
+/// Which rows a checkpoint's run trained and evaluated on and held out of its training files
+/// ([`DataFingerprint`]s), as its manifest records them (`extra.data`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DataRecord {
+    pub train: Option<DataFingerprint>,
+    pub validation: Option<DataFingerprint>,
+    pub held_out: Option<DataFingerprint>,
+    /// The held-out rows changed at a resume on the way to this checkpoint (another split,
+    /// validation file or data): the steps before it may have trained on some of them.
+    #[serde(default)]
+    pub held_out_mixed: bool,
+}
+
+impl DataRecord {
+    /// The record of `checkpoint`; none for a checkpoint from before the record.
+    pub fn of(checkpoint: &Path) -> Option<Self> {
+        let m = read_manifest(checkpoint).ok()?;
+        serde_json::from_value(m.extra.get("data")?.clone()).ok()
+    }
 }
 
 /// A checkpoint restored into the task: its path, the optimizer holding its state, its loop state.
@@ -65,8 +83,7 @@ impl<T: TrainTask> Trainer<T> {
             stop: Arc::new(AtomicBool::new(false)),
             io: Box::new(FsIo),
             restored: None,
-            data_prints: serde_json::Value::Null,
-            held_out: None,
+            data: DataRecord::default(),
         }
     }
 
@@ -74,7 +91,7 @@ impl<T: TrainTask> Trainer<T> {
     /// ([`crate::pipeline::PreparedData::held_out`]), for `eval --split validation` to check
     /// that it evaluates those rows again.
     pub fn with_held_out(mut self, rows: Option<DataFingerprint>) -> Self {
-        self.held_out = rows;
+        self.data.held_out = rows;
         self
     }
 
@@ -219,7 +236,7 @@ impl<T: TrainTask> Trainer<T> {
             data: st.pos,
             rng_state: st.rng.state,
             config: self.cfg.run_config.clone(),
-            extra_json: serde_json::json!({ "data": self.data_prints }),
+            extra_json: serde_json::json!({ "data": self.data }),
             model,
             optimizer: opt.state_dict()?,
             extra: self.task.extra_state()?,
@@ -286,20 +303,24 @@ impl<T: TrainTask> Trainer<T> {
                 (opt, st)
             }
         };
+        let before = resume_path.as_deref().and_then(DataRecord::of);
+        let mut now = DataRecord {
+            train: Some(train.fingerprint()),
+            validation: eval.map(EncodedDataset::fingerprint),
+            held_out: self.data.held_out.take(),
+            held_out_mixed: false,
+        };
         // Held-out rows that changed at a resume (another split, validation file or data) may
         // be rows the steps before it trained on: said in every later checkpoint.
-        let mixed = resume_path
-            .as_deref()
-            .is_some_and(|p| held_out_changed(p, self.held_out.as_ref()));
-        self.data_prints = serde_json::json!({
-            "train": train.fingerprint(),
-            "validation": eval.map(EncodedDataset::fingerprint),
-            "held_out": self.held_out,
-            "held_out_mixed": mixed,
-        });
+        now.held_out_mixed = before
+            .as_ref()
+            .is_some_and(|b| b.held_out_mixed || b.held_out != now.held_out);
+        if let (Some(p), Some(b)) = (&resume_path, &before) {
+            warn_if_rows_changed(p, b, &now);
+        }
+        self.data = now;
         let mut resumed_from = None;
         if let Some(p) = &resume_path {
-            warn_if_rows_changed(p, &self.data_prints);
             metrics.truncate_after(st.step)?;
             resumed_from = Some(st.step);
             tracing::info!(step = st.step, path = %p.display(), "resumed");
@@ -622,53 +643,18 @@ pub fn check_settings(c: &TrainerConfig, train: &EncodedDataset) -> Result<()> {
     Ok(())
 }
 
-/// The rows a checkpoint recorded (`which`: "train", "validation" or "held_out"), if it recorded
-/// them (checkpoints before the record have none).
-pub fn recorded_rows(checkpoint: &Path, which: &str) -> Option<DataFingerprint> {
-    rows_in(&read_manifest(checkpoint).ok()?.extra, which)
-}
-
-/// Whether a checkpoint's held-out rows may hold rows its run trained on: they changed at a
-/// resume on its way ([`Trainer::train`] records it).
-pub fn held_out_mixed(checkpoint: &Path) -> bool {
-    read_manifest(checkpoint)
-        .ok()
-        .and_then(|m| m.extra.get("data")?.get("held_out_mixed")?.as_bool())
-        .unwrap_or(false)
-}
-
-/// Whether resuming `checkpoint` with the held-out rows `now` changes them (or they had changed
-/// already). A checkpoint from before the record says nothing.
-fn held_out_changed(checkpoint: &Path, now: Option<&DataFingerprint>) -> bool {
-    let Ok(m) = read_manifest(checkpoint) else {
-        return false;
-    };
-    let Some(data) = m.extra.get("data").filter(|d| d.get("train").is_some()) else {
-        return false;
-    };
-    let then: Option<DataFingerprint> = data
-        .get("held_out")
-        .and_then(|h| serde_json::from_value(h.clone()).ok());
-    data.get("held_out_mixed").and_then(|x| x.as_bool()) == Some(true) || then.as_ref() != now
-}
-
-fn rows_in(extra: &serde_json::Value, which: &str) -> Option<DataFingerprint> {
-    serde_json::from_value(extra.get("data")?.get(which)?.clone()).ok()
-}
-
 /// A resume on other rows than the checkpoint's run trained on goes on (the user may mean it),
 /// but says so: the data position and the shuffle order refer to the old rows.
-fn warn_if_rows_changed(checkpoint: &Path, now: &serde_json::Value) {
-    let Ok(manifest) = read_manifest(checkpoint) else {
-        return;
-    };
-    for which in ["train", "validation"] {
-        let Some(then) = rows_in(&manifest.extra, which) else {
+fn warn_if_rows_changed(checkpoint: &Path, then: &DataRecord, now: &DataRecord) {
+    for (which, then, now) in [
+        ("train", &then.train, &now.train),
+        ("validation", &then.validation, &now.validation),
+    ] {
+        let Some(then) = then else {
             continue;
         };
-        let current: Option<DataFingerprint> = serde_json::from_value(now[which].clone()).ok();
-        if current.as_ref() != Some(&then) {
-            let now = current.map_or("none".to_string(), |c| {
+        if now.as_ref() != Some(then) {
+            let now = now.as_ref().map_or("none".to_string(), |c| {
                 format!("{} rows, checksum {}", c.rows, c.fnv1a64)
             });
             tracing::warn!(

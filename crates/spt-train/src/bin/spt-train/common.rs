@@ -314,12 +314,7 @@ pub(crate) fn run_config(checkpoint: Option<&Path>) -> Result<Option<FinetuneCon
             }
         }
     }
-    match run_config_path(given) {
-        Some(p) => Ok(Some(
-            FinetuneConfig::load_run(&p).with_context(|| format!("reading {}", p.display()))?,
-        )),
-        None => Ok(None),
-    }
+    from_toml()
 }
 
 /// The model of `--model`, prepared in the run's mode and holding the checkpoint's trained values.

@@ -190,7 +190,10 @@ fn check_same_held_out_rows(
         return Ok(());
     };
     let ck = crate::common::checkpoint_path(ck)?;
-    if spt_train::trainer::held_out_mixed(&ck) {
+    let Some(record) = spt_train::trainer::DataRecord::of(&ck) else {
+        return Ok(()); // a checkpoint from before the record
+    };
+    if record.held_out_mixed {
         bail!(
             "--split validation: {}'s run changed its held-out rows when it was resumed (another \
              validation_split, validation file or data), so steps before the resume trained on \
@@ -198,8 +201,8 @@ fn check_same_held_out_rows(
             ck.display()
         );
     }
-    let Some(then) = spt_train::trainer::recorded_rows(&ck, "held_out") else {
-        return Ok(()); // a checkpoint from before the record
+    let Some(then) = record.held_out else {
+        return Ok(());
     };
     if now == Some(&then) {
         return Ok(());

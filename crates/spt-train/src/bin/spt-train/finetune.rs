@@ -16,47 +16,17 @@ use spt_train::pipeline::{load_tokenizer, prepare_data};
 use spt_train::trainer::{install_ctrlc_handler, Resume, Trainer};
 
 pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
-    // `--resume PATH` without --output-dir continues the run PATH belongs to in its own folder,
-    // whatever a --config or the run's finetune.toml says `output_dir` is (an older run recorded
-    // it relative to where it started, a moved run its old place): a fork is asked for by name.
-    // Likewise `--config RUN/finetune.toml --resume`: the run of that finetune.toml, where a copy
-    // of a run is resumed, not the folder its output_dir names (the original).
-    let run_of_config = args
-        .config
-        .as_deref()
-        .filter(|c| c.file_name().is_some_and(|n| n == "finetune.toml"))
-        .and_then(Path::parent)
-        .filter(|d| {
-            !list_checkpoints(&d.join("checkpoints"))
-                .unwrap_or_default()
-                .is_empty()
-        })
-        .map(|d| {
-            if d.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                d
-            }
-        });
+    // A resume without --output-dir continues in the folder of the run it names (see
+    // `resume_folder`), not in an output_dir a finetune.toml records.
     let with_run_dir;
-    let args = match (args.resume.as_deref(), &args.output_dir) {
-        (Some("latest"), None) if run_of_config.is_some() => {
+    let args = match (&args.output_dir, resume_folder(args)) {
+        (None, Some(run)) => {
             with_run_dir = FinetuneArgs {
-                output_dir: run_of_config.map(Path::to_path_buf),
+                output_dir: Some(run),
                 ..args.clone()
             };
             &with_run_dir
         }
-        (Some(r), None) if r != "latest" => match resumed_run_dir(Path::new(r)) {
-            Some(run) => {
-                with_run_dir = FinetuneArgs {
-                    output_dir: Some(run),
-                    ..args.clone()
-                };
-                &with_run_dir
-            }
-            None => args,
-        },
         _ => args,
     };
     let with_run_config;
@@ -66,14 +36,7 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
                 "note: --resume without --config or --model: the run's settings come from {}",
                 p.display()
             );
-            // `--resume` (latest) continues in the folder whose finetune.toml this is, not in the
-            // `output_dir` it records (a moved or copied run's old place).
-            let here = p
-                .parent()
-                .filter(|d| !d.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
             with_run_config = FinetuneArgs {
-                output_dir: args.output_dir.clone().or_else(|| Some(here.to_path_buf())),
                 config: Some(p),
                 ..args.clone()
             };
@@ -242,6 +205,39 @@ fn resumed_run_config(args: &FinetuneArgs) -> Option<PathBuf> {
         p => resumed_run_dir(Path::new(p))?,
     };
     Some(run.join("finetune.toml")).filter(|f| f.is_file())
+}
+
+/// The folder a `--resume` without --output-dir continues in: the run it names, not the
+/// output_dir a finetune.toml records (relative to where an older run started, or a moved or
+/// copied run's old place; a fork is asked for by name). `--resume PATH`: PATH's run
+/// ([`resumed_run_dir`]). `--resume` (latest): the run whose finetune.toml `--config` gives (a
+/// copy of a run is resumed, not the original), else without --config and --model the default
+/// output folder, whose finetune.toml supplies the settings; none for a --config template.
+fn resume_folder(args: &FinetuneArgs) -> Option<PathBuf> {
+    match args.resume.as_deref()? {
+        "latest" => match &args.config {
+            Some(c) => c
+                .file_name()
+                .is_some_and(|n| n == "finetune.toml")
+                .then(|| c.parent())
+                .flatten()
+                .map(|d| {
+                    if d.as_os_str().is_empty() {
+                        Path::new(".")
+                    } else {
+                        d
+                    }
+                })
+                .filter(|d| {
+                    !list_checkpoints(&d.join("checkpoints"))
+                        .unwrap_or_default()
+                        .is_empty()
+                })
+                .map(Path::to_path_buf),
+            None => args.model.is_none().then(|| FinetuneConfig::default().output_dir),
+        },
+        p => resumed_run_dir(Path::new(p)),
+    }
 }
 
 /// The run folder that `--resume PATH` names: the run holding the checkpoint PATH
