@@ -410,6 +410,17 @@ fn utf8_lines(path: &Path, bytes: &[u8]) -> Result<Vec<(u64, String)>, DataError
     Ok(out)
 }
 
+/// A JSON number as a label or text: an integral float (`1.0`, `1e0`) reads as the integer it
+/// equals, so that `1` and `1.0` in one file are one class.
+fn number_text(n: &serde_json::Number) -> String {
+    match n.as_f64() {
+        Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 9.007_199_254_740_992e15 => {
+            format!("{}", f as i64)
+        }
+        _ => n.to_string(),
+    }
+}
+
 fn read_jsonl(path: &Path, spec: &ColumnSpec) -> Result<Vec<RawExample>, DataError> {
     let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
     let mut out = Vec::new();
@@ -436,7 +447,8 @@ fn read_jsonl(path: &Path, spec: &ColumnSpec) -> Result<Vec<RawExample>, DataErr
         let get = |key: &str| -> Result<String, DataError> {
             match obj.get(key) {
                 Some(serde_json::Value::String(s)) => Ok(s.clone()),
-                Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => Ok(v.to_string()),
+                Some(serde_json::Value::Number(n)) => Ok(number_text(n)),
+                Some(v @ serde_json::Value::Bool(_)) => Ok(v.to_string()),
                 Some(other) => Err(DataError::Parse {
                     path: path.to_path_buf(),
                     line,
@@ -865,6 +877,24 @@ mod tests {
         assert_eq!(d.examples.len(), 2);
         assert_eq!(d.examples[0].label.as_deref(), Some("1"));
         assert_eq!(d.examples[1].line, 3);
+    }
+
+    #[test]
+    fn integral_json_numbers_are_one_label() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows: String = ["1", "1.0", "1e0", "2.5", "-0.0", "12345678901234567890"]
+            .iter()
+            .map(|l| format!("{{\"text\":\"t\",\"label\":{l}}}\n"))
+            .collect();
+        let p = write(dir.path(), "n.jsonl", rows.as_bytes());
+        let spec = ColumnSpec {
+            text: "text".into(),
+            label: Some("label".into()),
+            ..Default::default()
+        };
+        let d = read_classification(&p, None, &spec, &[]).unwrap();
+        let labels: Vec<_> = d.examples.iter().map(|e| e.label.clone().unwrap()).collect();
+        assert_eq!(labels, ["1", "1", "1", "2.5", "0", "12345678901234567890"]);
     }
 
     #[test]
