@@ -153,6 +153,22 @@ fn export_never_deletes_or_replaces_files_it_did_not_write() {
     // A run folder is not an export folder.
     let o = export(&run_dir, true);
     assert!(String::from_utf8_lossy(&o.stderr).contains("fine-tuning run"));
+    // A link to an empty folder is exported through (it said "Not a directory"); the link
+    // stays a link. A link to nothing is named.
+    let target = t.root.join("elsewhere");
+    std::fs::create_dir(&target).unwrap();
+    let link = t.root.join("link");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let o = export(&link, false);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(link.symlink_metadata().unwrap().file_type().is_symlink());
+    assert!(target.join("model.safetensors").is_file());
+    let dangling = t.root.join("dangling");
+    std::os::unix::fs::symlink(t.root.join("gone"), &dangling).unwrap();
+    let o = export(&dangling, false);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("which does not exist") && e.contains("gone"), "{e}");
+    assert!(!t.root.join("gone").exists());
     // No staging folder left behind.
     let debris: Vec<_> = std::fs::read_dir(&t.root)
         .unwrap()

@@ -46,8 +46,9 @@ pub(crate) fn export(a: &ExportArgs) -> Result<()> {
     }
     // Refuse before the (slow) load: the checks are repeated when the files are moved in.
     let model_dir = resolve_model(&a.model.model)?;
+    let out = &link_target(&a.out)?;
     // An earlier export used as the base: exporting over it would replace the input it reads.
-    if let (Ok(out), Ok(src)) = (a.out.canonicalize(), model_dir.canonicalize()) {
+    if let (Ok(out), Ok(src)) = (out.canonicalize(), model_dir.canonicalize()) {
         if out == src {
             bail!(
                 "--out {} is the model being exported from (--model): write the export to another \
@@ -77,7 +78,7 @@ pub(crate) fn export(a: &ExportArgs) -> Result<()> {
             (ADAPTER_FILES.iter().map(|f| f.to_string()).collect(), None)
         }
     };
-    check_export_dir(&a.out, &files, a.overwrite)?;
+    check_export_dir(out, &files, a.overwrite)?;
     let task_kind = task_of(&a.model.model)?;
     check_model(task_kind, &model_dir)?;
     if a.format == Format::Hf {
@@ -93,7 +94,7 @@ pub(crate) fn export(a: &ExportArgs) -> Result<()> {
         None,
     )?;
     if let (Format::Peft, Some(cfg)) = (a.format, &run) {
-        export_peft_adapter(&task, cfg, &cfg.model, &a.out, a.overwrite)?;
+        export_peft_adapter(&task, cfg, &cfg.model, out, a.overwrite)?;
         say!(
             "exported the adapter to {} (load it with peft.PeftModel.from_pretrained onto {})",
             a.out.display(),
@@ -124,11 +125,33 @@ pub(crate) fn export(a: &ExportArgs) -> Result<()> {
         &model_dir,
         tokenizer.as_deref(),
         labels.as_ref(),
-        &a.out,
+        out,
         a.overwrite,
     )?;
     say!("exported to {}", a.out.display());
     Ok(())
+}
+
+/// `--out` as written, or, for a link, the folder it points to: the export is staged beside that
+/// folder and renamed into it (the link stays). A link to nothing or to a file is refused by name.
+fn link_target(out: &Path) -> Result<PathBuf> {
+    let is_link = out.symlink_metadata().is_ok_and(|m| m.file_type().is_symlink());
+    if !is_link {
+        return Ok(out.to_path_buf());
+    }
+    let to = std::fs::read_link(out).map_or_else(|_| "?".into(), |t| t.display().to_string());
+    match out.canonicalize() {
+        Ok(t) if t.is_dir() => Ok(t),
+        Ok(t) => bail!(
+            "--out {} is a link to {}, which is not a folder",
+            out.display(),
+            t.display()
+        ),
+        Err(_) => bail!(
+            "--out {} is a link to {to}, which does not exist: create that folder, or give another --out",
+            out.display()
+        ),
+    }
 }
 
 /// The export copies the model's tokenizer files as they are: a broken one is refused here, by
