@@ -244,6 +244,26 @@ pub fn prepare_data(
     tok: &TextTokenizer,
     output_dir: Option<&Path>,
 ) -> Result<PreparedData> {
+    prepare(cfg, tok, output_dir, None)
+}
+
+/// [`prepare_data`] with the classes given (e.g. the ones a checkpoint's head was trained on),
+/// over `cfg.label_map` and the data's own; a classification row whose label is not among them
+/// is an error.
+pub fn prepare_data_with_labels(
+    cfg: &FinetuneConfig,
+    tok: &TextTokenizer,
+    labels: &LabelMap,
+) -> Result<PreparedData> {
+    prepare(cfg, tok, None, Some(labels))
+}
+
+fn prepare(
+    cfg: &FinetuneConfig,
+    tok: &TextTokenizer,
+    output_dir: Option<&Path>,
+    given: Option<&LabelMap>,
+) -> Result<PreparedData> {
     match cfg.task {
         TaskKind::Classify => {
             let mut dropped = vec![0; cfg.drop_labels.len()];
@@ -260,7 +280,7 @@ pub fn prepare_data(
                     tr.push(a);
                     va.push(b);
                 }
-                if cfg.label_map.is_none() {
+                if cfg.label_map.is_none() && given.is_none() {
                     check_split_labels(cfg, &tr, &va)?;
                 }
                 (tr, va)
@@ -275,9 +295,10 @@ pub fn prepare_data(
                     );
                 }
             }
-            let labels = match &cfg.label_map {
-                Some(p) => LabelMap::load(p)?,
-                None => {
+            let labels = match (given, &cfg.label_map) {
+                (Some(l), _) => l.clone(),
+                (None, Some(p)) => LabelMap::load(p)?,
+                (None, None) => {
                     let mut all = std::collections::BTreeSet::new();
                     for p in &train_parts {
                         all.extend(p.examples.iter().filter_map(|e| e.label.clone()));

@@ -135,6 +135,32 @@ fn classify_finetune_eval_predict_export() {
         edited.to_str().unwrap(),
     ]);
     assert!(e.contains("are not the ones") && e.contains("edited.csv"), "{e}");
+    // A --config with another split is named as the cause (the data was blamed).
+    let other = tmp.path().join("other-split.toml");
+    let toml = std::fs::read_to_string(&cfg).unwrap();
+    let line = toml
+        .lines()
+        .find(|l| l.starts_with("validation_split"))
+        .expect("finetune.toml records validation_split")
+        .to_string();
+    std::fs::write(&other, toml.replace(&line, "validation_split = 0.5")).unwrap();
+    let e = common::run_err(&[
+        "eval",
+        "--model",
+        m,
+        "--checkpoint",
+        r,
+        "--config",
+        other.to_str().unwrap(),
+        "--split",
+        "validation",
+        "--data-file",
+        data.to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("validation_split 0.5 (the run's: ") && !e.contains("are not the ones"),
+        "{e}"
+    );
     // The same rows under another truncation are still the held-out rows: evaluated.
     let o = spt_train(
         &[

@@ -1001,6 +1001,69 @@ fn a_resume_continues_the_run_it_names_with_its_classes() {
     assert!(common::snapshot(&orig) == before);
 }
 
+/// A checkpoint records its head's classes: with the run's labels.json lost, eval and predict
+/// answer in the trained order (eval took a one-class file's labels for the classes and failed,
+/// predict printed bare ids), and a resume with renamed classes is refused (it was accepted).
+#[test]
+fn a_checkpoint_keeps_its_classes_without_labels_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-bert-cls", tmp.path());
+    let data = common::reviews_csv(tmp.path(), "d.csv", "text,label,movie");
+    let (m, d) = (s(&model), s(&data));
+    let run = tmp.path().join("run");
+    let r = s(&run);
+    run_ok(&common::finetune_args(m, d, r, &["--max-steps", "4"]), None);
+    // One class of three: its labels alone would make it class 0.
+    let one = tmp.path().join("neutral.csv");
+    let text = std::fs::read_to_string(&data).unwrap();
+    let rows: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.contains(",neg,") && !l.contains(",pos,"))
+        .collect();
+    std::fs::write(&one, rows.join("\n")).unwrap();
+    let answers = || {
+        let eval = last_json(&run_ok(
+            &["eval", "--model", m, "--checkpoint", r, "--data-file", s(&one)],
+            None,
+        ));
+        let o = run_ok(&["predict", "--model", m, "--checkpoint", r, "--input", d], None);
+        (
+            (eval["accuracy"].clone(), eval["loss"].clone()),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+        )
+    };
+    let before = answers();
+    std::fs::remove_file(run.join("labels.json")).unwrap();
+    let after = answers();
+    assert_eq!(before, after);
+    // Renamed classes of the same count.
+    let renamed = tmp.path().join("renamed.csv");
+    std::fs::write(&renamed, text.replace(",pos,", ",positive,")).unwrap();
+    let renamed_order = tmp.path().join("renamed.json");
+    std::fs::write(
+        &renamed_order,
+        r#"{"id2label": {"0": "positive", "1": "neg", "2": "neutral"}, "label2id": {"positive": 0, "neg": 1, "neutral": 2}}"#,
+    )
+    .unwrap();
+    let e = run_err(&[
+        "finetune",
+        "--output-dir",
+        r,
+        "--resume",
+        "--train-file",
+        s(&renamed),
+        "--label-map",
+        s(&renamed_order),
+        "--max-steps",
+        "5",
+        "--no-progress",
+    ]);
+    assert!(
+        e.contains("gives the run's classes as") && e.contains("step-00000004"),
+        "{e}"
+    );
+}
+
 /// Resume edge cases from a hostile pass: a fork kept inside its parent's folder is its own run
 /// (resumed back into the parent it mixed the two); `--resume RUN/checkpoints` and
 /// `--checkpoint RUN/checkpoints` take the latest; `--config COPY/finetune.toml --resume`

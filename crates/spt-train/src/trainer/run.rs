@@ -49,6 +49,10 @@ pub struct DataRecord {
     /// validation file or data): the steps before it may have trained on some of them.
     #[serde(default)]
     pub held_out_mixed: bool,
+    /// A classifier's class names in its head's order (a run's labels.json can be lost or
+    /// edited; the checkpoint's head answers in this order).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<Vec<String>>,
 }
 
 impl DataRecord {
@@ -92,6 +96,12 @@ impl<T: TrainTask> Trainer<T> {
     /// that it evaluates those rows again.
     pub fn with_held_out(mut self, rows: Option<DataFingerprint>) -> Self {
         self.data.held_out = rows;
+        self
+    }
+
+    /// Records a classifier's class names, in its head's order, in each checkpoint.
+    pub fn with_classes(mut self, classes: Option<Vec<String>>) -> Self {
+        self.data.classes = classes;
         self
     }
 
@@ -309,6 +319,7 @@ impl<T: TrainTask> Trainer<T> {
             validation: eval.map(EncodedDataset::fingerprint),
             held_out: self.data.held_out.take(),
             held_out_mixed: false,
+            classes: self.data.classes.take(),
         };
         // Held-out rows that changed at a resume (another split, validation file or data) may
         // be rows the steps before it trained on: said in every later checkpoint.

@@ -192,7 +192,8 @@ pub(crate) fn checkpoint_path(p: &Path) -> Result<PathBuf> {
     Ok(latest_checkpoint(&p.join("checkpoints"))?)
 }
 
-/// The label mapping: `--label-map`; else the labels.json of the run that holds the checkpoint;
+/// The label mapping: `--label-map`; else the classes the checkpoint records (`find_labels`), else
+/// the labels.json of the run that holds the checkpoint;
 /// else, without a checkpoint, the `id2label` of the model's config.json (what `export` writes,
 /// and what a fine-tuned Hub model carries), unless those are HF's placeholder names (`LABEL_0`,
 /// …), which say nothing: then the labels come from the data, as in fine-tuning.
@@ -234,11 +235,27 @@ pub(crate) fn config_has_any(model_dir: &Path, keys: &[&str]) -> bool {
         .is_some_and(|v| keys.iter().any(|k| v.get(k).is_some()))
 }
 
+/// The classes `checkpoint` (a checkpoint or a run folder) records for its head, in its order:
+/// they outlive an edited or lost labels.json. None for a checkpoint from before the record.
+pub(crate) fn recorded_classes(checkpoint: &Option<PathBuf>) -> Result<Option<LabelMap>> {
+    let recorded = checkpoint
+        .as_deref()
+        .and_then(|c| checkpoint_path(c).ok())
+        .and_then(|ck| spt_train::trainer::DataRecord::of(&ck))
+        .and_then(|r| r.classes);
+    Ok(recorded.map(LabelMap::new).transpose()?)
+}
+
 pub(crate) fn find_labels(
     given: &Option<PathBuf>,
     checkpoint: &Option<PathBuf>,
     model_dir: &Path,
 ) -> Result<Option<LabelMap>> {
+    if given.is_none() {
+        if let Some(l) = recorded_classes(checkpoint)? {
+            return Ok(Some(l));
+        }
+    }
     Ok(labels_path(given, checkpoint, model_dir)
         .map(|p| LabelMap::load(&p))
         .transpose()?)

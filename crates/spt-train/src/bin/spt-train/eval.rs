@@ -3,13 +3,14 @@
 use std::path::PathBuf;
 
 use crate::common::{
-    check_model_config, check_model_type, device, labels_path, load_trained, task_name, task_of, ModelArgs,
+    check_model_config, check_model_type, device, labels_path, load_trained, recorded_classes, task_name,
+    task_of, ModelArgs,
 };
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use spt_train::config::{resolve_model, FinetuneArgs, FinetuneConfig};
 use spt_train::data::{DataFormat, LabelMap, TaskKind};
-use spt_train::pipeline::{load_tokenizer, prepare_data};
+use spt_train::pipeline::{load_tokenizer, prepare_data, prepare_data_with_labels};
 use spt_train::trainer::evaluate;
 
 #[derive(Args)]
@@ -147,7 +148,11 @@ pub(crate) fn eval(a: &EvalArgs) -> Result<()> {
         );
     }
     let tok = load_tokenizer(&cfg, &model_dir)?;
-    let data = prepare_data(&cfg, &tok, None)?;
+    // Rows are scored against the classes the checkpoint's head answers in.
+    let data = match (&a.label_map, recorded_classes(&a.model.checkpoint)?) {
+        (None, Some(classes)) => prepare_data_with_labels(&cfg, &tok, &classes)?,
+        _ => prepare_data(&cfg, &tok, None)?,
+    };
     spt_train::pipeline::check_data_fits_model(&data, &model_dir)?;
     if a.split == EvalSplit::Validation {
         check_same_held_out_rows(a, &cfg, data.held_out.as_ref())?;
@@ -206,6 +211,34 @@ fn check_same_held_out_rows(
     };
     if now == Some(&then) {
         return Ok(());
+    }
+    // A --config whose split differs from the run's splits other rows out of the same file.
+    if let Ok(Some(run)) = crate::common::run_config(Some(&ck)) {
+        let mut differ = Vec::new();
+        if run.validation_split != cfg.validation_split {
+            differ.push(format!(
+                "validation_split {} (the run's: {})",
+                cfg.validation_split, run.validation_split
+            ));
+        }
+        if run.seed != cfg.seed {
+            differ.push(format!("seed {} (the run's: {})", cfg.seed, run.seed));
+        }
+        if run.split_by != cfg.split_by {
+            differ.push(format!(
+                "split_by {:?} (the run's: {:?})",
+                cfg.split_by, run.split_by
+            ));
+        }
+        if !differ.is_empty() {
+            bail!(
+                "--split validation: these settings split the training files otherwise than {}'s \
+                 run did: {}; evaluate with the run's own settings (--checkpoint without --config, \
+                 or --config RUN/finetune.toml)",
+                ck.display(),
+                differ.join(", ")
+            );
+        }
     }
     let files: Vec<String> = a.data_files.iter().map(|p| p.display().to_string()).collect();
     // What decides the held-out rows besides the file: for an LM, the blocks follow the

@@ -13,7 +13,7 @@ use spt_train::config::{resolve_model, FinetuneArgs, FinetuneConfig, Mode};
 use spt_train::data::LabelMap;
 use spt_train::output_dir::{check_run_dir, prepare_run_dir};
 use spt_train::pipeline::{load_tokenizer, prepare_data};
-use spt_train::trainer::{install_ctrlc_handler, Resume, Trainer};
+use spt_train::trainer::{install_ctrlc_handler, DataRecord, Resume, Trainer};
 
 pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
     // A resume without --output-dir continues in the folder of the run it names (see
@@ -125,8 +125,9 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
     task.summary
         .check_fits(spt_models::physical_memory_bytes(), batch)?;
     let (trainable, total) = (task.summary.trainable, task.summary.total);
-    let mut trainer =
-        Trainer::new(task, cfg.trainer_config(data.train.len()), dev).with_held_out(data.held_out.clone());
+    let mut trainer = Trainer::new(task, cfg.trainer_config(data.train.len()), dev)
+        .with_held_out(data.held_out.clone())
+        .with_classes(data.labels.as_ref().map(|l| l.labels().to_vec()));
     // The checkpoint must fit these settings before the run folder changes: a refused resume
     // leaves its finetune.toml, labels.json and later checkpoints as they were.
     if let Resume::From(p) = &resume {
@@ -256,32 +257,53 @@ fn resumed_run_dir(p: &Path) -> Option<PathBuf> {
     }
 }
 
-/// A resumed classifier's head reads its classes in the order of its run's labels.json: another
-/// label set of the same size (renamed classes, another --label-map order) would pass the shape
-/// check, rewrite labels.json, and make the run's earlier checkpoints answer with wrong names.
+/// A resumed classifier's head reads its classes in its checkpoint's order (recorded in the
+/// manifest; for a checkpoint from before that record, its run's labels.json): another label set
+/// of the same size (renamed classes, another --label-map order) would pass the shape check,
+/// rewrite labels.json, and make the run's earlier checkpoints answer with wrong names.
 fn check_same_labels(cfg: &FinetuneConfig, resume: &Resume, labels: Option<&LabelMap>) -> Result<()> {
-    let run = match resume {
+    let (ck, run) = match resume {
         Resume::No => return Ok(()),
-        Resume::Latest => Some(cfg.output_dir.clone()),
-        Resume::From(p) => resumed_run_dir(p),
+        Resume::Latest => (
+            latest_checkpoint(&cfg.output_dir.join("checkpoints")).ok(),
+            Some(cfg.output_dir.clone()),
+        ),
+        Resume::From(p) => (Some(p.clone()), resumed_run_dir(p)),
     };
-    let (Some(run), Some(labels)) = (run, labels) else {
+    let Some(labels) = labels else {
         return Ok(());
     };
-    let file = run.join("labels.json");
-    if !file.is_file() {
-        return Ok(());
-    }
-    let then = LabelMap::load(&file).with_context(|| format!("reading {}", file.display()))?;
-    if then != *labels {
+    let recorded = ck
+        .as_deref()
+        .and_then(DataRecord::of)
+        .and_then(|r| r.classes)
+        .map(|c| {
+            (
+                c,
+                format!("checkpoint {}", ck.as_deref().unwrap_or(Path::new("")).display()),
+            )
+        });
+    let file = run.map(|r| r.join("labels.json"));
+    let then = match (recorded, &file) {
+        (Some(r), _) => r,
+        (None, Some(f)) if f.is_file() => {
+            let l = LabelMap::load(f).with_context(|| format!("reading {}", f.display()))?;
+            (l.labels().to_vec(), f.display().to_string())
+        }
+        _ => return Ok(()),
+    };
+    if then.0 != labels.labels() {
         bail!(
             "--resume: {} gives the run's classes as {:?}, these settings give {:?}; a checkpoint's \
-             head answers in its run's order: resume with --label-map {} (and the same data), or \
-             start a new run",
-            file.display(),
-            then.labels(),
+             head answers in that order: resume with a --label-map giving those classes in that \
+             order ({}) and the same data, or start a new run",
+            then.1,
+            then.0,
             labels.labels(),
-            file.display()
+            match file {
+                Some(f) if f.is_file() => format!("the run's {}", f.display()),
+                _ => "the run's labels.json is gone".into(),
+            }
         );
     }
     Ok(())
