@@ -98,25 +98,32 @@ impl PreparedMask {
 }
 
 /// Whether every query row sees a key: with key padding, each sequence needs one allowed key
-/// (under a causal mask: key 0, which row 0 needs). One host read of the `[B, L]` mask.
+/// (under a causal mask: key 0, which row 0 needs). One host read of the `[B, L]` mask, which
+/// also refuses values other than 0 and 1 (an additive 0 / −10000 mask would read inverted).
 fn rows_nonempty(mask: &AttentionMask, len: usize) -> Result<bool> {
-    if len == 0 {
-        return Ok(true);
-    }
     let Some(p) = &mask.key_padding else {
         return Ok(true);
     };
-    if p.elem_count() == 0 {
-        // No sequences (B = 0): no row to empty, and candle's min has no identity.
+    if len == 0 || p.elem_count() == 0 {
+        // No keys or no sequences (B = 0): no row to empty.
         return Ok(true);
     }
-    let rows = p.ne(0f64)?.to_dtype(DType::U32)?;
-    let ok = if mask.causal {
-        rows.narrow(1, 0, 1)?.min_all()?
-    } else {
-        rows.max(1)?.min_all()?
-    };
-    Ok(ok.to_scalar::<u32>()? > 0)
+    let values = p.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    if let Some((i, v)) = values.iter().enumerate().find(|(_, &v)| v != 0.0 && v != 1.0) {
+        return Err(ModelError::BadInput {
+            name: "attention_mask",
+            reason: format!(
+                "holds {v} at [{}, {}]; expected 1 (attend) or 0 (padding), not an additive mask",
+                i / len,
+                i % len
+            ),
+        });
+    }
+    let any = |row: &[f32]| row.iter().any(|&v| v != 0.0);
+    Ok(values.chunks(len).all(|row| match mask.causal {
+        true => row[0] != 0.0,
+        false => any(row),
+    }))
 }
 
 /// Dense softmax attention with attention-probability dropout.

@@ -162,9 +162,12 @@ impl BertConfig {
             self.num_hidden_layers,
             self.max_position_embeddings,
         );
+        use crate::memory::{prod, sum};
         let w = |x: usize| x as u128;
-        let params =
-            (w(v) + w(p) + w(self.type_vocab_size)) * w(h) + w(l) * (w(4) * w(h) * w(h) + w(2) * w(h) * w(f));
+        // Saturating: a config's sizes can be anything until check_model_size has read them.
+        let per_layer = sum(&[prod(&[4, w(h), w(h)]), prod(&[2, w(h), w(f)])]);
+        let embeddings = prod(&[sum(&[w(v), w(p), w(self.type_vocab_size)]), w(h)]);
+        let params = sum(&[embeddings, prod(&[w(l), per_layer])]);
         crate::memory::check_model_size(
             &[
                 ("vocab_size", v),
@@ -831,6 +834,8 @@ impl SptModel for BertModel {
     fn layer_slots(&mut self, i: usize) -> Option<LayerSlots<'_>> {
         let layer = self.layers.get_mut(i)?;
         let sa = &mut layer.attention.self_attn;
+        let heads = sa.num_attention_heads;
+        let head_dim = sa.query.out_features() / heads.max(1);
         Some(LayerSlots {
             attention: &mut sa.core,
             ffn: &mut layer.ffn,
@@ -841,6 +846,8 @@ impl SptModel for BertModel {
                 (LoraTarget::Output, &mut layer.attention.output.dense),
             ],
             dropout_rng: self.dropout_rng.clone(),
+            heads,
+            head_dim,
         })
     }
 }

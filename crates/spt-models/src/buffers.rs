@@ -150,6 +150,7 @@ pub fn load_buffers<M: SptModel + ?Sized>(
                 "a PQ codebook, but no sparse attention was asked for".into(),
             ));
         }
+        check_fits_layer(m, kind, layer, name, t)?;
         parsed.push((kind, layer, name.as_str(), t));
     }
     parsed.sort_by_key(|(kind, layer, _, _)| (*kind, *layer));
@@ -160,7 +161,7 @@ pub fn load_buffers<M: SptModel + ?Sized>(
             }
             (BufferKind::FfnCorrection, _) => routed_ffn(m, layer, name)?.set_correction(t)?,
             (BufferKind::PqCodebook, Some((top_k, grouping))) => {
-                let codebook = Codebook::from_tensor(t)?;
+                let codebook = Codebook::from_tensor(t)?; // checked in the first pass
                 let slots = m
                     .layer_slots(layer)
                     .ok_or_else(|| bad_buffer(name, "no such layer".into()))?;
@@ -175,6 +176,71 @@ pub fn load_buffers<M: SptModel + ?Sized>(
         }
     }
     Ok(parsed.len())
+}
+
+/// Whether buffer `name` (`kind` of layer `layer`) fits that layer: a unit order is a
+/// permutation of its FFN's hidden units, a correction is `[d + 1, d]`, a codebook quantises its
+/// head width with one group or one per head. Checked for every buffer before any is applied.
+fn check_fits_layer<M: SptModel + ?Sized>(
+    m: &mut M,
+    kind: BufferKind,
+    layer: usize,
+    name: &str,
+    t: &Tensor,
+) -> Result<()> {
+    match kind {
+        BufferKind::FfnUnitOrder => {
+            let n = routed_ffn(m, layer, name)?.unit_order().len();
+            let order = t.to_vec1::<u32>()?;
+            let mut seen = vec![false; n];
+            for (pos, &u) in order.iter().enumerate() {
+                let why = match seen.get_mut(u as usize) {
+                    Some(s) if !*s => {
+                        *s = true;
+                        continue;
+                    }
+                    Some(_) => format!("unit {u} appears twice in the unit order (position {pos})"),
+                    None => format!("unit_order: unit {u} at position {pos}: units are 0..{n}"),
+                };
+                return Err(bad_buffer(name, why));
+            }
+            if order.len() != n {
+                return Err(bad_buffer(
+                    name,
+                    format!("the unit order has {} entries, expected d_ff = {n}", order.len()),
+                ));
+            }
+        }
+        BufferKind::FfnCorrection => {
+            let d = routed_ffn(m, layer, name)?.fc1.in_features();
+            if t.dims() != [d + 1, d] {
+                return Err(bad_buffer(
+                    name,
+                    format!("is {:?}, expected [{}, {d}] (d + 1 rows of d)", t.dims(), d + 1),
+                ));
+            }
+        }
+        BufferKind::PqCodebook => {
+            let cb = Codebook::from_tensor(t).map_err(|e| bad_buffer(name, e.to_string()))?;
+            let slots = m
+                .layer_slots(layer)
+                .ok_or_else(|| bad_buffer(name, "no such layer".into()))?;
+            if cb.head_dim() != slots.head_dim || ![1, slots.heads].contains(&cb.groups()) {
+                return Err(bad_buffer(
+                    name,
+                    format!(
+                        "quantises {} groups of width {}; layer {layer} has {} heads of width {} \
+                         (a codebook of another model?)",
+                        cb.groups(),
+                        cb.head_dim(),
+                        slots.heads,
+                        slots.head_dim
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The routed FFN of layer `i`, or an error naming the buffer that expected one.

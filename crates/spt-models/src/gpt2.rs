@@ -130,7 +130,7 @@ impl GPT2Config {
     }
 
     pub fn inner_dim(&self) -> usize {
-        self.n_inner.unwrap_or(4 * self.n_embd)
+        self.n_inner.unwrap_or(self.n_embd.saturating_mul(4))
     }
 
     pub fn head_dim(&self) -> usize {
@@ -146,8 +146,11 @@ impl GPT2Config {
             self.n_layer,
             self.n_positions,
         );
+        use crate::memory::{prod, sum};
         let w = |x: usize| x as u128;
-        let params = w(v) * w(e) + w(p) * w(e) + w(l) * (w(4) * w(e) * w(e) + w(2) * w(e) * w(f));
+        // Saturating: a config's sizes can be anything until check_model_size has read them.
+        let per_layer = sum(&[prod(&[4, w(e), w(e)]), prod(&[2, w(e), w(f)])]);
+        let params = sum(&[prod(&[w(v), w(e)]), prod(&[w(p), w(e)]), prod(&[w(l), per_layer])]);
         crate::memory::check_model_size(
             &[
                 ("vocab_size", v),
@@ -816,6 +819,8 @@ impl SptModel for GPT2Model {
 
     fn layer_slots(&mut self, i: usize) -> Option<LayerSlots<'_>> {
         let block = self.h.get_mut(i)?;
+        let heads = block.attn.n_head;
+        let head_dim = block.attn.c_proj.in_features() / heads.max(1);
         Some(LayerSlots {
             attention: &mut block.attn.core,
             ffn: &mut block.mlp,
@@ -825,6 +830,8 @@ impl SptModel for GPT2Model {
                 (LoraTarget::Output, &mut block.attn.c_proj),
             ],
             dropout_rng: self.dropout_rng.clone(),
+            heads,
+            head_dim,
         })
     }
 }

@@ -107,6 +107,19 @@ impl Linear {
         })
     }
 
+    /// A second handle on this layer: the same weight and bias (tensors and `Var`s shared), for
+    /// building another form of it beside this one. A layer with a LoRA adapter is refused.
+    pub(crate) fn share_weights(&self) -> Result<Linear> {
+        if self.lora.is_some() {
+            return Err(ModelError::InvalidConfig {
+                field: "lora",
+                value: self.module_name().to_string(),
+                reason: "a layer with a LoRA adapter cannot be shared".into(),
+            });
+        }
+        Self::new(self.weight.clone(), self.bias.clone(), self.layout)
+    }
+
     /// Wraps the layer with LoRA: `y = x Wᵀ + b + (α/r)·dropout(x) Aᵀ Bᵀ`, B zero-initialised.
     /// The base weight and bias are frozen (kept under their HF names for export); A and B are
     /// new trainable parameters named `{module}.lora_A.weight` / `{module}.lora_B.weight`.
@@ -118,6 +131,8 @@ impl Linear {
                 reason: "this layer already has a LoRA adapter".into(),
             });
         }
+        // Checked before the base is frozen: a refused adapter leaves the layer as it was.
+        cfg.check(self.module_name())?;
         let w = self.weight_out_in()?.contiguous()?;
         let (out, d_in) = w.dims2()?;
         if cfg.rank > out.min(d_in) {

@@ -114,6 +114,16 @@ pub trait ActivationAccounting {
 /// (GPT-3: 96 layers, width 12288), low enough that the products below stay meaningful.
 const SIZE_LIMIT: usize = 1 << 20;
 
+/// Saturating product of sizes.
+pub(crate) fn prod(xs: &[u128]) -> u128 {
+    xs.iter().fold(1, |a, &x| a.saturating_mul(x))
+}
+
+/// Saturating sum of sizes.
+pub(crate) fn sum(xs: &[u128]) -> u128 {
+    xs.iter().fold(0, |a, &x| a.saturating_add(x))
+}
+
 /// Rejects a config whose sizes cannot be built on this machine, before anything is allocated
 /// (an absurd config would otherwise abort the process on allocation).
 ///

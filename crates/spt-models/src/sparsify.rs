@@ -16,9 +16,9 @@
 use crate::attention::{AttentionCore, KeyGrouping, SparseAttention};
 use crate::error::{ModelError, Result};
 use crate::ffn::{DenseFfn, FeedForward, NamedRoutedFfn};
-use crate::layers::{DropoutRng, Linear, WeightLayout};
+use crate::layers::{DropoutRng, Linear};
 use crate::weights::Param;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use spt_ops::lora::LoraConfig;
 use spt_ops::pq::{KeyTopK, PqConfig, Refresh};
 use spt_ops::routed_ffn::{RoutedFfnConfig, RouterFitConfig, RoutingQuality, UnitClusterConfig};
@@ -82,6 +82,9 @@ pub struct LayerSlots<'a> {
     pub linears: Vec<(LoraTarget, &'a mut Linear)>,
     /// The model's dropout seed source (LoRA dropout draws from it).
     pub dropout_rng: Arc<DropoutRng>,
+    /// Attention heads and their width (what a PQ codebook for this layer must quantise).
+    pub heads: usize,
+    pub head_dim: usize,
 }
 
 /// A model [`sparsify`] can convert: BERT and GPT-2 (base and head models).
@@ -449,7 +452,34 @@ pub fn sparsify<M: SptModel + ?Sized>(
                     reason: "fc1/fc2 already have LoRA adapters; route the FFN first".into(),
                 });
             }
+            // LoRA on fc1/fc2 freezes them; otherwise they train as loaded, and a trained
+            // weight cannot be regrouped.
+            let ffn_lora = cfg.lora.as_ref().is_some_and(|l| {
+                l.targets
+                    .iter()
+                    .any(|t| matches!(t, LoraTarget::Fc1 | LoraTarget::Fc2))
+            });
+            let trained = [&d.fc1, &d.fc2]
+                .iter()
+                .any(|l| l.weight.is_trainable() || l.bias.as_ref().is_some_and(Param::is_trainable));
+            if calib.cluster_units && trained && !ffn_lora {
+                return Err(ModelError::InvalidConfig {
+                    field: "ffn_calibration.cluster_units",
+                    value: "true".into(),
+                    reason: format!(
+                        "layer {i}'s fc1/fc2 train, and trained weights cannot be regrouped: freeze \
+                         them, put LoRA on fc1/fc2, or keep contiguous units"
+                    ),
+                });
+            }
         }
+        if let Some(fit) = &calib.router_fit {
+            fit.check()?;
+        }
+    }
+    // A LoRA config that cannot be built is refused before any layer changes.
+    if let Some(l) = &cfg.lora {
+        l.config.check("lora")?;
     }
     // Record every layer's keys and FFN inputs on the dense model.
     let mut keys: Vec<Vec<Tensor>> = vec![Vec::new(); n];
@@ -514,15 +544,20 @@ pub fn sparsify<M: SptModel + ?Sized>(
             })
         };
         if let Some(fc) = &cfg.ffn {
-            let dense = match std::mem::replace(slots.ffn, placeholder_ffn()?) {
-                FeedForward::Dense(d) => d,
-                other => {
-                    *slots.ffn = other;
+            // Built beside the dense FFN, which stays in place until the routed one is whole: a
+            // failed fit leaves this layer as it was. (Checked above: fc1/fc2 have no LoRA.)
+            let dense = match &*slots.ffn {
+                FeedForward::Dense(d) => DenseFfn {
+                    fc1: d.fc1.share_weights()?,
+                    fc2: d.fc2.share_weights()?,
+                    act: d.act,
+                },
+                FeedForward::Routed(_) => {
                     return Err(ModelError::InvalidConfig {
                         field: "ffn",
                         value: i.to_string(),
                         reason: "this layer's FFN is already routed".into(),
-                    });
+                    })
                 }
             };
             let rc = RoutedFfnConfig {
@@ -605,19 +640,4 @@ pub fn sparsify<M: SptModel + ?Sized>(
         report.layers.push(lr);
     }
     Ok(report)
-}
-
-/// A zero-size dense FFN, held only while a slot's FFN is being converted.
-fn placeholder_ffn() -> Result<FeedForward> {
-    let empty = |n: &str| -> Result<Param> {
-        Ok(Param::frozen(
-            n,
-            &Tensor::zeros((0, 0), DType::F32, &Device::Cpu)?,
-        ))
-    };
-    Ok(FeedForward::Dense(DenseFfn {
-        fc1: Linear::new(empty("placeholder.fc1")?, None, WeightLayout::OutIn)?,
-        fc2: Linear::new(empty("placeholder.fc2")?, None, WeightLayout::OutIn)?,
-        act: spt_ops::Activation::Relu,
-    }))
 }

@@ -45,6 +45,12 @@ pub fn check_gradients<F>(f: F, inputs: &[Tensor], wrt: &[usize], cfg: GradCheck
 where
     F: Fn(&[Tensor]) -> Result<Tensor>,
 {
+    if let Some(i) = wrt.iter().find(|&&i| i >= inputs.len()) {
+        bail!(
+            "gradcheck: wrt names input {i}, but there are {} inputs",
+            inputs.len()
+        );
+    }
     for (i, x) in inputs.iter().enumerate() {
         if wrt.contains(&i) && x.dtype() != DType::F64 {
             bail!("gradcheck: input {i} has dtype {:?}, expected f64", x.dtype());

@@ -241,7 +241,10 @@ fn bad_input_is_an_error_naming_what_is_wrong() -> Result<()> {
         Some(SeededDropout { p: 1.0, seed: 0 }),
     )
     .unwrap_err();
-    assert!(err.to_string().contains("dropout p = 1"), "{err}");
+    assert!(
+        err.to_string().contains("dropout p must be in [0, 1), got 1"),
+        "{err}"
+    );
     let pad = Tensor::ones((1, 4), DType::U8, &Device::Cpu)?;
     let err = flash_attention(
         &q,

@@ -94,8 +94,10 @@ pub(crate) fn with_lists(
         lk,
         d,
         dv,
-        qt,
-        kb: kblk,
+        // A tile or block past the sequence is the whole sequence (same lists); clamped, the
+        // kernel's buffer arithmetic stays in range.
+        qt: qt.min(lq.max(1)),
+        kb: kblk.min(lk.max(1)),
         width,
         causal: sel.mask.causal,
         key_ok: sel.mask.key_allowed(op, b, lk)?,

@@ -10,13 +10,27 @@ use candle_core::{DType, Result, Tensor};
 /// causal and padding constraints included).
 pub fn block_keep_mask(sel: &BlockSelection, b: usize, h: usize, lq: usize, lk: usize) -> Result<Vec<bool>> {
     let (qt, kb) = (sel.tiling.query_tile, sel.tiling.key_block);
-    let (nt, width) = (sel.blocks.dim(2)?, sel.blocks.dim(3)?);
+    let (nt, width) = (lq.div_ceil(qt.max(1)), sel.blocks.dim(3)?);
+    if qt == 0 || kb == 0 || sel.blocks.dims() != [b, h, nt, width] {
+        candle_core::bail!(
+            "block_keep_mask: selection blocks {:?} with tiling {:?} do not fit B = {b}, H = {h}, \
+             L_q = {lq} (expected [B, H, ⌈L_q / query_tile⌉, top_blocks], tiles of at least 1)",
+            sel.blocks.dims(),
+            sel.tiling
+        );
+    }
     let blocks = sel.blocks.flatten_all()?.to_vec1::<u32>()?;
+    if let Some(&blk) = blocks
+        .iter()
+        .find(|&&x| x != SENTINEL && x as usize >= lk.div_ceil(kb))
+    {
+        candle_core::bail!("block_keep_mask: key block {blk} is past L_k = {lk} (blocks of {kb})");
+    }
     let keys_ok = sel.mask.key_allowed("block_keep_mask", b, lk)?;
     let mut keep = vec![false; b * h * lq * lk];
     for bh in 0..b * h {
         for i in 0..lq {
-            let (r, t) = (bh * lq + i, (i / qt).min(nt.saturating_sub(1)));
+            let (r, t) = (bh * lq + i, i / qt);
             for &blk in &blocks[(bh * nt + t) * width..(bh * nt + t + 1) * width] {
                 if blk == SENTINEL {
                     continue;

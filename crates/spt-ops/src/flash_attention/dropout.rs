@@ -16,6 +16,27 @@ pub struct SeededDropout {
     pub seed: u64,
 }
 
+impl SeededDropout {
+    /// Refuses a probability outside `[0, 1)` (NaN included), naming `op`.
+    pub(crate) fn check(self, op: &str) -> Result<()> {
+        if !(0.0..1.0).contains(&self.p) {
+            candle_core::bail!("{op}: dropout p must be in [0, 1), got {}", self.p);
+        }
+        Ok(())
+    }
+
+    /// `dropout` checked, and kept only where it drops something.
+    pub(crate) fn active(dropout: Option<Self>, op: &str) -> Result<Option<Self>> {
+        match dropout {
+            Some(dr) => {
+                dr.check(op)?;
+                Ok((dr.p > 0.0).then_some(dr))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
 /// The kernels' form of [`SeededDropout`].
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RowDropout {
@@ -111,6 +132,7 @@ pub fn attention_dropout_mask(
     (b, h, lq, lk): (usize, usize, usize, usize),
     device: &Device,
 ) -> Result<Tensor> {
+    dropout.check("attention_dropout_mask")?;
     let d = RowDropout::new(dropout);
     let mut out = vec![1f32; b * h * lq * lk];
     for (r, row) in out.chunks_mut(lk.max(1)).enumerate().take(b * h * lq) {

@@ -47,12 +47,7 @@ pub fn flash_attention(
 ) -> Result<Tensor> {
     let op = "flash_attention";
     let [b, h, lq, lk, d, dv] = check_qkv(op, q, k, v)?;
-    if let Some(dr) = dropout {
-        if !(0.0..1.0).contains(&dr.p) {
-            bail!("{op}: dropout p = {} must be in [0, 1)", dr.p);
-        }
-    }
-    let dropout = dropout.filter(|dr| dr.p > 0.0);
+    let dropout = SeededDropout::active(dropout, op)?;
     // No heads: an empty output, which the composed form gives without the kernels' per-head
     // bookkeeping.
     if !flash_attention_is_fused(q, v, dropout.is_some()) || b * h == 0 {
@@ -112,7 +107,7 @@ pub fn flash_attention_reference(
     dropout: Option<SeededDropout>,
 ) -> Result<Tensor> {
     let p = dense_probs(q, k, mask, scale)?;
-    let p = match dropout.filter(|dr| dr.p > 0.0) {
+    let p = match SeededDropout::active(dropout, "flash_attention_reference")? {
         Some(dr) => {
             let dims = p.dims4()?;
             let m = attention_dropout_mask(dr, dims, &candle_core::Device::Cpu)?;

@@ -47,12 +47,17 @@ impl LoraConfig {
         self.alpha / self.rank as f64
     }
 
-    fn check(&self, op: &str) -> Result<()> {
+    /// Refuses rank 0, a non-finite alpha and a dropout outside `[0, 1)`, naming `op`.
+    pub fn check(&self, op: &str) -> Result<()> {
         if self.rank == 0 {
             bail!("{op}: LoRA rank must be at least 1");
         }
-        if !self.alpha.is_finite() {
-            bail!("{op}: LoRA alpha must be finite, got {}", self.alpha);
+        // The update is scaled in the weights' precision: an α/r past f32's range is inf there.
+        if !(self.alpha.is_finite() && self.scale().abs() <= f32::MAX as f64) {
+            bail!(
+                "{op}: LoRA alpha must be finite, with alpha / rank within f32's range, got {}",
+                self.alpha
+            );
         }
         if !(0.0..1.0).contains(&self.dropout) {
             bail!("{op}: LoRA dropout must be in [0, 1), got {}", self.dropout);

@@ -56,11 +56,7 @@ pub fn residual_layer_norm(
     if eps.is_nan() || eps <= 0.0 {
         bail!("{op}: eps must be positive, got {eps}");
     }
-    let dropout = match dropout {
-        Some(dr) if !(0.0..1.0).contains(&dr.p) => bail!("{op}: dropout p must be in [0, 1), got {}", dr.p),
-        Some(dr) if dr.p > 0.0 => Some(dr),
-        _ => None,
-    };
+    let dropout = SeededDropout::active(dropout, op)?;
     if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) {
         return residual_layer_norm_reference(x, residual, gamma, beta, eps, dropout);
     }
@@ -85,8 +81,8 @@ pub fn residual_layer_norm_reference(
     eps: f64,
     dropout: Option<SeededDropout>,
 ) -> Result<Tensor> {
-    let dropped = match dropout {
-        Some(dr) if dr.p > 0.0 => {
+    let dropped = match SeededDropout::active(dropout, "residual_layer_norm_reference")? {
+        Some(dr) => {
             let d = x.dim(candle_core::D::Minus1)?;
             let rows = x.elem_count() / d.max(1);
             let mask = attention_dropout_mask(dr, (1, 1, rows, d), x.device())?;

@@ -35,10 +35,8 @@ pub fn residual_dropout(x: &Tensor, residual: &Tensor, dropout: Option<SeededDro
             residual.dims()
         );
     }
-    let dropout = match dropout {
-        Some(dr) if !(0.0..1.0).contains(&dr.p) => bail!("{op}: dropout p must be in [0, 1), got {}", dr.p),
-        Some(dr) if dr.p > 0.0 => dr,
-        _ => return x + residual,
+    let Some(dropout) = SeededDropout::active(dropout, op)? else {
+        return x + residual;
     };
     if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) {
         return residual_dropout_reference(x, residual, Some(dropout));
@@ -58,8 +56,8 @@ pub fn residual_dropout_reference(
     residual: &Tensor,
     dropout: Option<SeededDropout>,
 ) -> Result<Tensor> {
-    match dropout {
-        Some(dr) if dr.p > 0.0 => {
+    match SeededDropout::active(dropout, "residual_dropout_reference")? {
+        Some(dr) => {
             let d = x.dim(candle_core::D::Minus1)?.max(1);
             let rows = x.elem_count() / d;
             let mask = attention_dropout_mask(dr, (1, 1, rows, d), x.device())?;

@@ -62,7 +62,7 @@ pub struct BlockTiling {
 impl BlockTiling {
     /// Keys each query sees at most: `top_blocks · key_block`.
     pub fn keys_per_query(&self) -> usize {
-        self.top_blocks * self.key_block
+        self.top_blocks.saturating_mul(self.key_block)
     }
 
     /// Under a causal mask, the most diagonal blocks any tile must keep for `lq` queries and

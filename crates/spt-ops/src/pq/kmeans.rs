@@ -37,7 +37,14 @@ pub(crate) fn kmeans(points: &[f32], dim: usize, k: usize, iters: usize, rng: &m
     let mut d2: Vec<f32> = (0..n).map(|i| dist2(pt(i), &cent[..dim])).collect();
     for c in 1..k {
         let total: f64 = d2.iter().map(|&v| v as f64).sum();
-        let pick = if total > 0.0 {
+        // Distances past f32's range (keys near 1e19) sum to infinity, which no draw can take:
+        // the farthest point is then the pick k-means++ would almost surely make.
+        let pick = if total.is_infinite() {
+            d2.iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map_or(0, |(i, _)| i)
+        } else if total > 0.0 {
             let mut r = rng.random_range(0.0..total);
             let mut chosen = n - 1;
             for (i, &v) in d2.iter().enumerate() {

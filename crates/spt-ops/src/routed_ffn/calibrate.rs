@@ -34,6 +34,18 @@ fn default_correction_ridge() -> f64 {
     RouterFitConfig::default().correction_ridge
 }
 
+impl RouterFitConfig {
+    /// Refuses a ridge or scale that is not a positive finite number (an infinite scale gives a
+    /// NaN router, an infinite ridge an all-zero one).
+    pub fn check(&self) -> Result<()> {
+        let ok = |x: f64| x.is_finite() && x > 0.0;
+        if !(ok(self.ridge) && ok(self.score_scale) && ok(self.correction_ridge)) {
+            bail!("routed_ffn: router fit needs finite ridge, score_scale and correction_ridge > 0, got {self:?}");
+        }
+        Ok(())
+    }
+}
+
 impl Default for RouterFitConfig {
     fn default() -> Self {
         Self {
@@ -200,9 +212,7 @@ impl RoutedFfn {
     /// token by their activation norm, then (if configured) the linear correction under that
     /// router, and reports the routing quality on the same sample.
     pub fn init_router(&mut self, sample: &Tensor, fit: RouterFitConfig) -> Result<RoutingQuality> {
-        if !(fit.ridge > 0.0 && fit.score_scale > 0.0) {
-            bail!("routed_ffn: router fit needs ridge > 0 and score_scale > 0, got {fit:?}");
-        }
+        fit.check()?;
         let x2 = self.sample_tokens(sample)?;
         let (s, d, n) = (x2.dim(0)?, self.d_model(), self.cfg.n_blocks);
         let dense = self.dense_sample(&x2)?;

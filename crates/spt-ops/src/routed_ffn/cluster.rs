@@ -118,8 +118,9 @@ impl RoutedFfn {
             bail!("routed_ffn: clustering the hidden units needs at least one sample token");
         }
         let (n, d_ff) = (self.cfg.n_blocks, self.d_ff());
-        let x = sample
-            .reshape((t, self.d_model()))?
+        // One NaN token would make every unit's profile NaN and the order arbitrary.
+        let x = self
+            .sample_tokens(sample)?
             .narrow(0, 0, t.min(cfg.max_tokens.max(1)))?;
         let h = self.hidden_f64(&x)?;
         // A unit's profile: |activation| over the tokens, unit length (cosine similarity).

@@ -317,7 +317,8 @@ impl Fused3 for GatherLora {
     ) -> [Vec<T>; 3] {
         let [x, a, bb, grad, pre, m] = [s[0], s[1], s[2], s[3], s[4], s[5]];
         let (b, r, sc) = (self.block, self.r, T::lit(self.scale));
-        let d = x.len() / hr.n_tokens().max(1);
+        // From W1 [d_ff, d], not x: with no tokens x says nothing.
+        let d = self.w.dims()[1];
         let dpre = cpu::act_backward(grad, pre, self.act);
         let dx = if want[0] {
             cpu::gather_mm_bwd_x(hr, &dpre, m, d, b)
@@ -420,7 +421,8 @@ impl Fused3 for ScatterLora {
     ) -> [Vec<T>; 3] {
         let [h, g, packed, dy, m] = [s[0], s[1], s[2], s[3], s[4]];
         let (b, r, sc) = (self.block, self.r, T::lit(self.scale));
-        let d = dy.len() / self.routing.n_tokens().max(1);
+        // From W2 [d, d_ff], not dy: with no tokens dy says nothing.
+        let d = self.w.dims()[0];
         let (dh, dg) = if want[0] || want[1] {
             cpu::scatter_mm_bwd_hg(hr, dy, h, g, m, d, b, want[1])
         } else {

@@ -1,7 +1,7 @@
 //! Dense, obviously-correct sparse attention: full scores with every unselected entry masked.
 //! Autograd through it is the oracle for the kernel's backward.
 
-use crate::pq::{KeySelection, SENTINEL};
+use crate::pq::KeySelection;
 use candle_core::{Result, Tensor};
 
 /// `softmax(scale·q kᵀ + M) v` where `M[i, j] = 0` if `j ∈ sel(i)` else −1e30; rows with an
@@ -15,18 +15,22 @@ pub fn sparse_attention_reference(
 ) -> Result<Tensor> {
     let (b, h, lq, _) = q.dims4()?;
     let lk = k.dim(2)?;
-    let kk = sel.k();
-    let idx = sel.indices.flatten_all()?.to_vec1::<u32>()?;
-    let mut bias = vec![-1e30f64; b * h * lq * lk];
-    let mut rows = vec![0f64; b * h * lq];
-    for r in 0..b * h * lq {
-        for &j in &idx[r * kk..(r + 1) * kk] {
-            if j != SENTINEL {
-                bias[r * lk + j as usize] = 0.0;
-                rows[r] = 1.0;
-            }
-        }
+    // Checks every index against L_k.
+    let keep = crate::block_sparse_attention::reference::key_keep_mask(sel, lk)?;
+    if keep.len() != b * h * lq * lk || sel.indices.elem_count() != b * h * lq * sel.k() {
+        candle_core::bail!(
+            "sparse_attention_reference: selection indices {:?} do not have one row per query of q {:?} \
+             (expected [{b}, {h}, {lq}, k])",
+            sel.indices.dims(),
+            q.dims()
+        );
     }
+    let bias: Vec<f64> = keep.iter().map(|&k| if k { 0.0 } else { -1e30 }).collect();
+    let rows: Vec<f64> = keep
+        .chunks(lk.max(1))
+        .take(b * h * lq)
+        .map(|r| if r.iter().any(|&k| k) { 1.0 } else { 0.0 })
+        .collect();
     let dev = q.device();
     let bias = Tensor::from_vec(bias, (b, h, lq, lk), dev)?.to_dtype(q.dtype())?;
     let rows = Tensor::from_vec(rows, (b, h, lq, 1), dev)?.to_dtype(q.dtype())?;

@@ -1,0 +1,228 @@
+//! Edge inputs to the public API found by a read-only audit: each once panicked, corrupted
+//! state or returned a silently wrong value; each now gives a result or an error naming what was
+//! expected. (Model-level ones: spt-models' tests/bad_input.rs.)
+
+use candle_core::{DType, Device, Tensor, Var};
+use std::sync::Arc;
+
+type Result<T> = anyhow::Result<T>;
+
+fn randn(shape: &[usize], seed: u64) -> Result<Tensor> {
+    Ok(spt_ops::gradcheck::randn_f64(shape, seed)?.to_dtype(DType::F32)?)
+}
+
+/// spt-ops/src/pq/kmeans.rs:41 `rng.random_range(0.0..total)`: f32 dist2 of finite keys ~1e20
+/// overflows to +inf, total = inf, rand's sample_single returns Err(NonFinite) and random_range
+/// unwraps it -> panic. Codebook::fit's `finite()` check only refuses NaN/inf inputs.
+#[test]
+fn pq_fit_with_huge_finite_keys_does_not_panic() -> Result<()> {
+    let mut v = vec![0f32; 2 * 4];
+    v[4..].fill(1e20);
+    let keys = Tensor::from_vec(v, (1, 1, 2, 4), &Device::Cpu)?;
+    let cfg = spt_ops::PqConfig {
+        n_subspaces: 1,
+        n_codewords: 2,
+        ..Default::default()
+    };
+    match spt_ops::Codebook::fit(&keys, &cfg) {
+        Ok(cb) => {
+            let c = cb.to_tensor(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+            assert!(c.iter().all(|x| x.is_finite()), "{c:?}");
+        }
+        Err(e) => assert!(e.to_string().contains("Codebook::fit"), "{e}"),
+    }
+    Ok(())
+}
+
+/// spt-ops/src/block_sparse_attention/cpu.rs:187 `ob.par_chunks_mut(qt * dv)`: query_tile comes
+/// from the (public) BlockTiling unchecked; 2^62 * dv=4 overflows (debug: overflow panic; release:
+/// wraps to 0 -> rayon's "chunk size must not be zero" panic). Also reachable through
+/// select_blocks + pq_attention(Selection::Blocks) and spt-models' KeyGrouping::Blocks { tile }.
+#[test]
+fn block_sparse_attention_with_one_huge_query_tile_does_not_panic() -> Result<()> {
+    use spt_ops::{AttentionMask, BlockSelection, BlockTiling};
+    let dev = Device::Cpu;
+    let sel = |qt: usize| -> Result<BlockSelection> {
+        Ok(BlockSelection {
+            blocks: Tensor::from_vec(vec![0u32], (1, 1, 1, 1), &dev)?,
+            counts: Tensor::from_vec(vec![1u32], (1, 1, 1), &dev)?,
+            tiling: BlockTiling {
+                query_tile: qt,
+                key_block: 4,
+                top_blocks: 1,
+            },
+            mask: AttentionMask::none(),
+        })
+    };
+    let (q, k, v) = (
+        randn(&[1, 1, 4, 4], 1)?,
+        randn(&[1, 1, 4, 4], 2)?,
+        randn(&[1, 1, 4, 4], 3)?,
+    );
+    // One tile covering all 4 queries either way: the two must agree.
+    let want = spt_ops::block_sparse_attention(&q, &k, &v, &sel(4)?, 0.5)?;
+    let got = spt_ops::block_sparse_attention(&q, &k, &v, &sel(1 << 62)?, 0.5)?;
+    let d = (want - got)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(d < 1e-6, "{d}");
+    Ok(())
+}
+
+/// spt-ops/src/sparse_attention/reference.rs:25 `bias[r * lk + j as usize] = 0.0`: the public
+/// reference never checks j < L_k (nor that the selection has B·H·L_q rows, :23). j = L_k in the
+/// last row indexes past the buffer -> panic; in another row it silently unmasks key 0 of the
+/// next row.
+#[test]
+fn sparse_attention_reference_refuses_out_of_range_index() -> Result<()> {
+    let dev = Device::Cpu;
+    let (q, k, v) = (
+        randn(&[1, 1, 2, 4], 4)?,
+        randn(&[1, 1, 2, 4], 5)?,
+        randn(&[1, 1, 2, 4], 6)?,
+    );
+    let sel = spt_ops::KeySelection {
+        indices: Tensor::from_vec(vec![0u32, 1, 0, 2], (1, 1, 2, 2), &dev)?,
+        counts: Tensor::from_vec(vec![2u32, 2], (1, 1, 2), &dev)?,
+    };
+    let r = spt_ops::sparse_attention::sparse_attention_reference(&q, &k, &v, &sel, 0.5);
+    assert!(r.is_err(), "key index 2 with L_k = 2 was accepted");
+    Ok(())
+}
+
+/// spt-ops/src/block_sparse_attention/reference.rs:19 `i / qt`: the public reference (and
+/// block_keep_mask) divides by the selection's query_tile without the zero check that
+/// block_sparse_attention makes -> "attempt to divide by zero" panic. (:20 also slices the block
+/// lists out of bounds for a selection made for another B/H.)
+#[test]
+fn block_sparse_attention_reference_refuses_zero_query_tile() -> Result<()> {
+    use spt_ops::{AttentionMask, BlockSelection, BlockTiling};
+    let dev = Device::Cpu;
+    let (q, k, v) = (
+        randn(&[1, 1, 2, 4], 7)?,
+        randn(&[1, 1, 2, 4], 8)?,
+        randn(&[1, 1, 2, 4], 9)?,
+    );
+    let sel = BlockSelection {
+        blocks: Tensor::from_vec(vec![0u32], (1, 1, 1, 1), &dev)?,
+        counts: Tensor::from_vec(vec![1u32], (1, 1, 1), &dev)?,
+        tiling: BlockTiling {
+            query_tile: 0,
+            key_block: 2,
+            top_blocks: 1,
+        },
+        mask: AttentionMask::none(),
+    };
+    let r = spt_ops::block_sparse_attention::block_sparse_attention_reference(&q, &k, &v, &sel, 0.5);
+    assert!(r.is_err());
+    Ok(())
+}
+
+/// spt-ops/src/gradcheck.rs:75 `let x = &inputs[i];`: a `wrt` index past `inputs` is never checked
+/// (the dtype loop at :48 only visits existing inputs) -> index-out-of-bounds panic.
+#[test]
+fn gradcheck_wrt_out_of_range_is_an_error() -> Result<()> {
+    use spt_ops::gradcheck::{check_gradients, GradCheck};
+    let x = spt_ops::gradcheck::randn_f64(&[3], 1)?;
+    // Input 0 is checked (so the graph is tracked); input 1 does not exist.
+    let r = check_gradients(
+        |xs: &[Tensor]| Ok(xs[0].clone()),
+        &[x],
+        &[0, 1],
+        GradCheck::default(),
+    );
+    assert!(r.is_err());
+    Ok(())
+}
+
+/// spt-ops/src/routed_ffn/lora_ops.rs:320 `let d = x.len() / hr.n_tokens().max(1)`: with no tokens
+/// d becomes 0, so :335 builds dA1 with 0 elements and bwd3's Tensor::from_vec(.., A1.shape())
+/// fails with a bare shape-mismatch error instead of returning zero gradients (scatter_lora's
+/// backward has the same `d = dy.len() / n_tokens` derivation).
+#[test]
+fn lora_fused_ops_backward_with_zero_tokens() -> Result<()> {
+    use spt_ops::routed_ffn::{gather_lora_act, Routing};
+    let dev = Device::Cpu;
+    let routing = Arc::new(Routing::from_blocks(0, 2, 1, vec![])?);
+    let x = Tensor::zeros((0, 4), DType::F32, &dev)?;
+    let (w1, b1) = (randn(&[8, 4], 1)?, Tensor::zeros(8, DType::F32, &dev)?);
+    let a1 = Var::from_tensor(&randn(&[2, 4], 2)?)?;
+    let bb1 = Var::from_tensor(&randn(&[8, 2], 3)?)?;
+    let h = gather_lora_act(
+        &x,
+        &w1,
+        &b1,
+        a1.as_tensor(),
+        bb1.as_tensor(),
+        1.0,
+        spt_ops::Activation::GeluErf,
+        &routing,
+    )?;
+    assert_eq!(h.dims(), &[0, 4]);
+    let g = h.sum_all()?.backward();
+    assert!(g.is_ok(), "{:?}", g.err());
+    Ok(())
+}
+
+fn small_ffn(seed: u64) -> Result<spt_ops::RoutedFfn> {
+    use spt_ops::routed_ffn::{BlockTopK, RoutedFfnConfig};
+    let dev = Device::Cpu;
+    Ok(spt_ops::RoutedFfn::new(
+        &randn(&[16, 8], seed)?,
+        &Tensor::zeros(16, DType::F32, &dev)?,
+        &randn(&[8, 16], seed + 1)?,
+        &Tensor::zeros(8, DType::F32, &dev)?,
+        spt_ops::Activation::GeluErf,
+        RoutedFfnConfig::new(4, BlockTopK::Count(2)),
+    )?)
+}
+
+/// spt-ops/src/routed_ffn/calibrate.rs:203 checks only `ridge > 0 && score_scale > 0`; :232 then
+/// multiplies β by score_scale = inf, so the router weights become ±inf/NaN, the gates NaN, and
+/// init_router returns Ok (with NaN quality). ridge = inf likewise "fits" an all-zero router.
+#[test]
+fn init_router_refuses_infinite_score_scale() -> Result<()> {
+    use spt_ops::routed_ffn::RouterFitConfig;
+    let x = randn(&[32, 8], 21)?;
+    for fit in [
+        RouterFitConfig {
+            score_scale: f64::INFINITY,
+            ..Default::default()
+        },
+        RouterFitConfig {
+            ridge: f64::INFINITY,
+            ..Default::default()
+        },
+    ] {
+        let mut ffn = small_ffn(5)?;
+        let r = ffn.init_router(&x, fit);
+        assert!(r.is_err(), "{fit:?} accepted: {r:?}");
+    }
+    Ok(())
+}
+
+/// spt-ops/src/routed_ffn/cluster.rs:115-124: cluster_units never checks its sample (init_router's
+/// sample_tokens refuses NaN/inf); one NaN token makes every unit's profile NaN and an arbitrary
+/// permutation comes back as Ok.
+#[test]
+fn cluster_units_refuses_non_finite_sample() -> Result<()> {
+    let ffn = small_ffn(7)?;
+    let mut v = randn(&[32, 8], 22)?.flatten_all()?.to_vec1::<f32>()?;
+    v[3] = f32::NAN;
+    let x = Tensor::from_vec(v, (32, 8), &Device::Cpu)?;
+    let r = ffn.cluster_units(&x, spt_ops::routed_ffn::UnitClusterConfig::default());
+    assert!(r.is_err(), "{r:?}");
+    Ok(())
+}
+
+/// spt-ops/src/flash_attention/dropout.rs:109 attention_dropout_mask (via RowDropout::new, :33 and
+/// threshold :45) takes any p: p = -0.5 gives threshold 0 (keep all) and keep_scale 1/1.5, a mask
+/// of 0.667 everywhere; p ≥ 1 gives a negative/inf scale. flash_attention_reference,
+/// residual_layer_norm_reference and residual_dropout_reference pass p through unchecked too.
+#[test]
+fn attention_dropout_mask_refuses_p_outside_unit_interval() -> Result<()> {
+    use spt_ops::flash_attention::attention_dropout_mask;
+    for p in [-0.5, 1.5, f64::NAN] {
+        let r = attention_dropout_mask(spt_ops::SeededDropout { p, seed: 0 }, (1, 1, 2, 2), &Device::Cpu);
+        assert!(r.is_err(), "p = {p} accepted");
+    }
+    Ok(())
+}
