@@ -27,6 +27,7 @@ fn causal_nll(logits: &Tensor, batch: &Batch) -> Result<(Tensor, Tensor)> {
     }
     let logits = logits.narrow(1, 0, l - 1)?.to_dtype(DType::F32)?; // [B, L-1, V]
     let targets = batch.input_ids.narrow(1, 1, l - 1)?.contiguous()?; // [B, L-1]
+    check_ids("causal_lm_loss", "target token", &targets, v)?;
     let mask = batch.attention_mask.narrow(1, 1, l - 1)?.to_dtype(DType::F32)?; // [B, L-1]
     let logp = candle_nn::ops::log_softmax(&logits.reshape((b * (l - 1), v))?, D::Minus1)?;
     let nll = logp
@@ -34,6 +35,23 @@ fn causal_nll(logits: &Tensor, batch: &Batch) -> Result<(Tensor, Tensor)> {
         .neg()?
         .reshape((b, l - 1))?;
     Ok((nll, mask))
+}
+
+/// Refuses an id of `n` or more: candle's gather reads `u32::MAX` as "no index" and adds a
+/// loss of 0 for it, silently.
+fn check_ids(op: &str, what: &str, ids: &Tensor, n: usize) -> Result<()> {
+    if ids.elem_count() == 0 {
+        return Ok(());
+    }
+    let max = ids
+        .flatten_all()?
+        .max(0)?
+        .to_dtype(DType::U32)?
+        .to_scalar::<u32>()?;
+    if max as usize >= n {
+        candle_core::bail!("{op}: a {what} is {max}, but the logits have {n} classes (ids 0..{n})");
+    }
+    Ok(())
 }
 
 /// Mean next-token cross-entropy over the non-padding targets of `batch` (differentiable).
@@ -48,6 +66,12 @@ pub fn causal_lm_loss(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
 
 /// Mean cross-entropy of `logits` `[B, C]` against the batch's class labels (differentiable).
 pub fn classification_loss(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
+    check_ids(
+        "classification_loss",
+        "label",
+        &batch.labels,
+        logits.dim(D::Minus1)?,
+    )?;
     candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, &batch.labels)
 }
 
@@ -151,6 +175,32 @@ mod tests {
         let l = |z: [f64; 2], t: usize| (z[0].exp() + z[1].exp()).ln() - z[t];
         let want = l([0.0, 2.0], 1) + l([1.0, 3.0], 0);
         assert!((ev.loss_sum - want).abs() < 1e-5, "{} vs {want}", ev.loss_sum);
+        Ok(())
+    }
+
+    /// candle's gather reads a u32::MAX index as "no index" and gives 0: a label or target of
+    /// u32::MAX (an ignore-index habit) added a loss of 0, silently. Refused, as other ids past
+    /// the logits are.
+    #[test]
+    fn an_id_past_the_logits_is_refused_u32_max_included() -> Result<()> {
+        let item = |ids: Vec<u32>, label| EncodedItem {
+            input_ids: ids,
+            token_type_ids: vec![],
+            label,
+        };
+        let (a, b) = (item(vec![1, 2], Some(0)), item(vec![3], Some(u32::MAX)));
+        let batch = make_batch(&[&a, &b], 0, TaskKind::Classify, &Device::Cpu).unwrap();
+        let logits = Tensor::new(&[[1f32, 2.], [3., 4.]], &Device::Cpu)?;
+        let e = classification_loss(&logits, &batch).unwrap_err().to_string();
+        assert!(
+            e.contains("label is 4294967295") && e.contains("2 classes"),
+            "{e}"
+        );
+        let c = item(vec![1, u32::MAX, 2], None);
+        let batch = make_batch(&[&c], 0, TaskKind::Lm, &Device::Cpu).unwrap();
+        let logits = Tensor::zeros((1, 3, 4), DType::F32, &Device::Cpu)?;
+        let e = causal_lm_loss(&logits, &batch).unwrap_err().to_string();
+        assert!(e.contains("target token is 4294967295"), "{e}");
         Ok(())
     }
 }

@@ -368,6 +368,14 @@ pub fn evaluate<T: TrainTask + ?Sized>(
         )));
     }
     let mean = loss.mean();
+    // NaN logits still have an argmax: an accuracy reported beside them would be made up.
+    if !mean.is_finite() {
+        return Err(Error::Msg(format!(
+            "evaluate: the loss over {} examples is {mean}: the model's outputs are not finite \
+             (diverged weights, or a setting that overflows such as a huge LoRA alpha)",
+            data.len()
+        )));
+    }
     let (acc, f1) = if have_preds && !preds.is_empty() {
         let classes = preds.iter().chain(labels.iter()).copied().max().unwrap_or(0) as usize + 1;
         (
