@@ -503,10 +503,20 @@ pub fn remove_stale_export_staging(
         if crate::checkpoint::pid_alive(pid) || !is_dir {
             continue;
         }
+        // An export's files, or one's atomic-write temporary (`.tmp-FILE-PID`) where the kill
+        // came mid-write.
+        let export_file = |n: &str| {
+            files.iter().any(|f| {
+                n == f
+                    || n.strip_prefix(".tmp-")
+                        .and_then(|r| r.strip_prefix(f.as_str()))
+                        .and_then(|r| r.strip_prefix('-'))
+                        .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+            })
+        };
         let ours = std::fs::read_dir(&path).map_err(|e| io_err(&path, e))?.all(|e| {
             e.is_ok_and(|e| {
-                e.file_type().is_ok_and(|t| t.is_file())
-                    && files.iter().any(|f| *f == e.file_name().to_string_lossy())
+                e.file_type().is_ok_and(|t| t.is_file()) && export_file(&e.file_name().to_string_lossy())
             })
         });
         if !ours {
@@ -712,11 +722,16 @@ mod tests {
         let dead = export_staging(tmp.path(), "out", u32::MAX);
         std::fs::create_dir(&dead).unwrap();
         std::fs::write(dead.join("config.json"), "{}").unwrap();
+        // Killed while writing the weights: their atomic-write temporary is the export's too.
+        std::fs::write(dead.join(".tmp-model.safetensors-4194305"), "half").unwrap();
         let live = export_staging(tmp.path(), "out", std::process::id());
         std::fs::create_dir(&live).unwrap();
         let foreign = export_staging(tmp.path(), "out", u32::MAX - 1);
         std::fs::create_dir(&foreign).unwrap();
         std::fs::write(foreign.join("notes.txt"), "mine").unwrap();
+        let foreign_tmp = export_staging(tmp.path(), "out", u32::MAX - 3);
+        std::fs::create_dir(&foreign_tmp).unwrap();
+        std::fs::write(foreign_tmp.join(".tmp-notes.txt-12"), "mine").unwrap();
         let other = export_staging(tmp.path(), "other", u32::MAX);
         std::fs::create_dir(&other).unwrap();
         // A link named like a dead export's staging folder, to a user's folder of export-like files.
@@ -733,6 +748,7 @@ mod tests {
         assert!(link.symlink_metadata().is_ok());
         assert!(!dead.exists() && live.exists() && other.exists());
         assert_eq!(bytes(&foreign.join("notes.txt")), b"mine");
+        assert_eq!(bytes(&foreign_tmp.join(".tmp-notes.txt-12")), b"mine");
     }
 
     #[test]
