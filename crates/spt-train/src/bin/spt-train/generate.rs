@@ -76,6 +76,17 @@ pub(crate) fn generate(a: &GenerateArgs) -> Result<()> {
     let Net::Lm(model) = &task.net else {
         bail!("generate needs a GPT-2 model (model_type gpt2)")
     };
+    // A token past the tokenizer's vocabulary decodes to nothing: it would be generated and
+    // silently dropped from the text. (A model's vocabulary padded past its tokenizer's is fine.)
+    let tok_vocab = tok.inner().get_vocab_size(true);
+    let model_vocab = model.transformer.config.vocab_size;
+    if tok_vocab < model_vocab {
+        say!(
+            "note: the tokenizer has {tok_vocab} tokens and the model {model_vocab}: only the \
+             tokenizer's are sampled (a mismatched tokenizer gives nonsense)"
+        );
+    }
+    let sampled = tok_vocab.min(model_vocab);
     let mut rng = SplitMix64::new(a.seed);
     let decode = |ids: &[u32]| {
         tok.inner()
@@ -95,7 +106,14 @@ pub(crate) fn generate(a: &GenerateArgs) -> Result<()> {
         let input_ids = Tensor::new(input.as_slice(), &dev)?.unsqueeze(0)?;
         let logits = model.next_token_logits(&input_ids, &mut cache)?;
         let last: Vec<f32> = logits.get(0)?.to_dtype(DType::F32)?.to_vec1()?;
-        let next = sample_token(&last, a.temperature, a.top_k, &mut rng);
+        if last.iter().any(|v| v.is_nan()) {
+            bail!(
+                "the model's next-token logits after {} tokens are NaN (diverged weights, or a \
+                 setting that overflows such as a huge LoRA alpha)",
+                ids.len()
+            );
+        }
+        let next = sample_token(&last[..sampled.min(last.len())], a.temperature, a.top_k, &mut rng);
         if Some(next) == eos {
             break;
         }
