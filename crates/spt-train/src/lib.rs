@@ -38,5 +38,6 @@ pub mod rng;
 pub mod tasks;
 pub mod threads;
 pub mod trainer;
+mod unique_json;
 
 pub use error::{Error, Result};

@@ -273,14 +273,18 @@ impl FinetuneConfig {
                     msg: format!("{name}: {e}"),
                 })
         }
+        let preset_flag = preset;
         let preset = match preset {
             Some(p) => Some(p),
             None => key(file, "preset")?,
         };
         // A preset is an spt recipe, so it implies the mode when none is given.
-        let mode = match mode {
-            Some(m) => m,
-            None => key(file, "mode")?.unwrap_or(if preset.is_some() { Mode::Spt } else { Mode::Dense }),
+        let mode = match (mode, preset_flag) {
+            (Some(m), _) => m,
+            (None, Some(_)) => Mode::Spt,
+            (None, None) => {
+                key(file, "mode")?.unwrap_or(if preset.is_some() { Mode::Spt } else { Mode::Dense })
+            }
         };
         let task = match task {
             Some(t) => t,
@@ -298,6 +302,24 @@ impl FinetuneConfig {
     /// Settings that were given but change nothing in this run, each said in a sentence.
     pub fn unused_settings(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if self.task == TaskKind::Lm {
+            // Classification settings an LM run reads past.
+            let given = [
+                ("split_by (--split-by)", self.split_by.is_some()),
+                ("drop_labels (--drop-label)", !self.drop_labels.is_empty()),
+                (
+                    "text_pair_column (--text-pair-column)",
+                    self.text_pair_column.is_some(),
+                ),
+                ("label_map (--label-map)", self.label_map.is_some()),
+            ];
+            for (name, _) in given.iter().filter(|(_, set)| *set) {
+                out.push(format!(
+                    "{name} has no effect in a language-modelling run (--task lm): it reads only \
+                     the text, split into blocks"
+                ));
+            }
+        }
         if self.split_by.is_some() && !self.validation_files.is_empty() {
             out.push("split_by (--split-by) has no effect: the validation rows come from --validation-file, none are held out".into());
         }
@@ -327,6 +349,20 @@ impl FinetuneConfig {
         }
         if a.attn_k_fraction.is_some() && a.attn_k.is_none() {
             c.attn_k = None;
+        }
+        // Likewise the run's length and the warmup (from a config file, say).
+        if a.epochs.is_some() && a.max_steps.is_none() {
+            c.max_steps = None;
+        }
+        if a.warmup_ratio.is_some() && a.warmup_steps.is_none() {
+            c.warmup_steps = None;
+        }
+        if a.warmup_steps.is_some() && a.warmup_ratio.is_none() {
+            c.warmup_ratio = 0.0;
+        }
+        // A preset is an spt recipe: given as a flag, it outranks a file's mode.
+        if a.preset.is_some() && a.mode.is_none() {
+            c.mode = Mode::Spt;
         }
         set_if_some!(a, c;
             plain: model, task, validation_split, text_column, label_column, block_size, output_dir, mode,

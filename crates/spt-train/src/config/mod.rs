@@ -47,6 +47,19 @@ fn name_bad_key(
     })
 }
 
+/// The settings that giving `field` replaces, with the value that leaves them unset: the two ways
+/// of giving attention's k and the warmup, and a run length in epochs over `max_steps`.
+fn replaced_by(field: &str) -> Vec<(&'static str, serde_json::Value)> {
+    match field {
+        "attn_k" => vec![("attn_k_fraction", serde_json::Value::Null)],
+        "attn_k_fraction" => vec![("attn_k", serde_json::Value::Null)],
+        "warmup_steps" => vec![("warmup_ratio", 0.0.into())],
+        "warmup_ratio" => vec![("warmup_steps", serde_json::Value::Null)],
+        "epochs" => vec![("max_steps", serde_json::Value::Null)],
+        _ => Vec::new(),
+    }
+}
+
 fn invalid(field: &str, msg: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field: field.to_string(),
@@ -353,7 +366,11 @@ impl FinetuneConfig {
                 }
                 serde_json::to_value(table).map_err(|e| file_err(e.to_string()))?
             }
-            Some("json") => serde_json::from_str(&text).map_err(|e| file_err(e.to_string()))?,
+            Some("json") => {
+                serde_json::from_str::<crate::unique_json::UniqueKeys>(&text)
+                    .map_err(|e| file_err(e.to_string()))?
+                    .0
+            }
             _ => return Err(file_err("use a .toml or .json file".into())),
         };
         let serde_json::Value::Object(table) = value else {
@@ -476,6 +493,7 @@ impl FinetuneConfig {
             _ => return Err(invalid("set", "cannot represent the settings as a table")),
         };
         let mut seen = std::collections::BTreeMap::new();
+        let mut given = Vec::new();
         for s in sets {
             let Some((path, value)) = s.split_once('=') else {
                 return Err(invalid("set", format!("`{s}`: expected section.key=value")));
@@ -502,6 +520,16 @@ impl FinetuneConfig {
             }
             let value =
                 sections::parse_value(value.trim()).map_err(|e| invalid(path, format!("--set {s}: {e}")))?;
+            given.push((field, value));
+        }
+        // One way of giving a setting replaces the other (a file's, a preset's), unless that one
+        // is --set too (then validation names both).
+        for (field, value) in given {
+            for (partner, cleared) in replaced_by(&field) {
+                if !seen.contains_key(partner) {
+                    flat.insert(partner.to_string(), cleared);
+                }
+            }
             flat.insert(field, value);
         }
         let defaults = serde_json::to_value(&*self)

@@ -319,6 +319,19 @@ fn sectioned_and_flat_files_load_to_the_same_settings() {
     std::fs::write(&t, "[spt.ffn]\ntopk = 3\n").unwrap();
     let e = FinetuneConfig::load(&t).unwrap_err().to_string();
     assert!(e.contains("`spt.ffn.topk`"), "{e}");
+    // JSON keeps the last of a repeated key without a word (a whole `optim` block was lost).
+    let j = dir.path().join("finetune.json");
+    for text in [
+        r#"{"model": "m", "optim": {"lr": 0.5}, "optim": {"max_steps": 3}}"#,
+        r#"{"model": "m", "optim": {"lr": 0.5, "lr": 0.1}}"#,
+    ] {
+        std::fs::write(&j, text).unwrap();
+        let e = FinetuneConfig::load(&j).unwrap_err().to_string();
+        assert!(
+            e.contains("finetune.json") && e.contains("appears twice"),
+            "{text}: {e}"
+        );
+    }
 }
 
 #[test]
@@ -574,4 +587,51 @@ fn a_runs_own_settings_are_read_over_the_plain_defaults() {
     std::fs::write(&t, today.to_toml().unwrap()).unwrap();
     assert_eq!(FinetuneConfig::load_run(&t).unwrap(), today);
     assert_eq!(FinetuneConfig::load(&t).unwrap(), today);
+}
+
+/// A flag overrides the config file for settings given two ways too: `--epochs` over the file's
+/// max_steps (which kept winning), `--warmup-ratio` over its warmup_steps and `--attn-k` over its
+/// k fraction (both refused as "not both"), `--preset` over its `mode = "dense"` (refused); and
+/// so does `--set`. Classification settings in an LM run are named as having no effect.
+#[test]
+fn a_flag_replaces_the_files_other_form_of_a_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("f.toml");
+    let load = |text: &str, flags: &[&str]| {
+        std::fs::write(&t, text).unwrap();
+        let mut argv = vec!["--config", t.to_str().unwrap()];
+        argv.extend_from_slice(flags);
+        FinetuneConfig::from_args(&parse(&argv))
+    };
+    let base = "model = \"m\"\ntrain_files = [\"a.csv\"]\n";
+    let c = load(&format!("{base}max_steps = 2\n"), &["--epochs", "1"]).unwrap();
+    assert_eq!((c.max_steps, c.epochs), (None, 1));
+    let c = load(&format!("{base}max_steps = 2\n"), &["--set", "optim.epochs=3"]).unwrap();
+    assert_eq!((c.max_steps, c.epochs), (None, 3));
+    let c = load(&format!("{base}warmup_steps = 2\n"), &["--warmup-ratio", "0.5"]).unwrap();
+    assert_eq!((c.warmup_steps, c.warmup_ratio), (None, 0.5));
+    let c = load(&format!("{base}warmup_ratio = 0.5\n"), &["--warmup-steps", "3"]).unwrap();
+    assert_eq!((c.warmup_steps, c.warmup_ratio), (Some(3), 0.0));
+    let spt = format!("{base}mode = \"spt\"\n[spt.attention]\nk_fraction = 0.5\n");
+    let c = load(&spt, &["--attn-k", "4"]).unwrap();
+    assert_eq!((c.attn_k, c.attn_k_fraction), (Some(4), None));
+    let c = load(&spt, &["--set", "spt.attention.k=4"]).unwrap();
+    assert_eq!((c.attn_k, c.attn_k_fraction), (Some(4), None));
+    let c = load(&format!("{base}mode = \"dense\"\n"), &["--preset", "fast"]).unwrap();
+    assert_eq!(c.mode, Mode::Spt);
+    // Both forms on the command line are still refused.
+    let e = load(base, &["--warmup-ratio", "0.5", "--warmup-steps", "3"])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not both"), "{e}");
+    let c = load(
+        &format!("{base}task = \"lm\"\nsplit_by = \"movie\"\n"),
+        &["--drop-label", "x"],
+    )
+    .unwrap();
+    let unused = c.unused_settings().join("\n");
+    assert!(
+        unused.contains("split_by") && unused.contains("drop_labels"),
+        "{unused}"
+    );
 }

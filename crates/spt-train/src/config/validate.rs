@@ -178,11 +178,12 @@ impl FinetuneConfig {
         if self.mode == Mode::Spt && self.calibration_batches == 0 {
             return Err(invalid("calibration_batches", "must be at least 1 in spt mode"));
         }
-        if self.lora_rank > 0 && !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
+        let scale = self.lora_alpha / self.lora_rank.max(1) as f64;
+        if self.lora_rank > 0 && !(self.lora_alpha > 0.0 && scale <= f32::MAX as f64) {
             return Err(invalid(
                 "lora_alpha",
                 format!(
-                    "must be finite and > 0 (the adapter's scale is alpha / rank), got {}",
+                    "must be > 0 with alpha / rank (the adapter's scale) within f32's range, got {}",
                     self.lora_alpha
                 ),
             ));

@@ -282,12 +282,18 @@ fn read_delimited(
     };
     let mut out = Vec::new();
     let mut rec = csv::ByteRecord::new();
+    let mut last_multiline = None;
     loop {
         match rdr.read_byte_record(&mut rec) {
             Ok(false) => break,
             Ok(true) => {}
             Err(e) => return Err(csv_error(e)),
         }
+        // The start of the record if a field of it spans lines (see check_closed_quotes).
+        last_multiline = rec
+            .position()
+            .filter(|_| rec.iter().any(|f| f.contains(&b'\n')))
+            .map(|p| p.byte());
         let line = rec.position().map(|p| lines.line(p.byte())).unwrap_or(0);
         // A blank line is no record; a quoted empty field (`""`, as Python's csv writes an empty
         // text in a one-column file) is an empty text, whose row must not vanish from predict's
@@ -332,7 +338,30 @@ fn read_delimited(
             line,
         });
     }
+    if let (true, Some(start)) = (quoting, last_multiline) {
+        check_closed_quotes(path, &bytes, &lines, start)?;
+    }
     Ok(out)
+}
+
+/// The csv reader takes a quote that is never closed as a field running to the end of the file:
+/// every later row would become one text, silently. Such a record is the file's last, spans
+/// lines, and holds an odd number of quote characters (a closed field has its two, and `""`
+/// escapes come in pairs). `start` is that last record's first byte.
+fn check_closed_quotes(path: &Path, bytes: &[u8], lines: &LineIndex, start: u64) -> Result<(), DataError> {
+    let tail = bytes
+        .get(usize::try_from(start).unwrap_or(usize::MAX)..)
+        .unwrap_or_default();
+    if tail.iter().filter(|&&b| b == b'"').count() % 2 == 1 {
+        return Err(DataError::Parse {
+            path: path.to_path_buf(),
+            line: lines.line(start),
+            msg: "a quoted field opens on this row and is never closed: the rest of the file \
+                  would be read as one text; close the quote (or double a quote inside the text)"
+                .into(),
+        });
+    }
+    Ok(())
 }
 
 /// 1-based line numbers of byte offsets in a file, counted from its `\n`s. Why: after a CRLF line
@@ -478,8 +507,7 @@ fn read_jsonl(path: &Path, spec: &ColumnSpec) -> Result<Vec<RawExample>, DataErr
     Ok(out)
 }
 
-/// One JSONL row: an object whose keys are distinct. serde_json keeps the last of a repeated key
-/// without a word, which would train on a value the user may not have meant.
+/// One JSONL row: an object whose keys are distinct ([`crate::unique_json`]).
 struct JsonRow(serde_json::Map<String, serde_json::Value>);
 
 impl<'de> Deserialize<'de> for JsonRow {
@@ -492,15 +520,8 @@ impl<'de> Deserialize<'de> for JsonRow {
                 f.write_str("a JSON object")
             }
 
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<JsonRow, A::Error> {
-                let mut out = serde_json::Map::new();
-                while let Some((k, v)) = map.next_entry::<String, serde_json::Value>()? {
-                    if out.contains_key(&k) {
-                        return Err(serde::de::Error::custom(format!("key `{k}` appears twice")));
-                    }
-                    out.insert(k, v);
-                }
-                Ok(JsonRow(out))
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<JsonRow, A::Error> {
+                crate::unique_json::unique_map(map).map(JsonRow)
             }
         }
         d.deserialize_map(Visit)
@@ -877,6 +898,32 @@ mod tests {
         assert_eq!(d.examples.len(), 2);
         assert_eq!(d.examples[0].label.as_deref(), Some("1"));
         assert_eq!(d.examples[1].line, 3);
+    }
+
+    #[test]
+    fn a_quote_never_closed_is_named_not_read_to_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = ColumnSpec {
+            text: "text".into(),
+            label: None,
+            ..Default::default()
+        };
+        let p = write(
+            dir.path(),
+            "u.csv",
+            b"text\nfine\n\"unclosed start\nsecond row\nthird row\n",
+        );
+        let e = read_classification(&p, None, &spec, &[]).unwrap_err().to_string();
+        assert!(e.contains("line 3") && e.contains("never closed"), "{e}");
+        // Closed quotes spanning lines, and a literal quote inside an unquoted field, are fine.
+        let p = write(
+            dir.path(),
+            "ok.csv",
+            b"text\n\"two\nlines, \"\"quoted\"\"\"\nhe said \"hi\n\"last\nrow\"\n",
+        );
+        let d = read_classification(&p, None, &spec, &[]).unwrap();
+        let texts: Vec<_> = d.examples.iter().map(|e| e.text.as_str()).collect();
+        assert_eq!(texts, ["two\nlines, \"quoted\"", "he said \"hi", "last\nrow"]);
     }
 
     #[test]
