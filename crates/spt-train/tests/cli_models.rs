@@ -444,6 +444,29 @@ fn bench_records_each_setting() {
     assert_eq!(recs[3]["attn_k"], 16); // the fast preset keeps every key
     assert_eq!(recs[3]["ffn_correction"], true);
     assert_eq!(recs[5]["ffn_correction"], false);
+    // Another folder of the same name is another model: its records join the file (they
+    // replaced these), and a key the user added to the file stays (it was dropped).
+    let mut doc = doc.clone();
+    doc["notes"] = "mine".into();
+    std::fs::write(&out, serde_json::to_string(&doc).unwrap()).unwrap();
+    let other = tmp.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    let twin = fixture("tiny-bert-cls", &other);
+    let twin_base = bench_args(twin.to_str().unwrap(), out_s);
+    spt_train(
+        &[&twin_base[..], &["--ffn-correction", "false", "--append"]].concat(),
+        None,
+    );
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(doc["records"].as_array().unwrap().len(), 8, "{doc}");
+    assert_eq!(doc["notes"], "mine");
+    // The same model at the same setting replaces its own records only.
+    spt_train(
+        &[&base[..], &["--ffn-correction", "false", "--append"]].concat(),
+        None,
+    );
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(doc["records"].as_array().unwrap().len(), 8, "{doc}");
     // A top-k the FFN cannot have is refused before anything runs; so is a sequence longer than
     // the model's positions (the tiny BERT has 128), naming them.
     let err = common::run_err(&["-q", "bench", "--model", model, "--ffn-top-k", "9"]);

@@ -703,6 +703,24 @@ fn predict_from_stdin_refuses_what_it_cannot_read() {
         !o.status.success() && e.contains("--text-column review: stdin lines are the texts"),
         "{e}"
     );
+    // So is --format: a CSV header was classified as a text.
+    let o = run(
+        &[
+            "predict",
+            "--model",
+            m,
+            "--checkpoint",
+            s(&plain),
+            "--format",
+            "csv",
+        ],
+        Some("text,label\nbad,neg\n"),
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("--format csv: stdin is read as one text per line"),
+        "{e}"
+    );
     // A file with both columns is read as the run was.
     let o = run_ok(
         &["predict", "--model", m, "--checkpoint", r, "--input", s(&data)],

@@ -637,7 +637,15 @@ fn predict_never_overwrites_a_file_it_did_not_write() {
     run_ok(&finetune_args(s(&t.model), s(&t.data), s(&run_dir), "1"), None);
     let out = t.root.join("predictions.jsonl");
     let predict = [&predict_args(&t, &run_dir, &t.data)[..], &["--output", s(&out)]].concat();
-    for users in ["my notes\n", "", "{\"text\": \"a\", \"label\": \"pos\"}\n"] {
+    // The last three have predict's keys: a user's ratings, another key order, other spacing.
+    for users in [
+        "my notes\n",
+        "",
+        "{\"text\": \"a\", \"label\": \"pos\"}\n",
+        "{\"id\":17,\"label\":\"fresh\",\"score\":4.5,\"text\":\"great movie\"}\n",
+        "{\"id\":1,\"text\":\"good\",\"label\":\"pos\",\"score\":0.5}\n",
+        "{\"id\": 1, \"label\": \"pos\", \"score\": 0.5, \"text\": \"good\"}\n",
+    ] {
         std::fs::write(&out, users).unwrap();
         let e = run_err(&predict);
         assert!(
@@ -664,6 +672,15 @@ fn predict_never_overwrites_a_file_it_did_not_write() {
     let first = std::fs::read_to_string(&out).unwrap();
     assert!(first.lines().count() > 1, "{first}");
     run_ok(&predict, None);
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), first);
+    // Through a link, the file it names is rewritten and the link stays (it became a file).
+    let one_line = format!("{}\n", first.lines().next().unwrap());
+    std::fs::write(&out, &one_line).unwrap();
+    let link = t.root.join("link.jsonl");
+    std::os::unix::fs::symlink(&out, &link).unwrap();
+    let via_link = [&predict_args(&t, &run_dir, &t.data)[..], &["--output", s(&link)]].concat();
+    run_ok(&via_link, None);
+    assert!(link.symlink_metadata().unwrap().file_type().is_symlink());
     assert_eq!(std::fs::read_to_string(&out).unwrap(), first);
 }
 
@@ -745,6 +762,25 @@ fn messages_point_the_right_way() {
     std::fs::write(&text, "text\na good film\n").unwrap();
     let mut a = predict_args(&t, &run2, &text).to_vec();
     a[2] = s(&bare);
+    // The checkpoint records its classes: answered by name without labels.json.
+    let o = run_ok(&a, None);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        ["neg", "neutral", "pos"]
+            .iter()
+            .any(|c| out.contains(&format!("\"label\":\"{c}\""))),
+        "{out}"
+    );
+    // A checkpoint from before that record: the labels must come from somewhere.
+    let manifest = run2.join("checkpoints/step-00000001/manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    m["extra"]["data"]
+        .as_object_mut()
+        .unwrap()
+        .remove("classes")
+        .unwrap();
+    std::fs::write(&manifest, m.to_string()).unwrap();
     let e = run_err(&a);
     assert!(e.contains("labels.json") && e.contains("--label-map"), "{e}");
     // A label map of another size than the checkpoint's head: both counts, and what to use.

@@ -8,7 +8,6 @@ use crate::common::{check_output_file, device, mode_name, task_of};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args;
-use spt_train::checkpoint::write_file_atomic;
 use spt_train::config::{resolve_model, FinetuneConfig, Mode};
 use spt_train::data::TaskKind;
 use spt_train::tasks::{calibration_batches, ModelTask};
@@ -236,6 +235,7 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
                 "weights": v["weights"],
                 "loadavg_before": load_before,
                 "loadavg_after": load_after,
+                "model_path": a.model,
             })
         })
         .collect();
@@ -252,10 +252,14 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
             let text = std::fs::read_to_string(out).with_context(|| format!("reading {}", out.display()))?;
             let old: serde_json::Value =
                 serde_json::from_str(&text).with_context(|| format!("parsing {}", out.display()))?;
-            // Replaces the records of this model (at this run's setting, if it names one).
+            // Replaces the records of this model (at this run's setting, if it names one). The
+            // case names a model by its folder's name: another folder of that name (a record
+            // that says where its model was) is another model.
+            let here = |p: &str| Path::new(p).canonicalize().unwrap_or_else(|_| p.into());
             let same = |r: &serde_json::Value| {
                 r["case"]["model"] == serde_json::json!(model_name)
                     && r["case"].get("setting").and_then(|s| s.as_str()) == setting.as_deref()
+                    && r["model_path"].as_str().is_none_or(|p| here(p) == here(&a.model))
             };
             let mut merged: Vec<serde_json::Value> = old["records"]
                 .as_array()
@@ -271,13 +275,17 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
                 _ => Vec::new(),
             };
             commands.push(command.into());
-            doc = serde_json::json!({"command": commands, "machine": machine, "records": merged});
+            // Other keys of the file (a note of the user's) stay.
+            let mut kept = old.as_object().cloned().unwrap_or_default();
+            kept.insert("command".into(), commands.into());
+            kept.insert("machine".into(), machine.clone());
+            kept.insert("records".into(), merged.into());
+            doc = kept.into();
         }
         if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
         }
-        write_file_atomic(out, serde_json::to_string_pretty(&doc)?.as_bytes())
-            .with_context(|| format!("writing {}", out.display()))?;
+        crate::common::write_output_file(out, serde_json::to_string_pretty(&doc)?.as_bytes())?;
         say!("bench: wrote {}", out.display());
     } else {
         println!("{}", serde_json::to_string_pretty(&doc)?);

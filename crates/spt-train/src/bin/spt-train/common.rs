@@ -502,6 +502,21 @@ pub(crate) fn task_of(model: &str) -> Result<TaskKind> {
     })
 }
 
+/// Writes an output file that [`check_output_file`] passed: through a link (or a chain of them,
+/// as the OS follows) to the file it names, which that check read. Renamed over, the link would
+/// become a plain file and its target keep the old bytes.
+pub(crate) fn write_output_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut to = path.to_path_buf();
+    for _ in 0..40 {
+        match std::fs::read_link(&to) {
+            Ok(next) => to = to.parent().unwrap_or(Path::new("")).join(next),
+            Err(_) => break,
+        }
+    }
+    spt_train::checkpoint::write_file_atomic(&to, bytes)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 /// Refuses an output file (`flag` names the option) that exists and is not one this command
 /// wrote, judged by `ours` on its text: spt-train never overwrites a file it did not write,
 /// whatever the flags. Called before any work, so a refusal costs nothing.

@@ -5,11 +5,10 @@ use std::path::{Path, PathBuf};
 
 use crate::common::{
     check_model, check_output_file, config_has_any, device, find_labels, load_trained, tokenizer_for,
-    ModelArgs,
+    write_output_file, ModelArgs,
 };
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use spt_train::checkpoint::write_file_atomic;
 use spt_train::config::resolve_model;
 use spt_train::data::{epoch_batches, BatchOrder, EncodedDataset, EncodedItem};
 use spt_train::data::{read_classification, ColumnSpec, DataFormat, LabelMap, TaskKind};
@@ -98,6 +97,13 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
         if let Some(c) = &a.text_column {
             bail!("--text-column {c}: stdin lines are the texts themselves; the flag applies to an --input file");
         }
+        // A CSV header and its quoted fields would be classified as texts.
+        if let Some(f) = a.format {
+            bail!(
+                "--format {}: stdin is read as one text per line; give a CSV, TSV or JSONL file with --input",
+                clap::ValueEnum::to_possible_value(&f).map_or("?".into(), |v| v.get_name().to_string())
+            );
+        }
         let mut out = Vec::new();
         for (i, line) in std::io::stdin().lock().lines().enumerate() {
             // Every line, blank ones too: output line i answers input line i.
@@ -166,6 +172,14 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
         let logits = task.net.forward(&batch, false)?;
         let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
         for (&i, p) in chunk.iter().zip(probs) {
+            if p.iter().any(|v| !v.is_finite()) {
+                bail!(
+                    "{}:{}: the model's class probabilities are not finite (diverged weights, or a \
+                     setting that overflows such as a huge LoRA alpha)",
+                    if a.input == "-" { "stdin" } else { a.input.as_str() },
+                    i + 1
+                );
+            }
             let (best, score) =
                 p.iter().enumerate().fold(
                     (0usize, f32::MIN),
@@ -186,27 +200,28 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
         lines.push('\n');
     }
     match &a.output {
-        Some(p) => {
-            write_file_atomic(p, lines.as_bytes()).with_context(|| format!("writing {}", p.display()))?
-        }
+        Some(p) => write_output_file(p, lines.as_bytes())?,
         None => print!("{lines}"),
     }
     Ok(())
 }
 
-/// Whether `text` is what `predict --output` writes: one JSON object per line with the keys
-/// `text`, `label`, `id` and `score`.
+/// Whether `text` is what `predict --output` writes, line for line: a JSON object with exactly
+/// `id` (a class index), `label` (a string), `score` (a probability) and `text` (a string),
+/// serialised as this command serialises it. A user's own JSONL with those keys (another key
+/// order, spacing, a rating for a score) is not.
 fn is_predictions(text: &str) -> bool {
-    let keys = ["text", "label", "id", "score"];
+    let ours = |line: &str| -> Option<()> {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        let o = v.as_object()?;
+        let score = o.get("score")?.as_f64()?;
+        let shape = o.len() == 4
+            && o.get("id")?.is_u64()
+            && o.get("label")?.is_string()
+            && o.get("text")?.is_string()
+            && (0.0..=1.0).contains(&score);
+        (shape && serde_json::to_string(&v).ok().as_deref() == Some(line)).then_some(())
+    };
     let mut lines = text.lines().peekable();
-    lines.peek().is_some()
-        && lines.all(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| {
-                    v.as_object()
-                        .map(|o| o.len() == keys.len() && keys.iter().all(|k| o.contains_key(*k)))
-                })
-                .unwrap_or(false)
-        })
+    lines.peek().is_some() && lines.all(|l| ours(l).is_some())
 }
