@@ -347,6 +347,44 @@ fn generate_is_seeded() {
     let a = gen("1");
     assert_eq!(a, gen("1"), "same seed, same text");
     assert!(a.split_whitespace().count() >= 3, "{a}");
+    // A tokenizer of 10 tokens on a model of 1000: only its tokens are sampled, said in a note
+    // (the rest decoded to nothing and vanished without a word).
+    let tok = tmp.path().join("tinytok");
+    std::fs::create_dir(&tok).unwrap();
+    std::fs::write(
+        tok.join("vocab.txt"),
+        "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\na\nb\nc\nd\ne\n",
+    )
+    .unwrap();
+    let o = spt_train(
+        &[
+            "generate",
+            "--model",
+            m,
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "--prompt",
+            "a b",
+            "--max-new-tokens",
+            "20",
+            "--top-k",
+            "0",
+            "--seed",
+            "3",
+        ],
+        None,
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("the tokenizer has 10 tokens and the model 1000"),
+        "{err}"
+    );
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.split_whitespace()
+            .all(|w| ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "c", "d", "e"].contains(&w)),
+        "{text}"
+    );
 }
 
 /// `spt-train bench` of dense and spt on `model`, one tiny step, into `out`.

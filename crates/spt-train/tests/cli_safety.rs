@@ -485,6 +485,8 @@ fn bad_numbers_and_conflicting_flags_are_refused_by_name() {
         (&["--adam-eps", "NaN"], "adam_eps"),
         (&["--max-grad-norm", "NaN"], "max_grad_norm"),
         (&["--lora-alpha=-16"], "lora_alpha"),
+        // alpha / rank past f32: the adapter's output was inf, every eval NaN.
+        (&["--lora-alpha", "1e40"], "lora_alpha"),
         (&["--lora-rank", "100"], "lora_rank"),
         (&["--warmup-steps", "2", "--warmup-ratio", "0.1"], "warmup"),
         (&["--validation-file", s(&t.data)], "validation"),

@@ -370,6 +370,13 @@ fn settings_and_tasks_that_would_train_nothing_or_nan_are_refused() -> anyhow::R
     odd.items[0].label = Some(u32::MAX);
     let rep = spt_train::trainer::evaluate(&mut BagClassifier::new(3, 0.0)?, &odd, 4, &Device::Cpu)?;
     assert!(rep.macro_f1.is_some_and(|f| (0.0..=1.0).contains(&f)), "{rep:?}");
+    // NaN logits: the loss is NaN and the argmax arbitrary; an accuracy was reported anyway.
+    let nan = BagClassifier::new(3, 0.0)?;
+    nan.w.set(&Tensor::full(f32::NAN, nan.w.shape(), &Device::Cpu)?)?;
+    let e = spt_train::trainer::evaluate(&mut { nan }, &synthetic(8, 6), 4, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("is NaN") && e.contains("not finite"), "{e}");
     Ok(())
 }
 
