@@ -431,14 +431,18 @@ pub fn check_export_dir(out: &Path, files: &[String], overwrite: bool) -> Result
     }
     let path = || out.to_path_buf();
     match read_marker(out)? {
-        Marker::None => {
+        // An old marker over none of an export's files says nothing to keep: a folder like any.
+        Marker::None | Marker::Legacy if existing(out, files.iter().map(String::as_str)).is_empty() => {
             if !overwrite {
                 return Err(OutputError::Foreign { path: path() });
             }
+        }
+        Marker::None => {
             let names = existing(out, files.iter().map(String::as_str));
-            if !names.is_empty() {
-                return Err(OutputError::Collision { path: path(), names });
+            if !overwrite {
+                return Err(OutputError::Foreign { path: path() });
             }
+            return Err(OutputError::Collision { path: path(), names });
         }
         Marker::Legacy => {
             return Err(OutputError::Legacy {

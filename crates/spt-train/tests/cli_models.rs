@@ -509,6 +509,17 @@ fn bench_records_each_setting() {
     // the model's positions (the tiny BERT has 128), naming them.
     let err = common::run_err(&["-q", "bench", "--model", model, "--ffn-top-k", "9"]);
     assert!(err.contains("--ffn-top-k is 9, expected 1 to 8"), "{err}");
+    let err = common::run_err(&[
+        "-q",
+        "bench",
+        "--model",
+        model,
+        "--seq-len",
+        "16",
+        "--attn-k",
+        "1000",
+    ]);
+    assert!(err.contains("--attn-k 1000 exceeds the 16 keys"), "{err}");
     // A mode twice, or an spt setting with spt left out, is refused (one was timed twice, the
     // other ignored).
     let err = common::run_err(&["-q", "bench", "--model", model, "--modes", "spt,spt"]);

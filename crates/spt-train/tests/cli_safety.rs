@@ -699,6 +699,46 @@ fn messages_point_the_right_way() {
         !o.status.success() && e.contains("missing.txt") && !e.contains("extension"),
         "{e}"
     );
+    // An empty path is named as such (it printed ": No such file or directory").
+    let o = run(&predict_args(&t, &run_dir, Path::new("")), None);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("(an empty path)"), "{e}");
+    // A --checkpoint that names no checkpoint is said so first (it was taken for a run without
+    // labels, or "X/checkpoints: Not a directory").
+    for (ck, why) in [
+        (missing.clone(), "no such checkpoint or run folder"),
+        (t.data.clone(), "a file, not a checkpoint or run folder"),
+    ] {
+        let e = run_err(&predict_args(&t, &ck, &t.data));
+        assert!(e.contains(why), "{e}");
+    }
+    // An output under a file is refused before the model is loaded (it failed after the work).
+    let under_file = t.data.join("sub/p.jsonl");
+    let mut a = predict_args(&t, &run_dir, &t.data).to_vec();
+    a.extend(["--output", s(&under_file)]);
+    let e = run_err(&a);
+    assert!(
+        e.contains("is a file, not a folder") && !e.contains("parameters"),
+        "{e}"
+    );
+    // An export folder holding only an unreadable marker: a folder like any (the refusal listed
+    // no files: "it holds ; spt-train will not delete them").
+    let marked = t.root.join("marked");
+    std::fs::create_dir(&marked).unwrap();
+    std::fs::write(marked.join(".spt-train-output"), "garbage").unwrap();
+    let export = [
+        "export",
+        "--model",
+        s(&t.model),
+        "--checkpoint",
+        s(&run_dir),
+        "--out",
+        s(&marked),
+    ];
+    let e = run_err(&export);
+    assert!(e.contains("--overwrite") && !e.contains("it holds ;"), "{e}");
+    run_ok(&[&export[..], &["--overwrite"]].concat(), None);
+    assert!(marked.join("config.json").is_file());
     // eval needs no optimizer state.
     let ck = run_dir.join("checkpoints/step-00000002");
     std::fs::remove_file(ck.join("optimizer.safetensors")).unwrap();

@@ -235,6 +235,20 @@ impl FinetuneConfig {
             tracing::warn!("{unused}");
         }
         let ignored = args.flags_ignored_in(cfg.mode);
+        // The same settings from the config file or --set, where no flag gave them.
+        let from_file: Vec<&str> = cfg
+            .settings_ignored_in_mode()
+            .into_iter()
+            .filter(|f| !ignored.contains(&format!("--{}", f.replace('_', "-")).as_str()))
+            .collect();
+        if !from_file.is_empty() {
+            tracing::warn!(
+                "{} (from the config file or --set) {} no effect in {} mode",
+                from_file.join(", "),
+                if from_file.len() == 1 { "has" } else { "have" },
+                format!("{:?}", cfg.mode).to_lowercase(),
+            );
+        }
         if !ignored.is_empty() {
             let wants = if cfg.mode == Mode::Dense {
                 "--mode lora or --mode spt"
@@ -299,9 +313,51 @@ impl FinetuneConfig {
         Ok(presets::base_config(mode, task, presets::effective(mode, preset)))
     }
 
+    /// The LoRA settings (dense mode) and sparse-layer settings (dense and lora modes) that differ
+    /// from the mode's defaults, and so were set, to no effect.
+    pub fn settings_ignored_in_mode(&self) -> Vec<&'static str> {
+        const LORA: [&str; 3] = ["lora_rank", "lora_alpha", "lora_dropout"];
+        const SPT: [&str; 13] = [
+            "attn_k",
+            "attn_k_fraction",
+            "attn_tile",
+            "pq_subspaces",
+            "pq_codewords",
+            "pq_refresh_every",
+            "ffn_blocks",
+            "ffn_top_k",
+            "ffn_units",
+            "ffn_correction",
+            "calibration_batches",
+            "router_aux_weight",
+            "router_lr_scale",
+        ];
+        let unused: Vec<&'static str> = match self.mode {
+            Mode::Dense => LORA.iter().chain(SPT.iter()).copied().collect(),
+            Mode::Lora => SPT.to_vec(),
+            Mode::Spt => return Vec::new(),
+        };
+        let defaults = presets::base_config(self.mode, self.task, presets::effective(self.mode, self.preset));
+        let (Ok(now), Ok(then)) = (serde_json::to_value(self), serde_json::to_value(&defaults)) else {
+            return Vec::new();
+        };
+        unused
+            .into_iter()
+            .filter(|f| now.get(*f) != then.get(*f))
+            .collect()
+    }
+
     /// Settings that were given but change nothing in this run, each said in a sentence.
     pub fn unused_settings(&self) -> Vec<String> {
         let mut out = Vec::new();
+        let defaults = presets::base_config(self.mode, self.task, presets::effective(self.mode, self.preset));
+        if self.task == TaskKind::Classify && self.block_size != defaults.block_size {
+            out.push(
+                "block_size (--block-size) has no effect in a classification run: texts are cut at \
+                 max_length (--max-length)"
+                    .into(),
+            );
+        }
         if self.task == TaskKind::Lm {
             // Classification settings an LM run reads past.
             let given = [

@@ -634,4 +634,14 @@ fn a_flag_replaces_the_files_other_form_of_a_setting() {
         unused.contains("split_by") && unused.contains("drop_labels"),
         "{unused}"
     );
+    // A file's LoRA and FFN settings in dense mode, and a block size for a classifier.
+    let c = load(
+        &format!("{base}mode = \"dense\"\nblock_size = 64\n[lora]\nrank = 4\n[spt.ffn]\ntop_k = 3\n"),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.settings_ignored_in_mode(), ["lora_rank", "ffn_top_k"]);
+    assert!(c.unused_settings().join("\n").contains("block_size"));
+    let c = load(&format!("{base}mode = \"dense\"\n"), &[]).unwrap();
+    assert!(c.settings_ignored_in_mode().is_empty() && c.unused_settings().is_empty());
 }

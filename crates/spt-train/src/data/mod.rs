@@ -36,7 +36,7 @@ pub enum TaskKind {
 /// A data error, naming the file, line and column where that applies.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("{}: {error}", path.display())]
+    #[error("{}: {error}", if path.as_os_str().is_empty() { "(an empty path)".into() } else { path.display().to_string() })]
     Io {
         path: PathBuf,
         // Named `error`, not `source`: shown in the message, not chained (no double printing).

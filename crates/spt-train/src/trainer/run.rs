@@ -346,6 +346,14 @@ impl<T: TrainTask> Trainer<T> {
             total_steps: total,
             kind: self.cfg.schedule,
         };
+        if sched.warmup_steps >= total && sched.warmup_steps > 0 {
+            tracing::warn!(
+                "the warmup ({} steps) is as long as the run ({total} steps): the learning rate \
+                 never reaches its peak {}",
+                sched.warmup_steps,
+                sched.base_lr
+            );
+        }
         tracing::info!(
             examples = train.len(),
             trainable_params = n_params,

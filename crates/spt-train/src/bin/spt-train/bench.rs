@@ -61,6 +61,15 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
     if a.attn_k == Some(0) {
         bail!("--attn-k must be at least 1");
     }
+    // Recorded as the setting, a k past the keys would name a sparsity that never ran.
+    if let Some(k) = a.attn_k.filter(|&k| k > a.seq_len) {
+        bail!(
+            "--attn-k {k} exceeds the {} keys of --seq-len {}: at most {} (every key)",
+            a.seq_len,
+            a.seq_len,
+            a.seq_len
+        );
+    }
     if let Some(m) = a
         .modes
         .iter()
@@ -281,9 +290,6 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
             kept.insert("machine".into(), machine.clone());
             kept.insert("records".into(), merged.into());
             doc = kept.into();
-        }
-        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
         }
         crate::common::write_output_file(out, serde_json::to_string_pretty(&doc)?.as_bytes())?;
         say!("bench: wrote {}", out.display());

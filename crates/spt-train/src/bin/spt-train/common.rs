@@ -42,6 +42,13 @@ impl ModelArgs {
     /// The settings `--checkpoint` was trained with ([`run_config`]), if any: they
     /// supply the defaults a later command needs to read data as the run did (tokenizer, columns,
     /// max_length, block_size).
+    /// Refuses a `--checkpoint` that names no checkpoint (nothing there, a file, a folder
+    /// without checkpoints) before anything else is read from it.
+    pub(crate) fn check_checkpoint(&self) -> Result<()> {
+        self.checkpoint.as_deref().map(checkpoint_path).transpose()?;
+        Ok(())
+    }
+
     pub(crate) fn run_settings(&self) -> Result<Option<FinetuneConfig>> {
         run_config(self.checkpoint.as_deref())
     }
@@ -181,7 +188,14 @@ pub(crate) fn checkpoint_path(p: &Path) -> Result<PathBuf> {
         return Ok(p.to_path_buf());
     }
     if !p.exists() {
-        bail!("{}: no such checkpoint or run folder", p.display());
+        bail!("--checkpoint {}: no such checkpoint or run folder", p.display());
+    }
+    if !p.is_dir() {
+        bail!(
+            "--checkpoint {}: a file, not a checkpoint or run folder (a folder holding manifest.json, \
+             or a run folder with checkpoints/)",
+            p.display()
+        );
     }
     let named_checkpoints = std::path::absolute(p)
         .ok()
@@ -502,6 +516,37 @@ pub(crate) fn task_of(model: &str) -> Result<TaskKind> {
     })
 }
 
+/// Refuses, before any work, an output whose folder cannot be written: `dir` (or, where it does
+/// not exist yet, the nearest folder above it, where it will be made). Found after the work, an
+/// unwritable destination cost the whole run.
+pub(crate) fn check_writable(flag: &str, dir: &Path) -> Result<()> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let Some(existing) = dir.ancestors().find(|d| d.as_os_str().is_empty() || d.exists()) else {
+        return Ok(());
+    };
+    let existing = if existing.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        existing
+    };
+    if !existing.is_dir() {
+        bail!("{flag}: {} is a file, not a folder", existing.display());
+    }
+    #[cfg(unix)]
+    if let Err(e) = nix::unistd::access(existing, nix::unistd::AccessFlags::W_OK) {
+        bail!(
+            "{flag}: cannot write in {}: {}",
+            existing.display(),
+            std::io::Error::from_raw_os_error(e as i32)
+        );
+    }
+    Ok(())
+}
+
 /// Writes an output file that [`check_output_file`] passed: through a link (or a chain of them,
 /// as the OS follows) to the file it names, which that check read. Renamed over, the link would
 /// become a plain file and its target keep the old bytes.
@@ -512,6 +557,9 @@ pub(crate) fn write_output_file(path: &Path, bytes: &[u8]) -> Result<()> {
             Ok(next) => to = to.parent().unwrap_or(Path::new("")).join(next),
             Err(_) => break,
         }
+    }
+    if let Some(parent) = to.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }
     spt_train::checkpoint::write_file_atomic(&to, bytes)
         .with_context(|| format!("writing {}", path.display()))
@@ -526,6 +574,7 @@ pub(crate) fn check_output_file(
     what: &str,
     ours: impl Fn(&str) -> bool,
 ) -> Result<()> {
+    check_writable(flag, path.parent().unwrap_or(Path::new("")))?;
     if !path.exists() {
         return Ok(());
     }

@@ -72,6 +72,7 @@ pub(crate) fn eval(a: &EvalArgs) -> Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1, got 0");
     }
+    a.model.check_checkpoint()?;
     let dev = device(&a.model.device)?;
     let model_dir = resolve_model(&a.model.model)?;
     // The run's own settings when no --config is given: its data is then read as it was in

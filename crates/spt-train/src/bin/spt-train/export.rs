@@ -4,7 +4,7 @@
 use crate::say;
 use std::path::{Path, PathBuf};
 
-use crate::common::{check_model, find_labels, load_trained, task_of, ModelArgs};
+use crate::common::{check_model, check_writable, find_labels, load_trained, task_of, ModelArgs};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args;
@@ -44,6 +44,7 @@ pub(crate) fn export(a: &ExportArgs) -> Result<()> {
     if a.model.checkpoint.is_none() {
         bail!("export needs --checkpoint (a checkpoint or a run directory)");
     }
+    a.model.check_checkpoint()?;
     // Refuse before the (slow) load: the checks are repeated when the files are moved in.
     let model_dir = resolve_model(&a.model.model)?;
     let out = &link_target(&a.out)?;
@@ -79,6 +80,11 @@ pub(crate) fn export(a: &ExportArgs) -> Result<()> {
         }
     };
     check_export_dir(out, &files, a.overwrite)?;
+    // The export is staged beside --out, then moved in.
+    check_writable("--out", out.parent().unwrap_or(Path::new("")))?;
+    if out.is_dir() {
+        check_writable("--out", out)?;
+    }
     let task_kind = task_of(&a.model.model)?;
     check_model(task_kind, &model_dir)?;
     if a.format == Format::Hf {

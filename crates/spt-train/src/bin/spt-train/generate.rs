@@ -39,6 +39,7 @@ pub(crate) fn generate(a: &GenerateArgs) -> Result<()> {
     if !(a.temperature > 0.0 && a.temperature.is_finite()) {
         bail!("--temperature must be positive, got {}", a.temperature);
     }
+    a.model.check_checkpoint()?;
     let dev = device(&a.model.device)?;
     let model_dir = resolve_model(&a.model.model)?;
     if let Some(t) = model_type(&model_dir)?.filter(|t| t != "gpt2") {

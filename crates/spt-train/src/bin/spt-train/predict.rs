@@ -46,6 +46,7 @@ pub(crate) struct PredictArgs {
 }
 
 pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
+    a.model.check_checkpoint()?;
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1, got 0");
     }
