@@ -99,7 +99,7 @@ impl PreparedMask {
 
 /// Whether every query row sees a key: with key padding, each sequence needs one allowed key
 /// (under a causal mask: key 0, which row 0 needs). One host read of the `[B, L]` mask, which
-/// also refuses values other than 0 and 1 (an additive 0 / −10000 mask would read inverted).
+/// also refuses values other than 0 and 1.
 fn rows_nonempty(mask: &AttentionMask, len: usize) -> Result<bool> {
     let Some(p) = &mask.key_padding else {
         return Ok(true);
@@ -108,17 +108,7 @@ fn rows_nonempty(mask: &AttentionMask, len: usize) -> Result<bool> {
         // No keys or no sequences (B = 0): no row to empty.
         return Ok(true);
     }
-    let values = p.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    if let Some((i, v)) = values.iter().enumerate().find(|(_, &v)| v != 0.0 && v != 1.0) {
-        return Err(ModelError::BadInput {
-            name: "attention_mask",
-            reason: format!(
-                "holds {v} at [{}, {}]; expected 1 (attend) or 0 (padding), not an additive mask",
-                i / len,
-                i % len
-            ),
-        });
-    }
+    let values = crate::layers::binary_mask_values(p)?;
     let any = |row: &[f32]| row.iter().any(|&v| v != 0.0);
     Ok(values.chunks(len).all(|row| match mask.causal {
         true => row[0] != 0.0,

@@ -746,7 +746,10 @@ fn next_token_targets(
     let n = b * (l - 1);
     let ids = ids.narrow(1, 1, l - 1)?.reshape(n)?;
     let weight = match check_mask(attention_mask, (b, l), dtype)? {
-        Some(m) => Some(m.narrow(1, 1, l - 1)?.reshape(n)?.ne(0f64)?.to_dtype(dtype)?),
+        Some(m) => {
+            crate::layers::binary_mask_values(&m)?;
+            Some(m.narrow(1, 1, l - 1)?.reshape(n)?.ne(0f64)?.to_dtype(dtype)?)
+        }
         None => None,
     };
     let counted = match &weight {

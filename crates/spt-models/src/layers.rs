@@ -124,28 +124,9 @@ impl Linear {
     /// The base weight and bias are frozen (kept under their HF names for export); A and B are
     /// new trainable parameters named `{module}.lora_A.weight` / `{module}.lora_B.weight`.
     pub fn add_lora(&mut self, cfg: LoraConfig) -> Result<()> {
-        if self.lora.is_some() {
-            return Err(ModelError::InvalidConfig {
-                field: "lora",
-                value: self.module_name().to_string(),
-                reason: "this layer already has a LoRA adapter".into(),
-            });
-        }
         // Checked before the base is frozen: a refused adapter leaves the layer as it was.
-        cfg.check(self.module_name())?;
+        self.check_lora(&cfg)?;
         let w = self.weight_out_in()?.contiguous()?;
-        let (out, d_in) = w.dims2()?;
-        if cfg.rank > out.min(d_in) {
-            return Err(ModelError::InvalidConfig {
-                field: "lora_rank",
-                value: cfg.rank.to_string(),
-                reason: format!(
-                    "{} is [{out}, {d_in}]: a LoRA rank above min(out, in) = {} adds nothing",
-                    self.module_name(),
-                    out.min(d_in)
-                ),
-            });
-        }
         self.weight.freeze();
         if let Some(b) = &mut self.bias {
             b.freeze();
@@ -157,6 +138,32 @@ impl Linear {
             Param::from_var(format!("{m}.lora_B.weight"), lora.lora_b().clone()),
         ];
         self.lora = Some(lora);
+        Ok(())
+    }
+
+    /// Whether [`Linear::add_lora`] would take `cfg`: no adapter yet, a valid config, a rank
+    /// within the weight's.
+    pub(crate) fn check_lora(&self, cfg: &LoraConfig) -> Result<()> {
+        if self.lora.is_some() {
+            return Err(ModelError::InvalidConfig {
+                field: "lora",
+                value: self.module_name().to_string(),
+                reason: "this layer already has a LoRA adapter".into(),
+            });
+        }
+        cfg.check(self.module_name())?;
+        let (out, d_in) = (self.out_features(), self.in_features());
+        if cfg.rank > out.min(d_in) {
+            return Err(ModelError::InvalidConfig {
+                field: "lora_rank",
+                value: cfg.rank.to_string(),
+                reason: format!(
+                    "{} is [{out}, {d_in}]: a LoRA rank above min(out, in) = {} adds nothing",
+                    self.module_name(),
+                    out.min(d_in)
+                ),
+            });
+        }
         Ok(())
     }
 
@@ -616,7 +623,9 @@ pub(crate) fn check_ids(
     Ok(ids.to_dtype(DType::U32)?)
 }
 
-/// Checks an optional `[B, L]` 0/1 mask against the ids' shape; returns it as `dtype`.
+/// Checks an optional `[B, L]` mask against the ids' shape; returns it as `dtype`. Its 0/1
+/// values are checked where they are read ([`binary_mask_values`]): by `PreparedMask::new` in
+/// every forward, by the next-token targets of a loss.
 pub(crate) fn check_mask(
     mask: Option<&Tensor>,
     dims: (usize, usize),
@@ -629,9 +638,15 @@ pub(crate) fn check_mask(
             reason: format!("expected shape [{}, {}], got {:?}", dims.0, dims.1, m.dims()),
         });
     }
-    // HF's additive form (0 to attend, −10000 or −inf to skip) is the other convention: read as
-    // 0/1 it would invert the mask, silently. One host read of [B, L].
-    let values = m.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    Ok(Some(m.to_dtype(dtype)?.detach()))
+}
+
+/// The values of a `[B, L]` attention mask (one host read), refusing any but 0 and 1: HF's
+/// additive form (0 to attend, −10000 or −inf to skip) read as 0/1 would invert the mask,
+/// silently.
+pub(crate) fn binary_mask_values(m: &Tensor) -> Result<Vec<f32>> {
+    let cols = m.dims().last().copied().unwrap_or(1).max(1);
+    let values = m.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     if let Some(i) = values.iter().position(|&x| x != 0.0 && x != 1.0) {
         return Err(ModelError::BadInput {
             name: "attention_mask",
@@ -639,12 +654,12 @@ pub(crate) fn check_mask(
                 "holds {} at [{}, {}]; expected 1 (attend) or 0 (padding), as HF tokenizers give it, \
                  not an additive mask (0 / -10000)",
                 values[i],
-                i / dims.1.max(1),
-                i % dims.1.max(1)
+                i / cols,
+                i % cols
             ),
         });
     }
-    Ok(Some(m.to_dtype(dtype)?.detach()))
+    Ok(values)
 }
 
 /// `log_softmax` over the last dim with the max detached (cheaper backward, same gradient).

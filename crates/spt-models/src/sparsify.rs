@@ -495,7 +495,25 @@ pub fn sparsify<M: SptModel + ?Sized>(
         }
     }
 
-    let mut report = SparsifyReport::default();
+    let lora = cfg.lora.as_ref();
+    let wants = |t: LoraTarget| {
+        lora.is_some_and(|l| {
+            l.targets.contains(&t)
+                || (t == LoraTarget::QueryKeyValue
+                    && l.targets
+                        .iter()
+                        .any(|x| matches!(x, LoraTarget::Query | LoraTarget::Key | LoraTarget::Value)))
+        })
+    };
+    let lora_cfg = |i: usize, slot: u64| {
+        lora.map(|l| LoraConfig {
+            seed: l.config.seed ^ ((i as u64) << 8 | slot).wrapping_mul(0x9E37_79B9),
+            ..l.config
+        })
+    };
+    // Every layer's new parts are built first and swapped in only when all are whole: a failed
+    // fit leaves the model as it was.
+    let mut built = Vec::with_capacity(layers.len());
     for &i in &layers {
         let slots = model.layer_slots(i).ok_or(ModelError::InvalidConfig {
             field: "layers",
@@ -514,38 +532,23 @@ pub fn sparsify<M: SptModel + ?Sized>(
             routing: None,
             lora: Vec::new(),
         };
+        let mut sparse = None;
         if let Some(ac) = &cfg.attention {
             let k = Tensor::cat(&keys[i], 2)?; // [1, H, N, d]
-            let sparse = SparseAttention::fit(&k, &ac.pq, ac.top_k, ac.grouping)?;
+            let fitted = SparseAttention::fit(&k, &ac.pq, ac.top_k, ac.grouping)?;
             lr.quantization_mse = Some(
-                sparse
+                fitted
                     .codebook
                     .quantization_loss(&k, false)?
                     .to_dtype(DType::F64)?
                     .to_scalar::<f64>()?,
             );
-            *slots.attention = AttentionCore::Sparse(sparse);
+            sparse = Some(fitted);
             lr.attention = "sparse";
         }
-        let lora = cfg.lora.as_ref();
-        let wants = |t: LoraTarget| {
-            lora.is_some_and(|l| {
-                l.targets.contains(&t)
-                    || (t == LoraTarget::QueryKeyValue
-                        && l.targets
-                            .iter()
-                            .any(|x| matches!(x, LoraTarget::Query | LoraTarget::Key | LoraTarget::Value)))
-            })
-        };
-        let lora_cfg = |slot: u64| {
-            lora.map(|l| LoraConfig {
-                seed: l.config.seed ^ ((i as u64) << 8 | slot).wrapping_mul(0x9E37_79B9),
-                ..l.config
-            })
-        };
+        let mut routed = None;
         if let Some(fc) = &cfg.ffn {
-            // Built beside the dense FFN, which stays in place until the routed one is whole: a
-            // failed fit leaves this layer as it was. (Checked above: fc1/fc2 have no LoRA.)
+            // Built beside the dense FFN on the same weights (checked above: no LoRA on them).
             let dense = match &*slots.ffn {
                 FeedForward::Dense(d) => DenseFfn {
                     fc1: d.fc1.share_weights()?,
@@ -566,78 +569,108 @@ pub fn sparsify<M: SptModel + ?Sized>(
             };
             let mut ffn_lora = None;
             if wants(LoraTarget::Fc1) || wants(LoraTarget::Fc2) {
-                ffn_lora = lora_cfg(10);
+                ffn_lora = lora_cfg(i, 10);
                 lr.lora.push(dense.fc1.module_name().to_string());
                 lr.lora.push(dense.fc2.module_name().to_string());
             }
-            let mut routed = NamedRoutedFfn::from_dense(dense, rc, ffn_lora)?;
-            let sample = match calib.router_fit.is_some() || calib.cluster_units {
-                true => Some(Tensor::cat(&ffn_in[i], 0)?.to_dtype(routed.fc1.weight.tensor().dtype())?),
-                false => None,
-            };
-            let fit = calib.router_fit;
-            if let Some(sample) = &sample {
-                let fit_router = |r: &mut NamedRoutedFfn| -> Result<Option<RoutingQuality>> {
-                    fit.map(|f| r.init_router(sample, f)).transpose()
-                };
-                let contiguous = fit_router(&mut routed)?;
-                let mut q = contiguous;
-                let mut units = "contiguous";
-                let mut clustered_cosine = None;
-                if calib.cluster_units {
-                    routed.cluster_units(sample, UnitClusterConfig::default())?;
-                    let clustered = fit_router(&mut routed)?;
-                    clustered_cosine = clustered.map(|c| c.cosine);
-                    // Regrouping targets activation mass, not the output: where the fitted
-                    // router reproduces the dense FFN better on contiguous blocks, keep those.
-                    match (contiguous, clustered) {
-                        (Some(c), Some(g)) if c.cosine > g.cosine => {
-                            let identity: Vec<u32> = (0..routed.unit_order().len() as u32).collect();
-                            routed.set_unit_order(&identity)?;
-                            q = fit_router(&mut routed)?;
-                        }
-                        _ => {
-                            q = clustered;
-                            units = "clustered";
-                        }
-                    }
-                }
-                lr.routing = q.map(|q| RoutingSummary {
-                    cosine: q.cosine,
-                    rel_error: q.rel_error,
-                    oracle_recall: q.oracle_recall,
-                    oracle_cosine: q.oracle_cosine,
-                    token_cosine: q.token_cosine,
-                    oracle_token_cosine: q.oracle_token_cosine,
-                    units,
-                    contiguous_cosine: contiguous.map(|c| c.cosine),
-                    clustered_cosine,
-                });
-            }
-            *slots.ffn = FeedForward::Routed(routed);
+            let mut r = NamedRoutedFfn::from_dense(dense, rc, ffn_lora)?;
+            lr.routing = fit_routed(&mut r, &ffn_in[i], calib)?;
+            routed = Some(r);
             lr.ffn = "routed";
-        } else if let FeedForward::Dense(d) = slots.ffn {
-            for (t, lin, slot) in [
-                (LoraTarget::Fc1, &mut d.fc1, 10),
-                (LoraTarget::Fc2, &mut d.fc2, 11),
-            ] {
-                if wants(t) {
-                    if let Some(c) = lora_cfg(slot) {
-                        lin.add_lora_seeded(c, slots.dropout_rng.clone())?;
-                        lr.lora.push(lin.module_name().to_string());
+        } else if let FeedForward::Dense(d) = &*slots.ffn {
+            for (t, lin, slot) in [(LoraTarget::Fc1, &d.fc1, 10), (LoraTarget::Fc2, &d.fc2, 11)] {
+                if let (true, Some(c)) = (wants(t), lora_cfg(i, slot)) {
+                    lin.check_lora(&c)?;
+                    lr.lora.push(lin.module_name().to_string());
+                }
+            }
+        }
+        for (slot, (t, lin)) in slots.linears.iter().enumerate() {
+            if let (true, Some(c)) = (wants(*t), lora_cfg(i, slot as u64)) {
+                lin.check_lora(&c)?;
+                lr.lora.push(lin.module_name().to_string());
+            }
+        }
+        built.push((i, lr, sparse, routed));
+    }
+    let mut report = SparsifyReport::default();
+    for (i, lr, sparse, routed) in built {
+        let Some(slots) = model.layer_slots(i) else {
+            continue; // refused above
+        };
+        if let Some(s) = sparse {
+            *slots.attention = AttentionCore::Sparse(s);
+        }
+        match routed {
+            Some(r) => *slots.ffn = FeedForward::Routed(r),
+            None => {
+                if let FeedForward::Dense(d) = slots.ffn {
+                    for (t, lin, slot) in [
+                        (LoraTarget::Fc1, &mut d.fc1, 10),
+                        (LoraTarget::Fc2, &mut d.fc2, 11),
+                    ] {
+                        if let (true, Some(c)) = (wants(t), lora_cfg(i, slot)) {
+                            lin.add_lora_seeded(c, slots.dropout_rng.clone())?;
+                        }
                     }
                 }
             }
         }
         for (slot, (t, lin)) in slots.linears.into_iter().enumerate() {
-            if wants(t) {
-                if let Some(c) = lora_cfg(slot as u64) {
-                    lin.add_lora_seeded(c, slots.dropout_rng.clone())?;
-                    lr.lora.push(lin.module_name().to_string());
-                }
+            if let (true, Some(c)) = (wants(t), lora_cfg(i, slot as u64)) {
+                lin.add_lora_seeded(c, slots.dropout_rng.clone())?;
             }
         }
         report.layers.push(lr);
     }
     Ok(report)
+}
+
+/// Fits a new routed FFN's router on its layer's calibration inputs (and regroups its units, as
+/// `calib` asks), returning what the fit reports.
+fn fit_routed(
+    routed: &mut NamedRoutedFfn,
+    ffn_in: &[Tensor],
+    calib: FfnCalibration,
+) -> Result<Option<RoutingSummary>> {
+    if calib.router_fit.is_none() && !calib.cluster_units {
+        return Ok(None);
+    }
+    let sample = Tensor::cat(ffn_in, 0)?.to_dtype(routed.fc1.weight.tensor().dtype())?;
+    let fit_router = |r: &mut NamedRoutedFfn| -> Result<Option<RoutingQuality>> {
+        calib.router_fit.map(|f| r.init_router(&sample, f)).transpose()
+    };
+    let contiguous = fit_router(routed)?;
+    let mut q = contiguous;
+    let mut units = "contiguous";
+    let mut clustered_cosine = None;
+    if calib.cluster_units {
+        routed.cluster_units(&sample, UnitClusterConfig::default())?;
+        let clustered = fit_router(routed)?;
+        clustered_cosine = clustered.map(|c| c.cosine);
+        // Regrouping targets activation mass, not the output: where the fitted router
+        // reproduces the dense FFN better on contiguous blocks, keep those.
+        match (contiguous, clustered) {
+            (Some(c), Some(g)) if c.cosine > g.cosine => {
+                let identity: Vec<u32> = (0..routed.unit_order().len() as u32).collect();
+                routed.set_unit_order(&identity)?;
+                q = fit_router(routed)?;
+            }
+            _ => {
+                q = clustered;
+                units = "clustered";
+            }
+        }
+    }
+    Ok(q.map(|q| RoutingSummary {
+        cosine: q.cosine,
+        rel_error: q.rel_error,
+        oracle_recall: q.oracle_recall,
+        oracle_cosine: q.oracle_cosine,
+        token_cosine: q.token_cosine,
+        oracle_token_cosine: q.oracle_token_cosine,
+        units,
+        contiguous_cosine: contiguous.map(|c| c.cosine),
+        clustered_cosine,
+    }))
 }

@@ -13,10 +13,8 @@ fn randn(shape: &[usize], seed: u64) -> Result<Tensor> {
     Ok(spt_ops::gradcheck::randn_f64(shape, seed)?.to_dtype(DType::F32)?)
 }
 
-/// spt-models/src/gpt2.rs:133 `4 * self.n_embd` (inner_dim, called by validate at :141-145
-/// before check_model_size): n_embd = 2^63 overflows usize -> panic in debug/test builds (release
-/// wraps, then the size check refuses it). With n_inner given, :150's u128 product
-/// w(4)·w(e)·w(e) = 2^128 overflows instead.
+/// Sizes near 2^63 overflowed the parameter count before the size check (a panic where overflow
+/// checks are on).
 #[test]
 fn gpt2_config_with_huge_n_embd_is_an_error() {
     let r = spt_models::GPT2Config::from_json_str(r#"{"n_embd": 9223372036854775808}"#);
@@ -25,19 +23,15 @@ fn gpt2_config_with_huge_n_embd_is_an_error() {
     assert!(r.is_err());
 }
 
-/// spt-models/src/bert.rs:167 u128 parameter count `w(4) * w(h) * w(h)`: hidden_size = 2^63 gives
-/// 2^128 -> overflow panic in debug/test builds, before check_model_size would refuse the size.
+/// As for GPT-2: the size check names the field instead of overflowing.
 #[test]
 fn bert_config_with_huge_hidden_size_is_an_error() {
     let r = spt_models::BertConfig::from_json_str(r#"{"hidden_size": 9223372036854775808}"#);
     assert!(r.is_err());
 }
 
-/// spt-models/src/buffers.rs:163 `Codebook::from_tensor(t)` is installed without checking its
-/// head dim (S·d_codeword) or per-head groups against the layer: load_buffers returns Ok and every
-/// later forward of that layer fails in encode. (Also: the doc promises every buffer is checked
-/// before the model changes, but routed-FFN existence / correction shape / codebook validity are
-/// only checked in the second pass, after earlier buffers were applied.)
+/// A codebook of another head width is refused before any buffer is applied (it was installed,
+/// and every later forward of the layer failed).
 #[test]
 fn load_buffers_refuses_codebook_of_wrong_head_dim() -> Result<()> {
     use spt_models::pq::KeyTopK;
@@ -56,52 +50,65 @@ fn load_buffers_refuses_codebook_of_wrong_head_dim() -> Result<()> {
     Ok(())
 }
 
-/// spt-models/src/sparsify.rs:517 `std::mem::replace(slots.ffn, placeholder_ffn()?)` then
-/// :538 `NamedRoutedFfn::from_dense(..)?` (and :548/:554/:562 `fit_router(..)?`, cluster_units'
-/// "needs frozen FFN weights" error): any error after the swap returns with the layer's FFN left
-/// as the 0×0 placeholder, so the caller's model is silently broken (every later forward fails
-/// with "input of placeholder.fc1.weight"). The LoRA config is never validated up front.
+/// A failed sparsify leaves the model as it was: it left the failing layer's FFN a 0x0
+/// placeholder (every later forward failed), and layers converted before it stayed converted.
+/// Refused here: a LoRA config that is invalid (rank 0), and one valid in itself whose rank
+/// exceeds the layers' (found while building, after layer 0's attention and FFN were fitted).
 #[test]
 fn sparsify_failure_leaves_the_model_usable() -> Result<()> {
     use spt_models::lora::LoraConfig;
+    use spt_models::pq::{KeyTopK, PqConfig};
     use spt_models::routed_ffn::{BlockTopK, RoutedFfnConfig};
     use spt_models::{
-        sparsify, FfnCalibration, GPT2LMHeadModel, LoadOptions, LoraSettings, LoraTarget, SptConfig,
+        sparsify, CalibrationBatch, FfnCalibration, GPT2LMHeadModel, LoadOptions, LoraSettings, LoraTarget,
+        SparseAttentionConfig, SptConfig,
     };
     let (mut m, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::default())?;
-    let ids = Tensor::new(&[[1u32, 2, 3, 4, 5]], &Device::Cpu)?;
+    let ids = Tensor::new(&[[1u32, 2, 3, 4, 5, 6, 7, 8]], &Device::Cpu)?;
     let before = m.forward_t(&ids, None, false)?;
-    let cfg = SptConfig {
-        ffn: Some(RoutedFfnConfig::new(4, BlockTopK::Count(2))),
-        ffn_calibration: FfnCalibration {
-            router_fit: None,
-            cluster_units: false,
-        },
-        lora: Some(LoraSettings {
-            targets: vec![LoraTarget::Fc1],
-            config: LoraConfig {
-                rank: 0,
-                ..Default::default()
-            },
-        }),
-        ..Default::default()
-    };
-    assert!(sparsify(&mut m, &cfg, &[]).is_err());
-    let after = m.forward_t(&ids, None, false);
-    assert!(
-        after.is_ok(),
-        "model broken by a failed sparsify: {:?}",
-        after.err()
-    );
-    let d = (before - after?)?.abs()?.max_all()?.to_scalar::<f32>()?;
-    assert!(d == 0.0, "{d}");
+    let calibration = [CalibrationBatch {
+        input_ids: ids.clone(),
+        attention_mask: None,
+        token_type_ids: None,
+    }];
+    for rank in [0, 1000] {
+        let cfg = SptConfig {
+            attention: Some(SparseAttentionConfig {
+                pq: PqConfig {
+                    n_subspaces: 2,
+                    n_codewords: 4,
+                    ..Default::default()
+                },
+                top_k: KeyTopK::Count(4),
+                grouping: Default::default(),
+            }),
+            ffn: Some(RoutedFfnConfig::new(4, BlockTopK::Count(2))),
+            ffn_calibration: FfnCalibration::default(),
+            lora: Some(LoraSettings {
+                targets: vec![LoraTarget::Output, LoraTarget::Fc1],
+                config: LoraConfig {
+                    rank,
+                    ..Default::default()
+                },
+            }),
+            ..Default::default()
+        };
+        let e = sparsify(&mut m, &cfg, &calibration).unwrap_err().to_string();
+        assert!(e.contains("rank"), "{e}");
+        let after = m.forward_t(&ids, None, false)?;
+        let d = (&before - after)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d == 0.0, "rank {rank}: the model changed by {d}");
+        assert!(m
+            .transformer
+            .h
+            .iter()
+            .all(|b| b.attn.core.kind() == "dense" && b.mlp.kind() == "dense"));
+    }
     Ok(())
 }
 
-/// spt-models/src/attention.rs:71 `p.ne(0f64)` (and :113): PreparedMask::new never checks that the
-/// key-padding mask is 0/1. When some sequence has no allowed key (rows_nonempty = false),
-/// DenseAttention::forward_t (:139-143) skips flash_attention's check and uses the additive mask
-/// built from `ne(0)`: an HF additive mask (0 / -10000) is silently read inverted.
+/// An HF additive key mask (0 / -10000) is refused: read as 0/1 it was inverted, silently, when a
+/// sequence had no key to attend.
 #[test]
 fn prepared_mask_refuses_non_binary_key_padding() -> Result<()> {
     use spt_models::{AttentionMask, DenseAttention, Dropout, PreparedMask};
@@ -133,9 +140,7 @@ fn prepared_mask_refuses_non_binary_key_padding() -> Result<()> {
     Ok(())
 }
 
-/// spt-models/src/layers.rs:134-137 freezes the weight and bias before :138 LoraLinear::new
-/// validates the config (rank 0, alpha NaN, dropout ≥ 1): a refused add_lora still turns the
-/// layer's trainable parameters into frozen ones (sparsify hits this for attention targets).
+/// A refused LoRA leaves the layer as it was (the weight was frozen before the check).
 #[test]
 fn add_lora_failure_keeps_weight_trainable() -> Result<()> {
     use spt_models::lora::LoraConfig;

@@ -11,9 +11,8 @@ fn randn(shape: &[usize], seed: u64) -> Result<Tensor> {
     Ok(spt_ops::gradcheck::randn_f64(shape, seed)?.to_dtype(DType::F32)?)
 }
 
-/// spt-ops/src/pq/kmeans.rs:41 `rng.random_range(0.0..total)`: f32 dist2 of finite keys ~1e20
-/// overflows to +inf, total = inf, rand's sample_single returns Err(NonFinite) and random_range
-/// unwraps it -> panic. Codebook::fit's `finite()` check only refuses NaN/inf inputs.
+/// Keys near 1e20 are finite, but their squared distances overflow f32: k-means++ drew from an
+/// infinite total and panicked.
 #[test]
 fn pq_fit_with_huge_finite_keys_does_not_panic() -> Result<()> {
     let mut v = vec![0f32; 2 * 4];
@@ -34,10 +33,8 @@ fn pq_fit_with_huge_finite_keys_does_not_panic() -> Result<()> {
     Ok(())
 }
 
-/// spt-ops/src/block_sparse_attention/cpu.rs:187 `ob.par_chunks_mut(qt * dv)`: query_tile comes
-/// from the (public) BlockTiling unchecked; 2^62 * dv=4 overflows (debug: overflow panic; release:
-/// wraps to 0 -> rayon's "chunk size must not be zero" panic). Also reachable through
-/// select_blocks + pq_attention(Selection::Blocks) and spt-models' KeyGrouping::Blocks { tile }.
+/// A query tile far past the sequence is one tile of the whole sequence (its size overflowed the
+/// kernel's buffer arithmetic: a panic).
 #[test]
 fn block_sparse_attention_with_one_huge_query_tile_does_not_panic() -> Result<()> {
     use spt_ops::{AttentionMask, BlockSelection, BlockTiling};
@@ -67,10 +64,8 @@ fn block_sparse_attention_with_one_huge_query_tile_does_not_panic() -> Result<()
     Ok(())
 }
 
-/// spt-ops/src/sparse_attention/reference.rs:25 `bias[r * lk + j as usize] = 0.0`: the public
-/// reference never checks j < L_k (nor that the selection has B·H·L_q rows, :23). j = L_k in the
-/// last row indexes past the buffer -> panic; in another row it silently unmasks key 0 of the
-/// next row.
+/// The reference checks each key index against L_k (one past the end panicked, or unmasked a key
+/// of the next row), and with no keys at all gives zeros.
 #[test]
 fn sparse_attention_reference_refuses_out_of_range_index() -> Result<()> {
     let dev = Device::Cpu;
@@ -85,13 +80,19 @@ fn sparse_attention_reference_refuses_out_of_range_index() -> Result<()> {
     };
     let r = spt_ops::sparse_attention::sparse_attention_reference(&q, &k, &v, &sel, 0.5);
     assert!(r.is_err(), "key index 2 with L_k = 2 was accepted");
+    let none = Tensor::zeros((1, 1, 0, 4), DType::F32, &dev)?;
+    let padded = spt_ops::KeySelection {
+        indices: Tensor::from_vec(vec![u32::MAX; 2], (1, 1, 2, 1), &dev)?,
+        counts: Tensor::from_vec(vec![0u32, 0], (1, 1, 2), &dev)?,
+    };
+    let o = spt_ops::sparse_attention::sparse_attention_reference(&q, &none, &none, &padded, 0.5)?;
+    assert_eq!(o.dims(), &[1, 1, 2, 4]);
+    assert_eq!(o.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
     Ok(())
 }
 
-/// spt-ops/src/block_sparse_attention/reference.rs:19 `i / qt`: the public reference (and
-/// block_keep_mask) divides by the selection's query_tile without the zero check that
-/// block_sparse_attention makes -> "attempt to divide by zero" panic. (:20 also slices the block
-/// lists out of bounds for a selection made for another B/H.)
+/// The reference refuses a query tile of 0 (a division by zero) and lists that do not fit q (read
+/// out of bounds).
 #[test]
 fn block_sparse_attention_reference_refuses_zero_query_tile() -> Result<()> {
     use spt_ops::{AttentionMask, BlockSelection, BlockTiling};
@@ -116,8 +117,7 @@ fn block_sparse_attention_reference_refuses_zero_query_tile() -> Result<()> {
     Ok(())
 }
 
-/// spt-ops/src/gradcheck.rs:75 `let x = &inputs[i];`: a `wrt` index past `inputs` is never checked
-/// (the dtype loop at :48 only visits existing inputs) -> index-out-of-bounds panic.
+/// A `wrt` index past the inputs is an error, not an index panic.
 #[test]
 fn gradcheck_wrt_out_of_range_is_an_error() -> Result<()> {
     use spt_ops::gradcheck::{check_gradients, GradCheck};
@@ -133,10 +133,8 @@ fn gradcheck_wrt_out_of_range_is_an_error() -> Result<()> {
     Ok(())
 }
 
-/// spt-ops/src/routed_ffn/lora_ops.rs:320 `let d = x.len() / hr.n_tokens().max(1)`: with no tokens
-/// d becomes 0, so :335 builds dA1 with 0 elements and bwd3's Tensor::from_vec(.., A1.shape())
-/// fails with a bare shape-mismatch error instead of returning zero gradients (scatter_lora's
-/// backward has the same `d = dy.len() / n_tokens` derivation).
+/// The fused routed-LoRA backward with no tokens gives empty gradients (it sized them from the
+/// empty input and failed).
 #[test]
 fn lora_fused_ops_backward_with_zero_tokens() -> Result<()> {
     use spt_ops::routed_ffn::{gather_lora_act, Routing};
@@ -159,6 +157,25 @@ fn lora_fused_ops_backward_with_zero_tokens() -> Result<()> {
     assert_eq!(h.dims(), &[0, 4]);
     let g = h.sum_all()?.backward();
     assert!(g.is_ok(), "{:?}", g.err());
+    // fc2's side: no rows in, no tokens out.
+    let rows = Var::from_tensor(&Tensor::zeros((0, 4), DType::F32, &dev)?)?;
+    let gates = Var::from_tensor(&Tensor::zeros(0, DType::F32, &dev)?)?;
+    let (w2, b2) = (randn(&[4, 8], 4)?, Tensor::zeros(4, DType::F32, &dev)?);
+    let a2 = Var::from_tensor(&randn(&[2, 8], 5)?)?;
+    let bb2 = Var::from_tensor(&randn(&[4, 2], 6)?)?;
+    let y = spt_ops::routed_ffn::scatter_lora(
+        rows.as_tensor(),
+        gates.as_tensor(),
+        &w2,
+        &b2,
+        a2.as_tensor(),
+        bb2.as_tensor(),
+        1.0,
+        &routing,
+    )?;
+    assert_eq!(y.dims(), &[0, 4]);
+    let g = y.sum_all()?.backward()?;
+    assert_eq!(g.get(a2.as_tensor()).map(|t| t.dims().to_vec()), Some(vec![2, 8]));
     Ok(())
 }
 
@@ -175,9 +192,8 @@ fn small_ffn(seed: u64) -> Result<spt_ops::RoutedFfn> {
     )?)
 }
 
-/// spt-ops/src/routed_ffn/calibrate.rs:203 checks only `ridge > 0 && score_scale > 0`; :232 then
-/// multiplies β by score_scale = inf, so the router weights become ±inf/NaN, the gates NaN, and
-/// init_router returns Ok (with NaN quality). ridge = inf likewise "fits" an all-zero router.
+/// An infinite score scale gave a NaN router and an infinite ridge an all-zero one; both
+/// returned Ok.
 #[test]
 fn init_router_refuses_infinite_score_scale() -> Result<()> {
     use spt_ops::routed_ffn::RouterFitConfig;
@@ -199,9 +215,7 @@ fn init_router_refuses_infinite_score_scale() -> Result<()> {
     Ok(())
 }
 
-/// spt-ops/src/routed_ffn/cluster.rs:115-124: cluster_units never checks its sample (init_router's
-/// sample_tokens refuses NaN/inf); one NaN token makes every unit's profile NaN and an arbitrary
-/// permutation comes back as Ok.
+/// One NaN token made every unit's profile NaN and the unit order arbitrary.
 #[test]
 fn cluster_units_refuses_non_finite_sample() -> Result<()> {
     let ffn = small_ffn(7)?;
@@ -213,10 +227,8 @@ fn cluster_units_refuses_non_finite_sample() -> Result<()> {
     Ok(())
 }
 
-/// spt-ops/src/flash_attention/dropout.rs:109 attention_dropout_mask (via RowDropout::new, :33 and
-/// threshold :45) takes any p: p = -0.5 gives threshold 0 (keep all) and keep_scale 1/1.5, a mask
-/// of 0.667 everywhere; p ≥ 1 gives a negative/inf scale. flash_attention_reference,
-/// residual_layer_norm_reference and residual_dropout_reference pass p through unchecked too.
+/// A dropout p outside [0, 1) is refused: -0.5 gave a mask of 0.667 everywhere, p ≥ 1 an
+/// infinite scale.
 #[test]
 fn attention_dropout_mask_refuses_p_outside_unit_interval() -> Result<()> {
     use spt_ops::flash_attention::attention_dropout_mask;

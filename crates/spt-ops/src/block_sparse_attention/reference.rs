@@ -47,6 +47,21 @@ pub fn block_keep_mask(sel: &BlockSelection, b: usize, h: usize, lq: usize, lk: 
     Ok(keep)
 }
 
+/// 1 for each of `rows` query rows of `keep [rows·L_k]` that keeps a key, else 0 (every row
+/// when there are no keys).
+pub(crate) fn rows_with_a_key(keep: &[bool], rows: usize, lk: usize) -> Vec<f64> {
+    (0..rows)
+        .map(|r| {
+            let row = keep.get(r * lk..(r + 1) * lk).unwrap_or_default();
+            if row.iter().any(|&k| k) {
+                1.0
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
 /// `keep [B·H·L_q·L_k]` of a per-query selection.
 pub fn key_keep_mask(sel: &KeySelection, lk: usize) -> Result<Vec<bool>> {
     let kk = sel.k();
@@ -117,11 +132,11 @@ pub fn block_sparse_attention_reference(
     let lk = k.dim(2)?;
     let keep = block_keep_mask(sel, b, h, lq, lk)?;
     let bias: Vec<f64> = keep.iter().map(|&k| if k { 0.0 } else { -1e30 }).collect();
-    let rows: Vec<f64> = keep
-        .chunks(lk.max(1))
-        .take(b * h * lq)
-        .map(|r| if r.iter().any(|&k| k) { 1.0 } else { 0.0 })
-        .collect();
+    if lk == 0 {
+        // No keys: every row is empty (softmax has nothing to normalise).
+        return Tensor::zeros((b, h, lq, v.dim(3)?), q.dtype(), q.device());
+    }
+    let rows = crate::block_sparse_attention::reference::rows_with_a_key(&keep, b * h * lq, lk);
     let dev = q.device();
     let bias = Tensor::from_vec(bias, (b, h, lq, lk), dev)?.to_dtype(q.dtype())?;
     let rows = Tensor::from_vec(rows, (b, h, lq, 1), dev)?.to_dtype(q.dtype())?;

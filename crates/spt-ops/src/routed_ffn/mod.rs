@@ -309,9 +309,7 @@ impl RoutedFfn {
         let (d, d_ff) = (self.d_model(), self.d_ff());
         let (dt, dev) = (self.w1.dtype(), self.w1.device().clone());
         let dev = &dev;
-        if lc.rank == 0 || !(0.0..1.0).contains(&lc.dropout) || !lc.alpha.is_finite() {
-            bail!("{op}: bad LoRA config {lc:?}: rank ≥ 1, finite alpha and dropout in [0, 1)");
-        }
+        lc.check(op)?;
         if lc.rank > d.min(d_ff) {
             bail!(
                 "{op}: LoRA rank {} is above min(d, d_ff) = {}",

@@ -26,11 +26,11 @@ pub fn sparse_attention_reference(
         );
     }
     let bias: Vec<f64> = keep.iter().map(|&k| if k { 0.0 } else { -1e30 }).collect();
-    let rows: Vec<f64> = keep
-        .chunks(lk.max(1))
-        .take(b * h * lq)
-        .map(|r| if r.iter().any(|&k| k) { 1.0 } else { 0.0 })
-        .collect();
+    if lk == 0 {
+        // No keys: every row is empty (softmax has nothing to normalise).
+        return Tensor::zeros((b, h, lq, v.dim(3)?), q.dtype(), q.device());
+    }
+    let rows = crate::block_sparse_attention::reference::rows_with_a_key(&keep, b * h * lq, lk);
     let dev = q.device();
     let bias = Tensor::from_vec(bias, (b, h, lq, lk), dev)?.to_dtype(q.dtype())?;
     let rows = Tensor::from_vec(rows, (b, h, lq, 1), dev)?.to_dtype(q.dtype())?;
