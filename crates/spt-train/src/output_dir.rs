@@ -507,16 +507,26 @@ pub fn remove_stale_export_staging(
         if crate::checkpoint::pid_alive(pid) || !is_dir {
             continue;
         }
-        // An export's files, or one's atomic-write temporary (`.tmp-FILE-PID`) where the kill
-        // came mid-write.
+        // An export's files, or a temporary of one where the kill came mid-write: the atomic
+        // write's `.tmp-FILE-PID`, the weights' `.FILE.tmp-PID`, and the `.tmpXXXXXX` the
+        // safetensors writer makes beside it.
+        let digits = |r: &str| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit());
         let export_file = |n: &str| {
-            files.iter().any(|f| {
-                n == f
-                    || n.strip_prefix(".tmp-")
-                        .and_then(|r| r.strip_prefix(f.as_str()))
-                        .and_then(|r| r.strip_prefix('-'))
-                        .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
-            })
+            let scratch = n
+                .strip_prefix(".tmp")
+                .is_some_and(|r| r.len() == 6 && r.bytes().all(|b| b.is_ascii_alphanumeric()));
+            scratch
+                || files.iter().any(|f| {
+                    n == f
+                        || n.strip_prefix(".tmp-")
+                            .and_then(|r| r.strip_prefix(f.as_str()))
+                            .and_then(|r| r.strip_prefix('-'))
+                            .is_some_and(digits)
+                        || n.strip_prefix('.')
+                            .and_then(|r| r.strip_prefix(f.as_str()))
+                            .and_then(|r| r.strip_prefix(".tmp-"))
+                            .is_some_and(digits)
+                })
         };
         let ours = std::fs::read_dir(&path).map_err(|e| io_err(&path, e))?.all(|e| {
             e.is_ok_and(|e| {
@@ -726,8 +736,14 @@ mod tests {
         let dead = export_staging(tmp.path(), "out", u32::MAX);
         std::fs::create_dir(&dead).unwrap();
         std::fs::write(dead.join("config.json"), "{}").unwrap();
-        // Killed while writing the weights: their atomic-write temporary is the export's too.
-        std::fs::write(dead.join(".tmp-model.safetensors-4194305"), "half").unwrap();
+        // Killed while writing the weights: their temporaries are the export's too.
+        for t in [
+            ".tmp-model.safetensors-4194305",
+            ".model.safetensors.tmp-4194305",
+            ".tmpA1b2C3",
+        ] {
+            std::fs::write(dead.join(t), "half").unwrap();
+        }
         let live = export_staging(tmp.path(), "out", std::process::id());
         std::fs::create_dir(&live).unwrap();
         let foreign = export_staging(tmp.path(), "out", u32::MAX - 1);

@@ -13,14 +13,25 @@ impl<'de> Deserialize<'de> for UniqueKeys {
     }
 }
 
-/// An object of [`UniqueKeys`] values, refusing a repeated key.
-pub(crate) fn unique_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<Map<String, Value>, A::Error> {
+impl From<UniqueKeys> for Value {
+    fn from(u: UniqueKeys) -> Value {
+        u.0
+    }
+}
+
+/// An object refusing a repeated key; its values read as `V` (plain [`Value`]s where only the
+/// top level matters, [`UniqueKeys`] to refuse repeats at any depth).
+pub(crate) fn unique_map<'de, A, V>(mut map: A) -> Result<Map<String, Value>, A::Error>
+where
+    A: MapAccess<'de>,
+    V: Deserialize<'de> + Into<Value>,
+{
     let mut out = Map::new();
-    while let Some((k, UniqueKeys(v))) = map.next_entry::<String, UniqueKeys>()? {
+    while let Some((k, v)) = map.next_entry::<String, V>()? {
         if out.contains_key(&k) {
             return Err(A::Error::custom(format!("key `{k}` appears twice")));
         }
-        out.insert(k, v);
+        out.insert(k, v.into());
     }
     Ok(out)
 }
@@ -35,7 +46,7 @@ impl<'de> Visitor<'de> for Visit {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Value, A::Error> {
-        unique_map(map).map(Value::Object)
+        unique_map::<A, UniqueKeys>(map).map(Value::Object)
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {

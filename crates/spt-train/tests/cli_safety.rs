@@ -485,6 +485,8 @@ fn bad_numbers_and_conflicting_flags_are_refused_by_name() {
         (&["--adam-eps", "NaN"], "adam_eps"),
         (&["--max-grad-norm", "NaN"], "max_grad_norm"),
         (&["--lora-alpha=-16"], "lora_alpha"),
+        // Past a TOML integer: the run trained, then could not be resumed or evaluated.
+        (&["--seed", "18446744073709551615"], "seed"),
         // alpha / rank past f32: the adapter's output was inf, every eval NaN.
         (&["--lora-alpha", "1e40"], "lora_alpha"),
         (&["--lora-rank", "100"], "lora_rank"),
@@ -684,6 +686,13 @@ fn predict_never_overwrites_a_file_it_did_not_write() {
     run_ok(&via_link, None);
     assert!(link.symlink_metadata().unwrap().file_type().is_symlink());
     assert_eq!(std::fs::read_to_string(&out).unwrap(), first);
+    // A loop of links is refused before the work (one of the links was renamed over).
+    let (l1, l2) = (t.root.join("loop1.jsonl"), t.root.join("loop2.jsonl"));
+    std::os::unix::fs::symlink(&l2, &l1).unwrap();
+    std::os::unix::fs::symlink(&l1, &l2).unwrap();
+    let e = run_err(&[&predict_args(&t, &run_dir, &t.data)[..], &["--output", s(&l1)]].concat());
+    assert!(e.contains("a loop of links"), "{e}");
+    assert!(l1.symlink_metadata().unwrap().file_type().is_symlink());
 }
 
 #[test]
@@ -720,6 +729,49 @@ fn messages_point_the_right_way() {
     assert!(
         e.contains("is a file, not a folder") && !e.contains("parameters"),
         "{e}"
+    );
+    // finetune's output folder too, before the data and model are read; and a dangling link.
+    let e = run_err(&finetune_args(
+        s(&t.model),
+        s(&t.data),
+        s(&t.data.join("run")),
+        "1",
+    ));
+    assert!(
+        e.contains("--output-dir") && e.contains("is a file, not a folder"),
+        "{e}"
+    );
+    let dangling = t.root.join("dangling-run");
+    std::os::unix::fs::symlink(t.root.join("nowhere"), &dangling).unwrap();
+    let e = run_err(&finetune_args(s(&t.model), s(&t.data), s(&dangling), "1"));
+    assert!(e.contains("which does not exist"), "{e}");
+    // export checks --device as every command does (it ignored any value).
+    let e = run_err(&[
+        "export",
+        "--model",
+        s(&t.model),
+        "--checkpoint",
+        s(&run_dir),
+        "--out",
+        s(&t.root.join("ex")),
+        "--device",
+        "gpu",
+    ]);
+    assert!(e.contains("gpu"), "{e}");
+    // A reader that went away ends the output quietly (println! panicked: exit 101).
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_spt-train"))
+        .args(predict_args(&t, &run_dir, &t.data))
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && !e.contains("panicked"),
+        "{:?}: {e}",
+        o.status
     );
     // An export folder holding only an unreadable marker: a folder like any (the refusal listed
     // no files: "it holds ; spt-train will not delete them").

@@ -32,6 +32,8 @@ struct BagClassifier {
     detach_loss: bool,
     /// Set the flag when the forward of update `stop_at_step` (0-based) runs: simulates Ctrl-C.
     stop: Option<(u64, Arc<AtomicBool>)>,
+    /// Evaluation gives NaN logits (training does not): a run diverging on held-out rows.
+    nan_eval: bool,
 }
 
 impl BagClassifier {
@@ -47,6 +49,7 @@ impl BagClassifier {
             dropout,
             detach_loss: false,
             stop: None,
+            nan_eval: false,
         })
     }
 
@@ -115,7 +118,10 @@ impl TrainTask for BagClassifier {
     }
 
     fn eval_batch(&mut self, batch: &Batch) -> Result<EvalOutput> {
-        let logits = self.logits(batch, None)?;
+        let mut logits = self.logits(batch, None)?;
+        if self.nan_eval {
+            logits = (logits * f64::NAN)?;
+        }
         let loss = candle_nn::loss::cross_entropy(&logits, &batch.labels)?.to_scalar::<f32>()? as f64;
         let preds = logits.argmax(1)?.to_vec1::<u32>()?;
         Ok(EvalOutput {
@@ -377,6 +383,16 @@ fn settings_and_tasks_that_would_train_nothing_or_nan_are_refused() -> anyhow::R
         .unwrap_err()
         .to_string();
     assert!(e.contains("is NaN") && e.contains("not finite"), "{e}");
+    // In a run, the step whose evaluation failed is saved before the run stops with the error.
+    let dir = tempfile::tempdir()?;
+    let mut diverging = BagClassifier::new(3, 0.0)?;
+    diverging.nan_eval = true;
+    let e = err(config(dir.path()), diverging, Some(&synthetic(8, 6)));
+    assert!(e.contains("not finite") && e.contains("step 4 saved to"), "{e}");
+    let (last, _) = list_checkpoints(&dir.path().join("checkpoints"))?
+        .pop()
+        .expect("a checkpoint");
+    assert_eq!(last, 4);
     Ok(())
 }
 

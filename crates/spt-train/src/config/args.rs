@@ -35,8 +35,8 @@ pub struct FinetuneArgs {
     /// Column kept whole on one side of the split (e.g. movie_name).
     #[arg(long)]
     pub split_by: Option<String>,
-    /// csv, tsv or jsonl (default: from the file's extension); --task lm reads every file as
-    /// plain text.
+    /// csv, tsv or jsonl (default: from the file's extension); --task lm reads a CSV / TSV /
+    /// JSONL file's --text-column, any other file as plain text.
     #[arg(long, value_enum, hide = true)]
     pub format: Option<DataFormat>,
     /// Column (CSV, TSV) or key (JSONL) holding the text (default: text).
@@ -222,6 +222,7 @@ impl FinetuneConfig {
             cfg = cfg.overlay(p, m)?;
         }
         cfg.apply(args);
+        args.check_sets_against_flags()?;
         cfg.apply_sets(&args.set)?;
         if args.validation_split.is_some() && !cfg.validation_files.is_empty() {
             return Err(invalid(
@@ -317,10 +318,10 @@ impl FinetuneConfig {
     /// from the mode's defaults, and so were set, to no effect.
     pub fn settings_ignored_in_mode(&self) -> Vec<&'static str> {
         const LORA: [&str; 3] = ["lora_rank", "lora_alpha", "lora_dropout"];
-        const SPT: [&str; 13] = [
+        // (attn_tile: named by unused_settings in every mode that keeps each key.)
+        const SPT: [&str; 12] = [
             "attn_k",
             "attn_k_fraction",
-            "attn_tile",
             "pq_subspaces",
             "pq_codewords",
             "pq_refresh_every",
@@ -375,6 +376,13 @@ impl FinetuneConfig {
                      the text, split into blocks"
                 ));
             }
+        }
+        if self.eval_every > 0 && self.validation_split <= 0.0 && self.validation_files.is_empty() {
+            out.push(format!(
+                "eval_every (--eval-every {}) has no effect: there are no validation rows (--validation-split \
+                 0 and no --validation-file)",
+                self.eval_every
+            ));
         }
         if self.split_by.is_some() && !self.validation_files.is_empty() {
             out.push("split_by (--split-by) has no effect: the validation rows come from --validation-file, none are held out".into());
@@ -444,6 +452,33 @@ impl FinetuneConfig {
 }
 
 impl FinetuneArgs {
+    /// Refuses a `--set` whose setting replaces one a flag gave (`--max-steps 5 --set
+    /// optim.epochs=3`): the flag's value would vanish without a word.
+    fn check_sets_against_flags(&self) -> Result<(), ConfigError> {
+        let flag_given = |field: &str| match field {
+            "attn_k" => self.attn_k.is_some(),
+            "attn_k_fraction" => self.attn_k_fraction.is_some(),
+            "warmup_steps" => self.warmup_steps.is_some(),
+            "warmup_ratio" => self.warmup_ratio.is_some(),
+            "max_steps" => self.max_steps.is_some(),
+            _ => false,
+        };
+        for s in &self.set {
+            let path = s.split_once('=').map_or(s.as_str(), |(p, _)| p.trim());
+            let field = super::sections::field_of(path).unwrap_or(path);
+            if let Some((partner, _)) = super::replaced_by(field).into_iter().find(|(p, _)| flag_given(p)) {
+                return Err(invalid(
+                    path,
+                    format!(
+                        "--set {s} replaces {partner}, which a flag gives (--{}); give one of them",
+                        partner.replace('_', "-")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The flags given on the command line that `mode` does not use: the LoRA flags in dense
     /// mode, the sparse-layer flags in dense and lora modes. (`--modules-to-save` in dense mode
     /// is reported by [`FinetuneConfig::unused_settings`].)

@@ -512,6 +512,13 @@ impl FinetuneConfig {
                     return Err(invalid(path, format!("--set {s}: no such setting ({hint})")));
                 }
             };
+            // These choose the defaults every other setting starts from, which are set by now.
+            if let Some(flag) = ["mode", "preset", "task"].iter().find(|f| **f == field) {
+                return Err(invalid(
+                    path,
+                    format!("--set {s}: give --{flag} instead (it chooses the defaults the other settings start from)"),
+                ));
+            }
             if let Some(first) = seen.insert(field.clone(), s.clone()) {
                 return Err(invalid(
                     path,

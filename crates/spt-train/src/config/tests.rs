@@ -624,6 +624,16 @@ fn a_flag_replaces_the_files_other_form_of_a_setting() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("not both"), "{e}");
+    // --set cannot choose the mode, preset or task: the defaults were already taken (a --set
+    // mode=lora run kept dense's learning rate).
+    let e = load(base, &["--max-steps", "5", "--set", "optim.epochs=3"])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("replaces max_steps, which a flag gives"), "{e}");
+    for set in ["mode=lora", "preset=fast", "task=lm"] {
+        let e = load(base, &["--set", set]).unwrap_err().to_string();
+        assert!(e.contains("give --") && e.contains("instead"), "{set}: {e}");
+    }
     let c = load(
         &format!("{base}task = \"lm\"\nsplit_by = \"movie\"\n"),
         &["--drop-label", "x"],

@@ -28,6 +28,14 @@ impl FinetuneConfig {
                 ));
             }
         }
+        // finetune.toml stores it, and a TOML integer is an i64: a larger seed would train, then
+        // make the run impossible to resume or evaluate.
+        if self.seed > i64::MAX as u64 {
+            return Err(invalid(
+                "seed",
+                format!("must be at most {} (a TOML integer), got {}", i64::MAX, self.seed),
+            ));
+        }
         if self.batch_size == 0 {
             return Err(invalid("batch_size", "batch size must be at least 1, got 0"));
         }

@@ -339,20 +339,45 @@ fn read_delimited(
         });
     }
     if let (true, Some(start)) = (quoting, last_multiline) {
-        check_closed_quotes(path, &bytes, &lines, start)?;
+        check_closed_quotes(path, &bytes, &lines, start, delimiter)?;
     }
     Ok(out)
 }
 
 /// The csv reader takes a quote that is never closed as a field running to the end of the file:
-/// every later row would become one text, silently. Such a record is the file's last, spans
-/// lines, and holds an odd number of quote characters (a closed field has its two, and `""`
-/// escapes come in pairs). `start` is that last record's first byte.
-fn check_closed_quotes(path: &Path, bytes: &[u8], lines: &LineIndex, start: u64) -> Result<(), DataError> {
+/// every later row would become one text, silently. Such a record is the file's last and spans
+/// lines; this reads it again from `start` as the reader does (a field opening with `"` runs to
+/// the next lone `"`, `""` is an escaped quote, a quote inside an unquoted field is literal) and
+/// says whether the file ends inside a quoted field.
+fn check_closed_quotes(
+    path: &Path,
+    bytes: &[u8],
+    lines: &LineIndex,
+    start: u64,
+    delimiter: u8,
+) -> Result<(), DataError> {
     let tail = bytes
         .get(usize::try_from(start).unwrap_or(usize::MAX)..)
         .unwrap_or_default();
-    if tail.iter().filter(|&&b| b == b'"').count() % 2 == 1 {
+    let (mut quoted, mut field_start) = (false, true);
+    let mut i = 0;
+    while i < tail.len() {
+        let c = tail[i];
+        if quoted {
+            if c == b'"' {
+                if tail.get(i + 1) == Some(&b'"') {
+                    i += 1; // an escaped quote
+                } else {
+                    quoted = false;
+                }
+            }
+        } else if c == b'"' && field_start {
+            quoted = true;
+        }
+        field_start = !quoted && (c == delimiter || c == b'\n' || c == b'\r');
+        i += 1;
+    }
+    if quoted {
         return Err(DataError::Parse {
             path: path.to_path_buf(),
             line: lines.line(start),
@@ -521,7 +546,8 @@ impl<'de> Deserialize<'de> for JsonRow {
             }
 
             fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<JsonRow, A::Error> {
-                crate::unique_json::unique_map(map).map(JsonRow)
+                // The top level only: a repeat inside a column's nested value reads no text.
+                crate::unique_json::unique_map::<A, serde_json::Value>(map).map(JsonRow)
             }
         }
         d.deserialize_map(Visit)
@@ -924,6 +950,15 @@ mod tests {
         let d = read_classification(&p, None, &spec, &[]).unwrap();
         let texts: Vec<_> = d.examples.iter().map(|e| e.text.as_str()).collect();
         assert_eq!(texts, ["two\nlines, \"quoted\"", "he said \"hi", "last\nrow"]);
+        // An odd number of quotes in a last row that closes its quoted field.
+        let spec2 = ColumnSpec {
+            text: "text".into(),
+            label: Some("size".into()),
+            ..Default::default()
+        };
+        let p = write(dir.path(), "odd.csv", b"text,size\n\"Great\nTV\",55\" screen\n");
+        let d = read_classification(&p, None, &spec2, &[]).unwrap();
+        assert_eq!(d.examples[0].label.as_deref(), Some("55\" screen"));
     }
 
     #[test]

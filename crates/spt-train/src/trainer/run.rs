@@ -545,7 +545,7 @@ impl<T: TrainTask> Trainer<T> {
             }
             if let Some(ev) = eval {
                 if self.cfg.eval_every > 0 && st.step.is_multiple_of(self.cfg.eval_every) {
-                    let rep = self.evaluate(ev)?;
+                    let rep = self.evaluate_or_save(ev, &st, &opt, last_saved)?;
                     self.record_eval(&metrics, &pb, st.step, epoch_f, &rep)?;
                     summary.evals.push((st.step, rep));
                     last_eval = Some(st.step);
@@ -562,7 +562,7 @@ impl<T: TrainTask> Trainer<T> {
             if let Some(ev) = eval {
                 if last_eval != Some(st.step) {
                     let epoch_f = st.pos.epoch as f64 + st.pos.batch as f64 / n_batches.max(1) as f64;
-                    let rep = self.evaluate(ev)?;
+                    let rep = self.evaluate_or_save(ev, &st, &opt, last_saved)?;
                     self.record_eval(&metrics, &pb, st.step, epoch_f, &rep)?;
                     summary.evals.push((st.step, rep));
                 }
@@ -576,6 +576,29 @@ impl<T: TrainTask> Trainer<T> {
             tracing::warn!("loss plot not written: {e}");
         }
         Ok(summary)
+    }
+
+    /// [`Trainer::evaluate`] in the loop: when it fails (non-finite outputs), the step is saved
+    /// first, unless it already was, so the run ends with its last state on disk.
+    fn evaluate_or_save(
+        &mut self,
+        ev: &EncodedDataset,
+        st: &LoopState,
+        opt: &AdamW,
+        last_saved: Option<u64>,
+    ) -> Result<EvalReport> {
+        match self.evaluate(ev) {
+            Ok(rep) => Ok(rep),
+            Err(e) if last_saved != Some(st.step) => {
+                let p = self.save(st, opt)?;
+                Err(Error::Msg(format!(
+                    "{e} (step {} saved to {})",
+                    st.step,
+                    p.display()
+                )))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn record_eval(

@@ -61,6 +61,9 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
     if a.attn_k == Some(0) {
         bail!("--attn-k must be at least 1");
     }
+    if a.append && a.output.is_none() {
+        bail!("--append merges into an --output file; give one");
+    }
     // Recorded as the setting, a k past the keys would name a sparsity that never ran.
     if let Some(k) = a.attn_k.filter(|&k| k > a.seq_len) {
         bail!(
@@ -114,6 +117,17 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| a.model.clone());
+    // Which folder, wherever the command runs from, without writing its path into the record.
+    let model_id = format!(
+        "{:016x}",
+        spt_train::checkpoint::fnv1a64(
+            model_dir
+                .canonicalize()
+                .unwrap_or_else(|_| model_dir.clone())
+                .to_string_lossy()
+                .as_bytes()
+        )
+    );
     let loadavg = || {
         std::fs::read_to_string("/proc/loadavg")
             .unwrap_or_default()
@@ -244,7 +258,7 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
                 "weights": v["weights"],
                 "loadavg_before": load_before,
                 "loadavg_after": load_after,
-                "model_path": a.model,
+                "model_id": model_id,
             })
         })
         .collect();
@@ -263,12 +277,11 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
                 serde_json::from_str(&text).with_context(|| format!("parsing {}", out.display()))?;
             // Replaces the records of this model (at this run's setting, if it names one). The
             // case names a model by its folder's name: another folder of that name (a record
-            // that says where its model was) is another model.
-            let here = |p: &str| Path::new(p).canonicalize().unwrap_or_else(|_| p.into());
+            // with another model_id) is another model.
             let same = |r: &serde_json::Value| {
                 r["case"]["model"] == serde_json::json!(model_name)
                     && r["case"].get("setting").and_then(|s| s.as_str()) == setting.as_deref()
-                    && r["model_path"].as_str().is_none_or(|p| here(p) == here(&a.model))
+                    && r["model_id"].as_str().is_none_or(|id| id == model_id)
             };
             let mut merged: Vec<serde_json::Value> = old["records"]
                 .as_array()
@@ -294,7 +307,7 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
         crate::common::write_output_file(out, serde_json::to_string_pretty(&doc)?.as_bytes())?;
         say!("bench: wrote {}", out.display());
     } else {
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        crate::emit(&format!("{}\n", serde_json::to_string_pretty(&doc)?))?;
     }
     Ok(())
 }
@@ -413,8 +426,8 @@ pub(crate) fn bench_child(a: &BenchArgs, mode: Mode, model_dir: &Path, dev: &Dev
         Ok((task, times, build_s))
     })?;
     let rss = spt_train::bench::peak_rss_bytes()?;
-    println!(
-        "{}",
+    crate::emit(&format!(
+        "{}\n",
         serde_json::json!({
             "median_s": spt_train::bench::median(&times),
             "step_times_s": times,
@@ -428,6 +441,6 @@ pub(crate) fn bench_child(a: &BenchArgs, mode: Mode, model_dir: &Path, dev: &Dev
             "ffn_correction": (mode == Mode::Spt).then_some(ffn_correction),
             "weights": if has_weights { "checkpoint" } else { "random init" },
         })
-    );
+    ))?;
     Ok(())
 }

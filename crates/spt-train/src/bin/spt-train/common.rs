@@ -39,9 +39,6 @@ pub(crate) struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// The settings `--checkpoint` was trained with ([`run_config`]), if any: they
-    /// supply the defaults a later command needs to read data as the run did (tokenizer, columns,
-    /// max_length, block_size).
     /// Refuses a `--checkpoint` that names no checkpoint (nothing there, a file, a folder
     /// without checkpoints) before anything else is read from it.
     pub(crate) fn check_checkpoint(&self) -> Result<()> {
@@ -49,6 +46,9 @@ impl ModelArgs {
         Ok(())
     }
 
+    /// The settings `--checkpoint` was trained with ([`run_config`]), if any: they
+    /// supply the defaults a later command needs to read data as the run did (tokenizer, columns,
+    /// max_length, block_size).
     pub(crate) fn run_settings(&self) -> Result<Option<FinetuneConfig>> {
         run_config(self.checkpoint.as_deref())
     }
@@ -188,12 +188,12 @@ pub(crate) fn checkpoint_path(p: &Path) -> Result<PathBuf> {
         return Ok(p.to_path_buf());
     }
     if !p.exists() {
-        bail!("--checkpoint {}: no such checkpoint or run folder", p.display());
+        bail!("{}: no such checkpoint or run folder", p.display());
     }
     if !p.is_dir() {
         bail!(
-            "--checkpoint {}: a file, not a checkpoint or run folder (a folder holding manifest.json, \
-             or a run folder with checkpoints/)",
+            "{}: a file, not a checkpoint or run folder (a folder holding manifest.json, or a run \
+             folder with checkpoints/)",
             p.display()
         );
     }
@@ -206,8 +206,7 @@ pub(crate) fn checkpoint_path(p: &Path) -> Result<PathBuf> {
     Ok(latest_checkpoint(&p.join("checkpoints"))?)
 }
 
-/// The label mapping: `--label-map`; else the classes the checkpoint records (`find_labels`), else
-/// the labels.json of the run that holds the checkpoint;
+/// The labels.json to read: `--label-map`; else that of the run that holds the checkpoint;
 /// else, without a checkpoint, the `id2label` of the model's config.json (what `export` writes,
 /// and what a fine-tuned Hub model carries), unless those are HF's placeholder names (`LABEL_0`,
 /// …), which say nothing: then the labels come from the data, as in fine-tuning.
@@ -260,6 +259,8 @@ pub(crate) fn recorded_classes(checkpoint: &Option<PathBuf>) -> Result<Option<La
     Ok(recorded.map(LabelMap::new).transpose()?)
 }
 
+/// The label mapping: `--label-map`; else the classes the checkpoint records
+/// ([`recorded_classes`]); else the file [`labels_path`] finds.
 pub(crate) fn find_labels(
     given: &Option<PathBuf>,
     checkpoint: &Option<PathBuf>,
@@ -547,17 +548,24 @@ pub(crate) fn check_writable(flag: &str, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes an output file that [`check_output_file`] passed: through a link (or a chain of them,
-/// as the OS follows) to the file it names, which that check read. Renamed over, the link would
-/// become a plain file and its target keep the old bytes.
-pub(crate) fn write_output_file(path: &Path, bytes: &[u8]) -> Result<()> {
+/// The file an output path names: itself, or where its link (or chain of links, as the OS
+/// follows them) ends. A chain that does not end (a loop) is an error.
+fn link_target(flag: &str, path: &Path) -> Result<PathBuf> {
     let mut to = path.to_path_buf();
     for _ in 0..40 {
         match std::fs::read_link(&to) {
             Ok(next) => to = to.parent().unwrap_or(Path::new("")).join(next),
-            Err(_) => break,
+            Err(_) => return Ok(to),
         }
     }
+    bail!("{flag} {}: a loop of links", path.display())
+}
+
+/// Writes an output file that [`check_output_file`] passed: through a link to the file it names,
+/// which that check read. Renamed over, the link would become a plain file and its target keep
+/// the old bytes.
+pub(crate) fn write_output_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let to = link_target("output", path)?;
     if let Some(parent) = to.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }
@@ -574,7 +582,9 @@ pub(crate) fn check_output_file(
     what: &str,
     ours: impl Fn(&str) -> bool,
 ) -> Result<()> {
-    check_writable(flag, path.parent().unwrap_or(Path::new("")))?;
+    // Where the write will land: a link's target, in its own folder.
+    let target = link_target(flag, path)?;
+    check_writable(flag, target.parent().unwrap_or(Path::new("")))?;
     if !path.exists() {
         return Ok(());
     }

@@ -27,8 +27,8 @@ pub(crate) struct EvalArgs {
     /// Data file; repeat for several.
     #[arg(long = "data-file", required = true)]
     pub(crate) data_files: Vec<PathBuf>,
-    /// csv, tsv or jsonl (default: from the file's extension); --task lm reads every file as
-    /// plain text.
+    /// csv, tsv or jsonl (default: from the file's extension); --task lm reads a CSV / TSV /
+    /// JSONL file's --text-column, any other file as plain text.
     #[arg(long, value_enum)]
     pub(crate) format: Option<DataFormat>,
     /// Text column (default: `--config`'s, else `text`).
@@ -179,7 +179,7 @@ pub(crate) fn eval(a: &EvalArgs) -> Result<()> {
     };
     tracing::info!(examples = rows.len(), "evaluation data ready");
     let rep = evaluate(&mut model, rows, a.batch_size, &dev)?;
-    println!("{}", serde_json::to_string(&rep)?);
+    crate::emit(&format!("{}\n", serde_json::to_string(&rep)?))?;
     Ok(())
 }
 

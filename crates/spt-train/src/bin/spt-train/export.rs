@@ -4,7 +4,7 @@
 use crate::say;
 use std::path::{Path, PathBuf};
 
-use crate::common::{check_model, check_writable, find_labels, load_trained, task_of, ModelArgs};
+use crate::common::{check_model, check_writable, device, find_labels, load_trained, task_of, ModelArgs};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args;
@@ -45,6 +45,13 @@ pub(crate) fn export(a: &ExportArgs) -> Result<()> {
         bail!("export needs --checkpoint (a checkpoint or a run directory)");
     }
     a.model.check_checkpoint()?;
+    // The export is built on the CPU; a device is still checked, as every command checks it.
+    if !device(&a.model.device)?.is_cpu() {
+        say!(
+            "note: export runs on the CPU; --device {} is not used",
+            a.model.device
+        );
+    }
     // Refuse before the (slow) load: the checks are repeated when the files are moved in.
     let model_dir = resolve_model(&a.model.model)?;
     let out = &link_target(&a.out)?;

@@ -3,7 +3,7 @@
 use crate::say;
 use std::path::{Path, PathBuf};
 
-use crate::common::{build_task, check_model, checkpoint_path, device};
+use crate::common::{build_task, check_model, check_writable, checkpoint_path, device};
 use crate::Outcome;
 use anyhow::{bail, Context, Result};
 use spt_train::checkpoint::{
@@ -84,6 +84,16 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
     let resume = resume_point(&cfg)?;
     let resuming = resume != Resume::No;
     check_run_dir(&cfg.output_dir, cfg.overwrite, resuming)?;
+    // Before the data and model are read: a folder that cannot be made was found only after.
+    let out = &cfg.output_dir;
+    if out.symlink_metadata().is_ok_and(|m| m.file_type().is_symlink()) && !out.exists() {
+        bail!(
+            "--output-dir {}: a link to {}, which does not exist; create that folder or give another",
+            out.display(),
+            std::fs::read_link(out).map_or_else(|_| "?".into(), |t| t.display().to_string())
+        );
+    }
+    check_writable("--output-dir", out)?;
     let model_dir = resolve_model(&cfg.model)?;
     check_model(cfg.task, &model_dir)?;
     // The data is read and the model built before the run directory is made, so that a bad
@@ -170,8 +180,8 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
         );
     }
     let eval = summary.evals.last();
-    println!(
-        "{}",
+    crate::emit(&format!(
+        "{}\n",
         serde_json::json!({
             "step": summary.steps,
             "eval": eval.map(|(_, r)| r),
@@ -183,7 +193,7 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
             "total_params": total,
             "stopped": summary.stopped,
         })
-    );
+    ))?;
     if summary.stopped {
         eprintln!("stopped at step {}; resume with --resume", summary.steps);
         return Ok(Outcome::Interrupted);

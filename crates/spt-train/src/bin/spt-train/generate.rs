@@ -79,7 +79,13 @@ pub(crate) fn generate(a: &GenerateArgs) -> Result<()> {
     };
     // A token past the tokenizer's vocabulary decodes to nothing: it would be generated and
     // silently dropped from the text. (A model's vocabulary padded past its tokenizer's is fine.)
-    let tok_vocab = tok.inner().get_vocab_size(true);
+    // Ids, not a count: added tokens can sit far above the base vocabulary.
+    let tok_vocab = tok
+        .inner()
+        .get_vocab(true)
+        .values()
+        .max()
+        .map_or(0, |&m| m as usize + 1);
     let model_vocab = model.transformer.config.vocab_size;
     if tok_vocab < model_vocab {
         say!(

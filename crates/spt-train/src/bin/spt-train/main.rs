@@ -86,6 +86,17 @@ macro_rules! say {
 }
 pub(crate) use say;
 
+/// Writes a command's result to stdout. A reader that went away (`| head`) ends the output, not
+/// the process with a panic (`println!` panics on a closed pipe).
+pub(crate) fn emit(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
+    }
+}
+
 fn init_tracing(verbose: u8, quiet: bool) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;

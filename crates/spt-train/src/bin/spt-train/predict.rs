@@ -202,7 +202,7 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
     }
     match &a.output {
         Some(p) => write_output_file(p, lines.as_bytes())?,
-        None => print!("{lines}"),
+        None => crate::emit(&lines)?,
     }
     Ok(())
 }
@@ -213,7 +213,11 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
 /// order, spacing, a rating for a score) is not.
 fn is_predictions(text: &str) -> bool {
     let ours = |line: &str| -> Option<()> {
-        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        let mut v: serde_json::Value = serde_json::from_str(line).ok()?;
+        // The score was an f32 written as f64; parsed back it can be an ulp off, which the f32
+        // it came from recovers (so the line prints as it was written).
+        let f32_score = v.get("score")?.as_f64()? as f32;
+        v["score"] = serde_json::json!(f32_score);
         let o = v.as_object()?;
         let score = o.get("score")?.as_f64()?;
         let shape = o.len() == 4
@@ -225,4 +229,25 @@ fn is_predictions(text: &str) -> bool {
     };
     let mut lines = text.lines().peekable();
     lines.peek().is_some() && lines.all(|l| ours(l).is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_predictions;
+
+    /// Scores are f32s written as f64s; serde_json (without float_roundtrip) parses some of
+    /// their 17 digits an ulp off, and predict refused its own earlier output.
+    #[test]
+    fn predicts_own_lines_are_recognised_whatever_their_score() {
+        let ours = r#"{"id":0,"label":"a","score":0.41580626368522644,"text":"x"}"#;
+        assert!(is_predictions(ours));
+        for users in [
+            r#"{"id":0,"label":"a","score":4.5,"text":"x"}"#,
+            r#"{"id":0, "label":"a","score":0.5,"text":"x"}"#,
+            r#"{"label":"a","id":0,"score":0.5,"text":"x"}"#,
+            r#"[1, 2]"#,
+        ] {
+            assert!(!is_predictions(users), "{users}");
+        }
+    }
 }
