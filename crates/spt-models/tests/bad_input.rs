@@ -104,6 +104,34 @@ fn sparsify_failure_leaves_the_model_usable() -> Result<()> {
             .iter()
             .all(|b| b.attn.core.kind() == "dense" && b.mlp.kind() == "dense"));
     }
+    // A refusal at layer 1 leaves layer 0 as it was too (each layer was swapped in when built).
+    m.transformer.h[1].attn.c_proj.add_lora(LoraConfig {
+        rank: 2,
+        ..Default::default()
+    })?;
+    let cfg = SptConfig {
+        attention: Some(SparseAttentionConfig {
+            pq: PqConfig {
+                n_subspaces: 2,
+                n_codewords: 4,
+                ..Default::default()
+            },
+            top_k: KeyTopK::Count(4),
+            grouping: Default::default(),
+        }),
+        lora: Some(LoraSettings {
+            targets: vec![LoraTarget::Output],
+            config: LoraConfig {
+                rank: 2,
+                ..Default::default()
+            },
+        }),
+        ..Default::default()
+    };
+    let e = sparsify(&mut m, &cfg, &calibration).unwrap_err().to_string();
+    assert!(e.contains("already has a LoRA adapter"), "{e}");
+    let h0 = &m.transformer.h[0];
+    assert!(h0.attn.core.kind() == "dense" && h0.attn.c_proj.lora().is_none());
     Ok(())
 }
 

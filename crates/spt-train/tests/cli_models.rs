@@ -377,7 +377,7 @@ fn generate_is_seeded() {
     );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        err.contains("the tokenizer has 100 tokens and the model 1000"),
+        err.contains("the tokenizer has 100 of the model's 1000 token ids"),
         "{err}"
     );
     // Each of the 20 tokens is a word (about 1 in 10 was, before), unless [SEP] ended the text.
@@ -480,16 +480,17 @@ fn bench_records_each_setting() {
     assert_eq!(recs[3]["attn_k"], 16); // the fast preset keeps every key
     assert_eq!(recs[3]["ffn_correction"], true);
     assert_eq!(recs[5]["ffn_correction"], false);
-    // Another folder of the same name is another model: its records join the file (they
-    // replaced these), and a key the user added to the file stays (it was dropped).
+    // Another model in a folder of the same name: its records join the file (they replaced
+    // these), and a key the user added to the file stays (it was dropped).
     let mut doc = doc.clone();
     doc["notes"] = "mine".into();
     std::fs::write(&out, serde_json::to_string(&doc).unwrap()).unwrap();
     let other = tmp.path().join("other");
     std::fs::create_dir(&other).unwrap();
-    fixture("tiny-bert-cls", &other);
-    // Each named by the same relative path from its own folder (relative paths were compared
-    // from wherever the later command ran, so the twin replaced the original).
+    // Another model (its config differs) in a folder of the same name, each named by the same
+    // relative path from its own parent (relative paths were compared from wherever the later
+    // command ran, so one replaced the other).
+    common::fixture_with("tiny-bert-cls", &other, |c| c["hidden_dropout_prob"] = 0.2.into());
     let at = |cwd: &Path| {
         let o = common::run_in(
             cwd,

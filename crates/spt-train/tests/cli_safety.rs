@@ -745,6 +745,9 @@ fn messages_point_the_right_way() {
     std::os::unix::fs::symlink(t.root.join("nowhere"), &dangling).unwrap();
     let e = run_err(&finetune_args(s(&t.model), s(&t.data), s(&dangling), "1"));
     assert!(e.contains("which does not exist"), "{e}");
+    let under = dangling.join("run");
+    let e = run_err(&finetune_args(s(&t.model), s(&t.data), s(&under), "1"));
+    assert!(e.contains("dangling-run is a link to"), "{e}");
     // export checks --device as every command does (it ignored any value).
     let e = run_err(&[
         "export",

@@ -133,8 +133,11 @@ pub fn block_sparse_attention_reference(
     let keep = block_keep_mask(sel, b, h, lq, lk)?;
     let bias: Vec<f64> = keep.iter().map(|&k| if k { 0.0 } else { -1e30 }).collect();
     if lk == 0 {
-        // No keys: every row is empty (softmax has nothing to normalise).
-        return Tensor::zeros((b, h, lq, v.dim(3)?), q.dtype(), q.device());
+        // No keys: every row is empty (softmax has nothing to normalise). Built from q, so the
+        // oracle's graph still reaches it (a zero gradient).
+        return (q.sum_keepdim(3)? * 0.0)?
+            .broadcast_as((b, h, lq, v.dim(3)?))?
+            .contiguous();
     }
     let rows = crate::block_sparse_attention::reference::rows_with_a_key(&keep, b * h * lq, lk);
     let dev = q.device();

@@ -452,8 +452,8 @@ impl FinetuneConfig {
 }
 
 impl FinetuneArgs {
-    /// Refuses a `--set` whose setting replaces one a flag gave (`--max-steps 5 --set
-    /// optim.epochs=3`): the flag's value would vanish without a word.
+    /// Refuses a `--set` of one form of a setting beside a flag of the other (`--max-steps 5
+    /// --set optim.epochs=3`): one of the two would vanish without a word.
     fn check_sets_against_flags(&self) -> Result<(), ConfigError> {
         let flag_given = |field: &str| match field {
             "attn_k" => self.attn_k.is_some(),
@@ -465,7 +465,17 @@ impl FinetuneArgs {
         };
         for s in &self.set {
             let path = s.split_once('=').map_or(s.as_str(), |(p, _)| p.trim());
-            let field = super::sections::field_of(path).unwrap_or(path);
+            // An unknown path is named by apply_sets.
+            let Some(field) = super::sections::field_of(path) else {
+                continue;
+            };
+            // max_steps outranks epochs rather than replacing it: beside --epochs, one is lost.
+            if field == "max_steps" && self.epochs.is_some() {
+                return Err(invalid(
+                    path,
+                    format!("--set {s} outranks --epochs, which would be ignored; give one of them"),
+                ));
+            }
             if let Some((partner, _)) = super::replaced_by(field).into_iter().find(|(p, _)| flag_given(p)) {
                 return Err(invalid(
                     path,

@@ -630,6 +630,10 @@ fn a_flag_replaces_the_files_other_form_of_a_setting() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("replaces max_steps, which a flag gives"), "{e}");
+    let e = load(base, &["--epochs", "3", "--set", "optim.max_steps=10"])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("outranks --epochs"), "{e}");
     for set in ["mode=lora", "preset=fast", "task=lm"] {
         let e = load(base, &["--set", set]).unwrap_err().to_string();
         assert!(e.contains("give --") && e.contains("instead"), "{set}: {e}");

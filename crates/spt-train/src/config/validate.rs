@@ -28,13 +28,18 @@ impl FinetuneConfig {
                 ));
             }
         }
-        // finetune.toml stores it, and a TOML integer is an i64: a larger seed would train, then
-        // make the run impossible to resume or evaluate.
-        if self.seed > i64::MAX as u64 {
-            return Err(invalid(
-                "seed",
-                format!("must be at most {} (a TOML integer), got {}", i64::MAX, self.seed),
-            ));
+        // finetune.toml stores every setting, and a TOML integer is an i64: a larger value would
+        // train, then make the run impossible to resume or evaluate.
+        if let Ok(serde_json::Value::Object(m)) = serde_json::to_value(self) {
+            if let Some((k, v)) = m
+                .iter()
+                .find(|(_, v)| v.as_u64().is_some_and(|n| n > i64::MAX as u64))
+            {
+                return Err(invalid(
+                    k,
+                    format!("must be at most {} (a TOML integer), got {v}", i64::MAX),
+                ));
+            }
         }
         if self.batch_size == 0 {
             return Err(invalid("batch_size", "batch size must be at least 1, got 0"));

@@ -235,6 +235,11 @@ impl<T: TrainTask> Trainer<T> {
     }
 
     fn save(&mut self, st: &LoopState, opt: &AdamW) -> Result<PathBuf> {
+        self.save_keeping(st, opt, self.cfg.keep_last)
+    }
+
+    /// [`Self::save`] keeping the latest `keep_last` checkpoints (0: all).
+    fn save_keeping(&mut self, st: &LoopState, opt: &AdamW, keep_last: usize) -> Result<PathBuf> {
         let model = self
             .task
             .trainable()
@@ -251,12 +256,7 @@ impl<T: TrainTask> Trainer<T> {
             optimizer: opt.state_dict()?,
             extra: self.task.extra_state()?,
         };
-        let p = save_checkpoint(
-            &self.checkpoint_dir(),
-            &data,
-            self.cfg.keep_last,
-            self.io.as_ref(),
-        )?;
+        let p = save_checkpoint(&self.checkpoint_dir(), &data, keep_last, self.io.as_ref())?;
         tracing::info!(step = st.step, path = %p.display(), "checkpoint saved");
         Ok(p)
     }
@@ -579,7 +579,8 @@ impl<T: TrainTask> Trainer<T> {
     }
 
     /// [`Trainer::evaluate`] in the loop: when it fails (non-finite outputs), the step is saved
-    /// first, unless it already was, so the run ends with its last state on disk.
+    /// first, unless it already was, so the run ends with its last state on disk. Nothing is
+    /// pruned then: the checkpoints before it may be the last good ones.
     fn evaluate_or_save(
         &mut self,
         ev: &EncodedDataset,
@@ -589,14 +590,17 @@ impl<T: TrainTask> Trainer<T> {
     ) -> Result<EvalReport> {
         match self.evaluate(ev) {
             Ok(rep) => Ok(rep),
-            Err(e) if last_saved != Some(st.step) => {
-                let p = self.save(st, opt)?;
-                Err(Error::Msg(format!(
-                    "{e} (step {} saved to {})",
+            Err(e) if last_saved != Some(st.step) => match self.save_keeping(st, opt, 0) {
+                Ok(p) => Err(Error::Msg(format!(
+                    "{e} (step {} saved to {}; earlier checkpoints kept)",
                     st.step,
                     p.display()
-                )))
-            }
+                ))),
+                Err(s) => Err(Error::Msg(format!(
+                    "{e}; saving step {} failed too: {s}",
+                    st.step
+                ))),
+            },
             Err(e) => Err(e),
         }
     }

@@ -117,17 +117,30 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| a.model.clone());
-    // Which folder, wherever the command runs from, without writing its path into the record.
-    let model_id = format!(
-        "{:016x}",
-        spt_train::checkpoint::fnv1a64(
-            model_dir
-                .canonicalize()
-                .unwrap_or_else(|_| model_dir.clone())
-                .to_string_lossy()
-                .as_bytes()
-        )
-    );
+    // Which model, wherever the command runs and whichever clone holds it, without writing a
+    // path into the record: its config and the sizes of its weight files.
+    let model_id = {
+        let mut key = std::fs::read(model_dir.join("config.json")).unwrap_or_default();
+        let mut weights: Vec<String> = std::fs::read_dir(&model_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.ends_with(".safetensors") || n == "pytorch_model.bin"
+            })
+            .map(|e| {
+                format!(
+                    "\n{}:{}",
+                    e.file_name().to_string_lossy(),
+                    e.metadata().map_or(0, |m| m.len())
+                )
+            })
+            .collect();
+        weights.sort();
+        key.extend(weights.concat().bytes());
+        format!("{:016x}", spt_train::checkpoint::fnv1a64(&key))
+    };
     let loadavg = || {
         std::fs::read_to_string("/proc/loadavg")
             .unwrap_or_default()

@@ -42,7 +42,9 @@ impl ModelArgs {
     /// Refuses a `--checkpoint` that names no checkpoint (nothing there, a file, a folder
     /// without checkpoints) before anything else is read from it.
     pub(crate) fn check_checkpoint(&self) -> Result<()> {
-        self.checkpoint.as_deref().map(checkpoint_path).transpose()?;
+        if let Some(c) = &self.checkpoint {
+            checkpoint_path(c).context("--checkpoint")?;
+        }
         Ok(())
     }
 
@@ -529,6 +531,18 @@ pub(crate) fn check_writable(flag: &str, dir: &Path) -> Result<()> {
     let Some(existing) = dir.ancestors().find(|d| d.as_os_str().is_empty() || d.exists()) else {
         return Ok(());
     };
+    // A link on the way whose target is gone: the folders could not be made under it.
+    if let Some(link) = dir
+        .ancestors()
+        .take_while(|d| *d != existing)
+        .find(|d| d.symlink_metadata().is_ok_and(|m| m.file_type().is_symlink()))
+    {
+        bail!(
+            "{flag}: {} is a link to {}, which does not exist",
+            link.display(),
+            std::fs::read_link(link).map_or_else(|_| "?".into(), |t| t.display().to_string())
+        );
+    }
     let existing = if existing.as_os_str().is_empty() {
         Path::new(".")
     } else {

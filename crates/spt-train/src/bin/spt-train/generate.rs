@@ -77,23 +77,23 @@ pub(crate) fn generate(a: &GenerateArgs) -> Result<()> {
     let Net::Lm(model) = &task.net else {
         bail!("generate needs a GPT-2 model (model_type gpt2)")
     };
-    // A token past the tokenizer's vocabulary decodes to nothing: it would be generated and
-    // silently dropped from the text. (A model's vocabulary padded past its tokenizer's is fine.)
-    // Ids, not a count: added tokens can sit far above the base vocabulary.
-    let tok_vocab = tok
-        .inner()
-        .get_vocab(true)
-        .values()
-        .max()
-        .map_or(0, |&m| m as usize + 1);
+    // An id the tokenizer lacks (past its vocabulary, or in a gap below an added token)
+    // decodes to nothing: it would be generated and silently dropped from the text. Such ids are
+    // never sampled. (A model's vocabulary padded past its tokenizer's is the common case.)
     let model_vocab = model.transformer.config.vocab_size;
-    if tok_vocab < model_vocab {
+    let mut known = vec![false; model_vocab];
+    for &id in tok.inner().get_vocab(true).values() {
+        if let Some(k) = known.get_mut(id as usize) {
+            *k = true;
+        }
+    }
+    let n_known = known.iter().filter(|&&k| k).count();
+    if n_known < model_vocab {
         say!(
-            "note: the tokenizer has {tok_vocab} tokens and the model {model_vocab}: only the \
-             tokenizer's are sampled (a mismatched tokenizer gives nonsense)"
+            "note: the tokenizer has {n_known} of the model's {model_vocab} token ids: only those \
+             are sampled (a mismatched tokenizer gives nonsense)"
         );
     }
-    let sampled = tok_vocab.min(model_vocab);
     let mut rng = SplitMix64::new(a.seed);
     let decode = |ids: &[u32]| {
         tok.inner()
@@ -104,8 +104,9 @@ pub(crate) fn generate(a: &GenerateArgs) -> Result<()> {
     // characters split across tokens come out whole).
     let mut out = std::io::stdout().lock();
     let mut shown = decode(&ids)?;
-    write!(out, "{shown}")?;
-    out.flush()?;
+    if !show(&mut out, &shown)? {
+        return Ok(());
+    }
     // Keys and values of the positions so far are cached: each step runs one new position.
     let mut cache = KvCache::new();
     let mut input = ids.clone();
@@ -120,7 +121,12 @@ pub(crate) fn generate(a: &GenerateArgs) -> Result<()> {
                 ids.len()
             );
         }
-        let next = sample_token(&last[..sampled.min(last.len())], a.temperature, a.top_k, &mut rng);
+        let last: Vec<f32> = last
+            .iter()
+            .zip(known.iter().chain(std::iter::repeat(&false)))
+            .map(|(&l, &k)| if k { l } else { f32::NEG_INFINITY })
+            .collect();
+        let next = sample_token(&last, a.temperature, a.top_k, &mut rng);
         if Some(next) == eos {
             break;
         }
@@ -136,12 +142,23 @@ pub(crate) fn generate(a: &GenerateArgs) -> Result<()> {
             Some(_) => shown.len(),
             None => common_prefix(&shown, &text),
         };
-        write!(out, "{}", &text[from..])?;
-        out.flush()?;
+        if !show(&mut out, &text[from..])? {
+            return Ok(());
+        }
         shown = text;
     }
-    writeln!(out)?;
+    show(&mut out, "\n")?;
     Ok(())
+}
+
+/// Writes `text` now; false when the reader went away (`| head`), which ends the generation
+/// quietly rather than as an error.
+fn show(out: &mut impl Write, text: &str) -> Result<bool> {
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Byte length of the longest common prefix of `a` and `b` on a char boundary.
@@ -177,7 +194,8 @@ pub(crate) fn sample_token(logits: &[f32], temperature: f64, top_k: usize, rng: 
         }
         u -= wi;
     }
-    order[order.len() - 1] as u32
+    // Rounding left u past the last weight: the last id with any weight (never a masked one).
+    order[w.iter().rposition(|&x| x > 0.0).unwrap_or(0)] as u32
 }
 
 #[cfg(test)]
