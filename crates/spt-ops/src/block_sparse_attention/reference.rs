@@ -47,21 +47,6 @@ pub fn block_keep_mask(sel: &BlockSelection, b: usize, h: usize, lq: usize, lk: 
     Ok(keep)
 }
 
-/// 1 for each of `rows` query rows of `keep [rows·L_k]` that keeps a key, else 0 (every row
-/// when there are no keys).
-pub(crate) fn rows_with_a_key(keep: &[bool], rows: usize, lk: usize) -> Vec<f64> {
-    (0..rows)
-        .map(|r| {
-            let row = keep.get(r * lk..(r + 1) * lk).unwrap_or_default();
-            if row.iter().any(|&k| k) {
-                1.0
-            } else {
-                0.0
-            }
-        })
-        .collect()
-}
-
 /// `keep [B·H·L_q·L_k]` of a per-query selection.
 pub fn key_keep_mask(sel: &KeySelection, lk: usize) -> Result<Vec<bool>> {
     let kk = sel.k();
@@ -129,17 +114,34 @@ pub fn block_sparse_attention_reference(
     scale: f64,
 ) -> Result<Tensor> {
     let (b, h, lq, _) = q.dims4()?;
+    let keep = block_keep_mask(sel, b, h, lq, k.dim(2)?)?;
+    attention_over(q, k, v, &keep, scale)
+}
+
+/// `softmax(scale·q kᵀ + M) v` with `M = 0` where `keep [B·H·L_q·L_k]` and −1e30 elsewhere; rows
+/// that keep nothing (and every row when there are no keys) output zero. The shared body of the
+/// references, whose autograd is the kernels' backward oracle.
+pub(crate) fn attention_over(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    keep: &[bool],
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, h, lq, _) = q.dims4()?;
     let lk = k.dim(2)?;
-    let keep = block_keep_mask(sel, b, h, lq, lk)?;
-    let bias: Vec<f64> = keep.iter().map(|&k| if k { 0.0 } else { -1e30 }).collect();
     if lk == 0 {
-        // No keys: every row is empty (softmax has nothing to normalise). Built from q, so the
-        // oracle's graph still reaches it (a zero gradient).
+        // Softmax has nothing to normalise. Built from q, so the graph still reaches it.
         return (q.sum_keepdim(3)? * 0.0)?
             .broadcast_as((b, h, lq, v.dim(3)?))?
             .contiguous();
     }
-    let rows = crate::block_sparse_attention::reference::rows_with_a_key(&keep, b * h * lq, lk);
+    let bias: Vec<f64> = keep.iter().map(|&k| if k { 0.0 } else { -1e30 }).collect();
+    let rows: Vec<f64> = keep
+        .chunks(lk)
+        .take(b * h * lq)
+        .map(|r| if r.iter().any(|&k| k) { 1.0 } else { 0.0 })
+        .collect();
     let dev = q.device();
     let bias = Tensor::from_vec(bias, (b, h, lq, lk), dev)?.to_dtype(q.dtype())?;
     let rows = Tensor::from_vec(rows, (b, h, lq, 1), dev)?.to_dtype(q.dtype())?;

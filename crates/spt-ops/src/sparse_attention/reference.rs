@@ -25,19 +25,5 @@ pub fn sparse_attention_reference(
             q.dims()
         );
     }
-    let bias: Vec<f64> = keep.iter().map(|&k| if k { 0.0 } else { -1e30 }).collect();
-    if lk == 0 {
-        // No keys: every row is empty (softmax has nothing to normalise). Built from q, so the
-        // oracle's graph still reaches it (a zero gradient).
-        return (q.sum_keepdim(3)? * 0.0)?
-            .broadcast_as((b, h, lq, v.dim(3)?))?
-            .contiguous();
-    }
-    let rows = crate::block_sparse_attention::reference::rows_with_a_key(&keep, b * h * lq, lk);
-    let dev = q.device();
-    let bias = Tensor::from_vec(bias, (b, h, lq, lk), dev)?.to_dtype(q.dtype())?;
-    let rows = Tensor::from_vec(rows, (b, h, lq, 1), dev)?.to_dtype(q.dtype())?;
-    let scores = ((q.matmul(&k.t()?)? * scale)? + bias)?;
-    let p = crate::norm::reference::softmax(&scores)?.broadcast_mul(&rows)?;
-    p.matmul(v)
+    crate::block_sparse_attention::reference::attention_over(q, k, v, &keep, scale)
 }
