@@ -1059,4 +1059,30 @@ fn eval_and_predict_refuse_untrained_heads_and_a_foreign_mode() {
         e.contains("language modelling") && e.contains("--checkpoint's run"),
         "{e}"
     );
+    // eval on an LM run read past classification flags without a word.
+    let o = run_ok(
+        &[
+            "eval",
+            "--model",
+            s(&gpt2),
+            "--checkpoint",
+            s(&lm_run),
+            "--data-file",
+            s(&lm_text),
+            "--max-length",
+            "8",
+        ],
+        None,
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--max-length has no effect on language modelling"),
+        "{err}"
+    );
+    // predict named missing labels first; the task is the point.
+    let e = run_err(&predict_args(&t, &lm_run, &t.data));
+    assert!(
+        e.contains("language modelling") && e.contains("use generate"),
+        "{e}"
+    );
 }

@@ -114,7 +114,26 @@ impl TextTokenizer {
     /// Loads a `tokenizer.json` (WordPiece, BPE, …).
     pub fn from_file(path: &Path, max_length: usize) -> Result<Self, DataError> {
         let source = path.display().to_string();
-        let tok = Tokenizer::from_file(path).map_err(|e| tok_err(&source, e))?;
+        // A vocabulary file is one half of a tokenizer whose folder holds the rest.
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if ["vocab.txt", "vocab.json", "merges.txt"].contains(&name.as_str()) {
+            return Err(tok_err(
+                &source,
+                format!(
+                    "{name} is part of a tokenizer: give its folder (holding vocab.txt, or vocab.json and \
+                     merges.txt), or a tokenizer.json"
+                ),
+            ));
+        }
+        let tok = Tokenizer::from_file(path).map_err(|e| {
+            tok_err(
+                &source,
+                format!("not a tokenizer.json ({e}); give a tokenizer.json or a tokenizer's folder"),
+            )
+        })?;
         Self::from_tokenizer(tok, &source, max_length)
     }
 
@@ -340,6 +359,24 @@ fn cut_chars(text: &str, max_chars: usize) -> &str {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// A vocabulary file or a non-tokenizer JSON given as the tokenizer says what is expected
+    /// ("invalid type: sequence, expected struct Tokenizer" named neither).
+    #[test]
+    fn a_file_that_is_not_a_tokenizer_json_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let vocab = dir.path().join("vocab.txt");
+        std::fs::write(&vocab, "[PAD]\n[UNK]\n").unwrap();
+        let e = TextTokenizer::from_file(&vocab, 8).err().unwrap().to_string();
+        assert!(
+            e.contains("vocab.txt is part of a tokenizer: give its folder"),
+            "{e}"
+        );
+        let other = dir.path().join("other.json");
+        std::fs::write(&other, "[1, 2]").unwrap();
+        let e = TextTokenizer::from_file(&other, 8).err().unwrap().to_string();
+        assert!(e.contains("not a tokenizer.json"), "{e}");
+    }
 
     /// A tiny WordPiece tokenizer.json that, like MiniLM's, embeds Fixed padding and truncation.
     pub(crate) fn tiny_bert_json() -> String {

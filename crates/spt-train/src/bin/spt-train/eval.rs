@@ -106,6 +106,28 @@ pub(crate) fn eval(a: &EvalArgs) -> Result<()> {
         _ => e,
     })?;
     check_model_config(task, &model_dir)?;
+    // Flags of the other task, read past without a word.
+    let unused: Vec<&str> = match task {
+        TaskKind::Lm => [
+            ("--max-length", a.max_length.is_some()),
+            ("--label-column", a.label_column.is_some()),
+            ("--drop-label", !a.drop_labels.is_empty()),
+            ("--text-pair-column", a.text_pair_column.is_some()),
+        ]
+        .iter()
+        .filter(|(_, given)| *given)
+        .map(|(f, _)| *f)
+        .collect(),
+        TaskKind::Classify => a.block_size.map(|_| "--block-size").into_iter().collect(),
+    };
+    if !unused.is_empty() {
+        tracing::warn!(
+            "{} {} no effect on {}",
+            unused.join(", "),
+            if unused.len() == 1 { "has" } else { "have" },
+            task_name(task)
+        );
+    }
     // The flags go through the same merge as finetune's: a flag given overrides `--config`
     // (or, without one, the defaults).
     cfg.apply(&FinetuneArgs {

@@ -59,6 +59,16 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
     check_model(TaskKind::Classify, &model_dir)?;
     // A run's texts were read with its columns and truncated at its max_length: the same here.
     let run = a.model.run_settings()?;
+    // An LM run's checkpoint has no classes: said before asking for them.
+    if let (Some(r), Some(c)) = (&run, &a.model.checkpoint) {
+        if r.task != TaskKind::Classify {
+            bail!(
+                "{} was trained for {}; predict classifies texts (use generate for a language model)",
+                c.display(),
+                crate::common::task_name(r.task)
+            );
+        }
+    }
     let max_length = a.max_length.or(run.as_ref().and_then(|r| r.max_length));
     let tok = tokenizer_for(&a.model, run.as_ref(), &model_dir, max_length)?;
     let labels = find_labels(&a.label_map, &a.model.checkpoint, &model_dir)?;
