@@ -71,17 +71,18 @@ fn sparsify_failure_leaves_the_model_usable() -> Result<()> {
         attention_mask: None,
         token_type_ids: None,
     }];
+    let attention = Some(SparseAttentionConfig {
+        pq: PqConfig {
+            n_subspaces: 2,
+            n_codewords: 4,
+            ..Default::default()
+        },
+        top_k: KeyTopK::Count(4),
+        grouping: Default::default(),
+    });
     for rank in [0, 1000] {
         let cfg = SptConfig {
-            attention: Some(SparseAttentionConfig {
-                pq: PqConfig {
-                    n_subspaces: 2,
-                    n_codewords: 4,
-                    ..Default::default()
-                },
-                top_k: KeyTopK::Count(4),
-                grouping: Default::default(),
-            }),
+            attention: attention.clone(),
             ffn: Some(RoutedFfnConfig::new(4, BlockTopK::Count(2))),
             ffn_calibration: FfnCalibration::default(),
             lora: Some(LoraSettings {
@@ -110,15 +111,7 @@ fn sparsify_failure_leaves_the_model_usable() -> Result<()> {
         ..Default::default()
     })?;
     let cfg = SptConfig {
-        attention: Some(SparseAttentionConfig {
-            pq: PqConfig {
-                n_subspaces: 2,
-                n_codewords: 4,
-                ..Default::default()
-            },
-            top_k: KeyTopK::Count(4),
-            grouping: Default::default(),
-        }),
+        attention: attention.clone(),
         lora: Some(LoraSettings {
             targets: vec![LoraTarget::Output],
             config: LoraConfig {
