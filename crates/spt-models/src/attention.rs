@@ -109,7 +109,7 @@ fn rows_nonempty(mask: &AttentionMask, len: usize) -> Result<bool> {
         return Ok(true);
     }
     let values = crate::layers::binary_mask_values(p)?;
-    let any = |row: &[f32]| row.iter().any(|&v| v != 0.0);
+    let any = |row: &[f64]| row.iter().any(|&v| v != 0.0);
     Ok(values.chunks(len).all(|row| match mask.causal {
         true => row[0] != 0.0,
         false => any(row),

@@ -572,7 +572,7 @@ impl BertModel {
             None => Tensor::zeros((b, len), DType::U32, ids.device())?,
         };
         let dtype = self.embeddings.word_embeddings.weight.tensor().dtype();
-        let mask = check_mask(attention_mask, (b, len), dtype)?;
+        let mask = check_mask(attention_mask, (b, len))?;
         let mask = PreparedMask::new(
             AttentionMask {
                 causal: false,

@@ -420,7 +420,7 @@ impl GPT2Model {
             });
         }
         let dtype = self.wte.weight.tensor().dtype();
-        let pad = check_mask(attention_mask, (b, len), dtype)?;
+        let pad = check_mask(attention_mask, (b, len))?;
         let mask = PreparedMask::new(
             AttentionMask {
                 causal: true,
@@ -745,7 +745,7 @@ fn next_token_targets(
     let ids = check_ids(input_ids, "input_ids", "token", vocab, "vocab_size")?;
     let n = b * (l - 1);
     let ids = ids.narrow(1, 1, l - 1)?.reshape(n)?;
-    let weight = match check_mask(attention_mask, (b, l), dtype)? {
+    let weight = match check_mask(attention_mask, (b, l))? {
         Some(m) => {
             crate::layers::binary_mask_values(&m)?;
             Some(m.narrow(1, 1, l - 1)?.reshape(n)?.ne(0f64)?.to_dtype(dtype)?)

@@ -623,14 +623,11 @@ pub(crate) fn check_ids(
     Ok(ids.to_dtype(DType::U32)?)
 }
 
-/// Checks an optional `[B, L]` mask against the ids' shape; returns it as `dtype`. Its 0/1
-/// values are checked where they are read ([`binary_mask_values`]): by `PreparedMask::new` in
-/// every forward, by the next-token targets of a loss.
-pub(crate) fn check_mask(
-    mask: Option<&Tensor>,
-    dims: (usize, usize),
-    dtype: DType,
-) -> Result<Option<Tensor>> {
+/// Checks an optional `[B, L]` mask against the ids' shape. Its 0/1 values are checked where
+/// they are read ([`binary_mask_values`]): by `PreparedMask::new` in every forward, by the
+/// next-token targets of a loss. It keeps its own dtype: converted to an f16 model's first, a
+/// stray 1e-8 would read as padding and 0.9999 as "attend", unchecked.
+pub(crate) fn check_mask(mask: Option<&Tensor>, dims: (usize, usize)) -> Result<Option<Tensor>> {
     let Some(m) = mask else { return Ok(None) };
     if m.dims() != [dims.0, dims.1] {
         return Err(ModelError::BadInput {
@@ -638,15 +635,16 @@ pub(crate) fn check_mask(
             reason: format!("expected shape [{}, {}], got {:?}", dims.0, dims.1, m.dims()),
         });
     }
-    Ok(Some(m.to_dtype(dtype)?.detach()))
+    Ok(Some(m.detach()))
 }
 
 /// The values of a `[B, L]` attention mask (one host read), refusing any but 0 and 1: HF's
 /// additive form (0 to attend, −10000 or −inf to skip) read as 0/1 would invert the mask,
 /// silently.
-pub(crate) fn binary_mask_values(m: &Tensor) -> Result<Vec<f32>> {
+pub(crate) fn binary_mask_values(m: &Tensor) -> Result<Vec<f64>> {
     let cols = m.dims().last().copied().unwrap_or(1).max(1);
-    let values = m.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    // f64 holds every value of every mask dtype exactly (i64 past 2^53 is not 0 or 1 either way).
+    let values = m.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
     if let Some(i) = values.iter().position(|&x| x != 0.0 && x != 1.0) {
         return Err(ModelError::BadInput {
             name: "attention_mask",

@@ -328,6 +328,40 @@ fn too_long_and_out_of_range_inputs_are_named() -> Result<()> {
         assert!(gpt.loss(&logits, &ids, Some(&m)).is_err());
         assert!(gpt.forward_loss(&ids, Some(&m), false).is_err());
     }
+    // Checked in the mask's own dtype: converted to the model's first, these read as 0 and 1.
+    for bad in [1e-60f64, 1.0 - 1e-12] {
+        let mut v = vec![1f64; b * l];
+        v[0] = bad;
+        let m = Tensor::from_vec(v, (b, l), &Device::Cpu)?;
+        let e = bert
+            .forward_t(&ids, None, Some(&m), false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("attention_mask") && e.contains("at [0, 0]"), "{e}");
+        let e = gpt.forward_t(&ids, Some(&m), false).unwrap_err().to_string();
+        assert!(e.contains("attention_mask"), "{e}");
+        let logits = gpt.forward_t(&ids, None, false)?;
+        assert!(gpt.loss(&logits, &ids, Some(&m)).is_err());
+    }
+    // Integer masks, as tokenizers give them, are read as they are.
+    for m in [
+        Tensor::new(&[[1i64, 1, 0]], &Device::Cpu)?,
+        Tensor::new(&[[1u8, 1, 0]], &Device::Cpu)?,
+    ] {
+        let f = Tensor::new(&[[1f32, 1., 0.]], &Device::Cpu)?;
+        let want = bert.forward_t(&ids, None, Some(&f), false)?;
+        let got = bert.forward_t(&ids, None, Some(&m), false)?;
+        assert_eq!(
+            got.flatten_all()?.to_vec1::<f32>()?,
+            want.flatten_all()?.to_vec1::<f32>()?
+        );
+        let want = gpt.forward_t(&ids, Some(&f), false)?;
+        let got = gpt.forward_t(&ids, Some(&m), false)?;
+        assert_eq!(
+            got.flatten_all()?.to_vec1::<f32>()?,
+            want.flatten_all()?.to_vec1::<f32>()?
+        );
+    }
     // A layer or loss called directly names its input too.
     let e = gpt
         .transformer
