@@ -150,18 +150,16 @@ pub fn load_buffers<M: SptModel + ?Sized>(
                 "a PQ codebook, but no sparse attention was asked for".into(),
             ));
         }
-        check_fits_layer(m, kind, layer, name, t)?;
-        parsed.push((kind, layer, name.as_str(), t));
+        let checked = check_fits_layer(m, kind, layer, name, t)?;
+        parsed.push((kind, layer, name.as_str(), checked));
     }
     parsed.sort_by_key(|(kind, layer, _, _)| (*kind, *layer));
-    for &(kind, layer, name, t) in &parsed {
-        match (kind, attention) {
-            (BufferKind::FfnUnitOrder, _) => {
-                routed_ffn(m, layer, name)?.set_unit_order(&t.to_vec1::<u32>()?)?
-            }
-            (BufferKind::FfnCorrection, _) => routed_ffn(m, layer, name)?.set_correction(t)?,
-            (BufferKind::PqCodebook, Some((top_k, grouping))) => {
-                let codebook = Codebook::from_tensor(t)?; // checked in the first pass
+    let n = parsed.len();
+    for (_, layer, name, checked) in parsed {
+        match (checked, attention) {
+            (Checked::UnitOrder(order), _) => routed_ffn(m, layer, name)?.set_unit_order(&order)?,
+            (Checked::Correction(t), _) => routed_ffn(m, layer, name)?.set_correction(t)?,
+            (Checked::Codebook(codebook), Some((top_k, grouping))) => {
                 let slots = m
                     .layer_slots(layer)
                     .ok_or_else(|| bad_buffer(name, "no such layer".into()))?;
@@ -172,23 +170,30 @@ pub fn load_buffers<M: SptModel + ?Sized>(
                 });
             }
             // Refused in the first pass.
-            (BufferKind::PqCodebook, None) => {}
+            (Checked::Codebook(_), None) => {}
         }
     }
-    Ok(parsed.len())
+    Ok(n)
+}
+
+/// A buffer that fits its layer, read into what that layer takes.
+enum Checked<'a> {
+    UnitOrder(Vec<u32>),
+    Correction(&'a Tensor),
+    Codebook(Codebook),
 }
 
 /// Whether buffer `name` (`kind` of layer `layer`) fits that layer: a unit order is a
 /// permutation of its FFN's hidden units, a correction is `[d + 1, d]`, a codebook quantises its
 /// head width with one group or one per head. Checked for every buffer before any is applied.
-fn check_fits_layer<M: SptModel + ?Sized>(
+fn check_fits_layer<'a, M: SptModel + ?Sized>(
     m: &mut M,
     kind: BufferKind,
     layer: usize,
     name: &str,
-    t: &Tensor,
-) -> Result<()> {
-    match kind {
+    t: &'a Tensor,
+) -> Result<Checked<'a>> {
+    Ok(match kind {
         BufferKind::FfnUnitOrder => {
             let n = routed_ffn(m, layer, name)?.unit_order().len();
             let order = t.to_vec1::<u32>()?;
@@ -210,6 +215,7 @@ fn check_fits_layer<M: SptModel + ?Sized>(
                     format!("the unit order has {} entries, expected d_ff = {n}", order.len()),
                 ));
             }
+            Checked::UnitOrder(order)
         }
         BufferKind::FfnCorrection => {
             let d = routed_ffn(m, layer, name)?.fc1.in_features();
@@ -219,6 +225,7 @@ fn check_fits_layer<M: SptModel + ?Sized>(
                     format!("is {:?}, expected [{}, {d}] (d + 1 rows of d)", t.dims(), d + 1),
                 ));
             }
+            Checked::Correction(t)
         }
         BufferKind::PqCodebook => {
             let cb = Codebook::from_tensor(t).map_err(|e| bad_buffer(name, e.to_string()))?;
@@ -238,9 +245,9 @@ fn check_fits_layer<M: SptModel + ?Sized>(
                     ),
                 ));
             }
+            Checked::Codebook(cb)
         }
-    }
-    Ok(())
+    })
 }
 
 /// The routed FFN of layer `i`, or an error naming the buffer that expected one.
