@@ -372,7 +372,9 @@ fn resume_needs_only_the_run_folder_and_refuses_before_writing() {
     // An older run folder's finetune.toml may say `overwrite = true` (the permission its first
     // invocation had): resuming from an earlier checkpoint with it must not discard the later
     // ones unless this invocation passes --overwrite itself.
-    let old_style = toml.replace("overwrite = false", "overwrite = true");
+    let old_style = std::fs::read_to_string(run_dir.join("finetune.toml"))
+        .unwrap()
+        .replace("overwrite = false", "overwrite = true");
     std::fs::write(run_dir.join("finetune.toml"), old_style).unwrap();
     let before = std::fs::read_dir(run_dir.join("checkpoints")).unwrap().count();
     let cfg = run_dir.join("finetune.toml");
@@ -398,6 +400,20 @@ fn resume_needs_only_the_run_folder_and_refuses_before_writing() {
     );
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("already at its last step (3)"), "{e}");
+    // Resuming it with fewer steps than its checkpoint holds is refused before its
+    // finetune.toml (which says 3) is rewritten.
+    let toml = std::fs::read(run_dir.join("finetune.toml")).unwrap();
+    let e = run_err(&[
+        "finetune",
+        "--output-dir",
+        r,
+        "--resume",
+        "--max-steps",
+        "2",
+        "--no-progress",
+    ]);
+    assert!(e.contains("at step 3, past this run's last step (2)"), "{e}");
+    assert_eq!(std::fs::read(run_dir.join("finetune.toml")).unwrap(), toml);
 }
 
 /// `--random-init` warns where the weights are random, not where a checkpoint replaces them: a

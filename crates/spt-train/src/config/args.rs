@@ -393,6 +393,7 @@ impl FinetuneConfig {
                 self.modules_to_save.join(",")
             ));
         }
+        out.extend(self.repeated_data_files());
         let every_key = self.mode != Mode::Spt
             || (self.attn_k.is_none() && self.attn_k_fraction.is_some_and(|f| f >= 1.0));
         if self.attn_tile.is_some() && every_key {
@@ -401,6 +402,41 @@ impl FinetuneConfig {
                     .into(),
             );
         }
+        out
+    }
+
+    /// A training file given twice (its rows train twice per epoch), and a validation file that
+    /// is also a training file (its score measures rows the model trained on), each in a
+    /// sentence. Files are compared by where they resolve, so `./a.csv` and `a.csv` are one.
+    fn repeated_data_files(&self) -> Vec<String> {
+        let key = |p: &PathBuf| {
+            std::fs::canonicalize(p).unwrap_or_else(|_| {
+                p.components()
+                    .filter(|c| !matches!(c, std::path::Component::CurDir))
+                    .collect()
+            })
+        };
+        let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for p in &self.train_files {
+            if !seen.insert(key(p)) {
+                out.push(format!(
+                    "train_files (--train-file) names {} more than once: its rows are trained on \
+                     that many times per epoch",
+                    p.display()
+                ));
+            }
+        }
+        for p in &self.validation_files {
+            if seen.contains(&key(p)) {
+                out.push(format!(
+                    "validation file {} is also a training file: its score measures rows the \
+                     model trains on",
+                    p.display()
+                ));
+            }
+        }
+        out.dedup();
         out
     }
 

@@ -505,6 +505,12 @@ fn settings_without_effect_are_named() {
     assert!(u.len() == 1 && u[0].contains("dense mode"), "{u:?}");
     let u = unused(&["--mode", "spt", "--attn-tile", "64"]); // the fast preset keeps every key
     assert!(u.len() == 1 && u[0].contains("--attn-tile"), "{u:?}");
+    // The same data file twice, by two spellings, and validation rows that are training rows.
+    let u = unused(&["--train-file", "./a.csv", "--validation-file", "b.csv"]);
+    assert!(u.len() == 1 && u[0].contains("more than once"), "{u:?}");
+    let u = unused(&["--validation-file", "a.csv"]);
+    assert!(u.len() == 1 && u[0].contains("also a training file"), "{u:?}");
+    assert!(unused(&["--train-file", "b.csv", "--validation-file", "c.csv"]).is_empty());
 }
 
 #[test]

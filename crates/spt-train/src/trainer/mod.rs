@@ -33,7 +33,7 @@ use crate::{Error, Result};
 
 mod run;
 
-pub use run::{check_settings, DataRecord, Trainer};
+pub use run::{check_settings, check_within_run, DataRecord, Trainer};
 
 /// The progress bar: bar, steps, elapsed < ETA, then "loss … lr … tok/s".
 pub const PROGRESS_TEMPLATE: &str = "{bar:30.cyan/blue} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}";

@@ -163,6 +163,12 @@ impl<T: TrainTask> Trainer<T> {
         Ok(())
     }
 
+    /// The step of the checkpoint [`Trainer::check_resume`] restored, if any: with
+    /// [`Trainer::total_steps`], whether the run has steps left before anything is written.
+    pub fn resumed_step(&self) -> Option<u64> {
+        self.restored.as_ref().map(|r| r.st.step)
+    }
+
     /// AdamW over the task's trainable parameters, with the per-module learning-rate scales.
     fn optimizer(&self) -> Result<AdamW> {
         let mut opt = AdamW::new(self.task.trainable(), self.cfg.adamw)?;
@@ -313,6 +319,9 @@ impl<T: TrainTask> Trainer<T> {
                 (opt, st)
             }
         };
+        if resume_path.is_some() {
+            check_within_run(st.step, self.total_steps(train.len()))?;
+        }
         let before = resume_path.as_deref().and_then(DataRecord::of);
         let mut now = DataRecord {
             train: Some(train.fingerprint()),
@@ -717,4 +726,17 @@ fn warn_if_rows_changed(checkpoint: &Path, then: &DataRecord, now: &DataRecord) 
             );
         }
     }
+}
+
+/// Refuses a resumed checkpoint past the run's last step: continuing would train nothing while
+/// recording a shorter run than its checkpoints hold (fewer `--max-steps` or `--epochs` than
+/// when it was written).
+pub fn check_within_run(done: u64, total: u64) -> Result<()> {
+    if done > total {
+        return Err(Error::Msg(format!(
+            "the checkpoint is at step {done}, past this run's last step ({total}): give at least \
+             {done} steps (--max-steps or --epochs) to continue it, or resume an earlier checkpoint"
+        )));
+    }
+    Ok(())
 }
