@@ -246,6 +246,18 @@ pub fn save_checkpoint(
     keep_last: usize,
     io: &dyn CheckpointIo,
 ) -> Result<PathBuf, CheckpointError> {
+    // A checkpoint that load_checkpoint would refuse is not written: pruning would otherwise
+    // leave it the only one.
+    for (tensor, t) in &data.model {
+        let finite = spt_models::all_finite(t)
+            .map_err(|e| CheckpointError::Tensor(format!("model `{tensor}`: {e}")))?;
+        if !finite {
+            return Err(CheckpointError::Tensor(format!(
+                "model `{tensor}` holds NaN or infinite values: not saved (a checkpoint of it \
+                 would not load)"
+            )));
+        }
+    }
     std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
     let name = checkpoint_dir_name(data.step);
     let final_path = dir.join(&name);
@@ -338,8 +350,10 @@ pub fn save_checkpoint(
     if keep_last > 0 {
         let all = list_checkpoints(dir)?;
         if all.len() > keep_last {
+            // Never the one just written, though a later-numbered one (of a run resumed from
+            // elsewhere) outranks it.
             let cut = all[all.len() - keep_last].0;
-            remove_checkpoints(dir, |s| s < cut)?;
+            remove_checkpoints(dir, |s| s < cut && s != data.step)?;
         }
     }
     Ok(final_path)
@@ -571,13 +585,27 @@ pub fn list_checkpoints(dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointErr
         // pruning could not remove (it refused, after the new checkpoint was written).
         let real_dir = entry.file_type().is_ok_and(|t| t.is_dir());
         if let Some(step) = name.to_str().and_then(parse_step).filter(|_| real_dir) {
-            if entry.path().join("manifest.json").is_file() {
+            if manifest_is_ours(&entry.path().join("manifest.json")) {
                 out.push((step, entry.path()));
             }
         }
     }
     out.sort();
     Ok(out)
+}
+
+/// Whether `path` is a manifest spt-train writes (of any format version, so that an old
+/// checkpoint is listed, and refused by name when loaded): a `manifest.json` of someone else's
+/// in a folder named like a checkpoint is not one, and takes no `keep_last` slot.
+fn manifest_is_ours(path: &Path) -> bool {
+    #[derive(Deserialize)]
+    struct Format {
+        format: String,
+    }
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Format>(&b).ok())
+        .is_some_and(|f| f.format == FORMAT_NAME)
 }
 
 /// The newest complete checkpoint in `dir`.
@@ -940,13 +968,27 @@ mod tests {
             latest_checkpoint(&tmp.path().join("none")),
             Err(CheckpointError::NoCheckpoint { .. })
         ));
-        // Intact files holding a NaN weight: named, for training and evaluation alike.
+        // NaN weights are not saved (the checkpoint would not load) ...
         let mut bad = data(6);
         bad.model.insert(
             "enc.b".to_string(),
             Tensor::new(&[1f32, f32::NAN], &Device::Cpu).unwrap(),
         );
-        let p = save_checkpoint(&dir, &bad, 0, &FsIo).unwrap();
+        let e = save_checkpoint(&dir, &bad, 0, &FsIo).unwrap_err().to_string();
+        assert!(e.contains("`enc.b`") && e.contains("NaN"), "{e}");
+        assert!(!dir.join("step-00000006").exists());
+        // ... and intact files holding one (written otherwise) are named, for training and
+        // evaluation alike.
+        let p = save_checkpoint(&dir, &data(6), 0, &FsIo).unwrap();
+        let bytes = serialize(&bad.model, "model.safetensors").unwrap();
+        std::fs::write(p.join("model.safetensors"), &bytes).unwrap();
+        let m = p.join("manifest.json");
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&m).unwrap()).unwrap();
+        v["files"]["model.safetensors"] = serde_json::json!({
+            "bytes": bytes.len(),
+            "fnv1a64": format!("{:016x}", fnv1a64(&bytes)),
+        });
+        std::fs::write(&m, serde_json::to_vec(&v).unwrap()).unwrap();
         for e in [
             load_checkpoint(&p, &Device::Cpu).unwrap_err().to_string(),
             load_checkpoint_weights(&p, &Device::Cpu).unwrap_err().to_string(),
