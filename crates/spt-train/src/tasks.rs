@@ -501,14 +501,13 @@ impl ModelTask {
         })
     }
 
-    /// Loads trained values (and codebooks) from a checkpoint's tensors.
+    /// Loads trained values (and codebooks) from a checkpoint's tensors. Every tensor is checked
+    /// before any is applied: a refused checkpoint leaves the model as it was.
     pub fn load_trained(
         &mut self,
         model: &HashMap<String, Tensor>,
         extra: &HashMap<String, Tensor>,
     ) -> Result<()> {
-        // Unit orders first: the saved LoRA factors are in the saved order.
-        self.load_extra_state(extra)?;
         for (name, var) in &self.vars {
             let t = model.get(name).ok_or_else(|| {
                 Error::Msg(format!(
@@ -519,15 +518,13 @@ impl ModelTask {
             })?;
             if t.dims() != var.dims() {
                 // The head's size comes from the label map: say so rather than only the shapes.
-                let head = if name.starts_with("classifier.") {
-                    format!(
-                        ": the checkpoint's classifier has {} classes, the label map gives {}; use \
-                         the run's own labels.json",
-                        t.dims()[0],
+                let head = match (name.starts_with("classifier."), t.dims().first()) {
+                    (true, Some(classes)) => format!(
+                        ": the checkpoint's classifier has {classes} classes, the label map gives {}; \
+                         use the run's own labels.json",
                         var.dims()[0]
-                    )
-                } else {
-                    String::new()
+                    ),
+                    _ => String::new(),
                 };
                 return Err(Error::Msg(format!(
                     "checkpoint tensor `{name}` has shape {:?}, the model expects {:?}{head}",
@@ -535,7 +532,6 @@ impl ModelTask {
                     var.dims()
                 )));
             }
-            var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
         }
         // A tensor nobody reads means the checkpoint is not this model's: applying the rest
         // would silently give another model.
@@ -548,6 +544,12 @@ impl ModelTask {
                  in another mode or from another model (its run's finetune.toml says which)",
                 self.mode
             )));
+        }
+        // Unit orders first: the saved LoRA factors are in the saved order. (load_buffers checks
+        // every buffer before it applies one.)
+        self.load_extra_state(extra)?;
+        for (name, var) in &self.vars {
+            var.set(&model[name].to_dtype(var.dtype())?.to_device(var.device())?)?;
         }
         Ok(())
     }

@@ -185,8 +185,6 @@ impl<T: TrainTask> Trainer<T> {
 
     fn restore(&mut self, path: &Path, opt: &mut AdamW) -> Result<LoopState> {
         let ck = load_checkpoint(path, &self.device)?;
-        // Extra state first: it may reorder what the trained values are loaded into.
-        self.task.load_extra_state(&ck.extra)?;
         let vars = self.task.trainable();
         let changed = config_changes(&ck.manifest.config, &self.cfg.run_config);
         // Which settings differ from the checkpoint's says why its tensors do not fit.
@@ -199,6 +197,8 @@ impl<T: TrainTask> Trainer<T> {
                 changed.join(", ")
             )
         };
+        // Everything is checked before the task changes: a refused checkpoint leaves it as it
+        // was. (`opt` is this resume's own, so loading its state is part of the check.)
         for (name, var) in &vars {
             let t = ck.model.get(name).ok_or_else(|| {
                 Error::Msg(format!(
@@ -214,7 +214,6 @@ impl<T: TrainTask> Trainer<T> {
                     var.shape()
                 )));
             }
-            var.set(&t.to_dtype(var.dtype())?)?;
         }
         if ck.model.len() != vars.len() {
             let known: std::collections::HashSet<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
@@ -226,6 +225,18 @@ impl<T: TrainTask> Trainer<T> {
         }
         opt.load_state_dict(&ck.optimizer)
             .map_err(|e| Error::Msg(format!("checkpoint {}: {e}", path.display())))?;
+        // Extra state first: it may reorder what the trained values are loaded into.
+        self.task.load_extra_state(&ck.extra)?;
+        for (name, var) in self.task.trainable() {
+            let t = ck.model.get(&name).ok_or_else(|| {
+                Error::Msg(format!(
+                    "checkpoint {}: no tensor for trainable parameter `{name}` once its fitted state \
+                     was restored; {why}",
+                    path.display()
+                ))
+            })?;
+            var.set(&t.to_dtype(var.dtype())?)?;
+        }
         if !changed.is_empty() {
             tracing::warn!(
                 "checkpoint {} was written with other settings ({}); continuing with the current ones",
@@ -676,6 +687,10 @@ pub fn check_settings(c: &TrainerConfig, train: &EncodedDataset) -> Result<()> {
     }
     if c.max_steps.is_none() && c.epochs == 0 {
         return Err(Error::Msg("set epochs ≥ 1 or max_steps".into()));
+    }
+    // No update, yet a checkpoint and an evaluation as if the run had finished.
+    if c.max_steps == Some(0) {
+        return Err(Error::Msg("max_steps must be at least 1, got 0".into()));
     }
     // One step gathers its micro-batches before running them: more than an epoch's worth
     // would hold the data several times over in memory.
