@@ -168,9 +168,15 @@ impl MetricsWriter {
         line.push('\n');
         let mut f = std::fs::OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(&self.path)
             .map_err(|e| Error::io(&self.path, e))?;
+        // An append cut short (a kill, a full disk) leaves a line without its end: this record
+        // starts its own line rather than joining that fragment.
+        if !ends_with_newline(&mut f).map_err(|e| Error::io(&self.path, e))? {
+            line.insert(0, '\n');
+        }
         f.write_all(line.as_bytes())
             .map_err(|e| Error::io(&self.path, e))?;
         f.flush().map_err(|e| Error::io(&self.path, e))
@@ -184,14 +190,30 @@ impl MetricsWriter {
             Err(e) => return Err(Error::io(&self.path, e)),
         };
         let mut out = Vec::new();
-        for (i, line) in text.lines().enumerate() {
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
-            out.push(
-                serde_json::from_str(line)
-                    .map_err(|e| Error::Msg(format!("{}: line {}: {e}", self.path.display(), i + 1)))?,
-            );
+            match serde_json::from_str(line) {
+                Ok(r) => out.push(r),
+                // A last line without its end is an append that was cut short: what it held
+                // was never complete, and a resume must not be stopped by it.
+                Err(e) if i + 1 == lines.len() && !text.ends_with('\n') => {
+                    tracing::warn!(
+                        "{}: line {} is unfinished (an interrupted write; {e}); it is skipped",
+                        self.path.display(),
+                        i + 1
+                    );
+                }
+                Err(e) => {
+                    return Err(Error::Msg(format!(
+                        "{}: line {}: {e}",
+                        self.path.display(),
+                        i + 1
+                    )));
+                }
+            }
         }
         Ok(out)
     }
@@ -207,6 +229,18 @@ impl MetricsWriter {
         crate::checkpoint::write_file_atomic(&self.path, text.as_bytes())
             .map_err(|e| Error::io(&self.path, e))
     }
+}
+
+/// Whether `f` is empty or its last byte is a newline.
+fn ends_with_newline(f: &mut std::fs::File) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    if f.metadata()?.len() == 0 {
+        return Ok(true);
+    }
+    f.seek(SeekFrom::End(-1))?;
+    let mut last = [0u8; 1];
+    f.read_exact(&mut last)?;
+    Ok(last[0] == b'\n')
 }
 
 /// Draws train and eval loss against the step into an SVG file.
