@@ -244,7 +244,9 @@ pub fn make_batch(
         types[r * l..r * l + nt].copy_from_slice(&it.token_type_ids);
         if task == TaskKind::Classify {
             class_labels.push(it.label.ok_or_else(|| {
-                DataError::Invalid("a classification batch needs a label on every example".into())
+                DataError::Invalid(format!(
+                    "batch example {r} has no label; a classification batch needs one on every example"
+                ))
             })?);
         }
     }

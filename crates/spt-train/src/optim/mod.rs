@@ -239,18 +239,29 @@ impl AdamW {
             eps,
             weight_decay,
         } = self.cfg;
-        for p in self.params.iter_mut() {
-            let Some(g) = grads.get(p.var.as_tensor()) else {
-                continue;
-            };
-            if g.shape() != p.var.shape() {
-                bail!(
+        // Checked before any parameter moves: a NaN rate would make every weight NaN, a
+        // negative one climb the loss.
+        if !(lr.is_finite() && lr >= 0.0) {
+            bail!("AdamW: the learning rate must be finite and ≥ 0, got {lr}");
+        }
+        if !(grad_scale.is_finite() && grad_scale >= 0.0) {
+            bail!("AdamW: the gradient scale must be finite and ≥ 0, got {grad_scale}");
+        }
+        for p in &self.params {
+            match grads.get(p.var.as_tensor()) {
+                Some(g) if g.shape() != p.var.shape() => bail!(
                     "AdamW: gradient of `{}` is {:?}, parameter is {:?}",
                     p.name,
                     g.shape(),
                     p.var.shape()
-                );
+                ),
+                _ => {}
             }
+        }
+        for p in self.params.iter_mut() {
+            let Some(g) = grads.get(p.var.as_tensor()) else {
+                continue;
+            };
             p.step += 1;
             // β^t is 0 long before t leaves i32 (a restored step may be any u64).
             let t = i32::try_from(p.step).unwrap_or(i32::MAX);
@@ -326,10 +337,12 @@ impl AdamW {
                     );
                 }
             }
-            // NaN moments, or a negative second moment, make every later update NaN.
+            // NaN moments, or a negative second moment, make every later update NaN. Checked in
+            // f32, as they are kept: an f64 moment past f32's range would load as infinity.
+            let (m, v) = (m.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
             let finite = |t: &Tensor| spt_models::all_finite(t).map_err(candle_core::Error::wrap);
             if !finite(&m)? || !finite(&v)? {
-                bail!("optimizer state: `{k1}` or `{k2}` holds NaN or infinite values");
+                bail!("optimizer state: `{k1}` or `{k2}` holds NaN or infinite values (in f32)");
             }
             if v.elem_count() > 0 && v.to_dtype(DType::F64)?.min_all()?.to_scalar::<f64>()? < 0.0 {
                 bail!("optimizer state: `{k2}` holds a negative value; a second moment is ≥ 0");
@@ -345,10 +358,7 @@ impl AdamW {
                 [s] if *s >= 0 => *s as u64,
                 _ => bail!("optimizer state: `{k3}` must be one non-negative integer, got {step:?}"),
             };
-            new_states.push((
-                Moments::new(&p.var, m.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?)?,
-                step,
-            ));
+            new_states.push((Moments::new(&p.var, m, v)?, step));
             used.extend([k1, k2, k3]);
         }
         let mut extra: Vec<&String> = state.keys().filter(|k| !used.contains(*k)).collect();
@@ -375,9 +385,10 @@ impl AdamW {
             Some(p) => p.var.device().clone(),
             None => candle_core::Device::Cpu,
         };
-        let state = candle_core::safetensors::load(path.as_ref(), &dev)
-            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.as_ref().display())))?;
-        self.load_state_dict(&state)
+        let named =
+            |e: candle_core::Error| candle_core::Error::Msg(format!("{}: {e}", path.as_ref().display()));
+        let state = candle_core::safetensors::load(path.as_ref(), &dev).map_err(named)?;
+        self.load_state_dict(&state).map_err(named)
     }
 }
 
