@@ -20,6 +20,9 @@
 //! - [`bench`](mod@bench): random weights, synthetic batches, timed steps and peak RSS for `spt-train bench`.
 //! - [`rng`]: the serialisable SplitMix64 behind data order and per-step seeds.
 //! - [`threads`]: the CPU thread count, fixed once per process (candle recounts it per matmul).
+//! - [`peft`]: a LoRA run as a PEFT adapter directory (`export --format peft`).
+//! - [`alloc`]: the allocator setting the binary and the benchmarks share (freed buffers kept
+//!   for reuse).
 
 pub mod alloc;
 pub mod bench;
