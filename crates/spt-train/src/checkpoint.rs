@@ -253,8 +253,10 @@ pub fn save_checkpoint(
             .map_err(|e| CheckpointError::Tensor(format!("model `{tensor}`: {e}")))?;
         if !finite {
             return Err(CheckpointError::Tensor(format!(
-                "model `{tensor}` holds NaN or infinite values: not saved (a checkpoint of it \
-                 would not load)"
+                "model `{tensor}` holds NaN or infinite values: step {} not saved in {} (a \
+                 checkpoint of it would not load)",
+                data.step,
+                dir.display()
             )));
         }
     }
@@ -597,15 +599,20 @@ pub fn list_checkpoints(dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointErr
 /// Whether `path` is a manifest spt-train writes (of any format version, so that an old
 /// checkpoint is listed, and refused by name when loaded): a `manifest.json` of someone else's
 /// in a folder named like a checkpoint is not one, and takes no `keep_last` slot.
+///
+/// A manifest that cannot be read, or JSON cut short, is taken as a damaged one of ours: listed,
+/// so that loading it names the damage rather than an older checkpoint being used in silence.
 fn manifest_is_ours(path: &Path) -> bool {
-    #[derive(Deserialize)]
-    struct Format {
-        format: String,
+    if !path.is_file() {
+        return false;
     }
-    std::fs::read(path)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Format>(&b).ok())
-        .is_some_and(|f| f.format == FORMAT_NAME)
+    let Ok(bytes) = std::fs::read(path) else {
+        return true;
+    };
+    match serde_json::from_slice::<serde_json::Value>(&bytes) {
+        Ok(v) => v.get("format").and_then(|f| f.as_str()) == Some(FORMAT_NAME),
+        Err(e) => e.is_eof(),
+    }
 }
 
 /// The newest complete checkpoint in `dir`.
@@ -662,6 +669,7 @@ fn load(path: &Path, device: &Device, optimizer: bool) -> Result<LoadedCheckpoin
                 entry.fnv1a64
             )));
         }
+        spt_models::check_safetensors_shapes(&bytes).map_err(|e| corrupt(format!("{fname}: {e}")))?;
         let map = candle_core::safetensors::load_buffer(&bytes, device)
             .map_err(|e| corrupt(format!("{fname}: {e}")))?;
         maps.push(map);

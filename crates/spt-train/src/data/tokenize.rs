@@ -52,6 +52,50 @@ impl std::fmt::Debug for TextTokenizer {
     }
 }
 
+/// Runs a tokenizers-library constructor, turning its panic on a malformed file into an error
+/// (the library `expect`s on some inputs). The panic's message still reaches stderr.
+fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| p.downcast_ref::<&str>().copied())
+            .unwrap_or("no message");
+        format!("the tokenizers library failed on it: {msg}")
+    })
+}
+
+/// Every merge of `merges.txt` joins two tokens of `vocab.json` into a third: the BPE builder
+/// panics on a merge whose result is longer than every token, rather than naming it.
+fn check_merges(vocab: &Path, merges: &Path) -> Result<(), String> {
+    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
+    let vocab_map: std::collections::HashMap<String, u64> = serde_json::from_str(&read(vocab)?)
+        .map_err(|e| format!("{}: expected a JSON object of token → id ({e})", vocab.display()))?;
+    for (i, line) in read(merges)?.lines().enumerate() {
+        if line.starts_with("#version") || line.trim().is_empty() {
+            continue;
+        }
+        let Some((a, b)) = line.split_once(' ') else {
+            return Err(format!(
+                "{} line {}: expected two tokens, got {line:?}",
+                merges.display(),
+                i + 1
+            ));
+        };
+        for token in [a.to_string(), b.to_string(), format!("{a}{b}")] {
+            if !vocab_map.contains_key(&token) {
+                return Err(format!(
+                    "{} line {}: merge `{line}` needs `{token}`, which {} lacks",
+                    merges.display(),
+                    i + 1,
+                    vocab.display()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn tok_err(source: &str, e: impl std::fmt::Display) -> DataError {
     DataError::Tokenizer {
         source_name: source.to_string(),
@@ -90,6 +134,13 @@ impl TextTokenizer {
             .token_to_id("<|endoftext|>")
             .or_else(|| tok.token_to_id("</s>"))
             .or_else(|| tok.token_to_id("[SEP]"));
+        // A post-processor template naming a token it does not define panics on every encode
+        // (tokenizers indexes its map): found here, once, rather than on the first row.
+        guarded(|| {
+            let _ = tok.encode("a", true);
+            let _ = tok.encode(("a", "b"), true);
+        })
+        .map_err(|e| tok_err(source, format!("its post_processor cannot encode: {e}")))?;
         let mut truncating = tok.clone();
         truncating
             .with_truncation(Some(TruncationParams {
@@ -128,12 +179,20 @@ impl TextTokenizer {
                 ),
             ));
         }
-        let tok = Tokenizer::from_file(path).map_err(|e| {
+        let not_one = |why: String| {
             tok_err(
                 &source,
-                format!("not a tokenizer.json ({e}); give a tokenizer.json or a tokenizer's folder"),
+                format!("not a tokenizer.json ({why}); give a tokenizer.json or a tokenizer's folder"),
             )
-        })?;
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| not_one(e.to_string()))?;
+        // JSON that is cut short (an interrupted download) is named by serde: the tokenizers
+        // library panics on some of it, and on some valid JSON of the wrong shape, which is
+        // caught below.
+        serde_json::from_str::<serde::de::IgnoredAny>(&text).map_err(|e| not_one(e.to_string()))?;
+        let tok = guarded(|| text.parse::<Tokenizer>())
+            .map_err(not_one)?
+            .map_err(|e| not_one(e.to_string()))?;
         Self::from_tokenizer(tok, &source, max_length)
     }
 
@@ -145,7 +204,10 @@ impl TextTokenizer {
             (Some(v), Some(m)) => (v, m),
             _ => return Err(tok_err(&source, "paths must be valid UTF-8")),
         };
-        let bpe = BPE::from_file(v, m).build().map_err(|e| tok_err(&source, e))?;
+        check_merges(vocab, merges).map_err(|e| tok_err(&source, e))?;
+        let bpe = guarded(|| BPE::from_file(v, m).build())
+            .map_err(|e| tok_err(&source, e))?
+            .map_err(|e| tok_err(&source, e))?;
         let mut tok = Tokenizer::new(bpe);
         tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
         tok.with_decoder(Some(ByteLevel::default()));

@@ -387,7 +387,9 @@ impl AdamW {
         };
         let named =
             |e: candle_core::Error| candle_core::Error::Msg(format!("{}: {e}", path.as_ref().display()));
-        let state = candle_core::safetensors::load(path.as_ref(), &dev).map_err(named)?;
+        let bytes = std::fs::read(path.as_ref()).map_err(|e| named(candle_core::Error::wrap(e)))?;
+        spt_models::check_safetensors_shapes(&bytes).map_err(|e| named(candle_core::Error::Msg(e)))?;
+        let state = candle_core::safetensors::load_buffer(&bytes, &dev).map_err(named)?;
         self.load_state_dict(&state).map_err(named)
     }
 }
