@@ -392,23 +392,33 @@ fn check_closed_quotes(
 /// 1-based line numbers of byte offsets in a file, counted from its `\n`s. Why: after a CRLF line
 /// end (what Excel and Python's csv module write) the csv crate starts the next record at the
 /// `\n` and counts its line one short, so error messages would name the line above the bad row.
-struct LineIndex(Vec<u64>);
+struct LineIndex<'a> {
+    newlines: Vec<u64>,
+    bytes: &'a [u8],
+}
 
-impl LineIndex {
-    fn of(bytes: &[u8]) -> Self {
-        Self(
-            bytes
-                .iter()
-                .enumerate()
-                .filter(|(_, &b)| b == b'\n')
-                .map(|(i, _)| i as u64)
-                .collect(),
-        )
+impl<'a> LineIndex<'a> {
+    fn of(bytes: &'a [u8]) -> Self {
+        let newlines = bytes
+            .iter()
+            .enumerate()
+            .filter(|(_, &b)| b == b'\n')
+            .map(|(i, _)| i as u64)
+            .collect();
+        Self { newlines, bytes }
     }
 
-    /// The line of a record that starts at byte `byte` (a `\n` there ends the line before).
+    /// The line of a record that starts at byte `byte`. The reader's position can be line ends
+    /// it skips before the record (blank lines; the second `\r` of `\r\r\n`, as Python's csv
+    /// writes on Windows): the record's line is that of its first other byte.
     fn line(&self, byte: u64) -> u64 {
-        1 + self.0.partition_point(|&nl| nl <= byte) as u64
+        let from = usize::try_from(byte).unwrap_or(usize::MAX).min(self.bytes.len());
+        let skipped = self.bytes[from..]
+            .iter()
+            .take_while(|&&b| b == b'\r' || b == b'\n')
+            .count();
+        let at = (from + skipped) as u64;
+        1 + self.newlines.partition_point(|&nl| nl < at) as u64
     }
 }
 
@@ -677,11 +687,13 @@ impl LabelMap {
         let map = Self::new(pairs.into_iter().map(|(_, l)| l).collect()).map_err(|e| e.to_string())?;
         // HF writes both directions; one that contradicts the other is a broken file. Many hub
         // configs name their classes in id2label but leave label2id at HF's placeholders
-        // (`LABEL_0`, …); transformers reads id2label, and so does this.
+        // (`LABEL_0`, …); transformers reads id2label, and so does this. Names that are
+        // id2label's own labels are no placeholders: those are compared.
         let placeholders = |l2i: &serde_json::Map<String, serde_json::Value>| {
             l2i.keys().all(|k| {
                 k.strip_prefix("LABEL_")
                     .is_some_and(|n| n.parse::<usize>().is_ok())
+                    && map.id(k).is_none()
             })
         };
         if let Some(l2i) = value
@@ -711,7 +723,8 @@ impl LabelMap {
 
     pub fn load(path: &Path) -> Result<Self, DataError> {
         let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
-        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| DataError::Parse {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text); // a byte-order mark
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| DataError::Parse {
             path: path.to_path_buf(),
             line: e.line() as u64,
             msg: e.to_string(),
