@@ -66,14 +66,15 @@ impl AttentionMask {
     /// Refuses a key-padding mask holding anything but 0 and 1, naming the first such entry.
     /// Reads one scalar back from the device; the mask itself only on the error path.
     fn check_binary(op: &str, m: &Tensor) -> Result<()> {
-        let m = m.to_dtype(DType::F32)?;
-        let bad = m.ne(0f32)?.mul(&m.ne(1f32)?)?;
+        // In f64, which holds every mask dtype's values exactly (in f32, 1e-60 would pass as 0).
+        let m = m.to_dtype(DType::F64)?;
+        let bad = m.ne(0f64)?.mul(&m.ne(1f64)?)?;
         if bad.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()? == 0 {
             return Ok(());
         }
-        let v = m.flatten_all()?.to_vec1::<f32>()?;
+        let v = m.flatten_all()?.to_vec1::<f64>()?;
         let i = v.iter().position(|&x| x != 0.0 && x != 1.0).unwrap_or(0);
-        non_binary(op, m.dims(), i, v[i] as f64)
+        non_binary(op, m.dims(), i, v[i])
     }
 
     /// The key-padding mask as host booleans `[B·L_k]`, checked against `(b, lk)`.

@@ -253,8 +253,20 @@ fn an_additive_mask_is_refused_where_a_0_1_mask_belongs() -> Result<()> {
             "{op}: {e}"
         );
     }
+    // Checked in the mask's own precision: in f32 these read as 0 and 1.
+    for bad in [1e-60f64, 1.0 - 1e-12] {
+        let m = Tensor::new(&[[1f64, bad, 0., 0.]], &Device::Cpu)?;
+        let mask = AttentionMask::none().with_key_padding(m);
+        for (op, r) in [
+            ("flash_attention", flash_attention(&q, &k, &v, &mask, 0.5, None)),
+            ("dense_attention", dense_attention(&q, &k, &v, &mask, 0.5)),
+        ] {
+            let e = err(r);
+            assert!(e.contains("key_padding") && e.contains("[0, 1]"), "{op}: {e}");
+        }
+    }
     // The same mask as 0 / 1 in any dtype is fine.
-    for dt in [DType::U8, DType::U32, DType::I64, DType::F32] {
+    for dt in [DType::U8, DType::U32, DType::I64, DType::F32, DType::F64] {
         let m = Tensor::new(&[[1f32, 1., 0., 0.]], &Device::Cpu)?.to_dtype(dt)?;
         flash_attention(&q, &k, &v, &AttentionMask::none().with_key_padding(m), 0.5, None)?;
     }

@@ -182,7 +182,8 @@ impl MetricsWriter {
         f.flush().map_err(|e| Error::io(&self.path, e))
     }
 
-    /// All records (a missing file is empty). A malformed line is an error naming its number.
+    /// All records (a missing file is empty). A malformed line is an error naming its number;
+    /// a line cut short (JSON ending early) is skipped with a warning.
     pub fn read_all(&self) -> Result<Vec<MetricRecord>> {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(t) => t,
@@ -190,16 +191,16 @@ impl MetricsWriter {
             Err(e) => return Err(Error::io(&self.path, e)),
         };
         let mut out = Vec::new();
-        let lines: Vec<&str> = text.lines().collect();
-        for (i, line) in lines.iter().enumerate() {
+        for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
             match serde_json::from_str(line) {
                 Ok(r) => out.push(r),
-                // A last line without its end is an append that was cut short: what it held
-                // was never complete, and a resume must not be stopped by it.
-                Err(e) if i + 1 == lines.len() && !text.ends_with('\n') => {
+                // JSON cut short is an append that was cut short (a kill, a full disk): what it
+                // held was never complete, and a resume must not be stopped by it. The records
+                // appended after it start lines of their own.
+                Err(e) if e.is_eof() => {
                     tracing::warn!(
                         "{}: line {} is unfinished (an interrupted write; {e}); it is skipped",
                         self.path.display(),

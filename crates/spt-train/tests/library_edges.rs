@@ -94,12 +94,11 @@ fn save_checkpoint_never_leaves_only_an_unloadable_checkpoint() {
     let dir = d.path().join("checkpoints");
     save_checkpoint(&dir, &ck(1, &[1.0]), 1, &FsIo).unwrap();
     let res = save_checkpoint(&dir, &ck(2, &[f32::NAN]), 1, &FsIo);
-    if let Err(e) = &res {
-        assert!(
-            e.to_string().contains('w'),
-            "the error should name the tensor: {e}"
-        );
-    }
+    let e = res.as_ref().expect_err("NaN weights were saved").to_string();
+    assert!(
+        e.contains("`w`") && e.contains("step 2"),
+        "the error should name the tensor and step: {e}"
+    );
     let latest = latest_checkpoint(&dir).unwrap();
     load_checkpoint(&latest, &cpu()).unwrap_or_else(|e| {
         panic!("save_checkpoint accepted NaN weights ({res:?}) and the newest checkpoint does not load: {e}")
@@ -236,6 +235,14 @@ fn append_after_a_torn_line_starts_a_new_line() {
         Some(rec(3)),
         "the appended record was glued onto the torn line: {last:?}"
     );
+    // The fragment, now mid-file, is skipped by every reader (a resume, the loss plot).
+    assert_eq!(w.read_all().unwrap(), vec![rec(1), rec(3)]);
+    w.truncate_after(3).unwrap();
+    assert_eq!(w.read_all().unwrap(), vec![rec(1), rec(3)]);
+    // A complete line that is not a record is still an error naming it.
+    std::fs::write(&path, "{\"step\": 1}\n").unwrap();
+    let e = w.read_all().unwrap_err().to_string();
+    assert!(e.contains("line 1"), "{e}");
 }
 
 /// Before the fix: MetricsWriter::truncate_after (what Trainer::train calls on every resume) fails on

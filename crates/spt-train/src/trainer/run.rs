@@ -320,7 +320,12 @@ impl<T: TrainTask> Trainer<T> {
             None => {
                 let mut opt = self.optimizer()?;
                 let st = match &resume_path {
-                    Some(p) => self.restore(p, &mut opt)?,
+                    Some(p) => {
+                        // Before the model takes the checkpoint's values: refused, it keeps its own.
+                        let done = read_manifest(p)?.step;
+                        check_within_run(done, self.total_steps(train.len()))?;
+                        self.restore(p, &mut opt)?
+                    }
                     None => LoopState {
                         step: 0,
                         pos: DataPosition::default(),
@@ -331,6 +336,7 @@ impl<T: TrainTask> Trainer<T> {
             }
         };
         if resume_path.is_some() {
+            // (A checkpoint check_resume restored is checked here.)
             check_within_run(st.step, self.total_steps(train.len()))?;
         }
         let before = resume_path.as_deref().and_then(DataRecord::of);

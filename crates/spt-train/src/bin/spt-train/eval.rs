@@ -21,7 +21,8 @@ pub(crate) struct EvalArgs {
     /// (default: the settings --checkpoint was trained with).
     #[arg(long)]
     pub(crate) config: Option<PathBuf>,
-    /// classify or lm (default: `--config`'s task, else the model's: lm for GPT-2).
+    /// classify or lm (default: `--config`'s task, else the `--checkpoint` run's, else the
+    /// model's: lm for GPT-2).
     #[arg(long, value_enum)]
     pub(crate) task: Option<TaskKind>,
     /// Data file; repeat for several.
