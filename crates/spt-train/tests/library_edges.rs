@@ -85,6 +85,25 @@ fn keep_last_counts_only_real_checkpoints() {
     assert!(foreign.join("manifest.json").is_file());
 }
 
+/// A checkpoint of ours whose manifest was cut short (disk damage) is still listed, so that
+/// loading the latest names the damage instead of an older checkpoint being used in silence;
+/// a `manifest.json` that is whole JSON of another kind is someone else's.
+#[test]
+fn a_damaged_manifest_is_named_not_skipped() {
+    let d = tmp();
+    let dir = d.path().join("checkpoints");
+    save_checkpoint(&dir, &ck(1, &[1.0]), 0, &FsIo).unwrap();
+    let p2 = save_checkpoint(&dir, &ck(2, &[2.0]), 0, &FsIo).unwrap();
+    let m = p2.join("manifest.json");
+    let text = std::fs::read(&m).unwrap();
+    std::fs::write(&m, &text[..text.len() / 2]).unwrap();
+    assert_eq!(latest_checkpoint(&dir).unwrap(), p2);
+    let e = load_checkpoint(&p2, &cpu()).unwrap_err().to_string();
+    assert!(e.contains("step-00000002") && e.contains("manifest.json"), "{e}");
+    std::fs::write(&m, br#"{"format": "someone-else", "step": 2}"#).unwrap();
+    assert_ne!(latest_checkpoint(&dir).unwrap(), p2);
+}
+
 /// Before the fix: save_checkpoint writes non-finite weights that load_checkpoint then refuses as
 /// "corrupt or incomplete" (checkpoint.rs load: all_finite check exists only on load); with
 /// keep_last it first prunes the last good checkpoint, leaving none that loads.
