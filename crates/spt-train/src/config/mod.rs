@@ -358,7 +358,7 @@ impl FinetuneConfig {
             .as_deref()
         {
             Some("toml") => {
-                let table: toml::Value = toml::from_str(&text).map_err(|e| file_err(e.to_string()))?;
+                let table: toml::Value = toml::from_str(text).map_err(|e| file_err(e.to_string()))?;
                 // JSON has no NaN or infinity: converted, such a value would silently vanish.
                 if let Some(at) = sections::non_finite(&table, "") {
                     return Err(file_err(format!(
@@ -369,7 +369,7 @@ impl FinetuneConfig {
                 serde_json::to_value(table).map_err(|e| file_err(e.to_string()))?
             }
             Some("json") => {
-                serde_json::from_str::<crate::unique_json::UniqueKeys>(&text)
+                serde_json::from_str::<crate::unique_json::UniqueKeys>(text)
                     .map_err(|e| file_err(e.to_string()))?
                     .0
             }
