@@ -147,7 +147,7 @@ fn mutate(rng: &mut Rng, input: &[u8]) -> Vec<u8> {
                 b.splice(0..0, b"\xEF\xBB\xBF".iter().copied());
             }
             8 => {
-                let c = *rng.pick(&[b'a', b' ', b'"', b'{', b'[', b'9']);
+                let c = *rng.pick(b"a \"{[9");
                 let n = 1 + rng.below(20_000);
                 b.splice(at..at, std::iter::repeat_n(c, n));
             }
@@ -327,7 +327,7 @@ fn random_bytes_as_data_files_read_or_err_never_panic() {
         let p = write(dir.path(), "r.txt", &bytes);
         let r = no_panic(
             || format!("case {case} lm: {}", show(&bytes)),
-            || read_lm_texts(&[p.clone()]),
+            || read_lm_texts(std::slice::from_ref(&p)),
         );
         if let Ok(files) = r {
             // Every line comes back, numbered from 1, without its line end.
@@ -478,7 +478,7 @@ fn tsv_and_jsonl_written_by_the_rules_read_back_exactly() {
                 jsonl.push_str(if rng.one_in(2) { "\n" } else { "  \r\n" });
             }
             lines.push(jsonl.matches('\n').count() as u64 + 1);
-            let mut fields = vec![
+            let mut fields = [
                 format!("\"text\": {}", serde_json::to_string(t).unwrap()),
                 format!("\"label\" :{}", serde_json::to_string(l).unwrap()),
                 format!("\"group\":{}", serde_json::to_string(g).unwrap()),
@@ -558,7 +558,7 @@ fn odd_data_files_are_named_errors() {
             .unwrap_err()
             .to_string();
         assert!(e.contains(name) && e.contains("directory"), "{e}");
-        let e = read_lm_texts(&[d.clone()]).unwrap_err().to_string();
+        let e = read_lm_texts(std::slice::from_ref(&d)).unwrap_err().to_string();
         assert!(e.contains(name), "{e}");
     }
     let e = read_classification(&dir.path().join("none.csv"), None, &s, &[])
