@@ -380,6 +380,26 @@ fn random_label(rng: &mut Rng) -> String {
     }
 }
 
+/// Writes `bytes` as `dir/name`, reads it (text, label and group columns) and compares the rows
+/// with `want`, each at its line.
+fn reads_back(
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+    want: &[(String, String, String)],
+    lines: &[u64],
+    case: usize,
+) {
+    let p = write(dir, name, bytes);
+    let what = format!("case {case}: {}", show(bytes));
+    let d = no_panic(
+        || what.clone(),
+        || read_classification(&p, None, &spec(true, true), &[]),
+    )
+    .unwrap_or_else(|e| panic!("{what}: {e}"));
+    compare(&d.examples, want, lines, &what);
+}
+
 fn compare(got: &[RawExample], want: &[(String, String, String)], lines: &[u64], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: row count");
     for (i, (e, (t, l, g))) in got.iter().zip(want).enumerate() {
@@ -408,14 +428,7 @@ fn csv_written_by_the_rules_reads_back_exactly() {
             .collect();
         let (crlf, bom) = (rng.one_in(2), rng.one_in(3));
         let (bytes, lines) = csv_file(&mut rng, &rows, crlf, bom);
-        let p = write(dir.path(), "rt.csv", &bytes);
-        let what = format!("case {case}: {}", show(&bytes));
-        let d = no_panic(
-            || what.clone(),
-            || read_classification(&p, None, &spec(true, true), &[]),
-        )
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-        compare(&d.examples, &rows, &lines, &what);
+        reads_back(dir.path(), "rt.csv", &bytes, &rows, &lines, case);
     }
 }
 
@@ -448,14 +461,7 @@ fn tsv_and_jsonl_written_by_the_rules_read_back_exactly() {
         // A line holding one empty field would read as a blank line: give the text a letter.
         let skip = rows.iter().any(|(t, _, g)| t.is_empty() && g.is_empty());
         if !skip {
-            let p = write(dir.path(), "rt.tsv", tsv.as_bytes());
-            let what = format!("case {case}: {}", show(tsv.as_bytes()));
-            let d = no_panic(
-                || what.clone(),
-                || read_classification(&p, None, &spec(true, true), &[]),
-            )
-            .unwrap_or_else(|e| panic!("{what}: {e}"));
-            compare(&d.examples, &rows, &lines, &what);
+            reads_back(dir.path(), "rt.tsv", tsv.as_bytes(), &rows, &lines, case);
         }
 
         // JSONL: any text, keys in any order, blank lines between rows, other keys nested.
@@ -492,14 +498,7 @@ fn tsv_and_jsonl_written_by_the_rules_read_back_exactly() {
                 if rng.one_in(2) { "\r\n" } else { "\n" }
             ));
         }
-        let p = write(dir.path(), "rt.jsonl", jsonl.as_bytes());
-        let what = format!("case {case}: {}", show(jsonl.as_bytes()));
-        let d = no_panic(
-            || what.clone(),
-            || read_classification(&p, None, &spec(true, true), &[]),
-        )
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-        compare(&d.examples, &rows, &lines, &what);
+        reads_back(dir.path(), "rt.jsonl", jsonl.as_bytes(), &rows, &lines, case);
     }
 }
 
