@@ -369,6 +369,13 @@ fn csv_file(rng: &mut Rng, rows: &[(String, String, String)], crlf: bool, bom: b
     (out.into_bytes(), lines)
 }
 
+/// `n` rows of (text, label, group).
+fn random_rows(rng: &mut Rng, n: usize) -> Vec<(String, String, String)> {
+    (0..n)
+        .map(|_| (random_text(rng, 8), random_label(rng), random_text(rng, 3)))
+        .collect()
+}
+
 fn random_label(rng: &mut Rng) -> String {
     loop {
         let l = random_text(rng, 4);
@@ -416,16 +423,8 @@ fn csv_written_by_the_rules_reads_back_exactly() {
     let mut rng = Rng::new(3);
     for case in cases(150) {
         let n = 1 + rng.below(6);
-        let rows: Vec<(String, String, String)> = (0..n)
-            .map(|_| {
-                // A bare `\r` inside a field is kept by RFC 4180 quoting; NUL and friends too.
-                (
-                    random_text(&mut rng, 8),
-                    random_label(&mut rng),
-                    random_text(&mut rng, 3),
-                )
-            })
-            .collect();
+        // A bare `\r` inside a field is kept by RFC 4180 quoting; NUL and friends too.
+        let rows = random_rows(&mut rng, n);
         let (crlf, bom) = (rng.one_in(2), rng.one_in(3));
         let (bytes, lines) = csv_file(&mut rng, &rows, crlf, bom);
         reads_back(dir.path(), "rt.csv", &bytes, &rows, &lines, case);
@@ -465,15 +464,7 @@ fn tsv_and_jsonl_written_by_the_rules_read_back_exactly() {
         }
 
         // JSONL: any text, keys in any order, blank lines between rows, other keys nested.
-        let rows: Vec<(String, String, String)> = (0..n)
-            .map(|_| {
-                (
-                    random_text(&mut rng, 8),
-                    random_label(&mut rng),
-                    random_text(&mut rng, 3),
-                )
-            })
-            .collect();
+        let rows = random_rows(&mut rng, n);
         let mut jsonl = String::new();
         if rng.one_in(4) {
             jsonl.push('\u{FEFF}');
