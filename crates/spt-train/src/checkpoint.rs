@@ -355,7 +355,7 @@ pub fn save_checkpoint(
             // Never the one just written, though a later-numbered one (of a run resumed from
             // elsewhere) outranks it.
             let cut = all[all.len() - keep_last].0;
-            remove_checkpoints(dir, |s| s < cut && s != data.step)?;
+            prune_checkpoints(dir, |s| s < cut && s != data.step)?;
         }
     }
     Ok(final_path)
@@ -450,12 +450,48 @@ fn remove_checkpoint_files(dir: &Path, own: &BTreeSet<String>) -> Result<(), Che
 /// `step-…` that looks complete. A checkpoint folder that also holds files spt-train did not
 /// write loses only the checkpoint's own files and stays, with a warning. Returns the removed
 /// checkpoints' original paths.
+///
+/// A checkpoint whose manifest does not read (damaged, or another format version) cannot vouch
+/// for its files: it is refused, naming it, before anything is removed (see [`prune_checkpoints`] for the pruning that skips it).
 pub fn remove_checkpoints(dir: &Path, which: impl Fn(u64) -> bool) -> Result<Vec<PathBuf>, CheckpointError> {
-    let mut removed = Vec::new();
-    for (step, p) in list_checkpoints(dir)? {
-        if !which(step) {
+    let chosen: Vec<(u64, PathBuf)> = list_checkpoints(dir)?
+        .into_iter()
+        .filter(|(s, _)| which(*s))
+        .collect();
+    for (_, p) in &chosen {
+        if let Err(e) = read_manifest(p) {
+            return Err(io_err(
+                p,
+                std::io::Error::other(format!(
+                    "cannot be removed: {e}; without its manifest spt-train cannot tell the \
+                     checkpoint's files from yours: remove or move the folder yourself, then run \
+                     again"
+                )),
+            ));
+        }
+    }
+    remove_listed(dir, chosen)
+}
+
+/// [`remove_checkpoints`] for `keep_last`: a checkpoint with a damaged manifest is left, with a
+/// warning, rather than failing the save that prunes.
+fn prune_checkpoints(dir: &Path, which: impl Fn(u64) -> bool) -> Result<Vec<PathBuf>, CheckpointError> {
+    let mut chosen = Vec::new();
+    for (s, p) in list_checkpoints(dir)? {
+        if !which(s) {
             continue;
         }
+        match read_manifest(&p) {
+            Ok(_) => chosen.push((s, p)),
+            Err(e) => tracing::warn!("not pruned: {e}"),
+        }
+    }
+    remove_listed(dir, chosen)
+}
+
+fn remove_listed(dir: &Path, chosen: Vec<(u64, PathBuf)>) -> Result<Vec<PathBuf>, CheckpointError> {
+    let mut removed = Vec::new();
+    for (step, p) in chosen {
         let (foreign, own) = foreign_entries(&p)?;
         if !foreign.is_empty() {
             remove_checkpoint_files(&p, &own)?;
@@ -587,7 +623,7 @@ pub fn list_checkpoints(dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointErr
         // pruning could not remove (it refused, after the new checkpoint was written).
         let real_dir = entry.file_type().is_ok_and(|t| t.is_dir());
         if let Some(step) = name.to_str().and_then(parse_step).filter(|_| real_dir) {
-            if manifest_is_ours(&entry.path().join("manifest.json")) {
+            if manifest_is_ours(&entry.path().join("manifest.json"), step) {
                 out.push((step, entry.path()));
             }
         }
@@ -599,10 +635,13 @@ pub fn list_checkpoints(dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointErr
 /// Whether `path` is a manifest spt-train writes (of any format version, so that an old
 /// checkpoint is listed, and refused by name when loaded): a `manifest.json` of someone else's
 /// in a folder named like a checkpoint is not one, and takes no `keep_last` slot.
+/// Its step must be the folder's: a copy of a checkpoint under another step's name (a user's
+/// backup) would otherwise become the run's latest, and a resume from it would write over the
+/// checkpoints after it.
 ///
 /// A manifest that cannot be read, or JSON cut short, is taken as a damaged one of ours: listed,
 /// so that loading it names the damage rather than an older checkpoint being used in silence.
-fn manifest_is_ours(path: &Path) -> bool {
+fn manifest_is_ours(path: &Path, step: u64) -> bool {
     if !path.is_file() {
         return false;
     }
@@ -610,7 +649,10 @@ fn manifest_is_ours(path: &Path) -> bool {
         return true;
     };
     match serde_json::from_slice::<serde_json::Value>(&bytes) {
-        Ok(v) => v.get("format").and_then(|f| f.as_str()) == Some(FORMAT_NAME),
+        Ok(v) => {
+            v.get("format").and_then(|f| f.as_str()) == Some(FORMAT_NAME)
+                && v.get("step").and_then(|s| s.as_u64()) == Some(step)
+        }
         Err(e) => e.is_eof(),
     }
 }
@@ -643,6 +685,15 @@ fn load(path: &Path, device: &Device, optimizer: bool) -> Result<LoadedCheckpoin
         reason,
     };
     let manifest = read_manifest(path)?;
+    let folder_step = path.file_name().and_then(|n| n.to_str()).and_then(parse_step);
+    if folder_step.is_some_and(|s| s != manifest.step) {
+        return Err(corrupt(format!(
+            "its manifest is step {}'s, the folder is named for step {} (a copy under another \
+             name?): runs ignore it; give it a name of your own to load it",
+            manifest.step,
+            folder_step.unwrap_or_default()
+        )));
+    }
     let mut maps = Vec::with_capacity(3);
     for fname in TENSOR_FILES {
         if fname == "optimizer.safetensors" && !optimizer {

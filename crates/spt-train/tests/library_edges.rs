@@ -104,6 +104,50 @@ fn a_damaged_manifest_is_named_not_skipped() {
     assert_ne!(latest_checkpoint(&dir).unwrap(), p2);
 }
 
+/// A checkpoint copied under another step's name (a user's backup) is no checkpoint of the run:
+/// taken as its latest, a resume went back to the copy's step and wrote over the checkpoints
+/// after it.
+#[test]
+fn a_checkpoint_copied_under_another_name_is_not_the_latest() {
+    let d = tmp();
+    let dir = d.path().join("checkpoints");
+    let p1 = save_checkpoint(&dir, &ck(1, &[1.0]), 0, &FsIo).unwrap();
+    let p2 = save_checkpoint(&dir, &ck(2, &[2.0]), 0, &FsIo).unwrap();
+    let copy = dir.join("step-00000050");
+    std::fs::create_dir(&copy).unwrap();
+    for f in std::fs::read_dir(&p1).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, copy.join(f.file_name().unwrap())).unwrap();
+    }
+    assert_eq!(latest_checkpoint(&dir).unwrap(), p2);
+    let e = load_checkpoint(&copy, &cpu()).unwrap_err().to_string();
+    assert!(e.contains("step 1") && e.contains("step 50"), "{e}");
+    // Not pruned either.
+    save_checkpoint(&dir, &ck(3, &[3.0]), 1, &FsIo).unwrap();
+    assert!(copy.join("manifest.json").is_file());
+}
+
+/// A checkpoint whose manifest is damaged cannot vouch for its files: removing it (a resume's
+/// `--overwrite`) is refused before anything goes, and pruning passes it by. It was reported
+/// removed, and nothing was.
+#[test]
+fn a_damaged_checkpoint_is_not_removed_as_if_it_were_whole() {
+    let d = tmp();
+    let dir = d.path().join("checkpoints");
+    let p1 = save_checkpoint(&dir, &ck(1, &[1.0]), 0, &FsIo).unwrap();
+    let p2 = save_checkpoint(&dir, &ck(2, &[2.0]), 0, &FsIo).unwrap();
+    let m = p1.join("manifest.json");
+    let text = std::fs::read(&m).unwrap();
+    std::fs::write(&m, &text[..text.len() / 3]).unwrap();
+    let e = spt_train::checkpoint::remove_checkpoints(&dir, |_| true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("step-00000001") && e.contains("yourself"), "{e}");
+    assert!(p1.join("model.safetensors").is_file() && p2.join("manifest.json").is_file());
+    let p3 = save_checkpoint(&dir, &ck(3, &[3.0]), 1, &FsIo).unwrap();
+    assert!(p1.join("model.safetensors").is_file() && !p2.exists() && p3.is_dir());
+}
+
 /// Before the fix: save_checkpoint writes non-finite weights that load_checkpoint then refuses as
 /// "corrupt or incomplete" (checkpoint.rs load: all_finite check exists only on load); with
 /// keep_last it first prunes the last good checkpoint, leaving none that loads.
