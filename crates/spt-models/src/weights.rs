@@ -685,8 +685,9 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(text: &str, path: &Path
         path: path.to_path_buf(),
         reason,
     };
-    // serde reads a struct from an array too, field by field in order: `[1, 2]` would become
-    // vocab_size 1, hidden_size 2 and an error about those instead of the file's shape.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text); // a byte-order mark
+                                                              // serde reads a struct from an array too, field by field in order: `[1, 2]` would become
+                                                              // vocab_size 1, hidden_size 2 and an error about those instead of the file's shape.
     if text.trim_start().starts_with('[') {
         return Err(err("expected a JSON object of settings, found an array".into()));
     }

@@ -24,11 +24,17 @@ pub struct PreparedData {
     pub labels: Option<LabelMap>,
 }
 
+/// A model's `config.json` as JSON (a byte-order mark skipped, as the model loader does), or
+/// `None` when it does not read: loading the model names that.
+pub fn model_config(model_dir: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(model_dir.join("config.json")).ok()?;
+    serde_json::from_str(text.strip_prefix('\u{feff}').unwrap_or(&text)).ok()
+}
+
 /// The longest input a model takes, from its `config.json` (`max_position_embeddings`,
 /// `n_positions` or `n_ctx`).
 pub fn model_max_length(model_dir: &Path) -> Option<usize> {
-    let text = std::fs::read_to_string(model_dir.join("config.json")).ok()?;
-    max_positions(&serde_json::from_str(&text).ok()?)
+    max_positions(&model_config(model_dir)?)
 }
 
 /// The positions a parsed `config.json` allows.
@@ -44,21 +50,45 @@ fn max_positions(config: &serde_json::Value) -> Option<usize> {
 /// the positions (`--block-size` of an LM run is not capped). Run before anything is written:
 /// the model would otherwise fail at its first forward, inside a half-made run.
 pub fn check_data_fits_model(data: &PreparedData, model_dir: &Path) -> Result<()> {
-    let sets = std::iter::once(&data.train).chain(data.validation.as_ref());
+    let sets = || std::iter::once(&data.train).chain(data.validation.as_ref());
     check_ids_fit_model(
-        sets.flat_map(|s| s.items.iter().map(|i| &i.input_ids[..])),
+        sets().flat_map(|s| s.items.iter().map(|i| &i.input_ids[..])),
+        model_dir,
+    )?;
+    check_type_ids_fit_model(
+        sets().flat_map(|s| s.items.iter().map(|i| &i.token_type_ids[..])),
         model_dir,
     )
+}
+
+/// The token type ids a tokenizer gives (its post-processor's `type_id`s) against the model's
+/// `type_vocab_size` (BERT; a model without one takes none): found before a run folder is made,
+/// not at the first step.
+pub fn check_type_ids_fit_model<'a>(
+    seqs: impl IntoIterator<Item = &'a [u32]>,
+    model_dir: &Path,
+) -> Result<()> {
+    let config = model_dir.join("config.json");
+    let Some(types) = model_config(model_dir).and_then(|v| v.get("type_vocab_size").and_then(|x| x.as_u64()))
+    else {
+        return Ok(());
+    };
+    let max = seqs.into_iter().filter_map(|s| s.iter().copied().max()).max();
+    match max {
+        Some(t) if t as u64 >= types => Err(crate::Error::Msg(format!(
+            "the tokenizer gives token type id {t}, but the model has {types} token types \
+             (type_vocab_size in {}): use the model's own tokenizer",
+            config.display()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// [`check_data_fits_model`] for any token id sequences (eval's, predict's and generate's inputs).
 pub fn check_ids_fit_model<'a>(seqs: impl IntoIterator<Item = &'a [u32]>, model_dir: &Path) -> Result<()> {
     let config = model_dir.join("config.json");
-    let Ok(text) = std::fs::read_to_string(&config) else {
+    let Some(v) = model_config(model_dir) else {
         return Ok(()); // loading the model names a missing or unreadable config
-    };
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
-        return Ok(());
     };
     let (mut max_id, mut longest) = (None::<u32>, 0usize);
     for ids in seqs {

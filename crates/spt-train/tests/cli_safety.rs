@@ -1086,3 +1086,85 @@ fn eval_and_predict_refuse_untrained_heads_and_a_foreign_mode() {
         "{e}"
     );
 }
+
+/// Model files a user edited or a download cut short: each refused by name before a run folder
+/// is made, with no panic trace on stderr (the tokenizers library panics on some of them).
+#[test]
+fn malformed_model_files_are_named_before_the_run_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = reviews_csv(tmp.path(), "d.csv", "text,label,movie");
+    let out = tmp.path().join("run");
+    let attempt = |model: &Path| {
+        let o = run(
+            &[
+                "finetune",
+                "--model",
+                s(model),
+                "--train-file",
+                s(&data),
+                "--output-dir",
+                s(&out),
+                "--max-steps",
+                "1",
+                "--no-progress",
+            ],
+            None,
+        );
+        let e = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(!o.status.success() && o.status.code() != Some(101), "{e}");
+        assert!(!e.contains("panicked"), "a panic reached stderr: {e}");
+        assert!(!out.exists(), "a refused run left {}", out.display());
+        e
+    };
+    // A post_processor that gives token type 7 to a model with 2 types.
+    let model = fixture("tiny-bert-cls", &tmp.path().join("a"));
+    let tj = model.join("tokenizer.json");
+    let mut t: serde_json::Value = serde_json::from_slice(&std::fs::read(&tj).unwrap()).unwrap();
+    t["post_processor"] = serde_json::json!({"type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "[UNK]", "type_id": 7}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"[UNK]": {"id": "[UNK]", "ids": [1], "tokens": ["[UNK]"]}}});
+    std::fs::write(&tj, t.to_string()).unwrap();
+    let e = attempt(&model);
+    assert!(
+        e.contains("token type id 7") && e.contains("type_vocab_size"),
+        "{e}"
+    );
+    // One naming a token it does not define: the library panics on every encode.
+    t["post_processor"]["special_tokens"] = serde_json::json!({});
+    std::fs::write(&tj, t.to_string()).unwrap();
+    let e = attempt(&model);
+    assert!(
+        e.contains("tokenizer.json") && e.contains("post_processor"),
+        "{e}"
+    );
+    // A config.json with a byte-order mark loads as without one.
+    let model = fixture("tiny-bert-cls", &tmp.path().join("b"));
+    let cfg = model.join("config.json");
+    let text = std::fs::read(&cfg).unwrap();
+    std::fs::write(&cfg, [&b"\xEF\xBB\xBF"[..], &text].concat()).unwrap();
+    std::fs::write(
+        model.join("tokenizer.json"),
+        [
+            &b"\xEF\xBB\xBF"[..],
+            &std::fs::read(model.join("tokenizer.json")).unwrap(),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    run_ok(
+        &[
+            "finetune",
+            "--model",
+            s(&model),
+            "--train-file",
+            s(&data),
+            "--output-dir",
+            s(&out),
+            "--max-steps",
+            "1",
+            "--no-progress",
+        ],
+        None,
+    );
+}

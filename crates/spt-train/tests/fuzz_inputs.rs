@@ -1443,3 +1443,53 @@ fn regression_csv_rows_after_cr_cr_lf_are_numbered_right() {
     let d = read_classification(&p, None, &spec(true, false), &[]).unwrap();
     assert_eq!(d.examples[0].line, 2);
 }
+
+/// Was a defect: a CSV whose lines end in `\r` alone (old Mac) was read row by row, but every
+/// error was reported at line 1.
+#[test]
+fn regression_cr_only_rows_are_numbered() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "mac.csv", b"text,label\rok,x\rfine,y\rbad, \r");
+    let e = read_classification(&p, None, &spec(true, false), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("line 4"), "{e}");
+}
+
+/// Was a defect: a blank line in merges.txt (a trailing one too) got the tokenizers library's
+/// "invalid at line N", one line off; a byte-order mark in vocab.txt, vocab.json or merges.txt
+/// (which the library reads itself) was taken as part of the first token.
+#[test]
+fn regression_vocab_files_with_blank_lines_or_a_mark_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = write(dir.path(), "vocab.json", br#"{"a":0,"b":1,"ab":2}"#);
+    for (merges, line) in [
+        (&b"#version: 0.2\n\na b\n"[..], "line 2"),
+        (b"#version: 0.2\na b\n\n", "line 3"),
+    ] {
+        let m = write(dir.path(), "merges.txt", merges);
+        let e = TextTokenizer::gpt2_from_vocab_merges(&v, &m, 8)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(line) && e.contains("empty"), "{e}");
+    }
+    let m = write(dir.path(), "merges.txt", b"\xEF\xBB\xBF#version: 0.2\na b\n");
+    let e = TextTokenizer::gpt2_from_vocab_merges(&v, &m, 8)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("byte-order mark") && e.contains("merges.txt"), "{e}");
+    let t = write(
+        dir.path(),
+        "vocab.txt",
+        b"\xEF\xBB\xBF[PAD]\n[UNK]\n[CLS]\n[SEP]\na\n",
+    );
+    let e = TextTokenizer::bert_from_vocab_txt(&t, 8).unwrap_err().to_string();
+    assert!(e.contains("byte-order mark") && e.contains("vocab.txt"), "{e}");
+    // tokenizer.json, which spt-train reads itself, loads with one.
+    let j = write(
+        dir.path(),
+        "tokenizer.json",
+        &[&b"\xEF\xBB\xBF"[..], tiny_bert_json(true).as_bytes()].concat(),
+    );
+    TextTokenizer::from_file(&j, 8).unwrap();
+}

@@ -399,10 +399,12 @@ struct LineIndex<'a> {
 
 impl<'a> LineIndex<'a> {
     fn of(bytes: &'a [u8]) -> Self {
+        // A file without `\n` whose lines end in `\r` (old Mac) counts those.
+        let end = if bytes.contains(&b'\n') { b'\n' } else { b'\r' };
         let newlines = bytes
             .iter()
             .enumerate()
-            .filter(|(_, &b)| b == b'\n')
+            .filter(|(_, &b)| b == end)
             .map(|(i, _)| i as u64)
             .collect();
         Self { newlines, bytes }

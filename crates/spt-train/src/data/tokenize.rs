@@ -52,10 +52,28 @@ impl std::fmt::Debug for TextTokenizer {
     }
 }
 
+thread_local! {
+    /// Set while [`guarded`] runs on this thread: its panics become errors, not stderr output.
+    static QUIET_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Runs a tokenizers-library constructor, turning its panic on a malformed file into an error
-/// (the library `expect`s on some inputs). The panic's message still reaches stderr.
+/// (the library `expect`s on some inputs). The panic hook in place is wrapped once, so that it
+/// stays silent for these panics only (on this thread, while `f` runs).
 fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+    static WRAP_HOOK: std::sync::Once = std::sync::Once::new();
+    WRAP_HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET_PANICS.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    QUIET_PANICS.with(|q| q.set(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET_PANICS.with(|q| q.set(false));
+    result.map_err(|p| {
         let msg = p
             .downcast_ref::<String>()
             .map(String::as_str)
@@ -68,12 +86,25 @@ fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
 /// Every merge of `merges.txt` joins two tokens of `vocab.json` into a third: the BPE builder
 /// panics on a merge whose result is longer than every token, rather than naming it.
 fn check_merges(vocab: &Path, merges: &Path) -> Result<(), String> {
-    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
+    let read = |p: &Path| {
+        let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        match text.starts_with('\u{feff}') {
+            true => Err(without_bom(p)),
+            false => Ok(text),
+        }
+    };
     let vocab_map: std::collections::HashMap<String, u64> = serde_json::from_str(&read(vocab)?)
         .map_err(|e| format!("{}: expected a JSON object of token → id ({e})", vocab.display()))?;
     for (i, line) in read(merges)?.lines().enumerate() {
-        if line.starts_with("#version") || line.trim().is_empty() {
+        if line.starts_with("#version") {
             continue;
+        }
+        if line.trim().is_empty() {
+            return Err(format!(
+                "{} line {}: empty; each line after `#version` is one merge, two tokens",
+                merges.display(),
+                i + 1
+            ));
         }
         let Some((a, b)) = line.split_once(' ') else {
             return Err(format!(
@@ -94,6 +125,15 @@ fn check_merges(vocab: &Path, merges: &Path) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The tokenizers library reads these files itself and would take the mark as part of the first
+/// token.
+fn without_bom(p: &Path) -> String {
+    format!(
+        "{} starts with a UTF-8 byte-order mark: save it without one",
+        p.display()
+    )
 }
 
 fn tok_err(source: &str, e: impl std::fmt::Display) -> DataError {
@@ -186,10 +226,11 @@ impl TextTokenizer {
             )
         };
         let text = std::fs::read_to_string(path).map_err(|e| not_one(e.to_string()))?;
-        // JSON that is cut short (an interrupted download) is named by serde: the tokenizers
-        // library panics on some of it, and on some valid JSON of the wrong shape, which is
-        // caught below.
-        serde_json::from_str::<serde::de::IgnoredAny>(&text).map_err(|e| not_one(e.to_string()))?;
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text); // a byte-order mark
+                                                                   // JSON that is cut short (an interrupted download) is named by serde: the tokenizers
+                                                                   // library panics on some of it, and on some valid JSON of the wrong shape, which is
+                                                                   // caught below.
+        serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| not_one(e.to_string()))?;
         let tok = guarded(|| text.parse::<Tokenizer>())
             .map_err(not_one)?
             .map_err(|e| not_one(e.to_string()))?;
@@ -226,6 +267,14 @@ impl TextTokenizer {
         let v = vocab
             .to_str()
             .ok_or_else(|| tok_err(&source, "path must be valid UTF-8"))?;
+        let mut head = [0u8; 3];
+        if std::fs::File::open(vocab)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+            .is_ok()
+            && head == [0xEF, 0xBB, 0xBF]
+        {
+            return Err(tok_err(&source, without_bom(vocab)));
+        }
         let wp = WordPiece::from_file(v).build().map_err(|e| tok_err(&source, e))?;
         let mut tok = Tokenizer::new(wp);
         let cls = tok

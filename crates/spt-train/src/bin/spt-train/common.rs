@@ -244,10 +244,7 @@ pub(crate) fn labels_path(
 /// Whether the model's config.json has any of `keys` at the top level (false when it does not
 /// read as JSON: loading the model names that).
 pub(crate) fn config_has_any(model_dir: &Path, keys: &[&str]) -> bool {
-    std::fs::read_to_string(model_dir.join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|v| keys.iter().any(|k| v.get(k).is_some()))
+    spt_train::pipeline::model_config(model_dir).is_some_and(|v| keys.iter().any(|k| v.get(k).is_some()))
 }
 
 /// The classes `checkpoint` (a checkpoint or a run folder) records for its head, in its order:
@@ -505,8 +502,9 @@ pub(crate) fn model_type(dir: &Path) -> Result<Option<String>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text); // a byte-order mark
     let v: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+        serde_json::from_str(text).with_context(|| format!("parsing {}", p.display()))?;
     Ok(v.get("model_type").and_then(|t| t.as_str()).map(str::to_string))
 }
 

@@ -142,6 +142,7 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
         .map(|(i, (t, p))| tok.encode(t, p.as_deref(), &format!("{}:{}", a.input, i + 1)))
         .collect::<std::result::Result<_, _>>()?;
     spt_train::pipeline::check_ids_fit_model(encoded.iter().map(|e| &e.ids[..]), &model_dir)?;
+    spt_train::pipeline::check_type_ids_fit_model(encoded.iter().map(|e| &e.type_ids[..]), &model_dir)?;
     tracing::info!(
         texts = encoded.len(),
         labels = labels.as_ref().map(|l| l.len()),
