@@ -7,6 +7,22 @@ use crate::data::{DataFormat, TaskKind};
 use crate::optim::ScheduleKind;
 use crate::presets::{self, Preset};
 
+/// What identifies a data file: its device and inode where it exists (so a hard link is the same
+/// file), else its path without `.` components.
+fn file_key(p: &Path) -> String {
+    #[cfg(unix)]
+    if let Ok(m) = std::fs::metadata(p) {
+        use std::os::unix::fs::MetadataExt;
+        return format!("{}:{}", m.dev(), m.ino());
+    }
+    let path: PathBuf = std::fs::canonicalize(p).unwrap_or_else(|_| {
+        p.components()
+            .filter(|c| !matches!(c, std::path::Component::CurDir))
+            .collect()
+    });
+    path.display().to_string()
+}
+
 /// The flags of `spt-train finetune`; each overrides the config file's field of the same name.
 #[derive(Clone, Debug, Default, PartialEq, clap::Args)]
 pub struct FinetuneArgs {
@@ -405,21 +421,15 @@ impl FinetuneConfig {
         out
     }
 
-    /// A training file given twice (its rows train twice per epoch), and a validation file that
-    /// is also a training file (its score measures rows the model trained on), each in a
-    /// sentence. Files are compared by where they resolve, so `./a.csv` and `a.csv` are one.
+    /// A training file given twice (its rows train twice per epoch), a validation file given
+    /// twice (its rows count twice), and a validation file that is also a training file (its
+    /// score measures rows the model trains on), each in a sentence. Files are compared as the
+    /// file system sees them: `./a.csv`, a link and a hard link to `a.csv` are `a.csv`.
     fn repeated_data_files(&self) -> Vec<String> {
-        let key = |p: &PathBuf| {
-            std::fs::canonicalize(p).unwrap_or_else(|_| {
-                p.components()
-                    .filter(|c| !matches!(c, std::path::Component::CurDir))
-                    .collect()
-            })
-        };
         let mut out = Vec::new();
-        let mut seen = std::collections::HashSet::new();
+        let mut train = std::collections::HashSet::new();
         for p in &self.train_files {
-            if !seen.insert(key(p)) {
+            if !train.insert(file_key(p)) {
                 out.push(format!(
                     "train_files (--train-file) names {} more than once: its rows are trained on \
                      that many times per epoch",
@@ -427,11 +437,19 @@ impl FinetuneConfig {
                 ));
             }
         }
+        let mut validation = std::collections::HashSet::new();
         for p in &self.validation_files {
-            if seen.contains(&key(p)) {
+            let key = file_key(p);
+            if train.contains(&key) {
                 out.push(format!(
                     "validation file {} is also a training file: its score measures rows the \
                      model trains on",
+                    p.display()
+                ));
+            } else if !validation.insert(key) {
+                out.push(format!(
+                    "validation_files (--validation-file) names {} more than once: its rows count \
+                     that many times in every evaluation",
                     p.display()
                 ));
             }

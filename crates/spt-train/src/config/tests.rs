@@ -510,6 +510,8 @@ fn settings_without_effect_are_named() {
     assert!(u.len() == 1 && u[0].contains("more than once"), "{u:?}");
     let u = unused(&["--validation-file", "a.csv"]);
     assert!(u.len() == 1 && u[0].contains("also a training file"), "{u:?}");
+    let u = unused(&["--validation-file", "b.csv", "--validation-file", "./b.csv"]);
+    assert!(u.len() == 1 && u[0].contains("validation_files"), "{u:?}");
     assert!(unused(&["--train-file", "b.csv", "--validation-file", "c.csv"]).is_empty());
 }
 
