@@ -657,10 +657,15 @@ pub fn all_finite(t: &Tensor) -> Result<bool> {
             }
         }
     }
-    // Elsewhere (a GPU) on the device, reading one scalar back: x − x is 0 exactly when x is
-    // finite, NaN otherwise, and the sum keeps a NaN.
-    let z = t.sub(t)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
-    Ok(z.is_finite())
+    if !t.device().is_cpu() {
+        // On the device, reading one scalar back: x − x is 0 exactly when x is finite, NaN
+        // otherwise, and the sum keeps a NaN.
+        let z = t.sub(t)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+        return Ok(z.is_finite());
+    }
+    // A strided or 8-bit CPU tensor: a copy (candle has no arithmetic on the 8-bit floats).
+    let v = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    Ok(v.iter().all(|x| x.is_finite()))
 }
 
 /// Box–Muller standard normal (keeps us off rand_distr).
@@ -685,9 +690,10 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(text: &str, path: &Path
         path: path.to_path_buf(),
         reason,
     };
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text); // a byte-order mark
-                                                              // serde reads a struct from an array too, field by field in order: `[1, 2]` would become
-                                                              // vocab_size 1, hidden_size 2 and an error about those instead of the file's shape.
+    // A byte-order mark (Notepad) is no JSON.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    // serde reads a struct from an array too, field by field in order: `[1, 2]` would become
+    // vocab_size 1, hidden_size 2 and an error about those instead of the file's shape.
     if text.trim_start().starts_with('[') {
         return Err(err("expected a JSON object of settings, found an array".into()));
     }

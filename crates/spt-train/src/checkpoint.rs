@@ -375,6 +375,12 @@ fn own_files(dir: &Path) -> BTreeSet<String> {
     let Ok(manifest) = read_manifest(dir) else {
         return own;
     };
+    // A copy of another step's checkpoint, named for this one, vouches for nothing here: a save
+    // at this step must not replace it.
+    let folder_step = dir.file_name().and_then(|n| n.to_str()).and_then(parse_step);
+    if folder_step.is_some_and(|s| s != manifest.step) {
+        return own;
+    }
     own.insert("manifest.json".to_string());
     for (name, entry) in &manifest.files {
         let p = dir.join(name);
@@ -452,7 +458,8 @@ fn remove_checkpoint_files(dir: &Path, own: &BTreeSet<String>) -> Result<(), Che
 /// checkpoints' original paths.
 ///
 /// A checkpoint whose manifest does not read (damaged, or another format version) cannot vouch
-/// for its files: it is refused, naming it, before anything is removed (see [`prune_checkpoints`] for the pruning that skips it).
+/// for its files: it is refused, naming it, before anything is removed (`keep_last` pruning
+/// passes such a checkpoint by instead).
 pub fn remove_checkpoints(dir: &Path, which: impl Fn(u64) -> bool) -> Result<Vec<PathBuf>, CheckpointError> {
     let chosen: Vec<(u64, PathBuf)> = list_checkpoints(dir)?
         .into_iter()
@@ -463,9 +470,8 @@ pub fn remove_checkpoints(dir: &Path, which: impl Fn(u64) -> bool) -> Result<Vec
             return Err(io_err(
                 p,
                 std::io::Error::other(format!(
-                    "cannot be removed: {e}; without its manifest spt-train cannot tell the \
-                     checkpoint's files from yours: remove or move the folder yourself, then run \
-                     again"
+                    "not removed ({e}): with no manifest to vouch for its files, spt-train cannot \
+                     tell them from yours; remove or move the folder yourself, then run again"
                 )),
             ));
         }

@@ -745,7 +745,11 @@ pub fn export_hf_dir(
         let dst = tmp.join("config.json");
         std::fs::write(&dst, cfg_text).map_err(|e| Error::io(&dst, e))?;
         for (f, src) in export_sources(model_dir, tokenizer) {
-            std::fs::copy(&src, tmp.join(f)).map_err(|e| Error::io(&src, e))?;
+            let dst = tmp.join(f);
+            let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
+            // Without a byte-order mark, which spt-train skips and Hugging Face's loaders refuse.
+            let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+            std::fs::write(&dst, bytes).map_err(|e| Error::io(&dst, e))?;
         }
         Ok(())
     })

@@ -1330,10 +1330,26 @@ fn regression_template_with_an_undefined_special_token_is_an_error() {
         || TextTokenizer::from_file(&p, 8).map(|_| ()),
     );
     let e = r.unwrap_err().to_string();
-    assert!(
-        e.contains("tokenizer.json") && e.contains("post_processor"),
-        "{e}"
+    assert!(e.contains("tokenizer.json") && e.contains("cannot encode"), "{e}");
+}
+
+/// A template whose pair form alone is broken loads (single texts work), and a pair is an error
+/// naming the tokenizer, not a panic.
+#[test]
+fn a_broken_pair_template_fails_only_pairs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&tiny_bert_json(true)).unwrap();
+    v["post_processor"]["pair"][3] = serde_json::json!({"SpecialToken": {"id": "[MISSING]", "type_id": 1}});
+    let bytes = v.to_string();
+    let p = write(dir.path(), "tokenizer.json", bytes.as_bytes());
+    let t = TextTokenizer::from_file(&p, 8).unwrap();
+    t.encode("a man", None, "row 1").unwrap();
+    let r = no_panic(
+        || show(bytes.as_bytes()),
+        || t.encode("a man", Some("the movie"), "row 1"),
     );
+    let e = r.unwrap_err().to_string();
+    assert!(e.contains("tokenizer.json") && e.contains("cannot encode"), "{e}");
 }
 
 /// Was a defect: a merges.txt line whose merged token is longer than every vocab.json token
@@ -1424,6 +1440,10 @@ fn regression_label_map_contradiction_between_label_n_names_is_refused() {
     let v = serde_json::json!({"id2label": {"0": "LABEL_1", "1": "LABEL_0"}, "label2id": {"LABEL_0": 0, "LABEL_1": 1}});
     let r = LabelMap::from_json(&v).map(|m| m.labels().to_vec());
     assert!(r.is_err(), "accepted: {r:?}");
+    // HF's placeholders beside a class renamed in id2label alone are no contradiction.
+    let v = serde_json::json!({"id2label": {"0": "neg", "1": "LABEL_1"}, "label2id": {"LABEL_0": 0, "LABEL_1": 1}});
+    let m = LabelMap::from_json(&v).unwrap();
+    assert_eq!(m.labels(), ["neg", "LABEL_1"]);
 }
 
 /// Was a defect: in a CSV or TSV whose lines end `\r\r\n` (what Python's csv module writes on

@@ -125,6 +125,13 @@ fn a_checkpoint_copied_under_another_name_is_not_the_latest() {
     // Not pruned either.
     save_checkpoint(&dir, &ck(3, &[3.0]), 1, &FsIo).unwrap();
     assert!(copy.join("manifest.json").is_file());
+    // Nor replaced by a save at the step its name says: that save is refused.
+    let before = std::fs::read(copy.join("model.safetensors")).unwrap();
+    let e = save_checkpoint(&dir, &ck(50, &[5.0]), 0, &FsIo)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("did not write"), "{e}");
+    assert_eq!(std::fs::read(copy.join("model.safetensors")).unwrap(), before);
 }
 
 /// A checkpoint whose manifest is damaged cannot vouch for its files: removing it (a resume's

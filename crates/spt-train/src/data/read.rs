@@ -689,13 +689,15 @@ impl LabelMap {
         let map = Self::new(pairs.into_iter().map(|(_, l)| l).collect()).map_err(|e| e.to_string())?;
         // HF writes both directions; one that contradicts the other is a broken file. Many hub
         // configs name their classes in id2label but leave label2id at HF's placeholders
-        // (`LABEL_0`, …); transformers reads id2label, and so does this. Names that are
-        // id2label's own labels are no placeholders: those are compared.
+        // (`LABEL_0`: 0, …); transformers reads id2label, and so does this. A placeholder that
+        // is also one of id2label's labels must have its id there too: `LABEL_1` at id 0 is a
+        // contradiction, not a placeholder.
         let placeholders = |l2i: &serde_json::Map<String, serde_json::Value>| {
-            l2i.keys().all(|k| {
-                k.strip_prefix("LABEL_")
-                    .is_some_and(|n| n.parse::<usize>().is_ok())
-                    && map.id(k).is_none()
+            l2i.iter().all(|(k, v)| {
+                let n = k.strip_prefix("LABEL_").and_then(|n| n.parse::<u64>().ok());
+                n.is_some()
+                    && v.as_u64() == n
+                    && map.id(k).is_none_or(|i| u64::from(i) == n.unwrap_or(u64::MAX))
             })
         };
         if let Some(l2i) = value

@@ -70,9 +70,9 @@ fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
             }
         }));
     });
-    QUIET_PANICS.with(|q| q.set(true));
+    let was = QUIET_PANICS.with(|q| q.replace(true));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-    QUIET_PANICS.with(|q| q.set(false));
+    QUIET_PANICS.with(|q| q.set(was));
     result.map_err(|p| {
         let msg = p
             .downcast_ref::<String>()
@@ -175,12 +175,11 @@ impl TextTokenizer {
             .or_else(|| tok.token_to_id("</s>"))
             .or_else(|| tok.token_to_id("[SEP]"));
         // A post-processor template naming a token it does not define panics on every encode
-        // (tokenizers indexes its map): found here, once, rather than on the first row.
-        guarded(|| {
-            let _ = tok.encode("a", true);
-            let _ = tok.encode(("a", "b"), true);
-        })
-        .map_err(|e| tok_err(source, format!("its post_processor cannot encode: {e}")))?;
+        // (tokenizers indexes its map): found here, once, rather than on the first row. (A pair
+        // template only pairs use is guarded where it is used: see `encode`.)
+        guarded(|| tok.encode("a", true))
+            .map_err(|e| tok_err(source, format!("it cannot encode a text: {e}")))?
+            .map_err(|e| tok_err(source, e))?;
         let mut truncating = tok.clone();
         truncating
             .with_truncation(Some(TruncationParams {
@@ -202,7 +201,9 @@ impl TextTokenizer {
         })
     }
 
-    /// Loads a `tokenizer.json` (WordPiece, BPE, …).
+    /// Loads a `tokenizer.json` (WordPiece, BPE, …). The tokenizers library panics on some
+    /// malformed files; those panics become errors, and the first load wraps the process's panic
+    /// hook (once) so that they print nothing. Other panics reach the hook that was in place.
     pub fn from_file(path: &Path, max_length: usize) -> Result<Self, DataError> {
         let source = path.display().to_string();
         // A vocabulary file is one half of a tokenizer whose folder holds the rest.
@@ -226,10 +227,11 @@ impl TextTokenizer {
             )
         };
         let text = std::fs::read_to_string(path).map_err(|e| not_one(e.to_string()))?;
-        let text = text.strip_prefix('\u{feff}').unwrap_or(&text); // a byte-order mark
-                                                                   // JSON that is cut short (an interrupted download) is named by serde: the tokenizers
-                                                                   // library panics on some of it, and on some valid JSON of the wrong shape, which is
-                                                                   // caught below.
+        // A byte-order mark (Notepad) is no JSON.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+        // JSON that is cut short (an interrupted download) is named by serde: the tokenizers
+        // library panics on some of it, and on some valid JSON of the wrong shape, which is
+        // caught below.
         serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| not_one(e.to_string()))?;
         let tok = guarded(|| text.parse::<Tokenizer>())
             .map_err(not_one)?
@@ -371,10 +373,7 @@ impl TextTokenizer {
         let mut budget = [self.char_budget(); 2];
         let (enc, text, pair) = loop {
             let (t, p) = (cut_chars(text, budget[0]), pair.map(|p| cut_chars(p, budget[1])));
-            let enc = self
-                .plain
-                .encode(input(t, p), true)
-                .map_err(|e| tok_err(&self.source, e))?;
+            let enc = self.encode_guarded(&self.plain, input(t, p))?;
             // A cut side that yields fewer tokens than max_length lost words there was room for
             // (a long run of whitespace, or one long word that WordPiece reads as a single
             // [UNK]): read twice as much of it.
@@ -414,14 +413,23 @@ impl TextTokenizer {
                 self.max_length
             );
         }
-        let enc = self
-            .truncating
-            .encode(input(text, pair), true)
-            .map_err(|e| tok_err(&self.source, e))?;
+        let enc = self.encode_guarded(&self.truncating, input(text, pair))?;
         Ok(Encoded {
             ids: enc.get_ids().to_vec(),
             type_ids: enc.get_type_ids().to_vec(),
         })
+    }
+
+    /// `tok.encode(input)` with special tokens, its panic on a malformed post-processor (a pair
+    /// template naming a token it does not define) an error.
+    fn encode_guarded(
+        &self,
+        tok: &Tokenizer,
+        input: EncodeInput<'_>,
+    ) -> Result<tokenizers::Encoding, DataError> {
+        guarded(|| tok.encode(input, true))
+            .map_err(|e| tok_err(&self.source, format!("it cannot encode this input: {e}")))?
+            .map_err(|e| tok_err(&self.source, e))
     }
 
     /// Characters of a text that are tokenized first: 64 per kept token (no more than
