@@ -412,7 +412,10 @@ fn resume_needs_only_the_run_folder_and_refuses_before_writing() {
         "2",
         "--no-progress",
     ]);
-    assert!(e.contains("at step 3, past this run's last step (2)"), "{e}");
+    assert!(
+        e.contains("step-00000003 is at step 3, past this run's last step (2)"),
+        "{e}"
+    );
     assert_eq!(std::fs::read(run_dir.join("finetune.toml")).unwrap(), toml);
 }
 

@@ -677,6 +677,16 @@ fn predict_never_overwrites_a_file_it_did_not_write() {
     assert!(first.lines().count() > 1, "{first}");
     run_ok(&predict, None);
     assert_eq!(std::fs::read_to_string(&out).unwrap(), first);
+    // Its own earlier output made read-only is kept (a rename would replace it).
+    let mut ro = std::fs::metadata(&out).unwrap().permissions();
+    ro.set_readonly(true);
+    std::fs::set_permissions(&out, ro.clone()).unwrap();
+    let e = run_err(&predict);
+    assert!(e.contains("read-only"), "{e}");
+    assert!(std::fs::metadata(&out).unwrap().permissions().readonly());
+    #[allow(clippy::permissions_set_readonly_false)]
+    ro.set_readonly(false);
+    std::fs::set_permissions(&out, ro).unwrap();
     // Through a link, the file it names is rewritten and the link stays (it became a file).
     let one_line = format!("{}\n", first.lines().next().unwrap());
     std::fs::write(&out, &one_line).unwrap();

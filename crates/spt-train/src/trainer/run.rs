@@ -163,10 +163,10 @@ impl<T: TrainTask> Trainer<T> {
         Ok(())
     }
 
-    /// The step of the checkpoint [`Trainer::check_resume`] restored, if any: with
+    /// The checkpoint [`Trainer::check_resume`] restored and its step, if any: with
     /// [`Trainer::total_steps`], whether the run has steps left before anything is written.
-    pub fn resumed_step(&self) -> Option<u64> {
-        self.restored.as_ref().map(|r| r.st.step)
+    pub fn resumed_checkpoint(&self) -> Option<(&Path, u64)> {
+        self.restored.as_ref().map(|r| (r.path.as_path(), r.st.step))
     }
 
     /// AdamW over the task's trainable parameters, with the per-module learning-rate scales.
@@ -323,7 +323,7 @@ impl<T: TrainTask> Trainer<T> {
                     Some(p) => {
                         // Before the model takes the checkpoint's values: refused, it keeps its own.
                         let done = read_manifest(p)?.step;
-                        check_within_run(done, self.total_steps(train.len()))?;
+                        check_within_run(p, done, self.total_steps(train.len()))?;
                         self.restore(p, &mut opt)?
                     }
                     None => LoopState {
@@ -335,9 +335,9 @@ impl<T: TrainTask> Trainer<T> {
                 (opt, st)
             }
         };
-        if resume_path.is_some() {
+        if let Some(p) = &resume_path {
             // (A checkpoint check_resume restored is checked here.)
-            check_within_run(st.step, self.total_steps(train.len()))?;
+            check_within_run(p, st.step, self.total_steps(train.len()))?;
         }
         let before = resume_path.as_deref().and_then(DataRecord::of);
         let mut now = DataRecord {
@@ -752,11 +752,12 @@ fn warn_if_rows_changed(checkpoint: &Path, then: &DataRecord, now: &DataRecord) 
 /// Refuses a resumed checkpoint past the run's last step: continuing would train nothing while
 /// recording a shorter run than its checkpoints hold (fewer `--max-steps` or `--epochs` than
 /// when it was written).
-pub fn check_within_run(done: u64, total: u64) -> Result<()> {
+pub fn check_within_run(checkpoint: &Path, done: u64, total: u64) -> Result<()> {
     if done > total {
         return Err(Error::Msg(format!(
-            "the checkpoint is at step {done}, past this run's last step ({total}): give at least \
-             {done} steps (--max-steps or --epochs) to continue it, or resume an earlier checkpoint"
+            "checkpoint {} is at step {done}, past this run's last step ({total}): give at least \
+             {done} steps (--max-steps or --epochs) to continue it, or resume an earlier checkpoint",
+            checkpoint.display()
         )));
     }
     Ok(())

@@ -408,8 +408,12 @@ pub(crate) fn bench_child(a: &BenchArgs, mode: Mode, model_dir: &Path, dev: &Dev
         ..d
     };
     let cfg_path = model_dir.join("config.json");
-    let v = spt_train::pipeline::model_config(model_dir)
-        .with_context(|| format!("reading {} as JSON", cfg_path.display()))?;
+    let v = spt_train::pipeline::model_config(model_dir).with_context(|| {
+        format!(
+            "{}: missing, unreadable or not JSON (a model folder needs its config.json)",
+            cfg_path.display()
+        )
+    })?;
     let vocab = v["vocab_size"].as_u64().unwrap_or(1000) as usize;
     let data = spt_train::bench::synthetic_data(task_kind, vocab, a.batch_size, a.seq_len, 7);
     let calibration = if mode == Mode::Spt {

@@ -611,5 +611,14 @@ pub(crate) fn check_output_file(
             path.display()
         );
     }
+    // A rename replaces a read-only file too (and root writes anything): one made read-only
+    // was kept on purpose.
+    if std::fs::metadata(path).is_ok_and(|m| m.permissions().readonly()) {
+        bail!(
+            "{flag} {}: the file is read-only, which says it is to be kept; make it writable, or \
+             choose another path",
+            path.display()
+        );
+    }
     Ok(())
 }

@@ -147,8 +147,8 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
     check_same_labels(&cfg, &resume, data.labels.as_ref())?;
     check_same_random_base(&cfg, &resume)?;
     trainer.check_resume(&resume)?;
-    if let Some(done) = trainer.resumed_step() {
-        spt_train::trainer::check_within_run(done, trainer.total_steps(data.train.len()))?;
+    if let Some((p, done)) = trainer.resumed_checkpoint() {
+        spt_train::trainer::check_within_run(p, done, trainer.total_steps(data.train.len()))?;
     }
     // Held to the end of the run: a second spt-train into this folder is refused meanwhile.
     let _lock = prepare_run_dir(&cfg.output_dir, cfg.overwrite, resuming)?;
