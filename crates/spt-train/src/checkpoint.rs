@@ -229,6 +229,11 @@ fn parse_step(name: &str) -> Option<u64> {
     (checkpoint_dir_name(step) == name).then_some(step)
 }
 
+/// The step a folder's name says, when it is named as a checkpoint.
+fn folder_step(dir: &Path) -> Option<u64> {
+    dir.file_name().and_then(|n| n.to_str()).and_then(parse_step)
+}
+
 fn serialize(map: &BTreeMap<String, Tensor>, what: &str) -> Result<Vec<u8>, CheckpointError> {
     let items: Vec<(&str, Tensor)> = map
         .iter()
@@ -377,8 +382,7 @@ fn own_files(dir: &Path) -> BTreeSet<String> {
     };
     // A copy of another step's checkpoint, named for this one, vouches for nothing here: a save
     // at this step must not replace it.
-    let folder_step = dir.file_name().and_then(|n| n.to_str()).and_then(parse_step);
-    if folder_step.is_some_and(|s| s != manifest.step) {
+    if folder_step(dir).is_some_and(|s| s != manifest.step) {
         return own;
     }
     own.insert("manifest.json".to_string());
@@ -461,34 +465,36 @@ fn remove_checkpoint_files(dir: &Path, own: &BTreeSet<String>) -> Result<(), Che
 /// for its files: it is refused, naming it, before anything is removed (`keep_last` pruning
 /// passes such a checkpoint by instead).
 pub fn remove_checkpoints(dir: &Path, which: impl Fn(u64) -> bool) -> Result<Vec<PathBuf>, CheckpointError> {
-    let chosen: Vec<(u64, PathBuf)> = list_checkpoints(dir)?
-        .into_iter()
-        .filter(|(s, _)| which(*s))
-        .collect();
-    for (_, p) in &chosen {
-        if let Err(e) = read_manifest(p) {
-            return Err(io_err(
-                p,
-                std::io::Error::other(format!(
-                    "not removed ({e}): with no manifest to vouch for its files, spt-train cannot \
-                     tell them from yours; remove or move the folder yourself, then run again"
-                )),
-            ));
-        }
-    }
-    remove_listed(dir, chosen)
+    remove_where(dir, which, true)
 }
 
 /// [`remove_checkpoints`] for `keep_last`: a checkpoint with a damaged manifest is left, with a
 /// warning, rather than failing the save that prunes.
 fn prune_checkpoints(dir: &Path, which: impl Fn(u64) -> bool) -> Result<Vec<PathBuf>, CheckpointError> {
+    remove_where(dir, which, false)
+}
+
+/// The checkpoints `which` selects whose manifests read, removed; one that does not read is
+/// refused (`refuse_unread`, before anything is removed) or passed by with a warning.
+fn remove_where(
+    dir: &Path,
+    which: impl Fn(u64) -> bool,
+    refuse_unread: bool,
+) -> Result<Vec<PathBuf>, CheckpointError> {
     let mut chosen = Vec::new();
-    for (s, p) in list_checkpoints(dir)? {
-        if !which(s) {
-            continue;
-        }
+    for (s, p) in list_checkpoints(dir)?.into_iter().filter(|(s, _)| which(*s)) {
         match read_manifest(&p) {
             Ok(_) => chosen.push((s, p)),
+            Err(e) if refuse_unread => {
+                return Err(io_err(
+                    &p,
+                    std::io::Error::other(format!(
+                        "not removed ({e}): with no manifest to vouch for its files, spt-train \
+                         cannot tell them from yours; remove or move the folder yourself, then \
+                         run again"
+                    )),
+                ));
+            }
             Err(e) => tracing::warn!("not pruned: {e}"),
         }
     }
@@ -691,13 +697,11 @@ fn load(path: &Path, device: &Device, optimizer: bool) -> Result<LoadedCheckpoin
         reason,
     };
     let manifest = read_manifest(path)?;
-    let folder_step = path.file_name().and_then(|n| n.to_str()).and_then(parse_step);
-    if folder_step.is_some_and(|s| s != manifest.step) {
+    if let Some(named) = folder_step(path).filter(|&s| s != manifest.step) {
         return Err(corrupt(format!(
-            "its manifest is step {}'s, the folder is named for step {} (a copy under another \
-             name?): runs ignore it; give it a name of your own to load it",
-            manifest.step,
-            folder_step.unwrap_or_default()
+            "its manifest is step {}'s, the folder is named for step {named} (a copy under \
+             another name?): runs ignore it; give it a name of your own to load it",
+            manifest.step
         )));
     }
     let mut maps = Vec::with_capacity(3);

@@ -28,7 +28,7 @@ pub struct PreparedData {
 /// `None` when it does not read: loading the model names that.
 pub fn model_config(model_dir: &Path) -> Option<serde_json::Value> {
     let text = std::fs::read_to_string(model_dir.join("config.json")).ok()?;
-    serde_json::from_str(text.strip_prefix('\u{feff}').unwrap_or(&text)).ok()
+    serde_json::from_str(crate::data::strip_bom(&text)).ok()
 }
 
 /// The longest input a model takes, from its `config.json` (`max_position_embeddings`,

@@ -725,7 +725,7 @@ pub fn export_hf_dir(
         spt_models::save_tensors(&tensors, tmp.join("model.safetensors"))?;
         let cfg_path = model_dir.join("config.json");
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+        let text = crate::data::strip_bom(&text);
         let mut cfg: serde_json::Value =
             serde_json::from_str(text).map_err(|e| Error::Msg(format!("{}: {e}", cfg_path.display())))?;
         if let (Some(obj), Some(l)) = (cfg.as_object_mut(), labels) {

@@ -349,8 +349,7 @@ impl FinetuneConfig {
             msg,
         };
         let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
-        // A byte-order mark (Notepad, PowerShell) is not JSON; TOML readers skip it too.
-        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+        let text = crate::data::strip_bom(&text);
         let value: serde_json::Value = match path
             .extension()
             .and_then(|e| e.to_str())

@@ -10,6 +10,13 @@
 //! Every error names the file, line and column it comes from ([`DataError`]).
 
 pub mod batch;
+
+/// `text` without a leading UTF-8 byte-order mark (Notepad and PowerShell write one; JSON has
+/// none, and TOML and CSV readers skip it).
+pub fn strip_bom(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
+}
+
 pub mod read;
 pub mod tokenize;
 

@@ -727,7 +727,7 @@ impl LabelMap {
 
     pub fn load(path: &Path) -> Result<Self, DataError> {
         let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
-        let text = text.strip_prefix('\u{feff}').unwrap_or(&text); // a byte-order mark
+        let text = super::strip_bom(&text);
         let value: serde_json::Value = serde_json::from_str(text).map_err(|e| DataError::Parse {
             path: path.to_path_buf(),
             line: e.line() as u64,

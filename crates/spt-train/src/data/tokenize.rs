@@ -227,8 +227,7 @@ impl TextTokenizer {
             )
         };
         let text = std::fs::read_to_string(path).map_err(|e| not_one(e.to_string()))?;
-        // A byte-order mark (Notepad) is no JSON.
-        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+        let text = super::strip_bom(&text);
         // JSON that is cut short (an interrupted download) is named by serde: the tokenizers
         // library panics on some of it, and on some valid JSON of the wrong shape, which is
         // caught below.

@@ -502,9 +502,8 @@ pub(crate) fn model_type(dir: &Path) -> Result<Option<String>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-    let text = text.strip_prefix('\u{feff}').unwrap_or(&text); // a byte-order mark
-    let v: serde_json::Value =
-        serde_json::from_str(text).with_context(|| format!("parsing {}", p.display()))?;
+    let v: serde_json::Value = serde_json::from_str(spt_train::data::strip_bom(&text))
+        .with_context(|| format!("parsing {}", p.display()))?;
     Ok(v.get("model_type").and_then(|t| t.as_str()).map(str::to_string))
 }
 
