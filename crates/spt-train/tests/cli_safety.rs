@@ -983,11 +983,37 @@ fn generate_is_capped_at_the_context_and_streams() {
     );
     assert!(started.elapsed() < Duration::from_secs(60));
     let e = String::from_utf8_lossy(&o.stderr);
-    // The fixture's context is 128 tokens, the prompt 3.
-    assert!(e.contains("capped at 125"), "{e}");
+    // The fixture's context is 128 tokens, the prompt 3: 125 more are run, and the last one
+    // sampled is not.
+    assert!(e.contains("capped at 126"), "{e}");
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.starts_with("the good movie") && out.ends_with('\n'), "{out}");
-    assert!(out.split_whitespace().count() <= 128, "{out}");
+    assert!(out.split_whitespace().count() <= 129, "{out}");
+    // A prompt that fills the context still gets its one token; one token more is refused.
+    let prompt = |n: usize| format!("the{}", " the".repeat(n - 1));
+    let full = prompt(128);
+    let o = run_ok(
+        &[
+            "generate",
+            "--model",
+            s(&model),
+            "--prompt",
+            &full,
+            "--max-new-tokens",
+            "5",
+            "--seed",
+            "3",
+        ],
+        None,
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("capped at 1:") && e.contains("prompt (128 tokens)"),
+        "{e}"
+    );
+    let over = prompt(129);
+    let e = run_err(&["generate", "--model", s(&model), "--prompt", &over]);
+    assert!(e.contains("--prompt is 129 tokens"), "{e}");
 }
 
 /// `eval` and `predict` refuse a model whose head would be freshly initialised (no checkpoint to

@@ -57,13 +57,15 @@ pub(crate) fn generate(a: &GenerateArgs) -> Result<()> {
     }
     let n_prompt = ids.len();
     let ctx_len = model_max_length(&model_dir).unwrap_or(1024);
-    if n_prompt >= ctx_len {
+    if n_prompt > ctx_len {
         bail!("--prompt is {n_prompt} tokens; the model's context is {ctx_len}: shorten the prompt");
     }
     spt_train::pipeline::check_ids_fit_model([&ids[..]], &model_dir)?;
     // No sliding window: past its context a GPT-2 would only see the last tokens, so the length
-    // is capped there and said so.
-    let max_new = a.max_new_tokens.min(ctx_len - n_prompt);
+    // is capped there and said so. The last token sampled is never run through the model, so
+    // the prompt and all but that token fill the context: a prompt of the full context still
+    // gets one.
+    let max_new = a.max_new_tokens.min(ctx_len - n_prompt + 1);
     if max_new < a.max_new_tokens {
         say!(
             "note: --max-new-tokens {} capped at {max_new}: the prompt ({n_prompt} tokens) and the \
