@@ -496,6 +496,9 @@ fn disk_full_during_save_keeps_the_previous_checkpoint() -> anyhow::Result<()> {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     assert_eq!(names, vec!["step-00000003".to_string()]);
+    // The loss curve was drawn at step 3's checkpoint, so the failed run still has one.
+    let svg = std::fs::read_to_string(tmp.path().join("loss.svg"))?;
+    assert!(svg.contains("<svg") && svg.contains("train"), "{svg}");
     let ck = spt_train::checkpoint::load_checkpoint(&dir.join("step-00000003"), &Device::Cpu)?;
     assert_eq!(ck.manifest.step, 3);
     assert_eq!(

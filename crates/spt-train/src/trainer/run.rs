@@ -282,7 +282,8 @@ impl<T: TrainTask> Trainer<T> {
     ///
     /// Writes into `cfg.output_dir`: checkpoints (`checkpoints/step-N`, every `save_every` steps
     /// and always at the end), `metrics.jsonl` (appended; a resume first drops the records after
-    /// its step) and `loss.svg`. Prepare the folder with [`crate::output_dir::prepare_run_dir`],
+    /// its step) and `loss.svg` (redrawn at every evaluation and checkpoint, and at the end).
+    /// Prepare the folder with [`crate::output_dir::prepare_run_dir`],
     /// as `spt-train finetune` does: it refuses a folder of someone else's files and clears an
     /// earlier run's (with `overwrite`), so two runs' metrics never mix.
     pub fn train(
@@ -575,11 +576,15 @@ impl<T: TrainTask> Trainer<T> {
                     self.record_eval(&metrics, &pb, st.step, epoch_f, &rep)?;
                     summary.evals.push((st.step, rep));
                     last_eval = Some(st.step);
+                    self.plot_loss(&metrics, false);
                 }
             }
             if self.cfg.save_every > 0 && st.step.is_multiple_of(self.cfg.save_every) {
                 summary.last_checkpoint = Some(self.save(&st, &opt)?);
                 last_saved = Some(st.step);
+                if last_eval != Some(st.step) {
+                    self.plot_loss(&metrics, false);
+                }
             }
         }
         pb.finish_and_clear();
@@ -597,11 +602,20 @@ impl<T: TrainTask> Trainer<T> {
                 summary.last_checkpoint = Some(self.save(&st, &opt)?);
             }
         }
+        self.plot_loss(&metrics, true);
+        Ok(summary)
+    }
+
+    /// Redraws `loss.svg` from `metrics.jsonl`: at every evaluation and checkpoint, so that a
+    /// long run can be watched (and a run that fails later keeps its curve), and at the end. A
+    /// plot that cannot be drawn is not an error; it is said once, at the end.
+    fn plot_loss(&self, metrics: &MetricsWriter, warn: bool) {
         let svg = self.cfg.output_dir.join("loss.svg");
         if let Err(e) = crate::metrics::plot_metrics_file(metrics.path(), &svg) {
-            tracing::warn!("loss plot not written: {e}");
+            if warn {
+                tracing::warn!("loss plot not written: {e}");
+            }
         }
-        Ok(summary)
     }
 
     /// [`Trainer::evaluate`] in the loop: when it fails (non-finite outputs), the step is saved
