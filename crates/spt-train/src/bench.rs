@@ -263,14 +263,35 @@ pub fn child_records(env: &str, modes: &[&str]) -> Result<Vec<serde_json::Value>
     Ok(records)
 }
 
-/// The `machine` object of a result file: CPUs, OS, architecture, device.
+/// The `machine` object of a result file on the CPU: see [`machine_json_on`].
 pub fn machine_json() -> serde_json::Value {
+    machine_json_on("cpu")
+}
+
+/// The `machine` object of a result file: CPUs, the CPU's model name, OS, architecture and
+/// `device`. The model name matters: this project's machines changed CPU between sessions, and
+/// ratios compare across them where seconds do not.
+pub fn machine_json_on(device: &str) -> serde_json::Value {
     serde_json::json!({
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu": cpu_model(),
         "os": std::env::consts::OS,
         "arch": std::env::consts::ARCH,
-        "device": "cpu",
+        "device": device,
     })
+}
+
+/// The CPU's model name from /proc/cpuinfo ("unknown" where there is none to read).
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, name)| name.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// Writes a result file as pretty JSON through a temporary file and a rename.
@@ -329,6 +350,17 @@ pub fn activation_lower_bound(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn machine_names_the_cpu_model() {
+        let m = machine_json_on("cuda:0");
+        assert_eq!(m["device"], "cuda:0");
+        let cpu = m["cpu"].as_str().expect("a cpu field");
+        // This project's machines are Linux x86-64: the model name is read, not defaulted.
+        if std::path::Path::new("/proc/cpuinfo").is_file() && cfg!(target_arch = "x86_64") {
+            assert!(!cpu.is_empty() && cpu != "unknown", "{cpu}");
+        }
+    }
 
     #[test]
     fn random_weights_build_tied_and_untied_gpt2() {

@@ -7,10 +7,10 @@
 //!
 //! | recipe | accuracy (4 seeds) | step vs PyTorch full fine-tuning (same run) |
 //! |---|--:|--:|
-//! | dense, lr 1e-4 | 0.827 | 1.78× |
-//! | lora r 8 + pooler, lr 1e-3 | 0.820 | 2.55× (3.01× PEFT) |
-//! | spt `accurate` | 0.814 | 2.49× |
-//! | spt `fast` | 0.797 | 3.45× (4.07× PEFT) |
+//! | dense, lr 1e-4 | 0.827 | 2.34× |
+//! | lora r 8 + pooler, lr 1e-3 | 0.820 | 3.89× (3.57× PEFT) |
+//! | spt `accurate` | 0.814 | 3.92× |
+//! | spt `fast` | 0.797 | 4.99× (4.57× PEFT) |
 //!
 //! Both presets keep every key (`attn_k_fraction = 1.0`): sparse attention that keeps every key
 //! runs the fused dense kernel, which on the CPU is faster than per-query PQ selection at every

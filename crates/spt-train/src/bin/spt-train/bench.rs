@@ -276,12 +276,7 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
         })
         .collect();
     let command = std::env::args().collect::<Vec<_>>().join(" ");
-    let machine = serde_json::json!({
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "os": std::env::consts::OS,
-        "arch": std::env::consts::ARCH,
-        "device": a.device,
-    });
+    let machine = spt_train::bench::machine_json_on(&a.device);
     let mut doc = serde_json::json!({"command": command, "machine": machine, "records": records});
     if let Some(out) = &a.output {
         if a.append && out.is_file() {
