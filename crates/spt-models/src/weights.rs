@@ -443,7 +443,19 @@ pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: impl AsRef<Path>) -
             .permissions();
         candle_core::safetensors::save(tensors, &tmp).map_err(|e| write_err(&e))?;
         std::fs::set_permissions(&tmp, mode).map_err(|e| write_err(&e))?;
-        std::fs::rename(&tmp, path).map_err(|e| write_err(&e))
+        // The data reaches the disk before the rename does: after a crash the path holds the
+        // old file or the whole new one, never a renamed file of zeros.
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| write_err(&e))?;
+        std::fs::rename(&tmp, path).map_err(|e| write_err(&e))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            // The rename itself persists with its folder (Linux); not every platform opens one.
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
     };
     let res = write();
     if res.is_err() {
