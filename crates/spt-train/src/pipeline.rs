@@ -333,7 +333,15 @@ fn prepare(
                     for p in &train_parts {
                         all.extend(p.examples.iter().filter_map(|e| e.label.clone()));
                     }
-                    LabelMap::new(all.into_iter().collect())?
+                    let map = LabelMap::new(all.into_iter().collect())?;
+                    for (a, b) in map.case_twins() {
+                        tracing::warn!(
+                            "labels {a:?} and {b:?} (column `{}`) differ only in case: they are two \
+                             classes; spell them one way in the data if they are one",
+                            cfg.label_column
+                        );
+                    }
+                    map
                 }
             };
             if let Some(dir) = output_dir {

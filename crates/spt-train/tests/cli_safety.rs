@@ -933,6 +933,19 @@ fn messages_point_the_right_way() {
     let o = run_ok(&a, None);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("--drop-label \"nuetral\" matches no row"), "{e}");
+    // Labels that differ only in case are two classes, most likely by mistake: warned by name.
+    let cased = t.root.join("cased.csv");
+    let text = std::fs::read_to_string(&t.data)
+        .unwrap()
+        .replace(",neutral,", ",Pos,");
+    std::fs::write(&cased, text).unwrap();
+    let run4 = t.root.join("run4");
+    let o = run_ok(&finetune_args(s(&t.model), s(&cased), s(&run4), "1"), None);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("labels \"Pos\" and \"pos\" (column `label`) differ only in case"),
+        "{e}"
+    );
     // export checks the tokenizer it copies: a broken tokenizer.json is refused by name and
     // nothing is written; a model without tokenizer files exports with a warning.
     let broken = fixture_with("tiny-bert-cls", &t.root.join("broken"), |_| {});

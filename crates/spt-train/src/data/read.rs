@@ -626,6 +626,22 @@ impl LabelMap {
         Self::new(set.into_iter().map(String::from).collect())
     }
 
+    /// Pairs of labels that differ only in letter case (`Positive` and `positive`): two classes
+    /// to the model, though most likely one class spelt two ways in the data.
+    pub fn case_twins(&self) -> Vec<(&str, &str)> {
+        let mut seen: HashMap<String, &str> = HashMap::new();
+        let mut twins = Vec::new();
+        for l in &self.labels {
+            match seen.entry(l.to_lowercase()) {
+                std::collections::hash_map::Entry::Occupied(e) => twins.push((*e.get(), l.as_str())),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(l);
+                }
+            }
+        }
+        twins
+    }
+
     pub fn len(&self) -> usize {
         self.labels.len()
     }
@@ -1163,6 +1179,22 @@ mod tests {
         let p = write(dir.path(), "z.txt", b"\n  \n");
         let e = read_lm_texts(&[p]).unwrap_err().to_string();
         assert!(e.contains("z.txt") && e.contains("empty"), "{e}");
+    }
+
+    #[test]
+    fn labels_that_differ_only_in_case_are_paired() {
+        let m = LabelMap::new(vec![
+            "Neg".into(),
+            "POS".into(),
+            "neg".into(),
+            "pos".into(),
+            "Ünï".into(),
+            "ünï".into(),
+        ])
+        .unwrap();
+        assert_eq!(m.case_twins(), [("Neg", "neg"), ("POS", "pos"), ("Ünï", "ünï")]);
+        let m = LabelMap::new(vec!["neg".into(), "pos".into(), "neutral".into()]).unwrap();
+        assert!(m.case_twins().is_empty());
     }
 
     #[test]
