@@ -635,7 +635,11 @@ impl GPT2LMHeadModel {
     pub fn next_token_logits(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let h = self.transformer.forward_cached(input_ids, cache)?;
         let last = h.narrow(1, h.dim(1)? - 1, 1)?.squeeze(1)?;
-        Ok(last.matmul(&self.head_weight().detach().t()?)?)
+        // [vocab, d] read in place (one row: on every thread), not packed as a transposed view.
+        Ok(spt_ops::lora::few_rows_matmul(
+            &last,
+            &self.head_weight().detach(),
+        )?)
     }
 
     /// Mean next-token cross-entropy: position t predicts `input_ids[t+1]`; targets whose

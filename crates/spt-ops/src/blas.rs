@@ -11,6 +11,13 @@ pub(crate) struct SendPtr<T>(pub(crate) *mut T);
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
 
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so that a closure captures the whole `SendPtr`, not its field).
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
+
 /// A strided matrix operand: element (i, j) is at `ptr + i·rs + j·cs`.
 #[derive(Clone, Copy)]
 pub(crate) struct Mat<T> {
@@ -18,6 +25,11 @@ pub(crate) struct Mat<T> {
     pub(crate) rs: isize,
     pub(crate) cs: isize,
 }
+
+// SAFETY: a read-only view; whoever builds one keeps its data alive and unwritten while any
+// thread reads through it (gemm_raw's split reads one from every task).
+unsafe impl<T: Sync> Send for Mat<T> {}
+unsafe impl<T: Sync> Sync for Mat<T> {}
 
 impl<T> Mat<T> {
     pub(crate) fn new(s: &[T], offset: usize, rs: usize, cs: usize) -> Self {
@@ -61,6 +73,91 @@ pub(crate) unsafe fn gemm_raw<T: Float>(
         }
         return;
     }
+    if let Some(tasks) = vector_tasks(m, n, k, par) {
+        // A matrix-vector product: gemm runs it on one thread whatever `par` says, and it is
+        // bound by reading the matrix, which one core of some CPUs does at a third of what two
+        // do (GPT-2's head, one row: 14.7 GB/s on one core of this project's Intel Xeon, 41 on
+        // two). So the long side is split into row blocks, one gemm call each; every output
+        // element is still one gemv's sum over k, in the same order.
+        let dst = SendPtr(dst);
+        let (len, step) = if n == 1 { (m, 1) } else { (n, 0) };
+        let chunk = len.div_ceil(tasks).next_multiple_of(16);
+        use rayon::prelude::*;
+        (0..len.div_ceil(chunk)).into_par_iter().for_each(|c| {
+            let (start, size) = (c * chunk, chunk.min(len - c * chunk));
+            // SAFETY: each task writes its own rows (n = 1) or columns (m = 1) of `dst`, and
+            // reads the matching rows of `lhs` or columns of `rhs`, all inside the caller's sizes.
+            unsafe {
+                if step == 1 {
+                    let lhs = Mat {
+                        ptr: lhs.ptr.offset(start as isize * lhs.rs),
+                        ..lhs
+                    };
+                    gemm_call(
+                        size,
+                        1,
+                        k,
+                        dst.get().add(start * dst_rs),
+                        dst_rs,
+                        accumulate,
+                        lhs,
+                        rhs,
+                        Parallelism::None,
+                    );
+                } else {
+                    let rhs = Mat {
+                        ptr: rhs.ptr.offset(start as isize * rhs.cs),
+                        ..rhs
+                    };
+                    gemm_call(
+                        1,
+                        size,
+                        k,
+                        dst.get().add(start),
+                        dst_rs,
+                        accumulate,
+                        lhs,
+                        rhs,
+                        Parallelism::None,
+                    );
+                }
+            }
+        });
+        return;
+    }
+    gemm_call(m, n, k, dst, dst_rs, accumulate, lhs, rhs, par);
+}
+
+/// How many tasks a matrix-vector product (`m` or `n` is 1) is split into, or `None` for a
+/// product gemm should run as it is: not a vector, one thread, or under ~256 KiB of matrix
+/// (where the split costs more than it gains).
+fn vector_tasks(m: usize, n: usize, k: usize, par: Parallelism) -> Option<usize> {
+    let threads = match par {
+        Parallelism::Rayon(0) => rayon::current_num_threads(),
+        Parallelism::Rayon(t) => t,
+        _ => 1,
+    };
+    let len = match (m, n) {
+        (len, 1) | (1, len) => len,
+        _ => return None,
+    };
+    (threads > 1 && len >= 64 && len * k >= 1 << 16).then(|| (2 * threads).min(len / 32))
+}
+
+/// # Safety
+/// As [`gemm_raw`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_call<T: Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut T,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+    par: Parallelism,
+) {
     gemm::gemm(
         m,
         n,
@@ -214,7 +311,97 @@ pub(crate) fn row_major<T: Float + candle_core::WithDType>(op: &str, t: &Tensor)
 
 #[cfg(test)]
 mod tests {
-    use super::{row_major, transpose, Tensor};
+    use super::{gemm_into, row_major, transpose, Mat, Parallelism, Tensor};
+
+    /// The split of a matrix-vector product over threads gives gemm's one-thread result (to
+    /// rounding: gemm's vector kernel orders its sums by block) and writes nothing else: both
+    /// sides (n = 1 and m = 1), overwrite and accumulate, f32 and f64, lengths that do not
+    /// divide into the blocks, and a destination with a row stride.
+    #[test]
+    fn split_matrix_vector_products_equal_the_single_gemv() {
+        fn check<T: crate::util::Float + std::fmt::Debug + Into<f64>>(from: impl Fn(f64) -> T, tol: f64) {
+            let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+            let mut rand = move || {
+                seed = seed
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                from(((seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0)
+            };
+            for &(len, k) in &[(1000usize, 300usize), (4099, 96), (257, 257)] {
+                let mat: Vec<T> = (0..len * k).map(|_| rand()).collect();
+                let vec: Vec<T> = (0..k).map(|_| rand()).collect();
+                let start: Vec<T> = (0..len * 2).map(|_| rand()).collect();
+                let dot = |i: usize| -> f64 { (0..k).map(|j| mat[i * k + j].into() * vec[j].into()).sum() };
+                for accumulate in [false, true] {
+                    for column in [true, false] {
+                        let (m, n) = if column { (len, 1) } else { (1, len) };
+                        assert!(super::vector_tasks(m, n, k, Parallelism::Rayon(2)).is_some());
+                        let run = |par: Parallelism| {
+                            let mut dst = start.clone();
+                            // SAFETY: dst holds len rows of stride 2 (n = 1) or one row of 2·len
+                            // (m = 1); the operands are len × k and k long.
+                            unsafe {
+                                if column {
+                                    let (l, r) = (Mat::new(&mat, 0, k, 1), Mat::new(&vec, 0, 1, 1));
+                                    super::gemm_raw(len, 1, k, dst.as_mut_ptr(), 2, accumulate, l, r, par);
+                                } else {
+                                    let (l, r) = (Mat::new(&vec, 0, k, 1), Mat::new(&mat, 0, 1, k));
+                                    super::gemm_raw(
+                                        1,
+                                        len,
+                                        k,
+                                        dst.as_mut_ptr(),
+                                        2 * len,
+                                        accumulate,
+                                        l,
+                                        r,
+                                        par,
+                                    );
+                                }
+                            }
+                            dst
+                        };
+                        let (one, split) = (run(Parallelism::None), run(Parallelism::Rayon(2)));
+                        for (at, ((&a, &b), &s0)) in one.iter().zip(&split).zip(&start).enumerate() {
+                            let out = if column {
+                                (at % 2 == 0).then_some(at / 2)
+                            } else {
+                                (at < len).then_some(at)
+                            };
+                            let (a, b, s0): (f64, f64, f64) = (a.into(), b.into(), s0.into());
+                            match out {
+                                None => assert!(a == s0 && b == s0, "element {at} written"),
+                                Some(i) => {
+                                    let want = dot(i) + if accumulate { s0 } else { 0.0 };
+                                    for got in [a, b] {
+                                        assert!((got - want).abs() <= tol * (1.0 + want.abs()), "len {len} k {k} acc {accumulate} column {column} out {i}: {got} vs {want}");
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        check::<f32>(|v| v as f32, 1e-5);
+        check::<f64>(|v| v, 1e-13);
+        // Small products and true matrices are left to gemm as they are.
+        assert!(super::vector_tasks(1000, 1, 16, Parallelism::Rayon(2)).is_none());
+        assert!(super::vector_tasks(1000, 2, 768, Parallelism::Rayon(2)).is_none());
+        assert!(super::vector_tasks(1000, 1, 768, Parallelism::None).is_none());
+        let mut y = vec![0f32; 3];
+        gemm_into(
+            3,
+            1,
+            2,
+            &mut y,
+            false,
+            Mat::new(&[1f32, 2., 3., 4., 5., 6.], 0, 2, 1),
+            Mat::new(&[1f32, 1.], 0, 1, 1),
+            Parallelism::Rayon(2),
+        );
+        assert_eq!(y, [3., 7., 11.]);
+    }
 
     #[test]
     fn row_major_reads_contiguous_and_transposed_views() -> candle_core::Result<()> {

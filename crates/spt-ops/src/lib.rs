@@ -29,6 +29,7 @@ mod cuda;
 pub mod flash_attention;
 #[cfg(target_arch = "x86_64")]
 mod gelu_avx2;
+mod gemv;
 pub mod gradcheck;
 pub mod heads;
 pub mod lora;

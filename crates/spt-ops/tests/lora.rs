@@ -676,3 +676,48 @@ fn routed_lora_top_k_equals_masked_merged_ffn_and_its_gradients() -> Result<()> 
     }
     Ok(())
 }
+
+/// `few_rows_matmul` with one untracked row (decoding) takes the threaded matrix-vector path:
+/// it equals candle's matmul in f32 and f64, in the weight's own layout and a narrowed one, and
+/// a tracked row or weight still gets its gradient (those take candle's differentiable path).
+#[test]
+fn few_rows_matmul_one_row_matches_matmul_and_keeps_gradients() -> Result<()> {
+    use spt_ops::lora::few_rows_matmul;
+    for (out, d_in) in [(50_000usize, 64usize), (2304, 768), (3, 5)] {
+        let w = randn_f64(&[out, d_in], 11)?;
+        let x = randn_f64(&[1, d_in], 12)?;
+        let want = x.matmul(&w.t()?)?;
+        assert!(
+            max_diff(&few_rows_matmul(&x, &w)?, &want)? < 1e-12,
+            "f64 {out}x{d_in}"
+        );
+        let (x32, w32) = (f32(x.clone())?, f32(w.clone())?);
+        let got = few_rows_matmul(&x32, &w32)?;
+        assert_eq!(got.dims(), [1, out]);
+        assert!(
+            max_diff(&got, &x32.matmul(&w32.t()?)?)? < 1e-4,
+            "f32 {out}x{d_in}"
+        );
+        // Rows 1.. of a taller weight: contiguous, at an offset.
+        let tall = randn_f64(&[out + 2, d_in], 13)?;
+        let part = tall.narrow(0, 2, out)?;
+        assert!(max_diff(&few_rows_matmul(&x, &part)?, &x.matmul(&part.t()?)?)? < 1e-12);
+        // GPT-2's layout: w the transposed view of a contiguous [in, out].
+        let io = randn_f64(&[d_in, out], 16)?;
+        let got = few_rows_matmul(&x32, &f32(io.clone())?.t()?)?;
+        assert!(
+            max_diff(&got, &x32.matmul(&f32(io.clone())?)?)? < 1e-4,
+            "in-out {out}x{d_in}"
+        );
+        assert!(max_diff(&few_rows_matmul(&x, &io.t()?)?, &x.matmul(&io)?)? < 1e-12);
+    }
+    let w = Var::from_tensor(&randn_f64(&[300, 256], 14)?)?;
+    let x = Var::from_tensor(&randn_f64(&[1, 256], 15)?)?;
+    let grads = few_rows_matmul(x.as_tensor(), w.as_tensor())?
+        .sum_all()?
+        .backward()?;
+    let gx = grads.get(x.as_tensor()).expect("x's gradient");
+    assert!(max_diff(gx, &w.as_tensor().sum_keepdim(0)?)? < 1e-10);
+    assert!(grads.get(w.as_tensor()).is_some(), "w's gradient");
+    Ok(())
+}

@@ -188,15 +188,67 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 /// CPU, when w's rows lie contiguously, as `(w · xᵀ)ᵀ` (a transposed view): gemm packs its right
 /// operand on every call, and with few rows packing all of `w` costs more than the product (or
 /// gathers `wᵀ` one strided element at a time). The routed FFN's per-block GEMMs and spt-models'
-/// dense `Linear` up to 64 rows use it.
+/// dense `Linear` up to 64 rows use it, and so does a GPT-2's head when it decodes.
+///
+/// One row with nothing to differentiate (decoding) is a matrix-vector product bound by reading
+/// `w`: on the CPU it runs on every thread (`gemv`), where candle's matmul would run it on one.
 pub fn few_rows_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if w.rank() != 2 {
         candle_core::bail!("few_rows_matmul: w is {:?}, expected [out, in]", w.dims());
     }
-    if x.device().is_cpu() && w.stride()[1] == 1 {
-        return w.matmul(&x.t()?)?.t();
+    if x.device().is_cpu() {
+        if let Some(y) = one_frozen_row(x, w)? {
+            return Ok(y);
+        }
+        if w.stride()[1] == 1 {
+            return w.matmul(&x.t()?)?.t();
+        }
     }
     x.matmul(&w.t()?)
+}
+
+/// `x · wᵀ` for one untracked row `x [1, in]` and an untracked `w [out, in]` of the same float
+/// dtype that is contiguous, or the transposed view of a contiguous `[in, out]` (GPT-2's
+/// Conv1D layout), on every thread (`gemv`); `None` for anything else.
+fn one_frozen_row(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    let (out, d_in) = w.dims2()?;
+    if x.dims() != [1, d_in]
+        || x.track_op()
+        || w.track_op()
+        || x.dtype() != w.dtype()
+        || !matches!(x.dtype(), DType::F32 | DType::F64)
+    {
+        return Ok(None);
+    }
+    let in_out = w.t()?;
+    let (data, out_in) = if w.is_contiguous() {
+        (w, true)
+    } else if in_out.is_contiguous() {
+        (&in_out, false)
+    } else {
+        return Ok(None);
+    };
+    fn run<T: crate::simd::Vector + candle_core::WithDType>(
+        x: &Tensor,
+        data: &Tensor,
+        out_in: bool,
+        out: usize,
+    ) -> Result<Tensor> {
+        let y = crate::util::with_slices::<T, _>("few_rows_matmul", &[x, data], |s| {
+            let mut y = vec![T::zero(); out];
+            if out_in {
+                crate::gemv::rows_dot(s[1], s[0], &mut y);
+            } else {
+                crate::gemv::cols_axpy(s[1], s[0], &mut y);
+            }
+            Ok(y)
+        })?;
+        Tensor::from_vec(y, (1, out), x.device())
+    }
+    Ok(Some(match x.dtype() {
+        DType::F64 => run::<f64>(x, data, out_in, out)?,
+        _ => run::<f32>(x, data, out_in, out)?,
+    }))
 }
 
 /// The merged update `(α/r)·B A` `[out, in]` of factors A `[r, in]`, B `[out, r]` (detached): what
