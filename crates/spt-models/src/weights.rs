@@ -445,7 +445,10 @@ pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: impl AsRef<Path>) -
         std::fs::set_permissions(&tmp, mode).map_err(|e| write_err(&e))?;
         // The data reaches the disk before the rename does: after a crash the path holds the
         // old file or the whole new one, never a renamed file of zeros.
-        std::fs::File::open(&tmp)
+        // Opened for writing: some platforms flush only a handle that may write.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&tmp)
             .and_then(|f| f.sync_all())
             .map_err(|e| write_err(&e))?;
         std::fs::rename(&tmp, path).map_err(|e| write_err(&e))?;

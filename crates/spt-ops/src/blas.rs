@@ -73,75 +73,59 @@ pub(crate) unsafe fn gemm_raw<T: Float>(
         }
         return;
     }
-    if let Some(tasks) = vector_tasks(m, n, k, par) {
+    if let Some(chunk) = vector_chunk(m, n, k) {
         // A matrix-vector product: gemm runs it on one thread whatever `par` says, and it is
         // bound by reading the matrix, which one core of some CPUs does at a third of what two
         // do (GPT-2's head, one row: 14.7 GB/s on one core of this project's Intel Xeon, 41 on
-        // two). So the long side is split into row blocks, one gemm call each; every output
-        // element is still one gemv's sum over k, in the same order.
+        // two). So the long side is cut into blocks of a fixed length, one gemm call each, run
+        // on the pool when `par` allows and in order when not: the blocks, and so every sum,
+        // do not depend on the thread count.
         let dst = SendPtr(dst);
-        let (len, step) = if n == 1 { (m, 1) } else { (n, 0) };
-        let chunk = len.div_ceil(tasks).next_multiple_of(16);
-        use rayon::prelude::*;
-        (0..len.div_ceil(chunk)).into_par_iter().for_each(|c| {
+        let (len, rows) = if n == 1 { (m, true) } else { (n, false) };
+        let block = |c: usize| {
             let (start, size) = (c * chunk, chunk.min(len - c * chunk));
-            // SAFETY: each task writes its own rows (n = 1) or columns (m = 1) of `dst`, and
+            // SAFETY: each block writes its own rows (n = 1) or columns (m = 1) of `dst`, and
             // reads the matching rows of `lhs` or columns of `rhs`, all inside the caller's sizes.
             unsafe {
-                if step == 1 {
+                if rows {
                     let lhs = Mat {
                         ptr: lhs.ptr.offset(start as isize * lhs.rs),
                         ..lhs
                     };
-                    gemm_call(
-                        size,
-                        1,
-                        k,
-                        dst.get().add(start * dst_rs),
-                        dst_rs,
-                        accumulate,
-                        lhs,
-                        rhs,
-                        Parallelism::None,
-                    );
+                    let d = dst.get().add(start * dst_rs);
+                    gemm_call(size, 1, k, d, dst_rs, accumulate, lhs, rhs, Parallelism::None);
                 } else {
                     let rhs = Mat {
                         ptr: rhs.ptr.offset(start as isize * rhs.cs),
                         ..rhs
                     };
-                    gemm_call(
-                        1,
-                        size,
-                        k,
-                        dst.get().add(start),
-                        dst_rs,
-                        accumulate,
-                        lhs,
-                        rhs,
-                        Parallelism::None,
-                    );
+                    let d = dst.get().add(start);
+                    gemm_call(1, size, k, d, dst_rs, accumulate, lhs, rhs, Parallelism::None);
                 }
             }
-        });
+        };
+        let blocks = len.div_ceil(chunk);
+        if matches!(par, Parallelism::Rayon(t) if t != 1) && rayon::current_num_threads() > 1 {
+            use rayon::prelude::*;
+            (0..blocks).into_par_iter().for_each(block);
+        } else {
+            (0..blocks).for_each(block);
+        }
         return;
     }
     gemm_call(m, n, k, dst, dst_rs, accumulate, lhs, rhs, par);
 }
 
-/// How many tasks a matrix-vector product (`m` or `n` is 1) is split into, or `None` for a
-/// product gemm should run as it is: not a vector, one thread, or under ~256 KiB of matrix
-/// (where the split costs more than it gains).
-fn vector_tasks(m: usize, n: usize, k: usize, par: Parallelism) -> Option<usize> {
-    let threads = match par {
-        Parallelism::Rayon(0) => rayon::current_num_threads(),
-        Parallelism::Rayon(t) => t,
-        _ => 1,
-    };
+/// The block length a matrix-vector product (`m` or `n` is 1) is cut into, or `None` for a
+/// product gemm should run as it is: not a vector, or under ~256 KiB of matrix or 256 long
+/// (where blocks cost more than they gain). Fixed, so that results do not depend on the pool.
+fn vector_chunk(m: usize, n: usize, k: usize) -> Option<usize> {
+    const BLOCK: usize = 128;
     let len = match (m, n) {
         (len, 1) | (1, len) => len,
         _ => return None,
     };
-    (threads > 1 && len >= 64 && len * k >= 1 << 16).then(|| (2 * threads).min(len / 32))
+    (len >= 2 * BLOCK && len * k >= 1 << 16).then_some(BLOCK)
 }
 
 /// # Safety
@@ -313,12 +297,12 @@ pub(crate) fn row_major<T: Float + candle_core::WithDType>(op: &str, t: &Tensor)
 mod tests {
     use super::{gemm_into, row_major, transpose, Mat, Parallelism, Tensor};
 
-    /// The split of a matrix-vector product over threads gives gemm's one-thread result (to
-    /// rounding: gemm's vector kernel orders its sums by block) and writes nothing else: both
-    /// sides (n = 1 and m = 1), overwrite and accumulate, f32 and f64, lengths that do not
-    /// divide into the blocks, and a destination with a row stride.
+    /// A matrix-vector product cut into blocks gives the same bits on the pool and on one
+    /// thread, equals an f64 sum to rounding, and writes nothing else: both sides (n = 1 and
+    /// m = 1), overwrite and accumulate, f32 and f64, lengths that do not divide into the
+    /// blocks, and a destination with a row stride.
     #[test]
-    fn split_matrix_vector_products_equal_the_single_gemv() {
+    fn split_matrix_vector_products_are_exact_and_pool_independent() {
         fn check<T: crate::util::Float + std::fmt::Debug + Into<f64>>(from: impl Fn(f64) -> T, tol: f64) {
             let mut seed = 0x9E37_79B9_7F4A_7C15u64;
             let mut rand = move || {
@@ -335,7 +319,7 @@ mod tests {
                 for accumulate in [false, true] {
                     for column in [true, false] {
                         let (m, n) = if column { (len, 1) } else { (1, len) };
-                        assert!(super::vector_tasks(m, n, k, Parallelism::Rayon(2)).is_some());
+                        assert!(super::vector_chunk(m, n, k).is_some());
                         let run = |par: Parallelism| {
                             let mut dst = start.clone();
                             // SAFETY: dst holds len rows of stride 2 (n = 1) or one row of 2·len
@@ -362,6 +346,17 @@ mod tests {
                             dst
                         };
                         let (one, split) = (run(Parallelism::None), run(Parallelism::Rayon(2)));
+                        // The blocks do not depend on the pool: the same bits on one thread.
+                        let bits = |v: &[T]| {
+                            v.iter()
+                                .map(|&x| Into::<f64>::into(x).to_bits())
+                                .collect::<Vec<_>>()
+                        };
+                        assert_eq!(
+                            bits(&one),
+                            bits(&split),
+                            "len {len} k {k}: the pool changed the sums"
+                        );
                         for (at, ((&a, &b), &s0)) in one.iter().zip(&split).zip(&start).enumerate() {
                             let out = if column {
                                 (at % 2 == 0).then_some(at / 2)
@@ -386,9 +381,9 @@ mod tests {
         check::<f32>(|v| v as f32, 1e-5);
         check::<f64>(|v| v, 1e-13);
         // Small products and true matrices are left to gemm as they are.
-        assert!(super::vector_tasks(1000, 1, 16, Parallelism::Rayon(2)).is_none());
-        assert!(super::vector_tasks(1000, 2, 768, Parallelism::Rayon(2)).is_none());
-        assert!(super::vector_tasks(1000, 1, 768, Parallelism::None).is_none());
+        assert!(super::vector_chunk(1000, 1, 16).is_none());
+        assert!(super::vector_chunk(1000, 2, 768).is_none());
+        assert!(super::vector_chunk(200, 1, 768).is_none());
         let mut y = vec![0f32; 3];
         gemm_into(
             3,

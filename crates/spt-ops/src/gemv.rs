@@ -19,6 +19,10 @@ const K_PER_BLOCK: usize = 128;
 pub(crate) fn rows_dot<T: Vector>(w: &[T], x: &[T], y: &mut [T]) {
     let d_in = x.len();
     assert_eq!(w.len(), y.len() * d_in, "gemv: W is not [out, in]");
+    if d_in == 0 {
+        y.fill(T::zero());
+        return;
+    }
     y.par_chunks_mut(ROWS_PER_TASK)
         .zip(w.par_chunks(ROWS_PER_TASK * d_in))
         .for_each(|(yc, wc)| {
@@ -39,6 +43,10 @@ pub(crate) fn rows_dot<T: Vector>(w: &[T], x: &[T], y: &mut [T]) {
 pub(crate) fn cols_axpy<T: Vector>(w: &[T], x: &[T], y: &mut [T]) {
     let out = y.len();
     assert_eq!(w.len(), x.len() * out, "gemv: W is not [in, out]");
+    if x.is_empty() || out == 0 {
+        y.fill(T::zero());
+        return;
+    }
     let partials: Vec<Vec<T>> = x
         .par_chunks(K_PER_BLOCK)
         .zip(w.par_chunks(K_PER_BLOCK * out))
@@ -79,7 +87,15 @@ mod tests {
                 seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
                 from(((seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0)
             };
-            for (out, d_in) in [(1usize, 1usize), (3, 5), (101, 299), (1000, 130), (50, 1031)] {
+            for (out, d_in) in [
+                (0usize, 4usize),
+                (4, 0),
+                (1, 1),
+                (3, 5),
+                (101, 299),
+                (1000, 130),
+                (50, 1031),
+            ] {
                 let w: Vec<T> = (0..out * d_in).map(|_| rand()).collect();
                 let x: Vec<T> = (0..d_in).map(|_| rand()).collect();
                 let mut y = vec![from(f64::NAN); out];

@@ -69,7 +69,7 @@ pub(crate) fn generate(a: &GenerateArgs) -> Result<()> {
     if max_new < a.max_new_tokens {
         say!(
             "note: --max-new-tokens {} capped at {max_new}: the prompt ({n_prompt} tokens) and the \
-             generated text fit the model's context of {ctx_len} tokens",
+             generated tokens but the last (never run) fit the model's context of {ctx_len} tokens",
             a.max_new_tokens
         );
     }
