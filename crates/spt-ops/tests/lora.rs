@@ -680,6 +680,7 @@ fn routed_lora_top_k_equals_masked_merged_ffn_and_its_gradients() -> Result<()> 
 /// `few_rows_matmul` with one untracked row (decoding) takes the threaded matrix-vector path:
 /// it equals candle's matmul in f32 and f64, in the weight's own layout and a narrowed one, and
 /// a tracked row or weight still gets its gradient (those take candle's differentiable path).
+/// The LoRA op's one-row forward takes the same path and equals its reference.
 #[test]
 fn few_rows_matmul_one_row_matches_matmul_and_keeps_gradients() -> Result<()> {
     use spt_ops::lora::few_rows_matmul;
@@ -710,6 +711,25 @@ fn few_rows_matmul_one_row_matches_matmul_and_keeps_gradients() -> Result<()> {
             "in-out {out}x{d_in}"
         );
         assert!(max_diff(&few_rows_matmul(&x, &io.t()?)?, &x.matmul(&io)?)? < 1e-12);
+    }
+    // The LoRA op's one-row forward (decoding) takes the same matrix-vector path for W x.
+    for (out, d_in) in [(2304usize, 768usize), (3, 5)] {
+        let (x, w, b) = (
+            randn_f64(&[1, 1, d_in], 17)?,
+            randn_f64(&[out, d_in], 18)?,
+            randn_f64(&[out], 19)?,
+        );
+        let (a, bm) = (randn_f64(&[8, d_in], 20)?, randn_f64(&[out, 8], 21)?);
+        let want = lora_reference(&x, &w, Some(&b), &a, &bm, 2.0)?;
+        assert!(
+            max_diff(&lora_linear(&x, &w, Some(&b), &a, &bm, 2.0)?, &want)? < 1e-11,
+            "f64 {out}x{d_in}"
+        );
+        let got = lora_linear(&f32(x)?, &f32(w)?, Some(&f32(b)?), &f32(a)?, &f32(bm)?, 2.0)?;
+        assert!(
+            max_diff(&got, &want)? < 1e-3 * (1.0 + norm(&want)?),
+            "f32 {out}x{d_in}"
+        );
     }
     let w = Var::from_tensor(&randn_f64(&[300, 256], 14)?)?;
     let x = Var::from_tensor(&randn_f64(&[1, 256], 15)?)?;

@@ -13,6 +13,7 @@
 use super::linear;
 use crate::blas::{gemm_into, inner_par, transpose, Mat, SendPtr};
 use crate::heads::{merge_heads, split_heads, RowLayout};
+use crate::simd::Vector;
 use crate::util::{check_float, check_same, contiguous, if_tracked, sum_partials, with_slices, Float};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
@@ -170,7 +171,7 @@ pub(crate) fn merged_into<T: Float>(
 
 /// Forward over row tasks: `y = b + x (W + s·B A)ᵀ`, x's and y's rows laid out as `io` says.
 #[allow(clippy::too_many_arguments)]
-fn forward<T: Float>(
+fn forward<T: Vector>(
     x: &[T],
     w: &[T],
     bias: Option<&[T]>,
@@ -225,7 +226,7 @@ fn forward<T: Float>(
 /// place, instead of forming and transposing the merged weight (three passes over W for one
 /// row's GEMV, which reads it once).
 #[allow(clippy::too_many_arguments)]
-fn forward_unmerged<T: Float>(
+fn forward_unmerged<T: Vector>(
     x: &[T],
     w: &[T],
     bias: Option<&[T]>,
@@ -254,18 +255,23 @@ fn forward_unmerged<T: Float>(
     );
     su.iter_mut().for_each(|v| *v = *v * s);
     // yᵀ = W xᵀ with W read row-major as the left operand (as the right one, read down its
-    // columns, gemm would pack W one strided element at a time), then y = (yᵀ)ᵀ.
+    // columns, gemm would pack W one strided element at a time), then y = (yᵀ)ᵀ. One row
+    // (decoding) is a matrix-vector product, which gemm runs on one thread: `gemv` uses all.
     let mut yt = vec![T::zero(); out * n];
-    gemm_into(
-        out,
-        n,
-        d_in,
-        &mut yt,
-        false,
-        Mat::new(w, 0, d_in, 1),
-        Mat::new(xc, 0, 1, d_in),
-        par,
-    );
+    if n == 1 {
+        crate::gemv::rows_dot(w, xc, &mut yt);
+    } else {
+        gemm_into(
+            out,
+            n,
+            d_in,
+            &mut yt,
+            false,
+            Mat::new(w, 0, d_in, 1),
+            Mat::new(xc, 0, 1, d_in),
+            par,
+        );
+    }
     let fill = |yc: &mut [T]| {
         for (i, row) in yc.chunks_mut(out).enumerate() {
             for (j, v) in row.iter_mut().enumerate() {
