@@ -74,14 +74,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
+    let cpu = spt_ops::cpu_model().unwrap_or_else(|| "unknown CPU".into());
     format!(
         "{} threads ({} rayon), {cpu}, simd {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),

@@ -56,5 +56,5 @@ pub use pq::{
     Codebook, KeySelection, KeyTopK, PqConfig, Refresh, Selection,
 };
 pub use routed_ffn::{BlockTopK, GateMode, RoutedFfn, RoutedFfnConfig, Routing};
-pub use simd::simd_path;
+pub use simd::{cpu_model, simd_path};
 pub use sparse_attention::sparse_attention;

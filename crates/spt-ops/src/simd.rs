@@ -167,6 +167,14 @@ pub fn simd_path() -> &'static str {
     "scalar"
 }
 
+/// The CPU's model name from `/proc/cpuinfo`, where there is one (reported by the benchmarks:
+/// this project's machines change CPU between runs, and ratios compare where seconds do not).
+pub fn cpu_model() -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("model name"))?;
+    Some(line.split_once(':')?.1.trim().to_string())
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
     use std::arch::x86_64::*;

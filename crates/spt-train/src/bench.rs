@@ -274,24 +274,11 @@ pub fn machine_json() -> serde_json::Value {
 pub fn machine_json_on(device: &str) -> serde_json::Value {
     serde_json::json!({
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "cpu": cpu_model(),
+        "cpu": spt_ops::cpu_model().unwrap_or_else(|| "unknown".into()),
         "os": std::env::consts::OS,
         "arch": std::env::consts::ARCH,
         "device": device,
     })
-}
-
-/// The CPU's model name from /proc/cpuinfo ("unknown" where there is none to read).
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, name)| name.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
 }
 
 /// Writes a result file as pretty JSON through a temporary file and a rename.

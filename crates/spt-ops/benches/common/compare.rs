@@ -39,12 +39,7 @@ pub fn loadavg() -> String {
 /// The CPU and the thread count, for a result file's `machine`.
 pub fn machine() -> String {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = info
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|| "unknown CPU".into());
+    let model = spt_ops::cpu_model().unwrap_or_else(|| "unknown CPU".into());
     let cpus = info.lines().filter(|l| l.starts_with("processor")).count();
     format!(
         "{cpus} cores, {model}, {} rayon threads",
