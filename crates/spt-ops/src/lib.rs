@@ -17,6 +17,9 @@
 //! - [`routed_ffn`]: the routed FFN (router, grouped gather/scatter GEMMs, router fit).
 //! - [`lora`]: LoRA linear layer, frozen-aware dense `linear`, seeded dropout.
 //! - [`cross_entropy`](mod@cross_entropy): fused output projection + cross-entropy (no `[N, V]` logits kept).
+//!
+//! [`on_pool`] runs a step or an inference call on rayon's pool, where the CPU ops' threads
+//! start without waking (11–30 % faster on 2 cores than from `main`).
 
 pub mod activation;
 pub mod attention;
@@ -34,6 +37,7 @@ pub mod gradcheck;
 pub mod heads;
 pub mod lora;
 pub mod norm;
+mod pool;
 pub mod pq;
 pub mod routed_ffn;
 mod simd;
@@ -51,6 +55,7 @@ pub use flash_attention::{
 pub use heads::{merge_heads, split_heads};
 pub use lora::{lora_linear, lora_linear_heads, HeadsLayout, LoraConfig, LoraError, LoraLinear};
 pub use norm::{layer_norm, residual_dropout, residual_layer_norm, softmax_last_dim};
+pub use pool::on_pool;
 pub use pq::{
     pq_attention, pq_sparse_attention, select_blocks, select_keys, BlockScore, BlockSelection, BlockTiling,
     Codebook, KeySelection, KeyTopK, PqConfig, Refresh, Selection,

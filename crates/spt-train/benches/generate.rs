@@ -25,6 +25,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use spt_models::{GPT2Config, GPT2LMHeadModel, KvCache};
+use spt_ops::on_pool;
 use spt_train::bench::{
     child_records, machine_json, median, peak_rss_bytes, random_gpt2_weights, synthetic_data, write_results,
 };
@@ -69,12 +70,15 @@ fn cached(m: &GPT2LMHeadModel, ids: &[u32], prompt: usize) -> Result<(f64, Vec<f
     let dev = Device::Cpu;
     let mut cache = KvCache::new();
     let t0 = Instant::now();
-    let logits = m.next_token_logits(&Tensor::new(&ids[..prompt], &dev)?.unsqueeze(0)?, &mut cache)?;
+    // As spt-train generate runs each call: on the pool.
+    let input = Tensor::new(&ids[..prompt], &dev)?.unsqueeze(0)?;
+    let logits = on_pool(&dev, || m.next_token_logits(&input, &mut cache))?;
     logits.to_vec2::<f32>()?; // the sampler reads the logits on the host
     let mut per_token = Vec::with_capacity(ids.len() - prompt);
     for &id in &ids[prompt..] {
         let t = Instant::now();
-        let logits = m.next_token_logits(&Tensor::new(&[id], &dev)?.unsqueeze(0)?, &mut cache)?;
+        let input = Tensor::new(&[id], &dev)?.unsqueeze(0)?;
+        let logits = on_pool(&dev, || m.next_token_logits(&input, &mut cache))?;
         logits.to_vec2::<f32>()?;
         per_token.push(t.elapsed().as_secs_f64());
     }
@@ -86,7 +90,8 @@ fn uncached(m: &GPT2LMHeadModel, ids: &[u32], prompt: usize) -> Result<f64> {
     let dev = Device::Cpu;
     let t0 = Instant::now();
     for end in prompt..=ids.len() {
-        let logits = m.forward_t(&Tensor::new(&ids[..end], &dev)?.unsqueeze(0)?, None, false)?;
+        let input = Tensor::new(&ids[..end], &dev)?.unsqueeze(0)?;
+        let logits = on_pool(&dev, || m.forward_t(&input, None, false))?;
         logits.get(0)?.get(end - 1)?.to_vec1::<f32>()?;
     }
     Ok(t0.elapsed().as_secs_f64())

@@ -110,8 +110,7 @@ fn run(task: &ModelTask, data: &EncodedDataset, batches: &[Vec<usize>]) -> Resul
     for b in batches {
         let batch = data.batch(b, &dev)?;
         padded += batch.input_ids.elem_count();
-        let logits = task.net.forward(&batch, false)?;
-        candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
+        task.net.probabilities(&batch)?;
     }
     Ok((t0.elapsed().as_secs_f64(), padded))
 }

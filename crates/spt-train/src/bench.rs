@@ -205,11 +205,15 @@ pub fn time_steps(
             seed: s as u64,
             train: true,
         };
-        let loss = task.loss(&batch, &ctx)?;
-        let grads = loss.backward()?;
-        opt.step(&grads, 1e-5)?;
-        drop(grads);
-        task.after_step(s as u64 + 1)?;
+        // As the trainer runs a step: on the pool.
+        spt_ops::on_pool(device, || -> Result<()> {
+            let loss = task.loss(&batch, &ctx)?;
+            let grads = loss.backward()?;
+            opt.step(&grads, 1e-5)?;
+            drop(grads);
+            task.after_step(s as u64 + 1)?;
+            Ok(())
+        })?;
         let dt = t0.elapsed().as_secs_f64();
         if s >= warmup {
             times.push(dt);

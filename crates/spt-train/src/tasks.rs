@@ -72,6 +72,15 @@ impl Net {
         })
     }
 
+    /// A classifier's class probabilities of every item of `batch`, read to the host: the
+    /// forward (inference) and the softmax, on rayon's pool ([`spt_ops::on_pool`]), as `spt-train
+    /// predict` runs them.
+    pub fn probabilities(&self, batch: &Batch) -> candle_core::Result<Vec<Vec<f32>>> {
+        spt_ops::on_pool(batch.input_ids.device(), || {
+            candle_nn::ops::softmax_last_dim(&self.forward(batch, false)?)?.to_vec2::<f32>()
+        })
+    }
+
     /// The number of transformer layers.
     pub fn num_layers(&mut self) -> usize {
         self.spt().num_layers()

@@ -63,8 +63,9 @@ pub struct EvalOutput {
     pub predictions: Option<Vec<u32>>,
 }
 
-/// A model + loss the trainer can fit. See the module docs.
-pub trait TrainTask {
+/// A model + loss the trainer can fit. See the module docs. `Send`: the trainer runs each step on
+/// rayon's pool ([`spt_ops::on_pool`]).
+pub trait TrainTask: Send {
     /// Mean loss over `batch`, as a scalar float tensor still attached to the graph.
     fn loss(&mut self, batch: &Batch, ctx: &StepCtx) -> candle_core::Result<Tensor>;
 
@@ -340,7 +341,7 @@ pub fn evaluate<T: TrainTask + ?Sized>(
     let mut have_preds = true;
     for idx in &batches {
         let batch = data.batch(idx, device)?;
-        let out = task.eval_batch(&batch)?;
+        let out = spt_ops::on_pool(device, || task.eval_batch(&batch))?;
         if out.count > 0.0 {
             loss.add(out.loss_sum / out.count, out.count);
             counted += out.count;

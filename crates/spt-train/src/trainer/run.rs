@@ -476,65 +476,73 @@ impl<T: TrainTask> Trainer<T> {
             let step_started = Instant::now();
             let step_seed = st.rng.next_u64();
             let lr = sched.lr_at(st.step);
-            let mut acc: Option<GradStore> = None;
-            let mut loss_sum = 0f64;
-            for (i, batch) in micro.iter().enumerate() {
-                let ctx = StepCtx {
-                    step: st.step,
-                    micro: i,
-                    seed: SplitMix64::derive(step_seed, i as u64).next_u64(),
-                    train: true,
-                };
-                let loss = self.task.loss(batch, &ctx)?;
-                let value = loss.detach().to_dtype(DType::F32)?.to_scalar::<f32>()?;
-                if !value.is_finite() {
+            // On the pool: each op's threads start without waking (spt_ops::on_pool).
+            let task = &mut self.task;
+            let max_norm = self.cfg.max_grad_norm;
+            let step = st.step;
+            let done = spt_ops::on_pool(&self.device, || -> Result<Option<(f64, f64)>> {
+                let mut acc: Option<GradStore> = None;
+                let mut loss_sum = 0f64;
+                for (i, batch) in micro.iter().enumerate() {
+                    let ctx = StepCtx {
+                        step,
+                        micro: i,
+                        seed: SplitMix64::derive(step_seed, i as u64).next_u64(),
+                        train: true,
+                    };
+                    let loss = task.loss(batch, &ctx)?;
+                    let value = loss.detach().to_dtype(DType::F32)?.to_scalar::<f32>()?;
+                    if !value.is_finite() {
+                        return Err(Error::Msg(format!(
+                            "loss is {value} at step {} (micro-batch {i})",
+                            step + 1
+                        )));
+                    }
+                    loss_sum += value as f64;
+                    let scaled = if n > 1 { (loss / n as f64)? } else { loss };
+                    let grads = scaled.backward()?;
+                    acc = Some(match acc {
+                        None => grads,
+                        Some(mut a) => {
+                            for v in &vars {
+                                if let Some(g) = grads.get(v.as_tensor()) {
+                                    let sum = match a.get(v.as_tensor()) {
+                                        Some(prev) => (prev + g)?,
+                                        None => g.clone(),
+                                    };
+                                    a.insert(v.as_tensor(), sum);
+                                }
+                            }
+                            a
+                        }
+                    });
+                }
+                let Some(grads) = acc else { return Ok(None) };
+                // A loss that does not depend on the trainable variables (detached, or of an
+                // integer dtype) would train nothing, silently.
+                if !vars.iter().any(|v| grads.get(v.as_tensor()).is_some()) {
                     return Err(Error::Msg(format!(
-                        "loss is {value} at step {} (micro-batch {i})",
-                        st.step + 1
+                        "step {}: no trainable variable received a gradient; the task's loss does not \
+                         depend on trainable() (detached, or not a float?)",
+                        step + 1
                     )));
                 }
-                loss_sum += value as f64;
-                tokens_seen += batch.n_tokens as u64;
-                let scaled = if n > 1 { (loss / n as f64)? } else { loss };
-                let grads = scaled.backward()?;
-                acc = Some(match acc {
-                    None => grads,
-                    Some(mut a) => {
-                        for v in &vars {
-                            if let Some(g) = grads.get(v.as_tensor()) {
-                                let sum = match a.get(v.as_tensor()) {
-                                    Some(prev) => (prev + g)?,
-                                    None => g.clone(),
-                                };
-                                a.insert(v.as_tensor(), sum);
-                            }
-                        }
-                        a
-                    }
-                });
-            }
-            let Some(grads) = acc else { break };
-            // A loss that does not depend on the trainable variables (detached, or of an
-            // integer dtype) would train nothing, silently.
-            if !vars.iter().any(|v| grads.get(v.as_tensor()).is_some()) {
-                return Err(Error::Msg(format!(
-                    "step {}: no trainable variable received a gradient; the task's loss does not \
-                     depend on trainable() (detached, or not a float?)",
-                    st.step + 1
-                )));
-            }
-            let gnorm = grad_norm(&vars, &grads)?;
-            if !gnorm.is_finite() {
-                return Err(Error::Msg(format!(
-                    "gradient norm is {gnorm} at step {}",
-                    st.step + 1
-                )));
-            }
-            // Clipping is applied inside the update (no scaled copy of every gradient).
-            opt.step_scaled(&grads, lr, clip_scale(gnorm, self.cfg.max_grad_norm))?;
-            drop(grads);
+                let gnorm = grad_norm(&vars, &grads)?;
+                if !gnorm.is_finite() {
+                    return Err(Error::Msg(format!(
+                        "gradient norm is {gnorm} at step {}",
+                        step + 1
+                    )));
+                }
+                // Clipping is applied inside the update (no scaled copy of every gradient).
+                opt.step_scaled(&grads, lr, clip_scale(gnorm, max_norm))?;
+                drop(grads);
+                task.after_step(step + 1)?;
+                Ok(Some((loss_sum, gnorm)))
+            })?;
+            let Some((loss_sum, gnorm)) = done else { break };
+            tokens_seen += micro.iter().map(|b| b.n_tokens as u64).sum::<u64>();
             st.step += 1;
-            self.task.after_step(st.step)?;
             summary.step_times_s.push(step_started.elapsed().as_secs_f64());
 
             let step_loss = (loss_sum / n as f64) as f32;

@@ -114,7 +114,8 @@ pub(crate) fn generate(a: &GenerateArgs) -> Result<()> {
     let mut input = ids.clone();
     for _ in 0..max_new {
         let input_ids = Tensor::new(input.as_slice(), &dev)?.unsqueeze(0)?;
-        let logits = model.next_token_logits(&input_ids, &mut cache)?;
+        // On the pool, where each op's threads start without waking.
+        let logits = spt_ops::on_pool(&dev, || model.next_token_logits(&input_ids, &mut cache))?;
         let last: Vec<f32> = logits.get(0)?.to_dtype(DType::F32)?.to_vec1()?;
         if last.iter().any(|v| v.is_nan()) {
             bail!(

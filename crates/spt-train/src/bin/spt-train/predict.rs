@@ -181,8 +181,7 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
     let mut out: Vec<Option<String>> = vec![None; data.len()];
     for chunk in epoch_batches(&data.lengths(), a.batch_size, 0, 0, BatchOrder::EVAL)? {
         let batch = data.batch(&chunk, &dev)?;
-        let logits = task.net.forward(&batch, false)?;
-        let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
+        let probs = task.net.probabilities(&batch)?;
         for (&i, p) in chunk.iter().zip(probs) {
             if p.iter().any(|v| !v.is_finite()) {
                 bail!(
