@@ -5,7 +5,8 @@
 //! dense, LoRA and SPT modes differ only in which variables `trainable()` returns and in what the
 //! model does inside `loss`, so they share this one loop.
 //!
-//! One *step* is one optimizer update over `grad_accum` micro-batches. The loop:
+//! One *step* is one optimizer update over `grad_accum` micro-batches, run on the CPU on a thread
+//! of rayon's pool ([`spt_ops::on_pool`]; hence `TrainTask: Send`). The loop:
 //! 1. draws the step's seed from the trainer RNG ([`SplitMix64`](crate::rng::SplitMix64), saved in checkpoints);
 //! 2. for each micro-batch (in the order [`epoch_batches`] gives for `(seed, epoch)`): `loss`,
 //!    `backward` of `loss / n_micro`, gradients summed;
