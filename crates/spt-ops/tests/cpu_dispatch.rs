@@ -6,7 +6,8 @@
 //!   takes its AVX2+FMA (or SSE / scalar) micro-kernels;
 //! - spt-ops' own dot / axpy / exp (`simd.rs`), GELU (`gelu_avx2.rs`) and layer norm's f32 rows
 //!   (`norm/rows.rs`): AVX2+FMA when detected, else scalar; GELU's AVX2 loops also have a copy
-//!   compiled with AVX-512VL's 32 registers, taken where the CPU has them.
+//!   compiled with AVX-512VL's 32 registers, and the softmax exp a 16-lane AVX-512F form, taken
+//!   where the CPU has them.
 //!
 //! This test runs the same checks natively (AVX-512 where the CPU has it) and, under user-mode
 //! QEMU, the fallback paths: a Haswell (AVX2+FMA, no AVX-512) and a Nehalem (SSE4.2 only: every
