@@ -19,7 +19,7 @@
 //! - [`cross_entropy`](mod@cross_entropy): fused output projection + cross-entropy (no `[N, V]` logits kept).
 //!
 //! [`on_pool`] runs a step or an inference call on rayon's pool, where the CPU ops' threads
-//! start without waking (11–30 % faster on 2 cores than from `main`).
+//! start without waking (10–30 % faster on 2 cores than from `main`).
 
 pub mod activation;
 pub mod attention;

@@ -5,15 +5,16 @@
 //! pool's threads and puts the caller to sleep until they finish: two context switches an op,
 //! and the caller is a third thread competing for the cores. Called from a pool thread, the op
 //! runs on that thread and the others steal from it, awake between ops. A MiniLM training step
-//! (B8×L512) ran 11–15 % faster on the pool, a one-text classification 30 % faster, on a 2-core
-//! Xeon (docs/speed.md).
+//! (B8×L512) ran 10–16 % faster on the pool, a one-text classification 28–30 % faster, on a
+//! 2-core Xeon (docs/results/speed.md).
 
 use candle_core::Device;
 
 /// Runs `f` on a thread of rayon's global pool when `device` is the CPU and this thread is not
 /// already one of a pool's (then, and for other devices, `f` runs here). The caller sleeps until
 /// `f` returns; a panic in `f` is resumed here. Wrap a whole step (forward, backward, update) or a
-/// whole inference call: the cost is one wake-up, paid once.
+/// whole inference call: the cost is one wake-up, paid once. `f` gets a pool thread's stack
+/// (rayon's default is 2 MiB; `spt_train::threads::fix_thread_count` builds the pool with 8).
 pub fn on_pool<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
     if !device.is_cpu() || rayon::current_thread_index().is_some() {
         return f();

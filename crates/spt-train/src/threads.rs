@@ -8,21 +8,29 @@
 /// Sets `RAYON_NUM_THREADS` to the count candle would compute, unless the variable already
 /// holds one, and builds rayon's global pool with the count rayon would have taken without it
 /// (the logical CPUs; the variable would otherwise set it too, to candle's physical-core count):
-/// the same threads as before on every machine, counted once. Call it first in `main`, before
-/// any thread starts (it writes the process environment).
+/// the same threads as before on every machine, counted once. The pool's threads get `main`'s
+/// usual 8 MiB of stack, not rayon's 2 MiB: training steps run on them (`spt_ops::on_pool`), and
+/// candle's backward sorts the graph recursively. Call it first in `main`, before any thread
+/// starts (it writes the process environment).
 pub fn fix_thread_count() {
+    let mut pool = rayon::ThreadPoolBuilder::new().stack_size(POOL_STACK);
     if let Some(n) = count_to_fix() {
         // rayon's own default: its deprecated variable, else the logical CPUs.
-        let pool = std::env::var("RAYON_RS_NUM_CPUS")
+        let threads = std::env::var("RAYON_RS_NUM_CPUS")
             .ok()
             .and_then(|s| s.parse::<usize>().ok())
             .filter(|&n| n > 0)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |p| p.get()));
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        // Fails only if the pool already exists, which then keeps its count.
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(pool).build_global();
+        pool = pool.num_threads(threads);
     }
+    // Without num_threads, rayon reads RAYON_NUM_THREADS itself. Fails only if the pool already
+    // exists, which then keeps its settings.
+    let _ = pool.build_global();
 }
+
+/// The stack of each pool thread: what Linux gives `main`.
+const POOL_STACK: usize = 8 << 20;
 
 /// The count to write: candle's, when `RAYON_NUM_THREADS` holds no positive count (the cases in
 /// which candle counts cores itself).
