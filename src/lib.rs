@@ -84,7 +84,7 @@
 //! README's `pq_sparse_attention` example; the `spt-train` command line is in `docs/cli.md`. In a
 //! loop of your own on the CPU, run each step (or inference call) inside
 //! [`ops::on_pool`]`(&device, || ...)`, as the trainer does: each op's threads then start
-//! without waking (11–30 % faster on 2 cores).
+//! without waking (10–30 % faster on 2 cores).
 
 pub use spt_models as models;
 pub use spt_ops as ops;
