@@ -170,11 +170,15 @@ pub(crate) fn has_avx512vl() -> bool {
     is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl")
 }
 
-/// Which inner-product path this CPU uses (reported by the benchmarks).
+/// Which vector paths spt-ops' own kernels take on this CPU (reported by the benchmarks).
 pub fn simd_path() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
-        return "avx2+fma";
+        return if has_avx512f() {
+            "avx2+fma, avx512f exp"
+        } else {
+            "avx2+fma"
+        };
     }
     "scalar"
 }
