@@ -22,6 +22,8 @@ use std::time::Instant;
 
 #[path = "common/alloc.rs"]
 mod alloc;
+#[path = "common/pool.rs"]
+mod pool;
 use alloc::{LIVE, PEAK};
 
 #[global_allocator]
@@ -177,6 +179,10 @@ fn blocks_record(
 
 fn main() -> Result<()> {
     alloc::keep_freed_memory();
+    pool::run(bench)
+}
+
+fn bench() -> Result<()> {
     let lengths: Vec<usize> = std::env::var("SPT_BENCH_LENGTHS")
         .ok()
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())

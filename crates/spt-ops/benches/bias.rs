@@ -12,6 +12,8 @@ use spt_ops::gradcheck::randn_f64;
 
 #[path = "common/alloc.rs"]
 mod alloc;
+#[path = "common/pool.rs"]
+mod pool;
 #[path = "common/compare.rs"]
 mod compare;
 use compare::{compare, loadavg, step, write_results};
@@ -26,6 +28,10 @@ type Op = fn(&Tensor, &Tensor) -> Result<Tensor>;
 
 fn main() -> Result<()> {
     alloc::keep_freed_memory();
+    pool::run(bench)
+}
+
+fn bench() -> Result<()> {
     let threads = rayon::current_num_threads();
     println!("{threads} rayon threads; load average {}", loadavg());
     let f32t = |t: Tensor| t.to_dtype(DType::F32);

@@ -30,6 +30,8 @@ use std::time::Instant;
 
 #[path = "common/alloc.rs"]
 mod alloc;
+#[path = "common/pool.rs"]
+mod pool;
 #[path = "common/compare.rs"]
 mod compare;
 use compare::{loadavg, machine};
@@ -277,6 +279,10 @@ fn phases(layer: &RoutedFfn, x: &Tensor, u: &Tensor, reps: usize) -> Result<()> 
 
 fn main() -> Result<()> {
     alloc::keep_freed_memory();
+    pool::run(bench)
+}
+
+fn bench() -> Result<()> {
     let quick = std::env::var("FFN_BENCH_QUICK").is_ok();
     println!("machine: {}; load average {}", machine(), loadavg());
     let mut records = Vec::new();

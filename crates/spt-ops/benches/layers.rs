@@ -32,6 +32,8 @@ use spt_ops::{gelu_erf, gelu_tanh, layer_norm, linear_cross_entropy, softmax_las
 
 #[path = "common/alloc.rs"]
 mod alloc;
+#[path = "common/pool.rs"]
+mod pool;
 #[path = "common/compare.rs"]
 mod compare;
 use compare::{compare, loadavg, machine, step, write_results};
@@ -200,6 +202,10 @@ fn norm_activation(reps: usize) -> Result<Vec<serde_json::Value>> {
 
 fn main() -> Result<()> {
     alloc::keep_freed_memory();
+    pool::run(bench)
+}
+
+fn bench() -> Result<()> {
     println!("machine: {}; load average {}", machine(), loadavg());
     write_results(
         "lora-linear.json",

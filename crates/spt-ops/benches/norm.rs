@@ -17,6 +17,8 @@ use spt_ops::{residual_dropout, residual_layer_norm, SeededDropout};
 
 #[path = "common/alloc.rs"]
 mod alloc;
+#[path = "common/pool.rs"]
+mod pool;
 #[path = "common/compare.rs"]
 mod compare;
 use compare::{compare, loadavg, step, write_results};
@@ -57,6 +59,10 @@ fn step_dropout(op: DropOp, t: &Inputs, p: f64, seed: u64) -> Result<(f64, usize
 
 fn main() -> Result<()> {
     alloc::keep_freed_memory();
+    pool::run(bench)
+}
+
+fn bench() -> Result<()> {
     let threads = rayon::current_num_threads();
     println!("{threads} rayon threads; load average {}", loadavg());
     let f32t = |t: Tensor| t.to_dtype(DType::F32);
