@@ -223,6 +223,38 @@ fn linear_equals_the_composed_form_on_both_sides_of_the_few_row_path() -> Result
     Ok(())
 }
 
+/// A frozen `OutIn` weight is read above 64 rows from a `[in, out]` copy made on first use: the
+/// output equals the composed `x Wᵀ + b`, and after the weight is replaced (`Param::set`, as
+/// loading or merging does) the output follows the new weight, not the old copy.
+#[test]
+fn a_frozen_linear_follows_its_weight_when_it_is_replaced() -> Result<()> {
+    use spt_models::weights::Param;
+    use spt_models::{Linear, WeightLayout};
+    let dev = Device::Cpu;
+    let (n_in, n_out, rows) = (37, 29, 200);
+    let w0 = Tensor::randn(0f32, 1.0, (n_out, n_in), &dev)?;
+    let b = Tensor::randn(0f32, 1.0, n_out, &dev)?;
+    let x = Tensor::randn(0f32, 1.0, (rows, n_in), &dev)?;
+    let mut lin = Linear::new(
+        Param::frozen("l.weight", &w0),
+        Some(Param::frozen("l.bias", &b)),
+        WeightLayout::OutIn,
+    )?;
+    let composed = |w: &Tensor| -> Result<Tensor> { Ok(x.matmul(&w.t()?)?.broadcast_add(&b)?) };
+    for (i, w) in [w0.clone(), (&w0 * -2.0)?.affine(1.0, 0.5)?].iter().enumerate() {
+        if i > 0 {
+            lin.weight.set(w)?;
+        }
+        // Twice: the second call reads the kept copy.
+        for _ in 0..2 {
+            let (got, want) = (lin.forward(&x)?, composed(w)?);
+            let scale = want.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+            assert!(max_abs(&got, &want)? <= 1e-6 * scale, "weight {i}");
+        }
+    }
+    Ok(())
+}
+
 /// `Linear::new` refuses a weight that is not a matrix and a bias of another length, naming
 /// the tensor, instead of panicking later in `in_features` or broadcasting the bias.
 #[test]

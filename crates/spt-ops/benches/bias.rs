@@ -12,10 +12,10 @@ use spt_ops::gradcheck::randn_f64;
 
 #[path = "common/alloc.rs"]
 mod alloc;
-#[path = "common/pool.rs"]
-mod pool;
 #[path = "common/compare.rs"]
 mod compare;
+#[path = "common/pool.rs"]
+mod pool;
 use compare::{compare, loadavg, step, write_results};
 
 #[global_allocator]

@@ -30,10 +30,10 @@ use std::time::Instant;
 
 #[path = "common/alloc.rs"]
 mod alloc;
-#[path = "common/pool.rs"]
-mod pool;
 #[path = "common/compare.rs"]
 mod compare;
+#[path = "common/pool.rs"]
+mod pool;
 use compare::{loadavg, machine};
 
 #[global_allocator]

@@ -32,10 +32,10 @@ use spt_ops::{gelu_erf, gelu_tanh, layer_norm, linear_cross_entropy, softmax_las
 
 #[path = "common/alloc.rs"]
 mod alloc;
-#[path = "common/pool.rs"]
-mod pool;
 #[path = "common/compare.rs"]
 mod compare;
+#[path = "common/pool.rs"]
+mod pool;
 use compare::{compare, loadavg, machine, step, write_results};
 
 #[global_allocator]

@@ -17,10 +17,10 @@ use spt_ops::{residual_dropout, residual_layer_norm, SeededDropout};
 
 #[path = "common/alloc.rs"]
 mod alloc;
-#[path = "common/pool.rs"]
-mod pool;
 #[path = "common/compare.rs"]
 mod compare;
+#[path = "common/pool.rs"]
+mod pool;
 use compare::{compare, loadavg, step, write_results};
 
 #[global_allocator]

@@ -8,8 +8,6 @@ use candle_core::{Device, Result};
 /// backward sorts the graph recursively) and runs `body` on one of its threads.
 pub fn run(body: impl FnOnce() -> Result<()> + Send) -> Result<()> {
     // An error means the pool already exists; it is then used as it is.
-    let _ = rayon::ThreadPoolBuilder::new()
-        .stack_size(8 << 20)
-        .build_global();
+    let _ = rayon::ThreadPoolBuilder::new().stack_size(8 << 20).build_global();
     spt_ops::on_pool(&Device::Cpu, body)
 }
