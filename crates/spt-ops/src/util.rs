@@ -75,7 +75,22 @@ impl Float for f64 {
 /// A softmax row's max. `max` skips NaN, so a row of NaN only (a diverged input) would read as a
 /// fully masked row (max −∞, output 0); it gets NaN, which then propagates as it does in candle.
 pub(crate) fn row_max<T: Float>(row: &[T]) -> T {
-    let m = row.iter().copied().fold(T::neg_infinity(), T::max);
+    // Sixteen running maxima, each a compare-and-select that the compiler turns into packed max
+    // instructions (`fold(max)` is one serial chain: 7 % of the fused attention's samples). A NaN
+    // compares false, so it is skipped, as `max` skips it.
+    let pick = |a: T, x: T| if x > a { x } else { a };
+    let mut acc = [T::neg_infinity(); 16];
+    let chunks = row.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = pick(*a, x);
+        }
+    }
+    let m = acc
+        .into_iter()
+        .chain(rest.iter().copied())
+        .fold(T::neg_infinity(), pick);
     if m == T::neg_infinity() && row.iter().any(|x| x.is_nan()) {
         T::nan()
     } else {
@@ -230,4 +245,44 @@ pub(crate) fn if_tracked(input: &Tensor, grad: Tensor) -> Option<Tensor> {
 pub(crate) enum MadeBy {
     Caller,
     SptOps,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::row_max;
+
+    /// The sixteen-lane max equals a serial `fold(max)` on rows of every length around the lane
+    /// count, with NaN and −∞ mixed in, and a row of NaN only gives NaN.
+    #[test]
+    fn row_max_equals_the_serial_max_and_skips_nan() {
+        let mut seed = 7u64;
+        let mut next = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as f32 / (1u64 << 31) as f32 * 200.0 - 100.0
+        };
+        for len in 0..70 {
+            for case in 0..4 {
+                let row: Vec<f32> = (0..len)
+                    .map(|i| match (case, i % 5) {
+                        (1, 0) => f32::NAN,
+                        (2, _) => f32::NEG_INFINITY,
+                        (3, 3) => f32::NEG_INFINITY,
+                        _ => next(),
+                    })
+                    .collect();
+                let want = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let got = row_max(&row);
+                if want == f32::NEG_INFINITY && row.iter().any(|x| x.is_nan()) {
+                    assert!(got.is_nan(), "len {len}, case {case}: {row:?} gave {got}");
+                } else {
+                    assert_eq!(got, want, "len {len}, case {case}: {row:?}");
+                }
+            }
+            if len > 0 {
+                assert!(row_max(&vec![f32::NAN; len]).is_nan(), "len {len}");
+            }
+        }
+    }
 }
