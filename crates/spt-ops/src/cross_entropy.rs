@@ -18,7 +18,7 @@
 
 use crate::blas::{gemm_into, inner_par, transpose, Mat};
 use crate::simd::Vector;
-use crate::util::{check_float, check_same, contiguous};
+use crate::util::{check_float, check_same, contiguous, row_max};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -260,7 +260,7 @@ impl LinearCrossEntropy {
                 .par_chunks_mut(v)
                 .zip(labels.par_iter())
                 .map(|(z, &t)| {
-                    let max = z.iter().copied().fold(T::neg_infinity(), T::max);
+                    let max = row_max(z);
                     let target = z[t];
                     let sum = T::exp_shift(z, max);
                     if grads {
