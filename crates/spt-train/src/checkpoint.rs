@@ -113,8 +113,13 @@ impl CheckpointIo for DiskFullIo {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary sibling, fsync and rename.
+/// Writes `bytes` to `path` through a temporary sibling, fsync and rename. Calls from threads
+/// of one process take turns: the temporary's name is per process (what the stale-file cleanup
+/// recognises), so two writes of one path at once would share it.
 pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A panic while holding it left no shared state behind: the next writer goes on.
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let parent = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -805,6 +810,34 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    /// Two threads writing one path at once both succeed and leave one whole payload (they share
+    /// the temporary's name, so without taking turns one would rename the other's half-written
+    /// file or find it gone).
+    #[test]
+    fn concurrent_atomic_writes_of_one_path_take_turns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.json");
+        let payloads: Vec<Vec<u8>> = (0..2u8).map(|i| vec![b'a' + i; 1 << 16]).collect();
+        std::thread::scope(|s| {
+            for p in &payloads {
+                let path = &path;
+                s.spawn(move || {
+                    for _ in 0..100 {
+                        write_file_atomic(path, p).unwrap();
+                    }
+                });
+            }
+        });
+        let got = std::fs::read(&path).unwrap();
+        assert!(
+            payloads.contains(&got),
+            "a mixed or short file: {} bytes",
+            got.len()
+        );
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "temporaries left behind");
     }
 
     #[test]
