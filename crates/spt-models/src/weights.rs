@@ -321,7 +321,9 @@ impl Param {
         self.var.is_some()
     }
 
-    /// Freezes the parameter (keeps its current value).
+    /// Freezes the parameter (keeps its current value). The frozen tensor shares the `Var`'s
+    /// storage: whoever still holds that `Var` must not update it afterwards (a frozen dense
+    /// `Linear` keeps a copy of its weight in another layout, which would not follow).
     pub fn freeze(&mut self) {
         if let Some(v) = self.var.take() {
             self.tensor = v.as_detached_tensor();

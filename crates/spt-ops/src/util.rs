@@ -252,7 +252,8 @@ mod tests {
     use super::row_max;
 
     /// The sixteen-lane max equals a serial `fold(max)` on rows of every length around the lane
-    /// count, with NaN and −∞ mixed in, and a row of NaN only gives NaN.
+    /// count, with NaN or −∞ among numbers, NaN among −∞ only and +∞ among numbers; a row with
+    /// no number but NaN (and −∞) gives NaN.
     #[test]
     fn row_max_equals_the_serial_max_and_skips_nan() {
         let mut seed = 7u64;
@@ -263,12 +264,16 @@ mod tests {
             (seed >> 33) as f32 / (1u64 << 31) as f32 * 200.0 - 100.0
         };
         for len in 0..70 {
-            for case in 0..4 {
+            for case in 0..6 {
                 let row: Vec<f32> = (0..len)
                     .map(|i| match (case, i % 5) {
                         (1, 0) => f32::NAN,
                         (2, _) => f32::NEG_INFINITY,
                         (3, 3) => f32::NEG_INFINITY,
+                        // A fully masked row with a NaN score, and +∞ among numbers.
+                        (4, 0) => f32::NAN,
+                        (4, _) => f32::NEG_INFINITY,
+                        (5, 2) => f32::INFINITY,
                         _ => next(),
                     })
                     .collect();

@@ -181,8 +181,10 @@ pub(crate) fn forward<T: Float + Vector + DropoutElem>(
                             Mat::new(vb, 0, dv, 1),
                             Parallelism::None,
                         );
-                        for (row, &c) in ot.chunks_mut(dv).zip(inv.iter()) {
-                            row.iter_mut().for_each(|x| *x = *x * c);
+                        if n.dropout.is_none() {
+                            for (row, &c) in ot.chunks_mut(dv).zip(inv.iter()) {
+                                row.iter_mut().for_each(|x| *x = *x * c);
+                            }
                         }
                     },
                 );
