@@ -170,6 +170,30 @@ pub(crate) fn has_avx512vl() -> bool {
     is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl")
 }
 
+/// The vector exp's constants, shared by `avx2::exp8` and `avx512::exp16` so that the two give
+/// the same bits: inputs are clamped to [`EXP_LO`, `EXP_HI`] (below `EXP_LO` gives 0), reduced
+/// by ln 2 split in two so that `n·LN2_HI` is exact, and `e^r` is the Taylor polynomial with
+/// coefficients 1/k! for k = 7..0, in Horner order.
+#[cfg(target_arch = "x86_64")]
+const EXP_LO: f32 = -87.0;
+#[cfg(target_arch = "x86_64")]
+const EXP_HI: f32 = 88.0;
+#[cfg(target_arch = "x86_64")]
+const LN2_HI: f32 = 0.693_359_4;
+#[cfg(target_arch = "x86_64")]
+const LN2_LO: f32 = -2.121_944_4e-4;
+#[cfg(target_arch = "x86_64")]
+const EXP_TAYLOR: [f32; 8] = [
+    1.0 / 5040.0,
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+    1.0,
+    1.0,
+];
+
 /// Which vector paths spt-ops' own kernels take on this CPU (reported by the benchmarks).
 pub fn simd_path() -> &'static str {
     #[cfg(target_arch = "x86_64")]
@@ -193,6 +217,7 @@ pub fn cpu_model() -> Option<String> {
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
+    use super::{EXP_HI, EXP_LO, EXP_TAYLOR, LN2_HI, LN2_LO};
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma")]
@@ -377,20 +402,18 @@ pub(crate) mod avx2 {
     pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
         // Unordered "not less than" keeps NaN lanes, and max / min return their second operand
         // when one is NaN: a diverged score must come out NaN, not as a masked 0.
-        let keep = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0), _CMP_NLT_UQ);
-        let x = _mm256_max_ps(_mm256_set1_ps(-87.0), x);
-        let x = _mm256_min_ps(_mm256_set1_ps(88.0), x);
+        let keep = _mm256_cmp_ps(x, _mm256_set1_ps(EXP_LO), _CMP_NLT_UQ);
+        let x = _mm256_max_ps(_mm256_set1_ps(EXP_LO), x);
+        let x = _mm256_min_ps(_mm256_set1_ps(EXP_HI), x);
         let n = _mm256_round_ps(
             _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
         );
-        // ln 2 split in two so that n·LN2_HI is exact.
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-        // Taylor coefficients 1/k! for k = 7..0, Horner form.
-        let mut y = _mm256_set1_ps(1.0 / 5040.0);
-        for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-            y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+        let mut y = _mm256_set1_ps(EXP_TAYLOR[0]);
+        for c in &EXP_TAYLOR[1..] {
+            y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(*c));
         }
         let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32(
             _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
@@ -406,6 +429,7 @@ pub(crate) mod avx2 {
 /// with this.
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512 {
+    use super::{EXP_HI, EXP_LO, EXP_TAYLOR, LN2_HI, LN2_LO};
     use std::arch::x86_64::*;
 
     /// `x ← exp(x − shift)`, returning the sum; see `avx2::exp_shift`.
@@ -438,18 +462,18 @@ pub(crate) mod avx512 {
     #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn exp16(x: __m512) -> __m512 {
-        let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, _mm512_set1_ps(-87.0));
-        let x = _mm512_max_ps(_mm512_set1_ps(-87.0), x);
-        let x = _mm512_min_ps(_mm512_set1_ps(88.0), x);
+        let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, _mm512_set1_ps(EXP_LO));
+        let x = _mm512_max_ps(_mm512_set1_ps(EXP_LO), x);
+        let x = _mm512_min_ps(_mm512_set1_ps(EXP_HI), x);
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
             x,
             _mm512_set1_ps(std::f32::consts::LOG2_E),
         ));
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-        let mut y = _mm512_set1_ps(1.0 / 5040.0);
-        for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-            y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+        let mut y = _mm512_set1_ps(EXP_TAYLOR[0]);
+        for c in &EXP_TAYLOR[1..] {
+            y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(*c));
         }
         let pow2 = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
             _mm512_cvtps_epi32(n),

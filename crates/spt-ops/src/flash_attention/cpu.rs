@@ -150,24 +150,21 @@ pub(crate) fn forward<T: Float + Vector + DropoutElem>(
                         }
                         let q_tile = &q[(bh * lq + i0) * d..(bh * lq + i0 + m) * d];
                         masked_scores(q_tile, &kt, nk, s, i0, b, n, scale);
-                        // Without dropout, P stays unnormalised and O's rows are scaled after the
-                        // GEMM: dv values a row instead of nk.
+                        // Without dropout, P stays unnormalised and O's rows are scaled by `inv`
+                        // after the GEMM: dv values a row instead of nk. (A row with no key keeps
+                        // P = 0.)
                         inv.clear();
+                        inv.resize(m, T::zero());
                         for (r, (row, l)) in s.chunks_mut(nk).zip(lset.iter_mut()).enumerate() {
                             let max = row_max(row);
                             if max == T::neg_infinity() {
                                 row.fill(T::zero());
-                                inv.push(T::zero());
                                 continue;
                             }
                             let sum = T::exp_shift(row, max);
-                            let rinv = sum.recip();
                             match &n.dropout {
-                                Some(drop) => {
-                                    drop.apply_scaled(row, bh, i0 + r, rinv);
-                                    inv.push(T::one());
-                                }
-                                None => inv.push(rinv),
+                                Some(drop) => drop.apply_scaled(row, bh, i0 + r, sum.recip()),
+                                None => inv[r] = sum.recip(),
                             }
                             *l = max + sum.ln();
                         }
