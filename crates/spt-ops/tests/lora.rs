@@ -677,6 +677,39 @@ fn routed_lora_top_k_equals_masked_merged_ffn_and_its_gradients() -> Result<()> 
     Ok(())
 }
 
+/// `few_rows_matmul` with a few untracked rows returns the product already contiguous (a
+/// tiled transpose of `w xᵀ`, not a view for candle's strided copy), equal to candle's matmul
+/// in f32 and f64, for row counts on and off the transpose's 32-element tiles and a weight at
+/// an offset; tracked rows keep the differentiable view and their gradient.
+#[test]
+fn few_rows_matmul_several_rows_is_contiguous_and_exact() -> Result<()> {
+    use spt_ops::lora::few_rows_matmul;
+    for (n, out, d_in) in [
+        (2usize, 7usize, 5usize),
+        (27, 1536, 384),
+        (33, 70, 64),
+        (64, 384, 1536),
+    ] {
+        let tall = randn_f64(&[out + 3, d_in], 31)?;
+        let w = tall.narrow(0, 3, out)?;
+        let x = randn_f64(&[n, d_in], 32)?;
+        let want = x.matmul(&w.t()?)?;
+        let got = few_rows_matmul(&x, &w)?;
+        assert!(got.is_contiguous(), "{n}x{out}x{d_in}");
+        assert!(max_diff(&got, &want)? < 1e-12, "f64 {n}x{out}x{d_in}");
+        let got = few_rows_matmul(&f32(x.clone())?, &f32(w.clone())?)?;
+        assert!(got.is_contiguous());
+        assert_eq!(got.dims(), [n, out]);
+        assert!(max_diff(&got, &f32(want)?)? < 1e-3, "f32 {n}x{out}x{d_in}");
+    }
+    let w = randn_f64(&[40, 16], 33)?;
+    let x = Var::from_tensor(&randn_f64(&[5, 16], 34)?)?;
+    let grads = few_rows_matmul(x.as_tensor(), &w)?.sum_all()?.backward()?;
+    let gx = grads.get(x.as_tensor()).expect("x's gradient");
+    assert!(max_diff(gx, &w.sum_keepdim(0)?.broadcast_as((5, 16))?)? < 1e-10);
+    Ok(())
+}
+
 /// `few_rows_matmul` with one untracked row (decoding) takes the threaded matrix-vector path:
 /// it equals candle's matmul in f32 and f64, in the weight's own layout and a narrowed one, and
 /// a tracked row or weight still gets its gradient (those take candle's differentiable path).
