@@ -364,15 +364,23 @@ impl Linear {
         }
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, in_dim))?;
-        let mut y = if rows <= FEW_ROWS {
-            spt_ops::lora::few_rows_matmul(&x2, &self.weight_out_in()?)?.contiguous()?
-        } else {
-            x2.matmul(&self.gemm_weight()?)?
+        let y = match &self.bias {
+            // The bias is the GEMM's starting value when nothing is tracked (inference).
+            Some(b) if rows > FEW_ROWS => spt_ops::matmul_bias(&x2, &self.gemm_weight()?, b.tensor())?,
+            bias => {
+                let y = if rows <= FEW_ROWS {
+                    spt_ops::lora::few_rows_matmul(&x2, &self.weight_out_in()?)?.contiguous()?
+                } else {
+                    x2.matmul(&self.gemm_weight()?)?
+                };
+                match bias {
+                    // spt-ops' op: candle's broadcast_add sums the bias gradient with a strided
+                    // loop.
+                    Some(b) => spt_ops::bias_add(&y, b.tensor())?,
+                    None => y,
+                }
+            }
         };
-        if let Some(b) = &self.bias {
-            // spt-ops' op: candle's broadcast_add sums the bias gradient with a strided loop.
-            y = spt_ops::bias_add(&y, b.tensor())?;
-        }
         let mut out_dims = lead.to_vec();
         out_dims.push(self.out_features());
         Ok(y.reshape(out_dims)?)

@@ -46,7 +46,7 @@ mod util;
 
 pub use activation::{gelu_erf, gelu_tanh, Activation};
 pub use attention::{dense_attention, AttentionMask};
-pub use bias::bias_add;
+pub use bias::{bias_add, matmul_bias};
 pub use block_sparse_attention::block_sparse_attention;
 pub use cross_entropy::{cross_entropy, linear_cross_entropy, linear_cross_entropy_reference, Reduction};
 pub use flash_attention::{

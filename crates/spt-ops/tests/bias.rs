@@ -7,8 +7,8 @@ mod common;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use common::max_diff;
 use spt_ops::bias::bias_add_reference;
-use spt_ops::bias_add;
 use spt_ops::gradcheck::{check_gradients, randn_f64, GradCheck};
+use spt_ops::{bias_add, matmul_bias};
 
 #[test]
 fn gradients_match_finite_differences() -> Result<()> {
@@ -118,5 +118,71 @@ proptest::proptest! {
             Ok(())
         };
         run().unwrap();
+    }
+}
+
+/// `matmul_bias` names what does not fit, and with every input tracked it is the differentiable
+/// composition (its gradients are candle's matmul's and `bias_add`'s).
+#[test]
+fn matmul_bias_errors_and_gradients() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((4, 8), DType::F32, &dev)?;
+    let w = Tensor::zeros((8, 3), DType::F32, &dev)?;
+    let err = |r: Result<Tensor>| r.unwrap_err().to_string();
+    let e = err(matmul_bias(&x, &w, &Tensor::zeros(4, DType::F32, &dev)?));
+    assert!(e.contains("b [4]") && e.contains("w [8, 3]"), "{e}");
+    let e = err(matmul_bias(&x, &w.t()?, &Tensor::zeros(8, DType::F32, &dev)?));
+    assert!(e.contains("do not form"), "{e}");
+    let e = err(matmul_bias(
+        &x.unsqueeze(0)?,
+        &w,
+        &Tensor::zeros(3, DType::F32, &dev)?,
+    ));
+    assert!(e.contains("expected [rows, k] and [k, n]"), "{e}");
+    check_gradients(
+        |t| matmul_bias(&t[0], &t[1], &t[2]),
+        &[
+            randn_f64(&[5, 4], 6)?,
+            randn_f64(&[4, 3], 7)?,
+            randn_f64(&[3], 8)?,
+        ],
+        &[0, 1, 2],
+        GradCheck::default(),
+    )
+    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    Ok(())
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 40, ..Default::default() })]
+
+    /// Untracked, `matmul_bias` equals `x.matmul(w) + b` over row counts across its 64-row fill
+    /// tasks, k from 0, and w contiguous, a transposed view, or a narrowed view at an offset, in
+    /// f32 and f64; the result is a new contiguous tensor.
+    #[test]
+    fn matmul_bias_equals_matmul_then_bias(
+        rows in 1usize..150, k in 0usize..40, n in 1usize..50, w_form in 0usize..3,
+        f64_ in proptest::bool::ANY, seed in 0u64..10_000,
+    ) {
+        let run = || -> Result<()> {
+            let dt = if f64_ { DType::F64 } else { DType::F32 };
+            let f = |s: &[usize], i: u64| randn_f64(s, seed * 8 + i).and_then(|t| t.to_dtype(dt));
+            let x = f(&[rows, k], 0)?;
+            let b = f(&[n], 1)?;
+            let w = match w_form {
+                0 => f(&[k, n], 2)?,
+                1 => f(&[n, k], 2)?.t()?,
+                _ => f(&[k + 2, n + 3], 2)?.narrow(0, 1, k)?.narrow(1, 2, n)?,
+            };
+            let got = matmul_bias(&x, &w, &b)?;
+            let want = x.matmul(&w.contiguous()?)?.broadcast_add(&b)?;
+            assert!(got.is_contiguous());
+            assert_eq!(got.dims(), [rows, n]);
+            let tol = if f64_ { 1e-12 } else { 1e-4 } * (1.0 + k as f64);
+            let d = max_diff(&got, &want)?;
+            assert!(d < tol, "rows {rows} k {k} n {n} w {w_form}: {d}");
+            Ok(())
+        };
+        run().map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?;
     }
 }
