@@ -272,10 +272,17 @@ fn forward_unmerged<T: Vector>(
             par,
         );
     }
+    // Back to rows in tiles: a strided scalar loop here was ~8 % of a one-text SPT forward.
+    let yr = if n == 1 { yt } else { transpose(&yt, out, n) };
     let fill = |yc: &mut [T]| {
-        for (i, row) in yc.chunks_mut(out).enumerate() {
-            for (j, v) in row.iter_mut().enumerate() {
-                *v = yt[j * n + i] + bias.map_or(T::zero(), |bias| bias[j]);
+        for (row, src) in yc.chunks_mut(out).zip(yr.chunks(out)) {
+            match bias {
+                Some(bias) => {
+                    for ((v, &p), &bj) in row.iter_mut().zip(src).zip(bias) {
+                        *v = p + bj;
+                    }
+                }
+                None => row.copy_from_slice(src),
             }
         }
         gemm_into(
