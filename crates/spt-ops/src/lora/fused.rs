@@ -146,6 +146,25 @@ pub(crate) fn merged<T: Float>(w: &[T], a: &[T], b: &[T], dims: (usize, usize, u
     merged_into(w.to_vec(), a, b, dims, s)
 }
 
+/// `(W + s·B A)ᵀ`, `[in, out]`: W transposed in tiles, then `s·Aᵀ Bᵀ` added by one GEMM, a
+/// pass over the weight fewer than merging a copy and transposing it.
+fn merged_t<T: Float>(w: &[T], a: &[T], b: &[T], dims: (usize, usize, usize), s: T) -> Vec<T> {
+    let (out, d_in, r) = dims;
+    let mut m = transpose(w, out, d_in);
+    let sb: Vec<T> = b.iter().map(|&v| v * s).collect(); // [out, r]
+    gemm_into(
+        d_in,
+        out,
+        r,
+        &mut m,
+        true,
+        Mat::new(a, 0, 1, d_in),
+        Mat::new(&sb, 0, 1, r),
+        inner_par(1),
+    );
+    m
+}
+
 /// [`merged`] on `w`'s own copy, `m` (`[out, in]`): `m + s·B A`.
 pub(crate) fn merged_into<T: Float>(
     mut m: Vec<T>,
@@ -191,7 +210,7 @@ fn forward<T: Vector>(
         return y;
     }
     // Read as `[in, out]` row by row (see `blas::transpose`).
-    let wt = transpose(&merged(w, a, b, dims, s), out, d_in);
+    let wt = merged_t(w, a, b, dims, s);
     let dst = SendPtr(y.as_mut_ptr());
     (0..tasks).into_par_iter().for_each_init(
         || (Vec::new(), Vec::new()),
