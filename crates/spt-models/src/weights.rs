@@ -271,17 +271,16 @@ pub struct Param {
     name: String,
     tensor: Tensor,
     var: Option<Var>,
+    /// A trainable parameter's value as a detached tensor sharing the `Var`'s storage (every
+    /// update writes that storage in place), read inside `spt_ops::no_grad`.
+    detached: Option<Tensor>,
 }
 
 impl Param {
     /// A trainable parameter (the tensor is copied into a new `Var`).
     pub fn trainable(name: impl Into<String>, t: &Tensor) -> Result<Self> {
         let var = Var::from_tensor(&t.detach())?;
-        Ok(Self {
-            name: name.into(),
-            tensor: var.as_tensor().clone(),
-            var: Some(var),
-        })
+        Ok(Self::from_var(name, var))
     }
 
     /// A trainable parameter sharing an existing `Var` (e.g. a LoRA factor owned by an op).
@@ -289,6 +288,7 @@ impl Param {
         Self {
             name: name.into(),
             tensor: var.as_tensor().clone(),
+            detached: Some(var.as_detached_tensor()),
             var: Some(var),
         }
     }
@@ -299,6 +299,7 @@ impl Param {
             name: name.into(),
             tensor: t.detach(),
             var: None,
+            detached: None,
         }
     }
 
@@ -307,9 +308,13 @@ impl Param {
         &self.name
     }
 
-    /// The tensor used in forward passes (tracked iff trainable).
+    /// The tensor used in forward passes: tracked iff trainable, and never inside
+    /// `spt_ops::no_grad` (the same values, read detached).
     pub fn tensor(&self) -> &Tensor {
-        &self.tensor
+        match &self.detached {
+            Some(d) if !spt_ops::grad_enabled() => d,
+            _ => &self.tensor,
+        }
     }
 
     /// The `Var`, if trainable.
@@ -327,6 +332,7 @@ impl Param {
     pub fn freeze(&mut self) {
         if let Some(v) = self.var.take() {
             self.tensor = v.as_detached_tensor();
+            self.detached = None;
         }
     }
 

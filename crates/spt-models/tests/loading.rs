@@ -592,6 +592,30 @@ fn trainable_choice_controls_vars_and_gradients() -> Result<()> {
     m.set_trainable(&|_| true)?;
     assert_eq!(m.named_vars().len(), 41);
     assert_eq!(forward_loss(&m)?.to_scalar::<f32>()?, before);
+
+    // Inside no_grad the same model records nothing (evaluation between training steps): the
+    // same loss, untracked, and the detached reads follow an update of a Var in place.
+    assert!(forward_loss(&m)?.track_op());
+    let quiet = spt_ops::no_grad(|| forward_loss(&m))?;
+    assert!(!quiet.track_op(), "a no_grad forward recorded a graph");
+    let quiet = quiet.to_scalar::<f32>()?;
+    assert!(
+        (quiet - before).abs() <= 1e-6 * before.abs().max(1.0),
+        "{quiet} vs {before}"
+    );
+    let (_, w) = m
+        .named_vars()
+        .into_iter()
+        .find(|(k, _)| k == "classifier.weight")
+        .expect("classifier.weight");
+    w.set(&(w.as_tensor() * 3.0)?)?;
+    let moved = forward_loss(&m)?.to_scalar::<f32>()?;
+    assert_ne!(moved, before);
+    let quiet = spt_ops::no_grad(|| forward_loss(&m))?.to_scalar::<f32>()?;
+    assert!(
+        (quiet - moved).abs() <= 1e-6 * moved.abs().max(1.0),
+        "{quiet} vs {moved}"
+    );
     Ok(())
 }
 

@@ -33,6 +33,7 @@ pub mod flash_attention;
 #[cfg(target_arch = "x86_64")]
 mod gelu_avx2;
 mod gemv;
+pub mod grad_mode;
 pub mod gradcheck;
 pub mod heads;
 pub mod lora;
@@ -52,6 +53,7 @@ pub use cross_entropy::{cross_entropy, linear_cross_entropy, linear_cross_entrop
 pub use flash_attention::{
     flash_attention, flash_attention_is_fused, flash_attention_reference, SeededDropout,
 };
+pub use grad_mode::{grad_enabled, no_grad};
 pub use heads::{merge_heads, split_heads};
 pub use lora::{lora_linear, lora_linear_heads, HeadsLayout, LoraConfig, LoraError, LoraLinear};
 pub use norm::{layer_norm, residual_dropout, residual_layer_norm, softmax_last_dim};

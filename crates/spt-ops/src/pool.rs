@@ -15,11 +15,16 @@ use candle_core::Device;
 /// `f` returns; a panic in `f` is resumed here. Wrap a whole step (forward, backward, update) or a
 /// whole inference call: the cost is one wake-up, paid once. `f` gets a pool thread's stack
 /// (rayon's default is 2 MiB; `spt_train::threads::fix_thread_count` builds the pool with 8).
+/// Inside [`crate::no_grad`], `f` runs with gradients off on the pool thread too.
 pub fn on_pool<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
     if !device.is_cpu() || rayon::current_thread_index().is_some() {
         return f();
     }
-    rayon::scope(|_| f())
+    if crate::grad_enabled() {
+        rayon::scope(|_| f())
+    } else {
+        rayon::scope(|_| crate::no_grad(f))
+    }
 }
 
 #[cfg(test)]
@@ -38,6 +43,9 @@ mod tests {
         assert!(outer.is_some(), "f did not run on a pool thread");
         assert_eq!(outer, Some(inner), "a nested call left its pool thread");
         assert_ne!(inner, std::thread::current().id());
+        // The caller's no-gradient mode goes with f to the pool thread.
+        assert!(!crate::no_grad(|| on_pool(&Device::Cpu, crate::grad_enabled)));
+        assert!(on_pool(&Device::Cpu, crate::grad_enabled));
     }
 
     #[test]

@@ -222,10 +222,10 @@ pub(crate) fn sum_partials<T: Float>(partials: Vec<Vec<T>>, n: usize) -> Vec<T> 
     out
 }
 
-/// A layer's own `Var` as its forward reads it: detached once the layer is frozen for inference
-/// (candle has no no-grad mode; an op records whenever an input is a `Var`).
+/// A layer's own `Var` as its forward reads it: detached once the layer is frozen for inference,
+/// and inside [`crate::no_grad`] (candle has none; an op records whenever an input is a `Var`).
 pub(crate) fn read_var(v: &Var, frozen: bool) -> Tensor {
-    if frozen {
+    if frozen || !crate::grad_enabled() {
         v.as_tensor().detach()
     } else {
         v.as_tensor().clone()

@@ -77,6 +77,11 @@ fn merge_equals_unmerged_with_alpha_not_rank() -> Result<()> {
     )?;
     layer.lora_b().set(&f32(randn_f64(&[9, 3], 7)?)?)?;
     let unmerged = layer.forward_t(&x, false)?;
+    // Inside no_grad the trainable factors are read detached: the same values, nothing recorded.
+    assert!(unmerged.track_op());
+    let quiet = spt_ops::no_grad(|| layer.forward_t(&x, false))?;
+    assert!(!quiet.track_op());
+    assert_eq!(max_diff(&quiet, &unmerged)?, 0.0);
     // By hand: x Wᵀ + b + (α/r)·(x Aᵀ) Bᵀ.
     let a = layer.lora_a().as_tensor();
     let bm = layer.lora_b().as_tensor();

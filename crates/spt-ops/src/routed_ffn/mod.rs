@@ -407,7 +407,8 @@ impl RoutedFfn {
 
     /// Router scores `[T, n_blocks]` for `x [T, d]`; recorded only if something learns from them.
     pub fn router_logits(&self, x2: &Tensor) -> Result<Tensor> {
-        let needs_grad = !self.frozen && (self.cfg.gate != GateMode::Ones || self.cfg.aux_loss);
+        let needs_grad =
+            !self.frozen && crate::grad_enabled() && (self.cfg.gate != GateMode::Ones || self.cfg.aux_loss);
         let x2 = if needs_grad { x2.clone() } else { x2.detach() };
         x2.matmul(&self.read(&self.router_w).t()?)?
             .broadcast_add(&self.read(&self.router_b))

@@ -342,7 +342,9 @@ pub fn evaluate<T: TrainTask + ?Sized>(
     let mut have_preds = true;
     for idx in &batches {
         let batch = data.batch(idx, device)?;
-        let out = spt_ops::on_pool(device, || task.eval_batch(&batch))?;
+        // Gradients off: a trainable model's forward would record a graph nothing reads (and
+        // keep its activations); the values are the same.
+        let out = spt_ops::on_pool(device, || spt_ops::no_grad(|| task.eval_batch(&batch)))?;
         if out.count > 0.0 {
             loss.add(out.loss_sum / out.count, out.count);
             counted += out.count;
