@@ -364,21 +364,19 @@ impl Linear {
         }
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, in_dim))?;
-        let y = match &self.bias {
+        let y = if let (Some(b), false) = (&self.bias, rows <= FEW_ROWS) {
             // The bias is the GEMM's starting value when nothing is tracked (inference).
-            Some(b) if rows > FEW_ROWS => spt_ops::matmul_bias(&x2, &self.gemm_weight()?, b.tensor())?,
-            bias => {
-                let y = if rows <= FEW_ROWS {
-                    spt_ops::lora::few_rows_matmul(&x2, &self.weight_out_in()?)?.contiguous()?
-                } else {
-                    x2.matmul(&self.gemm_weight()?)?
-                };
-                match bias {
-                    // spt-ops' op: candle's broadcast_add sums the bias gradient with a strided
-                    // loop.
-                    Some(b) => spt_ops::bias_add(&y, b.tensor())?,
-                    None => y,
-                }
+            spt_ops::matmul_bias(&x2, &self.gemm_weight()?, b.tensor())?
+        } else {
+            let y = if rows <= FEW_ROWS {
+                spt_ops::lora::few_rows_matmul(&x2, &self.weight_out_in()?)?.contiguous()?
+            } else {
+                x2.matmul(&self.gemm_weight()?)?
+            };
+            match &self.bias {
+                // spt-ops' op: candle's broadcast_add sums the bias gradient with a strided loop.
+                Some(b) => spt_ops::bias_add(&y, b.tensor())?,
+                None => y,
             }
         };
         let mut out_dims = lead.to_vec();

@@ -84,12 +84,12 @@ pub fn matmul_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
         let ws = w_cpu.as_slice::<T>()?;
         let (w_rs, w_cs) = (w_layout.stride()[0], w_layout.stride()[1]);
         // The last element w reads must lie in its storage (a view of a larger tensor).
-        let w_end = w_layout.start_offset() + (k.max(1) - 1) * w_rs + (n.max(1) - 1) * w_cs;
-        if k > 0 && n > 0 && w_end >= ws.len() {
+        if k > 0 && n > 0 && w_layout.start_offset() + (k - 1) * w_rs + (n - 1) * w_cs >= ws.len() {
             bail!("matmul_bias: w's layout {w_layout:?} runs past its storage");
         }
         let y = with_slices::<T, _>("matmul_bias", &[x, b], |s| {
             let (xs, bs) = (s[0], s[1]);
+            debug_assert_eq!(bs.len(), n);
             let mut y: Vec<T> = Vec::with_capacity(rows * n);
             y.spare_capacity_mut()[..rows * n]
                 .par_chunks_mut(n.max(1) * ROWS_PER_TASK)
@@ -100,14 +100,10 @@ pub fn matmul_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
                         }
                     }
                 });
-            // SAFETY: the chunks above cover all rows·n slots, each written once.
+            // SAFETY: the chunks above cover all rows·n slots, each row's n written once from
+            // b (whose length is n: checked above, and contiguous).
             unsafe { y.set_len(rows * n) };
-            let threads = rayon::current_num_threads();
-            let par = if threads > 1 {
-                gemm::Parallelism::Rayon(threads)
-            } else {
-                gemm::Parallelism::None
-            };
+            let par = crate::blas::inner_par(1);
             let lhs = crate::blas::Mat::new(xs, 0, k, 1);
             let rhs = crate::blas::Mat::new(ws, w_layout.start_offset(), w_rs, w_cs);
             crate::blas::gemm_into(rows, n, k, &mut y, true, lhs, rhs, par);

@@ -6,7 +6,11 @@
 //! parameters read them detached: the same values, nothing recorded.
 //!
 //! The mode belongs to the calling thread (the one running the model's code; the ops' own
-//! rayon tasks read no parameters), so another thread's training step is unaffected.
+//! rayon tasks read no parameters). `on_pool` sets the caller's mode on the pool thread for the
+//! job, whichever it is: a worker waiting inside an evaluation's parallel op may pick up another
+//! thread's training step, which must still record its graph. Not covered: a routed FFN's own
+//! base weights when they train without LoRA (copied from their parameters when it was built),
+//! which still record.
 
 use std::cell::Cell;
 
@@ -17,13 +21,19 @@ thread_local! {
 /// Runs `f` with gradients off on this thread; the previous mode is back afterwards, also when
 /// `f` panics.
 pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
+    with_grad_mode(false, f)
+}
+
+/// Runs `f` with gradients `enabled` or not on this thread, then restores the previous mode
+/// (also when `f` panics).
+pub(crate) fn with_grad_mode<R>(enabled: bool, f: impl FnOnce() -> R) -> R {
     struct Restore(bool);
     impl Drop for Restore {
         fn drop(&mut self) {
             NO_GRAD.with(|m| m.set(self.0));
         }
     }
-    let _restore = Restore(NO_GRAD.with(|m| m.replace(true)));
+    let _restore = Restore(NO_GRAD.with(|m| m.replace(!enabled)));
     f()
 }
 
@@ -45,6 +55,12 @@ mod tests {
             assert!(!grad_enabled(), "an inner scope must not turn gradients back on");
         });
         assert!(grad_enabled());
+        // What on_pool does for a caller with gradients on, on a thread that had them off.
+        assert!(no_grad(|| with_grad_mode(true, grad_enabled)));
+        assert!(no_grad(|| {
+            with_grad_mode(true, || ());
+            !grad_enabled()
+        }));
         let r = std::panic::catch_unwind(|| no_grad(|| panic!("inside")));
         assert!(r.is_err());
         assert!(grad_enabled(), "a panic inside must not leave gradients off");

@@ -15,16 +15,14 @@ use candle_core::Device;
 /// `f` returns; a panic in `f` is resumed here. Wrap a whole step (forward, backward, update) or a
 /// whole inference call: the cost is one wake-up, paid once. `f` gets a pool thread's stack
 /// (rayon's default is 2 MiB; `spt_train::threads::fix_thread_count` builds the pool with 8).
-/// Inside [`crate::no_grad`], `f` runs with gradients off on the pool thread too.
+/// `f` runs in the caller's gradient mode ([`crate::no_grad`]), set on the pool thread for
+/// it either way: that thread may be inside another caller's job of the other mode.
 pub fn on_pool<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
     if !device.is_cpu() || rayon::current_thread_index().is_some() {
         return f();
     }
-    if crate::grad_enabled() {
-        rayon::scope(|_| f())
-    } else {
-        rayon::scope(|_| crate::no_grad(f))
-    }
+    let enabled = crate::grad_enabled();
+    rayon::scope(|_| crate::grad_mode::with_grad_mode(enabled, f))
 }
 
 #[cfg(test)]

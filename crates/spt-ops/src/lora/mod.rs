@@ -185,9 +185,10 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 }
 
 /// `x · wᵀ` for `x [rows, in]` with few rows and a weight `w [out, in]`, read in place. On the
-/// CPU, when w's rows lie contiguously, as `(w · xᵀ)ᵀ` (a transposed view): gemm packs its right
-/// operand on every call, and with few rows packing all of `w` costs more than the product (or
-/// gathers `wᵀ` one strided element at a time). The routed FFN's per-block GEMMs and spt-models'
+/// CPU, when w's rows lie contiguously, as `(w · xᵀ)ᵀ`: gemm packs its right operand on every
+/// call, and with few rows packing all of `w` costs more than the product (or gathers `wᵀ` one
+/// strided element at a time). Untracked f32/f64 comes back contiguous (a tiled transpose), a
+/// tracked product as the transposed view. The routed FFN's per-block GEMMs and spt-models'
 /// dense `Linear` up to 64 rows use it, and so does a GPT-2's head when it decodes.
 ///
 /// One row with nothing to differentiate (decoding) is a matrix-vector product bound by reading

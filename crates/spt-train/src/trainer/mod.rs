@@ -343,7 +343,7 @@ pub fn evaluate<T: TrainTask + ?Sized>(
     for idx in &batches {
         let batch = data.batch(idx, device)?;
         // Gradients off: a trainable model's forward would record a graph nothing reads (and
-        // keep its activations); the values are the same.
+        // keep its activations); the values are the same up to rounding (untracked paths).
         let out = spt_ops::on_pool(device, || spt_ops::no_grad(|| task.eval_batch(&batch)))?;
         if out.count > 0.0 {
             loss.add(out.loss_sum / out.count, out.count);
