@@ -2,15 +2,14 @@
 //! between training steps). candle has none: an op records its inputs whenever one of them is
 //! a `Var`, so a forward over trainable weights builds a graph that nothing reads, keeps every
 //! activation until its output is dropped, and misses the untracked fast paths. Inside
-//! [`no_grad`], the layers that read their own `Var`s (LoRA factors, routers) and spt-models'
-//! parameters read them detached: the same values, nothing recorded.
+//! [`no_grad`], the layers that read their own `Var`s (LoRA factors, routers, a routed FFN's
+//! trained base weights) and spt-models' parameters read them detached: the same values,
+//! nothing recorded.
 //!
 //! The mode belongs to the calling thread (the one running the model's code; the ops' own
 //! rayon tasks read no parameters). `on_pool` sets the caller's mode on the pool thread for the
 //! job, whichever it is: a worker waiting inside an evaluation's parallel op may pick up another
-//! thread's training step, which must still record its graph. Not covered: a routed FFN's own
-//! base weights when they train without LoRA (copied from their parameters when it was built),
-//! which still record.
+//! thread's training step, which must still record its graph.
 
 use std::cell::Cell;
 

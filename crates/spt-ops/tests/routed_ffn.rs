@@ -634,3 +634,26 @@ fn few_token_evaluation_equals_the_fused_ops() -> Result<()> {
     }
     Ok(())
 }
+
+/// A layer whose base weights train (no LoRA) reads them detached inside `no_grad`, as it does
+/// its router: the output is untracked and equal to the tracked one.
+#[test]
+fn no_grad_reads_trained_base_weights_detached() -> Result<()> {
+    let (d, d_ff, n) = (12, 32, 4);
+    let p = vars(&weights(d, d_ff, 71, DType::F32)?)?;
+    let x = randn_f64(&[50, d], 72)?.to_dtype(DType::F32)?;
+    let layer = RoutedFfn::new(
+        p[0].as_tensor(),
+        p[1].as_tensor(),
+        p[2].as_tensor(),
+        p[3].as_tensor(),
+        Activation::GeluErf,
+        RoutedFfnConfig::new(n, BlockTopK::Count(2)),
+    )?;
+    let tracked = layer.forward_t(&x, false)?.y;
+    assert!(tracked.track_op());
+    let quiet = spt_ops::no_grad(|| layer.forward_t(&x, false))?.y;
+    assert!(!quiet.track_op(), "a no_grad forward recorded a graph");
+    assert_close("no_grad forward", &quiet, &tracked, 1e-6)?;
+    Ok(())
+}

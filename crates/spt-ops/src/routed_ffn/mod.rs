@@ -560,6 +560,15 @@ impl RoutedFfn {
         per_block: bool,
     ) -> Result<Tensor> {
         let b = self.block_size();
+        // Trained base weights (no LoRA) are `Var`s: inside `no_grad` they are read detached.
+        let base = |t: &Tensor| {
+            if crate::grad_enabled() {
+                t.clone()
+            } else {
+                t.detach()
+            }
+        };
+        let (w1, b1, w2, b2) = (base(&self.w1), base(&self.b1), base(&self.w2), base(&self.b2));
         // `add`: a bias [n_blocks·b] or a routed base [R, b].
         let gather = |x: &Tensor, w: &Tensor, add: &Tensor, act: Option<Activation>| {
             if per_block {
@@ -584,7 +593,7 @@ impl RoutedFfn {
         // LoRA, B1's routed rows plus b1 form the base the fused W1 GEMM adds to.
         let act = Some(self.activation);
         let h = match lora {
-            None => gather(x2, &self.w1, &self.b1, act)?,
+            None => gather(x2, &w1, &b1, act)?,
             Some(l) => {
                 let xin = if train {
                     dropout(x2, l.cfg.dropout, l.seeds.next())?
@@ -592,13 +601,13 @@ impl RoutedFfn {
                     x2.clone()
                 };
                 let u = (xin.matmul(&self.read(&l.a1).t()?)? * l.cfg.scale())?; // [T, r]
-                let base = gather(&u, &self.read(&l.b1), &self.b1, None)?; // [R, b]
-                gather(x2, &self.w1, &base, act)?
+                let routed = gather(&u, &self.read(&l.b1), &b1, None)?; // [R, b]
+                gather(x2, &w1, &routed, act)?
             }
         };
         // fc2: gate · h · W2_eᵀ scattered into the tokens (+ b2, inside the kernel when frozen),
         // + LoRA: A2's columns routed like W2's, B2 once per token; α/r scales the [T, r] side.
-        let mut y = scatter(&h, &self.w2, Some(&self.b2))?; // [T, d]
+        let mut y = scatter(&h, &w2, Some(&b2))?; // [T, d]
         if let Some(l) = lora {
             let hin = if train {
                 dropout(&h, l.cfg.dropout, l.seeds.next())?
