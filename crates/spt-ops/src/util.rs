@@ -225,10 +225,16 @@ pub(crate) fn sum_partials<T: Float>(partials: Vec<Vec<T>>, n: usize) -> Vec<T> 
 /// A layer's own `Var` as its forward reads it: detached once the layer is frozen for inference,
 /// and inside [`crate::no_grad`] (candle has none; an op records whenever an input is a `Var`).
 pub(crate) fn read_var(v: &Var, frozen: bool) -> Tensor {
+    read_tensor(v.as_tensor(), frozen)
+}
+
+/// A layer's weight tensor (a `Var`'s when it trains) as its forward reads it: detached when
+/// `frozen` or inside [`crate::no_grad`].
+pub(crate) fn read_tensor(t: &Tensor, frozen: bool) -> Tensor {
     if frozen || !crate::grad_enabled() {
-        v.as_tensor().detach()
+        t.detach()
     } else {
-        v.as_tensor().clone()
+        t.clone()
     }
 }
 

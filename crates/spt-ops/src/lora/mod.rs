@@ -202,38 +202,34 @@ pub fn few_rows_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
             return Ok(y);
         }
         if w.stride()[1] == 1 {
-            let wx = w.matmul(&x.t()?)?;
-            if let Some(y) = untracked_transpose(&wx)? {
-                return Ok(y);
-            }
-            return wx.t();
+            let y = w.matmul(&x.t()?)?.t()?;
+            return Ok(untracked_row_major(&y)?.unwrap_or(y));
         }
     }
     x.matmul(&w.t()?)
 }
 
-/// The contiguous transpose of an untracked, contiguous 2-D f32/f64 CPU tensor, in tiles
-/// (`blas::transpose`); `None` for anything else. Why: `(w xᵀ)ᵀ` is a transposed view, and
-/// `Tensor::contiguous` copies it one strided element at a time: 15 % of a one-text BERT
-/// forward. A tracked tensor keeps the view (its copy is candle's, with a backward).
-fn untracked_transpose(t: &Tensor) -> Result<Option<Tensor>> {
-    if t.track_op() || !t.device().is_cpu() || !t.is_contiguous() {
+/// `t` as a new contiguous tensor when it is an untracked f32/f64 CPU matrix, through
+/// `blas::row_major` (a transposed view goes through the tiled transpose); `None` otherwise. Why:
+/// `(w xᵀ)ᵀ` is a transposed view, and `Tensor::contiguous` copies it one strided element at a
+/// time: 15 % of a one-text BERT forward. A tracked tensor keeps the view (its copy is candle's,
+/// with a backward).
+fn untracked_row_major(t: &Tensor) -> Result<Option<Tensor>> {
+    if t.track_op() || !t.device().is_cpu() {
         return Ok(None);
     }
-    let (rows, cols) = t.dims2()?;
-    fn run<T: crate::util::Float + candle_core::WithDType>(
-        t: &Tensor,
-        rows: usize,
-        cols: usize,
-    ) -> Result<Tensor> {
-        let v = crate::util::with_cpu::<T, _>("few_rows_matmul", t, |s| {
-            Ok(crate::blas::transpose(s, rows, cols))
-        })?;
-        Tensor::from_vec(v, (cols, rows), t.device())
-    }
+    let op = "few_rows_matmul";
     Ok(match t.dtype() {
-        DType::F32 => Some(run::<f32>(t, rows, cols)?),
-        DType::F64 => Some(run::<f64>(t, rows, cols)?),
+        DType::F32 => Some(Tensor::from_vec(
+            crate::blas::row_major::<f32>(op, t)?,
+            t.dims(),
+            t.device(),
+        )?),
+        DType::F64 => Some(Tensor::from_vec(
+            crate::blas::row_major::<f64>(op, t)?,
+            t.dims(),
+            t.device(),
+        )?),
         _ => None,
     })
 }

@@ -58,7 +58,7 @@ pub use rows::{gather_rows, sum_rows};
 use crate::activation::Activation;
 use crate::lora::{delta_weight, dropout, uniform, DropoutSeeds, LoraConfig, LoraError};
 use crate::norm::softmax_last_dim;
-use crate::util::{check_float, check_same, read_var};
+use crate::util::{check_float, check_same, read_tensor, read_var};
 use candle_core::{bail, DType, Result, Tensor, Var};
 use std::sync::Arc;
 
@@ -561,13 +561,7 @@ impl RoutedFfn {
     ) -> Result<Tensor> {
         let b = self.block_size();
         // Trained base weights (no LoRA) are `Var`s: inside `no_grad` they are read detached.
-        let base = |t: &Tensor| {
-            if crate::grad_enabled() {
-                t.clone()
-            } else {
-                t.detach()
-            }
-        };
+        let base = |t: &Tensor| read_tensor(t, self.frozen);
         let (w1, b1, w2, b2) = (base(&self.w1), base(&self.b1), base(&self.w2), base(&self.b2));
         // `add`: a bias [n_blocks·b] or a routed base [R, b].
         let gather = |x: &Tensor, w: &Tensor, add: &Tensor, act: Option<Activation>| {
