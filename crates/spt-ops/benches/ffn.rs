@@ -201,8 +201,10 @@ fn bench_case(c: Case, reps: usize) -> Result<Record> {
         kf.push(f);
     }
     let k_blocks = BlockTopK::Fraction(c.kept).resolve(n_blocks)?;
-    // f32 hidden activations the graph holds for backward: fc1 output and activation output.
-    let ours_bytes = 4 * 2 * N_TOKENS * k_blocks * c.block;
+    // f32 hidden activations held for backward: fc1's output and the activation's (the dense
+    // FFN, and ours with trainable weights), or fc1's alone (the one-op LoRA FFN recomputes h).
+    let held = if c.frozen { 1 } else { 2 };
+    let ours_bytes = 4 * held * N_TOKENS * k_blocks * c.block;
     let base_bytes = 4 * 2 * N_TOKENS * d_ff;
     Ok(Record {
         case: c,
@@ -345,7 +347,7 @@ fn bench() -> Result<()> {
                 "speedup": r.base.median / r.ours.median,
                 "ours_bytes": r.ours_bytes,
                 "baseline_bytes": r.base_bytes,
-                "bytes_kind": "analytic: f32 FFN hidden activations held for backward (pre- and post-activation)",
+                "bytes_kind": "analytic: f32 FFN hidden activations held for backward (the baseline's pre- and post-activation; ours: the same with trainable weights, the pre-activation alone with frozen + LoRA)",
                 "min_s": r.ours.min,
                 "max_s": r.ours.max,
                 "baseline_min_s": r.base.min,

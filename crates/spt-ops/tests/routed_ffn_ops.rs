@@ -224,57 +224,244 @@ fn row_moves_name_bad_shapes() -> Result<()> {
     Ok(())
 }
 
-/// The fused LoRA projections (what the layer runs on the CPU without LoRA dropout) equal the
-/// routed GEMMs on the merged weights `W + s·B A`, and their gradients (x, A1, B1, the gates, A2,
-/// B2) pass the f64 finite-difference check; 600 tokens, so more than one token chunk.
+/// The whole LoRA FFN as one op (what the layer runs on the CPU without LoRA dropout) equals
+/// the routed GEMMs on the merged weights, with d_out ≠ d and a block no token picks, and its
+/// gradients (x, the gates, A1, B1, A2, B2) pass the f64 finite-difference check; 1100 tokens,
+/// so three token chunks, the last one partial.
 #[test]
-fn fused_lora_projections_equal_merged_weights_and_pass_gradcheck_f64() -> Result<()> {
-    use spt_ops::routed_ffn::{gather_lora_act, gather_matmul_act, scatter_lora, scatter_matmul_bias};
-    let (t, d, r, n, b, k, s) = (600usize, 5usize, 3usize, 4usize, 3usize, 2usize, 0.7);
+fn routed_lora_ffn_equals_merged_weights_and_passes_gradcheck_f64() -> Result<()> {
+    use spt_ops::routed_ffn::{gather_matmul_act, routed_lora_ffn, scatter_matmul_bias};
+    let (t, d, d_out, r, n, b, k, s) = (1100usize, 5usize, 4usize, 3usize, 5usize, 3usize, 2usize, 0.7);
     let act = Activation::GeluErf;
-    let routing = Arc::new(random_routing(t, n, k, Some(1), 91)?);
-    let (w1, b1) = (randn_f64(&[n * b, d], 92)?, randn_f64(&[n * b], 93)?);
-    let (w2, b2) = (randn_f64(&[d, n * b], 94)?, randn_f64(&[d], 95)?);
+    let routing = Arc::new(random_routing(t, n, k, Some(1), 191)?);
+    let (w1, b1) = (randn_f64(&[n * b, d], 192)?, randn_f64(&[n * b], 193)?);
+    let (w2, b2) = (randn_f64(&[d_out, n * b], 194)?, randn_f64(&[d_out], 195)?);
     let inputs = [
-        randn_f64(&[t, d], 96)?,
-        randn_f64(&[r, d], 97)?,
-        randn_f64(&[n * b, r], 98)?,
-        ((randn_f64(&[t * k], 99)? * 0.3)? + 1.0)?,
-        randn_f64(&[r, n * b], 100)?,
-        randn_f64(&[d, r], 101)?,
+        randn_f64(&[t, d], 196)?,
+        ((randn_f64(&[t * k], 199)? * 0.3)? + 1.0)?,
+        randn_f64(&[r, d], 197)?,
+        randn_f64(&[n * b, r], 198)?,
+        randn_f64(&[r, n * b], 200)?,
+        randn_f64(&[d_out, r], 201)?,
     ];
     let f = |ts: &[Tensor]| -> Result<Tensor> {
-        let h = gather_lora_act(&ts[0], &w1, &b1, &ts[1], &ts[2], s, act, &routing)?;
-        scatter_lora(&h, &ts[3], &w2, &b2, &ts[4], &ts[5], s, &routing)
+        routed_lora_ffn(
+            &ts[0],
+            &ts[1],
+            [&w1, &b1, &w2, &b2],
+            [&ts[2], &ts[3], &ts[4], &ts[5]],
+            s,
+            act,
+            &routing,
+        )
     };
     let merged = |w: &Tensor, a: &Tensor, bb: &Tensor| w + (bb.matmul(a)? * s)?;
     let h = gather_matmul_act(
         &inputs[0],
-        &merged(&w1, &inputs[1], &inputs[2])?,
+        &merged(&w1, &inputs[2], &inputs[3])?,
         Some(&b1),
         Some(act),
         &routing,
     )?;
     let want = scatter_matmul_bias(
         &h,
-        &inputs[3],
+        &inputs[1],
         &merged(&w2, &inputs[4], &inputs[5])?,
         Some(&b2),
         &routing,
     )?;
-    assert_close("fused LoRA vs merged weights", &f(&inputs)?, &want, 1e-12)?;
+    assert_close("one-op LoRA FFN vs merged weights", &f(&inputs)?, &want, 1e-12)?;
     // Weights stored [in, out] (GPT-2's Conv1D) arrive as transposed views: same values.
     let (w1t, w2t) = (w1.t()?.contiguous()?.t()?, w2.t()?.contiguous()?.t()?);
     assert!(!w1t.is_contiguous() && !w2t.is_contiguous());
-    let h = gather_lora_act(&inputs[0], &w1t, &b1, &inputs[1], &inputs[2], s, act, &routing)?;
-    let y = scatter_lora(&h, &inputs[3], &w2t, &b2, &inputs[4], &inputs[5], s, &routing)?;
-    assert_close("fused LoRA on transposed weight views", &y, &want, 1e-12)?;
+    let adapters = [&inputs[2], &inputs[3], &inputs[4], &inputs[5]];
+    let y = routed_lora_ffn(
+        &inputs[0],
+        &inputs[1],
+        [&w1t, &b1, &w2t, &b2],
+        adapters,
+        s,
+        act,
+        &routing,
+    )?;
+    assert_close("one-op LoRA FFN on transposed weight views", &y, &want, 1e-12)?;
+    // Shapes are checked by name.
+    let swapped = [&inputs[2], &inputs[2], &inputs[4], &inputs[5]];
+    let e = routed_lora_ffn(
+        &inputs[0],
+        &inputs[1],
+        [&w1, &b1, &w2, &b2],
+        swapped,
+        s,
+        act,
+        &routing,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("B1 is [3, 5], expected [15, 3]"), "{e}");
     let report = check_gradients(f, &inputs, &[0, 1, 2, 3, 4, 5], GradCheck::default())?;
     assert_eq!(report.len(), 6);
-    // Shapes are checked by name.
-    let e = gather_lora_act(&inputs[0], &w1, &b1, &inputs[2], &inputs[2], s, act, &routing)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("A1 is [12, 3], expected [3, 5]"), "{e}");
+    Ok(())
+}
+
+/// The one-op LoRA FFN in f32 against the same function from the routed GEMMs on the merged
+/// weights, forward and every gradient, for random shapes and routings: up to three token chunks,
+/// k = n (every token in every block: the kernels' in-place token runs), a skipped block, and
+/// gates that are not tracked.
+fn check_lora_ffn(
+    c: (usize, usize, usize, usize, usize, usize, usize),
+    skip: bool,
+    gates_grad: bool,
+    seed: u64,
+) -> Result<()> {
+    use spt_ops::routed_ffn::{gather_matmul_act, routed_lora_ffn, scatter_matmul_bias};
+    let (t, d, d_out, r, n, b, k) = c;
+    let (s, act) = (0.8, Activation::GeluTanh);
+    let skip = (skip && k < n).then_some((seed % n as u64) as u32);
+    let routing = Arc::new(random_routing(t, n, k, skip, seed)?);
+    let f32t = |dims: &[usize], sd: u64, scale: f64| -> Result<Tensor> {
+        (randn_f64(dims, seed + sd)? * scale)?.to_dtype(DType::F32)
+    };
+    let base = [
+        f32t(&[n * b, d], 1, 0.4)?,
+        f32t(&[n * b], 2, 0.1)?,
+        f32t(&[d_out, n * b], 3, 0.4)?,
+        f32t(&[d_out], 4, 0.1)?,
+    ];
+    let ins = [
+        f32t(&[t, d], 5, 1.0)?,
+        (f32t(&[t * k], 6, 0.3)? + 1.0)?,
+        f32t(&[r, d], 7, 0.3)?,
+        f32t(&[n * b, r], 8, 0.3)?,
+        f32t(&[r, n * b], 9, 0.3)?,
+        f32t(&[d_out, r], 10, 0.3)?,
+    ];
+    let up = f32t(&[t, d_out], 11, 1.0)?;
+    let run = |one_op: bool| -> Result<Vec<Option<Tensor>>> {
+        let v = vars(&ins)?;
+        let x = v[0].as_tensor();
+        let gates = if gates_grad {
+            v[1].as_tensor().clone()
+        } else {
+            ins[1].clone()
+        };
+        let a: Vec<&Tensor> = v[2..].iter().map(|v| v.as_tensor()).collect();
+        let y = if one_op {
+            let base = [&base[0], &base[1], &base[2], &base[3]];
+            routed_lora_ffn(x, &gates, base, [a[0], a[1], a[2], a[3]], s, act, &routing)?
+        } else {
+            let w1 = (&base[0] + (a[1].matmul(a[0])? * s)?)?;
+            let w2 = (&base[2] + (a[3].matmul(a[2])? * s)?)?;
+            let h = gather_matmul_act(x, &w1, Some(&base[1]), Some(act), &routing)?;
+            scatter_matmul_bias(&h, &gates, &w2, Some(&base[3]), &routing)?
+        };
+        let g = (&y * &up)?.sum_all()?.backward()?;
+        let mut out = vec![Some(y)];
+        out.extend(v.iter().map(|v| g.get(v.as_tensor()).cloned()));
+        Ok(out)
+    };
+    let (got, want) = (run(true)?, run(false)?);
+    for (i, name) in ["y", "dx", "dgates", "dA1", "dB1", "dA2", "dB2"]
+        .iter()
+        .enumerate()
+    {
+        match (&got[i], &want[i]) {
+            (Some(a), Some(b)) => assert_close(&format!("{c:?} seed {seed} {name}"), a, b, 2e-4)?,
+            (None, None) => assert!(!gates_grad && i == 2, "{name}: no gradient"),
+            _ => panic!("{c:?} seed {seed} {name}: a gradient on one side only"),
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn routed_lora_ffn_on_random_shapes_and_routings(
+        t in prop_oneof![1usize..=40, 500usize..=1100],
+        d in 1usize..=7,
+        d_out in 1usize..=6,
+        r in 1usize..=4,
+        n in 1usize..=5,
+        b in 1usize..=5,
+        k_frac in 0.0f64..=1.0,
+        skip in any::<bool>(),
+        gates_grad in any::<bool>(),
+        seed in 0u64..1_000_000,
+    ) {
+        let k = 1 + ((n as f64 * k_frac) as usize).min(n - 1);
+        check_lora_ffn((t, d, d_out, r, n, b, k), skip, gates_grad, seed)
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    }
+}
+
+/// The one-op LoRA FFN's output and gradients are the same bits on 1 and 3 threads and from run
+/// to run (each chunk's partial adapter gradients are summed in chunk order, no atomics).
+#[test]
+fn routed_lora_ffn_is_bit_identical_across_thread_counts() -> Result<()> {
+    use spt_ops::routed_ffn::routed_lora_ffn;
+    let (t, d, r, n, b, k) = (1100usize, 24usize, 4usize, 6usize, 8usize, 3usize);
+    let routing = Arc::new(random_routing(t, n, k, None, 5)?);
+    let f32t = |dims: &[usize], seed: u64| randn_f64(dims, seed)?.to_dtype(DType::F32);
+    let base = [
+        f32t(&[n * b, d], 1)?,
+        f32t(&[n * b], 2)?,
+        f32t(&[d, n * b], 3)?,
+        f32t(&[d], 4)?,
+    ];
+    let ins = [
+        f32t(&[t, d], 6)?,
+        (f32t(&[t * k], 7)?.abs()? + 0.5)?,
+        f32t(&[r, d], 8)?,
+        f32t(&[n * b, r], 9)?,
+        f32t(&[r, n * b], 10)?,
+        f32t(&[d, r], 11)?,
+    ];
+    let up = f32t(&[t, d], 12)?;
+    let bits = || -> Result<Vec<Vec<u32>>> {
+        let v = vars(&ins)?;
+        let a: Vec<&Tensor> = v.iter().map(|v| v.as_tensor()).collect();
+        let base = [&base[0], &base[1], &base[2], &base[3]];
+        let y = routed_lora_ffn(
+            a[0],
+            a[1],
+            base,
+            [a[2], a[3], a[4], a[5]],
+            0.5,
+            Activation::GeluErf,
+            &routing,
+        )?;
+        let g = (&y * &up)?.sum_all()?.backward()?;
+        let mut out = vec![y];
+        out.extend(a.iter().map(|t| g.get(t).expect("a gradient").clone()));
+        out.iter()
+            .map(|t| {
+                Ok(t.flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect())
+            })
+            .collect()
+    };
+    let pool = |n: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .map_err(candle_core::Error::wrap)
+    };
+    let one = pool(1)?.install(bits)?;
+    let three = pool(3)?.install(bits)?;
+    let again = bits()?;
+    for (i, name) in ["y", "dx", "dgates", "dA1", "dB1", "dA2", "dB2"]
+        .iter()
+        .enumerate()
+    {
+        assert!(
+            one[i] == three[i] && three[i] == again[i],
+            "{name} differs across thread counts"
+        );
+    }
     Ok(())
 }

@@ -26,7 +26,7 @@ use rayon::prelude::*;
 pub(crate) struct HostRouting<'a> {
     routing: &'a Routing,
     /// [`Routing::row_token`].
-    tok: &'a [u32],
+    pub(super) tok: &'a [u32],
 }
 
 impl<'a> HostRouting<'a> {
@@ -50,7 +50,7 @@ impl std::ops::Deref for HostRouting<'_> {
 const ROW_TILE: usize = 512;
 
 /// Copies the rows `idx` of `src` (`[*, width]`) into `buf` (`[idx.len(), width]`).
-fn gather_rows<T: Float>(src: &[T], width: usize, idx: &[u32], buf: &mut Vec<T>) {
+pub(super) fn gather_rows<T: Float>(src: &[T], width: usize, idx: &[u32], buf: &mut Vec<T>) {
     buf.clear();
     buf.reserve(idx.len() * width);
     for &t in idx {
@@ -60,7 +60,7 @@ fn gather_rows<T: Float>(src: &[T], width: usize, idx: &[u32], buf: &mut Vec<T>)
 }
 
 /// Splits `out` (`[R, width]`) into the row ranges of the routing's (block, chunk) groups.
-fn split_groups<'a, T>(routing: &Routing, out: &'a mut [T], width: usize) -> Vec<&'a mut [T]> {
+pub(super) fn split_groups<'a, T>(routing: &Routing, out: &'a mut [T], width: usize) -> Vec<&'a mut [T]> {
     let starts = routing.group_starts();
     let mut parts = Vec::with_capacity(starts.len().saturating_sub(1));
     let mut rest = out;
@@ -98,21 +98,6 @@ pub(crate) fn gather_mm_fwd<T: Float + ActScalar>(
     // Wᵀ `[d_in, n_blocks·b]`, so that every group's GEMM reads its weight block row by row.
     let nb = routing.n_blocks() * b;
     let wt = transpose(&w[..nb * d_in], nb, d_in);
-    gather_mm_fwd_t(routing, x, &wt, add, d_in, b, act)
-}
-
-/// [`gather_mm_fwd`] with `Wᵀ [d_in, n_blocks·b]` given (a frozen layer keeps it, see
-/// `frozen.rs`).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gather_mm_fwd_t<T: Float + ActScalar>(
-    routing: HostRouting<'_>,
-    x: &[T],
-    wt: &[T],
-    add: Addend<'_, T>,
-    d_in: usize,
-    b: usize,
-    act: Option<Activation>,
-) -> (Vec<T>, Option<Vec<T>>) {
     let mut pre = vec![T::zero(); routing.n_rows() * b];
     let mut h = if act.is_some() {
         vec![T::zero(); pre.len()]
@@ -121,7 +106,6 @@ pub(crate) fn gather_mm_fwd_t<T: Float + ActScalar>(
     };
     let nc = routing.n_chunks();
     let par = inner_par(routing.n_blocks() * nc);
-    let nb = routing.n_blocks() * b;
     let pre_parts = split_groups(&routing, &mut pre, b);
     let h_parts: Vec<&mut [T]> = if act.is_some() {
         split_groups(&routing, &mut h, b)
@@ -159,7 +143,7 @@ pub(crate) fn gather_mm_fwd_t<T: Float + ActScalar>(
                 }
             };
             // rhs (k = i, n = j) = W[e·b + j, i] = Wᵀ[i, e·b + j].
-            let rhs = Mat::new(wt, e * b, nb, 1);
+            let rhs = Mat::new(&wt, e * b, nb, 1);
             gemm_into(m, b, d_in, dst, accumulate, lhs, rhs, par);
             if let Some(act) = act {
                 T::eval_slice(act, dst, h_dst);
@@ -295,20 +279,6 @@ pub(crate) fn scatter_mm_fwd<T: Float>(
     let nb = routing.n_blocks() * b;
     // Wᵀ `[n_blocks·b, d_out]`: block e is a contiguous row range (see `transpose`).
     let wt = transpose(&w[..d_out * nb], d_out, nb);
-    scatter_mm_fwd_t(routing, h, g, &wt, d_out, b, bias)
-}
-
-/// [`scatter_mm_fwd`] with `Wᵀ [n_blocks·b, d_out]` given (a frozen layer keeps it, see
-/// `frozen.rs`).
-pub(crate) fn scatter_mm_fwd_t<T: Float>(
-    routing: HostRouting<'_>,
-    h: &[T],
-    g: &[T],
-    wt: &[T],
-    d_out: usize,
-    b: usize,
-    bias: Option<&[T]>,
-) -> Vec<T> {
     let chunk = routing.chunk_tokens();
     let mut y = match bias {
         Some(bias) => bias.repeat(routing.n_tokens()),
@@ -328,7 +298,7 @@ pub(crate) fn scatter_mm_fwd_t<T: Float>(
                 }
                 tmp.resize(m * d_out, T::zero());
                 // rhs (k = j, n = o) = w[o, e·b + j] = Wᵀ[e·b + j, o].
-                let rhs = Mat::new(wt, e * b * d_out, d_out, 1);
+                let rhs = Mat::new(&wt, e * b * d_out, d_out, 1);
                 gemm_into(
                     m,
                     d_out,

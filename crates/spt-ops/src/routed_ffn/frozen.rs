@@ -1,17 +1,17 @@
 //! A frozen layer's fc1 and fc2 weights as the grouped GEMMs read them, kept across forwards.
 //!
-//! The fused ops form their operands on every call: a row-major copy of W, plus LoRA's `s·B A`
-//! when adapters are unmerged, then the transpose their GEMMs read (`cpu.rs`). That is three
-//! passes over both weights whatever the token count; for one text of ~26 tokens it was most of
-//! the layer's time. Once [`RoutedFfn::freeze`] has fixed the values (inference), the same
-//! operands are formed once and reused, through the same kernels, so the output is the same to
-//! the bit.
+//! The LoRA op forms its operands on every call: a row-major copy of W plus LoRA's `s·B A`,
+//! then the transpose its GEMMs read (`lora_ops.rs`, `chunked.rs`). That is three passes over
+//! both weights whatever the token count; for one text of ~26 tokens it was most of the layer's
+//! time. Once [`RoutedFfn::freeze`] has fixed the values (inference), the same operands are
+//! formed once and reused, through the same kernel, so the output is the same to the bit.
 //!
 //! They are made on the second forward that would form them, not the first: a layer that runs
 //! one such forward (a prompt before cached decoding) would hold a copy of both weights for
 //! nothing.
 
-use super::cpu::{self, Addend, HostRouting};
+use super::chunked;
+use super::cpu::HostRouting;
 use super::{RoutedFfn, Routing};
 use crate::blas::{row_major, transpose};
 use crate::lora::merged_into;
@@ -87,11 +87,19 @@ impl RoutedFfn {
         let hr = HostRouting::new(routing)?;
         let ts = [x2, &ops.w1t, &self.b1, gates, &ops.w2t, &self.b2];
         let y = with_slices::<T, _>(op, &ts, |s| {
-            let [x, w1t, b1, g, w2t, b2] = [s[0], s[1], s[2], s[3], s[4], s[5]];
-            let (_, h) =
-                cpu::gather_mm_fwd_t(hr, x, w1t, Addend::Bias(b1), d, self.block, Some(self.activation));
-            let h = h.unwrap_or_default();
-            Ok(cpu::scatter_mm_fwd_t(hr, &h, g, w2t, d, self.block, Some(b2)))
+            let f = chunked::Forward {
+                x: s[0],
+                w1t: s[1],
+                b1: s[2],
+                gates: s[3],
+                w2t: s[4],
+                b2: s[5],
+                d,
+                d_out: d,
+                block: self.block,
+                act: self.activation,
+            };
+            Ok(chunked::forward(hr, &f, false).0)
         })?;
         Tensor::from_vec(y, (t, d), &Device::Cpu)
     }

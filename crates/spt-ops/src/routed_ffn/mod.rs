@@ -32,6 +32,7 @@
 //! refits, a sigmoid gate) are in docs/experiments/routed-ffn.md.
 
 mod calibrate;
+mod chunked;
 mod cluster;
 pub mod composed;
 mod correction;
@@ -47,7 +48,7 @@ mod rows;
 
 pub use calibrate::{RouterFitConfig, RoutingQuality};
 pub use cluster::UnitClusterConfig;
-pub use lora_ops::{gather_lora_act, scatter_lora};
+pub use lora_ops::routed_lora_ffn;
 pub use ops::{
     gather_matmul, gather_matmul_act, scatter_matmul, scatter_matmul_bias, AddKind, GatherMatmul,
     ScatterMatmul,
@@ -531,13 +532,12 @@ impl RoutedFfn {
             return self.finish(y, x2, dims, logits, routing, gates);
         }
         if let Some(l) = lora.filter(|l| !few && self.fuses_lora(x2, l, train)) {
-            // Both projections multiply by their merged weight (see lora_ops.rs).
-            let s = l.cfg.scale();
-            let (a1, b1) = (self.read(&l.a1), self.read(&l.b1));
-            let h =
-                lora_ops::gather_lora_act(x2, &self.w1, &self.b1, &a1, &b1, s, self.activation, &routing)?;
-            let (a2, b2) = (self.read(&l.a2), self.read(&l.b2));
-            let y = lora_ops::scatter_lora(&h, &gates, &self.w2, &self.b2, &a2, &b2, s, &routing)?;
+            // One op: both projections multiply by their merged weight (see lora_ops.rs).
+            let f = [&l.a1, &l.b1, &l.a2, &l.b2].map(|v| self.read(v));
+            let base = [&self.w1, &self.b1, &self.w2, &self.b2];
+            let adapters = [&f[0], &f[1], &f[2], &f[3]];
+            let (s, act) = (l.cfg.scale(), self.activation);
+            let y = lora_ops::routed_lora_ffn(x2, &gates, base, adapters, s, act, &routing)?;
             return self.finish(y, x2, dims, logits, routing, gates);
         }
         let y = self.forward_unfused(x2, &routing, &gates, lora, train, few)?;
@@ -614,7 +614,7 @@ impl RoutedFfn {
         Ok(y)
     }
 
-    /// Whether the LoRA layer runs as the fused ops of `lora_ops.rs`: on the CPU in f32 or f64,
+    /// Whether the LoRA layer runs as the one op of `lora_ops.rs`: on the CPU in f32 or f64,
     /// with frozen FFN weights, and with the adapters seeing the base weights' input (no LoRA
     /// dropout, or evaluation).
     fn fuses_lora(&self, x2: &Tensor, l: &FfnLora, train: bool) -> bool {

@@ -1,0 +1,452 @@
+//! The whole routed FFN, fc1 → activation → fc2, token chunk by token chunk (CPU, f32 and f64):
+//! the kernels of the one-op LoRA FFN (`lora_ops.rs`) and of a frozen layer (`frozen.rs`).
+//!
+//! Why whole: as two grouped GEMMs (`cpu.rs`), the hidden rows `[R, b]` go to memory between
+//! them, and the backward passes over `[R, b]` buffers once per product: h's gradient, the
+//! activation's backward, fc1's input gradient, and LoRA's four adapter products. Here a chunk
+//! runs each block's two GEMMs while that group's rows are in cache; only the pre-activation and
+//! h, which the backward reads, are written (and not at all in inference).
+//!
+//! Parallel over token chunks. Each chunk owns its tokens' rows, its groups' routed rows and its
+//! partial adapter gradients, which are summed in chunk order: no atomics, and results do not
+//! depend on the thread count.
+
+use super::cpu::{gather_rows, split_groups, HostRouting};
+use super::router::token_run;
+use crate::activation::{ActScalar, Activation};
+use crate::blas::{gemm_into, inner_par, transpose, Mat};
+use crate::util::Float;
+use rayon::prelude::*;
+
+/// `buf` split into `n` consecutive parts of `per` elements (the last ones shorter or empty).
+fn split_chunks<T>(buf: &mut [T], per: usize, n: usize) -> Vec<&mut [T]> {
+    let mut parts = Vec::with_capacity(n);
+    let mut rest = buf;
+    for _ in 0..n {
+        let k = per.min(rest.len());
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(k);
+        parts.push(head);
+        rest = tail;
+    }
+    parts
+}
+
+/// The routed rows of `buf` (`[R, width]`, or empty: then every part is empty) by chunk: entry
+/// `c` holds group `(e, c)`'s rows at index `e`.
+fn groups_by_chunk<'a, T>(hr: &HostRouting<'_>, buf: &'a mut [T], width: usize) -> Vec<Vec<&'a mut [T]>> {
+    let (nc, n) = (hr.n_chunks(), hr.n_blocks());
+    let mut by_chunk: Vec<Vec<&mut [T]>> = (0..nc).map(|_| Vec::with_capacity(n)).collect();
+    if buf.is_empty() {
+        for parts in &mut by_chunk {
+            parts.extend((0..n).map(|_| &mut [][..]));
+        }
+        return by_chunk;
+    }
+    for (g, part) in split_groups(hr, buf, width).into_iter().enumerate() {
+        by_chunk[g % nc].push(part);
+    }
+    by_chunk
+}
+
+/// `rows` of `src` (`[T, width]`) as a GEMM operand: in place when they are consecutive tokens,
+/// else copied into `buf`.
+fn token_rows<T: Float>(
+    hr: &HostRouting<'_>,
+    src: &[T],
+    width: usize,
+    rows: std::ops::Range<usize>,
+    buf: &mut Vec<T>,
+) -> Mat<T> {
+    match token_run(hr.tok, rows.clone()) {
+        Some(t) => Mat::new(src, t * width, width, 1),
+        None => {
+            gather_rows(src, width, &hr.tok[rows], buf);
+            Mat::new(buf, 0, width, 1)
+        }
+    }
+}
+
+/// `dst[tok(r) - t0] += src[i]` (times `scale[r]` when given) for the group's rows `rows`.
+fn scatter_add<T: Float>(
+    hr: &HostRouting<'_>,
+    dst: &mut [T],
+    t0: usize,
+    src: &[T],
+    width: usize,
+    rows: std::ops::Range<usize>,
+    scale: Option<&[T]>,
+) {
+    for (i, (r, &t)) in rows.clone().zip(&hr.tok[rows]).enumerate() {
+        let off = (t as usize - t0) * width;
+        let row = &src[i * width..(i + 1) * width];
+        let out = &mut dst[off..off + width];
+        match scale {
+            Some(s) => out.iter_mut().zip(row).for_each(|(o, &v)| *o = *o + s[r] * v),
+            None => out.iter_mut().zip(row).for_each(|(o, &v)| *o = *o + v),
+        }
+    }
+}
+
+/// Scratch buffers a chunk's task reuses from group to group.
+struct Scratch<T> {
+    rows: Vec<T>,
+    pre: Vec<T>,
+    h: Vec<T>,
+    out: Vec<T>,
+    small: Vec<T>,
+    small2: Vec<T>,
+    act: Vec<T>,
+}
+
+impl<T> Default for Scratch<T> {
+    fn default() -> Self {
+        Self {
+            rows: Vec::new(),
+            pre: Vec::new(),
+            h: Vec::new(),
+            out: Vec::new(),
+            small: Vec::new(),
+            small2: Vec::new(),
+            act: Vec::new(),
+        }
+    }
+}
+
+/// The operands of the forward: `w1t = W1ᵀ [d, n·b]`, `w2t = W2ᵀ [n·b, d_out]` (LoRA folded in).
+pub(crate) struct Forward<'a, T> {
+    pub(crate) x: &'a [T],
+    pub(crate) w1t: &'a [T],
+    pub(crate) b1: &'a [T],
+    pub(crate) gates: &'a [T],
+    pub(crate) w2t: &'a [T],
+    pub(crate) b2: &'a [T],
+    pub(crate) d: usize,
+    pub(crate) d_out: usize,
+    pub(crate) block: usize,
+    pub(crate) act: Activation,
+}
+
+/// `y[t] = b2 + Σ_{rows r of t} g[r] · act(x[t] W1_eᵀ + b1_e) W2_eᵀ`, `[T, d_out]`. With `keep`,
+/// also the pre-activation `[R, b]`, all the backward needs of the hidden rows.
+pub(crate) fn forward<T: Float + ActScalar>(
+    hr: HostRouting<'_>,
+    f: &Forward<'_, T>,
+    keep: bool,
+) -> (Vec<T>, Option<Vec<T>>) {
+    let (nc, n, b, d, d_out) = (hr.n_chunks(), hr.n_blocks(), f.block, f.d, f.d_out);
+    let nb = n * b;
+    let chunk = hr.chunk_tokens();
+    let mut y = f.b2.repeat(hr.n_tokens());
+    let mut pre = vec![T::zero(); if keep { hr.n_rows() * b } else { 0 }];
+    let pre_parts = groups_by_chunk(&hr, &mut pre, b);
+    let par = inner_par(nc);
+    split_chunks(&mut y, chunk * d_out, nc)
+        .into_par_iter()
+        .zip(pre_parts)
+        .enumerate()
+        .for_each_init(Scratch::default, |s, (c, (y, pre_c))| {
+            let t0 = c * chunk;
+            for (e, pre_kept) in pre_c.into_iter().enumerate() {
+                let rows = hr.group_rows(e * nc + c);
+                let m = rows.len();
+                if m == 0 {
+                    continue;
+                }
+                let lhs = token_rows(&hr, f.x, d, rows.clone(), &mut s.rows);
+                let pre_g: &mut [T] = if keep {
+                    pre_kept
+                } else {
+                    s.pre.resize(m * b, T::zero());
+                    &mut s.pre[..m * b]
+                };
+                s.h.resize(m * b, T::zero());
+                let h_g = &mut s.h[..m * b];
+                for row in pre_g.chunks_mut(b) {
+                    row.copy_from_slice(&f.b1[e * b..(e + 1) * b]);
+                }
+                // rhs (k = i, n = j) = W1[e·b + j, i] = W1ᵀ[i, e·b + j].
+                gemm_into(m, b, d, pre_g, true, lhs, Mat::new(f.w1t, e * b, nb, 1), par);
+                T::eval_slice(f.act, pre_g, h_g);
+                if d_out == 0 {
+                    continue;
+                }
+                s.out.resize(m * d_out, T::zero());
+                // rhs (k = j, n = o) = W2[o, e·b + j] = W2ᵀ[e·b + j, o].
+                let rhs = Mat::new(f.w2t, e * b * d_out, d_out, 1);
+                gemm_into(m, d_out, b, &mut s.out, false, Mat::new(h_g, 0, b, 1), rhs, par);
+                scatter_add(&hr, y, t0, &s.out, d_out, rows, Some(f.gates));
+            }
+        });
+    (y, keep.then_some(pre))
+}
+
+/// What the backward reads: the forward's inputs and kept rows, the merged weights
+/// `m1 = W1' [d_ff, d]` and `m2 = W2' [d, d_ff]`, and the adapters `A1 [r, d]`, `B1 [d_ff, r]`,
+/// `A2 [r, d_ff]`, `B2 [d, r]` with their scale.
+pub(crate) struct Backward<'a, T> {
+    pub(crate) x: &'a [T],
+    pub(crate) gates: &'a [T],
+    pub(crate) pre: &'a [T],
+    pub(crate) dy: &'a [T],
+    pub(crate) m1: &'a [T],
+    pub(crate) m2: &'a [T],
+    pub(crate) a1: &'a [T],
+    pub(crate) b1: &'a [T],
+    pub(crate) a2: &'a [T],
+    pub(crate) b2: &'a [T],
+    pub(crate) scale: T,
+    pub(crate) d: usize,
+    pub(crate) d_out: usize,
+    pub(crate) r: usize,
+    pub(crate) block: usize,
+    pub(crate) act: Activation,
+}
+
+/// The gradients of x `[T, d]`, the gates `[R]` and the adapters, `[A1, B1, A2, B2]` flattened
+/// in that order; each empty when not wanted.
+pub(crate) struct Grads<T> {
+    pub(crate) dx: Vec<T>,
+    pub(crate) dgates: Vec<T>,
+    pub(crate) dadapters: Vec<T>,
+}
+
+/// One chunk's share of the outputs.
+struct ChunkOut<'a, T> {
+    dx: &'a mut [T],
+    dgates: Vec<&'a mut [T]>,
+    /// Σ over the chunk's rows of `dpre · B1_e` per token, `[chunk, r]`.
+    du: &'a mut [T],
+    /// Σ over the chunk's rows of `g·h · A2_eᵀ` per token, `[chunk, r]`.
+    v: &'a mut [T],
+    /// The chunk's part of `dB1 / s` `[d_ff, r]` and of `dA2ᵀ` `[d_ff, r]`.
+    db1: &'a mut [T],
+    da2t: &'a mut [T],
+}
+
+/// The backward of [`forward`] with LoRA on both projections (`y = b2 + Σ g · act(x W1'_eᵀ +
+/// b1_e) W2'_eᵀ`, `W' = W + s·B A`):
+/// - per group: `u = dy W2'_e`, `dg = ⟨h, u⟩`, `dh = g·u`, `dpre = dh ⊙ act'(pre)`,
+///   `dx += dpre W1'_e`;
+/// - adapters: `dA1 = s·duᵀ x` with `du = Σ dpre B1_e`; `dB1_e = s·dpre_eᵀ (x A1ᵀ)`;
+///   `dA2_e = (g·h)_eᵀ dv` with `dv = s·dy B2`; `dB2 = s·dyᵀ v` with `v = Σ g·h A2_eᵀ`.
+pub(crate) fn backward<T: Float + ActScalar>(
+    hr: HostRouting<'_>,
+    p: &Backward<'_, T>,
+    want: [bool; 3],
+) -> Grads<T> {
+    let (nc, n, b, d, r, d_out) = (hr.n_chunks(), hr.n_blocks(), p.block, p.d, p.r, p.d_out);
+    let (nb, tokens, chunk) = (n * b, hr.n_tokens(), hr.chunk_tokens());
+    let [want_dx, want_dg, want_ad] = want;
+    let par = inner_par(nc);
+    let mut dx = vec![T::zero(); tokens * d];
+    let mut dgates = vec![T::zero(); if want_dg { hr.n_rows() } else { 0 }];
+    let lr = if want_ad { r } else { 0 };
+    let (mut du, mut v) = (vec![T::zero(); tokens * lr], vec![T::zero(); tokens * lr]);
+    let (mut db1, mut da2t) = (vec![T::zero(); nc * nb * lr], vec![T::zero(); nc * nb * lr]);
+    // x A1ᵀ and s·dy B2, `[T, r]`: the adapters' side of the routed rows.
+    let (u1, dv) = if want_ad {
+        (
+            times_bt(p.x, p.a1, d, r, T::one()),
+            times(p.dy, p.b2, d_out, r, p.scale),
+        )
+    } else {
+        (vec![], vec![])
+    };
+    let a2t = if want_ad { transpose(p.a2, r, nb) } else { vec![] };
+    // All parts empty when the gates' gradient is not wanted.
+    let dg_parts = groups_by_chunk(&hr, &mut dgates, 1);
+    let outs: Vec<ChunkOut<'_, T>> = split_chunks(&mut dx, chunk * d, nc)
+        .into_iter()
+        .zip(dg_parts)
+        .zip(split_chunks(&mut du, chunk * lr, nc))
+        .zip(split_chunks(&mut v, chunk * lr, nc))
+        .zip(split_chunks(&mut db1, nb * lr, nc))
+        .zip(split_chunks(&mut da2t, nb * lr, nc))
+        .map(|(((((dx, dgates), du), v), db1), da2t)| ChunkOut {
+            dx,
+            dgates,
+            du,
+            v,
+            db1,
+            da2t,
+        })
+        .collect();
+    outs.into_par_iter()
+        .enumerate()
+        .for_each_init(Scratch::default, |s, (c, mut out)| {
+            let t0 = c * chunk;
+            for e in 0..n {
+                let rows = hr.group_rows(e * nc + c);
+                let m = rows.len();
+                if m == 0 {
+                    continue;
+                }
+                let (lo, hi) = (rows.start * b, rows.end * b);
+                // h again from the kept pre-activation: one [R, b] tensor fewer held per layer.
+                let pre_g = &p.pre[lo..hi];
+                s.act.resize(m * b, T::zero());
+                T::eval_slice(p.act, pre_g, &mut s.act);
+                let h_g = &s.act[..];
+                // u = dy_rows · W2'_e, rhs (k = o, n = j) = W2'[o, e·b + j]; then dh in place.
+                let dy_rows = token_rows(&hr, p.dy, d_out, rows.clone(), &mut s.rows);
+                s.h.resize(m * b, T::zero());
+                gemm_into(
+                    m,
+                    b,
+                    d_out,
+                    &mut s.h,
+                    false,
+                    dy_rows,
+                    Mat::new(p.m2, e * b, nb, 1),
+                    par,
+                );
+                s.pre.clear();
+                for (i, (hrow, urow)) in h_g.chunks(b).zip(s.h.chunks_mut(b)).enumerate() {
+                    let gr = p.gates[rows.start + i];
+                    if want_dg {
+                        out.dgates[e][i] = hrow
+                            .iter()
+                            .zip(urow.iter())
+                            .fold(T::zero(), |acc, (&a, &u)| acc + a * u);
+                    }
+                    urow.iter_mut().for_each(|u| *u = *u * gr);
+                    if want_ad {
+                        s.pre.extend(hrow.iter().map(|&v| v * gr));
+                    }
+                }
+                if want_ad {
+                    // dA2ᵀ_e += (g·h)ᵀ dv_rows; v_rows += (g·h) A2_eᵀ.
+                    let gh = Mat::new(&s.pre, 0, 1, b);
+                    let dv_rows = token_rows(&hr, &dv, r, rows.clone(), &mut s.small);
+                    gemm_into(
+                        b,
+                        r,
+                        m,
+                        &mut out.da2t[e * b * r..(e + 1) * b * r],
+                        true,
+                        gh,
+                        dv_rows,
+                        par,
+                    );
+                    s.small2.resize(m * r, T::zero());
+                    let a2_e = Mat::new(&a2t, e * b * r, r, 1);
+                    gemm_into(
+                        m,
+                        r,
+                        b,
+                        &mut s.small2,
+                        false,
+                        Mat::new(&s.pre, 0, b, 1),
+                        a2_e,
+                        par,
+                    );
+                    scatter_add(&hr, out.v, t0, &s.small2, r, rows.clone(), None);
+                }
+                // dpre = dh ⊙ act'(pre), into the gh buffer (no longer read).
+                s.pre.resize(m * b, T::zero());
+                T::grad_slice(p.act, pre_g, &s.h, &mut s.pre);
+                let dpre = Mat::new(&s.pre, 0, b, 1);
+                if want_dx && d > 0 {
+                    // dx_rows += dpre · W1'_e, rhs (k = j, n = i) = W1'[e·b + j, i].
+                    let rhs = Mat::new(p.m1, e * b * d, d, 1);
+                    match token_run(hr.tok, rows.clone()) {
+                        Some(t) => {
+                            let off = (t - t0) * d;
+                            gemm_into(m, d, b, &mut out.dx[off..off + m * d], true, dpre, rhs, par);
+                        }
+                        None => {
+                            s.out.resize(m * d, T::zero());
+                            gemm_into(m, d, b, &mut s.out, false, dpre, rhs, par);
+                            scatter_add(&hr, out.dx, t0, &s.out, d, rows.clone(), None);
+                        }
+                    }
+                }
+                if want_ad {
+                    // du_rows += dpre · B1_e; dB1_e += dpreᵀ u1_rows.
+                    s.small2.resize(m * r, T::zero());
+                    let b1_e = Mat::new(p.b1, e * b * r, r, 1);
+                    gemm_into(m, r, b, &mut s.small2, false, dpre, b1_e, par);
+                    scatter_add(&hr, out.du, t0, &s.small2, r, rows.clone(), None);
+                    let u1_rows = token_rows(&hr, &u1, r, rows.clone(), &mut s.small);
+                    let dpre_t = Mat::new(&s.pre, 0, 1, b);
+                    gemm_into(
+                        b,
+                        r,
+                        m,
+                        &mut out.db1[e * b * r..(e + 1) * b * r],
+                        true,
+                        dpre_t,
+                        u1_rows,
+                        par,
+                    );
+                }
+            }
+        });
+    let dadapters = if want_ad {
+        // [A1 r·d, B1 d_ff·r, A2 r·d_ff, B2 d·r], the chunks' parts summed in chunk order.
+        let mut g = times_at_b(&du, p.x, r, d, p.scale);
+        g.extend(sum_parts(&db1, nb * r).into_iter().map(|v| v * p.scale));
+        g.extend(transpose(&sum_parts(&da2t, nb * r), nb, r));
+        g.extend(times_at_b(p.dy, &v, d_out, r, p.scale));
+        g
+    } else {
+        vec![]
+    };
+    Grads {
+        dx: if want_dx { dx } else { vec![] },
+        dgates,
+        dadapters,
+    }
+}
+
+/// The sum of `parts` (consecutive vectors of `len`), in order.
+fn sum_parts<T: Float>(parts: &[T], len: usize) -> Vec<T> {
+    let mut sum = vec![T::zero(); len];
+    for part in parts.chunks(len.max(1)) {
+        sum.iter_mut().zip(part).for_each(|(o, &v)| *o = *o + v);
+    }
+    sum
+}
+
+/// `s · x M`, `[n, r]`, for `x [n, k]` and `M [k, r]`.
+fn times<T: Float>(x: &[T], m: &[T], k: usize, r: usize, s: T) -> Vec<T> {
+    let n = x.len() / k.max(1);
+    let mut out = vec![T::zero(); n * r];
+    gemm_into(
+        n,
+        r,
+        k,
+        &mut out,
+        false,
+        Mat::new(x, 0, k, 1),
+        Mat::new(m, 0, r, 1),
+        inner_par(1),
+    );
+    if s != T::one() {
+        out.iter_mut().for_each(|v| *v = *v * s);
+    }
+    out
+}
+
+/// `s · x Mᵀ`, `[n, r]`, for `x [n, k]` and `M [r, k]`.
+fn times_bt<T: Float>(x: &[T], m: &[T], k: usize, r: usize, s: T) -> Vec<T> {
+    times(x, &transpose(m, r, k), k, r, s)
+}
+
+/// `s · pᵀ q`, `[m, n]`, for `p [k, m]` and `q [k, n]`.
+fn times_at_b<T: Float>(p: &[T], q: &[T], m: usize, n: usize, s: T) -> Vec<T> {
+    let k = p.len() / m.max(1);
+    let mut out = vec![T::zero(); m * n];
+    gemm_into(
+        m,
+        n,
+        k,
+        &mut out,
+        false,
+        Mat::new(p, 0, 1, m),
+        Mat::new(q, 0, n, 1),
+        inner_par(1),
+    );
+    out.iter_mut().for_each(|v| *v = *v * s);
+    out
+}
