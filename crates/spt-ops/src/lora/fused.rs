@@ -148,7 +148,7 @@ pub(crate) fn merged<T: Float>(w: &[T], a: &[T], b: &[T], dims: (usize, usize, u
 
 /// `(W + s·B A)ᵀ`, `[in, out]`: W transposed in tiles, then `s·Aᵀ Bᵀ` added by one GEMM, a
 /// pass over the weight fewer than merging a copy and transposing it.
-fn merged_t<T: Float>(w: &[T], a: &[T], b: &[T], dims: (usize, usize, usize), s: T) -> Vec<T> {
+pub(crate) fn merged_t<T: Float>(w: &[T], a: &[T], b: &[T], dims: (usize, usize, usize), s: T) -> Vec<T> {
     let (out, d_in, r) = dims;
     let mut m = transpose(w, out, d_in);
     let sb: Vec<T> = b.iter().map(|&v| v * s).collect(); // [out, r]

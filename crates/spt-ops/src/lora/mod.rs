@@ -7,8 +7,8 @@
 
 mod fused;
 
-pub(crate) use fused::merged_into;
 pub use fused::{lora_linear, lora_linear_heads, HeadsLayout};
+pub(crate) use fused::{merged_into, merged_t};
 
 use crate::routed_ffn::{gather_matmul, Routing};
 use crate::util::{check_float, check_same, read_var};

@@ -10,11 +10,9 @@
 //! one such forward (a prompt before cached decoding) would hold a copy of both weights for
 //! nothing.
 
-use super::chunked;
 use super::cpu::HostRouting;
+use super::{chunked, lora_ops};
 use super::{RoutedFfn, Routing};
-use crate::blas::{row_major, transpose};
-use crate::lora::merged_into;
 use crate::util::{with_slices, Float};
 use candle_core::{DType, Device, Result, Tensor};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -115,23 +113,21 @@ impl RoutedFfn {
     fn make_operands_t<T: Float + candle_core::WithDType>(&self) -> Result<Operands> {
         let op = "routed_ffn (frozen)";
         let (d_ff, d) = self.w1.dims2()?;
-        let lora = self.lora.as_ref().filter(|_| !self.merged);
-        let (mut w1, mut w2) = (row_major::<T>(op, &self.w1)?, row_major::<T>(op, &self.w2)?);
-        if let Some(l) = lora {
-            let s = T::lit(l.cfg.scale());
-            let r = l.cfg.rank;
-            let f = [&l.a1, &l.b1, &l.a2, &l.b2].map(|v| self.read(v));
-            (w1, w2) = with_slices::<T, _>(op, &[&f[0], &f[1], &f[2], &f[3]], |s_| {
-                Ok((
-                    merged_into(w1, s_[0], s_[1], (d_ff, d, r), s),
-                    merged_into(w2, s_[2], s_[3], (d, d_ff, r), s),
-                ))
-            })?;
-        }
         let dev = Device::Cpu;
+        let (w1, w2) = (&self.w1, &self.w2);
+        let (w1t, w2t) = match self.lora.as_ref().filter(|_| !self.merged) {
+            Some(l) => {
+                let f = [&l.a1, &l.b1, &l.a2, &l.b2].map(|v| self.read(v));
+                let (r, s) = (l.cfg.rank, T::lit(l.cfg.scale()));
+                with_slices::<T, _>(op, &[&f[0], &f[1], &f[2], &f[3]], |a| {
+                    lora_ops::operands_t(op, w1, w2, Some(([a[0], a[1], a[2], a[3]], r, s)))
+                })?
+            }
+            None => lora_ops::operands_t::<T>(op, w1, w2, None)?,
+        };
         Ok(Operands {
-            w1t: Tensor::from_vec(transpose(&w1, d_ff, d), (d, d_ff), &dev)?,
-            w2t: Tensor::from_vec(transpose(&w2, d, d_ff), (d_ff, d), &dev)?,
+            w1t: Tensor::from_vec(w1t, (d, d_ff), &dev)?,
+            w2t: Tensor::from_vec(w2t, (d_ff, d), &dev)?,
         })
     }
 }
