@@ -299,6 +299,35 @@ fn routed_lora_ffn_equals_merged_weights_and_passes_gradcheck_f64() -> Result<()
     .unwrap_err()
     .to_string();
     assert!(e.contains("B1 is [3, 5], expected [15, 3]"), "{e}");
+    // So are trained base weights (the op computes no gradient for them) and empty widths.
+    let w1v = candle_core::Var::from_tensor(&w1)?;
+    let e = routed_lora_ffn(
+        &inputs[0],
+        &inputs[1],
+        [w1v.as_tensor(), &b1, &w2, &b2],
+        adapters,
+        s,
+        act,
+        &routing,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("W1 must be frozen"), "{e}");
+    let empty = |rows: usize| Tensor::zeros((rows, 0), DType::F64, &Device::Cpu);
+    let (x0, w10, a10) = (empty(t)?, empty(n * b)?, empty(r)?);
+    let adapters0 = [&a10, &inputs[3], &inputs[4], &inputs[5]];
+    let e = routed_lora_ffn(
+        &x0,
+        &inputs[1],
+        [&w10, &b1, &w2, &b2],
+        adapters0,
+        s,
+        act,
+        &routing,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("d (x's width) is 0"), "{e}");
     let report = check_gradients(f, &inputs, &[0, 1, 2, 3, 4, 5], GradCheck::default())?;
     assert_eq!(report.len(), 6);
     Ok(())
@@ -307,13 +336,14 @@ fn routed_lora_ffn_equals_merged_weights_and_passes_gradcheck_f64() -> Result<()
 /// The one-op LoRA FFN in f32 against the same function from the routed GEMMs on the merged
 /// weights, forward and every gradient, for random shapes and routings: up to three token chunks,
 /// k = n (every token in every block: the kernels' in-place token runs), a skipped block, and
-/// gates that are not tracked.
+/// x, the gates or the adapters not tracked (`tracked`: which of the three are).
 fn check_lora_ffn(
     c: (usize, usize, usize, usize, usize, usize, usize),
     skip: bool,
-    gates_grad: bool,
+    tracked: [bool; 3],
     seed: u64,
 ) -> Result<()> {
+    let [x_grad, gates_grad, ad_grad] = tracked;
     use spt_ops::routed_ffn::{gather_matmul_act, routed_lora_ffn, scatter_matmul_bias};
     let (t, d, d_out, r, n, b, k) = c;
     let (s, act) = (0.8, Activation::GeluTanh);
@@ -339,21 +369,17 @@ fn check_lora_ffn(
     let up = f32t(&[t, d_out], 11, 1.0)?;
     let run = |one_op: bool| -> Result<Vec<Option<Tensor>>> {
         let v = vars(&ins)?;
-        let x = v[0].as_tensor();
-        let gates = if gates_grad {
-            v[1].as_tensor().clone()
-        } else {
-            ins[1].clone()
-        };
-        let a: Vec<&Tensor> = v[2..].iter().map(|v| v.as_tensor()).collect();
+        let pick = |i: usize, on: bool| if on { v[i].as_tensor() } else { &ins[i] };
+        let (x, gates) = (pick(0, x_grad), pick(1, gates_grad));
+        let a: Vec<&Tensor> = (2..6).map(|i| pick(i, ad_grad)).collect();
         let y = if one_op {
             let base = [&base[0], &base[1], &base[2], &base[3]];
-            routed_lora_ffn(x, &gates, base, [a[0], a[1], a[2], a[3]], s, act, &routing)?
+            routed_lora_ffn(x, gates, base, [a[0], a[1], a[2], a[3]], s, act, &routing)?
         } else {
             let w1 = (&base[0] + (a[1].matmul(a[0])? * s)?)?;
             let w2 = (&base[2] + (a[3].matmul(a[2])? * s)?)?;
             let h = gather_matmul_act(x, &w1, Some(&base[1]), Some(act), &routing)?;
-            scatter_matmul_bias(&h, &gates, &w2, Some(&base[3]), &routing)?
+            scatter_matmul_bias(&h, gates, &w2, Some(&base[3]), &routing)?
         };
         let g = (&y * &up)?.sum_all()?.backward()?;
         let mut out = vec![Some(y)];
@@ -367,7 +393,7 @@ fn check_lora_ffn(
     {
         match (&got[i], &want[i]) {
             (Some(a), Some(b)) => assert_close(&format!("{c:?} seed {seed} {name}"), a, b, 2e-4)?,
-            (None, None) => assert!(!gates_grad && i == 2, "{name}: no gradient"),
+            (None, None) => assert!(!tracked[(i - 1).min(2)], "{name}: no gradient"),
             _ => panic!("{c:?} seed {seed} {name}: a gradient on one side only"),
         }
     }
@@ -387,11 +413,20 @@ proptest! {
         b in 1usize..=5,
         k_frac in 0.0f64..=1.0,
         skip in any::<bool>(),
-        gates_grad in any::<bool>(),
+        // Which of x, the gates and the adapters are tracked (never none of them).
+        tracked in prop_oneof![
+            Just([true, true, true]),
+            Just([true, false, true]),
+            Just([false, true, true]),
+            Just([true, true, false]),
+            Just([false, false, true]),
+            Just([true, false, false]),
+            Just([false, true, false]),
+        ],
         seed in 0u64..1_000_000,
     ) {
         let k = 1 + ((n as f64 * k_frac) as usize).min(n - 1);
-        check_lora_ffn((t, d, d_out, r, n, b, k), skip, gates_grad, seed)
+        check_lora_ffn((t, d, d_out, r, n, b, k), skip, tracked, seed)
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
     }
 }
@@ -401,14 +436,14 @@ proptest! {
 #[test]
 fn routed_lora_ffn_is_bit_identical_across_thread_counts() -> Result<()> {
     use spt_ops::routed_ffn::routed_lora_ffn;
-    let (t, d, r, n, b, k) = (1100usize, 24usize, 4usize, 6usize, 8usize, 3usize);
+    let (t, d, d_out, r, n, b, k) = (1100usize, 24usize, 20usize, 4usize, 6usize, 8usize, 3usize);
     let routing = Arc::new(random_routing(t, n, k, None, 5)?);
     let f32t = |dims: &[usize], seed: u64| randn_f64(dims, seed)?.to_dtype(DType::F32);
     let base = [
         f32t(&[n * b, d], 1)?,
         f32t(&[n * b], 2)?,
-        f32t(&[d, n * b], 3)?,
-        f32t(&[d], 4)?,
+        f32t(&[d_out, n * b], 3)?,
+        f32t(&[d_out], 4)?,
     ];
     let ins = [
         f32t(&[t, d], 6)?,
@@ -416,9 +451,9 @@ fn routed_lora_ffn_is_bit_identical_across_thread_counts() -> Result<()> {
         f32t(&[r, d], 8)?,
         f32t(&[n * b, r], 9)?,
         f32t(&[r, n * b], 10)?,
-        f32t(&[d, r], 11)?,
+        f32t(&[d_out, r], 11)?,
     ];
-    let up = f32t(&[t, d], 12)?;
+    let up = f32t(&[t, d_out], 12)?;
     let bits = || -> Result<Vec<Vec<u32>>> {
         let v = vars(&ins)?;
         let a: Vec<&Tensor> = v.iter().map(|v| v.as_tensor()).collect();

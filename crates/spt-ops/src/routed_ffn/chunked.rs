@@ -4,8 +4,8 @@
 //! Why whole: as two grouped GEMMs (`cpu.rs`), the hidden rows `[R, b]` go to memory between
 //! them, and the backward passes over `[R, b]` buffers once per product: h's gradient, the
 //! activation's backward, fc1's input gradient, and LoRA's four adapter products. Here a chunk
-//! runs each block's two GEMMs while that group's rows are in cache; only the pre-activation and
-//! h, which the backward reads, are written (and not at all in inference).
+//! runs each block's two GEMMs while that group's rows are in cache; only the pre-activation,
+//! from which the backward recomputes h, is written (and not at all in inference).
 //!
 //! Parallel over token chunks. Each chunk owns its tokens' rows, its groups' routed rows and its
 //! partial adapter gradients, which are summed in chunk order: no atomics, and results do not
@@ -180,9 +180,9 @@ pub(crate) fn forward<T: Float + ActScalar>(
     (y, keep.then_some(pre))
 }
 
-/// What the backward reads: the forward's inputs and kept rows, the merged weights
-/// `m1 = W1' [d_ff, d]` and `m2 = W2' [d, d_ff]`, and the adapters `A1 [r, d]`, `B1 [d_ff, r]`,
-/// `A2 [r, d_ff]`, `B2 [d, r]` with their scale.
+/// What the backward reads: the forward's inputs and kept pre-activation, the merged weights
+/// `m1 = W1' [d_ff, d]` and `m2 = W2' [d_out, d_ff]`, and the adapters `A1 [r, d]`,
+/// `B1 [d_ff, r]`, `A2 [r, d_ff]`, `B2 [d_out, r]` with their scale.
 pub(crate) struct Backward<'a, T> {
     pub(crate) x: &'a [T],
     pub(crate) gates: &'a [T],
@@ -228,7 +228,7 @@ struct ChunkOut<'a, T> {
 /// - per group: `u = dy W2'_e`, `dg = ⟨h, u⟩`, `dh = g·u`, `dpre = dh ⊙ act'(pre)`,
 ///   `dx += dpre W1'_e`;
 /// - adapters: `dA1 = s·duᵀ x` with `du = Σ dpre B1_e`; `dB1_e = s·dpre_eᵀ (x A1ᵀ)`;
-///   `dA2_e = (g·h)_eᵀ dv` with `dv = s·dy B2`; `dB2 = s·dyᵀ v` with `v = Σ g·h A2_eᵀ`.
+///   `dA2_eᵀ = (g·h)_eᵀ dv` with `dv = s·dy B2`; `dB2 = s·dyᵀ v` with `v = Σ g·h A2_eᵀ`.
 pub(crate) fn backward<T: Float + ActScalar>(
     hr: HostRouting<'_>,
     p: &Backward<'_, T>,
@@ -238,7 +238,7 @@ pub(crate) fn backward<T: Float + ActScalar>(
     let (nb, tokens, chunk) = (n * b, hr.n_tokens(), hr.chunk_tokens());
     let [want_dx, want_dg, want_ad] = want;
     let par = inner_par(nc);
-    let mut dx = vec![T::zero(); tokens * d];
+    let mut dx = vec![T::zero(); if want_dx { tokens * d } else { 0 }];
     let mut dgates = vec![T::zero(); if want_dg { hr.n_rows() } else { 0 }];
     let lr = if want_ad { r } else { 0 };
     let (mut du, mut v) = (vec![T::zero(); tokens * lr], vec![T::zero(); tokens * lr]);
@@ -342,6 +342,9 @@ pub(crate) fn backward<T: Float + ActScalar>(
                     );
                     scatter_add(&hr, out.v, t0, &s.small2, r, rows.clone(), None);
                 }
+                if !want_dx && !want_ad {
+                    continue; // the gates' gradient was all this group owed
+                }
                 // dpre = dh ⊙ act'(pre), into the gh buffer (no longer read).
                 s.pre.resize(m * b, T::zero());
                 T::grad_slice(p.act, pre_g, &s.h, &mut s.pre);
@@ -393,7 +396,7 @@ pub(crate) fn backward<T: Float + ActScalar>(
         vec![]
     };
     Grads {
-        dx: if want_dx { dx } else { vec![] },
+        dx,
         dgates,
         dadapters,
     }

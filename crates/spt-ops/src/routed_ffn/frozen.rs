@@ -4,7 +4,10 @@
 //! then the transpose its GEMMs read (`lora_ops.rs`, `chunked.rs`). That is three passes over
 //! both weights whatever the token count; for one text of ~26 tokens it was most of the layer's
 //! time. Once [`RoutedFfn::freeze`] has fixed the values (inference), the same operands are
-//! formed once and reused, through the same kernel, so the output is the same to the bit.
+//! formed once (`lora_ops::operands_t`, W alone without adapters) and reused, through the
+//! whole-FFN kernel (`chunked.rs`), which does the same arithmetic in the same order as the op
+//! and, without adapters, as the grouped GEMMs of `cpu.rs`: the output is the same to the bit
+//! (a test checks both).
 //!
 //! They are made on the second forward that would form them, not the first: a layer that runs
 //! one such forward (a prompt before cached decoding) would hold a copy of both weights for
@@ -52,8 +55,8 @@ impl RoutedFfn {
             && self.frozen_operands.wanted()
     }
 
-    /// fc2(act(fc1(x))) on the routed rows, `[T, d]`, before the correction: the fused ops'
-    /// forward with the kept operands.
+    /// fc2(act(fc1(x))) on the routed rows, `[T, d]`, before the correction: the whole-FFN
+    /// kernel with the kept operands.
     pub(super) fn forward_frozen(
         &self,
         x2: &Tensor,

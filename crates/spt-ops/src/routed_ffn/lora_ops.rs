@@ -27,6 +27,9 @@ use crate::util::{contiguous, with_slices, Float};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Error, Layout, Result, Shape, Tensor};
 use std::sync::{Arc, Mutex};
 
+/// The op's name in its errors.
+const OP: &str = "routed_ffn (LoRA)";
+
 /// The routed FFN with LoRA on both projections, as one op:
 /// `y[t] = b2 + Σ_{rows r of t} g[r] · act(x[t] W1'_eᵀ + b1_e) W2'_eᵀ` with `W' = W + s·B A`,
 /// `[T, d_out]`, for `x [T, d]`, `gates [R]`, frozen `base = [W1 [d_ff, d], b1 [d_ff],
@@ -41,7 +44,7 @@ pub fn routed_lora_ffn(
     act: Activation,
     routing: &Arc<Routing>,
 ) -> Result<Tensor> {
-    let op = "routed_ffn (LoRA)";
+    let op = OP;
     let &[t, d] = x.dims() else {
         bail!("{op}: x is {:?}, expected [tokens, d]", x.dims());
     };
@@ -54,20 +57,36 @@ pub fn routed_lora_ffn(
             routing.n_blocks()
         );
     }
+    // The kernels index weight blocks by their widths: an empty one has nothing to compute.
+    for (name, n) in [
+        ("d (x's width)", d),
+        ("d_ff (W1's rows)", d_ff),
+        ("d_out (W2's rows)", d_out),
+    ] {
+        if n == 0 {
+            bail!("{op}: {name} is 0, expected at least 1");
+        }
+    }
+    // The op computes no gradient for them (see `lora_linear` for trained weights).
+    for (name, w) in [("W1", base[0]), ("b1", base[1]), ("W2", base[2]), ("b2", base[3])] {
+        if w.track_op() {
+            bail!("{op}: {name} must be frozen (it is tracked); train the adapters instead");
+        }
+    }
     let names = ["x", "gates", "W1", "b1", "W2", "b2", "A1", "B1", "A2", "B2"];
     let [w1, b1, w2, b2] = base;
     let [a1, bb1, a2, bb2] = adapters;
-    let shapes = [
-        (t, d),
-        (routing.n_rows(), 1),
-        (d_ff, d),
-        (d_ff, 1),
-        (d_out, d_ff),
-        (d_out, 1),
-        (r, d),
-        (d_ff, r),
-        (r, d_ff),
-        (d_out, r),
+    let shapes: [&[usize]; 10] = [
+        &[t, d],
+        &[routing.n_rows()],
+        &[d_ff, d],
+        &[d_ff],
+        &[d_out, d_ff],
+        &[d_out],
+        &[r, d],
+        &[d_ff, r],
+        &[r, d_ff],
+        &[d_out, r],
     ];
     check_lora(
         op,
@@ -126,7 +145,7 @@ impl LoraFfn {
         g: &[T],
         packed: &[T],
     ) -> Result<Vec<T>> {
-        let op = "routed_ffn (LoRA)";
+        let op = OP;
         let ((d_ff, d), d_out, r) = (self.w1.dims2()?, self.w2.dim(0)?, self.r);
         let s = T::lit(self.scale);
         let hr = HostRouting::new(&self.routing)?;
@@ -161,7 +180,7 @@ impl LoraFfn {
         s: &[&[T]],
         want: [bool; 3],
     ) -> Result<chunked::Grads<T>> {
-        let op = "routed_ffn (LoRA)";
+        let op = OP;
         // From the weights, not x: with no tokens x says nothing.
         let ((d_ff, d), d_out, r) = (self.w1.dims2()?, self.w2.dim(0)?, self.r);
         let sc = T::lit(self.scale);
@@ -192,7 +211,7 @@ impl LoraFfn {
 
 impl CustomOp3 for LoraFfn {
     fn name(&self) -> &'static str {
-        "routed_ffn_lora"
+        OP
     }
 
     fn cpu_fwd(
@@ -288,33 +307,23 @@ pub(super) fn operands_t<T: Float + candle_core::WithDType>(
     })
 }
 
-/// Checks the inputs (named `names`) against their shapes (`(n, 1)` for a vector `[n]`), that
-/// they are all f32 or all f64 on the CPU, and that the first has `rows` rows.
-fn check_lora(op: &str, names: &[&str], ts: &[&Tensor], want: &[(usize, usize)], rows: usize) -> Result<()> {
-    for ((t, &(r, c)), name) in ts.iter().zip(want).zip(names) {
-        let ok = match *t.dims() {
-            [n] => c == 1 && n == r,
-            [n, m] => (n, m) == (r, c),
-            _ => false,
-        };
-        if !ok {
-            let shape = if c == 1 {
-                format!("[{r}]")
-            } else {
-                format!("[{r}, {c}]")
-            };
-            bail!("{op}: {name} is {:?}, expected {shape}", t.dims());
+/// Checks the inputs (named `names`) against their shapes, that they are all f32 or all f64 on
+/// the CPU, and that the first has `rows` rows.
+fn check_lora(op: &str, names: &[&str], ts: &[&Tensor], want: &[&[usize]], rows: usize) -> Result<()> {
+    for ((t, &shape), name) in ts.iter().zip(want).zip(names) {
+        if t.dims() != shape {
+            bail!("{op}: {name} is {:?}, expected {shape:?}", t.dims());
         }
         if !t.device().is_cpu() || !matches!(t.dtype(), DType::F32 | DType::F64) || t.dtype() != ts[0].dtype()
         {
             bail!("{op}: {name} must be f32 or f64 on the CPU, like {}", names[0]);
         }
     }
-    if want[0].0 != rows {
+    if want[0][0] != rows {
         bail!(
             "{op}: {} has {} rows, expected {rows} for this routing",
             names[0],
-            want[0].0
+            want[0][0]
         );
     }
     Ok(())
