@@ -212,10 +212,13 @@ pub(crate) fn reduce_all(t: &Tensor, max: bool) -> Result<Tensor> {
 }
 
 /// Deterministic parallel sum of per-chunk partial vectors: chunks are summed in index order.
-pub(crate) fn sum_partials<T: Float>(partials: Vec<Vec<T>>, n: usize) -> Vec<T> {
+pub(crate) fn sum_partials<T: Float, P: AsRef<[T]>>(
+    partials: impl IntoIterator<Item = P>,
+    n: usize,
+) -> Vec<T> {
     let mut out = vec![T::zero(); n];
     for p in partials {
-        for (o, v) in out.iter_mut().zip(p) {
+        for (o, &v) in out.iter_mut().zip(p.as_ref()) {
             *o = *o + v;
         }
     }

@@ -11,11 +11,11 @@
 //! partial adapter gradients, which are summed in chunk order: no atomics, and results do not
 //! depend on the thread count.
 
-use super::cpu::{gather_rows, split_groups, HostRouting};
+use super::cpu::{scatter_add, split_groups, token_rows, HostRouting};
 use super::router::token_run;
 use crate::activation::{ActScalar, Activation};
 use crate::blas::{gemm_into, inner_par, transpose, Mat};
-use crate::util::Float;
+use crate::util::{sum_partials, Float};
 use rayon::prelude::*;
 
 /// `buf` split into `n` consecutive parts of `per` elements (the last ones shorter or empty).
@@ -46,45 +46,6 @@ fn groups_by_chunk<'a, T>(hr: &HostRouting<'_>, buf: &'a mut [T], width: usize) 
         by_chunk[g % nc].push(part);
     }
     by_chunk
-}
-
-/// `rows` of `src` (`[T, width]`) as a GEMM operand: in place when they are consecutive tokens,
-/// else copied into `buf`.
-fn token_rows<T: Float>(
-    hr: &HostRouting<'_>,
-    src: &[T],
-    width: usize,
-    rows: std::ops::Range<usize>,
-    buf: &mut Vec<T>,
-) -> Mat<T> {
-    match token_run(hr.tok, rows.clone()) {
-        Some(t) => Mat::new(src, t * width, width, 1),
-        None => {
-            gather_rows(src, width, &hr.tok[rows], buf);
-            Mat::new(buf, 0, width, 1)
-        }
-    }
-}
-
-/// `dst[tok(r) - t0] += src[i]` (times `scale[r]` when given) for the group's rows `rows`.
-fn scatter_add<T: Float>(
-    hr: &HostRouting<'_>,
-    dst: &mut [T],
-    t0: usize,
-    src: &[T],
-    width: usize,
-    rows: std::ops::Range<usize>,
-    scale: Option<&[T]>,
-) {
-    for (i, (r, &t)) in rows.clone().zip(&hr.tok[rows]).enumerate() {
-        let off = (t as usize - t0) * width;
-        let row = &src[i * width..(i + 1) * width];
-        let out = &mut dst[off..off + width];
-        match scale {
-            Some(s) => out.iter_mut().zip(row).for_each(|(o, &v)| *o = *o + s[r] * v),
-            None => out.iter_mut().zip(row).for_each(|(o, &v)| *o = *o + v),
-        }
-    }
 }
 
 /// Scratch buffers a chunk's task reuses from group to group.
@@ -388,8 +349,16 @@ pub(crate) fn backward<T: Float + ActScalar>(
     let dadapters = if want_ad {
         // [A1 r·d, B1 d_ff·r, A2 r·d_ff, B2 d·r], the chunks' parts summed in chunk order.
         let mut g = times_at_b(&du, p.x, r, d, p.scale);
-        g.extend(sum_parts(&db1, nb * r).into_iter().map(|v| v * p.scale));
-        g.extend(transpose(&sum_parts(&da2t, nb * r), nb, r));
+        g.extend(
+            sum_partials(db1.chunks((nb * r).max(1)), nb * r)
+                .into_iter()
+                .map(|v| v * p.scale),
+        );
+        g.extend(transpose(
+            &sum_partials(da2t.chunks((nb * r).max(1)), nb * r),
+            nb,
+            r,
+        ));
         g.extend(times_at_b(p.dy, &v, d_out, r, p.scale));
         g
     } else {
@@ -400,15 +369,6 @@ pub(crate) fn backward<T: Float + ActScalar>(
         dgates,
         dadapters,
     }
-}
-
-/// The sum of `parts` (consecutive vectors of `len`), in order.
-fn sum_parts<T: Float>(parts: &[T], len: usize) -> Vec<T> {
-    let mut sum = vec![T::zero(); len];
-    for part in parts.chunks(len.max(1)) {
-        sum.iter_mut().zip(part).for_each(|(o, &v)| *o = *o + v);
-    }
-    sum
 }
 
 /// `s · x M`, `[n, r]`, for `x [n, k]` and `M [k, r]`.

@@ -50,12 +50,51 @@ impl std::ops::Deref for HostRouting<'_> {
 const ROW_TILE: usize = 512;
 
 /// Copies the rows `idx` of `src` (`[*, width]`) into `buf` (`[idx.len(), width]`).
-pub(super) fn gather_rows<T: Float>(src: &[T], width: usize, idx: &[u32], buf: &mut Vec<T>) {
+fn gather_rows<T: Float>(src: &[T], width: usize, idx: &[u32], buf: &mut Vec<T>) {
     buf.clear();
     buf.reserve(idx.len() * width);
     for &t in idx {
         let t = t as usize;
         buf.extend_from_slice(&src[t * width..(t + 1) * width]);
+    }
+}
+
+/// `rows` of `src` (`[T, width]`) as a GEMM operand: in place when they are consecutive tokens,
+/// else copied into `buf`.
+pub(super) fn token_rows<T: Float>(
+    hr: &HostRouting<'_>,
+    src: &[T],
+    width: usize,
+    rows: std::ops::Range<usize>,
+    buf: &mut Vec<T>,
+) -> Mat<T> {
+    match token_run(hr.tok, rows.clone()) {
+        Some(t) => Mat::new(src, t * width, width, 1),
+        None => {
+            gather_rows(src, width, &hr.tok[rows], buf);
+            Mat::new(buf, 0, width, 1)
+        }
+    }
+}
+
+/// `dst[tok(r) - t0] += src[i]` (times `scale[r]` when given) for the group's rows `rows`.
+pub(super) fn scatter_add<T: Float>(
+    hr: &HostRouting<'_>,
+    dst: &mut [T],
+    t0: usize,
+    src: &[T],
+    width: usize,
+    rows: std::ops::Range<usize>,
+    scale: Option<&[T]>,
+) {
+    for (i, (r, &t)) in rows.clone().zip(&hr.tok[rows]).enumerate() {
+        let off = (t as usize - t0) * width;
+        let row = &src[i * width..(i + 1) * width];
+        let out = &mut dst[off..off + width];
+        match scale {
+            Some(s) => out.iter_mut().zip(row).for_each(|(o, &v)| *o = *o + s[r] * v),
+            None => out.iter_mut().zip(row).for_each(|(o, &v)| *o = *o + v),
+        }
     }
 }
 
@@ -123,12 +162,7 @@ pub(crate) fn gather_mm_fwd<T: Float + ActScalar>(
             let e = g / nc.max(1);
             let rows = routing.group_rows(g);
             let m = rows.len();
-            let lhs = if let Some(t) = token_run(routing.tok, rows.clone()) {
-                Mat::new(x, t * d_in, d_in, 1)
-            } else {
-                gather_rows(x, d_in, &routing.tok[rows.clone()], buf);
-                Mat::new(buf, 0, d_in, 1)
-            };
+            let lhs = token_rows(&routing, x, d_in, rows.clone(), buf);
             let accumulate = match add {
                 Addend::None => false,
                 Addend::Bias(bias) => {
@@ -190,12 +224,7 @@ pub(crate) fn gather_mm_bwd_x<T: Float>(
                 }
                 tmp.resize(m * d_in, T::zero());
                 gemm_into(m, d_in, b, tmp, false, lhs, rhs, par);
-                for (src, &t) in tmp.chunks(d_in).zip(&routing.tok[rows]) {
-                    let off = (t as usize - t0) * d_in;
-                    for (o, &v) in dx[off..off + d_in].iter_mut().zip(src) {
-                        *o = *o + v;
-                    }
-                }
+                scatter_add(&routing, dx, t0, tmp, d_in, rows, None);
             }
         },
     );
@@ -242,12 +271,7 @@ pub(crate) fn gather_mm_bwd_w<T: Float>(
                 let end = (start + ROW_TILE).min(rows.end);
                 let m = end - start;
                 if want_w && d_in > 0 && b > 0 {
-                    let rhs = if let Some(t) = token_run(routing.tok, start..end) {
-                        Mat::new(x, t * d_in, d_in, 1)
-                    } else {
-                        gather_rows(x, d_in, &routing.tok[start..end], buf);
-                        Mat::new(buf, 0, d_in, 1)
-                    };
+                    let rhs = token_rows(&routing, x, d_in, start..end, buf);
                     // lhs (i = j, k = r) = dh[start + r, j].
                     let lhs = Mat::new(dh, start * b, 1, b);
                     gemm_into(b, d_in, m, dw_e, true, lhs, rhs, par);
@@ -309,13 +333,7 @@ pub(crate) fn scatter_mm_fwd<T: Float>(
                     rhs,
                     par,
                 );
-                let toks = &routing.tok[rows.clone()];
-                for ((src, &t), &gr) in tmp.chunks(d_out).zip(toks).zip(&g[rows]) {
-                    let off = (t as usize - t0) * d_out;
-                    for (o, &v) in y[off..off + d_out].iter_mut().zip(src) {
-                        *o = *o + gr * v;
-                    }
-                }
+                scatter_add(&routing, y, t0, tmp, d_out, rows, Some(g));
             }
         });
     y
