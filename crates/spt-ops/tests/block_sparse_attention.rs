@@ -310,14 +310,8 @@ fn awkward_lengths_match_the_reference() -> Result<()> {
 fn bits(q: &Tensor, k: &Tensor, v: &Tensor, w: &Tensor, sel: &BlockSelection) -> Result<Vec<Vec<u32>>> {
     let (o, g) = fwd_bwd(|q, k, v| block_sparse_attention(q, k, v, sel, 0.125), q, k, v, w)?;
     [&o, &g[0], &g[1], &g[2]]
-        .iter()
-        .map(|t| {
-            Ok(t.flatten_all()?
-                .to_vec1::<f32>()?
-                .iter()
-                .map(|x| x.to_bits())
-                .collect())
-        })
+        .into_iter()
+        .map(common::f32_bits)
         .collect()
 }
 
@@ -338,15 +332,9 @@ fn results_are_bit_identical_across_runs_and_thread_counts() -> Result<()> {
         &mask,
         BlockScore::default(),
     )?;
-    let pool = |n: usize| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build()
-            .map_err(candle_core::Error::wrap)
-    };
-    let one = pool(1)?.install(|| bits(&q, &k, &v, &w, &sel))?;
-    let two = pool(2)?.install(|| bits(&q, &k, &v, &w, &sel))?;
-    let three = pool(3)?.install(|| bits(&q, &k, &v, &w, &sel))?;
+    let one = common::pool(1)?.install(|| bits(&q, &k, &v, &w, &sel))?;
+    let two = common::pool(2)?.install(|| bits(&q, &k, &v, &w, &sel))?;
+    let three = common::pool(3)?.install(|| bits(&q, &k, &v, &w, &sel))?;
     let again = bits(&q, &k, &v, &w, &sel)?;
     for (name, i) in [("o", 0), ("dq", 1), ("dk", 2), ("dv", 3)] {
         assert!(
@@ -355,7 +343,7 @@ fn results_are_bit_identical_across_runs_and_thread_counts() -> Result<()> {
         );
     }
     // The selection too.
-    let sel1 = pool(1)?.install(|| {
+    let sel1 = common::pool(1)?.install(|| {
         select_blocks(
             &q,
             &cb.encode(&k)?,

@@ -190,14 +190,8 @@ fn bits(q: &Tensor, k: &Tensor, v: &Tensor, w: &Tensor, mask: &AttentionMask) ->
     let drop = Some(SeededDropout { p: 0.1, seed: 5 });
     let (o, g) = fwd_bwd(|q, k, v| flash_attention(q, k, v, mask, 0.125, drop), q, k, v, w)?;
     [&o, &g[0], &g[1], &g[2]]
-        .iter()
-        .map(|t| {
-            Ok(t.flatten_all()?
-                .to_vec1::<f32>()?
-                .into_iter()
-                .map(f32::to_bits)
-                .collect())
-        })
+        .into_iter()
+        .map(common::f32_bits)
         .collect()
 }
 
@@ -209,19 +203,13 @@ fn results_are_bit_identical_across_runs_and_thread_counts() -> Result<()> {
     let v = uniform(&[b, h, l, d], 1.0, 3, DType::F32)?;
     let w = uniform(&[b, h, l, d], 1.0, 4, DType::F32)?;
     let pad = padding(b, l, 5, false)?;
-    let pool = |n: usize| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build()
-            .map_err(candle_core::Error::wrap)
-    };
     // Causal and not: the two use different query tiles (64 and 128 rows).
     for mask in [
         AttentionMask::causal().with_key_padding(pad.clone()),
         AttentionMask::none().with_key_padding(pad.clone()),
     ] {
-        let one = pool(1)?.install(|| bits(&q, &k, &v, &w, &mask))?;
-        let three = pool(3)?.install(|| bits(&q, &k, &v, &w, &mask))?;
+        let one = common::pool(1)?.install(|| bits(&q, &k, &v, &w, &mask))?;
+        let three = common::pool(3)?.install(|| bits(&q, &k, &v, &w, &mask))?;
         let again = bits(&q, &k, &v, &w, &mask)?;
         for (name, i) in [("o", 0), ("dq", 1), ("dk", 2), ("dv", 3)] {
             assert!(

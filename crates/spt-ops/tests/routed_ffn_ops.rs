@@ -470,24 +470,10 @@ fn routed_lora_ffn_is_bit_identical_across_thread_counts() -> Result<()> {
         let g = (&y * &up)?.sum_all()?.backward()?;
         let mut out = vec![y];
         out.extend(a.iter().map(|t| g.get(t).expect("a gradient").clone()));
-        out.iter()
-            .map(|t| {
-                Ok(t.flatten_all()?
-                    .to_vec1::<f32>()?
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect())
-            })
-            .collect()
+        out.iter().map(common::f32_bits).collect()
     };
-    let pool = |n: usize| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build()
-            .map_err(candle_core::Error::wrap)
-    };
-    let one = pool(1)?.install(bits)?;
-    let three = pool(3)?.install(bits)?;
+    let one = common::pool(1)?.install(bits)?;
+    let three = common::pool(3)?.install(bits)?;
     let again = bits()?;
     for (i, name) in ["y", "dx", "dgates", "dA1", "dB1", "dA2", "dB2"]
         .iter()

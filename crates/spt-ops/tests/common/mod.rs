@@ -6,6 +6,23 @@ pub mod routed;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+/// A rayon pool of `n` threads, for the tests that compare results across thread counts.
+pub fn pool(n: usize) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build()
+        .map_err(candle_core::Error::wrap)
+}
+
+/// The bit patterns of an f32 tensor's elements, for comparisons that must be exact.
+pub fn f32_bits(t: &Tensor) -> Result<Vec<u32>> {
+    Ok(t.flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(f32::to_bits)
+        .collect())
+}
+
 /// Seeded uniform tensor in [-a, a].
 pub fn uniform(shape: &[usize], a: f64, seed: u64, dtype: DType) -> Result<Tensor> {
     let mut rng = StdRng::seed_from_u64(seed);
