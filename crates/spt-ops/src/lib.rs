@@ -41,6 +41,7 @@ pub mod norm;
 mod pool;
 pub mod pq;
 pub mod routed_ffn;
+mod row_gemm;
 mod simd;
 pub mod sparse_attention;
 mod util;

@@ -1,5 +1,6 @@
 //! Small helpers shared by the CPU kernels: dtype dispatch, slice access and argument checks.
 
+use crate::row_gemm::RowGemm;
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Storage, Tensor, Var};
 
 /// Float element types our CPU kernels are generic over (f32 for speed, f64 for gradient checks).
@@ -12,6 +13,13 @@ pub(crate) trait Float:
     /// One tile of a transpose: `dst[c·ds + r] = src[r·ss + c]` for `r < m`, `c < n`.
     fn transpose_tile(src: &[Self], ss: usize, dst: &mut [Self], ds: usize, m: usize, n: usize) {
         transpose_elems(src, ss, dst, ds, 0..m, 0..n);
+    }
+
+    /// Runs `g` into `c`, or returns false (writing nothing) where no kernel for this type and
+    /// CPU exists; the caller then gathers, multiplies and scatters itself.
+    fn row_gemm(g: &RowGemm<'_, Self>, c: &mut [Self]) -> bool {
+        let _ = (g, c);
+        false
     }
 }
 
@@ -34,6 +42,10 @@ fn transpose_elems<T: Copy>(
 impl Float for f32 {
     fn lit(v: f64) -> Self {
         v as f32
+    }
+
+    fn row_gemm(g: &RowGemm<'_, f32>, c: &mut [f32]) -> bool {
+        crate::row_gemm::run_f32(g, c)
     }
 
     /// 8 × 8 blocks transposed in registers where the CPU has AVX2, element by element at the

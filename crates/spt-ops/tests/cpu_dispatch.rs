@@ -3,7 +3,8 @@
 //! Where the dispatch happens:
 //! - GEMM (candle's CPU matmul and spt-ops' grouped GEMMs): the `gemm` crate, built with its
 //!   `x86-v4` feature (workspace Cargo.toml), checks `avx512f` once per call shape and otherwise
-//!   takes its AVX2+FMA (or SSE / scalar) micro-kernels;
+//!   takes its AVX2+FMA (or SSE / scalar) micro-kernels; the routed FFN's GEMMs over token rows
+//!   take spt-ops' own AVX-512F kernel (`row_gemm.rs`) where the CPU has it, gemm otherwise;
 //! - spt-ops' own dot / axpy / exp (`simd.rs`), GELU (`gelu_avx2.rs`) and layer norm's f32 rows
 //!   (`norm/rows.rs`): AVX2+FMA when detected, else scalar; GELU's AVX2 loops also have a copy
 //!   compiled with AVX-512VL's 32 registers, and the softmax exp a 16-lane AVX-512F form, taken
@@ -76,6 +77,63 @@ fn kernels_match_reference() {
             .unwrap();
     let err = max_abs_diff(&dense, &sparse);
     assert!(err < 1e-5, "sparse attention with every key vs dense: {err}");
+    // The routed FFN's grouped GEMMs (row_gemm.rs's AVX-512 kernel where the CPU has it, gather
+    // + gemm + scatter otherwise), forward and the gradients of x, the gates and the weights,
+    // f32 against f64. Widths leave partial vectors and 64-column tiles; 70 rows, partial
+    // 6-row tiles; tokens (3j, 3j + 1) mod 5 give runs of consecutive tokens and gaps.
+    let (t, d, n, b, k) = (70, 83, 5, 24, 2);
+    let blocks: Vec<u32> = (0..t * k).map(|i| ((i / k * 3 + i % k) % n) as u32).collect();
+    let routing = std::sync::Arc::new(spt_ops::Routing::from_blocks(t, n, k, blocks).unwrap());
+    let ins = [
+        vec![t, d],
+        vec![t * k],
+        vec![n * b, d],
+        vec![n * b],
+        vec![d, n * b],
+        vec![d],
+        vec![t, d],
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, shape)| spt_ops::gradcheck::randn_f64(shape, 60 + i as u64).unwrap())
+    .collect::<Vec<_>>();
+    let run = |dt: DType| {
+        let v: Vec<candle_core::Var> = ins[..6]
+            .iter()
+            .map(|t| {
+                candle_core::Var::from_tensor(&t.to_dtype(DType::F32).unwrap().to_dtype(dt).unwrap()).unwrap()
+            })
+            .collect();
+        let act = Some(spt_ops::Activation::GeluErf);
+        let h = spt_ops::routed_ffn::gather_matmul_act(&v[0], &v[2], Some(&v[3]), act, &routing).unwrap();
+        let y = spt_ops::routed_ffn::scatter_matmul_bias(&h, &v[1], &v[4], Some(&v[5]), &routing).unwrap();
+        let up = ins[6].to_dtype(dt).unwrap();
+        let g = (&y * up).unwrap().sum_all().unwrap().backward().unwrap();
+        let mut out = vec![y];
+        out.extend(v.iter().map(|v| g.get(v.as_tensor()).unwrap().clone()));
+        out
+    };
+    let (got, want) = (run(DType::F32), run(DType::F64));
+    for (name, (a, b)) in ["y", "dx", "dgates", "dW1", "db1", "dW2", "db2"]
+        .iter()
+        .zip(got.iter().zip(&want))
+    {
+        // f32 rounding scales with the values (sums of ~100 unit products here).
+        let err = max_abs_diff(a, b);
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+            .max(1.0);
+        eprintln!("routed FFN {name}: max error {err:.3e}, values up to {scale:.1}");
+        assert!(
+            err < 2e-6 * scale,
+            "routed FFN {name}, f32 vs f64: {err} (values up to {scale})"
+        );
+    }
     // GELU (both forms) and its backward, on a length that leaves a partial SIMD lane.
     let x = Tensor::arange(0u32, 1003, &dev)
         .unwrap()

@@ -6,6 +6,8 @@
 //! activation's backward, fc1's input gradient, and LoRA's four adapter products. Here a chunk
 //! runs each block's two GEMMs while that group's rows are in cache; only the pre-activation,
 //! from which the backward recomputes h, is written (and not at all in inference).
+//! The GEMMs that read token rows (x, dy) or add into them (y, dx) do so in place through
+//! [`crate::row_gemm`] where it runs (f32 on AVX-512), instead of a gather, gemm and a scatter.
 //!
 //! Parallel over token chunks. Each chunk owns its tokens' rows, its groups' routed rows and its
 //! partial adapter gradients, which are summed in chunk order: no atomics, and results do not
@@ -15,7 +17,9 @@ use super::cpu::{scatter_add, split_groups, token_rows, HostRouting};
 use super::router::token_run;
 use crate::activation::{ActScalar, Activation};
 use crate::blas::{gemm_into, inner_par, transpose, Mat};
+use crate::row_gemm::RowGemm;
 use crate::util::{sum_partials, Float};
+use gemm::Parallelism;
 use rayon::prelude::*;
 
 /// `buf` split into `n` consecutive parts of `per` elements (the last ones shorter or empty).
@@ -101,6 +105,7 @@ pub(crate) fn forward<T: Float + ActScalar>(
     let mut pre = vec![T::zero(); if keep { hr.n_rows() * b } else { 0 }];
     let pre_parts = groups_by_chunk(&hr, &mut pre, b);
     let par = inner_par(nc);
+    let parallel = !matches!(par, Parallelism::None);
     split_chunks(&mut y, chunk * d_out, nc)
         .into_par_iter()
         .zip(pre_parts)
@@ -113,7 +118,7 @@ pub(crate) fn forward<T: Float + ActScalar>(
                 if m == 0 {
                     continue;
                 }
-                let lhs = token_rows(&hr, f.x, d, rows.clone(), &mut s.rows);
+                let tok = &hr.tok[rows.clone()];
                 let pre_g: &mut [T] = if keep {
                     pre_kept
                 } else {
@@ -125,17 +130,39 @@ pub(crate) fn forward<T: Float + ActScalar>(
                 for row in pre_g.chunks_mut(b) {
                     row.copy_from_slice(&f.b1[e * b..(e + 1) * b]);
                 }
-                // rhs (k = i, n = j) = W1[e·b + j, i] = W1ᵀ[i, e·b + j].
-                gemm_into(m, b, d, pre_g, true, lhs, Mat::new(f.w1t, e * b, nb, 1), par);
+                // B (k = i, n = j) = W1[e·b + j, i] = W1ᵀ[i, e·b + j].
+                let fc1 = RowGemm {
+                    a_idx: Some(tok),
+                    accumulate: true,
+                    ..RowGemm::new([m, b, d], (f.x, d), (f.w1t, e * b, nb), b, parallel)
+                };
+                if !T::row_gemm(&fc1, pre_g) {
+                    let lhs = token_rows(&hr, f.x, d, rows.clone(), &mut s.rows);
+                    gemm_into(m, b, d, pre_g, true, lhs, Mat::new(f.w1t, e * b, nb, 1), par);
+                }
                 T::eval_slice(f.act, pre_g, h_g);
                 if d_out == 0 {
                     continue;
                 }
-                s.out.resize(m * d_out, T::zero());
-                // rhs (k = j, n = o) = W2[o, e·b + j] = W2ᵀ[e·b + j, o].
-                let rhs = Mat::new(f.w2t, e * b * d_out, d_out, 1);
-                gemm_into(m, d_out, b, &mut s.out, false, Mat::new(h_g, 0, b, 1), rhs, par);
-                scatter_add(&hr, y, t0, &s.out, d_out, rows, Some(f.gates));
+                // B (k = j, n = o) = W2[o, e·b + j] = W2ᵀ[e·b + j, o]; y's rows += g · out.
+                let fc2 = RowGemm {
+                    c_idx: Some((tok, t0)),
+                    alpha: Some(&f.gates[rows.clone()]),
+                    accumulate: true,
+                    ..RowGemm::new(
+                        [m, d_out, b],
+                        (h_g, b),
+                        (f.w2t, e * b * d_out, d_out),
+                        d_out,
+                        parallel,
+                    )
+                };
+                if !T::row_gemm(&fc2, y) {
+                    s.out.resize(m * d_out, T::zero());
+                    let rhs = Mat::new(f.w2t, e * b * d_out, d_out, 1);
+                    gemm_into(m, d_out, b, &mut s.out, false, Mat::new(h_g, 0, b, 1), rhs, par);
+                    scatter_add(&hr, y, t0, &s.out, d_out, rows, Some(f.gates));
+                }
             }
         });
     (y, keep.then_some(pre))
@@ -199,6 +226,7 @@ pub(crate) fn backward<T: Float + ActScalar>(
     let (nb, tokens, chunk) = (n * b, hr.n_tokens(), hr.chunk_tokens());
     let [want_dx, want_dg, want_ad] = want;
     let par = inner_par(nc);
+    let parallel = !matches!(par, Parallelism::None);
     let mut dx = vec![T::zero(); if want_dx { tokens * d } else { 0 }];
     let mut dgates = vec![T::zero(); if want_dg { hr.n_rows() } else { 0 }];
     let lr = if want_ad { r } else { 0 };
@@ -248,19 +276,18 @@ pub(crate) fn backward<T: Float + ActScalar>(
                 s.act.resize(m * b, T::zero());
                 T::eval_slice(p.act, pre_g, &mut s.act);
                 let h_g = &s.act[..];
-                // u = dy_rows · W2'_e, rhs (k = o, n = j) = W2'[o, e·b + j]; then dh in place.
-                let dy_rows = token_rows(&hr, p.dy, d_out, rows.clone(), &mut s.rows);
+                // u = dy_rows · W2'_e, B (k = o, n = j) = W2'[o, e·b + j]; then dh in place.
+                let tok = &hr.tok[rows.clone()];
                 s.h.resize(m * b, T::zero());
-                gemm_into(
-                    m,
-                    b,
-                    d_out,
-                    &mut s.h,
-                    false,
-                    dy_rows,
-                    Mat::new(p.m2, e * b, nb, 1),
-                    par,
-                );
+                let u = RowGemm {
+                    a_idx: Some(tok),
+                    ..RowGemm::new([m, b, d_out], (p.dy, d_out), (p.m2, e * b, nb), b, parallel)
+                };
+                if !T::row_gemm(&u, &mut s.h) {
+                    let dy_rows = token_rows(&hr, p.dy, d_out, rows.clone(), &mut s.rows);
+                    let rhs = Mat::new(p.m2, e * b, nb, 1);
+                    gemm_into(m, b, d_out, &mut s.h, false, dy_rows, rhs, par);
+                }
                 s.pre.clear();
                 for (i, (hrow, urow)) in h_g.chunks(b).zip(s.h.chunks_mut(b)).enumerate() {
                     let gr = p.gates[rows.start + i];
@@ -310,8 +337,13 @@ pub(crate) fn backward<T: Float + ActScalar>(
                 s.pre.resize(m * b, T::zero());
                 T::grad_slice(p.act, pre_g, &s.h, &mut s.pre);
                 let dpre = Mat::new(&s.pre, 0, b, 1);
-                if want_dx && d > 0 {
-                    // dx_rows += dpre · W1'_e, rhs (k = j, n = i) = W1'[e·b + j, i].
+                // dx_rows += dpre · W1'_e, B (k = j, n = i) = W1'[e·b + j, i].
+                let dx_g = RowGemm {
+                    c_idx: Some((tok, t0)),
+                    accumulate: true,
+                    ..RowGemm::new([m, d, b], (&s.pre, b), (p.m1, e * b * d, d), d, parallel)
+                };
+                if want_dx && d > 0 && !T::row_gemm(&dx_g, out.dx) {
                     let rhs = Mat::new(p.m1, e * b * d, d, 1);
                     match token_run(hr.tok, rows.clone()) {
                         Some(t) => {

@@ -18,7 +18,9 @@
 use super::router::{token_run, Routing};
 use crate::activation::{ActScalar, Activation};
 use crate::blas::{gemm_into, gemm_raw, inner_par, transpose, Mat, SendPtr};
+use crate::row_gemm::RowGemm;
 use crate::util::Float;
+use gemm::Parallelism;
 use rayon::prelude::*;
 
 /// A routing whose routed rows' tokens are in host memory, as these kernels read them.
@@ -145,6 +147,7 @@ pub(crate) fn gather_mm_fwd<T: Float + ActScalar>(
     };
     let nc = routing.n_chunks();
     let par = inner_par(routing.n_blocks() * nc);
+    let parallel = !matches!(par, Parallelism::None);
     let pre_parts = split_groups(&routing, &mut pre, b);
     let h_parts: Vec<&mut [T]> = if act.is_some() {
         split_groups(&routing, &mut h, b)
@@ -162,7 +165,6 @@ pub(crate) fn gather_mm_fwd<T: Float + ActScalar>(
             let e = g / nc.max(1);
             let rows = routing.group_rows(g);
             let m = rows.len();
-            let lhs = token_rows(&routing, x, d_in, rows.clone(), buf);
             let accumulate = match add {
                 Addend::None => false,
                 Addend::Bias(bias) => {
@@ -176,9 +178,17 @@ pub(crate) fn gather_mm_fwd<T: Float + ActScalar>(
                     true
                 }
             };
-            // rhs (k = i, n = j) = W[e·b + j, i] = Wᵀ[i, e·b + j].
-            let rhs = Mat::new(&wt, e * b, nb, 1);
-            gemm_into(m, b, d_in, dst, accumulate, lhs, rhs, par);
+            // B (k = i, n = j) = W[e·b + j, i] = Wᵀ[i, e·b + j].
+            let g = RowGemm {
+                a_idx: Some(&routing.tok[rows.clone()]),
+                accumulate,
+                ..RowGemm::new([m, b, d_in], (x, d_in), (&wt, e * b, nb), b, parallel)
+            };
+            if !T::row_gemm(&g, dst) {
+                let lhs = token_rows(&routing, x, d_in, rows.clone(), buf);
+                let rhs = Mat::new(&wt, e * b, nb, 1);
+                gemm_into(m, b, d_in, dst, accumulate, lhs, rhs, par);
+            }
             if let Some(act) = act {
                 T::eval_slice(act, dst, h_dst);
             }
@@ -203,6 +213,7 @@ pub(crate) fn gather_mm_bwd_x<T: Float>(
     let mut dx = vec![T::zero(); routing.n_tokens() * d_in];
     let nc = routing.n_chunks();
     let par = inner_par(nc);
+    let parallel = !matches!(par, Parallelism::None);
     dx.par_chunks_mut(chunk * d_in.max(1)).enumerate().for_each_init(
         Vec::new,
         |tmp: &mut Vec<T>, (c, dx)| {
@@ -213,7 +224,21 @@ pub(crate) fn gather_mm_bwd_x<T: Float>(
                 if m == 0 || d_in == 0 {
                     continue;
                 }
-                // rhs (k = j, n = i) = W[e·b + j, i].
+                // B (k = j, n = i) = W[e·b + j, i].
+                let g = RowGemm {
+                    c_idx: Some((&routing.tok[rows.clone()], t0)),
+                    accumulate: true,
+                    ..RowGemm::new(
+                        [m, d_in, b],
+                        (&dh[rows.start * b..], b),
+                        (w, e * b * d_in, d_in),
+                        d_in,
+                        parallel,
+                    )
+                };
+                if T::row_gemm(&g, dx) {
+                    continue;
+                }
                 let rhs = Mat::new(w, e * b * d_in, d_in, 1);
                 let lhs = Mat::new(dh, rows.start * b, b, 1);
                 if let Some(t) = token_run(routing.tok, rows.clone()) {
@@ -310,6 +335,7 @@ pub(crate) fn scatter_mm_fwd<T: Float>(
     };
     let nc = routing.n_chunks();
     let par = inner_par(nc);
+    let parallel = !matches!(par, Parallelism::None);
     y.par_chunks_mut(chunk * d_out.max(1))
         .enumerate()
         .for_each_init(Vec::new, |tmp: &mut Vec<T>, (c, y)| {
@@ -320,8 +346,23 @@ pub(crate) fn scatter_mm_fwd<T: Float>(
                 if m == 0 || d_out == 0 {
                     continue;
                 }
+                // B (k = j, n = o) = w[o, e·b + j] = Wᵀ[e·b + j, o]; y's rows += g · out.
+                let gm = RowGemm {
+                    c_idx: Some((&routing.tok[rows.clone()], t0)),
+                    alpha: Some(&g[rows.clone()]),
+                    accumulate: true,
+                    ..RowGemm::new(
+                        [m, d_out, b],
+                        (&h[rows.start * b..], b),
+                        (&wt, e * b * d_out, d_out),
+                        d_out,
+                        parallel,
+                    )
+                };
+                if T::row_gemm(&gm, y) {
+                    continue;
+                }
                 tmp.resize(m * d_out, T::zero());
-                // rhs (k = j, n = o) = w[o, e·b + j] = Wᵀ[e·b + j, o].
                 let rhs = Mat::new(&wt, e * b * d_out, d_out, 1);
                 gemm_into(
                     m,
@@ -358,6 +399,7 @@ pub(crate) fn scatter_mm_bwd_hg<T: Float>(
     let mut dh = vec![T::zero(); r_total * b];
     let mut dg = vec![T::zero(); if want_dg { r_total } else { 0 }];
     let par = inner_par(routing.n_blocks() * nc);
+    let parallel = !matches!(par, Parallelism::None);
     let dh_parts = split_groups(&routing, &mut dh, b);
     let dg_parts: Vec<&mut [T]> = if want_dg {
         split_groups(&routing, &mut dg, 1)
@@ -375,10 +417,16 @@ pub(crate) fn scatter_mm_bwd_hg<T: Float>(
             let e = gi / nc.max(1);
             let rows = routing.group_rows(gi);
             let m = rows.len();
-            gather_rows(dy, d_out, &routing.tok[rows.clone()], buf);
-            // u = dy_rows · W_e, rhs (k = o, n = j) = w[o, e·b + j].
-            let rhs = Mat::new(w, e * b, nb, 1);
-            gemm_into(m, b, d_out, dh_g, false, Mat::new(buf, 0, d_out, 1), rhs, par);
+            // u = dy_rows · W_e, B (k = o, n = j) = w[o, e·b + j].
+            let u = RowGemm {
+                a_idx: Some(&routing.tok[rows.clone()]),
+                ..RowGemm::new([m, b, d_out], (dy, d_out), (w, e * b, nb), b, parallel)
+            };
+            if !T::row_gemm(&u, dh_g) {
+                gather_rows(dy, d_out, &routing.tok[rows.clone()], buf);
+                let rhs = Mat::new(w, e * b, nb, 1);
+                gemm_into(m, b, d_out, dh_g, false, Mat::new(buf, 0, d_out, 1), rhs, par);
+            }
             for (i, u) in dh_g.chunks_mut(b).enumerate() {
                 let r = rows.start + i;
                 if want_dg {

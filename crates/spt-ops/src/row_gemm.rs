@@ -1,0 +1,410 @@
+//! `C = A·B` where A's rows are read from, or C's rows added into, token rows picked by an
+//! index, in place: the routed FFN's per-block GEMMs without copying rows in and out.
+//!
+//! Why: around a `gemm` call, a block's token rows are first copied into a dense buffer (x for
+//! fc1, dy for u), and its output is copied back with a scatter-add (y after fc2, dx after
+//! fc1's input gradient). With blocks of 64 units, each copied row feeds only 128 flops per
+//! element, so the copies were ~20 % of the routed FFN's samples (memmove ~10 %, scatter-add
+//! ~8 %) beside gemm's own packing (~5 %). This micro-kernel broadcasts A's elements straight
+//! from their rows (a broadcast is one load whether or not the rows are adjacent) and adds its
+//! tile into C's rows at the end, so neither copy is made and nothing is packed.
+//!
+//! f32 with AVX-512F only; [`crate::util::Float::row_gemm`] says when it ran, and callers fall
+//! back to a gather, `gemm` and a scatter otherwise (f64, other CPUs).
+
+#[cfg(target_arch = "x86_64")]
+use crate::blas::SendPtr;
+
+/// One product `C ← α_i·(A B)_i + (C if accumulate)` for rows `i < m`.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) struct RowGemm<'a, T> {
+    pub(crate) m: usize,
+    pub(crate) n: usize,
+    pub(crate) k: usize,
+    /// A `[m, k]`: row i at `a[row·lda..]`, row = `a_idx[i]` or i.
+    pub(crate) a: &'a [T],
+    pub(crate) lda: usize,
+    pub(crate) a_idx: Option<&'a [u32]>,
+    /// B `[k, n]`: element (kk, j) at `b[b_off + kk·ldb + j]`.
+    pub(crate) b: &'a [T],
+    pub(crate) b_off: usize,
+    pub(crate) ldb: usize,
+    /// C's row i at `c[row·ldc..]`, row = `c_idx.0[i] − c_idx.1` or i. Indexed rows must be
+    /// strictly increasing (distinct rows: the parallel split writes each from one task).
+    pub(crate) c_idx: Option<(&'a [u32], usize)>,
+    pub(crate) ldc: usize,
+    /// Per-row factors α (the gates), or 1.
+    pub(crate) alpha: Option<&'a [T]>,
+    pub(crate) accumulate: bool,
+    /// Split the rows over the rayon pool (when the caller's own tasks are too few).
+    pub(crate) parallel: bool,
+}
+
+impl<'a, T> RowGemm<'a, T> {
+    /// `C [m, n] = A [m, k] · B [k, n]` over plain rows: A = `(a, lda)`, B = `(b, b_off, ldb)`,
+    /// C's row stride `ldc`; set the index, α and accumulate fields on the result.
+    pub(crate) fn new(
+        [m, n, k]: [usize; 3],
+        (a, lda): (&'a [T], usize),
+        (b, b_off, ldb): (&'a [T], usize, usize),
+        ldc: usize,
+        parallel: bool,
+    ) -> Self {
+        Self {
+            m,
+            n,
+            k,
+            a,
+            lda,
+            a_idx: None,
+            b,
+            b_off,
+            ldb,
+            c_idx: None,
+            ldc,
+            alpha: None,
+            accumulate: false,
+            parallel,
+        }
+    }
+}
+
+/// Why a product cannot run: an operand too short for its indices (a caller's bug).
+#[cfg(target_arch = "x86_64")]
+fn check<T>(g: &RowGemm<'_, T>, c_len: usize) {
+    let (m, n, k) = (g.m, g.n, g.k);
+    let a_rows = g.a_idx.map_or(m, |idx| {
+        assert_eq!(idx.len(), m, "row_gemm: A index length");
+        idx.iter().map(|&t| t as usize + 1).max().unwrap_or(0)
+    });
+    if k > 0 {
+        assert!(
+            a_rows == 0 || (a_rows - 1) * g.lda + k <= g.a.len(),
+            "row_gemm: A too short"
+        );
+        assert!(
+            n == 0 || g.b_off + (k - 1) * g.ldb + n <= g.b.len(),
+            "row_gemm: B too short"
+        );
+    }
+    if let Some(alpha) = g.alpha {
+        assert_eq!(alpha.len(), m, "row_gemm: alpha length");
+    }
+    let c_rows = match g.c_idx {
+        Some((idx, base)) => {
+            assert_eq!(idx.len(), m, "row_gemm: C index length");
+            assert!(
+                idx.first().is_none_or(|&t| t as usize >= base) && idx.windows(2).all(|w| w[0] < w[1]),
+                "row_gemm: C rows must be distinct, increasing and at or after the base"
+            );
+            idx.last().map_or(0, |&t| t as usize - base + 1)
+        }
+        None => m,
+    };
+    assert!(
+        c_rows == 0 || n == 0 || (c_rows - 1) * g.ldc + n <= c_len,
+        "row_gemm: C too short"
+    );
+}
+
+/// Runs `g` into `c` with AVX-512F; false (and nothing written) where the CPU lacks it.
+pub(crate) fn run_f32(g: &RowGemm<'_, f32>, c: &mut [f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::has_avx512f() {
+        check(g, c.len());
+        if g.m == 0 || g.n == 0 {
+            return true;
+        }
+        if g.k == 0 {
+            // An empty sum: C keeps its rows, or they become 0.
+            if !g.accumulate {
+                for i in 0..g.m {
+                    let row = g.c_idx.map_or(i, |(idx, base)| idx[i] as usize - base) * g.ldc;
+                    c[row..row + g.n].fill(0.0);
+                }
+            }
+            return true;
+        }
+        let cp = SendPtr(c.as_mut_ptr());
+        let run = |rows: std::ops::Range<usize>| {
+            // SAFETY: `check` bounded every row and column the kernel reads and writes, and
+            // the ranges given to concurrent calls are disjoint, with distinct C rows.
+            unsafe { avx512::rows(g, cp, rows) }
+        };
+        let threads = rayon::current_num_threads();
+        if g.parallel && threads > 1 && g.m >= 2 * ROWS {
+            use rayon::prelude::*;
+            // Whole row tiles per task, so every row is computed as in one task.
+            let per = g.m.div_ceil(threads).div_ceil(ROWS) * ROWS;
+            (0..g.m.div_ceil(per))
+                .into_par_iter()
+                .for_each(|t| run(t * per..((t + 1) * per).min(g.m)));
+        } else {
+            run(0..g.m);
+        }
+        return true;
+    }
+    let _ = (g, c);
+    false
+}
+
+/// Rows of C per register tile.
+#[cfg(target_arch = "x86_64")]
+const ROWS: usize = 6;
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{RowGemm, ROWS};
+    use crate::blas::SendPtr;
+    use std::arch::x86_64::*;
+
+    /// Columns per register tile: four 16-lane vectors.
+    const COLS: usize = 64;
+    /// Depth per pass: a `[KC, 64]` tile of B (32 KB) stays in L1 while every row tile of the
+    /// range streams past it.
+    const KC: usize = 128;
+    /// Vectors per packed row of B.
+    const VPR: usize = COLS / 16;
+
+    /// The rows `rows` of the product.
+    ///
+    /// # Safety
+    /// `check` must have passed for `g` and C, and no other thread may touch these C rows.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn rows(g: &RowGemm<'_, f32>, c: SendPtr<f32>, rows: std::ops::Range<usize>) {
+        let (n, k) = (g.n, g.k);
+        let a_row = |i: usize| g.a_idx.map_or(i, |idx| idx[i] as usize) * g.lda;
+        let c_row = |i: usize| g.c_idx.map_or(i, |(idx, base)| idx[i] as usize - base) * g.ldc;
+        // B's tile packed contiguous (zeros past its columns): read in place, its rows lie a
+        // weight row apart (12 KB for fc1), so a 128-row tile touched 128 pages, more than the
+        // L1 TLB holds.
+        let mut pack = [const { std::mem::MaybeUninit::<__m512>::uninit() }; KC * VPR];
+        for j0 in (0..n).step_by(COLS) {
+            let w = COLS.min(n - j0);
+            let masks: [__mmask16; 4] = std::array::from_fn(|v| {
+                let lanes = w.saturating_sub(16 * v).min(16);
+                ((1u32 << lanes) - 1) as __mmask16
+            });
+            for k0 in (0..k).step_by(KC) {
+                let kc = KC.min(k - k0);
+                let load_c = g.accumulate || k0 > 0;
+                let src = g.b.as_ptr().add(g.b_off + k0 * g.ldb + j0);
+                for kk in 0..kc {
+                    for v in 0..VPR {
+                        pack[kk * VPR + v]
+                            .write(_mm512_maskz_loadu_ps(masks[v], src.add(kk * g.ldb + 16 * v)));
+                    }
+                }
+                // Rows below kc stay unwritten and unread.
+                let b = pack.as_ptr().cast::<__m512>();
+                for i0 in rows.clone().step_by(ROWS) {
+                    let r = ROWS.min(rows.end - i0);
+                    let mut a = [std::ptr::null::<f32>(); ROWS];
+                    let mut cr = [std::ptr::null_mut::<f32>(); ROWS];
+                    let mut alpha = [1f32; ROWS];
+                    for t in 0..r {
+                        a[t] = g.a.as_ptr().add(a_row(i0 + t) + k0);
+                        cr[t] = c.0.add(c_row(i0 + t) + j0);
+                        if let Some(al) = g.alpha {
+                            alpha[t] = al[i0 + t];
+                        }
+                    }
+                    let t = Tile {
+                        kc,
+                        a,
+                        b,
+                        c: cr,
+                        alpha,
+                        masks,
+                        load_c,
+                    };
+                    match (r, w.div_ceil(16)) {
+                        (6, 4) => tile::<6, 4>(&t),
+                        (6, 3) => tile::<6, 3>(&t),
+                        (6, 2) => tile::<6, 2>(&t),
+                        (6, 1) => tile::<6, 1>(&t),
+                        (5, _) => tile::<5, 4>(&t),
+                        (4, _) => tile::<4, 4>(&t),
+                        (3, _) => tile::<3, 4>(&t),
+                        (2, _) => tile::<2, 4>(&t),
+                        _ => tile::<1, 4>(&t),
+                    }
+                }
+            }
+        }
+    }
+
+    /// One register tile: up to `ROWS` rows of A against `[kc, 64]` of B.
+    struct Tile {
+        kc: usize,
+        a: [*const f32; ROWS],
+        /// The packed `[kc, 4]` vectors of B.
+        b: *const __m512,
+        c: [*mut f32; ROWS],
+        alpha: [f32; ROWS],
+        /// Lanes of each 16-column vector inside C (a vector with none is skipped).
+        masks: [__mmask16; 4],
+        load_c: bool,
+    }
+
+    /// `C[r] ← α_r · Σ_kk A[r][kk] · B[kk] + (C[r] if load_c)` for `r < R` and the first `V`
+    /// vectors of the tile; vectors beyond the masks' lanes are computed on zeros and not
+    /// stored (only the last, partial columns of C take `V` = 4 with masks short of it).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn tile<const R: usize, const V: usize>(t: &Tile) {
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        for kk in 0..t.kc {
+            let bp = t.b.add(kk * VPR);
+            let bv: [__m512; V] = std::array::from_fn(|v| *bp.add(v));
+            for (acc_r, a_r) in acc.iter_mut().zip(t.a) {
+                let av = _mm512_set1_ps(*a_r.add(kk));
+                for (acc_rv, b) in acc_r.iter_mut().zip(bv) {
+                    *acc_rv = _mm512_fmadd_ps(av, b, *acc_rv);
+                }
+            }
+        }
+        // Indexed by the constant bounds so that `acc` stays in registers (iterating it with
+        // `enumerate` put it on the stack: the tiles ran ~15 % slower).
+        #[allow(clippy::needless_range_loop)]
+        for r in 0..R {
+            let al = _mm512_set1_ps(t.alpha[r]);
+            for v in 0..V {
+                let (m, p) = (t.masks[v], t.c[r].add(16 * v));
+                if m == 0 {
+                    continue;
+                }
+                let out = if t.load_c {
+                    _mm512_fmadd_ps(al, acc[r][v], _mm512_maskz_loadu_ps(m, p))
+                } else {
+                    _mm512_mul_ps(al, acc[r][v])
+                };
+                _mm512_mask_storeu_ps(p, m, out);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    /// The product element by element in f64, then rounded: the reference.
+    fn naive(g: &RowGemm<'_, f32>, c: &mut [f32]) {
+        for i in 0..g.m {
+            let ar = g.a_idx.map_or(i, |idx| idx[i] as usize) * g.lda;
+            let cr = g.c_idx.map_or(i, |(idx, base)| idx[i] as usize - base) * g.ldc;
+            let al = g.alpha.map_or(1.0, |a| a[i]) as f64;
+            for j in 0..g.n {
+                let dot: f64 = (0..g.k)
+                    .map(|kk| g.a[ar + kk] as f64 * g.b[g.b_off + kk * g.ldb + j] as f64)
+                    .sum();
+                let old = if g.accumulate { c[cr + j] as f64 } else { 0.0 };
+                c[cr + j] = (old + al * dot) as f32;
+            }
+        }
+    }
+
+    /// Distinct increasing rows out of `0..of`, `m` of them, at or after `base`.
+    fn pick_rows(rng: &mut StdRng, m: usize, base: usize, of: usize) -> Vec<u32> {
+        let mut all: Vec<u32> = (base as u32..(base + of) as u32).collect();
+        for i in 0..m {
+            let j = rng.random_range(i..all.len());
+            all.swap(i, j);
+        }
+        let mut rows = all[..m].to_vec();
+        rows.sort_unstable();
+        rows
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Every shape the kernel tiles differently: rows past a 6-row tile, columns past a
+        /// 16-lane vector and a 64-column tile, depth past a 128-deep pass (and 0); indexed or
+        /// plain A and C, with and without α, overwrite or accumulate, split over threads or
+        /// not.
+        #[test]
+        fn row_gemm_matches_the_naive_product(
+            m in 0usize..20,
+            n in prop_oneof![1usize..70, Just(128usize), Just(130usize)],
+            k in prop_oneof![Just(0usize), 1usize..20, 126usize..131, Just(300usize)],
+            gather in any::<bool>(),
+            scatter in any::<bool>(),
+            scaled in any::<bool>(),
+            accumulate in any::<bool>(),
+            parallel in any::<bool>(),
+            seed in any::<u64>(),
+        ) {
+            if !cfg!(target_arch = "x86_64") || !crate::simd::has_avx512f() {
+                // No kernel here: run_f32 must say so and write nothing.
+                let (a, b) = (vec![0f32; 1], vec![0f32; 1]);
+                let g = RowGemm::new([0, 1, 1], (&a, 1), (&b, 0, 1), 1, false);
+                prop_assert!(!run_f32(&g, &mut []));
+                return Ok(());
+            }
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut rand = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-1.0..1.0)).collect() };
+            // Operands inside larger buffers: strides wider than the product, an offset into B.
+            let (lda, ldb, ldc, b_off) = (k + 3, n + 5, n + 2, 7);
+            let a_rows = if gather { m + 9 } else { m };
+            let a = rand(a_rows * lda);
+            let b = rand(b_off + k * ldb);
+            let alpha = rand(m);
+            let c_base = 4;
+            let c_rows = if scatter { m + 6 } else { m };
+            let c0 = rand(c_rows * ldc);
+            let mut rng = StdRng::seed_from_u64(seed ^ 1);
+            let a_idx = pick_rows(&mut rng, m, 0, a_rows);
+            let c_idx = pick_rows(&mut rng, m, c_base, c_rows);
+            let g = RowGemm {
+                a_idx: gather.then_some(&a_idx[..]),
+                c_idx: scatter.then_some((&c_idx[..], c_base)),
+                alpha: scaled.then_some(&alpha[..]),
+                accumulate,
+                ..RowGemm::new([m, n, k], (&a, lda), (&b, b_off, ldb), ldc, parallel)
+            };
+            let (mut got, mut want) = (c0.clone(), c0.clone());
+            prop_assert!(run_f32(&g, &mut got));
+            naive(&g, &mut want);
+            for (i, (x, y)) in got.iter().zip(&want).enumerate() {
+                // f32 sums of k products of |v| ≤ 1 (plus C) against exact ones.
+                let tol = 1e-5 * (k as f32 + 2.0);
+                prop_assert!((x - y).abs() <= tol, "element {i}: {x} against {y}");
+            }
+        }
+    }
+
+    /// Split over threads or not, every row is computed in the same order: the same bits.
+    #[test]
+    fn row_gemm_gives_the_same_bits_on_any_thread_count() {
+        if !cfg!(target_arch = "x86_64") || !crate::simd::has_avx512f() {
+            return;
+        }
+        let (m, n, k) = (100, 96, 300);
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut rand = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-1.0..1.0)).collect() };
+        let (a, b, c0) = (rand(m * k), rand(k * n), rand(m * n));
+        let run = |threads: usize, parallel: bool| {
+            let mut c = c0.clone();
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool");
+            pool.install(|| {
+                let g = RowGemm {
+                    accumulate: true,
+                    ..RowGemm::new([m, n, k], (&a, k), (&b, 0, n), n, parallel)
+                };
+                assert!(run_f32(&g, &mut c));
+            });
+            c.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        let one = run(1, false);
+        for threads in [2, 3, 7] {
+            assert_eq!(run(threads, true), one, "{threads} threads");
+        }
+    }
+}
