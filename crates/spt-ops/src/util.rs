@@ -16,7 +16,8 @@ pub(crate) trait Float:
     }
 
     /// Runs `g` into `c`, or returns false (writing nothing) where no kernel for this type and
-    /// CPU exists; the caller then gathers, multiplies and scatters itself.
+    /// CPU exists or the kernel declines the shape (see `row_gemm::run_f32`); the caller then
+    /// gathers, multiplies and scatters itself.
     fn row_gemm(g: &RowGemm<'_, Self>, c: &mut [Self]) -> bool {
         let _ = (g, c);
         false

@@ -4,7 +4,8 @@
 //! - GEMM (candle's CPU matmul and spt-ops' grouped GEMMs): the `gemm` crate, built with its
 //!   `x86-v4` feature (workspace Cargo.toml), checks `avx512f` once per call shape and otherwise
 //!   takes its AVX2+FMA (or SSE / scalar) micro-kernels; the routed FFN's GEMMs over token rows
-//!   take spt-ops' own AVX-512F kernel (`row_gemm.rs`) where the CPU has it, gemm otherwise;
+//!   take spt-ops' own AVX-512F kernel (`row_gemm.rs`) where the CPU has it and the shape
+//!   gains from it, gemm otherwise;
 //! - spt-ops' own dot / axpy / exp (`simd.rs`), GELU (`gelu_avx2.rs`) and layer norm's f32 rows
 //!   (`norm/rows.rs`): AVX2+FMA when detected, else scalar; GELU's AVX2 loops also have a copy
 //!   compiled with AVX-512VL's 32 registers, and the softmax exp a 16-lane AVX-512F form, taken
@@ -77,11 +78,12 @@ fn kernels_match_reference() {
             .unwrap();
     let err = max_abs_diff(&dense, &sparse);
     assert!(err < 1e-5, "sparse attention with every key vs dense: {err}");
-    // The routed FFN's grouped GEMMs (row_gemm.rs's AVX-512 kernel where the CPU has it, gather
-    // + gemm + scatter otherwise), forward and the gradients of x, the gates and the weights,
-    // f32 against f64. Widths leave partial vectors and 64-column tiles; 70 rows, partial
-    // 6-row tiles; tokens (3j, 3j + 1) mod 5 give runs of consecutive tokens and gaps.
-    let (t, d, n, b, k) = (70, 83, 5, 24, 2);
+    // The routed FFN's grouped GEMMs (row_gemm.rs's AVX-512 kernel where the CPU has it and a
+    // group has 128 rows or more, gather + gemm + scatter otherwise), forward and the gradients
+    // of x, the gates and the weights, f32 against f64. 1100 tokens: two chunks of 512 whose
+    // groups (~205 rows, no two tokens adjacent) take the kernel, and a last chunk of 76 whose
+    // groups do not; widths leave partial vectors and 6-row tiles.
+    let (t, d, n, b, k) = (1100, 83, 5, 24, 2);
     let blocks: Vec<u32> = (0..t * k).map(|i| ((i / k * 3 + i % k) % n) as u32).collect();
     let routing = std::sync::Arc::new(spt_ops::Routing::from_blocks(t, n, k, blocks).unwrap());
     let ins = [
