@@ -143,10 +143,11 @@ fn worth_it<T>(g: &RowGemm<'_, T>) -> bool {
 /// pass.
 ///
 /// One core, interleaved rounds, GFLOP/s against gather + gemm or gemm + scatter-add, at the
-/// routed FFN's group shapes (rows × d, blocks of b): gathered A 105–149 against 113–143, ahead
-/// or level at every b from 64 to 384; indexed C at b 64 139 against 122, at b 128 140–141
-/// against 136–137, at b 192 and 384 (two or three passes, each a round trip of C's rows)
-/// 115–142 against 115–146, behind as often as ahead: there gemm runs.
+/// routed FFN's group shapes (128–384 rows, d 384 or 768, blocks of b): gathered A 101–149
+/// against 97–143, ahead or level at every b from 64 to 384; indexed C at b 64 97–139 against
+/// 88–122, at b 128 140–141 against 136–137, at b 192 and 384 (two or three passes, each a
+/// round trip of C's rows) 99–142 against 106–146, behind more often than ahead: there gemm
+/// runs. Fewer rows: see [`MIN_ROWS`].
 pub(crate) fn run_f32(g: &RowGemm<'_, f32>, c: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
     if crate::simd::has_avx512f() && worth_it(g) {

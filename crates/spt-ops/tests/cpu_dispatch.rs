@@ -31,6 +31,19 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .unwrap()
 }
 
+/// max |t|, at least 1: what an f32 rounding bound scales with.
+fn scale_of(t: &Tensor) -> f64 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .max(1.0)
+}
+
 /// Seeded normal values in f32: the checks must not depend on the run (unseeded inputs once
 /// put a layer norm error at 2.004e-6 against a 2e-6 bound).
 fn randn32(shape: &[usize], seed: u64) -> Tensor {
@@ -121,15 +134,7 @@ fn kernels_match_reference() {
         .zip(got.iter().zip(&want))
     {
         // f32 rounding scales with the values (sums of ~100 unit products here).
-        let err = max_abs_diff(a, b);
-        let scale = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-            .max(1.0);
+        let (err, scale) = (max_abs_diff(a, b), scale_of(b));
         eprintln!("routed FFN {name}: max error {err:.3e}, values up to {scale:.1}");
         assert!(
             err < 2e-6 * scale,
@@ -188,15 +193,7 @@ fn kernels_match_reference() {
         let (y32, g32) = run(vars.each_ref().map(|v| v.0.as_tensor()));
         let (y64, g64) = run(vars.each_ref().map(|v| v.1.as_tensor()));
         // f32 rounding scales with the outputs (up to ~8 here): a bound relative to them.
-        let err = max_abs_diff(&y32, &y64);
-        let scale = y64
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-            .max(1.0);
+        let (err, scale) = (max_abs_diff(&y32, &y64), scale_of(&y64));
         eprintln!("layer norm (fused {fused}): max error {err:.3e}, outputs up to {scale:.2}");
         assert!(
             err < 4e-7 * scale,
