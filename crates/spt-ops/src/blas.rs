@@ -158,6 +158,11 @@ pub(crate) fn inner_par(tasks: usize) -> Parallelism {
     }
 }
 
+/// Whether `par` (from [`inner_par`]) lets a kernel split its own work over the pool.
+pub(crate) fn splits(par: Parallelism) -> bool {
+    !matches!(par, Parallelism::None)
+}
+
 /// `src [rows, cols]` transposed into a new `[cols, rows]`, in cache-sized tiles, in parallel
 /// over column tiles.
 ///

@@ -200,6 +200,8 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     thread_local! {
+        /// A pass of B packed, kept per thread from call to call (its largest size so far:
+        /// 196 KB for fc2's pass at d 768 and blocks of 64).
         static PACK: std::cell::RefCell<Vec<__m512>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     /// Columns per register tile: four 16-lane vectors.

@@ -16,10 +16,9 @@
 use super::cpu::{scatter_add, split_groups, token_rows, HostRouting};
 use super::router::token_run;
 use crate::activation::{ActScalar, Activation};
-use crate::blas::{gemm_into, inner_par, transpose, Mat};
+use crate::blas::{gemm_into, inner_par, splits, transpose, Mat};
 use crate::row_gemm::RowGemm;
 use crate::util::{sum_partials, Float};
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 /// `buf` split into `n` consecutive parts of `per` elements (the last ones shorter or empty).
@@ -105,7 +104,7 @@ pub(crate) fn forward<T: Float + ActScalar>(
     let mut pre = vec![T::zero(); if keep { hr.n_rows() * b } else { 0 }];
     let pre_parts = groups_by_chunk(&hr, &mut pre, b);
     let par = inner_par(nc);
-    let parallel = !matches!(par, Parallelism::None);
+    let parallel = splits(par);
     split_chunks(&mut y, chunk * d_out, nc)
         .into_par_iter()
         .zip(pre_parts)
@@ -226,7 +225,7 @@ pub(crate) fn backward<T: Float + ActScalar>(
     let (nb, tokens, chunk) = (n * b, hr.n_tokens(), hr.chunk_tokens());
     let [want_dx, want_dg, want_ad] = want;
     let par = inner_par(nc);
-    let parallel = !matches!(par, Parallelism::None);
+    let parallel = splits(par);
     let mut dx = vec![T::zero(); if want_dx { tokens * d } else { 0 }];
     let mut dgates = vec![T::zero(); if want_dg { hr.n_rows() } else { 0 }];
     let lr = if want_ad { r } else { 0 };

@@ -17,10 +17,9 @@
 
 use super::router::{token_run, Routing};
 use crate::activation::{ActScalar, Activation};
-use crate::blas::{gemm_into, gemm_raw, inner_par, transpose, Mat, SendPtr};
+use crate::blas::{gemm_into, gemm_raw, inner_par, splits, transpose, Mat, SendPtr};
 use crate::row_gemm::RowGemm;
 use crate::util::Float;
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 /// A routing whose routed rows' tokens are in host memory, as these kernels read them.
@@ -147,7 +146,7 @@ pub(crate) fn gather_mm_fwd<T: Float + ActScalar>(
     };
     let nc = routing.n_chunks();
     let par = inner_par(routing.n_blocks() * nc);
-    let parallel = !matches!(par, Parallelism::None);
+    let parallel = splits(par);
     let pre_parts = split_groups(&routing, &mut pre, b);
     let h_parts: Vec<&mut [T]> = if act.is_some() {
         split_groups(&routing, &mut h, b)
@@ -179,12 +178,12 @@ pub(crate) fn gather_mm_fwd<T: Float + ActScalar>(
                 }
             };
             // B (k = i, n = j) = W[e·b + j, i] = Wᵀ[i, e·b + j].
-            let g = RowGemm {
+            let fc = RowGemm {
                 a_idx: Some(&routing.tok[rows.clone()]),
                 accumulate,
                 ..RowGemm::new([m, b, d_in], (x, d_in), (&wt, e * b, nb), b, parallel)
             };
-            if !T::row_gemm(&g, dst) {
+            if !T::row_gemm(&fc, dst) {
                 let lhs = token_rows(&routing, x, d_in, rows.clone(), buf);
                 let rhs = Mat::new(&wt, e * b, nb, 1);
                 gemm_into(m, b, d_in, dst, accumulate, lhs, rhs, par);
@@ -213,7 +212,7 @@ pub(crate) fn gather_mm_bwd_x<T: Float>(
     let mut dx = vec![T::zero(); routing.n_tokens() * d_in];
     let nc = routing.n_chunks();
     let par = inner_par(nc);
-    let parallel = !matches!(par, Parallelism::None);
+    let parallel = splits(par);
     dx.par_chunks_mut(chunk * d_in.max(1)).enumerate().for_each_init(
         Vec::new,
         |tmp: &mut Vec<T>, (c, dx)| {
@@ -225,7 +224,7 @@ pub(crate) fn gather_mm_bwd_x<T: Float>(
                     continue;
                 }
                 // B (k = j, n = i) = W[e·b + j, i].
-                let g = RowGemm {
+                let back = RowGemm {
                     c_idx: Some((&routing.tok[rows.clone()], t0)),
                     accumulate: true,
                     ..RowGemm::new(
@@ -236,7 +235,7 @@ pub(crate) fn gather_mm_bwd_x<T: Float>(
                         parallel,
                     )
                 };
-                if T::row_gemm(&g, dx) {
+                if T::row_gemm(&back, dx) {
                     continue;
                 }
                 let rhs = Mat::new(w, e * b * d_in, d_in, 1);
@@ -335,7 +334,7 @@ pub(crate) fn scatter_mm_fwd<T: Float>(
     };
     let nc = routing.n_chunks();
     let par = inner_par(nc);
-    let parallel = !matches!(par, Parallelism::None);
+    let parallel = splits(par);
     y.par_chunks_mut(chunk * d_out.max(1))
         .enumerate()
         .for_each_init(Vec::new, |tmp: &mut Vec<T>, (c, y)| {
@@ -399,7 +398,7 @@ pub(crate) fn scatter_mm_bwd_hg<T: Float>(
     let mut dh = vec![T::zero(); r_total * b];
     let mut dg = vec![T::zero(); if want_dg { r_total } else { 0 }];
     let par = inner_par(routing.n_blocks() * nc);
-    let parallel = !matches!(par, Parallelism::None);
+    let parallel = splits(par);
     let dh_parts = split_groups(&routing, &mut dh, b);
     let dg_parts: Vec<&mut [T]> = if want_dg {
         split_groups(&routing, &mut dg, 1)
