@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Prints the coefficients of the vectorised GELU's erf (crates/spt-ops/src/gelu_avx2.rs).
+"""Prints the coefficients of the vectorised GELU's erf (crates/spt-ops/src/gelu_simd.rs).
 
 - Below |z| = 0.875: erf(z) = z * sum_n c_n z^(2n), the Taylor series to n = 9.
 - Above: erfc(z) = exp(-z^2) * R(t), t = 1 / (1 + z / 2), R a degree-8 polynomial in t, least

@@ -149,9 +149,9 @@ impl_act_scalar!(
     candle_core::cpu::erf::erf_f32,
     fn eval_slice(act: Activation, x: &[f32], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if let (Some(kind), true) = (crate::gelu_avx2::Gelu::of(act), crate::simd::has_avx2()) {
+        if let (Some(kind), true) = (crate::gelu_simd::Gelu::of(act), crate::simd::has_avx2()) {
             // SAFETY: AVX2 and FMA were detected on this CPU.
-            return unsafe { crate::gelu_avx2::forward(kind, x, out) };
+            return unsafe { crate::gelu_simd::forward(kind, x, out) };
         }
         for (o, &v) in out.iter_mut().zip(x) {
             *o = act.eval(v);
@@ -159,9 +159,9 @@ impl_act_scalar!(
     },
     fn grad_slice(act: Activation, x: &[f32], g: &[f32], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if let (Some(kind), true) = (crate::gelu_avx2::Gelu::of(act), crate::simd::has_avx2()) {
+        if let (Some(kind), true) = (crate::gelu_simd::Gelu::of(act), crate::simd::has_avx2()) {
             // SAFETY: AVX2 and FMA were detected on this CPU.
-            return unsafe { crate::gelu_avx2::backward(kind, x, g, out) };
+            return unsafe { crate::gelu_simd::backward(kind, x, g, out) };
         }
         for ((o, &v), &g) in out.iter_mut().zip(x).zip(g) {
             *o = g * act.derivative(v);

@@ -31,7 +31,7 @@ pub mod cross_entropy;
 mod cuda;
 pub mod flash_attention;
 #[cfg(target_arch = "x86_64")]
-mod gelu_avx2;
+mod gelu_simd;
 mod gemv;
 pub mod grad_mode;
 pub mod gradcheck;

@@ -163,13 +163,6 @@ pub(crate) fn has_avx512f() -> bool {
     is_x86_feature_detected!("avx512f")
 }
 
-/// AVX-512F and VL: 32 vector registers for 256-bit code (see `gelu_avx2`).
-#[cfg(target_arch = "x86_64")]
-#[inline]
-pub(crate) fn has_avx512vl() -> bool {
-    is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl")
-}
-
 /// The vector exp's constants, shared by `avx2::exp8` and `avx512::exp16` so that the two give
 /// the same bits: inputs are clamped to [`EXP_LO`, `EXP_HI`] (below `EXP_LO` gives 0), reduced
 /// by ln 2 split in two so that `n·LN2_HI` is exact, and `e^r` is the Taylor polynomial with
@@ -461,7 +454,7 @@ pub(crate) mod avx512 {
     /// e^x for 16 lanes; lanes below −87 (including −∞) give 0, NaN stays NaN.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn exp16(x: __m512) -> __m512 {
+    pub(crate) unsafe fn exp16(x: __m512) -> __m512 {
         let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, _mm512_set1_ps(EXP_LO));
         let x = _mm512_max_ps(_mm512_set1_ps(EXP_LO), x);
         let x = _mm512_min_ps(_mm512_set1_ps(EXP_HI), x);

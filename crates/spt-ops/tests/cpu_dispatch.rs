@@ -6,7 +6,7 @@
 //!   takes its AVX2+FMA (or SSE / scalar) micro-kernels; the routed FFN's GEMMs over token rows
 //!   take spt-ops' own AVX-512F kernel (`row_gemm.rs`) where the CPU has it and the shape
 //!   gains from it, gemm otherwise;
-//! - spt-ops' own dot / axpy / exp (`simd.rs`), GELU (`gelu_avx2.rs`) and layer norm's f32 rows
+//! - spt-ops' own dot / axpy / exp (`simd.rs`), GELU (`gelu_simd.rs`) and layer norm's f32 rows
 //!   (`norm/rows.rs`): AVX2+FMA when detected, else scalar; GELU's AVX2 loops also have a copy
 //!   compiled with AVX-512VL's 32 registers, and the softmax exp a 16-lane AVX-512F form, taken
 //!   where the CPU has them.
