@@ -190,6 +190,62 @@ pub(crate) fn transpose<T: Float>(src: &[T], rows: usize, cols: usize) -> Vec<T>
     dst
 }
 
+/// `src [n·block, cols]` as n blocks of `block` rows, each transposed: `[n, cols, block]`, in
+/// parallel over blocks. A routed FFN's block of `Wᵀ` is then one compact `[d, block]` matrix
+/// whose rows lie `block` apart, not a weight row (12 KB at d_ff 3072) apart.
+pub(crate) fn transpose_blocks<T: Float>(src: &[T], rows: usize, cols: usize, block: usize) -> Vec<T> {
+    use rayon::prelude::*;
+    const TILE: usize = 32;
+    assert!(
+        block > 0 && rows.is_multiple_of(block),
+        "transpose_blocks: {rows} rows in blocks of {block}"
+    );
+    assert!(src.len() >= rows * cols, "transpose_blocks: source too short");
+    let mut dst = vec![T::zero(); rows * cols];
+    if rows == 0 || cols == 0 {
+        return dst;
+    }
+    dst.par_chunks_mut(block * cols).enumerate().for_each(|(e, out)| {
+        let src = &src[e * block * cols..];
+        for j0 in (0..cols).step_by(TILE) {
+            let nj = TILE.min(cols - j0);
+            for i0 in (0..block).step_by(TILE) {
+                let m = TILE.min(block - i0);
+                T::transpose_tile(
+                    &src[i0 * cols + j0..],
+                    cols,
+                    &mut out[j0 * block + i0..],
+                    block,
+                    m,
+                    nj,
+                );
+            }
+        }
+    });
+    dst
+}
+
+/// `src [rows, n·block]` as n blocks of `block` columns, each made compact: `[n, rows, block]`,
+/// in parallel over blocks (see [`transpose_blocks`]).
+pub(crate) fn column_blocks<T: Float>(src: &[T], rows: usize, cols: usize, block: usize) -> Vec<T> {
+    use rayon::prelude::*;
+    assert!(
+        block > 0 && cols.is_multiple_of(block),
+        "column_blocks: {cols} columns in blocks of {block}"
+    );
+    assert!(src.len() >= rows * cols, "column_blocks: source too short");
+    let mut dst = vec![T::zero(); rows * cols];
+    if rows == 0 || cols == 0 {
+        return dst;
+    }
+    dst.par_chunks_mut(rows * block).enumerate().for_each(|(e, out)| {
+        for (i, row) in out.chunks_mut(block).enumerate() {
+            row.copy_from_slice(&src[i * cols + e * block..][..block]);
+        }
+    });
+    dst
+}
+
 /// A 2-D CPU tensor's elements in row-major order, as a new vector. A transposed view (a
 /// weight stored `[in, out]`, as GPT-2's Conv1D layers are, read as `[out, in]`) goes through
 /// [`transpose`] in parallel tiles; `Tensor::contiguous` would copy it one strided element at a
@@ -219,7 +275,7 @@ pub(crate) fn row_major<T: Float + candle_core::WithDType>(op: &str, t: &Tensor)
 
 #[cfg(test)]
 mod tests {
-    use super::{row_major, transpose, Tensor};
+    use super::{column_blocks, row_major, transpose, transpose_blocks, Tensor};
 
     #[test]
     fn row_major_reads_contiguous_and_transposed_views() -> candle_core::Result<()> {
@@ -261,6 +317,46 @@ mod tests {
             let src: Vec<f64> = (0..rows * cols).map(|i| i as f64).collect();
             check(&src, &transpose(&src, rows, cols), rows, cols);
         }
+    }
+
+    #[test]
+    fn blocks_match_the_definition() {
+        // Blocks narrower and wider than the 32-element tile, one block (a plain transpose),
+        // ragged sides.
+        for (n, block, other) in [
+            (3, 64, 70),
+            (2, 5, 33),
+            (1, 40, 9),
+            (4, 1, 3),
+            (6, 32, 32),
+            (0, 8, 4),
+        ] {
+            let src: Vec<f32> = (0..n * block * other).map(|i| i as f32).collect();
+            // [n·block, other] → [n, other, block].
+            let t = transpose_blocks(&src, n * block, other, block);
+            for (e, j, i) in
+                (0..n).flat_map(|e| (0..block).flat_map(move |j| (0..other).map(move |i| (e, j, i))))
+            {
+                assert_eq!(
+                    t[(e * other + i) * block + j],
+                    src[(e * block + j) * other + i],
+                    "({n}, {block}, {other})"
+                );
+            }
+            // [other, n·block] → [n, other, block].
+            let c = column_blocks(&src, other, n * block, block);
+            for (e, o, j) in
+                (0..n).flat_map(|e| (0..other).flat_map(move |o| (0..block).map(move |j| (e, o, j))))
+            {
+                assert_eq!(
+                    c[(e * other + o) * block + j],
+                    src[o * n * block + e * block + j],
+                    "({n}, {block}, {other})"
+                );
+            }
+        }
+        let src: Vec<f64> = (0..45 * 29).map(|i| i as f64).collect();
+        assert_eq!(transpose_blocks(&src, 45, 29, 45), transpose(&src, 45, 29));
     }
 
     fn check<T: PartialEq + std::fmt::Debug>(src: &[T], t: &[T], rows: usize, cols: usize) {

@@ -11,7 +11,7 @@
 //! dx is one GEMM instead of two. The adapters stay unmerged: the gradients are those of A and B.
 
 use super::linear;
-use crate::blas::{gemm_into, inner_par, transpose, Mat, SendPtr};
+use crate::blas::{column_blocks, gemm_into, inner_par, transpose, transpose_blocks, Mat, SendPtr};
 use crate::heads::{merge_heads, split_heads, RowLayout};
 use crate::simd::Vector;
 use crate::util::{check_float, check_same, contiguous, if_tracked, sum_partials, with_slices, Float};
@@ -162,6 +162,68 @@ pub(crate) fn merged_t<T: Float>(w: &[T], a: &[T], b: &[T], dims: (usize, usize,
         Mat::new(&sb, 0, 1, r),
         inner_par(1),
     );
+    m
+}
+
+/// [`merged_t`] by blocks of `block` output rows, `[out / block, in, block]` (see
+/// `blas::transpose_blocks`): block e is `(W_e + s·B_e A)ᵀ`.
+pub(crate) fn merged_t_blocks<T: Float>(
+    w: &[T],
+    a: &[T],
+    b: &[T],
+    dims: (usize, usize, usize),
+    s: T,
+    block: usize,
+) -> Vec<T> {
+    let (out, d_in, r) = dims;
+    let mut m = transpose_blocks(w, out, d_in, block);
+    let sb: Vec<T> = b.iter().map(|&v| v * s).collect(); // [out, r]
+    m.par_chunks_mut((d_in * block).max(1))
+        .enumerate()
+        .for_each(|(e, m_e)| {
+            let sb_e = Mat::new(&sb, e * block * r, 1, r);
+            gemm_into(
+                d_in,
+                block,
+                r,
+                m_e,
+                true,
+                Mat::new(a, 0, 1, d_in),
+                sb_e,
+                Parallelism::None,
+            );
+        });
+    m
+}
+
+/// [`merged`] by blocks of `block` input columns, `[in / block, out, block]` (see
+/// `blas::column_blocks`): block e is `W_e + s·B A_e`, W's and A's columns of the block.
+pub(crate) fn merged_column_blocks<T: Float>(
+    w: &[T],
+    a: &[T],
+    b: &[T],
+    dims: (usize, usize, usize),
+    s: T,
+    block: usize,
+) -> Vec<T> {
+    let (out, d_in, r) = dims;
+    let mut m = column_blocks(w, out, d_in, block);
+    let sb: Vec<T> = b.iter().map(|&v| v * s).collect(); // [out, r]
+    m.par_chunks_mut((out * block).max(1))
+        .enumerate()
+        .for_each(|(e, m_e)| {
+            let a_e = Mat::new(a, e * block, d_in, 1);
+            gemm_into(
+                out,
+                block,
+                r,
+                m_e,
+                true,
+                Mat::new(&sb, 0, r, 1),
+                a_e,
+                Parallelism::None,
+            );
+        });
     m
 }
 

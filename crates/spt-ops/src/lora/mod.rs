@@ -8,7 +8,7 @@
 mod fused;
 
 pub use fused::{lora_linear, lora_linear_heads, HeadsLayout};
-pub(crate) use fused::{merged_into, merged_t};
+pub(crate) use fused::{merged_column_blocks, merged_into, merged_t, merged_t_blocks};
 
 use crate::routed_ffn::{gather_matmul, Routing};
 use crate::util::{check_float, check_same, read_var};

@@ -76,10 +76,11 @@ impl<T> Default for Scratch<T> {
     }
 }
 
-/// The operands of the forward: `w1t = W1ᵀ [d, n·b]`, `w2t = W2ᵀ [n·b, d_out]` (LoRA folded in).
+/// The operands of the forward: `w1b = W1ᵀ` by blocks, `[n, d, b]` (block e is `W1_eᵀ`, so
+/// fc1's B is compact), `w2t = W2ᵀ [n·b, d_out]` (LoRA folded in).
 pub(crate) struct Forward<'a, T> {
     pub(crate) x: &'a [T],
-    pub(crate) w1t: &'a [T],
+    pub(crate) w1b: &'a [T],
     pub(crate) b1: &'a [T],
     pub(crate) gates: &'a [T],
     pub(crate) w2t: &'a [T],
@@ -97,8 +98,7 @@ pub(crate) fn forward<T: Float + ActScalar>(
     f: &Forward<'_, T>,
     keep: bool,
 ) -> (Vec<T>, Option<Vec<T>>) {
-    let (nc, n, b, d, d_out) = (hr.n_chunks(), hr.n_blocks(), f.block, f.d, f.d_out);
-    let nb = n * b;
+    let (nc, b, d, d_out) = (hr.n_chunks(), f.block, f.d, f.d_out);
     let chunk = hr.chunk_tokens();
     let mut y = f.b2.repeat(hr.n_tokens());
     let mut pre = vec![T::zero(); if keep { hr.n_rows() * b } else { 0 }];
@@ -129,15 +129,15 @@ pub(crate) fn forward<T: Float + ActScalar>(
                 for row in pre_g.chunks_mut(b) {
                     row.copy_from_slice(&f.b1[e * b..(e + 1) * b]);
                 }
-                // B (k = i, n = j) = W1[e·b + j, i] = W1ᵀ[i, e·b + j].
+                // B (k = i, n = j) = W1[e·b + j, i] = w1b[e, i, j].
                 let fc1 = RowGemm {
                     a_idx: Some(tok),
                     accumulate: true,
-                    ..RowGemm::new([m, b, d], (f.x, d), (f.w1t, e * b, nb), b, parallel)
+                    ..RowGemm::new([m, b, d], (f.x, d), (f.w1b, e * d * b, b), b, parallel)
                 };
                 if !T::row_gemm(&fc1, pre_g) {
                     let lhs = token_rows(&hr, f.x, d, rows.clone(), &mut s.rows);
-                    gemm_into(m, b, d, pre_g, true, lhs, Mat::new(f.w1t, e * b, nb, 1), par);
+                    gemm_into(m, b, d, pre_g, true, lhs, Mat::new(f.w1b, e * d * b, b, 1), par);
                 }
                 T::eval_slice(f.act, pre_g, h_g);
                 if d_out == 0 {
@@ -168,7 +168,7 @@ pub(crate) fn forward<T: Float + ActScalar>(
 }
 
 /// What the backward reads: the forward's inputs and kept pre-activation, the merged weights
-/// `m1 = W1' [d_ff, d]` and `m2 = W2' [d_out, d_ff]`, and the adapters `A1 [r, d]`,
+/// `m1 = W1' [d_ff, d]` and `m2 = W2'` by blocks of columns, `[n, d_out, b]` (block e is `W2'_e`), and the adapters `A1 [r, d]`,
 /// `B1 [d_ff, r]`, `A2 [r, d_ff]`, `B2 [d_out, r]` with their scale.
 pub(crate) struct Backward<'a, T> {
     pub(crate) x: &'a [T],
@@ -275,16 +275,18 @@ pub(crate) fn backward<T: Float + ActScalar>(
                 s.act.resize(m * b, T::zero());
                 T::eval_slice(p.act, pre_g, &mut s.act);
                 let h_g = &s.act[..];
-                // u = dy_rows · W2'_e, B (k = o, n = j) = W2'[o, e·b + j]; then dh in place.
+                // u = dy_rows · W2'_e, B (k = o, n = j) = W2'[o, e·b + j] = m2[e, o, j]; then
+                // dh in place.
                 let tok = &hr.tok[rows.clone()];
                 s.h.resize(m * b, T::zero());
+                let m2_e = (p.m2, e * d_out * b, b);
                 let u = RowGemm {
                     a_idx: Some(tok),
-                    ..RowGemm::new([m, b, d_out], (p.dy, d_out), (p.m2, e * b, nb), b, parallel)
+                    ..RowGemm::new([m, b, d_out], (p.dy, d_out), m2_e, b, parallel)
                 };
                 if !T::row_gemm(&u, &mut s.h) {
                     let dy_rows = token_rows(&hr, p.dy, d_out, rows.clone(), &mut s.rows);
-                    let rhs = Mat::new(p.m2, e * b, nb, 1);
+                    let rhs = Mat::new(p.m2, e * d_out * b, b, 1);
                     gemm_into(m, b, d_out, &mut s.h, false, dy_rows, rhs, par);
                 }
                 s.pre.clear();

@@ -21,10 +21,10 @@ use candle_core::{DType, Device, Result, Tensor};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-/// `W1'ᵀ [d, d_ff]` and `W2'ᵀ [d_ff, d]`, LoRA folded in, on the CPU.
+/// `W1'ᵀ` by blocks `[n, d, b]` and `W2'ᵀ [d_ff, d]`, LoRA folded in, on the CPU.
 #[derive(Debug)]
 struct Operands {
-    w1t: Tensor,
+    w1b: Tensor,
     w2t: Tensor,
 }
 
@@ -86,11 +86,11 @@ impl RoutedFfn {
         let op = "routed_ffn (frozen)";
         let (t, d) = x2.dims2()?;
         let hr = HostRouting::new(routing)?;
-        let ts = [x2, &ops.w1t, &self.b1, gates, &ops.w2t, &self.b2];
+        let ts = [x2, &ops.w1b, &self.b1, gates, &ops.w2t, &self.b2];
         let y = with_slices::<T, _>(op, &ts, |s| {
             let f = chunked::Forward {
                 x: s[0],
-                w1t: s[1],
+                w1b: s[1],
                 b1: s[2],
                 gates: s[3],
                 w2t: s[4],
@@ -105,7 +105,8 @@ impl RoutedFfn {
         Tensor::from_vec(y, (t, d), &Device::Cpu)
     }
 
-    /// `W' = W + s·B A` as the LoRA ops form it per call (or W alone), then transposed.
+    /// `W' = W + s·B A` as the LoRA ops form it per call (or W alone), then transposed (W1 by
+    /// blocks).
     fn make_operands(&self, dtype: DType) -> Result<Operands> {
         match dtype {
             DType::F32 => self.make_operands_t::<f32>(),
@@ -118,18 +119,18 @@ impl RoutedFfn {
         let (d_ff, d) = self.w1.dims2()?;
         let dev = Device::Cpu;
         let (w1, w2) = (&self.w1, &self.w2);
-        let (w1t, w2t) = match self.lora.as_ref().filter(|_| !self.merged) {
+        let (w1b, w2t) = match self.lora.as_ref().filter(|_| !self.merged) {
             Some(l) => {
                 let f = [&l.a1, &l.b1, &l.a2, &l.b2].map(|v| self.read(v));
                 let (r, s) = (l.cfg.rank, T::lit(l.cfg.scale()));
                 with_slices::<T, _>(op, &[&f[0], &f[1], &f[2], &f[3]], |a| {
-                    lora_ops::operands_t(op, w1, w2, Some(([a[0], a[1], a[2], a[3]], r, s)))
+                    lora_ops::operands_t(op, w1, w2, Some(([a[0], a[1], a[2], a[3]], r, s)), self.block)
                 })?
             }
-            None => lora_ops::operands_t::<T>(op, w1, w2, None)?,
+            None => lora_ops::operands_t::<T>(op, w1, w2, None, self.block)?,
         };
         Ok(Operands {
-            w1t: Tensor::from_vec(w1t, (d, d_ff), &dev)?,
+            w1b: Tensor::from_vec(w1b, (d_ff / self.block, d, self.block), &dev)?,
             w2t: Tensor::from_vec(w2t, (d_ff, d), &dev)?,
         })
     }

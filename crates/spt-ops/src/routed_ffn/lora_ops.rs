@@ -21,8 +21,8 @@ use super::chunked;
 use super::cpu::HostRouting;
 use super::router::Routing;
 use crate::activation::{ActScalar, Activation};
-use crate::blas::{row_major, transpose};
-use crate::lora::{merged_into, merged_t};
+use crate::blas::{row_major, transpose, transpose_blocks};
+use crate::lora::{merged_column_blocks, merged_into, merged_t, merged_t_blocks};
 use crate::util::{contiguous, with_slices, Float};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Error, Layout, Result, Shape, Tensor};
 use std::sync::{Arc, Mutex};
@@ -149,11 +149,12 @@ impl LoraFfn {
         let ((d_ff, d), d_out, r) = (self.w1.dims2()?, self.w2.dim(0)?, self.r);
         let s = T::lit(self.scale);
         let hr = HostRouting::new(&self.routing)?;
-        let (w1t, w2t) = operands_t(op, &self.w1, &self.w2, Some((unpack(packed, d, d_ff, r), r, s)))?;
+        let adapters = Some((unpack(packed, d, d_ff, r), r, s));
+        let (w1b, w2t) = operands_t(op, &self.w1, &self.w2, adapters, self.block)?;
         let (y, kept) = with_slices::<T, _>(op, &[&self.b1, &self.b2], |bias| {
             let f = chunked::Forward {
                 x,
-                w1t: &w1t,
+                w1b: &w1b,
                 b1: bias[0],
                 gates: g,
                 w2t: &w2t,
@@ -186,7 +187,14 @@ impl LoraFfn {
         let sc = T::lit(self.scale);
         let [a1, b1, a2, b2] = unpack(s[2], d, d_ff, r);
         let m1 = merged_into(row_major(op, &self.w1)?, a1, b1, (d_ff, d, r), sc);
-        let m2 = merged_into(row_major(op, &self.w2)?, a2, b2, (d_out, d_ff, r), sc);
+        let m2 = merged_column_blocks(
+            &row_major(op, &self.w2)?,
+            a2,
+            b2,
+            (d_out, d_ff, r),
+            sc,
+            self.block,
+        );
         let p = chunked::Backward {
             x: s[0],
             gates: s[1],
@@ -286,24 +294,25 @@ fn unpack<T>(packed: &[T], d: usize, d_ff: usize, r: usize) -> [&[T]; 4] {
     [a1, b1, a2, b2]
 }
 
-/// `W1'ᵀ [d, d_ff]` and `W2'ᵀ [d_ff, d_out]`, the operands of [`chunked::forward`], for
-/// `W' = W + s·B A` (`adapters`: the factors as [`unpack`] gives them, their rank and s) or W
-/// alone. The op and
-/// a frozen layer's kept operands both come from here, so they agree to the bit.
+/// `W1'ᵀ` by blocks, `[n, d, b]` (block e is `W1'_eᵀ`), and `W2'ᵀ [d_ff, d_out]`: the operands
+/// of [`chunked::forward`], for `W' = W + s·B A` (`adapters`: the factors as [`unpack`] gives
+/// them, their rank and s) or W alone, with blocks of `block` hidden units. The op and a frozen
+/// layer's kept operands both come from here, so they agree to the bit.
 pub(super) fn operands_t<T: Float + candle_core::WithDType>(
     op: &str,
     w1: &Tensor,
     w2: &Tensor,
     adapters: Option<([&[T]; 4], usize, T)>,
+    block: usize,
 ) -> Result<(Vec<T>, Vec<T>)> {
     let ((d_ff, d), d_out) = (w1.dims2()?, w2.dim(0)?);
     let (w1, w2) = (row_major::<T>(op, w1)?, row_major::<T>(op, w2)?);
     Ok(match adapters {
         Some(([a1, b1, a2, b2], r, s)) => (
-            merged_t(&w1, a1, b1, (d_ff, d, r), s),
+            merged_t_blocks(&w1, a1, b1, (d_ff, d, r), s, block),
             merged_t(&w2, a2, b2, (d_out, d_ff, r), s),
         ),
-        None => (transpose(&w1, d_ff, d), transpose(&w2, d_out, d_ff)),
+        None => (transpose_blocks(&w1, d_ff, d, block), transpose(&w2, d_out, d_ff)),
     })
 }
 
