@@ -119,12 +119,7 @@ impl WeightSource {
     }
 
     fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
-        let bytes = std::fs::read(path).map_err(|e| ckpt_err(path, e))?;
-        check_safetensors_shapes(&bytes).map_err(|e| ckpt_err(path, e))?;
-        // candle validates the header and every tensor's byte range against the buffer, so a
-        // truncated or corrupt file is an error here, not a panic later.
-        candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-            .map_err(|e| ckpt_err(path, format!("corrupt or truncated safetensors: {e}")))
+        read_safetensors_file(path)
     }
 
     fn read_sharded(path: &Path) -> Result<HashMap<String, Tensor>> {
@@ -636,6 +631,57 @@ impl<'a> Loader<'a> {
     }
 }
 
+/// Every tensor of a safetensors file, on the CPU, read one at a time: the peak is the tensors
+/// and the largest one's bytes, not the whole file beside the tensors (`std::fs::read` and
+/// candle's `load_buffer`: twice a checkpoint's size, which got a model that fits in memory
+/// killed while loading). The header, each tensor's byte range and its shape are checked
+/// against the file first, so a truncated or corrupt file is an error naming it, not a panic.
+pub(crate) fn read_safetensors_file(path: &Path) -> Result<HashMap<String, Tensor>> {
+    use candle_core::safetensors::Load;
+    use std::io::{Read, Seek, SeekFrom};
+    let corrupt =
+        |e: &dyn std::fmt::Display| ckpt_err(path, format!("corrupt or truncated safetensors: {e}"));
+    let mut f = std::fs::File::open(path).map_err(|e| ckpt_err(path, e))?;
+    let len = f.metadata().map_err(|e| ckpt_err(path, e))?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).map_err(|e| corrupt(&e))?;
+    let n = u64::from_le_bytes(n);
+    // The format's own bound on the header (100 MB), and the file's.
+    if n > 100_000_000 || n > len - 8 {
+        return Err(corrupt(&format!("a header of {n} bytes in a file of {len}")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| corrupt(&e))?;
+    // Deserialising checks that the tensors' byte ranges follow each other and match their
+    // shapes and dtypes.
+    let meta: safetensors::tensor::Metadata = serde_json::from_slice(&header).map_err(|e| corrupt(&e))?;
+    if 8 + n + meta.data_len() as u64 != len {
+        return Err(corrupt(&format!(
+            "the header describes {} bytes of data, the file holds {}",
+            meta.data_len(),
+            len - 8 - n
+        )));
+    }
+    check_shapes(&meta).map_err(|e| ckpt_err(path, e))?;
+    let mut out = HashMap::new();
+    let mut buf = Vec::new();
+    for name in meta.offset_keys() {
+        let Some(info) = meta.info(&name) else { continue };
+        let (start, end) = info.data_offsets;
+        f.seek(SeekFrom::Start(8 + n + start as u64))
+            .map_err(|e| corrupt(&e))?;
+        buf.resize(end - start, 0);
+        f.read_exact(&mut buf).map_err(|e| corrupt(&e))?;
+        let view = safetensors::tensor::TensorView::new(info.dtype, info.shape.clone(), &buf)
+            .map_err(|e| corrupt(&format!("tensor `{name}`: {e}")))?;
+        let t = view
+            .load(&Device::Cpu)
+            .map_err(|e| corrupt(&format!("tensor `{name}`: {e}")))?;
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
 /// Refuses a safetensors buffer holding a shape whose strides overflow `usize`: with a zero
 /// dimension (`[0, 2^40, 2^40]`) it holds no bytes and passes the format's checks, and candle's
 /// stride computation then overflows (a panic in debug builds, wrapped strides in release). A
@@ -644,6 +690,11 @@ pub fn check_safetensors_shapes(bytes: &[u8]) -> std::result::Result<(), String>
     let Ok((_, meta)) = safetensors::SafeTensors::read_metadata(bytes) else {
         return Ok(());
     };
+    check_shapes(&meta)
+}
+
+/// See [`check_safetensors_shapes`].
+fn check_shapes(meta: &safetensors::tensor::Metadata) -> std::result::Result<(), String> {
     let mut tensors: Vec<_> = meta.tensors().into_iter().collect();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, info) in tensors {

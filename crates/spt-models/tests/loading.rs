@@ -395,15 +395,51 @@ fn too_long_and_out_of_range_inputs_are_named() -> Result<()> {
     Ok(())
 }
 
+/// The loader reads a safetensors file one tensor at a time (not the whole file beside the
+/// tensors): what it gives is what candle's whole-buffer loader gives, key for key and bit for bit.
+#[test]
+fn safetensors_read_by_tensor_match_candles_loader() -> Result<()> {
+    for name in ["tiny-gpt2/model.safetensors", "tiny-bert-cls/model.safetensors"] {
+        let path = fixture(name);
+        let ours = WeightSource::from_file(&path)?;
+        let theirs = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)?;
+        let mut keys = ours.keys();
+        keys.sort_unstable();
+        let mut want: Vec<&str> = theirs.keys().map(String::as_str).collect();
+        want.sort_unstable();
+        assert_eq!(keys, want, "{name}");
+        for (k, t) in &theirs {
+            let o = ours.get(k).expect("key listed");
+            assert_eq!((o.dtype(), o.dims()), (t.dtype(), t.dims()), "{name}: {k}");
+            let bits = |t: &Tensor| -> Result<Vec<u64>> {
+                Ok(t.to_dtype(candle_core::DType::F64)?
+                    .flatten_all()?
+                    .to_vec1::<f64>()?
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect())
+            };
+            assert_eq!(bits(o)?, bits(t)?, "{name}: {k}");
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn corrupt_and_truncated_safetensors_are_errors() -> Result<()> {
     let dir = tmpdir("corrupt")?;
     let bytes = std::fs::read(fixture("tiny-gpt2/model.safetensors"))?;
-    let cases: [(&str, Vec<u8>); 4] = [
+    let cases: [(&str, Vec<u8>); 6] = [
         ("truncated", bytes[..bytes.len() - 1000].to_vec()),
         ("header-only", bytes[..100].to_vec()),
         ("garbage", b"this is not a safetensors file at all".to_vec()),
         ("empty", vec![]),
+        // A header longer than the file, and data past what the header describes.
+        (
+            "header-past-end",
+            [&(1u64 << 20).to_le_bytes()[..], &bytes[8..200]].concat(),
+        ),
+        ("trailing", [&bytes[..], b"xx"].concat()),
     ];
     for (tag, data) in cases {
         let p = dir.join(format!("{tag}.safetensors"));
