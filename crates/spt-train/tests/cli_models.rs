@@ -388,6 +388,10 @@ fn generate_is_seeded() {
     // Each of the 20 tokens is a word (about 1 in 10 was, before), unless [SEP] ended the text.
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.split_whitespace().count() >= 2 + 15, "{text}");
+    // The prompt's words are not in that vocabulary: the prompt is printed as typed (it was
+    // echoed as the tokenizer decoded it, "[UNK] [UNK]"), and what the model saw is said.
+    assert!(text.starts_with("a b "), "{text}");
+    assert!(err.contains("the tokenizer reads the prompt as"), "{err}");
 }
 
 /// `spt-train bench` of dense and spt on `model`, one tiny step, into `out`.

@@ -105,8 +105,16 @@ pub(crate) fn generate(a: &GenerateArgs) -> Result<()> {
     // Stream: print the text as it grows (decoding the whole sequence each time, so multi-byte
     // characters split across tokens come out whole).
     let mut out = std::io::stdout().lock();
+    // The prompt is printed as typed, and the continuation after it. What the model saw may
+    // differ (words the tokenizer lacks become [UNK] or vanish; a normaliser lowercases): that
+    // is said, not shown in place of the user's words.
     let mut shown = decode(&ids)?;
-    if !show(&mut out, &shown)? {
+    if !a.prompt.is_empty() && shown != a.prompt {
+        say!(
+            "note: the tokenizer reads the prompt as {shown:?} (words it lacks, or normalised);              the model continues that"
+        );
+    }
+    if !show(&mut out, if a.prompt.is_empty() { &shown } else { &a.prompt })? {
         return Ok(());
     }
     // Keys and values of the positions so far are cached: each step runs one new position.
