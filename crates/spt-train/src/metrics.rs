@@ -91,8 +91,8 @@ pub fn perplexity(mean_loss: f64) -> f64 {
 }
 
 /// One line of `metrics.jsonl`. JSON has no NaN or infinity: serde_json writes them as `null`,
-/// and reading takes `null` back as NaN, so a diverged evaluation does not make the file
-/// unreadable for a resume.
+/// and reading takes `null` back as NaN (an absent `lr` stays `None`), so a diverged evaluation
+/// does not make the file unreadable for a resume.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(from = "RawRecord")]
 pub struct MetricRecord {
@@ -117,10 +117,16 @@ struct RawRecord {
     epoch: Option<f64>,
     split: String,
     loss: Option<f64>,
-    #[serde(default)]
-    lr: Option<f64>,
+    /// Absent (`None`), or present and perhaps `null` (a NaN written).
+    #[serde(default, deserialize_with = "present")]
+    lr: Option<Option<f64>>,
     #[serde(flatten)]
     values: BTreeMap<String, Option<f64>>,
+}
+
+/// A field that is there, `null` or not: `Some`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<Option<f64>>, D::Error> {
+    Option::<f64>::deserialize(d).map(Some)
 }
 
 impl From<RawRecord> for MetricRecord {
@@ -131,7 +137,7 @@ impl From<RawRecord> for MetricRecord {
             epoch: num(r.epoch),
             split: r.split,
             loss: num(r.loss),
-            lr: r.lr,
+            lr: r.lr.map(num),
             values: r.values.into_iter().map(|(k, v)| (k, num(v))).collect(),
         }
     }
@@ -185,6 +191,12 @@ impl MetricsWriter {
     /// All records (a missing file is empty). A malformed line is an error naming its number;
     /// a line cut short (JSON ending early) is skipped with a warning.
     pub fn read_all(&self) -> Result<Vec<MetricRecord>> {
+        Ok(self.lines()?.into_iter().filter_map(|(r, _)| r).collect())
+    }
+
+    /// Each non-blank line with its record, `None` for a line cut short (warned about), as
+    /// [`read_all`](Self::read_all) reads them.
+    fn lines(&self) -> Result<Vec<(Option<MetricRecord>, String)>> {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -196,7 +208,7 @@ impl MetricsWriter {
                 continue;
             }
             match serde_json::from_str(line) {
-                Ok(r) => out.push(r),
+                Ok(r) => out.push((Some(r), line.to_string())),
                 // JSON cut short is an append that was cut short (a kill, a full disk): what it
                 // held was never complete, and a resume must not be stopped by it. The records
                 // appended after it start lines of their own.
@@ -206,6 +218,7 @@ impl MetricsWriter {
                         self.path.display(),
                         i + 1
                     );
+                    out.push((None, line.to_string()));
                 }
                 Err(e) => {
                     return Err(Error::Msg(format!(
@@ -219,12 +232,23 @@ impl MetricsWriter {
         Ok(out)
     }
 
-    /// Drops records after `step` (atomically), so a resumed run does not repeat them.
+    /// Drops records after `step` and lines cut short (atomically), so a resumed run does not
+    /// repeat them. The lines kept are kept as written (parsed and written again, a float's last
+    /// digit could change), and a file with nothing to drop is not written at all.
     pub fn truncate_after(&self, step: u64) -> Result<()> {
-        let keep: Vec<MetricRecord> = self.read_all()?.into_iter().filter(|r| r.step <= step).collect();
+        let lines = self.lines()?;
+        let n = lines.len();
+        let keep: Vec<String> = lines
+            .into_iter()
+            .filter(|(r, _)| r.as_ref().is_some_and(|r| r.step <= step))
+            .map(|(_, line)| line)
+            .collect();
+        if keep.len() == n {
+            return Ok(());
+        }
         let mut text = String::new();
-        for r in &keep {
-            text.push_str(&serde_json::to_string(r).map_err(|e| Error::Msg(e.to_string()))?);
+        for line in &keep {
+            text.push_str(line);
             text.push('\n');
         }
         crate::checkpoint::write_file_atomic(&self.path, text.as_bytes())
@@ -408,11 +432,32 @@ mod tests {
             "{}",
             &text[..200]
         );
+        // Nothing after step 5: the file is not rewritten. Then records 3-5 dropped, and the
+        // lines kept as written, not parsed and printed again (a hand-written line, spaced and
+        // with a 17-digit loss that serde_json's parser rounds twice, shows it).
+        let hand = r#"{"step": 2, "epoch": 0.50, "split": "eval", "loss": 0.9596412069339625}"#;
+        let mut text = std::fs::read_to_string(w.path()).unwrap();
+        text.push_str(hand);
+        text.push('\n');
+        std::fs::write(w.path(), &text).unwrap();
+        let before = std::fs::read(w.path()).unwrap();
+        // An atomic rewrite is a new file: a new inode.
+        #[cfg(unix)]
+        let inode = || std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(w.path()).unwrap());
+        #[cfg(unix)]
+        let first = inode();
+        w.truncate_after(5).unwrap();
+        assert_eq!(std::fs::read(w.path()).unwrap(), before);
+        #[cfg(unix)]
+        assert_eq!(inode(), first, "rewritten with nothing to drop");
         w.truncate_after(2).unwrap();
         assert_eq!(
             w.read_all().unwrap().iter().map(|r| r.step).collect::<Vec<_>>(),
-            vec![1, 2]
+            vec![1, 2, 2]
         );
+        let lines: Vec<&str> = text.lines().collect();
+        let want = format!("{}\n{}\n{hand}\n", lines[0], lines[1]);
+        assert_eq!(std::fs::read_to_string(w.path()).unwrap(), want);
         assert!(plot_loss_svg(&svg, &[], &[]).is_err());
         // A range past f64 is an error, not an endless tick search in the plotting library.
         let e = plot_loss_svg(&svg, &[(0, -1e308), (5, 1e308)], &[])
@@ -427,19 +472,23 @@ mod tests {
             epoch: 0.75,
             split: "eval".into(),
             loss: f64::NAN,
-            lr: None,
+            lr: Some(f64::NAN),
             values: BTreeMap::from([("perplexity".to_string(), f64::INFINITY)]),
         })
         .unwrap();
-        let last = w.read_all().unwrap().pop().unwrap();
+        let mut all = w.read_all().unwrap();
+        let last = all.pop().unwrap();
         assert!(last.loss.is_nan() && last.values["perplexity"].is_nan());
+        // A NaN lr too (it came back as no lr at all); an absent one stays absent.
+        assert!(last.lr.is_some_and(f64::is_nan), "{:?}", last.lr);
+        assert_eq!(all[2].lr, None);
         let clash = MetricRecord {
             values: BTreeMap::from([("loss".to_string(), 1.0)]),
             ..last
         };
         let e = w.append(&clash).unwrap_err().to_string();
         assert!(e.contains("named `loss`"), "{e}");
-        assert_eq!(w.read_all().unwrap().len(), 3);
+        assert_eq!(w.read_all().unwrap().len(), 4);
         // Macro-F1 counts only the classes that occur: a label id of u32::MAX is data, not a
         // class count (it allocated 3 × 2^32 counters and aborted).
         assert_eq!(macro_f1(&[0, u32::MAX], &[0, u32::MAX], usize::MAX).unwrap(), 1.0);
