@@ -479,6 +479,13 @@ fn prune_checkpoints(dir: &Path, which: impl Fn(u64) -> bool) -> Result<Vec<Path
     remove_where(dir, which, false)
 }
 
+/// Whether [`remove_checkpoints`] would remove the checkpoints `which` selects, touching
+/// nothing: the error it would give for one whose manifest does not read, or `Ok`. A run can
+/// then be refused before it loads anything.
+pub fn check_removable(dir: &Path, which: impl Fn(u64) -> bool) -> Result<(), CheckpointError> {
+    removable(dir, which, true).map(|_| ())
+}
+
 /// The checkpoints `which` selects whose manifests read, removed; one that does not read is
 /// refused (`refuse_unread`, before anything is removed) or passed by with a warning.
 fn remove_where(
@@ -486,6 +493,15 @@ fn remove_where(
     which: impl Fn(u64) -> bool,
     refuse_unread: bool,
 ) -> Result<Vec<PathBuf>, CheckpointError> {
+    remove_listed(dir, removable(dir, which, refuse_unread)?)
+}
+
+/// The checkpoints `which` selects whose manifests read (see [`remove_where`]).
+fn removable(
+    dir: &Path,
+    which: impl Fn(u64) -> bool,
+    refuse_unread: bool,
+) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
     let mut chosen = Vec::new();
     for (s, p) in list_checkpoints(dir)?.into_iter().filter(|(s, _)| which(*s)) {
         match read_manifest(&p) {
@@ -503,7 +519,7 @@ fn remove_where(
             Err(e) => tracing::warn!("not pruned: {e}"),
         }
     }
-    remove_listed(dir, chosen)
+    Ok(chosen)
 }
 
 fn remove_listed(dir: &Path, chosen: Vec<(u64, PathBuf)>) -> Result<Vec<PathBuf>, CheckpointError> {

@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{
-    is_checkpoint_name, list_checkpoints, remove_checkpoints, remove_stale_temporaries, write_file_atomic,
-    CheckpointError,
+    check_removable, is_checkpoint_name, list_checkpoints, remove_checkpoints, remove_stale_temporaries,
+    write_file_atomic, CheckpointError,
 };
 
 /// The marker file that makes an output directory "ours".
@@ -370,6 +370,11 @@ fn check_unlocked_run_dir(dir: &Path, overwrite: bool, resume: bool) -> Result<(
             if !resume && !overwrite && !list_checkpoints(&dir.join("checkpoints"))?.is_empty() {
                 return Err(OutputError::ExistingRun { path: path() });
             }
+            // The checkpoints `overwrite` will remove must vouch for their files: one that does
+            // not is refused now, before the data and the model are loaded, not after.
+            if !resume && overwrite {
+                check_removable(&dir.join("checkpoints"), |_| true)?;
+            }
         }
     }
     Ok(())
@@ -690,6 +695,19 @@ mod tests {
         assert!(!d.join("metrics.jsonl").exists());
         assert_eq!(bytes(&d.join("checkpoints/README")), b"user");
         assert_eq!(bytes(&d.join("notes.txt")), b"mine");
+        // A checkpoint whose manifest was cut short cannot vouch for its files: --overwrite is
+        // refused by the check that runs before anything is loaded (it was refused only by the
+        // removal, after the marker was written again), and nothing changes.
+        let ck = d.join("checkpoints/step-00000001");
+        std::fs::create_dir_all(&ck).unwrap();
+        std::fs::write(ck.join("manifest.json"), "{\"format\":").unwrap();
+        let e = check_run_dir(&d, true, false).unwrap_err().to_string();
+        assert!(e.contains("step-00000001") && e.contains("not removed"), "{e}");
+        let marker = bytes(&d.join(OUTPUT_MARKER));
+        assert!(prepare_run_dir(&d, true, false).is_err());
+        assert_eq!(bytes(&d.join(OUTPUT_MARKER)), marker);
+        assert_eq!(bytes(&ck.join("manifest.json")), b"{\"format\":");
+        std::fs::remove_dir_all(&ck).unwrap();
         // An export folder is not a run folder.
         let x = tmp.path().join("x");
         std::fs::create_dir(&x).unwrap();

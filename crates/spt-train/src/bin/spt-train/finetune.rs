@@ -7,7 +7,8 @@ use crate::common::{build_task, check_model, check_writable, checkpoint_path, de
 use crate::Outcome;
 use anyhow::{bail, Context, Result};
 use spt_train::checkpoint::{
-    checkpoint_step, latest_checkpoint, list_checkpoints, remove_checkpoints, write_file_atomic,
+    check_removable, checkpoint_step, latest_checkpoint, list_checkpoints, remove_checkpoints,
+    write_file_atomic,
 };
 use spt_train::config::{resolve_model, FinetuneArgs, FinetuneConfig, Mode};
 use spt_train::data::LabelMap;
@@ -422,6 +423,10 @@ fn later_checkpoints(cfg: &FinetuneConfig, from: &Path) -> Result<Vec<String>> {
             cfg.output_dir.display(),
             later.join(", ")
         );
+    }
+    // Refused now, with the folder as it was, rather than by the removal itself.
+    if !later.is_empty() {
+        check_removable(&cfg.output_dir.join("checkpoints"), |s| s > step)?;
     }
     Ok(later)
 }
