@@ -636,7 +636,7 @@ impl<'a> Loader<'a> {
 /// candle's `load_buffer`: twice a checkpoint's size, which got a model that fits in memory
 /// killed while loading). The header, each tensor's byte range and its shape are checked
 /// against the file first, so a truncated or corrupt file is an error naming it, not a panic.
-pub(crate) fn read_safetensors_file(path: &Path) -> Result<HashMap<String, Tensor>> {
+pub fn read_safetensors_file(path: &Path) -> Result<HashMap<String, Tensor>> {
     use candle_core::safetensors::Load;
     use std::io::{Read, Seek, SeekFrom};
     let corrupt =
@@ -646,20 +646,21 @@ pub(crate) fn read_safetensors_file(path: &Path) -> Result<HashMap<String, Tenso
     let mut n = [0u8; 8];
     f.read_exact(&mut n).map_err(|e| corrupt(&e))?;
     let n = u64::from_le_bytes(n);
-    // The format's own bound on the header (100 MB), and the file's.
-    if n > 100_000_000 || n > len - 8 {
+    // The format's own bound on the header (100 MB), and the file's (whose length may say less
+    // than was read: a pipe).
+    let Some(rest) = len.checked_sub(8).filter(|&rest| n <= 100_000_000 && n <= rest) else {
         return Err(corrupt(&format!("a header of {n} bytes in a file of {len}")));
-    }
+    };
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header).map_err(|e| corrupt(&e))?;
     // Deserialising checks that the tensors' byte ranges follow each other and match their
     // shapes and dtypes.
     let meta: safetensors::tensor::Metadata = serde_json::from_slice(&header).map_err(|e| corrupt(&e))?;
-    if 8 + n + meta.data_len() as u64 != len {
+    if n.checked_add(meta.data_len() as u64) != Some(rest) {
         return Err(corrupt(&format!(
             "the header describes {} bytes of data, the file holds {}",
             meta.data_len(),
-            len - 8 - n
+            rest - n
         )));
     }
     check_shapes(&meta).map_err(|e| ckpt_err(path, e))?;

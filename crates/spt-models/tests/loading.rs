@@ -429,7 +429,7 @@ fn safetensors_read_by_tensor_match_candles_loader() -> Result<()> {
 fn corrupt_and_truncated_safetensors_are_errors() -> Result<()> {
     let dir = tmpdir("corrupt")?;
     let bytes = std::fs::read(fixture("tiny-gpt2/model.safetensors"))?;
-    let cases: [(&str, Vec<u8>); 6] = [
+    let cases: [(&str, Vec<u8>); 7] = [
         ("truncated", bytes[..bytes.len() - 1000].to_vec()),
         ("header-only", bytes[..100].to_vec()),
         ("garbage", b"this is not a safetensors file at all".to_vec()),
@@ -440,6 +440,10 @@ fn corrupt_and_truncated_safetensors_are_errors() -> Result<()> {
             [&(1u64 << 20).to_le_bytes()[..], &bytes[8..200]].concat(),
         ),
         ("trailing", [&bytes[..], b"xx"].concat()),
+        (
+            "header-length-max",
+            [&u64::MAX.to_le_bytes()[..], &bytes[8..200]].concat(),
+        ),
     ];
     for (tag, data) in cases {
         let p = dir.join(format!("{tag}.safetensors"));

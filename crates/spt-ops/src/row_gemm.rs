@@ -7,7 +7,8 @@
 //! element, so the copies were ~20 % of the routed FFN's samples (memmove ~10 %, scatter-add
 //! ~8 %) beside gemm's own packing (~5 %). This micro-kernel broadcasts A's elements straight
 //! from their rows (a broadcast is one load whether or not the rows are adjacent) and adds its
-//! tile into C's rows at the end, so neither copy is made; only B is packed, once per pass.
+//! tile into C's rows at the end, so neither copy is made. B is read in place where it is
+//! compact (the routed FFN lays its weights out by blocks for this), else packed once per pass.
 //!
 //! f32 with AVX-512F only, and only where it measured faster (see [`run_f32`]);
 //! [`crate::util::Float::row_gemm`] says when it ran, and callers fall back to a gather, `gemm`
@@ -118,7 +119,8 @@ fn check<T>(g: &RowGemm<'_, T>, c_len: usize) {
 /// Rows per call, and per task of the parallel split, below which the kernel declines: packing
 /// B (k × n) once costs as much as the product of a few rows. One core, rows × d 768 × block
 /// 64: at 4–16 rows 45–100 GFLOP/s against 81–115 gathered, 26–66 against 89–113 scattered; at
-/// 64 rows 136 against 116 and 116 against 119; at block 192, 32 rows 99 against 127.
+/// 64 rows 136 against 116 and 116 against 119; at block 192, 32 rows 99 against 127. Measured
+/// with B packed; a compact B, read in place, costs nothing per call (not re-measured).
 #[cfg(target_arch = "x86_64")]
 const MIN_ROWS: usize = 128;
 
@@ -200,8 +202,8 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     thread_local! {
-        /// A pass of B packed, kept per thread from call to call (its largest size so far:
-        /// 196 KB for fc2's pass at d 768 and blocks of 64).
+        /// A pass of B packed, kept per thread from call to call (up to `[KC, n]` rounded up to
+        /// 64 columns; the routed FFN's B is compact and not packed).
         static PACK: std::cell::RefCell<Vec<__m512>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     /// Columns per register tile: four 16-lane vectors.

@@ -7,9 +7,8 @@
 //!   take spt-ops' own AVX-512F kernel (`row_gemm.rs`) where the CPU has it and the shape
 //!   gains from it, gemm otherwise;
 //! - spt-ops' own dot / axpy / exp (`simd.rs`), GELU (`gelu_simd.rs`) and layer norm's f32 rows
-//!   (`norm/rows.rs`): AVX2+FMA when detected, else scalar; GELU's AVX2 loops also have a copy
-//!   compiled with AVX-512VL's 32 registers, and the softmax exp a 16-lane AVX-512F form, taken
-//!   where the CPU has them.
+//!   (`norm/rows.rs`): AVX2+FMA when detected, else scalar; GELU and the softmax exp take
+//!   sixteen lanes with AVX-512F where the CPU has it.
 //!
 //! This test runs the same checks natively (AVX-512 where the CPU has it) and, under user-mode
 //! QEMU, the fallback paths: a Haswell (AVX2+FMA, no AVX-512) and a Nehalem (SSE4.2 only: every

@@ -431,6 +431,21 @@ proptest! {
     }
 }
 
+/// Shapes at which the token-row kernel reads every product's B in place (blocks of 64 and 128,
+/// widths that are multiples of 64, ≥ 128 rows per group: the random shapes above are too
+/// small for the kernel), and rank 0 (the adapters add nothing).
+#[test]
+fn routed_lora_ffn_at_kernel_shapes_and_rank_zero() -> Result<()> {
+    for (c, seed) in [
+        ((1100, 64, 128, 4, 3, 64, 2), 1),
+        ((1100, 64, 64, 4, 2, 128, 1), 2),
+        ((600, 64, 64, 0, 2, 64, 1), 3),
+    ] {
+        check_lora_ffn(c, false, [true, true, true], seed)?;
+    }
+    Ok(())
+}
+
 /// The one-op LoRA FFN's output and gradients are the same bits on 1 and 3 threads and from run
 /// to run (each chunk's partial adapter gradients are summed in chunk order, no atomics).
 #[test]

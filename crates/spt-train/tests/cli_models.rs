@@ -391,7 +391,13 @@ fn generate_is_seeded() {
     // The prompt's words are not in that vocabulary: the prompt is printed as typed (it was
     // echoed as the tokenizer decoded it, "[UNK] [UNK]"), and what the model saw is said.
     assert!(text.starts_with("a b "), "{text}");
-    assert!(err.contains("the tokenizer reads the prompt as"), "{err}");
+    assert!(
+        err.contains(
+            "note: the tokenizer reads the prompt as \"[UNK] [UNK]\" (words it lacks, or \
+             normalised); the model continues that"
+        ),
+        "{err}"
+    );
 }
 
 /// `spt-train bench` of dense and spt on `model`, one tiny step, into `out`.

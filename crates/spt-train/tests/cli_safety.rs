@@ -242,6 +242,19 @@ fn resuming_an_older_checkpoint_forks_or_discards_but_never_mixes() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("fork"));
     assert_eq!(steps_in(&fork), vec![2, 3, 4]);
     assert_eq!(snapshot(&run_dir.join("checkpoints")), before);
+    // A later checkpoint whose manifest was cut short cannot vouch for its files: --overwrite
+    // is refused before the data is read (this data would fail, and is not what is named).
+    let manifest4 = run_dir.join("checkpoints/step-00000004/manifest.json");
+    let kept = std::fs::read(&manifest4).unwrap();
+    std::fs::write(&manifest4, &kept[..kept.len() / 2]).unwrap();
+    let bad_data = t.root.join("bad.csv");
+    std::fs::write(&bad_data, "no,such,columns\n1,2,3\n").unwrap();
+    let mut a = finetune_args(s(&t.model), s(&bad_data), s(&run_dir), "4");
+    a.extend(["--resume", s(&step1), "--overwrite"]);
+    let e = run_err(&a);
+    assert!(e.contains("step-00000004") && e.contains("not removed"), "{e}");
+    std::fs::write(&manifest4, &kept).unwrap();
+    assert_eq!(snapshot(&run_dir.join("checkpoints")), before);
     // With --overwrite the later checkpoints go first, and the run continues from step 1.
     let mut a = finetune_args(s(&t.model), s(&t.data), s(&run_dir), "4");
     a.extend(["--resume", s(&step1), "--overwrite"]);

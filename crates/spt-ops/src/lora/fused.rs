@@ -177,6 +177,9 @@ pub(crate) fn merged_t_blocks<T: Float>(
 ) -> Vec<T> {
     let (out, d_in, r) = dims;
     let mut m = transpose_blocks(w, out, d_in, block);
+    if r == 0 {
+        return m;
+    }
     let sb: Vec<T> = b.iter().map(|&v| v * s).collect(); // [out, r]
     m.par_chunks_mut((d_in * block).max(1))
         .enumerate()
@@ -208,6 +211,9 @@ pub(crate) fn merged_column_blocks<T: Float>(
 ) -> Vec<T> {
     let (out, d_in, r) = dims;
     let mut m = column_blocks(w, out, d_in, block);
+    if r == 0 {
+        return m; // no adapter to add (and A has no columns to offset into)
+    }
     let sb: Vec<T> = b.iter().map(|&v| v * s).collect(); // [out, r]
     m.par_chunks_mut((out * block).max(1))
         .enumerate()

@@ -168,8 +168,9 @@ pub(crate) fn forward<T: Float + ActScalar>(
 }
 
 /// What the backward reads: the forward's inputs and kept pre-activation, the merged weights
-/// `m1 = W1' [d_ff, d]` and `m2 = W2'` by blocks of columns, `[n, d_out, b]` (block e is `W2'_e`), and the adapters `A1 [r, d]`,
-/// `B1 [d_ff, r]`, `A2 [r, d_ff]`, `B2 [d_out, r]` with their scale.
+/// `m1 = W1' [d_ff, d]` and `m2 = W2'` by blocks of columns, `[n, d_out, b]` (block e is
+/// `W2'_e`), and the adapters `A1 [r, d]`, `B1 [d_ff, r]`, `A2 [r, d_ff]`, `B2 [d_out, r]` with
+/// their scale.
 pub(crate) struct Backward<'a, T> {
     pub(crate) x: &'a [T],
     pub(crate) gates: &'a [T],

@@ -387,9 +387,15 @@ impl AdamW {
         };
         let named =
             |e: candle_core::Error| candle_core::Error::Msg(format!("{}: {e}", path.as_ref().display()));
-        let bytes = std::fs::read(path.as_ref()).map_err(|e| named(candle_core::Error::wrap(e)))?;
-        spt_models::check_safetensors_shapes(&bytes).map_err(|e| named(candle_core::Error::Msg(e)))?;
-        let state = candle_core::safetensors::load_buffer(&bytes, &dev).map_err(named)?;
+        // One tensor at a time: the moments are twice the trainable weights, and the whole file
+        // beside them would double the peak.
+        let mut state = spt_models::read_safetensors_file(path.as_ref())
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        if !dev.is_cpu() {
+            for t in state.values_mut() {
+                *t = t.to_device(&dev).map_err(named)?;
+            }
+        }
         self.load_state_dict(&state).map_err(named)
     }
 }

@@ -85,6 +85,11 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
     let resume = resume_point(&cfg)?;
     let resuming = resume != Resume::No;
     check_run_dir(&cfg.output_dir, cfg.overwrite, resuming)?;
+    // Later checkpoints that a resume would mix in, or (with --overwrite) that cannot vouch for
+    // their files: refused before the data and model are read.
+    if let Resume::From(p) = &resume {
+        later_checkpoints(&cfg, p)?;
+    }
     // Before the data and model are read: a folder that cannot be made was found only after.
     let out = &cfg.output_dir;
     if out.symlink_metadata().is_ok_and(|m| m.file_type().is_symlink()) && !out.exists() {
@@ -143,7 +148,6 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
     // leaves its finetune.toml, labels.json and later checkpoints as they were.
     if let Resume::From(p) = &resume {
         check_fork_target(&cfg, p)?;
-        later_checkpoints(&cfg, p)?;
     }
     check_same_labels(&cfg, &resume, data.labels.as_ref())?;
     check_same_random_base(&cfg, &resume)?;

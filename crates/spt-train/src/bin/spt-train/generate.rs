@@ -111,7 +111,8 @@ pub(crate) fn generate(a: &GenerateArgs) -> Result<()> {
     let mut shown = decode(&ids)?;
     if !a.prompt.is_empty() && shown != a.prompt {
         say!(
-            "note: the tokenizer reads the prompt as {shown:?} (words it lacks, or normalised);              the model continues that"
+            "note: the tokenizer reads the prompt as {shown:?} (words it lacks, or normalised); \
+             the model continues that"
         );
     }
     if !show(&mut out, if a.prompt.is_empty() { &shown } else { &a.prompt })? {
