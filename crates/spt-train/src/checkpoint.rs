@@ -151,6 +151,25 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
 
 pub(crate) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
+/// A file's length and [`fnv1a64`], read in 1 MiB pieces (a dense checkpoint's optimizer file
+/// is gigabytes).
+fn file_checksum(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let (mut len, mut h) = (0u64, FNV_OFFSET);
+    loop {
+        let n = match f.read(&mut buf) {
+            Ok(0) => return Ok((len, h)),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        len += n as u64;
+        h = fnv1a64_extend(h, &buf[..n]);
+    }
+}
+
 /// FNV-1a continued over more bytes from the hash `h` of those before.
 pub(crate) fn fnv1a64_extend(mut h: u64, bytes: &[u8]) -> u64 {
     for &b in bytes {
@@ -406,22 +425,11 @@ fn own_files(dir: &Path) -> BTreeSet<String> {
 /// Whether the file at `p` has the length and checksum `entry` records, read in 1 MiB chunks
 /// (a dense checkpoint's optimizer file is gigabytes).
 fn file_matches(p: &Path, entry: &FileEntry) -> bool {
-    use std::io::Read;
-    let Ok(mut f) = std::fs::File::open(p) else {
-        return false;
-    };
-    if f.metadata().map(|m| m.len()).ok() != Some(entry.bytes) {
+    // The length first: a file of another size is not read.
+    if std::fs::metadata(p).map(|m| m.len()).ok() != Some(entry.bytes) {
         return false;
     }
-    let (mut h, mut buf) = (FNV_OFFSET, vec![0u8; 1 << 20]);
-    loop {
-        match f.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => h = fnv1a64_extend(h, &buf[..n]),
-            Err(_) => return false,
-        }
-    }
-    format!("{h:016x}") == entry.fnv1a64
+    file_checksum(p).is_ok_and(|(len, h)| len == entry.bytes && format!("{h:016x}") == entry.fnv1a64)
 }
 
 /// What a checkpoint folder holds besides its own files ([`own_files`]: someone's notes, a
@@ -736,24 +744,32 @@ fn load(path: &Path, device: &Device, optimizer: bool) -> Result<LoadedCheckpoin
             .get(fname)
             .ok_or_else(|| corrupt(format!("manifest lists no `{fname}`")))?;
         let fpath = path.join(fname);
-        let bytes = std::fs::read(&fpath).map_err(|e| corrupt(format!("cannot read {fname}: {e}")))?;
-        if bytes.len() as u64 != entry.bytes {
+        let cannot_read = |e: std::io::Error| corrupt(format!("cannot read {fname}: {e}"));
+        // Checked in a streaming pass, then read one tensor at a time: the whole file in memory
+        // beside its tensors doubled the peak (the optimizer's file is twice the weights).
+        let (len, sum) = file_checksum(&fpath).map_err(cannot_read)?;
+        if len != entry.bytes {
             return Err(corrupt(format!(
-                "{fname} is {} bytes, the manifest says {}",
-                bytes.len(),
+                "{fname} is {len} bytes, the manifest says {}",
                 entry.bytes
             )));
         }
-        let sum = format!("{:016x}", fnv1a64(&bytes));
+        let sum = format!("{sum:016x}");
         if sum != entry.fnv1a64 {
             return Err(corrupt(format!(
                 "{fname} checksum {sum} does not match the manifest's {}",
                 entry.fnv1a64
             )));
         }
-        spt_models::check_safetensors_shapes(&bytes).map_err(|e| corrupt(format!("{fname}: {e}")))?;
-        let map = candle_core::safetensors::load_buffer(&bytes, device)
-            .map_err(|e| corrupt(format!("{fname}: {e}")))?;
+        let mut map =
+            spt_models::read_safetensors_file(&fpath).map_err(|e| corrupt(format!("{fname}: {e}")))?;
+        if !device.is_cpu() {
+            for t in map.values_mut() {
+                *t = t
+                    .to_device(device)
+                    .map_err(|e| corrupt(format!("{fname}: {e}")))?;
+            }
+        }
         maps.push(map);
     }
     let extra = maps.pop().unwrap_or_default();
@@ -826,6 +842,18 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    /// The streaming checksum is the whole-buffer one, across 1 MiB pieces and for an empty file.
+    #[test]
+    fn file_checksum_matches_fnv1a64_of_the_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        for len in [0usize, 5, (1 << 20) + (1 << 19) + 3] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+            let p = dir.path().join(format!("f{len}"));
+            std::fs::write(&p, &bytes).unwrap();
+            assert_eq!(file_checksum(&p).unwrap(), (len as u64, fnv1a64(&bytes)), "{len}");
+        }
     }
 
     /// Two threads writing one path at once both succeed and leave one whole payload (they share
