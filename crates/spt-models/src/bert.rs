@@ -147,6 +147,24 @@ impl BertConfig {
         self.hidden_size / self.num_attention_heads
     }
 
+    /// The weight matrices' scalars the sizes imply (embeddings and the layers' projections; the
+    /// biases and norms, a fraction of a percent, left out), saturating: any config has one.
+    pub fn param_count(&self) -> u128 {
+        use crate::memory::{prod, sum};
+        let w = |x: usize| x as u128;
+        let (h, f) = (w(self.hidden_size), w(self.intermediate_size));
+        let per_layer = sum(&[prod(&[4, h, h]), prod(&[2, h, f])]);
+        let embeddings = prod(&[
+            sum(&[
+                w(self.vocab_size),
+                w(self.max_position_embeddings),
+                w(self.type_vocab_size),
+            ]),
+            h,
+        ]);
+        sum(&[embeddings, prod(&[w(self.num_hidden_layers), per_layer])])
+    }
+
     /// Rejects what the model cannot run.
     pub fn validate(&self) -> Result<()> {
         if let Some(p) = &self.position_embedding_type {
@@ -162,12 +180,7 @@ impl BertConfig {
             self.num_hidden_layers,
             self.max_position_embeddings,
         );
-        use crate::memory::{prod, sum};
-        let w = |x: usize| x as u128;
-        // Saturating: a config's sizes can be anything until check_model_size has read them.
-        let per_layer = sum(&[prod(&[4, w(h), w(h)]), prod(&[2, w(h), w(f)])]);
-        let embeddings = prod(&[sum(&[w(v), w(p), w(self.type_vocab_size)]), w(h)]);
-        let params = sum(&[embeddings, prod(&[w(l), per_layer])]);
+        let params = self.param_count();
         crate::memory::check_model_size(
             &[
                 ("vocab_size", v),

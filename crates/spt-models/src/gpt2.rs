@@ -137,6 +137,20 @@ impl GPT2Config {
         self.n_embd / self.n_head
     }
 
+    /// The weight matrices' scalars the sizes imply (embeddings and the blocks' projections; the
+    /// biases and norms, a fraction of a percent, left out), saturating: any config has one.
+    pub fn param_count(&self) -> u128 {
+        use crate::memory::{prod, sum};
+        let w = |x: usize| x as u128;
+        let (e, f) = (w(self.n_embd), w(self.inner_dim()));
+        let per_layer = sum(&[prod(&[4, e, e]), prod(&[2, e, f])]);
+        sum(&[
+            prod(&[w(self.vocab_size), e]),
+            prod(&[w(self.n_positions), e]),
+            prod(&[w(self.n_layer), per_layer]),
+        ])
+    }
+
     pub fn validate(&self) -> Result<()> {
         self.activation()?;
         let (v, e, f, l, p) = (
@@ -146,11 +160,7 @@ impl GPT2Config {
             self.n_layer,
             self.n_positions,
         );
-        use crate::memory::{prod, sum};
-        let w = |x: usize| x as u128;
-        // Saturating: a config's sizes can be anything until check_model_size has read them.
-        let per_layer = sum(&[prod(&[4, w(e), w(e)]), prod(&[2, w(e), w(f)])]);
-        let params = sum(&[prod(&[w(v), w(e)]), prod(&[w(p), w(e)]), prod(&[w(l), per_layer])]);
+        let params = self.param_count();
         crate::memory::check_model_size(
             &[
                 ("vocab_size", v),

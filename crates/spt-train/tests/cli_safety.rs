@@ -1217,3 +1217,40 @@ fn malformed_model_files_are_named_before_the_run_starts() {
     let o = one_step(&model);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// Full fine-tuning of a model whose weights fit in memory but whose gradients and AdamW state
+/// do not is refused from its config.json, before the data is read or the weights loaded (this
+/// model's sizes do not match its weights file, and its data would fail: neither is named).
+#[test]
+fn full_fine_tuning_that_cannot_fit_is_refused_before_loading() {
+    let Some(mem) = spt_models::physical_memory_bytes() else {
+        eprintln!("no /proc/meminfo: the memory checks are off on this system");
+        return;
+    };
+    let t = setup();
+    // Layers of 4·h² + 2·h·f weights until they hold about half of memory in f32 (mem / 8
+    // weights): the weights fit (check_model_size), four times as much (weights, gradient, two
+    // moments) does not.
+    let (h, f) = (4096u64, 16384u64);
+    let layers = (mem / 8).div_ceil(4 * h * h + 2 * h * f).max(1);
+    let cfg_path = t.model.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["hidden_size"] = h.into();
+    cfg["intermediate_size"] = f.into();
+    cfg["num_hidden_layers"] = layers.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let bad_data = t.root.join("bad.csv");
+    std::fs::write(&bad_data, "no,such,columns\n1,2,3\n").unwrap();
+    let run_dir = t.root.join("run");
+    let a: Vec<&str> = finetune_args(s(&t.model), s(&bad_data), s(&run_dir), "1")
+        .into_iter()
+        .map(|x| if x == "lora" { "dense" } else { x })
+        .collect();
+    let e = run_err(&a);
+    assert!(
+        e.contains("training needs at least") && e.contains("--mode lora or spt"),
+        "{e}"
+    );
+    assert!(!run_dir.exists(), "the run folder was made");
+}

@@ -183,6 +183,16 @@ pub(crate) fn check_model_config(task: TaskKind, model_dir: &Path) -> Result<()>
     .with_context(|| format!("checking {}", p.display()))
 }
 
+/// The weights' scalars the model's config.json implies (see `param_count` of the configs).
+pub(crate) fn model_param_count(task: TaskKind, model_dir: &Path) -> Result<u128> {
+    let p = model_dir.join("config.json");
+    match task {
+        TaskKind::Classify => spt_models::BertConfig::from_file(&p).map(|c| c.param_count()),
+        TaskKind::Lm => spt_models::GPT2Config::from_file(&p).map(|c| c.param_count()),
+    }
+    .with_context(|| format!("reading {}", p.display()))
+}
+
 /// The checkpoint a `--checkpoint` names: itself, or the latest one of a run directory or of its
 /// `checkpoints/` folder.
 pub(crate) fn checkpoint_path(p: &Path) -> Result<PathBuf> {

@@ -3,7 +3,7 @@
 use crate::say;
 use std::path::{Path, PathBuf};
 
-use crate::common::{build_task, check_model, check_writable, checkpoint_path, device};
+use crate::common::{build_task, check_model, check_writable, checkpoint_path, device, model_param_count};
 use crate::Outcome;
 use anyhow::{bail, Context, Result};
 use spt_train::checkpoint::{
@@ -14,6 +14,7 @@ use spt_train::config::{resolve_model, FinetuneArgs, FinetuneConfig, Mode};
 use spt_train::data::LabelMap;
 use spt_train::output_dir::{check_run_dir, prepare_run_dir};
 use spt_train::pipeline::{load_tokenizer, prepare_data};
+use spt_train::tasks::ParamSummary;
 use spt_train::trainer::{install_ctrlc_handler, DataRecord, Resume, Trainer};
 
 pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
@@ -102,6 +103,18 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
     check_writable("--output-dir", out)?;
     let model_dir = resolve_model(&cfg.model)?;
     check_model(cfg.task, &model_dir)?;
+    // Full fine-tuning holds a gradient and AdamW's two moments beside every weight: what
+    // cannot fit is refused from the config, before the data is read and the weights loaded
+    // (the check after building the model stays, with the batch's activations).
+    if cfg.mode == Mode::Dense {
+        let n = usize::try_from(model_param_count(cfg.task, &model_dir)?).unwrap_or(usize::MAX);
+        let all = ParamSummary {
+            total: n,
+            trainable: n,
+            initialised: vec![],
+        };
+        all.check_fits(spt_models::physical_memory_bytes(), None)?;
+    }
     // The data is read and the model built before the run directory is made, so that a bad
     // file or setting leaves nothing behind.
     let tok = load_tokenizer(&cfg, &model_dir)?;
