@@ -45,6 +45,6 @@ pub use sparsify::{
 /// spt-ops' types used in [`SptConfig`]: PQ, routed FFN, LoRA.
 pub use spt_ops::{lora, pq, routed_ffn};
 pub use weights::{
-    all_finite, check_safetensors_shapes, read_safetensors_file, save_safetensors, save_tensors, LoadOptions,
-    LoadReport, NamedParams, Param, Trainable, WeightSource,
+    all_finite, check_safetensors_shapes, read_safetensors_file, read_safetensors_from, save_safetensors,
+    save_tensors, LoadOptions, LoadReport, NamedParams, Param, Trainable, WeightSource,
 };

@@ -637,11 +637,19 @@ impl<'a> Loader<'a> {
 /// killed while loading). The header, each tensor's byte range and its shape are checked
 /// against the file first, so a truncated or corrupt file is an error naming it, not a panic.
 pub fn read_safetensors_file(path: &Path) -> Result<HashMap<String, Tensor>> {
+    let mut f = std::fs::File::open(path).map_err(|e| ckpt_err(path, e))?;
+    read_safetensors_from(&mut f, path)
+}
+
+/// [`read_safetensors_file`] from a file already open (read from its start; `path` names it in
+/// errors): a caller that checked the file's bytes reads the same file, whatever has been
+/// renamed over its path since.
+pub fn read_safetensors_from(f: &mut std::fs::File, path: &Path) -> Result<HashMap<String, Tensor>> {
     use candle_core::safetensors::Load;
     use std::io::{Read, Seek, SeekFrom};
     let corrupt =
         |e: &dyn std::fmt::Display| ckpt_err(path, format!("corrupt or truncated safetensors: {e}"));
-    let mut f = std::fs::File::open(path).map_err(|e| ckpt_err(path, e))?;
+    f.seek(SeekFrom::Start(0)).map_err(|e| ckpt_err(path, e))?;
     let len = f.metadata().map_err(|e| ckpt_err(path, e))?.len();
     let mut n = [0u8; 8];
     f.read_exact(&mut n).map_err(|e| corrupt(&e))?;

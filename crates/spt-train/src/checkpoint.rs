@@ -154,8 +154,12 @@ pub(crate) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 /// A file's length and [`fnv1a64`], read in 1 MiB pieces (a dense checkpoint's optimizer file
 /// is gigabytes).
 fn file_checksum(path: &Path) -> std::io::Result<(u64, u64)> {
+    checksum_of(&mut std::fs::File::open(path)?)
+}
+
+/// [`file_checksum`] of an open file, from where it stands to its end.
+fn checksum_of(f: &mut std::fs::File) -> std::io::Result<(u64, u64)> {
     use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
     let mut buf = vec![0u8; 1 << 20];
     let (mut len, mut h) = (0u64, FNV_OFFSET);
     loop {
@@ -745,13 +749,22 @@ fn load(path: &Path, device: &Device, optimizer: bool) -> Result<LoadedCheckpoin
             .ok_or_else(|| corrupt(format!("manifest lists no `{fname}`")))?;
         let fpath = path.join(fname);
         let cannot_read = |e: std::io::Error| corrupt(format!("cannot read {fname}: {e}"));
-        // Checked in a streaming pass, then read one tensor at a time: the whole file in memory
-        // beside its tensors doubled the peak (the optimizer's file is twice the weights).
-        let (len, sum) = file_checksum(&fpath).map_err(cannot_read)?;
+        // Checked in a streaming pass, then read one tensor at a time from the same open file
+        // (what was checked is what loads, whatever a later save renames over the path): the
+        // whole file in memory beside its tensors doubled the peak (the optimizer's file is
+        // twice the weights). The length first: a file of another size is not read.
+        let mut f = std::fs::File::open(&fpath).map_err(cannot_read)?;
+        let len = f.metadata().map_err(cannot_read)?.len();
         if len != entry.bytes {
             return Err(corrupt(format!(
                 "{fname} is {len} bytes, the manifest says {}",
                 entry.bytes
+            )));
+        }
+        let (read, sum) = checksum_of(&mut f).map_err(cannot_read)?;
+        if read != len {
+            return Err(corrupt(format!(
+                "{fname} changed while it was read ({read} bytes of {len})"
             )));
         }
         let sum = format!("{sum:016x}");
@@ -761,13 +774,16 @@ fn load(path: &Path, device: &Device, optimizer: bool) -> Result<LoadedCheckpoin
                 entry.fnv1a64
             )));
         }
-        let mut map =
-            spt_models::read_safetensors_file(&fpath).map_err(|e| corrupt(format!("{fname}: {e}")))?;
+        let mut map = spt_models::read_safetensors_from(&mut f, &fpath).map_err(|e| match e {
+            spt_models::ModelError::Checkpoint { reason, .. } => corrupt(format!("{fname}: {reason}")),
+            e => corrupt(format!("{fname}: {e}")),
+        })?;
         if !device.is_cpu() {
+            // Not damage: the device's own failure (out of memory), named as such.
             for t in map.values_mut() {
                 *t = t
                     .to_device(device)
-                    .map_err(|e| corrupt(format!("{fname}: {e}")))?;
+                    .map_err(|e| CheckpointError::Tensor(format!("{fname} onto {device:?}: {e}")))?;
             }
         }
         maps.push(map);

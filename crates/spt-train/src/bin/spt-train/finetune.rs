@@ -103,17 +103,20 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
     check_writable("--output-dir", out)?;
     let model_dir = resolve_model(&cfg.model)?;
     check_model(cfg.task, &model_dir)?;
-    // Full fine-tuning holds a gradient and AdamW's two moments beside every weight: what
-    // cannot fit is refused from the config, before the data is read and the weights loaded
-    // (the check after building the model stays, with the batch's activations).
-    if cfg.mode == Mode::Dense {
+    // Training every weight (dense, or spt without adapters) holds a gradient and AdamW's two
+    // moments beside each: what cannot fit in host memory is refused from the config, before the
+    // data is read and the weights loaded (the exact check after building the model stays, with
+    // the batch's activations; on a GPU they live in its memory instead).
+    let trains_all = cfg.mode == Mode::Dense || (cfg.mode == Mode::Spt && cfg.lora_rank == 0);
+    if trains_all && dev.is_cpu() {
         let n = usize::try_from(model_param_count(cfg.task, &model_dir)?).unwrap_or(usize::MAX);
         let all = ParamSummary {
             total: n,
             trainable: n,
             initialised: vec![],
         };
-        all.check_fits(spt_models::physical_memory_bytes(), None)?;
+        all.check_fits(spt_models::physical_memory_bytes(), None)
+            .with_context(|| format!("{} (full fine-tuning)", model_dir.join("config.json").display()))?;
     }
     // The data is read and the model built before the run directory is made, so that a bad
     // file or setting leaves nothing behind.
