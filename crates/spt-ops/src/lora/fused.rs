@@ -146,12 +146,17 @@ pub(crate) fn merged<T: Float>(w: &[T], a: &[T], b: &[T], dims: (usize, usize, u
     merged_into(w.to_vec(), a, b, dims, s)
 }
 
+/// `s·B` (`[out, r]`), the factor every merge multiplies by.
+fn scaled<T: Float>(b: &[T], s: T) -> Vec<T> {
+    b.iter().map(|&v| v * s).collect()
+}
+
 /// `(W + s·B A)ᵀ`, `[in, out]`: W transposed in tiles, then `s·Aᵀ Bᵀ` added by one GEMM, a
 /// pass over the weight fewer than merging a copy and transposing it.
 pub(crate) fn merged_t<T: Float>(w: &[T], a: &[T], b: &[T], dims: (usize, usize, usize), s: T) -> Vec<T> {
     let (out, d_in, r) = dims;
     let mut m = transpose(w, out, d_in);
-    let sb: Vec<T> = b.iter().map(|&v| v * s).collect(); // [out, r]
+    let sb = scaled(b, s);
     gemm_into(
         d_in,
         out,
@@ -180,7 +185,7 @@ pub(crate) fn merged_t_blocks<T: Float>(
     if r == 0 {
         return m;
     }
-    let sb: Vec<T> = b.iter().map(|&v| v * s).collect(); // [out, r]
+    let sb = scaled(b, s);
     m.par_chunks_mut((d_in * block).max(1))
         .enumerate()
         .for_each(|(e, m_e)| {
@@ -214,7 +219,7 @@ pub(crate) fn merged_column_blocks<T: Float>(
     if r == 0 {
         return m; // no adapter to add (and A has no columns to offset into)
     }
-    let sb: Vec<T> = b.iter().map(|&v| v * s).collect(); // [out, r]
+    let sb = scaled(b, s);
     m.par_chunks_mut((out * block).max(1))
         .enumerate()
         .for_each(|(e, m_e)| {
@@ -242,7 +247,7 @@ pub(crate) fn merged_into<T: Float>(
     s: T,
 ) -> Vec<T> {
     let (out, d_in, r) = dims;
-    let sb: Vec<T> = b.iter().map(|&v| v * s).collect(); // [out, r]
+    let sb = scaled(b, s);
     gemm_into(
         out,
         d_in,
