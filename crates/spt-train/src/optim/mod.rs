@@ -71,8 +71,10 @@ impl AdamWConfig {
     }
 }
 
-/// True when a parameter takes no weight decay: biases and LayerNorm weights, by HF name
-/// (`*.bias`, `*LayerNorm*` in BERT, `ln_1` / `ln_2` / `ln_f` in GPT-2, `*layer_norm*`, `*norm*`).
+/// True when a parameter takes no weight decay: biases and normalisation weights, by HF name
+/// (`*.bias`, `*LayerNorm*` in BERT, `ln_1` / `ln_2` / `ln_f` in GPT-2, `*layer_norm*`,
+/// `*rmsnorm*`, and a segment `norm` or `*_norm`, as transformers' Trainer matches them).
+/// `norm` inside a longer word (`normalizer`, `denorm_proj`) is not a norm layer and decays.
 pub fn is_no_decay(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
     let last = lower.rsplit('.').next().unwrap_or("");
@@ -82,7 +84,9 @@ pub fn is_no_decay(name: &str) -> bool {
     lower.split('.').any(|seg| {
         seg.contains("layernorm")
             || seg.contains("layer_norm")
-            || seg.contains("norm")
+            || seg.contains("rmsnorm")
+            || seg == "norm"
+            || seg.ends_with("_norm")
             || seg == "ln_f"
             || (seg.starts_with("ln_") && seg[3..].chars().all(|c| c.is_ascii_digit()))
     })
@@ -552,6 +556,9 @@ mod tests {
             "transformer.h.3.ln_2.weight",
             "transformer.ln_f.weight",
             "h.0.attn.c_attn.bias",
+            "model.layers.0.input_norm.weight",
+            "model.norm.weight",
+            "model.layers.1.RMSNorm.weight",
         ] {
             assert!(is_no_decay(n), "{n}");
         }
@@ -561,6 +568,9 @@ mod tests {
             "transformer.h.3.mlp.c_fc.weight",
             "bert.embeddings.word_embeddings.weight",
             "h.0.attn.c_attn.lora_a",
+            "encoder.normalizer.weight",
+            "head.denorm_proj.weight",
+            "enormous.weight",
         ] {
             assert!(!is_no_decay(n), "{n}");
         }
