@@ -367,7 +367,9 @@ fn resume_needs_only_the_run_folder_and_refuses_before_writing() {
         ],
         None,
     );
-    assert_eq!(last_json(&o)["step"], 3);
+    let at_3 = last_json(&o);
+    assert_eq!(at_3["step"], 3);
+    assert!(at_3["eval"]["loss"].is_f64(), "{at_3}");
     assert!(String::from_utf8_lossy(&o.stderr).contains("finetune.toml"));
     // An older run folder's finetune.toml may say `overwrite = true` (the permission its first
     // invocation had): resuming from an earlier checkpoint with it must not discard the later
@@ -400,6 +402,10 @@ fn resume_needs_only_the_run_folder_and_refuses_before_writing() {
     );
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("already at its last step (3)"), "{e}");
+    // It reports the evaluation its last step recorded, not `"eval": null`.
+    let again = last_json(&o);
+    assert_eq!(again["eval"], at_3["eval"], "{again}");
+    assert_eq!(again["eval_step"], 3);
     // Resuming it with fewer steps than its checkpoint holds is refused before its
     // finetune.toml (which says 3) is rewritten.
     let toml = std::fs::read(run_dir.join("finetune.toml")).unwrap();

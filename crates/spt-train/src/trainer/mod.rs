@@ -219,6 +219,18 @@ pub struct EvalReport {
 }
 
 impl EvalReport {
+    /// The report an `eval` line of metrics.jsonl holds, for an evaluation of `examples` rows.
+    pub(crate) fn from_record(r: &crate::metrics::MetricRecord, examples: usize) -> Self {
+        let value = |k: &str| r.values.get(k).copied();
+        Self {
+            loss: r.loss,
+            accuracy: value("accuracy"),
+            macro_f1: value("macro_f1"),
+            perplexity: value("perplexity"),
+            examples,
+        }
+    }
+
     fn values(&self) -> BTreeMap<String, f64> {
         let mut v = BTreeMap::new();
         for (k, x) in [
@@ -241,6 +253,8 @@ pub struct TrainSummary {
     pub steps: u64,
     /// `(step, mean train loss of that step)` for the steps run in this call.
     pub train_losses: Vec<(u64, f32)>,
+    /// `(step, report)` for the evaluations of this call. A resumed run with nothing left to
+    /// train reports its checkpoint's evaluation, read back from metrics.jsonl.
     pub evals: Vec<(u64, EvalReport)>,
     /// The stop flag ended the run early.
     pub stopped: bool,

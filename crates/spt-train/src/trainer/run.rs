@@ -422,14 +422,14 @@ impl<T: TrainTask> Trainer<T> {
         let mut last_saved = resumed_from;
         // A resumed run whose checkpoint step was already evaluated (a finished run resumed, or
         // a save that failed after the evaluation) must not record that evaluation twice.
-        let mut last_eval = match resumed_from {
+        let recorded_eval = match resumed_from {
             Some(step) => metrics
                 .read_all()?
-                .iter()
-                .any(|r| r.step == step && r.split == "eval")
-                .then_some(step),
+                .into_iter()
+                .rfind(|r| r.step == step && r.split == "eval"),
             None => None,
         };
+        let mut last_eval = recorded_eval.as_ref().map(|r| r.step);
 
         while st.step < total {
             if self.stop.load(Ordering::SeqCst) {
@@ -599,6 +599,14 @@ impl<T: TrainTask> Trainer<T> {
         summary.steps = st.step;
         if !summary.stopped {
             if let Some(ev) = eval {
+                if last_eval == Some(st.step) && summary.evals.is_empty() {
+                    // Nothing trained since the checkpoint: its evaluation, as recorded, is
+                    // this run's last (the same validation rows; the report's loss and
+                    // metrics were written at full precision).
+                    if let Some(r) = &recorded_eval {
+                        summary.evals.push((r.step, EvalReport::from_record(r, ev.len())));
+                    }
+                }
                 if last_eval != Some(st.step) {
                     let epoch_f = st.pos.epoch as f64 + st.pos.batch as f64 / n_batches.max(1) as f64;
                     let rep = self.evaluate_or_save(ev, &st, &opt, last_saved)?;
