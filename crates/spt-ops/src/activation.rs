@@ -95,6 +95,15 @@ pub trait ActScalar: Copy + std::ops::Mul<Output = Self> {
             *o = g * act.derivative(v);
         }
     }
+
+    /// `y[i] = act(x[i])` and `d[i] = act'(x[i])`, the values of [`eval_slice`](Self::eval_slice)
+    /// and [`grad_slice`](Self::grad_slice) with `g = 1`; f32 GELU computes both in one pass.
+    fn eval_grad_slice(act: Activation, x: &[Self], y: &mut [Self], d: &mut [Self]) {
+        for ((y, d), &v) in y.iter_mut().zip(d.iter_mut()).zip(x) {
+            *y = act.eval(v);
+            *d = act.derivative(v);
+        }
+    }
 }
 
 macro_rules! impl_act_scalar {
@@ -165,6 +174,17 @@ impl_act_scalar!(
         }
         for ((o, &v), &g) in out.iter_mut().zip(x).zip(g) {
             *o = g * act.derivative(v);
+        }
+    },
+    fn eval_grad_slice(act: Activation, x: &[f32], y: &mut [f32], d: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(kind), true) = (crate::gelu_simd::Gelu::of(act), crate::simd::has_avx2()) {
+            // SAFETY: AVX2 and FMA were detected on this CPU.
+            return unsafe { crate::gelu_simd::value_and_grad(kind, x, y, d) };
+        }
+        for ((y, d), &v) in y.iter_mut().zip(d.iter_mut()).zip(x) {
+            *y = act.eval(v);
+            *d = act.derivative(v);
         }
     }
 );

@@ -60,6 +60,8 @@ struct Scratch<T> {
     small: Vec<T>,
     small2: Vec<T>,
     act: Vec<T>,
+    /// act'(pre) of a group's rows (backward).
+    deriv: Vec<T>,
 }
 
 impl<T> Default for Scratch<T> {
@@ -72,6 +74,7 @@ impl<T> Default for Scratch<T> {
             small: Vec::new(),
             small2: Vec::new(),
             act: Vec::new(),
+            deriv: Vec::new(),
         }
     }
 }
@@ -271,10 +274,17 @@ pub(crate) fn backward<T: Float + ActScalar>(
                     continue;
                 }
                 let (lo, hi) = (rows.start * b, rows.end * b);
-                // h again from the kept pre-activation: one [R, b] tensor fewer held per layer.
+                // h again from the kept pre-activation: one [R, b] tensor fewer held per layer;
+                // act'(pre) in the same pass where dpre is wanted (they share erf).
                 let pre_g = &p.pre[lo..hi];
+                let want_dpre = want_dx || want_ad;
                 s.act.resize(m * b, T::zero());
-                T::eval_slice(p.act, pre_g, &mut s.act);
+                if want_dpre {
+                    s.deriv.resize(m * b, T::zero());
+                    T::eval_grad_slice(p.act, pre_g, &mut s.act, &mut s.deriv);
+                } else {
+                    T::eval_slice(p.act, pre_g, &mut s.act);
+                }
                 let h_g = &s.act[..];
                 // u = dy_rows · W2'_e, B (k = o, n = j) = W2'[o, e·b + j] = m2[e, o, j]; then
                 // dh in place.
@@ -332,12 +342,12 @@ pub(crate) fn backward<T: Float + ActScalar>(
                     );
                     scatter_add(&hr, out.v, t0, &s.small2, r, rows.clone(), None);
                 }
-                if !want_dx && !want_ad {
+                if !want_dpre {
                     continue; // the gates' gradient was all this group owed
                 }
                 // dpre = dh ⊙ act'(pre), into the gh buffer (no longer read).
-                s.pre.resize(m * b, T::zero());
-                T::grad_slice(p.act, pre_g, &s.h, &mut s.pre);
+                s.pre.clear();
+                s.pre.extend(s.h.iter().zip(&s.deriv).map(|(&g, &d)| g * d));
                 let dpre = Mat::new(&s.pre, 0, b, 1);
                 // dx_rows += dpre · W1'_e, B (k = j, n = i) = W1'[e·b + j, i].
                 let dx_g = RowGemm {
