@@ -737,6 +737,8 @@ pub fn export_hf_dir(
         let text = crate::data::strip_bom(&text);
         let mut cfg: serde_json::Value =
             serde_json::from_str(text).map_err(|e| Error::Msg(format!("{}: {e}", cfg_path.display())))?;
+        // Class names belong to a classifier's config; a language model keeps its own.
+        let labels = labels.filter(|_| matches!(task.net, Net::Classifier(_)));
         if let (Some(obj), Some(l)) = (cfg.as_object_mut(), labels) {
             let name = |i: usize| l.label(i as u32).unwrap_or_default().to_string();
             let id2label: serde_json::Map<String, serde_json::Value> =

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{fixture, last_json, run, run_err, run_ok};
+use common::{fixture, last_json, run, run_err, run_in, run_ok};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -113,6 +113,34 @@ fn a_run_trained_with_its_own_tokenizer_keeps_it_for_eval_generate_and_export() 
         std::fs::read(export.join("tokenizer.json")).unwrap(),
         std::fs::read(tok_dir.join("tokenizer.json")).unwrap(),
         "the export carries the run's tokenizer"
+    );
+    // A labels.json in the working directory belongs to something else: a relative --checkpoint
+    // of one component used to find it (the run folder's parent is ""), and the LM export came
+    // out with id2label and a BERT classifier's `architectures`.
+    std::fs::write(
+        tmp.path().join("labels.json"),
+        r#"{"id2label": {"0": "neg", "1": "pos"}, "label2id": {"neg": 0, "pos": 1}}"#,
+    )
+    .unwrap();
+    let o = run_in(
+        tmp.path(),
+        &[
+            "export",
+            "--model",
+            m,
+            "--checkpoint",
+            "run",
+            "--out",
+            "export-rel",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = std::fs::read_to_string(tmp.path().join("export-rel/config.json")).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(cfg.get("id2label").is_none(), "{cfg}");
+    assert_ne!(
+        cfg["architectures"],
+        serde_json::json!(["BertForSequenceClassification"])
     );
     // The export then generates on its own.
     run_ok(
@@ -234,6 +262,54 @@ fn eval_and_predict_read_the_runs_columns_and_max_length() {
         })
         .collect();
     assert_eq!(texts, ["a good movie", "", "bad"], "{out}");
+    // A file's text is named by its line (header, blank line and quoted line break counted),
+    // not by its row: the first text longer than the run's 3 tokens is row 3, on line 6.
+    let p = tmp.path().join("p.csv");
+    std::fs::write(&p, "review\n\"good\n\"\n\nbad\nvery bad and long\n").unwrap();
+    let o = run_ok(
+        &["predict", "--model", m, "--checkpoint", r, "--input", s(&p)],
+        None,
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("p.csv:6: text is"), "{e}");
+    // --config's model settings go unused beside a checkpoint, and are said to.
+    let cfg = tmp.path().join("other.toml");
+    let toml = std::fs::read_to_string(run_dir.join("finetune.toml")).unwrap();
+    assert!(toml.contains("mode = \"lora\""), "{toml}");
+    std::fs::write(&cfg, toml.replace("mode = \"lora\"", "mode = \"dense\"")).unwrap();
+    let o = run_ok(
+        &[
+            "eval",
+            "--model",
+            m,
+            "--checkpoint",
+            r,
+            "--data-file",
+            d,
+            "--config",
+            s(&cfg),
+        ],
+        None,
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("mode: \"lora\" → \"dense\" not used"), "{e}");
+    assert_eq!(last_json(&o)["loss"], rep["loss"]);
+    // The run's own file draws no such note.
+    let o = run_ok(
+        &[
+            "eval",
+            "--model",
+            m,
+            "--checkpoint",
+            r,
+            "--data-file",
+            d,
+            "--config",
+            s(&run_dir.join("finetune.toml")),
+        ],
+        None,
+    );
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("not used"));
 }
 
 /// A run started with relative paths is resumed from another directory: the run's finetune.toml

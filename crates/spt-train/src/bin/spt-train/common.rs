@@ -231,11 +231,7 @@ pub(crate) fn labels_path(
         return given.clone();
     }
     if let Some(c) = checkpoint {
-        return c
-            .ancestors()
-            .take(3)
-            .map(|d| d.join("labels.json"))
-            .find(|p| p.is_file());
+        return in_run(c, "labels.json");
     }
     let cfg = model_dir.join("config.json");
     // An id2label that does not load is returned too, so that reading it names what is wrong
@@ -310,10 +306,34 @@ pub(crate) fn task_name(t: TaskKind) -> &'static str {
 
 /// The `finetune.toml` of the run that `p` (a run folder, or a checkpoint inside one) belongs to.
 pub(crate) fn run_config_path(p: &Path) -> Option<PathBuf> {
-    p.ancestors()
-        .take(4)
-        .map(|d| d.join("finetune.toml"))
+    in_run(p, "finetune.toml")
+}
+
+/// The file `name` of the checkpoint or run folder `p`: in `p` itself, else in the run that
+/// holds it ([`run_dir_of`]). Never in a folder above the run: a `labels.json` or
+/// `finetune.toml` there (the working directory, for a relative `p` of one component) belongs
+/// to something else.
+fn in_run(p: &Path, name: &str) -> Option<PathBuf> {
+    std::iter::once(std::path::absolute(p).ok()?)
+        .chain(run_dir_of(p))
+        .map(|d| d.join(name))
         .find(|f| f.is_file())
+}
+
+/// The run folder that a checkpoint or run folder `p` names: the run holding the checkpoint
+/// `p` (`RUN/checkpoints/step-N`), the run of its `checkpoints/` folder, or `p` itself when it
+/// is no checkpoint; none for a checkpoint kept outside a run's `checkpoints/` folder.
+pub(crate) fn run_dir_of(p: &Path) -> Option<PathBuf> {
+    let p = std::path::absolute(p).ok()?;
+    let in_checkpoints = |d: &Path| d.file_name().is_some_and(|n| n == "checkpoints");
+    if p.join("manifest.json").is_file() {
+        let parent = p.parent()?;
+        in_checkpoints(parent).then(|| parent.parent().map(Path::to_path_buf))?
+    } else if in_checkpoints(&p) {
+        p.parent().map(Path::to_path_buf)
+    } else {
+        Some(p)
+    }
 }
 
 /// The finetune settings a checkpoint was trained with: its manifest's own (a later resume with

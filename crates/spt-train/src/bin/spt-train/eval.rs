@@ -17,8 +17,9 @@ use spt_train::trainer::evaluate;
 pub(crate) struct EvalArgs {
     #[command(flatten)]
     pub(crate) model: ModelArgs,
-    /// A finetune config file: data columns, mode and sparsity settings are taken from it
-    /// (default: the settings --checkpoint was trained with).
+    /// A finetune config file: data columns and split are taken from it (default: the settings
+    /// --checkpoint was trained with); so are mode and sparsity settings without --checkpoint
+    /// (a checkpoint is rebuilt with the settings it was trained with).
     #[arg(long)]
     pub(crate) config: Option<PathBuf>,
     /// classify or lm (default: `--config`'s task, else the `--checkpoint` run's, else the
@@ -88,6 +89,20 @@ pub(crate) fn eval(a: &EvalArgs) -> Result<()> {
             None => (FinetuneConfig::default(), None),
         },
     };
+    // A checkpoint is rebuilt with the model settings it was trained with (`load_trained`):
+    // --config's, where they differ, are said to go unused rather than dropped silently.
+    if let (Some(p), Some(run)) = (&a.config, a.model.run_settings()?) {
+        let unused = model_setting_changes(&run, &cfg);
+        if !unused.is_empty() {
+            tracing::warn!(
+                "--config {}: {} not used: {} is rebuilt with the settings it was trained with; \
+                 to evaluate other ones, export it (`spt-train export`) and evaluate the export",
+                p.display(),
+                unused.join(", "),
+                a.model.checkpoint.as_deref().unwrap_or(p).display()
+            );
+        }
+    }
     // A run's settings belong to its task: reading an LM run's columns as a classifier's would
     // fail on a column the run never had.
     let task = match (a.task, &settings_from) {
@@ -282,4 +297,34 @@ fn check_same_held_out_rows(
         now.map_or("-", |n| n.fnv1a64.as_str()),
         then.fnv1a64
     );
+}
+
+/// The settings that shape the model (mode, adapters, sparse layers) where `given` differs from
+/// `run`, as `name: run's → given`.
+fn model_setting_changes(run: &FinetuneConfig, given: &FinetuneConfig) -> Vec<String> {
+    const MODEL: [&str; 14] = [
+        "mode",
+        "preset",
+        "attn_k",
+        "attn_k_fraction",
+        "attn_tile",
+        "pq_subspaces",
+        "pq_codewords",
+        "ffn_blocks",
+        "ffn_top_k",
+        "ffn_units",
+        "ffn_correction",
+        "lora_rank",
+        "lora_alpha",
+        "modules_to_save",
+    ];
+    let pick = |c: &FinetuneConfig| -> serde_json::Value {
+        let v = serde_json::to_value(c).unwrap_or_default();
+        MODEL
+            .iter()
+            .map(|k| (k.to_string(), v.get(*k).cloned().unwrap_or_default()))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    spt_train::trainer::config_changes(&pick(run), &pick(given))
 }

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args;
 use spt_train::config::resolve_model;
-use spt_train::data::{LabelMap, TextTokenizer};
+use spt_train::data::{LabelMap, TaskKind, TextTokenizer};
 use spt_train::output_dir::check_export_dir;
 use spt_train::peft::{adapter_refusal, export_peft_adapter, ADAPTER_FILES};
 use spt_train::tasks::{export_files, export_hf_dir};
@@ -97,7 +97,11 @@ pub(crate) fn export(a: &ExportArgs) -> Result<()> {
     if a.format == Format::Hf {
         check_tokenizer_files(tokenizer.as_deref().unwrap_or(&model_dir))?;
     }
-    let labels = find_labels(&None, &a.model.checkpoint, &model_dir)?;
+    // A language model has no classes: a labels.json found beside it is not its own.
+    let labels = match task_kind {
+        TaskKind::Classify => find_labels(&None, &a.model.checkpoint, &model_dir)?,
+        TaskKind::Lm => None,
+    };
     let (mut task, model_dir) = load_trained(
         &a.model,
         task_kind,

@@ -3,7 +3,9 @@
 use crate::say;
 use std::path::{Path, PathBuf};
 
-use crate::common::{build_task, check_model, check_writable, checkpoint_path, device, model_param_count};
+use crate::common::{
+    build_task, check_model, check_writable, checkpoint_path, device, model_param_count, run_dir_of,
+};
 use crate::Outcome;
 use anyhow::{bail, Context, Result};
 use spt_train::checkpoint::{
@@ -226,7 +228,7 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
 }
 
 /// `finetune --resume` given neither `--config` nor `--model`: the finetune.toml of the run being
-/// resumed, in that run's folder only ([`resumed_run_dir`]; a finetune.toml of the user's in a
+/// resumed, in that run's folder only ([`run_dir_of`]; a finetune.toml of the user's in a
 /// folder above is not it).
 fn resumed_run_config(args: &FinetuneArgs) -> Option<PathBuf> {
     if args.config.is_some() || args.model.is_some() {
@@ -237,7 +239,7 @@ fn resumed_run_config(args: &FinetuneArgs) -> Option<PathBuf> {
             .output_dir
             .clone()
             .unwrap_or_else(|| FinetuneConfig::default().output_dir),
-        p => resumed_run_dir(Path::new(p))?,
+        p => run_dir_of(Path::new(p))?,
     };
     Some(run.join("finetune.toml")).filter(|f| f.is_file())
 }
@@ -245,7 +247,7 @@ fn resumed_run_config(args: &FinetuneArgs) -> Option<PathBuf> {
 /// The folder a `--resume` without --output-dir continues in: the run it names, not the
 /// output_dir a finetune.toml records (relative to where an older run started, or a moved or
 /// copied run's old place; a fork is asked for by name). `--resume PATH`: PATH's run
-/// ([`resumed_run_dir`]). `--resume` (latest): the run whose finetune.toml `--config` gives (a
+/// ([`run_dir_of`]). `--resume` (latest): the run whose finetune.toml `--config` gives (a
 /// copy of a run is resumed, not the original), else without --config and --model the default
 /// output folder, whose finetune.toml supplies the settings; none for a --config template.
 fn resume_folder(args: &FinetuneArgs) -> Option<PathBuf> {
@@ -271,23 +273,7 @@ fn resume_folder(args: &FinetuneArgs) -> Option<PathBuf> {
                 .map(Path::to_path_buf),
             None => args.model.is_none().then(|| FinetuneConfig::default().output_dir),
         },
-        p => resumed_run_dir(Path::new(p)),
-    }
-}
-
-/// The run folder that `--resume PATH` names: the run holding the checkpoint PATH
-/// (`RUN/checkpoints/step-N`), the run of its `checkpoints/` folder, or PATH itself when it is
-/// no checkpoint; none for a checkpoint kept outside a run's `checkpoints/` folder.
-fn resumed_run_dir(p: &Path) -> Option<PathBuf> {
-    let p = std::path::absolute(p).ok()?;
-    let in_checkpoints = |d: &Path| d.file_name().is_some_and(|n| n == "checkpoints");
-    if p.join("manifest.json").is_file() {
-        let parent = p.parent()?;
-        in_checkpoints(parent).then(|| parent.parent().map(Path::to_path_buf))?
-    } else if in_checkpoints(&p) {
-        p.parent().map(Path::to_path_buf)
-    } else {
-        Some(p)
+        p => run_dir_of(Path::new(p)),
     }
 }
 
@@ -302,7 +288,7 @@ fn check_same_labels(cfg: &FinetuneConfig, resume: &Resume, labels: Option<&Labe
             latest_checkpoint(&cfg.output_dir.join("checkpoints")).ok(),
             Some(cfg.output_dir.clone()),
         ),
-        Resume::From(p) => (Some(p.clone()), resumed_run_dir(p)),
+        Resume::From(p) => (Some(p.clone()), run_dir_of(p)),
     };
     let Some(labels) = labels else {
         return Ok(());
@@ -374,7 +360,7 @@ fn check_same_random_base(cfg: &FinetuneConfig, resume: &Resume) -> Result<()> {
 /// fork. A run kept inside another's folder (`P/exp`) is its own run, not P's.
 fn of_run(from: &Path, out: &Path) -> bool {
     let real = |p: &Path| p.canonicalize().ok();
-    match resumed_run_dir(from).and_then(|r| real(&r)) {
+    match run_dir_of(from).and_then(|r| real(&r)) {
         Some(run) => real(out) == Some(run),
         None => false,
     }

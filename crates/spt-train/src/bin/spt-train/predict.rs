@@ -92,7 +92,9 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
     }
     // The flag's, else the run's.
     let pair_column = (a.text_pair_column.clone()).or(run.as_ref().and_then(|r| r.text_pair_column.clone()));
-    let texts: Vec<(String, Option<String>)> = if a.input == "-" {
+    // Each text with the line it starts on (for stdin, its line; for a file, the row's line,
+    // past the header, blank lines and quoted line breaks), for the messages that name it.
+    let texts: Vec<(String, Option<String>, u64)> = if a.input == "-" {
         // A line of stdin is one text: column settings cannot apply, and a pair model would
         // classify a lone text as if its second text were empty.
         if let Some(c) = &pair_column {
@@ -118,7 +120,11 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
         let mut out = Vec::new();
         for (i, line) in std::io::stdin().lock().lines().enumerate() {
             // Every line, blank ones too: output line i answers input line i.
-            out.push((line.with_context(|| format!("stdin: line {}", i + 1))?, None));
+            out.push((
+                line.with_context(|| format!("stdin: line {}", i + 1))?,
+                None,
+                i as u64 + 1,
+            ));
         }
         out
     } else {
@@ -133,13 +139,13 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
         read_classification(Path::new(&a.input), a.format, &cols, &[])?
             .examples
             .into_iter()
-            .map(|e| (e.text, e.text_pair))
+            .map(|e| (e.text, e.text_pair, e.line))
             .collect()
     };
+    let from = if a.input == "-" { "stdin" } else { a.input.as_str() };
     let encoded: Vec<_> = texts
         .iter()
-        .enumerate()
-        .map(|(i, (t, p))| tok.encode(t, p.as_deref(), &format!("{}:{}", a.input, i + 1)))
+        .map(|(t, p, line)| tok.encode(t, p.as_deref(), &format!("{from}:{line}")))
         .collect::<std::result::Result<_, _>>()?;
     spt_train::pipeline::check_ids_fit_model(encoded.iter().map(|e| &e.ids[..]), &model_dir)?;
     spt_train::pipeline::check_type_ids_fit_model(encoded.iter().map(|e| &e.type_ids[..]), &model_dir)?;
@@ -160,9 +166,8 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
                         // After the model's settings are checked, so that a wrong flag is named first.
     if texts
         .iter()
-        .all(|(t, p)| t.trim().is_empty() && p.as_deref().is_none_or(|p| p.trim().is_empty()))
+        .all(|(t, p, _)| t.trim().is_empty() && p.as_deref().is_none_or(|p| p.trim().is_empty()))
     {
-        let from = if a.input == "-" { "stdin" } else { a.input.as_str() };
         bail!("{from}: no texts to predict (no line holds any text)");
     }
     let data = EncodedDataset {
@@ -185,10 +190,9 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
         for (&i, p) in chunk.iter().zip(probs) {
             if p.iter().any(|v| !v.is_finite()) {
                 bail!(
-                    "{}:{}: the model's class probabilities are not finite (diverged weights, or a \
+                    "{from}:{}: the model's class probabilities are not finite (diverged weights, or a \
                      setting that overflows such as a huge LoRA alpha)",
-                    if a.input == "-" { "stdin" } else { a.input.as_str() },
-                    i + 1
+                    texts[i].2
                 );
             }
             let (best, score) =
