@@ -148,19 +148,27 @@ pub(crate) fn generate(a: &GenerateArgs) -> Result<()> {
         if text.ends_with('\u{fffd}') {
             continue; // an incomplete character: its next byte comes with the next token
         }
-        // Decoding is prefix-stable for byte-level BPE; if a tokenizer's is not, print from where
-        // the texts part.
-        let from = match text.strip_prefix(shown.as_str()) {
-            Some(_) => shown.len(),
-            None => common_prefix(&shown, &text),
-        };
-        if !show(&mut out, &text[from..])? {
+        if !show(&mut out, new_text(&shown, &text))? {
             return Ok(());
         }
         shown = text;
     }
+    // A character still incomplete when generation stopped is printed as decoded (U+FFFD).
+    let text = decode(&ids)?;
+    if text != shown && !show(&mut out, new_text(&shown, &text))? {
+        return Ok(());
+    }
     show(&mut out, "\n")?;
     Ok(())
+}
+
+/// What `text` adds to `shown`. Decoding is prefix-stable for byte-level BPE; if a tokenizer's
+/// is not, it is printed from where the texts part.
+fn new_text<'a>(shown: &str, text: &'a str) -> &'a str {
+    match text.strip_prefix(shown) {
+        Some(rest) => rest,
+        None => &text[common_prefix(shown, text)..],
+    }
 }
 
 /// Writes `text` now; false when the reader went away (`| head`), which ends the generation
@@ -234,6 +242,17 @@ mod tests {
             u -= wi;
         }
         order[order.len() - 1] as u32
+    }
+
+    #[test]
+    fn new_text_is_what_the_decoding_adds() {
+        assert_eq!(new_text("the good", "the good movie"), " movie");
+        assert_eq!(new_text("the good", "the good"), "");
+        // A partial character left when generation stops is printed as decoded.
+        assert_eq!(new_text("caf", "caf\u{fffd}"), "\u{fffd}");
+        // A decoding that is not prefix-stable: printed from where the texts part.
+        assert_eq!(new_text("naïve ab", "naïve ac"), "c");
+        assert_eq!(new_text("é", "e"), "e");
     }
 
     #[test]
