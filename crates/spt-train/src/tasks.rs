@@ -343,10 +343,13 @@ fn check_classifier_size(src: &WeightSource, num_labels: Option<usize>, config_p
         return Ok(());
     }
     let dir = config_path.parent().unwrap_or(Path::new("."));
+    // Reached from fine-tuning (the data's labels) and from eval and predict (a label map, or
+    // the model's id2label): the ways out of each are named.
     Err(Error::Msg(format!(
-        "the data has {n} labels, the classifier of {} has {m}: give the data the model's {m} labels \
-         (--drop-label for extra ones, --label-map for their order), or fine-tune from a model \
-         without a classification head (a new head is initialised for the data's labels)",
+        "{n} labels against a classifier of {m} classes in {}: to fine-tune, give the data the \
+         model's {m} labels (--drop-label for extra ones, --label-map for their order), or start \
+         from a model without a classification head (a new head is initialised for the data's \
+         labels); to evaluate or predict, give a --label-map of its {m} classes",
         dir.display()
     )))
 }
