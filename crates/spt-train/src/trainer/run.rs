@@ -421,13 +421,18 @@ impl<T: TrainTask> Trainer<T> {
         let mut window = MeanLoss::default();
         let mut last_saved = resumed_from;
         // A resumed run whose checkpoint step was already evaluated (a finished run resumed, or
-        // a save that failed after the evaluation) must not record that evaluation twice.
+        // a save that failed after the evaluation) must not record that evaluation twice, unless
+        // the validation rows changed since (warned about above): then it is evaluated again. A
+        // checkpoint from before the rows were recorded is taken at its word.
+        let same_rows = before
+            .as_ref()
+            .is_none_or(|b| b.validation.is_none() || b.validation == self.data.validation);
         let recorded_eval = match resumed_from {
-            Some(step) => metrics
+            Some(step) if same_rows => metrics
                 .read_all()?
                 .into_iter()
                 .rfind(|r| r.step == step && r.split == "eval"),
-            None => None,
+            _ => None,
         };
         let mut last_eval = recorded_eval.as_ref().map(|r| r.step);
 
