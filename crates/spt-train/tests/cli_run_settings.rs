@@ -294,6 +294,29 @@ fn eval_and_predict_read_the_runs_columns_and_max_length() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("mode: \"lora\" → \"dense\" not used"), "{e}");
     assert_eq!(last_json(&o)["loss"], rep["loss"]);
+    // Nor does a file that gives only data settings (its mode is the default's, not asked for).
+    let cols = tmp.path().join("cols.toml");
+    std::fs::write(
+        &cols,
+        "[data]\ntext_column = \"review\"\nlabel_column = \"verdict\"\nmax_length = 3\n",
+    )
+    .unwrap();
+    let o = run_ok(
+        &[
+            "eval",
+            "--model",
+            m,
+            "--checkpoint",
+            r,
+            "--data-file",
+            d,
+            "--config",
+            s(&cols),
+        ],
+        None,
+    );
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("not used"));
+    assert_eq!(last_json(&o)["loss"], rep["loss"]);
     // The run's own file draws no such note.
     let o = run_ok(
         &[
@@ -482,6 +505,25 @@ fn resume_needs_only_the_run_folder_and_refuses_before_writing() {
     let again = last_json(&o);
     assert_eq!(again["eval"], at_3["eval"], "{again}");
     assert_eq!(again["eval_step"], 3);
+    // Other validation rows (another split) are evaluated, not answered with the old rows'
+    // figures under the new count.
+    let o = run_ok(
+        &[
+            "finetune",
+            "--output-dir",
+            r,
+            "--resume",
+            "--validation-split",
+            "0.5",
+            "--no-progress",
+        ],
+        None,
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("validation rows differ"));
+    let other = last_json(&o);
+    assert_eq!(other["eval_step"], 3);
+    assert_ne!(other["eval"]["examples"], at_3["eval"]["examples"], "{other}");
+    assert_ne!(other["eval"]["loss"], at_3["eval"]["loss"], "{other}");
     // Resuming it with fewer steps than its checkpoint holds is refused before its
     // finetune.toml (which says 3) is rewritten.
     let toml = std::fs::read(run_dir.join("finetune.toml")).unwrap();

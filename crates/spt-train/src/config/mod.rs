@@ -316,6 +316,12 @@ impl FinetuneConfig {
         base.overlay(path, file.1)
     }
 
+    /// The settings a config file gives, by field name (`ffn_top_k` for `[spt.ffn] top_k`):
+    /// what a caller that takes only some of a file's settings can say it left unused.
+    pub fn file_settings(path: &Path) -> Result<Vec<String>, ConfigError> {
+        Ok(Self::read_table(path)?.keys().cloned().collect())
+    }
+
     /// Reads a run's own finetune.toml (the one beside its checkpoints) over the plain defaults:
     /// finetune writes every setting, so a key it lacks is a setting that run's spt-train did not
     /// have yet, whose behaviour then was the default's (an old spt run's attention, an old LoRA

@@ -321,14 +321,34 @@ fn in_run(p: &Path, name: &str) -> Option<PathBuf> {
 }
 
 /// The run folder that a checkpoint or run folder `p` names: the run holding the checkpoint
-/// `p` (`RUN/checkpoints/step-N`), the run of its `checkpoints/` folder, or `p` itself when it
-/// is no checkpoint; none for a checkpoint kept outside a run's `checkpoints/` folder.
+/// `p` (`RUN/checkpoints/step-N`, or a checkpoint copied into the run itself, `RUN/best`), the
+/// run of its `checkpoints/` folder, or `p` itself when it is no checkpoint; none for a
+/// checkpoint kept outside a run. `..` is resolved as written (`--checkpoint ../step-4` from
+/// inside `step-5`).
 pub(crate) fn run_dir_of(p: &Path) -> Option<PathBuf> {
-    let p = std::path::absolute(p).ok()?;
+    let mut abs = PathBuf::new();
+    for c in std::path::absolute(p).ok()?.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                abs.pop();
+            }
+            std::path::Component::CurDir => {}
+            c => abs.push(c),
+        }
+    }
+    let p = abs;
     let in_checkpoints = |d: &Path| d.file_name().is_some_and(|n| n == "checkpoints");
     if p.join("manifest.json").is_file() {
         let parent = p.parent()?;
-        in_checkpoints(parent).then(|| parent.parent().map(Path::to_path_buf))?
+        if in_checkpoints(parent) {
+            parent.parent().map(Path::to_path_buf)
+        } else {
+            // A run folder carries the tool's marker; any other folder is not a run.
+            parent
+                .join(spt_train::output_dir::OUTPUT_MARKER)
+                .is_file()
+                .then(|| parent.to_path_buf())
+        }
     } else if in_checkpoints(&p) {
         p.parent().map(Path::to_path_buf)
     } else {
@@ -650,4 +670,59 @@ pub(crate) fn check_output_file(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run's files are found from any of its checkpoints, never in a folder above the run.
+    #[test]
+    fn run_files_are_looked_up_in_the_run_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let run = root.join("run");
+        let other = root.join("other");
+        for d in [
+            "run/checkpoints/step-1",
+            "run/checkpoints/step-2",
+            "run/best",
+            "other/ck",
+        ] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        for ck in [
+            "run/checkpoints/step-1",
+            "run/checkpoints/step-2",
+            "run/best",
+            "other/ck",
+        ] {
+            std::fs::write(root.join(ck).join("manifest.json"), "{}").unwrap();
+        }
+        std::fs::write(run.join(spt_train::output_dir::OUTPUT_MARKER), "").unwrap();
+        // A decoy above the run, and in the folder above a checkpoint kept outside one.
+        std::fs::write(root.join("labels.json"), "").unwrap();
+        std::fs::write(other.join("labels.json"), "").unwrap();
+        assert_eq!(in_run(&run, "labels.json"), None);
+        assert_eq!(in_run(&other.join("ck"), "labels.json"), None);
+        std::fs::write(run.join("labels.json"), "").unwrap();
+        let want = Some(run.join("labels.json"));
+        for p in [
+            run.clone(),
+            run.join("checkpoints"),
+            run.join("checkpoints/step-2"),
+            run.join("best"),
+            run.join("checkpoints/step-2/../step-1"),
+            run.join("checkpoints/./step-1"),
+        ] {
+            assert_eq!(in_run(&p, "labels.json"), want, "{}", p.display());
+        }
+        // A checkpoint's own file comes first.
+        std::fs::write(other.join("ck/labels.json"), "").unwrap();
+        assert_eq!(
+            in_run(&other.join("ck"), "labels.json"),
+            Some(other.join("ck/labels.json"))
+        );
+        assert_eq!(run_dir_of(&other.join("ck")), None);
+    }
 }

@@ -92,7 +92,8 @@ pub(crate) fn eval(a: &EvalArgs) -> Result<()> {
     // A checkpoint is rebuilt with the model settings it was trained with (`load_trained`):
     // --config's, where they differ, are said to go unused rather than dropped silently.
     if let (Some(p), Some(run)) = (&a.config, a.model.run_settings()?) {
-        let unused = model_setting_changes(&run, &cfg);
+        let given = FinetuneConfig::file_settings(p)?;
+        let unused = model_setting_changes(&run, &cfg, &given);
         if !unused.is_empty() {
             tracing::warn!(
                 "--config {}: {} not used: {} is rebuilt with the settings it was trained with; \
@@ -299,10 +300,11 @@ fn check_same_held_out_rows(
     );
 }
 
-/// The settings that shape the model (mode, adapters, sparse layers) where `given` differs from
-/// `run`, as `name: run's → given`.
-fn model_setting_changes(run: &FinetuneConfig, given: &FinetuneConfig) -> Vec<String> {
-    const MODEL: [&str; 14] = [
+/// The settings that shape the model (mode, adapters, sparse layers) that a config file sets
+/// (`in_file`) and `given` holds other than `run`, as `name: run's → given`. A setting the file
+/// leaves out is no change: the defaults that `given` holds in its place were not asked for.
+fn model_setting_changes(run: &FinetuneConfig, given: &FinetuneConfig, in_file: &[String]) -> Vec<String> {
+    const MODEL: [&str; 15] = [
         "mode",
         "preset",
         "attn_k",
@@ -317,11 +319,13 @@ fn model_setting_changes(run: &FinetuneConfig, given: &FinetuneConfig) -> Vec<St
         "lora_rank",
         "lora_alpha",
         "modules_to_save",
+        "random_init",
     ];
     let pick = |c: &FinetuneConfig| -> serde_json::Value {
         let v = serde_json::to_value(c).unwrap_or_default();
         MODEL
             .iter()
+            .filter(|k| in_file.iter().any(|f| f == *k))
             .map(|k| (k.to_string(), v.get(*k).cloned().unwrap_or_default()))
             .collect::<serde_json::Map<_, _>>()
             .into()
