@@ -273,12 +273,8 @@ fn eval_and_predict_read_the_runs_columns_and_max_length() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("p.csv:6: text is"), "{e}");
     // --config's model settings go unused beside a checkpoint, and are said to.
-    let cfg = tmp.path().join("other.toml");
-    let toml = std::fs::read_to_string(run_dir.join("finetune.toml")).unwrap();
-    assert!(toml.contains("mode = \"lora\""), "{toml}");
-    std::fs::write(&cfg, toml.replace("mode = \"lora\"", "mode = \"dense\"")).unwrap();
-    let o = run_ok(
-        &[
+    let eval_with = |config: &Path| {
+        let args = [
             "eval",
             "--model",
             m,
@@ -287,13 +283,18 @@ fn eval_and_predict_read_the_runs_columns_and_max_length() {
             "--data-file",
             d,
             "--config",
-            s(&cfg),
-        ],
-        None,
-    );
-    let e = String::from_utf8_lossy(&o.stderr);
+            s(config),
+        ];
+        let o = run_ok(&args, None);
+        (String::from_utf8_lossy(&o.stderr).to_string(), last_json(&o))
+    };
+    let cfg = tmp.path().join("other.toml");
+    let toml = std::fs::read_to_string(run_dir.join("finetune.toml")).unwrap();
+    assert!(toml.contains("mode = \"lora\""), "{toml}");
+    std::fs::write(&cfg, toml.replace("mode = \"lora\"", "mode = \"dense\"")).unwrap();
+    let (e, got) = eval_with(&cfg);
     assert!(e.contains("mode: \"lora\" → \"dense\" not used"), "{e}");
-    assert_eq!(last_json(&o)["loss"], rep["loss"]);
+    assert_eq!(got["loss"], rep["loss"]);
     // Nor does a file that gives only data settings (its mode is the default's, not asked for).
     let cols = tmp.path().join("cols.toml");
     std::fs::write(
@@ -301,38 +302,12 @@ fn eval_and_predict_read_the_runs_columns_and_max_length() {
         "[data]\ntext_column = \"review\"\nlabel_column = \"verdict\"\nmax_length = 3\n",
     )
     .unwrap();
-    let o = run_ok(
-        &[
-            "eval",
-            "--model",
-            m,
-            "--checkpoint",
-            r,
-            "--data-file",
-            d,
-            "--config",
-            s(&cols),
-        ],
-        None,
-    );
-    assert!(!String::from_utf8_lossy(&o.stderr).contains("not used"));
-    assert_eq!(last_json(&o)["loss"], rep["loss"]);
+    let (e, got) = eval_with(&cols);
+    assert!(!e.contains("not used"), "{e}");
+    assert_eq!(got["loss"], rep["loss"]);
     // The run's own file draws no such note.
-    let o = run_ok(
-        &[
-            "eval",
-            "--model",
-            m,
-            "--checkpoint",
-            r,
-            "--data-file",
-            d,
-            "--config",
-            s(&run_dir.join("finetune.toml")),
-        ],
-        None,
-    );
-    assert!(!String::from_utf8_lossy(&o.stderr).contains("not used"));
+    let (e, _) = eval_with(&run_dir.join("finetune.toml"));
+    assert!(!e.contains("not used"), "{e}");
 }
 
 /// A run started with relative paths is resumed from another directory: the run's finetune.toml
