@@ -146,7 +146,12 @@ fn regrouped_units_keep_the_dense_model_and_its_export() -> Result<()> {
         let dense = case.logits(&case.load()?)?;
         // All blocks with gate 1 is the dense FFN, whatever units form the blocks.
         let mut m = case.load()?;
-        sparsify(m.spt(), &config(4, GateMode::Ones, true), &[case.calibration()])?;
+        // Without a router fit, a layer keeps its clustered units: with one, it keeps its
+        // contiguous blocks where they fit the dense FFN better (both of tiny-bert's layers,
+        // since GELU's erf changed in its last bits), and this test would check nothing.
+        let mut cfg = config(4, GateMode::Ones, true);
+        cfg.ffn_calibration.router_fit = None;
+        sparsify(m.spt(), &cfg, &[case.calibration()])?;
         let orders = unit_orders(m.spt())?;
         assert!(!orders.is_empty(), "{name}: no layer was regrouped");
         let e = rel_err(&case.logits(&m)?, &dense)?;
