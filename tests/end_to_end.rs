@@ -609,7 +609,7 @@ fn frozen_inference_gives_the_same_logits_and_records_nothing() {
     let (_lm_root, gpt2, text) = tiny_gpt2_with_text();
     let cases = [(&bert, TaskKind::Classify, &csv), (&gpt2, TaskKind::Lm, &text)];
     // spt twice: with every key kept (the presets: fused dense attention) and with PQ-selected
-    // keys (k = 4).
+    // keys (k = 4), which routes the last layer's tokens otherwise.
     for ((model, kind, data), (mode, pq)) in cases.into_iter().flat_map(|c| {
         [
             (Mode::Dense, false),
@@ -637,10 +637,12 @@ fn frozen_inference_gives_the_same_logits_and_records_nothing() {
             !after.track_op(),
             "{kind:?} {mode:?}: a frozen model records nothing"
         );
-        // Known gap: with PQ-selected keys the frozen model's logits can differ from the
-        // trainable one's in the last bits (1.9e-9 for the classifier at seed 11; at seed 7
-        // before GELU's erf changed); the cause is not found yet. Every other case is exact.
-        let tol = if pq { 1e-6 } else { 0.0 };
+        // spt: a routed FFN block that holds a single token row multiplies it by `gemv` when
+        // nothing is tracked (`lora::few_rows_matmul`, the decoding path) and by gemm when the
+        // row is tracked, so the last bits can differ where the routing puts one row in a block
+        // (the last layer's 8 first positions with PQ-selected keys: 1.9e-9 in the logits).
+        // Dense and LoRA are exact.
+        let tol = if mode == Mode::Spt { 1e-6 } else { 0.0 };
         let diff = max_abs_diff(&before, &after);
         assert!(diff <= tol, "{kind:?} {mode:?} pq {pq}: {diff}");
     }
