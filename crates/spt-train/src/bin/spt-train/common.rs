@@ -343,11 +343,14 @@ pub(crate) fn run_dir_of(p: &Path) -> Option<PathBuf> {
         if in_checkpoints(parent) {
             parent.parent().map(Path::to_path_buf)
         } else {
-            // A run folder carries the tool's marker; any other folder is not a run.
-            parent
-                .join(spt_train::output_dir::OUTPUT_MARKER)
-                .is_file()
-                .then(|| parent.to_path_buf())
+            // A run folder's marker says so (an older spt-train's marker recorded no kind);
+            // an export's, or none, is no run.
+            use spt_train::output_dir::{read_marker, DirKind, Marker};
+            match read_marker(parent).ok()? {
+                Marker::Current(o) if o.kind == DirKind::Run => Some(parent.to_path_buf()),
+                Marker::Legacy => Some(parent.to_path_buf()),
+                _ => None,
+            }
         }
     } else if in_checkpoints(&p) {
         p.parent().map(Path::to_path_buf)
