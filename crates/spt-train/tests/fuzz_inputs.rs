@@ -235,20 +235,11 @@ fn spec(label: bool, group: bool) -> ColumnSpec {
 /// What every successful read must satisfy, whatever the input: rows exist, labels are present,
 /// trimmed and non-empty, and row lines increase within the file's line count.
 ///
-/// Line numbers are checked only where every `\r` is part of a CRLF or of `\r\r\n`: a `\r` of
-/// its own ends a CSV record too (old Mac files) but no line that the numbering counts.
+/// Lines are counted as editors count them (`\r\n`, `\n` and a lone `\r` each end one).
 fn check_read(data: &spt_train::data::ClassificationData, bytes: &[u8], header: bool, what: &str) {
     assert!(!data.examples.is_empty(), "{what}: Ok with no rows");
-    let lone_cr = bytes
-        .windows(3)
-        .any(|w| w[0] == b'\r' && w[1] != b'\n' && !(w[1] == b'\r' && w[2] == b'\n'))
-        || bytes.ends_with(b"\r");
-    let lines = if lone_cr {
-        u64::MAX
-    } else {
-        bytes.iter().filter(|&&b| b == b'\n').count() as u64 + 1
-    };
-    let header = header && !lone_cr;
+    let text = String::from_utf8_lossy(bytes).replace("\r\n", "\n");
+    let lines = text.matches(['\n', '\r']).count() as u64 + 1;
     let mut last = if header { 1 } else { 0 };
     for e in &data.examples {
         if data.columns.label.is_some() {
@@ -261,7 +252,7 @@ fn check_read(data: &spt_train::data::ClassificationData, bytes: &[u8], header: 
             assert!(e.label.is_none(), "{what}");
         }
         assert!(
-            lone_cr || (e.line > last && e.line <= lines),
+            e.line > last && e.line <= lines,
             "{what}: row line {} after {last}, file has {lines} lines",
             e.line
         );
@@ -361,7 +352,9 @@ fn csv_file(rng: &mut Rng, rows: &[(String, String, String)], crlf: bool, bom: b
     out.push_str(eol);
     let mut lines = Vec::new();
     for (t, l, g) in rows {
-        lines.push(out.matches('\n').count() as u64 + 1);
+        // Line ends as editors count them: `\r\n`, `\n` and a lone `\r`.
+        let ends = out.replace("\r\n", "\n").matches(['\n', '\r']).count();
+        lines.push(ends as u64 + 1);
         let row = [quote(rng, t), quote(rng, l), quote(rng, g)].join(",");
         out.push_str(&row);
         out.push_str(eol);
@@ -1447,10 +1440,10 @@ fn regression_label_map_contradiction_between_label_n_names_is_refused() {
 }
 
 /// Was a defect: in a CSV or TSV whose lines end `\r\r\n` (what Python's csv module writes on
-/// Windows to a file opened without `newline=''`), every row is numbered one line too early, the
-/// first data row as line 1, the header's: here the blank label on line 3 is reported on line 2.
-/// Cause: the csv reader ends the record at the first `\r` and starts the next at the second,
-/// which LineIndex counts on the line before (src/data/read.rs:297 with :410-411).
+/// Windows to a file opened without `newline=''`), every row was numbered too early, the first
+/// data row as line 1, the header's. Cause: the csv reader ends the record at the first `\r` and
+/// starts the next at the second. An editor shows such a file with a blank line after each row
+/// (`\r`, then `\r\n`): the blank label is on line 5.
 #[test]
 fn regression_csv_rows_after_cr_cr_lf_are_numbered_right() {
     let dir = tempfile::tempdir().unwrap();
@@ -1458,10 +1451,10 @@ fn regression_csv_rows_after_cr_cr_lf_are_numbered_right() {
     let e = read_classification(&p, None, &spec(true, false), &[])
         .unwrap_err()
         .to_string();
-    assert!(e.contains("line 3"), "{e}");
+    assert!(e.contains("line 5"), "{e}");
     let p = write(dir.path(), "w.tsv", b"text\tlabel\r\r\nok\tx\r\r\n");
     let d = read_classification(&p, None, &spec(true, false), &[]).unwrap();
-    assert_eq!(d.examples[0].line, 2);
+    assert_eq!(d.examples[0].line, 3);
 }
 
 /// Was a defect: a CSV whose lines end in `\r` alone (old Mac) was read row by row, but every
@@ -1474,6 +1467,26 @@ fn regression_cr_only_rows_are_numbered() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("line 4"), "{e}");
+}
+
+/// Was a defect: in a file whose lines end both ways (`\r` lines pasted into a Unix or Windows
+/// file), only the `\n`s were counted, so rows after a lone `\r` were named lines too early.
+#[test]
+fn regression_mixed_line_ends_are_numbered_as_editors_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "mixed.csv",
+        b"text,label\rok,x\nfine,y\r\nsame,z\rbad, \n",
+    );
+    let e = read_classification(&p, None, &spec(true, false), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("line 5"), "{e}");
+    let p = write(dir.path(), "mixed.csv", b"text,label\rok,x\n\nfine,y\r\nlast,z\r");
+    let d = read_classification(&p, None, &spec(true, false), &[]).unwrap();
+    let lines: Vec<_> = d.examples.iter().map(|e| e.line).collect();
+    assert_eq!(lines, [2, 4, 5]);
 }
 
 /// Was a defect: a blank line in merges.txt (a trailing one too) got the tokenizers library's

@@ -389,9 +389,14 @@ fn check_closed_quotes(
     Ok(())
 }
 
-/// 1-based line numbers of byte offsets in a file, counted from its `\n`s. Why: after a CRLF line
-/// end (what Excel and Python's csv module write) the csv crate starts the next record at the
-/// `\n` and counts its line one short, so error messages would name the line above the bad row.
+/// 1-based line numbers of byte offsets in a file. Why: after a CRLF line end (what Excel and
+/// Python's csv module write) the csv crate starts the next record at the `\n` and counts its
+/// line one short, so error messages would name the line above the bad row.
+///
+/// A line ends at `\r\n`, `\n` or a lone `\r`, as editors (and Python's `splitlines`) count
+/// them: in old Mac files, in `\r` lines pasted into another file, and in `\r\r\n` (what Python's
+/// csv writes on Windows to a file opened without `newline=''`, shown with a blank line between
+/// rows).
 struct LineIndex<'a> {
     newlines: Vec<u64>,
     bytes: &'a [u8],
@@ -399,13 +404,9 @@ struct LineIndex<'a> {
 
 impl<'a> LineIndex<'a> {
     fn of(bytes: &'a [u8]) -> Self {
-        // A file without `\n` whose lines end in `\r` (old Mac) counts those.
-        let end = if bytes.contains(&b'\n') { b'\n' } else { b'\r' };
-        let newlines = bytes
-            .iter()
-            .enumerate()
-            .filter(|(_, &b)| b == end)
-            .map(|(i, _)| i as u64)
+        let newlines = (0..bytes.len())
+            .filter(|&i| bytes[i] == b'\n' || (bytes[i] == b'\r' && bytes.get(i + 1) != Some(&b'\n')))
+            .map(|i| i as u64)
             .collect();
         Self { newlines, bytes }
     }
