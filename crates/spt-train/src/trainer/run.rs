@@ -634,7 +634,13 @@ impl<T: TrainTask> Trainer<T> {
         let svg = self.cfg.output_dir.join("loss.svg");
         if let Err(e) = crate::metrics::plot_metrics_file(metrics.path(), &svg) {
             if warn {
-                tracing::warn!("loss plot not written: {e}");
+                // An earlier redraw's plot stays (it is this run's, up to that step).
+                let stale = if svg.exists() {
+                    format!("; {} shows an earlier step", svg.display())
+                } else {
+                    String::new()
+                };
+                tracing::warn!("loss plot not written: {e}{stale}");
             }
         }
     }
