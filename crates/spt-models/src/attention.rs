@@ -140,14 +140,28 @@ impl DenseAttention {
         let scores = (q.matmul(&k.t()?)? * scale)?; // [B, H, L, L]
         let scores = match &mask.additive {
             Some(m) => {
-                // A mask prepared for another length would broadcast silently.
-                let (lq, lk) = (q.dim(2)?, k.dim(2)?);
-                let fits = m.rank() == 4 && m.dim(3)? == lk && [1, lq].contains(&m.dim(2)?);
+                // A mask prepared for another length would broadcast silently, and so would one
+                // sequence's key padding over a batch (the fused kernel refuses that too).
+                let (b, lq, lk) = (q.dim(0)?, q.dim(2)?, k.dim(2)?);
+                let batch = match &mask.mask.key_padding {
+                    Some(_) => vec![b],
+                    None => vec![1, b],
+                };
+                let fits = m.rank() == 4
+                    && m.dim(3)? == lk
+                    && [1, lq].contains(&m.dim(2)?)
+                    && batch.contains(&m.dim(0)?);
                 if !fits {
+                    let rows = if batch.len() == 1 {
+                        b.to_string()
+                    } else {
+                        format!("{b}|1")
+                    };
                     return Err(ModelError::BadInput {
                         name: "attention mask",
                         reason: format!(
-                            "is prepared as {:?}, expected [B|1, 1, {lq}|1, {lk}] for {lq} queries and {lk} keys",
+                            "is prepared as {:?}, expected [{rows}, 1, {lq}|1, {lk}] for {b} sequences, \
+                             {lq} queries and {lk} keys",
                             m.dims()
                         ),
                     });
@@ -248,6 +262,9 @@ impl SparseAttention {
         let top_k = self.resolve_top_k(lk);
         // An invalid k (the field is public) is an error, not every key.
         let kept = if lk == 0 { 0 } else { top_k.resolve(lk)? };
+        // The sparse kernels read rows in place; a strided view (heads split by `transpose`)
+        // is laid out here, as the dense path does, so swapping one for the other works alike.
+        let (q, k, v) = (&q.contiguous()?, &k.contiguous()?, &v.contiguous()?);
         if kept >= lk && spt_ops::flash_attention_is_fused(q, v, false) {
             // Every key is kept, so this is dense attention (same zeros for rows with no
             // allowed key, no dropout): the fused dense kernel computes it faster than a
@@ -292,7 +309,9 @@ pub enum AttentionCore {
 }
 
 impl AttentionCore {
-    /// Dense attention with dropout probability `p` on the attention probabilities.
+    /// Dense attention with dropout probability `p` on the attention probabilities, drawing
+    /// its masks from a seed source of its own ([`Dropout::new`]; build a [`DenseAttention`]
+    /// with [`Dropout::with_rng`] to share one).
     pub fn dense(p: f64) -> Result<Self> {
         Ok(Self::Dense(DenseAttention {
             dropout: Dropout::new(p)?,

@@ -43,6 +43,8 @@ impl DenseFfn {
 #[derive(Debug)]
 pub struct NamedRoutedFfn {
     /// The dense layers, kept for their HF names and export; the op reads the same tensors.
+    /// Read them, do not replace their weights: the op computes with the tensors it was built
+    /// from (set weights on the dense FFN before [`NamedRoutedFfn::from_dense`]).
     pub fc1: Linear,
     pub fc2: Linear,
     pub ffn: RoutedFfn,
@@ -323,6 +325,12 @@ impl NamedParams for FeedForward {
                 r.lora_params.iter_mut().for_each(f);
             }
         }
+    }
+}
+
+impl candle_core::ModuleT for DenseFfn {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        Ok(DenseFfn::forward_t(self, xs, train)?)
     }
 }
 

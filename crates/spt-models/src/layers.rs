@@ -41,6 +41,9 @@ pub struct Linear {
     /// A frozen `OutIn` weight's contiguous `[in, out]` copy, for the CPU forward's GEMM, with
     /// the id of the tensor it was copied from (see [`Linear::gemm_weight`]).
     gemm_ready: Mutex<Option<(TensorId, Tensor)>>,
+    /// The ids of the weight and bias tensors that the LoRA wrapper holds copies of: a weight
+    /// replaced through the public fields afterwards would be exported but never computed with.
+    lora_base: Option<(TensorId, Option<TensorId>)>,
 }
 
 impl Linear {
@@ -92,6 +95,7 @@ impl Linear {
             lora_params: Vec::new(),
             lora_dropout: None,
             gemm_ready: Mutex::new(None),
+            lora_base: None,
         })
     }
 
@@ -142,9 +146,33 @@ impl Linear {
             Param::from_var(format!("{m}.lora_B.weight"), lora.lora_b().clone()),
         ];
         self.lora = Some(lora);
+        self.lora_base = Some(self.base_ids());
         // The adapter's op reads the weight from now on: the forward's copy is never read again.
         *self.gemm_ready.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
         Ok(())
+    }
+
+    fn base_ids(&self) -> (TensorId, Option<TensorId>) {
+        (
+            self.weight.tensor().id(),
+            self.bias.as_ref().map(|b| b.tensor().id()),
+        )
+    }
+
+    /// Refuses to compute with (or merge into) the LoRA wrapper's base when the public weight or
+    /// bias was replaced after [`Linear::add_lora`]: the wrapper computes with its own copy.
+    fn check_lora_base(&self) -> Result<()> {
+        match self.lora_base {
+            Some(ids) if ids != self.base_ids() => Err(ModelError::InvalidConfig {
+                field: "lora",
+                value: self.module_name().to_string(),
+                reason: "its weight or bias was replaced after add_lora, but the adapter \
+                         computes with the base it was given: set the base weights before \
+                         add_lora"
+                    .into(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Whether [`Linear::add_lora`] would take `cfg`: no adapter yet, a valid config, a rank
@@ -195,6 +223,7 @@ impl Linear {
     /// Folds the LoRA update into the (frozen) weight for inference or export; the exported
     /// weight is then `W + (α/r)·B A`. Errors if there is no adapter or it is already merged.
     pub fn merge_lora(&mut self) -> Result<()> {
+        self.check_lora_base()?;
         let lora = self.lora.as_mut().ok_or_else(|| no_lora(&self.weight))?;
         lora.merge().map_err(lora_err)?;
         self.sync_merged_weight()
@@ -202,6 +231,7 @@ impl Linear {
 
     /// Undoes [`Linear::merge_lora`].
     pub fn unmerge_lora(&mut self) -> Result<()> {
+        self.check_lora_base()?;
         let lora = self.lora.as_mut().ok_or_else(|| no_lora(&self.weight))?;
         lora.unmerge().map_err(lora_err)?;
         self.sync_merged_weight()
@@ -215,6 +245,7 @@ impl Linear {
                 WeightLayout::InOut => lora.weight().t()?.contiguous()?,
             };
             self.weight = Param::frozen(self.weight.name().to_string(), &w);
+            self.lora_base = Some(self.base_ids());
         }
         Ok(())
     }
@@ -306,7 +337,9 @@ impl Linear {
     ) -> Result<Vec<Tensor>> {
         let dropout_active = train && self.lora_dropout.as_ref().is_some_and(|d| d.p > 0.0);
         if let Some(l) = self.lora.as_ref().filter(|_| !dropout_active) {
-            if !layout.input_heads {
+            if layout.input_heads {
+                self.check_lora_base()?;
+            } else {
                 self.check_input(x)?;
             }
             return Ok(l.forward_parts(x, parts, layout, train)?);
@@ -331,7 +364,9 @@ impl Linear {
         Ok(y.remove(0))
     }
 
+    /// (Called on the LoRA paths, so it checks the adapter's base too.)
     fn check_input(&self, x: &Tensor) -> Result<()> {
+        self.check_lora_base()?;
         if x.dims().last() != Some(&self.in_features()) {
             return Err(ModelError::ShapeMismatch {
                 name: format!("input of {}", self.weight.name()),
@@ -533,6 +568,13 @@ pub struct DropoutRng {
 }
 
 impl DropoutRng {
+    /// A seed source whose masks start from `seed`.
+    pub fn seeded(seed: u64) -> Self {
+        let rng = Self::default();
+        rng.seed(seed);
+        rng
+    }
+
     /// Restarts the sequence of masks from `seed`.
     pub fn seed(&self, seed: u64) {
         self.base.store(seed, Ordering::Relaxed);
@@ -558,9 +600,16 @@ pub struct Dropout {
 }
 
 impl Dropout {
-    /// A dropout with its own seed source.
+    /// A dropout with its own seed source, seeded apart from every other one made by `new` in
+    /// this process (by the order they are made), so that layers built this way draw their own
+    /// masks: with one seed each, the same call of every layer would drop the same positions.
+    /// Give dropouts a shared [`DropoutRng`] ([`Dropout::with_rng`]) to reseed them together.
     pub fn new(p: f64) -> Result<Self> {
-        Self::with_rng(p, Arc::new(DropoutRng::default()))
+        static MADE: AtomicU64 = AtomicU64::new(0);
+        let n = MADE.fetch_add(1, Ordering::Relaxed);
+        // Far apart from the small seeds a user passes to `DropoutRng::seed`.
+        let seed = n.wrapping_add(1).wrapping_mul(0xD1B5_4A32_D192_ED03);
+        Self::with_rng(p, Arc::new(DropoutRng::seeded(seed)))
     }
 
     /// A dropout drawing its masks from a shared seed source.
@@ -707,6 +756,12 @@ pub(crate) fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
 impl candle_core::ModuleT for Linear {
     fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         Ok(Linear::forward_t(self, xs, train)?)
+    }
+}
+
+impl candle_core::Module for Embedding {
+    fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(Embedding::forward(self, ids)?)
     }
 }
 

@@ -33,7 +33,7 @@ pub use bert::{BertConfig, BertForSequenceClassification, BertModel};
 pub use error::{ModelError, Result};
 pub use ffn::{DenseFfn, FeedForward, NamedRoutedFfn};
 pub use gpt2::{lm_loss, GPT2Config, GPT2LMHeadModel, GPT2Model, KvCache};
-pub use layers::{Dropout, Embedding, LayerNorm, Linear, WeightLayout};
+pub use layers::{Dropout, DropoutRng, Embedding, LayerNorm, Linear, WeightLayout};
 pub use memory::{
     activation_bytes, physical_memory_bytes, ActivationAccounting, ActivationBytes, AttentionCost, FfnCost,
     LayerShape,

@@ -272,7 +272,8 @@ pub struct Param {
 }
 
 impl Param {
-    /// A trainable parameter (the tensor is copied into a new `Var`).
+    /// A trainable parameter (the tensor is copied into a new `Var`: for a weight that a
+    /// candle `VarMap` holds, use [`Param::from_var_map`] so that both train the same `Var`).
     pub fn trainable(name: impl Into<String>, t: &Tensor) -> Result<Self> {
         let var = Var::from_tensor(&t.detach())?;
         Ok(Self::from_var(name, var))
@@ -286,6 +287,18 @@ impl Param {
             detached: Some(var.as_detached_tensor()),
             var: Some(var),
         }
+    }
+
+    /// A trainable parameter sharing the `Var` that `map` holds under `name` (e.g. one a
+    /// `VarBuilder::from_varmap` made), so that an optimizer over `map.all_vars()` trains what
+    /// this layer computes with. See also [`NamedParams::add_to_var_map`].
+    pub fn from_var_map(map: &candle_nn::VarMap, name: &str) -> Result<Self> {
+        let data = map.data().lock().unwrap_or_else(|e| e.into_inner());
+        let var = data.get(name).cloned().ok_or_else(|| ModelError::MissingTensor {
+            name: name.to_string(),
+            tried: vec![format!("the VarMap's {} variables", data.len())],
+        })?;
+        Ok(Self::from_var(name, var))
     }
 
     /// A frozen parameter: backward never reaches it.
@@ -374,6 +387,32 @@ pub trait NamedParams {
             }
         });
         out
+    }
+
+    /// Puts the trainable parameters' `Var`s (the same `Var`s, not copies) into `map` under
+    /// `{prefix}{name}`, so that an optimizer over `map.all_vars()` trains them and `map.save`
+    /// saves them: the `Var`s spt makes (LoRA factors, routers, [`Param::trainable`] copies) live
+    /// in no `VarMap` otherwise. A name that `map` holds for another `Var` is an error, and then
+    /// nothing is added.
+    fn add_to_var_map(&self, map: &candle_nn::VarMap, prefix: &str) -> Result<()> {
+        let vars = self.named_vars();
+        let mut data = map.data().lock().unwrap_or_else(|e| e.into_inner());
+        for (name, var) in &vars {
+            let key = format!("{prefix}{name}");
+            if data.get(&key).is_some_and(|v| v.id() != var.id()) {
+                return Err(ModelError::InvalidConfig {
+                    field: "VarMap",
+                    value: key,
+                    reason: "the map already holds another variable under this name; \
+                             add with another prefix"
+                        .into(),
+                });
+            }
+        }
+        for (name, var) in vars {
+            data.insert(format!("{prefix}{name}"), var);
+        }
+        Ok(())
     }
 
     /// Every parameter as `(canonical HF name, tensor)`, for export.

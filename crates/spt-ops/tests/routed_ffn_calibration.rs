@@ -153,6 +153,28 @@ fn permuted_units_keep_the_dense_ffn_with_lora() -> Result<()> {
     )?;
     let e = trained.permute_units(&shuffled(24, 37)).unwrap_err().to_string();
     assert!(e.contains("frozen"), "{e}");
+    // A trained weight passed as a view of its Var (a Conv1D-style layout) counts as trained,
+    // and merging LoRA into trained weights (which would make them constants) is refused.
+    let w1_t = Var::from_tensor(&ts[0].t()?.contiguous()?)?;
+    let mut viewed = RoutedFfn::new(
+        &w1_t.as_tensor().t()?,
+        &ts[1].detach(),
+        &ts[2].detach(),
+        &ts[3].detach(),
+        Activation::Relu,
+        RoutedFfnConfig::new(4, BlockTopK::Count(2)),
+    )?
+    .with_lora(LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        seed: 5,
+    })?;
+    let e = viewed.permute_units(&shuffled(24, 38)).unwrap_err().to_string();
+    assert!(e.contains("frozen"), "{e}");
+    let e = viewed.merge().unwrap_err().to_string();
+    assert!(e.contains("merge needs frozen FFN weights"), "{e}");
+    assert!(viewed.weights().0.track_op(), "W1 stays trained");
     Ok(())
 }
 

@@ -34,6 +34,7 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
 
 /// The layer-norm op; `eps` is the variance epsilon. Applied directly (`apply_op3`) rather than
 /// through [`layer_norm`], it still refuses parameters that do not match x's last dimension.
+#[derive(Debug, Clone, Copy)]
 pub struct LayerNormOp {
     pub eps: f64,
 }

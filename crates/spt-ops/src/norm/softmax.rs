@@ -14,6 +14,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 }
 
 /// The softmax op.
+#[derive(Debug, Clone, Copy)]
 pub struct SoftmaxOp;
 
 fn forward<T: Vector>(x: &[T], d: usize) -> Vec<T> {

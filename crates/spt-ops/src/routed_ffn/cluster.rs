@@ -141,12 +141,13 @@ impl RoutedFfn {
     /// Reorders the hidden units: new unit `j` is old unit `perm[j]` in W1's rows, b1, W2's
     /// columns and LoRA's B1 rows / A2 columns. The dense function is unchanged; the blocks
     /// (and so the routed output) now hold other units. The FFN weights must be frozen (plain
-    /// tensors): a trained weight would lose its `Var` identity. LoRA factors move in place;
+    /// tensors): a trained weight (a `Var`, or a view of one) would lose its `Var` identity. LoRA
+    /// factors move in place;
     /// the linear correction is reset to 0 (it belongs to the old blocks).
     pub fn permute_units(&mut self, perm: &[u32]) -> Result<()> {
         let d_ff = self.d_ff();
         check_permutation("routed_ffn", perm, d_ff)?;
-        if self.w1.is_variable() || self.b1.is_variable() || self.w2.is_variable() {
+        if self.w1.track_op() || self.b1.track_op() || self.w2.track_op() {
             bail!("routed_ffn: permute_units needs frozen FFN weights (W1, b1, W2 are trained here)");
         }
         let idx = Tensor::new(perm, self.w1.device())?;

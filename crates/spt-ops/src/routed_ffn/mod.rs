@@ -406,7 +406,7 @@ impl RoutedFfn {
         Ok((dims, t))
     }
 
-    /// Router scores `[T, n_blocks]` for `x [T, d]`; recorded only if something learns from them.
+    /// Router scores `[T, n_blocks]` for `x2 [T, d]`; recorded only if something learns from them.
     pub fn router_logits(&self, x2: &Tensor) -> Result<Tensor> {
         let needs_grad =
             !self.frozen && crate::grad_enabled() && (self.cfg.gate != GateMode::Ones || self.cfg.aux_loss);
@@ -679,6 +679,7 @@ impl RoutedFfn {
         if self.merged {
             return Err(LoraError::AlreadyMerged);
         }
+        self.check_frozen_base("merge")?;
         let (w1, w2) = self.merged_weights()?;
         (self.w1, self.w2) = (w1.detach(), w2.detach());
         self.merged = true;
@@ -694,11 +695,23 @@ impl RoutedFfn {
         if !self.merged {
             return Err(LoraError::NotMerged);
         }
+        self.check_frozen_base("unmerge")?;
         let d1 = delta_weight(&l.a1, &l.b1, &l.cfg)?;
         let d2 = delta_weight(&l.a2, &l.b2, &l.cfg)?;
         (self.w1, self.w2) = ((&self.w1 - d1)?.detach(), (&self.w2 - d2)?.detach());
         self.merged = false;
         self.frozen_operands = Default::default();
+        Ok(())
+    }
+
+    /// Merging replaces W1 and W2 by constants: trained ones (a `Var` or a view of one) would
+    /// silently stop training, so they are refused.
+    fn check_frozen_base(&self, what: &str) -> std::result::Result<(), LoraError> {
+        if self.w1.track_op() || self.w2.track_op() {
+            return Err(LoraError::Candle(candle_core::Error::Msg(format!(
+                "routed_ffn: {what} needs frozen FFN weights (W1 or W2 is trained here)"
+            ))));
+        }
         Ok(())
     }
 
