@@ -1,8 +1,8 @@
 //! Block-sparse attention: each tile of `query_tile` queries of one (batch, head) attends to the
 //! keys of the key blocks a [`BlockSelection`] lists for it.
 //!
-//! Contract, for `q [B, H, L_q, d]`, `k [B, H, L_k, d]`, `v [B, H, L_k, d_v]` (f32 or f64,
-//! contiguous, CPU):
+//! Contract, for `q [B, H, L_q, d]`, `k [B, H, L_k, d]`, `v [B, H, L_k, d_v]` (on the CPU: f32
+//! or f64, contiguous):
 //!
 //! - Query `i` belongs to tile `i / query_tile` (the last tile may be shorter) and sees key `j`
 //!   iff `j` lies in one of its tile's selected blocks `[blk·key_block, (blk+1)·key_block)`
@@ -14,6 +14,11 @@
 //! - dk and dv are summed in a fixed order: bit-identical across runs and thread counts.
 //!
 //! With every block selected the op equals [`crate::dense_attention`] under the same mask.
+//!
+//! Off the CPU it runs the tensor-core kernel on CUDA in bf16 with d = d_v ∈ {64, 128}
+//! (the flash-attention kernel of `kernels/flash_attention.cu` over the listed blocks, 64 × 64
+//! tiles), and anything else the composed
+//! reference over `[B, H, L_q, L_k]` scores.
 
 mod cpu;
 pub mod reference;

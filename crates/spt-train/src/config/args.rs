@@ -202,7 +202,8 @@ pub struct FinetuneArgs {
     pub keep_last: Option<usize>,
     #[arg(long, hide = true)]
     pub log_every: Option<u64>,
-    /// Resume from the latest checkpoint in --output-dir, or from the given checkpoint directory.
+    /// Resume from the latest checkpoint in --output-dir, or from the given checkpoint directory
+    /// (or run folder: its latest checkpoint).
     #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "CHECKPOINT")]
     pub resume: Option<String>,
     /// cpu, cuda or cuda:N (default: cpu).

@@ -1,8 +1,10 @@
 //! [`FinetuneConfig`]: every `spt-train finetune` setting, loadable from TOML or JSON, and the
 //! [`FinetuneArgs`] flags that override it; model resolution (local directory or hub id).
 //!
-//! Precedence: built-in defaults < `--config FILE` < flags. The file uses the same names as the
-//! struct fields (flags are the same names with `-` for `_`), and unknown keys are an error.
+//! Precedence: defaults (the mode's learning rate and, in spt mode, the preset's settings) <
+//! `--config FILE` < flags < `--set section.key=value`. The file is written in sections
+//! (`sections.rs`; a flat file of the field names is read too), and unknown keys are an error.
+//! Flags mostly carry the field names with `-` for `_` (`--train-file` fills `train_files`).
 //!
 //! - here: the settings, their defaults, loading a file and what the trainer takes from them;
 //! - `args.rs`: the flags and how they override a file;
@@ -128,7 +130,8 @@ pub struct FinetuneConfig {
     pub tokenizer: Option<PathBuf>,
 
     // --- data ---
-    /// Training files (classification: CSV/TSV/JSONL; lm: plain text). Required.
+    /// Training files (classification: CSV/TSV/JSONL; lm: plain text, or the text column of a
+    /// CSV/TSV/JSONL file). Required.
     pub train_files: Vec<PathBuf>,
     /// Validation files; when empty, `validation_split` of the training rows are held out.
     pub validation_files: Vec<PathBuf>,

@@ -33,29 +33,33 @@ pub(crate) struct EvalArgs {
     /// JSONL file's --text-column, any other file as plain text.
     #[arg(long, value_enum)]
     pub(crate) format: Option<DataFormat>,
-    /// Text column (default: `--config`'s, else `text`).
+    /// Text column (default: `--config`'s, else the --checkpoint run's, else `text`).
     #[arg(long)]
     pub(crate) text_column: Option<String>,
-    /// Second text column, for sentence pairs (default: `--config`'s, else none).
+    /// Second text column, for sentence pairs (default: `--config`'s, else the --checkpoint run's,
+    /// else none).
     #[arg(long)]
     pub(crate) text_pair_column: Option<String>,
-    /// Label column (default: `--config`'s, else `label`).
+    /// Label column (default: `--config`'s, else the --checkpoint run's, else `label`).
     #[arg(long)]
     pub(crate) label_column: Option<String>,
-    /// Drop rows with this label; repeat for several (default: `--config`'s).
+    /// Drop rows with this label; repeat for several (default: `--config`'s, else the --checkpoint
+    /// run's).
     #[arg(long = "drop-label")]
     pub(crate) drop_labels: Vec<String>,
-    /// labels.json of the run (default: the checkpoint run's labels.json; without a checkpoint,
-    /// the id2label of the model's config.json, as an export writes it).
+    /// labels.json of the run (default: the classes the checkpoint records; for a checkpoint of
+    /// an older spt-train, its run's labels.json; without a checkpoint, the id2label of the
+    /// model's config.json, as an export writes it).
     #[arg(long)]
     pub(crate) label_map: Option<PathBuf>,
     /// Examples per evaluation batch.
     #[arg(long, default_value_t = 32)]
     pub(crate) batch_size: usize,
-    /// Truncation length in tokens (default: `--config`'s, else the model's maximum).
+    /// Truncation length in tokens (default: `--config`'s, else the --checkpoint run's, else the
+    /// model's maximum).
     #[arg(long)]
     pub(crate) max_length: Option<usize>,
-    /// LM block length in tokens (default: `--config`'s, else 128).
+    /// LM block length in tokens (default: `--config`'s, else the --checkpoint run's, else 128).
     #[arg(long)]
     pub(crate) block_size: Option<usize>,
     /// Rows to evaluate: every row of the data files, or the validation rows that the seeded

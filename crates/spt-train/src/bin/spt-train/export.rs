@@ -35,7 +35,8 @@ pub(crate) struct ExportArgs {
     /// hf: the merged model; peft: the adapter alone, as PEFT saves one.
     #[arg(long, value_enum, default_value = "hf")]
     pub(crate) format: Format,
-    /// Replace an earlier export in --out (only one that spt-train wrote).
+    /// Replace an earlier export in --out (only one that spt-train wrote), or write into a
+    /// folder that is not spt-train's where none of the export's files exist.
     #[arg(long)]
     pub(crate) overwrite: bool,
 }

@@ -66,7 +66,7 @@ enum Command {
     Predict(PredictArgs),
     /// Sample text from a GPT-2 model.
     Generate(GenerateArgs),
-    /// Merge LoRA and write a Hugging Face-compatible model directory.
+    /// Merge LoRA and write a Hugging Face-compatible model directory, or a PEFT adapter.
     Export(ExportArgs),
     /// Time fine-tuning steps, dense vs LoRA vs SPT, on real model shapes.
     Bench(BenchArgs),

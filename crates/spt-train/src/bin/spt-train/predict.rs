@@ -30,8 +30,9 @@ pub(crate) struct PredictArgs {
     /// Second text column, for sentence pairs (default: the run's, for --checkpoint; else none).
     #[arg(long)]
     pub(crate) text_pair_column: Option<String>,
-    /// labels.json of the run (default: the checkpoint run's labels.json; without a checkpoint,
-    /// the id2label of the model's config.json, as an export writes it).
+    /// labels.json of the run (default: the classes the checkpoint records; for a checkpoint of
+    /// an older spt-train, its run's labels.json; without a checkpoint, the id2label of the
+    /// model's config.json, as an export writes it).
     #[arg(long)]
     pub(crate) label_map: Option<PathBuf>,
     /// Write JSON lines here instead of stdout.
