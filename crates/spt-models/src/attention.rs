@@ -160,7 +160,7 @@ impl DenseAttention {
                     return Err(ModelError::BadInput {
                         name: "attention mask",
                         reason: format!(
-                            "is prepared as {:?}, expected [{rows}, 1, {lq}|1, {lk}] for {b} sequences, \
+                            "is prepared as {:?}, expected [{rows}, 1, {lq}|1, {lk}] for a batch of {b}, \
                              {lq} queries and {lk} keys",
                             m.dims()
                         ),

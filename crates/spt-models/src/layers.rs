@@ -130,7 +130,11 @@ impl Linear {
 
     /// Wraps the layer with LoRA: `y = x Wᵀ + b + (α/r)·dropout(x) Aᵀ Bᵀ`, B zero-initialised.
     /// The base weight and bias are frozen (kept under their HF names for export); A and B are
-    /// new trainable parameters named `{module}.lora_A.weight` / `{module}.lora_B.weight`.
+    /// new trainable parameters named `{module}.lora_A.weight` / `{module}.lora_B.weight`, in no
+    /// `VarMap` ([`NamedParams::add_to_var_map`] puts them in one). `cfg.seed` draws A: give each
+    /// layer its own (`sparsify` does), or every layer starts from the same A. Set the base
+    /// weight before: the adapter computes with the base it is given here (a weight replaced
+    /// through this layer later is refused; the `Var` it came from must not be written).
     pub fn add_lora(&mut self, cfg: LoraConfig) -> Result<()> {
         // Checked before the base is frozen: a refused adapter leaves the layer as it was.
         self.check_lora(&cfg)?;

@@ -392,26 +392,31 @@ pub trait NamedParams {
     /// Puts the trainable parameters' `Var`s (the same `Var`s, not copies) into `map` under
     /// `{prefix}{name}`, so that an optimizer over `map.all_vars()` trains them and `map.save`
     /// saves them: the `Var`s spt makes (LoRA factors, routers, [`Param::trainable`] copies) live
-    /// in no `VarMap` otherwise. A name that `map` holds for another `Var` is an error, and then
-    /// nothing is added.
+    /// in no `VarMap` otherwise. A `Var` the map already holds, under any name, is left where it
+    /// is (an optimizer would step it twice). A name that `map` holds for another `Var`, or that
+    /// two of these parameters share, is an error, and then nothing is added.
     fn add_to_var_map(&self, map: &candle_nn::VarMap, prefix: &str) -> Result<()> {
-        let vars = self.named_vars();
         let mut data = map.data().lock().unwrap_or_else(|e| e.into_inner());
-        for (name, var) in &vars {
+        let held: std::collections::HashSet<_> = data.values().map(|v| v.id()).collect();
+        let mut adding: HashMap<String, Var> = HashMap::new();
+        for (name, var) in self.named_vars() {
+            if held.contains(&var.id()) {
+                continue;
+            }
             let key = format!("{prefix}{name}");
-            if data.get(&key).is_some_and(|v| v.id() != var.id()) {
+            let taken = data.contains_key(&key) || adding.get(&key).is_some_and(|v| v.id() != var.id());
+            if taken {
                 return Err(ModelError::InvalidConfig {
                     field: "VarMap",
                     value: key,
-                    reason: "the map already holds another variable under this name; \
-                             add with another prefix"
+                    reason: "another variable has this name (in the map, or among these \
+                             parameters); add with another prefix, or name the layers apart"
                         .into(),
                 });
             }
+            adding.insert(key, var);
         }
-        for (name, var) in vars {
-            data.insert(format!("{prefix}{name}"), var);
-        }
+        data.extend(adding);
         Ok(())
     }
 

@@ -58,7 +58,7 @@ fn one_sequences_padding_is_refused_for_a_batch_on_every_path() -> Result<()> {
             .forward_t(&q, &q, &q, &prepared, 0.5, false)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("[1, 4]") || e.contains("2 sequences"), "{e}");
+        assert!(e.contains("[1, 4]") || e.contains("a batch of 2"), "{e}");
         // A mask for both sequences runs.
         let both = Tensor::new(&[pad[0], pad[0]], &dev)?;
         let prepared = PreparedMask::new(
@@ -119,9 +119,30 @@ fn var_map_weights_and_lora_factors_train_through_the_map() -> Result<()> {
         ..LoraConfig::default()
     })?;
     b.add_to_var_map(&map, "")?;
-    assert_eq!(map.all_vars().len(), 4); // a.weight, b.weight (now frozen in b), two factors
-                                         // Adding again is a no-op; a name the map holds for another variable is refused.
+    // a.weight, b.weight (now frozen in b), two factors.
+    assert_eq!(map.all_vars().len(), 4);
+    // Adding again, or under another prefix, adds nothing (an optimizer would step a Var twice);
+    // a name the map holds for another variable is refused, as are two layers named alike.
     b.add_to_var_map(&map, "")?;
+    b.add_to_var_map(&map, "again.")?;
+    a.add_to_var_map(&map, "model.")?;
+    assert_eq!(map.all_vars().len(), 4);
+    let twin = |seed| -> Result<Linear> {
+        let mut l = Linear::new(
+            Param::frozen("t.weight", &randn(&[5, 6], seed)?),
+            None,
+            WeightLayout::OutIn,
+        )?;
+        l.add_lora(LoraConfig {
+            rank: 2,
+            ..LoraConfig::default()
+        })?;
+        Ok(l)
+    };
+    let twins = Layers(vec![twin(11)?, twin(12)?]);
+    let e = twins.add_to_var_map(&map, "").unwrap_err().to_string();
+    assert!(e.contains("t.lora_"), "{e}");
+    assert_eq!(map.all_vars().len(), 4, "nothing added");
     let other = Linear::new(
         Param::trainable("b.lora_A.weight", &randn(&[2, 6], 5)?)?,
         None,
@@ -153,6 +174,18 @@ fn var_map_weights_and_lora_factors_train_through_the_map() -> Result<()> {
     Ok(())
 }
 
+/// A model of one's own: its layers' parameters, in order.
+struct Layers(Vec<Linear>);
+
+impl NamedParams for Layers {
+    fn visit_params<'a>(&'a self, f: &mut dyn FnMut(&'a Param)) {
+        self.0.iter().for_each(|l| l.visit_params(f));
+    }
+    fn visit_params_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        self.0.iter_mut().for_each(|l| l.visit_params_mut(f));
+    }
+}
+
 /// Was a defect: a base weight replaced through the public field after `add_lora` was exported
 /// but never computed with (the adapter holds its own copy).
 #[test]
@@ -174,7 +207,10 @@ fn a_base_weight_replaced_behind_lora_is_refused() -> Result<()> {
         lin.forward(&x).unwrap_err().to_string(),
         lin.merge_lora().unwrap_err().to_string(),
     ] {
-        assert!(e.contains("l") && e.contains("replaced after add_lora"), "{e}");
+        assert!(
+            e.contains("lora = l:") && e.contains("replaced after add_lora"),
+            "{e}"
+        );
     }
     // Merging (which writes the merged weight back) keeps the layer usable.
     let mut fine = Linear::new(
