@@ -1467,6 +1467,13 @@ fn regression_cr_only_rows_are_numbered() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("line 4"), "{e}");
+    // A quote never closed in such a file is found as in a `\n` file (it spanned `\r` lines
+    // only, so the check for it did not run: the rest of the file became one text).
+    let p = write(dir.path(), "mac.csv", b"text\rok\r\"open\rmore\rrows\r");
+    let e = read_classification(&p, None, &spec(false, false), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("line 3") && e.contains("never closed"), "{e}");
 }
 
 /// Was a defect: in a file whose lines end both ways (`\r` lines pasted into a Unix or Windows

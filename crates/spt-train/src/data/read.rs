@@ -292,7 +292,7 @@ fn read_delimited(
         // The start of the record if a field of it spans lines (see check_closed_quotes).
         last_multiline = rec
             .position()
-            .filter(|_| rec.iter().any(|f| f.contains(&b'\n')))
+            .filter(|_| rec.iter().any(|f| f.contains(&b'\n') || f.contains(&b'\r')))
             .map(|p| p.byte());
         let line = rec.position().map(|p| lines.line(p.byte())).unwrap_or(0);
         // A blank line is no record; a quoted empty field (`""`, as Python's csv writes an empty
