@@ -30,6 +30,8 @@ struct BagClassifier {
     dropout: f32,
     /// A loss cut off from the parameters (a task bug the trainer must name).
     detach_loss: bool,
+    /// A per-example loss `[B]` rather than a scalar (another task bug).
+    vector_loss: bool,
     /// Set the flag when the forward of update `stop_at_step` (0-based) runs: simulates Ctrl-C.
     stop: Option<(u64, Arc<AtomicBool>)>,
     /// Evaluation gives NaN logits (training does not): a run diverging on held-out rows.
@@ -48,6 +50,7 @@ impl BagClassifier {
             b: Var::zeros(CLASSES, DType::F32, &dev)?,
             dropout,
             detach_loss: false,
+            vector_loss: false,
             stop: None,
             nan_eval: false,
         })
@@ -106,6 +109,9 @@ impl TrainTask for BagClassifier {
         }
         let logits = self.logits(batch, ctx.train.then_some(ctx.seed))?;
         let loss = candle_nn::loss::cross_entropy(&logits, &batch.labels)?;
+        if self.vector_loss {
+            return loss.broadcast_as(batch.size)?.contiguous();
+        }
         Ok(if self.detach_loss { loss.detach() } else { loss })
     }
 
@@ -371,6 +377,14 @@ fn settings_and_tasks_that_would_train_nothing_or_nan_are_refused() -> anyhow::R
     detached.detach_loss = true;
     let e = err(base.clone(), detached, None);
     assert!(e.contains("no trainable variable received a gradient"), "{e}");
+    // A loss per example stopped with candle's "unexpected number of dims", naming no loss.
+    let mut per_example = BagClassifier::new(3, 0.0)?;
+    per_example.vector_loss = true;
+    let e = err(base.clone(), per_example, None);
+    assert!(
+        e.contains("TrainTask::loss gave a tensor of shape [8]") && e.contains("scalar"),
+        "{e}"
+    );
     // A label id of u32::MAX in evaluation sized the macro-F1 counters by it and aborted.
     let mut odd = synthetic(8, 6);
     odd.items[0].label = Some(u32::MAX);
@@ -535,6 +549,77 @@ fn zero_batch_size_is_an_error() -> anyhow::Result<()> {
         .train(&synthetic(10, 1), None, &Resume::No)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("batch size"), "{err}");
+    assert!(err.contains("batch_size must be at least 1"), "{err}");
+    let cfg = TrainerConfig {
+        eval_batch_size: 0,
+        ..config(tmp.path())
+    };
+    let err = Trainer::new(BagClassifier::new(3, 0.0)?, cfg, Device::Cpu)
+        .train(&synthetic(10, 1), None, &Resume::No)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("eval_batch_size must be at least 1"), "{err}");
+    Ok(())
+}
+
+/// Were defects: a library resume from an earlier checkpoint went on beside the later ones of
+/// the abandoned run (the newest of them then taken for the run's latest), and `check_resume`
+/// followed by `train` from elsewhere (or afresh) trained on from the restored weights.
+#[test]
+fn resuming_is_refused_beside_later_checkpoints_or_another_restored_one() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let train = synthetic(50, 5);
+    let cfg = || TrainerConfig {
+        max_steps: Some(6),
+        save_every: 2,
+        keep_last: 0,
+        eval_every: 0,
+        ..config(tmp.path())
+    };
+    Trainer::new(BagClassifier::new(3, 0.2)?, cfg(), Device::Cpu).train(&train, None, &Resume::No)?;
+    let ckpts = tmp.path().join("checkpoints");
+    let step2 = ckpts.join("step-00000002");
+    let mut t = Trainer::new(BagClassifier::new(3, 0.2)?, cfg(), Device::Cpu);
+    let e = t
+        .train(&train, None, &Resume::From(step2.clone()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("later checkpoints (step-00000004, step-00000006)"),
+        "{e}"
+    );
+    let steps = |d: &Path| -> anyhow::Result<Vec<u64>> {
+        Ok(list_checkpoints(d)?.into_iter().map(|(s, _)| s).collect())
+    };
+    assert_eq!(steps(&ckpts)?, [2, 4, 6], "nothing removed");
+    // Each checkpoint records the order its steps took the rows in (a resume under another
+    // warns that its data position reads another order).
+    let order = spt_train::trainer::DataRecord::of(&step2).and_then(|r| r.order);
+    let want = spt_train::trainer::DataOrder {
+        seed: 11,
+        batch_size: 8,
+        grad_accum: 2,
+        bucket_batches: 3,
+    };
+    assert_eq!(order, Some(want));
+
+    let mut t = Trainer::new(BagClassifier::new(3, 0.2)?, cfg(), Device::Cpu);
+    t.check_resume(&Resume::Latest)?;
+    let e = t.train(&train, None, &Resume::No).unwrap_err().to_string();
+    assert!(
+        e.contains("check_resume restored") && e.contains("step-00000006"),
+        "{e}"
+    );
+
+    // With the later ones removed (as `spt-train finetune --resume CKPT --overwrite` does), the
+    // run goes on from step 2.
+    spt_train::checkpoint::remove_checkpoints(&ckpts, |s| s > 2)?;
+    let s = Trainer::new(BagClassifier::new(3, 0.2)?, cfg(), Device::Cpu).train(
+        &train,
+        None,
+        &Resume::From(step2),
+    )?;
+    assert_eq!((s.resumed_from, s.steps), (Some(2), 6));
+    assert_eq!(steps(&ckpts)?, [2, 4, 6]);
     Ok(())
 }

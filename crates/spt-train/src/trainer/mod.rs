@@ -34,7 +34,7 @@ use crate::{Error, Result};
 
 mod run;
 
-pub use run::{check_settings, check_within_run, DataRecord, Trainer};
+pub use run::{check_no_later, check_settings, check_within_run, DataOrder, DataRecord, Trainer};
 
 /// The progress bar: bar, steps, elapsed < ETA, then "loss … lr … tok/s".
 pub const PROGRESS_TEMPLATE: &str = "{bar:30.cyan/blue} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}";
@@ -286,7 +286,9 @@ impl TrainSummary {
 /// Installs a Ctrl-C handler once per process and returns its flag; SIGTERM (what `docker stop`
 /// and Slurm send) counts as Ctrl-C. The first sets the flag (the trainer then saves and stops);
 /// a second one exits at once with status 130. SIGHUP keeps the action it had: a run started
-/// under `nohup` goes on when its terminal closes.
+/// under `nohup` goes on when its terminal closes. The handler replaces SIGINT / SIGTERM handlers
+/// installed before it (ctrlc's own refuse it: then this is an error) and stays for the process:
+/// the flag is never reset, so after an interrupted run a later `train` with it stops at once.
 pub fn install_ctrlc_handler() -> Result<Arc<AtomicBool>> {
     static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
     if let Some(f) = FLAG.get() {
@@ -296,7 +298,7 @@ pub fn install_ctrlc_handler() -> Result<Arc<AtomicBool>> {
     let f2 = flag.clone();
     #[cfg(unix)]
     let hup = sighup::take()?;
-    ctrlc::set_handler(move || {
+    let installed = ctrlc::set_handler(move || {
         if f2.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
@@ -307,10 +309,11 @@ pub fn install_ctrlc_handler() -> Result<Arc<AtomicBool>> {
             "\ninterrupted (Ctrl-C or SIGTERM): finishing the current step and saving a checkpoint \
              (interrupt again to quit now)"
         );
-    })
-    .map_err(|e| Error::Msg(format!("cannot install the Ctrl-C handler: {e}")))?;
+    });
+    // Restored whether or not ctrlc took the handlers (it refuses when the process has one).
     #[cfg(unix)]
     sighup::restore(&hup)?;
+    installed.map_err(|e| Error::Msg(format!("cannot install the Ctrl-C handler: {e}")))?;
     Ok(FLAG.get_or_init(|| flag).clone())
 }
 

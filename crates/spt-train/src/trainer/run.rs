@@ -11,10 +11,10 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Var};
 
 use crate::checkpoint::{
-    latest_checkpoint, load_checkpoint, read_manifest, save_checkpoint, CheckpointData, CheckpointIo,
-    DataPosition, FsIo,
+    latest_checkpoint, list_checkpoints, load_checkpoint, read_manifest, save_checkpoint, CheckpointData,
+    CheckpointIo, DataPosition, FsIo,
 };
-use crate::data::{epoch_batches, BatchOrder, DataError, DataFingerprint, EncodedDataset};
+use crate::data::{epoch_batches, BatchOrder, DataFingerprint, EncodedDataset};
 use crate::metrics::{MeanLoss, MetricRecord, MetricsWriter};
 use crate::optim::{clip_scale, grad_norm, AdamW, LrSchedule};
 use crate::rng::SplitMix64;
@@ -53,6 +53,50 @@ pub struct DataRecord {
     /// edited; the checkpoint's head answers in this order).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub classes: Option<Vec<String>>,
+    /// The settings that order the training rows into steps: a resume under other ones reads
+    /// its data position in another order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<DataOrder>,
+}
+
+/// What turns the training rows into a sequence of steps (with the data's fingerprint): the
+/// shuffle seed, the batch and accumulation sizes and the length bucketing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DataOrder {
+    pub seed: u64,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub bucket_batches: usize,
+}
+
+impl DataOrder {
+    fn of(c: &TrainerConfig) -> Self {
+        Self {
+            seed: c.seed,
+            batch_size: c.batch_size,
+            grad_accum: c.grad_accum,
+            bucket_batches: c.bucket_batches,
+        }
+    }
+
+    /// `name: then → now` for each setting that differs.
+    fn changes(&self, now: &Self) -> Vec<String> {
+        let pairs = [
+            ("seed", self.seed as u128, now.seed as u128),
+            ("batch_size", self.batch_size as u128, now.batch_size as u128),
+            ("grad_accum", self.grad_accum as u128, now.grad_accum as u128),
+            (
+                "bucket_batches",
+                self.bucket_batches as u128,
+                now.bucket_batches as u128,
+            ),
+        ];
+        pairs
+            .iter()
+            .filter(|(_, a, b)| a != b)
+            .map(|(n, a, b)| format!("{n} {a} → {b}"))
+            .collect()
+    }
 }
 
 impl DataRecord {
@@ -150,7 +194,9 @@ impl<T: TrainTask> Trainer<T> {
     /// Restores `resume`'s checkpoint (tensors into the task, state into the optimizer) before
     /// anything is written, so that a checkpoint that does not fit is refused first; a CLI calls
     /// it before touching the run folder. [`Trainer::train`] with the same `resume` continues
-    /// from it without reading the checkpoint again (and restores it itself when not called).
+    /// from it without reading the checkpoint again (and restores it itself when not called);
+    /// given another `resume` (or none), it is refused, since the task holds this checkpoint's
+    /// weights.
     pub fn check_resume(&mut self, resume: &Resume) -> Result<()> {
         let path = match resume {
             Resume::No => return Ok(()),
@@ -192,8 +238,8 @@ impl<T: TrainTask> Trainer<T> {
             "it was made in another mode or from another model (its finetune.toml says which)".to_string()
         } else {
             format!(
-                "it was written with other settings ({}): resume with the run's own (`--output-dir RUN \
-                 --resume` alone reads its finetune.toml)",
+                "it was written with other settings ({}): resume with the run's own (with spt-train, \
+                 `--output-dir RUN --resume` alone reads its finetune.toml)",
                 changed.join(", ")
             )
         };
@@ -285,7 +331,12 @@ impl<T: TrainTask> Trainer<T> {
     /// its step) and `loss.svg` (redrawn at every evaluation and checkpoint, and at the end).
     /// Prepare the folder with [`crate::output_dir::prepare_run_dir`],
     /// as `spt-train finetune` does: it refuses a folder of someone else's files and clears an
-    /// earlier run's (with `overwrite`), so two runs' metrics never mix.
+    /// earlier run's (with `overwrite`), so two runs' metrics never mix. A resume from a
+    /// checkpoint with later ones in `checkpoints/` is refused ([`check_no_later`]).
+    ///
+    /// The first train-loss record after a resume averages the steps since the resume (the
+    /// steps before it, of the same logging window, are in no checkpoint); the per-step losses
+    /// ([`TrainSummary`]) equal an uninterrupted run's.
     pub fn train(
         &mut self,
         train: &EncodedDataset,
@@ -311,11 +362,27 @@ impl<T: TrainTask> Trainer<T> {
             Resume::Latest => Some(latest_checkpoint(&self.checkpoint_dir())?),
             Resume::From(p) => Some(p.clone()),
         };
-        // What check_resume restored, if it restored this checkpoint; else restore it here.
-        let restored = self
+        // check_resume put its checkpoint's weights into the task: training from another one (or
+        // afresh) would go on from those weights under another run's step and optimizer state.
+        if let Some(r) = self
             .restored
-            .take()
-            .filter(|r| Some(&r.path) == resume_path.as_ref());
+            .as_ref()
+            .filter(|r| Some(&r.path) != resume_path.as_ref())
+        {
+            return Err(Error::Msg(format!(
+                "check_resume restored {}, but train was given {}: the task holds that \
+                 checkpoint's weights; train with the same resume",
+                r.path.display(),
+                resume_path
+                    .as_ref()
+                    .map_or("no checkpoint".to_string(), |p| p.display().to_string())
+            )));
+        }
+        if let Some(p) = &resume_path {
+            check_no_later(&self.checkpoint_dir(), p)?;
+        }
+        // What check_resume restored, if it did; else restore it here.
+        let restored = self.restored.take();
         let (mut opt, mut st) = match restored {
             Some(r) => (r.opt, r.st),
             None => {
@@ -347,6 +414,7 @@ impl<T: TrainTask> Trainer<T> {
             held_out: self.data.held_out.take(),
             held_out_mixed: false,
             classes: self.data.classes.take(),
+            order: Some(DataOrder::of(&self.cfg)),
         };
         // Held-out rows that changed at a resume (another split, validation file or data) may
         // be rows the steps before it trained on: said in every later checkpoint.
@@ -355,6 +423,18 @@ impl<T: TrainTask> Trainer<T> {
             .is_some_and(|b| b.held_out_mixed || b.held_out != now.held_out);
         if let (Some(p), Some(b)) = (&resume_path, &before) {
             warn_if_rows_changed(p, b, &now);
+            let changes = match (&b.order, &now.order) {
+                (Some(then), Some(now)) => then.changes(now),
+                _ => Vec::new(),
+            };
+            if !changes.is_empty() {
+                tracing::warn!(
+                    "{} was trained with another order of the rows ({}): the rest of its epoch \
+                     repeats some rows and skips others",
+                    p.display(),
+                    changes.join(", ")
+                );
+            }
         }
         self.data = now;
         let mut resumed_from = None;
@@ -496,6 +576,14 @@ impl<T: TrainTask> Trainer<T> {
                         train: true,
                     };
                     let loss = task.loss(batch, &ctx)?;
+                    if loss.rank() != 0 {
+                        return Err(Error::Msg(format!(
+                            "TrainTask::loss gave a tensor of shape {:?} at step {} (micro-batch \
+                             {i}), expected a scalar (e.g. a mean over the batch)",
+                            loss.dims(),
+                            step + 1
+                        )));
+                    }
                     let value = loss.detach().to_dtype(DType::F32)?.to_scalar::<f32>()?;
                     if !value.is_finite() {
                         return Err(Error::Msg(format!(
@@ -705,8 +793,13 @@ impl<T: TrainTask> Trainer<T> {
 /// The settings that depend on the training data, checked before anything is written (the
 /// CLI calls it before making the run directory; [`Trainer::train`] again).
 pub fn check_settings(c: &TrainerConfig, train: &EncodedDataset) -> Result<()> {
-    if c.batch_size == 0 || c.eval_batch_size == 0 {
-        return Err(DataError::ZeroBatchSize.into());
+    for (name, n) in [
+        ("batch_size", c.batch_size),
+        ("eval_batch_size", c.eval_batch_size),
+    ] {
+        if n == 0 {
+            return Err(Error::Msg(format!("{name} must be at least 1, got 0")));
+        }
     }
     if c.grad_accum == 0 {
         return Err(Error::Msg("grad_accum must be at least 1".into()));
@@ -790,6 +883,29 @@ fn warn_if_rows_changed(checkpoint: &Path, then: &DataRecord, now: &DataRecord) 
     }
 }
 
+/// Refuses to resume from `checkpoint` while the run's checkpoint folder `dir` holds later
+/// ones: the run would go on from the earlier step and leave the later ones of the abandoned
+/// run in place, the newest of them taken for the run's latest (`Resume::Latest`). Remove them
+/// first ([`crate::checkpoint::remove_checkpoints`]) or train into another output folder.
+pub fn check_no_later(dir: &Path, checkpoint: &Path) -> Result<()> {
+    let step = read_manifest(checkpoint)?.step;
+    let later: Vec<String> = list_checkpoints(dir)?
+        .into_iter()
+        .filter(|(s, _)| *s > step)
+        .map(|(_, p)| p.file_name().unwrap_or_default().to_string_lossy().into_owned())
+        .collect();
+    if !later.is_empty() {
+        return Err(Error::Msg(format!(
+            "resuming from {} (step {step}): {} holds later checkpoints ({}); continuing would mix \
+             two runs: remove them first, or train into another output folder",
+            checkpoint.display(),
+            dir.display(),
+            later.join(", ")
+        )));
+    }
+    Ok(())
+}
+
 /// Refuses a resumed checkpoint past the run's last step: continuing would train nothing while
 /// recording a shorter run than its checkpoints hold (fewer `--max-steps` or `--epochs` than
 /// when it was written).
@@ -797,7 +913,8 @@ pub fn check_within_run(checkpoint: &Path, done: u64, total: u64) -> Result<()> 
     if done > total {
         return Err(Error::Msg(format!(
             "checkpoint {} is at step {done}, past this run's last step ({total}): give at least \
-             {done} steps (--max-steps or --epochs) to continue it, or resume an earlier checkpoint",
+             {done} steps (max_steps or epochs; spt-train's --max-steps or --epochs) to continue it, or \
+             resume an earlier checkpoint",
             checkpoint.display()
         )));
     }
