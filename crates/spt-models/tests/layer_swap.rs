@@ -13,8 +13,8 @@ use spt_models::{
 use spt_ops::lora::LoraConfig;
 use std::sync::Arc;
 
-fn max_abs(a: &Tensor, b: &Tensor) -> Result<f32> {
-    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+fn max_abs(a: &Tensor, b: &Tensor) -> Result<f64> {
+    Ok(spt_ops::gradcheck::max_abs_diff(a, b)?)
 }
 
 fn randn(dims: &[usize], seed: u64) -> Result<Tensor> {
@@ -212,7 +212,8 @@ fn a_base_weight_replaced_behind_lora_is_refused() -> Result<()> {
             "{e}"
         );
     }
-    // Merging (which writes the merged weight back) keeps the layer usable.
+    // Merging writes the merged weight back into the layer (InOut: a new tensor), which is no
+    // replacement: the layer computes the same before, while and after.
     let mut fine = Linear::new(
         Param::frozen("m.weight", &randn(&[5, 4], 7)?),
         None,
@@ -222,10 +223,14 @@ fn a_base_weight_replaced_behind_lora_is_refused() -> Result<()> {
         rank: 2,
         ..LoraConfig::default()
     })?;
+    let lora_b = fine.lora().expect("adapter").lora_b().clone();
+    lora_b.set(&randn(lora_b.dims(), 11)?)?; // B ≠ 0, so the merge changes the weight
+    let x = randn(&[3, 5], 10)?;
+    let before = fine.forward(&x)?;
     fine.merge_lora()?;
-    fine.forward(&randn(&[3, 5], 10)?)?;
+    assert!(max_abs(&before, &fine.forward(&x)?)? < 1e-5);
     fine.unmerge_lora()?;
-    fine.forward(&randn(&[3, 5], 10)?)?;
+    assert!(max_abs(&before, &fine.forward(&x)?)? < 1e-5);
     Ok(())
 }
 

@@ -163,9 +163,11 @@ fn minilm_matches_reference_and_candle_transformers() -> Result<()> {
     eprintln!("MiniLM: max |ours - candle-transformers| over unpadded tokens = {d:e}");
     assert!(d < TOL, "vs candle-transformers: max |Δ| = {d:e}");
 
-    // Loading through the generic config path agrees with from_dir (config parsed by us).
+    // Loading through the config and weight source by hand gives from_dir's model.
     let cfg = BertConfig::from_file(dir.join("config.json"))?;
     assert_eq!(cfg.hidden_size, 384);
-    let _ = WeightSource::from_dir(&dir)?;
+    let (by_hand, _) = BertModel::load(&cfg, &WeightSource::from_dir(&dir)?, &LoadOptions::frozen())?;
+    let h2 = by_hand.forward_t(&ids_t, None, Some(&mask_t), false)?;
+    assert_eq!(max_abs(&h2, &h)?, 0.0);
     Ok(())
 }

@@ -223,12 +223,12 @@ fn pq_codebooks_round_trip_without_calibration() -> Result<()> {
     assert!(err.contains("`pq_codebook.layer.0`"), "{err}");
     // Settings a fit would refuse are refused here too, before anything is installed: block
     // tiles of no tokens (a division by zero at the forward) and a k of nothing.
-    for bad in [
-        (KeyTopK::Count(5), KeyGrouping::Blocks { tile: 0 }),
-        (KeyTopK::Count(0), KeyGrouping::PerQuery),
+    for (bad, named) in [
+        ((KeyTopK::Count(5), KeyGrouping::Blocks { tile: 0 }), "tile"),
+        ((KeyTopK::Count(0), KeyGrouping::PerQuery), "top_k"),
     ] {
         let err = b.load_buffers(&books, Some(bad)).unwrap_err().to_string();
-        assert!(err.contains("tile") || err.contains("top_k"), "{err}");
+        assert!(err.contains(named), "{err}");
     }
     assert_eq!(
         b.load_buffers(&books, Some((KeyTopK::Count(5), Default::default())))?,

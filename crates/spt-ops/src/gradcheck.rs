@@ -132,3 +132,54 @@ pub fn randn_f64(shape: &[usize], seed: u64) -> Result<Tensor> {
         .collect();
     Tensor::from_vec(data, shape, &candle_core::Device::Cpu)
 }
+
+/// `max |a − b|` over all elements, computed in f64 on the host, for tests. A NaN in one tensor
+/// where the other holds none makes it NaN, so that no `≤ tol` check passes (candle's `max`
+/// passes NaN over); NaN beside NaN, and equal infinities, count as equal.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+    if a.dims() != b.dims() {
+        bail!("max_abs_diff: {:?} against {:?}", a.dims(), b.dims());
+    }
+    let host = |t: &Tensor| t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>();
+    let (a, b) = (host(a)?, host(b)?);
+    Ok(a.iter().zip(&b).fold(0.0, |worst: f64, (&x, &y)| {
+        let d = if x == y || (x.is_nan() && y.is_nan()) {
+            0.0
+        } else {
+            (x - y).abs()
+        };
+        if d.is_nan() || worst.is_nan() {
+            f64::NAN
+        } else {
+            worst.max(d)
+        }
+    }))
+}
+
+/// `max |t|` over all elements (NaN when `t` holds one), for tests.
+pub fn max_abs(t: &Tensor) -> Result<f64> {
+    max_abs_diff(t, &t.zeros_like()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn max_abs_diff_sees_nan_past_the_first_element() -> Result<()> {
+        let dev = Device::Cpu;
+        let a = Tensor::new(&[1f32, f32::NAN, 3.0], &dev)?;
+        let b = Tensor::new(&[1f32, 2.0, 3.5], &dev)?;
+        // (candle 0.11's `max(0)` over |a − b| gives 0.5 here: it passes the NaN over.)
+        assert!(max_abs_diff(&a, &b)?.is_nan());
+        assert!(max_abs_diff(&b, &a)?.is_nan());
+        assert!(max_abs(&a)?.is_nan());
+        // NaN beside NaN and equal infinities are equal; the rest is max |a − b|.
+        let c = Tensor::new(&[f32::INFINITY, f32::NAN, 3.0], &dev)?;
+        let d = Tensor::new(&[f32::INFINITY, f32::NAN, 2.5], &dev)?;
+        assert_eq!(max_abs_diff(&c, &d)?, 0.5);
+        assert!(max_abs_diff(&a, &Tensor::new(&[1f32, 2.0], &dev)?).is_err());
+        Ok(())
+    }
+}

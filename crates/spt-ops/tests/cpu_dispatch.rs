@@ -19,15 +19,7 @@ use candle_core::{DType, Device, Tensor};
 
 /// max |a − b| as f64.
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
-    d.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
+    spt_ops::gradcheck::max_abs_diff(a, b).unwrap()
 }
 
 /// max |t|, at least 1: what an f32 rounding bound scales with.

@@ -13,12 +13,7 @@ use spt_ops::{
 
 fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     assert_eq!(a.dims(), b.dims());
-    a.to_dtype(DType::F64)?
-        .sub(&b.to_dtype(DType::F64)?)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f64>()
+    spt_ops::gradcheck::max_abs_diff(a, b)
 }
 
 fn f32(t: Tensor) -> Result<Tensor> {
@@ -183,6 +178,7 @@ fn forward_parts_equal_narrowed_forward_with_gradients() -> Result<()> {
         let parts = layer.forward_parts(x.as_tensor(), 3, HeadsLayout::default(), train)?;
         let y = layer.forward_t(x.as_tensor(), train)?;
         let narrowed: Vec<Tensor> = (0..3).map(|i| y.narrow(2, 4 * i, 4)).collect::<Result<_>>()?;
+        assert_eq!(parts.len(), 3);
         for (p, n) in parts.iter().zip(&narrowed) {
             assert_eq!(p.dims(), &[3, 400, 4]);
             assert!(max_diff(p, n)? < 1e-12);
@@ -202,6 +198,7 @@ fn forward_parts_equal_narrowed_forward_with_gradients() -> Result<()> {
     let before = layer.forward_parts(x.as_tensor(), 3, HeadsLayout::default(), false)?;
     layer.merge().map_err(candle_core::Error::wrap)?;
     let after = layer.forward_parts(x.as_tensor(), 3, HeadsLayout::default(), false)?;
+    assert_eq!((before.len(), after.len()), (3, 3));
     for (p, q) in before.iter().zip(&after) {
         assert!(max_diff(p, q)? < 1e-12);
     }

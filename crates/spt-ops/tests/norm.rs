@@ -5,12 +5,7 @@ use spt_ops::gradcheck::{check_gradients, randn_f64, GradCheck};
 use spt_ops::{layer_norm, norm::reference, softmax_last_dim, Activation};
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-    a.to_dtype(DType::F64)?
-        .sub(&b.to_dtype(DType::F64)?)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f64>()
+    spt_ops::gradcheck::max_abs_diff(a, b)
 }
 
 #[test]

@@ -20,16 +20,7 @@ fn tensors(path: &Path) -> HashMap<String, Tensor> {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    spt_ops::gradcheck::max_abs_diff(a, b).unwrap() as f32
 }
 
 /// Trains a 2-step LoRA run of `model`, exports it both ways, and checks the adapter against

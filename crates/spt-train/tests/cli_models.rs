@@ -253,7 +253,7 @@ fn classify_finetune_eval_predict_export() {
             .collect()
     };
     let (one, four) = (predict("1"), predict("4"));
-    assert_eq!(one.len(), texts.len());
+    assert_eq!((one.len(), four.len()), (texts.len(), texts.len()));
     for ((a, b), t) in one.iter().zip(&four).zip(&texts) {
         assert_eq!(a["text"], t.as_str());
         assert_eq!(b["text"], t.as_str());
@@ -302,6 +302,7 @@ fn classify_finetune_eval_predict_export() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
+    assert_eq!(exported.len(), lines.len());
     for (a, b) in lines.iter().zip(&exported) {
         assert_eq!((&a["label"], &a["id"]), (&b["label"], &b["id"]), "{a} vs {b}");
         let (sa, sb) = (a["score"].as_f64().unwrap(), b["score"].as_f64().unwrap());

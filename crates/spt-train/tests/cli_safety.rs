@@ -239,7 +239,7 @@ fn resuming_an_older_checkpoint_forks_or_discards_but_never_mixes() {
     let mut a = finetune_args(s(&t.model), s(&t.data), s(&fork), "4");
     a.extend(["--resume", s(&step1)]);
     let o = run_ok(&a, None);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("fork"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("a new run folder (a fork)"));
     assert_eq!(steps_in(&fork), vec![2, 3, 4]);
     assert_eq!(snapshot(&run_dir.join("checkpoints")), before);
     // A later checkpoint whose manifest was cut short cannot vouch for its files: --overwrite

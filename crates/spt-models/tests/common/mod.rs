@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -22,16 +22,13 @@ pub fn expected(name: &str) -> Result<HashMap<String, Tensor>> {
 /// `max|a − b| / max|b|`: error relative to the reference tensor's scale.
 pub fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
     anyhow::ensure!(a.dims() == b.dims(), "shape {:?} vs {:?}", a.dims(), b.dims());
-    let a = a.to_dtype(DType::F64)?;
-    let b = b.to_dtype(DType::F64)?;
-    let diff = (a - &b)?.abs()?.max_all()?.to_scalar::<f64>()?;
-    let scale = b.abs()?.max_all()?.to_scalar::<f64>()?;
+    // NaN-aware (candle's max passes NaN over).
+    let diff = spt_ops::gradcheck::max_abs_diff(a, b)?;
+    let scale = spt_ops::gradcheck::max_abs(b)?;
     Ok(if scale == 0.0 { diff } else { diff / scale })
 }
 
-/// Maximum absolute difference.
+/// Maximum absolute difference (NaN where one holds a NaN the other does not).
 pub fn max_abs(a: &Tensor, b: &Tensor) -> Result<f64> {
-    let a = a.to_dtype(DType::F64)?;
-    let b = b.to_dtype(DType::F64)?;
-    Ok((a - b)?.abs()?.max_all()?.to_scalar::<f64>()?)
+    Ok(spt_ops::gradcheck::max_abs_diff(a, b)?)
 }

@@ -12,8 +12,9 @@ pub fn diff(a: &Tensor, b: &Tensor) -> Result<(f64, f64)> {
     if b.elem_count() == 0 {
         return Ok((0.0, 0.0));
     }
-    let d = a.sub(&b)?.abs()?.max(0)?.to_scalar::<f64>()?;
-    let m = b.abs()?.max(0)?.to_scalar::<f64>()?;
+    // NaN-aware (candle's max passes NaN over).
+    let d = spt_ops::gradcheck::max_abs_diff(&a, &b)?;
+    let m = spt_ops::gradcheck::max_abs(&b)?;
     Ok((d, m))
 }
 
