@@ -200,16 +200,7 @@ fn mean(xs: &[(u64, f32)]) -> f32 {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    spt::ops::gradcheck::max_abs_diff(a, b).unwrap() as f32
 }
 
 /// Fine-tunes `model` in every mode: loss falls, resume is bit-exact, export reloads equal.
@@ -313,9 +304,49 @@ fn check_model(name: &str, task: TaskKind) {
         // Export (LoRA merged, HF names) and reload as a plain model: equal logits.
         let export = root.path().join(format!("export-{mode:?}"));
         export_hf_dir(&mut trained, &model, None, data.labels.as_ref(), &export, false).unwrap();
-        // The sparse model is a training-time approximation; the export is its dense form.
-        if mode != Mode::Spt {
-            let ours = trained.net.forward(&batch, false).unwrap();
+        // The sparse model is a training-time approximation; the export is its dense form: the
+        // trained values in a LoRA model. The checkpoint holds a routed FFN's factors in its
+        // regrouped unit order; put back in the pretrained order, the LoRA model computes the
+        // dense function that the export (written in the regrouped order) must compute too.
+        let dense_form = (mode == Mode::Spt).then(|| {
+            let lora = FinetuneConfig {
+                mode: Mode::Lora,
+                ..cfg.clone()
+            };
+            let mut trained: HashMap<String, Tensor> = ck
+                .model
+                .iter()
+                .filter(|(k, _)| !k.contains(".router."))
+                .map(|(k, t)| (k.clone(), t.clone()))
+                .collect();
+            let order_prefix = BufferKind::FfnUnitOrder.prefix();
+            for (buf, order) in ck.extra.iter().filter(|(k, _)| k.starts_with(order_prefix)) {
+                let layer = &buf[order_prefix.len()..];
+                let order = order.to_vec1::<u32>().unwrap();
+                let mut inverse = vec![0u32; order.len()];
+                for (j, &u) in order.iter().enumerate() {
+                    inverse[u as usize] = j as u32;
+                }
+                let inverse = Tensor::new(inverse, &Device::Cpu).unwrap();
+                for (name, t) in trained.iter_mut() {
+                    if !name.contains(&format!(".{layer}.")) {
+                        continue;
+                    }
+                    // fc1's B rows and fc2's A columns are hidden units.
+                    if name.ends_with("lora_B.weight") && t.dim(0).unwrap() == order.len() {
+                        *t = t.index_select(&inverse, 0).unwrap();
+                    } else if name.ends_with("lora_A.weight") && t.dim(1).unwrap() == order.len() {
+                        *t = t.index_select(&inverse, 1).unwrap();
+                    }
+                }
+            }
+            rebuild(&lora, &model, nl, &trained, &HashMap::new())
+        });
+        {
+            let ours = match &dense_form {
+                Some(t) => t.net.forward(&batch, false).unwrap(),
+                None => trained.net.forward(&batch, false).unwrap(),
+            };
             let theirs = match task {
                 TaskKind::Classify => {
                     let (m, rep) =

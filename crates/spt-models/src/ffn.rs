@@ -38,8 +38,10 @@ impl DenseFfn {
 
 /// spt-ops' `RoutedFfn` bound to one model layer. The op computes; this adds what a model needs
 /// around it: the HF-named parameters (fc1 / fc2 for export, the router, the LoRA factors), the
-/// unit order that maps the op's hidden units to the checkpoint's (so saved orders, LoRA factors
-/// and exports stay in the checkpoint's terms), and the last training forward's balancing loss.
+/// unit order that maps the op's hidden units to the pretrained checkpoint's, and the last
+/// training forward's balancing loss. The LoRA factors, fc1 / fc2 and so an export are in the
+/// op's order (one permutation of the hidden units: the same dense function); a saved order
+/// restored first puts a checkpoint's factors back where they were trained.
 #[derive(Debug)]
 pub struct NamedRoutedFfn {
     /// The dense layers, kept for their HF names and export; the op reads the same tensors.
