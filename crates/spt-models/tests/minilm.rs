@@ -10,7 +10,7 @@ mod common;
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use common::{fixture, max_abs};
-use spt_models::{BertConfig, BertModel, LoadOptions, WeightSource};
+use spt_models::{BertConfig, BertModel, LoadOptions};
 use std::path::{Path, PathBuf};
 
 const TOL: f64 = 1e-4;
@@ -163,11 +163,8 @@ fn minilm_matches_reference_and_candle_transformers() -> Result<()> {
     eprintln!("MiniLM: max |ours - candle-transformers| over unpadded tokens = {d:e}");
     assert!(d < TOL, "vs candle-transformers: max |Δ| = {d:e}");
 
-    // Loading through the config and weight source by hand gives from_dir's model.
+    // Our config reader takes MiniLM's config.json as written (from_dir above read it too).
     let cfg = BertConfig::from_file(dir.join("config.json"))?;
-    assert_eq!(cfg.hidden_size, 384);
-    let (by_hand, _) = BertModel::load(&cfg, &WeightSource::from_dir(&dir)?, &LoadOptions::frozen())?;
-    let h2 = by_hand.forward_t(&ids_t, None, Some(&mask_t), false)?;
-    assert_eq!(max_abs(&h2, &h)?, 0.0);
+    assert_eq!((cfg.hidden_size, cfg.num_hidden_layers), (384, 6));
     Ok(())
 }

@@ -549,7 +549,7 @@ fn zero_batch_size_is_an_error() -> anyhow::Result<()> {
         .train(&synthetic(10, 1), None, &Resume::No)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("batch_size must be at least 1"), "{err}");
+    assert!(err.starts_with("batch_size must be at least 1"), "{err}");
     let cfg = TrainerConfig {
         eval_batch_size: 0,
         ..config(tmp.path())

@@ -79,12 +79,12 @@ impl DataOrder {
         }
     }
 
-    /// `name: then → now` for each setting that differs.
+    /// `name: then → now` for each setting that differs and moves the rows: a data position
+    /// counts batches, so another `grad_accum` reads the same rows next.
     fn changes(&self, now: &Self) -> Vec<String> {
         let pairs = [
             ("seed", self.seed as u128, now.seed as u128),
             ("batch_size", self.batch_size as u128, now.batch_size as u128),
-            ("grad_accum", self.grad_accum as u128, now.grad_accum as u128),
             (
                 "bucket_batches",
                 self.bucket_batches as u128,
@@ -195,8 +195,8 @@ impl<T: TrainTask> Trainer<T> {
     /// anything is written, so that a checkpoint that does not fit is refused first; a CLI calls
     /// it before touching the run folder. [`Trainer::train`] with the same `resume` continues
     /// from it without reading the checkpoint again (and restores it itself when not called);
-    /// given another `resume` (or none), it is refused, since the task holds this checkpoint's
-    /// weights.
+    /// given none, it is refused, since the task holds this checkpoint's weights (given another
+    /// checkpoint, it restores that one).
     pub fn check_resume(&mut self, resume: &Resume) -> Result<()> {
         let path = match resume {
             Resume::No => return Ok(()),
@@ -362,27 +362,24 @@ impl<T: TrainTask> Trainer<T> {
             Resume::Latest => Some(latest_checkpoint(&self.checkpoint_dir())?),
             Resume::From(p) => Some(p.clone()),
         };
-        // check_resume put its checkpoint's weights into the task: training from another one (or
-        // afresh) would go on from those weights under another run's step and optimizer state.
-        if let Some(r) = self
-            .restored
-            .as_ref()
-            .filter(|r| Some(&r.path) != resume_path.as_ref())
-        {
+        // check_resume put its checkpoint's weights into the task: training afresh would go on
+        // from those weights under a new run's step and optimizer state. (Given another
+        // checkpoint, as when `Latest` resolves to a newer one now, that one is restored below.)
+        if let (Some(r), None) = (&self.restored, &resume_path) {
             return Err(Error::Msg(format!(
-                "check_resume restored {}, but train was given {}: the task holds that \
-                 checkpoint's weights; train with the same resume",
-                r.path.display(),
-                resume_path
-                    .as_ref()
-                    .map_or("no checkpoint".to_string(), |p| p.display().to_string())
+                "check_resume restored {}, but train was given no checkpoint: the task holds \
+                 that checkpoint's weights; train with the same resume",
+                r.path.display()
             )));
         }
         if let Some(p) = &resume_path {
             check_no_later(&self.checkpoint_dir(), p)?;
         }
-        // What check_resume restored, if it did; else restore it here.
-        let restored = self.restored.take();
+        // What check_resume restored, if it restored this checkpoint; else restore it here.
+        let restored = self
+            .restored
+            .take()
+            .filter(|r| Some(&r.path) == resume_path.as_ref());
         let (mut opt, mut st) = match restored {
             Some(r) => (r.opt, r.st),
             None => {
@@ -886,7 +883,9 @@ fn warn_if_rows_changed(checkpoint: &Path, then: &DataRecord, now: &DataRecord) 
 /// Refuses to resume from `checkpoint` while the run's checkpoint folder `dir` holds later
 /// ones: the run would go on from the earlier step and leave the later ones of the abandoned
 /// run in place, the newest of them taken for the run's latest (`Resume::Latest`). Remove them
-/// first ([`crate::checkpoint::remove_checkpoints`]) or train into another output folder.
+/// first ([`crate::checkpoint::remove_checkpoints`]) or train into another output folder. (It
+/// compares steps only: a fork into a folder of another run is for
+/// [`crate::output_dir::prepare_run_dir`] to refuse.)
 pub fn check_no_later(dir: &Path, checkpoint: &Path) -> Result<()> {
     let step = read_manifest(checkpoint)?.step;
     let later: Vec<String> = list_checkpoints(dir)?
