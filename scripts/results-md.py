@@ -727,7 +727,7 @@ QUOTES = [
      [("dense", "accuracy", "{:.3f}"), ("dense", "torch_accuracy", "{:.3f}")]),
     ("README.md", "our LoRA (pooler trained, the default) {} where PEFT with the same settings scores {}",
      [("PEFT-style LoRA", "accuracy", "{:.3f}"), ("PEFT-style LoRA", "torch_accuracy", "{:.3f}")]),
-    ("README.md", "GPT-2 small gains less (SPT {}× PyTorch at {} % of its RSS, 2.4–3.7× over thirty-five runs; our dense {}×)",
+    ("README.md", "GPT-2 small gains less (SPT {}× PyTorch at {} % of its RSS, 2.4–3.7× over thirty-six runs; our dense {}×)",
      [("GPT-2 SPT", "full_speed", "{:.2f}"), ("GPT-2 SPT", "full_rss", "{:.0f}"), ("GPT-2 dense", "full_speed", "{:.2f}")]),
     ("README.md", "with GPT-2 small (KV cache, batch 1) takes {}× PyTorch's time dense, {}× PEFT's with LoRA "
      "and {}× with SPT's routed FFN",
