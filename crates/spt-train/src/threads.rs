@@ -35,25 +35,25 @@ const POOL_STACK: usize = 8 << 20;
 /// The count to write: candle's, when `RAYON_NUM_THREADS` holds no positive count (the cases in
 /// which candle counts cores itself).
 fn count_to_fix() -> Option<usize> {
-    let set = std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|s| s.parse::<usize>().ok())
-        .is_some_and(|n| n > 0);
+    count_to_fix_for(std::env::var("RAYON_NUM_THREADS").ok().as_deref())
+}
+
+/// [`count_to_fix`] for a given value of `RAYON_NUM_THREADS`.
+fn count_to_fix_for(env: Option<&str>) -> Option<usize> {
+    let set = env.and_then(|s| s.parse::<usize>().ok()).is_some_and(|n| n > 0);
     (!set).then(candle_core::utils::get_num_threads)
 }
 
 #[cfg(test)]
 mod tests {
-    // The tests only read the environment: writing it while other test threads read it races.
+    // The values are passed in: writing the environment while other test threads read it races.
     #[test]
     fn writes_only_what_candle_would_count() {
-        let from_env = std::env::var("RAYON_NUM_THREADS")
-            .ok()
-            .and_then(|s| s.parse::<usize>().ok())
-            .filter(|&n| n > 0);
-        match (from_env, super::count_to_fix()) {
-            (Some(_), fix) => assert_eq!(fix, None),
-            (None, fix) => assert_eq!(fix, Some(candle_core::utils::get_num_threads())),
+        let candle = Some(candle_core::utils::get_num_threads());
+        assert_eq!(super::count_to_fix_for(Some("4")), None);
+        assert_eq!(super::count_to_fix_for(Some("1")), None);
+        for unset in [None, Some("0"), Some(""), Some("two"), Some("-3")] {
+            assert_eq!(super::count_to_fix_for(unset), candle, "{unset:?}");
         }
     }
 }

@@ -41,6 +41,7 @@ pub struct Trainer<T: TrainTask> {
 /// Which rows a checkpoint's run trained and evaluated on and held out of its training files
 /// ([`DataFingerprint`]s), as its manifest records them (`extra.data`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive] // a record grows with what checkpoints learn to keep
 pub struct DataRecord {
     pub train: Option<DataFingerprint>,
     pub validation: Option<DataFingerprint>,
