@@ -143,20 +143,14 @@ impl DenseAttention {
                 // A mask prepared for another length would broadcast silently, and so would one
                 // sequence's key padding over a batch (the fused kernel refuses that too).
                 let (b, lq, lk) = (q.dim(0)?, q.dim(2)?, k.dim(2)?);
-                let batch = match &mask.mask.key_padding {
-                    Some(_) => vec![b],
-                    None => vec![1, b],
-                };
+                // Without key padding the mask is the causal one, shared by the batch.
+                let shared = mask.mask.key_padding.is_none();
                 let fits = m.rank() == 4
                     && m.dim(3)? == lk
                     && [1, lq].contains(&m.dim(2)?)
-                    && batch.contains(&m.dim(0)?);
+                    && (m.dim(0)? == b || (shared && m.dim(0)? == 1));
                 if !fits {
-                    let rows = if batch.len() == 1 {
-                        b.to_string()
-                    } else {
-                        format!("{b}|1")
-                    };
+                    let rows = if shared { format!("{b}|1") } else { b.to_string() };
                     return Err(ModelError::BadInput {
                         name: "attention mask",
                         reason: format!(

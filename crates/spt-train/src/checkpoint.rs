@@ -622,6 +622,16 @@ pub fn checkpoint_step(path: &Path) -> Result<u64, CheckpointError> {
     Ok(read_manifest(path)?.step)
 }
 
+/// The folder names of the checkpoints in `dir` later than `step`, in step order: what a resume
+/// from `step` would leave beside itself.
+pub fn checkpoints_after(dir: &Path, step: u64) -> Result<Vec<String>, CheckpointError> {
+    Ok(list_checkpoints(dir)?
+        .into_iter()
+        .filter(|(s, _)| *s > step)
+        .map(|(_, p)| p.file_name().unwrap_or_default().to_string_lossy().into_owned())
+        .collect())
+}
+
 /// A checkpoint's manifest, checked for its format and version (the files are not read).
 pub fn read_manifest(path: &Path) -> Result<Manifest, CheckpointError> {
     let corrupt = |reason: String| CheckpointError::Corrupt {

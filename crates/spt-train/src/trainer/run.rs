@@ -11,8 +11,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Var};
 
 use crate::checkpoint::{
-    latest_checkpoint, list_checkpoints, load_checkpoint, read_manifest, save_checkpoint, CheckpointData,
-    CheckpointIo, DataPosition, FsIo,
+    checkpoint_step, checkpoints_after, latest_checkpoint, load_checkpoint, read_manifest, save_checkpoint,
+    CheckpointData, CheckpointIo, DataPosition, FsIo,
 };
 use crate::data::{epoch_batches, BatchOrder, DataFingerprint, EncodedDataset};
 use crate::metrics::{MeanLoss, MetricRecord, MetricsWriter};
@@ -84,12 +84,12 @@ impl DataOrder {
     /// counts batches, so another `grad_accum` reads the same rows next.
     fn changes(&self, now: &Self) -> Vec<String> {
         let pairs = [
-            ("seed", self.seed as u128, now.seed as u128),
-            ("batch_size", self.batch_size as u128, now.batch_size as u128),
+            ("seed", self.seed, now.seed),
+            ("batch_size", self.batch_size as u64, now.batch_size as u64),
             (
                 "bucket_batches",
-                self.bucket_batches as u128,
-                now.bucket_batches as u128,
+                self.bucket_batches as u64,
+                now.bucket_batches as u64,
             ),
         ];
         pairs
@@ -888,12 +888,8 @@ fn warn_if_rows_changed(checkpoint: &Path, then: &DataRecord, now: &DataRecord) 
 /// compares steps only: a fork into a folder of another run is for
 /// [`crate::output_dir::prepare_run_dir`] to refuse.)
 pub fn check_no_later(dir: &Path, checkpoint: &Path) -> Result<()> {
-    let step = read_manifest(checkpoint)?.step;
-    let later: Vec<String> = list_checkpoints(dir)?
-        .into_iter()
-        .filter(|(s, _)| *s > step)
-        .map(|(_, p)| p.file_name().unwrap_or_default().to_string_lossy().into_owned())
-        .collect();
+    let step = checkpoint_step(checkpoint)?;
+    let later = checkpoints_after(dir, step)?;
     if !later.is_empty() {
         return Err(Error::Msg(format!(
             "resuming from {} (step {step}): {} holds later checkpoints ({}); continuing would mix \

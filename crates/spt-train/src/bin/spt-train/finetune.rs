@@ -9,8 +9,8 @@ use crate::common::{
 use crate::Outcome;
 use anyhow::{bail, Context, Result};
 use spt_train::checkpoint::{
-    check_removable, checkpoint_step, latest_checkpoint, list_checkpoints, remove_checkpoints,
-    write_file_atomic,
+    check_removable, checkpoint_step, checkpoints_after, latest_checkpoint, list_checkpoints,
+    remove_checkpoints, write_file_atomic,
 };
 use spt_train::config::{resolve_model, FinetuneArgs, FinetuneConfig, Mode};
 use spt_train::data::LabelMap;
@@ -416,11 +416,7 @@ pub(crate) fn resume_point(cfg: &FinetuneConfig) -> Result<Resume> {
 /// the run folder changes.
 fn later_checkpoints(cfg: &FinetuneConfig, from: &Path) -> Result<Vec<String>> {
     let step = checkpoint_step(from)?;
-    let later: Vec<String> = list_checkpoints(&cfg.output_dir.join("checkpoints"))?
-        .into_iter()
-        .filter(|(s, _)| *s > step)
-        .map(|(_, p)| p.file_name().unwrap_or_default().to_string_lossy().into_owned())
-        .collect();
+    let later = checkpoints_after(&cfg.output_dir.join("checkpoints"), step)?;
     if !later.is_empty() && !cfg.overwrite {
         bail!(
             "--resume {}: {} already holds later checkpoints ({}); continuing would mix two runs. \
