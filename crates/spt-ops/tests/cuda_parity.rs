@@ -9,9 +9,16 @@
 //! - values of order 1 (outputs, dx, dq): |cuda − cpu| ≤ 1e-4 · (1 + |cpu|);
 //! - sums over many rows (dgamma, dbeta, dk, dv): the same 1e-4 relative bound.
 //! - bf16 kernels: the inputs are rounded to bf16 first, the CPU op runs in f32 on those values,
-//!   and |cuda − cpu| ≤ 3e-2 · (1 + |cpu|). bf16 keeps 8 significant bits, so every stored bf16
-//!   value is off by up to 2⁻⁹ ≈ 2e-3 relative; a kernel rounds once per output, and a composed
-//!   op (the routed FFN: GEMM, bias, activation, gate, GEMM, sum) rounds at each of its steps.
+//!   and |cuda − cpu| ≤ 3e-2 · (1 + |cpu|) and ≤ 2e-2 · max |cpu| over the tensor. bf16 keeps 8
+//!   significant bits, so every stored bf16 value is off by up to 2⁻⁹ ≈ 2e-3 relative; a kernel
+//!   rounds once per output, and a composed op (the routed FFN: GEMM, bias, activation, gate,
+//!   GEMM, sum) rounds at each of its steps. The first bound alone is absolute for small values:
+//!   attention's dq and dk are ~1e-2 here, so it passed dq scaled by 0.6. The second is the
+//!   tensor's scale: the tensor-core attention kernels, run under emulation
+//!   (`kernels/emu/flash_emu_test.cpp`), come within 0.58 % of max |ref| on its normal inputs
+//!   and 0.42 % with them drawn uniform in [−1, 1] as here (a one-off variant), while the same
+//!   kernels without the backward's `delta = rowsum(dO ∘ O)` term miss by 6.3 % or more in
+//!   every dq and dk (by 3e-3 or less in some: inside the first bound).
 //!   PQ codes and selections on bf16-exact data must still match exactly.
 //! - Integer outputs (PQ codes, selected indices, counts) must match exactly. ADC selection is
 //!   compared on integer-valued queries and codewords, where every summation order is exact, so
@@ -25,6 +32,7 @@ mod common;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use common::{padding, uniform};
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use spt_ops::gradcheck::max_abs_diff;
 use spt_ops::pq::SENTINEL;
 use spt_ops::{
     block_sparse_attention, flash_attention, layer_norm, select_blocks, select_keys, softmax_last_dim,
@@ -32,9 +40,25 @@ use spt_ops::{
     KeySelection, KeyTopK, PqConfig,
 };
 
-const GPU: &str = "needs a GPU: run scripts/gpu-check.sh";
-const TOL: f64 = 1e-4;
-const BF16_TOL: f64 = 3e-2;
+/// How far a CUDA result may be from the CPU's: |cuda − cpu| ≤ `elem`·(1 + |cpu|) and
+/// ≤ `of_max`·max |cpu| over the tensor (see the module doc).
+#[derive(Clone, Copy)]
+struct Tol {
+    elem: f64,
+    of_max: f64,
+}
+
+const TOL: Tol = Tol {
+    elem: 1e-4,
+    of_max: f64::INFINITY,
+};
+const BF16_TOL: Tol = Tol {
+    elem: 3e-2,
+    of_max: 2e-2,
+};
+/// The scale `of_max` is taken of is at least this: a tensor that is all zeros up to rounding
+/// (layer norm's dx at d = 1) is not held to exact zeros.
+const SCALE_FLOOR: f64 = 1e-3;
 
 fn gpu() -> Result<Device> {
     Device::new_cuda(0).map_err(|e| {
@@ -49,36 +73,50 @@ fn bf16_exact(t: &Tensor) -> Result<Tensor> {
     t.to_dtype(DType::BF16)?.to_dtype(DType::F32)
 }
 
-/// Asserts |a − b| ≤ tol·(1 + |b|) elementwise; reports the worst index and values.
-fn close_tol(what: &str, got: &Tensor, want: &Tensor, tol: f64) -> Result<()> {
+/// Asserts `tol` elementwise (NaN on either side fails); reports the worst index and values.
+fn close_tol(what: &str, got: &Tensor, want: &Tensor, tol: Tol) -> Result<()> {
     assert_eq!(got.dims(), want.dims(), "{what}: shapes differ");
-    let g = got
-        .to_device(&Device::Cpu)?
-        .to_dtype(DType::F64)?
-        .flatten_all()?
-        .to_vec1::<f64>()?;
-    let w = want
-        .to_device(&Device::Cpu)?
-        .to_dtype(DType::F64)?
-        .flatten_all()?
-        .to_vec1::<f64>()?;
+    let host = |t: &Tensor| -> Result<Vec<f64>> {
+        t.to_device(&Device::Cpu)?
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()
+    };
+    let (g, w) = (host(got)?, host(want)?);
+    let scale = w
+        .iter()
+        .filter(|b| b.is_finite())
+        .fold(SCALE_FLOOR, |m, b| m.max(b.abs()));
+    // Each element's error over its allowance: above 1 fails.
     let mut worst = (0.0f64, 0usize);
     for (i, (a, b)) in g.iter().zip(&w).enumerate() {
-        let excess = (a - b).abs() / (1.0 + b.abs());
+        let allowed = (tol.elem * (1.0 + b.abs())).min(tol.of_max * scale);
+        let excess = (a - b).abs() / allowed;
         if excess.is_nan() || excess > worst.0 {
             worst = (if excess.is_nan() { f64::INFINITY } else { excess }, i);
         }
     }
     let i = worst.1;
+    let (a, b) = (
+        g.get(i).copied().unwrap_or(f64::NAN),
+        w.get(i).copied().unwrap_or(f64::NAN),
+    );
     assert!(
-        worst.0 <= tol,
-        "{what} {:?}: max |cuda − cpu| / (1 + |cpu|) = {:.3e} at flat index {i} (cuda {}, cpu {})",
+        worst.0 <= 1.0,
+        "{what} {:?}: |cuda − cpu| = {:.3e} at flat index {i} (cuda {a}, cpu {b}) is {:.2}× its \
+         allowance (≤ {:.0e}·(1 + |cpu|) and ≤ {:.0e}·max |cpu|, max |cpu| {scale:.3e})",
+        want.dims(),
+        (a - b).abs(),
+        worst.0,
+        tol.elem,
+        tol.of_max,
+    );
+    eprintln!(
+        "{what} {:?}: worst error {:.2} of its allowance, {:.2e} of max |cpu|",
         want.dims(),
         worst.0,
-        g.get(i).copied().unwrap_or(f64::NAN),
-        w.get(i).copied().unwrap_or(f64::NAN)
+        (a - b).abs() / scale
     );
-    eprintln!("{what} {:?}: max scaled diff {:.2e}", want.dims(), worst.0);
     Ok(())
 }
 
@@ -752,14 +790,7 @@ fn sparse_case_pq(
         // Deterministic: a second backward gives the same bits.
         let (_, again) = run(&dev, &[&qg, &kg, &vg], &wg, &f_gpu)?;
         for (a, c) in again.iter().zip(&g_gpu) {
-            let diff = a
-                .to_dtype(DType::F32)?
-                .sub(&c.to_dtype(DType::F32)?)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_device(&Device::Cpu)?
-                .to_scalar::<f32>()?;
+            let diff = max_abs_diff(&a.to_device(&Device::Cpu)?, &c.to_device(&Device::Cpu)?)?;
             assert_eq!(diff, 0.0, "{what}: backward is not deterministic");
         }
     }
@@ -1048,10 +1079,4 @@ fn linear_cross_entropy_matches_cpu() -> Result<()> {
             Reduction::Mean,
         )
     })
-}
-
-#[test]
-fn cuda_tests_are_ignored_without_a_gpu_run() {
-    // Listed so that `cargo test --features cuda` says how to run the real ones.
-    eprintln!("spt-ops CUDA parity tests are #[ignore]d here ({GPU}).");
 }
