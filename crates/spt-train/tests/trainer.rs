@@ -566,6 +566,69 @@ fn zero_batch_size_is_an_error() -> anyhow::Result<()> {
 /// the abandoned run (the newest of them then taken for the run's latest), and `check_resume`
 /// followed by `train` from elsewhere (or afresh) trained on from the restored weights.
 #[test]
+fn a_new_run_or_a_fork_into_another_runs_checkpoints_is_refused() -> anyhow::Result<()> {
+    let (a, b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let train = synthetic(50, 5);
+    let cfg = |d: &Path, steps: u64| TrainerConfig {
+        max_steps: Some(steps),
+        save_every: 2,
+        keep_last: 1,
+        eval_every: 0,
+        ..config(d)
+    };
+    let steps = |d: &Path| -> anyhow::Result<Vec<u64>> {
+        Ok(list_checkpoints(&d.join("checkpoints"))?
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect())
+    };
+    Trainer::new(BagClassifier::new(3, 0.2)?, cfg(a.path(), 4), Device::Cpu).train(
+        &train,
+        None,
+        &Resume::No,
+    )?;
+    Trainer::new(BagClassifier::new(3, 0.2)?, cfg(b.path(), 2), Device::Cpu).train(
+        &train,
+        None,
+        &Resume::No,
+    )?;
+    assert_eq!((steps(a.path())?, steps(b.path())?), (vec![4], vec![2]));
+    // A fork of a's step 4 into b would save step 6 there and prune b's step 2 (keep_last 1).
+    let from_a = a.path().join("checkpoints/step-00000004");
+    let e = Trainer::new(BagClassifier::new(3, 0.2)?, cfg(b.path(), 6), Device::Cpu)
+        .train(&train, None, &Resume::From(from_a.clone()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("a fork") && e.contains("another run's checkpoints (step-00000002)"),
+        "{e}"
+    );
+    // A new run into a would write step 2 and prune a's step 4.
+    let e = Trainer::new(BagClassifier::new(3, 0.2)?, cfg(a.path(), 2), Device::Cpu)
+        .train(&train, None, &Resume::No)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("a new run") && e.contains("another run's checkpoints (step-00000004)"),
+        "{e}"
+    );
+    assert_eq!(
+        (steps(a.path())?, steps(b.path())?),
+        (vec![4], vec![2]),
+        "nothing written or removed"
+    );
+    // Into an empty folder the fork goes on from a's step.
+    let c = tempfile::tempdir()?;
+    let s = Trainer::new(BagClassifier::new(3, 0.2)?, cfg(c.path(), 6), Device::Cpu).train(
+        &train,
+        None,
+        &Resume::From(from_a),
+    )?;
+    assert_eq!((s.resumed_from, steps(c.path())?), (Some(4), vec![6]));
+    Ok(())
+}
+
+#[test]
 fn resuming_is_refused_beside_later_checkpoints_or_another_restored_one() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let train = synthetic(50, 5);

@@ -34,7 +34,9 @@ use crate::{Error, Result};
 
 mod run;
 
-pub use run::{check_no_later, check_settings, check_within_run, DataOrder, DataRecord, Trainer};
+pub use run::{
+    check_no_later, check_run_folder, check_settings, check_within_run, DataOrder, DataRecord, Trainer,
+};
 
 /// The progress bar: bar, steps, elapsed < ETA, then "loss … lr … tok/s".
 pub const PROGRESS_TEMPLATE: &str = "{bar:30.cyan/blue} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}";

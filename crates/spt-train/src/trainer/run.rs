@@ -11,8 +11,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Var};
 
 use crate::checkpoint::{
-    checkpoint_step, checkpoints_after, latest_checkpoint, load_checkpoint, read_manifest, save_checkpoint,
-    CheckpointData, CheckpointIo, DataPosition, FsIo,
+    checkpoint_step, checkpoints_after, latest_checkpoint, list_checkpoints, load_checkpoint, read_manifest,
+    save_checkpoint, CheckpointData, CheckpointIo, DataPosition, FsIo,
 };
 use crate::data::{epoch_batches, BatchOrder, DataFingerprint, EncodedDataset};
 use crate::metrics::{MeanLoss, MetricRecord, MetricsWriter};
@@ -332,8 +332,9 @@ impl<T: TrainTask> Trainer<T> {
     /// its step) and `loss.svg` (redrawn at every evaluation and checkpoint, and at the end).
     /// Prepare the folder with [`crate::output_dir::prepare_run_dir`],
     /// as `spt-train finetune` does: it refuses a folder of someone else's files and clears an
-    /// earlier run's (with `overwrite`), so two runs' metrics never mix. A resume from a
-    /// checkpoint with later ones in `checkpoints/` is refused ([`check_no_later`]).
+    /// earlier run's (with `overwrite`), so two runs' metrics never mix. A new run or a fork
+    /// into a folder holding checkpoints is refused ([`check_run_folder`]), as is a resume from
+    /// a checkpoint with later ones in `checkpoints/` ([`check_no_later`]).
     ///
     /// The first train-loss record after a resume averages the steps since the resume (the
     /// steps before it, of the same logging window, are in no checkpoint); the per-step losses
@@ -373,9 +374,7 @@ impl<T: TrainTask> Trainer<T> {
                 r.path.display()
             )));
         }
-        if let Some(p) = &resume_path {
-            check_no_later(&self.checkpoint_dir(), p)?;
-        }
+        check_run_folder(&self.checkpoint_dir(), resume_path.as_deref())?;
         // What check_resume restored, if it restored this checkpoint; else restore it here.
         let restored = self
             .restored
@@ -881,12 +880,41 @@ fn warn_if_rows_changed(checkpoint: &Path, then: &DataRecord, now: &DataRecord) 
     }
 }
 
+/// Refuses to train into a checkpoint folder `dir` that holds another run's checkpoints: a new
+/// run (`resume` None) or a fork (resuming a checkpoint of another folder) would put its
+/// checkpoints beside them, take the newest of either for its latest, and prune the other run's
+/// with its own (`keep_last`). Resuming a checkpoint of `dir` itself is [`check_no_later`]'s.
+/// [`crate::output_dir::prepare_run_dir`] with `overwrite` clears an earlier run of the tool's.
+pub fn check_run_folder(dir: &Path, resume: Option<&Path>) -> Result<()> {
+    let held = list_checkpoints(dir)?;
+    if held.is_empty() {
+        return Ok(());
+    }
+    let real = |d: &Path| d.canonicalize().ok();
+    let what = match resume {
+        Some(p) if p.parent().and_then(real).is_some_and(|d| Some(d) == real(dir)) => {
+            return check_no_later(dir, p);
+        }
+        Some(p) => format!("resuming {} into another folder (a fork)", p.display()),
+        None => "a new run".to_string(),
+    };
+    let names: Vec<String> = held
+        .iter()
+        .map(|(_, p)| p.file_name().unwrap_or_default().to_string_lossy().into_owned())
+        .collect();
+    Err(Error::Msg(format!(
+        "{what}: {} holds another run's checkpoints ({}); its checkpoints would mix with them \
+         and prune them: train into a new or empty output folder, or resume that run",
+        dir.display(),
+        names.join(", ")
+    )))
+}
+
 /// Refuses to resume from `checkpoint` while the run's checkpoint folder `dir` holds later
 /// ones: the run would go on from the earlier step and leave the later ones of the abandoned
 /// run in place, the newest of them taken for the run's latest (`Resume::Latest`). Remove them
 /// first ([`crate::checkpoint::remove_checkpoints`]) or train into another output folder. (It
-/// compares steps only: a fork into a folder of another run is for
-/// [`crate::output_dir::prepare_run_dir`] to refuse.)
+/// compares steps only: a fork into a folder of another run is [`check_run_folder`]'s.)
 pub fn check_no_later(dir: &Path, checkpoint: &Path) -> Result<()> {
     let step = checkpoint_step(checkpoint)?;
     let later = checkpoints_after(dir, step)?;
