@@ -49,16 +49,29 @@ fn load_buffers_refuses_codebook_of_wrong_head_dim() -> Result<()> {
     use spt_models::pq::KeyTopK;
     use spt_models::{GPT2LMHeadModel, KeyGrouping, LoadOptions, SptModel};
     let (mut m, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
-    // head_dim is 64 / 4 = 16; this codebook quantises d = 2·3 = 6.
-    let cb = Tensor::zeros((2, 4, 3), DType::F32, &Device::Cpu)?;
-    let r = m.load_buffers(
-        &[("pq_codebook.layer.0".to_string(), cb)],
-        Some((KeyTopK::Count(4), KeyGrouping::PerQuery)),
-    );
+    let ids = Tensor::new(&[[1u32, 2, 3, 4, 5, 6, 7, 8]], &Device::Cpu)?;
+    let before = m.forward_t(&ids, None, false)?;
+    // head_dim is 64 / 4 = 16: layer 0's codebook fits (2 subspaces of 8), layer 1's quantises
+    // d = 2·3 = 6.
+    let good = Tensor::randn(0f32, 1.0, (2, 4, 8), &Device::Cpu)?;
+    let bad = Tensor::zeros((2, 4, 3), DType::F32, &Device::Cpu)?;
+    let e = m
+        .load_buffers(
+            &[
+                ("pq_codebook.layer.0".to_string(), good),
+                ("pq_codebook.layer.1".to_string(), bad),
+            ],
+            Some((KeyTopK::Count(4), KeyGrouping::PerQuery)),
+        )
+        .unwrap_err()
+        .to_string();
     assert!(
-        r.is_err(),
-        "installed a d = 6 codebook on a head_dim = 16 layer: {r:?}"
+        e.contains("pq_codebook.layer.1") && e.contains("width 6") && e.contains("width 16"),
+        "{e}"
     );
+    // Neither was installed: layer 0 would keep 4 of up to 8 keys.
+    let after = m.forward_t(&ids, None, false)?;
+    assert_eq!(spt_ops::gradcheck::max_abs_diff(&before, &after)?, 0.0);
     Ok(())
 }
 

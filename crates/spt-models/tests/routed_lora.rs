@@ -363,7 +363,7 @@ fn fully_sparse_gpt2_is_causal_and_trains() -> Result<()> {
     assert!(loss.to_scalar::<f32>()?.is_finite());
     let grads = loss.backward()?;
     let with_grad = vars.iter().filter(|(_, v)| grads.get(v).is_some()).count();
-    assert!(with_grad >= vars.len() / 2, "{with_grad} of {}", vars.len());
+    assert_eq!(with_grad, vars.len(), "variables with a gradient");
     let router = vars
         .iter()
         .find(|(k, _)| k == "transformer.h.0.mlp.router.weight")

@@ -154,6 +154,13 @@ fn regrouped_units_keep_the_dense_model_and_its_export() -> Result<()> {
         sparsify(m.spt(), &cfg, &[case.calibration()])?;
         let orders = unit_orders(m.spt())?;
         assert!(!orders.is_empty(), "{name}: no layer was regrouped");
+        // An identity order would make every check below hold trivially.
+        assert!(
+            as_vecs(&orders)?
+                .iter()
+                .any(|(_, o)| o.iter().enumerate().any(|(i, &u)| u as usize != i)),
+            "{name}: every unit order is the identity"
+        );
         let e = rel_err(&case.logits(&m)?, &dense)?;
         assert!(
             e < 1e-5,

@@ -265,10 +265,20 @@ fn an_additive_mask_is_refused_where_a_0_1_mask_belongs() -> Result<()> {
             assert!(e.contains("key_padding") && e.contains("[0, 1]"), "{op}: {e}");
         }
     }
-    // The same mask as 0 / 1 in any dtype is fine.
-    for dt in [DType::U8, DType::U32, DType::I64, DType::F32, DType::F64] {
+    // The same mask as 0 / 1 in any dtype is fine, and read the same (keys 2 and 3 dropped).
+    let masked = |dt: DType| -> Result<Tensor> {
         let m = Tensor::new(&[[1f32, 1., 0., 0.]], &Device::Cpu)?.to_dtype(dt)?;
-        flash_attention(&q, &k, &v, &AttentionMask::none().with_key_padding(m), 0.5, None)?;
+        flash_attention(&q, &k, &v, &AttentionMask::none().with_key_padding(m), 0.5, None)
+    };
+    let want = masked(DType::U8)?;
+    let unmasked = flash_attention(&q, &k, &v, &AttentionMask::none(), 0.5, None)?;
+    assert!(
+        spt_ops::gradcheck::max_abs_diff(&want, &unmasked)? > 1e-3,
+        "the mask drops keys"
+    );
+    for dt in [DType::U32, DType::I64, DType::F32, DType::F64] {
+        let d = spt_ops::gradcheck::max_abs_diff(&masked(dt)?, &want)?;
+        assert_eq!(d, 0.0, "a {dt:?} mask is read as the u8 one");
     }
     Ok(())
 }

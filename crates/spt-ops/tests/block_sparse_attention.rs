@@ -11,8 +11,8 @@ use spt_ops::block_sparse_attention::reference::block_sparse_attention_reference
 use spt_ops::gradcheck::{check_gradients, GradCheck};
 use spt_ops::pq::SENTINEL;
 use spt_ops::{
-    block_sparse_attention, dense_attention, pq_attention, select_blocks, AttentionMask, BlockScore,
-    BlockSelection, BlockTiling, Codebook, KeyTopK, PqConfig, Selection,
+    block_sparse_attention, dense_attention, pq_attention, select_blocks, select_keys, sparse_attention,
+    AttentionMask, BlockScore, BlockSelection, BlockTiling, Codebook, KeyTopK, PqConfig, Selection,
 };
 
 fn codebook(k: &Tensor, s: usize, c: usize, seed: u64) -> Result<Codebook> {
@@ -432,6 +432,20 @@ fn pq_attention_dispatches_both_modes() -> Result<()> {
     assert!(max_diff(&pq_attention(&q, &k, &v, &cb, all, &mask, 0.3)?, &dense)? < 1e-5);
     let per_query = Selection::PerQuery { k: KeyTopK::Count(l) };
     assert!(max_diff(&pq_attention(&q, &k, &v, &cb, per_query, &mask, 0.3)?, &dense)? < 1e-5);
+    // Keeping part of the keys, each mode is its own selection and kernel (the two differ).
+    let codes = cb.encode(&k)?;
+    let two = tiling(8, 8, 2);
+    let sel = select_blocks(&q, &codes, &cb, two, &mask, BlockScore::default())?;
+    let blocks = pq_attention(&q, &k, &v, &cb, Selection::Blocks(two), &mask, 0.3)?;
+    assert_eq!(
+        max_diff(&blocks, &block_sparse_attention(&q, &k, &v, &sel, 0.3)?)?,
+        0.0
+    );
+    let eight = KeyTopK::Count(8);
+    let sel = select_keys(&q, &codes, &cb, eight, &mask)?;
+    let keys = pq_attention(&q, &k, &v, &cb, Selection::PerQuery { k: eight }, &mask, 0.3)?;
+    assert_eq!(max_diff(&keys, &sparse_attention(&q, &k, &v, &sel, 0.3)?)?, 0.0);
+    assert!(max_diff(&blocks, &keys)? > 1e-3 && max_diff(&blocks, &dense)? > 1e-3);
     Ok(())
 }
 

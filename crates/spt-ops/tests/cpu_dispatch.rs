@@ -190,7 +190,14 @@ fn kernels_match_reference() {
             err < 4e-7 * scale,
             "layer norm (fused {fused}) forward vs f64: {err} (outputs up to {scale})"
         );
+        // Every input has a gradient; the plain norm has no residual (input 1).
         for (i, (v32, v64)) in vars.iter().enumerate() {
+            let has = (g32.get(v32).is_some(), g64.get(v64).is_some());
+            assert_eq!(
+                has,
+                (fused || i != 1, fused || i != 1),
+                "layer norm (fused {fused}) input {i}"
+            );
             let Some(want) = g64.get(v64) else { continue };
             let err = max_abs_diff(g32.get(v32).unwrap(), want);
             assert!(

@@ -39,6 +39,7 @@ use spt_ops::{
     sparse_attention, Activation, AttentionMask, BlockScore, BlockSelection, BlockTiling, Codebook,
     KeySelection, KeyTopK, PqConfig,
 };
+use std::sync::OnceLock;
 
 /// How far a CUDA result may be from the CPU's: |cuda − cpu| ≤ `elem`·(1 + |cpu|) and
 /// ≤ `of_max`·max |cpu| over the tensor (see the module doc).
@@ -60,12 +61,18 @@ const BF16_TOL: Tol = Tol {
 /// (layer norm's dx at d = 1) is not held to exact zeros.
 const SCALE_FLOOR: f64 = 1e-3;
 
+/// One device for the whole process: each `Device::new_cuda` is a device of its own to candle
+/// (its own id, cuBLAS handle and loaded kernels), so a routing built on one call's device
+/// would be refused on another's, and every call would load the kernels again.
 fn gpu() -> Result<Device> {
-    Device::new_cuda(0).map_err(|e| {
-        candle_core::Error::Msg(format!(
-            "no CUDA device 0 ({e}); these tests need a GPU: run scripts/gpu-check.sh"
-        ))
-    })
+    static GPU: OnceLock<std::result::Result<Device, String>> = OnceLock::new();
+    GPU.get_or_init(|| Device::new_cuda(0).map_err(|e| e.to_string()))
+        .clone()
+        .map_err(|e| {
+            candle_core::Error::Msg(format!(
+                "no CUDA device 0 ({e}); these tests need a GPU: run scripts/gpu-check.sh"
+            ))
+        })
 }
 
 /// `t` rounded to bf16, back in f32 (exactly representable in both).

@@ -148,8 +148,11 @@ fn empty_rows_output_zero_and_get_zero_gradient() -> Result<()> {
         &w,
     )?;
     assert_eq!(o.get(1)?.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+    // Batch 0's rows see keys: their outputs and gradients are not zero (an op that returned
+    // no gradient at all would pass the check above).
     for gi in &g {
         assert_eq!(gi.get(1)?.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+        assert!(gi.get(0)?.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
     }
     assert!(o.get(0)?.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
     Ok(())

@@ -761,10 +761,9 @@ fn few_rows_matmul_one_row_matches_matmul_and_keeps_gradients() -> Result<()> {
             "f64 {out}x{d_in}"
         );
         let got = lora_linear(&f32(x)?, &f32(w)?, Some(&f32(b)?), &f32(a)?, &f32(bm)?, 2.0)?;
-        assert!(
-            max_diff(&got, &want)? < 1e-3 * (1.0 + norm(&want)?),
-            "f32 {out}x{d_in}"
-        );
+        // Relative to the largest output (~160 at 2304 × 768), not the norm of all of them.
+        let scale = spt_ops::gradcheck::max_abs(&want)?;
+        assert!(max_diff(&got, &want)? < 1e-5 * scale, "f32 {out}x{d_in}");
     }
     let w = Var::from_tensor(&randn_f64(&[300, 256], 14)?)?;
     let x = Var::from_tensor(&randn_f64(&[1, 256], 15)?)?;

@@ -102,9 +102,10 @@ fn block_sparse_attention_reference_refuses_zero_query_tile() -> Result<()> {
         randn(&[1, 1, 2, 4], 8)?,
         randn(&[1, 1, 2, 4], 9)?,
     );
+    // Lists shaped for tiles of one query, so that only the tile size is wrong.
     let sel = BlockSelection {
-        blocks: Tensor::from_vec(vec![0u32], (1, 1, 1, 1), &dev)?,
-        counts: Tensor::from_vec(vec![1u32], (1, 1, 1), &dev)?,
+        blocks: Tensor::from_vec(vec![0u32, 0], (1, 1, 2, 1), &dev)?,
+        counts: Tensor::from_vec(vec![1u32, 1], (1, 1, 2), &dev)?,
         tiling: BlockTiling {
             query_tile: 0,
             key_block: 2,
@@ -112,8 +113,13 @@ fn block_sparse_attention_reference_refuses_zero_query_tile() -> Result<()> {
         },
         mask: AttentionMask::none(),
     };
-    let r = spt_ops::block_sparse_attention::block_sparse_attention_reference(&q, &k, &v, &sel, 0.5);
-    assert!(r.is_err());
+    let e = spt_ops::block_sparse_attention::block_sparse_attention_reference(&q, &k, &v, &sel, 0.5)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("query_tile: 0") && e.contains("tiles of at least 1"),
+        "{e}"
+    );
     Ok(())
 }
 

@@ -219,8 +219,10 @@ fn select_blocks_t<T: KernelFloat>(
     let pad = mask.key_allowed_on(op, b, lk, q.device())?;
     let dev = q.device().as_cuda_device()?.clone();
     let cen = dev.clone_htod(&cb.centroids)?;
-    let mut hist = dev.alloc_zeros::<u32>(bh * nb * s * c)?;
-    let mut nkeys = dev.alloc_zeros::<u32>(bh * nb)?;
+    // Scratch of at least one element: with no key blocks it is unused, and the driver may
+    // refuse a 0-byte allocation (cuMemAlloc does).
+    let mut hist = dev.alloc_zeros::<u32>((bh * nb * s * c).max(1))?;
+    let mut nkeys = dev.alloc_zeros::<u32>((bh * nb).max(1))?;
     // With no key blocks the kernels do not run: every list is then all padding, as on the CPU.
     let mut blocks = if nb == 0 {
         dev.clone_htod(&vec![u32::MAX; bh * nt * width])?
