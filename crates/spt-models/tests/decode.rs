@@ -47,7 +47,7 @@ fn cached_vs_full(m: &GPT2LMHeadModel, ids: &Tensor, prompt: usize, chunk: usize
         let want = full.narrow(1, at - 1, 1)?.squeeze(1)?;
         // Not f64::max, which passes a NaN step over.
         let e = max_abs(&logits, &want)? / scale;
-        if !(e <= worst) {
+        if e.is_nan() || e > worst {
             worst = e;
         }
     }

@@ -459,7 +459,7 @@ mod tests {
                 ] {
                     // Not f64::max, which passes NaN over.
                     let e = (got as f64 - want).abs() / scale;
-                    if !(e <= worst[w]) {
+                    if e.is_nan() || e > worst[w] {
                         worst[w] = e;
                     }
                 }
