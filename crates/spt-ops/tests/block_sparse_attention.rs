@@ -419,6 +419,35 @@ fn ties_go_to_the_lower_block_and_padding_blocks_are_never_kept() -> Result<()> 
     Ok(())
 }
 
+/// Scores up to ~±150 (scale 30), where exp overflows f32 unless each row's true maximum is
+/// subtracted; 2 of 5 key blocks per tile (ragged last tile and block), against the f64
+/// reference.
+#[test]
+fn peaked_scores_match_f64() -> Result<()> {
+    let (b, h, l, d) = (1, 2, 70, 16);
+    let q = uniform(&[b, h, l, d], 1.0, 51, DType::F32)?;
+    let k = uniform(&[b, h, l, d], 1.0, 52, DType::F32)?;
+    let v = uniform(&[b, h, l, d], 1.0, 53, DType::F32)?;
+    let w = uniform(&[b, h, l, d], 1.0, 54, DType::F32)?;
+    let cb = codebook(&k, 2, 8, 1)?;
+    let mask = AttentionMask::none();
+    let sel = select_blocks(
+        &q,
+        &cb.encode(&k)?,
+        &cb,
+        tiling(16, 16, 2),
+        &mask,
+        BlockScore::default(),
+    )?;
+    common::matches_f64(
+        "block_sparse_attention, scale 30",
+        |q, k, v| block_sparse_attention(q, k, v, &sel, 30.0),
+        |q, k, v| block_sparse_attention_reference(q, k, v, &sel, 30.0),
+        [&q, &k, &v, &w],
+        1e-4,
+    )
+}
+
 #[test]
 fn pq_attention_dispatches_both_modes() -> Result<()> {
     let (b, h, l, d) = (1, 2, 40, 8);

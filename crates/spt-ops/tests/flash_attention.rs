@@ -129,6 +129,26 @@ proptest! {
     }
 }
 
+/// Scores up to ~±150 (scale 30): exp overflows f32 past 88, so only a kernel that subtracts
+/// each row's true maximum stays finite and matches the f64 composition. The other tests keep
+/// scores within a few units, where a wrong maximum cancels out.
+#[test]
+fn peaked_scores_match_f64() -> Result<()> {
+    let (b, h, l, d) = (1, 2, 70, 16);
+    let q = uniform(&[b, h, l, d], 1.0, 51, DType::F32)?;
+    let k = uniform(&[b, h, l, d], 1.0, 52, DType::F32)?;
+    let v = uniform(&[b, h, l, d], 1.0, 53, DType::F32)?;
+    let w = uniform(&[b, h, l, d], 1.0, 54, DType::F32)?;
+    let mask = AttentionMask::causal();
+    common::matches_f64(
+        "flash_attention, scale 30",
+        |q, k, v| flash_attention(q, k, v, &mask, 30.0, None),
+        |q, k, v| dense_attention(q, k, v, &mask, 30.0),
+        [&q, &k, &v, &w],
+        1e-4,
+    )
+}
+
 #[test]
 fn empty_rows_output_zero_and_get_zero_gradient() -> Result<()> {
     let (b, h, l, d) = (2, 2, 9, 4);

@@ -239,8 +239,22 @@ proptest! {
         b in 1usize..3, h in 1usize..3, l in 1usize..40, s in 1usize..4, dc in 1usize..4, k in 1usize..40,
         mask in 0usize..4, seed in 0u64..1_000_000,
     ) {
+        // k below L in all but the L = 1 cases (k ≥ L keeps every allowed key: no choice).
+        let k = if l > 1 { 1 + k % (l - 1) } else { 1 };
         selection_case(b, h, l, s, dc, k, mask, seed).unwrap();
     }
+}
+
+/// Rows of 128 keys or more take the sampled threshold (`select.rs`' SAMPLE_MIN_ROW), which the
+/// property test's shorter rows never reach.
+#[test]
+fn long_rows_equal_brute_force_adc_top_k() -> Result<()> {
+    for (i, k) in [1usize, 10, 50, 199].into_iter().enumerate() {
+        for mask in 0..4 {
+            selection_case(1, 2, 200, 2, 4, k, mask, 70 + 4 * i as u64 + mask as u64)?;
+        }
+    }
+    Ok(())
 }
 
 #[test]

@@ -75,3 +75,32 @@ pub fn fwd_bwd(
         .collect::<Result<Vec<_>>>()?;
     Ok((out, g))
 }
+
+/// Output and the three gradients of `op` on the f32 `q, k, v` (upstream gradient `w`) against
+/// `reference` on the same values in f64, each within `tol`·max|reference| (NaN fails).
+pub fn matches_f64(
+    what: &str,
+    op: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    reference: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    [q, k, v, w]: [&Tensor; 4],
+    tol: f64,
+) -> Result<()> {
+    let up = |t: &Tensor| t.to_dtype(DType::F64);
+    let (o, g) = fwd_bwd(op, q, k, v, w)?;
+    let (o64, g64) = fwd_bwd(reference, &up(q)?, &up(k)?, &up(v)?, &up(w)?)?;
+    for (name, got, want) in [
+        ("o", &o, &o64),
+        ("dq", &g[0], &g64[0]),
+        ("dk", &g[1], &g64[1]),
+        ("dv", &g[2], &g64[2]),
+    ] {
+        let err = spt_ops::gradcheck::max_abs_diff(&got.to_dtype(DType::F64)?, want)?;
+        let scale = spt_ops::gradcheck::max_abs(want)?;
+        assert!(scale > 0.0, "{what} {name}: the reference is all zeros");
+        assert!(
+            err <= tol * scale,
+            "{what} {name}: max |f32 − f64| {err:e} against max |f64| {scale:e}"
+        );
+    }
+    Ok(())
+}
