@@ -5,7 +5,7 @@ mod common;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use common::{expected, fixture, max_abs};
+use common::{expected, fixture, max_abs, rel_err};
 use spt_models::{
     BertConfig, BertForSequenceClassification, BertModel, GPT2Config, GPT2LMHeadModel, LoadOptions,
     ModelError, NamedParams, Trainable, WeightSource,
@@ -201,7 +201,8 @@ fn gelu_new_and_relu_bert_activations_load() -> Result<()> {
             Some(&exp["attention_mask"]),
             false,
         )?;
-        let d = max_abs(&logits, &exp["logits"])?;
+        // Relative to the largest logit (0.043: a random model of std 0.02).
+        let d = rel_err(&logits, &exp["logits"])?;
         let spt_models::FeedForward::Dense(ffn) = &m.bert.layers[0].ffn else {
             anyhow::bail!("not dense")
         };
@@ -210,8 +211,8 @@ fn gelu_new_and_relu_bert_activations_load() -> Result<()> {
         // (gelu_new only slightly: it approximates gelu).
         match act {
             "gelu" => assert!(d < 1e-5, "{act}: {d}"),
-            "gelu_new" => assert!(d > 0.0 && d < 1e-3, "{act}: {d}"),
-            _ => assert!(d > 1e-6 && d.is_finite(), "{act}: {d}"),
+            "gelu_new" => assert!(d > 0.0 && d < 1e-4, "{act}: {d}"),
+            _ => assert!(d > 1e-3 && d.is_finite(), "{act}: {d}"),
         }
     }
     Ok(())
