@@ -300,6 +300,18 @@ fn check_model(name: &str, task: TaskKind) {
             d < 1e-5,
             "{name} {mode:?}: the restored model's logits differ by {d}"
         );
+        // The step-8 checkpoint's logits are not the last one's: a restore that kept the values
+        // the model was built with would not pass the check above by accident.
+        let mid = load_checkpoint(&out.join("checkpoints/step-00000008"), &Device::Cpu).unwrap();
+        let at8 = rebuild(&cfg, &model, nl, &mid.model, &mid.extra);
+        let moved = max_abs_diff(
+            &at8.net.forward(&batch, false).unwrap(),
+            &trained.net.forward(&batch, false).unwrap(),
+        );
+        assert!(
+            moved > 1e-3,
+            "{name} {mode:?}: steps 8 to 16 moved the logits by only {moved}"
+        );
 
         // Export (LoRA merged, HF names) and reload as a plain model: equal logits.
         let export = root.path().join(format!("export-{mode:?}"));
