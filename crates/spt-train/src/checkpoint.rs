@@ -712,9 +712,38 @@ fn manifest_is_ours(path: &Path, step: u64) -> bool {
     }
 }
 
-/// The newest complete checkpoint in `dir`.
+/// The newest complete checkpoint in `dir`. Newer folders named as checkpoints that are not
+/// complete ones (no manifest.json of spt-train's: deleted, damaged, or a copy under another
+/// step's name) are passed over with a warning naming them, so that an older checkpoint is not
+/// used in silence.
 pub fn latest_checkpoint(dir: &Path) -> Result<PathBuf, CheckpointError> {
-    list_checkpoints(dir)?
+    let mut listed = list_checkpoints(dir)?;
+    let latest = listed.last().map(|(s, _)| *s);
+    let mut passed: Vec<(u64, String)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_string();
+            let step = parse_step(&name)?;
+            (latest.is_none_or(|l| step > l) && e.file_type().is_ok_and(|t| t.is_dir()))
+                .then_some((step, name))
+        })
+        .collect();
+    passed.sort();
+    if !passed.is_empty() {
+        let names: Vec<&str> = passed.iter().map(|(_, n)| n.as_str()).collect();
+        tracing::warn!(
+            "{}: passed over {} (no manifest.json of spt-train's: damaged, or not a checkpoint); {}",
+            dir.display(),
+            names.join(", "),
+            match &listed.last() {
+                Some((_, p)) => format!("using the older {}", p.display()),
+                None => "no complete checkpoint is left".to_string(),
+            }
+        );
+    }
+    listed
         .pop()
         .map(|(_, p)| p)
         .ok_or_else(|| CheckpointError::NoCheckpoint {

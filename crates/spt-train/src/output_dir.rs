@@ -436,6 +436,15 @@ pub fn check_export_dir(out: &Path, files: &[String], overwrite: bool) -> Result
     }
     let path = || out.to_path_buf();
     match read_marker(out)? {
+        // An older spt-train's run (its marker recorded no files): an export would take the
+        // folder over, and the run could no longer be resumed.
+        Marker::Legacy if !existing(out, RUN_ENTRIES).is_empty() => {
+            return Err(OutputError::WrongKind {
+                path: path(),
+                found: DirKind::Run,
+                wanted: DirKind::Export,
+            });
+        }
         // An old marker over none of an export's files says nothing to keep: a folder like any.
         Marker::None | Marker::Legacy if existing(out, files.iter().map(String::as_str)).is_empty() => {
             if !overwrite {
@@ -552,7 +561,8 @@ pub fn remove_stale_export_staging(
 /// Moves the files of the finished export in `staged` (a sibling of `out`, holding only plain
 /// files) into `out` under the rules of [`check_export_dir`], and removes `staged`.
 ///
-/// A new `out` is `staged` renamed. Into an existing one each file is renamed over its earlier
+/// A new `out` is `staged` renamed. Into an existing one (empty or not: the folder itself, its
+/// permissions and anyone's working directory in it stay) each file is renamed over its earlier
 /// version; files of an earlier export that this one does not write are removed; anything else
 /// in `out` stays as it was.
 pub fn install_export(staged: &Path, out: &Path, overwrite: bool) -> Result<(), OutputError> {
@@ -564,11 +574,8 @@ pub fn install_export(staged: &Path, out: &Path, overwrite: bool) -> Result<(), 
     files.sort();
     check_export_dir(out, &files, overwrite)?;
     let own = Ownership::new(DirKind::Export, files.iter().cloned());
-    if is_empty_dir(out)? {
+    if out.symlink_metadata().is_err() {
         write_marker(staged, &own)?;
-        if out.exists() {
-            std::fs::remove_dir(out).map_err(|e| io_err(out, e))?;
-        }
         return std::fs::rename(staged, out).map_err(|e| io_err(out, e));
     }
     let earlier = match read_marker(out)? {
@@ -744,6 +751,40 @@ mod tests {
             Err(OutputError::Legacy { .. })
         ));
         assert_eq!(bytes(&p.join("loss.svg")), b"<svg/>");
+        // An export into an old run (even with --overwrite) would take it over: refused.
+        let run = tmp.path().join("oldrun");
+        std::fs::create_dir(&run).unwrap();
+        std::fs::write(run.join(OUTPUT_MARKER), "spt-train output directory\n").unwrap();
+        std::fs::write(run.join("finetune.toml"), "mode = \"lora\"\n").unwrap();
+        let s = tmp.path().join(".stage");
+        std::fs::create_dir(&s).unwrap();
+        std::fs::write(s.join("config.json"), "{}").unwrap();
+        let e = install_export(&s, &run, true).unwrap_err();
+        assert!(matches!(e, OutputError::WrongKind { .. }), "{e}");
+        assert_eq!(read_marker(&run).unwrap(), Marker::Legacy);
+        assert!(!run.join("config.json").exists());
+    }
+
+    /// An export into an existing empty folder fills that folder: it is not removed and
+    /// replaced (which changed its permissions, and pulled it from under a shell inside it).
+    #[cfg(unix)]
+    #[test]
+    fn export_into_an_empty_folder_keeps_the_folder() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("private");
+        std::fs::create_dir(&out).unwrap();
+        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let inode = std::fs::metadata(&out).unwrap().ino();
+        let s = tmp.path().join(".stage");
+        std::fs::create_dir(&s).unwrap();
+        std::fs::write(s.join("config.json"), "{}").unwrap();
+        install_export(&s, &out, false).unwrap();
+        let m = std::fs::metadata(&out).unwrap();
+        assert_eq!((m.ino(), m.permissions().mode() & 0o777), (inode, 0o700));
+        assert_eq!(bytes(&out.join("config.json")), b"{}");
+        assert!(!s.exists());
+        assert!(matches!(read_marker(&out).unwrap(), Marker::Current(o) if o.kind == DirKind::Export));
     }
 
     #[test]

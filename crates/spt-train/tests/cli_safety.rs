@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{fixture, fixture_with, last_json, reviews_csv, run, run_err, run_ok, snapshot};
+use common::{fixture, fixture_with, last_json, reviews_csv, run, run_err, run_in, run_ok, snapshot};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -270,6 +270,23 @@ fn resuming_an_older_checkpoint_forks_or_discards_but_never_mixes() {
     a.extend(["--resume", s(&missing)]);
     let e = run_err(&a);
     assert!(e.contains("no such checkpoint") && !e.contains("corrupt"), "{e}");
+    // The latest checkpoint without its manifest: the run's latest complete one is used, with a
+    // warning naming the one passed over (it was an INFO line, which -q hid); named directly, it
+    // is "no manifest.json", not a missing checkpoints/ inside it.
+    let manifest4 = run_dir.join("checkpoints/step-00000004/manifest.json");
+    std::fs::rename(&manifest4, t.root.join("manifest4")).unwrap();
+    let o = run_ok(
+        &[&predict_args(&t, &run_dir, &t.data)[..], &["-q"]].concat(),
+        None,
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("passed over step-00000004") && err.contains("step-00000003"),
+        "{err}"
+    );
+    let step4 = run_dir.join("checkpoints/step-00000004");
+    let e = run_err(&predict_args(&t, &step4, &t.data));
+    assert!(e.contains("step-00000004: no manifest.json"), "{e}");
 }
 
 /// `args` without its `--mode lora`, for a caller that sets the mode.
@@ -675,6 +692,16 @@ fn predict_never_overwrites_a_file_it_did_not_write() {
         assert_eq!(std::fs::read_to_string(&out).unwrap(), users);
     }
     std::fs::remove_file(&out).unwrap();
+    // `--output -` is stdout (as `--input -` is stdin), not a file named `-`.
+    let here = t.root.join("cwd");
+    std::fs::create_dir(&here).unwrap();
+    let o = run_in(
+        &here,
+        &[&predict_args(&t, &run_dir, &t.data)[..], &["--output", "-"]].concat(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).lines().count() > 1);
+    assert_eq!(std::fs::read_dir(&here).unwrap().count(), 0, "a file was written");
     // Nothing to predict is an error, not an empty file that a later run would have to refuse.
     let stdin = [
         &predict_args(&t, &run_dir, Path::new("-"))[..],

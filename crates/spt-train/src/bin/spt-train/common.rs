@@ -209,9 +209,24 @@ pub(crate) fn checkpoint_path(p: &Path) -> Result<PathBuf> {
             p.display()
         );
     }
-    let named_checkpoints = std::path::absolute(p)
+    let name = std::path::absolute(p)
         .ok()
-        .is_some_and(|a| a.file_name().is_some_and(|n| n == "checkpoints"));
+        .and_then(|a| a.file_name().map(|n| n.to_owned()));
+    // A checkpoint's own folder without its manifest (not a run folder to look inside).
+    if name
+        .as_ref()
+        .and_then(|n| n.to_str())
+        .is_some_and(spt_train::checkpoint::is_checkpoint_name)
+        || p.join("model.safetensors").is_file()
+    {
+        bail!(
+            "{}: no manifest.json, so not an spt-train checkpoint (a damaged one, or a model \
+             folder, which goes to --model); give a checkpoint, or a run folder for its latest \
+             complete one",
+            p.display()
+        );
+    }
+    let named_checkpoints = name.is_some_and(|n| n == "checkpoints");
     if named_checkpoints {
         return Ok(latest_checkpoint(p)?);
     }

@@ -35,7 +35,7 @@ pub(crate) struct PredictArgs {
     /// model's config.json, as an export writes it).
     #[arg(long)]
     pub(crate) label_map: Option<PathBuf>,
-    /// Write JSON lines here instead of stdout.
+    /// Write JSON lines here instead of stdout (`-`: stdout, as `--input -` is stdin).
     #[arg(long)]
     pub(crate) output: Option<PathBuf>,
     /// Texts per batch.
@@ -51,7 +51,9 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1, got 0");
     }
-    if let Some(out) = &a.output {
+    // `-` is stdout, not a file of that name.
+    let output = a.output.as_deref().filter(|p| *p != Path::new("-"));
+    if let Some(out) = output {
         let what = "predictions spt-train wrote (JSON lines with text, label, id and score)";
         check_output_file(out, "--output", what, is_predictions)?;
     }
@@ -215,7 +217,7 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
         lines.push_str(&line);
         lines.push('\n');
     }
-    match &a.output {
+    match output {
         Some(p) => write_output_file(p, lines.as_bytes())?,
         None => crate::emit(&lines)?,
     }
