@@ -1172,6 +1172,65 @@ fn a_checkpoint_keeps_its_classes_without_labels_json() {
     std::fs::remove_file(run.join("labels.json")).unwrap();
     let after = answers();
     assert_eq!(before, after);
+    // --label-map against the recorded classes: their names in another order, or another count,
+    // is refused naming the file (it relabelled the answers in silence, or blamed the model);
+    // other names of the same count rename them, with a warning.
+    let map = |name: &str, labels: [&str; 3]| {
+        let p = tmp.path().join(name);
+        let id2label: serde_json::Map<_, _> = labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i.to_string(), serde_json::json!(l)))
+            .collect();
+        std::fs::write(&p, serde_json::json!({ "id2label": id2label }).to_string()).unwrap();
+        p
+    };
+    fn predict_with<'a>(m: &'a str, r: &'a str, d: &'a str, p: &'a Path) -> [&'a str; 9] {
+        [
+            "predict",
+            "--model",
+            m,
+            "--checkpoint",
+            r,
+            "--input",
+            d,
+            "--label-map",
+            s(p),
+        ]
+    }
+    let e = run_err(&predict_with(
+        m,
+        r,
+        d,
+        &map("rev.json", ["pos", "neutral", "neg"]),
+    ));
+    assert!(e.contains("rev.json") && e.contains("trained with"), "{e}");
+    let rev = tmp.path().join("rev.json");
+    let e = run_err(&[
+        "eval",
+        "--model",
+        m,
+        "--checkpoint",
+        r,
+        "--data-file",
+        d,
+        "--label-map",
+        s(&rev),
+    ]);
+    assert!(e.contains("rev.json") && e.contains("trained with"), "{e}");
+    let o = run_ok(
+        &predict_with(m, r, d, &map("named.json", ["bad", "meh", "good"])),
+        None,
+    );
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(err.contains("named.json") && err.contains("are named"), "{err}");
+    assert!(
+        out.contains("\"meh\"") || out.contains("\"good\"") || out.contains("\"bad\""),
+        "{out}"
+    );
     // Renamed classes of the same count.
     let renamed = tmp.path().join("renamed.csv");
     std::fs::write(&renamed, text.replace(",pos,", ",positive,")).unwrap();

@@ -286,14 +286,41 @@ pub(crate) fn find_labels(
     checkpoint: &Option<PathBuf>,
     model_dir: &Path,
 ) -> Result<Option<LabelMap>> {
-    if given.is_none() {
-        if let Some(l) = recorded_classes(checkpoint)? {
-            return Ok(Some(l));
+    let recorded = recorded_classes(checkpoint)?;
+    let Some(file) = given else {
+        if recorded.is_some() {
+            return Ok(recorded);
+        }
+        return Ok(labels_path(given, checkpoint, model_dir)
+            .map(|p| LabelMap::load(&p))
+            .transpose()?);
+    };
+    let map = LabelMap::load(file)?;
+    if let Some(rec) = recorded {
+        // Class i of the head is the i-th recorded class: a map of another size cannot name the
+        // head's classes, and the same names in another order would relabel them in silence.
+        let (got, want) = (map.labels(), rec.labels());
+        let same_names = {
+            let (mut a, mut b) = (got.to_vec(), want.to_vec());
+            a.sort();
+            b.sort();
+            a == b
+        };
+        if got.len() != want.len() || (same_names && got != want) {
+            bail!(
+                "--label-map {}: classes {got:?}, but the checkpoint was trained with {want:?} (class \
+                 i of its head is the i-th); drop --label-map to use the checkpoint's",
+                file.display()
+            );
+        }
+        if got != want {
+            tracing::warn!(
+                "--label-map {}: the checkpoint's classes {want:?} are named {got:?} here",
+                file.display()
+            );
         }
     }
-    Ok(labels_path(given, checkpoint, model_dir)
-        .map(|p| LabelMap::load(&p))
-        .transpose()?)
+    Ok(Some(map))
 }
 
 /// The tokenizer of `m` (see [`ModelArgs::tokenizer_source`]) for texts truncated to
