@@ -243,7 +243,7 @@ fn check_outside_run_checkpoints(dir: &Path) -> Result<(), OutputError> {
 
 /// `path` made absolute: its longest existing prefix canonicalised (links followed, `..`
 /// resolved), the rest, which does not exist and so holds no links, normalised lexically.
-pub(crate) fn resolve(path: &Path) -> std::io::Result<PathBuf> {
+pub fn resolve(path: &Path) -> std::io::Result<PathBuf> {
     use std::path::Component;
     let abs = std::path::absolute(path)?;
     let parts: Vec<Component> = abs.components().collect();

@@ -169,6 +169,24 @@ fn export_never_deletes_or_replaces_files_it_did_not_write() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("which does not exist") && e.contains("gone"), "{e}");
     assert!(!t.root.join("gone").exists());
+    // `--out .` from inside an empty folder fills that folder (it failed after the load, and an
+    // empty --out was removed and made anew); `--out /` is refused by name.
+    let here = t.root.join("here");
+    std::fs::create_dir(&here).unwrap();
+    let ino = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    let before = ino(&here);
+    let (m, r) = (
+        std::path::absolute(&t.model).unwrap(),
+        std::path::absolute(&run_dir).unwrap(),
+    );
+    let o = run_in(
+        &here,
+        &["export", "--model", s(&m), "--checkpoint", s(&r), "--out", "."],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(here.join("model.safetensors").is_file() && ino(&here) == before);
+    let o = export(Path::new("/"), true);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--out /: the root folder"));
     // No staging folder left behind.
     let debris: Vec<_> = std::fs::read_dir(&t.root)
         .unwrap()

@@ -150,12 +150,21 @@ pub(crate) fn export(a: &ExportArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--out` as written, or, for a link, the folder it points to: the export is staged beside that
-/// folder and renamed into it (the link stays). A link to nothing or to a file is refused by name.
+/// `--out` made absolute (`.` and `..` resolved, so that `--out .` has a name and a parent to
+/// stage beside), or, for a link, the folder it points to: the export is staged beside that
+/// folder and renamed into it (the link stays). A link to nothing or to a file, and `/`, are
+/// refused by name, before the model is loaded.
 fn link_target(out: &Path) -> Result<PathBuf> {
     let is_link = out.symlink_metadata().is_ok_and(|m| m.file_type().is_symlink());
     if !is_link {
-        return Ok(out.to_path_buf());
+        let abs = spt_train::output_dir::resolve(out).with_context(|| format!("--out {}", out.display()))?;
+        if abs.file_name().is_none() {
+            bail!(
+                "--out {}: the root folder; write the export to a folder of its own",
+                out.display()
+            );
+        }
+        return Ok(abs);
     }
     let to = std::fs::read_link(out).map_or_else(|_| "?".into(), |t| t.display().to_string());
     match out.canonicalize() {
