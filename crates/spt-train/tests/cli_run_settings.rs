@@ -104,6 +104,23 @@ fn a_run_trained_with_its_own_tokenizer_keeps_it_for_eval_generate_and_export() 
         None,
     );
     assert!(String::from_utf8_lossy(&gen.stdout).starts_with("the good"));
+    // The run's tokenizer moved away: named as the run's, with the flag that replaces it.
+    let moved = tmp.path().join("tok-moved");
+    std::fs::rename(&tok_dir, &moved).unwrap();
+    let e = run_err(&[
+        "generate",
+        "--model",
+        m,
+        "--checkpoint",
+        r,
+        "--prompt",
+        "the good",
+    ]);
+    assert!(
+        e.contains("recorded in the run's finetune.toml") && e.contains("--tokenizer"),
+        "{e}"
+    );
+    std::fs::rename(&moved, &tok_dir).unwrap();
     let export = tmp.path().join("export");
     run_ok(
         &["export", "--model", m, "--checkpoint", r, "--out", s(&export)],

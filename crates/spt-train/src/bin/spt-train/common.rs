@@ -331,11 +331,16 @@ pub(crate) fn tokenizer_for(
     model_dir: &Path,
     max_length: Option<usize>,
 ) -> Result<TextTokenizer> {
-    Ok(open_tokenizer(
-        m.tokenizer_source(run).as_deref(),
-        model_dir,
-        max_length,
-    )?)
+    let source = m.tokenizer_source(run);
+    let opened = open_tokenizer(source.as_deref(), model_dir, max_length);
+    // A tokenizer the run recorded (not given here) is named as the run's.
+    match (opened, &m.tokenizer, &source) {
+        (Err(e), None, Some(p)) => Err(anyhow::Error::new(e).context(format!(
+            "the tokenizer {} recorded in the run's finetune.toml (give --tokenizer to use another)",
+            p.display()
+        ))),
+        (opened, _, _) => Ok(opened?),
+    }
 }
 
 /// A task as the `--task` flag spells it.
