@@ -24,7 +24,7 @@ pub(crate) struct ModelArgs {
     #[arg(long)]
     pub(crate) checkpoint: Option<PathBuf>,
     /// Training mode the checkpoint was made with (default: the one it records, or its run's
-    /// finetune.toml; else the mode of `--config`; else dense). A run's checkpoint is
+    /// finetune.toml; else, for eval, the mode of `--config`; else dense). A run's checkpoint is
     /// rebuilt in the run's mode: a different `--mode` is refused.
     #[arg(long, value_enum)]
     pub(crate) mode: Option<Mode>,
