@@ -73,9 +73,17 @@ pub trait CheckpointIo: Send + Sync {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FsIo;
 
+/// A new file at `path`: never through a link or over a file already there.
+fn create_new(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+}
+
 impl CheckpointIo for FsIo {
     fn write_file(&self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-        let mut f = std::fs::File::create(path)?;
+        let mut f = create_new(path)?;
         f.write_all(bytes)?;
         f.sync_all()
     }
@@ -103,7 +111,7 @@ impl CheckpointIo for DiskFullIo {
             .lock()
             .map_err(|_| std::io::Error::other("poisoned"))?;
         let n = (*rem).min(bytes.len() as u64) as usize;
-        let mut f = std::fs::File::create(path)?;
+        let mut f = create_new(path)?;
         f.write_all(&bytes[..n])?;
         *rem -= n as u64;
         if n < bytes.len() {
@@ -126,10 +134,22 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = parent.join(format!(".tmp-{name}-{}", std::process::id()));
+    // A file under the name is one a crashed process of the same pid left: replaced. A link or
+    // a folder is someone else's (a write would go through the link): left, and refused.
+    match tmp.symlink_metadata() {
+        Ok(m) if m.is_file() => std::fs::remove_file(&tmp)?,
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a file spt-train left", tmp.display()),
+            ))
+        }
+        Err(_) => {}
+    }
     let res = FsIo
         .write_file(&tmp, bytes)
         .and_then(|_| std::fs::rename(&tmp, path));
-    if res.is_err() {
+    if res.is_err() && tmp.symlink_metadata().is_ok_and(|m| m.is_file()) {
         let _ = std::fs::remove_file(&tmp);
     }
     res?;
@@ -856,6 +876,30 @@ fn load(path: &Path, device: &Device, optimizer: bool) -> Result<LoadedCheckpoin
 mod tests {
     use super::*;
     use candle_core::DType;
+
+    /// The temporary's name is predictable (per process): a file a crashed process of the same
+    /// pid left under it is replaced; a link under it is never written through.
+    #[cfg(unix)]
+    #[test]
+    fn atomic_writes_never_go_through_a_link_at_the_temporary_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("metrics.jsonl");
+        let stale = tmp
+            .path()
+            .join(format!(".tmp-metrics.jsonl-{}", std::process::id()));
+        std::fs::write(&stale, "left by a crash").unwrap();
+        write_file_atomic(&path, b"ours").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"ours");
+        assert!(!stale.exists());
+        let victim = tmp.path().join("victim.txt");
+        std::fs::write(&victim, "mine").unwrap();
+        std::os::unix::fs::symlink(&victim, &stale).unwrap();
+        let e = write_file_atomic(&path, b"again").unwrap_err();
+        assert!(e.to_string().contains("not a file spt-train left"), "{e}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"mine");
+        assert_eq!(std::fs::read(&path).unwrap(), b"ours");
+        assert!(stale.symlink_metadata().unwrap().file_type().is_symlink());
+    }
 
     fn data(step: u64) -> CheckpointData {
         let dev = Device::Cpu;
