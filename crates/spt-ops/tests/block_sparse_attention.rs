@@ -424,11 +424,7 @@ fn ties_go_to_the_lower_block_and_padding_blocks_are_never_kept() -> Result<()> 
 /// reference.
 #[test]
 fn peaked_scores_match_f64() -> Result<()> {
-    let (b, h, l, d) = (1, 2, 70, 16);
-    let q = uniform(&[b, h, l, d], 1.0, 51, DType::F32)?;
-    let k = uniform(&[b, h, l, d], 1.0, 52, DType::F32)?;
-    let v = uniform(&[b, h, l, d], 1.0, 53, DType::F32)?;
-    let w = uniform(&[b, h, l, d], 1.0, 54, DType::F32)?;
+    let [q, k, v, w] = common::qkvw([1, 2, 70, 16], 51)?;
     let cb = codebook(&k, 2, 8, 1)?;
     let mask = AttentionMask::none();
     let sel = select_blocks(

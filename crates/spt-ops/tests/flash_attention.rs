@@ -134,11 +134,7 @@ proptest! {
 /// scores within a few units, where a wrong maximum cancels out.
 #[test]
 fn peaked_scores_match_f64() -> Result<()> {
-    let (b, h, l, d) = (1, 2, 70, 16);
-    let q = uniform(&[b, h, l, d], 1.0, 51, DType::F32)?;
-    let k = uniform(&[b, h, l, d], 1.0, 52, DType::F32)?;
-    let v = uniform(&[b, h, l, d], 1.0, 53, DType::F32)?;
-    let w = uniform(&[b, h, l, d], 1.0, 54, DType::F32)?;
+    let [q, k, v, w] = common::qkvw([1, 2, 70, 16], 51)?;
     let mask = AttentionMask::causal();
     common::matches_f64(
         "flash_attention, scale 30",

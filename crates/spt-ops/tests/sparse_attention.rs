@@ -45,11 +45,7 @@ fn masks(b: usize, l: usize, seed: u64, allow_empty: bool) -> Result<Vec<Attenti
 /// subtracted; 24 of 70 keys per query, against the f64 reference.
 #[test]
 fn peaked_scores_match_f64() -> Result<()> {
-    let (b, h, l, d) = (1, 2, 70, 16);
-    let q = uniform(&[b, h, l, d], 1.0, 51, DType::F32)?;
-    let k = uniform(&[b, h, l, d], 1.0, 52, DType::F32)?;
-    let v = uniform(&[b, h, l, d], 1.0, 53, DType::F32)?;
-    let w = uniform(&[b, h, l, d], 1.0, 54, DType::F32)?;
+    let [q, k, v, w] = common::qkvw([1, 2, 70, 16], 51)?;
     let mask = AttentionMask::causal();
     let sel = pq_selection(&q, &k, KeyTopK::Count(24), &mask, 5)?;
     common::matches_f64(

@@ -76,6 +76,12 @@ pub fn fwd_bwd(
     Ok((out, g))
 }
 
+/// q, k, v and an upstream gradient `[b, h, l, d]`, uniform in [-1, 1] (f32, seeds `seed..+4`).
+pub fn qkvw([b, h, l, d]: [usize; 4], seed: u64) -> Result<[Tensor; 4]> {
+    let t = |i: u64| uniform(&[b, h, l, d], 1.0, seed + i, DType::F32);
+    Ok([t(0)?, t(1)?, t(2)?, t(3)?])
+}
+
 /// Output and the three gradients of `op` on the f32 `q, k, v` (upstream gradient `w`) against
 /// `reference` on the same values in f64, each within `tol`·max|reference| (NaN fails).
 pub fn matches_f64(
