@@ -130,7 +130,7 @@ missing=$(ldd bin/cuda_parity | grep 'not found' || true)
 if [[ -n "$missing" ]]; then
   echo "gpu-check.sh: libraries not found (rebuild the bundle with scripts/gpu-build.sh --with-libs):" >&2
   echo "$missing" | tee -a "$OUT/run.log" >&2
-  error="missing libraries (see run.log)"; write_summary true; exit 2
+  error="missing libraries (see run.log)"; write_summary true; rm -rf "$RUN"; exit 2
 fi
 timeout -k 5 30 nvidia-smi >>"$OUT/run.log" 2>&1 || echo "gpu-check.sh: nvidia-smi failed (no GPU?)" | tee -a "$OUT/run.log" >&2
 
