@@ -56,7 +56,7 @@ struct Check {
         at = i;
       }
     }
-    const double tol = 0.02 * maxref + 2e-3;
+    const double tol = 0.02 * maxref;
     const bool pass = err <= tol && nan_miss == 0;
     std::printf("    %-4s max |err| %.2e (tol %.2e, max |ref| %.2e)%s%s\n", what, err, tol, maxref,
                 nans ? (", " + std::to_string(nans) + " NaN as in the reference").c_str() : "", pass ? "" : "  FAIL");
