@@ -69,7 +69,8 @@ pub trait CheckpointIo: Send + Sync {
     fn write_file(&self, path: &Path, bytes: &[u8]) -> std::io::Result<()>;
 }
 
-/// Real files: create, write, `sync_all`.
+/// Real files: create (a new file only: never over one already there, nor through a link),
+/// write, `sync_all`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FsIo;
 
@@ -733,9 +734,9 @@ fn manifest_is_ours(path: &Path, step: u64) -> bool {
 }
 
 /// The newest complete checkpoint in `dir`. Newer folders named as checkpoints that are not
-/// complete ones (no manifest.json of spt-train's: deleted, damaged, or a copy under another
-/// step's name) are passed over with a warning naming them, so that an older checkpoint is not
-/// used in silence.
+/// listed (no manifest.json, one of someone else's, or a copy under another step's name; a
+/// manifest cut short is listed, and named when loaded) are passed over with a warning naming
+/// them, so that an older checkpoint is not used in silence.
 pub fn latest_checkpoint(dir: &Path) -> Result<PathBuf, CheckpointError> {
     let mut listed = list_checkpoints(dir)?;
     let latest = listed.last().map(|(s, _)| *s);
@@ -753,8 +754,9 @@ pub fn latest_checkpoint(dir: &Path) -> Result<PathBuf, CheckpointError> {
     passed.sort();
     if !passed.is_empty() {
         let names: Vec<&str> = passed.iter().map(|(_, n)| n.as_str()).collect();
-        tracing::warn!(
-            "{}: passed over {} (no manifest.json of spt-train's: damaged, or not a checkpoint); {}",
+        let msg = format!(
+            "{}: passed over {} (no manifest.json of spt-train's: removed, unreadable, or not a \
+             checkpoint); {}",
             dir.display(),
             names.join(", "),
             match &listed.last() {
@@ -762,6 +764,11 @@ pub fn latest_checkpoint(dir: &Path) -> Result<PathBuf, CheckpointError> {
                 None => "no complete checkpoint is left".to_string(),
             }
         );
+        // Once per process: a command looks up the latest checkpoint several times.
+        static SAID: std::sync::Mutex<BTreeSet<String>> = std::sync::Mutex::new(BTreeSet::new());
+        if SAID.lock().unwrap_or_else(|e| e.into_inner()).insert(msg.clone()) {
+            tracing::warn!("{msg}");
+        }
     }
     listed
         .pop()

@@ -117,7 +117,7 @@ fn a_run_trained_with_its_own_tokenizer_keeps_it_for_eval_generate_and_export() 
         "the good",
     ]);
     assert!(
-        e.contains("recorded in the run's finetune.toml") && e.contains("--tokenizer"),
+        e.contains("recorded in the run's settings") && e.contains("--tokenizer"),
         "{e}"
     );
     std::fs::rename(&moved, &tok_dir).unwrap();
@@ -1235,6 +1235,9 @@ fn a_checkpoint_keeps_its_classes_without_labels_json() {
         s(&rev),
     ]);
     assert!(e.contains("rev.json") && e.contains("trained with"), "{e}");
+    // One recorded name at another index is a relabelling too.
+    let e = run_err(&predict_with(m, r, d, &map("some.json", ["pos", "meh", "good"])));
+    assert!(e.contains("some.json") && e.contains("trained with"), "{e}");
     let o = run_ok(
         &predict_with(m, r, d, &map("named.json", ["bad", "meh", "good"])),
         None,

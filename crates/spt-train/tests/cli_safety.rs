@@ -288,23 +288,36 @@ fn resuming_an_older_checkpoint_forks_or_discards_but_never_mixes() {
     a.extend(["--resume", s(&missing)]);
     let e = run_err(&a);
     assert!(e.contains("no such checkpoint") && !e.contains("corrupt"), "{e}");
+    // A checkpoint named from inside checkpoints/ (a path with no folder) is the run's own, not
+    // a fork (the trainer compared its empty parent).
+    let ckpts = run_dir.join("checkpoints");
+    let (m, d) = (
+        std::path::absolute(&t.model).unwrap(),
+        std::path::absolute(&t.data).unwrap(),
+    );
+    let mut a = finetune_args(s(&m), s(&d), s(&run_dir), "5");
+    a.extend(["--resume", "step-00000004"]);
+    let o = run_in(&ckpts, &a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(steps_in(&run_dir), vec![1, 2, 3, 4, 5]);
     // The latest checkpoint without its manifest: the run's latest complete one is used, with a
     // warning naming the one passed over (it was an INFO line, which -q hid); named directly, it
     // is "no manifest.json", not a missing checkpoints/ inside it.
-    let manifest4 = run_dir.join("checkpoints/step-00000004/manifest.json");
-    std::fs::rename(&manifest4, t.root.join("manifest4")).unwrap();
+    let manifest5 = run_dir.join("checkpoints/step-00000005/manifest.json");
+    std::fs::rename(&manifest5, t.root.join("manifest5")).unwrap();
     let o = run_ok(
         &[&predict_args(&t, &run_dir, &t.data)[..], &["-q"]].concat(),
         None,
     );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        err.contains("passed over step-00000004") && err.contains("step-00000003"),
+        err.contains("passed over step-00000005") && err.contains("step-00000004"),
         "{err}"
     );
-    let step4 = run_dir.join("checkpoints/step-00000004");
-    let e = run_err(&predict_args(&t, &step4, &t.data));
-    assert!(e.contains("step-00000004: no manifest.json"), "{e}");
+    assert_eq!(err.matches("passed over").count(), 1, "said once: {err}");
+    let step5 = run_dir.join("checkpoints/step-00000005");
+    let e = run_err(&predict_args(&t, &step5, &t.data));
+    assert!(e.contains("step-00000005: no manifest.json"), "{e}");
 }
 
 /// `args` without its `--mode lora`, for a caller that sets the mode.

@@ -562,9 +562,8 @@ fn zero_batch_size_is_an_error() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Were defects: a library resume from an earlier checkpoint went on beside the later ones of
-/// the abandoned run (the newest of them then taken for the run's latest), and `check_resume`
-/// followed by `train` from elsewhere (or afresh) trained on from the restored weights.
+/// Was a defect: a new run or a fork through the library into a folder holding another run's
+/// checkpoints put its own beside them, and keep_last pruned them (the CLI refused it first).
 #[test]
 fn a_new_run_or_a_fork_into_another_runs_checkpoints_is_refused() -> anyhow::Result<()> {
     let (a, b) = (tempfile::tempdir()?, tempfile::tempdir()?);
@@ -628,6 +627,9 @@ fn a_new_run_or_a_fork_into_another_runs_checkpoints_is_refused() -> anyhow::Res
     Ok(())
 }
 
+/// Were defects: a library resume from an earlier checkpoint went on beside the later ones of
+/// the abandoned run (the newest of them then taken for the run's latest), and `check_resume`
+/// followed by `train` from elsewhere (or afresh) trained on from the restored weights.
 #[test]
 fn resuming_is_refused_beside_later_checkpoints_or_another_restored_one() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;

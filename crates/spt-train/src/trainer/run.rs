@@ -891,8 +891,10 @@ pub fn check_run_folder(dir: &Path, resume: Option<&Path>) -> Result<()> {
         return Ok(());
     }
     let real = |d: &Path| d.canonicalize().ok();
+    // Absolute first: a checkpoint named from inside checkpoints/ has the parent "".
+    let parent = |p: &Path| std::path::absolute(p).ok()?.parent().and_then(real);
     let what = match resume {
-        Some(p) if p.parent().and_then(real).is_some_and(|d| Some(d) == real(dir)) => {
+        Some(p) if parent(p).is_some_and(|d| Some(d) == real(dir)) => {
             return check_no_later(dir, p);
         }
         Some(p) => format!("resuming {} into another folder (a fork)", p.display()),

@@ -280,7 +280,9 @@ pub(crate) fn recorded_classes(checkpoint: &Option<PathBuf>) -> Result<Option<La
 }
 
 /// The label mapping: `--label-map`; else the classes the checkpoint records
-/// ([`recorded_classes`]); else the file [`labels_path`] finds.
+/// ([`recorded_classes`]); else the file [`labels_path`] finds. A `--label-map` beside recorded
+/// classes must list as many, and none of theirs at another index (other names rename them,
+/// with a warning).
 pub(crate) fn find_labels(
     given: &Option<PathBuf>,
     checkpoint: &Option<PathBuf>,
@@ -298,15 +300,13 @@ pub(crate) fn find_labels(
     let map = LabelMap::load(file)?;
     if let Some(rec) = recorded {
         // Class i of the head is the i-th recorded class: a map of another size cannot name the
-        // head's classes, and the same names in another order would relabel them in silence.
+        // head's classes, and a recorded name at another index would relabel them in silence.
         let (got, want) = (map.labels(), rec.labels());
-        let same_names = {
-            let (mut a, mut b) = (got.to_vec(), want.to_vec());
-            a.sort();
-            b.sort();
-            a == b
-        };
-        if got.len() != want.len() || (same_names && got != want) {
+        let moved = got
+            .iter()
+            .enumerate()
+            .any(|(i, g)| want.iter().position(|w| w == g).is_some_and(|j| j != i));
+        if got.len() != want.len() || moved {
             bail!(
                 "--label-map {}: classes {got:?}, but the checkpoint was trained with {want:?} (class \
                  i of its head is the i-th); drop --label-map to use the checkpoint's",
@@ -336,7 +336,7 @@ pub(crate) fn tokenizer_for(
     // A tokenizer the run recorded (not given here) is named as the run's.
     match (opened, &m.tokenizer, &source) {
         (Err(e), None, Some(p)) => Err(anyhow::Error::new(e).context(format!(
-            "the tokenizer {} recorded in the run's finetune.toml (give --tokenizer to use another)",
+            "the tokenizer {} recorded in the run's settings (give --tokenizer to use another)",
             p.display()
         ))),
         (opened, _, _) => Ok(opened?),
