@@ -16,6 +16,7 @@ case: {"cases": [...], "passed": all six cases recorded and passed, "complete": 
 """
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -92,7 +93,7 @@ def write(out_dir, cases, ok, n_cases):
     complete = len(cases) == n_cases
     path = os.path.join(out_dir, "train-parity.json")
     with open(path + ".tmp", "w") as f:
-        json.dump({"cases": cases, "passed": ok and complete, "complete": complete}, f, indent=1)
+        json.dump({"cases": cases, "passed": ok and complete, "complete": complete}, f, indent=1, allow_nan=False)
     os.replace(path + ".tmp", path)
 
 
@@ -121,7 +122,14 @@ def main():
                 a, b = (losses(exe, model, task, train, mode, d, os.path.join(root, f"{name}-{mode}-{i}"), deadline)
                         for i, d in enumerate(devices))
                 steps = sorted(set(a) & set(b))
-                worst = max((abs(b[s] - a[s]) / (1 + abs(a[s])), s) for s in steps) if steps else (float("inf"), None)
+                # A loss that is not a finite number (null, NaN, inf) fails the case where it is:
+                # max() would pass a NaN over, and NaN is not JSON.
+                finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)
+                for dev, got in zip(devices, (a, b)):
+                    bad = next((s for s in sorted(got) if not finite(got[s])), None)
+                    if bad is not None:
+                        raise ValueError(f"step {bad}: loss {got[bad]!r} on {dev}")
+                worst = max((abs(b[s] - a[s]) / (1 + abs(a[s])), s) for s in steps) if steps else (None, None)
                 case.update(steps=len(steps), max_scaled_diff=worst[0], at_step=worst[1],
                             first_loss=[a.get(1), b.get(1)], last_loss=[a.get(8), b.get(8)],
                             passed=len(steps) == 8 and worst[0] <= TOL[mode])
