@@ -99,6 +99,20 @@ pub struct BertConfig {
     pub num_labels: Option<usize>,
     #[serde(default)]
     pub id2label: Option<BTreeMap<String, String>>,
+    /// transformers' causal BERT (a decoder): refused, the model here is bidirectional.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub is_decoder: bool,
+    /// Cross-attention layers (an encoder-decoder's decoder): refused.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub add_cross_attention: bool,
+    /// How the classifier is read: single-label (softmax) is the one spt trains and answers in;
+    /// multi-label (a sigmoid per class) and regression are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem_type: Option<String>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl BertConfig {
@@ -171,6 +185,37 @@ impl BertConfig {
             if p != "absolute" {
                 return Err(ModelError::UnsupportedPositionEmbedding(p.clone()));
             }
+        }
+        // Read as a plain encoder, these would give other numbers than transformers, silently.
+        for (field, on, what) in [
+            ("is_decoder", self.is_decoder, "a causal (decoder) BERT"),
+            (
+                "add_cross_attention",
+                self.add_cross_attention,
+                "cross-attention layers",
+            ),
+        ] {
+            if on {
+                return Err(ModelError::InvalidConfig {
+                    field,
+                    value: "true".into(),
+                    reason: format!("{what} is not supported: spt's BERT is a bidirectional encoder"),
+                });
+            }
+        }
+        if let Some(p) = self
+            .problem_type
+            .as_deref()
+            .filter(|&p| p != "single_label_classification")
+        {
+            return Err(ModelError::InvalidConfig {
+                field: "problem_type",
+                value: p.to_string(),
+                reason: "spt trains and answers single-label classification (a softmax over the \
+                         classes); to fine-tune this checkpoint for that, remove problem_type from \
+                         config.json"
+                    .into(),
+            });
         }
         self.activation()?;
         let (v, h, f, l, p) = (
@@ -505,7 +550,8 @@ pub struct BertModel {
 
 /// Keys in BERT checkpoints that are buffers, not parameters.
 fn bert_buffer(key: &str) -> bool {
-    key.ends_with("position_ids")
+    // Buffers transformers saves beside the weights (index ranges), not parameters.
+    key.ends_with("position_ids") || key.ends_with("embeddings.token_type_ids")
 }
 
 impl BertModel {

@@ -366,6 +366,48 @@ fn gpt2_buffer(key: &str) -> bool {
     key.ends_with(".attn.bias") || key.ends_with(".attn.masked_bias") || key.ends_with("position_ids")
 }
 
+/// With `tie_word_embeddings` (the default), a saved `lm_head.weight` must be wte's copy: one
+/// that differs is untied by transformers 5 and overwritten by transformers 4, so the numbers
+/// depend on the version; it was dropped here in silence. `wte`: the loaded embedding.
+fn check_tied_head(l: &Loader, wte: &Tensor) -> Result<()> {
+    let Some(head) = l.peek("lm_head.weight").filter(|_| !l.was_used("lm_head.weight")) else {
+        return Ok(());
+    };
+    let field = "tie_word_embeddings";
+    if head.dims() != wte.dims() {
+        return Err(ModelError::InvalidConfig {
+            field,
+            value: "true".into(),
+            reason: format!(
+                "lm_head.weight is {:?} but the tied transformer.wte.weight is {:?}",
+                head.dims(),
+                wte.dims()
+            ),
+        });
+    }
+    // Compared in the model's dtype and place, as stored copies come out equal there; `ne`
+    // counts a NaN as a difference.
+    let head = head.to_dtype(wte.dtype())?.to_device(wte.device())?;
+    let differ = head
+        .ne(wte)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    if differ > 0.0 {
+        return Err(ModelError::InvalidConfig {
+            field,
+            value: "true".into(),
+            reason: format!(
+                "lm_head.weight differs from transformer.wte.weight in {differ} values, so they are \
+                 not tied (transformers 5 unties them, 4 overwrites the head); set \
+                 \"tie_word_embeddings\": false in config.json for this head, or remove \
+                 lm_head.weight from the checkpoint to tie it to wte"
+            ),
+        });
+    }
+    Ok(())
+}
+
 impl GPT2Model {
     /// Loads a `GPT2Model` (canonical names without the `transformer.` prefix).
     pub fn load(config: &GPT2Config, src: &WeightSource, opts: &LoadOptions) -> Result<(Self, LoadReport)> {
@@ -588,8 +630,13 @@ impl GPT2LMHeadModel {
     pub fn load(config: &GPT2Config, src: &WeightSource, opts: &LoadOptions) -> Result<(Self, LoadReport)> {
         config.validate()?;
         let mut l = Loader::new(src, opts, "transformer.", "transformer.");
+        if config.tie_word_embeddings {
+            // transformers fills a tied wte from the head when only the head was saved.
+            l.alias("wte.weight", "lm_head.weight");
+        }
         let transformer = GPT2Model::load_inner(&mut l, config)?;
         let lm_head = if config.tie_word_embeddings {
+            check_tied_head(&l, transformer.wte.weight.tensor())?;
             None
         } else {
             Some(l.top("lm_head.weight", &[config.vocab_size, config.n_embd])?)

@@ -148,7 +148,24 @@ impl WeightSource {
         let read = std::panic::catch_unwind(|| candle_core::pickle::read_all(path));
         match read {
             Ok(Ok(v)) => Ok(v.into_iter().collect()),
-            Ok(Err(e)) => Err(ckpt_err(path, format!("bad PyTorch checkpoint: {e}"))),
+            Ok(Err(e)) => {
+                // torch.save writes a zip archive since torch 1.6 (it starts "PK"); before, a
+                // bare pickle stream (0x80, the protocol opcode), which candle cannot read.
+                let mut head = [0u8; 2];
+                let read = std::fs::File::open(path).and_then(|mut f| {
+                    use std::io::Read;
+                    f.read_exact(&mut head)
+                });
+                let why = match (read.is_ok(), head) {
+                    (true, [0x80, _]) => "the legacy torch.save format (before torch 1.6), which \
+                                          spt-models cannot read: re-save it with a newer torch, or \
+                                          convert it to safetensors"
+                        .to_string(),
+                    (true, [b'P', b'K']) => format!("a damaged or truncated PyTorch zip archive ({e})"),
+                    _ => format!("not a PyTorch checkpoint: neither a zip archive nor a pickle ({e})"),
+                };
+                Err(ckpt_err(path, why))
+            }
             Err(_) => Err(ckpt_err(path, "bad PyTorch checkpoint: the pickle reader failed")),
         }
     }
@@ -531,6 +548,8 @@ pub(crate) struct Loader<'a> {
     /// The base model's HF prefix ("bert." / "transformer."), which checkpoints may or may not have.
     model_prefix: String,
     used: BTreeSet<String>,
+    /// Further keys to try for a base-model name, after its own (see [`Loader::alias`]).
+    aliases: Vec<(String, String)>,
     initialised: Vec<String>,
     rng: StdRng,
     /// Shared by every dropout of the model being built.
@@ -550,6 +569,7 @@ impl<'a> Loader<'a> {
             canonical_prefix: canonical_prefix.to_string(),
             model_prefix: model_prefix.to_string(),
             used: BTreeSet::new(),
+            aliases: Vec::new(),
             initialised: Vec::new(),
             rng: StdRng::seed_from_u64(opts.init_seed),
             dropout_rng: Arc::new(DropoutRng::default()),
@@ -575,7 +595,29 @@ impl<'a> Loader<'a> {
             out.push(n.clone());
             out.push(format!("{}{n}", self.model_prefix));
         }
+        out.extend(
+            self.aliases
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, k)| k.clone()),
+        );
         out
+    }
+
+    /// Also reads the base-model parameter `name` from the checkpoint key `key` when the
+    /// checkpoint has none under its own names (a tied GPT-2 saved with `lm_head.weight` only).
+    pub(crate) fn alias(&mut self, name: &str, key: &str) {
+        self.aliases.push((name.to_string(), key.to_string()));
+    }
+
+    /// Whether the checkpoint key `key` was read into a parameter.
+    pub(crate) fn was_used(&self, key: &str) -> bool {
+        self.used.contains(key)
+    }
+
+    /// The checkpoint's tensor `key`, as stored (not marked used).
+    pub(crate) fn peek(&self, key: &str) -> Option<&Tensor> {
+        self.src.get(key)
     }
 
     /// A base-model parameter (name relative to the base model, e.g. `embeddings.LayerNorm.weight`).
@@ -725,11 +767,21 @@ pub fn read_safetensors_from(f: &mut std::fs::File, path: &Path) -> Result<HashM
             .map_err(|e| corrupt(&e))?;
         buf.resize(end - start, 0);
         f.read_exact(&mut buf).map_err(|e| corrupt(&e))?;
-        let view = safetensors::tensor::TensorView::new(info.dtype, info.shape.clone(), &buf)
+        // A bool tensor (GPT-2's `attn.bias` mask as transformers 4.10–4.29 saved it, a buffer
+        // no model of ours reads) holds one byte per element: read as u8, which candle holds.
+        let dtype = match info.dtype {
+            safetensors::Dtype::BOOL => safetensors::Dtype::U8,
+            d => d,
+        };
+        let view = safetensors::tensor::TensorView::new(dtype, info.shape.clone(), &buf)
             .map_err(|e| corrupt(&format!("tensor `{name}`: {e}")))?;
-        let t = view
-            .load(&Device::Cpu)
-            .map_err(|e| corrupt(&format!("tensor `{name}`: {e}")))?;
+        // The bytes are checked: a failure here is a dtype candle cannot hold, not damage.
+        let t = view.load(&Device::Cpu).map_err(|e| {
+            ckpt_err(
+                path,
+                format!("tensor `{name}` is stored as {dtype:?}, which spt-models cannot read ({e})"),
+            )
+        })?;
         out.insert(name, t);
     }
     Ok(out)

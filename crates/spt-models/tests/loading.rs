@@ -724,6 +724,12 @@ fn pytorch_bin_loads_the_same_weights() -> Result<()> {
         matches!(&err, ModelError::Checkpoint { path, .. } if *path == p),
         "{err}"
     );
+    assert!(err.to_string().contains("truncated PyTorch zip archive"), "{err}");
+    // torch.save before 1.6: a bare pickle stream, named as such (it read "invalid Zip archive",
+    // as a truncated file did).
+    std::fs::write(&p, [0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20])?;
+    let err = WeightSource::from_file(&p).unwrap_err().to_string();
+    assert!(err.contains("legacy torch.save format"), "{err}");
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
@@ -853,5 +859,112 @@ fn untied_lm_head_loads_when_the_config_says_so() -> Result<()> {
     let a = untied.forward_t(&exp["input_ids"], None, false)?;
     let b = tied.forward_t(&exp["input_ids"], None, false)?;
     assert_eq!(max_abs(&a, &b)?, 0.0);
+    Ok(())
+}
+
+/// Checkpoints as transformers writes or reads them: a tied GPT-2 saved with its head only
+/// loads (transformers fills wte from it); a head that differs from wte under
+/// `tie_word_embeddings` is refused (transformers 5 unties it, 4 overwrites it: it was dropped
+/// here in silence); a bool `attn.bias` mask (transformers 4.10–4.29) loads (it was "corrupt");
+/// BERT's `token_type_ids` buffer is not reported unused; and a decoder, cross-attention or
+/// multi-label BERT config is refused by field (they gave other numbers in silence).
+#[test]
+fn transformers_checkpoint_variants_load_or_are_named() -> Result<()> {
+    let exp = expected("tiny-gpt2")?;
+    let logits = |dir: &Path| -> Result<Tensor> {
+        let (m, _) = GPT2LMHeadModel::from_dir(dir, &LoadOptions::frozen())?;
+        Ok(m.forward_t(&exp["input_ids"], Some(&exp["attention_mask"]), false)?)
+    };
+    let want = logits(&fixture("tiny-gpt2"))?;
+    let base = load_map(&fixture("tiny-gpt2/model.safetensors"))?;
+    let wte = base["transformer.wte.weight"].clone();
+    let variant = |tag: &str, tensors: &HashMap<String, Tensor>| -> Result<PathBuf> {
+        let d = tmpdir(tag)?;
+        std::fs::copy(fixture("tiny-gpt2/config.json"), d.join("config.json"))?;
+        spt_models::weights::save_tensors(tensors, d.join("model.safetensors"))?;
+        Ok(d)
+    };
+    // The head alone.
+    let mut head_only = base.clone();
+    head_only.remove("transformer.wte.weight");
+    head_only.insert("lm_head.weight".into(), wte.clone());
+    let d = variant("head-only", &head_only)?;
+    assert_eq!(max_abs(&logits(&d)?, &want)?, 0.0);
+    std::fs::remove_dir_all(&d)?;
+    // A head that is not wte's copy; wte's copy is fine.
+    let mut untied = base.clone();
+    untied.insert("lm_head.weight".into(), ((&wte * 0.5)? + 0.01)?);
+    let d = variant("untied", &untied)?;
+    let e = GPT2LMHeadModel::from_dir(&d, &LoadOptions::frozen())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("tie_word_embeddings") && e.contains("lm_head.weight differs"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&d)?;
+    let mut copy = base.clone();
+    copy.insert("lm_head.weight".into(), wte.clone());
+    let d = variant("tied-copy", &copy)?;
+    assert_eq!(max_abs(&logits(&d)?, &want)?, 0.0);
+    std::fs::remove_dir_all(&d)?;
+    // A bool causal mask buffer beside the f32 weights.
+    let d = tmpdir("bool-bias")?;
+    std::fs::copy(fixture("tiny-gpt2/config.json"), d.join("config.json"))?;
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = base
+        .iter()
+        .map(|(k, t)| -> Result<_> {
+            let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            Ok((
+                k.clone(),
+                t.dims().to_vec(),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let mask: Vec<u8> = (0..16 * 16).map(|i| u8::from(i % 16 <= i / 16)).collect();
+    let mut views = vec![(
+        "transformer.h.0.attn.bias".to_string(),
+        safetensors::tensor::TensorView::new(safetensors::Dtype::BOOL, vec![1, 1, 16, 16], &mask)?,
+    )];
+    for (k, shape, b) in &bytes {
+        views.push((
+            k.clone(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)?,
+        ));
+    }
+    std::fs::write(d.join("model.safetensors"), safetensors::serialize(views, None)?)?;
+    assert_eq!(max_abs(&logits(&d)?, &want)?, 0.0);
+    std::fs::remove_dir_all(&d)?;
+
+    // BERT: the token_type_ids buffer is a buffer.
+    let mut bert = load_map(&fixture("tiny-bert-cls/model.safetensors"))?;
+    bert.insert(
+        "bert.embeddings.token_type_ids".into(),
+        Tensor::zeros((1, 512), DType::I64, &Device::Cpu)?,
+    );
+    let d = tmpdir("bert-buffer")?;
+    std::fs::copy(fixture("tiny-bert-cls/config.json"), d.join("config.json"))?;
+    spt_models::weights::save_tensors(&bert, d.join("model.safetensors"))?;
+    let (_, report) = BertForSequenceClassification::from_dir(&d, &LoadOptions::frozen(), None)?;
+    assert!(report.unused.is_empty(), "{:?}", report.unused);
+    assert!(
+        report.ignored.iter().any(|k| k.ends_with("token_type_ids")),
+        "{:?}",
+        report.ignored
+    );
+    std::fs::remove_dir_all(&d)?;
+    // Configs the encoder would read wrongly.
+    let text = std::fs::read_to_string(fixture("tiny-bert-cls/config.json"))?;
+    for (field, value) in [
+        ("is_decoder", serde_json::json!(true)),
+        ("add_cross_attention", serde_json::json!(true)),
+        ("problem_type", serde_json::json!("multi_label_classification")),
+    ] {
+        let mut v: serde_json::Value = serde_json::from_str(&text)?;
+        v[field] = value;
+        let e = BertConfig::from_json_str(&v.to_string()).unwrap_err().to_string();
+        assert!(e.contains(field), "{field}: {e}");
+    }
     Ok(())
 }
