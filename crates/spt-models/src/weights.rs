@@ -876,7 +876,16 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(text: &str, path: &Path
     if text.trim_start().starts_with('[') {
         return Err(err("expected a JSON object of settings, found an array".into()));
     }
-    serde_json::from_str(text).map_err(|e| err(e.to_string()))
+    // Through serde_path_to_error, so that a value of the wrong type names its field
+    // (`hidden_size: invalid type: string "64", expected usize`), not only a line and column.
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| match e.path().to_string() {
+        p if p == "." => err(e.inner().to_string()),
+        p => err(format!("{p}: {}", e.inner())),
+    })?;
+    // Text after the object is refused, as serde_json::from_str does.
+    de.end().map_err(|e| err(e.to_string()))?;
+    Ok(value)
 }
 
 #[cfg(test)]

@@ -132,6 +132,23 @@ fn bad_configs_are_named() -> Result<()> {
         "{err}"
     );
 
+    // A value of the wrong type names its field (it gave a line and column only), and text after
+    // the object is still refused.
+    for (field, value) in [
+        ("hidden_size", serde_json::json!("64")),
+        ("num_hidden_layers", serde_json::json!(2.0)),
+        ("layer_norm_eps", serde_json::Value::Null),
+    ] {
+        let mut v: serde_json::Value = serde_json::from_str(&text)?;
+        v[field] = value;
+        let err = BertConfig::from_json_str(&v.to_string()).unwrap_err().to_string();
+        assert!(err.contains(&format!("{field}: invalid type")), "{err}");
+    }
+    let err = BertConfig::from_json_str(&format!("{text} 7"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("trailing characters"), "{err}");
+
     // An array is not read field by field in order (serde would): the file's shape is named.
     for err in [
         BertConfig::from_json_str("[2, 384]").unwrap_err(),
