@@ -521,32 +521,7 @@ pub fn remove_stale_export_staging(
         if crate::checkpoint::pid_alive(pid) || !is_dir {
             continue;
         }
-        // An export's files, or a temporary of one where the kill came mid-write: the atomic
-        // write's `.tmp-FILE-PID`, the weights' `.FILE.tmp-PID`, and the `.tmpXXXXXX` the
-        // safetensors writer makes beside it.
-        let digits = |r: &str| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit());
-        let export_file = |n: &str| {
-            let scratch = n
-                .strip_prefix(".tmp")
-                .is_some_and(|r| r.len() == 6 && r.bytes().all(|b| b.is_ascii_alphanumeric()));
-            scratch
-                || files.iter().any(|f| {
-                    n == f
-                        || n.strip_prefix(".tmp-")
-                            .and_then(|r| r.strip_prefix(f.as_str()))
-                            .and_then(|r| r.strip_prefix('-'))
-                            .is_some_and(digits)
-                        || n.strip_prefix('.')
-                            .and_then(|r| r.strip_prefix(f.as_str()))
-                            .and_then(|r| r.strip_prefix(".tmp-"))
-                            .is_some_and(digits)
-                })
-        };
-        let ours = std::fs::read_dir(&path).map_err(|e| io_err(&path, e))?.all(|e| {
-            e.is_ok_and(|e| {
-                e.file_type().is_ok_and(|t| t.is_file()) && export_file(&e.file_name().to_string_lossy())
-            })
-        });
+        let ours = holds_only_export_files(&path, files)?;
         if !ours {
             tracing::warn!(path = %path.display(), "left alone: looks like an export's staging folder but holds files an export does not write");
             continue;
@@ -556,6 +531,35 @@ pub fn remove_stale_export_staging(
         removed.push(path);
     }
     Ok(removed)
+}
+
+/// Whether the folder `path` holds nothing but plain files an export of `files` writes: the
+/// files, or a temporary of one where a kill came mid-write (the atomic write's `.tmp-FILE-PID`,
+/// the weights' `.FILE.tmp-PID`, and the `.tmpXXXXXX` the safetensors writer makes beside it).
+pub fn holds_only_export_files(path: &Path, files: &[String]) -> Result<bool, OutputError> {
+    let digits = |r: &str| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit());
+    let export_file = |n: &str| {
+        let scratch = n
+            .strip_prefix(".tmp")
+            .is_some_and(|r| r.len() == 6 && r.bytes().all(|b| b.is_ascii_alphanumeric()));
+        scratch
+            || files.iter().any(|f| {
+                n == f
+                    || n.strip_prefix(".tmp-")
+                        .and_then(|r| r.strip_prefix(f.as_str()))
+                        .and_then(|r| r.strip_prefix('-'))
+                        .is_some_and(digits)
+                    || n.strip_prefix('.')
+                        .and_then(|r| r.strip_prefix(f.as_str()))
+                        .and_then(|r| r.strip_prefix(".tmp-"))
+                        .is_some_and(digits)
+            })
+    };
+    Ok(std::fs::read_dir(path).map_err(|e| io_err(path, e))?.all(|e| {
+        e.is_ok_and(|e| {
+            e.file_type().is_ok_and(|t| t.is_file()) && export_file(&e.file_name().to_string_lossy())
+        })
+    }))
 }
 
 /// Moves the files of the finished export in `staged` (a sibling of `out`, holding only plain

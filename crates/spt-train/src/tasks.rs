@@ -789,7 +789,15 @@ pub(crate) fn write_export_dir(
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     crate::output_dir::remove_stale_export_staging(parent, &name, files)?;
     let tmp = crate::output_dir::export_staging(parent, &name, std::process::id());
-    if tmp.exists() {
+    // This process's name: left by a process of the same pid that was killed. Removed only when
+    // it holds an export's files; a link or anything else under the name is refused.
+    if let Ok(m) = tmp.symlink_metadata() {
+        if !(m.is_dir() && crate::output_dir::holds_only_export_files(&tmp, files)?) {
+            return Err(Error::Msg(format!(
+                "{} exists and is not an export's staging folder: remove it, or export elsewhere",
+                tmp.display()
+            )));
+        }
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -807,6 +815,30 @@ pub(crate) fn write_export_dir(
 #[cfg(test)]
 mod tests {
     use super::ParamSummary;
+
+    /// A folder under this process's staging name is removed only when it holds an export's
+    /// files (a killed export of a process with the same pid); anything else is refused and kept.
+    #[test]
+    fn export_staging_under_our_pid_is_removed_only_when_it_is_an_exports() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let files = vec!["config.json".to_string()];
+        let staging = crate::output_dir::export_staging(tmp.path(), "out", std::process::id());
+        let write = |d: &std::path::Path| {
+            std::fs::write(d.join("config.json"), "{}").map_err(|e| crate::Error::io(d, e))
+        };
+        std::fs::create_dir(&staging).unwrap();
+        std::fs::write(staging.join("notes.txt"), "mine").unwrap();
+        let e = super::write_export_dir(&out, &files, false, write).unwrap_err();
+        assert!(e.to_string().contains("is not an export's staging folder"), "{e}");
+        assert_eq!(std::fs::read(staging.join("notes.txt")).unwrap(), b"mine");
+        assert!(!out.exists());
+        std::fs::remove_file(staging.join("notes.txt")).unwrap();
+        std::fs::write(staging.join("config.json"), "{\"half").unwrap();
+        super::write_export_dir(&out, &files, false, write).unwrap();
+        assert_eq!(std::fs::read(out.join("config.json")).unwrap(), b"{}");
+        assert!(!staging.exists());
+    }
 
     #[test]
     fn training_that_cannot_fit_in_memory_is_refused_with_the_figures() {
