@@ -161,6 +161,10 @@ pub fn resolve_model_with(id_or_path: &str, hub: &Hub) -> Result<PathBuf, Config
         for f in *set {
             fetch(f)?;
         }
+        // The settings transformers applies over those files (casing, a prefix space).
+        if has("tokenizer_config.json") {
+            fetch("tokenizer_config.json")?;
+        }
     }
     // The branch now names this commit, so later (and offline) lookups find this snapshot.
     hub.cache

@@ -21,6 +21,93 @@ use tokenizers::{AddedToken, EncodeInput, PostProcessor, Tokenizer, TruncationPa
 
 use super::DataError;
 
+/// The settings of a folder's `tokenizer_config.json` that change token ids. transformers
+/// applies them to a `vocab.txt` / `vocab.json` tokenizer and over a `tokenizer.json` too, so
+/// they are applied here the same way, or refused when they cannot be.
+#[derive(Debug, Default, serde::Deserialize)]
+struct TokenizerConfig {
+    do_lower_case: Option<bool>,
+    strip_accents: Option<bool>,
+    tokenize_chinese_chars: Option<bool>,
+    do_basic_tokenize: Option<bool>,
+    add_prefix_space: Option<bool>,
+    add_bos_token: Option<bool>,
+}
+
+impl TokenizerConfig {
+    /// `dir/tokenizer_config.json`, or transformers' defaults without one.
+    fn read(dir: &Path) -> Result<Self, DataError> {
+        let p = dir.join("tokenizer_config.json");
+        if !p.is_file() {
+            return Ok(Self::default());
+        }
+        let source = p.display().to_string();
+        let text = std::fs::read_to_string(&p).map_err(|e| tok_err(&source, e))?;
+        let cfg: Self = serde_json::from_str(super::strip_bom(&text)).map_err(|e| tok_err(&source, e))?;
+        let unsupported = [
+            (cfg.do_basic_tokenize == Some(false), "do_basic_tokenize: false"),
+            (cfg.add_bos_token == Some(true), "add_bos_token: true"),
+        ];
+        if let Some((_, what)) = unsupported.iter().find(|(on, _)| *on) {
+            return Err(tok_err(
+                &source,
+                format!("{what} is not supported (the ids would differ from transformers')"),
+            ));
+        }
+        Ok(cfg)
+    }
+
+    /// BERT's normalizer as transformers builds it from these settings (accents follow
+    /// lower-casing unless `strip_accents` says otherwise).
+    fn bert_normalizer(&self) -> BertNormalizer {
+        BertNormalizer::new(
+            true,
+            self.tokenize_chinese_chars.unwrap_or(true),
+            self.strip_accents,
+            self.do_lower_case.unwrap_or(true),
+        )
+    }
+
+    /// Applies the settings given over a `tokenizer.json`'s BERT normalizer and byte-level
+    /// pre-tokenizer, as transformers does; a setting for a part the tokenizer does not have is
+    /// refused (the ids would differ from transformers').
+    fn apply(&self, tok: &mut Tokenizer, source: &str) -> Result<(), DataError> {
+        use tokenizers::{NormalizerWrapper, PreTokenizerWrapper};
+        let bert = [
+            self.do_lower_case,
+            self.strip_accents,
+            self.tokenize_chinese_chars,
+        ];
+        if bert.iter().any(Option::is_some) {
+            let Some(NormalizerWrapper::BertNormalizer(n)) = tok.get_normalizer() else {
+                return Err(tok_err(
+                    source,
+                    "tokenizer_config.json sets do_lower_case / strip_accents / tokenize_chinese_chars, \
+                     but tokenizer.json has no BERT normalizer to apply them to",
+                ));
+            };
+            let mut n = n.clone();
+            n.lowercase = self.do_lower_case.unwrap_or(n.lowercase);
+            n.strip_accents = self.strip_accents.or(n.strip_accents);
+            n.handle_chinese_chars = self.tokenize_chinese_chars.unwrap_or(n.handle_chinese_chars);
+            tok.with_normalizer(Some(n)).map_err(|e| tok_err(source, e))?;
+        }
+        if let Some(prefix) = self.add_prefix_space {
+            let Some(PreTokenizerWrapper::ByteLevel(b)) = tok.get_pre_tokenizer() else {
+                return Err(tok_err(
+                    source,
+                    "tokenizer_config.json sets add_prefix_space, but tokenizer.json has no \
+                     byte-level pre-tokenizer to apply it to",
+                ));
+            };
+            let mut b = *b;
+            b.add_prefix_space = prefix;
+            tok.with_pre_tokenizer(Some(b));
+        }
+        Ok(())
+    }
+}
+
 /// Token ids and segment ids of one encoded text (or text pair).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Encoded {
@@ -232,14 +319,20 @@ impl TextTokenizer {
         // library panics on some of it, and on some valid JSON of the wrong shape, which is
         // caught below.
         serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| not_one(e.to_string()))?;
-        let tok = guarded(|| text.parse::<Tokenizer>())
+        let mut tok = guarded(|| text.parse::<Tokenizer>())
             .map_err(not_one)?
             .map_err(|e| not_one(e.to_string()))?;
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        TokenizerConfig::read(dir)?.apply(&mut tok, &source)?;
         Self::from_tokenizer(tok, &source, max_length)
     }
 
     /// GPT-2 byte-level BPE from `vocab.json` + `merges.txt` (ByteLevel pre-tokenizer and
-    /// decoder, `add_prefix_space = false`; `<|endoftext|>` registered as a special token).
+    /// decoder, `add_prefix_space` from the folder's `tokenizer_config.json`, else false;
+    /// `<|endoftext|>` registered as a special token).
     pub fn gpt2_from_vocab_merges(vocab: &Path, merges: &Path, max_length: usize) -> Result<Self, DataError> {
         let source = format!("{} + {}", vocab.display(), merges.display());
         let (v, m) = match (vocab.to_str(), merges.to_str()) {
@@ -250,8 +343,13 @@ impl TextTokenizer {
         let bpe = guarded(|| BPE::from_file(v, m).build())
             .map_err(|e| tok_err(&source, e))?
             .map_err(|e| tok_err(&source, e))?;
+        let cfg = TokenizerConfig::read(vocab.parent().unwrap_or(Path::new(".")))?;
         let mut tok = Tokenizer::new(bpe);
-        tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        tok.with_pre_tokenizer(Some(ByteLevel::new(
+            cfg.add_prefix_space.unwrap_or(false),
+            true,
+            true,
+        )));
         tok.with_decoder(Some(ByteLevel::default()));
         tok.with_post_processor(Some(ByteLevel::new(false, true, true)));
         if tok.token_to_id("<|endoftext|>").is_some() {
@@ -261,8 +359,11 @@ impl TextTokenizer {
         Self::from_tokenizer(tok, &source, max_length)
     }
 
-    /// BERT uncased WordPiece from a `vocab.txt` (lower-casing BertNormalizer, BertPreTokenizer,
-    /// `[CLS] a [SEP] b [SEP]` post-processing).
+    /// BERT WordPiece from a `vocab.txt`: BertNormalizer as the folder's `tokenizer_config.json`
+    /// sets it (`do_lower_case`, `strip_accents`, `tokenize_chinese_chars`; without one,
+    /// transformers' defaults: uncased), BertPreTokenizer, the vocabulary's `[PAD]`, `[UNK]`,
+    /// `[CLS]`, `[SEP]` and `[MASK]` as special tokens (typed in a text, each stays one token),
+    /// and `[CLS] a [SEP] b [SEP]` post-processing.
     pub fn bert_from_vocab_txt(vocab: &Path, max_length: usize) -> Result<Self, DataError> {
         let source = vocab.display().to_string();
         let v = vocab
@@ -284,9 +385,17 @@ impl TextTokenizer {
         let sep = tok
             .token_to_id("[SEP]")
             .ok_or_else(|| tok_err(&source, "vocab has no [SEP]"))?;
-        tok.with_normalizer(Some(BertNormalizer::default()))
+        let cfg = TokenizerConfig::read(vocab.parent().unwrap_or(Path::new(".")))?;
+        tok.with_normalizer(Some(cfg.bert_normalizer()))
             .map_err(|e| tok_err(&source, e))?;
         tok.with_pre_tokenizer(Some(BertPreTokenizer));
+        let specials: Vec<AddedToken> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+            .into_iter()
+            .filter(|t| tok.token_to_id(t).is_some())
+            .map(|t| AddedToken::from(t, true))
+            .collect();
+        tok.add_special_tokens(specials)
+            .map_err(|e| tok_err(&source, e))?;
         tok.with_post_processor(Some(BertProcessing::new(
             ("[SEP]".into(), sep),
             ("[CLS]".into(), cls),
@@ -683,6 +792,96 @@ pub(crate) mod tests {
         std::fs::write(&v, serde_json::Value::Object(vocab).to_string()).unwrap();
         std::fs::write(&m, merges).unwrap();
         TextTokenizer::gpt2_from_vocab_merges(&v, &m, 1024).unwrap()
+    }
+
+    /// tokenizer_config.json's settings change ids as transformers applies them: casing, accents
+    /// and Chinese characters for a vocab.txt (defaults: uncased), special tokens typed in text
+    /// stay whole, a prefix space for vocab.json + merges.txt, and the same settings over a
+    /// tokenizer.json; what cannot be honoured is refused by name.
+    #[test]
+    fn tokenizer_config_settings_apply_as_in_transformers() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let vocab = [
+            "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "Hello", "cafe", "Café", "日", "##本",
+        ];
+        std::fs::write(d.join("vocab.txt"), vocab.join("\n")).unwrap();
+        let id = |t: &str| vocab.iter().position(|v| *v == t).unwrap() as u32;
+        let config = |json: &str| std::fs::write(d.join("tokenizer_config.json"), json).unwrap();
+        let bert = || TextTokenizer::bert_from_vocab_txt(&d.join("vocab.txt"), 32);
+        // No config: uncased, accents stripped; [MASK] in the text is one token (it was [ mask ]).
+        let t = bert().unwrap();
+        assert_eq!(t.encode_raw("Hello Café").unwrap(), [id("hello"), id("cafe")]);
+        assert_eq!(t.encode_raw("hello [MASK]").unwrap(), [id("hello"), id("[MASK]")]);
+        // A cased model.
+        config(r#"{"do_lower_case": false}"#);
+        assert_eq!(
+            bert().unwrap().encode_raw("Hello Café").unwrap(),
+            [id("Hello"), id("Café")]
+        );
+        config(r#"{"tokenize_chinese_chars": false}"#);
+        assert_eq!(
+            bert().unwrap().encode_raw("日本").unwrap(),
+            [id("日"), id("##本")]
+        );
+        config(r#"{"do_basic_tokenize": false}"#);
+        let e = bert().err().unwrap().to_string();
+        assert!(
+            e.contains("tokenizer_config.json") && e.contains("do_basic_tokenize"),
+            "{e}"
+        );
+        // The same setting over a tokenizer.json holding that BERT tokenizer.
+        let mut tj = Tokenizer::new(
+            WordPiece::from_file(d.join("vocab.txt").to_str().unwrap())
+                .build()
+                .unwrap(),
+        );
+        tj.with_normalizer(Some(BertNormalizer::default())).unwrap();
+        tj.with_pre_tokenizer(Some(BertPreTokenizer));
+        let bert_json = d.join("bert");
+        std::fs::create_dir(&bert_json).unwrap();
+        std::fs::write(bert_json.join("tokenizer.json"), tj.to_string(false).unwrap()).unwrap();
+        let from_json = || TextTokenizer::from_file(&bert_json.join("tokenizer.json"), 32);
+        assert_eq!(from_json().unwrap().encode_raw("Hello").unwrap(), [id("hello")]);
+        std::fs::write(
+            bert_json.join("tokenizer_config.json"),
+            r#"{"do_lower_case": false}"#,
+        )
+        .unwrap();
+        assert_eq!(from_json().unwrap().encode_raw("Hello").unwrap(), [id("Hello")]);
+
+        // GPT-2: a prefix space makes "world" the one token "Ġworld" (17).
+        let g = tempfile::tempdir().unwrap();
+        let t = tiny_gpt2(g.path());
+        assert_ne!(t.encode_raw("world").unwrap(), [17]);
+        std::fs::write(
+            g.path().join("tokenizer_config.json"),
+            r#"{"add_prefix_space": true}"#,
+        )
+        .unwrap();
+        let (v, m) = (g.path().join("vocab.json"), g.path().join("merges.txt"));
+        assert_eq!(
+            TextTokenizer::gpt2_from_vocab_merges(&v, &m, 64)
+                .unwrap()
+                .encode_raw("world")
+                .unwrap(),
+            [17]
+        );
+        std::fs::write(g.path().join("tokenizer.json"), t.plain.to_string(false).unwrap()).unwrap();
+        let from_json = TextTokenizer::from_file(&g.path().join("tokenizer.json"), 64).unwrap();
+        assert_eq!(from_json.encode_raw("world").unwrap(), [17]);
+        // A BERT setting over a byte-level tokenizer, and a BOS transformers would add: refused.
+        for json in [r#"{"do_lower_case": false}"#, r#"{"add_bos_token": true}"#] {
+            std::fs::write(g.path().join("tokenizer_config.json"), json).unwrap();
+            let e = TextTokenizer::from_file(&g.path().join("tokenizer.json"), 64)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(
+                e.contains("tokenizer_config.json") || e.contains("tokenizer.json"),
+                "{json}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -97,9 +97,11 @@ pub(crate) fn generate(a: &GenerateArgs) -> Result<()> {
         );
     }
     let mut rng = SplitMix64::new(a.seed);
+    // Special tokens are shown (an [UNK] the prompt became is what the model saw); the end of
+    // text, the one a byte-level vocabulary has, ends generation before it is decoded.
     let decode = |ids: &[u32]| {
         tok.inner()
-            .decode(ids, true)
+            .decode(ids, false)
             .map_err(|e| anyhow::anyhow!("decoding the generated tokens: {e}"))
     };
     // Stream: print the text as it grows (decoding the whole sequence each time, so multi-byte
