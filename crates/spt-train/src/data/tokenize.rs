@@ -86,7 +86,7 @@ impl TokenizerConfig {
                      but tokenizer.json has no BERT normalizer to apply them to",
                 ));
             };
-            let mut n = n.clone();
+            let mut n = *n;
             n.lowercase = self.do_lower_case.unwrap_or(n.lowercase);
             n.strip_accents = self.strip_accents.or(n.strip_accents);
             n.handle_chinese_chars = self.tokenize_chinese_chars.unwrap_or(n.handle_chinese_chars);
