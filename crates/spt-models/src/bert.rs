@@ -213,7 +213,7 @@ impl BertConfig {
                 value: p.to_string(),
                 reason: "spt trains and answers single-label classification (a softmax over the \
                          classes); to fine-tune this checkpoint for that, remove problem_type from \
-                         config.json"
+                         its config.json (for a hub id, in a copy of the downloaded folder)"
                     .into(),
             });
         }

@@ -689,6 +689,8 @@ fn export_sources(model_dir: &Path, tokenizer: Option<&Path>) -> Vec<(&'static s
                 Some(t) if f != "generation_config.json" => match (t.is_dir(), f) {
                     (true, _) => t.join(f),
                     (false, "tokenizer.json") => t.to_path_buf(),
+                    // Its settings applied over that file in training (tokenize.rs): kept with it.
+                    (false, "tokenizer_config.json") => t.parent()?.join(f),
                     (false, _) => return None,
                 },
                 _ => model_dir.join(f),

@@ -21,15 +21,16 @@ use tokenizers::{AddedToken, EncodeInput, PostProcessor, Tokenizer, TruncationPa
 
 use super::DataError;
 
-/// The settings of a folder's `tokenizer_config.json` that change token ids. transformers
-/// applies them to a `vocab.txt` / `vocab.json` tokenizer and over a `tokenizer.json` too, so
-/// they are applied here the same way, or refused when they cannot be.
+/// The settings of a folder's `tokenizer_config.json` that change token ids, applied as
+/// transformers 5 applies them: to the tokenizer it builds from `vocab.txt` or `vocab.json` +
+/// `merges.txt`, and over a `tokenizer.json`'s BERT normalizer and byte-level pre-tokenizer
+/// (where the file has another layout, it is taken as it is, as transformers' generic fast
+/// tokenizer takes it).
 #[derive(Debug, Default, serde::Deserialize)]
 struct TokenizerConfig {
     do_lower_case: Option<bool>,
     strip_accents: Option<bool>,
     tokenize_chinese_chars: Option<bool>,
-    do_basic_tokenize: Option<bool>,
     add_prefix_space: Option<bool>,
     add_bos_token: Option<bool>,
 }
@@ -43,18 +44,7 @@ impl TokenizerConfig {
         }
         let source = p.display().to_string();
         let text = std::fs::read_to_string(&p).map_err(|e| tok_err(&source, e))?;
-        let cfg: Self = serde_json::from_str(super::strip_bom(&text)).map_err(|e| tok_err(&source, e))?;
-        let unsupported = [
-            (cfg.do_basic_tokenize == Some(false), "do_basic_tokenize: false"),
-            (cfg.add_bos_token == Some(true), "add_bos_token: true"),
-        ];
-        if let Some((_, what)) = unsupported.iter().find(|(on, _)| *on) {
-            return Err(tok_err(
-                &source,
-                format!("{what} is not supported (the ids would differ from transformers')"),
-            ));
-        }
-        Ok(cfg)
+        serde_json::from_str(super::strip_bom(&text)).map_err(|e| tok_err(&source, e))
     }
 
     /// BERT's normalizer as transformers builds it from these settings (accents follow
@@ -68,38 +58,20 @@ impl TokenizerConfig {
         )
     }
 
-    /// Applies the settings given over a `tokenizer.json`'s BERT normalizer and byte-level
-    /// pre-tokenizer, as transformers does; a setting for a part the tokenizer does not have is
-    /// refused (the ids would differ from transformers').
+    /// The settings given, over a `tokenizer.json`'s BERT normalizer and bare byte-level
+    /// pre-tokenizer.
     fn apply(&self, tok: &mut Tokenizer, source: &str) -> Result<(), DataError> {
         use tokenizers::{NormalizerWrapper, PreTokenizerWrapper};
-        let bert = [
-            self.do_lower_case,
-            self.strip_accents,
-            self.tokenize_chinese_chars,
-        ];
-        if bert.iter().any(Option::is_some) {
-            let Some(NormalizerWrapper::BertNormalizer(n)) = tok.get_normalizer() else {
-                return Err(tok_err(
-                    source,
-                    "tokenizer_config.json sets do_lower_case / strip_accents / tokenize_chinese_chars, \
-                     but tokenizer.json has no BERT normalizer to apply them to",
-                ));
-            };
+        if let Some(NormalizerWrapper::BertNormalizer(n)) = tok.get_normalizer() {
             let mut n = *n;
             n.lowercase = self.do_lower_case.unwrap_or(n.lowercase);
             n.strip_accents = self.strip_accents.or(n.strip_accents);
             n.handle_chinese_chars = self.tokenize_chinese_chars.unwrap_or(n.handle_chinese_chars);
             tok.with_normalizer(Some(n)).map_err(|e| tok_err(source, e))?;
         }
-        if let Some(prefix) = self.add_prefix_space {
-            let Some(PreTokenizerWrapper::ByteLevel(b)) = tok.get_pre_tokenizer() else {
-                return Err(tok_err(
-                    source,
-                    "tokenizer_config.json sets add_prefix_space, but tokenizer.json has no \
-                     byte-level pre-tokenizer to apply it to",
-                ));
-            };
+        if let (Some(prefix), Some(PreTokenizerWrapper::ByteLevel(b))) =
+            (self.add_prefix_space, tok.get_pre_tokenizer())
+        {
             let mut b = *b;
             b.add_prefix_space = prefix;
             tok.with_pre_tokenizer(Some(b));
@@ -344,6 +316,14 @@ impl TextTokenizer {
             .map_err(|e| tok_err(&source, e))?
             .map_err(|e| tok_err(&source, e))?;
         let cfg = TokenizerConfig::read(vocab.parent().unwrap_or(Path::new(".")))?;
+        // transformers' GPT2Tokenizer then puts <|endoftext|> before every text: not done here.
+        if cfg.add_bos_token == Some(true) {
+            return Err(tok_err(
+                &source,
+                "tokenizer_config.json sets add_bos_token: true, which this tokenizer does not do \
+                 (the ids would differ from transformers'); give a tokenizer.json",
+            ));
+        }
         let mut tok = Tokenizer::new(bpe);
         tok.with_pre_tokenizer(Some(ByteLevel::new(
             cfg.add_prefix_space.unwrap_or(false),
@@ -824,12 +804,6 @@ pub(crate) mod tests {
             bert().unwrap().encode_raw("日本").unwrap(),
             [id("日"), id("##本")]
         );
-        config(r#"{"do_basic_tokenize": false}"#);
-        let e = bert().err().unwrap().to_string();
-        assert!(
-            e.contains("tokenizer_config.json") && e.contains("do_basic_tokenize"),
-            "{e}"
-        );
         // The same setting over a tokenizer.json holding that BERT tokenizer.
         let mut tj = Tokenizer::new(
             WordPiece::from_file(d.join("vocab.txt").to_str().unwrap())
@@ -870,18 +844,19 @@ pub(crate) mod tests {
         std::fs::write(g.path().join("tokenizer.json"), t.plain.to_string(false).unwrap()).unwrap();
         let from_json = TextTokenizer::from_file(&g.path().join("tokenizer.json"), 64).unwrap();
         assert_eq!(from_json.encode_raw("world").unwrap(), [17]);
-        // A BERT setting over a byte-level tokenizer, and a BOS transformers would add: refused.
+        // Over a tokenizer.json, a BERT setting for a byte-level tokenizer and add_bos_token
+        // change nothing (transformers 5 keeps the file's post-processor); from vocab.json +
+        // merges.txt, transformers would put a BOS first: refused.
         for json in [r#"{"do_lower_case": false}"#, r#"{"add_bos_token": true}"#] {
             std::fs::write(g.path().join("tokenizer_config.json"), json).unwrap();
-            let e = TextTokenizer::from_file(&g.path().join("tokenizer.json"), 64)
-                .err()
-                .unwrap()
-                .to_string();
-            assert!(
-                e.contains("tokenizer_config.json") || e.contains("tokenizer.json"),
-                "{json}: {e}"
-            );
+            let t = TextTokenizer::from_file(&g.path().join("tokenizer.json"), 64).unwrap();
+            assert_eq!(t.encode_raw("Hello world").unwrap(), [12, 17], "{json}");
         }
+        let e = TextTokenizer::gpt2_from_vocab_merges(&v, &m, 64)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("add_bos_token"), "{e}");
     }
 
     #[test]

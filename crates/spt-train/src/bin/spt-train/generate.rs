@@ -52,7 +52,9 @@ pub(crate) fn generate(a: &GenerateArgs) -> Result<()> {
     let tok = tokenizer_for(&a.model, a.model.run_settings()?.as_ref(), &model_dir, None)?;
     let eos = tok.eos_id();
     let mut ids = tok.encode_raw(&a.prompt)?;
-    if ids.is_empty() {
+    // An empty prompt starts from the end-of-text token, which is not part of the text shown.
+    let seeded = ids.is_empty();
+    if seeded {
         ids.push(eos.unwrap_or(0));
     }
     let n_prompt = ids.len();
@@ -98,10 +100,11 @@ pub(crate) fn generate(a: &GenerateArgs) -> Result<()> {
     }
     let mut rng = SplitMix64::new(a.seed);
     // Special tokens are shown (an [UNK] the prompt became is what the model saw); the end of
-    // text, the one a byte-level vocabulary has, ends generation before it is decoded.
+    // text, the one a byte-level vocabulary has, ends generation before it is decoded, and the
+    // one an empty prompt starts from is left out.
     let decode = |ids: &[u32]| {
         tok.inner()
-            .decode(ids, false)
+            .decode(&ids[usize::from(seeded)..], false)
             .map_err(|e| anyhow::anyhow!("decoding the generated tokens: {e}"))
     };
     // Stream: print the text as it grows (decoding the whole sequence each time, so multi-byte
