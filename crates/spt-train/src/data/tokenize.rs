@@ -552,14 +552,21 @@ impl TextTokenizer {
     }
 }
 
-/// `text` up to its first `max_chars` characters.
+/// `text` up to its first `max_chars` characters, ended at the last whitespace before them: a
+/// word cut in two would be tokenized as pieces that are not in the text (a word of more than
+/// 100 characters, one `[UNK]` whole, became dozens of `##` pieces). A text with no whitespace
+/// there is cut at the budget.
 fn cut_chars(text: &str, max_chars: usize) -> &str {
     if text.len() <= max_chars {
         return text;
     }
-    match text.char_indices().nth(max_chars) {
+    let kept = match text.char_indices().nth(max_chars) {
         Some((i, _)) => &text[..i],
-        None => text,
+        None => return text,
+    };
+    match kept.rfind(char::is_whitespace) {
+        Some(i) if i > 0 => &kept[..i],
+        _ => kept,
     }
 }
 
@@ -857,6 +864,27 @@ pub(crate) mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("add_bos_token"), "{e}");
+    }
+
+    /// A long text is cut at whitespace before tokenizing: the 150-character word after 125
+    /// words is one [UNK] that fits max_length 128, as transformers reads it (cut inside it,
+    /// its first 67 characters became `##x` pieces and pushed it past the limit).
+    #[test]
+    fn a_long_text_is_cut_between_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "hello", "x", "##x"];
+        std::fs::write(dir.path().join("vocab.txt"), vocab.join("\n")).unwrap();
+        let t = TextTokenizer::bert_from_vocab_txt(&dir.path().join("vocab.txt"), 128).unwrap();
+        let text = format!(
+            "{}{}",
+            format!("hello{}", " ".repeat(60)).repeat(125),
+            "x".repeat(150)
+        );
+        assert!(text.chars().count() > t.char_budget());
+        let enc = t.encode(&text, None, "test").unwrap();
+        assert_eq!(enc.ids.len(), 128);
+        assert_eq!(enc.ids[125..], [4, 1, 3], "hello [UNK] [SEP]");
+        assert_eq!(t.truncated_count(), 0);
     }
 
     #[test]
