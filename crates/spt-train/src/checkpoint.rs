@@ -686,10 +686,17 @@ pub fn read_manifest(path: &Path) -> Result<Manifest, CheckpointError> {
 
 /// Complete checkpoints (those with a manifest) in `dir`, oldest first.
 pub fn list_checkpoints(dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
-    let mut out = Vec::new();
+    Ok(scan_checkpoints(dir)?.0)
+}
+
+/// The folders of `dir` named as checkpoints, in step order: complete ones (a manifest of ours)
+/// with their paths, and the others with their names.
+#[allow(clippy::type_complexity)]
+fn scan_checkpoints(dir: &Path) -> Result<(Vec<(u64, PathBuf)>, Vec<(u64, String)>), CheckpointError> {
+    let (mut out, mut other) = (Vec::new(), Vec::new());
     let rd = match std::fs::read_dir(dir) {
         Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((out, other)),
         Err(e) => return Err(io_err(dir, e)),
     };
     for entry in rd {
@@ -701,11 +708,14 @@ pub fn list_checkpoints(dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointErr
         if let Some(step) = name.to_str().and_then(parse_step).filter(|_| real_dir) {
             if manifest_is_ours(&entry.path().join("manifest.json"), step) {
                 out.push((step, entry.path()));
+            } else {
+                other.push((step, name.to_string_lossy().into_owned()));
             }
         }
     }
     out.sort();
-    Ok(out)
+    other.sort();
+    Ok((out, other))
 }
 
 /// Whether `path` is a manifest spt-train writes (of any format version, so that an old
@@ -738,20 +748,9 @@ fn manifest_is_ours(path: &Path, step: u64) -> bool {
 /// manifest cut short is listed, and named when loaded) are passed over with a warning naming
 /// them, so that an older checkpoint is not used in silence.
 pub fn latest_checkpoint(dir: &Path) -> Result<PathBuf, CheckpointError> {
-    let mut listed = list_checkpoints(dir)?;
+    let (mut listed, mut passed) = scan_checkpoints(dir)?;
     let latest = listed.last().map(|(s, _)| *s);
-    let mut passed: Vec<(u64, String)> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_str()?.to_string();
-            let step = parse_step(&name)?;
-            (latest.is_none_or(|l| step > l) && e.file_type().is_ok_and(|t| t.is_dir()))
-                .then_some((step, name))
-        })
-        .collect();
-    passed.sort();
+    passed.retain(|(step, _)| latest.is_none_or(|l| *step > l));
     if !passed.is_empty() {
         let names: Vec<&str> = passed.iter().map(|(_, n)| n.as_str()).collect();
         let msg = format!(

@@ -298,29 +298,35 @@ pub(crate) fn find_labels(
             .transpose()?);
     };
     let map = LabelMap::load(file)?;
-    if let Some(rec) = recorded {
-        // Class i of the head is the i-th recorded class: a map of another size cannot name the
-        // head's classes, and a recorded name at another index would relabel them in silence.
-        let (got, want) = (map.labels(), rec.labels());
-        let moved = got
-            .iter()
-            .enumerate()
-            .any(|(i, g)| want.iter().position(|w| w == g).is_some_and(|j| j != i));
-        if got.len() != want.len() || moved {
-            bail!(
-                "--label-map {}: classes {got:?}, but the checkpoint was trained with {want:?} (class \
-                 i of its head is the i-th); drop --label-map to use the checkpoint's",
-                file.display()
-            );
-        }
-        if got != want {
-            tracing::warn!(
-                "--label-map {}: the checkpoint's classes {want:?} are named {got:?} here",
-                file.display()
-            );
-        }
-    }
+    check_label_map(file, &map, recorded.as_ref())?;
     Ok(Some(map))
+}
+
+/// A `--label-map` (`map`, read from `file`) against the classes the checkpoint records: class
+/// i of the head is the i-th recorded class, so a map of another size cannot name the head's
+/// classes, and a recorded name at another index would relabel them in silence (refused);
+/// other names rename them (a warning).
+pub(crate) fn check_label_map(file: &Path, map: &LabelMap, recorded: Option<&LabelMap>) -> Result<()> {
+    let Some(rec) = recorded else { return Ok(()) };
+    let (got, want) = (map.labels(), rec.labels());
+    let moved = got
+        .iter()
+        .enumerate()
+        .any(|(i, g)| want.iter().position(|w| w == g).is_some_and(|j| j != i));
+    if got.len() != want.len() || moved {
+        bail!(
+            "--label-map {}: classes {got:?}, but the checkpoint was trained with {want:?} (class \
+             i of its head is the i-th); drop --label-map to use the checkpoint's",
+            file.display()
+        );
+    }
+    if got != want {
+        tracing::warn!(
+            "--label-map {}: the checkpoint's classes {want:?} are named {got:?} here",
+            file.display()
+        );
+    }
+    Ok(())
 }
 
 /// The tokenizer of `m` (see [`ModelArgs::tokenizer_source`]) for texts truncated to

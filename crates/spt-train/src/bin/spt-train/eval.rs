@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use crate::common::{
-    check_model_config, check_model_type, device, find_labels, labels_path, load_trained, recorded_classes,
-    task_name, task_of, ModelArgs,
+    check_label_map, check_model_config, check_model_type, device, labels_path, load_trained,
+    recorded_classes, task_name, task_of, ModelArgs,
 };
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -194,10 +194,11 @@ pub(crate) fn eval(a: &EvalArgs) -> Result<()> {
     let tok = load_tokenizer(&cfg, &model_dir)?;
     // Rows are scored against the classes the checkpoint's head answers in: a --label-map is
     // held to them (refused in another order or count).
-    if a.label_map.is_some() {
-        find_labels(&a.label_map, &a.model.checkpoint, &model_dir)?;
+    let recorded = recorded_classes(&a.model.checkpoint)?;
+    if let Some(f) = &a.label_map {
+        check_label_map(f, &LabelMap::load(f)?, recorded.as_ref())?;
     }
-    let data = match (&a.label_map, recorded_classes(&a.model.checkpoint)?) {
+    let data = match (&a.label_map, recorded) {
         (None, Some(classes)) => prepare_data_with_labels(&cfg, &tok, &classes)?,
         _ => prepare_data(&cfg, &tok, None)?,
     };
