@@ -23,6 +23,31 @@ fn minilm_tokenizer_json_without_its_fixed_padding() {
     assert_eq!(t.pad_id(), 0);
     let long = "word ".repeat(300);
     assert_eq!(t.encode(&long, None, "test").unwrap().ids.len(), 302); // not truncated to 128
+
+    // Pairs truncated longest-first to 128 keep, per side, what transformers 5.24's
+    // AutoTokenizer(a, b, truncation=True, max_length=128) keeps: the odd token goes to the
+    // longer side, also where both pass 128 and where the first is cut before tokenizing.
+    let t =
+        TextTokenizer::from_file(&root().join("third_party/all-MiniLM-L6-v2/tokenizer.json"), 128).unwrap();
+    let (fun, a) = (|n: usize| "fun ".repeat(n), |n: usize| "a ".repeat(n));
+    let cases = [
+        (fun(100), a(90), [63, 62]),
+        (a(90), fun(100), [62, 63]),
+        (fun(1100), a(1050), [63, 62]),
+        (a(1050), fun(1100), [62, 63]),
+        (format!("{}{}", fun(1100), a(1500)), a(2500), [63, 62]),
+    ];
+    for (first, second, want) in cases {
+        let e = t.encode(&first, Some(&second), "test").unwrap();
+        let n_second = e.type_ids.iter().filter(|&&ty| ty == 1).count() - 1; // and its [SEP]
+        assert_eq!(
+            [e.ids.len() - 3 - n_second, n_second],
+            want,
+            "{} / {}",
+            first.len(),
+            second.len()
+        );
+    }
 }
 
 #[test]

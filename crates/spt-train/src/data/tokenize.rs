@@ -4,9 +4,9 @@
 //!   `tokenizer.json` or `vocab.json` + `merges.txt`.
 //! - Any padding / truncation a `tokenizer.json` embeds (all-MiniLM-L6-v2 pads and truncates to
 //!   128) is switched off: batches pad dynamically, and truncation is ours.
-//! - Texts longer than `max_length` tokens (special tokens included) are truncated with the
-//!   tokenizer's longest-first strategy, so `[CLS] … [SEP]` survive; the first truncation logs
-//!   one warning naming where it happened, and [`TextTokenizer::truncated_count`] counts them all.
+//! - Texts longer than `max_length` tokens (special tokens included) are truncated longest-first
+//!   as transformers truncates them, so `[CLS] … [SEP]` survive; the first truncation logs one
+//!   warning naming where it happened, and [`TextTokenizer::truncated_count`] counts them all.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -459,20 +459,13 @@ impl TextTokenizer {
         // Each side has its own budget, so that reading further into a short side does not
         // tokenize a long one whole.
         let mut budget = [self.char_budget(); 2];
-        let (enc, text, pair) = loop {
-            let (t, p) = (cut_chars(text, budget[0]), pair.map(|p| cut_chars(p, budget[1])));
-            let enc = self.encode_guarded(&self.plain, input(t, p))?;
+        let (mut enc, mut t, mut p) = loop {
+            let (enc, t, p) = self.encode_cut(text, pair, budget)?;
             // A cut side that yields fewer tokens than max_length lost words there was room for
             // (a long run of whitespace, or one long word that WordPiece reads as a single
             // [UNK]): read twice as much of it.
             let short = |side: usize, kept: &str, whole: &str| {
-                kept.len() < whole.len()
-                    && enc
-                        .get_sequence_ids()
-                        .iter()
-                        .filter(|s| **s == Some(side))
-                        .count()
-                        < self.max_length
+                kept.len() < whole.len() && side_len(&enc, side) < self.max_length
             };
             let grow = [
                 short(0, t, text),
@@ -487,6 +480,44 @@ impl TextTokenizer {
                 }
             }
         };
+        // Longest-first truncation gives an odd token to the longer side (to the second on a
+        // tie): where a cut could change which side that is, the cut side is read further until
+        // the encoding orders the sides as their whole texts do.
+        if let (Some(whole), Some(kept)) = (pair, p) {
+            let odd = (self.max_length - specials) % 2 == 1;
+            let cut_sides = [t.len() < text.len(), kept.len() < whole.len()];
+            let second_longer = match cut_sides {
+                _ if !odd => None,
+                [false, false] => None,
+                // A cut side is at least as long as it shows: it is read further only while it
+                // does not show longer than the other side, which is whole.
+                [true, false] => Some(None),
+                [false, true] => Some(None),
+                // Both cut: count the whole texts, a piece at a time so that memory stays bounded.
+                [true, true] => Some(Some(self.count_tokens(text)? <= self.count_tokens(whole)?)),
+            };
+            if let Some(known) = second_longer {
+                loop {
+                    let n = [side_len(&enc, 0), side_len(&enc, 1)];
+                    let side = match (known, cut_sides) {
+                        (Some(true), _) if n[0] > n[1] => 1,
+                        (Some(false), _) if n[0] <= n[1] => 0,
+                        (None, [true, false]) if n[0] <= n[1] => 0,
+                        (None, [false, true]) if n[1] < n[0] => 1,
+                        _ => break,
+                    };
+                    // A side read whole cannot show more (the counts of pieces may differ from
+                    // the whole's by a token where a piece ends inside a word).
+                    let read = [t.len() == text.len(), p.is_some_and(|k| k.len() == whole.len())];
+                    if read[side] {
+                        break;
+                    }
+                    budget[side] = budget[side].saturating_mul(2);
+                    (enc, t, p) = self.encode_cut(text, pair, budget)?;
+                }
+            }
+        }
+        let whole_read = t.len() == text.len() && pair.zip(p).is_none_or(|(w, k)| k.len() == w.len());
         if enc.len() <= self.max_length {
             return Ok(Encoded {
                 ids: enc.get_ids().to_vec(),
@@ -495,17 +526,87 @@ impl TextTokenizer {
         }
         if self.truncated.fetch_add(1, Ordering::Relaxed) == 0 {
             tracing::warn!(
-                "{location}: text is {} tokens, longer than max_length {}; truncating it (and any later ones, \
-                 counted without further warnings)",
+                "{location}: text is {}{} tokens, longer than max_length {}; truncating it (and any later \
+                 ones, counted without further warnings)",
+                if whole_read { "" } else { "at least " },
                 enc.len(),
                 self.max_length
             );
         }
-        let enc = self.encode_guarded(&self.truncating, input(text, pair))?;
+        let enc = match p {
+            None => self.encode_guarded(&self.truncating, input(t, None))?,
+            Some(p) => self.truncate_pair(t, p, specials)?,
+        };
         Ok(Encoded {
             ids: enc.get_ids().to_vec(),
             type_ids: enc.get_type_ids().to_vec(),
         })
+    }
+
+    /// `text` and `pair` truncated longest-first to `max_length` with the special tokens.
+    ///
+    /// tokenizers 0.23.2 stops tokenizing each side at `max_length` tokens before it truncates,
+    /// so two sides longer than that count as a tie, and the odd token goes to the second side
+    /// even where the first is longer (transformers, on tokenizers 0.23.3, gives it to the
+    /// longer side): the sides are tokenized in full here and truncated by its own rule.
+    fn truncate_pair(
+        &self,
+        text: &str,
+        pair: &str,
+        specials: usize,
+    ) -> Result<tokenizers::Encoding, DataError> {
+        let err = |e| tok_err(&self.source, e);
+        let first = self.plain.encode(text, false).map_err(err)?;
+        let mut second = self.plain.encode(pair, false).map_err(err)?;
+        // As the tokenizer types the second sequence of a pair, for post-processors that keep
+        // the sequences' own type ids (byte-level).
+        second.set_type_ids(vec![1; second.len()]);
+        let params = TruncationParams {
+            max_length: self.max_length - specials,
+            strategy: TruncationStrategy::LongestFirst,
+            stride: 0,
+            ..Default::default()
+        };
+        let (mut first, mut second) =
+            tokenizers::truncate_encodings(first, Some(second), &params).map_err(err)?;
+        // The cut-off tokens are kept as overflowing pieces, which the post-processor would
+        // pair one with another (hundreds of thousands of encodings for long texts).
+        first.take_overflowing();
+        second.as_mut().map(tokenizers::Encoding::take_overflowing);
+        guarded(|| self.plain.post_process(first, second, true))
+            .map_err(|e| tok_err(&self.source, format!("it cannot encode this input: {e}")))?
+            .map_err(err)
+    }
+
+    /// The plain encoding of `text` and `pair` cut to `budget` characters each, with the cut texts.
+    fn encode_cut<'t>(
+        &self,
+        text: &'t str,
+        pair: Option<&'t str>,
+        budget: [usize; 2],
+    ) -> Result<(tokenizers::Encoding, &'t str, Option<&'t str>), DataError> {
+        let (t, p) = (cut_chars(text, budget[0]), pair.map(|p| cut_chars(p, budget[1])));
+        let input: EncodeInput<'_> = match p {
+            Some(p) => (t.to_string(), p.to_string()).into(),
+            None => t.to_string().into(),
+        };
+        Ok((self.encode_guarded(&self.plain, input)?, t, p))
+    }
+
+    /// Tokens in `text` without special tokens, counted a piece of `char_budget` characters at
+    /// a time (cut at whitespace, as `encode` cuts).
+    fn count_tokens(&self, mut text: &str) -> Result<usize, DataError> {
+        let mut n = 0;
+        while !text.is_empty() {
+            let piece = cut_chars(text, self.char_budget());
+            n += self
+                .plain
+                .encode(piece, false)
+                .map_err(|e| tok_err(&self.source, e))?
+                .len();
+            text = &text[piece.len()..];
+        }
+        Ok(n)
     }
 
     /// `tok.encode(input)` with special tokens, its panic on a malformed post-processor (a pair
@@ -550,6 +651,14 @@ impl TextTokenizer {
             .decode(ids, skip_special_tokens)
             .map_err(|e| tok_err(&self.source, e))
     }
+}
+
+/// Tokens of side `side` (0: the text, 1: the pair) in `enc`.
+fn side_len(enc: &tokenizers::Encoding, side: usize) -> usize {
+    enc.get_sequence_ids()
+        .iter()
+        .filter(|s| **s == Some(side))
+        .count()
 }
 
 /// `text` up to its first `max_chars` characters, ended at the last whitespace before them: a
@@ -864,6 +973,60 @@ pub(crate) mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("add_bos_token"), "{e}");
+    }
+
+    /// Longest-first truncation gives the odd token to the longer side of a pair, as
+    /// transformers does: where both sides pass max_length (tokenizers 0.23.2 counted them as a
+    /// tie and gave it to the second), and where a cut made the longer side show shorter (one
+    /// side cut, and both).
+    #[test]
+    fn a_long_pair_truncates_as_transformers() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tiny_bert(dir.path(), 8); // 3 special tokens: 5 for the texts, odd
+        let (fun, a) = ([2, 17, 17, 17, 3, 5, 5, 3], [2, 5, 5, 3, 17, 17, 17, 3]);
+        let cases = [
+            // 20 tokens against 15: no cut. tokenizers 0.23.2 gave the first 2.
+            ("fun ".repeat(20), "a ".repeat(15), fun),
+            ("a ".repeat(15), "fun ".repeat(20), a),
+            // 1100 tokens against 1050; the cut at 4096 characters shows 1024 of the first.
+            ("fun ".repeat(1100), "a ".repeat(1050), fun),
+            ("a ".repeat(1050), "fun ".repeat(1100), a),
+            // Both cut: 2600 tokens (1024 shown) against 2500 (2048 shown).
+            (
+                format!("{}{}", "fun ".repeat(1100), "a ".repeat(1500)),
+                "a ".repeat(2500),
+                fun,
+            ),
+            (
+                "a ".repeat(2500),
+                format!("{}{}", "fun ".repeat(1100), "a ".repeat(1500)),
+                a,
+            ),
+        ];
+        for (i, (first, second, want)) in cases.iter().enumerate() {
+            let e = t.encode(first, Some(second), "x").unwrap();
+            assert_eq!(e.ids, want, "case {i}");
+            let n_first = want.iter().position(|&id| id == 3).unwrap() + 1;
+            assert!(
+                e.type_ids
+                    .iter()
+                    .enumerate()
+                    .all(|(j, &ty)| ty == u32::from(j >= n_first)),
+                "case {i}: {:?}",
+                e.type_ids
+            );
+        }
+        // A tie gives it to the second; a short side stays whole.
+        assert_eq!(
+            t.encode(&"fun ".repeat(9), Some(&"a ".repeat(9)), "x")
+                .unwrap()
+                .ids,
+            [2, 17, 17, 3, 5, 5, 5, 3]
+        );
+        assert_eq!(
+            t.encode("fun", Some(&"a ".repeat(9)), "x").unwrap().ids,
+            [2, 17, 3, 5, 5, 5, 5, 3]
+        );
     }
 
     /// A long text is cut at whitespace before tokenizing: the 150-character word after 125
