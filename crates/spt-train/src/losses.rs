@@ -6,7 +6,7 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-use crate::data::Batch;
+use crate::data::{Batch, TaskKind};
 use crate::trainer::EvalOutput;
 
 /// Per-token NLL of next-token prediction and the mask of tokens that count: `logits` `[B, L, V]`
@@ -52,6 +52,27 @@ fn check_ids(op: &str, what: &str, ids: &Tensor, n: usize) -> Result<()> {
         candle_core::bail!("{op}: a {what} is {max}, but the logits have {n} classes (ids 0..{n})");
     }
     Ok(())
+}
+
+/// How many items the loss of `batch` averages over: its examples for a classifier, its
+/// non-padding targets for a causal LM (the tokens after each row's first, by the mask).
+pub fn loss_count(batch: &Batch) -> f64 {
+    match batch.task {
+        TaskKind::Classify => batch.size as f64,
+        TaskKind::Lm => {
+            let targets = || -> Result<f64> {
+                let l = batch.attention_mask.dim(1)?;
+                batch
+                    .attention_mask
+                    .narrow(1, 1, l.saturating_sub(1))?
+                    .to_dtype(DType::F64)?
+                    .sum_all()?
+                    .to_scalar::<f64>()
+            };
+            // A mask that cannot be read fails in the loss itself, with its message.
+            targets().unwrap_or(batch.n_tokens.saturating_sub(batch.size) as f64)
+        }
+    }
 }
 
 /// Mean next-token cross-entropy over the non-padding targets of `batch` (differentiable).
@@ -152,6 +173,8 @@ mod tests {
         assert!(g[0][0].iter().any(|x| *x != 0.0));
         let ev = causal_lm_eval(logits.as_tensor(), &batch)?;
         assert_eq!(ev.count, 3.0);
+        // What gradient accumulation weighs this batch by: the 3 targets the mean is over.
+        assert_eq!(loss_count(&batch), 3.0);
         assert!((ev.loss_sum / 3.0 - want).abs() < 1e-5);
         Ok(())
     }

@@ -239,15 +239,67 @@ fn loss_decreases_and_eval_improves() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Gradient accumulation as transformers' Trainer does it: a step never spans two epochs (an
+/// epoch's last step takes what is left), and each micro-batch weighs by its items, so that
+/// batches of 8 + 8 + 4 accumulated train as one batch of 20 (equal weights gave the 4 rows of
+/// the short batch the weight of 8).
+#[test]
+fn accumulated_micro_batches_train_as_one_batch() -> anyhow::Result<()> {
+    let train = synthetic(20, 7);
+    let run = |batch_size: usize, grad_accum: usize| -> anyhow::Result<(TrainSummary, Vec<Vec<f32>>)> {
+        let dir = tempfile::tempdir()?;
+        let cfg = TrainerConfig {
+            epochs: 2,
+            batch_size,
+            grad_accum,
+            eval_every: 0,
+            save_every: 0,
+            ..config(dir.path())
+        };
+        assert_eq!(spt_train::trainer::planned_steps(&cfg, train.len()), 2);
+        let mut t = Trainer::new(BagClassifier::new(3, 0.0)?, cfg, Device::Cpu);
+        let s = t.train(&train, None, &Resume::No)?;
+        let params = t
+            .task()
+            .params()
+            .iter()
+            .map(|p| p.iter().map(|b| f32::from_bits(*b)).collect())
+            .collect();
+        Ok((s, params))
+    };
+    let (whole, whole_params) = run(20, 1)?;
+    let (accumulated, acc_params) = run(8, 3)?;
+    assert_eq!(accumulated.steps, 2);
+    for ((_, a), (_, b)) in whole.train_losses.iter().zip(&accumulated.train_losses) {
+        assert!((a - b).abs() <= 1e-5 * a.abs(), "step loss {a} against {b}");
+    }
+    for (a, b) in whole_params.iter().flatten().zip(acc_params.iter().flatten()) {
+        assert!((a - b).abs() <= 1e-5, "{a} against {b}");
+    }
+    // 3 batches an epoch in steps of 2: 2 steps an epoch (the second of one batch), not
+    // ceil(3 epochs * 3 / 2) = 5 with steps across epoch ends.
+    let dir = tempfile::tempdir()?;
+    let cfg = TrainerConfig {
+        epochs: 3,
+        eval_every: 0,
+        save_every: 0,
+        ..config(dir.path())
+    };
+    assert_eq!(spt_train::trainer::planned_steps(&cfg, train.len()), 6);
+    let s = Trainer::new(BagClassifier::new(3, 0.0)?, cfg, Device::Cpu).train(&train, None, &Resume::No)?;
+    assert_eq!(s.steps, 6);
+    Ok(())
+}
+
 #[test]
 fn resume_after_stop_equals_uninterrupted_run_bit_exactly() -> anyhow::Result<()> {
-    let train = synthetic(50, 5); // 7 batches per epoch: accumulation straddles epoch ends
+    let train = synthetic(50, 5); // 7 batches per epoch: each epoch's last step takes one
     let valid = synthetic(20, 6);
     // Uninterrupted.
     let a_dir = tempfile::tempdir()?;
     let mut a = Trainer::new(BagClassifier::new(3, 0.2)?, config(a_dir.path()), Device::Cpu);
     let sa = a.train(&train, Some(&valid), &Resume::No)?;
-    assert_eq!(sa.steps, 11); // ceil(3 epochs * 7 batches / 2)
+    assert_eq!(sa.steps, 12); // 3 epochs * ceil(7 batches / 2)
                               // Interrupted: the stop flag (what Ctrl-C sets) is raised during update 5 (index 4).
     let b_dir = tempfile::tempdir()?;
     let flag = Arc::new(AtomicBool::new(false));
@@ -266,7 +318,7 @@ fn resume_after_stop_equals_uninterrupted_run_bit_exactly() -> anyhow::Result<()
     let mut c = Trainer::new(BagClassifier::new(99, 0.2)?, config(b_dir.path()), Device::Cpu);
     let sc = c.train(&train, Some(&valid), &Resume::Latest)?;
     assert_eq!(sc.resumed_from, Some(5));
-    assert_eq!(sc.steps, 11);
+    assert_eq!(sc.steps, 12);
     let mut joined = bits(&sb);
     joined.extend(bits(&sc));
     assert_eq!(joined, bits(&sa));
@@ -279,18 +331,18 @@ fn resume_after_stop_equals_uninterrupted_run_bit_exactly() -> anyhow::Result<()
         .filter(|r| r.split == "train")
         .map(|r| r.step)
         .collect();
-    assert_eq!(train_steps, vec![2, 4, 6, 8, 10, 11]);
+    assert_eq!(train_steps, vec![2, 4, 6, 8, 10, 12]);
     // Resuming the finished run trains, evaluates and records nothing more.
     let mut d = Trainer::new(BagClassifier::new(7, 0.2)?, config(b_dir.path()), Device::Cpu);
     let sd = d.train(&train, Some(&valid), &Resume::Latest)?;
-    assert_eq!((sd.resumed_from, sd.steps), (Some(11), 11));
+    assert_eq!((sd.resumed_from, sd.steps), (Some(12), 12));
     let again = spt_train::metrics::MetricsWriter::new(b_dir.path().join("metrics.jsonl")).read_all()?;
     let steps = |r: &[spt_train::metrics::MetricRecord]| {
         r.iter().map(|r| (r.step, r.split.clone())).collect::<Vec<_>>()
     };
     assert_eq!(steps(&again), steps(&recs));
     assert_eq!(
-        recs.iter().filter(|r| r.step == 11 && r.split == "eval").count(),
+        recs.iter().filter(|r| r.step == 12 && r.split == "eval").count(),
         1
     );
     Ok(())

@@ -8,8 +8,9 @@
 //! One *step* is one optimizer update over `grad_accum` micro-batches, run on the CPU on a thread
 //! of rayon's pool ([`spt_ops::on_pool`]; hence `TrainTask: Send`). The loop:
 //! 1. draws the step's seed from the trainer RNG ([`SplitMix64`](crate::rng::SplitMix64), saved in checkpoints);
-//! 2. for each micro-batch (in the order [`epoch_batches`] gives for `(seed, epoch)`): `loss`,
-//!    `backward` of `loss / n_micro`, gradients summed;
+//! 2. for each micro-batch (in the order [`epoch_batches`] gives for `(seed, epoch)`; a step
+//!    never spans two epochs): `loss`, `backward` of the loss weighted by the micro-batch's share
+//!    of the step's items ([`TrainTask::loss_count`]), gradients summed;
 //! 3. clips the global gradient norm, sets the scheduled learning rate, steps AdamW;
 //! 4. calls [`TrainTask::after_step`] (e.g. a PQ codebook refresh schedule);
 //! 5. logs, evaluates every `eval_every` steps and checkpoints every `save_every` steps.
@@ -72,6 +73,15 @@ pub trait TrainTask: Send {
     /// Mean loss over `batch`, as a scalar float tensor still attached to the graph.
     fn loss(&mut self, batch: &Batch, ctx: &StepCtx) -> candle_core::Result<Tensor>;
 
+    /// How many items `loss` averages over in `batch`. With gradient accumulation each
+    /// micro-batch's loss weighs by its share of the step's items, so the step's gradient is
+    /// that of the mean over all of them (as transformers' Trainer weighs by
+    /// `num_items_in_batch`). The default counts what [`crate::losses`] averages over: examples
+    /// for a classifier, predicted tokens for a causal LM.
+    fn loss_count(&self, batch: &Batch) -> f64 {
+        crate::losses::loss_count(batch)
+    }
+
     /// The variables to train, by their (Hugging Face style) names. Names decide weight decay
     /// ([`crate::optim::is_no_decay`]) and key the checkpoint. Must be the same on every call.
     fn trainable(&self) -> Vec<(String, Var)>;
@@ -118,6 +128,9 @@ pub trait TrainTask: Send {
 impl<T: TrainTask + ?Sized> TrainTask for Box<T> {
     fn loss(&mut self, batch: &Batch, ctx: &StepCtx) -> candle_core::Result<Tensor> {
         (**self).loss(batch, ctx)
+    }
+    fn loss_count(&self, batch: &Batch) -> f64 {
+        (**self).loss_count(batch)
     }
     fn trainable(&self) -> Vec<(String, Var)> {
         (**self).trainable()
@@ -419,7 +432,8 @@ pub fn evaluate<T: TrainTask + ?Sized>(
 }
 
 /// Optimizer updates a run over `n_items` training items makes: `max_steps`, else
-/// `ceil(epochs · ceil(n_items / batch_size) / grad_accum)`.
+/// `epochs · ceil(ceil(n_items / batch_size) / grad_accum)` (an epoch's last update takes what is
+/// left of it, as in transformers' Trainer).
 pub fn planned_steps(cfg: &TrainerConfig, n_items: usize) -> u64 {
     if let Some(m) = cfg.max_steps {
         return m;
@@ -427,8 +441,7 @@ pub fn planned_steps(cfg: &TrainerConfig, n_items: usize) -> u64 {
     let n_batches = (n_items as u64).div_ceil(cfg.batch_size.max(1) as u64);
     // Saturating: the trainer refuses epoch counts that overflow; this only plans.
     cfg.epochs
-        .saturating_mul(n_batches)
-        .div_ceil(cfg.grad_accum.max(1) as u64)
+        .saturating_mul(n_batches.div_ceil(cfg.grad_accum.max(1) as u64))
 }
 
 /// The settings that differ between two run configs (JSON objects), as `name: old → new`.
@@ -476,7 +489,7 @@ mod tests {
             grad_accum: 2,
             ..Default::default()
         };
-        assert_eq!(planned_steps(&cfg, 50), 11); // ceil(3 · 7 / 2)
+        assert_eq!(planned_steps(&cfg, 50), 12); // 3 · ceil(7 / 2): no step spans two epochs
         assert_eq!(
             planned_steps(
                 &TrainerConfig {
@@ -544,7 +557,7 @@ mod tests {
                 },
                 10
             ),
-            u64::MAX / 3
+            u64::MAX // an epoch is one step: saturated
         );
     }
 }

@@ -550,11 +550,27 @@ impl<T: TrainTask> Trainer<T> {
                 micro.push(train.batch(idx, &self.device)?);
                 epoch_cache = Some((st.pos.epoch, batches));
                 st.pos.batch += 1;
+                // An epoch's last update takes what is left of it, as transformers' Trainer
+                // does: a step never mixes two epochs' batches.
+                if st.pos.batch >= n_batches {
+                    break;
+                }
             }
             if micro.is_empty() {
                 break;
             }
             let n = micro.len();
+            // Each micro-batch's mean loss weighs by the items it averages over, so that the
+            // step's gradient is that of the mean over all its items (a short last batch does
+            // not weigh as much as a full one); transformers weighs by `num_items_in_batch`.
+            let counts: Vec<f64> = micro.iter().map(|b| self.task.loss_count(b)).collect();
+            let total_count: f64 = counts.iter().sum();
+            let weights: Vec<f64> = if counts.iter().all(|c| c.is_finite() && *c >= 0.0) && total_count > 0.0
+            {
+                counts.iter().map(|c| c / total_count).collect()
+            } else {
+                vec![1.0 / n as f64; n]
+            };
             let step_started = Instant::now();
             let step_seed = st.rng.next_u64();
             let lr = sched.lr_at(st.step);
@@ -588,8 +604,8 @@ impl<T: TrainTask> Trainer<T> {
                             step + 1
                         )));
                     }
-                    loss_sum += value as f64;
-                    let scaled = if n > 1 { (loss / n as f64)? } else { loss };
+                    loss_sum += value as f64 * weights[i];
+                    let scaled = if n > 1 { (loss * weights[i])? } else { loss };
                     let grads = scaled.backward()?;
                     acc = Some(match acc {
                         None => grads,
@@ -635,7 +651,7 @@ impl<T: TrainTask> Trainer<T> {
             st.step += 1;
             summary.step_times_s.push(step_started.elapsed().as_secs_f64());
 
-            let step_loss = (loss_sum / n as f64) as f32;
+            let step_loss = loss_sum as f32;
             summary.train_losses.push((st.step, step_loss));
             window.add(step_loss as f64, 1.0);
             let elapsed = started.elapsed().as_secs_f64().max(1e-9);
@@ -829,8 +845,8 @@ pub fn check_settings(c: &TrainerConfig, train: &EncodedDataset) -> Result<()> {
     if c.max_steps == Some(0) {
         return Err(Error::Msg("max_steps must be at least 1, got 0".into()));
     }
-    // One step gathers its micro-batches before running them: more than an epoch's worth
-    // would hold the data several times over in memory.
+    // A step never takes more than an epoch: more micro-batches than an epoch has would
+    // silently be an epoch per step.
     let n_batches = train.len().div_ceil(c.batch_size) as u64;
     if c.grad_accum as u64 > n_batches {
         return Err(Error::Msg(format!(
