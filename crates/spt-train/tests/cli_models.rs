@@ -401,6 +401,50 @@ fn generate_is_seeded() {
     );
 }
 
+/// generate reads the model's generation_config.json as transformers does: every id its
+/// `eos_token_id` lists ends the text, and `do_sample: false` is greedy decoding (the seed
+/// changes nothing), which a sampling flag overrides.
+#[test]
+fn generate_follows_the_generation_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-gpt2", tmp.path());
+    let m = model.to_str().unwrap();
+    let gen = |seed: &str, extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            m,
+            "--prompt",
+            "the good movie",
+            "--max-new-tokens",
+            "8",
+            "--seed",
+            seed,
+        ];
+        args.extend_from_slice(extra);
+        let o = spt_train(&args, None);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        (
+            String::from_utf8_lossy(&o.stdout).trim().to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let (free, _) = gen("1", &[]);
+    assert!(free.len() > "the good movie".len(), "{free}");
+    let config = model.join("generation_config.json");
+    std::fs::write(&config, r#"{"do_sample": false}"#).unwrap();
+    let (greedy, err) = gen("1", &[]);
+    assert!(err.contains("do_sample: false (greedy)"), "{err}");
+    assert_eq!(greedy, gen("2", &[]).0, "greedy: the seed changes nothing");
+    let (sampled, err) = gen("1", &["--top-k", "50"]);
+    assert!(!err.contains("greedy"), "{err}");
+    assert_eq!(sampled, free, "a flag overrides the file: sampling as without it");
+    // Every id listed ends the text: nothing is generated.
+    let all: Vec<u32> = (0..1000).collect();
+    std::fs::write(&config, serde_json::json!({ "eos_token_id": all }).to_string()).unwrap();
+    assert_eq!(gen("1", &[]).0, "the good movie");
+}
+
 /// `spt-train bench` of dense and spt on `model`, one tiny step, into `out`.
 fn bench_args<'a>(model: &'a str, out: &'a str) -> [&'a str; 16] {
     [

@@ -24,24 +24,165 @@ pub(crate) struct GenerateArgs {
     /// Tokens to generate at most (capped at the model's context; stops early at end-of-text).
     #[arg(long, default_value_t = 50)]
     pub(crate) max_new_tokens: usize,
-    /// Softmax temperature (> 0).
-    #[arg(long, default_value_t = 1.0)]
-    pub(crate) temperature: f64,
-    /// Sample among the k most likely tokens (0: all).
-    #[arg(long, default_value_t = 50)]
-    pub(crate) top_k: usize,
+    /// Softmax temperature (> 0) [default: the model's generation_config.json, else 1].
+    #[arg(long)]
+    pub(crate) temperature: Option<f64>,
+    /// Sample among the k most likely tokens, and any tied with the k-th (0: all; 1: greedy)
+    /// [default: the model's generation_config.json, else 50].
+    #[arg(long)]
+    pub(crate) top_k: Option<usize>,
+    /// Then among the most likely tokens whose probabilities sum to at least P (nucleus
+    /// sampling; 1: all) [default: the model's generation_config.json, else 1].
+    #[arg(long)]
+    pub(crate) top_p: Option<f64>,
     /// Sampling seed: the same seed, prompt and model give the same text.
     #[arg(long, default_value_t = 42)]
     pub(crate) seed: u64,
 }
 
+/// What a model's `generation_config.json` (else its `config.json`) sets for generation, as
+/// transformers' `generate` reads it: the tokens that end the text, and sampling settings.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct GenerationConfig {
+    pub(crate) eos_token_ids: Vec<u32>,
+    pub(crate) do_sample: Option<bool>,
+    pub(crate) temperature: Option<f64>,
+    pub(crate) top_k: Option<usize>,
+    pub(crate) top_p: Option<f64>,
+}
+
+impl GenerationConfig {
+    /// Reads `generation_config.json` in `model_dir`; without one, the end-of-text ids of
+    /// `config.json`. A field of the wrong type is an error naming the file and the field.
+    pub(crate) fn read(model_dir: &std::path::Path) -> Result<Self> {
+        let from = |name: &str| -> Result<Option<(std::path::PathBuf, serde_json::Value)>> {
+            let path = model_dir.join(name);
+            match std::fs::read_to_string(&path) {
+                Ok(text) => {
+                    let v = serde_json::from_str(spt_train::data::strip_bom(&text))
+                        .map_err(|e| anyhow::anyhow!("{}: not valid JSON: {e}", path.display()))?;
+                    Ok(Some((path, v)))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(anyhow::anyhow!("reading {}: {e}", path.display())),
+            }
+        };
+        let (path, v, sampling) = match from("generation_config.json")? {
+            Some((p, v)) => (p, v, true),
+            None => match from("config.json")? {
+                Some((p, v)) => (p, v, false),
+                None => return Ok(Self::default()),
+            },
+        };
+        let field = |k: &str| v.get(k).filter(|x| !x.is_null());
+        let bad =
+            |k: &str, want: &str| anyhow::anyhow!("{}: {k} must be {want}, got {}", path.display(), v[k]);
+        let id = |x: &serde_json::Value| x.as_u64().and_then(|i| u32::try_from(i).ok());
+        let eos_token_ids = match field("eos_token_id") {
+            None => Vec::new(),
+            Some(serde_json::Value::Array(xs)) => xs
+                .iter()
+                .map(|x| id(x).ok_or_else(|| bad("eos_token_id", "a token id or a list of them")))
+                .collect::<Result<_>>()?,
+            Some(x) => vec![id(x).ok_or_else(|| bad("eos_token_id", "a token id or a list of them"))?],
+        };
+        let mut g = Self {
+            eos_token_ids,
+            ..Self::default()
+        };
+        if sampling {
+            g.do_sample = field("do_sample")
+                .map(|x| x.as_bool().ok_or_else(|| bad("do_sample", "true or false")))
+                .transpose()?;
+            g.temperature = field("temperature")
+                .map(|x| x.as_f64().ok_or_else(|| bad("temperature", "a number")))
+                .transpose()?;
+            g.top_k = field("top_k")
+                .map(|x| {
+                    x.as_u64()
+                        .map(|k| k as usize)
+                        .ok_or_else(|| bad("top_k", "a whole number"))
+                })
+                .transpose()?;
+            g.top_p = field("top_p")
+                .map(|x| x.as_f64().ok_or_else(|| bad("top_p", "a number")))
+                .transpose()?;
+        }
+        Ok(g)
+    }
+}
+
+/// How the next token is chosen.
+struct Sampling {
+    temperature: f64,
+    top_k: usize,
+    top_p: f64,
+    /// The most likely token, the lowest id on a tie (transformers' greedy search).
+    greedy: bool,
+    /// The settings taken from generation_config.json, for the note.
+    from_file: Vec<String>,
+}
+
+/// The sampling settings: each flag, else the model's generation config, else ours (top-k 50,
+/// temperature 1). A generation config with `do_sample: false` asks for greedy decoding, which
+/// a sampling flag overrides.
+fn sampling_settings(a: &GenerateArgs, g: &GenerationConfig) -> Result<Sampling> {
+    let mut from_file = Vec::new();
+    let flags_given = a.temperature.is_some() || a.top_k.is_some() || a.top_p.is_some();
+    let greedy = g.do_sample == Some(false) && !flags_given;
+    if greedy {
+        from_file.push("do_sample: false (greedy)".to_string());
+    }
+    let mut pick = |flag: Option<f64>, file: Option<f64>, name: &str, ours: f64| match (flag, file) {
+        (Some(x), _) => x,
+        (None, Some(x)) if !greedy => {
+            from_file.push(format!("{name}: {x}"));
+            x
+        }
+        _ => ours,
+    };
+    let temperature = pick(a.temperature, g.temperature, "temperature", 1.0);
+    let top_k = pick(
+        a.top_k.map(|k| k as f64),
+        g.top_k.map(|k| k as f64),
+        "top_k",
+        50.0,
+    ) as usize;
+    let top_p = pick(a.top_p, g.top_p, "top_p", 1.0);
+    // The flags were checked before: a value out of range here is the file's.
+    if !(temperature > 0.0 && temperature.is_finite()) {
+        bail!("generation_config.json: temperature must be positive, got {temperature}");
+    }
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        bail!("generation_config.json: top_p must be in (0, 1], got {top_p}");
+    }
+    Ok(Sampling {
+        temperature,
+        top_k,
+        top_p,
+        greedy,
+        from_file,
+    })
+}
+
 pub(crate) fn generate(a: &GenerateArgs) -> Result<()> {
-    if !(a.temperature > 0.0 && a.temperature.is_finite()) {
-        bail!("--temperature must be positive, got {}", a.temperature);
+    if let Some(t) = a.temperature.filter(|t| !(*t > 0.0 && t.is_finite())) {
+        bail!("--temperature must be positive, got {t}");
+    }
+    if let Some(p) = a.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
+        bail!("--top-p must be in (0, 1], got {p}");
     }
     a.model.check_checkpoint()?;
     let dev = device(&a.model.device)?;
     let model_dir = resolve_model(&a.model.model)?;
+    let gen_config = GenerationConfig::read(&model_dir)?;
+    let sampling = sampling_settings(a, &gen_config)?;
+    if !sampling.from_file.is_empty() {
+        say!(
+            "note: from the model's generation_config.json: {} (flags override it)",
+            sampling.from_file.join(", ")
+        );
+    }
     if let Some(t) = model_type(&model_dir)?.filter(|t| t != "gpt2") {
         bail!(
             "generate needs a GPT-2 model; {} is model_type \"{t}\"",
@@ -51,11 +192,18 @@ pub(crate) fn generate(a: &GenerateArgs) -> Result<()> {
     check_model(TaskKind::Lm, &model_dir)?;
     let tok = tokenizer_for(&a.model, a.model.run_settings()?.as_ref(), &model_dir, None)?;
     let eos = tok.eos_id();
+    // Generation ends at the model's end-of-text ids (transformers' eos_token_id, which may list
+    // several), else the tokenizer's.
+    let stop: Vec<u32> = if gen_config.eos_token_ids.is_empty() {
+        eos.into_iter().collect()
+    } else {
+        gen_config.eos_token_ids.clone()
+    };
     let mut ids = tok.encode_raw(&a.prompt)?;
     // An empty prompt starts from the end-of-text token, which is not part of the text shown.
     let seeded = ids.is_empty();
     if seeded {
-        ids.push(eos.unwrap_or(0));
+        ids.push(eos.or(stop.first().copied()).unwrap_or(0));
     }
     let n_prompt = ids.len();
     let ctx_len = model_max_length(&model_dir).unwrap_or(1024);
@@ -143,8 +291,19 @@ pub(crate) fn generate(a: &GenerateArgs) -> Result<()> {
             .zip(known.iter().chain(std::iter::repeat(&false)))
             .map(|(&l, &k)| if k { l } else { f32::NEG_INFINITY })
             .collect();
-        let next = sample_token(&last, a.temperature, a.top_k, &mut rng);
-        if Some(next) == eos {
+        let next = if sampling.greedy {
+            // Largest first, the lowest id on a tie (NaN was refused above).
+            (0..last.len()).fold(0, |best, i| if last[i] > last[best] { i } else { best }) as u32
+        } else {
+            sample_token(
+                &last,
+                sampling.temperature,
+                sampling.top_k,
+                sampling.top_p,
+                &mut rng,
+            )
+        };
+        if stop.contains(&next) {
             break;
         }
         ids.push(next);
@@ -195,22 +354,49 @@ pub(crate) fn common_prefix(a: &str, b: &str) -> usize {
         .unwrap_or(a.len().min(b.len()))
 }
 
-/// Samples a token id from `logits` with temperature and top-k (0: all).
-pub(crate) fn sample_token(logits: &[f32], temperature: f64, top_k: usize, rng: &mut SplitMix64) -> u32 {
+/// Samples a token id from `logits` as transformers' warpers do, in their order: temperature,
+/// top-k (0: all; ties with the k-th kept), then top-p (the most likely tokens whose
+/// probabilities reach `top_p`, the one that crosses it included; at least one).
+pub(crate) fn sample_token(
+    logits: &[f32],
+    temperature: f64,
+    top_k: usize,
+    top_p: f64,
+    rng: &mut SplitMix64,
+) -> u32 {
     // Largest first, ties by id: a total order, so partitioning off the top k and sorting them
     // gives what a stable sort of the whole vocabulary gives, in O(V) instead of O(V log V).
     let desc = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
     let mut order: Vec<usize> = (0..logits.len()).collect();
     if top_k > 0 && top_k < order.len() {
         order.select_nth_unstable_by(top_k - 1, desc);
-        order.truncate(top_k);
+        let kth = logits[order[top_k - 1]];
+        // Those tied with the k-th stay, as in transformers' TopKLogitsWarper (`< kth` removed).
+        let (mut head, tail) = (order[..top_k].to_vec(), &order[top_k..]);
+        head.extend(tail.iter().filter(|&&i| logits[i] == kth));
+        order = head;
     }
     order.sort_unstable_by(desc);
     let max = logits[order[0]] as f64;
-    let w: Vec<f64> = order
+    let mut w: Vec<f64> = order
         .iter()
         .map(|&i| ((logits[i] as f64 - max) / temperature).exp())
         .collect();
+    if top_p < 1.0 {
+        // transformers removes, from the least likely up, the tokens whose cumulative
+        // probability stays at or below 1 − top_p; the most likely always stays.
+        let total: f64 = w.iter().sum();
+        let mut below = 0.0;
+        let mut keep = w.len();
+        while keep > 1 {
+            below += w[keep - 1] / total;
+            if below > 1.0 - top_p {
+                break;
+            }
+            keep -= 1;
+        }
+        w.truncate(keep);
+    }
     let total: f64 = w.iter().sum();
     let mut u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * total;
     for (k, &wi) in w.iter().enumerate() {
@@ -227,12 +413,14 @@ pub(crate) fn sample_token(logits: &[f32], temperature: f64, top_k: usize, rng: 
 mod tests {
     use super::*;
 
-    /// The sampler before the partial sort: a stable sort of the whole vocabulary.
+    /// The sampler by a stable sort of the whole vocabulary: the top k and any tied with the
+    /// k-th.
     fn sample_by_full_sort(logits: &[f32], temperature: f64, top_k: usize, rng: &mut SplitMix64) -> u32 {
         let mut order: Vec<usize> = (0..logits.len()).collect();
         order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-        if top_k > 0 {
-            order.truncate(top_k);
+        if top_k > 0 && top_k < order.len() {
+            let kth = logits[order[top_k - 1]];
+            order.retain(|&i| logits[i] >= kth);
         }
         let max = logits[order[0]] as f64;
         let w: Vec<f64> = order
@@ -249,6 +437,56 @@ mod tests {
         order[order.len() - 1] as u32
     }
 
+    /// Top-p keeps what transformers' TopPLogitsWarper keeps: probabilities 0.5, 0.3, 0.15,
+    /// 0.05 at top_p 0.75 keep the first two (the 0.3 that crosses 0.75 included); a small
+    /// top_p keeps the most likely alone; top-k keeps ties with the k-th.
+    #[test]
+    fn top_p_and_top_k_keep_what_transformers_keeps() {
+        let logits: Vec<f32> = [0.5f32, 0.3, 0.15, 0.05].iter().map(|p| p.ln()).collect();
+        let mut rng = SplitMix64::new(3);
+        let mut seen = [0usize; 4];
+        for _ in 0..4000 {
+            seen[sample_token(&logits, 1.0, 0, 0.75, &mut rng) as usize] += 1;
+        }
+        assert_eq!(seen[2..], [0, 0], "{seen:?}");
+        let share = seen[0] as f64 / 4000.0;
+        assert!((share - 0.625).abs() < 0.03, "{seen:?}"); // 0.5 / 0.8
+        for _ in 0..50 {
+            assert_eq!(sample_token(&logits, 1.0, 0, 0.1, &mut rng), 0);
+            assert!(sample_token(&[1.0, 1.0, 1.0, 0.0], 1.0, 1, 1.0, &mut rng) < 3);
+        }
+        let tied: std::collections::BTreeSet<u32> = (0..200)
+            .map(|_| sample_token(&[0.0, 1.0, 1.0, 1.0], 1.0, 1, 1.0, &mut rng))
+            .collect();
+        assert_eq!(tied.into_iter().collect::<Vec<_>>(), [1, 2, 3]);
+    }
+
+    #[test]
+    fn generation_config_is_read_as_transformers_reads_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        assert_eq!(
+            GenerationConfig::read(dir.path()).unwrap(),
+            GenerationConfig::default()
+        );
+        write("config.json", r#"{"eos_token_id": 50256, "top_k": 3}"#);
+        let g = GenerationConfig::read(dir.path()).unwrap();
+        assert_eq!((g.eos_token_ids, g.top_k), (vec![50256], None)); // sampling only from generation_config.json
+        write(
+            "generation_config.json",
+            r#"{"eos_token_id": [50256, 9359], "do_sample": true, "top_k": 0, "top_p": 0.9, "temperature": null}"#,
+        );
+        let g = GenerationConfig::read(dir.path()).unwrap();
+        assert_eq!(g.eos_token_ids, [50256, 9359]);
+        assert_eq!(
+            (g.do_sample, g.top_k, g.top_p, g.temperature),
+            (Some(true), Some(0), Some(0.9), None)
+        );
+        write("generation_config.json", r#"{"eos_token_id": "50256"}"#);
+        let e = GenerationConfig::read(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("generation_config.json: eos_token_id must be"), "{e}");
+    }
+
     #[test]
     fn new_text_is_what_the_decoding_adds() {
         assert_eq!(new_text("the good", "the good movie"), " movie");
@@ -261,7 +499,7 @@ mod tests {
     }
 
     #[test]
-    fn partial_sort_samples_what_the_full_sort_did() {
+    fn partial_sort_samples_what_the_full_sort_does() {
         let mut g = SplitMix64::new(9);
         for case in 0..200u64 {
             // Few distinct values, so ties straddle the top-k boundary.
@@ -271,7 +509,7 @@ mod tests {
                 let (mut a, mut b) = (SplitMix64::new(case), SplitMix64::new(case));
                 for _ in 0..5 {
                     assert_eq!(
-                        sample_token(&logits, 0.7, top_k, &mut a),
+                        sample_token(&logits, 0.7, top_k, 1.0, &mut a),
                         sample_by_full_sort(&logits, 0.7, top_k, &mut b),
                         "n {n}, top_k {top_k}"
                     );
