@@ -178,6 +178,12 @@ pub fn pack_lm(
             stream.len()
         )));
     }
+    tracing::info!(
+        "{} tokens packed into {} blocks of {block_size}; the last {} (less than a block) are not used",
+        stream.len(),
+        stream.len() / block_size,
+        stream.len() % block_size
+    );
     let items = stream
         .chunks_exact(block_size)
         .map(|c| EncodedItem {
