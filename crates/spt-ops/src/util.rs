@@ -254,6 +254,15 @@ pub(crate) fn read_tensor(t: &Tensor, frozen: bool) -> Tensor {
     }
 }
 
+/// Refuses a tracked tensor (a `Var`, or one an op recorded) among `named`: an op that
+/// computes no gradient for these inputs would otherwise drop theirs silently.
+pub(crate) fn check_frozen(op: &str, named: &[(&str, &Tensor)]) -> Result<()> {
+    match named.iter().find(|(_, t)| t.track_op()) {
+        Some((name, _)) => bail!("{op}: {name} must be frozen (it is tracked); train the adapters instead"),
+        None => Ok(()),
+    }
+}
+
 /// `Some(grad)` only if `input` needs a gradient: candle keeps every returned gradient until the
 /// end of backward, so frozen inputs get `None`.
 pub(crate) fn if_tracked(input: &Tensor, grad: Tensor) -> Option<Tensor> {

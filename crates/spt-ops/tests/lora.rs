@@ -340,6 +340,56 @@ fn fused_lora_linear_bad_shapes_are_named_errors() -> Result<()> {
     Ok(())
 }
 
+/// The op computes gradients for x, A and B only: a tracked W or bias (a `Var`, or a tensor an
+/// op recorded) is refused by name rather than left without its gradient (the check precedes
+/// the device dispatch, so the composed path off the CPU refuses the same).
+#[test]
+fn lora_linear_refuses_a_tracked_weight_or_bias() -> Result<()> {
+    for dt in [DType::F64, DType::F32] {
+        let t = |s: &[usize], seed| randn_f64(s, seed)?.to_dtype(dt);
+        let (x, w, bias) = (t(&[5, 4], 1)?, t(&[3, 4], 2)?, t(&[3], 3)?);
+        let a = Var::from_tensor(&t(&[2, 4], 4)?)?;
+        let bm = Var::from_tensor(&t(&[3, 2], 5)?)?;
+        let run =
+            |w: &Tensor, bias: &Tensor| lora_linear(&x, w, Some(bias), a.as_tensor(), bm.as_tensor(), 1.0);
+        // Frozen W and bias: fine, and A gets its gradient.
+        let g = run(&w, &bias)?.sum_all()?.backward()?;
+        assert!(g.get(a.as_tensor()).is_some(), "{dt:?}");
+        let w_var = Var::from_tensor(&w)?;
+        let e = run(w_var.as_tensor(), &bias)
+            .expect_err("tracked W accepted")
+            .to_string();
+        assert!(e.contains("w must be frozen"), "{dt:?}: {e}");
+        let bias_var = Var::from_tensor(&bias)?;
+        let e = run(&w, bias_var.as_tensor())
+            .expect_err("tracked bias accepted")
+            .to_string();
+        assert!(e.contains("bias must be frozen"), "{dt:?}: {e}");
+        // A view of a Var carries an op: tracked too.
+        let e = run(&w, &(bias_var.as_tensor() * 2.0)?)
+            .expect_err("recorded bias accepted")
+            .to_string();
+        assert!(e.contains("bias must be frozen"), "{dt:?}: {e}");
+        let heads = HeadsLayout {
+            input_heads: false,
+            output_heads: Some(1),
+        };
+        let e = lora_linear_heads(
+            &x.unsqueeze(0)?,
+            w_var.as_tensor(),
+            None,
+            a.as_tensor(),
+            bm.as_tensor(),
+            1.0,
+            heads,
+        )
+        .expect_err("tracked W accepted (heads)")
+        .to_string();
+        assert!(e.contains("w must be frozen"), "{dt:?}: {e}");
+    }
+    Ok(())
+}
+
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig { cases: 40, ..Default::default() })]
 

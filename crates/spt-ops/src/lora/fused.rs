@@ -14,7 +14,9 @@ use super::linear;
 use crate::blas::{column_blocks, gemm_into, inner_par, transpose, transpose_blocks, Mat, SendPtr};
 use crate::heads::{merge_heads, split_heads, RowLayout};
 use crate::simd::Vector;
-use crate::util::{check_float, check_same, contiguous, if_tracked, sum_partials, with_slices, Float};
+use crate::util::{
+    check_float, check_frozen, check_same, contiguous, if_tracked, sum_partials, with_slices, Float,
+};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -30,8 +32,10 @@ const ROWS_PER_TASK: usize = 256;
 const UNMERGED_ROWS: usize = 64;
 
 /// `x [.., in] Wᵀ + b + scale·(x Aᵀ) Bᵀ` for `W [out, in]`, `b [out]`, `A [r, in]`, `B [out, r]`,
-/// differentiable in x, A and B (W and b are frozen: they never get a gradient). On the CPU in
-/// f32/f64 one fused op; elsewhere the composed form, which gives the same values.
+/// differentiable in x, A and B. W and b must be frozen: a tracked one (a `Var`, or a tensor an
+/// op recorded) is an error, since the op computes no gradient for them (train a full weight
+/// with `linear`). On the CPU in f32/f64 one fused op; elsewhere the composed form, which gives
+/// the same values.
 pub fn lora_linear(
     x: &Tensor,
     w: &Tensor,
@@ -69,6 +73,11 @@ pub fn lora_linear_heads(
     let op = "lora_linear";
     check_float(op, "x", x)?;
     check_same(op, &[("x", x), ("w", w), ("a", a), ("b", b)])?;
+    // On every device, so that a model gets the same answer on the CPU and off it.
+    check_frozen(op, &[("w", w)])?;
+    if let Some(bias) = bias {
+        check_frozen(op, &[("bias", bias)])?;
+    }
     let (out, d_in) = match w.dims() {
         &[o, i] if o > 0 && i > 0 => (o, i),
         d => bail!("{op}: w is {d:?}, expected [out, in] with out, in ≥ 1"),
@@ -118,8 +127,8 @@ pub fn lora_linear_heads(
         };
     }
     let fused = FusedLora {
-        w: w.detach().contiguous()?,
-        bias: bias.map(|t| t.detach().contiguous()).transpose()?,
+        w: w.contiguous()?,
+        bias: bias.map(|t| t.contiguous()).transpose()?,
         dims: (out, d_in, r),
         scale,
         io: (input, output),

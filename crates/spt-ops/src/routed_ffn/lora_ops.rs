@@ -23,7 +23,7 @@ use super::router::Routing;
 use crate::activation::{ActScalar, Activation};
 use crate::blas::{row_major, transpose, transpose_blocks};
 use crate::lora::{merged_column_blocks, merged_into, merged_t, merged_t_blocks};
-use crate::util::{contiguous, with_slices, Float};
+use crate::util::{check_frozen, contiguous, with_slices, Float};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Error, Layout, Result, Shape, Tensor};
 use std::sync::{Arc, Mutex};
 
@@ -68,11 +68,10 @@ pub fn routed_lora_ffn(
         }
     }
     // The op computes no gradient for them (see `lora_linear` for trained weights).
-    for (name, w) in [("W1", base[0]), ("b1", base[1]), ("W2", base[2]), ("b2", base[3])] {
-        if w.track_op() {
-            bail!("{op}: {name} must be frozen (it is tracked); train the adapters instead");
-        }
-    }
+    check_frozen(
+        op,
+        &[("W1", base[0]), ("b1", base[1]), ("W2", base[2]), ("b2", base[3])],
+    )?;
     let names = ["x", "gates", "W1", "b1", "W2", "b2", "A1", "B1", "A2", "B2"];
     let [w1, b1, w2, b2] = base;
     let [a1, bb1, a2, bb2] = adapters;
