@@ -121,6 +121,72 @@ fn composed_path_equals_fused_ops() -> Result<()> {
     Ok(())
 }
 
+/// The composed functions are public and slice `w` by the `block` they are given: a block, a
+/// `d_out` or an addend kind other than the shapes imply is an error (it read other rows of `w`
+/// and returned a result of the wrong width), on both layouts; the right ones still run.
+#[test]
+fn composed_path_refuses_a_block_its_shapes_do_not_imply() -> Result<()> {
+    use spt_ops::routed_ffn::AddKind;
+    let (t, d, n, b, d_out) = (2, 3, 4, 2, 5);
+    let x = randn_f64(&[t, d], 1)?;
+    let w1 = randn_f64(&[n * b, d], 2)?;
+    let bias = randn_f64(&[n * b], 3)?;
+    let w2 = randn_f64(&[d_out, n * b], 4)?;
+    // Both tokens on block 0: one GEMM per block. Two blocks each: padded.
+    for (routing, padded) in [
+        (Routing::from_blocks(t, n, 1, vec![0, 0])?, false),
+        (Routing::from_blocks(t, n, 2, vec![0, 1, 2, 3])?, true),
+    ] {
+        let routing = Arc::new(routing);
+        assert_eq!(composed::uses_padding(&routing), padded);
+        let err = |r: Result<Tensor>| r.expect_err("wrong block accepted").to_string();
+        let h = composed::gather_matmul_act(&x, &w1, None, None, &routing, b)?;
+        assert_eq!(h.dims(), [routing.n_rows(), b]);
+        let e = err(composed::gather_matmul_act(&x, &w1, None, None, &routing, 3));
+        assert!(e.contains("block = 3") && e.contains("blocks of 2 rows"), "{e}");
+        let e = err(composed::gather_matmul_act(
+            &x,
+            &w1,
+            Some((&bias, AddKind::Base)),
+            None,
+            &routing,
+            b,
+        ));
+        assert!(e.contains("Bias") && e.contains("Base"), "{e}");
+        let e = err(composed::gather_matmul_act(
+            &x,
+            &randn_f64(&[n * b, 4], 5)?,
+            None,
+            None,
+            &routing,
+            b,
+        ));
+        assert!(e.contains("w is [8, 4]"), "{e}");
+        let gates = Tensor::ones(routing.n_rows(), DType::F64, &Device::Cpu)?;
+        let y = composed::scatter_matmul_bias(&h, &gates, &w2, None, &routing, b, d_out)?;
+        assert_eq!(y.dims(), [t, d_out]);
+        let e = err(composed::scatter_matmul_bias(
+            &h, &gates, &w2, None, &routing, 1, d_out,
+        ));
+        assert!(e.contains("block = 1"), "{e}");
+        let e = err(composed::scatter_matmul_bias(
+            &h, &gates, &w2, None, &routing, b, 4,
+        ));
+        assert!(e.contains("d_out = 4"), "{e}");
+        let e = err(composed::scatter_matmul_bias(
+            &h.narrow(1, 0, 1)?,
+            &gates,
+            &w2,
+            None,
+            &routing,
+            b,
+            d_out,
+        ));
+        assert!(e.contains("h is"), "{e}");
+    }
+    Ok(())
+}
+
 /// The row moves against candle's `index_select` / `index_add`, the adjoint identity
 /// ⟨sum_rows(y), z⟩ = ⟨y, gather_rows(z)⟩, and their backward through f64 finite differences.
 fn check_row_moves(t: usize, n: usize, k: usize, d: usize, seed: u64) -> Result<()> {

@@ -18,12 +18,12 @@
 //! arguments), so it would save no copy; for the balanced routings load balancing aims at, the
 //! padded batched GEMM is already a single launch per projection.
 
-use super::ops::AddKind;
+use super::ops::{gather_dims, scatter_dims, AddKind};
 use super::router::Routing;
 use super::rows::{gather_rows, move_rows, padded_rows, sum_rows, Move, RowMap};
 use crate::activation::Activation;
 use crate::lora::few_rows_matmul;
-use candle_core::{Result, Tensor};
+use candle_core::{bail, Result, Tensor};
 use std::sync::Arc;
 
 /// Padding may at most double the routed rows (`n_blocks · R_max ≤ 2R`).
@@ -81,8 +81,36 @@ fn scatter_matmul_padded(
     move_rows(&yp.reshape((n * rm, d_out))?, Move::Sum, RowMap::padded(routing)?)
 }
 
-/// `act(x[t] · W_eᵀ + add)` for every routed row, `[R, b]`: see `gather_matmul_act`.
+/// `act(x[t] · W_eᵀ + add)` for every routed row, `[R, b]`: see `gather_matmul_act`. The
+/// shapes are checked as there, and `block` and `add`'s kind must be the ones they imply: the
+/// GEMMs slice `w` by `block`, so another value would read other rows, silently.
 pub fn gather_matmul_act(
+    x: &Tensor,
+    w: &Tensor,
+    add: Option<(&Tensor, AddKind)>,
+    act: Option<Activation>,
+    routing: &Arc<Routing>,
+    block: usize,
+) -> Result<Tensor> {
+    let (b, kind) = gather_dims(x, w, add.map(|(a, _)| a), routing)?;
+    if block != b {
+        bail!(
+            "gather_matmul: block = {block}, but w {:?} over {} blocks has blocks of {b} rows",
+            w.dims(),
+            routing.n_blocks()
+        );
+    }
+    if let Some((a, given)) = add.filter(|(_, given)| *given != kind) {
+        bail!(
+            "gather_matmul: the addend {:?} is a {kind:?} here, but was passed as {given:?}",
+            a.dims()
+        );
+    }
+    gather_matmul_act_checked(x, w, add, act, routing, block)
+}
+
+/// [`gather_matmul_act`] for inputs already checked (`ops::gather_dims`).
+pub(crate) fn gather_matmul_act_checked(
     x: &Tensor,
     w: &Tensor,
     add: Option<(&Tensor, AddKind)>,
@@ -137,6 +165,8 @@ pub(crate) fn gather_matmul_act_per_block(
 }
 
 /// `y[t] = Σ_{rows r of t} gates[r] · h[r] · W_eᵀ (+ bias)`, `[T, d_out]`: see `scatter_matmul_bias`.
+/// The shapes are checked as there, and `block` and `d_out` must be the ones they imply (the
+/// GEMMs slice `w` and lay out `y` by them).
 pub fn scatter_matmul_bias(
     h: &Tensor,
     gates: &Tensor,
@@ -146,6 +176,15 @@ pub fn scatter_matmul_bias(
     block: usize,
     d_out: usize,
 ) -> Result<Tensor> {
+    let (b, o) = scatter_dims(h, gates, w, bias, routing)?;
+    if (block, d_out) != (b, o) {
+        bail!(
+            "scatter_matmul: block = {block}, d_out = {d_out}, but w {:?} over {} blocks has \
+             blocks of {b} columns and {o} outputs",
+            w.dims(),
+            routing.n_blocks()
+        );
+    }
     scatter_matmul_bias_with(h, gates, w, bias, routing, block, d_out, uses_padding(routing))
 }
 

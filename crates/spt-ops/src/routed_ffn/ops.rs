@@ -33,7 +33,12 @@ pub enum AddKind {
 }
 
 /// Validates `gather_matmul`'s inputs and returns the block size b and the addend's kind.
-fn gather_dims(x: &Tensor, w: &Tensor, add: Option<&Tensor>, routing: &Routing) -> Result<(usize, AddKind)> {
+pub(super) fn gather_dims(
+    x: &Tensor,
+    w: &Tensor,
+    add: Option<&Tensor>,
+    routing: &Routing,
+) -> Result<(usize, AddKind)> {
     let op = "gather_matmul";
     check_float(op, "x", x)?;
     check_same(op, &[("x", x), ("w", w)])?;
@@ -95,7 +100,7 @@ pub fn gather_matmul_act(
 ) -> Result<Tensor> {
     let (block, add_kind) = gather_dims(x, w, add, routing)?;
     if composed::needs_composed(x) {
-        return composed::gather_matmul_act(x, w, add.map(|a| (a, add_kind)), act, routing, block);
+        return composed::gather_matmul_act_checked(x, w, add.map(|a| (a, add_kind)), act, routing, block);
     }
     let op = GatherMatmul {
         routing: routing.clone(),
@@ -297,22 +302,14 @@ impl CustomOp3 for GatherMatmul {
     }
 }
 
-/// Grouped "scatter-out" GEMM: `y[t] = Σ_{routed rows r of t} gates[r] · h[r] · W_eᵀ`, where `W_e`
-/// is columns `[e·b, (e+1)·b)` of `w` (`[d_out, n·b]`, read in place). Returns `[T, d_out]`.
-/// Differentiable in `h`, `gates` and `w`.
-pub fn scatter_matmul(h: &Tensor, gates: &Tensor, w: &Tensor, routing: &Arc<Routing>) -> Result<Tensor> {
-    scatter_matmul_bias(h, gates, w, None, routing)
-}
-
-/// [`scatter_matmul`] `+ bias` (`[d_out]`). A frozen (untracked) bias is added inside the kernel
-/// (no extra graph node); a trainable one through a differentiable broadcast add.
-pub fn scatter_matmul_bias(
+/// Validates `scatter_matmul`'s inputs and returns the block size b and `d_out`.
+pub(super) fn scatter_dims(
     h: &Tensor,
     gates: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
-    routing: &Arc<Routing>,
-) -> Result<Tensor> {
+    routing: &Routing,
+) -> Result<(usize, usize)> {
     let op = "scatter_matmul";
     check_float(op, "h", h)?;
     check_same(op, &[("h", h), ("gates", gates), ("w", w)])?;
@@ -341,8 +338,37 @@ pub fn scatter_matmul_bias(
             bail!("{op}: bias is {:?}, expected [d_out] = [{d_out}]", bias.dims());
         }
     }
+    Ok((block, d_out))
+}
+
+/// Grouped "scatter-out" GEMM: `y[t] = Σ_{routed rows r of t} gates[r] · h[r] · W_eᵀ`, where `W_e`
+/// is columns `[e·b, (e+1)·b)` of `w` (`[d_out, n·b]`, read in place). Returns `[T, d_out]`.
+/// Differentiable in `h`, `gates` and `w`.
+pub fn scatter_matmul(h: &Tensor, gates: &Tensor, w: &Tensor, routing: &Arc<Routing>) -> Result<Tensor> {
+    scatter_matmul_bias(h, gates, w, None, routing)
+}
+
+/// [`scatter_matmul`] `+ bias` (`[d_out]`). A frozen (untracked) bias is added inside the kernel
+/// (no extra graph node); a trainable one through a differentiable broadcast add.
+pub fn scatter_matmul_bias(
+    h: &Tensor,
+    gates: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    routing: &Arc<Routing>,
+) -> Result<Tensor> {
+    let (block, d_out) = scatter_dims(h, gates, w, bias, routing)?;
     if composed::needs_composed(h) {
-        return composed::scatter_matmul_bias(h, gates, w, bias, routing, block, d_out);
+        return composed::scatter_matmul_bias_with(
+            h,
+            gates,
+            w,
+            bias,
+            routing,
+            block,
+            d_out,
+            composed::uses_padding(routing),
+        );
     }
     let const_bias = match bias {
         Some(b) if !b.track_op() => Some(b.contiguous()?),
