@@ -344,3 +344,46 @@ fn linear_correction_adds_a_fitted_linear_term_for_tokens_that_skip_blocks() -> 
     );
     Ok(())
 }
+
+/// The correction's values are checked where they come in: a non-finite correction (set by
+/// hand or restored) would turn every token that skips a block into NaN, and an infinite ridge
+/// fits an all-zero correction (every Cholesky pivot infinite). Both are refused, by name, and
+/// leave the fitted correction as it was.
+#[test]
+fn linear_correction_refuses_non_finite_values_and_an_infinite_ridge() -> Result<()> {
+    let (n, b, k, d) = (4usize, 4usize, 1usize, 8usize);
+    let ([w1, b1, w2, b2], x) = planted(d, n, b, 64, 91)?;
+    let cfg = RoutedFfnConfig {
+        correction: true,
+        ..RoutedFfnConfig::new(n, BlockTopK::Count(k))
+    };
+    let mut layer = RoutedFfn::new(&w1, &b1, &w2, &b2, Activation::GeluErf, cfg)?;
+    layer.fit_correction(&x, 0.1)?;
+    let fitted = layer.correction().unwrap().clone();
+    assert!(fitted.abs()?.max_all()?.to_scalar::<f32>()? > 0.0);
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut c = fitted.flatten_all()?.to_vec1::<f32>()?;
+        c[5] = bad;
+        let c = Tensor::from_vec(c, (d + 1, d), &Device::Cpu)?;
+        let e = layer.set_correction(&c).unwrap_err().to_string();
+        assert!(
+            e.contains("linear correction") && e.contains("non-finite"),
+            "{bad}: {e}"
+        );
+        assert!(layer.check_correction(&c).is_err(), "{bad}");
+        assert_close("kept", layer.correction().unwrap(), &fitted, 0.0)?;
+    }
+    for ridge in [f64::INFINITY, f64::NAN, -1.0] {
+        let e = layer.fit_correction(&x, ridge).unwrap_err().to_string();
+        assert!(e.contains("finite ridge > 0"), "{ridge}: {e}");
+        assert_close("kept", layer.correction().unwrap(), &fitted, 0.0)?;
+    }
+    assert!(layer
+        .forward_t(&x, false)?
+        .y
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()?
+        .is_finite());
+    Ok(())
+}

@@ -305,7 +305,7 @@ impl RoutedFfn {
         })
     }
 
-    /// Fits the linear correction to what the current routing (router, gates, LoRA) misses of the dense FFN on the sample tokens. `ridge` is relative to the mean
+    /// Fits the linear correction to what the current routing (router, gates, LoRA) misses of the dense FFN on the sample tokens. `ridge` (finite, > 0) is relative to the mean
     /// diagonal of the weighted `[x, 1]ᵀ[x, 1]`. Does nothing without
     /// [`correction`](super::RoutedFfnConfig::correction).
     pub fn fit_correction(&mut self, sample: &Tensor, ridge: f64) -> Result<()> {
@@ -323,8 +323,9 @@ impl RoutedFfn {
         if self.correction.is_none() {
             return Ok(());
         }
-        if ridge.is_nan() || ridge <= 0.0 {
-            bail!("routed_ffn: the correction fit needs ridge > 0, got {ridge}");
+        // An infinite ridge makes every Cholesky pivot infinite: an all-zero fit, silently.
+        if !(ridge.is_finite() && ridge > 0.0) {
+            bail!("routed_ffn: the correction fit needs a finite ridge > 0, got {ridge}");
         }
         let (s, d) = (x2.dim(0)?, self.d_model());
         let dt = self.w1.dtype();

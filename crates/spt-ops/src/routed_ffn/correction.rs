@@ -11,7 +11,7 @@
 //! It is fitted by [`RoutedFfn::fit_correction`] (`calibrate.rs`).
 
 use super::RoutedFfn;
-use candle_core::{bail, Result, Tensor};
+use candle_core::{bail, DType, Result, Tensor};
 
 impl RoutedFfn {
     /// The linear correction `[d+1, d]` (input rows, then the bias row), if configured
@@ -20,12 +20,13 @@ impl RoutedFfn {
         self.correction.as_ref()
     }
 
-    /// Sets the linear correction (e.g. restored from a checkpoint): `[d+1, d]`.
-    pub fn set_correction(&mut self, c: &Tensor) -> Result<()> {
+    /// Whether `c` can be this layer's linear correction: the layer has one, `c` is `[d+1, d]`
+    /// and finite (a NaN or infinity would reach the output of every token that skips a block).
+    pub fn check_correction(&self, c: &Tensor) -> Result<()> {
         let d = self.d_model();
-        let Some(cur) = &mut self.correction else {
+        if self.correction.is_none() {
             bail!("routed_ffn: a linear correction given, but the layer is configured without one");
-        };
+        }
         if c.dims() != [d + 1, d] {
             bail!(
                 "routed_ffn: the linear correction is {:?}, expected [d+1, d] = [{}, {d}]",
@@ -33,6 +34,23 @@ impl RoutedFfn {
                 d + 1
             );
         }
+        // c − c is 0 where c is finite and NaN elsewhere: one reduction, no overflow.
+        let bad = c.sub(c)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if bad != 0.0 {
+            bail!(
+                "routed_ffn: the linear correction {:?} holds a non-finite value (NaN or ±inf)",
+                c.dims()
+            );
+        }
+        Ok(())
+    }
+
+    /// Sets the linear correction (e.g. restored from a checkpoint): `[d+1, d]`, finite.
+    pub fn set_correction(&mut self, c: &Tensor) -> Result<()> {
+        self.check_correction(c)?;
+        let Some(cur) = &mut self.correction else {
+            bail!("routed_ffn: a linear correction given, but the layer is configured without one");
+        };
         *cur = c
             .detach()
             .to_dtype(self.w1.dtype())?
