@@ -29,7 +29,8 @@ pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
             .transpose(1, 2)?
             .contiguous();
     }
-    let x = if x.stride()[2] == 1 {
+    // A size-1 dimension's stride is never stepped (candle's is_contiguous ignores it too).
+    let x = if hd == 1 || x.stride()[2] == 1 {
         x.clone()
     } else {
         x.contiguous()?
@@ -178,7 +179,7 @@ impl CustomOp1 for Heads {
         let (start, st) = (l.start_offset(), l.stride());
         // Rows of H·d contiguous values at any row stride (split), or a contiguous input (merge).
         let rows_ok = match self.dir {
-            Dir::Split => st[2] == 1,
+            Dir::Split => st[2] == 1 || l.dims()[2] == 1,
             Dir::Merge => l.is_contiguous(),
         };
         if !rows_ok {
@@ -340,6 +341,29 @@ mod tests {
         assert_eq!(
             g1.flatten_all()?.to_vec1::<f32>()?,
             g2.flatten_all()?.to_vec1::<f32>()?
+        );
+        Ok(())
+    }
+
+    /// A width of 1 never steps its stride: a transposed `[B, 1, L]` is a contiguous `[B, L, 1]`
+    /// whose last stride is L, and splits (and back-propagates) like its copy.
+    #[test]
+    fn a_size_one_width_with_any_stride_splits_like_its_copy() -> Result<()> {
+        let src = Var::from_tensor(&Tensor::arange(0f32, 6., &Device::Cpu)?.reshape((2, 1, 3))?)?;
+        let x = src.as_tensor().transpose(1, 2)?; // [2, 3, 1], strides [3, 1, 3]
+        assert!(x.is_contiguous() && x.stride()[2] != 1);
+        let ours = split_heads(&x, 1)?;
+        let theirs = composed_split(&x.contiguous()?, 1)?;
+        assert_eq!(ours.dims(), [2, 1, 3, 1]);
+        assert_eq!(
+            ours.flatten_all()?.to_vec1::<f32>()?,
+            theirs.flatten_all()?.to_vec1::<f32>()?
+        );
+        let w = Tensor::arange(1f32, 7., &Device::Cpu)?.reshape((2, 1, 3, 1))?;
+        let g = ours.mul(&w)?.sum_all()?.backward()?;
+        assert_eq!(
+            g.get(src.as_tensor()).unwrap().flatten_all()?.to_vec1::<f32>()?,
+            [1., 2., 3., 4., 5., 6.]
         );
         Ok(())
     }
