@@ -9,10 +9,15 @@
 //! | name                    | tensor                                   |
 //! |-------------------------|------------------------------------------|
 //! | `pq_codebook.layer.N`   | centroids `[G, S, C, d_codeword]` (f32)  |
+//! | `pq_counts.layer.N`     | the codebook's mini-batch counts `[G, S, C]` (f32) |
 //! | `ffn_unit_order.layer.N`| hidden unit order `[d_ff]` (u32)         |
 //! | `ffn_correction.layer.N`| linear correction `[d + 1, d]`           |
 //!
-//! A buffer of an option that was removed (`ffn_skip_bias.layer.N`) is refused by name.
+//! `pq_counts` came later: a checkpoint without them still loads, with counts of 0 (the first
+//! mini-batch refresh then moves each codeword that gets keys to their mean; see
+//! `spt_ops::pq::Refresh::MiniBatch`). An EMA refresh does not read them. Counts load only with
+//! their layer's codebook. A buffer of an option that was removed (`ffn_skip_bias.layer.N`) is
+//! refused by name.
 
 use crate::attention::{AttentionCore, KeyGrouping, SparseAttention};
 use crate::error::{ModelError, Result};
@@ -28,10 +33,17 @@ pub enum BufferKind {
     FfnUnitOrder,
     FfnCorrection,
     PqCodebook,
+    /// A codebook's mini-batch k-means counts, installed with it.
+    PqCounts,
 }
 
 impl BufferKind {
-    pub const ALL: [BufferKind; 3] = [Self::FfnUnitOrder, Self::FfnCorrection, Self::PqCodebook];
+    pub const ALL: [BufferKind; 4] = [
+        Self::FfnUnitOrder,
+        Self::FfnCorrection,
+        Self::PqCodebook,
+        Self::PqCounts,
+    ];
 
     /// The name's prefix, e.g. `pq_codebook.layer.`.
     pub fn prefix(self) -> &'static str {
@@ -39,6 +51,7 @@ impl BufferKind {
             Self::FfnUnitOrder => "ffn_unit_order.layer.",
             Self::FfnCorrection => "ffn_correction.layer.",
             Self::PqCodebook => "pq_codebook.layer.",
+            Self::PqCounts => "pq_counts.layer.",
         }
     }
 
@@ -111,6 +124,11 @@ pub fn named_buffers<M: SptModel + ?Sized>(m: &mut M) -> Result<Vec<(String, Ten
                 BufferKind::PqCodebook.name(i),
                 s.codebook.to_tensor(&Device::Cpu)?,
             ));
+            // A resumed run's mini-batch refreshes step as the uninterrupted run's only with these.
+            out.push((
+                BufferKind::PqCounts.name(i),
+                s.codebook.counts_tensor(&Device::Cpu)?,
+            ));
         }
     }
     Ok(out)
@@ -144,7 +162,7 @@ pub fn load_buffers<M: SptModel + ?Sized>(
                 ),
             ));
         }
-        if kind == BufferKind::PqCodebook && attention.is_none() {
+        if matches!(kind, BufferKind::PqCodebook | BufferKind::PqCounts) && attention.is_none() {
             return Err(bad_buffer(
                 name,
                 "a PQ codebook, but no sparse attention was asked for".into(),
@@ -152,6 +170,33 @@ pub fn load_buffers<M: SptModel + ?Sized>(
         }
         let checked = check_fits_layer(m, kind, layer, name, t)?;
         parsed.push((kind, layer, name.as_str(), checked));
+    }
+    // Counts go into their layer's codebook here, so that they are checked against it before
+    // anything is installed.
+    let counts: Vec<(usize, &str, &Tensor)> = parsed
+        .iter()
+        .filter_map(|(_, layer, name, c)| match c {
+            Checked::Counts(t) => Some((*layer, *name, *t)),
+            _ => None,
+        })
+        .collect();
+    for (layer, name, t) in counts {
+        let codebook = parsed.iter_mut().find_map(|(_, l, _, c)| match c {
+            Checked::Codebook(cb) if *l == layer => Some(cb),
+            _ => None,
+        });
+        let Some(codebook) = codebook else {
+            return Err(bad_buffer(
+                name,
+                format!(
+                    "PQ counts without their codebook `{}` (they count its codewords)",
+                    BufferKind::PqCodebook.name(layer)
+                ),
+            ));
+        };
+        codebook
+            .set_counts(t)
+            .map_err(|e| bad_buffer(name, e.to_string()))?;
     }
     parsed.sort_by_key(|(kind, layer, _, _)| (*kind, *layer));
     let n = parsed.len();
@@ -169,8 +214,8 @@ pub fn load_buffers<M: SptModel + ?Sized>(
                     grouping,
                 });
             }
-            // Refused in the first pass.
-            (Checked::Codebook(_), None) => {}
+            // Refused in the first pass; counts went into their codebook above.
+            (Checked::Codebook(_), None) | (Checked::Counts(_), _) => {}
         }
     }
     Ok(n)
@@ -181,11 +226,13 @@ enum Checked<'a> {
     UnitOrder(Vec<u32>),
     Correction(&'a Tensor),
     Codebook(Codebook),
+    Counts(&'a Tensor),
 }
 
 /// Whether buffer `name` (`kind` of layer `layer`) fits that layer: a unit order is a
-/// permutation of its FFN's hidden units, a correction is `[d + 1, d]`, a codebook quantises its
-/// head width with one group or one per head. Checked for every buffer before any is applied.
+/// permutation of its FFN's hidden units, a correction is `[d + 1, d]` and finite, a codebook
+/// quantises its head width with one group or one per head (counts are checked against their
+/// codebook by the caller). Checked for every buffer before any is applied.
 fn check_fits_layer<'a, M: SptModel + ?Sized>(
     m: &mut M,
     kind: BufferKind,
@@ -218,15 +265,20 @@ fn check_fits_layer<'a, M: SptModel + ?Sized>(
             Checked::UnitOrder(order)
         }
         BufferKind::FfnCorrection => {
-            let d = routed_ffn(m, layer, name)?.fc1.in_features();
+            let ffn = routed_ffn(m, layer, name)?;
+            let d = ffn.fc1.in_features();
             if t.dims() != [d + 1, d] {
                 return Err(bad_buffer(
                     name,
                     format!("is {:?}, expected [{}, {d}] (d + 1 rows of d)", t.dims(), d + 1),
                 ));
             }
+            // Values too (a NaN would reach every token that skips a block), before any is set.
+            ffn.check_correction(t)
+                .map_err(|e| bad_buffer(name, e.to_string()))?;
             Checked::Correction(t)
         }
+        BufferKind::PqCounts => Checked::Counts(t),
         BufferKind::PqCodebook => {
             let cb = Codebook::from_tensor(t).map_err(|e| bad_buffer(name, e.to_string()))?;
             let slots = m

@@ -215,8 +215,17 @@ fn pq_codebooks_round_trip_without_calibration() -> Result<()> {
     )?;
     let books = a.named_buffers()?;
     let names: Vec<&str> = books.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["pq_codebook.layer.0", "pq_codebook.layer.1"]);
+    assert_eq!(
+        names,
+        [
+            "pq_codebook.layer.0",
+            "pq_counts.layer.0",
+            "pq_codebook.layer.1",
+            "pq_counts.layer.1"
+        ]
+    );
     assert_eq!(books[0].1.dims(), [1, 4, 8, 4]);
+    assert_eq!(books[1].1.dims(), [1, 4, 8]);
     let (mut b, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
     // Codebooks need the attention settings to install; without them they are refused by name.
     let err = b.load_buffers(&books, None).unwrap_err().to_string();
@@ -232,7 +241,7 @@ fn pq_codebooks_round_trip_without_calibration() -> Result<()> {
     }
     assert_eq!(
         b.load_buffers(&books, Some((KeyTopK::Count(5), Default::default())))?,
-        2
+        4
     );
     let (la, lb) = (
         a.forward_t(ids, Some(mask), false)?,
@@ -267,11 +276,97 @@ fn codebooks_refresh_on_new_batches() -> Result<()> {
     let refreshed = m.refresh_codebooks(&batch, spt_models::pq::Refresh::Ema { decay: 0.5 })?;
     assert_eq!(refreshed, 2);
     let after = m.named_buffers()?;
-    for ((_, a), (_, b)) in before.iter().zip(&after) {
+    let books = |v: &[(String, Tensor)]| -> Vec<Tensor> {
+        v.iter()
+            .filter(|(n, _)| n.starts_with("pq_codebook."))
+            .map(|(_, t)| t.clone())
+            .collect()
+    };
+    let (before, after) = (books(&before), books(&after));
+    assert_eq!(before.len(), 2);
+    for (a, b) in before.iter().zip(&after) {
         assert!(max_abs(a, b)? > 1e-6, "codebook did not move");
     }
     let logits = m.forward_t(ids, Some(mask), false)?;
     assert!(spt_ops::gradcheck::max_abs(&logits)?.is_finite());
+    Ok(())
+}
+
+/// A checkpoint keeps each codebook's mini-batch counts (`pq_counts.layer.N`): a model restored
+/// from `named_buffers` refreshes by mini-batch k-means exactly as the original, where the
+/// codebooks alone (an older checkpoint, which still loads) would restart the counts at 0 and
+/// move each codeword to the batch mean. Counts without their codebook, or of another shape,
+/// are refused by name.
+#[test]
+fn minibatch_refresh_after_restoring_buffers_equals_the_original() -> Result<()> {
+    use spt_models::pq::Refresh;
+    let exp = expected("tiny-gpt2")?;
+    let (ids, mask) = (&exp["input_ids"], &exp["attention_mask"]);
+    let settings = Some((KeyTopK::Count(5), KeyGrouping::PerQuery));
+    let (mut a, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
+    sparsify(
+        &mut a,
+        &attention_only(KeyTopK::Count(5)),
+        &[CalibrationBatch::new(ids.clone(), Some(mask.clone()))],
+    )?;
+    let mut rng = StdRng::seed_from_u64(5);
+    let mut batch = || -> Result<CalibrationBatch> {
+        let v: Vec<u32> = (0..2 * 30).map(|_| rng.random_range(0..1000)).collect();
+        Ok(CalibrationBatch::new(
+            Tensor::from_vec(v, (2, 30), &Device::Cpu)?,
+            None,
+        ))
+    };
+    let (b1, b2) = (batch()?, batch()?);
+    a.refresh_codebooks(&b1, Refresh::MiniBatch)?;
+    let saved = a.named_buffers()?;
+    let fresh = || GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen()).map(|m| m.0);
+    let mut restored = fresh()?;
+    assert_eq!(restored.load_buffers(&saved, settings)?, 4);
+    let old_format: Vec<_> = saved
+        .iter()
+        .filter(|(n, _)| n.starts_with("pq_codebook."))
+        .cloned()
+        .collect();
+    let mut countless = fresh()?;
+    assert_eq!(countless.load_buffers(&old_format, settings)?, 2);
+    for m in [&mut a, &mut restored, &mut countless] {
+        assert_eq!(m.refresh_codebooks(&b2, Refresh::MiniBatch)?, 2);
+    }
+    let (wa, wr, wc) = (
+        a.named_buffers()?,
+        restored.named_buffers()?,
+        countless.named_buffers()?,
+    );
+    assert_eq!(wa.len(), 4);
+    for (((name, x), (_, y)), (_, z)) in wa.iter().zip(&wr).zip(&wc) {
+        assert_eq!(
+            max_abs(x, y)?,
+            0.0,
+            "{name}: the restored model refreshed differently"
+        );
+        if name.starts_with("pq_codebook.") {
+            assert!(max_abs(x, z)? > 1e-3, "{name}: the counts made no difference");
+        }
+    }
+    // Counts go with their codebook and its shape.
+    let counts: Vec<_> = saved
+        .iter()
+        .filter(|(n, _)| n.starts_with("pq_counts."))
+        .cloned()
+        .collect();
+    let e = fresh()?.load_buffers(&counts, settings).unwrap_err().to_string();
+    assert!(
+        e.contains("`pq_counts.layer.0`") && e.contains("pq_codebook.layer.0"),
+        "{e}"
+    );
+    let mut wrong = saved.clone();
+    wrong[1].1 = Tensor::zeros((1, 4, 7), DType::F32, &Device::Cpu)?;
+    let e = fresh()?.load_buffers(&wrong, settings).unwrap_err().to_string();
+    assert!(
+        e.contains("`pq_counts.layer.0`") && e.contains("expected [G, S, C]"),
+        "{e}"
+    );
     Ok(())
 }
 

@@ -110,6 +110,89 @@ fn refresh_moves_codewords_toward_new_keys() -> Result<()> {
     Ok(())
 }
 
+/// Mini-batch k-means continues from the fit: each codeword's count starts at its cluster's
+/// size (the keys that encode to it), so the first refresh moves a codeword to the mean of its
+/// fitted and new keys, `(n₀·c + Σ new)/(n₀ + n)`, not all the way to the new keys' mean. The
+/// counts round-trip (`counts_tensor` / `set_counts`), so a codebook restored with them
+/// refreshes exactly as the original; restored without them it does not.
+#[test]
+fn minibatch_refresh_continues_from_the_fit_and_its_saved_counts() -> Result<()> {
+    let (h, l, s, c) = (2, 64, 2, 4);
+    let keys = |seed| uniform(&[1, h, l, 8], 1.0, seed, DType::F32);
+    let (k0, k1, k2) = (keys(1)?, keys(2)?, (keys(3)? + 0.5)?);
+    let config = PqConfig {
+        kmeans_iters: 50,
+        ..cfg(s, c, 1)
+    };
+    let mut a = Codebook::fit(&k0, &config)?;
+    let dc = a.d_codeword();
+    let codes_of =
+        |cb: &Codebook, k: &Tensor| -> Result<Vec<u8>> { cb.encode(k)?.flatten_all()?.to_vec1::<u8>() };
+    // The counts are the fit's cluster sizes: a histogram of the fitted keys' codes.
+    let counts = a.counts_tensor(&Device::Cpu)?;
+    assert_eq!(counts.dims(), [1, s, c]);
+    let counts = counts.flatten_all()?.to_vec1::<f32>()?;
+    let mut hist = vec![0f32; s * c];
+    for (i, &code) in codes_of(&a, &k0)?.iter().enumerate() {
+        hist[(i % s) * c + code as usize] += 1.0;
+    }
+    assert_eq!(counts, hist);
+    // The first refresh: each codeword at the running mean of its fitted and new keys.
+    let before = a.to_tensor(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+    let (new, codes) = (k1.flatten_all()?.to_vec1::<f32>()?, codes_of(&a, &k1)?);
+    let (mut sums, mut n) = (vec![0f64; s * c * dc], vec![0f64; s * c]);
+    for (i, &code) in codes.iter().enumerate() {
+        let (row, si) = (i / s, i % s);
+        let slot = si * c + code as usize;
+        n[slot] += 1.0;
+        for t in 0..dc {
+            sums[slot * dc + t] += new[row * s * dc + si * dc + t] as f64;
+        }
+    }
+    a.refresh(&k1, Refresh::MiniBatch)?;
+    let after = a.to_tensor(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut moved = 0;
+    for slot in 0..s * c {
+        let n0 = counts[slot] as f64;
+        for t in 0..dc {
+            let i = slot * dc + t;
+            let want = (n0 * before[i] as f64 + sums[i]) / (n0 + n[slot]);
+            assert!(
+                (after[i] as f64 - want).abs() < 1e-5,
+                "slot {slot}: {} vs {want}",
+                after[i]
+            );
+            moved += usize::from(n[slot] > 0.0 && n0 > 0.0);
+        }
+    }
+    assert!(moved > 0, "no codeword had both fitted and new keys");
+    // Restored with its counts, a codebook refreshes as the original; without, it does not.
+    let centroids = a.to_tensor(&Device::Cpu)?;
+    let mut restored = Codebook::from_tensor(&centroids)?;
+    restored.set_counts(&a.counts_tensor(&Device::Cpu)?)?;
+    let mut countless = Codebook::from_tensor(&centroids)?;
+    for cb in [&mut a, &mut restored, &mut countless] {
+        cb.refresh(&k2, Refresh::MiniBatch)?;
+    }
+    let t = |cb: &Codebook| cb.to_tensor(&Device::Cpu);
+    assert_eq!(spt_ops::gradcheck::max_abs_diff(&t(&a)?, &t(&restored)?)?, 0.0);
+    assert!(spt_ops::gradcheck::max_abs_diff(&t(&a)?, &t(&countless)?)? > 1e-3);
+    // Counts of another shape, negative or non-finite ones are refused by name.
+    let mut cb = Codebook::from_tensor(&centroids)?;
+    for (bad, says) in [
+        (
+            Tensor::zeros((1, s, c + 1), DType::F32, &Device::Cpu)?,
+            "expected [G, S, C]",
+        ),
+        (Tensor::full(-1f32, (1, s, c), &Device::Cpu)?, "≥ 0"),
+        (Tensor::full(f32::NAN, (1, s, c), &Device::Cpu)?, "non-finite"),
+    ] {
+        let e = cb.set_counts(&bad).unwrap_err().to_string();
+        assert!(e.contains("counts") && e.contains(says), "{e}");
+    }
+    Ok(())
+}
+
 #[test]
 fn no_gradient_reaches_keys_unless_asked() -> Result<()> {
     let k = Var::from_tensor(&uniform(&[1, 1, 20, 4], 1.0, 1, DType::F32)?)?;

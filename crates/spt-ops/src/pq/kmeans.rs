@@ -105,3 +105,13 @@ pub(crate) fn kmeans(points: &[f32], dim: usize, k: usize, iters: usize, rng: &m
     }
     cent
 }
+
+/// How many of the `points` are nearest to each of the `centroids` (ties to the lowest index):
+/// the cluster sizes, which mini-batch k-means continues from.
+pub(crate) fn cluster_sizes(points: &[f32], dim: usize, centroids: &[f32]) -> Vec<usize> {
+    let mut sizes = vec![0usize; centroids.len() / dim.max(1)];
+    for x in points.chunks_exact(dim) {
+        sizes[nearest(x, centroids, dim)] += 1;
+    }
+    sizes
+}

@@ -65,7 +65,12 @@ pub enum Refresh {
     /// `c ← decay·c + (1 − decay)·mean(assigned keys)`.
     Ema { decay: f32 },
     /// Mini-batch k-means: each codeword moves by `n_new / n_seen_total` toward the mean of its
-    /// newly assigned keys.
+    /// newly assigned keys. `n_seen_total` counts the keys each codeword was fitted on
+    /// ([`Codebook::fit`]: its k-means cluster) and those of every earlier mini-batch refresh.
+    /// A codebook from [`Codebook::from_tensor`] has no counts until
+    /// [`Codebook::set_counts`] restores them (spt-models saves them beside the centroids);
+    /// without them its first refresh moves each codeword that gets keys all the way to their
+    /// mean, as a new mini-batch k-means would.
     MiniBatch,
 }
 
@@ -127,7 +132,8 @@ pub struct Codebook {
     n_subspaces: usize,
     n_codewords: usize,
     d_codeword: usize,
-    /// Keys assigned to each codeword so far (mini-batch k-means step sizes).
+    /// Keys assigned to each codeword so far, `[G, S, C]` (mini-batch k-means step sizes):
+    /// the fit's cluster sizes plus every mini-batch refresh.
     seen: Vec<f32>,
 }
 
@@ -177,7 +183,8 @@ fn finite(op: &str, what: &str, data: &[f32]) -> Result<()> {
 
 impl Codebook {
     /// Fits a codebook to key vectors `[B, H, L, d]` by k-means++ and Lloyd iterations on up to
-    /// `cfg.max_samples` sampled keys per group. Deterministic under `cfg.seed`.
+    /// `cfg.max_samples` sampled keys per group. Deterministic under `cfg.seed`. Each codeword's
+    /// count ([`Refresh::MiniBatch`]) starts at its cluster's size: the sampled keys nearest it.
     pub fn fit(keys: &Tensor, cfg: &PqConfig) -> Result<Self> {
         let (data, [b, h, l, d]) = host_keys("Codebook::fit", keys)?;
         let (s, c) = (cfg.n_subspaces, cfg.n_codewords);
@@ -205,6 +212,7 @@ impl Codebook {
         let dc = d / s;
         let groups = if cfg.per_head { h } else { 1 };
         let mut centroids = vec![0f32; groups * s * c * dc];
+        let mut seen = vec![0f32; groups * s * c];
         let mut rng = StdRng::seed_from_u64(cfg.seed);
         for g in 0..groups {
             // Rows (b, h, l) belonging to this group, sampled without replacement.
@@ -229,9 +237,15 @@ impl Codebook {
                 let cen = kmeans::kmeans(&pts, dc, c, cfg.kmeans_iters, &mut rng);
                 let off = ((g * s) + si) * c * dc;
                 centroids[off..off + c * dc].copy_from_slice(&cen);
+                // Without them the first mini-batch refresh would weigh its keys fully, as if
+                // the fit had seen none.
+                let sizes = kmeans::cluster_sizes(&pts, dc, &cen);
+                let off = ((g * s) + si) * c;
+                for (n, size) in seen[off..off + c].iter_mut().zip(sizes) {
+                    *n = size as f32;
+                }
             }
         }
-        let seen = vec![0f32; groups * s * c];
         Ok(Self {
             centroids,
             groups,
@@ -242,7 +256,9 @@ impl Codebook {
         })
     }
 
-    /// A codebook from centroids `[S, C, d_codeword]` or `[H, S, C, d_codeword]`.
+    /// A codebook from centroids `[S, C, d_codeword]` or `[H, S, C, d_codeword]`. Its
+    /// mini-batch counts are 0 (see [`Refresh::MiniBatch`]); [`Codebook::set_counts`] restores
+    /// saved ones.
     pub fn from_tensor(centroids: &Tensor) -> Result<Self> {
         let (groups, s, c, dc) = match *centroids.dims() {
             [s, c, dc] => (1, s, c, dc),
@@ -277,6 +293,39 @@ impl Codebook {
             (self.groups, self.n_subspaces, self.n_codewords, self.d_codeword),
             dev,
         )
+    }
+
+    /// The mini-batch k-means counts as a tensor `[G, S, C]` (f32): the keys each codeword has
+    /// been fitted on and refreshed with (see [`Refresh::MiniBatch`]), for checkpoints.
+    pub fn counts_tensor(&self, dev: &Device) -> Result<Tensor> {
+        Tensor::from_vec(
+            self.seen.clone(),
+            (self.groups, self.n_subspaces, self.n_codewords),
+            dev,
+        )
+    }
+
+    /// Restores counts saved by [`Codebook::counts_tensor`]: `[G, S, C]` (this codebook's
+    /// shape), finite and ≥ 0, so that a resumed run's mini-batch refreshes step as the
+    /// uninterrupted run's do.
+    pub fn set_counts(&mut self, counts: &Tensor) -> Result<()> {
+        let want = [self.groups, self.n_subspaces, self.n_codewords];
+        if counts.dims() != want {
+            bail!(
+                "Codebook::set_counts: counts are {:?}, expected [G, S, C] = {want:?} for this codebook",
+                counts.dims()
+            );
+        }
+        let v = counts.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        finite("Codebook::set_counts", "counts", &v)?;
+        if let Some(i) = v.iter().position(|&n| n < 0.0) {
+            bail!(
+                "Codebook::set_counts: counts hold {} at flat index {i}; a count of keys is ≥ 0",
+                v[i]
+            );
+        }
+        self.seen = v;
+        Ok(())
     }
 
     pub fn n_subspaces(&self) -> usize {
