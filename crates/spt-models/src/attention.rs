@@ -132,9 +132,9 @@ impl DenseAttention {
         scale: f64,
         train: bool,
     ) -> Result<Tensor> {
-        let dropout_on = train && self.dropout.p > 0.0;
+        let dropout_on = self.dropout.is_active(train)?;
         if mask.rows_nonempty && spt_ops::flash_attention_is_fused(q, v, dropout_on) {
-            let dropout = self.dropout.seeded(train);
+            let dropout = self.dropout.seeded(train)?;
             return Ok(spt_ops::flash_attention(q, k, v, &mask.mask, scale, dropout)?);
         }
         let scores = (q.matmul(&k.t()?)? * scale)?; // [B, H, L, L]

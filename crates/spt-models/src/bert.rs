@@ -156,9 +156,12 @@ impl BertConfig {
             .or_else(|| self.id2label.as_ref().map(|m| m.len()))
     }
 
-    /// Head dimension.
+    /// Head dimension; 0 for a config without heads (which [`validate`](Self::validate)
+    /// refuses, naming `num_attention_heads`) rather than a division by zero.
     pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
+        self.hidden_size
+            .checked_div(self.num_attention_heads)
+            .unwrap_or(0)
     }
 
     /// The weight matrices' scalars the sizes imply (embeddings and the layers' projections; the

@@ -185,8 +185,13 @@ impl NamedRoutedFfn {
         self.ffn.correction()
     }
 
+    /// Whether `c` can be this layer's linear correction: configured, `[d + 1, d]`, finite.
+    pub fn check_correction(&self, c: &Tensor) -> Result<()> {
+        Ok(self.ffn.check_correction(c)?)
+    }
+
     /// Restores a saved linear correction (after [`set_unit_order`](Self::set_unit_order),
-    /// which resets it).
+    /// which resets it). Refuses a non-finite one.
     pub fn set_correction(&mut self, c: &Tensor) -> Result<()> {
         Ok(self.ffn.set_correction(c)?)
     }

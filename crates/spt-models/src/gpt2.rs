@@ -133,8 +133,10 @@ impl GPT2Config {
         self.n_inner.unwrap_or(self.n_embd.saturating_mul(4))
     }
 
+    /// Head dimension; 0 for a config without heads (which [`validate`](Self::validate)
+    /// refuses, naming `n_head`) rather than a division by zero.
     pub fn head_dim(&self) -> usize {
-        self.n_embd / self.n_head
+        self.n_embd.checked_div(self.n_head).unwrap_or(0)
     }
 
     /// The weight matrices' scalars the sizes imply (embeddings and the blocks' projections; the

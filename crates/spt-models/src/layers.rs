@@ -312,8 +312,12 @@ impl Linear {
 
     /// `x [.., in] → [.., out]` (with the LoRA adapter's dropout active when `train`).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let dropout_active = match (&self.lora, &self.lora_dropout) {
+            (Some(l), Some(d)) if !l.is_merged() => d.is_active(train)?,
+            _ => false,
+        };
         match (&self.lora, &self.lora_dropout) {
-            (Some(l), Some(d)) if train && d.p > 0.0 && !l.is_merged() => {
+            (Some(l), Some(d)) if dropout_active => {
                 // LoraLinear's formula, with the model's seeded dropout on the LoRA input.
                 self.check_input(x)?;
                 Ok(l.forward_with_lora_input(x, &d.forward_t(x, true)?)?)
@@ -339,7 +343,10 @@ impl Linear {
         layout: HeadsLayout,
         train: bool,
     ) -> Result<Vec<Tensor>> {
-        let dropout_active = train && self.lora_dropout.as_ref().is_some_and(|d| d.p > 0.0);
+        let dropout_active = match &self.lora_dropout {
+            Some(d) => d.is_active(train)?,
+            None => false,
+        };
         if let Some(l) = self.lora.as_ref().filter(|_| !dropout_active) {
             if layout.input_heads {
                 self.check_lora_base()?;
@@ -501,7 +508,7 @@ impl LayerNorm {
             self.weight.tensor(),
             self.bias.tensor(),
             self.eps,
-            dropout.seeded(train),
+            dropout.seeded(train)?,
         )?)
     }
 }
@@ -599,6 +606,7 @@ impl DropoutRng {
 /// with probability `p`, the rest scaled by `1/(1−p)`; differentiable in the input.
 #[derive(Debug, Clone)]
 pub struct Dropout {
+    /// In `[0, 1)`; a value set outside it is an error at the next training forward.
     pub p: f32,
     rng: Arc<DropoutRng>,
 }
@@ -628,23 +636,41 @@ impl Dropout {
         Ok(Self { p: p as f32, rng })
     }
 
+    /// Whether this call drops anything: `train` and `p > 0`. With `train`, `p` is checked
+    /// first: it is a public field, and outside `[0, 1)` (NaN included) the mask would scale
+    /// without dropping (p < 0), zero everything (p = 1) or give NaN, as the fused ops refuse.
+    pub fn is_active(&self, train: bool) -> Result<bool> {
+        if !train {
+            return Ok(false);
+        }
+        if !(0.0..1.0).contains(&self.p) {
+            return Err(ModelError::InvalidConfig {
+                field: "Dropout.p",
+                value: self.p.to_string(),
+                reason: "must be in [0, 1)".into(),
+            });
+        }
+        Ok(self.p > 0.0)
+    }
+
     /// This call's mask for spt-ops' fused ops (flash attention, residual layer norm): a seed
     /// from the same sequence as the masks [`Dropout::forward_t`] draws; `None` when inactive.
-    pub fn seeded(&self, train: bool) -> Option<spt_ops::SeededDropout> {
-        (train && self.p > 0.0).then(|| spt_ops::SeededDropout {
+    /// An error for a `p` outside `[0, 1)` in training.
+    pub fn seeded(&self, train: bool) -> Result<Option<spt_ops::SeededDropout>> {
+        Ok(self.is_active(train)?.then(|| spt_ops::SeededDropout {
             p: self.p as f64,
             seed: self.rng.next(),
-        })
+        }))
     }
 
     /// `residual + dropout(x)`, the end of a pre-LN sublayer, as one op
     /// (`spt_ops::residual_dropout`: the mask is a counter hash of this call's seed, not stored).
     pub fn residual_add(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
-        Ok(spt_ops::residual_dropout(x, residual, self.seeded(train))?)
+        Ok(spt_ops::residual_dropout(x, residual, self.seeded(train)?)?)
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if !train || self.p == 0.0 {
+        if !self.is_active(train)? {
             return Ok(x.clone());
         }
         let mut rng = StdRng::seed_from_u64(self.rng.next());
@@ -671,10 +697,13 @@ pub(crate) fn check_ids(
             reason: format!("expected [batch, seq_len], got {:?}", ids.dims()),
         });
     }
-    if !matches!(ids.dtype(), DType::U8 | DType::U32 | DType::I64) {
+    if !ids.dtype().is_int() {
         return Err(ModelError::BadInput {
             name,
-            reason: format!("expected an integer dtype, got {:?}", ids.dtype()),
+            reason: format!(
+                "expected an integer dtype (u8, u32, i16, i32 or i64), got {:?}",
+                ids.dtype()
+            ),
         });
     }
     if ids.elem_count() == 0 {
@@ -686,6 +715,15 @@ pub(crate) fn check_ids(
             ),
         });
     }
+    // candle casts i16 / i32 only on the CPU (its CUDA kernels have none): widened there, a
+    // copy of a [B, L] index tensor that the bounds check reads back anyway.
+    let ids = match ids.dtype() {
+        DType::I16 | DType::I32 => ids
+            .to_device(&candle_core::Device::Cpu)?
+            .to_dtype(DType::I64)?
+            .to_device(ids.device())?,
+        _ => ids.clone(),
+    };
     {
         let as_i64 = ids.to_dtype(DType::I64)?.flatten_all()?;
         // One read of both bounds: one host synchronisation per batch on a GPU.

@@ -206,3 +206,136 @@ fn add_lora_failure_keeps_weight_trainable() -> Result<()> {
     );
     Ok(())
 }
+
+/// The head counts are public fields: a config edited (or deserialised) to 0 heads gave a
+/// division-by-zero panic in `head_dim`; it is 0 now, and `validate` names the field.
+#[test]
+fn head_dim_of_a_config_without_heads_does_not_panic() -> Result<()> {
+    let mut bert = spt_models::BertConfig::from_file(fixture("tiny-bert-cls").join("config.json"))?;
+    bert.num_attention_heads = 0;
+    assert_eq!(bert.head_dim(), 0);
+    let e = bert.validate().unwrap_err().to_string();
+    assert!(e.contains("num_attention_heads"), "{e}");
+    let mut gpt2 = spt_models::GPT2Config::from_file(fixture("tiny-gpt2").join("config.json"))?;
+    assert_eq!(gpt2.head_dim(), gpt2.n_embd / gpt2.n_head);
+    gpt2.n_head = 0;
+    assert_eq!(gpt2.head_dim(), 0);
+    let e = gpt2.validate().unwrap_err().to_string();
+    assert!(e.contains("n_head"), "{e}");
+    Ok(())
+}
+
+/// `Dropout::p` is public: set outside [0, 1) (or NaN) it scaled without dropping (p < 0),
+/// zeroed the output (p = 1) or gave NaN in training. Every training use (the mask, the fused
+/// residual add, a model's forward) now refuses it by name; evaluation does not read it.
+#[test]
+fn dropout_refuses_a_probability_set_outside_its_range() -> Result<()> {
+    use spt_models::{Dropout, GPT2LMHeadModel, LoadOptions};
+    let x = Tensor::ones((4, 8), DType::F32, &Device::Cpu)?;
+    let mut d = Dropout::new(0.1)?;
+    for p in [-0.5, 1.0, 1.5, f32::NAN] {
+        d.p = p;
+        for r in [d.forward_t(&x, true), d.residual_add(&x, &x, true)] {
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains("Dropout.p") && e.contains("[0, 1)"), "p = {p}: {e}");
+        }
+        assert!(d.seeded(true).is_err(), "p = {p}");
+        assert_eq!(
+            spt_ops::gradcheck::max_abs_diff(&d.forward_t(&x, false)?, &x)?,
+            0.0
+        );
+    }
+    d.p = 0.0;
+    assert_eq!(
+        spt_ops::gradcheck::max_abs_diff(&d.forward_t(&x, true)?, &x)?,
+        0.0
+    );
+    // Where a user would set it: a model's residual dropout.
+    let (mut m, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
+    let ids = Tensor::new(&[[1u32, 2, 3, 4]], &Device::Cpu)?;
+    m.transformer.h[0].attn.resid_dropout.p = 1.0;
+    let e = m.forward_t(&ids, None, true).unwrap_err().to_string();
+    assert!(e.contains("Dropout.p"), "{e}");
+    m.forward_t(&ids, None, false)?;
+    Ok(())
+}
+
+/// Token ids of every integer dtype candle has are read: i16 and i32 ids were refused as
+/// "expected an integer dtype, got I32". They give the logits of the same u32 ids; a float
+/// dtype is refused with the list of accepted ones.
+#[test]
+fn token_ids_of_every_integer_dtype_are_accepted() -> Result<()> {
+    use spt_models::{BertForSequenceClassification, LoadOptions};
+    let (model, _) =
+        BertForSequenceClassification::from_dir(fixture("tiny-bert-cls"), &LoadOptions::frozen(), None)?;
+    let ids = Tensor::new(&[[1u32, 5, 7, 2]], &Device::Cpu)?;
+    let want = model.forward_t(&ids, None, None, false)?;
+    for dt in [DType::U8, DType::I16, DType::I32, DType::I64] {
+        let got = model.forward_t(&ids.to_dtype(dt)?, None, None, false)?;
+        assert_eq!(spt_ops::gradcheck::max_abs_diff(&got, &want)?, 0.0, "{dt:?}");
+    }
+    // A negative id is still out of range in a signed dtype.
+    let neg = Tensor::new(&[[1i64, -3, 7, 2]], &Device::Cpu)?.to_dtype(DType::I32)?;
+    let e = model.forward_t(&neg, None, None, false).unwrap_err().to_string();
+    assert!(e.contains("-3"), "{e}");
+    let e = model
+        .forward_t(&ids.to_dtype(DType::F32)?, None, None, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("u8, u32, i16, i32 or i64") && e.contains("F32"), "{e}");
+    Ok(())
+}
+
+/// A restored linear correction with a NaN or infinity made every token that skips a block NaN.
+/// `load_buffers` refuses it, naming the buffer, before anything is installed (a unit order in
+/// the same call is not applied either).
+#[test]
+fn load_buffers_refuses_a_non_finite_correction() -> Result<()> {
+    use spt_models::routed_ffn::{BlockTopK, RoutedFfnConfig};
+    use spt_models::{sparsify, FfnCalibration, GPT2LMHeadModel, LoadOptions, SptConfig, SptModel};
+    let (mut m, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
+    let cfg = SptConfig {
+        ffn: Some(RoutedFfnConfig {
+            correction: true,
+            ..RoutedFfnConfig::new(4, BlockTopK::Count(2))
+        }),
+        ffn_calibration: FfnCalibration {
+            router_fit: None,
+            cluster_units: false,
+        },
+        ..Default::default()
+    };
+    sparsify(&mut m, &cfg, &[])?;
+    let ids = Tensor::new(&[[1u32, 2, 3, 4, 5, 6, 7, 8]], &Device::Cpu)?;
+    let before = m.forward_t(&ids, None, false)?;
+    let buffers = m.named_buffers()?;
+    let (name, c) = buffers
+        .iter()
+        .find(|(n, _)| n == "ffn_correction.layer.1")
+        .expect("a correction buffer");
+    let d = c.dim(1)?;
+    let d_ff = 4 * d;
+    let reversed: Vec<u32> = (0..d_ff as u32).rev().collect();
+    let order = (
+        "ffn_unit_order.layer.0".to_string(),
+        Tensor::new(reversed, &Device::Cpu)?,
+    );
+    for bad in [f32::NAN, f32::INFINITY] {
+        let mut v = c.flatten_all()?.to_vec1::<f32>()?;
+        v[3] = bad;
+        let bad_c = Tensor::from_vec(v, c.dims(), &Device::Cpu)?;
+        let e = m
+            .load_buffers(&[order.clone(), (name.clone(), bad_c)], None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`ffn_correction.layer.1`") && e.contains("non-finite"),
+            "{bad}: {e}"
+        );
+        let after = m.forward_t(&ids, None, false)?;
+        assert_eq!(spt_ops::gradcheck::max_abs_diff(&before, &after)?, 0.0, "{bad}");
+    }
+    // The same buffers with a finite correction load.
+    assert_eq!(m.load_buffers(&[order, (name.clone(), c.clone())], None)?, 2);
+    Ok(())
+}
