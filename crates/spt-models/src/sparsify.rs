@@ -64,7 +64,7 @@ pub enum LoraTarget {
     Query,
     Key,
     Value,
-    /// GPT-2's fused `c_attn`.
+    /// GPT-2's fused `c_attn`; on BERT, asking for it wraps query, key and value.
     QueryKeyValue,
     /// The attention output projection.
     Output,
@@ -72,6 +72,19 @@ pub enum LoraTarget {
     Fc1,
     /// The FFN's second linear (`output.dense` / `mlp.c_proj`).
     Fc2,
+}
+
+impl LoraTarget {
+    /// Whether this requested target names the linear layer in `slot`: the same target, or q, k,
+    /// v across the two attention layouts (GPT-2's one fused layer, BERT's three).
+    pub fn matches(self, slot: LoraTarget) -> bool {
+        use LoraTarget::{Key, Query, QueryKeyValue, Value};
+        self == slot
+            || matches!(
+                (self, slot),
+                (Query | Key | Value, QueryKeyValue) | (QueryKeyValue, Query | Key | Value)
+            )
+    }
 }
 
 /// Mutable access to the swappable parts of one layer.
@@ -477,9 +490,37 @@ pub fn sparsify<M: SptModel + ?Sized>(
             fit.check()?;
         }
     }
-    // A LoRA config that cannot be built is refused before any layer changes.
+    // A LoRA config that cannot be built is refused before any layer changes, and so is a
+    // target no selected layer has: it would add no adapter, and train nothing there, silently.
     if let Some(l) = &cfg.lora {
         l.config.check("lora")?;
+        let mut slots_seen: Vec<LoraTarget> = Vec::new();
+        for &i in &layers {
+            let Some(slots) = model.layer_slots(i) else {
+                continue;
+            };
+            slots_seen.extend(slots.linears.iter().map(|(t, _)| *t));
+            // fc1 / fc2 take LoRA on a dense FFN, or on the routed one this call builds.
+            if cfg.ffn.is_some() || matches!(&*slots.ffn, FeedForward::Dense(_)) {
+                slots_seen.extend([LoraTarget::Fc1, LoraTarget::Fc2]);
+            }
+        }
+        slots_seen.sort_by_key(|t| *t as u8);
+        slots_seen.dedup();
+        if let Some(t) = l
+            .targets
+            .iter()
+            .find(|t| !slots_seen.iter().any(|&s| t.matches(s)))
+        {
+            return Err(ModelError::InvalidConfig {
+                field: "lora.targets",
+                value: format!("{t:?}"),
+                reason: format!(
+                    "matches no linear layer of the {} selected layers (they have {slots_seen:?})",
+                    layers.len()
+                ),
+            });
+        }
     }
     // Record every layer's keys and FFN inputs on the dense model.
     let mut keys: Vec<Vec<Tensor>> = vec![Vec::new(); n];
@@ -496,15 +537,7 @@ pub fn sparsify<M: SptModel + ?Sized>(
     }
 
     let lora = cfg.lora.as_ref();
-    let wants = |t: LoraTarget| {
-        lora.is_some_and(|l| {
-            l.targets.contains(&t)
-                || (t == LoraTarget::QueryKeyValue
-                    && l.targets
-                        .iter()
-                        .any(|x| matches!(x, LoraTarget::Query | LoraTarget::Key | LoraTarget::Value)))
-        })
-    };
+    let wants = |slot: LoraTarget| lora.is_some_and(|l| l.targets.iter().any(|t| t.matches(slot)));
     let lora_cfg = |i: usize, slot: u64| {
         lora.map(|l| LoraConfig {
             seed: l.config.seed ^ ((i as u64) << 8 | slot).wrapping_mul(0x9E37_79B9),

@@ -464,6 +464,94 @@ fn bad_routed_configs_are_named_and_leave_the_model_intact() -> Result<()> {
     Ok(())
 }
 
+/// LoRA targets name q, k, v in either attention layout: `QueryKeyValue` on BERT wraps query,
+/// key and value (it matched no BERT layer and added nothing, silently), as Query + Key + Value
+/// do; Query on GPT-2 wraps its fused c_attn. A target that matches no selected layer is an
+/// error naming it, and leaves the model as it was.
+#[test]
+fn lora_targets_match_q_k_v_in_both_layouts_and_an_unmatched_one_is_refused() -> Result<()> {
+    let lora = |targets: Vec<LoraTarget>| {
+        Some(LoraSettings {
+            targets,
+            config: LoraConfig {
+                rank: 2,
+                alpha: 4.0,
+                dropout: 0.0,
+                seed: 1,
+            },
+        })
+    };
+    let adapters = |m: &dyn NamedParams| -> Vec<String> {
+        let mut v: Vec<String> = m
+            .named_vars()
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| n.contains("lora_"))
+            .collect();
+        v.sort();
+        v
+    };
+    let bert =
+        || BertForSequenceClassification::from_dir(fixture("tiny-bert-cls"), &LoadOptions::frozen(), None);
+    let with = |targets| SptConfig {
+        lora: lora(targets),
+        ..SptConfig::default()
+    };
+    let (mut fused, _) = bert()?;
+    let report = sparsify(&mut fused, &with(vec![LoraTarget::QueryKeyValue]), &[])?;
+    let (mut split, _) = bert()?;
+    sparsify(
+        &mut split,
+        &with(vec![LoraTarget::Query, LoraTarget::Key, LoraTarget::Value]),
+        &[],
+    )?;
+    let names = adapters(&fused);
+    assert_eq!(names, adapters(&split));
+    // A and B of q, k, v in every layer, and nothing else.
+    assert_eq!(names.len(), 2 * 3 * report.layers.len(), "{names:?}");
+    for part in [".query.", ".key.", ".value."] {
+        assert!(names.iter().any(|n| n.contains(part)), "{part}: {names:?}");
+    }
+    assert!(report.layers.iter().all(|l| l.lora.len() == 3), "{report:?}");
+    // GPT-2: Query names the fused c_attn.
+    let (mut g, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
+    sparsify(&mut g, &with(vec![LoraTarget::Query]), &[])?;
+    let names = adapters(&g);
+    assert!(
+        !names.is_empty() && names.iter().all(|n| n.contains("c_attn")),
+        "{names:?}"
+    );
+
+    // Unmatched: no layer selected, or fc1 of an FFN that is already routed (this call builds
+    // no routed FFN to put it on).
+    let (mut g, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
+    let none = SptConfig {
+        layers: LayerSelection::LastN(0),
+        ..with(vec![LoraTarget::Output])
+    };
+    let err = sparsify(&mut g, &none, &[]).unwrap_err();
+    assert!(
+        matches!(&err, ModelError::InvalidConfig { field: "lora.targets", value, .. } if value == "Output"),
+        "{err}"
+    );
+    sparsify(
+        &mut g,
+        &SptConfig {
+            ffn: Some(routed(4, BlockTopK::Count(2), GateMode::Ones)),
+            ffn_calibration: calibration(false),
+            ..SptConfig::default()
+        },
+        &[],
+    )?;
+    let err = sparsify(&mut g, &with(vec![LoraTarget::Output, LoraTarget::Fc1]), &[]).unwrap_err();
+    assert!(
+        matches!(&err, ModelError::InvalidConfig { field: "lora.targets", value, .. } if value == "Fc1"),
+        "{err}"
+    );
+    assert!(adapters(&g).is_empty(), "a refused sparsify added adapters");
+    Ok(())
+}
+
 #[test]
 fn router_aux_loss_is_collected_from_training_forwards_and_trains_the_router() -> Result<()> {
     let (mut m, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
