@@ -402,8 +402,9 @@ fn generate_is_seeded() {
 }
 
 /// generate reads the model's generation_config.json as transformers does: every id its
-/// `eos_token_id` lists ends the text, and `do_sample: false` is greedy decoding (the seed
-/// changes nothing), which a sampling flag overrides.
+/// `eos_token_id` lists ends the text, `do_sample: false` is greedy decoding (the seed changes
+/// nothing; a sampling flag overrides it), and its sampling settings apply with
+/// `do_sample: true` only.
 #[test]
 fn generate_follows_the_generation_config() {
     let tmp = tempfile::tempdir().unwrap();
@@ -436,9 +437,22 @@ fn generate_follows_the_generation_config() {
     let (greedy, err) = gen("1", &[]);
     assert!(err.contains("do_sample: false (greedy)"), "{err}");
     assert_eq!(greedy, gen("2", &[]).0, "greedy: the seed changes nothing");
+    assert_eq!(greedy, gen("3", &["--greedy"]).0);
     let (sampled, err) = gen("1", &["--top-k", "50"]);
     assert!(!err.contains("greedy"), "{err}");
     assert_eq!(sampled, free, "a flag overrides the file: sampling as without it");
+    // Sampling settings without do_sample: true are not applied (transformers ignores them).
+    std::fs::write(&config, r#"{"temperature": 0.01, "top_k": 1}"#).unwrap();
+    let (ignored, err) = gen("1", &[]);
+    assert!(!err.contains("generation_config.json"), "{err}");
+    assert_eq!(ignored, free);
+    std::fs::write(&config, r#"{"do_sample": true, "top_k": 1}"#).unwrap();
+    let (top1, err) = gen("1", &[]);
+    assert!(
+        err.contains("from the model's generation_config.json: top_k: 1"),
+        "{err}"
+    );
+    assert_eq!(top1, gen("2", &["--top-k", "1"]).0);
     // Every id listed ends the text: nothing is generated.
     let all: Vec<u32> = (0..1000).collect();
     std::fs::write(&config, serde_json::json!({ "eos_token_id": all }).to_string()).unwrap();

@@ -291,6 +291,42 @@ fn accumulated_micro_batches_train_as_one_batch() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A run resumed with another grad_accum makes the updates the rest of the data makes from the
+/// checkpoint's position, and ends there (planned from the start with the new setting, it
+/// stopped 2 updates short of the data, its learning rate never decayed to 0 and its last step
+/// was never logged).
+#[test]
+fn a_resume_with_another_grad_accum_ends_at_the_end_of_the_data() -> anyhow::Result<()> {
+    let train = synthetic(50, 5); // 7 batches per epoch, 3 epochs
+    let dir = tempfile::tempdir()?;
+    let flag = Arc::new(AtomicBool::new(false));
+    let mut task = BagClassifier::new(3, 0.0)?;
+    task.stop = Some((1, flag.clone())); // after 2 updates of 2 batches: batch 4 of epoch 0
+    let s = Trainer::new(task, config(dir.path()), Device::Cpu)
+        .with_stop_flag(flag)
+        .train(&train, None, &Resume::No)?;
+    assert_eq!(s.steps, 2);
+    let cfg = TrainerConfig {
+        grad_accum: 1,
+        log_every: 5,
+        ..config(dir.path())
+    };
+    assert_eq!(spt_train::trainer::planned_steps(&cfg, train.len()), 21);
+    let s =
+        Trainer::new(BagClassifier::new(3, 0.0)?, cfg, Device::Cpu).train(&train, None, &Resume::Latest)?;
+    // 3 batches left in epoch 0, then 2 epochs of 7.
+    assert_eq!(s.steps, 2 + 3 + 14);
+    let recs = spt_train::metrics::MetricsWriter::new(dir.path().join("metrics.jsonl")).read_all()?;
+    let last = recs.iter().rfind(|r| r.split == "train").unwrap();
+    assert_eq!(last.step, 19);
+    assert!(
+        last.lr.unwrap() < 0.05 * 0.05,
+        "the schedule ends at step 19: lr {:?}",
+        last.lr
+    );
+    Ok(())
+}
+
 #[test]
 fn resume_after_stop_equals_uninterrupted_run_bit_exactly() -> anyhow::Result<()> {
     let train = synthetic(50, 5); // 7 batches per epoch: each epoch's last step takes one

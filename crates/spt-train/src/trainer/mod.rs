@@ -444,6 +444,31 @@ pub fn planned_steps(cfg: &TrainerConfig, n_items: usize) -> u64 {
         .saturating_mul(n_batches.div_ceil(cfg.grad_accum.max(1) as u64))
 }
 
+/// Updates left from data position `pos` to the end of `epochs` epochs of `n_batches` batches,
+/// `grad_accum` batches an update and no update across an epoch's end: what a resumed run makes
+/// after its checkpoint (its total may differ from [`planned_steps`] when the checkpoint was
+/// made with another `grad_accum`).
+pub fn steps_left(
+    pos: crate::checkpoint::DataPosition,
+    n_batches: u64,
+    epochs: u64,
+    grad_accum: usize,
+) -> u64 {
+    let per_epoch = n_batches.div_ceil(grad_accum.max(1) as u64);
+    let (this_epoch, next) = if pos.batch < n_batches {
+        (
+            (n_batches - pos.batch).div_ceil(grad_accum.max(1) as u64),
+            pos.epoch.saturating_add(1),
+        )
+    } else {
+        (0, pos.epoch.saturating_add(1))
+    };
+    if pos.epoch >= epochs {
+        return 0;
+    }
+    this_epoch.saturating_add(epochs.saturating_sub(next).saturating_mul(per_epoch))
+}
+
 /// The settings that differ between two run configs (JSON objects), as `name: old → new`.
 pub fn config_changes(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> {
     let (Some(a), Some(b)) = (old.as_object(), new.as_object()) else {
@@ -500,6 +525,25 @@ mod tests {
             ),
             5
         );
+    }
+
+    #[test]
+    fn steps_left_count_from_the_data_position() {
+        use crate::checkpoint::DataPosition;
+        let pos = |epoch, batch| DataPosition { epoch, batch };
+        let cfg = TrainerConfig {
+            epochs: 3,
+            batch_size: 8,
+            grad_accum: 2,
+            ..Default::default()
+        };
+        // From the start, and from each step of a run: what planned_steps says.
+        assert_eq!(steps_left(pos(0, 0), 7, 3, 2), planned_steps(&cfg, 50));
+        assert_eq!(steps_left(pos(1, 2), 7, 3, 2), 7); // after step 5 of 12
+        assert_eq!(steps_left(pos(0, 7), 7, 3, 2), 8); // an epoch's end, not yet advanced
+        assert_eq!(steps_left(pos(2, 7), 7, 3, 2), 0);
+        assert_eq!(steps_left(pos(0, 4), 7, 3, 1), 3 + 14); // grad_accum changed to 1
+        assert_eq!(steps_left(pos(5, 0), 7, 3, 2), 0); // fewer epochs than done
     }
 
     #[test]

@@ -21,8 +21,8 @@ use crate::rng::SplitMix64;
 use crate::{Error, Result};
 
 use super::{
-    config_changes, evaluate, planned_steps, EvalReport, Resume, StepCtx, TrainSummary, TrainTask,
-    TrainerConfig, PROGRESS_TEMPLATE,
+    config_changes, evaluate, planned_steps, steps_left, EvalReport, Resume, StepCtx, TrainSummary,
+    TrainTask, TrainerConfig, PROGRESS_TEMPLATE,
 };
 
 /// The training loop over a [`TrainTask`].
@@ -443,7 +443,23 @@ impl<T: TrainTask> Trainer<T> {
 
         let bs = self.cfg.batch_size;
         let n_batches = train.len().div_ceil(bs) as u64;
-        let total = self.total_steps(train.len());
+        let mut total = self.total_steps(train.len());
+        if self.cfg.max_steps.is_none() && resumed_from.is_some() {
+            // The updates left from where the checkpoint stopped reading: a checkpoint made
+            // with another grad_accum (or by a build whose updates spanned epoch ends) would
+            // otherwise stop short of the data or past it.
+            let from_here = st.step + steps_left(st.pos, n_batches, self.cfg.epochs, self.cfg.grad_accum);
+            if from_here != total {
+                tracing::warn!(
+                    "the checkpoint at step {} was made with another grad_accum (or by an older spt-train): \
+                     the rest of the data makes {} updates, so this run ends at step {from_here}, not \
+                     {total}, and the learning-rate schedule runs to there",
+                    st.step,
+                    from_here - st.step
+                );
+                total = from_here;
+            }
+        }
         let sched = LrSchedule {
             base_lr: self.cfg.lr,
             warmup_steps: self.cfg.warmup_steps,

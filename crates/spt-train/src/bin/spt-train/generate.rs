@@ -24,24 +24,32 @@ pub(crate) struct GenerateArgs {
     /// Tokens to generate at most (capped at the model's context; stops early at end-of-text).
     #[arg(long, default_value_t = 50)]
     pub(crate) max_new_tokens: usize,
-    /// Softmax temperature (> 0) [default: the model's generation_config.json, else 1].
+    /// Softmax temperature (> 0) [default: the model's generation_config.json when it sets
+    /// do_sample: true, else 1].
     #[arg(long)]
     pub(crate) temperature: Option<f64>,
-    /// Sample among the k most likely tokens, and any tied with the k-th (0: all; 1: greedy)
-    /// [default: the model's generation_config.json, else 50].
+    /// Sample among the k most likely tokens, and any tied with the k-th (0: all) [default: the
+    /// model's generation_config.json when it sets do_sample: true, else 50].
     #[arg(long)]
     pub(crate) top_k: Option<usize>,
     /// Then among the most likely tokens whose probabilities sum to at least P (nucleus
-    /// sampling; 1: all) [default: the model's generation_config.json, else 1].
+    /// sampling; 1: all) [default: the model's generation_config.json when it sets do_sample:
+    /// true, else 1].
     #[arg(long)]
     pub(crate) top_p: Option<f64>,
+    /// Greedy decoding: the most likely token each time, the lowest id on a tie (transformers'
+    /// generate without do_sample). Also what a generation_config.json with do_sample: false
+    /// asks for, unless a sampling flag is given.
+    #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p"])]
+    pub(crate) greedy: bool,
     /// Sampling seed: the same seed, prompt and model give the same text.
     #[arg(long, default_value_t = 42)]
     pub(crate) seed: u64,
 }
 
-/// What a model's `generation_config.json` (else its `config.json`) sets for generation, as
-/// transformers' `generate` reads it: the tokens that end the text, and sampling settings.
+/// What a model's `generation_config.json` and `config.json` set for generation: the tokens
+/// that end the text (the first file's `eos_token_id`, else the second's), and the first's
+/// sampling settings.
 #[derive(Debug, Default, PartialEq)]
 pub(crate) struct GenerationConfig {
     pub(crate) eos_token_ids: Vec<u32>,
@@ -52,8 +60,8 @@ pub(crate) struct GenerationConfig {
 }
 
 impl GenerationConfig {
-    /// Reads `generation_config.json` in `model_dir`; without one, the end-of-text ids of
-    /// `config.json`. A field of the wrong type is an error naming the file and the field.
+    /// Reads `generation_config.json` and `config.json` in `model_dir`. A field of the wrong
+    /// type is an error naming the file and the field.
     pub(crate) fn read(model_dir: &std::path::Path) -> Result<Self> {
         let from = |name: &str| -> Result<Option<(std::path::PathBuf, serde_json::Value)>> {
             let path = model_dir.join(name);
@@ -67,30 +75,28 @@ impl GenerationConfig {
                 Err(e) => Err(anyhow::anyhow!("reading {}: {e}", path.display())),
             }
         };
-        let (path, v, sampling) = match from("generation_config.json")? {
-            Some((p, v)) => (p, v, true),
-            None => match from("config.json")? {
-                Some((p, v)) => (p, v, false),
-                None => return Ok(Self::default()),
-            },
-        };
-        let field = |k: &str| v.get(k).filter(|x| !x.is_null());
-        let bad =
-            |k: &str, want: &str| anyhow::anyhow!("{}: {k} must be {want}, got {}", path.display(), v[k]);
-        let id = |x: &serde_json::Value| x.as_u64().and_then(|i| u32::try_from(i).ok());
-        let eos_token_ids = match field("eos_token_id") {
-            None => Vec::new(),
-            Some(serde_json::Value::Array(xs)) => xs
-                .iter()
-                .map(|x| id(x).ok_or_else(|| bad("eos_token_id", "a token id or a list of them")))
-                .collect::<Result<_>>()?,
-            Some(x) => vec![id(x).ok_or_else(|| bad("eos_token_id", "a token id or a list of them"))?],
-        };
-        let mut g = Self {
-            eos_token_ids,
-            ..Self::default()
-        };
-        if sampling {
+        let generation = from("generation_config.json")?;
+        let config = from("config.json")?;
+        let mut g = Self::default();
+        for (path, v) in generation.iter().chain(&config) {
+            let field = |k: &str| v.get(k).filter(|x| !x.is_null());
+            let bad =
+                |k: &str, want: &str| anyhow::anyhow!("{}: {k} must be {want}, got {}", path.display(), v[k]);
+            let id = |x: &serde_json::Value| x.as_u64().and_then(|i| u32::try_from(i).ok());
+            let want_ids = "a token id or a list of them";
+            if g.eos_token_ids.is_empty() {
+                g.eos_token_ids = match field("eos_token_id") {
+                    None => Vec::new(),
+                    Some(serde_json::Value::Array(xs)) => xs
+                        .iter()
+                        .map(|x| id(x).ok_or_else(|| bad("eos_token_id", want_ids)))
+                        .collect::<Result<_>>()?,
+                    Some(x) => vec![id(x).ok_or_else(|| bad("eos_token_id", want_ids))?],
+                };
+            }
+            if generation.as_ref().is_none_or(|(p, _)| p != path) {
+                continue; // sampling settings only from generation_config.json
+            }
             g.do_sample = field("do_sample")
                 .map(|x| x.as_bool().ok_or_else(|| bad("do_sample", "true or false")))
                 .transpose()?;
@@ -123,19 +129,21 @@ struct Sampling {
     from_file: Vec<String>,
 }
 
-/// The sampling settings: each flag, else the model's generation config, else ours (top-k 50,
-/// temperature 1). A generation config with `do_sample: false` asks for greedy decoding, which
-/// a sampling flag overrides.
+/// The sampling settings: each flag, else the model's generation config where it sets
+/// `do_sample: true` (transformers applies its temperature, top-k and top-p only then), else
+/// ours (top-k 50, temperature 1). `--greedy`, or a generation config with `do_sample: false`
+/// and no sampling flag, decodes greedily.
 fn sampling_settings(a: &GenerateArgs, g: &GenerationConfig) -> Result<Sampling> {
     let mut from_file = Vec::new();
     let flags_given = a.temperature.is_some() || a.top_k.is_some() || a.top_p.is_some();
-    let greedy = g.do_sample == Some(false) && !flags_given;
-    if greedy {
+    let greedy = a.greedy || (g.do_sample == Some(false) && !flags_given);
+    if greedy && !a.greedy {
         from_file.push("do_sample: false (greedy)".to_string());
     }
+    let file_samples = g.do_sample == Some(true);
     let mut pick = |flag: Option<f64>, file: Option<f64>, name: &str, ours: f64| match (flag, file) {
         (Some(x), _) => x,
-        (None, Some(x)) if !greedy => {
+        (None, Some(x)) if file_samples => {
             from_file.push(format!("{name}: {x}"));
             x
         }
@@ -482,6 +490,9 @@ mod tests {
             (g.do_sample, g.top_k, g.top_p, g.temperature),
             (Some(true), Some(0), Some(0.9), None)
         );
+        // Without an eos_token_id there, config.json's.
+        write("generation_config.json", r#"{"do_sample": false}"#);
+        assert_eq!(GenerationConfig::read(dir.path()).unwrap().eos_token_ids, [50256]);
         write("generation_config.json", r#"{"eos_token_id": "50256"}"#);
         let e = GenerationConfig::read(dir.path()).unwrap_err().to_string();
         assert!(e.contains("generation_config.json: eos_token_id must be"), "{e}");
