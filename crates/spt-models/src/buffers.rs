@@ -262,6 +262,19 @@ fn check_fits_layer<'a, M: SptModel + ?Sized>(
                     format!("the unit order has {} entries, expected d_ff = {n}", order.len()),
                 ));
             }
+            // Reordering moves the FFN's weights, which only frozen weights allow: refused
+            // here, before any layer is reordered (it failed at that layer, after the earlier
+            // ones had been).
+            let ffn = routed_ffn(m, layer, name)?;
+            let (w1, b1, w2, _) = ffn.ffn.weights();
+            if order != ffn.unit_order() && [w1, b1, w2].iter().any(|w| w.track_op()) {
+                return Err(bad_buffer(
+                    name,
+                    "this layer's FFN weights are trained (tracked): a unit order can only \
+                     reorder frozen weights; load the buffers before making them trainable"
+                        .into(),
+                ));
+            }
             Checked::UnitOrder(order)
         }
         BufferKind::FfnCorrection => {

@@ -289,6 +289,49 @@ fn token_ids_of_every_integer_dtype_are_accepted() -> Result<()> {
 /// A restored linear correction with a NaN or infinity made every token that skips a block NaN.
 /// `load_buffers` refuses it, naming the buffer, before anything is installed (a unit order in
 /// the same call is not applied either).
+/// Unit orders reorder frozen FFN weights only: with layer 1's trained, the buffers are
+/// refused before layer 0 is reordered (it was reordered, then layer 1 failed: a model half
+/// converted).
+#[test]
+fn load_buffers_refuses_a_unit_order_for_trained_weights_before_reordering_any() -> Result<()> {
+    use spt_models::routed_ffn::{BlockTopK, RoutedFfnConfig};
+    use spt_models::{
+        sparsify, FfnCalibration, GPT2LMHeadModel, LoadOptions, SptConfig, SptModel, Trainable,
+    };
+    let opts = LoadOptions {
+        trainable: Trainable::only(|n| n.contains("h.1.mlp.")),
+        ..LoadOptions::default()
+    };
+    let (mut m, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &opts)?;
+    let cfg = SptConfig {
+        ffn: Some(RoutedFfnConfig::new(4, BlockTopK::Count(2))),
+        ffn_calibration: FfnCalibration {
+            router_fit: None,
+            cluster_units: false,
+        },
+        ..Default::default()
+    };
+    sparsify(&mut m, &cfg, &[])?;
+    let ids = Tensor::new(&[[1u32, 2, 3, 4, 5, 6, 7, 8]], &Device::Cpu)?;
+    let before = m.forward_t(&ids, None, false)?;
+    let d_ff = 4 * m.transformer.config.n_embd;
+    let reversed = Tensor::new((0..d_ff as u32).rev().collect::<Vec<_>>(), &Device::Cpu)?;
+    let buffers = [
+        ("ffn_unit_order.layer.0".to_string(), reversed.clone()),
+        ("ffn_unit_order.layer.1".to_string(), reversed),
+    ];
+    let e = m.load_buffers(&buffers, None).unwrap_err().to_string();
+    assert!(
+        e.contains("`ffn_unit_order.layer.1`") && e.contains("trained"),
+        "{e}"
+    );
+    let after = m.forward_t(&ids, None, false)?;
+    assert_eq!(spt_ops::gradcheck::max_abs_diff(&before, &after)?, 0.0);
+    // Layer 0's alone (frozen) loads.
+    assert_eq!(m.load_buffers(&buffers[..1], None)?, 1);
+    Ok(())
+}
+
 #[test]
 fn load_buffers_refuses_a_non_finite_correction() -> Result<()> {
     use spt_models::routed_ffn::{BlockTopK, RoutedFfnConfig};
