@@ -523,6 +523,17 @@ impl GPT2Model {
                 field: "n_positions",
             });
         }
+        // A cache from another model would give the layers it lacks no past keys, silently.
+        if past > 0 && cache.layers.len() != self.h.len() {
+            return Err(ModelError::BadInput {
+                name: "cache",
+                reason: format!(
+                    "holds keys of {} layers, but this model has {}: a cache of another model",
+                    cache.layers.len(),
+                    self.h.len()
+                ),
+            });
+        }
         if let Some(cached) = cache.batch_size()? {
             if cached != b {
                 return Err(ModelError::BadInput {

@@ -233,6 +233,19 @@ fn bad_input_leaves_the_cache_as_it_was() -> Result<()> {
         .unwrap_err()
         .to_string();
     assert!(e.contains("batch of 3") && e.contains("holds 2"), "{e}");
+    // A cache of a model with fewer layers (its missing layers had no past keys, silently).
+    let mut shallow = tiny()?;
+    shallow.transformer.h.truncate(1);
+    let mut other = KvCache::new();
+    shallow.next_token_logits(&random_ids(&mut rng, 2, 4)?, &mut other)?;
+    let e = m
+        .next_token_logits(&random_ids(&mut rng, 2, 1)?, &mut other)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("keys of 1 layers") && e.contains("another model"),
+        "{e}"
+    );
     // No tokens; a token id outside the vocabulary.
     let e = m
         .next_token_logits(
