@@ -230,7 +230,7 @@ impl CustomOp3 for FlashAttention {
 }
 
 /// Bytes the fused op keeps for backward beyond its inputs and output: one log-sum-exp per
-/// query row (`elem` bytes each).
+/// query row (`elem` bytes each), saturating at `usize::MAX`.
 pub fn flash_saved_bytes(b: usize, h: usize, lq: usize, elem: usize) -> usize {
-    b * h * lq * elem
+    [b, h, lq, elem].into_iter().fold(1, usize::saturating_mul)
 }

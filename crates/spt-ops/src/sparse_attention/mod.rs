@@ -365,9 +365,12 @@ fn backward(
     }
 }
 
-/// Bytes the sparse op keeps for backward beyond its inputs and output: indices + row lse.
+/// Bytes the sparse op keeps for backward beyond its inputs and output: indices + row lse
+/// (saturating at `usize::MAX` for sizes past memory, as `activation_bytes` does).
 pub fn sparse_saved_bytes(b: usize, h: usize, l: usize, k: usize, elem: usize) -> usize {
-    b * h * l * (4 * k + elem)
+    [b, h, l, k.saturating_mul(4).saturating_add(elem)]
+        .into_iter()
+        .fold(1, usize::saturating_mul)
 }
 
 #[allow(dead_code)]
@@ -381,6 +384,22 @@ fn _assert_vector_impls() {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The saved-bytes estimates count what they say and saturate where a product of absurd
+    /// sizes would overflow (it panicked in debug builds).
+    #[test]
+    fn saved_bytes_count_and_saturate() {
+        assert_eq!(sparse_saved_bytes(2, 12, 512, 64, 4), 2 * 12 * 512 * (4 * 64 + 4));
+        assert_eq!(sparse_saved_bytes(usize::MAX / 2, 12, 512, 64, 4), usize::MAX);
+        assert_eq!(
+            crate::flash_attention::flash_saved_bytes(2, 12, 512, 4),
+            2 * 12 * 512 * 4
+        );
+        assert_eq!(
+            crate::flash_attention::flash_saved_bytes(usize::MAX, 2, 1, 1),
+            usize::MAX
+        );
+    }
 
     /// The device form of the selection check gives the CPU scan's answer, error included (run
     /// here on CPU tensors: the same tensor ops run on a GPU).
