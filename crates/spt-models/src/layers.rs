@@ -312,8 +312,9 @@ impl Linear {
 
     /// `x [.., in] → [.., out]` (with the LoRA adapter's dropout active when `train`).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        // p is checked in training whether or not the adapter is merged, as forward_t_parts does.
         let dropout_active = match (&self.lora, &self.lora_dropout) {
-            (Some(l), Some(d)) if !l.is_merged() => d.is_active(train)?,
+            (Some(l), Some(d)) => d.is_active(train)? && !l.is_merged(),
             _ => false,
         };
         match (&self.lora, &self.lora_dropout) {
@@ -626,7 +627,8 @@ impl Dropout {
 
     /// A dropout drawing its masks from a shared seed source.
     pub fn with_rng(p: f64, rng: Arc<DropoutRng>) -> Result<Self> {
-        if !(0.0..1.0).contains(&p) {
+        // Kept as f32: a p just below 1 (0.99999999) would round to 1 and drop everything.
+        if !(0.0..1.0).contains(&p) || p as f32 >= 1.0 {
             return Err(ModelError::InvalidConfig {
                 field: "dropout",
                 value: p.to_string(),

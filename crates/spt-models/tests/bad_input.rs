@@ -245,6 +245,9 @@ fn dropout_refuses_a_probability_set_outside_its_range() -> Result<()> {
             0.0
         );
     }
+    // A p whose f32 is 1 is refused where it is made, not at the first training step.
+    let e = Dropout::new(0.999_999_99).unwrap_err().to_string();
+    assert!(e.contains("[0, 1)"), "{e}");
     d.p = 0.0;
     assert_eq!(
         spt_ops::gradcheck::max_abs_diff(&d.forward_t(&x, true)?, &x)?,

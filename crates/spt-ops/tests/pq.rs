@@ -156,7 +156,12 @@ fn minibatch_refresh_continues_from_the_fit_and_its_saved_counts() -> Result<()>
         let n0 = counts[slot] as f64;
         for t in 0..dc {
             let i = slot * dc + t;
-            let want = (n0 * before[i] as f64 + sums[i]) / (n0 + n[slot]);
+            // A codeword with no fitted and no new keys stays where it is.
+            let want = if n0 + n[slot] == 0.0 {
+                before[i] as f64
+            } else {
+                (n0 * before[i] as f64 + sums[i]) / (n0 + n[slot])
+            };
             assert!(
                 (after[i] as f64 - want).abs() < 1e-5,
                 "slot {slot}: {} vs {want}",
