@@ -476,6 +476,28 @@ fn lora_linear_heads_matches_cpu() -> Result<()> {
             },
         )?;
     }
+    // A tracked W or bias is refused on the GPU as on the CPU (the op gives them no gradient;
+    // only the CPU path was run when the check was added).
+    let dev = gpu()?;
+    let x = uniform(&[b, l, h * d], 2.0, 35, DType::F32)?.to_device(&dev)?;
+    let a = uniform(&[2, h * d], 1.0, 33, DType::F32)?.to_device(&dev)?;
+    let bm = uniform(&[out, 2], 1.0, 34, DType::F32)?.to_device(&dev)?;
+    let (wd, bd) = (w.to_device(&dev)?, bias.to_device(&dev)?);
+    let tracked_w = Var::from_tensor(&wd)?;
+    let tracked_b = Var::from_tensor(&bd)?;
+    let layout = spt_ops::HeadsLayout {
+        input_heads: false,
+        output_heads: None,
+    };
+    for (w, bias, name) in [
+        (tracked_w.as_tensor(), &bd, "w"),
+        (&wd, tracked_b.as_tensor(), "bias"),
+    ] {
+        let e = spt_ops::lora::lora_linear_heads(&x, w, Some(bias), &a, &bm, 0.5, layout)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(name) && e.contains("frozen"), "{name}: {e}");
+    }
     Ok(())
 }
 
