@@ -601,15 +601,23 @@ pub(crate) fn mode_name(m: Mode) -> String {
         .unwrap_or_else(|| format!("{m:?}"))
 }
 
-/// `model_type` from the model's config.json, if it names one.
-pub(crate) fn model_type(dir: &Path) -> Result<Option<String>> {
-    let p = dir.join("config.json");
+/// The JSON file at `p` (a byte-order mark skipped), `None` when there is none; an error names
+/// the file.
+pub(crate) fn read_json(p: &Path) -> Result<Option<serde_json::Value>> {
     if !p.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-    let v: serde_json::Value = serde_json::from_str(spt_train::data::strip_bom(&text))
+    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+    let v = serde_json::from_str(spt_train::data::strip_bom(&text))
         .with_context(|| format!("parsing {}", p.display()))?;
+    Ok(Some(v))
+}
+
+/// `model_type` from the model's config.json, if it names one.
+pub(crate) fn model_type(dir: &Path) -> Result<Option<String>> {
+    let Some(v) = read_json(&dir.join("config.json"))? else {
+        return Ok(None);
+    };
     Ok(v.get("model_type").and_then(|t| t.as_str()).map(str::to_string))
 }
 

@@ -3,7 +3,7 @@
 use crate::say;
 use std::io::Write;
 
-use crate::common::{check_model, device, load_trained, model_type, tokenizer_for, ModelArgs};
+use crate::common::{check_model, device, load_trained, model_type, read_json, tokenizer_for, ModelArgs};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use clap::Args;
@@ -13,6 +13,7 @@ use spt_train::data::TaskKind;
 use spt_train::pipeline::model_max_length;
 use spt_train::rng::SplitMix64;
 use spt_train::tasks::Net;
+use std::path::Path;
 
 #[derive(Args)]
 pub(crate) struct GenerateArgs {
@@ -62,60 +63,57 @@ pub(crate) struct GenerationConfig {
 impl GenerationConfig {
     /// Reads `generation_config.json` and `config.json` in `model_dir`. A field of the wrong
     /// type is an error naming the file and the field.
-    pub(crate) fn read(model_dir: &std::path::Path) -> Result<Self> {
-        let from = |name: &str| -> Result<Option<(std::path::PathBuf, serde_json::Value)>> {
-            let path = model_dir.join(name);
-            match std::fs::read_to_string(&path) {
-                Ok(text) => {
-                    let v = serde_json::from_str(spt_train::data::strip_bom(&text))
-                        .map_err(|e| anyhow::anyhow!("{}: not valid JSON: {e}", path.display()))?;
-                    Ok(Some((path, v)))
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(anyhow::anyhow!("reading {}: {e}", path.display())),
-            }
-        };
-        let generation = from("generation_config.json")?;
-        let config = from("config.json")?;
+    pub(crate) fn read(model_dir: &Path) -> Result<Self> {
+        let path = model_dir.join("generation_config.json");
         let mut g = Self::default();
-        for (path, v) in generation.iter().chain(&config) {
-            let field = |k: &str| v.get(k).filter(|x| !x.is_null());
-            let bad =
-                |k: &str, want: &str| anyhow::anyhow!("{}: {k} must be {want}, got {}", path.display(), v[k]);
-            let id = |x: &serde_json::Value| x.as_u64().and_then(|i| u32::try_from(i).ok());
-            let want_ids = "a token id or a list of them";
-            if g.eos_token_ids.is_empty() {
-                g.eos_token_ids = match field("eos_token_id") {
-                    None => Vec::new(),
-                    Some(serde_json::Value::Array(xs)) => xs
-                        .iter()
-                        .map(|x| id(x).ok_or_else(|| bad("eos_token_id", want_ids)))
-                        .collect::<Result<_>>()?,
-                    Some(x) => vec![id(x).ok_or_else(|| bad("eos_token_id", want_ids))?],
-                };
+        if let Some(v) = read_json(&path)? {
+            let (file, v) = (&path.display().to_string(), &v);
+            g.eos_token_ids = eos_token_ids(file, v)?;
+            g.do_sample = field(file, v, "do_sample", serde_json::Value::as_bool, "true or false")?;
+            g.temperature = field(file, v, "temperature", serde_json::Value::as_f64, "a number")?;
+            g.top_k = field(
+                file,
+                v,
+                "top_k",
+                |x| x.as_u64().map(|k| k as usize),
+                "a whole number",
+            )?;
+            g.top_p = field(file, v, "top_p", serde_json::Value::as_f64, "a number")?;
+        }
+        if g.eos_token_ids.is_empty() {
+            let path = model_dir.join("config.json");
+            if let Some(v) = read_json(&path)? {
+                g.eos_token_ids = eos_token_ids(&path.display().to_string(), &v)?;
             }
-            if generation.as_ref().is_none_or(|(p, _)| p != path) {
-                continue; // sampling settings only from generation_config.json
-            }
-            g.do_sample = field("do_sample")
-                .map(|x| x.as_bool().ok_or_else(|| bad("do_sample", "true or false")))
-                .transpose()?;
-            g.temperature = field("temperature")
-                .map(|x| x.as_f64().ok_or_else(|| bad("temperature", "a number")))
-                .transpose()?;
-            g.top_k = field("top_k")
-                .map(|x| {
-                    x.as_u64()
-                        .map(|k| k as usize)
-                        .ok_or_else(|| bad("top_k", "a whole number"))
-                })
-                .transpose()?;
-            g.top_p = field("top_p")
-                .map(|x| x.as_f64().ok_or_else(|| bad("top_p", "a number")))
-                .transpose()?;
         }
         Ok(g)
     }
+}
+
+/// Field `k` of the JSON `v` read from `file` (absent or null: `None`), or an error naming both.
+fn field<T>(
+    file: &str,
+    v: &serde_json::Value,
+    k: &str,
+    read: impl Fn(&serde_json::Value) -> Option<T>,
+    want: &str,
+) -> Result<Option<T>> {
+    match v.get(k).filter(|x| !x.is_null()) {
+        None => Ok(None),
+        Some(x) => read(x)
+            .map(Some)
+            .ok_or_else(|| anyhow::anyhow!("{file}: {k} must be {want}, got {x}")),
+    }
+}
+
+/// `eos_token_id` of `v`: one token id or a list of them (none when absent).
+fn eos_token_ids(file: &str, v: &serde_json::Value) -> Result<Vec<u32>> {
+    let id = |x: &serde_json::Value| x.as_u64().and_then(|i| u32::try_from(i).ok());
+    let ids = |x: &serde_json::Value| match x.as_array() {
+        Some(xs) => xs.iter().map(id).collect(),
+        None => id(x).map(|i| vec![i]),
+    };
+    Ok(field(file, v, "eos_token_id", ids, "a token id or a list of them")?.unwrap_or_default())
 }
 
 /// How the next token is chosen.
@@ -141,22 +139,32 @@ fn sampling_settings(a: &GenerateArgs, g: &GenerationConfig) -> Result<Sampling>
         from_file.push("do_sample: false (greedy)".to_string());
     }
     let file_samples = g.do_sample == Some(true);
-    let mut pick = |flag: Option<f64>, file: Option<f64>, name: &str, ours: f64| match (flag, file) {
-        (Some(x), _) => x,
-        (None, Some(x)) if file_samples => {
-            from_file.push(format!("{name}: {x}"));
-            x
+    // The flag, else the file's value where it samples (named in the note), else ours.
+    fn pick<T: Copy + std::fmt::Display>(
+        flag: Option<T>,
+        file: Option<T>,
+        file_samples: bool,
+        (name, ours): (&str, T),
+        from_file: &mut Vec<String>,
+    ) -> T {
+        match (flag, file) {
+            (Some(x), _) => x,
+            (None, Some(x)) if file_samples => {
+                from_file.push(format!("{name}: {x}"));
+                x
+            }
+            _ => ours,
         }
-        _ => ours,
-    };
-    let temperature = pick(a.temperature, g.temperature, "temperature", 1.0);
-    let top_k = pick(
-        a.top_k.map(|k| k as f64),
-        g.top_k.map(|k| k as f64),
-        "top_k",
-        50.0,
-    ) as usize;
-    let top_p = pick(a.top_p, g.top_p, "top_p", 1.0);
+    }
+    let temperature = pick(
+        a.temperature,
+        g.temperature,
+        file_samples,
+        ("temperature", 1.0),
+        &mut from_file,
+    );
+    let top_k = pick(a.top_k, g.top_k, file_samples, ("top_k", 50), &mut from_file);
+    let top_p = pick(a.top_p, g.top_p, file_samples, ("top_p", 1.0), &mut from_file);
     // The flags were checked before: a value out of range here is the file's.
     if !(temperature > 0.0 && temperature.is_finite()) {
         bail!("generation_config.json: temperature must be positive, got {temperature}");
