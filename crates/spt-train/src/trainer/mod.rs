@@ -439,9 +439,7 @@ pub fn planned_steps(cfg: &TrainerConfig, n_items: usize) -> u64 {
         return m;
     }
     let n_batches = (n_items as u64).div_ceil(cfg.batch_size.max(1) as u64);
-    // Saturating: the trainer refuses epoch counts that overflow; this only plans.
-    cfg.epochs
-        .saturating_mul(n_batches.div_ceil(cfg.grad_accum.max(1) as u64))
+    steps_left(Default::default(), n_batches, cfg.epochs, cfg.grad_accum)
 }
 
 /// Updates left from data position `pos` to the end of `epochs` epochs of `n_batches` batches,
@@ -454,19 +452,14 @@ pub fn steps_left(
     epochs: u64,
     grad_accum: usize,
 ) -> u64 {
-    let per_epoch = n_batches.div_ceil(grad_accum.max(1) as u64);
-    let (this_epoch, next) = if pos.batch < n_batches {
-        (
-            (n_batches - pos.batch).div_ceil(grad_accum.max(1) as u64),
-            pos.epoch.saturating_add(1),
-        )
-    } else {
-        (0, pos.epoch.saturating_add(1))
-    };
+    // Saturating: the trainer refuses epoch counts that overflow; this only plans.
     if pos.epoch >= epochs {
         return 0;
     }
-    this_epoch.saturating_add(epochs.saturating_sub(next).saturating_mul(per_epoch))
+    let ga = grad_accum.max(1) as u64;
+    let this_epoch = n_batches.saturating_sub(pos.batch).div_ceil(ga);
+    let later_epochs = epochs - pos.epoch - 1;
+    this_epoch.saturating_add(later_epochs.saturating_mul(n_batches.div_ceil(ga)))
 }
 
 /// The settings that differ between two run configs (JSON objects), as `name: old → new`.

@@ -579,7 +579,11 @@ impl<T: TrainTask> Trainer<T> {
             // Each micro-batch's mean loss weighs by the items it averages over, so that the
             // step's gradient is that of the mean over all its items (a short last batch does
             // not weigh as much as a full one); transformers weighs by `num_items_in_batch`.
-            let counts: Vec<f64> = micro.iter().map(|b| self.task.loss_count(b)).collect();
+            // (One micro-batch takes its loss as it is: nothing to count.)
+            let counts: Vec<f64> = match n {
+                1 => vec![1.0],
+                _ => micro.iter().map(|b| self.task.loss_count(b)).collect(),
+            };
             let total_count: f64 = counts.iter().sum();
             let weights: Vec<f64> = if counts.iter().all(|c| c.is_finite() && *c >= 0.0) && total_count > 0.0
             {
