@@ -289,25 +289,17 @@ fn token_ids_of_every_integer_dtype_are_accepted() -> Result<()> {
     Ok(())
 }
 
-/// A restored linear correction with a NaN or infinity made every token that skips a block NaN.
-/// `load_buffers` refuses it, naming the buffer, before anything is installed (a unit order in
-/// the same call is not applied either).
-/// Unit orders reorder frozen FFN weights only: with layer 1's trained, the buffers are
-/// refused before layer 0 is reordered (it was reordered, then layer 1 failed: a model half
-/// converted).
-#[test]
-fn load_buffers_refuses_a_unit_order_for_trained_weights_before_reordering_any() -> Result<()> {
+/// The tiny GPT-2 loaded with `opts`, its FFNs routed (4 blocks, 2 per token; a linear
+/// correction when `correction`), without a router fit.
+fn routed_tiny_gpt2(opts: &spt_models::LoadOptions, correction: bool) -> Result<spt_models::GPT2LMHeadModel> {
     use spt_models::routed_ffn::{BlockTopK, RoutedFfnConfig};
-    use spt_models::{
-        sparsify, FfnCalibration, GPT2LMHeadModel, LoadOptions, SptConfig, SptModel, Trainable,
-    };
-    let opts = LoadOptions {
-        trainable: Trainable::only(|n| n.contains("h.1.mlp.")),
-        ..LoadOptions::default()
-    };
-    let (mut m, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &opts)?;
+    use spt_models::{sparsify, FfnCalibration, GPT2LMHeadModel, SptConfig};
+    let (mut m, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), opts)?;
     let cfg = SptConfig {
-        ffn: Some(RoutedFfnConfig::new(4, BlockTopK::Count(2))),
+        ffn: Some(RoutedFfnConfig {
+            correction,
+            ..RoutedFfnConfig::new(4, BlockTopK::Count(2))
+        }),
         ffn_calibration: FfnCalibration {
             router_fit: None,
             cluster_units: false,
@@ -315,6 +307,20 @@ fn load_buffers_refuses_a_unit_order_for_trained_weights_before_reordering_any()
         ..Default::default()
     };
     sparsify(&mut m, &cfg, &[])?;
+    Ok(m)
+}
+
+/// Unit orders reorder frozen FFN weights only: with layer 1's trained, the buffers are
+/// refused before layer 0 is reordered (it was reordered, then layer 1 failed: a model half
+/// converted).
+#[test]
+fn load_buffers_refuses_a_unit_order_for_trained_weights_before_reordering_any() -> Result<()> {
+    use spt_models::{LoadOptions, SptModel, Trainable};
+    let opts = LoadOptions {
+        trainable: Trainable::only(|n| n.contains("h.1.mlp.")),
+        ..LoadOptions::default()
+    };
+    let mut m = routed_tiny_gpt2(&opts, false)?;
     let ids = Tensor::new(&[[1u32, 2, 3, 4, 5, 6, 7, 8]], &Device::Cpu)?;
     let before = m.forward_t(&ids, None, false)?;
     let d_ff = 4 * m.transformer.config.n_embd;
@@ -335,23 +341,13 @@ fn load_buffers_refuses_a_unit_order_for_trained_weights_before_reordering_any()
     Ok(())
 }
 
+/// A restored linear correction with a NaN or infinity made every token that skips a block NaN.
+/// `load_buffers` refuses it, naming the buffer, before anything is installed (a unit order in
+/// the same call is not applied either).
 #[test]
 fn load_buffers_refuses_a_non_finite_correction() -> Result<()> {
-    use spt_models::routed_ffn::{BlockTopK, RoutedFfnConfig};
-    use spt_models::{sparsify, FfnCalibration, GPT2LMHeadModel, LoadOptions, SptConfig, SptModel};
-    let (mut m, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
-    let cfg = SptConfig {
-        ffn: Some(RoutedFfnConfig {
-            correction: true,
-            ..RoutedFfnConfig::new(4, BlockTopK::Count(2))
-        }),
-        ffn_calibration: FfnCalibration {
-            router_fit: None,
-            cluster_units: false,
-        },
-        ..Default::default()
-    };
-    sparsify(&mut m, &cfg, &[])?;
+    use spt_models::{LoadOptions, SptModel};
+    let mut m = routed_tiny_gpt2(&LoadOptions::frozen(), true)?;
     let ids = Tensor::new(&[[1u32, 2, 3, 4, 5, 6, 7, 8]], &Device::Cpu)?;
     let before = m.forward_t(&ids, None, false)?;
     let buffers = m.named_buffers()?;
