@@ -17,6 +17,7 @@
 //! [`linear_cross_entropy_reference`] (f32, f64 or bf16), which materialises the logits.
 
 use crate::blas::{gemm_into, inner_par, transpose, Mat};
+use crate::precision::{bf16_matmul_t_par, bf16_weight};
 use crate::simd::Vector;
 use crate::util::{check_float, check_same, contiguous, row_max};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, D};
@@ -229,9 +230,21 @@ impl LinearCrossEntropy {
         let mut dhc = vec![T::zero(); if self.grad_h { ROW_CHUNK * d } else { 0 }];
         let mut nll = Vec::with_capacity(self.targets.rows.len());
         let par = inner_par(1);
-        // Wᵀ `[d, V]` once (see `blas::transpose`): every chunk's logits GEMM would otherwise
-        // repack all of W one strided scalar at a time (GPT-2's head: 38.6 M elements a chunk).
-        let wt = transpose(w, v, d);
+        // bf16 (`precision`): W packed once for the logits and, with dh, once more for
+        // `P W = P (Wᵀ)ᵀ`. f32: Wᵀ `[d, V]` once (see `blas::transpose`): every chunk's logits
+        // GEMM would otherwise repack all of W one strided scalar at a time (GPT-2's head: 38.6 M
+        // elements a chunk).
+        let w_bf16 = bf16_weight(w, v, d, false);
+        let wt_bf16 = if self.grad_h {
+            bf16_weight(w, d, v, true)
+        } else {
+            None
+        };
+        let wt = if w_bf16.is_some() {
+            Vec::new()
+        } else {
+            transpose(w, v, d)
+        };
         for (ci, rows) in self.targets.rows.chunks(ROW_CHUNK).enumerate() {
             let c = rows.len();
             hc.clear();
@@ -241,16 +254,18 @@ impl LinearCrossEntropy {
             }
             let z = &mut logits[..c * v];
             // z [c, V] = hc [c, d] · Wᵀ.
-            gemm_into(
-                c,
-                v,
-                d,
-                z,
-                false,
-                Mat::new(&hc, 0, d, 1),
-                Mat::new(&wt, 0, v, 1),
-                par,
-            );
+            if !bf16_matmul_t_par(w_bf16.as_ref(), &hc, c, z) {
+                gemm_into(
+                    c,
+                    v,
+                    d,
+                    z,
+                    false,
+                    Mat::new(&hc, 0, d, 1),
+                    Mat::new(&wt, 0, v, 1),
+                    par,
+                );
+            }
             let labels: Vec<usize> = rows
                 .iter()
                 .map(|&r| self.targets.labels[r as usize] as usize)
@@ -275,16 +290,18 @@ impl LinearCrossEntropy {
             if let Some(dh) = dh.as_mut() {
                 let dhc = &mut dhc[..c * d];
                 // dh_c [c, d] = P [c, V] · W [V, d]
-                gemm_into(
-                    c,
-                    d,
-                    v,
-                    dhc,
-                    false,
-                    Mat::new(z, 0, v, 1),
-                    Mat::new(w, 0, d, 1),
-                    par,
-                );
+                if !bf16_matmul_t_par(wt_bf16.as_ref(), z, c, dhc) {
+                    gemm_into(
+                        c,
+                        d,
+                        v,
+                        dhc,
+                        false,
+                        Mat::new(z, 0, v, 1),
+                        Mat::new(w, 0, d, 1),
+                        par,
+                    );
+                }
                 for (j, &r) in rows.iter().enumerate() {
                     let r = r as usize;
                     dh[r * d..(r + 1) * d].copy_from_slice(&dhc[j * d..(j + 1) * d]);

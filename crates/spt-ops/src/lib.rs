@@ -17,11 +17,13 @@
 //! - [`routed_ffn`]: the routed FFN (router, grouped gather/scatter GEMMs, router fit).
 //! - [`lora`]: LoRA linear layer, frozen-aware dense `linear`, seeded dropout.
 //! - [`cross_entropy`](mod@cross_entropy): fused output projection + cross-entropy (no `[N, V]` logits kept).
+//! - [`precision`]: the CPU kernels' matmul precision (f32, or bf16 inputs on AMX).
 //!
 //! [`on_pool`] runs a step or an inference call on rayon's pool, where the CPU ops' threads
 //! start without waking (10–30 % faster on 2 cores than from `main`).
 
 pub mod activation;
+mod amx;
 pub mod attention;
 pub mod bias;
 mod blas;
@@ -40,6 +42,7 @@ pub mod lora;
 pub mod norm;
 mod pool;
 pub mod pq;
+pub mod precision;
 pub mod routed_ffn;
 mod row_gemm;
 mod simd;
@@ -63,6 +66,7 @@ pub use pq::{
     pq_attention, pq_sparse_attention, select_blocks, select_keys, BlockScore, BlockSelection, BlockTiling,
     Codebook, KeySelection, KeyTopK, PqConfig, Refresh, Selection,
 };
+pub use precision::{bf16_matmul_is_native, matmul_precision, set_matmul_precision, MatmulPrecision};
 pub use routed_ffn::{BlockTopK, GateMode, RoutedFfn, RoutedFfnConfig, Routing};
 pub use simd::{cpu_model, simd_path};
 pub use sparse_attention::sparse_attention;

@@ -22,6 +22,19 @@ pub(crate) trait Float:
         let _ = (g, c);
         false
     }
+
+    /// The slice as f32, for kernels that exist only in f32 (the bf16 products of
+    /// [`MatmulPrecision::Bf16`](crate::precision::MatmulPrecision)); None for other types.
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        let _ = s;
+        None
+    }
+
+    /// [`Float::as_f32`], mutable.
+    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]> {
+        let _ = s;
+        None
+    }
 }
 
 /// [`Float::transpose_tile`] element by element, over rows `rows` and columns `cols` of `src`.
@@ -47,6 +60,14 @@ impl Float for f32 {
 
     fn row_gemm(g: &RowGemm<'_, f32>, c: &mut [f32]) -> bool {
         crate::row_gemm::run_f32(g, c)
+    }
+
+    fn as_f32(s: &[f32]) -> Option<&[f32]> {
+        Some(s)
+    }
+
+    fn as_f32_mut(s: &mut [f32]) -> Option<&mut [f32]> {
+        Some(s)
     }
 
     /// 8 × 8 blocks transposed in registers where the CPU has AVX2, element by element at the

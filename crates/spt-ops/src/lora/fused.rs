@@ -13,6 +13,7 @@
 use super::linear;
 use crate::blas::{column_blocks, gemm_into, inner_par, transpose, transpose_blocks, Mat, SendPtr};
 use crate::heads::{merge_heads, split_heads, RowLayout};
+use crate::precision::{bf16_matmul_t, bf16_products, bf16_weight};
 use crate::simd::Vector;
 use crate::util::{
     check_float, check_frozen, check_same, contiguous, if_tracked, sum_partials, with_slices, Float,
@@ -291,8 +292,16 @@ fn forward<T: Vector>(
         forward_unmerged(x, w, bias, a, b, dims, s, io, &mut y, par);
         return y;
     }
-    // Read as `[in, out]` row by row (see `blas::transpose`).
-    let wt = merged_t(w, a, b, dims, s);
+    // bf16: the merged weight packed for the AMX kernel; f32: read as `[in, out]` row by row
+    // (see `blas::transpose`).
+    let packed = bf16_products::<T>()
+        .then(|| bf16_weight(&merged(w, a, b, dims, s), out, d_in, false))
+        .flatten();
+    let wt = if packed.is_some() {
+        Vec::new()
+    } else {
+        merged_t(w, a, b, dims, s)
+    };
     let dst = SendPtr(y.as_mut_ptr());
     (0..tasks).into_par_iter().for_each_init(
         || (Vec::new(), Vec::new()),
@@ -303,6 +312,9 @@ fn forward<T: Vector>(
             let fill = |yc: &mut [T]| {
                 if let Some(bias) = bias {
                     yc.chunks_mut(out).for_each(|row| row.copy_from_slice(bias));
+                }
+                if bf16_matmul_t(packed.as_ref(), xc, m, yc, bias.is_some()) {
+                    return;
                 }
                 let xc = Mat::new(xc, 0, d_in, 1);
                 gemm_into(
@@ -423,6 +435,8 @@ fn backward<T: Float>(
     let par = inner_par(tasks);
     let at = transpose(a, r, d_in);
     let wm = if want_dx { merged(w, a, b, dims, s) } else { vec![] };
+    // bf16: `dx = g W'` as `g (W'ᵀ)ᵀ`, W' row-major being W'ᵀ column-major.
+    let packed = want_dx.then(|| bf16_weight(&wm, d_in, out, true)).flatten();
     let dst = SendPtr(dx.as_mut_ptr());
     let per_task = |c: usize, bufs: &mut [Vec<T>; 3]| -> (Vec<T>, Vec<T>) {
         let r0 = c * ROWS_PER_TASK;
@@ -438,8 +452,11 @@ fn backward<T: Float>(
         gemm_into(m, r, out, &mut du, false, gc, Mat::new(b, 0, r, 1), par);
         du.iter_mut().for_each(|v| *v = *v * s);
         if want_dx {
-            let fill =
-                |dxc: &mut [T]| gemm_into(m, d_in, out, dxc, false, gc, Mat::new(&wm, 0, d_in, 1), par);
+            let fill = |dxc: &mut [T]| {
+                if !bf16_matmul_t(packed.as_ref(), gs, m, dxc, false) {
+                    gemm_into(m, d_in, out, dxc, false, gc, Mat::new(&wm, 0, d_in, 1), par);
+                }
+            };
             // SAFETY: `dx` holds all n rows of x and each task writes only its own.
             unsafe { io.0.write(dst, d_in, r0, m, dxbuf, fill) };
         }

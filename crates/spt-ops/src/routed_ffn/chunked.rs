@@ -13,10 +13,12 @@
 //! partial adapter gradients, which are summed in chunk order: no atomics, and results do not
 //! depend on the thread count.
 
-use super::cpu::{scatter_add, split_groups, token_rows, HostRouting};
+use super::cpu::{group_rows, scatter_add, split_groups, token_rows, HostRouting};
 use super::router::token_run;
 use crate::activation::{ActScalar, Activation};
+use crate::amx::Bf16Matrix;
 use crate::blas::{gemm_into, inner_par, splits, transpose, Mat};
+use crate::precision::{bf16_matmul_t, bf16_weight};
 use crate::row_gemm::RowGemm;
 use crate::util::{sum_partials, Float};
 use rayon::prelude::*;
@@ -49,6 +51,18 @@ fn groups_by_chunk<'a, T>(hr: &HostRouting<'_>, buf: &'a mut [T], width: usize) 
         by_chunk[g % nc].push(part);
     }
     by_chunk
+}
+
+/// Each block's `M_e` packed for bf16 products (`precision`) from `Mᵀ` by blocks (`mt`: block e
+/// is `M_eᵀ [cols, rows]` row-major), where `T`'s products take bf16 inputs.
+fn bf16_blocks<T: Float>(mt: &[T], n: usize, rows: usize, cols: usize) -> Option<Vec<Bf16Matrix>> {
+    if n == 0 || rows == 0 || cols == 0 {
+        return None; // nothing to multiply: the f32 path's empty loops
+    }
+    let size = rows * cols;
+    (0..n)
+        .map(|e| bf16_weight(&mt[e * size..(e + 1) * size], rows, cols, true))
+        .collect()
 }
 
 /// Scratch buffers a chunk's task reuses from group to group.
@@ -108,6 +122,9 @@ pub(crate) fn forward<T: Float + ActScalar>(
     let pre_parts = groups_by_chunk(&hr, &mut pre, b);
     let par = inner_par(nc);
     let parallel = splits(par);
+    // bf16: fc1's `W1_e` from `W1_eᵀ` (w1b), fc2's `W2_e` from `W2_eᵀ` (w2t's rows).
+    let n = hr.n_blocks();
+    let bf16 = bf16_blocks(f.w1b, n, b, d).zip(bf16_blocks(f.w2t, n, d_out, b));
     split_chunks(&mut y, chunk * d_out, nc)
         .into_par_iter()
         .zip(pre_parts)
@@ -138,7 +155,10 @@ pub(crate) fn forward<T: Float + ActScalar>(
                     accumulate: true,
                     ..RowGemm::new([m, b, d], (f.x, d), (f.w1b, e * d * b, b), b, parallel)
                 };
-                if !T::row_gemm(&fc1, pre_g) {
+                if let Some((w1, _)) = &bf16 {
+                    let x_g = group_rows(&hr, f.x, d, rows.clone(), &mut s.rows);
+                    bf16_matmul_t(Some(&w1[e]), x_g, m, pre_g, true);
+                } else if !T::row_gemm(&fc1, pre_g) {
                     let lhs = token_rows(&hr, f.x, d, rows.clone(), &mut s.rows);
                     gemm_into(m, b, d, pre_g, true, lhs, Mat::new(f.w1b, e * d * b, b, 1), par);
                 }
@@ -159,7 +179,11 @@ pub(crate) fn forward<T: Float + ActScalar>(
                         parallel,
                     )
                 };
-                if !T::row_gemm(&fc2, y) {
+                if let Some((_, w2)) = &bf16 {
+                    s.out.resize(m * d_out, T::zero());
+                    bf16_matmul_t(Some(&w2[e]), h_g, m, &mut s.out, false);
+                    scatter_add(&hr, y, t0, &s.out, d_out, rows, Some(f.gates));
+                } else if !T::row_gemm(&fc2, y) {
                     s.out.resize(m * d_out, T::zero());
                     let rhs = Mat::new(f.w2t, e * b * d_out, d_out, 1);
                     gemm_into(m, d_out, b, &mut s.out, false, Mat::new(h_g, 0, b, 1), rhs, par);
@@ -245,6 +269,13 @@ pub(crate) fn backward<T: Float + ActScalar>(
         (vec![], vec![])
     };
     let a2t = if want_ad { transpose(p.a2, r, nb) } else { vec![] };
+    // bf16: `u = dy W2'_e` with `W2'_eᵀ` from m2's blocks, `dx += dpre W1'_e` with `W1'_eᵀ`
+    // from m1's rows.
+    let bf16 = bf16_blocks(p.m2, n, b, d_out).zip(if want_dx {
+        bf16_blocks(p.m1, n, d, b)
+    } else {
+        Some(vec![])
+    });
     // All parts empty when the gates' gradient is not wanted.
     let dg_parts = groups_by_chunk(&hr, &mut dgates, 1);
     let outs: Vec<ChunkOut<'_, T>> = split_chunks(&mut dx, chunk * d, nc)
@@ -295,7 +326,10 @@ pub(crate) fn backward<T: Float + ActScalar>(
                     a_idx: Some(tok),
                     ..RowGemm::new([m, b, d_out], (p.dy, d_out), m2_e, b, parallel)
                 };
-                if !T::row_gemm(&u, &mut s.h) {
+                if let Some((w2, _)) = &bf16 {
+                    let dy_g = group_rows(&hr, p.dy, d_out, rows.clone(), &mut s.rows);
+                    bf16_matmul_t(Some(&w2[e]), dy_g, m, &mut s.h, false);
+                } else if !T::row_gemm(&u, &mut s.h) {
                     let dy_rows = token_rows(&hr, p.dy, d_out, rows.clone(), &mut s.rows);
                     let rhs = Mat::new(p.m2, e * d_out * b, b, 1);
                     gemm_into(m, b, d_out, &mut s.h, false, dy_rows, rhs, par);
@@ -355,17 +389,25 @@ pub(crate) fn backward<T: Float + ActScalar>(
                     accumulate: true,
                     ..RowGemm::new([m, d, b], (&s.pre, b), (p.m1, e * b * d, d), d, parallel)
                 };
-                if want_dx && d > 0 && !T::row_gemm(&dx_g, out.dx) {
+                let bf16_dx = bf16.as_ref().map(|(_, w1)| &w1[e]).filter(|_| want_dx);
+                if want_dx && d > 0 && (bf16_dx.is_some() || !T::row_gemm(&dx_g, out.dx)) {
                     let rhs = Mat::new(p.m1, e * b * d, d, 1);
+                    let product = |c: &mut [T], accumulate| {
+                        if !bf16_matmul_t(bf16_dx, &s.pre, m, c, accumulate) {
+                            gemm_into(m, d, b, c, accumulate, dpre, rhs, par);
+                        }
+                    };
                     match token_run(hr.tok, rows.clone()) {
                         Some(t) => {
                             let off = (t - t0) * d;
-                            gemm_into(m, d, b, &mut out.dx[off..off + m * d], true, dpre, rhs, par);
+                            product(&mut out.dx[off..off + m * d], true);
                         }
                         None => {
-                            s.out.resize(m * d, T::zero());
-                            gemm_into(m, d, b, &mut s.out, false, dpre, rhs, par);
-                            scatter_add(&hr, out.dx, t0, &s.out, d, rows.clone(), None);
+                            let mut prod = std::mem::take(&mut s.out);
+                            prod.resize(m * d, T::zero());
+                            product(&mut prod, false);
+                            scatter_add(&hr, out.dx, t0, &prod, d, rows.clone(), None);
+                            s.out = prod;
                         }
                     }
                 }

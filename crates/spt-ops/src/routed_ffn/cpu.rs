@@ -69,11 +69,23 @@ pub(super) fn token_rows<T: Float>(
     rows: std::ops::Range<usize>,
     buf: &mut Vec<T>,
 ) -> Mat<T> {
+    Mat::new(group_rows(hr, src, width, rows, buf), 0, width, 1)
+}
+
+/// [`token_rows`] as one slice: in place when the group's tokens are consecutive, else
+/// gathered into `buf`.
+pub(super) fn group_rows<'a, T: Float>(
+    hr: &HostRouting<'_>,
+    src: &'a [T],
+    width: usize,
+    rows: std::ops::Range<usize>,
+    buf: &'a mut Vec<T>,
+) -> &'a [T] {
     match token_run(hr.tok, rows.clone()) {
-        Some(t) => Mat::new(src, t * width, width, 1),
+        Some(t) => &src[t * width..(t + rows.len()) * width],
         None => {
             gather_rows(src, width, &hr.tok[rows], buf);
-            Mat::new(buf, 0, width, 1)
+            &buf[..]
         }
     }
 }

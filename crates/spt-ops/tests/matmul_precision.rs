@@ -1,0 +1,256 @@
+//! `MatmulPrecision::Bf16`: `lora_linear`'s products with the merged weight take bf16 inputs
+//! and accumulate in f32; everything else is unchanged. Its own test binary, since the setting
+//! is process-wide: each test holds `LOCK` while it switches it.
+
+mod common;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use common::routed::random_routing;
+use spt_ops::gradcheck::randn_f64;
+use spt_ops::routed_ffn::routed_lora_ffn;
+use spt_ops::Activation;
+use spt_ops::{lora_linear, lora_linear_heads, set_matmul_precision, HeadsLayout, MatmulPrecision};
+use std::sync::Arc;
+use std::sync::Mutex;
+
+static LOCK: Mutex<()> = Mutex::new(());
+
+/// `f` under `p`, the setting restored to f32 after it.
+fn with_precision<R>(p: MatmulPrecision, f: impl FnOnce() -> R) -> R {
+    set_matmul_precision(p);
+    let r = f();
+    set_matmul_precision(MatmulPrecision::F32);
+    r
+}
+
+/// Values `k / 64` for integers `|k| ≤ max_k`, from a seeded LCG: bf16 holds them exactly, and
+/// so does f32 every product and sum the tests form from them.
+fn grid(shape: &[usize], max_k: i64, seed: u64) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let k = ((state >> 33) % (2 * max_k as u64 + 1)) as i64 - max_k;
+            k as f32 / 64.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
+/// y, dx, dA and dB of `Σ lora_linear(x, W, bias, A, B, s) ⊙ u` under `p`, for
+/// `[W, bias, A, B]`.
+fn run(
+    p: MatmulPrecision,
+    x: &Tensor,
+    layer: [&Tensor; 4],
+    s: f64,
+    layout: HeadsLayout,
+) -> Result<[Tensor; 4]> {
+    let [w, bias, a, b] = layer;
+    with_precision(p, || {
+        let (xv, av, bv) = (Var::from_tensor(x)?, Var::from_tensor(a)?, Var::from_tensor(b)?);
+        let y = lora_linear_heads(&xv, w, Some(bias), &av, &bv, s, layout)?;
+        let u = grid(y.dims(), 64, 99)?;
+        let g = (&y * &u)?.sum_all()?.backward()?;
+        let grad = |v: &Var| g.get(v).cloned().expect("a gradient");
+        Ok([y, grad(&xv), grad(&av), grad(&bv)])
+    })
+}
+
+/// The LoRA factors: rank 2, entries in {−1/4, 0, 1/4}, so that `s·B A` (s = 1) is a multiple
+/// of 1/16 and the merged weight stays on the grid.
+fn factors(out: usize, d_in: usize) -> Result<(Tensor, Tensor)> {
+    let quarter = |shape: &[usize], seed| grid(shape, 1, seed).and_then(|t| t * 16.0);
+    Ok((quarter(&[2, d_in], 3)?, quarter(&[out, 2], 4)?))
+}
+
+/// On values bf16 holds exactly, bf16 products equal f32 ones bit for bit (every sum is exact in
+/// f32 too), at every row count (the decoding path's few rows, whole and partial 256-row
+/// tasks) and in the attention-head layouts: the AMX kernel's tiles, tails and accumulation
+/// into the bias are checked against gemm.
+#[test]
+fn bf16_products_equal_f32_on_exact_values() -> Result<()> {
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let (out, d_in) = (96, 80);
+    let w = grid(&[out, d_in], 24, 1)?;
+    let bias = grid(&[out], 64, 2)?;
+    let (a, b) = factors(out, d_in)?;
+    for (rows, layout) in [
+        (1, HeadsLayout::default()),
+        (65, HeadsLayout::default()),
+        (300, HeadsLayout::default()),
+        (512, HeadsLayout::default()),
+        (
+            300,
+            HeadsLayout {
+                input_heads: false,
+                output_heads: Some(4),
+            },
+        ),
+        (
+            300,
+            HeadsLayout {
+                input_heads: true,
+                output_heads: None,
+            },
+        ),
+    ] {
+        let x = if layout.input_heads {
+            grid(&[1, 4, rows, d_in / 4], 64, 5)?
+        } else {
+            grid(&[1, rows, d_in], 64, 5)?
+        };
+        let f = run(MatmulPrecision::F32, &x, [&w, &bias, &a, &b], 1.0, layout)?;
+        let h = run(MatmulPrecision::Bf16, &x, [&w, &bias, &a, &b], 1.0, layout)?;
+        for (name, (f, h)) in ["y", "dx", "dA", "dB"].iter().zip(f.iter().zip(&h)) {
+            let diff = (f - h)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert_eq!(
+                diff, 0.0,
+                "{name} at {rows} rows, {layout:?}: bf16 differs from f32 by {diff}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Relative Frobenius distance.
+fn rel(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let n = |t: &Tensor| -> Result<f64> { t.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>() };
+    Ok((n(&(a - b)?)? / n(b)?).sqrt())
+}
+
+/// On general values the bf16 products round x, the merged weight and the output gradient
+/// (y and dx move by bf16's ~2^-9 relative rounding), while dA and dB, products of f32
+/// activations with the f32 adapters, stay what f32 gives to f32 rounding. f64 is untouched.
+#[test]
+fn bf16_products_round_their_inputs_only() -> Result<()> {
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let (out, d_in, rows) = (384, 384, 512);
+    let randn = |shape: &[usize], std: f64, seed| (randn_f64(shape, seed)? * std)?.to_dtype(DType::F32);
+    let w = randn(&[out, d_in], 0.05, 1)?;
+    let bias = randn(&[out], 0.1, 2)?;
+    let a = randn(&[8, d_in], 0.05, 3)?;
+    let b = randn(&[out, 8], 0.05, 4)?;
+    let x = randn(&[2, rows / 2, d_in], 1.0, 5)?;
+    let layout = HeadsLayout::default();
+    let f = run(MatmulPrecision::F32, &x, [&w, &bias, &a, &b], 2.0, layout)?;
+    let h = run(MatmulPrecision::Bf16, &x, [&w, &bias, &a, &b], 2.0, layout)?;
+    for (name, i) in [("y", 0), ("dx", 1)] {
+        let r = rel(&h[i], &f[i])?;
+        assert!(
+            (2e-4..1e-2).contains(&r),
+            "{name}: bf16 against f32 {r:e}, expected bf16 rounding"
+        );
+    }
+    for (name, i) in [("dA", 2), ("dB", 3)] {
+        let r = rel(&h[i], &f[i])?;
+        assert!(r < 1e-5, "{name}: bf16 against f32 {r:e}, expected f32 rounding");
+    }
+    // f64 keeps f64 products.
+    let to64 = |t: &Tensor| t.to_dtype(DType::F64);
+    let f64s = |p| {
+        with_precision(p, || {
+            lora_linear(
+                &to64(&x)?,
+                &to64(&w)?,
+                Some(&to64(&bias)?),
+                &to64(&a)?,
+                &to64(&b)?,
+                2.0,
+            )
+        })
+    };
+    let (y32, y16) = (f64s(MatmulPrecision::F32)?, f64s(MatmulPrecision::Bf16)?);
+    assert_eq!((y32 - y16)?.abs()?.max_all()?.to_scalar::<f64>()?, 0.0);
+    Ok(())
+}
+
+/// `linear_cross_entropy` under bf16: on values bf16 holds the logits are exact either way, so
+/// the loss is the f32 loss bit for bit (300 rows: a chunk's row tasks end in a partial one);
+/// `dh = P W` rounds `P = softmax − onehot`, so it moves by bf16 rounding.
+#[test]
+fn linear_cross_entropy_takes_bf16_products() -> Result<()> {
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let (n, d, v) = (300, 80, 1000);
+    let h = grid(&[n, d], 64, 11)?;
+    let w = grid(&[v, d], 24, 12)?;
+    let targets = Tensor::from_vec(
+        (0..n as u32).map(|i| i * 7 % v as u32).collect::<Vec<_>>(),
+        n,
+        &Device::Cpu,
+    )?;
+    let run = |p| {
+        with_precision(p, || -> Result<(f32, Tensor)> {
+            let hv = Var::from_tensor(&h)?;
+            let loss = spt_ops::linear_cross_entropy(&hv, &w, &targets, None, spt_ops::Reduction::Mean)?;
+            let g = loss.backward()?;
+            Ok((loss.to_scalar::<f32>()?, g.get(&hv).cloned().expect("dh")))
+        })
+    };
+    let (l32, dh32) = run(MatmulPrecision::F32)?;
+    let (l16, dh16) = run(MatmulPrecision::Bf16)?;
+    assert_eq!(l32, l16, "the loss from exact logits");
+    let r = rel(&dh16, &dh32)?;
+    assert!(
+        (1e-5..1e-2).contains(&r),
+        "dh: bf16 against f32 {r:e}, expected bf16 rounding of P"
+    );
+    Ok(())
+}
+
+/// The routed LoRA FFN under bf16. Forward: with inputs chosen so that every value fc1 and fc2
+/// read is a bf16 value (x in {0, ±1/8}, pre-activations below 2^-1 on a 2^-9 grid, ReLU),
+/// y equals the f32 op's bit for bit: the kernels' per-block packing, gathers, tails, gates and
+/// scatter. Backward: the gates' gradient `⟨h, dy W2'_e⟩` reads exact products too, so it is
+/// equal; dx reads `dpre`, which bf16 rounds, so it moves by bf16 rounding only.
+#[test]
+fn routed_lora_ffn_takes_bf16_products() -> Result<()> {
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let (t, d, n, b, k, d_out) = (600, 20, 4, 24, 2, 48);
+    let routing = Arc::new(random_routing(t, n, k, None, 7)?);
+    let x = (grid(&[t, d], 1, 1)? * 8.0)?;
+    let (w1, b1) = (grid(&[n * b, d], 4, 2)?, (grid(&[n * b], 8, 3)? / 8.0)?);
+    let (w2, b2) = (grid(&[d_out, n * b], 64, 4)?, grid(&[d_out], 64, 5)?);
+    let gates = grid(&[t * k], 64, 6)?;
+    let quarter = |shape: &[usize], seed| grid(shape, 1, seed).and_then(|t| t * 16.0);
+    let adapters = [
+        quarter(&[2, d], 7)?,
+        quarter(&[n * b, 2], 8)?,
+        quarter(&[2, n * b], 9)?,
+        quarter(&[d_out, 2], 10)?,
+    ];
+    let run = |p| {
+        with_precision(p, || -> Result<[Tensor; 3]> {
+            let (xv, gv) = (Var::from_tensor(&x)?, Var::from_tensor(&gates)?);
+            let av: Vec<Var> = adapters.iter().map(Var::from_tensor).collect::<Result<_>>()?;
+            let y = routed_lora_ffn(
+                &xv,
+                &gv,
+                [&w1, &b1, &w2, &b2],
+                [&av[0], &av[1], &av[2], &av[3]],
+                1.0,
+                Activation::Relu,
+                &routing,
+            )?;
+            let g = (&y * grid(y.dims(), 64, 99)?)?.sum_all()?.backward()?;
+            let grad = |v: &Var| g.get(v).cloned().expect("a gradient");
+            Ok([y, grad(&gv), grad(&xv)])
+        })
+    };
+    let (f, h) = (run(MatmulPrecision::F32)?, run(MatmulPrecision::Bf16)?);
+    for (name, i) in [("y", 0), ("dgates", 1)] {
+        let diff = (&f[i] - &h[i])?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0, "{name}: bf16 differs from f32 by {diff}");
+    }
+    let r = rel(&h[2], &f[2])?;
+    assert!(
+        (1e-6..1e-2).contains(&r),
+        "dx: bf16 against f32 {r:e}, expected bf16 rounding of dpre"
+    );
+    Ok(())
+}
