@@ -209,6 +209,10 @@ pub struct FinetuneArgs {
     /// cpu, cuda or cuda:N (default: cpu).
     #[arg(long)]
     pub device: Option<String>,
+    /// f32 or bf16: the precision of the products with LoRA layers' frozen weights on the CPU
+    /// (bf16 inputs, f32 accumulation; AMX where the CPU has it) (default: f32).
+    #[arg(long, value_name = "f32|bf16")]
+    pub matmul_precision: Option<spt_ops::MatmulPrecision>,
     /// Hide the progress bar.
     #[arg(long)]
     pub no_progress: bool,
@@ -487,7 +491,8 @@ impl FinetuneConfig {
             plain: model, task, validation_split, text_column, label_column, block_size, output_dir, mode,
                 pq_refresh_every, ffn_blocks, ffn_top_k, ffn_units, ffn_correction, calibration_batches, router_aux_weight, lora_rank, lora_alpha, lora_dropout,
                 epochs, batch_size, grad_accum, lr, warmup_ratio, schedule, weight_decay, adam_beta1, adam_beta2,
-                adam_eps, max_grad_norm, seed, eval_every, save_every, keep_last, log_every, device;
+                adam_eps, max_grad_norm, seed, eval_every, save_every, keep_last, log_every, device,
+                matmul_precision;
             optional: preset, tokenizer, router_lr_scale, split_by, format, text_pair_column, label_map, max_length, attn_k,
                 attn_k_fraction, attn_tile, pq_subspaces, pq_codewords, max_steps, eval_batch_size, warmup_steps, resume;
             list: train_files, validation_files, drop_labels, modules_to_save

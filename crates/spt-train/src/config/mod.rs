@@ -237,6 +237,10 @@ pub struct FinetuneConfig {
     pub resume: Option<String>,
     /// `cpu`, `cuda` or `cuda:N`.
     pub device: String,
+    /// The precision of the CPU kernels' products with the frozen weights of LoRA layers: `f32`
+    /// (default) or `bf16` (bf16 inputs, f32 accumulation; AMX where the CPU has it). See
+    /// `spt_ops::precision`.
+    pub matmul_precision: spt_ops::MatmulPrecision,
     pub progress: bool,
 }
 
@@ -301,6 +305,7 @@ impl Default for FinetuneConfig {
             log_every: 10,
             resume: None,
             device: "cpu".into(),
+            matmul_precision: spt_ops::MatmulPrecision::F32,
             progress: true,
         }
     }

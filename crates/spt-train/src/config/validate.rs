@@ -146,6 +146,15 @@ impl FinetuneConfig {
                 format!("expected cpu, cuda or cuda:N, got `{}`", self.device),
             ));
         }
+        if self.matmul_precision == spt_ops::MatmulPrecision::Bf16 && self.device != "cpu" {
+            return Err(invalid(
+                "matmul_precision",
+                format!(
+                    "bf16 is a setting of the CPU kernels, and the device is `{}`: use f32 there",
+                    self.device
+                ),
+            ));
+        }
         Ok(())
     }
 

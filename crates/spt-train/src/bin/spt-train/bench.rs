@@ -8,6 +8,7 @@ use crate::common::{check_output_file, device, mode_name, task_of};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args;
+use spt_ops::MatmulPrecision;
 use spt_train::config::{resolve_model, FinetuneConfig, Mode};
 use spt_train::data::TaskKind;
 use spt_train::tasks::{calibration_batches, ModelTask};
@@ -42,6 +43,10 @@ pub(crate) struct BenchArgs {
     pub(crate) output: Option<PathBuf>,
     #[arg(long, default_value = "cpu")]
     pub(crate) device: String,
+    /// f32 or bf16: the precision of the products with LoRA layers' frozen weights on the CPU
+    /// (as finetune's --matmul-precision); a bf16 run's records name it in their case.
+    #[arg(long, default_value_t = MatmulPrecision::F32, value_name = "f32|bf16")]
+    pub(crate) matmul_precision: MatmulPrecision,
     /// Replace this model's records in an existing --output file instead of starting a new one.
     #[arg(long)]
     pub(crate) append: bool,
@@ -96,6 +101,12 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
             "a record of spt-train bench (a JSON object with `records` and the `command` that wrote them)";
         check_output_file(out, "--output", what, is_bench_record)?;
     }
+    if a.matmul_precision == MatmulPrecision::Bf16 && a.device != "cpu" {
+        bail!(
+            "--matmul-precision bf16 is a setting of the CPU kernels, and --device is {}",
+            a.device
+        );
+    }
     let dev = device(&a.device)?;
     let model_dir = resolve_model(&a.model)?;
     if let Some(mode) = a.child {
@@ -113,6 +124,7 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
         bail!("--seq-len 1: a language model's next-token loss needs at least 2 tokens");
     }
     check_batch_fits(a, &model_dir)?;
+    crate::common::apply_matmul_precision(a.matmul_precision);
     let model_name = model_dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -159,6 +171,7 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
             .args(["--steps", &a.steps.to_string()])
             .args(["--warmup", &a.warmup.to_string()])
             .args(["--device", &a.device])
+            .args(["--matmul-precision", &a.matmul_precision.to_string()])
             .args(["--child", &format!("{mode:?}").to_lowercase()]);
         if let Some(k) = a.attn_k {
             cmd.args(["--attn-k", &k.to_string()]);
@@ -246,6 +259,9 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
             if let Some(s) = &setting {
                 case["setting"] = s.clone().into();
             }
+            if a.matmul_precision != MatmulPrecision::F32 {
+                case["matmul_precision"] = a.matmul_precision.to_string().into();
+            }
             serde_json::json!({
                 "case": case,
                 "ours_s": ours,
@@ -289,6 +305,10 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
             let same = |r: &serde_json::Value| {
                 r["case"]["model"] == serde_json::json!(model_name)
                     && r["case"].get("setting").and_then(|s| s.as_str()) == setting.as_deref()
+                    && r["case"].get("matmul_precision").and_then(|s| s.as_str())
+                        == (a.matmul_precision != MatmulPrecision::F32)
+                            .then(|| a.matmul_precision.to_string())
+                            .as_deref()
                     && r["model_id"].as_str().is_none_or(|id| id == model_id)
             };
             let mut merged: Vec<serde_json::Value> = old["records"]
@@ -384,6 +404,7 @@ fn check_batch_fits(a: &BenchArgs, model_dir: &Path) -> Result<()> {
 /// One mode, timed in this (fresh) process: prints `{median_s, step_times_s, peak_rss_bytes, …}`.
 pub(crate) fn bench_child(a: &BenchArgs, mode: Mode, model_dir: &Path, dev: &Device) -> Result<()> {
     let task_kind = task_of(&a.model)?;
+    crate::common::apply_matmul_precision(a.matmul_precision);
     let attn_k = a.attn_k.unwrap_or_else(|| preset_keys(a.seq_len));
     // spt mode starts from the fast preset, as `finetune --mode spt` does. lora and spt are
     // timed without the pooler, which both train by default (one 384 × 384 layer on B rows), as

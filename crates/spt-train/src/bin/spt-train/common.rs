@@ -736,6 +736,18 @@ pub(crate) fn check_output_file(
     Ok(())
 }
 
+/// Sets the process's matmul precision (`spt_ops::precision`), with a note where bf16 has no
+/// AMX to run on.
+pub(crate) fn apply_matmul_precision(p: spt_ops::MatmulPrecision) {
+    spt_ops::set_matmul_precision(p);
+    if p == spt_ops::MatmulPrecision::Bf16 && !spt_ops::bf16_matmul_is_native() {
+        crate::say!(
+            "note: this CPU has no AMX: the bf16 products are computed in f32 from rounded inputs, \
+             slower than f32 products"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

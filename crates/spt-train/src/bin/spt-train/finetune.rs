@@ -85,6 +85,7 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<Outcome> {
         cfg.overwrite = false;
     }
     let dev = device(&cfg.device)?;
+    crate::common::apply_matmul_precision(cfg.matmul_precision);
     let resume = resume_point(&cfg)?;
     let resuming = resume != Resume::No;
     check_run_dir(&cfg.output_dir, cfg.overwrite, resuming)?;
