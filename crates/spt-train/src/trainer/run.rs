@@ -446,14 +446,14 @@ impl<T: TrainTask> Trainer<T> {
         let mut total = self.total_steps(train.len());
         if self.cfg.max_steps.is_none() && resumed_from.is_some() {
             // The updates left from where the checkpoint stopped reading: a checkpoint made
-            // with another grad_accum (or by a build whose updates spanned epoch ends) would
-            // otherwise stop short of the data or past it.
+            // with another grad_accum or batch size (or by a build whose updates spanned epoch
+            // ends) would otherwise stop short of the data or past it.
             let from_here = st.step + steps_left(st.pos, n_batches, self.cfg.epochs, self.cfg.grad_accum);
             if from_here != total {
                 tracing::warn!(
-                    "the checkpoint at step {} was made with another grad_accum (or by an older spt-train): \
-                     the rest of the data makes {} updates, so this run ends at step {from_here}, not \
-                     {total}, and the learning-rate schedule runs to there",
+                    "the checkpoint at step {} was made with another grad_accum or batch size (or by \
+                     an older spt-train): the rest of the data makes {} updates, so this run ends at \
+                     step {from_here}, not {total}, and the learning-rate schedule runs to there",
                     st.step,
                     from_here - st.step
                 );
