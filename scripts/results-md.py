@@ -252,7 +252,8 @@ def footer(data, recs):
     return out
 
 
-TORCH_ORDER = ["torch_s", "torch_sdpa_s", "torch_eager_s", "torch_full_s", "torch_full_bytes", "torch_lora_s", "torch_lora_bytes"]
+TORCH_ORDER = ["torch_s", "torch_sdpa_s", "torch_eager_s", "torch_full_s", "torch_full_bytes", "torch_lora_s", "torch_lora_bytes",
+               "torch_full_bf16_s", "torch_full_bf16_bytes", "torch_lora_bf16_s", "torch_lora_bf16_bytes"]
 
 
 def torch_keys(recs):
@@ -743,6 +744,9 @@ QUOTES = [
 PEER_KEYS = {
     "full": ("torch_full_s", "torch_full_bytes", ""),
     "lora": ("torch_lora_s", "torch_lora_bytes", ""),
+    # The same under bf16 autocast (transformers' `bf16=True`; bench/peer/steps.py).
+    "fullbf16": ("torch_full_bf16_s", "torch_full_bf16_bytes", ""),
+    "lorabf16": ("torch_lora_bf16_s", "torch_lora_bf16_bytes", ""),
     # Generation and inference records hold one peer each: transformers (+ PEFT for generation's
     # LoRA / SPT records).
     "gen": ("torch_s", "torch_bytes", ""),

@@ -1,7 +1,7 @@
 """Whole fine-tuning steps in PyTorch + transformers (+ PEFT), at the shapes of our
 `spt-train bench` records (bench/results/finetune-speed*.json), for the peer columns there.
 
-For each (model, B, L) of the records, two configurations, each timed in a fresh process so
+For each (model, B, L) of the records, four configurations, each timed in a fresh process so
 that its peak RSS is its own (ours are measured the same way, one process per mode):
 
 - "full": every parameter trains (AdamW over all of them);
@@ -9,7 +9,11 @@ that its peak RSS is its own (ours are measured the same way, one process per mo
   crates/spt-train/src/config.rs) on the same linears as ours (crates/spt-train/src/tasks.rs):
   BERT's query, key, value, attention output dense, intermediate dense and output dense of every
   layer (not the pooler); GPT-2's c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj. The BERT
-  classifier head trains too (PEFT's SEQ_CLS task saves it), as ours.
+  classifier head trains too (PEFT's SEQ_CLS task saves it), as ours;
+- each of the two again with the forward and loss under `torch.autocast("cpu", bfloat16)`,
+  what transformers' Trainer runs with `bf16=True` on a CPU (f32 weights and optimiser, bf16
+  matmuls: oneDNN runs them on AMX where the CPU has it). Ours stay f32; these columns say how
+  much of our lead a user keeps against PyTorch's fastest setting on the same machine.
 
 The model comes from the directory our command names with `--model` (its config.json decides:
 BERT -> BertForSequenceClassification with 2 labels, GPT-2 -> GPT2LMHeadModel), from the
@@ -19,13 +23,14 @@ of full length L, no padding; random 0/1 labels and cross-entropy for BERT, the 
 loss for GPT-2. A step is forward + backward + AdamW step (lr 1e-5, as ours) + zero_grad, in
 train mode (dropout on, as ours). As many timed steps and warm-up steps as the record says.
 
-    python3 steps.py child --model-dir DIR --batch 8 --seq-len 512 --kind full --steps 5 --warmup 1
+    python3 steps.py child --model-dir DIR --batch 8 --seq-len 512 --kind full --steps 5 --warmup 1 [--bf16]
 
 prints one JSON line (median_s, step_times_s, peak_rss_bytes, parameter counts); `bench_steps`
 runs those children and merges their figures into the records (`torch_full_s`,
 `torch_full_bytes`, `torch_lora_s`, `torch_lora_bytes`, `speedup_vs_torch_full` =
 torch_full_s / ours_s, `speedup_vs_torch_lora`, `memory_vs_torch_full` = ours_bytes /
-torch_full_bytes, `memory_vs_torch_lora`).
+torch_full_bytes, `memory_vs_torch_lora`, and the same with `_bf16` after `full` / `lora` for
+the autocast runs).
 """
 import argparse
 import json
@@ -113,7 +118,8 @@ def child(args):
     times = []
     for s in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        loss = model(**batch).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss = model(**batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -129,6 +135,7 @@ def child(args):
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "weights": "checkpoint" if has_weights else "random init",
         "loss": loss.item(),
+        "autocast": "bfloat16" if args.bf16 else None,
     }))
 
 
@@ -147,10 +154,15 @@ def model_dir_of(doc, name):
     raise FileNotFoundError(f"no model directory for {name!r} (run scripts/fetch-assets.sh minilm?)")
 
 
-def run_child(model_dir, kind, b, l, steps, warmup):
+# (record key, --kind, autocast to bf16): every configuration timed per (model, B, L).
+CONFIGS = (("full", "full", False), ("lora", "lora", False),
+           ("full_bf16", "full", True), ("lora_bf16", "lora", True))
+
+
+def run_child(model_dir, kind, b, l, steps, warmup, bf16):
     cmd = [sys.executable, os.path.abspath(__file__), "child", "--model-dir", model_dir,
            "--kind", kind, "--batch", str(b), "--seq-len", str(l),
-           "--steps", str(steps), "--warmup", str(warmup)]
+           "--steps", str(steps), "--warmup", str(warmup)] + (["--bf16"] if bf16 else [])
     p = subprocess.run(cmd, capture_output=True, text=True, env=offline_env())
     if p.returncode != 0:
         raise RuntimeError(f"{kind} child failed ({p.returncode}):\n{p.stderr[-3000:]}")
@@ -175,11 +187,11 @@ def bench_steps(torch, paths, quick=False):
             model_dir = model_dir_of(doc, c["model"])
             before = loadavg()
             runs = {}
-            for kind in ("full", "lora"):
-                print(f"peer steps: {c['model']} B{b}xL{l} {kind} ...", flush=True)
-                runs[kind] = run_child(model_dir, kind, b, l, steps, warmup)
-                print(f"peer steps: {kind}: median {runs[kind]['median_s']:.3f} s/step, "
-                      f"peak RSS {runs[kind]['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
+            for key_, kind, bf16 in CONFIGS:
+                print(f"peer steps: {c['model']} B{b}xL{l} {key_} ...", flush=True)
+                runs[key_] = run_child(model_dir, kind, b, l, steps, warmup, bf16)
+                print(f"peer steps: {key_}: median {runs[key_]['median_s']:.3f} s/step, "
+                      f"peak RSS {runs[key_]['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
             measured[key] = {"runs": runs, "loadavg_before": before, "loadavg_after": loadavg(),
                              "steps": steps, "warmup": warmup, "B": b, "L": l}
     for path, doc in docs.items():
@@ -187,35 +199,32 @@ def bench_steps(torch, paths, quick=False):
         for rec in doc["records"]:
             c = rec["case"]
             m = measured[(c["model"], c["B"], c["L"])]
-            full, lora = m["runs"]["full"], m["runs"]["lora"]
+            runs = m["runs"]
             ours_s, ours_b = rec.get("ours_s"), rec.get("ours_bytes")
             details = {
                 "what": "PyTorch + transformers: full fine-tuning (AdamW over all parameters) and "
-                        f"PEFT LoRA r = {LORA_RANK}, alpha = {LORA_ALPHA} on our target linears; "
-                        "peak RSS of a fresh Python process (torch import included)",
+                        f"PEFT LoRA r = {LORA_RANK}, alpha = {LORA_ALPHA} on our target linears, each "
+                        "in f32 and under bf16 autocast (`_bf16`); peak RSS of a fresh Python process "
+                        "(torch import included)",
                 "steps": m["steps"],
                 "warmup": m["warmup"],
                 "loadavg_before": m["loadavg_before"],
                 "loadavg_after": m["loadavg_after"],
             }
-            for kind, r in (("full", full), ("lora", lora)):
-                details[kind] = {k: r[k] for k in ("step_times_s", "trainable_params", "total_params",
-                                                     "attn_implementation", "weights")}
+            figures = {}
+            for key_, _, _ in CONFIGS:
+                r = runs[key_]
+                details[key_] = {k: r[k] for k in ("step_times_s", "trainable_params", "total_params",
+                                                     "attn_implementation", "weights", "autocast")}
+                figures[f"torch_{key_}_s"] = r["median_s"]
+                figures[f"torch_{key_}_bytes"] = r["peak_rss_bytes"]
+                figures[f"speedup_vs_torch_{key_}"] = ratio(r["median_s"], ours_s)
+                figures[f"memory_vs_torch_{key_}"] = ratio(ours_b, r["peak_rss_bytes"])
             if quick:
                 details["quick_shape"] = {"B": m["B"], "L": m["L"]}
-            out.append((c, {
-                "torch_full_s": full["median_s"],
-                "torch_full_bytes": full["peak_rss_bytes"],
-                "torch_lora_s": lora["median_s"],
-                "torch_lora_bytes": lora["peak_rss_bytes"],
-                "speedup_vs_torch_full": ratio(full["median_s"], ours_s),
-                "speedup_vs_torch_lora": ratio(lora["median_s"], ours_s),
-                "memory_vs_torch_full": ratio(ours_b, full["peak_rss_bytes"]),
-                "memory_vs_torch_lora": ratio(ours_b, lora["peak_rss_bytes"]),
-                "peer_details": details,
-            }))
-            print(f"peer steps {c}: ours {ours_s or float('nan'):.3f} s | torch full "
-                  f"{full['median_s']:.3f} s | PEFT LoRA {lora['median_s']:.3f} s", flush=True)
+            out.append((c, {**figures, "peer_details": details}))
+            print(f"peer steps {c}: ours {ours_s or float('nan'):.3f} s | "
+                  + " | ".join(f"torch {k} {runs[k]['median_s']:.3f} s" for k, _, _ in CONFIGS), flush=True)
         merge(path, out, peer_info(torch))
 
 
@@ -229,6 +238,7 @@ def main():
     c.add_argument("--seq-len", type=int, required=True)
     c.add_argument("--steps", type=int, default=5)
     c.add_argument("--warmup", type=int, default=1)
+    c.add_argument("--bf16", action="store_true", help="forward and loss under torch.autocast(cpu, bfloat16)")
     args = ap.parse_args()
     if args.cmd == "child":
         child(args)
