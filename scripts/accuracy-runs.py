@@ -167,7 +167,10 @@ def main():
                     if d is None:
                         raise SystemExit(f"accuracy-runs: --set {'.'.join(keys)}: record #{i} has no section {k!r}")
                 if keys[-1] not in d:
-                    raise SystemExit(f"accuracy-runs: --set {'.'.join(keys)}: record #{i} has no setting {keys[-1]!r}")
+                    # A setting newer than the record (its default then); a misspelt one is
+                    # refused by spt-train, whose config takes no unknown keys.
+                    print(f"accuracy-runs: --set {'.'.join(keys)}: record #{i} has no such setting; adding it",
+                          flush=True)
                 d[keys[-1]] = value
             settings = copy.deepcopy(stored)
             settings["output_dir"] = os.path.join(tmp, f"{row}-{old['seed']}")
