@@ -118,13 +118,21 @@ impl Bf16Matrix {
         // SAFETY: the chunks above cover all `len` lines, and every line of every chunk was
         // written (padding row tiles with zeros, the others by the pack functions).
         unsafe { data.set_len(len) };
-        Self {
+        let packed = Self {
             rows,
             cols,
             kt,
             data,
             unpacked: OnceLock::new(),
+        };
+        if !amx_available() {
+            // The portable path's f32 copy, made here, outside the callers' parallel tasks:
+            // made on first use inside them, a rayon worker waiting in `get_or_init` for its
+            // parallel unpacking could steal another task of the same matrix and re-enter the
+            // lock (rayon-rs/rayon#1251).
+            packed.unpacked();
         }
+        packed
     }
 
     pub(crate) fn rows(&self) -> usize {
@@ -310,9 +318,12 @@ mod x86 {
     use std::cell::Cell;
     use std::mem::MaybeUninit;
 
-    /// Rows of `a` converted at a time: the slab's A tiles (≤ 1.5 MiB at K = 3072) and a chunk
-    /// of M share the 2 MiB L2, and a 256-row call is one slab.
+    /// Rows of `a` converted at a time, at most: the slab's A tiles (1.5 MiB at K = 3072) and a
+    /// chunk of M share the 2 MiB L2, and a 256-row call is one slab.
     const SLAB: usize = 256;
+    /// Bytes of A tiles a slab may take: at larger K (the output layer's `dh`, K = 50257) the
+    /// slab shrinks, down to one 32-row block.
+    const A_BYTES: usize = 3 << 19;
     /// Bytes of packed M per chunk (at least one 32-row block) that every row block of the slab
     /// passes over while it stays in L2 (256 KiB and 1 MiB measured no better).
     const CHUNK_BYTES: usize = 512 * 1024;
@@ -618,6 +629,8 @@ mod x86 {
         let (n, k, kt) = (mat.rows, mat.cols, mat.kt);
         let blocks = n.div_ceil(2 * TR);
         let chunk = (CHUNK_BYTES / (2 * kt * 1024)).max(1);
+        // A slab of `s` rows takes `s · kt · 64` bytes of A tiles.
+        let slab = (A_BYTES / (64 * kt) / 32 * 32).clamp(32, SLAB);
         let mut buf = A_TILES.with(Cell::take);
         let tiles = Tiles::configure();
         let cp = c.as_mut_ptr();
@@ -625,8 +638,8 @@ mod x86 {
         let bp = mat.data.as_ptr();
         // Edge blocks (the last rows or columns of c) go through this block.
         let mut edge = EdgeBlock([0f32; 1024]);
-        for i0 in (0..m).step_by(SLAB) {
-            let nrows = (m - i0).min(SLAB);
+        for i0 in (0..m).step_by(slab) {
+            let nrows = (m - i0).min(slab);
             let row_blocks = nrows.div_ceil(2 * TR);
             let lines = 2 * row_blocks * kt * TR;
             if buf.len() < lines {
@@ -680,7 +693,11 @@ mod x86 {
             }
         }
         drop(tiles);
-        A_TILES.with(|cell| cell.set(buf));
+        // Kept for the next call up to a full slab's size: a thread that once multiplied at a
+        // huge K should not hold that much for the rest of the process.
+        if buf.len() * 64 <= A_BYTES {
+            A_TILES.with(|cell| cell.set(buf));
+        }
     }
 
     /// A 32 × 32 f32 block, row-major (row stride 128 bytes), for the blocks at c's edges.
@@ -737,6 +754,8 @@ mod tests {
             (33, 31, 65),
             (64, 64, 32),
             (513, 40, 33),
+            // K past 3072: slabs of fewer than 256 rows (96 here), several per call.
+            (300, 17, 7000),
         ] {
             let a = values(m * cols, 1 + m as u64);
             let w: Vec<f32> = values(rows * cols, 7 + rows as u64)

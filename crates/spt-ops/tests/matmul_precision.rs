@@ -254,3 +254,113 @@ fn routed_lora_ffn_takes_bf16_products() -> Result<()> {
     );
     Ok(())
 }
+
+/// On general values every product of the routed LoRA FFN moves by bf16 rounding: y (fc1, fc2),
+/// the gates' gradient (`dy W2'_e`) and dx. With x untracked (a first layer's input) the
+/// backward still runs its bf16 products for the adapters.
+#[test]
+fn routed_lora_ffn_rounds_on_general_values() -> Result<()> {
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let (t, d, n, b, k, d_out, r) = (700, 64, 4, 48, 2, 64, 4);
+    let routing = Arc::new(random_routing(t, n, k, None, 17)?);
+    let randn = |shape: &[usize], std: f64, seed| (randn_f64(shape, seed)? * std)?.to_dtype(DType::F32);
+    let x = randn(&[t, d], 1.0, 1)?;
+    let (w1, b1) = (randn(&[n * b, d], 0.1, 2)?, randn(&[n * b], 0.1, 3)?);
+    let (w2, b2) = (randn(&[d_out, n * b], 0.1, 4)?, randn(&[d_out], 0.1, 5)?);
+    let gates = (randn(&[t * k], 0.2, 6)? + 1.0)?;
+    let adapters = [
+        randn(&[r, d], 0.1, 7)?,
+        randn(&[n * b, r], 0.1, 8)?,
+        randn(&[r, n * b], 0.1, 9)?,
+        randn(&[d_out, r], 0.1, 10)?,
+    ];
+    let run = |p, track_x: bool| {
+        with_precision(p, || -> Result<Vec<Tensor>> {
+            let xv = Var::from_tensor(&x)?;
+            let xin = if track_x {
+                xv.as_tensor().clone()
+            } else {
+                x.clone()
+            };
+            let gv = Var::from_tensor(&gates)?;
+            let av: Vec<Var> = adapters.iter().map(Var::from_tensor).collect::<Result<_>>()?;
+            let y = routed_lora_ffn(
+                &xin,
+                &gv,
+                [&w1, &b1, &w2, &b2],
+                [&av[0], &av[1], &av[2], &av[3]],
+                2.0,
+                Activation::GeluErf,
+                &routing,
+            )?;
+            let g = (&y * grid(y.dims(), 64, 99)?)?.sum_all()?.backward()?;
+            let grad = |v: &Var| g.get(v).cloned().expect("a gradient");
+            let mut out = vec![y, grad(&gv), grad(&av[0])];
+            if track_x {
+                out.push(grad(&xv));
+            }
+            Ok(out)
+        })
+    };
+    let (f, h) = (
+        run(MatmulPrecision::F32, true)?,
+        run(MatmulPrecision::Bf16, true)?,
+    );
+    for (name, i) in [("y", 0), ("dgates", 1), ("dA1", 2), ("dx", 3)] {
+        let r = rel(&h[i], &f[i])?;
+        assert!(
+            (1e-5..2e-2).contains(&r),
+            "{name}: bf16 against f32 {r:e}, expected bf16 rounding"
+        );
+    }
+    let (f, h) = (
+        run(MatmulPrecision::F32, false)?,
+        run(MatmulPrecision::Bf16, false)?,
+    );
+    for (name, i) in [("y", 0), ("dgates", 1), ("dA1", 2)] {
+        let r = rel(&h[i], &f[i])?;
+        assert!(
+            (1e-5..2e-2).contains(&r),
+            "{name} (x untracked): bf16 against f32 {r:e}"
+        );
+    }
+    Ok(())
+}
+
+/// The output layer's logits take bf16 inputs too (evaluation: nothing tracked), and a
+/// zero-width layer gives the f32 op's answer instead of packing an empty weight.
+#[test]
+fn linear_cross_entropy_logits_round_and_empty_widths_pass() -> Result<()> {
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let (n, d, v) = (300, 80, 1000);
+    let randn = |shape: &[usize], std: f64, seed| (randn_f64(shape, seed)? * std)?.to_dtype(DType::F32);
+    let (h, w) = (randn(&[n, d], 1.0, 21)?, randn(&[v, d], 0.2, 22)?);
+    let targets = Tensor::from_vec(
+        (0..n as u32).map(|i| i * 13 % v as u32).collect::<Vec<_>>(),
+        n,
+        &Device::Cpu,
+    )?;
+    let loss = |p, h: &Tensor, w: &Tensor| {
+        with_precision(p, || {
+            spt_ops::linear_cross_entropy(h, w, &targets, None, spt_ops::Reduction::Mean)?.to_scalar::<f32>()
+        })
+    };
+    let (l32, l16) = (
+        loss(MatmulPrecision::F32, &h, &w)?,
+        loss(MatmulPrecision::Bf16, &h, &w)?,
+    );
+    let r = ((l16 - l32) / l32).abs();
+    assert!(
+        r > 0.0 && r < 1e-2,
+        "loss {l16} under bf16 against {l32}: expected bf16 rounding of the logits"
+    );
+    let (h0, w0) = (
+        Tensor::zeros((n, 0), DType::F32, &Device::Cpu)?,
+        Tensor::zeros((v, 0), DType::F32, &Device::Cpu)?,
+    );
+    assert_eq!(
+        loss(MatmulPrecision::F32, &h0, &w0)?,
+        loss(MatmulPrecision::Bf16, &h0, &w0)?
+    );
+    Ok(())
+}

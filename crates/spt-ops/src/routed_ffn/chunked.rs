@@ -56,8 +56,8 @@ fn groups_by_chunk<'a, T>(hr: &HostRouting<'_>, buf: &'a mut [T], width: usize) 
 /// Each block's `M_e` packed for bf16 products (`precision`) from `Mᵀ` by blocks (`mt`: block e
 /// is `M_eᵀ [cols, rows]` row-major), where `T`'s products take bf16 inputs.
 fn bf16_blocks<T: Float>(mt: &[T], n: usize, rows: usize, cols: usize) -> Option<Vec<Bf16Matrix>> {
-    if n == 0 || rows == 0 || cols == 0 {
-        return None; // nothing to multiply: the f32 path's empty loops
+    if n == 0 {
+        return None;
     }
     let size = rows * cols;
     (0..n)
@@ -389,7 +389,7 @@ pub(crate) fn backward<T: Float + ActScalar>(
                     accumulate: true,
                     ..RowGemm::new([m, d, b], (&s.pre, b), (p.m1, e * b * d, d), d, parallel)
                 };
-                let bf16_dx = bf16.as_ref().map(|(_, w1)| &w1[e]).filter(|_| want_dx);
+                let bf16_dx = bf16.as_ref().filter(|_| want_dx).map(|(_, w1)| &w1[e]);
                 if want_dx && d > 0 && (bf16_dx.is_some() || !T::row_gemm(&dx_g, out.dx)) {
                     let rhs = Mat::new(p.m1, e * b * d, d, 1);
                     let product = |c: &mut [T], accumulate| {
