@@ -237,9 +237,9 @@ pub struct FinetuneConfig {
     pub resume: Option<String>,
     /// `cpu`, `cuda` or `cuda:N`.
     pub device: String,
-    /// The precision of the CPU kernels' products with the frozen weights of LoRA layers: `f32`
-    /// (default) or `bf16` (bf16 inputs, f32 accumulation; AMX where the CPU has it). See
-    /// `spt_ops::precision`.
+    /// The precision of the CPU kernels' products with layer weights (LoRA's frozen ones, the
+    /// routed FFN's blocks, GPT-2's LM head): `f32` (default) or `bf16` (bf16 inputs, f32
+    /// accumulation; AMX where the CPU has it). See `spt_ops::precision`.
     pub matmul_precision: spt_ops::MatmulPrecision,
     pub progress: bool,
 }

@@ -43,8 +43,8 @@ pub(crate) struct BenchArgs {
     pub(crate) output: Option<PathBuf>,
     #[arg(long, default_value = "cpu")]
     pub(crate) device: String,
-    /// f32 or bf16: the precision of the products with LoRA layers' frozen weights on the CPU
-    /// (as finetune's --matmul-precision); a bf16 run's records name it in their case.
+    /// f32 or bf16: the precision of the CPU's products with layer weights (as finetune's
+    /// --matmul-precision); a bf16 run's records name it in their case.
     #[arg(long, default_value_t = MatmulPrecision::F32, value_name = "f32|bf16")]
     pub(crate) matmul_precision: MatmulPrecision,
     /// Replace this model's records in an existing --output file instead of starting a new one.
