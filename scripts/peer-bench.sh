@@ -12,7 +12,7 @@
 #                                            # (pipeline check, ~5 min; bench/results untouched)
 #
 # Parts and files (bench/results/): attention -> attention.json, ffn -> ffn.json, steps ->
-# finetune-speed.json and finetune-speed-accuracy-setting.json, layers -> lora-linear.json,
+# finetune-speed.json, finetune-speed-accuracy-setting.json and finetune-speed-bf16.json, layers -> lora-linear.json,
 # linear-cross-entropy.json and norm-activation.json, generate -> generate.json, predict ->
 # predict.json, accuracy -> accuracy.json (each record gets
 # torch_* fields, ratios and peer_details; each file a top-level `peer` object). demo: PyTorch's full
@@ -114,7 +114,9 @@ run_ours() { # part
       rm -f "$RESULTS/finetune-speed-accuracy-setting.json"
       return
     fi
-    for f in bench/results/finetune-speed.json bench/results/finetune-speed-accuracy-setting.json; do
+    for f in bench/results/finetune-speed.json bench/results/finetune-speed-accuracy-setting.json \
+      bench/results/finetune-speed-bf16.json; do
+      [[ -f $f ]] || continue
       mapfile -t cmds < <(commands_of "$f")  # read before the first command rewrites the file
       for cmd in "${cmds[@]}"; do
         log "ours: $cmd"

@@ -114,6 +114,7 @@ REGIONS = {
         "ffn",
         "finetune-speed",
         "finetune-speed-accuracy-setting",
+        "finetune-speed-bf16",
         "lora-linear",
         "linear-cross-entropy",
         "norm-activation",
@@ -125,7 +126,7 @@ REGIONS = {
     ],
     "docs/results/accuracy.md": ["demo", "accuracy-minilm", "accuracy-gpt2", "accuracy-superseded", "accuracy-settings"],
 }
-KNOWN_FILES = {"accuracy", "attention", "attention-fidelity", "demo", "demo-dense", "ffn", "finetune-speed", "finetune-speed-accuracy-setting", "generate", "gpu-h200", "predict", "linear-cross-entropy", "lora-linear", "norm-activation"}
+KNOWN_FILES = {"accuracy", "attention", "attention-fidelity", "demo", "demo-dense", "ffn", "finetune-speed", "finetune-speed-accuracy-setting", "finetune-speed-bf16", "generate", "gpu-h200", "predict", "linear-cross-entropy", "lora-linear", "norm-activation"}
 
 
 class Stale(Exception):
@@ -876,6 +877,7 @@ RENDER = {
     "ffn": lambda: speed_table("ffn"),
     "finetune-speed": lambda: speed_table("finetune-speed"),
     "finetune-speed-accuracy-setting": lambda: speed_table("finetune-speed-accuracy-setting"),
+    "finetune-speed-bf16": lambda: speed_table("finetune-speed-bf16"),
     "lora-linear": lambda: speed_table("lora-linear"),
     "linear-cross-entropy": lambda: speed_table("linear-cross-entropy"),
     "norm-activation": lambda: speed_table("norm-activation"),

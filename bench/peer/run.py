@@ -22,7 +22,7 @@ import os
 
 from common import ROOT, setup_torch
 
-STEP_FILES = ("finetune-speed.json", "finetune-speed-accuracy-setting.json")
+STEP_FILES = ("finetune-speed.json", "finetune-speed-accuracy-setting.json", "finetune-speed-bf16.json")
 
 
 def main():
