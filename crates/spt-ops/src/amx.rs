@@ -715,6 +715,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blas::transpose;
 
     /// Deterministic values in [-1, 1).
     fn values(len: usize, seed: u64) -> Vec<f32> {
@@ -727,16 +728,6 @@ mod tests {
                 ((x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
-    }
-
-    fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-        let mut t = vec![0f32; rows * cols];
-        for i in 0..rows {
-            for j in 0..cols {
-                t[j * rows + i] = src[i * cols + j];
-            }
-        }
-        t
     }
 
     type MatmulFn = fn(&[f32], usize, &Bf16Matrix, &mut [f32], bool);
@@ -996,30 +987,15 @@ mod tests {
             let mut c = vec![0f32; m * rows];
             let flop = 2.0 * (m * rows * cols) as f64;
             let t_amx = best_ms(21, || matmul_t(&a, m, &mat, &mut c, false));
-            let t_f32 = best_ms(11, || {
-                gemm_into(
-                    m,
-                    rows,
-                    cols,
-                    &mut c,
-                    false,
-                    Mat::new(&a, 0, cols, 1),
-                    Mat::new(&wt, 0, rows, 1),
-                    Parallelism::None,
-                )
-            });
-            let t_view = best_ms(11, || {
-                gemm_into(
-                    m,
-                    rows,
-                    cols,
-                    &mut c,
-                    false,
-                    Mat::new(&a, 0, cols, 1),
-                    Mat::new(&w, 0, 1, cols),
-                    Parallelism::None,
-                )
-            });
+            // gemm f32 with M's transpose as `[cols, rows]`, and with M read in place as a view.
+            let mut t_gemm = |rhs: Mat<f32>| {
+                best_ms(11, || {
+                    let lhs = Mat::new(&a, 0, cols, 1);
+                    gemm_into(m, rows, cols, &mut c, false, lhs, rhs, Parallelism::None)
+                })
+            };
+            let t_f32 = t_gemm(Mat::new(&wt, 0, rows, 1));
+            let t_view = t_gemm(Mat::new(&w, 0, 1, cols));
             // Two threads, each running its own calls (as the callers' rayon tasks do).
             let mut c2 = vec![0f32; m * rows];
             let a2 = values(m * cols, 3);
