@@ -21,7 +21,7 @@ names: per row, the accuracy records (one per seed in SEEDS, from accuracy.json,
 its run's `settings`) and one step-time record (a file and its `case`). Every other record goes to docs/results/*.md. To
 change what the README shows, edit HEADLINE; a selector that matches no record, or a seed twice,
 is an error that names the row. PyTorch figures (`torch_full_s`, `torch_full_bytes`,
-`torch_lora_s`, `torch_lora_bytes`) are taken from the step-time record, else from another record
+`torch_lora_s`, `torch_lora_bytes`, and the same with `_bf16` for bf16 autocast) are taken from the step-time record, else from another record
 of the same model and B x L (same file first); without one the cell says "not measured yet".
 """
 import json
@@ -684,7 +684,7 @@ def headline():
         f"Accuracy: MiniLM (all-MiniLM-L6-v2) on Rotten Tomatoes, one epoch, batch 16, ≤ 64 tokens, mean of seeds {seeds}; "
         "in brackets, transformers (+ PEFT) on the same rows, batches and schedule (bench/peer/accuracy.py). "
         f"Step time and peak RSS: MiniLM, B 8 × L 512, one synthetic batch, 2-core {cpu_name(load('finetune-speed'))}, median of 5 steps; "
-        "\"vs dense\": against our dense full fine-tuning in the same run; "
+        "\"vs dense\": against our dense full fine-tuning in the same run (bf16 rows: bf16 too); "
         "\"vs PyTorch\": PyTorch's step time over ours for the same kind of training. "
         "SPT, LoRA and PEFT steps without the pooler trained (one 384 × 384 layer).",
     ]
@@ -718,7 +718,7 @@ def cuda_status():
 # Quantities: "accuracy" (mean over SEEDS), "torch_accuracy" (PyTorch's mean over SEEDS for the
 # recipe, HEADLINE's `torch_accuracy`), "dense_gap" / "torch_gap" (points below our dense's /
 # transformers' full fine-tuning's accuracy), "full_speed" / "lora_speed" (PyTorch full / PEFT
-# LoRA step time over ours), "full_rss" (our peak RSS over PyTorch full's, in %). The script
+# LoRA step time over ours; "fullbf16_speed" / "lorabf16_speed" the same under bf16 autocast), "full_rss" (our peak RSS over PyTorch full's, in %). The script
 # rewrites the numbers in place; --check names any that differ, and any template that no longer
 # matches exactly once (so an edit of the prose cannot silently drop a quote from the check).
 QUOTES = [
@@ -758,7 +758,7 @@ QUOTES = [
      "the same rows (SPT accurate: {} points below it), not against our own dense ({} below)",
      [("SPT accurate", "torch_gap", "{:.1f}"), ("SPT accurate", "dense_gap", "{:.1f}")]),
     ("README.md", "SPT fast takes {}× less time than PyTorch full fine-tuning under bf16 autocast, its fastest "
-     "setting here, and GPT-2 small's SPT {}×",
+     "setting here, and GPT-2's SPT {}×",
      [("SPT fast, bf16", "fullbf16_speed", "{:.2f}"), ("GPT-2 SPT bf16", "fullbf16_speed", "{:.2f}")]),
     ("README.md", "GPT-2 small gains less (SPT {}× PyTorch at {} % of its RSS, 2.4–3.7× over 37 runs; our dense {}×)",
      [("GPT-2 SPT", "full_speed", "{:.2f}"), ("GPT-2 SPT", "full_rss", "{:.0f}"), ("GPT-2 dense", "full_speed", "{:.2f}")]),
@@ -797,7 +797,19 @@ CLAIMS = [
     # twenty-fourth session's second (docs/results/speed.md says so). The README states no 4x.
     ("SPT fast", "full_speed", lambda v: v >= 3.0,
      "SPT fast takes at least 3x less time per step than PyTorch full fine-tuning (README summary)"),
+    # The README's bf16 bullet: "accuracy as in f32", and bf16 autocast is PyTorch's "fastest
+    # setting here" (its step faster than in f32: our speed-up against it is the smaller).
+    ("SPT fast, bf16", "accuracy", lambda v: abs(v - quoted_value("SPT fast", "accuracy")) <= 0.005,
+     "SPT fast's bf16 accuracy is within half a point of its f32 accuracy (README summary)"),
+    ("PEFT-style LoRA, bf16", "accuracy",
+     lambda v: abs(v - quoted_value("PEFT-style LoRA", "accuracy")) <= 0.005,
+     "LoRA's bf16 accuracy is within half a point of its f32 accuracy (README summary)"),
+    ("SPT fast", "fullbf16_speed", lambda v: v < quoted_value("SPT fast", "full_speed"),
+     "PyTorch's full fine-tuning step is faster under bf16 autocast than in f32 (README summary)"),
 ]
+
+# The README's size limit, in bytes.
+README_BYTES = 10_000
 
 # Step records that QUOTES names beside HEADLINE's recipes: name -> (file, case fields).
 QUOTED_RECORDS = {
@@ -997,6 +1009,10 @@ def main():
         v = quoted_value(recipe, quantity)
         if not holds(v):
             problems.append(f"the records no longer support the claim '{claim}': {recipe} {quantity} = {v:.2f}")
+    # The README is a front door: what a newcomer needs and the headline results, within 10 KB.
+    readme = os.path.getsize(os.path.join(ROOT, "README.md"))
+    if readme > README_BYTES:
+        problems.append(f"README.md is {readme} bytes, over {README_BYTES}: move detail into docs/")
     for p in problems:
         print(f"results-md: {p}", file=sys.stderr)
     if check:

@@ -12,8 +12,9 @@ that its peak RSS is its own (ours are measured the same way, one process per mo
   classifier head trains too (PEFT's SEQ_CLS task saves it), as ours;
 - each of the two again with the forward and loss under `torch.autocast("cpu", bfloat16)`,
   what transformers' Trainer runs with `bf16=True` on a CPU (f32 weights and optimiser, bf16
-  matmuls: oneDNN runs them on AMX where the CPU has it). Ours stay f32; these columns say how
-  much of our lead a user keeps against PyTorch's fastest setting on the same machine.
+  matmuls: oneDNN runs them on AMX where the CPU has it). Ours run as each record says (f32, or
+  bf16 products in finetune-speed-bf16.json); these columns say how much of our lead a user keeps
+  against PyTorch's fastest setting on the same machine.
 
 The model comes from the directory our command names with `--model` (its config.json decides:
 BERT -> BertForSequenceClassification with 2 labels, GPT-2 -> GPT2LMHeadModel), from the

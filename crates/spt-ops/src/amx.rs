@@ -2,7 +2,7 @@
 //! weight `M` packed once per op call.
 //!
 //! Why: on CPUs with AMX-BF16 (Sapphire Rapids and later) a `tdpbf16ps` does 16 × 16 × 32
-//! multiply-adds, and one core runs these products 5.5–7× faster than `gemm`'s AVX-512 f32
+//! multiply-adds, and one core runs these products 5–7× faster than `gemm`'s AVX-512 f32
 //! kernels on the Transformer weight shapes we train (256-row calls, 0.8–1.0 TFLOP/s a core;
 //! the ignored `timing` test). The price is bf16 inputs (8 significant bits; denormals flush to
 //! zero, as the conversion instruction does); products and sums stay f32.

@@ -1,8 +1,8 @@
 //! The precision of the CPU kernels' products with a layer's weight: f32 (the default, the
 //! dense model's numbers) or bf16 inputs with f32 accumulation.
 //!
-//! Intel CPUs with AMX (Sapphire Rapids and later) multiply bf16 matrices 5-8× faster than f32
-//! ones; PyTorch uses that under `torch.autocast("cpu", dtype=torch.bfloat16)` (transformers'
+//! Intel CPUs with AMX (Sapphire Rapids and later) multiply bf16 matrices 5–7× faster than f32
+//! ones (`amx.rs`'s ignored `timing` test, one thread, our weight shapes); PyTorch uses that under `torch.autocast("cpu", dtype=torch.bfloat16)` (transformers'
 //! `bf16=True`). Like PyTorch's `torch.set_float32_matmul_precision` and candle's
 //! `set_gemm_reduced_precision_f32` for CUDA, this is one process-wide switch rather than an
 //! argument of every op: it is a property of the run, and a model's layers all follow it.

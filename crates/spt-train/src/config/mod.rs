@@ -239,7 +239,8 @@ pub struct FinetuneConfig {
     pub device: String,
     /// The precision of the CPU kernels' products with layer weights (LoRA's frozen ones, the
     /// routed FFN's blocks, GPT-2's LM head): `f32` (default) or `bf16` (bf16 inputs, f32
-    /// accumulation; AMX where the CPU has it). See `spt_ops::precision`.
+    /// accumulation; AMX where the CPU has it). See `spt_ops::precision`. `spt-train finetune`
+    /// applies it; a program of its own calls `spt_ops::set_matmul_precision`.
     pub matmul_precision: spt_ops::MatmulPrecision,
     pub progress: bool,
 }
