@@ -204,6 +204,51 @@ fn unknown_keys_and_bad_values_are_named() {
     assert!(e.contains("`model`"), "{e}");
 }
 
+/// `--matmul-precision` reaches the config and its file; bf16 off the CPU and a value other
+/// than f32 / bf16 are refused by name; a file from before the setting loads as f32.
+#[test]
+fn matmul_precision_is_read_checked_and_defaults_to_f32() {
+    use spt_ops::MatmulPrecision;
+    let base = ["--model", "m", "--train-file", "a.csv"];
+    fn args<'a>(base: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+        [base, extra].concat()
+    }
+    let cfg = FinetuneConfig::from_args(&parse(&args(&base, &["--matmul-precision", "bf16"]))).unwrap();
+    assert_eq!(cfg.matmul_precision, MatmulPrecision::Bf16);
+    let e = FinetuneConfig::from_args(&parse(&args(
+        &base,
+        &["--matmul-precision", "bf16", "--device", "cuda"],
+    )))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("matmul_precision") && e.contains("cuda"), "{e}");
+    let e = Cli::try_parse_from(
+        ["x"]
+            .into_iter()
+            .chain(args(&base, &["--matmul-precision", "fp16"])),
+    )
+    .err()
+    .expect("fp16 refused")
+    .to_string();
+    assert!(e.contains("expected f32 or bf16"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("finetune.toml");
+    std::fs::write(&t, "model = \"m\"\ntrain_files = [\"a.csv\"]\n").unwrap();
+    assert_eq!(
+        FinetuneConfig::load(&t).unwrap().matmul_precision,
+        MatmulPrecision::F32
+    );
+    std::fs::write(
+        &t,
+        "model = \"m\"\ntrain_files = [\"a.csv\"]\nmatmul_precision = \"bf16\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        FinetuneConfig::load(&t).unwrap().matmul_precision,
+        MatmulPrecision::Bf16
+    );
+}
+
 /// A run directory's finetune.toml from before an option was removed: with the remaining
 /// behaviour's value it loads, with any other value it is refused, naming the setting.
 #[test]
