@@ -39,6 +39,20 @@ fn attention_only(top_k: KeyTopK) -> SptConfig {
     }
 }
 
+/// The tiny GPT-2 fixture with PQ attention keeping 5 keys (calibrated on the fixture's batch),
+/// and that batch's ids and mask.
+fn sparsified_tiny_gpt2() -> Result<(GPT2LMHeadModel, Tensor, Tensor)> {
+    let exp = expected("tiny-gpt2")?;
+    let (ids, mask) = (exp["input_ids"].clone(), exp["attention_mask"].clone());
+    let (mut m, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
+    sparsify(
+        &mut m,
+        &attention_only(KeyTopK::Count(5)),
+        &[CalibrationBatch::new(ids.clone(), Some(mask.clone()))],
+    )?;
+    Ok((m, ids, mask))
+}
+
 /// Compares every gradient of two models with the same parameter names; returns the worst
 /// relative error.
 fn compare_grads(
@@ -205,14 +219,8 @@ fn gpt2_sparse_attention_is_causal_and_sparse() -> Result<()> {
 
 #[test]
 fn pq_codebooks_round_trip_without_calibration() -> Result<()> {
-    let exp = expected("tiny-gpt2")?;
-    let (ids, mask) = (&exp["input_ids"], &exp["attention_mask"]);
-    let (mut a, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
-    sparsify(
-        &mut a,
-        &attention_only(KeyTopK::Count(5)),
-        &[CalibrationBatch::new(ids.clone(), Some(mask.clone()))],
-    )?;
+    let (mut a, ids, mask) = sparsified_tiny_gpt2()?;
+    let (ids, mask) = (&ids, &mask);
     let books = a.named_buffers()?;
     let names: Vec<&str> = books.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(
@@ -261,14 +269,8 @@ fn pq_codebooks_round_trip_without_calibration() -> Result<()> {
 
 #[test]
 fn codebooks_refresh_on_new_batches() -> Result<()> {
-    let exp = expected("tiny-gpt2")?;
-    let (ids, mask) = (&exp["input_ids"], &exp["attention_mask"]);
-    let (mut m, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
-    sparsify(
-        &mut m,
-        &attention_only(KeyTopK::Count(5)),
-        &[CalibrationBatch::new(ids.clone(), Some(mask.clone()))],
-    )?;
+    let (mut m, ids, mask) = sparsified_tiny_gpt2()?;
+    let (ids, mask) = (&ids, &mask);
     let before = m.named_buffers()?;
     let mut rng = StdRng::seed_from_u64(3);
     let other: Vec<u32> = (0..2 * 30).map(|_| rng.random_range(0..1000)).collect();
@@ -300,15 +302,8 @@ fn codebooks_refresh_on_new_batches() -> Result<()> {
 #[test]
 fn minibatch_refresh_after_restoring_buffers_equals_the_original() -> Result<()> {
     use spt_models::pq::Refresh;
-    let exp = expected("tiny-gpt2")?;
-    let (ids, mask) = (&exp["input_ids"], &exp["attention_mask"]);
     let settings = Some((KeyTopK::Count(5), KeyGrouping::PerQuery));
-    let (mut a, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
-    sparsify(
-        &mut a,
-        &attention_only(KeyTopK::Count(5)),
-        &[CalibrationBatch::new(ids.clone(), Some(mask.clone()))],
-    )?;
+    let (mut a, _, _) = sparsified_tiny_gpt2()?;
     let mut rng = StdRng::seed_from_u64(5);
     let mut batch = || -> Result<CalibrationBatch> {
         let v: Vec<u32> = (0..2 * 30).map(|_| rng.random_range(0..1000)).collect();

@@ -237,6 +237,8 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
             }
         )
     });
+    // A bf16 run's records name their precision in the case (f32 ones keep the old case).
+    let precision = (a.matmul_precision != MatmulPrecision::F32).then(|| a.matmul_precision.to_string());
     let base = results
         .iter()
         .find(|(m, _)| *m == Mode::Dense)
@@ -259,8 +261,8 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
             if let Some(s) = &setting {
                 case["setting"] = s.clone().into();
             }
-            if a.matmul_precision != MatmulPrecision::F32 {
-                case["matmul_precision"] = a.matmul_precision.to_string().into();
+            if let Some(p) = &precision {
+                case["matmul_precision"] = p.clone().into();
             }
             serde_json::json!({
                 "case": case,
@@ -305,10 +307,7 @@ pub(crate) fn bench(a: &BenchArgs) -> Result<()> {
             let same = |r: &serde_json::Value| {
                 r["case"]["model"] == serde_json::json!(model_name)
                     && r["case"].get("setting").and_then(|s| s.as_str()) == setting.as_deref()
-                    && r["case"].get("matmul_precision").and_then(|s| s.as_str())
-                        == (a.matmul_precision != MatmulPrecision::F32)
-                            .then(|| a.matmul_precision.to_string())
-                            .as_deref()
+                    && r["case"].get("matmul_precision").and_then(|s| s.as_str()) == precision.as_deref()
                     && r["model_id"].as_str().is_none_or(|id| id == model_id)
             };
             let mut merged: Vec<serde_json::Value> = old["records"]
