@@ -2,20 +2,21 @@
 //! dense model's numbers) or bf16 inputs with f32 accumulation.
 //!
 //! Intel CPUs with AMX (Sapphire Rapids and later) multiply bf16 matrices 5–7× faster than f32
-//! ones (`amx.rs`'s ignored `timing` test, one thread, our weight shapes); PyTorch uses that under `torch.autocast("cpu", dtype=torch.bfloat16)` (transformers'
-//! `bf16=True`). Like PyTorch's `torch.set_float32_matmul_precision` and candle's
-//! `set_gemm_reduced_precision_f32` for CUDA, this is one process-wide switch rather than an
-//! argument of every op: it is a property of the run, and a model's layers all follow it.
+//! ones (`amx.rs`'s ignored `timing` test, one thread, our weight shapes); PyTorch uses that
+//! under `torch.autocast("cpu", dtype=torch.bfloat16)` (transformers' `bf16=True`). Like
+//! PyTorch's `torch.set_float32_matmul_precision` and candle's `set_gemm_reduced_precision_f32`
+//! for CUDA, this is one process-wide switch rather than an argument of every op: it is a
+//! property of the run, and a model's layers all follow it.
 //!
 //! Under [`MatmulPrecision::Bf16`] the products with a layer's weight whose other operand has
 //! many rows take bf16 inputs (round to nearest even) and accumulate in f32:
 //! [`lora_linear`](crate::lora_linear)'s `x (W + s·B A)ᵀ` (from 65 rows on) and its backward's
 //! `dx = g (W + s·B A)`; the LoRA routed FFN's fc1, fc2 and their input gradients, block by
 //! block (and a frozen routed FFN's fc1 and fc2 where nothing is tracked);
-//! [`linear_cross_entropy`](crate::linear_cross_entropy)'s logits and `dh`. The adapters' rank-r products, every weight gradient, attention and every other op
-//! stay f32. Where the CPU has no AMX the same values are computed in f32 from the rounded
-//! inputs (slower than f32 products: see [`bf16_matmul_is_native`]). f64 and non-CPU tensors are
-//! not affected.
+//! [`linear_cross_entropy`](crate::linear_cross_entropy)'s logits and `dh`. The adapters'
+//! rank-r products, every weight gradient, attention and every other op stay f32. Where the CPU
+//! has no AMX the same rounded products are computed in f32 (the last bits may differ; slower
+//! than f32 products: see [`bf16_matmul_is_native`]). f64 and non-CPU tensors are not affected.
 
 use crate::amx::{self, Bf16Matrix};
 use crate::util::Float;
