@@ -254,7 +254,7 @@ impl LinearCrossEntropy {
             }
             let z = &mut logits[..c * v];
             // z [c, V] = hc [c, d] · Wᵀ.
-            if !bf16_matmul_t_par(w_bf16.as_ref(), &hc, c, z) {
+            if !bf16_matmul_t_par(w_bf16.as_ref(), &hc, c, z, false) {
                 gemm_into(
                     c,
                     v,
@@ -290,7 +290,7 @@ impl LinearCrossEntropy {
             if let Some(dh) = dh.as_mut() {
                 let dhc = &mut dhc[..c * d];
                 // dh_c [c, d] = P [c, V] · W [V, d]
-                if !bf16_matmul_t_par(wt_bf16.as_ref(), z, c, dhc) {
+                if !bf16_matmul_t_par(wt_bf16.as_ref(), z, c, dhc, false) {
                     gemm_into(
                         c,
                         d,

@@ -12,11 +12,12 @@
 //! many rows take bf16 inputs (round to nearest even) and accumulate in f32:
 //! [`lora_linear`](crate::lora_linear)'s `x (W + s·B A)ᵀ` (from 65 rows on) and its backward's
 //! `dx = g (W + s·B A)`; the LoRA routed FFN's fc1, fc2 and their input gradients, block by
-//! block (and a frozen routed FFN's fc1 and fc2 where nothing is tracked);
-//! [`linear_cross_entropy`](crate::linear_cross_entropy)'s logits and `dh`. The adapters'
-//! rank-r products, every weight gradient, attention and every other op stay f32. Where the CPU
-//! has no AMX the same rounded products are computed in f32 (the last bits may differ; slower
-//! than f32 products: see [`bf16_matmul_is_native`]). f64 and non-CPU tensors are not affected.
+//! block (and a frozen routed FFN's fc1 and fc2 where nothing is tracked), and its linear
+//! correction's `x C` and `dx = g Cᵀ`; [`linear_cross_entropy`](crate::linear_cross_entropy)'s
+//! logits and `dh`. The adapters' rank-r products, every weight gradient, attention and every
+//! other op stay f32. Where the CPU has no AMX the same rounded products are computed in f32
+//! (the last bits may differ; slower than f32 products: see [`bf16_matmul_is_native`]). f64 and
+//! non-CPU tensors are not affected.
 
 use crate::amx::{self, Bf16Matrix};
 use crate::util::Float;
@@ -117,13 +118,14 @@ pub(crate) fn bf16_matmul_t<T: Float>(
 /// Rows per task of [`bf16_matmul_t_par`]: the AMX kernel's slab.
 const ROWS_PER_TASK: usize = 256;
 
-/// [`bf16_matmul_t`] for `c = a Mᵀ` with the rows split over rayon tasks, for callers that
+/// [`bf16_matmul_t`] for `c (+)= a Mᵀ` with the rows split over rayon tasks, for callers that
 /// make one product of many rows.
 pub(crate) fn bf16_matmul_t_par<T: Float>(
     packed: Option<&Bf16Matrix>,
     a: &[T],
     m: usize,
     c: &mut [T],
+    accumulate: bool,
 ) -> bool {
     let (Some(p), Some(a), Some(c)) = (packed, T::as_f32(a), T::as_f32_mut(c)) else {
         return false;
@@ -132,6 +134,6 @@ pub(crate) fn bf16_matmul_t_par<T: Float>(
     c[..m * rows]
         .par_chunks_mut(ROWS_PER_TASK * rows)
         .zip(a[..m * cols].par_chunks(ROWS_PER_TASK * cols))
-        .for_each(|(c, a)| amx::matmul_t(a, a.len() / cols, p, c, false));
+        .for_each(|(c, a)| amx::matmul_t(a, a.len() / cols, p, c, accumulate));
     true
 }

@@ -364,3 +364,51 @@ fn linear_cross_entropy_logits_round_and_empty_widths_pass() -> Result<()> {
     );
     Ok(())
 }
+
+/// The routed FFN's linear correction `y + [x, 1] C` under bf16: on values bf16 holds, the output
+/// and dx are the f32 ones bit for bit (300 rows: a whole and a partial 256-row task, added onto
+/// y); on general values both move by bf16 rounding, and dy (the upstream gradient) not at all.
+#[test]
+fn linear_correction_takes_bf16_products() -> Result<()> {
+    use spt_ops::routed_ffn::add_linear_correction;
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let (t, d) = (300, 80);
+    let run = |p, y: &Tensor, x: &Tensor, c: &Tensor| {
+        with_precision(p, || -> Result<[Tensor; 3]> {
+            let (yv, xv) = (Var::from_tensor(y)?, Var::from_tensor(x)?);
+            let out = add_linear_correction(&yv, &xv, c)?;
+            let u = grid(out.dims(), 64, 21)?;
+            let g = (&out * &u)?.sum_all()?.backward()?;
+            let grad = |v: &Var| g.get(v).cloned().expect("a gradient");
+            Ok([out, grad(&yv), grad(&xv)])
+        })
+    };
+    let (y, x, c) = (
+        grid(&[t, d], 64, 22)?,
+        grid(&[t, d], 64, 23)?,
+        grid(&[d + 1, d], 24, 24)?,
+    );
+    let f = run(MatmulPrecision::F32, &y, &x, &c)?;
+    let h = run(MatmulPrecision::Bf16, &y, &x, &c)?;
+    for (name, (f, h)) in ["y", "dy", "dx"].iter().zip(f.iter().zip(&h)) {
+        let diff = (f - h)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0, "{name}: bf16 differs from f32 by {diff}");
+    }
+    let randn = |shape: &[usize], std: f64, seed| (randn_f64(shape, seed)? * std)?.to_dtype(DType::F32);
+    let (y, x, c) = (
+        randn(&[t, d], 0.01, 25)?,
+        randn(&[t, d], 1.0, 26)?,
+        randn(&[d + 1, d], 0.1, 27)?,
+    );
+    let f = run(MatmulPrecision::F32, &y, &x, &c)?;
+    let h = run(MatmulPrecision::Bf16, &y, &x, &c)?;
+    for (name, i) in [("y", 0), ("dx", 2)] {
+        let r = rel(&h[i], &f[i])?;
+        assert!(
+            (2e-4..1e-2).contains(&r),
+            "{name}: bf16 against f32 {r:e}, expected bf16 rounding"
+        );
+    }
+    assert_eq!(rel(&h[1], &f[1])?, 0.0, "dy is the upstream gradient");
+    Ok(())
+}

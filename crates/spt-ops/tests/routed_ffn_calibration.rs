@@ -6,8 +6,9 @@ mod common;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use common::routed::{assert_close, diff, vars, weights};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
-use spt_ops::gradcheck::randn_f64;
+use spt_ops::gradcheck::{check_gradients, randn_f64, GradCheck};
 use spt_ops::routed_ffn::BlockTopK;
+use spt_ops::routed_ffn::{add_linear_correction, linear_correction_reference};
 use spt_ops::routed_ffn::{RouterFitConfig, UnitClusterConfig};
 use spt_ops::{Activation, GateMode, LoraConfig, RoutedFfn, RoutedFfnConfig};
 
@@ -385,5 +386,87 @@ fn linear_correction_refuses_non_finite_values_and_an_infinite_ridge() -> Result
         .max_all()?
         .to_scalar::<f32>()?
         .is_finite());
+    Ok(())
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 40, ..Default::default() })]
+
+    /// The correction op equals the composed `y + x C[..d] + C[d]` in values and in the
+    /// gradients of y and x (frozen or tracked), over token counts across its row tasks, in f32
+    /// and f64.
+    #[test]
+    fn linear_correction_op_equals_the_composed_form(
+        t in 0usize..300, d in 1usize..40, y_tracked in proptest::bool::ANY,
+        x_tracked in proptest::bool::ANY, f64_ in proptest::bool::ANY, seed in 0u64..10_000,
+    ) {
+        let run = || -> Result<()> {
+            let dt = if f64_ { DType::F64 } else { DType::F32 };
+            let f = |s: &[usize], k: u64| randn_f64(s, seed * 8 + k).and_then(|t| t.to_dtype(dt));
+            let var = |t: Tensor, tracked: bool| -> Result<(Var, Tensor)> {
+                let v = Var::from_tensor(&t)?;
+                let t = if tracked { v.as_tensor().clone() } else { v.as_tensor().detach() };
+                Ok((v, t))
+            };
+            let (yv, y) = var(f(&[t, d], 0)?, y_tracked)?;
+            let (xv, x) = var(f(&[t, d], 1)?, x_tracked)?;
+            let c = f(&[d + 1, d], 2)?;
+            let up = f(&[t, d], 3)?;
+            let got = add_linear_correction(&y, &x, &c)?;
+            let want = linear_correction_reference(&y, &x, &c)?;
+            let tol = if f64_ { 1e-12 } else { 1e-5 };
+            assert_close("values", &got, &want, tol)?;
+            if !(y_tracked || x_tracked) {
+                return Ok(());
+            }
+            let (gg, gw) = ((got * &up)?.sum_all()?.backward()?, (want * &up)?.sum_all()?.backward()?);
+            for (v, tracked, name) in [(&yv, y_tracked, "dy"), (&xv, x_tracked, "dx")] {
+                let (a, b) = (gg.get(v.as_tensor()), gw.get(v.as_tensor()));
+                assert_eq!(a.is_some(), tracked, "{name}: gradient presence");
+                if let (Some(a), Some(b)) = (a, b) {
+                    assert_close(name, a, b, tol)?;
+                }
+            }
+            Ok(())
+        };
+        run().unwrap();
+    }
+}
+
+/// The correction op's gradients against central differences (f64), over shapes across its row
+/// tasks; its errors name what does not fit.
+#[test]
+fn linear_correction_op_gradients_and_errors() -> Result<()> {
+    for (t, d) in [(3usize, 4usize), (70, 5), (130, 2)] {
+        check_gradients(
+            |v| add_linear_correction(&v[0], &v[1], &v[2]),
+            &[
+                randn_f64(&[t, d], 1)?,
+                randn_f64(&[t, d], 2)?,
+                randn_f64(&[d + 1, d], 3)?,
+            ],
+            &[0, 1],
+            GradCheck {
+                max_elems: 96,
+                ..Default::default()
+            },
+        )
+        .map_err(|e| candle_core::Error::Msg(format!("[{t}, {d}]: {e}")))?;
+    }
+    let z = |s: &[usize]| Tensor::zeros(s, DType::F32, &Device::Cpu);
+    let err = |r: Result<Tensor>| r.unwrap_err().to_string();
+    let e = err(add_linear_correction(&z(&[4, 3])?, &z(&[4, 3])?, &z(&[3, 3])?));
+    assert!(e.contains("c [3, 3]") && e.contains("d = 3"), "{e}");
+    let e = err(add_linear_correction(&z(&[5, 3])?, &z(&[4, 3])?, &z(&[4, 3])?));
+    assert!(e.contains("y [5, 3]"), "{e}");
+    let e = err(add_linear_correction(
+        &z(&[4, 3, 1])?,
+        &z(&[4, 3, 1])?,
+        &z(&[4, 3])?,
+    ));
+    assert!(e.contains("expected [T, d]"), "{e}");
+    let c = Var::from_tensor(&z(&[4, 3])?)?;
+    let e = err(add_linear_correction(&z(&[4, 3])?, &z(&[4, 3])?, c.as_tensor()));
+    assert!(e.contains("c must be frozen"), "{e}");
     Ok(())
 }

@@ -48,6 +48,7 @@ mod rows;
 
 pub use calibrate::{RouterFitConfig, RoutingQuality};
 pub use cluster::UnitClusterConfig;
+pub use correction::{add_linear_correction, linear_correction_reference};
 pub use lora_ops::routed_lora_ffn;
 pub use ops::{
     gather_matmul, gather_matmul_act, scatter_matmul, scatter_matmul_bias, AddKind, GatherMatmul,
@@ -638,9 +639,7 @@ impl RoutedFfn {
         gates: Tensor,
     ) -> Result<RoutedFfnOutput> {
         if routing.k() < routing.n_blocks() {
-            if let Some(c) = self.correction_term(x2)? {
-                y = y.add(&c)?;
-            }
+            y = self.add_correction(y, x2)?;
         }
         let y = y.reshape(dims)?;
         let aux_loss = if self.cfg.aux_loss {
