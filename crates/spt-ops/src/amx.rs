@@ -240,28 +240,55 @@ fn pack_tile_row_scalar(
 /// products accumulate in f32. Runs on the calling thread only; loads the tile configuration
 /// itself and releases the tiles on return. Without AMX: [`matmul_t_portable`].
 pub(crate) fn matmul_t(a: &[f32], m: usize, mat: &Bf16Matrix, c: &mut [f32], accumulate: bool) {
-    check_sizes(a, m, mat, c);
-    if m == 0 {
+    matmul_t_part(a, m, mat, (mat.rows, mat.cols), c, accumulate);
+}
+
+/// [`matmul_t`] with the first `n` rows and `k` columns of M only: `c [m, n] (+)= bf16(a) ·
+/// M[..n, ..k]ᵀ` for `a [m, k]`, both row-major. Attention multiplies by the keys a query tile
+/// may see, a prefix of the head's keys packed once. M's values in columns `k..` of the last
+/// 32-column step meet zeros (a's padding): finite ones add nothing.
+pub(crate) fn matmul_t_part(
+    a: &[f32],
+    m: usize,
+    mat: &Bf16Matrix,
+    (n, k): (usize, usize),
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    check_sizes(a, m, mat, (n, k), c);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
         return;
     }
     #[cfg(target_arch = "x86_64")]
     if amx_available() {
         // SAFETY: AMX-BF16 with the OS's permission, and AVX-512F/BW/BF16, are present
-        // (`amx_available`); the sizes of `a` and `c` were checked above.
-        unsafe { x86::matmul_t(a, m, mat, c, accumulate) };
+        // (`amx_available`); the sizes of `a` and `c` and the part of M were checked above.
+        unsafe { x86::matmul_t(a, m, mat, (n, k), c, accumulate) };
         return;
     }
-    matmul_t_portable(a, m, mat, c, accumulate);
+    matmul_t_portable(a, m, mat, (n, k), c, accumulate);
 }
 
-/// [`matmul_t`] in f32 through `gemm`: the same values up to the order of the f32 sums (a's
-/// rows rounded to bf16 first, M's bf16 values unpacked once and cached).
-pub(crate) fn matmul_t_portable(a: &[f32], m: usize, mat: &Bf16Matrix, c: &mut [f32], accumulate: bool) {
-    check_sizes(a, m, mat, c);
+/// [`matmul_t_part`] in f32 through `gemm`: the same values up to the order of the f32 sums
+/// (a's rows rounded to bf16 first, M's bf16 values unpacked once and cached).
+pub(crate) fn matmul_t_portable(
+    a: &[f32],
+    m: usize,
+    mat: &Bf16Matrix,
+    (n, k): (usize, usize),
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    check_sizes(a, m, mat, (n, k), c);
     if m == 0 {
         return;
     }
-    let (n, k) = (mat.rows, mat.cols);
     let ab: Vec<f32> = a[..m * k].iter().map(|&x| round_bf16(x)).collect();
     let w = mat.unpacked();
     gemm_into(
@@ -271,24 +298,28 @@ pub(crate) fn matmul_t_portable(a: &[f32], m: usize, mat: &Bf16Matrix, c: &mut [
         &mut c[..m * n],
         accumulate,
         Mat::new(&ab, 0, k, 1),
-        // Mᵀ [k, n]: element (p, j) is M[j][p].
-        Mat::new(w, 0, 1, k),
+        // M[..n, ..k]ᵀ [k, n]: element (p, j) is M[j][p].
+        Mat::new(w, 0, 1, mat.cols),
         Parallelism::None,
     );
 }
 
-fn check_sizes(a: &[f32], m: usize, mat: &Bf16Matrix, c: &[f32]) {
+fn check_sizes(a: &[f32], m: usize, mat: &Bf16Matrix, (n, k): (usize, usize), c: &[f32]) {
     assert!(
-        a.len() >= m * mat.cols,
-        "amx::matmul_t: a has {} elements for {m} x {}",
-        a.len(),
+        n <= mat.rows && k <= mat.cols,
+        "amx::matmul_t: part {n} x {k} of a {} x {} matrix",
+        mat.rows,
         mat.cols
     );
     assert!(
-        c.len() >= m * mat.rows,
-        "amx::matmul_t: c has {} elements for {m} x {}",
-        c.len(),
-        mat.rows
+        a.len() >= m * k,
+        "amx::matmul_t: a has {} elements for {m} x {k}",
+        a.len()
+    );
+    assert!(
+        c.len() >= m * n,
+        "amx::matmul_t: c has {} elements for {m} x {n}",
+        c.len()
     );
 }
 
@@ -480,7 +511,7 @@ mod x86 {
         }
     }
 
-    /// Rows `i0..i0 + nrows` of `a [_, k]` as A tiles `[row tile][k tile]` at `dst`, padded with
+    /// Rows `i0..i0 + nrows` of `a [_, k]` (row-major) as A tiles `[row tile][k tile]` at `dst`, padded with
     /// zero rows to `2 · blocks` row tiles and with zeros along K to whole tiles.
     ///
     /// # Safety
@@ -619,14 +650,22 @@ mod x86 {
         static A_TILES: Cell<Vec<Line>> = const { Cell::new(Vec::new()) };
     }
 
-    /// See [`super::matmul_t`].
+    /// See [`super::matmul_t_part`].
     ///
     /// # Safety
-    /// AMX-BF16 with the OS's permission and AVX-512F/BW/BF16 must be available;
-    /// `a.len() ≥ m · mat.cols`, `c.len() ≥ m · mat.rows`.
+    /// AMX-BF16 with the OS's permission and AVX-512F/BW/BF16 must be available; `1 ≤ k ≤
+    /// mat.cols`, `n ≤ mat.rows`, `a.len() ≥ m · k`, `c.len() ≥ m · n`.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub(super) unsafe fn matmul_t(a: &[f32], m: usize, mat: &Bf16Matrix, c: &mut [f32], accumulate: bool) {
-        let (n, k, kt) = (mat.rows, mat.cols, mat.kt);
+    pub(super) unsafe fn matmul_t(
+        a: &[f32],
+        m: usize,
+        mat: &Bf16Matrix,
+        (n, k): (usize, usize),
+        c: &mut [f32],
+        accumulate: bool,
+    ) {
+        // K steps used, and M's tiles per row tile (its stride).
+        let (kt, mat_kt) = (k.div_ceil(TK), mat.kt);
         let blocks = n.div_ceil(2 * TR);
         let chunk = (CHUNK_BYTES / (2 * kt * 1024)).max(1);
         // A slab of `s` rows takes `s · kt · 64` bytes of A tiles.
@@ -654,8 +693,8 @@ mod x86 {
                     let r0 = i0 + 32 * rb;
                     let nr = (m - r0).min(32);
                     for cb in c0..(c0 + chunk).min(blocks) {
-                        let b0 = bp.add(2 * cb * kt * TR);
-                        let b1 = b0.add(kt * TR);
+                        let b0 = bp.add(2 * cb * mat_kt * TR);
+                        let b1 = b0.add(mat_kt * TR);
                         let j0 = 32 * cb;
                         let nc = (n - j0).min(32);
                         let dst = cp.add(r0 * n + j0);
@@ -730,10 +769,11 @@ mod tests {
             .collect()
     }
 
-    type MatmulFn = fn(&[f32], usize, &Bf16Matrix, &mut [f32], bool);
+    type MatmulFn = fn(&[f32], usize, &Bf16Matrix, (usize, usize), &mut [f32], bool);
 
     /// Every (m, rows, cols) against an f64 reference from the bf16-rounded inputs, both
-    /// packings, overwrite and accumulate.
+    /// packings, overwrite and accumulate, the whole of M and a part of it (its first rows and
+    /// columns, ending inside a 32-row block and inside a 32-column step).
     fn check_shapes(f: MatmulFn, path: &str) {
         for (m, rows, cols) in [
             (1, 1, 1),
@@ -748,54 +788,58 @@ mod tests {
             // K past 3072: slabs of fewer than 256 rows (96 here), several per call.
             (300, 17, 7000),
         ] {
-            let a = values(m * cols, 1 + m as u64);
             let w: Vec<f32> = values(rows * cols, 7 + rows as u64)
                 .iter()
                 .map(|v| v * 0.05)
                 .collect();
-            let prior = values(m * rows, 3);
-            let ab: Vec<f64> = a.iter().map(|&x| round_bf16(x) as f64).collect();
             let wb: Vec<f64> = w.iter().map(|&x| round_bf16(x) as f64).collect();
-            // Σ a·m and Σ |a|·|m| per element of c.
-            let mut want = vec![0f64; m * rows];
-            let mut scale = vec![0f64; m * rows];
-            for i in 0..m {
-                for j in 0..rows {
-                    let (ar, wr) = (&ab[i * cols..][..cols], &wb[j * cols..][..cols]);
-                    want[i * rows + j] = ar.iter().zip(wr).map(|(x, y)| x * y).sum();
-                    scale[i * rows + j] = ar.iter().zip(wr).map(|(x, y)| (x * y).abs()).sum();
-                }
-            }
             let wt = transpose(&w, rows, cols);
-            for transposed in [false, true] {
-                let mat = if transposed {
-                    Bf16Matrix::pack(&wt, rows, cols, true)
-                } else {
-                    Bf16Matrix::pack(&w, rows, cols, false)
-                };
-                assert_eq!((mat.rows(), mat.cols()), (rows, cols));
-                for accumulate in [false, true] {
-                    // Overwrite must not read c: start from NaN.
-                    let mut c = if accumulate {
-                        prior.clone()
+            let part = ((rows * 2 / 3).max(1), (cols * 2 / 3).max(1));
+            for (n, k) in [(rows, cols), part] {
+                let a = values(m * k, 1 + m as u64);
+                let prior = values(m * n, 3);
+                let ab: Vec<f64> = a.iter().map(|&x| round_bf16(x) as f64).collect();
+                // Σ a·m and Σ |a|·|m| per element of c.
+                let mut want = vec![0f64; m * n];
+                let mut scale = vec![0f64; m * n];
+                for i in 0..m {
+                    for j in 0..n {
+                        let (ar, wr) = (&ab[i * k..][..k], &wb[j * cols..][..k]);
+                        want[i * n + j] = ar.iter().zip(wr).map(|(x, y)| x * y).sum();
+                        scale[i * n + j] = ar.iter().zip(wr).map(|(x, y)| (x * y).abs()).sum();
+                    }
+                }
+                for transposed in [false, true] {
+                    let mat = if transposed {
+                        Bf16Matrix::pack(&wt, rows, cols, true)
                     } else {
-                        vec![f32::NAN; m * rows]
+                        Bf16Matrix::pack(&w, rows, cols, false)
                     };
-                    f(&a, m, &mat, &mut c, accumulate);
-                    for (e, &got) in c.iter().enumerate() {
-                        let (want, scale) = if accumulate {
-                            (want[e] + prior[e] as f64, scale[e] + (prior[e] as f64).abs())
+                    assert_eq!((mat.rows(), mat.cols()), (rows, cols));
+                    for accumulate in [false, true] {
+                        // Overwrite must not read c: start from NaN.
+                        let mut c = if accumulate {
+                            prior.clone()
                         } else {
-                            (want[e], scale[e])
+                            vec![f32::NAN; m * n]
                         };
-                        let err = (got as f64 - want).abs();
-                        assert!(
-                            err <= 1e-5 * scale + 1e-30,
-                            "{path}: (m, rows, cols) = ({m}, {rows}, {cols}) transposed {transposed} \
-                             accumulate {accumulate}: c[{}, {}] = {got}, want {want} (scale {scale})",
-                            e / rows,
-                            e % rows
-                        );
+                        f(&a, m, &mat, (n, k), &mut c, accumulate);
+                        for (e, &got) in c.iter().enumerate() {
+                            let (want, scale) = if accumulate {
+                                (want[e] + prior[e] as f64, scale[e] + (prior[e] as f64).abs())
+                            } else {
+                                (want[e], scale[e])
+                            };
+                            let err = (got as f64 - want).abs();
+                            assert!(
+                                err <= 1e-5 * scale + 1e-30,
+                                "{path}: (m, rows, cols) = ({m}, {rows}, {cols}), part {n} x {k}, \
+                                 transposed {transposed} accumulate {accumulate}: c[{}, {}] = \
+                                 {got}, want {want} (scale {scale})",
+                                e / n,
+                                e % n
+                            );
+                        }
                     }
                 }
             }
@@ -808,7 +852,7 @@ mod tests {
             eprintln!("AMX-BF16 not available: AMX path not tested");
             return;
         }
-        check_shapes(matmul_t, "amx");
+        check_shapes(matmul_t_part, "amx");
     }
 
     #[test]
@@ -819,11 +863,17 @@ mod tests {
     #[test]
     fn nothing_to_do_for_zero_rows() {
         let mat = Bf16Matrix::pack(&[1.0; 6], 2, 3, false);
-        for f in [matmul_t as MatmulFn, matmul_t_portable] {
+        for f in [matmul_t_part as MatmulFn, matmul_t_portable] {
             let mut c: Vec<f32> = vec![];
-            f(&[], 0, &mat, &mut c, false);
-            f(&[], 0, &mat, &mut c, true);
+            f(&[], 0, &mat, (2, 3), &mut c, false);
+            f(&[], 0, &mat, (2, 3), &mut c, true);
         }
+        // No columns of M: c = 0, or c unchanged when accumulating.
+        let mut c = vec![5f32; 4];
+        matmul_t_part(&[], 2, &mat, (2, 0), &mut c, true);
+        assert_eq!(c, [5.0; 4]);
+        matmul_t_part(&[], 2, &mat, (2, 0), &mut c, false);
+        assert_eq!(c, [0.0; 4]);
     }
 
     #[test]
@@ -835,9 +885,9 @@ mod tests {
         a[5 * cols + 2] = f32::INFINITY; // row 5: ±inf where M[j][2] ≠ 0
         w[7 * cols + 69] = f32::NAN; // column 7 of c: all NaN
         let mat = Bf16Matrix::pack(&w, rows, cols, false);
-        for f in [matmul_t as MatmulFn, matmul_t_portable] {
+        for f in [matmul_t_part as MatmulFn, matmul_t_portable] {
             let mut c = vec![0f32; m * rows];
-            f(&a, m, &mat, &mut c, false);
+            f(&a, m, &mat, (rows, cols), &mut c, false);
             for i in 0..m {
                 for j in 0..rows {
                     let v = c[i * rows + j];

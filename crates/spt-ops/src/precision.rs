@@ -14,7 +14,9 @@
 //! `dx = g (W + s·B A)`; the LoRA routed FFN's fc1, fc2 and their input gradients, block by
 //! block (and a frozen routed FFN's fc1 and fc2 where nothing is tracked), and its linear
 //! correction's `x C` and `dx = g Cᵀ`; [`linear_cross_entropy`](crate::linear_cross_entropy)'s
-//! logits and `dh`. The adapters' rank-r products, every weight gradient, attention and every
+//! logits and `dh`; and every product of [`flash_attention`](crate::flash_attention) (scores,
+//! `P V`, and the backward's four), as PyTorch's attention runs under bf16 autocast. The
+//! adapters' rank-r products, every weight gradient, the sparse attention kernels and every
 //! other op stay f32. Where the CPU has no AMX the same rounded products are computed in f32
 //! (the last bits may differ; slower than f32 products: see [`bf16_matmul_is_native`]). f64 and
 //! non-CPU tensors are not affected.
@@ -109,6 +111,25 @@ pub(crate) fn bf16_matmul_t<T: Float>(
     match (packed, T::as_f32(a), T::as_f32_mut(c)) {
         (Some(p), Some(a), Some(c)) => {
             amx::matmul_t(a, m, p, c, accumulate);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// [`bf16_matmul_t`] with the first `n` rows and `k` columns of M only: `c [m, n] (+)= a [m, k] ·
+/// M[..n, ..k]ᵀ` (see `amx::matmul_t_part`).
+pub(crate) fn bf16_matmul_t_part<T: Float>(
+    packed: Option<&Bf16Matrix>,
+    a: &[T],
+    m: usize,
+    part: (usize, usize),
+    c: &mut [T],
+    accumulate: bool,
+) -> bool {
+    match (packed, T::as_f32(a), T::as_f32_mut(c)) {
+        (Some(p), Some(a), Some(c)) => {
+            amx::matmul_t_part(a, m, p, part, c, accumulate);
             true
         }
         _ => false,

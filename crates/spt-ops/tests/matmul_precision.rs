@@ -412,3 +412,83 @@ fn linear_correction_takes_bf16_products() -> Result<()> {
     assert_eq!(rel(&h[1], &f[1])?, 0.0, "dy is the upstream gradient");
     Ok(())
 }
+
+/// Fused attention under bf16: every product takes bf16 inputs, so o and the three gradients
+/// move by bf16 rounding against f32, under every mask: none (128-row tiles, the last one
+/// partial), causal (64-row tiles, each multiplying by a prefix of the keys), key padding (a key
+/// span ending inside a 32-key step, and a sequence with no allowed key, whose rows stay 0) and
+/// dropout. The backward keeps its fixed summation order (the same bits on 1 and 2 threads), and
+/// f64 keeps f64 products.
+#[test]
+fn flash_attention_takes_bf16_products() -> Result<()> {
+    use spt_ops::{flash_attention, AttentionMask, SeededDropout};
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let (b, h, l, d) = (2, 2, 300, 32);
+    let randn = |seed| randn_f64(&[b, h, l, d], seed)?.to_dtype(DType::F32);
+    let (q, k, v, u) = (randn(31)?, randn(32)?, randn(33)?, randn(34)?);
+    // Sequence 0: keys 0..237 allowed; sequence 1: none.
+    let keep: Vec<u8> = (0..b * l).map(|i| (i < 237) as u8).collect();
+    let padded = AttentionMask::none().with_key_padding(Tensor::from_vec(keep, (b, l), &Device::Cpu)?);
+    let dropout = Some(SeededDropout { p: 0.1, seed: 5 });
+    let run = |p, threads: usize, mask: &AttentionMask, drop: Option<SeededDropout>| {
+        with_precision(p, || {
+            common::pool(threads)?.install(|| -> Result<[Tensor; 4]> {
+                let vars = [
+                    Var::from_tensor(&q)?,
+                    Var::from_tensor(&k)?,
+                    Var::from_tensor(&v)?,
+                ];
+                let o = flash_attention(&vars[0], &vars[1], &vars[2], mask, 0.25, drop)?;
+                let g = (&o * &u)?.sum_all()?.backward()?;
+                let grad = |v: &Var| g.get(v).cloned().expect("a gradient");
+                Ok([o.clone(), grad(&vars[0]), grad(&vars[1]), grad(&vars[2])])
+            })
+        })
+    };
+    for (what, mask, drop) in [
+        ("no mask", AttentionMask::none(), None),
+        ("causal", AttentionMask::causal(), None),
+        ("key padding", padded.clone(), None),
+        ("causal, dropout", AttentionMask::causal(), dropout),
+    ] {
+        let f = run(MatmulPrecision::F32, 2, &mask, drop)?;
+        let h2 = run(MatmulPrecision::Bf16, 2, &mask, drop)?;
+        for (name, (f, h)) in ["o", "dq", "dk", "dv"].iter().zip(f.iter().zip(&h2)) {
+            let r = rel(h, f)?;
+            assert!(
+                (1e-4..2e-2).contains(&r),
+                "{what}, {name}: bf16 against f32 {r:e}, expected bf16 rounding"
+            );
+        }
+        let h1 = run(MatmulPrecision::Bf16, 1, &mask, drop)?;
+        for (name, (a, b)) in ["o", "dq", "dk", "dv"].iter().zip(h1.iter().zip(&h2)) {
+            assert_eq!(
+                common::f32_bits(a)?,
+                common::f32_bits(b)?,
+                "{what}, {name}: 1 against 2 threads"
+            );
+        }
+        if what == "key padding" {
+            for t in &h2 {
+                let seq1 = t.narrow(0, 1, 1)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert_eq!(seq1, 0.0, "{what}: the sequence with no allowed key");
+            }
+        }
+    }
+    let to64 = |t: &Tensor| t.to_dtype(DType::F64);
+    let f64s = |p| {
+        with_precision(p, || {
+            flash_attention(
+                &to64(&q)?,
+                &to64(&k)?,
+                &to64(&v)?,
+                &AttentionMask::causal(),
+                0.25,
+                None,
+            )
+        })
+    };
+    let (o32, o16) = (f64s(MatmulPrecision::F32)?, f64s(MatmulPrecision::Bf16)?);
+    assert_eq!((o32 - o16)?.abs()?.max_all()?.to_scalar::<f64>()?, 0.0);
+    Ok(())
+}

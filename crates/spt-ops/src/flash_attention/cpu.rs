@@ -8,9 +8,17 @@
 //! (batch, head) that walks its tiles in order and accumulates dk and dv itself, with
 //! single-threaded GEMMs: every sum has a fixed order, so results are bit-identical across runs
 //! and thread counts.
+//!
+//! Under `MatmulPrecision::Bf16` (f32) every product takes bf16 inputs on the AMX kernel, as
+//! PyTorch's attention runs under bf16 autocast: K, V (and Kᵀ, Vᵀ) are packed once per (batch,
+//! head) and each tile multiplies by the prefix of keys it may see; the backward's `Pᵀ dO` and
+//! `dSᵀ Q` pack the tile's dO and Q (a tile's worth, small beside the products). The
+//! probabilities, their gradients and every sum stay f32.
 
 use super::dropout::{DropoutElem, RowDropout};
+use crate::amx::Bf16Matrix;
 use crate::blas::{gemm_into, gemm_scaled, transpose, Mat};
+use crate::precision::{bf16_matmul_t, bf16_matmul_t_part, bf16_weight};
 use crate::simd::Vector;
 use crate::util::{row_max, Float};
 use gemm::Parallelism;
@@ -72,11 +80,13 @@ impl Dims {
 }
 
 /// `s [m, nk] = scale · Q_tile K[0..nk]ᵀ`, then −∞ where a key is not allowed for its query.
-/// `keys_t` is the head's `Kᵀ [d, lk]`, row-major (see `blas::transpose`).
+/// `keys_t` is the head's `Kᵀ [d, lk]`, row-major (see `blas::transpose`), or `keys` the head's
+/// K packed for bf16 products.
 #[allow(clippy::too_many_arguments)]
 fn masked_scores<T: Float>(
     q_tile: &[T],
     keys_t: &[T],
+    keys: Option<&Bf16Matrix>,
     nk: usize,
     s: &mut Vec<T>,
     i0: usize,
@@ -87,16 +97,19 @@ fn masked_scores<T: Float>(
     let (m, d) = (q_tile.len() / n.d, n.d);
     // The GEMM overwrites every element: only a size change needs the (zero-filling) resize.
     s.resize(m * nk, T::zero());
-    // The scale is applied inside the GEMM.
-    gemm_scaled(
-        m,
-        nk,
-        d,
-        s,
-        Mat::new(q_tile, 0, d, 1),
-        Mat::new(keys_t, 0, n.lk, 1),
-        scale,
-    );
+    // The scale is applied inside the GEMM (after the bf16 product, in the mask's pass).
+    let bf16 = bf16_matmul_t_part(keys, q_tile, m, (nk, d), s, false);
+    if !bf16 {
+        gemm_scaled(
+            m,
+            nk,
+            d,
+            s,
+            Mat::new(q_tile, 0, d, 1),
+            Mat::new(keys_t, 0, n.lk, 1),
+            scale,
+        );
+    }
     let ok = n
         .key_ok
         .as_ref()
@@ -106,6 +119,9 @@ fn masked_scores<T: Float>(
         .filter(|ok| !ok.iter().all(|&x| x));
     for (r, row) in s.chunks_mut(nk.max(1)).enumerate().take(m) {
         let cut = if n.causal { (i0 + r + 1).min(nk) } else { nk };
+        if bf16 {
+            row[..cut].iter_mut().for_each(|x| *x = *x * scale);
+        }
         row[cut..].fill(T::neg_infinity());
         if let Some(ok) = ok {
             for (x, &ok) in row[..cut].iter_mut().zip(ok) {
@@ -135,8 +151,17 @@ pub(crate) fn forward<T: Float + Vector + DropoutElem>(
         .zip(lse.par_chunks_mut(lq))
         .enumerate()
         .for_each(|(bh, (ob, lseb))| {
-            let vb = &v[bh * lk * dv..];
-            let kt = transpose(&k[bh * lk * d..(bh + 1) * lk * d], lk, d);
+            let (kb, vb) = (
+                &k[bh * lk * d..(bh + 1) * lk * d],
+                &v[bh * lk * dv..(bh + 1) * lk * dv],
+            );
+            // bf16: K and Vᵀ packed (each tile reads a prefix of keys); f32: Kᵀ.
+            let (keys, values_t) = (bf16_weight(kb, lk, d, false), bf16_weight(vb, dv, lk, true));
+            let kt = if keys.is_some() {
+                Vec::new()
+            } else {
+                transpose(kb, lk, d)
+            };
             ob.par_chunks_mut(qt * dv)
                 .zip(lseb.par_chunks_mut(qt))
                 .enumerate()
@@ -149,7 +174,7 @@ pub(crate) fn forward<T: Float + Vector + DropoutElem>(
                             return;
                         }
                         let q_tile = &q[(bh * lq + i0) * d..(bh * lq + i0 + m) * d];
-                        masked_scores(q_tile, &kt, nk, s, i0, b, n, scale);
+                        masked_scores(q_tile, &kt, keys.as_ref(), nk, s, i0, b, n, scale);
                         // Without dropout, P stays unnormalised and O's rows are scaled by `inv`
                         // after the GEMM: dv values a row instead of nk. (A row with no key keeps
                         // P = 0.)
@@ -168,16 +193,18 @@ pub(crate) fn forward<T: Float + Vector + DropoutElem>(
                             }
                             *l = max + sum.ln();
                         }
-                        gemm_into(
-                            m,
-                            dv,
-                            nk,
-                            ot,
-                            false,
-                            Mat::new(s, 0, nk, 1),
-                            Mat::new(vb, 0, dv, 1),
-                            Parallelism::None,
-                        );
+                        if !bf16_matmul_t_part(values_t.as_ref(), s, m, (dv, nk), ot, false) {
+                            gemm_into(
+                                m,
+                                dv,
+                                nk,
+                                ot,
+                                false,
+                                Mat::new(s, 0, nk, 1),
+                                Mat::new(vb, 0, dv, 1),
+                                Parallelism::None,
+                            );
+                        }
                         if n.dropout.is_none() {
                             for (row, &c) in ot.chunks_mut(dv).zip(inv.iter()) {
                                 row.iter_mut().for_each(|x| *x = *x * c);
@@ -222,7 +249,19 @@ pub(crate) fn backward<T: Float + Vector + DropoutElem>(
                 &k[bh * lk * d..(bh + 1) * lk * d],
                 &v[bh * lk * dv..(bh + 1) * lk * dv],
             );
-            let (kt, vt) = (transpose(kb, lk, d), transpose(vb, lk, dv));
+            // bf16: K (scores), V (dP) and Kᵀ (dQ) packed; f32: Kᵀ and Vᵀ.
+            let keys = bf16_weight(kb, lk, d, false);
+            let bf16 = keys.is_some();
+            let (values, keys_t) = if bf16 {
+                (bf16_weight(vb, lk, dv, false), bf16_weight(kb, d, lk, true))
+            } else {
+                (None, None)
+            };
+            let (kt, vt) = if bf16 {
+                (Vec::new(), Vec::new())
+            } else {
+                (transpose(kb, lk, d), transpose(vb, lk, dv))
+            };
             let b = bh / n.h;
             let (mut p, mut dp, mut pd) = (Vec::new(), Vec::new(), Vec::new());
             for t in 0..nt {
@@ -235,7 +274,7 @@ pub(crate) fn backward<T: Float + Vector + DropoutElem>(
                 let (r0, r1) = (bh * lq + i0, bh * lq + i0 + m);
                 let q_tile = &q[r0 * d..r1 * d];
                 let go_tile = &go[r0 * dv..r1 * dv];
-                masked_scores(q_tile, &kt, nk, &mut p, i0, b, n, scale);
+                masked_scores(q_tile, &kt, keys.as_ref(), nk, &mut p, i0, b, n, scale);
                 for (r, row) in p.chunks_mut(nk).enumerate() {
                     let l = lse[r0 + r];
                     if l == T::neg_infinity() {
@@ -257,30 +296,38 @@ pub(crate) fn backward<T: Float + Vector + DropoutElem>(
                     }
                     None => &p,
                 };
-                // dV[0..nk] += (P⊙D)ᵀ dO.
-                gemm_into(
-                    nk,
-                    dv,
-                    m,
-                    &mut dvb[..nk * dv],
-                    true,
-                    Mat::new(p_used, 0, 1, nk),
-                    Mat::new(go_tile, 0, dv, 1),
-                    Parallelism::None,
-                );
+                // dV[0..nk] += (P⊙D)ᵀ dO; bf16: as (P⊙D)ᵀ (dOᵀ)ᵀ with the tile's dOᵀ packed.
+                if bf16 {
+                    let go_t = bf16_weight(go_tile, dv, m, true);
+                    let p_t = transpose(p_used, m, nk);
+                    bf16_matmul_t(go_t.as_ref(), &p_t, nk, &mut dvb[..nk * dv], true);
+                } else {
+                    gemm_into(
+                        nk,
+                        dv,
+                        m,
+                        &mut dvb[..nk * dv],
+                        true,
+                        Mat::new(p_used, 0, 1, nk),
+                        Mat::new(go_tile, 0, dv, 1),
+                        Parallelism::None,
+                    );
+                }
                 // dP [m, nk] = dO V[0..nk]ᵀ (then ⊙ D).
                 // The GEMM overwrites every element: only a size change needs the resize.
                 dp.resize(m * nk, T::zero());
-                gemm_into(
-                    m,
-                    nk,
-                    dv,
-                    &mut dp,
-                    false,
-                    Mat::new(go_tile, 0, dv, 1),
-                    Mat::new(&vt, 0, lk, 1),
-                    Parallelism::None,
-                );
+                if !bf16_matmul_t_part(values.as_ref(), go_tile, m, (nk, dv), &mut dp, false) {
+                    gemm_into(
+                        m,
+                        nk,
+                        dv,
+                        &mut dp,
+                        false,
+                        Mat::new(go_tile, 0, dv, 1),
+                        Mat::new(&vt, 0, lk, 1),
+                        Parallelism::None,
+                    );
+                }
                 if let Some(drop) = &n.dropout {
                     for (r, row) in dp.chunks_mut(nk).enumerate() {
                         drop.apply_scaled(row, bh, i0 + r, T::one());
@@ -295,27 +342,36 @@ pub(crate) fn backward<T: Float + Vector + DropoutElem>(
                     }
                 }
                 // dQ_tile = dS K[0..nk] (each tile owns its dq rows).
-                gemm_into(
-                    m,
-                    d,
-                    nk,
-                    &mut dqb[i0 * d..(i0 + m) * d],
-                    false,
-                    Mat::new(&p, 0, nk, 1),
-                    Mat::new(kb, 0, d, 1),
-                    Parallelism::None,
-                );
-                // dK[0..nk] += dSᵀ Q_tile.
-                gemm_into(
-                    nk,
-                    d,
-                    m,
-                    &mut dkb[..nk * d],
-                    true,
-                    Mat::new(&p, 0, 1, nk),
-                    Mat::new(q_tile, 0, d, 1),
-                    Parallelism::None,
-                );
+                let dq_tile = &mut dqb[i0 * d..(i0 + m) * d];
+                if !bf16_matmul_t_part(keys_t.as_ref(), &p, m, (d, nk), dq_tile, false) {
+                    gemm_into(
+                        m,
+                        d,
+                        nk,
+                        dq_tile,
+                        false,
+                        Mat::new(&p, 0, nk, 1),
+                        Mat::new(kb, 0, d, 1),
+                        Parallelism::None,
+                    );
+                }
+                // dK[0..nk] += dSᵀ Q_tile; bf16: as dSᵀ (Qᵀ)ᵀ with the tile's Qᵀ packed.
+                if bf16 {
+                    let q_t = bf16_weight(q_tile, d, m, true);
+                    let ds_t = transpose(&p, m, nk);
+                    bf16_matmul_t(q_t.as_ref(), &ds_t, nk, &mut dkb[..nk * d], true);
+                } else {
+                    gemm_into(
+                        nk,
+                        d,
+                        m,
+                        &mut dkb[..nk * d],
+                        true,
+                        Mat::new(&p, 0, 1, nk),
+                        Mat::new(q_tile, 0, d, 1),
+                        Parallelism::None,
+                    );
+                }
             }
         });
     (dq, dk, dvv)

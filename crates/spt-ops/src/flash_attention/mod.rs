@@ -13,7 +13,8 @@
 //!   q, k, v and o, against the composed form's `O(B·H·L²)` per intermediate.
 //! - dk and dv are summed in a fixed order: bit-identical across runs and thread counts.
 //!
-//! The fused kernel runs on the CPU (f32, f64) and on CUDA in bf16 with d = d_v ∈ {64, 128}
+//! The fused kernel runs on the CPU (f32, f64; f32's products take bf16 inputs under
+//! [`MatmulPrecision::Bf16`](crate::MatmulPrecision)) and on CUDA in bf16 with d = d_v ∈ {64, 128}
 //! and no dropout (`kernels/flash_attention.cu`: tensor cores, f32 accumulation, the same
 //! deterministic backward). Anything else on a GPU (f32, other head sizes, dropout) runs the
 //! composed reference: candle autograd over `[B, H, L_q, L_k]` scores, the dropout mask built on
