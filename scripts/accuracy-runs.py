@@ -2,7 +2,8 @@
 """Re-runs the README's headline accuracy records from the settings they store.
 
     python3 scripts/accuracy-runs.py                      every headline row, seeds 42-45
-    python3 scripts/accuracy-runs.py --rows dense,fast    some rows (dense, lora, fast, accurate)
+    python3 scripts/accuracy-runs.py --rows dense,fast    some rows (dense, lora, fast, accurate,
+                                                          lora-bf16, fast-bf16)
     python3 scripts/accuracy-runs.py --seeds 42 --dry-run print the configs and commands only
     python3 scripts/accuracy-runs.py --rows lora --set 'lora.modules_to_save=["pooler"]' \
         --variant "r = 8, pooler trained"                 a changed recipe, as new records
@@ -40,7 +41,8 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ACCURACY = os.path.join(ROOT, "bench", "results", "accuracy.json")
 BIN = os.path.join(ROOT, "target", "release", "spt-train")
-ROWS = {"dense": "dense", "lora": "PEFT-style LoRA", "fast": "SPT fast", "accurate": "SPT accurate"}
+ROWS = {"dense": "dense", "lora": "PEFT-style LoRA", "fast": "SPT fast", "accurate": "SPT accurate",
+        "lora-bf16": "PEFT-style LoRA, bf16", "fast-bf16": "SPT fast, bf16"}
 
 
 def results_md():
