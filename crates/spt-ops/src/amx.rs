@@ -773,7 +773,7 @@ mod tests {
 
     /// Every (m, rows, cols) against an f64 reference from the bf16-rounded inputs, both
     /// packings, overwrite and accumulate, the whole of M and a part of it (its first rows and
-    /// columns, ending inside a 32-row block and inside a 32-column step).
+    /// columns; for most shapes ending inside a 32-row block and inside a 32-column step).
     fn check_shapes(f: MatmulFn, path: &str) {
         for (m, rows, cols) in [
             (1, 1, 1),
@@ -861,7 +861,7 @@ mod tests {
     }
 
     #[test]
-    fn nothing_to_do_for_zero_rows() {
+    fn empty_products() {
         let mat = Bf16Matrix::pack(&[1.0; 6], 2, 3, false);
         for f in [matmul_t_part as MatmulFn, matmul_t_portable] {
             let mut c: Vec<f32> = vec![];

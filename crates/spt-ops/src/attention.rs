@@ -177,7 +177,7 @@ impl AttentionMask {
 /// Dense masked attention `softmax(scale·q kᵀ + mask) v` over `[B, H, L, d]` tensors: the
 /// baseline, differentiable through candle's autograd and our softmax. Rows with no allowed key
 /// output zero (as the sparse op does). [`fn@crate::flash_attention`] computes the same without
-/// keeping the `[B, H, L, L]` intermediates.
+/// keeping the `[B, H, L, L]` intermediates (with f32 products; see its bf16 note).
 pub fn dense_attention(
     q: &Tensor,
     k: &Tensor,

@@ -1,5 +1,6 @@
-//! The precision of the CPU kernels' products with a layer's weight: f32 (the default, the
-//! dense model's numbers) or bf16 inputs with f32 accumulation.
+//! The precision of the CPU kernels' products with a layer's weight and of the fused dense
+//! attention's: f32 (the default, the dense model's numbers) or bf16 inputs with f32
+//! accumulation.
 //!
 //! Intel CPUs with AMX (Sapphire Rapids and later) multiply bf16 matrices 5–7× faster than f32
 //! ones (`amx.rs`'s ignored `timing` test, one thread, our weight shapes); PyTorch uses that
@@ -8,15 +9,18 @@
 //! for CUDA, this is one process-wide switch rather than an argument of every op: it is a
 //! property of the run, and a model's layers all follow it.
 //!
-//! Under [`MatmulPrecision::Bf16`] the products with a layer's weight whose other operand has
-//! many rows take bf16 inputs (round to nearest even) and accumulate in f32:
-//! [`lora_linear`](crate::lora_linear)'s `x (W + s·B A)ᵀ` (from 65 rows on) and its backward's
-//! `dx = g (W + s·B A)`; the LoRA routed FFN's fc1, fc2 and their input gradients, block by
-//! block (and a frozen routed FFN's fc1 and fc2 where nothing is tracked), and its linear
-//! correction's `x C` and `dx = g Cᵀ`; [`linear_cross_entropy`](crate::linear_cross_entropy)'s
-//! logits and `dh`; and every product of [`flash_attention`](crate::flash_attention) (scores,
-//! `P V`, and the backward's four), as PyTorch's attention runs under bf16 autocast. The
-//! adapters' rank-r products, every weight gradient, the sparse attention kernels and every
+//! Under [`MatmulPrecision::Bf16`] these products take bf16 inputs (round to nearest even) and
+//! accumulate in f32:
+//! - [`lora_linear`](crate::lora_linear)'s `x (W + s·B A)ᵀ` (from 65 rows on) and its
+//!   backward's `dx = g (W + s·B A)`;
+//! - the LoRA routed FFN's fc1, fc2 and their input gradients, block by block (and a frozen
+//!   routed FFN's fc1 and fc2 where nothing is tracked);
+//! - every routed FFN's linear correction, `x C` and `dx = g Cᵀ`;
+//! - [`linear_cross_entropy`](crate::linear_cross_entropy)'s logits and `dh`;
+//! - every product of [`flash_attention`](crate::flash_attention) (scores, `P V`, and the
+//!   backward's four), as PyTorch's attention runs under bf16 autocast.
+//!
+//! The adapters' rank-r products, every weight gradient, the sparse attention kernels and every
 //! other op stay f32. Where the CPU has no AMX the same rounded products are computed in f32
 //! (the last bits may differ; slower than f32 products: see [`bf16_matmul_is_native`]). f64 and
 //! non-CPU tensors are not affected.
@@ -26,7 +30,7 @@ use crate::util::Float;
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-/// How the CPU kernels multiply by a layer's weight (see the module docs).
+/// How the CPU kernels multiply by a layer's weight and in attention (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MatmulPrecision {

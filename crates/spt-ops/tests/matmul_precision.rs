@@ -367,7 +367,8 @@ fn linear_cross_entropy_logits_round_and_empty_widths_pass() -> Result<()> {
 
 /// The routed FFN's linear correction `y + [x, 1] C` under bf16: on values bf16 holds, the output
 /// and dx are the f32 ones bit for bit (300 rows: a whole and a partial 256-row task, added onto
-/// y); on general values both move by bf16 rounding, and dy (the upstream gradient) not at all.
+/// y); on general values both move by bf16 rounding (what shows that the bf16 path ran), and dy
+/// (the upstream gradient) not at all.
 #[test]
 fn linear_correction_takes_bf16_products() -> Result<()> {
     use spt_ops::routed_ffn::add_linear_correction;
@@ -417,78 +418,131 @@ fn linear_correction_takes_bf16_products() -> Result<()> {
 /// move by bf16 rounding against f32, under every mask: none (128-row tiles, the last one
 /// partial), causal (64-row tiles, each multiplying by a prefix of the keys), key padding (a key
 /// span ending inside a 32-key step, and a sequence with no allowed key, whose rows stay 0) and
-/// dropout. The backward keeps its fixed summation order (the same bits on 1 and 2 threads), and
-/// f64 keeps f64 products.
+/// dropout; and with d = 40, d_v = 24 and 200 queries over 300 keys (K steps and output blocks
+/// that end inside a tile). The backward keeps its fixed summation order (the same bits on 1
+/// and 2 threads), and f64 keeps f64 products.
 #[test]
 fn flash_attention_takes_bf16_products() -> Result<()> {
     use spt_ops::{flash_attention, AttentionMask, SeededDropout};
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let (b, h, l, d) = (2, 2, 300, 32);
-    let randn = |seed| randn_f64(&[b, h, l, d], seed)?.to_dtype(DType::F32);
-    let (q, k, v, u) = (randn(31)?, randn(32)?, randn(33)?, randn(34)?);
+    let b = 2;
     // Sequence 0: keys 0..237 allowed; sequence 1: none.
-    let keep: Vec<u8> = (0..b * l).map(|i| (i < 237) as u8).collect();
-    let padded = AttentionMask::none().with_key_padding(Tensor::from_vec(keep, (b, l), &Device::Cpu)?);
-    let dropout = Some(SeededDropout { p: 0.1, seed: 5 });
-    let run = |p, threads: usize, mask: &AttentionMask, drop: Option<SeededDropout>| {
-        with_precision(p, || {
-            common::pool(threads)?.install(|| -> Result<[Tensor; 4]> {
-                let vars = [
-                    Var::from_tensor(&q)?,
-                    Var::from_tensor(&k)?,
-                    Var::from_tensor(&v)?,
-                ];
-                let o = flash_attention(&vars[0], &vars[1], &vars[2], mask, 0.25, drop)?;
-                let g = (&o * &u)?.sum_all()?.backward()?;
-                let grad = |v: &Var| g.get(v).cloned().expect("a gradient");
-                Ok([o.clone(), grad(&vars[0]), grad(&vars[1]), grad(&vars[2])])
-            })
-        })
+    let padded = |l: usize| -> Result<AttentionMask> {
+        let keep: Vec<u8> = (0..b * l).map(|i| (i < 237) as u8).collect();
+        Ok(AttentionMask::none().with_key_padding(Tensor::from_vec(keep, (b, l), &Device::Cpu)?))
     };
-    for (what, mask, drop) in [
-        ("no mask", AttentionMask::none(), None),
-        ("causal", AttentionMask::causal(), None),
-        ("key padding", padded.clone(), None),
-        ("causal, dropout", AttentionMask::causal(), dropout),
-    ] {
-        let f = run(MatmulPrecision::F32, 2, &mask, drop)?;
-        let h2 = run(MatmulPrecision::Bf16, 2, &mask, drop)?;
-        for (name, (f, h)) in ["o", "dq", "dk", "dv"].iter().zip(f.iter().zip(&h2)) {
-            let r = rel(h, f)?;
-            assert!(
-                (1e-4..2e-2).contains(&r),
-                "{what}, {name}: bf16 against f32 {r:e}, expected bf16 rounding"
-            );
+    let dropout = Some(SeededDropout { p: 0.1, seed: 5 });
+    for (h, lq, lk, d, dv) in [(2, 300, 300, 32, 32), (1, 200, 300, 40, 24)] {
+        let randn = |shape: &[usize], seed| randn_f64(shape, seed)?.to_dtype(DType::F32);
+        let q = randn(&[b, h, lq, d], 31)?;
+        let (k, v) = (randn(&[b, h, lk, d], 32)?, randn(&[b, h, lk, dv], 33)?);
+        let u = randn(&[b, h, lq, dv], 34)?;
+        let run = |p, threads: usize, mask: &AttentionMask, drop: Option<SeededDropout>| {
+            with_precision(p, || {
+                common::pool(threads)?.install(|| -> Result<[Tensor; 4]> {
+                    let vars = [
+                        Var::from_tensor(&q)?,
+                        Var::from_tensor(&k)?,
+                        Var::from_tensor(&v)?,
+                    ];
+                    let o = flash_attention(&vars[0], &vars[1], &vars[2], mask, 0.25, drop)?;
+                    let g = (&o * &u)?.sum_all()?.backward()?;
+                    let grad = |v: &Var| g.get(v).cloned().expect("a gradient");
+                    Ok([o.clone(), grad(&vars[0]), grad(&vars[1]), grad(&vars[2])])
+                })
+            })
+        };
+        let mut masks = vec![
+            ("no mask", AttentionMask::none(), None),
+            ("key padding", padded(lk)?, None),
+        ];
+        if lq == lk {
+            masks.push(("causal", AttentionMask::causal(), None));
+            masks.push(("causal, dropout", AttentionMask::causal(), dropout));
         }
-        let h1 = run(MatmulPrecision::Bf16, 1, &mask, drop)?;
-        for (name, (a, b)) in ["o", "dq", "dk", "dv"].iter().zip(h1.iter().zip(&h2)) {
-            assert_eq!(
-                common::f32_bits(a)?,
-                common::f32_bits(b)?,
-                "{what}, {name}: 1 against 2 threads"
-            );
-        }
-        if what == "key padding" {
-            for t in &h2 {
-                let seq1 = t.narrow(0, 1, 1)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                assert_eq!(seq1, 0.0, "{what}: the sequence with no allowed key");
+        for (what, mask, drop) in masks {
+            let what = format!("{what}, [{lq}, {lk}, {d}, {dv}]");
+            let f = run(MatmulPrecision::F32, 2, &mask, drop)?;
+            let h2 = run(MatmulPrecision::Bf16, 2, &mask, drop)?;
+            for (name, (f, h)) in ["o", "dq", "dk", "dv"].iter().zip(f.iter().zip(&h2)) {
+                let r = rel(h, f)?;
+                assert!(
+                    (1e-4..2e-2).contains(&r),
+                    "{what}, {name}: bf16 against f32 {r:e}, expected bf16 rounding"
+                );
+            }
+            let h1 = run(MatmulPrecision::Bf16, 1, &mask, drop)?;
+            for (name, (a, b)) in ["o", "dq", "dk", "dv"].iter().zip(h1.iter().zip(&h2)) {
+                assert_eq!(
+                    common::f32_bits(a)?,
+                    common::f32_bits(b)?,
+                    "{what}, {name}: 1 against 2 threads"
+                );
+            }
+            if what.starts_with("key padding") {
+                for t in &h2 {
+                    let seq1 = t.narrow(0, 1, 1)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    assert_eq!(seq1, 0.0, "{what}: the sequence with no allowed key");
+                }
             }
         }
     }
-    let to64 = |t: &Tensor| t.to_dtype(DType::F64);
+    let (q, k, v) = (
+        randn_f64(&[b, 2, 70, 32], 35)?,
+        randn_f64(&[b, 2, 70, 32], 36)?,
+        randn_f64(&[b, 2, 70, 32], 37)?,
+    );
     let f64s = |p| {
         with_precision(p, || {
-            flash_attention(
-                &to64(&q)?,
-                &to64(&k)?,
-                &to64(&v)?,
-                &AttentionMask::causal(),
-                0.25,
-                None,
-            )
+            flash_attention(&q, &k, &v, &AttentionMask::causal(), 0.25, None)
         })
     };
     let (o32, o16) = (f64s(MatmulPrecision::F32)?, f64s(MatmulPrecision::Bf16)?);
     assert_eq!((o32 - o16)?.abs()?.max_all()?.to_scalar::<f64>()?, 0.0);
+    Ok(())
+}
+
+/// Under bf16, as in f32, fused attention never reads the keys past a sequence's last allowed
+/// one: a NaN in such a key's K and V (keys 237.. of 300 padded; the bf16 key steps are 32 wide,
+/// so 237..256 share a step with allowed keys) reaches neither o nor any gradient.
+#[test]
+fn flash_attention_bf16_never_reads_trailing_padding() -> Result<()> {
+    use spt_ops::{flash_attention, AttentionMask};
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let (b, h, l, d) = (1, 2, 300, 32);
+    let keep: Vec<u8> = (0..l).map(|j| (j < 237) as u8).collect();
+    let keep = Tensor::from_vec(keep, (b, l), &Device::Cpu)?;
+    let randn = |seed| randn_f64(&[b, h, l, d], seed)?.to_dtype(DType::F32);
+    let nan_at_250 = |t: Tensor| -> Result<Tensor> {
+        let mut v = t.flatten_all()?.to_vec1::<f32>()?;
+        v[250 * d..251 * d].fill(f32::NAN); // head 0, key 250
+        Tensor::from_vec(v, (b, h, l, d), &Device::Cpu)
+    };
+    let (q, k, v, u) = (
+        randn(41)?,
+        nan_at_250(randn(42)?)?,
+        nan_at_250(randn(43)?)?,
+        randn(44)?,
+    );
+    for mask in [AttentionMask::none(), AttentionMask::causal()] {
+        let mask = mask.with_key_padding(keep.clone());
+        let out = with_precision(MatmulPrecision::Bf16, || -> Result<Vec<Tensor>> {
+            let vars = [
+                Var::from_tensor(&q)?,
+                Var::from_tensor(&k)?,
+                Var::from_tensor(&v)?,
+            ];
+            let o = flash_attention(&vars[0], &vars[1], &vars[2], &mask, 0.25, None)?;
+            let g = (&o * &u)?.sum_all()?.backward()?;
+            let mut out = vec![o.clone()];
+            out.extend(vars.iter().map(|x| g.get(x).cloned().expect("a gradient")));
+            Ok(out)
+        })?;
+        for (name, t) in ["o", "dq", "dk", "dv"].iter().zip(&out) {
+            // dk and dv of the padded keys are 0 (no query weights them); NaN nowhere.
+            let finite = t.flatten_all()?.to_vec1::<f32>()?.iter().all(|x| x.is_finite());
+            assert!(finite, "causal {}: {name} holds a NaN", mask.causal);
+        }
+    }
     Ok(())
 }

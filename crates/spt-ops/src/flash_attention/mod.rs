@@ -7,7 +7,8 @@
 //!   and/or key padding) and `D` is the dropout multiplier (0 with probability `p`, else
 //!   `1/(1−p)`; all ones without dropout). A row with no allowed key outputs 0.
 //! - Without dropout it equals [`crate::dense_attention`]; with dropout it equals
-//!   [`flash_attention_reference`], which applies [`attention_dropout_mask`] explicitly.
+//!   [`flash_attention_reference`], which applies [`attention_dropout_mask`] explicitly (to
+//!   bf16 rounding where the products take bf16 inputs, below).
 //! - Differentiable in q, k and v. Backward keeps one log-sum-exp per query row and the seed,
 //!   and recomputes the probabilities and the dropout mask tile by tile: `O(B·H·L)` beyond
 //!   q, k, v and o, against the composed form's `O(B·H·L²)` per intermediate.

@@ -210,8 +210,8 @@ pub struct FinetuneArgs {
     #[arg(long)]
     pub device: Option<String>,
     /// f32 or bf16: the precision of the CPU's products with layer weights (LoRA's frozen ones,
-    /// the routed FFN's blocks, GPT-2's LM head): bf16 inputs, f32 accumulation, on AMX where
-    /// the CPU has it (default: f32).
+    /// the routed FFN's blocks and linear correction, GPT-2's LM head) and of the fused dense
+    /// attention: bf16 inputs, f32 accumulation, on AMX where the CPU has it (default: f32).
     #[arg(long, value_name = "f32|bf16")]
     pub matmul_precision: Option<spt_ops::MatmulPrecision>,
     /// Hide the progress bar.

@@ -238,8 +238,9 @@ pub struct FinetuneConfig {
     /// `cpu`, `cuda` or `cuda:N`.
     pub device: String,
     /// The precision of the CPU kernels' products with layer weights (LoRA's frozen ones, the
-    /// routed FFN's blocks, GPT-2's LM head): `f32` (default) or `bf16` (bf16 inputs, f32
-    /// accumulation; AMX where the CPU has it). See `spt_ops::precision`. `spt-train finetune`
+    /// routed FFN's blocks and linear correction, GPT-2's LM head) and of the fused dense
+    /// attention: `f32` (default) or `bf16` (bf16 inputs, f32 accumulation; AMX where the CPU
+    /// has it). See `spt_ops::precision`. `spt-train finetune`
     /// applies it; a program of its own calls `spt_ops::set_matmul_precision`.
     pub matmul_precision: spt_ops::MatmulPrecision,
     pub progress: bool,
