@@ -17,7 +17,7 @@
 //!   routed FFN's fc1 and fc2 where nothing is tracked);
 //! - every routed FFN's linear correction, `x C` and `dx = g Cᵀ`;
 //! - [`linear_cross_entropy`](crate::linear_cross_entropy)'s logits and `dh`;
-//! - every product of [`flash_attention`](crate::flash_attention) (scores, `P V`, and the
+//! - every product of [`flash_attention`](fn@crate::flash_attention) (scores, `P V`, and the
 //!   backward's four), as PyTorch's attention runs under bf16 autocast.
 //!
 //! The adapters' rank-r products, every weight gradient, the sparse attention kernels and every
