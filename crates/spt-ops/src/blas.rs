@@ -190,6 +190,35 @@ pub(crate) fn transpose<T: Float>(src: &[T], rows: usize, cols: usize) -> Vec<T>
     dst
 }
 
+/// [`transpose`] on the calling thread into `dst`, a buffer reused across calls: it is only
+/// grown (zero-filled) when too short, never zeroed again. For small transposes inside another
+/// op's parallel tasks (the bf16 attention backward's per-tile `Pᵀ` and `dSᵀ`), where a fresh
+/// zeroed buffer and rayon's split cost about as much as the transpose.
+pub(crate) fn transpose_into<T: Float>(src: &[T], rows: usize, cols: usize, dst: &mut Vec<T>) {
+    const TILE: usize = 32;
+    assert!(src.len() >= rows * cols, "transpose_into: source too short");
+    let n = rows * cols;
+    if dst.len() < n {
+        dst.resize(n, T::zero());
+    } else {
+        dst.truncate(n);
+    }
+    for j0 in (0..cols).step_by(TILE) {
+        let nj = TILE.min(cols - j0);
+        for i0 in (0..rows).step_by(TILE) {
+            let m = TILE.min(rows - i0);
+            T::transpose_tile(
+                &src[i0 * cols + j0..],
+                cols,
+                &mut dst[j0 * rows + i0..],
+                rows,
+                m,
+                nj,
+            );
+        }
+    }
+}
+
 /// `src [n·block, cols]` as n blocks of `block` rows, each transposed: `[n, cols, block]`, in
 /// parallel over blocks. A routed FFN's block of `Wᵀ` is then one compact `[d, block]` matrix
 /// whose rows lie `block` apart, not a weight row (12 KB at d_ff 3072) apart.
@@ -275,7 +304,7 @@ pub(crate) fn row_major<T: Float + candle_core::WithDType>(op: &str, t: &Tensor)
 
 #[cfg(test)]
 mod tests {
-    use super::{column_blocks, row_major, transpose, transpose_blocks, Tensor};
+    use super::{column_blocks, row_major, transpose, transpose_blocks, transpose_into, Tensor};
 
     #[test]
     fn row_major_reads_contiguous_and_transposed_views() -> candle_core::Result<()> {
@@ -316,6 +345,19 @@ mod tests {
             check(&src, &transpose(&src, rows, cols), rows, cols);
             let src: Vec<f64> = (0..rows * cols).map(|i| i as f64).collect();
             check(&src, &transpose(&src, rows, cols), rows, cols);
+        }
+    }
+
+    #[test]
+    fn transpose_into_matches_the_definition_with_a_reused_buffer() {
+        // One buffer through growing and shrinking sizes: stale values past the new size, or
+        // left from a larger earlier call, must not show.
+        let mut buf: Vec<f32> = Vec::new();
+        for (rows, cols) in [(65, 33), (3, 70), (128, 512), (0, 5), (45, 29), (64, 300), (1, 1)] {
+            let src: Vec<f32> = (0..rows * cols).map(|i| i as f32 - 7.0).collect();
+            transpose_into(&src, rows, cols, &mut buf);
+            assert_eq!(buf.len(), rows * cols);
+            check(&src, &buf, rows, cols);
         }
     }
 

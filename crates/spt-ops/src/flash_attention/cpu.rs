@@ -20,7 +20,7 @@
 
 use super::dropout::{DropoutElem, RowDropout};
 use crate::amx::Bf16Matrix;
-use crate::blas::{gemm_into, gemm_scaled, transpose, Mat};
+use crate::blas::{gemm_into, gemm_scaled, transpose, transpose_into, Mat};
 use crate::precision::{bf16_matmul_t, bf16_matmul_t_part, bf16_products, bf16_weight};
 use crate::simd::Vector;
 use crate::util::{row_max, Float};
@@ -279,6 +279,8 @@ pub(crate) fn backward<T: Float + Vector + DropoutElem>(
             };
             let b = bh / n.h;
             let (mut p, mut dp, mut pd) = (Vec::new(), Vec::new(), Vec::new());
+            // bf16: `(P⊙D)ᵀ` and `dSᵀ` for the AMX kernel's row operand, one buffer per head.
+            let mut t_buf = Vec::new();
             for t in 0..nt {
                 let i0 = t * qt;
                 let m = qt.min(lq - i0);
@@ -314,8 +316,8 @@ pub(crate) fn backward<T: Float + Vector + DropoutElem>(
                 // dV[0..nk] += (P⊙D)ᵀ dO; bf16: as (P⊙D)ᵀ (dOᵀ)ᵀ with the tile's dOᵀ packed.
                 if bf16 {
                     let go_t = bf16_weight(go_tile, dv, m, true);
-                    let p_t = transpose(p_used, m, nk);
-                    let done = bf16_matmul_t(go_t.as_ref(), &p_t, nk, &mut dvb[..nk * dv], true);
+                    transpose_into(p_used, m, nk, &mut t_buf);
+                    let done = bf16_matmul_t(go_t.as_ref(), &t_buf, nk, &mut dvb[..nk * dv], true);
                     debug_assert!(done, "bf16 dV not computed");
                 } else {
                     gemm_into(
@@ -376,8 +378,8 @@ pub(crate) fn backward<T: Float + Vector + DropoutElem>(
                 // dK[0..nk] += dSᵀ Q_tile; bf16: as dSᵀ (Qᵀ)ᵀ with the tile's Qᵀ packed.
                 if bf16 {
                     let q_t = bf16_weight(q_tile, d, m, true);
-                    let ds_t = transpose(&p, m, nk);
-                    let done = bf16_matmul_t(q_t.as_ref(), &ds_t, nk, &mut dkb[..nk * d], true);
+                    transpose_into(&p, m, nk, &mut t_buf);
+                    let done = bf16_matmul_t(q_t.as_ref(), &t_buf, nk, &mut dkb[..nk * d], true);
                     debug_assert!(done, "bf16 dK not computed");
                 } else {
                     gemm_into(
