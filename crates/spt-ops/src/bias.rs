@@ -119,9 +119,10 @@ pub fn matmul_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 struct BiasAdd;
 
-/// One parallel pass writing `y` straight from `x` (a copy of x first, then the add, was a
-/// serial memcpy in every dense layer).
-fn forward<T: Float>(x: &[T], b: &[T]) -> Vec<T> {
+/// `x + b` over the rows of `x`: one parallel pass writing `y` straight from `x` (a copy of x
+/// first, then the add, was a serial memcpy in every dense layer). The routed FFN's linear
+/// correction starts from it too.
+pub(crate) fn add_rows<T: Float>(x: &[T], b: &[T]) -> Vec<T> {
     let n = b.len();
     if n == 0 {
         return x.to_vec();
@@ -177,11 +178,11 @@ impl CustomOp2 for BiasAdd {
     ) -> Result<(CpuStorage, Shape)> {
         let op = "bias_add";
         let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(forward(
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(add_rows(
                 contiguous::<f32>(op, "x", s1, l1)?,
                 contiguous::<f32>(op, "b", s2, l2)?,
             )),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(forward(
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(add_rows(
                 contiguous::<f64>(op, "x", s1, l1)?,
                 contiguous::<f64>(op, "b", s2, l2)?,
             )),

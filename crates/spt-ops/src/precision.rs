@@ -112,13 +112,7 @@ pub(crate) fn bf16_matmul_t<T: Float>(
     c: &mut [T],
     accumulate: bool,
 ) -> bool {
-    match (packed, T::as_f32(a), T::as_f32_mut(c)) {
-        (Some(p), Some(a), Some(c)) => {
-            amx::matmul_t(a, m, p, c, accumulate);
-            true
-        }
-        _ => false,
-    }
+    packed.is_some_and(|p| bf16_matmul_t_part(Some(p), a, m, (p.rows(), p.cols()), c, accumulate))
 }
 
 /// [`bf16_matmul_t`] with the first `n` rows and `k` columns of M only: `c [m, n] (+)= a [m, k] ·

@@ -21,7 +21,6 @@ use crate::blas::{gemm_into, inner_par, Mat};
 use crate::precision::{bf16_matmul_t_par, bf16_weight};
 use crate::util::{check_float, check_same, contiguous, if_tracked, with_slices, Float};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 /// `y + [x, 1] C` for `y, x [T, d]` and a constant `C [d+1, d]` (input rows, then the bias row),
 /// differentiable in `y` and `x` (C gets no gradient: a tracked C is an error). On the CPU in
@@ -66,17 +65,12 @@ struct Correction {
 
 /// `y + x C_x + c_b` with `C_x [d, d]` row-major followed by `c_b [d]` in `c`.
 fn forward<T: Float>(y: &[T], x: &[T], c: &[T], d: usize) -> Vec<T> {
-    let mut out: Vec<T> = y.to_vec();
     if d == 0 {
-        return out;
+        return y.to_vec();
     }
     let t = x.len() / d;
     let (cx, cb) = c.split_at(d * d);
-    out.par_chunks_mut(d * 64).for_each(|rows| {
-        for row in rows.chunks_mut(d) {
-            row.iter_mut().zip(cb).for_each(|(o, &b)| *o = *o + b);
-        }
-    });
+    let mut out = crate::bias::add_rows(y, cb);
     // bf16: `x C_x` as `x Mᵀ` for M = C_xᵀ, packed from its transpose C_x row-major.
     let packed = bf16_weight(cx, d, d, true);
     if bf16_matmul_t_par(packed.as_ref(), x, t, &mut out, true) {
