@@ -7,10 +7,10 @@
 //!
 //! | recipe | accuracy (4 seeds) | step vs PyTorch full fine-tuning (same run) |
 //! |---|--:|--:|
-//! | dense, lr 1e-4 | 0.827 | 3.10× |
-//! | lora r 8 + pooler, lr 1e-3 | 0.820 | 4.12× (3.73× PEFT) |
-//! | spt `accurate` | 0.814 | 5.04× |
-//! | spt `fast` | 0.797 | 5.72× (5.17× PEFT) |
+//! | dense, lr 1e-4 | 0.827 | 2.32× |
+//! | lora r 8 + pooler, lr 1e-3 | 0.820 | 3.17× (3.60× PEFT) |
+//! | spt `accurate` | 0.814 | 3.52× |
+//! | spt `fast` | 0.797 | 4.37× (4.96× PEFT) |
 //!
 //! Both presets keep every key (`attn_k_fraction = 1.0`): sparse attention that keeps every key
 //! runs the fused dense kernel, which on the CPU is faster than per-query PQ selection at every
