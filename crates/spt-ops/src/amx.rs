@@ -239,6 +239,7 @@ fn pack_tile_row_scalar(
 /// `accumulate`; `a` is `[m, M.cols]` row-major f32, rounded to bf16 (nearest even) on the fly;
 /// products accumulate in f32. Runs on the calling thread only; loads the tile configuration
 /// itself and releases the tiles on return. Without AMX: [`matmul_t_portable`].
+#[cfg(test)]
 pub(crate) fn matmul_t(a: &[f32], m: usize, mat: &Bf16Matrix, c: &mut [f32], accumulate: bool) {
     matmul_t_part(a, m, mat, (mat.rows, mat.cols), c, accumulate);
 }
@@ -269,10 +270,85 @@ pub(crate) fn matmul_t_part(
     if amx_available() {
         // SAFETY: AMX-BF16 with the OS's permission, and AVX-512F/BW/BF16, are present
         // (`amx_available`); the sizes of `a` and `c` and the part of M were checked above.
-        unsafe { x86::matmul_t(a, m, mat, (n, k), c, accumulate) };
+        unsafe {
+            x86::matmul_t(
+                a,
+                m,
+                mat,
+                (n, k),
+                (c.as_mut_ptr(), n),
+                0..n.div_ceil(2 * TR),
+                accumulate,
+            )
+        };
         return;
     }
     matmul_t_portable(a, m, mat, (n, k), c, accumulate);
+}
+
+/// `c (+)= bf16(a) · Mᵀ` for `c [m, M.rows]` (leading dimension M.rows) over a grid of rayon
+/// tasks: slabs of `rows_per_task` rows × groups of 32-column blocks of c, so that a product of
+/// few rows (one text in inference) still runs on every thread. Each element is computed as
+/// [`matmul_t`] computes it, whatever the grid (the same bits on any thread count). Without
+/// AMX: [`matmul_t_portable`] over the rows only.
+pub(crate) fn matmul_t_grid(
+    a: &[f32],
+    m: usize,
+    mat: &Bf16Matrix,
+    c: &mut [f32],
+    accumulate: bool,
+    rows_per_task: usize,
+) {
+    let (n, k) = (mat.rows, mat.cols);
+    check_sizes(a, m, mat, (n, k), c);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
+    let rows_per_task = rows_per_task.max(1);
+    let row_tasks = m.div_ceil(rows_per_task);
+    #[cfg(target_arch = "x86_64")]
+    if amx_available() {
+        let blocks = n.div_ceil(2 * TR);
+        // At least two tasks a thread in all; a group keeps ≥ 2 blocks (64 columns), so that
+        // each task's converted A tiles feed a few products.
+        let want = (2 * rayon::current_num_threads()).div_ceil(row_tasks);
+        let groups = want.min(blocks.div_ceil(2)).max(1);
+        let per_group = blocks.div_ceil(groups);
+        let groups = blocks.div_ceil(per_group);
+        let dst = crate::blas::SendPtr(c.as_mut_ptr());
+        (0..row_tasks * groups).into_par_iter().for_each(|task| {
+            let (rt, g) = (task / groups, task % groups);
+            let r0 = rt * rows_per_task;
+            let rows = rows_per_task.min(m - r0);
+            let cols = g * per_group..((g + 1) * per_group).min(blocks);
+            let dst = &dst;
+            // SAFETY: AMX and the conversions are available (`amx_available`); sizes were
+            // checked above; each task writes only its rows `r0..r0 + rows` and its 32-column
+            // blocks `cols` of c, disjoint from every other task's.
+            unsafe {
+                x86::matmul_t(
+                    &a[r0 * k..],
+                    rows,
+                    mat,
+                    (n, k),
+                    (dst.0.add(r0 * n), n),
+                    cols,
+                    accumulate,
+                )
+            };
+        });
+        return;
+    }
+    c[..m * n]
+        .par_chunks_mut(rows_per_task * n)
+        .zip(a[..m * k].par_chunks(rows_per_task * k))
+        .for_each(|(c, a)| matmul_t_portable(a, a.len() / k, mat, (n, k), c, accumulate));
 }
 
 /// [`matmul_t_part`] in f32 through `gemm`: the same values up to the order of the f32 sums
@@ -650,30 +726,33 @@ mod x86 {
         static A_TILES: Cell<Vec<Line>> = const { Cell::new(Vec::new()) };
     }
 
-    /// See [`super::matmul_t_part`].
+    /// See [`super::matmul_t_part`]: `c [m, n]` with leading dimension `ldc`, of which only the
+    /// 32-column blocks `blocks` (of the `n.div_ceil(32)`) are computed.
     ///
     /// # Safety
     /// AMX-BF16 with the OS's permission and AVX-512F/BW/BF16 must be available; `1 ≤ k ≤
-    /// mat.cols`, `n ≤ mat.rows`, `a.len() ≥ m · k`, `c.len() ≥ m · n`.
+    /// mat.cols`, `n ≤ mat.rows`, `n ≤ ldc`, `a.len() ≥ m · k`, `c` valid for reads and writes
+    /// of rows `0..m` (stride `ldc`) in the columns of `blocks` below n, which nothing else
+    /// accesses meanwhile.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn matmul_t(
         a: &[f32],
         m: usize,
         mat: &Bf16Matrix,
         (n, k): (usize, usize),
-        c: &mut [f32],
+        (cp, ldc): (*mut f32, usize),
+        blocks: std::ops::Range<usize>,
         accumulate: bool,
     ) {
         // K steps used, and M's tiles per row tile (its stride).
         let (kt, mat_kt) = (k.div_ceil(TK), mat.kt);
-        let blocks = n.div_ceil(2 * TR);
         let chunk = (CHUNK_BYTES / (2 * kt * 1024)).max(1);
         // A slab of `s` rows takes `s · kt · 64` bytes of A tiles.
         let slab = (A_BYTES / (64 * kt) / 32 * 32).clamp(32, SLAB);
         let mut buf = A_TILES.with(Cell::take);
         let tiles = Tiles::configure();
-        let cp = c.as_mut_ptr();
-        let ldc = n * 4;
+        let stride = ldc * 4;
         let bp = mat.data.as_ptr();
         // Edge blocks (the last rows or columns of c) go through this block.
         let mut edge = EdgeBlock([0f32; 1024]);
@@ -686,33 +765,33 @@ mod x86 {
             }
             convert_a(a, k, kt, i0, nrows, &mut buf[..lines]);
             let ap = buf.as_ptr();
-            for c0 in (0..blocks).step_by(chunk) {
+            for c0 in blocks.clone().step_by(chunk) {
                 for rb in 0..row_blocks {
                     let a0 = ap.add(2 * rb * kt * TR);
                     let a1 = a0.add(kt * TR);
                     let r0 = i0 + 32 * rb;
                     let nr = (m - r0).min(32);
-                    for cb in c0..(c0 + chunk).min(blocks) {
+                    for cb in c0..(c0 + chunk).min(blocks.end) {
                         let b0 = bp.add(2 * cb * mat_kt * TR);
                         let b1 = b0.add(mat_kt * TR);
                         let j0 = 32 * cb;
                         let nc = (n - j0).min(32);
-                        let dst = cp.add(r0 * n + j0);
+                        let dst = cp.add(r0 * ldc + j0);
                         if nr == 32 && nc == 32 {
                             if accumulate {
-                                acc_io(dst, ldc, true);
+                                acc_io(dst, stride, true);
                             } else {
                                 zero_acc();
                             }
                             kloop(a0, a1, b0, b1, kt);
-                            acc_io(dst, ldc, false);
+                            acc_io(dst, stride, false);
                         } else {
                             let e = edge.0.as_mut_ptr();
                             if accumulate {
                                 edge.0.fill(0.0);
                                 for r in 0..nr {
                                     for j in 0..nc {
-                                        *e.add(EdgeBlock::at(r, j)) = *dst.add(r * n + j);
+                                        *e.add(EdgeBlock::at(r, j)) = *dst.add(r * ldc + j);
                                     }
                                 }
                                 acc_io(e, 128, true);
@@ -723,7 +802,7 @@ mod x86 {
                             acc_io(e, 128, false);
                             for r in 0..nr {
                                 for j in 0..nc {
-                                    *dst.add(r * n + j) = *e.add(EdgeBlock::at(r, j));
+                                    *dst.add(r * ldc + j) = *e.add(EdgeBlock::at(r, j));
                                 }
                             }
                         }
@@ -858,6 +937,52 @@ mod tests {
     #[test]
     fn portable_matches_the_bf16_reference() {
         check_shapes(matmul_t_portable, "portable");
+    }
+
+    /// The grid (rows × column groups over rayon tasks) gives every element the bits of the
+    /// one-thread call, whatever the rows per task and the thread count, overwriting and
+    /// accumulating; k = 0 and m = 0 as `matmul_t_part`.
+    #[test]
+    fn grid_gives_the_one_thread_bits() {
+        for (m, rows, cols) in [
+            (1, 384, 384),
+            (26, 1536, 384),
+            (26, 70, 33),
+            (64, 2304, 768),
+            (300, 100, 65),
+            (513, 40, 33),
+        ] {
+            let w = values(rows * cols, 11 + rows as u64);
+            let mat = Bf16Matrix::pack(&w, rows, cols, false);
+            let a = values(m * cols, 2 + m as u64);
+            let prior = values(m * rows, 4);
+            for accumulate in [false, true] {
+                let start = if accumulate {
+                    prior.clone()
+                } else {
+                    vec![f32::NAN; m * rows]
+                };
+                let mut want = start.clone();
+                matmul_t_part(&a, m, &mat, (rows, cols), &mut want, accumulate);
+                for (threads, per_task) in [(1, 256), (2, 256), (2, 16), (3, 7), (2, 1000)] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let mut c = start.clone();
+                    pool.install(|| matmul_t_grid(&a, m, &mat, &mut c, accumulate, per_task));
+                    assert!(
+                        c.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "m {m} rows {rows} cols {cols} accumulate {accumulate} threads {threads} \
+                         rows per task {per_task}"
+                    );
+                }
+            }
+        }
+        let mat = Bf16Matrix::pack(&[1.0; 6], 2, 3, false);
+        let mut c = vec![5f32; 4];
+        matmul_t_grid(&[], 0, &mat, &mut c, false, 256);
+        assert_eq!(c, [5.0; 4]);
     }
 
     #[test]

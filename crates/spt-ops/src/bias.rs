@@ -89,19 +89,7 @@ pub fn matmul_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
         let y = with_slices::<T, _>("matmul_bias", &[x, b], |s| {
             let (xs, bs) = (s[0], s[1]);
             debug_assert_eq!(bs.len(), n);
-            let mut y: Vec<T> = Vec::with_capacity(rows * n);
-            y.spare_capacity_mut()[..rows * n]
-                .par_chunks_mut(n.max(1) * ROWS_PER_TASK)
-                .for_each(|out| {
-                    for row in out.chunks_mut(n.max(1)) {
-                        for (o, &bj) in row.iter_mut().zip(bs) {
-                            o.write(bj);
-                        }
-                    }
-                });
-            // SAFETY: the chunks above cover all rows·n slots, each row's n written once from
-            // b (whose length is n: checked above, and contiguous).
-            unsafe { y.set_len(rows * n) };
+            let mut y = bias_rows(bs, rows);
             let par = crate::blas::inner_par(1);
             let lhs = crate::blas::Mat::new(xs, 0, k, 1);
             let rhs = crate::blas::Mat::new(ws, w_layout.start_offset(), w_rs, w_cs);
@@ -118,6 +106,28 @@ pub fn matmul_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 struct BiasAdd;
+
+/// `rows` copies of `b`, `[rows, b.len()]`, written in one parallel pass (no zero fill first):
+/// the starting value of a GEMM that adds the bias (`matmul_bias`, `packed_linear`).
+pub(crate) fn bias_rows<T: Float>(b: &[T], rows: usize) -> Vec<T> {
+    let n = b.len();
+    let mut y: Vec<T> = Vec::with_capacity(rows * n);
+    if n == 0 {
+        return y;
+    }
+    y.spare_capacity_mut()[..rows * n]
+        .par_chunks_mut(n * ROWS_PER_TASK)
+        .for_each(|out| {
+            for row in out.chunks_mut(n) {
+                for (o, &bj) in row.iter_mut().zip(b) {
+                    o.write(bj);
+                }
+            }
+        });
+    // SAFETY: the chunks above cover all rows·n slots, each row's n written once from b.
+    unsafe { y.set_len(rows * n) };
+    y
+}
 
 /// `x + b` over the rows of `x`: one parallel pass writing `y` straight from `x` (a copy of x
 /// first, then the add, was a serial memcpy in every dense layer). The routed FFN's linear

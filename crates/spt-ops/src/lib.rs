@@ -18,6 +18,7 @@
 //! - [`lora`]: LoRA linear layer, frozen-aware dense `linear`, seeded dropout.
 //! - [`cross_entropy`](mod@cross_entropy): fused output projection + cross-entropy (no `[N, V]` logits kept).
 //! - [`precision`]: the CPU kernels' matmul precision (f32, or bf16 inputs on AMX).
+//! - [`mod@packed_linear`]: a frozen weight packed once for bf16 products (inference).
 //!
 //! [`on_pool`] runs a step or an inference call on rayon's pool, where the CPU ops' threads
 //! start without waking (10–30 % faster on 2 cores than from `main`).
@@ -40,6 +41,7 @@ pub mod gradcheck;
 pub mod heads;
 pub mod lora;
 pub mod norm;
+pub mod packed_linear;
 mod pool;
 pub mod pq;
 pub mod precision;
@@ -61,6 +63,7 @@ pub use grad_mode::{grad_enabled, no_grad};
 pub use heads::{merge_heads, split_heads};
 pub use lora::{lora_linear, lora_linear_heads, HeadsLayout, LoraConfig, LoraError, LoraLinear};
 pub use norm::{layer_norm, residual_dropout, residual_layer_norm, softmax_last_dim};
+pub use packed_linear::{packed_linear, PackedWeight};
 pub use pool::on_pool;
 pub use pq::{
     pq_attention, pq_sparse_attention, select_blocks, select_keys, BlockScore, BlockSelection, BlockTiling,

@@ -27,7 +27,6 @@
 
 use crate::amx::{self, Bf16Matrix};
 use crate::util::Float;
-use rayon::prelude::*;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// How the CPU kernels multiply by a layer's weight and in attention (see the module docs).
@@ -137,8 +136,8 @@ pub(crate) fn bf16_matmul_t_part<T: Float>(
 /// Rows per task of [`bf16_matmul_t_par`]: the AMX kernel's slab.
 const ROWS_PER_TASK: usize = 256;
 
-/// [`bf16_matmul_t`] for `c (+)= a Mᵀ` with the rows split over rayon tasks, for callers that
-/// make one product of many rows.
+/// [`bf16_matmul_t`] for `c (+)= a Mᵀ` over rayon tasks (slabs of rows × groups of columns, see
+/// `amx::matmul_t_grid`: few rows still use every thread), for callers that make one product.
 pub(crate) fn bf16_matmul_t_par<T: Float>(
     packed: Option<&Bf16Matrix>,
     a: &[T],
@@ -149,10 +148,6 @@ pub(crate) fn bf16_matmul_t_par<T: Float>(
     let (Some(p), Some(a), Some(c)) = (packed, T::as_f32(a), T::as_f32_mut(c)) else {
         return false;
     };
-    let (rows, cols) = (p.rows(), p.cols());
-    c[..m * rows]
-        .par_chunks_mut(ROWS_PER_TASK * rows)
-        .zip(a[..m * cols].par_chunks(ROWS_PER_TASK * cols))
-        .for_each(|(c, a)| amx::matmul_t(a, a.len() / cols, p, c, accumulate));
+    amx::matmul_t_grid(a, m, p, c, accumulate, ROWS_PER_TASK);
     true
 }

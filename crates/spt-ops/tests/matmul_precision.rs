@@ -546,3 +546,145 @@ fn flash_attention_bf16_never_reads_trailing_padding() -> Result<()> {
     }
     Ok(())
 }
+
+/// A frozen `LoraLinear` under bf16 multiplies by `W + s·B A` packed once: its output is the
+/// packed reference of that weight (rounding order aside), at a few rows and at many, whole and
+/// split into head-layout parts; unfrozen it keeps the op's path; merging and unmerging drop the
+/// kept weight (the merged layer multiplies by the merged W).
+#[test]
+fn frozen_lora_linear_multiplies_by_its_packed_weight() -> Result<()> {
+    use spt_ops::lora::delta_weight;
+    use spt_ops::packed_linear::packed_linear_reference;
+    use spt_ops::{LoraConfig, LoraLinear};
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let f32t = |shape: &[usize], seed| randn_f64(shape, seed)?.to_dtype(DType::F32);
+    let (out, d_in) = (48, 40);
+    let (w, bias) = (f32t(&[out, d_in], 1)?, f32t(&[out], 2)?);
+    let cfg = LoraConfig {
+        rank: 3,
+        alpha: 6.0,
+        dropout: 0.0,
+        seed: 4,
+    };
+    let mut layer = LoraLinear::new(&w, Some(&bias), cfg)?;
+    layer.lora_b().set(&f32t(&[out, 3], 5)?)?;
+    let merged = (&w + delta_weight(layer.lora_a(), layer.lora_b(), &cfg)?)?;
+    let close = |got: &Tensor, want: &Tensor| -> Result<f64> {
+        let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+        Ok(diff / want.abs()?.max_all()?.to_scalar::<f32>()? as f64)
+    };
+    for rows in [5, 300] {
+        let x = f32t(&[rows, d_in], 10 + rows as u64)?;
+        let want = packed_linear_reference(&x, &merged, Some(&bias))?;
+        let unfrozen = with_precision(MatmulPrecision::Bf16, || layer.forward_t(&x, false))?;
+        layer.freeze();
+        let got = with_precision(MatmulPrecision::Bf16, || layer.forward_t(&x, false))?;
+        assert!(close(&got, &want)? < 1e-5, "{rows} rows: {}", close(&got, &want)?);
+        if rows > 64 {
+            // The op takes bf16 products from 65 rows too, per call: the same values.
+            assert!(close(&unfrozen, &want)? < 1e-5);
+        }
+        let layout = HeadsLayout {
+            input_heads: false,
+            output_heads: Some(4),
+        };
+        let parts = with_precision(MatmulPrecision::Bf16, || {
+            layer.forward_parts(&x.unsqueeze(0)?, 2, layout, false)
+        })?;
+        for (i, p) in parts.iter().enumerate() {
+            let rows_of = spt_ops::split_heads(&got.narrow(1, i * out / 2, out / 2)?.unsqueeze(0)?, 4)?;
+            assert_eq!(
+                p.flatten_all()?.to_vec1::<f32>()?,
+                rows_of.flatten_all()?.to_vec1::<f32>()?
+            );
+        }
+        // f32 under the same freeze: the op's f32 products, far from bf16's rounding.
+        let f = layer.forward_t(&x, false)?;
+        assert!(close(&f, &x.matmul(&merged.t()?)?.broadcast_add(&bias)?)? < 1e-5);
+        assert!(close(&got, &f)? > 1e-5, "bf16 products were not taken");
+        layer = LoraLinear::new(&w, Some(&bias), cfg)?;
+        layer.lora_b().set(&f32t(&[out, 3], 5)?)?;
+    }
+    let x = f32t(&[7, d_in], 30)?;
+    layer.freeze();
+    let before = with_precision(MatmulPrecision::Bf16, || layer.forward_t(&x, false))?;
+    layer
+        .merge()
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let after = with_precision(MatmulPrecision::Bf16, || layer.forward_t(&x, false))?;
+    // Merged: W + s·B A formed once (as the kept copy was), so the same packed values.
+    assert!(close(&after, &before)? < 1e-6);
+    layer
+        .unmerge()
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let again = with_precision(MatmulPrecision::Bf16, || layer.forward_t(&x, false))?;
+    assert!(close(&again, &before)? < 1e-5);
+    Ok(())
+}
+
+/// A frozen routed FFN (LoRA and linear correction) under bf16 takes its packed operands from
+/// the first forward, few tokens included: the first and the second forward give the same bits;
+/// with more tokens than the decoding path's, the unfrozen layer's per-call products give the
+/// same values; a few tokens' rows are those of the same tokens among more; and the output is
+/// bf16 rounding away from f32's.
+#[test]
+fn frozen_routed_ffn_takes_bf16_products_from_the_first_call() -> Result<()> {
+    use spt_ops::routed_ffn::{BlockTopK, RoutedFfnConfig};
+    use spt_ops::{LoraConfig, RoutedFfn};
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let f32t = |shape: &[usize], seed| randn_f64(shape, seed)?.to_dtype(DType::F32);
+    let (d, d_ff) = (40, 96);
+    let build = || -> Result<RoutedFfn> {
+        let mut cfg = RoutedFfnConfig::new(4, BlockTopK::Count(2));
+        cfg.correction = true;
+        let mut l = RoutedFfn::new(
+            &(f32t(&[d_ff, d], 1)? * 0.2)?,
+            &(f32t(&[d_ff], 2)? * 0.1)?,
+            &(f32t(&[d, d_ff], 3)? * 0.2)?,
+            &(f32t(&[d], 4)? * 0.1)?,
+            Activation::GeluErf,
+            cfg,
+        )?
+        .with_lora(LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            seed: 5,
+        })?;
+        l.set_correction(&(f32t(&[d + 1, d], 6)? * 0.05)?)?;
+        let (_, b1, _, b2) = l.lora_factors().expect("lora");
+        b1.set(&f32t(&[d_ff, 2], 7)?)?;
+        b2.set(&f32t(&[d, 2], 8)?)?;
+        Ok(l)
+    };
+    let rel = |a: &Tensor, b: &Tensor| -> Result<f64> {
+        let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+        Ok(diff / b.abs()?.max_all()?.to_scalar::<f32>()? as f64)
+    };
+    let x40 = f32t(&[40, d], 20)?;
+    let mut rows = Vec::new();
+    for t in [40, 5] {
+        let x = x40.narrow(0, 0, t)?;
+        let unfrozen = build()?;
+        let eval = with_precision(MatmulPrecision::Bf16, || unfrozen.forward_t(&x, false))?.y;
+        let mut layer = build()?;
+        layer.freeze();
+        let f32_y = layer.forward_t(&x, false)?.y;
+        let (first, second) = with_precision(MatmulPrecision::Bf16, || -> Result<_> {
+            Ok((layer.forward_t(&x, false)?.y, layer.forward_t(&x, false)?.y))
+        })?;
+        assert_eq!(
+            first.flatten_all()?.to_vec1::<f32>()?,
+            second.flatten_all()?.to_vec1::<f32>()?
+        );
+        let (e, e32) = (rel(&first, &eval)?, rel(&first, &f32_y)?);
+        if t > 16 {
+            assert!(e < 1e-5, "{t} tokens: frozen against unfrozen bf16: {e}");
+        }
+        assert!(e32 > 1e-5 && e32 < 3e-2, "{t} tokens: bf16 against f32: {e32}");
+        rows.push(first.narrow(0, 0, 5)?);
+    }
+    // Few tokens take the same products as many: each token's row is its own.
+    assert!(rel(&rows[1], &rows[0])? < 1e-6, "{}", rel(&rows[1], &rows[0])?);
+    Ok(())
+}

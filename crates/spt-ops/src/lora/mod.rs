@@ -15,7 +15,7 @@ use crate::util::{check_float, check_same, read_var};
 use candle_core::{bail, DType, Device, Result, Tensor, Var};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// LoRA hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -299,6 +299,9 @@ pub struct LoraLinear {
     /// Inference only: A and B are read detached, so no op records them.
     frozen: bool,
     seeds: DropoutSeeds,
+    /// Once frozen, `W + s·B A` (or the merged W) packed for bf16 products on first use (see
+    /// [`LoraLinear::packed_weight`]); emptied by merging and unmerging.
+    packed: OnceLock<crate::PackedWeight>,
 }
 
 impl LoraLinear {
@@ -342,14 +345,44 @@ impl LoraLinear {
             merged: false,
             frozen: false,
             seeds: DropoutSeeds::new(cfg.seed ^ 0x5EED),
+            packed: OnceLock::new(),
         })
     }
 
     /// For inference: the forward reads A and B detached, so with a frozen base nothing records
     /// a graph (candle has no no-grad mode; an op records whenever an input is a `Var`). Their
-    /// values, `lora_a` / `lora_b`, merging and saving are unchanged.
+    /// values, `lora_a` / `lora_b`, merging and saving are unchanged. Under
+    /// `MatmulPrecision::Bf16` the evaluation forward multiplies by `W + s·B A` packed once
+    /// ([`packed_linear`](crate::packed_linear)): A and B must not be changed after this.
     pub fn freeze(&mut self) {
         self.frozen = true;
+    }
+
+    /// The layer's whole weight packed for bf16 products, when this forward of `x` takes them:
+    /// frozen, evaluation, `MatmulPrecision::Bf16`, f32 on the CPU, `x` untracked. Formed on
+    /// first use, as merging forms it, and kept (half the f32 weight's bytes): per call it would
+    /// cost about what the product of a few hundred rows does.
+    fn packed_weight(&self, x: &Tensor, train: bool) -> Result<Option<&crate::PackedWeight>> {
+        if !self.frozen
+            || train
+            || crate::matmul_precision() != crate::MatmulPrecision::Bf16
+            || x.track_op()
+            || !x.device().is_cpu()
+            || x.dtype() != DType::F32
+            || self.w.dtype() != DType::F32
+        {
+            return Ok(None);
+        }
+        if let Some(p) = self.packed.get() {
+            return Ok(Some(p));
+        }
+        let w = if self.merged {
+            self.w.clone()
+        } else {
+            (&self.w + self.delta_weight()?)?
+        };
+        let p = crate::PackedWeight::new(&w)?;
+        Ok(Some(self.packed.get_or_init(|| p)))
     }
 
     /// A and B as the forward reads them (detached once frozen).
@@ -366,6 +399,16 @@ impl LoraLinear {
     /// `x [.., in] → [.., out]`; dropout on the LoRA input only when `train`. While merged, the
     /// update lives in W and A, B get no gradient (merging is for export and inference).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if let Some(p) = self.packed_weight(x, train)? {
+            if x.dims().last() != Some(&p.in_features()) {
+                bail!(
+                    "lora_linear: x is {:?}, expected [.., {}]",
+                    x.dims(),
+                    p.in_features()
+                );
+            }
+            return crate::packed_linear(x, p, self.bias.as_ref());
+        }
         if self.merged {
             return linear(x, &self.w, self.bias.as_ref());
         }
@@ -418,7 +461,8 @@ impl LoraLinear {
             );
         }
         let width = out / parts;
-        if self.merged || (train && self.cfg.dropout > 0.0) {
+        let packed = self.packed_weight(x, train)?.is_some();
+        if packed || self.merged || (train && self.cfg.dropout > 0.0) {
             return crate::heads::compose_parts(x, parts, layout, |x| self.forward_t(x, train));
         }
         let (a, b) = self.factors();
@@ -439,6 +483,7 @@ impl LoraLinear {
         }
         self.w = (&self.w + self.delta_weight()?)?.detach();
         self.merged = true;
+        self.packed = OnceLock::new();
         Ok(())
     }
 
@@ -449,6 +494,7 @@ impl LoraLinear {
         }
         self.w = (&self.w - self.delta_weight()?)?.detach();
         self.merged = false;
+        self.packed = OnceLock::new();
         Ok(())
     }
 

@@ -65,6 +65,15 @@ fn bf16_blocks<T: Float>(mt: &[T], n: usize, rows: usize, cols: usize) -> Option
         .collect()
 }
 
+/// fc1's and fc2's blocks packed for bf16 products, as [`forward`] packs them from its operands.
+pub(crate) type PackedBlocks = (Vec<Bf16Matrix>, Vec<Bf16Matrix>);
+
+/// [`forward`]'s packing of `f`'s weights for `n` blocks, where `T`'s products take bf16 inputs:
+/// a frozen layer keeps it (`frozen.rs`).
+pub(crate) fn pack_forward<T: Float>(f: &Forward<'_, T>, n: usize) -> Option<PackedBlocks> {
+    bf16_blocks(f.w1b, n, f.block, f.d).zip(bf16_blocks(f.w2t, n, f.d_out, f.block))
+}
+
 /// Scratch buffers a chunk's task reuses from group to group.
 struct Scratch<T> {
     rows: Vec<T>,
@@ -106,6 +115,9 @@ pub(crate) struct Forward<'a, T> {
     pub(crate) d_out: usize,
     pub(crate) block: usize,
     pub(crate) act: Activation,
+    /// The weights already packed for bf16 products ([`pack_forward`]); None: packed per call
+    /// where `T`'s products take bf16 inputs.
+    pub(crate) packed: Option<&'a PackedBlocks>,
 }
 
 /// `y[t] = b2 + Σ_{rows r of t} g[r] · act(x[t] W1_eᵀ + b1_e) W2_eᵀ`, `[T, d_out]`. With `keep`,
@@ -124,7 +136,8 @@ pub(crate) fn forward<T: Float + ActScalar>(
     let parallel = splits(par);
     // bf16: fc1's `W1_e` from `W1_eᵀ` (w1b), fc2's `W2_e` from `W2_eᵀ` (w2t's rows).
     let n = hr.n_blocks();
-    let bf16 = bf16_blocks(f.w1b, n, b, d).zip(bf16_blocks(f.w2t, n, d_out, b));
+    let per_call = f.packed.is_none().then(|| pack_forward(f, n)).flatten();
+    let bf16 = f.packed.or(per_call.as_ref());
     split_chunks(&mut y, chunk * d_out, nc)
         .into_par_iter()
         .zip(pre_parts)

@@ -208,9 +208,46 @@ impl RoutedFfn {
     /// `y + [x, 1] C` for tokens `x2 [T, d]` and fc2's output `y [T, d]`, or y without a
     /// correction.
     pub(super) fn add_correction(&self, y: Tensor, x2: &Tensor) -> Result<Tensor> {
-        match &self.correction {
-            Some(c) => add_linear_correction(&y, x2, c),
-            None => Ok(y),
+        let Some(c) = &self.correction else {
+            return Ok(y);
+        };
+        if let Some(p) = self.packed_correction(&y, x2, c)? {
+            let d = x2.dim(1)?;
+            return y.add(&crate::packed_linear(x2, &p, Some(&c.get(d)?))?);
         }
+        add_linear_correction(&y, x2, c)
+    }
+
+    /// `C_xᵀ` packed for bf16 products when this frozen layer's evaluation takes them
+    /// (`MatmulPrecision::Bf16`, f32 on the CPU, nothing tracked): packed once per correction
+    /// tensor and kept, as fc1's and fc2's blocks are (`frozen.rs`).
+    fn packed_correction(&self, y: &Tensor, x2: &Tensor, c: &Tensor) -> Result<Option<crate::PackedWeight>> {
+        if !self.frozen
+            || crate::matmul_precision() != crate::MatmulPrecision::Bf16
+            || !x2.device().is_cpu()
+            || x2.dtype() != DType::F32
+            || c.dtype() != DType::F32
+            || x2.track_op()
+            || y.track_op()
+            || c.track_op()
+        {
+            return Ok(None);
+        }
+        let d = x2.dim(1)?;
+        if d == 0 {
+            return Ok(None);
+        }
+        let mut kept = self
+            .frozen_operands
+            .correction
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some((_, p)) = kept.as_ref().filter(|(id, _)| *id == c.id()) {
+            return Ok(Some(p.clone()));
+        }
+        // y = x C_x = x Wᵀ for W = C_xᵀ, the transposed view of C's first d rows.
+        let p = crate::PackedWeight::new(&c.narrow(0, 0, d)?.t()?)?;
+        *kept = Some((c.id(), p.clone()));
+        Ok(Some(p))
     }
 }

@@ -16,16 +16,29 @@
 use super::cpu::HostRouting;
 use super::{chunked, lora_ops};
 use super::{RoutedFfn, Routing};
+use crate::precision::bf16_products;
 use crate::util::{with_slices, Float};
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor, TensorId};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
-/// `W1'ᵀ` by blocks `[n, d, b]` and `W2'ᵀ [d_ff, d]`, LoRA folded in, on the CPU.
-#[derive(Debug)]
+/// `W1'ᵀ` by blocks `[n, d, b]` and `W2'ᵀ [d_ff, d]`, LoRA folded in, on the CPU; and under
+/// `MatmulPrecision::Bf16` their blocks packed for bf16 products, on the first forward that
+/// takes them (packing per forward cost as much as the products of a one-text forward).
 struct Operands {
     w1b: Tensor,
     w2t: Tensor,
+    bf16: OnceLock<Option<chunked::PackedBlocks>>,
+}
+
+impl std::fmt::Debug for Operands {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Operands")
+            .field("w1b", &self.w1b)
+            .field("w2t", &self.w2t)
+            .field("bf16", &self.bf16.get().map(|p| p.is_some()))
+            .finish()
+    }
 }
 
 /// The cache a layer carries; reset whenever its weights or adapters change.
@@ -33,26 +46,37 @@ struct Operands {
 pub(super) struct FrozenOperands {
     calls: AtomicUsize,
     operands: OnceLock<Operands>,
+    /// The linear correction's `C_xᵀ` packed for bf16 products, with the id of the correction
+    /// tensor it came from (`correction.rs`).
+    pub(super) correction: Mutex<Option<(TensorId, crate::PackedWeight)>>,
 }
 
 impl FrozenOperands {
-    /// A copy would be made twice from here on: make it once.
-    fn wanted(&self) -> bool {
-        self.operands.get().is_some() || self.calls.fetch_add(1, Ordering::Relaxed) >= 1
+    /// A copy would be made twice from here on: make it once. `eager`: from the first call (bf16
+    /// products, so that every forward takes the same products).
+    fn wanted(&self, eager: bool) -> bool {
+        self.operands.get().is_some() || eager || self.calls.fetch_add(1, Ordering::Relaxed) >= 1
     }
 }
 
 impl RoutedFfn {
     /// Whether a forward of `x2` can read the kept operands: frozen, evaluation, f32/f64 on the
-    /// CPU, nothing tracked (a gradient would need the ops' backward).
-    pub(super) fn reads_frozen_operands(&self, x2: &Tensor, gates: &Tensor, train: bool) -> bool {
+    /// CPU, nothing tracked (a gradient would need the ops' backward). `eager`: kept from the
+    /// first such forward rather than the second.
+    pub(super) fn reads_frozen_operands(
+        &self,
+        x2: &Tensor,
+        gates: &Tensor,
+        train: bool,
+        eager: bool,
+    ) -> bool {
         self.frozen
             && !train
             && x2.device().is_cpu()
             && matches!(x2.dtype(), DType::F32 | DType::F64)
             && !x2.track_op()
             && !gates.track_op()
-            && self.frozen_operands.wanted()
+            && self.frozen_operands.wanted(eager)
     }
 
     /// fc2(act(fc1(x))) on the routed rows, `[T, d]`, before the correction: the whole-FFN
@@ -88,7 +112,7 @@ impl RoutedFfn {
         let hr = HostRouting::new(routing)?;
         let ts = [x2, &ops.w1b, &self.b1, gates, &ops.w2t, &self.b2];
         let y = with_slices::<T, _>(op, &ts, |s| {
-            let f = chunked::Forward {
+            let mut f = chunked::Forward {
                 x: s[0],
                 w1b: s[1],
                 b1: s[2],
@@ -99,7 +123,12 @@ impl RoutedFfn {
                 d_out: d,
                 block: self.block,
                 act: self.activation,
+                packed: None,
             };
+            let n = hr.n_blocks();
+            f.packed = bf16_products::<T>()
+                .then(|| ops.bf16.get_or_init(|| chunked::pack_forward(&f, n)).as_ref())
+                .flatten();
             Ok(chunked::forward(hr, &f, false).0)
         })?;
         Tensor::from_vec(y, (t, d), &Device::Cpu)
@@ -132,6 +161,7 @@ impl RoutedFfn {
         Ok(Operands {
             w1b: Tensor::from_vec(w1b, (d_ff / self.block, d, self.block), &dev)?,
             w2t: Tensor::from_vec(w2t, (d_ff, d), &dev)?,
+            bf16: OnceLock::new(),
         })
     }
 }

@@ -162,6 +162,7 @@ impl LoraFfn {
                 d_out,
                 block: self.block,
                 act: self.act,
+                packed: None,
             };
             Ok(chunked::forward(hr, &f, self.keep))
         })?;

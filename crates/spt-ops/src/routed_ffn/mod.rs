@@ -528,7 +528,11 @@ impl RoutedFfn {
         let gates = router_gates(logits, &routing, gate)?;
         let lora = self.lora.as_ref().filter(|_| !self.merged);
         let few = !train && routing.n_tokens() <= FEW_TOKENS && x2.device().is_cpu();
-        if !few && self.reads_frozen_operands(x2, &gates, train) {
+        // With bf16 products the kept operands are packed once too, so nothing is set up per
+        // call: every forward takes them, few tokens and the first call included (so that each
+        // forward multiplies the same way).
+        let packed = crate::matmul_precision() == crate::MatmulPrecision::Bf16 && x2.dtype() == DType::F32;
+        if (!few || packed) && self.reads_frozen_operands(x2, &gates, train, packed) {
             let y = self.forward_frozen(x2, &routing, &gates)?;
             return self.finish(y, x2, dims, logits, routing, gates);
         }
