@@ -41,6 +41,9 @@ pub struct Linear {
     /// A frozen `OutIn` weight's contiguous `[in, out]` copy, for the CPU forward's GEMM, with
     /// the id of the tensor it was copied from (see [`Linear::gemm_weight`]).
     gemm_ready: Mutex<Option<(TensorId, Tensor)>>,
+    /// A frozen weight packed for bf16 products, with the id of the tensor it was packed from
+    /// (see [`Linear::packed_weight`]).
+    bf16_ready: Mutex<Option<(TensorId, spt_ops::PackedWeight)>>,
     /// The ids of the weight and bias tensors that the LoRA wrapper holds copies of: a weight
     /// replaced through the public fields afterwards would be exported but never computed with.
     lora_base: Option<(TensorId, Option<TensorId>)>,
@@ -95,6 +98,7 @@ impl Linear {
             lora_params: Vec::new(),
             lora_dropout: None,
             gemm_ready: Mutex::new(None),
+            bf16_ready: Mutex::new(None),
             lora_base: None,
         })
     }
@@ -153,6 +157,7 @@ impl Linear {
         self.lora_base = Some(self.base_ids());
         // The adapter's op reads the weight from now on: the forward's copy is never read again.
         *self.gemm_ready.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.bf16_ready.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
         Ok(())
     }
 
@@ -310,6 +315,34 @@ impl Linear {
         Ok(t)
     }
 
+    /// The weight packed for bf16 products ([`spt_ops::packed_linear`]) when this forward of `x`
+    /// takes them: `MatmulPrecision::Bf16`, a frozen f32 weight on the CPU, nothing tracked
+    /// (inference). Packed on first use and kept, as [`Linear::gemm_weight`] keeps its copy
+    /// (half its bytes); a new weight, by id, is packed again.
+    fn packed_weight(&self, x: &Tensor) -> Result<Option<spt_ops::PackedWeight>> {
+        let w = self.weight.tensor();
+        let untracked = !x.track_op() && self.bias.as_ref().is_none_or(|b| !b.tensor().track_op());
+        if spt_ops::matmul_precision() != spt_ops::MatmulPrecision::Bf16
+            || self.weight.is_trainable()
+            || w.track_op()
+            || !untracked
+            || !w.device().is_cpu()
+            || w.dtype() != DType::F32
+            || x.dtype() != DType::F32
+            || self.in_features() == 0
+            || self.out_features() == 0
+        {
+            return Ok(None);
+        }
+        let mut ready = self.bf16_ready.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, p)) = ready.as_ref().filter(|(id, _)| *id == w.id()) {
+            return Ok(Some(p.clone()));
+        }
+        let p = spt_ops::PackedWeight::new(&self.weight_out_in()?)?;
+        *ready = Some((w.id(), p.clone()));
+        Ok(Some(p))
+    }
+
     /// `x [.., in] → [.., out]` (with the LoRA adapter's dropout active when `train`).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         // p is checked in training whether or not the adapter is merged, as forward_t_parts does.
@@ -389,7 +422,9 @@ impl Linear {
         Ok(())
     }
 
-    /// `x [.., in] → [.., out]`, eval mode. Up to 64 rows it computes `yᵀ = W xᵀ` (`FEW_ROWS`).
+    /// `x [.., in] → [.., out]`, eval mode. Up to 64 rows it computes `yᵀ = W xᵀ` (`FEW_ROWS`);
+    /// under `MatmulPrecision::Bf16` a frozen layer with nothing tracked multiplies with its
+    /// packed bf16 weight.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(l) = &self.lora {
             self.check_input(x)?;
@@ -408,6 +443,13 @@ impl Linear {
                 expected: vec![self.in_features()],
                 got: vec![in_dim],
             });
+        }
+        if let Some(p) = self.packed_weight(x)? {
+            return Ok(spt_ops::packed_linear(
+                x,
+                &p,
+                self.bias.as_ref().map(|b| b.tensor()),
+            )?);
         }
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, in_dim))?;

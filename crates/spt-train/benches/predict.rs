@@ -155,14 +155,21 @@ fn child(mode_name: &str, root: &Path) -> Result<()> {
             model_dir.display()
         );
     }
+    let (mode_name, precision) = match mode_name.split_once('-') {
+        Some((m, "bf16")) => (m, spt_ops::MatmulPrecision::Bf16),
+        _ => (mode_name, spt_ops::MatmulPrecision::F32),
+    };
     let mode = match mode_name {
         "dense" => Mode::Dense,
         "spt" => Mode::Spt,
         m => bail!("unknown mode {m}"),
     };
+    // The model is built (and the SPT routers fitted) in f32, as a checkpoint of any run is.
+    spt_ops::set_matmul_precision(spt_ops::MatmulPrecision::F32);
     let data = texts(root, &model_dir)?;
     let (mut task, build_s) = model(mode, &model_dir, &data)?;
     task.net.freeze()?; // as predict and eval do
+    spt_ops::set_matmul_precision(precision);
     let only = filter();
     for (name, batch, batches) in cases(&data)? {
         if only.as_deref().is_some_and(|f| !name.contains(f)) {
@@ -186,13 +193,17 @@ fn child(mode_name: &str, root: &Path) -> Result<()> {
         let total = median(&times);
         let rss = peak_rss_bytes()?;
         eprintln!(
-            "{mode_name}: {name}: {texts} texts in {} batches: {total:.3} s ({:.2} ms / text), {padded} padded tokens, peak RSS {} MiB",
+            "{mode_name} ({precision}): {name}: {texts} texts in {} batches: {total:.3} s ({:.2} ms / text), {padded} padded tokens, peak RSS {} MiB",
             batches.len(),
             total / texts as f64 * 1e3,
             rss >> 20
         );
+        let mut case = serde_json::json!({"model": "all-MiniLM-L6-v2", "mode": mode_name, "batches": name, "batch_size": batch, "texts": texts});
+        if precision != spt_ops::MatmulPrecision::F32 {
+            case["matmul_precision"] = precision.to_string().into();
+        }
         let rec = serde_json::json!({
-            "case": {"model": "all-MiniLM-L6-v2", "mode": mode_name, "batches": name, "batch_size": batch, "texts": texts},
+            "case": case,
             "tokens": tokens,
             "padded_tokens": padded,
             "batch_texts": batches,
@@ -216,7 +227,7 @@ fn main() -> Result<()> {
         return child(&mode, &root);
     }
     // One process per mode, so that each peak RSS is its mode's own.
-    let records = child_records(CHILD, &["dense", "spt"])?;
+    let records = child_records(CHILD, &["dense", "spt", "dense-bf16", "spt-bf16"])?;
     if filter().is_some() {
         return Ok(()); // a subset of the cases is not the record
     }

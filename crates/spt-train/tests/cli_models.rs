@@ -787,3 +787,104 @@ fn spt_without_adapters_trains_every_weight_beside_a_new_head() {
     );
     assert!(t < n / 2, "{adapters}");
 }
+
+/// `--matmul-precision bf16` on eval, predict and generate: the same examples and labels' shape
+/// as f32, the loss and probabilities within bf16 rounding of f32's (spt mode: LoRA, routed FFN
+/// and correction frozen and packed); refused off the CPU before anything is loaded.
+#[test]
+fn inference_commands_take_bf16_products() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-bert-cls", tmp.path());
+    let m = model.to_str().unwrap();
+    let data = reviews_csv(tmp.path(), "reviews.csv", "review,sentiment,movie");
+    let cfg = tmp.path().join("spt.toml");
+    std::fs::write(
+        &cfg,
+        "text_column = \"review\"\nlabel_column = \"sentiment\"\nvalidation_split = 0.3\n\
+         split_by = \"movie\"\nmode = \"spt\"\nffn_blocks = 4\nffn_top_k = 2\n",
+    )
+    .unwrap();
+    let eval = |p: &str| -> serde_json::Value {
+        let mut args = vec!["eval", "--model", m, "--data-file", data.to_str().unwrap()];
+        args.extend(["--config", cfg.to_str().unwrap(), "--split", "validation"]);
+        args.extend(["--matmul-precision", p]);
+        serde_json::from_str(String::from_utf8_lossy(&spt_train(&args, None).stdout).trim()).unwrap()
+    };
+    let (e32, e16) = (eval("f32"), eval("bf16"));
+    assert_eq!(e32["examples"], e16["examples"]);
+    let (l32, l16) = (e32["loss"].as_f64().unwrap(), e16["loss"].as_f64().unwrap());
+    assert!(
+        (l32 - l16).abs() <= 3e-2 * l32.abs(),
+        "eval loss {l32} (f32) against {l16} (bf16)"
+    );
+    let predict = |p: &str| -> Vec<f64> {
+        let o = spt_train(
+            &["predict", "--model", m, "--matmul-precision", p],
+            Some("the good movie\na bad film with a plot\n"),
+        );
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["score"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let (p32, p16) = (predict("f32"), predict("bf16"));
+    assert_eq!(p32.len(), 2);
+    for (a, b) in p32.iter().zip(&p16) {
+        assert!((a - b).abs() < 2e-2, "predict score {a} (f32) against {b} (bf16)");
+    }
+    let gpt2 = fixture("tiny-gpt2", tmp.path());
+    let o = spt_train(
+        &[
+            "generate",
+            "--model",
+            gpt2.to_str().unwrap(),
+            "--prompt",
+            "the good movie",
+        ],
+        None,
+    );
+    assert!(!String::from_utf8_lossy(&o.stdout).trim().is_empty());
+    let o = spt_train(
+        &[
+            "generate",
+            "--model",
+            gpt2.to_str().unwrap(),
+            "--prompt",
+            "the good movie",
+            "--matmul-precision",
+            "bf16",
+        ],
+        None,
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("the good movie"));
+    for cmd in ["eval", "predict", "generate"] {
+        let o = Command::new(env!("CARGO_BIN_EXE_spt-train"))
+            .args([
+                cmd,
+                "--model",
+                m,
+                "--device",
+                "cuda",
+                "--matmul-precision",
+                "bf16",
+            ])
+            .args(if cmd == "eval" {
+                vec!["--data-file", data.to_str().unwrap()]
+            } else {
+                vec![]
+            })
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("--matmul-precision bf16 is a setting of the CPU kernels"),
+            "{cmd}: {err}"
+        );
+    }
+}

@@ -38,6 +38,27 @@ pub(crate) struct ModelArgs {
     pub(crate) device: String,
 }
 
+/// `--matmul-precision` of the inference commands (eval, predict, generate).
+#[derive(Args)]
+pub(crate) struct PrecisionArgs {
+    /// f32 or bf16: the precision of the CPU's products with layer weights and in attention
+    /// (bf16 inputs, f32 sums; AMX where the CPU has it). Default f32; give a bf16 run's
+    /// setting to reproduce its own evaluation to the last digits.
+    #[arg(long, default_value_t = spt_ops::MatmulPrecision::F32, value_name = "f32|bf16")]
+    pub(crate) matmul_precision: spt_ops::MatmulPrecision,
+}
+
+impl PrecisionArgs {
+    /// Refuses bf16 off the CPU, then sets the process's precision.
+    pub(crate) fn apply(&self, device: &str) -> Result<()> {
+        if self.matmul_precision == spt_ops::MatmulPrecision::Bf16 && device != "cpu" {
+            bail!("--matmul-precision bf16 is a setting of the CPU kernels, and --device is {device}");
+        }
+        apply_matmul_precision(self.matmul_precision);
+        Ok(())
+    }
+}
+
 impl ModelArgs {
     /// Refuses a `--checkpoint` that names no checkpoint (nothing there, a file, a folder
     /// without checkpoints) before anything else is read from it.

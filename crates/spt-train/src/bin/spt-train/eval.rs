@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use crate::common::{
     check_label_map, check_model_config, check_model_type, device, labels_path, load_trained,
-    recorded_classes, task_name, task_of, ModelArgs,
+    recorded_classes, task_name, task_of, ModelArgs, PrecisionArgs,
 };
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -17,6 +17,8 @@ use spt_train::trainer::evaluate;
 pub(crate) struct EvalArgs {
     #[command(flatten)]
     pub(crate) model: ModelArgs,
+    #[command(flatten)]
+    pub(crate) precision: PrecisionArgs,
     /// A finetune config file: data columns and split are taken from it (default: the settings
     /// --checkpoint was trained with); so are mode and sparsity settings without --checkpoint
     /// (a checkpoint is rebuilt with the settings it was trained with).
@@ -79,6 +81,7 @@ pub(crate) fn eval(a: &EvalArgs) -> Result<()> {
         bail!("--batch-size must be at least 1, got 0");
     }
     a.model.check_checkpoint()?;
+    a.precision.apply(&a.model.device)?;
     let dev = device(&a.model.device)?;
     let model_dir = resolve_model(&a.model.model)?;
     // The run's own settings when no --config is given: its data is then read as it was in

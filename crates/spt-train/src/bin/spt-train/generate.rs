@@ -3,7 +3,9 @@
 use crate::say;
 use std::io::Write;
 
-use crate::common::{check_model, device, load_trained, model_type, read_json, tokenizer_for, ModelArgs};
+use crate::common::{
+    check_model, device, load_trained, model_type, read_json, tokenizer_for, ModelArgs, PrecisionArgs,
+};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use clap::Args;
@@ -19,6 +21,8 @@ use std::path::Path;
 pub(crate) struct GenerateArgs {
     #[command(flatten)]
     pub(crate) model: ModelArgs,
+    #[command(flatten)]
+    pub(crate) precision: PrecisionArgs,
     /// Text to continue (empty: start from the end-of-text token).
     #[arg(long, default_value = "")]
     pub(crate) prompt: String,
@@ -189,6 +193,7 @@ pub(crate) fn generate(a: &GenerateArgs) -> Result<()> {
         bail!("--top-p must be in (0, 1], got {p}");
     }
     a.model.check_checkpoint()?;
+    a.precision.apply(&a.model.device)?;
     let dev = device(&a.model.device)?;
     let model_dir = resolve_model(&a.model.model)?;
     let gen_config = GenerationConfig::read(&model_dir)?;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::common::{
     check_model, check_output_file, config_has_any, device, find_labels, load_trained, tokenizer_for,
-    write_output_file, ModelArgs,
+    write_output_file, ModelArgs, PrecisionArgs,
 };
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -17,6 +17,8 @@ use spt_train::data::{read_classification, ColumnSpec, DataFormat, LabelMap, Tas
 pub(crate) struct PredictArgs {
     #[command(flatten)]
     pub(crate) model: ModelArgs,
+    #[command(flatten)]
+    pub(crate) precision: PrecisionArgs,
     /// CSV / TSV / JSONL file, or `-` for one text per line on stdin (a blank line is an empty
     /// text: each input line gets its output line).
     #[arg(long, default_value = "-")]
@@ -57,6 +59,7 @@ pub(crate) fn predict(a: &PredictArgs) -> Result<()> {
         let what = "predictions spt-train wrote (JSON lines with text, label, id and score)";
         check_output_file(out, "--output", what, is_predictions)?;
     }
+    a.precision.apply(&a.model.device)?;
     let dev = device(&a.model.device)?;
     let model_dir = resolve_model(&a.model.model)?;
     check_model(TaskKind::Classify, &model_dir)?;
