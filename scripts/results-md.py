@@ -343,13 +343,13 @@ def predict_table():
     """Inference records: ours and PyTorch on the same batches, their time ratio and peak RSS."""
     data = load("predict")
     recs = data.get("records") or []
-    out = head(["mode", "batches", "batch size", "texts", "tokens (padded)", "ours (s)", "PyTorch (s)",
+    out = head(["mode", "precision", "batches", "batch size", "texts", "tokens (padded)", "ours (s)", "PyTorch (s)",
                 "ours / PyTorch", "ours peak RSS", "PyTorch peak RSS"],
-               ["---", "---", "--:", "--:", "--:", "--:", "--:", "--:", "--:", "--:"])
+               ["---", "---", "---", "--:", "--:", "--:", "--:", "--:", "--:", "--:", "--:"])
     for r in recs:
         c = r.get("case") or {}
         vs = r.get("vs_torch")
-        out.append(row([c.get("mode"), c.get("batches"), c.get("batch_size"), c.get("texts"),
+        out.append(row([c.get("mode"), c.get("matmul_precision", "f32"), c.get("batches"), c.get("batch_size"), c.get("texts"),
                         f"{r.get('tokens')} ({r.get('padded_tokens')})", num(r.get("ours_s"), "{:.3f}"),
                         num(r.get("torch_s"), "{:.3f}"), "–" if vs is None else f"{vs:.2f}×",
                         mib(r.get("ours_bytes")), mib(r.get("torch_bytes"))]))
@@ -820,8 +820,16 @@ QUOTED_RECORDS = {
     "generate dense": ("generate", {"model": "gpt2-small", "mode": "dense", "new_tokens": 128}),
     "generate LoRA": ("generate", {"model": "gpt2-small", "mode": "lora", "new_tokens": 128}),
     "generate SPT": ("generate", {"model": "gpt2-small", "mode": "spt", "new_tokens": 128}),
-    "predict dense": ("predict", {"model": "all-MiniLM-L6-v2", "mode": "dense", "batches": "sorted"}),
-    "predict SPT": ("predict", {"model": "all-MiniLM-L6-v2", "mode": "spt", "batches": "sorted"}),
+    "predict dense": ("predict", {"model": "all-MiniLM-L6-v2", "mode": "dense", "batches": "sorted",
+                                  "matmul_precision": None}),
+    "predict SPT": ("predict", {"model": "all-MiniLM-L6-v2", "mode": "spt", "batches": "sorted",
+                                "matmul_precision": None}),
+    "predict dense bf16": ("predict", {"model": "all-MiniLM-L6-v2", "mode": "dense", "batches": "sorted",
+                                       "matmul_precision": "bf16"}),
+    "predict SPT bf16": ("predict", {"model": "all-MiniLM-L6-v2", "mode": "spt", "batches": "sorted",
+                                     "matmul_precision": "bf16"}),
+    "predict one dense bf16": ("predict", {"model": "all-MiniLM-L6-v2", "mode": "dense", "batches": "single",
+                                           "matmul_precision": "bf16"}),
 }
 
 

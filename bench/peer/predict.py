@@ -1,7 +1,8 @@
 """Classification inference in PyTorch + transformers at the cases of our inference benchmark
 (crates/spt-train/benches/predict.rs, bench/results/predict.json): all-MiniLM-L6-v2 from
 third_party/ with a 2-label head (BertForSequenceClassification, what a PyTorch user serves
-after fine-tuning; a LoRA or SPT run exports to it too), eval mode, torch.inference_mode(), f32.
+after fine-tuning; a LoRA or SPT run exports to it too), eval mode, torch.inference_mode(), f32,
+and for our records with `matmul_precision: bf16` under bf16 autocast.
 
 The same texts (the first reviews of data/rt, `plot` rows dropped, file order), tokenised by
 transformers' tokenizer from the same tokenizer.json to at most 64 tokens, and the same batches
@@ -39,11 +40,16 @@ def reviews(n):
     return out
 
 
-def run(torch, model, encoded):
+def run(torch, model, encoded, bf16=False):
+    """Every batch once, in f32 or under bf16 autocast (what transformers' `bf16=True` runs and a
+    PyTorch user serves with on a CPU with AMX); seconds."""
+    import contextlib
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     t0 = time.perf_counter()
-    for enc in encoded:
-        logits = model(**enc).logits
-        torch.softmax(logits, dim=-1).tolist()
+    with ctx:
+        for enc in encoded:
+            logits = model(**enc).logits
+            torch.softmax(logits.float(), dim=-1).tolist()
     return time.perf_counter() - t0
 
 
@@ -61,6 +67,7 @@ def run_cases(cases, quick):
     out = []
     with torch.inference_mode():
         for key, batches, reps, tokens in cases:
+            bf16 = key[2] == "bf16"
             if quick:
                 batches, reps = batches[:2], 1
             encoded = [tok([texts[i] for i in b], padding=True, truncation=True, max_length=MAX_LENGTH,
@@ -69,8 +76,8 @@ def run_cases(cases, quick):
             if not quick and ours_tokens != tokens:
                 raise SystemExit(f"peer: predict {key}: {ours_tokens} tokens, ours had {tokens}: the texts differ")
             before = loadavg()
-            run(torch, model, encoded)  # warm-up
-            times = [run(torch, model, encoded) for _ in range(reps)]
+            run(torch, model, encoded, bf16)  # warm-up
+            times = [run(torch, model, encoded, bf16) for _ in range(reps)]
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             print(f"peer: predict {key}: {median(times):.3f} s", flush=True)
             out.append((key, {"torch_s": median(times), "torch_bytes": rss, "runs_s": times,
@@ -86,21 +93,25 @@ def bench_predict(torch, path, quick=False):
 
     records = read_results(path)["records"]
     cases = {}
+    key_of = lambda c: (c["batches"], c["batch_size"], c.get("matmul_precision", "f32"))
     for rec in records:
-        key = (rec["case"]["batches"], rec["case"]["batch_size"])
+        key = key_of(rec["case"])
         cases.setdefault(key, (key, rec["batch_texts"], rec.get("reps", 5), rec["tokens"]))
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as ex:
         measured = dict(ex.submit(run_cases, list(cases.values()), quick).result())
     fields = []
     for rec in records:
-        m = measured[(rec["case"]["batches"], rec["case"]["batch_size"])]
+        m = measured[key_of(rec["case"])]
+        bf16 = key_of(rec["case"])[2] == "bf16"
         fields.append((rec["case"], {
             "torch_s": m["torch_s"],
             "torch_bytes": m["torch_bytes"],
             "vs_torch": ratio(rec.get("ours_s"), m["torch_s"]),
             "peer_details": {
                 "what": ("PyTorch + transformers BertForSequenceClassification (all-MiniLM-L6-v2, 2 labels), "
-                         "eval mode, torch.inference_mode(), f32, the same batches padded to their longest; "
+                         "eval mode, torch.inference_mode(), "
+                         + ("bf16 autocast (torch.autocast('cpu', dtype=torch.bfloat16))" if bf16 else "f32")
+                         + ", the same batches padded to their longest; "
                          "peak RSS of its process after every case (torch import included)"),
                 "runs_s": m["runs_s"],
                 "loadavg_before": m["loadavg_before"],
