@@ -1,7 +1,8 @@
 """Text generation in PyTorch + transformers at the cases of our generation benchmark
 (crates/spt-train/benches/generate.rs, bench/results/generate.json): GPT-2 small from
 bench/configs/gpt2-small, randomly initialised (as ours: the time does not depend on the values),
-batch 1, f32, eval mode, no gradients. Our dense records against the plain model; our LoRA and
+batch 1, f32 (under bf16 autocast for our records with `matmul_precision: bf16`), eval mode, no
+gradients. Our dense records against the plain model; our LoRA and
 SPT records against a PEFT LoRA model (r 8, alpha 16 on c_attn, c_proj, c_fc: the targets of
 bench/peer/steps.py, unmerged, as PEFT runs a trained adapter), what a PyTorch user fine-tunes
 with adapters and then generates from.
@@ -67,8 +68,10 @@ def build(torch, config, lora):
     return model.eval()
 
 
-def run_mode(lora, cases, quick):
-    """The records' cases of one model, in this (fresh) process: a list of (case, fields)."""
+def run_mode(lora, cases, quick, bf16=False):
+    """The records' cases of one model, in this (fresh) process: a list of (case, fields); under
+    bf16 autocast (torch.autocast('cpu', dtype=torch.bfloat16)) with `bf16`."""
+    import contextlib
     import transformers
     from common import setup_torch
 
@@ -79,7 +82,8 @@ def run_mode(lora, cases, quick):
         config.n_layer = 2
     model = build(torch, config, lora)
     out = []
-    with torch.no_grad():
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with torch.no_grad(), autocast:
         for case, reps, ours_s in cases:
             prompt, new = case["prompt"], case["new_tokens"]
             if quick:
@@ -102,7 +106,8 @@ def run_mode(lora, cases, quick):
                 "vs_torch": ratio(ours_s, total),
                 "peer_details": {
                     "what": ("PyTorch + transformers GPT2LMHeadModel" + (" + PEFT LoRA r 8 (unmerged)" if lora else "")
-                             + ", KV cache (its `cache`), logits_to_keep=1, eval mode, torch.no_grad(), f32; "
+                             + ", KV cache (its `cache`), logits_to_keep=1, eval mode, torch.no_grad(), "
+                             + ("bf16 autocast" if bf16 else "f32") + "; "
                              "peak RSS of a process per model (torch import included)"),
                     "runs_s": totals,
                     "loadavg_before": before,
@@ -122,9 +127,10 @@ def bench_generate(torch, path, quick=False):
     groups = {}
     for rec in read_results(path)["records"]:
         lora = rec["case"].get("mode", "dense") != "dense"
-        groups.setdefault(lora, []).append((rec["case"], rec.get("reps", 3), rec.get("ours_s")))
+        bf16 = rec["case"].get("matmul_precision") == "bf16"
+        groups.setdefault((lora, bf16), []).append((rec["case"], rec.get("reps", 3), rec.get("ours_s")))
     fields = []
-    for lora, cases in groups.items():
+    for (lora, bf16), cases in groups.items():
         with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as ex:
-            fields += ex.submit(run_mode, lora, cases, quick).result()
+            fields += ex.submit(run_mode, lora, cases, quick, bf16).result()
     merge(path, fields, peer_info(torch))

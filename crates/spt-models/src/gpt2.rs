@@ -22,11 +22,11 @@ use crate::layers::{check_ids, check_mask, Dropout, DropoutRng, Embedding, Layer
 use crate::memory::{activation_bytes, ActivationAccounting, ActivationBytes, LayerShape};
 use crate::sparsify::{CalibrationBatch, LayerSlots, LayerTrace, LoraTarget, SptModel};
 use crate::weights::{read_json, LoadOptions, LoadReport, Loader, NamedParams, Param, WeightSource};
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor, TensorId, D};
 use spt_ops::lora::HeadsLayout;
 use spt_ops::{Activation, Reduction};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 fn d_vocab() -> usize {
     50257
@@ -361,6 +361,9 @@ pub struct GPT2Model {
     pub h: Vec<GPT2Block>,
     pub ln_f: LayerNorm,
     dropout_rng: Arc<DropoutRng>,
+    /// The LM head's frozen weight packed for bf16 products, by the id of the tensor it came
+    /// from (see [`GPT2LMHeadModel::next_token_logits`]).
+    packed_head: Mutex<Option<(TensorId, spt_ops::PackedWeight)>>,
 }
 
 /// Keys in GPT-2 checkpoints that are buffers, not parameters.
@@ -431,6 +434,7 @@ impl GPT2Model {
                 .collect::<Result<Vec<_>>>()?,
             ln_f: LayerNorm::load(l, "ln_f", e, c.layer_norm_epsilon)?,
             dropout_rng: l.dropout_rng.clone(),
+            packed_head: Mutex::new(None),
         })
     }
 
@@ -676,6 +680,36 @@ impl GPT2LMHeadModel {
         self.transformer.seed_dropout(seed);
     }
 
+    /// The head's weight packed for bf16 products when a decoding step of `last` takes them:
+    /// `MatmulPrecision::Bf16`, a frozen f32 head on the CPU, `last` untracked. Packed on the first
+    /// such step and kept (half the f32 head's bytes: 77 MB for GPT-2 small's vocabulary).
+    fn packed_head(&self, last: &Tensor) -> Result<Option<spt_ops::PackedWeight>> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.transformer.wte.weight);
+        let w = head.tensor();
+        if spt_ops::matmul_precision() != spt_ops::MatmulPrecision::Bf16
+            || head.is_trainable()
+            || w.track_op()
+            || last.track_op()
+            || !w.device().is_cpu()
+            || w.dtype() != DType::F32
+            || last.dtype() != DType::F32
+            || w.dims().iter().any(|&n| n == 0)
+        {
+            return Ok(None);
+        }
+        let mut kept = self
+            .transformer
+            .packed_head
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some((_, p)) = kept.as_ref().filter(|(id, _)| *id == w.id()) {
+            return Ok(Some(p.clone()));
+        }
+        let p = spt_ops::PackedWeight::new(w)?;
+        *kept = Some((w.id(), p.clone()));
+        Ok(Some(p))
+    }
+
     /// The output projection `[vocab, n_embd]`: `wte` when tied.
     fn head_weight(&self) -> &Tensor {
         match &self.lm_head {
@@ -702,9 +736,15 @@ impl GPT2LMHeadModel {
     /// `cache` (the prompt first, then each sampled token) and returns the logits of the last
     /// position, `[B, vocab]`; the head runs for that position only. See
     /// [`GPT2Model::forward_cached`].
+    ///
+    /// Under `MatmulPrecision::Bf16` a frozen head multiplies by its weight packed once for
+    /// bf16 products (half the bytes a decoding step reads from it).
     pub fn next_token_logits(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let h = self.transformer.forward_cached(input_ids, cache)?;
         let last = h.narrow(1, h.dim(1)? - 1, 1)?.squeeze(1)?;
+        if let Some(p) = self.packed_head(&last)? {
+            return Ok(spt_ops::packed_linear(&last, &p, None)?);
+        }
         // [vocab, d] read in place (one row: on every thread), not packed as a transposed view.
         Ok(spt_ops::lora::few_rows_matmul(
             &last,

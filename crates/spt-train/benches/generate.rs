@@ -4,7 +4,9 @@
 //! each mode as `spt-train` builds it (`ModelTask::build_from_source`): dense; LoRA (r 8 on
 //! c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj, unmerged); SPT (the fast preset: FFN 2 of 8 +
 //! linear correction, every attention key, LoRA r 8; routers fitted on random tokens), every
-//! parameter frozen as `spt-train generate` freezes them.
+//! parameter frozen as `spt-train generate` freezes them. Dense and SPT also with bf16 products
+//! (`--matmul-precision bf16`; records with `matmul_precision`, the 128-token case), against
+//! PyTorch under bf16 autocast.
 //!
 //! - ours: `GPT2LMHeadModel::next_token_logits` with a `KvCache` (the prompt in one call, then
 //!   one position per call, the head for the last position only);
@@ -25,7 +27,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use spt_models::{GPT2Config, GPT2LMHeadModel, KvCache};
-use spt_ops::on_pool;
+use spt_ops::{on_pool, MatmulPrecision};
 use spt_train::bench::{
     child_records, machine_json, median, peak_rss_bytes, random_gpt2_weights, synthetic_data, write_results,
 };
@@ -133,6 +135,12 @@ fn loadavg() -> String {
 fn child(mode_name: &str, cfg_path: &Path) -> Result<()> {
     let vocab = GPT2Config::from_file(cfg_path)?.vocab_size;
     let mut records: Vec<serde_json::Value> = Vec::new();
+    // `dense-bf16`, `spt-bf16`: the mode's 128-token case with bf16 products (the model built in
+    // f32, as spt-train builds it, then `--matmul-precision bf16`).
+    let (mode_name, bf16) = match mode_name.split_once('-') {
+        Some((m, "bf16")) => (m, true),
+        _ => (mode_name, false),
+    };
     let mode = match mode_name {
         "dense" => Mode::Dense,
         "lora" => Mode::Lora,
@@ -140,7 +148,16 @@ fn child(mode_name: &str, cfg_path: &Path) -> Result<()> {
         m => bail!("unknown mode {m}"),
     };
     let (m, build_s) = model(mode, cfg_path, vocab)?;
-    let cases: Vec<_> = CASES.iter().filter(|c| c.0 == mode).collect();
+    let precision = if bf16 {
+        MatmulPrecision::Bf16
+    } else {
+        MatmulPrecision::F32
+    };
+    spt_ops::set_matmul_precision(precision);
+    let cases: Vec<_> = CASES
+        .iter()
+        .filter(|c| c.0 == mode && (!bf16 || c.2 == 128))
+        .collect();
     let mut baselines = Vec::new();
     for &&(_, prompt, new, run_baseline) in &cases {
         let ids = tokens(prompt + new, vocab);
@@ -155,12 +172,16 @@ fn child(mode_name: &str, cfg_path: &Path) -> Result<()> {
         let rss = peak_rss_bytes()?;
         let (total, token) = (median(&totals), median(&per_token));
         eprintln!(
-            "{mode_name}: prompt {prompt} + {new} new tokens: {total:.3} s ({:.2} ms / token), peak RSS {} MiB",
+            "{mode_name} ({precision}): prompt {prompt} + {new} new tokens: {total:.3} s ({:.2} ms / token), peak RSS {} MiB",
             token * 1e3,
             rss >> 20
         );
+        let mut case = serde_json::json!({"model": "gpt2-small", "mode": mode_name, "batch": 1, "prompt": prompt, "new_tokens": new});
+        if bf16 {
+            case["matmul_precision"] = precision.to_string().into();
+        }
         let rec = serde_json::json!({
-            "case": {"model": "gpt2-small", "mode": mode_name, "batch": 1, "prompt": prompt, "new_tokens": new},
+            "case": case,
             "ours_s": total,
             "ours_token_s": token,
             "ours_runs_s": totals,
@@ -171,7 +192,7 @@ fn child(mode_name: &str, cfg_path: &Path) -> Result<()> {
             "loadavg_before": load_before,
             "loadavg_after": loadavg(),
         });
-        baselines.push((run_baseline, ids));
+        baselines.push((run_baseline && !bf16, ids));
         records.push(rec);
     }
     // The uncached baseline after every cached run: its graphs would raise the peak RSS.
@@ -203,7 +224,7 @@ fn main() -> Result<()> {
         return child(&mode, &cfg_path);
     }
     // One process per mode, so that each peak RSS is its mode's own.
-    let records = child_records(CHILD, &["dense", "lora", "spt"])?;
+    let records = child_records(CHILD, &["dense", "lora", "spt", "dense-bf16", "spt-bf16"])?;
     let doc = serde_json::json!({
         "command": COMMAND,
         "machine": machine_json(),

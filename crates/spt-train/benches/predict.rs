@@ -14,6 +14,9 @@
 //! - batch 32 sorted: the same texts batched as `spt-train predict` and `eval` batch them
 //!   (sorted by length, so padding is small).
 //!
+//! Each mode runs in f32 and with bf16 products (`--matmul-precision bf16`: records with
+//! `matmul_precision`; PyTorch then runs under bf16 autocast).
+//!
 //! Times: the whole case, median of `REPS` runs after one warm-up. Memory: the peak RSS of a
 //! process per mode after its cases (weights included). Writes bench/results/predict.json;
 //! bench/peer/predict.py adds PyTorch + transformers on the same batches.
