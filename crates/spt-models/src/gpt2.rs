@@ -693,7 +693,7 @@ impl GPT2LMHeadModel {
             || !w.device().is_cpu()
             || w.dtype() != DType::F32
             || last.dtype() != DType::F32
-            || w.dims().iter().any(|&n| n == 0)
+            || w.dims().contains(&0)
         {
             return Ok(None);
         }
