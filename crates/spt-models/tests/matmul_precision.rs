@@ -105,3 +105,30 @@ fn frozen_bert_logits_under_bf16() -> Result<()> {
     assert_eq!(bits(&logits()?)?, bits(&f32_first)?, "f32 changed after bf16");
     Ok(())
 }
+
+/// Cached decoding of the frozen tiny GPT-2 under bf16 (its head packed once): each step's
+/// logits are within bf16 rounding of f32's, and a second decoding gives the same bits.
+#[test]
+fn frozen_gpt2_decoding_under_bf16() -> Result<()> {
+    use spt_models::{GPT2LMHeadModel, KvCache};
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let exp = expected("tiny-gpt2")?;
+    let ids = exp["input_ids"].narrow(0, 0, 1)?;
+    let (m, _) = GPT2LMHeadModel::from_dir(fixture("tiny-gpt2"), &LoadOptions::frozen())?;
+    let decode = || -> Result<Vec<Tensor>> {
+        let mut cache = KvCache::new();
+        let mut out = vec![m.next_token_logits(&ids.narrow(1, 0, 3)?, &mut cache)?];
+        for t in 3..ids.dim(1)? {
+            out.push(m.next_token_logits(&ids.narrow(1, t, 1)?, &mut cache)?);
+        }
+        Ok(out)
+    };
+    let f = decode()?;
+    let (a, b) = with_precision(MatmulPrecision::Bf16, || -> Result<_> { Ok((decode()?, decode()?)) })?;
+    for ((x, y), z) in a.iter().zip(&b).zip(&f) {
+        assert_eq!(bits(x)?, bits(y)?, "a second decoding differs");
+        let e = rel_err(x, z)?;
+        assert!(e > 1e-6 && e < 3e-2, "bf16 against f32: {e}");
+    }
+    Ok(())
+}
