@@ -6,7 +6,6 @@
 use crate::util::{check_float, contiguous, Float};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 /// Elements per rayon task: small tensors stay on one thread.
 const CHUNK: usize = 16 * 1024;
@@ -202,20 +201,17 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
 
 /// `act(x)` in parallel chunks.
 pub(crate) fn eval_par<T: Float + ActScalar>(act: Activation, x: &[T]) -> Vec<T> {
-    let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(o, x)| T::eval_slice(act, x, o));
-    out
+    crate::util::par_vec(x.len(), CHUNK, T::zero(), |i, o| {
+        T::eval_slice(act, &x[i * CHUNK..i * CHUNK + o.len()], o)
+    })
 }
 
 /// `g ⊙ act'(x)` in parallel chunks.
 pub(crate) fn grad_par<T: Float + ActScalar>(act: Activation, x: &[T], g: &[T]) -> Vec<T> {
-    let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-        .for_each(|(o, (x, g))| T::grad_slice(act, x, g, o));
-    out
+    crate::util::par_vec(x.len(), CHUNK, T::zero(), |i, o| {
+        let r = i * CHUNK..i * CHUNK + o.len();
+        T::grad_slice(act, &x[r.clone()], &g[r], o)
+    })
 }
 
 /// Forward op: `act(x)`.

@@ -8,9 +8,9 @@
 //! output in every layer, so this is 4 activation-sized tensors a layer. On the CPU (f32, f64)
 //! the op copies rows in parallel; elsewhere it is the composed form.
 
+use crate::util::par_vec;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 /// `[B, L, H·d] → [B, H, L, d]` (contiguous), differentiable.
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
@@ -134,12 +134,12 @@ impl Heads {
         at: impl Fn(usize, usize) -> usize + Sync,
     ) -> Vec<T> {
         let (l, h, d) = (self.l, self.h, self.d);
-        let mut out = vec![T::default(); self.b * h * l * d];
-        if out.is_empty() {
-            return out;
+        let len = self.b * h * l * d;
+        if len == 0 {
+            return Vec::new();
         }
         match self.dir {
-            Dir::Split => out.par_chunks_mut(l * d).enumerate().for_each(|(bh, dst)| {
+            Dir::Split => par_vec(len, l * d, T::default(), |bh, dst| {
                 let (b, hh) = (bh / h, bh % h);
                 for (i, row) in dst.chunks_mut(d).enumerate() {
                     let src = at(b, i) + hh * d;
@@ -147,7 +147,7 @@ impl Heads {
                 }
             }),
             // Merge writes rows of H·d: one task per (batch, position) row.
-            Dir::Merge => out.par_chunks_mut(h * d).enumerate().for_each(|(bi, dst)| {
+            Dir::Merge => par_vec(len, h * d, T::default(), |bi, dst| {
                 let (b, i) = (bi / l, bi % l);
                 for (hh, part) in dst.chunks_mut(d).enumerate() {
                     let src = at(0, 0) + ((b * h + hh) * l + i) * d;
@@ -155,7 +155,6 @@ impl Heads {
                 }
             }),
         }
-        out
     }
 
     fn out_shape(&self) -> Shape {

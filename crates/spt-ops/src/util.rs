@@ -132,6 +132,35 @@ pub(crate) fn row_max<T: Float>(row: &[T]) -> T {
     }
 }
 
+/// A new `Vec` of `len` values written by `f(chunk index, chunk)` over parallel chunks of `chunk`
+/// values, each chunk filled with `zero` by its own task just before `f` runs: a serial
+/// `vec![0; len]` first was 3–7 % of a bf16 inference forward (a memset on one thread, then the
+/// parallel writes over it).
+pub(crate) fn par_vec<T: Copy + Send + Sync>(
+    len: usize,
+    chunk: usize,
+    zero: T,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) -> Vec<T> {
+    use rayon::prelude::*;
+    let mut v: Vec<T> = Vec::with_capacity(len);
+    v.spare_capacity_mut()[..len]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(i, c)| {
+            for x in c.iter_mut() {
+                x.write(zero);
+            }
+            // SAFETY: every element of `c` was written just above; `MaybeUninit<T>` has `T`'s
+            // layout.
+            let c = unsafe { &mut *(c as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
+            f(i, c);
+        });
+    // SAFETY: the chunks cover all `len` slots, each initialised by its task.
+    unsafe { v.set_len(len) };
+    v
+}
+
 /// The contiguous slice a layout describes, or a named error.
 pub(crate) fn contiguous<'a, T: candle_core::WithDType>(
     op: &str,

@@ -124,23 +124,20 @@ fn forward<T: Rows + crate::flash_attention::DropoutElem>(
     dropout: Option<&RowDropout>,
 ) -> Vec<T> {
     let d = gb.len() / 2;
-    let mut y = vec![T::zero(); x.len()];
     if d == 0 {
-        return y;
+        return vec![T::zero(); x.len()];
     }
     let (g, b) = gb.split_at(d);
     let chunk = d * ROWS_PER_TASK;
-    y.par_chunks_mut(chunk)
-        .zip(x.par_chunks(chunk).zip(r.par_chunks(chunk)))
-        .enumerate()
-        .for_each(|(task, (y, (x, r)))| {
-            for (k, (y, (x, r))) in y.chunks_mut(d).zip(x.chunks(d).zip(r.chunks(d))).enumerate() {
-                row_sum(y, x, r, task * ROWS_PER_TASK + k, dropout);
-                let st = T::stats(y, eps);
-                T::normalize(y, st, g, b);
-            }
-        });
-    y
+    crate::util::par_vec(x.len(), chunk, T::zero(), |task, y| {
+        let rows = task * chunk..task * chunk + y.len();
+        let (x, r) = (&x[rows.clone()], &r[rows]);
+        for (k, (y, (x, r))) in y.chunks_mut(d).zip(x.chunks(d).zip(r.chunks(d))).enumerate() {
+            row_sum(y, x, r, task * ROWS_PER_TASK + k, dropout);
+            let st = T::stats(y, eps);
+            T::normalize(y, st, g, b);
+        }
+    })
 }
 
 /// Returns `(d residual, [dgamma; dbeta])`; `dx` is `d residual ⊙ mask`, made by the caller.
