@@ -760,7 +760,7 @@ QUOTES = [
     ("README.md", "SPT fast takes {}× less time than PyTorch full fine-tuning under bf16 autocast, its fastest "
      "setting here, and GPT-2's SPT {}×",
      [("SPT fast, bf16", "fullbf16_speed", "{:.2f}"), ("GPT-2 SPT bf16", "fullbf16_speed", "{:.2f}")]),
-    ("README.md", "GPT-2 small gains less (SPT {}× PyTorch at {} % of its RSS, 2.4–3.7× over 37 runs; our dense {}×)",
+    ("README.md", "GPT-2 small gains less (SPT {}× PyTorch at {} % of its RSS, 2.4–3.9× over 38 runs; our dense {}×)",
      [("GPT-2 SPT", "full_speed", "{:.2f}"), ("GPT-2 SPT", "full_rss", "{:.0f}"), ("GPT-2 dense", "full_speed", "{:.2f}")]),
     ("README.md", "with GPT-2 small (KV cache, batch 1) takes {}× PyTorch's time dense, {}× PEFT's with LoRA "
      "and {}× with SPT's routed FFN",
@@ -768,6 +768,10 @@ QUOTES = [
       ("generate SPT", "gen_time", "{:.2f}")]),
     ("README.md", "Classifying with MiniLM (batches of 32) takes {}× PyTorch's time dense, {}× with SPT",
      [("predict dense", "gen_time", "{:.2f}"), ("predict SPT", "gen_time", "{:.2f}")]),
+    ("README.md", "With `--matmul-precision bf16`, against PyTorch's bf16 autocast: classifying {}× dense, "
+     "{}× SPT ({}× one text at a time), generating {}× dense",
+     [("predict dense bf16", "gen_time", "{:.2f}"), ("predict SPT bf16", "gen_time", "{:.2f}"),
+      ("predict one dense bf16", "gen_time", "{:.2f}"), ("generate dense bf16", "gen_time", "{:.2f}")]),
     ("docs/results/speed.md", "(**{}×** its time for 128 tokens), LoRA against PEFT **{}×**, SPT against PEFT **{}×**",
      [("generate dense", "gen_time", "{:.2f}"), ("generate LoRA", "gen_time", "{:.2f}"),
       ("generate SPT", "gen_time", "{:.2f}")]),

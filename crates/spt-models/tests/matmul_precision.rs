@@ -124,7 +124,9 @@ fn frozen_gpt2_decoding_under_bf16() -> Result<()> {
         Ok(out)
     };
     let f = decode()?;
-    let (a, b) = with_precision(MatmulPrecision::Bf16, || -> Result<_> { Ok((decode()?, decode()?)) })?;
+    let (a, b) = with_precision(MatmulPrecision::Bf16, || -> Result<_> {
+        Ok((decode()?, decode()?))
+    })?;
     for ((x, y), z) in a.iter().zip(&b).zip(&f) {
         assert_eq!(bits(x)?, bits(y)?, "a second decoding differs");
         let e = rel_err(x, z)?;

@@ -311,9 +311,9 @@ pub(crate) fn matmul_t_grid(
         return;
     }
     let rows_per_task = rows_per_task.max(1);
-    let row_tasks = m.div_ceil(rows_per_task);
     #[cfg(target_arch = "x86_64")]
     if amx_available() {
+        let row_tasks = m.div_ceil(rows_per_task);
         let blocks = n.div_ceil(2 * TR);
         // At least two tasks a thread in all; a group keeps ≥ 2 blocks (64 columns), so that
         // each task's converted A tiles feed a few products.

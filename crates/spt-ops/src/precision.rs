@@ -18,7 +18,11 @@
 //! - every routed FFN's linear correction, `x C` and `dx = g Cᵀ`;
 //! - [`linear_cross_entropy`](crate::linear_cross_entropy)'s logits and `dh`;
 //! - every product of [`flash_attention`](fn@crate::flash_attention) (scores, `P V`, and the
-//!   backward's four), as PyTorch's attention runs under bf16 autocast.
+//!   backward's four), as PyTorch's attention runs under bf16 autocast;
+//! - in inference, a frozen layer's product with its weight packed once
+//!   ([`packed_linear`](fn@crate::packed_linear)): a frozen [`LoraLinear`](crate::LoraLinear) and
+//!   routed FFN (its blocks and correction), and in spt-models a frozen `Linear` and GPT-2's
+//!   decoding head.
 //!
 //! The adapters' rank-r products, every weight gradient, the sparse attention kernels and every
 //! other op stay f32. Where the CPU has no AMX the same rounded products are computed in f32

@@ -7,10 +7,10 @@
 //!
 //! | recipe | accuracy (4 seeds) | step vs PyTorch full fine-tuning (same run) |
 //! |---|--:|--:|
-//! | dense, lr 1e-4 | 0.827 | 2.32× |
-//! | lora r 8 + pooler, lr 1e-3 | 0.820 | 3.17× (3.60× PEFT) |
-//! | spt `accurate` | 0.814 | 3.52× |
-//! | spt `fast` | 0.797 | 4.37× (4.96× PEFT) |
+//! | dense, lr 1e-4 | 0.827 | 3.03× |
+//! | lora r 8 + pooler, lr 1e-3 | 0.820 | 4.41× (4.45× PEFT) |
+//! | spt `accurate` | 0.814 | 4.65× |
+//! | spt `fast` | 0.797 | 6.17× (6.22× PEFT) |
 //!
 //! Both presets keep every key (`attn_k_fraction = 1.0`): sparse attention that keeps every key
 //! runs the fused dense kernel, which on the CPU is faster than per-query PQ selection at every

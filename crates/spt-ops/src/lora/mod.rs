@@ -353,7 +353,7 @@ impl LoraLinear {
     /// a graph (candle has no no-grad mode; an op records whenever an input is a `Var`). Their
     /// values, `lora_a` / `lora_b`, merging and saving are unchanged. Under
     /// `MatmulPrecision::Bf16` the evaluation forward multiplies by `W + s·B A` packed once
-    /// ([`packed_linear`](crate::packed_linear)): A and B must not be changed after this.
+    /// ([`packed_linear`](fn@crate::packed_linear)): A and B must not be changed after this.
     pub fn freeze(&mut self) {
         self.frozen = true;
     }

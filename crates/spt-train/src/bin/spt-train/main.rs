@@ -31,8 +31,8 @@ const FINETUNE_HELP: &str = "\
 Presets (--preset NAME implies --mode spt, whose default is fast; MiniLM, docs/results). Both
 keep every attention key (the fused dense kernel: faster on the CPU than PQ selection).
   fast      FFN 2 of 8 + linear correction, LoRA r 8, pooler trained, lr 1e-3: accuracy 0.797
-            (dense 0.827); step 4.4x PyTorch full fine-tuning's speed
-  accurate  FFN 6 of 8, otherwise as fast: accuracy 0.814, 1.4 points below dense; 3.5x
+            (dense 0.827); step 6.2x PyTorch full fine-tuning's speed
+  accurate  FFN 6 of 8, otherwise as fast: accuracy 0.814, 1.4 points below dense; 4.7x
 Default lr without --lr: dense 1e-4, lora and spt 1e-3; lora and spt also train a classifier's
 pooler (--modules-to-save \"\" for none). Every other setting (PQ, FFN units, calibration,
 routers, LoRA dropout, Adam, warmup, logging): --set section.key=value or --config FILE (the
