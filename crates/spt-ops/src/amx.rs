@@ -257,13 +257,7 @@ pub(crate) fn matmul_t_part(
     accumulate: bool,
 ) {
     check_sizes(a, m, mat, (n, k), c);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            c[..m * n].fill(0.0);
-        }
+    if empty_product(m, n, k, c, accumulate) {
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -286,6 +280,15 @@ pub(crate) fn matmul_t_part(
     matmul_t_portable(a, m, mat, (n, k), c, accumulate);
 }
 
+/// An empty product's result (nothing for no rows or columns of c; c = 0, or c unchanged when
+/// accumulating, for k = 0); true when the product was empty.
+fn empty_product(m: usize, n: usize, k: usize, c: &mut [f32], accumulate: bool) -> bool {
+    if k == 0 && m > 0 && n > 0 && !accumulate {
+        c[..m * n].fill(0.0);
+    }
+    m == 0 || n == 0 || k == 0
+}
+
 /// `c (+)= bf16(a) · Mᵀ` for `c [m, M.rows]` (leading dimension M.rows) over a grid of rayon
 /// tasks: slabs of `rows_per_task` rows × groups of 32-column blocks of c, so that a product of
 /// few rows (one text in inference) still runs on every thread. Each element is computed as
@@ -301,13 +304,7 @@ pub(crate) fn matmul_t_grid(
 ) {
     let (n, k) = (mat.rows, mat.cols);
     check_sizes(a, m, mat, (n, k), c);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            c[..m * n].fill(0.0);
-        }
+    if empty_product(m, n, k, c, accumulate) {
         return;
     }
     let rows_per_task = rows_per_task.max(1);

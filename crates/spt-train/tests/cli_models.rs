@@ -659,22 +659,31 @@ fn bench_records_each_setting() {
     assert_eq!(doc["records"].as_array().unwrap().len(), 2, "{doc}");
 }
 
+/// The tiny BERT classifier, a reviews CSV, and an spt config for `eval` on it (its columns and
+/// split, 4 FFN blocks with 2 active, and `extra` lines): their paths under `dir`.
+fn spt_eval_setup(dir: &Path, extra: &str) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let model = fixture("tiny-bert-cls", dir);
+    let data = reviews_csv(dir, "reviews.csv", "review,sentiment,movie");
+    let cfg = dir.join("spt.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "text_column = \"review\"\nlabel_column = \"sentiment\"\nvalidation_split = 0.3\n\
+             split_by = \"movie\"\nmode = \"spt\"\nffn_blocks = 4\nffn_top_k = 2\n{extra}"
+        ),
+    )
+    .unwrap();
+    (model, data, cfg)
+}
+
 /// `eval` without a checkpoint takes its data columns and settings from `--config` (flags
 /// override), and in spt mode fits the sparse layers on the training rows instead of routing
 /// at random; commands without data refuse spt mode without a checkpoint.
 #[test]
 fn eval_without_checkpoint_uses_the_config_and_calibrates_spt() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = fixture("tiny-bert-cls", tmp.path());
+    let (model, data, cfg) = spt_eval_setup(tmp.path(), "attn_k_fraction = 0.5\n");
     let m = model.to_str().unwrap();
-    let data = reviews_csv(tmp.path(), "reviews.csv", "review,sentiment,movie");
-    let cfg = tmp.path().join("spt.toml");
-    std::fs::write(
-        &cfg,
-        "text_column = \"review\"\nlabel_column = \"sentiment\"\nvalidation_split = 0.3\n\
-         split_by = \"movie\"\nmode = \"spt\"\nffn_blocks = 4\nffn_top_k = 2\nattn_k_fraction = 0.5\n",
-    )
-    .unwrap();
     let eval = |extra: &[&str]| {
         let mut args = vec!["eval", "--model", m, "--data-file", data.to_str().unwrap()];
         args.extend(["--config", cfg.to_str().unwrap(), "--split", "validation"]);
@@ -794,16 +803,8 @@ fn spt_without_adapters_trains_every_weight_beside_a_new_head() {
 #[test]
 fn inference_commands_take_bf16_products() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = fixture("tiny-bert-cls", tmp.path());
+    let (model, data, cfg) = spt_eval_setup(tmp.path(), "");
     let m = model.to_str().unwrap();
-    let data = reviews_csv(tmp.path(), "reviews.csv", "review,sentiment,movie");
-    let cfg = tmp.path().join("spt.toml");
-    std::fs::write(
-        &cfg,
-        "text_column = \"review\"\nlabel_column = \"sentiment\"\nvalidation_split = 0.3\n\
-         split_by = \"movie\"\nmode = \"spt\"\nffn_blocks = 4\nffn_top_k = 2\n",
-    )
-    .unwrap();
     let eval = |p: &str| -> serde_json::Value {
         let mut args = vec!["eval", "--model", m, "--data-file", data.to_str().unwrap()];
         args.extend(["--config", cfg.to_str().unwrap(), "--split", "validation"]);

@@ -419,8 +419,9 @@ impl RoutedFfn {
     /// For inference: the router, the LoRA factors and the FFN weights are read detached, so
     /// nothing records a graph (candle has no no-grad mode; an op records whenever an input is
     /// a `Var`). Their values, saving and merging are unchanged. From the second CPU forward of
-    /// more than a few tokens, fc1's and fc2's operands (LoRA folded in, transposed) are kept
-    /// and reused, so set the adapters' values before freezing: a value written into a LoRA
+    /// more than a few tokens (under `MatmulPrecision::Bf16` from the first forward, packed for
+    /// bf16 products too, with the correction), fc1's and fc2's operands (LoRA folded in,
+    /// transposed) are kept and reused, so set the adapters' values before freezing: a value written into a LoRA
     /// `Var` afterwards is not seen (merge, unmerge and `permute_units` drop the kept copy).
     pub fn freeze(&mut self) {
         self.frozen = true;
