@@ -697,16 +697,18 @@ impl GPT2LMHeadModel {
         {
             return Ok(None);
         }
-        let mut kept = self
-            .transformer
-            .packed_head
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some((_, p)) = kept.as_ref().filter(|(id, _)| *id == w.id()) {
+        let lock = || {
+            self.transformer
+                .packed_head
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+        };
+        if let Some((_, p)) = lock().as_ref().filter(|(id, _)| *id == w.id()) {
             return Ok(Some(p.clone()));
         }
+        // Packed with the lock released (see `Linear::packed_weight`).
         let p = spt_ops::PackedWeight::new(w)?;
-        *kept = Some((w.id(), p.clone()));
+        *lock() = Some((w.id(), p.clone()));
         Ok(Some(p))
     }
 

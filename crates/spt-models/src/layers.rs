@@ -334,12 +334,14 @@ impl Linear {
         {
             return Ok(None);
         }
-        let mut ready = self.bf16_ready.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, p)) = ready.as_ref().filter(|(id, _)| *id == w.id()) {
+        let lock = || self.bf16_ready.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, p)) = lock().as_ref().filter(|(id, _)| *id == w.id()) {
             return Ok(Some(p.clone()));
         }
+        // Packed with the lock released: packing runs rayon tasks, and a thread waiting on them
+        // may run another forward of this layer (rayon-rs/rayon#1251).
         let p = spt_ops::PackedWeight::new(&self.weight_out_in()?)?;
-        *ready = Some((w.id(), p.clone()));
+        *lock() = Some((w.id(), p.clone()));
         Ok(Some(p))
     }
 
@@ -360,7 +362,7 @@ impl Linear {
                 self.check_input(x)?;
                 Ok(l.forward_t(x, train)?)
             }
-            (None, _) => self.forward(x),
+            (None, _) => self.forward_with(x, !train),
         }
     }
 
@@ -426,6 +428,12 @@ impl Linear {
     /// under `MatmulPrecision::Bf16` a frozen layer with nothing tracked multiplies with its
     /// packed bf16 weight.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, true)
+    }
+
+    /// [`Linear::forward`], with the packed bf16 weight only where `packed` (evaluation: a
+    /// training forward keeps the f32 products even through a frozen layer).
+    fn forward_with(&self, x: &Tensor, packed: bool) -> Result<Tensor> {
         if let Some(l) = &self.lora {
             self.check_input(x)?;
             return Ok(l.forward_t(x, false)?);
@@ -444,7 +452,7 @@ impl Linear {
                 got: vec![in_dim],
             });
         }
-        if let Some(p) = self.packed_weight(x)? {
+        if let Some(p) = packed.then(|| self.packed_weight(x)).transpose()?.flatten() {
             return Ok(spt_ops::packed_linear(
                 x,
                 &p,

@@ -134,3 +134,22 @@ fn frozen_gpt2_decoding_under_bf16() -> Result<()> {
     }
     Ok(())
 }
+
+/// A training forward through a frozen layer keeps f32 products (bf16 is for inference and for
+/// the ops the switch lists): `forward_t(x, true)` gives the f32 bits under bf16.
+#[test]
+fn frozen_linear_in_training_keeps_f32() -> Result<()> {
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let w = randn(&[70, 50], 1)?;
+    let l = Linear::new(Param::frozen("l.weight", &w), None, WeightLayout::OutIn)?;
+    let x = randn(&[100, 50], 2)?;
+    let f32_y = l.forward_t(&x, true)?;
+    let bf16_y = with_precision(MatmulPrecision::Bf16, || l.forward_t(&x, true))?;
+    assert_eq!(bits(&bf16_y)?, bits(&f32_y)?);
+    let eval = with_precision(MatmulPrecision::Bf16, || l.forward_t(&x, false))?;
+    assert!(
+        rel_err(&eval, &f32_y)? > 1e-5,
+        "evaluation did not take bf16 products"
+    );
+    Ok(())
+}

@@ -237,17 +237,20 @@ impl RoutedFfn {
         if d == 0 {
             return Ok(None);
         }
-        let mut kept = self
-            .frozen_operands
-            .correction
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some((_, p)) = kept.as_ref().filter(|(id, _)| *id == c.id()) {
+        let lock = || {
+            self.frozen_operands
+                .correction
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+        };
+        if let Some((_, p)) = lock().as_ref().filter(|(id, _)| *id == c.id()) {
             return Ok(Some(p.clone()));
         }
-        // y = x C_x = x Wᵀ for W = C_xᵀ, the transposed view of C's first d rows.
+        // y = x C_x = x Wᵀ for W = C_xᵀ, the transposed view of C's first d rows. Packed with
+        // the lock released: packing runs rayon tasks, and a thread waiting on them may run
+        // another forward of this layer (rayon-rs/rayon#1251).
         let p = crate::PackedWeight::new(&c.narrow(0, 0, d)?.t()?)?;
-        *kept = Some((c.id(), p.clone()));
+        *lock() = Some((c.id(), p.clone()));
         Ok(Some(p))
     }
 }

@@ -126,9 +126,16 @@ impl RoutedFfn {
                 packed: None,
             };
             let n = hr.n_blocks();
-            f.packed = bf16_products::<T>()
-                .then(|| ops.bf16.get_or_init(|| chunked::pack_forward(&f, n)).as_ref())
-                .flatten();
+            // Packed outside `get_or_init`: packing runs rayon tasks, and a thread waiting on
+            // them may run another forward of this layer (rayon-rs/rayon#1251).
+            f.packed = match (bf16_products::<T>(), ops.bf16.get()) {
+                (false, _) => None,
+                (true, Some(p)) => p.as_ref(),
+                (true, None) => {
+                    let made = chunked::pack_forward(&f, n);
+                    ops.bf16.get_or_init(|| made).as_ref()
+                }
+            };
             Ok(chunked::forward(hr, &f, false).0)
         })?;
         Tensor::from_vec(y, (t, d), &Device::Cpu)
