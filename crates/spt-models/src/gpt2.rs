@@ -22,11 +22,11 @@ use crate::layers::{check_ids, check_mask, Dropout, DropoutRng, Embedding, Layer
 use crate::memory::{activation_bytes, ActivationAccounting, ActivationBytes, LayerShape};
 use crate::sparsify::{CalibrationBatch, LayerSlots, LayerTrace, LoraTarget, SptModel};
 use crate::weights::{read_json, LoadOptions, LoadReport, Loader, NamedParams, Param, WeightSource};
-use candle_core::{DType, Tensor, TensorId, D};
+use candle_core::{DType, Tensor, D};
 use spt_ops::lora::HeadsLayout;
 use spt_ops::{Activation, Reduction};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 fn d_vocab() -> usize {
     50257
@@ -363,7 +363,7 @@ pub struct GPT2Model {
     dropout_rng: Arc<DropoutRng>,
     /// The LM head's frozen weight packed for bf16 products, by the id of the tensor it came
     /// from (see [`GPT2LMHeadModel::next_token_logits`]).
-    packed_head: Mutex<Option<(TensorId, spt_ops::PackedWeight)>>,
+    packed_head: spt_ops::PackedCache,
 }
 
 /// Keys in GPT-2 checkpoints that are buffers, not parameters.
@@ -434,7 +434,7 @@ impl GPT2Model {
                 .collect::<Result<Vec<_>>>()?,
             ln_f: LayerNorm::load(l, "ln_f", e, c.layer_norm_epsilon)?,
             dropout_rng: l.dropout_rng.clone(),
-            packed_head: Mutex::new(None),
+            packed_head: Default::default(),
         })
     }
 
@@ -697,19 +697,7 @@ impl GPT2LMHeadModel {
         {
             return Ok(None);
         }
-        let lock = || {
-            self.transformer
-                .packed_head
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-        };
-        if let Some((_, p)) = lock().as_ref().filter(|(id, _)| *id == w.id()) {
-            return Ok(Some(p.clone()));
-        }
-        // Packed with the lock released (see `Linear::packed_weight`).
-        let p = spt_ops::PackedWeight::new(w)?;
-        *lock() = Some((w.id(), p.clone()));
-        Ok(Some(p))
+        Ok(Some(self.transformer.packed_head.get_or_pack(w)?))
     }
 
     /// The output projection `[vocab, n_embd]`: `wte` when tied.

@@ -43,7 +43,7 @@ pub struct Linear {
     gemm_ready: Mutex<Option<(TensorId, Tensor)>>,
     /// A frozen weight packed for bf16 products, with the id of the tensor it was packed from
     /// (see [`Linear::packed_weight`]).
-    bf16_ready: Mutex<Option<(TensorId, spt_ops::PackedWeight)>>,
+    bf16_ready: spt_ops::PackedCache,
     /// The ids of the weight and bias tensors that the LoRA wrapper holds copies of: a weight
     /// replaced through the public fields afterwards would be exported but never computed with.
     lora_base: Option<(TensorId, Option<TensorId>)>,
@@ -98,7 +98,7 @@ impl Linear {
             lora_params: Vec::new(),
             lora_dropout: None,
             gemm_ready: Mutex::new(None),
-            bf16_ready: Mutex::new(None),
+            bf16_ready: Default::default(),
             lora_base: None,
         })
     }
@@ -157,7 +157,7 @@ impl Linear {
         self.lora_base = Some(self.base_ids());
         // The adapter's op reads the weight from now on: the forward's copy is never read again.
         *self.gemm_ready.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
-        *self.bf16_ready.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
+        self.bf16_ready = Default::default();
         Ok(())
     }
 
@@ -334,15 +334,7 @@ impl Linear {
         {
             return Ok(None);
         }
-        let lock = || self.bf16_ready.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, p)) = lock().as_ref().filter(|(id, _)| *id == w.id()) {
-            return Ok(Some(p.clone()));
-        }
-        // Packed with the lock released: packing runs rayon tasks, and a thread waiting on them
-        // may run another forward of this layer (rayon-rs/rayon#1251).
-        let p = spt_ops::PackedWeight::new(&self.weight_out_in()?)?;
-        *lock() = Some((w.id(), p.clone()));
-        Ok(Some(p))
+        Ok(Some(self.bf16_ready.get_or_pack(&self.weight_out_in()?)?))
     }
 
     /// `x [.., in] → [.., out]` (with the LoRA adapter's dropout active when `train`).

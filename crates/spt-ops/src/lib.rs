@@ -63,7 +63,7 @@ pub use grad_mode::{grad_enabled, no_grad};
 pub use heads::{merge_heads, split_heads};
 pub use lora::{lora_linear, lora_linear_heads, HeadsLayout, LoraConfig, LoraError, LoraLinear};
 pub use norm::{layer_norm, residual_dropout, residual_layer_norm, softmax_last_dim};
-pub use packed_linear::{packed_linear, PackedWeight};
+pub use packed_linear::{packed_linear, PackedCache, PackedWeight};
 pub use pool::on_pool;
 pub use pq::{
     pq_attention, pq_sparse_attention, select_blocks, select_keys, BlockScore, BlockSelection, BlockTiling,

@@ -74,6 +74,36 @@ impl PackedWeight {
     }
 }
 
+/// A layer's [`PackedWeight`] kept across calls, by the id of the tensor it was packed from (a
+/// new weight tensor is packed again): what a frozen layer holds for its inference forward.
+#[derive(Debug, Default)]
+pub struct PackedCache(std::sync::Mutex<Option<(candle_core::TensorId, PackedWeight)>>);
+
+impl PackedCache {
+    /// `w`'s packed form ([`PackedWeight::new`]), packed on first use. Packed with the lock
+    /// released: packing runs rayon tasks, and a thread waiting on them may run another forward
+    /// of the same layer (rayon-rs/rayon#1251).
+    pub fn get_or_pack(&self, w: &Tensor) -> Result<PackedWeight> {
+        self.get_or_pack_as(w.id(), || Ok(w.clone()))
+    }
+
+    /// [`get_or_pack`](Self::get_or_pack) of the weight `w()` makes (a view of another tensor),
+    /// kept by `key`, the id of the tensor it is made from.
+    pub fn get_or_pack_as(
+        &self,
+        key: candle_core::TensorId,
+        w: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<PackedWeight> {
+        let lock = || self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, p)) = lock().as_ref().filter(|(id, _)| *id == key) {
+            return Ok(p.clone());
+        }
+        let p = PackedWeight::new(&w()?)?;
+        *lock() = Some((key, p.clone()));
+        Ok(p)
+    }
+}
+
 /// `x Wᵀ + b` for `x [.., in]` (f32, CPU) with the packed `W [out, in]` and `b [out]`: bf16
 /// inputs (x rounded to nearest even on the fly), f32 products and sums, the bias the sums'
 /// starting value. For inference: it has no backward, so a tracked `x` or `b` is refused

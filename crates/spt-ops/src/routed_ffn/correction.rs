@@ -237,20 +237,8 @@ impl RoutedFfn {
         if d == 0 {
             return Ok(None);
         }
-        let lock = || {
-            self.frozen_operands
-                .correction
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-        };
-        if let Some((_, p)) = lock().as_ref().filter(|(id, _)| *id == c.id()) {
-            return Ok(Some(p.clone()));
-        }
-        // y = x C_x = x Wᵀ for W = C_xᵀ, the transposed view of C's first d rows. Packed with
-        // the lock released: packing runs rayon tasks, and a thread waiting on them may run
-        // another forward of this layer (rayon-rs/rayon#1251).
-        let p = crate::PackedWeight::new(&c.narrow(0, 0, d)?.t()?)?;
-        *lock() = Some((c.id(), p.clone()));
-        Ok(Some(p))
+        // y = x C_x = x Wᵀ for W = C_xᵀ, the transposed view of C's first d rows, kept by C's id.
+        let w = || c.narrow(0, 0, d)?.t();
+        Ok(Some(self.frozen_operands.correction.get_or_pack_as(c.id(), w)?))
     }
 }

@@ -18,9 +18,9 @@ use super::{chunked, lora_ops};
 use super::{RoutedFfn, Routing};
 use crate::precision::bf16_products;
 use crate::util::{with_slices, Float};
-use candle_core::{DType, Device, Result, Tensor, TensorId};
+use candle_core::{DType, Device, Result, Tensor};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 /// `W1'ᵀ` by blocks `[n, d, b]` and `W2'ᵀ [d_ff, d]`, LoRA folded in, on the CPU; and under
 /// `MatmulPrecision::Bf16` their blocks packed for bf16 products, on the first forward that
@@ -48,7 +48,7 @@ pub(super) struct FrozenOperands {
     operands: OnceLock<Operands>,
     /// The linear correction's `C_xᵀ` packed for bf16 products, with the id of the correction
     /// tensor it came from (`correction.rs`).
-    pub(super) correction: Mutex<Option<(TensorId, crate::PackedWeight)>>,
+    pub(super) correction: crate::PackedCache,
 }
 
 impl FrozenOperands {
